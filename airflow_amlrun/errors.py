@@ -1,0 +1,36 @@
+"""Exceptions a user of airflow-amlrun meets; each message names the value at fault and the fix."""
+
+from __future__ import annotations
+
+
+class AmlRunError(Exception):
+    """Base of every error raised by airflow-amlrun."""
+
+
+class ConfigurationError(AmlRunError, ValueError):
+    """A ScriptRunConfig, Environment, Experiment or workspace setting is invalid; nothing has run."""
+
+
+class UnknownComputeTargetError(ConfigurationError):
+    """The compute target names neither a built-in target nor a usable Airflow connection."""
+
+
+class RunFailedError(AmlRunError):
+    """A run ended Failed; carries the run id, the reason and the last lines of the script's output."""
+
+    def __init__(self, message: str, *, run_id: str, log_tail: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.run_id = run_id
+        self.log_tail = list(log_tail or [])
+
+
+class RunTimeoutError(RunFailedError):
+    """A run was stopped because it exceeded max_run_duration_seconds."""
+
+
+class RunCanceledError(AmlRunError):
+    """A run was canceled before it finished."""
+
+    def __init__(self, message: str, *, run_id: str) -> None:
+        super().__init__(message)
+        self.run_id = run_id

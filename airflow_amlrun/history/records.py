@@ -1,0 +1,99 @@
+"""What the run history hands out: plain, immutable records of experiments, runs and metrics."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+
+class RunStatus(enum.StrEnum):
+    """Life cycle of a run, in the order a run goes through it."""
+
+    QUEUED = "Queued"
+    PREPARING = "Preparing"
+    STARTING = "Starting"
+    RUNNING = "Running"
+    FINALIZING = "Finalizing"
+    COMPLETED = "Completed"
+    FAILED = "Failed"
+    CANCELED = "Canceled"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in (RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELED)
+
+
+@dataclass(frozen=True)
+class ExperimentRecord:
+    """A named group of runs."""
+
+    name: str
+    created_at: datetime
+    run_count: int = 0
+
+
+@dataclass(frozen=True)
+class MetricPoint:
+    """One logged value of a metric; `seq` orders the points of a run and makes ingestion idempotent."""
+
+    name: str
+    value: Any
+    seq: int
+    step: int | None = None
+    logged_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One run as the history holds it; `metrics` maps each metric name to its last logged value."""
+
+    id: str
+    experiment: str
+    status: RunStatus
+    target: str
+    script: str | None
+    command: str | None
+    arguments: list[Any]
+    environment: dict[str, Any] | None
+    snapshot_id: str | None
+    git: dict[str, Any] | None
+    tags: dict[str, Any]
+    handle: dict[str, Any] | None
+    outputs_uri: str | None
+    logs_uri: str | None
+    error: str | None
+    created_at: datetime
+    start: datetime | None
+    end: datetime | None
+    dag_id: str | None
+    task_id: str | None
+    airflow_run_id: str | None
+    map_index: int | None
+    try_number: int | None
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def duration_seconds(self) -> float | None:
+        if self.start is None or self.end is None:
+            return None
+        return round((self.end - self.start).total_seconds(), 3)
+
+    def summary(self) -> dict[str, Any]:
+        """The run summary a task returns as its XCom: JSON-serialisable, times in ISO 8601."""
+        return {
+            "run_id": self.id,
+            "experiment": self.experiment,
+            "status": str(self.status),
+            "target": self.target,
+            "metrics": dict(self.metrics),
+            "start": self.start.isoformat() if self.start else None,
+            "end": self.end.isoformat() if self.end else None,
+            "duration_seconds": self.duration_seconds,
+            "outputs_uri": self.outputs_uri,
+            "snapshot_id": self.snapshot_id,
+            "git": self.git,
+            "environment": self.environment,
+            "error": self.error,
+        }

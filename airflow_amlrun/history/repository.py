@@ -1,0 +1,343 @@
+"""The one place that reads and writes the run history database."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event, func, inspect, select, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+from airflow_amlrun.errors import AmlRunError
+from airflow_amlrun.history.models import ExperimentRow, MetricRow, RunRow
+from airflow_amlrun.history.records import ExperimentRecord, MetricPoint, RunRecord, RunStatus
+
+_MIGRATIONS = Path(__file__).with_name("migrations")
+# The newest migration's revision; a test checks it against Alembic's head. Knowing it lets a process
+# that finds the schema current skip loading Alembic at all (a task process opens the history once).
+SCHEMA_HEAD = "0002"
+_migrated: set[str] = set()
+_migrate_lock = threading.Lock()
+
+
+class RunNotFoundError(AmlRunError, LookupError):
+    """No run with the given id exists in this workspace."""
+
+
+def normalize_database_url(url: str) -> str:
+    """Accept the URL forms users paste (postgres://, postgresql://) and pick the psycopg 3 driver."""
+    for prefix in ("postgres://", "postgresql://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    return url
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    # SQLite hands datetimes back without their zone; every time stored here is UTC.
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
+
+
+class RunHistory:
+    """Experiments, runs and metrics in a SQLAlchemy database, migrated with Alembic on first use."""
+
+    def __init__(self, url: str) -> None:
+        self.url = normalize_database_url(url)
+        parsed = make_url(self.url)
+        if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        self.engine: Engine = create_engine(self.url, pool_pre_ping=True)
+        if parsed.get_backend_name() == "sqlite":
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self.migrate()
+
+    def migrate(self) -> None:
+        """Bring the schema to the newest revision (once per database and process)."""
+        with _migrate_lock:
+            if self.url in _migrated:
+                return
+            if self._current_revision() == SCHEMA_HEAD:
+                _migrated.add(self.url)
+                return
+            from alembic import command
+            from alembic.config import Config
+
+            config = Config()
+            config.set_main_option("script_location", str(_MIGRATIONS))
+            # Alembic narrates every step at INFO; a task log needs none of it.
+            alembic_log = logging.getLogger("alembic")
+            level = alembic_log.level
+            alembic_log.setLevel(logging.WARNING)
+            try:
+                with self.engine.begin() as connection:
+                    config.attributes["connection"] = connection
+                    command.upgrade(config, "head")
+            except Exception:
+                # Another process migrating the same new database at the same moment wins the race;
+                # what matters is that the schema is current afterwards.
+                if self._current_revision() != SCHEMA_HEAD:
+                    raise
+            finally:
+                alembic_log.setLevel(level)
+            _migrated.add(self.url)
+
+    def _current_revision(self) -> str | None:
+        with self.engine.connect() as connection:
+            if not inspect(connection).has_table("amlrun_alembic_version"):
+                return None
+            return connection.execute(text("SELECT version_num FROM amlrun_alembic_version")).scalar()
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        with self._sessions.begin() as session:
+            yield session
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    # experiments
+
+    def ensure_experiment(self, name: str) -> ExperimentRecord:
+        with self.session() as session:
+            row = self._experiment_row(session, name)
+            return ExperimentRecord(name=row.name, created_at=_aware(row.created_at) or utcnow())
+
+    def _experiment_row(self, session: Session, name: str) -> ExperimentRow:
+        row = session.scalar(select(ExperimentRow).where(ExperimentRow.name == name))
+        if row is None:
+            # Two tasks may create the same experiment at once: the loser of the race re-reads it.
+            try:
+                with session.begin_nested():
+                    row = ExperimentRow(name=name, created_at=utcnow())
+                    session.add(row)
+            except Exception:
+                row = session.scalar(select(ExperimentRow).where(ExperimentRow.name == name))
+                if row is None:
+                    raise
+        return row
+
+    def list_experiments(self) -> list[ExperimentRecord]:
+        with self.session() as session:
+            counts = (
+                select(RunRow.experiment_id, func.count(RunRow.id).label("n"))
+                .group_by(RunRow.experiment_id)
+                .subquery()
+            )
+            rows = session.execute(
+                select(ExperimentRow, func.coalesce(counts.c.n, 0))
+                .outerjoin(counts, counts.c.experiment_id == ExperimentRow.id)
+                .order_by(ExperimentRow.name)
+            ).all()
+            return [
+                ExperimentRecord(name=e.name, created_at=_aware(e.created_at) or utcnow(), run_count=int(n))
+                for e, n in rows
+            ]
+
+    # runs
+
+    def create_run(self, *, run_id: str, experiment: str, target: str, **fields: Any) -> RunRecord:
+        """Record a new run in status Queued."""
+        with self.session() as session:
+            exp = self._experiment_row(session, experiment)
+            row = RunRow(
+                id=run_id,
+                experiment_id=exp.id,
+                status=RunStatus.QUEUED.value,
+                target=target,
+                created_at=utcnow(),
+                arguments=fields.pop("arguments", []),
+                tags=fields.pop("tags", {}),
+                **fields,
+            )
+            session.add(row)
+            session.flush()
+            return self._record(session, row, exp.name)
+
+    def update_run(self, run_id: str, **fields: Any) -> RunRecord:
+        """Change fields of a run; a status given as RunStatus is stored by its value."""
+        with self.session() as session:
+            row = self._run_row(session, run_id)
+            for key, value in fields.items():
+                if not hasattr(RunRow, key):
+                    raise AttributeError(f"runs have no field {key!r}")
+                setattr(row, key, value.value if isinstance(value, RunStatus) else value)
+            session.flush()
+            return self._record(session, row)
+
+    def get_run(self, run_id: str) -> RunRecord:
+        with self.session() as session:
+            return self._record(session, self._run_row(session, run_id))
+
+    def list_runs(
+        self,
+        *,
+        experiment: str | None = None,
+        status: str | RunStatus | None = None,
+        limit: int = 100,
+        dag_id: str | None = None,
+        task_id: str | None = None,
+        airflow_run_id: str | None = None,
+        map_index: int | None = None,
+    ) -> list[RunRecord]:
+        """Runs, newest first, filtered by whatever is given."""
+        with self.session() as session:
+            query = select(RunRow, ExperimentRow.name).join(ExperimentRow)
+            if experiment is not None:
+                query = query.where(ExperimentRow.name == experiment)
+            if status is not None:
+                query = query.where(RunRow.status == RunStatus(status).value)
+            for column, value in (
+                (RunRow.dag_id, dag_id),
+                (RunRow.task_id, task_id),
+                (RunRow.airflow_run_id, airflow_run_id),
+                (RunRow.map_index, map_index),
+            ):
+                if value is not None:
+                    query = query.where(column == value)
+            query = query.order_by(RunRow.created_at.desc(), RunRow.id.desc()).limit(limit)
+            return [self._record(session, row, name) for row, name in session.execute(query).all()]
+
+    def _run_row(self, session: Session, run_id: str) -> RunRow:
+        row = session.get(RunRow, run_id)
+        if row is None:
+            raise RunNotFoundError(f"No run {run_id!r} in the run history at {self.url_for_display}.")
+        return row
+
+    def _record(self, session: Session, row: RunRow, experiment: str | None = None) -> RunRecord:
+        if experiment is None:
+            experiment = session.scalar(
+                select(ExperimentRow.name).where(ExperimentRow.id == row.experiment_id)
+            )
+        return RunRecord(
+            id=row.id,
+            experiment=experiment or "",
+            status=RunStatus(row.status),
+            target=row.target,
+            script=row.script,
+            command=row.command,
+            arguments=list(row.arguments or []),
+            environment=row.environment,
+            snapshot_id=row.snapshot_id,
+            git=row.git,
+            tags=dict(row.tags or {}),
+            handle=row.handle,
+            outputs_uri=row.outputs_uri,
+            logs_uri=row.logs_uri,
+            error=row.error,
+            created_at=_aware(row.created_at) or utcnow(),
+            start=_aware(row.start_time),
+            end=_aware(row.end_time),
+            dag_id=row.dag_id,
+            task_id=row.task_id,
+            airflow_run_id=row.airflow_run_id,
+            map_index=row.map_index,
+            try_number=row.try_number,
+            metrics=self._last_metrics(session, row.id),
+        )
+
+    # metrics
+
+    def add_metrics(self, run_id: str, points: Iterable[MetricPoint]) -> int:
+        """Store metric points; a point whose seq is already stored is skipped. Returns how many were new."""
+        points = list(points)
+        if not points:
+            return 0
+        with self.session() as session:
+            known = set(
+                session.scalars(
+                    select(MetricRow.seq).where(
+                        MetricRow.run_id == run_id, MetricRow.seq.in_([p.seq for p in points])
+                    )
+                )
+            )
+            new = [p for p in points if p.seq not in known]
+            for point in new:
+                number, as_json = _split_value(point.value)
+                session.add(
+                    MetricRow(
+                        run_id=run_id,
+                        name=point.name,
+                        step=point.step,
+                        value=number,
+                        value_json=as_json,
+                        logged_at=point.logged_at or utcnow(),
+                        seq=point.seq,
+                    )
+                )
+            return len(new)
+
+    def get_metrics(self, run_id: str, name: str | None = None) -> list[MetricPoint]:
+        """Every logged point of a run (or of one metric), in logging order."""
+        with self.session() as session:
+            query = select(MetricRow).where(MetricRow.run_id == run_id)
+            if name is not None:
+                query = query.where(MetricRow.name == name)
+            return [
+                MetricPoint(
+                    name=m.name,
+                    value=_join_value(m.value, m.value_json),
+                    seq=m.seq,
+                    step=m.step,
+                    logged_at=_aware(m.logged_at),
+                )
+                for m in session.scalars(query.order_by(MetricRow.seq))
+            ]
+
+    def _last_metrics(self, session: Session, run_id: str) -> dict[str, Any]:
+        last = (
+            select(MetricRow.name, func.max(MetricRow.seq).label("seq"))
+            .where(MetricRow.run_id == run_id)
+            .group_by(MetricRow.name)
+            .subquery()
+        )
+        rows = session.execute(
+            select(MetricRow.name, MetricRow.value, MetricRow.value_json)
+            .join(last, (MetricRow.name == last.c.name) & (MetricRow.seq == last.c.seq))
+            .where(MetricRow.run_id == run_id)
+            .order_by(MetricRow.name)
+        ).all()
+        return {name: _join_value(value, as_json) for name, value, as_json in rows}
+
+    @property
+    def url_for_display(self) -> str:
+        return make_url(self.url).render_as_string(hide_password=True)
+
+
+def _split_value(value: Any) -> tuple[float | None, str | None]:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None, json.dumps(value)
+    number = float(value)
+    # NaN and infinities do not survive every database: keep them as JSON text.
+    if math.isfinite(number):
+        return number, None
+    return None, json.dumps(number)
+
+
+def _join_value(number: float | None, as_json: str | None) -> Any:
+    if as_json is not None:
+        return json.loads(as_json)
+    return number
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    # Several tasks write one SQLite file at once: WAL lets readers run beside a writer, and the
+    # busy timeout makes a writer wait for the lock instead of failing.
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()

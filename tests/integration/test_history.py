@@ -1,0 +1,97 @@
+"""The run history on SQLite and on the PostgreSQL server: schema, runs, metrics, concurrency."""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+from pathlib import Path
+
+import pytest
+
+from airflow_amlrun.history import MetricPoint, RunHistory, RunNotFoundError, RunStatus
+from airflow_amlrun.history.repository import SCHEMA_HEAD
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/history.db"
+    return str(request.getfixturevalue("postgres_database"))
+
+
+def test_schema_head_constant_matches_the_newest_migration():
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    import airflow_amlrun.history.repository as repository
+
+    config = Config()
+    config.set_main_option("script_location", str(Path(repository.__file__).with_name("migrations")))
+    assert ScriptDirectory.from_config(config).get_current_head() == SCHEMA_HEAD
+
+
+def test_a_run_keeps_its_fields_metrics_and_last_values(database_url):
+    history = RunHistory(database_url)
+    history.create_run(
+        run_id="r1",
+        experiment="exp_a",
+        target="local",
+        arguments=["--alpha", "0.5"],
+        dag_id="d",
+        task_id="t",
+        airflow_run_id="manual_1",
+        map_index=2,
+        try_number=1,
+    )
+    history.update_run("r1", status=RunStatus.RUNNING)
+    points = [
+        MetricPoint("loss", 1.0, seq=0, step=0),
+        MetricPoint("loss", 0.5, seq=1, step=1),
+        MetricPoint("note", "converged", seq=2),
+        MetricPoint("diverged", math.inf, seq=3),
+    ]
+    assert history.add_metrics("r1", points) == 4
+    assert history.add_metrics("r1", points[:2]) == 0  # re-reading the same events adds nothing
+
+    run = history.get_run("r1")
+    assert run.status is RunStatus.RUNNING
+    assert run.metrics == {"loss": 0.5, "note": "converged", "diverged": math.inf}
+    assert (run.dag_id, run.task_id, run.airflow_run_id, run.map_index, run.try_number) == (
+        "d",
+        "t",
+        "manual_1",
+        2,
+        1,
+    )
+    assert [p.value for p in history.get_metrics("r1", "loss")] == [1.0, 0.5]
+    assert [e.run_count for e in history.list_experiments()] == [1]
+    assert [
+        r.id for r in history.list_runs(dag_id="d", task_id="t", airflow_run_id="manual_1", map_index=2)
+    ] == ["r1"]
+    history.dispose()
+
+
+def test_unknown_run_id_names_it(database_url):
+    with pytest.raises(RunNotFoundError, match="No run 'missing'"):
+        RunHistory(database_url).get_run("missing")
+
+
+def _create_runs(url: str, worker: int) -> None:
+    history = RunHistory(url)
+    for i in range(5):
+        history.create_run(run_id=f"w{worker}_{i}", experiment="shared", target="local")
+    history.dispose()
+
+
+def test_processes_creating_runs_in_one_experiment_at_once_all_succeed(database_url):
+    RunHistory(database_url).dispose()
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=_create_runs, args=(database_url, n)) for n in range(4)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(120)
+    assert [w.exitcode for w in workers] == [0, 0, 0, 0]
+    history = RunHistory(database_url)
+    assert len(history.list_runs(experiment="shared")) == 20
+    assert [e.name for e in history.list_experiments()] == ["shared"]
