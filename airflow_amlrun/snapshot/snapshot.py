@@ -1,0 +1,300 @@
+"""Taking a snapshot: scan, check limits, hash what changed, store what is missing, write the manifest."""
+
+from __future__ import annotations
+
+import logging
+import os
+import posixpath
+import time
+from collections import defaultdict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import blake3
+
+from airflow_amlrun.snapshot.errors import (
+    SizeOffender,
+    SnapshotTooLargeError,
+    SourceChangedError,
+)
+from airflow_amlrun.snapshot.ignore import AMLIGNORE, ignore_line_for
+from airflow_amlrun.snapshot.manifest import Snapshot, SnapshotEntry
+from airflow_amlrun.snapshot.statcache import StatCache, StatKey
+from airflow_amlrun.snapshot.store import BlobStore
+from airflow_amlrun.snapshot.walk import ScannedFile, ScanResult, normalize_mode, scan_tree
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_TOTAL_BYTES = 300 * 1024 * 1024
+DEFAULT_MAX_FILES = 2000
+# Below this size a file is hashed from one read; from the second threshold BLAKE3 also goes
+# multi-threaded inside the file.
+_ONE_READ_THRESHOLD = 1 << 20
+_READ_CHUNK = 4 << 20
+_PARALLEL_HASH_THRESHOLD = 16 << 20
+_REPORTED_OFFENDERS = 5
+_CHANGE_RETRIES = 3
+_REMOTE_WRITERS = 16
+# File creation dominates a cold local snapshot and scales poorly; a couple of writers keep it busy.
+_LOCAL_WRITERS = max(2, min(4, os.cpu_count() or 1))
+
+
+@dataclass(frozen=True)
+class SnapshotResult:
+    """What :func:`take_snapshot` did: the snapshot, and what it cost to store."""
+
+    snapshot: Snapshot
+    bytes_written: int
+    blobs_written: int
+    warnings: tuple[str, ...]
+    files_hashed: int
+    manifest_bytes: int
+
+
+def default_workers() -> int:
+    """Threads for hashing and copying: BLAKE3 and file copies release the GIL, one per core is enough."""
+    return max(2, min(8, os.cpu_count() or 1))
+
+
+def hash_file(path: str | os.PathLike[str]) -> str:
+    """The BLAKE3 hex digest of a file's content."""
+    with open(path, "rb") as f:
+        return hash_fd(f.fileno(), os.fstat(f.fileno()).st_size)
+
+
+def hash_fd(fd: int, size: int) -> str:
+    """The BLAKE3 hex digest of an open file of ``size`` bytes, read from offset 0."""
+    if size < _ONE_READ_THRESHOLD:
+        return blake3.blake3(os.pread(fd, size + 1, 0)).hexdigest()
+    # Plain reads rather than mmap: a file truncated by another process while mapped would kill
+    # this process with SIGBUS.
+    hasher = blake3.blake3(max_threads=blake3.blake3.AUTO if size >= _PARALLEL_HASH_THRESHOLD else 1)
+    offset = 0
+    while True:
+        chunk = os.pread(fd, _READ_CHUNK, offset)
+        if not chunk:
+            return hasher.hexdigest()
+        hasher.update(chunk)
+        offset += len(chunk)
+
+
+def take_snapshot(
+    source_dir: str | os.PathLike[str],
+    store: BlobStore,
+    *,
+    stat_cache_path: str | os.PathLike[str] | None = None,
+    max_total_bytes: int = DEFAULT_MAX_TOTAL_BYTES,
+    max_files: int = DEFAULT_MAX_FILES,
+    max_workers: int | None = None,
+) -> SnapshotResult:
+    """Snapshot ``source_dir`` into ``store``, writing only blobs the store lacks.
+
+    :param source_dir: the directory to snapshot; ``.amlignore`` / ``.gitignore`` rules apply.
+    :param store: where blobs and the manifest go.
+    :param stat_cache_path: a SQLite file remembering digests by (path, size, mtime, inode), so
+        unchanged files are not re-read next time. ``None`` hashes every file.
+    :param max_total_bytes: fail (before storing anything) if the included files are larger.
+    :param max_files: fail (before storing anything) if more files are included.
+    :param max_workers: threads for hashing; defaults to the CPU count (2 to 8).
+    :raises SnapshotTooLargeError: a limit is exceeded; the message names what to exclude.
+    """
+    started_ns = time.time_ns()
+    scan = scan_tree(source_dir)
+    check_limits(scan, max_total_bytes=max_total_bytes, max_files=max_files)
+    warnings = list(scan.warnings)
+    cache = StatCache(stat_cache_path, scan.root) if stat_cache_path is not None else None
+    workers = max_workers or default_workers()
+
+    files = list(scan.files)
+    digests: list[str | None] = [None] * len(files)
+    if cache is not None:
+        for i, f in enumerate(files):
+            digests[i] = cache.get(f.path, _stat_key(f))
+    to_hash = [i for i, d in enumerate(digests) if d is None]
+    # Each digest is stored once, by the first file that claims it.
+    claimed: set[str] = set()
+
+    def claim(digest: str) -> bool:
+        if digest in claimed:
+            return False
+        claimed.add(digest)
+        return True
+
+    def hash_one(i: int) -> tuple[int, ScannedFile, str]:
+        with open(files[i].source, "rb") as src:
+            scanned, digest = _hash_stable(files[i], src.fileno())
+        return i, scanned, digest
+
+    def store_one(digest: str, f: ScannedFile) -> int | None:
+        return _store_blob(store, digest, f)
+
+    # Hashing runs on a pool while blobs are written as soon as their digest is known, with the
+    # page cache still hot. Local file creation scales poorly across threads, so a few writers
+    # suffice and leave the other cores to hashing; a remote store is latency-bound and gets many
+    # uploads in flight.
+    writers = _LOCAL_WRITERS if store.is_local else _REMOTE_WRITERS
+    blob_futures: list[Future[int | None]] = []
+    with (
+        ThreadPoolExecutor(max_workers=workers) as hash_pool,
+        ThreadPoolExecutor(max_workers=writers) as write_pool,
+    ):
+        for i, scanned, digest in hash_pool.map(hash_one, to_hash):
+            files[i] = scanned
+            digests[i] = digest
+            if claim(digest):
+                blob_futures.append(write_pool.submit(store_one, digest, scanned))
+        known = [d for d in digests if d is not None]
+        assert len(known) == len(files)
+
+        entries = [
+            SnapshotEntry(path=f.path, mode=f.mode, size=f.size, digest=d)
+            for f, d in zip(files, known, strict=True)
+        ]
+        entries += [SnapshotEntry(path=link.path, link=link.target) for link in scan.links]
+        snapshot = Snapshot.from_entries(entries)
+
+        # Blobs are stored before their manifest, so a stored manifest means every blob is there
+        # and the files known from the stat cache need no lookup at all.
+        manifest_stored = store.has_manifest(snapshot.id)
+        if not manifest_stored:
+            for f, d in zip(files, known, strict=True):
+                if claim(d):
+                    blob_futures.append(write_pool.submit(store_one, d, f))
+        results = [future.result() for future in blob_futures]
+
+    written_blobs = [w for w in results if w is not None]
+    blobs_written = len(written_blobs)
+    bytes_written = sum(written_blobs)
+    manifest_bytes = 0 if manifest_stored else store.put_manifest(snapshot)
+    bytes_written += manifest_bytes
+
+    if cache is not None:
+        cache.save(((f.path, _stat_key(f), d) for f, d in zip(files, known, strict=True)), now_ns=started_ns)
+        warnings.extend(cache.warnings)
+    log.info(
+        "Snapshot %s of %s: %d files, %d bytes; hashed %d files, wrote %d blobs (%d bytes).",
+        snapshot.id,
+        scan.root,
+        snapshot.file_count,
+        snapshot.total_bytes,
+        len(to_hash),
+        blobs_written,
+        bytes_written,
+    )
+    return SnapshotResult(
+        snapshot=snapshot,
+        bytes_written=bytes_written,
+        blobs_written=blobs_written,
+        warnings=tuple(warnings),
+        files_hashed=len(to_hash),
+        manifest_bytes=manifest_bytes,
+    )
+
+
+def _stat_key(f: ScannedFile) -> StatKey:
+    return StatKey(size=f.size, mtime_ns=f.mtime_ns, inode=f.inode)
+
+
+def _with_stat(f: ScannedFile, st: os.stat_result) -> ScannedFile:
+    return ScannedFile(
+        path=f.path,
+        source=f.source,
+        size=st.st_size,
+        mode=normalize_mode(st.st_mode),
+        mtime_ns=st.st_mtime_ns,
+        inode=st.st_ino,
+        device=st.st_dev,
+    )
+
+
+def _changed(f: ScannedFile) -> SourceChangedError:
+    return SourceChangedError(
+        f"File {f.path!r} kept changing while it was being snapshotted; stop the process writing to "
+        "it (or exclude it in the ignore file) and retry."
+    )
+
+
+def _hash_stable(f: ScannedFile, fd: int) -> tuple[ScannedFile, str]:
+    # The stat data recorded next to a digest must describe the bytes that were hashed, or the stat
+    # cache would vouch for content it never saw. Everything goes through one descriptor: a file
+    # replaced by rename meanwhile does not matter (we keep reading the old inode consistently);
+    # an in-place write shows in fstat, and then we hash again.
+    before = _with_stat(f, os.fstat(fd))
+    for _ in range(_CHANGE_RETRIES):
+        digest = hash_fd(fd, before.size)
+        after = _with_stat(f, os.fstat(fd))
+        if _stat_key(after) == _stat_key(before):
+            return after, digest
+        before = after
+    raise _changed(f)
+
+
+def _store_blob(store: BlobStore, digest: str, f: ScannedFile) -> int | None:
+    """Store one blob unless present; the bytes written, or ``None`` if it was there."""
+    if store.has(digest):
+        return None
+    with open(f.source, "rb") as src:
+        fd = src.fileno()
+
+        # The bytes copied must be the bytes hashed: same inode, size and mtime as when hashed,
+        # both when the copy starts and when it is about to be published.
+        def unchanged() -> None:
+            if _stat_key(_with_stat(f, os.fstat(fd))) != _stat_key(f):
+                raise _changed(f)
+
+        unchanged()
+        return store.put_fd(digest, fd, before_publish=unchanged)
+
+
+def check_limits(scan: ScanResult, *, max_total_bytes: int, max_files: int) -> None:
+    """Raise :class:`SnapshotTooLargeError` if the scanned files exceed a limit; do nothing otherwise."""
+    total = scan.total_bytes
+    count = len(scan.files)
+    if total <= max_total_bytes and count <= max_files:
+        return
+    by_count = total <= max_total_bytes  # only the file count is over: rank by count
+    dir_sizes: dict[str, int] = defaultdict(int)
+    dir_counts: dict[str, int] = defaultdict(int)
+    for f in scan.files:
+        parent = posixpath.dirname(f.path)
+        while parent:
+            dir_sizes[parent] += f.size
+            dir_counts[parent] += 1
+            parent = posixpath.dirname(parent)
+
+    def rank(path: str) -> tuple[int, int, str]:
+        primary, secondary = (dir_counts[path], dir_sizes[path]) if by_count else (dir_sizes[path], 0)
+        return (-primary, -secondary, path)
+
+    chosen: list[str] = []
+    for path in sorted(dir_sizes, key=rank):
+        # "a" and "a/b" with the same content say the same thing; keep the shallower one.
+        if any(
+            _is_ancestor(c, path) and (dir_sizes[c], dir_counts[c]) == (dir_sizes[path], dir_counts[path])
+            for c in chosen
+        ):
+            continue
+        chosen.append(path)
+        if len(chosen) == _REPORTED_OFFENDERS:
+            break
+    largest_dirs = [
+        SizeOffender(p, dir_sizes[p], dir_counts[p], True, ignore_line_for(p, True)) for p in chosen
+    ]
+    largest_files = [
+        SizeOffender(f.path, f.size, 1, False, ignore_line_for(f.path, False))
+        for f in sorted(scan.files, key=lambda f: (-f.size, f.path))[:_REPORTED_OFFENDERS]
+    ]
+    raise SnapshotTooLargeError(
+        source_dir=scan.root,
+        total_bytes=total,
+        file_count=count,
+        max_total_bytes=max_total_bytes,
+        max_files=max_files,
+        largest_files=largest_files,
+        largest_dirs=largest_dirs,
+        ignore_file=AMLIGNORE if scan.ignore_file == AMLIGNORE else "the root .gitignore",
+    )
+
+
+def _is_ancestor(parent: str, path: str) -> bool:
+    return path.startswith(parent + "/")

@@ -1,0 +1,97 @@
+"""A persistent stat cache so an unchanged file is not re-read: (path, size, mtime_ns, inode) -> digest.
+
+SQLite in WAL mode makes the cache safe to share between processes; each snapshot replaces its root's
+rows in one transaction. The cache is advisory: if it cannot be opened or written, snapshots still work
+(every file is hashed) and a warning says why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+# A file modified within this window of being hashed may change again within the same mtime tick
+# without its stat data changing ("racy git"); such entries are not trusted on the next snapshot.
+RACY_WINDOW_NS = 1_000_000_000
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS stat_cache (
+    root TEXT NOT NULL,
+    path TEXT NOT NULL,
+    stamp TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    PRIMARY KEY (root, path)
+) WITHOUT ROWID
+"""
+
+
+@dataclass(frozen=True)
+class StatKey:
+    """The stat data a cached digest is valid for."""
+
+    size: int
+    mtime_ns: int
+    inode: int
+
+    def stamp(self) -> str:
+        """The key as stored (text, since inode numbers may exceed SQLite's signed 64-bit integers)."""
+        return f"{self.size}:{self.mtime_ns}:{self.inode}"
+
+
+class StatCache:
+    """Digests of files under one source root, remembered between snapshots in a SQLite file."""
+
+    def __init__(self, path: str | os.PathLike[str], root: str) -> None:
+        self.path = os.fspath(path)
+        self.root = root
+        self.warnings: list[str] = []
+        self._entries: dict[str, tuple[str, str]] = {}
+        try:
+            with contextlib.closing(self._connect()) as conn:
+                rows = conn.execute(
+                    "SELECT path, stamp, digest FROM stat_cache WHERE root = ?", (root,)
+                ).fetchall()
+            self._entries = {p: (stamp, digest) for p, stamp, digest in rows}
+        except sqlite3.Error as exc:
+            self._warn(f"Stat cache {self.path!r} cannot be read ({exc}); every file will be hashed.")
+
+    def get(self, rel_path: str, key: StatKey) -> str | None:
+        """The cached digest of ``rel_path`` if its stat data still match ``key``."""
+        hit = self._entries.get(rel_path)
+        if hit is not None and hit[0] == key.stamp():
+            return hit[1]
+        return None
+
+    def save(self, entries: Iterable[tuple[str, StatKey, str]], *, now_ns: int | None = None) -> None:
+        """Replace this root's rows with ``(path, stat key, digest)``, skipping racily-recent files."""
+        cutoff = (time.time_ns() if now_ns is None else now_ns) - RACY_WINDOW_NS
+        rows = [(self.root, p, k.stamp(), d) for p, k, d in entries if k.mtime_ns < cutoff]
+        try:
+            with contextlib.closing(self._connect()) as conn:
+                conn.execute("BEGIN IMMEDIATE")
+                conn.execute("DELETE FROM stat_cache WHERE root = ?", (self.root,))
+                conn.executemany("INSERT INTO stat_cache VALUES (?, ?, ?, ?)", rows)
+                conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._warn(f"Stat cache {self.path!r} cannot be written ({exc}); the next snapshot re-hashes.")
+
+    def _connect(self) -> sqlite3.Connection:
+        parent = os.path.dirname(os.path.abspath(self.path))
+        os.makedirs(parent, exist_ok=True)
+        conn = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+        conn.execute("PRAGMA journal_mode=WAL")
+        # The cache is advisory; an fsync here would make ext4 flush every blob just written.
+        conn.execute("PRAGMA synchronous=OFF")
+        conn.execute(_SCHEMA)
+        return conn
+
+    def _warn(self, message: str) -> None:
+        self.warnings.append(message)
+        log.warning("%s", message)

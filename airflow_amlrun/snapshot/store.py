@@ -1,0 +1,503 @@
+"""A content-addressed blob store on a local folder or any fsspec URL, written atomically.
+
+Layout under the store root::
+
+    blobs/<first 2 hex>/<full hex>     one blob per distinct file content (BLAKE3)
+    snapshots/<snapshot id>.json       canonical manifests
+    <any other prefix>/...             generic objects (run outputs, logs) via put_object / upload_dir
+
+Every write lands under a temporary name in the destination directory and is renamed into place, so a
+final name never holds a partial object, even with several processes writing the same blob. Object
+stores (S3, GCS, Azure) publish an object only when its single or multipart upload completes, so they
+are written directly. A blob already present is never rewritten. Temporary names are not fsynced: the
+store survives crashed and concurrent writers, not power loss, and every read path can verify hashes.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import errno
+import os
+import posixpath
+import secrets
+import shutil
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, BinaryIO
+
+import blake3
+
+from airflow_amlrun.snapshot.errors import (
+    BlobCorruptError,
+    BlobMissingError,
+    InvalidKeyError,
+    SnapshotNotFoundError,
+)
+from airflow_amlrun.snapshot.manifest import Snapshot, check_digest, hash_bytes
+
+_TMP_PREFIX = ".amlrun-tmp-"
+_CHUNK = 1 << 20
+# Protocols whose single PUT (or completed multipart upload) is atomic: no temp-name-and-rename needed.
+_ATOMIC_PUT_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "abfs", "abfss", "az", "adl", "memory"})
+
+
+class BlobStore:
+    """A snapshot and artifact store at ``url``: a local folder or any fsspec URL (s3://, gs://, ...).
+
+    :param url: a folder path (or ``file://`` URL) for the local fast path, or an fsspec URL.
+    :param storage_options: passed to fsspec for remote URLs (credentials, ``client_kwargs``, ...).
+    """
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
+        self.url = url
+        self.storage_options = dict(storage_options or {})
+        self._made_dirs: set[str] = set()
+        local = url[len("file://") :] if url.startswith("file://") else (None if "://" in url else url)
+        if local is not None:
+            self._local_root: str | None = os.path.abspath(os.path.expanduser(local))
+            self._fs: Any = None
+            self._root = self._local_root
+            self._atomic_put = False
+        else:
+            import fsspec.core  # deferred: remote stores are the less common, heavier path
+
+            self._local_root = None
+            self._fs, self._root = fsspec.core.url_to_fs(url, **self.storage_options)
+            protocols = self._fs.protocol if isinstance(self._fs.protocol, tuple) else (self._fs.protocol,)
+            self._atomic_put = any(p in _ATOMIC_PUT_PROTOCOLS for p in protocols)
+            self._root = self._root.rstrip("/")
+
+    def __repr__(self) -> str:
+        return f"BlobStore({self.url!r})"
+
+    @property
+    def is_local(self) -> bool:
+        """Whether the store is a local folder (fast path with os calls)."""
+        return self._local_root is not None
+
+    @property
+    def local_root(self) -> str | None:
+        """The store folder for a local store, else ``None``."""
+        return self._local_root
+
+    # ----------------------------------------------------------------- keys and paths
+
+    @staticmethod
+    def blob_key(digest: str) -> str:
+        """The key of a blob: ``blobs/<first 2 hex>/<full hex>``."""
+        check_digest(digest)
+        return f"blobs/{digest[:2]}/{digest}"
+
+    @staticmethod
+    def manifest_key(snapshot_id: str) -> str:
+        """The key of a manifest: ``snapshots/<id>.json``."""
+        check_digest(snapshot_id)
+        return f"snapshots/{snapshot_id}.json"
+
+    def uri_for(self, key: str = "") -> str:
+        """The full URL (or local path) of ``key`` (a file or a prefix) in this store."""
+        key = _check_key(key, allow_empty=True)
+        if self._local_root is not None:
+            return os.path.join(self._local_root, *key.split("/")) if key else self._local_root
+        return self.url.rstrip("/") + ("/" + key if key else "")
+
+    def _path(self, key: str) -> str:
+        if self._local_root is not None:
+            return os.path.join(self._local_root, *key.split("/"))
+        return f"{self._root}/{key}"
+
+    # ----------------------------------------------------------------- blobs
+
+    def has(self, digest: str) -> bool:
+        """Whether the blob ``digest`` is in the store."""
+        return self.exists(self.blob_key(digest))
+
+    def missing(self, digests: Iterable[str], *, max_workers: int = 16) -> set[str]:
+        """The subset of ``digests`` not in the store (remote lookups run in parallel)."""
+        unique = sorted(set(digests))
+        if self._local_root is not None or len(unique) < 2:
+            return {d for d in unique if not self.has(d)}
+        with ThreadPoolExecutor(max_workers=max_workers) as pool:
+            present = list(pool.map(self.has, unique))
+        return {d for d, ok in zip(unique, present, strict=True) if not ok}
+
+    def put_file(
+        self,
+        digest: str,
+        path: str | os.PathLike[str],
+        *,
+        verify: bool = False,
+        before_publish: Callable[[], None] | None = None,
+    ) -> int:
+        """Store the content of ``path`` as blob ``digest``; returns bytes written (0 if already present).
+
+        :param verify: hash the content while copying and refuse it if it does not match ``digest``.
+            Uploads to a remote store are always verified: they go straight to their final name.
+        :param before_publish: called after the copy and before the blob gets its final name; raising
+            there discards the copy (the snapshot uses it to check that the source did not change).
+        """
+        with open(path, "rb") as src:
+            return self.put_fd(digest, src.fileno(), verify=verify, before_publish=before_publish)
+
+    def put_fd(
+        self,
+        digest: str,
+        fd: int,
+        *,
+        verify: bool = False,
+        before_publish: Callable[[], None] | None = None,
+    ) -> int:
+        """Like :meth:`put_file`, from an open file descriptor (its content from offset 0).
+
+        Lets a caller that hashed a file through ``fd`` store exactly the bytes it hashed.
+        """
+        key = self.blob_key(digest)
+        if self.exists(key):
+            return 0
+        if self._local_root is None:
+            data = _pread_all(fd)
+            if hash_bytes(data) != digest:
+                raise BlobCorruptError(
+                    f"Content does not hash to {digest}; the file changed since it was hashed."
+                )
+            if before_publish is not None:
+                before_publish()
+            return self._put_remote_bytes(key, data)
+
+        def write(out: int) -> int:
+            written = _copy_fd(fd, out, digest if verify else None, offset=0)
+            if before_publish is not None:
+                before_publish()
+            return written
+
+        return self._write_local(key, write, read_only=True)
+
+    def put_bytes(self, data: bytes) -> str:
+        """Store ``data`` as a blob (e.g. a git diff) and return its digest."""
+        digest = hash_bytes(data)
+        key = self.blob_key(digest)
+        if not self.exists(key):
+            self._put_object_bytes(key, data, read_only=True)
+        return digest
+
+    def get_bytes(self, digest: str, *, verify: bool = True) -> bytes:
+        """The content of blob ``digest``, hash-checked unless ``verify=False``."""
+        key = self.blob_key(digest)
+        try:
+            data = self.get_object(key)
+        except FileNotFoundError:
+            raise BlobMissingError(
+                f"Blob {digest} is not in store {self.url!r}; the store was pruned or is a different one."
+            ) from None
+        if verify and hash_bytes(data) != digest:
+            raise BlobCorruptError(
+                f"Blob {digest} in store {self.url!r} is corrupt (its content hash differs)."
+            )
+        return data
+
+    def copy_to(
+        self,
+        digest: str,
+        dest_path: str | os.PathLike[str],
+        *,
+        verify: bool = True,
+        exclusive: bool = False,
+        mode: int | None = None,
+    ) -> int:
+        """Copy blob ``digest`` to the local file ``dest_path``; returns the bytes copied.
+
+        :param verify: hash while copying; a mismatch removes the partial file and raises.
+        :param exclusive: create ``dest_path`` itself, failing if anything (even a symlink) is there;
+            otherwise write a temporary name beside it and rename it over ``dest_path``.
+        :param mode: permission bits for the new file.
+        """
+        dest = os.fspath(dest_path)
+        target = dest if exclusive else _tmp_name(dest)
+        expected = digest if verify else None
+        key = self.blob_key(digest)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+        with contextlib.ExitStack() as stack:
+            try:
+                src = stack.enter_context(self._open_read(key))
+            except FileNotFoundError:
+                raise BlobMissingError(f"Blob {digest} is not in store {self.url!r}.") from None
+            fd = os.open(target, flags, 0o600 if mode is None else mode)
+            try:
+                try:
+                    if self._local_root is not None:
+                        copied = _copy_fd(src.fileno(), fd, expected)
+                    else:
+                        copied = _copy_stream(src, fd, expected)
+                    if mode is not None:
+                        os.fchmod(fd, mode)
+                finally:
+                    os.close(fd)
+            except BaseException:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(target)
+                raise
+        if not exclusive:
+            os.replace(target, dest)
+        return copied
+
+    # ----------------------------------------------------------------- manifests
+
+    def has_manifest(self, snapshot_id: str) -> bool:
+        """Whether the manifest ``snapshot_id`` is stored (then all its blobs are too: they go first)."""
+        return self.exists(self.manifest_key(snapshot_id))
+
+    def put_manifest(self, snapshot: Snapshot) -> int:
+        """Store a snapshot's canonical manifest; returns bytes written (0 if already present)."""
+        key = self.manifest_key(snapshot.id)
+        if self.exists(key):
+            return 0
+        data = snapshot.to_json().encode("utf-8")
+        self._put_object_bytes(key, data, read_only=True)
+        return len(data)
+
+    def get_manifest(self, snapshot_id: str) -> Snapshot:
+        """Load and check the manifest ``snapshot_id`` (hash of the bytes, canonical form, safe entries)."""
+        try:
+            data = self.get_object(self.manifest_key(snapshot_id))
+        except FileNotFoundError:
+            raise SnapshotNotFoundError(
+                f"Snapshot {snapshot_id} is not in store {self.url!r}; "
+                "check the snapshot id and the store URL."
+            ) from None
+        if hash_bytes(data) != snapshot_id:
+            raise BlobCorruptError(
+                f"Manifest {snapshot_id} in store {self.url!r} is corrupt (its content hash differs)."
+            )
+        snapshot = Snapshot.from_json(data)
+        if snapshot.id != snapshot_id:
+            raise BlobCorruptError(
+                f"Manifest {snapshot_id} in store {self.url!r} is not in canonical form; "
+                "it was not written by this library."
+            )
+        return snapshot
+
+    # ----------------------------------------------------------------- generic objects
+
+    def exists(self, key: str) -> bool:
+        """Whether the object ``key`` exists."""
+        path = self._path(_check_key(key))
+        if self._local_root is not None:
+            return os.path.exists(path)
+        return bool(self._fs.exists(path))
+
+    def put_object(self, key: str, data: bytes) -> None:
+        """Write ``data`` at ``key`` atomically, replacing any previous object."""
+        self._put_object_bytes(_check_key(key), data, read_only=False)
+
+    def get_object(self, key: str) -> bytes:
+        """The bytes of object ``key``; raises ``FileNotFoundError`` if absent."""
+        path = self._path(_check_key(key))
+        if self._local_root is not None:
+            with open(path, "rb") as f:
+                return f.read()
+        return bytes(self._fs.cat_file(path))
+
+    def list(self, prefix: str = "") -> list[str]:
+        """Keys of all objects under ``prefix`` (recursive), relative to it, sorted."""
+        prefix = _check_key(prefix, allow_empty=True)
+        base = self._path(prefix) if prefix else (self._root or "")
+        if self._local_root is not None:
+            found = []
+            for dirpath, _dirs, files in os.walk(base):
+                rel_dir = os.path.relpath(dirpath, base)
+                for name in files:
+                    if not name.startswith(_TMP_PREFIX):
+                        rel = name if rel_dir == "." else os.path.join(rel_dir, name)
+                        found.append(rel.replace(os.sep, "/"))
+            return sorted(found)
+        try:
+            paths = self._fs.find(base)
+        except FileNotFoundError:
+            return []
+        strip = base.rstrip("/") + "/"
+        return sorted(
+            p[len(strip) :]
+            for p in paths
+            if p.startswith(strip) and not posixpath.basename(p).startswith(_TMP_PREFIX)
+        )
+
+    def upload_dir(self, local_dir: str | os.PathLike[str], prefix: str) -> str:
+        """Copy every file under ``local_dir`` to ``prefix`` (each atomically); returns the prefix URI."""
+        prefix = _check_key(prefix)
+        root = os.fspath(local_dir)
+        for dirpath, _dirs, files in os.walk(root):
+            for name in files:
+                full = os.path.join(dirpath, name)
+                rel = os.path.relpath(full, root).replace(os.sep, "/")
+                key = f"{prefix}/{rel}"
+                if self._local_root is None:
+                    self._put_remote_file(_check_key(key), full)
+                else:
+                    self._write_local(key, _file_copier(full), read_only=False)
+        return self.uri_for(prefix)
+
+    def download_dir(self, prefix: str, local_dir: str | os.PathLike[str]) -> builtins.list[str]:
+        """Copy every object under ``prefix`` into ``local_dir``; returns the relative keys copied."""
+        prefix = _check_key(prefix)
+        keys = self.list(prefix)
+        for rel in keys:
+            _check_key(rel)
+            dest = os.path.join(os.fspath(local_dir), *rel.split("/"))
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            with self._open_read(f"{prefix}/{rel}") as src, open(dest, "wb") as out:
+                shutil.copyfileobj(src, out, _CHUNK)
+        return keys
+
+    # ----------------------------------------------------------------- internals
+
+    @contextlib.contextmanager
+    def _open_read(self, key: str) -> Iterator[BinaryIO]:
+        path = self._path(key)
+        if self._local_root is not None:
+            with open(path, "rb") as f:
+                yield f
+        else:
+            with self._fs.open(path, "rb", block_size=8 * _CHUNK) as f:
+                yield f
+
+    def _put_object_bytes(self, key: str, data: bytes, *, read_only: bool) -> None:
+        if self._local_root is None:
+            self._put_remote_bytes(key, data)
+            return
+
+        def write(fd: int) -> int:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            return len(data)
+
+        self._write_local(key, write, read_only=read_only)
+
+    def _write_local(self, key: str, writer: Callable[[int], int], *, read_only: bool) -> int:
+        final = self._path(key)
+        parent = os.path.dirname(final)
+        if parent not in self._made_dirs:
+            os.makedirs(parent, exist_ok=True)
+            self._made_dirs.add(parent)
+        tmp = _tmp_name(final)
+        # Blobs are read-only so that a run cannot edit the store through a stray copy or link.
+        mode = 0o444 if read_only else 0o644
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), mode)
+        try:
+            try:
+                written = writer(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, final)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        return written
+
+    def _put_remote_file(self, key: str, local_path: str) -> int:
+        final = self._path(key)
+        size = os.path.getsize(local_path)
+        if self._atomic_put:
+            self._fs.put_file(local_path, final)
+        else:
+            tmp = _tmp_name(final)
+            self._fs.makedirs(posixpath.dirname(final), exist_ok=True)
+            self._fs.put_file(local_path, tmp)
+            self._fs.mv(tmp, final)
+        return size
+
+    def _put_remote_bytes(self, key: str, data: bytes) -> int:
+        final = self._path(key)
+        if self._atomic_put:
+            self._fs.pipe_file(final, data)
+        else:
+            tmp = _tmp_name(final)
+            self._fs.makedirs(posixpath.dirname(final), exist_ok=True)
+            self._fs.pipe_file(tmp, data)
+            self._fs.mv(tmp, final)
+        return len(data)
+
+
+def _check_key(key: str, *, allow_empty: bool = False) -> str:
+    key = key.strip("/") if allow_empty else key
+    if not key and allow_empty:
+        return ""
+    parts = key.split("/")
+    if not key or key.startswith("/") or "\x00" in key or any(p in ("", ".", "..") for p in parts):
+        raise InvalidKeyError(
+            f"Store key {key!r} must be a relative path without '.', '..' or empty components."
+        )
+    return key
+
+
+def _tmp_name(final: str) -> str:
+    head, tail = os.path.split(final)
+    return os.path.join(head, f"{_TMP_PREFIX}{secrets.token_hex(8)}-{tail}")
+
+
+def _file_copier(source: str) -> Callable[[int], int]:
+    def write(fd: int) -> int:
+        with open(source, "rb") as src:
+            return _copy_fd(src.fileno(), fd, None)
+
+    return write
+
+
+def _pread_all(fd: int) -> bytes:
+    size = os.fstat(fd).st_size
+    chunks: list[bytes] = []
+    offset = 0
+    while True:
+        chunk = os.pread(fd, max(size - offset, _CHUNK), offset)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        offset += len(chunk)
+
+
+def _copy_fd(src: int, dst: int, expected: str | None, *, offset: int | None = None) -> int:
+    """Copy ``src`` (from ``offset``, or its current position) to ``dst``.
+
+    In the kernel (``copy_file_range``) when no hash is needed, else read-hash-write.
+    """
+    total = 0
+    if expected is None:
+        try:
+            while True:
+                if offset is None:
+                    n = os.copy_file_range(src, dst, 1 << 30)
+                else:
+                    n = os.copy_file_range(src, dst, 1 << 30, offset + total)
+                if n == 0:
+                    return total
+                total += n
+        except OSError as exc:
+            # Old kernels or exotic file systems: fall back to a user-space copy from where we stopped.
+            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
+                raise
+    with os.fdopen(os.dup(src), "rb") as f:
+        if offset is not None:
+            f.seek(offset + total)
+        return total + _copy_stream(f, dst, expected)
+
+
+def _copy_stream(src: BinaryIO, dst: int, expected: str | None) -> int:
+    hasher = blake3.blake3() if expected is not None else None
+    buf = bytearray(_CHUNK)
+    view = memoryview(buf)
+    total = 0
+    while True:
+        n = src.readinto(view)  # type: ignore[attr-defined]
+        if not n:
+            break
+        chunk = view[:n]
+        if hasher is not None:
+            hasher.update(chunk)
+        while chunk:
+            chunk = chunk[os.write(dst, chunk) :]
+        total += n
+    if hasher is not None and hasher.hexdigest() != expected:
+        raise BlobCorruptError(f"Content does not hash to {expected} (got {hasher.hexdigest()}).")
+    return total
