@@ -1,0 +1,330 @@
+"""A workspace's environment registry: versions with their locks, labels, and the curated environments."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from datetime import datetime
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+from sqlalchemy import JSON, DateTime, Integer, String, Text, UniqueConstraint, func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Mapped, Session, mapped_column
+
+from airflow_amlrun.environment.errors import EnvironmentNotFoundError
+from airflow_amlrun.environment.lock import default_uv_cache, resolve_lock
+from airflow_amlrun.environment.spec import Environment
+from airflow_amlrun.errors import ConfigurationError
+from airflow_amlrun.history.models import Base
+from airflow_amlrun.history.repository import utcnow
+
+if TYPE_CHECKING:
+    from airflow_amlrun.workspace import Workspace
+
+# "latest" always means the highest version; it cannot be set as a label.
+LATEST = "latest"
+_REGISTER_ATTEMPTS = 5
+
+
+class EnvironmentVersionRow(Base):
+    __tablename__ = "amlrun_environments"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(255))
+    version: Mapped[str] = mapped_column(String(32))
+    # Versions are numbered 1, 2, ...; the number orders them (the string "10" sorts before "9").
+    seq: Mapped[int] = mapped_column(Integer)
+    spec_hash: Mapped[str] = mapped_column(String(64))
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    lock: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (
+        UniqueConstraint("name", "version", name="uq_amlrun_environments_name_version"),
+        UniqueConstraint("name", "seq", name="uq_amlrun_environments_name_seq"),
+        # One version per distinct spec: registering an identical spec returns that version.
+        UniqueConstraint("name", "spec_hash", name="uq_amlrun_environments_name_hash"),
+    )
+
+
+class EnvironmentLabelRow(Base):
+    __tablename__ = "amlrun_environment_labels"
+
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)
+    label: Mapped[str] = mapped_column(String(64), primary_key=True)
+    version: Mapped[str] = mapped_column(String(32))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+@dataclass(frozen=True)
+class StoredEnvironment:
+    """One registered version: its spec (name and version set) and its lock (None when user-managed)."""
+
+    spec: Environment
+    lock: str | None
+
+
+# curated environments
+
+
+def _curated_dir() -> Path:
+    return Path(str(resources.files("airflow_amlrun.environment").joinpath("curated")))
+
+
+@functools.cache
+def _curated_specs() -> dict[str, dict[str, Any]]:
+    # Parsed once per process; each lookup builds a fresh Environment, as callers may change it.
+    specs: dict[str, dict[str, Any]] = {}
+    for path in sorted(_curated_dir().glob("*.yaml")):
+        data = yaml.safe_load(path.read_text())
+        data.pop("version", None)
+        specs[str(data["name"])] = data
+    return specs
+
+
+def curated_names() -> list[str]:
+    """Names of the environments that ship with airflow-amlrun and need no registering."""
+    return sorted(_curated_specs())
+
+
+def curated_environment(name: str) -> Environment | None:
+    """The shipped spec of a curated environment (unregistered, no version), or None."""
+    data = _curated_specs().get(name)
+    return None if data is None else Environment.from_dict(data)
+
+
+# registering
+
+
+def register(workspace: Workspace, spec: Environment) -> StoredEnvironment:
+    """Store a spec as a version of its name, resolving its lock; an identical spec returns its version.
+
+    :param workspace: the workspace.
+    :param spec: the environment.
+    """
+    if spec.name in _curated_specs():
+        curated = curated_environment(spec.name)
+        if curated is None or curated.spec_hash() != spec.spec_hash():
+            raise ConfigurationError(
+                f"Environment name {spec.name!r} belongs to a curated environment shipped with "
+                f"airflow-amlrun (curated: {', '.join(curated_names())}). Register your changed copy under a "
+                "name of your own, e.g. env.copy(name='my-" + spec.name.removeprefix("amlrun-") + "')."
+            )
+    return _register(workspace, spec)
+
+
+def _register(workspace: Workspace, spec: Environment) -> StoredEnvironment:
+    spec.validate()
+    digest = spec.spec_hash()
+    with workspace.history.session() as session:
+        row = _row_by_hash(session, spec.name, digest)
+        if row is not None:
+            return _stored(row)
+    # Resolving takes seconds and needs the network: do it outside any transaction.
+    lock = resolve_lock(spec, uv_cache_dir=default_uv_cache(workspace.cache_dir))
+    for _attempt in range(_REGISTER_ATTEMPTS):
+        try:
+            with workspace.history.session() as session:
+                row = _row_by_hash(session, spec.name, digest)
+                if row is not None:
+                    return _stored(row)
+                last = session.scalar(
+                    select(func.max(EnvironmentVersionRow.seq)).where(EnvironmentVersionRow.name == spec.name)
+                )
+                seq = (last or 0) + 1
+                stored = spec.copy(version=str(seq))
+                row = EnvironmentVersionRow(
+                    name=spec.name,
+                    version=str(seq),
+                    seq=seq,
+                    spec_hash=digest,
+                    spec=stored.to_dict(),
+                    lock=lock,
+                    created_at=utcnow(),
+                )
+                session.add(row)
+                session.flush()
+                return StoredEnvironment(spec=stored, lock=lock)
+        except IntegrityError:
+            # Another process registered this name at the same moment: read again and number after it.
+            continue
+    raise ConfigurationError(
+        f"Could not register environment {spec.name!r}: {_REGISTER_ATTEMPTS} concurrent registrations of the "
+        "same name collided. Try again."
+    )
+
+
+def _row_by_hash(session: Session, name: str, digest: str) -> EnvironmentVersionRow | None:
+    return session.scalar(
+        select(EnvironmentVersionRow).where(
+            EnvironmentVersionRow.name == name, EnvironmentVersionRow.spec_hash == digest
+        )
+    )
+
+
+def _stored(row: EnvironmentVersionRow) -> StoredEnvironment:
+    spec = Environment.from_dict(row.spec)
+    spec.version = row.version
+    return StoredEnvironment(spec=spec, lock=row.lock)
+
+
+# looking up
+
+
+def lookup(
+    workspace: Workspace, name: str, *, version: str | None = None, label: str | None = None
+) -> StoredEnvironment:
+    """A version of an environment by name (latest), version or label; curated names need no registering.
+
+    :param workspace: the workspace.
+    :param name: environment name.
+    :param version: a version number such as ``"2"``.
+    :param label: a label, or ``"latest"``.
+    """
+    if version is not None and label is not None:
+        raise ConfigurationError(
+            f"Environment {name!r}: give a version ({version!r}) or a label ({label!r}), not both."
+        )
+    if label == LATEST:
+        label = None
+    curated = curated_environment(name)
+    with workspace.history.session() as session:
+        if label is not None:
+            version = session.scalar(
+                select(EnvironmentLabelRow.version).where(
+                    EnvironmentLabelRow.name == name, EnvironmentLabelRow.label == label
+                )
+            )
+            if version is None:
+                labels = session.scalars(
+                    select(EnvironmentLabelRow.label).where(EnvironmentLabelRow.name == name)
+                ).all()
+                raise EnvironmentNotFoundError(
+                    f"Environment {name!r} has no label {label!r} (labels: {', '.join(labels) or 'none'}). "
+                    f"Set one with Environment.set_label(ws, {name!r}, version, {label!r})."
+                )
+        if version is not None:
+            row = session.scalar(
+                select(EnvironmentVersionRow).where(
+                    EnvironmentVersionRow.name == name, EnvironmentVersionRow.version == str(version)
+                )
+            )
+            if row is not None:
+                return _stored(row)
+            if curated is None:
+                raise _not_found(session, name, version)
+        elif curated is None:
+            row = session.scalar(
+                select(EnvironmentVersionRow)
+                .where(EnvironmentVersionRow.name == name)
+                .order_by(EnvironmentVersionRow.seq.desc())
+                .limit(1)
+            )
+            if row is None:
+                raise _not_found(session, name, None)
+            return _stored(row)
+    # A curated name means the spec this package ships: stored (with its lock) on first use, so a new
+    # release of the package that changes it becomes the next version.
+    assert curated is not None
+    stored = _register(workspace, curated)
+    if version is not None and stored.spec.version != str(version):
+        with workspace.history.session() as session:
+            raise _not_found(session, name, version)
+    return stored
+
+
+def _not_found(session: Session, name: str, version: str | None) -> EnvironmentNotFoundError:
+    if version is not None:
+        versions = session.scalars(
+            select(EnvironmentVersionRow.version)
+            .where(EnvironmentVersionRow.name == name)
+            .order_by(EnvironmentVersionRow.seq)
+        ).all()
+        if versions:
+            return EnvironmentNotFoundError(
+                f"Environment {name!r} has no version {version!r}; its versions are {', '.join(versions)}."
+            )
+    registered = [
+        found
+        for found in session.scalars(
+            select(EnvironmentVersionRow.name).distinct().order_by(EnvironmentVersionRow.name)
+        )
+        if found not in _curated_specs()
+    ]
+    return EnvironmentNotFoundError(
+        f"No environment named {name!r} in this workspace. Registered: "
+        f"{', '.join(registered) or 'none'}; curated: {', '.join(curated_names())}. Fix the name, or "
+        "register it first with Environment(...).register(ws) (or pass the Environment object itself)."
+    )
+
+
+def list_environments(workspace: Workspace, *, name: str | None = None) -> list[Environment]:
+    """The latest version of each registered name plus the curated ones, or every version of one name.
+
+    :param workspace: the workspace.
+    :param name: list this name's versions, newest first.
+    """
+    with workspace.history.session() as session:
+        if name is not None:
+            rows = session.scalars(
+                select(EnvironmentVersionRow)
+                .where(EnvironmentVersionRow.name == name)
+                .order_by(EnvironmentVersionRow.seq.desc())
+            ).all()
+            return [_stored(row).spec for row in rows]
+        latest = (
+            select(EnvironmentVersionRow.name, func.max(EnvironmentVersionRow.seq).label("seq"))
+            .group_by(EnvironmentVersionRow.name)
+            .subquery()
+        )
+        rows = session.scalars(
+            select(EnvironmentVersionRow)
+            .join(
+                latest,
+                (EnvironmentVersionRow.name == latest.c.name) & (EnvironmentVersionRow.seq == latest.c.seq),
+            )
+            .order_by(EnvironmentVersionRow.name)
+        ).all()
+        found = {row.name: _stored(row).spec for row in rows}
+    for curated in curated_names():
+        if curated not in found:
+            spec = curated_environment(curated)
+            assert spec is not None
+            found[curated] = spec
+    return [found[key] for key in sorted(found)]
+
+
+def set_label(workspace: Workspace, name: str, version: str, label: str) -> None:
+    """Point a label at one version of an environment, moving it if it named another.
+
+    :param workspace: the workspace.
+    :param name: environment name.
+    :param version: the version.
+    :param label: the label.
+    """
+    if not label or label == LATEST or ":" in label or "@" in label or len(label) > 64:
+        raise ConfigurationError(
+            f"Label {label!r} cannot be used: {LATEST!r} always means the newest version, and a label has at "
+            "most 64 characters without ':' or '@'."
+        )
+    if curated_environment(name) is not None:
+        lookup(workspace, name)  # so the curated version exists to be labelled
+    with workspace.history.session() as session:
+        exists = session.scalar(
+            select(EnvironmentVersionRow.id).where(
+                EnvironmentVersionRow.name == name, EnvironmentVersionRow.version == str(version)
+            )
+        )
+        if exists is None:
+            raise _not_found(session, name, str(version))
+        row = session.get(EnvironmentLabelRow, (name, label))
+        if row is None:
+            session.add(
+                EnvironmentLabelRow(name=name, label=label, version=str(version), updated_at=utcnow())
+            )
+        else:
+            row.version = str(version)
+            row.updated_at = utcnow()

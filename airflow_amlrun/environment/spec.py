@@ -1,0 +1,716 @@
+"""What an environment is: the interpreter and packages a run's script executes with."""
+
+from __future__ import annotations
+
+import builtins
+import copy
+import hashlib
+import json
+import os
+import re
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from airflow_amlrun.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from airflow_amlrun.workspace import Workspace
+
+DEFAULT_NAME = "amlrun-user-managed"
+
+_PYTHON_VERSION = re.compile(r"^(\d+)\.(\d+)(?:\.\d+)?$")
+# Maven coordinates as spark-submit --packages takes them: group:artifact:version.
+_MAVEN_COORDINATE = re.compile(r"^[A-Za-z0-9_.\-]+:[A-Za-z0-9_.\-]+:[A-Za-z0-9_.\-+]+$")
+_ENV_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,254}$")
+# Conda entries that are not packages of their own: the interpreter, pip, and the pip section.
+_CONDA_ALLOWED = {"python", "pip"}
+
+
+@dataclass
+class PythonSection:
+    """How the run gets its Python: the user's own interpreter as is, or a virtualenv built from a lock.
+
+    :param user_managed_dependencies: True runs the interpreter as it is (nothing installed); False builds
+        a virtualenv from the locked pip requirements. Left unset, it is False when pip requirements are
+        given and True otherwise.
+    :param interpreter_path: the interpreter to run (user-managed), or to build the virtualenv from
+        (managed); unset means the worker's own.
+    :param version: Python version ``"3.11"`` the environment needs; unset means the worker's.
+    :param pip_requirements: PEP 508 requirements (``"pandas>=2"``), installed from the lock.
+    :param index_url: package index replacing PyPI.
+    :param extra_index_urls: package indexes searched beside the main one.
+    """
+
+    user_managed_dependencies: bool | None = None
+    interpreter_path: str | None = None
+    version: str | None = None
+    pip_requirements: list[str] = field(default_factory=list)
+    index_url: str | None = None
+    extra_index_urls: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.user_managed_dependencies is None:
+            self.user_managed_dependencies = not self.pip_requirements
+
+
+@dataclass
+class DockerSection:
+    """The image a Docker target runs in: a base image to add the environment to, or a whole Dockerfile.
+
+    :param base_image: image reference such as ``python:3.11-slim`` (exclusive with dockerfile).
+    :param dockerfile: the text of a Dockerfile (exclusive with base_image).
+    """
+
+    base_image: str | None = None
+    dockerfile: str | None = None
+
+
+@dataclass
+class SparkSection:
+    """What a Spark target adds to spark-submit: Maven packages and the repositories they come from.
+
+    :param packages: Maven coordinates ``group:artifact:version``.
+    :param repositories: Maven repository URLs searched beside Maven Central.
+    """
+
+    packages: list[str] = field(default_factory=list)
+    repositories: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RequirementsFile:
+    """The requirements and index options of a pip requirements file, with its ``-r`` includes followed."""
+
+    requirements: list[str]
+    index_url: str | None = None
+    extra_index_urls: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Environment:
+    """A named, versioned environment; user-managed by default, running the worker's own interpreter.
+
+    :param name: name under which versions are registered in a workspace.
+    :param version: set by the registry (``"1"``, ``"2"``, ...); None until registered.
+    :param python: interpreter and pip requirements.
+    :param docker: base image or Dockerfile for Docker targets.
+    :param spark: Maven packages for Spark targets.
+    :param environment_variables: set for the run's process.
+    """
+
+    name: str = DEFAULT_NAME
+    version: str | None = None
+    python: PythonSection = field(default_factory=PythonSection)
+    docker: DockerSection = field(default_factory=DockerSection)
+    spark: SparkSection = field(default_factory=SparkSection)
+    environment_variables: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def user_managed(self) -> bool:
+        """Whether the run uses an interpreter as it is, rather than a virtualenv built from a lock."""
+        return bool(self.python.user_managed_dependencies)
+
+    def validate(self) -> None:
+        """Check the spec as it is now; fields may have been changed since construction."""
+        if not isinstance(self.name, str) or not _ENV_NAME.match(self.name):
+            raise ConfigurationError(
+                f"Environment name {self.name!r} is not valid: use letters, digits, '.', '_' and '-' "
+                "(at most 255 characters, starting with a letter or digit)."
+            )
+        py = self.python
+        if py.user_managed_dependencies is None:
+            py.user_managed_dependencies = not py.pip_requirements
+        if py.version is not None:
+            py.version = normalize_python_version(
+                py.version, where=f"Environment {self.name!r}: python.version"
+            )
+        if isinstance(py.pip_requirements, str) or not isinstance(py.pip_requirements, Sequence):
+            raise ConfigurationError(
+                f"Environment {self.name!r}: python.pip_requirements must be a list such as ['pandas>=2'], "
+                f"not {py.pip_requirements!r}; to read a requirements file, use "
+                "Environment.from_pip_requirements."
+            )
+        py.pip_requirements = [
+            check_requirement(r, where=f"Environment {self.name!r}") for r in py.pip_requirements
+        ]
+        if py.user_managed_dependencies and py.pip_requirements:
+            raise ConfigurationError(
+                f"Environment {self.name!r} is user-managed (python.user_managed_dependencies=True) but "
+                f"lists pip requirements {py.pip_requirements}: they would not be installed. Set "
+                "python.user_managed_dependencies=False to have them locked and installed, or remove them."
+            )
+        if py.interpreter_path is not None and not os.path.isabs(os.path.expanduser(py.interpreter_path)):
+            raise ConfigurationError(
+                f"Environment {self.name!r}: python.interpreter_path {py.interpreter_path!r} must be an "
+                "absolute path such as '/usr/bin/python3'."
+            )
+        where = f"Environment {self.name!r}: python"
+        if py.index_url is not None:
+            py.index_url = _check_url(py.index_url, where=where, option="index_url")
+        py.extra_index_urls = [
+            _check_url(u, where=where, option="extra_index_urls") for u in py.extra_index_urls
+        ]
+        if self.docker.base_image and self.docker.dockerfile:
+            raise ConfigurationError(
+                f"Environment {self.name!r} sets both docker.base_image ({self.docker.base_image!r}) and "
+                "docker.dockerfile: give one. Use base_image to add the environment to an existing image, "
+                "or a Dockerfile whose FROM line names the base."
+            )
+        for package in self.spark.packages:
+            if not isinstance(package, str) or not _MAVEN_COORDINATE.match(package):
+                raise ConfigurationError(
+                    f"Environment {self.name!r}: spark package {package!r} is not a Maven coordinate. "
+                    "Write it as group:artifact:version, e.g. 'org.apache.spark:spark-avro_2.12:3.5.1'."
+                )
+        for url in self.spark.repositories:
+            if not isinstance(url, str) or not re.match(r"^(https?|file)://\S+$", url):
+                raise ConfigurationError(
+                    f"Environment {self.name!r}: spark repository {url!r} is not an http(s):// or "
+                    "file:// URL."
+                )
+        for key, value in self.environment_variables.items():
+            if not isinstance(key, str) or not key or "=" in key or "\0" in key:
+                raise ConfigurationError(
+                    f"Environment {self.name!r}: environment_variables has an invalid name {key!r}; "
+                    "use a non-empty string without '='."
+                )
+            if not isinstance(value, str):
+                self.environment_variables[key] = str(value)
+
+    def local_interpreter(self) -> str:
+        """The interpreter a run on this machine uses; checked, so a bad path fails before the run."""
+        path = self.python.interpreter_path
+        if path is None:
+            return sys.executable
+        path = os.path.expanduser(path)
+        if not os.path.isfile(path) or not os.access(path, os.X_OK):
+            raise ConfigurationError(
+                f"Environment {self.name!r}: interpreter_path {path!r} is not an executable file. "
+                "Point python.interpreter_path at a Python interpreter on the worker (for example "
+                "'/usr/bin/python3'), or leave it unset to use the worker's own interpreter."
+            )
+        return path
+
+    # serialisation
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "python": {
+                "user_managed_dependencies": self.python.user_managed_dependencies,
+                "interpreter_path": self.python.interpreter_path,
+                "version": self.python.version,
+                "pip_requirements": list(self.python.pip_requirements),
+                "index_url": self.python.index_url,
+                "extra_index_urls": list(self.python.extra_index_urls),
+            },
+            "docker": {"base_image": self.docker.base_image, "dockerfile": self.docker.dockerfile},
+            "spark": {"packages": list(self.spark.packages), "repositories": list(self.spark.repositories)},
+            "environment_variables": dict(self.environment_variables),
+        }
+
+    @classmethod
+    def from_dict(
+        cls, data: Mapping[str, Any], *, base_dir: str | os.PathLike[str] | None = None
+    ) -> Environment:
+        """An environment from its dict form (as YAML holds it).
+
+        Besides the fields of ``to_dict``, ``python.requirements_file``, ``python.conda_file`` and
+        ``docker.dockerfile_path`` name files to read in; relative paths start at base_dir.
+
+        :param data: the dict.
+        :param base_dir: folder relative file names start at; defaults to the current directory.
+        """
+        if not isinstance(data, Mapping):
+            raise ConfigurationError(
+                f"An environment must be a mapping of fields, not {type(data).__name__}."
+            )
+        _reject_unknown(data, {"name", "version", "python", "docker", "spark", "environment_variables"}, "")
+        name = str(data.get("name") or DEFAULT_NAME)
+        base = Path(base_dir) if base_dir is not None else Path.cwd()
+        python = _section(data, "python", name)
+        _reject_unknown(
+            python,
+            {
+                "user_managed_dependencies",
+                "interpreter_path",
+                "version",
+                "pip_requirements",
+                "index_url",
+                "extra_index_urls",
+                "requirements_file",
+                "conda_file",
+            },
+            "python.",
+        )
+        requirements = _string_list(
+            python.get("pip_requirements"), f"Environment {name!r}: python.pip_requirements"
+        )
+        index_url = python.get("index_url")
+        extra = _string_list(python.get("extra_index_urls"), f"Environment {name!r}: python.extra_index_urls")
+        version = python.get("version")
+        if python.get("requirements_file") is not None and python.get("conda_file") is not None:
+            raise ConfigurationError(
+                f"Environment {name!r} sets both python.requirements_file and python.conda_file: give one."
+            )
+        if python.get("requirements_file") is not None:
+            parsed = read_requirements(base / str(python["requirements_file"]))
+            requirements += parsed.requirements
+            index_url = index_url or parsed.index_url
+            extra += parsed.extra_index_urls
+        if python.get("conda_file") is not None:
+            conda_version, parsed = read_conda_specification(base / str(python["conda_file"]))
+            requirements += parsed.requirements
+            index_url = index_url or parsed.index_url
+            extra += parsed.extra_index_urls
+            version = version or conda_version
+        docker = _section(data, "docker", name)
+        _reject_unknown(docker, {"base_image", "dockerfile", "dockerfile_path"}, "docker.")
+        dockerfile = docker.get("dockerfile")
+        if docker.get("dockerfile_path") is not None:
+            if dockerfile is not None:
+                raise ConfigurationError(
+                    f"Environment {name!r} sets both docker.dockerfile and docker.dockerfile_path: give one."
+                )
+            dockerfile = _read_text(base / str(docker["dockerfile_path"]), "Dockerfile")
+        spark = _section(data, "spark", name)
+        _reject_unknown(spark, {"packages", "repositories"}, "spark.")
+        variables = data.get("environment_variables") or {}
+        if not isinstance(variables, Mapping):
+            raise ConfigurationError(f"Environment {name!r}: environment_variables must be a mapping.")
+        raw_version = data.get("version")
+        return cls(
+            name=name,
+            version=None if raw_version is None else str(raw_version),
+            python=PythonSection(
+                user_managed_dependencies=python.get("user_managed_dependencies"),
+                interpreter_path=python.get("interpreter_path"),
+                version=None if version is None else str(version),
+                pip_requirements=requirements,
+                index_url=index_url,
+                extra_index_urls=extra,
+            ),
+            docker=DockerSection(base_image=docker.get("base_image"), dockerfile=dockerfile),
+            spark=SparkSection(
+                packages=_string_list(spark.get("packages"), f"Environment {name!r}: spark.packages"),
+                repositories=_string_list(
+                    spark.get("repositories"), f"Environment {name!r}: spark.repositories"
+                ),
+            ),
+            environment_variables={str(k): str(v) for k, v in variables.items()},
+        )
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Environment:
+        """An environment from a YAML file; files it names are read relative to the YAML file's folder.
+
+        :param path: the YAML file.
+        """
+        path = Path(path)
+        text = _read_text(path, "Environment file")
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ConfigurationError(f"Environment file {str(path)!r} is not valid YAML: {err}") from None
+        if not isinstance(data, Mapping):
+            raise ConfigurationError(f"Environment file {str(path)!r} must hold a mapping of fields.")
+        return cls.from_dict(data, base_dir=path.parent)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the environment as YAML, self-contained (requirements and Dockerfile inline).
+
+        :param path: the YAML file to write.
+        """
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    # identity
+
+    def canonical(self) -> dict[str, Any]:
+        """The spec without name and version, in a normal form: what makes two versions the same."""
+        data = self.to_dict()
+        del data["name"], data["version"]
+        # Requirement order does not change what gets resolved; spark package order may (classpath).
+        data["python"]["pip_requirements"] = sorted(set(self.python.pip_requirements))
+        data["python"]["user_managed_dependencies"] = self.user_managed
+        return data
+
+    def spec_hash(self) -> str:
+        """SHA-256 of the canonical spec: equal for every spec that would build the same thing."""
+        text = json.dumps(self.canonical(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def copy(self, **changes: Any) -> Environment:
+        """A deep copy, with top-level fields changed."""
+        new = copy.deepcopy(self)
+        for key, value in changes.items():
+            setattr(new, key, value)
+        new.validate()
+        return new
+
+    # factories
+
+    @classmethod
+    def from_pip_requirements(cls, name: str, file_path: str | os.PathLike[str]) -> Environment:
+        """A managed environment with the packages of a pip requirements file (``-r`` includes followed).
+
+        :param name: environment name.
+        :param file_path: the requirements file.
+        """
+        parsed = read_requirements(Path(file_path))
+        return cls(
+            name=name,
+            python=PythonSection(
+                user_managed_dependencies=False,
+                pip_requirements=parsed.requirements,
+                index_url=parsed.index_url,
+                extra_index_urls=parsed.extra_index_urls,
+            ),
+        )
+
+    @classmethod
+    def from_conda_specification(cls, name: str, file_path: str | os.PathLike[str]) -> Environment:
+        """A managed environment from a conda environment file's Python version and pip section.
+
+        Conda itself is not assumed on a target, so a file listing conda-only packages is refused.
+
+        :param name: environment name.
+        :param file_path: the conda environment YAML file.
+        """
+        version, parsed = read_conda_specification(Path(file_path))
+        return cls(
+            name=name,
+            python=PythonSection(
+                user_managed_dependencies=False,
+                version=version,
+                pip_requirements=parsed.requirements,
+                index_url=parsed.index_url,
+                extra_index_urls=parsed.extra_index_urls,
+            ),
+        )
+
+    @classmethod
+    def from_docker_image(
+        cls,
+        name: str,
+        image: str,
+        *,
+        pip_requirements: str | os.PathLike[str] | Sequence[str] | None = None,
+        conda_specification: str | os.PathLike[str] | None = None,
+    ) -> Environment:
+        """An environment running in a Docker image, with the image's own Python unless packages are given.
+
+        :param name: environment name.
+        :param image: image reference, e.g. ``python:3.11-slim``.
+        :param pip_requirements: a requirements file, or a list of requirements, to install on top.
+        :param conda_specification: a conda file whose pip section to install on top.
+        """
+        env = cls._with_packages(name, pip_requirements, conda_specification)
+        env.docker = DockerSection(base_image=image)
+        env.validate()
+        return env
+
+    @classmethod
+    def from_dockerfile(
+        cls,
+        name: str,
+        dockerfile: str | os.PathLike[str],
+        *,
+        pip_requirements: str | os.PathLike[str] | Sequence[str] | None = None,
+        conda_specification: str | os.PathLike[str] | None = None,
+    ) -> Environment:
+        """An environment running in an image built from a Dockerfile (a path, or the Dockerfile's text).
+
+        :param name: environment name.
+        :param dockerfile: path of a Dockerfile, or its text (anything with a newline or a FROM line).
+        :param pip_requirements: a requirements file, or a list of requirements, to install on top.
+        :param conda_specification: a conda file whose pip section to install on top.
+        """
+        text = str(dockerfile)
+        if isinstance(dockerfile, os.PathLike) or (
+            "\n" not in text and not text.lstrip().upper().startswith("FROM")
+        ):
+            text = _read_text(Path(dockerfile), "Dockerfile")
+        env = cls._with_packages(name, pip_requirements, conda_specification)
+        env.docker = DockerSection(dockerfile=text)
+        env.validate()
+        return env
+
+    @classmethod
+    def _with_packages(
+        cls,
+        name: str,
+        pip_requirements: str | os.PathLike[str] | Sequence[str] | None,
+        conda_specification: str | os.PathLike[str] | None,
+    ) -> Environment:
+        if pip_requirements is not None and conda_specification is not None:
+            raise ConfigurationError(
+                f"Environment {name!r}: give pip_requirements or conda_specification, not both."
+            )
+        if conda_specification is not None:
+            return cls.from_conda_specification(name, conda_specification)
+        if isinstance(pip_requirements, str | os.PathLike):
+            return cls.from_pip_requirements(name, pip_requirements)
+        if pip_requirements is not None:
+            return cls(name=name, python=PythonSection(pip_requirements=list(pip_requirements)))
+        return cls(name=name)
+
+    # registry
+
+    def register(self, workspace: Workspace) -> Environment:
+        """Register this spec: an unchanged spec returns its existing version, a changed one the next.
+
+        The requirements are resolved into a lock once, here, and stored with the version.
+
+        :param workspace: the workspace whose registry to use.
+        """
+        from airflow_amlrun.environment import registry
+
+        return registry.register(workspace, self).spec
+
+    @classmethod
+    def get(
+        cls, workspace: Workspace, name: str, version: str | None = None, label: str | None = None
+    ) -> Environment:
+        """A registered or curated environment: the latest version, or the given version or label.
+
+        :param workspace: the workspace whose registry to use.
+        :param name: environment name.
+        :param version: a version such as ``"2"``; default the latest.
+        :param label: a label set with ``set_label``; exclusive with version.
+        """
+        from airflow_amlrun.environment import registry
+
+        return registry.lookup(workspace, name, version=version, label=label).spec
+
+    @classmethod
+    def set_label(cls, workspace: Workspace, name: str, version: str, label: str) -> None:
+        """Point a label (``"production"``) at one version of an environment; it moves if already set.
+
+        :param workspace: the workspace whose registry to use.
+        :param name: environment name.
+        :param version: the version the label should name.
+        :param label: the label.
+        """
+        from airflow_amlrun.environment import registry
+
+        registry.set_label(workspace, name, version, label)
+
+    @classmethod
+    def list(cls, workspace: Workspace, name: str | None = None) -> builtins.list[Environment]:
+        """The latest version of every registered and curated environment, or every version of one name.
+
+        :param workspace: the workspace whose registry to use.
+        :param name: list the versions of this environment only, newest first.
+        """
+        from airflow_amlrun.environment import registry
+
+        return registry.list_environments(workspace, name=name)
+
+
+# parsing of the files users already have
+
+
+def normalize_python_version(value: object, *, where: str) -> str:
+    """``"3.11"`` from ``3.11``, ``"3.11"`` or ``"3.11.4"``: environments pin the minor version only."""
+    text = str(value).strip()
+    match = _PYTHON_VERSION.match(text)
+    if match is None:
+        raise ConfigurationError(f"{where} = {value!r} is not a Python version; write it as '3.11'.")
+    return f"{match.group(1)}.{match.group(2)}"
+
+
+def check_requirement(line: str, *, where: str) -> str:
+    """The requirement, stripped, if it is valid PEP 508; a local path or editable install is refused."""
+    from packaging.requirements import InvalidRequirement, Requirement
+
+    if not isinstance(line, str):
+        raise ConfigurationError(f"{where}: requirement {line!r} must be a string such as 'pandas>=2'.")
+    text = " ".join(line.split())
+    try:
+        Requirement(text)
+    except InvalidRequirement as err:
+        raise ConfigurationError(
+            f"{where}: {text!r} is not a valid requirement ({err}). Write it as 'name', 'name==1.2' or "
+            "'name @ https://...'; local paths and editable installs cannot be locked, so build and publish "
+            "a wheel instead."
+        ) from None
+    return text
+
+
+def read_requirements(path: Path) -> RequirementsFile:
+    """Requirements and index options of a pip requirements file, following ``-r`` includes."""
+    result = RequirementsFile(requirements=[])
+    _read_requirements_into(path, result, seen=[])
+    return result
+
+
+def _read_requirements_into(path: Path, result: RequirementsFile, seen: builtins.list[Path]) -> None:
+    resolved = path.resolve()
+    if resolved in seen:
+        chain = " -> ".join(str(p) for p in [*seen, resolved])
+        raise ConfigurationError(
+            f"Requirements files include each other in a loop: {chain}. Remove one -r line."
+        )
+    text = _read_text(path, "Requirements file")
+    seen = [*seen, resolved]
+    for number, line in _logical_lines(text):
+        where = f"{path}:{number}"
+        if line.startswith("-"):
+            _apply_option_line(line, path, result, where=where, seen=seen)
+        else:
+            # Per-requirement options (--hash=...) are dropped: the lock brings its own hashes.
+            requirement = re.split(r"\s+--?[A-Za-z]", line, maxsplit=1)[0]
+            result.requirements.append(check_requirement(requirement, where=where))
+
+
+def _logical_lines(text: str) -> builtins.list[tuple[int, str]]:
+    lines: builtins.list[tuple[int, str]] = []
+    pending = ""
+    start = 0
+    for number, raw in enumerate(text.splitlines(), start=1):
+        if not pending:
+            start = number
+        # A comment starts at '#' at the line's start or after whitespace ('pkg @ url#egg' keeps its '#').
+        line = re.sub(r"(^|\s)#.*$", "", raw)
+        if line.rstrip().endswith("\\"):
+            pending += line.rstrip()[:-1] + " "
+            continue
+        line = (pending + line).strip()
+        pending = ""
+        if line:
+            lines.append((start, line))
+    if pending.strip():
+        lines.append((start, pending.strip()))
+    return lines
+
+
+def _check_url(value: str, *, where: str, option: str) -> str:
+    url = os.path.expandvars(value.strip())
+    if not re.match(r"^(https?|file)://\S+$", url):
+        raise ConfigurationError(f"{where}: {option} {value!r} is not an http(s):// or file:// URL.")
+    return url
+
+
+def read_conda_specification(path: Path) -> tuple[str | None, RequirementsFile]:
+    """The Python version and pip section of a conda environment file; conda-only packages are refused."""
+    text = _read_text(path, "Conda environment file")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigurationError(f"Conda environment file {str(path)!r} is not valid YAML: {err}") from None
+    if not isinstance(data, Mapping) or not isinstance(data.get("dependencies") or [], builtins.list):
+        raise ConfigurationError(
+            f"Conda environment file {str(path)!r} must be a mapping with a 'dependencies' list."
+        )
+    version: str | None = None
+    pip_lines: builtins.list[str] = []
+    conda_only: builtins.list[str] = []
+    for entry in data.get("dependencies") or []:
+        if isinstance(entry, Mapping):
+            for key, value in entry.items():
+                if key != "pip":
+                    raise ConfigurationError(
+                        f"Conda environment file {str(path)!r}: dependencies entry {key!r} is not "
+                        "understood; only a 'pip:' list may be a mapping."
+                    )
+                pip_lines += _string_list(value, f"Conda environment file {str(path)!r}: pip section")
+            continue
+        spec = str(entry).strip()
+        package = re.split(r"[=<>!~\s\[]", spec.split("::")[-1], maxsplit=1)[0].lower()
+        if package == "python":
+            found = re.search(r"(\d+\.\d+)", spec)
+            if found:
+                version = normalize_python_version(found.group(1), where=f"{path}: {spec!r}")
+        elif package not in _CONDA_ALLOWED:
+            conda_only.append(spec)
+    if conda_only:
+        raise ConfigurationError(
+            f"Conda environment file {str(path)!r} lists conda packages {', '.join(conda_only)}: conda "
+            "cannot be assumed on a compute target, so only python, pip and the 'pip:' section are used. "
+            "Move these packages into the 'pip:' section (under their PyPI names), or use a Docker image "
+            "that has them."
+        )
+    result = RequirementsFile(requirements=[])
+    # The pip section may use requirements-file syntax (-r, --extra-index-url) like a file beside it.
+    scratch = "\n".join(pip_lines)
+    for number, line in _logical_lines(scratch):
+        if line.startswith("-"):
+            _apply_option_line(line, path, result, where=f"{path}: pip section line {number}", seen=[])
+        else:
+            result.requirements.append(check_requirement(line, where=f"{path}: pip section"))
+    return version, result
+
+
+def _apply_option_line(
+    line: str, base_file: Path, result: RequirementsFile, *, where: str, seen: builtins.list[Path]
+) -> None:
+    if line.startswith(("-r", "--requirement")):
+        name = re.sub(r"^(-r|--requirement)[=\s]*", "", line).strip()
+        if not name:
+            raise ConfigurationError(f"{where}: {line!r} needs a file name.")
+        include = Path(os.path.expandvars(name)).expanduser()
+        _read_requirements_into(
+            include if include.is_absolute() else base_file.parent / include, result, seen
+        )
+    elif line.startswith(("-i", "--index-url")):
+        url = re.sub(r"^(-i|--index-url)[=\s]*", "", line)
+        result.index_url = _check_url(url, where=where, option="--index-url")
+    elif line.startswith("--extra-index-url"):
+        url = _check_url(
+            re.sub(r"^--extra-index-url[=\s]*", "", line), where=where, option="--extra-index-url"
+        )
+        if url not in result.extra_index_urls:
+            result.extra_index_urls.append(url)
+    else:
+        raise ConfigurationError(
+            f"{where}: option {line!r} is not supported in an environment's requirements. Supported: "
+            "-r/--requirement, -i/--index-url, --extra-index-url; editable installs (-e), constraints "
+            "(-c) and --find-links cannot be locked reproducibly, so publish a wheel to an index instead."
+        )
+
+
+def _read_text(path: Path, what: str) -> str:
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        where = "" if path.is_absolute() else f" (relative to {os.getcwd()!r})"
+        raise ConfigurationError(
+            f"{what} {str(path)!r} does not exist{where}. Check the path, or give an absolute one."
+        ) from None
+    except IsADirectoryError:
+        raise ConfigurationError(f"{what} {str(path)!r} is a directory; name the file inside it.") from None
+
+
+def _section(data: Mapping[str, Any], key: str, name: str) -> Mapping[str, Any]:
+    value = data.get(key) or {}
+    if not isinstance(value, Mapping):
+        raise ConfigurationError(
+            f"Environment {name!r}: {key} must be a mapping, not {type(value).__name__}."
+        )
+    return value
+
+
+def _reject_unknown(data: Mapping[str, Any], known: set[str], prefix: str) -> None:
+    unknown = sorted(str(k) for k in set(data) - known)
+    if unknown:
+        raise ConfigurationError(
+            f"Unknown environment field(s) {', '.join(prefix + k for k in unknown)}; known: "
+            f"{', '.join(prefix + k for k in sorted(known))}."
+        )
+
+
+def _string_list(value: Any, where: str) -> builtins.list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str) or not isinstance(value, Sequence):
+        raise ConfigurationError(f"{where} must be a list of strings, not {value!r}.")
+    return [str(v) for v in value]
