@@ -1,0 +1,79 @@
+"""Experiment: a named group of runs, and the entry point that submits one."""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+from typing import TYPE_CHECKING, Any
+
+from airflow_amlrun.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    import os
+
+    from airflow_amlrun.run import AirflowTask, ScriptRun
+    from airflow_amlrun.runconfig import ScriptRunConfig
+    from airflow_amlrun.workspace import Workspace
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{2,35}")
+
+
+def check_experiment_name(name: Any) -> str:
+    """Return the name if it follows the rules, else raise an error that says which rule it breaks."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ConfigurationError(
+            f"Invalid experiment name {name!r}: use 3-36 characters, letters, digits, '_' and '-', starting "
+            "with a letter or digit (for example 'diabetes_ridge')."
+        )
+    return name
+
+
+def experiment_name_from(text: str) -> str:
+    """A valid experiment name derived from free text such as a DAG id (`my.dag` -> `my_dag`)."""
+    name = re.sub(r"[^A-Za-z0-9_-]", "_", text).lstrip("_-")[:36]
+    if len(name) < 3:
+        name = (name + "_runs")[:36]
+    return check_experiment_name(name)
+
+
+def new_run_id(experiment: str) -> str:
+    """Run ids as users know them: `<experiment>_<unix time>_<8 hex>`."""
+    return f"{experiment}_{int(time.time())}_{secrets.token_hex(4)}"
+
+
+class Experiment:
+    """A named group of runs in a workspace.
+
+    :param workspace: where the runs are recorded.
+    :param name: 3-36 characters, letters, digits, '_' and '-', starting with a letter or digit.
+    """
+
+    def __init__(self, workspace: Workspace, name: str) -> None:
+        self.workspace = workspace
+        self.name = check_experiment_name(name)
+
+    def submit(
+        self,
+        config: ScriptRunConfig,
+        *,
+        tags: dict[str, str] | None = None,
+        base_dir: str | os.PathLike[str] | None = None,
+        airflow_task: AirflowTask | None = None,
+    ) -> ScriptRun:
+        """Check the config, record a run, snapshot the code and start it on its compute target.
+
+        :param config: what to run and where.
+        :param tags: tags recorded on the run.
+        :param base_dir: folder a relative source_directory starts from (default: the current directory).
+        :param airflow_task: the Airflow task instance submitting the run, recorded on the run row.
+        """
+        from airflow_amlrun.run import ScriptRun
+
+        return ScriptRun.submit(self, config, tags=tags, base_dir=base_dir, airflow_task=airflow_task)
+
+    def list_runs(self, status: str | None = None, limit: int = 100) -> list[Any]:
+        return self.workspace.list_runs(experiment=self.name, status=status, limit=limit)
+
+    def __repr__(self) -> str:
+        return f"Experiment(name={self.name!r}, workspace={self.workspace.name!r})"

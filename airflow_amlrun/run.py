@@ -1,0 +1,458 @@
+"""ScriptRun: one submitted run, from its first row in the history to its final status."""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from airflow_amlrun.config import Settings, load_settings
+from airflow_amlrun.environment import Environment, ResolvedEnvironment, resolve_environment
+from airflow_amlrun.errors import (
+    AmlRunError,
+    RunCanceledError,
+    RunFailedError,
+    RunTimeoutError,
+)
+from airflow_amlrun.history import MetricPoint, RunRecord, RunStatus
+from airflow_amlrun.snapshot import Snapshot, materialize, read_git_info, take_snapshot
+from airflow_amlrun.targets.base import CodeSource, ComputeTarget, Job, TargetStatus
+from airflow_amlrun.targets.registry import resolve_target
+
+if TYPE_CHECKING:
+    import os
+
+    from airflow_amlrun.experiment import Experiment
+    from airflow_amlrun.runconfig import ScriptRunConfig
+    from airflow_amlrun.snapshot import BlobStore
+    from airflow_amlrun.workspace import Workspace
+
+log = logging.getLogger(__name__)
+
+# Lines of the script's output kept for the error of a failed run.
+LOG_TAIL_LINES = 30
+
+
+@dataclass(frozen=True)
+class AirflowTask:
+    """The Airflow task instance that submitted a run, as recorded on the run row."""
+
+    dag_id: str
+    task_id: str
+    run_id: str
+    map_index: int | None
+    try_number: int | None
+
+    def row_fields(self) -> dict[str, Any]:
+        return {
+            "dag_id": self.dag_id,
+            "task_id": self.task_id,
+            "airflow_run_id": self.run_id,
+            "map_index": self.map_index,
+            "try_number": self.try_number,
+        }
+
+
+class SnapshotSource:
+    """The run's code as its snapshot holds it: written from the store, never from the live tree."""
+
+    def __init__(self, store: BlobStore, snapshot: Snapshot) -> None:
+        self.store = store
+        self.snapshot = snapshot
+
+    def materialize(self, dest: Path) -> None:
+        materialize(self.store, self.snapshot, dest)
+
+
+def snapshot_code(
+    workspace: Workspace, source_directory: Path, settings: Settings
+) -> tuple[Snapshot, dict[str, Any] | None]:
+    """Snapshot the source directory into the workspace store, and read its git provenance.
+
+    Returns the snapshot and what the run records of git (None outside a repository): the summary,
+    the build id and URI, and the digest of the uncommitted diff, which is stored as a blob.
+    """
+    result = take_snapshot(
+        source_directory,
+        workspace.store,
+        stat_cache_path=workspace.cache_dir / "snapshot-stat.sqlite",
+        max_total_bytes=settings.snapshot_max_bytes,
+        max_files=settings.snapshot_max_files,
+    )
+    for warning in result.warnings:
+        log.warning("%s", warning)
+    info = read_git_info(source_directory)
+    if info is None:
+        return result.snapshot, None
+    git = {**info.summary(), "build_id": info.build_id, "build_uri": info.build_uri}
+    if info.diff:
+        git["diff_digest"] = workspace.store.put_bytes(info.diff.encode())
+    return result.snapshot, git
+
+
+class ScriptRun:
+    """A run submitted to a compute target; wait for it with `wait_for_completion`."""
+
+    def __init__(self, workspace: Workspace, target: ComputeTarget, job: Job, settings: Settings) -> None:
+        self.workspace = workspace
+        self.target = target
+        self.job = job
+        self.settings = settings
+        self.handle: dict[str, Any] | None = None
+        self.log_tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL_LINES)
+        self._log_offset = 0
+        self._events_offset = 0
+        self._event_seq = 0
+        self._timed_out = False
+        self._cancel_requested = False
+        self._waiting = False
+        self._started = _now()
+        self._finished: RunRecord | None = None
+
+    @property
+    def id(self) -> str:
+        return self.job.run_id
+
+    @classmethod
+    def submit(
+        cls,
+        experiment: Experiment,
+        config: ScriptRunConfig,
+        *,
+        tags: dict[str, str] | None = None,
+        base_dir: str | os.PathLike[str] | None = None,
+        airflow_task: AirflowTask | None = None,
+    ) -> ScriptRun:
+        """Validate everything, then record the run and start it; see Experiment.submit."""
+        from airflow_amlrun.experiment import new_run_id
+
+        settings = load_settings()
+        workspace = experiment.workspace
+        config = config.resolved(base_dir)
+        target = resolve_target(config.compute_target, settings, workspace)
+        if airflow_task is not None:
+            attached = cls._reattach(experiment, config, target, airflow_task, settings)
+            if attached is not None:
+                return attached
+        environment = resolve_environment(workspace, config.environment)
+        # A snapshot too large fails here, before anything is stored; blobs written are content-addressed,
+        # so a config refused below leaves nothing that matters behind.
+        snapshot, git = snapshot_code(workspace, Path(config.source_directory), settings)
+        job = _job(new_run_id(experiment.name), experiment.name, config, environment, snapshot.id)
+        target.check(job)
+        # Nothing is recorded before this point: a bad config leaves no run behind.
+        recorded_environment = environment.summary()
+        if environment.lock is not None:
+            # The lock itself is kept once in the store, by its hash; the run names it.
+            recorded_environment["lock_digest"] = workspace.store.put_bytes(environment.lock.encode())
+        history = workspace.history
+        history.create_run(
+            run_id=job.run_id,
+            experiment=experiment.name,
+            target=target.name,
+            script=job.script,
+            command=json.dumps(job.command) if isinstance(job.command, list) else job.command,
+            arguments=job.arguments,
+            environment=recorded_environment,
+            snapshot_id=snapshot.id,
+            git=git,
+            tags=dict(tags or {}),
+            **(airflow_task.row_fields() if airflow_task else {}),
+        )
+        run = cls(workspace, target, job, settings)
+        run._start(SnapshotSource(workspace.store, snapshot))
+        return run
+
+    @classmethod
+    def _reattach(
+        cls,
+        experiment: Experiment,
+        config: ScriptRunConfig,
+        target: ComputeTarget,
+        airflow_task: AirflowTask,
+        settings: Settings,
+    ) -> ScriptRun | None:
+        """Follow the run an earlier try of this task left unfinished, instead of starting a second one.
+
+        A run whose target still runs it (or finished it while nobody watched) is followed to its end; one
+        that never reached its target is recorded Failed, and a new run is submitted.
+        """
+        history = experiment.workspace.history
+        earlier = [
+            r
+            for r in history.list_runs(
+                dag_id=airflow_task.dag_id,
+                task_id=airflow_task.task_id,
+                airflow_run_id=airflow_task.run_id,
+                map_index=airflow_task.map_index,
+            )
+            if not r.status.is_terminal and r.target == target.name
+        ]
+        attached: ScriptRun | None = None
+        for record in earlier:
+            from airflow_amlrun.environment import ResolvedEnvironment
+
+            environment = ResolvedEnvironment(
+                spec=config.environment if isinstance(config.environment, Environment) else Environment(),
+                name=(record.environment or {}).get("name", ""),
+                version=(record.environment or {}).get("version"),
+                lock=None,
+                build_key=(record.environment or {}).get("build_key"),
+                user_managed=bool((record.environment or {}).get("user_managed", True)),
+            )
+            job = _job(record.id, record.experiment, config, environment, record.snapshot_id)
+            handle = record.handle or target.find(job)
+            if handle is None or attached is not None:
+                history.update_run(
+                    record.id,
+                    status=RunStatus.FAILED,
+                    end_time=_now(),
+                    error="Lost: the task that submitted it stopped before the run reached its target."
+                    if handle is None
+                    else "Superseded: another unfinished run of the same task was re-attached.",
+                )
+                continue
+            log.info(
+                "Re-attaching to run %s, left unfinished by try %s of this task", record.id, record.try_number
+            )
+            attached = cls(experiment.workspace, target, job, settings)
+            attached.handle = handle
+            attached._started = record.start or _now()
+            history.update_run(
+                record.id,
+                status=RunStatus.RUNNING,
+                handle=handle,
+                start_time=attached._started,
+                try_number=airflow_task.try_number,
+            )
+        return attached
+
+    def _start(self, code: CodeSource) -> None:
+        history = self.workspace.history
+        try:
+            history.update_run(self.id, status=RunStatus.PREPARING)
+            self.target.prepare(self.job, code)
+            history.update_run(self.id, status=RunStatus.STARTING)
+            self.handle = self.target.submit(self.job)
+            self._started = _now()
+            history.update_run(
+                self.id, status=RunStatus.RUNNING, handle=self.handle, start_time=self._started
+            )
+        except BaseException as err:
+            self._finish(RunStatus.FAILED, f"The run could not be started: {err}")
+            raise
+
+    # waiting
+
+    def wait_for_completion(
+        self,
+        show_output: bool = True,
+        raise_on_error: bool = True,
+        output: Callable[[str], None] | None = None,
+    ) -> RunRecord:
+        """Stream the script's output while it runs, then record the outcome.
+
+        :param show_output: pass each line the script prints to `output` (default: print).
+        :param raise_on_error: raise RunFailedError / RunCanceledError unless the run Completed.
+        :param output: where lines go; the operator sends them to the task log.
+        """
+        emit = (output or print) if show_output else None
+        record = self._follow(emit) if self._finished is None else self._finished
+        if raise_on_error:
+            self._raise_for(record)
+        return record
+
+    def _follow(self, emit: Callable[[str], None] | None) -> RunRecord:
+        assert self.handle is not None
+        deadline = None
+        if self.job.max_run_duration_seconds is not None:
+            # Counted from the run's start, which for a re-attached run lies before this wait.
+            already = (_now() - self._started).total_seconds()
+            deadline = time.monotonic() + self.job.max_run_duration_seconds - already
+        self._waiting = True
+        try:
+            while True:
+                status = self.target.wait(self.handle, self.settings.poll_interval_seconds)
+                self._drain(emit, final=not status.running)
+                if not status.running:
+                    return self._conclude(status)
+                if self._cancel_requested:
+                    self.target.cancel(self.handle)
+                elif deadline is not None and time.monotonic() > deadline and not self._timed_out:
+                    self._timed_out = True
+                    self.target.cancel(self.handle)
+        except BaseException as err:
+            # The waiting side was interrupted (task killed, timeout, Ctrl-C): the run must not outlive it
+            # as a stray process, nor stay Running in the history.
+            if self._finished is None:
+                self.target.cancel(self.handle)
+                self._drain(emit, final=True)
+                if type(err).__name__ == "AirflowTaskTimeout":
+                    self._finish(RunStatus.FAILED, "Stopped by the Airflow task's execution_timeout.")
+                else:
+                    self._finish(
+                        RunStatus.CANCELED,
+                        f"Canceled: the waiting task was interrupted ({type(err).__name__}).",
+                    )
+            raise
+        finally:
+            self._waiting = False
+
+    def _drain(self, emit: Callable[[str], None] | None, final: bool) -> None:
+        assert self.handle is not None
+        while True:
+            chunk = self.target.read_log(self.handle, self._log_offset, final=final)
+            self._log_offset = chunk.offset
+            for line in chunk.lines:
+                self.log_tail.append(line)
+                if emit is not None:
+                    emit(line)
+            events = self.target.read_events(self.handle, self._events_offset, final=final)
+            self._events_offset = events.offset
+            self._ingest_events(events.lines)
+            if not chunk.lines and not events.lines:
+                return
+
+    def _ingest_events(self, lines: list[str]) -> None:
+        points: list[MetricPoint] = []
+        tags: dict[str, str] = {}
+        for line in lines:
+            seq = self._event_seq
+            self._event_seq += 1
+            try:
+                event = json.loads(line)
+            except ValueError:
+                log.warning("Run %s: skipping a malformed event line: %.200s", self.id, line)
+                continue
+            if event.get("kind") == "metric":
+                logged = event.get("time")
+                points.append(
+                    MetricPoint(
+                        name=str(event.get("name")),
+                        value=event.get("value"),
+                        seq=seq,
+                        step=event.get("step"),
+                        logged_at=datetime.fromtimestamp(logged, UTC)
+                        if isinstance(logged, int | float)
+                        else None,
+                    )
+                )
+            elif event.get("kind") == "tag":
+                tags[str(event.get("key"))] = str(event.get("value", ""))
+        history = self.workspace.history
+        if points:
+            history.add_metrics(self.id, points)
+        if tags:
+            current = history.get_run(self.id).tags
+            history.update_run(self.id, tags={**current, **tags})
+
+    def _conclude(self, status: TargetStatus) -> RunRecord:
+        if self._cancel_requested:
+            return self._finish(RunStatus.CANCELED, "Canceled while running (the task was killed).")
+        if self._timed_out:
+            return self._finish(
+                RunStatus.FAILED,
+                f"Exceeded max_run_duration_seconds={self.job.max_run_duration_seconds}; the run was stopped.",
+            )
+        if status.exit_code == 0:
+            return self._finish(RunStatus.COMPLETED, None)
+        reason = status.reason or f"exit code {status.exit_code}"
+        return self._finish(RunStatus.FAILED, f"The script failed ({reason}).")
+
+    # ending
+
+    def cancel(self) -> None:
+        """Stop the run on its target; it ends Canceled."""
+        if self._finished is not None or self.handle is None:
+            return
+        self._cancel_requested = True
+        self.target.cancel(self.handle)
+        if not self._waiting:
+            # Nobody is following the run (e.g. the wait was already abandoned): record the end here.
+            self._drain(None, final=True)
+            self._finish(RunStatus.CANCELED, "Canceled.")
+
+    def _finish(self, status: RunStatus, error: str | None) -> RunRecord:
+        """The one place a run ends: collect what it produced, record the outcome, tidy the target."""
+        if self._finished is not None:
+            return self._finished
+        history = self.workspace.history
+        fields: dict[str, Any] = {"status": status, "error": error, "end_time": _now()}
+        if self.handle is not None:
+            history.update_run(self.id, status=RunStatus.FINALIZING)
+            try:
+                fields.update(self._collect())
+            except Exception as err:  # the outcome must be recorded even if collecting fails
+                log.exception("Run %s: collecting outputs failed", self.id)
+                fields["error"] = f"{error + ' ' if error else ''}Collecting outputs failed: {err}"
+                if status is RunStatus.COMPLETED:
+                    fields["status"] = RunStatus.FAILED
+        self._finished = history.update_run(self.id, **fields)
+        if self.handle is not None and (
+            self.settings.cleanup == "always"
+            or (self.settings.cleanup == "on_success" and self._finished.status is RunStatus.COMPLETED)
+        ):
+            self.target.cleanup(self.handle)
+        return self._finished
+
+    def _collect(self) -> dict[str, Any]:
+        assert self.handle is not None
+        collected = self.target.collect(self.handle)
+        store = self.workspace.store
+        prefix = f"runs/{self.id}"
+        fields: dict[str, Any] = {}
+        if collected.outputs_dir is not None and collected.outputs_dir.is_dir():
+            fields["outputs_uri"] = store.upload_dir(collected.outputs_dir, f"{prefix}/outputs")
+        if collected.logs_dir is not None and collected.logs_dir.is_dir():
+            fields["logs_uri"] = store.upload_dir(collected.logs_dir, f"{prefix}/logs")
+        return fields
+
+    def _raise_for(self, record: RunRecord) -> None:
+        if record.status is RunStatus.COMPLETED:
+            return
+        tail = list(self.log_tail)
+        shown = "\n".join(f"  | {line}" for line in tail[-20:])
+        if record.status is RunStatus.CANCELED:
+            raise RunCanceledError(
+                f"Run {record.id} was canceled. {record.error or ''}".strip(), run_id=record.id
+            )
+        error_type = RunTimeoutError if self._timed_out else RunFailedError
+        message = f"Run {record.id} failed: {record.error}"
+        if shown:
+            message += f"\nLast lines of its output:\n{shown}"
+        raise error_type(message, run_id=record.id, log_tail=tail)
+
+
+def _job(
+    run_id: str,
+    experiment: str,
+    config: ScriptRunConfig,
+    environment: ResolvedEnvironment,
+    snapshot_id: str | None,
+) -> Job:
+    return Job(
+        run_id=run_id,
+        experiment=experiment,
+        source_directory=Path(config.source_directory),
+        script=config.script,
+        command=config.command,
+        arguments=list(config.arguments or []),
+        environment=environment,
+        environment_variables=dict(config.environment_variables),
+        max_run_duration_seconds=config.max_run_duration_seconds,
+        snapshot_id=snapshot_id,
+        secret_environment_variables=dict(config.secret_environment_variables),
+    )
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+__all__ = ["AirflowTask", "AmlRunError", "ScriptRun"]

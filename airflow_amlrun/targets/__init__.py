@@ -1,0 +1,1 @@
+"""Compute targets: where a run executes. One protocol (base.py), one module per kind."""

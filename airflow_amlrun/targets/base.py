@@ -1,0 +1,114 @@
+"""The protocol every compute target follows, and the records that pass through it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from airflow_amlrun.environment import ResolvedEnvironment
+from airflow_amlrun.snapshot import BlobStore, Snapshot
+
+
+@dataclass(frozen=True)
+class Job:
+    """One run, as a target needs it: what to start, with what, and under which limits."""
+
+    run_id: str
+    experiment: str
+    source_directory: Path
+    script: str | None
+    command: str | list[str] | None
+    arguments: list[str]
+    environment: ResolvedEnvironment
+    environment_variables: dict[str, str]
+    max_run_duration_seconds: float | None
+    snapshot_id: str | None = None
+    # Set for the script like environment_variables, but never logged, shown or recorded anywhere.
+    secret_environment_variables: dict[str, str] = field(default_factory=dict, repr=False)
+
+
+@dataclass(frozen=True)
+class TargetStatus:
+    """What a target reports of a run: still running, or finished with an exit code."""
+
+    running: bool
+    exit_code: int | None = None
+    # Why the target ended the run itself (e.g. killed for memory), if it knows.
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """New complete lines of a stream since an offset, and the offset to ask from next time."""
+
+    lines: list[str]
+    offset: int
+
+
+@dataclass(frozen=True)
+class Collected:
+    """Where a finished run's outputs and logs were brought back to on this machine."""
+
+    outputs_dir: Path | None
+    # The script's logs/ folder, holding std_log.txt (its combined stdout and stderr) too.
+    logs_dir: Path | None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class CodeSource(Protocol):
+    """The code of a run: its snapshot (manifest) in the workspace store.
+
+    A target on this machine writes it with `materialize`; a remote target reads `snapshot.entries` and
+    sends only the blobs (`store.get_bytes(digest)` / `store.copy_to`) the remote host lacks.
+    """
+
+    snapshot: Snapshot
+    store: BlobStore
+
+    def materialize(self, dest: Path) -> None:
+        """Write the run's code tree into dest (which exists and is empty)."""
+
+
+class ComputeTarget(Protocol):
+    """A place runs execute: prepare, submit, wait, read_log, read_events, cancel, collect, cleanup."""
+
+    name: str
+    kind: str
+
+    def check(self, job: Job) -> None:
+        """Refuse a job this target cannot run, before anything is recorded (raise ConfigurationError)."""
+
+    def prepare(self, job: Job, code: CodeSource) -> None:
+        """Make the run directory on the target, holding the job's code."""
+
+    def submit(self, job: Job) -> dict[str, Any]:
+        """Start the run; returns a JSON-able handle that is saved on the run row."""
+
+    def wait(self, handle: dict[str, Any], timeout: float) -> TargetStatus:
+        """Block at most `timeout` seconds, returning early once the run has finished."""
+
+    def read_log(self, handle: dict[str, Any], offset: int, final: bool = False) -> Chunk:
+        """The script's combined stdout/stderr lines written since `offset`."""
+
+    def read_events(self, handle: dict[str, Any], offset: int, final: bool = False) -> Chunk:
+        """The metric and tag events (JSON lines) the script logged since `offset`."""
+
+    def cancel(self, handle: dict[str, Any]) -> None:
+        """Stop the run and everything it started."""
+
+    def collect(self, handle: dict[str, Any]) -> Collected:
+        """Bring outputs/ and logs/ of a finished run to this machine."""
+
+    def cleanup(self, handle: dict[str, Any]) -> None:
+        """Remove the run directory from the target."""
+
+    def find(self, job: Job) -> dict[str, Any] | None:
+        """The handle of a run with this job's run id already on the target, if any.
+
+        Used when a retry finds its earlier try's run in the history without a saved handle (the worker died
+        between submitting and recording): labels, remote run directories and the like carry the run id.
+        """
+
+    def describe(self) -> dict[str, Any]:
+        """What to record about the target on the run (kind, host, ...)."""

@@ -1,0 +1,129 @@
+"""Workspace: where runs are recorded, a run-history database plus a store for snapshots and outputs."""
+
+from __future__ import annotations
+
+import threading
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from airflow_amlrun.config import load_settings
+from airflow_amlrun.errors import ConfigurationError
+from airflow_amlrun.history import ExperimentRecord, RunHistory, RunRecord, RunStatus
+
+if TYPE_CHECKING:
+    from airflow_amlrun.snapshot import BlobStore, Snapshot
+
+_cache: dict[tuple[str, str], Workspace] = {}
+_cache_lock = threading.Lock()
+
+
+class Workspace:
+    """A run history (SQLAlchemy URL) and a store (local folder or fsspec URL), opened lazily.
+
+    :param database_url: SQLAlchemy URL of the run history, e.g. ``sqlite:////srv/amlrun/history.db`` or
+        ``postgresql://user@host/amlrun``.
+    :param store_url: folder or fsspec URL (``s3://bucket/prefix``) for snapshots and outputs.
+    :param storage_options: fsspec options of the store (endpoint, credentials).
+    :param cache_dir: local folder for caches (stat cache, environment builds); defaults beside the
+        embedded workspace.
+    """
+
+    def __init__(
+        self,
+        database_url: str,
+        store_url: str,
+        *,
+        name: str = "default",
+        storage_options: dict[str, Any] | None = None,
+        cache_dir: str | Path | None = None,
+    ) -> None:
+        self.name = name
+        self.database_url = database_url
+        self.store_url = store_url
+        self.storage_options = dict(storage_options or {})
+        self.cache_dir = Path(cache_dir) if cache_dir else load_settings().home / "cache"
+
+    @classmethod
+    def get(cls, conn_id: str | None = None) -> Workspace:
+        """The workspace of an Airflow connection (type amlrun), or the embedded default if it does not exist.
+
+        :param conn_id: connection id; defaults to ``[amlrun] workspace_conn_id`` (``amlrun_default``).
+        """
+        settings = load_settings()
+        conn_id = conn_id or settings.workspace_conn_id
+        from airflow_amlrun.hooks.workspace import workspace_connection
+
+        found = workspace_connection(conn_id)
+        if found is None:
+            if conn_id != settings.workspace_conn_id:
+                raise ConfigurationError(
+                    f"No Airflow connection {conn_id!r} exists. Create one of type 'amlrun' (extras "
+                    "database_url and store_url), or omit conn_id to use the embedded workspace."
+                )
+            database_url = f"sqlite:///{settings.home / 'history.db'}"
+            store_url = str(settings.home / "store")
+            name, options = "embedded", {}
+        else:
+            database_url, store_url, options = found.database_url, found.store_url, found.storage_options
+            name = conn_id
+        return cls.cached(database_url, store_url, name=name, storage_options=options)
+
+    @classmethod
+    def cached(cls, database_url: str, store_url: str, **kwargs: Any) -> Workspace:
+        """One Workspace object per database and store in a process, so the schema is checked once."""
+        with _cache_lock:
+            key = (database_url, store_url)
+            if key not in _cache:
+                _cache[key] = cls(database_url, store_url, **kwargs)
+            return _cache[key]
+
+    @cached_property
+    def history(self) -> RunHistory:
+        return RunHistory(self.database_url)
+
+    @cached_property
+    def store(self) -> BlobStore:
+        from airflow_amlrun.snapshot import BlobStore
+
+        return BlobStore(self.store_url, storage_options=self.storage_options or None)
+
+    def get_run(self, run_id: str) -> RunRecord:
+        """The run with this id; its attributes are the run row's fields."""
+        return self.history.get_run(run_id)
+
+    def list_runs(
+        self, experiment: str | None = None, status: str | RunStatus | None = None, limit: int = 100
+    ) -> list[RunRecord]:
+        """Runs, newest first."""
+        return self.history.list_runs(experiment=experiment, status=status, limit=limit)
+
+    def list_experiments(self) -> list[ExperimentRecord]:
+        return self.history.list_experiments()
+
+    def restore_snapshot(self, run_or_snapshot_id: str, path: str | Path) -> Snapshot:
+        """Write the code of a run (or a snapshot id) into an empty or new folder, verifying every file.
+
+        :param run_or_snapshot_id: a run id, or the id of a snapshot in this workspace's store.
+        :param path: destination folder; must be empty or not exist.
+        """
+        from airflow_amlrun.history import RunNotFoundError
+        from airflow_amlrun.snapshot import restore_snapshot
+
+        snapshot_id = run_or_snapshot_id
+        try:
+            run = self.history.get_run(run_or_snapshot_id)
+        except RunNotFoundError:
+            if not self.store.has_manifest(run_or_snapshot_id):
+                raise ConfigurationError(
+                    f"{run_or_snapshot_id!r} is neither a run in {self.history.url_for_display} nor a snapshot "
+                    f"in the store {self.store_url}: give a run id (amlrun runs list) or a snapshot id."
+                ) from None
+        else:
+            if run.snapshot_id is None:
+                raise ConfigurationError(f"Run {run.id} has no code snapshot (it was not started).")
+            snapshot_id = run.snapshot_id
+        return restore_snapshot(self.store, snapshot_id, path)
+
+    def __repr__(self) -> str:
+        return f"Workspace(name={self.name!r}, history={self.history.url_for_display!r}, store={self.store_url!r})"

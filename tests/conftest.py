@@ -1,0 +1,197 @@
+"""Shared fixtures: one migrated Airflow home per session, a fresh workspace per test, PostgreSQL.
+
+Airflow reads its configuration when first imported, so the environment is set here, before any test
+module imports it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import secrets
+import subprocess
+import sys
+import tempfile
+import textwrap
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+_SESSION_DIR = Path(tempfile.mkdtemp(prefix="amlrun-tests-"))
+AIRFLOW_HOME = _SESSION_DIR / "airflow"
+DAGS_FOLDER = AIRFLOW_HOME / "dags"
+DAGS_FOLDER.mkdir(parents=True)
+os.environ.update(
+    {
+        "AIRFLOW_HOME": str(AIRFLOW_HOME),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS_FOLDER),
+        "AIRFLOW__AMLRUN__HOME": str(_SESSION_DIR / "amlrun"),
+        # Polling fast keeps the tests quick; the default suits production.
+        "AIRFLOW__AMLRUN__POLL_INTERVAL_SECONDS": "0.05",
+    }
+)
+os.environ.pop("AIRFLOW_CONN_AMLRUN_DEFAULT", None)
+
+REPO = Path(__file__).resolve().parent.parent
+PG_DSN = os.environ.get("AMLRUN_TEST_PG", "postgresql://postgres@127.0.0.1:5432")
+
+
+@pytest.fixture(scope="session")
+def airflow_db() -> Path:
+    """Airflow's metadata database, migrated once for the whole session."""
+    subprocess.run(
+        [str(Path(sys.executable).parent / "airflow"), "db", "migrate"],
+        check=True,
+        capture_output=True,
+        env=os.environ.copy(),
+    )
+    return AIRFLOW_HOME
+
+
+@pytest.fixture
+def amlrun_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh embedded workspace (history.db, store/, runs/) for one test."""
+    home = tmp_path / "amlrun"
+    monkeypatch.setenv("AIRFLOW__AMLRUN__HOME", str(home))
+    monkeypatch.delenv("AIRFLOW_CONN_AMLRUN_DEFAULT", raising=False)
+    return home
+
+
+@contextlib.contextmanager
+def _postgres_database() -> Iterator[str]:
+    import psycopg
+
+    name = f"amlrun_test_{secrets.token_hex(4)}"
+    try:
+        admin = psycopg.connect(f"{PG_DSN}/postgres", autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as err:
+        pytest.fail(f"PostgreSQL is not reachable at {PG_DSN} ({err}); `make services` starts it.")
+    admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"{PG_DSN}/{name}"
+    finally:
+        admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+        admin.close()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[str]:
+    """A database of this session's own on the PostgreSQL server, dropped at the end."""
+    with _postgres_database() as url:
+        yield url
+
+
+@pytest.fixture
+def postgres_database() -> Iterator[str]:
+    """A fresh, empty database for one test, dropped after it."""
+    with _postgres_database() as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def workspace_backend(
+    request: pytest.FixtureRequest, amlrun_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> str:
+    """Run the test once on the embedded SQLite workspace and once on PostgreSQL via a connection."""
+    if request.param == "postgres":
+        database = request.getfixturevalue("postgres_server")
+        # Each test gets its own schema state: clean the tables this test could see.
+        _truncate(database)
+        monkeypatch.setenv(
+            "AIRFLOW_CONN_AMLRUN_DEFAULT",
+            json.dumps(
+                {
+                    "conn_type": "amlrun",
+                    "extra": {"database_url": database, "store_url": str(amlrun_home / "pg-store")},
+                }
+            ),
+        )
+    return str(request.param)
+
+
+def _truncate(database: str) -> None:
+    import psycopg
+
+    with psycopg.connect(database, autocommit=True) as conn:
+        exists = conn.execute("SELECT to_regclass('amlrun_runs') IS NOT NULL").fetchone()
+        if exists and exists[0]:
+            conn.execute(
+                "TRUNCATE amlrun_metrics, amlrun_runs, amlrun_experiments, amlrun_environment_labels, "
+                "amlrun_environments CASCADE"
+            )
+
+
+@dataclass
+class DagResult:
+    """What a user sees of a finished DAG run: states, XComs, and the task log printed by dag.test."""
+
+    dag_id: str
+    state: str
+    task_states: dict[str, str]
+    xcoms: dict[str, Any]
+    log: str
+
+
+@pytest.fixture
+def run_dag(airflow_db: Path, capfd: pytest.CaptureFixture[str]) -> Callable[..., DagResult]:
+    """Write a DAG file into the session's DAG folder and run it with dag.test()."""
+
+    def run(source: str, dag_id: str | None = None, **conf: Any) -> DagResult:
+        dag_id = dag_id or f"t_{secrets.token_hex(4)}"
+        path = DAGS_FOLDER / f"{dag_id}.py"
+        path.write_text(textwrap.dedent(source).replace("DAG_ID", dag_id))
+        spec = importlib.util.spec_from_file_location(dag_id, path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        capfd.readouterr()
+        dag_run = module.dag.test(run_conf=conf or None)
+        out, err = capfd.readouterr()
+        sys.stdout.write(out)  # keep it visible in pytest's report of a failing test
+        return DagResult(
+            dag_id=dag_id,
+            state=str(dag_run.state),
+            task_states={ti.task_id: str(ti.state) for ti in dag_run.get_task_instances()},
+            xcoms=_xcoms(dag_id, dag_run.run_id),
+            log=out + err,
+        )
+
+    return run
+
+
+def _xcoms(dag_id: str, run_id: str) -> dict[str, Any]:
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    with create_session() as session:
+        rows = session.scalars(
+            select(XComModel).where(
+                XComModel.dag_id == dag_id, XComModel.run_id == run_id, XComModel.key == "return_value"
+            )
+        ).all()
+        return {row.task_id: XComModel.deserialize_value(row) for row in rows}
+
+
+@pytest.fixture
+def train_dir(tmp_path: Path) -> Path:
+    """A copy of the example training code, free to change in a test."""
+    import shutil
+
+    dest = tmp_path / "train"
+    shutil.copytree(REPO / "dags" / "train_diabetes", dest)
+    return dest
+
+
+def write_script(folder: Path, name: str, body: str) -> Path:
+    """Write a training script for a test into folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text(textwrap.dedent(body))
+    return path

@@ -1,0 +1,274 @@
+"""A DAG author's view of the local target: dag.test() on a real Airflow, real processes, real databases."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import time
+from pathlib import Path
+
+import pytest
+
+from airflow_amlrun import Workspace
+from tests.conftest import write_script
+
+pytestmark = pytest.mark.usefixtures("airflow_db")
+
+DAG = """
+import pendulum
+from airflow.sdk import DAG
+from airflow_amlrun import ScriptRunConfig, ScriptRunOperator
+
+with DAG("DAG_ID", schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC")) as dag:
+    ScriptRunOperator(
+        task_id="train",
+        config=ScriptRunConfig({source!r}, script={script!r}, max_run_duration_seconds={limit!r}),
+        arguments={arguments!r},
+        experiment={experiment!r},
+    )
+"""
+
+
+def dag_source(
+    source: Path,
+    script: str = "train.py",
+    arguments: object = None,
+    limit: float | None = None,
+    experiment: str | None = None,
+) -> str:
+    return DAG.format(
+        source=str(source), script=script, arguments=arguments, limit=limit, experiment=experiment
+    )
+
+
+def test_training_dag_records_a_completed_run_with_metrics_outputs_and_xcom(
+    run_dag, train_dir, workspace_backend
+):
+    result = run_dag(
+        dag_source(train_dir, arguments=["--alpha", "{{ 0.25 * 2 }}"], experiment="diabetes_ridge")
+    )
+
+    assert result.state == "success"
+    summary = result.xcoms["train"]
+    assert set(summary) >= {
+        "run_id",
+        "experiment",
+        "status",
+        "target",
+        "metrics",
+        "start",
+        "end",
+        "duration_seconds",
+        "outputs_uri",
+    }
+    assert summary["status"] == "Completed"
+    assert summary["experiment"] == "diabetes_ridge"
+    assert summary["target"] == "local"
+    assert summary["metrics"]["alpha"] == 0.5
+    assert 2000 < summary["metrics"]["mse"] < 5000
+    assert summary["duration_seconds"] > 0
+
+    # The script's own lines are in the task log, as it printed them.
+    assert "fold 4: mse=" in result.log
+    assert "model written to outputs/model.pkl" in result.log
+
+    ws = Workspace.get()
+    run = ws.get_run(summary["run_id"])
+    assert run.status == "Completed"
+    assert run.arguments == ["--alpha", "0.5"]
+    assert run.metrics == summary["metrics"]
+    assert run.dag_id == result.dag_id
+    assert run.task_id == "train" and run.try_number == 1 and run.airflow_run_id
+    fold_points = ws.history.get_metrics(run.id, "fold_mse")
+    assert [p.step for p in fold_points] == [0, 1, 2, 3, 4]
+
+    # Outputs were collected into the workspace store.
+    model = pickle.loads(Path(summary["outputs_uri"], "model.pkl").read_bytes())
+    assert model.alpha == 0.5
+    assert "fold 0: mse=" in Path(run.logs_uri, "std_log.txt").read_text()
+
+
+def test_failing_script_fails_the_task_with_its_last_lines(run_dag, tmp_path, amlrun_home):
+    write_script(
+        tmp_path / "src",
+        "train.py",
+        """
+        import sys
+        print("loading data")
+        print("something is wrong with column 'age'", file=sys.stderr)
+        sys.exit(3)
+    """,
+    )
+    result = run_dag(dag_source(tmp_path / "src"))
+
+    assert result.state == "failed"
+    assert "RunFailedError" in result.log
+    assert "exit code 3" in result.log
+    assert "something is wrong with column 'age'" in result.log
+    [run] = Workspace.get().list_runs()
+    assert run.status == "Failed"
+    assert "exit code 3" in run.error
+
+
+def test_run_exceeding_max_duration_is_killed_with_its_children(run_dag, tmp_path, amlrun_home):
+    pid_file = tmp_path / "child.pid"
+    write_script(
+        tmp_path / "src",
+        "train.py",
+        f"""
+        import subprocess, time
+        child = subprocess.Popen(["sleep", "300"])
+        open({str(pid_file)!r}, "w").write(str(child.pid))
+        print("training forever", flush=True)
+        time.sleep(300)
+    """,
+    )
+    started = time.monotonic()
+    result = run_dag(dag_source(tmp_path / "src", limit=2))
+
+    assert time.monotonic() - started < 120
+    assert result.state == "failed"
+    [run] = Workspace.get().list_runs()
+    assert run.status == "Failed"
+    assert "max_run_duration_seconds=2" in run.error
+    assert "training forever" in result.log
+    child = int(pid_file.read_text())
+    assert not _alive(child), "the script's child process outlived the run"
+
+
+def test_offline_run_context_in_a_hand_started_script_prints_and_never_raises(tmp_path):
+    import subprocess
+    import sys
+
+    write_script(
+        tmp_path,
+        "train.py",
+        """
+        from airflow_amlrun.run_context import Run
+        run = Run.get_context()
+        run.log("loss", 0.5, step=1)
+        run.log("weird", object())
+        run.tag("stage", "dev")
+        run.upload_file("model.txt", "missing-file.txt")
+        print("offline:", run.offline, run.metrics["loss"])
+    """,
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AMLRUN_")}
+    done = subprocess.run([sys.executable, "train.py"], cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "offline: True [0.5]" in done.stdout
+    assert "[offline run] loss = 0.5 (step 1)" in done.stderr
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie still answers kill(0); it has ended all the same.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_killing_the_task_cancels_the_run_and_its_process_group(run_dag, tmp_path, amlrun_home):
+    import signal
+    import threading
+
+    pid_file = tmp_path / "script.pid"
+    write_script(
+        tmp_path / "src",
+        "train.py",
+        f"""
+        import os, time
+        open({str(pid_file)!r}, "w").write(str(os.getpid()))
+        print("epoch 1", flush=True)
+        time.sleep(300)
+    """,
+    )
+
+    def kill_task_once_running() -> None:
+        # What Airflow does to a task it stops: SIGTERM to the task process, whose handler calls on_kill.
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            runs = Workspace.get().list_runs()
+            if runs and runs[0].status == "Running" and pid_file.exists():
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            time.sleep(0.1)
+
+    killer = threading.Thread(target=kill_task_once_running)
+    killer.start()
+    result = run_dag(dag_source(tmp_path / "src"))
+    killer.join()
+
+    assert result.state == "failed"
+    [run] = Workspace.get().list_runs()
+    assert run.status == "Canceled"
+    assert run.end is not None
+    assert not _alive(int(pid_file.read_text()))
+
+
+def test_managed_environment_runs_the_script_in_its_locked_virtualenv(run_dag, tmp_path, amlrun_home):
+    write_script(
+        tmp_path / "src",
+        "train.py",
+        """
+        import sys
+        import tomli_w  # only in the environment's virtualenv, not on the worker
+        from airflow_amlrun.run_context import Run
+        Run.get_context().log("toml_len", len(tomli_w.dumps({"a": 1})))
+        print("python:", sys.executable)
+    """,
+    )
+    result = run_dag(f"""
+        import pendulum
+        from airflow.sdk import DAG
+        from airflow_amlrun import Environment, ScriptRunConfig, ScriptRunOperator
+        from airflow_amlrun.environment import PythonSection
+
+        env = Environment("toml-writer", python=PythonSection(pip_requirements=["tomli-w==1.0.0"]))
+        with DAG("DAG_ID", schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC")) as dag:
+            ScriptRunOperator(task_id="train", config=ScriptRunConfig({str(tmp_path / "src")!r}, script="train.py", environment=env))
+    """)
+    assert result.state == "success", result.log
+    summary = result.xcoms["train"]
+    assert summary["metrics"] == {"toml_len": 6}
+    environment = summary["environment"]
+    assert (environment["name"], environment["version"], environment["user_managed"]) == (
+        "toml-writer",
+        "1",
+        False,
+    )
+    assert f"envs/{environment['build_key']}" in result.log  # the script ran on the environment's interpreter
+    lock = Workspace.get().store.get_bytes(environment["lock_digest"]).decode()
+    assert "tomli-w==1.0.0" in lock and "--hash=sha256:" in lock
+
+
+def test_config_from_yaml_beside_the_dag_with_templated_environment_variables(run_dag, tmp_path, amlrun_home):
+    from tests.conftest import DAGS_FOLDER
+
+    write_script(
+        tmp_path / "src",
+        "train.py",
+        """
+        import os, sys
+        print("stage", os.environ["STAGE"], "seed", os.environ["SEED"], "args", sys.argv[1:])
+    """,
+    )
+    yaml_name = f"run_{os.getpid()}_{time.monotonic_ns()}.yaml"
+    (DAGS_FOLDER / yaml_name).write_text(
+        f"source_directory: {tmp_path / 'src'}\nscript: train.py\narguments: [--epochs, 3]\n"
+        "environment_variables: {SEED: '7'}\n"
+    )
+    result = run_dag(f"""
+        import pendulum
+        from airflow.sdk import DAG
+        from airflow_amlrun import ScriptRunOperator
+
+        with DAG("DAG_ID", schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC")) as dag:
+            ScriptRunOperator(task_id="train", config={yaml_name!r}, environment_variables={{"STAGE": "{{{{ dag.dag_id }}}}"}})
+    """)
+    assert result.state == "success", result.log
+    assert f"stage {result.dag_id} seed 7 args ['--epochs', '3']" in result.log

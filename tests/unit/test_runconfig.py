@@ -1,0 +1,142 @@
+"""ScriptRunConfig refuses what cannot run, with an error that names the value and the fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from airflow_amlrun import Environment, ScriptRunConfig
+from airflow_amlrun.errors import ConfigurationError
+from airflow_amlrun.experiment import check_experiment_name, experiment_name_from
+
+
+def test_script_and_command_together_are_refused(tmp_path):
+    with pytest.raises(ConfigurationError, match="exactly one of script= .* or command="):
+        ScriptRunConfig(tmp_path, script="train.py", command="python train.py")
+
+
+def test_neither_script_nor_command_is_refused(tmp_path):
+    with pytest.raises(ConfigurationError, match="script=None and command=None"):
+        ScriptRunConfig(tmp_path)
+
+
+@pytest.mark.parametrize("script", ["../x.py", "sub/../../x.py", "/abs/train.py"])
+def test_script_outside_the_source_directory_is_refused(tmp_path, script):
+    with pytest.raises(ConfigurationError, match=r"'\.\.'|absolute path") as err:
+        ScriptRunConfig(tmp_path, script=script)
+    assert repr(script) in str(err.value)
+
+
+def test_script_escaping_through_a_symlink_is_refused(tmp_path):
+    (tmp_path / "outside.py").write_text("print(1)")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "train.py").symlink_to(tmp_path / "outside.py")
+    with pytest.raises(ConfigurationError, match="outside source_directory"):
+        ScriptRunConfig(src, script="train.py").resolved()
+
+
+def test_missing_source_directory_names_the_path(tmp_path):
+    missing = tmp_path / "nope"
+    with pytest.raises(ConfigurationError, match="does not exist") as err:
+        ScriptRunConfig(missing, script="train.py").resolved()
+    assert str(missing) in str(err.value)
+
+
+def test_source_directory_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "train.py").write_text("")
+    with pytest.raises(ConfigurationError, match="is a file, not a directory"):
+        ScriptRunConfig(tmp_path / "train.py", script="train.py").resolved()
+
+
+def test_missing_script_lists_what_is_there(tmp_path):
+    (tmp_path / "trian.py").write_text("")
+    with pytest.raises(ConfigurationError, match=r"'train.py' was not found .* Files there: trian.py"):
+        ScriptRunConfig(tmp_path, script="train.py").resolved()
+
+
+def test_relative_source_directory_starts_at_the_base_dir(tmp_path):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "train.py").write_text("")
+    config = ScriptRunConfig("src", script="train.py").resolved(base_dir=tmp_path)
+    assert config.source_directory == str((tmp_path / "src").resolve())
+
+
+@pytest.mark.parametrize("bad", [{"lr": 0.1}, None, object(), float("nan")])
+def test_arguments_that_cannot_be_rendered_are_refused(tmp_path, bad):
+    with pytest.raises(ConfigurationError, match=r"arguments\[1\] = .* cannot be passed to a script"):
+        ScriptRunConfig(tmp_path, script="train.py", arguments=["--x", bad])
+
+
+def test_arguments_given_as_one_string_are_refused(tmp_path):
+    with pytest.raises(ConfigurationError, match="must be a list"):
+        ScriptRunConfig(tmp_path, script="train.py", arguments="--alpha 0.5")  # type: ignore[arg-type]
+
+
+def test_numbers_booleans_and_paths_become_strings(tmp_path):
+    config = ScriptRunConfig(tmp_path, script="t.py", arguments=["--a", 0.5, "--n", 3, True, Path("d/e")])
+    assert config.arguments == ["--a", "0.5", "--n", "3", "True", "d/e"]
+
+
+@pytest.mark.parametrize("limit", [0, -5, "10", True])
+def test_non_positive_max_duration_is_refused(tmp_path, limit):
+    with pytest.raises(ConfigurationError, match="max_run_duration_seconds"):
+        ScriptRunConfig(tmp_path, script="t.py", max_run_duration_seconds=limit)
+
+
+def test_environment_variable_with_a_bad_name_is_refused(tmp_path):
+    with pytest.raises(ConfigurationError, match="invalid name 'A=B'"):
+        ScriptRunConfig(tmp_path, script="t.py", environment_variables={"A=B": "1"})
+
+
+def test_interpreter_path_that_is_not_executable_is_refused(tmp_path):
+    env = Environment("mine")
+    env.python.interpreter_path = str(tmp_path / "python9")
+    with pytest.raises(ConfigurationError, match="interpreter_path .*python9' is not an executable file"):
+        env.local_interpreter()
+
+
+@pytest.mark.parametrize("name", ["ab", "a" * 37, "_lead", "-lead", "has space", "dots.are.bad", "", None])
+def test_invalid_experiment_names_are_refused(name):
+    with pytest.raises(ConfigurationError, match="Invalid experiment name"):
+        check_experiment_name(name)
+
+
+@pytest.mark.parametrize("name", ["abc", "A" * 36, "9lives", "diabetes_ridge-2"])
+def test_valid_experiment_names_pass(name):
+    assert check_experiment_name(name) == name
+
+
+def test_experiment_name_derived_from_a_dag_id_is_valid():
+    assert experiment_name_from("team.daily retrain") == "team_daily_retrain"
+    assert experiment_name_from("x") == "x_runs"
+    assert len(experiment_name_from("d" * 80)) == 36
+
+
+def test_yaml_round_trip_keeps_every_field(tmp_path):
+    (tmp_path / "src").mkdir()
+    env = Environment("mine", environment_variables={"A": "1"})
+    config = ScriptRunConfig(
+        "src",
+        script="train.py",
+        arguments=["--alpha", 1],
+        environment=env,
+        max_run_duration_seconds=60,
+        environment_variables={"B": "2"},
+    )
+    config.to_yaml(tmp_path / "run.yaml")
+    loaded = ScriptRunConfig.from_yaml(tmp_path / "run.yaml")
+    assert loaded.source_directory == str(tmp_path / "src")  # relative to the YAML file
+    assert loaded.arguments == ["--alpha", "1"]
+    assert loaded.max_run_duration_seconds == 60
+    assert loaded.environment_variables == {"B": "2"}
+    assert isinstance(loaded.environment, Environment)
+    assert loaded.environment.name == "mine"
+    assert loaded.environment.environment_variables == {"A": "1"}
+
+
+def test_yaml_with_an_unknown_field_names_it(tmp_path):
+    (tmp_path / "run.yaml").write_text("source_directory: .\nscript: t.py\nscirpt_args: [1]\n")
+    with pytest.raises(ConfigurationError, match="Unknown ScriptRunConfig field.*'scirpt_args'"):
+        ScriptRunConfig.from_yaml(tmp_path / "run.yaml")
