@@ -1,0 +1,145 @@
+"""`amlrun`: read the run history from a terminal."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from airflow_amlrun.errors import AmlRunError
+from airflow_amlrun.history import RunRecord
+
+
+def _workspace(args: argparse.Namespace) -> Any:
+    from airflow_amlrun.workspace import Workspace
+
+    return Workspace.get(args.conn_id)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return "" if value is None else str(value)
+
+
+def cmd_runs_list(args: argparse.Namespace, console: Console) -> int:
+    runs: list[RunRecord] = _workspace(args).list_runs(
+        experiment=args.experiment, status=args.status, limit=args.limit
+    )
+    if args.json:
+        console.print_json(json.dumps([r.summary() for r in runs]))
+        return 0
+    table = Table(title="Runs", show_lines=False)
+    for column in ("run id", "experiment", "status", "target", "start", "duration s", "metrics"):
+        table.add_column(column, overflow="fold")
+    for r in runs:
+        table.add_row(
+            r.id,
+            r.experiment,
+            str(r.status),
+            r.target,
+            r.start.isoformat(timespec="seconds") if r.start else "",
+            _fmt(r.duration_seconds),
+            ", ".join(f"{k}={_fmt(v)}" for k, v in r.metrics.items()),
+        )
+    console.print(table)
+    return 0
+
+
+def cmd_runs_show(args: argparse.Namespace, console: Console) -> int:
+    ws = _workspace(args)
+    record: RunRecord = ws.get_run(args.run_id)
+    if args.json:
+        console.print_json(json.dumps(record.summary()))
+        return 0
+    table = Table(title=f"Run {record.id}", show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value", overflow="fold")
+    for key, value in record.summary().items():
+        if key != "metrics":
+            table.add_row(key, json.dumps(value) if isinstance(value, dict | list) else _fmt(value))
+    table.add_row("arguments", " ".join(record.arguments))
+    table.add_row(
+        "airflow task", f"{record.dag_id}.{record.task_id} {record.airflow_run_id or ''}".strip(".")
+    )
+    console.print(table)
+    metrics = Table(title="Metrics")
+    for column in ("name", "step", "value"):
+        metrics.add_column(column)
+    for point in ws.history.get_metrics(record.id):
+        metrics.add_row(point.name, _fmt(point.step), _fmt(point.value))
+    console.print(metrics)
+    return 0
+
+
+def cmd_experiments(args: argparse.Namespace, console: Console) -> int:
+    table = Table(title="Experiments")
+    table.add_column("name")
+    table.add_column("runs", justify="right")
+    table.add_column("created")
+    for e in _workspace(args).list_experiments():
+        table.add_row(e.name, str(e.run_count), e.created_at.isoformat(timespec="seconds"))
+    console.print(table)
+    return 0
+
+
+def cmd_snapshot_restore(args: argparse.Namespace, console: Console) -> int:
+    snapshot = _workspace(args).restore_snapshot(args.id, args.path)
+    console.print(
+        f"Restored snapshot {snapshot.id} ({snapshot.file_count} files, {snapshot.total_bytes} bytes) to {args.path}"
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="amlrun", description="Read the airflow-amlrun run history.")
+    parser.add_argument(
+        "--conn-id", default=None, help="amlrun connection of the workspace (default: the default one)"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    runs = sub.add_parser("runs", help="list or show runs").add_subparsers(dest="runs_command", required=True)
+    listing = runs.add_parser("list", help="runs, newest first")
+    listing.add_argument("--experiment")
+    listing.add_argument("--status")
+    listing.add_argument("--limit", type=int, default=20)
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(func=cmd_runs_list)
+    show = runs.add_parser("show", help="one run with its metrics")
+    show.add_argument("run_id")
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(func=cmd_runs_show)
+
+    sub.add_parser("experiments", help="experiments and their run counts").set_defaults(func=cmd_experiments)
+
+    snapshot = sub.add_parser("snapshot", help="code snapshots").add_subparsers(
+        dest="snapshot_command", required=True
+    )
+    restore = snapshot.add_parser(
+        "restore", help="write a run's code (or a snapshot) into an empty folder, verified"
+    )
+    restore.add_argument("id", help="run id or snapshot id")
+    restore.add_argument("path", help="destination folder (empty or new)")
+    restore.set_defaults(func=cmd_snapshot_restore)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    console = Console(width=200 if not sys.stdout.isatty() else None)
+    try:
+        result: int = args.func(args, console)
+    except AmlRunError as err:
+        Console(stderr=True, soft_wrap=True).print(f"[red]error:[/red] {escape(str(err))}", highlight=False)
+        return 2
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""Provider metadata that Airflow reads through the `apache_airflow_provider` entry point."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from airflow_amlrun import __version__
+from airflow_amlrun.config import OPTIONS, SECTION
+
+INTEGRATION = "AML Run"
+
+
+def get_provider_info() -> dict[str, Any]:
+    return {
+        "package-name": "airflow-amlrun",
+        "name": "AML Run",
+        "description": "Submit tracked, reproducible training runs (ScriptRunConfig) to compute targets.",
+        "versions": [__version__],
+        "integrations": [
+            {
+                "integration-name": INTEGRATION,
+                "external-doc-url": "https://pypi.org/project/airflow-amlrun/",
+                "tags": ["software"],
+            }
+        ],
+        "operators": [
+            {"integration-name": INTEGRATION, "python-modules": ["airflow_amlrun.operators.script_run"]}
+        ],
+        "sensors": [
+            {"integration-name": INTEGRATION, "python-modules": ["airflow_amlrun.sensors.run_status"]}
+        ],
+        "hooks": [{"integration-name": INTEGRATION, "python-modules": ["airflow_amlrun.hooks.workspace"]}],
+        "triggers": [
+            {"integration-name": INTEGRATION, "python-modules": ["airflow_amlrun.triggers.run_status"]}
+        ],
+        "connection-types": [
+            {
+                "connection-type": "amlrun",
+                "hook-class-name": "airflow_amlrun.hooks.workspace.AmlRunWorkspaceHook",
+                "hook-name": "AML Run workspace",
+            }
+        ],
+        "extra-links": ["airflow_amlrun.links.AmlRunLink"],
+        "plugins": [{"name": "amlrun", "plugin-class": "airflow_amlrun.plugin.AmlRunPlugin"}],
+        "config": {
+            SECTION: {
+                "description": "Settings of airflow-amlrun: the workspace, run directories and snapshot limits.",
+                "options": {
+                    name: {
+                        "description": description,
+                        "version_added": "0.1.0",
+                        "type": "string",
+                        "example": None,
+                        "default": default,
+                    }
+                    for name, (default, description) in OPTIONS.items()
+                },
+            }
+        },
+    }

@@ -1,0 +1,158 @@
+"""ScriptRunOperator: submit a training run to a compute target as an Airflow task."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import replace
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from airflow.sdk import BaseOperator
+from airflow.sdk.log import mask_secret
+
+from airflow_amlrun.errors import ConfigurationError
+from airflow_amlrun.links import RUN_ID_XCOM_KEY, AmlRunLink
+from airflow_amlrun.runconfig import ScriptRunConfig, render_arguments, render_environment_variables
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+
+    from airflow_amlrun.run import ScriptRun
+    from airflow_amlrun.workspace import Workspace
+
+
+class ScriptRunOperator(BaseOperator):
+    """Run a training script on a compute target, tracked in the workspace's run history.
+
+    The task streams the script's output into its log while it runs, records status, metrics and
+    outputs in the run history, and returns the run summary (run_id, experiment, status, target,
+    metrics, start, end, duration_seconds, outputs_uri, ...) as its XCom.
+
+    :param config: a ScriptRunConfig, or the path of a YAML file holding one (relative to the DAG file).
+    :param experiment: experiment the run belongs to (templated); defaults to the DAG id.
+    :param arguments: script arguments replacing the config's (templated).
+    :param environment_variables: variables added to the config's (templated).
+    :param secret_environment_variables: variables whose values are masked in every task log and never
+        recorded (templated), e.g. ``{"HF_TOKEN": "{{ conn.hf.password }}"}``.
+    :param tags: tags recorded on the run (templated).
+    :param workspace_conn_id: `amlrun` connection of the workspace; defaults to ``[amlrun]
+        workspace_conn_id``, falling back to the embedded workspace when that connection does not exist.
+    :param show_output: stream the script's output into the task log.
+    """
+
+    template_fields: Sequence[str] = (
+        "experiment",
+        "arguments",
+        "environment_variables",
+        "secret_environment_variables",
+        "tags",
+    )
+    template_fields_renderers = {"arguments": "json", "environment_variables": "json", "tags": "json"}
+    operator_extra_links = (AmlRunLink(),)
+    ui_color = "#d6eaf8"
+
+    def __init__(
+        self,
+        *,
+        config: ScriptRunConfig | str | os.PathLike[str],
+        experiment: str | None = None,
+        arguments: list[Any] | None = None,
+        environment_variables: dict[str, Any] | None = None,
+        secret_environment_variables: dict[str, Any] | None = None,
+        tags: dict[str, Any] | None = None,
+        workspace_conn_id: str | None = None,
+        show_output: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if not isinstance(config, ScriptRunConfig | str | os.PathLike):
+            raise ConfigurationError(
+                f"ScriptRunOperator {self.task_id!r}: config must be a ScriptRunConfig or the path of a YAML "
+                f"file holding one, not {type(config).__name__}."
+            )
+        self.config = config
+        self.experiment = experiment
+        self.arguments = arguments
+        self.environment_variables = environment_variables
+        self.secret_environment_variables = secret_environment_variables
+        self.tags = tags
+        self.workspace_conn_id = workspace_conn_id
+        self.show_output = show_output
+        self._run: ScriptRun | None = None
+
+    @cached_property
+    def workspace(self) -> Workspace:
+        from airflow_amlrun.workspace import Workspace
+
+        return Workspace.get(self.workspace_conn_id)
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        from airflow_amlrun.experiment import Experiment, experiment_name_from
+        from airflow_amlrun.run import AirflowTask
+
+        ti = context["ti"]
+        dag_folder = Path(context["dag"].fileloc).parent
+        config = self._rendered_config(dag_folder)
+        experiment = Experiment(self.workspace, self.experiment or experiment_name_from(ti.dag_id))
+        map_index = getattr(ti, "map_index", -1)
+        self._run = experiment.submit(
+            config,
+            tags={str(k): str(v) for k, v in (self.tags or {}).items()},
+            base_dir=dag_folder,
+            airflow_task=AirflowTask(
+                dag_id=ti.dag_id,
+                task_id=ti.task_id,
+                run_id=ti.run_id,
+                map_index=map_index if map_index is not None and map_index >= 0 else None,
+                try_number=getattr(ti, "try_number", None),
+            ),
+        )
+        ti.xcom_push(key=RUN_ID_XCOM_KEY, value=self._run.id)
+        self.log.info(
+            "Run %s submitted to %s (experiment %s)", self._run.id, config.compute_target, experiment.name
+        )
+        record = self._run.wait_for_completion(show_output=self.show_output, output=self._log_line)
+        self.log.info(
+            "Run %s %s in %ss; metrics: %s", record.id, record.status, record.duration_seconds, record.metrics
+        )
+        return record.summary()
+
+    def on_kill(self) -> None:
+        if self._run is not None:
+            self.log.info("Canceling run %s", self._run.id)
+            self._run.cancel()
+
+    def _log_line(self, line: str) -> None:
+        self.log.info("%s", line)
+
+    def _rendered_config(self, dag_folder: Path) -> ScriptRunConfig:
+        config = self.config
+        if not isinstance(config, ScriptRunConfig):
+            path = Path(config)
+            config = ScriptRunConfig.from_yaml(path if path.is_absolute() else dag_folder / path)
+        changes: dict[str, Any] = {}
+        if self.arguments is not None:
+            if config.command is not None:
+                raise ConfigurationError(
+                    f"ScriptRunOperator {self.task_id!r}: arguments={self.arguments!r} only apply to a script, "
+                    "and this config runs a command."
+                )
+            changes["arguments"] = render_arguments(self.arguments)
+        if self.environment_variables is not None:
+            changes["environment_variables"] = {
+                **config.environment_variables,
+                **render_environment_variables(self.environment_variables),
+            }
+        if self.secret_environment_variables is not None:
+            changes["secret_environment_variables"] = {
+                **config.secret_environment_variables,
+                **render_environment_variables(self.secret_environment_variables),
+            }
+        for value in {
+            **config.secret_environment_variables,
+            **changes.get("secret_environment_variables", {}),
+        }.values():
+            mask_secret(value)
+        return replace(config, **changes) if changes else config
