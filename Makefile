@@ -1,0 +1,48 @@
+# Two commands for a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test lint typecheck unit services bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml requirements-dev.lock
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check uv
+	$(BIN)/uv pip sync --quiet --python $(BIN)/python requirements-dev.lock
+	$(BIN)/uv pip install --quiet --python $(BIN)/python --no-deps -e .
+	@touch $@
+
+# Runs the example DAG end to end on the embedded workspace and prints the run history.
+demo: install
+	scripts/demo.sh
+
+# Starts what the tests need, then runs lint, type checks and the whole suite.
+test: install services lint typecheck
+	$(BIN)/python -m pytest -p no:cacheprovider
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: install
+	$(BIN)/mypy
+
+unit: install
+	$(BIN)/python -m pytest -p no:cacheprovider tests/unit
+
+services:
+	scripts/services.sh
+
+bench: install services
+	$(BIN)/python benchmarks/overhead.py
+
+# The lock is regenerated from pyproject.toml by hand when dependencies change.
+requirements-dev.lock: pyproject.toml
+	@test -x $(BIN)/uv || ($(PYTHON) -m venv $(VENV) && $(BIN)/python -m pip install --quiet uv)
+	$(BIN)/uv pip compile --quiet --python-version 3.11 --extra dev -o $@ pyproject.toml
+
+clean:
+	rm -rf $(VENV) .demo .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,189 @@
+"""Overhead of a ScriptRunOperator task over the stock operator running the same script, per target.
+
+For each target, both tasks run the same 2-second training script, as Airflow runs them (dag.test on a
+migrated AIRFLOW_HOME), in this one process, alternating, for several rounds after a warm-up round of each.
+Baselines: local -> BashOperator (`python train.py`); other targets bring their own case module
+(`benchmarks/overhead_<target>.py`) with the provider's stock operator. Prints one JSON object per target:
+  amlrun_median_s / baseline_median_s: median task duration as Airflow records it (start to end),
+  ratio: their quotient,
+  *_dag_test_median_s, dag_test_ratio: the same for the whole dag.test() call.
+
+    python benchmarks/overhead.py [--targets local,docker,ssh] [--rounds 5] [--seconds 2]
+
+A case module defines `prepare(root, source, seconds) -> (amlrun_dag_text, baseline_dag_text)` (DAG ids
+`overhead_<target>_amlrun` and `overhead_<target>_baseline`), `BASELINE` (a description) and optionally
+`teardown()`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+TRAIN = """
+import sys, time
+from airflow_amlrun.run_context import Run
+
+run = Run.get_context()
+seconds = float(sys.argv[1])
+for epoch in range(4):
+    time.sleep(seconds / 4)
+    run.log("loss", 1.0 / (epoch + 1), step=epoch)
+    print(f"epoch {epoch} done", flush=True)
+"""
+
+LOCAL_AMLRUN = """
+import pendulum
+from airflow.sdk import DAG
+from airflow_amlrun import ScriptRunConfig, ScriptRunOperator
+
+with DAG("overhead_local_amlrun", schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC")) as dag:
+    ScriptRunOperator(
+        task_id="train",
+        experiment="overhead",
+        config=ScriptRunConfig({source!r}, script="train.py", arguments=[{seconds!r}]),
+    )
+"""
+
+LOCAL_BASELINE = """
+import pendulum
+from airflow.sdk import DAG
+from airflow.providers.standard.operators.bash import BashOperator
+
+with DAG("overhead_local_baseline", schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC")) as dag:
+    BashOperator(task_id="train", bash_command={command!r}, cwd={source!r})
+"""
+
+
+class LocalCase:
+    BASELINE = "BashOperator running the same script with the same interpreter"
+
+    @staticmethod
+    def prepare(root: Path, source: Path, seconds: float) -> tuple[str, str]:
+        return (
+            LOCAL_AMLRUN.format(source=str(source), seconds=seconds),
+            LOCAL_BASELINE.format(command=f"{sys.executable} train.py {seconds}", source=str(source)),
+        )
+
+
+def case(target: str) -> Any:
+    if target == "local":
+        return LocalCase
+    sys.path.insert(0, str(Path(__file__).parent))
+    return importlib.import_module(f"overhead_{target}")
+
+
+def setup_airflow(root: Path) -> Path:
+    home = root / "airflow"
+    dags = home / "dags"
+    dags.mkdir(parents=True)
+    os.environ.update(
+        {
+            "AIRFLOW_HOME": str(home),
+            "AIRFLOW__CORE__DAGS_FOLDER": str(dags),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW__AMLRUN__HOME": str(root / "amlrun"),
+        }
+    )
+    subprocess.run(
+        [str(Path(sys.executable).parent / "airflow"), "db", "migrate"], check=True, capture_output=True
+    )
+    return dags
+
+
+def load(dags: Path, name: str, text: str) -> Any:
+    import importlib.util
+
+    path = dags / f"{name}.py"
+    path.write_text(text)
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.dag
+
+
+def measure(dag: Any) -> tuple[float, float]:
+    started = time.perf_counter()
+    dag_run = dag.test()
+    wall = time.perf_counter() - started
+    [ti] = dag_run.get_task_instances()
+    if str(ti.state) != "success":
+        raise SystemExit(f"{dag.dag_id} did not succeed: {ti.state}")
+    return (ti.end_date - ti.start_date).total_seconds(), wall
+
+
+def run_target(
+    target: str, root: Path, dags: Path, source: Path, rounds: int, seconds: float
+) -> dict[str, Any]:
+    module = case(target)
+    amlrun_text, baseline_text = module.prepare(root, source, seconds)
+    try:
+        amlrun = load(dags, f"overhead_{target}_amlrun", amlrun_text)
+        baseline = load(dags, f"overhead_{target}_baseline", baseline_text)
+        (
+            measure(amlrun),
+            measure(baseline),
+        )  # warm-up: first-use costs (imports, schema, caches) are not per-task
+        times: dict[str, list[tuple[float, float]]] = {"amlrun": [], "baseline": []}
+        for _ in range(rounds):
+            times["amlrun"].append(measure(amlrun))
+            times["baseline"].append(measure(baseline))
+    finally:
+        if hasattr(module, "teardown"):
+            module.teardown()
+
+    def median(name: str, index: int) -> float:
+        return round(statistics.median(t[index] for t in times[name]), 3)
+
+    return {
+        "target": target,
+        "rounds": rounds,
+        "script_seconds": seconds,
+        "amlrun_median_s": median("amlrun", 0),
+        "baseline_median_s": median("baseline", 0),
+        "ratio": round(median("amlrun", 0) / median("baseline", 0), 3),
+        "amlrun_dag_test_median_s": median("amlrun", 1),
+        "baseline_dag_test_median_s": median("baseline", 1),
+        "dag_test_ratio": round(median("amlrun", 1) / median("baseline", 1), 3),
+        "baseline": module.BASELINE,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--targets", default="local", help="comma-separated: local, docker, ssh")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seconds", type=float, default=2.0, help="how long the training script runs")
+    args = parser.parse_args()
+
+    root = Path(tempfile.mkdtemp(prefix="amlrun-overhead-"))
+    dags = setup_airflow(root)
+    source = root / "src"
+    source.mkdir()
+    (source / "train.py").write_text(textwrap.dedent(TRAIN))
+    # Task logs go to stdout; send them to stderr so stdout carries only the JSON.
+    sys.stdout.flush()
+    saved_stdout = os.dup(1)
+    for target in args.targets.split(","):
+        os.dup2(2, 1)
+        result = run_target(target.strip(), root, dags, source, args.rounds, args.seconds)
+        sys.stdout.flush()
+        os.dup2(saved_stdout, 1)
+        print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
