@@ -71,19 +71,23 @@ class SnapshotSource:
 
 
 def snapshot_code(
-    workspace: Workspace, source_directory: Path, settings: Settings
+    workspace: Workspace, config: ScriptRunConfig, settings: Settings
 ) -> tuple[Snapshot, dict[str, Any] | None]:
     """Snapshot the source directory into the workspace store, and read its git provenance.
 
     Returns the snapshot and what the run records of git (None outside a repository): the summary,
     the build id and URI, and the digest of the uncommitted diff, which is stored as a blob.
     """
+    source_directory = Path(config.source_directory)
+    max_bytes = settings.snapshot_max_bytes
+    if config.snapshot_max_size_mb is not None:
+        max_bytes = int(config.snapshot_max_size_mb * 1_000_000)
     result = take_snapshot(
         source_directory,
         workspace.store,
         stat_cache_path=workspace.cache_dir / "snapshot-stat.sqlite",
-        max_total_bytes=settings.snapshot_max_bytes,
-        max_files=settings.snapshot_max_files,
+        max_total_bytes=max_bytes,
+        max_files=config.snapshot_max_files or settings.snapshot_max_files,
     )
     for warning in result.warnings:
         log.warning("%s", warning)
@@ -143,7 +147,7 @@ class ScriptRun:
         environment = resolve_environment(workspace, config.environment)
         # A snapshot too large fails here, before anything is stored; blobs written are content-addressed,
         # so a config refused below leaves nothing that matters behind.
-        snapshot, git = snapshot_code(workspace, Path(config.source_directory), settings)
+        snapshot, git = snapshot_code(workspace, config, settings)
         job = _job(new_run_id(experiment.name), experiment.name, config, environment, snapshot.id)
         target.check(job)
         # Nothing is recorded before this point: a bad config leaves no run behind.

@@ -74,6 +74,10 @@ class ScriptRunConfig:
     :param environment_variables: set for the script's process, beside the environment's own.
     :param secret_environment_variables: set like environment_variables, but masked in task logs and never
         written to the run history, a YAML file or a remote command line.
+    :param snapshot_max_size_mb: largest code snapshot for this config (default ``[amlrun]
+        snapshot_max_size_mb``).
+    :param snapshot_max_files: most files in a code snapshot for this config (default ``[amlrun]
+        snapshot_max_files``).
     """
 
     source_directory: str | os.PathLike[str]
@@ -85,6 +89,8 @@ class ScriptRunConfig:
     max_run_duration_seconds: float | None = None
     environment_variables: dict[str, str] = field(default_factory=dict)
     secret_environment_variables: dict[str, str] = field(default_factory=dict, repr=False)
+    snapshot_max_size_mb: float | None = None
+    snapshot_max_files: int | None = None
 
     def __post_init__(self) -> None:
         self.source_directory = str(self.source_directory)
@@ -128,6 +134,14 @@ class ScriptRunConfig:
                 f"max_run_duration_seconds={self.max_run_duration_seconds!r} must be a positive number of "
                 "seconds, or None for no limit."
             )
+        for name in ("snapshot_max_size_mb", "snapshot_max_files"):
+            limit = getattr(self, name)
+            if limit is not None and (
+                isinstance(limit, bool) or not isinstance(limit, int | float) or limit <= 0
+            ):
+                raise ConfigurationError(
+                    f"{name}={limit!r} must be a positive number, or None for the [amlrun] default."
+                )
         if self.environment is not None and not isinstance(self.environment, Environment | str):
             raise ConfigurationError(
                 f"environment={self.environment!r} must be an Environment or the name of a registered one."
@@ -178,6 +192,8 @@ class ScriptRunConfig:
             "environment": environment,
             "max_run_duration_seconds": self.max_run_duration_seconds,
             "environment_variables": dict(self.environment_variables),
+            "snapshot_max_size_mb": self.snapshot_max_size_mb,
+            "snapshot_max_files": self.snapshot_max_files,
         }
         return {key: value for key, value in data.items() if value not in (None, [], {})}
 
@@ -194,6 +210,8 @@ class ScriptRunConfig:
             "environment",
             "max_run_duration_seconds",
             "environment_variables",
+            "snapshot_max_size_mb",
+            "snapshot_max_files",
         }
         unknown = sorted(set(data) - known)
         if unknown:

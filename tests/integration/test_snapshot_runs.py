@@ -150,3 +150,12 @@ def test_too_large_source_fails_before_anything_is_stored_or_recorded(amlrun_hom
     assert ".gitignore" in message or ".amlignore" in message
     assert Workspace.get().list_runs() == []
     assert not (amlrun_home / "store" / "blobs").exists() or store_files(amlrun_home) == {}
+
+
+def test_a_config_sets_its_own_file_count_limit(amlrun_home, train_dir):
+    for n in range(5):
+        (train_dir / f"part_{n}.csv").write_text("x\n")
+    with pytest.raises(SnapshotTooLargeError, match="files"):
+        submit(train_dir, snapshot_max_files=3)
+    assert Workspace.get().list_runs() == []
+    assert submit(train_dir, snapshot_max_files=10).status == "Completed"

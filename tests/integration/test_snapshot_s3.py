@@ -201,3 +201,48 @@ def test_two_processes_snapshotting_to_s3_agree(
     assert ids[0] == ids[1]
     restore_snapshot(s3_store(bucket_url, s3_endpoint), ids[0], tmp_path / "r")
     assert tree_bytes(tmp_path / "r") == tree_bytes(source)
+
+
+def test_a_run_on_a_workspace_whose_store_is_s3(
+    bucket_url: str, s3_endpoint: str, tmp_path: Path, amlrun_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    import s3fs
+
+    from airflow_amlrun import Experiment, ScriptRunConfig, Workspace
+
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_AMLRUN_DEFAULT",
+        json.dumps(
+            {
+                "conn_type": "amlrun",
+                "extra": {
+                    "database_url": f"sqlite:///{tmp_path}/history.db",
+                    "store_url": bucket_url,
+                    "storage_options": storage_options(s3_endpoint),
+                },
+            }
+        ),
+    )
+    src = tmp_path / "train"
+    write_tree(
+        src,
+        {
+            "train.py": b"import os\nos.makedirs('outputs', exist_ok=True)\n"
+            b"open('outputs/model.txt', 'w').write('weights')\nprint('trained from', os.getcwd())\n",
+        },
+    )
+    ws = Workspace.get()
+    record = (
+        Experiment(ws, "s3_runs")
+        .submit(ScriptRunConfig(src, script="train.py"))
+        .wait_for_completion(show_output=False)
+    )
+
+    assert record.status == "Completed"
+    assert record.outputs_uri.startswith(bucket_url)
+    fs = s3fs.S3FileSystem(**storage_options(s3_endpoint))
+    assert fs.cat(record.outputs_uri + "/model.txt") == b"weights"
+    assert fs.exists(f"{bucket_url}/snapshots/{record.snapshot_id}.json")
+    assert "trained from" in fs.cat(record.logs_uri + "/std_log.txt").decode()

@@ -140,3 +140,9 @@ def test_yaml_with_an_unknown_field_names_it(tmp_path):
     (tmp_path / "run.yaml").write_text("source_directory: .\nscript: t.py\nscirpt_args: [1]\n")
     with pytest.raises(ConfigurationError, match="Unknown ScriptRunConfig field.*'scirpt_args'"):
         ScriptRunConfig.from_yaml(tmp_path / "run.yaml")
+
+
+@pytest.mark.parametrize("field", ["snapshot_max_size_mb", "snapshot_max_files"])
+def test_non_positive_snapshot_limits_are_refused(tmp_path, field):
+    with pytest.raises(ConfigurationError, match=f"{field}=0 must be a positive number"):
+        ScriptRunConfig(tmp_path, script="t.py", **{field: 0})
