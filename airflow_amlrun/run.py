@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from airflow_amlrun.config import Settings, load_settings
-from airflow_amlrun.environment import Environment, ResolvedEnvironment, resolve_environment
+from airflow_amlrun.environment import ResolvedEnvironment, resolve_environment
 from airflow_amlrun.errors import (
     AmlRunError,
     RunCanceledError,
@@ -140,11 +140,11 @@ class ScriptRun:
         workspace = experiment.workspace
         config = config.resolved(base_dir)
         target = resolve_target(config.compute_target, settings, workspace)
+        environment = resolve_environment(workspace, config.environment)
         if airflow_task is not None:
-            attached = cls._reattach(experiment, config, target, airflow_task, settings)
+            attached = cls._reattach(experiment, config, environment, target, airflow_task, settings)
             if attached is not None:
                 return attached
-        environment = resolve_environment(workspace, config.environment)
         # A snapshot too large fails here, before anything is stored; blobs written are content-addressed,
         # so a config refused below leaves nothing that matters behind.
         snapshot, git = snapshot_code(workspace, config, settings)
@@ -178,6 +178,7 @@ class ScriptRun:
         cls,
         experiment: Experiment,
         config: ScriptRunConfig,
+        environment: ResolvedEnvironment,
         target: ComputeTarget,
         airflow_task: AirflowTask,
         settings: Settings,
@@ -200,16 +201,6 @@ class ScriptRun:
         ]
         attached: ScriptRun | None = None
         for record in earlier:
-            from airflow_amlrun.environment import ResolvedEnvironment
-
-            environment = ResolvedEnvironment(
-                spec=config.environment if isinstance(config.environment, Environment) else Environment(),
-                name=(record.environment or {}).get("name", ""),
-                version=(record.environment or {}).get("version"),
-                lock=None,
-                build_key=(record.environment or {}).get("build_key"),
-                user_managed=bool((record.environment or {}).get("user_managed", True)),
-            )
             job = _job(record.id, record.experiment, config, environment, record.snapshot_id)
             handle = record.handle or target.find(job)
             if handle is None or attached is not None:
