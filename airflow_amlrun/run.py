@@ -7,7 +7,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -145,11 +145,11 @@ class ScriptRun:
             attached = cls._reattach(experiment, config, environment, target, airflow_task, settings)
             if attached is not None:
                 return attached
-        # A snapshot too large fails here, before anything is stored; blobs written are content-addressed,
-        # so a config refused below leaves nothing that matters behind.
-        snapshot, git = snapshot_code(workspace, config, settings)
-        job = _job(new_run_id(experiment.name), experiment.name, config, environment, snapshot.id)
+        job = _job(new_run_id(experiment.name), experiment.name, config, environment, None)
         target.check(job)
+        # A snapshot too large fails here, before anything is stored.
+        snapshot, git = snapshot_code(workspace, config, settings)
+        job = replace(job, snapshot_id=snapshot.id)
         # Nothing is recorded before this point: a bad config leaves no run behind.
         recorded_environment = environment.summary()
         if environment.lock is not None:
