@@ -30,6 +30,10 @@ OPTIONS: dict[str, tuple[str, str]] = {
     "snapshot_max_size_mb": ("300", "Largest total size of a code snapshot, in MB."),
     "snapshot_max_files": ("2000", "Largest number of files in a code snapshot."),
     "poll_interval_seconds": ("0.1", "How often a waiting task polls its run for status, log and metrics."),
+    "docker_default_image": (
+        "amlrun-base:py3.11",
+        "Image of a Docker run whose environment names none (a user-managed environment without docker.base_image).",
+    ),
 }
 
 CLEANUP_CHOICES = ("never", "on_success", "always")

@@ -16,20 +16,19 @@ def get_provider_info() -> dict[str, Any]:
         "name": "AML Run",
         "description": "Submit tracked, reproducible training runs (ScriptRunConfig) to compute targets.",
         "versions": [__version__],
-        "integrations": [
-            {
-                "integration-name": INTEGRATION,
-                "external-doc-url": "https://pypi.org/project/airflow-amlrun/",
-                "tags": ["software"],
-            }
-        ],
+        "integrations": [{"integration-name": INTEGRATION, "tags": ["software"]}],
         "operators": [
             {"integration-name": INTEGRATION, "python-modules": ["airflow_amlrun.operators.script_run"]}
         ],
         "sensors": [
             {"integration-name": INTEGRATION, "python-modules": ["airflow_amlrun.sensors.run_status"]}
         ],
-        "hooks": [{"integration-name": INTEGRATION, "python-modules": ["airflow_amlrun.hooks.workspace"]}],
+        "hooks": [
+            {
+                "integration-name": INTEGRATION,
+                "python-modules": ["airflow_amlrun.hooks.workspace", "airflow_amlrun.hooks.docker"],
+            }
+        ],
         "triggers": [
             {"integration-name": INTEGRATION, "python-modules": ["airflow_amlrun.triggers.run_status"]}
         ],
@@ -38,7 +37,12 @@ def get_provider_info() -> dict[str, Any]:
                 "connection-type": "amlrun",
                 "hook-class-name": "airflow_amlrun.hooks.workspace.AmlRunWorkspaceHook",
                 "hook-name": "AML Run workspace",
-            }
+            },
+            {
+                "connection-type": "amlrun_docker",
+                "hook-class-name": "airflow_amlrun.hooks.docker.AmlRunDockerHook",
+                "hook-name": "AML Run Docker daemon",
+            },
         ],
         "extra-links": ["airflow_amlrun.links.AmlRunLink"],
         "plugins": [{"name": "amlrun", "plugin-class": "airflow_amlrun.plugin.AmlRunPlugin"}],

@@ -14,3 +14,6 @@ if ! pg_ready; then
 fi
 pg_ready || { echo "PostgreSQL did not start on 127.0.0.1:5432" >&2; exit 1; }
 echo "services: PostgreSQL ready on 127.0.0.1:5432"
+
+# Docker Engine and the test base image (installs and starts them when missing).
+"$(dirname "$0")/docker.sh"

@@ -1,0 +1,243 @@
+"""The `amlrun_docker` connection type: a Docker daemon that runs training scripts.
+
+A connection of this type names the daemon (host: ``unix:///var/run/docker.sock``, ``tcp://host:2376``,
+``ssh://user@host``) and how to reach it (TLS files in the extras); the extras also carry the run options of
+the Docker target (cpus, mem_limit, ...; see ``airflow_amlrun.targets.docker.DockerOptions``). The stock
+``docker`` connection type of apache-airflow-providers-docker names a *registry* instead, which is why this
+provider has a type of its own; the hook itself is the provider's ``DockerHook``, pointed at the daemon.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+
+from airflow.providers.docker.hooks.docker import DockerHook
+
+from airflow_amlrun.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from docker import APIClient, TLSConfig
+
+LOCAL_SOCKET = "unix:///var/run/docker.sock"
+# Seconds a call to the daemon may take; a build or a log stream sets its own.
+DEFAULT_TIMEOUT_SECONDS = 60
+# The extras that say how to reach the daemon; every other extra is a run option of the target.
+TLS_EXTRAS = ("tls", "ca_cert", "client_cert", "client_key", "verify")
+
+
+class DockerDaemonUnreachableError(ConfigurationError):
+    """Nothing answered at the Docker daemon's URL; carries the URL."""
+
+    def __init__(self, message: str, *, base_url: str) -> None:
+        super().__init__(message)
+        self.base_url = base_url
+
+
+@dataclass(frozen=True)
+class DockerDaemon:
+    """Where a Docker daemon listens and how to reach it, plus the run options given beside it.
+
+    :param base_url: the daemon's URL, e.g. ``unix:///var/run/docker.sock`` or ``tcp://gpu-box:2376``.
+    :param tls: a ``docker.TLSConfig``, True for TLS with the system's CAs, or False.
+    :param source: where the settings come from, for error messages ("connection 'x'", "DOCKER_HOST").
+    :param options: the remaining extras (or ``AMLRUN_DOCKER_*`` variables): the target's run options.
+    """
+
+    base_url: str
+    tls: TLSConfig | bool = False
+    source: str = "the local Docker daemon"
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def local(self) -> bool:
+        """Whether the daemon shares this machine's file system (a unix socket): then it can bind-mount."""
+        return self.base_url.startswith(("unix://", "/"))
+
+    @classmethod
+    def from_environment(cls, environ: dict[str, str] | None = None) -> DockerDaemon:
+        """The daemon the docker CLI would use: ``DOCKER_HOST`` (with ``DOCKER_TLS_VERIFY`` and
+        ``DOCKER_CERT_PATH``), else the local socket; run options from ``AMLRUN_DOCKER_<OPTION>``."""
+        from docker.utils import kwargs_from_env
+
+        env = dict(os.environ if environ is None else environ)
+        kwargs = kwargs_from_env(environment=env)
+        base_url = str(kwargs.get("base_url") or LOCAL_SOCKET)
+        options = {
+            key[len("AMLRUN_DOCKER_") :].lower(): value
+            for key, value in env.items()
+            if key.startswith("AMLRUN_DOCKER_") and value != ""
+        }
+        source = "DOCKER_HOST" if env.get("DOCKER_HOST") else "the local Docker daemon"
+        return cls(base_url=base_url, tls=kwargs.get("tls") or False, source=source, options=options)
+
+    @classmethod
+    def from_connection(cls, conn_id: str, host: str | None, extras: dict[str, Any]) -> DockerDaemon:
+        """The daemon named by an ``amlrun_docker`` connection: host is its URL, TLS files are extras.
+
+        :param conn_id: the connection's id, for messages.
+        :param host: the connection's host, a daemon URL; empty means the local socket.
+        :param extras: ``ca_cert``, ``client_cert``, ``client_key`` (paths on the worker), ``verify``
+            (default true), ``tls`` (TLS without client certificates); the rest are run options.
+        """
+        base_url = (host or "").strip() or LOCAL_SOCKET
+        if "://" not in base_url and not base_url.startswith("/"):
+            raise ConfigurationError(
+                f"Connection {conn_id!r} (type amlrun_docker): host {base_url!r} is not a Docker daemon URL. "
+                "Write it as unix:///var/run/docker.sock, tcp://HOST:2376 or ssh://USER@HOST."
+            )
+        tls = _tls_config(conn_id, extras)
+        options = {k: v for k, v in extras.items() if k not in TLS_EXTRAS}
+        return cls(base_url=base_url, tls=tls, source=f"connection {conn_id!r}", options=options)
+
+    def connect(self, *, timeout: float | None = DEFAULT_TIMEOUT_SECONDS, version: str = "auto") -> APIClient:
+        """A client of the daemon; asks the daemon its API version, so an absent daemon fails here, clearly.
+
+        :param timeout: seconds a call may take; None for none (a log stream that may be quiet for hours).
+        :param version: the API version; ``"auto"`` asks the daemon (one call).
+        """
+        from docker import APIClient
+        from docker.errors import DockerException
+
+        try:
+            return APIClient(base_url=self.base_url, tls=self.tls, timeout=timeout, version=version)
+        except DockerException as err:
+            raise DockerDaemonUnreachableError(
+                self.unreachable_message(err), base_url=self.base_url
+            ) from None
+
+    def unreachable_message(self, err: BaseException) -> str:
+        """What to tell a user whose daemon does not answer: the URL, where it came from, and what to do."""
+        detail = str(err).split("\n")[0]
+        if self.local:
+            fix = (
+                "Start the daemon on this machine (systemctl start docker, or `dockerd &`; the project's "
+                "scripts/docker.sh does it), check that this user may open the socket, or point DOCKER_HOST "
+                "(or an amlrun_docker connection) at a daemon that runs."
+            )
+        else:
+            fix = (
+                "Check that the daemon runs on that host and listens on that address, that the TLS files "
+                "(extras ca_cert, client_cert, client_key) match it, and that this worker can reach it."
+            )
+        return f"The Docker daemon at {self.base_url} ({self.source}) is not reachable: {detail}. {fix}"
+
+
+def _tls_config(conn_id: str, extras: dict[str, Any]) -> TLSConfig | bool:
+    ca_cert, client_cert, client_key = (
+        extras.get(k) or None for k in ("ca_cert", "client_cert", "client_key")
+    )
+    verify = _flag(extras.get("verify", True), f"connection {conn_id!r}: extra 'verify'")
+    for key, path in (("ca_cert", ca_cert), ("client_cert", client_cert), ("client_key", client_key)):
+        if path is not None and not os.path.isfile(str(path)):
+            raise ConfigurationError(
+                f"Connection {conn_id!r} (type amlrun_docker): extra {key!r} names {path!r}, which is not a file "
+                "on this worker. Give the path of the PEM file here, or remove the extra."
+            )
+    if bool(client_cert) != bool(client_key):
+        raise ConfigurationError(
+            f"Connection {conn_id!r} (type amlrun_docker): give both client_cert and client_key (the client's "
+            "certificate and its key), or neither."
+        )
+    if ca_cert and client_cert and client_key:
+        # The provider's own constructor, which knows which TLSConfig arguments this docker SDK takes.
+        return DockerHook.construct_tls_config(
+            ca_cert=str(ca_cert), client_cert=str(client_cert), client_key=str(client_key), verify=verify
+        )
+    if ca_cert or client_cert or _flag(extras.get("tls", False), f"connection {conn_id!r}: extra 'tls'"):
+        from docker import TLSConfig
+
+        return TLSConfig(
+            ca_cert=str(ca_cert) if ca_cert else None,
+            client_cert=(str(client_cert), str(client_key)) if client_cert else None,
+            verify=str(ca_cert) if (ca_cert and verify) else verify,
+        )
+    return False
+
+
+def _flag(value: Any, where: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise ConfigurationError(f"{where} = {value!r} is not a boolean; write true or false.")
+
+
+class AmlRunDockerHook(DockerHook):
+    """A Docker daemon that runs training scripts, named by an ``amlrun_docker`` connection.
+
+    The provider's ``DockerHook`` talks to the daemon; this hook reads the daemon's URL from the connection's
+    host and its TLS files from the extras (``ca_cert``, ``client_cert``, ``client_key``, ``verify``), where
+    the provider's hook takes them as arguments. Use the connection's id as ``compute_target`` to run there.
+
+    :param amlrun_docker_conn_id: id of the connection.
+    :param timeout: seconds a call to the daemon may take.
+    """
+
+    conn_name_attr = "amlrun_docker_conn_id"
+    default_conn_name = "amlrun_docker_default"
+    conn_type = "amlrun_docker"
+    hook_name = "AML Run Docker daemon"
+
+    def __init__(
+        self, amlrun_docker_conn_id: str = default_conn_name, *, timeout: int = DEFAULT_TIMEOUT_SECONDS
+    ) -> None:
+        self.amlrun_docker_conn_id = amlrun_docker_conn_id
+        conn = self.get_connection(amlrun_docker_conn_id)
+        self.daemon = DockerDaemon.from_connection(amlrun_docker_conn_id, conn.host, conn.extra_dejson)
+        super().__init__(
+            docker_conn_id=None,  # no registry login: the connection names a daemon, not a registry
+            base_url=self.daemon.base_url,
+            version="auto",
+            tls=self.daemon.tls,
+            timeout=timeout,
+        )
+        self._timeout = timeout
+
+    @cached_property
+    def api_client(self) -> APIClient:
+        """A ``docker.APIClient`` of the daemon; an unreachable daemon raises an error naming its URL."""
+        client = self.daemon.connect(timeout=self._timeout)
+        self._client_created = True
+        return client
+
+    def test_connection(self) -> tuple[bool, str]:
+        """Ask the daemon its version (the UI's Test button)."""
+        try:
+            info = self.api_client.version()
+        except Exception as err:
+            return False, str(err)
+        return True, f"Docker {info.get('Version')} (API {info.get('ApiVersion')}) at {self.daemon.base_url}"
+
+    @classmethod
+    def get_connection_form_widgets(cls) -> dict[str, Any]:
+        return {}
+
+    @classmethod
+    def get_ui_field_behaviour(cls) -> dict[str, Any]:
+        return {
+            "hidden_fields": ["schema", "login", "password", "port"],
+            "relabeling": {"host": "Docker daemon URL"},
+            "placeholders": {
+                "host": "unix:///var/run/docker.sock or tcp://gpu-box:2376",
+                "extra": json.dumps(
+                    {
+                        "ca_cert": "/etc/docker-certs/ca.pem",
+                        "client_cert": "/etc/docker-certs/cert.pem",
+                        "client_key": "/etc/docker-certs/key.pem",
+                        "verify": True,
+                        "cpus": 2,
+                        "mem_limit": "8g",
+                        "shm_size": "1g",
+                        "gpus": "all",
+                    },
+                    indent=2,
+                ),
+            },
+        }

@@ -1,0 +1,577 @@
+"""A DAG author's view of the Docker target: real containers on a real Docker Engine.
+
+scripts/docker.sh starts the engine and makes the base image amlrun-base:py3.11 (Debian's python3, nothing
+else: not even airflow_amlrun) once; every test here runs real containers of it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import docker.errors
+import pytest
+
+from airflow_amlrun import Environment, Experiment, ScriptRunConfig, Workspace
+from airflow_amlrun.environment import PythonSection, resolve_environment
+from airflow_amlrun.environment.build_image import image_recipe
+from airflow_amlrun.errors import ConfigurationError, RunFailedError
+from airflow_amlrun.hooks.docker import DockerDaemon
+from airflow_amlrun.run import AirflowTask
+from airflow_amlrun.targets.docker import LABEL_RUN_ID, DockerOptions
+from tests.conftest import REPO, write_script
+
+SOCKET = "/var/run/docker.sock"
+
+
+@pytest.fixture(scope="session")
+def docker_api() -> Iterator[Any]:
+    """The local Docker Engine, started (and the base image made) by scripts/docker.sh."""
+    done = subprocess.run([str(REPO / "scripts" / "docker.sh")], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.fail(f"scripts/docker.sh failed:\n{done.stdout}\n{done.stderr}")
+    import docker
+
+    client = docker.APIClient(base_url=f"unix://{SOCKET}", version="auto")
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def docker_home(amlrun_home: Path, docker_api: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """A fresh workspace, and compute_target="docker" meaning the local engine with default options."""
+    monkeypatch.delenv("DOCKER_HOST", raising=False)
+    for key in [k for k in os.environ if k.startswith("AMLRUN_DOCKER_")]:
+        monkeypatch.delenv(key)
+    return docker_api
+
+
+def containers_of(api: Any, run_id: str) -> list[dict[str, Any]]:
+    return list(api.containers(all=True, filters={"label": f"{LABEL_RUN_ID}={run_id}"}))
+
+
+TRAIN = """
+import os, sys
+from airflow_amlrun.run_context import Run
+
+run = Run.get_context()
+for epoch in range(3):
+    run.log("loss", 1.0 / (epoch + 1), step=epoch)
+    print(f"epoch {epoch} done", flush=True)
+print("warming up the GPU that is not there", file=sys.stderr)
+os.makedirs("outputs", exist_ok=True)
+open("outputs/model.txt", "w").write("weights")
+print("working in", os.getcwd(), "with", sys.executable)
+"""
+
+DAG = """
+import pendulum
+from airflow.sdk import DAG
+from airflow_amlrun import ScriptRunConfig, ScriptRunOperator
+
+with DAG("DAG_ID", schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC")) as dag:
+    ScriptRunOperator(
+        task_id="train",
+        config=ScriptRunConfig({source!r}, script="train.py", compute_target={target!r},
+                               max_run_duration_seconds={limit!r}),
+    )
+"""
+
+
+@pytest.mark.usefixtures("airflow_db")
+@pytest.mark.parametrize("target", ["local", "docker"])
+def test_the_same_training_dag_passes_on_local_and_on_docker(run_dag, tmp_path, docker_home, target):
+    write_script(tmp_path / "src", "train.py", TRAIN)
+
+    result = run_dag(DAG.format(source=str(tmp_path / "src"), target=target, limit=None))
+
+    assert result.state == "success", result.log
+    summary = result.xcoms["train"]
+    assert summary["status"] == "Completed"
+    assert summary["target"] == target
+    assert summary["metrics"]["loss"] == pytest.approx(1 / 3)
+    assert [p.step for p in Workspace.get().history.get_metrics(summary["run_id"], "loss")] == [0, 1, 2]
+    assert "epoch 2 done" in result.log
+    assert "warming up the GPU that is not there" in result.log
+    assert Path(summary["outputs_uri"], "model.txt").read_text() == "weights"
+    run = Workspace.get().get_run(summary["run_id"])
+    assert "epoch 0 done" in Path(run.logs_uri, "std_log.txt").read_text()
+    if target == "docker":
+        # A bare Debian python3 ran the script, importing run_context from the read-only mount.
+        assert "working in /amlrun/run with /usr/bin/python3" in result.log
+        assert containers_of(docker_home, summary["run_id"]) == []  # removed once collected
+    else:
+        assert f"with {sys.executable}" in result.log
+
+
+def test_managed_environment_runs_in_an_image_built_once_from_its_lock(docker_home, tmp_path):
+    write_script(
+        tmp_path / "src",
+        "train.py",
+        """
+        import sys
+        import tomli_w  # only in the environment's image, not in the base image, not on the worker
+        from airflow_amlrun.run_context import Run
+        Run.get_context().log("toml_len", len(tomli_w.dumps({"a": 1})))
+        print("python:", sys.executable)
+    """,
+    )
+    env = Environment("toml-writer", python=PythonSection(pip_requirements=["tomli-w==1.0.0"]))
+    tag = image_recipe(resolve_environment(Workspace.get(), env)).reference
+    with contextlib.suppress(docker.errors.NotFound):
+        docker_home.remove_image(tag, force=True)  # left by an earlier session: this one builds it
+    config = ScriptRunConfig(tmp_path / "src", script="train.py", compute_target="docker", environment=env)
+    experiment = Experiment(Workspace.get(), "docker-env")
+    first: list[str] = []
+    second: list[str] = []
+
+    with _captured_logs("airflow_amlrun.targets.docker", first):
+        record = experiment.submit(config).wait_for_completion(output=first.append)
+    with _captured_logs("airflow_amlrun.targets.docker", second):
+        again = experiment.submit(config).wait_for_completion(output=second.append)
+
+    assert record.status == again.status == "Completed"
+    assert record.metrics == again.metrics == {"toml_len": 6}
+    assert "python: /opt/amlrun/env/bin/python" in first
+    assert f"Building image {tag} of environment toml-writer:1 on unix:///var/run/docker.sock" in first
+    assert any("Successfully installed tomli-w-1.0.0" in line for line in first)  # the build's output
+    assert docker_home.inspect_image(tag)["Config"]["Labels"]["amlrun.environment"] == "toml-writer:1"
+    assert not any(line.startswith("Building image") for line in second), "the cached image was rebuilt"
+    assert any(tag in line for line in second)  # the second run started a container of it
+
+
+def test_secret_variables_reach_the_script_but_no_log_nor_the_run_row(docker_home, tmp_path, caplog):
+    write_script(
+        tmp_path / "src",
+        "train.py",
+        """
+        import os
+        print("token length", len(os.environ["API_TOKEN"]), "stage", os.environ["STAGE"])
+    """,
+    )
+    secret = "s3cr3t-value-that-must-not-leak"
+    config = ScriptRunConfig(
+        tmp_path / "src",
+        script="train.py",
+        compute_target="docker",
+        environment_variables={"STAGE": "dev"},
+        secret_environment_variables={"API_TOKEN": secret},
+    )
+    lines: list[str] = []
+    caplog.set_level("DEBUG", logger="airflow_amlrun")
+
+    record = (
+        Experiment(Workspace.get(), "docker-secret").submit(config).wait_for_completion(output=lines.append)
+    )
+
+    assert record.status == "Completed"
+    assert f"token length {len(secret)} stage dev" in lines
+    row = Workspace.get().get_run(record.id)
+    assert secret not in json.dumps(row.handle) + json.dumps(row.environment or {}) + str(row.error)
+    assert secret not in caplog.text
+
+
+@pytest.mark.usefixtures("airflow_db")
+def test_run_exceeding_max_duration_stops_its_container(run_dag, tmp_path, docker_home):
+    write_script(
+        tmp_path / "src",
+        "train.py",
+        """
+        import time
+        print("training forever", flush=True)
+        time.sleep(300)
+    """,
+    )
+    started = time.monotonic()
+
+    result = run_dag(DAG.format(source=str(tmp_path / "src"), target="docker", limit=2))
+
+    assert time.monotonic() - started < 60
+    assert result.state == "failed"
+    [run] = Workspace.get().list_runs()
+    assert run.status == "Failed"
+    assert "max_run_duration_seconds=2" in run.error
+    assert "training forever" in result.log
+    assert containers_of(docker_home, run.id) == []
+
+
+@pytest.mark.usefixtures("airflow_db")
+def test_killing_the_task_stops_the_container_and_cancels_the_run(run_dag, tmp_path, docker_home):
+    write_script(
+        tmp_path / "src",
+        "train.py",
+        """
+        import time
+        print("epoch 1", flush=True)
+        time.sleep(300)
+    """,
+    )
+
+    def kill_task_once_the_script_runs() -> None:
+        # What Airflow does to a task it stops: SIGTERM to the task process, whose handler calls on_kill.
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            runs = Workspace.get().list_runs()
+            if (
+                runs
+                and runs[0].status == "Running"
+                and any(c["State"] == "running" for c in containers_of(docker_home, runs[0].id))
+            ):
+                time.sleep(0.5)
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            time.sleep(0.1)
+
+    killer = threading.Thread(target=kill_task_once_the_script_runs)
+    killer.start()
+    result = run_dag(DAG.format(source=str(tmp_path / "src"), target="docker", limit=None))
+    killer.join()
+
+    assert result.state == "failed"
+    [run] = Workspace.get().list_runs()
+    assert run.status == "Canceled"
+    assert run.end is not None
+    assert "epoch 1" in result.log
+    assert containers_of(docker_home, run.id) == []
+
+
+SUBMIT_AND_WAIT = """
+import sys
+from airflow_amlrun import Experiment, ScriptRunConfig, Workspace
+from airflow_amlrun.hooks.docker import DockerDaemon
+from airflow_amlrun.run import AirflowTask
+
+task = AirflowTask(dag_id="retrain", task_id="train", run_id="manual_1", map_index=None, try_number=1)
+config = ScriptRunConfig(sys.argv[1], script="train.py", compute_target="docker")
+Experiment(Workspace.get(), "reattach").submit(config, airflow_task=task).wait_for_completion(show_output=False)
+"""
+
+
+def test_retry_after_the_worker_died_reattaches_to_the_running_container(docker_home, tmp_path):
+    source = tmp_path / "src"
+    write_script(
+        source,
+        "train.py",
+        """
+        import os, time
+        from airflow_amlrun.run_context import Run
+        os.makedirs("outputs", exist_ok=True)
+        open("outputs/starts.txt", "a").write("started\\n")
+        run = Run.get_context()
+        for epoch in range(8):
+            print(f"epoch {epoch}", flush=True)
+            run.log("loss", 1 / (epoch + 1), step=epoch)
+            time.sleep(0.5)
+    """,
+    )
+    # Try 1: a worker that submits the run, then dies hard while the script runs in its container.
+    worker = subprocess.Popen([sys.executable, "-c", textwrap.dedent(SUBMIT_AND_WAIT), str(source)])
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        runs = Workspace.get().list_runs()
+        if runs and runs[0].status == "Running":
+            break
+        time.sleep(0.05)
+    time.sleep(1.0)
+    worker.send_signal(signal.SIGKILL)
+    worker.wait()
+    [orphan] = Workspace.get().list_runs()
+    assert orphan.status == "Running"
+    [container] = containers_of(docker_home, orphan.id)
+    assert container["State"] == "running"
+
+    # Try 2: the same task instance submits again.
+    task = AirflowTask(dag_id="retrain", task_id="train", run_id="manual_1", map_index=None, try_number=2)
+    lines: list[str] = []
+    config = ScriptRunConfig(source, script="train.py", compute_target="docker")
+    run = Experiment(Workspace.get(), "reattach").submit(config, airflow_task=task)
+    assert len(containers_of(docker_home, orphan.id)) == 1  # attached, nothing started anew
+    record = run.wait_for_completion(output=lines.append)
+
+    assert record.id == orphan.id
+    assert record.status == "Completed"
+    assert record.try_number == 2
+    assert lines == [f"epoch {n}" for n in range(8)]  # the whole log, from the start
+    assert [p.step for p in Workspace.get().history.get_metrics(record.id, "loss")] == list(range(8))
+    assert Path(record.outputs_uri, "starts.txt").read_text() == "started\n"  # the script ran once
+    assert len(Workspace.get().list_runs()) == 1
+    assert containers_of(docker_home, orphan.id) == []
+
+
+def test_retry_collects_a_container_that_finished_while_nobody_watched(docker_home, tmp_path):
+    source = tmp_path / "src"
+    write_script(
+        source,
+        "train.py",
+        """
+        import time
+        from airflow_amlrun.run_context import Run
+        for epoch in range(3):
+            print(f"epoch {epoch}", flush=True)
+            Run.get_context().log("acc", 0.5 + epoch / 10, step=epoch)
+        time.sleep(1.5)
+    """,
+    )
+    worker = subprocess.Popen([sys.executable, "-c", textwrap.dedent(SUBMIT_AND_WAIT), str(source)])
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        runs = Workspace.get().list_runs()
+        if runs and runs[0].status == "Running":
+            break
+        time.sleep(0.05)
+    worker.send_signal(signal.SIGKILL)
+    worker.wait()
+    [orphan] = Workspace.get().list_runs()
+    docker_home.wait(containers_of(docker_home, orphan.id)[0]["Id"], timeout=60)  # it ends meanwhile
+
+    task = AirflowTask(dag_id="retrain", task_id="train", run_id="manual_1", map_index=None, try_number=2)
+    lines: list[str] = []
+    config = ScriptRunConfig(source, script="train.py", compute_target="docker")
+    record = (
+        Experiment(Workspace.get(), "reattach")
+        .submit(config, airflow_task=task)
+        .wait_for_completion(output=lines.append)
+    )
+
+    assert (record.id, record.status) == (orphan.id, "Completed")
+    assert lines == ["epoch 0", "epoch 1", "epoch 2"]
+    assert record.metrics == {"acc": pytest.approx(0.7)}
+
+
+@pytest.mark.parametrize("where", ["DOCKER_HOST", "connection"])
+def test_unreachable_daemon_is_refused_before_anything_is_recorded(docker_home, tmp_path, monkeypatch, where):
+    write_script(tmp_path / "src", "train.py", "print('never runs')\n")
+    if where == "DOCKER_HOST":
+        url, target, hint = f"unix://{tmp_path}/no-daemon.sock", "docker", "scripts/docker.sh"
+        monkeypatch.setenv("DOCKER_HOST", url)
+    else:
+        with socket.create_server(("127.0.0.1", 0)) as probe:
+            port = probe.getsockname()[1]  # a port nobody listens on once closed
+        url, target, hint = f"tcp://127.0.0.1:{port}", "gpu_box", "listens on that address"
+        monkeypatch.setenv("AIRFLOW_CONN_GPU_BOX", json.dumps({"conn_type": "amlrun_docker", "host": url}))
+    config = ScriptRunConfig(tmp_path / "src", script="train.py", compute_target=target)
+
+    with pytest.raises(ConfigurationError) as raised:
+        Experiment(Workspace.get(), "docker-down").submit(config)
+
+    message = str(raised.value)
+    assert f"The Docker daemon at {url}" in message and "is not reachable" in message
+    assert hint in message
+    assert Workspace.get().list_runs() == []
+
+
+def test_log_lines_reach_the_task_log_while_the_container_runs(docker_home, tmp_path):
+    write_script(
+        tmp_path / "src",
+        "train.py",
+        """
+        import time
+        print("epoch 0", flush=True)
+        time.sleep(2)
+        print("epoch 1", flush=True)
+    """,
+    )
+    seen: dict[str, float] = {}
+    config = ScriptRunConfig(tmp_path / "src", script="train.py", compute_target="docker")
+
+    record = (
+        Experiment(Workspace.get(), "docker-stream")
+        .submit(config)
+        .wait_for_completion(output=lambda line: seen.setdefault(line, time.monotonic()))
+    )
+
+    assert record.status == "Completed"
+    assert list(seen) == ["epoch 0", "epoch 1"]
+    assert seen["epoch 1"] - seen["epoch 0"] > 1.5  # the first line was shown before the script went on
+
+
+def test_missing_image_is_refused_before_anything_is_recorded(docker_home, tmp_path):
+    write_script(tmp_path / "src", "train.py", "print('never runs')\n")
+    env = Environment.from_docker_image("nowhere", "amlrun-no-such-image:1")
+    config = ScriptRunConfig(tmp_path / "src", script="train.py", compute_target="docker", environment=env)
+
+    with pytest.raises(ConfigurationError) as raised:
+        Experiment(Workspace.get(), "docker-image").submit(config)
+
+    message = str(raised.value)
+    assert "'amlrun-no-such-image:1'" in message and "unix:///var/run/docker.sock" in message
+    assert "docker load" in message
+    assert Workspace.get().list_runs() == []
+
+
+def test_failing_image_build_fails_the_run_showing_the_failing_step(docker_home, tmp_path):
+    write_script(tmp_path / "src", "train.py", "print('never runs')\n")
+    env = Environment.from_dockerfile(
+        "broken",
+        "FROM amlrun-base:py3.11\nRUN echo 'fetching weights' && echo 'disk quota exceeded' >&2 && exit 3\n",
+    )
+    config = ScriptRunConfig(tmp_path / "src", script="train.py", compute_target="docker", environment=env)
+
+    with pytest.raises(Exception, match="disk quota exceeded") as raised:
+        Experiment(Workspace.get(), "docker-build").submit(config)
+
+    assert "RUN echo 'fetching weights'" in str(raised.value)  # the failing step, with its output
+    [run] = Workspace.get().list_runs()
+    assert run.status == "Failed"
+    assert "disk quota exceeded" in run.error
+
+
+def test_container_killed_for_memory_fails_the_run_saying_so(docker_home, tmp_path, monkeypatch):
+    monkeypatch.setenv("AMLRUN_DOCKER_MEM_LIMIT", "96m")
+    write_script(
+        tmp_path / "src",
+        "train.py",
+        """
+        print("loading the whole dataset", flush=True)
+        data = b"x" * (600 * 2**20)
+        print("loaded", len(data))
+    """,
+    )
+    config = ScriptRunConfig(tmp_path / "src", script="train.py", compute_target="docker")
+
+    with pytest.raises(RunFailedError) as raised:
+        Experiment(Workspace.get(), "docker-oom").submit(config).wait_for_completion(show_output=False)
+
+    [run] = Workspace.get().list_runs()
+    assert run.status == "Failed"
+    assert "OOMKilled" in run.error and "mem_limit=96m" in run.error
+    assert "loading the whole dataset" in str(raised.value)
+
+
+def test_remote_daemon_gets_the_code_as_an_archive_and_returns_outputs_and_metrics(
+    docker_home, tmp_path, monkeypatch
+):
+    write_script(tmp_path / "src", "train.py", TRAIN)
+    with _tcp_to_unix_socket(SOCKET) as port:
+        # A daemon reached over TCP is another machine as far as the target knows: nothing is bind-mounted.
+        monkeypatch.setenv(
+            "AIRFLOW_CONN_GPU_BOX",
+            json.dumps(
+                {"conn_type": "amlrun_docker", "host": f"tcp://127.0.0.1:{port}", "extra": {"cpus": 1}}
+            ),
+        )
+        from airflow_amlrun.hooks.docker import AmlRunDockerHook
+
+        ok, message = AmlRunDockerHook("gpu_box").test_connection()
+        assert ok, message
+        config = ScriptRunConfig(tmp_path / "src", script="train.py", compute_target="gpu_box")
+        lines: list[str] = []
+        record = (
+            Experiment(Workspace.get(), "docker-remote")
+            .submit(config)
+            .wait_for_completion(output=lines.append)
+        )
+
+    assert record.status == "Completed", record.error
+    assert record.target == "gpu_box"
+    assert record.metrics == {"loss": pytest.approx(1 / 3)}
+    assert "epoch 2 done" in lines and "working in /amlrun/run with /usr/bin/python3" in lines
+    assert Path(record.outputs_uri, "model.txt").read_text() == "weights"
+    assert "warming up the GPU" in Path(record.logs_uri, "std_log.txt").read_text()
+    assert containers_of(docker_home, record.id) == []
+
+
+def test_docker_options_are_checked_before_any_run():
+    def options(**values: Any) -> DockerOptions:
+        return DockerOptions.from_mapping(values, where="connection 'gpu_box'")
+
+    config = options(cpus="1.5", mem_limit="8g", shm_size="1g", gpus="all", network_mode="host").host_config()
+    assert config["nano_cpus"] == 1_500_000_000 and config["init"] is True and config["privileged"] is False
+    assert config["device_requests"][0]["Count"] == -1
+    assert options(gpus="device=0,1").device_requests()[0]["DeviceIDs"] == ["0", "1"]
+    assert options(auto_remove="false").auto_remove is False
+    for values, fragment in [
+        ({"privileged": True}, "'privileged' is not supported"),
+        ({"mem_limit": "lots"}, "mem_limit = 'lots' is not a size"),
+        ({"cpus": "two"}, "cpus = 'two' is not a number"),
+        ({"gpus": "some"}, "gpus = 'some'"),
+        ({"memory": "1g"}, "unknown Docker option(s) memory"),
+    ]:
+        with pytest.raises(ConfigurationError) as raised:
+            options(**values)
+        assert fragment in str(raised.value)
+    with pytest.raises(
+        ConfigurationError, match="extra 'ca_cert' names '/nowhere/ca.pem', which is not a file"
+    ):
+        DockerDaemon.from_connection("gpu_box", "tcp://gpu-box:2376", {"ca_cert": "/nowhere/ca.pem"})
+    with pytest.raises(ConfigurationError, match="host 'gpu-box' is not a Docker daemon URL"):
+        DockerDaemon.from_connection("gpu_box", "gpu-box", {})
+    daemon = DockerDaemon.from_connection("gpu_box", "tcp://gpu-box:2376", {"tls": True, "mem_limit": "8g"})
+    assert daemon.tls and not daemon.local and daemon.options == {"mem_limit": "8g"}
+
+
+# helpers
+
+
+class _captured_logs:
+    """Collect the messages of one logger (the build output, which goes to the task log)."""
+
+    def __init__(self, name: str, into: list[str]) -> None:
+        import logging
+
+        self.logger = logging.getLogger(name)
+        self.into = into
+        outer = self
+
+        class Handler(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                outer.into.append(record.getMessage())
+
+        self.handler = Handler(level=logging.INFO)
+
+    def __enter__(self) -> None:
+        self.level = self.logger.level
+        self.logger.setLevel("INFO")
+        self.logger.addHandler(self.handler)
+
+    def __exit__(self, *exc: object) -> None:
+        self.logger.removeHandler(self.handler)
+        self.logger.setLevel(self.level)
+
+
+class _tcp_to_unix_socket:
+    """A TCP port on loopback forwarding to a unix socket: the local daemon, reached as a remote one."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.closed = False
+
+    def __enter__(self) -> int:
+        threading.Thread(target=self._accept, daemon=True).start()
+        return int(self.server.getsockname()[1])
+
+    def __exit__(self, *exc: object) -> None:
+        self.closed = True
+        self.server.close()
+
+    def _accept(self) -> None:
+        while not self.closed:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            upstream = socket.socket(socket.AF_UNIX)
+            upstream.connect(self.path)
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, dest: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                dest.sendall(data)
+            dest.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
