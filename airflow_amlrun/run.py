@@ -283,13 +283,19 @@ class ScriptRun:
                     self._timed_out = True
                     self.target.cancel(self.handle)
         except BaseException as err:
-            # The waiting side was interrupted (task killed, timeout, Ctrl-C): the run must not outlive it
-            # as a stray process, nor stay Running in the history.
+            # The waiting side was interrupted (task killed, timeout, Ctrl-C) or lost its target: the run must
+            # not outlive it as a stray process, nor stay Running in the history. Stopping it is best effort
+            # (the target may be what failed); recording the outcome is not.
             if self._finished is None:
-                self.target.cancel(self.handle)
-                self._drain(emit, final=True)
+                try:
+                    self.target.cancel(self.handle)
+                    self._drain(emit, final=True)
+                except Exception:
+                    log.exception("Run %s: stopping the run after %r failed too", self.id, err)
                 if type(err).__name__ == "AirflowTaskTimeout":
                     self._finish(RunStatus.FAILED, "Stopped by the Airflow task's execution_timeout.")
+                elif isinstance(err, Exception) and type(err).__name__ != "AirflowTaskTerminated":
+                    self._finish(RunStatus.FAILED, f"Following the run on its target failed: {err}")
                 else:
                     self._finish(
                         RunStatus.CANCELED,

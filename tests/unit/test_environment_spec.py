@@ -97,7 +97,7 @@ def test_an_environment_survives_a_yaml_round_trip(tmp_path: Path) -> None:
         python=PythonSection(
             version="3.11",
             pip_requirements=["six==1.16.0", "idna>=3"],
-            index_url="https://pypi.org/simple",
+            index_url="https://packages.example.com/simple",
             extra_index_urls=["https://example.org/simple"],
         ),
         docker=DockerSection(base_image="python:3.11-slim"),
@@ -153,7 +153,7 @@ def test_a_requirements_file_with_includes_and_index_options_is_read_whole(tmp_p
         tmp_path / "requirements.txt",
         """
         # training requirements
-        --index-url https://pypi.org/simple
+        --index-url https://packages.example.com/simple
         --extra-index-url=https://example.org/simple
         -r base/common.txt
         pandas>=2 ; python_version >= "3.10"   # data frames
@@ -172,7 +172,7 @@ def test_a_requirements_file_with_includes_and_index_options_is_read_whole(tmp_p
         "scikit-learn >=1.4",
         "six==1.16.0",
     ]
-    assert env.python.index_url == "https://pypi.org/simple"
+    assert env.python.index_url == "https://packages.example.com/simple"
     assert env.python.extra_index_urls == ["https://example.org/simple", "https://example.net/simple"]
     assert not env.user_managed
 
