@@ -15,5 +15,12 @@ fi
 pg_ready || { echo "PostgreSQL did not start on 127.0.0.1:5432" >&2; exit 1; }
 echo "services: PostgreSQL ready on 127.0.0.1:5432"
 
+# sshd and iproute2: the SSH tests start their own sshd in a network namespace they create.
+if [ ! -x /usr/sbin/sshd ] || ! command -v ip >/dev/null || ! command -v nsenter >/dev/null; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server iproute2 util-linux >/dev/null
+fi
+mkdir -p /run/sshd
+echo "services: sshd and iproute2 installed"
+
 # Docker Engine and the test base image (installs and starts them when missing).
 "$(dirname "$0")/docker.sh"

@@ -1,0 +1,781 @@
+"""The SSH target: any Airflow `ssh` connection is a remote machine runs execute on, detached from the session.
+
+The worker talks to the host through the SSH provider's `SSHHook` (paramiko: connection, host key checks)
+and SFTP. On the host a small stdlib-only helper (`ssh_remote.py`, copied to `<base>/lib/` once per
+version) does everything that would otherwise take many round trips:
+
+* code: the host keeps a blob cache `<base>/blobs/<digest>`; one `missing` command names the blobs it
+  lacks, only those are sent over SFTP, and one `prepare` command copies blobs to paths in the run
+  directory `<base>/runs/<run id>` (refusing paths that escape it) and builds the environment's virtualenv
+  under `<base>/envs/<build key>` if it is not there yet;
+* start: `launch` reads the command line and the variables (secrets among them) from its stdin, writes
+  them to a 0600 file the run reads and deletes, and forks the run into a session and process group of
+  its own, recording pid, log and exit code in `<run dir>/.amlrun/`: a dropped connection or a
+  restarted worker does not end it;
+* follow: log and metric lines are read over SFTP by byte offset, so a reconnect loses nothing; the exit
+  code file decides the outcome.
+
+Connection extras read besides the SSH provider's own: `amlrun_base_dir` (default `~/.amlrun`),
+`amlrun_python` (default `python3`), `amlrun_reconnect_timeout` (seconds, default 300),
+`amlrun_io_timeout` (seconds of silence after which a connection counts as dropped, default 20) and
+`known_hosts` (a known_hosts file holding the host's key, as the provider's async hook reads it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import shlex
+import shutil
+import tarfile
+import tempfile
+import time
+import weakref
+from functools import cached_property
+from pathlib import Path, PurePosixPath
+from typing import IO, TYPE_CHECKING, Any
+
+from airflow_amlrun.environment.lock import has_requirements
+from airflow_amlrun.errors import AmlRunError, ConfigurationError
+from airflow_amlrun.snapshot import hash_bytes
+from airflow_amlrun.targets.base import Chunk, CodeSource, Collected, Job, TargetStatus
+from airflow_amlrun.targets.common import (
+    CONTROL_DIR,
+    EVENTS,
+    EXIT_CODE,
+    PYLIB,
+    READ_CAP,
+    STD_LOG,
+    job_argv,
+    job_environment,
+    lines_from,
+    write_run_context_package,
+)
+
+if TYPE_CHECKING:
+    import paramiko
+    from airflow.providers.ssh.hooks.ssh import SSHHook
+
+    from airflow_amlrun.config import Settings
+    from airflow_amlrun.workspace import Workspace
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BASE_DIR = "~/.amlrun"
+DEFAULT_PYTHON = "python3"
+DEFAULT_RECONNECT_TIMEOUT = 300.0
+DEFAULT_CONN_TIMEOUT = 10
+# A remote step that answers nothing for this long is taken for a dropped connection.
+DEFAULT_IO_TIMEOUT = 20.0
+# Building a virtualenv on the host may take long; it answers only once done.
+BUILD_TIMEOUT = 1800.0
+# How often a run without an exit code yet is checked for being alive (the exit code file is polled often).
+LIVENESS_SECONDS = 2.0
+TERM_GRACE_SECONDS = 5.0
+HELPER_SOURCE = Path(__file__).with_name("ssh_remote.py")
+REFUSED = 3
+
+
+class SSHTargetError(AmlRunError):
+    """The SSH target could not do what a run needs on its host; the message names the host and the fix."""
+
+    def __init__(self, message: str, *, host: str) -> None:
+        super().__init__(message)
+        self.host = host
+
+
+class SSHTargetConfigurationError(SSHTargetError, ConfigurationError):
+    """The connection or the environment does not fit the host (credentials, host key, interpreter)."""
+
+
+class SSHTarget:
+    """Runs on the host of an Airflow `ssh` connection, in a run directory under the connection's base dir."""
+
+    kind = "ssh"
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        host: str,
+        port: int,
+        login: str | None,
+        extras: dict[str, Any],
+        settings: Settings,
+    ) -> None:
+        self.name = name
+        self.host = host
+        self.port = port
+        self.login = login
+        self.extras = extras
+        self.base_dir = str(extras.get("amlrun_base_dir") or DEFAULT_BASE_DIR)
+        self.python = str(extras.get("amlrun_python") or DEFAULT_PYTHON)
+        self.reconnect_timeout = float(extras.get("amlrun_reconnect_timeout") or DEFAULT_RECONNECT_TIMEOUT)
+        self.conn_timeout = int(extras.get("conn_timeout") or DEFAULT_CONN_TIMEOUT)
+        self.io_timeout = float(extras.get("amlrun_io_timeout") or DEFAULT_IO_TIMEOUT)
+        self.runs_dir = settings.local_runs_dir
+        self._connection = _Connection()
+        # A target dropped without cleanup (a notebook, a failed run kept for inspection) closes its
+        # connection when collected; paramiko's own thread would otherwise keep it open for good.
+        weakref.finalize(self, self._connection.drop)
+        self._remote_base: str | None = None
+        self._probed: dict[str, tuple[str, str]] = {}
+        self._helpers_present: set[str] = set()
+        self._pythons: dict[str, str] = {}
+        self._blob_bytes_sent: dict[str, tuple[int, int]] = {}
+        self._last_liveness: dict[str, float] = {}
+        # The interpreter the helper runs with: the first one found working on the host.
+        self._helper_python: str | None = None
+
+    @classmethod
+    def from_connection(cls, name: str, conn: Any, settings: Settings, workspace: Workspace) -> SSHTarget:
+        """The target of the Airflow connection `name` (type `ssh`), as the registry builds it."""
+        if not conn.host:
+            raise SSHTargetConfigurationError(
+                f"SSH connection {name!r} has no host; set the connection's host to the machine runs should "
+                "execute on.",
+                host="",
+            )
+        return cls(
+            name,
+            host=conn.host,
+            port=int(conn.port or 22),
+            login=conn.login,
+            extras=dict(conn.extra_dejson or {}),
+            settings=settings,
+        )
+
+    @property
+    def where(self) -> str:
+        user = f"{self.login}@" if self.login else ""
+        return f"{user}{self.host}:{self.port}"
+
+    # ------------------------------------------------------------------ the protocol
+
+    def check(self, job: Job) -> None:
+        """Connect and look at the host now, so an unreachable host, refused credentials or a missing
+        interpreter fail before the run is recorded."""
+        self._connect()
+        self._probe(self._base_python(job))
+
+    def prepare(self, job: Job, code: CodeSource) -> None:
+        base_python = self._base_python(job)
+        version, platform = self._probe(base_python)
+        base = self._base()
+        files = {
+            entry.path: (entry.digest, entry.size, entry.mode)
+            for entry in code.snapshot.entries
+            if entry.digest is not None
+        }
+        pylib = self._run_context_blobs
+        blobs: dict[str, int] = {digest: size for digest, size, _ in files.values()}
+        blobs.update({digest: len(data) for digest, data in pylib.values()})
+        answer = self._call("checking the blob cache", "missing", None, {"blobs": blobs})
+        missing: list[str] = answer["missing"]
+        needed = sum(blobs[d] for d in missing) + sum(blobs.values())
+        if needed > int(answer["free"]):
+            raise SSHTargetError(
+                f"Host {self.host} has {_mb(answer['free'])} free in {base}, but run {job.run_id} needs about "
+                f"{_mb(needed)} there (new code blobs plus the run directory). Free space on the host, or set "
+                f"the connection's extra amlrun_base_dir to a folder on a larger disk.",
+                host=self.host,
+            )
+        pylib_bytes = dict(pylib.values())
+        sent = 0
+        for digest in missing:
+            data = pylib_bytes[digest] if digest in pylib_bytes else code.store.get_bytes(digest)
+            self._remote(f"sending code blob {digest[:12]}", _bind(self._put_blob, digest, data))
+            sent += len(data)
+        self._blob_bytes_sent[job.run_id] = (sent, len(missing))
+        log.info(
+            "Code for run %s on %s: sent %d of %d blobs (%d bytes); the host had the rest cached.",
+            job.run_id,
+            self.host,
+            len(missing),
+            len(blobs),
+            sent,
+        )
+        entries: list[dict[str, Any]] = [
+            {"path": e.path, "link": e.link}
+            if e.link is not None
+            else {"path": e.path, "digest": e.digest, "size": e.size, "mode": e.mode}
+            for e in code.snapshot.entries
+        ]
+        entries += [
+            {"path": path, "digest": digest, "size": len(data), "mode": 0o644}
+            for path, (digest, data) in pylib.items()
+        ]
+        request: dict[str, Any] = {"entries": entries, "python": base_python}
+        environment = job.environment
+        timeout = self.io_timeout
+        if not environment.user_managed and environment.lock is not None:
+            key = environment.build_key_for(python=version, platform=platform)
+            request["environment"] = {
+                "key": key,
+                "lock": environment.lock,
+                "python": base_python,
+                "name": environment.name,
+                "has_requirements": has_requirements(environment.lock),
+            }
+            timeout = BUILD_TIMEOUT
+        answer = self._call("preparing the run directory", "prepare", job.run_id, request, timeout=timeout)
+        self._pythons[job.run_id] = answer["python"]
+
+    def submit(self, job: Job) -> dict[str, Any]:
+        run_dir = self._run_dir(job.run_id)
+        control = PurePosixPath(run_dir) / CONTROL_DIR
+        python = self._pythons.get(job.run_id) or self._base_python(job)
+        env = job_environment(job, run_dir=run_dir, events_file=str(control / EVENTS))
+        env["PYTHONPATH"] = ":".join(filter(None, [str(control / PYLIB), env.get("PYTHONPATH")]))
+        request = {"argv": job_argv(job, python), "env": env}
+        answer = self._call("starting the run", "launch", job.run_id, request)
+        sent, count = self._blob_bytes_sent.pop(job.run_id, (0, 0))
+        return {
+            "host": self.host,
+            "port": self.port,
+            "user": self.login,
+            "run_id": job.run_id,
+            "base_dir": self._base(),
+            "run_dir": run_dir,
+            "pid": answer["pid"],
+            "python": python,
+            "helper": self._helper_path(),
+            "helper_python": self._helper_python,
+            "blob_bytes_sent": sent,
+            "blobs_sent": count,
+        }
+
+    def wait(self, handle: dict[str, Any], timeout: float) -> TargetStatus:
+        deadline = time.monotonic() + timeout
+        run_id = handle["run_id"]
+        while True:
+            code = self._exit_code(handle)
+            if code is not None:
+                self._last_liveness.pop(run_id, None)
+                return _outcome(code, self.host)
+            now = time.monotonic()
+            if now - self._last_liveness.get(run_id, 0.0) >= LIVENESS_SECONDS:
+                self._last_liveness[run_id] = now
+                status = self._call("checking the run", "status", run_id, handle=handle)
+                if not status["alive"]:
+                    code = self._exit_code(handle)
+                    if code is not None:
+                        return _outcome(code, self.host)
+                    return TargetStatus(
+                        running=False,
+                        exit_code=None,
+                        reason=f"the run's process on {self.host} ended without an exit code (it was killed)",
+                    )
+            if now >= deadline:
+                return TargetStatus(running=True)
+            time.sleep(min(0.2, deadline - now))
+
+    def read_log(self, handle: dict[str, Any], offset: int, final: bool = False) -> Chunk:
+        return self._read_lines(f"{handle['run_dir']}/{CONTROL_DIR}/{STD_LOG}", offset, final)
+
+    def read_events(self, handle: dict[str, Any], offset: int, final: bool = False) -> Chunk:
+        return self._read_lines(f"{handle['run_dir']}/{CONTROL_DIR}/{EVENTS}", offset, final)
+
+    def cancel(self, handle: dict[str, Any]) -> None:
+        self._call(
+            "stopping the run",
+            "kill",
+            handle["run_id"],
+            {"grace": TERM_GRACE_SECONDS},
+            handle=handle,
+            timeout=self.io_timeout + TERM_GRACE_SECONDS,
+        )
+        # The next wait looks at the process at once rather than at its next periodic check.
+        self._last_liveness.pop(handle["run_id"], None)
+
+    def collect(self, handle: dict[str, Any]) -> Collected:
+        dest = self.runs_dir / handle["run_id"]
+        with tempfile.TemporaryFile() as spool:
+
+            def pack() -> None:
+                spool.seek(0)
+                spool.truncate()
+                self._run_helper(
+                    "pack", handle["run_id"], None, handle=handle, timeout=self.io_timeout, sink=spool
+                )
+
+            self._remote("collecting outputs and logs", pack)
+            spool.seek(0)
+            shutil.rmtree(dest, ignore_errors=True)
+            dest.mkdir(parents=True)
+            with tarfile.open(fileobj=spool, mode="r|") as tar:
+                tar.extractall(dest, filter="data")
+        for folder in ("outputs", "logs"):
+            (dest / folder).mkdir(exist_ok=True)
+        return Collected(
+            outputs_dir=dest / "outputs",
+            logs_dir=dest / "logs",
+            extra={"blob_bytes_sent": handle.get("blob_bytes_sent")},
+        )
+
+    def cleanup(self, handle: dict[str, Any]) -> None:
+        self._call("removing the run directory", "remove", handle["run_id"], handle=handle)
+        shutil.rmtree(self.runs_dir / handle["run_id"], ignore_errors=True)
+
+    def find(self, job: Job) -> dict[str, Any] | None:
+        status = self._call("looking for an earlier run", "status", job.run_id)
+        if not status["exists"] or status["pid"] is None:
+            return None
+        return {
+            "host": self.host,
+            "port": self.port,
+            "user": self.login,
+            "run_id": job.run_id,
+            "base_dir": self._base(),
+            "run_dir": status["run_dir"],
+            "pid": status["pid"],
+            "python": None,
+            "helper": self._helper_path(),
+            "helper_python": self._helper_python,
+            "blob_bytes_sent": 0,
+            "blobs_sent": 0,
+        }
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "name": self.name,
+            "host": self.host,
+            "port": self.port,
+            "user": self.login,
+            "base_dir": self.base_dir,
+        }
+
+    # ------------------------------------------------------------------ the host
+
+    def _base_python(self, job: Job) -> str:
+        """The interpreter on the host a job runs with (user-managed) or builds its virtualenv from."""
+        python = job.environment.spec.python
+        if python.interpreter_path:
+            return python.interpreter_path
+        if python.version:
+            return f"python{python.version}"
+        return self.python
+
+    def _base_expression(self) -> str:
+        """The base dir as a shell word, `~` standing for the remote user's home."""
+        base = self.base_dir
+        if base == "~":
+            return '"$HOME"'
+        if base.startswith("~/"):
+            return '"$HOME"/' + shlex.quote(base[2:])
+        return shlex.quote(base)
+
+    def _probe(self, python: str) -> tuple[str, str]:
+        """(Python version, platform) of an interpreter on the host; also learns the base dir and whether
+        the helper is there, in the same round trip."""
+        if python in self._probed:
+            return self._probed[python]
+        script = (
+            "import sys, sysconfig; print('%d.%d' % sys.version_info[:2]); "
+            "print(sys.implementation.name + '-' + sysconfig.get_platform())"
+        )
+        base = self._base_expression()
+        command = (
+            f"printf '%s\\n' {base}; test -f {base}/lib/{self._helper_name} && echo helper || echo none; "
+            f"{shlex.quote(python)} -c {shlex.quote(script)}"
+        )
+        rc, out, err = self._remote("looking at the host", lambda: self._exec(command, None, self.io_timeout))
+        lines = out.decode("utf-8", "replace").splitlines()
+        if len(lines) < 2:
+            raise SSHTargetError(
+                f"Host {self.host} answered {out!r} {err!r} to a shell command; the login shell of "
+                f"{self.where} must be a POSIX shell (sh, bash, zsh).",
+                host=self.host,
+            )
+        self._remote_base = lines[0]
+        if lines[1] == "helper":
+            self._helpers_present.add(self._helper_path())
+        if rc != 0 or len(lines) < 4:
+            raise SSHTargetConfigurationError(
+                f"No usable Python interpreter {python!r} on host {self.host} (SSH connection {self.name!r}): "
+                f"{err.decode('utf-8', 'replace').strip() or f'exit status {rc}'}. Install Python 3 there "
+                "(e.g. apt-get install python3), or name the interpreter: the environment's "
+                "python.interpreter_path, or the connection's extra amlrun_python.",
+                host=self.host,
+            )
+        version, platform = lines[2], lines[3]
+        if tuple(int(p) for p in version.split(".")) < (3, 7):
+            raise SSHTargetConfigurationError(
+                f"Python {version} at {python!r} on host {self.host} is too old; runs need Python 3.7 or newer "
+                "there. Set the environment's python.interpreter_path or the connection's extra amlrun_python "
+                "to a newer interpreter.",
+                host=self.host,
+            )
+        self._probed[python] = (version, platform)
+        self._helper_python = self._helper_python or python
+        return version, platform
+
+    def _base(self) -> str:
+        if self._remote_base is None:
+            self._probe(self.python)
+        assert self._remote_base is not None
+        return self._remote_base
+
+    def _run_dir(self, run_id: str) -> str:
+        return f"{self._base()}/runs/{run_id}"
+
+    @cached_property
+    def _helper_bytes(self) -> bytes:
+        return HELPER_SOURCE.read_bytes()
+
+    @cached_property
+    def _helper_name(self) -> str:
+        return f"amlrun-remote-{hashlib.sha256(self._helper_bytes).hexdigest()[:16]}.py"
+
+    def _helper_path(self) -> str:
+        return f"{self._base()}/lib/{self._helper_name}"
+
+    @cached_property
+    def _run_context_blobs(self) -> dict[str, tuple[str, bytes]]:
+        """The importable run_context package, as run-dir path -> (digest, bytes), cached like code blobs."""
+        with tempfile.TemporaryDirectory() as tmp:
+            root = write_run_context_package(tmp)
+            files = sorted(p for p in root.rglob("*") if p.is_file())
+            blobs = {}
+            for path in files:
+                data = path.read_bytes()
+                relative = f"{CONTROL_DIR}/{PYLIB}/{path.relative_to(root).as_posix()}"
+                blobs[relative] = (hash_bytes(data), data)
+            return blobs
+
+    def _ensure_helper(self, helper: str) -> None:
+        if helper in self._helpers_present:
+            return
+        sftp = self._sftp_client()
+        try:
+            sftp.stat(helper)
+        except FileNotFoundError:
+            folder = helper.rsplit("/", 1)[0]
+            try:
+                _sftp_makedirs(sftp, folder)
+                tmp = f"{helper}.tmp-{time.monotonic_ns()}"
+                sftp.putfo(io.BytesIO(self._helper_bytes), tmp)
+                sftp.posix_rename(tmp, helper)
+            except OSError as err:
+                if not self._connected():
+                    raise
+                raise SSHTargetError(
+                    f"Cannot write to {folder} on host {self.host} as {self.login or 'the connection user'}: "
+                    f"{err}. Make the folder writable by that user, or set the connection's extra "
+                    "amlrun_base_dir to a folder it can write (default ~/.amlrun).",
+                    host=self.host,
+                ) from err
+        self._helpers_present.add(helper)
+
+    def _put_blob(self, digest: str, data: bytes) -> None:
+        sftp = self._sftp_client()
+        final = f"{self._base()}/blobs/{digest}"
+        tmp = f"{final}.tmp-{time.monotonic_ns()}"
+        try:
+            sftp.putfo(io.BytesIO(data), tmp, file_size=len(data))
+            sftp.posix_rename(tmp, final)
+        except OSError as err:
+            if not self._connected():
+                raise
+            with contextlib.suppress(OSError):
+                sftp.remove(tmp)
+            raise SSHTargetError(
+                f"Could not write code blob {digest[:12]} ({len(data)} bytes) to {final} on host {self.host}: "
+                f"{err}. Check the free space and permissions there, or set the connection's extra "
+                "amlrun_base_dir to a writable folder on a larger disk.",
+                host=self.host,
+            ) from err
+
+    def _call(
+        self,
+        action: str,
+        command: str,
+        run_id: str | None,
+        request: dict[str, Any] | None = None,
+        *,
+        handle: dict[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> Any:
+        """Run one helper command on the host (reconnecting if the connection drops) and parse its answer."""
+        limit = timeout or self.io_timeout
+        out = self._remote(
+            action, lambda: self._run_helper(command, run_id, request, handle=handle, timeout=limit)
+        )
+        return json.loads(out) if out else None
+
+    def _run_helper(
+        self,
+        command: str,
+        run_id: str | None,
+        request: dict[str, Any] | None,
+        *,
+        handle: dict[str, Any] | None,
+        timeout: float,
+        sink: IO[bytes] | None = None,
+    ) -> bytes:
+        helper = handle["helper"] if handle else self._helper_path()
+        base = handle["base_dir"] if handle else self._base()
+        python = (handle or {}).get("helper_python") or self._helper_python or self.python
+        self._ensure_helper(helper)
+        words = [python, helper, command, base, *([run_id] if run_id else [])]
+        line = " ".join(shlex.quote(w) for w in words)
+        stdin = json.dumps(request).encode() if request is not None else None
+        rc, out, err = self._exec(line, stdin, timeout, sink=sink)
+        if rc == REFUSED:
+            raise SSHTargetError(
+                f"Host {self.host}: {err.decode('utf-8', 'replace').strip()}", host=self.host
+            )
+        if rc != 0:
+            raise SSHTargetError(
+                f"The amlrun helper failed on host {self.host} ({command}, exit status {rc}):\n"
+                f"{err.decode('utf-8', 'replace').strip()[-3000:]}",
+                host=self.host,
+            )
+        return out
+
+    def _read_lines(self, path: str, offset: int, final: bool) -> Chunk:
+        data = self._remote("reading the run's output", lambda: self._read_at(path, offset, READ_CAP))
+        return lines_from(data, offset, final)
+
+    def _exit_code(self, handle: dict[str, Any]) -> int | None:
+        path = f"{handle['run_dir']}/{CONTROL_DIR}/{EXIT_CODE}"
+        data = self._remote("checking the run", lambda: self._read_at(path, 0, 64))
+        try:
+            return int(data.strip()) if data else None
+        except ValueError:
+            return None
+
+    def _read_at(self, path: str, offset: int, size: int) -> bytes:
+        sftp = self._sftp_client()
+        try:
+            with sftp.open(path, "rb") as stream:
+                stream.seek(offset)
+                data: bytes = stream.read(size)
+                return data
+        except FileNotFoundError:
+            return b""
+
+    # ------------------------------------------------------------------ the connection
+
+    @cached_property
+    def _hook(self) -> SSHHook:
+        from airflow.providers.ssh.hooks.ssh import SSHHook
+
+        hook = SSHHook(ssh_conn_id=self.name, conn_timeout=self.conn_timeout, conn_retry_attempts=1)
+        known_hosts = self.extras.get("known_hosts")
+        if known_hosts and hook.host_key is None and not hook.no_host_key_check:
+            hook.host_key = _known_host_key(str(known_hosts), self.host, self.port, self.name)
+        return hook
+
+    def _connect(self) -> paramiko.SSHClient:
+        import paramiko
+
+        if self._connection.client is not None and self._connected():
+            return self._connection.client
+        self._reset()
+        hook = self._hook
+        hook.client = None
+        try:
+            client = hook.get_conn()
+        except paramiko.BadHostKeyException as err:
+            raise SSHTargetConfigurationError(
+                f"The host key of {self.host} (SSH connection {self.name!r}) is not the one on record: "
+                f"{err}. If the host was reinstalled, update its entry in known_hosts (or the connection's "
+                "extra host_key); otherwise someone may be intercepting the connection.",
+                host=self.host,
+            ) from err
+        except paramiko.AuthenticationException as err:
+            raise SSHTargetConfigurationError(
+                f"Authentication to {self.where} (SSH connection {self.name!r}) failed: {err}. Check the "
+                "connection's login and key_file / private_key / password, and that the public key is in "
+                f"~{self.login or ''}/.ssh/authorized_keys on {self.host}.",
+                host=self.host,
+            ) from err
+        except paramiko.SSHException as err:
+            if "known_hosts" in str(err) or "not found in" in str(err):
+                raise SSHTargetConfigurationError(
+                    f"The host key of {self.host}:{self.port} is unknown (SSH connection {self.name!r}), so "
+                    "the host cannot be trusted. Add it to ~/.ssh/known_hosts on the worker (ssh-keyscan), "
+                    "or to the file the connection's extra known_hosts names, or set its extra host_key.",
+                    host=self.host,
+                ) from err
+            raise SSHTargetError(self._unreachable(err), host=self.host) from err
+        except OSError as err:
+            error = SSHTargetError(self._unreachable(err), host=self.host)
+            raise error from err
+        self._connection.client = client
+        return client
+
+    def _unreachable(self, err: BaseException) -> str:
+        return (
+            f"Cannot reach SSH host {self.where} (connection {self.name!r}): {err or type(err).__name__}. "
+            "Check that the host is up and sshd listens on that port and that the worker can reach it; "
+            f"raise the connection's extra conn_timeout (now {self.conn_timeout} s) for a slow network."
+        )
+
+    def _connected(self) -> bool:
+        client = self._connection.client
+        transport = client.get_transport() if client is not None else None
+        return bool(transport is not None and transport.is_active())
+
+    def _reset(self) -> None:
+        self._connection.close()
+
+    def _sftp_client(self) -> paramiko.SFTPClient:
+        if self._connection.sftp is None or not self._connected():
+            client = self._connect()
+            sftp = client.open_sftp()
+            channel = sftp.get_channel()
+            if channel is not None:
+                channel.settimeout(self.io_timeout)
+            self._connection.sftp = sftp
+        return self._connection.sftp
+
+    def _exec(
+        self, command: str, stdin: bytes | None, timeout: float, sink: IO[bytes] | None = None
+    ) -> tuple[int, bytes, bytes]:
+        """Run a command on the host: its exit status, stdout (unless sent to sink) and stderr."""
+        transport = self._connect().get_transport()
+        assert transport is not None
+        channel = transport.open_session(timeout=timeout)
+        try:
+            channel.settimeout(timeout)
+            channel.exec_command(command)
+            if stdin:
+                channel.sendall(stdin)
+            channel.shutdown_write()
+            out = bytearray()
+            while data := channel.recv(1 << 16):
+                if sink is not None:
+                    sink.write(data)
+                else:
+                    out += data
+            err = bytearray()
+            while data := channel.recv_stderr(1 << 16):
+                err += data
+            if not channel.status_event.wait(timeout):
+                raise TimeoutError(f"no exit status from {command.split()[0]} within {timeout} s")
+            return channel.exit_status, bytes(out), bytes(err)
+        finally:
+            channel.close()
+
+    def _remote(self, action: str, operation: Any) -> Any:
+        """Do a remote operation, reconnecting while the connection is lost, for at most the reconnect timeout.
+
+        The run goes on on the host meanwhile; every read is by offset, so nothing is lost or repeated.
+        """
+        import paramiko
+
+        deadline = time.monotonic() + self.reconnect_timeout
+        attempt = 0
+        while True:
+            try:
+                result = operation()
+                if attempt:
+                    log.warning("Reconnected to %s; following the run again.", self.where)
+                return result
+            except (
+                SSHTargetConfigurationError,
+                paramiko.BadHostKeyException,
+                paramiko.AuthenticationException,
+            ):
+                raise
+            except (SSHTargetError, paramiko.SSHException, OSError, EOFError) as err:
+                lost = isinstance(err, TimeoutError | EOFError) or not self._connected()
+                if isinstance(err, SSHTargetError) and self._connected():
+                    raise
+                if not lost:
+                    raise
+                self._reset()
+                if time.monotonic() > deadline:
+                    raise SSHTargetError(
+                        f"Lost the connection to {self.where} while {action} and could not reconnect within "
+                        f"{self.reconnect_timeout:.0f} s ({err}). The run itself may still be going on the "
+                        "host: a retry of the task re-attaches to it. Raise the connection's extra "
+                        "amlrun_reconnect_timeout to wait longer.",
+                        host=self.host,
+                    ) from err
+                if attempt == 0:
+                    log.warning(
+                        "Lost the SSH connection to %s while %s (%s); reconnecting. The run goes on on the host.",
+                        self.where,
+                        action,
+                        err or type(err).__name__,
+                    )
+                attempt += 1
+                time.sleep(min(0.5 * attempt, 3.0))
+
+
+class _Connection:
+    """The open SSH client and its SFTP session, closed together."""
+
+    def __init__(self) -> None:
+        self.client: paramiko.SSHClient | None = None
+        self.sftp: paramiko.SFTPClient | None = None
+
+    def close(self) -> None:
+        for closable in (self.sftp, self.client):
+            if closable is not None:
+                with contextlib.suppress(Exception):
+                    closable.close()
+        self.sftp = None
+        self.client = None
+
+    def drop(self) -> None:
+        """Close the transport (and so the SFTP session on it) quietly, as a finalizer may run late."""
+        if self.client is not None:
+            with contextlib.suppress(Exception):
+                self.client.close()
+        self.sftp = None
+        self.client = None
+
+
+def _bind(function: Any, *args: Any) -> Any:
+    return lambda: function(*args)
+
+
+def _outcome(code: int, host: str) -> TargetStatus:
+    if code > 128:
+        import signal
+
+        with contextlib.suppress(ValueError):
+            name = signal.Signals(code - 128).name
+            return TargetStatus(running=False, exit_code=code, reason=f"killed by signal {name} on {host}")
+    return TargetStatus(running=False, exit_code=code)
+
+
+def _known_host_key(path: str, host: str, port: int, conn_id: str) -> paramiko.PKey | None:
+    import os
+
+    import paramiko
+
+    keys = paramiko.HostKeys()
+    try:
+        keys.load(os.path.expanduser(path))
+    except OSError as err:
+        raise SSHTargetConfigurationError(
+            f"SSH connection {conn_id!r}: cannot read its known_hosts file {path!r} ({err}); fix the extra "
+            "known_hosts or remove it to use ~/.ssh/known_hosts.",
+            host=host,
+        ) from err
+    found = keys.lookup(host if port == 22 else f"[{host}]:{port}")
+    # None leaves the host unknown: the connection is then refused once the host answers.
+    return next(iter(found.values())) if found else None
+
+
+def _sftp_makedirs(sftp: paramiko.SFTPClient, folder: str) -> None:
+    parts = PurePosixPath(folder).parts
+    for i in range(1, len(parts) + 1):
+        path = str(PurePosixPath(*parts[:i]))
+        try:
+            sftp.stat(path)
+        except FileNotFoundError:
+            sftp.mkdir(path, mode=0o700)
+
+
+def _mb(size: int | str) -> str:
+    return f"{int(size) / 1_000_000:.1f} MB"
