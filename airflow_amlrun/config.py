@@ -65,6 +65,7 @@ class Settings:
     snapshot_max_bytes: int
     snapshot_max_files: int
     poll_interval_seconds: float
+    docker_default_image: str
 
 
 def load_settings() -> Settings:
@@ -85,4 +86,19 @@ def load_settings() -> Settings:
         snapshot_max_bytes=int(float(_option("snapshot_max_size_mb")) * 1_000_000),
         snapshot_max_files=int(_option("snapshot_max_files")),
         poll_interval_seconds=float(_option("poll_interval_seconds")),
+        docker_default_image=_option("docker_default_image") or OPTIONS["docker_default_image"][0],
     )
+
+
+def parse_flag(value: object, where: str) -> bool:
+    """A yes/no setting as users write it (true/false, yes/no, on/off, 1/0, empty for no)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    from airflow_amlrun.errors import ConfigurationError
+
+    raise ConfigurationError(f"{where} = {value!r} is not a boolean; write true or false.")

@@ -139,8 +139,14 @@ class DagResult:
 
 
 @pytest.fixture
-def run_dag(airflow_db: Path, capfd: pytest.CaptureFixture[str]) -> Callable[..., DagResult]:
-    """Write a DAG file into the session's DAG folder and run it with dag.test()."""
+def run_dag(
+    airflow_db: Path, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> Callable[..., DagResult]:
+    """Write a DAG file into the session's DAG folder and run it with dag.test().
+
+    The task log is what dag.test prints, plus the records of loggers whose handlers were bound to a stream
+    of an earlier test (those reach pytest's log capture, not this test's file descriptors).
+    """
 
     def run(source: str, dag_id: str | None = None, **conf: Any) -> DagResult:
         dag_id = dag_id or f"t_{secrets.token_hex(4)}"
@@ -151,8 +157,10 @@ def run_dag(airflow_db: Path, capfd: pytest.CaptureFixture[str]) -> Callable[...
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         capfd.readouterr()
+        caplog.clear()
         dag_run = module.dag.test(run_conf=conf or None)
         out, err = capfd.readouterr()
+        err += "\n" + caplog.text
         sys.stdout.write(out)  # keep it visible in pytest's report of a failing test
         return DagResult(
             dag_id=dag_id,

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.providers.docker.hooks.docker import DockerHook
 
+from airflow_amlrun.config import parse_flag
 from airflow_amlrun.errors import ConfigurationError
 
 if TYPE_CHECKING:
@@ -130,7 +131,7 @@ def _tls_config(conn_id: str, extras: dict[str, Any]) -> TLSConfig | bool:
     ca_cert, client_cert, client_key = (
         extras.get(k) or None for k in ("ca_cert", "client_cert", "client_key")
     )
-    verify = _flag(extras.get("verify", True), f"connection {conn_id!r}: extra 'verify'")
+    verify = parse_flag(extras.get("verify", True), f"connection {conn_id!r}: extra 'verify'")
     for key, path in (("ca_cert", ca_cert), ("client_cert", client_cert), ("client_key", client_key)):
         if path is not None and not os.path.isfile(str(path)):
             raise ConfigurationError(
@@ -147,7 +148,7 @@ def _tls_config(conn_id: str, extras: dict[str, Any]) -> TLSConfig | bool:
         return DockerHook.construct_tls_config(
             ca_cert=str(ca_cert), client_cert=str(client_cert), client_key=str(client_key), verify=verify
         )
-    if ca_cert or client_cert or _flag(extras.get("tls", False), f"connection {conn_id!r}: extra 'tls'"):
+    if ca_cert or client_cert or parse_flag(extras.get("tls", False), f"connection {conn_id!r}: extra 'tls'"):
         from docker import TLSConfig
 
         return TLSConfig(
@@ -156,17 +157,6 @@ def _tls_config(conn_id: str, extras: dict[str, Any]) -> TLSConfig | bool:
             verify=str(ca_cert) if (ca_cert and verify) else verify,
         )
     return False
-
-
-def _flag(value: Any, where: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off", ""):
-        return False
-    raise ConfigurationError(f"{where} = {value!r} is not a boolean; write true or false.")
 
 
 class AmlRunDockerHook(DockerHook):

@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from airflow_amlrun import run_context
+from airflow_amlrun.config import load_settings, parse_flag
 from airflow_amlrun.environment.build_image import (
     DEFAULT_IMAGE,
     EnvironmentImage,
@@ -88,7 +89,6 @@ TERM_GRACE_SECONDS = 5
 FINAL_LOG_WAIT_SECONDS = 10.0
 # How often a running run's events file is fetched from a remote daemon.
 REMOTE_EVENTS_INTERVAL_SECONDS = 1.0
-DEFAULT_IMAGE_OPTION = "docker_default_image"
 # How long a run's daemon may not answer before the waiting task gives up on it (the run goes on there).
 UNREACHABLE_GRACE_SECONDS = 120.0
 
@@ -146,7 +146,7 @@ class DockerOptions:
             raise ConfigurationError(
                 f"{where}: unknown Docker option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}."
             )
-        parsed: dict[str, Any] = {"default_image": _default_image_setting()}
+        parsed: dict[str, Any] = {"default_image": load_settings().docker_default_image}
         for name, value in values.items():
             if value is None or value == "":
                 continue
@@ -168,7 +168,7 @@ class DockerOptions:
                     ) from None
                 parsed[name] = str(value)
             elif name == "auto_remove":
-                parsed[name] = _flag(value, f"{where}: auto_remove")
+                parsed[name] = parse_flag(value, f"{where}: auto_remove")
             else:
                 parsed[name] = str(value)
         options = cls(**parsed)
@@ -602,26 +602,3 @@ def _spooled(stream: Any) -> Any:
             spool.write(data)
         spool.seek(0)
         yield spool
-
-
-def _flag(value: Any, where: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise ConfigurationError(f"{where} = {value!r} is not a boolean; write true or false.")
-
-
-def _default_image_setting() -> str:
-    """``[amlrun] docker_default_image`` (``AIRFLOW__AMLRUN__DOCKER_DEFAULT_IMAGE``), else amlrun-base:py3.11."""
-    value = os.environ.get(f"AIRFLOW__AMLRUN__{DEFAULT_IMAGE_OPTION.upper()}")
-    if value:
-        return value
-    try:
-        from airflow.configuration import conf
-    except ImportError:  # pragma: no cover
-        return DEFAULT_IMAGE
-    return str(conf.get("amlrun", DEFAULT_IMAGE_OPTION, fallback=DEFAULT_IMAGE) or DEFAULT_IMAGE)
