@@ -22,6 +22,7 @@ import argparse
 import importlib
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -179,12 +180,16 @@ def main() -> None:
     # Task logs go to stdout; send them to stderr so stdout carries only the JSON.
     sys.stdout.flush()
     saved_stdout = os.dup(1)
-    for target in args.targets.split(","):
-        os.dup2(2, 1)
-        result = run_target(target.strip(), root, dags, source, args.rounds, args.seconds)
-        sys.stdout.flush()
+    try:
+        for target in args.targets.split(","):
+            os.dup2(2, 1)
+            result = run_target(target.strip(), root, dags, source, args.rounds, args.seconds)
+            sys.stdout.flush()
+            os.dup2(saved_stdout, 1)
+            print(json.dumps(result), flush=True)
+    finally:
         os.dup2(saved_stdout, 1)
-        print(json.dumps(result), flush=True)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":
