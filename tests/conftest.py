@@ -11,10 +11,12 @@ import importlib.util
 import json
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -203,3 +205,45 @@ def write_script(folder: Path, name: str, body: str) -> Path:
     path = folder / name
     path.write_text(textwrap.dedent(body))
     return path
+
+
+def wait_until_running(also: Callable[[Any], bool] = lambda run: True, timeout: float = 60) -> Any:
+    """The newest run of the current workspace once it is Running (and `also(run)` holds), else None."""
+    from airflow_amlrun import Workspace
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        runs = Workspace.get().list_runs()
+        if runs and runs[0].status == "Running" and also(runs[0]):
+            return runs[0]
+        time.sleep(0.05)
+    return None
+
+
+_SUBMIT_AS_TRY_1 = """
+import sys
+from airflow_amlrun import Experiment, ScriptRunConfig, Workspace
+from airflow_amlrun.run import AirflowTask
+
+task = AirflowTask(dag_id="retrain", task_id="train", run_id="manual_1", map_index=None, try_number=1)
+config = ScriptRunConfig(sys.argv[1], script="train.py", compute_target=sys.argv[2])
+Experiment(Workspace.get(), "reattach").submit(config, airflow_task=task).wait_for_completion(show_output=False)
+"""
+
+
+def worker_dies_mid_run(source: Path, compute_target: str = "local", settle: float = 0.0) -> Any:
+    """Try 1 of task retrain.train: a worker process submits the run, then is SIGKILLed once it is Running.
+
+    Returns the run as the history holds it afterwards (left Running by the dead worker).
+    """
+    from airflow_amlrun import Workspace
+
+    worker = subprocess.Popen(
+        [sys.executable, "-c", _SUBMIT_AS_TRY_1, str(source), compute_target], env=os.environ.copy()
+    )
+    wait_until_running()
+    time.sleep(settle)
+    worker.send_signal(signal.SIGKILL)
+    worker.wait()
+    [orphan] = Workspace.get().list_runs()
+    return orphan

@@ -13,7 +13,6 @@ import signal
 import socket
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 from collections.abc import Iterator
@@ -30,7 +29,7 @@ from airflow_amlrun.errors import ConfigurationError, RunFailedError
 from airflow_amlrun.hooks.docker import DockerDaemon
 from airflow_amlrun.run import AirflowTask
 from airflow_amlrun.targets.docker import LABEL_RUN_ID, DockerOptions
-from tests.conftest import REPO, write_script
+from tests.conftest import REPO, wait_until_running, worker_dies_mid_run, write_script
 
 SOCKET = "/var/run/docker.sock"
 
@@ -220,18 +219,12 @@ def test_killing_the_task_stops_the_container_and_cancels_the_run(run_dag, tmp_p
 
     def kill_task_once_the_script_runs() -> None:
         # What Airflow does to a task it stops: SIGTERM to the task process, whose handler calls on_kill.
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            runs = Workspace.get().list_runs()
-            if (
-                runs
-                and runs[0].status == "Running"
-                and any(c["State"] == "running" for c in containers_of(docker_home, runs[0].id))
-            ):
-                time.sleep(0.5)
-                os.kill(os.getpid(), signal.SIGTERM)
-                return
-            time.sleep(0.1)
+        running = wait_until_running(
+            also=lambda run: any(c["State"] == "running" for c in containers_of(docker_home, run.id))
+        )
+        if running is not None:
+            time.sleep(0.5)
+            os.kill(os.getpid(), signal.SIGTERM)
 
     killer = threading.Thread(target=kill_task_once_the_script_runs)
     killer.start()
@@ -244,18 +237,6 @@ def test_killing_the_task_stops_the_container_and_cancels_the_run(run_dag, tmp_p
     assert run.end is not None
     assert "epoch 1" in result.log
     assert containers_of(docker_home, run.id) == []
-
-
-SUBMIT_AND_WAIT = """
-import sys
-from airflow_amlrun import Experiment, ScriptRunConfig, Workspace
-from airflow_amlrun.hooks.docker import DockerDaemon
-from airflow_amlrun.run import AirflowTask
-
-task = AirflowTask(dag_id="retrain", task_id="train", run_id="manual_1", map_index=None, try_number=1)
-config = ScriptRunConfig(sys.argv[1], script="train.py", compute_target="docker")
-Experiment(Workspace.get(), "reattach").submit(config, airflow_task=task).wait_for_completion(show_output=False)
-"""
 
 
 def test_retry_after_the_worker_died_reattaches_to_the_running_container(docker_home, tmp_path):
@@ -276,17 +257,7 @@ def test_retry_after_the_worker_died_reattaches_to_the_running_container(docker_
     """,
     )
     # Try 1: a worker that submits the run, then dies hard while the script runs in its container.
-    worker = subprocess.Popen([sys.executable, "-c", textwrap.dedent(SUBMIT_AND_WAIT), str(source)])
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        runs = Workspace.get().list_runs()
-        if runs and runs[0].status == "Running":
-            break
-        time.sleep(0.05)
-    time.sleep(1.0)
-    worker.send_signal(signal.SIGKILL)
-    worker.wait()
-    [orphan] = Workspace.get().list_runs()
+    orphan = worker_dies_mid_run(source, "docker", settle=1.0)
     assert orphan.status == "Running"
     [container] = containers_of(docker_home, orphan.id)
     assert container["State"] == "running"
@@ -323,16 +294,7 @@ def test_retry_collects_a_container_that_finished_while_nobody_watched(docker_ho
         time.sleep(1.5)
     """,
     )
-    worker = subprocess.Popen([sys.executable, "-c", textwrap.dedent(SUBMIT_AND_WAIT), str(source)])
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        runs = Workspace.get().list_runs()
-        if runs and runs[0].status == "Running":
-            break
-        time.sleep(0.05)
-    worker.send_signal(signal.SIGKILL)
-    worker.wait()
-    [orphan] = Workspace.get().list_runs()
+    orphan = worker_dies_mid_run(source, "docker")
     docker_home.wait(containers_of(docker_home, orphan.id)[0]["Id"], timeout=60)  # it ends meanwhile
 
     task = AirflowTask(dag_id="retrain", task_id="train", run_id="manual_1", map_index=None, try_number=2)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from airflow_amlrun import Workspace
-from tests.conftest import write_script
+from tests.conftest import wait_until_running, write_script
 
 pytestmark = pytest.mark.usefixtures("airflow_db")
 
@@ -190,13 +190,8 @@ def test_killing_the_task_cancels_the_run_and_its_process_group(run_dag, tmp_pat
 
     def kill_task_once_running() -> None:
         # What Airflow does to a task it stops: SIGTERM to the task process, whose handler calls on_kill.
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            runs = Workspace.get().list_runs()
-            if runs and runs[0].status == "Running" and pid_file.exists():
-                os.kill(os.getpid(), signal.SIGTERM)
-                return
-            time.sleep(0.1)
+        if wait_until_running(also=lambda run: pid_file.exists()) is not None:
+            os.kill(os.getpid(), signal.SIGTERM)
 
     killer = threading.Thread(target=kill_task_once_running)
     killer.start()

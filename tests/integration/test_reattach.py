@@ -2,26 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import textwrap
-import time
-
 from airflow_amlrun import Experiment, ScriptRunConfig, Workspace
 from airflow_amlrun.run import AirflowTask
-from tests.conftest import write_script
-
-SUBMIT_AND_WAIT = """
-import sys
-from airflow_amlrun import Experiment, ScriptRunConfig, Workspace
-from airflow_amlrun.run import AirflowTask
-
-task = AirflowTask(dag_id="retrain", task_id="train", run_id="manual_1", map_index=None, try_number=1)
-run = Experiment(Workspace.get(), "reattach").submit(ScriptRunConfig(sys.argv[1], script="train.py"), airflow_task=task)
-run.wait_for_completion(show_output=False)
-"""
+from tests.conftest import worker_dies_mid_run, write_script
 
 
 def test_retry_after_the_worker_died_reattaches_to_the_running_script(amlrun_home, tmp_path):
@@ -42,19 +25,7 @@ def test_retry_after_the_worker_died_reattaches_to_the_running_script(amlrun_hom
     """,
     )
     # Try 1: a worker that submits the run, then dies hard while the script runs.
-    worker = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(SUBMIT_AND_WAIT), str(source)], env=os.environ.copy()
-    )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        runs = Workspace.get().list_runs()
-        if runs and runs[0].status == "Running":
-            break
-        time.sleep(0.05)
-    time.sleep(0.6)
-    worker.send_signal(signal.SIGKILL)
-    worker.wait()
-    [orphan] = Workspace.get().list_runs()
+    orphan = worker_dies_mid_run(source, settle=0.6)
     assert orphan.status == "Running"
 
     # Try 2: the same task instance submits again.

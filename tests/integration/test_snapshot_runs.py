@@ -7,14 +7,13 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
 from airflow_amlrun import Experiment, ScriptRunConfig, Workspace
 from airflow_amlrun.snapshot import SnapshotTooLargeError
-from tests.conftest import write_script
+from tests.conftest import wait_until_running, write_script
 
 AMLRUN = str(Path(sys.executable).parent / "amlrun")
 
@@ -68,13 +67,8 @@ def test_a_file_edited_during_the_run_does_not_change_the_run(amlrun_home, tmp_p
     (source / "config.txt").write_text("alpha=0.1\n")
 
     def edit_while_running() -> None:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            runs = Workspace.get().list_runs()
-            if runs and runs[0].status == "Running":
-                (source / "config.txt").write_text("alpha=999\n")
-                return
-            time.sleep(0.05)
+        if wait_until_running() is not None:
+            (source / "config.txt").write_text("alpha=999\n")
 
     editor = threading.Thread(target=edit_while_running)
     editor.start()

@@ -8,10 +8,7 @@ import json
 import os
 import re
 import secrets
-import signal
 import subprocess
-import sys
-import textwrap
 import threading
 import time
 from collections.abc import Iterator
@@ -22,7 +19,7 @@ import pytest
 from airflow_amlrun import Environment, Experiment, ScriptRunConfig, Workspace
 from airflow_amlrun.environment import PythonSection
 from airflow_amlrun.run import AirflowTask
-from tests.conftest import REPO, write_script
+from tests.conftest import worker_dies_mid_run, write_script
 from tests.integration.sshd_host import SshdHost, start_sshd_host
 
 pytestmark = pytest.mark.usefixtures("airflow_db")
@@ -219,32 +216,15 @@ def test_retry_reattaches_to_the_run_a_killed_worker_left_on_the_host(tmp_path, 
         print("finished")
     """,
     )
-    task = dict(dag_id="retry_dag", task_id="train", run_id="manual__1", map_index=None)
-    submitter = textwrap.dedent(
-        f"""
-        from airflow_amlrun import Experiment, ScriptRunConfig, Workspace
-        from airflow_amlrun.run import AirflowTask
-        config = ScriptRunConfig({str(source)!r}, script="train.py", compute_target={CONN_ID!r})
-        run = Experiment(Workspace.get(), "retry").submit(config, airflow_task=AirflowTask(**{task!r}, try_number=1))
-        run.wait_for_completion(show_output=False)
-    """
-    )
-    worker = subprocess.Popen([sys.executable, "-c", submitter], cwd=REPO)
-    try:
-        first = _wait_for(lambda: [r for r in Workspace.get().list_runs() if r.status == "Running"], 60)
-    finally:
-        worker.send_signal(signal.SIGKILL)
-        worker.wait()
-    [earlier] = first
+    earlier = worker_dies_mid_run(source, CONN_ID)
     if handle == "lost":
         # The worker died between starting the run and recording its handle: the host is asked by run id.
         Workspace.get().history.update_run(earlier.id, handle=None)
 
     config = ScriptRunConfig(str(source), script="train.py", compute_target=CONN_ID)
     lines: list[str] = []
-    retried = Experiment(Workspace.get(), "retry").submit(
-        config, airflow_task=AirflowTask(**task, try_number=2)
-    )
+    task = AirflowTask(dag_id="retrain", task_id="train", run_id="manual_1", map_index=None, try_number=2)
+    retried = Experiment(Workspace.get(), "reattach").submit(config, airflow_task=task)
     record = retried.wait_for_completion(output=lines.append)
 
     assert record.id == earlier.id
@@ -453,16 +433,6 @@ def _in_order(log: str, lines: list[str]) -> bool:
             return False
         position += len(line)
     return True
-
-
-def _wait_for(condition, seconds: float):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"gave up after {seconds} s")
 
 
 def _alive(pid: int) -> bool:
