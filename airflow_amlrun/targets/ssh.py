@@ -233,20 +233,9 @@ class SSHTarget:
         request = {"argv": job_argv(job, python), "env": env}
         answer = self._call("starting the run", "launch", job.run_id, request)
         sent, count = self._blob_bytes_sent.pop(job.run_id, (0, 0))
-        return {
-            "host": self.host,
-            "port": self.port,
-            "user": self.login,
-            "run_id": job.run_id,
-            "base_dir": self._base(),
-            "run_dir": run_dir,
-            "pid": answer["pid"],
-            "python": python,
-            "helper": self._helper_path(),
-            "helper_python": self._helper_python,
-            "blob_bytes_sent": sent,
-            "blobs_sent": count,
-        }
+        return self._handle(
+            job.run_id, run_dir, answer["pid"], python, blob_bytes_sent=sent, blobs_sent=count
+        )
 
     def wait(self, handle: dict[str, Any], timeout: float) -> TargetStatus:
         deadline = time.monotonic() + timeout
@@ -324,19 +313,32 @@ class SSHTarget:
         status = self._call("looking for an earlier run", "status", job.run_id)
         if not status["exists"] or status["pid"] is None:
             return None
+        return self._handle(job.run_id, status["run_dir"], status["pid"], None)
+
+    def _handle(
+        self,
+        run_id: str,
+        run_dir: str,
+        pid: int,
+        python: str | None,
+        *,
+        blob_bytes_sent: int = 0,
+        blobs_sent: int = 0,
+    ) -> dict[str, Any]:
+        """What the run row keeps to follow a remote run from any process (a retry re-attaching)."""
         return {
             "host": self.host,
             "port": self.port,
             "user": self.login,
-            "run_id": job.run_id,
+            "run_id": run_id,
             "base_dir": self._base(),
-            "run_dir": status["run_dir"],
-            "pid": status["pid"],
-            "python": None,
+            "run_dir": run_dir,
+            "pid": pid,
+            "python": python,
             "helper": self._helper_path(),
             "helper_python": self._helper_python,
-            "blob_bytes_sent": 0,
-            "blobs_sent": 0,
+            "blob_bytes_sent": blob_bytes_sent,
+            "blobs_sent": blobs_sent,
         }
 
     def describe(self) -> dict[str, Any]:
