@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from airflow_amlrun.environment.credentials import check_index_url
 from airflow_amlrun.errors import ConfigurationError
 
 if TYPE_CHECKING:
@@ -594,10 +595,8 @@ def _logical_lines(text: str) -> builtins.list[tuple[int, str]]:
 
 
 def _check_url(value: str, *, where: str, option: str) -> str:
-    url = os.path.expandvars(value.strip())
-    if not re.match(r"^(https?|file)://\S+$", url):
-        raise ConfigurationError(f"{where}: {option} {value!r} is not an http(s):// or file:// URL.")
-    return url
+    # ${VAR} stays as written: credentials are expanded only in a resolver's or installer's environment.
+    return check_index_url(value, where=where, option=option)
 
 
 def read_conda_specification(path: Path) -> tuple[str | None, RequirementsFile]:
