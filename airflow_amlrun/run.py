@@ -203,15 +203,16 @@ class ScriptRun:
         for record in earlier:
             job = _job(record.id, record.experiment, config, environment, record.snapshot_id)
             handle = record.handle or target.find(job)
-            if handle is None or attached is not None:
-                history.update_run(
-                    record.id,
-                    status=RunStatus.FAILED,
-                    end_time=_now(),
-                    error="Lost: the task that submitted it stopped before the run reached its target."
-                    if handle is None
-                    else "Superseded: another unfinished run of the same task was re-attached.",
-                )
+            unreachable = target.attachable(handle) if handle is not None else None
+            if handle is None or unreachable is not None or attached is not None:
+                if handle is None:
+                    error = "Lost: the task that submitted it stopped before the run reached its target."
+                elif unreachable is not None:
+                    error = f"Lost: this retry cannot reach it ({unreachable}); a new run was started."
+                else:
+                    error = "Superseded: another unfinished run of the same task was re-attached."
+                log.warning("Run %s, left unfinished by an earlier try: %s", record.id, error)
+                history.update_run(record.id, status=RunStatus.FAILED, end_time=_now(), error=error)
                 continue
             log.info(
                 "Re-attaching to run %s, left unfinished by try %s of this task", record.id, record.try_number
@@ -354,6 +355,9 @@ class ScriptRun:
             history.update_run(self.id, tags={**current, **tags})
 
     def _conclude(self, status: TargetStatus) -> RunRecord:
+        if status.timed_out:
+            # The target enforced the limit itself (e.g. while no task was following the run).
+            self._timed_out = True
         if self._cancel_requested:
             return self._finish(RunStatus.CANCELED, "Canceled while running (the task was killed).")
         if self._timed_out:

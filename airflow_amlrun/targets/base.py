@@ -36,6 +36,8 @@ class TargetStatus:
     exit_code: int | None = None
     # Why the target ended the run itself (e.g. killed for memory), if it knows.
     reason: str | None = None
+    # The target stopped the run itself for running longer than max_run_duration_seconds.
+    timed_out: bool = False
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,13 @@ class ComputeTarget(Protocol):
 
     def cleanup(self, handle: dict[str, Any]) -> None:
         """Remove the run directory from the target."""
+
+    def attachable(self, handle: dict[str, Any]) -> str | None:
+        """None when this process can follow the run of this handle; otherwise why it cannot.
+
+        A retry re-attaching to its earlier try's run asks this first: a run on another worker's own
+        machine (the local target, a Docker daemon on that worker's socket) cannot be reached from here.
+        """
 
     def find(self, job: Job) -> dict[str, Any] | None:
         """The handle of a run with this job's run id already on the target, if any.

@@ -401,6 +401,9 @@ class DockerTarget:
                 self.client.remove_container(handle["container_id"], force=True)
         shutil.rmtree(handle["run_dir"], ignore_errors=True)
 
+    def attachable(self, handle: dict[str, Any]) -> str | None:
+        return None
+
     def find(self, job: Job) -> dict[str, Any] | None:
         found = self.client.containers(all=True, filters={"label": f"{LABEL_RUN_ID}={job.run_id}"})
         for container in found:

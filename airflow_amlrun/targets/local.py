@@ -143,6 +143,9 @@ class LocalTarget:
         self._processes.pop(handle["pid"], None)
         shutil.rmtree(handle["run_dir"], ignore_errors=True)
 
+    def attachable(self, handle: dict[str, Any]) -> str | None:
+        return None
+
     def find(self, job: Job) -> dict[str, Any] | None:
         # A process leaves no trace by run id that could be trusted; an unsaved handle means a lost run.
         return None

@@ -309,6 +309,9 @@ class SSHTarget:
         self._call("removing the run directory", "remove", handle["run_id"], handle=handle)
         shutil.rmtree(self.runs_dir / handle["run_id"], ignore_errors=True)
 
+    def attachable(self, handle: dict[str, Any]) -> str | None:
+        return None
+
     def find(self, job: Job) -> dict[str, Any] | None:
         status = self._call("looking for an earlier run", "status", job.run_id)
         if not status["exists"] or status["pid"] is None:

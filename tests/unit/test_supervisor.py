@@ -1,0 +1,127 @@
+"""The supervisor that every target starts a run under: exit codes, time limits, signals, the request file."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from airflow_amlrun.targets import supervisor
+
+SUPERVISOR = supervisor.__file__
+
+
+def start(control: Path, request: dict[str, object], **kwargs: object) -> subprocess.Popen[bytes]:
+    """The supervisor in a session of its own, as a target starts it, with the request on stdin."""
+    process = subprocess.Popen(
+        [sys.executable, SUPERVISOR, str(control)],
+        stdin=subprocess.PIPE,
+        start_new_session=True,
+        cwd=control,
+        **kwargs,  # type: ignore[call-overload]
+    )
+    assert process.stdin is not None
+    process.stdin.write(json.dumps(request).encode())
+    process.stdin.close()
+    return process
+
+
+def test_the_jobs_exit_code_is_recorded_and_returned(tmp_path: Path) -> None:
+    job = start(
+        tmp_path, {"argv": ["sh", "-c", 'test "$GREETING" = hello && exit 3'], "env": {"GREETING": "hello"}}
+    )
+    assert job.wait(timeout=30) == 3
+    assert (tmp_path / supervisor.EXIT_CODE).read_text().strip() == "3"
+    assert not (tmp_path / supervisor.ENDED_BY).exists()
+
+
+def test_a_job_killed_by_a_signal_reports_128_plus_the_signal(tmp_path: Path) -> None:
+    job = start(tmp_path, {"argv": ["sh", "-c", "kill -KILL $$"]})
+    assert job.wait(timeout=30) == 128 + signal.SIGKILL
+    assert (tmp_path / supervisor.EXIT_CODE).read_text().strip() == str(128 + signal.SIGKILL)
+
+
+def test_a_job_past_its_limit_is_stopped_with_everything_it_started(tmp_path: Path) -> None:
+    # The job ignores SIGTERM and leaves a grandchild behind: both must go.
+    script = (
+        "import signal, subprocess, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        "p = subprocess.Popen(['sleep', '300']); open('grandchild', 'w').write(str(p.pid)); time.sleep(300)"
+    )
+    job = start(
+        tmp_path,
+        {"argv": [sys.executable, "-c", script], "max_seconds": 1, "grace_seconds": 0.5},
+        stderr=subprocess.PIPE,
+    )
+    err = _stderr(job)
+    assert job.returncode == -signal.SIGKILL  # the supervisor ends with its group
+    assert (tmp_path / supervisor.EXIT_CODE).read_text().strip() == str(128 + signal.SIGKILL)
+    assert json.loads((tmp_path / supervisor.ENDED_BY).read_text())["reason"] == supervisor.MAX_DURATION
+    assert b"exceeded max_run_duration_seconds=1" in err
+    grandchild = int((tmp_path / "grandchild").read_text())
+    deadline = time.monotonic() + 10
+    while _alive(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(grandchild)
+
+
+def test_a_request_file_is_deleted_once_read(tmp_path: Path) -> None:
+    request = tmp_path / "request.json"
+    request.write_text(
+        json.dumps({"argv": ["sh", "-c", 'test "$TOKEN" = s3cr3t'], "env": {"TOKEN": "s3cr3t"}})
+    )
+    done = subprocess.run(
+        [sys.executable, SUPERVISOR, str(tmp_path), "--request-file", str(request)], start_new_session=True
+    )
+    assert done.returncode == 0
+    assert not request.exists()
+
+
+def test_signals_to_the_group_end_the_job_but_not_the_supervisor(tmp_path: Path) -> None:
+    job = start(tmp_path, {"argv": ["sleep", "300"]})
+    _wait_for_child(job.pid)
+    os.killpg(job.pid, signal.SIGTERM)
+    assert job.wait(timeout=30) == 128 + signal.SIGTERM
+    assert (tmp_path / supervisor.EXIT_CODE).read_text().strip() == str(128 + signal.SIGTERM)
+
+
+def test_with_forward_signals_a_signal_to_the_supervisor_reaches_the_job(tmp_path: Path) -> None:
+    job = start(tmp_path, {"argv": ["sleep", "300"], "forward_signals": True})
+    _wait_for_child(job.pid)
+    os.kill(job.pid, signal.SIGTERM)  # as docker stop does, through the container's init
+    assert job.wait(timeout=30) == 128 + signal.SIGTERM
+
+
+def test_a_job_that_cannot_start_says_so(tmp_path: Path) -> None:
+    job = start(tmp_path, {"argv": ["/no/such/interpreter"]}, stderr=subprocess.PIPE)
+    err = _stderr(job)
+    assert job.returncode == supervisor.CANNOT_START
+    assert b"cannot start '/no/such/interpreter'" in err
+
+
+def _stderr(job: subprocess.Popen[bytes]) -> bytes:
+    assert job.stderr is not None
+    err = job.stderr.read()
+    job.wait(timeout=60)
+    return err
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
+def _wait_for_child(pid: int) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        if children:
+            return
+        time.sleep(0.02)
+    raise AssertionError("the supervisor did not start its job")
