@@ -207,13 +207,28 @@ def write_script(folder: Path, name: str, body: str) -> Path:
     return path
 
 
-def wait_until_running(also: Callable[[Any], bool] = lambda run: True, timeout: float = 60) -> Any:
-    """The newest run of the current workspace once it is Running (and `also(run)` holds), else None."""
+def current_workspace() -> Any:
+    """The workspace a test's tasks use, opened without Airflow's connection lookup.
+
+    Safe in a background thread while dag.test() runs in the main one: looking a connection up outside a
+    task swaps Airflow's task-runner globals for a moment, which breaks the task running beside it.
+    """
     from airflow_amlrun import Workspace
 
+    conn = os.environ.get("AIRFLOW_CONN_AMLRUN_DEFAULT")
+    if conn:
+        extra = json.loads(conn)["extra"]
+        return Workspace.cached(extra["database_url"], extra["store_url"])
+    home = Path(os.environ["AIRFLOW__AMLRUN__HOME"])
+    return Workspace.cached(f"sqlite:///{home / 'history.db'}", str(home / "store"))
+
+
+def wait_until_running(also: Callable[[Any], bool] = lambda run: True, timeout: float = 60) -> Any:
+    """The newest run of the current workspace once it is Running (and `also(run)` holds), else None."""
+    workspace = current_workspace()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        runs = Workspace.get().list_runs()
+        runs = workspace.list_runs()
         if runs and runs[0].status == "Running" and also(runs[0]):
             return runs[0]
         time.sleep(0.05)
