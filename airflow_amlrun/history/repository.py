@@ -6,13 +6,13 @@ import json
 import logging
 import math
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, func, inspect, select, text
+from sqlalchemy import ColumnElement, Engine, create_engine, event, func, inspect, or_, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -130,16 +130,25 @@ class RunHistory:
                     raise
         return row
 
-    def list_experiments(self) -> list[ExperimentRecord]:
+    def list_experiments(
+        self, *, dag_ids: Collection[str] | None = None, runs_without_dag: bool = True
+    ) -> list[ExperimentRecord]:
+        """Experiments by name, each with the number of its runs.
+
+        :param dag_ids: count only runs of these DAGs (None: of any DAG).
+        :param runs_without_dag: whether runs recorded outside any DAG count.
+        When either narrows the runs, an experiment none of whose runs is left is not listed: its name
+        alone may say more than the reader may know.
+        """
+        visible = _of_dags(dag_ids, runs_without_dag)
         with self.session() as session:
-            counts = (
-                select(RunRow.experiment_id, func.count(RunRow.id).label("n"))
-                .group_by(RunRow.experiment_id)
-                .subquery()
-            )
+            counts = select(RunRow.experiment_id, func.count(RunRow.id).label("n"))
+            if visible is not None:
+                counts = counts.where(visible)
+            counted = counts.group_by(RunRow.experiment_id).subquery()
             rows = session.execute(
-                select(ExperimentRow, func.coalesce(counts.c.n, 0))
-                .outerjoin(counts, counts.c.experiment_id == ExperimentRow.id)
+                select(ExperimentRow, func.coalesce(counted.c.n, 0))
+                .join(counted, counted.c.experiment_id == ExperimentRow.id, isouter=visible is None)
                 .order_by(ExperimentRow.name)
             ).all()
             return [
@@ -192,10 +201,20 @@ class RunHistory:
         task_id: str | None = None,
         airflow_run_id: str | None = None,
         map_index: int | None = None,
+        dag_ids: Collection[str] | None = None,
+        runs_without_dag: bool = True,
     ) -> list[RunRecord]:
-        """Runs, newest first, filtered by whatever is given."""
+        """Runs, newest first, filtered by whatever is given.
+
+        :param dag_ids: only runs of these DAGs (None: of any DAG); with `runs_without_dag`, what a reader
+            may see. The filter is part of the query, so `limit` counts only the runs that pass it.
+        :param runs_without_dag: whether runs recorded outside any DAG (from plain Python) are included.
+        """
         with self.session() as session:
             query = select(RunRow, ExperimentRow.name).join(ExperimentRow)
+            visible = _of_dags(dag_ids, runs_without_dag)
+            if visible is not None:
+                query = query.where(visible)
             if experiment is not None:
                 query = query.where(ExperimentRow.name == experiment)
             if status is not None:
@@ -315,6 +334,14 @@ class RunHistory:
     @property
     def url_for_display(self) -> str:
         return make_url(self.url).render_as_string(hide_password=True)
+
+
+def _of_dags(dag_ids: Collection[str] | None, runs_without_dag: bool) -> ColumnElement[bool] | None:
+    """The condition on a run row for "of one of these DAGs, or of none if allowed"; None when all pass."""
+    if dag_ids is None and runs_without_dag:
+        return None
+    of_dags = RunRow.dag_id.is_not(None) if dag_ids is None else RunRow.dag_id.in_(sorted(dag_ids))
+    return or_(of_dags, RunRow.dag_id.is_(None)) if runs_without_dag else of_dags
 
 
 def _split_value(value: Any) -> tuple[float | None, str | None]:

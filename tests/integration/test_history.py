@@ -76,6 +76,36 @@ def test_unknown_run_id_names_it(database_url):
         RunHistory(database_url).get_run("missing")
 
 
+def test_listing_the_runs_a_reader_may_see_filters_before_the_limit(database_url):
+    # Newest first: five runs of DAG b, then two of DAG a, then one from plain Python.
+    history = RunHistory(database_url)
+    history.create_run(run_id="plain", experiment="notebook", target="local")
+    for i in range(2):
+        history.create_run(run_id=f"a{i}", experiment="shared", target="local", dag_id="a")
+    for i in range(5):
+        history.create_run(run_id=f"b{i}", experiment="shared", target="local", dag_id="b")
+
+    def first_two(dag_ids: set[str], runs_without_dag: bool) -> list[str]:
+        return [r.id for r in history.list_runs(limit=2, dag_ids=dag_ids, runs_without_dag=runs_without_dag)]
+
+    assert first_two({"a"}, runs_without_dag=False) == ["a1", "a0"]
+    assert first_two(set(), runs_without_dag=True) == ["plain"]
+    assert first_two(set(), runs_without_dag=False) == []
+    assert [r.id for r in history.list_runs(dag_ids={"a"})] == ["a1", "a0", "plain"]
+    assert len(history.list_runs(runs_without_dag=False)) == 7
+    assert len(history.list_runs()) == 8
+
+    def counts(dag_ids: set[str] | None = None, runs_without_dag: bool = True) -> dict[str, int]:
+        listed = history.list_experiments(dag_ids=dag_ids, runs_without_dag=runs_without_dag)
+        return {e.name: e.run_count for e in listed}
+
+    assert counts() == {"notebook": 1, "shared": 7}
+    assert counts({"a"}, runs_without_dag=False) == {"shared": 2}
+    assert counts(set(), runs_without_dag=True) == {"notebook": 1}
+    assert counts(set(), runs_without_dag=False) == {}
+    history.dispose()
+
+
 def _create_runs(url: str, worker: int) -> None:
     history = RunHistory(url)
     for i in range(5):
