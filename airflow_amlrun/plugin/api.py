@@ -1,38 +1,67 @@
-"""FastAPI app mounted in Airflow's API server: the run history as JSON and as plain pages."""
+"""FastAPI app mounted in Airflow's API server: the run history as JSON and as plain pages.
+
+Every route needs a signed-in Airflow user, by the API server's own JWT (a bearer token, or the cookie the
+Airflow UI sets), and shows only the runs that user may see (`access`).
+"""
 
 from __future__ import annotations
 
 import html
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, HTTPException, Query
+from airflow.api_fastapi.app import get_auth_manager
+from airflow.api_fastapi.core_api.security import requires_authenticated
+from fastapi import Depends, FastAPI, HTTPException, Query
 from fastapi.responses import HTMLResponse
 
-from airflow_amlrun.history import RunNotFoundError, RunRecord
+from airflow_amlrun.history import RunHistory, RunNotFoundError, RunRecord
+from airflow_amlrun.plugin.access import Reader, ReaderDep, VisibleRunsDep
 
 
-def _workspace() -> Any:
-    from airflow_amlrun.workspace import Workspace
-
-    return Workspace.get()
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    # Airflow mounts this app with a bare app.mount, so inside it request.app is this app, and Airflow's
+    # security dependencies look for the auth manager in request.app.state. The API server enters a mounted
+    # app's lifespan after it has initialised its auth manager: hand over that same instance, as Airflow
+    # does for its own app.
+    app.state.auth_manager = get_auth_manager()
+    yield
 
 
 def create_app() -> FastAPI:
-    app = FastAPI(title="AML Run", description="Runs, metrics and outputs recorded by airflow-amlrun.")
+    app = FastAPI(
+        title="AML Run",
+        description="Runs, metrics and outputs recorded by airflow-amlrun.",
+        lifespan=_lifespan,
+        # Refuses anonymous callers on every route, before any route's own dependencies run.
+        dependencies=[Depends(requires_authenticated())],
+        # FastAPI serves its schema and docs pages outside the app's dependencies: keep every route signed-in.
+        openapi_url=None,
+    )
 
     @app.get("/api/runs")
     def list_runs(
-        experiment: str | None = None, status: str | None = None, limit: int = Query(100, ge=1, le=1000)
+        visible: VisibleRunsDep,
+        experiment: str | None = None,
+        status: str | None = None,
+        limit: int = Query(100, ge=1, le=1000),
     ) -> list[dict[str, Any]]:
-        return [
-            r.summary() for r in _workspace().list_runs(experiment=experiment, status=status, limit=limit)
-        ]
+        runs = _history().list_runs(
+            experiment=experiment,
+            status=status,
+            limit=limit,
+            dag_ids=visible.dag_ids,
+            runs_without_dag=visible.runs_without_dag,
+        )
+        return [r.summary() for r in runs]
 
     @app.get("/api/runs/{run_id}")
-    def get_run(run_id: str) -> dict[str, Any]:
-        ws = _workspace()
-        record = _get(ws, run_id)
-        points = ws.history.get_metrics(run_id)
+    def get_run(run_id: str, reader: ReaderDep) -> dict[str, Any]:
+        history = _history()
+        record = _get(history, run_id, reader)
+        points = history.get_metrics(run_id)
         return {
             **record.summary(),
             "arguments": record.arguments,
@@ -48,12 +77,21 @@ def create_app() -> FastAPI:
         }
 
     @app.get("/api/experiments")
-    def list_experiments() -> list[dict[str, Any]]:
-        return [{"name": e.name, "runs": e.run_count} for e in _workspace().list_experiments()]
+    def list_experiments(visible: VisibleRunsDep) -> list[dict[str, Any]]:
+        experiments = _history().list_experiments(
+            dag_ids=visible.dag_ids, runs_without_dag=visible.runs_without_dag
+        )
+        return [{"name": e.name, "runs": e.run_count} for e in experiments]
 
     @app.get("/runs", response_class=HTMLResponse)
-    def runs_page(experiment: str | None = None) -> str:
-        rows = "".join(_row(r) for r in _workspace().list_runs(experiment=experiment, limit=200))
+    def runs_page(visible: VisibleRunsDep, experiment: str | None = None) -> str:
+        runs = _history().list_runs(
+            experiment=experiment,
+            limit=200,
+            dag_ids=visible.dag_ids,
+            runs_without_dag=visible.runs_without_dag,
+        )
+        rows = "".join(_row(r) for r in runs)
         return _page(
             "Runs",
             "<table><tr><th>Run</th><th>Experiment</th><th>Status</th><th>Target</th><th>Start</th>"
@@ -61,8 +99,8 @@ def create_app() -> FastAPI:
         )
 
     @app.get("/runs/{run_id}", response_class=HTMLResponse)
-    def run_page(run_id: str) -> str:
-        record = _get(_workspace(), run_id)
+    def run_page(run_id: str, reader: ReaderDep) -> str:
+        record = _get(_history(), run_id, reader)
         fields = "".join(
             f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>"
             for k, v in record.summary().items()
@@ -72,11 +110,21 @@ def create_app() -> FastAPI:
     return app
 
 
-def _get(ws: Any, run_id: str) -> RunRecord:
+def _history() -> RunHistory:
+    """The run history of the workspace the plugin shows (``[amlrun] workspace_conn_id``)."""
+    from airflow_amlrun.workspace import Workspace
+
+    return Workspace.get().history
+
+
+def _get(history: RunHistory, run_id: str, reader: Reader) -> RunRecord:
+    """The run, if it exists (else 404) and the reader may see it (else 403)."""
     try:
-        record: RunRecord = ws.get_run(run_id)
-    except RunNotFoundError as err:
-        raise HTTPException(status_code=404, detail=str(err)) from None
+        record = history.get_run(run_id)
+    except RunNotFoundError:
+        # The history's own message names the database; a reader of the pages need not learn where it is.
+        raise HTTPException(status_code=404, detail=f"No run {run_id!r}.") from None
+    reader.check(record)
     return record
 
 

@@ -81,19 +81,33 @@ def test_run_context_imports_only_the_standard_library(tmp_path):
     assert done.stdout.strip() == "[]"
 
 
-def test_plugin_app_serves_runs_as_json_and_pages(amlrun_home, train_dir):
+def test_plugin_app_refuses_anonymous_callers_on_every_route():
+    # What the app shows, and to whom, is tested through a real API server in test_plugin_access.py; this
+    # covers every route the app has, including any added later.
+    from fastapi.routing import APIRoute
     from fastapi.testclient import TestClient
 
-    from airflow_amlrun import Experiment, ScriptRunConfig, Workspace
-    from airflow_amlrun.plugin.api import create_app
+    from airflow_amlrun.plugin import AmlRunPlugin
 
-    run = Experiment(Workspace.get(), "plugin_view").submit(ScriptRunConfig(train_dir, script="train.py"))
-    run.wait_for_completion(show_output=False)
-    client = TestClient(create_app())
+    [mounted] = AmlRunPlugin().fastapi_apps
+    assert mounted["url_prefix"] == "/amlrun"
+    app = mounted["app"]
+    paths = [
+        route.path.replace("{run_id}", "some_run") for route in app.routes if isinstance(route, APIRoute)
+    ]
+    assert len(paths) == 5
+    client = TestClient(app)
+    for path in paths:
+        answer = client.get(path)
+        assert (answer.status_code, answer.json()) == (401, {"detail": "Not authenticated"}), path
 
-    [listed] = client.get("/api/runs").json()
-    assert listed["run_id"] == run.id and listed["status"] == "Completed"
-    detail = client.get(f"/api/runs/{run.id}").json()
-    assert [p["step"] for p in detail["metric_history"] if p["name"] == "fold_mse"] == [0, 1, 2, 3, 4]
-    assert run.id in client.get("/runs").text
-    assert client.get("/api/runs/nope").status_code == 404
+
+def test_loading_the_plugin_leaves_the_api_server_modules_unloaded():
+    # Every task process loads plugins; the app and Airflow's API security module are built only on demand.
+    code = (
+        "import sys; from airflow_amlrun.plugin import AmlRunPlugin; AmlRunPlugin(); "
+        "print([m for m in ('airflow.api_fastapi.core_api.security', 'airflow_amlrun.plugin.api') "
+        "if m in sys.modules])"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip().splitlines()[-1] == "[]"
