@@ -207,30 +207,49 @@ def write_script(folder: Path, name: str, body: str) -> Path:
     return path
 
 
-def current_workspace() -> Any:
-    """The workspace a test's tasks use, opened without Airflow's connection lookup.
+@dataclass(frozen=True)
+class NewestRun:
+    """The newest run of the current workspace, as a background thread of a test sees it."""
 
-    Safe in a background thread while dag.test() runs in the main one: looking a connection up outside a
-    task swaps Airflow's task-runner globals for a moment, which breaks the task running beside it.
+    id: str
+    status: str
+
+
+def newest_run() -> NewestRun | None:
+    """The newest run of the workspace a test's tasks use, read with plain SQL.
+
+    Safe in a background thread while dag.test() runs in the main one. An ORM query there would configure
+    SQLAlchemy's mappers, which imports all of Airflow's models (Airflow listens for that), and deadlocks
+    with the main thread importing them; an Airflow connection lookup there swaps Airflow's task-runner
+    globals for a moment, which breaks the task running beside it.
     """
-    from airflow_amlrun import Workspace
+    import sqlalchemy
 
     conn = os.environ.get("AIRFLOW_CONN_AMLRUN_DEFAULT")
     if conn:
-        extra = json.loads(conn)["extra"]
-        return Workspace.cached(extra["database_url"], extra["store_url"])
-    home = Path(os.environ["AIRFLOW__AMLRUN__HOME"])
-    return Workspace.cached(f"sqlite:///{home / 'history.db'}", str(home / "store"))
+        url = json.loads(conn)["extra"]["database_url"].replace("postgresql://", "postgresql+psycopg://", 1)
+    else:
+        url = f"sqlite:///{Path(os.environ['AIRFLOW__AMLRUN__HOME']) / 'history.db'}"
+    engine = _engines.get(url) or _engines.setdefault(url, sqlalchemy.create_engine(url))
+    query = "SELECT id, status FROM amlrun_runs ORDER BY created_at DESC, id DESC LIMIT 1"
+    try:
+        with engine.connect() as connection:
+            row = connection.execute(sqlalchemy.text(query)).first()
+    except sqlalchemy.exc.OperationalError:  # the history does not exist yet
+        return None
+    return None if row is None else NewestRun(id=row[0], status=row[1])
+
+
+_engines: dict[str, Any] = {}
 
 
 def wait_until_running(also: Callable[[Any], bool] = lambda run: True, timeout: float = 60) -> Any:
     """The newest run of the current workspace once it is Running (and `also(run)` holds), else None."""
-    workspace = current_workspace()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        runs = workspace.list_runs()
-        if runs and runs[0].status == "Running" and also(runs[0]):
-            return runs[0]
+        run = newest_run()
+        if run is not None and run.status == "Running" and also(run):
+            return run
         time.sleep(0.05)
     return None
 
