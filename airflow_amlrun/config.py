@@ -34,6 +34,11 @@ OPTIONS: dict[str, tuple[str, str]] = {
         "amlrun-base:py3.11",
         "Image of a Docker run whose environment names none (a user-managed environment without docker.base_image).",
     ),
+    "docker_default_image_base": (
+        "python:3.11-slim",
+        "Public Python image from which a Docker daemon that lacks the default image (an amlrun-base image) "
+        "builds it on first use, pulling it if needed. Empty: never build it.",
+    ),
 }
 
 CLEANUP_CHOICES = ("never", "on_success", "always")
@@ -66,6 +71,7 @@ class Settings:
     snapshot_max_files: int
     poll_interval_seconds: float
     docker_default_image: str
+    docker_default_image_base: str
 
 
 def load_settings() -> Settings:
@@ -87,6 +93,7 @@ def load_settings() -> Settings:
         snapshot_max_files=int(_option("snapshot_max_files")),
         poll_interval_seconds=float(_option("poll_interval_seconds")),
         docker_default_image=_option("docker_default_image") or OPTIONS["docker_default_image"][0],
+        docker_default_image_base=_option("docker_default_image_base"),
     )
 
 

@@ -18,26 +18,49 @@ with ``--bridge=none`` gives build containers no network otherwise), and the wor
 into the build context and handed to pip/uv for that step only (``PIP_CERT``, ``SSL_CERT_FILE``): package
 indexes behind a TLS-inspecting proxy are trusted by the worker's bundle, not by the image's. A build cannot
 bind-mount, which is why the bundle is copied; it is public data, kept in the image at
-``/opt/amlrun/build/ca.pem`` beside the lock it installed.
+``/opt/amlrun/build/ca.pem`` beside the lock it installed. The lock names its indexes itself (``--index-url``
+lines), so pip and uv are given no index on their command line.
 
-This module imports nothing from Airflow: it takes a ``docker.APIClient``.
+Index credentials: an index URL may reference ``${VAR}`` (see ``credentials``); the spec, the lock and so
+the build key keep the reference, so rotating the value reuses the image. The value must reach pip and uv
+and nothing else, and the legacy builder (the only one the docker SDK speaks) has no build secrets: a build
+argument or ``ENV`` lands in the image's history or config. So such a build is split in two. ``docker
+build`` makes the stage: the base image or Dockerfile plus the build files, nothing secret. The install then
+runs in a container of the stage that receives the values on its stdin (attached before it starts) and keeps
+them in its own environment, from which pip and uv expand ``${VAR}`` in the lock; the container is committed
+with the stage's own configuration plus the labels, under the build's tag, and removed
+(``docker_build.commit_install``). The values are read from the worker's environment when the build starts
+and are in no layer, history entry, config or label. This needs nothing of the daemon but containers, so it
+works the same on a local and a remote one.
+
+The default image (``amlrun-base:py3.11``, a target's ``default_image``) is made by ``scripts/docker.sh``
+from Debian packages where the tests run. Any image of the repository ``amlrun-base`` is amlrun's own: a
+daemon that lacks it builds it on first use from a public Python image (``default_image_base``, by default
+``python:3.11-slim``, pulled when the daemon does not have it), checking that its ``python3`` can make a
+virtualenv. A default image of another name is the user's, and is pulled like any other.
+
+This module says what to build and when; ``docker_build`` does the daemon's part. Neither imports anything
+from Airflow: they take a ``docker.APIClient``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import os
-import re
 import shlex
 import tarfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from airflow_amlrun.environment import docker_build
+from airflow_amlrun.environment.credentials import credential_values, referenced_variables
+from airflow_amlrun.environment.docker_build import BUILD_TIMEOUT_SECONDS, inspect_image, split_reference
 from airflow_amlrun.environment.errors import EnvironmentBuildError
 from airflow_amlrun.environment.lock import has_requirements, lock_python_version
 from airflow_amlrun.errors import ConfigurationError
@@ -54,10 +77,18 @@ VENV = "/opt/amlrun/env"
 VENV_PYTHON = f"{VENV}/bin/python"
 # What a Docker target runs when neither the environment nor the target names an image.
 DEFAULT_IMAGE = "amlrun-base:py3.11"
-BUILD_TIMEOUT_SECONDS = 1800
-# Lines of a failing build step shown in the error.
-FAILED_STEP_LINES = 60
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# Images of this repository are amlrun's own: a daemon that lacks one builds it on first use...
+DEFAULT_IMAGE_REPOSITORY = "amlrun-base"
+# ...from this public image (a target's default_image_base), whose python3 makes virtualenvs.
+DEFAULT_IMAGE_BASE = "python:3.11-slim"
+# Where a user sets the default image and its public base, for messages.
+DEFAULT_IMAGE_SETTINGS = (
+    "[amlrun] docker_default_image, the connection extra default_image, or AMLRUN_DOCKER_DEFAULT_IMAGE"
+)
+DEFAULT_IMAGE_BASE_SETTINGS = (
+    "[amlrun] docker_default_image_base, the connection extra default_image_base, or "
+    "AMLRUN_DOCKER_DEFAULT_IMAGE_BASE"
+)
 
 
 @dataclass(frozen=True)
@@ -69,6 +100,9 @@ class ImageRecipe:
     :param dockerfile: the Dockerfile text of the build, None when the image is used as it is.
     :param python: the interpreter that runs the script inside the image.
     :param key: the build key (None when nothing is built).
+    :param credentials: the variables (``${VAR}`` of the index URLs) the install needs; when there are any,
+        ``dockerfile`` only stages the build files, and the install runs in a container that is committed.
+    :param labels: what the built image is labelled with, beside its base's labels.
     """
 
     reference: str
@@ -76,6 +110,8 @@ class ImageRecipe:
     dockerfile: str | None
     python: str
     key: str | None
+    credentials: tuple[str, ...] = ()
+    labels: dict[str, str] = field(default_factory=dict)
 
     @property
     def built(self) -> bool:
@@ -91,6 +127,9 @@ class EnvironmentImage:
     image_id: str
     env: dict[str, str]
     built_now: bool = False
+
+
+# recipes: pure, no daemon call
 
 
 def image_recipe(resolved: ResolvedEnvironment, *, default_image: str = DEFAULT_IMAGE) -> ImageRecipe:
@@ -121,28 +160,82 @@ def image_recipe(resolved: ResolvedEnvironment, *, default_image: str = DEFAULT_
         # The default image is the target's setting, not part of the spec: it must be part of the key.
         key = _hash({"build_key": key, "default_image": default_image})
     head = spec.docker.dockerfile if spec.docker.dockerfile else f"FROM {base}\n"
+    labels = {"amlrun.build_key": key, "amlrun.environment": f"{resolved.name}:{resolved.version}"}
+    credentials = tuple(install_credentials(resolved))
+    steps = f"COPY amlrun/ {BUILD_DIR}/\n"
+    if not credentials:
+        # With credentials the install cannot be a build step (see the module's docstring).
+        steps += f"RUN /bin/sh {BUILD_DIR}/install.sh\n{_label_step(labels)}"
     return ImageRecipe(
         reference=f"{REPOSITORY}:{key[:32]}",
         base_image=base,
-        dockerfile=head.rstrip("\n") + "\n" + _install_steps(key, resolved),
+        dockerfile=head.rstrip("\n") + "\n" + steps,
         python=VENV_PYTHON,
         key=key,
+        credentials=credentials,
+        labels=labels,
     )
 
 
+def default_image_recipe(reference: str, base: str) -> ImageRecipe:
+    """How a daemon that lacks amlrun's default image builds it: the public base, checked to make virtualenvs
+    (what a managed environment's build needs of it).
+
+    :param reference: the default image, an ``amlrun-base:<tag>`` image.
+    :param base: the public Python image it is built from.
+    """
+    failed = (
+        f"amlrun: {base} cannot be the default image's base: its python3 cannot make a virtualenv (python3 -m "
+        f"venv failed). Point {DEFAULT_IMAGE_BASE_SETTINGS} at a Python image that can ({DEFAULT_IMAGE_BASE} does)."
+    )
+    labels = {"amlrun.default_image_base": base}
+    dockerfile = (
+        f"FROM {base}\n"
+        "RUN python3 -m venv /tmp/amlrun-venv-check && rm -rf /tmp/amlrun-venv-check "
+        f"|| {{ echo {shlex.quote(failed)} >&2; exit 1; }}\n"
+        f"{_label_step(labels)}"
+    )
+    key = _hash({"default_image": reference, "dockerfile": dockerfile, "platform": PLATFORM})
+    return ImageRecipe(
+        reference=reference, base_image=base, dockerfile=dockerfile, python="python3", key=key, labels=labels
+    )
+
+
+def is_default_image(reference: str) -> bool:
+    """Whether an image is amlrun's own default image (repository ``amlrun-base``), which a daemon builds."""
+    return split_reference(reference)[0] == DEFAULT_IMAGE_REPOSITORY
+
+
+def install_credentials(resolved: ResolvedEnvironment) -> list[str]:
+    """The variables whose values installing the environment's lock needs: the ``${VAR}`` of its index URLs."""
+    if resolved.user_managed or not resolved.lock or not has_requirements(resolved.lock):
+        return []
+    python = resolved.spec.python
+    return referenced_variables([python.index_url, *python.extra_index_urls])
+
+
+def credential_input(names: Sequence[str], values: Mapping[str, str]) -> bytes:
+    """What the install step reads on its stdin: the value of each variable of ``names``, a line each.
+
+    :param names: the variables, in the order the install script reads them (``install_credentials``).
+    :param values: their values (``credential_values``).
+    """
+    for name in names:
+        if "\n" in values[name] or "\r" in values[name]:
+            raise ConfigurationError(
+                f"${{{name}}} holds a line break, which no package-index password or token has. Set it to the "
+                "token alone (a file read into it may end with a newline: strip it)."
+            )
+    return "".join(f"{values[name]}\n" for name in names).encode()
+
+
 def install_script(resolved: ResolvedEnvironment) -> str:
-    """The shell script that installs a lock into the image's virtualenv (run by the build, as root)."""
+    """The shell script that installs a lock into the image's virtualenv (run as the image's user, root by default)."""
     spec = resolved.spec
     lock = resolved.lock or ""
     base_python = shlex.quote(spec.python.interpreter_path or "python3")
     want = shlex.quote(spec.python.version or lock_python_version(lock) or "")
     exact = "1" if spec.python.version else ""
-    index = []
-    if spec.python.index_url:
-        index += ["--index-url", spec.python.index_url]
-    for url in spec.python.extra_index_urls:
-        index += ["--extra-index-url", url]
-    index_args = " ".join(shlex.quote(a) for a in index)
     check = (
         "import sys\n"
         "v = '%d.%d' % sys.version_info[:2]\n"
@@ -153,20 +246,30 @@ def install_script(resolved: ResolvedEnvironment) -> str:
         "    sys.exit('amlrun: the environment needs Python %s%s, but this image runs Python %s. Use a base '\n"
         "             'image with that Python, or change python.version.' % (want, '' if exact else ' or newer', v))\n"
     )
+    # Index credentials come on stdin, a value a line, into this shell's environment only (pip and uv expand
+    # ${VAR} in the lock from there); nothing after reads stdin. The lock names its indexes, so none is given
+    # on a command line, where a ${VAR} would stay unexpanded.
+    names = install_credentials(resolved)
+    credentials = "".join(
+        f"IFS= read -r {name} || {{ echo 'amlrun: the value of ${{{name}}} did not arrive on the install "
+        f"step'\"'\"'s input' >&2; exit 1; }}\nexport {name}\n"
+        for name in names
+    ) + ("exec </dev/null\n" if names else "")
     install = (
         ""
         if not has_requirements(lock)
         else (
             "if command -v uv >/dev/null 2>&1; then\n"
-            f"  uv pip sync --require-hashes --python {VENV_PYTHON} {index_args} {BUILD_DIR}/lock.txt\n"
+            f"  uv pip sync --require-hashes --python {VENV_PYTHON} {BUILD_DIR}/lock.txt\n"
             "else\n"
             f"  {VENV}/bin/pip install --no-cache-dir --no-deps --require-hashes --disable-pip-version-check "
-            f"--no-input --progress-bar off {index_args} -r {BUILD_DIR}/lock.txt\n"
+            f"--no-input --progress-bar off -r {BUILD_DIR}/lock.txt\n"
             "fi\n"
         )
     )
     return (
         "set -eu\n"
+        f"{credentials}"
         f"{base_python} -c {shlex.quote(check)} {want} {shlex.quote(exact)}\n"
         f"if [ -f {BUILD_DIR}/ca.pem ]; then export PIP_CERT={BUILD_DIR}/ca.pem SSL_CERT_FILE={BUILD_DIR}/ca.pem; fi\n"
         "if command -v uv >/dev/null 2>&1; then\n"
@@ -180,13 +283,57 @@ def install_script(resolved: ResolvedEnvironment) -> str:
     )
 
 
-def _install_steps(key: str, resolved: ResolvedEnvironment) -> str:
-    labels = {"amlrun.build_key": key, "amlrun.environment": f"{resolved.name}:{resolved.version}"}
-    return (
-        f"COPY amlrun/ {BUILD_DIR}/\n"
-        f"RUN /bin/sh {BUILD_DIR}/install.sh\n"
-        f"LABEL {' '.join(f'{k}={json.dumps(v)}' for k, v in labels.items())}\n"
-    )
+def build_context(recipe: ImageRecipe, resolved: ResolvedEnvironment, ca_bundle: str | None) -> bytes:
+    """The tar the daemon builds from: the Dockerfile, and for a managed environment the lock, the install
+    script and the CA bundle. Nothing else: a user's Dockerfile cannot COPY files from the worker."""
+    assert recipe.dockerfile is not None
+    files: dict[str, bytes] = {"Dockerfile": recipe.dockerfile.encode()}
+    if resolved.lock is not None and not resolved.user_managed:
+        files["amlrun/lock.txt"] = resolved.lock.encode()
+        files["amlrun/install.sh"] = install_script(resolved).encode()
+        if ca_bundle:
+            files["amlrun/ca.pem"] = Path(ca_bundle).read_bytes()
+    return _tar(files)
+
+
+# on the daemon
+
+
+def check_image(
+    client: APIClient,
+    resolved: ResolvedEnvironment,
+    *,
+    default_image: str = DEFAULT_IMAGE,
+    default_image_base: str = DEFAULT_IMAGE_BASE,
+    daemon: str = "the Docker daemon",
+    environ: Mapping[str, str] | None = None,
+    lock_dir: str | os.PathLike[str] | None = None,
+    output: Callable[[str], None] | None = None,
+) -> None:
+    """Refuse, before a run is recorded, an environment whose image cannot be had on the daemon.
+
+    An image the daemon has costs one inspect call. Otherwise the image it runs as it is, or is built from,
+    must be there or be pulled now (amlrun's default image is built now, on first use), and the index
+    credentials its build needs must be set on the worker; the environment's own build happens when the
+    run starts. Parameters as ``ensure_image``.
+    """
+    recipe = image_recipe(resolved, default_image=default_image)
+    if inspect_image(client, recipe.reference) is not None:
+        return
+    if recipe.credentials:
+        credential_input(recipe.credentials, _credentials(recipe, resolved, environ))
+    source, what = _source(recipe, resolved)
+    if source is not None:
+        provide_image(
+            client,
+            source,
+            what=what,
+            daemon=daemon,
+            default_image=default_image,
+            default_image_base=default_image_base,
+            lock_dir=lock_dir,
+            output=output,
+        )
 
 
 def ensure_image(
@@ -194,8 +341,10 @@ def ensure_image(
     resolved: ResolvedEnvironment,
     *,
     default_image: str = DEFAULT_IMAGE,
+    default_image_base: str = DEFAULT_IMAGE_BASE,
     daemon: str = "the Docker daemon",
     ca_bundle: str | None = None,
+    environ: Mapping[str, str] | None = None,
     lock_dir: str | os.PathLike[str] | None = None,
     output: Callable[[str], None] | None = None,
 ) -> EnvironmentImage:
@@ -206,8 +355,10 @@ def ensure_image(
     :param client: a ``docker.APIClient`` of the daemon.
     :param resolved: the environment pinned for the run.
     :param default_image: the image of an environment that names none.
+    :param default_image_base: the public image an ``amlrun-base`` image is built from where it is missing.
     :param daemon: how to name the daemon in messages (its URL).
     :param ca_bundle: a CA bundle file for pip during the build; default the worker's (``default_ca_bundle``).
+    :param environ: where the values of index credentials are read; default this process's environment.
     :param lock_dir: folder for the per-key file locks that keep this machine from building a key twice.
     :param output: gets each line the build prints.
     """
@@ -215,55 +366,66 @@ def ensure_image(
     found = inspect_image(client, recipe.reference)
     if found is not None:
         return _image(recipe, found)
-    if not recipe.built:
-        return _image(recipe, require_image(client, recipe.reference, daemon=daemon, what=_what(resolved)))
-    if recipe.base_image is not None:
-        require_image(client, recipe.base_image, daemon=daemon, what=f"the base image of {_what(resolved)}")
-    assert recipe.key is not None and recipe.dockerfile is not None
-    if lock_dir is None:
-        return _build(client, recipe, resolved, daemon=daemon, ca_bundle=ca_bundle, output=output)
-    from filelock import FileLock
-
-    Path(lock_dir).mkdir(parents=True, exist_ok=True)
-    with FileLock(str(Path(lock_dir) / f".{recipe.key}.lock"), timeout=BUILD_TIMEOUT_SECONDS):
+    source, what = _source(recipe, resolved)
+    if source is not None:
+        found = provide_image(
+            client,
+            source,
+            what=what,
+            daemon=daemon,
+            default_image=default_image,
+            default_image_base=default_image_base,
+            lock_dir=lock_dir,
+            output=output,
+        )
+        if not recipe.built:
+            return _image(recipe, found)
+    assert recipe.key is not None
+    with _build_lock(lock_dir, recipe.key):
         found = inspect_image(client, recipe.reference)  # built by another process while this one waited
         if found is not None:
             return _image(recipe, found)
-        return _build(client, recipe, resolved, daemon=daemon, ca_bundle=ca_bundle, output=output)
+        return _build(
+            client, recipe, resolved, daemon=daemon, ca_bundle=ca_bundle, environ=environ, output=output
+        )
 
 
-def inspect_image(client: APIClient, reference: str) -> dict[str, Any] | None:
-    """The daemon's record of an image, None when it does not have it."""
-    from docker.errors import ImageNotFound, NotFound
+def provide_image(
+    client: APIClient,
+    reference: str,
+    *,
+    what: str,
+    daemon: str,
+    default_image: str = DEFAULT_IMAGE,
+    default_image_base: str = DEFAULT_IMAGE_BASE,
+    lock_dir: str | os.PathLike[str] | None = None,
+    output: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """An image to run or to build from, on the daemon: there already, built now when it is amlrun's default
+    image, or pulled; otherwise an error naming the image, the daemon and how to provide it.
 
-    try:
-        return dict(client.inspect_image(reference))
-    except (ImageNotFound, NotFound):
-        return None
+    :param what: what the image is, for messages ("environment 'x'").
+    """
+    found = inspect_image(client, reference)
+    if found is not None:
+        return found
+    if is_default_image(reference):
+        return _build_default_image(
+            client, reference, base=default_image_base, daemon=daemon, lock_dir=lock_dir, output=output
+        )
+    if reference == default_image:
+        return _pull_or_fail(
+            client, reference, daemon=daemon, what="the default image", setting=DEFAULT_IMAGE_SETTINGS
+        )
+    return _pull_or_fail(client, reference, daemon=daemon, what=what)
 
 
 def require_image(client: APIClient, reference: str, *, daemon: str, what: str) -> dict[str, Any]:
     """An image the daemon has, or pulls now; otherwise an error naming the image and how to provide it."""
-    from docker.errors import APIError
-
     found = inspect_image(client, reference)
     if found is not None:
         return found
-    repository, tag = _split_reference(reference)
-    try:
-        client.pull(repository, tag=tag)
-    except APIError as err:
-        reason = str(getattr(err, "explanation", None) or err).strip()
-        raise ConfigurationError(
-            f"Image {reference!r} ({what}) is not on the Docker daemon at {daemon}, and pulling it failed: "
-            f"{reason}. Load or build it on that daemon (docker load -i image.tar, docker build -t {reference} "
-            "...), log the daemon in to the registry that has it, or name an image the daemon has (docker "
-            "images) in the environment's docker.base_image."
-        ) from None
-    found = inspect_image(client, reference)
-    if found is None:
-        raise ConfigurationError(f"Image {reference!r} was pulled to {daemon} but cannot be found there.")
-    return found
+    return _pull_or_fail(client, reference, daemon=daemon, what=what)
 
 
 def default_ca_bundle() -> str | None:
@@ -282,26 +444,108 @@ def default_ca_bundle() -> str | None:
     return None
 
 
-def build_context(recipe: ImageRecipe, resolved: ResolvedEnvironment, ca_bundle: str | None) -> bytes:
-    """The tar the daemon builds from: the Dockerfile, and for a managed environment the lock, the install
-    script and the CA bundle. Nothing else: a user's Dockerfile cannot COPY files from the worker."""
-    assert recipe.dockerfile is not None
-    files: dict[str, bytes] = {"Dockerfile": recipe.dockerfile.encode()}
-    if resolved.lock is not None and not resolved.user_managed:
-        files["amlrun/lock.txt"] = resolved.lock.encode()
-        files["amlrun/install.sh"] = install_script(resolved).encode()
-        if ca_bundle:
-            files["amlrun/ca.pem"] = Path(ca_bundle).read_bytes()
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as tar:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            info.mode = 0o644
-            # A fixed time keeps the COPY layer's cache key stable across builds of one key.
-            info.mtime = 0
-            tar.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
+def _source(recipe: ImageRecipe, resolved: ResolvedEnvironment) -> tuple[str | None, str]:
+    """The image the daemon must have before the recipe's image can be had, and what it is."""
+    if not recipe.built:
+        return recipe.reference, _what(resolved)
+    return recipe.base_image, f"the base image of {_what(resolved)}"
+
+
+def _pull_or_fail(
+    client: APIClient,
+    reference: str,
+    *,
+    daemon: str,
+    what: str,
+    setting: str = "the environment's docker.base_image",
+) -> dict[str, Any]:
+    reason = docker_build.pull(client, reference)
+    found = inspect_image(client, reference) if reason is None else None
+    if found is None:
+        raise ConfigurationError(
+            f"Image {reference!r} ({what}) is not on the Docker daemon at {daemon}, and pulling it failed: "
+            f"{reason or 'the daemon reported no error, but does not have it'}. Load or build it on that daemon "
+            f"(docker load -i image.tar, docker build -t {reference} ...), log the daemon in to the registry that "
+            f"has it, or name an image the daemon has (docker images) in {setting}."
+        )
+    return found
+
+
+def _build_default_image(
+    client: APIClient,
+    reference: str,
+    *,
+    base: str,
+    daemon: str,
+    lock_dir: str | os.PathLike[str] | None,
+    output: Callable[[str], None] | None,
+) -> dict[str, Any]:
+    """Build amlrun's default image, missing on the daemon, from the public Python image."""
+    if not base:
+        raise ConfigurationError(
+            _default_image_missing(
+                reference,
+                base,
+                daemon,
+                f"building it is switched off ({DEFAULT_IMAGE_BASE_SETTINGS} is empty)",
+            )
+        )
+    recipe = default_image_recipe(reference, base)
+    assert recipe.key is not None and recipe.dockerfile is not None
+    say = output or (lambda line: None)
+    with _build_lock(lock_dir, recipe.key):
+        found = inspect_image(client, reference)  # built by another process while this one waited
+        if found is not None:
+            return found
+        if inspect_image(client, base) is None:
+            reason = docker_build.pull(client, base)
+            if reason is not None or inspect_image(client, base) is None:
+                reason = reason or "the daemon reported no error, but does not have it"
+                raise ConfigurationError(
+                    _default_image_missing(
+                        reference,
+                        base,
+                        daemon,
+                        f"its base {base!r} is not there, and pulling it failed: {reason}",
+                    )
+                )
+        started = time.monotonic()
+        say(
+            f"Building the default image {reference} from {base} on {daemon}: the daemon does not have it yet"
+        )
+        docker_build.build(
+            client,
+            _tar({"Dockerfile": recipe.dockerfile.encode()}),
+            tag=reference,
+            subject=f"the default image {reference}",
+            key=recipe.key,
+            daemon=daemon,
+            say=say,
+        )
+        found = inspect_image(client, reference)
+        if found is None:
+            raise EnvironmentBuildError(
+                f"Building the default image {reference} on {daemon} ended without an image; see the build output "
+                "above.",
+                build_key=recipe.key,
+                output="",
+            )
+        say(f"Built the default image {reference} in {time.monotonic() - started:.1f} s")
+        return found
+
+
+def _default_image_missing(reference: str, base: str, daemon: str, reason: str) -> str:
+    return (
+        f"The default image {reference!r} is not on the Docker daemon at {daemon}, and it cannot be built there: "
+        f"{reason}. Provide it on that daemon: docker load it from a machine that has it (docker save {reference} "
+        f"| docker -H {daemon} load), or run scripts/docker.sh on the daemon's machine (it makes {DEFAULT_IMAGE} "
+        f"from Debian packages); or let the daemon pull {base or DEFAULT_IMAGE_BASE!r}, or point "
+        f"{DEFAULT_IMAGE_BASE_SETTINGS} at a Python image it has; or name another default image in "
+        f"{DEFAULT_IMAGE_SETTINGS}, or give the environment a docker.base_image."
+    )
+
+
+# building
 
 
 def _build(
@@ -311,62 +555,72 @@ def _build(
     *,
     daemon: str,
     ca_bundle: str | None,
+    environ: Mapping[str, str] | None,
     output: Callable[[str], None] | None,
 ) -> EnvironmentImage:
-    from docker.errors import APIError
-
     assert recipe.key is not None
+    # Credentials are read first: a missing one fails before anything is built.
+    values = _credentials(recipe, resolved, environ) if recipe.credentials else {}
+    stdin = credential_input(recipe.credentials, values)
     context = build_context(recipe, resolved, ca_bundle if ca_bundle is not None else default_ca_bundle())
     started = time.monotonic()
-    step: list[str] = []
     say = output or (lambda line: None)
+    subject = f"image {recipe.reference} of environment {resolved.name!r} version {resolved.version}"
     say(f"Building image {recipe.reference} of environment {resolved.name}:{resolved.version} on {daemon}")
-    try:
-        stream = client.build(
-            fileobj=io.BytesIO(context),
-            custom_context=True,
-            tag=recipe.reference,
-            rm=True,
-            forcerm=True,
-            pull=False,
-            network_mode="host",
-            decode=True,
-            timeout=BUILD_TIMEOUT_SECONDS,
+    if not recipe.credentials:
+        docker_build.build(
+            client, context, tag=recipe.reference, subject=subject, key=recipe.key, daemon=daemon, say=say
         )
-        for event in stream:
-            if "error" in event or "errorDetail" in event:
-                detail = event.get("errorDetail", {}).get("message") or event.get("error", "")
-                shown = "\n".join(f"  | {line}" for line in step[-FAILED_STEP_LINES:])
-                raise EnvironmentBuildError(
-                    f"Building image {recipe.reference} of environment {resolved.name!r} version "
-                    f"{resolved.version} on {daemon} failed: {str(detail).strip()}\nThe failing step and its "
-                    f"output:\n{shown}",
-                    build_key=recipe.key,
-                    output="\n".join(step),
-                )
-            # The legacy builder colours a step's stderr; the task log wants plain text.
-            for line in _ANSI.sub("", str(event.get("stream", ""))).splitlines():
-                if line.startswith("Step "):
-                    step = []
-                if line.strip():
-                    step.append(line)
-                    say(line)
-    except APIError as err:
-        raise EnvironmentBuildError(
-            f"The Docker daemon at {daemon} refused to build image {recipe.reference} of environment "
-            f"{resolved.name!r}: {getattr(err, 'explanation', None) or err}",
-            build_key=recipe.key,
-            output="",
-        ) from None
+    else:
+        listed = ", ".join(f"${{{name}}}" for name in recipe.credentials)
+        say(f"The install step gets {listed} on its input, and keeps them out of the image")
+        stage = docker_build.build(
+            client, context, tag=None, subject=subject, key=recipe.key, daemon=daemon, say=say
+        )
+        docker_build.commit_install(
+            client,
+            stage,
+            command=["/bin/sh", f"{BUILD_DIR}/install.sh"],
+            stdin=stdin,
+            tag=recipe.reference,
+            labels=recipe.labels,
+            message=f"amlrun: installed the lock of {resolved.name}:{resolved.version} into {VENV}",
+            hide=list(values.values()),
+            subject=subject,
+            key=recipe.key,
+            daemon=daemon,
+            say=say,
+        )
     found = inspect_image(client, recipe.reference)
     if found is None:
         raise EnvironmentBuildError(
             f"Building image {recipe.reference} on {daemon} ended without an image; see the build output above.",
             build_key=recipe.key,
-            output="\n".join(step),
+            output="",
         )
     say(f"Built image {recipe.reference} in {time.monotonic() - started:.1f} s")
     return _image(recipe, found, built_now=True)
+
+
+@contextlib.contextmanager
+def _build_lock(lock_dir: str | os.PathLike[str] | None, key: str) -> Iterator[None]:
+    """Held while this machine builds a key, so that two runs here do not build it twice at once."""
+    if lock_dir is None:
+        yield
+        return
+    from filelock import FileLock
+
+    Path(lock_dir).mkdir(parents=True, exist_ok=True)
+    with FileLock(str(Path(lock_dir) / f".{key}.lock"), timeout=BUILD_TIMEOUT_SECONDS):
+        yield
+
+
+def _credentials(
+    recipe: ImageRecipe, resolved: ResolvedEnvironment, environ: Mapping[str, str] | None
+) -> dict[str, str]:
+    return credential_values(
+        recipe.credentials, what=f"Building image {recipe.reference} of {_what(resolved)}", environ=environ
+    )
 
 
 def _image(recipe: ImageRecipe, found: dict[str, Any], built_now: bool = False) -> EnvironmentImage:
@@ -385,13 +639,21 @@ def _what(resolved: ResolvedEnvironment) -> str:
     return f"environment {resolved.name!r}"
 
 
-def _split_reference(reference: str) -> tuple[str, str | None]:
-    if "@" in reference:
-        return reference, None
-    name, _, tag = reference.rpartition(":")
-    if name and "/" not in tag:
-        return name, tag
-    return reference, "latest"
+def _label_step(labels: Mapping[str, str]) -> str:
+    return f"LABEL {' '.join(f'{k}={json.dumps(v)}' for k, v in labels.items())}\n"
+
+
+def _tar(files: Mapping[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mode = 0o644
+            # A fixed time keeps the COPY layer's cache key stable across builds of one key.
+            info.mtime = 0
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
 
 
 def _hash(data: dict[str, Any]) -> str:

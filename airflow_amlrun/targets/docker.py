@@ -48,11 +48,10 @@ from airflow_amlrun import run_context
 from airflow_amlrun.config import load_settings, parse_flag
 from airflow_amlrun.environment.build_image import (
     DEFAULT_IMAGE,
+    DEFAULT_IMAGE_BASE,
     EnvironmentImage,
+    check_image,
     ensure_image,
-    image_recipe,
-    inspect_image,
-    require_image,
 )
 from airflow_amlrun.errors import ConfigurationError
 from airflow_amlrun.hooks.docker import DockerDaemon, DockerDaemonUnreachableError
@@ -112,6 +111,9 @@ class DockerOptions:
         for ``docker inspect`` / ``docker logs``.
     :param default_image: image of a run whose environment names none (default ``[amlrun]
         docker_default_image``, else ``amlrun-base:py3.11``).
+    :param default_image_base: public Python image from which a daemon that lacks the default image (an
+        ``amlrun-base`` image) builds it on first use (default ``[amlrun] docker_default_image_base``, else
+        ``python:3.11-slim``); empty: never build it.
 
     Privileged containers are not offered.
     """
@@ -124,6 +126,7 @@ class DockerOptions:
     user: str | None = None
     auto_remove: bool = True
     default_image: str = DEFAULT_IMAGE
+    default_image_base: str = DEFAULT_IMAGE_BASE
 
     @classmethod
     def from_mapping(cls, values: dict[str, Any], *, where: str) -> DockerOptions:
@@ -146,7 +149,11 @@ class DockerOptions:
             raise ConfigurationError(
                 f"{where}: unknown Docker option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}."
             )
-        parsed: dict[str, Any] = {"default_image": load_settings().docker_default_image}
+        settings = load_settings()
+        parsed: dict[str, Any] = {
+            "default_image": settings.docker_default_image,
+            "default_image_base": settings.docker_default_image_base,
+        }
         for name, value in values.items():
             if value is None or value == "":
                 continue
@@ -244,14 +251,15 @@ class DockerTarget:
 
     def check(self, job: Job) -> None:
         client = self.client  # an unreachable daemon fails here, before the run is recorded
-        recipe = image_recipe(job.environment, default_image=self.options.default_image)
-        what = f"environment {job.environment.name!r}"
-        if not recipe.built:
-            require_image(client, recipe.reference, daemon=self.daemon.base_url, what=what)
-        elif recipe.base_image is not None and inspect_image(client, recipe.reference) is None:
-            require_image(
-                client, recipe.base_image, daemon=self.daemon.base_url, what=f"the base image of {what}"
-            )
+        check_image(
+            client,
+            job.environment,
+            default_image=self.options.default_image,
+            default_image_base=self.options.default_image_base,
+            daemon=self.daemon.base_url,
+            lock_dir=self.cache_dir / "docker-builds",
+            output=lambda line: log.info("%s", line),
+        )
 
     def prepare(self, job: Job, code: CodeSource) -> None:
         run_dir = self.run_dir(job.run_id)
@@ -429,6 +437,7 @@ class DockerTarget:
             self.client,
             job.environment,
             default_image=self.options.default_image,
+            default_image_base=self.options.default_image_base,
             daemon=self.daemon.base_url,
             lock_dir=self.cache_dir / "docker-builds",
             output=lambda line: log.info("%s", line),
