@@ -230,7 +230,7 @@ def credential_input(names: Sequence[str], values: Mapping[str, str]) -> bytes:
 
 
 def install_script(resolved: ResolvedEnvironment) -> str:
-    """The shell script that installs a lock into the image's virtualenv (run as the image's user, root by default)."""
+    """The shell script that installs a lock into the image's virtualenv (run as the image's user)."""
     spec = resolved.spec
     lock = resolved.lock or ""
     base_python = shlex.quote(spec.python.interpreter_path or "python3")

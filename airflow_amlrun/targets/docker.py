@@ -113,7 +113,7 @@ class DockerOptions:
         docker_default_image``, else ``amlrun-base:py3.11``).
     :param default_image_base: public Python image from which a daemon that lacks the default image (an
         ``amlrun-base`` image) builds it on first use (default ``[amlrun] docker_default_image_base``, else
-        ``python:3.11-slim``); empty: never build it.
+        ``python:3.11-slim``).
 
     Privileged containers are not offered.
     """
