@@ -101,7 +101,8 @@ class ImageRecipe:
     :param python: the interpreter that runs the script inside the image.
     :param key: the build key (None when nothing is built).
     :param credentials: the variables (``${VAR}`` of the index URLs) the install needs; when there are any,
-        ``dockerfile`` only stages the build files, and the install runs in a container that is committed.
+        ``dockerfile`` only stages the build files (no RUN), and the install runs in a container that is
+        committed.
     :param labels: what the built image is labelled with, beside its base's labels.
     """
 
@@ -162,10 +163,10 @@ def image_recipe(resolved: ResolvedEnvironment, *, default_image: str = DEFAULT_
     head = spec.docker.dockerfile if spec.docker.dockerfile else f"FROM {base}\n"
     labels = {"amlrun.build_key": key, "amlrun.environment": f"{resolved.name}:{resolved.version}"}
     credentials = tuple(install_credentials(resolved))
-    steps = f"COPY amlrun/ {BUILD_DIR}/\n"
-    if not credentials:
-        # With credentials the install cannot be a build step (see the module's docstring).
-        steps += f"RUN /bin/sh {BUILD_DIR}/install.sh\n{_label_step(labels)}"
+    # With credentials the install cannot be a build step (see the module's docstring); the stage is labelled
+    # all the same, so that a stage left by a failed install is found by its build key.
+    install = "" if credentials else f"RUN /bin/sh {BUILD_DIR}/install.sh\n"
+    steps = f"COPY amlrun/ {BUILD_DIR}/\n{install}{_label_step(labels)}"
     return ImageRecipe(
         reference=f"{REPOSITORY}:{key[:32]}",
         base_image=base,

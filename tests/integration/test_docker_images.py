@@ -288,11 +288,14 @@ def test_an_install_the_index_refuses_on_a_remote_daemon_leaves_no_image_no_cont
     assert "the install step exited with code 1" in message
     assert "No matching distribution found for amlrun-private-pkg" in message  # pip's own words
     assert (f"/simple/{PACKAGE}/", False) in index.requests  # the wrong token reached pip, and the index
+    labelled = {"label": f"amlrun.build_key={image_recipe(env).key}"}
+    stages = docker_env.images(all=True, filters=labelled)
+    for stage in stages:  # left untagged, as build cache, as docker build leaves the steps it made
+        docker_env.remove_image(stage["Id"])
+    assert [stage["RepoTags"] for stage in stages] in ([], [None], [["<none>:<none>"]])
     with pytest.raises(docker.errors.ImageNotFound):
         docker_env.inspect_image(reference)
-    assert (
-        docker_env.containers(all=True, filters={"label": f"amlrun.build_key={image_recipe(env).key}"}) == []
-    )
+    assert docker_env.containers(all=True, filters=labelled) == []
     for form in forms_of(wrong):
         assert form.decode() not in message + "\n".join(lines) + raised.value.output
 

@@ -52,7 +52,10 @@ def test_an_environment_on_a_password_protected_index_installs_outside_docker_bu
     recipe = image_recipe(locked(extra=[MIRROR]))
 
     assert recipe.credentials == ("INDEX_TOKEN", "MIRROR_TOKEN")
-    assert recipe.dockerfile == f"FROM {DEFAULT_IMAGE}\nCOPY amlrun/ /opt/amlrun/build/\n"  # no RUN, no LABEL
+    assert recipe.dockerfile == (
+        f"FROM {DEFAULT_IMAGE}\nCOPY amlrun/ /opt/amlrun/build/\n"  # no RUN: the install is not a build step
+        f'LABEL amlrun.build_key="{recipe.key}" amlrun.environment="train:3"\n'
+    )
     assert recipe.labels == {"amlrun.build_key": recipe.key, "amlrun.environment": "train:3"}
 
 
