@@ -88,6 +88,8 @@ def snapshot_code(
         stat_cache_path=workspace.cache_dir / "snapshot-stat.sqlite",
         max_total_bytes=max_bytes,
         max_files=config.snapshot_max_files or settings.snapshot_max_files,
+        # A script the ignore rules leave out would be missing from the run directory: refuse it now.
+        required={config.script: "the run's script"} if config.script else None,
     )
     for warning in result.warnings:
         log.warning("%s", warning)

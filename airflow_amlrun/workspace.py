@@ -109,15 +109,19 @@ class Workspace:
         """
         from airflow_amlrun.history import RunNotFoundError
         from airflow_amlrun.snapshot import restore_snapshot
+        from airflow_amlrun.snapshot.manifest import is_digest
 
         snapshot_id = run_or_snapshot_id
         try:
             run = self.history.get_run(run_or_snapshot_id)
         except RunNotFoundError:
-            if not self.store.has_manifest(run_or_snapshot_id):
-                raise ConfigurationError(
-                    f"{run_or_snapshot_id!r} is neither a run in {self.history.url_for_display} nor a snapshot "
-                    f"in the store {self.store_url}: give a run id (amlrun runs list) or a snapshot id."
+            # Only a well-formed digest can name a snapshot; anything else was meant as a run id.
+            if not is_digest(run_or_snapshot_id) or not self.store.has_manifest(run_or_snapshot_id):
+                raise RunNotFoundError(
+                    f"No run or snapshot {run_or_snapshot_id!r} in the run history "
+                    f"{self.history.url_for_display} or the store {self.store_url}. List the runs with "
+                    "`amlrun runs list` (or Workspace.list_runs()) and give a run id, or a snapshot id "
+                    "(64 hex characters) from a run's snapshot_id."
                 ) from None
         else:
             if run.snapshot_id is None:

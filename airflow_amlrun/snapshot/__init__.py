@@ -6,6 +6,7 @@ from airflow_amlrun.snapshot.errors import (
     BlobCorruptError,
     BlobMissingError,
     DestinationNotEmptyError,
+    ExcludedFileError,
     InvalidKeyError,
     SizeOffender,
     SnapshotError,
@@ -13,6 +14,7 @@ from airflow_amlrun.snapshot.errors import (
     SnapshotTooLargeError,
     SourceChangedError,
     SourceDirectoryError,
+    SourceUnreadableError,
     UnsafeManifestError,
 )
 from airflow_amlrun.snapshot.git import GitInfo, read_git_info, strip_credentials
@@ -37,6 +39,7 @@ __all__ = [
     "BlobMissingError",
     "BlobStore",
     "DestinationNotEmptyError",
+    "ExcludedFileError",
     "GitInfo",
     "IgnoreMatcher",
     "InvalidKeyError",
@@ -50,6 +53,7 @@ __all__ = [
     "SnapshotTooLargeError",
     "SourceChangedError",
     "SourceDirectoryError",
+    "SourceUnreadableError",
     "UnsafeManifestError",
     "check_limits",
     "hash_bytes",

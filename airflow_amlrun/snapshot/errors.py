@@ -19,6 +19,14 @@ class SourceChangedError(SnapshotError):
     """A file kept changing while it was being snapshotted."""
 
 
+class SourceUnreadableError(SnapshotError):
+    """A file listed in the source directory could not be read: it vanished, or it is not readable."""
+
+
+class ExcludedFileError(SnapshotError, ValueError):
+    """A file the run needs (its script) is left out of the snapshot by an ignore rule; nothing was stored."""
+
+
 class InvalidKeyError(SnapshotError):
     """A digest or store key is malformed (and could otherwise address a path outside the store)."""
 

@@ -101,6 +101,15 @@ class IgnoreMatcher:
                 return rule
         return None
 
+    def exclusion(self, rel_path: str, is_dir: bool, *, is_virtualenv: bool = False) -> Exclusion | None:
+        """Why ``rel_path`` is left out (the rule, or the default that excludes it), or None if it is not."""
+        if posixpath.basename(rel_path) != ".git":
+            rule = self.decide(rel_path, is_dir)
+            if rule is not None:
+                return None if rule.negated else Exclusion(rel_path, is_dir, rule=rule)
+        reason = default_exclusion_reason(rel_path, is_dir, is_virtualenv=is_virtualenv)
+        return None if reason is None else Exclusion(rel_path, is_dir, default=reason)
+
     def is_excluded(self, rel_path: str, is_dir: bool, *, is_virtualenv: bool = False) -> bool:
         """Whether ``rel_path`` is left out: ignore files first, then the default excludes.
 
@@ -113,6 +122,47 @@ class IgnoreMatcher:
         if rule is not None:
             return not rule.negated
         return is_default_excluded(rel_path, is_dir, is_virtualenv=is_virtualenv)
+
+
+@dataclass(frozen=True)
+class Exclusion:
+    """What leaves a path out of a snapshot: a line of an ignore file, or one of the default excludes.
+
+    :param path: the excluded path (a file, or the folder holding it), relative to the root.
+    :param is_dir: whether ``path`` is a folder.
+    :param rule: the ignore-file line that excludes it.
+    :param default: why the default excludes leave it out, when no line decides.
+    """
+
+    path: str
+    is_dir: bool
+    rule: IgnoreRule | None = None
+    default: str | None = None
+
+    def describe(self) -> str:
+        """Which rule excludes the path, as a message names it."""
+        shown = self.path + ("/" if self.is_dir else "")
+        if self.rule is not None:
+            return (
+                f"line {self.rule.line} of {self.rule.source} ({self.rule.text!r}), which matches {shown!r}"
+            )
+        return f"default: {self.default}"
+
+
+def default_exclusion_reason(rel_path: str, is_dir: bool, *, is_virtualenv: bool = False) -> str | None:
+    """Why the default excludes leave a path out, or None if they do not."""
+    name = posixpath.basename(rel_path)
+    if name == ".git":
+        return "'.git' is never part of a snapshot"
+    if not is_dir:
+        return None
+    if is_virtualenv:
+        return f"{rel_path + '/'!r} is a virtualenv (it holds pyvenv.cfg)"
+    if name in DEFAULT_EXCLUDED_DIR_NAMES:
+        return f"{name + '/'!r} folders are left out unless an ignore file re-includes them"
+    if "/" not in rel_path and name in DEFAULT_EXCLUDED_ROOT_DIRS:
+        return f"the root's {name + '/'!r} folder is where a run writes its own {name}"
+    return None
 
 
 def is_default_excluded(rel_path: str, is_dir: bool, *, is_virtualenv: bool = False) -> bool:

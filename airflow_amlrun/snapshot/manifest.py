@@ -22,6 +22,11 @@ def hash_bytes(data: bytes) -> str:
     return blake3.blake3(data).hexdigest()
 
 
+def is_digest(value: object) -> bool:
+    """Whether ``value`` has the form of a digest (a lowercase 64-hex BLAKE3 hash)."""
+    return isinstance(value, str) and _DIGEST_RE.fullmatch(value) is not None
+
+
 def check_digest(digest: str) -> str:
     """Return ``digest`` if it is a lowercase 64-hex BLAKE3 digest; raise otherwise."""
     if not isinstance(digest, str) or _DIGEST_RE.fullmatch(digest) is None:

@@ -7,21 +7,26 @@ import os
 import posixpath
 import time
 from collections import defaultdict
+from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import blake3
 
 from airflow_amlrun.snapshot.errors import (
+    BlobCorruptError,
+    ExcludedFileError,
     SizeOffender,
     SnapshotTooLargeError,
     SourceChangedError,
+    SourceUnreadableError,
 )
 from airflow_amlrun.snapshot.ignore import AMLIGNORE, ignore_line_for
 from airflow_amlrun.snapshot.manifest import Snapshot, SnapshotEntry
 from airflow_amlrun.snapshot.statcache import StatCache, StatKey
 from airflow_amlrun.snapshot.store import BlobStore
-from airflow_amlrun.snapshot.walk import ScannedFile, ScanResult, normalize_mode, scan_tree
+from airflow_amlrun.snapshot.walk import ScannedFile, ScanResult, find_exclusion, normalize_mode, scan_tree
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +91,7 @@ def take_snapshot(
     max_total_bytes: int = DEFAULT_MAX_TOTAL_BYTES,
     max_files: int = DEFAULT_MAX_FILES,
     max_workers: int | None = None,
+    required: Mapping[str, str] | None = None,
 ) -> SnapshotResult:
     """Snapshot ``source_dir`` into ``store``, writing only blobs the store lacks.
 
@@ -96,10 +102,16 @@ def take_snapshot(
     :param max_total_bytes: fail (before storing anything) if the included files are larger.
     :param max_files: fail (before storing anything) if more files are included.
     :param max_workers: threads for hashing; defaults to the CPU count (2 to 8).
+    :param required: paths (relative to ``source_dir``) the snapshot must hold, each with what it is for
+        the message (``{"train.py": "the run's script"}``); checked before anything is read or stored.
+    :raises ExcludedFileError: a required path is left out, naming the ignore line that excludes it.
     :raises SnapshotTooLargeError: a limit is exceeded; the message names what to exclude.
+    :raises SourceUnreadableError: a listed file vanished or cannot be read; the message names it.
     """
     started_ns = time.time_ns()
     scan = scan_tree(source_dir)
+    for path, what in (required or {}).items():
+        check_included(scan, path, what)
     check_limits(scan, max_total_bytes=max_total_bytes, max_files=max_files)
     warnings = list(scan.warnings)
     cache = StatCache(stat_cache_path, scan.root) if stat_cache_path is not None else None
@@ -121,12 +133,15 @@ def take_snapshot(
         return True
 
     def hash_one(i: int) -> tuple[int, ScannedFile, str]:
-        with open(files[i].source, "rb") as src:
-            scanned, digest = _hash_stable(files[i], src.fileno())
+        with _open_source(files[i], scan) as src:
+            try:
+                scanned, digest = _hash_stable(files[i], src.fileno())
+            except OSError as exc:
+                raise _unreadable(files[i], scan, exc) from None
         return i, scanned, digest
 
     def store_one(digest: str, f: ScannedFile) -> int | None:
-        return _store_blob(store, digest, f)
+        return _store_blob(store, digest, f, scan)
 
     # Hashing runs on a pool while blobs are written as soon as their digest is known, with the
     # page cache still hot. Local file creation scales poorly across threads, so a few writers
@@ -192,7 +207,7 @@ def take_snapshot(
 
 
 def _stat_key(f: ScannedFile) -> StatKey:
-    return StatKey(size=f.size, mtime_ns=f.mtime_ns, inode=f.inode)
+    return StatKey(size=f.size, mtime_ns=f.mtime_ns, ctime_ns=f.ctime_ns, inode=f.inode)
 
 
 def _with_stat(f: ScannedFile, st: os.stat_result) -> ScannedFile:
@@ -202,6 +217,7 @@ def _with_stat(f: ScannedFile, st: os.stat_result) -> ScannedFile:
         size=st.st_size,
         mode=normalize_mode(st.st_mode),
         mtime_ns=st.st_mtime_ns,
+        ctime_ns=st.st_ctime_ns,
         inode=st.st_ino,
         device=st.st_dev,
     )
@@ -229,21 +245,134 @@ def _hash_stable(f: ScannedFile, fd: int) -> tuple[ScannedFile, str]:
     raise _changed(f)
 
 
-def _store_blob(store: BlobStore, digest: str, f: ScannedFile) -> int | None:
+def _store_blob(store: BlobStore, digest: str, f: ScannedFile, scan: ScanResult) -> int | None:
     """Store one blob unless present; the bytes written, or ``None`` if it was there."""
     if store.has(digest):
         return None
-    with open(f.source, "rb") as src:
+    with _open_source(f, scan) as src:
         fd = src.fileno()
 
-        # The bytes copied must be the bytes hashed: same inode, size and mtime as when hashed,
+        # The bytes copied must be the bytes hashed: same inode, size and times as when hashed,
         # both when the copy starts and when it is about to be published.
         def unchanged() -> None:
             if _stat_key(_with_stat(f, os.fstat(fd))) != _stat_key(f):
                 raise _changed(f)
 
         unchanged()
-        return store.put_fd(digest, fd, before_publish=unchanged)
+        try:
+            return store.put_fd(digest, fd, size=f.size, before_publish=unchanged)
+        except (SourceChangedError, BlobCorruptError) as err:
+            # The store refused a copy that differs from what was hashed (another length, other bytes):
+            # say which file it was. The check above already names it.
+            if isinstance(err, SourceChangedError) and err.args == _changed(f).args:
+                raise
+            raise SourceChangedError(
+                f"File {f.path!r} in source directory {scan.root!r}: {err} Stop the process writing it, or "
+                f'add "{ignore_line_for(f.path, False)}" to {_ignore_file(scan)} if the run does not need it; '
+                "then submit again."
+            ) from None
+
+
+def _open_source(f: ScannedFile, scan: ScanResult) -> BinaryIO:
+    """Open a scanned file for reading; one that vanished or cannot be read is an error naming it."""
+    try:
+        # Non-blocking: should a FIFO have replaced the file since the scan, opening it must not hang.
+        return open(f.source, "rb", opener=_nonblocking)
+    except OSError as exc:
+        raise _unreadable(f, scan, exc) from None
+
+
+def _nonblocking(path: str, flags: int) -> int:
+    return os.open(path, flags | os.O_NONBLOCK)
+
+
+def _unreadable(f: ScannedFile, scan: ScanResult, exc: OSError) -> SourceUnreadableError:
+    shown = f.path if f.source == os.path.join(scan.root, *f.path.split("/")) else f"{f.path} -> {f.source}"
+    exclude = f'add "{ignore_line_for(f.path, False)}" to {_ignore_file(scan)}'
+    if isinstance(exc, FileNotFoundError):
+        problem = "was listed, then deleted or renamed before it could be read"
+        fix = f"If a process writes or removes files there, stop it or {exclude}; then submit again."
+    elif isinstance(exc, PermissionError):
+        problem = f"cannot be read by this process (user id {os.getuid()}): permission denied"
+        fix = f"Make it readable (chmod a+r), or {exclude} if the run does not need it."
+    else:
+        problem = f"cannot be read ({exc.strerror or exc})"
+        fix = f"Check the file and its disk, or {exclude} if the run does not need it."
+    return SourceUnreadableError(
+        f"File {shown!r} in source directory {scan.root!r} {problem}. Nothing was recorded. {fix}"
+    )
+
+
+def _ignore_file(scan: ScanResult) -> str:
+    return AMLIGNORE if scan.ignore_file == AMLIGNORE else "the root .gitignore"
+
+
+def check_included(scan: ScanResult, path: str, what: str) -> None:
+    """Raise :class:`ExcludedFileError` unless the scan holds ``path`` (as a file, or through a link).
+
+    :param scan: the scan of the source directory.
+    :param path: the path relative to the scanned root.
+    :param what: what the path is for, as the message names it (``"the run's script"``).
+    """
+    rel = posixpath.normpath(path.replace(os.sep, "/"))
+    if _holds(scan, rel):
+        return
+    exclusion = find_exclusion(scan.root, rel)
+    if exclusion is None:
+        related = [w for w in scan.warnings if any(part in w for part in _prefixes(rel))]
+        detail = f" The scan said: {' '.join(related)}" if related else ""
+        raise ExcludedFileError(
+            f"{what.capitalize()} {rel!r} is not in the snapshot of {scan.root!r}, so the run would not "
+            f"find it.{detail} Nothing was stored or recorded."
+        )
+    if exclusion.rule is not None:
+        if exclusion.is_dir:
+            fix = (
+                f"Remove or narrow that line, or re-include the folder with "
+                f'"!{ignore_line_for(exclusion.path, True)}" after it in {exclusion.rule.source} (git cannot '
+                "re-include a file inside an excluded folder)."
+            )
+        else:
+            fix = (
+                f'Remove or narrow that line, or re-include the file with "!{ignore_line_for(rel, False)}" '
+                f"after it in {exclusion.rule.source}."
+            )
+    else:
+        fix = (
+            f"Move it out of {exclusion.path + '/'!r}, or re-include that folder with "
+            f'"!{ignore_line_for(exclusion.path, True)}" in {_ignore_file(scan)}.'
+        )
+    raise ExcludedFileError(
+        f"{what.capitalize()} {rel!r} is excluded from the snapshot of {scan.root!r} by "
+        f"{exclusion.describe()}, so the run would not find it. Nothing was stored or recorded. {fix}"
+    )
+
+
+def _holds(scan: ScanResult, rel: str) -> bool:
+    files = {f.path for f in scan.files}
+    links = {link.path: link.target for link in scan.links}
+    # A path through links kept as links: follow them as the run directory will (bounded, like the OS).
+    for _ in range(40):
+        if rel in files:
+            return True
+        if rel in links:
+            rel = posixpath.normpath(posixpath.join(posixpath.dirname(rel), links[rel]))
+            continue
+        parts = rel.split("/")
+        for i in range(1, len(parts)):
+            prefix = "/".join(parts[:i])
+            if prefix in links:
+                target = posixpath.join(posixpath.dirname(prefix), links[prefix], *parts[i:])
+                rel = posixpath.normpath(target)
+                break
+        else:
+            return False
+    return False
+
+
+def _prefixes(rel: str) -> list[str]:
+    parts = rel.split("/")
+    return [repr("/".join(parts[: i + 1])) for i in range(len(parts))]
 
 
 def check_limits(scan: ScanResult, *, max_total_bytes: int, max_files: int) -> None:

@@ -1,4 +1,7 @@
-"""A persistent stat cache so an unchanged file is not re-read: (path, size, mtime_ns, inode) -> digest.
+"""A persistent stat cache so an unchanged file is not re-read: (path, size, mtime, ctime, inode) -> digest.
+
+The ctime is part of the key because a process can put a file's old mtime back after changing it
+(``touch -d``, ``os.utime``, an unpacking tool), but nothing can set the ctime: any such change moves it.
 
 SQLite in WAL mode makes the cache safe to share between processes; each snapshot replaces its root's
 rows in one transaction. The cache is advisory: if it cannot be opened or written, snapshots still work
@@ -17,8 +20,9 @@ from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
 
-# A file modified within this window of being hashed may change again within the same mtime tick
-# without its stat data changing ("racy git"); such entries are not trusted on the next snapshot.
+# A file modified within this window of being hashed may change again within the same timestamp tick
+# without its stat data changing ("racy git"); such entries are not trusted on the next snapshot. Both
+# times count: a change of content with the old mtime put back leaves only a recent ctime.
 RACY_WINDOW_NS = 1_000_000_000
 
 _SCHEMA = """
@@ -38,11 +42,17 @@ class StatKey:
 
     size: int
     mtime_ns: int
+    ctime_ns: int
     inode: int
 
     def stamp(self) -> str:
         """The key as stored (text, since inode numbers may exceed SQLite's signed 64-bit integers)."""
-        return f"{self.size}:{self.mtime_ns}:{self.inode}"
+        return f"{self.size}:{self.mtime_ns}:{self.ctime_ns}:{self.inode}"
+
+    @property
+    def changed_ns(self) -> int:
+        """When the file last changed, by either of its times."""
+        return max(self.mtime_ns, self.ctime_ns)
 
 
 class StatCache:
@@ -72,7 +82,7 @@ class StatCache:
     def save(self, entries: Iterable[tuple[str, StatKey, str]], *, now_ns: int | None = None) -> None:
         """Replace this root's rows with ``(path, stat key, digest)``, skipping racily-recent files."""
         cutoff = (time.time_ns() if now_ns is None else now_ns) - RACY_WINDOW_NS
-        rows = [(self.root, p, k.stamp(), d) for p, k, d in entries if k.mtime_ns < cutoff]
+        rows = [(self.root, p, k.stamp(), d) for p, k, d in entries if k.changed_ns < cutoff]
         try:
             with contextlib.closing(self._connect()) as conn:
                 conn.execute("BEGIN IMMEDIATE")

@@ -33,6 +33,7 @@ from airflow_amlrun.snapshot.errors import (
     BlobMissingError,
     InvalidKeyError,
     SnapshotNotFoundError,
+    SourceChangedError,
 )
 from airflow_amlrun.snapshot.manifest import Snapshot, check_digest, hash_bytes
 
@@ -128,17 +129,20 @@ class BlobStore:
         path: str | os.PathLike[str],
         *,
         verify: bool = False,
+        size: int | None = None,
         before_publish: Callable[[], None] | None = None,
     ) -> int:
         """Store the content of ``path`` as blob ``digest``; returns bytes written (0 if already present).
 
         :param verify: hash the content while copying and refuse it if it does not match ``digest``.
-            Uploads to a remote store are always verified: they go straight to their final name.
+            Uploads to a remote store, and copies that pass through user space anyway, are always verified.
+        :param size: the size the caller saw when it hashed the content; a copy of another length is
+            refused (:class:`SourceChangedError`) and never published.
         :param before_publish: called after the copy and before the blob gets its final name; raising
             there discards the copy (the snapshot uses it to check that the source did not change).
         """
         with open(path, "rb") as src:
-            return self.put_fd(digest, src.fileno(), verify=verify, before_publish=before_publish)
+            return self.put_fd(digest, src.fileno(), verify=verify, size=size, before_publish=before_publish)
 
     def put_fd(
         self,
@@ -146,6 +150,7 @@ class BlobStore:
         fd: int,
         *,
         verify: bool = False,
+        size: int | None = None,
         before_publish: Callable[[], None] | None = None,
     ) -> int:
         """Like :meth:`put_file`, from an open file descriptor (its content from offset 0).
@@ -157,6 +162,7 @@ class BlobStore:
             return 0
         if self._local_root is None:
             data = _pread_all(fd)
+            _check_size(digest, len(data), size)
             if hash_bytes(data) != digest:
                 raise BlobCorruptError(
                     f"Content does not hash to {digest}; the file changed since it was hashed."
@@ -166,7 +172,15 @@ class BlobStore:
             return self._put_remote_bytes(key, data)
 
         def write(out: int) -> int:
-            written = _copy_fd(fd, out, digest if verify else None, offset=0)
+            # The kernel copies without the bytes passing through here; should it fall back to a
+            # user-space copy, the bytes are hashed on the way, since that costs nothing more.
+            try:
+                written = _copy_fd(fd, out, digest if verify else None, offset=0, known=digest)
+            except BlobCorruptError:
+                if verify:
+                    raise
+                raise _differs(digest, "the bytes read hash differently") from None
+            _check_size(digest, written, size)
             if before_publish is not None:
                 before_publish()
             return written
@@ -226,7 +240,7 @@ class BlobStore:
             try:
                 try:
                     if self._local_root is not None:
-                        copied = _copy_fd(src.fileno(), fd, expected)
+                        copied = _copy_fd(src.fileno(), fd, expected, known=digest)
                     else:
                         copied = _copy_stream(src, fd, expected)
                     if mode is not None:
@@ -457,12 +471,19 @@ def _pread_all(fd: int) -> bytes:
         offset += len(chunk)
 
 
-def _copy_fd(src: int, dst: int, expected: str | None, *, offset: int | None = None) -> int:
+def _copy_fd(
+    src: int, dst: int, expected: str | None, *, offset: int | None = None, known: str | None = None
+) -> int:
     """Copy ``src`` (from ``offset``, or its current position) to ``dst``.
 
     In the kernel (``copy_file_range``) when no hash is needed, else read-hash-write.
+
+    :param expected: refuse the copy (:class:`BlobCorruptError`) unless the content hashes to this.
+    :param known: the digest the content should have: checked too if the copy falls back to user space,
+        where hashing the bytes on their way costs little.
     """
     total = 0
+    start = offset if offset is not None else os.lseek(src, 0, os.SEEK_CUR)
     if expected is None:
         try:
             while True:
@@ -474,17 +495,46 @@ def _copy_fd(src: int, dst: int, expected: str | None, *, offset: int | None = N
                     return total
                 total += n
         except OSError as exc:
-            # Old kernels or exotic file systems: fall back to a user-space copy from where we stopped.
+            # Old kernels, exotic or special file systems (/proc, FUSE): fall back to a user-space copy
+            # from where we stopped.
             if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
                 raise
-    with os.fdopen(os.dup(src), "rb") as f:
-        if offset is not None:
-            f.seek(offset + total)
-        return total + _copy_stream(f, dst, expected)
-
-
-def _copy_stream(src: BinaryIO, dst: int, expected: str | None) -> int:
+        expected = known
     hasher = blake3.blake3() if expected is not None else None
+    if hasher is not None and total:
+        # Part of the file went through the kernel already: hash that part from the source too.
+        _hash_range(src, start, total, hasher)
+    with os.fdopen(os.dup(src), "rb") as f:
+        f.seek(start + total)
+        return total + _copy_stream(f, dst, expected, hasher)
+
+
+def _hash_range(fd: int, start: int, length: int, hasher: Any) -> None:
+    done = 0
+    while done < length:
+        chunk = os.pread(fd, min(_CHUNK, length - done), start + done)
+        if not chunk:
+            return
+        hasher.update(chunk)
+        done += len(chunk)
+
+
+def _check_size(digest: str, written: int, size: int | None) -> None:
+    if size is not None and written != size:
+        raise _differs(digest, f"{written} bytes were read, but its size was {size} when it was hashed")
+
+
+def _differs(digest: str, detail: str) -> SourceChangedError:
+    return SourceChangedError(
+        f"The content copied for blob {digest} is not the content that was hashed ({detail}): the file "
+        "changed while it was being stored, or it is a special file (/proc, /sys, some FUSE file systems) "
+        "whose size or content is not stable. Nothing was stored for it."
+    )
+
+
+def _copy_stream(src: BinaryIO, dst: int, expected: str | None, hasher: Any = None) -> int:
+    if expected is not None and hasher is None:
+        hasher = blake3.blake3()
     buf = bytearray(_CHUNK)
     view = memoryview(buf)
     total = 0

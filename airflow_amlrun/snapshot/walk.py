@@ -17,7 +17,7 @@ import stat
 from dataclasses import dataclass, field
 
 from airflow_amlrun.snapshot.errors import SnapshotError, SourceDirectoryError
-from airflow_amlrun.snapshot.ignore import AMLIGNORE, GITIGNORE, IgnoreMatcher
+from airflow_amlrun.snapshot.ignore import AMLIGNORE, GITIGNORE, Exclusion, IgnoreMatcher
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,7 @@ class ScannedFile:
     size: int
     mode: int
     mtime_ns: int
+    ctime_ns: int
     inode: int
     device: int
 
@@ -121,6 +122,35 @@ def scan_tree(source_dir: str | os.PathLike[str]) -> ScanResult:
     )
 
 
+def find_exclusion(source_dir: str | os.PathLike[str], rel_path: str) -> Exclusion | None:
+    """The ignore rule (or default exclude) that leaves ``rel_path`` out of a scan of ``source_dir``.
+
+    Follows the path from the root the way :func:`scan_tree` would reach it, reading the same ignore files,
+    and names the first folder or the file itself that is excluded; None if nothing excludes it.
+    """
+    root = os.path.abspath(os.fspath(source_dir))
+    use_amlignore = os.path.isfile(os.path.join(root, AMLIGNORE))
+    matcher = IgnoreMatcher()
+    if use_amlignore:
+        matcher = matcher.with_file("", _read_text(os.path.join(root, AMLIGNORE)), AMLIGNORE)
+    parts = [p for p in rel_path.split("/") if p]
+    for depth, name in enumerate(parts):
+        dir_rel = "/".join(parts[:depth])
+        dir_path = os.path.join(root, *parts[:depth])
+        gitignore = os.path.join(dir_path, GITIGNORE)
+        if not use_amlignore and os.path.isfile(gitignore) and not os.path.islink(gitignore):
+            source = posixpath.join(dir_rel, GITIGNORE) if dir_rel else GITIGNORE
+            matcher = matcher.with_file(dir_rel, _read_text(gitignore), source)
+        rel = posixpath.join(dir_rel, name) if dir_rel else name
+        path = os.path.join(dir_path, name)
+        is_dir = depth < len(parts) - 1
+        is_venv = is_dir and os.path.isfile(os.path.join(path, "pyvenv.cfg"))
+        found = matcher.exclusion(rel, is_dir, is_virtualenv=is_venv)
+        if found is not None:
+            return found
+    return None
+
+
 def _visit(
     walk: _Walk,
     entry: os.DirEntry[str],
@@ -203,6 +233,7 @@ def _scanned_file(rel: str, source: str, st: os.stat_result) -> ScannedFile:
         size=st.st_size,
         mode=normalize_mode(st.st_mode),
         mtime_ns=st.st_mtime_ns,
+        ctime_ns=st.st_ctime_ns,
         inode=st.st_ino,
         device=st.st_dev,
     )

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from airflow_amlrun import Experiment, ScriptRunConfig, Workspace
-from airflow_amlrun.snapshot import SnapshotTooLargeError
+from airflow_amlrun.history import RunNotFoundError
+from airflow_amlrun.snapshot import ExcludedFileError, SnapshotTooLargeError
 from tests.conftest import wait_until_running, write_script
 
 AMLRUN = str(Path(sys.executable).parent / "amlrun")
@@ -153,3 +154,38 @@ def test_a_config_sets_its_own_file_count_limit(amlrun_home, train_dir):
         submit(train_dir, snapshot_max_files=3)
     assert Workspace.get().list_runs() == []
     assert submit(train_dir, snapshot_max_files=10).status == "Completed"
+
+
+def test_a_script_excluded_by_the_ignore_file_fails_before_anything_is_recorded(amlrun_home, train_dir):
+    (train_dir / ".amlignore").write_text("# keep the data out\ndata/\n*.py\n!helpers.py\n")
+
+    with pytest.raises(ExcludedFileError) as err:
+        submit(train_dir)
+
+    message = str(err.value)
+    assert "The run's script 'train.py' is excluded" in message
+    assert "line 3 of .amlignore ('*.py')" in message
+    assert '"!/train.py"' in message
+    assert Workspace.get().list_runs() == []
+    assert not (amlrun_home / "store").exists()
+
+
+def test_restoring_a_mistyped_id_says_no_such_run_or_snapshot(amlrun_home, train_dir, tmp_path):
+    submit(train_dir)
+    dest = tmp_path / "restored"
+
+    done = subprocess.run(
+        [AMLRUN, "snapshot", "restore", "nosuchrun", str(dest)],
+        capture_output=True,
+        text=True,
+        env=os.environ.copy(),
+    )
+    assert done.returncode == 2
+    assert "No run or snapshot 'nosuchrun'" in done.stderr
+    assert str(amlrun_home / "store") in done.stderr and "amlrun runs list" in done.stderr
+    assert "BLAKE3" not in done.stderr
+    assert not dest.exists()
+
+    unknown_snapshot = "0" * 64
+    with pytest.raises(RunNotFoundError, match=f"No run or snapshot '{unknown_snapshot}'"):
+        Workspace.get().restore_snapshot(unknown_snapshot, dest)

@@ -7,6 +7,9 @@ import logging
 import multiprocessing
 import os
 import stat
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,11 +19,14 @@ from airflow_amlrun.snapshot import (
     BlobMissingError,
     BlobStore,
     DestinationNotEmptyError,
+    ExcludedFileError,
     InvalidKeyError,
     Snapshot,
     SnapshotEntry,
     SnapshotTooLargeError,
+    SourceChangedError,
     SourceDirectoryError,
+    SourceUnreadableError,
     UnsafeManifestError,
     hash_bytes,
     materialize,
@@ -39,6 +45,18 @@ def write_tree(root: Path, files: dict[str, bytes | str]) -> None:
             content = content.encode()
         path.write_bytes(content)
         os.utime(path, (OLD, OLD))
+
+
+def past_racy_window(root: Path) -> None:
+    """Wait until every file under ``root`` last changed longer ago than the stat cache's racy window.
+
+    A file's ctime cannot be set back like its mtime: a tree written just now is trusted from the stat cache
+    only once its ctimes are older than the window (at most a second here).
+    """
+    from airflow_amlrun.snapshot.statcache import RACY_WINDOW_NS
+
+    newest = max(p.lstat().st_ctime_ns for p in root.rglob("*"))
+    time.sleep(max(0.0, (newest + RACY_WINDOW_NS - time.time_ns()) / 1e9 + 0.01))
 
 
 def sample_tree(root: Path) -> None:
@@ -142,6 +160,7 @@ def test_unchanged_files_are_not_read_again_with_a_stat_cache(
     source: Path, store: BlobStore, tmp_path: Path
 ) -> None:
     cache = tmp_path / "cache.sqlite"
+    past_racy_window(source)
     assert take_snapshot(source, store, stat_cache_path=cache).files_hashed == 8
     assert take_snapshot(source, store, stat_cache_path=cache).files_hashed == 0
     # Without the cache every file is read, but the store still receives nothing new.
@@ -153,6 +172,7 @@ def test_changing_one_file_writes_that_file_and_a_manifest(
     source: Path, store: BlobStore, tmp_path: Path
 ) -> None:
     cache = tmp_path / "cache.sqlite"
+    past_racy_window(source)
     first = take_snapshot(source, store, stat_cache_path=cache)
     new_content = b"print('train v2')\n"
     (source / "train.py").write_bytes(new_content)
@@ -180,9 +200,129 @@ def test_a_file_rewritten_with_the_same_size_and_mtime_tick_is_still_rehashed(
     assert entry.digest == hash_bytes(b"version B\n")
 
 
+def test_a_file_changed_with_its_old_mtime_put_back_is_rehashed(
+    source: Path, store: BlobStore, tmp_path: Path
+) -> None:
+    # An old, cached file rewritten with the same size and its mtime set back: only the ctime moved.
+    cache = tmp_path / "cache.sqlite"
+    past_racy_window(source)
+    take_snapshot(source, store, stat_cache_path=cache)
+    target = source / "conf/params.json"
+    target.write_text('{"lr": 0.9}')
+    os.utime(target, (OLD, OLD))
+    second = take_snapshot(source, store, stat_cache_path=cache)
+    entry = next(e for e in second.snapshot.entries if e.path == "conf/params.json")
+    assert entry.digest == hash_bytes(b'{"lr": 0.9}')
+    assert second.files_hashed == 1
+
+
 def test_a_missing_source_directory_is_reported(tmp_path: Path, store: BlobStore) -> None:
     with pytest.raises(SourceDirectoryError, match="does-not-exist"):
         take_snapshot(tmp_path / "does-not-exist", store)
+
+
+def test_a_special_file_whose_size_says_nothing_is_refused_not_stored_corrupt(
+    source: Path, store: BlobStore, tmp_path: Path
+) -> None:
+    # /proc files report size 0 and read as more: the copy must not be published under the digest hashed.
+    (source / "kernel.txt").symlink_to("/proc/version")
+    with pytest.raises(SourceChangedError) as caught:
+        take_snapshot(source, store)
+    message = str(caught.value)
+    assert "'kernel.txt'" in message and "special file" in message
+    assert 'add "/kernel.txt" to the root .gitignore' in message
+    all_blobs_are_sound(tmp_path / "store")
+
+
+def test_the_store_refuses_a_copy_of_another_length_than_was_hashed(store: BlobStore, tmp_path: Path) -> None:
+    src = tmp_path / "f"
+    src.write_bytes(b"twelve bytes")
+    digest = hash_bytes(b"twelve bytes")
+    with pytest.raises(SourceChangedError, match="12 bytes were read, but its size was 13"):
+        store.put_file(digest, src, size=13)
+    assert not store.has(digest)
+    assert list((tmp_path / "store").rglob("*.amlrun-tmp-*")) == [] == store.list("blobs")
+    assert store.put_file(digest, src, size=12) == 12
+
+
+def test_a_file_deleted_between_scan_and_hash_is_named(
+    source: Path, store: BlobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import airflow_amlrun.snapshot.snapshot as snapshot_module
+
+    real_scan = snapshot_module.scan_tree
+
+    def scan_then_delete(root: str) -> object:
+        scan = real_scan(root)
+        (source / "lib/util.py").unlink()  # e.g. an editor's or a build's temporary file going away
+        return scan
+
+    monkeypatch.setattr(snapshot_module, "scan_tree", scan_then_delete)
+    with pytest.raises(SourceUnreadableError) as caught:
+        take_snapshot(source, store)
+    message = str(caught.value)
+    assert "'lib/util.py'" in message and "deleted or renamed" in message
+    assert 'add "/lib/util.py" to the root .gitignore' in message
+
+
+def test_an_unreadable_file_is_named_with_the_fix(source: Path, tmp_path: Path) -> None:
+    # As root every file is readable: run the snapshot without the capabilities that bypass permissions.
+    secret = source / "conf" / "private.key"
+    secret.write_text("key")
+    secret.chmod(0)
+    script = (
+        "from airflow_amlrun.snapshot import BlobStore, take_snapshot\n"
+        f"take_snapshot({str(source)!r}, BlobStore({str(tmp_path / 'store')!r}))\n"
+    )
+    done = subprocess.run(
+        ["setpriv", "--bounding-set=-dac_override,-dac_read_search", sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 1
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("airflow_amlrun.snapshot.errors.SourceUnreadableError: File 'conf/private.key'")
+    assert "permission denied" in last and "chmod a+r" in last
+    assert 'add "/conf/private.key" to the root .gitignore' in last
+
+
+# ---------------------------------------------------------------- the run's script
+
+
+def test_a_script_excluded_by_an_ignore_line_is_refused_naming_that_line(
+    source: Path, store: BlobStore, tmp_path: Path
+) -> None:
+    write_tree(source, {"jobs/.gitignore": "# generated\n*.py\n!keep.py\n", "jobs/train_job.py": "x"})
+    with pytest.raises(ExcludedFileError) as caught:
+        take_snapshot(source, store, required={"jobs/train_job.py": "the run's script"})
+    message = str(caught.value)
+    assert "The run's script 'jobs/train_job.py' is excluded" in message
+    assert "line 2 of jobs/.gitignore ('*.py')" in message
+    assert '"!/jobs/train_job.py"' in message
+    assert not (tmp_path / "store").exists()  # checked against the scan: nothing was stored
+
+
+def test_a_script_in_an_excluded_folder_names_the_folder_rule(source: Path, store: BlobStore) -> None:
+    write_tree(source, {".amlignore": "data/\nscripts/\n", "scripts/train.py": "x"})
+    with pytest.raises(ExcludedFileError) as caught:
+        take_snapshot(source, store, required={"scripts/train.py": "the run's script"})
+    message = str(caught.value)
+    assert "line 2 of .amlignore ('scripts/'), which matches 'scripts/'" in message
+    assert '"!/scripts/"' in message
+
+
+def test_a_script_in_a_default_excluded_folder_says_so(source: Path, store: BlobStore) -> None:
+    write_tree(source, {"outputs/train.py": "x"})
+    with pytest.raises(ExcludedFileError, match=r"the root's 'outputs/' folder is where a run writes"):
+        take_snapshot(source, store, required={"outputs/train.py": "the run's script"})
+
+
+def test_a_script_reached_through_a_link_inside_the_tree_is_included(source: Path, store: BlobStore) -> None:
+    (source / "current").symlink_to("lib")
+    result = take_snapshot(
+        source, store, required={"current/util.py": "the run's script", "./train.py": "it"}
+    )
+    assert "current" in {e.path for e in result.snapshot.entries if e.is_link}
 
 
 # ---------------------------------------------------------------- limits
