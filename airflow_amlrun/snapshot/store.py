@@ -18,6 +18,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import errno
+import logging
 import os
 import posixpath
 import secrets
@@ -28,6 +29,7 @@ from typing import Any, BinaryIO
 
 import blake3
 
+from airflow_amlrun.snapshot.confined import confined_files
 from airflow_amlrun.snapshot.errors import (
     BlobCorruptError,
     BlobMissingError,
@@ -36,6 +38,8 @@ from airflow_amlrun.snapshot.errors import (
     SourceChangedError,
 )
 from airflow_amlrun.snapshot.manifest import Snapshot, check_digest, hash_bytes
+
+log = logging.getLogger(__name__)
 
 _TMP_PREFIX = ".amlrun-tmp-"
 _CHUNK = 1 << 20
@@ -336,19 +340,28 @@ class BlobStore:
             if p.startswith(strip) and not posixpath.basename(p).startswith(_TMP_PREFIX)
         )
 
-    def upload_dir(self, local_dir: str | os.PathLike[str], prefix: str) -> str:
-        """Copy every file under ``local_dir`` to ``prefix`` (each atomically); returns the prefix URI."""
+    def upload_dir(
+        self,
+        local_dir: str | os.PathLike[str],
+        prefix: str,
+        *,
+        warn: Callable[[str], None] | None = None,
+    ) -> str:
+        """Copy every regular file under ``local_dir`` to ``prefix`` (each atomically); returns the prefix URI.
+
+        The folder is read as something a run wrote: no symlink is followed out of it, and a link to a file
+        inside it is stored as that file's content (see :mod:`airflow_amlrun.snapshot.confined`).
+
+        :param warn: receives a message for each link or special file left out; default: this module's
+            logger, at warning level.
+        """
         prefix = _check_key(prefix)
-        root = os.fspath(local_dir)
-        for dirpath, _dirs, files in os.walk(root):
-            for name in files:
-                full = os.path.join(dirpath, name)
-                rel = os.path.relpath(full, root).replace(os.sep, "/")
-                key = f"{prefix}/{rel}"
-                if self._local_root is None:
-                    self._put_remote_file(_check_key(key), full)
-                else:
-                    self._write_local(key, _file_copier(full), read_only=False)
+        for rel, fd in confined_files(local_dir, warn or _log_warning):
+            key = _check_key(f"{prefix}/{rel}")
+            if self._local_root is None:
+                self._put_remote_fd(key, fd)
+            else:
+                self._write_local(key, _fd_copier(fd), read_only=False)
         return self.uri_for(prefix)
 
     def download_dir(self, prefix: str, local_dir: str | os.PathLike[str]) -> builtins.list[str]:
@@ -410,17 +423,18 @@ class BlobStore:
             raise
         return written
 
-    def _put_remote_file(self, key: str, local_path: str) -> int:
+    def _put_remote_fd(self, key: str, fd: int) -> None:
         final = self._path(key)
-        size = os.path.getsize(local_path)
-        if self._atomic_put:
-            self._fs.put_file(local_path, final)
-        else:
-            tmp = _tmp_name(final)
-            self._fs.makedirs(posixpath.dirname(final), exist_ok=True)
-            self._fs.put_file(local_path, tmp)
-            self._fs.mv(tmp, final)
-        return size
+        with os.fdopen(os.dup(fd), "rb") as src:
+            if self._atomic_put:
+                with self._fs.open(final, "wb") as out:
+                    shutil.copyfileobj(src, out, _CHUNK)
+            else:
+                tmp = _tmp_name(final)
+                self._fs.makedirs(posixpath.dirname(final), exist_ok=True)
+                with self._fs.open(tmp, "wb") as out:
+                    shutil.copyfileobj(src, out, _CHUNK)
+                self._fs.mv(tmp, final)
 
     def _put_remote_bytes(self, key: str, data: bytes) -> int:
         final = self._path(key)
@@ -451,12 +465,15 @@ def _tmp_name(final: str) -> str:
     return os.path.join(head, f"{_TMP_PREFIX}{secrets.token_hex(8)}-{tail}")
 
 
-def _file_copier(source: str) -> Callable[[int], int]:
+def _fd_copier(source: int) -> Callable[[int], int]:
     def write(fd: int) -> int:
-        with open(source, "rb") as src:
-            return _copy_fd(src.fileno(), fd, None)
+        return _copy_fd(source, fd, None, offset=0)
 
     return write
+
+
+def _log_warning(message: str) -> None:
+    log.warning("%s", message)
 
 
 def _pread_all(fd: int) -> bytes:

@@ -589,6 +589,71 @@ def test_run_outputs_round_trip_through_generic_objects(store: BlobStore, tmp_pa
     assert store.get_object("runs/r1/status") == b"Completed"
 
 
+def test_collecting_run_outputs_never_follows_a_link_out_of_the_folder(
+    store: BlobStore, tmp_path: Path
+) -> None:
+    secret = tmp_path / "secret.txt"
+    secret.write_text("worker secret")
+    run = tmp_path / "run"
+    outputs = run / "outputs"
+    write_tree(outputs, {"model.bin": b"weights", "sub/inner.txt": "inner"})
+    (run / "private.txt").write_text("run-dir secret")
+    (outputs / "leak").symlink_to(secret)  # absolute, outside
+    (outputs / "up").symlink_to("../private.txt")  # relative, climbing out
+    (outputs / "sub" / "deep").symlink_to("../../../secret.txt")
+    (outputs / "best.bin").symlink_to("model.bin")  # inside: stored as the file it names
+    (outputs / "latest").symlink_to("sub")  # a folder link: not descended
+    (outputs / "gone").symlink_to("nothing-here")
+    os.mkfifo(outputs / "pipe")
+    warnings: list[str] = []
+
+    store.upload_dir(outputs, "runs/r1/outputs", warn=warnings.append)
+
+    assert store.list("runs/r1/outputs") == ["best.bin", "model.bin", "sub/inner.txt"]
+    assert store.get_object("runs/r1/outputs/best.bin") == b"weights"
+    stored = b"".join(p.read_bytes() for p in (tmp_path / "store").rglob("*") if p.is_file())
+    assert b"secret" not in stored
+    said = "\n".join(warnings)
+    assert f"'outputs/leak' is a symlink to {str(secret)!r}, outside outputs/" in said
+    assert "'outputs/up' is a symlink to '../private.txt', outside outputs/" in said
+    assert "'outputs/sub/deep' is a symlink to '../../../secret.txt', outside outputs/" in said
+    assert "'outputs/latest' is a symlink to 'sub', a folder: not followed" in said
+    assert "'outputs/gone' is a symlink to 'nothing-here', which does not exist" in said
+    assert "'outputs/pipe' is not a regular file" in said
+
+
+def test_collecting_refuses_a_file_swapped_for_a_link_after_it_was_listed(tmp_path: Path) -> None:
+    from airflow_amlrun.snapshot.confined import confined_files
+
+    secret = tmp_path / "secret.txt"
+    secret.write_text("worker secret")
+    outputs = tmp_path / "outputs"
+    write_tree(outputs, {"a.txt": "a", "b.txt": "b", "c.txt": "c"})
+    warnings: list[str] = []
+    read: dict[str, bytes] = {}
+    for rel, fd in confined_files(outputs, warnings.append):
+        read[rel] = os.pread(fd, 100, 0)
+        if rel == "a.txt":
+            # The run's code swaps the files the worker listed but has not opened yet.
+            (outputs / "b.txt").unlink()
+            (outputs / "b.txt").symlink_to(secret)
+            (outputs / "c.txt").unlink()
+            os.link(secret, outputs / "c.txt")
+    assert read == {"a.txt": b"a"}
+    assert "'outputs/b.txt' changed while it was collected" in warnings[0]
+    assert "'outputs/c.txt' was replaced while it was collected" in warnings[1]
+
+
+def test_an_outputs_folder_that_is_itself_a_link_is_not_read(store: BlobStore, tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    write_tree(elsewhere, {"id_rsa": "key"})
+    (tmp_path / "outputs").symlink_to(elsewhere)
+    warnings: list[str] = []
+    store.upload_dir(tmp_path / "outputs", "runs/r1/outputs", warn=warnings.append)
+    assert store.list("runs/r1/outputs") == []
+    assert f"outputs/ is a symlink to {str(elsewhere)!r}" in warnings[0]
+
+
 def test_manifests_round_trip_through_the_store(source: Path, store: BlobStore) -> None:
     snap = take_snapshot(source, store).snapshot
     assert store.get_manifest(snap.id) == snap
