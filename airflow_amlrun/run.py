@@ -143,6 +143,7 @@ class ScriptRun:
         config = config.resolved(base_dir)
         target = resolve_target(config.compute_target, settings, workspace)
         environment = resolve_environment(workspace, config.environment)
+        _warn_of_unused_sections(environment, target)
         if airflow_task is not None:
             attached = cls._reattach(experiment, config, environment, target, airflow_task, settings)
             if attached is not None:
@@ -456,6 +457,22 @@ def _job(
         snapshot_id=snapshot_id,
         secret_environment_variables=dict(config.secret_environment_variables),
     )
+
+
+def _warn_of_unused_sections(environment: ResolvedEnvironment, target: ComputeTarget) -> None:
+    """Say so when the environment asks for something the target does not do, rather than drop it silently."""
+    spark = environment.spec.spark
+    if (spark.packages or spark.repositories) and target.kind != "spark":
+        listed = ", ".join(spark.packages) or f"{len(spark.repositories)} repositories"
+        log.warning(
+            "Environment %r has a spark section (%s), which the %s target %r ignores: only a Spark compute "
+            "target passes packages and repositories to spark-submit. The run goes on without them; remove "
+            "the section from the environment, or submit to a Spark target.",
+            environment.name,
+            listed,
+            target.kind,
+            target.name,
+        )
 
 
 def _now() -> datetime:

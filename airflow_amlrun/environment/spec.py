@@ -171,12 +171,11 @@ class Environment:
                     f"Environment {self.name!r}: spark package {package!r} is not a Maven coordinate. "
                     "Write it as group:artifact:version, e.g. 'org.apache.spark:spark-avro_2.12:3.5.1'."
                 )
-        for url in self.spark.repositories:
-            if not isinstance(url, str) or not re.match(r"^(https?|file)://\S+$", url):
-                raise ConfigurationError(
-                    f"Environment {self.name!r}: spark repository {url!r} is not an http(s):// or "
-                    "file:// URL."
-                )
+        # Repository URLs are stored like index URLs, so a password in them is a ${VAR} reference too.
+        self.spark.repositories = [
+            _check_url(u, where=f"Environment {self.name!r}", option="spark repository")
+            for u in self.spark.repositories
+        ]
         for key, value in self.environment_variables.items():
             if not isinstance(key, str) or not key or "=" in key or "\0" in key:
                 raise ConfigurationError(

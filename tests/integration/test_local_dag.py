@@ -305,3 +305,25 @@ def test_links_a_script_writes_in_its_outputs_never_bring_files_from_outside_the
     assert f"'outputs/x' is a symlink to {str(secret)!r}, outside outputs/" in result.log
     assert "'outputs/y' is a symlink to '../../something', outside outputs/" in result.log
     assert "'logs/etc' is a symlink to '/etc', outside logs/" in result.log
+
+
+def test_an_environment_spark_section_on_the_local_target_is_ignored_with_a_warning(
+    run_dag, tmp_path, amlrun_home
+):
+    write_script(tmp_path / "src", "train.py", "print('no spark here')\n")
+    result = run_dag(f"""
+        import pendulum
+        from airflow.sdk import DAG
+        from airflow_amlrun import Environment, ScriptRunConfig, ScriptRunOperator
+        from airflow_amlrun.environment import SparkSection
+
+        env = Environment("with-spark", spark=SparkSection(packages=["org.apache.spark:spark-avro_2.12:3.5.1"]))
+        with DAG("DAG_ID", schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC")) as dag:
+            ScriptRunOperator(task_id="train", config=ScriptRunConfig({str(tmp_path / "src")!r}, script="train.py", environment=env))
+    """)
+    assert result.state == "success", result.log
+    assert (
+        "Environment 'with-spark' has a spark section (org.apache.spark:spark-avro_2.12:3.5.1), which the "
+        "local target 'local' ignores" in result.log
+    )
+    assert "no spark here" in result.log
