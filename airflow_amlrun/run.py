@@ -148,6 +148,8 @@ class ScriptRun:
             attached = cls._reattach(experiment, config, environment, target, airflow_task, settings)
             if attached is not None:
                 return attached
+        # Building the environment needs its index credentials on this worker: a missing one fails now.
+        environment.index_credentials()
         job = _job(new_run_id(experiment.name), experiment.name, config, environment, None)
         target.check(job)
         # A snapshot too large fails here, before anything is stored.

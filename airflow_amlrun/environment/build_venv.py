@@ -30,6 +30,7 @@ from airflow_amlrun.environment.lock import (
     NEUTRAL_CWD,
     default_uv_cache,
     has_requirements,
+    index_credentials,
     local_python_version,
     lock_python_version,
     uv_bin,
@@ -151,9 +152,15 @@ def _build(spec: Environment, lock: str, key: str, envs: Path, uv_cache: Path) -
             f"{requested}. Set python.version to {floor!r} (with that Python on the worker), or register the "
             "environment again from a worker running the Python you want."
         )
+    credentials = (
+        index_credentials(spec, what=f"Building environment {spec.name!r} version {spec.version}")
+        if has_requirements(lock)
+        else {}
+    )
     tmp = envs / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
     uv_cache.mkdir(parents=True, exist_ok=True)
-    env = uv_environment(uv_cache)
+    # The lock names its indexes with ${VAR} references; uv expands them from this environment.
+    env = uv_environment(uv_cache, credentials)
     try:
         _run(
             [uv_bin(), "venv", "--relocatable", "--no-project", "--quiet", "--python", base, str(tmp)],

@@ -13,8 +13,10 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
+from airflow_amlrun.environment.credentials import credential_values, referenced_variables
 from airflow_amlrun.environment.errors import LockResolutionError
 from airflow_amlrun.environment.spec import Environment
 from airflow_amlrun.errors import ConfigurationError
@@ -50,9 +52,17 @@ def default_uv_cache(cache_dir: str | os.PathLike[str]) -> Path:
     return Path(os.environ.get("UV_CACHE_DIR") or Path(cache_dir) / "uv").absolute()
 
 
-def uv_environment(uv_cache_dir: Path) -> dict[str, str]:
-    """The process environment for uv: its cache, and no downloads of Python builds (no network for them)."""
+def uv_environment(uv_cache_dir: Path, credentials: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The process environment for uv: its cache, no downloads of Python builds (no network for them), and
+    the variables the index URLs refer to.
+
+    :param uv_cache_dir: uv's cache.
+    :param credentials: values of the ``${VAR}`` references in index URLs (from ``index_credentials``).
+        They reach uv only through its environment, which other users cannot read, never through its
+        command line (``/proc/<pid>/cmdline`` is readable by everyone on the machine).
+    """
     env = dict(os.environ)
+    env.update(credentials or {})
     env.update(
         {
             "UV_CACHE_DIR": str(uv_cache_dir),
@@ -117,6 +127,16 @@ def has_requirements(lock: str) -> bool:
     return _PINNED.search(lock) is not None
 
 
+def index_credentials(spec: Environment, *, what: str) -> dict[str, str]:
+    """The values of the variables the environment's index URLs refer to, from this process's environment.
+
+    :param spec: the environment.
+    :param what: what needs them, for the message of a missing one (``"Resolving environment 'x'"``).
+    :raises ConfigurationError: a referenced variable is not set; naming it and where to set it.
+    """
+    return credential_values(referenced_variables(spec.python.index_urls), what=what)
+
+
 def resolve_lock(spec: Environment, *, uv_cache_dir: Path) -> str | None:
     """Resolve a managed environment's requirements into a lock; None for a user-managed environment.
 
@@ -129,11 +149,12 @@ def resolve_lock(spec: Environment, *, uv_cache_dir: Path) -> str | None:
     lines = [_HEADER.format(resolver=uv_version(), python=python)]
     lines.append("# Install with `uv pip sync --require-hashes` or `pip install --require-hashes -r`.")
     # Index options go into the lock itself so that pip and uv installing it look where the resolver did.
-    if spec.python.index_url:
-        lines.append(f"--index-url {spec.python.index_url}")
-    lines += [f"--extra-index-url {url}" for url in spec.python.extra_index_urls]
+    # They keep their ${VAR} references: the installer expands them from its own environment.
+    index_options = spec.python.index_options()
+    lines += index_options
     if not spec.python.pip_requirements:
         return "\n".join(lines) + "\n"
+    credentials = index_credentials(spec, what=f"Resolving environment {spec.name!r}")
     command = [
         uv_bin(),
         "pip",
@@ -146,20 +167,17 @@ def resolve_lock(spec: Environment, *, uv_cache_dir: Path) -> str | None:
         "--no-header",
         "--quiet",
     ]
-    if spec.python.index_url:
-        command += ["--index-url", spec.python.index_url]
-    for url in spec.python.extra_index_urls:
-        command += ["--extra-index-url", url]
     uv_cache_dir = uv_cache_dir.absolute()
     uv_cache_dir.mkdir(parents=True, exist_ok=True)
     try:
         result = subprocess.run(
             command,
-            input="\n".join(spec.python.pip_requirements) + "\n",
+            # The index options travel in the input, like in the lock, and uv expands their ${VAR}s.
+            input="\n".join([*index_options, *spec.python.pip_requirements]) + "\n",
             capture_output=True,
             text=True,
             cwd=NEUTRAL_CWD,
-            env=uv_environment(uv_cache_dir),
+            env=uv_environment(uv_cache_dir, credentials),
             timeout=RESOLVE_TIMEOUT_SECONDS,
         )
     except subprocess.TimeoutExpired:

@@ -13,6 +13,8 @@ from airflow_amlrun.environment.build_venv import (
     python_tag,
     venv_python,
 )
+from airflow_amlrun.environment.credentials import referenced_variables
+from airflow_amlrun.environment.lock import has_requirements, index_credentials
 from airflow_amlrun.environment.spec import Environment
 from airflow_amlrun.errors import ConfigurationError
 
@@ -48,6 +50,19 @@ class ResolvedEnvironment:
             "python": python_tag(self.spec),
             "user_managed": self.user_managed,
         }
+
+    def index_credentials(self) -> dict[str, str]:
+        """The values of the ``${VAR}`` references in the index URLs, which every build of the lock needs.
+
+        Read from this process's environment, to be handed to an installer's environment only (a build
+        secret, a remote build's stdin), never stored or put on a command line. Empty when nothing is
+        installed.
+
+        :raises ConfigurationError: a referenced variable is not set here.
+        """
+        if self.user_managed or self.lock is None or not has_requirements(self.lock):
+            return {}
+        return index_credentials(self.spec, what=f"Environment {self.name!r} version {self.version}")
 
     def build_key_for(self, *, python: str, platform: str) -> str | None:
         """The build key of this environment for another Python or platform (a Docker image, a cluster).
@@ -115,6 +130,30 @@ def ensure_local_python(resolved: ResolvedEnvironment, cache_dir: str | os.PathL
     if os.path.exists(python):
         return python
     return build_venv(resolved.spec, resolved.lock, resolved.build_key, cache_dir)
+
+
+def index_secrets(workspace: Workspace, environment: Environment | str | None) -> list[str]:
+    """The values, as set in this process, of the variables the environment's index URLs refer to.
+
+    For masking them in logs before a run starts. A reference that cannot be looked up, or a variable that
+    is not set, gives nothing: submitting the run reports those.
+
+    :param workspace: the workspace whose registry to use.
+    :param environment: what the run config names.
+    """
+    from airflow_amlrun.environment import registry
+
+    if isinstance(environment, Environment):
+        urls = environment.python.index_urls
+    elif isinstance(environment, str):
+        try:
+            name, version, label = parse_reference(environment)
+            urls = registry.lookup(workspace, name, version=version, label=label).spec.python.index_urls
+        except ConfigurationError:
+            return []
+    else:
+        return []
+    return [os.environ[name] for name in referenced_variables(urls) if os.environ.get(name)]
 
 
 def parse_reference(reference: str) -> tuple[str, str | None, str | None]:

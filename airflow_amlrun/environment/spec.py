@@ -58,6 +58,16 @@ class PythonSection:
         if self.user_managed_dependencies is None:
             self.user_managed_dependencies = not self.pip_requirements
 
+    @property
+    def index_urls(self) -> list[str]:
+        """Every package index the requirements come from, as written (``${VAR}`` references unexpanded)."""
+        return [*([self.index_url] if self.index_url else []), *self.extra_index_urls]
+
+    def index_options(self) -> list[str]:
+        """The index options as requirements-file lines, which pip and uv read with ``${VAR}`` expanded."""
+        lines = [f"--index-url {self.index_url}"] if self.index_url else []
+        return lines + [f"--extra-index-url {url}" for url in self.extra_index_urls]
+
 
 @dataclass
 class DockerSection:

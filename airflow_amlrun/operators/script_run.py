@@ -89,12 +89,17 @@ class ScriptRunOperator(BaseOperator):
         return Workspace.get(self.workspace_conn_id)
 
     def execute(self, context: Context) -> dict[str, Any]:
+        from airflow_amlrun.environment.resolve import index_secrets
         from airflow_amlrun.experiment import Experiment, experiment_name_from
         from airflow_amlrun.run import AirflowTask
 
         ti = context["ti"]
         dag_folder = Path(context["dag"].fileloc).parent
         config = self._rendered_config(dag_folder)
+        # Index credentials are read from the worker's environment while the environment is resolved and
+        # built: whatever prints them (a resolver's error, a build log) shows them masked.
+        for secret in index_secrets(self.workspace, config.environment):
+            mask_secret(secret)
         experiment = Experiment(self.workspace, self.experiment or experiment_name_from(ti.dag_id))
         map_index = getattr(ti, "map_index", -1)
         self._run = experiment.submit(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import textwrap
 from pathlib import Path
@@ -401,3 +402,49 @@ def test_a_malformed_environment_reference_is_refused(reference: str) -> None:
 def test_a_package_index_must_be_a_url() -> None:
     with pytest.raises(ConfigurationError, match=r"python: extra_index_urls 'pypi\.internal' is not an http"):
         Environment(python=PythonSection(pip_requirements=["six"], extra_index_urls=["pypi.internal"]))
+
+
+def test_an_index_password_in_clear_is_refused_and_the_message_says_to_use_a_variable() -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        Environment(
+            python=PythonSection(
+                pip_requirements=["six"], index_url="https://bot:hunter2@pkgs.example/simple"
+            )
+        )
+    message = str(caught.value)
+    assert "carries a password in clear" in message and "${INDEX_TOKEN}" in message
+    assert "hunter2" not in message and "https://bot:***@pkgs.example/simple" in message
+
+
+def test_an_index_password_in_a_requirements_file_is_refused_naming_the_line(tmp_path: Path) -> None:
+    write(tmp_path / "requirements.txt", "--extra-index-url https://bot:hunter2@pkgs.example/simple\nsix\n")
+    with pytest.raises(
+        ConfigurationError, match=r"requirements\.txt:1: --extra-index-url .*in clear"
+    ) as caught:
+        Environment.from_pip_requirements("env", tmp_path / "requirements.txt")
+    assert "hunter2" not in str(caught.value)
+
+
+def test_a_bare_dollar_variable_in_an_index_url_is_refused_with_the_braced_form() -> None:
+    with pytest.raises(
+        ConfigurationError, match=r"refers to \$TOKEN, which pip and uv do not expand; .*\$\{TOKEN\}"
+    ):
+        Environment(
+            python=PythonSection(pip_requirements=["six"], index_url="https://bot:$TOKEN@pkgs.example/simple")
+        )
+
+
+def test_index_credentials_stay_references_so_a_rotated_token_is_the_same_spec(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    url = "https://bot:${PKG_TOKEN}@pkgs.example/simple"
+
+    def spec() -> Environment:
+        return Environment(python=PythonSection(pip_requirements=["six"], index_url=url))
+
+    monkeypatch.setenv("PKG_TOKEN", "first-token")
+    first = spec()
+    monkeypatch.setenv("PKG_TOKEN", "rotated-token")
+    assert first.python.index_url == url
+    assert first.spec_hash() == spec().spec_hash()
+    assert "token" not in json.dumps(first.to_dict()).replace("PKG_TOKEN", "")
