@@ -20,9 +20,10 @@ from airflow_amlrun.errors import (
     RunFailedError,
     RunTimeoutError,
 )
-from airflow_amlrun.history import MetricPoint, RunRecord, RunStatus
+from airflow_amlrun.history import HistoryUnavailableError, MetricPoint, RunBookkeeper, RunRecord, RunStatus
+from airflow_amlrun.run_context import metric_problem
 from airflow_amlrun.snapshot import Snapshot, materialize, read_git_info, take_snapshot
-from airflow_amlrun.targets.base import CodeSource, ComputeTarget, Job, TargetStatus
+from airflow_amlrun.targets.base import Chunk, CodeSource, ComputeTarget, Job, TargetStatus
 from airflow_amlrun.targets.registry import resolve_target
 
 if TYPE_CHECKING:
@@ -37,6 +38,8 @@ log = logging.getLogger(__name__)
 
 # Lines of the script's output kept for the error of a failed run.
 LOG_TAIL_LINES = 30
+# While the history is away, metric events wait in the run's events file rather than in memory beyond this.
+MAX_BUFFERED_POINTS = 100_000
 
 
 @dataclass(frozen=True)
@@ -120,6 +123,8 @@ class ScriptRun:
         self._waiting = False
         self._started = _now()
         self._finished: RunRecord | None = None
+        # Status, tags and metrics while the run goes on: written when the history answers, never fatal.
+        self._book = RunBookkeeper(workspace.history, job.run_id)
 
     @property
     def id(self) -> str:
@@ -235,16 +240,13 @@ class ScriptRun:
         return attached
 
     def _start(self, code: CodeSource) -> None:
-        history = self.workspace.history
         try:
-            history.update_run(self.id, status=RunStatus.PREPARING)
+            self._book.update(status=RunStatus.PREPARING)
             self.target.prepare(self.job, code)
-            history.update_run(self.id, status=RunStatus.STARTING)
+            self._book.update(status=RunStatus.STARTING)
             self.handle = self.target.submit(self.job)
             self._started = _now()
-            history.update_run(
-                self.id, status=RunStatus.RUNNING, handle=self.handle, start_time=self._started
-            )
+            self._book.update(status=RunStatus.RUNNING, handle=self.handle, start_time=self._started)
         except BaseException as err:
             self._finish(RunStatus.FAILED, f"The run could not be started: {err}")
             raise
@@ -283,11 +285,16 @@ class ScriptRun:
                 self._drain(emit, final=not status.running)
                 if not status.running:
                     return self._conclude(status)
+                self._book.flush()
                 if self._cancel_requested:
                     self.target.cancel(self.handle)
                 elif deadline is not None and time.monotonic() > deadline and not self._timed_out:
                     self._timed_out = True
                     self.target.cancel(self.handle)
+        except HistoryUnavailableError:
+            # The run ended on its target; only its outcome could not be recorded. There is nothing to
+            # stop, and recording something else instead would be wrong: the row waits for a retry.
+            raise
         except BaseException as err:
             # The waiting side was interrupted (task killed, timeout, Ctrl-C) or lost its target: the run must
             # not outlive it as a stray process, nor stay Running in the history. Stopping it is best effort
@@ -320,9 +327,12 @@ class ScriptRun:
                 self.log_tail.append(line)
                 if emit is not None:
                     emit(line)
-            events = self.target.read_events(self.handle, self._events_offset, final=final)
-            self._events_offset = events.offset
-            self._ingest_events(events.lines)
+            if final or self._book.backlog < MAX_BUFFERED_POINTS:
+                events = self.target.read_events(self.handle, self._events_offset, final=final)
+                self._events_offset = events.offset
+                self._ingest_events(events.lines)
+            else:
+                events = Chunk([], self._events_offset)  # the history is away: they wait in the file
             if not chunk.lines and not events.lines:
                 return
 
@@ -337,27 +347,31 @@ class ScriptRun:
             except ValueError:
                 log.warning("Run %s: skipping a malformed event line: %.200s", self.id, line)
                 continue
-            if event.get("kind") == "metric":
+            if not isinstance(event, dict):
+                log.warning("Run %s: skipping an event line that is not an object: %.200s", self.id, line)
+            elif event.get("kind") == "metric":
+                name, value, step = event.get("name"), event.get("value"), event.get("step")
+                problem = metric_problem(name, value, step)
+                if problem is not None:
+                    # Written by something other than this version's run_context: refuse the point, keep the run.
+                    log.warning("Run %s: a metric was not recorded: %s. The run goes on.", self.id, problem)
+                    continue
                 logged = event.get("time")
                 points.append(
                     MetricPoint(
-                        name=str(event.get("name")),
-                        value=event.get("value"),
+                        name=str(name),
+                        value=value,
                         seq=seq,
-                        step=event.get("step"),
-                        logged_at=datetime.fromtimestamp(logged, UTC)
-                        if isinstance(logged, int | float)
-                        else None,
+                        step=step,
+                        logged_at=_timestamp(logged),
                     )
                 )
             elif event.get("kind") == "tag":
                 tags[str(event.get("key"))] = str(event.get("value", ""))
-        history = self.workspace.history
         if points:
-            history.add_metrics(self.id, points)
+            self._book.add_metrics(points)
         if tags:
-            current = history.get_run(self.id).tags
-            history.update_run(self.id, tags={**current, **tags})
+            self._book.add_tags(tags)
 
     def _conclude(self, status: TargetStatus) -> RunRecord:
         if status.timed_out:
@@ -392,10 +406,9 @@ class ScriptRun:
         """The one place a run ends: collect what it produced, record the outcome, tidy the target."""
         if self._finished is not None:
             return self._finished
-        history = self.workspace.history
         fields: dict[str, Any] = {"status": status, "error": error, "end_time": _now()}
         if self.handle is not None:
-            history.update_run(self.id, status=RunStatus.FINALIZING)
+            self._book.update(status=RunStatus.FINALIZING)
             try:
                 fields.update(self._collect())
             except Exception as err:  # the outcome must be recorded even if collecting fails
@@ -403,7 +416,8 @@ class ScriptRun:
                 fields["error"] = f"{error + ' ' if error else ''}Collecting outputs failed: {err}"
                 if status is RunStatus.COMPLETED:
                     fields["status"] = RunStatus.FAILED
-        self._finished = history.update_run(self.id, **fields)
+        # Bounded retries; if the history stays away, HistoryUnavailableError leaves the row for a retry.
+        self._finished = self._book.finish(**fields)
         if self.handle is not None and (
             self.settings.cleanup == "always"
             or (self.settings.cleanup == "on_success" and self._finished.status is RunStatus.COMPLETED)
@@ -459,6 +473,15 @@ def _job(
         snapshot_id=snapshot_id,
         secret_environment_variables=dict(config.secret_environment_variables),
     )
+
+
+def _timestamp(value: Any) -> datetime | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        return datetime.fromtimestamp(value, UTC)
+    except (OverflowError, OSError, ValueError):
+        return None
 
 
 def _warn_of_unused_sections(environment: ResolvedEnvironment, target: ComputeTarget) -> None:

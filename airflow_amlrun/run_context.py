@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 import os
 import shutil
 import sys
@@ -19,10 +20,56 @@ import threading
 import time
 from typing import IO, Any
 
+# What the run history keeps of a metric; the submitting side checks every event against the same rules.
+MAX_METRIC_NAME_LENGTH = 255
+MIN_STEP, MAX_STEP = -(2**63), 2**63 - 1
+
 RUN_ID_ENV = "AMLRUN_RUN_ID"
 EXPERIMENT_ENV = "AMLRUN_EXPERIMENT"
 EVENTS_FILE_ENV = "AMLRUN_EVENTS_FILE"
 OUTPUTS_DIR_ENV = "AMLRUN_OUTPUTS_DIR"
+
+
+class MetricError(ValueError):
+    """A metric the run history cannot keep: an empty or too long name, or a step that is not a 64-bit integer."""
+
+
+def metric_problem(name: object, value: object, step: object) -> str | None:
+    """What makes a metric unfit for the run history, or None if it is fine.
+
+    :param name: the metric's name: a string of 1 to 255 characters.
+    :param value: its value, which must be JSON-serialisable.
+    :param step: None, or an integer in the signed 64-bit range.
+    """
+    if not isinstance(name, str) or not name.strip():
+        return f"metric name {name!r} must be a non-empty string"
+    if len(name) > MAX_METRIC_NAME_LENGTH:
+        return (
+            f"metric name {name[:40]!r}... is {len(name)} characters long; the run history keeps names of at "
+            f"most {MAX_METRIC_NAME_LENGTH}"
+        )
+    if step is not None and (
+        isinstance(step, bool) or not isinstance(step, int) or not MIN_STEP <= step <= MAX_STEP
+    ):
+        return f"step {step!r} of metric {name!r} must be an integer from -2**63 to 2**63-1"
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return f"the value of metric {name!r} ({type(value).__name__}) cannot be written as JSON"
+    return None
+
+
+def _step(step: Any) -> Any:
+    # Integral values of any integer type (numpy, torch) or an integral float are steps; anything else is
+    # left for metric_problem to name.
+    if step is None or isinstance(step, bool):
+        return step
+    if isinstance(step, float) and step.is_integer():
+        return int(step)
+    try:
+        return operator.index(step)
+    except TypeError:
+        return step
 
 
 def _jsonable(value: Any) -> Any:
@@ -72,8 +119,12 @@ class Run:
         return False
 
     def log(self, name: str, value: Any, step: int | None = None, description: str = "") -> None:
-        """Record one value of a metric; the run keeps every value, and reports the last one per name."""
-        self._record_metric(str(name), _jsonable(value), step)
+        """Record one value of a metric; the run keeps every value, and reports the last one per name.
+
+        :raises MetricError: the name is empty or longer than 255 characters, or the step is not an integer
+            in the signed 64-bit range. Nothing is recorded then.
+        """
+        self._record_metric(str(name), _jsonable(value), _step(step))
 
     def log_list(self, name: str, values: list[Any], description: str = "") -> None:
         """Record a list of values of a metric, as successive steps."""
@@ -102,11 +153,14 @@ class Run:
     def complete(self) -> None:
         """Kept for scripts written for Azure ML; the run completes when the script exits."""
 
-    def _record_metric(self, name: str, value: Any, step: int | None) -> None:
+    def _record_metric(self, name: str, value: Any, step: Any) -> None:
+        problem = metric_problem(name, value, step)
+        if problem is not None:
+            raise MetricError(f"Run.log: {problem}; nothing was recorded.")
         self.metrics.setdefault(name, []).append(value)
         event: dict[str, Any] = {"kind": "metric", "name": name, "value": value, "time": time.time()}
         if step is not None:
-            event["step"] = int(step)
+            event["step"] = step
         self._emit(event)
 
     def _emit(self, event: dict[str, Any]) -> None:
@@ -123,17 +177,16 @@ class Run:
 
 
 class OfflineRun(Run):
-    """A run outside any submission: keeps what is logged, prints it, and never raises."""
+    """A run outside any submission: keeps what is logged and prints it.
+
+    It does without everything a submission provides (an events file, an outputs folder), but refuses a
+    metric the run history would refuse (:class:`MetricError`), so a script tried by hand fails where it
+    would fail once submitted, not after hours of training.
+    """
 
     @property
     def offline(self) -> bool:
         return True
-
-    def log(self, name: str, value: Any, step: int | None = None, description: str = "") -> None:
-        try:
-            super().log(name, value, step, description)
-        except Exception as err:  # an offline run must never break the script
-            print(f"[offline run] could not log {name!r}: {err}", file=sys.stderr)
 
     def tag(self, key: str, value: Any = "") -> None:
         self.tags[str(key)] = str(value)

@@ -1,6 +1,16 @@
 """Run history: experiments, runs and metrics in a database of the workspace's own."""
 
+from airflow_amlrun.history.bookkeeping import HistoryUnavailableError, RunBookkeeper
 from airflow_amlrun.history.records import ExperimentRecord, MetricPoint, RunRecord, RunStatus
 from airflow_amlrun.history.repository import RunHistory, RunNotFoundError
 
-__all__ = ["ExperimentRecord", "MetricPoint", "RunHistory", "RunNotFoundError", "RunRecord", "RunStatus"]
+__all__ = [
+    "ExperimentRecord",
+    "HistoryUnavailableError",
+    "MetricPoint",
+    "RunBookkeeper",
+    "RunHistory",
+    "RunNotFoundError",
+    "RunRecord",
+    "RunStatus",
+]

@@ -5,7 +5,18 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -61,7 +72,8 @@ class MetricRow(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     run_id: Mapped[str] = mapped_column(ForeignKey("amlrun_runs.id", ondelete="CASCADE"))
     name: Mapped[str] = mapped_column(String(256))
-    step: Mapped[int | None] = mapped_column(Integer)
+    # Steps count samples or tokens as often as epochs: 64-bit (a 32-bit step overflows at 2**31).
+    step: Mapped[int | None] = mapped_column(BigInteger)
     value: Mapped[float | None] = mapped_column(Float)
     # A logged value that is not a number (a string, a list) keeps its JSON text here.
     value_json: Mapped[str | None] = mapped_column(Text)

@@ -23,8 +23,10 @@ from airflow_amlrun.history.records import ExperimentRecord, MetricPoint, RunRec
 _MIGRATIONS = Path(__file__).with_name("migrations")
 # The newest migration's revision; a test checks it against Alembic's head. Knowing it lets a process
 # that finds the schema current skip loading Alembic at all (a task process opens the history once).
-SCHEMA_HEAD = "0002"
+SCHEMA_HEAD = "0003"
 _migrated: set[str] = set()
+# Metric points looked up or written per statement.
+_BATCH = 1000
 _migrate_lock = threading.Lock()
 
 
@@ -176,14 +178,19 @@ class RunHistory:
             session.flush()
             return self._record(session, row, exp.name)
 
-    def update_run(self, run_id: str, **fields: Any) -> RunRecord:
-        """Change fields of a run; a status given as RunStatus is stored by its value."""
+    def update_run(self, run_id: str, *, add_tags: dict[str, str] | None = None, **fields: Any) -> RunRecord:
+        """Change fields of a run; a status given as RunStatus is stored by its value.
+
+        :param add_tags: tags to set beside the run's others (in the same transaction that reads them).
+        """
         with self.session() as session:
             row = self._run_row(session, run_id)
             for key, value in fields.items():
                 if not hasattr(RunRow, key):
                     raise AttributeError(f"runs have no field {key!r}")
                 setattr(row, key, value.value if isinstance(value, RunStatus) else value)
+            if add_tags:
+                row.tags = {**(row.tags or {}), **add_tags}
             session.flush()
             return self._record(session, row)
 
@@ -276,13 +283,15 @@ class RunHistory:
         if not points:
             return 0
         with self.session() as session:
-            known = set(
-                session.scalars(
-                    select(MetricRow.seq).where(
-                        MetricRow.run_id == run_id, MetricRow.seq.in_([p.seq for p in points])
+            known: set[int] = set()
+            # In batches: a database limits the parameters of one statement (SQLite to 32766).
+            for start in range(0, len(points), _BATCH):
+                batch = [p.seq for p in points[start : start + _BATCH]]
+                known.update(
+                    session.scalars(
+                        select(MetricRow.seq).where(MetricRow.run_id == run_id, MetricRow.seq.in_(batch))
                     )
                 )
-            )
             new = [p for p in points if p.seq not in known]
             for point in new:
                 number, as_json = _split_value(point.value)
@@ -347,7 +356,10 @@ def _of_dags(dag_ids: Collection[str] | None, runs_without_dag: bool) -> ColumnE
 def _split_value(value: Any) -> tuple[float | None, str | None]:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None, json.dumps(value)
-    number = float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond a float's range keeps every digit as JSON text
+        return None, json.dumps(value)
     # NaN and infinities do not survive every database: keep them as JSON text.
     if math.isfinite(number):
         return number, None

@@ -1,0 +1,165 @@
+"""A run goes on when the run history is away or refuses a metric: bookkeeping never cancels training."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from airflow_amlrun import Workspace
+from tests.conftest import wait_until_running, write_script
+from tests.integration.private_postgres import PrivatePostgres, private_postgres
+
+pytestmark = pytest.mark.usefixtures("airflow_db")
+
+DAG = """
+import pendulum
+from airflow.sdk import DAG
+from airflow_amlrun import ScriptRunConfig, ScriptRunOperator
+
+with DAG("DAG_ID", schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC")) as dag:
+    ScriptRunOperator(task_id="train", config=ScriptRunConfig({source!r}, script="train.py"))
+"""
+
+
+@pytest.fixture
+def own_postgres(amlrun_home: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[PrivatePostgres]:
+    """The workspace's history on a PostgreSQL server of this test's own."""
+    with private_postgres() as server:
+        monkeypatch.setenv(
+            "AIRFLOW_CONN_AMLRUN_DEFAULT",
+            json.dumps(
+                {
+                    "conn_type": "amlrun",
+                    "extra": {"database_url": server.url, "store_url": str(amlrun_home / "store")},
+                }
+            ),
+        )
+        yield server
+
+
+def test_a_run_goes_on_while_postgresql_restarts_and_every_metric_arrives(run_dag, tmp_path, own_postgres):
+    restarted = tmp_path / "restarted"
+    write_script(
+        tmp_path / "src",
+        "train.py",
+        f"""
+        import os, time
+        from airflow_amlrun.run_context import Run
+        run = Run.get_context()
+        step = 0
+        # Training logs a loss every few milliseconds, before, during and after the database restart.
+        while not os.path.exists({str(restarted)!r}) or step < 400:
+            run.log("loss", 1.0 / (step + 1), step=step)
+            step += 1
+            time.sleep(0.01)
+        run.tag("steps", step)
+        print("trained", step, "steps")
+    """,
+    )
+
+    def restart_the_database() -> None:
+        if wait_until_running() is not None:
+            own_postgres.stop()
+            threading.Event().wait(3)  # down for a while, as a restart or a failover is
+            own_postgres.start()
+        restarted.touch()
+
+    restarter = threading.Thread(target=restart_the_database)
+    restarter.start()
+    result = run_dag(DAG.format(source=str(tmp_path / "src")))
+    restarter.join()
+
+    assert result.state == "success", result.log
+    assert "does not answer" in result.log and "The run goes on" in result.log
+    assert "the run history answers again" in result.log
+    ws = Workspace.get()
+    run = ws.get_run(result.xcoms["train"]["run_id"])
+    assert run.status == "Completed"
+    steps = int(run.tags["steps"])
+    assert f"trained {steps} steps" in result.log
+    points = ws.history.get_metrics(run.id, "loss")
+    assert [p.step for p in points] == list(range(steps))
+    assert run.metrics["loss"] == pytest.approx(1.0 / steps)
+
+
+def test_a_history_that_stays_away_fails_the_task_but_never_the_finished_run(
+    run_dag, tmp_path, own_postgres, monkeypatch
+):
+    from airflow_amlrun.history import bookkeeping
+
+    monkeypatch.setattr(bookkeeping, "FINAL_WRITE_SECONDS", 2.0)
+    database_down = tmp_path / "database-down"
+    write_script(
+        tmp_path / "src",
+        "train.py",
+        f"""
+        import os, time
+        from airflow_amlrun.run_context import Run
+        while not os.path.exists({str(database_down)!r}):
+            time.sleep(0.02)
+        Run.get_context().log("accuracy", 0.93)
+        open("outputs/model.txt", "w").write("trained")
+        print("training finished")
+    """,
+    )
+
+    def stop_the_database() -> None:
+        if wait_until_running() is not None:
+            own_postgres.stop()
+        database_down.touch()
+
+    stopper = threading.Thread(target=stop_the_database)
+    stopper.start()
+    result = run_dag(DAG.format(source=str(tmp_path / "src")))
+    stopper.join()
+    own_postgres.start()
+
+    assert result.state == "failed"
+    assert "training finished" in result.log
+    assert "HistoryUnavailableError" in result.log
+    assert "did not accept its outcome (Completed) for 2 s" in result.log
+    assert "a retry of this task re-attaches to the finished run" in result.log
+    [run] = Workspace.get().list_runs()
+    assert run.status == "Running"  # left for the retry, neither Canceled nor Failed
+    assert run.handle is not None
+
+
+def test_metrics_the_history_cannot_keep_are_refused_without_touching_the_run(
+    run_dag, tmp_path, workspace_backend
+):
+    write_script(
+        tmp_path / "src",
+        "train.py",
+        """
+        import json, os
+        from airflow_amlrun.run_context import MetricError, Run
+        run = Run.get_context()
+        try:
+            run.log("n" * 300, 1.0)
+        except MetricError as err:
+            print("refused:", err)
+        run.log("tokens_seen", 0.5, step=2**40)
+        # Lines an older run_context, or a script writing the file itself, could leave behind.
+        with open(os.environ["AMLRUN_EVENTS_FILE"], "a") as events:
+            events.write(json.dumps({"kind": "metric", "name": "m" * 300, "value": 1}) + "\\n")
+            events.write(json.dumps({"kind": "metric", "name": "huge_step", "value": 1, "step": 2**70}) + "\\n")
+        run.log("after", 2)
+    """,
+    )
+    result = run_dag(DAG.format(source=str(tmp_path / "src")))
+
+    assert result.state == "success", result.log
+    assert "refused: Run.log: metric name 'nnnn" in result.log
+    assert "is 300 characters long; the run history keeps names of at most 255" in result.log
+    assert "a metric was not recorded: metric name 'mmmm" in result.log
+    assert "a metric was not recorded: step 1180591620717411303424 of metric 'huge_step'" in result.log
+    ws = Workspace.get()
+    run = ws.get_run(result.xcoms["train"]["run_id"])
+    assert run.status == "Completed"
+    assert run.metrics == {"after": 2, "tokens_seen": 0.5}
+    [point] = ws.history.get_metrics(run.id, "tokens_seen")
+    assert point.step == 2**40
