@@ -271,3 +271,24 @@ def test_snapshot_takes_exactly_what_git_would_track(tree: tuple[list[str], dict
         ours = included(root)
         assert ours == git_included(root)
         assert ours == set(files) - git_check_ignored(root, files)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(trees())
+def test_a_left_out_file_is_explained_by_the_rule_that_excludes_it(
+    tree: tuple[list[str], dict[str, list[str]]],
+) -> None:
+    from airflow_amlrun.snapshot.walk import find_exclusion
+
+    paths, ignores = tree
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        files = materialize_tree(root, paths, ignores)
+        taken = included(root)
+        for path in files:
+            exclusion = find_exclusion(root, path)
+            assert (exclusion is None) == (path in taken), (path, exclusion)
+            if exclusion is not None and exclusion.rule is not None:
+                source = (root / exclusion.rule.source).read_text().split("\n")
+                assert source[exclusion.rule.line - 1] == exclusion.rule.text
+                assert path == exclusion.path or path.startswith(exclusion.path + "/")
