@@ -235,7 +235,8 @@ def newest_run() -> NewestRun | None:
     try:
         with engine.connect() as connection:
             row = connection.execute(sqlalchemy.text(query)).first()
-    except sqlalchemy.exc.OperationalError:  # the history does not exist yet
+    except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.ProgrammingError):
+        # The history does not exist yet (SQLite: no file; PostgreSQL: no table yet), or is down.
         return None
     return None if row is None else NewestRun(id=row[0], status=row[1])
 

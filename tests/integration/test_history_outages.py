@@ -62,11 +62,13 @@ def test_a_run_goes_on_while_postgresql_restarts_and_every_metric_arrives(run_da
     )
 
     def restart_the_database() -> None:
-        if wait_until_running() is not None:
-            own_postgres.stop()
-            threading.Event().wait(3)  # down for a while, as a restart or a failover is
-            own_postgres.start()
-        restarted.touch()
+        try:
+            if wait_until_running() is not None:
+                own_postgres.stop()
+                threading.Event().wait(3)  # down for a while, as a restart or a failover is
+                own_postgres.start()
+        finally:
+            restarted.touch()  # whatever happened here, the script must not wait forever
 
     restarter = threading.Thread(target=restart_the_database)
     restarter.start()
@@ -108,9 +110,11 @@ def test_a_history_that_stays_away_fails_the_task_but_never_the_finished_run(
     )
 
     def stop_the_database() -> None:
-        if wait_until_running() is not None:
-            own_postgres.stop()
-        database_down.touch()
+        try:
+            if wait_until_running() is not None:
+                own_postgres.stop()
+        finally:
+            database_down.touch()
 
     stopper = threading.Thread(target=stop_the_database)
     stopper.start()
