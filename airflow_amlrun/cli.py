@@ -97,6 +97,35 @@ def cmd_snapshot_restore(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def cmd_reconcile(args: argparse.Namespace, console: Console) -> int:
+    from dataclasses import replace
+
+    from airflow_amlrun.config import load_settings
+    from airflow_amlrun.reconcile import reconcile
+
+    settings = load_settings()
+    if args.after is not None:
+        settings = replace(settings, reconcile_after_seconds=args.after)
+    settlements = reconcile(_workspace(args), settings=settings, dry_run=args.dry_run)
+    if args.json:
+        console.print_json(json.dumps([s.__dict__ for s in settlements]))
+        return 0
+    if not settlements:
+        console.print(
+            f"Nothing to settle: every unfinished run was reported on in the last "
+            f"{settings.reconcile_after_seconds:g} s by the task following it."
+        )
+        return 0
+    verb = "would record" if args.dry_run else "recorded"
+    table = Table(title="Runs no task followed any more" + (" (dry run)" if args.dry_run else ""))
+    for column in ("run id", "experiment", verb, "why"):
+        table.add_column(column, overflow="fold")
+    for s in settlements:
+        table.add_row(s.run_id, s.experiment, s.outcome, s.reason)
+    console.print(table)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="amlrun", description="Read the airflow-amlrun run history.")
     parser.add_argument(
@@ -117,6 +146,21 @@ def build_parser() -> argparse.ArgumentParser:
     show.set_defaults(func=cmd_runs_show)
 
     sub.add_parser("experiments", help="experiments and their run counts").set_defaults(func=cmd_experiments)
+
+    settle = sub.add_parser(
+        "reconcile",
+        help="settle unfinished runs no task follows any more (their worker died and no retry came)",
+    )
+    settle.add_argument(
+        "--after",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="consider runs nobody reported on for this long (default: [amlrun] reconcile_after_seconds)",
+    )
+    settle.add_argument("--dry-run", action="store_true", help="say what would be done, change nothing")
+    settle.add_argument("--json", action="store_true")
+    settle.set_defaults(func=cmd_reconcile)
 
     snapshot = sub.add_parser("snapshot", help="code snapshots").add_subparsers(
         dest="snapshot_command", required=True

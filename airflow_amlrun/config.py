@@ -39,6 +39,12 @@ OPTIONS: dict[str, tuple[str, str]] = {
         "Public Python image from which a Docker daemon that lacks the default image (an amlrun-base image) "
         "builds it on first use, pulling it if needed. Empty: never build it.",
     ),
+    "reconcile_after_seconds": (
+        "600",
+        "A run whose task has not reported on it for this long (its worker died, and no retry re-attached) "
+        "is settled by `amlrun reconcile`, which every task also runs when it starts: recorded as it ended "
+        "on its target, or stopped and recorded Failed once past its max_run_duration_seconds.",
+    ),
 }
 
 CLEANUP_CHOICES = ("never", "on_success", "always")
@@ -72,6 +78,7 @@ class Settings:
     poll_interval_seconds: float
     docker_default_image: str
     docker_default_image_base: str
+    reconcile_after_seconds: float
 
 
 def load_settings() -> Settings:
@@ -94,6 +101,7 @@ def load_settings() -> Settings:
         poll_interval_seconds=float(_option("poll_interval_seconds")),
         docker_default_image=_option("docker_default_image") or OPTIONS["docker_default_image"][0],
         docker_default_image_base=_option("docker_default_image_base"),
+        reconcile_after_seconds=float(_option("reconcile_after_seconds")),
     )
 
 

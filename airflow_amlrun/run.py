@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 
 # Lines of the script's output kept for the error of a failed run.
 LOG_TAIL_LINES = 30
+# How often the task following a run reports in (the run row's heartbeat_at); reconcile settles a run
+# nobody reported on for [amlrun] reconcile_after_seconds.
+HEARTBEAT_SECONDS = 15.0
 # While the history is away, metric events wait in the run's events file rather than in memory beyond this.
 MAX_BUFFERED_POINTS = 100_000
 
@@ -177,6 +180,8 @@ class ScriptRun:
             snapshot_id=snapshot.id,
             git=git,
             tags=dict(tags or {}),
+            max_run_duration_seconds=job.max_run_duration_seconds,
+            heartbeat_at=_now(),
             **(airflow_task.row_fields() if airflow_task else {}),
         )
         run = cls(workspace, target, job, settings)
@@ -227,17 +232,28 @@ class ScriptRun:
             log.info(
                 "Re-attaching to run %s, left unfinished by try %s of this task", record.id, record.try_number
             )
-            attached = cls(experiment.workspace, target, job, settings)
-            attached.handle = handle
-            attached._started = record.start or _now()
-            history.update_run(
-                record.id,
-                status=RunStatus.RUNNING,
-                handle=handle,
-                start_time=attached._started,
-                try_number=airflow_task.try_number,
-            )
+            attached = cls.following(experiment.workspace, target, job, handle, record, settings)
+            history.update_run(record.id, try_number=airflow_task.try_number)
         return attached
+
+    @classmethod
+    def following(
+        cls,
+        workspace: Workspace,
+        target: ComputeTarget,
+        job: Job,
+        handle: dict[str, Any],
+        record: RunRecord,
+        settings: Settings,
+    ) -> ScriptRun:
+        """A recorded run on its target, to be followed from this process (a retry, or reconcile)."""
+        run = cls(workspace, target, job, settings)
+        run.handle = handle
+        run._started = record.start or _now()
+        workspace.history.update_run(
+            record.id, status=RunStatus.RUNNING, handle=handle, start_time=run._started, heartbeat_at=_now()
+        )
+        return run
 
     def _start(self, code: CodeSource) -> None:
         try:
@@ -246,7 +262,9 @@ class ScriptRun:
             self._book.update(status=RunStatus.STARTING)
             self.handle = self.target.submit(self.job)
             self._started = _now()
-            self._book.update(status=RunStatus.RUNNING, handle=self.handle, start_time=self._started)
+            self._book.update(
+                status=RunStatus.RUNNING, handle=self.handle, start_time=self._started, heartbeat_at=_now()
+            )
         except BaseException as err:
             self._finish(RunStatus.FAILED, f"The run could not be started: {err}")
             raise
@@ -279,13 +297,18 @@ class ScriptRun:
             already = (_now() - self._started).total_seconds()
             deadline = time.monotonic() + self.job.max_run_duration_seconds - already
         self._waiting = True
+        next_beat = time.monotonic() + HEARTBEAT_SECONDS
         try:
             while True:
                 status = self.target.wait(self.handle, self.settings.poll_interval_seconds)
                 self._drain(emit, final=not status.running)
                 if not status.running:
                     return self._conclude(status)
-                self._book.flush()
+                if time.monotonic() >= next_beat:
+                    next_beat = time.monotonic() + HEARTBEAT_SECONDS
+                    self._book.update(heartbeat_at=_now())
+                else:
+                    self._book.flush()
                 if self._cancel_requested:
                     self.target.cancel(self.handle)
                 elif deadline is not None and time.monotonic() > deadline and not self._timed_out:

@@ -261,20 +261,29 @@ from airflow_amlrun import Experiment, ScriptRunConfig, Workspace
 from airflow_amlrun.run import AirflowTask
 
 task = AirflowTask(dag_id="retrain", task_id="train", run_id="manual_1", map_index=None, try_number=1)
-config = ScriptRunConfig(sys.argv[1], script="train.py", compute_target=sys.argv[2])
+limit = float(sys.argv[3]) if sys.argv[3] != "none" else None
+config = ScriptRunConfig(
+    sys.argv[1], script="train.py", compute_target=sys.argv[2], max_run_duration_seconds=limit
+)
 Experiment(Workspace.get(), "reattach").submit(config, airflow_task=task).wait_for_completion(show_output=False)
 """
 
 
-def worker_dies_mid_run(source: Path, compute_target: str = "local", settle: float = 0.0) -> Any:
+def worker_dies_mid_run(
+    source: Path,
+    compute_target: str = "local",
+    settle: float = 0.0,
+    max_run_duration_seconds: float | None = None,
+) -> Any:
     """Try 1 of task retrain.train: a worker process submits the run, then is SIGKILLed once it is Running.
 
     Returns the run as the history holds it afterwards (left Running by the dead worker).
     """
     from airflow_amlrun import Workspace
 
+    limit = "none" if max_run_duration_seconds is None else str(max_run_duration_seconds)
     worker = subprocess.Popen(
-        [sys.executable, "-c", _SUBMIT_AS_TRY_1, str(source), compute_target], env=os.environ.copy()
+        [sys.executable, "-c", _SUBMIT_AS_TRY_1, str(source), compute_target, limit], env=os.environ.copy()
     )
     wait_until_running()
     time.sleep(settle)

@@ -60,6 +60,9 @@ class RunRow(Base):
     airflow_run_id: Mapped[str | None] = mapped_column(String(250))
     map_index: Mapped[int | None] = mapped_column(Integer)
     try_number: Mapped[int | None] = mapped_column(Integer)
+    # When the task following the run last reported in; a run nobody reports on may be settled (reconcile).
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    max_run_duration_seconds: Mapped[float | None] = mapped_column(Float)
 
     __table_args__ = (
         Index("ix_amlrun_runs_airflow_task", "dag_id", "task_id", "airflow_run_id", "map_index"),

@@ -73,6 +73,8 @@ class RunRecord:
     map_index: int | None
     try_number: int | None
     metrics: dict[str, Any] = field(default_factory=dict)
+    heartbeat_at: datetime | None = None
+    max_run_duration_seconds: float | None = None
 
     @property
     def duration_seconds(self) -> float | None:

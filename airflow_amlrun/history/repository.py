@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import ColumnElement, Engine, create_engine, event, func, inspect, or_, select, text
+from sqlalchemy import ColumnElement, Engine, create_engine, event, func, inspect, or_, select, text, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -23,7 +23,7 @@ from airflow_amlrun.history.records import ExperimentRecord, MetricPoint, RunRec
 _MIGRATIONS = Path(__file__).with_name("migrations")
 # The newest migration's revision; a test checks it against Alembic's head. Knowing it lets a process
 # that finds the schema current skip loading Alembic at all (a task process opens the history once).
-SCHEMA_HEAD = "0003"
+SCHEMA_HEAD = "0004"
 _migrated: set[str] = set()
 # Metric points looked up or written per statement.
 _BATCH = 1000
@@ -237,6 +237,34 @@ class RunHistory:
             query = query.order_by(RunRow.created_at.desc(), RunRow.id.desc()).limit(limit)
             return [self._record(session, row, name) for row, name in session.execute(query).all()]
 
+    def unfinished_runs(self, *, heard_before: datetime | None = None, limit: int = 1000) -> list[RunRecord]:
+        """Runs not yet Completed, Failed or Canceled, the longest unheard-of first.
+
+        :param heard_before: only runs whose task last reported on them (heartbeat_at, else their start or
+            creation) before this time.
+        """
+        last_heard = _last_heard()
+        with self.session() as session:
+            query = select(RunRow, ExperimentRow.name).join(ExperimentRow).where(_unfinished())
+            if heard_before is not None:
+                query = query.where(last_heard < heard_before)
+            query = query.order_by(last_heard, RunRow.id).limit(limit)
+            return [self._record(session, row, name) for row, name in session.execute(query).all()]
+
+    def claim_unheard_run(self, run_id: str, *, heard_before: datetime) -> bool:
+        """Mark an unfinished run as reported on now, if nobody reported on it since heard_before.
+
+        One statement, so of several processes settling orphaned runs at once, exactly one gets each run.
+        """
+        with self.session() as session:
+            result = session.execute(
+                update(RunRow)
+                .where(RunRow.id == run_id, _unfinished(), _last_heard() < heard_before)
+                .values(heartbeat_at=utcnow())
+                .execution_options(synchronize_session=False)
+            )
+            return bool(getattr(result, "rowcount", 0) == 1)
+
     def _run_row(self, session: Session, run_id: str) -> RunRow:
         row = session.get(RunRow, run_id)
         if row is None:
@@ -272,6 +300,8 @@ class RunHistory:
             airflow_run_id=row.airflow_run_id,
             map_index=row.map_index,
             try_number=row.try_number,
+            heartbeat_at=_aware(row.heartbeat_at),
+            max_run_duration_seconds=row.max_run_duration_seconds,
             metrics=self._last_metrics(session, row.id),
         )
 
@@ -351,6 +381,14 @@ def _of_dags(dag_ids: Collection[str] | None, runs_without_dag: bool) -> ColumnE
         return None
     of_dags = RunRow.dag_id.is_not(None) if dag_ids is None else RunRow.dag_id.in_(sorted(dag_ids))
     return or_(of_dags, RunRow.dag_id.is_(None)) if runs_without_dag else of_dags
+
+
+def _unfinished() -> ColumnElement[bool]:
+    return RunRow.status.in_([s.value for s in RunStatus if not s.is_terminal])
+
+
+def _last_heard() -> ColumnElement[datetime]:
+    return func.coalesce(RunRow.heartbeat_at, RunRow.start_time, RunRow.created_at)
 
 
 def _split_value(value: Any) -> tuple[float | None, str | None]:

@@ -19,8 +19,13 @@ from airflow_amlrun.runconfig import ScriptRunConfig, render_arguments, render_e
 if TYPE_CHECKING:
     from airflow.sdk import Context
 
-    from airflow_amlrun.run import ScriptRun
+    from airflow_amlrun.history import RunRecord
+    from airflow_amlrun.run import AirflowTask, ScriptRun
     from airflow_amlrun.workspace import Workspace
+
+
+# Longest a starting task spends settling other tasks' orphaned runs.
+RECONCILE_BUDGET_SECONDS = 10.0
 
 
 class ScriptRunOperator(BaseOperator):
@@ -102,17 +107,19 @@ class ScriptRunOperator(BaseOperator):
             mask_secret(secret)
         experiment = Experiment(self.workspace, self.experiment or experiment_name_from(ti.dag_id))
         map_index = getattr(ti, "map_index", -1)
+        task = AirflowTask(
+            dag_id=ti.dag_id,
+            task_id=ti.task_id,
+            run_id=ti.run_id,
+            map_index=map_index if map_index is not None and map_index >= 0 else None,
+            try_number=getattr(ti, "try_number", None),
+        )
+        self._settle_orphaned_runs(task)
         self._run = experiment.submit(
             config,
             tags={str(k): str(v) for k, v in (self.tags or {}).items()},
             base_dir=dag_folder,
-            airflow_task=AirflowTask(
-                dag_id=ti.dag_id,
-                task_id=ti.task_id,
-                run_id=ti.run_id,
-                map_index=map_index if map_index is not None and map_index >= 0 else None,
-                try_number=getattr(ti, "try_number", None),
-            ),
+            airflow_task=task,
         )
         ti.xcom_push(key=RUN_ID_XCOM_KEY, value=self._run.id)
         self.log.info(
@@ -123,6 +130,27 @@ class ScriptRunOperator(BaseOperator):
             "Run %s %s in %ss; metrics: %s", record.id, record.status, record.duration_seconds, record.metrics
         )
         return record.summary()
+
+    def _settle_orphaned_runs(self, task: AirflowTask) -> None:
+        """Settle runs whose tasks died without a retry (``amlrun reconcile``), spending a few seconds at most.
+
+        This task's own earlier tries are left to the re-attach that follows; a failure here never fails
+        the task.
+        """
+        from airflow_amlrun.reconcile import reconcile
+
+        def own_earlier_try(record: RunRecord) -> bool:
+            return (record.dag_id, record.task_id, record.airflow_run_id, record.map_index) == (
+                task.dag_id,
+                task.task_id,
+                task.run_id,
+                task.map_index,
+            )
+
+        try:
+            reconcile(self.workspace, skip=own_earlier_try, time_budget_seconds=RECONCILE_BUDGET_SECONDS)
+        except Exception as err:
+            self.log.warning("Settling orphaned runs failed (the task goes on): %s", err)
 
     def on_kill(self) -> None:
         if self._run is not None:

@@ -1,0 +1,204 @@
+"""Settling runs that nobody follows any more: ``amlrun reconcile``, which every task also runs as it starts.
+
+A run is followed by the task that submitted it (or by a retry of that task that re-attached to it), and
+that task reports in on the run row (``heartbeat_at``) every few seconds. When the task dies and no retry
+comes, the row would stay Running for good, although the run itself ended on its target, or was stopped
+there at its time limit (targets enforce ``max_run_duration_seconds`` themselves). Reconcile takes every
+unfinished run nobody reported on for ``[amlrun] reconcile_after_seconds`` and:
+
+- a run that ended on its target is followed to its end from here, as a retry would: the rest of its log
+  and metrics, its outputs and its outcome (Completed, or Failed with the reason, the time limit included)
+  are recorded;
+- a run still running past its time limit is stopped on its target and recorded Failed with the limit;
+- a run still running within its limit is left alone: it is real work, and a retry of its task
+  re-attaches to it;
+- a run that never reached its target (no handle, nothing found there by its run id) is recorded Failed;
+- a run on another machine's local target (or that machine's Docker socket) cannot be looked at from
+  here and is left for a reconcile on that machine.
+
+Several processes may reconcile at once: each run is claimed with one conditional update, so only one of
+them settles it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from airflow_amlrun.config import Settings, load_settings
+from airflow_amlrun.environment import Environment, ResolvedEnvironment
+from airflow_amlrun.errors import AmlRunError
+from airflow_amlrun.history import RunRecord, RunStatus
+from airflow_amlrun.run import ScriptRun
+from airflow_amlrun.targets.base import ComputeTarget, Job
+from airflow_amlrun.targets.registry import resolve_target
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from airflow_amlrun.workspace import Workspace
+
+log = logging.getLogger(__name__)
+
+# The row's tag saying a run was recorded by reconcile rather than by the task that submitted it.
+SETTLED_BY_TAG = "amlrun.settled_by"
+LEFT = "left as it is"
+
+
+@dataclass(frozen=True)
+class Settlement:
+    """What reconcile did with one unfinished run: the status it recorded (or LEFT), and why."""
+
+    run_id: str
+    experiment: str
+    outcome: str
+    reason: str
+
+    @property
+    def settled(self) -> bool:
+        return self.outcome != LEFT
+
+
+def reconcile(
+    workspace: Workspace,
+    *,
+    settings: Settings | None = None,
+    dry_run: bool = False,
+    skip: Callable[[RunRecord], bool] | None = None,
+    time_budget_seconds: float | None = None,
+) -> list[Settlement]:
+    """Settle the workspace's unfinished runs that nobody has reported on lately; see the module's docstring.
+
+    :param workspace: the workspace whose history to settle.
+    :param settings: the ``[amlrun]`` settings (``reconcile_after_seconds``); read when not given.
+    :param dry_run: only say what would be done (targets are asked, nothing is changed).
+    :param skip: runs not to touch (a task starting leaves its own earlier tries' runs to its re-attach).
+    :param time_budget_seconds: stop looking at further runs after this long (a task starting spends
+        little time on others' runs).
+    """
+    settings = settings or load_settings()
+    started = time.monotonic()
+    heard_before = datetime.now(UTC) - timedelta(seconds=settings.reconcile_after_seconds)
+    settlements: list[Settlement] = []
+    for record in workspace.history.unfinished_runs(heard_before=heard_before):
+        if time_budget_seconds is not None and time.monotonic() - started > time_budget_seconds:
+            break
+        if skip is not None and skip(record):
+            continue
+        try:
+            settlement = _settle(workspace, settings, record, heard_before, dry_run)
+        except Exception as err:  # one run that cannot be looked at must not keep the others unsettled
+            log.warning("Reconcile: run %s could not be settled: %s", record.id, err)
+            settlement = Settlement(record.id, record.experiment, LEFT, f"could not be settled: {err}")
+        if settlement is not None:
+            settlements.append(settlement)
+            if settlement.settled:
+                log.warning(
+                    "Reconcile: run %s of experiment %s, which no task followed any more, is recorded %s: %s",
+                    settlement.run_id,
+                    settlement.experiment,
+                    settlement.outcome,
+                    settlement.reason,
+                )
+    return settlements
+
+
+def _settle(
+    workspace: Workspace, settings: Settings, record: RunRecord, heard_before: datetime, dry_run: bool
+) -> Settlement | None:
+    def result(outcome: str, reason: str) -> Settlement:
+        return Settlement(record.id, record.experiment, outcome, reason)
+
+    try:
+        target = resolve_target(record.target, settings, workspace)
+    except AmlRunError as err:
+        return result(LEFT, f"its compute target {record.target!r} cannot be used from here: {err}")
+    job = _recorded_job(record)
+    handle = record.handle or target.find(job)
+    if handle is None:
+        reason = (
+            "Lost: the task that submitted it stopped before the run reached its target, and no task "
+            "followed it since."
+        )
+        if dry_run:
+            return result(str(RunStatus.FAILED), reason)
+        if not workspace.history.claim_unheard_run(record.id, heard_before=heard_before):
+            return None  # someone else reported on it meanwhile
+        workspace.history.update_run(
+            record.id,
+            status=RunStatus.FAILED,
+            end_time=datetime.now(UTC),
+            error=reason,
+            tags={**record.tags, SETTLED_BY_TAG: "reconcile"},
+        )
+        return result(str(RunStatus.FAILED), reason)
+    unreachable = target.attachable(handle)
+    if unreachable is not None:
+        return result(LEFT, f"it cannot be reached from here ({unreachable}); reconcile on that machine")
+    status = target.wait(handle, 0)
+    over_limit = _over_limit(record)
+    if status.running and not over_limit:
+        return result(LEFT, "it still runs on its target, within its limit; a retry of its task re-attaches")
+    if dry_run:
+        return result("Failed" if status.running else "ended", "it would be followed to its end from here")
+    if not workspace.history.claim_unheard_run(record.id, heard_before=heard_before):
+        return None
+    return _follow_to_end(workspace, target, job, handle, record, settings)
+
+
+def _follow_to_end(
+    workspace: Workspace,
+    target: ComputeTarget,
+    job: Job,
+    handle: dict[str, Any],
+    record: RunRecord,
+    settings: Settings,
+) -> Settlement:
+    # Following it as a retry would: a run past its limit is stopped at once (the deadline counts from its
+    # start), one that ended is drained, concluded, collected and tidied.
+    run = ScriptRun.following(workspace, target, job, handle, record, settings)
+    workspace.history.update_run(record.id, tags={**record.tags, SETTLED_BY_TAG: "reconcile"})
+    final = run.wait_for_completion(show_output=False, raise_on_error=False)
+    return Settlement(
+        record.id, record.experiment, str(final.status), final.error or "it ended on its target"
+    )
+
+
+def _over_limit(record: RunRecord) -> bool:
+    if record.max_run_duration_seconds is None or record.start is None:
+        return False
+    return (datetime.now(UTC) - record.start).total_seconds() > record.max_run_duration_seconds
+
+
+def _recorded_job(record: RunRecord) -> Job:
+    """The job of a recorded run, as much as following it needs: its id, limit and the handle's target."""
+    recorded = record.environment or {}
+    spec = Environment()
+    environment = ResolvedEnvironment(
+        spec=spec,
+        name=str(recorded.get("name") or spec.name),
+        version=recorded.get("version"),
+        lock=None,
+        build_key=recorded.get("build_key"),
+        user_managed=bool(recorded.get("user_managed", True)),
+    )
+    command: str | list[str] | None = record.command
+    if record.command and record.command.startswith("["):
+        command = list(json.loads(record.command))
+    return Job(
+        run_id=record.id,
+        experiment=record.experiment,
+        source_directory=Path("."),
+        script=record.script,
+        command=command,
+        arguments=[str(a) for a in record.arguments],
+        environment=environment,
+        environment_variables={},
+        max_run_duration_seconds=record.max_run_duration_seconds,
+        snapshot_id=record.snapshot_id,
+    )
