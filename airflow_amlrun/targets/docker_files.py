@@ -1,0 +1,267 @@
+"""How files cross between the worker and a run's container, without the container reaching other files.
+
+A container controls everything under its run folder: on a daemon that bind-mounts it, it can replace any
+file there with a symbolic link to a path of the worker (``outputs/model -> /home/airflow/airflow.cfg``),
+with a folder, a FIFO or a device node, at any moment. So the worker:
+- keeps its own files (the log spool) outside the mounted folder, and writes nothing into it once the
+  container started;
+- opens what it reads there (the events file, ``ended_by``) with ``read_beneath``: no symbolic link is
+  followed on the way, and only a regular file is read;
+- takes ``outputs/`` and ``logs/`` out of the folder only once the container ended (``take_folder``), and
+  keeps in them only regular files, folders and links to regular files inside (``keep_only_inside``); every
+  entry left out is named in the task log;
+- unpacks what comes back from a daemon as a tar (``extract_folder``) with the same rules.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import shutil
+import stat
+import tarfile
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path, PurePosixPath
+from typing import IO
+
+log = logging.getLogger(__name__)
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class UnsafeFileError(Exception):
+    """A file of the run folder that the worker will not open: a link, a folder, a FIFO, a device..."""
+
+    def __init__(self, relative: str, why: str) -> None:
+        super().__init__(f"{relative} {why}")
+        self.relative = relative
+        self.why = why
+
+
+def read_beneath(root: Path, relative: str, offset: int = 0, limit: int = 1 << 20) -> bytes | None:
+    """Up to ``limit`` bytes from ``offset`` of the regular file root/relative; None when it does not exist.
+
+    No component of ``relative`` may be a symbolic link, and the file must be a regular file; otherwise
+    ``UnsafeFileError`` says what it is. ``root`` itself is the worker's (the mount point, which a container
+    cannot replace).
+    """
+    fd = _open_beneath(root, relative)
+    if fd is None:
+        return None
+    with os.fdopen(fd, "rb") as stream:
+        stream.seek(offset)
+        return stream.read(limit)
+
+
+def _open_beneath(root: Path, relative: str) -> int | None:
+    parts = PurePosixPath(relative).parts
+    if not parts or any(part in ("..", "/") for part in parts):
+        raise ValueError(f"{relative!r} is not a path inside the run folder")
+    folder = os.open(root, _DIR_FLAGS)
+    try:
+        for index, part in enumerate(parts[:-1]):
+            try:
+                inner = os.open(part, _DIR_FLAGS, dir_fd=folder)
+            except OSError as err:
+                if err.errno == errno.ENOENT:
+                    return None
+                if err.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise UnsafeFileError(
+                        "/".join(parts[: index + 1]), "is a symbolic link or not a folder"
+                    ) from None
+                raise
+            os.close(folder)
+            folder = inner
+        try:
+            return _open_regular(parts[-1], folder, relative)
+        except FileNotFoundError:
+            return None
+    finally:
+        os.close(folder)
+
+
+def _open_regular(name: str, folder: int, relative: str) -> int:
+    """A read descriptor of the regular file ``name`` in ``folder``, opened without side effects otherwise."""
+    if hasattr(os, "O_PATH") and os.path.isdir("/proc/self/fd"):
+        # O_PATH opens nothing (a FIFO does not block, a device is not touched): look first, then open the
+        # very inode looked at, through /proc, so nothing can be swapped in between.
+        handle = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=folder)
+        try:
+            _require_regular(os.fstat(handle).st_mode, relative)
+            return os.open(f"/proc/self/fd/{handle}", os.O_RDONLY | os.O_CLOEXEC)
+        finally:
+            os.close(handle)
+    try:
+        fd = os.open(
+            name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC, dir_fd=folder
+        )
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise UnsafeFileError(relative, "is a symbolic link") from None
+        raise
+    try:
+        _require_regular(os.fstat(fd).st_mode, relative)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _require_regular(mode: int, relative: str) -> None:
+    if not stat.S_ISREG(mode):
+        raise UnsafeFileError(relative, f"is {_kind(mode)}, not a regular file")
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISLNK(mode):
+        return "a symbolic link"
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device node"
+    return "a special file"
+
+
+def take_folder(source: Path, dest: Path, *, what: str) -> list[str]:
+    """Move the folder ``source`` (in a run folder whose container ended) to ``dest`` (one rename; check what
+    it holds with ``keep_only_inside``); returns what was left out, one line each.
+
+    A ``source`` that is no real folder (a link to one elsewhere, say) is left where it is, and ``dest`` made
+    empty. ``dest`` must not exist. Raises OSError when the rename is refused (a folder of another user).
+    """
+    try:
+        mode = os.lstat(source).st_mode
+    except FileNotFoundError:
+        dest.mkdir(parents=True)
+        return []
+    if not stat.S_ISDIR(mode):
+        dest.mkdir(parents=True)
+        return [f"{what} is {_kind(mode)}{_link_target(source)}, not a folder: it was not collected"]
+    os.rename(source, dest)
+    return []
+
+
+def keep_only_inside(root: Path, *, what: str) -> list[str]:
+    """Remove from the folder ``root`` every entry that is not a regular file, a folder, or a symbolic link to
+    a regular file inside ``root``; returns what was removed, one line each, as ``what/relative/path``."""
+    removed: list[str] = []
+    top = os.path.realpath(root)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in [*dirnames, *filenames]:
+            path = os.path.join(dirpath, name)
+            mode = os.lstat(path).st_mode
+            if stat.S_ISDIR(mode) or stat.S_ISREG(mode):
+                continue
+            shown = f"{what}/{os.path.relpath(path, root)}"
+            if stat.S_ISLNK(mode):
+                target = os.path.realpath(path)
+                if os.path.commonpath([top, target]) == top and os.path.isfile(target):
+                    continue
+                removed.append(
+                    f"{shown} is a symbolic link{_link_target(Path(path))} leading outside {what}/ "
+                    "or to no regular file: it was not collected"
+                )
+            else:
+                removed.append(f"{shown} is {_kind(mode)}: it was not collected")
+            os.unlink(path)
+        # os.walk lists links to folders among dirnames but does not enter them; they were just removed.
+        dirnames[:] = [d for d in dirnames if os.path.isdir(os.path.join(dirpath, d))]
+    return removed
+
+
+def _link_target(path: Path) -> str:
+    try:
+        return f" (to {os.readlink(path)})"
+    except OSError:
+        return ""
+
+
+def extract_folder(chunks: Iterable[bytes], dest: Path) -> list[str]:
+    """Unpack a tar of one folder (as ``get_archive`` makes it: members named ``<name>/...``) as the new
+    folder ``dest``; returns what was left out, one line each.
+
+    The tar is unpacked into an empty folder of its own first, so that nothing in it can reach beside
+    ``dest``; links leaving the folder, absolute links, device files and members outside it stay out.
+    """
+    folder = dest.name
+    skipped: list[str] = []
+
+    def only_inside(member: tarfile.TarInfo, path: str) -> tarfile.TarInfo | None:
+        if PurePosixPath(member.name).parts[:1] != (folder,):
+            skipped.append(f"{member.name} is not inside {folder}/: it was not collected")
+            return None
+        try:
+            return tarfile.data_filter(member, path)
+        except tarfile.FilterError as err:
+            skipped.append(f"{member.name}: {err}; it was not collected")
+            return None
+
+    staging = Path(tempfile.mkdtemp(prefix=f".fetch-{folder}-", dir=dest.parent))
+    try:
+        with spooled(chunks) as spool, tarfile.open(fileobj=spool) as tar:
+            tar.extractall(staging, filter=only_inside)
+        taken = staging / folder
+        if taken.is_dir() and not taken.is_symlink():
+            os.rename(taken, dest)
+        else:
+            dest.mkdir()
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return skipped + keep_only_inside(dest, what=folder)
+
+
+def regular_member(chunks: Iterable[bytes], limit: int | None = None) -> bytes | None:
+    """The content of the one regular file in a tar of one file (as ``get_archive`` of a file returns it);
+    None when the path was something else (a link, a folder)."""
+    with spooled(chunks) as spool, tarfile.open(fileobj=spool) as tar:
+        member = tar.next()
+        if member is None or not member.isreg():
+            return None
+        extracted = tar.extractfile(member)
+        if extracted is None:
+            return None
+        return extracted.read() if limit is None else extracted.read(limit)
+
+
+def copy_member_from(chunks: Iterable[bytes], offset: int, out: IO[bytes]) -> bool:
+    """Write what the one regular file in a tar of one file holds past offset to out; False when the path was
+    something else (a link, a folder)."""
+    with spooled(chunks) as spool, tarfile.open(fileobj=spool) as tar:
+        member = tar.next()
+        extracted = tar.extractfile(member) if member is not None and member.isreg() else None
+        if extracted is None:
+            return False
+        extracted.seek(offset)
+        shutil.copyfileobj(extracted, out, 1 << 20)
+    return True
+
+
+@contextlib.contextmanager
+def spooled(chunks: Iterable[bytes]) -> Iterator[IO[bytes]]:
+    """A stream from the daemon in a temporary file (outputs may be larger than memory)."""
+    spool: IO[bytes]
+    with tempfile.TemporaryFile() as spool:
+        for data in chunks:
+            spool.write(data)
+        spool.seek(0)
+        yield spool
+
+
+def replace_with_copy(source: Path, dest: Path) -> None:
+    """Write a copy of the worker's file source as dest, whatever entry dest was (file, link, folder)."""
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISDIR(os.lstat(dest).st_mode):
+            shutil.rmtree(dest)
+        else:
+            os.unlink(dest)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    with open(source, "rb") as src, os.fdopen(os.open(dest, flags, 0o644), "wb") as out:
+        while data := src.read(1 << 20):
+            out.write(data)
