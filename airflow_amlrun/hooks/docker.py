@@ -55,7 +55,8 @@ class DockerDaemon:
 
     @property
     def local(self) -> bool:
-        """Whether the daemon shares this machine's file system (a unix socket): then it can bind-mount."""
+        """Whether the daemon listens on a unix socket of this machine. It may still not see this machine's
+        files (a worker in a container of its own): the Docker target checks before it bind-mounts."""
         return self.base_url.startswith(("unix://", "/"))
 
     @classmethod
@@ -226,6 +227,7 @@ class AmlRunDockerHook(DockerHook):
                         "mem_limit": "8g",
                         "shm_size": "1g",
                         "gpus": "all",
+                        "transfer": "auto",
                     },
                     indent=2,
                 ),

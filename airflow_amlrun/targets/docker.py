@@ -4,57 +4,75 @@
 with run options from the worker's ``AMLRUN_DOCKER_<OPTION>`` variables; a connection of type
 ``amlrun_docker`` names any other daemon, with the options in its extras (see ``DockerOptions``).
 
-How a run gets into its container and back:
-- code: the snapshot is materialized under the runs folder on the worker, as for the local target. A local
-  daemon (a unix socket) bind-mounts that folder as the container's working directory, copying nothing. A
-  remote daemon gets it as one tar (``put_archive``) into the created container before it starts; outputs/
-  and logs/ come back with ``get_archive`` when the run is collected.
-- ``airflow_amlrun.run_context``: a folder holding only that module is mounted read-only (remote: copied)
-  at /amlrun/pylib and put on PYTHONPATH, so any image with a Python runs a script that logs metrics; nothing
-  is installed into the image.
-- log: the container's own log stream (``docker logs --follow``), which works the same for every daemon,
-  is spooled by a thread into ``.amlrun/std_log.txt`` of the local run folder and read from there by offset.
-  The stream ends when the container does, which is also how ``wait`` learns the run ended. A process that
-  re-attaches (a retry) follows the stream again from its start, so offsets mean the same in every process.
-- metrics: the script's events file, read from the bind-mounted folder (remote: fetched with
-  ``get_archive``, at most once a second while the run goes on).
+On the worker, a run has a folder of its own under the runs folder (``<runs>/<run id>/``) holding:
+- ``run/``: the container's ``/amlrun/run``, its working directory: the code (materialized from the
+  snapshot), ``outputs/``, ``logs/`` and ``.amlrun/`` (the events file, the supervisor's control files);
+- ``std_log.txt`` (and with ``archive`` transfer ``events.jsonl``): the container's log (and events), spooled
+  by the worker; ``outputs/`` and ``logs/`` once collected.
+Only ``run/`` is ever shown to the container.
+
+How ``run/`` gets into its container and back (``transfer``):
+- ``bind``: the daemon sees the worker's files (a local socket, the worker not itself in a container):
+  ``run/`` is bind-mounted, copying nothing; the worker reads the events file there while the run goes on,
+  and takes ``outputs/`` and ``logs/`` out of it once the container ended.
+- ``archive``: any other daemon (remote, or local to a worker that runs in a container of its own, as with
+  docker-compose): ``run/`` goes in as one tar (``put_archive``) before the container starts; a thread
+  copies the events file by offset while the run goes on (the image's Python, run with ``exec``, prints what
+  is new: n bytes of metrics cost O(n)), and ``outputs/`` and ``logs/`` come back with ``get_archive``.
+- ``auto`` (the default): ``bind`` for a daemon on a unix socket that sees the runs folder (checked once per
+  process and daemon, with a probe file and a container that is created but never started), else
+  ``archive``.
+
+Nothing a container does can make the worker read, write or upload another file of its machine: the
+worker's own files are not in ``run/``, the worker writes nothing there once the container started, and
+what it reads or collects from there is opened without following links and must be a regular file (see
+``docker_files``); whatever is left out is named in the task log.
+
+The container runs ``supervisor.py`` (``airflow_amlrun.targets.supervisor``) with the image's Python, under
+an init process (``docker run --init``): the supervisor starts the script (or command), stops it at
+``max_run_duration_seconds`` even when no task follows the run, and passes a ``docker stop`` on to the
+script. Its request (the command line, the secret variables) is written to the container's stdin, which is
+closed after it: ``docker inspect`` of the container shows no secret value. So a ``command=`` run, like a
+script, needs Python 3.7 or newer in the image (``python3``, or the environment's
+``python.interpreter_path``). The supervisor and ``airflow_amlrun.run_context`` sit in a read-only folder
+(``/amlrun/lib``; ``archive``: copied), and run_context is on PYTHONPATH: any image with a Python runs a
+script that logs metrics, with nothing installed into it.
+
+The container runs as the worker's uid:gid (unless the worker is root, or the ``user`` option says
+otherwise), so that everything it writes in ``run/`` is the worker's to collect and remove.
+
+Its log (``docker logs --follow``, the same for every daemon) is spooled by a thread and read by offset; the
+stream ends when the container does, which is also how ``wait`` learns the run ended. A process that
+re-attaches (a retry) follows the stream again from its start, so offsets mean the same in every process.
 
 The container is named ``amlrun-<run id>`` (a second start of the same run cannot happen: the name is taken)
-and labelled with the run id, which is how a retry whose handle was lost finds it (``find``). It runs under
-an init process (``docker run --init``) so that stopping it (cancel, max duration) reaches the script.
-It is removed once its outputs are collected, unless ``auto_remove`` is false.
+and labelled with the run id, which is how a retry whose handle was lost finds it (``find``). It is removed
+once its outputs are collected, unless ``auto_remove`` is false.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import re
 import shutil
 import signal
-import tarfile
-import tempfile
 import threading
 import time
 import uuid
-from dataclasses import dataclass, fields
+from dataclasses import replace
 from functools import cached_property
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 from airflow_amlrun import run_context
-from airflow_amlrun.config import load_settings, parse_flag
-from airflow_amlrun.environment.build_image import (
-    DEFAULT_IMAGE,
-    DEFAULT_IMAGE_BASE,
-    EnvironmentImage,
-    check_image,
-    ensure_image,
-)
+from airflow_amlrun.environment.build_image import EnvironmentImage, check_image, ensure_image, image_recipe
 from airflow_amlrun.errors import ConfigurationError
 from airflow_amlrun.hooks.docker import DockerDaemon, DockerDaemonUnreachableError
+from airflow_amlrun.targets import supervisor
 from airflow_amlrun.targets.base import Chunk, CodeSource, Collected, Job, TargetStatus
 from airflow_amlrun.targets.common import (
     CONTROL_DIR,
@@ -67,6 +85,28 @@ from airflow_amlrun.targets.common import (
     read_lines,
     write_run_context_package,
 )
+from airflow_amlrun.targets.docker_files import (
+    UnsafeFileError,
+    keep_only_inside,
+    read_beneath,
+    replace_with_copy,
+    take_folder,
+)
+from airflow_amlrun.targets.docker_options import DockerOptions as DockerOptions
+from airflow_amlrun.targets.docker_transfer import (
+    LABEL_MANAGED_BY,
+    LIB_DIR,
+    PYLIB_DIR,
+    RUN_DIR,
+    SUPERVISOR,
+    EventsFollower,
+    LogFollower,
+    daemon_sees,
+    fetch_file,
+    fetch_folder,
+    run_dir_archive,
+    send_and_close,
+)
 
 if TYPE_CHECKING:
     from docker import APIClient
@@ -76,144 +116,23 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Where the run lives inside its container.
-RUN_DIR = "/amlrun/run"
-PYLIB_DIR = "/amlrun/pylib"
+# In the worker's folder of a run: the container's run folder, and the spools of its log and events beside it.
+WORK = "run"
+LOG_SPOOL = STD_LOG
+EVENTS_SPOOL = EVENTS
 LABEL_RUN_ID = "amlrun.run_id"
 LABEL_EXPERIMENT = "amlrun.experiment"
-LABEL_MANAGED_BY = "amlrun.managed-by"
+LABEL_TRANSFER = "amlrun.transfer"
 # How long a stopped container's script gets to exit on SIGTERM before it is killed.
 TERM_GRACE_SECONDS = 5
 # How long a final read waits for the log stream of an ended container to close.
 FINAL_LOG_WAIT_SECONDS = 10.0
-# How often a running run's events file is fetched from a remote daemon.
-REMOTE_EVENTS_INTERVAL_SECONDS = 1.0
+# How long a final read waits for the events of an ended container to arrive (archive).
+FINAL_EVENTS_WAIT_SECONDS = 120.0
 # How long a run's daemon may not answer before the waiting task gives up on it (the run goes on there).
 UNREACHABLE_GRACE_SECONDS = 120.0
-
-
-@dataclass(frozen=True)
-class DockerOptions:
-    """How the target runs containers; extras of an ``amlrun_docker`` connection, or for
-    ``compute_target="docker"`` the worker's ``AMLRUN_DOCKER_<OPTION>`` variables (e.g.
-    ``AMLRUN_DOCKER_MEM_LIMIT=8g``).
-
-    :param cpus: CPUs the container may use, e.g. ``1.5`` (``docker run --cpus``).
-    :param mem_limit: memory limit, e.g. ``"512m"``, ``"8g"``; a script going over it is killed, and the
-        run fails saying so.
-    :param shm_size: size of /dev/shm, e.g. ``"1g"`` (PyTorch data loaders want more than the 64m default).
-    :param gpus: GPUs, as ``docker run --gpus`` takes them: ``"all"``, a count (``2``), or device ids
-        (``"device=0,1"``); needs the NVIDIA container toolkit on the daemon's host.
-    :param network_mode: the container's network, e.g. ``"host"``, ``"none"``, or a network name; default
-        the daemon's.
-    :param user: user (``"1000:1000"`` or a name) the script runs as; default the image's.
-    :param auto_remove: remove the container once its outputs are collected (default true); false keeps it
-        for ``docker inspect`` / ``docker logs``.
-    :param default_image: image of a run whose environment names none (default ``[amlrun]
-        docker_default_image``, else ``amlrun-base:py3.11``).
-    :param default_image_base: public Python image from which a daemon that lacks the default image (an
-        ``amlrun-base`` image) builds it on first use (default ``[amlrun] docker_default_image_base``, else
-        ``python:3.11-slim``).
-
-    Privileged containers are not offered.
-    """
-
-    cpus: float | None = None
-    mem_limit: str | None = None
-    shm_size: str | None = None
-    gpus: str | None = None
-    network_mode: str | None = None
-    user: str | None = None
-    auto_remove: bool = True
-    default_image: str = DEFAULT_IMAGE
-    default_image_base: str = DEFAULT_IMAGE_BASE
-
-    @classmethod
-    def from_mapping(cls, values: dict[str, Any], *, where: str) -> DockerOptions:
-        """Options from connection extras or variables, checked; errors name the option and where it is set.
-
-        :param values: option name -> value (strings from variables, JSON values from extras).
-        :param where: where the values come from, for messages.
-        """
-        from docker.errors import DockerException
-        from docker.utils import parse_bytes
-
-        known = {f.name for f in fields(cls)}
-        if "privileged" in values:
-            raise ConfigurationError(
-                f"{where}: 'privileged' is not supported: a training script never needs the host's devices and "
-                "kernel. Remove it; use 'gpus' for GPUs and 'shm_size' for shared memory."
-            )
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigurationError(
-                f"{where}: unknown Docker option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}."
-            )
-        settings = load_settings()
-        parsed: dict[str, Any] = {
-            "default_image": settings.docker_default_image,
-            "default_image_base": settings.docker_default_image_base,
-        }
-        for name, value in values.items():
-            if value is None or value == "":
-                continue
-            if name == "cpus":
-                try:
-                    parsed[name] = float(value)
-                except (TypeError, ValueError):
-                    raise ConfigurationError(
-                        f"{where}: cpus = {value!r} is not a number; write e.g. 2 or 1.5."
-                    ) from None
-                if parsed[name] <= 0:
-                    raise ConfigurationError(f"{where}: cpus = {value!r} must be more than 0.")
-            elif name in ("mem_limit", "shm_size"):
-                try:
-                    parse_bytes(str(value))
-                except DockerException:
-                    raise ConfigurationError(
-                        f"{where}: {name} = {value!r} is not a size; write e.g. '512m' or '8g'."
-                    ) from None
-                parsed[name] = str(value)
-            elif name == "auto_remove":
-                parsed[name] = parse_flag(value, f"{where}: auto_remove")
-            else:
-                parsed[name] = str(value)
-        options = cls(**parsed)
-        options.device_requests()  # a bad gpus value fails here, before any run
-        return options
-
-    def device_requests(self) -> list[Any] | None:
-        """The GPU request of ``gpus``, as ``docker run --gpus`` makes it."""
-        if not self.gpus:
-            return None
-        from docker.types import DeviceRequest
-
-        text = self.gpus.strip()
-        if text == "all":
-            return [DeviceRequest(count=-1, capabilities=[["gpu"]])]
-        if text.isdigit():
-            return [DeviceRequest(count=int(text), capabilities=[["gpu"]])]
-        if text.startswith("device="):
-            ids = [d.strip() for d in text[len("device=") :].split(",") if d.strip()]
-            return [DeviceRequest(device_ids=ids, capabilities=[["gpu"]])]
-        raise ConfigurationError(
-            f"Docker option gpus = {self.gpus!r} is not understood; write 'all', a count such as 2, or "
-            "'device=0,1'."
-        )
-
-    def host_config(self) -> dict[str, Any]:
-        """The options as ``create_host_config`` arguments."""
-        config: dict[str, Any] = {
-            "init": True,
-            "privileged": False,
-            "device_requests": self.device_requests(),
-            "network_mode": self.network_mode,
-            "mem_limit": self.mem_limit,
-            "shm_size": self.shm_size,
-        }
-        if self.cpus is not None:
-            config["nano_cpus"] = int(self.cpus * 1e9)
-        return {k: v for k, v in config.items() if v is not None}
+# Largest control file (ended_by) read.
+CONTROL_CAP = 1 << 16
 
 
 class DockerTarget:
@@ -225,12 +144,16 @@ class DockerTarget:
         self.name = name
         self.daemon = daemon
         where = daemon.source if daemon.source.startswith("connection") else "AMLRUN_DOCKER_* variables"
+        self.where = where
         self.options = DockerOptions.from_mapping(daemon.options, where=where)
+        self.user = self.options.run_user()
         self.runs_dir = settings.local_runs_dir
         self.cache_dir = Path(cache_dir)
+        self._transfer: str | None = None
         self._images: dict[str, EnvironmentImage] = {}
-        self._followers: dict[str, _LogFollower] = {}
-        self._events: dict[str, tuple[float, bytes]] = {}
+        self._followers: dict[str, LogFollower] = {}
+        self._events: dict[str, EventsFollower] = {}
+        self._warned: set[tuple[str, str]] = set()
         self._unreachable: dict[str, float] = {}
         self._lock = threading.Lock()
 
@@ -247,6 +170,11 @@ class DockerTarget:
     def client(self) -> APIClient:
         return self.daemon.connect()
 
+    @cached_property
+    def daemon_id(self) -> str | None:
+        """The daemon's own id (``docker info``), which tells one daemon from another behind the same URL."""
+        return str(self.client.info().get("ID") or "") or None
+
     # the protocol
 
     def check(self, job: Job) -> None:
@@ -260,58 +188,94 @@ class DockerTarget:
             lock_dir=self.cache_dir / "docker-builds",
             output=lambda line: log.info("%s", line),
         )
+        # A forced bind mount the daemon cannot make fails here too (when the daemon has any image to probe
+        # with; one that has none decides once the run's image is built).
+        recipe = image_recipe(job.environment, default_image=self.options.default_image)
+        self.transfer(recipe.reference, recipe.base_image)
 
     def prepare(self, job: Job, code: CodeSource) -> None:
         run_dir = self.run_dir(job.run_id)
         if run_dir.exists():
             shutil.rmtree(run_dir)
-        run_dir.mkdir(parents=True)
-        code.materialize(run_dir)
+        work = run_dir / WORK
+        work.mkdir(parents=True)
+        code.materialize(work)
         for folder in ("outputs", "logs", CONTROL_DIR):
-            (run_dir / folder).mkdir(exist_ok=True)
-            if self.options.user:
-                # The script may run as a user that does not own the folder the worker made.
-                (run_dir / folder).chmod(0o777)
+            (work / folder).mkdir(exist_ok=True)
+            if self._others_write():
+                # The script runs as a user that does not own the folders the worker made.
+                (work / folder).chmod(0o777)
         self._images[job.run_id] = self._image(job)
 
     def submit(self, job: Job) -> dict[str, Any]:
+        from docker.types import Mount
+
         client = self.client
         image = self._images.pop(job.run_id, None) or self._image(job)
-        run_dir = self.run_dir(job.run_id)
-        env = job_environment(job, run_dir=RUN_DIR, events_file=f"{RUN_DIR}/{CONTROL_DIR}/{EVENTS}")
+        transfer = self.transfer(image.reference)
+        assert transfer is not None
+        work = self.run_dir(job.run_id) / WORK
+        # Secret values go to the supervisor through stdin only: the container's configuration (docker
+        # inspect) holds the other variables.
+        env = job_environment(
+            replace(job, secret_environment_variables={}),
+            run_dir=RUN_DIR,
+            events_file=f"{RUN_DIR}/{CONTROL_DIR}/{EVENTS}",
+        )
         env["PYTHONPATH"] = ":".join(filter(None, [PYLIB_DIR, image.env.get("PYTHONPATH")]))
-        binds: dict[str, dict[str, str]] = {}
-        if self.daemon.local:
-            binds[str(run_dir.absolute())] = {"bind": RUN_DIR, "mode": "rw"}
-            binds[str(self._pylib())] = {"bind": PYLIB_DIR, "mode": "ro"}
+        request = {
+            "argv": job_argv(job, image.python),
+            "env": dict(job.secret_environment_variables),
+            "max_seconds": job.max_run_duration_seconds,
+            "grace_seconds": TERM_GRACE_SECONDS,
+            # docker stop signals the init process, which passes it on to the supervisor alone.
+            "forward_signals": True,
+        }
+        mounts = []
+        if transfer == "bind":
+            mounts = [
+                Mount(RUN_DIR, str(work), type="bind"),
+                Mount(LIB_DIR, str(self._lib()), type="bind", read_only=True),
+            ]
         name = container_name(job.run_id)
         log.info("Starting container %s of image %s on %s", name, image.reference, self.daemon.base_url)
         container = client.create_container(
             image.reference,
-            command=job_argv(job, image.python),
+            command=[image.python, SUPERVISOR, f"{RUN_DIR}/{CONTROL_DIR}"],
             name=name,
             labels={
                 LABEL_RUN_ID: job.run_id,
                 LABEL_EXPERIMENT: job.experiment,
                 LABEL_MANAGED_BY: "airflow-amlrun",
+                LABEL_TRANSFER: transfer,
             },
             environment=env,
             working_dir=RUN_DIR,
-            user=self.options.user,
-            detach=True,
-            host_config=client.create_host_config(binds=binds or None, **self.options.host_config()),
+            user=self.user,
+            # Open stdin, closed after the first attach ends: the one the request is written to.
+            stdin_open=True,
+            detach=False,
+            host_config=client.create_host_config(mounts=mounts or None, **self.options.host_config()),
         )
         container_id = str(container["Id"])
         try:
-            if not self.daemon.local:
-                with _run_dir_archive(run_dir, self._pylib(), writable=bool(self.options.user)) as archive:
+            if transfer == "archive":
+                with run_dir_archive(work, self._lib(), user=self.user) as archive:
                     client.put_archive(container_id, "/", archive)
-            client.start(container_id)
+            stdin = client.attach_socket(container_id, params={"stdin": 1, "stream": 1})
+            try:
+                client.start(container_id)
+                send_and_close(stdin, json.dumps(request).encode())
+            finally:
+                with contextlib.suppress(OSError):
+                    stdin.close()
         except BaseException:
             with contextlib.suppress(Exception):
                 client.remove_container(container_id, force=True)
             raise
-        return self._handle(container_id, name, job.run_id, image.reference)
+        return self._handle(
+            container_id, name, job.run_id, image.reference, transfer, image.python, self.user
+        )
 
     def wait(self, handle: dict[str, Any], timeout: float) -> TargetStatus:
         follower = self._follower(handle)
@@ -343,13 +307,27 @@ class DockerTarget:
                 reason=f"its container {handle['container']} was removed from {self.daemon.base_url} before it "
                 "was collected",
             )
-        if state.get("Running") or state.get("Status") in ("restarting", "paused"):
+        if _live(state):
             # The stream ended while the container runs on (a dropped connection, a restarted daemon):
             # follow it again, from its start, so offsets stay what they were.
             time.sleep(min(timeout, 0.1))
             self._restart_follower(handle)
             return TargetStatus(running=True)
-        return _outcome(state, self.options)
+        status = _outcome(state, self.options, timed_out=self._ended_by_limit(handle))
+        if (
+            status.exit_code == supervisor.CANNOT_START
+            and self._control_file(handle, supervisor.EXIT_CODE) is None
+        ):
+            # The supervisor did not even start (it records its exit code, even when the job cannot start).
+            return replace(
+                status,
+                reason=f"the image {handle['image']!r} could not run {handle['python']!r} (exit code 127, which says "
+                "it has no such interpreter): the Docker target starts every run (a script or a command) under a "
+                "small Python supervisor that enforces its time limit and records how it ended, which needs "
+                "Python 3.7 or newer in the image. Use an image with Python, or name its interpreter in the "
+                "environment's python.interpreter_path",
+            )
+        return status
 
     def read_log(self, handle: dict[str, Any], offset: int, final: bool = False) -> Chunk:
         follower = self._follower(handle)
@@ -358,17 +336,21 @@ class DockerTarget:
         return read_lines(follower.path, offset, final)
 
     def read_events(self, handle: dict[str, Any], offset: int, final: bool = False) -> Chunk:
-        if handle["local"]:
-            return read_lines(Path(handle["run_dir"]) / CONTROL_DIR / EVENTS, offset, final)
-        # A remote file is fetched whole: now and then while the run goes on, once more at the end.
-        key = handle["container_id"]
-        fetched_at, data = self._events.get(key, (0.0, b""))
-        stale = time.monotonic() - fetched_at >= REMOTE_EVENTS_INTERVAL_SECONDS
-        if (final and fetched_at >= 0) or (not final and stale):
-            data = self._fetch_file(handle, f"{RUN_DIR}/{CONTROL_DIR}/{EVENTS}") or b""
-            # A negative time marks the final fetch, so the reads that drain it do not fetch again.
-            self._events[key] = (-1.0 if final else time.monotonic(), data)
-        return lines_from(data[offset : offset + READ_CAP], offset, final)
+        if handle["transfer"] == "bind":
+            try:
+                data = read_beneath(
+                    Path(handle["run_dir"]) / WORK, f"{CONTROL_DIR}/{EVENTS}", offset, READ_CAP
+                )
+            except UnsafeFileError as err:
+                self._warn_once(handle, f"{err}: the metrics and tags written there are not read")
+                return Chunk([], offset)
+            return lines_from(data or b"", offset, final)
+        follower = self._events_follower(handle)
+        if final:
+            final = follower.finish(FINAL_EVENTS_WAIT_SECONDS)
+        if follower.skipped:
+            self._warn_once(handle, f"{follower.skipped}: the metrics and tags written there are not read")
+        return read_lines(follower.path, offset, final)
 
     def cancel(self, handle: dict[str, Any]) -> None:
         from docker.errors import NotFound
@@ -383,20 +365,36 @@ class DockerTarget:
         run_dir = Path(handle["run_dir"])
         follower = self._follower(handle)
         follower.done.wait(FINAL_LOG_WAIT_SECONDS)
-        if not handle["local"]:
-            for folder in ("outputs", "logs"):
-                self._fetch_dir(handle, folder, run_dir)
-        logs = run_dir / "logs"
-        logs.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            shutil.copyfile(follower.path, logs / STD_LOG)
+        state = self._state(handle)
+        left_out: list[str] = []
+        for folder in ("outputs", "logs"):
+            source, dest = run_dir / WORK / folder, run_dir / folder
+            if handle["transfer"] == "bind" and (state is None or not _live(state)):
+                # The container ended: nothing changes in its folder any more, so what is there can be taken
+                # as it is (one rename), and checked once.
+                if dest.exists() and not os.path.lexists(source):
+                    continue  # taken by an earlier collect of this run
+                shutil.rmtree(dest, ignore_errors=True)
+                try:
+                    left_out += take_folder(source, dest, what=folder)
+                except OSError as err:  # e.g. a folder of another user, that only the daemon can read
+                    log.info("Copying %s of %s through the daemon (%s)", folder, handle["container"], err)
+                else:
+                    left_out += keep_only_inside(dest, what=folder)
+                    continue
+            shutil.rmtree(dest, ignore_errors=True)
+            left_out += fetch_folder(self.client, handle["container_id"], f"{RUN_DIR}/{folder}", dest)
+        for line in left_out:
+            log.warning("Container %s: %s", handle["container"], line)
+        if follower.path.is_file():
+            replace_with_copy(follower.path, run_dir / "logs" / STD_LOG)
         if self.options.auto_remove:
             self._forget(handle)
             with contextlib.suppress(NotFound):
                 self.client.remove_container(handle["container_id"], force=True)
         return Collected(
             outputs_dir=run_dir / "outputs",
-            logs_dir=logs,
+            logs_dir=run_dir / "logs",
             extra={"container": handle["container"], "image": handle["image"]},
         )
 
@@ -410,9 +408,30 @@ class DockerTarget:
         shutil.rmtree(handle["run_dir"], ignore_errors=True)
 
     def attachable(self, handle: dict[str, Any]) -> str | None:
+        if "transfer" not in handle:
+            return "it was started by an earlier version of airflow-amlrun, whose Docker runs a retry cannot follow"
+        if handle["transfer"] == "bind" and not (Path(handle["run_dir"]) / WORK).is_dir():
+            return (
+                f"its run folder {handle['run_dir']}, bind-mounted into its container, is not on this machine: "
+                "a run on a daemon that shares the worker's files is followed from that worker only"
+            )
+        from docker.errors import DockerException
+        from requests.exceptions import RequestException
+
+        try:
+            here = self.daemon_id
+        except (DockerException, RequestException):
+            return None  # the daemon does not answer now; waiting on the run tells more
+        if handle.get("daemon_id") and here and handle["daemon_id"] != here:
+            return (
+                f"its container runs on the Docker daemon {handle['daemon_id']}, and {self.daemon.base_url} "
+                f"here is another one ({here})"
+            )
         return None
 
     def find(self, job: Job) -> dict[str, Any] | None:
+        from docker.errors import NotFound
+
         found = self.client.containers(all=True, filters={"label": f"{LABEL_RUN_ID}={job.run_id}"})
         for container in found:
             if container.get("State") == "created":
@@ -420,8 +439,23 @@ class DockerTarget:
                 # incomplete. Gone, the run counts as lost and is submitted anew.
                 self.client.remove_container(container["Id"], force=True)
                 continue
+            try:
+                config = self.client.inspect_container(container["Id"])["Config"]
+            except NotFound:
+                continue
+            labels = config.get("Labels") or {}
+            if labels.get(LABEL_TRANSFER) not in ("bind", "archive"):
+                continue  # started by an earlier version: not followed (see attachable)
             name = str((container.get("Names") or [container_name(job.run_id)])[0]).lstrip("/")
-            return self._handle(str(container["Id"]), name, job.run_id, str(container.get("Image")))
+            return self._handle(
+                str(container["Id"]),
+                name,
+                job.run_id,
+                str(container.get("Image")),
+                str(labels[LABEL_TRANSFER]),
+                str((config.get("Cmd") or ["python3"])[0]),
+                config.get("User") or None,
+            )
         return None
 
     def describe(self) -> dict[str, Any]:
@@ -430,7 +464,43 @@ class DockerTarget:
     # helpers
 
     def run_dir(self, run_id: str) -> Path:
-        return self.runs_dir / run_id
+        """The worker's folder of a run (its ``run/`` is the container's run folder)."""
+        return self.runs_dir.resolve() / run_id
+
+    def transfer(self, *probe_images: str | None) -> str | None:
+        """How runs reach this daemon (``bind`` or ``archive``); None when it cannot be told yet (``auto`` or
+        ``bind`` on a daemon with none of the images to probe with, nor any other)."""
+        if self._transfer is not None:
+            return self._transfer
+        wanted = self.options.transfer
+        if wanted == "archive" or (wanted == "auto" and not self.daemon.local):
+            self._transfer = "archive"
+            return self._transfer
+        sees = daemon_sees(self.client, self.daemon.base_url, self.runs_dir.resolve(), probe_images)
+        if sees is None:
+            return None
+        if not sees and wanted == "bind":
+            raise ConfigurationError(
+                f"Docker option transfer = 'bind' ({self.where}), but the Docker daemon at {self.daemon.base_url} "
+                f"does not see this worker's runs folder {self.runs_dir.resolve()}: a file written there is not "
+                "in a container that bind-mounts it. The worker probably runs in a container of its own (e.g. "
+                "docker-compose with the host's socket mounted). Set transfer to 'archive' (or 'auto'), or "
+                "mount the runs folder at the same path on the daemon's host."
+            )
+        self._transfer = "bind" if sees else "archive"
+        if not sees:
+            log.info(
+                "The Docker daemon at %s does not see the runs folder %s: runs are copied into their containers",
+                self.daemon.base_url,
+                self.runs_dir.resolve(),
+            )
+        return self._transfer
+
+    def _others_write(self) -> bool:
+        """Whether the container's user is not the worker's, so its folders must be writable by others."""
+        if self.user is None:
+            return False
+        return self.user not in (f"{os.getuid()}:{os.getgid()}", str(os.getuid()))
 
     def _image(self, job: Job) -> EnvironmentImage:
         return ensure_image(
@@ -443,23 +513,43 @@ class DockerTarget:
             output=lambda line: log.info("%s", line),
         )
 
-    def _handle(self, container_id: str, name: str, run_id: str, image: str) -> dict[str, Any]:
+    def _handle(
+        self,
+        container_id: str,
+        name: str,
+        run_id: str,
+        image: str,
+        transfer: str,
+        python: str,
+        user: str | None,
+    ) -> dict[str, Any]:
+        from docker.errors import DockerException
+        from requests.exceptions import RequestException
+
+        daemon_id = None
+        with contextlib.suppress(DockerException, RequestException):
+            daemon_id = self.daemon_id
         return {
             "container_id": container_id,
             "container": name,
             "daemon": self.daemon.base_url,
+            "daemon_id": daemon_id,
             "image": image,
-            "run_dir": str(self.run_dir(run_id).absolute()),
-            "local": self.daemon.local,
+            "run_dir": str(self.run_dir(run_id)),
+            "transfer": transfer,
+            "python": python,
+            "user": user,
         }
 
-    def _pylib(self) -> Path:
-        """A folder holding only ``airflow_amlrun/run_context.py``, one per version of that file."""
-        digest = hashlib.sha256(Path(run_context.__file__).read_bytes()).hexdigest()[:16]
-        dest = self.cache_dir / "docker" / f"pylib-{digest}"
+    def _lib(self) -> Path:
+        """A read-only folder of the supervisor and ``pylib/airflow_amlrun/run_context.py``, one per version."""
+        sources = [Path(run_context.__file__), Path(supervisor.__file__)]
+        digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:16]
+        dest = self.cache_dir / "docker" / f"lib-{digest}"
         if not dest.is_dir():
             tmp = dest.parent / f".tmp-{dest.name}-{uuid.uuid4().hex[:8]}"
-            write_run_context_package(tmp)
+            write_run_context_package(tmp / "pylib")
+            shutil.copyfile(supervisor.__file__, tmp / "supervisor.py")
             for path in [tmp, *tmp.rglob("*")]:
                 path.chmod(0o755 if path.is_dir() else 0o644)
             try:
@@ -476,11 +566,47 @@ class DockerTarget:
         except NotFound:
             return None
 
-    def _follower(self, handle: dict[str, Any]) -> _LogFollower:
+    def _ended_by_limit(self, handle: dict[str, Any]) -> bool:
+        """Whether the supervisor in the container stopped the run for its time limit."""
+        data = self._control_file(handle, supervisor.ENDED_BY)
+        try:
+            ended = json.loads(data or b"null")
+        except ValueError:
+            return False
+        return isinstance(ended, dict) and ended.get("reason") == supervisor.MAX_DURATION
+
+    def _control_file(self, handle: dict[str, Any], name: str) -> bytes | None:
+        relative = f"{CONTROL_DIR}/{name}"
+        if handle["transfer"] == "bind":
+            try:
+                return read_beneath(Path(handle["run_dir"]) / WORK, relative, limit=CONTROL_CAP)
+            except UnsafeFileError as err:
+                self._warn_once(handle, f"{err}: it was not read")
+                return None
+        return fetch_file(self.client, handle["container_id"], f"{RUN_DIR}/{relative}", CONTROL_CAP)
+
+    def _warn_once(self, handle: dict[str, Any], message: str) -> None:
+        key = (str(handle["container_id"]), message)
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning("Container %s: %s", handle["container"], message)
+
+    def _events_follower(self, handle: dict[str, Any]) -> EventsFollower:
+        with self._lock:
+            follower = self._events.get(handle["container_id"])
+            if follower is None:
+                spool = Path(handle["run_dir"]) / EVENTS_SPOOL
+                follower = EventsFollower(self.daemon, self.client.api_version, handle, spool)
+                self._events[handle["container_id"]] = follower
+            return follower
+
+    def _follower(self, handle: dict[str, Any]) -> LogFollower:
         with self._lock:
             follower = self._followers.get(handle["container_id"])
             if follower is None:
-                follower = _LogFollower(self.daemon, self.client.api_version, handle)
+                # Beside the container's run folder, never in it: the container cannot plant anything there.
+                spool = Path(handle["run_dir"]) / LOG_SPOOL
+                follower = LogFollower(self.daemon, self.client.api_version, handle, spool)
                 self._followers[handle["container_id"]] = follower
             return follower
 
@@ -494,72 +620,18 @@ class DockerTarget:
             self._followers.pop(handle["container_id"], None)
             self._events.pop(handle["container_id"], None)
 
-    def _fetch_file(self, handle: dict[str, Any], path: str) -> bytes | None:
-        """One file of the container (running or not), None when it is not there."""
-        from docker.errors import NotFound
-
-        try:
-            stream, _ = self.client.get_archive(handle["container_id"], path)
-        except NotFound:
-            return None
-        with _spooled(stream) as spool, tarfile.open(fileobj=spool) as tar:
-            member = tar.next()
-            extracted = tar.extractfile(member) if member is not None else None
-            return extracted.read() if extracted is not None else None
-
-    def _fetch_dir(self, handle: dict[str, Any], folder: str, run_dir: Path) -> None:
-        """Replace run_dir/folder with the container's copy of it."""
-        from docker.errors import NotFound
-
-        try:
-            stream, _ = self.client.get_archive(handle["container_id"], f"{RUN_DIR}/{folder}")
-        except NotFound:
-            return
-        run_dir.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(run_dir / folder, ignore_errors=True)
-        with _spooled(stream) as spool, tarfile.open(fileobj=spool) as tar:
-            tar.extractall(run_dir, filter="data")
-
-
-class _LogFollower:
-    """Copies a container's log stream into a local file, from its start, until the container ends."""
-
-    def __init__(self, daemon: DockerDaemon, api_version: str, handle: dict[str, Any]) -> None:
-        self.path = Path(handle["run_dir"]) / CONTROL_DIR / STD_LOG
-        self.done = threading.Event()
-        self.error: BaseException | None = None
-        self._daemon = daemon
-        self._api_version = api_version
-        self._container_id = str(handle["container_id"])
-        threading.Thread(target=self._follow, name=f"amlrun-log-{handle['container']}", daemon=True).start()
-
-    def _follow(self) -> None:
-        try:
-            # No timeout: a script may print nothing for hours. Its own client: streams hold a connection.
-            client = self._daemon.connect(timeout=None, version=self._api_version)
-            try:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                with open(self.path, "wb") as out:
-                    for data in client.logs(
-                        self._container_id, stdout=True, stderr=True, stream=True, follow=True
-                    ):
-                        out.write(data)
-                        out.flush()
-            finally:
-                client.close()
-        except Exception as err:  # the waiter sees the stream end, and asks the daemon what happened
-            self.error = err
-            log.debug("Log stream of container %s ended: %s", self._container_id[:12], err)
-        finally:
-            self.done.set()
-
 
 def container_name(run_id: str) -> str:
     """The container's name: one per run, so the same run cannot be started twice on a daemon."""
     return "amlrun-" + re.sub(r"[^A-Za-z0-9_.-]", "-", run_id)
 
 
-def _outcome(state: dict[str, Any], options: DockerOptions) -> TargetStatus:
+def _live(state: dict[str, Any]) -> bool:
+    """Whether a container in this state may still change its files."""
+    return bool(state.get("Running")) or state.get("Status") in ("restarting", "paused")
+
+
+def _outcome(state: dict[str, Any], options: DockerOptions, *, timed_out: bool = False) -> TargetStatus:
     code = state.get("ExitCode")
     exit_code = int(code) if isinstance(code, int) else None
     if state.get("OOMKilled"):
@@ -575,42 +647,13 @@ def _outcome(state: dict[str, Any], options: DockerOptions) -> TargetStatus:
             running=False,
             exit_code=exit_code,
             reason=f"the container could not run the script: {state['Error']}",
+            timed_out=timed_out,
         )
     if exit_code is not None and exit_code > 128 and exit_code - 128 in signal.valid_signals():
         return TargetStatus(
             running=False,
             exit_code=exit_code,
             reason=f"killed by signal {signal.Signals(exit_code - 128).name}",
+            timed_out=timed_out,
         )
-    return TargetStatus(running=False, exit_code=exit_code)
-
-
-@contextlib.contextmanager
-def _run_dir_archive(run_dir: Path, pylib: Path, *, writable: bool) -> Any:
-    """A tar of the run folder (as /amlrun/run) and the run_context folder (as /amlrun/pylib)."""
-
-    def owned_by_root(info: tarfile.TarInfo) -> tarfile.TarInfo:
-        info.uid = info.gid = 0
-        info.uname = info.gname = "root"
-        top = info.name.split("/")
-        if writable and info.isdir() and len(top) == 3 and top[2] in ("outputs", "logs", CONTROL_DIR):
-            info.mode = 0o777
-        return info
-
-    with tempfile.TemporaryFile() as spool:
-        with tarfile.open(fileobj=spool, mode="w") as tar:
-            tar.add(run_dir, arcname=RUN_DIR.lstrip("/"), filter=owned_by_root)
-            tar.add(pylib, arcname=PYLIB_DIR.lstrip("/"), filter=owned_by_root)
-        spool.seek(0)
-        yield spool
-
-
-@contextlib.contextmanager
-def _spooled(stream: Any) -> Any:
-    """An archive stream from the daemon, in a temporary file (outputs may be larger than memory)."""
-    spool: IO[bytes]
-    with tempfile.TemporaryFile() as spool:
-        for data in stream:
-            spool.write(data)
-        spool.seek(0)
-        yield spool
+    return TargetStatus(running=False, exit_code=exit_code, timed_out=timed_out)

@@ -15,7 +15,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,40 +24,14 @@ import pytest
 from airflow_amlrun import Environment, Experiment, ScriptRunConfig, Workspace
 from airflow_amlrun.environment import PythonSection, resolve_environment
 from airflow_amlrun.environment.build_image import image_recipe
-from airflow_amlrun.errors import ConfigurationError, RunFailedError
+from airflow_amlrun.errors import ConfigurationError, RunFailedError, RunTimeoutError
 from airflow_amlrun.hooks.docker import DockerDaemon
 from airflow_amlrun.run import AirflowTask
-from airflow_amlrun.targets.docker import LABEL_RUN_ID, DockerOptions
-from tests.conftest import REPO, wait_until_running, worker_dies_mid_run, write_script
+from airflow_amlrun.targets.docker_options import DockerOptions
+from tests.conftest import wait_until_running, worker_dies_mid_run, write_script
+from tests.integration.docker_engine import SocketProxy, containers_of
 
-SOCKET = "/var/run/docker.sock"
-
-
-@pytest.fixture(scope="session")
-def docker_api() -> Iterator[Any]:
-    """The local Docker Engine, started (and the base image made) by scripts/docker.sh."""
-    done = subprocess.run([str(REPO / "scripts" / "docker.sh")], capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.fail(f"scripts/docker.sh failed:\n{done.stdout}\n{done.stderr}")
-    import docker
-
-    client = docker.APIClient(base_url=f"unix://{SOCKET}", version="auto")
-    yield client
-    client.close()
-
-
-@pytest.fixture
-def docker_home(amlrun_home: Path, docker_api: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
-    """A fresh workspace, and compute_target="docker" meaning the local engine with default options."""
-    monkeypatch.delenv("DOCKER_HOST", raising=False)
-    for key in [k for k in os.environ if k.startswith("AMLRUN_DOCKER_")]:
-        monkeypatch.delenv(key)
-    return docker_api
-
-
-def containers_of(api: Any, run_id: str) -> list[dict[str, Any]]:
-    return list(api.containers(all=True, filters={"label": f"{LABEL_RUN_ID}={run_id}"}))
-
+pytest_plugins = ["tests.integration.docker_engine"]
 
 TRAIN = """
 import os, sys
@@ -311,6 +284,121 @@ def test_retry_collects_a_container_that_finished_while_nobody_watched(docker_ho
     assert record.metrics == {"acc": pytest.approx(0.7)}
 
 
+_SUBMIT_WITH_LIMIT = """
+import sys
+from airflow_amlrun import Experiment, ScriptRunConfig, Workspace
+from airflow_amlrun.run import AirflowTask
+
+task = AirflowTask(dag_id="retrain", task_id="train", run_id="manual_1", map_index=None, try_number=1)
+config = ScriptRunConfig(sys.argv[1], script="train.py", compute_target="docker", max_run_duration_seconds=3)
+Experiment(Workspace.get(), "limit").submit(config, airflow_task=task).wait_for_completion(show_output=False)
+"""
+
+
+def test_container_stops_at_its_limit_while_no_task_follows_it(docker_home, tmp_path):
+    source = tmp_path / "src"
+    write_script(
+        source,
+        "train.py",
+        """
+        import time
+        print("training forever", flush=True)
+        time.sleep(300)
+    """,
+    )
+    # Try 1: a worker that submits the run (max_run_duration_seconds=3), then dies hard while it runs.
+    worker = subprocess.Popen([sys.executable, "-c", _SUBMIT_WITH_LIMIT, str(source)], env=os.environ.copy())
+    orphan = wait_until_running(
+        also=lambda run: any(c["State"] == "running" for c in containers_of(docker_home, run.id))
+    )
+    worker.send_signal(signal.SIGKILL)
+    worker.wait()
+    assert orphan is not None
+
+    # Nobody follows the run now; its container ends at the limit all the same.
+    [container] = containers_of(docker_home, orphan.id)
+    docker_home.wait(container["Id"], timeout=60)
+
+    # Try 2 finds it ended, and records why.
+    task = AirflowTask(dag_id="retrain", task_id="train", run_id="manual_1", map_index=None, try_number=2)
+    config = ScriptRunConfig(source, script="train.py", compute_target="docker", max_run_duration_seconds=3)
+    lines: list[str] = []
+    with pytest.raises(RunTimeoutError):
+        Experiment(Workspace.get(), "limit").submit(config, airflow_task=task).wait_for_completion(
+            output=lines.append
+        )
+
+    [run] = Workspace.get().list_runs()
+    assert (run.id, run.status) == (orphan.id, "Failed")
+    assert "Exceeded max_run_duration_seconds=3" in run.error
+    assert "training forever" in lines
+    assert any(
+        "exceeded max_run_duration_seconds=3" in line for line in lines
+    )  # said by the container itself
+    assert containers_of(docker_home, run.id) == []
+
+
+def test_canceling_a_run_sends_sigterm_to_the_script_which_can_save_its_work(docker_home, tmp_path):
+    write_script(
+        tmp_path / "src",
+        "train.py",
+        """
+        import os, signal, sys, time
+
+        def save_and_exit(signum, frame):
+            print("SIGTERM received: saving a checkpoint", flush=True)
+            open("outputs/checkpoint.txt", "w").write("epoch 1")
+            sys.exit(0)
+
+        signal.signal(signal.SIGTERM, save_and_exit)
+        print("training", flush=True)
+        time.sleep(300)
+    """,
+    )
+    config = ScriptRunConfig(tmp_path / "src", script="train.py", compute_target="docker")
+    run = Experiment(Workspace.get(), "docker-stop").submit(config)
+    lines: list[str] = []
+    training = threading.Event()
+
+    def follow() -> None:
+        def output(line: str) -> None:
+            lines.append(line)
+            if line == "training":
+                training.set()
+
+        run.wait_for_completion(output=output, raise_on_error=False)
+
+    follower = threading.Thread(target=follow)
+    follower.start()
+    assert training.wait(60)
+    run.cancel()  # docker stop
+    follower.join(60)
+
+    record = Workspace.get().get_run(run.id)
+    assert record.status == "Canceled"
+    assert "SIGTERM received: saving a checkpoint" in lines
+    assert Path(record.outputs_uri, "checkpoint.txt").read_text() == "epoch 1"
+
+
+def test_a_run_in_an_image_without_python_fails_saying_what_the_image_needs(docker_home, tmp_path):
+    write_script(tmp_path / "src", "train.sh", "echo hello\n")
+    env = Environment.from_dockerfile(
+        "no-python", "FROM amlrun-base:py3.11\nRUN rm -f /usr/bin/python3 /usr/bin/python3.11\n"
+    )
+    config = ScriptRunConfig(
+        tmp_path / "src", command=["sh", "train.sh"], compute_target="docker", environment=env
+    )
+
+    with pytest.raises(RunFailedError) as raised:
+        Experiment(Workspace.get(), "no-python").submit(config).wait_for_completion(show_output=False)
+
+    [run] = Workspace.get().list_runs()
+    assert run.status == "Failed"
+    assert "could not run 'python3'" in run.error and "Python 3.7 or newer in the image" in run.error
+    assert run.error in str(raised.value)
+    assert containers_of(docker_home, run.id) == []
+
+
 @pytest.mark.parametrize("where", ["DOCKER_HOST", "connection"])
 def test_unreachable_daemon_is_refused_before_anything_is_recorded(docker_home, tmp_path, monkeypatch, where):
     write_script(tmp_path / "src", "train.py", "print('never runs')\n")
@@ -415,13 +503,11 @@ def test_remote_daemon_gets_the_code_as_an_archive_and_returns_outputs_and_metri
     docker_home, tmp_path, monkeypatch
 ):
     write_script(tmp_path / "src", "train.py", TRAIN)
-    with _tcp_to_unix_socket(SOCKET) as port:
+    with SocketProxy() as proxy:
         # A daemon reached over TCP is another machine as far as the target knows: nothing is bind-mounted.
         monkeypatch.setenv(
             "AIRFLOW_CONN_GPU_BOX",
-            json.dumps(
-                {"conn_type": "amlrun_docker", "host": f"tcp://127.0.0.1:{port}", "extra": {"cpus": 1}}
-            ),
+            json.dumps({"conn_type": "amlrun_docker", "host": proxy.url, "extra": {"cpus": 1}}),
         )
         from airflow_amlrun.hooks.docker import AmlRunDockerHook
 
@@ -453,12 +539,14 @@ def test_docker_options_are_checked_before_any_run():
     assert config["device_requests"][0]["Count"] == -1
     assert options(gpus="device=0,1").device_requests()[0]["DeviceIDs"] == ["0", "1"]
     assert options(auto_remove="false").auto_remove is False
+    assert options().transfer == "auto" and options(transfer="Archive").transfer == "archive"
     for values, fragment in [
         ({"privileged": True}, "'privileged' is not supported"),
         ({"mem_limit": "lots"}, "mem_limit = 'lots' is not a size"),
         ({"cpus": "two"}, "cpus = 'two' is not a number"),
         ({"gpus": "some"}, "gpus = 'some'"),
         ({"memory": "1g"}, "unknown Docker option(s) memory"),
+        ({"transfer": "copy"}, "transfer = 'copy' is not one of auto, bind, archive"),
     ]:
         with pytest.raises(ConfigurationError) as raised:
             options(**values)
@@ -500,40 +588,3 @@ class _captured_logs:
     def __exit__(self, *exc: object) -> None:
         self.logger.removeHandler(self.handler)
         self.logger.setLevel(self.level)
-
-
-class _tcp_to_unix_socket:
-    """A TCP port on loopback forwarding to a unix socket: the local daemon, reached as a remote one."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.closed = False
-
-    def __enter__(self) -> int:
-        threading.Thread(target=self._accept, daemon=True).start()
-        return int(self.server.getsockname()[1])
-
-    def __exit__(self, *exc: object) -> None:
-        self.closed = True
-        self.server.close()
-
-    def _accept(self) -> None:
-        while not self.closed:
-            try:
-                client, _ = self.server.accept()
-            except OSError:
-                return
-            upstream = socket.socket(socket.AF_UNIX)
-            upstream.connect(self.path)
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pump(source: socket.socket, dest: socket.socket) -> None:
-        try:
-            while data := source.recv(65536):
-                dest.sendall(data)
-            dest.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass

@@ -1,0 +1,340 @@
+"""How a run's files cross between the worker and its container through the Docker API.
+
+- ``daemon_sees``: whether the daemon can bind-mount the worker's runs folder (the ``bind`` transfer), found
+  out once per process and daemon with a probe file and a container that is created, never started.
+- ``run_dir_archive``: the run folder and the supervisor's folder as one tar, for ``put_archive`` (the
+  ``archive`` transfer).
+- ``send_and_close``: the supervisor's request, written to the container's attached stdin, which is closed
+  after it (the request holds the secret variables: they never enter the container's configuration).
+- ``LogFollower``: the container's log stream (``docker logs --follow``) copied into the worker's spool.
+- ``EventsFollower``: the events file of a running container copied by offset into the worker's spool (only
+  what is new crosses: the container's Python prints it, run with ``exec``), and what is left of it once the
+  container ended, so that n bytes of metrics cost O(n).
+- ``fetch_file``, ``fetch_folder``: a control file, ``outputs/`` or ``logs/`` of a container, running or not.
+
+What comes back is unpacked with the rules of ``docker_files``: nothing in it reaches beside the run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import socket
+import tarfile
+import tempfile
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+from airflow_amlrun.targets.common import CONTROL_DIR, EVENTS
+from airflow_amlrun.targets.docker_files import copy_member_from, extract_folder, regular_member
+
+if TYPE_CHECKING:
+    from docker import APIClient
+
+    from airflow_amlrun.hooks.docker import DockerDaemon
+
+log = logging.getLogger(__name__)
+
+# Where a run lives in its container.
+RUN_DIR = "/amlrun/run"
+LIB_DIR = "/amlrun/lib"
+PYLIB_DIR = f"{LIB_DIR}/pylib"
+SUPERVISOR = f"{LIB_DIR}/supervisor.py"
+EVENTS_PATH = f"{RUN_DIR}/{CONTROL_DIR}/{EVENTS}"
+LABEL_MANAGED_BY = "amlrun.managed-by"
+# How often a running container's events file is asked for news when the last ask found none.
+EVENTS_INTERVAL_SECONDS = 1.0
+# Most bytes one exec brings back: a follower that fell behind catches up in pieces of this size.
+EXEC_READ_CAP = 4 << 20
+
+# Run with the container's own Python (exec): prints "R" and up to LIMIT bytes of the regular file PATH
+# from OFFSET, "N" when there is no such file, "X" when it is no regular file.
+_READ_FROM = """\
+import os, stat, sys
+path, offset, limit = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+out = sys.stdout.buffer
+try:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+except FileNotFoundError:
+    out.write(b"N"); sys.exit(0)
+except OSError:
+    out.write(b"X"); sys.exit(0)
+if not stat.S_ISREG(os.fstat(fd).st_mode):
+    out.write(b"X"); sys.exit(0)
+os.lseek(fd, offset, 0)
+out.write(b"R")
+while limit > 0:
+    data = os.read(fd, min(limit, 1 << 16))
+    if not data:
+        break
+    out.write(data)
+    limit -= len(data)
+"""
+
+
+def daemon_sees(
+    client: APIClient, base_url: str, folder: Path, probe_images: tuple[str | None, ...]
+) -> bool | None:
+    """Whether containers of this daemon see ``folder`` of this worker when they bind-mount it (cached per
+    process, daemon and folder); None when the daemon has no image to probe with yet."""
+    from airflow_amlrun.environment.docker_build import inspect_image
+
+    key = (os.getpid(), base_url, str(folder))
+    with _PROBE_LOCK:
+        if key in _PROBED:
+            return _PROBED[key]
+        image = next((i for i in probe_images if i and inspect_image(client, i) is not None), None)
+        if image is None:
+            found = client.images(quiet=True)
+            image = str(found[0]) if found else None
+        if image is None:
+            return None
+        _PROBED[key] = _probe(client, folder, image)
+        return _PROBED[key]
+
+
+_PROBED: dict[tuple[int, str, str], bool] = {}
+_PROBE_LOCK = threading.Lock()
+
+
+def _probe(client: APIClient, folder: Path, image: str) -> bool:
+    """A file holding a random token is written under folder, and a container bind-mounting its folder is
+    created (never started): the daemon sees the folder if that container holds the same token. (A daemon
+    that cannot see the path at all refuses the bind mount; one that has another folder there shows
+    another file, or none.)"""
+    from docker.errors import APIError, NotFound
+    from docker.types import Mount
+
+    folder.mkdir(parents=True, exist_ok=True)
+    probe = Path(tempfile.mkdtemp(prefix=".probe-", dir=folder))
+    try:
+        token = uuid.uuid4().hex.encode()
+        (probe / "token").write_bytes(token)
+        probe.chmod(0o755)
+        try:
+            container = client.create_container(
+                image,
+                command=["true"],
+                labels={LABEL_MANAGED_BY: "airflow-amlrun"},
+                host_config=client.create_host_config(
+                    mounts=[Mount("/amlrun/probe", str(probe), type="bind", read_only=True)]
+                ),
+            )
+        except APIError as err:
+            if "bind source path does not exist" in str(err):
+                return False
+            raise
+        try:
+            return fetch_file(client, container["Id"], "/amlrun/probe/token") == token
+        finally:
+            with contextlib.suppress(NotFound):
+                client.remove_container(container["Id"], force=True)
+    finally:
+        shutil.rmtree(probe, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def run_dir_archive(work: Path, lib: Path, *, user: str | None) -> Iterator[IO[bytes]]:
+    """A tar of the run folder (as RUN_DIR, owned by the container's user) and of the supervisor's folder
+    (as LIB_DIR, owned by root, read-only to the run)."""
+    owner = numeric_owner(user)
+    run_prefix = RUN_DIR.lstrip("/")
+
+    def owned(info: tarfile.TarInfo) -> tarfile.TarInfo:
+        in_run = info.name == run_prefix or info.name.startswith(run_prefix + "/")
+        info.uid, info.gid = owner if (owner is not None and in_run) else (0, 0)
+        info.uname = info.gname = ""
+        if user and owner is None and in_run and info.isdir():
+            info.mode = 0o777  # a user known by name only: its folders must be writable by anyone
+        return info
+
+    spool: IO[bytes]
+    with tempfile.TemporaryFile() as spool:
+        with tarfile.open(fileobj=spool, mode="w") as tar:
+            tar.add(work, arcname=run_prefix, filter=owned)
+            tar.add(lib, arcname=LIB_DIR.lstrip("/"), filter=owned)
+        spool.seek(0)
+        yield spool
+
+
+def numeric_owner(user: str | None) -> tuple[int, int] | None:
+    """(uid, gid) of a ``uid[:gid]`` user; None for a user given by name (or none)."""
+    if not user:
+        return None
+    uid, _, gid = user.partition(":")
+    if not uid.isdigit() or (gid and not gid.isdigit()):
+        return None
+    return int(uid), int(gid or 0)
+
+
+def send_and_close(stream: Any, data: bytes) -> None:
+    """Write data to a container's attached stdin (``attach_socket``) and close it: the reader there sees
+    its end."""
+    raw = getattr(stream, "_sock", stream)
+    raw.sendall(data)
+    if hasattr(raw, "shutdown_write"):  # a paramiko channel (ssh:// daemons)
+        raw.shutdown_write()
+    else:
+        raw.shutdown(socket.SHUT_WR)
+    with contextlib.suppress(OSError):
+        raw.close()
+
+
+def fetch_file(client: APIClient, container_id: str, path: str, limit: int | None = None) -> bytes | None:
+    """A regular file of a container (running or not); None when it is not there or no regular file."""
+    from docker.errors import NotFound
+
+    try:
+        stream, _ = client.get_archive(container_id, path)
+    except NotFound:
+        return None
+    return regular_member(stream, limit)
+
+
+def fetch_folder(client: APIClient, container_id: str, path: str, dest: Path) -> list[str]:
+    """The container's folder at path, as the new folder dest; returns what was left out (see
+    ``docker_files.extract_folder``)."""
+    from docker.errors import NotFound
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        stream, _ = client.get_archive(container_id, path)
+    except NotFound:
+        dest.mkdir()
+        return []
+    return extract_folder(stream, dest)
+
+
+class LogFollower:
+    """Copies a container's log stream into the worker's spool file, from its start, until the container ends."""
+
+    def __init__(self, daemon: DockerDaemon, api_version: str, handle: dict[str, Any], spool: Path) -> None:
+        self.path = spool
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+        self._daemon = daemon
+        self._api_version = api_version
+        self._container_id = str(handle["container_id"])
+        threading.Thread(target=self._follow, name=f"amlrun-log-{handle['container']}", daemon=True).start()
+
+    def _follow(self) -> None:
+        try:
+            # No timeout: a script may print nothing for hours. Its own client: streams hold a connection.
+            client = self._daemon.connect(timeout=None, version=self._api_version)
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                with open(self.path, "wb") as out:
+                    for data in client.logs(
+                        self._container_id, stdout=True, stderr=True, stream=True, follow=True
+                    ):
+                        out.write(data)
+                        out.flush()
+            finally:
+                client.close()
+        except Exception as err:  # the waiter sees the stream end, and asks the daemon what happened
+            self.error = err
+            log.debug("Log stream of container %s ended: %s", self._container_id[:12], err)
+        finally:
+            self.done.set()
+
+
+class EventsFollower:
+    """Copies a container's events file into a spool file of the worker, by offset, until it ended.
+
+    While the container runs, its own Python reads the file from the spool's length on (``exec``): only what
+    is new crosses, at once while there is more, else once a second. Once the container ended, what the file
+    holds past that offset is fetched once (``get_archive``, which sends the whole file: only when the run
+    wrote events in its last moments). An events file that is not a regular file is not read; ``skipped``
+    then says so.
+    """
+
+    def __init__(self, daemon: DockerDaemon, api_version: str, handle: dict[str, Any], spool: Path) -> None:
+        self.path = spool
+        self.done = threading.Event()
+        self.skipped: str | None = None
+        self._wake = threading.Event()
+        self._daemon = daemon
+        self._api_version = api_version
+        self._handle = handle
+        threading.Thread(
+            target=self._follow, name=f"amlrun-events-{handle['container']}", daemon=True
+        ).start()
+
+    def finish(self, timeout: float) -> bool:
+        """Ask for the end now (the container ended) and wait for it; False when it took longer than timeout."""
+        self._wake.set()
+        return self.done.wait(timeout)
+
+    def _follow(self) -> None:
+        try:
+            client = self._daemon.connect(version=self._api_version)
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                with open(self.path, "wb") as out:
+                    offset = self._while_running(client, out)
+                    if self.skipped is None:
+                        self._rest(client, out, offset)
+            finally:
+                client.close()
+        except Exception as err:  # the run's outcome does not depend on its metrics
+            log.warning("Reading the events of container %s failed: %s", self._handle["container"], err)
+        finally:
+            self.done.set()
+
+    def _while_running(self, client: APIClient, out: IO[bytes]) -> int:
+        offset = 0
+        while True:
+            data = self._read(client, offset)
+            if data is None:
+                return offset
+            out.write(data)
+            out.flush()
+            offset += len(data)
+            if len(data) < EXEC_READ_CAP:
+                self._wake.wait(EVENTS_INTERVAL_SECONDS)
+
+    def _read(self, client: APIClient, offset: int) -> bytes | None:
+        """What the file holds from offset on (up to EXEC_READ_CAP); None once the container stopped."""
+        from docker.errors import APIError
+
+        handle = self._handle
+        try:
+            exec_id = client.exec_create(
+                handle["container_id"],
+                [handle["python"], "-c", _READ_FROM, EVENTS_PATH, str(offset), str(EXEC_READ_CAP)],
+                stdout=True,
+                stderr=False,
+                user=handle.get("user") or "",
+            )
+            out = bytes(client.exec_start(exec_id))
+        except APIError:
+            return None  # the container is not running (any more)
+        if out[:1] == b"X":
+            self.skipped = f"{CONTROL_DIR}/{EVENTS} is not a regular file"
+            return None
+        return out[1:] if out[:1] == b"R" else b""
+
+    def _rest(self, client: APIClient, out: IO[bytes], offset: int) -> None:
+        from docker.errors import NotFound
+        from docker.utils import decode_json_header
+
+        container_id = self._handle["container_id"]
+        # Its size first (HEAD): a file read to its end already is not sent again.
+        head = client.head(client._url("/containers/{0}/archive", container_id), params={"path": EVENTS_PATH})
+        if head.status_code == 404:
+            return
+        client._raise_for_status(head)
+        header = head.headers.get("X-Docker-Container-Path-Stat")
+        if header is not None and int(decode_json_header(header).get("size", 0)) <= offset:
+            return
+        try:
+            stream, _ = client.get_archive(container_id, EVENTS_PATH)
+        except NotFound:
+            return
+        if not copy_member_from(stream, offset, out):
+            self.skipped = f"{CONTROL_DIR}/{EVENTS} is not a regular file"
