@@ -217,17 +217,13 @@ def extract_folder(chunks: Iterable[bytes], dest: Path) -> list[str]:
     return skipped + keep_only_inside(dest, what=folder)
 
 
-def regular_member(chunks: Iterable[bytes], limit: int | None = None) -> bytes | None:
+def regular_member(chunks: Iterable[bytes]) -> bytes | None:
     """The content of the one regular file in a tar of one file (as ``get_archive`` of a file returns it);
     None when the path was something else (a link, a folder)."""
     with spooled(chunks) as spool, tarfile.open(fileobj=spool) as tar:
         member = tar.next()
-        if member is None or not member.isreg():
-            return None
-        extracted = tar.extractfile(member)
-        if extracted is None:
-            return None
-        return extracted.read() if limit is None else extracted.read(limit)
+        extracted = tar.extractfile(member) if member is not None and member.isreg() else None
+        return extracted.read() if extracted is not None else None
 
 
 def copy_member_from(chunks: Iterable[bytes], offset: int, out: IO[bytes]) -> bool:

@@ -82,13 +82,11 @@ def daemon_sees(
 ) -> bool | None:
     """Whether containers of this daemon see ``folder`` of this worker when they bind-mount it (cached per
     process, daemon and folder); None when the daemon has no image to probe with yet."""
-    from airflow_amlrun.environment.docker_build import inspect_image
-
     key = (os.getpid(), base_url, str(folder))
     with _PROBE_LOCK:
         if key in _PROBED:
             return _PROBED[key]
-        image = next((i for i in probe_images if i and inspect_image(client, i) is not None), None)
+        image = next((i for i in probe_images if i and _has_image(client, i)), None)
         if image is None:
             found = client.images(quiet=True)
             image = str(found[0]) if found else None
@@ -96,6 +94,16 @@ def daemon_sees(
             return None
         _PROBED[key] = _probe(client, folder, image)
         return _PROBED[key]
+
+
+def _has_image(client: APIClient, reference: str) -> bool:
+    from docker.errors import NotFound
+
+    try:
+        client.inspect_image(reference)
+    except NotFound:
+        return False
+    return True
 
 
 _PROBED: dict[tuple[int, str, str], bool] = {}
@@ -185,15 +193,33 @@ def send_and_close(stream: Any, data: bytes) -> None:
         raw.close()
 
 
+def path_stat(client: APIClient, container_id: str, path: str) -> dict[str, Any] | None:
+    """What the daemon says of a path in a container (name, size, mode, linkTarget), without fetching it;
+    None when there is nothing there."""
+    from docker.utils import decode_json_header
+
+    head = client.head(client._url("/containers/{0}/archive", container_id), params={"path": path})
+    if head.status_code == 404:
+        return None
+    client._raise_for_status(head)
+    header = head.headers.get("X-Docker-Container-Path-Stat")
+    return dict(decode_json_header(header)) if header else {}
+
+
 def fetch_file(client: APIClient, container_id: str, path: str, limit: int | None = None) -> bytes | None:
-    """A regular file of a container (running or not); None when it is not there or no regular file."""
+    """A regular file of a container (running or not); None when it is not there, no regular file, or
+    larger than limit (its size is asked first: a file the container made huge is not fetched)."""
     from docker.errors import NotFound
 
+    if limit is not None:
+        stat = path_stat(client, container_id, path)
+        if stat is None or int(stat.get("size", limit + 1)) > limit:
+            return None
     try:
         stream, _ = client.get_archive(container_id, path)
     except NotFound:
         return None
-    return regular_member(stream, limit)
+    return regular_member(stream)
 
 
 def fetch_folder(client: APIClient, container_id: str, path: str, dest: Path) -> list[str]:
@@ -311,7 +337,13 @@ class EventsFollower:
                 stderr=False,
                 user=handle.get("user") or "",
             )
-            out = bytes(client.exec_start(exec_id))
+            # Streamed and cut at the cap: the container's "python" may be anything its script made it.
+            out = b""
+            for data in client.exec_start(exec_id, stream=True):
+                out += data
+                if len(out) > EXEC_READ_CAP + 1:
+                    self.skipped = f"reading {CONTROL_DIR}/{EVENTS} gave more than was asked for"
+                    return None
         except APIError:
             return None  # the container is not running (any more)
         if out[:1] == b"X":
@@ -321,16 +353,11 @@ class EventsFollower:
 
     def _rest(self, client: APIClient, out: IO[bytes], offset: int) -> None:
         from docker.errors import NotFound
-        from docker.utils import decode_json_header
 
         container_id = self._handle["container_id"]
-        # Its size first (HEAD): a file read to its end already is not sent again.
-        head = client.head(client._url("/containers/{0}/archive", container_id), params={"path": EVENTS_PATH})
-        if head.status_code == 404:
-            return
-        client._raise_for_status(head)
-        header = head.headers.get("X-Docker-Container-Path-Stat")
-        if header is not None and int(decode_json_header(header).get("size", 0)) <= offset:
+        # Its size first: a file read to its end already is not sent again.
+        stat = path_stat(client, container_id, EVENTS_PATH)
+        if stat is None or int(stat.get("size", offset + 1)) <= offset:
             return
         try:
             stream, _ = client.get_archive(container_id, EVENTS_PATH)
