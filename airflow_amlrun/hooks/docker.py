@@ -2,7 +2,7 @@
 
 A connection of this type names the daemon (host: ``unix:///var/run/docker.sock``, ``tcp://host:2376``,
 ``ssh://user@host``) and how to reach it (TLS files in the extras); the extras also carry the run options of
-the Docker target (cpus, mem_limit, ...; see ``airflow_amlrun.targets.docker.DockerOptions``). The stock
+the Docker target (cpus, mem_limit, ...; see ``airflow_amlrun.targets.docker_options.DockerOptions``). The stock
 ``docker`` connection type of apache-airflow-providers-docker names a *registry* instead, which is why this
 provider has a type of its own; the hook itself is the provider's ``DockerHook``, pointed at the daemon.
 """
