@@ -3,27 +3,31 @@ control files, and reading growing files line by line."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from airflow_amlrun import run_context
 from airflow_amlrun.targets.base import Chunk, Job
+from airflow_amlrun.targets.supervisor import ENDED_BY as ENDED_BY
+from airflow_amlrun.targets.supervisor import EXIT_CODE as EXIT_CODE
+from airflow_amlrun.targets.supervisor import MAX_DURATION
 
-# Inside a run directory: the folder of files the target writes beside the code.
+# Inside a run directory: the folder of files the target writes beside the code. The supervisor writes
+# EXIT_CODE and ENDED_BY there; their names are its own.
 CONTROL_DIR = ".amlrun"
 STD_LOG = "std_log.txt"
 EVENTS = "events.jsonl"
-EXIT_CODE = "exit_code"
 PID = "pid"
 # The importable copy of run_context (CONTROL_DIR/pylib/airflow_amlrun/run_context.py).
 PYLIB = "pylib"
 # Largest piece of a log read at once, so a chatty script cannot balloon the worker's memory.
 READ_CAP = 1 << 20
-
-# Runs the job, then records its exit code in the file named by $0. A target reading the run from another
-# process (a retry re-attaching) learns the outcome from that file; a run killed as a whole leaves none.
-EXIT_WRAPPER = '"$@"; rc=$?; echo "$rc" > "$0.tmp" && mv "$0.tmp" "$0"; exit "$rc"'
+# How long a run stopped by its target (canceled, or past its time limit) gets to exit on SIGTERM before
+# its whole process group is killed.
+TERM_GRACE_SECONDS = 5.0
 
 
 def job_argv(job: Job, python: str) -> list[str]:
@@ -35,9 +39,29 @@ def job_argv(job: Job, python: str) -> list[str]:
     return ["/bin/sh", "-c", str(job.command)]
 
 
-def wrapped_argv(argv: list[str], exit_file: str) -> list[str]:
-    """argv run under the wrapper that writes its exit code to exit_file."""
-    return ["/bin/sh", "-c", EXIT_WRAPPER, exit_file, *argv]
+def supervisor_request(job: Job, argv: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
+    """What the supervisor is told to run (see supervisor.py): the job, its time limit, and that whatever
+    the job leaves running in its process group ends with it."""
+    request: dict[str, Any] = {
+        "argv": argv,
+        "max_seconds": job.max_run_duration_seconds,
+        "grace_seconds": TERM_GRACE_SECONDS,
+        "end_group": True,
+    }
+    if env is not None:
+        request["env"] = env
+    return request
+
+
+def stopped_for_limit(ended_by: bytes | str | None) -> bool:
+    """Whether the supervisor's ENDED_BY file (its content, None when absent) says the time limit ended
+    the run."""
+    if not ended_by:
+        return False
+    try:
+        return bool(json.loads(ended_by).get("reason") == MAX_DURATION)
+    except (ValueError, AttributeError):
+        return False
 
 
 def job_environment(job: Job, *, run_dir: str, events_file: str) -> dict[str, str]:

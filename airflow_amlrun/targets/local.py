@@ -1,8 +1,16 @@
-"""The local target: the script runs as a process group on the Airflow worker itself."""
+"""The local target: the script runs as a process group on the Airflow worker itself.
+
+The run starts under the supervisor (supervisor.py, run by the worker's own interpreter), which enforces
+the run's time limit and records its exit code even when the task that started it is gone. The handle
+names the supervisor's process by what identifies it for certain: the host, the boot, the pid namespace,
+the pid and the process's start time. A retry follows (and signals) only a process that matches all of
+them; a pid that now belongs to someone else is taken for a run that ended, and left alone.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -14,22 +22,26 @@ from typing import Any
 
 from airflow_amlrun.config import Settings
 from airflow_amlrun.environment import ensure_local_python
+from airflow_amlrun.targets import supervisor
 from airflow_amlrun.targets.base import Chunk, CodeSource, Collected, Job, TargetStatus
 from airflow_amlrun.targets.common import (
     CONTROL_DIR,
+    ENDED_BY,
     EVENTS,
     EXIT_CODE,
     PYLIB,
     STD_LOG,
+    TERM_GRACE_SECONDS,
     job_argv,
     job_environment,
     read_lines,
-    wrapped_argv,
+    stopped_for_limit,
+    supervisor_request,
     write_run_context_package,
 )
 
-# How long a canceled run gets to exit on SIGTERM before the whole group is killed.
-TERM_GRACE_SECONDS = 5.0
+# How often a run started by another process (an earlier try) is looked at while it runs.
+WATCH_SECONDS = 0.05
 
 
 class LocalTarget:
@@ -39,7 +51,8 @@ class LocalTarget:
 
     def __init__(self, settings: Settings, cache_dir: Path, name: str = "local") -> None:
         self.name = name
-        self.runs_dir = settings.local_runs_dir
+        # Resolved once: the handle names the run directory as the kernel reports a process's cwd.
+        self.runs_dir = Path(settings.local_runs_dir).expanduser().resolve()
         self.cache_dir = cache_dir
         self._processes: dict[int, subprocess.Popen[bytes]] = {}
 
@@ -65,7 +78,7 @@ class LocalTarget:
             (run_dir / folder).mkdir(exist_ok=True)
 
     def submit(self, job: Job) -> dict[str, Any]:
-        run_dir = self.run_dir(job)
+        run_dir = self.run_dir(job).resolve()
         control = run_dir / CONTROL_DIR
         python = self.python(job)
         env = {
@@ -76,23 +89,34 @@ class LocalTarget:
             # Another interpreter does not see this package: give it run_context alone.
             pylib = write_run_context_package(control / PYLIB)
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(pylib), env.get("PYTHONPATH")]))
+        request = json.dumps(supervisor_request(job, job_argv(job, python))).encode()
         with open(control / STD_LOG, "wb") as log:
+            # The worker's own interpreter, isolated (-I: no PYTHON* variables of the job, -S: no site), so the
+            # supervisor costs a few milliseconds; it is the leader of the run's new session and group.
             process = subprocess.Popen(
-                wrapped_argv(job_argv(job, python), str(control / EXIT_CODE)),
+                [sys.executable, "-I", "-S", supervisor.__file__, str(control)],
                 cwd=run_dir,
                 env=env,
-                stdin=subprocess.DEVNULL,
+                stdin=subprocess.PIPE,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
+        # Read before anything can reap the child: until then its pid (and its start time) stays its own.
+        started = _start_time(process.pid)
+        assert process.stdin is not None
+        with process.stdin:
+            process.stdin.write(request)
         self._processes[process.pid] = process
         return {
             "pid": process.pid,
+            "start_time": started,
+            **_machine(),
             "run_dir": str(run_dir),
             "std_log": str(control / STD_LOG),
             "events": str(control / EVENTS),
             "exit_code": str(control / EXIT_CODE),
+            "ended_by": str(control / ENDED_BY),
             "python": python,
         }
 
@@ -103,13 +127,14 @@ class LocalTarget:
                 process.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 return TargetStatus(running=True)
-        elif _alive(handle["pid"], handle["run_dir"]):
+        else:
             # A run started by an earlier try of this task: not our child, so watch it from outside.
-            time.sleep(timeout)
-            return TargetStatus(running=True)
-        # Whatever the script left running in its group ends with it.
-        _signal_group(handle["pid"], signal.SIGKILL)
-        return _outcome(Path(handle["exit_code"]), process)
+            deadline = time.monotonic() + timeout
+            while _running(handle):
+                if time.monotonic() >= deadline:
+                    return TargetStatus(running=True)
+                time.sleep(WATCH_SECONDS)
+        return _outcome(handle, process)
 
     def read_log(self, handle: dict[str, Any], offset: int, final: bool = False) -> Chunk:
         return read_lines(handle["std_log"], offset, final)
@@ -119,14 +144,21 @@ class LocalTarget:
 
     def cancel(self, handle: dict[str, Any]) -> None:
         pid = handle["pid"]
-        _signal_group(pid, signal.SIGTERM)
         process = self._processes.get(pid)
+
+        def running() -> bool:
+            # Our own child keeps its pid until it is reaped, so its group is surely the run's while
+            # poll() says it runs; another try's run counts only while provably the same process.
+            return process.poll() is None if process is not None else _running(handle)
+
+        if not running():
+            return
+        _signal_group(pid, signal.SIGTERM)
         deadline = time.monotonic() + TERM_GRACE_SECONDS
-        while time.monotonic() < deadline and (
-            process.poll() is None if process else _alive(pid, handle["run_dir"])
-        ):
+        while time.monotonic() < deadline and running():
             time.sleep(0.05)
-        _signal_group(pid, signal.SIGKILL)
+        if running():
+            _signal_group(pid, signal.SIGKILL)
         if process is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(timeout=TERM_GRACE_SECONDS)
@@ -144,6 +176,22 @@ class LocalTarget:
         shutil.rmtree(handle["run_dir"], ignore_errors=True)
 
     def attachable(self, handle: dict[str, Any]) -> str | None:
+        if "host" not in handle:
+            # Recorded before handles named their machine: followed only while provably the same process.
+            return None
+        here = _machine()
+        if handle["host"] != here["host"]:
+            return (
+                f"it runs on worker {handle['host']!r} as a local process, and this retry runs on worker "
+                f"{here['host']!r}; a local run can be followed only on the machine it runs on"
+            )
+        if handle.get("boot_id") != here["boot_id"]:
+            return f"worker {here['host']!r} has restarted since the run started, which ended it"
+        if handle.get("pid_namespace") != here["pid_namespace"]:
+            return (
+                f"it was started in another process namespace on worker {here['host']!r} (a container that "
+                "has since been restarted?), where this retry cannot see it"
+            )
         return None
 
     def find(self, job: Job) -> dict[str, Any] | None:
@@ -154,11 +202,12 @@ class LocalTarget:
         return {"kind": self.kind, "name": self.name, "host": os.uname().nodename}
 
 
-def _outcome(exit_file: Path, process: subprocess.Popen[bytes] | None) -> TargetStatus:
+def _outcome(handle: dict[str, Any], process: subprocess.Popen[bytes] | None) -> TargetStatus:
+    exit_file = Path(handle["exit_code"])
     try:
         code = int(exit_file.read_text().strip())
     except (FileNotFoundError, ValueError):
-        # The wrapper itself was killed (the group was signalled): no exit code was written.
+        # The supervisor itself was killed (the group was signalled): no exit code was written.
         if process is not None and process.returncode is not None and process.returncode < 0:
             name = signal.Signals(-process.returncode).name
             return TargetStatus(
@@ -167,6 +216,15 @@ def _outcome(exit_file: Path, process: subprocess.Popen[bytes] | None) -> Target
         return TargetStatus(
             running=False, exit_code=None, reason="the run's process ended without an exit code"
         )
+    ended_by = exit_file.with_name(ENDED_BY)
+    with contextlib.suppress(FileNotFoundError):
+        if stopped_for_limit(ended_by.read_bytes()):
+            return TargetStatus(
+                running=False,
+                exit_code=code,
+                reason="stopped on the worker for exceeding max_run_duration_seconds",
+                timed_out=True,
+            )
     if code > 128 and code - 128 in signal.valid_signals():
         return TargetStatus(
             running=False, exit_code=code, reason=f"killed by signal {signal.Signals(code - 128).name}"
@@ -174,17 +232,69 @@ def _outcome(exit_file: Path, process: subprocess.Popen[bytes] | None) -> Target
     return TargetStatus(running=False, exit_code=code)
 
 
-def _alive(pid: int, run_dir: str) -> bool:
-    """Whether the run's process still runs: the pid exists, is no zombie, and works in the run directory
-    (a pid reused by an unrelated process after the run ended does not count)."""
+def _machine() -> dict[str, str | None]:
+    """What a pid is relative to: the host, its current boot, and this process's pid namespace."""
+    return {"host": os.uname().nodename, "boot_id": _boot_id(), "pid_namespace": _pid_namespace()}
+
+
+def _boot_id() -> str | None:
     try:
-        if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
-            return False
-        return os.readlink(f"/proc/{pid}/cwd") == run_dir
-    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+
+
+def _pid_namespace() -> str | None:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (state first), or None when unreadable."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def _start_time(pid: int) -> int | None:
+    """When the process started, in clock ticks since boot: with the pid, it names one process for good."""
+    fields = _stat_fields(pid)
+    return int(fields[19]) if fields is not None and len(fields) > 19 else None
+
+
+def _running(handle: dict[str, Any]) -> bool:
+    """Whether the run's supervisor still runs, as far as this process can prove it is the same process.
+
+    Anything else (another machine or boot, a pid now used by another process, a process this user may not
+    inspect) counts as ended, so that it is never signalled or waited for.
+    """
+    pid = int(handle["pid"])
+    if "start_time" not in handle:
+        return _legacy_running(pid, handle["run_dir"])
+    if handle["start_time"] is None or any(handle.get(k) != v for k, v in _machine().items()):
         return False
-    except PermissionError:
-        return True
+    fields = _stat_fields(pid)
+    return (
+        fields is not None
+        and fields[0] != "Z"
+        and len(fields) > 19
+        and int(fields[19]) == handle["start_time"]
+    )
+
+
+def _legacy_running(pid: int, run_dir: str) -> bool:
+    """The same for a handle recorded before handles carried a start time: the process must work in the
+    run directory (compared resolved), and be one this user may inspect."""
+    fields = _stat_fields(pid)
+    if fields is None or fields[0] == "Z":
+        return False
+    try:
+        return os.readlink(f"/proc/{pid}/cwd") == os.path.realpath(run_dir)
+    except OSError:
+        return False
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:

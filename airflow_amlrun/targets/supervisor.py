@@ -14,14 +14,19 @@ secret values that must not stay on disk)::
      "env": {"NAME": "value"},                            # added to the supervisor's own environment
      "max_seconds": 600,                                  # optional time limit, from the supervisor's start
      "grace_seconds": 5,                                  # SIGTERM first, SIGKILL after this long
-     "forward_signals": false}                            # see below
+     "forward_signals": false,                            # see below
+     "end_group": false}                                  # see below
 
 The supervisor is the leader of the run's process group (its starter made it one: a new session on the
 worker and on an SSH host, ``docker run --init`` in a container); the job and everything it starts stay
 in that group. When the job ends, the supervisor writes its exit code (128 + the signal number for a
 job killed by a signal, as a shell reports it) to ``CONTROL_DIR/exit_code`` and exits with it. A job that
 runs past ``max_seconds`` gets SIGTERM, then SIGKILL after the grace period, together with everything it
-started; ``CONTROL_DIR/ended_by`` then says why, and the job's log says so too.
+started; ``CONTROL_DIR/ended_by`` then says why, and the job's log says so too. With ``end_group``, what
+the job left running in its group when it ended (a stray child, a daemon it forked) is killed too, once
+the exit code is recorded: the supervisor is the one process that knows for sure that the group is still
+the run's (a target that finds the leader gone cannot tell the group from a stranger's reusing its id).
+That signal ends the supervisor itself, so a target using it reads the exit code from the file.
 
 Signals: a target stops a run by signalling the whole group, so by default the supervisor ignores SIGTERM,
 SIGINT and SIGHUP (it must outlive the job to record its exit code). Inside a container, ``docker stop``
@@ -80,6 +85,8 @@ def main(argv: list[str]) -> int:
         assert max_seconds is not None
         code = _stop_for_limit(job, control, max_seconds, grace)
     _record(control, EXIT_CODE, str(code))
+    if request.get("end_group"):
+        _signal_group(signal.SIGKILL)
     return code
 
 

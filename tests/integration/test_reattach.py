@@ -1,13 +1,115 @@
-"""A retry follows the run its earlier try left behind instead of starting a second one."""
+"""A retry follows the run its earlier try left behind instead of starting a second one, and never
+mistakes another process, or another machine's run, for it."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
 from airflow_amlrun import Experiment, ScriptRunConfig, Workspace
 from airflow_amlrun.run import AirflowTask
-from tests.conftest import worker_dies_mid_run, write_script
+from tests.conftest import wait_until_running, worker_dies_mid_run, write_script
+
+_SUBMIT = """
+import json, sys
+from airflow_amlrun import Experiment, ScriptRunConfig, Workspace
+from airflow_amlrun.run import AirflowTask
+
+source, target, limit, try_number = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+task = AirflowTask(dag_id="retrain", task_id="train", run_id="manual_1", map_index=None, try_number=try_number)
+config = ScriptRunConfig(source, script="train.py", compute_target=target,
+                         max_run_duration_seconds=float(limit) if limit else None)
+run = Experiment(Workspace.get(), "reattach").submit(config, airflow_task=task)
+record = run.wait_for_completion(show_output=False, raise_on_error=False)
+print(json.dumps({"id": record.id, "status": str(record.status), "error": record.error}))
+"""
 
 
-def test_retry_after_the_worker_died_reattaches_to_the_running_script(amlrun_home, tmp_path):
+def submit_in_process(
+    source: Path,
+    target: str = "local",
+    *,
+    limit: float | None = None,
+    try_number: int = 1,
+    prefix: tuple[str, ...] = (),
+) -> list[str]:
+    """The command line of a worker process that submits (or retries) task retrain.train and waits for it."""
+    return [*prefix, sys.executable, "-c", _SUBMIT, str(source), target, str(limit or ""), str(try_number)]
+
+
+def worker_with_limit_dies_mid_run(source: Path, target: str, limit: float) -> Any:
+    """Try 1 of retrain.train, with a time limit, submitted by a worker SIGKILLed once the run is Running."""
+    worker = subprocess.Popen(submit_in_process(source, target, limit=limit), env=os.environ.copy())
+    try:
+        assert wait_until_running() is not None, "the run never reached Running"
+    finally:
+        worker.send_signal(signal.SIGKILL)
+        worker.wait()
+    [orphan] = Workspace.get().list_runs()
+    return orphan
+
+
+def wait_for_file(path: Path, timeout: float = 60) -> str:
+    """The text of a file once it exists; fails the test when nothing writes it within timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{path} was not written within {timeout} s")
+        time.sleep(0.05)
+    return path.read_text()
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live processes of a process group (on this machine: the SSH test host shares its pids)."""
+    members = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(proc.name))
+    return members
+
+
+def assert_stopped_at_its_limit_on_the_target(control: Path, pgid: int, limit: float) -> None:
+    """The target itself ended the run for its limit, with nobody following it."""
+    assert wait_for_file(control / "exit_code").strip() in (
+        str(128 + signal.SIGTERM),
+        str(128 + signal.SIGKILL),
+    )
+    ended_by = json.loads((control / "ended_by").read_text())
+    assert ended_by == {"reason": "max_run_duration", "max_seconds": limit}
+    assert f"exceeded max_run_duration_seconds={limit:g}" in (control / "std_log.txt").read_text()
+    deadline = time.monotonic() + 10
+    while group_members(pgid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert group_members(pgid) == []
+
+
+@pytest.fixture(params=["default", "relative, through a symlink"])
+def runs_dir_layout(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Where the local target makes run directories: the default, or a relative local_runs_dir whose folder
+    is reached through a symlink (what the kernel reports as a process's cwd differs from both)."""
+    if request.param != "default":
+        (tmp_path / "real").mkdir()
+        (tmp_path / "link").symlink_to(tmp_path / "real")
+        monkeypatch.chdir(tmp_path)
+        monkeypatch.setenv("AIRFLOW__AMLRUN__LOCAL_RUNS_DIR", "link/runs")
+    return str(request.param)
+
+
+def test_retry_after_the_worker_died_reattaches_to_the_running_script(amlrun_home, tmp_path, runs_dir_layout):
     source = tmp_path / "src"
     starts = tmp_path / "starts.txt"
     write_script(
@@ -43,6 +145,8 @@ def test_retry_after_the_worker_died_reattaches_to_the_running_script(amlrun_hom
     assert [p.step for p in Workspace.get().history.get_metrics(record.id, "loss")] == list(range(6))
     assert starts.read_text() == "started\n"  # the script ran once
     assert len(Workspace.get().list_runs()) == 1
+    if runs_dir_layout != "default":
+        assert Path(record.handle["run_dir"]).parent == tmp_path / "real" / "runs"
 
 
 def test_retry_records_a_run_that_never_started_as_lost_and_submits_anew(amlrun_home, train_dir):
@@ -68,3 +172,135 @@ def test_retry_records_a_run_that_never_started_as_lost_and_submits_anew(amlrun_
     lost = ws.get_run("reattach_1_deadbeef")
     assert lost.status == "Failed"
     assert "Lost" in lost.error
+
+
+def test_a_run_whose_worker_died_still_stops_at_its_limit_and_the_retry_records_why(amlrun_home, tmp_path):
+    source = tmp_path / "src"
+    write_script(
+        source,
+        "train.py",
+        """
+        import subprocess, time
+        subprocess.Popen(["sleep", "300"])  # a child of its own, which must not outlive the run either
+        print("training", flush=True)
+        time.sleep(300)
+    """,
+    )
+    orphan = worker_with_limit_dies_mid_run(source, "local", limit=2)
+
+    # Nobody follows the run now; the worker's supervisor stops it on time all the same.
+    assert_stopped_at_its_limit_on_the_target(
+        Path(orphan.handle["run_dir"]) / ".amlrun", orphan.handle["pid"], 2
+    )
+
+    task = AirflowTask(dag_id="retrain", task_id="train", run_id="manual_1", map_index=None, try_number=2)
+    config = ScriptRunConfig(source, script="train.py", max_run_duration_seconds=2)
+    record = (
+        Experiment(Workspace.get(), "reattach")
+        .submit(config, airflow_task=task)
+        .wait_for_completion(show_output=False, raise_on_error=False)
+    )
+    assert record.id == orphan.id and record.try_number == 2
+    assert record.status == "Failed"
+    assert record.error == "Exceeded max_run_duration_seconds=2; the run was stopped."
+
+
+@pytest.fixture
+def stranger() -> Any:
+    """A process of another user, in a process group of its own: what a run's pid may belong to later."""
+    process = subprocess.Popen(["sleep", "300"], user=65534, group=65534, start_new_session=True, cwd="/")
+    yield process
+    process.kill()
+    process.wait()
+
+
+def _finished_orphan(tmp_path: Path) -> Any:
+    """A run left Running by a dead worker, which then finished on its own with nobody following it."""
+    source = tmp_path / "src"
+    write_script(
+        source, "train.py", "import time\nprint('training', flush=True)\ntime.sleep(1)\nprint('done')\n"
+    )
+    orphan = worker_dies_mid_run(source)
+    assert wait_for_file(Path(orphan.handle["run_dir"]) / ".amlrun" / "exit_code").strip() == "0"
+    return orphan
+
+
+def _retry(source: Path) -> Any:
+    task = AirflowTask(dag_id="retrain", task_id="train", run_id="manual_1", map_index=None, try_number=2)
+    return (
+        Experiment(Workspace.get(), "reattach")
+        .submit(ScriptRunConfig(source, script="train.py"), airflow_task=task)
+        .wait_for_completion(show_output=False, raise_on_error=False)
+    )
+
+
+def test_a_retry_never_signals_a_process_that_now_has_the_runs_pid(amlrun_home, tmp_path, stranger):
+    orphan = _finished_orphan(tmp_path)
+    # The run's pid has since been given to another process (made so here: the handle is pointed at it).
+    handle = {**orphan.handle, "pid": stranger.pid}
+    Workspace.get().history.update_run(orphan.id, handle=handle)
+
+    record = _retry(tmp_path / "src")
+
+    assert record.id == orphan.id and record.status == "Completed"
+    assert stranger.poll() is None  # neither followed nor killed
+
+
+def test_a_retry_does_not_follow_another_users_process_with_an_old_handles_pid(
+    amlrun_home, tmp_path, stranger
+):
+    orphan = _finished_orphan(tmp_path)
+    # A row written by an earlier version (no start time, no machine), whose pid another user's process
+    # has since been given; the retry may not look into that process (no CAP_SYS_PTRACE).
+    legacy = {k: orphan.handle[k] for k in ("pid", "run_dir", "std_log", "events", "exit_code", "python")}
+    Workspace.get().history.update_run(orphan.id, handle={**legacy, "pid": stranger.pid})
+
+    retry = subprocess.run(
+        submit_in_process(tmp_path / "src", try_number=2, prefix=("setpriv", "--bounding-set=-all")),
+        capture_output=True,
+        text=True,
+        env=os.environ.copy(),
+        timeout=120,
+    )
+    assert retry.returncode == 0, retry.stderr
+    outcome = json.loads(retry.stdout.strip().splitlines()[-1])
+    assert outcome == {"id": orphan.id, "status": "Completed", "error": None}
+    assert stranger.poll() is None
+
+
+def test_a_retry_on_another_host_fails_the_local_run_over_and_starts_anew(amlrun_home, tmp_path):
+    source = tmp_path / "src"
+    write_script(source, "train.py", "import time\nprint('training', flush=True)\ntime.sleep(3)\n")
+    orphan = worker_dies_mid_run(source)
+    here = os.uname().nodename
+
+    # Try 2 on another worker: a process in a UTS namespace of its own, with another host name.
+    retry = subprocess.run(
+        [
+            "unshare",
+            "--uts",
+            "sh",
+            "-c",
+            'hostname other-worker && exec "$@"',
+            "retry",
+            *submit_in_process(source, try_number=2),
+        ],
+        capture_output=True,
+        text=True,
+        env=os.environ.copy(),
+        timeout=300,
+    )
+
+    assert retry.returncode == 0, retry.stderr
+    new = json.loads(retry.stdout.strip().splitlines()[-1])
+    assert new["status"] == "Completed" and new["id"] != orphan.id
+    lost = Workspace.get().get_run(orphan.id)
+    assert lost.status == "Failed"
+    assert lost.error == (
+        f"Lost: this retry cannot reach it (it runs on worker {here!r} as a local process, and this retry runs "
+        "on worker 'other-worker'; a local run can be followed only on the machine it runs on); a new run was "
+        "started."
+    )
+    assert Workspace.get().get_run(new["id"]).status == "Completed"
+    # The earlier run was left alone on its machine (this one): it ends by itself.
+    assert wait_for_file(Path(orphan.handle["run_dir"]) / ".amlrun" / "exit_code").strip() == "0"

@@ -68,6 +68,29 @@ def test_a_job_past_its_limit_is_stopped_with_everything_it_started(tmp_path: Pa
     assert not _alive(grandchild)
 
 
+def test_with_end_group_what_the_job_left_running_ends_with_it(tmp_path: Path) -> None:
+    # The job exits at once, leaving a child of its own behind in the group.
+    script = "sleep 300 & echo $! > grandchild; exit 4"
+    job = start(tmp_path, {"argv": ["sh", "-c", script], "end_group": True})
+    job.wait(timeout=30)
+    assert (tmp_path / supervisor.EXIT_CODE).read_text().strip() == "4"
+    grandchild = int((tmp_path / "grandchild").read_text())
+    deadline = time.monotonic() + 10
+    while _alive(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(grandchild)
+
+
+def test_without_end_group_the_group_is_left_alone(tmp_path: Path) -> None:
+    job = start(tmp_path, {"argv": ["sh", "-c", "sleep 300 & echo $! > grandchild; exit 0"]})
+    assert job.wait(timeout=30) == 0
+    grandchild = int((tmp_path / "grandchild").read_text())
+    try:
+        assert _alive(grandchild)
+    finally:
+        os.kill(grandchild, signal.SIGKILL)
+
+
 def test_a_request_file_is_deleted_once_read(tmp_path: Path) -> None:
     request = tmp_path / "request.json"
     request.write_text(
