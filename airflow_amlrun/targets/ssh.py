@@ -8,12 +8,23 @@ version) does everything that would otherwise take many round trips:
   lacks, only those are sent over SFTP, and one `prepare` command copies blobs to paths in the run
   directory `<base>/runs/<run id>` (refusing paths that escape it) and builds the environment's virtualenv
   under `<base>/envs/<build key>` if it is not there yet;
-* start: `launch` reads the command line and the variables (secrets among them) from its stdin, writes
-  them to a 0600 file the run reads and deletes, and forks the run into a session and process group of
-  its own, recording pid, log and exit code in `<run dir>/.amlrun/`: a dropped connection or a
-  restarted worker does not end it;
+* start: `launch` reads the command line and the variables (secrets among them) from its stdin and starts
+  the run under the supervisor (`supervisor.py`, copied beside the helper), in a session and process group
+  of its own, handing it that request through a pipe (never a file, never a command line). The supervisor
+  enforces the run's max_run_duration_seconds on the host and records its exit code in
+  `<run dir>/.amlrun/`: a dropped connection or a dead worker neither ends the run nor lets it overrun;
 * follow: log and metric lines are read over SFTP by byte offset, so a reconnect loses nothing; the exit
-  code file decides the outcome.
+  code file decides the outcome. The run's process is named by pid, start time and boot id: nothing else
+  is ever signalled;
+* collect: `pack` sends outputs/ and logs/ back as a tar stream, skipping (with a warning in the task log)
+  any link that leads out of its folder.
+
+A host whose sshd offers no SFTP subsystem still works: blobs and reads then go through the helper on the
+command channel, and the task log says how to enable SFTP there.
+
+A managed environment whose index URLs refer to `${VAR}` gets the values from the worker's environment,
+sent in the helper's stdin request and handed only to the installer's process environment on the host;
+the lock written there keeps the references.
 
 Connection extras read besides the SSH provider's own: `amlrun_base_dir` (default `~/.amlrun`),
 `amlrun_python` (default `python3`), `amlrun_reconnect_timeout` (seconds, default 300),
@@ -38,20 +49,26 @@ from functools import cached_property
 from pathlib import Path, PurePosixPath
 from typing import IO, TYPE_CHECKING, Any
 
+from airflow_amlrun.environment.credentials import credential_values, referenced_variables
 from airflow_amlrun.environment.lock import has_requirements
 from airflow_amlrun.errors import AmlRunError, ConfigurationError
 from airflow_amlrun.snapshot import hash_bytes
+from airflow_amlrun.targets import supervisor
 from airflow_amlrun.targets.base import Chunk, CodeSource, Collected, Job, TargetStatus
 from airflow_amlrun.targets.common import (
     CONTROL_DIR,
+    ENDED_BY,
     EVENTS,
     EXIT_CODE,
     PYLIB,
     READ_CAP,
     STD_LOG,
+    TERM_GRACE_SECONDS,
     job_argv,
     job_environment,
     lines_from,
+    stopped_for_limit,
+    supervisor_request,
     write_run_context_package,
 )
 
@@ -74,9 +91,11 @@ DEFAULT_IO_TIMEOUT = 20.0
 BUILD_TIMEOUT = 1800.0
 # How often a run without an exit code yet is checked for being alive (the exit code file is polled often).
 LIVENESS_SECONDS = 2.0
-TERM_GRACE_SECONDS = 5.0
 HELPER_SOURCE = Path(__file__).with_name("ssh_remote.py")
+SUPERVISOR_SOURCE = Path(supervisor.__file__)
 REFUSED = 3
+# The line of sshd_config that gives a host the SFTP subsystem.
+SFTP_SUBSYSTEM = "Subsystem sftp internal-sftp"
 
 
 class SSHTargetError(AmlRunError):
@@ -123,7 +142,10 @@ class SSHTarget:
         weakref.finalize(self, self._connection.drop)
         self._remote_base: str | None = None
         self._probed: dict[str, tuple[str, str]] = {}
-        self._helpers_present: set[str] = set()
+        # Base dirs whose lib/ holds this version's helper and supervisor.
+        self._lib_present: set[str] = set()
+        # False once the host turned out to offer no SFTP: transfers then go through the helper.
+        self._sftp_offered = True
         self._pythons: dict[str, str] = {}
         self._blob_bytes_sent: dict[str, tuple[int, int]] = {}
         self._last_liveness: dict[str, float] = {}
@@ -160,6 +182,7 @@ class SSHTarget:
         interpreter fail before the run is recorded."""
         self._connect()
         self._probe(self._base_python(job))
+        self._credentials(job)
 
     def prepare(self, job: Job, code: CodeSource) -> None:
         base_python = self._base_python(job)
@@ -219,6 +242,8 @@ class SSHTarget:
                 "python": base_python,
                 "name": environment.name,
                 "has_requirements": has_requirements(environment.lock),
+                # Only for the installer's environment on the host: the lock keeps its ${VAR} references.
+                "credentials": self._credentials(job),
             }
             timeout = BUILD_TIMEOUT
         answer = self._call("preparing the run directory", "prepare", job.run_id, request, timeout=timeout)
@@ -230,12 +255,13 @@ class SSHTarget:
         python = self._pythons.get(job.run_id) or self._base_python(job)
         env = job_environment(job, run_dir=run_dir, events_file=str(control / EVENTS))
         env["PYTHONPATH"] = ":".join(filter(None, [str(control / PYLIB), env.get("PYTHONPATH")]))
-        request = {"argv": job_argv(job, python), "env": env}
-        answer = self._call("starting the run", "launch", job.run_id, request)
+        request = {
+            **supervisor_request(job, job_argv(job, python), env),
+            "supervisor": self._lib_path("supervisor"),
+        }
+        process = self._call("starting the run", "launch", job.run_id, request)
         sent, count = self._blob_bytes_sent.pop(job.run_id, (0, 0))
-        return self._handle(
-            job.run_id, run_dir, answer["pid"], python, blob_bytes_sent=sent, blobs_sent=count
-        )
+        return self._handle(job.run_id, run_dir, process, python, blob_bytes_sent=sent, blobs_sent=count)
 
     def wait(self, handle: dict[str, Any], timeout: float) -> TargetStatus:
         deadline = time.monotonic() + timeout
@@ -244,15 +270,17 @@ class SSHTarget:
             code = self._exit_code(handle)
             if code is not None:
                 self._last_liveness.pop(run_id, None)
-                return _outcome(code, self.host)
+                return self._outcome(handle, code)
             now = time.monotonic()
             if now - self._last_liveness.get(run_id, 0.0) >= LIVENESS_SECONDS:
                 self._last_liveness[run_id] = now
-                status = self._call("checking the run", "status", run_id, handle=handle)
+                status = self._call(
+                    "checking the run", "status", run_id, {"process": _process(handle)}, handle=handle
+                )
                 if not status["alive"]:
                     code = self._exit_code(handle)
                     if code is not None:
-                        return _outcome(code, self.host)
+                        return self._outcome(handle, code)
                     return TargetStatus(
                         running=False,
                         exit_code=None,
@@ -263,17 +291,17 @@ class SSHTarget:
             time.sleep(min(0.2, deadline - now))
 
     def read_log(self, handle: dict[str, Any], offset: int, final: bool = False) -> Chunk:
-        return self._read_lines(f"{handle['run_dir']}/{CONTROL_DIR}/{STD_LOG}", offset, final)
+        return self._read_lines(handle, STD_LOG, offset, final)
 
     def read_events(self, handle: dict[str, Any], offset: int, final: bool = False) -> Chunk:
-        return self._read_lines(f"{handle['run_dir']}/{CONTROL_DIR}/{EVENTS}", offset, final)
+        return self._read_lines(handle, EVENTS, offset, final)
 
     def cancel(self, handle: dict[str, Any]) -> None:
         self._call(
             "stopping the run",
             "kill",
             handle["run_id"],
-            {"grace": TERM_GRACE_SECONDS},
+            {"grace": TERM_GRACE_SECONDS, "process": _process(handle)},
             handle=handle,
             timeout=self.io_timeout + TERM_GRACE_SECONDS,
         )
@@ -296,7 +324,18 @@ class SSHTarget:
             shutil.rmtree(dest, ignore_errors=True)
             dest.mkdir(parents=True)
             with tarfile.open(fileobj=spool, mode="r|") as tar:
-                tar.extractall(dest, filter="data")
+                for member in tar:
+                    try:
+                        tar.extract(member, dest, filter="data")
+                    except (tarfile.TarError, OSError) as err:
+                        # One file that cannot be written here does not cost the run its other outputs.
+                        log.warning(
+                            "Run %s: skipped %s from %s: %s",
+                            handle["run_id"],
+                            _shorten(member.name),
+                            self.host,
+                            err,
+                        )
         for folder in ("outputs", "logs"):
             (dest / folder).mkdir(exist_ok=True)
         return Collected(
@@ -313,16 +352,16 @@ class SSHTarget:
         return None
 
     def find(self, job: Job) -> dict[str, Any] | None:
-        status = self._call("looking for an earlier run", "status", job.run_id)
-        if not status["exists"] or status["pid"] is None:
+        status = self._call("looking for an earlier run", "status", job.run_id, {})
+        if not status["exists"] or status["process"] is None:
             return None
-        return self._handle(job.run_id, status["run_dir"], status["pid"], None)
+        return self._handle(job.run_id, status["run_dir"], status["process"], None)
 
     def _handle(
         self,
         run_id: str,
         run_dir: str,
-        pid: int,
+        process: dict[str, Any],
         python: str | None,
         *,
         blob_bytes_sent: int = 0,
@@ -336,9 +375,12 @@ class SSHTarget:
             "run_id": run_id,
             "base_dir": self._base(),
             "run_dir": run_dir,
-            "pid": pid,
+            # The run's supervisor on the host: the pid names it only together with its start and boot.
+            "pid": process["pid"],
+            "start_time": process.get("start_time"),
+            "boot_id": process.get("boot_id"),
             "python": python,
-            "helper": self._helper_path(),
+            "helper": self._lib_path("helper"),
             "helper_python": self._helper_python,
             "blob_bytes_sent": blob_bytes_sent,
             "blobs_sent": blobs_sent,
@@ -365,6 +407,17 @@ class SSHTarget:
             return f"python{python.version}"
         return self.python
 
+    def _credentials(self, job: Job) -> dict[str, str]:
+        """Values of the ${VAR} references in the job's lock, which the host's installer needs; a missing one
+        fails the run before anything is recorded."""
+        environment = job.environment
+        if environment.user_managed or environment.lock is None:
+            return {}
+        return credential_values(
+            referenced_variables([environment.lock]),
+            what=f"Building environment {environment.name!r} on SSH host {self.host}",
+        )
+
     def _base_expression(self) -> str:
         """The base dir as a shell word, `~` standing for the remote user's home."""
         base = self.base_dir
@@ -384,8 +437,9 @@ class SSHTarget:
             "print(sys.implementation.name + '-' + sysconfig.get_platform())"
         )
         base = self._base_expression()
+        lib = " && ".join(f"test -f {base}/lib/{name}" for name in self._lib)
         command = (
-            f"printf '%s\\n' {base}; test -f {base}/lib/{self._helper_name} && echo helper || echo none; "
+            f"printf '%s\\n' {base}; {lib} && echo helper || echo none; "
             f"{shlex.quote(python)} -c {shlex.quote(script)}"
         )
         rc, out, err = self._remote("looking at the host", lambda: self._exec(command, None, self.io_timeout))
@@ -398,7 +452,7 @@ class SSHTarget:
             )
         self._remote_base = lines[0]
         if lines[1] == "helper":
-            self._helpers_present.add(self._helper_path())
+            self._lib_present.add(self._remote_base)
         if rc != 0 or len(lines) < 4:
             raise SSHTargetConfigurationError(
                 f"No usable Python interpreter {python!r} on host {self.host} (SSH connection {self.name!r}): "
@@ -429,15 +483,19 @@ class SSHTarget:
         return f"{self._base()}/runs/{run_id}"
 
     @cached_property
-    def _helper_bytes(self) -> bytes:
-        return HELPER_SOURCE.read_bytes()
+    def _lib(self) -> dict[str, bytes]:
+        """The files runs need in <base>/lib on the host, each named by its content hash (a changed one is a
+        new file): the helper, and the supervisor every run starts under."""
+        files = {}
+        for prefix, source in (("amlrun-remote", HELPER_SOURCE), ("amlrun-supervisor", SUPERVISOR_SOURCE)):
+            data = source.read_bytes()
+            files[f"{prefix}-{hashlib.sha256(data).hexdigest()[:16]}.py"] = data
+        return files
 
-    @cached_property
-    def _helper_name(self) -> str:
-        return f"amlrun-remote-{hashlib.sha256(self._helper_bytes).hexdigest()[:16]}.py"
-
-    def _helper_path(self) -> str:
-        return f"{self._base()}/lib/{self._helper_name}"
+    def _lib_path(self, which: str, base: str | None = None) -> str:
+        """Path on the host of this version's `helper` or `supervisor`, under base (default: the target's)."""
+        helper, supervisor_file = self._lib
+        return f"{base or self._base()}/lib/{helper if which == 'helper' else supervisor_file}"
 
     @cached_property
     def _run_context_blobs(self) -> dict[str, tuple[str, bytes]]:
@@ -452,32 +510,35 @@ class SSHTarget:
                 blobs[relative] = (hash_bytes(data), data)
             return blobs
 
-    def _ensure_helper(self, helper: str) -> None:
-        if helper in self._helpers_present:
+    def _ensure_lib(self, base: str) -> None:
+        """Copy the helper and the supervisor to base/lib on the host, unless they are there."""
+        if base in self._lib_present:
             return
-        sftp = self._sftp_client()
-        try:
-            sftp.stat(helper)
-        except FileNotFoundError:
-            folder = helper.rsplit("/", 1)[0]
-            try:
-                _sftp_makedirs(sftp, folder)
-                tmp = f"{helper}.tmp-{time.monotonic_ns()}"
-                sftp.putfo(io.BytesIO(self._helper_bytes), tmp)
-                sftp.posix_rename(tmp, helper)
-            except OSError as err:
-                if not self._connected():
-                    raise
+        folder = f"{base}/lib"
+        for name, data in self._lib.items():
+            final = shlex.quote(f"{folder}/{name}")
+            tmp = shlex.quote(f"{folder}/{name}.tmp-{time.monotonic_ns()}")
+            # One round trip, and no SFTP needed: the shell writes the file if it is missing.
+            command = (
+                f"test -f {final} || {{ umask 077 && mkdir -p {shlex.quote(folder)} && cat > {tmp} && "
+                f"mv {tmp} {final}; }}"
+            )
+            rc, _out, err = self._exec(command, data, self.io_timeout)
+            if rc != 0:
                 raise SSHTargetError(
                     f"Cannot write to {folder} on host {self.host} as {self.login or 'the connection user'}: "
-                    f"{err}. Make the folder writable by that user, or set the connection's extra "
-                    "amlrun_base_dir to a folder it can write (default ~/.amlrun).",
+                    f"{err.decode('utf-8', 'replace').strip()}. Make the folder writable by that user, or set "
+                    "the connection's extra amlrun_base_dir to a folder it can write (default ~/.amlrun).",
                     host=self.host,
-                ) from err
-        self._helpers_present.add(helper)
+                )
+        self._lib_present.add(base)
 
     def _put_blob(self, digest: str, data: bytes) -> None:
         sftp = self._sftp_client()
+        if sftp is None:
+            header = json.dumps({"size": len(data)}).encode() + b"\n"
+            self._run_helper("put", digest, None, handle=None, timeout=self.io_timeout, raw=header + data)
+            return
         final = f"{self._base()}/blobs/{digest}"
         tmp = f"{final}.tmp-{time.monotonic_ns()}"
         try:
@@ -521,43 +582,61 @@ class SSHTarget:
         handle: dict[str, Any] | None,
         timeout: float,
         sink: IO[bytes] | None = None,
+        raw: bytes | None = None,
     ) -> bytes:
-        helper = handle["helper"] if handle else self._helper_path()
+        """Run one helper command; `raw` is sent on its stdin as it is, else the JSON of `request`."""
+        # This version's helper, also for a run an older version started: it reads older run directories.
         base = handle["base_dir"] if handle else self._base()
         python = (handle or {}).get("helper_python") or self._helper_python or self.python
-        self._ensure_helper(helper)
-        words = [python, helper, command, base, *([run_id] if run_id else [])]
+        self._ensure_lib(base)
+        words = [python, self._lib_path("helper", base), command, base, *([run_id] if run_id else [])]
         line = " ".join(shlex.quote(w) for w in words)
-        stdin = json.dumps(request).encode() if request is not None else None
+        stdin = raw if raw is not None else json.dumps(request).encode() if request is not None else None
         rc, out, err = self._exec(line, stdin, timeout, sink=sink)
+        message = err.decode("utf-8", "replace").strip()
         if rc == REFUSED:
-            raise SSHTargetError(
-                f"Host {self.host}: {err.decode('utf-8', 'replace').strip()}", host=self.host
-            )
+            raise SSHTargetError(f"Host {self.host}: {message}", host=self.host)
         if rc != 0:
             raise SSHTargetError(
-                f"The amlrun helper failed on host {self.host} ({command}, exit status {rc}):\n"
-                f"{err.decode('utf-8', 'replace').strip()[-3000:]}",
+                f"The amlrun helper failed on host {self.host} ({command}, exit status {rc}):\n{message[-3000:]}",
                 host=self.host,
             )
+        for warning in filter(None, message.splitlines()):
+            log.warning("Host %s: %s", self.host, warning)
         return out
 
-    def _read_lines(self, path: str, offset: int, final: bool) -> Chunk:
-        data = self._remote("reading the run's output", lambda: self._read_at(path, offset, READ_CAP))
+    def _read_lines(self, handle: dict[str, Any], name: str, offset: int, final: bool) -> Chunk:
+        data = self._remote(
+            "reading the run's output", lambda: self._read_control(handle, name, offset, READ_CAP)
+        )
         return lines_from(data, offset, final)
 
     def _exit_code(self, handle: dict[str, Any]) -> int | None:
-        path = f"{handle['run_dir']}/{CONTROL_DIR}/{EXIT_CODE}"
-        data = self._remote("checking the run", lambda: self._read_at(path, 0, 64))
+        data = self._remote("checking the run", lambda: self._read_control(handle, EXIT_CODE, 0, 64))
         try:
             return int(data.strip()) if data else None
         except ValueError:
             return None
 
-    def _read_at(self, path: str, offset: int, size: int) -> bytes:
+    def _outcome(self, handle: dict[str, Any], code: int) -> TargetStatus:
+        ended_by = self._remote("checking the run", lambda: self._read_control(handle, ENDED_BY, 0, 4096))
+        if stopped_for_limit(ended_by):
+            return TargetStatus(
+                running=False,
+                exit_code=code,
+                reason=f"stopped on {self.host} for exceeding max_run_duration_seconds",
+                timed_out=True,
+            )
+        return _outcome(code, self.host)
+
+    def _read_control(self, handle: dict[str, Any], name: str, offset: int, size: int) -> bytes:
+        """Bytes of a file of the run's control folder from an offset (nothing while it does not exist)."""
         sftp = self._sftp_client()
+        if sftp is None:
+            request = {"name": name, "offset": offset, "size": size}
+            return self._run_helper("read", handle["run_id"], request, handle=handle, timeout=self.io_timeout)
         try:
-            with sftp.open(path, "rb") as stream:
+            with sftp.open(f"{handle['run_dir']}/{CONTROL_DIR}/{name}", "rb") as stream:
                 stream.seek(offset)
                 data: bytes = stream.read(size)
                 return data
@@ -630,10 +709,31 @@ class SSHTarget:
     def _reset(self) -> None:
         self._connection.close()
 
-    def _sftp_client(self) -> paramiko.SFTPClient:
+    def _sftp_client(self) -> paramiko.SFTPClient | None:
+        """The SFTP session, or None on a host whose sshd offers no SFTP (transfers then use the helper)."""
+        import paramiko
+
+        if not self._sftp_offered:
+            return None
         if self._connection.sftp is None or not self._connected():
             client = self._connect()
-            sftp = client.open_sftp()
+            try:
+                sftp = client.open_sftp()
+            except paramiko.SSHException as err:
+                if not self._connected():
+                    raise
+                # The connection is fine, so the server refused the subsystem itself.
+                self._sftp_offered = False
+                log.warning(
+                    "Host %s (SSH connection %r) offers no SFTP subsystem (%s); sending code and reading logs "
+                    "through the amlrun helper on the command channel instead, which is slower. To enable "
+                    "SFTP, add the line `%s` to the host's /etc/ssh/sshd_config and reload sshd.",
+                    self.host,
+                    self.name,
+                    err or type(err).__name__,
+                    SFTP_SUBSYSTEM,
+                )
+                return None
             channel = sftp.get_channel()
             if channel is not None:
                 channel.settimeout(self.io_timeout)
@@ -743,6 +843,18 @@ def _bind(function: Any, *args: Any) -> Any:
     return lambda: function(*args)
 
 
+def _shorten(text: str, keep: int = 100) -> str:
+    return text if len(text) <= 2 * keep + 3 else f"{text[:keep]}...{text[-keep:]}"
+
+
+def _process(handle: dict[str, Any]) -> dict[str, Any] | None:
+    """The run's process as the handle names it, for the helper; None for a handle without a start time
+    (recorded by an older version), which the helper then reads from the run directory."""
+    if handle.get("start_time") is None:
+        return None
+    return {"pid": handle["pid"], "start_time": handle["start_time"], "boot_id": handle.get("boot_id")}
+
+
 def _outcome(code: int, host: str) -> TargetStatus:
     if code > 128:
         import signal
@@ -770,16 +882,6 @@ def _known_host_key(path: str, host: str, port: int, conn_id: str) -> paramiko.P
     found = keys.lookup(host if port == 22 else f"[{host}]:{port}")
     # None leaves the host unknown: the connection is then refused once the host answers.
     return next(iter(found.values())) if found else None
-
-
-def _sftp_makedirs(sftp: paramiko.SFTPClient, folder: str) -> None:
-    parts = PurePosixPath(folder).parts
-    for i in range(1, len(parts) + 1):
-        path = str(PurePosixPath(*parts[:i]))
-        try:
-            sftp.stat(path)
-        except FileNotFoundError:
-            sftp.mkdir(path, mode=0o700)
 
 
 def _mb(size: int | str) -> str:

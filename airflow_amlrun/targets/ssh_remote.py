@@ -4,13 +4,20 @@ This file is copied as it is to ``<base>/lib/`` on the remote host (named by its
 helper is a new file) and run there by the remote's own Python 3 with the standard library only: nothing of
 airflow-amlrun is installed there. One invocation is one command:
 
-    python3 ssh_remote.py COMMAND BASE_DIR [RUN_ID]
+    python3 ssh_remote.py COMMAND BASE_DIR [NAME]
 
-with a JSON request on stdin and a JSON answer on stdout (``pack`` answers with a tar stream). A refusal
-exits with status 3 and one line on stderr that the worker shows the user as it is.
+with a JSON request on stdin and a JSON answer on stdout (``pack`` answers with a tar stream, ``read`` with
+the bytes asked for; ``put`` reads a header line and the blob's bytes from stdin). A refusal exits with
+status 3 and one line on stderr that the worker shows the user as it is; a command that succeeds may still
+write warnings to stderr, one a line, which the worker logs.
 
 Layout under BASE_DIR: ``blobs/<digest>`` (the code cache, one file per content hash), ``envs/<build key>``
-(virtualenvs, complete once renamed into place), ``runs/<run id>`` (run directories), ``lib/`` (this file).
+(virtualenvs, complete once renamed into place), ``runs/<run id>`` (run directories), ``lib/`` (this file
+and the supervisor each run starts under).
+
+A run's process is named by its pid together with its start time and the host's boot id (kept in
+``<run dir>/.amlrun/pid`` and in the worker's handle): the helper signals a process group only while its
+leader is provably that process, never a pid that another process has since been given.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import os
 import posixpath
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tarfile
@@ -30,15 +38,19 @@ import time
 import uuid
 from typing import Any
 
-# Kept in step with airflow_amlrun.targets.common (this file may not import it: it runs on its own).
+# The names of airflow_amlrun.targets.common (this file runs alone on the host; a unit test holds them equal).
 CONTROL_DIR = ".amlrun"
 STD_LOG = "std_log.txt"
+EVENTS = "events.jsonl"
 EXIT_CODE = "exit_code"
+ENDED_BY = "ended_by"
 PID = "pid"
-ENV_FILE = "env.json"
-EXIT_WRAPPER = '"$@"; rc=$?; echo "$rc" > "$0.tmp" && mv "$0.tmp" "$0"; exit "$rc"'
 BUILD_MARKER = "amlrun-build.json"
 REFUSED = 3
+# The files of a run's control folder that `read` serves (to a worker that cannot use SFTP on this host).
+READABLE = (STD_LOG, EVENTS, EXIT_CODE, ENDED_BY)
+# What the supervisor is told, of a launch request; the rest of the request is the helper's.
+SUPERVISOR_REQUEST = ("argv", "env", "max_seconds", "grace_seconds", "end_group")
 
 
 class Refused(Exception):
@@ -47,17 +59,17 @@ class Refused(Exception):
 
 def main(argv: list[str]) -> int:
     if len(argv) < 3:
-        sys.stderr.write("usage: ssh_remote.py COMMAND BASE_DIR [RUN_ID]\n")
+        sys.stderr.write("usage: ssh_remote.py COMMAND BASE_DIR [NAME]\n")
         return 2
     command, base = argv[1], argv[2]
-    run_id = argv[3] if len(argv) > 3 else None
+    name = argv[3] if len(argv) > 3 else None
     handler = COMMANDS.get(command)
     if handler is None:
         sys.stderr.write(f"amlrun-remote: unknown command {command!r}\n")
         return 2
     try:
         request = json.loads(sys.stdin.read() or "{}") if command in READS_STDIN else {}
-        answer = handler(base, run_id, request)
+        answer = handler(base, name, request)
     except Refused as err:
         sys.stderr.write(f"{err}\n")
         return REFUSED
@@ -119,8 +131,7 @@ def cmd_missing(base: str, run_id: str | None, request: dict[str, Any]) -> dict[
     os.makedirs(blobs, exist_ok=True)
     missing = []
     for digest, size in request["blobs"].items():
-        if len(digest) != 64 or not all(c in "0123456789abcdef" for c in digest):
-            raise Refused(f"Refusing blob name {digest!r}: not a content hash.")
+        check_digest(digest)
         try:
             if os.stat(os.path.join(blobs, digest)).st_size == size:
                 continue
@@ -129,6 +140,42 @@ def cmd_missing(base: str, run_id: str | None, request: dict[str, Any]) -> dict[
         missing.append(digest)
     stat = os.statvfs(blobs)
     return {"missing": missing, "free": stat.f_bavail * stat.f_frsize}
+
+
+def check_digest(digest: str | None) -> str:
+    if not digest or len(digest) != 64 or not all(c in "0123456789abcdef" for c in digest):
+        raise Refused(f"Refusing blob name {digest!r}: not a content hash.")
+    return digest
+
+
+def cmd_put(base: str, digest: str | None, request: dict[str, Any]) -> dict[str, Any]:
+    """Store one blob sent on stdin: a JSON header line ``{"size": N}``, then exactly N bytes.
+
+    The worker sends blobs this way when the host's sshd offers no SFTP; a blob cut short (a dropped
+    connection) is not kept.
+    """
+    name = check_digest(digest)
+    stream = sys.stdin.buffer
+    size = int(json.loads(stream.readline().decode("utf-8"))["size"])
+    blobs = os.path.join(base, "blobs")
+    os.makedirs(blobs, exist_ok=True)
+    final = os.path.join(blobs, name)
+    tmp = f"{final}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(tmp, "wb") as out:
+            left = size
+            while left:
+                data = stream.read(min(left, 1 << 20))
+                if not data:
+                    raise Refused(f"Blob {name} arrived cut short: {size - left} of {size} bytes.")
+                out.write(data)
+                left -= len(data)
+        os.rename(tmp, final)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return {"stored": size}
 
 
 # ------------------------------------------------------------------ run directory
@@ -210,6 +257,8 @@ def ensure_env(base: str, environment: dict[str, Any]) -> str:
 
 def build(tmp: str, environment: dict[str, Any]) -> str:
     base_python = environment["python"]
+    # The lock keeps its ${VAR} references as written: uv and pip expand them from their own environment,
+    # which alone receives the values (they came on stdin, and are written nowhere).
     lock_file = tmp + ".lock.txt"
     with open(lock_file, "w") as out:
         out.write(environment["lock"])
@@ -248,13 +297,19 @@ def build(tmp: str, environment: dict[str, Any]) -> str:
 
 
 def step(environment: dict[str, Any], what: str, command: list[str]) -> None:
+    credentials = {str(k): str(v) for k, v in (environment.get("credentials") or {}).items()}
     env = dict(os.environ, UV_PYTHON_DOWNLOADS="never", UV_NO_PROGRESS="1", PIP_NO_INPUT="1")
+    env.update(credentials)
     done = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd="/")
     if done.returncode != 0:
-        output = done.stdout.decode("utf-8", "replace").strip()[-4000:]
+        output = done.stdout.decode("utf-8", "replace")
+        # An installer may echo a URL with the password it expanded: the message never carries one.
+        for value in credentials.values():
+            if value:
+                output = output.replace(value, "***")
         raise Refused(
             f"Building environment {environment.get('name')!r} on this host failed while {what} "
-            f"({' '.join(command[:3])} ...):\n{output}"
+            f"({' '.join(command[:3])} ...):\n{output.strip()[-4000:]}"
         )
 
 
@@ -262,47 +317,56 @@ def step(environment: dict[str, Any], what: str, command: list[str]) -> None:
 
 
 def cmd_launch(base: str, run_id: str | None, request: dict[str, Any]) -> dict[str, Any]:
-    """Start the run in a session and process group of its own, detached from this SSH session."""
+    """Start the run under the supervisor, in a session and process group of its own, detached from this
+    SSH session; the supervisor gets its request (the variables, secrets among them) through a pipe."""
     root = run_dir(base, run_id)
     control = os.path.join(root, CONTROL_DIR)
     existing = read_pid(root)
     if existing is not None:
         # A retried launch (the connection dropped while it answered): the run is started already.
-        return {"pid": existing}
-    env_file = os.path.join(control, ENV_FILE)
-    fd = os.open(env_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as out:
-        json.dump(request["env"], out)
-    argv = ["/bin/sh", "-c", EXIT_WRAPPER, os.path.join(control, EXIT_CODE), *request["argv"]]
-    pid = os.fork()
-    if pid == 0:  # the run: never returns
-        try:
-            os.setsid()
-            with open(env_file) as stream:
-                variables = json.load(stream)
-            os.unlink(env_file)  # the values live on only in the run's own environment
-            os.chdir(root)
-            null = os.open(os.devnull, os.O_RDONLY)
-            log = os.open(os.path.join(control, STD_LOG), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-            os.dup2(null, 0)
-            os.dup2(log, 1)
-            os.dup2(log, 2)
-            os.execve(argv[0], argv, {**os.environ, **variables})
-        finally:
-            os._exit(127)
+        return existing
+    supervisor = request["supervisor"]
+    lib = os.path.realpath(os.path.join(base, "lib"))
+    if os.path.dirname(os.path.realpath(supervisor)) != lib or not os.path.isfile(supervisor):
+        raise Refused(f"Refusing supervisor {supervisor!r}: it is not a file in {lib}.")
+    log = os.open(os.path.join(control, STD_LOG), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        # This interpreter, isolated (-I: no PYTHON* variables meant for the job, -S: no site).
+        process = subprocess.Popen(
+            [sys.executable, "-I", "-S", supervisor, control],
+            cwd=root,
+            stdin=subprocess.PIPE,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
+    finally:
+        os.close(log)
+    # Read while the child is ours and unreaped: its pid cannot name another process yet.
+    record = {"pid": process.pid, "start_time": start_time(process.pid), "boot_id": boot_id()}
     pid_tmp = os.path.join(control, PID + ".tmp")
     with open(pid_tmp, "w") as out:
-        out.write(str(pid))
+        json.dump(record, out)
     os.rename(pid_tmp, os.path.join(control, PID))
-    return {"pid": pid}
+    assert process.stdin is not None
+    with process.stdin:
+        process.stdin.write(json.dumps({k: request[k] for k in SUPERVISOR_REQUEST if k in request}).encode())
+    # The run outlives this helper, which does not wait for it: once the helper exits, init adopts it.
+    return record
 
 
-def read_pid(root: str) -> int | None:
+def read_pid(root: str) -> dict[str, Any] | None:
+    """The run's process as launch recorded it; a bare pid from an older helper gives {"pid": N}."""
     try:
         with open(os.path.join(root, CONTROL_DIR, PID)) as stream:
-            return int(stream.read().strip())
+            value = json.loads(stream.read())
     except (FileNotFoundError, ValueError):
         return None
+    if isinstance(value, int):
+        return {"pid": value}
+    if isinstance(value, dict) and isinstance(value.get("pid"), int):
+        return value
+    return None
 
 
 def read_exit_code(root: str) -> int | None:
@@ -313,32 +377,84 @@ def read_exit_code(root: str) -> int | None:
         return None
 
 
-def alive(pid: int, root: str) -> bool:
-    """Whether the run's leader process still runs (a pid reused by another process does not count)."""
+def boot_id() -> str | None:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as stream:
+            return stream.read().strip()
+    except OSError:
+        return None
+
+
+def start_time(pid: int) -> str | None:
+    """What, with the pid, names one process for good: its start time. None when it is gone, a zombie, or
+    cannot be read."""
     try:
         with open(f"/proc/{pid}/stat") as stream:
-            if stream.read().rsplit(")", 1)[1].split()[0] == "Z":
-                return False
-        return os.path.realpath(f"/proc/{pid}/cwd") == os.path.realpath(root)
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False
-    except PermissionError:
-        return True
+            fields = stream.read().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        if os.path.isdir("/proc/self"):
+            return None
+        return ps_start_time(pid)
+    except (OSError, IndexError):
+        return None
+    if fields[0] in ("Z", "X") or len(fields) < 20:
+        return None
+    # Clock ticks since boot (field 22 of /proc/PID/stat): unique with the pid and the boot id.
+    return f"ticks:{fields[19]}"
+
+
+def ps_start_time(pid: int) -> str | None:
+    """start_time on a host without /proc (BSD, macOS): `ps` reports it to the second, as a date."""
+    try:
+        done = subprocess.run(
+            ["ps", "-o", "stat=", "-o", "lstart=", "-p", str(pid)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            env=dict(os.environ, LC_ALL="C"),
+        )
     except OSError:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        return True
+        return None
+    words = done.stdout.decode("ascii", "replace").split()
+    if done.returncode != 0 or len(words) < 2 or words[0].startswith("Z"):
+        return None
+    return "lstart:" + " ".join(words[1:])
+
+
+def alive(record: dict[str, Any], root: str) -> bool:
+    """Whether the run's leader (its supervisor) still runs, provably the process launch started.
+
+    A pid now used by another process, a process on another boot, or one this user may not inspect counts
+    as ended: it is never signalled.
+    """
+    pid = int(record["pid"])
+    if "start_time" in record:
+        started = record["start_time"]
+        return started is not None and record.get("boot_id") == boot_id() and start_time(pid) == started
+    # Launched by an older helper, which kept no start time: the process must work in the run directory.
+    if start_time(pid) is None:
+        return False
+    try:
+        return os.readlink(f"/proc/{pid}/cwd") == os.path.realpath(root)
+    except OSError:
+        return False
+
+
+def run_process(root: str, request: dict[str, Any]) -> dict[str, Any] | None:
+    """The run's process as the worker's handle names it, else as this host recorded it."""
+    known = request.get("process")
+    if isinstance(known, dict) and isinstance(known.get("pid"), int):
+        return known
+    return read_pid(root)
 
 
 def cmd_status(base: str, run_id: str | None, request: dict[str, Any]) -> dict[str, Any]:
     root = run_dir(base, run_id)
-    pid = read_pid(root)
+    record = run_process(root, request)
     return {
         "exists": os.path.isdir(root),
-        "pid": pid,
-        "alive": pid is not None and alive(pid, root),
+        "pid": record["pid"] if record else None,
+        "process": record,
+        "alive": record is not None and alive(record, root),
         "exit_code": read_exit_code(root),
         "run_dir": root,
     }
@@ -349,49 +465,212 @@ def kill_group(pid: int, sig: int) -> None:
         os.killpg(pid, sig)
 
 
-def group_exists(pid: int) -> bool:
-    try:
-        os.killpg(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def cmd_kill(base: str, run_id: str | None, request: dict[str, Any]) -> dict[str, Any]:
-    """SIGTERM to the run's process group, SIGKILL to what is left after the grace period."""
+    """SIGTERM to the run's process group, SIGKILL after the grace period if its leader still runs.
+
+    Only while the leader is provably the run's: once it has ended, what the job left in its group was
+    ended by the supervisor itself.
+    """
     root = run_dir(base, run_id)
-    pid = read_pid(root)
-    if pid is None:
+    record = run_process(root, request)
+    if record is None or not alive(record, root):
         return {"killed": False}
-    if alive(pid, root):
-        kill_group(pid, signal.SIGTERM)
-        deadline = time.monotonic() + float(request.get("grace", 5.0))
-        while time.monotonic() < deadline and alive(pid, root):
-            time.sleep(0.05)
-    if read_exit_code(root) is None or alive(pid, root):
+    pid = int(record["pid"])
+    kill_group(pid, signal.SIGTERM)
+    deadline = time.monotonic() + float(request.get("grace", 5.0))
+    while time.monotonic() < deadline and alive(record, root):
+        time.sleep(0.05)
+    if alive(record, root):
         kill_group(pid, signal.SIGKILL)
     return {"killed": True}
 
 
+# ------------------------------------------------------------------ reading back
+
+
+def cmd_read(base: str, run_id: str | None, request: dict[str, Any]) -> None:
+    """Bytes of a control file from an offset, on stdout (for a worker that cannot use SFTP here)."""
+    name = request.get("name")
+    if name not in READABLE:
+        raise Refused(f"Refusing to read {name!r}: not one of {', '.join(READABLE)}.")
+    path = os.path.join(run_dir(base, run_id), CONTROL_DIR, name)
+    try:
+        with open(path, "rb") as stream:
+            stream.seek(int(request.get("offset", 0)))
+            data = stream.read(int(request.get("size", 1 << 20)))
+    except FileNotFoundError:
+        data = b""
+    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.flush()
+
+
 def cmd_pack(base: str, run_id: str | None, request: dict[str, Any]) -> None:
-    """A tar stream of outputs/ and logs/ (with the combined log as logs/std_log.txt) on stdout."""
+    """A tar stream of outputs/ and logs/ (with the combined log as logs/std_log.txt) on stdout.
+
+    The script wrote these folders, so they are read without ever leaving them, as the local target reads
+    its own: every folder and file is opened with O_NOFOLLOW relative to its parent's descriptor and must
+    be the entry that was listed; a link to a file inside the folder is sent as that file; a link leading
+    out, dangling or to a folder, and anything not a regular file, is skipped with a warning (on stderr,
+    which the worker writes to the task log).
+    """
     root = run_dir(base, run_id)
-    pid = read_pid(root)
-    if pid is not None and not alive(pid, root):
-        # Whatever the script left running in its group ends with it.
-        kill_group(pid, signal.SIGKILL)
     out = sys.stdout.buffer
     with tarfile.open(fileobj=out, mode="w|") as tar:
         for folder in ("outputs", "logs"):
-            path = os.path.join(root, folder)
-            if os.path.isdir(path):
-                tar.add(path, arcname=folder)
-        log = os.path.join(root, CONTROL_DIR, STD_LOG)
-        if os.path.isfile(log):
-            tar.add(log, arcname=f"logs/{STD_LOG}")
+            pack_folder(tar, os.path.join(root, folder), folder)
+        with contextlib.suppress(FileNotFoundError):
+            control = os.open(os.path.join(root, CONTROL_DIR), DIR_FLAGS)
+            try:
+                log = open_listed(control, STD_LOG, None, FILE_FLAGS, repr(f"{CONTROL_DIR}/{STD_LOG}"))
+                if log is not None:
+                    add_open_file(tar, log, f"logs/{STD_LOG}")
+            finally:
+                os.close(control)
     out.flush()
+
+
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+# Non-blocking, so that a FIFO in a file's place cannot hang the open.
+FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
+
+
+def warn(message: str) -> None:
+    sys.stderr.write(message.replace("\n", " ") + "\n")
+    sys.stderr.flush()
+
+
+def pack_folder(tar: tarfile.TarFile, top: str, label: str) -> None:
+    try:
+        root_fd = os.open(top, DIR_FLAGS)
+    except FileNotFoundError:
+        return
+    except OSError as err:
+        if err.errno in (errno.ELOOP, errno.ENOTDIR):
+            warn(
+                f"{label}/ is a symlink to {readlink(top)!r} (or not a folder): nothing in it was collected. "
+                f"A run's {label} are the files inside its own {label}/ folder."
+            )
+            return
+        raise
+    try:
+        try:
+            real_root = os.readlink(f"/proc/self/fd/{root_fd}")
+        except OSError:
+            real_root = os.path.realpath(top)
+        Packer(tar, root_fd, real_root, label).folder(root_fd, "")
+    finally:
+        os.close(root_fd)
+
+
+class Packer:
+    """One walk of a folder under its open descriptor, adding what lies inside it to the tar stream."""
+
+    def __init__(self, tar: tarfile.TarFile, root_fd: int, real_root: str, label: str) -> None:
+        self.tar = tar
+        self.root_fd = root_fd
+        self.real_root = real_root
+        self.label = label
+
+    def folder(self, dir_fd: int, rel_dir: str) -> None:
+        # The listing, with each entry's own stat, comes first: what is opened must be what was listed.
+        listed = []
+        for entry in os.scandir(dir_fd):
+            with contextlib.suppress(OSError):
+                listed.append((entry.name, entry.stat(follow_symlinks=False)))
+        info = tarfile.TarInfo(f"{self.label}/{rel_dir}" if rel_dir else self.label)
+        info.type = tarfile.DIRTYPE
+        info.mode = 0o755
+        self.tar.addfile(info)
+        for name, status in sorted(listed, key=lambda item: item[0]):
+            rel = f"{rel_dir}/{name}" if rel_dir else name
+            shown = repr(f"{self.label}/{rel}")
+            if stat.S_ISLNK(status.st_mode):
+                self.link(dir_fd, name, rel, shown)
+            elif stat.S_ISDIR(status.st_mode):
+                sub = open_listed(dir_fd, name, status, DIR_FLAGS, shown)
+                if sub is not None:
+                    try:
+                        self.folder(sub, rel)
+                    finally:
+                        os.close(sub)
+            elif stat.S_ISREG(status.st_mode):
+                fd = open_listed(dir_fd, name, status, FILE_FLAGS, shown)
+                if fd is not None:
+                    add_open_file(self.tar, fd, f"{self.label}/{rel}")
+            else:
+                warn(f"{shown} is not a regular file (a FIFO, socket or device): not collected.")
+
+    def link(self, dir_fd: int, name: str, rel: str, shown: str) -> None:
+        try:
+            target = os.readlink(name, dir_fd=dir_fd)
+        except OSError:
+            return  # gone since it was listed
+        shown = f"{shown} is a symlink to {target!r}"
+        resolved = os.path.realpath(os.path.join(self.real_root, *rel.split("/")[:-1], target))
+        if resolved != self.real_root and not resolved.startswith(self.real_root + os.sep):
+            warn(
+                f"{shown}, outside {self.label}/: it was not read or collected. A run's {self.label} are the "
+                f"files inside {self.label}/; copy a file there to keep it."
+            )
+            return
+        parts = os.path.relpath(resolved, self.real_root).split(os.sep)
+        fd = self.open_beneath([] if parts == ["."] else parts)
+        if fd is None:
+            warn(f"{shown}, which does not exist (or changed while it was collected): not collected.")
+            return
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            warn(
+                f"{shown}, a folder: not followed (the files inside {self.label}/ are collected under their "
+                "own paths)."
+            )
+            return
+        add_open_file(self.tar, fd, f"{self.label}/{rel}")
+
+    def open_beneath(self, parts: list[str]) -> int | None:
+        """Open a resolved (link-free) path from the root, following no link on the way."""
+        fd = os.dup(self.root_fd)
+        for i, part in enumerate(parts):
+            try:
+                child = os.open(part, DIR_FLAGS if i < len(parts) - 1 else FILE_FLAGS, dir_fd=fd)
+            except OSError:
+                os.close(fd)
+                return None
+            os.close(fd)
+            fd = child
+        return fd
+
+
+def open_listed(dir_fd: int, name: str, listed: os.stat_result | None, flags: int, shown: str) -> int | None:
+    """Open an entry of a folder without following a link; it must still be what the listing saw."""
+    try:
+        fd = os.open(name, flags, dir_fd=dir_fd)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            warn(f"{shown} is a symlink: not collected.")
+        elif err.errno != errno.ENOENT:
+            warn(f"{shown} could not be read ({err.strerror}): not collected.")
+        return None
+    status = os.fstat(fd)
+    same = listed is None or (status.st_dev, status.st_ino) == (listed.st_dev, listed.st_ino)
+    if not same or (listed is None and not stat.S_ISREG(status.st_mode)):
+        os.close(fd)
+        warn(f"{shown} was replaced while it was collected: not collected.")
+        return None
+    return fd
+
+
+def add_open_file(tar: tarfile.TarFile, fd: int, arcname: str) -> None:
+    with os.fdopen(fd, "rb") as stream:
+        info = tar.gettarinfo(arcname=arcname, fileobj=stream)
+        tar.addfile(info, stream)
+
+
+def readlink(path: str) -> str:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return "?"
 
 
 def cmd_remove(base: str, run_id: str | None, request: dict[str, Any]) -> dict[str, Any]:
@@ -402,14 +681,17 @@ def cmd_remove(base: str, run_id: str | None, request: dict[str, Any]) -> dict[s
 
 COMMANDS = {
     "missing": cmd_missing,
+    "put": cmd_put,
     "prepare": cmd_prepare,
     "launch": cmd_launch,
     "status": cmd_status,
     "kill": cmd_kill,
+    "read": cmd_read,
     "pack": cmd_pack,
     "remove": cmd_remove,
 }
-READS_STDIN = {"missing", "prepare", "launch", "kill"}
+# Commands whose stdin is a JSON request (`put` reads its own).
+READS_STDIN = {"missing", "prepare", "launch", "status", "kill", "read"}
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 The namespace has its own address (10.231.x.2/30, the worker side is 10.231.x.1), its own host key and a
 login user of its own (shell /bin/sh, so no rc file slows every command down), and its link can be cut
-and restored like a real network's. Needs root (ip netns, useradd, sshd).
+and restored like a real network's. Needs root (ip netns, useradd, sshd): `host_for_tests` fails the test
+run, saying what is missing, rather than letting the SSH tests pass unseen as skipped.
 """
 
 from __future__ import annotations
@@ -22,6 +23,15 @@ from pathlib import Path
 from typing import Any
 
 SSHD = "/usr/sbin/sshd"
+# What setting up a host needs besides root, and the Debian package that brings it.
+TOOLS = {
+    "ip": "iproute2",
+    "ssh-keygen": "openssh-client",
+    SSHD: "openssh-server",
+    "useradd": "passwd",
+    "nsenter": "util-linux",
+    "ss": "iproute2",
+}
 
 
 @dataclass
@@ -77,8 +87,36 @@ class SshdHost:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-def start_sshd_host(*, user: str, subnet: int = 0, name: str | None = None) -> SshdHost:
-    """Create the namespace, its link, its login user and its sshd; `subnet` picks 10.231.0.(4*subnet)/30."""
+def missing_prerequisites() -> list[str]:
+    """What this machine lacks to set up a host, each with how to get it; empty when nothing is missing."""
+    missing = []
+    if os.geteuid() != 0:
+        missing.append(f"root (running as uid {os.geteuid()}; ip netns, useradd and sshd need root)")
+    for tool, package in TOOLS.items():
+        if shutil.which(tool) is None:
+            missing.append(f"{tool} (apt-get install -y {package}, or `make services`)")
+    return missing
+
+
+def host_for_tests(**options: Any) -> SshdHost:
+    """start_sshd_host for a test session: anything that keeps the host from starting fails the tests
+    loudly, naming what is missing or what failed, instead of skipping them."""
+    import pytest
+
+    missing = missing_prerequisites()
+    if missing:
+        pytest.fail("The SSH tests cannot set up their host; missing: " + "; ".join(missing), pytrace=False)
+    try:
+        return start_sshd_host(**options)
+    except (OSError, RuntimeError, subprocess.SubprocessError) as err:
+        pytest.fail(f"The SSH tests cannot set up their host: {err}", pytrace=False)
+
+
+def start_sshd_host(*, user: str, subnet: int = 0, name: str | None = None, sftp: bool = True) -> SshdHost:
+    """Create the namespace, its link, its login user and its sshd; `subnet` picks 10.231.0.(4*subnet)/30.
+
+    :param sftp: give sshd its SFTP subsystem (a host without one is a case the SSH target handles).
+    """
     token = name or secrets.token_hex(3)
     namespace = f"amlrun-{token}"
     link, peer = f"amh{token}"[:15], f"amr{token}"[:15]
@@ -131,7 +169,7 @@ PasswordAuthentication no
 KbdInteractiveAuthentication no
 PermitRootLogin no
 PrintMotd no
-Subsystem sftp internal-sftp
+{"Subsystem sftp internal-sftp" if sftp else ""}
 MaxStartups 100
 MaxSessions 100
 LogLevel ERROR
@@ -194,4 +232,9 @@ def _in_ns(namespace: str, *command: str) -> None:
 
 
 def _run(*command: str) -> None:
-    subprocess.run(command, check=True, capture_output=True)
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(
+            f"`{' '.join(command)}` failed with exit status {done.returncode}: "
+            f"{(done.stderr or done.stdout).strip() or 'no output'}"
+        )

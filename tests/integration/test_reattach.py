@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -16,85 +13,13 @@ import pytest
 
 from airflow_amlrun import Experiment, ScriptRunConfig, Workspace
 from airflow_amlrun.run import AirflowTask
-from tests.conftest import wait_until_running, worker_dies_mid_run, write_script
-
-_SUBMIT = """
-import json, sys
-from airflow_amlrun import Experiment, ScriptRunConfig, Workspace
-from airflow_amlrun.run import AirflowTask
-
-source, target, limit, try_number = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-task = AirflowTask(dag_id="retrain", task_id="train", run_id="manual_1", map_index=None, try_number=try_number)
-config = ScriptRunConfig(source, script="train.py", compute_target=target,
-                         max_run_duration_seconds=float(limit) if limit else None)
-run = Experiment(Workspace.get(), "reattach").submit(config, airflow_task=task)
-record = run.wait_for_completion(show_output=False, raise_on_error=False)
-print(json.dumps({"id": record.id, "status": str(record.status), "error": record.error}))
-"""
-
-
-def submit_in_process(
-    source: Path,
-    target: str = "local",
-    *,
-    limit: float | None = None,
-    try_number: int = 1,
-    prefix: tuple[str, ...] = (),
-) -> list[str]:
-    """The command line of a worker process that submits (or retries) task retrain.train and waits for it."""
-    return [*prefix, sys.executable, "-c", _SUBMIT, str(source), target, str(limit or ""), str(try_number)]
-
-
-def worker_with_limit_dies_mid_run(source: Path, target: str, limit: float) -> Any:
-    """Try 1 of retrain.train, with a time limit, submitted by a worker SIGKILLed once the run is Running."""
-    worker = subprocess.Popen(submit_in_process(source, target, limit=limit), env=os.environ.copy())
-    try:
-        assert wait_until_running() is not None, "the run never reached Running"
-    finally:
-        worker.send_signal(signal.SIGKILL)
-        worker.wait()
-    [orphan] = Workspace.get().list_runs()
-    return orphan
-
-
-def wait_for_file(path: Path, timeout: float = 60) -> str:
-    """The text of a file once it exists; fails the test when nothing writes it within timeout seconds."""
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if time.monotonic() > deadline:
-            pytest.fail(f"{path} was not written within {timeout} s")
-        time.sleep(0.05)
-    return path.read_text()
-
-
-def group_members(pgid: int) -> list[int]:
-    """Live processes of a process group (on this machine: the SSH test host shares its pids)."""
-    members = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            members.append(int(proc.name))
-    return members
-
-
-def assert_stopped_at_its_limit_on_the_target(control: Path, pgid: int, limit: float) -> None:
-    """The target itself ended the run for its limit, with nobody following it."""
-    assert wait_for_file(control / "exit_code").strip() in (
-        str(128 + signal.SIGTERM),
-        str(128 + signal.SIGKILL),
-    )
-    ended_by = json.loads((control / "ended_by").read_text())
-    assert ended_by == {"reason": "max_run_duration", "max_seconds": limit}
-    assert f"exceeded max_run_duration_seconds={limit:g}" in (control / "std_log.txt").read_text()
-    deadline = time.monotonic() + 10
-    while group_members(pgid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert group_members(pgid) == []
+from tests.conftest import worker_dies_mid_run, write_script
+from tests.integration.orphans import (
+    assert_stopped_at_its_limit_on_the_target,
+    submit_in_process,
+    wait_for_file,
+    worker_with_limit_dies_mid_run,
+)
 
 
 @pytest.fixture(params=["default", "relative, through a symlink"])

@@ -8,7 +8,9 @@ import json
 import os
 import re
 import secrets
+import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -19,8 +21,14 @@ import pytest
 from airflow_amlrun import Environment, Experiment, ScriptRunConfig, Workspace
 from airflow_amlrun.environment import PythonSection
 from airflow_amlrun.run import AirflowTask
-from tests.conftest import worker_dies_mid_run, write_script
-from tests.integration.sshd_host import SshdHost, start_sshd_host
+from tests.conftest import REPO, worker_dies_mid_run, write_script
+from tests.integration.orphans import (
+    assert_stopped_at_its_limit_on_the_target,
+    group_members,
+    worker_with_limit_dies_mid_run,
+)
+from tests.integration.sshd_host import SshdHost, host_for_tests
+from tests.private_index import build_wheel, private_index
 
 pytestmark = pytest.mark.usefixtures("airflow_db")
 
@@ -30,9 +38,7 @@ CONN_ID = "ssh_vm"
 @pytest.fixture(scope="session")
 def ssh_host() -> Iterator[SshdHost]:
     """The remote VM: sshd in a network namespace with its own address, user and host key."""
-    if os.geteuid() != 0:
-        pytest.skip("the SSH host needs root (ip netns, useradd, sshd)")
-    host = start_sshd_host(user="amlrun-remote", subnet=0)
+    host = host_for_tests(user="amlrun-remote", subnet=0)
     try:
         yield host
     finally:
@@ -520,3 +526,336 @@ def test_managed_environment_is_built_on_the_host_once_and_reused(run_dag, tmp_p
     assert f"probe probe 1.0 python {match.group(1)}" in second.log
     assert (build / "amlrun-build.json").stat().st_mtime_ns == marker  # not built again
     assert not [p for p in envs.iterdir() if p.name.startswith(".tmp-")]
+
+
+# the SSH tests themselves
+
+
+def test_the_ssh_tests_fail_loudly_when_their_host_cannot_be_set_up(tmp_path):
+    # A test that needs the host, run by a user who is not root (uid 65534 in a user namespace of its own).
+    (tmp_path / "test_needs_host.py").write_text(
+        "from tests.integration.test_ssh_target import ssh_host  # noqa: F401\n\n\n"
+        "def test_needs_the_host(ssh_host):\n    pass\n"
+    )
+    done = subprocess.run(
+        ["unshare", "--user", sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rE", "."],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode != 0, done.stdout
+    assert "1 error" in done.stdout and "skipped" not in done.stdout, done.stdout
+    assert "The SSH tests cannot set up their host; missing: root (running as uid 65534" in done.stdout
+
+
+# a run left alone on the host
+
+
+def test_a_run_whose_worker_died_still_stops_at_its_limit_on_the_host(tmp_path, ssh_vm):
+    source = tmp_path / "src"
+    write_script(
+        source,
+        "train.py",
+        """
+        import subprocess, time
+        subprocess.Popen(["sleep", "300"])  # a child of its own, which must not outlive the run either
+        print("training", flush=True)
+        time.sleep(300)
+    """,
+    )
+    orphan = worker_with_limit_dies_mid_run(source, CONN_ID, limit=2)
+
+    # Nobody follows the run now; the supervisor on the host stops it on time all the same.
+    control = remote_base(ssh_vm) / "runs" / orphan.id / ".amlrun"
+    assert_stopped_at_its_limit_on_the_target(control, orphan.handle["pid"], 2)
+
+    task = AirflowTask(dag_id="retrain", task_id="train", run_id="manual_1", map_index=None, try_number=2)
+    config = ScriptRunConfig(
+        str(source), script="train.py", compute_target=CONN_ID, max_run_duration_seconds=2
+    )
+    record = (
+        Experiment(Workspace.get(), "reattach")
+        .submit(config, airflow_task=task)
+        .wait_for_completion(show_output=False, raise_on_error=False)
+    )
+    assert record.id == orphan.id and record.try_number == 2
+    assert record.status == "Failed"
+    assert record.error == "Exceeded max_run_duration_seconds=2; the run was stopped."
+
+
+def test_a_retry_never_signals_a_process_that_now_has_the_runs_pid_on_the_host(tmp_path, ssh_vm):
+    source = tmp_path / "src"
+    write_script(source, "train.py", "import time\nprint('training', flush=True)\ntime.sleep(300)\n")
+    orphan = worker_dies_mid_run(source, CONN_ID)
+    # The run is killed on the host as a whole (the OOM killer, an admin), leaving no exit code ...
+    pid = orphan.handle["pid"]
+    os.killpg(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while group_members(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    # ... and its pid is given to another process of the same user (made so here: the run is pointed at it).
+    uid = os.stat(ssh_vm.home).st_uid
+    stranger = subprocess.Popen(["sleep", "300"], user=uid, group=uid, start_new_session=True, cwd="/")
+    try:
+        pid_file = remote_base(ssh_vm) / "runs" / orphan.id / ".amlrun" / "pid"
+        recorded = json.loads(pid_file.read_text())
+        pid_file.write_text(
+            json.dumps({**recorded, "pid": stranger.pid} if isinstance(recorded, dict) else stranger.pid)
+        )
+        Workspace.get().history.update_run(orphan.id, handle={**orphan.handle, "pid": stranger.pid})
+
+        config = ScriptRunConfig(str(source), script="train.py", compute_target=CONN_ID)
+        task = AirflowTask(dag_id="retrain", task_id="train", run_id="manual_1", map_index=None, try_number=2)
+        run = Experiment(Workspace.get(), "reattach").submit(config, airflow_task=task)
+        record = run.wait_for_completion(show_output=False, raise_on_error=False)
+        run.target.cancel(record.handle)  # stopping it again, as on_kill may, signals nothing either
+
+        assert record.id == orphan.id and record.status == "Failed"
+        assert "ended without an exit code" in record.error
+        assert stranger.poll() is None  # neither followed nor killed
+    finally:
+        stranger.kill()
+        stranger.wait()
+
+
+# what comes back from the host
+
+
+def test_links_a_script_writes_in_its_outputs_never_bring_files_from_the_host(
+    run_dag, tmp_path, ssh_vm, amlrun_home
+):
+    secret = ssh_vm.home / f"host-secret-{secrets.token_hex(4)}.cfg"
+    secret.write_text("sql_alchemy_conn = postgresql://airflow:hunter2-HOST-SECRET@db/airflow\n")
+    beside = remote_base(ssh_vm) / "runs" / "something"  # what "../../something" from outputs/ reaches
+    beside.parent.mkdir(parents=True, exist_ok=True)
+    beside.write_text("another run's RUNS-DIR-SECRET\n")
+    write_script(
+        tmp_path / "src",
+        "train.py",
+        f"""
+        import os
+        os.makedirs("outputs/sub", exist_ok=True)
+        open("outputs/model.txt", "w").write("trained weights")
+        open("outputs/sub/notes.txt", "w").write("notes")
+        os.symlink({str(secret)!r}, "outputs/x")
+        os.symlink("../../something", "outputs/y")
+        os.symlink("model.txt", "outputs/best.txt")
+        os.symlink("/etc", "outputs/etc")
+        os.symlink("sub", "outputs/sub-again")
+        os.mkfifo("outputs/pipe")
+        os.symlink("/etc", "logs/etc")
+        print("outputs written")
+    """,
+    )
+    try:
+        result = run_dag(dag_source(tmp_path / "src"))
+    finally:
+        secret.unlink()
+        beside.unlink()
+
+    assert result.state == "success", result.log
+    summary = result.xcoms["train"]
+    outputs = Path(summary["outputs_uri"])
+    assert sorted(str(p.relative_to(outputs)) for p in outputs.rglob("*")) == [
+        "best.txt",
+        "model.txt",
+        "sub",
+        "sub/notes.txt",
+    ]
+    assert (outputs / "best.txt").read_text() == "trained weights"
+    for path in (amlrun_home / "store").rglob("*"):
+        if path.is_file():
+            assert b"SECRET" not in path.read_bytes(), path
+    host = f"Host {ssh_vm.address}: "
+    assert f"{host}'outputs/x' is a symlink to {str(secret)!r}, outside outputs/" in result.log
+    assert f"{host}'outputs/y' is a symlink to '../../something', outside outputs/" in result.log
+    assert f"{host}'outputs/etc' is a symlink to '/etc', outside outputs/" in result.log
+    assert f"{host}'outputs/sub-again' is a symlink to 'sub', a folder: not followed" in result.log
+    assert f"{host}'outputs/pipe' is not a regular file" in result.log
+    assert f"{host}'logs/etc' is a symlink to '/etc', outside logs/" in result.log
+
+
+def test_a_file_the_worker_cannot_write_costs_only_itself(run_dag, tmp_path, ssh_vm):
+    # A path deeper than the worker's file system takes (its run folder lies deeper than the host's).
+    write_script(
+        tmp_path / "src",
+        "train.py",
+        """
+        import os
+        open("outputs/model.txt", "w").write("trained weights")
+        os.chdir("outputs")
+        for level in range(20):
+            os.mkdir("d" * 250)
+            os.chdir("d" * 250)
+        open("deep.txt", "w").write("too deep for the worker")
+        print("outputs written")
+    """,
+    )
+    result = run_dag(dag_source(tmp_path / "src"))
+
+    assert result.state == "success", result.log
+    outputs = Path(result.xcoms["train"]["outputs_uri"])
+    assert (outputs / "model.txt").read_text() == "trained weights"
+    assert re.search(
+        r"Run \S+: skipped outputs/d+/.*deep\.txt from 10\.231\.0\.2: .*File name too long", result.log
+    )
+
+
+# a host whose sshd has no SFTP subsystem
+
+
+@pytest.fixture(scope="module")
+def host_without_sftp() -> Iterator[SshdHost]:
+    host = host_for_tests(user="amlrun-nosftp", subnet=2, name="nosftp", sftp=False)
+    try:
+        yield host
+    finally:
+        host.stop()
+
+
+def test_a_host_without_sftp_runs_through_the_helper_and_says_how_to_enable_it(
+    run_dag, tmp_path, host_without_sftp, amlrun_home, monkeypatch
+):
+    monkeypatch.setenv(f"AIRFLOW_CONN_{CONN_ID.upper()}", host_without_sftp.connection())
+    token = secrets.token_hex(4)
+    source = tmp_path / "src"
+    write_script(source, "train.py", TRAIN.replace("{token}", token))
+    (source / "data.bin").write_bytes(os.urandom(3_000_000))  # several reads and writes' worth
+
+    result = run_dag(dag_source(source))
+
+    assert result.state == "success", result.log
+    assert "offers no SFTP subsystem" in result.log
+    assert "add the line `Subsystem sftp internal-sftp` to the host's /etc/ssh/sshd_config" in result.log
+    summary = result.xcoms["train"]
+    assert summary["metrics"]["loss"] == pytest.approx(1 / 3)
+    assert _in_order(result.log, ["epoch 0 done", "epoch 1 done", "epoch 2 done", "model written"])
+    assert Path(summary["outputs_uri"], "model.txt").read_text() == f"weights of {token}"
+    run = Workspace.get().get_run(summary["run_id"])
+    assert run.handle["blob_bytes_sent"] >= 3_000_000
+    data = Workspace.get().store.get_manifest(run.snapshot_id).entries
+    [blob] = [e for e in data if e.path == "data.bin"]
+    assert (host_without_sftp.home / ".amlrun" / "blobs" / str(blob.digest)).read_bytes() == (
+        source / "data.bin"
+    ).read_bytes()
+
+
+# package-index credentials, for an environment built on the host
+
+
+def _register_private_environment(index_url: str) -> Environment:
+    """The environment version, registered as the worker would after resolving it: its lock pins the one
+    package of the private index and keeps the index URL's ${VAR} as written."""
+    from airflow_amlrun.environment.registry import EnvironmentVersionRow
+    from airflow_amlrun.history.repository import utcnow
+
+    env = Environment(
+        "private-env",
+        python=PythonSection(pip_requirements=["amlrun-private-pkg==1.0.0"], index_url=index_url),
+    )
+    env.validate()
+    _name, wheel = build_wheel()
+    lock = (
+        "# Locked by airflow-amlrun with uv (test): universal, Python >= 3.11.\n"
+        f"--index-url {index_url}\n"
+        f"amlrun-private-pkg==1.0.0 \\\n    --hash=sha256:{hashlib.sha256(wheel).hexdigest()}\n"
+    )
+    with Workspace.get().history.session() as session:
+        session.add(
+            EnvironmentVersionRow(
+                name=env.name,
+                version="1",
+                seq=1,
+                spec_hash=env.spec_hash(),
+                spec=env.copy(version="1").to_dict(),
+                lock=lock,
+                created_at=utcnow(),
+            )
+        )
+    return env
+
+
+@pytest.fixture
+def pip_trusts_the_index(ssh_vm: SshdHost) -> Iterator[None]:
+    """The host's pip configured to accept the test index over plain HTTP, as an admin would for an
+    internal index (uv is not installed on the host, so pip installs the lock there)."""
+    config = ssh_vm.home / ".config" / "pip" / "pip.conf"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text("[global]\ntrusted-host = 10.231.0.1\n")
+    try:
+        yield
+    finally:
+        config.unlink()
+
+
+def test_index_credentials_reach_only_the_installer_on_the_host(
+    run_dag, tmp_path, ssh_vm, monkeypatch, pip_trusts_the_index
+):
+    token = f"tok-{secrets.token_hex(12)}"
+    monkeypatch.setenv("AMLRUN_TEST_INDEX_TOKEN", token)
+    write_script(
+        tmp_path / "src",
+        "train.py",
+        """
+        import amlrun_private_pkg  # only in the environment's virtualenv on the host
+        print("private package", amlrun_private_pkg.VERSION)
+    """,
+    )
+    leaked: set[str] = set()
+    done = threading.Event()
+
+    def watch_command_lines() -> None:
+        # Every process of the machine (the host shares its pids), for the whole run, build included.
+        while not done.is_set():
+            for proc in Path("/proc").iterdir():
+                try:
+                    if token.encode() in (proc / "cmdline").read_bytes():
+                        leaked.add((proc / "cmdline").read_bytes().decode(errors="replace"))
+                except OSError:
+                    pass
+            time.sleep(0.01)
+
+    with private_index(token) as index:
+        index_url = index.url("10.231.0.1")
+        _register_private_environment(index_url)
+        dag = f"""
+            import pendulum
+            from airflow.sdk import DAG
+            from airflow_amlrun import Environment, ScriptRunConfig, ScriptRunOperator
+            from airflow_amlrun.environment import PythonSection
+
+            env = Environment("private-env", python=PythonSection(pip_requirements=["amlrun-private-pkg==1.0.0"],
+                                                                  index_url={index_url!r}))
+            with DAG("DAG_ID", schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC")) as dag:
+                ScriptRunOperator(task_id="train", config=ScriptRunConfig({str(tmp_path / "src")!r},
+                                  script="train.py", compute_target={CONN_ID!r}, environment=env))
+        """
+        watcher = threading.Thread(target=watch_command_lines)
+        watcher.start()
+        try:
+            result = run_dag(dag)
+        finally:
+            done.set()
+            watcher.join()
+
+    assert result.state == "success", result.log
+    assert "private package 1.0.0" in result.log
+    assert index.authorized_downloads >= 1  # the host's pip did authenticate
+    assert leaked == set()
+    assert token not in result.log
+    run = Workspace.get().get_run(result.xcoms["train"]["run_id"])
+    assert token not in repr(run) and token not in json.dumps(run.handle)
+    stored = [p for p in remote_base(ssh_vm).rglob("*") if p.is_file() and not p.is_symlink()]
+    assert stored, "nothing was built on the host"
+    assert [p for p in stored if token.encode() in p.read_bytes()] == []
+
+
+def test_a_missing_index_credential_fails_before_anything_is_recorded(hello, ssh_vm, monkeypatch):
+    monkeypatch.delenv("AMLRUN_TEST_INDEX_TOKEN", raising=False)
+    env = _register_private_environment("http://amlrun:${AMLRUN_TEST_INDEX_TOKEN}@10.231.0.1:9/simple")
+    with pytest.raises(Exception, match=r"needs \$\{AMLRUN_TEST_INDEX_TOKEN\} for its package index") as err:
+        _submit(hello, env)
+    assert f"on SSH host {ssh_vm.address}" in str(err.value)
+    assert Workspace.get().list_runs() == []
