@@ -4,10 +4,10 @@ The worker talks to the host through the SSH provider's `SSHHook` (paramiko: con
 and SFTP. On the host a small stdlib-only helper (`ssh_remote.py`, copied to `<base>/lib/` once per
 version) does everything that would otherwise take many round trips:
 
-* code: the host keeps a blob cache `<base>/blobs/<digest>`; one `missing` command names the blobs it
-  lacks, only those are sent over SFTP, and one `prepare` command copies blobs to paths in the run
-  directory `<base>/runs/<run id>` (refusing paths that escape it) and builds the environment's virtualenv
-  under `<base>/envs/<build key>` if it is not there yet;
+* code: the host keeps a blob cache `<base>/blobs/<digest>`; one `prepare` command checks it, and when
+  blobs are missing names them (only those are sent, over SFTP, then `prepare` is asked again); it copies
+  blobs to paths in the run directory `<base>/runs/<run id>` (refusing paths that escape it) and builds
+  the environment's virtualenv under `<base>/envs/<build key>` if it is not there yet;
 * start: `launch` reads the command line and the variables (secrets among them) from its stdin and starts
   the run under the supervisor (`supervisor.py`, copied beside the helper), in a session and process group
   of its own, handing it that request through a pipe (never a file, never a command line). The supervisor
@@ -196,31 +196,6 @@ class SSHTarget:
         pylib = self._run_context_blobs
         blobs: dict[str, int] = {digest: size for digest, size, _ in files.values()}
         blobs.update({digest: len(data) for digest, data in pylib.values()})
-        answer = self._call("checking the blob cache", "missing", None, {"blobs": blobs})
-        missing: list[str] = answer["missing"]
-        needed = sum(blobs[d] for d in missing) + sum(blobs.values())
-        if needed > int(answer["free"]):
-            raise SSHTargetError(
-                f"Host {self.host} has {_mb(answer['free'])} free in {base}, but run {job.run_id} needs about "
-                f"{_mb(needed)} there (new code blobs plus the run directory). Free space on the host, or set "
-                f"the connection's extra amlrun_base_dir to a folder on a larger disk.",
-                host=self.host,
-            )
-        pylib_bytes = dict(pylib.values())
-        sent = 0
-        for digest in missing:
-            data = pylib_bytes[digest] if digest in pylib_bytes else code.store.get_bytes(digest)
-            self._remote(f"sending code blob {digest[:12]}", _bind(self._put_blob, digest, data))
-            sent += len(data)
-        self._blob_bytes_sent[job.run_id] = (sent, len(missing))
-        log.info(
-            "Code for run %s on %s: sent %d of %d blobs (%d bytes); the host had the rest cached.",
-            job.run_id,
-            self.host,
-            len(missing),
-            len(blobs),
-            sent,
-        )
         entries: list[dict[str, Any]] = [
             {"path": e.path, "link": e.link}
             if e.link is not None
@@ -231,7 +206,7 @@ class SSHTarget:
             {"path": path, "digest": digest, "size": len(data), "mode": 0o644}
             for path, (digest, data) in pylib.items()
         ]
-        request: dict[str, Any] = {"entries": entries, "python": base_python}
+        request: dict[str, Any] = {"entries": entries, "python": base_python, "blobs": blobs}
         environment = job.environment
         timeout = self.io_timeout
         if not environment.user_managed and environment.lock is not None:
@@ -246,8 +221,53 @@ class SSHTarget:
                 "credentials": self._credentials(job),
             }
             timeout = BUILD_TIMEOUT
+        # The host checks its blob cache first: code it already has costs no second round trip.
         answer = self._call("preparing the run directory", "prepare", job.run_id, request, timeout=timeout)
+        sent = missing = 0
+        if "missing" in answer:
+            sent, missing = self._send_code(job, code, blobs, answer)
+            answer = self._call(
+                "preparing the run directory", "prepare", job.run_id, request, timeout=timeout
+            )
+            if "missing" in answer:
+                raise SSHTargetError(
+                    f"Host {self.host} still lacks code blobs {', '.join(d[:12] for d in answer['missing'])} of "
+                    f"run {job.run_id} in {base}/blobs after they were sent; check that nothing else removes "
+                    "files there.",
+                    host=self.host,
+                )
+        self._blob_bytes_sent[job.run_id] = (sent, missing)
+        log.info(
+            "Code for run %s on %s: sent %d of %d blobs (%d bytes); the host had the rest cached.",
+            job.run_id,
+            self.host,
+            missing,
+            len(blobs),
+            sent,
+        )
         self._pythons[job.run_id] = answer["python"]
+
+    def _send_code(
+        self, job: Job, code: CodeSource, blobs: dict[str, int], cache: dict[str, Any]
+    ) -> tuple[int, int]:
+        """Send the blobs the host's cache lacks, if its disk has room for them and the run directory;
+        returns the bytes and the blobs sent."""
+        missing: list[str] = cache["missing"]
+        needed = sum(blobs[d] for d in missing) + sum(blobs.values())
+        if needed > int(cache["free"]):
+            raise SSHTargetError(
+                f"Host {self.host} has {_mb(cache['free'])} free in {self._base()}, but run {job.run_id} needs "
+                f"about {_mb(needed)} there (new code blobs plus the run directory). Free space on the host, or "
+                f"set the connection's extra amlrun_base_dir to a folder on a larger disk.",
+                host=self.host,
+            )
+        pylib_bytes = dict(self._run_context_blobs.values())
+        sent = 0
+        for digest in missing:
+            data = pylib_bytes[digest] if digest in pylib_bytes else code.store.get_bytes(digest)
+            self._remote(f"sending code blob {digest[:12]}", _bind(self._put_blob, digest, data))
+            sent += len(data)
+        return sent, len(missing)
 
     def submit(self, job: Job) -> dict[str, Any]:
         run_dir = self._run_dir(job.run_id)
@@ -334,7 +354,7 @@ class SSHTarget:
                             handle["run_id"],
                             _shorten(member.name),
                             self.host,
-                            err,
+                            err.strerror if isinstance(err, OSError) and err.strerror else err,
                         )
         for folder in ("outputs", "logs"):
             (dest / folder).mkdir(exist_ok=True)

@@ -24,19 +24,19 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import json
 import os
 import posixpath
-import shutil
 import signal
 import stat
-import subprocess
 import sys
-import tarfile
 import time
-import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+# shutil, subprocess, tarfile and uuid are imported by the commands that use them: the helper starts once
+# per command, and what most commands need starts faster alone.
+if TYPE_CHECKING:
+    import tarfile
 
 # The names of airflow_amlrun.targets.common (this file runs alone on the host; a unit test holds them equal).
 CONTROL_DIR = ".amlrun"
@@ -122,7 +122,7 @@ def check_link(relative: str, target: str) -> None:
 # ------------------------------------------------------------------ blob cache
 
 
-def cmd_missing(base: str, run_id: str | None, request: dict[str, Any]) -> dict[str, Any]:
+def missing_blobs(base: str, blobs_wanted: dict[str, int]) -> dict[str, Any]:
     """Which of the given blobs (digest -> size) the cache lacks, and the free space beside it."""
     if not os.path.isdir(base):
         # Code, logs and outputs of runs are the user's own: other users of the host see nothing of them.
@@ -130,7 +130,7 @@ def cmd_missing(base: str, run_id: str | None, request: dict[str, Any]) -> dict[
     blobs = os.path.join(base, "blobs")
     os.makedirs(blobs, exist_ok=True)
     missing = []
-    for digest, size in request["blobs"].items():
+    for digest, size in blobs_wanted.items():
         check_digest(digest)
         try:
             if os.stat(os.path.join(blobs, digest)).st_size == size:
@@ -138,8 +138,8 @@ def cmd_missing(base: str, run_id: str | None, request: dict[str, Any]) -> dict[
         except FileNotFoundError:
             pass
         missing.append(digest)
-    stat = os.statvfs(blobs)
-    return {"missing": missing, "free": stat.f_bavail * stat.f_frsize}
+    disk = os.statvfs(blobs)
+    return {"missing": missing, "free": disk.f_bavail * disk.f_frsize}
 
 
 def check_digest(digest: str | None) -> str:
@@ -154,6 +154,8 @@ def cmd_put(base: str, digest: str | None, request: dict[str, Any]) -> dict[str,
     The worker sends blobs this way when the host's sshd offers no SFTP; a blob cut short (a dropped
     connection) is not kept.
     """
+    import uuid
+
     name = check_digest(digest)
     stream = sys.stdin.buffer
     size = int(json.loads(stream.readline().decode("utf-8"))["size"])
@@ -182,7 +184,21 @@ def cmd_put(base: str, digest: str | None, request: dict[str, Any]) -> dict[str,
 
 
 def cmd_prepare(base: str, run_id: str | None, request: dict[str, Any]) -> dict[str, Any]:
-    """Materialize the run directory from the blob cache, then make sure the environment is built."""
+    """Materialize the run directory from the blob cache, then make sure the environment is built.
+
+    With ``blobs`` (digest -> size, all the run's code), the cache is checked first: when it lacks some, or
+    the disk lacks room for them and the run directory, nothing is done and the answer says which are
+    missing and how much space is free (the worker sends them, then asks again). Unchanged code so costs
+    one round trip.
+    """
+    import shutil
+
+    wanted = request.get("blobs")
+    if wanted is not None:
+        cache = missing_blobs(base, wanted)
+        needed = sum(wanted[d] for d in cache["missing"]) + sum(wanted.values())
+        if cache["missing"] or needed > cache["free"]:
+            return cache
     root = run_dir(base, run_id)
     if os.path.lexists(root):
         shutil.rmtree(root)
@@ -222,6 +238,10 @@ def cmd_prepare(base: str, run_id: str | None, request: dict[str, Any]) -> dict[
 
 def ensure_env(base: str, environment: dict[str, Any]) -> str:
     """The interpreter of the environment's virtualenv under envs/<key>, built once, atomically."""
+    import fcntl
+    import shutil
+    import uuid
+
     key = environment["key"]
     if len(key) != 64 or not all(c in "0123456789abcdef" for c in key):
         raise Refused(f"Refusing build key {key!r}: not a hash.")
@@ -256,6 +276,8 @@ def ensure_env(base: str, environment: dict[str, Any]) -> str:
 
 
 def build(tmp: str, environment: dict[str, Any]) -> str:
+    import shutil
+
     base_python = environment["python"]
     # The lock keeps its ${VAR} references as written: uv and pip expand them from their own environment,
     # which alone receives the values (they came on stdin, and are written nowhere).
@@ -297,6 +319,8 @@ def build(tmp: str, environment: dict[str, Any]) -> str:
 
 
 def step(environment: dict[str, Any], what: str, command: list[str]) -> None:
+    import subprocess
+
     credentials = {str(k): str(v) for k, v in (environment.get("credentials") or {}).items()}
     env = dict(os.environ, UV_PYTHON_DOWNLOADS="never", UV_NO_PROGRESS="1", PIP_NO_INPUT="1")
     env.update(credentials)
@@ -319,6 +343,8 @@ def step(environment: dict[str, Any], what: str, command: list[str]) -> None:
 def cmd_launch(base: str, run_id: str | None, request: dict[str, Any]) -> dict[str, Any]:
     """Start the run under the supervisor, in a session and process group of its own, detached from this
     SSH session; the supervisor gets its request (the variables, secrets among them) through a pipe."""
+    import subprocess
+
     root = run_dir(base, run_id)
     control = os.path.join(root, CONTROL_DIR)
     existing = read_pid(root)
@@ -405,6 +431,8 @@ def start_time(pid: int) -> str | None:
 
 def ps_start_time(pid: int) -> str | None:
     """start_time on a host without /proc (BSD, macOS): `ps` reports it to the second, as a date."""
+    import subprocess
+
     try:
         done = subprocess.run(
             ["ps", "-o", "stat=", "-o", "lstart=", "-p", str(pid)],
@@ -513,6 +541,8 @@ def cmd_pack(base: str, run_id: str | None, request: dict[str, Any]) -> None:
     out, dangling or to a folder, and anything not a regular file, is skipped with a warning (on stderr,
     which the worker writes to the task log).
     """
+    import tarfile
+
     root = run_dir(base, run_id)
     out = sys.stdout.buffer
     with tarfile.open(fileobj=out, mode="w|") as tar:
@@ -572,6 +602,8 @@ class Packer:
         self.label = label
 
     def folder(self, dir_fd: int, rel_dir: str) -> None:
+        import tarfile
+
         # The listing, with each entry's own stat, comes first: what is opened must be what was listed.
         listed = []
         for entry in os.scandir(dir_fd):
@@ -674,13 +706,14 @@ def readlink(path: str) -> str:
 
 
 def cmd_remove(base: str, run_id: str | None, request: dict[str, Any]) -> dict[str, Any]:
+    import shutil
+
     root = run_dir(base, run_id)
     shutil.rmtree(root, ignore_errors=True)
     return {"removed": root}
 
 
 COMMANDS = {
-    "missing": cmd_missing,
     "put": cmd_put,
     "prepare": cmd_prepare,
     "launch": cmd_launch,
@@ -691,7 +724,7 @@ COMMANDS = {
     "remove": cmd_remove,
 }
 # Commands whose stdin is a JSON request (`put` reads its own).
-READS_STDIN = {"missing", "prepare", "launch", "status", "kill", "read"}
+READS_STDIN = {"prepare", "launch", "status", "kill", "read"}
 
 
 if __name__ == "__main__":
