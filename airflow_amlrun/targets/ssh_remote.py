@@ -31,12 +31,14 @@ import signal
 import stat
 import sys
 import time
-from typing import TYPE_CHECKING, Any
 
-# shutil, subprocess, tarfile and uuid are imported by the commands that use them: the helper starts once
-# per command, and what most commands need starts faster alone.
+# shutil, subprocess, tarfile and uuid are imported by the commands that use them, and typing not at all
+# (mypy reads any name TYPE_CHECKING as true): the helper starts once per command, and what most commands
+# need starts faster alone.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     import tarfile
+    from typing import Any
 
 # The names of airflow_amlrun.targets.common (this file runs alone on the host; a unit test holds them equal).
 CONTROL_DIR = ".amlrun"
