@@ -3,7 +3,6 @@ mistakes another process, or another machine's run, for it."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 from pathlib import Path
@@ -16,9 +15,8 @@ from airflow_amlrun.run import AirflowTask
 from tests.conftest import worker_dies_mid_run, write_script
 from tests.integration.orphans import (
     assert_stopped_at_its_limit_on_the_target,
-    submit_in_process,
+    retry_in_process,
     wait_for_file,
-    worker_with_limit_dies_mid_run,
 )
 
 
@@ -111,7 +109,7 @@ def test_a_run_whose_worker_died_still_stops_at_its_limit_and_the_retry_records_
         time.sleep(300)
     """,
     )
-    orphan = worker_with_limit_dies_mid_run(source, "local", limit=2)
+    orphan = worker_dies_mid_run(source, max_run_duration_seconds=2)
 
     # Nobody follows the run now; the worker's supervisor stops it on time all the same.
     assert_stopped_at_its_limit_on_the_target(
@@ -180,15 +178,7 @@ def test_a_retry_does_not_follow_another_users_process_with_an_old_handles_pid(
     legacy = {k: orphan.handle[k] for k in ("pid", "run_dir", "std_log", "events", "exit_code", "python")}
     Workspace.get().history.update_run(orphan.id, handle={**legacy, "pid": stranger.pid})
 
-    retry = subprocess.run(
-        submit_in_process(tmp_path / "src", try_number=2, prefix=("setpriv", "--bounding-set=-all")),
-        capture_output=True,
-        text=True,
-        env=os.environ.copy(),
-        timeout=120,
-    )
-    assert retry.returncode == 0, retry.stderr
-    outcome = json.loads(retry.stdout.strip().splitlines()[-1])
+    outcome = retry_in_process(tmp_path / "src", prefix=("setpriv", "--bounding-set=-all"), timeout=120)
     assert outcome == {"id": orphan.id, "status": "Completed", "error": None}
     assert stranger.poll() is None
 
@@ -200,24 +190,9 @@ def test_a_retry_on_another_host_fails_the_local_run_over_and_starts_anew(amlrun
     here = os.uname().nodename
 
     # Try 2 on another worker: a process in a UTS namespace of its own, with another host name.
-    retry = subprocess.run(
-        [
-            "unshare",
-            "--uts",
-            "sh",
-            "-c",
-            'hostname other-worker && exec "$@"',
-            "retry",
-            *submit_in_process(source, try_number=2),
-        ],
-        capture_output=True,
-        text=True,
-        env=os.environ.copy(),
-        timeout=300,
-    )
+    uts = ("unshare", "--uts", "sh", "-c", 'hostname other-worker && exec "$@"', "retry")
+    new = retry_in_process(source, prefix=uts)
 
-    assert retry.returncode == 0, retry.stderr
-    new = json.loads(retry.stdout.strip().splitlines()[-1])
     assert new["status"] == "Completed" and new["id"] != orphan.id
     lost = Workspace.get().get_run(orphan.id)
     assert lost.status == "Failed"

@@ -22,11 +22,7 @@ from airflow_amlrun import Environment, Experiment, ScriptRunConfig, Workspace
 from airflow_amlrun.environment import PythonSection
 from airflow_amlrun.run import AirflowTask
 from tests.conftest import REPO, worker_dies_mid_run, write_script
-from tests.integration.orphans import (
-    assert_stopped_at_its_limit_on_the_target,
-    group_members,
-    worker_with_limit_dies_mid_run,
-)
+from tests.integration.orphans import assert_stopped_at_its_limit_on_the_target, group_members
 from tests.integration.sshd_host import SshdHost, host_for_tests
 from tests.private_index import build_wheel, private_index
 
@@ -565,7 +561,7 @@ def test_a_run_whose_worker_died_still_stops_at_its_limit_on_the_host(tmp_path, 
         time.sleep(300)
     """,
     )
-    orphan = worker_with_limit_dies_mid_run(source, CONN_ID, limit=2)
+    orphan = worker_dies_mid_run(source, CONN_ID, max_run_duration_seconds=2)
 
     # Nobody follows the run now; the supervisor on the host stops it on time all the same.
     control = remote_base(ssh_vm) / "runs" / orphan.id / ".amlrun"
@@ -847,9 +843,10 @@ def test_index_credentials_reach_only_the_installer_on_the_host(
     assert token not in result.log
     run = Workspace.get().get_run(result.xcoms["train"]["run_id"])
     assert token not in repr(run) and token not in json.dumps(run.handle)
-    stored = [p for p in remote_base(ssh_vm).rglob("*") if p.is_file() and not p.is_symlink()]
-    assert stored, "nothing was built on the host"
-    assert [p for p in stored if token.encode() in p.read_bytes()] == []
+    assert list((remote_base(ssh_vm) / "envs").glob("*/amlrun-build.json")), "nothing was built on the host"
+    # No file the host user has (the base dir with its builds and run directories, caches, configuration).
+    files = [p for p in ssh_vm.home.rglob("*") if p.is_file() and not p.is_symlink()]
+    assert [p for p in files if token.encode() in p.read_bytes()] == []
 
 
 def test_a_missing_index_credential_fails_before_anything_is_recorded(hello, ssh_vm, monkeypatch):
