@@ -92,7 +92,7 @@ class LocalTarget:
         request = json.dumps(supervisor_request(job, job_argv(job, python))).encode()
         with open(control / STD_LOG, "wb") as log:
             # The worker's own interpreter, isolated (-I: no PYTHON* variables of the job, -S: no site), so the
-            # supervisor costs a few milliseconds; it is the leader of the run's new session and group.
+            # supervisor starts in a few tens of milliseconds; it leads the run's new session and group.
             process = subprocess.Popen(
                 [sys.executable, "-I", "-S", supervisor.__file__, str(control)],
                 cwd=run_dir,
