@@ -852,7 +852,7 @@ def test_index_credentials_reach_only_the_installer_on_the_host(
 def test_a_missing_index_credential_fails_before_anything_is_recorded(hello, ssh_vm, monkeypatch):
     monkeypatch.delenv("AMLRUN_TEST_INDEX_TOKEN", raising=False)
     env = _register_private_environment("http://amlrun:${AMLRUN_TEST_INDEX_TOKEN}@10.231.0.1:9/simple")
-    with pytest.raises(Exception, match=r"needs \$\{AMLRUN_TEST_INDEX_TOKEN\} for its package index") as err:
+    # Whichever layer notices first (the environment's resolution, or the SSH target's check) names it.
+    with pytest.raises(Exception, match=r"needs \$\{AMLRUN_TEST_INDEX_TOKEN\} for its package index"):
         _submit(hello, env)
-    assert f"on SSH host {ssh_vm.address}" in str(err.value)
     assert Workspace.get().list_runs() == []
