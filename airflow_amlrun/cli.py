@@ -101,10 +101,19 @@ def cmd_reconcile(args: argparse.Namespace, console: Console) -> int:
     from dataclasses import replace
 
     from airflow_amlrun.config import load_settings
+    from airflow_amlrun.errors import ConfigurationError
     from airflow_amlrun.reconcile import reconcile
+    from airflow_amlrun.run import heartbeat_seconds
 
     settings = load_settings()
     if args.after is not None:
+        floor = 2 * heartbeat_seconds(settings)
+        if args.after < floor:
+            raise ConfigurationError(
+                f"--after {args.after:g} is shorter than two heartbeats of the tasks following runs ({floor:g} s): "
+                "a run a live task follows would look orphaned. Give at least that, or leave it out to use "
+                f"[amlrun] reconcile_after_seconds ({settings.reconcile_after_seconds:g} s)."
+            )
         settings = replace(settings, reconcile_after_seconds=args.after)
     settlements = reconcile(_workspace(args), settings=settings, dry_run=args.dry_run)
     if args.json:

@@ -91,6 +91,14 @@ def load_settings() -> Settings:
             f"[amlrun] cleanup = {cleanup!r} is not one of {', '.join(CLEANUP_CHOICES)}; "
             "set it in airflow.cfg or AIRFLOW__AMLRUN__CLEANUP."
         )
+    reconcile_after = float(_option("reconcile_after_seconds"))
+    if not reconcile_after > 0:
+        from airflow_amlrun.errors import ConfigurationError
+
+        raise ConfigurationError(
+            f"[amlrun] reconcile_after_seconds = {reconcile_after:g} must be more than 0 seconds; set it in "
+            "airflow.cfg or AIRFLOW__AMLRUN__RECONCILE_AFTER_SECONDS (default 600)."
+        )
     return Settings(
         workspace_conn_id=_option("workspace_conn_id"),
         home=home,
@@ -101,7 +109,7 @@ def load_settings() -> Settings:
         poll_interval_seconds=float(_option("poll_interval_seconds")),
         docker_default_image=_option("docker_default_image") or OPTIONS["docker_default_image"][0],
         docker_default_image_base=_option("docker_default_image_base"),
-        reconcile_after_seconds=float(_option("reconcile_after_seconds")),
+        reconcile_after_seconds=reconcile_after,
     )
 
 

@@ -15,6 +15,14 @@ class UnknownComputeTargetError(ConfigurationError):
     """The compute target names neither a built-in target nor a usable Airflow connection."""
 
 
+class TargetUnreachableError(AmlRunError):
+    """The waiting side lost its compute target for longer than it waits; the run may well go on there.
+
+    The run row is left unfinished, as it was: a retry of the task re-attaches to the run (or records it, if
+    it ended meanwhile), and ``amlrun reconcile`` settles it if no retry comes.
+    """
+
+
 class RunFailedError(AmlRunError):
     """A run ended Failed; carries the run id, the reason and the last lines of the script's output."""
 

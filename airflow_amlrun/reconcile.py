@@ -125,21 +125,13 @@ def _settle(
             "Lost: the task that submitted it stopped before the run reached its target, and no task "
             "followed it since."
         )
-        if dry_run:
-            return result(str(RunStatus.FAILED), reason)
-        if not workspace.history.claim_unheard_run(record.id, heard_before=heard_before):
-            return None  # someone else reported on it meanwhile
-        workspace.history.update_run(
-            record.id,
-            status=RunStatus.FAILED,
-            end_time=datetime.now(UTC),
-            error=reason,
-            tags={**record.tags, SETTLED_BY_TAG: "reconcile"},
-        )
-        return result(str(RunStatus.FAILED), reason)
+        return _record_lost(workspace, record, heard_before, reason, dry_run)
     unreachable = target.attachable(handle)
     if unreachable is not None:
-        return result(LEFT, f"it cannot be reached from here ({unreachable}); reconcile on that machine")
+        gone = target.gone(handle)
+        if gone is None:
+            return result(LEFT, f"it cannot be reached from here ({unreachable}); reconcile on that machine")
+        return _record_lost(workspace, record, heard_before, f"Lost: {gone}.", dry_run)
     status = target.wait(handle, 0)
     over_limit = _over_limit(record)
     if status.running and not over_limit:
@@ -149,6 +141,23 @@ def _settle(
     if not workspace.history.claim_unheard_run(record.id, heard_before=heard_before):
         return None
     return _follow_to_end(workspace, target, job, handle, record, settings)
+
+
+def _record_lost(
+    workspace: Workspace, record: RunRecord, heard_before: datetime, reason: str, dry_run: bool
+) -> Settlement | None:
+    """Record Failed a run that exists nowhere to be followed (never started, or its machine restarted)."""
+    if not dry_run:
+        if not workspace.history.claim_unheard_run(record.id, heard_before=heard_before):
+            return None  # someone else reported on it meanwhile
+        workspace.history.update_run(
+            record.id,
+            status=RunStatus.FAILED,
+            end_time=datetime.now(UTC),
+            error=reason,
+            tags={**record.tags, SETTLED_BY_TAG: "reconcile"},
+        )
+    return Settlement(record.id, record.experiment, str(RunStatus.FAILED), reason)
 
 
 def _follow_to_end(
@@ -162,6 +171,7 @@ def _follow_to_end(
     # Following it as a retry would: a run past its limit is stopped at once (the deadline counts from its
     # start), one that ended is drained, concluded, collected and tidied.
     run = ScriptRun.following(workspace, target, job, handle, record, settings)
+    run.settle_only()
     workspace.history.update_run(record.id, tags={**record.tags, SETTLED_BY_TAG: "reconcile"})
     final = run.wait_for_completion(show_output=False, raise_on_error=False)
     return Settlement(

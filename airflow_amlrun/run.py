@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -19,8 +20,16 @@ from airflow_amlrun.errors import (
     RunCanceledError,
     RunFailedError,
     RunTimeoutError,
+    TargetUnreachableError,
 )
-from airflow_amlrun.history import HistoryUnavailableError, MetricPoint, RunBookkeeper, RunRecord, RunStatus
+from airflow_amlrun.history import (
+    HistoryUnavailableError,
+    MetricPoint,
+    RunBookkeeper,
+    RunHistory,
+    RunRecord,
+    RunStatus,
+)
 from airflow_amlrun.run_context import metric_problem
 from airflow_amlrun.snapshot import Snapshot, materialize, read_git_info, take_snapshot
 from airflow_amlrun.targets.base import Chunk, CodeSource, ComputeTarget, Job, TargetStatus
@@ -38,9 +47,48 @@ log = logging.getLogger(__name__)
 
 # Lines of the script's output kept for the error of a failed run.
 LOG_TAIL_LINES = 30
-# How often the task following a run reports in (the run row's heartbeat_at); reconcile settles a run
-# nobody reported on for [amlrun] reconcile_after_seconds.
+# How often the task following a run reports in (the run row's heartbeat_at), at most; reconcile settles a
+# run nobody reported on for [amlrun] reconcile_after_seconds, a few heartbeats' time.
 HEARTBEAT_SECONDS = 15.0
+
+
+def heartbeat_seconds(settings: Settings) -> float:
+    """How often a following task reports in: every 15 s, or often enough for a short reconcile_after."""
+    return min(HEARTBEAT_SECONDS, settings.reconcile_after_seconds / 4)
+
+
+class Heartbeat:
+    """Reports, from a thread of its own, that a task follows a run: the row's heartbeat_at, periodically.
+
+    A thread, so that every phase counts, a long environment build and a long upload of outputs included;
+    a write that fails (the history is away) is skipped, the next one tries again.
+    """
+
+    def __init__(self, history: RunHistory, run_id: str, interval: float) -> None:
+        self._history = history
+        self._run_id = run_id
+        self._interval = interval
+        self._stopped = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._beat, name=f"amlrun-heartbeat-{self._run_id}", daemon=True
+            )
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def _beat(self) -> None:
+        while not self._stopped.wait(self._interval):
+            try:
+                self._history.report_alive(self._run_id)
+            except Exception as err:
+                log.debug("Run %s: heartbeat not written (%s)", self._run_id, err)
+
+
 # While the history is away, metric events wait in the run's events file rather than in memory beyond this.
 MAX_BUFFERED_POINTS = 100_000
 
@@ -128,6 +176,10 @@ class ScriptRun:
         self._finished: RunRecord | None = None
         # Status, tags and metrics while the run goes on: written when the history answers, never fatal.
         self._book = RunBookkeeper(workspace.history, job.run_id)
+        self._heartbeat = Heartbeat(workspace.history, job.run_id, heartbeat_seconds(settings))
+        # False when this process only settles a run someone else started (reconcile): an interruption here
+        # then leaves the run and its row alone, for the next reconcile.
+        self._owned = True
 
     @property
     def id(self) -> str:
@@ -253,9 +305,16 @@ class ScriptRun:
         workspace.history.update_run(
             record.id, status=RunStatus.RUNNING, handle=handle, start_time=run._started, heartbeat_at=_now()
         )
+        run._heartbeat.start()
         return run
 
+    def settle_only(self) -> None:
+        """Follow this run as an outsider (reconcile): if this process is interrupted or loses the target, the
+        run and its row are left as they are, rather than stopped or recorded Canceled."""
+        self._owned = False
+
     def _start(self, code: CodeSource) -> None:
+        self._heartbeat.start()
         try:
             self._book.update(status=RunStatus.PREPARING)
             self.target.prepare(self.job, code)
@@ -297,28 +356,30 @@ class ScriptRun:
             already = (_now() - self._started).total_seconds()
             deadline = time.monotonic() + self.job.max_run_duration_seconds - already
         self._waiting = True
-        next_beat = time.monotonic() + HEARTBEAT_SECONDS
         try:
             while True:
                 status = self.target.wait(self.handle, self.settings.poll_interval_seconds)
                 self._drain(emit, final=not status.running)
                 if not status.running:
                     return self._conclude(status)
-                if time.monotonic() >= next_beat:
-                    next_beat = time.monotonic() + HEARTBEAT_SECONDS
-                    self._book.update(heartbeat_at=_now())
-                else:
-                    self._book.flush()
+                self._book.flush()
                 if self._cancel_requested:
                     self.target.cancel(self.handle)
                 elif deadline is not None and time.monotonic() > deadline and not self._timed_out:
                     self._timed_out = True
                     self.target.cancel(self.handle)
-        except HistoryUnavailableError:
-            # The run ended on its target; only its outcome could not be recorded. There is nothing to
-            # stop, and recording something else instead would be wrong: the row waits for a retry.
+        except (HistoryUnavailableError, TargetUnreachableError) as err:
+            # The run ended on its target but its outcome could not be recorded, or the target cannot be
+            # reached to tell: either way the run may be fine, and recording anything else would be wrong.
+            # The row stays unfinished, for a retry to re-attach to (or reconcile to settle).
+            log.error("Run %s is left unfinished in the history: %s", self.id, err)
+            self._heartbeat.stop()
             raise
         except BaseException as err:
+            if not self._owned:
+                # Settling someone else's run was interrupted: leave it, and its row, for the next reconcile.
+                self._heartbeat.stop()
+                raise
             # The waiting side was interrupted (task killed, timeout, Ctrl-C) or lost its target: the run must
             # not outlive it as a stray process, nor stay Running in the history. Stopping it is best effort
             # (the target may be what failed); recording the outcome is not.
@@ -439,13 +500,26 @@ class ScriptRun:
                 fields["error"] = f"{error + ' ' if error else ''}Collecting outputs failed: {err}"
                 if status is RunStatus.COMPLETED:
                     fields["status"] = RunStatus.FAILED
-        # Bounded retries; if the history stays away, HistoryUnavailableError leaves the row for a retry.
-        self._finished = self._book.finish(**fields)
-        if self.handle is not None and (
-            self.settings.cleanup == "always"
-            or (self.settings.cleanup == "on_success" and self._finished.status is RunStatus.COMPLETED)
-        ):
-            self.target.cleanup(self.handle)
+        # Bounded retries; if the history stays away, HistoryUnavailableError leaves the row for a retry, and
+        # the target keeps everything (a container, a run directory) for that retry to find.
+        try:
+            self._finished = self._book.finish(**fields)
+        finally:
+            # Recorded, or left for a retry: either way this process no longer follows the run.
+            self._heartbeat.stop()
+        if self.handle is not None:
+            remove_files = self.settings.cleanup == "always" or (
+                self.settings.cleanup == "on_success" and self._finished.status is RunStatus.COMPLETED
+            )
+            try:
+                self.target.cleanup(self.handle, remove_files=remove_files)
+            except Exception as err:  # the outcome is recorded; what is left behind is only named
+                log.warning(
+                    "Run %s: tidying up on %s failed (%s); nothing else is affected",
+                    self.id,
+                    self.target.name,
+                    err,
+                )
         return self._finished
 
     def _collect(self) -> dict[str, Any]:

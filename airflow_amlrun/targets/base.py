@@ -102,14 +102,22 @@ class ComputeTarget(Protocol):
     def collect(self, handle: dict[str, Any]) -> Collected:
         """Bring outputs/ and logs/ of a finished run to this machine."""
 
-    def cleanup(self, handle: dict[str, Any]) -> None:
-        """Remove the run directory from the target."""
+    def cleanup(self, handle: dict[str, Any], *, remove_files: bool) -> None:
+        """Release what the target holds for an ended run, once its outcome is recorded (e.g. its container);
+        with remove_files (per ``[amlrun] cleanup``), delete its run directory too."""
 
     def attachable(self, handle: dict[str, Any]) -> str | None:
         """None when this process can follow the run of this handle; otherwise why it cannot.
 
         A retry re-attaching to its earlier try's run asks this first: a run on another worker's own
         machine (the local target, a Docker daemon on that worker's socket) cannot be reached from here.
+        """
+
+    def gone(self, handle: dict[str, Any]) -> str | None:
+        """Why the run of a handle this process cannot attach to certainly exists nowhere any more, else None.
+
+        Reconcile settles such a run (recorded Failed with the reason) rather than leaving it to the machine
+        it ran on: e.g. a local run of this very worker before it restarted.
         """
 
     def find(self, job: Job) -> dict[str, Any] | None:

@@ -360,7 +360,6 @@ class DockerTarget:
             self.client.stop(handle["container_id"], timeout=TERM_GRACE_SECONDS)
 
     def collect(self, handle: dict[str, Any]) -> Collected:
-        from docker.errors import NotFound
 
         run_dir = Path(handle["run_dir"])
         follower = self._follower(handle)
@@ -388,24 +387,23 @@ class DockerTarget:
             log.warning("Container %s: %s", handle["container"], line)
         if follower.path.is_file():
             replace_with_copy(follower.path, run_dir / "logs" / STD_LOG)
-        if self.options.auto_remove:
-            self._forget(handle)
-            with contextlib.suppress(NotFound):
-                self.client.remove_container(handle["container_id"], force=True)
+        # The container stays until the outcome is recorded (cleanup): a retry that finds the row unfinished
+        # must still find the ended container, and its exit code, to record the same outcome.
         return Collected(
             outputs_dir=run_dir / "outputs",
             logs_dir=run_dir / "logs",
             extra={"container": handle["container"], "image": handle["image"]},
         )
 
-    def cleanup(self, handle: dict[str, Any]) -> None:
+    def cleanup(self, handle: dict[str, Any], *, remove_files: bool) -> None:
         from docker.errors import NotFound
 
         self._forget(handle)
         if self.options.auto_remove:
             with contextlib.suppress(NotFound):
                 self.client.remove_container(handle["container_id"], force=True)
-        shutil.rmtree(handle["run_dir"], ignore_errors=True)
+        if remove_files:
+            shutil.rmtree(handle["run_dir"], ignore_errors=True)
 
     def attachable(self, handle: dict[str, Any]) -> str | None:
         if "transfer" not in handle:
@@ -427,6 +425,9 @@ class DockerTarget:
                 f"its container runs on the Docker daemon {handle['daemon_id']}, and {self.daemon.base_url} "
                 f"here is another one ({here})"
             )
+        return None
+
+    def gone(self, handle: dict[str, Any]) -> str | None:
         return None
 
     def find(self, job: Job) -> dict[str, Any] | None:

@@ -171,9 +171,10 @@ class LocalTarget:
             shutil.copyfile(handle["std_log"], logs / STD_LOG)
         return Collected(outputs_dir=run_dir / "outputs", logs_dir=logs)
 
-    def cleanup(self, handle: dict[str, Any]) -> None:
+    def cleanup(self, handle: dict[str, Any], *, remove_files: bool) -> None:
         self._processes.pop(handle["pid"], None)
-        shutil.rmtree(handle["run_dir"], ignore_errors=True)
+        if remove_files:
+            shutil.rmtree(handle["run_dir"], ignore_errors=True)
 
     def attachable(self, handle: dict[str, Any]) -> str | None:
         if "host" not in handle:
@@ -192,6 +193,13 @@ class LocalTarget:
                 f"it was started in another process namespace on worker {here['host']!r} (a container that "
                 "has since been restarted?), where this retry cannot see it"
             )
+        return None
+
+    def gone(self, handle: dict[str, Any]) -> str | None:
+        here = _machine()
+        if handle.get("host") == here["host"] and handle.get("boot_id") not in (None, here["boot_id"]):
+            # A restart ends every process of the machine: nothing of the run's process is left to follow.
+            return f"worker {here['host']!r} restarted while the run ran, which ended it"
         return None
 
     def find(self, job: Job) -> dict[str, Any] | None:

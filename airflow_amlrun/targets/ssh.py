@@ -51,7 +51,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from airflow_amlrun.environment.credentials import credential_values, referenced_variables
 from airflow_amlrun.environment.lock import has_requirements
-from airflow_amlrun.errors import AmlRunError, ConfigurationError
+from airflow_amlrun.errors import AmlRunError, ConfigurationError, TargetUnreachableError
 from airflow_amlrun.snapshot import hash_bytes
 from airflow_amlrun.targets import supervisor
 from airflow_amlrun.targets.base import Chunk, CodeSource, Collected, Job, TargetStatus
@@ -108,6 +108,10 @@ class SSHTargetError(AmlRunError):
 
 class SSHTargetConfigurationError(SSHTargetError, ConfigurationError):
     """The connection or the environment does not fit the host (credentials, host key, interpreter)."""
+
+
+class SSHTargetUnreachableError(SSHTargetError, TargetUnreachableError):
+    """The host did not answer again within the reconnect timeout; the run may go on there."""
 
 
 class SSHTarget:
@@ -364,11 +368,15 @@ class SSHTarget:
             extra={"blob_bytes_sent": handle.get("blob_bytes_sent")},
         )
 
-    def cleanup(self, handle: dict[str, Any]) -> None:
-        self._call("removing the run directory", "remove", handle["run_id"], handle=handle)
-        shutil.rmtree(self.runs_dir / handle["run_id"], ignore_errors=True)
+    def cleanup(self, handle: dict[str, Any], *, remove_files: bool) -> None:
+        if remove_files:
+            self._call("removing the run directory", "remove", handle["run_id"], handle=handle)
+            shutil.rmtree(self.runs_dir / handle["run_id"], ignore_errors=True)
 
     def attachable(self, handle: dict[str, Any]) -> str | None:
+        return None
+
+    def gone(self, handle: dict[str, Any]) -> str | None:
         return None
 
     def find(self, job: Job) -> dict[str, Any] | None:
@@ -817,7 +825,7 @@ class SSHTarget:
                     raise
                 self._reset()
                 if time.monotonic() > deadline:
-                    raise SSHTargetError(
+                    raise SSHTargetUnreachableError(
                         f"Lost the connection to {self.where} while {action} and could not reconnect within "
                         f"{self.reconnect_timeout:.0f} s ({err}). The run itself may still be going on the "
                         "host: a retry of the task re-attaches to it. Raise the connection's extra "

@@ -117,7 +117,7 @@ def run_on_docker(target: DockerTarget, env: ResolvedEnvironment, script: str) -
         lines = target.read_log(handle, 0, final=True).lines
         target.collect(handle)
     finally:
-        target.cleanup(handle)
+        target.cleanup(handle, remove_files=True)
     return lines
 
 

@@ -10,11 +10,26 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from airflow_amlrun import Workspace
 from airflow_amlrun.reconcile import SETTLED_BY_TAG
 from tests.conftest import worker_dies_mid_run, write_script
 
 AMLRUN = str(Path(sys.executable).parent / "amlrun")
+# Runs nobody reported on for this long are orphans here; following tasks report every RECONCILE_AFTER / 4.
+RECONCILE_AFTER = 2.0
+
+
+@pytest.fixture(autouse=True)
+def short_reconcile_after(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A short [amlrun] reconcile_after_seconds for the tests, the workers they start and the CLI."""
+    monkeypatch.setenv("AIRFLOW__AMLRUN__RECONCILE_AFTER_SECONDS", str(RECONCILE_AFTER))
+
+
+def until_orphaned() -> None:
+    """Let the time pass after which a run whose task died counts as orphaned."""
+    time.sleep(RECONCILE_AFTER + 0.5)
 
 
 def amlrun(*args: str) -> subprocess.CompletedProcess[str]:
@@ -50,8 +65,9 @@ def test_a_run_that_ended_after_its_worker_died_is_recorded_with_its_outputs(aml
     orphan = worker_dies_mid_run(source)
     wait_for_exit(orphan.handle["pid"])
     assert Workspace.get().get_run(orphan.id).status == "Running"  # nobody recorded its end
+    until_orphaned()
 
-    done = amlrun("reconcile", "--after", "0")
+    done = amlrun("reconcile")
 
     assert done.returncode == 0, done.stderr
     assert orphan.id in done.stdout and "Completed" in done.stdout
@@ -62,7 +78,7 @@ def test_a_run_that_ended_after_its_worker_died_is_recorded_with_its_outputs(aml
     assert (Path(run.outputs_uri) / "model.txt").read_text() == "weights"
     assert "done training" in (Path(run.logs_uri) / "std_log.txt").read_text()
     # A second pass finds nothing left to do.
-    assert "Nothing to settle" in amlrun("reconcile", "--after", "0").stdout
+    assert "Nothing to settle" in amlrun("reconcile").stdout
 
 
 def test_a_run_still_running_within_its_limit_is_left_to_its_retry(amlrun_home, tmp_path):
@@ -70,7 +86,8 @@ def test_a_run_still_running_within_its_limit_is_left_to_its_retry(amlrun_home, 
     write_script(source, "train.py", "import time\ntime.sleep(300)\n")
     orphan = worker_dies_mid_run(source)
     try:
-        done = amlrun("reconcile", "--after", "0")
+        until_orphaned()
+        done = amlrun("reconcile")
 
         assert done.returncode == 0, done.stderr
         assert orphan.id in done.stdout and "left as it is" in done.stdout
@@ -85,25 +102,45 @@ def test_a_run_past_its_limit_is_stopped_and_recorded_failed_with_the_limit(amlr
     source = tmp_path / "src"
     write_script(source, "train.py", "import time\nprint('epoch 1', flush=True)\ntime.sleep(300)\n")
     orphan = worker_dies_mid_run(source, max_run_duration_seconds=2)
-    time.sleep(2.5)
+    until_orphaned()
 
-    done = amlrun("reconcile", "--after", "0")
+    done = amlrun("reconcile")
 
     assert done.returncode == 0, done.stderr
     run = Workspace.get().get_run(orphan.id)
     assert run.status == "Failed"
     assert "max_run_duration_seconds=2" in run.error
-    wait_for_exit(orphan.handle["pid"], timeout=30)  # stopped on its target, whoever stopped it
+    wait_for_exit(orphan.handle["pid"], timeout=30)  # its supervisor stopped it at the limit
+
+
+def test_a_run_its_target_did_not_stop_at_its_limit_is_stopped_by_reconcile(amlrun_home, tmp_path):
+    # A run whose target did not enforce the limit (started by an older version): the row holds a limit
+    # that nothing on the target knows of.
+    source = tmp_path / "src"
+    write_script(source, "train.py", "import time\nprint('epoch 1', flush=True)\ntime.sleep(300)\n")
+    orphan = worker_dies_mid_run(source)
+    Workspace.get().history.update_run(orphan.id, max_run_duration_seconds=1.0)
+    until_orphaned()
+
+    done = amlrun("reconcile")
+
+    assert done.returncode == 0, done.stderr
+    run = Workspace.get().get_run(orphan.id)
+    assert run.status == "Failed"
+    assert "max_run_duration_seconds=1.0" in run.error
+    assert "epoch 1" in (Path(run.logs_uri) / "std_log.txt").read_text()
+    wait_for_exit(orphan.handle["pid"], timeout=30)
 
 
 def test_a_run_that_never_reached_its_target_is_recorded_lost(amlrun_home):
     ws = Workspace.get()
     ws.history.create_run(run_id="orphans_1_deadbeef", experiment="orphans", target="local")
+    until_orphaned()
 
-    assert "Failed" in amlrun("reconcile", "--after", "0", "--dry-run").stdout
+    assert "Failed" in amlrun("reconcile", "--dry-run").stdout
     assert ws.get_run("orphans_1_deadbeef").status == "Queued"  # a dry run changes nothing
 
-    done = amlrun("reconcile", "--after", "0")
+    done = amlrun("reconcile")
 
     assert "orphans_1_deadbeef" in done.stdout
     lost = ws.get_run("orphans_1_deadbeef")
@@ -113,7 +150,7 @@ def test_a_run_that_never_reached_its_target_is_recorded_lost(amlrun_home):
 
 def test_a_run_its_task_still_follows_is_not_touched(amlrun_home, tmp_path):
     source = tmp_path / "src"
-    write_script(source, "train.py", "import time\ntime.sleep(4)\n")
+    write_script(source, "train.py", "import time\ntime.sleep(8)\n")
     follower = subprocess.Popen(
         [
             sys.executable,
@@ -130,9 +167,10 @@ def test_a_run_its_task_still_follows_is_not_touched(amlrun_home, tmp_path):
             time.sleep(0.05)
         [run] = Workspace.get().list_runs(status="Running")
 
-        done = amlrun("reconcile", "--after", "60")
-
-        assert "Nothing to settle" in done.stdout
+        # Longer than reconcile_after: the task's own reports keep the run from looking orphaned.
+        for _ in range(2):
+            until_orphaned()
+            assert "Nothing to settle" in amlrun("reconcile").stdout
         assert follower.wait(timeout=60) == 0
         assert Workspace.get().get_run(run.id).status == "Completed"
         assert SETTLED_BY_TAG not in Workspace.get().get_run(run.id).tags
@@ -140,18 +178,30 @@ def test_a_run_its_task_still_follows_is_not_touched(amlrun_home, tmp_path):
         follower.kill()
 
 
-def test_only_one_of_several_reconcilers_claims_a_run(workspace_backend):
-    from datetime import UTC, datetime, timedelta
+def test_several_reconcilers_at_once_settle_a_run_once(workspace_backend, tmp_path):
+    source = tmp_path / "src"
+    write_script(source, "train.py", "import time\ntime.sleep(1)\nprint('trained', flush=True)\n")
+    orphan = worker_dies_mid_run(source)
+    wait_for_exit(orphan.handle["pid"])
+    until_orphaned()
 
-    ws = Workspace.get()
-    ws.history.create_run(run_id="orphans_2_deadbeef", experiment="orphans", target="local")
-    later = datetime.now(UTC) + timedelta(seconds=1)
+    reconcilers = [
+        subprocess.Popen(
+            [AMLRUN, "reconcile"], stdout=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "300"}
+        )
+        for _ in range(3)
+    ]
+    outputs = [r.communicate(timeout=300)[0] for r in reconcilers]
 
-    assert ws.history.claim_unheard_run("orphans_2_deadbeef", heard_before=later) is True
-    # Claimed: it was just reported on, so a second reconciler with the same view leaves it.
-    assert (
-        ws.history.claim_unheard_run("orphans_2_deadbeef", heard_before=later - timedelta(seconds=1)) is False
-    )
+    assert sum(orphan.id in out for out in outputs) == 1, outputs
+    assert Workspace.get().get_run(orphan.id).status == "Completed"
+
+
+def test_reconcile_refuses_a_wait_shorter_than_two_heartbeats(amlrun_home):
+    done = amlrun("reconcile", "--after", "0.1")
+
+    assert done.returncode == 2
+    assert "--after 0.1 is shorter than two heartbeats" in done.stderr
 
 
 def test_a_starting_task_settles_another_tasks_orphaned_run(amlrun_home, tmp_path, run_dag, monkeypatch):
@@ -159,7 +209,7 @@ def test_a_starting_task_settles_another_tasks_orphaned_run(amlrun_home, tmp_pat
     write_script(source, "train.py", "print('orphan done', flush=True)\nimport time\ntime.sleep(1)\n")
     orphan = worker_dies_mid_run(source)
     wait_for_exit(orphan.handle["pid"])
-    monkeypatch.setenv("AIRFLOW__AMLRUN__RECONCILE_AFTER_SECONDS", "0")
+    until_orphaned()
     write_script(tmp_path / "other", "train.py", "print('other task')\n")
 
     result = run_dag(
