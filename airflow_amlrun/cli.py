@@ -115,7 +115,12 @@ def cmd_reconcile(args: argparse.Namespace, console: Console) -> int:
                 f"[amlrun] reconcile_after_seconds ({settings.reconcile_after_seconds:g} s)."
             )
         settings = replace(settings, reconcile_after_seconds=args.after)
-    settlements = reconcile(_workspace(args), settings=settings, dry_run=args.dry_run)
+    settlements = reconcile(
+        _workspace(args),
+        settings=settings,
+        dry_run=args.dry_run,
+        abandon_unreachable=args.abandon_unreachable,
+    )
     if args.json:
         console.print_json(json.dumps([s.__dict__ for s in settlements]))
         return 0
@@ -168,6 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="consider runs nobody reported on for this long (default: [amlrun] reconcile_after_seconds)",
     )
     settle.add_argument("--dry-run", action="store_true", help="say what would be done, change nothing")
+    settle.add_argument(
+        "--abandon-unreachable",
+        action="store_true",
+        help="record Failed the runs this machine cannot reach (local runs of a worker that is gone)",
+    )
     settle.add_argument("--json", action="store_true")
     settle.set_defaults(func=cmd_reconcile)
 

@@ -71,6 +71,8 @@ def reconcile(
     dry_run: bool = False,
     skip: Callable[[RunRecord], bool] | None = None,
     time_budget_seconds: float | None = None,
+    quick: bool = False,
+    abandon_unreachable: bool = False,
 ) -> list[Settlement]:
     """Settle the workspace's unfinished runs that nobody has reported on lately; see the module's docstring.
 
@@ -80,18 +82,26 @@ def reconcile(
     :param skip: runs not to touch (a task starting leaves its own earlier tries' runs to its re-attach).
     :param time_budget_seconds: stop looking at further runs after this long (a task starting spends
         little time on others' runs).
+    :param quick: only runs on the local target, which this machine answers for at once without a network
+        (what a task does as it starts); runs on other targets are counted in a log line.
+    :param abandon_unreachable: record Failed the runs this machine cannot reach (another worker's local
+        runs) instead of leaving them for a reconcile on that machine (which may never run again).
     """
     settings = settings or load_settings()
     started = time.monotonic()
     heard_before = datetime.now(UTC) - timedelta(seconds=settings.reconcile_after_seconds)
     settlements: list[Settlement] = []
+    elsewhere = 0
     for record in workspace.history.unfinished_runs(heard_before=heard_before):
         if time_budget_seconds is not None and time.monotonic() - started > time_budget_seconds:
             break
         if skip is not None and skip(record):
             continue
+        if quick and record.target != "local":
+            elsewhere += 1
+            continue
         try:
-            settlement = _settle(workspace, settings, record, heard_before, dry_run)
+            settlement = _settle(workspace, settings, record, heard_before, dry_run, abandon_unreachable)
         except Exception as err:  # one run that cannot be looked at must not keep the others unsettled
             log.warning("Reconcile: run %s could not be settled: %s", record.id, err)
             settlement = Settlement(record.id, record.experiment, LEFT, f"could not be settled: {err}")
@@ -105,11 +115,23 @@ def reconcile(
                     settlement.outcome,
                     settlement.reason,
                 )
+    if elsewhere:
+        log.info(
+            "%d unfinished run(s) on remote compute targets have not been reported on for %g s; `amlrun "
+            "reconcile` (e.g. run from cron) settles them",
+            elsewhere,
+            settings.reconcile_after_seconds,
+        )
     return settlements
 
 
 def _settle(
-    workspace: Workspace, settings: Settings, record: RunRecord, heard_before: datetime, dry_run: bool
+    workspace: Workspace,
+    settings: Settings,
+    record: RunRecord,
+    heard_before: datetime,
+    dry_run: bool,
+    abandon_unreachable: bool,
 ) -> Settlement | None:
     def result(outcome: str, reason: str) -> Settlement:
         return Settlement(record.id, record.experiment, outcome, reason)
@@ -129,9 +151,26 @@ def _settle(
     unreachable = target.attachable(handle)
     if unreachable is not None:
         gone = target.gone(handle)
-        if gone is None:
-            return result(LEFT, f"it cannot be reached from here ({unreachable}); reconcile on that machine")
-        return _record_lost(workspace, record, heard_before, f"Lost: {gone}.", dry_run)
+        if gone is not None:
+            return _record_lost(workspace, record, heard_before, f"Lost: {gone}.", dry_run)
+        if _over_limit(record, slack=settings.reconcile_after_seconds):
+            reason = (
+                f"Lost: it cannot be reached from here ({unreachable}), no task has reported on it since "
+                f"{record.heartbeat_at or record.start}, and it is past its max_run_duration_seconds="
+                f"{record.max_run_duration_seconds:g}, at which its target stopped it."
+            )
+            return _record_lost(workspace, record, heard_before, reason, dry_run)
+        if abandon_unreachable:
+            reason = (
+                "Lost: abandoned by `amlrun reconcile --abandon-unreachable`: it cannot be reached from here "
+                f"({unreachable})."
+            )
+            return _record_lost(workspace, record, heard_before, reason, dry_run)
+        return result(
+            LEFT,
+            f"it cannot be reached from here ({unreachable}); run reconcile on that machine, or "
+            "--abandon-unreachable if it is gone for good",
+        )
     status = target.wait(handle, 0)
     over_limit = _over_limit(record)
     if status.running and not over_limit:
@@ -179,10 +218,10 @@ def _follow_to_end(
     )
 
 
-def _over_limit(record: RunRecord) -> bool:
+def _over_limit(record: RunRecord, slack: float = 0.0) -> bool:
     if record.max_run_duration_seconds is None or record.start is None:
         return False
-    return (datetime.now(UTC) - record.start).total_seconds() > record.max_run_duration_seconds
+    return (datetime.now(UTC) - record.start).total_seconds() > record.max_run_duration_seconds + slack
 
 
 def _recorded_job(record: RunRecord) -> Job:

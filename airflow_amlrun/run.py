@@ -61,8 +61,13 @@ class Heartbeat:
     """Reports, from a thread of its own, that a task follows a run: the row's heartbeat_at, periodically.
 
     A thread, so that every phase counts, a long environment build and a long upload of outputs included;
-    a write that fails (the history is away) is skipped, the next one tries again.
+    a write that fails (the history is away) is skipped, the next one tries again. While the task follows
+    the running run it also says it is making progress (`tick`); a task stuck reading from its target
+    stops reporting after a few beats, so that the run can be settled by others rather than look followed.
     """
+
+    # Beats without a tick, while watched, after which the heartbeat falls silent.
+    SILENT_AFTER_BEATS = 4
 
     def __init__(self, history: RunHistory, run_id: str, interval: float) -> None:
         self._history = history
@@ -70,6 +75,9 @@ class Heartbeat:
         self._interval = interval
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
+        self._watched = False
+        self._silenced = False
+        self._last_tick = time.monotonic()
 
     def start(self) -> None:
         if self._thread is None:
@@ -81,8 +89,28 @@ class Heartbeat:
     def stop(self) -> None:
         self._stopped.set()
 
+    def watch(self, watched: bool) -> None:
+        """Whether beats need ticks: on while the task follows the running run, off around it."""
+        self._last_tick = time.monotonic()
+        self._watched = watched
+
+    def tick(self) -> None:
+        self._last_tick = time.monotonic()
+
     def _beat(self) -> None:
         while not self._stopped.wait(self._interval):
+            silent = time.monotonic() - self._last_tick > self.SILENT_AFTER_BEATS * self._interval
+            if self._watched and silent:
+                if not self._silenced:
+                    self._silenced = True
+                    log.warning(
+                        "Run %s: this task has made no progress following the run for %.0f s; it stops "
+                        "reporting on it, so that `amlrun reconcile` may settle it",
+                        self._run_id,
+                        time.monotonic() - self._last_tick,
+                    )
+                continue
+            self._silenced = False
             try:
                 self._history.report_alive(self._run_id)
             except Exception as err:
@@ -279,6 +307,12 @@ class ScriptRun:
                 else:
                     error = "Superseded: another unfinished run of the same task was re-attached."
                 log.warning("Run %s, left unfinished by an earlier try: %s", record.id, error)
+                if handle is not None and unreachable is None:
+                    # Still on its target: one execution per task, so the superseded one is stopped.
+                    try:
+                        target.cancel(handle)
+                    except Exception as err:
+                        log.warning("Run %s: stopping it on %s failed: %s", record.id, target.name, err)
                 history.update_run(record.id, status=RunStatus.FAILED, end_time=_now(), error=error)
                 continue
             log.info(
@@ -319,13 +353,42 @@ class ScriptRun:
             self._book.update(status=RunStatus.PREPARING)
             self.target.prepare(self.job, code)
             self._book.update(status=RunStatus.STARTING)
-            self.handle = self.target.submit(self.job)
+            self.handle = self._submit()
             self._started = _now()
             self._book.update(
                 status=RunStatus.RUNNING, handle=self.handle, start_time=self._started, heartbeat_at=_now()
             )
+        except TargetUnreachableError as err:
+            # The target may have started the run before its answer was lost: the row stays Starting, for a
+            # retry to find the run on the target by its id (or to record it Lost), never a second one blindly.
+            log.error("Run %s is left unfinished in the history: %s", self.id, err)
+            self._heartbeat.stop()
+            raise
         except BaseException as err:
             self._finish(RunStatus.FAILED, f"The run could not be started: {err}")
+            raise
+
+    def _submit(self) -> dict[str, Any]:
+        """Start the run on its target; if starting it was interrupted, make sure it does not run unseen."""
+        try:
+            return self.target.submit(self.job)
+        except TargetUnreachableError:
+            raise
+        except BaseException:
+            # The target may have started it before the answer was lost (an interrupted round trip): a run
+            # the row does not know of would go on unwatched, so look for it by its id and stop it.
+            try:
+                found = self.target.find(self.job)
+                if found is not None:
+                    self.handle = found
+                    self.target.cancel(found)
+            except Exception as err:
+                log.warning(
+                    "Run %s: looking for it on %s after a failed start failed too: %s",
+                    self.id,
+                    self.target.name,
+                    err,
+                )
             raise
 
     # waiting
@@ -356,11 +419,14 @@ class ScriptRun:
             already = (_now() - self._started).total_seconds()
             deadline = time.monotonic() + self.job.max_run_duration_seconds - already
         self._waiting = True
+        self._heartbeat.watch(True)
         try:
             while True:
+                self._heartbeat.tick()
                 status = self.target.wait(self.handle, self.settings.poll_interval_seconds)
                 self._drain(emit, final=not status.running)
                 if not status.running:
+                    self._heartbeat.watch(False)
                     return self._conclude(status)
                 self._book.flush()
                 if self._cancel_requested:
@@ -400,11 +466,13 @@ class ScriptRun:
                     )
             raise
         finally:
+            self._heartbeat.watch(False)
             self._waiting = False
 
     def _drain(self, emit: Callable[[str], None] | None, final: bool) -> None:
         assert self.handle is not None
         while True:
+            self._heartbeat.tick()
             chunk = self.target.read_log(self.handle, self._log_offset, final=final)
             self._log_offset = chunk.offset
             for line in chunk.lines:

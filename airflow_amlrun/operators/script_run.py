@@ -132,10 +132,11 @@ class ScriptRunOperator(BaseOperator):
         return record.summary()
 
     def _settle_orphaned_runs(self, task: AirflowTask) -> None:
-        """Settle runs whose tasks died without a retry (``amlrun reconcile``), spending a few seconds at most.
+        """Settle local runs whose tasks died without a retry (``amlrun reconcile``), in a few seconds at most.
 
-        This task's own earlier tries are left to the re-attach that follows; a failure here never fails
-        the task.
+        Only runs on the local target, which need no network to look at; runs on remote targets are left to
+        ``amlrun reconcile`` (run it from cron). This task's own earlier tries are left to the re-attach that
+        follows; a failure here never fails the task.
         """
         from airflow_amlrun.reconcile import reconcile
 
@@ -148,7 +149,9 @@ class ScriptRunOperator(BaseOperator):
             )
 
         try:
-            reconcile(self.workspace, skip=own_earlier_try, time_budget_seconds=RECONCILE_BUDGET_SECONDS)
+            reconcile(
+                self.workspace, skip=own_earlier_try, time_budget_seconds=RECONCILE_BUDGET_SECONDS, quick=True
+            )
         except Exception as err:
             self.log.warning("Settling orphaned runs failed (the task goes on): %s", err)
 

@@ -227,3 +227,88 @@ def test_a_starting_task_settles_another_tasks_orphaned_run(amlrun_home, tmp_pat
     settled = Workspace.get().get_run(orphan.id)
     assert settled.status == "Completed"
     assert f"Reconcile: run {orphan.id}" in result.log
+
+
+def _rewrite_handle(run_id: str, **changes: object) -> None:
+    history = Workspace.get().history
+    history.update_run(run_id, handle={**history.get_run(run_id).handle, **changes})
+
+
+def test_a_local_run_of_a_worker_that_restarted_is_recorded_lost(amlrun_home, tmp_path):
+    source = tmp_path / "src"
+    write_script(source, "train.py", "import time\ntime.sleep(300)\n")
+    orphan = worker_dies_mid_run(source)
+    # The machine restarted since (its boot id changed), which ended the run's processes.
+    os.killpg(orphan.handle["pid"], signal.SIGKILL)
+    _rewrite_handle(orphan.id, boot_id="00000000-0000-0000-0000-000000000000")
+    until_orphaned()
+
+    done = amlrun("reconcile")
+
+    run = Workspace.get().get_run(orphan.id)
+    assert run.status == "Failed", done.stdout
+    assert "restarted while the run ran" in run.error
+
+
+def test_a_local_run_of_another_worker_is_left_until_past_its_limit_or_abandoned(amlrun_home, tmp_path):
+    source = tmp_path / "src"
+    write_script(source, "train.py", "import time\ntime.sleep(300)\n")
+    orphan = worker_dies_mid_run(source)
+    os.killpg(orphan.handle["pid"], signal.SIGKILL)
+    _rewrite_handle(orphan.id, host="worker-that-is-gone")
+    until_orphaned()
+
+    done = amlrun("reconcile")
+    assert "cannot be reached from here" in done.stdout and "worker-that-is-gone" in done.stdout
+    assert Workspace.get().get_run(orphan.id).status == "Running"
+
+    # Past its limit (and reconcile_after), its own target stopped it: recorded without asking it.
+    Workspace.get().history.update_run(orphan.id, max_run_duration_seconds=0.5)
+    until_orphaned()
+    amlrun("reconcile")
+    run = Workspace.get().get_run(orphan.id)
+    assert run.status == "Failed"
+    assert "past its max_run_duration_seconds=0.5" in run.error
+
+
+def test_abandon_unreachable_records_another_workers_runs_lost(amlrun_home, tmp_path):
+    source = tmp_path / "src"
+    write_script(source, "train.py", "import time\ntime.sleep(300)\n")
+    orphan = worker_dies_mid_run(source)
+    os.killpg(orphan.handle["pid"], signal.SIGKILL)
+    _rewrite_handle(orphan.id, host="worker-that-is-gone")
+    until_orphaned()
+
+    amlrun("reconcile", "--abandon-unreachable")
+
+    run = Workspace.get().get_run(orphan.id)
+    assert run.status == "Failed" and "--abandon-unreachable" in run.error
+
+
+def test_a_following_tasks_heartbeat_stops_when_it_makes_no_progress(amlrun_home):
+    from airflow_amlrun.run import Heartbeat
+
+    history = Workspace.get().history
+    history.create_run(run_id="beats_1_deadbeef", experiment="beats", target="local")
+
+    def heard() -> object:
+        return history.get_run("beats_1_deadbeef").heartbeat_at
+
+    beat = Heartbeat(history, "beats_1_deadbeef", interval=0.1)
+    beat.start()
+    try:
+        first = heard()
+        time.sleep(0.5)
+        assert heard() != first  # it reports on its own, whatever the task is doing
+
+        beat.watch(True)  # following the running run: reports need progress
+        time.sleep(1.0)  # no tick for 10 beats
+        silent = heard()
+        time.sleep(0.5)
+        assert heard() == silent
+
+        beat.tick()
+        time.sleep(0.5)
+        assert heard() != silent
+    finally:
+        beat.stop()
