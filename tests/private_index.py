@@ -23,6 +23,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 PACKAGE = "amlrun-private-pkg"
 MODULE = "amlrun_private_pkg"
 VERSION = "1.0.0"
+WHEEL = f"{MODULE}-{VERSION}-py3-none-any.whl"
 
 
 def build_wheel(version: str = VERSION) -> tuple[str, bytes]:
@@ -61,6 +62,10 @@ class PrivateIndex:
     def url(self, host: str = "127.0.0.1", *, variable: str = "AMLRUN_TEST_INDEX_TOKEN") -> str:
         """The index URL as an environment spec writes it: the token as a ``${VAR}`` reference."""
         return f"http://{self.user}:${{{variable}}}@{host}:{self.port}/simple"
+
+    def wheel_url(self, host: str = "127.0.0.1", *, variable: str = "AMLRUN_TEST_INDEX_TOKEN") -> str:
+        """The URL of the index's wheel as a direct-URL requirement writes it, the token a ``${VAR}`` reference."""
+        return f"http://{self.user}:${{{variable}}}@{host}:{self.port}/files/{WHEEL}"
 
     @property
     def authorized_downloads(self) -> int:

@@ -59,7 +59,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from airflow_amlrun.environment import docker_build
-from airflow_amlrun.environment.credentials import credential_values, referenced_variables
+from airflow_amlrun.environment.credentials import credential_values
 from airflow_amlrun.environment.docker_build import BUILD_TIMEOUT_SECONDS, inspect_image, split_reference
 from airflow_amlrun.environment.errors import EnvironmentBuildError
 from airflow_amlrun.environment.lock import has_requirements, lock_python_version
@@ -208,11 +208,9 @@ def is_default_image(reference: str) -> bool:
 
 
 def install_credentials(resolved: ResolvedEnvironment) -> list[str]:
-    """The variables whose values installing the environment's lock needs: the ``${VAR}`` of its index URLs."""
-    if resolved.user_managed or not resolved.lock or not has_requirements(resolved.lock):
-        return []
-    python = resolved.spec.python
-    return referenced_variables([python.index_url, *python.extra_index_urls])
+    """The variables whose values installing the environment's lock needs: the ``${VAR}`` of its index URLs
+    and direct-URL requirements."""
+    return resolved.credential_variables()
 
 
 def credential_input(names: Sequence[str], values: Mapping[str, str]) -> bytes:

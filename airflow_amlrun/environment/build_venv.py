@@ -22,9 +22,11 @@ import sys
 import sysconfig
 import time
 import uuid
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 
+from airflow_amlrun.environment.credentials import hide
 from airflow_amlrun.environment.errors import EnvironmentBuildError
 from airflow_amlrun.environment.lock import (
     NEUTRAL_CWD,
@@ -169,6 +171,7 @@ def _build(spec: Environment, lock: str, key: str, envs: Path, uv_cache: Path) -
             env=env,
             cwd=Path(NEUTRAL_CWD),
             step="creating the virtualenv",
+            hidden=credentials.values(),
         )
         lock_file = tmp / "amlrun-lock.txt"
         lock_file.write_text(lock)
@@ -189,6 +192,7 @@ def _build(spec: Environment, lock: str, key: str, envs: Path, uv_cache: Path) -
                 env=env,
                 cwd=Path(NEUTRAL_CWD),
                 step="installing the lock",
+                hidden=credentials.values(),
             )
         record = {
             "build_key": key,
@@ -219,7 +223,14 @@ def _base_interpreter(spec: Environment) -> str:
 
 
 def _run(
-    command: list[str], *, spec: Environment, key: str, env: dict[str, str], cwd: Path, step: str
+    command: list[str],
+    *,
+    spec: Environment,
+    key: str,
+    env: dict[str, str],
+    cwd: Path,
+    step: str,
+    hidden: Iterable[str] = (),
 ) -> None:
     try:
         result = subprocess.run(
@@ -230,10 +241,11 @@ def _run(
             f"Building environment {spec.name!r} (build {key[:12]}): {step} took longer than "
             f"{BUILD_TIMEOUT_SECONDS} s. Check that the package index is reachable.",
             build_key=key,
-            output=str(err.stdout or ""),
+            output=hide(str(err.stdout or ""), hidden),
         ) from None
     if result.returncode != 0:
-        output = (result.stderr + result.stdout).strip()
+        # uv hides a URL's password when it shows the URL, but not a token in its query.
+        output = hide((result.stderr + result.stdout).strip(), hidden)
         hint = ""
         if "interpreter" in output.lower() and spec.python.version:
             hint = (

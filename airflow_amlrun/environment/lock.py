@@ -16,7 +16,7 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from airflow_amlrun.environment.credentials import credential_values, referenced_variables
+from airflow_amlrun.environment.credentials import credential_values, hide
 from airflow_amlrun.environment.errors import LockResolutionError
 from airflow_amlrun.environment.spec import Environment
 from airflow_amlrun.errors import ConfigurationError
@@ -24,6 +24,8 @@ from airflow_amlrun.errors import ConfigurationError
 _HEADER = "# Locked by airflow-amlrun with {resolver}: universal, Python >= {python}."
 _HEADER_PATTERN = re.compile(r"^# Locked by airflow-amlrun with .*Python >= (\d+\.\d+)\.", re.MULTILINE)
 _PINNED = re.compile(r"^([A-Za-z0-9][A-Za-z0-9_.\-]*)(?:\[[^\]]*\])?==([^\s;\\]+)", re.MULTILINE)
+# A line of a lock that installs something: neither a comment, an option, nor a continuation (--hash, # via).
+_REQUIREMENT_LINE = re.compile(r"^[A-Za-z0-9]", re.MULTILINE)
 RESOLVE_TIMEOUT_SECONDS = 900
 # uv reads pyproject.toml and uv.toml from its working directory and the folders above it; whatever
 # project the worker happens to run in is not the environment's, so uv runs from the root.
@@ -124,17 +126,19 @@ def locked_versions(lock: str) -> dict[str, list[str]]:
 
 
 def has_requirements(lock: str) -> bool:
-    return _PINNED.search(lock) is not None
+    """Whether a lock installs anything: a pinned ``name==version`` or a direct-URL ``name @ url`` line."""
+    return _REQUIREMENT_LINE.search(lock) is not None
 
 
 def index_credentials(spec: Environment, *, what: str) -> dict[str, str]:
-    """The values of the variables the environment's index URLs refer to, from this process's environment.
+    """The values of the variables the environment's index URLs and direct-URL requirements refer to, from
+    this process's environment.
 
     :param spec: the environment.
     :param what: what needs them, for the message of a missing one (``"Resolving environment 'x'"``).
     :raises ConfigurationError: a referenced variable is not set; naming it and where to set it.
     """
-    return credential_values(referenced_variables(spec.python.index_urls), what=what)
+    return credential_values(spec.python.credential_variables(), what=what)
 
 
 def resolve_lock(spec: Environment, *, uv_cache_dir: Path) -> str | None:
@@ -189,7 +193,8 @@ def resolve_lock(spec: Environment, *, uv_cache_dir: Path) -> str | None:
             resolver_output="",
         ) from None
     if result.returncode != 0:
-        output = (result.stderr or result.stdout).strip()
+        # uv hides a URL's password when it shows the URL, but not a token in its query.
+        output = hide((result.stderr or result.stdout).strip(), credentials.values())
         named = _requirements_named_in(spec.python.pip_requirements, output)
         raise LockResolutionError(
             f"Environment {spec.name!r}: the requirement(s) {', '.join(map(repr, named))} cannot be resolved "

@@ -13,8 +13,8 @@ from airflow_amlrun.environment.build_venv import (
     python_tag,
     venv_python,
 )
-from airflow_amlrun.environment.credentials import referenced_variables
-from airflow_amlrun.environment.lock import has_requirements, index_credentials
+from airflow_amlrun.environment.credentials import credential_values
+from airflow_amlrun.environment.lock import has_requirements
 from airflow_amlrun.environment.spec import Environment
 from airflow_amlrun.errors import ConfigurationError
 
@@ -51,18 +51,26 @@ class ResolvedEnvironment:
             "user_managed": self.user_managed,
         }
 
-    def index_credentials(self) -> dict[str, str]:
-        """The values of the ``${VAR}`` references in the index URLs, which every build of the lock needs.
+    def credential_variables(self) -> list[str]:
+        """The variables every build of the lock needs set: the ``${VAR}`` references of the index URLs and of
+        the direct-URL requirements (which the lock keeps as written). Empty when nothing is installed."""
+        if self.user_managed or self.lock is None or not has_requirements(self.lock):
+            return []
+        return self.spec.python.credential_variables()
+
+    def index_credentials(self, *, what: str | None = None) -> dict[str, str]:
+        """The values of the variables of ``credential_variables``, which every build of the lock needs.
 
         Read from this process's environment, to be handed to an installer's environment only (a build
         secret, a remote build's stdin), never stored or put on a command line. Empty when nothing is
         installed.
 
+        :param what: what needs them, for the message of a missing one; default this environment's version.
         :raises ConfigurationError: a referenced variable is not set here.
         """
-        if self.user_managed or self.lock is None or not has_requirements(self.lock):
-            return {}
-        return index_credentials(self.spec, what=f"Environment {self.name!r} version {self.version}")
+        return credential_values(
+            self.credential_variables(), what=what or f"Environment {self.name!r} version {self.version}"
+        )
 
     def build_key_for(self, *, python: str, platform: str) -> str | None:
         """The build key of this environment for another Python or platform (a Docker image, a cluster).
@@ -133,7 +141,8 @@ def ensure_local_python(resolved: ResolvedEnvironment, cache_dir: str | os.PathL
 
 
 def index_secrets(workspace: Workspace, environment: Environment | str | None) -> list[str]:
-    """The values, as set in this process, of the variables the environment's index URLs refer to.
+    """The values, as set in this process, of the variables the environment's index URLs and direct-URL
+    requirements refer to.
 
     For masking them in logs before a run starts. A reference that cannot be looked up, or a variable that
     is not set, gives nothing: submitting the run reports those.
@@ -144,16 +153,17 @@ def index_secrets(workspace: Workspace, environment: Environment | str | None) -
     from airflow_amlrun.environment import registry
 
     if isinstance(environment, Environment):
-        urls = environment.python.index_urls
+        names = environment.python.credential_variables()
     elif isinstance(environment, str):
         try:
             name, version, label = parse_reference(environment)
-            urls = registry.lookup(workspace, name, version=version, label=label).spec.python.index_urls
+            spec = registry.lookup(workspace, name, version=version, label=label).spec
         except ConfigurationError:
             return []
+        names = spec.python.credential_variables()
     else:
         return []
-    return [os.environ[name] for name in referenced_variables(urls) if os.environ.get(name)]
+    return [os.environ[name] for name in names if os.environ.get(name)]
 
 
 def parse_reference(reference: str) -> tuple[str, str | None, str | None]:

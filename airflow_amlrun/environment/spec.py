@@ -16,7 +16,12 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from airflow_amlrun.environment.credentials import check_index_url
+from airflow_amlrun.environment.credentials import (
+    check_index_url,
+    check_url_credentials,
+    redact_text,
+    referenced_variables,
+)
 from airflow_amlrun.errors import ConfigurationError
 
 if TYPE_CHECKING:
@@ -62,6 +67,11 @@ class PythonSection:
     def index_urls(self) -> list[str]:
         """Every package index the requirements come from, as written (``${VAR}`` references unexpanded)."""
         return [*([self.index_url] if self.index_url else []), *self.extra_index_urls]
+
+    def credential_variables(self) -> list[str]:
+        """Names of the ``${VAR}`` references in the index URLs and the direct-URL requirements: the variables
+        resolving and installing the requirements need set, and that nothing may store."""
+        return referenced_variables([*self.index_urls, *self.pip_requirements])
 
     def index_options(self) -> list[str]:
         """The index options as requirements-file lines, which pip and uv read with ``${VAR}`` expanded."""
@@ -539,20 +549,27 @@ def normalize_python_version(value: object, *, where: str) -> str:
 
 
 def check_requirement(line: str, *, where: str) -> str:
-    """The requirement, stripped, if it is valid PEP 508; a local path or editable install is refused."""
+    """The requirement, stripped, if it is valid PEP 508 and its URL (``name @ url``) carries no credential in
+    clear; a local path or editable install is refused."""
     from packaging.requirements import InvalidRequirement, Requirement
 
     if not isinstance(line, str):
         raise ConfigurationError(f"{where}: requirement {line!r} must be a string such as 'pandas>=2'.")
     text = " ".join(line.split())
     try:
-        Requirement(text)
+        requirement = Requirement(text)
     except InvalidRequirement as err:
+        # The line may hold a URL with a password (a bare URL is not a requirement): it is shown redacted.
         raise ConfigurationError(
-            f"{where}: {text!r} is not a valid requirement ({err}). Write it as 'name', 'name==1.2' or "
-            "'name @ https://...'; local paths and editable installs cannot be locked, so build and publish "
-            "a wheel instead."
+            f"{where}: {redact_text(text)!r} is not a valid requirement ({redact_text(str(err))}). Write it as "
+            "'name', 'name==1.2' or 'name @ https://...'; local paths and editable installs cannot be locked, "
+            "so build and publish a wheel instead."
         ) from None
+    if requirement.url:
+        # Stored like an index URL (spec, lock, image), so a credential in it is a ${VAR} reference too.
+        check_url_credentials(
+            requirement.url, where=where, what="requirement", variable="PACKAGE_TOKEN", shown=text
+        )
     return text
 
 
@@ -680,7 +697,7 @@ def _apply_option_line(
             result.extra_index_urls.append(url)
     else:
         raise ConfigurationError(
-            f"{where}: option {line!r} is not supported in an environment's requirements. Supported: "
+            f"{where}: option {redact_text(line)!r} is not supported in an environment's requirements. Supported: "
             "-r/--requirement, -i/--index-url, --extra-index-url; editable installs (-e), constraints "
             "(-c) and --find-links cannot be locked reproducibly, so publish a wheel to an index instead."
         )

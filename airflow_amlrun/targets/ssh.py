@@ -49,7 +49,6 @@ from functools import cached_property
 from pathlib import Path, PurePosixPath
 from typing import IO, TYPE_CHECKING, Any
 
-from airflow_amlrun.environment.credentials import credential_values, referenced_variables
 from airflow_amlrun.environment.lock import has_requirements
 from airflow_amlrun.errors import AmlRunError, ConfigurationError, TargetUnreachableError
 from airflow_amlrun.snapshot import hash_bytes
@@ -436,14 +435,11 @@ class SSHTarget:
         return self.python
 
     def _credentials(self, job: Job) -> dict[str, str]:
-        """Values of the ${VAR} references in the job's lock, which the host's installer needs; a missing one
-        fails the run before anything is recorded."""
+        """Values of the variables the job's lock refers to (index URLs, direct-URL requirements), which the
+        host's installer needs; a missing one fails the run before anything is recorded."""
         environment = job.environment
-        if environment.user_managed or environment.lock is None:
-            return {}
-        return credential_values(
-            referenced_variables([environment.lock]),
-            what=f"Building environment {environment.name!r} on SSH host {self.host}",
+        return environment.index_credentials(
+            what=f"Building environment {environment.name!r} on SSH host {self.host}"
         )
 
     def _base_expression(self) -> str:

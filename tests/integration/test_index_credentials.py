@@ -31,7 +31,7 @@ from airflow.sdk import DAG
 from airflow_amlrun import Environment, ScriptRunConfig, ScriptRunOperator
 from airflow_amlrun.environment import PythonSection
 
-env = Environment("private-env", python=PythonSection(pip_requirements=[{package!r}], index_url={url!r}))
+env = Environment("private-env", python=PythonSection(pip_requirements={requirements!r}, index_url={url!r}))
 with DAG("DAG_ID", schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC")) as dag:
     ScriptRunOperator(task_id="train", config=ScriptRunConfig({source!r}, script="train.py", environment=env))
 """
@@ -89,7 +89,7 @@ def test_an_index_token_reaches_only_the_resolver_and_the_installer(
     """,
     )
     with private_index(token) as index:
-        result = run_dag(DAG.format(package=PACKAGE, url=index.url(), source=str(tmp_path / "src")))
+        result = run_dag(DAG.format(requirements=[PACKAGE], url=index.url(), source=str(tmp_path / "src")))
 
         assert result.state == "success", result.log
         assert index.authorized_downloads >= 1
@@ -114,6 +114,48 @@ def test_an_index_token_reaches_only_the_resolver_and_the_installer(
         monkeypatch.setenv(TOKEN_VARIABLE, f"rotated-{secrets.token_hex(8)}")
         assert private_env(index.url()).register(ws).version == summary["environment"]["version"] == "1"
         assert len(index.requests) == requests
+
+
+def test_a_direct_url_requirement_behind_a_password_installs_with_its_token_kept_out_of_everything(
+    run_dag, tmp_path, amlrun_home, workspace_backend, monkeypatch
+):
+    token = f"tok-{secrets.token_hex(16)}"
+    monkeypatch.setenv(TOKEN_VARIABLE, token)
+    uv_command_lines = record_uv_command_lines(tmp_path, monkeypatch)
+    write_script(
+        tmp_path / "src",
+        "train.py",
+        """
+        import amlrun_private_pkg
+        from airflow_amlrun.run_context import Run
+        Run.get_context().log("private_version", amlrun_private_pkg.VERSION)
+    """,
+    )
+    with private_index(token) as index:
+        requirement = f"{PACKAGE} @ {index.wheel_url()}"
+        result = run_dag(DAG.format(requirements=[requirement], url=None, source=str(tmp_path / "src")))
+
+        assert result.state == "success", result.log
+        assert index.authorized_downloads >= 2  # the resolver hashed the wheel, the installer installed it
+        summary = result.xcoms["train"]
+        assert summary["metrics"] == {"private_version": "1.0.0"}
+
+        ws = Workspace.get()
+        lock = ws.store.get_bytes(summary["environment"]["lock_digest"]).decode()
+        assert f"{requirement} \\\n    --hash=sha256:" in lock
+        assert token not in result.log
+        assert token not in json.dumps(result.xcoms)
+        assert token not in database_text()
+        assert files_holding(token, amlrun_home) == []  # store, lock blob, uv cache, the venv, run dirs
+        assert token not in uv_command_lines.read_text()
+
+        # A rotated token is the same environment; a worker without the variable is told which one to set.
+        spec = Environment("private-env", python=PythonSection(pip_requirements=[requirement]))
+        monkeypatch.setenv(TOKEN_VARIABLE, f"rotated-{secrets.token_hex(8)}")
+        assert spec.register(ws).version == summary["environment"]["version"]
+        monkeypatch.delenv(TOKEN_VARIABLE)
+        with pytest.raises(ConfigurationError, match=r"needs \$\{AMLRUN_TEST_INDEX_TOKEN\} for its package"):
+            spec.copy(name="private-env-2").register(ws)
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +221,7 @@ def test_an_index_token_printed_by_anything_is_masked_in_the_task_log(
     )
     dag_id = f"t_{secrets.token_hex(4)}"
     with private_index(token) as index:
-        source = DAG.format(package=PACKAGE, url=index.url(), source=str(tmp_path / "src"))
+        source = DAG.format(requirements=[PACKAGE], url=index.url(), source=str(tmp_path / "src"))
         (DAGS_FOLDER / f"{dag_id}.py").write_text(source.replace("DAG_ID", dag_id))
         done = subprocess.run(
             [AIRFLOW, "dags", "test", "--use-executor", dag_id],

@@ -91,6 +91,23 @@ def test_nothing_a_build_sends_or_keys_on_holds_the_token(monkeypatch: pytest.Mo
     )
 
 
+def test_a_direct_url_requirement_behind_a_password_installs_with_its_variable_too() -> None:
+    requirement = "private-pkg @ https://ci:${PKG_TOKEN}@files.example.com/private_pkg-1.0-py3-none-any.whl"
+    spec = Environment("train", python=PythonSection(pip_requirements=[requirement]))
+    spec.version = "1"
+    lock = f"# Locked by airflow-amlrun with uv 0.5.0: universal, Python >= 3.11.\n{requirement} \\\n"
+    lock += "    --hash=sha256:" + "ab" * 32 + "\n"
+    env = ResolvedEnvironment(
+        spec=spec, name="train", version="1", lock=lock, build_key=None, user_managed=False
+    )
+
+    recipe = image_recipe(env)
+
+    assert recipe.credentials == ("PKG_TOKEN",)
+    assert recipe.dockerfile is not None and "RUN " not in recipe.dockerfile  # installed in a committed step
+    assert "read -r PKG_TOKEN" in install_script(env)
+
+
 @settings(max_examples=50, deadline=None)
 @given(
     st.lists(

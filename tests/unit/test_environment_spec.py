@@ -413,7 +413,7 @@ def test_an_index_password_in_clear_is_refused_and_the_message_says_to_use_a_var
         )
     message = str(caught.value)
     assert "carries a password in clear" in message and "${INDEX_TOKEN}" in message
-    assert "hunter2" not in message and "https://bot:***@pkgs.example/simple" in message
+    assert "hunter2" not in message and "https://***:***@pkgs.example/simple" in message
 
 
 def test_an_index_password_in_a_requirements_file_is_refused_naming_the_line(tmp_path: Path) -> None:
@@ -423,6 +423,154 @@ def test_an_index_password_in_a_requirements_file_is_refused_naming_the_line(tmp
     ) as caught:
         Environment.from_pip_requirements("env", tmp_path / "requirements.txt")
     assert "hunter2" not in str(caught.value)
+
+
+# Each way a credential is written in clear: as the user name (GitHub, Gemfury), in the query, in the URL
+# of a direct-URL requirement; with the secret and the form the message suggests instead.
+CLEAR_CREDENTIALS = [
+    (
+        "index_url",
+        "https://ghp_SECRET123@pypi.example.com/simple",
+        "ghp_SECRET123",
+        "https://${INDEX_TOKEN}@",
+    ),
+    (
+        "index_url",
+        "https://ghp_SECRET123:@pypi.example.com/simple",
+        "ghp_SECRET123",
+        "https://${INDEX_TOKEN}@",
+    ),
+    ("index_url", "https://host/simple?token=SECRET", "SECRET", "token=${INDEX_TOKEN}"),
+    (
+        "index_url",
+        "https://host/simple?X-Amz-Signature=SECRET&v=1",
+        "SECRET",
+        "X-Amz-Signature=${INDEX_TOKEN}",
+    ),
+    ("requirement", "pkg @ https://user:SECRETPW@host/x.whl", "SECRETPW", "https://NAME:${PACKAGE_TOKEN}@"),
+    (
+        "requirement",
+        "pkg @ git+https://ghp_SECRET@github.com/o/r",
+        "ghp_SECRET",
+        "git+https://${PACKAGE_TOKEN}@",
+    ),
+    (
+        "requirement",
+        "pkg @ https://host/x.whl?access_token=SECRET",
+        "SECRET",
+        "access_token=${PACKAGE_TOKEN}",
+    ),
+]
+
+
+def _credential_spec_lines(kind: str, url: str) -> tuple[list[str], str | None]:
+    """The requirement lines and index URL of a spec holding the URL, as the tests below write it."""
+    return ([url], None) if kind == "requirement" else (["six"], url)
+
+
+@pytest.mark.parametrize(("kind", "url", "secret", "suggestion"), CLEAR_CREDENTIALS)
+def test_a_credential_in_clear_is_refused_in_every_place_a_spec_holds_a_url(
+    tmp_path: Path, kind: str, url: str, secret: str, suggestion: str
+) -> None:
+    requirements, index_url = _credential_spec_lines(kind, url)
+    option = [f"--index-url {index_url}"] if index_url else []
+    lines = "\n".join([*option, *requirements]) + "\n"
+    write(tmp_path / "requirements.txt", lines)
+    pip_section = "".join(f"\n      - {line}" for line in [*option, *requirements])
+    write(tmp_path / "conda.yaml", f"dependencies:\n  - python=3.11\n  - pip:{pip_section}\n")
+    attempts = {
+        "pip_requirements": lambda: Environment(
+            python=PythonSection(pip_requirements=requirements, index_url=index_url)
+        ),
+        "requirements file": lambda: Environment.from_pip_requirements("env", tmp_path / "requirements.txt"),
+        "conda pip section": lambda: Environment.from_conda_specification("env", tmp_path / "conda.yaml"),
+    }
+    for where, attempt in attempts.items():
+        with pytest.raises(ConfigurationError) as caught:
+            attempt()
+        message = str(caught.value)
+        assert "in clear" in message, where
+        assert secret not in message, where
+        assert suggestion in message, (where, message)
+        assert "in the environment of the workers" in message, where
+
+
+@given(
+    secret=st.text(alphabet="abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.~", min_size=8),
+    form=st.sampled_from(
+        [
+            "https://{s}@pkgs.example/simple",
+            "https://{s}:@pkgs.example/simple",
+            "https://bot:{s}@pkgs.example/simple",
+            "https://{s}:x-oauth-basic@pkgs.example/simple",
+            "https://pkgs.example/simple?v=1&private_token={s}",
+            "https://pkgs.example/simple?AWSAccessKeyId=AK&Signature={s}",
+        ]
+    ),
+    as_requirement=st.booleans(),
+)
+def test_a_credential_in_clear_never_reaches_the_message_that_refuses_it(
+    secret: str, form: str, as_requirement: bool
+) -> None:
+    url = form.format(s=secret)
+    requirements, index_url = ([f"pkg @ {url}"], None) if as_requirement else (["six"], url)
+    with pytest.raises(ConfigurationError, match="in clear") as caught:
+        Environment(python=PythonSection(pip_requirements=requirements, index_url=index_url))
+    assert secret not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://aws:${INDEX_TOKEN}@pkgs.example/simple",  # a user name, and the password a reference
+        "https://${INDEX_TOKEN}@pkgs.example/simple",  # the token as the user name, a reference
+        "https://${INDEX_USER}:${INDEX_TOKEN}@pkgs.example/simple",
+        "https://pkgs.example/${FURY_TOKEN}/team/simple",  # a token in the path, a reference
+        "https://pkgs.example/simple?token=${INDEX_TOKEN}&format=html",
+        "https://pkgs.example/simple?token=",
+    ],
+)
+def test_index_credentials_written_as_references_are_accepted(url: str) -> None:
+    env = Environment(python=PythonSection(pip_requirements=["six"], index_url=url))
+    assert env.python.index_url == url
+
+
+@pytest.mark.parametrize(
+    "requirement",
+    [
+        "pkg @ https://aws:${PKG_TOKEN}@host/x.whl",
+        "pkg @ git+https://${GH_TOKEN}@github.com/o/r@v1.0",  # the revision's '@' is not user info
+        "pkg @ git+ssh://git@github.com/o/r.git",  # ssh's user name is never a secret: keys authenticate
+        "pkg @ https://host/x.whl?version=2#sha256=" + "ab" * 32,
+    ],
+)
+def test_direct_url_requirements_without_a_credential_in_clear_are_accepted(requirement: str) -> None:
+    env = Environment(python=PythonSection(pip_requirements=[requirement]))
+    assert env.python.pip_requirements == [requirement]
+
+
+def test_the_variables_of_direct_url_requirements_are_what_resolving_and_installing_need() -> None:
+    python = PythonSection(
+        pip_requirements=["six", "pkg @ https://ci:${PKG_TOKEN}@host/x.whl", "git @ git+https://${GH}@h/o/r"],
+        index_url="https://ci:${INDEX_TOKEN}@pkgs.example/simple",
+    )
+    assert python.credential_variables() == ["INDEX_TOKEN", "PKG_TOKEN", "GH"]
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "https://user:SECRETPW@host/x.whl",  # a bare URL is not a requirement pip can lock
+        "-e git+https://ghp_SECRET@github.com/o/r#egg=r",
+        "--find-links https://user:SECRETPW@host/wheels",
+    ],
+)
+def test_a_line_refused_for_another_reason_does_not_show_its_credential(tmp_path: Path, line: str) -> None:
+    write(tmp_path / "requirements.txt", line + "\n")
+    with pytest.raises(ConfigurationError) as caught:
+        Environment.from_pip_requirements("env", tmp_path / "requirements.txt")
+    message = str(caught.value)
+    assert "SECRET" not in message and "***" in message
 
 
 def test_a_bare_dollar_variable_in_an_index_url_is_refused_with_the_braced_form() -> None:
