@@ -31,7 +31,10 @@ OUTPUTS_DIR_ENV = "AMLRUN_OUTPUTS_DIR"
 
 
 class MetricError(ValueError):
-    """A metric the run history cannot keep: an empty or too long name, or a step that is not a 64-bit integer."""
+    """A metric the run history cannot keep: an empty or too long name, or a step that is not a 64-bit integer.
+
+    Raised by an offline run only: in a submitted run such a point is dropped with a warning, and the run goes on.
+    """
 
 
 def metric_problem(name: object, value: object, step: object) -> str | None:
@@ -103,6 +106,8 @@ class Run:
         self._stream: IO[str] | None = None
         self.metrics: dict[str, list[Any]] = {}
         self.tags: dict[str, str] = {}
+        # Metrics already warned about: a training loop logging a bad point every step warns once.
+        self._refused: set[str] = set()
 
     @classmethod
     def get_context(cls) -> Run:
@@ -121,8 +126,10 @@ class Run:
     def log(self, name: str, value: Any, step: int | None = None, description: str = "") -> None:
         """Record one value of a metric; the run keeps every value, and reports the last one per name.
 
-        :raises MetricError: the name is empty or longer than 255 characters, or the step is not an integer
-            in the signed 64-bit range. Nothing is recorded then.
+        A point the run history cannot keep (an empty name or one longer than 255 characters, a step that is
+        not an integer in the signed 64-bit range) is not recorded: a submitted run says so on stderr, which
+        reaches the run's log and the task log, once per metric, and goes on; an offline run raises
+        :class:`MetricError`.
         """
         self._record_metric(str(name), _jsonable(value), _step(step))
 
@@ -156,12 +163,26 @@ class Run:
     def _record_metric(self, name: str, value: Any, step: Any) -> None:
         problem = metric_problem(name, value, step)
         if problem is not None:
-            raise MetricError(f"Run.log: {problem}; nothing was recorded.")
+            self._refuse(name, problem)
+            return
         self.metrics.setdefault(name, []).append(value)
         event: dict[str, Any] = {"kind": "metric", "name": name, "value": value, "time": time.time()}
         if step is not None:
             event["step"] = step
         self._emit(event)
+
+    def _refuse(self, name: str, problem: str) -> None:
+        """A point the history cannot keep: dropped, with a warning; the training goes on."""
+        if name in self._refused:
+            return
+        self._refused.add(name)
+        shown = name if len(name) <= 60 else f"{name[:40]}..."
+        print(
+            f"amlrun: WARNING: Run.log: a point of metric {shown!r} was not recorded: {problem}. The run goes "
+            "on; further points of this metric the run history cannot keep are dropped without another warning.",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def _emit(self, event: dict[str, Any]) -> None:
         line = json.dumps(event, separators=(",", ":")) + "\n"
@@ -179,9 +200,9 @@ class Run:
 class OfflineRun(Run):
     """A run outside any submission: keeps what is logged and prints it.
 
-    It does without everything a submission provides (an events file, an outputs folder), but refuses a
-    metric the run history would refuse (:class:`MetricError`), so a script tried by hand fails where it
-    would fail once submitted, not after hours of training.
+    It does without everything a submission provides (an events file, an outputs folder), but raises
+    :class:`MetricError` for a metric the run history would refuse, so a script tried by hand shows the
+    mistake at once, where a submitted run would only warn and drop the point.
     """
 
     @property
@@ -191,6 +212,9 @@ class OfflineRun(Run):
     def tag(self, key: str, value: Any = "") -> None:
         self.tags[str(key)] = str(value)
         print(f"[offline run] tag {key}={value}", file=sys.stderr)
+
+    def _refuse(self, name: str, problem: str) -> None:
+        raise MetricError(f"Run.log: {problem}; nothing was recorded.")
 
     def upload_file(self, name: str, path_or_stream: str | os.PathLike[str] | IO[bytes]) -> str:
         print(f"[offline run] upload_file {name!r} skipped (not in a submitted run)", file=sys.stderr)

@@ -140,30 +140,38 @@ def test_metrics_the_history_cannot_keep_are_refused_without_touching_the_run(
         "train.py",
         """
         import json, os
-        from airflow_amlrun.run_context import MetricError, Run
+        from airflow_amlrun.run_context import Run
         run = Run.get_context()
-        try:
-            run.log("n" * 300, 1.0)
-        except MetricError as err:
-            print("refused:", err)
+        for epoch in range(3):
+            run.log("loss", 0.1, step=epoch + 0.5)  # a half step: the history keeps integer steps only
+            run.log("accuracy", 0.8 + epoch / 100, step=epoch)
+        run.log("n" * 300, 1.0)
         run.log("tokens_seen", 0.5, step=2**40)
         # Lines an older run_context, or a script writing the file itself, could leave behind.
         with open(os.environ["AMLRUN_EVENTS_FILE"], "a") as events:
             events.write(json.dumps({"kind": "metric", "name": "m" * 300, "value": 1}) + "\\n")
             events.write(json.dumps({"kind": "metric", "name": "huge_step", "value": 1, "step": 2**70}) + "\\n")
         run.log("after", 2)
+        print("training went on to the end")
     """,
     )
     result = run_dag(DAG.format(source=str(tmp_path / "src")))
 
     assert result.state == "success", result.log
-    assert "refused: Run.log: metric name 'nnnn" in result.log
+    assert "training went on to the end" in result.log
+    warning = (
+        "amlrun: WARNING: Run.log: a point of metric 'loss' was not recorded: step 0.5 of metric 'loss' must be "
+        "an integer from -2**63 to 2**63-1. The run goes on"
+    )
+    assert result.log.count(warning) == 1  # once, not once per epoch
+    assert "a point of metric 'nnnn" in result.log
     assert "is 300 characters long; the run history keeps names of at most 255" in result.log
     assert "a metric was not recorded: metric name 'mmmm" in result.log
     assert "a metric was not recorded: step 1180591620717411303424 of metric 'huge_step'" in result.log
     ws = Workspace.get()
     run = ws.get_run(result.xcoms["train"]["run_id"])
     assert run.status == "Completed"
-    assert run.metrics == {"after": 2, "tokens_seen": 0.5}
+    assert run.metrics == {"accuracy": 0.82, "after": 2, "tokens_seen": 0.5}
+    assert [p.step for p in ws.history.get_metrics(run.id, "accuracy")] == [0, 1, 2]
     [point] = ws.history.get_metrics(run.id, "tokens_seen")
     assert point.step == 2**40

@@ -30,9 +30,8 @@ def events(tmp_path: Path) -> list[dict[str, object]]:
     return [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("make", [submitted, lambda tmp_path: OfflineRun("offline", None, None, "outputs")])
-def test_a_metric_the_history_cannot_keep_raises_where_it_is_logged(make, tmp_path: Path) -> None:
-    run = make(tmp_path)
+def test_a_metric_the_history_cannot_keep_raises_in_an_offline_run() -> None:
+    run = OfflineRun("offline", None, None, "outputs")
     with pytest.raises(
         MetricError, match=r"is 300 characters long; the run history keeps names of at most 255"
     ):
@@ -44,6 +43,32 @@ def test_a_metric_the_history_cannot_keep_raises_where_it_is_logged(make, tmp_pa
     with pytest.raises(MetricError, match="must be a non-empty string"):
         run.log("  ", 1.0)
     assert run.metrics == {}
+
+
+def test_a_submitted_run_drops_a_metric_the_history_cannot_keep_with_one_warning_and_goes_on(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = submitted(tmp_path)
+    for epoch in range(3):
+        run.log("loss", 0.1, step=epoch + 0.5)
+        run.log("accuracy", 0.9, step=epoch)
+    run.log("n" * 300, 1.0)
+
+    warnings = capsys.readouterr().err.splitlines()
+    assert warnings == [
+        "amlrun: WARNING: Run.log: a point of metric 'loss' was not recorded: step 0.5 of metric 'loss' must "
+        "be an integer from -2**63 to 2**63-1. The run goes on; further points of this metric the run history "
+        "cannot keep are dropped without another warning.",
+        f"amlrun: WARNING: Run.log: a point of metric '{'n' * 40}...' was not recorded: metric name "
+        f"'{'n' * 40}'... is 300 characters long; the run history keeps names of at most 255. The run goes on; "
+        "further points of this metric the run history cannot keep are dropped without another warning.",
+    ]
+    assert [(e["name"], e["step"]) for e in events(tmp_path)] == [
+        ("accuracy", 0),
+        ("accuracy", 1),
+        ("accuracy", 2),
+    ]
+    assert run.metrics == {"accuracy": [0.9, 0.9, 0.9]}
 
 
 def test_steps_of_any_integer_type_up_to_64_bits_are_kept(tmp_path: Path) -> None:
