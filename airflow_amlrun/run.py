@@ -23,6 +23,7 @@ from airflow_amlrun.errors import (
     TargetUnreachableError,
 )
 from airflow_amlrun.history import (
+    HistoryRefusedError,
     HistoryUnavailableError,
     MetricPoint,
     RunBookkeeper,
@@ -441,6 +442,12 @@ class ScriptRun:
             log.error("Run %s is left unfinished in the history: %s", self.id, err)
             self._heartbeat.stop()
             raise
+        except HistoryRefusedError as err:
+            # The run ended and the history refused part of its outcome: stopping or recording anything else
+            # would be wrong, and waiting would not help.
+            log.error("Run %s: %s", self.id, err)
+            self._heartbeat.stop()
+            raise
         except BaseException as err:
             if not self._owned:
                 # Settling someone else's run was interrupted: leave it, and its row, for the next reconcile.
@@ -570,8 +577,14 @@ class ScriptRun:
                     fields["status"] = RunStatus.FAILED
         # Bounded retries; if the history stays away, HistoryUnavailableError leaves the row for a retry, and
         # the target keeps everything (a container, a run directory) for that retry to find.
+        refused: HistoryRefusedError | None = None
         try:
             self._finished = self._book.finish(**fields)
+        except HistoryRefusedError as err:
+            if err.record is None or "status" in err.fields:
+                raise  # the row still shows the run going on: the target keeps what it has, as above
+            # Recorded without the refused values: the run is over, and tidied as any other; then the error.
+            self._finished, refused = err.record, err
         finally:
             # Recorded, or left for a retry: either way this process no longer follows the run.
             self._heartbeat.stop()
@@ -588,6 +601,8 @@ class ScriptRun:
                     self.target.name,
                     err,
                 )
+        if refused is not None:
+            raise refused
         return self._finished
 
     def _collect(self) -> dict[str, Any]:

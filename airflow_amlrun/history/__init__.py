@@ -1,11 +1,12 @@
 """Run history: experiments, runs and metrics in a database of the workspace's own."""
 
-from airflow_amlrun.history.bookkeeping import HistoryUnavailableError, RunBookkeeper
+from airflow_amlrun.history.bookkeeping import HistoryRefusedError, HistoryUnavailableError, RunBookkeeper
 from airflow_amlrun.history.records import ExperimentRecord, MetricPoint, RunRecord, RunStatus
 from airflow_amlrun.history.repository import RunHistory, RunNotFoundError
 
 __all__ = [
     "ExperimentRecord",
+    "HistoryRefusedError",
     "HistoryUnavailableError",
     "MetricPoint",
     "RunBookkeeper",

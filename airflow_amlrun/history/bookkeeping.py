@@ -6,6 +6,13 @@ once it answers again; the run is not disturbed. Only the run's final outcome mu
 waiting side may let go, and it is retried for a bounded time; if it still cannot be written, the caller
 gets :class:`HistoryUnavailableError` and the run row is left as it was, for a retry of the task to
 re-attach to the finished run and record it.
+
+Only a database that is away is waited for (:func:`is_transient`). A write the database answers and refuses
+(a value too long for its column, one it cannot store) would be refused again however long one waits: it is
+reported at once with the database's reason. The refused value alone is dropped, each field and tag of a
+write being tried on its own once the write as a whole is refused, so that it holds back nothing else: during
+the run a warning names it and the run goes on; a refused part of the final outcome raises
+:class:`HistoryRefusedError`, after everything else of the outcome was recorded.
 """
 
 from __future__ import annotations
@@ -13,9 +20,11 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from airflow_amlrun.errors import AmlRunError
 from airflow_amlrun.history.records import MetricPoint, RunRecord
@@ -30,6 +39,33 @@ LAST_RETRY_SECONDS = 15.0
 FINAL_WRITE_SECONDS = 300.0
 # Metric points written per transaction.
 _POINTS_PER_WRITE = 5000
+# SQLSTATE classes of a PostgreSQL server that is away or busy, not refusing the write: connection exceptions,
+# operator intervention (shutdown, starting up), insufficient resources, a system (I/O) error, transaction
+# rollback (deadlock, serialization failure), a lock not available, and a read-only transaction (a failover
+# that has not promoted the standby yet).
+_TRANSIENT_SQLSTATES = ("08", "57P", "53", "58", "40", "25006", "55P03")
+# SQLite reports a missing table or column as an OperationalError, like a locked file; it is not one.
+_SQLITE_SCHEMA_ERRORS = ("no such table", "no such column", "has no column named")
+
+
+class HistoryRefusedError(AmlRunError):
+    """The run ended, but the run history refused part of its outcome: the database answered and said no.
+
+    :param run_id: the run.
+    :param fields: the fields of the outcome it refused.
+    :param reason: the database's reason.
+    :param record: the run as recorded with the rest of its outcome; None if its status itself was refused
+        (the row then still shows the run as it was before it ended).
+    """
+
+    def __init__(
+        self, message: str, *, run_id: str, fields: list[str], reason: str, record: RunRecord | None
+    ) -> None:
+        super().__init__(message)
+        self.run_id = run_id
+        self.fields = fields
+        self.reason = reason
+        self.record = record
 
 
 class HistoryUnavailableError(AmlRunError):
@@ -45,9 +81,27 @@ class HistoryUnavailableError(AmlRunError):
 
 def is_transient(error: BaseException) -> bool:
     """Whether a database error is the database being away (worth waiting for), not a refused write."""
-    if isinstance(error, OperationalError | InterfaceError | DisconnectionError):
+    if isinstance(error, PoolTimeoutError):
+        return True  # every connection of the pool busy: the database is slow, not refusing
+    if not isinstance(error, DBAPIError):
+        return False  # raised before the database was asked (a value SQLAlchemy cannot send, a missing row)
+    if error.connection_invalidated:
         return True
-    return isinstance(error, DBAPIError) and bool(error.connection_invalidated)
+    sqlstate = getattr(error.orig, "sqlstate", None) or getattr(error.orig, "pgcode", None)
+    if isinstance(sqlstate, str) and sqlstate:
+        return sqlstate.startswith(_TRANSIENT_SQLSTATES)
+    if isinstance(error, OperationalError) and any(s in str(error.orig) for s in _SQLITE_SCHEMA_ERRORS):
+        return False
+    return isinstance(error, OperationalError | InterfaceError | DisconnectionError)
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A write the run history refused: what it was (``field outputs_uri``, ``tag note``) and why."""
+
+    what: str
+    reason: str
+    field: str | None = None
 
 
 class RunBookkeeper:
@@ -101,31 +155,35 @@ class RunBookkeeper:
     def flush(self) -> bool:
         """Write what is pending unless the history was found away moments ago; True if nothing is left.
 
-        Never raises for the database: a write that fails is kept and tried again after a growing wait.
+        Never raises for the database: a write that fails because the history is away is kept and tried
+        again after a growing wait; a value the history refuses is dropped with a warning naming it.
         """
         if not (self._fields or self._tags or self._points):
             return True
         if self._clock() < self._retry_at:
             return False
         try:
-            self._write()
-        except Exception as err:
+            _, refusals = self._write()
+        except Exception as err:  # the history is away: _write raises for nothing else
             self._failed(err)
             return False
         self._recovered()
+        self._warn(refusals)
         return True
 
     def finish(self, **fields: Any) -> RunRecord:
-        """Write the run's final fields (after everything still pending), retrying for a bounded time.
+        """Write the run's final fields (after everything still pending), retrying for a bounded time while the
+        history is away.
 
-        :raises HistoryUnavailableError: the history did not accept them within ``FINAL_WRITE_SECONDS``.
+        :raises HistoryUnavailableError: the history did not answer within ``FINAL_WRITE_SECONDS``.
+        :raises HistoryRefusedError: the history refused one of the final fields; the others were written.
         """
         self._fields.update(fields)
         deadline = self._clock() + FINAL_WRITE_SECONDS
         while True:
             try:
-                record = self._write()
-            except Exception as err:
+                record, refusals = self._write()
+            except Exception as err:  # the history is away: _write raises for nothing else
                 self._failed(err)
                 if self._clock() + self._delay > deadline:
                     raise HistoryUnavailableError(
@@ -139,10 +197,45 @@ class RunBookkeeper:
                 self._sleep(max(0.0, self._retry_at - self._clock()))
                 continue
             self._recovered()
+            final = [r for r in refusals if r.field in fields]
+            self._warn([r for r in refusals if r not in final])
+            if final:
+                raise self._refused_outcome(fields, final, record)
             assert record is not None
             return record
 
-    def _write(self) -> RunRecord | None:
+    def _refused_outcome(
+        self, fields: dict[str, Any], refusals: list[Refusal], record: RunRecord | None
+    ) -> HistoryRefusedError:
+        names = [r.field for r in refusals if r.field is not None]
+        status = getattr(fields.get("status"), "value", fields.get("status"))
+        reasons = "; ".join(f"{r.what}: {r.reason}" for r in refusals)
+        if "status" in names:
+            recorded = (
+                "Its status was not recorded: the row still shows the run as it was before it ended, and a "
+                "retry of this task, or `amlrun reconcile`, would be refused the same way until the value is fixed."
+            )
+        else:
+            recorded = (
+                f"The rest of its outcome was recorded (status {status}); the run row lacks only "
+                f"{', '.join(names)}."
+            )
+        return HistoryRefusedError(
+            f"Run {self.run_id} ended ({status}), but the run history at {self.history.url_for_display} "
+            f"refused to record {', '.join(names)} of its outcome ({reasons}). The history is up and "
+            f"answered; it refuses these values, so waiting would not help. {recorded} The run itself was "
+            "not stopped or changed. Make such values fit what the history keeps (the reason says how) for the "
+            "runs to come.",
+            run_id=self.run_id,
+            fields=names,
+            reason=reasons,
+            record=record,
+        )
+
+    def _write(self) -> tuple[RunRecord | None, list[Refusal]]:
+        """Write everything pending; what the history refuses is dropped and returned. Raises only when the
+        history is away (:func:`is_transient`), with what was not written still pending."""
+        refusals: list[Refusal] = []
         # Metric points first: a run recorded as ended has all of its points.
         while self._points:
             batch = self._points[:_POINTS_PER_WRITE]
@@ -152,22 +245,59 @@ class RunBookkeeper:
                 if is_transient(err):
                     raise
                 # Refused, not away: these points can never be written; the rest of the run still can.
-                log.error(
-                    "Run %s: %d metric points were refused by the run history and dropped: %s",
-                    self.run_id,
-                    len(batch),
-                    _brief(err),
-                )
+                names = sorted({p.name for p in batch})
+                shown = ", ".join(repr(n if len(n) <= 60 else n[:40] + "...") for n in names[:5])
+                more = f" and {len(names) - 5} more" if len(names) > 5 else ""
+                refusals.append(Refusal(f"{len(batch)} point(s) of metric(s) {shown}{more}", _brief(err)))
             del self._points[: len(batch)]
         record = None
         if self._fields or self._tags:
             fields, tags = dict(self._fields), dict(self._tags)
-            record = self.history.update_run(self.run_id, add_tags=tags or None, **fields)
-            for key, value in fields.items():
-                if self._fields.get(key) is value:
-                    del self._fields[key]
-            self._tags = {k: v for k, v in self._tags.items() if tags.get(k) != v}
-        return record
+            try:
+                record = self.history.update_run(self.run_id, add_tags=tags or None, **fields)
+                self._written(fields, tags)
+            except Exception as err:
+                if is_transient(err):
+                    raise
+                # One value was refused, and the whole write with it. Each is tried on its own, so that the
+                # one at fault, and only it, is dropped; the others (a status above all) are written.
+                for key, value in fields.items():
+                    try:
+                        record = self.history.update_run(self.run_id, **{key: value})
+                    except Exception as one:
+                        if is_transient(one):
+                            raise
+                        refusals.append(Refusal(f"field {key} = {_shown(value)}", _brief(one), field=key))
+                    self._written({key: value}, {})
+                for key, value in tags.items():
+                    try:
+                        record = self.history.update_run(self.run_id, add_tags={key: value})
+                    except Exception as one:
+                        if is_transient(one):
+                            raise
+                        refusals.append(Refusal(f"tag {key[:60]!r}", _brief(one)))
+                    self._written({}, {key: value})
+        return record, refusals
+
+    def _written(self, fields: dict[str, Any], tags: dict[str, str]) -> None:
+        """Drop what was written (or refused) from what is pending, unless a newer value came meanwhile."""
+        for key, value in fields.items():
+            if key in self._fields and self._fields[key] is value:
+                del self._fields[key]
+        for key, value in tags.items():
+            if self._tags.get(key) == value:
+                del self._tags[key]
+
+    def _warn(self, refusals: list[Refusal]) -> None:
+        for refusal in refusals:
+            log.warning(
+                "Run %s: the run history at %s refused to record %s (%s); it was dropped. The history is up, "
+                "and the run and its later writes go on.",
+                self.run_id,
+                self.history.url_for_display,
+                refusal.what,
+                refusal.reason,
+            )
 
     def _failed(self, err: Exception) -> None:
         now = self._clock()
@@ -195,6 +325,12 @@ class RunBookkeeper:
         self._away_since = None
         self._retry_at = 0.0
         self._delay = FIRST_RETRY_SECONDS
+
+
+def _shown(value: Any) -> str:
+    """A value for a message: short enough to read, its length said when it was cut."""
+    text = repr(getattr(value, "value", value))
+    return text if len(text) <= 80 else f"{text[:60]}... ({len(text)} characters)"
 
 
 def _brief(err: BaseException) -> str:

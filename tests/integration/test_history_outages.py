@@ -1,15 +1,19 @@
-"""A run goes on when the run history is away or refuses a metric: bookkeeping never cancels training."""
+"""A run goes on when the run history is away or refuses a value: bookkeeping never cancels training, and only
+a history that is away is waited for."""
 
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from airflow_amlrun import Workspace
+from airflow_amlrun.history import HistoryRefusedError, RunBookkeeper, RunHistory, RunStatus
 from tests.conftest import wait_until_running, write_script
 from tests.integration.private_postgres import PrivatePostgres, private_postgres
 
@@ -175,3 +179,94 @@ def test_metrics_the_history_cannot_keep_are_refused_without_touching_the_run(
     assert [p.step for p in ws.history.get_metrics(run.id, "accuracy")] == [0, 1, 2]
     [point] = ws.history.get_metrics(run.id, "tokens_seen")
     assert point.step == 2**40
+
+
+def never_wait(seconds: float) -> None:
+    raise AssertionError(f"the bookkeeper waited {seconds} s for a history that answered and refused")
+
+
+def test_a_value_the_history_refuses_is_dropped_with_its_reason_and_holds_back_no_later_write(
+    postgres_database, caplog
+):
+    history = RunHistory(postgres_database)
+    history.create_run(run_id="r1", experiment="refusals", target="local")
+    book = RunBookkeeper(history, "r1", sleep=never_wait)
+    caplog.set_level(logging.WARNING, logger="airflow_amlrun.history.bookkeeping")
+
+    # outputs_uri is a VARCHAR(1024) on PostgreSQL; a tag must be JSON.
+    book.update(status=RunStatus.RUNNING, outputs_uri="file:///" + "x" * 2000)
+    book.add_tags({"note": object(), "stage": "train"})  # type: ignore[dict-item]
+    book.update(status=RunStatus.FINALIZING)
+    book.add_tags({"epochs": "3"})
+
+    run = history.get_run("r1")
+    assert run.status is RunStatus.FINALIZING
+    assert run.outputs_uri is None
+    assert run.tags == {"stage": "train", "epochs": "3"}
+    assert book.flush()  # nothing left pending: the refused values were dropped, not kept to retry
+    warnings = caplog.text
+    assert "refused to record field outputs_uri = 'file:///xxxxx" in warnings
+    assert "... (2010 characters) (DataError: value too long for type character varying(1024))" in warnings
+    refused_tag = "refused to record tag 'note' (TypeError: Object of type object is not JSON serializable)"
+    assert refused_tag in warnings
+    assert "the run and its later writes go on" in warnings
+    assert "does not answer" not in warnings
+
+
+def test_a_final_outcome_the_history_refuses_is_reported_at_once_with_its_reason(postgres_database):
+    history = RunHistory(postgres_database)
+    history.create_run(run_id="r1", experiment="refusals", target="local")
+    book = RunBookkeeper(history, "r1", sleep=never_wait)
+
+    with pytest.raises(HistoryRefusedError) as caught:
+        book.finish(
+            status=RunStatus.COMPLETED, end_time=datetime.now(UTC), outputs_uri="s3://b/" + "k" * 2000
+        )
+
+    message = str(caught.value)
+    assert "refused to record outputs_uri of its outcome" in message
+    assert "value too long for type character varying(1024)" in message
+    assert "The history is up and answered; it refuses these values, so waiting would not help" in message
+    assert "The rest of its outcome was recorded (status Completed)" in message
+    assert "Check that the history database is up" not in message
+    run = history.get_run("r1")
+    assert run.status is RunStatus.COMPLETED and run.end is not None
+    assert run.outputs_uri is None
+
+
+def test_a_run_whose_outcome_the_history_refuses_fails_the_task_at_once_saying_why(
+    run_dag, tmp_path, amlrun_home, postgres_database, monkeypatch
+):
+    from airflow_amlrun.history import bookkeeping
+
+    # Only bounds a regression (a refusal waited out as an outage) to seconds; a refusal is not waited for.
+    monkeypatch.setattr(bookkeeping, "FINAL_WRITE_SECONDS", 5.0)
+    # A store whose URL is longer than the 1024 characters the history keeps of an outputs URI.
+    store = amlrun_home.joinpath(*["s" * 250] * 5)
+    store.mkdir(parents=True)
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_AMLRUN_DEFAULT",
+        json.dumps(
+            {"conn_type": "amlrun", "extra": {"database_url": postgres_database, "store_url": str(store)}}
+        ),
+    )
+    write_script(
+        tmp_path / "src",
+        "train.py",
+        """
+        open("outputs/model.txt", "w").write("trained")
+        print("training finished")
+    """,
+    )
+    result = run_dag(DAG.format(source=str(tmp_path / "src")))
+
+    assert result.state == "failed"
+    assert "training finished" in result.log
+    assert "HistoryRefusedError" in result.log
+    assert "refused to record outputs_uri" in result.log
+    assert "value too long for type character varying(1024)" in result.log
+    assert "The rest of its outcome was recorded (status Completed)" in result.log
+    assert "Check that the history database is up" not in result.log
+    [run] = Workspace.get().list_runs()
+    assert run.status is RunStatus.COMPLETED
+    assert run.outputs_uri is None
