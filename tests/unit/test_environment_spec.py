@@ -496,7 +496,10 @@ def test_a_credential_in_clear_is_refused_in_every_place_a_spec_holds_a_url(
 
 
 @given(
-    secret=st.text(alphabet="abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.~", min_size=8),
+    # Prefixed so that no secret is a word the message itself uses ("password", "token").
+    secret=st.text(
+        alphabet="abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.~", min_size=5
+    ).map(lambda text: f"Zq9{text}"),
     form=st.sampled_from(
         [
             "https://{s}@pkgs.example/simple",
