@@ -210,8 +210,7 @@ def _follow_to_end(
     # Following it as a retry would: a run past its limit is stopped at once (the deadline counts from its
     # start), one that ended is drained, concluded, collected and tidied.
     run = ScriptRun.following(workspace, target, job, handle, record, settings)
-    run.settle_only()
-    workspace.history.update_run(record.id, tags={**record.tags, SETTLED_BY_TAG: "reconcile"})
+    run.settle_only(tags={SETTLED_BY_TAG: "reconcile"})
     final = run.wait_for_completion(show_output=False, raise_on_error=False)
     return Settlement(
         record.id, record.experiment, str(final.status), final.error or "it ended on its target"

@@ -209,6 +209,7 @@ class ScriptRun:
         # False when this process only settles a run someone else started (reconcile): an interruption here
         # then leaves the run and its row alone, for the next reconcile.
         self._owned = True
+        self._outcome_tags: dict[str, str] = {}
 
     @property
     def id(self) -> str:
@@ -343,10 +344,14 @@ class ScriptRun:
         run._heartbeat.start()
         return run
 
-    def settle_only(self) -> None:
+    def settle_only(self, tags: dict[str, str]) -> None:
         """Follow this run as an outsider (reconcile): if this process is interrupted or loses the target, the
-        run and its row are left as they are, rather than stopped or recorded Canceled."""
+        run and its row are left as they are, rather than stopped or recorded Canceled.
+
+        :param tags: tags recorded with the outcome, if this process is the one that records it.
+        """
         self._owned = False
+        self._outcome_tags = dict(tags)
 
     def _start(self, code: CodeSource) -> None:
         self._heartbeat.start()
@@ -579,7 +584,7 @@ class ScriptRun:
         # the target keeps everything (a container, a run directory) for that retry to find.
         refused: HistoryRefusedError | None = None
         try:
-            self._finished = self._book.finish(**fields)
+            self._finished = self._book.finish(tags=self._outcome_tags, **fields)
         except HistoryRefusedError as err:
             if err.record is None or "status" in err.fields:
                 raise  # the row still shows the run going on: the target keeps what it has, as above
@@ -588,6 +593,16 @@ class ScriptRun:
         finally:
             # Recorded, or left for a retry: either way this process no longer follows the run.
             self._heartbeat.stop()
+        if self._book.superseded:
+            # Another process following the same run (a retry, or reconcile) recorded it first, and tidies it.
+            log.warning(
+                "Run %s: its outcome was recorded by another process that followed it too (%s); this one's "
+                "(%s) is dropped",
+                self.id,
+                self._finished.status,
+                fields["status"],
+            )
+            return self._finished
         if self.handle is not None:
             remove_files = self.settings.cleanup == "always" or (
                 self.settings.cleanup == "on_success" and self._finished.status is RunStatus.COMPLETED

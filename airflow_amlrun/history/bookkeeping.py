@@ -27,7 +27,7 @@ from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, Opera
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from airflow_amlrun.errors import AmlRunError
-from airflow_amlrun.history.records import MetricPoint, RunRecord
+from airflow_amlrun.history.records import MetricPoint, RunRecord, RunStatus
 from airflow_amlrun.history.repository import RunHistory
 
 log = logging.getLogger(__name__)
@@ -131,6 +131,9 @@ class RunBookkeeper:
         self._retry_at = 0.0
         self._delay = FIRST_RETRY_SECONDS
         self._away_since: float | None = None
+        self._final_tags: dict[str, str] | None = None
+        # Another process recorded the run's outcome before this one could.
+        self.superseded = False
 
     @property
     def backlog(self) -> int:
@@ -171,14 +174,17 @@ class RunBookkeeper:
         self._warn(refusals)
         return True
 
-    def finish(self, **fields: Any) -> RunRecord:
+    def finish(self, tags: dict[str, str] | None = None, **fields: Any) -> RunRecord:
         """Write the run's final fields (after everything still pending), retrying for a bounded time while the
-        history is away.
+        history is away. If another process recorded the run's outcome first (two followers of one run), its
+        record stands: this one is dropped and `superseded` says so.
 
+        :param tags: tags recorded with the outcome, only if this call records it.
         :raises HistoryUnavailableError: the history did not answer within ``FINAL_WRITE_SECONDS``.
         :raises HistoryRefusedError: the history refused one of the final fields; the others were written.
         """
         self._fields.update(fields)
+        self._final_tags = dict(tags or {})
         deadline = self._clock() + FINAL_WRITE_SECONDS
         while True:
             try:
@@ -251,6 +257,26 @@ class RunBookkeeper:
                 refusals.append(Refusal(f"{len(batch)} point(s) of metric(s) {shown}{more}", _brief(err)))
             del self._points[: len(batch)]
         record = None
+        status = self._fields.get("status")
+        if self._final_tags is not None and status is not None and RunStatus(status).is_terminal:
+            final = dict(self._fields)
+            try:
+                recorded = self.history.finish_run(self.run_id, **final)
+            except Exception as err:
+                if is_transient(err):
+                    raise
+                recorded = None  # refused: each field is tried on its own below, to name the one at fault
+            if recorded is False:
+                self.superseded = True
+                self._fields.clear()
+                self._tags.clear()
+                return self.history.get_run(self.run_id), refusals
+            if recorded:
+                self._written(final, {})
+                self._tags.update(self._final_tags)
+                self._final_tags = {}
+                if not self._tags:
+                    record = self.history.get_run(self.run_id)
         if self._fields or self._tags:
             fields, tags = dict(self._fields), dict(self._tags)
             try:

@@ -263,6 +263,28 @@ class RunHistory:
             query = query.order_by(last_heard, RunRow.id).limit(limit)
             return [self._record(session, row, name) for row, name in session.execute(query).all()]
 
+    def finish_run(self, run_id: str, **fields: Any) -> bool:
+        """Record a run's outcome (its final status and fields), unless another process recorded one already.
+
+        One conditional statement: of two processes following the same run to its end (a retry and a
+        reconcile), exactly one records it. True when this call did.
+        """
+        table = cast(Table, RunRow.__table__)
+        values = {k: (v.value if isinstance(v, RunStatus) else v) for k, v in fields.items()}
+        unknown = sorted(set(values) - set(table.c.keys()))
+        if unknown:
+            raise AttributeError(f"runs have no field(s) {', '.join(unknown)}")
+        with self.engine.begin() as connection:
+            result = connection.execute(
+                update(table)
+                .where(
+                    table.c.id == run_id,
+                    table.c.status.in_([s.value for s in RunStatus if not s.is_terminal]),
+                )
+                .values(**values)
+            )
+            return bool(result.rowcount == 1)
+
     def report_alive(self, run_id: str) -> None:
         """Set a run's heartbeat to now: a task follows it. One plain statement, cheap and safe from any thread."""
         table = cast(Table, RunRow.__table__)

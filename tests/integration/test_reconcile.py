@@ -312,3 +312,25 @@ def test_a_following_tasks_heartbeat_stops_when_it_makes_no_progress(amlrun_home
         assert heard() != silent
     finally:
         beat.stop()
+
+
+def test_when_two_processes_follow_a_run_to_its_end_the_first_outcome_stands(workspace_backend):
+    from datetime import UTC, datetime
+
+    from airflow_amlrun.history import RunBookkeeper, RunStatus
+
+    history = Workspace.get().history
+    history.create_run(run_id="twice_1_deadbeef", experiment="twice", target="local")
+    history.update_run("twice_1_deadbeef", status=RunStatus.RUNNING)
+    retry, settler = RunBookkeeper(history, "twice_1_deadbeef"), RunBookkeeper(history, "twice_1_deadbeef")
+
+    first = retry.finish(status=RunStatus.COMPLETED, end_time=datetime.now(UTC), error=None)
+    second = settler.finish(
+        tags={SETTLED_BY_TAG: "reconcile"}, status=RunStatus.FAILED, end_time=datetime.now(UTC), error="late"
+    )
+
+    assert first.status == "Completed" and not retry.superseded
+    assert settler.superseded
+    assert second.status == "Completed" and second.error is None
+    stored = history.get_run("twice_1_deadbeef")
+    assert stored.status == "Completed" and SETTLED_BY_TAG not in stored.tags
