@@ -12,7 +12,8 @@ unfinished run nobody reported on for ``[amlrun] reconcile_after_seconds`` and:
 - a run still running past its time limit is stopped on its target and recorded Failed with the limit;
 - a run still running within its limit is left alone: it is real work, and a retry of its task
   re-attaches to it;
-- a run that never reached its target (no handle, nothing found there by its run id) is recorded Failed;
+- a run that never reached its target (no handle, nothing found there by its run id) is recorded Failed, and
+  what it left there (a container created, never started) is removed;
 - a run on another machine's local target (or that machine's Docker socket) cannot be looked at from
   here and is left for a reconcile on that machine.
 
@@ -34,7 +35,7 @@ from airflow_amlrun.config import Settings, load_settings
 from airflow_amlrun.environment import Environment, ResolvedEnvironment
 from airflow_amlrun.errors import AmlRunError
 from airflow_amlrun.history import RunRecord, RunStatus
-from airflow_amlrun.run import ScriptRun
+from airflow_amlrun.run import ScriptRun, discard_lost
 from airflow_amlrun.targets.base import ComputeTarget, Job
 from airflow_amlrun.targets.registry import resolve_target
 
@@ -147,7 +148,11 @@ def _settle(
             "Lost: the task that submitted it stopped before the run reached its target, and no task "
             "followed it since."
         )
-        return _record_lost(workspace, record, heard_before, reason, dry_run)
+        settlement = _record_lost(workspace, record, heard_before, reason, dry_run)
+        if settlement is not None and not dry_run:
+            # Recorded lost by this process alone (claimed): nothing starts what it left on the target any more.
+            discard_lost(target, job)
+        return settlement
     unreachable = target.attachable(handle)
     if unreachable is not None:
         gone = target.gone(handle)

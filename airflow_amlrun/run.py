@@ -316,6 +316,8 @@ class ScriptRun:
                     except Exception as err:
                         log.warning("Run %s: stopping it on %s failed: %s", record.id, target.name, err)
                 history.update_run(record.id, status=RunStatus.FAILED, end_time=_now(), error=error)
+                if handle is None:
+                    discard_lost(target, job)
                 continue
             log.info(
                 "Re-attaching to run %s, left unfinished by try %s of this task", record.id, record.try_number
@@ -668,6 +670,14 @@ def _job(
         snapshot_id=snapshot_id,
         secret_environment_variables=dict(config.secret_environment_variables),
     )
+
+
+def discard_lost(target: ComputeTarget, job: Job) -> None:
+    """Remove what a run recorded lost left on its target (nothing starts it any more); never fatal."""
+    try:
+        target.discard(job)
+    except Exception as err:
+        log.warning("Run %s: what it left on %s was not removed (%s)", job.run_id, target.name, err)
 
 
 def _timestamp(value: Any) -> datetime | None:

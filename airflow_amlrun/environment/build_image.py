@@ -128,6 +128,8 @@ class EnvironmentImage:
     image_id: str
     env: dict[str, str]
     built_now: bool = False
+    # The image's configured user (its USER line; empty: root).
+    user: str = ""
 
 
 # recipes: pure, no daemon call
@@ -631,6 +633,7 @@ def _image(recipe: ImageRecipe, found: dict[str, Any], built_now: bool = False) 
         image_id=str(found.get("Id")),
         env=env,
         built_now=built_now,
+        user=str(config.get("User") or ""),
     )
 
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.providers.docker.hooks.docker import DockerHook
 
 from airflow_amlrun.config import parse_flag
-from airflow_amlrun.errors import ConfigurationError
+from airflow_amlrun.errors import ConfigurationError, TargetUnreachableError
 
 if TYPE_CHECKING:
     from docker import APIClient, TLSConfig
@@ -32,6 +32,18 @@ TLS_EXTRAS = ("tls", "ca_cert", "client_cert", "client_key", "verify")
 
 class DockerDaemonUnreachableError(ConfigurationError):
     """Nothing answered at the Docker daemon's URL; carries the URL."""
+
+    def __init__(self, message: str, *, base_url: str) -> None:
+        super().__init__(message)
+        self.base_url = base_url
+
+
+class DockerDaemonLostError(TargetUnreachableError):
+    """The Docker daemon of a running container stopped answering for longer than the waiting task waits.
+
+    The container goes on (or ended) on the daemon, untouched: the run is left unfinished for a retry to
+    re-attach to, or for ``amlrun reconcile`` to settle. Carries the URL.
+    """
 
     def __init__(self, message: str, *, base_url: str) -> None:
         super().__init__(message)

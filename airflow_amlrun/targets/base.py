@@ -125,7 +125,13 @@ class ComputeTarget(Protocol):
 
         Used when a retry finds its earlier try's run in the history without a saved handle (the worker died
         between submitting and recording): labels, remote run directories and the like carry the run id.
+        Only looks: a run found but never started (a container created, not yet started) may belong to a task
+        that is about to start it, and is reported as not found.
         """
+
+    def discard(self, job: Job) -> None:
+        """Remove what a run that never started left on the target (e.g. a container created, never started),
+        once the run is recorded lost: by a retry of its task, or by a reconcile that claimed it."""
 
     def describe(self) -> dict[str, Any]:
         """What to record about the target on the run (kind, host, ...)."""

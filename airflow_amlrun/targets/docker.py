@@ -38,16 +38,28 @@ script, needs Python 3.7 or newer in the image (``python3``, or the environment'
 (``/amlrun/lib``; ``archive``: copied), and run_context is on PYTHONPATH: any image with a Python runs a
 script that logs metrics, with nothing installed into it.
 
-The container runs as the worker's uid:gid (unless the worker is root, or the ``user`` option says
-otherwise), so that everything it writes in ``run/`` is the worker's to collect and remove.
+The container runs as the worker's uid:gid (unless the ``user`` option says otherwise), so that everything it
+writes in ``run/`` is the worker's to collect and remove; a worker that runs as root runs it as the image's
+user unless that is root, else as nobody (65534:65534), and hands ``run/`` over to that user. Whoever it runs
+as, the container lacks the capabilities MKNOD, SETUID, SETGID and FSETID and runs with no-new-privileges,
+``<runs>/<run id>`` may be entered by the worker's user only (0700), and the worker removes device nodes,
+FIFOs and sockets from ``run/`` and clears its setuid and setgid bits when it collects the run and before it
+leaves the folder behind (``[amlrun] cleanup``): nothing a container does in its bind-mounted folder gives
+anyone on the worker's machine a device or a privilege.
 
 Its log (``docker logs --follow``, the same for every daemon) is spooled by a thread and read by offset; the
 stream ends when the container does, which is also how ``wait`` learns the run ended. A process that
 re-attaches (a retry) follows the stream again from its start, so offsets mean the same in every process.
 
 The container is named ``amlrun-<run id>`` (a second start of the same run cannot happen: the name is taken)
-and labelled with the run id, which is how a retry whose handle was lost finds it (``find``). It is removed
-once its outputs are collected, unless ``auto_remove`` is false.
+and labelled with the run id, which is how a retry whose handle was lost finds it (``find``; a container that
+was created but never started is no run to follow, and is removed only by a retry, or a reconcile, that
+recorded the run lost: ``discard``). It is removed once the run's outcome is recorded (``cleanup``), unless
+``auto_remove`` is false: until then a retry finds it, and its exit code, to record the same outcome.
+
+A daemon that stops answering while a run goes on is waited for (``UNREACHABLE_GRACE_SECONDS``), then the
+waiting task gives up with ``DockerDaemonLostError``: the run, untouched, is left unfinished in the history
+for a retry to re-attach to, or for ``amlrun reconcile`` to settle.
 """
 
 from __future__ import annotations
@@ -71,7 +83,7 @@ from typing import TYPE_CHECKING, Any
 from airflow_amlrun import run_context
 from airflow_amlrun.environment.build_image import EnvironmentImage, check_image, ensure_image, image_recipe
 from airflow_amlrun.errors import ConfigurationError
-from airflow_amlrun.hooks.docker import DockerDaemon, DockerDaemonUnreachableError
+from airflow_amlrun.hooks.docker import DockerDaemon, DockerDaemonLostError
 from airflow_amlrun.targets import supervisor
 from airflow_amlrun.targets.base import Chunk, CodeSource, Collected, Job, TargetStatus
 from airflow_amlrun.targets.common import (
@@ -87,6 +99,8 @@ from airflow_amlrun.targets.common import (
 )
 from airflow_amlrun.targets.docker_files import (
     UnsafeFileError,
+    defuse,
+    hand_over,
     keep_only_inside,
     read_beneath,
     replace_with_copy,
@@ -106,6 +120,7 @@ from airflow_amlrun.targets.docker_transfer import (
     fetch_folder,
     run_dir_archive,
     send_and_close,
+    user_ids,
 )
 
 if TYPE_CHECKING:
@@ -146,7 +161,6 @@ class DockerTarget:
         where = daemon.source if daemon.source.startswith("connection") else "AMLRUN_DOCKER_* variables"
         self.where = where
         self.options = DockerOptions.from_mapping(daemon.options, where=where)
-        self.user = self.options.run_user()
         self.runs_dir = settings.local_runs_dir
         self.cache_dir = Path(cache_dir)
         self._transfer: str | None = None
@@ -155,6 +169,9 @@ class DockerTarget:
         self._events: dict[str, EventsFollower] = {}
         self._warned: set[tuple[str, str]] = set()
         self._unreachable: dict[str, float] = {}
+        self._owners: dict[tuple[str, str], tuple[int, int]] = {}
+        # Containers whose run folder was defused after they ended (nothing changes there any more).
+        self._defused: set[str] = set()
         self._lock = threading.Lock()
 
     @classmethod
@@ -197,15 +214,19 @@ class DockerTarget:
         run_dir = self.run_dir(job.run_id)
         if run_dir.exists():
             shutil.rmtree(run_dir)
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        # Only the worker's user may enter: whatever a container leaves in run/, while it runs or after, is
+        # out of reach of the machine's other users (the container reaches run/ through its bind mount).
+        run_dir.mkdir(mode=0o700)
+        run_dir.chmod(0o700)  # whatever the umask
         work = run_dir / WORK
-        work.mkdir(parents=True)
+        work.mkdir()
         code.materialize(work)
         for folder in ("outputs", "logs", CONTROL_DIR):
             (work / folder).mkdir(exist_ok=True)
-            if self._others_write():
-                # The script runs as a user that does not own the folders the worker made.
-                (work / folder).chmod(0o777)
-        self._images[job.run_id] = self._image(job)
+        image = self._images[job.run_id] = self._image(job)
+        if self.transfer(image.reference) == "bind":
+            self._hand_over(work, image, self.options.run_user(image.user))
 
     def submit(self, job: Job) -> dict[str, Any]:
         from docker.types import Mount
@@ -214,6 +235,7 @@ class DockerTarget:
         image = self._images.pop(job.run_id, None) or self._image(job)
         transfer = self.transfer(image.reference)
         assert transfer is not None
+        user = self.options.run_user(image.user)
         work = self.run_dir(job.run_id) / WORK
         # Secret values go to the supervisor through stdin only: the container's configuration (docker
         # inspect) holds the other variables.
@@ -251,7 +273,7 @@ class DockerTarget:
             },
             environment=env,
             working_dir=RUN_DIR,
-            user=self.user,
+            user=user,
             # Open stdin, closed after the first attach ends: the one the request is written to.
             stdin_open=True,
             detach=False,
@@ -260,7 +282,7 @@ class DockerTarget:
         container_id = str(container["Id"])
         try:
             if transfer == "archive":
-                with run_dir_archive(work, self._lib(), user=self.user) as archive:
+                with run_dir_archive(work, self._lib(), owner=self._owner(image, user)) as archive:
                     client.put_archive(container_id, "/", archive)
             stdin = client.attach_socket(container_id, params={"stdin": 1, "stream": 1})
             try:
@@ -273,14 +295,24 @@ class DockerTarget:
             with contextlib.suppress(Exception):
                 client.remove_container(container_id, force=True)
             raise
-        return self._handle(
-            container_id, name, job.run_id, image.reference, transfer, image.python, self.user
-        )
+        return self._handle(container_id, name, job.run_id, image.reference, transfer, image.python, user)
 
     def wait(self, handle: dict[str, Any], timeout: float) -> TargetStatus:
-        follower = self._follower(handle)
-        if not follower.done.wait(timeout):
-            return TargetStatus(running=True)
+        """Wait at most ``timeout`` seconds for the container's log stream to end, then ask the daemon how the
+        container is; a ``timeout`` of 0 (or less) is a poll: the daemon is asked at once, even while the log
+        stream goes on (a follower that has just started has not read the stream of an ended container yet).
+
+        A daemon that does not answer is waited for, from one call to the next, up to
+        ``UNREACHABLE_GRACE_SECONDS`` (a poll does not wait), then ``DockerDaemonLostError`` says so.
+        """
+        # A poll starts no follower: the process polling (reconcile) may never follow this run, and a retry
+        # that does must be the only one writing its log spool.
+        with self._lock:
+            follower = self._followers.get(handle["container_id"])
+        if timeout > 0:
+            follower = self._follower(handle)
+            if not follower.done.wait(timeout):
+                return TargetStatus(running=True)
         from requests.exceptions import RequestException
 
         key = handle["container_id"]
@@ -289,10 +321,8 @@ class DockerTarget:
         except RequestException as err:
             # The daemon restarting or a network blip must not end a run that goes on without us.
             since = self._unreachable.setdefault(key, time.monotonic())
-            if time.monotonic() - since > UNREACHABLE_GRACE_SECONDS:
-                raise DockerDaemonUnreachableError(
-                    self.daemon.unreachable_message(err), base_url=self.daemon.base_url
-                ) from None
+            if timeout <= 0 or time.monotonic() - since > UNREACHABLE_GRACE_SECONDS:
+                raise self._lost(handle, err, time.monotonic() - since) from None
             log.warning(
                 "The Docker daemon at %s does not answer (%s); still waiting", self.daemon.base_url, err
             )
@@ -308,10 +338,11 @@ class DockerTarget:
                 "was collected",
             )
         if _live(state):
-            # The stream ended while the container runs on (a dropped connection, a restarted daemon):
-            # follow it again, from its start, so offsets stay what they were.
-            time.sleep(min(timeout, 0.1))
-            self._restart_follower(handle)
+            if follower is not None and follower.done.is_set():
+                # The stream ended while the container runs on (a dropped connection, a restarted daemon):
+                # follow it again, from its start, so offsets stay what they were.
+                time.sleep(min(max(timeout, 0.0), 0.1))
+                self._restart_follower(handle)
             return TargetStatus(running=True)
         status = _outcome(state, self.options, timed_out=self._ended_by_limit(handle))
         if (
@@ -360,15 +391,17 @@ class DockerTarget:
             self.client.stop(handle["container_id"], timeout=TERM_GRACE_SECONDS)
 
     def collect(self, handle: dict[str, Any]) -> Collected:
-
         run_dir = Path(handle["run_dir"])
         follower = self._follower(handle)
         follower.done.wait(FINAL_LOG_WAIT_SECONDS)
         state = self._state(handle)
+        ended = state is None or not _live(state)
         left_out: list[str] = []
+        if handle["transfer"] == "bind" and ended:
+            left_out += self._defuse(handle, ended=True)
         for folder in ("outputs", "logs"):
             source, dest = run_dir / WORK / folder, run_dir / folder
-            if handle["transfer"] == "bind" and (state is None or not _live(state)):
+            if handle["transfer"] == "bind" and ended:
                 # The container ended: nothing changes in its folder any more, so what is there can be taken
                 # as it is (one rename), and checked once.
                 if dest.exists() and not os.path.lexists(source):
@@ -404,15 +437,16 @@ class DockerTarget:
                 self.client.remove_container(handle["container_id"], force=True)
         if remove_files:
             shutil.rmtree(handle["run_dir"], ignore_errors=True)
+        elif handle["transfer"] == "bind":
+            # Left behind (for a look at a failed run): with nothing in it that gives a device or a privilege.
+            for line in self._defuse(handle, ended=self.options.auto_remove):
+                log.warning("Container %s: %s", handle["container"], line)
 
     def attachable(self, handle: dict[str, Any]) -> str | None:
         if "transfer" not in handle:
             return "it was started by an earlier version of airflow-amlrun, whose Docker runs a retry cannot follow"
         if handle["transfer"] == "bind" and not (Path(handle["run_dir"]) / WORK).is_dir():
-            return (
-                f"its run folder {handle['run_dir']}, bind-mounted into its container, is not on this machine: "
-                "a run on a daemon that shares the worker's files is followed from that worker only"
-            )
+            return self._missing_folder(handle)
         from docker.errors import DockerException
         from requests.exceptions import RequestException
 
@@ -428,7 +462,20 @@ class DockerTarget:
         return None
 
     def gone(self, handle: dict[str, Any]) -> str | None:
-        return None
+        if handle.get("transfer") != "bind" or (Path(handle["run_dir"]) / WORK).is_dir():
+            return None
+        if handle.get("host") not in (None, _host()):
+            return None  # on another worker: for a reconcile there
+        from docker.errors import DockerException
+        from requests.exceptions import RequestException
+
+        try:
+            state = self._state(handle)
+        except (DockerException, RequestException):
+            return None
+        if state is not None and _live(state):
+            return None  # it runs on, without its folder: nothing to settle yet
+        return self._missing_folder(handle)
 
     def find(self, job: Job) -> dict[str, Any] | None:
         from docker.errors import NotFound
@@ -436,9 +483,15 @@ class DockerTarget:
         found = self.client.containers(all=True, filters={"label": f"{LABEL_RUN_ID}={job.run_id}"})
         for container in found:
             if container.get("State") == "created":
-                # The worker died between creating and starting it: it never ran, and its files may be
-                # incomplete. Gone, the run counts as lost and is submitted anew.
-                self.client.remove_container(container["Id"], force=True)
+                # Never started: its task died between creating and starting it, or is between the two calls
+                # right now (it has no handle yet). Either way there is no run to follow; the container is left
+                # as it is (removing it here could pull it from under a live task: reconcile asks this even
+                # with --dry-run), for whoever records the run lost to discard.
+                log.info(
+                    "Container %s of run %s was created but never started: not followed",
+                    str(container["Id"])[:12],
+                    job.run_id,
+                )
                 continue
             try:
                 config = self.client.inspect_container(container["Id"])["Config"]
@@ -458,6 +511,21 @@ class DockerTarget:
                 config.get("User") or None,
             )
         return None
+
+    def discard(self, job: Job) -> None:
+        from docker.errors import NotFound
+
+        found = self.client.containers(
+            all=True, filters={"label": f"{LABEL_RUN_ID}={job.run_id}", "status": "created"}
+        )
+        for container in found:
+            with contextlib.suppress(NotFound):
+                self.client.remove_container(container["Id"], force=True)
+            log.info(
+                "Removed container %s of run %s, which was created but never started",
+                str(container["Id"])[:12],
+                job.run_id,
+            )
 
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "name": self.name, "daemon": self.daemon.base_url}
@@ -497,11 +565,89 @@ class DockerTarget:
             )
         return self._transfer
 
-    def _others_write(self) -> bool:
-        """Whether the container's user is not the worker's, so its folders must be writable by others."""
-        if self.user is None:
-            return False
-        return self.user not in (f"{os.getuid()}:{os.getgid()}", str(os.getuid()))
+    def _owner(self, image: EnvironmentImage, user: str) -> tuple[int, int]:
+        """The uid and gid of the container user ``user`` in ``image`` (its own /etc/passwd says, for a name)."""
+        key = (image.image_id, user)
+        if key not in self._owners:
+            where = (
+                f"Docker option user ({self.where})"
+                if self.options.user
+                else f"the USER of {image.reference}"
+            )
+            self._owners[key] = user_ids(self.client, image.image_id, user, where=where)
+        return self._owners[key]
+
+    def _hand_over(self, work: Path, image: EnvironmentImage, user: str) -> None:
+        """Make the run folder, bind-mounted into a container that runs as ``user``, writable by that user."""
+        uid, gid = self._owner(image, user)
+        if uid == os.getuid():
+            return
+        if os.getuid() == 0:
+            hand_over(work, uid, gid)
+            return
+        # A worker that is not root cannot give its files to another user: the folders the script writes in
+        # are made writable by every user instead. That opens them to no one else: they lie in <runs>/<run id>,
+        # which only the worker's user may enter (0700), while the container reaches them through its mount.
+        for folder in (work, work / "outputs", work / "logs", work / CONTROL_DIR):
+            folder.chmod(0o777)
+
+    def _defuse(self, handle: dict[str, Any], *, ended: bool) -> list[str]:
+        """Rid a bind-mounted run folder of devices, FIFOs, sockets, setuid and setgid bits; returns what was
+        done, one line each. Once its container is known to have ended, once per process is enough."""
+        key = str(handle["container_id"])
+        if key in self._defused:
+            return []
+        done = defuse(Path(handle["run_dir"]) / WORK, what=WORK)
+        if ended:
+            self._defused.add(key)
+        return done
+
+    def _missing_folder(self, handle: dict[str, Any]) -> str:
+        """Why a bind-mounted run's folder is not here: on another worker, or removed (and by whom, if known)."""
+        from docker.errors import DockerException
+        from requests.exceptions import RequestException
+
+        run_dir, here = handle["run_dir"], _host()
+        if handle.get("host") not in (None, here):
+            return (
+                f"its run folder {run_dir}, bind-mounted into its container, is on worker {handle['host']!r}, not on "
+                f"this one ({here!r}): a run on a daemon that shares its worker's files is followed from that "
+                "worker only"
+            )
+        state: dict[str, Any] | bool | None
+        try:
+            state = self._state(handle)
+        except (DockerException, RequestException):
+            state = False  # not known
+        container = f"its container {handle['container']}"
+        if state is None:
+            return (
+                f"its run folder {run_dir} is gone from this worker, and {container} from {self.daemon.base_url}: "
+                "the run was already collected, and both removed, by another process that followed it to its end "
+                "(a retry of its task, or amlrun reconcile), or removed by hand"
+            )
+        if isinstance(state, dict) and not _live(state):
+            return (
+                f"its run folder {run_dir} is gone from this worker while {container} ended "
+                f"({state.get('Status')}, exit code {state.get('ExitCode')}) and is kept: the run was already "
+                "collected, and its folder removed, by another process that followed it to its end (a retry of "
+                "its task, or amlrun reconcile), or the folder was removed by hand"
+            )
+        if isinstance(state, dict):
+            return f"its run folder {run_dir} was removed from this worker while {container} still runs"
+        return (
+            f"its run folder {run_dir}, bind-mounted into its container, is not on this worker, and the Docker "
+            f"daemon at {self.daemon.base_url} does not answer to tell more"
+        )
+
+    def _lost(self, handle: dict[str, Any], err: BaseException, waited: float) -> DockerDaemonLostError:
+        waiting = f"It has not answered for {waited:.0f} s. " if waited >= 1 else ""
+        return DockerDaemonLostError(
+            f"{self.daemon.unreachable_message(err)} {waiting}The run's container {handle['container']} is left as "
+            "it is there, and the run unfinished: a retry of this task re-attaches to the container once the "
+            "daemon answers (or records how it ended meanwhile), and amlrun reconcile settles it if no retry comes.",
+            base_url=self.daemon.base_url,
+        )
 
     def _image(self, job: Job) -> EnvironmentImage:
         return ensure_image(
@@ -540,6 +686,8 @@ class DockerTarget:
             "transfer": transfer,
             "python": python,
             "user": user,
+            # The worker whose files a bind-mounted run uses: only there can it be followed.
+            "host": _host(),
         }
 
     def _lib(self) -> Path:
@@ -620,6 +768,10 @@ class DockerTarget:
         with self._lock:
             self._followers.pop(handle["container_id"], None)
             self._events.pop(handle["container_id"], None)
+
+
+def _host() -> str:
+    return os.uname().nodename
 
 
 def container_name(run_id: str) -> str:

@@ -10,7 +10,11 @@ with a folder, a FIFO or a device node, at any moment. So the worker:
 - takes ``outputs/`` and ``logs/`` out of the folder only once the container ended (``take_folder``), and
   keeps in them only regular files, folders and links to regular files inside (``keep_only_inside``); every
   entry left out is named in the task log;
-- unpacks what comes back from a daemon as a tar (``extract_folder``) with the same rules.
+- unpacks what comes back from a daemon as a tar (``extract_folder``) with the same rules;
+- before it leaves a run folder behind, and when it collects one, removes the device nodes, FIFOs and sockets
+  a container made there and clears every setuid and setgid bit (``defuse``): a container (root in it, on
+  a daemon without user namespaces) could otherwise leave a setuid-root program or a device of the host's
+  disk on the worker's machine.
 """
 
 from __future__ import annotations
@@ -23,13 +27,15 @@ import shutil
 import stat
 import tarfile
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path, PurePosixPath
 from typing import IO
 
 log = logging.getLogger(__name__)
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# Mode bits that make running a file (or making a file in a folder) take on its owner or group.
+_PRIVILEGE_BITS = stat.S_ISUID | stat.S_ISGID
 
 
 class UnsafeFileError(Exception):
@@ -174,6 +180,96 @@ def keep_only_inside(root: Path, *, what: str) -> list[str]:
         # os.walk lists links to folders among dirnames but does not enter them; they were just removed.
         dirnames[:] = [d for d in dirnames if os.path.isdir(os.path.join(dirpath, d))]
     return removed
+
+
+def defuse(root: Path, *, what: str = "run") -> list[str]:
+    """Remove every device node, FIFO and socket from the folder ``root`` and clear every setuid and setgid bit
+    in it, never following a symbolic link; returns what was done (or could not be), one line each, as
+    ``what/relative/path``.
+
+    Each folder is opened without following links and its entries are looked at through it, so a container
+    that still runs cannot steer the walk out of ``root`` by swapping a folder for a link.
+    """
+    done: list[str] = []
+    try:
+        top = os.open(root, _DIR_FLAGS)
+    except FileNotFoundError:
+        return done
+    _defuse_folder(top, what, done)
+    return done
+
+
+def _defuse_folder(folder: int, shown: str, done: list[str]) -> None:
+    """``defuse`` of the open folder ``folder`` (which it closes)."""
+    try:
+        mode = os.fstat(folder).st_mode
+        if mode & _PRIVILEGE_BITS:
+            _clear_privileges(lambda m: os.fchmod(folder, m), mode, shown, done)
+        with os.scandir(folder) as entries:
+            names = [entry.name for entry in entries]
+        for name in names:
+            path = f"{shown}/{name}"
+            try:
+                mode = os.stat(name, dir_fd=folder, follow_symlinks=False).st_mode
+            except FileNotFoundError:
+                continue
+            if stat.S_ISLNK(mode):
+                continue  # not followed; collecting decides what a link may lead to
+            if stat.S_ISDIR(mode):
+                try:
+                    inner = os.open(name, _DIR_FLAGS, dir_fd=folder)
+                except OSError as err:
+                    done.append(f"{path} could not be opened ({err.strerror}): it was not checked")
+                    continue
+                _defuse_folder(inner, path, done)
+            elif stat.S_ISREG(mode):
+                if mode & _PRIVILEGE_BITS:
+                    _clear_file_privileges(folder, name, path, done)
+            else:
+                try:
+                    os.unlink(name, dir_fd=folder)
+                except OSError as err:
+                    done.append(f"{path} is {_kind(mode)}, which could not be removed ({err.strerror})")
+                else:
+                    done.append(f"{path} was {_kind(mode)}: it was removed")
+    finally:
+        os.close(folder)
+
+
+def _clear_file_privileges(folder: int, name: str, shown: str, done: list[str]) -> None:
+    if not hasattr(os, "O_PATH"):
+        mode = os.stat(name, dir_fd=folder, follow_symlinks=False).st_mode
+        _clear_privileges(lambda m: os.chmod(name, m, dir_fd=folder), mode, shown, done)
+        return
+    # The very inode looked at, opened for nothing (O_PATH), changed through /proc: a link swapped in
+    # meanwhile is not followed.
+    handle = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=folder)
+    try:
+        mode = os.fstat(handle).st_mode
+        if stat.S_ISREG(mode):
+            _clear_privileges(lambda m: os.chmod(f"/proc/self/fd/{handle}", m), mode, shown, done)
+    finally:
+        os.close(handle)
+
+
+def _clear_privileges(chmod: Callable[[int], None], mode: int, shown: str, done: list[str]) -> None:
+    names = [name for bit, name in ((stat.S_ISUID, "setuid"), (stat.S_ISGID, "setgid")) if mode & bit]
+    bits = " and ".join(names) + (" bits" if len(names) > 1 else " bit")
+    try:
+        chmod(stat.S_IMODE(mode) & ~_PRIVILEGE_BITS)
+    except OSError as err:
+        done.append(f"{shown} has its {bits}, which could not be cleared ({err.strerror})")
+    else:
+        done.append(f"{shown} had its {bits}: cleared")
+
+
+def hand_over(root: Path, uid: int, gid: int) -> None:
+    """Make the folder ``root``, just written by the worker (no container has seen it yet), and everything in
+    it belong to uid:gid, the user its container runs as; links themselves, never what they lead to."""
+    os.chown(root, uid, gid, follow_symlinks=False)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in [*dirnames, *filenames]:
+            os.chown(os.path.join(dirpath, name), uid, gid, follow_symlinks=False)
 
 
 def _link_target(path: Path) -> str:

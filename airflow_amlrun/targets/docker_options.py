@@ -16,6 +16,13 @@ from airflow_amlrun.errors import ConfigurationError
 
 # How a run's folder may reach its container (see ``DockerOptions.transfer``).
 TRANSFERS = ("auto", "bind", "archive")
+# Capabilities a run container never has (besides what Docker drops anyway): making device nodes, and
+# changing user or group, or keeping setuid/setgid bits, which a script needs only to escalate.
+DROPPED_CAPABILITIES = ("MKNOD", "SETUID", "SETGID", "FSETID")
+# Nothing in the container gains privileges through exec (setuid binaries of the image, file capabilities).
+SECURITY_OPTIONS = ("no-new-privileges",)
+# The container's user when the worker is root and the image's own user is root too: nobody:nogroup.
+UNPRIVILEGED_USER = "65534:65534"
 
 
 @dataclass(frozen=True)
@@ -32,9 +39,10 @@ class DockerOptions:
         (``"device=0,1"``); needs the NVIDIA container toolkit on the daemon's host.
     :param network_mode: the container's network, e.g. ``"host"``, ``"none"``, or a network name; default
         the daemon's.
-    :param user: user (``"1000:1000"`` or a name) the script runs as; default the worker's own uid:gid (so
-        that the worker can collect and remove what the script wrote), or the image's user when the worker
-        runs as root.
+    :param user: user (``"1000:1000"``, or a name of the image's /etc/passwd) the script runs as; default the
+        worker's own uid:gid (so that the worker can collect and remove what the script wrote); a worker that
+        runs as root runs it as the image's user when that is not root, else as ``65534:65534`` (nobody).
+        Give ``"0"`` to run as root in the container.
     :param auto_remove: remove the container once its outputs are collected (default true); false keeps it
         for ``docker inspect`` / ``docker logs``.
     :param default_image: image of a run whose environment names none (default ``[amlrun]
@@ -47,7 +55,8 @@ class DockerOptions:
         a worker that runs in a container of its own), or ``auto`` (default: ``bind`` for a daemon on a unix
         socket that is seen to share the runs folder, else ``archive``).
 
-    Privileged containers are not offered.
+    Privileged containers are not offered, and every run container lacks the capabilities MKNOD, SETUID,
+    SETGID and FSETID and runs with no-new-privileges.
     """
 
     cpus: float | None = None
@@ -151,15 +160,30 @@ class DockerOptions:
             "network_mode": self.network_mode,
             "mem_limit": self.mem_limit,
             "shm_size": self.shm_size,
+            "cap_drop": list(DROPPED_CAPABILITIES),
+            "security_opt": list(SECURITY_OPTIONS),
         }
         if self.cpus is not None:
             config["nano_cpus"] = int(self.cpus * 1e9)
         return {k: v for k, v in config.items() if v is not None}
 
-    def run_user(self) -> str | None:
-        """The user the container runs as: the option, else the worker's uid:gid unless that is root."""
+    def run_user(self, image_user: str | None) -> str:
+        """The user a container of an image whose configured user is ``image_user`` runs as: the option, else
+        the worker's uid:gid; for a root worker, the image's user unless that is root, else nobody.
+
+        A root worker could run containers as root, but nothing needs that (it can collect and remove the
+        files of any user), and a script that is not root in its container cannot chown, bypass file
+        permissions or make setuid-root files in its bind-mounted run folder.
+        """
         if self.user:
             return self.user
-        if os.getuid() == 0:
-            return None
-        return f"{os.getuid()}:{os.getgid()}"
+        if os.getuid() != 0:
+            return f"{os.getuid()}:{os.getgid()}"
+        if image_user and not is_root(image_user):
+            return image_user
+        return UNPRIVILEGED_USER
+
+
+def is_root(user: str) -> bool:
+    """Whether a container user (``name``, ``uid``, ``name:group``, ``uid:gid``) is root."""
+    return user.partition(":")[0].strip() in ("", "0", "root")

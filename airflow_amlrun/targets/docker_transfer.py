@@ -30,6 +30,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
+from airflow_amlrun.errors import ConfigurationError
 from airflow_amlrun.targets.common import CONTROL_DIR, EVENTS
 from airflow_amlrun.targets.docker_files import copy_member_from, extract_folder, regular_member
 
@@ -147,18 +148,15 @@ def _probe(client: APIClient, folder: Path, image: str) -> bool:
 
 
 @contextlib.contextmanager
-def run_dir_archive(work: Path, lib: Path, *, user: str | None) -> Iterator[IO[bytes]]:
-    """A tar of the run folder (as RUN_DIR, owned by the container's user) and of the supervisor's folder
-    (as LIB_DIR, owned by root, read-only to the run)."""
-    owner = numeric_owner(user)
+def run_dir_archive(work: Path, lib: Path, *, owner: tuple[int, int]) -> Iterator[IO[bytes]]:
+    """A tar of the run folder (as RUN_DIR, owned by the container's user, ``owner``) and of the supervisor's
+    folder (as LIB_DIR, owned by root, read-only to the run)."""
     run_prefix = RUN_DIR.lstrip("/")
 
     def owned(info: tarfile.TarInfo) -> tarfile.TarInfo:
         in_run = info.name == run_prefix or info.name.startswith(run_prefix + "/")
-        info.uid, info.gid = owner if (owner is not None and in_run) else (0, 0)
+        info.uid, info.gid = owner if in_run else (0, 0)
         info.uname = info.gname = ""
-        if user and owner is None and in_run and info.isdir():
-            info.mode = 0o777  # a user known by name only: its folders must be writable by anyone
         return info
 
     spool: IO[bytes]
@@ -171,13 +169,80 @@ def run_dir_archive(work: Path, lib: Path, *, user: str | None) -> Iterator[IO[b
 
 
 def numeric_owner(user: str | None) -> tuple[int, int] | None:
-    """(uid, gid) of a ``uid[:gid]`` user; None for a user given by name (or none)."""
+    """(uid, gid) of a ``uid:gid`` user; None for one that names a user or group, or gives no gid."""
     if not user:
         return None
     uid, _, gid = user.partition(":")
-    if not uid.isdigit() or (gid and not gid.isdigit()):
+    if not uid.isdigit() or not gid.isdigit():
         return None
-    return int(uid), int(gid or 0)
+    return int(uid), int(gid)
+
+
+# Largest /etc/passwd or /etc/group read from an image.
+ACCOUNTS_CAP = 1 << 20
+
+
+def user_ids(client: APIClient, image: str, user: str, *, where: str) -> tuple[int, int]:
+    """The uid and gid the processes of a container of ``image`` get with the container user ``user``
+    (``uid:gid``, or ``name``, ``uid``, ``name:group`` ...), as Docker finds them in the image's /etc/passwd
+    and /etc/group (read from a container that is created, never started, and removed).
+
+    :param where: where ``user`` comes from, for the error when the image has no such user or group.
+    """
+    found = numeric_owner(user)
+    if found is not None:
+        return found
+    files = _image_files(client, image, ["/etc/passwd", "/etc/group"])
+    return owner_in(files["/etc/passwd"], files["/etc/group"], user, image=image, where=where)
+
+
+def owner_in(
+    passwd: bytes | None, group: bytes | None, user: str, *, image: str, where: str
+) -> tuple[int, int]:
+    """The uid and gid of the container user ``user`` by an image's /etc/passwd and /etc/group (their text),
+    as Docker resolves it: a name must be there; a number need not (a uid alone then has gid 0)."""
+    name, _, group_name = (part.strip() for part in user.partition(":"))
+    uid, gid = _lookup(passwd, name, user_field=True)
+    if uid is None:
+        raise ConfigurationError(
+            f"The container user {user!r} ({where}) is not a user of the image {image!r}: its /etc/passwd has "
+            f"no {name!r}. Give the user as uid:gid (e.g. '1000:1000'), or one that the image defines."
+        )
+    if group_name:
+        gid = _lookup(group, group_name, user_field=False)[0]
+        if gid is None:
+            raise ConfigurationError(
+                f"The container user {user!r} ({where}) names the group {group_name!r}, which the image "
+                f"{image!r} does not define in /etc/group. Give the group as a number, or one that the image "
+                "defines."
+            )
+    return uid, gid if gid is not None else 0
+
+
+def _lookup(table: bytes | None, key: str, *, user_field: bool) -> tuple[int | None, int | None]:
+    """(id, primary gid) of a user (``user_field``) or (gid, None) of a group, by name or number, in the text of
+    /etc/passwd or /etc/group; a number that no line names is taken as it is, as Docker takes it."""
+    for line in (table or b"").decode(errors="replace").splitlines():
+        fields = line.split(":")
+        if len(fields) < 4 or key not in (fields[0], fields[2]):
+            continue
+        try:
+            return int(fields[2]), (int(fields[3]) if user_field else None)
+        except ValueError:
+            continue
+    return (int(key), None) if key.isdigit() else (None, None)
+
+
+def _image_files(client: APIClient, image: str, paths: list[str]) -> dict[str, bytes | None]:
+    """Small regular files of an image, read from a container that is created, never started."""
+    from docker.errors import NotFound
+
+    container = client.create_container(image, command=["true"], labels={LABEL_MANAGED_BY: "airflow-amlrun"})
+    try:
+        return {path: fetch_file(client, container["Id"], path, ACCOUNTS_CAP) for path in paths}
+    finally:
+        with contextlib.suppress(NotFound):
+            client.remove_container(container["Id"], force=True)
 
 
 def send_and_close(stream: Any, data: bytes) -> None:

@@ -206,6 +206,9 @@ class LocalTarget:
         # A process leaves no trace by run id that could be trusted; an unsaved handle means a lost run.
         return None
 
+    def discard(self, job: Job) -> None:
+        return None  # a run that never started left no process behind
+
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "name": self.name, "host": os.uname().nodename}
 

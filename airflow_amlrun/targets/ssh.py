@@ -384,6 +384,9 @@ class SSHTarget:
             return None
         return self._handle(job.run_id, status["run_dir"], status["process"], None)
 
+    def discard(self, job: Job) -> None:
+        return None  # a run that never started left no process; its run directory goes per [amlrun] cleanup
+
     def _handle(
         self,
         run_id: str,
