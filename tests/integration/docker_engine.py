@@ -5,6 +5,7 @@ A test module uses the fixtures with ``pytest_plugins = ["tests.integration.dock
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -49,7 +50,10 @@ def containers_of(api: Any, run_id: str) -> list[dict[str, Any]]:
 
 class SocketProxy:
     """A socket forwarding every connection to the Docker daemon's unix socket, counting the bytes the daemon
-    sends back: on TCP loopback (the local daemon, reached as a remote one) or on a unix socket of its own."""
+    sends back: on TCP loopback (the local daemon, reached as a remote one) or on a unix socket of its own.
+
+    Leaving it stops it: it refuses new connections and cuts those it forwards, as a daemon that went away.
+    """
 
     def __init__(self, upstream: str = SOCKET, *, unix_path: Path | None = None) -> None:
         self.upstream = upstream
@@ -63,6 +67,7 @@ class SocketProxy:
             self.url = f"unix://{unix_path}"
         self.received = 0
         self._count = threading.Lock()
+        self._open: list[socket.socket] = []
         self.closed = False
 
     def __enter__(self) -> SocketProxy:
@@ -70,8 +75,19 @@ class SocketProxy:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        """Refuse new connections and cut those forwarded now."""
         self.closed = True
+        with contextlib.suppress(OSError):
+            self.server.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread; close alone would not
         self.server.close()
+        with self._count:
+            for sock in self._open:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
 
     def _accept(self) -> None:
         while not self.closed:
@@ -79,8 +95,13 @@ class SocketProxy:
                 client, _ = self.server.accept()
             except OSError:
                 return
+            if self.closed:
+                client.close()
+                return
             upstream = socket.socket(socket.AF_UNIX)
             upstream.connect(self.upstream)
+            with self._count:
+                self._open += [client, upstream]
             threading.Thread(target=self._pump, args=(client, upstream, False), daemon=True).start()
             threading.Thread(target=self._pump, args=(upstream, client, True), daemon=True).start()
 

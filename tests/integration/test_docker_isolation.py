@@ -1,7 +1,9 @@
-"""What a container can reach of the worker that runs it: nothing outside its run, and no secret in its config.
+"""What a container can reach of the worker that runs it: nothing outside its run, no secret in its config,
+no device and no privilege on the worker's machine.
 
-Real containers on the real Docker Engine; the hostile ones plant links to files of the worker (whose paths
-the test hands them) where the worker reads, writes and collects.
+Real containers on the real Docker Engine; the hostile ones plant links where the worker reads, writes and
+collects, to files of the worker (whose paths the test hands them) and to files of their own image, or make
+setuid programs, devices, FIFOs and sockets in their run folder.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import os
 import pwd
 import shutil
 import site
+import stat
 import subprocess
 import sys
 import tempfile
@@ -32,7 +35,14 @@ PLANTER = """
 import os, shutil, sys, time
 from airflow_amlrun.run_context import Run
 
-host = os.environ["HOST_DIR"]  # a folder of the worker's machine, not of this container
+# A folder of the worker's machine. The container makes one of its own at the same path, with files of the
+# same names: every link below leads to a real file wherever it is followed, on the worker (bind) or in the
+# container (archive, where the daemon packs outputs/ and logs/).
+host = os.environ["HOST_DIR"]
+os.makedirs(f"{host}/logs", exist_ok=True)
+open(f"{host}/secret.txt", "w").write("INSIDE-SECRET: a file of the container, outside its run\\n")
+open(f"{host}/events.jsonl", "w").write('{"kind": "metric", "name": "stolen", "value": 2}\\n')
+open(f"{host}/logs/leak.txt", "w").write("INSIDE-LOGS: a file of the container, outside its run\\n")
 Run.get_context().log("planted", 1)
 open("outputs/model.txt", "w").write("weights")
 
@@ -46,6 +56,8 @@ def plant(link, target):
 
 
 plant("outputs/x", f"{host}/secret.txt")
+plant("outputs/passwd", "/etc/passwd")  # the image's, in the container; the worker's own, on the worker
+plant("outputs/up", "../../../../etc/passwd")
 plant(".amlrun/events.jsonl", f"{host}/events.jsonl")
 plant(".amlrun/std_log.txt", f"{host}/victim.txt")
 plant("logs", f"{host}/logs")
@@ -86,9 +98,10 @@ def test_a_container_cannot_make_the_worker_read_write_or_upload_its_files(
     # Nothing of the worker's files was written...
     after = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in host.rglob("*") if p.is_file()}
     assert after == before
-    # ... read into the task log or the history...
+    # ... and nothing outside the run, of the worker or of the container, was read into the task log or the
+    # history...
     task_log = "\n".join(lines) + caplog.text
-    assert "HOST-" not in task_log
+    assert "HOST-" not in task_log and "INSIDE-" not in task_log and "root:x:0:0" not in task_log
     assert Workspace.get().history.get_metrics(record.id, "stolen") == []
     # ... or uploaded.
     uploaded = {
@@ -100,8 +113,8 @@ def test_a_container_cannot_make_the_worker_read_write_or_upload_its_files(
     assert "planted every link" in logs["std_log.txt"] and "HOST-" not in logs["std_log.txt"]
     # The task log says what was left out.
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert any("outputs/x" in w and "not collected" in w for w in warnings), warnings
-    assert any("logs" in w and "not collected" in w for w in warnings), warnings
+    for left_out in ("outputs/x", "outputs/passwd", "outputs/up", "logs"):
+        assert any(left_out in w and "not collected" in w for w in warnings), (left_out, warnings)
     assert any(".amlrun/events.jsonl" in w and "not read" in w for w in warnings), warnings
 
 
@@ -145,6 +158,113 @@ def test_secret_variables_are_in_no_docker_inspect_of_the_running_container(dock
     assert info["State"]["Running"]
     assert not any(item.startswith("API_TOKEN=") for item in info["Config"]["Env"])
     assert secret not in json.dumps(info)
+
+
+ESCALATE = """
+import os, shutil, socket, stat, sys
+
+print("running as", os.getuid(), os.getgid(), flush=True)
+os.makedirs("scratch", exist_ok=True)
+shutil.copy("/bin/sh", "scratch/rootsh")
+os.chmod("scratch/rootsh", 0o6755)  # setuid and setgid: whoever runs it would be this container's user
+os.chmod("scratch", 0o2775)
+os.mkfifo("scratch/fifo")
+socket.socket(socket.AF_UNIX).bind("scratch/socket")
+try:
+    major, minor = (int(n) for n in os.environ["HOST_DISK"].split(":"))
+    os.mknod("scratch/disk", 0o666 | stat.S_IFBLK, os.makedev(major, minor))
+    print("mknod: made the host's disk device", flush=True)
+except OSError as err:
+    print("mknod:", err.strerror, flush=True)
+sys.exit(3)  # a failed run: its folder is kept (cleanup = on_success), for a look
+"""
+
+
+@pytest.mark.parametrize("user", ["root", "default"])
+def test_a_container_leaves_no_device_and_no_setuid_program_on_the_worker(
+    docker_home, amlrun_home, tmp_path, caplog, monkeypatch, user
+):
+    if os.getuid() != 0:
+        pytest.fail("this test needs a worker running as root (the case where the container's user is root)")
+    if user == "root":
+        monkeypatch.setenv("AMLRUN_DOCKER_USER", "0")  # the worst case: root in the container
+    disk = os.stat(tmp_path).st_dev
+    write_script(tmp_path / "src", "train.py", ESCALATE)
+    config = ScriptRunConfig(
+        tmp_path / "src",
+        script="train.py",
+        compute_target="docker",
+        environment_variables={"HOST_DISK": f"{os.major(disk)}:{os.minor(disk)}"},
+    )
+    lines: list[str] = []
+    caplog.set_level("INFO", logger="airflow_amlrun")
+
+    record = (
+        Experiment(Workspace.get(), "escalate")
+        .submit(config)
+        .wait_for_completion(output=lines.append, raise_on_error=False)
+    )
+
+    assert record.status == "Failed" and "exit code 3" in record.error
+    # The container could make no device node...
+    assert "mknod: Operation not permitted" in lines
+    # ... and its kept run folder holds no special file and no setuid or setgid bit...
+    run_dir = amlrun_home / "runs" / record.id
+    kept = {p.relative_to(run_dir).as_posix(): os.lstat(p).st_mode for p in run_dir.rglob("*")}
+    assert "run/scratch/rootsh" in kept
+    assert {p: stat.filemode(m) for p, m in kept.items() if m & (stat.S_ISUID | stat.S_ISGID)} == {}
+    special = [p for p, m in kept.items() if not (stat.S_ISREG(m) or stat.S_ISDIR(m) or stat.S_ISLNK(m))]
+    assert special == []
+    # ... in a folder only the worker's user may enter: another user of the machine runs nothing there.
+    assert stat.S_IMODE(run_dir.stat().st_mode) == 0o700
+    tried = subprocess.run(
+        ["runuser", "-u", "nobody", "--", str(run_dir / "run" / "scratch" / "rootsh"), "-p", "-c", "id -u"],
+        capture_output=True,
+        text=True,
+    )
+    assert tried.returncode != 0 and tried.stdout.strip() != "0", tried
+    # A root worker runs the image's root user as nobody unless told otherwise.
+    assert ("running as 0 0" if user == "root" else "running as 65534 65534") in lines
+    # The task log says what was removed and cleared.
+    warnings = "\n".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    assert "run/scratch/rootsh had its setuid and setgid bits: cleared" in warnings
+    assert "run/scratch/fifo was a FIFO: it was removed" in warnings
+    assert "run/scratch/socket was a socket: it was removed" in warnings
+
+
+@pytest.mark.parametrize("transfer", ["bind", "archive"])
+def test_a_container_user_given_by_name_gets_its_run_folder_open_to_it_alone(
+    docker_home, amlrun_home, tmp_path, monkeypatch, transfer
+):
+    monkeypatch.setenv("AMLRUN_DOCKER_USER", "nobody")  # a name of the image's /etc/passwd
+    monkeypatch.setenv("AMLRUN_DOCKER_TRANSFER", transfer)
+    monkeypatch.setenv("AIRFLOW__AMLRUN__CLEANUP", "never")
+    write_script(
+        tmp_path / "src",
+        "train.py",
+        """
+        import os, stat
+        print("running as", os.getuid(), os.getgid(), flush=True)
+        for folder in (".", "outputs", "logs", ".amlrun"):
+            print("mode of", folder, oct(stat.S_IMODE(os.stat(folder).st_mode)), flush=True)
+        os.makedirs("scratch", exist_ok=True)
+        open("scratch/cache", "w").write("a file in the working directory")
+        open("outputs/model.txt", "w").write("weights")
+        """,
+    )
+    config = ScriptRunConfig(tmp_path / "src", script="train.py", compute_target="docker")
+    lines: list[str] = []
+
+    record = Experiment(Workspace.get(), "by-name").submit(config).wait_for_completion(output=lines.append)
+
+    assert record.status == "Completed", record.error
+    assert "running as 65534 65534" in lines
+    assert Path(record.outputs_uri, "model.txt").read_text() == "weights"
+    # The script writes in folders that are its user's, not in folders every user may write to.
+    modes = {line.split()[2]: int(line.split()[3], 8) for line in lines if line.startswith("mode of")}
+    assert {folder: oct(mode) for folder, mode in modes.items() if mode & 0o002} == {}
+    kept = amlrun_home / "runs" / record.id
+    assert [p for p in kept.rglob("*") if not p.is_symlink() and p.stat().st_mode & 0o002] == []
 
 
 # Point 16: a worker that is not root

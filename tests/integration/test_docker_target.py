@@ -536,6 +536,14 @@ def test_docker_options_are_checked_before_any_run():
 
     config = options(cpus="1.5", mem_limit="8g", shm_size="1g", gpus="all", network_mode="host").host_config()
     assert config["nano_cpus"] == 1_500_000_000 and config["init"] is True and config["privileged"] is False
+    assert config["cap_drop"] == ["MKNOD", "SETUID", "SETGID", "FSETID"]
+    assert config["security_opt"] == ["no-new-privileges"]
+    if os.getuid() == 0:  # a root worker runs the image's user, unless that is root
+        assert options().run_user(image_user="") == options().run_user(image_user="root") == "65534:65534"
+        assert options().run_user(image_user="jovyan") == "jovyan"
+    else:  # any other worker, its own uid
+        assert options().run_user(image_user="jovyan") == f"{os.getuid()}:{os.getgid()}"
+    assert options(user="0").run_user(image_user="jovyan") == "0"
     assert config["device_requests"][0]["Count"] == -1
     assert options(gpus="device=0,1").device_requests()[0]["DeviceIDs"] == ["0", "1"]
     assert options(auto_remove="false").auto_remove is False

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +15,11 @@ import pytest
 
 from airflow_amlrun import Workspace
 from airflow_amlrun.reconcile import SETTLED_BY_TAG
+from airflow_amlrun.targets.docker import LABEL_RUN_ID, LABEL_TRANSFER, container_name
 from tests.conftest import worker_dies_mid_run, write_script
+from tests.integration.docker_engine import containers_of
+
+pytest_plugins = ["tests.integration.docker_engine"]
 
 AMLRUN = str(Path(sys.executable).parent / "amlrun")
 # Runs nobody reported on for this long are orphans here; following tasks report every RECONCILE_AFTER / 4.
@@ -334,3 +339,96 @@ def test_when_two_processes_follow_a_run_to_its_end_the_first_outcome_stands(wor
     assert second.status == "Completed" and second.error is None
     stored = history.get_run("twice_1_deadbeef")
     assert stored.status == "Completed" and SETTLED_BY_TAG not in stored.tags
+
+
+# The Docker target
+
+
+DOCKER_TRAIN = """
+import os, time
+from airflow_amlrun.run_context import Run
+run = Run.get_context()
+time.sleep(1.5)
+run.log("accuracy", 0.93)
+open("outputs/model.txt", "w").write("weights")
+print("done training", flush=True)
+"""
+
+
+def test_a_docker_run_that_ended_after_its_worker_died_is_recorded_with_its_outputs(docker_home, tmp_path):
+    write_script(tmp_path / "src", "train.py", DOCKER_TRAIN)
+    orphan = worker_dies_mid_run(tmp_path / "src", compute_target="docker")
+    assert docker_home.wait(orphan.handle["container_id"], timeout=60)["StatusCode"] == 0
+    assert Workspace.get().get_run(orphan.id).status == "Running"  # nobody recorded its end
+    until_orphaned()
+
+    done = amlrun("reconcile")
+
+    assert done.returncode == 0, done.stderr
+    assert orphan.id in done.stdout and "Completed" in done.stdout, done.stdout
+    run = Workspace.get().get_run(orphan.id)
+    assert run.status == "Completed"
+    assert run.metrics == {"accuracy": 0.93}
+    assert run.tags[SETTLED_BY_TAG] == "reconcile"
+    assert (Path(run.outputs_uri) / "model.txt").read_text() == "weights"
+    assert "done training" in (Path(run.logs_uri) / "std_log.txt").read_text()
+    assert containers_of(docker_home, orphan.id) == []
+    assert "Nothing to settle" in amlrun("reconcile").stdout
+
+
+def test_reconcile_leaves_a_container_created_but_not_started_until_it_records_the_run_lost(docker_home):
+    # A task between creating its run's container and starting it: the row has no handle yet. (Here its
+    # reports stopped too, so that reconcile looks at the run at all.)
+    ws = Workspace.get()
+    run_id = "starting_1_cafe"
+    ws.history.create_run(run_id=run_id, experiment="starting", target="docker")
+    docker_home.create_container(
+        "amlrun-base:py3.11",
+        command=["true"],
+        name=container_name(run_id),
+        labels={LABEL_RUN_ID: run_id, LABEL_TRANSFER: "bind"},
+    )
+    until_orphaned()
+
+    dry = amlrun("reconcile", "--dry-run")
+
+    assert dry.returncode == 0, dry.stderr
+    assert run_id in dry.stdout and "Failed" in dry.stdout
+    # Asking changed nothing: the container that task is about to start is still there.
+    assert [c["State"] for c in containers_of(docker_home, run_id)] == ["created"]
+    assert ws.get_run(run_id).status == "Queued"
+
+    done = amlrun("reconcile")
+
+    assert done.returncode == 0, done.stderr
+    lost = ws.get_run(run_id)
+    assert lost.status == "Failed" and lost.error.startswith("Lost")
+    # Recorded lost by this reconcile alone: nothing will start that container any more.
+    assert containers_of(docker_home, run_id) == []
+
+
+@pytest.mark.parametrize("container", ["removed", "kept"])
+def test_a_docker_run_whose_folder_was_removed_on_this_worker_says_so(docker_home, tmp_path, container):
+    write_script(tmp_path / "src", "train.py", DOCKER_TRAIN)
+    orphan = worker_dies_mid_run(tmp_path / "src", compute_target="docker")
+    container_id = orphan.handle["container_id"]
+    docker_home.wait(container_id, timeout=60)
+    # Another process took the run's files away on this very worker (and, as cleanup does, its container).
+    shutil.rmtree(orphan.handle["run_dir"])
+    if container == "removed":
+        docker_home.remove_container(container_id)
+    until_orphaned()
+
+    done = amlrun("reconcile")
+
+    assert done.returncode == 0, done.stderr
+    assert "reconcile on that machine" not in done.stdout and "not on this" not in done.stdout, done.stdout
+    run = Workspace.get().get_run(orphan.id)
+    assert run.status == "Failed"
+    assert f"its run folder {orphan.handle['run_dir']} is gone from this worker" in run.error
+    assert "already collected" in run.error and "by another process" in run.error
+    if container == "kept":
+        assert "exit code 0) and is kept" in run.error
+        docker_home.remove_container(container_id)
+    else:
+        assert f"its container {container_name(orphan.id)} from unix:///var/run/docker.sock" in run.error

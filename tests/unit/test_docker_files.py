@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import io
 import os
+import socket
+import stat
 import tarfile
 from pathlib import Path
 
 import pytest
 
+from airflow_amlrun.errors import ConfigurationError
 from airflow_amlrun.targets.docker_files import (
     UnsafeFileError,
+    defuse,
     extract_folder,
     keep_only_inside,
     read_beneath,
     take_folder,
 )
+from airflow_amlrun.targets.docker_transfer import owner_in
 
 
 @pytest.fixture
@@ -119,6 +124,75 @@ def test_a_fetched_folder_stays_inside_its_destination(tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "outputs").iterdir()) == ["model.txt"]
     assert (tmp_path / "spool.txt").read_text() == "the worker's"
     assert len(left_out) == 4 and all("not collected" in line for line in left_out)
+
+
+def test_defusing_leaves_no_special_file_and_no_setuid_bit_and_follows_no_link(
+    run: tuple[Path, Path], tmp_path: Path
+) -> None:
+    folder, secret = run
+    scratch = folder / "scratch"
+    scratch.mkdir()
+    (scratch / "rootsh").write_bytes(b"#!/bin/sh\n")
+    (scratch / "rootsh").chmod(0o6755)
+    scratch.chmod(0o2775)
+    os.mkfifo(scratch / "fifo")
+    with socket.socket(socket.AF_UNIX) as listening:
+        listening.bind(str(scratch / "socket"))
+    # Beside the run folder: a setuid file and a FIFO of the worker, that links in the folder lead to.
+    secret.chmod(0o4755)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    os.mkfifo(elsewhere / "fifo")
+    (scratch / "to-secret").symlink_to(secret)
+    (folder / "to-elsewhere").symlink_to(elsewhere)
+
+    done = defuse(folder, what="run")
+
+    modes = {p.relative_to(folder).as_posix(): os.lstat(p).st_mode for p in folder.rglob("*")}
+    assert sorted(modes) == [".amlrun", "scratch", "scratch/rootsh", "scratch/to-secret", "to-elsewhere"]
+    assert stat.S_IMODE(modes["scratch/rootsh"]) == 0o755 and stat.S_IMODE(modes["scratch"]) == 0o775
+    assert sorted(done) == [
+        "run/scratch had its setgid bit: cleared",
+        "run/scratch/fifo was a FIFO: it was removed",
+        "run/scratch/rootsh had its setuid and setgid bits: cleared",
+        "run/scratch/socket was a socket: it was removed",
+    ]
+    # What the links lead to is untouched.
+    assert stat.S_IMODE(secret.stat().st_mode) == 0o4755
+    assert stat.S_ISFIFO(os.lstat(elsewhere / "fifo").st_mode)
+    assert defuse(folder, what="run") == []  # nothing left to do
+
+
+PASSWD = b"root:x:0:0:root:/root:/bin/bash\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
+GROUP = b"root:x:0:\nstaff:x:50:\nnogroup:x:65534:\n"
+
+
+@pytest.mark.parametrize(
+    ("user", "expected"),
+    [
+        ("nobody", (65534, 65534)),
+        ("nobody:staff", (65534, 50)),
+        ("65534", (65534, 65534)),
+        ("1234", (1234, 0)),
+        ("1234:staff", (1234, 50)),
+        ("nobody:77", (65534, 77)),
+        ("root", (0, 0)),
+    ],
+)
+def test_a_container_user_is_found_as_docker_finds_it(user: str, expected: tuple[int, int]) -> None:
+    assert owner_in(PASSWD, GROUP, user, image="img", where="here") == expected
+
+
+@pytest.mark.parametrize(
+    ("user", "message"),
+    [
+        ("jovyan", "its /etc/passwd has no 'jovyan'"),
+        ("nobody:wheel", "names the group 'wheel', which the image 'img' does not define"),
+    ],
+)
+def test_a_container_user_the_image_does_not_define_is_refused(user: str, message: str) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        owner_in(PASSWD, GROUP, user, image="img", where="Docker option user")
 
 
 def _add(
