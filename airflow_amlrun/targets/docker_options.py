@@ -43,8 +43,8 @@ class DockerOptions:
         worker's own uid:gid (so that the worker can collect and remove what the script wrote); a worker that
         runs as root runs it as the image's user when that is not root, else as ``65534:65534`` (nobody).
         Give ``"0"`` to run as root in the container.
-    :param auto_remove: remove the container once its outputs are collected (default true); false keeps it
-        for ``docker inspect`` / ``docker logs``.
+    :param auto_remove: remove the container once the run's outcome is recorded (default true); false keeps
+        it for ``docker inspect`` / ``docker logs``.
     :param default_image: image of a run whose environment names none (default ``[amlrun]
         docker_default_image``, else ``amlrun-base:py3.11``).
     :param default_image_base: public Python image from which a daemon that lacks the default image (an
