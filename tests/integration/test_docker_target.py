@@ -27,6 +27,7 @@ from airflow_amlrun.environment.build_image import image_recipe
 from airflow_amlrun.errors import ConfigurationError, RunFailedError, RunTimeoutError
 from airflow_amlrun.hooks.docker import DockerDaemon
 from airflow_amlrun.run import AirflowTask
+from airflow_amlrun.targets.docker import LABEL_RUN_ID, LABEL_TRANSFER, container_name
 from airflow_amlrun.targets.docker_options import DockerOptions
 from tests.conftest import wait_until_running, worker_dies_mid_run, write_script
 from tests.integration.docker_engine import SocketProxy, containers_of
@@ -284,10 +285,47 @@ def test_retry_collects_a_container_that_finished_while_nobody_watched(docker_ho
     assert record.metrics == {"acc": pytest.approx(0.7)}
 
 
+def test_retry_records_lost_a_run_its_dead_try_created_but_never_started_and_removes_its_container(
+    docker_home, tmp_path
+):
+    # Try 1 died between creating its run's container and starting it: the row has no handle, the container
+    # was created and is labelled with the run id.
+    write_script(tmp_path / "src", "train.py", "print('trained', flush=True)\n")
+    earlier = "reattach_1_0badf00d"
+    Workspace.get().history.create_run(
+        run_id=earlier,
+        experiment="reattach",
+        target="docker",
+        **AirflowTask(
+            dag_id="retrain", task_id="train", run_id="manual_1", map_index=None, try_number=1
+        ).row_fields(),
+    )
+    docker_home.create_container(
+        "amlrun-base:py3.11",
+        command=["true"],
+        name=container_name(earlier),
+        labels={LABEL_RUN_ID: earlier, LABEL_TRANSFER: "bind"},
+    )
+
+    task = AirflowTask(dag_id="retrain", task_id="train", run_id="manual_1", map_index=None, try_number=2)
+    config = ScriptRunConfig(tmp_path / "src", script="train.py", compute_target="docker")
+    record = (
+        Experiment(Workspace.get(), "reattach")
+        .submit(config, airflow_task=task)
+        .wait_for_completion(show_output=False)
+    )
+
+    assert record.status == "Completed" and record.id != earlier
+    lost = Workspace.get().get_run(earlier)
+    assert lost.status == "Failed" and lost.error.startswith("Lost")
+    assert containers_of(docker_home, earlier) == []  # nothing will start it any more
+
+
 _SUBMIT_WITH_LIMIT = """
 import sys
 from airflow_amlrun import Experiment, ScriptRunConfig, Workspace
 from airflow_amlrun.run import AirflowTask
+from airflow_amlrun.targets.docker import LABEL_RUN_ID, LABEL_TRANSFER, container_name
 
 task = AirflowTask(dag_id="retrain", task_id="train", run_id="manual_1", map_index=None, try_number=1)
 config = ScriptRunConfig(sys.argv[1], script="train.py", compute_target="docker", max_run_duration_seconds=3)
