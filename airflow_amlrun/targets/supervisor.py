@@ -24,9 +24,17 @@ job killed by a signal, as a shell reports it) to ``CONTROL_DIR/exit_code`` and 
 runs past ``max_seconds`` gets SIGTERM, then SIGKILL after the grace period, together with everything it
 started; ``CONTROL_DIR/ended_by`` then says why, and the job's log says so too. With ``end_group``, what
 the job left running in its group when it ended (a stray child, a daemon it forked) is killed too, once
-the exit code is recorded: the supervisor is the one process that knows for sure that the group is still
-the run's (a target that finds the leader gone cannot tell the group from a stranger's reusing its id).
-That signal ends the supervisor itself, so a target using it reads the exit code from the file.
+the exit code is recorded. That signal ends the supervisor itself, so a target using it reads the exit
+code from the file.
+
+The run must not outlive its supervisor, whatever ends it:
+- recording is best effort: a control file that cannot be written (a full disk, a job that deleted
+  ``CONTROL_DIR``) is reported on stderr (the run's log) instead, and the job is signalled first;
+- a supervisor that fails ends the run's group before it exits;
+- on Linux the job gets PR_SET_PDEATHSIG, so it is killed when the supervisor is (the out-of-memory
+  killer, ``kill -9``). What the job started is left for the target: the job's environment carries
+  ``AMLRUN_SUPERVISOR=<pid>:<start time>``, which names this supervisor for good, so a target that finds
+  the leader gone without an exit code can end the processes of its group that carry it, and no other.
 
 Signals: a target stops a run by signalling the whole group, so by default the supervisor ignores SIGTERM,
 SIGINT and SIGHUP (it must outlive the job to record its exit code). Inside a container, ``docker stop``
@@ -48,6 +56,7 @@ import time
 # name TYPE_CHECKING as true).
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any
 
 EXIT_CODE = "exit_code"
@@ -57,6 +66,11 @@ MAX_DURATION = "max_run_duration"
 DEFAULT_GRACE_SECONDS = 5.0
 # Exit status of the supervisor when it cannot start the job (as a shell reports a missing command).
 CANNOT_START = 127
+# The job's variable naming its supervisor by pid and start time (clock ticks since boot, field 22 of
+# /proc/PID/stat): what proves a process of the run's group to be the run's once the supervisor is gone.
+LEADER_ENV = "AMLRUN_SUPERVISOR"
+# prctl(2) option: the signal a process gets when its parent ends.
+PR_SET_PDEATHSIG = 1
 
 
 def main(argv: list[str]) -> int:
@@ -65,25 +79,49 @@ def main(argv: list[str]) -> int:
         return 2
     control = argv[1]
     request = _read_request(argv[3] if len(argv) == 4 else None)
+    try:
+        return _supervise(control, request)
+    except BaseException as err:
+        if _state["job"] is not None:
+            # Nothing would stop the run, or record how it ended, once this process is gone.
+            _say(f"amlrun: the run's supervisor failed ({type(err).__name__}: {err}); stopping the run")
+            _signal_group(signal.SIGTERM)
+            _await_end(_state["job"], float(request.get("grace_seconds") or DEFAULT_GRACE_SECONDS))
+            _signal_group(signal.SIGKILL)
+        raise
+
+
+# Whether to pass a signal on to the group, whether the group was signalled already, and the job.
+_state: dict[str, Any] = {"forward": False, "signalled": False, "job": None}
+
+
+def _supervise(control: str, request: dict[str, Any]) -> int:
     _state["forward"] = bool(request.get("forward_signals"))
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, _on_signal)
-
-    env = dict(os.environ)
-    env.update({str(k): str(v) for k, v in (request.get("env") or {}).items()})
-    try:
-        job = subprocess.Popen(
-            [str(word) for word in request["argv"]], env=env, stdin=subprocess.DEVNULL, close_fds=True
-        )
-    except OSError as err:
-        sys.stderr.write(f"amlrun: cannot start {request['argv'][0]!r}: {err}\n")
-        sys.stderr.flush()
-        _record(control, EXIT_CODE, str(CANNOT_START))
-        return CANNOT_START
-
     limit = request.get("max_seconds")
     max_seconds = None if limit is None else float(limit)
     grace = float(request.get("grace_seconds") or DEFAULT_GRACE_SECONDS)
+
+    env = dict(os.environ)
+    env.update({str(k): str(v) for k, v in (request.get("env") or {}).items()})
+    started = _own_start_time()
+    if started is not None:
+        env[LEADER_ENV] = f"{os.getpid()}:{started}"
+    try:
+        job = subprocess.Popen(
+            [str(word) for word in request["argv"]],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            close_fds=True,
+            preexec_fn=_die_with_parent(),
+        )
+    except OSError as err:
+        _say(f"amlrun: cannot start {request['argv'][0]!r}: {err}")
+        _record(control, EXIT_CODE, str(CANNOT_START))
+        return CANNOT_START
+    _state["job"] = job
+
     deadline = None if max_seconds is None else time.monotonic() + max_seconds
     code = _wait(job, deadline)
     if code is None:
@@ -93,10 +131,6 @@ def main(argv: list[str]) -> int:
     if request.get("end_group"):
         _signal_group(signal.SIGKILL)
     return code
-
-
-# Whether to pass a signal on to the group, and whether the group was signalled already.
-_state = {"forward": False, "signalled": False}
 
 
 def _on_signal(signum: int, frame: object) -> None:
@@ -135,21 +169,27 @@ def _wait(job: subprocess.Popen[bytes], deadline: float | None) -> int | None:
 
 
 def _stop_for_limit(job: subprocess.Popen[bytes], control: str, max_seconds: float, grace: float) -> int:
-    _record(control, ENDED_BY, json.dumps({"reason": MAX_DURATION, "max_seconds": max_seconds}))
-    sys.stderr.write(
+    _say(
         f"amlrun: the run exceeded max_run_duration_seconds={max_seconds:g}; stopping it (SIGTERM, then "
-        f"SIGKILL after {grace:g} s)\n"
+        f"SIGKILL after {grace:g} s)"
     )
-    sys.stderr.flush()
+    # Signalled before anything is written: a file that cannot be written must not keep the run going.
     _signal_group(signal.SIGTERM)
-    try:
-        code = _exit_code(job.wait(timeout=grace))
-    except subprocess.TimeoutExpired:
-        code = 128 + signal.SIGKILL
+    _record(control, ENDED_BY, json.dumps({"reason": MAX_DURATION, "max_seconds": max_seconds}))
+    code = _await_end(job, grace)
     # Whatever the job started goes too; the exit code is recorded first, as this ends the supervisor.
     _record(control, EXIT_CODE, str(code))
     _signal_group(signal.SIGKILL)
     return code
+
+
+def _await_end(job: subprocess.Popen[bytes], grace: float) -> int:
+    """The exit code of a signalled job once it ends within the grace period, else that of the SIGKILL its
+    caller sends next."""
+    try:
+        return _exit_code(job.wait(timeout=grace))
+    except subprocess.TimeoutExpired:
+        return 128 + signal.SIGKILL
 
 
 def _exit_code(returncode: int) -> int:
@@ -162,13 +202,66 @@ def _signal_group(sig: int) -> None:
         os.killpg(os.getpgrp(), sig)
 
 
-def _record(control: str, name: str, text: str) -> None:
-    """Write a control file atomically: a reader sees it whole or not at all."""
+def _record(control: str, name: str, text: str) -> bool:
+    """Write a control file atomically (a reader sees it whole or not at all); False, with the reason on
+    stderr (the run's log), when it cannot be written."""
     final = os.path.join(control, name)
     tmp = f"{final}.tmp-{os.getpid()}"
-    with open(tmp, "w") as out:
-        out.write(text + "\n")
-    os.replace(tmp, final)
+    try:
+        with open(tmp, "w") as out:
+            out.write(text + "\n")
+        os.replace(tmp, final)
+        return True
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        then = (
+            "; the run's target will report that the run ended without an exit code"
+            if name == EXIT_CODE
+            else ""
+        )
+        _say(
+            f"amlrun: the supervisor could not record {name} ({text}) in {control}: {err.strerror or err}{then}"
+        )
+        return False
+
+
+def _say(message: str) -> None:
+    """A line on stderr (the run's log), if it can be written at all (the disk may be full)."""
+    with contextlib.suppress(OSError, ValueError):
+        sys.stderr.write(message + "\n")
+        sys.stderr.flush()
+
+
+def _own_start_time() -> str | None:
+    """This process's start time in clock ticks since boot, or None without a readable /proc."""
+    try:
+        with open("/proc/self/stat") as stream:
+            return stream.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """What the job runs before its program on Linux: it asks the kernel to SIGKILL it when the supervisor
+    ends. Elsewhere (or without ctypes) nothing."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (ImportError, OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def in_child() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:
+            # The supervisor ended before the request took effect: nothing will follow this job.
+            os._exit(CANNOT_START)
+
+    return in_child
 
 
 if __name__ == "__main__":

@@ -17,11 +17,11 @@ SUPERVISOR = supervisor.__file__
 
 def start(control: Path, request: dict[str, object], **kwargs: object) -> subprocess.Popen[bytes]:
     """The supervisor in a session of its own, as a target starts it, with the request on stdin."""
+    kwargs.setdefault("cwd", control)
     process = subprocess.Popen(
         [sys.executable, SUPERVISOR, str(control)],
         stdin=subprocess.PIPE,
         start_new_session=True,
-        cwd=control,
         **kwargs,  # type: ignore[call-overload]
     )
     assert process.stdin is not None
@@ -66,6 +66,67 @@ def test_a_job_past_its_limit_is_stopped_with_everything_it_started(tmp_path: Pa
     while _alive(grandchild) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not _alive(grandchild)
+
+
+def test_a_job_past_its_limit_is_stopped_even_when_its_control_folder_is_gone(tmp_path: Path) -> None:
+    # The job removes the folder the supervisor records in (a full disk fails the writes the same way).
+    control = tmp_path / ".amlrun"
+    control.mkdir()
+    script = (
+        "import os, shutil, subprocess, time; p = subprocess.Popen(['sleep', '300']); "
+        "open('pids', 'w').write(f'{os.getpid()} {p.pid}'); shutil.rmtree('.amlrun'); time.sleep(300)"
+    )
+    with open(tmp_path / "stderr", "wb") as stderr:
+        job = start(
+            control,
+            {
+                "argv": [sys.executable, "-c", script],
+                "max_seconds": 1,
+                "grace_seconds": 0.5,
+                "end_group": True,
+            },
+            stderr=stderr,
+            cwd=tmp_path,
+        )
+    job.wait(timeout=60)
+    err = (tmp_path / "stderr").read_text()
+
+    pids = [int(pid) for pid in (tmp_path / "pids").read_text().split()]
+    deadline = time.monotonic() + 10
+    while any(map(_alive, pids)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    still = [pid for pid in pids if _alive(pid)]
+    for pid in still:
+        os.kill(pid, signal.SIGKILL)
+    assert not still, "the run outlived its limit"
+    assert "exceeded max_run_duration_seconds=1" in err
+    assert "could not record ended_by" in err and f"could not record exit_code (143) in {control}" in err
+
+
+def test_the_job_dies_with_its_supervisor_and_carries_its_name(tmp_path: Path) -> None:
+    script = (
+        "import os, time; open('job', 'w').write(f\"{os.getpid()} {os.environ.get('AMLRUN_SUPERVISOR')}\"); "
+        "time.sleep(300)"
+    )
+    job = start(tmp_path, {"argv": [sys.executable, "-c", script]})
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "job").exists() or not (tmp_path / "job").read_text():
+        assert time.monotonic() < deadline, "the job did not start"
+        time.sleep(0.02)
+    pid, name = (tmp_path / "job").read_text().split()
+    started = Path(f"/proc/{job.pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+
+    job.kill()  # the supervisor alone, as the out-of-memory killer would
+    job.wait()
+    deadline = time.monotonic() + 10
+    while _alive(int(pid)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    alive = _alive(int(pid))
+    if alive:
+        os.kill(int(pid), signal.SIGKILL)
+    assert not alive, "the job outlived its supervisor"
+    # The name a target proves the job's processes by: the supervisor's pid and start time.
+    assert name == f"{job.pid}:{started}"
 
 
 def test_with_end_group_what_the_job_left_running_ends_with_it(tmp_path: Path) -> None:
@@ -123,6 +184,7 @@ def test_a_job_that_cannot_start_says_so(tmp_path: Path) -> None:
     err = _stderr(job)
     assert job.returncode == supervisor.CANNOT_START
     assert b"cannot start '/no/such/interpreter'" in err
+    assert (tmp_path / supervisor.EXIT_CODE).read_text().strip() == str(supervisor.CANNOT_START)
 
 
 def _stderr(job: subprocess.Popen[bytes]) -> bytes:
