@@ -4,16 +4,21 @@ control files, and reading growing files line by line."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
+import stat
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from airflow_amlrun import run_context
 from airflow_amlrun.targets.base import Chunk, Job
+from airflow_amlrun.targets.docker_files import UnsafeFileError, read_beneath
 from airflow_amlrun.targets.supervisor import ENDED_BY as ENDED_BY
 from airflow_amlrun.targets.supervisor import EXIT_CODE as EXIT_CODE
 from airflow_amlrun.targets.supervisor import MAX_DURATION
+
+log = logging.getLogger(__name__)
 
 # Inside a run directory: the folder of files the target writes beside the code. The supervisor writes
 # EXIT_CODE and ENDED_BY there; their names are its own.
@@ -98,14 +103,98 @@ def lines_from(data: bytes, offset: int, final: bool) -> Chunk:
 
 
 def read_lines(path: str | os.PathLike[str], offset: int, final: bool) -> Chunk:
-    """Complete lines of a growing local file from a byte offset."""
+    """Complete lines of a growing local file from a byte offset.
+
+    The file is opened without blocking and without following a link, and read only if it is a regular
+    file: anything else (a FIFO would hang the open) is named once in the task log and read as empty.
+    """
     try:
-        with open(path, "rb") as stream:
-            stream.seek(offset)
-            data = stream.read(READ_CAP)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
         return Chunk([], offset)
+    except OSError as err:
+        _warn_once(str(path), f"cannot be opened ({err.strerror or err})")
+        return Chunk([], offset)
+    with os.fdopen(fd, "rb") as stream:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            _warn_once(str(path), "is not a regular file")
+            return Chunk([], offset)
+        stream.seek(offset)
+        data = stream.read(READ_CAP)
     return lines_from(data, offset, final)
+
+
+def read_control(run_dir: str | os.PathLike[str], name: str, offset: int = 0, size: int = READ_CAP) -> bytes:
+    """Bytes of a file of a run directory's control folder on this machine from an offset.
+
+    The script controls its run directory: the file is read without following a link on the way, without
+    blocking, and only if it is a regular file. Absent, it reads as empty; anything else is named once in
+    the task log and read as empty too, so a FIFO or a link put there cannot hang or mislead the worker.
+    """
+    try:
+        data = read_beneath(Path(run_dir), f"{CONTROL_DIR}/{name}", offset, size)
+    except UnsafeFileError as err:
+        _warn_once(f"{run_dir}/{err.relative}", err.why)
+        return b""
+    except OSError as err:
+        _warn_once(f"{run_dir}/{CONTROL_DIR}/{name}", f"cannot be read ({err.strerror or err})")
+        return b""
+    return data or b""
+
+
+def read_control_lines(run_dir: str | os.PathLike[str], name: str, offset: int, final: bool) -> Chunk:
+    """Complete lines of a growing control file (see read_control) from a byte offset."""
+    return lines_from(read_control(run_dir, name, offset), offset, final)
+
+
+# Control files already named in the task log as unreadable, so each is named once.
+_warned: set[str] = set()
+
+
+def _warn_once(path: str, why: str) -> None:
+    if path not in _warned:
+        _warned.add(path)
+        log.warning("The run's file %s %s: it is not read, and counts as empty.", path, why)
+
+
+def supervisor_lost_reason(
+    where: str,
+    control: str,
+    *,
+    control_exists: bool,
+    killed_by: str | None = None,
+    leftovers: int = 0,
+) -> str:
+    """Why a run ended without an exit code: its supervisor (which records it) ended before it could.
+
+    :param where: the machine, as the user knows it ("the worker", "host 10.0.0.5").
+    :param control: the run's control folder there.
+    :param control_exists: whether that folder still exists.
+    :param killed_by: the signal that ended the supervisor, when known.
+    :param leftovers: how many processes the run had left in its group, which the target ended.
+    """
+    if not control_exists:
+        reason = (
+            f"the run's control folder {control} on {where} was removed while the run ran (by the script?), so "
+            "its supervisor could not record how the run ended, and the run's log there is gone too"
+        )
+    elif killed_by is not None:
+        reason = (
+            f"the run's supervisor on {where} was killed by {killed_by} before the run ended (if by the "
+            "out-of-memory killer, the kernel log says so: dmesg)"
+        )
+    else:
+        reason = (
+            f"the run's supervisor on {where} ended without recording the run's exit code in {control}: it "
+            "was killed (if by the out-of-memory killer, the kernel log says so: dmesg), or could not write "
+            f"there (a full disk?), in which case its message ends the run's log ({control}/{STD_LOG})"
+        )
+    if leftovers:
+        reason += (
+            f"; the {leftovers} process{'es' if leftovers > 1 else ''} the run had left running "
+            f"{'were' if leftovers > 1 else 'was'} stopped"
+        )
+    return reason
 
 
 def write_run_context_package(dest: str | os.PathLike[str]) -> Path:

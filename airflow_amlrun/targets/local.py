@@ -5,12 +5,21 @@ the run's time limit and records its exit code even when the task that started i
 names the supervisor's process by what identifies it for certain: the host, the boot, the pid namespace,
 the pid and the process's start time. A retry follows (and signals) only a process that matches all of
 them; a pid that now belongs to someone else is taken for a run that ended, and left alone.
+
+A supervisor that ended without recording an exit code (killed alone, or unable to write) leaves behind
+what the job started: those processes of its group whose environment names that very supervisor (see
+supervisor.py) are ended when the run is next looked at, and nothing else.
+
+The script controls its run directory: the control files are read without following links or blocking
+(common.read_control), and the log is copied into logs/ without writing through a link.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import logging
 import os
 import shutil
 import signal
@@ -30,15 +39,20 @@ from airflow_amlrun.targets.common import (
     EVENTS,
     EXIT_CODE,
     PYLIB,
+    READ_CAP,
     STD_LOG,
     TERM_GRACE_SECONDS,
     job_argv,
     job_environment,
-    read_lines,
+    read_control,
+    read_control_lines,
     stopped_for_limit,
+    supervisor_lost_reason,
     supervisor_request,
     write_run_context_package,
 )
+
+log = logging.getLogger(__name__)
 
 # How often a run started by another process (an earlier try) is looked at while it runs.
 WATCH_SECONDS = 0.05
@@ -137,10 +151,10 @@ class LocalTarget:
         return _outcome(handle, process)
 
     def read_log(self, handle: dict[str, Any], offset: int, final: bool = False) -> Chunk:
-        return read_lines(handle["std_log"], offset, final)
+        return read_control_lines(handle["run_dir"], STD_LOG, offset, final)
 
     def read_events(self, handle: dict[str, Any], offset: int, final: bool = False) -> Chunk:
-        return read_lines(handle["events"], offset, final)
+        return read_control_lines(handle["run_dir"], EVENTS, offset, final)
 
     def cancel(self, handle: dict[str, Any]) -> None:
         pid = handle["pid"]
@@ -152,6 +166,9 @@ class LocalTarget:
             return process.poll() is None if process is not None else _running(handle)
 
         if not running():
+            if process is None or process.poll() is not None:
+                # The supervisor is gone: what the run left in its group (if it could not end it) goes now.
+                _end_leftovers(handle)
             return
         _signal_group(pid, signal.SIGTERM)
         deadline = time.monotonic() + TERM_GRACE_SECONDS
@@ -165,11 +182,8 @@ class LocalTarget:
 
     def collect(self, handle: dict[str, Any]) -> Collected:
         run_dir = Path(handle["run_dir"])
-        logs = run_dir / "logs"
-        logs.mkdir(exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            shutil.copyfile(handle["std_log"], logs / STD_LOG)
-        return Collected(outputs_dir=run_dir / "outputs", logs_dir=logs)
+        _copy_log(run_dir)
+        return Collected(outputs_dir=run_dir / "outputs", logs_dir=run_dir / "logs")
 
     def cleanup(self, handle: dict[str, Any], *, remove_files: bool) -> None:
         self._processes.pop(handle["pid"], None)
@@ -214,33 +228,80 @@ class LocalTarget:
 
 
 def _outcome(handle: dict[str, Any], process: subprocess.Popen[bytes] | None) -> TargetStatus:
-    exit_file = Path(handle["exit_code"])
+    run_dir = handle["run_dir"]
     try:
-        code = int(exit_file.read_text().strip())
-    except (FileNotFoundError, ValueError):
-        # The supervisor itself was killed (the group was signalled): no exit code was written.
-        if process is not None and process.returncode is not None and process.returncode < 0:
-            name = signal.Signals(-process.returncode).name
-            return TargetStatus(
-                running=False, exit_code=process.returncode, reason=f"killed by signal {name}"
-            )
-        return TargetStatus(
-            running=False, exit_code=None, reason="the run's process ended without an exit code"
+        code = int(read_control(run_dir, EXIT_CODE, 0, 64).strip())
+    except ValueError:
+        # The supervisor ended without recording an exit code: it was killed alone, or could not write.
+        returncode = process.returncode if process is not None else None
+        killed = returncode if returncode is not None and returncode < 0 else None
+        control = Path(run_dir) / CONTROL_DIR
+        reason = supervisor_lost_reason(
+            f"worker {handle.get('host') or os.uname().nodename!r}",
+            str(control),
+            control_exists=control.is_dir() and not control.is_symlink(),
+            killed_by=None if killed is None else signal.Signals(-killed).name,
+            leftovers=_end_leftovers(handle),
         )
-    ended_by = exit_file.with_name(ENDED_BY)
-    with contextlib.suppress(FileNotFoundError):
-        if stopped_for_limit(ended_by.read_bytes()):
-            return TargetStatus(
-                running=False,
-                exit_code=code,
-                reason="stopped on the worker for exceeding max_run_duration_seconds",
-                timed_out=True,
-            )
+        return TargetStatus(running=False, exit_code=killed, reason=reason)
+    if stopped_for_limit(read_control(run_dir, ENDED_BY, 0, 4096)):
+        return TargetStatus(
+            running=False,
+            exit_code=code,
+            reason="stopped on the worker for exceeding max_run_duration_seconds",
+            timed_out=True,
+        )
     if code > 128 and code - 128 in signal.valid_signals():
         return TargetStatus(
             running=False, exit_code=code, reason=f"killed by signal {signal.Signals(code - 128).name}"
         )
     return TargetStatus(running=False, exit_code=code)
+
+
+def _copy_log(run_dir: Path) -> None:
+    """Copy the run's log into its logs/ folder, which the script controls: nothing is written through a
+    link it put there (an entry in the way is replaced, and named in the task log)."""
+    try:
+        root = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return
+    try:
+        logs = _own_folder(root, "logs", run_dir)
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(STD_LOG, dir_fd=logs)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            with os.fdopen(os.open(STD_LOG, flags, 0o644, dir_fd=logs), "wb") as out:
+                offset = 0
+                while data := read_control(run_dir, STD_LOG, offset, READ_CAP):
+                    out.write(data)
+                    offset += len(data)
+        except OSError as err:
+            log.warning("The run's log could not be copied to %s/logs/%s: %s", run_dir, STD_LOG, err)
+        finally:
+            os.close(logs)
+    finally:
+        os.close(root)
+
+
+def _own_folder(parent: int, name: str, shown: Path) -> int:
+    """A descriptor of the real folder `name` in `parent`, made so when a link or a file is in its place."""
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+    try:
+        return os.open(name, flags, dir_fd=parent)
+    except FileNotFoundError:
+        pass
+    except OSError as err:
+        if err.errno not in (errno.ELOOP, errno.ENOTDIR):
+            raise
+        log.warning(
+            "The run's %s/%s/ was not a folder (a symbolic link?): replaced by an empty folder for its log.",
+            shown,
+            name,
+        )
+        os.unlink(name, dir_fd=parent)
+    os.mkdir(name, 0o755, dir_fd=parent)
+    return os.open(name, flags, dir_fd=parent)
 
 
 def _machine() -> dict[str, str | None]:
@@ -306,6 +367,54 @@ def _legacy_running(pid: int, run_dir: str) -> bool:
         return os.readlink(f"/proc/{pid}/cwd") == os.path.realpath(run_dir)
     except OSError:
         return False
+
+
+def _end_leftovers(handle: dict[str, Any]) -> int:
+    """SIGKILL what the run left running in its process group once its supervisor (the group's leader) is
+    gone; how many processes that was.
+
+    The group's id is the supervisor's pid, which no new process gets while the group lives; but once the
+    group ended, a new group may take that id. So a member counts as the run's only if its environment
+    names the supervisor by pid and start time (supervisor.LEADER_ENV), which nothing else's does; and
+    only on the machine, boot and pid namespace the run started in. Each is signalled through a pidfd
+    opened before it is looked at, so a pid reused in between cannot be hit.
+    """
+    if handle.get("start_time") is None or any(handle.get(k) != v for k, v in _machine().items()):
+        return 0
+    if _running(handle):
+        return 0  # the supervisor runs: the group is its business
+    pgid = int(handle["pid"])
+    marker = f"\0{supervisor.LEADER_ENV}={pgid}:{handle['start_time']}\0".encode()
+    ended = 0
+    for pid in _group_members(pgid):
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            continue
+        try:
+            fields = _stat_fields(pid)
+            if fields is None or fields[0] == "Z" or int(fields[2]) != pgid:
+                continue
+            if marker not in b"\0" + Path(f"/proc/{pid}/environ").read_bytes():
+                continue
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            ended += 1
+        except OSError:
+            continue
+        finally:
+            os.close(pidfd)
+    return ended
+
+
+def _group_members(pgid: int) -> list[int]:
+    """The live processes of a process group, as /proc shows them."""
+    members = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            fields = _stat_fields(int(entry.name))
+            if fields is not None and len(fields) > 2 and fields[0] != "Z" and int(fields[2]) == pgid:
+                members.append(int(entry.name))
+    return members
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:
