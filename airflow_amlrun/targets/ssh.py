@@ -14,13 +14,23 @@ version) does everything that would otherwise take many round trips:
   enforces the run's max_run_duration_seconds on the host and records its exit code in
   `<run dir>/.amlrun/`: a dropped connection or a dead worker neither ends the run nor lets it overrun;
 * follow: log and metric lines are read over SFTP by byte offset, so a reconnect loses nothing; the exit
-  code file decides the outcome. The run's process is named by pid, start time and boot id: nothing else
-  is ever signalled;
+  code file decides the outcome. A control file is read only once `lstat` says it is a regular file (a
+  FIFO put there would hang the host's SFTP server). The run's process is named by pid, start time and
+  boot id: nothing else is ever signalled. A run whose supervisor ended without an exit code (killed
+  alone, or unable to write) is recorded Failed with the reason, and what it left running is ended by the
+  helper (only processes that provably belong to it);
 * collect: `pack` sends outputs/ and logs/ back as a tar stream, skipping (with a warning in the task log)
   any link that leads out of its folder.
 
 A host whose sshd offers no SFTP subsystem still works: blobs and reads then go through the helper on the
 command channel, and the task log says how to enable SFTP there.
+
+The base dir must be the login user's own and writable by nobody else (checked on every first contact, in
+the same round trip that looks at the interpreter); the helper and the supervisor under `<base>/lib/` are
+checked against their SHA-256 there too, and written again (atomically) when they differ. Everything that
+runs under one SSH login can change what later runs of that login execute (files of the base dir, the
+login's own Python site folders): DAGs sharing an SSH login trust each other, as users sharing a Unix
+account do. Code blobs are not hashed again on the host for that reason.
 
 A managed environment whose index URLs refer to `${VAR}` gets the values from the worker's environment,
 sent in the helper's stdin request and handed only to the installer's process environment on the host;
@@ -39,15 +49,17 @@ import hashlib
 import io
 import json
 import logging
+import select
 import shlex
 import shutil
+import stat
 import tarfile
 import tempfile
 import time
 import weakref
 from functools import cached_property
 from pathlib import Path, PurePosixPath
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, Literal
 
 from airflow_amlrun.environment.lock import has_requirements
 from airflow_amlrun.errors import AmlRunError, ConfigurationError, TargetUnreachableError
@@ -67,11 +79,14 @@ from airflow_amlrun.targets.common import (
     job_environment,
     lines_from,
     stopped_for_limit,
+    supervisor_lost_reason,
     supervisor_request,
     write_run_context_package,
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import paramiko
     from airflow.providers.ssh.hooks.ssh import SSHHook
 
@@ -95,6 +110,35 @@ SUPERVISOR_SOURCE = Path(supervisor.__file__)
 REFUSED = 3
 # The line of sshd_config that gives a host the SFTP subsystem.
 SFTP_SUBSYSTEM = "Subsystem sftp internal-sftp"
+# What is known of the run while a remote operation fails, for the message that gives up on it.
+RunState = Literal["not started", "unknown", "ended"]
+# The folders of the base dir that other users must not be able to write (the base dir itself first).
+PRIVATE_DIRS = ("", "lib", "blobs", "envs", "runs")
+# Run on the host by the probe: the interpreter's version and platform, then (JSON) the login's uid, owner
+# and mode of the base dir's folders, and the SHA-256 of the files of lib/ named in the arguments.
+PROBE_SCRIPT = """
+import hashlib, json, os, stat, sys, sysconfig
+print("%d.%d" % sys.version_info[:2])
+print(sys.implementation.name + "-" + sysconfig.get_platform())
+base, names = sys.argv[1], sys.argv[2:]
+found = {"uid": os.getuid(), "dirs": {}, "lib": {}}
+for name in PRIVATE_DIRS:
+    try:
+        st = os.stat(os.path.join(base, name) if name else base)
+    except OSError:
+        continue
+    found["dirs"][name] = [st.st_uid, st.st_mode]
+for name in names:
+    path, digest = os.path.join(base, "lib", name), None
+    try:
+        if stat.S_ISREG(os.lstat(path).st_mode):
+            with open(path, "rb") as stream:
+                digest = hashlib.sha256(stream.read()).hexdigest()
+    except OSError:
+        pass
+    found["lib"][name] = digest
+print(json.dumps(found))
+""".replace("PRIVATE_DIRS", repr(PRIVATE_DIRS))
 
 
 class SSHTargetError(AmlRunError):
@@ -154,6 +198,10 @@ class SSHTarget:
         self._last_liveness: dict[str, float] = {}
         # The interpreter the helper runs with: the first one found working on the host.
         self._helper_python: str | None = None
+        # Whether a connection to the host was ever made (a failure is then a lost one, not an unreachable host).
+        self._ever_connected = False
+        # Control files of runs already named in the task log as not read: (run id, file name).
+        self._not_read: set[tuple[str, str]] = set()
 
     @classmethod
     def from_connection(cls, name: str, conn: Any, settings: Settings, workspace: Workspace) -> SSHTarget:
@@ -225,12 +273,19 @@ class SSHTarget:
             }
             timeout = BUILD_TIMEOUT
         # The host checks its blob cache first: code it already has costs no second round trip.
-        answer = self._call("preparing the run directory", "prepare", job.run_id, request, timeout=timeout)
+        answer = self._call(
+            "preparing the run directory", "prepare", job.run_id, request, timeout=timeout, run="not started"
+        )
         sent = missing = 0
         if "missing" in answer:
             sent, missing = self._send_code(job, code, blobs, answer)
             answer = self._call(
-                "preparing the run directory", "prepare", job.run_id, request, timeout=timeout
+                "preparing the run directory",
+                "prepare",
+                job.run_id,
+                request,
+                timeout=timeout,
+                run="not started",
             )
             if "missing" in answer:
                 raise SSHTargetError(
@@ -268,7 +323,9 @@ class SSHTarget:
         sent = 0
         for digest in missing:
             data = pylib_bytes[digest] if digest in pylib_bytes else code.store.get_bytes(digest)
-            self._remote(f"sending code blob {digest[:12]}", _bind(self._put_blob, digest, data))
+            self._remote(
+                f"sending code blob {digest[:12]}", _bind(self._put_blob, digest, data), run="not started"
+            )
             sent += len(data)
         return sent, len(missing)
 
@@ -304,14 +361,30 @@ class SSHTarget:
                     code = self._exit_code(handle)
                     if code is not None:
                         return self._outcome(handle, code)
-                    return TargetStatus(
-                        running=False,
-                        exit_code=None,
-                        reason=f"the run's process on {self.host} ended without an exit code (it was killed)",
-                    )
+                    return self._supervisor_lost(handle, status)
             if now >= deadline:
                 return TargetStatus(running=True)
             time.sleep(min(0.2, deadline - now))
+
+    def _supervisor_lost(self, handle: dict[str, Any], status: dict[str, Any]) -> TargetStatus:
+        """The outcome of a run whose supervisor ended without recording an exit code; what the run left
+        running on the host is ended first."""
+        stopped = self._call(
+            "stopping what the run left running",
+            "kill",
+            handle["run_id"],
+            {"grace": TERM_GRACE_SECONDS, "process": _process(handle)},
+            handle=handle,
+            timeout=self.io_timeout + TERM_GRACE_SECONDS,
+            run="ended",
+        )
+        reason = supervisor_lost_reason(
+            f"host {self.host}",
+            f"{handle['run_dir']}/{CONTROL_DIR}",
+            control_exists=bool(status.get("control_exists", True)),
+            leftovers=int(stopped.get("leftovers") or 0),
+        )
+        return TargetStatus(running=False, exit_code=None, reason=reason)
 
     def read_log(self, handle: dict[str, Any], offset: int, final: bool = False) -> Chunk:
         return self._read_lines(handle, STD_LOG, offset, final)
@@ -342,7 +415,7 @@ class SSHTarget:
                     "pack", handle["run_id"], None, handle=handle, timeout=self.io_timeout, sink=spool
                 )
 
-            self._remote("collecting outputs and logs", pack)
+            self._remote("collecting outputs and logs", pack, run="ended")
             spool.seek(0)
             shutil.rmtree(dest, ignore_errors=True)
             dest.mkdir(parents=True)
@@ -369,7 +442,7 @@ class SSHTarget:
 
     def cleanup(self, handle: dict[str, Any], *, remove_files: bool) -> None:
         if remove_files:
-            self._call("removing the run directory", "remove", handle["run_id"], handle=handle)
+            self._call("removing the run directory", "remove", handle["run_id"], handle=handle, run="ended")
             shutil.rmtree(self.runs_dir / handle["run_id"], ignore_errors=True)
 
     def attachable(self, handle: dict[str, Any]) -> str | None:
@@ -409,6 +482,7 @@ class SSHTarget:
             "pid": process["pid"],
             "start_time": process.get("start_time"),
             "boot_id": process.get("boot_id"),
+            "pid_namespace": process.get("pid_namespace"),
             "python": python,
             "helper": self._lib_path("helper"),
             "helper_python": self._helper_python,
@@ -455,31 +529,27 @@ class SSHTarget:
         return shlex.quote(base)
 
     def _probe(self, python: str) -> tuple[str, str]:
-        """(Python version, platform) of an interpreter on the host; also learns the base dir and whether
-        the helper is there, in the same round trip."""
+        """(Python version, platform) of an interpreter on the host; also learns the base dir, checks that it
+        is private to the login user, and whether lib/ holds this version's helper and supervisor intact, in
+        the same round trip."""
         if python in self._probed:
             return self._probed[python]
-        script = (
-            "import sys, sysconfig; print('%d.%d' % sys.version_info[:2]); "
-            "print(sys.implementation.name + '-' + sysconfig.get_platform())"
-        )
         base = self._base_expression()
-        lib = " && ".join(f"test -f {base}/lib/{name}" for name in self._lib)
+        names = " ".join(shlex.quote(name) for name in self._lib)
         command = (
-            f"printf '%s\\n' {base}; {lib} && echo helper || echo none; "
-            f"{shlex.quote(python)} -c {shlex.quote(script)}"
+            f"printf '%s\\n' {base}; {shlex.quote(python)} -I -c {shlex.quote(PROBE_SCRIPT)} {base} {names}"
         )
-        rc, out, err = self._remote("looking at the host", lambda: self._exec(command, None, self.io_timeout))
+        rc, out, err = self._remote(
+            "looking at the host", lambda: self._exec(command, None, self.io_timeout), run="not started"
+        )
         lines = out.decode("utf-8", "replace").splitlines()
-        if len(lines) < 2:
+        if len(lines) < 1:
             raise SSHTargetError(
                 f"Host {self.host} answered {out!r} {err!r} to a shell command; the login shell of "
                 f"{self.where} must be a POSIX shell (sh, bash, zsh).",
                 host=self.host,
             )
-        self._remote_base = lines[0]
-        if lines[1] == "helper":
-            self._lib_present.add(self._remote_base)
+        remote_base = lines[0]
         if rc != 0 or len(lines) < 4:
             raise SSHTargetConfigurationError(
                 f"No usable Python interpreter {python!r} on host {self.host} (SSH connection {self.name!r}): "
@@ -488,7 +558,7 @@ class SSHTarget:
                 "python.interpreter_path, or the connection's extra amlrun_python.",
                 host=self.host,
             )
-        version, platform = lines[2], lines[3]
+        version, platform = lines[1], lines[2]
         if tuple(int(p) for p in version.split(".")) < (3, 7):
             raise SSHTargetConfigurationError(
                 f"Python {version} at {python!r} on host {self.host} is too old; runs need Python 3.7 or newer "
@@ -496,9 +566,60 @@ class SSHTarget:
                 "to a newer interpreter.",
                 host=self.host,
             )
+        found = json.loads(lines[3])
+        self._check_private(remote_base, found)
+        self._remote_base = remote_base
+        self._note_lib(remote_base, found["lib"])
         self._probed[python] = (version, platform)
         self._helper_python = self._helper_python or python
         return version, platform
+
+    def _check_private(self, base: str, found: dict[str, Any]) -> None:
+        """Refuse a base dir that another user of the host owns or may write: they could change the helper,
+        the code and the environments runs execute there, and read the secrets runs receive."""
+        uid = int(found["uid"])
+        for name, (owner, mode) in found["dirs"].items():
+            folder = f"{base}/{name}" if name else base
+            if owner != uid:
+                problem = f"belongs to uid {owner}, not to {self.login or 'the login user'} (uid {uid})"
+            elif mode & 0o022:
+                problem = (
+                    f"is writable by {'other users' if mode & 0o002 else 'its group'} (mode {mode & 0o777:o})"
+                )
+            else:
+                continue
+            user = self.login or "the login user"
+            raise SSHTargetConfigurationError(
+                f"The amlrun folder {folder} on host {self.host} (SSH connection {self.name!r}) {problem}: other "
+                "users of the host could change the helper, code and environments runs execute there, and read "
+                f"the secrets they receive. Make it private to {user} (as that user: `chmod -R go-w {base}`, "
+                f"and as root `chown -R {user} {base}` if needed), or set the connection's extra "
+                f"amlrun_base_dir to a folder only {user} can write.",
+                host=self.host,
+            )
+
+    def _note_lib(self, base: str, digests: dict[str, str | None]) -> None:
+        """Remember whether base/lib holds this version's files intact; warn of one changed since written."""
+        stale = False
+        for name, data in self._lib.items():
+            digest = digests.get(name)
+            if digest == hashlib.sha256(data).hexdigest():
+                continue
+            stale = True
+            if digest is not None:
+                log.warning(
+                    "Host %s: %s/lib/%s was changed since it was written (its content no longer matches its "
+                    "SHA-256); writing it again. Something running as %s changed it: a run of a DAG sharing "
+                    "this SSH login?",
+                    self.host,
+                    base,
+                    name,
+                    self.login or "the login user",
+                )
+        if stale:
+            self._lib_present.discard(base)
+        else:
+            self._lib_present.add(base)
 
     def _base(self) -> str:
         if self._remote_base is None:
@@ -538,18 +659,16 @@ class SSHTarget:
             return blobs
 
     def _ensure_lib(self, base: str) -> None:
-        """Copy the helper and the supervisor to base/lib on the host, unless they are there."""
+        """Write the helper and the supervisor to base/lib on the host, unless the probe found them intact
+        there; each is written to a temporary name, then renamed over the final one."""
         if base in self._lib_present:
             return
         folder = f"{base}/lib"
         for name, data in self._lib.items():
             final = shlex.quote(f"{folder}/{name}")
             tmp = shlex.quote(f"{folder}/{name}.tmp-{time.monotonic_ns()}")
-            # One round trip, and no SFTP needed: the shell writes the file if it is missing.
-            command = (
-                f"test -f {final} || {{ umask 077 && mkdir -p {shlex.quote(folder)} && cat > {tmp} && "
-                f"mv {tmp} {final}; }}"
-            )
+            # One round trip each, and no SFTP needed.
+            command = f"umask 077 && mkdir -p {shlex.quote(folder)} && cat > {tmp} && mv -f {tmp} {final}"
             rc, _out, err = self._exec(command, data, self.io_timeout)
             if rc != 0:
                 raise SSHTargetError(
@@ -592,11 +711,12 @@ class SSHTarget:
         *,
         handle: dict[str, Any] | None = None,
         timeout: float | None = None,
+        run: RunState = "unknown",
     ) -> Any:
         """Run one helper command on the host (reconnecting if the connection drops) and parse its answer."""
         limit = timeout or self.io_timeout
         out = self._remote(
-            action, lambda: self._run_helper(command, run_id, request, handle=handle, timeout=limit)
+            action, lambda: self._run_helper(command, run_id, request, handle=handle, timeout=limit), run=run
         )
         return json.loads(out) if out else None
 
@@ -610,13 +730,24 @@ class SSHTarget:
         timeout: float,
         sink: IO[bytes] | None = None,
         raw: bytes | None = None,
+        on_warning: Callable[[str], None] | None = None,
     ) -> bytes:
-        """Run one helper command; `raw` is sent on its stdin as it is, else the JSON of `request`."""
+        """Run one helper command; `raw` is sent on its stdin as it is, else the JSON of `request`. Its
+        warnings go to the task log, or to `on_warning`."""
         # This version's helper, also for a run an older version started: it reads older run directories.
         base = handle["base_dir"] if handle else self._base()
         python = (handle or {}).get("helper_python") or self._helper_python or self.python
         self._ensure_lib(base)
-        words = [python, self._lib_path("helper", base), command, base, *([run_id] if run_id else [])]
+        # Isolated (-I: no PYTHON* variables, no user site folder), without site (-S): stdlib only, fast.
+        words = [
+            python,
+            "-I",
+            "-S",
+            self._lib_path("helper", base),
+            command,
+            base,
+            *([run_id] if run_id else []),
+        ]
         line = " ".join(shlex.quote(w) for w in words)
         stdin = raw if raw is not None else json.dumps(request).encode() if request is not None else None
         rc, out, err = self._exec(line, stdin, timeout, sink=sink)
@@ -629,7 +760,10 @@ class SSHTarget:
                 host=self.host,
             )
         for warning in filter(None, message.splitlines()):
-            log.warning("Host %s: %s", self.host, warning)
+            if on_warning is not None:
+                on_warning(warning)
+            else:
+                log.warning("Host %s: %s", self.host, warning)
         return out
 
     def _read_lines(self, handle: dict[str, Any], name: str, offset: int, final: bool) -> Chunk:
@@ -646,7 +780,9 @@ class SSHTarget:
             return None
 
     def _outcome(self, handle: dict[str, Any], code: int) -> TargetStatus:
-        ended_by = self._remote("checking the run", lambda: self._read_control(handle, ENDED_BY, 0, 4096))
+        ended_by = self._remote(
+            "checking the run", lambda: self._read_control(handle, ENDED_BY, 0, 4096), run="ended"
+        )
         if stopped_for_limit(ended_by):
             return TargetStatus(
                 running=False,
@@ -657,18 +793,42 @@ class SSHTarget:
         return _outcome(code, self.host)
 
     def _read_control(self, handle: dict[str, Any], name: str, offset: int, size: int) -> bytes:
-        """Bytes of a file of the run's control folder from an offset (nothing while it does not exist)."""
+        """Bytes of a file of the run's control folder from an offset (nothing while it does not exist).
+
+        Only a regular file is opened: the script may have put a FIFO there (an SFTP server opening it would
+        hang) or a link. Anything else is named once in the task log and read as empty.
+        """
         sftp = self._sftp_client()
         if sftp is None:
             request = {"name": name, "offset": offset, "size": size}
-            return self._run_helper("read", handle["run_id"], request, handle=handle, timeout=self.io_timeout)
+            return self._run_helper(
+                "read",
+                handle["run_id"],
+                request,
+                handle=handle,
+                timeout=self.io_timeout,
+                on_warning=lambda warning: self._not_read_once(handle, name, warning),
+            )
+        path = f"{handle['run_dir']}/{CONTROL_DIR}/{name}"
         try:
-            with sftp.open(f"{handle['run_dir']}/{CONTROL_DIR}/{name}", "rb") as stream:
+            mode = sftp.lstat(path).st_mode or 0
+        except FileNotFoundError:
+            return b""
+        if not stat.S_ISREG(mode):
+            self._not_read_once(handle, name, f"{path} is {_kind(mode)}, not a regular file")
+            return b""
+        try:
+            with sftp.open(path, "rb") as stream:
                 stream.seek(offset)
                 data: bytes = stream.read(size)
                 return data
         except FileNotFoundError:
             return b""
+
+    def _not_read_once(self, handle: dict[str, Any], name: str, why: str) -> None:
+        if (handle["run_id"], name) not in self._not_read:
+            self._not_read.add((handle["run_id"], name))
+            log.warning("Host %s: the run's file %s: it is not read, and counts as empty.", self.host, why)
 
     # ------------------------------------------------------------------ the connection
 
@@ -719,11 +879,12 @@ class SSHTarget:
             error = SSHTargetError(self._unreachable(err), host=self.host)
             raise error from err
         self._connection.client = client
+        self._ever_connected = True
         return client
 
     def _unreachable(self, err: BaseException) -> str:
         return (
-            f"Cannot reach SSH host {self.where} (connection {self.name!r}): {err or type(err).__name__}. "
+            f"Cannot reach SSH host {self.where} (connection {self.name!r}): {_describe(err)}. "
             "Check that the host is up and sshd listens on that port and that the worker can reach it; "
             f"raise the connection's extra conn_timeout (now {self.conn_timeout} s) for a slow network."
         )
@@ -743,10 +904,16 @@ class SSHTarget:
         if not self._sftp_offered:
             return None
         if self._connection.sftp is None or not self._connected():
-            client = self._connect()
+            transport = self._connect().get_transport()
+            assert transport is not None
+            channel = self._open_session(transport, self.io_timeout)
             try:
-                sftp = client.open_sftp()
+                channel.invoke_subsystem("sftp")
+                # Silence from here on (the version handshake too) is a TimeoutError, as for a command.
+                channel.settimeout(self.io_timeout)
+                sftp = paramiko.SFTPClient(channel)
             except paramiko.SSHException as err:
+                channel.close()
                 if not self._connected():
                     raise
                 # The connection is fine, so the server refused the subsystem itself.
@@ -757,48 +924,71 @@ class SSHTarget:
                     "SFTP, add the line `%s` to the host's /etc/ssh/sshd_config and reload sshd.",
                     self.host,
                     self.name,
-                    err or type(err).__name__,
+                    _describe(err),
                     SFTP_SUBSYSTEM,
                 )
                 return None
-            channel = sftp.get_channel()
-            if channel is not None:
-                channel.settimeout(self.io_timeout)
             self._connection.sftp = sftp
         return self._connection.sftp
+
+    @staticmethod
+    def _open_session(transport: paramiko.Transport, timeout: float) -> paramiko.Channel:
+        """A new channel on the connection; TimeoutError when the host does not answer within timeout."""
+        import paramiko
+
+        try:
+            return transport.open_session(timeout=timeout)
+        except paramiko.SSHException as err:
+            # paramiko says so only in words; a link gone silent must count as such, not as a refusal.
+            if transport.is_active() and "Timeout" in str(err):
+                raise TimeoutError(f"no answer to opening an SSH channel for {timeout:g} s") from err
+            raise
 
     def _exec(
         self, command: str, stdin: bytes | None, timeout: float, sink: IO[bytes] | None = None
     ) -> tuple[int, bytes, bytes]:
-        """Run a command on the host: its exit status, stdout (unless sent to sink) and stderr."""
+        """Run a command on the host: its exit status, stdout (unless sent to sink) and stderr.
+
+        Both streams are read as they come: they share the channel's flow-control window, so one left
+        unread (megabytes of warnings on stderr) would stall the other. Silence on both for `timeout`
+        seconds raises TimeoutError.
+        """
         transport = self._connect().get_transport()
         assert transport is not None
-        channel = transport.open_session(timeout=timeout)
+        channel = self._open_session(transport, timeout)
         try:
             channel.settimeout(timeout)
             channel.exec_command(command)
             if stdin:
                 channel.sendall(stdin)
             channel.shutdown_write()
-            out = bytearray()
-            while data := channel.recv(1 << 16):
-                if sink is not None:
-                    sink.write(data)
-                else:
-                    out += data
-            err = bytearray()
-            while data := channel.recv_stderr(1 << 16):
-                err += data
+            out, err = bytearray(), bytearray()
+            while True:
+                if channel.recv_stderr_ready():
+                    err += channel.recv_stderr(1 << 16)
+                elif channel.recv_ready():
+                    data = channel.recv(1 << 16)
+                    if sink is not None:
+                        sink.write(data)
+                    else:
+                        out += data
+                elif channel.eof_received or channel.closed:
+                    break
+                elif not select.select([channel], [], [], timeout)[0]:
+                    raise TimeoutError(f"no answer to {command.split()[0]} ... for {timeout:g} s")
             if not channel.status_event.wait(timeout):
-                raise TimeoutError(f"no exit status from {command.split()[0]} within {timeout} s")
+                raise TimeoutError(f"no exit status from {command.split()[0]} ... within {timeout:g} s")
+            if channel.exit_status < 0 and not transport.is_active():
+                raise EOFError("the connection closed before the command's exit status arrived")
             return channel.exit_status, bytes(out), bytes(err)
         finally:
             channel.close()
 
-    def _remote(self, action: str, operation: Any) -> Any:
+    def _remote(self, action: str, operation: Any, *, run: RunState = "unknown") -> Any:
         """Do a remote operation, reconnecting while the connection is lost, for at most the reconnect timeout.
 
         The run goes on on the host meanwhile; every read is by offset, so nothing is lost or repeated.
+        `run` says what is known of the run, for the message that gives up.
         """
         import paramiko
 
@@ -808,7 +998,7 @@ class SSHTarget:
             try:
                 result = operation()
                 if attempt:
-                    log.warning("Reconnected to %s; following the run again.", self.where)
+                    log.warning("Reconnected to %s; %s again.", self.where, action)
                 return result
             except (
                 SSHTargetConfigurationError,
@@ -817,29 +1007,71 @@ class SSHTarget:
             ):
                 raise
             except (SSHTargetError, paramiko.SSHException, OSError, EOFError) as err:
-                lost = isinstance(err, TimeoutError | EOFError) or not self._connected()
-                if isinstance(err, SSHTargetError) and self._connected():
+                connected = self._connected()
+                # Silence while the connection stands: a dead link the transport has not noticed yet, or a
+                # host too slow to answer within amlrun_io_timeout.
+                silent = isinstance(err, TimeoutError) and connected
+                if isinstance(err, SSHTargetError) and connected:
                     raise
-                if not lost:
+                if not (silent or isinstance(err, EOFError) or not connected):
                     raise
                 self._reset()
                 if time.monotonic() > deadline:
                     raise SSHTargetUnreachableError(
-                        f"Lost the connection to {self.where} while {action} and could not reconnect within "
-                        f"{self.reconnect_timeout:.0f} s ({err}). The run itself may still be going on the "
-                        "host: a retry of the task re-attaches to it. Raise the connection's extra "
-                        "amlrun_reconnect_timeout to wait longer.",
-                        host=self.host,
+                        self._gave_up(action, err, silent, run), host=self.host
                     ) from err
                 if attempt == 0:
-                    log.warning(
-                        "Lost the SSH connection to %s while %s (%s); reconnecting. The run goes on on the host.",
-                        self.where,
-                        action,
-                        err or type(err).__name__,
-                    )
+                    if silent:
+                        log.warning(
+                            "No answer from %s for %g s while %s (%s); reconnecting.%s",
+                            self.where,
+                            self.io_timeout,
+                            action,
+                            _describe(err),
+                            " The run goes on on the host." if run == "unknown" else "",
+                        )
+                    elif self._ever_connected:
+                        log.warning(
+                            "Lost the SSH connection to %s while %s (%s); reconnecting.%s",
+                            self.where,
+                            action,
+                            _describe(err),
+                            " The run goes on on the host." if run == "unknown" else "",
+                        )
+                    else:
+                        log.warning("%s Trying again while %s.", _describe(err, bare=True), action)
                 attempt += 1
                 time.sleep(min(0.5 * attempt, 3.0))
+
+    def _gave_up(self, action: str, err: BaseException, silent: bool, run: RunState) -> str:
+        """Why a remote operation was given up after the reconnect timeout, and what to do."""
+        wait = f"{self.reconnect_timeout:.0f} s"
+        if not self._ever_connected:
+            message = (
+                f"{_describe(err, bare=True)} Tried for {wait} while {action}; raise the connection's extra "
+                "amlrun_reconnect_timeout to wait longer."
+            )
+        elif silent:
+            message = (
+                f"Host {self.where} did not answer while {action}: nothing came for {self.io_timeout:g} s, again "
+                f"for {wait}, although the SSH connection itself was up ({_describe(err)}). A slow or busy host "
+                f"needs a longer wait: raise the connection's extra amlrun_io_timeout (now {self.io_timeout:g} s)."
+            )
+        else:
+            message = (
+                f"Lost the connection to {self.where} while {action} and could not reconnect within {wait} "
+                f"({_describe(err)}). Raise the connection's extra amlrun_reconnect_timeout to wait longer."
+            )
+        if run == "unknown":
+            message += (
+                " The run itself may still be going on the host: a retry of the task re-attaches to it."
+            )
+        elif run == "ended":
+            message += (
+                " The run itself has ended on the host: a retry of the task (or `amlrun reconcile`) records "
+                "its outcome and collects its outputs."
+            )
+        return message
 
 
 class _Connection:
@@ -870,6 +1102,33 @@ def _bind(function: Any, *args: Any) -> Any:
     return lambda: function(*args)
 
 
+def _describe(err: BaseException, bare: bool = False) -> str:
+    """An error as the user reads it: its type named when its message is empty (a socket timeout says
+    nothing), its cause's when it only wraps one; `bare` keeps the message of our own error as it is."""
+    if isinstance(err, SSHTargetError):
+        if bare:
+            return str(err)
+        if err.__cause__ is not None:
+            return _describe(err.__cause__)
+    text = str(err)
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def _kind(mode: int) -> str:
+    """What a file of the given mode is, in words."""
+    for test, kind in (
+        (stat.S_ISLNK, "a symbolic link"),
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a device node"),
+        (stat.S_ISBLK, "a device node"),
+    ):
+        if test(mode):
+            return kind
+    return "a special file"
+
+
 def _shorten(text: str, keep: int = 100) -> str:
     return text if len(text) <= 2 * keep + 3 else f"{text[:keep]}...{text[-keep:]}"
 
@@ -879,7 +1138,12 @@ def _process(handle: dict[str, Any]) -> dict[str, Any] | None:
     (recorded by an older version), which the helper then reads from the run directory."""
     if handle.get("start_time") is None:
         return None
-    return {"pid": handle["pid"], "start_time": handle["start_time"], "boot_id": handle.get("boot_id")}
+    return {
+        "pid": handle["pid"],
+        "start_time": handle["start_time"],
+        "boot_id": handle.get("boot_id"),
+        "pid_namespace": handle.get("pid_namespace"),
+    }
 
 
 def _outcome(code: int, host: str) -> TargetStatus:

@@ -17,7 +17,12 @@ and the supervisor each run starts under).
 
 A run's process is named by its pid together with its start time and the host's boot id (kept in
 ``<run dir>/.amlrun/pid`` and in the worker's handle): the helper signals a process group only while its
-leader is provably that process, never a pid that another process has since been given.
+leader is provably that process, never a pid that another process has since been given. Once the leader
+(the supervisor) is gone without recording an exit code, ``kill`` ends the processes of its group whose
+environment names that supervisor (supervisor.py's AMLRUN_SUPERVISOR), on the same boot and pid namespace.
+
+The run's control files are opened without following a link or blocking, and read only if they are regular
+files (a FIFO there would hang the helper). Warnings are capped: the first MAX_WARNINGS, then a count.
 """
 
 from __future__ import annotations
@@ -53,6 +58,12 @@ REFUSED = 3
 READABLE = (STD_LOG, EVENTS, EXIT_CODE, ENDED_BY)
 # What the supervisor is told, of a launch request; the rest of the request is the helper's.
 SUPERVISOR_REQUEST = ("argv", "env", "max_seconds", "grace_seconds", "end_group")
+# supervisor.LEADER_ENV: the variable of the job's environment naming its supervisor by pid and start time.
+LEADER_ENV = "AMLRUN_SUPERVISOR"
+# Warnings one command writes at most (one per skipped output, say); the rest are counted.
+MAX_WARNINGS = 100
+# Where the kernel shows processes; on a host without it (BSD, macOS), `ps` is asked.
+PROC = "/proc"
 
 
 class Refused(Exception):
@@ -71,7 +82,10 @@ def main(argv: list[str]) -> int:
         return 2
     try:
         request = json.loads(sys.stdin.read() or "{}") if command in READS_STDIN else {}
-        answer = handler(base, name, request)
+        try:
+            answer = handler(base, name, request)
+        finally:
+            warnings_summary()
     except Refused as err:
         sys.stderr.write(f"{err}\n")
         return REFUSED
@@ -371,7 +385,12 @@ def cmd_launch(base: str, run_id: str | None, request: dict[str, Any]) -> dict[s
     finally:
         os.close(log)
     # Read while the child is ours and unreaped: its pid cannot name another process yet.
-    record = {"pid": process.pid, "start_time": start_time(process.pid), "boot_id": boot_id()}
+    record = {
+        "pid": process.pid,
+        "start_time": start_time(process.pid),
+        "boot_id": boot_id(),
+        "pid_namespace": pid_namespace(),
+    }
     pid_tmp = os.path.join(control, PID + ".tmp")
     with open(pid_tmp, "w") as out:
         json.dump(record, out)
@@ -386,9 +405,8 @@ def cmd_launch(base: str, run_id: str | None, request: dict[str, Any]) -> dict[s
 def read_pid(root: str) -> dict[str, Any] | None:
     """The run's process as launch recorded it; a bare pid from an older helper gives {"pid": N}."""
     try:
-        with open(os.path.join(root, CONTROL_DIR, PID)) as stream:
-            value = json.loads(stream.read())
-    except (FileNotFoundError, ValueError):
+        value = json.loads(read_control(root, PID, 0, 4096) or b"null")
+    except (ValueError, NotRegular):
         return None
     if isinstance(value, int):
         return {"pid": value}
@@ -399,16 +417,59 @@ def read_pid(root: str) -> dict[str, Any] | None:
 
 def read_exit_code(root: str) -> int | None:
     try:
-        with open(os.path.join(root, CONTROL_DIR, EXIT_CODE)) as stream:
-            return int(stream.read().strip())
-    except (FileNotFoundError, ValueError):
+        return int(read_control(root, EXIT_CODE, 0, 64).strip())
+    except (ValueError, NotRegular):
         return None
+
+
+class NotRegular(Exception):
+    """A control file that is not read: a link, a FIFO, a folder... (the message says which)."""
+
+
+def read_control(root: str, name: str, offset: int, size: int) -> bytes:
+    """Up to size bytes of a control file of the run directory from an offset; empty while it does not exist.
+
+    The script controls its run directory: no link is followed (neither .amlrun nor the file may be one), the
+    open does not block (a FIFO would hang it), and only a regular file is read; else NotRegular.
+    """
+    try:
+        folder = os.open(os.path.join(root, CONTROL_DIR), DIR_FLAGS)
+    except FileNotFoundError:
+        return b""
+    except OSError as err:
+        if err.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise NotRegular(f"{CONTROL_DIR} is a symbolic link or not a folder") from None
+        raise
+    try:
+        try:
+            fd = os.open(name, FILE_FLAGS, dir_fd=folder)
+        except FileNotFoundError:
+            return b""
+        except OSError as err:
+            if err.errno == errno.ELOOP:
+                raise NotRegular(f"{CONTROL_DIR}/{name} is a symbolic link") from None
+            raise
+    finally:
+        os.close(folder)
+    with os.fdopen(fd, "rb") as stream:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise NotRegular(f"{CONTROL_DIR}/{name} is not a regular file (a FIFO, socket, device or folder)")
+        stream.seek(offset)
+        data: bytes = stream.read(size)
+        return data
 
 
 def boot_id() -> str | None:
     try:
-        with open("/proc/sys/kernel/random/boot_id") as stream:
+        with open(f"{PROC}/sys/kernel/random/boot_id") as stream:
             return stream.read().strip()
+    except OSError:
+        return None
+
+
+def pid_namespace() -> str | None:
+    try:
+        return os.readlink(f"{PROC}/self/ns/pid")
     except OSError:
         return None
 
@@ -416,13 +477,11 @@ def boot_id() -> str | None:
 def start_time(pid: int) -> str | None:
     """What, with the pid, names one process for good: its start time. None when it is gone, a zombie, or
     cannot be read."""
-    try:
-        with open(f"/proc/{pid}/stat") as stream:
-            fields = stream.read().rsplit(")", 1)[1].split()
-    except FileNotFoundError:
-        if os.path.isdir("/proc/self"):
-            return None
+    if not os.path.isdir(f"{PROC}/self"):
         return ps_start_time(pid)
+    try:
+        with open(f"{PROC}/{pid}/stat") as stream:
+            fields = stream.read().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return None
     if fields[0] in ("Z", "X") or len(fields) < 20:
@@ -464,7 +523,7 @@ def alive(record: dict[str, Any], root: str) -> bool:
     if start_time(pid) is None:
         return False
     try:
-        return os.readlink(f"/proc/{pid}/cwd") == os.path.realpath(root)
+        return os.readlink(f"{PROC}/{pid}/cwd") == os.path.realpath(root)
     except OSError:
         return False
 
@@ -487,7 +546,15 @@ def cmd_status(base: str, run_id: str | None, request: dict[str, Any]) -> dict[s
         "alive": record is not None and alive(record, root),
         "exit_code": read_exit_code(root),
         "run_dir": root,
+        "control_exists": stat.S_ISDIR(lstat_mode(os.path.join(root, CONTROL_DIR))),
     }
+
+
+def lstat_mode(path: str) -> int:
+    try:
+        return os.lstat(path).st_mode
+    except OSError:
+        return 0
 
 
 def kill_group(pid: int, sig: int) -> None:
@@ -498,13 +565,16 @@ def kill_group(pid: int, sig: int) -> None:
 def cmd_kill(base: str, run_id: str | None, request: dict[str, Any]) -> dict[str, Any]:
     """SIGTERM to the run's process group, SIGKILL after the grace period if its leader still runs.
 
-    Only while the leader is provably the run's: once it has ended, what the job left in its group was
-    ended by the supervisor itself.
+    Only while the leader is provably the run's. Once it has ended, what the job left in its group was
+    ended by the supervisor itself, unless the supervisor ended abnormally: then what is provably the run's
+    of its group is ended here (see end_leftovers); ``leftovers`` says how many processes that was.
     """
     root = run_dir(base, run_id)
     record = run_process(root, request)
-    if record is None or not alive(record, root):
-        return {"killed": False}
+    if record is None:
+        return {"killed": False, "leftovers": 0}
+    if not alive(record, root):
+        return {"killed": False, "leftovers": end_leftovers(record)}
     pid = int(record["pid"])
     kill_group(pid, signal.SIGTERM)
     deadline = time.monotonic() + float(request.get("grace", 5.0))
@@ -515,6 +585,69 @@ def cmd_kill(base: str, run_id: str | None, request: dict[str, Any]) -> dict[str
     return {"killed": True}
 
 
+def end_leftovers(record: dict[str, Any]) -> int:
+    """SIGKILL what the run left running in its process group once its supervisor (the group's leader) is
+    gone; how many processes that was.
+
+    The group's id is the supervisor's pid, which no new process gets while the group lives; but once the
+    group ended, a new group may take that id. So a member counts as the run's only if its environment
+    names the supervisor by pid and start time (LEADER_ENV), which nothing else's does; and only on the
+    boot and pid namespace the run started in. Where it can, each is signalled through a pidfd opened before
+    it is looked at, so a pid reused in between cannot be hit.
+    """
+    started = record.get("start_time")
+    if (
+        not isinstance(started, str)
+        or not started.startswith("ticks:")
+        or record.get("boot_id") != boot_id()
+        or record.get("pid_namespace") is None
+        or record.get("pid_namespace") != pid_namespace()
+    ):
+        return 0
+    pgid = int(record["pid"])
+    if start_time(pgid) == started:
+        return 0  # the supervisor runs: the group is its business
+    marker = f"\0{LEADER_ENV}={pgid}:{started[len('ticks:') :]}\0".encode()
+    ended = 0
+    for pid in group_members(pgid):
+        pidfd = None
+        try:
+            if hasattr(os, "pidfd_open"):
+                pidfd = os.pidfd_open(pid)
+            if group_of(pid) != pgid:
+                continue
+            with open(f"{PROC}/{pid}/environ", "rb") as stream:
+                if marker not in b"\0" + stream.read():
+                    continue
+            if pidfd is not None:
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            else:
+                os.kill(pid, signal.SIGKILL)
+            ended += 1
+        except OSError:
+            continue
+        finally:
+            if pidfd is not None:
+                os.close(pidfd)
+    return ended
+
+
+def group_of(pid: int) -> int | None:
+    """The process group of a live (not zombie) process, or None."""
+    try:
+        with open(f"{PROC}/{pid}/stat") as stream:
+            fields = stream.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return int(fields[2]) if len(fields) > 2 and fields[0] not in ("Z", "X") else None
+
+
+def group_members(pgid: int) -> list[int]:
+    if not os.path.isdir(f"{PROC}/self"):
+        return []
+    return [int(n) for n in os.listdir(PROC) if n.isdigit() and group_of(int(n)) == pgid]
+
+
 # ------------------------------------------------------------------ reading back
 
 
@@ -523,12 +656,11 @@ def cmd_read(base: str, run_id: str | None, request: dict[str, Any]) -> None:
     name = request.get("name")
     if name not in READABLE:
         raise Refused(f"Refusing to read {name!r}: not one of {', '.join(READABLE)}.")
-    path = os.path.join(run_dir(base, run_id), CONTROL_DIR, name)
+    root = run_dir(base, run_id)
     try:
-        with open(path, "rb") as stream:
-            stream.seek(int(request.get("offset", 0)))
-            data = stream.read(int(request.get("size", 1 << 20)))
-    except FileNotFoundError:
+        data = read_control(root, name, int(request.get("offset", 0)), int(request.get("size", 1 << 20)))
+    except NotRegular as err:
+        warn(f"{NOT_READ}{err}")
         data = b""
     sys.stdout.buffer.write(data)
     sys.stdout.buffer.flush()
@@ -566,9 +698,25 @@ DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
 FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
 
 
+# How `read` starts the warning about a control file it does not read (the worker names it once).
+NOT_READ = "not read: "
+_warnings = {"shown": 0, "left_out": 0}
+
+
 def warn(message: str) -> None:
+    """One line on stderr, which the worker writes to the task log; beyond MAX_WARNINGS, only counted."""
+    if _warnings["shown"] >= MAX_WARNINGS:
+        _warnings["left_out"] += 1
+        return
+    _warnings["shown"] += 1
     sys.stderr.write(message.replace("\n", " ") + "\n")
     sys.stderr.flush()
+
+
+def warnings_summary() -> None:
+    if _warnings["left_out"]:
+        sys.stderr.write(f"... and {_warnings['left_out']} more warnings like these, not shown.\n")
+        sys.stderr.flush()
 
 
 def pack_folder(tar: tarfile.TarFile, top: str, label: str) -> None:
