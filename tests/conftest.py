@@ -282,10 +282,25 @@ def worker_dies_mid_run(
     from airflow_amlrun import Workspace
 
     limit = "none" if max_run_duration_seconds is None else str(max_run_duration_seconds)
-    worker = subprocess.Popen(
-        [sys.executable, "-c", _SUBMIT_AS_TRY_1, str(source), compute_target, limit], env=os.environ.copy()
-    )
-    wait_until_running()
+    with tempfile.TemporaryFile() as said:
+        worker = subprocess.Popen(
+            [sys.executable, "-c", _SUBMIT_AS_TRY_1, str(source), compute_target, limit],
+            env=os.environ.copy(),
+            stderr=said,
+        )
+        deadline = time.monotonic() + 60
+        while wait_until_running(timeout=0.2) is None:
+            if worker.poll() is None and time.monotonic() < deadline:
+                continue
+            worker.kill()
+            status = worker.wait()
+            said.seek(0)
+            pytest.fail(
+                f"The worker's run on {compute_target!r} did not reach Running (the worker ended with status "
+                f"{status}, within 60 s), so the worker could not be killed mid-run; it said:\n"
+                + said.read().decode("utf-8", "replace")[-4000:],
+                pytrace=False,
+            )
     time.sleep(settle)
     worker.send_signal(signal.SIGKILL)
     worker.wait()

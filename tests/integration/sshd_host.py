@@ -75,14 +75,16 @@ class SshdHost:
         _run("ip", "link", "set", self.link, "up")
 
     def stop(self) -> None:
+        """End what the host started, and only that: the processes of its network namespace (sshd and all
+        it started, runs the tests left behind included), and, for a login user it created, every process
+        of that user. A user that existed before keeps its other processes."""
         _stop_namespace(self.namespace, self.link)
-        # Runs the tests left behind end with the host: every process of its login user, by pid.
-        uid = pwd.getpwnam(self.user).pw_uid
-        for proc in Path("/proc").iterdir():
-            with contextlib.suppress(OSError, ValueError):
-                if proc.name.isdigit() and proc.stat().st_uid == uid:
-                    os.kill(int(proc.name), signal.SIGKILL)
         if self.created_user:
+            uid = pwd.getpwnam(self.user).pw_uid
+            for proc in Path("/proc").iterdir():
+                with contextlib.suppress(OSError, ValueError):
+                    if proc.name.isdigit() and proc.stat().st_uid == uid:
+                        os.kill(int(proc.name), signal.SIGKILL)
             subprocess.run(["userdel", "-r", self.user], capture_output=True)
         shutil.rmtree(self.workdir, ignore_errors=True)
 

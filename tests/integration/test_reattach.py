@@ -204,3 +204,15 @@ def test_a_retry_on_another_host_fails_the_local_run_over_and_starts_anew(amlrun
     assert Workspace.get().get_run(new["id"]).status == "Completed"
     # The earlier run was left alone on its machine (this one): it ends by itself.
     assert wait_for_file(Path(orphan.handle["run_dir"]) / ".amlrun" / "exit_code").strip() == "0"
+
+
+def test_a_worker_whose_run_never_runs_fails_the_test_saying_why(amlrun_home, tmp_path):
+    # The tests above rely on the worker's run being Running when the worker is killed.
+    write_script(tmp_path / "src", "other.py", "print('not the script')\n")
+    with pytest.raises(pytest.fail.Exception) as failed:
+        worker_dies_mid_run(tmp_path / "src")
+    message = str(failed.value)
+    assert message.startswith(
+        "The worker's run on 'local' did not reach Running (the worker ended with status 1"
+    )
+    assert "train.py" in message  # the worker's own error, which says what is missing
