@@ -176,12 +176,17 @@ def _settle(
             f"it cannot be reached from here ({unreachable}); run reconcile on that machine, or "
             "--abandon-unreachable if it is gone for good",
         )
-    status = target.wait(handle, 0)
     over_limit = _over_limit(record)
+    if dry_run:
+        # Asking the target may already act (end what a dead supervisor left behind): a dry run only says.
+        return result(
+            "Failed" if over_limit else "ended, or left",
+            "it would be looked at on its target: followed to its end if it ended"
+            + (", stopped for its limit otherwise" if over_limit else ", left to a retry if it still runs"),
+        )
+    status = target.wait(handle, 0)
     if status.running and not over_limit:
         return result(LEFT, "it still runs on its target, within its limit; a retry of its task re-attaches")
-    if dry_run:
-        return result("Failed" if status.running else "ended", "it would be followed to its end from here")
     if not workspace.history.claim_unheard_run(record.id, heard_before=heard_before):
         return None
     return _follow_to_end(workspace, target, job, handle, record, settings)

@@ -552,6 +552,10 @@ class ScriptRun:
             )
         if status.exit_code == 0:
             return self._finish(RunStatus.COMPLETED, None)
+        if status.exit_code is None:
+            # Nothing recorded how it ended (its supervisor was killed, or could not write): say what is known.
+            reason = status.reason or "nothing recorded how it ended"
+            return self._finish(RunStatus.FAILED, f"The run ended without an exit code: {reason}.")
         reason = status.reason or f"exit code {status.exit_code}"
         return self._finish(RunStatus.FAILED, f"The script failed ({reason}).")
 
