@@ -578,6 +578,8 @@ class ScriptRun:
             return self._finished
         fields: dict[str, Any] = {"status": status, "error": error, "end_time": _now()}
         if self.handle is not None:
+            # Recorded even when it was found only after a failed start, so the run's files can be found.
+            fields["handle"] = self.handle
             self._book.update(status=RunStatus.FINALIZING)
             try:
                 fields.update(self._collect())

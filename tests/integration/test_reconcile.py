@@ -432,3 +432,26 @@ def test_a_docker_run_whose_folder_was_removed_on_this_worker_says_so(docker_hom
         docker_home.remove_container(container_id)
     else:
         assert f"its container {container_name(orphan.id)} from unix:///var/run/docker.sock" in run.error
+
+
+def test_a_starting_task_leaves_remote_orphans_to_amlrun_reconcile(amlrun_home, tmp_path, run_dag):
+    # A run on a remote target: looking at it may take a network round trip, which a starting task does not
+    # spend on other tasks' runs.
+    Workspace.get().history.create_run(run_id="remote_1_deadbeef", experiment="remote", target="docker")
+    until_orphaned()
+    write_script(tmp_path / "other", "train.py", "print('other task')\n")
+
+    result = run_dag(
+        f"""
+        import pendulum
+        from airflow.sdk import DAG
+        from airflow_amlrun import ScriptRunConfig, ScriptRunOperator
+
+        with DAG("DAG_ID", schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC")) as dag:
+            ScriptRunOperator(task_id="train", config=ScriptRunConfig({str(tmp_path / "other")!r}, script="train.py"))
+        """
+    )
+
+    assert result.state == "success"
+    assert Workspace.get().get_run("remote_1_deadbeef").status == "Queued"
+    assert "`amlrun reconcile` (e.g. run from cron) settles them" in result.log
