@@ -1,4 +1,6 @@
 # Two commands for a fresh machine: `make demo` and `make test`.
+# Packages are installed with their bytecode compiled: every task and run imports them in a fresh process,
+# and a machine may forbid writing __pycache__ at run time (PYTHONDONTWRITEBYTECODE, a read-only venv).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -11,8 +13,9 @@ install: $(STAMP)
 $(STAMP): pyproject.toml requirements-dev.lock
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check uv
-	$(BIN)/uv pip sync --quiet --python $(BIN)/python requirements-dev.lock
-	$(BIN)/uv pip install --quiet --python $(BIN)/python --no-deps -e .
+	$(BIN)/uv pip sync --quiet --compile-bytecode --python $(BIN)/python requirements-dev.lock
+	$(BIN)/uv pip install --quiet --compile-bytecode --python $(BIN)/python --no-deps -e .
+	$(BIN)/python -m compileall -q -j 0 airflow_amlrun
 	@touch $@
 
 # Runs the example DAG end to end on the embedded workspace and prints the run history.

@@ -1,46 +1,78 @@
-"""Settings of the `[amlrun]` section of Airflow's configuration, with the defaults a user wants."""
+"""Settings of the `[amlrun]` section of Airflow's configuration, with the defaults a user wants.
+
+Inside Airflow (a task, ``dag.test``, a scheduler: any process that has loaded Airflow) the options are read
+through Airflow's configuration, with everything it supports. A plain Python process that has not loaded
+Airflow reads the same two sources Airflow would, ``AIRFLOW__AMLRUN__*`` variables and the ``[amlrun]``
+section of ``airflow.cfg``, itself: importing Airflow boots its settings, logging and secrets masker, about a
+second of CPU that a script submitting one run should not pay, and that masks nothing outside a task.
+"""
 
 from __future__ import annotations
 
+import configparser
+import functools
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 SECTION = "amlrun"
 
-# name -> (default, description); get_provider_info publishes the same table as the config section.
-OPTIONS: dict[str, tuple[str, str]] = {
-    "workspace_conn_id": (
+OptionType = Literal["string", "integer", "float", "boolean"]
+
+
+@dataclass(frozen=True)
+class Option:
+    """One `[amlrun]` option: its default as written in airflow.cfg, its type, and what it is for."""
+
+    default: str
+    type: OptionType
+    description: str
+
+
+# get_provider_info publishes this same table as the provider's config section.
+OPTIONS: dict[str, Option] = {
+    "workspace_conn_id": Option(
         "amlrun_default",
+        "string",
         "Connection (type amlrun) naming the run-history database and the store. When it does not "
         "exist, the embedded workspace under $AIRFLOW_HOME/amlrun is used.",
     ),
-    "home": (
+    "home": Option(
         "",
+        "string",
         "Folder of the embedded workspace (history.db and store/). Empty means $AIRFLOW_HOME/amlrun.",
     ),
-    "local_runs_dir": (
+    "local_runs_dir": Option(
         "",
+        "string",
         "Folder in which the local target makes run directories. Empty means <home>/runs.",
     ),
-    "cleanup": (
+    "cleanup": Option(
         "on_success",
+        "string",
         "When to delete a run directory after its outputs are collected: never, on_success or always.",
     ),
-    "snapshot_max_size_mb": ("300", "Largest total size of a code snapshot, in MB."),
-    "snapshot_max_files": ("2000", "Largest number of files in a code snapshot."),
-    "poll_interval_seconds": ("0.1", "How often a waiting task polls its run for status, log and metrics."),
-    "docker_default_image": (
+    "snapshot_max_size_mb": Option("300", "float", "Largest total size of a code snapshot, in MB."),
+    "snapshot_max_files": Option("2000", "integer", "Largest number of files in a code snapshot."),
+    "poll_interval_seconds": Option(
+        "0.1", "float", "How often a waiting task polls its run for status, log and metrics."
+    ),
+    "docker_default_image": Option(
         "amlrun-base:py3.11",
+        "string",
         "Image of a Docker run whose environment names none (a user-managed environment without docker.base_image).",
     ),
-    "docker_default_image_base": (
+    "docker_default_image_base": Option(
         "python:3.11-slim",
+        "string",
         "Public Python image from which a Docker daemon that lacks the default image (an amlrun-base image) "
         "builds it on first use, pulling it if needed. Empty: never build it.",
     ),
-    "reconcile_after_seconds": (
+    "reconcile_after_seconds": Option(
         "600",
+        "float",
         "A run whose task has not reported on it for this long (its worker died, and no retry re-attached) "
         "is settled by `amlrun reconcile`, which every task also runs when it starts: recorded as it ended "
         "on its target, or stopped and recorded Failed once past its max_run_duration_seconds.",
@@ -50,15 +82,101 @@ OPTIONS: dict[str, tuple[str, str]] = {
 CLEANUP_CHOICES = ("never", "on_success", "always")
 
 
+def airflow_loaded() -> bool:
+    """Whether this process has loaded Airflow (a task, ``dag.test``, a scheduler, a script that imported
+    it): Airflow's own configuration and connections are then asked, as it has paid for them already."""
+    return "airflow.configuration" in sys.modules
+
+
+def _env_name(section: str, key: str) -> str:
+    return f"AIRFLOW__{section.upper()}__{key.upper()}"
+
+
+def _expand(value: str) -> str:
+    # As Airflow does for a value from the environment or airflow.cfg: $VARS and ~, until nothing changes.
+    while True:
+        expanded = os.path.expanduser(os.path.expandvars(value))
+        if expanded == value:
+            return expanded
+        value = expanded
+
+
+def airflow_config_file() -> Path:
+    """The airflow.cfg Airflow reads: ``$AIRFLOW_CONFIG``, else ``$AIRFLOW_HOME/airflow.cfg``."""
+    named = os.environ.get("AIRFLOW_CONFIG")
+    return Path(_expand(named)) if named is not None else Path(airflow_home()) / "airflow.cfg"
+
+
+@functools.lru_cache(maxsize=1)
+def _parsed_config_file(path: Path, mtime_ns: int, size: int) -> configparser.ConfigParser:
+    # Keyed by the file's time and size, so an edited airflow.cfg is read again.
+    parser = configparser.ConfigParser(strict=False)
+    try:
+        parser.read(path)
+    except (configparser.Error, OSError, UnicodeDecodeError):
+        # Airflow refuses such a file when it loads; nothing is taken from it here either.
+        return configparser.ConfigParser()
+    return parser
+
+
+def _file_option(section: str, key: str) -> str | None:
+    path = airflow_config_file()
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    try:
+        value = _parsed_config_file(path, stat.st_mtime_ns, stat.st_size).get(section, key, fallback=None)
+    except configparser.Error:  # an interpolation that does not resolve
+        return None
+    return None if value is None else _expand(value)
+
+
 def _option(name: str) -> str:
-    value = os.environ.get(f"AIRFLOW__{SECTION.upper()}__{name.upper()}")
+    default = OPTIONS[name].default
+    value = os.environ.get(_env_name(SECTION, name))
     if value is not None:
         return value
-    try:
+    if airflow_loaded():
         from airflow.configuration import conf
-    except ImportError:  # pragma: no cover - airflow is a dependency; kept for stripped-down images
-        return OPTIONS[name][0]
-    return str(conf.get(SECTION, name, fallback=OPTIONS[name][0]))
+
+        return str(conf.get(SECTION, name, fallback=default))
+    value = _file_option(SECTION, name)
+    return default if value is None else value
+
+
+def _typed(name: str) -> float:
+    text = _option(name)
+    kind = OPTIONS[name].type
+    try:
+        return int(text) if kind == "integer" else float(text)
+    except ValueError:
+        from airflow_amlrun.errors import ConfigurationError
+
+        raise ConfigurationError(
+            f"[amlrun] {name} = {text!r} is not {'an integer' if kind == 'integer' else 'a number'}; set it "
+            f"in airflow.cfg or {_env_name(SECTION, name)} (default {OPTIONS[name].default})."
+        ) from None
+
+
+def connection_may_be_defined(conn_id: str) -> bool:
+    """Whether asking Airflow for a connection could find one, in a process that has not loaded Airflow.
+
+    Outside a task, Airflow looks a connection up in an ``AIRFLOW_CONN_<ID>`` variable and in a secrets
+    backend configured in ``[workers] secrets_backend`` or ``[secrets] backend`` (the metadata database is
+    asked only by Airflow's servers). When none of these can hold it, the answer is known to be no.
+    """
+    if airflow_loaded() or os.environ.get("_AIRFLOW_PROCESS_CONTEXT") == "server":
+        return True
+    if f"AIRFLOW_CONN_{conn_id.upper()}" in os.environ:
+        return True
+    for section, key in (("workers", "secrets_backend"), ("secrets", "backend")):
+        variable = _env_name(section, key)
+        if any(os.environ.get(variable + suffix) for suffix in ("", "_CMD", "_SECRET")):
+            return True
+        if _file_option(section, key):
+            return True
+    return False
 
 
 def airflow_home() -> Path:
@@ -91,7 +209,7 @@ def load_settings() -> Settings:
             f"[amlrun] cleanup = {cleanup!r} is not one of {', '.join(CLEANUP_CHOICES)}; "
             "set it in airflow.cfg or AIRFLOW__AMLRUN__CLEANUP."
         )
-    reconcile_after = float(_option("reconcile_after_seconds"))
+    reconcile_after = _typed("reconcile_after_seconds")
     if not reconcile_after > 0:
         from airflow_amlrun.errors import ConfigurationError
 
@@ -104,10 +222,10 @@ def load_settings() -> Settings:
         home=home,
         local_runs_dir=Path(_option("local_runs_dir") or home / "runs").expanduser(),
         cleanup=cleanup,
-        snapshot_max_bytes=int(float(_option("snapshot_max_size_mb")) * 1_000_000),
-        snapshot_max_files=int(_option("snapshot_max_files")),
-        poll_interval_seconds=float(_option("poll_interval_seconds")),
-        docker_default_image=_option("docker_default_image") or OPTIONS["docker_default_image"][0],
+        snapshot_max_bytes=int(_typed("snapshot_max_size_mb") * 1_000_000),
+        snapshot_max_files=int(_typed("snapshot_max_files")),
+        poll_interval_seconds=_typed("poll_interval_seconds"),
+        docker_default_image=_option("docker_default_image") or OPTIONS["docker_default_image"].default,
         docker_default_image_base=_option("docker_default_image_base"),
         reconcile_after_seconds=reconcile_after,
     )

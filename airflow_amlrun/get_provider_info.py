@@ -51,13 +51,13 @@ def get_provider_info() -> dict[str, Any]:
                 "description": "Settings of airflow-amlrun: the workspace, run directories and snapshot limits.",
                 "options": {
                     name: {
-                        "description": description,
+                        "description": option.description,
                         "version_added": "0.1.0",
-                        "type": "string",
+                        "type": option.type,
                         "example": None,
-                        "default": default,
+                        "default": option.default,
                     }
-                    for name, (default, description) in OPTIONS.items()
+                    for name, option in OPTIONS.items()
                 },
             }
         },

@@ -7,7 +7,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from airflow_amlrun.config import load_settings
+from airflow_amlrun.config import connection_may_be_defined, load_settings
 from airflow_amlrun.errors import ConfigurationError
 from airflow_amlrun.history import ExperimentRecord, RunHistory, RunRecord, RunStatus
 
@@ -52,9 +52,12 @@ class Workspace:
         """
         settings = load_settings()
         conn_id = conn_id or settings.workspace_conn_id
-        from airflow_amlrun.hooks.workspace import workspace_connection
+        found = None
+        # Asking Airflow loads it (a second of CPU); a plain script where no connection can exist skips that.
+        if connection_may_be_defined(conn_id):
+            from airflow_amlrun.hooks.workspace import workspace_connection
 
-        found = workspace_connection(conn_id)
+            found = workspace_connection(conn_id)
         if found is None:
             if conn_id != settings.workspace_conn_id:
                 raise ConfigurationError(
