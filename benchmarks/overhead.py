@@ -1,5 +1,11 @@
 """Overhead of a ScriptRunOperator task over the stock operator running the same script, per target.
 
+Target `plain` measures the entry point without Airflow instead: a fresh `python submit.py` process doing the
+five steps of a script (Workspace.get, Experiment, ScriptRunConfig, submit, wait_for_completion) on the local
+target, against `python train.py` run directly, alternating, after a warm-up of each. It prints the same
+medians (wall time of the process), its ratio, and the CPU time of each process and its children
+(`*_cpu_median_s`): every task under a real executor is such a fresh process.
+
 For each target, both tasks run the same 2-second training script, as Airflow runs them (dag.test on a
 migrated AIRFLOW_HOME), in this one process, alternating, for several rounds after a warm-up round of each.
 Baselines: local -> BashOperator (`python train.py`); other targets bring their own case module
@@ -9,7 +15,7 @@ Baselines: local -> BashOperator (`python train.py`); other targets bring their 
   *_dag_test_median_s, dag_test_ratio: the same for the whole dag.test() call,
   *_first_s: the first (warm-up) task of each kind, which pays the one-time costs of the process.
 
-    python benchmarks/overhead.py [--targets local,docker,ssh] [--rounds 5] [--seconds 2]
+    python benchmarks/overhead.py [--targets plain,local,docker,ssh] [--rounds 5] [--seconds 2]
 
 A case module defines `prepare(root, source, seconds) -> (amlrun_dag_text, baseline_dag_text)` (DAG ids
 `overhead_<target>_amlrun` and `overhead_<target>_baseline`), `BASELINE` (a description) and optionally
@@ -22,6 +28,7 @@ import argparse
 import importlib
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -67,6 +74,19 @@ with DAG("overhead_local_baseline", schedule=None, start_date=pendulum.datetime(
 """
 
 
+PLAIN_SUBMIT = """
+import sys
+from airflow_amlrun import Experiment, ScriptRunConfig, Workspace
+
+ws = Workspace.get()
+experiment = Experiment(ws, "overhead")
+config = ScriptRunConfig({source!r}, script="train.py", arguments=[{seconds!r}])
+record = experiment.submit(config).wait_for_completion()
+if record.status != "Completed":
+    sys.exit(f"the run ended {{record.status}}: {{record.error}}")
+"""
+
+
 class LocalCase:
     BASELINE = "BashOperator running the same script with the same interpreter"
 
@@ -85,7 +105,7 @@ def case(target: str) -> Any:
     return importlib.import_module(f"overhead_{target}")
 
 
-def setup_airflow(root: Path) -> Path:
+def setup_airflow(root: Path, *, migrate: bool) -> Path:
     home = root / "airflow"
     dags = home / "dags"
     dags.mkdir(parents=True)
@@ -97,9 +117,10 @@ def setup_airflow(root: Path) -> Path:
             "AIRFLOW__AMLRUN__HOME": str(root / "amlrun"),
         }
     )
-    subprocess.run(
-        [str(Path(sys.executable).parent / "airflow"), "db", "migrate"], check=True, capture_output=True
-    )
+    if migrate:
+        subprocess.run(
+            [str(Path(sys.executable).parent / "airflow"), "db", "migrate"], check=True, capture_output=True
+        )
     return dags
 
 
@@ -123,6 +144,51 @@ def measure(dag: Any) -> tuple[float, float]:
     if str(ti.state) != "success":
         raise SystemExit(f"{dag.dag_id} did not succeed: {ti.state}")
     return (ti.end_date - ti.start_date).total_seconds(), wall
+
+
+def timed(command: list[str], cwd: Path) -> tuple[float, float]:
+    """Wall time of a fresh process, and the CPU time it and its children used."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.perf_counter()
+    done = subprocess.run(command, cwd=cwd, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed:\n{done.stdout}{done.stderr}")
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return wall, cpu
+
+
+def run_plain(root: Path, source: Path, rounds: int, seconds: float) -> dict[str, Any]:
+    submit = root / "submit.py"
+    submit.write_text(PLAIN_SUBMIT.format(source=str(source), seconds=seconds))
+    commands = {
+        "amlrun": [sys.executable, str(submit)],
+        "baseline": [sys.executable, "train.py", str(seconds)],
+    }
+    # Warm-up: the first process of each kind finds the operating system's file cache cold.
+    first = {name: timed(command, source)[0] for name, command in commands.items()}
+    times: dict[str, list[tuple[float, float]]] = {"amlrun": [], "baseline": []}
+    for _ in range(rounds):
+        for name, command in commands.items():
+            times[name].append(timed(command, source))
+
+    def median(name: str, index: int) -> float:
+        return round(statistics.median(t[index] for t in times[name]), 3)
+
+    return {
+        "target": "plain",
+        "rounds": rounds,
+        "script_seconds": seconds,
+        "amlrun_median_s": median("amlrun", 0),
+        "baseline_median_s": median("baseline", 0),
+        "ratio": round(median("amlrun", 0) / median("baseline", 0), 3),
+        "amlrun_cpu_median_s": median("amlrun", 1),
+        "baseline_cpu_median_s": median("baseline", 1),
+        "amlrun_first_s": round(first["amlrun"], 3),
+        "baseline_first_s": round(first["baseline"], 3),
+        "baseline": "python train.py in a fresh process, the same interpreter",
+    }
 
 
 def run_target(
@@ -167,13 +233,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--targets", default="local", help="comma-separated: local, docker, ssh")
+    parser.add_argument("--targets", default="local", help="comma-separated: plain, local, docker, ssh")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=2.0, help="how long the training script runs")
     args = parser.parse_args()
 
+    targets = [target.strip() for target in args.targets.split(",")]
     root = Path(tempfile.mkdtemp(prefix="amlrun-overhead-"))
-    dags = setup_airflow(root)
+    # Only the DAG targets need Airflow's database; a plain script never touches it.
+    dags = setup_airflow(root, migrate=any(target != "plain" for target in targets))
     source = root / "src"
     source.mkdir()
     (source / "train.py").write_text(textwrap.dedent(TRAIN))
@@ -181,9 +249,12 @@ def main() -> None:
     sys.stdout.flush()
     saved_stdout = os.dup(1)
     try:
-        for target in args.targets.split(","):
+        for target in targets:
             os.dup2(2, 1)
-            result = run_target(target.strip(), root, dags, source, args.rounds, args.seconds)
+            if target == "plain":
+                result = run_plain(root, source, args.rounds, args.seconds)
+            else:
+                result = run_target(target, root, dags, source, args.rounds, args.seconds)
             sys.stdout.flush()
             os.dup2(saved_stdout, 1)
             print(json.dumps(result), flush=True)

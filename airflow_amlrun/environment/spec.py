@@ -10,17 +10,20 @@ import os
 import re
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from airflow_amlrun.environment.credentials import (
-    check_index_url,
-    check_url_credentials,
-    redact_text,
-    referenced_variables,
+from airflow_amlrun.environment.credentials import referenced_variables
+from airflow_amlrun.environment.requirements import (
+    check_requirement,
+    check_url,
+    normalize_python_version,
+    read_package_file,
+    read_text,
+    string_list,
 )
 from airflow_amlrun.errors import ConfigurationError
 
@@ -29,12 +32,9 @@ if TYPE_CHECKING:
 
 DEFAULT_NAME = "amlrun-user-managed"
 
-_PYTHON_VERSION = re.compile(r"^(\d+)\.(\d+)(?:\.\d+)?$")
 # Maven coordinates as spark-submit --packages takes them: group:artifact:version.
 _MAVEN_COORDINATE = re.compile(r"^[A-Za-z0-9_.\-]+:[A-Za-z0-9_.\-]+:[A-Za-z0-9_.\-+]+$")
 _ENV_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,254}$")
-# Conda entries that are not packages of their own: the interpreter, pip, and the pip section.
-_CONDA_ALLOWED = {"python", "pip"}
 
 
 @dataclass
@@ -104,15 +104,6 @@ class SparkSection:
 
 
 @dataclass
-class RequirementsFile:
-    """The requirements and index options of a pip requirements file, with its ``-r`` includes followed."""
-
-    requirements: list[str]
-    index_url: str | None = None
-    extra_index_urls: list[str] = field(default_factory=list)
-
-
-@dataclass
 class Environment:
     """A named, versioned environment; user-managed by default, running the worker's own interpreter.
 
@@ -175,9 +166,9 @@ class Environment:
             )
         where = f"Environment {self.name!r}: python"
         if py.index_url is not None:
-            py.index_url = _check_url(py.index_url, where=where, option="index_url")
+            py.index_url = check_url(py.index_url, where=where, option="index_url")
         py.extra_index_urls = [
-            _check_url(u, where=where, option="extra_index_urls") for u in py.extra_index_urls
+            check_url(u, where=where, option="extra_index_urls") for u in py.extra_index_urls
         ]
         if self.docker.base_image and self.docker.dockerfile:
             raise ConfigurationError(
@@ -193,7 +184,7 @@ class Environment:
                 )
         # Repository URLs are stored like index URLs, so a password in them is a ${VAR} reference too.
         self.spark.repositories = [
-            _check_url(u, where=f"Environment {self.name!r}", option="spark repository")
+            check_url(u, where=f"Environment {self.name!r}", option="spark repository")
             for u in self.spark.repositories
         ]
         for key, value in self.environment_variables.items():
@@ -258,41 +249,21 @@ class Environment:
         name = str(data.get("name") or DEFAULT_NAME)
         base = Path(base_dir) if base_dir is not None else Path.cwd()
         python = _section(data, "python", name)
-        _reject_unknown(
-            python,
-            {
-                "user_managed_dependencies",
-                "interpreter_path",
-                "version",
-                "pip_requirements",
-                "index_url",
-                "extra_index_urls",
-                "requirements_file",
-                "conda_file",
-            },
-            "python.",
+        # PythonSection's fields, and the files whose packages the section takes.
+        known = {f.name for f in fields(PythonSection)} | {"requirements_file", "conda_file"}
+        _reject_unknown(python, known, "python.")
+        file_version, files = read_package_file(
+            name, base, requirements_file=python.get("requirements_file"), conda_file=python.get("conda_file")
         )
-        requirements = _string_list(
-            python.get("pip_requirements"), f"Environment {name!r}: python.pip_requirements"
+        where = f"Environment {name!r}: python."
+        requirements = (
+            string_list(python.get("pip_requirements"), where + "pip_requirements") + files.requirements
         )
-        index_url = python.get("index_url")
-        extra = _string_list(python.get("extra_index_urls"), f"Environment {name!r}: python.extra_index_urls")
-        version = python.get("version")
-        if python.get("requirements_file") is not None and python.get("conda_file") is not None:
-            raise ConfigurationError(
-                f"Environment {name!r} sets both python.requirements_file and python.conda_file: give one."
-            )
-        if python.get("requirements_file") is not None:
-            parsed = read_requirements(base / str(python["requirements_file"]))
-            requirements += parsed.requirements
-            index_url = index_url or parsed.index_url
-            extra += parsed.extra_index_urls
-        if python.get("conda_file") is not None:
-            conda_version, parsed = read_conda_specification(base / str(python["conda_file"]))
-            requirements += parsed.requirements
-            index_url = index_url or parsed.index_url
-            extra += parsed.extra_index_urls
-            version = version or conda_version
+        index_url = python.get("index_url") or files.index_url
+        extra = (
+            string_list(python.get("extra_index_urls"), where + "extra_index_urls") + files.extra_index_urls
+        )
+        version = python.get("version") or file_version
         docker = _section(data, "docker", name)
         _reject_unknown(docker, {"base_image", "dockerfile", "dockerfile_path"}, "docker.")
         dockerfile = docker.get("dockerfile")
@@ -301,7 +272,7 @@ class Environment:
                 raise ConfigurationError(
                     f"Environment {name!r} sets both docker.dockerfile and docker.dockerfile_path: give one."
                 )
-            dockerfile = _read_text(base / str(docker["dockerfile_path"]), "Dockerfile")
+            dockerfile = read_text(base / str(docker["dockerfile_path"]), "Dockerfile")
         spark = _section(data, "spark", name)
         _reject_unknown(spark, {"packages", "repositories"}, "spark.")
         variables = data.get("environment_variables") or {}
@@ -321,8 +292,8 @@ class Environment:
             ),
             docker=DockerSection(base_image=docker.get("base_image"), dockerfile=dockerfile),
             spark=SparkSection(
-                packages=_string_list(spark.get("packages"), f"Environment {name!r}: spark.packages"),
-                repositories=_string_list(
+                packages=string_list(spark.get("packages"), f"Environment {name!r}: spark.packages"),
+                repositories=string_list(
                     spark.get("repositories"), f"Environment {name!r}: spark.repositories"
                 ),
             ),
@@ -336,7 +307,7 @@ class Environment:
         :param path: the YAML file.
         """
         path = Path(path)
-        text = _read_text(path, "Environment file")
+        text = read_text(path, "Environment file")
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as err:
@@ -376,7 +347,7 @@ class Environment:
         new.validate()
         return new
 
-    # factories
+    # factories: the user-facing constructors; environment/factories.py makes them
 
     @classmethod
     def from_pip_requirements(cls, name: str, file_path: str | os.PathLike[str]) -> Environment:
@@ -385,16 +356,9 @@ class Environment:
         :param name: environment name.
         :param file_path: the requirements file.
         """
-        parsed = read_requirements(Path(file_path))
-        return cls(
-            name=name,
-            python=PythonSection(
-                user_managed_dependencies=False,
-                pip_requirements=parsed.requirements,
-                index_url=parsed.index_url,
-                extra_index_urls=parsed.extra_index_urls,
-            ),
-        )
+        from airflow_amlrun.environment import factories
+
+        return factories.from_pip_requirements(name, file_path)
 
     @classmethod
     def from_conda_specification(cls, name: str, file_path: str | os.PathLike[str]) -> Environment:
@@ -405,17 +369,9 @@ class Environment:
         :param name: environment name.
         :param file_path: the conda environment YAML file.
         """
-        version, parsed = read_conda_specification(Path(file_path))
-        return cls(
-            name=name,
-            python=PythonSection(
-                user_managed_dependencies=False,
-                version=version,
-                pip_requirements=parsed.requirements,
-                index_url=parsed.index_url,
-                extra_index_urls=parsed.extra_index_urls,
-            ),
-        )
+        from airflow_amlrun.environment import factories
+
+        return factories.from_conda_specification(name, file_path)
 
     @classmethod
     def from_docker_image(
@@ -433,10 +389,11 @@ class Environment:
         :param pip_requirements: a requirements file, or a list of requirements, to install on top.
         :param conda_specification: a conda file whose pip section to install on top.
         """
-        env = cls._with_packages(name, pip_requirements, conda_specification)
-        env.docker = DockerSection(base_image=image)
-        env.validate()
-        return env
+        from airflow_amlrun.environment import factories
+
+        return factories.from_docker_image(
+            name, image, pip_requirements=pip_requirements, conda_specification=conda_specification
+        )
 
     @classmethod
     def from_dockerfile(
@@ -454,36 +411,13 @@ class Environment:
         :param pip_requirements: a requirements file, or a list of requirements, to install on top.
         :param conda_specification: a conda file whose pip section to install on top.
         """
-        text = str(dockerfile)
-        if isinstance(dockerfile, os.PathLike) or (
-            "\n" not in text and not text.lstrip().upper().startswith("FROM")
-        ):
-            text = _read_text(Path(dockerfile), "Dockerfile")
-        env = cls._with_packages(name, pip_requirements, conda_specification)
-        env.docker = DockerSection(dockerfile=text)
-        env.validate()
-        return env
+        from airflow_amlrun.environment import factories
 
-    @classmethod
-    def _with_packages(
-        cls,
-        name: str,
-        pip_requirements: str | os.PathLike[str] | Sequence[str] | None,
-        conda_specification: str | os.PathLike[str] | None,
-    ) -> Environment:
-        if pip_requirements is not None and conda_specification is not None:
-            raise ConfigurationError(
-                f"Environment {name!r}: give pip_requirements or conda_specification, not both."
-            )
-        if conda_specification is not None:
-            return cls.from_conda_specification(name, conda_specification)
-        if isinstance(pip_requirements, str | os.PathLike):
-            return cls.from_pip_requirements(name, pip_requirements)
-        if pip_requirements is not None:
-            return cls(name=name, python=PythonSection(pip_requirements=list(pip_requirements)))
-        return cls(name=name)
+        return factories.from_dockerfile(
+            name, dockerfile, pip_requirements=pip_requirements, conda_specification=conda_specification
+        )
 
-    # registry
+    # registry: environment/registry.py does the work
 
     def register(self, workspace: Workspace) -> Environment:
         """Register this spec: an unchanged spec returns its existing version, a changed one the next.
@@ -536,185 +470,6 @@ class Environment:
         return registry.list_environments(workspace, name=name)
 
 
-# parsing of the files users already have
-
-
-def normalize_python_version(value: object, *, where: str) -> str:
-    """``"3.11"`` from ``3.11``, ``"3.11"`` or ``"3.11.4"``: environments pin the minor version only."""
-    text = str(value).strip()
-    match = _PYTHON_VERSION.match(text)
-    if match is None:
-        raise ConfigurationError(f"{where} = {value!r} is not a Python version; write it as '3.11'.")
-    return f"{match.group(1)}.{match.group(2)}"
-
-
-def check_requirement(line: str, *, where: str) -> str:
-    """The requirement, stripped, if it is valid PEP 508 and its URL (``name @ url``) carries no credential in
-    clear; a local path or editable install is refused."""
-    from packaging.requirements import InvalidRequirement, Requirement
-
-    if not isinstance(line, str):
-        raise ConfigurationError(f"{where}: requirement {line!r} must be a string such as 'pandas>=2'.")
-    text = " ".join(line.split())
-    try:
-        requirement = Requirement(text)
-    except InvalidRequirement as err:
-        # The line may hold a URL with a password (a bare URL is not a requirement): it is shown redacted.
-        raise ConfigurationError(
-            f"{where}: {redact_text(text)!r} is not a valid requirement ({redact_text(str(err))}). Write it as "
-            "'name', 'name==1.2' or 'name @ https://...'; local paths and editable installs cannot be locked, "
-            "so build and publish a wheel instead."
-        ) from None
-    if requirement.url:
-        # Stored like an index URL (spec, lock, image), so a credential in it is a ${VAR} reference too.
-        check_url_credentials(
-            requirement.url, where=where, what="requirement", variable="PACKAGE_TOKEN", shown=text
-        )
-    return text
-
-
-def read_requirements(path: Path) -> RequirementsFile:
-    """Requirements and index options of a pip requirements file, following ``-r`` includes."""
-    result = RequirementsFile(requirements=[])
-    _read_requirements_into(path, result, seen=[])
-    return result
-
-
-def _read_requirements_into(path: Path, result: RequirementsFile, seen: builtins.list[Path]) -> None:
-    resolved = path.resolve()
-    if resolved in seen:
-        chain = " -> ".join(str(p) for p in [*seen, resolved])
-        raise ConfigurationError(
-            f"Requirements files include each other in a loop: {chain}. Remove one -r line."
-        )
-    text = _read_text(path, "Requirements file")
-    seen = [*seen, resolved]
-    for number, line in _logical_lines(text):
-        where = f"{path}:{number}"
-        if line.startswith("-"):
-            _apply_option_line(line, path, result, where=where, seen=seen)
-        else:
-            # Per-requirement options (--hash=...) are dropped: the lock brings its own hashes.
-            requirement = re.split(r"\s+--?[A-Za-z]", line, maxsplit=1)[0]
-            result.requirements.append(check_requirement(requirement, where=where))
-
-
-def _logical_lines(text: str) -> builtins.list[tuple[int, str]]:
-    lines: builtins.list[tuple[int, str]] = []
-    pending = ""
-    start = 0
-    for number, raw in enumerate(text.splitlines(), start=1):
-        if not pending:
-            start = number
-        # A comment starts at '#' at the line's start or after whitespace ('pkg @ url#egg' keeps its '#').
-        line = re.sub(r"(^|\s)#.*$", "", raw)
-        if line.rstrip().endswith("\\"):
-            pending += line.rstrip()[:-1] + " "
-            continue
-        line = (pending + line).strip()
-        pending = ""
-        if line:
-            lines.append((start, line))
-    if pending.strip():
-        lines.append((start, pending.strip()))
-    return lines
-
-
-def _check_url(value: str, *, where: str, option: str) -> str:
-    # ${VAR} stays as written: credentials are expanded only in a resolver's or installer's environment.
-    return check_index_url(value, where=where, option=option)
-
-
-def read_conda_specification(path: Path) -> tuple[str | None, RequirementsFile]:
-    """The Python version and pip section of a conda environment file; conda-only packages are refused."""
-    text = _read_text(path, "Conda environment file")
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise ConfigurationError(f"Conda environment file {str(path)!r} is not valid YAML: {err}") from None
-    if not isinstance(data, Mapping) or not isinstance(data.get("dependencies") or [], builtins.list):
-        raise ConfigurationError(
-            f"Conda environment file {str(path)!r} must be a mapping with a 'dependencies' list."
-        )
-    version: str | None = None
-    pip_lines: builtins.list[str] = []
-    conda_only: builtins.list[str] = []
-    for entry in data.get("dependencies") or []:
-        if isinstance(entry, Mapping):
-            for key, value in entry.items():
-                if key != "pip":
-                    raise ConfigurationError(
-                        f"Conda environment file {str(path)!r}: dependencies entry {key!r} is not "
-                        "understood; only a 'pip:' list may be a mapping."
-                    )
-                pip_lines += _string_list(value, f"Conda environment file {str(path)!r}: pip section")
-            continue
-        spec = str(entry).strip()
-        package = re.split(r"[=<>!~\s\[]", spec.split("::")[-1], maxsplit=1)[0].lower()
-        if package == "python":
-            found = re.search(r"(\d+\.\d+)", spec)
-            if found:
-                version = normalize_python_version(found.group(1), where=f"{path}: {spec!r}")
-        elif package not in _CONDA_ALLOWED:
-            conda_only.append(spec)
-    if conda_only:
-        raise ConfigurationError(
-            f"Conda environment file {str(path)!r} lists conda packages {', '.join(conda_only)}: conda "
-            "cannot be assumed on a compute target, so only python, pip and the 'pip:' section are used. "
-            "Move these packages into the 'pip:' section (under their PyPI names), or use a Docker image "
-            "that has them."
-        )
-    result = RequirementsFile(requirements=[])
-    # The pip section may use requirements-file syntax (-r, --extra-index-url) like a file beside it.
-    scratch = "\n".join(pip_lines)
-    for number, line in _logical_lines(scratch):
-        if line.startswith("-"):
-            _apply_option_line(line, path, result, where=f"{path}: pip section line {number}", seen=[])
-        else:
-            result.requirements.append(check_requirement(line, where=f"{path}: pip section"))
-    return version, result
-
-
-def _apply_option_line(
-    line: str, base_file: Path, result: RequirementsFile, *, where: str, seen: builtins.list[Path]
-) -> None:
-    if line.startswith(("-r", "--requirement")):
-        name = re.sub(r"^(-r|--requirement)[=\s]*", "", line).strip()
-        if not name:
-            raise ConfigurationError(f"{where}: {line!r} needs a file name.")
-        include = Path(os.path.expandvars(name)).expanduser()
-        _read_requirements_into(
-            include if include.is_absolute() else base_file.parent / include, result, seen
-        )
-    elif line.startswith(("-i", "--index-url")):
-        url = re.sub(r"^(-i|--index-url)[=\s]*", "", line)
-        result.index_url = _check_url(url, where=where, option="--index-url")
-    elif line.startswith("--extra-index-url"):
-        url = _check_url(
-            re.sub(r"^--extra-index-url[=\s]*", "", line), where=where, option="--extra-index-url"
-        )
-        if url not in result.extra_index_urls:
-            result.extra_index_urls.append(url)
-    else:
-        raise ConfigurationError(
-            f"{where}: option {redact_text(line)!r} is not supported in an environment's requirements. Supported: "
-            "-r/--requirement, -i/--index-url, --extra-index-url; editable installs (-e), constraints "
-            "(-c) and --find-links cannot be locked reproducibly, so publish a wheel to an index instead."
-        )
-
-
-def _read_text(path: Path, what: str) -> str:
-    try:
-        return path.read_text()
-    except FileNotFoundError:
-        where = "" if path.is_absolute() else f" (relative to {os.getcwd()!r})"
-        raise ConfigurationError(
-            f"{what} {str(path)!r} does not exist{where}. Check the path, or give an absolute one."
-        ) from None
-    except IsADirectoryError:
-        raise ConfigurationError(f"{what} {str(path)!r} is a directory; name the file inside it.") from None
-
-
 def _section(data: Mapping[str, Any], key: str, name: str) -> Mapping[str, Any]:
     value = data.get(key) or {}
     if not isinstance(value, Mapping):
@@ -731,11 +486,3 @@ def _reject_unknown(data: Mapping[str, Any], known: set[str], prefix: str) -> No
             f"Unknown environment field(s) {', '.join(prefix + k for k in unknown)}; known: "
             f"{', '.join(prefix + k for k in sorted(known))}."
         )
-
-
-def _string_list(value: Any, where: str) -> builtins.list[str]:
-    if value is None:
-        return []
-    if isinstance(value, str) or not isinstance(value, Sequence):
-        raise ConfigurationError(f"{where} must be a list of strings, not {value!r}.")
-    return [str(v) for v in value]

@@ -1,0 +1,229 @@
+"""The files users already have: pip requirements files (with ``-r`` includes and index options) and the
+pip section of conda environment files, read into requirements an environment can lock."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from airflow_amlrun.environment.credentials import check_index_url, check_url_credentials, redact_text
+from airflow_amlrun.errors import ConfigurationError
+
+_PYTHON_VERSION = re.compile(r"^(\d+)\.(\d+)(?:\.\d+)?$")
+# Conda entries that are not packages of their own: the interpreter, pip, and the pip section.
+_CONDA_ALLOWED = {"python", "pip"}
+
+
+@dataclass
+class RequirementsFile:
+    """The requirements and index options of a pip requirements file, with its ``-r`` includes followed."""
+
+    requirements: list[str]
+    index_url: str | None = None
+    extra_index_urls: list[str] = field(default_factory=list)
+
+
+def normalize_python_version(value: object, *, where: str) -> str:
+    """``"3.11"`` from ``3.11``, ``"3.11"`` or ``"3.11.4"``: environments pin the minor version only."""
+    text = str(value).strip()
+    match = _PYTHON_VERSION.match(text)
+    if match is None:
+        raise ConfigurationError(f"{where} = {value!r} is not a Python version; write it as '3.11'.")
+    return f"{match.group(1)}.{match.group(2)}"
+
+
+def check_requirement(line: str, *, where: str) -> str:
+    """The requirement, stripped, if it is valid PEP 508 and its URL (``name @ url``) carries no credential in
+    clear; a local path or editable install is refused."""
+    from packaging.requirements import InvalidRequirement, Requirement
+
+    if not isinstance(line, str):
+        raise ConfigurationError(f"{where}: requirement {line!r} must be a string such as 'pandas>=2'.")
+    text = " ".join(line.split())
+    try:
+        requirement = Requirement(text)
+    except InvalidRequirement as err:
+        # The line may hold a URL with a password (a bare URL is not a requirement): it is shown redacted.
+        raise ConfigurationError(
+            f"{where}: {redact_text(text)!r} is not a valid requirement ({redact_text(str(err))}). Write it as "
+            "'name', 'name==1.2' or 'name @ https://...'; local paths and editable installs cannot be locked, "
+            "so build and publish a wheel instead."
+        ) from None
+    if requirement.url:
+        # Stored like an index URL (spec, lock, image), so a credential in it is a ${VAR} reference too.
+        check_url_credentials(
+            requirement.url, where=where, what="requirement", variable="PACKAGE_TOKEN", shown=text
+        )
+    return text
+
+
+def read_requirements(path: Path) -> RequirementsFile:
+    """Requirements and index options of a pip requirements file, following ``-r`` includes."""
+    result = RequirementsFile(requirements=[])
+    _read_requirements_into(path, result, seen=[])
+    return result
+
+
+def _read_requirements_into(path: Path, result: RequirementsFile, seen: list[Path]) -> None:
+    resolved = path.resolve()
+    if resolved in seen:
+        chain = " -> ".join(str(p) for p in [*seen, resolved])
+        raise ConfigurationError(
+            f"Requirements files include each other in a loop: {chain}. Remove one -r line."
+        )
+    text = read_text(path, "Requirements file")
+    seen = [*seen, resolved]
+    for number, line in _logical_lines(text):
+        where = f"{path}:{number}"
+        if line.startswith("-"):
+            _apply_option_line(line, path, result, where=where, seen=seen)
+        else:
+            # Per-requirement options (--hash=...) are dropped: the lock brings its own hashes.
+            requirement = re.split(r"\s+--?[A-Za-z]", line, maxsplit=1)[0]
+            result.requirements.append(check_requirement(requirement, where=where))
+
+
+def _logical_lines(text: str) -> list[tuple[int, str]]:
+    lines: list[tuple[int, str]] = []
+    pending = ""
+    start = 0
+    for number, raw in enumerate(text.splitlines(), start=1):
+        if not pending:
+            start = number
+        # A comment starts at '#' at the line's start or after whitespace ('pkg @ url#egg' keeps its '#').
+        line = re.sub(r"(^|\s)#.*$", "", raw)
+        if line.rstrip().endswith("\\"):
+            pending += line.rstrip()[:-1] + " "
+            continue
+        line = (pending + line).strip()
+        pending = ""
+        if line:
+            lines.append((start, line))
+    if pending.strip():
+        lines.append((start, pending.strip()))
+    return lines
+
+
+def check_url(value: str, *, where: str, option: str) -> str:
+    # ${VAR} stays as written: credentials are expanded only in a resolver's or installer's environment.
+    return check_index_url(value, where=where, option=option)
+
+
+def read_package_file(
+    name: str, base: Path, *, requirements_file: object, conda_file: object
+) -> tuple[str | None, RequirementsFile]:
+    """The Python version and requirements of the file an environment's YAML names, if any: its
+    ``python.requirements_file`` or its ``python.conda_file`` (relative to base), not both."""
+    if requirements_file is not None and conda_file is not None:
+        raise ConfigurationError(
+            f"Environment {name!r} sets both python.requirements_file and python.conda_file: give one."
+        )
+    if requirements_file is not None:
+        return None, read_requirements(base / str(requirements_file))
+    if conda_file is not None:
+        return read_conda_specification(base / str(conda_file))
+    return None, RequirementsFile(requirements=[])
+
+
+def read_conda_specification(path: Path) -> tuple[str | None, RequirementsFile]:
+    """The Python version and pip section of a conda environment file; conda-only packages are refused."""
+    text = read_text(path, "Conda environment file")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigurationError(f"Conda environment file {str(path)!r} is not valid YAML: {err}") from None
+    if not isinstance(data, Mapping) or not isinstance(data.get("dependencies") or [], list):
+        raise ConfigurationError(
+            f"Conda environment file {str(path)!r} must be a mapping with a 'dependencies' list."
+        )
+    version: str | None = None
+    pip_lines: list[str] = []
+    conda_only: list[str] = []
+    for entry in data.get("dependencies") or []:
+        if isinstance(entry, Mapping):
+            for key, value in entry.items():
+                if key != "pip":
+                    raise ConfigurationError(
+                        f"Conda environment file {str(path)!r}: dependencies entry {key!r} is not "
+                        "understood; only a 'pip:' list may be a mapping."
+                    )
+                pip_lines += string_list(value, f"Conda environment file {str(path)!r}: pip section")
+            continue
+        spec = str(entry).strip()
+        package = re.split(r"[=<>!~\s\[]", spec.split("::")[-1], maxsplit=1)[0].lower()
+        if package == "python":
+            found = re.search(r"(\d+\.\d+)", spec)
+            if found:
+                version = normalize_python_version(found.group(1), where=f"{path}: {spec!r}")
+        elif package not in _CONDA_ALLOWED:
+            conda_only.append(spec)
+    if conda_only:
+        raise ConfigurationError(
+            f"Conda environment file {str(path)!r} lists conda packages {', '.join(conda_only)}: conda "
+            "cannot be assumed on a compute target, so only python, pip and the 'pip:' section are used. "
+            "Move these packages into the 'pip:' section (under their PyPI names), or use a Docker image "
+            "that has them."
+        )
+    result = RequirementsFile(requirements=[])
+    # The pip section may use requirements-file syntax (-r, --extra-index-url) like a file beside it.
+    scratch = "\n".join(pip_lines)
+    for number, line in _logical_lines(scratch):
+        if line.startswith("-"):
+            _apply_option_line(line, path, result, where=f"{path}: pip section line {number}", seen=[])
+        else:
+            result.requirements.append(check_requirement(line, where=f"{path}: pip section"))
+    return version, result
+
+
+def _apply_option_line(
+    line: str, base_file: Path, result: RequirementsFile, *, where: str, seen: list[Path]
+) -> None:
+    if line.startswith(("-r", "--requirement")):
+        name = re.sub(r"^(-r|--requirement)[=\s]*", "", line).strip()
+        if not name:
+            raise ConfigurationError(f"{where}: {line!r} needs a file name.")
+        include = Path(os.path.expandvars(name)).expanduser()
+        _read_requirements_into(
+            include if include.is_absolute() else base_file.parent / include, result, seen
+        )
+    elif line.startswith(("-i", "--index-url")):
+        url = re.sub(r"^(-i|--index-url)[=\s]*", "", line)
+        result.index_url = check_url(url, where=where, option="--index-url")
+    elif line.startswith("--extra-index-url"):
+        url = check_url(
+            re.sub(r"^--extra-index-url[=\s]*", "", line), where=where, option="--extra-index-url"
+        )
+        if url not in result.extra_index_urls:
+            result.extra_index_urls.append(url)
+    else:
+        raise ConfigurationError(
+            f"{where}: option {redact_text(line)!r} is not supported in an environment's requirements. Supported: "
+            "-r/--requirement, -i/--index-url, --extra-index-url; editable installs (-e), constraints "
+            "(-c) and --find-links cannot be locked reproducibly, so publish a wheel to an index instead."
+        )
+
+
+def read_text(path: Path, what: str) -> str:
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        where = "" if path.is_absolute() else f" (relative to {os.getcwd()!r})"
+        raise ConfigurationError(
+            f"{what} {str(path)!r} does not exist{where}. Check the path, or give an absolute one."
+        ) from None
+    except IsADirectoryError:
+        raise ConfigurationError(f"{what} {str(path)!r} is a directory; name the file inside it.") from None
+
+
+def string_list(value: Any, where: str) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str) or not isinstance(value, Sequence):
+        raise ConfigurationError(f"{where} must be a list of strings, not {value!r}.")
+    return [str(v) for v in value]
