@@ -5,8 +5,8 @@ What image an environment runs in:
 - user-managed, with ``docker.dockerfile``: the Dockerfile built as it is;
 - managed (a lock): the base image or Dockerfile, plus a virtualenv at ``/opt/amlrun/env`` (with the
   image's own site-packages visible) into which the lock is installed with
-  ``pip install --require-hashes --no-deps -r`` (or ``uv pip sync --require-hashes`` when the image has
-  uv).
+  ``pip install --require-hashes --no-deps -r`` (or ``uv pip sync --require-hashes --compile-bytecode``
+  when the image has uv), bytecode compiled either way: each run imports the packages in a fresh container.
 
 A built image is tagged ``amlrun-env:<build key[:32]>``; the key hashes the spec (which holds the base image
 or Dockerfile), the lock, the Python asked for and the platform, so "already built" is one inspect call on
@@ -261,7 +261,7 @@ def install_script(resolved: ResolvedEnvironment) -> str:
         if not has_requirements(lock)
         else (
             "if command -v uv >/dev/null 2>&1; then\n"
-            f"  uv pip sync --require-hashes --python {VENV_PYTHON} {BUILD_DIR}/lock.txt\n"
+            f"  uv pip sync --require-hashes --compile-bytecode --python {VENV_PYTHON} {BUILD_DIR}/lock.txt\n"
             "else\n"
             f"  {VENV}/bin/pip install --no-cache-dir --no-deps --require-hashes --disable-pip-version-check "
             f"--no-input --progress-bar off -r {BUILD_DIR}/lock.txt\n"

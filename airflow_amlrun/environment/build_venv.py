@@ -6,13 +6,17 @@ only the base interpreter), in a temporary folder beside its final place; the lo
 with ``uv pip sync --require-hashes``; a record of the build is written last; then the folder is renamed
 to ``<cache_dir>/envs/<build_key>``. A rename within one folder is atomic, so the key's folder either does
 not exist or is complete: a build that dies half-way leaves only a ``.tmp-`` folder, which the next build
-of that key removes. No bytecode is compiled during the build, so no ``.pyc`` records the temporary path;
-Python writes them at first import, under the final path. A file lock per key makes two processes that
-need the same key build it once: the second waits, then finds the folder there.
+of that key removes. The installed packages are compiled to bytecode before the rename, each ``.pyc``
+recording its file under the final path (``compileall -s <tmp> -p <final>``): every run imports them in a
+fresh process, which should not compile them again, and may not be allowed to write ``__pycache__``. The
+build key hashes the spec and lock only, never the folder's files, so bytecode changes no key. A file lock
+per key makes two processes that need the same key build it once: the second waits, then finds the folder
+there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -194,6 +198,7 @@ def _build(spec: Environment, lock: str, key: str, envs: Path, uv_cache: Path) -
                 step="installing the lock",
                 hidden=credentials.values(),
             )
+        _compile_bytecode(tmp, envs / key)
         record = {
             "build_key": key,
             "name": spec.name,
@@ -211,6 +216,20 @@ def _build(spec: Environment, lock: str, key: str, envs: Path, uv_cache: Path) -
         raise
     with open(envs / BUILD_LOG, "a") as log:
         log.write(json.dumps(record) + "\n")
+
+
+def _compile_bytecode(tmp: Path, final: Path) -> None:
+    # compileall exits non-zero when any file does not compile (some packages ship templates or tests
+    # written for another Python); the rest is compiled all the same, and a missing .pyc costs only time.
+    command = [str(tmp / _BIN / _EXE), "-m", "compileall", "-q", "-j", "0", "-s", str(tmp), "-p", str(final)]
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        subprocess.run(
+            [*command, str(tmp / ("Lib" if os.name == "nt" else "lib"))],
+            capture_output=True,
+            cwd=NEUTRAL_CWD,
+            timeout=BUILD_TIMEOUT_SECONDS,
+            check=False,
+        )
 
 
 def _base_interpreter(spec: Environment) -> str:

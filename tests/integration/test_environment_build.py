@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import marshal
 import os
 import signal
 import subprocess
@@ -219,6 +220,11 @@ def test_a_managed_environment_runs_in_a_venv_with_exactly_the_locked_packages(w
         [python, "-c", "import six, sys; print(six.__version__, sys.prefix)"], capture_output=True, text=True
     )
     assert out.stdout.split() == ["1.16.0", str(venv)]
+    # Built with its bytecode, recorded under the final path: a run compiles nothing, and needs no right
+    # to write __pycache__.
+    [six] = venv.glob("lib/python*/site-packages/six.py")
+    [cached] = six.parent.glob("__pycache__/six.*.pyc")
+    assert marshal.loads(cached.read_bytes()[16:]).co_filename == str(six)
 
 
 def test_a_second_build_installs_the_same_versions_from_the_stored_lock(tmp_path: Path) -> None:
