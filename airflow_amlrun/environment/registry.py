@@ -9,7 +9,6 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import yaml
 from sqlalchemy import JSON, DateTime, Integer, String, Text, UniqueConstraint, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, Session, mapped_column
@@ -77,6 +76,8 @@ def _curated_dir() -> Path:
 @functools.cache
 def _curated_specs() -> dict[str, dict[str, Any]]:
     # Parsed once per process; each lookup builds a fresh Environment, as callers may change it.
+    import yaml
+
     specs: dict[str, dict[str, Any]] = {}
     for path in sorted(_curated_dir().glob("*.yaml")):
         data = yaml.safe_load(path.read_text())

@@ -10,8 +10,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from airflow_amlrun.environment.credentials import check_index_url, check_url_credentials, redact_text
 from airflow_amlrun.errors import ConfigurationError
 
@@ -133,6 +131,8 @@ def read_package_file(
 
 def read_conda_specification(path: Path) -> tuple[str | None, RequirementsFile]:
     """The Python version and pip section of a conda environment file; conda-only packages are refused."""
+    import yaml
+
     text = read_text(path, "Conda environment file")
     try:
         data = yaml.safe_load(text)

@@ -14,8 +14,6 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import yaml
-
 from airflow_amlrun.environment.credentials import referenced_variables
 from airflow_amlrun.environment.requirements import (
     check_requirement,
@@ -306,6 +304,8 @@ class Environment:
 
         :param path: the YAML file.
         """
+        import yaml  # YAML is read here only; a task that never loads a file does not import it
+
         path = Path(path)
         text = read_text(path, "Environment file")
         try:
@@ -321,6 +321,8 @@ class Environment:
 
         :param path: the YAML file to write.
         """
+        import yaml
+
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     # identity
