@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from airflow_amlrun import config
 from airflow_amlrun.config import OPTIONS, connection_may_be_defined, load_settings
 from airflow_amlrun.errors import ConfigurationError
 from airflow_amlrun.get_provider_info import get_provider_info
@@ -18,6 +19,9 @@ from airflow_amlrun.get_provider_info import get_provider_info
 
 @pytest.fixture
 def airflow_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An AIRFLOW_HOME for a plain process: one that has not loaded Airflow, as this test process may have
+    (test_a_plain_script_and_an_airflow_process_read_the_same_settings runs both for real)."""
+    monkeypatch.setattr(config, "airflow_loaded", lambda: False)
     home = tmp_path / "airflow"
     home.mkdir()
     monkeypatch.setenv("AIRFLOW_HOME", str(home))
@@ -81,8 +85,6 @@ def test_a_number_that_is_not_one_is_named_with_where_to_fix_it(
 def test_a_connection_is_looked_for_only_where_airflow_could_hold_one(
     airflow_home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    if "airflow.configuration" in sys.modules:
-        pytest.skip("Airflow is loaded in this test process, so it is always asked")
     assert not connection_may_be_defined("amlrun_default")
     monkeypatch.setenv("AIRFLOW_CONN_AMLRUN_DEFAULT", "amlrun://?database_url=sqlite://&store_url=/tmp/s")
     assert connection_may_be_defined("amlrun_default")
