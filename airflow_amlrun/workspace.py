@@ -9,9 +9,9 @@ from typing import TYPE_CHECKING, Any
 
 from airflow_amlrun.config import connection_may_be_defined, load_settings
 from airflow_amlrun.errors import ConfigurationError
-from airflow_amlrun.history import ExperimentRecord, RunHistory, RunRecord, RunStatus
 
 if TYPE_CHECKING:
+    from airflow_amlrun.history import ExperimentRecord, RunHistory, RunRecord, RunStatus
     from airflow_amlrun.snapshot import BlobStore, Snapshot
 
 _cache: dict[tuple[str, str], Workspace] = {}
@@ -83,6 +83,10 @@ class Workspace:
 
     @cached_property
     def history(self) -> RunHistory:
+        # SQLAlchemy loads with the history, not with this module: a hook or DAG file naming a Workspace
+        # does not pay for it.
+        from airflow_amlrun.history import RunHistory
+
         return RunHistory(self.database_url)
 
     @cached_property
