@@ -71,7 +71,6 @@ import logging
 import os
 import re
 import shutil
-import signal
 import threading
 import time
 import uuid
@@ -91,18 +90,21 @@ from airflow_amlrun.targets.common import (
     EVENTS,
     READ_CAP,
     STD_LOG,
+    add_run_folders,
+    exit_status,
     job_argv,
     job_environment,
     lines_from,
+    new_run_dir,
+    python_path,
     read_lines,
+    stopped_for_limit,
     write_run_context_package,
 )
 from airflow_amlrun.targets.docker_files import (
-    UnsafeFileError,
     defuse,
     hand_over,
     keep_only_inside,
-    read_beneath,
     replace_with_copy,
     take_folder,
 )
@@ -122,6 +124,7 @@ from airflow_amlrun.targets.docker_transfer import (
     send_and_close,
     user_ids,
 )
+from airflow_amlrun.targets.files import UnsafeFileError, read_beneath
 
 if TYPE_CHECKING:
     from docker import APIClient
@@ -212,18 +215,13 @@ class DockerTarget:
 
     def prepare(self, job: Job, code: CodeSource) -> None:
         run_dir = self.run_dir(job.run_id)
-        if run_dir.exists():
-            shutil.rmtree(run_dir)
-        run_dir.parent.mkdir(parents=True, exist_ok=True)
         # Only the worker's user may enter: whatever a container leaves in run/, while it runs or after, is
         # out of reach of the machine's other users (the container reaches run/ through its bind mount).
-        run_dir.mkdir(mode=0o700)
-        run_dir.chmod(0o700)  # whatever the umask
+        new_run_dir(run_dir, private=True)
         work = run_dir / WORK
         work.mkdir()
         code.materialize(work)
-        for folder in ("outputs", "logs", CONTROL_DIR):
-            (work / folder).mkdir(exist_ok=True)
+        add_run_folders(work)
         image = self._images[job.run_id] = self._image(job)
         if self.transfer(image.reference) == "bind":
             self._hand_over(work, image, self.options.run_user(image.user))
@@ -244,7 +242,7 @@ class DockerTarget:
             run_dir=RUN_DIR,
             events_file=f"{RUN_DIR}/{CONTROL_DIR}/{EVENTS}",
         )
-        env["PYTHONPATH"] = ":".join(filter(None, [PYLIB_DIR, image.env.get("PYTHONPATH")]))
+        env["PYTHONPATH"] = python_path(PYLIB_DIR, image.env.get("PYTHONPATH"))
         request = {
             "argv": job_argv(job, image.python),
             "env": dict(job.secret_environment_variables),
@@ -717,12 +715,7 @@ class DockerTarget:
 
     def _ended_by_limit(self, handle: dict[str, Any]) -> bool:
         """Whether the supervisor in the container stopped the run for its time limit."""
-        data = self._control_file(handle, supervisor.ENDED_BY)
-        try:
-            ended = json.loads(data or b"null")
-        except ValueError:
-            return False
-        return isinstance(ended, dict) and ended.get("reason") == supervisor.MAX_DURATION
+        return stopped_for_limit(self._control_file(handle, supervisor.ENDED_BY))
 
     def _control_file(self, handle: dict[str, Any], name: str) -> bytes | None:
         relative = f"{CONTROL_DIR}/{name}"
@@ -802,11 +795,4 @@ def _outcome(state: dict[str, Any], options: DockerOptions, *, timed_out: bool =
             reason=f"the container could not run the script: {state['Error']}",
             timed_out=timed_out,
         )
-    if exit_code is not None and exit_code > 128 and exit_code - 128 in signal.valid_signals():
-        return TargetStatus(
-            running=False,
-            exit_code=exit_code,
-            reason=f"killed by signal {signal.Signals(exit_code - 128).name}",
-            timed_out=timed_out,
-        )
-    return TargetStatus(running=False, exit_code=exit_code, timed_out=timed_out)
+    return exit_status(exit_code, timed_out=timed_out)

@@ -42,13 +42,18 @@ from airflow_amlrun.targets.common import (
     READ_CAP,
     STD_LOG,
     TERM_GRACE_SECONDS,
+    add_run_folders,
+    exit_status,
     job_argv,
     job_environment,
+    new_run_dir,
+    python_path,
     read_control,
     read_control_lines,
     stopped_for_limit,
     supervisor_lost_reason,
     supervisor_request,
+    time_limit_status,
     write_run_context_package,
 )
 
@@ -83,13 +88,10 @@ class LocalTarget:
 
     def prepare(self, job: Job, code: CodeSource) -> None:
         run_dir = self.run_dir(job)
-        if run_dir.exists():
-            shutil.rmtree(run_dir)
-        run_dir.mkdir(parents=True)
+        new_run_dir(run_dir)
         code.materialize(run_dir)
         self.python(job)
-        for folder in ("outputs", "logs", CONTROL_DIR):
-            (run_dir / folder).mkdir(exist_ok=True)
+        add_run_folders(run_dir)
 
     def submit(self, job: Job) -> dict[str, Any]:
         run_dir = self.run_dir(job).resolve()
@@ -102,7 +104,7 @@ class LocalTarget:
         if python != sys.executable:
             # Another interpreter does not see this package: give it run_context alone.
             pylib = write_run_context_package(control / PYLIB)
-            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(pylib), env.get("PYTHONPATH")]))
+            env["PYTHONPATH"] = python_path(str(pylib), env.get("PYTHONPATH"))
         request = json.dumps(supervisor_request(job, job_argv(job, python))).encode()
         with open(control / STD_LOG, "wb") as log:
             # The worker's own interpreter, isolated (-I: no PYTHON* variables of the job, -S: no site), so the
@@ -245,17 +247,8 @@ def _outcome(handle: dict[str, Any], process: subprocess.Popen[bytes] | None) ->
         )
         return TargetStatus(running=False, exit_code=killed, reason=reason)
     if stopped_for_limit(read_control(run_dir, ENDED_BY, 0, 4096)):
-        return TargetStatus(
-            running=False,
-            exit_code=code,
-            reason="stopped on the worker for exceeding max_run_duration_seconds",
-            timed_out=True,
-        )
-    if code > 128 and code - 128 in signal.valid_signals():
-        return TargetStatus(
-            running=False, exit_code=code, reason=f"killed by signal {signal.Signals(code - 128).name}"
-        )
-    return TargetStatus(running=False, exit_code=code)
+        return time_limit_status(code, "the worker")
+    return exit_status(code)
 
 
 def _copy_log(run_dir: Path) -> None:
