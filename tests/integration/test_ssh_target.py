@@ -566,7 +566,7 @@ def test_a_host_that_answers_too_slowly_is_not_called_a_lost_connection(ssh_vm, 
     target = _target(ssh_vm, monkeypatch, extra={"amlrun_io_timeout": 1, "amlrun_reconnect_timeout": 2})
 
     with pytest.raises(SSHTargetUnreachableError) as err:
-        target._remote("running a slow command", lambda: target._exec("sleep 3", None, 1))
+        target.ssh.retrying("running a slow command", lambda: target.ssh.exec("sleep 3", None, 1))
 
     message = str(err.value)
     assert message.startswith(
@@ -610,7 +610,7 @@ def test_megabytes_on_both_streams_of_a_remote_command_stall_neither(ssh_vm, mon
     target = _target(ssh_vm, monkeypatch)
     code = "import sys; sys.stderr.write('e' * 3000000); sys.stderr.flush(); sys.stdout.write('o' * 3000000)"
 
-    rc, out, err = target._exec(f"python3 -c {shlex.quote(code)}", None, 5)
+    rc, out, err = target.ssh.exec(f"python3 -c {shlex.quote(code)}", None, 5)
 
     assert (rc, len(out), len(err)) == (0, 3_000_000, 3_000_000)
     assert set(out) == {ord("o")} and set(err) == {ord("e")}
