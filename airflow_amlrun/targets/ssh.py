@@ -67,6 +67,7 @@ from airflow_amlrun.targets.common import (
     time_limit_status,
     write_run_context_package,
 )
+from airflow_amlrun.targets.handles import SSHHandle
 from airflow_amlrun.targets.ssh_helper import RemoteHelper
 
 if TYPE_CHECKING:
@@ -87,6 +88,7 @@ class SSHTarget:
     """Runs on the host of an Airflow `ssh` connection, in a run directory under the connection's base dir."""
 
     kind = "ssh"
+    handle_type = SSHHandle
 
     def __init__(
         self,
@@ -236,7 +238,7 @@ class SSHTarget:
             sent += len(data)
         return sent, len(missing)
 
-    def submit(self, job: Job) -> dict[str, Any]:
+    def submit(self, job: Job) -> SSHHandle:
         run_dir = f"{self.helper.base()}/runs/{job.run_id}"
         control = PurePosixPath(run_dir) / CONTROL_DIR
         python = self._pythons.get(job.run_id) or self._base_python(job)
@@ -250,9 +252,9 @@ class SSHTarget:
         sent, count = self._blob_bytes_sent.pop(job.run_id, (0, 0))
         return self._handle(job.run_id, run_dir, process, python, blob_bytes_sent=sent, blobs_sent=count)
 
-    def wait(self, handle: dict[str, Any], timeout: float) -> TargetStatus:
+    def wait(self, handle: SSHHandle, timeout: float) -> TargetStatus:
         deadline = time.monotonic() + timeout
-        run_id = handle["run_id"]
+        run_id = handle.run_id
         while True:
             code = self._exit_code(handle)
             if code is not None:
@@ -273,13 +275,13 @@ class SSHTarget:
                 return TargetStatus(running=True)
             time.sleep(min(0.2, deadline - now))
 
-    def _supervisor_lost(self, handle: dict[str, Any], status: dict[str, Any]) -> TargetStatus:
+    def _supervisor_lost(self, handle: SSHHandle, status: dict[str, Any]) -> TargetStatus:
         """The outcome of a run whose supervisor ended without recording an exit code; what the run left
         running on the host is ended first."""
         stopped = self.helper.call(
             "stopping what the run left running",
             "kill",
-            handle["run_id"],
+            handle.run_id,
             {"grace": TERM_GRACE_SECONDS, "process": _process(handle)},
             handle=handle,
             timeout=self.ssh.io_timeout + TERM_GRACE_SECONDS,
@@ -287,39 +289,39 @@ class SSHTarget:
         )
         reason = supervisor_lost_reason(
             f"host {self.host}",
-            f"{handle['run_dir']}/{CONTROL_DIR}",
+            f"{handle.run_dir}/{CONTROL_DIR}",
             control_exists=bool(status.get("control_exists", True)),
             leftovers=int(stopped.get("leftovers") or 0),
         )
         return TargetStatus(running=False, exit_code=None, reason=reason)
 
-    def read_log(self, handle: dict[str, Any], offset: int, final: bool = False) -> Chunk:
+    def read_log(self, handle: SSHHandle, offset: int, final: bool = False) -> Chunk:
         return self._read_lines(handle, STD_LOG, offset, final)
 
-    def read_events(self, handle: dict[str, Any], offset: int, final: bool = False) -> Chunk:
+    def read_events(self, handle: SSHHandle, offset: int, final: bool = False) -> Chunk:
         return self._read_lines(handle, EVENTS, offset, final)
 
-    def cancel(self, handle: dict[str, Any]) -> None:
+    def cancel(self, handle: SSHHandle) -> None:
         self.helper.call(
             "stopping the run",
             "kill",
-            handle["run_id"],
+            handle.run_id,
             {"grace": TERM_GRACE_SECONDS, "process": _process(handle)},
             handle=handle,
             timeout=self.ssh.io_timeout + TERM_GRACE_SECONDS,
         )
         # The next wait looks at the process at once rather than at its next periodic check.
-        self._last_liveness.pop(handle["run_id"], None)
+        self._last_liveness.pop(handle.run_id, None)
 
-    def collect(self, handle: dict[str, Any]) -> Collected:
-        dest = self.runs_dir / handle["run_id"]
+    def collect(self, handle: SSHHandle) -> Collected:
+        dest = self.runs_dir / handle.run_id
         with tempfile.TemporaryFile() as spool:
 
             def pack() -> None:
                 spool.seek(0)
                 spool.truncate()
                 self.helper.run(
-                    "pack", handle["run_id"], None, handle=handle, timeout=self.ssh.io_timeout, sink=spool
+                    "pack", handle.run_id, None, handle=handle, timeout=self.ssh.io_timeout, sink=spool
                 )
 
             self.ssh.retrying("collecting outputs and logs", pack, run="ended")
@@ -334,7 +336,7 @@ class SSHTarget:
                         # One file that cannot be written here does not cost the run its other outputs.
                         log.warning(
                             "Run %s: skipped %s from %s: %s",
-                            handle["run_id"],
+                            handle.run_id,
                             _shorten(member.name),
                             self.host,
                             err.strerror if isinstance(err, OSError) and err.strerror else err,
@@ -344,23 +346,23 @@ class SSHTarget:
         return Collected(
             outputs_dir=dest / "outputs",
             logs_dir=dest / "logs",
-            extra={"blob_bytes_sent": handle.get("blob_bytes_sent")},
+            extra={"blob_bytes_sent": handle.blob_bytes_sent},
         )
 
-    def cleanup(self, handle: dict[str, Any], *, remove_files: bool) -> None:
+    def cleanup(self, handle: SSHHandle, *, remove_files: bool) -> None:
         if remove_files:
             self.helper.call(
-                "removing the run directory", "remove", handle["run_id"], handle=handle, run="ended"
+                "removing the run directory", "remove", handle.run_id, handle=handle, run="ended"
             )
-            shutil.rmtree(self.runs_dir / handle["run_id"], ignore_errors=True)
+            shutil.rmtree(self.runs_dir / handle.run_id, ignore_errors=True)
 
-    def attachable(self, handle: dict[str, Any]) -> str | None:
+    def attachable(self, handle: SSHHandle) -> str | None:
         return None
 
-    def gone(self, handle: dict[str, Any]) -> str | None:
+    def gone(self, handle: SSHHandle) -> str | None:
         return None
 
-    def find(self, job: Job) -> dict[str, Any] | None:
+    def find(self, job: Job) -> SSHHandle | None:
         status = self.helper.call("looking for an earlier run", "status", job.run_id, {})
         if not status["exists"] or status["process"] is None:
             return None
@@ -378,26 +380,25 @@ class SSHTarget:
         *,
         blob_bytes_sent: int = 0,
         blobs_sent: int = 0,
-    ) -> dict[str, Any]:
+    ) -> SSHHandle:
         """What the run row keeps to follow a remote run from any process (a retry re-attaching)."""
-        return {
-            "host": self.host,
-            "port": self.ssh.port,
-            "user": self.ssh.login,
-            "run_id": run_id,
-            "base_dir": self.helper.base(),
-            "run_dir": run_dir,
-            # The run's supervisor on the host: the pid names it only together with its start and boot.
-            "pid": process["pid"],
-            "start_time": process.get("start_time"),
-            "boot_id": process.get("boot_id"),
-            "pid_namespace": process.get("pid_namespace"),
-            "python": python,
-            "helper": self.helper.lib_path("helper"),
-            "helper_python": self.helper.helper_python,
-            "blob_bytes_sent": blob_bytes_sent,
-            "blobs_sent": blobs_sent,
-        }
+        return SSHHandle(
+            host=self.host,
+            port=self.ssh.port,
+            user=self.ssh.login,
+            run_id=run_id,
+            base_dir=self.helper.base(),
+            run_dir=run_dir,
+            pid=process["pid"],
+            start_time=process.get("start_time"),
+            boot_id=process.get("boot_id"),
+            pid_namespace=process.get("pid_namespace"),
+            python=python,
+            helper=self.helper.lib_path("helper"),
+            helper_python=self.helper.helper_python,
+            blob_bytes_sent=blob_bytes_sent,
+            blobs_sent=blobs_sent,
+        )
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -441,13 +442,13 @@ class SSHTarget:
                 blobs[relative] = (hash_bytes(data), data)
             return blobs
 
-    def _read_lines(self, handle: dict[str, Any], name: str, offset: int, final: bool) -> Chunk:
+    def _read_lines(self, handle: SSHHandle, name: str, offset: int, final: bool) -> Chunk:
         data = self.ssh.retrying(
             "reading the run's output", lambda: self.helper.read_control(handle, name, offset, READ_CAP)
         )
         return lines_from(data, offset, final)
 
-    def _exit_code(self, handle: dict[str, Any]) -> int | None:
+    def _exit_code(self, handle: SSHHandle) -> int | None:
         data = self.ssh.retrying(
             "checking the run", lambda: self.helper.read_control(handle, EXIT_CODE, 0, 64)
         )
@@ -456,7 +457,7 @@ class SSHTarget:
         except ValueError:
             return None
 
-    def _outcome(self, handle: dict[str, Any], code: int) -> TargetStatus:
+    def _outcome(self, handle: SSHHandle, code: int) -> TargetStatus:
         ended_by = self.ssh.retrying(
             "checking the run", lambda: self.helper.read_control(handle, ENDED_BY, 0, 4096), run="ended"
         )
@@ -473,16 +474,16 @@ def _shorten(text: str, keep: int = 100) -> str:
     return text if len(text) <= 2 * keep + 3 else f"{text[:keep]}...{text[-keep:]}"
 
 
-def _process(handle: dict[str, Any]) -> dict[str, Any] | None:
+def _process(handle: SSHHandle) -> dict[str, Any] | None:
     """The run's process as the handle names it, for the helper; None for a handle without a start time
     (recorded by an older version), which the helper then reads from the run directory."""
-    if handle.get("start_time") is None:
+    if handle.start_time is None:
         return None
     return {
-        "pid": handle["pid"],
-        "start_time": handle["start_time"],
-        "boot_id": handle.get("boot_id"),
-        "pid_namespace": handle.get("pid_namespace"),
+        "pid": handle.pid,
+        "start_time": handle.start_time,
+        "boot_id": handle.boot_id,
+        "pid_namespace": handle.pid_namespace,
     }
 
 

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from airflow_amlrun.hooks.ssh import SSHHost
+    from airflow_amlrun.targets.handles import SSHHandle
 
 log = logging.getLogger(__name__)
 
@@ -269,7 +270,7 @@ class RemoteHelper:
         run_id: str | None,
         request: dict[str, Any] | None = None,
         *,
-        handle: dict[str, Any] | None = None,
+        handle: SSHHandle | None = None,
         timeout: float | None = None,
         run: RunState = "unknown",
     ) -> Any:
@@ -286,7 +287,7 @@ class RemoteHelper:
         run_id: str | None,
         request: dict[str, Any] | None,
         *,
-        handle: dict[str, Any] | None,
+        handle: SSHHandle | None,
         timeout: float,
         sink: IO[bytes] | None = None,
         raw: bytes | None = None,
@@ -295,8 +296,8 @@ class RemoteHelper:
         """Run one helper command; `raw` is sent on its stdin as it is, else the JSON of `request`. Its
         warnings go to the task log, or to `on_warning`."""
         # This version's helper, also for a run an older version started: it reads older run directories.
-        base = handle["base_dir"] if handle else self.base()
-        python = (handle or {}).get("helper_python") or self.helper_python or self.python
+        base = handle.base_dir if handle else self.base()
+        python = (handle.helper_python if handle else None) or self.helper_python or self.python
         self._ensure_lib(base)
         # Isolated (-I: no PYTHON* variables, no user site folder), without site (-S): stdlib only, fast.
         words = [
@@ -326,7 +327,7 @@ class RemoteHelper:
                 log.warning("Host %s: %s", self.host, warning)
         return out
 
-    def read_control(self, handle: dict[str, Any], name: str, offset: int, size: int) -> bytes:
+    def read_control(self, handle: SSHHandle, name: str, offset: int, size: int) -> bytes:
         """Bytes of a file of the run's control folder from an offset (nothing while it does not exist).
 
         Only a regular file is opened: the script may have put a FIFO there (an SFTP server opening it would
@@ -337,13 +338,13 @@ class RemoteHelper:
             request = {"name": name, "offset": offset, "size": size}
             return self.run(
                 "read",
-                handle["run_id"],
+                handle.run_id,
                 request,
                 handle=handle,
                 timeout=self.ssh.io_timeout,
                 on_warning=lambda warning: self._not_read_once(handle, name, warning),
             )
-        path = f"{handle['run_dir']}/{CONTROL_DIR}/{name}"
+        path = f"{handle.run_dir}/{CONTROL_DIR}/{name}"
         try:
             mode = sftp.lstat(path).st_mode or 0
         except FileNotFoundError:
@@ -359,7 +360,7 @@ class RemoteHelper:
         except FileNotFoundError:
             return b""
 
-    def _not_read_once(self, handle: dict[str, Any], name: str, why: str) -> None:
-        if (handle["run_id"], name) not in self._not_read:
-            self._not_read.add((handle["run_id"], name))
+    def _not_read_once(self, handle: SSHHandle, name: str, why: str) -> None:
+        if (handle.run_id, name) not in self._not_read:
+            self._not_read.add((handle.run_id, name))
             log.warning("Host %s: the run's file %s: it is not read, and counts as empty.", self.host, why)
