@@ -35,8 +35,9 @@ from airflow_amlrun.config import Settings, load_settings
 from airflow_amlrun.environment import Environment, ResolvedEnvironment
 from airflow_amlrun.errors import AmlRunError
 from airflow_amlrun.history import RunRecord, RunStatus
-from airflow_amlrun.run import ScriptRun, discard_lost
+from airflow_amlrun.run import ScriptRun, discard_lost, recorded_handle
 from airflow_amlrun.targets.base import ComputeTarget, Job
+from airflow_amlrun.targets.handles import RunHandle
 from airflow_amlrun.targets.registry import resolve_target
 
 if TYPE_CHECKING:
@@ -142,7 +143,7 @@ def _settle(
     except AmlRunError as err:
         return result(LEFT, f"its compute target {record.target!r} cannot be used from here: {err}")
     job = _recorded_job(record)
-    handle = record.handle or target.find(job)
+    handle = recorded_handle(target, record, job)
     if handle is None:
         reason = (
             "Lost: the task that submitted it stopped before the run reached its target, and no task "
@@ -211,9 +212,9 @@ def _record_lost(
 
 def _follow_to_end(
     workspace: Workspace,
-    target: ComputeTarget,
+    target: ComputeTarget[Any],
     job: Job,
-    handle: dict[str, Any],
+    handle: RunHandle,
     record: RunRecord,
     settings: Settings,
 ) -> Settlement:

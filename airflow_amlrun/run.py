@@ -34,6 +34,7 @@ from airflow_amlrun.history import (
 from airflow_amlrun.run_context import metric_problem
 from airflow_amlrun.snapshot import Snapshot, materialize, read_git_info, take_snapshot
 from airflow_amlrun.targets.base import Chunk, CodeSource, ComputeTarget, Job, TargetStatus
+from airflow_amlrun.targets.handles import RunHandle
 from airflow_amlrun.targets.registry import resolve_target
 
 if TYPE_CHECKING:
@@ -188,12 +189,14 @@ def snapshot_code(
 class ScriptRun:
     """A run submitted to a compute target; wait for it with `wait_for_completion`."""
 
-    def __init__(self, workspace: Workspace, target: ComputeTarget, job: Job, settings: Settings) -> None:
+    def __init__(
+        self, workspace: Workspace, target: ComputeTarget[Any], job: Job, settings: Settings
+    ) -> None:
         self.workspace = workspace
         self.target = target
         self.job = job
         self.settings = settings
-        self.handle: dict[str, Any] | None = None
+        self.handle: RunHandle | None = None
         self.log_tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL_LINES)
         self._log_offset = 0
         self._events_offset = 0
@@ -276,7 +279,7 @@ class ScriptRun:
         experiment: Experiment,
         config: ScriptRunConfig,
         environment: ResolvedEnvironment,
-        target: ComputeTarget,
+        target: ComputeTarget[Any],
         airflow_task: AirflowTask,
         settings: Settings,
     ) -> ScriptRun | None:
@@ -299,7 +302,7 @@ class ScriptRun:
         attached: ScriptRun | None = None
         for record in earlier:
             job = _job(record.id, record.experiment, config, environment, record.snapshot_id)
-            handle = record.handle or target.find(job)
+            handle = recorded_handle(target, record, job)
             unreachable = target.attachable(handle) if handle is not None else None
             if handle is None or unreachable is not None or attached is not None:
                 if handle is None:
@@ -330,9 +333,9 @@ class ScriptRun:
     def following(
         cls,
         workspace: Workspace,
-        target: ComputeTarget,
+        target: ComputeTarget[Any],
         job: Job,
-        handle: dict[str, Any],
+        handle: RunHandle,
         record: RunRecord,
         settings: Settings,
     ) -> ScriptRun:
@@ -341,7 +344,11 @@ class ScriptRun:
         run.handle = handle
         run._started = record.start or _now()
         workspace.history.update_run(
-            record.id, status=RunStatus.RUNNING, handle=handle, start_time=run._started, heartbeat_at=_now()
+            record.id,
+            status=RunStatus.RUNNING,
+            handle=handle.to_json(),
+            start_time=run._started,
+            heartbeat_at=_now(),
         )
         run._heartbeat.start()
         return run
@@ -364,7 +371,10 @@ class ScriptRun:
             self.handle = self._submit()
             self._started = _now()
             self._book.update(
-                status=RunStatus.RUNNING, handle=self.handle, start_time=self._started, heartbeat_at=_now()
+                status=RunStatus.RUNNING,
+                handle=self.handle.to_json(),
+                start_time=self._started,
+                heartbeat_at=_now(),
             )
         except TargetUnreachableError as err:
             # The target may have started the run before its answer was lost: the row stays Starting, for a
@@ -376,10 +386,11 @@ class ScriptRun:
             self._finish(RunStatus.FAILED, f"The run could not be started: {err}")
             raise
 
-    def _submit(self) -> dict[str, Any]:
+    def _submit(self) -> RunHandle:
         """Start the run on its target; if starting it was interrupted, make sure it does not run unseen."""
         try:
-            return self.target.submit(self.job)
+            handle: RunHandle = self.target.submit(self.job)
+            return handle
         except TargetUnreachableError:
             raise
         except BaseException:
@@ -579,7 +590,7 @@ class ScriptRun:
         fields: dict[str, Any] = {"status": status, "error": error, "end_time": _now()}
         if self.handle is not None:
             # Recorded even when it was found only after a failed start, so the run's files can be found.
-            fields["handle"] = self.handle
+            fields["handle"] = self.handle.to_json()
             self._book.update(status=RunStatus.FINALIZING)
             try:
                 fields.update(self._collect())
@@ -678,7 +689,15 @@ def _job(
     )
 
 
-def discard_lost(target: ComputeTarget, job: Job) -> None:
+def recorded_handle(target: ComputeTarget[Any], record: RunRecord, job: Job) -> RunHandle | None:
+    """The handle of a recorded run: the one its row holds, else the one its target finds by its run id."""
+    handle: RunHandle | None = (
+        target.handle_type.from_json(record.handle) if record.handle else target.find(job)
+    )
+    return handle
+
+
+def discard_lost(target: ComputeTarget[Any], job: Job) -> None:
     """Remove what a run recorded lost left on its target (nothing starts it any more); never fatal."""
     try:
         target.discard(job)
@@ -695,7 +714,7 @@ def _timestamp(value: Any) -> datetime | None:
         return None
 
 
-def _warn_of_unused_sections(environment: ResolvedEnvironment, target: ComputeTarget) -> None:
+def _warn_of_unused_sections(environment: ResolvedEnvironment, target: ComputeTarget[Any]) -> None:
     """Say so when the environment asks for something the target does not do, rather than drop it silently."""
     spark = environment.spec.spark
     if (spark.packages or spark.repositories) and target.kind != "spark":

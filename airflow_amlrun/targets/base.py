@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from airflow_amlrun.environment import ResolvedEnvironment
 from airflow_amlrun.snapshot import BlobStore, Snapshot
+from airflow_amlrun.targets.handles import RunHandle
+
+# A target's own handle type (see targets/handles.py).
+H = TypeVar("H", bound=RunHandle)
 
 
 @dataclass(frozen=True)
@@ -72,11 +76,13 @@ class CodeSource(Protocol):
         """Write the run's code tree into dest (which exists and is empty)."""
 
 
-class ComputeTarget(Protocol):
+class ComputeTarget(Protocol[H]):
     """A place runs execute: prepare, submit, wait, read_log, read_events, cancel, collect, cleanup."""
 
     name: str
     kind: str
+    # What submit returns and the other steps take; the run row holds its JSON (`handle_type.from_json`).
+    handle_type: type[H]
 
     def check(self, job: Job) -> None:
         """Refuse a job this target cannot run, before anything is recorded (raise ConfigurationError)."""
@@ -84,43 +90,43 @@ class ComputeTarget(Protocol):
     def prepare(self, job: Job, code: CodeSource) -> None:
         """Make the run directory on the target, holding the job's code."""
 
-    def submit(self, job: Job) -> dict[str, Any]:
-        """Start the run; returns a JSON-able handle that is saved on the run row."""
+    def submit(self, job: Job) -> H:
+        """Start the run; returns its handle, whose JSON is saved on the run row."""
 
-    def wait(self, handle: dict[str, Any], timeout: float) -> TargetStatus:
+    def wait(self, handle: H, timeout: float) -> TargetStatus:
         """Block at most `timeout` seconds, returning early once the run has finished."""
 
-    def read_log(self, handle: dict[str, Any], offset: int, final: bool = False) -> Chunk:
+    def read_log(self, handle: H, offset: int, final: bool = False) -> Chunk:
         """The script's combined stdout/stderr lines written since `offset`."""
 
-    def read_events(self, handle: dict[str, Any], offset: int, final: bool = False) -> Chunk:
+    def read_events(self, handle: H, offset: int, final: bool = False) -> Chunk:
         """The metric and tag events (JSON lines) the script logged since `offset`."""
 
-    def cancel(self, handle: dict[str, Any]) -> None:
+    def cancel(self, handle: H) -> None:
         """Stop the run and everything it started."""
 
-    def collect(self, handle: dict[str, Any]) -> Collected:
+    def collect(self, handle: H) -> Collected:
         """Bring outputs/ and logs/ of a finished run to this machine."""
 
-    def cleanup(self, handle: dict[str, Any], *, remove_files: bool) -> None:
+    def cleanup(self, handle: H, *, remove_files: bool) -> None:
         """Release what the target holds for an ended run, once its outcome is recorded (e.g. its container);
         with remove_files (per ``[amlrun] cleanup``), delete its run directory too."""
 
-    def attachable(self, handle: dict[str, Any]) -> str | None:
+    def attachable(self, handle: H) -> str | None:
         """None when this process can follow the run of this handle; otherwise why it cannot.
 
         A retry re-attaching to its earlier try's run asks this first: a run on another worker's own
         machine (the local target, a Docker daemon on that worker's socket) cannot be reached from here.
         """
 
-    def gone(self, handle: dict[str, Any]) -> str | None:
+    def gone(self, handle: H) -> str | None:
         """Why the run of a handle this process cannot attach to certainly exists nowhere any more, else None.
 
         Reconcile settles such a run (recorded Failed with the reason) rather than leaving it to the machine
         it ran on: e.g. a local run of this very worker before it restarted.
         """
 
-    def find(self, job: Job) -> dict[str, Any] | None:
+    def find(self, job: Job) -> H | None:
         """The handle of a run with this job's run id already on the target, if any.
 
         Used when a retry finds its earlier try's run in the history without a saved handle (the worker died

@@ -1,19 +1,21 @@
-"""What every target does the same way: the command line, the script's variables, the run directory's
-control files, and reading growing files line by line."""
+"""What every target does the same way: the command line, the script's variables, the run directory and its
+control files, reading growing files line by line, and what an exit status says."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
+import signal
 import stat
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from airflow_amlrun import run_context
-from airflow_amlrun.targets.base import Chunk, Job
-from airflow_amlrun.targets.docker_files import UnsafeFileError, read_beneath
+from airflow_amlrun.targets.base import Chunk, Job, TargetStatus
+from airflow_amlrun.targets.files import UnsafeFileError, read_beneath
 from airflow_amlrun.targets.supervisor import ENDED_BY as ENDED_BY
 from airflow_amlrun.targets.supervisor import EXIT_CODE as EXIT_CODE
 from airflow_amlrun.targets.supervisor import MAX_DURATION
@@ -28,6 +30,8 @@ EVENTS = "events.jsonl"
 PID = "pid"
 # The importable copy of run_context (CONTROL_DIR/pylib/airflow_amlrun/run_context.py).
 PYLIB = "pylib"
+# The folders of a run directory beside the code: what the script writes, and the target's own.
+RUN_FOLDERS = ("outputs", "logs", CONTROL_DIR)
 # Largest piece of a log read at once, so a chatty script cannot balloon the worker's memory.
 READ_CAP = 1 << 20
 # How long a run stopped by its target (canceled, or past its time limit) gets to exit on SIGTERM before
@@ -67,6 +71,51 @@ def stopped_for_limit(ended_by: bytes | str | None) -> bool:
         return bool(json.loads(ended_by).get("reason") == MAX_DURATION)
     except (ValueError, AttributeError):
         return False
+
+
+def new_run_dir(run_dir: Path, *, private: bool = False) -> None:
+    """Make run_dir anew and empty (what an earlier try left there goes), with its parents; a private one
+    only its owner may enter, whatever the umask."""
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    run_dir.mkdir(mode=0o700 if private else 0o777)
+    if private:
+        run_dir.chmod(0o700)
+
+
+def add_run_folders(root: Path) -> None:
+    """Make the RUN_FOLDERS in root (the code is there already: a folder of it by that name stays)."""
+    for folder in RUN_FOLDERS:
+        (root / folder).mkdir(exist_ok=True)
+
+
+def python_path(pylib: str, existing: str | None) -> str:
+    """A PYTHONPATH that finds run_context in the folder pylib first, then what the existing one held."""
+    return ":".join(filter(None, [pylib, existing]))
+
+
+def exit_status(code: int | None, *, on: str | None = None, timed_out: bool = False) -> TargetStatus:
+    """How a run ended with exit status code: past 128, as a shell reports it, the signal that killed it is
+    named (with the host `on`, when the run was not on the worker)."""
+    if code is not None and code > 128:
+        with contextlib.suppress(ValueError):
+            name = signal.Signals(code - 128).name
+            where = f" on {on}" if on else ""
+            return TargetStatus(
+                running=False, exit_code=code, reason=f"killed by signal {name}{where}", timed_out=timed_out
+            )
+    return TargetStatus(running=False, exit_code=code, timed_out=timed_out)
+
+
+def time_limit_status(code: int, where: str) -> TargetStatus:
+    """How a run ended that its supervisor on `where` stopped for its time limit (see stopped_for_limit)."""
+    return TargetStatus(
+        running=False,
+        exit_code=code,
+        reason=f"stopped on {where} for exceeding max_run_duration_seconds",
+        timed_out=True,
+    )
 
 
 def job_environment(job: Job, *, run_dir: str, events_file: str) -> dict[str, str]:

@@ -71,7 +71,6 @@ import logging
 import os
 import re
 import shutil
-import signal
 import threading
 import time
 import uuid
@@ -91,18 +90,21 @@ from airflow_amlrun.targets.common import (
     EVENTS,
     READ_CAP,
     STD_LOG,
+    add_run_folders,
+    exit_status,
     job_argv,
     job_environment,
     lines_from,
+    new_run_dir,
+    python_path,
     read_lines,
+    stopped_for_limit,
     write_run_context_package,
 )
 from airflow_amlrun.targets.docker_files import (
-    UnsafeFileError,
     defuse,
     hand_over,
     keep_only_inside,
-    read_beneath,
     replace_with_copy,
     take_folder,
 )
@@ -122,6 +124,8 @@ from airflow_amlrun.targets.docker_transfer import (
     send_and_close,
     user_ids,
 )
+from airflow_amlrun.targets.files import UnsafeFileError, read_beneath
+from airflow_amlrun.targets.handles import DockerHandle
 
 if TYPE_CHECKING:
     from docker import APIClient
@@ -154,6 +158,7 @@ class DockerTarget:
     """Runs in a container of the environment's image, on the local Docker daemon or a remote one."""
 
     kind = "docker"
+    handle_type = DockerHandle
 
     def __init__(self, name: str, daemon: DockerDaemon, settings: Settings, cache_dir: Path) -> None:
         self.name = name
@@ -212,23 +217,18 @@ class DockerTarget:
 
     def prepare(self, job: Job, code: CodeSource) -> None:
         run_dir = self.run_dir(job.run_id)
-        if run_dir.exists():
-            shutil.rmtree(run_dir)
-        run_dir.parent.mkdir(parents=True, exist_ok=True)
         # Only the worker's user may enter: whatever a container leaves in run/, while it runs or after, is
         # out of reach of the machine's other users (the container reaches run/ through its bind mount).
-        run_dir.mkdir(mode=0o700)
-        run_dir.chmod(0o700)  # whatever the umask
+        new_run_dir(run_dir, private=True)
         work = run_dir / WORK
         work.mkdir()
         code.materialize(work)
-        for folder in ("outputs", "logs", CONTROL_DIR):
-            (work / folder).mkdir(exist_ok=True)
+        add_run_folders(work)
         image = self._images[job.run_id] = self._image(job)
         if self.transfer(image.reference) == "bind":
             self._hand_over(work, image, self.options.run_user(image.user))
 
-    def submit(self, job: Job) -> dict[str, Any]:
+    def submit(self, job: Job) -> DockerHandle:
         from docker.types import Mount
 
         client = self.client
@@ -244,7 +244,7 @@ class DockerTarget:
             run_dir=RUN_DIR,
             events_file=f"{RUN_DIR}/{CONTROL_DIR}/{EVENTS}",
         )
-        env["PYTHONPATH"] = ":".join(filter(None, [PYLIB_DIR, image.env.get("PYTHONPATH")]))
+        env["PYTHONPATH"] = python_path(PYLIB_DIR, image.env.get("PYTHONPATH"))
         request = {
             "argv": job_argv(job, image.python),
             "env": dict(job.secret_environment_variables),
@@ -297,7 +297,7 @@ class DockerTarget:
             raise
         return self._handle(container_id, name, job.run_id, image.reference, transfer, image.python, user)
 
-    def wait(self, handle: dict[str, Any], timeout: float) -> TargetStatus:
+    def wait(self, handle: DockerHandle, timeout: float) -> TargetStatus:
         """Wait at most ``timeout`` seconds for the container's log stream to end, then ask the daemon how the
         container is; a ``timeout`` of 0 (or less) is a poll: the daemon is asked at once, even while the log
         stream goes on (a follower that has just started has not read the stream of an ended container yet).
@@ -308,14 +308,14 @@ class DockerTarget:
         # A poll starts no follower: the process polling (reconcile) may never follow this run, and a retry
         # that does must be the only one writing its log spool.
         with self._lock:
-            follower = self._followers.get(handle["container_id"])
+            follower = self._followers.get(handle.container_id)
         if timeout > 0:
             follower = self._follower(handle)
             if not follower.done.wait(timeout):
                 return TargetStatus(running=True)
         from requests.exceptions import RequestException
 
-        key = handle["container_id"]
+        key = handle.container_id
         try:
             state = self._state(handle)
         except RequestException as err:
@@ -334,7 +334,7 @@ class DockerTarget:
             return TargetStatus(
                 running=False,
                 exit_code=None,
-                reason=f"its container {handle['container']} was removed from {self.daemon.base_url} before it "
+                reason=f"its container {handle.container} was removed from {self.daemon.base_url} before it "
                 "was collected",
             )
         if _live(state):
@@ -352,7 +352,7 @@ class DockerTarget:
             # The supervisor did not even start (it records its exit code, even when the job cannot start).
             return replace(
                 status,
-                reason=f"the image {handle['image']!r} could not run {handle['python']!r} (exit code 127, which says "
+                reason=f"the image {handle.image!r} could not run {handle.python!r} (exit code 127, which says "
                 "it has no such interpreter): the Docker target starts every run (a script or a command) under a "
                 "small Python supervisor that enforces its time limit and records how it ended, which needs "
                 "Python 3.7 or newer in the image. Use an image with Python, or name its interpreter in the "
@@ -360,18 +360,16 @@ class DockerTarget:
             )
         return status
 
-    def read_log(self, handle: dict[str, Any], offset: int, final: bool = False) -> Chunk:
+    def read_log(self, handle: DockerHandle, offset: int, final: bool = False) -> Chunk:
         follower = self._follower(handle)
         if final:
             follower.done.wait(FINAL_LOG_WAIT_SECONDS)
         return read_lines(follower.path, offset, final)
 
-    def read_events(self, handle: dict[str, Any], offset: int, final: bool = False) -> Chunk:
-        if handle["transfer"] == "bind":
+    def read_events(self, handle: DockerHandle, offset: int, final: bool = False) -> Chunk:
+        if handle.transfer == "bind":
             try:
-                data = read_beneath(
-                    Path(handle["run_dir"]) / WORK, f"{CONTROL_DIR}/{EVENTS}", offset, READ_CAP
-                )
+                data = read_beneath(Path(handle.run_dir) / WORK, f"{CONTROL_DIR}/{EVENTS}", offset, READ_CAP)
             except UnsafeFileError as err:
                 self._warn_once(handle, f"{err}: the metrics and tags written there are not read")
                 return Chunk([], offset)
@@ -383,25 +381,25 @@ class DockerTarget:
             self._warn_once(handle, f"{follower.skipped}: the metrics and tags written there are not read")
         return read_lines(follower.path, offset, final)
 
-    def cancel(self, handle: dict[str, Any]) -> None:
+    def cancel(self, handle: DockerHandle) -> None:
         from docker.errors import NotFound
 
-        log.info("Stopping container %s", handle["container"])
+        log.info("Stopping container %s", handle.container)
         with contextlib.suppress(NotFound):
-            self.client.stop(handle["container_id"], timeout=TERM_GRACE_SECONDS)
+            self.client.stop(handle.container_id, timeout=TERM_GRACE_SECONDS)
 
-    def collect(self, handle: dict[str, Any]) -> Collected:
-        run_dir = Path(handle["run_dir"])
+    def collect(self, handle: DockerHandle) -> Collected:
+        run_dir = Path(handle.run_dir)
         follower = self._follower(handle)
         follower.done.wait(FINAL_LOG_WAIT_SECONDS)
         state = self._state(handle)
         ended = state is None or not _live(state)
         left_out: list[str] = []
-        if handle["transfer"] == "bind" and ended:
+        if handle.transfer == "bind" and ended:
             left_out += self._defuse(handle, ended=True)
         for folder in ("outputs", "logs"):
             source, dest = run_dir / WORK / folder, run_dir / folder
-            if handle["transfer"] == "bind" and ended:
+            if handle.transfer == "bind" and ended:
                 # The container ended: nothing changes in its folder any more, so what is there can be taken
                 # as it is (one rename), and checked once.
                 if dest.exists() and not os.path.lexists(source):
@@ -410,14 +408,14 @@ class DockerTarget:
                 try:
                     left_out += take_folder(source, dest, what=folder)
                 except OSError as err:  # e.g. a folder of another user, that only the daemon can read
-                    log.info("Copying %s of %s through the daemon (%s)", folder, handle["container"], err)
+                    log.info("Copying %s of %s through the daemon (%s)", folder, handle.container, err)
                 else:
                     left_out += keep_only_inside(dest, what=folder)
                     continue
             shutil.rmtree(dest, ignore_errors=True)
-            left_out += fetch_folder(self.client, handle["container_id"], f"{RUN_DIR}/{folder}", dest)
+            left_out += fetch_folder(self.client, handle.container_id, f"{RUN_DIR}/{folder}", dest)
         for line in left_out:
-            log.warning("Container %s: %s", handle["container"], line)
+            log.warning("Container %s: %s", handle.container, line)
         if follower.path.is_file():
             replace_with_copy(follower.path, run_dir / "logs" / STD_LOG)
         # The container stays until the outcome is recorded (cleanup): a retry that finds the row unfinished
@@ -425,27 +423,27 @@ class DockerTarget:
         return Collected(
             outputs_dir=run_dir / "outputs",
             logs_dir=run_dir / "logs",
-            extra={"container": handle["container"], "image": handle["image"]},
+            extra={"container": handle.container, "image": handle.image},
         )
 
-    def cleanup(self, handle: dict[str, Any], *, remove_files: bool) -> None:
+    def cleanup(self, handle: DockerHandle, *, remove_files: bool) -> None:
         from docker.errors import NotFound
 
         self._forget(handle)
         if self.options.auto_remove:
             with contextlib.suppress(NotFound):
-                self.client.remove_container(handle["container_id"], force=True)
+                self.client.remove_container(handle.container_id, force=True)
         if remove_files:
-            shutil.rmtree(handle["run_dir"], ignore_errors=True)
-        elif handle["transfer"] == "bind":
+            shutil.rmtree(handle.run_dir, ignore_errors=True)
+        elif handle.transfer == "bind":
             # Left behind (for a look at a failed run): with nothing in it that gives a device or a privilege.
             for line in self._defuse(handle, ended=self.options.auto_remove):
-                log.warning("Container %s: %s", handle["container"], line)
+                log.warning("Container %s: %s", handle.container, line)
 
-    def attachable(self, handle: dict[str, Any]) -> str | None:
-        if "transfer" not in handle:
+    def attachable(self, handle: DockerHandle) -> str | None:
+        if handle.legacy:
             return "it was started by an earlier version of airflow-amlrun, whose Docker runs a retry cannot follow"
-        if handle["transfer"] == "bind" and not (Path(handle["run_dir"]) / WORK).is_dir():
+        if handle.transfer == "bind" and not (Path(handle.run_dir) / WORK).is_dir():
             return self._missing_folder(handle)
         from docker.errors import DockerException
         from requests.exceptions import RequestException
@@ -454,17 +452,17 @@ class DockerTarget:
             here = self.daemon_id
         except (DockerException, RequestException):
             return None  # the daemon does not answer now; waiting on the run tells more
-        if handle.get("daemon_id") and here and handle["daemon_id"] != here:
+        if handle.daemon_id and here and handle.daemon_id != here:
             return (
-                f"its container runs on the Docker daemon {handle['daemon_id']}, and {self.daemon.base_url} "
+                f"its container runs on the Docker daemon {handle.daemon_id}, and {self.daemon.base_url} "
                 f"here is another one ({here})"
             )
         return None
 
-    def gone(self, handle: dict[str, Any]) -> str | None:
-        if handle.get("transfer") != "bind" or (Path(handle["run_dir"]) / WORK).is_dir():
+    def gone(self, handle: DockerHandle) -> str | None:
+        if handle.transfer != "bind" or (Path(handle.run_dir) / WORK).is_dir():
             return None
-        if handle.get("host") not in (None, _host()):
+        if handle.host not in (None, _host()):
             return None  # on another worker: for a reconcile there
         from docker.errors import DockerException
         from requests.exceptions import RequestException
@@ -477,7 +475,7 @@ class DockerTarget:
             return None  # it runs on, without its folder: nothing to settle yet
         return self._missing_folder(handle)
 
-    def find(self, job: Job) -> dict[str, Any] | None:
+    def find(self, job: Job) -> DockerHandle | None:
         from docker.errors import NotFound
 
         found = self.client.containers(all=True, filters={"label": f"{LABEL_RUN_ID}={job.run_id}"})
@@ -591,26 +589,26 @@ class DockerTarget:
         for folder in (work, work / "outputs", work / "logs", work / CONTROL_DIR):
             folder.chmod(0o777)
 
-    def _defuse(self, handle: dict[str, Any], *, ended: bool) -> list[str]:
+    def _defuse(self, handle: DockerHandle, *, ended: bool) -> list[str]:
         """Rid a bind-mounted run folder of devices, FIFOs, sockets, setuid and setgid bits; returns what was
         done, one line each. Once its container is known to have ended, once per process is enough."""
-        key = str(handle["container_id"])
+        key = str(handle.container_id)
         if key in self._defused:
             return []
-        done = defuse(Path(handle["run_dir"]) / WORK, what=WORK)
+        done = defuse(Path(handle.run_dir) / WORK, what=WORK)
         if ended:
             self._defused.add(key)
         return done
 
-    def _missing_folder(self, handle: dict[str, Any]) -> str:
+    def _missing_folder(self, handle: DockerHandle) -> str:
         """Why a bind-mounted run's folder is not here: on another worker, or removed (and by whom, if known)."""
         from docker.errors import DockerException
         from requests.exceptions import RequestException
 
-        run_dir, here = handle["run_dir"], _host()
-        if handle.get("host") not in (None, here):
+        run_dir, here = handle.run_dir, _host()
+        if handle.host not in (None, here):
             return (
-                f"its run folder {run_dir}, bind-mounted into its container, is on worker {handle['host']!r}, not on "
+                f"its run folder {run_dir}, bind-mounted into its container, is on worker {handle.host!r}, not on "
                 f"this one ({here!r}): a run on a daemon that shares its worker's files is followed from that "
                 "worker only"
             )
@@ -619,7 +617,7 @@ class DockerTarget:
             state = self._state(handle)
         except (DockerException, RequestException):
             state = False  # not known
-        container = f"its container {handle['container']}"
+        container = f"its container {handle.container}"
         if state is None:
             return (
                 f"its run folder {run_dir} is gone from this worker, and {container} from {self.daemon.base_url}: "
@@ -640,10 +638,10 @@ class DockerTarget:
             f"daemon at {self.daemon.base_url} does not answer to tell more"
         )
 
-    def _lost(self, handle: dict[str, Any], err: BaseException, waited: float) -> DockerDaemonLostError:
+    def _lost(self, handle: DockerHandle, err: BaseException, waited: float) -> DockerDaemonLostError:
         waiting = f"It has not answered for {waited:.0f} s. " if waited >= 1 else ""
         return DockerDaemonLostError(
-            f"{self.daemon.unreachable_message(err)} {waiting}The run's container {handle['container']} is left as "
+            f"{self.daemon.unreachable_message(err)} {waiting}The run's container {handle.container} is left as "
             "it is there, and the run unfinished: a retry of this task re-attaches to the container once the "
             "daemon answers (or records how it ended meanwhile), and amlrun reconcile settles it if no retry comes.",
             base_url=self.daemon.base_url,
@@ -669,26 +667,25 @@ class DockerTarget:
         transfer: str,
         python: str,
         user: str | None,
-    ) -> dict[str, Any]:
+    ) -> DockerHandle:
         from docker.errors import DockerException
         from requests.exceptions import RequestException
 
         daemon_id = None
         with contextlib.suppress(DockerException, RequestException):
             daemon_id = self.daemon_id
-        return {
-            "container_id": container_id,
-            "container": name,
-            "daemon": self.daemon.base_url,
-            "daemon_id": daemon_id,
-            "image": image,
-            "run_dir": str(self.run_dir(run_id)),
-            "transfer": transfer,
-            "python": python,
-            "user": user,
-            # The worker whose files a bind-mounted run uses: only there can it be followed.
-            "host": _host(),
-        }
+        return DockerHandle(
+            container_id=container_id,
+            container=name,
+            daemon=self.daemon.base_url,
+            daemon_id=daemon_id,
+            image=image,
+            run_dir=str(self.run_dir(run_id)),
+            transfer=transfer,
+            python=python,
+            user=user,
+            host=_host(),
+        )
 
     def _lib(self) -> Path:
         """A read-only folder of the supervisor and ``pylib/airflow_amlrun/run_context.py``, one per version."""
@@ -707,67 +704,62 @@ class DockerTarget:
                 shutil.rmtree(tmp, ignore_errors=True)
         return dest
 
-    def _state(self, handle: dict[str, Any]) -> dict[str, Any] | None:
+    def _state(self, handle: DockerHandle) -> dict[str, Any] | None:
         from docker.errors import NotFound
 
         try:
-            return dict(self.client.inspect_container(handle["container_id"])["State"])
+            return dict(self.client.inspect_container(handle.container_id)["State"])
         except NotFound:
             return None
 
-    def _ended_by_limit(self, handle: dict[str, Any]) -> bool:
+    def _ended_by_limit(self, handle: DockerHandle) -> bool:
         """Whether the supervisor in the container stopped the run for its time limit."""
-        data = self._control_file(handle, supervisor.ENDED_BY)
-        try:
-            ended = json.loads(data or b"null")
-        except ValueError:
-            return False
-        return isinstance(ended, dict) and ended.get("reason") == supervisor.MAX_DURATION
+        return stopped_for_limit(self._control_file(handle, supervisor.ENDED_BY))
 
-    def _control_file(self, handle: dict[str, Any], name: str) -> bytes | None:
+    def _control_file(self, handle: DockerHandle, name: str) -> bytes | None:
         relative = f"{CONTROL_DIR}/{name}"
-        if handle["transfer"] == "bind":
+        if handle.transfer == "bind":
             try:
-                return read_beneath(Path(handle["run_dir"]) / WORK, relative, limit=CONTROL_CAP)
+                return read_beneath(Path(handle.run_dir) / WORK, relative, limit=CONTROL_CAP)
             except UnsafeFileError as err:
                 self._warn_once(handle, f"{err}: it was not read")
                 return None
-        return fetch_file(self.client, handle["container_id"], f"{RUN_DIR}/{relative}", CONTROL_CAP)
+        return fetch_file(self.client, handle.container_id, f"{RUN_DIR}/{relative}", CONTROL_CAP)
 
-    def _warn_once(self, handle: dict[str, Any], message: str) -> None:
-        key = (str(handle["container_id"]), message)
+    def _warn_once(self, handle: DockerHandle, message: str) -> None:
+        key = (str(handle.container_id), message)
         if key not in self._warned:
             self._warned.add(key)
-            log.warning("Container %s: %s", handle["container"], message)
+            log.warning("Container %s: %s", handle.container, message)
 
-    def _events_follower(self, handle: dict[str, Any]) -> EventsFollower:
+    def _events_follower(self, handle: DockerHandle) -> EventsFollower:
         with self._lock:
-            follower = self._events.get(handle["container_id"])
+            follower = self._events.get(handle.container_id)
             if follower is None:
-                spool = Path(handle["run_dir"]) / EVENTS_SPOOL
+                spool = Path(handle.run_dir) / EVENTS_SPOOL
                 follower = EventsFollower(self.daemon, self.client.api_version, handle, spool)
-                self._events[handle["container_id"]] = follower
+                self._events[handle.container_id] = follower
             return follower
 
-    def _follower(self, handle: dict[str, Any]) -> LogFollower:
+    def _follower(self, handle: DockerHandle) -> LogFollower:
         with self._lock:
-            follower = self._followers.get(handle["container_id"])
+            follower = self._followers.get(handle.container_id)
             if follower is None:
                 # Beside the container's run folder, never in it: the container cannot plant anything there.
-                spool = Path(handle["run_dir"]) / LOG_SPOOL
+                spool = Path(handle.run_dir) / LOG_SPOOL
                 follower = LogFollower(self.daemon, self.client.api_version, handle, spool)
-                self._followers[handle["container_id"]] = follower
+                self._followers[handle.container_id] = follower
             return follower
 
-    def _restart_follower(self, handle: dict[str, Any]) -> None:
+    def _restart_follower(self, handle: DockerHandle) -> None:
         with self._lock:
-            self._followers.pop(handle["container_id"], None)
+            self._followers.pop(handle.container_id, None)
         self._follower(handle)
 
-    def _forget(self, handle: dict[str, Any]) -> None:
+    def _forget(self, handle: DockerHandle) -> None:
         with self._lock:
-            self._followers.pop(handle["container_id"], None)
-            self._events.pop(handle["container_id"], None)
+            self._followers.pop(handle.container_id, None)
+            self._events.pop(handle.container_id, None)
 
 
 def _host() -> str:
@@ -802,11 +794,4 @@ def _outcome(state: dict[str, Any], options: DockerOptions, *, timed_out: bool =
             reason=f"the container could not run the script: {state['Error']}",
             timed_out=timed_out,
         )
-    if exit_code is not None and exit_code > 128 and exit_code - 128 in signal.valid_signals():
-        return TargetStatus(
-            running=False,
-            exit_code=exit_code,
-            reason=f"killed by signal {signal.Signals(exit_code - 128).name}",
-            timed_out=timed_out,
-        )
-    return TargetStatus(running=False, exit_code=exit_code, timed_out=timed_out)
+    return exit_status(exit_code, timed_out=timed_out)

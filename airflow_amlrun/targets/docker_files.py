@@ -5,7 +5,7 @@ file there with a symbolic link to a path of the worker (``outputs/model -> /hom
 with a folder, a FIFO or a device node, at any moment. So the worker:
 - keeps its own files (the log spool) outside the mounted folder, and writes nothing into it once the
   container started;
-- opens what it reads there (the events file, ``ended_by``) with ``read_beneath``: no symbolic link is
+- opens what it reads there (the events file, ``ended_by``) with ``files.read_beneath``: no symbolic link is
   followed on the way, and only a regular file is read;
 - takes ``outputs/`` and ``logs/`` out of the folder only once the container ended (``take_folder``), and
   keeps in them only regular files, folders and links to regular files inside (``keep_only_inside``); every
@@ -20,7 +20,6 @@ with a folder, a FIFO or a device node, at any moment. So the worker:
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import shutil
@@ -31,108 +30,12 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path, PurePosixPath
 from typing import IO
 
+from airflow_amlrun.targets.files import DIR_FLAGS, file_kind
+
 log = logging.getLogger(__name__)
 
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # Mode bits that make running a file (or making a file in a folder) take on its owner or group.
 _PRIVILEGE_BITS = stat.S_ISUID | stat.S_ISGID
-
-
-class UnsafeFileError(Exception):
-    """A file of the run folder that the worker will not open: a link, a folder, a FIFO, a device..."""
-
-    def __init__(self, relative: str, why: str) -> None:
-        super().__init__(f"{relative} {why}")
-        self.relative = relative
-        self.why = why
-
-
-def read_beneath(root: Path, relative: str, offset: int = 0, limit: int = 1 << 20) -> bytes | None:
-    """Up to ``limit`` bytes from ``offset`` of the regular file root/relative; None when it does not exist.
-
-    No component of ``relative`` may be a symbolic link, and the file must be a regular file; otherwise
-    ``UnsafeFileError`` says what it is. ``root`` itself is the worker's (the mount point, which a container
-    cannot replace).
-    """
-    fd = _open_beneath(root, relative)
-    if fd is None:
-        return None
-    with os.fdopen(fd, "rb") as stream:
-        stream.seek(offset)
-        return stream.read(limit)
-
-
-def _open_beneath(root: Path, relative: str) -> int | None:
-    parts = PurePosixPath(relative).parts
-    if not parts or any(part in ("..", "/") for part in parts):
-        raise ValueError(f"{relative!r} is not a path inside the run folder")
-    folder = os.open(root, _DIR_FLAGS)
-    try:
-        for index, part in enumerate(parts[:-1]):
-            try:
-                inner = os.open(part, _DIR_FLAGS, dir_fd=folder)
-            except OSError as err:
-                if err.errno == errno.ENOENT:
-                    return None
-                if err.errno in (errno.ELOOP, errno.ENOTDIR):
-                    raise UnsafeFileError(
-                        "/".join(parts[: index + 1]), "is a symbolic link or not a folder"
-                    ) from None
-                raise
-            os.close(folder)
-            folder = inner
-        try:
-            return _open_regular(parts[-1], folder, relative)
-        except FileNotFoundError:
-            return None
-    finally:
-        os.close(folder)
-
-
-def _open_regular(name: str, folder: int, relative: str) -> int:
-    """A read descriptor of the regular file ``name`` in ``folder``, opened without side effects otherwise."""
-    if hasattr(os, "O_PATH") and os.path.isdir("/proc/self/fd"):
-        # O_PATH opens nothing (a FIFO does not block, a device is not touched): look first, then open the
-        # very inode looked at, through /proc, so nothing can be swapped in between.
-        handle = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=folder)
-        try:
-            _require_regular(os.fstat(handle).st_mode, relative)
-            return os.open(f"/proc/self/fd/{handle}", os.O_RDONLY | os.O_CLOEXEC)
-        finally:
-            os.close(handle)
-    try:
-        fd = os.open(
-            name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC, dir_fd=folder
-        )
-    except OSError as err:
-        if err.errno == errno.ELOOP:
-            raise UnsafeFileError(relative, "is a symbolic link") from None
-        raise
-    try:
-        _require_regular(os.fstat(fd).st_mode, relative)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def _require_regular(mode: int, relative: str) -> None:
-    if not stat.S_ISREG(mode):
-        raise UnsafeFileError(relative, f"is {_kind(mode)}, not a regular file")
-
-
-def _kind(mode: int) -> str:
-    if stat.S_ISLNK(mode):
-        return "a symbolic link"
-    if stat.S_ISDIR(mode):
-        return "a folder"
-    if stat.S_ISFIFO(mode):
-        return "a FIFO"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "a device node"
-    return "a special file"
 
 
 def take_folder(source: Path, dest: Path, *, what: str) -> list[str]:
@@ -149,7 +52,7 @@ def take_folder(source: Path, dest: Path, *, what: str) -> list[str]:
         return []
     if not stat.S_ISDIR(mode):
         dest.mkdir(parents=True)
-        return [f"{what} is {_kind(mode)}{_link_target(source)}, not a folder: it was not collected"]
+        return [f"{what} is {file_kind(mode)}{_link_target(source)}, not a folder: it was not collected"]
     os.rename(source, dest)
     return []
 
@@ -175,7 +78,7 @@ def keep_only_inside(root: Path, *, what: str) -> list[str]:
                     "or to no regular file: it was not collected"
                 )
             else:
-                removed.append(f"{shown} is {_kind(mode)}: it was not collected")
+                removed.append(f"{shown} is {file_kind(mode)}: it was not collected")
             os.unlink(path)
         # os.walk lists links to folders among dirnames but does not enter them; they were just removed.
         dirnames[:] = [d for d in dirnames if os.path.isdir(os.path.join(dirpath, d))]
@@ -192,7 +95,7 @@ def defuse(root: Path, *, what: str = "run") -> list[str]:
     """
     done: list[str] = []
     try:
-        top = os.open(root, _DIR_FLAGS)
+        top = os.open(root, DIR_FLAGS)
     except FileNotFoundError:
         return done
     _defuse_folder(top, what, done)
@@ -217,7 +120,7 @@ def _defuse_folder(folder: int, shown: str, done: list[str]) -> None:
                 continue  # not followed; collecting decides what a link may lead to
             if stat.S_ISDIR(mode):
                 try:
-                    inner = os.open(name, _DIR_FLAGS, dir_fd=folder)
+                    inner = os.open(name, DIR_FLAGS, dir_fd=folder)
                 except OSError as err:
                     done.append(f"{path} could not be opened ({err.strerror}): it was not checked")
                     continue
@@ -229,9 +132,9 @@ def _defuse_folder(folder: int, shown: str, done: list[str]) -> None:
                 try:
                     os.unlink(name, dir_fd=folder)
                 except OSError as err:
-                    done.append(f"{path} is {_kind(mode)}, which could not be removed ({err.strerror})")
+                    done.append(f"{path} is {file_kind(mode)}, which could not be removed ({err.strerror})")
                 else:
-                    done.append(f"{path} was {_kind(mode)}: it was removed")
+                    done.append(f"{path} was {file_kind(mode)}: it was removed")
     finally:
         os.close(folder)
 

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from docker import APIClient
 
     from airflow_amlrun.hooks.docker import DockerDaemon
+    from airflow_amlrun.targets.handles import DockerHandle
 
 log = logging.getLogger(__name__)
 
@@ -304,14 +305,14 @@ def fetch_folder(client: APIClient, container_id: str, path: str, dest: Path) ->
 class LogFollower:
     """Copies a container's log stream into the worker's spool file, from its start, until the container ends."""
 
-    def __init__(self, daemon: DockerDaemon, api_version: str, handle: dict[str, Any], spool: Path) -> None:
+    def __init__(self, daemon: DockerDaemon, api_version: str, handle: DockerHandle, spool: Path) -> None:
         self.path = spool
         self.done = threading.Event()
         self.error: BaseException | None = None
         self._daemon = daemon
         self._api_version = api_version
-        self._container_id = str(handle["container_id"])
-        threading.Thread(target=self._follow, name=f"amlrun-log-{handle['container']}", daemon=True).start()
+        self._container_id = str(handle.container_id)
+        threading.Thread(target=self._follow, name=f"amlrun-log-{handle.container}", daemon=True).start()
 
     def _follow(self) -> None:
         try:
@@ -344,7 +345,7 @@ class EventsFollower:
     then says so.
     """
 
-    def __init__(self, daemon: DockerDaemon, api_version: str, handle: dict[str, Any], spool: Path) -> None:
+    def __init__(self, daemon: DockerDaemon, api_version: str, handle: DockerHandle, spool: Path) -> None:
         self.path = spool
         self.done = threading.Event()
         self.skipped: str | None = None
@@ -352,9 +353,7 @@ class EventsFollower:
         self._daemon = daemon
         self._api_version = api_version
         self._handle = handle
-        threading.Thread(
-            target=self._follow, name=f"amlrun-events-{handle['container']}", daemon=True
-        ).start()
+        threading.Thread(target=self._follow, name=f"amlrun-events-{handle.container}", daemon=True).start()
 
     def finish(self, timeout: float) -> bool:
         """Ask for the end now (the container ended) and wait for it; False when it took longer than timeout."""
@@ -373,7 +372,7 @@ class EventsFollower:
             finally:
                 client.close()
         except Exception as err:  # the run's outcome does not depend on its metrics
-            log.warning("Reading the events of container %s failed: %s", self._handle["container"], err)
+            log.warning("Reading the events of container %s failed: %s", self._handle.container, err)
         finally:
             self.done.set()
 
@@ -396,11 +395,11 @@ class EventsFollower:
         handle = self._handle
         try:
             exec_id = client.exec_create(
-                handle["container_id"],
-                [handle["python"], "-c", _READ_FROM, EVENTS_PATH, str(offset), str(EXEC_READ_CAP)],
+                handle.container_id,
+                [handle.python, "-c", _READ_FROM, EVENTS_PATH, str(offset), str(EXEC_READ_CAP)],
                 stdout=True,
                 stderr=False,
-                user=handle.get("user") or "",
+                user=handle.user or "",
             )
             # Streamed and cut at the cap: the container's "python" may be anything its script made it.
             out = b""
@@ -419,7 +418,7 @@ class EventsFollower:
     def _rest(self, client: APIClient, out: IO[bytes], offset: int) -> None:
         from docker.errors import NotFound
 
-        container_id = self._handle["container_id"]
+        container_id = self._handle.container_id
         # Its size first: a file read to its end already is not sent again.
         stat = path_stat(client, container_id, EVENTS_PATH)
         if stat is None or int(stat.get("size", offset + 1)) <= offset:

@@ -42,15 +42,21 @@ from airflow_amlrun.targets.common import (
     READ_CAP,
     STD_LOG,
     TERM_GRACE_SECONDS,
+    add_run_folders,
+    exit_status,
     job_argv,
     job_environment,
+    new_run_dir,
+    python_path,
     read_control,
     read_control_lines,
     stopped_for_limit,
     supervisor_lost_reason,
     supervisor_request,
+    time_limit_status,
     write_run_context_package,
 )
+from airflow_amlrun.targets.handles import LocalHandle
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +68,7 @@ class LocalTarget:
     """Runs on the Airflow worker: a fresh run directory, the script in its own process group."""
 
     kind = "local"
+    handle_type = LocalHandle
 
     def __init__(self, settings: Settings, cache_dir: Path, name: str = "local") -> None:
         self.name = name
@@ -83,15 +90,12 @@ class LocalTarget:
 
     def prepare(self, job: Job, code: CodeSource) -> None:
         run_dir = self.run_dir(job)
-        if run_dir.exists():
-            shutil.rmtree(run_dir)
-        run_dir.mkdir(parents=True)
+        new_run_dir(run_dir)
         code.materialize(run_dir)
         self.python(job)
-        for folder in ("outputs", "logs", CONTROL_DIR):
-            (run_dir / folder).mkdir(exist_ok=True)
+        add_run_folders(run_dir)
 
-    def submit(self, job: Job) -> dict[str, Any]:
+    def submit(self, job: Job) -> LocalHandle:
         run_dir = self.run_dir(job).resolve()
         control = run_dir / CONTROL_DIR
         python = self.python(job)
@@ -102,7 +106,7 @@ class LocalTarget:
         if python != sys.executable:
             # Another interpreter does not see this package: give it run_context alone.
             pylib = write_run_context_package(control / PYLIB)
-            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(pylib), env.get("PYTHONPATH")]))
+            env["PYTHONPATH"] = python_path(str(pylib), env.get("PYTHONPATH"))
         request = json.dumps(supervisor_request(job, job_argv(job, python))).encode()
         with open(control / STD_LOG, "wb") as log:
             # The worker's own interpreter, isolated (-I: no PYTHON* variables of the job, -S: no site), so the
@@ -122,20 +126,23 @@ class LocalTarget:
         with process.stdin:
             process.stdin.write(request)
         self._processes[process.pid] = process
-        return {
-            "pid": process.pid,
-            "start_time": started,
-            **_machine(),
-            "run_dir": str(run_dir),
-            "std_log": str(control / STD_LOG),
-            "events": str(control / EVENTS),
-            "exit_code": str(control / EXIT_CODE),
-            "ended_by": str(control / ENDED_BY),
-            "python": python,
-        }
+        here = _machine()
+        return LocalHandle(
+            pid=process.pid,
+            start_time=started,
+            host=here["host"],
+            boot_id=here["boot_id"],
+            pid_namespace=here["pid_namespace"],
+            run_dir=str(run_dir),
+            std_log=str(control / STD_LOG),
+            events=str(control / EVENTS),
+            exit_code=str(control / EXIT_CODE),
+            ended_by=str(control / ENDED_BY),
+            python=python,
+        )
 
-    def wait(self, handle: dict[str, Any], timeout: float) -> TargetStatus:
-        process = self._processes.get(handle["pid"])
+    def wait(self, handle: LocalHandle, timeout: float) -> TargetStatus:
+        process = self._processes.get(handle.pid)
         if process is not None:
             try:
                 process.wait(timeout=timeout)
@@ -150,14 +157,14 @@ class LocalTarget:
                 time.sleep(WATCH_SECONDS)
         return _outcome(handle, process)
 
-    def read_log(self, handle: dict[str, Any], offset: int, final: bool = False) -> Chunk:
-        return read_control_lines(handle["run_dir"], STD_LOG, offset, final)
+    def read_log(self, handle: LocalHandle, offset: int, final: bool = False) -> Chunk:
+        return read_control_lines(handle.run_dir, STD_LOG, offset, final)
 
-    def read_events(self, handle: dict[str, Any], offset: int, final: bool = False) -> Chunk:
-        return read_control_lines(handle["run_dir"], EVENTS, offset, final)
+    def read_events(self, handle: LocalHandle, offset: int, final: bool = False) -> Chunk:
+        return read_control_lines(handle.run_dir, EVENTS, offset, final)
 
-    def cancel(self, handle: dict[str, Any]) -> None:
-        pid = handle["pid"]
+    def cancel(self, handle: LocalHandle) -> None:
+        pid = handle.pid
         process = self._processes.get(pid)
 
         def running() -> bool:
@@ -180,43 +187,43 @@ class LocalTarget:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(timeout=TERM_GRACE_SECONDS)
 
-    def collect(self, handle: dict[str, Any]) -> Collected:
-        run_dir = Path(handle["run_dir"])
+    def collect(self, handle: LocalHandle) -> Collected:
+        run_dir = Path(handle.run_dir)
         _copy_log(run_dir)
         return Collected(outputs_dir=run_dir / "outputs", logs_dir=run_dir / "logs")
 
-    def cleanup(self, handle: dict[str, Any], *, remove_files: bool) -> None:
-        self._processes.pop(handle["pid"], None)
+    def cleanup(self, handle: LocalHandle, *, remove_files: bool) -> None:
+        self._processes.pop(handle.pid, None)
         if remove_files:
-            shutil.rmtree(handle["run_dir"], ignore_errors=True)
+            shutil.rmtree(handle.run_dir, ignore_errors=True)
 
-    def attachable(self, handle: dict[str, Any]) -> str | None:
-        if "host" not in handle:
+    def attachable(self, handle: LocalHandle) -> str | None:
+        if handle.host is None:
             # Recorded before handles named their machine: followed only while provably the same process.
             return None
         here = _machine()
-        if handle["host"] != here["host"]:
+        if handle.host != here["host"]:
             return (
-                f"it runs on worker {handle['host']!r} as a local process, and this retry runs on worker "
+                f"it runs on worker {handle.host!r} as a local process, and this retry runs on worker "
                 f"{here['host']!r}; a local run can be followed only on the machine it runs on"
             )
-        if handle.get("boot_id") != here["boot_id"]:
+        if handle.boot_id != here["boot_id"]:
             return f"worker {here['host']!r} has restarted since the run started, which ended it"
-        if handle.get("pid_namespace") != here["pid_namespace"]:
+        if handle.pid_namespace != here["pid_namespace"]:
             return (
                 f"it was started in another process namespace on worker {here['host']!r} (a container that "
                 "has since been restarted?), where this retry cannot see it"
             )
         return None
 
-    def gone(self, handle: dict[str, Any]) -> str | None:
+    def gone(self, handle: LocalHandle) -> str | None:
         here = _machine()
-        if handle.get("host") == here["host"] and handle.get("boot_id") not in (None, here["boot_id"]):
+        if handle.host == here["host"] and handle.boot_id not in (None, here["boot_id"]):
             # A restart ends every process of the machine: nothing of the run's process is left to follow.
             return f"worker {here['host']!r} restarted while the run ran, which ended it"
         return None
 
-    def find(self, job: Job) -> dict[str, Any] | None:
+    def find(self, job: Job) -> LocalHandle | None:
         # A process leaves no trace by run id that could be trusted; an unsaved handle means a lost run.
         return None
 
@@ -227,8 +234,8 @@ class LocalTarget:
         return {"kind": self.kind, "name": self.name, "host": os.uname().nodename}
 
 
-def _outcome(handle: dict[str, Any], process: subprocess.Popen[bytes] | None) -> TargetStatus:
-    run_dir = handle["run_dir"]
+def _outcome(handle: LocalHandle, process: subprocess.Popen[bytes] | None) -> TargetStatus:
+    run_dir = handle.run_dir
     try:
         code = int(read_control(run_dir, EXIT_CODE, 0, 64).strip())
     except ValueError:
@@ -237,7 +244,7 @@ def _outcome(handle: dict[str, Any], process: subprocess.Popen[bytes] | None) ->
         killed = returncode if returncode is not None and returncode < 0 else None
         control = Path(run_dir) / CONTROL_DIR
         reason = supervisor_lost_reason(
-            f"worker {handle.get('host') or os.uname().nodename!r}",
+            f"worker {handle.host or os.uname().nodename!r}",
             str(control),
             control_exists=control.is_dir() and not control.is_symlink(),
             killed_by=None if killed is None else signal.Signals(-killed).name,
@@ -245,17 +252,8 @@ def _outcome(handle: dict[str, Any], process: subprocess.Popen[bytes] | None) ->
         )
         return TargetStatus(running=False, exit_code=killed, reason=reason)
     if stopped_for_limit(read_control(run_dir, ENDED_BY, 0, 4096)):
-        return TargetStatus(
-            running=False,
-            exit_code=code,
-            reason="stopped on the worker for exceeding max_run_duration_seconds",
-            timed_out=True,
-        )
-    if code > 128 and code - 128 in signal.valid_signals():
-        return TargetStatus(
-            running=False, exit_code=code, reason=f"killed by signal {signal.Signals(code - 128).name}"
-        )
-    return TargetStatus(running=False, exit_code=code)
+        return time_limit_status(code, "the worker")
+    return exit_status(code)
 
 
 def _copy_log(run_dir: Path) -> None:
@@ -309,6 +307,16 @@ def _machine() -> dict[str, str | None]:
     return {"host": os.uname().nodename, "boot_id": _boot_id(), "pid_namespace": _pid_namespace()}
 
 
+def _on_this_machine(handle: LocalHandle) -> bool:
+    """Whether the handle's pid is one of this machine, boot and pid namespace."""
+    here = _machine()
+    return (handle.host, handle.boot_id, handle.pid_namespace) == (
+        here["host"],
+        here["boot_id"],
+        here["pid_namespace"],
+    )
+
+
 def _boot_id() -> str | None:
     try:
         return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
@@ -337,23 +345,20 @@ def _start_time(pid: int) -> int | None:
     return int(fields[19]) if fields is not None and len(fields) > 19 else None
 
 
-def _running(handle: dict[str, Any]) -> bool:
+def _running(handle: LocalHandle) -> bool:
     """Whether the run's supervisor still runs, as far as this process can prove it is the same process.
 
     Anything else (another machine or boot, a pid now used by another process, a process this user may not
     inspect) counts as ended, so that it is never signalled or waited for.
     """
-    pid = int(handle["pid"])
-    if "start_time" not in handle:
-        return _legacy_running(pid, handle["run_dir"])
-    if handle["start_time"] is None or any(handle.get(k) != v for k, v in _machine().items()):
+    pid = int(handle.pid)
+    if handle.legacy:
+        return _legacy_running(pid, handle.run_dir)
+    if handle.start_time is None or not _on_this_machine(handle):
         return False
     fields = _stat_fields(pid)
     return (
-        fields is not None
-        and fields[0] != "Z"
-        and len(fields) > 19
-        and int(fields[19]) == handle["start_time"]
+        fields is not None and fields[0] != "Z" and len(fields) > 19 and int(fields[19]) == handle.start_time
     )
 
 
@@ -369,7 +374,7 @@ def _legacy_running(pid: int, run_dir: str) -> bool:
         return False
 
 
-def _end_leftovers(handle: dict[str, Any]) -> int:
+def _end_leftovers(handle: LocalHandle) -> int:
     """SIGKILL what the run left running in its process group once its supervisor (the group's leader) is
     gone; how many processes that was.
 
@@ -379,12 +384,12 @@ def _end_leftovers(handle: dict[str, Any]) -> int:
     only on the machine, boot and pid namespace the run started in. Each is signalled through a pidfd
     opened before it is looked at, so a pid reused in between cannot be hit.
     """
-    if handle.get("start_time") is None or any(handle.get(k) != v for k, v in _machine().items()):
+    if handle.start_time is None or not _on_this_machine(handle):
         return 0
     if _running(handle):
         return 0  # the supervisor runs: the group is its business
-    pgid = int(handle["pid"])
-    marker = f"\0{supervisor.LEADER_ENV}={pgid}:{handle['start_time']}\0".encode()
+    pgid = int(handle.pid)
+    marker = f"\0{supervisor.LEADER_ENV}={pgid}:{handle.start_time}\0".encode()
     ended = 0
     for pid in _group_members(pgid):
         try:

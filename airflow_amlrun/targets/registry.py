@@ -23,7 +23,7 @@ CONNECTION_KINDS: dict[str, str] = {
 }
 
 
-def resolve_target(name: str, settings: Settings, workspace: Workspace) -> ComputeTarget:
+def resolve_target(name: str, settings: Settings, workspace: Workspace) -> ComputeTarget[Any]:
     """`"local"`, `"docker"` (the local Docker daemon), or the id of an Airflow connection of a target kind."""
     if name == "local":
         return LocalTarget(settings, workspace.cache_dir)

@@ -52,6 +52,7 @@ EVENTS = "events.jsonl"
 EXIT_CODE = "exit_code"
 ENDED_BY = "ended_by"
 PID = "pid"
+RUN_FOLDERS = ("outputs", "logs", CONTROL_DIR)
 BUILD_MARKER = "amlrun-build.json"
 REFUSED = 3
 # The files of a run's control folder that `read` serves (to a worker that cannot use SFTP on this host).
@@ -245,7 +246,7 @@ def cmd_prepare(base: str, run_id: str | None, request: dict[str, Any]) -> dict[
         path = entry["path"]
         os.makedirs(os.path.dirname(os.path.join(root, *path.split("/"))), exist_ok=True)
         os.symlink(entry["link"], inside(root, path))
-    for folder in ("outputs", "logs", CONTROL_DIR):
+    for folder in RUN_FOLDERS:
         os.makedirs(os.path.join(root, folder), exist_ok=True)
     environment = request.get("environment")
     python = ensure_env(base, environment) if environment else request["python"]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -16,6 +15,7 @@ from airflow_amlrun import Experiment, ScriptRunConfig, Workspace
 from airflow_amlrun.run import AirflowTask
 from airflow_amlrun.targets import registry
 from airflow_amlrun.targets.base import Job
+from airflow_amlrun.targets.handles import SSHHandle
 from airflow_amlrun.targets.ssh import SSHTarget, SSHTargetUnreachableError
 from tests.conftest import write_script
 from tests.integration.sshd_host import SshdHost
@@ -26,7 +26,7 @@ CONN_ID = "ssh_lossy"
 class AnswerLostSSHTarget(SSHTarget):
     """Starts the run on the host, then loses the answer: an error the waiting side cannot tell apart."""
 
-    def submit(self, job: Job) -> dict[str, Any]:
+    def submit(self, job: Job) -> SSHHandle:
         super().submit(job)
         raise OSError("the connection dropped before the host's answer arrived")
 
@@ -34,7 +34,7 @@ class AnswerLostSSHTarget(SSHTarget):
 class HostGoneSSHTarget(SSHTarget):
     """Starts the run on the host, then the host cannot be reached any more."""
 
-    def submit(self, job: Job) -> dict[str, Any]:
+    def submit(self, job: Job) -> SSHHandle:
         super().submit(job)
         raise SSHTargetUnreachableError(f"Lost the connection to {self.where}", host=self.host)
 

@@ -65,9 +65,9 @@ time.sleep(300)
 """
 
 
-def _pids(run: Any) -> list[int]:
+def _pids(run_dir: str) -> list[int]:
     """The script's pid and its child's, which the script wrote into its run directory."""
-    return [int(pid) for pid in wait_for_file(Path(run.handle["run_dir"]) / "pids").split()]
+    return [int(pid) for pid in wait_for_file(Path(run_dir) / "pids").split()]
 
 
 def _alive(pid: int) -> bool:
@@ -105,7 +105,9 @@ def test_a_run_that_removes_its_control_folder_still_stops_at_its_limit(target, 
     write_script(source, "train.py", LEAVES_A_CHILD.replace("REMOVE_CONTROL_FOLDER", "True"))
     # Nobody follows the run but its supervisor, which can no longer write anything to its folder.
     orphan = worker_dies_mid_run(source, target.name, max_run_duration_seconds=2)
-    _assert_ended(_pids(orphan), "the run removed its control folder and ran past its 2 s limit")
+    _assert_ended(
+        _pids(orphan.handle["run_dir"]), "the run removed its control folder and ran past its 2 s limit"
+    )
 
     record = _retry(source, target, limit=2)
 
@@ -130,17 +132,17 @@ def test_a_supervisor_killed_alone_takes_its_run_with_it(target, tmp_path, follo
         assert handle is not None
 
         def kill_the_supervisor() -> None:
-            _pids(run)
-            os.kill(handle["pid"], signal.SIGKILL)  # the supervisor alone, as the out-of-memory killer does
+            _pids(handle.run_dir)
+            os.kill(handle.pid, signal.SIGKILL)  # the supervisor alone, as the out-of-memory killer does
 
         killer = threading.Thread(target=kill_the_supervisor)
         killer.start()
         record = run.wait_for_completion(show_output=False, raise_on_error=False)
         killer.join()
-        pids = _pids(run)
+        pids = _pids(handle.run_dir)
     else:
         orphan = worker_dies_mid_run(source, target.name)
-        pids = _pids(orphan)
+        pids = _pids(orphan.handle["run_dir"])
         os.kill(orphan.handle["pid"], signal.SIGKILL)
         # The script dies with its supervisor at once, without anybody looking.
         _assert_ended(pids[:1], "the script outlived its supervisor", timeout=10)

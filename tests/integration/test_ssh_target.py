@@ -25,6 +25,7 @@ import pytest
 from airflow_amlrun import Environment, Experiment, ScriptRunConfig, Workspace
 from airflow_amlrun.environment import PythonSection
 from airflow_amlrun.run import AirflowTask
+from airflow_amlrun.targets.handles import SSHHandle
 from airflow_amlrun.targets.ssh import SSHTargetConfigurationError, SSHTargetUnreachableError
 from tests.conftest import REPO, worker_dies_mid_run, write_script
 from tests.integration.orphans import assert_stopped_at_its_limit_on_the_target, group_members
@@ -548,7 +549,7 @@ def _a_finished_run(source: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
 
 
 def test_a_host_never_reached_is_not_called_a_lost_connection(tmp_path, ssh_vm, monkeypatch):
-    handle = _a_finished_run(tmp_path / "src", monkeypatch).handle
+    handle = SSHHandle.from_json(_a_finished_run(tmp_path / "src", monkeypatch).handle)
     target = _target(ssh_vm, monkeypatch, port=2299, extra={"amlrun_reconnect_timeout": 1})
 
     with pytest.raises(SSHTargetUnreachableError) as err:
@@ -566,7 +567,7 @@ def test_a_host_that_answers_too_slowly_is_not_called_a_lost_connection(ssh_vm, 
     target = _target(ssh_vm, monkeypatch, extra={"amlrun_io_timeout": 1, "amlrun_reconnect_timeout": 2})
 
     with pytest.raises(SSHTargetUnreachableError) as err:
-        target._remote("running a slow command", lambda: target._exec("sleep 3", None, 1))
+        target.ssh.retrying("running a slow command", lambda: target.ssh.exec("sleep 3", None, 1))
 
     message = str(err.value)
     assert message.startswith(
@@ -578,7 +579,7 @@ def test_a_host_that_answers_too_slowly_is_not_called_a_lost_connection(ssh_vm, 
 
 
 def test_a_run_that_ended_is_not_said_to_be_still_going_when_its_host_is_lost(tmp_path, ssh_vm, monkeypatch):
-    handle = _a_finished_run(tmp_path / "src", monkeypatch).handle
+    handle = SSHHandle.from_json(_a_finished_run(tmp_path / "src", monkeypatch).handle)
     target = _target(
         ssh_vm, monkeypatch, extra={"amlrun_io_timeout": 1, "amlrun_reconnect_timeout": 2, "conn_timeout": 1}
     )
@@ -610,7 +611,7 @@ def test_megabytes_on_both_streams_of_a_remote_command_stall_neither(ssh_vm, mon
     target = _target(ssh_vm, monkeypatch)
     code = "import sys; sys.stderr.write('e' * 3000000); sys.stderr.flush(); sys.stdout.write('o' * 3000000)"
 
-    rc, out, err = target._exec(f"python3 -c {shlex.quote(code)}", None, 5)
+    rc, out, err = target.ssh.exec(f"python3 -c {shlex.quote(code)}", None, 5)
 
     assert (rc, len(out), len(err)) == (0, 3_000_000, 3_000_000)
     assert set(out) == {ord("o")} and set(err) == {ord("e")}
@@ -835,7 +836,9 @@ def test_a_retry_never_signals_a_process_that_now_has_the_runs_pid_on_the_host(t
         task = AirflowTask(dag_id="retrain", task_id="train", run_id="manual_1", map_index=None, try_number=2)
         run = Experiment(Workspace.get(), "reattach").submit(config, airflow_task=task)
         record = run.wait_for_completion(show_output=False, raise_on_error=False)
-        run.target.cancel(record.handle)  # stopping it again, as on_kill may, signals nothing either
+        run.target.cancel(
+            SSHHandle.from_json(record.handle)
+        )  # stopping it again, as on_kill may, signals nothing either
 
         assert record.id == orphan.id and record.status == "Failed"
         assert "ended without recording the run's exit code" in record.error

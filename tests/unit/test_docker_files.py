@@ -12,15 +12,9 @@ from pathlib import Path
 import pytest
 
 from airflow_amlrun.errors import ConfigurationError
-from airflow_amlrun.targets.docker_files import (
-    UnsafeFileError,
-    defuse,
-    extract_folder,
-    keep_only_inside,
-    read_beneath,
-    take_folder,
-)
+from airflow_amlrun.targets.docker_files import defuse, extract_folder, keep_only_inside, take_folder
 from airflow_amlrun.targets.docker_transfer import owner_in
+from airflow_amlrun.targets.files import UnsafeFileError, read_beneath
 
 
 @pytest.fixture

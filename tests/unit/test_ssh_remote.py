@@ -17,15 +17,14 @@ from pathlib import Path
 import pytest
 
 from airflow_amlrun.environment import Environment, ResolvedEnvironment
-from airflow_amlrun.targets import common, ssh, ssh_remote, supervisor
+from airflow_amlrun.targets import common, ssh_remote, supervisor
 from airflow_amlrun.targets.base import Job
 
 
 def test_the_helper_names_the_run_directorys_files_as_the_worker_does() -> None:
     # The helper runs alone on the host and cannot import them: the values are written out twice.
-    names = ("CONTROL_DIR", "STD_LOG", "EVENTS", "EXIT_CODE", "ENDED_BY", "PID")
+    names = ("CONTROL_DIR", "STD_LOG", "EVENTS", "EXIT_CODE", "ENDED_BY", "PID", "RUN_FOLDERS")
     assert {n: getattr(ssh_remote, n) for n in names} == {n: getattr(common, n) for n in names}
-    assert ssh_remote.REFUSED == ssh.REFUSED
     assert ssh_remote.LEADER_ENV == supervisor.LEADER_ENV
 
 

@@ -1,0 +1,114 @@
+"""Reading a file of a folder that someone else controls (a run's script, its container), without being led
+elsewhere: no symbolic link is followed on the way, only a regular file is opened, and nothing blocks.
+
+Every target reads its runs' control files this way (the local one through ``common.read_control``, the
+Docker one for a bind-mounted run folder); ``docker_files`` takes whole folders out with the same rules.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from pathlib import Path, PurePosixPath
+
+# Opens a folder, never through a link.
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class UnsafeFileError(Exception):
+    """A file of the run folder that the worker will not open: a link, a folder, a FIFO, a device..."""
+
+    def __init__(self, relative: str, why: str) -> None:
+        super().__init__(f"{relative} {why}")
+        self.relative = relative
+        self.why = why
+
+
+def read_beneath(root: Path, relative: str, offset: int = 0, limit: int = 1 << 20) -> bytes | None:
+    """Up to ``limit`` bytes from ``offset`` of the regular file root/relative; None when it does not exist.
+
+    No component of ``relative`` may be a symbolic link, and the file must be a regular file; otherwise
+    ``UnsafeFileError`` says what it is. ``root`` itself is the worker's (the mount point, which a container
+    cannot replace).
+    """
+    fd = _open_beneath(root, relative)
+    if fd is None:
+        return None
+    with os.fdopen(fd, "rb") as stream:
+        stream.seek(offset)
+        return stream.read(limit)
+
+
+def _open_beneath(root: Path, relative: str) -> int | None:
+    parts = PurePosixPath(relative).parts
+    if not parts or any(part in ("..", "/") for part in parts):
+        raise ValueError(f"{relative!r} is not a path inside the run folder")
+    folder = os.open(root, DIR_FLAGS)
+    try:
+        for index, part in enumerate(parts[:-1]):
+            try:
+                inner = os.open(part, DIR_FLAGS, dir_fd=folder)
+            except OSError as err:
+                if err.errno == errno.ENOENT:
+                    return None
+                if err.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise UnsafeFileError(
+                        "/".join(parts[: index + 1]), "is a symbolic link or not a folder"
+                    ) from None
+                raise
+            os.close(folder)
+            folder = inner
+        try:
+            return _open_regular(parts[-1], folder, relative)
+        except FileNotFoundError:
+            return None
+    finally:
+        os.close(folder)
+
+
+def _open_regular(name: str, folder: int, relative: str) -> int:
+    """A read descriptor of the regular file ``name`` in ``folder``, opened without side effects otherwise."""
+    if hasattr(os, "O_PATH") and os.path.isdir("/proc/self/fd"):
+        # O_PATH opens nothing (a FIFO does not block, a device is not touched): look first, then open the
+        # very inode looked at, through /proc, so nothing can be swapped in between.
+        handle = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=folder)
+        try:
+            _require_regular(os.fstat(handle).st_mode, relative)
+            return os.open(f"/proc/self/fd/{handle}", os.O_RDONLY | os.O_CLOEXEC)
+        finally:
+            os.close(handle)
+    try:
+        fd = os.open(
+            name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC, dir_fd=folder
+        )
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise UnsafeFileError(relative, "is a symbolic link") from None
+        raise
+    try:
+        _require_regular(os.fstat(fd).st_mode, relative)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _require_regular(mode: int, relative: str) -> None:
+    if not stat.S_ISREG(mode):
+        raise UnsafeFileError(relative, f"is {file_kind(mode)}, not a regular file")
+
+
+def file_kind(mode: int) -> str:
+    """What a file of the given mode is, in words."""
+    if stat.S_ISLNK(mode):
+        return "a symbolic link"
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device node"
+    return "a special file"
