@@ -2,11 +2,15 @@
 
 Generates a realistic source tree in a temporary directory (many small .py/.json files, some MB-sized
 data files, nested .gitignore files with ignored files, a .git directory and a virtualenv that must be
-left out), measures every variant several times in the same run and prints one JSON object of medians.
-Nothing is dropped from the page cache: all variants read warm files, as a resubmission would. Runs
-are interleaved and each starts after ``os.sync()``, so no variant pays for another's writeback.
+left out), measures every variant several times in the same run and prints one JSON object of medians,
+with the spread (min, max) of each. Nothing is dropped from the page cache: all variants read warm files,
+as a resubmission would. Runs are interleaved and each starts after ``os.sync()``, so no variant pays for
+another's writeback; each is timed until what it wrote is durable (a ``syncfs`` of the file system inside
+the timed step), for the snapshot, the materialized run directory and the ``cp`` / ``tar`` baselines
+alike. Without that, a copy only fills the page cache, and the figure follows the shared machine's I/O of
+the moment.
 
-    python benchmarks/snapshot.py [--files 2000] [--total-mb 300] [--reps 5]
+    python benchmarks/snapshot.py [--files 2000] [--total-mb 300] [--reps 7] [--warmup 1]
 """
 
 from __future__ import annotations
@@ -126,6 +130,7 @@ def main() -> None:
     parser.add_argument("--files", type=int, default=2000, help="included files (default 2000)")
     parser.add_argument("--total-mb", type=float, default=300, help="total size of included files in MB")
     parser.add_argument("--reps", type=int, default=7, help="repetitions per measurement (median reported)")
+    parser.add_argument("--warmup", type=int, default=1, help="uncounted rounds before the timed ones")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--dir", default=None, help="where to work (default: the system temp folder)")
     args = parser.parse_args()
@@ -160,14 +165,17 @@ def main() -> None:
         # resubmission would, and is timed until what it wrote is durable.
         cp_times, tar_times, cold_times, mat_times = [], [], [], []
         store_dir = cache = Path()
-        for i in range(args.reps):
+        for i in range(-args.warmup, args.reps):
+            # The warm-up rounds are not counted: in a VM, the first touch of guest memory costs the host a
+            # page fault, so whichever variant first grows the page cache would pay for all of them.
+            counted = i >= 0
             seconds, _ = durable(cp, work)
-            cp_times.append(seconds)
+            cp_times += [seconds] * counted
             shutil.rmtree(work / "cp-dest")
             seconds, _ = durable(tar, work)
-            tar_times.append(seconds)
+            tar_times += [seconds] * counted
             (work / "out.tar").unlink()
-            if i:
+            if store_dir != Path():
                 shutil.rmtree(store_dir)
                 cache.unlink()
             store_dir, cache = work / f"store{i}", work / f"cache{i}.sqlite"
@@ -176,11 +184,11 @@ def main() -> None:
                 lambda: take_snapshot(src, store, stat_cache_path=cache, **limits),  # noqa: B023
                 work,
             )
-            cold_times.append(seconds)
+            cold_times += [seconds] * counted
             snapshot = result.snapshot  # type: ignore[attr-defined]
             run_dir = work / "run"
             seconds, _ = durable(lambda: materialize(store, snapshot, run_dir), work)  # noqa: B023
-            mat_times.append(seconds)
+            mat_times += [seconds] * counted
             shutil.rmtree(run_dir)
         store = BlobStore(str(store_dir))
 

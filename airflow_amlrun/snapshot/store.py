@@ -326,22 +326,27 @@ class BlobStore:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
         with contextlib.ExitStack() as stack:
             try:
-                src = stack.enter_context(self._open_read(key))
+                if self._local_root is not None:
+                    src_fd = os.open(self._path(key), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                    stack.callback(os.close, src_fd)
+                    src = None
+                else:
+                    src = stack.enter_context(self._open_read(key))
             except FileNotFoundError:
                 raise BlobMissingError(f"Blob {digest} is not in store {self.url!r}.") from None
             fd = os.open(target, flags, 0o600 if mode is None else mode)
             try:
                 try:
-                    if self._local_root is not None and clone_file(src.fileno(), fd):
+                    if src is not None:
+                        copied = _copy_stream(src, fd, expected)
+                    elif clone_file(src_fd, fd):
                         # Copy-on-write: no data is copied, and a write to the run's file never
                         # reaches the blob.
                         copied = os.fstat(fd).st_size
                         if expected is not None:
-                            _check_hash(src.fileno(), copied, expected)
-                    elif self._local_root is not None:
-                        copied = _copy_fd(src.fileno(), fd, expected, known=digest)
+                            _check_hash(src_fd, copied, expected)
                     else:
-                        copied = _copy_stream(src, fd, expected)
+                        copied = _copy_fd(src_fd, fd, expected, known=digest)
                     if mode is not None:
                         os.fchmod(fd, mode)
                 finally:
