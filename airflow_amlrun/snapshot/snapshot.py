@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import posixpath
@@ -42,6 +43,7 @@ _PARALLEL_HASH_THRESHOLD = 16 << 20
 _REPORTED_OFFENDERS = 5
 _CHANGE_RETRIES = 3
 _REMOTE_WRITERS = 16
+_FILES_PER_TASK = 16
 
 
 @dataclass(frozen=True)
@@ -149,6 +151,9 @@ def take_snapshot(
             )
         return i, scanned, digest, written
 
+    def hash_some(chunk: list[int]) -> list[tuple[int, ScannedFile, str, int | None]]:
+        return [hash_one(i) for i in chunk]
+
     def store_one(digest: str, f: ScannedFile) -> int | None:
         return _store_blob(store, digest, f, scan, batch)
 
@@ -163,7 +168,9 @@ def take_snapshot(
         ThreadPoolExecutor(max_workers=_REMOTE_WRITERS) as upload_pool,
     ):
         writers = pool if local else upload_pool
-        for i, scanned, digest, written in pool.map(hash_one, to_hash):
+        # Files go to the threads a few at a time: per file, a task costs about what its hashing does.
+        chunks = [to_hash[k : k + _FILES_PER_TASK] for k in range(0, len(to_hash), _FILES_PER_TASK)]
+        for i, scanned, digest, written in itertools.chain.from_iterable(pool.map(hash_some, chunks)):
             files[i] = scanned
             digests[i] = digest
             if local:
@@ -279,12 +286,14 @@ def _store_blob(
         fd = source.fileno()
 
         # The bytes copied must be the bytes hashed: same inode, size and times as when hashed,
-        # both when the copy starts and when it is about to be published.
+        # both when the copy starts (a descriptor just hashed has just been checked) and when it is
+        # about to be published.
         def unchanged() -> None:
             if _stat_key(_with_stat(f, os.fstat(fd))) != _stat_key(f):
                 raise _changed(f)
 
-        unchanged()
+        if src is None:
+            unchanged()
         try:
             return store.put_fd(digest, fd, size=f.size, before_publish=unchanged, batch=batch)
         except (SourceChangedError, BlobCorruptError) as err:
