@@ -152,7 +152,8 @@ def main() -> None:
         def cp() -> None:
             dest = work / "cp-dest"
             dest.mkdir()
-            cmd = f"xargs -0 cp --parents -t {dest} < {file_list}"
+            # A copy of the data: where the file system can share extents, cp would clone them instead.
+            cmd = f"xargs -0 cp --reflink=never --parents -t {dest} < {file_list}"
             subprocess.run(cmd, shell=True, cwd=src, check=True)
 
         def tar() -> None:
