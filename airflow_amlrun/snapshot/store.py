@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import builtins
 import contextlib
-import errno
 import logging
 import os
 import posixpath
@@ -35,9 +34,8 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, BinaryIO, Literal
 
-import blake3
-
 from airflow_amlrun.snapshot.confined import confined_files
+from airflow_amlrun.snapshot.copying import check_hash, copy_fd, copy_stream, pread_all
 from airflow_amlrun.snapshot.diskio import clone_file, start_writeback, sync_directory, sync_filesystem
 from airflow_amlrun.snapshot.errors import (
     BlobCorruptError,
@@ -237,7 +235,7 @@ class BlobStore:
         if self.exists(key):
             return 0
         if self._local_root is None:
-            data = _pread_all(fd)
+            data = pread_all(fd)
             _check_size(digest, len(data), size)
             if hash_bytes(data) != digest:
                 raise BlobCorruptError(
@@ -251,7 +249,7 @@ class BlobStore:
             # The kernel copies without the bytes passing through here; should it fall back to a
             # user-space copy, the bytes are hashed on the way, since that costs nothing more.
             try:
-                written = _copy_fd(fd, out, digest if verify else None, offset=0, known=digest)
+                written = copy_fd(fd, out, digest if verify else None, offset=0, known=digest)
             except BlobCorruptError:
                 if verify:
                     raise
@@ -338,15 +336,15 @@ class BlobStore:
             try:
                 try:
                     if src is not None:
-                        copied = _copy_stream(src, fd, expected)
+                        copied = copy_stream(src, fd, expected)
                     elif clone_file(src_fd, fd):
                         # Copy-on-write: no data is copied, and a write to the run's file never
                         # reaches the blob.
                         copied = os.fstat(fd).st_size
                         if expected is not None:
-                            _check_hash(src_fd, copied, expected)
+                            check_hash(src_fd, copied, expected)
                     else:
-                        copied = _copy_fd(src_fd, fd, expected, known=digest)
+                        copied = copy_fd(src_fd, fd, expected, known=digest)
                     if mode is not None:
                         os.fchmod(fd, mode)
                 finally:
@@ -623,80 +621,13 @@ def _tmp_name(final: str) -> str:
 
 def _fd_copier(source: int) -> Callable[[int], int]:
     def write(fd: int) -> int:
-        return _copy_fd(source, fd, None, offset=0)
+        return copy_fd(source, fd, None, offset=0)
 
     return write
 
 
 def _log_warning(message: str) -> None:
     log.warning("%s", message)
-
-
-def _pread_all(fd: int) -> bytes:
-    size = os.fstat(fd).st_size
-    chunks: list[bytes] = []
-    offset = 0
-    while True:
-        chunk = os.pread(fd, max(size - offset, _CHUNK), offset)
-        if not chunk:
-            return b"".join(chunks)
-        chunks.append(chunk)
-        offset += len(chunk)
-
-
-def _copy_fd(
-    src: int, dst: int, expected: str | None, *, offset: int | None = None, known: str | None = None
-) -> int:
-    """Copy ``src`` (from ``offset``, or its current position) to ``dst``.
-
-    In the kernel (``copy_file_range``) when no hash is needed, else read-hash-write.
-
-    :param expected: refuse the copy (:class:`BlobCorruptError`) unless the content hashes to this.
-    :param known: the digest the content should have: checked too if the copy falls back to user space,
-        where hashing the bytes on their way costs little.
-    """
-    total = 0
-    start = offset if offset is not None else os.lseek(src, 0, os.SEEK_CUR)
-    if expected is None:
-        try:
-            while True:
-                if offset is None:
-                    n = os.copy_file_range(src, dst, 1 << 30)
-                else:
-                    n = os.copy_file_range(src, dst, 1 << 30, offset + total)
-                if n == 0:
-                    return total
-                total += n
-        except OSError as exc:
-            # Old kernels, exotic or special file systems (/proc, FUSE): fall back to a user-space copy
-            # from where we stopped.
-            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
-                raise
-        expected = known
-    hasher = blake3.blake3() if expected is not None else None
-    if hasher is not None and total:
-        # Part of the file went through the kernel already: hash that part from the source too.
-        _hash_range(src, start, total, hasher)
-    with os.fdopen(os.dup(src), "rb") as f:
-        f.seek(start + total)
-        return total + _copy_stream(f, dst, expected, hasher)
-
-
-def _hash_range(fd: int, start: int, length: int, hasher: Any) -> None:
-    done = 0
-    while done < length:
-        chunk = os.pread(fd, min(_CHUNK, length - done), start + done)
-        if not chunk:
-            return
-        hasher.update(chunk)
-        done += len(chunk)
-
-
-def _check_hash(fd: int, size: int, expected: str) -> None:
-    hasher = blake3.blake3()
-    _hash_range(fd, 0, size, hasher)
-    if hasher.hexdigest() != expected:
-        raise BlobCorruptError(f"Content does not hash to {expected} (got {hasher.hexdigest()}).")
 
 
 def _check_size(digest: str, written: int, size: int | None) -> None:
@@ -710,24 +641,3 @@ def _differs(digest: str, detail: str) -> SourceChangedError:
         "changed while it was being stored, or it is a special file (/proc, /sys, some FUSE file systems) "
         "whose size or content is not stable. Nothing was stored for it."
     )
-
-
-def _copy_stream(src: BinaryIO, dst: int, expected: str | None, hasher: Any = None) -> int:
-    if expected is not None and hasher is None:
-        hasher = blake3.blake3()
-    buf = bytearray(_CHUNK)
-    view = memoryview(buf)
-    total = 0
-    while True:
-        n = src.readinto(view)  # type: ignore[attr-defined]
-        if not n:
-            break
-        chunk = view[:n]
-        if hasher is not None:
-            hasher.update(chunk)
-        while chunk:
-            chunk = chunk[os.write(dst, chunk) :]
-        total += n
-    if hasher is not None and hasher.hexdigest() != expected:
-        raise BlobCorruptError(f"Content does not hash to {expected} (got {hasher.hexdigest()}).")
-    return total
