@@ -2,16 +2,21 @@
 
 Generates a realistic source tree in a temporary directory (many small .py/.json files, some MB-sized
 data files, nested .gitignore files with ignored files, a .git directory and a virtualenv that must be
-left out), measures every variant several times in the same run and prints one JSON object of medians.
-Nothing is dropped from the page cache: all variants read warm files, as a resubmission would. Runs
-are interleaved and each starts after ``os.sync()``, so no variant pays for another's writeback.
+left out), measures every variant several times in the same run and prints one JSON object of medians,
+with the spread (min, max) of each. Nothing is dropped from the page cache: all variants read warm files,
+as a resubmission would. Runs are interleaved and each starts after ``os.sync()``, so no variant pays for
+another's writeback; each is timed until what it wrote is durable (a ``syncfs`` of the file system inside
+the timed step), for the snapshot, the materialized run directory and the ``cp`` / ``tar`` baselines
+alike. Without that, a copy only fills the page cache, and the figure follows the shared machine's I/O of
+the moment.
 
-    python benchmarks/snapshot.py [--files 2000] [--total-mb 300] [--reps 5]
+    python benchmarks/snapshot.py [--files 2000] [--total-mb 300] [--reps 7] [--warmup 1]
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import random
@@ -23,7 +28,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from airflow_amlrun.snapshot import BlobStore, scan_tree, take_snapshot
+from airflow_amlrun.snapshot import BlobStore, materialize, scan_tree, take_snapshot
 
 SMALL_SUFFIXES = (".py", ".py", ".py", ".json", ".yaml", ".md", ".txt")
 
@@ -84,22 +89,54 @@ def _text(rng: random.Random, size: int) -> bytes:
     return bytes(out[:size])
 
 
-def timed(fn: Callable[[], object]) -> tuple[float, object]:
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def syncfs(path: Path) -> None:
+    """Flush everything dirty on the file system holding ``path`` (``sync -f``), down to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if _libc.syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), str(path))
+    finally:
+        os.close(fd)
+
+
+def durable(fn: Callable[[], object], where: Path) -> tuple[float, object]:
+    """Time ``fn`` up to its writes being on disk: the syncfs of what it wrote is inside the timed step.
+
+    Without it a copy only fills the page cache and its figure follows the machine's I/O of the moment.
+    Everything pending before the step is flushed first, outside the timing, so no step pays for another.
+    """
+    os.sync()
     start = time.perf_counter()
     result = fn()
+    syncfs(where)
     return time.perf_counter() - start, result
+
+
+def spread(values: list[float], digits: int = 3) -> dict[str, float]:
+    """Median, min and max: the figure, and how far a run of it strays on a shared machine."""
+    return {
+        "median": round(statistics.median(values), digits),
+        "min": round(min(values), digits),
+        "max": round(max(values), digits),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--files", type=int, default=2000, help="included files (default 2000)")
     parser.add_argument("--total-mb", type=float, default=300, help="total size of included files in MB")
-    parser.add_argument("--reps", type=int, default=5, help="repetitions per measurement (median reported)")
+    parser.add_argument("--reps", type=int, default=7, help="repetitions per measurement (median reported)")
+    parser.add_argument("--warmup", type=int, default=1, help="uncounted rounds before the timed ones")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--dir", default=None, help="where to work (default: the system temp folder)")
     args = parser.parse_args()
     rng = random.Random(args.seed)
 
-    with tempfile.TemporaryDirectory(prefix="amlrun-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="amlrun-bench-", dir=args.dir) as tmp:
         work = Path(tmp)
         src = work / "src"
         expected = generate_tree(src, args.files, args.total_mb, rng)
@@ -112,47 +149,55 @@ def main() -> None:
         file_list.write_bytes(b"\0".join(p.encode() for p in included) + b"\0")
         limits = {"max_total_bytes": 2 * total_bytes, "max_files": 2 * len(included)}
 
-        def cp_once() -> float:
+        def cp() -> None:
             dest = work / "cp-dest"
             dest.mkdir()
-            cmd = f"xargs -0 cp --parents -t {dest} < {file_list}"
-            seconds, _ = timed(lambda: subprocess.run(cmd, shell=True, cwd=src, check=True))
-            return seconds
+            # A copy of the data: where the file system can share extents, cp would clone them instead.
+            cmd = f"xargs -0 cp --reflink=never --parents -t {dest} < {file_list}"
+            subprocess.run(cmd, shell=True, cwd=src, check=True)
 
-        def tar_once() -> float:
-            out = work / "out.tar"
-            seconds, _ = timed(
-                lambda: subprocess.run(
-                    ["tar", "-cf", str(out), "--null", "-T", str(file_list)], cwd=src, check=True
-                )
+        def tar() -> None:
+            subprocess.run(
+                ["tar", "-cf", str(work / "out.tar"), "--null", "-T", str(file_list)], cwd=src, check=True
             )
-            out.unlink()
-            return seconds
 
-        # Interleaved, so that the baselines and the snapshot see the same machine load; each timed
-        # step starts after the previous one's writes and deletes are flushed (os.sync flushes dirty
-        # pages, it does not drop the page cache: every variant reads warm files).
-        cp_times, tar_times, cold_times = [], [], []
-        for i in range(args.reps):
-            os.sync()
-            cp_times.append(cp_once())
+        # Interleaved, so that the baselines and the snapshot see the same machine load; every variant
+        # reads warm files (a sync flushes dirty pages, it does not drop the page cache), as a
+        # resubmission would, and is timed until what it wrote is durable.
+        cp_times, tar_times, cold_times, mat_times = [], [], [], []
+        store_dir = cache = Path()
+        for i in range(-args.warmup, args.reps):
+            # The warm-up rounds are not counted: in a VM, the first touch of guest memory costs the host a
+            # page fault, so whichever variant first grows the page cache would pay for all of them.
+            counted = i >= 0
+            seconds, _ = durable(cp, work)
+            cp_times += [seconds] * counted
             shutil.rmtree(work / "cp-dest")
-            os.sync()
-            tar_times.append(tar_once())
-            os.sync()
-            store_dir, cache = work / f"store{i}", work / f"cache{i}.sqlite"
-            store = BlobStore(str(store_dir))
-            seconds, _ = timed(lambda: take_snapshot(src, store, stat_cache_path=cache, **limits))  # noqa: B023
-            cold_times.append(seconds)
-            if i < args.reps - 1:
+            seconds, _ = durable(tar, work)
+            tar_times += [seconds] * counted
+            (work / "out.tar").unlink()
+            if store_dir != Path():
                 shutil.rmtree(store_dir)
                 cache.unlink()
-        os.sync()
+            store_dir, cache = work / f"store{i}", work / f"cache{i}.sqlite"
+            store = BlobStore(str(store_dir))
+            seconds, result = durable(
+                lambda: take_snapshot(src, store, stat_cache_path=cache, **limits),  # noqa: B023
+                work,
+            )
+            cold_times += [seconds] * counted
+            snapshot = result.snapshot  # type: ignore[attr-defined]
+            run_dir = work / "run"
+            seconds, _ = durable(lambda: materialize(store, snapshot, run_dir), work)  # noqa: B023
+            mat_times += [seconds] * counted
+            shutil.rmtree(run_dir)
         store = BlobStore(str(store_dir))
 
         nochange_times, nochange_written = [], []
         for _ in range(args.reps):
-            seconds, result = timed(lambda: take_snapshot(src, store, stat_cache_path=cache, **limits))
+            seconds, result = durable(
+                lambda: take_snapshot(src, store, stat_cache_path=cache, **limits), work
+            )
             nochange_times.append(seconds)
             nochange_written.append(result.bytes_written)  # type: ignore[attr-defined]
 
@@ -161,7 +206,9 @@ def main() -> None:
         for i in range(args.reps):
             changed.write_bytes(changed.read_bytes() + f"\n# edit {i}\n".encode())
             sizes.append(changed.stat().st_size)
-            seconds, result = timed(lambda: take_snapshot(src, store, stat_cache_path=cache, **limits))
+            seconds, result = durable(
+                lambda: take_snapshot(src, store, stat_cache_path=cache, **limits), work
+            )
             onechange_times.append(seconds)
             onechange_written.append(result.bytes_written)  # type: ignore[attr-defined]
             manifest_bytes.append(result.manifest_bytes)  # type: ignore[attr-defined]
@@ -176,14 +223,17 @@ def main() -> None:
                 "total_mb": round(total_bytes / 1024 / 1024, 1),
                 "reps": args.reps,
                 "cpu_count": os.cpu_count(),
-                "cp_s": round(cp_s, 4),
-                "tar_s": round(tar_s, 4),
-                "cold_s": round(cold_s, 4),
+                "durability": "each timed step ends with a syncfs of the file system it wrote to",
+                "cp_s": spread(cp_times),
+                "tar_s": spread(tar_times),
+                "cold_s": spread(cold_times),
+                "materialize_s": spread(mat_times),
                 "cold_vs_cp": round(cold_s / cp_s, 3),
-                "cold_vs_cp_median_of_pairs": round(
-                    med(c / p for c, p in zip(cold_times, cp_times, strict=True)), 3
-                ),
+                # The ratio of each interleaved pair: its spread is how much one run of the figure can stray.
+                "cold_vs_cp_pairs": spread([c / p for c, p in zip(cold_times, cp_times, strict=True)]),
                 "cold_vs_tar": round(cold_s / tar_s, 3),
+                "materialize_vs_cp": round(med(mat_times) / cp_s, 3),
+                "materialize_vs_cp_pairs": spread([m / p for m, p in zip(mat_times, cp_times, strict=True)]),
                 "nochange_s": round(nochange_s, 4),
                 "nochange_vs_cold": round(nochange_s / cold_s, 4),
                 "nochange_bytes_written": max(nochange_written),

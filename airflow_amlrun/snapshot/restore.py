@@ -2,8 +2,10 @@
 
 Both refuse unsafe manifests up front (see :func:`manifest.validate_entries`), create every file with
 ``O_CREAT | O_EXCL | O_NOFOLLOW`` and create symlinks only after all files are written, so no write can
-go through a link the restore itself made. Files are real copies, never hard links: a run (possibly as
-root) must not be able to modify the store through its run directory.
+go through a link the restore itself made. Files are copy-on-write clones (FICLONE) where the file
+system shares extents (btrfs, XFS with reflink, bcachefs), else copies; never hard links: a run, possibly
+as root (whom the blobs' read-only mode does not stop), must not be able to modify the store through its
+run directory.
 """
 
 from __future__ import annotations
@@ -48,8 +50,9 @@ def materialize(
 ) -> Snapshot:
     """Build a run directory at ``dest`` from the store (never from the live source tree), fast.
 
-    A local store is copied with in-kernel copies (``copy_file_range``) and checked by size only; a
-    remote store is downloaded and hash-checked (the bytes pass through Python anyway).
+    A local store is cloned where the file system can (no data copied), else copied in the kernel
+    (``copy_file_range``), and checked by size only; a remote store is downloaded and hash-checked (the
+    bytes pass through Python anyway).
     """
     if isinstance(snapshot, str):
         snapshot = store.get_manifest(snapshot)
@@ -74,9 +77,15 @@ def _write_tree(
     def write_one(entry: SnapshotEntry) -> None:
         _write_file(store, entry, dest, verify=verify)
 
-    with ThreadPoolExecutor(max_workers=max_workers or default_workers()) as pool:
-        for _ in pool.map(write_one, files):
-            pass
+    if store.is_local and not verify and max_workers is None:
+        # In-kernel copies (or clones) from a local store: the file system serialises file creation
+        # and page-cache growth, so more threads only contend (measured: one is faster than two).
+        for entry in files:
+            write_one(entry)
+    else:
+        with ThreadPoolExecutor(max_workers=max_workers or default_workers()) as pool:
+            for _ in pool.map(write_one, files):
+                pass
     for entry in links:
         assert entry.link is not None
         os.symlink(entry.link, os.path.join(dest, *entry.path.split("/")))

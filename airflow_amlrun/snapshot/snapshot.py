@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
 import os
 import posixpath
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Mapping
@@ -25,7 +28,7 @@ from airflow_amlrun.snapshot.errors import (
 from airflow_amlrun.snapshot.ignore import AMLIGNORE, ignore_line_for
 from airflow_amlrun.snapshot.manifest import Snapshot, SnapshotEntry
 from airflow_amlrun.snapshot.statcache import StatCache, StatKey
-from airflow_amlrun.snapshot.store import BlobStore
+from airflow_amlrun.snapshot.store import BlobBatch, BlobStore
 from airflow_amlrun.snapshot.walk import ScannedFile, ScanResult, find_exclusion, normalize_mode, scan_tree
 
 log = logging.getLogger(__name__)
@@ -40,8 +43,7 @@ _PARALLEL_HASH_THRESHOLD = 16 << 20
 _REPORTED_OFFENDERS = 5
 _CHANGE_RETRIES = 3
 _REMOTE_WRITERS = 16
-# File creation dominates a cold local snapshot and scales poorly; a couple of writers keep it busy.
-_LOCAL_WRITERS = max(2, min(4, os.cpu_count() or 1))
+_FILES_PER_TASK = 16
 
 
 @dataclass(frozen=True)
@@ -125,39 +127,56 @@ def take_snapshot(
     to_hash = [i for i, d in enumerate(digests) if d is None]
     # Each digest is stored once, by the first file that claims it.
     claimed: set[str] = set()
+    claim_lock = threading.Lock()
 
     def claim(digest: str) -> bool:
-        if digest in claimed:
-            return False
-        claimed.add(digest)
-        return True
+        with claim_lock:
+            if digest in claimed:
+                return False
+            claimed.add(digest)
+            return True
 
-    def hash_one(i: int) -> tuple[int, ScannedFile, str]:
+    local = store.is_local
+
+    def hash_one(i: int) -> tuple[int, ScannedFile, str, int | None]:
         with _open_source(files[i], scan) as src:
             try:
                 scanned, digest = _hash_stable(files[i], src.fileno())
             except OSError as exc:
                 raise _unreadable(files[i], scan, exc) from None
-        return i, scanned, digest
+            # A local blob is copied at once through the descriptor just hashed, its pages still in the
+            # cache: one open and one read of each file.
+            written = (
+                _store_blob(store, digest, scanned, scan, batch, src) if local and claim(digest) else None
+            )
+        return i, scanned, digest, written
+
+    def hash_some(chunk: list[int]) -> list[tuple[int, ScannedFile, str, int | None]]:
+        return [hash_one(i) for i in chunk]
 
     def store_one(digest: str, f: ScannedFile) -> int | None:
-        return _store_blob(store, digest, f, scan)
+        return _store_blob(store, digest, f, scan, batch)
 
-    # Hashing runs on a pool while blobs are written as soon as their digest is known, with the
-    # page cache still hot. Local file creation scales poorly across threads, so a few writers
-    # suffice and leave the other cores to hashing; a remote store is latency-bound and gets many
-    # uploads in flight.
-    writers = _LOCAL_WRITERS if store.is_local else _REMOTE_WRITERS
+    # A remote store is latency-bound, so its uploads get a pool of their own with many in flight; a
+    # local one is written by the hashing threads (one per core: more only contend for the disk).
+    results: list[int | None] = []
     blob_futures: list[Future[int | None]] = []
+    tree_bytes = 0
     with (
-        ThreadPoolExecutor(max_workers=workers) as hash_pool,
-        ThreadPoolExecutor(max_workers=writers) as write_pool,
+        store.batch() as batch,
+        ThreadPoolExecutor(max_workers=workers) as pool,
+        ThreadPoolExecutor(max_workers=_REMOTE_WRITERS) as upload_pool,
     ):
-        for i, scanned, digest in hash_pool.map(hash_one, to_hash):
+        writers = pool if local else upload_pool
+        # Files go to the threads a few at a time: per file, a task costs about what its hashing does.
+        chunks = [to_hash[k : k + _FILES_PER_TASK] for k in range(0, len(to_hash), _FILES_PER_TASK)]
+        for i, scanned, digest, written in itertools.chain.from_iterable(pool.map(hash_some, chunks)):
             files[i] = scanned
             digests[i] = digest
-            if claim(digest):
-                blob_futures.append(write_pool.submit(store_one, digest, scanned))
+            if local:
+                results.append(written)
+            elif claim(digest):
+                blob_futures.append(upload_pool.submit(store_one, digest, scanned))
         known = [d for d in digests if d is not None]
         assert len(known) == len(files)
 
@@ -174,13 +193,17 @@ def take_snapshot(
         if not manifest_stored:
             for f, d in zip(files, known, strict=True):
                 if claim(d):
-                    blob_futures.append(write_pool.submit(store_one, d, f))
-        results = [future.result() for future in blob_futures]
+                    blob_futures.append(writers.submit(store_one, d, f))
+        results += [future.result() for future in blob_futures]
+        if not manifest_stored:
+            tree_bytes = store.put_trees(snapshot, batch)
+    # Leaving the batch made the blobs and directory nodes durable and gave them their names; the
+    # manifest's root is named last.
 
     written_blobs = [w for w in results if w is not None]
     blobs_written = len(written_blobs)
     bytes_written = sum(written_blobs)
-    manifest_bytes = 0 if manifest_stored else store.put_manifest(snapshot)
+    manifest_bytes = 0 if manifest_stored else tree_bytes + store.put_manifest(snapshot)
     bytes_written += manifest_bytes
 
     if cache is not None:
@@ -245,22 +268,34 @@ def _hash_stable(f: ScannedFile, fd: int) -> tuple[ScannedFile, str]:
     raise _changed(f)
 
 
-def _store_blob(store: BlobStore, digest: str, f: ScannedFile, scan: ScanResult) -> int | None:
-    """Store one blob unless present; the bytes written, or ``None`` if it was there."""
+def _store_blob(
+    store: BlobStore,
+    digest: str,
+    f: ScannedFile,
+    scan: ScanResult,
+    batch: BlobBatch,
+    src: BinaryIO | None = None,
+) -> int | None:
+    """Store one blob unless present; the bytes written, or ``None`` if it was there.
+
+    :param src: the source file, open already (as it was hashed); else it is opened here.
+    """
     if store.has(digest):
         return None
-    with _open_source(f, scan) as src:
-        fd = src.fileno()
+    with contextlib.nullcontext(src) if src is not None else _open_source(f, scan) as source:
+        fd = source.fileno()
 
         # The bytes copied must be the bytes hashed: same inode, size and times as when hashed,
-        # both when the copy starts and when it is about to be published.
+        # both when the copy starts (a descriptor just hashed has just been checked) and when it is
+        # about to be published.
         def unchanged() -> None:
             if _stat_key(_with_stat(f, os.fstat(fd))) != _stat_key(f):
                 raise _changed(f)
 
-        unchanged()
+        if src is None:
+            unchanged()
         try:
-            return store.put_fd(digest, fd, size=f.size, before_publish=unchanged)
+            return store.put_fd(digest, fd, size=f.size, before_publish=unchanged, batch=batch)
         except (SourceChangedError, BlobCorruptError) as err:
             # The store refused a copy that differs from what was hashed (another length, other bytes):
             # say which file it was. The check above already names it.

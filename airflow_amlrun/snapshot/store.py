@@ -3,33 +3,40 @@
 Layout under the store root::
 
     blobs/<first 2 hex>/<full hex>     one blob per distinct file content (BLAKE3)
-    snapshots/<snapshot id>.json       canonical manifests
+    snapshots/<snapshot id>.json       manifests: the root node of each snapshot's tree
+    trees/<digest>.json                the other directory nodes of the manifests
     <any other prefix>/...             generic objects (run outputs, logs) via put_object / upload_dir
 
 Every write lands under a temporary name in the destination directory and is renamed into place, so a
 final name never holds a partial object, even with several processes writing the same blob. Object
 stores (S3, GCS, Azure) publish an object only when its single or multipart upload completes, so they
-are written directly. A blob already present is never rewritten. Temporary names are not fsynced: the
-store survives crashed and concurrent writers, not power loss, and every read path can verify hashes.
+are written directly. A blob already present is never rewritten.
+
+On a local folder, content-addressed objects (blobs, manifest nodes) are durable before they get their
+names: "already there" is all a later snapshot checks, so a name must never hold bytes that a power
+loss could take back. A snapshot's blobs are flushed together (one ``syncfs`` for the batch, see
+:class:`BlobBatch`), a lone blob with ``fdatasync``, and a manifest is named only after everything it
+refers to is durable. Generic objects are not flushed: they are plain files, and nothing trusts them
+by name.
 """
 
 from __future__ import annotations
 
 import builtins
 import contextlib
-import errno
 import logging
 import os
 import posixpath
 import secrets
 import shutil
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, BinaryIO
-
-import blake3
+from typing import Any, BinaryIO, Literal
 
 from airflow_amlrun.snapshot.confined import confined_files
+from airflow_amlrun.snapshot.copying import check_hash, copy_fd, copy_stream, pread_all
+from airflow_amlrun.snapshot.diskio import clone_file, start_writeback, sync_directory, sync_filesystem
 from airflow_amlrun.snapshot.errors import (
     BlobCorruptError,
     BlobMissingError,
@@ -45,6 +52,58 @@ _TMP_PREFIX = ".amlrun-tmp-"
 _CHUNK = 1 << 20
 # Protocols whose single PUT (or completed multipart upload) is atomic: no temp-name-and-rename needed.
 _ATOMIC_PUT_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "abfs", "abfss", "az", "adl", "memory"})
+
+# How a local write is made durable before its final name appears: not at all (generic objects), by its
+# own fdatasync (a lone blob), with the rest of its batch (see BlobBatch), or by a flush of the whole file
+# system (a manifest: what it names must be durable before it is).
+Flush = Literal["none", "file", "batch", "filesystem"]
+
+
+class BlobBatch:
+    """Blobs written under temporary names, made durable by one flush, then given their names together.
+
+    An ``fsync`` per blob makes the journal commit once per file; one ``syncfs`` for the batch commits
+    once. Each blob's writeback starts as soon as it is written, so the flush mostly waits for disk
+    writes already under way. A batch that is discarded (an error, or the process dies) leaves only
+    temporary names, which no reader takes for objects.
+    """
+
+    def __init__(self, root: str | None) -> None:
+        self._root = root
+        self._pending: list[tuple[str, str]] = []
+        self._lock = threading.Lock()
+
+    def add(self, tmp: str, final: str) -> None:
+        """Publish ``tmp`` as ``final`` when the batch is."""
+        with self._lock:
+            self._pending.append((tmp, final))
+
+    def publish(self) -> None:
+        """Flush the file system, then rename every blob to its final name."""
+        with self._lock:
+            pending, self._pending = self._pending, []
+        if not pending:
+            return
+        assert self._root is not None
+        try:
+            sync_filesystem(self._root)
+        except BaseException:
+            self._discard(pending)
+            raise
+        for tmp, final in pending:
+            os.replace(tmp, final)
+
+    def discard(self) -> None:
+        """Remove the temporary files of blobs not yet published."""
+        with self._lock:
+            pending, self._pending = self._pending, []
+        self._discard(pending)
+
+    @staticmethod
+    def _discard(pending: list[tuple[str, str]]) -> None:
+        for tmp, _final in pending:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
 
 
 class BlobStore:
@@ -100,6 +159,12 @@ class BlobStore:
         check_digest(snapshot_id)
         return f"snapshots/{snapshot_id}.json"
 
+    @staticmethod
+    def tree_key(digest: str) -> str:
+        """The key of a manifest's directory node: ``trees/<digest>.json``."""
+        check_digest(digest)
+        return f"trees/{digest}.json"
+
     def uri_for(self, key: str = "") -> str:
         """The full URL (or local path) of ``key`` (a file or a prefix) in this store."""
         key = _check_key(key, allow_empty=True)
@@ -135,6 +200,7 @@ class BlobStore:
         verify: bool = False,
         size: int | None = None,
         before_publish: Callable[[], None] | None = None,
+        batch: BlobBatch | None = None,
     ) -> int:
         """Store the content of ``path`` as blob ``digest``; returns bytes written (0 if already present).
 
@@ -144,9 +210,12 @@ class BlobStore:
             refused (:class:`SourceChangedError`) and never published.
         :param before_publish: called after the copy and before the blob gets its final name; raising
             there discards the copy (the snapshot uses it to check that the source did not change).
+        :param batch: publish the blob with this batch (see :meth:`batch`) rather than on its own.
         """
         with open(path, "rb") as src:
-            return self.put_fd(digest, src.fileno(), verify=verify, size=size, before_publish=before_publish)
+            return self.put_fd(
+                digest, src.fileno(), verify=verify, size=size, before_publish=before_publish, batch=batch
+            )
 
     def put_fd(
         self,
@@ -156,6 +225,7 @@ class BlobStore:
         verify: bool = False,
         size: int | None = None,
         before_publish: Callable[[], None] | None = None,
+        batch: BlobBatch | None = None,
     ) -> int:
         """Like :meth:`put_file`, from an open file descriptor (its content from offset 0).
 
@@ -165,7 +235,7 @@ class BlobStore:
         if self.exists(key):
             return 0
         if self._local_root is None:
-            data = _pread_all(fd)
+            data = pread_all(fd)
             _check_size(digest, len(data), size)
             if hash_bytes(data) != digest:
                 raise BlobCorruptError(
@@ -179,7 +249,7 @@ class BlobStore:
             # The kernel copies without the bytes passing through here; should it fall back to a
             # user-space copy, the bytes are hashed on the way, since that costs nothing more.
             try:
-                written = _copy_fd(fd, out, digest if verify else None, offset=0, known=digest)
+                written = copy_fd(fd, out, digest if verify else None, offset=0, known=digest)
             except BlobCorruptError:
                 if verify:
                     raise
@@ -189,15 +259,32 @@ class BlobStore:
                 before_publish()
             return written
 
-        return self._write_local(key, write, read_only=True)
+        return self._write_local(
+            key, write, read_only=True, flush="file" if batch is None else "batch", batch=batch
+        )
 
     def put_bytes(self, data: bytes) -> str:
         """Store ``data`` as a blob (e.g. a git diff) and return its digest."""
         digest = hash_bytes(data)
         key = self.blob_key(digest)
         if not self.exists(key):
-            self._put_object_bytes(key, data, read_only=True)
+            self._put_object_bytes(key, data, read_only=True, flush="file")
         return digest
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[BlobBatch]:
+        """Write blobs and manifest nodes as one batch: durable and published together on exit.
+
+        Objects written with the batch are not visible until the block ends without an error; after
+        an error they are removed.
+        """
+        batch = BlobBatch(self._local_root)
+        try:
+            yield batch
+        except BaseException:
+            batch.discard()
+            raise
+        batch.publish()
 
     def get_bytes(self, digest: str, *, verify: bool = True) -> bytes:
         """The content of blob ``digest``, hash-checked unless ``verify=False``."""
@@ -237,16 +324,27 @@ class BlobStore:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
         with contextlib.ExitStack() as stack:
             try:
-                src = stack.enter_context(self._open_read(key))
+                if self._local_root is not None:
+                    src_fd = os.open(self._path(key), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                    stack.callback(os.close, src_fd)
+                    src = None
+                else:
+                    src = stack.enter_context(self._open_read(key))
             except FileNotFoundError:
                 raise BlobMissingError(f"Blob {digest} is not in store {self.url!r}.") from None
             fd = os.open(target, flags, 0o600 if mode is None else mode)
             try:
                 try:
-                    if self._local_root is not None:
-                        copied = _copy_fd(src.fileno(), fd, expected, known=digest)
+                    if src is not None:
+                        copied = copy_stream(src, fd, expected)
+                    elif clone_file(src_fd, fd):
+                        # Copy-on-write: no data is copied, and a write to the run's file never
+                        # reaches the blob.
+                        copied = os.fstat(fd).st_size
+                        if expected is not None:
+                            check_hash(src_fd, copied, expected)
                     else:
-                        copied = _copy_stream(src, fd, expected)
+                        copied = copy_fd(src_fd, fd, expected, known=digest)
                     if mode is not None:
                         os.fchmod(fd, mode)
                 finally:
@@ -265,14 +363,32 @@ class BlobStore:
         """Whether the manifest ``snapshot_id`` is stored (then all its blobs are too: they go first)."""
         return self.exists(self.manifest_key(snapshot_id))
 
+    def put_trees(self, snapshot: Snapshot, batch: BlobBatch | None = None) -> int:
+        """Store the directory nodes of a snapshot's manifest the store lacks; returns bytes written."""
+        written = 0
+        for digest, data in snapshot.trees.items():
+            key = self.tree_key(digest)
+            if not self.exists(key):
+                self._put_object_bytes(
+                    key, data, read_only=True, flush="file" if batch is None else "batch", batch=batch
+                )
+                written += len(data)
+        return written
+
     def put_manifest(self, snapshot: Snapshot) -> int:
-        """Store a snapshot's canonical manifest; returns bytes written (0 if already present)."""
+        """Store a snapshot's manifest (root and directory nodes); returns bytes written (0 if present).
+
+        The blobs it names must be stored already: the root gets its name last, once everything it
+        refers to is durable, so a stored manifest always means a complete snapshot.
+        """
         key = self.manifest_key(snapshot.id)
         if self.exists(key):
             return 0
+        with self.batch() as batch:
+            written = self.put_trees(snapshot, batch)
         data = snapshot.to_json().encode("utf-8")
-        self._put_object_bytes(key, data, read_only=True)
-        return len(data)
+        self._put_object_bytes(key, data, read_only=True, flush="filesystem")
+        return written + len(data)
 
     def get_manifest(self, snapshot_id: str) -> Snapshot:
         """Load and check the manifest ``snapshot_id`` (hash of the bytes, canonical form, safe entries)."""
@@ -287,7 +403,23 @@ class BlobStore:
             raise BlobCorruptError(
                 f"Manifest {snapshot_id} in store {self.url!r} is corrupt (its content hash differs)."
             )
-        snapshot = Snapshot.from_json(data)
+
+        def load_tree(digest: str) -> bytes:
+            try:
+                node = self.get_object(self.tree_key(digest))
+            except FileNotFoundError:
+                raise BlobMissingError(
+                    f"Directory node {digest} of snapshot {snapshot_id} is not in store {self.url!r}; "
+                    "the store was pruned or copied in part. Take the snapshot again."
+                ) from None
+            if hash_bytes(node) != digest:
+                raise BlobCorruptError(
+                    f"Directory node {digest} of snapshot {snapshot_id} in store {self.url!r} is corrupt "
+                    "(its content hash differs). Delete it and take the snapshot again."
+                )
+            return node
+
+        snapshot = Snapshot.from_json(data, load_tree)
         if snapshot.id != snapshot_id:
             raise BlobCorruptError(
                 f"Manifest {snapshot_id} in store {self.url!r} is not in canonical form; "
@@ -388,7 +520,9 @@ class BlobStore:
             with self._fs.open(path, "rb", block_size=8 * _CHUNK) as f:
                 yield f
 
-    def _put_object_bytes(self, key: str, data: bytes, *, read_only: bool) -> None:
+    def _put_object_bytes(
+        self, key: str, data: bytes, *, read_only: bool, flush: Flush = "none", batch: BlobBatch | None = None
+    ) -> None:
         if self._local_root is None:
             self._put_remote_bytes(key, data)
             return
@@ -399,9 +533,17 @@ class BlobStore:
                 view = view[os.write(fd, view) :]
             return len(data)
 
-        self._write_local(key, write, read_only=read_only)
+        self._write_local(key, write, read_only=read_only, flush=flush, batch=batch)
 
-    def _write_local(self, key: str, writer: Callable[[int], int], *, read_only: bool) -> int:
+    def _write_local(
+        self,
+        key: str,
+        writer: Callable[[int], int],
+        *,
+        read_only: bool,
+        flush: Flush = "none",
+        batch: BlobBatch | None = None,
+    ) -> int:
         final = self._path(key)
         parent = os.path.dirname(final)
         if parent not in self._made_dirs:
@@ -414,9 +556,21 @@ class BlobStore:
         try:
             try:
                 written = writer(fd)
+                if flush == "batch":
+                    start_writeback(fd)
+                elif flush == "file":
+                    os.fdatasync(fd)
             finally:
                 os.close(fd)
+            if flush == "batch":
+                assert batch is not None
+                batch.add(tmp, final)
+                return written
+            if flush == "filesystem":
+                sync_filesystem(parent)
             os.replace(tmp, final)
+            if flush == "filesystem":
+                sync_directory(parent)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
@@ -467,73 +621,13 @@ def _tmp_name(final: str) -> str:
 
 def _fd_copier(source: int) -> Callable[[int], int]:
     def write(fd: int) -> int:
-        return _copy_fd(source, fd, None, offset=0)
+        return copy_fd(source, fd, None, offset=0)
 
     return write
 
 
 def _log_warning(message: str) -> None:
     log.warning("%s", message)
-
-
-def _pread_all(fd: int) -> bytes:
-    size = os.fstat(fd).st_size
-    chunks: list[bytes] = []
-    offset = 0
-    while True:
-        chunk = os.pread(fd, max(size - offset, _CHUNK), offset)
-        if not chunk:
-            return b"".join(chunks)
-        chunks.append(chunk)
-        offset += len(chunk)
-
-
-def _copy_fd(
-    src: int, dst: int, expected: str | None, *, offset: int | None = None, known: str | None = None
-) -> int:
-    """Copy ``src`` (from ``offset``, or its current position) to ``dst``.
-
-    In the kernel (``copy_file_range``) when no hash is needed, else read-hash-write.
-
-    :param expected: refuse the copy (:class:`BlobCorruptError`) unless the content hashes to this.
-    :param known: the digest the content should have: checked too if the copy falls back to user space,
-        where hashing the bytes on their way costs little.
-    """
-    total = 0
-    start = offset if offset is not None else os.lseek(src, 0, os.SEEK_CUR)
-    if expected is None:
-        try:
-            while True:
-                if offset is None:
-                    n = os.copy_file_range(src, dst, 1 << 30)
-                else:
-                    n = os.copy_file_range(src, dst, 1 << 30, offset + total)
-                if n == 0:
-                    return total
-                total += n
-        except OSError as exc:
-            # Old kernels, exotic or special file systems (/proc, FUSE): fall back to a user-space copy
-            # from where we stopped.
-            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
-                raise
-        expected = known
-    hasher = blake3.blake3() if expected is not None else None
-    if hasher is not None and total:
-        # Part of the file went through the kernel already: hash that part from the source too.
-        _hash_range(src, start, total, hasher)
-    with os.fdopen(os.dup(src), "rb") as f:
-        f.seek(start + total)
-        return total + _copy_stream(f, dst, expected, hasher)
-
-
-def _hash_range(fd: int, start: int, length: int, hasher: Any) -> None:
-    done = 0
-    while done < length:
-        chunk = os.pread(fd, min(_CHUNK, length - done), start + done)
-        if not chunk:
-            return
-        hasher.update(chunk)
-        done += len(chunk)
 
 
 def _check_size(digest: str, written: int, size: int | None) -> None:
@@ -547,24 +641,3 @@ def _differs(digest: str, detail: str) -> SourceChangedError:
         "changed while it was being stored, or it is a special file (/proc, /sys, some FUSE file systems) "
         "whose size or content is not stable. Nothing was stored for it."
     )
-
-
-def _copy_stream(src: BinaryIO, dst: int, expected: str | None, hasher: Any = None) -> int:
-    if expected is not None and hasher is None:
-        hasher = blake3.blake3()
-    buf = bytearray(_CHUNK)
-    view = memoryview(buf)
-    total = 0
-    while True:
-        n = src.readinto(view)  # type: ignore[attr-defined]
-        if not n:
-            break
-        chunk = view[:n]
-        if hasher is not None:
-            hasher.update(chunk)
-        while chunk:
-            chunk = chunk[os.write(dst, chunk) :]
-        total += n
-    if hasher is not None and hasher.hexdigest() != expected:
-        raise BlobCorruptError(f"Content does not hash to {expected} (got {hasher.hexdigest()}).")
-    return total

@@ -1,0 +1,43 @@
+"""The store's batches: blobs are named only once the whole batch is durable, and never after an error."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from airflow_amlrun.snapshot import BlobStore, hash_bytes
+
+
+def stored_files(store_dir: Path) -> list[str]:
+    return sorted(p.relative_to(store_dir).as_posix() for p in store_dir.rglob("*") if p.is_file())
+
+
+def test_blobs_written_in_a_batch_get_their_names_when_it_ends(tmp_path: Path) -> None:
+    store = BlobStore(str(tmp_path / "store"))
+    source = tmp_path / "train.py"
+    source.write_bytes(b"print('train')\n")
+    digest = hash_bytes(source.read_bytes())
+    with store.batch() as batch:
+        assert store.put_file(digest, source, batch=batch) == len(source.read_bytes())
+        assert not store.has(digest)
+    assert store.has(digest)
+    assert store.get_bytes(digest) == source.read_bytes()
+    assert stored_files(tmp_path / "store") == [store.blob_key(digest)]
+
+
+def test_a_batch_ended_by_an_error_names_nothing_and_leaves_no_temporary_file(tmp_path: Path) -> None:
+    store = BlobStore(str(tmp_path / "store"))
+    source = tmp_path / "train.py"
+    source.write_bytes(b"print('train')\n")
+    digest = hash_bytes(source.read_bytes())
+
+    def interrupted_snapshot() -> None:
+        with store.batch() as batch:
+            store.put_file(digest, source, batch=batch)
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        interrupted_snapshot()
+    assert not store.has(digest)
+    assert stored_files(tmp_path / "store") == []
