@@ -4,7 +4,6 @@ into the typed settings the package uses."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pytest
 from hypothesis import given
@@ -12,21 +11,6 @@ from hypothesis import strategies as st
 
 from airflow_amlrun.config import OPTIONS, load_settings, parse_flag
 from airflow_amlrun.errors import ConfigurationError
-
-
-@pytest.fixture
-def options(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Any:
-    """Set `[amlrun]` options as environment variables; every option is set, so Airflow's own configuration
-    (slow to import) is never asked. Options not given get their published default."""
-
-    def set_options(**values: str) -> None:
-        monkeypatch.setenv("AIRFLOW_HOME", str(tmp_path / "airflow"))
-        for name, (default, _) in OPTIONS.items():
-            monkeypatch.setenv(f"AIRFLOW__AMLRUN__{name.upper()}", values.pop(name, default))
-        assert not values, f"not options: {values}"
-
-    return set_options
-
 
 # option -> (its value as written, the Settings field it sets, the value read)
 WRITTEN_AND_READ: dict[str, tuple[str, str, object]] = {
@@ -53,9 +37,9 @@ def test_every_published_option_is_covered_here():
 
 
 @pytest.mark.parametrize("name", sorted(WRITTEN_AND_READ))
-def test_each_option_is_read_from_its_written_form_into_its_type(options, name):
+def test_each_option_is_read_from_its_written_form_into_its_type(amlrun_options, name):
     written, field, read = WRITTEN_AND_READ[name]
-    options(**{name: written})
+    amlrun_options(**{name: written})
 
     value = getattr(load_settings(), field)
 
@@ -63,8 +47,8 @@ def test_each_option_is_read_from_its_written_form_into_its_type(options, name):
     assert type(value) is type(read)
 
 
-def test_the_published_defaults_give_the_settings_a_user_wants(options, tmp_path):
-    options()
+def test_the_published_defaults_give_the_settings_a_user_wants(amlrun_options, tmp_path):
+    amlrun_options()
 
     settings = load_settings()
 
@@ -80,18 +64,20 @@ def test_the_published_defaults_give_the_settings_a_user_wants(options, tmp_path
     assert settings.reconcile_after_seconds == 600.0
 
 
-def test_folders_follow_home_and_a_tilde_is_the_users_home(options, monkeypatch, tmp_path):
+def test_folders_follow_home_and_a_tilde_is_the_users_home(amlrun_options, monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path / "me"))
-    options(home="~/aml")
+    amlrun_options(home="~/aml")
     assert load_settings().home == tmp_path / "me" / "aml"
     assert load_settings().local_runs_dir == tmp_path / "me" / "aml" / "runs"
 
-    options(home="/srv/aml", local_runs_dir="~/runs")
+    amlrun_options(home="/srv/aml", local_runs_dir="~/runs")
     assert load_settings().local_runs_dir == tmp_path / "me" / "runs"
 
 
-def test_an_empty_default_image_means_the_built_in_one_and_an_empty_image_base_means_never_build(options):
-    options(docker_default_image="", docker_default_image_base="")
+def test_an_empty_default_image_means_the_built_in_one_and_an_empty_image_base_means_never_build(
+    amlrun_options,
+):
+    amlrun_options(docker_default_image="", docker_default_image_base="")
 
     settings = load_settings()
 
@@ -112,8 +98,8 @@ def test_an_empty_default_image_means_the_built_in_one_and_an_empty_image_base_m
         ),
     ],
 )
-def test_a_bad_value_is_refused_naming_the_option_and_where_to_set_it(options, name, written, said):
-    options(**{name: written})
+def test_a_bad_value_is_refused_naming_the_option_and_where_to_set_it(amlrun_options, name, written, said):
+    amlrun_options(**{name: written})
 
     with pytest.raises(ConfigurationError) as raised:
         load_settings()
@@ -137,8 +123,8 @@ def test_a_bad_value_is_refused_naming_the_option_and_where_to_set_it(options, n
         ("reconcile_after_seconds", "ten minutes"),
     ],
 )
-def test_a_number_option_that_is_not_a_number_is_refused_naming_the_option(options, name, written):
-    options(**{name: written})
+def test_a_number_option_that_is_not_a_number_is_refused_naming_the_option(amlrun_options, name, written):
+    amlrun_options(**{name: written})
 
     with pytest.raises(ConfigurationError) as raised:
         load_settings()
