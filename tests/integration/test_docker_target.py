@@ -16,7 +16,6 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import docker.errors
 import pytest
@@ -25,10 +24,8 @@ from airflow_amlrun import Environment, Experiment, ScriptRunConfig, Workspace
 from airflow_amlrun.environment import PythonSection, resolve_environment
 from airflow_amlrun.environment.build_image import image_recipe
 from airflow_amlrun.errors import ConfigurationError, RunFailedError, RunTimeoutError
-from airflow_amlrun.hooks.docker import DockerDaemon
 from airflow_amlrun.run import AirflowTask
 from airflow_amlrun.targets.docker import LABEL_RUN_ID, LABEL_TRANSFER, container_name
-from airflow_amlrun.targets.docker_options import DockerOptions
 from tests.conftest import wait_until_running, worker_dies_mid_run, write_script
 from tests.integration.docker_engine import SocketProxy, containers_of
 
@@ -566,45 +563,6 @@ def test_remote_daemon_gets_the_code_as_an_archive_and_returns_outputs_and_metri
     assert Path(record.outputs_uri, "model.txt").read_text() == "weights"
     assert "warming up the GPU" in Path(record.logs_uri, "std_log.txt").read_text()
     assert containers_of(docker_home, record.id) == []
-
-
-def test_docker_options_are_checked_before_any_run():
-    def options(**values: Any) -> DockerOptions:
-        return DockerOptions.from_mapping(values, where="connection 'gpu_box'")
-
-    config = options(cpus="1.5", mem_limit="8g", shm_size="1g", gpus="all", network_mode="host").host_config()
-    assert config["nano_cpus"] == 1_500_000_000 and config["init"] is True and config["privileged"] is False
-    assert config["cap_drop"] == ["MKNOD", "SETUID", "SETGID", "FSETID"]
-    assert config["security_opt"] == ["no-new-privileges"]
-    if os.getuid() == 0:  # a root worker runs the image's user, unless that is root
-        assert options().run_user(image_user="") == options().run_user(image_user="root") == "65534:65534"
-        assert options().run_user(image_user="jovyan") == "jovyan"
-    else:  # any other worker, its own uid
-        assert options().run_user(image_user="jovyan") == f"{os.getuid()}:{os.getgid()}"
-    assert options(user="0").run_user(image_user="jovyan") == "0"
-    assert config["device_requests"][0]["Count"] == -1
-    assert options(gpus="device=0,1").device_requests()[0]["DeviceIDs"] == ["0", "1"]
-    assert options(auto_remove="false").auto_remove is False
-    assert options().transfer == "auto" and options(transfer="Archive").transfer == "archive"
-    for values, fragment in [
-        ({"privileged": True}, "'privileged' is not supported"),
-        ({"mem_limit": "lots"}, "mem_limit = 'lots' is not a size"),
-        ({"cpus": "two"}, "cpus = 'two' is not a number"),
-        ({"gpus": "some"}, "gpus = 'some'"),
-        ({"memory": "1g"}, "unknown Docker option(s) memory"),
-        ({"transfer": "copy"}, "transfer = 'copy' is not one of auto, bind, archive"),
-    ]:
-        with pytest.raises(ConfigurationError) as raised:
-            options(**values)
-        assert fragment in str(raised.value)
-    with pytest.raises(
-        ConfigurationError, match="extra 'ca_cert' names '/nowhere/ca.pem', which is not a file"
-    ):
-        DockerDaemon.from_connection("gpu_box", "tcp://gpu-box:2376", {"ca_cert": "/nowhere/ca.pem"})
-    with pytest.raises(ConfigurationError, match="host 'gpu-box' is not a Docker daemon URL"):
-        DockerDaemon.from_connection("gpu_box", "gpu-box", {})
-    daemon = DockerDaemon.from_connection("gpu_box", "tcp://gpu-box:2376", {"tls": True, "mem_limit": "8g"})
-    assert daemon.tls and not daemon.local and daemon.options == {"mem_limit": "8g"}
 
 
 # helpers

@@ -1,183 +1,171 @@
-"""The [amlrun] settings: read from the environment and airflow.cfg, the same with or without Airflow loaded."""
+"""The `[amlrun]` options as a user writes them (strings in airflow.cfg or AIRFLOW__AMLRUN__* variables), read
+into the typed settings the package uses."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from airflow_amlrun import config
-from airflow_amlrun.config import OPTIONS, connection_may_be_defined, load_settings
+from airflow_amlrun.config import OPTIONS, load_settings, parse_flag
 from airflow_amlrun.errors import ConfigurationError
-from airflow_amlrun.get_provider_info import get_provider_info
+
+# option -> (its value as written, the Settings field it sets, the value read)
+WRITTEN_AND_READ: dict[str, tuple[str, str, object]] = {
+    "workspace_conn_id": ("team_workspace", "workspace_conn_id", "team_workspace"),
+    "home": ("/data/amlrun", "home", Path("/data/amlrun")),
+    "local_runs_dir": ("/scratch/runs", "local_runs_dir", Path("/scratch/runs")),
+    "cleanup": ("always", "cleanup", "always"),
+    "snapshot_max_size_mb": ("2.5", "snapshot_max_bytes", 2_500_000),
+    "snapshot_max_files": ("50000", "snapshot_max_files", 50_000),
+    "poll_interval_seconds": ("0.25", "poll_interval_seconds", 0.25),
+    "docker_default_image": (
+        "registry.example.com/base:py3.12",
+        "docker_default_image",
+        "registry.example.com/base:py3.12",
+    ),
+    "docker_default_image_base": ("python:3.12-slim", "docker_default_image_base", "python:3.12-slim"),
+    "reconcile_after_seconds": ("90", "reconcile_after_seconds", 90.0),
+}
 
 
-@pytest.fixture
-def airflow_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """An AIRFLOW_HOME for a plain process: one that has not loaded Airflow, as this test process may have
-    (test_a_plain_script_and_an_airflow_process_read_the_same_settings runs both for real)."""
-    monkeypatch.setattr(config, "airflow_loaded", lambda: False)
-    home = tmp_path / "airflow"
-    home.mkdir()
-    monkeypatch.setenv("AIRFLOW_HOME", str(home))
-    monkeypatch.delenv("AIRFLOW_CONFIG", raising=False)
-    for name in list(os.environ):
-        if name.startswith(
-            ("AIRFLOW__AMLRUN__", "AIRFLOW__SECRETS__", "AIRFLOW__WORKERS__", "AIRFLOW_CONN_")
-        ):
-            monkeypatch.delenv(name)
-    return home
+def test_every_published_option_is_covered_here():
+    # A new option gets a line in WRITTEN_AND_READ (and in the bad values below when it can be wrong).
+    assert set(WRITTEN_AND_READ) == set(OPTIONS)
 
 
-def write_cfg(path: Path, text: str) -> None:
-    path.write_text(textwrap.dedent(text))
+@pytest.mark.parametrize("name", sorted(WRITTEN_AND_READ))
+def test_each_option_is_read_from_its_written_form_into_its_type(amlrun_options, name):
+    written, field, read = WRITTEN_AND_READ[name]
+    amlrun_options(**{name: written})
+
+    value = getattr(load_settings(), field)
+
+    assert value == read
+    assert type(value) is type(read)
 
 
-def test_a_plain_script_reads_the_amlrun_section_of_airflow_cfg(airflow_home: Path) -> None:
-    write_cfg(
-        airflow_home / "airflow.cfg",
-        """
-        [core]
-        dags_folder = /nowhere
-        [amlrun]
-        home = ~/amlrun-home
-        snapshot_max_files = 17
-        cleanup = never
-        """,
-    )
+def test_the_published_defaults_give_the_settings_a_user_wants(amlrun_options, tmp_path):
+    amlrun_options()
+
     settings = load_settings()
-    assert settings.home == Path.home() / "amlrun-home"
-    assert settings.local_runs_dir == Path.home() / "amlrun-home" / "runs"
-    assert settings.snapshot_max_files == 17
-    assert settings.cleanup == "never"
-    assert settings.poll_interval_seconds == 0.1  # the default
 
-
-def test_a_variable_wins_over_airflow_cfg_and_airflow_config_names_the_file(
-    airflow_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    elsewhere = tmp_path / "etc" / "my-airflow.cfg"
-    elsewhere.parent.mkdir()
-    write_cfg(elsewhere, "[amlrun]\nsnapshot_max_size_mb = 2.5\ncleanup = always\n")
-    write_cfg(airflow_home / "airflow.cfg", "[amlrun]\ncleanup = never\n")
-    monkeypatch.setenv("AIRFLOW_CONFIG", str(elsewhere))
-    monkeypatch.setenv("AIRFLOW__AMLRUN__CLEANUP", "on_success")
-    settings = load_settings()
-    assert settings.snapshot_max_bytes == 2_500_000
+    assert settings.workspace_conn_id == "amlrun_default"
+    assert settings.home == tmp_path / "airflow" / "amlrun"
+    assert settings.local_runs_dir == tmp_path / "airflow" / "amlrun" / "runs"
     assert settings.cleanup == "on_success"
+    assert settings.snapshot_max_bytes == 300_000_000
+    assert settings.snapshot_max_files == 2000
+    assert settings.poll_interval_seconds == 0.1
+    assert settings.docker_default_image == "amlrun-base:py3.11"
+    assert settings.docker_default_image_base == "python:3.11-slim"
+    assert settings.reconcile_after_seconds == 600.0
 
 
-def test_a_number_that_is_not_one_is_named_with_where_to_fix_it(
-    airflow_home: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("AIRFLOW__AMLRUN__SNAPSHOT_MAX_FILES", "2k")
+def test_folders_follow_home_and_a_tilde_is_the_users_home(amlrun_options, monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path / "me"))
+    amlrun_options(home="~/aml")
+    assert load_settings().home == tmp_path / "me" / "aml"
+    assert load_settings().local_runs_dir == tmp_path / "me" / "aml" / "runs"
+
+    amlrun_options(home="/srv/aml", local_runs_dir="~/runs")
+    assert load_settings().local_runs_dir == tmp_path / "me" / "runs"
+
+
+def test_an_empty_default_image_means_the_built_in_one_and_an_empty_image_base_means_never_build(
+    amlrun_options,
+):
+    amlrun_options(docker_default_image="", docker_default_image_base="")
+
+    settings = load_settings()
+
+    assert settings.docker_default_image == "amlrun-base:py3.11"
+    assert settings.docker_default_image_base == ""
+
+
+@pytest.mark.parametrize(
+    ("name", "written", "said"),
+    [
+        ("cleanup", "sometimes", "[amlrun] cleanup = 'sometimes' is not one of never, on_success, always"),
+        ("cleanup", "On_Success", "[amlrun] cleanup = 'On_Success' is not one of"),
+        ("reconcile_after_seconds", "0", "[amlrun] reconcile_after_seconds = 0 must be more than 0 seconds"),
+        (
+            "reconcile_after_seconds",
+            "-5",
+            "[amlrun] reconcile_after_seconds = -5 must be more than 0 seconds",
+        ),
+    ],
+)
+def test_a_bad_value_is_refused_naming_the_option_and_where_to_set_it(amlrun_options, name, written, said):
+    amlrun_options(**{name: written})
+
     with pytest.raises(ConfigurationError) as raised:
         load_settings()
-    assert "snapshot_max_files = '2k' is not an integer" in str(raised.value)
-    assert "AIRFLOW__AMLRUN__SNAPSHOT_MAX_FILES (default 2000)" in str(raised.value)
+
+    assert said in str(raised.value)
+    assert f"AIRFLOW__AMLRUN__{name.upper()}" in str(raised.value)
 
 
-def test_a_connection_is_looked_for_only_where_airflow_could_hold_one(
-    airflow_home: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    assert not connection_may_be_defined("amlrun_default")
-    monkeypatch.setenv("AIRFLOW_CONN_AMLRUN_DEFAULT", "amlrun://?database_url=sqlite://&store_url=/tmp/s")
-    assert connection_may_be_defined("amlrun_default")
-    assert not connection_may_be_defined("other")
-    write_cfg(airflow_home / "airflow.cfg", "[secrets]\nbackend = my.vault.Backend\n")
-    assert connection_may_be_defined("other")
+@pytest.mark.parametrize(
+    ("name", "written"),
+    [
+        ("snapshot_max_size_mb", "lots"),
+        ("snapshot_max_files", "1.5k"),
+        ("poll_interval_seconds", "fast"),
+        ("reconcile_after_seconds", "ten minutes"),
+    ],
+)
+def test_a_number_option_that_is_not_a_number_is_refused_naming_the_option(amlrun_options, name, written):
+    amlrun_options(**{name: written})
+
+    with pytest.raises(ConfigurationError) as raised:
+        load_settings()
+
+    assert f"[amlrun] {name} = {written!r}" in str(raised.value)
+    assert f"AIRFLOW__AMLRUN__{name.upper()}" in str(raised.value)
 
 
-def test_provider_info_declares_each_option_with_its_type() -> None:
-    options = get_provider_info()["config"]["amlrun"]["options"]
-    assert options["snapshot_max_files"]["type"] == "integer"
-    assert options["poll_interval_seconds"]["type"] == "float"
-    assert options["workspace_conn_id"]["type"] == "string"
-    for name, option in OPTIONS.items():
-        # Every default is valid for its declared type, as Airflow's config tooling reads it.
-        if option.type == "integer":
-            int(option.default)
-        elif option.type == "float":
-            float(option.default)
-        assert options[name]["default"] == option.default
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off", "")
 
 
-SHOW_SETTINGS = """
-import json, sys
-{preamble}
-from airflow_amlrun.config import load_settings
-from airflow_amlrun.workspace import Workspace
-s = load_settings()
-ws = Workspace.get()
-print(json.dumps({{"home": str(s.home), "files": s.snapshot_max_files, "cleanup": s.cleanup,
-    "poll": s.poll_interval_seconds, "workspace": ws.name, "store": ws.store_url,
-    "airflow_loaded": "airflow" in sys.modules}}))
-"""
-
-
-def test_a_plain_script_and_an_airflow_process_read_the_same_settings(airflow_home: Path) -> None:
-    write_cfg(
-        airflow_home / "airflow.cfg",
-        f"""
-        [core]
-        load_examples = False
-        [amlrun]
-        home = {airflow_home / "ws"}
-        snapshot_max_files = 33
-        """,
-    )
-    env = {
-        **os.environ,
-        "AIRFLOW__AMLRUN__CLEANUP": "always",
-        "AIRFLOW__AMLRUN__POLL_INTERVAL_SECONDS": "0.5",
-    }
-
-    def show(preamble: str) -> dict[str, object]:
-        done = subprocess.run(
-            [sys.executable, "-c", SHOW_SETTINGS.format(preamble=preamble)],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=120,
+def _as_a_user_might_write(words: tuple[str, ...]) -> st.SearchStrategy[str]:
+    """One of the words, in any case, with spaces around it."""
+    spaces = st.text(alphabet=" \t\n", max_size=2)
+    word = st.sampled_from(words).flatmap(
+        lambda w: st.lists(st.booleans(), min_size=len(w), max_size=len(w)).map(
+            lambda upper: "".join(c.upper() if u else c for c, u in zip(w, upper, strict=True))
         )
-        assert done.returncode == 0, done.stderr
-        return dict(json.loads(done.stdout.strip().splitlines()[-1]))
-
-    plain = show("")
-    inside = show("import airflow.configuration")
-    assert plain.pop("airflow_loaded") is False
-    assert inside.pop("airflow_loaded") is True
-    assert (
-        plain
-        == inside
-        == {
-            "home": str(airflow_home / "ws"),
-            "files": 33,
-            "cleanup": "always",
-            "poll": 0.5,
-            "workspace": "embedded",
-            "store": str(airflow_home / "ws" / "store"),
-        }
     )
+    return st.tuples(spaces, word, spaces).map("".join)
 
 
-def test_a_plain_script_finds_a_workspace_connection_set_in_the_environment(
-    airflow_home: Path, tmp_path: Path
-) -> None:
-    extra = {"database_url": f"sqlite:///{tmp_path / 'h.db'}", "store_url": str(tmp_path / "shared-store")}
-    env = {**os.environ, "AIRFLOW_CONN_AMLRUN_DEFAULT": json.dumps({"conn_type": "amlrun", "extra": extra})}
-    done = subprocess.run(
-        [sys.executable, "-c", SHOW_SETTINGS.format(preamble="")],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
+@given(_as_a_user_might_write(TRUE_WORDS))
+def test_a_flag_written_as_yes_in_any_spelling_is_true(text):
+    assert parse_flag(text, "[amlrun] some_flag") is True
+
+
+@given(_as_a_user_might_write(FALSE_WORDS))
+def test_a_flag_written_as_no_in_any_spelling_or_left_empty_is_false(text):
+    assert parse_flag(text, "[amlrun] some_flag") is False
+
+
+def test_a_flag_given_as_a_json_value_keeps_its_meaning():
+    assert parse_flag(True, "extra") is True and parse_flag(False, "extra") is False
+    assert parse_flag(1, "extra") is True and parse_flag(0, "extra") is False
+
+
+@given(
+    st.one_of(st.text(max_size=8), st.integers(), st.floats(allow_nan=False)).filter(
+        lambda v: str(v).strip().lower() not in TRUE_WORDS + FALSE_WORDS
     )
-    assert done.returncode == 0, done.stderr
-    shown = json.loads(done.stdout.strip().splitlines()[-1])
-    assert (shown["workspace"], shown["store"]) == ("amlrun_default", str(tmp_path / "shared-store"))
+)
+def test_anything_else_is_refused_naming_where_it_was_written_and_the_fix(value):
+    with pytest.raises(ConfigurationError) as raised:
+        parse_flag(value, "connection 'gpu_box': auto_remove")
+
+    assert str(raised.value) == (
+        f"connection 'gpu_box': auto_remove = {value!r} is not a boolean; write true or false."
+    )

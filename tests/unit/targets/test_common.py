@@ -1,13 +1,300 @@
-"""What every target reads the same way: how a run ended, from its exit status."""
+"""What every target does the same way: the command line and variables of a run, the supervisor's request and
+verdicts, and reading a run's growing files without ever hanging or following a link."""
 
 from __future__ import annotations
 
+import json
+import os
 import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from airflow_amlrun import run_context
+from airflow_amlrun.environment import Environment, ResolvedEnvironment
+from airflow_amlrun.targets import common
+from airflow_amlrun.targets.base import Job
 from airflow_amlrun.targets.common import exit_status, python_path, time_limit_status
+
+
+def _job(**changes: object) -> Job:
+    values: dict[str, object] = {
+        "run_id": "exp_1_cafe",
+        "experiment": "exp",
+        "source_directory": Path("."),
+        "script": "train.py",
+        "command": None,
+        "arguments": ["--alpha", "0.5"],
+        "environment": ResolvedEnvironment(
+            spec=Environment(environment_variables={"FROM_ENV": "env", "SHARED": "env"}),
+            name="e",
+            version=None,
+            lock=None,
+            build_key=None,
+            user_managed=True,
+        ),
+        "environment_variables": {"SHARED": "job", "STAGE": "dev"},
+        "max_run_duration_seconds": 60.0,
+    }
+    values.update(changes)
+    return Job(**values)  # type: ignore[arg-type]
+
+
+# the command line, the variables, the supervisor's request
+
+
+def test_a_script_runs_under_the_environments_interpreter_with_its_arguments():
+    assert common.job_argv(_job(), "/opt/env/bin/python") == [
+        "/opt/env/bin/python",
+        "train.py",
+        "--alpha",
+        "0.5",
+    ]
+
+
+def test_a_command_list_runs_as_given_and_a_command_string_through_the_shell():
+    assert common.job_argv(_job(script=None, command=["sh", "run.sh", "a b"]), "python") == [
+        "sh",
+        "run.sh",
+        "a b",
+    ]
+    assert common.job_argv(_job(script=None, command="make train && echo done"), "python") == [
+        "/bin/sh",
+        "-c",
+        "make train && echo done",
+    ]
+
+
+def test_the_script_sees_its_variables_and_the_runs_own_ones_cannot_be_overridden():
+    job = _job(
+        environment_variables={"SHARED": "job", run_context.RUN_ID_ENV: "not-the-run"},
+        secret_environment_variables={"API_TOKEN": "s3cret"},
+    )
+
+    env = common.job_environment(job, run_dir="/amlrun/run", events_file="/amlrun/run/.amlrun/events.jsonl")
+
+    assert env["FROM_ENV"] == "env"
+    assert env["SHARED"] == "job"  # the job's own variables win over its environment's
+    assert env["API_TOKEN"] == "s3cret"
+    assert env[run_context.RUN_ID_ENV] == "exp_1_cafe"
+    assert env[run_context.EXPERIMENT_ENV] == "exp"
+    assert env[run_context.EVENTS_FILE_ENV] == "/amlrun/run/.amlrun/events.jsonl"
+    assert env[run_context.OUTPUTS_DIR_ENV] == "/amlrun/run/outputs"
+    assert env["PYTHONUNBUFFERED"] == "1"
+
+
+def test_the_supervisor_is_told_the_limit_the_grace_and_to_end_the_whole_group():
+    request = common.supervisor_request(_job(max_run_duration_seconds=2.5), ["python3", "train.py"])
+
+    assert request == {
+        "argv": ["python3", "train.py"],
+        "max_seconds": 2.5,
+        "grace_seconds": common.TERM_GRACE_SECONDS,
+        "end_group": True,
+    }
+    assert common.supervisor_request(_job(), ["x"], {"A": "1"})["env"] == {"A": "1"}
+
+
+@pytest.mark.parametrize(
+    ("ended_by", "for_limit"),
+    [
+        (json.dumps({"reason": "max_run_duration", "max_seconds": 2}), True),
+        (json.dumps({"reason": "max_run_duration", "max_seconds": 2}).encode(), True),
+        (json.dumps({"reason": "canceled"}), False),
+        (None, False),
+        (b"", False),
+        (b"max_run_duration", False),  # not JSON: written by something else than the supervisor
+        (b'["max_run_duration"]', False),
+        (b"\xff\xfe", False),
+    ],
+)
+def test_only_the_supervisors_own_record_says_the_limit_ended_a_run(ended_by, for_limit):
+    assert common.stopped_for_limit(ended_by) is for_limit
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "said"),
+    [
+        (
+            {"control_exists": False},
+            "the run's control folder /r/.amlrun on host 10.0.0.5 was removed while the run ran (by the script?), "
+            "so its supervisor could not record how the run ended, and the run's log there is gone too",
+        ),
+        (
+            {"control_exists": True, "killed_by": "SIGKILL"},
+            "the run's supervisor on host 10.0.0.5 was killed by SIGKILL before the run ended (if by the "
+            "out-of-memory killer, the kernel log says so: dmesg)",
+        ),
+        (
+            {"control_exists": True, "leftovers": 1},
+            "the run's supervisor on host 10.0.0.5 ended without recording the run's exit code in /r/.amlrun: it "
+            "was killed (if by the out-of-memory killer, the kernel log says so: dmesg), or could not write "
+            "there (a full disk?), in which case its message ends the run's log (/r/.amlrun/std_log.txt); the 1 "
+            "process the run had left running was stopped",
+        ),
+        (
+            {"control_exists": False, "leftovers": 3},
+            "the run's control folder /r/.amlrun on host 10.0.0.5 was removed while the run ran (by the script?), "
+            "so its supervisor could not record how the run ended, and the run's log there is gone too; the 3 "
+            "processes the run had left running were stopped",
+        ),
+    ],
+)
+def test_a_run_without_an_exit_code_is_explained_by_what_became_of_its_supervisor(kwargs, said):
+    assert common.supervisor_lost_reason("host 10.0.0.5", "/r/.amlrun", **kwargs) == said
+
+
+def test_the_run_context_package_imports_alone_on_an_interpreter_without_this_package(tmp_path):
+    root = common.write_run_context_package(tmp_path / "pylib")
+
+    assert sorted(p.name for p in (root / "airflow_amlrun").iterdir()) == ["__init__.py", "run_context.py"]
+    # -S: no site-packages, so nothing but the folder provides airflow_amlrun (nor anything it might import).
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-S",
+            "-c",
+            "from airflow_amlrun import run_context as rc; print(rc.__file__, rc.Run.get_context().offline)",
+        ],
+        env={"PYTHONPATH": str(root)},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [str(root / "airflow_amlrun" / "run_context.py"), "True"]
+
+
+# reading a run's growing files
+
+
+def _read_as_it_grows(data: bytes, cuts: list[int]) -> list[str]:
+    """Every line a follower gets from data written in pieces (ending at the cuts), read after each piece,
+    then once more as final."""
+    lines: list[str] = []
+    offset = 0
+    for written in [*sorted(cuts), len(data)]:
+        chunk = common.lines_from(data[offset:written], offset, final=False)
+        lines += chunk.lines
+        offset = chunk.offset
+    chunk = common.lines_from(data[offset:], offset, final=True)
+    return lines + chunk.lines
+
+
+@given(
+    st.lists(
+        st.text(
+            alphabet=st.characters(
+                blacklist_categories=("Cs",), blacklist_characters="\r\n\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
+            )
+        ),
+        max_size=8,
+    ),
+    st.booleans(),
+    st.lists(st.integers(min_value=0, max_value=200), max_size=6),
+)
+def test_a_follower_gets_every_line_once_whole_however_the_writes_are_cut(lines, newline_at_end, cuts):
+    data = "\n".join(lines).encode() + (b"\n" if newline_at_end and lines else b"")
+    cuts = [min(cut, len(data)) for cut in cuts]
+
+    assert _read_as_it_grows(data, cuts) == data.decode().splitlines()
+
+
+def test_a_partial_line_waits_for_its_end_unless_the_run_is_over():
+    assert common.lines_from(b"epoch 1\nepo", 100, final=False) == common.Chunk(["epoch 1"], 108)
+    assert common.lines_from(b"epo", 108, final=False) == common.Chunk([], 108)
+    assert common.lines_from(b"epoch 2", 108, final=True) == common.Chunk(["epoch 2"], 115)
+
+
+def test_a_line_longer_than_the_read_cap_is_handed_over_in_pieces():
+    chunk = common.lines_from(b"x" * common.READ_CAP, 0, final=False)
+    assert chunk.offset == common.READ_CAP and chunk.lines == ["x" * common.READ_CAP]
+
+
+def test_bytes_that_are_not_utf8_are_shown_not_fatal():
+    assert common.lines_from(b"loss \xff\n", 0, final=False).lines == ["loss \ufffd"]
+
+
+def test_a_growing_log_is_read_from_an_offset(tmp_path):
+    log = tmp_path / "std_log.txt"
+    log.write_bytes(b"epoch 0\nepoch 1\nepo")
+
+    first = common.read_lines(log, 0, final=False)
+    with log.open("ab") as out:
+        out.write(b"ch 2\n")
+    second = common.read_lines(log, first.offset, final=False)
+
+    assert first.lines == ["epoch 0", "epoch 1"]
+    assert second.lines == ["epoch 2"] and second.offset == log.stat().st_size
+    assert common.read_lines(tmp_path / "not-yet.txt", 7, final=False) == common.Chunk([], 7)
+
+
+def test_a_fifo_in_place_of_a_log_is_named_once_and_read_as_empty(tmp_path, caplog):
+    fifo = tmp_path / "std_log.txt"
+    os.mkfifo(fifo)
+    reads: list[common.Chunk] = []
+    # Opening a FIFO nobody writes to blocks for good: read in a thread, so that a hang fails, not hangs.
+    reader = threading.Thread(
+        target=lambda: reads.extend(common.read_lines(fifo, 0, final) for final in (False, True))
+    )
+    reader.start()
+    reader.join(10)
+
+    assert not reader.is_alive(), "reading a FIFO hung"
+    assert reads == [common.Chunk([], 0), common.Chunk([], 0)]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"The run's file {fifo} is not a regular file: it is not read, and counts as empty."
+    ]
+
+
+def test_a_link_in_place_of_a_log_is_not_followed(tmp_path, caplog):
+    secret = tmp_path / "worker.cfg"
+    secret.write_text("password = hunter2\n")
+    link = tmp_path / "std_log.txt"
+    link.symlink_to(secret)
+
+    assert common.read_lines(link, 0, final=True) == common.Chunk([], 0)
+    [warning] = [r.getMessage() for r in caplog.records]
+    assert warning.startswith(f"The run's file {link} cannot be opened (")
+    assert warning.endswith("): it is not read, and counts as empty.")
+
+
+def test_a_control_file_is_read_from_the_runs_control_folder(tmp_path):
+    control = tmp_path / "run" / common.CONTROL_DIR
+    control.mkdir(parents=True)
+    (control / common.EXIT_CODE).write_text("3\n")
+    (control / common.EVENTS).write_text('{"kind": "metric"}\n{"kin')
+
+    assert common.read_control(tmp_path / "run", common.EXIT_CODE) == b"3\n"
+    assert common.read_control(tmp_path / "run", common.ENDED_BY) == b""  # not written: not ended by a limit
+    assert common.read_control_lines(tmp_path / "run", common.EVENTS, 0, final=False) == common.Chunk(
+        ['{"kind": "metric"}'], 19
+    )
+
+
+@pytest.mark.parametrize("where", ["the file", "the control folder"])
+def test_a_link_the_script_puts_in_its_control_folder_is_not_followed(tmp_path, caplog, where):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / common.EXIT_CODE).write_text("0\n")
+    run = tmp_path / "run"
+    if where == "the file":
+        (run / common.CONTROL_DIR).mkdir(parents=True)
+        (run / common.CONTROL_DIR / common.EXIT_CODE).symlink_to(elsewhere / common.EXIT_CODE)
+    else:
+        run.mkdir()
+        (run / common.CONTROL_DIR).symlink_to(elsewhere)
+
+    assert common.read_control(run, common.EXIT_CODE) == b""
+    assert common.read_control(run, common.EXIT_CODE) == b""
+    [warning] = [r.getMessage() for r in caplog.records]  # named once however often it is read
+    assert warning.startswith(f"The run's file {run}/")
+    assert warning.endswith(": it is not read, and counts as empty.")
 
 
 def test_a_run_killed_by_a_signal_is_said_so_with_its_host() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -203,10 +204,13 @@ def _alive(pid: int) -> bool:
 
 
 def _wait_for_child(pid: int) -> None:
+    """Wait until the supervisor's job runs its own program: until it has, the forked child may still hold
+    the supervisor's own signal dispositions."""
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-        if children:
-            return
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            if children and Path(f"/proc/{children[0]}/exe").resolve() != Path(sys.executable).resolve():
+                return
         time.sleep(0.02)
     raise AssertionError("the supervisor did not start its job")

@@ -112,7 +112,7 @@ def test_without_a_git_binary_nothing_is_recorded_and_nothing_fails(repo: Path, 
         capture_output=True,
         text=True,
         check=True,
-        cwd=Path(__file__).resolve().parents[2],
+        cwd=Path(__file__).resolve().parents[3],
     )
     assert proc.stdout.strip() == "None"
 

@@ -229,6 +229,10 @@ def test_what_a_run_left_in_its_group_is_ended_only_if_it_names_the_runs_supervi
         assert ssh_remote.end_leftovers(record) == 0
         leader.kill()  # alone, as the out-of-memory killer would
         leader.wait()
+        # The job itself dies with its supervisor (PR_SET_PDEATHSIG), a moment later: what it started stays.
+        deadline = time.monotonic() + 10
+        while set(ssh_remote.group_members(leader.pid)) - {marked, cleared} and time.monotonic() < deadline:
+            time.sleep(0.02)
 
         assert ssh_remote.end_leftovers(record) == 1
         deadline = time.monotonic() + 10

@@ -1,0 +1,51 @@
+"""The trigger a deferred task waits on: what the triggerer stores of it gives back the same trigger."""
+
+from __future__ import annotations
+
+import importlib
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from airflow_amlrun.triggers.run_status import RunStatusTrigger
+
+
+def _rebuilt(trigger: RunStatusTrigger) -> RunStatusTrigger:
+    """The trigger as the triggerer makes it again: from the class path and the keyword arguments, stored as
+    JSON in Airflow's database."""
+    classpath, kwargs = trigger.serialize()
+    module, _, name = classpath.rpartition(".")
+    cls = getattr(importlib.import_module(module), name)
+    return cls(**json.loads(json.dumps(kwargs)))  # type: ignore[no-any-return]
+
+
+@given(
+    run_id=st.from_regex(r"[a-z][a-z0-9_]{0,20}_[0-9]+_[0-9a-f]{8}", fullmatch=True),
+    conn_id=st.one_of(st.none(), st.from_regex(r"[a-z][a-z0-9_]{0,15}", fullmatch=True)),
+    poll=st.floats(min_value=0.01, max_value=3600),
+)
+def test_a_stored_trigger_comes_back_the_same(run_id, conn_id, poll):
+    trigger = RunStatusTrigger(run_id, workspace_conn_id=conn_id, poll_interval=poll)
+
+    again = _rebuilt(trigger)
+
+    assert type(again) is RunStatusTrigger
+    assert (again.run_id, again.workspace_conn_id, again.poll_interval) == (run_id, conn_id, poll)
+    assert again.serialize() == trigger.serialize()
+
+
+def test_the_class_path_names_the_trigger_where_it_lives():
+    classpath, _ = RunStatusTrigger("r").serialize()
+    assert classpath == f"{RunStatusTrigger.__module__}.{RunStatusTrigger.__qualname__}"
+
+
+@pytest.mark.parametrize("poll", [None, 5.0])
+def test_a_trigger_made_with_the_defaults_keeps_them(poll):
+    trigger = RunStatusTrigger("r") if poll is None else RunStatusTrigger("r", poll_interval=poll)
+    assert _rebuilt(trigger).serialize()[1] == {
+        "run_id": "r",
+        "workspace_conn_id": None,
+        "poll_interval": 5.0,
+    }
