@@ -380,6 +380,10 @@ class ScriptRun:
             # The target may have started the run before its answer was lost: the row stays Starting, for a
             # retry to find the run on the target by its id (or to record it Lost), never a second one blindly.
             log.error("Run %s is left unfinished in the history: %s", self.id, err)
+            if self.handle is not None:
+                # Found on its target but not stopped: the row says where, for the retry and reconcile.
+                self._book.update(handle=self.handle.to_json())
+                self._book.flush()
             self._heartbeat.stop()
             raise
         except BaseException as err:
@@ -393,21 +397,31 @@ class ScriptRun:
             return handle
         except TargetUnreachableError:
             raise
-        except BaseException:
+        except BaseException as err:
             # The target may have started it before the answer was lost (an interrupted round trip): a run
-            # the row does not know of would go on unwatched, so look for it by its id and stop it.
+            # the row does not know of would go on unwatched, so look for it by its id and stop it. If that
+            # cannot be made sure of, the row is left unfinished rather than recorded Failed, for a retry
+            # to follow the run (one execution) and for `amlrun reconcile` to settle it.
             try:
                 found = self.target.find(self.job)
-                if found is not None:
-                    self.handle = found
-                    self.target.cancel(found)
-            except Exception as err:
-                log.warning(
-                    "Run %s: looking for it on %s after a failed start failed too: %s",
-                    self.id,
-                    self.target.name,
-                    err,
-                )
+            except Exception as look_err:
+                raise TargetUnreachableError(
+                    f"Run {self.id}: starting it on {self.target.name} failed ({err}), and looking for it "
+                    f"there failed too ({look_err}), so it may be running. Its row is left Starting: a retry "
+                    "of this task finds it there, and `amlrun reconcile` settles it if no retry comes."
+                ) from err
+            if found is None:
+                raise
+            self.handle = found
+            try:
+                self.target.cancel(found)
+            except Exception as stop_err:
+                raise TargetUnreachableError(
+                    f"Run {self.id}: starting it on {self.target.name} failed ({err}), but it was found "
+                    f"running there, and stopping it failed ({stop_err}). Its row is left Starting with "
+                    "where it runs: a retry of this task follows it, and `amlrun reconcile` settles it if no "
+                    "retry comes."
+                ) from err
             raise
 
     # waiting

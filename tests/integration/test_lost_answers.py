@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from airflow_amlrun import Experiment, ScriptRunConfig, Workspace
+from airflow_amlrun.errors import TargetUnreachableError
 from airflow_amlrun.run import AirflowTask
 from airflow_amlrun.targets import registry
 from airflow_amlrun.targets.base import Job
@@ -29,6 +30,13 @@ class AnswerLostSSHTarget(SSHTarget):
     def submit(self, job: Job) -> SSHHandle:
         super().submit(job)
         raise OSError("the connection dropped before the host's answer arrived")
+
+
+class AnswerLostUnstoppableSSHTarget(AnswerLostSSHTarget):
+    """As above, and the run found on the host cannot be stopped (the connection drops again)."""
+
+    def cancel(self, handle: SSHHandle) -> None:
+        raise OSError("the connection dropped while stopping the run")
 
 
 class HostGoneSSHTarget(SSHTarget):
@@ -84,26 +92,55 @@ def test_a_run_started_whose_answer_was_lost_is_found_and_stopped(lossy_ssh, tmp
     assert run.handle is not None  # found on the host by its run id
     time.sleep(5)  # longer than the script would have run
     assert starts.read_text() == "started\n"
-    assert "done" not in (Path(run.logs_uri) / "std_log.txt").read_text()  # it was stopped, not left to run
+    # The host's own log, read after the script would have finished: it was stopped, not left to run.
+    host_log = (Path(run.handle["run_dir"]) / ".amlrun" / "std_log.txt").read_text()
+    assert "training" in host_log and "done" not in host_log
+
+
+def test_a_run_found_but_not_stopped_after_a_lost_answer_is_left_for_the_retry(
+    lossy_ssh, tmp_path, monkeypatch
+):
+    source, starts = _script(tmp_path, lossy_ssh)
+    config = ScriptRunConfig(str(source), script="train.py", compute_target=CONN_ID)
+    use_target(monkeypatch, AnswerLostUnstoppableSSHTarget)
+
+    with pytest.raises(TargetUnreachableError, match="stopping it failed"):
+        Experiment(Workspace.get(), "lossy").submit(config, airflow_task=_task(1))
+
+    [left] = Workspace.get().list_runs()
+    assert left.status == "Starting"  # not Failed: it runs, and the row says where
+    assert left.handle is not None and left.handle["run_id"] == left.id
+
+    use_target(monkeypatch, SSHTarget)
+    record = (
+        Experiment(Workspace.get(), "lossy")
+        .submit(config, airflow_task=_task(2))
+        .wait_for_completion(show_output=False)
+    )
+
+    assert record.id == left.id and record.status == "Completed"
+    assert starts.read_text() == "started\n"  # one execution, followed to its end by the retry
+    assert "done" in (Path(record.logs_uri) / "std_log.txt").read_text()
+
+
+def _task(try_number: int) -> AirflowTask:
+    return AirflowTask("retrain", "train", "manual_1", None, try_number)
 
 
 def test_a_run_started_on_a_host_that_is_then_lost_is_left_for_the_retry(lossy_ssh, tmp_path, monkeypatch):
     source, starts = _script(tmp_path, lossy_ssh)
     config = ScriptRunConfig(str(source), script="train.py", compute_target=CONN_ID)
 
-    def task(try_number: int) -> AirflowTask:
-        return AirflowTask("retrain", "train", "manual_1", None, try_number)
-
     use_target(monkeypatch, HostGoneSSHTarget)
     with pytest.raises(SSHTargetUnreachableError):
-        Experiment(Workspace.get(), "lossy").submit(config, airflow_task=task(1))
+        Experiment(Workspace.get(), "lossy").submit(config, airflow_task=_task(1))
     [left] = Workspace.get().list_runs()
     assert left.status == "Starting" and left.handle is None  # not recorded Failed: it may well run
 
     use_target(monkeypatch, SSHTarget)
     record = (
         Experiment(Workspace.get(), "lossy")
-        .submit(config, airflow_task=task(2))
+        .submit(config, airflow_task=_task(2))
         .wait_for_completion(show_output=False)
     )
 
