@@ -107,15 +107,25 @@ def airflow_config_file() -> Path:
     return Path(_expand(named)) if named is not None else Path(airflow_home()) / "airflow.cfg"
 
 
+def _unreadable_config(path: Path, err: Exception) -> Exception:
+    from airflow_amlrun.errors import ConfigurationError
+
+    return ConfigurationError(
+        f"Cannot read the Airflow configuration {path} for its [amlrun] settings: {err}. Airflow refuses such a "
+        "file too: fix it, or point AIRFLOW_CONFIG (or AIRFLOW_HOME) at the airflow.cfg the tasks use."
+    )
+
+
 @functools.lru_cache(maxsize=1)
 def _parsed_config_file(path: Path, mtime_ns: int, size: int) -> configparser.ConfigParser:
     # Keyed by the file's time and size, so an edited airflow.cfg is read again.
     parser = configparser.ConfigParser(strict=False)
     try:
-        parser.read(path)
-    except (configparser.Error, OSError, UnicodeDecodeError):
-        # Airflow refuses such a file when it loads; nothing is taken from it here either.
-        return configparser.ConfigParser()
+        with open(path, encoding="utf-8") as file:
+            parser.read_file(file)
+    except (configparser.Error, OSError, UnicodeDecodeError) as err:
+        # Taking the defaults instead would send this process's runs to another history than the tasks'.
+        raise _unreadable_config(path, err) from None
     return parser
 
 
@@ -123,12 +133,14 @@ def _file_option(section: str, key: str) -> str | None:
     path = airflow_config_file()
     try:
         stat = path.stat()
-    except OSError:
-        return None
+    except FileNotFoundError:
+        return None  # no airflow.cfg yet: Airflow writes one with its defaults on first use
+    except OSError as err:
+        raise _unreadable_config(path, err) from None
     try:
         value = _parsed_config_file(path, stat.st_mtime_ns, stat.st_size).get(section, key, fallback=None)
-    except configparser.Error:  # an interpolation that does not resolve
-        return None
+    except configparser.Error as err:  # an interpolation that does not resolve
+        raise _unreadable_config(path, err) from None
     return None if value is None else _expand(value)
 
 

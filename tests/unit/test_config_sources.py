@@ -181,3 +181,24 @@ def test_a_plain_script_finds_a_workspace_connection_set_in_the_environment(
     assert done.returncode == 0, done.stderr
     shown = json.loads(done.stdout.strip().splitlines()[-1])
     assert (shown["workspace"], shown["store"]) == ("amlrun_default", str(tmp_path / "shared-store"))
+
+
+@pytest.mark.parametrize(
+    ("text", "said"),
+    [
+        ("load_examples = False\n[amlrun]\nhome = /srv/amlrun-team\n", "no section headers"),
+        ("[amlrun]\nhome = /srv/%(missing)s\n", "missing"),
+    ],
+)
+def test_an_airflow_cfg_that_airflow_would_refuse_is_refused_naming_it_not_read_as_defaults(
+    airflow_home: Path, text: str, said: str
+) -> None:
+    # With defaults instead, a plain script would record its runs in another history than the tasks'.
+    write_cfg(airflow_home / "airflow.cfg", text)
+
+    with pytest.raises(ConfigurationError) as raised:
+        load_settings()
+
+    assert str(airflow_home / "airflow.cfg") in str(raised.value)
+    assert said in str(raised.value)
+    assert "AIRFLOW_CONFIG" in str(raised.value)
