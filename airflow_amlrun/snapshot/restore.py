@@ -115,10 +115,10 @@ def _write_file(store: BlobStore, entry: SnapshotEntry, dest: str, *, verify: bo
             f"Cannot restore {entry.path!r}: blob {entry.digest} is missing from store {store.url!r}. "
             "The store was pruned or is not the one the snapshot was taken into."
         ) from None
-    except BlobCorruptError:
+    except BlobCorruptError as err:
         raise BlobCorruptError(
-            f"Cannot restore {entry.path!r}: blob {entry.digest} in store {store.url!r} is corrupt "
-            "(its content does not hash to its name). Delete that blob and take the snapshot again."
+            f"Cannot restore {entry.path!r}: blob {entry.digest} in store {store.url!r} is corrupt ({err}). "
+            "Delete that blob and take the snapshot again."
         ) from None
     except FileExistsError:
         raise SnapshotError(

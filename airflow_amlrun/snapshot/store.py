@@ -24,11 +24,13 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import errno
 import logging
 import os
 import posixpath
 import secrets
 import shutil
+import stat
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -50,6 +52,9 @@ log = logging.getLogger(__name__)
 
 _TMP_PREFIX = ".amlrun-tmp-"
 _CHUNK = 1 << 20
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# O_NONBLOCK: opening a FIFO planted at a name must not wait for a writer; a regular file ignores it.
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 # Protocols whose single PUT (or completed multipart upload) is atomic: no temp-name-and-rename needed.
 _ATOMIC_PUT_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "abfs", "abfss", "az", "adl", "memory"})
 
@@ -176,6 +181,40 @@ class BlobStore:
         if self._local_root is not None:
             return os.path.join(self._local_root, *key.split("/"))
         return f"{self._root}/{key}"
+
+    def _open_local(self, key: str) -> int:
+        """A descriptor of the regular file at ``key`` beneath the local store's folder.
+
+        Whoever else can write the store must not make a reader copy a file from elsewhere into a run (a
+        link planted at a blob's name, whose size a manifest states) or wait forever (a FIFO): no link is
+        followed beneath the store's folder, and anything but a regular file is refused.
+        """
+        assert self._local_root is not None
+        *folders, name = key.split("/")
+        fd = os.open(self._local_root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            for folder in folders:
+                parent, fd = fd, os.open(folder, _DIR_FLAGS, dir_fd=fd)
+                os.close(parent)
+            parent, fd = fd, os.open(name, _READ_FLAGS, dir_fd=fd)
+            os.close(parent)
+        except OSError as err:
+            os.close(fd)
+            # ELOOP: the file is a link; ENOTDIR: a folder on its path is a link (or a file).
+            if err.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise BlobCorruptError(
+                    f"{key} in store {self.url!r} is a symbolic link or lies beneath one (or beneath a file), "
+                    "which this library never writes: someone else changed the store. Remove it; it is "
+                    "written again when needed."
+                ) from None
+            raise
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise BlobCorruptError(
+                f"{key} in store {self.url!r} is not a regular file (a FIFO, socket, device or folder), which "
+                "this library never writes: someone else changed the store. Remove it."
+            )
+        return fd
 
     # ----------------------------------------------------------------- blobs
 
@@ -325,7 +364,7 @@ class BlobStore:
         with contextlib.ExitStack() as stack:
             try:
                 if self._local_root is not None:
-                    src_fd = os.open(self._path(key), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                    src_fd = self._open_local(key)
                     stack.callback(os.close, src_fd)
                     src = None
                 else:
@@ -442,11 +481,11 @@ class BlobStore:
 
     def get_object(self, key: str) -> bytes:
         """The bytes of object ``key``; raises ``FileNotFoundError`` if absent."""
-        path = self._path(_check_key(key))
+        key = _check_key(key)
         if self._local_root is not None:
-            with open(path, "rb") as f:
+            with open(self._open_local(key), "rb") as f:
                 return f.read()
-        return bytes(self._fs.cat_file(path))
+        return bytes(self._fs.cat_file(self._path(key)))
 
     def list(self, prefix: str = "") -> list[str]:
         """Keys of all objects under ``prefix`` (recursive), relative to it, sorted."""
@@ -512,12 +551,11 @@ class BlobStore:
 
     @contextlib.contextmanager
     def _open_read(self, key: str) -> Iterator[BinaryIO]:
-        path = self._path(key)
         if self._local_root is not None:
-            with open(path, "rb") as f:
+            with open(self._open_local(key), "rb") as f:
                 yield f
         else:
-            with self._fs.open(path, "rb", block_size=8 * _CHUNK) as f:
+            with self._fs.open(self._path(key), "rb", block_size=8 * _CHUNK) as f:
                 yield f
 
     def _put_object_bytes(

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
-from airflow_amlrun.snapshot import BlobStore, hash_bytes, materialize, take_snapshot
+import pytest
+
+from airflow_amlrun.snapshot import BlobStore, Snapshot, hash_bytes, materialize, take_snapshot
+from airflow_amlrun.snapshot.errors import BlobCorruptError
 
 
 def test_a_run_rewriting_its_materialized_files_leaves_the_store_intact(tmp_path: Path) -> None:
@@ -32,3 +36,55 @@ def test_a_run_rewriting_its_materialized_files_leaves_the_store_intact(tmp_path
         assert entry.digest is not None
         assert hash_bytes(store.get_bytes(entry.digest, verify=False)) == entry.digest
     assert (source / "train.py").read_bytes() == b"print('train')\n"
+
+
+def _store_with_planted_blob(tmp_path: Path, plant: Callable[[Path], None]) -> tuple[BlobStore, Snapshot]:
+    """A snapshot of one file, whose blob someone else who can write the store replaced."""
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "loot.txt").write_bytes(b"x" * 12)
+    store = BlobStore(str(tmp_path / "store"))
+    snapshot = take_snapshot(source, store).snapshot
+    [entry] = snapshot.entries
+    assert entry.digest is not None
+    blob = Path(store.uri_for(store.blob_key(entry.digest)))
+    blob.chmod(0o644)
+    blob.unlink()
+    plant(blob)
+    return store, snapshot
+
+
+@pytest.mark.parametrize("through", ["blob", "folder"])
+def test_a_link_planted_in_the_store_does_not_bring_a_file_from_elsewhere_into_a_run(
+    tmp_path: Path, through: str
+) -> None:
+    secret = tmp_path / "worker-secret.txt"
+    secret.write_bytes(b"TOP-SECRET!\n")  # the same size as the snapshot's file
+
+    def plant(blob: Path) -> None:
+        if through == "blob":
+            blob.symlink_to(secret)
+        else:  # the fan-out folder swapped for a link to a folder holding a file of the blob's name
+            elsewhere = tmp_path / "elsewhere"
+            elsewhere.mkdir()
+            (elsewhere / blob.name).write_bytes(secret.read_bytes())
+            for other in blob.parent.iterdir():
+                other.unlink()
+            blob.parent.rmdir()
+            blob.parent.symlink_to(elsewhere)
+
+    store, snapshot = _store_with_planted_blob(tmp_path, plant)
+
+    with pytest.raises(BlobCorruptError, match="symbolic link"):
+        materialize(store, snapshot, tmp_path / "run")
+    assert (
+        not (tmp_path / "run" / "loot.txt").exists()
+        or b"SECRET" not in (tmp_path / "run" / "loot.txt").read_bytes()
+    )
+
+
+def test_a_fifo_planted_in_the_store_is_refused_at_once_not_waited_on(tmp_path: Path) -> None:
+    store, snapshot = _store_with_planted_blob(tmp_path, lambda blob: os.mkfifo(blob))
+
+    with pytest.raises(BlobCorruptError, match="not a regular file"):
+        materialize(store, snapshot, tmp_path / "run")
