@@ -37,7 +37,7 @@ from airflow_amlrun.errors import AmlRunError
 from airflow_amlrun.history import RunRecord, RunStatus
 from airflow_amlrun.run import ScriptRun, discard_lost, recorded_handle
 from airflow_amlrun.targets.base import ComputeTarget, Job
-from airflow_amlrun.targets.handles import RunHandle
+from airflow_amlrun.targets.handles import RunHandle, UnreadableHandleError
 from airflow_amlrun.targets.registry import resolve_target
 
 if TYPE_CHECKING:
@@ -143,7 +143,10 @@ def _settle(
     except AmlRunError as err:
         return result(LEFT, f"its compute target {record.target!r} cannot be used from here: {err}")
     job = _recorded_job(record)
-    handle = recorded_handle(target, record, job)
+    try:
+        handle = recorded_handle(target, record, job)
+    except UnreadableHandleError as err:
+        return _record_lost(workspace, record, heard_before, f"Lost: {err}", dry_run)
     if handle is None:
         reason = (
             "Lost: the task that submitted it stopped before the run reached its target, and no task "

@@ -34,7 +34,7 @@ from airflow_amlrun.history import (
 from airflow_amlrun.run_context import metric_problem
 from airflow_amlrun.snapshot import Snapshot, materialize, read_git_info, take_snapshot
 from airflow_amlrun.targets.base import Chunk, CodeSource, ComputeTarget, Job, TargetStatus
-from airflow_amlrun.targets.handles import RunHandle
+from airflow_amlrun.targets.handles import RunHandle, UnreadableHandleError
 from airflow_amlrun.targets.registry import resolve_target
 
 if TYPE_CHECKING:
@@ -302,7 +302,18 @@ class ScriptRun:
         attached: ScriptRun | None = None
         for record in earlier:
             job = _job(record.id, record.experiment, config, environment, record.snapshot_id)
-            handle = recorded_handle(target, record, job)
+            try:
+                handle = recorded_handle(target, record, job)
+            except UnreadableHandleError as err:
+                # Nothing can be followed or stopped from it; the row ends, rather than fail every retry.
+                log.warning("Run %s, left unfinished by an earlier try: %s", record.id, err)
+                history.update_run(
+                    record.id,
+                    status=RunStatus.FAILED,
+                    end_time=_now(),
+                    error=f"Lost: {err} A new run was started.",
+                )
+                continue
             unreachable = target.attachable(handle) if handle is not None else None
             if handle is None or unreachable is not None or attached is not None:
                 if handle is None:

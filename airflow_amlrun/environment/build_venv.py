@@ -16,9 +16,9 @@ there.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -44,6 +44,8 @@ from airflow_amlrun.environment.lock import (
 )
 from airflow_amlrun.environment.spec import Environment
 from airflow_amlrun.errors import ConfigurationError
+
+log = logging.getLogger(__name__)
 
 BUILD_RECORD = "amlrun-build.json"
 BUILD_LOG = "builds.jsonl"
@@ -221,15 +223,29 @@ def _build(spec: Environment, lock: str, key: str, envs: Path, uv_cache: Path) -
 def _compile_bytecode(tmp: Path, final: Path) -> None:
     # compileall exits non-zero when any file does not compile (some packages ship templates or tests
     # written for another Python); the rest is compiled all the same, and a missing .pyc costs only time.
-    command = [str(tmp / _BIN / _EXE), "-m", "compileall", "-q", "-j", "0", "-s", str(tmp), "-p", str(final)]
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        subprocess.run(
-            [*command, str(tmp / ("Lib" if os.name == "nt" else "lib"))],
+    # -I -S: compileall is the standard library's; no .pth line of the installed packages and no variable of
+    # the worker's (PYTHONPATH) takes part in it.
+    command = [str(tmp / _BIN / _EXE), "-I", "-S", "-m", "compileall", "-q", "-j", "0"]
+    command += ["-s", str(tmp), "-p", str(final), str(tmp / ("Lib" if os.name == "nt" else "lib"))]
+    try:
+        done = subprocess.run(
+            command,
             capture_output=True,
+            text=True,
             cwd=NEUTRAL_CWD,
             timeout=BUILD_TIMEOUT_SECONDS,
             check=False,
         )
+    except subprocess.TimeoutExpired:
+        log.warning(
+            "Compiling the bytecode of environment %s took over %s s and was stopped; its runs compile what "
+            "they import themselves.",
+            final.name,
+            BUILD_TIMEOUT_SECONDS,
+        )
+        return
+    if done.returncode != 0:
+        log.debug("Some files of environment %s did not compile: %s", final.name, done.stdout[-2000:])
 
 
 def _base_interpreter(spec: Environment) -> str:

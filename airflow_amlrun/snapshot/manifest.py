@@ -190,6 +190,7 @@ def _flatten(root: dict[str, Any], load_tree: Callable[[str], bytes] | None) -> 
     """Every entry of a tree manifest with its full path; the nodes below the root come from ``load_tree``."""
     out: list[SnapshotEntry] = []
     pending: list[tuple[str, dict[str, Any]]] = [("", root)]
+    parsed: dict[str, dict[str, Any]] = {}
     nodes = 0
     while pending:
         prefix, doc = pending.pop()
@@ -220,8 +221,11 @@ def _flatten(root: dict[str, Any], load_tree: Callable[[str], bytes] | None) -> 
                 raise UnsafeManifestError(
                     f"Manifest entry {path!r} is a directory node, and no store was given to read it from."
                 )
-            sub = _parse(load_tree(digest), f"Manifest node {digest} ({path + '/'!r})")
-            _check_version(sub.get("version"), f"Manifest node {digest}")
+            sub = parsed.get(digest)
+            if sub is None:
+                # Identical folders share one node: each is read (from a remote store, fetched) once.
+                sub = parsed[digest] = _parse(load_tree(digest), f"Manifest node {digest} ({path + '/'!r})")
+                _check_version(sub.get("version"), f"Manifest node {digest}")
             pending.append((path + "/", sub))
     return out
 

@@ -12,6 +12,12 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Self
 
+from airflow_amlrun.errors import AmlRunError
+
+
+class UnreadableHandleError(AmlRunError, ValueError):
+    """A run row's handle is not one this target writes: the run cannot be followed from it."""
+
 
 @dataclass(frozen=True)
 class RunHandle:
@@ -34,7 +40,7 @@ class RunHandle:
             and f.default_factory is dataclasses.MISSING
         ]
         if missing:
-            raise ValueError(
+            raise UnreadableHandleError(
                 f"The run row's handle lacks {', '.join(missing)}, which every {cls.__name__} has: {data!r}. It was "
                 "not written by airflow-amlrun (or was edited since), so the run cannot be followed from it."
             )

@@ -198,7 +198,7 @@ class LocalTarget:
             shutil.rmtree(handle.run_dir, ignore_errors=True)
 
     def attachable(self, handle: LocalHandle) -> str | None:
-        if handle.host is None:
+        if "host" in handle.absent:
             # Recorded before handles named their machine: followed only while provably the same process.
             return None
         here = _machine()

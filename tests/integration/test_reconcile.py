@@ -153,6 +153,19 @@ def test_a_run_that_never_reached_its_target_is_recorded_lost(amlrun_home):
     assert lost.end is not None
 
 
+def test_a_run_whose_recorded_handle_cannot_be_read_is_recorded_lost_saying_why(amlrun_home):
+    ws = Workspace.get()
+    ws.history.create_run(run_id="orphans_1_cafef00d", experiment="orphans", target="local")
+    ws.history.update_run("orphans_1_cafef00d", status="Running", handle={"pid": 4242})  # no run_dir
+    until_orphaned()
+
+    done = amlrun("reconcile")
+
+    lost = ws.get_run("orphans_1_cafef00d")
+    assert lost.status == "Failed", done.stdout + done.stderr
+    assert lost.error.startswith("Lost") and "lacks run_dir" in lost.error
+
+
 def test_a_run_its_task_still_follows_is_not_touched(amlrun_home, tmp_path):
     source = tmp_path / "src"
     write_script(source, "train.py", "import time\ntime.sleep(8)\n")

@@ -152,3 +152,23 @@ def test_a_tree_manifest_reads_back_to_the_same_entries(paths: list[str]) -> Non
     assert nodes == dict(snapshot.trees)
     assert Snapshot.from_json(snapshot.to_json(), nodes.__getitem__) == snapshot
     assert snapshot.id == hash_bytes(snapshot.to_json().encode())
+
+
+def test_identical_folders_share_one_node_which_is_read_once() -> None:
+    # Copies of one folder (a vendored package, fixtures per experiment) cost one node read, not one each;
+    # a manifest repeating a node cannot make the reader fetch it over and over either.
+    entries = [
+        SnapshotEntry(path=f"{copy}/{name}", mode=0o644, size=1, digest=hash_bytes(name.encode()))
+        for copy in ("exp1", "exp2", "exp3")
+        for name in ("a.py", "b.py")
+    ]
+    snapshot = Snapshot.from_entries(entries)
+    assert len(snapshot.trees) == 1
+    reads: list[str] = []
+
+    def load(digest: str) -> bytes:
+        reads.append(digest)
+        return snapshot.trees[digest]
+
+    assert Snapshot.from_json(snapshot.to_json(), load) == snapshot
+    assert reads == list(snapshot.trees)
