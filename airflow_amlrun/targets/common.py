@@ -84,6 +84,20 @@ def new_run_dir(run_dir: Path, *, private: bool = False) -> None:
         run_dir.chmod(0o700)
 
 
+def remove_run_dir(recorded: str, runs_dir: Path) -> None:
+    """Remove a run's folder, as its row records it, only if it is one of this target's run folders: the
+    row is data, and a path changed in it must not make the worker delete another folder."""
+    path = Path(recorded)
+    if path.name in ("", ".", "..") or path.parent.resolve() != runs_dir.resolve():
+        log.warning(
+            "The recorded run folder %s is not in %s, where this worker keeps its runs; it was not removed.",
+            recorded,
+            runs_dir,
+        )
+        return
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def add_run_folders(root: Path) -> None:
     """Make the RUN_FOLDERS in root (the code is there already: a folder of it by that name stays)."""
     for folder in RUN_FOLDERS:

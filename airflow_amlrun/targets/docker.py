@@ -98,6 +98,7 @@ from airflow_amlrun.targets.common import (
     new_run_dir,
     python_path,
     read_lines,
+    remove_run_dir,
     stopped_for_limit,
     write_run_context_package,
 )
@@ -434,7 +435,7 @@ class DockerTarget:
             with contextlib.suppress(NotFound):
                 self.client.remove_container(handle.container_id, force=True)
         if remove_files:
-            shutil.rmtree(handle.run_dir, ignore_errors=True)
+            remove_run_dir(handle.run_dir, self.runs_dir)
         elif handle.transfer == "bind":
             # Left behind (for a look at a failed run): with nothing in it that gives a device or a privilege.
             for line in self._defuse(handle, ended=self.options.auto_remove):

@@ -21,7 +21,6 @@ import errno
 import json
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -50,6 +49,7 @@ from airflow_amlrun.targets.common import (
     python_path,
     read_control,
     read_control_lines,
+    remove_run_dir,
     stopped_for_limit,
     supervisor_lost_reason,
     supervisor_request,
@@ -195,7 +195,7 @@ class LocalTarget:
     def cleanup(self, handle: LocalHandle, *, remove_files: bool) -> None:
         self._processes.pop(handle.pid, None)
         if remove_files:
-            shutil.rmtree(handle.run_dir, ignore_errors=True)
+            remove_run_dir(handle.run_dir, self.runs_dir)
 
     def attachable(self, handle: LocalHandle) -> str | None:
         if "host" in handle.absent:

@@ -332,3 +332,19 @@ def test_run_context_comes_first_on_the_python_path() -> None:
     assert python_path("/amlrun/pylib", None) == "/amlrun/pylib"
     assert python_path("/amlrun/pylib", "") == "/amlrun/pylib"
     assert python_path("/amlrun/pylib", "/opt/lib:/usr/lib") == "/amlrun/pylib:/opt/lib:/usr/lib"
+
+
+def test_a_run_folder_is_removed_only_where_this_worker_keeps_its_runs(tmp_path: Path, caplog) -> None:
+    runs = tmp_path / "runs"
+    (runs / "exp_1_cafe" / "outputs").mkdir(parents=True)
+    precious = tmp_path / "home" / "airflow"
+    precious.mkdir(parents=True)
+
+    # A run row is data: one whose recorded folder was changed to point elsewhere removes nothing.
+    for recorded in (str(precious), str(runs / ".."), str(runs / "exp_1_cafe" / ".."), str(runs)):
+        common.remove_run_dir(recorded, runs)
+    assert precious.is_dir() and (runs / "exp_1_cafe").is_dir()
+    assert f"The recorded run folder {precious} is not in {runs}" in caplog.text
+
+    common.remove_run_dir(str(runs / "exp_1_cafe"), runs)
+    assert not (runs / "exp_1_cafe").exists()
