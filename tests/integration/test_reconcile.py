@@ -16,7 +16,7 @@ import pytest
 from airflow_amlrun import Workspace
 from airflow_amlrun.reconcile import SETTLED_BY_TAG
 from airflow_amlrun.targets.docker import LABEL_RUN_ID, LABEL_TRANSFER, container_name
-from tests.conftest import worker_dies_mid_run, write_script
+from tests.conftest import dag_source, worker_dies_mid_run, write_script
 from tests.integration.docker_engine import containers_of
 
 pytest_plugins = ["tests.integration.docker_engine"]
@@ -217,16 +217,7 @@ def test_a_starting_task_settles_another_tasks_orphaned_run(amlrun_home, tmp_pat
     until_orphaned()
     write_script(tmp_path / "other", "train.py", "print('other task')\n")
 
-    result = run_dag(
-        f"""
-        import pendulum
-        from airflow.sdk import DAG
-        from airflow_amlrun import ScriptRunConfig, ScriptRunOperator
-
-        with DAG("DAG_ID", schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC")) as dag:
-            ScriptRunOperator(task_id="train", config=ScriptRunConfig({str(tmp_path / "other")!r}, script="train.py"))
-        """
-    )
+    result = run_dag(dag_source(tmp_path / "other"))
 
     assert result.state == "success"
     settled = Workspace.get().get_run(orphan.id)
@@ -441,16 +432,7 @@ def test_a_starting_task_leaves_remote_orphans_to_amlrun_reconcile(amlrun_home, 
     until_orphaned()
     write_script(tmp_path / "other", "train.py", "print('other task')\n")
 
-    result = run_dag(
-        f"""
-        import pendulum
-        from airflow.sdk import DAG
-        from airflow_amlrun import ScriptRunConfig, ScriptRunOperator
-
-        with DAG("DAG_ID", schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC")) as dag:
-            ScriptRunOperator(task_id="train", config=ScriptRunConfig({str(tmp_path / "other")!r}, script="train.py"))
-        """
-    )
+    result = run_dag(dag_source(tmp_path / "other"))
 
     assert result.state == "success"
     assert Workspace.get().get_run("remote_1_deadbeef").status == "Queued"
