@@ -549,7 +549,7 @@ def test_a_changed_helper_on_the_host_is_written_again_before_it_gets_a_secret(
     run_dag, tmp_path, ssh_vm, which
 ):
     write_script(tmp_path / "src", "train.py", "import os\nprint('token', len(os.environ['API_TOKEN']))\n")
-    first = run_dag(dag_source(tmp_path / "src", secret_variables={"API_TOKEN": "warm-up"}))
+    first = run_dag(dag_source(tmp_path / "src", target=CONN_ID, secret_variables={"API_TOKEN": "warm-up"}))
     assert first.state == "success", first.log
     [path] = (remote_base(ssh_vm) / "lib").glob(f"amlrun-{which}-*.py")
     original = path.read_bytes()
@@ -558,7 +558,7 @@ def test_a_changed_helper_on_the_host_is_written_again_before_it_gets_a_secret(
     path.write_text(f"import sys\nopen({str(stolen)!r}, 'wb').write(sys.stdin.buffer.read())\n")
 
     secret = f"s3cr3t-{secrets.token_hex(8)}"
-    result = run_dag(dag_source(tmp_path / "src", secret_variables={"API_TOKEN": secret}))
+    result = run_dag(dag_source(tmp_path / "src", target=CONN_ID, secret_variables={"API_TOKEN": secret}))
 
     assert result.state == "success", result.log
     assert f"token {len(secret)}" in result.log
