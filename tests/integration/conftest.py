@@ -42,6 +42,7 @@ class Target:
     :param outside: a folder outside every run directory that the run's user may write.
     :param docker: the Docker Engine's API client, for the docker target.
     :param in_container: the run directory as a script in a container sees it.
+    :param says: how the target's messages about a run's files on its machine begin.
     :param work: the folder of a run's folder (under `runs`) that is the script's run directory, when it is
         not the run's folder itself (docker: the folder bind-mounted into the container).
     """
@@ -54,6 +55,7 @@ class Target:
     outside: Path
     docker: Any = None
     in_container: str | None = None
+    says: str = ""
     work: str | None = None
 
     def run_dir(self, run_id: str) -> Path:
@@ -130,4 +132,5 @@ def target(
         host.home / ".amlrun" / "runs",
         "/usr/bin/python3",
         host.home,
+        says=f"Host {host.address}: ",
     )

@@ -142,44 +142,6 @@ def test_config_from_yaml_beside_the_dag_with_templated_environment_variables(ru
     assert f"stage {result.dag_id} seed 7 args ['--epochs', '3']" in result.log
 
 
-def test_links_a_script_writes_in_its_outputs_never_bring_files_from_outside_the_run(
-    run_dag, tmp_path, amlrun_home
-):
-    secret = tmp_path / "worker_secret.cfg"
-    secret.write_text("sql_alchemy_conn = postgresql://airflow:hunter2-WORKER-SECRET@db/airflow\n")
-    # Beside the run directories: what "../../something" from a run's outputs/ reaches.
-    beside = amlrun_home / "runs" / "something"
-    beside.parent.mkdir(parents=True)
-    beside.write_text("another run's RUNS-DIR-SECRET\n")
-    write_script(
-        tmp_path / "src",
-        "train.py",
-        f"""
-        import os
-        os.makedirs("outputs", exist_ok=True)
-        open("outputs/model.txt", "w").write("trained weights")
-        os.symlink({str(secret)!r}, "outputs/x")
-        os.symlink("../../something", "outputs/y")
-        os.symlink("model.txt", "outputs/best.txt")
-        os.symlink("/etc", "logs/etc")
-        print("outputs written")
-    """,
-    )
-    result = run_dag(dag_source(tmp_path / "src"))
-
-    assert result.state == "success", result.log
-    summary = result.xcoms["train"]
-    outputs = Path(summary["outputs_uri"])
-    assert sorted(p.name for p in outputs.iterdir()) == ["best.txt", "model.txt"]
-    assert (outputs / "best.txt").read_text() == "trained weights"
-    for path in (amlrun_home / "store").rglob("*"):
-        if path.is_file():
-            assert b"SECRET" not in path.read_bytes(), path
-    assert f"'outputs/x' is a symlink to {str(secret)!r}, outside outputs/" in result.log
-    assert "'outputs/y' is a symlink to '../../something', outside outputs/" in result.log
-    assert "'logs/etc' is a symlink to '/etc', outside logs/" in result.log
-
-
 def test_an_environment_spark_section_on_the_local_target_is_ignored_with_a_warning(
     run_dag, tmp_path, amlrun_home
 ):

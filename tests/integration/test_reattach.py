@@ -30,7 +30,7 @@ def runs_dir_through_a_symlink(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     return tmp_path / "real" / "runs"
 
 
-# The same scenario on the default runs folder, and on every target: test_targets.py.
+# The same scenario on the default runs folder, on every target: test_targets.py.
 def test_retry_reattaches_to_a_script_whose_relative_runs_dir_is_reached_through_a_symlink(
     amlrun_home, tmp_path, runs_dir_through_a_symlink
 ):

@@ -70,7 +70,7 @@ def test_a_run_that_ended_after_its_worker_died_is_recorded_with_its_outputs(tar
     )
     orphan = worker_dies_mid_run(source, target.name)
     assert wait_for_file(target.run_dir(orphan.id) / ".amlrun" / "exit_code").strip() == "0"
-    group = None if target.docker else orphan.handle["pid"]  # the run's supervisor leads its group
+    group = None if target.kind == "docker" else orphan.handle["pid"]  # the run's supervisor leads its group
     deadline = time.monotonic() + 30
     while target.still_running(orphan.id, group=group) and time.monotonic() < deadline:
         time.sleep(0.05)

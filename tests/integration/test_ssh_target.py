@@ -710,61 +710,7 @@ def test_a_retry_never_signals_a_process_that_now_has_the_runs_pid_on_the_host(t
         stranger.wait()
 
 
-# what comes back from the host
-
-
-def test_links_a_script_writes_in_its_outputs_never_bring_files_from_the_host(
-    run_dag, tmp_path, ssh_vm, amlrun_home
-):
-    secret = ssh_vm.home / f"host-secret-{secrets.token_hex(4)}.cfg"
-    secret.write_text("sql_alchemy_conn = postgresql://airflow:hunter2-HOST-SECRET@db/airflow\n")
-    beside = remote_base(ssh_vm) / "runs" / "something"  # what "../../something" from outputs/ reaches
-    beside.parent.mkdir(parents=True, exist_ok=True)
-    beside.write_text("another run's RUNS-DIR-SECRET\n")
-    write_script(
-        tmp_path / "src",
-        "train.py",
-        f"""
-        import os
-        os.makedirs("outputs/sub", exist_ok=True)
-        open("outputs/model.txt", "w").write("trained weights")
-        open("outputs/sub/notes.txt", "w").write("notes")
-        os.symlink({str(secret)!r}, "outputs/x")
-        os.symlink("../../something", "outputs/y")
-        os.symlink("model.txt", "outputs/best.txt")
-        os.symlink("/etc", "outputs/etc")
-        os.symlink("sub", "outputs/sub-again")
-        os.mkfifo("outputs/pipe")
-        os.symlink("/etc", "logs/etc")
-        print("outputs written")
-    """,
-    )
-    try:
-        result = run_dag(dag_source(tmp_path / "src", target=CONN_ID))
-    finally:
-        secret.unlink()
-        beside.unlink()
-
-    assert result.state == "success", result.log
-    summary = result.xcoms["train"]
-    outputs = Path(summary["outputs_uri"])
-    assert sorted(str(p.relative_to(outputs)) for p in outputs.rglob("*")) == [
-        "best.txt",
-        "model.txt",
-        "sub",
-        "sub/notes.txt",
-    ]
-    assert (outputs / "best.txt").read_text() == "trained weights"
-    for path in (amlrun_home / "store").rglob("*"):
-        if path.is_file():
-            assert b"SECRET" not in path.read_bytes(), path
-    host = f"Host {ssh_vm.address}: "
-    assert f"{host}'outputs/x' is a symlink to {str(secret)!r}, outside outputs/" in result.log
-    assert f"{host}'outputs/y' is a symlink to '../../something', outside outputs/" in result.log
-    assert f"{host}'outputs/etc' is a symlink to '/etc', outside outputs/" in result.log
-    assert f"{host}'outputs/sub-again' is a symlink to 'sub', a folder: not followed" in result.log
-    assert f"{host}'outputs/pipe' is not a regular file" in result.log
-    assert f"{host}'logs/etc' is a symlink to '/etc', outside logs/" in result.log
+# what comes back from the host (links in the outputs: test_targets.py)
 
 
 def test_a_file_the_worker_cannot_write_costs_only_itself(run_dag, tmp_path, ssh_vm):

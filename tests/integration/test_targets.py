@@ -238,7 +238,7 @@ def test_a_run_whose_worker_died_still_stops_at_its_limit_and_the_retry_records_
     assert json.loads((control / "ended_by").read_text()) == {"reason": "max_run_duration", "max_seconds": 2}
     pids = [int(pid) for pid in (target.run_dir(orphan.id) / "pids").read_text().split()]
     # Everything in the run's process group ends with it (its supervisor leads the group).
-    group = None if target.docker else orphan.handle["pid"]
+    group = None if target.kind == "docker" else orphan.handle["pid"]
     _wait_for(lambda: target.still_running(orphan.id, pids, group) == [])
     assert target.still_running(orphan.id, pids, group) == []
 
@@ -262,3 +262,56 @@ def _wait_for(condition: Callable[[], bool], timeout: float = 10) -> None:
     deadline = time.monotonic() + timeout
     while not condition() and time.monotonic() < deadline:
         time.sleep(0.05)
+
+
+@pytest.mark.parametrize("target", ["local", "ssh"], indirect=True)
+def test_links_a_script_writes_in_its_outputs_never_bring_files_from_outside_the_run(
+    run_dag, tmp_path, amlrun_home, target
+):
+    secret = target.outside / f"worker-secret-{secrets.token_hex(4)}.cfg"
+    secret.write_text("sql_alchemy_conn = postgresql://airflow:hunter2-WORKER-SECRET@db/airflow\n")
+    beside = target.runs / "something"  # what "../../something" from a run's outputs/ reaches
+    beside.parent.mkdir(parents=True, exist_ok=True)
+    beside.write_text("another run's RUNS-DIR-SECRET\n")
+    write_script(
+        tmp_path / "src",
+        "train.py",
+        f"""
+        import os
+        os.makedirs("outputs/sub", exist_ok=True)
+        open("outputs/model.txt", "w").write("trained weights")
+        open("outputs/sub/notes.txt", "w").write("notes")
+        os.symlink({str(secret)!r}, "outputs/x")
+        os.symlink("../../something", "outputs/y")
+        os.symlink("model.txt", "outputs/best.txt")
+        os.symlink("/etc", "outputs/etc")
+        os.symlink("sub", "outputs/sub-again")
+        os.mkfifo("outputs/pipe")
+        os.symlink("/etc", "logs/etc")
+        print("outputs written")
+    """,
+    )
+    try:
+        result = run_dag(dag_source(tmp_path / "src", target=target.name))
+    finally:
+        secret.unlink()
+        beside.unlink()
+
+    assert result.state == "success", result.log
+    outputs = Path(result.xcoms["train"]["outputs_uri"])
+    assert sorted(str(p.relative_to(outputs)) for p in outputs.rglob("*")) == [
+        "best.txt",
+        "model.txt",
+        "sub",
+        "sub/notes.txt",
+    ]
+    assert (outputs / "best.txt").read_text() == "trained weights"
+    for path in (amlrun_home / "store").rglob("*"):
+        if path.is_file():
+            assert b"SECRET" not in path.read_bytes(), path
+    assert f"{target.says}'outputs/x' is a symlink to {str(secret)!r}, outside outputs/" in result.log
+    assert f"{target.says}'outputs/y' is a symlink to '../../something', outside outputs/" in result.log
+    assert f"{target.says}'outputs/etc' is a symlink to '/etc', outside outputs/" in result.log
+    assert f"{target.says}'outputs/sub-again' is a symlink to 'sub', a folder: not followed" in result.log
+    assert f"{target.says}'outputs/pipe' is not a regular file" in result.log
+    assert f"{target.says}'logs/etc' is a symlink to '/etc', outside logs/" in result.log
