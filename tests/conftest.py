@@ -189,6 +189,51 @@ def _xcoms(dag_id: str, run_id: str) -> dict[str, Any]:
         return {row.task_id: XComModel.deserialize_value(row) for row in rows}
 
 
+def dag_source(
+    source: Path | str,
+    *,
+    target: str = "local",
+    script: str = "train.py",
+    arguments: object = None,
+    limit: float | None = None,
+    experiment: str | None = None,
+    secret_variables: dict[str, str] | None = None,
+    environment: str | None = None,
+) -> str:
+    """The text of a DAG of one ScriptRunOperator task `train`, for `run_dag`, written as a user writes it:
+    what is not given is left to the defaults.
+
+    :param target: the config's compute_target.
+    :param arguments: the operator's arguments (templated by Airflow).
+    :param limit: the config's max_run_duration_seconds.
+    :param environment: Python source of the config's Environment, e.g.
+        ``'Environment("x", python=PythonSection(pip_requirements=["tomli-w==1.0.0"]))'``.
+    """
+    config = [repr(str(source)), f"script={script!r}"]
+    if target != "local":
+        config.append(f"compute_target={target!r}")
+    if limit is not None:
+        config.append(f"max_run_duration_seconds={limit!r}")
+    if secret_variables:
+        config.append(f"secret_environment_variables={secret_variables!r}")
+    if environment is not None:
+        config.append(f"environment={environment}")
+    operator = ['task_id="train"', f"config=ScriptRunConfig({', '.join(config)})"]
+    if arguments is not None:
+        operator.append(f"arguments={arguments!r}")
+    if experiment is not None:
+        operator.append(f"experiment={experiment!r}")
+    body = "".join(f"        {argument},\n" for argument in operator)
+    return (
+        "import pendulum\n"
+        "from airflow.sdk import DAG\n"
+        "from airflow_amlrun import Environment, ScriptRunConfig, ScriptRunOperator\n"
+        "from airflow_amlrun.environment import PythonSection, SparkSection\n\n"
+        'with DAG("DAG_ID", schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC")) as dag:\n'
+        f"    ScriptRunOperator(\n{body}    )\n"
+    )
+
+
 @pytest.fixture
 def train_dir(tmp_path: Path) -> Path:
     """A copy of the example training code, free to change in a test."""

@@ -1,13 +1,22 @@
 """Fixtures shared by the integration test modules: the SSH test host (one per session, whichever module
-asks first)."""
+asks first), and `target`, each compute target a scenario runs on."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+import sys
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import pytest
 
+from tests.integration.orphans import group_members
 from tests.integration.sshd_host import SshdHost, host_for_tests
+
+# The Airflow connection through which the scenarios reach the SSH test host.
+SSH_CONN_ID = "ssh_vm"
 
 
 @pytest.fixture(scope="session")
@@ -18,3 +27,110 @@ def ssh_host() -> Iterator[SshdHost]:
         yield host
     finally:
         host.stop()
+
+
+@dataclass(frozen=True)
+class Target:
+    """A compute target a scenario runs on, and how a test sees its runs from this machine.
+
+    :param name: the config's compute_target.
+    :param kind: local, docker or ssh.
+    :param where: the machine, as a run's messages name it.
+    :param runs: the folder of the run directories, as this machine sees it (the SSH test host's files are
+        this machine's; a Docker run's folder is bind-mounted from here).
+    :param python: the interpreter a script runs under there.
+    :param outside: a folder outside every run directory that the run's user may write.
+    :param docker: the Docker Engine's API client, for the docker target.
+    :param in_container: the run directory as a script in a container sees it.
+    :param says: how the target's messages about a run's files on its machine begin.
+    :param work: the folder of a run's folder (under `runs`) that is the script's run directory, when it is
+        not the run's folder itself (docker: the folder bind-mounted into the container).
+    """
+
+    name: str
+    kind: str
+    where: str
+    runs: Path
+    python: str
+    outside: Path
+    docker: Any = None
+    in_container: str | None = None
+    says: str = ""
+    work: str | None = None
+
+    def run_dir(self, run_id: str) -> Path:
+        """The script's run directory (its working directory), as this machine sees it."""
+        return self.runs / run_id / self.work if self.work else self.runs / run_id
+
+    def script_dir(self, run_id: str) -> str:
+        """The run directory as the script sees it: its working directory."""
+        return self.in_container or str(self.run_dir(run_id))
+
+    def still_running(self, run_id: str, pids: Iterable[int] = (), group: int | None = None) -> list[str]:
+        """What of a run still runs on the target: its containers (docker: a container's pids are not this
+        machine's, and `pids` and `group` are not looked at), or those of `pids` and of the members of process
+        group `group` that live (local, and the SSH host, whose processes this machine sees: its namespace
+        has a network of its own, not pids of its own)."""
+        if self.docker is not None:
+            from tests.integration.docker_engine import containers_of
+
+            return [
+                f"container {c['Id'][:12]} ({c['State']})"
+                for c in containers_of(self.docker, run_id)
+                if c["State"] in ("running", "restarting", "paused")
+            ]
+        members = set(group_members(group)) if group is not None else set()
+        return [f"process {pid}" for pid in sorted(members | {p for p in pids if alive(p)})]
+
+    def containers(self, run_id: str) -> list[str]:
+        """The containers of a run on the target, whatever their state (none but on docker)."""
+        if self.docker is None:
+            return []
+        from tests.integration.docker_engine import containers_of
+
+        return [f"container {c['Id'][:12]} ({c['State']})" for c in containers_of(self.docker, run_id)]
+
+
+def alive(pid: int) -> bool:
+    """Whether a process of this machine runs (a zombie has ended all the same)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+@pytest.fixture(params=["local", "docker", "ssh"])
+def target(
+    request: pytest.FixtureRequest, amlrun_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Target:
+    """Each compute target in turn, with a fresh workspace: the worker's own processes, the local Docker
+    Engine (a module asking for it declares ``pytest_plugins = ["tests.integration.docker_engine"]``), and
+    the SSH test host through connection `ssh_vm`. A module narrows the targets with
+    ``@pytest.mark.parametrize("target", [...], indirect=True)``."""
+    runs = (amlrun_home / "runs").resolve()
+    if request.param == "local":
+        return Target("local", "local", f"worker {os.uname().nodename!r}", runs, sys.executable, tmp_path)
+    if request.param == "docker":
+        api = request.getfixturevalue("docker_home")
+        return Target(
+            "docker",
+            "docker",
+            "docker",
+            runs,
+            "/usr/bin/python3",
+            tmp_path,
+            docker=api,
+            in_container="/amlrun/run",
+            work="run",
+        )
+    host: SshdHost = request.getfixturevalue("ssh_host")
+    monkeypatch.setenv(f"AIRFLOW_CONN_{SSH_CONN_ID.upper()}", host.connection())
+    return Target(
+        SSH_CONN_ID,
+        "ssh",
+        f"host {host.address}",
+        host.home / ".amlrun" / "runs",
+        "/usr/bin/python3",
+        host.home,
+        says=f"Host {host.address}: ",
+    )

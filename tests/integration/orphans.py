@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -70,18 +69,3 @@ def group_members(pgid: int) -> list[int]:
         if int(fields[2]) == pgid and fields[0] != "Z":
             members.append(int(proc.name))
     return members
-
-
-def assert_stopped_at_its_limit_on_the_target(control: Path, pgid: int, limit: float) -> None:
-    """The target itself ended the run for its limit, with nobody following it."""
-    assert wait_for_file(control / "exit_code").strip() in (
-        str(128 + signal.SIGTERM),
-        str(128 + signal.SIGKILL),
-    )
-    ended_by = json.loads((control / "ended_by").read_text())
-    assert ended_by == {"reason": "max_run_duration", "max_seconds": limit}
-    assert f"exceeded max_run_duration_seconds={limit:g}" in (control / "std_log.txt").read_text()
-    deadline = time.monotonic() + 10
-    while group_members(pgid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert group_members(pgid) == []

@@ -6,7 +6,7 @@ import pytest
 
 from airflow_amlrun import Environment, Experiment, ScriptRunConfig, Workspace
 from airflow_amlrun.errors import ConfigurationError, UnknownComputeTargetError
-from tests.conftest import write_script
+from tests.conftest import dag_source, write_script
 
 
 @pytest.fixture
@@ -61,18 +61,7 @@ def test_invalid_experiment_name_fails_before_the_run(source, amlrun_home):
 
 @pytest.mark.usefixtures("airflow_db")
 def test_operator_with_unrenderable_arguments_fails_the_task_without_a_run(run_dag, source, amlrun_home):
-    result = run_dag(f"""
-        import pendulum
-        from airflow.sdk import DAG
-        from airflow_amlrun import ScriptRunConfig, ScriptRunOperator
-
-        with DAG("DAG_ID", schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC")) as dag:
-            ScriptRunOperator(
-                task_id="train",
-                config=ScriptRunConfig({str(source)!r}, script="train.py"),
-                arguments=["--params", {{"lr": 0.1}}],
-            )
-    """)
+    result = run_dag(dag_source(source, arguments=["--params", {"lr": 0.1}]))
     assert result.state == "failed"
     assert "arguments[1] = {'lr': 0.1} (dict) cannot be passed to a script" in result.log
     assert "should never run" not in result.log

@@ -8,11 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -23,10 +19,10 @@ import pytest
 from airflow_amlrun import Environment, Experiment, ScriptRunConfig, Workspace
 from airflow_amlrun.environment import PythonSection, resolve_environment
 from airflow_amlrun.environment.build_image import image_recipe
-from airflow_amlrun.errors import ConfigurationError, RunFailedError, RunTimeoutError
+from airflow_amlrun.errors import ConfigurationError, RunFailedError
 from airflow_amlrun.run import AirflowTask
 from airflow_amlrun.targets.docker import LABEL_RUN_ID, LABEL_TRANSFER, container_name
-from tests.conftest import wait_until_running, worker_dies_mid_run, write_script
+from tests.conftest import worker_dies_mid_run, write_script
 from tests.integration.docker_engine import SocketProxy, containers_of
 
 pytest_plugins = ["tests.integration.docker_engine"]
@@ -44,45 +40,6 @@ os.makedirs("outputs", exist_ok=True)
 open("outputs/model.txt", "w").write("weights")
 print("working in", os.getcwd(), "with", sys.executable)
 """
-
-DAG = """
-import pendulum
-from airflow.sdk import DAG
-from airflow_amlrun import ScriptRunConfig, ScriptRunOperator
-
-with DAG("DAG_ID", schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC")) as dag:
-    ScriptRunOperator(
-        task_id="train",
-        config=ScriptRunConfig({source!r}, script="train.py", compute_target={target!r},
-                               max_run_duration_seconds={limit!r}),
-    )
-"""
-
-
-@pytest.mark.usefixtures("airflow_db")
-@pytest.mark.parametrize("target", ["local", "docker"])
-def test_the_same_training_dag_passes_on_local_and_on_docker(run_dag, tmp_path, docker_home, target):
-    write_script(tmp_path / "src", "train.py", TRAIN)
-
-    result = run_dag(DAG.format(source=str(tmp_path / "src"), target=target, limit=None))
-
-    assert result.state == "success", result.log
-    summary = result.xcoms["train"]
-    assert summary["status"] == "Completed"
-    assert summary["target"] == target
-    assert summary["metrics"]["loss"] == pytest.approx(1 / 3)
-    assert [p.step for p in Workspace.get().history.get_metrics(summary["run_id"], "loss")] == [0, 1, 2]
-    assert "epoch 2 done" in result.log
-    assert "warming up the GPU that is not there" in result.log
-    assert Path(summary["outputs_uri"], "model.txt").read_text() == "weights"
-    run = Workspace.get().get_run(summary["run_id"])
-    assert "epoch 0 done" in Path(run.logs_uri, "std_log.txt").read_text()
-    if target == "docker":
-        # A bare Debian python3 ran the script, importing run_context from the read-only mount.
-        assert "working in /amlrun/run with /usr/bin/python3" in result.log
-        assert containers_of(docker_home, summary["run_id"]) == []  # removed once collected
-    else:
-        assert f"with {sys.executable}" in result.log
 
 
 def test_managed_environment_runs_in_an_image_built_once_from_its_lock(docker_home, tmp_path):
@@ -152,105 +109,6 @@ def test_secret_variables_reach_the_script_but_no_log_nor_the_run_row(docker_hom
     assert secret not in caplog.text
 
 
-@pytest.mark.usefixtures("airflow_db")
-def test_run_exceeding_max_duration_stops_its_container(run_dag, tmp_path, docker_home):
-    write_script(
-        tmp_path / "src",
-        "train.py",
-        """
-        import time
-        print("training forever", flush=True)
-        time.sleep(300)
-    """,
-    )
-    started = time.monotonic()
-
-    result = run_dag(DAG.format(source=str(tmp_path / "src"), target="docker", limit=2))
-
-    assert time.monotonic() - started < 60
-    assert result.state == "failed"
-    [run] = Workspace.get().list_runs()
-    assert run.status == "Failed"
-    assert "max_run_duration_seconds=2" in run.error
-    assert "training forever" in result.log
-    assert containers_of(docker_home, run.id) == []
-
-
-@pytest.mark.usefixtures("airflow_db")
-def test_killing_the_task_stops_the_container_and_cancels_the_run(run_dag, tmp_path, docker_home):
-    write_script(
-        tmp_path / "src",
-        "train.py",
-        """
-        import time
-        print("epoch 1", flush=True)
-        time.sleep(300)
-    """,
-    )
-
-    def kill_task_once_the_script_runs() -> None:
-        # What Airflow does to a task it stops: SIGTERM to the task process, whose handler calls on_kill.
-        running = wait_until_running(
-            also=lambda run: any(c["State"] == "running" for c in containers_of(docker_home, run.id))
-        )
-        if running is not None:
-            time.sleep(0.5)
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    killer = threading.Thread(target=kill_task_once_the_script_runs)
-    killer.start()
-    result = run_dag(DAG.format(source=str(tmp_path / "src"), target="docker", limit=None))
-    killer.join()
-
-    assert result.state == "failed"
-    [run] = Workspace.get().list_runs()
-    assert run.status == "Canceled"
-    assert run.end is not None
-    assert "epoch 1" in result.log
-    assert containers_of(docker_home, run.id) == []
-
-
-def test_retry_after_the_worker_died_reattaches_to_the_running_container(docker_home, tmp_path):
-    source = tmp_path / "src"
-    write_script(
-        source,
-        "train.py",
-        """
-        import os, time
-        from airflow_amlrun.run_context import Run
-        os.makedirs("outputs", exist_ok=True)
-        open("outputs/starts.txt", "a").write("started\\n")
-        run = Run.get_context()
-        for epoch in range(8):
-            print(f"epoch {epoch}", flush=True)
-            run.log("loss", 1 / (epoch + 1), step=epoch)
-            time.sleep(0.5)
-    """,
-    )
-    # Try 1: a worker that submits the run, then dies hard while the script runs in its container.
-    orphan = worker_dies_mid_run(source, "docker", settle=1.0)
-    assert orphan.status == "Running"
-    [container] = containers_of(docker_home, orphan.id)
-    assert container["State"] == "running"
-
-    # Try 2: the same task instance submits again.
-    task = AirflowTask(dag_id="retrain", task_id="train", run_id="manual_1", map_index=None, try_number=2)
-    lines: list[str] = []
-    config = ScriptRunConfig(source, script="train.py", compute_target="docker")
-    run = Experiment(Workspace.get(), "reattach").submit(config, airflow_task=task)
-    assert len(containers_of(docker_home, orphan.id)) == 1  # attached, nothing started anew
-    record = run.wait_for_completion(output=lines.append)
-
-    assert record.id == orphan.id
-    assert record.status == "Completed"
-    assert record.try_number == 2
-    assert lines == [f"epoch {n}" for n in range(8)]  # the whole log, from the start
-    assert [p.step for p in Workspace.get().history.get_metrics(record.id, "loss")] == list(range(8))
-    assert Path(record.outputs_uri, "starts.txt").read_text() == "started\n"  # the script ran once
-    assert len(Workspace.get().list_runs()) == 1
-    assert containers_of(docker_home, orphan.id) == []
-
-
 def test_retry_collects_a_container_that_finished_while_nobody_watched(docker_home, tmp_path):
     source = tmp_path / "src"
     write_script(
@@ -316,61 +174,6 @@ def test_retry_records_lost_a_run_its_dead_try_created_but_never_started_and_rem
     lost = Workspace.get().get_run(earlier)
     assert lost.status == "Failed" and lost.error.startswith("Lost")
     assert containers_of(docker_home, earlier) == []  # nothing will start it any more
-
-
-_SUBMIT_WITH_LIMIT = """
-import sys
-from airflow_amlrun import Experiment, ScriptRunConfig, Workspace
-from airflow_amlrun.run import AirflowTask
-from airflow_amlrun.targets.docker import LABEL_RUN_ID, LABEL_TRANSFER, container_name
-
-task = AirflowTask(dag_id="retrain", task_id="train", run_id="manual_1", map_index=None, try_number=1)
-config = ScriptRunConfig(sys.argv[1], script="train.py", compute_target="docker", max_run_duration_seconds=3)
-Experiment(Workspace.get(), "limit").submit(config, airflow_task=task).wait_for_completion(show_output=False)
-"""
-
-
-def test_container_stops_at_its_limit_while_no_task_follows_it(docker_home, tmp_path):
-    source = tmp_path / "src"
-    write_script(
-        source,
-        "train.py",
-        """
-        import time
-        print("training forever", flush=True)
-        time.sleep(300)
-    """,
-    )
-    # Try 1: a worker that submits the run (max_run_duration_seconds=3), then dies hard while it runs.
-    worker = subprocess.Popen([sys.executable, "-c", _SUBMIT_WITH_LIMIT, str(source)], env=os.environ.copy())
-    orphan = wait_until_running(
-        also=lambda run: any(c["State"] == "running" for c in containers_of(docker_home, run.id))
-    )
-    worker.send_signal(signal.SIGKILL)
-    worker.wait()
-    assert orphan is not None
-
-    # Nobody follows the run now; its container ends at the limit all the same.
-    [container] = containers_of(docker_home, orphan.id)
-    docker_home.wait(container["Id"], timeout=60)
-
-    # Try 2 finds it ended, and records why.
-    task = AirflowTask(dag_id="retrain", task_id="train", run_id="manual_1", map_index=None, try_number=2)
-    config = ScriptRunConfig(source, script="train.py", compute_target="docker", max_run_duration_seconds=3)
-    lines: list[str] = []
-    with pytest.raises(RunTimeoutError):
-        Experiment(Workspace.get(), "limit").submit(config, airflow_task=task).wait_for_completion(
-            output=lines.append
-        )
-
-    [run] = Workspace.get().list_runs()
-    assert (run.id, run.status) == (orphan.id, "Failed")
-    assert "Exceeded max_run_duration_seconds=3" in run.error
-    assert "training forever" in lines
-    assert any(
-        "exceeded max_run_duration_seconds=3" in line for line in lines
-    )  # said by the container itself
-    assert containers_of(docker_home, run.id) == []
 
 
 def test_canceling_a_run_sends_sigterm_to_the_script_which_can_save_its_work(docker_home, tmp_path):

@@ -14,19 +14,10 @@ import pytest
 
 from airflow_amlrun import Workspace
 from airflow_amlrun.history import HistoryRefusedError, RunBookkeeper, RunHistory, RunStatus
-from tests.conftest import wait_until_running, write_script
+from tests.conftest import dag_source, wait_until_running, write_script
 from tests.integration.private_postgres import PrivatePostgres, private_postgres
 
 pytestmark = pytest.mark.usefixtures("airflow_db")
-
-DAG = """
-import pendulum
-from airflow.sdk import DAG
-from airflow_amlrun import ScriptRunConfig, ScriptRunOperator
-
-with DAG("DAG_ID", schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC")) as dag:
-    ScriptRunOperator(task_id="train", config=ScriptRunConfig({source!r}, script="train.py"))
-"""
 
 
 @pytest.fixture
@@ -76,7 +67,7 @@ def test_a_run_goes_on_while_postgresql_restarts_and_every_metric_arrives(run_da
 
     restarter = threading.Thread(target=restart_the_database)
     restarter.start()
-    result = run_dag(DAG.format(source=str(tmp_path / "src")))
+    result = run_dag(dag_source(tmp_path / "src"))
     restarter.join()
 
     assert result.state == "success", result.log
@@ -122,7 +113,7 @@ def test_a_history_that_stays_away_fails_the_task_but_never_the_finished_run(
 
     stopper = threading.Thread(target=stop_the_database)
     stopper.start()
-    result = run_dag(DAG.format(source=str(tmp_path / "src")))
+    result = run_dag(dag_source(tmp_path / "src"))
     stopper.join()
     own_postgres.start()
 
@@ -159,7 +150,7 @@ def test_metrics_the_history_cannot_keep_are_refused_without_touching_the_run(
         print("training went on to the end")
     """,
     )
-    result = run_dag(DAG.format(source=str(tmp_path / "src")))
+    result = run_dag(dag_source(tmp_path / "src"))
 
     assert result.state == "success", result.log
     assert "training went on to the end" in result.log
@@ -258,7 +249,7 @@ def test_a_run_whose_outcome_the_history_refuses_fails_the_task_at_once_saying_w
         print("training finished")
     """,
     )
-    result = run_dag(DAG.format(source=str(tmp_path / "src")))
+    result = run_dag(dag_source(tmp_path / "src"))
 
     assert result.state == "failed"
     assert "training finished" in result.log

@@ -19,22 +19,17 @@ import pytest
 from airflow_amlrun import Environment, Experiment, ScriptRunConfig, Workspace
 from airflow_amlrun.environment import PythonSection
 from airflow_amlrun.errors import ConfigurationError
-from tests.conftest import write_script
+from tests.conftest import dag_source, write_script
 from tests.private_index import PACKAGE, private_index
 
 TOKEN_VARIABLE = "AMLRUN_TEST_INDEX_TOKEN"
 AIRFLOW = str(Path(sys.executable).parent / "airflow")
 
-DAG = """
-import pendulum
-from airflow.sdk import DAG
-from airflow_amlrun import Environment, ScriptRunConfig, ScriptRunOperator
-from airflow_amlrun.environment import PythonSection
 
-env = Environment("private-env", python=PythonSection(pip_requirements={requirements!r}, index_url={url!r}))
-with DAG("DAG_ID", schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC")) as dag:
-    ScriptRunOperator(task_id="train", config=ScriptRunConfig({source!r}, script="train.py", environment=env))
-"""
+def _dag(source: Path, requirements: list[str], url: str | None) -> str:
+    """A DAG whose task runs the script in source in environment private-env, installed from the index."""
+    environment = f"Environment('private-env', python=PythonSection(pip_requirements={requirements!r}, index_url={url!r}))"
+    return dag_source(source, environment=environment)
 
 
 def private_env(url: str) -> Environment:
@@ -89,7 +84,7 @@ def test_an_index_token_reaches_only_the_resolver_and_the_installer(
     """,
     )
     with private_index(token) as index:
-        result = run_dag(DAG.format(requirements=[PACKAGE], url=index.url(), source=str(tmp_path / "src")))
+        result = run_dag(_dag(tmp_path / "src", [PACKAGE], index.url()))
 
         assert result.state == "success", result.log
         assert index.authorized_downloads >= 1
@@ -133,7 +128,7 @@ def test_a_direct_url_requirement_behind_a_password_installs_with_its_token_kept
     )
     with private_index(token) as index:
         requirement = f"{PACKAGE} @ {index.wheel_url()}"
-        result = run_dag(DAG.format(requirements=[requirement], url=None, source=str(tmp_path / "src")))
+        result = run_dag(_dag(tmp_path / "src", [requirement], None))
 
         assert result.state == "success", result.log
         assert index.authorized_downloads >= 2  # the resolver hashed the wheel, the installer installed it
@@ -221,7 +216,7 @@ def test_an_index_token_printed_by_anything_is_masked_in_the_task_log(
     )
     dag_id = f"t_{secrets.token_hex(4)}"
     with private_index(token) as index:
-        source = DAG.format(requirements=[PACKAGE], url=index.url(), source=str(tmp_path / "src"))
+        source = _dag(tmp_path / "src", [PACKAGE], index.url())
         (DAGS_FOLDER / f"{dag_id}.py").write_text(source.replace("DAG_ID", dag_id))
         done = subprocess.run(
             [AIRFLOW, "dags", "test", "--use-executor", dag_id],

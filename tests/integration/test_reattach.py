@@ -14,25 +14,26 @@ from airflow_amlrun import Experiment, ScriptRunConfig, Workspace
 from airflow_amlrun.run import AirflowTask
 from tests.conftest import worker_dies_mid_run, write_script
 from tests.integration.orphans import (
-    assert_stopped_at_its_limit_on_the_target,
     retry_in_process,
     wait_for_file,
 )
 
 
-@pytest.fixture(params=["default", "relative, through a symlink"])
-def runs_dir_layout(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Where the local target makes run directories: the default, or a relative local_runs_dir whose folder
-    is reached through a symlink (what the kernel reports as a process's cwd differs from both)."""
-    if request.param != "default":
-        (tmp_path / "real").mkdir()
-        (tmp_path / "link").symlink_to(tmp_path / "real")
-        monkeypatch.chdir(tmp_path)
-        monkeypatch.setenv("AIRFLOW__AMLRUN__LOCAL_RUNS_DIR", "link/runs")
-    return str(request.param)
+@pytest.fixture
+def runs_dir_through_a_symlink(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A relative local_runs_dir whose folder is reached through a symlink (what the kernel reports as a
+    process's cwd differs from both); the folder it names."""
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("AIRFLOW__AMLRUN__LOCAL_RUNS_DIR", "link/runs")
+    return tmp_path / "real" / "runs"
 
 
-def test_retry_after_the_worker_died_reattaches_to_the_running_script(amlrun_home, tmp_path, runs_dir_layout):
+# The same scenario on the default runs folder, on every target: test_targets.py.
+def test_retry_reattaches_to_a_script_whose_relative_runs_dir_is_reached_through_a_symlink(
+    amlrun_home, tmp_path, runs_dir_through_a_symlink
+):
     source = tmp_path / "src"
     starts = tmp_path / "starts.txt"
     write_script(
@@ -68,8 +69,7 @@ def test_retry_after_the_worker_died_reattaches_to_the_running_script(amlrun_hom
     assert [p.step for p in Workspace.get().history.get_metrics(record.id, "loss")] == list(range(6))
     assert starts.read_text() == "started\n"  # the script ran once
     assert len(Workspace.get().list_runs()) == 1
-    if runs_dir_layout != "default":
-        assert Path(record.handle["run_dir"]).parent == tmp_path / "real" / "runs"
+    assert Path(record.handle["run_dir"]).parent == runs_dir_through_a_symlink
 
 
 def test_retry_records_a_run_that_never_started_as_lost_and_submits_anew(amlrun_home, train_dir):
@@ -95,37 +95,6 @@ def test_retry_records_a_run_that_never_started_as_lost_and_submits_anew(amlrun_
     lost = ws.get_run("reattach_1_deadbeef")
     assert lost.status == "Failed"
     assert "Lost" in lost.error
-
-
-def test_a_run_whose_worker_died_still_stops_at_its_limit_and_the_retry_records_why(amlrun_home, tmp_path):
-    source = tmp_path / "src"
-    write_script(
-        source,
-        "train.py",
-        """
-        import subprocess, time
-        subprocess.Popen(["sleep", "300"])  # a child of its own, which must not outlive the run either
-        print("training", flush=True)
-        time.sleep(300)
-    """,
-    )
-    orphan = worker_dies_mid_run(source, max_run_duration_seconds=2)
-
-    # Nobody follows the run now; the worker's supervisor stops it on time all the same.
-    assert_stopped_at_its_limit_on_the_target(
-        Path(orphan.handle["run_dir"]) / ".amlrun", orphan.handle["pid"], 2
-    )
-
-    task = AirflowTask(dag_id="retrain", task_id="train", run_id="manual_1", map_index=None, try_number=2)
-    config = ScriptRunConfig(source, script="train.py", max_run_duration_seconds=2)
-    record = (
-        Experiment(Workspace.get(), "reattach")
-        .submit(config, airflow_task=task)
-        .wait_for_completion(show_output=False, raise_on_error=False)
-    )
-    assert record.id == orphan.id and record.try_number == 2
-    assert record.status == "Failed"
-    assert record.error == "Exceeded max_run_duration_seconds=2; the run was stopped."
 
 
 @pytest.fixture

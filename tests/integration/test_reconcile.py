@@ -16,8 +16,9 @@ import pytest
 from airflow_amlrun import Workspace
 from airflow_amlrun.reconcile import SETTLED_BY_TAG
 from airflow_amlrun.targets.docker import LABEL_RUN_ID, LABEL_TRANSFER, container_name
-from tests.conftest import worker_dies_mid_run, write_script
+from tests.conftest import dag_source, worker_dies_mid_run, write_script
 from tests.integration.docker_engine import containers_of
+from tests.integration.orphans import wait_for_file
 
 pytest_plugins = ["tests.integration.docker_engine"]
 
@@ -51,7 +52,7 @@ def wait_for_exit(pid: int, timeout: float = 60) -> None:
     assert not Path(f"/proc/{pid}").exists(), f"process {pid} still runs"
 
 
-def test_a_run_that_ended_after_its_worker_died_is_recorded_with_its_outputs(amlrun_home, tmp_path):
+def test_a_run_that_ended_after_its_worker_died_is_recorded_with_its_outputs(target, tmp_path):
     source = tmp_path / "src"
     write_script(
         source,
@@ -67,21 +68,27 @@ def test_a_run_that_ended_after_its_worker_died_is_recorded_with_its_outputs(aml
         print("done training", flush=True)
     """,
     )
-    orphan = worker_dies_mid_run(source)
-    wait_for_exit(orphan.handle["pid"])
+    orphan = worker_dies_mid_run(source, target.name)
+    assert wait_for_file(target.run_dir(orphan.id) / ".amlrun" / "exit_code").strip() == "0"
+    group = None if target.kind == "docker" else orphan.handle["pid"]  # the run's supervisor leads its group
+    deadline = time.monotonic() + 30
+    while target.still_running(orphan.id, group=group) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert target.still_running(orphan.id, group=group) == []
     assert Workspace.get().get_run(orphan.id).status == "Running"  # nobody recorded its end
     until_orphaned()
 
     done = amlrun("reconcile")
 
     assert done.returncode == 0, done.stderr
-    assert orphan.id in done.stdout and "Completed" in done.stdout
+    assert orphan.id in done.stdout and "Completed" in done.stdout, done.stdout
     run = Workspace.get().get_run(orphan.id)
     assert run.status == "Completed"
     assert run.metrics == {"accuracy": 0.93}
     assert run.tags[SETTLED_BY_TAG] == "reconcile"
     assert (Path(run.outputs_uri) / "model.txt").read_text() == "weights"
     assert "done training" in (Path(run.logs_uri) / "std_log.txt").read_text()
+    assert target.containers(orphan.id) == []
     # A second pass finds nothing left to do.
     assert "Nothing to settle" in amlrun("reconcile").stdout
 
@@ -230,16 +237,7 @@ def test_a_starting_task_settles_another_tasks_orphaned_run(amlrun_home, tmp_pat
     until_orphaned()
     write_script(tmp_path / "other", "train.py", "print('other task')\n")
 
-    result = run_dag(
-        f"""
-        import pendulum
-        from airflow.sdk import DAG
-        from airflow_amlrun import ScriptRunConfig, ScriptRunOperator
-
-        with DAG("DAG_ID", schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC")) as dag:
-            ScriptRunOperator(task_id="train", config=ScriptRunConfig({str(tmp_path / "other")!r}, script="train.py"))
-        """
-    )
+    result = run_dag(dag_source(tmp_path / "other"))
 
     assert result.state == "success"
     settled = Workspace.get().get_run(orphan.id)
@@ -368,27 +366,6 @@ print("done training", flush=True)
 """
 
 
-def test_a_docker_run_that_ended_after_its_worker_died_is_recorded_with_its_outputs(docker_home, tmp_path):
-    write_script(tmp_path / "src", "train.py", DOCKER_TRAIN)
-    orphan = worker_dies_mid_run(tmp_path / "src", compute_target="docker")
-    assert docker_home.wait(orphan.handle["container_id"], timeout=60)["StatusCode"] == 0
-    assert Workspace.get().get_run(orphan.id).status == "Running"  # nobody recorded its end
-    until_orphaned()
-
-    done = amlrun("reconcile")
-
-    assert done.returncode == 0, done.stderr
-    assert orphan.id in done.stdout and "Completed" in done.stdout, done.stdout
-    run = Workspace.get().get_run(orphan.id)
-    assert run.status == "Completed"
-    assert run.metrics == {"accuracy": 0.93}
-    assert run.tags[SETTLED_BY_TAG] == "reconcile"
-    assert (Path(run.outputs_uri) / "model.txt").read_text() == "weights"
-    assert "done training" in (Path(run.logs_uri) / "std_log.txt").read_text()
-    assert containers_of(docker_home, orphan.id) == []
-    assert "Nothing to settle" in amlrun("reconcile").stdout
-
-
 def test_reconcile_leaves_a_container_created_but_not_started_until_it_records_the_run_lost(docker_home):
     # A task between creating its run's container and starting it: the row has no handle yet. (Here its
     # reports stopped too, so that reconcile looks at the run at all.)
@@ -454,16 +431,7 @@ def test_a_starting_task_leaves_remote_orphans_to_amlrun_reconcile(amlrun_home, 
     until_orphaned()
     write_script(tmp_path / "other", "train.py", "print('other task')\n")
 
-    result = run_dag(
-        f"""
-        import pendulum
-        from airflow.sdk import DAG
-        from airflow_amlrun import ScriptRunConfig, ScriptRunOperator
-
-        with DAG("DAG_ID", schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC")) as dag:
-            ScriptRunOperator(task_id="train", config=ScriptRunConfig({str(tmp_path / "other")!r}, script="train.py"))
-        """
-    )
+    result = run_dag(dag_source(tmp_path / "other"))
 
     assert result.state == "success"
     assert Workspace.get().get_run("remote_1_deadbeef").status == "Queued"

@@ -11,7 +11,6 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,36 +19,25 @@ import pytest
 from airflow_amlrun import Experiment, ScriptRunConfig, Workspace
 from airflow_amlrun.run import AirflowTask
 from tests.conftest import worker_dies_mid_run, write_script
+from tests.integration.conftest import SSH_CONN_ID, Target
 from tests.integration.orphans import wait_for_file
 from tests.integration.sshd_host import SshdHost
 
 pytestmark = pytest.mark.usefixtures("airflow_db")
 
-CONN_ID = "ssh_vm"
+# Every target that starts runs as processes this machine sees.
+on_process_targets = pytest.mark.parametrize("target", ["local", "ssh"], indirect=True)
 
 
-@dataclass(frozen=True)
-class Target:
-    """Where the runs of a test go: the compute target's name, the machine as a run's error names it, and
-    a folder outside every run directory that the run's user may write."""
-
-    name: str
-    where: str
-    outside: Path
-
-
-@pytest.fixture(params=["local", "ssh"])
-def target(
-    request: pytest.FixtureRequest, amlrun_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> Target:
-    if request.param == "local":
-        return Target("local", f"worker {os.uname().nodename!r}", tmp_path)
-    host: SshdHost = request.getfixturevalue("ssh_host")
-    # Short waits, so that a target that hangs fails its test soon.
-    monkeypatch.setenv(
-        f"AIRFLOW_CONN_{CONN_ID.upper()}", host.connection(amlrun_io_timeout=3, amlrun_reconnect_timeout=10)
-    )
-    return Target(CONN_ID, f"host {host.address}", host.home)
+@pytest.fixture(autouse=True)
+def _short_ssh_waits(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Short waits on the SSH host, so that a target that hangs fails its test soon."""
+    if "target" in request.fixturenames and request.getfixturevalue("target").kind == "ssh":
+        host: SshdHost = request.getfixturevalue("ssh_host")
+        monkeypatch.setenv(
+            f"AIRFLOW_CONN_{SSH_CONN_ID.upper()}",
+            host.connection(amlrun_io_timeout=3, amlrun_reconnect_timeout=10),
+        )
 
 
 LEAVES_A_CHILD = """
@@ -100,6 +88,7 @@ def _retry(source: Path, target: Target, limit: float | None = None) -> Any:
     )
 
 
+@on_process_targets
 def test_a_run_that_removes_its_control_folder_still_stops_at_its_limit(target, tmp_path):
     source = tmp_path / "src"
     write_script(source, "train.py", LEAVES_A_CHILD.replace("REMOVE_CONTROL_FOLDER", "True"))
@@ -120,6 +109,7 @@ def test_a_run_that_removes_its_control_folder_still_stops_at_its_limit(target, 
     )
 
 
+@on_process_targets
 @pytest.mark.parametrize("follower", ["its task", "a retry"])
 def test_a_supervisor_killed_alone_takes_its_run_with_it(target, tmp_path, follower):
     source = tmp_path / "src"
@@ -201,6 +191,7 @@ def _submit_in_a_worker(source: Path, target: Target, *arguments: str) -> tuple[
     return json.loads(done.stdout.strip().splitlines()[-1]), done.stdout + done.stderr
 
 
+@on_process_targets
 @pytest.mark.parametrize("kind", ["FIFO", "link"])
 def test_a_fifo_or_link_in_place_of_a_runs_file_hangs_nothing_and_is_not_read(target, tmp_path, kind):
     # Metrics in a file outside the run, which a link in place of the events file would make the worker read.
