@@ -113,6 +113,9 @@ def _supervise(control: str, request: dict[str, Any]) -> int:
             [str(word) for word in request["argv"]],
             env=env,
             stdin=subprocess.DEVNULL,
+            # One stream: the run's log keeps the order in which the script printed to stdout and stderr,
+            # which a reader of two pipes (a Docker daemon's log) would not.
+            stderr=subprocess.STDOUT,
             close_fds=True,
             preexec_fn=_die_with_parent(),
         )

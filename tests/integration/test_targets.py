@@ -137,11 +137,6 @@ def test_a_failing_script_fails_the_task_with_its_exit_code_and_last_lines(run_d
         f"Run {run.id} failed: {run.error}\nLast lines of its output:\n"
         "  | loading data\n  | something is wrong with column 'age'"
     )
-    if target.kind == "docker" and tail not in result.log:
-        # Seen in about a quarter of runs: the lines reach the task log, but the error is raised without them.
-        pytest.xfail(
-            "a Docker run that fails at once may raise RunFailedError before its follower read its last lines"
-        )
     assert tail in result.log
 
 
