@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml requirements-dev.lock
+$(STAMP): pyproject.toml requirements-dev.lock Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check uv
 	$(BIN)/uv pip sync --quiet --compile-bytecode --python $(BIN)/python requirements-dev.lock
@@ -39,7 +39,10 @@ unit: install
 services:
 	scripts/services.sh
 
+# The package's bytecode is compiled again first: where Python may not write it, edited modules would be
+# compiled by every process the benchmarks start.
 bench: install services
+	$(BIN)/python -m compileall -q -j 0 airflow_amlrun
 	$(BIN)/python benchmarks/overhead.py
 
 # The lock is regenerated from pyproject.toml by hand when dependencies change.

@@ -107,7 +107,24 @@ def read_git_info(
     )
 
 
+def _inside_a_checkout(source_dir: str) -> bool:
+    """Whether ``source_dir`` or a folder above it holds ``.git`` (or ``GIT_DIR`` names one): only then is
+    GitPython, whose import runs the git binary, worth its cost."""
+    if os.environ.get("GIT_DIR"):
+        return True
+    folder = os.path.abspath(source_dir)
+    while True:
+        if os.path.lexists(os.path.join(folder, ".git")):
+            return True
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            return False
+        folder = parent
+
+
 def _read_repository(source_dir: str, max_diff_bytes: int) -> GitInfo | None:
+    if not _inside_a_checkout(source_dir):
+        return None
     if shutil.which("git") is None and not os.environ.get("GIT_PYTHON_GIT_EXECUTABLE"):
         log.info("No git executable on PATH; no git provenance recorded for %s.", source_dir)
         return None
