@@ -71,6 +71,8 @@ CANNOT_START = 127
 LEADER_ENV = "AMLRUN_SUPERVISOR"
 # prctl(2) option: the signal a process gets when its parent ends.
 PR_SET_PDEATHSIG = 1
+# The signals the supervisor handles itself (passing them on to the group when asked to).
+HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 def main(argv: list[str]) -> int:
@@ -97,7 +99,7 @@ _state: dict[str, Any] = {"forward": False, "signalled": False, "job": None}
 
 def _supervise(control: str, request: dict[str, Any]) -> int:
     _state["forward"] = bool(request.get("forward_signals"))
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for sig in HANDLED_SIGNALS:
         signal.signal(sig, _on_signal)
     limit = request.get("max_seconds")
     max_seconds = None if limit is None else float(limit)
@@ -108,6 +110,9 @@ def _supervise(control: str, request: dict[str, Any]) -> int:
     started = _own_start_time()
     if started is not None:
         env[LEADER_ENV] = f"{os.getpid()}:{started}"
+    # Between fork and exec the job would still have this process's handlers, under which a signal to the
+    # group is lost when exec replaces them: the signals wait, blocked, until the job has the default ones.
+    signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
     try:
         job = subprocess.Popen(
             [str(word) for word in request["argv"]],
@@ -117,12 +122,14 @@ def _supervise(control: str, request: dict[str, Any]) -> int:
             # which a reader of two pipes (a Docker daemon's log) would not.
             stderr=subprocess.STDOUT,
             close_fds=True,
-            preexec_fn=_die_with_parent(),
+            preexec_fn=_in_job_before_exec(),
         )
     except OSError as err:
         _say(f"amlrun: cannot start {request['argv'][0]!r}: {err}")
         _record(control, EXIT_CODE, str(CANNOT_START))
         return CANNOT_START
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
     _state["job"] = job
 
     deadline = None if max_seconds is None else time.monotonic() + max_seconds
@@ -245,24 +252,29 @@ def _own_start_time() -> str | None:
         return None
 
 
-def _die_with_parent() -> Callable[[], None] | None:
-    """What the job runs before its program on Linux: it asks the kernel to SIGKILL it when the supervisor
-    ends. Elsewhere (or without ctypes) nothing."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        import ctypes
+def _in_job_before_exec() -> Callable[[], None]:
+    """What the job runs before its program: the default signal handlers, then the signals the supervisor
+    held back (one sent to the group meanwhile now ends it); on Linux it also asks the kernel to SIGKILL it
+    when the supervisor ends."""
+    prctl = None
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
 
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (ImportError, OSError, AttributeError):
-        return None
+            prctl = ctypes.CDLL(None, use_errno=True).prctl
+        except (ImportError, OSError, AttributeError):
+            prctl = None
     parent = os.getpid()
 
     def in_child() -> None:
-        prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if os.getppid() != parent:
-            # The supervisor ended before the request took effect: nothing will follow this job.
-            os._exit(CANNOT_START)
+        if prctl is not None:
+            prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+            if os.getppid() != parent:
+                # The supervisor ended before the request took effect: nothing will follow this job.
+                os._exit(CANNOT_START)
+        for sig in HANDLED_SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
 
     return in_child
 

@@ -173,6 +173,29 @@ def test_signals_to_the_group_end_the_job_but_not_the_supervisor(tmp_path: Path)
     assert (tmp_path / supervisor.EXIT_CODE).read_text().strip() == str(128 + signal.SIGTERM)
 
 
+def test_a_signal_to_the_group_as_the_job_starts_ends_it_all_the_same(tmp_path: Path) -> None:
+    # A cancel that comes right after the start reaches the job while it is still a fork of the supervisor,
+    # before its program runs: it must end it as surely as later. Several tries, to meet that moment.
+    for attempt in range(8):
+        control = tmp_path / str(attempt)
+        control.mkdir()
+        job = start(control, {"argv": ["sleep", "300"]})
+        _wait_for_fork(job.pid)
+        os.killpg(job.pid, signal.SIGTERM)
+        assert job.wait(timeout=30) == 128 + signal.SIGTERM, f"try {attempt}"
+
+
+def _wait_for_fork(pid: int) -> None:
+    """Wait until the supervisor has forked its job, whether or not that runs its own program yet."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            if Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+                return
+        time.sleep(0.001)
+    raise AssertionError("the supervisor did not start its job")
+
+
 def test_with_forward_signals_a_signal_to_the_supervisor_reaches_the_job(tmp_path: Path) -> None:
     job = start(tmp_path, {"argv": ["sleep", "300"], "forward_signals": True})
     _wait_for_child(job.pid)
