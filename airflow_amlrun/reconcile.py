@@ -139,7 +139,7 @@ def _settle(
         return Settlement(record.id, record.experiment, outcome, reason)
 
     try:
-        target = resolve_target(record.target, settings, workspace)
+        target = resolve_target(record.target, settings, workspace.cache_dir)
     except AmlRunError as err:
         return result(LEFT, f"its compute target {record.target!r} cannot be used from here: {err}")
     job = _recorded_job(record)

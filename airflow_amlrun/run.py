@@ -234,7 +234,7 @@ class ScriptRun:
         settings = load_settings()
         workspace = experiment.workspace
         config = config.resolved(base_dir)
-        target = resolve_target(config.compute_target, settings, workspace)
+        target = resolve_target(config.compute_target, settings, workspace.cache_dir)
         environment = resolve_environment(workspace, config.environment)
         _warn_of_unused_sections(environment, target)
         if airflow_task is not None:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import JSON, DateTime, Integer, String, Text, UniqueConstraint, func, select
 from sqlalchemy.exc import IntegrityError
@@ -21,7 +21,19 @@ from airflow_amlrun.history.models import Base
 from airflow_amlrun.history.repository import utcnow
 
 if TYPE_CHECKING:
-    from airflow_amlrun.workspace import Workspace
+    from airflow_amlrun.history import RunHistory
+
+
+class RegistryHost(Protocol):
+    """What the registry needs of a workspace: the run history whose database holds the registry, and the
+    cache folder where locks are resolved. A Workspace is one; the environment core needs no more of it."""
+
+    @property
+    def history(self) -> RunHistory: ...
+
+    @property
+    def cache_dir(self) -> Path: ...
+
 
 # "latest" always means the highest version; it cannot be set as a label.
 LATEST = "latest"
@@ -100,7 +112,7 @@ def curated_environment(name: str) -> Environment | None:
 # registering
 
 
-def register(workspace: Workspace, spec: Environment) -> StoredEnvironment:
+def register(workspace: RegistryHost, spec: Environment) -> StoredEnvironment:
     """Store a spec as a version of its name, resolving its lock; an identical spec returns its version.
 
     :param workspace: the workspace.
@@ -117,7 +129,7 @@ def register(workspace: Workspace, spec: Environment) -> StoredEnvironment:
     return _register(workspace, spec)
 
 
-def _register(workspace: Workspace, spec: Environment) -> StoredEnvironment:
+def _register(workspace: RegistryHost, spec: Environment) -> StoredEnvironment:
     spec.validate()
     digest = spec.spec_hash()
     with workspace.history.session() as session:
@@ -176,7 +188,7 @@ def _stored(row: EnvironmentVersionRow) -> StoredEnvironment:
 
 
 def lookup(
-    workspace: Workspace, name: str, *, version: str | None = None, label: str | None = None
+    workspace: RegistryHost, name: str, *, version: str | None = None, label: str | None = None
 ) -> StoredEnvironment:
     """A version of an environment by name (latest), version or label; curated names need no registering.
 
@@ -262,7 +274,7 @@ def _not_found(session: Session, name: str, version: str | None) -> EnvironmentN
     )
 
 
-def list_environments(workspace: Workspace, *, name: str | None = None) -> list[Environment]:
+def list_environments(workspace: RegistryHost, *, name: str | None = None) -> list[Environment]:
     """The latest version of each registered name plus the curated ones, or every version of one name.
 
     :param workspace: the workspace.
@@ -298,7 +310,7 @@ def list_environments(workspace: Workspace, *, name: str | None = None) -> list[
     return [found[key] for key in sorted(found)]
 
 
-def set_label(workspace: Workspace, name: str, version: str, label: str) -> None:
+def set_label(workspace: RegistryHost, name: str, version: str, label: str) -> None:
     """Point a label at one version of an environment, moving it if it named another.
 
     :param workspace: the workspace.

@@ -19,7 +19,7 @@ from airflow_amlrun.environment.spec import Environment
 from airflow_amlrun.errors import ConfigurationError
 
 if TYPE_CHECKING:
-    from airflow_amlrun.workspace import Workspace
+    from airflow_amlrun.environment.registry import RegistryHost
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,9 @@ class ResolvedEnvironment:
         return build_key(self.spec, self.lock, python=python, platform=platform)
 
 
-def resolve_environment(workspace: Workspace, environment: Environment | str | None) -> ResolvedEnvironment:
+def resolve_environment(
+    workspace: RegistryHost, environment: Environment | str | None
+) -> ResolvedEnvironment:
     """Pin the environment a run names: a version with its lock, registering a new spec implicitly.
 
     None is the worker's own interpreter (nothing to register). A string is ``name``, ``name:version``
@@ -140,7 +142,7 @@ def ensure_local_python(resolved: ResolvedEnvironment, cache_dir: str | os.PathL
     return build_venv(resolved.spec, resolved.lock, resolved.build_key, cache_dir)
 
 
-def index_secrets(workspace: Workspace, environment: Environment | str | None) -> list[str]:
+def index_secrets(workspace: RegistryHost, environment: Environment | str | None) -> list[str]:
     """The values, as set in this process, of the variables the environment's index URLs and direct-URL
     requirements refer to.
 

@@ -26,7 +26,7 @@ from airflow_amlrun.environment.requirements import (
 from airflow_amlrun.errors import ConfigurationError
 
 if TYPE_CHECKING:
-    from airflow_amlrun.workspace import Workspace
+    from airflow_amlrun.environment.registry import RegistryHost
 
 DEFAULT_NAME = "amlrun-user-managed"
 
@@ -421,7 +421,7 @@ class Environment:
 
     # registry: environment/registry.py does the work
 
-    def register(self, workspace: Workspace) -> Environment:
+    def register(self, workspace: RegistryHost) -> Environment:
         """Register this spec: an unchanged spec returns its existing version, a changed one the next.
 
         The requirements are resolved into a lock once, here, and stored with the version.
@@ -434,7 +434,7 @@ class Environment:
 
     @classmethod
     def get(
-        cls, workspace: Workspace, name: str, version: str | None = None, label: str | None = None
+        cls, workspace: RegistryHost, name: str, version: str | None = None, label: str | None = None
     ) -> Environment:
         """A registered or curated environment: the latest version, or the given version or label.
 
@@ -448,7 +448,7 @@ class Environment:
         return registry.lookup(workspace, name, version=version, label=label).spec
 
     @classmethod
-    def set_label(cls, workspace: Workspace, name: str, version: str, label: str) -> None:
+    def set_label(cls, workspace: RegistryHost, name: str, version: str, label: str) -> None:
         """Point a label (``"production"``) at one version of an environment; it moves if already set.
 
         :param workspace: the workspace whose registry to use.
@@ -461,7 +461,7 @@ class Environment:
         registry.set_label(workspace, name, version, label)
 
     @classmethod
-    def list(cls, workspace: Workspace, name: str | None = None) -> builtins.list[Environment]:
+    def list(cls, workspace: RegistryHost, name: str | None = None) -> builtins.list[Environment]:
         """The latest version of every registered and curated environment, or every version of one name.
 
         :param workspace: the workspace whose registry to use.

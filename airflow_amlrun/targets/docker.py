@@ -132,7 +132,6 @@ if TYPE_CHECKING:
     from docker import APIClient
 
     from airflow_amlrun.config import Settings
-    from airflow_amlrun.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
@@ -181,13 +180,13 @@ class DockerTarget:
         self._lock = threading.Lock()
 
     @classmethod
-    def from_connection(cls, name: str, conn: Any, settings: Settings, workspace: Workspace) -> DockerTarget:
+    def from_connection(cls, name: str, conn: Any, settings: Settings, cache_dir: Path) -> DockerTarget:
         """The target of an ``amlrun_docker`` connection, or with ``conn=None`` the worker's own daemon."""
         if conn is None:
             daemon = DockerDaemon.from_environment()
         else:
             daemon = DockerDaemon.from_connection(name, conn.host, conn.extra_dejson)
-        return cls(name, daemon, settings, workspace.cache_dir)
+        return cls(name, daemon, settings, cache_dir)
 
     @cached_property
     def client(self) -> APIClient:

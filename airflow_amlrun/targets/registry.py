@@ -3,32 +3,33 @@
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any
 
 from airflow_amlrun.config import Settings
 from airflow_amlrun.errors import UnknownComputeTargetError
 from airflow_amlrun.targets.base import ComputeTarget
 from airflow_amlrun.targets.local import LocalTarget
 
-if TYPE_CHECKING:
-    from airflow_amlrun.workspace import Workspace
-
 BUILT_IN = ("local", "docker")
 
 # Airflow connection type -> the target class for it ("module:Class"), imported only when used. Each class
-# offers `from_connection(name, conn, settings, workspace)`; `conn` is None for the built-in "docker".
+# offers `from_connection(name, conn, settings, cache_dir)`; `conn` is None for the built-in "docker".
 CONNECTION_KINDS: dict[str, str] = {
     "amlrun_docker": "airflow_amlrun.targets.docker:DockerTarget",
     "ssh": "airflow_amlrun.targets.ssh:SSHTarget",
 }
 
 
-def resolve_target(name: str, settings: Settings, workspace: Workspace) -> ComputeTarget[Any]:
-    """`"local"`, `"docker"` (the local Docker daemon), or the id of an Airflow connection of a target kind."""
+def resolve_target(name: str, settings: Settings, cache_dir: Path) -> ComputeTarget[Any]:
+    """`"local"`, `"docker"` (the local Docker daemon), or the id of an Airflow connection of a target kind.
+
+    :param cache_dir: the workspace's cache folder, where a target keeps what it builds (environments).
+    """
     if name == "local":
-        return LocalTarget(settings, workspace.cache_dir)
+        return LocalTarget(settings, cache_dir)
     if name == "docker":
-        return _target_class("amlrun_docker").from_connection(name, None, settings, workspace)  # type: ignore[no-any-return]
+        return _target_class("amlrun_docker").from_connection(name, None, settings, cache_dir)  # type: ignore[no-any-return]
     conn = _connection(name)
     if conn is None:
         raise UnknownComputeTargetError(
@@ -42,7 +43,7 @@ def resolve_target(name: str, settings: Settings, workspace: Workspace) -> Compu
             f"target kind; use a connection of type {' or '.join(map(repr, CONNECTION_KINDS))}, or "
             "compute_target='local'."
         )
-    return _target_class(conn.conn_type).from_connection(name, conn, settings, workspace)  # type: ignore[no-any-return]
+    return _target_class(conn.conn_type).from_connection(name, conn, settings, cache_dir)  # type: ignore[no-any-return]
 
 
 def _target_class(conn_type: str) -> Any:

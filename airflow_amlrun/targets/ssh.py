@@ -71,8 +71,9 @@ from airflow_amlrun.targets.handles import SSHHandle
 from airflow_amlrun.targets.ssh_helper import RemoteHelper
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from airflow_amlrun.config import Settings
-    from airflow_amlrun.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +113,7 @@ class SSHTarget:
         self._last_liveness: dict[str, float] = {}
 
     @classmethod
-    def from_connection(cls, name: str, conn: Any, settings: Settings, workspace: Workspace) -> SSHTarget:
+    def from_connection(cls, name: str, conn: Any, settings: Settings, cache_dir: Path) -> SSHTarget:
         """The target of the Airflow connection `name` (type `ssh`), as the registry builds it."""
         if not conn.host:
             raise SSHTargetConfigurationError(

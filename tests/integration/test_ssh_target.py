@@ -435,7 +435,7 @@ def _target(host: SshdHost, monkeypatch: pytest.MonkeyPatch, **extra: object) ->
     from airflow_amlrun.targets.registry import resolve_target
 
     monkeypatch.setenv(f"AIRFLOW_CONN_{CONN_ID.upper()}", _connection(host, **extra))
-    return resolve_target(CONN_ID, load_settings(), Workspace.get())
+    return resolve_target(CONN_ID, load_settings(), Workspace.get().cache_dir)
 
 
 def _a_finished_run(source: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
