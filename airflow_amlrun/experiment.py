@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import re
-import secrets
-import time
 from typing import TYPE_CHECKING, Any
 
 from airflow_amlrun.errors import ConfigurationError
@@ -37,11 +35,6 @@ def experiment_name_from(text: str) -> str:
     return check_experiment_name(name)
 
 
-def new_run_id(experiment: str) -> str:
-    """Run ids as users know them: `<experiment>_<unix time>_<8 hex>`."""
-    return f"{experiment}_{int(time.time())}_{secrets.token_hex(4)}"
-
-
 class Experiment:
     """A named group of runs in a workspace.
 
@@ -70,7 +63,9 @@ class Experiment:
         """
         from airflow_amlrun.run import ScriptRun
 
-        return ScriptRun.submit(self, config, tags=tags, base_dir=base_dir, airflow_task=airflow_task)
+        return ScriptRun.submit(
+            self.workspace, self.name, config, tags=tags, base_dir=base_dir, airflow_task=airflow_task
+        )
 
     def list_runs(self, status: str | None = None, limit: int = 100) -> list[Any]:
         return self.workspace.list_runs(experiment=self.name, status=status, limit=limit)

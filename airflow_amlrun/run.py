@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -40,7 +41,6 @@ from airflow_amlrun.targets.registry import resolve_target
 if TYPE_CHECKING:
     import os
 
-    from airflow_amlrun.experiment import Experiment
     from airflow_amlrun.runconfig import ScriptRunConfig
     from airflow_amlrun.snapshot import BlobStore
     from airflow_amlrun.workspace import Workspace
@@ -221,7 +221,8 @@ class ScriptRun:
     @classmethod
     def submit(
         cls,
-        experiment: Experiment,
+        workspace: Workspace,
+        experiment: str,
         config: ScriptRunConfig,
         *,
         tags: dict[str, str] | None = None,
@@ -229,21 +230,18 @@ class ScriptRun:
         airflow_task: AirflowTask | None = None,
     ) -> ScriptRun:
         """Validate everything, then record the run and start it; see Experiment.submit."""
-        from airflow_amlrun.experiment import new_run_id
-
         settings = load_settings()
-        workspace = experiment.workspace
         config = config.resolved(base_dir)
         target = resolve_target(config.compute_target, settings, workspace.cache_dir)
         environment = resolve_environment(workspace, config.environment)
         _warn_of_unused_sections(environment, target)
         if airflow_task is not None:
-            attached = cls._reattach(experiment, config, environment, target, airflow_task, settings)
+            attached = cls._reattach(workspace, config, environment, target, airflow_task, settings)
             if attached is not None:
                 return attached
         # Building the environment needs its index credentials on this worker: a missing one fails now.
         environment.index_credentials()
-        job = _job(new_run_id(experiment.name), experiment.name, config, environment, None)
+        job = _job(new_run_id(experiment), experiment, config, environment, None)
         target.check(job)
         # A snapshot too large fails here, before anything is stored.
         snapshot, git = snapshot_code(workspace, config, settings)
@@ -256,7 +254,7 @@ class ScriptRun:
         history = workspace.history
         history.create_run(
             run_id=job.run_id,
-            experiment=experiment.name,
+            experiment=experiment,
             target=target.name,
             script=job.script,
             command=json.dumps(job.command) if isinstance(job.command, list) else job.command,
@@ -276,7 +274,7 @@ class ScriptRun:
     @classmethod
     def _reattach(
         cls,
-        experiment: Experiment,
+        workspace: Workspace,
         config: ScriptRunConfig,
         environment: ResolvedEnvironment,
         target: ComputeTarget[Any],
@@ -288,7 +286,7 @@ class ScriptRun:
         A run whose target still runs it (or finished it while nobody watched) is followed to its end; one
         that never reached its target is recorded Failed, and a new run is submitted.
         """
-        history = experiment.workspace.history
+        history = workspace.history
         earlier = [
             r
             for r in history.list_runs(
@@ -336,7 +334,7 @@ class ScriptRun:
             log.info(
                 "Re-attaching to run %s, left unfinished by try %s of this task", record.id, record.try_number
             )
-            attached = cls.following(experiment.workspace, target, job, handle, record, settings)
+            attached = cls.following(workspace, target, job, handle, record, settings)
             history.update_run(record.id, try_number=airflow_task.try_number)
         return attached
 
@@ -690,6 +688,11 @@ class ScriptRun:
         if shown:
             message += f"\nLast lines of its output:\n{shown}"
         raise error_type(message, run_id=record.id, log_tail=tail)
+
+
+def new_run_id(experiment: str) -> str:
+    """Run ids as users know them: `<experiment>_<unix time>_<8 hex>`."""
+    return f"{experiment}_{int(time.time())}_{secrets.token_hex(4)}"
 
 
 def _job(
