@@ -8,6 +8,7 @@ from typing import Any
 from airflow.sdk import BaseHook
 
 from airflow_amlrun.errors import ConfigurationError
+from airflow_amlrun.workspace import Workspace
 
 
 @dataclass(frozen=True)
@@ -66,10 +67,8 @@ class AmlRunWorkspaceHook(BaseHook):
             raise ConfigurationError(f"Connection {conn_id!r}: storage_options must be a JSON object.")
         return WorkspaceConnection(str(extras["database_url"]), str(extras["store_url"]), options)
 
-    def get_conn(self) -> Any:
+    def get_conn(self) -> Workspace:
         """The Workspace of this connection."""
-        from airflow_amlrun.workspace import Workspace
-
         return Workspace.get(self.amlrun_conn_id)
 
     @classmethod
