@@ -91,7 +91,12 @@ class BlobBatch:
             return
         assert self._root is not None
         try:
-            sync_filesystem(self._root)
+            # One flush per file system the blobs were written to: a store's blobs/ or trees/ may be a
+            # mount of its own, which a flush of the store's root would not reach.
+            folders = {os.path.dirname(tmp) for tmp, _final in pending}
+            filesystems = {os.stat(folder).st_dev: folder for folder in sorted(folders)}
+            for folder in filesystems.values():
+                sync_filesystem(folder)
         except BaseException:
             self._discard(pending)
             raise

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from airflow_amlrun.snapshot import BlobStore, hash_bytes
+from airflow_amlrun.snapshot import store as store_module
+from airflow_amlrun.snapshot.store import BlobBatch
 
 
 def stored_files(store_dir: Path) -> list[str]:
@@ -41,3 +46,26 @@ def test_a_batch_ended_by_an_error_names_nothing_and_leaves_no_temporary_file(tm
         interrupted_snapshot()
     assert not store.has(digest)
     assert stored_files(tmp_path / "store") == []
+
+
+def test_a_batch_flushes_every_file_system_its_blobs_were_written_to(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # blobs/ or trees/ may be a mount of their own: naming a blob there before that file system is flushed
+    # could leave a name over data a crash loses.
+    other = Path(tempfile.mkdtemp(dir="/dev/shm"))
+    if os.stat(other).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("/dev/shm is on the same file system as the temporary folder here")
+    flushed: list[int] = []
+    monkeypatch.setattr(store_module, "sync_filesystem", lambda path: flushed.append(os.stat(path).st_dev))
+    try:
+        batch = BlobBatch(str(tmp_path))
+        for number, folder in enumerate((tmp_path, other, tmp_path)):
+            tmp = folder / f".amlrun-tmp-{number}"
+            tmp.write_bytes(b"x")
+            batch.add(str(tmp), str(folder / f"blob-{tmp.name}"))
+        batch.publish()
+        assert sorted(flushed) == sorted({os.stat(tmp_path).st_dev, os.stat(other).st_dev})
+        assert len(list(other.glob("blob-*"))) == 1
+    finally:
+        shutil.rmtree(other)
