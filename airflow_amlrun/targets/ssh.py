@@ -358,6 +358,19 @@ class SSHTarget:
             shutil.rmtree(self.runs_dir / handle.run_id, ignore_errors=True)
 
     def attachable(self, handle: SSHHandle) -> str | None:
+        # A run row is data: this connection follows only runs on the host, port and login it points at.
+        recorded = (handle.host, int(handle.port), handle.user or None)
+        here = (self.host, self.ssh.port, self.ssh.login or None)
+        if recorded != here:
+            return (
+                f"it was started as {handle.user or ''}@{handle.host}:{handle.port}, and connection "
+                f"{self.name!r} now points at {self.ssh.login or ''}@{self.host}:{self.ssh.port}"
+            )
+        if handle.base_dir != self.helper.base():
+            return (
+                f"it was started under {handle.base_dir} on {self.host}, and connection {self.name!r} now uses "
+                f"{self.helper.base()} (its extra amlrun_base_dir)"
+            )
         return None
 
     def gone(self, handle: SSHHandle) -> str | None:

@@ -296,7 +296,15 @@ class RemoteHelper:
         """Run one helper command; `raw` is sent on its stdin as it is, else the JSON of `request`. Its
         warnings go to the task log, or to `on_warning`."""
         # This version's helper, also for a run an older version started: it reads older run directories.
-        base = handle.base_dir if handle else self.base()
+        base = self.base()
+        if handle is not None and handle.base_dir != base:
+            # A run row is data: the helper runs only in the base dir this connection names.
+            raise SSHTargetConfigurationError(
+                f"Run {handle.run_id} was recorded under {handle.base_dir} on host {self.host}, but connection "
+                f"{self.ssh.name!r} uses {base} (its extra amlrun_base_dir): it is not followed there. Set "
+                "amlrun_base_dir back to follow it.",
+                host=self.host,
+            )
         python = (handle.helper_python if handle else None) or self.helper_python or self.python
         self._ensure_lib(base)
         # Isolated (-I: no PYTHON* variables, no user site folder), without site (-S): stdlib only, fast.

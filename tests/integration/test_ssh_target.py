@@ -713,6 +713,33 @@ def test_a_retry_never_signals_a_process_that_now_has_the_runs_pid_on_the_host(t
         stranger.wait()
 
 
+@pytest.mark.parametrize(
+    ("changed", "said"),
+    [
+        ({"base_dir": "/tmp"}, "it was started under /tmp on"),
+        ({"user": "root"}, "it was started as root@"),
+    ],
+)
+def test_a_retry_follows_a_recorded_run_only_where_its_connection_points(tmp_path, ssh_vm, changed, said):
+    # A run row is data: one changed to name another base dir or login makes the retry run nothing there.
+    source = tmp_path / "src"
+    write_script(source, "train.py", "import time\nprint('training', flush=True)\ntime.sleep(300)\n")
+    orphan = worker_dies_mid_run(source, CONN_ID)
+    try:
+        Workspace.get().history.update_run(orphan.id, handle={**orphan.handle, **changed})
+
+        config = ScriptRunConfig(str(source), script="train.py", compute_target=CONN_ID)
+        task = AirflowTask(dag_id="retrain", task_id="train", run_id="manual_1", map_index=None, try_number=2)
+        run = Experiment(Workspace.get(), "reattach").submit(config, airflow_task=task)
+
+        assert run.id != orphan.id  # a new run, not the recorded one followed elsewhere
+        lost = Workspace.get().get_run(orphan.id)
+        assert lost.status == "Failed" and said in lost.error
+        run.cancel()
+    finally:
+        os.killpg(orphan.handle["pid"], signal.SIGKILL)
+
+
 # what comes back from the host (links in the outputs: test_targets.py)
 
 
