@@ -3,6 +3,7 @@ asks first), and `target`, each compute target a scenario runs on."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import Iterable, Iterator
@@ -13,10 +14,27 @@ from typing import Any
 import pytest
 
 from tests.integration.orphans import group_members
+from tests.integration.private_postgres import PrivatePostgres, private_postgres
 from tests.integration.sshd_host import SshdHost, host_for_tests
 
 # The Airflow connection through which the scenarios reach the SSH test host.
 SSH_CONN_ID = "ssh_vm"
+
+
+@pytest.fixture
+def own_postgres(amlrun_home: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[PrivatePostgres]:
+    """The workspace's history on a PostgreSQL server of this test's own."""
+    with private_postgres() as server:
+        monkeypatch.setenv(
+            "AIRFLOW_CONN_AMLRUN_DEFAULT",
+            json.dumps(
+                {
+                    "conn_type": "amlrun",
+                    "extra": {"database_url": server.url, "store_url": str(amlrun_home / "store")},
+                }
+            ),
+        )
+        yield server
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,6 @@ import io
 import json
 import tarfile
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,6 @@ from airflow_amlrun.run import AirflowTask
 from airflow_amlrun.targets.docker_transfer import RUN_DIR
 from tests.conftest import wait_until_running, write_script
 from tests.integration.docker_engine import SocketProxy, containers_of
-from tests.integration.private_postgres import PrivatePostgres, private_postgres
 
 pytest_plugins = ["tests.integration.docker_engine"]
 
@@ -96,22 +94,6 @@ def test_a_daemon_that_stops_answering_leaves_the_run_to_a_retry(docker_home, tm
     assert Path(record.outputs_uri, "starts.txt").read_text() == "started\n"  # the script ran once
     assert len(Workspace.get().list_runs()) == 1
     assert containers_of(docker_home, run.id) == []
-
-
-@pytest.fixture
-def own_postgres(amlrun_home: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[PrivatePostgres]:
-    """The workspace's history on a PostgreSQL server of this test's own."""
-    with private_postgres() as server:
-        monkeypatch.setenv(
-            "AIRFLOW_CONN_AMLRUN_DEFAULT",
-            json.dumps(
-                {
-                    "conn_type": "amlrun",
-                    "extra": {"database_url": server.url, "store_url": str(amlrun_home / "store")},
-                }
-            ),
-        )
-        yield server
 
 
 WAITS_FOR_GO = """

@@ -6,34 +6,15 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Iterator
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pytest
 
 from airflow_amlrun import Workspace
 from airflow_amlrun.history import HistoryRefusedError, RunBookkeeper, RunHistory, RunStatus
 from tests.conftest import dag_source, wait_until_running, write_script
-from tests.integration.private_postgres import PrivatePostgres, private_postgres
 
 pytestmark = pytest.mark.usefixtures("airflow_db")
-
-
-@pytest.fixture
-def own_postgres(amlrun_home: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[PrivatePostgres]:
-    """The workspace's history on a PostgreSQL server of this test's own."""
-    with private_postgres() as server:
-        monkeypatch.setenv(
-            "AIRFLOW_CONN_AMLRUN_DEFAULT",
-            json.dumps(
-                {
-                    "conn_type": "amlrun",
-                    "extra": {"database_url": server.url, "store_url": str(amlrun_home / "store")},
-                }
-            ),
-        )
-        yield server
 
 
 def test_a_run_goes_on_while_postgresql_restarts_and_every_metric_arrives(run_dag, tmp_path, own_postgres):
