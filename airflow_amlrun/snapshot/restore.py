@@ -58,7 +58,8 @@ def materialize(
         snapshot = store.get_manifest(snapshot)
     else:
         validate_entries(snapshot.entries)
-    _write_tree(store, snapshot, os.fspath(dest), verify=not store.is_local, max_workers=max_workers)
+    with store.folders_kept_open():
+        _write_tree(store, snapshot, os.fspath(dest), verify=not store.is_local, max_workers=max_workers)
     return snapshot
 
 

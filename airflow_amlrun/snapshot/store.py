@@ -127,6 +127,10 @@ class BlobStore:
         self.url = url
         self.storage_options = dict(storage_options or {})
         self._made_dirs: set[str] = set()
+        # Folders kept open for local reads while some caller is inside `folders_kept_open`.
+        self._folders_lock = threading.Lock()
+        self._folders_users = 0
+        self._folder_fds: dict[tuple[str, ...], int] = {}
         local = url[len("file://") :] if url.startswith("file://") else (None if "://" in url else url)
         if local is not None:
             self._local_root: str | None = os.path.abspath(os.path.expanduser(local))
@@ -187,6 +191,35 @@ class BlobStore:
             return os.path.join(self._local_root, *key.split("/"))
         return f"{self._root}/{key}"
 
+    @contextlib.contextmanager
+    def folders_kept_open(self) -> Iterator[None]:
+        """Within it, the store's folders opened for local reads stay open: a run directory of thousands of
+        blobs costs one open per blob, not one per folder on its path too."""
+        with self._folders_lock:
+            self._folders_users += 1
+        try:
+            yield
+        finally:
+            with self._folders_lock:
+                self._folders_users -= 1
+                if self._folders_users == 0:
+                    for fd in self._folder_fds.values():
+                        os.close(fd)
+                    self._folder_fds.clear()
+
+    def _open_folder(self, folders: tuple[str, ...]) -> int:
+        """A descriptor of ``folders`` beneath the store's folder, opened without following a link."""
+        assert self._local_root is not None
+        fd = os.open(self._local_root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            for folder in folders:
+                parent, fd = fd, os.open(folder, _DIR_FLAGS, dir_fd=fd)
+                os.close(parent)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
     def _open_local(self, key: str) -> int:
         """A descriptor of the regular file at ``key`` beneath the local store's folder.
 
@@ -195,16 +228,23 @@ class BlobStore:
         followed beneath the store's folder, and anything but a regular file is refused.
         """
         assert self._local_root is not None
-        *folders, name = key.split("/")
-        fd = os.open(self._local_root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        *path, name = key.split("/")
+        folders = tuple(path)
         try:
-            for folder in folders:
-                parent, fd = fd, os.open(folder, _DIR_FLAGS, dir_fd=fd)
-                os.close(parent)
-            parent, fd = fd, os.open(name, _READ_FLAGS, dir_fd=fd)
-            os.close(parent)
+            with self._folders_lock:
+                kept = self._folder_fds.get(folders) if self._folders_users else None
+                if kept is None and self._folders_users:
+                    kept = self._folder_fds[folders] = self._open_folder(folders)
+                if kept is not None:
+                    # Under the lock: the folder cannot be closed (and its number reused) meanwhile.
+                    fd = os.open(name, _READ_FLAGS, dir_fd=kept)
+            if kept is None:
+                folder = self._open_folder(folders)
+                try:
+                    fd = os.open(name, _READ_FLAGS, dir_fd=folder)
+                finally:
+                    os.close(folder)
         except OSError as err:
-            os.close(fd)
             # ELOOP: the file is a link; ENOTDIR: a folder on its path is a link (or a file).
             if err.errno in (errno.ELOOP, errno.ENOTDIR):
                 raise BlobCorruptError(
