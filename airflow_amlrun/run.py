@@ -49,6 +49,8 @@ log = logging.getLogger(__name__)
 
 # Lines of the script's output kept for the error of a failed run.
 LOG_TAIL_LINES = 30
+# How much of its log a follower taking a run over reads again for those lines.
+RECALLED_TAIL_BYTES = 8192
 # How often the task following a run reports in (the run row's heartbeat_at), at most; reconcile settles a
 # run nobody reported on for [amlrun] reconcile_after_seconds, a few heartbeats' time.
 HEARTBEAT_SECONDS = 15.0
@@ -196,6 +198,8 @@ class FollowState:
     event_seq: int = 0
     timed_out: bool = False
     cancel_requested: bool = False
+    # Why the follower stopped the run itself, if it did (e.g. the task's execution_timeout).
+    stop_reason: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -204,6 +208,7 @@ class FollowState:
             "event_seq": self.event_seq,
             "timed_out": self.timed_out,
             "cancel_requested": self.cancel_requested,
+            "stop_reason": self.stop_reason,
         }
 
     @classmethod
@@ -214,7 +219,16 @@ class FollowState:
             event_seq=int(data.get("event_seq", 0)),
             timed_out=bool(data.get("timed_out", False)),
             cancel_requested=bool(data.get("cancel_requested", False)),
+            stop_reason=None if data.get("stop_reason") is None else str(data["stop_reason"]),
         )
+
+
+class RunEndedError(AmlRunError):
+    """A run to follow on turned out recorded as ended already (by another process that followed it)."""
+
+    def __init__(self, record: RunRecord) -> None:
+        super().__init__(f"Run {record.id} already ended {record.status}: {record.error or 'no error'}.")
+        self.record = record
 
 
 class ScriptRun:
@@ -234,6 +248,10 @@ class ScriptRun:
         self._event_seq = 0
         self._timed_out = False
         self._cancel_requested = False
+        # A moment past which this follower stops the run itself, and why (the task's execution_timeout).
+        self._stop_at: datetime | None = None
+        self._stop_reason_when_stopped = ""
+        self._stop_reason: str | None = None
         self._waiting = False
         self._started = _now()
         self._finished: RunRecord | None = None
@@ -425,7 +443,7 @@ class ScriptRun:
         settings = settings or load_settings()
         record = workspace.history.get_run(run_id)
         if record.status.is_terminal:
-            raise AmlRunError(f"Run {run_id} already ended {record.status}: {record.error or 'no error'}.")
+            raise RunEndedError(record)
         target = resolve_target(record.target, settings, workspace.cache_dir)
         job = recorded_job(record)
         handle = recorded_handle(target, record, job)
@@ -438,21 +456,80 @@ class ScriptRun:
         run._log_offset, run._events_offset = state.log_offset, state.events_offset
         run._event_seq = state.event_seq
         run._timed_out, run._cancel_requested = state.timed_out, state.cancel_requested
+        run._stop_reason = state.stop_reason
+        run._recall_tail()
         return run
 
-    def hand_over(self) -> FollowState:
-        """Stop following the run from this process, leaving it running, and say how far it got."""
+    def _recall_tail(self) -> None:
+        """The last lines printed before this process took over, for the error of a failed run."""
+        assert self.handle is not None
+        if self._log_offset <= 0:
+            return
+        start = max(0, self._log_offset - RECALLED_TAIL_BYTES)
         try:
-            self._book.flush()
-        finally:
-            self._heartbeat.stop()
+            chunk = self.target.read_log(self.handle, start)
+        except Exception as err:  # only an error message's context: never worth failing for
+            log.debug("Run %s: the log's last lines were not read again (%s)", self.id, err)
+            return
+        # Up to the offset handed over (what lies past it is read again, and kept, by this follower); read
+        # from the middle of a line, the first one is partial.
+        lines, position = [], start
+        for line in chunk.lines:
+            position += len(line.encode()) + 1
+            if position > self._log_offset:
+                break
+            lines.append(line)
+        self.log_tail.extend(lines[1:] if start > 0 else lines)
+
+    def stop_at(self, when: datetime, reason: str) -> None:
+        """Stop the run at `when` if it still runs, recording it Failed with `reason`.
+
+        :param when: an aware datetime.
+        :param reason: the run's error, e.g. that the task's execution_timeout passed.
+        """
+        self._stop_at, self._stop_reason_when_stopped = when, reason
+
+    def hand_over(self, timeout: float = 60.0) -> FollowState:
+        """Stop following the run from this process, leaving it running, and say how far it got.
+
+        What this process read but did not record yet (metrics, tags) is written first: another process
+        goes on from the returned offsets and never reads it again.
+
+        :param timeout: how long to wait for an unavailable history before giving up.
+        :raises HistoryUnavailableError: the history did not take what was pending; this process still
+            follows the run (its heartbeat goes on), and may try again or go on following it.
+        """
+        if not self._book.drain(timeout):
+            raise HistoryUnavailableError(
+                f"Run {self.id}: the run history at {self.workspace.history.url_for_display} did not take its "
+                f"latest metrics, tags or status within {timeout:.0f} s, so it is not handed over.",
+                run_id=self.id,
+            )
+        self._heartbeat.stop()
+        if self.handle is not None:
+            try:
+                self.target.detach(self.handle)
+            except Exception as err:  # what stays open ends with the run or the process
+                log.warning("Run %s: letting go of it on %s failed: %s", self.id, self.target.name, err)
         return FollowState(
             log_offset=self._log_offset,
             events_offset=self._events_offset,
             event_seq=self._event_seq,
             timed_out=self._timed_out,
             cancel_requested=self._cancel_requested,
+            stop_reason=self._stop_reason,
         )
+
+    def abandon(self) -> None:
+        """Stop following the run from this process at once, with nothing written: for a process that cannot
+        hand it over (the history is away) but must let go; what it did not record is read again by whoever
+        follows the run next from an earlier offset, or lost with it."""
+        self._heartbeat.stop()
+        if self.handle is not None:
+            try:
+                self.target.detach(self.handle)
+            except Exception as err:
+                log.warning("Run %s: letting go of it on %s failed: %s", self.id, self.target.name, err)
 
     def settle_only(self, tags: dict[str, str]) -> None:
         """Follow this run as an outsider (reconcile): if this process is interrupted or loses the target, the
@@ -545,14 +622,19 @@ class ScriptRun:
             self._raise_for(record)
         return record
 
-    def step(self, emit: Callable[[str], None] | None) -> TargetStatus | None:
+    def step(self, emit: Callable[[str], None] | None, timeout: float | None = None) -> TargetStatus | None:
         """Follow the running run for at most a poll interval: pass new lines of its output to `emit`, record
-        new metrics and tags, stop it past its max duration. Returns its final status once it ended (every
-        line then read), else None. `wait_for_completion` is these steps and `conclude`."""
+        new metrics and tags, stop it past its limits. Returns its final status once it ended (every line then
+        read), else None. `wait_for_completion` is these steps and `conclude`.
+
+        :param timeout: longest wait for the run to end (default ``[amlrun] poll_interval_seconds``); 0 looks
+            once without waiting.
+        """
         assert self.handle is not None
         self._heartbeat.watch(True)
         self._heartbeat.tick()
-        status = self.target.wait(self.handle, self.settings.poll_interval_seconds)
+        wait = self.settings.poll_interval_seconds if timeout is None else timeout
+        status = self.target.wait(self.handle, wait)
         self._drain(emit, final=not status.running)
         if not status.running:
             self._heartbeat.watch(False)
@@ -562,6 +644,9 @@ class ScriptRun:
             self.target.cancel(self.handle)
         elif self._past_deadline() and not self._timed_out:
             self._timed_out = True
+            self.target.cancel(self.handle)
+        elif self._stop_at is not None and _now() >= self._stop_at and self._stop_reason is None:
+            self._stop_reason = self._stop_reason_when_stopped
             self.target.cancel(self.handle)
         return None
 
@@ -688,6 +773,8 @@ class ScriptRun:
             self._timed_out = True
         if self._cancel_requested:
             return self._finish(RunStatus.CANCELED, "Canceled while running (the task was killed).")
+        if self._stop_reason is not None:
+            return self._finish(RunStatus.FAILED, self._stop_reason)
         if self._timed_out:
             return self._finish(
                 RunStatus.FAILED,
@@ -705,17 +792,22 @@ class ScriptRun:
     # ending
 
     def cancel(self, reason: str = "Canceled.") -> None:
-        """Stop the run on its target; it ends Canceled.
+        """Stop the run on its target; it ends Canceled (or as it ended, if it already had).
 
         :param reason: recorded as the run's error when nobody is following the run (who follows it records
             why it ended).
         """
         if self._finished is not None or self.handle is None:
             return
+        if not self._waiting:
+            # Nobody is following the run: record its end here. One that already ended keeps its outcome.
+            status = self.target.wait(self.handle, 0)
+            if not status.running:
+                self.conclude(status)
+                return
         self._cancel_requested = True
         self.target.cancel(self.handle)
         if not self._waiting:
-            # Nobody is following the run (e.g. the wait was already abandoned): record the end here.
             self._drain(None, final=True)
             self._finish(RunStatus.CANCELED, reason)
 

@@ -174,6 +174,18 @@ class RunBookkeeper:
         self._warn(refusals)
         return True
 
+    def drain(self, timeout: float) -> bool:
+        """Write everything pending, retrying while the history is away, for at most `timeout` seconds; True
+        once nothing is left. For a follower handing the run to another process, which must not lose what
+        this one read but did not write yet."""
+        deadline = self._clock() + timeout
+        while not self.flush():
+            wait = max(0.0, self._retry_at - self._clock())
+            if self._clock() + wait > deadline:
+                return False
+            self._sleep(wait)
+        return True
+
     def finish(self, tags: dict[str, str] | None = None, **fields: Any) -> RunRecord:
         """Write the run's final fields (after everything still pending), retrying for a bounded time while the
         history is away. If another process recorded the run's outcome first (two followers of one run), its

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Sequence
 from dataclasses import replace
+from datetime import UTC, datetime
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -138,12 +140,13 @@ class ScriptRunOperator(BaseOperator):
             "Run %s submitted to %s (experiment %s)", self._run.id, config.compute_target, experiment.name
         )
         if self.deferrable:
-            self._defer_if_reachable(self._run)
+            self._defer_if_reachable(self._run, config, ti)
         record = self._run.wait_for_completion(show_output=self.show_output, output=self._log_line)
         return self._summary(record)
 
-    def _defer_if_reachable(self, run: ScriptRun) -> None:
+    def _defer_if_reachable(self, run: ScriptRun, config: ScriptRunConfig, ti: Any) -> None:
         """Hand the run to a trigger, if the triggerer can follow it; else say why the worker keeps it."""
+        from airflow_amlrun.history import HistoryUnavailableError
         from airflow_amlrun.triggers.script_run import ScriptRunTrigger
 
         if run.target.followed_only_here:
@@ -157,20 +160,40 @@ class ScriptRunOperator(BaseOperator):
                     problem,
                 )
                 return
-        state = run.hand_over()
+        try:
+            state = run.hand_over()
+        except HistoryUnavailableError as err:
+            self.log.warning("%s It is followed in this worker instead.", err)
+            return
+        show_output = self.show_output
+        if show_output and config.secret_environment_variables:
+            # The triggerer cannot mask values it never sees, and they must not be stored for it.
+            show_output = False
+            self.log.info(
+                "Run %s has secret variables: its output is shown here when it ends, not while the "
+                "triggerer follows it.",
+                run.id,
+            )
+        stop_at = None
+        if self.execution_timeout is not None:
+            started = getattr(ti, "start_date", None) or datetime.now(UTC)
+            stop_at = (started + self.execution_timeout).isoformat()
         self.log.info("Run %s is followed by the triggerer from here; the worker slot is freed.", run.id)
         self._run = None
         self.defer(
-            trigger=ScriptRunTrigger(run.id, state.to_json(), self.workspace_conn_id, self.show_output),
+            trigger=ScriptRunTrigger(run.id, state.to_json(), self.workspace_conn_id, show_output, stop_at),
             method_name="execute_complete",
         )
 
     def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
         """The trigger saw the run end (or could not follow it): record its outcome from here."""
-        from airflow_amlrun.run import FollowState, ScriptRun
+        from airflow_amlrun.errors import RunCanceledError, RunFailedError
+        from airflow_amlrun.run import FollowState, RunEndedError, ScriptRun
         from airflow_amlrun.targets.base import TargetStatus
         from airflow_amlrun.triggers.script_run import ENDED
 
+        # What the script prints now (the rest of its output) is masked as in execute.
+        self._rendered_config(Path(context["dag"].fileloc).parent)
         run_id = str(event["run_id"])
         state = FollowState.from_json(event.get("state") or {})
         if event.get("status") != ENDED:
@@ -179,7 +202,17 @@ class ScriptRunOperator(BaseOperator):
                 run_id,
                 event.get("message"),
             )
-        self._run = ScriptRun.resumed(self.workspace, run_id, state)
+        try:
+            self._run = ScriptRun.resumed(self.workspace, run_id, state)
+        except RunEndedError as ended:
+            # Another process recorded its outcome meanwhile (reconcile, after a long wait for this resume).
+            record = ended.record
+            self.log.warning("Run %s was recorded %s by another process meanwhile.", run_id, record.status)
+            if record.status == "Completed":
+                return self._summary(record)
+            error = RunCanceledError if record.status == "Canceled" else RunFailedError
+            message = f"Run {run_id} {record.status}: {record.error or 'no error recorded'}"
+            raise error(message, run_id=run_id) from None
         if event.get("status") == ENDED:
             status = TargetStatus(
                 running=False,
@@ -260,31 +293,65 @@ class ScriptRunOperator(BaseOperator):
         return replace(config, **changes) if changes else config
 
 
-def triggerer_shares_this_machine() -> str | None:
-    """None when a triggerer runs on this machine in this process namespace, with this filesystem (so it can
-    follow this machine's processes and read their files); otherwise what is missing.
+def triggerer_shares_this_machine(proc: str = "/proc") -> str | None:
+    """None when a triggerer of this Airflow (the same AIRFLOW_HOME) runs on this machine in this process and
+    mount namespace, with this root (so it can follow this machine's processes and read their files);
+    otherwise what is missing.
 
     A triggerer elsewhere (another machine, another container) is not seen here at all. With several
     triggerers, a trigger may land on any of them: run them all beside the workers, or defer only runs on
     targets reached over the network (ssh, a Docker daemon over TCP).
+
+    :param proc: where the process table is mounted.
     """
-    here = (os.readlink("/proc/self/ns/mnt"), os.stat("/").st_dev, os.stat("/").st_ino)
-    seen_elsewhere = False
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
+    try:
+        here = _namespaces(proc, "self")
+        processes = [entry.name for entry in os.scandir(proc) if entry.name.isdigit()]
+    except OSError as err:
+        return f"this machine's processes cannot be looked at ({err.strerror or err})"
+    home = _airflow_home(dict(os.environ))
+    seen: list[str] = []
+    for pid in processes:
         try:
-            argv = Path(entry.path, "cmdline").read_bytes().split(b"\0")
-            words = [Path(arg.decode(errors="replace")).name for arg in argv[:3]]
-            if "triggerer" not in " ".join(words) or not any(w.startswith("airflow") for w in words):
+            argv = [
+                arg.decode(errors="replace") for arg in Path(proc, pid, "cmdline").read_bytes().split(b"\0")
+            ]
+            if not _is_triggerer(argv):
                 continue
-            root = os.stat(Path(entry.path, "root"))
-            theirs = (os.readlink(Path(entry.path, "ns", "mnt")), root.st_dev, root.st_ino)
+            theirs = _namespaces(proc, pid)
+            environ = Path(proc, pid, "environ").read_bytes().split(b"\0")
         except OSError:
             continue  # gone meanwhile, or not ours to look at
-        if theirs == here:
+        variables = dict(v.decode(errors="replace").partition("=")[::2] for v in environ if b"=" in v)
+        if theirs != here:
+            seen.append("another process or mount namespace (a container)")
+        elif _airflow_home(variables) != home:
+            seen.append(f"another Airflow (AIRFLOW_HOME {_airflow_home(variables)})")
+        else:
             return None
-        seen_elsewhere = True
-    if seen_elsewhere:
-        return "the triggerer seen here runs in another filesystem (a container)"
+    if seen:
+        return "the triggerer seen here belongs to " + " and ".join(sorted(set(seen)))
     return "no triggerer runs on this machine"
+
+
+def _is_triggerer(argv: list[str]) -> bool:
+    # `airflow triggerer ...`, possibly behind its interpreter, or retitled by Airflow as one word.
+    names = [Path(arg).name for arg in argv if arg]
+    if names and names[0].startswith("airflow triggerer"):
+        return True
+    return ("airflow", "triggerer") in itertools.pairwise(names)
+
+
+def _namespaces(proc: str, pid: str) -> tuple[str, str, int, int]:
+    root = os.stat(Path(proc, pid, "root"))
+    return (
+        os.readlink(Path(proc, pid, "ns", "pid")),
+        os.readlink(Path(proc, pid, "ns", "mnt")),
+        root.st_dev,
+        root.st_ino,
+    )
+
+
+def _airflow_home(variables: dict[str, str]) -> str:
+    home = variables.get("AIRFLOW_HOME") or os.path.join(variables.get("HOME", "~"), "airflow")
+    return os.path.realpath(os.path.expanduser(home))

@@ -140,6 +140,10 @@ class ComputeTarget(Protocol[H]):
         that is about to start it, and is reported as not found.
         """
 
+    def detach(self, handle: H) -> None:
+        """Stop following the run from this process (streams, threads) without touching it: another process
+        (a deferred task's trigger, or the task again) follows it on."""
+
     def discard(self, job: Job) -> None:
         """Remove what a run that never started left on the target (e.g. a container created, never started),
         once the run is recorded lost: by a retry of its task, or by a reconcile that claimed it."""

@@ -139,6 +139,8 @@ log = logging.getLogger(__name__)
 WORK = "run"
 LOG_SPOOL = STD_LOG
 EVENTS_SPOOL = EVENTS
+# How long letting go of a run (another process follows it on) waits for its log and events copies to stop.
+DETACH_WAIT_SECONDS = 10.0
 LABEL_RUN_ID = "amlrun.run_id"
 LABEL_EXPERIMENT = "amlrun.experiment"
 LABEL_TRANSFER = "amlrun.transfer"
@@ -761,6 +763,16 @@ class DockerTarget:
         with self._lock:
             self._followers.pop(handle.container_id, None)
         self._follower(handle)
+
+    def detach(self, handle: DockerHandle) -> None:
+        with self._lock:
+            followers = [
+                self._followers.pop(handle.container_id, None),
+                self._events.pop(handle.container_id, None),
+            ]
+        for follower in followers:
+            if follower is not None and not follower.stop(DETACH_WAIT_SECONDS):
+                log.warning("Container %s: its log or events copy did not stop in time", handle.container)
 
     def _forget(self, handle: DockerHandle) -> None:
         with self._lock:

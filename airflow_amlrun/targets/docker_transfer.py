@@ -312,18 +312,34 @@ class LogFollower:
         self._daemon = daemon
         self._api_version = api_version
         self._container_id = str(handle.container_id)
+        self._stopped = threading.Event()
+        self._client: APIClient | None = None
         threading.Thread(target=self._follow, name=f"amlrun-log-{handle.container}", daemon=True).start()
+
+    def stop(self, timeout: float) -> bool:
+        """Stop copying (the run goes on; another process follows it) and wait for the copy to end; False when
+        it took longer than timeout."""
+        self._stopped.set()
+        client = self._client
+        if client is not None:
+            client.close()  # ends the blocking read of the stream
+        return self.done.wait(timeout)
 
     def _follow(self) -> None:
         try:
             # No timeout: a script may print nothing for hours. Its own client: streams hold a connection.
             client = self._daemon.connect(timeout=None, version=self._api_version)
+            self._client = client
+            if self._stopped.is_set():
+                return
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 with open(self.path, "wb") as out:
                     for data in client.logs(
                         self._container_id, stdout=True, stderr=True, stream=True, follow=True
                     ):
+                        if self._stopped.is_set():
+                            break
                         out.write(data)
                         out.flush()
             finally:
@@ -350,10 +366,18 @@ class EventsFollower:
         self.done = threading.Event()
         self.skipped: str | None = None
         self._wake = threading.Event()
+        self._stopped = threading.Event()
         self._daemon = daemon
         self._api_version = api_version
         self._handle = handle
         threading.Thread(target=self._follow, name=f"amlrun-events-{handle.container}", daemon=True).start()
+
+    def stop(self, timeout: float) -> bool:
+        """Stop copying (the run goes on; another process follows it) and wait for the copy to end; False when
+        it took longer than timeout."""
+        self._stopped.set()
+        self._wake.set()
+        return self.done.wait(timeout)
 
     def finish(self, timeout: float) -> bool:
         """Ask for the end now (the container ended) and wait for it; False when it took longer than timeout."""
@@ -367,7 +391,7 @@ class EventsFollower:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 with open(self.path, "wb") as out:
                     offset = self._while_running(client, out)
-                    if self.skipped is None:
+                    if self.skipped is None and not self._stopped.is_set():
                         self._rest(client, out, offset)
             finally:
                 client.close()
@@ -378,7 +402,7 @@ class EventsFollower:
 
     def _while_running(self, client: APIClient, out: IO[bytes]) -> int:
         offset = 0
-        while True:
+        while not self._stopped.is_set():
             data = self._read(client, offset)
             if data is None:
                 return offset
@@ -387,6 +411,7 @@ class EventsFollower:
             offset += len(data)
             if len(data) < EXEC_READ_CAP:
                 self._wake.wait(EVENTS_INTERVAL_SECONDS)
+        return offset
 
     def _read(self, client: APIClient, offset: int) -> bytes | None:
         """What the file holds from offset on (up to EXEC_READ_CAP); None once the container stopped."""

@@ -229,6 +229,9 @@ class LocalTarget:
         # A process leaves no trace by run id that could be trusted; an unsaved handle means a lost run.
         return None
 
+    def detach(self, handle: LocalHandle) -> None:
+        pass  # nothing is held open per run: each look reads the run's files afresh
+
     def discard(self, job: Job) -> None:
         return None  # a run that never started left no process behind
 

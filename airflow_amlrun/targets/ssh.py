@@ -384,6 +384,9 @@ class SSHTarget:
             return None
         return self._handle(job.run_id, status["run_dir"], status["process"], None)
 
+    def detach(self, handle: SSHHandle) -> None:
+        pass  # nothing is held open per run: each look reads the run's files afresh
+
     def discard(self, job: Job) -> None:
         return None  # a run that never started left no process; its run directory goes per [amlrun] cleanup
 

@@ -1,10 +1,10 @@
-"""Trigger that follows a deferred task's run in the triggerer: its output, metrics, limit and end."""
+"""Trigger that follows a deferred task's run in the triggerer: its output, metrics, limits and end."""
 
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import AsyncIterator
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
@@ -15,20 +15,27 @@ if TYPE_CHECKING:
 
 ENDED = "ended"
 ERROR = "error"
+# Longest wait between two looks at a run from the triggerer, whose threads every deferred run shares.
+TRIGGER_POLL_SECONDS = 2.0
+# Between two tries to hand a run back when the history does not take what is pending.
+HAND_BACK_RETRY_SECONDS = 5.0
 
 
 class ScriptRunTrigger(BaseTrigger):
     """Follows a run from where the task left it until it ends, then hands it back to the task.
 
     While the run goes on, its output reaches the task log (as the trigger's log lines), its metrics and tags
-    reach the run history, its heartbeat is kept, and a run past its max duration is stopped. Once it ended,
-    the event carries its exit status and how far its output was read; the task (``execute_complete``) then
-    collects its outputs and records the outcome, as a task that waited for it itself would.
+    reach the run history, its heartbeat is kept, and it is stopped past its max duration or the task's
+    execution_timeout. Once it ended, the event carries its exit status and how far its output was read; the
+    task (``execute_complete``) then collects its outputs and records the outcome, as a task that waited for
+    it itself would. Nothing secret is held: the kwargs are the run id, offsets and flags.
 
     :param run_id: the run.
     :param state: how far the task followed it (``FollowState.to_json()``).
     :param workspace_conn_id: `amlrun` connection of the workspace (None: the default workspace).
-    :param show_output: pass the script's output to the task log.
+    :param show_output: pass the script's output to the task log. The task turns it off for a run with
+        secret variables: the triggerer does not know their values, so it could not mask them.
+    :param stop_at: ISO time at which to stop the run (the task's execution_timeout), if any.
     """
 
     def __init__(
@@ -37,12 +44,14 @@ class ScriptRunTrigger(BaseTrigger):
         state: dict[str, Any],
         workspace_conn_id: str | None = None,
         show_output: bool = True,
+        stop_at: str | None = None,
     ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.run_id = run_id
         self.state = dict(state)
         self.workspace_conn_id = workspace_conn_id
         self.show_output = show_output
+        self.stop_at = stop_at
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -52,6 +61,7 @@ class ScriptRunTrigger(BaseTrigger):
                 "state": self.state,
                 "workspace_conn_id": self.workspace_conn_id,
                 "show_output": self.show_output,
+                "stop_at": self.stop_at,
             },
         )
 
@@ -60,64 +70,112 @@ class ScriptRunTrigger(BaseTrigger):
         from airflow_amlrun.workspace import Workspace
 
         workspace = Workspace.get(self.workspace_conn_id)
-        return ScriptRun.resumed(workspace, self.run_id, FollowState.from_json(self.state))
+        run = ScriptRun.resumed(workspace, self.run_id, FollowState.from_json(self.state))
+        if self.stop_at is not None:
+            run.stop_at(
+                datetime.fromisoformat(self.stop_at),
+                "Stopped by the Airflow task's execution_timeout (while deferred).",
+            )
+        return run
 
     def _emit(self, line: str) -> None:
         self.log.info("%s", line)
 
+    def _event(self, status: str, **fields: Any) -> TriggerEvent:
+        return TriggerEvent({"run_id": self.run_id, "status": status, **fields})  # type: ignore[no-untyped-call]
+
     async def run(self) -> AsyncIterator[TriggerEvent]:
+        resuming = asyncio.ensure_future(asyncio.to_thread(self._resume))
         try:
-            run = await asyncio.to_thread(self._resume)
+            run = await asyncio.shield(resuming)
+        except asyncio.CancelledError:
+            # Cancelled while taking the run over: once that is done, let go of it again (its heartbeat too).
+            await _let_go_when_done(resuming)
+            raise
         except Exception as err:
             # Nothing was done to the run: the task gets it back as it left it, and says why.
-            yield TriggerEvent(
-                {"run_id": self.run_id, "status": ERROR, "message": str(err), "state": self.state}
-            )  # type: ignore[no-untyped-call]
+            yield self._event(ERROR, message=_describe(err), state=self.state)
             return
         emit = self._emit if self.show_output else None
+        poll = max(run.settings.poll_interval_seconds, 0.05)
         step: asyncio.Future[TargetStatus | None] | None = None
         try:
             while True:
-                step = asyncio.ensure_future(asyncio.to_thread(run.step, emit))
+                step = asyncio.ensure_future(asyncio.to_thread(run.step, emit, 0))
                 status = await asyncio.shield(step)
                 if status is not None:
                     break
+                await asyncio.sleep(min(poll * 20, TRIGGER_POLL_SECONDS))
         except asyncio.CancelledError:
             # Moved to another triggerer, or this one stops (on_kill handles a user's kill): the run goes on.
             # Whoever follows next starts from the offsets this trigger was created with: the task log may
             # show some lines twice, while metrics are recorded once (by their sequence number).
             if step is not None:
-                await asyncio.wait([step])  # a step is short (one poll interval); let it finish first
-            await asyncio.to_thread(run.hand_over)
+                await asyncio.wait([step])  # one look is short; let it finish before letting go
+            await asyncio.to_thread(_let_go, run)
             raise
         except Exception as err:
-            state = await asyncio.to_thread(run.hand_over)
-            yield TriggerEvent(
-                {"run_id": self.run_id, "status": ERROR, "message": str(err), "state": state.to_json()}
-            )  # type: ignore[no-untyped-call]
+            state = await self._hand_back(run)
+            yield self._event(ERROR, message=_describe(err), state=state)
             return
-        state = await asyncio.to_thread(run.hand_over)
-        yield TriggerEvent(  # type: ignore[no-untyped-call]
-            {
-                "run_id": self.run_id,
-                "status": ENDED,
-                "exit_code": status.exit_code,
-                "reason": status.reason,
-                "timed_out": status.timed_out,
-                "state": state.to_json(),
-            }
+        state = await self._hand_back(run)
+        yield self._event(
+            ENDED, exit_code=status.exit_code, reason=status.reason, timed_out=status.timed_out, state=state
         )
+
+    async def _hand_back(self, run: ScriptRun) -> dict[str, Any]:
+        """Hand the run back to the task once what this trigger read is recorded; waits out a history outage."""
+        from airflow_amlrun.history import HistoryUnavailableError
+
+        while True:
+            try:
+                state = await asyncio.to_thread(run.hand_over)
+            except HistoryUnavailableError as err:
+                self.log.warning("%s Trying again in %.0f s.", err, HAND_BACK_RETRY_SECONDS)
+                await asyncio.sleep(HAND_BACK_RETRY_SECONDS)
+                continue
+            return state.to_json()
 
     async def on_kill(self) -> None:
         """The deferred task was killed (marked failed or succeeded, or cleared): stop its run, which ends
-        Canceled, as ``on_kill`` of a task that waits in its worker does."""
+        Canceled, as ``on_kill`` of a task that waits in its worker does (a run that already ended keeps its
+        own outcome)."""
         await asyncio.to_thread(self._cancel)
 
     def _cancel(self) -> None:
+        from airflow_amlrun.run import RunEndedError
+
         try:
             run = self._resume()
+        except RunEndedError:
+            return
         except Exception as err:
-            logging.getLogger(__name__).warning("Run %s was not stopped: %s", self.run_id, err)
+            self.log.warning("Run %s was not stopped: %s", self.run_id, _describe(err))
             return
         self.log.info("Canceling run %s", self.run_id)
-        run.cancel(reason="Canceled: its deferred task was killed.")
+        try:
+            run.cancel(reason="Canceled: its deferred task was killed.")
+        except Exception as err:
+            self.log.warning("Run %s: stopping it failed: %s", self.run_id, _describe(err))
+        finally:
+            _let_go(run)
+
+
+def _let_go(run: ScriptRun) -> None:
+    """Stop following a run from this process, whatever the history says: its heartbeat and streams end."""
+    from airflow_amlrun.history import HistoryUnavailableError
+
+    try:
+        run.hand_over(timeout=5.0)
+    except HistoryUnavailableError:
+        run.abandon()
+
+
+async def _let_go_when_done(resuming: asyncio.Future[ScriptRun]) -> None:
+    await asyncio.wait([resuming])
+    if not resuming.cancelled() and resuming.exception() is None:
+        await asyncio.to_thread(_let_go, resuming.result())
+
+
+def _describe(err: BaseException) -> str:
+    return f"{type(err).__name__}: {err}" if str(err) else type(err).__name__

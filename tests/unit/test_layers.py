@@ -1,12 +1,15 @@
 """The package's imports flow one way: glue -> submission -> targets -> core -> base, with no circle.
 
-Every import counts, at module level or inside a function (a lazy import is still a dependency); only
-imports under ``if TYPE_CHECKING:`` do not, as they never run.
+Every import counts, at module level or inside a function (a lazy import is still a dependency), and so do
+module paths named in strings (``importlib``, class paths) and the parent packages an import runs; only
+imports in the body of ``if TYPE_CHECKING:`` do not, as they never run.
 """
 
 from __future__ import annotations
 
 import ast
+import re
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,7 +29,12 @@ LAYERS: list[tuple[str, list[str]]] = [
         ["operators", "sensors", "triggers", "plugin", "hooks", "links", "cli", "get_provider_info", ""],
     ),
 ]
+# Packages whose own __init__ sits in a lower layer than the prefix rule gives: importing `hooks.docker`
+# runs `hooks/__init__.py`, so the targets may not find anything of the glue there.
+EXACT = {"hooks": 2}
 CORE = ("snapshot", "environment", "history", "workspace")
+# A module path in a string: "airflow_amlrun.x.y", or "airflow_amlrun.x.y:Class".
+DOTTED = re.compile(r"(airflow_amlrun(?:\.[A-Za-z_][A-Za-z0-9_]*)+)(?::[A-Za-z_][A-Za-z0-9_]*)?")
 
 
 def modules() -> dict[str, Path]:
@@ -40,10 +48,12 @@ def modules() -> dict[str, Path]:
 
 
 def _type_checking_nodes(tree: ast.AST) -> set[int]:
+    """The nodes of the bodies of `if TYPE_CHECKING:` (not of its else branch, nor of `if not ...`)."""
     skipped: set[int] = set()
     for node in ast.walk(tree):
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            skipped.update(id(inner) for inner in ast.walk(node))
+        if isinstance(node, ast.If) and ast.unparse(node.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING"):
+            for statement in node.body:
+                skipped.update(id(inner) for inner in ast.walk(statement))
     return skipped
 
 
@@ -64,6 +74,10 @@ def imported_names(path: Path) -> Iterator[str]:
                     [*package.split(".")[: len(package.split(".")) - node.level + 1], base]
                 ).strip(".")
             yield from (f"{base}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            named = DOTTED.fullmatch(node.value)
+            if named:  # importlib.import_module("..."), a class path, importlib.resources.files("...")
+                yield named.group(1)
 
 
 def own_module(name: str, known: dict[str, Path]) -> str | None:
@@ -77,6 +91,8 @@ def own_module(name: str, known: dict[str, Path]) -> str | None:
 
 
 def layer_of(module: str) -> int:
+    if module in EXACT:
+        return EXACT[module]
     for index, (_name, prefixes) in enumerate(LAYERS):
         for prefix in prefixes:
             if module == prefix or (prefix and module.startswith(prefix + ".")):
@@ -90,8 +106,13 @@ def graph() -> dict[str, set[str]]:
     for module, path in known.items():
         for name in imported_names(path):
             target = own_module(name, known)
-            if target is not None and target != module:
-                edges[module].add(target)
+            if target is None:
+                continue
+            # Importing a.b.c runs a/__init__.py and a/b/__init__.py first (the root's lazy exports aside).
+            parts = target.split(".")
+            for found in {".".join(parts[:n]) for n in range(1, len(parts) + 1)} - {module, ""}:
+                if found in known and not module.startswith(found + "."):
+                    edges[module].add(found)
     return edges
 
 
@@ -136,6 +157,12 @@ def test_the_core_knows_no_airflow() -> None:
     assert offending == []
 
 
+def test_the_training_scripts_side_needs_only_the_standard_library() -> None:
+    # run_context is copied alone into containers and remote hosts, whose Python has nothing else.
+    imported = {name.split(".")[0] for name in imported_names(PACKAGE / "run_context.py")}
+    assert imported - set(sys.stdlib_module_names) - {"__future__"} == set()
+
+
 def test_the_graph_sees_lazy_imports_and_skips_type_checking_ones() -> None:
     # The checks above pass trivially if the parser misses imports. Environment.register imports the
     # registry inside the method; the registry names Environment only for type checking.
@@ -145,3 +172,19 @@ def test_the_graph_sees_lazy_imports_and_skips_type_checking_ones() -> None:
     assert "workspace" in edges["hooks.workspace"]
     assert layer_of("workspace") < layer_of("hooks.workspace")
     assert layer_of("targets.docker") < layer_of("run") < layer_of("operators.script_run")
+    # A class path in a string, and a parent package run by an import, count.
+    assert {"targets.docker", "targets.ssh"} <= edges["targets.registry"]
+    assert "hooks" in edges["targets.docker"]
+
+
+def test_only_the_body_of_if_type_checking_is_skipped(tmp_path: Path) -> None:
+    tree = ast.parse(
+        "from typing import TYPE_CHECKING\n"
+        "if TYPE_CHECKING:\n    import a_typing_only\nelse:\n    import a_runtime\n"
+        "if not TYPE_CHECKING:\n    import another_runtime\n"
+    )
+    skipped = _type_checking_nodes(tree)
+    names = {
+        a.name for n in ast.walk(tree) if isinstance(n, ast.Import) and id(n) not in skipped for a in n.names
+    }
+    assert names == {"a_runtime", "another_runtime"}

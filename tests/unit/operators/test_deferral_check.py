@@ -1,57 +1,84 @@
-"""Whether a triggerer shares this machine: looked up among this machine's processes.
+"""Whether a triggerer of this Airflow shares this machine: looked up among this machine's processes.
 
-A real triggerer is in tests/integration/test_deferrable.py; here processes only named like one. What the
-answer is beforehand depends on the machine (a developer may run Airflow beside the suite): each test
-compares with it.
+A real triggerer is in tests/integration/test_deferrable.py; here processes only named like one, with this
+session's AIRFLOW_HOME (a temporary folder of the suite's own, so that no other Airflow on the machine
+counts) or another one.
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import pytest
+
 from airflow_amlrun.operators.script_run import triggerer_shares_this_machine
 
-ANOTHER_FILESYSTEM = "the triggerer seen here runs in another filesystem (a container)"
+TITLE = 'exec -a "airflow triggerer" sleep 60'
 
 
 @contextmanager
-def named_triggerer(*prefix: str) -> Iterator[None]:
-    # `exec -a` names the process as Airflow's triggerer names itself on its command line.
-    process = subprocess.Popen([*prefix, "bash", "-c", 'exec -a "airflow triggerer" sleep 60'])
+def process(*argv: str, airflow_home: str | None = None) -> Iterator[None]:
+    env = {**os.environ, "AIRFLOW_HOME": airflow_home or os.environ["AIRFLOW_HOME"]}
+    started = subprocess.Popen(list(argv), env=env)
     try:
         time.sleep(0.3)
         yield
     finally:
-        process.kill()
-        process.wait()
+        started.kill()
+        started.wait()
 
 
-def settled(expected: str | None) -> str | None:
+def test_without_a_triggerer_of_this_airflow_nothing_is_deferred_here():
     found = triggerer_shares_this_machine()
-    for _ in range(50):
-        if found == expected:
-            break
-        time.sleep(0.1)
+    assert found is not None
+    assert found == "no triggerer runs on this machine" or found.startswith("the triggerer seen here belongs")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["bash", "-c", TITLE],  # retitled as Airflow retitles its processes
+        # An interpreter running Airflow's entry point: `python /opt/venv/bin/airflow triggerer`.
+        [sys.executable, "-c", "import time; time.sleep(60)", "/opt/venv/bin/airflow", "triggerer"],
+    ],
+)
+def test_a_triggerer_of_this_airflow_in_this_namespace_is_found_and_its_end_noticed(argv):
+    with process(*argv):
+        assert triggerer_shares_this_machine() is None
+    time.sleep(0.1)
+    assert triggerer_shares_this_machine() is not None
+
+
+def test_a_triggerer_of_another_airflow_does_not_count(tmp_path):
+    with process("bash", "-c", TITLE, airflow_home=str(tmp_path)):
         found = triggerer_shares_this_machine()
-    return found
-
-
-def test_a_triggerer_process_in_this_filesystem_is_found_and_its_end_noticed():
-    before = triggerer_shares_this_machine()
-    assert before in (None, "no triggerer runs on this machine", ANOTHER_FILESYSTEM)
-
-    with named_triggerer():
-        assert settled(None) is None
-
-    assert settled(before) == before
+    assert found is not None and f"another Airflow (AIRFLOW_HOME {tmp_path})" in found
 
 
 def test_a_triggerer_in_another_mount_namespace_does_not_count():
-    before = triggerer_shares_this_machine()
+    with process("unshare", "--mount", "bash", "-c", TITLE):
+        found = triggerer_shares_this_machine()
+    assert found is not None and "another process or mount namespace (a container)" in found
 
-    with named_triggerer("unshare", "--mount"):
-        expected = None if before is None else ANOTHER_FILESYSTEM
-        assert settled(expected) == expected
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["bash", "-c", 'exec -a tail sleep 60 "$0"', "/var/log/airflow-triggerer.log"],
+        ["bash", "-c", 'exec -a journalctl sleep 60 -fu "$0"', "airflow-triggerer"],
+        ["bash", "-c", 'exec -a vim sleep 60 "$0"', "airflow_triggerer_notes.md"],
+    ],
+)
+def test_processes_that_only_mention_a_triggerer_do_not_count(argv):
+    with process(*argv):
+        assert triggerer_shares_this_machine() is not None
+
+
+def test_a_machine_whose_processes_cannot_be_read_defers_nothing(tmp_path):
+    found = triggerer_shares_this_machine(proc=str(tmp_path / "no-proc"))
+    assert found is not None and found.startswith("this machine's processes cannot be looked at")
