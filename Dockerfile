@@ -1,5 +1,6 @@
 # The Airflow image of docker-compose.yaml: the official image plus airflow-amlrun with its Docker and SSH
-# targets, the Celery executor, psycopg for the run history and asyncpg for the API server on PostgreSQL.
+# targets and S3 stores, the Celery executor, psycopg for the run history and asyncpg for the API server on
+# PostgreSQL.
 #
 #   docker-compose build    (or: docker build -t airflow-amlrun:latest .)
 #
@@ -20,11 +21,12 @@ RUN mkdir -p /srv/amlrun/store /opt/airflow-amlrun \
 USER airflow
 
 # The dependencies first, from pyproject.toml alone (an empty package stands in for the code), so that a
-# change of the code reuses this layer. Airflow stays at the base image's version.
+# change of the code reuses this layer. Airflow stays at the base image's version; celery 5.6 and later
+# stop the Celery provider at start (`cannot import name 'retry' from 'celery.backends.database'`).
 COPY --chown=airflow:0 pyproject.toml /opt/airflow-amlrun/
 RUN cd /opt/airflow-amlrun \
  && mkdir airflow_amlrun && touch airflow_amlrun/__init__.py README.md \
- && pip install --no-cache-dir "apache-airflow==${AIRFLOW_VERSION}" ".[docker,ssh,postgres]" \
+ && pip install --no-cache-dir "apache-airflow==${AIRFLOW_VERSION}" ".[docker,ssh,postgres,s3]" \
       apache-airflow-providers-celery "celery<5.6" asyncpg ${EXAMPLE_REQUIREMENTS} \
  && pip uninstall --yes airflow-amlrun \
  && rm -rf /opt/airflow-amlrun/*
