@@ -17,7 +17,8 @@ if [ ! -s "$PGDATA/PG_VERSION" ]; then
   echo "listen_addresses = '*'" >>"$PGDATA/postgresql.conf"
   db=${POSTGRES_DB:-$user}
   if [ "$db" != postgres ]; then
-    echo "CREATE DATABASE \"$db\" OWNER \"$user\";" | "$bin/postgres" --single -D "$PGDATA" postgres >/dev/null
+    echo "CREATE DATABASE \"$db\" OWNER \"$user\";" |
+      "$bin/postgres" --single -D "$PGDATA" postgres >/dev/null
   fi
 fi
 exec "$bin/postgres" -D "$PGDATA" "$@"

@@ -1,5 +1,5 @@
-"""The shipped docker-compose.yaml: valid, and brought up for real, runs the example DAG on CeleryExecutor with
-the run history in its PostgreSQL and the store on the volume every Airflow component shares.
+"""The shipped docker-compose.yaml: valid, and brought up for real, runs the example DAG on CeleryExecutor
+with the run history in its PostgreSQL and the store on the volume every Airflow component shares.
 
 No image can be pulled here, so deploy/offline/build-images.sh builds the images the compose file names from
 amlrun-base:py3.11 (scripts/docker.sh makes it, and installs docker-compose), each tagged by the hash of its
@@ -212,7 +212,8 @@ def test_the_example_dag_runs_on_the_deployment_into_the_shared_history_and_stor
     # The run row, as the run-history database holds it.
     rows = _psql(
         deployment,
-        "SELECT id, status, target, outputs_uri FROM amlrun_runs WHERE dag_id = :'dag' AND airflow_run_id = :'run'",
+        "SELECT id, status, target, outputs_uri FROM amlrun_runs"
+        " WHERE dag_id = :'dag' AND airflow_run_id = :'run'",
         dag=DAG_ID,
         run=dag_run_id,
     )
