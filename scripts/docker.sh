@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Makes a Docker Engine and the test base image available: safe to run before every `make test`.
 #
-# 1. Installs docker.io (and debootstrap) when dockerd is missing.
+# 1. Installs docker.io, debootstrap and docker-compose (Debian's 1.29: the compose file's tests run it)
+#    when one is missing.
 # 2. Starts dockerd when nothing answers on the socket (--bridge=none --iptables=false: containers get no
 #    private-range address; the ones that need the network run with network_mode=host). Log: $DOCKERD_LOG.
 # 3. Makes amlrun-base:py3.11 (Debian bookworm minbase with python3, python3-venv, python3-pip) once: no
@@ -43,6 +44,7 @@ install_packages() {
   local missing=()
   { command -v dockerd && command -v docker; } >/dev/null || missing+=(docker.io)
   command -v debootstrap >/dev/null || missing+=(debootstrap)
+  command -v docker-compose >/dev/null || missing+=(docker-compose)
   if [ ${#missing[@]} -gt 0 ]; then
     say "installing ${missing[*]}"
     apt-get update -qq
