@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path, PurePosixPath
 from typing import IO
 
-from airflow_amlrun.targets.files import DIR_FLAGS, file_kind
+from airflow_amlrun.targets.files import DIR_FLAGS, file_kind, require_tar_data_filter
 
 log = logging.getLogger(__name__)
 
@@ -202,6 +202,7 @@ def extract_folder(chunks: Iterable[bytes], dest: Path) -> list[str]:
             skipped.append(f"{member.name}: {err}; it was not collected")
             return None
 
+    require_tar_data_filter()
     staging = Path(tempfile.mkdtemp(prefix=f".fetch-{folder}-", dir=dest.parent))
     try:
         with spooled(chunks) as spool, tarfile.open(fileobj=spool) as tar:

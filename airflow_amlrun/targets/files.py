@@ -112,3 +112,19 @@ def file_kind(mode: int) -> str:
     if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
         return "a device node"
     return "a special file"
+
+
+def require_tar_data_filter() -> None:
+    """Refuse to unpack what a run sent back without tarfile's "data" filter (Python 3.11.4 and later),
+    which keeps links, devices and paths from reaching outside the folder it is unpacked into."""
+    import sys
+    import tarfile
+
+    if not hasattr(tarfile, "data_filter"):
+        from airflow_amlrun.errors import ConfigurationError
+
+        raise ConfigurationError(
+            f"Collecting a run's outputs needs Python 3.11.4 or later on the worker (for tarfile's data "
+            f"filter, which keeps what a run sends back inside its folder); this worker runs "
+            f"{sys.version.split()[0]}. Upgrade the worker's Python."
+        )

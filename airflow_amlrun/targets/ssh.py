@@ -67,6 +67,7 @@ from airflow_amlrun.targets.common import (
     time_limit_status,
     write_run_context_package,
 )
+from airflow_amlrun.targets.files import require_tar_data_filter
 from airflow_amlrun.targets.handles import SSHHandle
 from airflow_amlrun.targets.ssh_helper import RemoteHelper
 
@@ -331,6 +332,7 @@ class SSHTarget:
             spool.seek(0)
             shutil.rmtree(dest, ignore_errors=True)
             dest.mkdir(parents=True)
+            require_tar_data_filter()
             with tarfile.open(fileobj=spool, mode="r|") as tar:
                 for member in tar:
                     try:
