@@ -15,7 +15,14 @@ Baselines: local -> BashOperator (`python train.py`); other targets bring their 
   *_dag_test_median_s, dag_test_ratio: the same for the whole dag.test() call,
   *_first_s: the first (warm-up) task of each kind, which pays the one-time costs of the process.
 
-    python benchmarks/overhead.py [--targets plain,local,docker,ssh] [--rounds 5] [--seconds 2]
+    python benchmarks/overhead.py [--targets plain,local,docker,ssh,deferrable] [--rounds 5] [--seconds 2]
+
+Target `deferrable` runs under a real scheduler and triggerer (LocalExecutor, its own AIRFLOW_HOME and
+PostgreSQL databases, see tests/integration/airflow_cluster.py) a `--deferred-seconds` (60) script as a
+deferred ScriptRunOperator on the local target against BashOperator, which has no deferrable mode, alternating.
+Besides the median DAG-run durations and their ratio it prints the worker-slot seconds each task held: how long
+a task runner process of the task instance was alive (looked at every 0.1 s), the deferred task's two
+executions (submit, then execute_complete) together.
 
 A case module defines `prepare(root, source, seconds) -> (amlrun_dag_text, baseline_dag_text)` (DAG ids
 `overhead_<target>_amlrun` and `overhead_<target>_baseline`), `BASELINE` (a description) and optionally
@@ -229,6 +236,94 @@ def run_target(
     }
 
 
+DEFERRED_AMLRUN = """
+import pendulum
+from airflow.sdk import DAG
+from airflow_amlrun import ScriptRunConfig, ScriptRunOperator
+
+with DAG("DAG_ID", schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC")) as dag:
+    ScriptRunOperator(
+        task_id="train",
+        experiment="overhead",
+        config=ScriptRunConfig({source!r}, script="train.py", arguments=[{seconds!r}]),
+        deferrable=True,
+    )
+"""
+
+DEFERRED_BASELINE = """
+import pendulum
+from airflow.sdk import DAG
+from airflow.providers.standard.operators.bash import BashOperator
+
+with DAG("DAG_ID", schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC")) as dag:
+    BashOperator(task_id="train", bash_command={command!r}, cwd={source!r})
+"""
+
+
+def slot_seconds(cluster: Any, dag_id: str) -> tuple[float, float]:
+    """Run the DAG once; its run's duration, and the seconds a task runner process of its task was alive."""
+    import threading
+
+    from tests.integration.airflow_cluster import _cmdline, _pids
+
+    run_id = cluster.trigger(dag_id)
+    alive = 0.0
+    done = threading.Event()
+
+    def watch() -> None:
+        nonlocal alive
+        ti_id = None
+        while not done.is_set():
+            if ti_id is None:
+                ti = cluster.task_instances(dag_id, run_id).get("train")
+                ti_id = ti.id if ti is not None else None
+            if ti_id is not None and any(_cmdline(pid) == f"airflow worker -- {ti_id}" for pid in _pids()):
+                alive += 0.1
+            time.sleep(0.1)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    started = time.perf_counter()
+    watcher.start()
+    state = cluster.wait_for_dag_run(dag_id, run_id, timeout=3600)
+    wall = time.perf_counter() - started
+    done.set()
+    watcher.join()
+    if state != "success":
+        raise SystemExit(f"{dag_id} ended {state}:\n{cluster.component_logs()}")
+    return wall, alive
+
+
+def run_deferrable(root: Path, source: Path, rounds: int, seconds: float) -> dict[str, Any]:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from tests.integration.airflow_cluster import AirflowCluster
+
+    with AirflowCluster() as cluster:
+        amlrun = cluster.write_dag(DEFERRED_AMLRUN.format(source=str(source), seconds=seconds))
+        baseline = cluster.write_dag(
+            DEFERRED_BASELINE.format(command=f"{sys.executable} train.py {seconds}", source=str(source))
+        )
+        times: dict[str, list[tuple[float, float]]] = {"amlrun": [], "baseline": []}
+        for _ in range(rounds):
+            times["amlrun"].append(slot_seconds(cluster, amlrun))
+            times["baseline"].append(slot_seconds(cluster, baseline))
+
+    def median(name: str, index: int) -> float:
+        return round(statistics.median(t[index] for t in times[name]), 3)
+
+    return {
+        "target": "deferrable",
+        "rounds": rounds,
+        "script_seconds": seconds,
+        "amlrun_median_s": median("amlrun", 0),
+        "baseline_median_s": median("baseline", 0),
+        "ratio": round(median("amlrun", 0) / median("baseline", 0), 3),
+        "amlrun_slot_seconds_median": median("amlrun", 1),
+        "baseline_slot_seconds_median": median("baseline", 1),
+        "slot_ratio": round(median("amlrun", 1) / median("baseline", 1), 3),
+        "baseline": "BashOperator (no deferrable mode), the same script, under the same scheduler",
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -236,12 +331,15 @@ def main() -> None:
     parser.add_argument("--targets", default="local", help="comma-separated: plain, local, docker, ssh")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=2.0, help="how long the training script runs")
+    parser.add_argument(
+        "--deferred-seconds", type=float, default=60.0, help="how long the script runs for target deferrable"
+    )
     args = parser.parse_args()
 
     targets = [target.strip() for target in args.targets.split(",")]
     root = Path(tempfile.mkdtemp(prefix="amlrun-overhead-"))
     # Only the DAG targets need Airflow's database; a plain script never touches it.
-    dags = setup_airflow(root, migrate=any(target != "plain" for target in targets))
+    dags = setup_airflow(root, migrate=any(target not in ("plain", "deferrable") for target in targets))
     source = root / "src"
     source.mkdir()
     (source / "train.py").write_text(textwrap.dedent(TRAIN))
@@ -253,6 +351,8 @@ def main() -> None:
             os.dup2(2, 1)
             if target == "plain":
                 result = run_plain(root, source, args.rounds, args.seconds)
+            elif target == "deferrable":
+                result = run_deferrable(root, source, args.rounds, args.deferred_seconds)
             else:
                 result = run_target(target, root, dags, source, args.rounds, args.seconds)
             sys.stdout.flush()

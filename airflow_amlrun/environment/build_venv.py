@@ -126,7 +126,15 @@ def build_venv(
             if os.path.exists(python):
                 return python  # another process built it while this one waited
             _clear_leftovers(envs, key)
+            started = time.monotonic()
             _build(spec, lock, key, envs, uv_cache)
+            log.info(
+                "Built environment %r version %s (build %s) in %.1f s",
+                spec.name,
+                spec.version,
+                key[:12],
+                time.monotonic() - started,
+            )
     except Timeout:
         raise EnvironmentBuildError(
             f"Waited {BUILD_TIMEOUT_SECONDS} s for another process building environment {spec.name!r} "
