@@ -94,6 +94,8 @@ class AirflowCluster:
     :param executor: ``LocalExecutor`` or ``CeleryExecutor``.
     :param celery_workers: how many ``airflow celery worker`` processes (CeleryExecutor only).
     :param worker_concurrency: task slots of each Celery worker.
+    :param parallelism: ``[core] parallelism``: most tasks running at once (a LocalExecutor keeps as many
+        worker processes).
     :param heartbeat_timeout: ``[scheduler] task_instance_heartbeat_timeout``: seconds without a heartbeat after
         which the scheduler takes a running task for dead.
     :param env: more variables for every component.
@@ -105,6 +107,7 @@ class AirflowCluster:
         executor: str = "LocalExecutor",
         celery_workers: int = 0,
         worker_concurrency: int = 4,
+        parallelism: int = 8,
         heartbeat_timeout: int = 20,
         env: dict[str, str] | None = None,
     ) -> None:
@@ -130,7 +133,7 @@ class AirflowCluster:
         self._redis_used = False
         self._token: str | None = None
         self._history: RunHistory | None = None
-        self.env = self._environment(worker_concurrency, heartbeat_timeout, env or {})
+        self.env = self._environment(worker_concurrency, parallelism, heartbeat_timeout, env or {})
 
     # ---------------------------------------------------------------- life cycle
 
@@ -334,7 +337,9 @@ class AirflowCluster:
 
     # ---------------------------------------------------------------- internals
 
-    def _environment(self, concurrency: int, heartbeat_timeout: int, extra: dict[str, str]) -> dict[str, str]:
+    def _environment(
+        self, concurrency: int, parallelism: int, heartbeat_timeout: int, extra: dict[str, str]
+    ) -> dict[str, str]:
         metadata = f"{PG_SERVER}/{self.metadata_db}".replace("postgresql://", "postgresql+psycopg://", 1)
         (self.home / "passwords.json").write_text(json.dumps({ADMIN[0]: ADMIN[1]}))
         pylib = self.home / "pylib"
@@ -350,6 +355,7 @@ class AirflowCluster:
                 "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
                 "AIRFLOW__CORE__EXECUTOR": self.executor,
                 "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
+                "AIRFLOW__CORE__PARALLELISM": str(parallelism),
                 "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.url}/execution/",
                 "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{ADMIN[0]}:admin",
                 "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(self.home / "passwords.json"),

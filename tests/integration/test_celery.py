@@ -23,7 +23,11 @@ def cluster() -> Iterator[AirflowCluster]:
     # Five slots a worker: ten tasks queued at once cannot all be taken by one of them. Ten tasks starting
     # together load this machine's two cores: the heartbeat timeout leaves them room.
     with AirflowCluster(
-        executor="CeleryExecutor", celery_workers=2, worker_concurrency=TASKS // 2, heartbeat_timeout=90
+        executor="CeleryExecutor",
+        celery_workers=2,
+        worker_concurrency=TASKS // 2,
+        parallelism=TASKS,
+        heartbeat_timeout=90,
     ) as started:
         yield started
 
