@@ -15,7 +15,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 SECTION = "amlrun"
 
@@ -189,6 +189,23 @@ def connection_may_be_defined(conn_id: str) -> bool:
         if _file_option(section, key):
             return True
     return False
+
+
+def airflow_connection(conn_id: str) -> tuple[str | None, dict[str, Any]] | None:
+    """The type and extras of the Airflow connection with this id; None when there is none.
+
+    Airflow is loaded only when the connection may exist (``connection_may_be_defined``).
+    """
+    if not connection_may_be_defined(conn_id):
+        return None
+    from airflow.sdk import BaseHook
+    from airflow.sdk.exceptions import AirflowNotFoundException
+
+    try:
+        conn = BaseHook.get_connection(conn_id)
+    except AirflowNotFoundException:
+        return None
+    return conn.conn_type, conn.extra_dejson
 
 
 def airflow_home() -> Path:

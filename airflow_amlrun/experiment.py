@@ -53,6 +53,7 @@ class Experiment:
         tags: dict[str, str] | None = None,
         base_dir: str | os.PathLike[str] | None = None,
         airflow_task: AirflowTask | None = None,
+        reattach_on_retry: bool = True,
     ) -> ScriptRun:
         """Check the config, record a run, snapshot the code and start it on its compute target.
 
@@ -60,11 +61,19 @@ class Experiment:
         :param tags: tags recorded on the run.
         :param base_dir: folder a relative source_directory starts from (default: the current directory).
         :param airflow_task: the Airflow task instance submitting the run, recorded on the run row.
+        :param reattach_on_retry: when an earlier try of that task left its run unfinished, follow that run
+            (True) instead of starting a new one; False stops it (recorded Canceled) and starts afresh.
         """
         from airflow_amlrun.run import ScriptRun
 
         return ScriptRun.submit(
-            self.workspace, self.name, config, tags=tags, base_dir=base_dir, airflow_task=airflow_task
+            self.workspace,
+            self.name,
+            config,
+            tags=tags,
+            base_dir=base_dir,
+            airflow_task=airflow_task,
+            reattach_on_retry=reattach_on_retry,
         )
 
     def list_runs(self, status: str | None = None, limit: int = 100) -> list[Any]:

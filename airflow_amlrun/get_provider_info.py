@@ -30,7 +30,13 @@ def get_provider_info() -> dict[str, Any]:
             }
         ],
         "triggers": [
-            {"integration-name": INTEGRATION, "python-modules": ["airflow_amlrun.triggers.run_status"]}
+            {
+                "integration-name": INTEGRATION,
+                "python-modules": [
+                    "airflow_amlrun.triggers.run_status",
+                    "airflow_amlrun.triggers.script_run",
+                ],
+            }
         ],
         "connection-types": [
             {

@@ -23,19 +23,16 @@ them settles it.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from airflow_amlrun.config import Settings, load_settings
-from airflow_amlrun.environment import Environment, ResolvedEnvironment
 from airflow_amlrun.errors import AmlRunError
 from airflow_amlrun.history import RunRecord, RunStatus
-from airflow_amlrun.run import ScriptRun, discard_lost, recorded_handle
+from airflow_amlrun.run import ScriptRun, discard_lost, recorded_handle, recorded_job
 from airflow_amlrun.targets.base import ComputeTarget, Job
 from airflow_amlrun.targets.handles import RunHandle, UnreadableHandleError
 from airflow_amlrun.targets.registry import resolve_target
@@ -142,7 +139,7 @@ def _settle(
         target = resolve_target(record.target, settings, workspace.cache_dir)
     except AmlRunError as err:
         return result(LEFT, f"its compute target {record.target!r} cannot be used from here: {err}")
-    job = _recorded_job(record)
+    job = recorded_job(record)
     try:
         handle = recorded_handle(target, record, job)
     except UnreadableHandleError as err:
@@ -235,32 +232,3 @@ def _over_limit(record: RunRecord, slack: float = 0.0) -> bool:
     if record.max_run_duration_seconds is None or record.start is None:
         return False
     return (datetime.now(UTC) - record.start).total_seconds() > record.max_run_duration_seconds + slack
-
-
-def _recorded_job(record: RunRecord) -> Job:
-    """The job of a recorded run, as much as following it needs: its id, limit and the handle's target."""
-    recorded = record.environment or {}
-    spec = Environment()
-    environment = ResolvedEnvironment(
-        spec=spec,
-        name=str(recorded.get("name") or spec.name),
-        version=recorded.get("version"),
-        lock=None,
-        build_key=recorded.get("build_key"),
-        user_managed=bool(recorded.get("user_managed", True)),
-    )
-    command: str | list[str] | None = record.command
-    if record.command and record.command.startswith("["):
-        command = list(json.loads(record.command))
-    return Job(
-        run_id=record.id,
-        experiment=record.experiment,
-        source_directory=Path("."),
-        script=record.script,
-        command=command,
-        arguments=[str(a) for a in record.arguments],
-        environment=environment,
-        environment_variables={},
-        max_run_duration_seconds=record.max_run_duration_seconds,
-        snapshot_id=record.snapshot_id,
-    )

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from airflow_amlrun.config import Settings, load_settings
-from airflow_amlrun.environment import ResolvedEnvironment, resolve_environment
+from airflow_amlrun.environment import Environment, ResolvedEnvironment, resolve_environment
 from airflow_amlrun.errors import (
     AmlRunError,
     RunCanceledError,
@@ -186,6 +186,37 @@ def snapshot_code(
     return result.snapshot, git
 
 
+@dataclass(frozen=True)
+class FollowState:
+    """How far a follower got with a run, for another process to go on from there (a deferred task's
+    trigger in the triggerer, then the task again): offsets in its log and events, and what it asked of it."""
+
+    log_offset: int = 0
+    events_offset: int = 0
+    event_seq: int = 0
+    timed_out: bool = False
+    cancel_requested: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "log_offset": self.log_offset,
+            "events_offset": self.events_offset,
+            "event_seq": self.event_seq,
+            "timed_out": self.timed_out,
+            "cancel_requested": self.cancel_requested,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> FollowState:
+        return cls(
+            log_offset=int(data.get("log_offset", 0)),
+            events_offset=int(data.get("events_offset", 0)),
+            event_seq=int(data.get("event_seq", 0)),
+            timed_out=bool(data.get("timed_out", False)),
+            cancel_requested=bool(data.get("cancel_requested", False)),
+        )
+
+
 class ScriptRun:
     """A run submitted to a compute target; wait for it with `wait_for_completion`."""
 
@@ -228,6 +259,7 @@ class ScriptRun:
         tags: dict[str, str] | None = None,
         base_dir: str | os.PathLike[str] | None = None,
         airflow_task: AirflowTask | None = None,
+        reattach_on_retry: bool = True,
     ) -> ScriptRun:
         """Validate everything, then record the run and start it; see Experiment.submit."""
         settings = load_settings()
@@ -236,7 +268,9 @@ class ScriptRun:
         environment = resolve_environment(workspace, config.environment)
         _warn_of_unused_sections(environment, target)
         if airflow_task is not None:
-            attached = cls._reattach(workspace, config, environment, target, airflow_task, settings)
+            attached = cls._reattach(
+                workspace, config, environment, target, airflow_task, settings, reattach=reattach_on_retry
+            )
             if attached is not None:
                 return attached
         # Building the environment needs its index credentials on this worker: a missing one fails now.
@@ -280,11 +314,14 @@ class ScriptRun:
         target: ComputeTarget[Any],
         airflow_task: AirflowTask,
         settings: Settings,
+        *,
+        reattach: bool,
     ) -> ScriptRun | None:
         """Follow the run an earlier try of this task left unfinished, instead of starting a second one.
 
         A run whose target still runs it (or finished it while nobody watched) is followed to its end; one
-        that never reached its target is recorded Failed, and a new run is submitted.
+        that never reached its target is recorded Failed, and a new run is submitted. Without `reattach`, a
+        run still on its target is stopped and recorded Canceled, and a new run is submitted.
         """
         history = workspace.history
         earlier = [
@@ -331,6 +368,18 @@ class ScriptRun:
                 if handle is None:
                     discard_lost(target, job)
                 continue
+            if not reattach:
+                log.warning(
+                    "Run %s, left unfinished by try %s of this task, is stopped: reattach_on_retry=False "
+                    "starts a new run",
+                    record.id,
+                    record.try_number,
+                )
+                stale = cls.following(workspace, target, job, handle, record, settings)
+                stale.cancel(
+                    reason="Canceled: a retry of its task started a new run (reattach_on_retry=False)."
+                )
+                continue
             log.info(
                 "Re-attaching to run %s, left unfinished by try %s of this task", record.id, record.try_number
             )
@@ -361,6 +410,49 @@ class ScriptRun:
         )
         run._heartbeat.start()
         return run
+
+    @classmethod
+    def resumed(
+        cls, workspace: Workspace, run_id: str, state: FollowState, settings: Settings | None = None
+    ) -> ScriptRun:
+        """A recorded run to follow on from where another process left it (see `hand_over`).
+
+        :param workspace: the run's workspace.
+        :param run_id: the run.
+        :param state: what `hand_over` returned in the process that followed it so far.
+        :param settings: this process's settings (default: loaded).
+        """
+        settings = settings or load_settings()
+        record = workspace.history.get_run(run_id)
+        if record.status.is_terminal:
+            raise AmlRunError(f"Run {run_id} already ended {record.status}: {record.error or 'no error'}.")
+        target = resolve_target(record.target, settings, workspace.cache_dir)
+        job = recorded_job(record)
+        handle = recorded_handle(target, record, job)
+        if handle is None:
+            raise AmlRunError(f"Run {run_id} has no handle on {record.target}: it never reached its target.")
+        unreachable = target.attachable(handle)
+        if unreachable is not None:
+            raise TargetUnreachableError(f"Run {run_id} cannot be followed from here: {unreachable}.")
+        run = cls.following(workspace, target, job, handle, record, settings)
+        run._log_offset, run._events_offset = state.log_offset, state.events_offset
+        run._event_seq = state.event_seq
+        run._timed_out, run._cancel_requested = state.timed_out, state.cancel_requested
+        return run
+
+    def hand_over(self) -> FollowState:
+        """Stop following the run from this process, leaving it running, and say how far it got."""
+        try:
+            self._book.flush()
+        finally:
+            self._heartbeat.stop()
+        return FollowState(
+            log_offset=self._log_offset,
+            events_offset=self._events_offset,
+            event_seq=self._event_seq,
+            timed_out=self._timed_out,
+            cancel_requested=self._cancel_requested,
+        )
 
     def settle_only(self, tags: dict[str, str]) -> None:
         """Follow this run as an outsider (reconcile): if this process is interrupted or loses the target, the
@@ -453,29 +545,46 @@ class ScriptRun:
             self._raise_for(record)
         return record
 
+    def step(self, emit: Callable[[str], None] | None) -> TargetStatus | None:
+        """Follow the running run for at most a poll interval: pass new lines of its output to `emit`, record
+        new metrics and tags, stop it past its max duration. Returns its final status once it ended (every
+        line then read), else None. `wait_for_completion` is these steps and `conclude`."""
+        assert self.handle is not None
+        self._heartbeat.watch(True)
+        self._heartbeat.tick()
+        status = self.target.wait(self.handle, self.settings.poll_interval_seconds)
+        self._drain(emit, final=not status.running)
+        if not status.running:
+            self._heartbeat.watch(False)
+            return status
+        self._book.flush()
+        if self._cancel_requested:
+            self.target.cancel(self.handle)
+        elif self._past_deadline() and not self._timed_out:
+            self._timed_out = True
+            self.target.cancel(self.handle)
+        return None
+
+    def _past_deadline(self) -> bool:
+        if self.job.max_run_duration_seconds is None:
+            return False
+        # Counted from the run's start, which for a re-attached or resumed run lies before this process.
+        return (_now() - self._started).total_seconds() > self.job.max_run_duration_seconds
+
+    def conclude(self, status: TargetStatus, emit: Callable[[str], None] | None = None) -> RunRecord:
+        """Record the outcome of a run that ended with `status`: read what is left of its output, collect its
+        outputs, record its status, tidy the target. For a run followed elsewhere until it ended."""
+        self._drain(emit, final=True)
+        return self._conclude(status)
+
     def _follow(self, emit: Callable[[str], None] | None) -> RunRecord:
         assert self.handle is not None
-        deadline = None
-        if self.job.max_run_duration_seconds is not None:
-            # Counted from the run's start, which for a re-attached run lies before this wait.
-            already = (_now() - self._started).total_seconds()
-            deadline = time.monotonic() + self.job.max_run_duration_seconds - already
         self._waiting = True
-        self._heartbeat.watch(True)
         try:
             while True:
-                self._heartbeat.tick()
-                status = self.target.wait(self.handle, self.settings.poll_interval_seconds)
-                self._drain(emit, final=not status.running)
-                if not status.running:
-                    self._heartbeat.watch(False)
+                status = self.step(emit)
+                if status is not None:
                     return self._conclude(status)
-                self._book.flush()
-                if self._cancel_requested:
-                    self.target.cancel(self.handle)
-                elif deadline is not None and time.monotonic() > deadline and not self._timed_out:
-                    self._timed_out = True
-                    self.target.cancel(self.handle)
         except (HistoryUnavailableError, TargetUnreachableError) as err:
             # The run ended on its target but its outcome could not be recorded, or the target cannot be
             # reached to tell: either way the run may be fine, and recording anything else would be wrong.
@@ -595,8 +704,12 @@ class ScriptRun:
 
     # ending
 
-    def cancel(self) -> None:
-        """Stop the run on its target; it ends Canceled."""
+    def cancel(self, reason: str = "Canceled.") -> None:
+        """Stop the run on its target; it ends Canceled.
+
+        :param reason: recorded as the run's error when nobody is following the run (who follows it records
+            why it ended).
+        """
         if self._finished is not None or self.handle is None:
             return
         self._cancel_requested = True
@@ -604,7 +717,7 @@ class ScriptRun:
         if not self._waiting:
             # Nobody is following the run (e.g. the wait was already abandoned): record the end here.
             self._drain(None, final=True)
-            self._finish(RunStatus.CANCELED, "Canceled.")
+            self._finish(RunStatus.CANCELED, reason)
 
     def _finish(self, status: RunStatus, error: str | None) -> RunRecord:
         """The one place a run ends: collect what it produced, record the outcome, tidy the target."""
@@ -763,3 +876,32 @@ def _now() -> datetime:
 
 
 __all__ = ["AirflowTask", "AmlRunError", "ScriptRun"]
+
+
+def recorded_job(record: RunRecord) -> Job:
+    """The job of a recorded run, as much as following it needs: its id, limit and the handle's target."""
+    recorded = record.environment or {}
+    spec = Environment()
+    environment = ResolvedEnvironment(
+        spec=spec,
+        name=str(recorded.get("name") or spec.name),
+        version=recorded.get("version"),
+        lock=None,
+        build_key=recorded.get("build_key"),
+        user_managed=bool(recorded.get("user_managed", True)),
+    )
+    command: str | list[str] | None = record.command
+    if record.command and record.command.startswith("["):
+        command = list(json.loads(record.command))
+    return Job(
+        run_id=record.id,
+        experiment=record.experiment,
+        source_directory=Path("."),
+        script=record.script,
+        command=command,
+        arguments=[str(a) for a in record.arguments],
+        environment=environment,
+        environment_variables={},
+        max_run_duration_seconds=record.max_run_duration_seconds,
+        snapshot_id=record.snapshot_id,
+    )

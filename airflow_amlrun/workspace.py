@@ -7,7 +7,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from airflow_amlrun.config import connection_may_be_defined, load_settings
+from airflow_amlrun.config import airflow_connection, load_settings
 from airflow_amlrun.errors import ConfigurationError
 
 if TYPE_CHECKING:
@@ -52,25 +52,44 @@ class Workspace:
         """
         settings = load_settings()
         conn_id = conn_id or settings.workspace_conn_id
-        found = None
         # Asking Airflow loads it (a second of CPU); a plain script where no connection can exist skips that.
-        if connection_may_be_defined(conn_id):
-            from airflow_amlrun.hooks.workspace import workspace_connection
+        found = airflow_connection(conn_id)
+        if found is not None:
+            return cls.from_connection(conn_id, *found)
+        if conn_id != settings.workspace_conn_id:
+            raise ConfigurationError(
+                f"No Airflow connection {conn_id!r} exists. Create one of type 'amlrun' (extras "
+                "database_url and store_url), or omit conn_id to use the embedded workspace."
+            )
+        return cls.cached(
+            f"sqlite:///{settings.home / 'history.db'}", str(settings.home / "store"), name="embedded"
+        )
 
-            found = workspace_connection(conn_id)
-        if found is None:
-            if conn_id != settings.workspace_conn_id:
-                raise ConfigurationError(
-                    f"No Airflow connection {conn_id!r} exists. Create one of type 'amlrun' (extras "
-                    "database_url and store_url), or omit conn_id to use the embedded workspace."
-                )
-            database_url = f"sqlite:///{settings.home / 'history.db'}"
-            store_url = str(settings.home / "store")
-            name, options = "embedded", {}
-        else:
-            database_url, store_url, options = found.database_url, found.store_url, found.storage_options
-            name = conn_id
-        return cls.cached(database_url, store_url, name=name, storage_options=options)
+    @classmethod
+    def from_connection(cls, conn_id: str, conn_type: str | None, extras: dict[str, Any]) -> Workspace:
+        """The workspace an `amlrun` connection describes: its extras ``database_url``, ``store_url`` and,
+        optionally, ``storage_options``.
+
+        :param conn_id: the connection's id, which names the workspace.
+        :param conn_type: the connection's type; must be ``amlrun`` (or unset).
+        :param extras: the connection's extras.
+        """
+        if conn_type not in (None, "", "amlrun"):
+            raise ConfigurationError(
+                f"Connection {conn_id!r} has type {conn_type!r}; a workspace connection must be of type 'amlrun'."
+            )
+        missing = [key for key in ("database_url", "store_url") if not extras.get(key)]
+        if missing:
+            raise ConfigurationError(
+                f"Connection {conn_id!r} lacks {' and '.join(missing)} in its extras: set database_url "
+                "(e.g. postgresql://user@host/amlrun) and store_url (a folder or s3://bucket/prefix)."
+            )
+        options = extras.get("storage_options") or {}
+        if not isinstance(options, dict):
+            raise ConfigurationError(f"Connection {conn_id!r}: storage_options must be a JSON object.")
+        return cls.cached(
+            str(extras["database_url"]), str(extras["store_url"]), name=conn_id, storage_options=options
+        )
 
     @classmethod
     def cached(cls, database_url: str, store_url: str, **kwargs: Any) -> Workspace:

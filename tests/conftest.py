@@ -199,6 +199,7 @@ def dag_source(
     experiment: str | None = None,
     secret_variables: dict[str, str] | None = None,
     environment: str | None = None,
+    options: dict[str, object] | None = None,
 ) -> str:
     """The text of a DAG of one ScriptRunOperator task `train`, for `run_dag`, written as a user writes it:
     what is not given is left to the defaults.
@@ -208,6 +209,7 @@ def dag_source(
     :param limit: the config's max_run_duration_seconds.
     :param environment: Python source of the config's Environment, e.g.
         ``'Environment("x", python=PythonSection(pip_requirements=["tomli-w==1.0.0"]))'``.
+    :param options: more keyword arguments of the operator, e.g. ``{"deferrable": True}``.
     """
     config = [repr(str(source)), f"script={script!r}"]
     if target != "local":
@@ -223,6 +225,7 @@ def dag_source(
         operator.append(f"arguments={arguments!r}")
     if experiment is not None:
         operator.append(f"experiment={experiment!r}")
+    operator.extend(f"{key}={value!r}" for key, value in (options or {}).items())
     body = "".join(f"        {argument},\n" for argument in operator)
     return (
         "import pendulum\n"

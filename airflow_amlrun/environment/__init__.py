@@ -6,7 +6,8 @@ from airflow_amlrun.environment.errors import (
     LockResolutionError,
 )
 from airflow_amlrun.environment.resolve import ResolvedEnvironment, ensure_local_python, resolve_environment
-from airflow_amlrun.environment.spec import DockerSection, Environment, PythonSection, SparkSection
+from airflow_amlrun.environment.sections import DockerSection, PythonSection, SparkSection
+from airflow_amlrun.environment.spec import Environment
 
 __all__ = [
     "DockerSection",

@@ -15,11 +15,14 @@ import subprocess
 import sys
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from airflow_amlrun.environment.credentials import credential_values, hide
 from airflow_amlrun.environment.errors import LockResolutionError
-from airflow_amlrun.environment.spec import Environment
 from airflow_amlrun.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from airflow_amlrun.environment.spec import Environment
 
 _HEADER = "# Locked by airflow-amlrun with {resolver}: universal, Python >= {python}."
 _HEADER_PATTERN = re.compile(r"^# Locked by airflow-amlrun with .*Python >= (\d+\.\d+)\.", re.MULTILINE)

@@ -15,12 +15,12 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from airflow_amlrun.environment.errors import EnvironmentNotFoundError
 from airflow_amlrun.environment.lock import default_uv_cache, resolve_lock
-from airflow_amlrun.environment.spec import Environment
 from airflow_amlrun.errors import ConfigurationError
 from airflow_amlrun.history.models import Base
 from airflow_amlrun.history.repository import utcnow
 
 if TYPE_CHECKING:
+    from airflow_amlrun.environment.spec import Environment
     from airflow_amlrun.history import RunHistory
 
 
@@ -103,10 +103,14 @@ def curated_names() -> list[str]:
     return sorted(_curated_specs())
 
 
-def curated_environment(name: str) -> Environment | None:
-    """The shipped spec of a curated environment (unregistered, no version), or None."""
+def curated_environment(model: type[Environment], name: str) -> Environment | None:
+    """The shipped spec of a curated environment (unregistered, no version), or None.
+
+    :param model: the Environment class to make it with (the registry stores specs; the model is theirs).
+    :param name: environment name.
+    """
     data = _curated_specs().get(name)
-    return None if data is None else Environment.from_dict(data)
+    return None if data is None else model.from_dict(data)
 
 
 # registering
@@ -119,7 +123,7 @@ def register(workspace: RegistryHost, spec: Environment) -> StoredEnvironment:
     :param spec: the environment.
     """
     if spec.name in _curated_specs():
-        curated = curated_environment(spec.name)
+        curated = curated_environment(type(spec), spec.name)
         if curated is None or curated.spec_hash() != spec.spec_hash():
             raise ConfigurationError(
                 f"Environment name {spec.name!r} belongs to a curated environment shipped with "
@@ -135,7 +139,7 @@ def _register(workspace: RegistryHost, spec: Environment) -> StoredEnvironment:
     with workspace.history.session() as session:
         row = _row_by_hash(session, spec.name, digest)
         if row is not None:
-            return _stored(row)
+            return _stored(type(spec), row)
     # Resolving takes seconds and needs the network: do it outside any transaction.
     lock = resolve_lock(spec, uv_cache_dir=default_uv_cache(workspace.cache_dir))
     for _attempt in range(_REGISTER_ATTEMPTS):
@@ -143,7 +147,7 @@ def _register(workspace: RegistryHost, spec: Environment) -> StoredEnvironment:
             with workspace.history.session() as session:
                 row = _row_by_hash(session, spec.name, digest)
                 if row is not None:
-                    return _stored(row)
+                    return _stored(type(spec), row)
                 last = session.scalar(
                     select(func.max(EnvironmentVersionRow.seq)).where(EnvironmentVersionRow.name == spec.name)
                 )
@@ -178,8 +182,8 @@ def _row_by_hash(session: Session, name: str, digest: str) -> EnvironmentVersion
     )
 
 
-def _stored(row: EnvironmentVersionRow) -> StoredEnvironment:
-    spec = Environment.from_dict(row.spec)
+def _stored(model: type[Environment], row: EnvironmentVersionRow) -> StoredEnvironment:
+    spec = model.from_dict(row.spec)
     spec.version = row.version
     return StoredEnvironment(spec=spec, lock=row.lock)
 
@@ -188,10 +192,16 @@ def _stored(row: EnvironmentVersionRow) -> StoredEnvironment:
 
 
 def lookup(
-    workspace: RegistryHost, name: str, *, version: str | None = None, label: str | None = None
+    model: type[Environment],
+    workspace: RegistryHost,
+    name: str,
+    *,
+    version: str | None = None,
+    label: str | None = None,
 ) -> StoredEnvironment:
     """A version of an environment by name (latest), version or label; curated names need no registering.
 
+    :param model: the Environment class whose instances the stored specs become.
     :param workspace: the workspace.
     :param name: environment name.
     :param version: a version number such as ``"2"``.
@@ -203,7 +213,7 @@ def lookup(
         )
     if label == LATEST:
         label = None
-    curated = curated_environment(name)
+    curated = curated_environment(model, name)
     with workspace.history.session() as session:
         if label is not None:
             version = session.scalar(
@@ -226,7 +236,7 @@ def lookup(
                 )
             )
             if row is not None:
-                return _stored(row)
+                return _stored(model, row)
             if curated is None:
                 raise _not_found(session, name, version)
         elif curated is None:
@@ -238,7 +248,7 @@ def lookup(
             )
             if row is None:
                 raise _not_found(session, name, None)
-            return _stored(row)
+            return _stored(model, row)
     # A curated name means the spec this package ships: stored (with its lock) on first use, so a new
     # release of the package that changes it becomes the next version.
     assert curated is not None
@@ -274,9 +284,12 @@ def _not_found(session: Session, name: str, version: str | None) -> EnvironmentN
     )
 
 
-def list_environments(workspace: RegistryHost, *, name: str | None = None) -> list[Environment]:
+def list_environments(
+    model: type[Environment], workspace: RegistryHost, *, name: str | None = None
+) -> list[Environment]:
     """The latest version of each registered name plus the curated ones, or every version of one name.
 
+    :param model: the Environment class whose instances the stored specs become.
     :param workspace: the workspace.
     :param name: list this name's versions, newest first.
     """
@@ -287,7 +300,7 @@ def list_environments(workspace: RegistryHost, *, name: str | None = None) -> li
                 .where(EnvironmentVersionRow.name == name)
                 .order_by(EnvironmentVersionRow.seq.desc())
             ).all()
-            return [_stored(row).spec for row in rows]
+            return [_stored(model, row).spec for row in rows]
         latest = (
             select(EnvironmentVersionRow.name, func.max(EnvironmentVersionRow.seq).label("seq"))
             .group_by(EnvironmentVersionRow.name)
@@ -301,18 +314,19 @@ def list_environments(workspace: RegistryHost, *, name: str | None = None) -> li
             )
             .order_by(EnvironmentVersionRow.name)
         ).all()
-        found = {row.name: _stored(row).spec for row in rows}
+        found = {row.name: _stored(model, row).spec for row in rows}
     for curated in curated_names():
         if curated not in found:
-            spec = curated_environment(curated)
+            spec = curated_environment(model, curated)
             assert spec is not None
             found[curated] = spec
     return [found[key] for key in sorted(found)]
 
 
-def set_label(workspace: RegistryHost, name: str, version: str, label: str) -> None:
+def set_label(model: type[Environment], workspace: RegistryHost, name: str, version: str, label: str) -> None:
     """Point a label at one version of an environment, moving it if it named another.
 
+    :param model: the Environment class (a curated name is registered before it is labelled).
     :param workspace: the workspace.
     :param name: environment name.
     :param version: the version.
@@ -323,8 +337,8 @@ def set_label(workspace: RegistryHost, name: str, version: str, label: str) -> N
             f"Label {label!r} cannot be used: {LATEST!r} always means the newest version, and a label has at "
             "most 64 characters without ':' or '@'."
         )
-    if curated_environment(name) is not None:
-        lookup(workspace, name)  # so the curated version exists to be labelled
+    if name in _curated_specs():
+        lookup(model, workspace, name)  # so the curated version exists to be labelled
     with workspace.history.session() as session:
         exists = session.scalar(
             select(EnvironmentVersionRow.id).where(

@@ -102,7 +102,7 @@ def resolve_environment(
         return _user_managed(Environment())
     if isinstance(environment, str):
         name, version, label = parse_reference(environment)
-        stored = registry.lookup(workspace, name, version=version, label=label)
+        stored = registry.lookup(Environment, workspace, name, version=version, label=label)
     elif isinstance(environment, Environment):
         environment.validate()
         if environment.user_managed:
@@ -159,7 +159,7 @@ def index_secrets(workspace: RegistryHost, environment: Environment | str | None
     elif isinstance(environment, str):
         try:
             name, version, label = parse_reference(environment)
-            spec = registry.lookup(workspace, name, version=version, label=label).spec
+            spec = registry.lookup(Environment, workspace, name, version=version, label=label).spec
         except ConfigurationError:
             return []
         names = spec.python.credential_variables()

@@ -14,15 +14,17 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from airflow_amlrun.environment.credentials import referenced_variables
 from airflow_amlrun.environment.requirements import (
     check_requirement,
     check_url,
     normalize_python_version,
+    read_conda_specification,
     read_package_file,
+    read_requirements,
     read_text,
     string_list,
 )
+from airflow_amlrun.environment.sections import DockerSection, PythonSection, SparkSection
 from airflow_amlrun.errors import ConfigurationError
 
 if TYPE_CHECKING:
@@ -33,72 +35,6 @@ DEFAULT_NAME = "amlrun-user-managed"
 # Maven coordinates as spark-submit --packages takes them: group:artifact:version.
 _MAVEN_COORDINATE = re.compile(r"^[A-Za-z0-9_.\-]+:[A-Za-z0-9_.\-]+:[A-Za-z0-9_.\-+]+$")
 _ENV_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,254}$")
-
-
-@dataclass
-class PythonSection:
-    """How the run gets its Python: the user's own interpreter as is, or a virtualenv built from a lock.
-
-    :param user_managed_dependencies: True runs the interpreter as it is (nothing installed); False builds
-        a virtualenv from the locked pip requirements. Left unset, it is False when pip requirements are
-        given and True otherwise.
-    :param interpreter_path: the interpreter to run (user-managed), or to build the virtualenv from
-        (managed); unset means the worker's own.
-    :param version: Python version ``"3.11"`` the environment needs; unset means the worker's.
-    :param pip_requirements: PEP 508 requirements (``"pandas>=2"``), installed from the lock.
-    :param index_url: package index replacing PyPI.
-    :param extra_index_urls: package indexes searched beside the main one.
-    """
-
-    user_managed_dependencies: bool | None = None
-    interpreter_path: str | None = None
-    version: str | None = None
-    pip_requirements: list[str] = field(default_factory=list)
-    index_url: str | None = None
-    extra_index_urls: list[str] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        if self.user_managed_dependencies is None:
-            self.user_managed_dependencies = not self.pip_requirements
-
-    @property
-    def index_urls(self) -> list[str]:
-        """Every package index the requirements come from, as written (``${VAR}`` references unexpanded)."""
-        return [*([self.index_url] if self.index_url else []), *self.extra_index_urls]
-
-    def credential_variables(self) -> list[str]:
-        """Names of the ``${VAR}`` references in the index URLs and the direct-URL requirements: the variables
-        resolving and installing the requirements need set, and that nothing may store."""
-        return referenced_variables([*self.index_urls, *self.pip_requirements])
-
-    def index_options(self) -> list[str]:
-        """The index options as requirements-file lines, which pip and uv read with ``${VAR}`` expanded."""
-        lines = [f"--index-url {self.index_url}"] if self.index_url else []
-        return lines + [f"--extra-index-url {url}" for url in self.extra_index_urls]
-
-
-@dataclass
-class DockerSection:
-    """The image a Docker target runs in: a base image to add the environment to, or a whole Dockerfile.
-
-    :param base_image: image reference such as ``python:3.11-slim`` (exclusive with dockerfile).
-    :param dockerfile: the text of a Dockerfile (exclusive with base_image).
-    """
-
-    base_image: str | None = None
-    dockerfile: str | None = None
-
-
-@dataclass
-class SparkSection:
-    """What a Spark target adds to spark-submit: Maven packages and the repositories they come from.
-
-    :param packages: Maven coordinates ``group:artifact:version``.
-    :param repositories: Maven repository URLs searched beside Maven Central.
-    """
-
-    packages: list[str] = field(default_factory=list)
-    repositories: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -349,7 +285,7 @@ class Environment:
         new.validate()
         return new
 
-    # factories: the user-facing constructors; environment/factories.py makes them
+    # constructors from what users already have: a requirements file, a conda file, an image, a Dockerfile
 
     @classmethod
     def from_pip_requirements(cls, name: str, file_path: str | os.PathLike[str]) -> Environment:
@@ -358,9 +294,16 @@ class Environment:
         :param name: environment name.
         :param file_path: the requirements file.
         """
-        from airflow_amlrun.environment import factories
-
-        return factories.from_pip_requirements(name, file_path)
+        parsed = read_requirements(Path(file_path))
+        return cls(
+            name=name,
+            python=PythonSection(
+                user_managed_dependencies=False,
+                pip_requirements=parsed.requirements,
+                index_url=parsed.index_url,
+                extra_index_urls=parsed.extra_index_urls,
+            ),
+        )
 
     @classmethod
     def from_conda_specification(cls, name: str, file_path: str | os.PathLike[str]) -> Environment:
@@ -371,9 +314,17 @@ class Environment:
         :param name: environment name.
         :param file_path: the conda environment YAML file.
         """
-        from airflow_amlrun.environment import factories
-
-        return factories.from_conda_specification(name, file_path)
+        version, parsed = read_conda_specification(Path(file_path))
+        return cls(
+            name=name,
+            python=PythonSection(
+                user_managed_dependencies=False,
+                version=version,
+                pip_requirements=parsed.requirements,
+                index_url=parsed.index_url,
+                extra_index_urls=parsed.extra_index_urls,
+            ),
+        )
 
     @classmethod
     def from_docker_image(
@@ -391,11 +342,10 @@ class Environment:
         :param pip_requirements: a requirements file, or a list of requirements, to install on top.
         :param conda_specification: a conda file whose pip section to install on top.
         """
-        from airflow_amlrun.environment import factories
-
-        return factories.from_docker_image(
-            name, image, pip_requirements=pip_requirements, conda_specification=conda_specification
-        )
+        env = cls._with_packages(name, pip_requirements, conda_specification)
+        env.docker = DockerSection(base_image=image)
+        env.validate()
+        return env
 
     @classmethod
     def from_dockerfile(
@@ -413,11 +363,34 @@ class Environment:
         :param pip_requirements: a requirements file, or a list of requirements, to install on top.
         :param conda_specification: a conda file whose pip section to install on top.
         """
-        from airflow_amlrun.environment import factories
+        text = str(dockerfile)
+        if isinstance(dockerfile, os.PathLike) or (
+            "\n" not in text and not text.lstrip().upper().startswith("FROM")
+        ):
+            text = read_text(Path(dockerfile), "Dockerfile")
+        env = cls._with_packages(name, pip_requirements, conda_specification)
+        env.docker = DockerSection(dockerfile=text)
+        env.validate()
+        return env
 
-        return factories.from_dockerfile(
-            name, dockerfile, pip_requirements=pip_requirements, conda_specification=conda_specification
-        )
+    @classmethod
+    def _with_packages(
+        cls,
+        name: str,
+        pip_requirements: str | os.PathLike[str] | Sequence[str] | None,
+        conda_specification: str | os.PathLike[str] | None,
+    ) -> Environment:
+        if pip_requirements is not None and conda_specification is not None:
+            raise ConfigurationError(
+                f"Environment {name!r}: give pip_requirements or conda_specification, not both."
+            )
+        if conda_specification is not None:
+            return cls.from_conda_specification(name, conda_specification)
+        if isinstance(pip_requirements, str | os.PathLike):
+            return cls.from_pip_requirements(name, pip_requirements)
+        if pip_requirements is not None:
+            return cls(name=name, python=PythonSection(pip_requirements=list(pip_requirements)))
+        return cls(name=name)
 
     # registry: environment/registry.py does the work
 
@@ -445,7 +418,7 @@ class Environment:
         """
         from airflow_amlrun.environment import registry
 
-        return registry.lookup(workspace, name, version=version, label=label).spec
+        return registry.lookup(cls, workspace, name, version=version, label=label).spec
 
     @classmethod
     def set_label(cls, workspace: RegistryHost, name: str, version: str, label: str) -> None:
@@ -458,7 +431,7 @@ class Environment:
         """
         from airflow_amlrun.environment import registry
 
-        registry.set_label(workspace, name, version, label)
+        registry.set_label(cls, workspace, name, version, label)
 
     @classmethod
     def list(cls, workspace: RegistryHost, name: str | None = None) -> builtins.list[Environment]:
@@ -469,7 +442,7 @@ class Environment:
         """
         from airflow_amlrun.environment import registry
 
-        return registry.list_environments(workspace, name=name)
+        return registry.list_environments(cls, workspace, name=name)
 
 
 def _section(data: Mapping[str, Any], key: str, name: str) -> Mapping[str, Any]:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator
+from airflow.sdk.configuration import conf
 from airflow.sdk.log import mask_secret
 
 from airflow_amlrun.errors import ConfigurationError
@@ -45,6 +46,12 @@ class ScriptRunOperator(BaseOperator):
     :param workspace_conn_id: `amlrun` connection of the workspace; defaults to ``[amlrun]
         workspace_conn_id``, falling back to the embedded workspace when that connection does not exist.
     :param show_output: stream the script's output into the task log.
+    :param deferrable: once the run is started, free the worker slot and follow the run in the triggerer
+        (default ``[operators] default_deferrable``). Runs on a target only this machine reaches (the local
+        target, a Docker daemon on this machine's socket) are deferred only when a triggerer runs on this
+        machine with its filesystem and processes; otherwise the task says so and waits in the worker.
+    :param reattach_on_retry: when an earlier try of this task left its run unfinished (the worker died),
+        follow that run instead of starting another (default); False stops it (Canceled) and starts anew.
     """
 
     template_fields: Sequence[str] = (
@@ -69,6 +76,8 @@ class ScriptRunOperator(BaseOperator):
         tags: dict[str, Any] | None = None,
         workspace_conn_id: str | None = None,
         show_output: bool = True,
+        deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
+        reattach_on_retry: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -85,6 +94,8 @@ class ScriptRunOperator(BaseOperator):
         self.tags = tags
         self.workspace_conn_id = workspace_conn_id
         self.show_output = show_output
+        self.deferrable = deferrable
+        self.reattach_on_retry = reattach_on_retry
         self._run: ScriptRun | None = None
 
     @cached_property
@@ -120,12 +131,67 @@ class ScriptRunOperator(BaseOperator):
             tags={str(k): str(v) for k, v in (self.tags or {}).items()},
             base_dir=dag_folder,
             airflow_task=task,
+            reattach_on_retry=self.reattach_on_retry,
         )
         ti.xcom_push(key=RUN_ID_XCOM_KEY, value=self._run.id)
         self.log.info(
             "Run %s submitted to %s (experiment %s)", self._run.id, config.compute_target, experiment.name
         )
+        if self.deferrable:
+            self._defer_if_reachable(self._run)
         record = self._run.wait_for_completion(show_output=self.show_output, output=self._log_line)
+        return self._summary(record)
+
+    def _defer_if_reachable(self, run: ScriptRun) -> None:
+        """Hand the run to a trigger, if the triggerer can follow it; else say why the worker keeps it."""
+        from airflow_amlrun.triggers.script_run import ScriptRunTrigger
+
+        if run.target.followed_only_here:
+            problem = triggerer_shares_this_machine()
+            if problem is not None:
+                self.log.warning(
+                    "Run %s is followed in this worker, not deferred: runs on %s can be followed only on this "
+                    "machine, and %s.",
+                    run.id,
+                    run.target.name,
+                    problem,
+                )
+                return
+        state = run.hand_over()
+        self.log.info("Run %s is followed by the triggerer from here; the worker slot is freed.", run.id)
+        self._run = None
+        self.defer(
+            trigger=ScriptRunTrigger(run.id, state.to_json(), self.workspace_conn_id, self.show_output),
+            method_name="execute_complete",
+        )
+
+    def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
+        """The trigger saw the run end (or could not follow it): record its outcome from here."""
+        from airflow_amlrun.run import FollowState, ScriptRun
+        from airflow_amlrun.targets.base import TargetStatus
+        from airflow_amlrun.triggers.script_run import ENDED
+
+        run_id = str(event["run_id"])
+        state = FollowState.from_json(event.get("state") or {})
+        if event.get("status") != ENDED:
+            self.log.warning(
+                "The triggerer stopped following run %s (%s); this worker follows it on.",
+                run_id,
+                event.get("message"),
+            )
+        self._run = ScriptRun.resumed(self.workspace, run_id, state)
+        if event.get("status") == ENDED:
+            status = TargetStatus(
+                running=False,
+                exit_code=event.get("exit_code"),
+                reason=event.get("reason"),
+                timed_out=bool(event.get("timed_out")),
+            )
+            self._run.conclude(status, self._log_line if self.show_output else None)
+        record = self._run.wait_for_completion(show_output=self.show_output, output=self._log_line)
+        return self._summary(record)
+
+    def _summary(self, record: RunRecord) -> dict[str, Any]:
         self.log.info(
             "Run %s %s in %ss; metrics: %s", record.id, record.status, record.duration_seconds, record.metrics
         )
@@ -192,3 +258,33 @@ class ScriptRunOperator(BaseOperator):
         }.values():
             mask_secret(value)
         return replace(config, **changes) if changes else config
+
+
+def triggerer_shares_this_machine() -> str | None:
+    """None when a triggerer runs on this machine in this process namespace, with this filesystem (so it can
+    follow this machine's processes and read their files); otherwise what is missing.
+
+    A triggerer elsewhere (another machine, another container) is not seen here at all. With several
+    triggerers, a trigger may land on any of them: run them all beside the workers, or defer only runs on
+    targets reached over the network (ssh, a Docker daemon over TCP).
+    """
+    here = (os.readlink("/proc/self/ns/mnt"), os.stat("/").st_dev, os.stat("/").st_ino)
+    seen_elsewhere = False
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = Path(entry.path, "cmdline").read_bytes().split(b"\0")
+            words = [Path(arg.decode(errors="replace")).name for arg in argv[:3]]
+            if "triggerer" not in " ".join(words) or not any(w.startswith("airflow") for w in words):
+                continue
+            root = os.stat(Path(entry.path, "root"))
+            theirs = (os.readlink(Path(entry.path, "ns", "mnt")), root.st_dev, root.st_ino)
+        except OSError:
+            continue  # gone meanwhile, or not ours to look at
+        if theirs == here:
+            return None
+        seen_elsewhere = True
+    if seen_elsewhere:
+        return "the triggerer seen here runs in another filesystem (a container)"
+    return "no triggerer runs on this machine"

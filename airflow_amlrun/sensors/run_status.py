@@ -7,6 +7,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseSensorOperator
+from airflow.sdk.configuration import conf
 
 from airflow_amlrun.errors import AmlRunError
 
@@ -19,13 +20,19 @@ class RunStatusSensor(BaseSensorOperator):
 
     :param run_id: the run to wait for (templated), e.g. ``{{ ti.xcom_pull('train')['run_id'] }}``.
     :param workspace_conn_id: `amlrun` connection of the workspace (None: the default workspace).
-    :param deferrable: wait in the triggerer instead of occupying a worker slot.
+    :param deferrable: wait in the triggerer instead of occupying a worker slot (default ``[operators]
+        default_deferrable``).
     """
 
     template_fields: Sequence[str] = ("run_id",)
 
     def __init__(
-        self, *, run_id: str, workspace_conn_id: str | None = None, deferrable: bool = False, **kwargs: Any
+        self,
+        *,
+        run_id: str,
+        workspace_conn_id: str | None = None,
+        deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
+        **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.run_id = run_id

@@ -84,6 +84,11 @@ class ComputeTarget(Protocol[H]):
     # What submit returns and the other steps take; the run row holds its JSON (`handle_type.from_json`).
     handle_type: type[H]
 
+    @property
+    def followed_only_here(self) -> bool:
+        """Whether a run can be followed only from this machine (its processes, files or Docker socket), so
+        that a deferred task's trigger must run here too."""
+
     def check(self, job: Job) -> None:
         """Refuse a job this target cannot run, before anything is recorded (raise ConfigurationError)."""
 

@@ -440,6 +440,12 @@ class DockerTarget:
             for line in self._defuse(handle, ended=self.options.auto_remove):
                 log.warning("Container %s: %s", handle.container, line)
 
+    @property
+    def followed_only_here(self) -> bool:
+        # A daemon on this machine's socket, or run directories bound from this machine's disk.
+        remote = self.daemon.base_url.startswith(("tcp://", "ssh://", "http://", "https://"))
+        return not remote or self._transfer != "archive"
+
     def attachable(self, handle: DockerHandle) -> str | None:
         if handle.legacy:
             return "it was started by an earlier version of airflow-amlrun, whose Docker runs a retry cannot follow"

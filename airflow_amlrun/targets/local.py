@@ -69,6 +69,8 @@ class LocalTarget:
 
     kind = "local"
     handle_type = LocalHandle
+    # A process of this machine, with its run directory here.
+    followed_only_here = True
 
     def __init__(self, settings: Settings, cache_dir: Path, name: str = "local") -> None:
         self.name = name

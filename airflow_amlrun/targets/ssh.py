@@ -90,6 +90,8 @@ class SSHTarget:
 
     kind = "ssh"
     handle_type = SSHHandle
+    # Everything lives on the remote host, reached over SSH from any machine with the connection.
+    followed_only_here = False
 
     def __init__(
         self,

@@ -10,7 +10,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from airflow_amlrun import Environment
-from airflow_amlrun.environment import factories
 from airflow_amlrun.environment.requirements import (
     read_conda_specification,
     read_package_file,
@@ -63,12 +62,13 @@ def test_a_requirements_file_gives_back_the_lines_written_to_it(requirements: li
         assert read_requirements(path).requirements == requirements
 
 
-def test_the_environment_constructors_users_call_are_the_factories(tmp_path: Path) -> None:
-    (tmp_path / "r.txt").write_text("six==1.16.0\n")
+def test_the_environment_constructors_read_the_files_they_are_given(tmp_path: Path) -> None:
+    (tmp_path / "r.txt").write_text("six==1.16.0\n--index-url https://pypi.example/simple\n")
     (tmp_path / "Dockerfile").write_text("FROM python:3.11-slim\n")
-    assert Environment.from_pip_requirements("a", tmp_path / "r.txt") == factories.from_pip_requirements(
-        "a", tmp_path / "r.txt"
-    )
+    from_file = Environment.from_pip_requirements("a", tmp_path / "r.txt")
+    assert from_file.python.pip_requirements == ["six==1.16.0"]
+    assert from_file.python.index_url == "https://pypi.example/simple"
+    assert not from_file.user_managed
     from_image = Environment.from_docker_image("b", "python:3.11-slim", pip_requirements=["six"])
     assert from_image.docker.base_image == "python:3.11-slim"
     assert from_image.python.pip_requirements == ["six"]

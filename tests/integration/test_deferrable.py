@@ -1,0 +1,132 @@
+"""Deferred runs under a real scheduler and triggerer (dag.test runs triggers inline and would hide this).
+
+The cluster runs one task at a time (`[core] parallelism = 1`): two deferred training runs can overlap only
+if each task frees its worker slot once its run started.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from airflow_amlrun.history import RunRecord
+from tests.conftest import dag_source, write_script
+from tests.integration.airflow_cluster import AirflowCluster
+
+SCRIPT = """\
+import sys, time
+from airflow_amlrun.run_context import Run
+run = Run.get_context()
+steps = int(sys.argv[1])
+for step in range(steps):
+    print(f"deferred step {step}", flush=True)
+    run.log("loss", 1.0 / (step + 1), step=step)
+    time.sleep(0.5)
+print("deferred script done", flush=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[AirflowCluster]:
+    with AirflowCluster(env={"AIRFLOW__CORE__PARALLELISM": "1"}) as started:
+        yield started
+
+
+@pytest.fixture(scope="module")
+def source(cluster: AirflowCluster) -> Path:
+    folder = cluster.home / "src"
+    write_script(folder, "train.py", SCRIPT)
+    return folder
+
+
+def runs_of(cluster: AirflowCluster, dag_id: str) -> list[RunRecord]:
+    return cluster.history().list_runs(dag_id=dag_id, limit=1000)
+
+
+def test_two_deferred_runs_overlap_on_one_slot_and_report_as_a_waiting_task_would(
+    cluster: AirflowCluster, source: Path
+) -> None:
+    text = f"""
+import pendulum
+from airflow.sdk import DAG
+from airflow_amlrun import ScriptRunConfig, ScriptRunOperator
+
+with DAG("DAG_ID", schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC")) as dag:
+    for name in ("train_a", "train_b"):
+        ScriptRunOperator(
+            task_id=name,
+            config=ScriptRunConfig({str(source)!r}, script="train.py"),
+            arguments=["12"],
+            deferrable=True,
+        )
+"""
+    dag_id = cluster.write_dag(text)
+    run_id = cluster.trigger(dag_id)
+
+    deferred_seen = set()
+    while cluster.dag_run_state(dag_id, run_id) not in ("success", "failed"):
+        deferred_seen |= {
+            t for t, ti in cluster.task_instances(dag_id, run_id).items() if ti.state == "deferred"
+        }
+        time.sleep(0.3)
+
+    assert cluster.wait_for_dag_run(dag_id, run_id) == "success", cluster.component_logs()
+    assert deferred_seen == {"train_a", "train_b"}
+    runs = sorted(runs_of(cluster, dag_id), key=lambda r: r.task_id or "")
+    assert [(r.task_id, str(r.status)) for r in runs] == [("train_a", "Completed"), ("train_b", "Completed")]
+    first, second = runs
+    assert first.start and first.end and second.start and second.end
+    # One slot, and yet both ran at once: neither task held it while its run went on.
+    assert max(first.start, second.start) < min(first.end, second.end)
+    for record in runs:
+        assert [p.step for p in cluster.history().get_metrics(record.id, "loss")] == list(range(12))
+        log = cluster.task_log(dag_id, run_id, str(record.task_id))
+        assert "the worker slot is freed" in log
+        # The script's output reached the task log while the trigger followed the run, in order, once each.
+        printed = [line for line in log.splitlines() if "deferred step" in line]
+        assert [f"deferred step {n}" for n in range(12)] == [
+            line[line.index("deferred step") :] for line in printed
+        ]
+        assert "deferred script done" in log
+        assert f"Run {record.id} Completed" in log
+
+
+def test_a_deferred_run_past_its_limit_is_stopped_by_the_trigger(
+    cluster: AirflowCluster, source: Path
+) -> None:
+    dag_id = cluster.write_dag(dag_source(source, arguments=["600"], limit=4, options={"deferrable": True}))
+    run_id = cluster.trigger(dag_id)
+
+    assert cluster.wait_for_dag_run(dag_id, run_id) == "failed"
+    (record,) = runs_of(cluster, dag_id)
+    assert str(record.status) == "Failed"
+    assert "max_run_duration_seconds=4" in (record.error or "")
+    assert record.start and record.end and (record.end - record.start).total_seconds() < 60
+    assert not cluster.marked_processes_running_script("train.py")
+
+
+def test_killing_a_deferred_task_cancels_its_run(cluster: AirflowCluster, source: Path) -> None:
+    dag_id = cluster.write_dag(dag_source(source, arguments=["600"], options={"deferrable": True}))
+    run_id = cluster.trigger(dag_id)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        ti = cluster.task_instances(dag_id, run_id).get("train")
+        runs = runs_of(cluster, dag_id)
+        if ti is not None and ti.state == "deferred" and runs and runs[0].metrics:
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail(f"the task was not deferred with its run going on:\n{cluster.component_logs()}")
+
+    cluster.set_task_state(dag_id, run_id, "train", "failed")
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not runs_of(cluster, dag_id)[0].status.is_terminal:
+        time.sleep(0.5)
+    (record,) = runs_of(cluster, dag_id)
+    assert str(record.status) == "Canceled", cluster.component_logs()
+    assert "deferred task was killed" in (record.error or "")
+    assert not cluster.marked_processes_running_script("train.py")

@@ -1,0 +1,147 @@
+"""The package's imports flow one way: glue -> submission -> targets -> core -> base, with no circle.
+
+Every import counts, at module level or inside a function (a lazy import is still a dependency); only
+imports under ``if TYPE_CHECKING:`` do not, as they never run.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterator
+from pathlib import Path
+
+import airflow_amlrun
+
+PACKAGE = Path(airflow_amlrun.__file__).parent
+
+# Lowest first. A module belongs to the first layer with a prefix naming it or a package above it.
+LAYERS: list[tuple[str, list[str]]] = [
+    # run_context is also copied alone into runs: it imports only the standard library.
+    ("base", ["errors", "config", "run_context"]),
+    ("core", ["snapshot", "environment", "history", "workspace"]),
+    ("targets", ["targets", "hooks.docker", "hooks.ssh"]),
+    ("submission", ["runconfig", "run", "experiment", "reconcile"]),
+    (
+        "glue",
+        ["operators", "sensors", "triggers", "plugin", "hooks", "links", "cli", "get_provider_info", ""],
+    ),
+]
+CORE = ("snapshot", "environment", "history", "workspace")
+
+
+def modules() -> dict[str, Path]:
+    found = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(PACKAGE).with_suffix("").parts
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        found[".".join(parts)] = path
+    return found
+
+
+def _type_checking_nodes(tree: ast.AST) -> set[int]:
+    skipped: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            skipped.update(id(inner) for inner in ast.walk(node))
+    return skipped
+
+
+def imported_names(path: Path) -> Iterator[str]:
+    """Dotted names a module imports when it runs (absolute; relative imports are resolved)."""
+    tree = ast.parse(path.read_text())
+    skipped = _type_checking_nodes(tree)
+    package = ".".join(("airflow_amlrun", *path.relative_to(PACKAGE).parent.parts))
+    for node in ast.walk(tree):
+        if id(node) in skipped:
+            continue
+        if isinstance(node, ast.Import):
+            yield from (alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(
+                    [*package.split(".")[: len(package.split(".")) - node.level + 1], base]
+                ).strip(".")
+            yield from (f"{base}.{alias.name}" for alias in node.names)
+
+
+def own_module(name: str, known: dict[str, Path]) -> str | None:
+    """The package's module a dotted name refers to (longest known prefix), or None outside the package."""
+    if name != "airflow_amlrun" and not name.startswith("airflow_amlrun."):
+        return None
+    rel = name.removeprefix("airflow_amlrun").lstrip(".")
+    while rel and rel not in known:
+        rel = rel.rpartition(".")[0]
+    return rel
+
+
+def layer_of(module: str) -> int:
+    for index, (_name, prefixes) in enumerate(LAYERS):
+        for prefix in prefixes:
+            if module == prefix or (prefix and module.startswith(prefix + ".")):
+                return index
+    raise AssertionError(f"module {module!r} is in no layer: add it to LAYERS")
+
+
+def graph() -> dict[str, set[str]]:
+    known = modules()
+    edges: dict[str, set[str]] = {module: set() for module in known}
+    for module, path in known.items():
+        for name in imported_names(path):
+            target = own_module(name, known)
+            if target is not None and target != module:
+                edges[module].add(target)
+    return edges
+
+
+def test_every_module_imports_only_its_own_layer_or_lower() -> None:
+    upward = [
+        f"{module} ({LAYERS[layer_of(module)][0]}) imports {target} ({LAYERS[layer_of(target)][0]})"
+        for module, targets in graph().items()
+        for target in sorted(targets)
+        if layer_of(target) > layer_of(module)
+    ]
+    assert upward == []
+
+
+def test_no_two_modules_import_each_other_even_lazily() -> None:
+    edges = graph()
+    circles = []
+    for start in edges:
+        # A depth-first walk from each module back to itself; the graph is small.
+        stack = [(start, [start])]
+        seen: set[str] = set()
+        while stack:
+            module, path = stack.pop()
+            for target in edges[module]:
+                if target == start:
+                    circles.append(" -> ".join([*path, start]))
+                elif target not in seen:
+                    seen.add(target)
+                    stack.append((target, [*path, target]))
+    assert circles == []
+
+
+def test_the_core_knows_no_airflow() -> None:
+    known = modules()
+    offending = [
+        f"{module} imports {name}"
+        for module, path in known.items()
+        if module.split(".")[0] in CORE
+        for name in imported_names(path)
+        if name == "airflow"
+        or name.startswith(("airflow.", "airflow_amlrun.hooks", "airflow_amlrun.operators"))
+    ]
+    assert offending == []
+
+
+def test_the_graph_sees_lazy_imports_and_skips_type_checking_ones() -> None:
+    # The checks above pass trivially if the parser misses imports. Environment.register imports the
+    # registry inside the method; the registry names Environment only for type checking.
+    edges = graph()
+    assert "environment.registry" in edges["environment.spec"]
+    assert "environment.spec" not in edges["environment.registry"]
+    assert "workspace" in edges["hooks.workspace"]
+    assert layer_of("workspace") < layer_of("hooks.workspace")
+    assert layer_of("targets.docker") < layer_of("run") < layer_of("operators.script_run")

@@ -1,0 +1,45 @@
+"""The trigger following a deferred run: what the triggerer stores of it gives back the same trigger."""
+
+from __future__ import annotations
+
+import importlib
+import json
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from airflow_amlrun.run import FollowState
+from airflow_amlrun.triggers.script_run import ScriptRunTrigger
+
+states = st.builds(
+    FollowState,
+    log_offset=st.integers(min_value=0, max_value=2**53),
+    events_offset=st.integers(min_value=0, max_value=2**53),
+    event_seq=st.integers(min_value=0, max_value=2**31),
+    timed_out=st.booleans(),
+    cancel_requested=st.booleans(),
+)
+
+
+@given(
+    run_id=st.from_regex(r"[a-z][a-z0-9_]{0,20}_[0-9]+_[0-9a-f]{8}", fullmatch=True),
+    state=states,
+    conn_id=st.one_of(st.none(), st.from_regex(r"[a-z][a-z0-9_]{0,15}", fullmatch=True)),
+    show=st.booleans(),
+)
+def test_a_stored_trigger_comes_back_the_same(run_id, state, conn_id, show):
+    trigger = ScriptRunTrigger(run_id, state.to_json(), workspace_conn_id=conn_id, show_output=show)
+
+    classpath, kwargs = trigger.serialize()
+    module, _, name = classpath.rpartition(".")
+    again = getattr(importlib.import_module(module), name)(**json.loads(json.dumps(kwargs)))
+
+    assert type(again) is ScriptRunTrigger
+    assert FollowState.from_json(again.state) == state
+    assert (again.run_id, again.workspace_conn_id, again.show_output) == (run_id, conn_id, show)
+    assert again.serialize() == trigger.serialize()
+
+
+@given(states)
+def test_a_follow_state_survives_json(state):
+    assert FollowState.from_json(json.loads(json.dumps(state.to_json()))) == state
