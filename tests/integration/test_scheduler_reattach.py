@@ -141,6 +141,9 @@ def test_retry_without_reattach_cancels_the_killed_tasks_run_and_starts_anew(
     old = runs.pop(orphan.id)
     [new] = runs.values()
     assert (old.status, old.try_number) == ("Canceled", 1)
+    assert "reattach_on_retry=False" in str(old.error)
     assert (new.status, new.try_number) == ("Completed", 2)
     assert _lines(Path(str(new.logs_uri), "std_log.txt").read_text()) == ALL_LINES
-    assert "Re-attaching" not in cluster.task_log(dag_id, run_id, "train", try_number=2)
+    retry_log = cluster.task_log(dag_id, run_id, "train", try_number=2)
+    assert orphan.id in retry_log and new.id in retry_log
+    assert "Re-attaching" not in retry_log
