@@ -277,23 +277,38 @@ class AirflowCluster:
             time.sleep(0.5)
         self._fail(f"Task {dag_id}.{task_id} (try {try_number}) was not {state} within {timeout} s")
 
+    def set_task_state(self, dag_id: str, run_id: str, task_id: str, state: str) -> None:
+        """Set a task instance's state as a user does in the UI ("Mark as failed"): a running or deferred task
+        is then stopped by Airflow."""
+        self._api(
+            "PATCH",
+            f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}",
+            json={"new_state": state},
+        )
+
     def task_log(self, dag_id: str, run_id: str, task_id: str, try_number: int = 1) -> str:
-        """The task log of one try, as the lines the UI shows: each record's message (and its exception)."""
+        """The task log of one try as the UI shows it: the worker's records and those the triggerer wrote while
+        the task was deferred (files of their own beside it), in time order; each record's message, and its
+        exception."""
         folder = self.logs / f"dag_id={dag_id}" / f"run_id={run_id}" / f"task_id={task_id}"
-        path = folder / f"attempt={try_number}.log"
-        if not path.exists():
-            return ""
-        lines = []
-        for raw in path.read_text(errors="replace").splitlines():
-            try:
-                record = json.loads(raw)
-            except ValueError:
-                lines.append(raw)
+        name = f"attempt={try_number}.log"
+        records: list[tuple[str, int, str]] = []
+        for path in [folder / name, *sorted(folder.glob(f"{name}.trigger.*.log"))]:
+            if not path.exists():
                 continue
-            lines.append(str(record.get("event", "")))
-            if record.get("error_detail"):
-                lines.append(json.dumps(record["error_detail"]))
-        return "\n".join(lines)
+            when = ""
+            for raw in path.read_text(errors="replace").splitlines():
+                try:
+                    record = json.loads(raw)
+                except ValueError:
+                    record = {"event": raw}
+                # A record without a time (a raw line) stays after the one before it.
+                when = str(record.get("timestamp") or when)
+                text = str(record.get("event", ""))
+                if record.get("error_detail"):
+                    text += "\n" + json.dumps(record["error_detail"])
+                records.append((when, len(records), text))
+        return "\n".join(text for _, _, text in sorted(records))
 
     def history(self) -> RunHistory:
         """The workspace's run history, which every component shares, as this test process reads it."""
@@ -327,6 +342,12 @@ class AirflowCluster:
             if marker in environ.split(b"\0") and _state(pid) not in ("Z", None):
                 found.append(pid)
         return found
+
+    def marked_processes_running_script(self, script: str) -> list[int]:
+        """Live processes of this cluster whose command line runs a file named `script` (a training script)."""
+        return [
+            pid for pid in self.marked_processes() if any(Path(arg).name == script for arg in _argv(pid)[1:])
+        ]
 
     def component_logs(self, tail: int = 4000) -> str:
         """The end of each component's own output, for a failure's message."""
@@ -521,11 +542,20 @@ def _pids() -> Iterator[int]:
             yield int(entry.name)
 
 
-def _cmdline(pid: int) -> str:
+def _argv(pid: int) -> list[str]:
     try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
-        return ""
+        return []
+    return (
+        raw.decode(errors="replace").split("\0")[:-1]
+        if raw.endswith(b"\0")
+        else [raw.decode(errors="replace")]
+    )
+
+
+def _cmdline(pid: int) -> str:
+    return " ".join(_argv(pid)).strip()
 
 
 def _state(pid: int) -> str | None:
