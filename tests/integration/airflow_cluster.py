@@ -328,6 +328,13 @@ class AirflowCluster:
                 return pid
         self._fail(f"No task runner process of task instance {ti.id} ({ti.task_id}, pid {ti.pid})")
 
+    def task_supervisor_pid(self, ti: TaskInstance) -> int:
+        """The pid of the process supervising a task instance's task runner (a LocalExecutor worker, or a
+        Celery worker's pool process): the task runner's parent."""
+        runner = self.task_runner_pid(ti)
+        stat = Path(f"/proc/{runner}/stat").read_text()
+        return int(stat.rsplit(")", 1)[1].split()[1])
+
     def marked_processes(self) -> list[int]:
         """Live processes that this cluster started, directly or not."""
         marker = f"{MARKER}={self.token}".encode()

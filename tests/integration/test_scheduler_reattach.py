@@ -1,5 +1,5 @@
-"""A task whose process is killed mid-run, under a real scheduler (LocalExecutor, then CeleryExecutor): its
-retry follows the run the killed try left behind (one execution, one run row, every line of the log), or,
+"""A task whose process (its task runner, or the whole worker) is killed mid-run, under a real scheduler
+(LocalExecutor, then CeleryExecutor): its retry follows the run the killed try left behind (one execution, one run row, every line of the log), or,
 with ``reattach_on_retry=False``, stops that run and starts a fresh one."""
 
 from __future__ import annotations
@@ -84,9 +84,9 @@ with DAG("DAG_ID", schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="U
 """
 
 
-def _kill_task_mid_run(cluster: AirflowCluster, dag_id: str, run_id: str) -> Any:
-    """SIGKILL the process running try 1 of task `train` once its script has trained a few steps; the run
-    as the history holds it then."""
+def _kill_task_mid_run(cluster: AirflowCluster, dag_id: str, run_id: str, supervisor: bool = False) -> Any:
+    """SIGKILL the process running try 1 of task `train` (and with `supervisor`, the worker process above it)
+    once its script has trained a few steps; the run as the history holds it then."""
     ti = cluster.wait_for_task(dag_id, run_id, "train", "running")
     history = cluster.history()
     deadline = time.monotonic() + 300
@@ -99,7 +99,11 @@ def _kill_task_mid_run(cluster: AirflowCluster, dag_id: str, run_id: str) -> Any
         pytest.fail(
             f"The run of {dag_id}.train did not train 3 steps within 300 s:\n{cluster.component_logs()}"
         )
-    os.kill(cluster.task_runner_pid(ti), signal.SIGKILL)
+    victims = [cluster.task_runner_pid(ti)]
+    if supervisor:
+        victims.insert(0, cluster.task_supervisor_pid(ti))
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
     return runs[0]
 
 
@@ -110,10 +114,16 @@ def _lines(log: str) -> list[str]:
 ALL_LINES = [f"line {n}" for n in range(STEPS)] + ["done"]
 
 
-def test_retry_of_a_killed_task_reattaches_to_its_run(cluster: AirflowCluster, training: Training) -> None:
+# The task runner alone: its supervisor reports the try failed at once. With the supervisor: the worker is
+# gone, and the scheduler notices only when the task's heartbeats stop ([scheduler]
+# task_instance_heartbeat_timeout).
+@pytest.mark.parametrize("worker_dies", [False, True], ids=["task-runner-killed", "worker-killed"])
+def test_retry_of_a_killed_task_reattaches_to_its_run(
+    cluster: AirflowCluster, training: Training, worker_dies: bool
+) -> None:
     dag_id = cluster.write_dag(_dag(training))
     run_id = cluster.trigger(dag_id)
-    orphan = _kill_task_mid_run(cluster, dag_id, run_id)
+    orphan = _kill_task_mid_run(cluster, dag_id, run_id, supervisor=worker_dies)
 
     assert cluster.wait_for_dag_run(dag_id, run_id) == "success"
     assert cluster.task_instances(dag_id, run_id)["train"].try_number == 2
