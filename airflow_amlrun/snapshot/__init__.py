@@ -15,6 +15,7 @@ from airflow_amlrun.snapshot.errors import (
     SourceChangedError,
     SourceDirectoryError,
     SourceUnreadableError,
+    StoreFullError,
     UnsafeManifestError,
 )
 from airflow_amlrun.snapshot.git import GitInfo, read_git_info, strip_credentials
@@ -54,6 +55,7 @@ __all__ = [
     "SourceChangedError",
     "SourceDirectoryError",
     "SourceUnreadableError",
+    "StoreFullError",
     "UnsafeManifestError",
     "check_limits",
     "hash_bytes",

@@ -39,6 +39,10 @@ class BlobCorruptError(SnapshotError):
     """A blob (or manifest) in the store does not hash to the name it is stored under."""
 
 
+class StoreFullError(SnapshotError, OSError):
+    """The store's disk is full, over quota or read-only: what was being written was removed, not published."""
+
+
 class SnapshotNotFoundError(SnapshotError):
     """No manifest with the requested snapshot id exists in the store."""
 

@@ -45,12 +45,15 @@ from airflow_amlrun.snapshot.errors import (
     InvalidKeyError,
     SnapshotNotFoundError,
     SourceChangedError,
+    StoreFullError,
 )
 from airflow_amlrun.snapshot.manifest import Snapshot, check_digest, hash_bytes
 
 log = logging.getLogger(__name__)
 
 _TMP_PREFIX = ".amlrun-tmp-"
+# Write errors that mean the store has no room (or takes no writes), rather than a fault of what is written.
+_STORE_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG})
 _CHUNK = 1 << 20
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # O_NONBLOCK: opening a FIFO planted at a name must not wait for a writer; a regular file ignores it.
@@ -626,6 +629,28 @@ class BlobStore:
         read_only: bool,
         flush: Flush = "none",
         batch: BlobBatch | None = None,
+    ) -> int:
+        try:
+            return self._write_local_file(key, writer, read_only=read_only, flush=flush, batch=batch)
+        except OSError as err:
+            if err.errno not in _STORE_FULL or isinstance(err, StoreFullError):
+                raise
+            full = StoreFullError(
+                f"The store {self.url} cannot take {key!r}: {err.strerror}. Nothing partial was kept. Free "
+                "space on its disk (e.g. remove old runs' outputs), or point the workspace's store_url at a "
+                "larger store."
+            )
+            full.errno = err.errno
+            raise full from err
+
+    def _write_local_file(
+        self,
+        key: str,
+        writer: Callable[[int], int],
+        *,
+        read_only: bool,
+        flush: Flush,
+        batch: BlobBatch | None,
     ) -> int:
         final = self._path(key)
         parent = os.path.dirname(final)

@@ -22,6 +22,7 @@ import pytest
 
 from airflow_amlrun import Experiment, ScriptRunConfig, Workspace
 from airflow_amlrun.errors import RunTimeoutError
+from airflow_amlrun.operators.script_run import triggerer_shares_this_machine
 from airflow_amlrun.run import AirflowTask
 from tests.conftest import dag_source, wait_until_running, worker_dies_mid_run, write_script
 from tests.integration.conftest import Target
@@ -108,6 +109,48 @@ def test_a_training_dag_comes_back_with_its_metrics_outputs_log_and_xcom(run_dag
     # cleanup=on_success: nothing of the run is left on the target.
     assert not (target.runs / run.id).exists()
     assert target.containers(run.id) == []
+
+
+def test_a_deferrable_task_defers_what_a_triggerer_can_reach_and_says_why_it_keeps_the_rest(
+    run_dag, tmp_path, target
+):
+    # dag.test runs the trigger inline, in this process. Without a triggerer on this machine, a run only this
+    # machine reaches (local, the local Docker socket) stays with the task; an SSH run is handed to the
+    # trigger. tests/integration/test_deferrable.py has a real triggerer.
+    write_script(
+        tmp_path / "src",
+        "train.py",
+        """
+        import os
+        from airflow_amlrun.run_context import Run
+
+        run = Run.get_context()
+        for step in range(3):
+            run.log("acc", step / 10, step=step)
+            print(f"step {step} printed", flush=True)
+        os.makedirs("outputs", exist_ok=True)
+        open("outputs/result.txt", "w").write("deferred or not")
+        """,
+    )
+
+    result = run_dag(dag_source(tmp_path / "src", target=target.name, options={"deferrable": True}))
+
+    assert result.state == "success", result.log
+    summary = result.xcoms["train"]
+    assert (summary["status"], summary["metrics"]) == ("Completed", {"acc": pytest.approx(0.2)})
+    assert Path(summary["outputs_uri"], "result.txt").read_text() == "deferred or not"
+    assert [p.step for p in Workspace.get().history.get_metrics(summary["run_id"], "acc")] == [0, 1, 2]
+    assert _in_order(result.log, ["step 0 printed", "step 1 printed", "step 2 printed"])
+    kept = f"is followed in this worker, not deferred: runs on {target.name} can be followed only on this machine"
+    # No triggerer runs beside the suite (unless a developer's own Airflow runs on this machine).
+    problem = triggerer_shares_this_machine()
+    if target.kind == "ssh" or problem is None:
+        assert "the worker slot is freed" in result.log
+        assert kept not in result.log
+    else:
+        assert f"{kept}, and {problem}" in result.log
+        assert "the worker slot is freed" not in result.log
+    assert target.containers(summary["run_id"]) == []
 
 
 def test_a_failing_script_fails_the_task_with_its_exit_code_and_last_lines(run_dag, tmp_path, target):
