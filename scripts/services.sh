@@ -15,6 +15,21 @@ fi
 pg_ready || { echo "PostgreSQL did not start on 127.0.0.1:5432" >&2; exit 1; }
 echo "services: PostgreSQL ready on 127.0.0.1:5432"
 
+# Redis: the CeleryExecutor tests' broker (each test cluster uses a database number of its own).
+redis_ready() { redis-cli -h 127.0.0.1 -p 6379 ping 2>/dev/null | grep -q PONG; }
+
+if ! redis_ready; then
+  if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+  fi
+  # Loopback only, nothing persisted: the tests' queues live as long as the machine.
+  redis-server --bind 127.0.0.1 --port 6379 --daemonize yes --save '' --appendonly no \
+    --logfile /tmp/amlrun-redis.log
+  for _ in $(seq 1 30); do redis_ready && break; sleep 1; done
+fi
+redis_ready || { echo "Redis did not start on 127.0.0.1:6379 (see /tmp/amlrun-redis.log)" >&2; exit 1; }
+echo "services: Redis ready on 127.0.0.1:6379"
+
 # sshd and iproute2: the SSH tests start their own sshd in a network namespace they create.
 if [ ! -x /usr/sbin/sshd ] || ! command -v ip >/dev/null || ! command -v nsenter >/dev/null; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server iproute2 util-linux >/dev/null
