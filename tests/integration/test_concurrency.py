@@ -110,7 +110,14 @@ def test_twenty_tasks_at_once_lose_nothing_and_build_once(
     for text in logs.values():
         assert "database is locked" not in text
     # One build, which every other task waited for and then used.
+    # (The module's second DAG run, on the other workspace, finds that build made.)
     assert sum("Built environment 'concurrent'" in text for text in logs.values()) <= 1
     assert len({(r.environment or {}).get("build_key") for r in runs}) == 1
+    envs = cluster.home / "amlrun" / "cache" / "envs"
+    key = (runs[0].environment or {})["build_key"]
+    assert sorted(p.name for p in envs.iterdir() if not p.name.startswith(".")) == sorted(
+        [key, "builds.jsonl"]
+    )
+    assert len((envs / "builds.jsonl").read_text().splitlines()) == 1  # the build log: one line a build
     store = Path(sqlite_workspace["store_url"]) if conn == "amlrun_sqlite" else cluster.store
     assert_store_whole(store)

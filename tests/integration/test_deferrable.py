@@ -109,7 +109,7 @@ def test_the_tasks_execution_timeout_stops_a_deferred_run(cluster: AirflowCluste
     assert str(record.status) == "Failed"
     assert record.error == "Stopped by the Airflow task's execution_timeout (while deferred)."
     assert "deferred step 3" in cluster.task_log(dag_id, run_id, "train")
-    assert not cluster.processes_running("train.py")
+    assert not cluster.marked_processes_running_script("train.py")
 
 
 def test_killing_a_deferred_task_cancels_its_run(cluster: AirflowCluster, source: Path) -> None:
@@ -133,4 +133,4 @@ def test_killing_a_deferred_task_cancels_its_run(cluster: AirflowCluster, source
     (record,) = runs_of(cluster, dag_id)
     assert str(record.status) == "Canceled", cluster.component_logs()
     assert "deferred task was killed" in (record.error or "")
-    assert not cluster.processes_running("train.py")
+    assert not cluster.marked_processes_running_script("train.py")
