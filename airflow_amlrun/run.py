@@ -262,6 +262,8 @@ class ScriptRun:
         # then leaves the run and its row alone, for the next reconcile.
         self._owned = True
         self._outcome_tags: dict[str, str] = {}
+        # Whether submit found this run left by an earlier try of the task, rather than starting it.
+        self.reattached = False
 
     @property
     def id(self) -> str:
@@ -402,6 +404,7 @@ class ScriptRun:
                 "Re-attaching to run %s, left unfinished by try %s of this task", record.id, record.try_number
             )
             attached = cls.following(workspace, target, job, handle, record, settings)
+            attached.reattached = True
             history.update_run(record.id, try_number=airflow_task.try_number)
         return attached
 

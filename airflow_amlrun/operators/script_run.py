@@ -137,7 +137,11 @@ class ScriptRunOperator(BaseOperator):
         )
         ti.xcom_push(key=RUN_ID_XCOM_KEY, value=self._run.id)
         self.log.info(
-            "Run %s submitted to %s (experiment %s)", self._run.id, config.compute_target, experiment.name
+            "Run %s %s %s (experiment %s)",
+            self._run.id,
+            "followed on" if self._run.reattached else "submitted to",
+            config.compute_target,
+            experiment.name,
         )
         if self.deferrable:
             self._defer_if_reachable(self._run, config, ti)

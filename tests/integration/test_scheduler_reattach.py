@@ -132,7 +132,9 @@ def test_retry_of_a_killed_task_reattaches_to_its_run(
     assert (run.id, run.status, run.try_number) == (orphan.id, "Completed", 2)
     assert _lines(Path(str(run.logs_uri), "std_log.txt").read_text()) == ALL_LINES
     assert [p.step for p in cluster.history().get_metrics(run.id, "loss")] == list(range(STEPS))
-    assert f"Re-attaching to run {run.id}" in cluster.task_log(dag_id, run_id, "train", try_number=2)
+    retry_log = cluster.task_log(dag_id, run_id, "train", try_number=2)
+    assert f"Re-attaching to run {run.id}" in retry_log
+    assert f"Run {run.id} followed on local" in retry_log and "submitted to" not in retry_log
 
 
 def test_retry_without_reattach_cancels_the_killed_tasks_run_and_starts_anew(
