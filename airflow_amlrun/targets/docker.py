@@ -59,7 +59,9 @@ recorded the run lost: ``discard``). It is removed once the run's outcome is rec
 
 A daemon that stops answering while a run goes on is waited for (``UNREACHABLE_GRACE_SECONDS``), then the
 waiting task gives up with ``DockerDaemonLostError``: the run, untouched, is left unfinished in the history
-for a retry to re-attach to, or for ``amlrun reconcile`` to settle.
+for a retry to re-attach to, or for ``amlrun reconcile`` to settle. A daemon that answers again within that
+time was restarted, or out of reach: a container that runs on is followed again (its log and events from their
+start, so offsets mean what they meant).
 """
 
 from __future__ import annotations
@@ -303,33 +305,52 @@ class DockerTarget:
         stream goes on (a follower that has just started has not read the stream of an ended container yet).
 
         A daemon that does not answer is waited for, from one call to the next, up to
-        ``UNREACHABLE_GRACE_SECONDS`` (a poll does not wait), then ``DockerDaemonLostError`` says so.
+        ``UNREACHABLE_GRACE_SECONDS`` (a poll does not wait), then ``DockerDaemonLostError`` says so; meanwhile
+        every call asks it, so that its first answer tells whether the container ran on (and is followed
+        again) or ended, and why.
         """
+        key = handle.container_id
         # A poll starts no follower: the process polling (reconcile) may never follow this run, and a retry
         # that does must be the only one writing its log spool.
         with self._lock:
-            follower = self._followers.get(handle.container_id)
+            follower = self._followers.get(key)
         if timeout > 0:
             follower = self._follower(handle)
-            if not follower.done.wait(timeout):
+            if key not in self._unreachable and not follower.done.wait(timeout):
                 return TargetStatus(running=True)
         from requests.exceptions import RequestException
 
-        key = handle.container_id
         try:
             state = self._state(handle)
         except RequestException as err:
             # The daemon restarting or a network blip must not end a run that goes on without us.
+            first = key not in self._unreachable
             since = self._unreachable.setdefault(key, time.monotonic())
             if timeout <= 0 or time.monotonic() - since > UNREACHABLE_GRACE_SECONDS:
                 raise self._lost(handle, err, time.monotonic() - since) from None
-            log.warning(
-                "The Docker daemon at %s does not answer (%s); still waiting", self.daemon.base_url, err
-            )
+            if first:
+                log.warning(
+                    "The Docker daemon at %s does not answer (%s): waiting up to %.0f s for it to answer again "
+                    "about container %s, which goes on there unless the daemon stopped it",
+                    self.daemon.base_url,
+                    str(err).split("\n")[0],
+                    UNREACHABLE_GRACE_SECONDS,
+                    handle.container,
+                )
+            # The log stream is followed again once the daemon answers: a follower started meanwhile would
+            # only empty the spool, for nothing.
             time.sleep(min(timeout, 1.0))
-            self._restart_follower(handle)
             return TargetStatus(running=True)
-        self._unreachable.pop(key, None)
+        if key in self._unreachable:
+            log.info(
+                "The Docker daemon at %s answers again, after %.0f s; container %s %s",
+                self.daemon.base_url,
+                time.monotonic() - self._unreachable.pop(key),
+                handle.container,
+                "runs on: following it again" if _live(state or {}) else "is no longer running",
+            )
+            # Its events (archive) were read through the daemon too: read them again, from their start.
+            self._restart_events_follower(handle)
         if state is None:
             return TargetStatus(
                 running=False,
@@ -344,6 +365,10 @@ class DockerTarget:
                 time.sleep(min(max(timeout, 0.0), 0.1))
                 self._restart_follower(handle)
             return TargetStatus(running=True)
+        if follower is not None and follower.error is not None:
+            # Its log stream was cut before the container ended (e.g. its daemon went away and, restarting,
+            # stopped it): the final read takes the log again, from its start.
+            self._restart_follower(handle)
         status = _outcome(state, self.options, timed_out=self._ended_by_limit(handle))
         if (
             status.exit_code == supervisor.CANNOT_START
@@ -761,6 +786,16 @@ class DockerTarget:
         with self._lock:
             self._followers.pop(handle.container_id, None)
         self._follower(handle)
+
+    def _restart_events_follower(self, handle: DockerHandle) -> None:
+        """Read a container's events again from their start (into the same spool, so offsets stay what they
+        were), if a follower read them and gave up (its daemon did not answer)."""
+        with self._lock:
+            follower = self._events.get(handle.container_id)
+            if follower is None or not follower.done.is_set():
+                return
+            del self._events[handle.container_id]
+        self._events_follower(handle)
 
     def _forget(self, handle: DockerHandle) -> None:
         with self._lock:
