@@ -59,7 +59,14 @@ recorded the run lost: ``discard``). It is removed once the run's outcome is rec
 
 A daemon that stops answering while a run goes on is waited for (``UNREACHABLE_GRACE_SECONDS``), then the
 waiting task gives up with ``DockerDaemonLostError``: the run, untouched, is left unfinished in the history
-for a retry to re-attach to, or for ``amlrun reconcile`` to settle.
+for a retry to re-attach to, or for ``amlrun reconcile`` to settle. A daemon that answers again within that
+time was restarted, or out of reach: with live-restore its containers ran on, and the container is followed
+again (its log from its start, so offsets mean what they meant); without, it stopped them as it stopped, and
+the run ends Failed saying so. The Docker API tells neither when a daemon started nor what stopped a container
+(a ``docker stop`` and a daemon going down leave the same state), so this is told from what the waiting
+process saw: the daemon stopped answering while the container ran, and answers again, without live-restore,
+with the container ended since (``_stopped_with_daemon``). A process that did not see it (a retry, reconcile)
+records the container's exit as it is.
 """
 
 from __future__ import annotations
@@ -75,6 +82,7 @@ import threading
 import time
 import uuid
 from dataclasses import replace
+from datetime import UTC, datetime
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -152,6 +160,10 @@ FINAL_LOG_WAIT_SECONDS = 10.0
 FINAL_EVENTS_WAIT_SECONDS = 120.0
 # How long a run's daemon may not answer before the waiting task gives up on it (the run goes on there).
 UNREACHABLE_GRACE_SECONDS = 120.0
+# How long before its daemon was found not answering a container may have ended and still be taken for one the
+# daemon stopped as it went down: its log stream ends as the daemon stops it, and the waiting task asks the
+# daemon next, which no longer answers.
+DAEMON_STOP_SLACK_SECONDS = 10.0
 # Largest control file (ended_by) read.
 CONTROL_CAP = 1 << 16
 
@@ -176,6 +188,9 @@ class DockerTarget:
         self._events: dict[str, EventsFollower] = {}
         self._warned: set[tuple[str, str]] = set()
         self._unreachable: dict[str, float] = {}
+        # When the daemon of each followed container stopped answering (epoch seconds), kept until it answers
+        # that the container runs: a container that ended meanwhile may have been stopped by its daemon.
+        self._went_away: dict[str, float] = {}
         self._owners: dict[tuple[str, str], tuple[int, int]] = {}
         # Containers whose run folder was defused after they ended (nothing changes there any more).
         self._defused: set[str] = set()
@@ -305,33 +320,53 @@ class DockerTarget:
         stream goes on (a follower that has just started has not read the stream of an ended container yet).
 
         A daemon that does not answer is waited for, from one call to the next, up to
-        ``UNREACHABLE_GRACE_SECONDS`` (a poll does not wait), then ``DockerDaemonLostError`` says so.
+        ``UNREACHABLE_GRACE_SECONDS`` (a poll does not wait), then ``DockerDaemonLostError`` says so; meanwhile
+        every call asks it, so that its first answer tells whether the container ran on (and is followed
+        again) or ended, and why.
         """
+        key = handle.container_id
         # A poll starts no follower: the process polling (reconcile) may never follow this run, and a retry
         # that does must be the only one writing its log spool.
         with self._lock:
-            follower = self._followers.get(handle.container_id)
+            follower = self._followers.get(key)
         if timeout > 0:
             follower = self._follower(handle)
-            if not follower.done.wait(timeout):
+            if key not in self._unreachable and not follower.done.wait(timeout):
                 return TargetStatus(running=True)
         from requests.exceptions import RequestException
 
-        key = handle.container_id
         try:
             state = self._state(handle)
         except RequestException as err:
             # The daemon restarting or a network blip must not end a run that goes on without us.
+            first = key not in self._unreachable
             since = self._unreachable.setdefault(key, time.monotonic())
             if timeout <= 0 or time.monotonic() - since > UNREACHABLE_GRACE_SECONDS:
                 raise self._lost(handle, err, time.monotonic() - since) from None
-            log.warning(
-                "The Docker daemon at %s does not answer (%s); still waiting", self.daemon.base_url, err
-            )
+            if first:
+                self._went_away.setdefault(key, time.time())
+                log.warning(
+                    "The Docker daemon at %s does not answer (%s): waiting up to %.0f s for it to answer again "
+                    "about container %s, which goes on there unless the daemon stopped it",
+                    self.daemon.base_url,
+                    str(err).split("\n")[0],
+                    UNREACHABLE_GRACE_SECONDS,
+                    handle.container,
+                )
+            # The log stream is followed again once the daemon answers: a follower started meanwhile would
+            # only empty the spool, for nothing.
             time.sleep(min(timeout, 1.0))
-            self._restart_follower(handle)
             return TargetStatus(running=True)
-        self._unreachable.pop(key, None)
+        if key in self._unreachable:
+            log.info(
+                "The Docker daemon at %s answers again, after %.0f s; container %s %s",
+                self.daemon.base_url,
+                time.monotonic() - self._unreachable.pop(key),
+                handle.container,
+                "runs on: following it again" if _live(state or {}) else "is no longer running",
+            )
+            # Its events (archive) were read through the daemon too: read them again, from their start.
+            self._restart_events_follower(handle)
         if state is None:
             return TargetStatus(
                 running=False,
@@ -340,13 +375,26 @@ class DockerTarget:
                 "was collected",
             )
         if _live(state):
+            self._went_away.pop(key, None)
             if follower is not None and follower.done.is_set():
                 # The stream ended while the container runs on (a dropped connection, a restarted daemon):
                 # follow it again, from its start, so offsets stay what they were.
                 time.sleep(min(max(timeout, 0.0), 0.1))
                 self._restart_follower(handle)
             return TargetStatus(running=True)
+        if follower is not None and follower.error is not None:
+            # Its log stream was cut before the container ended (e.g. its daemon went away and, restarting,
+            # stopped it): the final read takes the log again, from its start.
+            self._restart_follower(handle)
         status = _outcome(state, self.options, timed_out=self._ended_by_limit(handle))
+        if (
+            key in self._went_away
+            and status.exit_code != 0
+            and not (status.timed_out or state.get("OOMKilled"))
+        ):
+            stopped = self._stopped_by_restart(handle, state, self._went_away[key])
+            if stopped is not None:
+                return replace(status, reason=stopped)
         if (
             status.exit_code == supervisor.CANNOT_START
             and self._control_file(handle, supervisor.EXIT_CODE) is None
@@ -646,6 +694,30 @@ class DockerTarget:
             f"daemon at {self.daemon.base_url} does not answer to tell more"
         )
 
+    def _stopped_by_restart(
+        self, handle: DockerHandle, state: dict[str, Any], went_away: float
+    ) -> str | None:
+        """Why the container ended, if its daemon stopped it by going down while this process followed it (see
+        ``_stopped_with_daemon``); None if it ended otherwise, or the daemon does not say."""
+        from docker.errors import DockerException
+        from requests.exceptions import RequestException
+
+        try:
+            info = self.client.info()
+        except (DockerException, RequestException):
+            return None
+        ended = _stopped_with_daemon(state, info, went_away=went_away, now=time.time())
+        if ended is None:
+            return None
+        return (
+            f"its container {handle.container} was stopped by the Docker daemon at {self.daemon.base_url} "
+            f"({self.daemon.source}), which restarted while the run went on: the daemon stopped answering at "
+            f"{_utc(went_away)} and, when it answered again, the container had ended (at {_utc(ended)}, exit "
+            f"code {state.get('ExitCode')}); a daemon that runs without live-restore stops its containers when "
+            "it stops. Run the task again; to keep runs going through a restart of the daemon, start dockerd "
+            'with --live-restore (or set "live-restore": true in its /etc/docker/daemon.json)'
+        )
+
     def _lost(self, handle: DockerHandle, err: BaseException, waited: float) -> DockerDaemonLostError:
         waiting = f"It has not answered for {waited:.0f} s. " if waited >= 1 else ""
         return DockerDaemonLostError(
@@ -770,14 +842,26 @@ class DockerTarget:
                 self._followers.pop(handle.container_id, None),
                 self._events.pop(handle.container_id, None),
             ]
+        self._went_away.pop(handle.container_id, None)
         for follower in followers:
             if follower is not None and not follower.stop(DETACH_WAIT_SECONDS):
                 log.warning("Container %s: its log or events copy did not stop in time", handle.container)
+
+    def _restart_events_follower(self, handle: DockerHandle) -> None:
+        """Read a container's events again from their start (into the same spool, so offsets stay what they
+        were), if a follower read them and gave up (its daemon did not answer)."""
+        with self._lock:
+            follower = self._events.get(handle.container_id)
+            if follower is None or not follower.done.is_set():
+                return
+            del self._events[handle.container_id]
+        self._events_follower(handle)
 
     def _forget(self, handle: DockerHandle) -> None:
         with self._lock:
             self._followers.pop(handle.container_id, None)
             self._events.pop(handle.container_id, None)
+        self._went_away.pop(handle.container_id, None)
 
 
 def _host() -> str:
@@ -792,6 +876,45 @@ def container_name(run_id: str) -> str:
 def _live(state: dict[str, Any]) -> bool:
     """Whether a container in this state may still change its files."""
     return bool(state.get("Running")) or state.get("Status") in ("restarting", "paused")
+
+
+def _stopped_with_daemon(
+    state: dict[str, Any], info: dict[str, Any], *, went_away: float, now: float
+) -> float | None:
+    """When (epoch seconds, this machine's clock) a container ended that its daemon stopped by going down, else
+    None. ``went_away`` is when the daemon stopped answering a process that followed the running container,
+    ``state`` the container's state and ``info`` the daemon's ``/info`` once it answers again, at ``now``.
+
+    A daemon without live-restore stops its containers as it stops, after it stopped answering: one that ended
+    then (or a moment before its waiting task found the daemon gone) was stopped by it. With live-restore a
+    restart stops nothing, so the container ended of its own. The daemon's clock (``SystemTime``) may differ
+    from this machine's: the container's end is read on this one.
+    """
+    if info.get("LiveRestoreEnabled"):
+        return None
+    finished = _docker_time(state.get("FinishedAt"))
+    if finished is None:
+        return None
+    daemon_now = _docker_time(info.get("SystemTime"))
+    ended = finished - (daemon_now - now if daemon_now is not None else 0.0)
+    if ended < went_away - DAEMON_STOP_SLACK_SECONDS:
+        return None  # it had ended before its daemon went away
+    return ended
+
+
+def _docker_time(value: object) -> float | None:
+    """Epoch seconds of a time as the Docker API writes it (RFC 3339 with nanoseconds, of which Python keeps
+    microseconds); None for none (the year 1: a container that never ended) or not one."""
+    if not isinstance(value, str) or value.startswith("0001-"):
+        return None
+    try:
+        return datetime.fromisoformat(value).timestamp()
+    except ValueError:
+        return None
+
+
+def _utc(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def _outcome(state: dict[str, Any], options: DockerOptions, *, timed_out: bool = False) -> TargetStatus:
