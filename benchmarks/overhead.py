@@ -271,15 +271,25 @@ def slot_seconds(cluster: Any, dag_id: str) -> tuple[float, float]:
     done = threading.Event()
 
     def watch() -> None:
+        # Each look at the process table costs time itself: what is counted is the time between two looks
+        # that both saw the task runner alive, plus half of each interval where it came or went.
         nonlocal alive
         ti_id = None
+        was_alive, last = False, time.monotonic()
         while not done.is_set():
             if ti_id is None:
                 ti = cluster.task_instances(dag_id, run_id).get("train")
                 ti_id = ti.id if ti is not None else None
-            if ti_id is not None and any(_cmdline(pid) == f"airflow worker -- {ti_id}" for pid in _pids()):
-                alive += 0.1
-            time.sleep(0.1)
+            now = time.monotonic()
+            is_alive = ti_id is not None and any(
+                _cmdline(pid) == f"airflow worker -- {ti_id}" for pid in _pids()
+            )
+            if is_alive and was_alive:
+                alive += now - last
+            elif is_alive != was_alive:
+                alive += (now - last) / 2
+            was_alive, last = is_alive, now
+            time.sleep(0.05)
 
     watcher = threading.Thread(target=watch, daemon=True)
     started = time.perf_counter()
