@@ -334,7 +334,7 @@ def triggerer_shares_this_machine() -> str | None:
     return "no triggerer runs on this machine"
 
 
-def _rendered_later(value: object) -> bool:
+def rendered_later(value: object) -> bool:
     """Whether Airflow gives this value of a templated field its final form only when the task runs: a
     template, or what an upstream task returns (an XComArg, which Airflow resolves)."""
     if isinstance(value, str):
@@ -345,10 +345,10 @@ def _rendered_later(value: object) -> bool:
 def _known_part(value: Any) -> Any:
     """The value with what is only known once rendered replaced by a placeholder string, for checking now."""
     if isinstance(value, list | tuple):
-        return [("rendered" if _rendered_later(v) and not isinstance(v, str) else v) for v in value]
+        return [("rendered" if rendered_later(v) and not isinstance(v, str) else v) for v in value]
     if isinstance(value, dict):
         return {
-            k: ("rendered" if _rendered_later(v) and not isinstance(v, str) else v) for k, v in value.items()
+            k: ("rendered" if rendered_later(v) and not isinstance(v, str) else v) for k, v in value.items()
         }
     return value
 
@@ -365,22 +365,22 @@ def _check_before_rendering(
     """Check the templated arguments as far as they are known when the DAG is parsed, so a DAG with a bad
     value fails to load, naming it; what a template or an XCom gives is checked again once rendered."""
     try:
-        if experiment is not None and not _rendered_later(experiment):
+        if experiment is not None and not rendered_later(experiment):
             check_experiment_name(experiment)
-        if arguments is not None and not _rendered_later(arguments):
+        if arguments is not None and not rendered_later(arguments):
             if isinstance(config, ScriptRunConfig) and config.command is not None:
                 raise ConfigurationError(
                     f"arguments={shown(arguments)} only apply to a script, and this config runs a command: "
                     "write them into the command itself."
                 )
             render_arguments(_known_part(arguments))
-        if environment_variables is not None and not _rendered_later(environment_variables):
+        if environment_variables is not None and not rendered_later(environment_variables):
             render_environment_variables(_known_part(environment_variables))
-        if secret_environment_variables is not None and not _rendered_later(secret_environment_variables):
+        if secret_environment_variables is not None and not rendered_later(secret_environment_variables):
             render_environment_variables(
                 _known_part(secret_environment_variables), "secret_environment_variables", secret=True
             )
-        if tags is not None and not _rendered_later(tags):
+        if tags is not None and not rendered_later(tags):
             render_tags(_known_part(tags))
     except ConfigurationError as err:
         raise ConfigurationError(f"{where}: {err}") from None

@@ -10,6 +10,7 @@ from airflow.sdk import BaseSensorOperator
 from airflow.sdk.configuration import conf
 
 from airflow_amlrun.errors import AmlRunError, ConfigurationError, shown
+from airflow_amlrun.operators.script_run import rendered_later
 from airflow_amlrun.workspace import check_connection_id
 
 if TYPE_CHECKING:
@@ -40,7 +41,7 @@ class RunStatusSensor(BaseSensorOperator):
         if not isinstance(deferrable, bool):
             raise ConfigurationError(f"{where}: deferrable={shown(deferrable)} must be True or False.")
         check_connection_id(workspace_conn_id, f"{where}: workspace_conn_id")
-        if not (isinstance(run_id, str) and ("{{" in run_id or "{%" in run_id)):
+        if not rendered_later(run_id):
             _check_run_id(run_id, where)
         self.run_id = run_id
         self.workspace_conn_id = workspace_conn_id

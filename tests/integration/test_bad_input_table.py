@@ -137,6 +137,19 @@ def registered(name: str = "mine") -> Environment:
     return Environment(name).register(Workspace.get())
 
 
+def in_a_dag(build: Callable[[Any], Any]) -> Any:
+    """What `build` makes in a DAG, given the output of an upstream task (an XComArg, resolved at run time)."""
+    from airflow.sdk import DAG, task
+
+    with DAG("bad_input_rows", schedule=None):
+
+        @task
+        def hyperparameters() -> dict[str, float]:
+            return {"lr": 0.1}
+
+        return build(hyperparameters())
+
+
 def from_yaml(g: Given, text: str) -> ScriptRunConfig:
     """A run configuration file with its source folder and a requirements file beside it."""
     path = g.write("run.yaml", text)
@@ -431,6 +444,8 @@ ACCEPTED = [
     Good("Environment.from_pip_requirements", "file_path", "-r ../shared/base.txt, as pip reads it", "team/requirements.txt", lambda g, v: Environment.from_pip_requirements("mine", g.files / v), lambda e, v: e.python.pip_requirements == ["tomli-w==1.0.0"]),
     Good("Experiment", "name", "36 characters", "a" * 36, lambda g, v: Experiment(Workspace.get(), v), lambda x, v: x.name == v),
     Good("ScriptRunOperator", "experiment", "a template", "{{ params.experiment }}", lambda g, v: operator(g, experiment=v), lambda o, v: o.experiment == v),
+    Good("ScriptRunOperator", "arguments", "an upstream task's output", "--params", lambda g, v: in_a_dag(lambda out: operator(g, arguments=[v, out])), lambda o, v: o.arguments[0] == v and type(o.arguments[1]).__name__ == "PlainXComArg"),
+    Good("RunStatusSensor", "run_id", "an upstream task's output", "run_id", lambda g, v: in_a_dag(lambda out: sensor(run_id=out[v])), lambda s, v: type(s.run_id).__name__ == "PlainXComArg"),
     Good("RunStatusSensor", "run_id", "a template", "{{ ti.xcom_pull(task_ids='train')['run_id'] }}", lambda g, v: sensor(run_id=v), lambda s, v: s.run_id == v),
 ]  # fmt: skip
 
