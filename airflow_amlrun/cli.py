@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from airflow_amlrun.errors import AmlRunError
-from airflow_amlrun.history import RunRecord
+from airflow_amlrun.errors import AmlRunError, ConfigurationError, shown
+
+if TYPE_CHECKING:
+    from airflow_amlrun.history import RunRecord
 
 
 def _workspace(args: argparse.Namespace) -> Any:
@@ -52,9 +55,87 @@ def cmd_runs_list(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+# Values of the command line, checked as argparse reads them: a bad one ends with usage and a message that
+# names the option (`argument --limit: ...`), before any workspace is opened (or the history's database
+# library imported: a mistyped option fails in a moment).
+
+
+def _connection_id(value: str) -> str:
+    from airflow_amlrun.workspace import CONNECTION_ID, CONNECTION_ID_RULE
+
+    if not CONNECTION_ID.fullmatch(value):
+        raise argparse.ArgumentTypeError(
+            f"{shown(value)} is not an Airflow connection id ({CONNECTION_ID_RULE}); leave --conn-id out for "
+            "the default workspace"
+        )
+    return value
+
+
+def _positive_count(value: str) -> int:
+    try:
+        count = int(value)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"{shown(value)} is not a positive whole number, e.g. --limit 50")
+    return count
+
+
+def _status(value: str) -> str:
+    from airflow_amlrun.history import RunStatus
+
+    for status in RunStatus:
+        if value.strip().lower() == status.value.lower():
+            return status.value
+    raise argparse.ArgumentTypeError(
+        f"{shown(value)} is not a run status; use one of {', '.join(s.value for s in RunStatus)}"
+    )
+
+
+def _experiment(value: str) -> str:
+    from airflow_amlrun.experiment import check_experiment_name
+
+    try:
+        return check_experiment_name(value)
+    except ConfigurationError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise argparse.ArgumentTypeError(
+            f"{shown(value)} is not a positive number of seconds, e.g. --after 900"
+        )
+    return seconds
+
+
+def _text(what: str) -> Any:
+    def check(value: str) -> str:
+        if not value.strip():
+            raise argparse.ArgumentTypeError(f"the {what} is empty; `amlrun runs list` shows the run ids")
+        return value
+
+    return check
+
+
+def _folder(value: str) -> str:
+    if not value.strip():
+        raise argparse.ArgumentTypeError("the destination folder is empty; name a new or empty folder")
+    return value
+
+
 def cmd_runs_show(args: argparse.Namespace, console: Console) -> int:
+    from airflow_amlrun.history import RunNotFoundError
+
     ws = _workspace(args)
-    record: RunRecord = ws.get_run(args.run_id)
+    try:
+        record: RunRecord = ws.get_run(args.run_id)
+    except RunNotFoundError as err:
+        raise RunNotFoundError(f"{err} `amlrun runs list` shows the runs there.") from None
     if args.json:
         console.print_json(json.dumps(record.summary()))
         return 0
@@ -101,7 +182,6 @@ def cmd_reconcile(args: argparse.Namespace, console: Console) -> int:
     from dataclasses import replace
 
     from airflow_amlrun.config import load_settings
-    from airflow_amlrun.errors import ConfigurationError
     from airflow_amlrun.reconcile import reconcile
     from airflow_amlrun.run import heartbeat_seconds
 
@@ -143,19 +223,22 @@ def cmd_reconcile(args: argparse.Namespace, console: Console) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="amlrun", description="Read the airflow-amlrun run history.")
     parser.add_argument(
-        "--conn-id", default=None, help="amlrun connection of the workspace (default: the default one)"
+        "--conn-id",
+        type=_connection_id,
+        default=None,
+        help="amlrun connection of the workspace (default: the default one)",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
     runs = sub.add_parser("runs", help="list or show runs").add_subparsers(dest="runs_command", required=True)
     listing = runs.add_parser("list", help="runs, newest first")
-    listing.add_argument("--experiment")
-    listing.add_argument("--status")
-    listing.add_argument("--limit", type=int, default=20)
+    listing.add_argument("--experiment", type=_experiment)
+    listing.add_argument("--status", type=_status, help="a run status, e.g. Completed or Failed")
+    listing.add_argument("--limit", type=_positive_count, default=20)
     listing.add_argument("--json", action="store_true")
     listing.set_defaults(func=cmd_runs_list)
     show = runs.add_parser("show", help="one run with its metrics")
-    show.add_argument("run_id")
+    show.add_argument("run_id", type=_text("run id"))
     show.add_argument("--json", action="store_true")
     show.set_defaults(func=cmd_runs_show)
 
@@ -167,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     settle.add_argument(
         "--after",
-        type=float,
+        type=_seconds,
         default=None,
         metavar="SECONDS",
         help="consider runs nobody reported on for this long (default: [amlrun] reconcile_after_seconds)",
@@ -187,8 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     restore = snapshot.add_parser(
         "restore", help="write a run's code (or a snapshot) into an empty folder, verified"
     )
-    restore.add_argument("id", help="run id or snapshot id")
-    restore.add_argument("path", help="destination folder (empty or new)")
+    restore.add_argument("id", type=_text("run or snapshot id"), help="run id or snapshot id")
+    restore.add_argument("path", type=_folder, help="destination folder (empty or new)")
     restore.set_defaults(func=cmd_snapshot_restore)
     return parser
 

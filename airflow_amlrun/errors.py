@@ -42,3 +42,13 @@ class RunCanceledError(AmlRunError):
     def __init__(self, message: str, *, run_id: str) -> None:
         super().__init__(message)
         self.run_id = run_id
+
+
+def shown(value: object, limit: int = 100) -> str:
+    """The repr of a value for an error message, cut short when long: a message names a 1 MB value, it does
+    not carry it."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    size = f"{len(value)} characters" if isinstance(value, str | bytes) else f"{len(text)} characters as text"
+    return f"{text[:limit]}... ({size})"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Any
 
-from airflow_amlrun.errors import ConfigurationError
+from airflow_amlrun.errors import ConfigurationError, shown
 
 if TYPE_CHECKING:
     import os
@@ -21,7 +21,7 @@ def check_experiment_name(name: Any) -> str:
     """Return the name if it follows the rules, else raise an error that says which rule it breaks."""
     if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise ConfigurationError(
-            f"Invalid experiment name {name!r}: use 3-36 characters, letters, digits, '_' and '-', starting "
+            f"Invalid experiment name {shown(name)}: use 3-36 characters, letters, digits, '_' and '-', starting "
             "with a letter or digit (for example 'diabetes_ridge')."
         )
     return name
@@ -43,6 +43,13 @@ class Experiment:
     """
 
     def __init__(self, workspace: Workspace, name: str) -> None:
+        from airflow_amlrun.workspace import Workspace
+
+        if not isinstance(workspace, Workspace):
+            raise ConfigurationError(
+                f"Experiment {shown(name)}: workspace must be a Workspace (e.g. Workspace.get()), not "
+                f"{type(workspace).__name__} {shown(workspace)}."
+            )
         self.workspace = workspace
         self.name = check_experiment_name(name)
 
@@ -65,12 +72,22 @@ class Experiment:
             (True) instead of starting a new one; False stops it (recorded Canceled) and starts afresh.
         """
         from airflow_amlrun.run import ScriptRun
+        from airflow_amlrun.runconfig import ScriptRunConfig, render_tags
 
+        if not isinstance(config, ScriptRunConfig):
+            raise ConfigurationError(
+                f"Experiment {self.name!r}: submit needs a ScriptRunConfig, not {type(config).__name__} "
+                f"{shown(config)}; for a YAML file, pass ScriptRunConfig.from_yaml(path)."
+            )
+        if not isinstance(reattach_on_retry, bool):
+            raise ConfigurationError(
+                f"Experiment {self.name!r}: reattach_on_retry={shown(reattach_on_retry)} must be True or False."
+            )
         return ScriptRun.submit(
             self.workspace,
             self.name,
             config,
-            tags=tags,
+            tags=render_tags(tags),
             base_dir=base_dir,
             airflow_task=airflow_task,
             reattach_on_retry=reattach_on_retry,

@@ -12,9 +12,45 @@ from typing import Any
 import yaml
 
 from airflow_amlrun.environment import Environment
-from airflow_amlrun.errors import ConfigurationError
+from airflow_amlrun.environment.requirements import as_path, check_path_text, read_text
+from airflow_amlrun.environment.resolve import parse_reference
+from airflow_amlrun.environment.spec import check_environment_name
+from airflow_amlrun.errors import ConfigurationError, shown
+from airflow_amlrun.workspace import CONNECTION_ID, CONNECTION_ID_RULE
 
 _RENDERABLE = (str, int, float, bool, PurePath)
+
+# Linux refuses to start a process with one argument or environment entry ("NAME=value") longer than this
+# (MAX_ARG_STRLEN, less the terminating NUL).
+MAX_WORD_BYTES = 128 * 1024 - 1
+# Linux holds about 2 MiB of arguments and environment in all (ARG_MAX with the default 8 MiB stack), each
+# word counted with its NUL and its pointer; what a config passes may take 1.5 MiB of it, leaving the rest to
+# the interpreter, the script's path and the environment the target adds.
+MAX_EXEC_BYTES = 1536 * 1024
+
+
+def check_word(text: str, where: str) -> None:
+    """Refuse a string no process can receive as an argument or environment entry: a NUL byte, text that is
+    not Unicode, or more than Linux passes in one word. The message names the place, never the value (it may
+    be a secret, or a megabyte)."""
+    if "\0" in text:
+        raise ConfigurationError(
+            f"{where} holds a NUL byte (\\0), which no process argument or environment variable can carry: "
+            "remove it, or pass binary data through a file."
+        )
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError as err:
+        raise ConfigurationError(
+            f"{where} is not valid Unicode text (it holds {text[err.start : err.end]!r}, a lone surrogate, as "
+            "bytes decoded with errors='surrogateescape' give): decode the bytes with their real encoding."
+        ) from None
+    if size > MAX_WORD_BYTES:
+        raise ConfigurationError(
+            f"{where} is {size} bytes long; Linux passes at most {MAX_WORD_BYTES} bytes in one argument or "
+            "environment variable. Write the value to a file (in source_directory, or the store) and pass its "
+            "path instead."
+        )
 
 
 def render_arguments(arguments: Sequence[Any] | None) -> list[str]:
@@ -24,40 +60,98 @@ def render_arguments(arguments: Sequence[Any] | None) -> list[str]:
     if isinstance(arguments, str | bytes) or not isinstance(arguments, Sequence):
         raise ConfigurationError(
             f"arguments must be a list such as ['--alpha', 0.5], not {type(arguments).__name__} "
-            f"{arguments!r}. Split a command line into its words, or use command= for a shell command."
+            f"{shown(arguments)}. Split a command line into its words, or use command= for a shell command."
         )
     rendered = []
     for index, value in enumerate(arguments):
         if not isinstance(value, _RENDERABLE) or (isinstance(value, float) and not math.isfinite(value)):
             raise ConfigurationError(
-                f"arguments[{index}] = {value!r} ({type(value).__name__}) cannot be passed to a script: "
+                f"arguments[{index}] = {shown(value)} ({type(value).__name__}) cannot be passed to a script: "
                 "give a string, number, boolean or path (for a structure, pass json.dumps(value))."
             )
-        rendered.append(str(value))
+        text = str(value)
+        check_word(text, f"arguments[{index}]")
+        rendered.append(text)
     return rendered
 
 
-def render_environment_variables(variables: Mapping[str, Any] | None) -> dict[str, str]:
-    """Check names and turn values into strings, as a process environment needs them."""
+def render_environment_variables(
+    variables: Mapping[str, Any] | None, name: str = "environment_variables", *, secret: bool = False
+) -> dict[str, str]:
+    """Check names and turn values into strings, as a process environment needs them.
+
+    :param name: the argument the variables came from, for messages.
+    :param secret: the values are secrets: no message shows one.
+    """
     if variables is None:
         return {}
     if not isinstance(variables, Mapping):
         raise ConfigurationError(
-            f"environment_variables must be a mapping of names to values, not {type(variables).__name__}."
+            f"{name} must be a mapping of names to values such as {{'MY_VAR': 'value'}}, not "
+            f"{type(variables).__name__}."
         )
     rendered = {}
-    for name, value in variables.items():
-        if not isinstance(name, str) or not name or "=" in name or "\0" in name:
+    for key, value in variables.items():
+        if not isinstance(key, str) or not key or "=" in key or "\0" in key:
             raise ConfigurationError(
-                f"environment_variables has an invalid name {name!r}: use a non-empty string without '='."
+                f"{name} has an invalid name {shown(key)}: use a non-empty string without '=' or NUL."
             )
-        if not isinstance(value, _RENDERABLE):
+        if not isinstance(value, _RENDERABLE) or (isinstance(value, float) and not math.isfinite(value)):
+            what = type(value).__name__ if secret else f"{shown(value)} ({type(value).__name__})"
             raise ConfigurationError(
-                f"environment_variables[{name!r}] = {value!r} ({type(value).__name__}) is not a string, "
-                "number, boolean or path."
+                f"{name}[{shown(key)}] = {what} is not a string, number, boolean or path: give the value as a "
+                "string (for a structure, pass json.dumps(value))."
             )
-        rendered[name] = str(value)
+        text = str(value)
+        check_word(key, f"{name} name {shown(key)}")
+        check_word(f"{key}={text}", f"{name}[{shown(key)}]")
+        rendered[key] = text
     return rendered
+
+
+def render_tags(tags: Mapping[str, Any] | None, name: str = "tags") -> dict[str, str]:
+    """Tags as the run history keeps them: names and values as strings; refuse what has no one string form.
+
+    :param name: the argument the tags came from, for messages.
+    """
+    if tags is None:
+        return {}
+    if not isinstance(tags, Mapping):
+        raise ConfigurationError(
+            f"{name} must be a mapping of names to values such as {{'team': 'vision'}}, not "
+            f"{type(tags).__name__} {shown(tags)}."
+        )
+    rendered = {}
+    for key, value in tags.items():
+        if not isinstance(key, str) or not key.strip() or "\0" in key:
+            raise ConfigurationError(
+                f"{name} has an invalid name {shown(key)}: use a non-empty string without NUL bytes."
+            )
+        if not isinstance(value, _RENDERABLE) or (isinstance(value, float) and not math.isfinite(value)):
+            raise ConfigurationError(
+                f"{name}[{shown(key)}] = {shown(value)} ({type(value).__name__}) is not a string, number, boolean "
+                "or path: give the value as a string (for a structure, pass json.dumps(value))."
+            )
+        text = str(value)
+        if "\0" in text:
+            raise ConfigurationError(
+                f"{name}[{shown(key)}] holds a NUL byte (\\0), which the run history cannot store: remove it."
+            )
+        rendered[key] = text
+    return rendered
+
+
+def check_exec_size(arguments: Sequence[str], *variables: Mapping[str, str]) -> None:
+    """Refuse arguments and environment variables that together are more than a process can start with."""
+    words = [*arguments, *(f"{key}={value}" for mapping in variables for key, value in mapping.items())]
+    total = sum(len(word.encode("utf-8")) + 9 for word in words)
+    if total > MAX_EXEC_BYTES:
+        raise ConfigurationError(
+            f"arguments ({len(arguments)} words) and environment_variables take {total / 2**20:.1f} MiB as the "
+            "script's command line and environment (each word's bytes, plus 9 for its NUL and its pointer); "
+            f"at most {MAX_EXEC_BYTES / 2**20:.1f} MiB fit beside what the target adds (Linux allows about "
+            "2 MiB in all). Pass bulky input through a file: put it in source_directory, or pass its path or URL."
+        )
 
 
 @dataclass
@@ -93,68 +187,91 @@ class ScriptRunConfig:
     snapshot_max_files: int | None = None
 
     def __post_init__(self) -> None:
-        self.source_directory = str(self.source_directory)
-        if not self.source_directory:
+        if isinstance(self.source_directory, str) and not self.source_directory:
             raise ConfigurationError(
                 "source_directory is empty: name the folder that holds the training code."
             )
+        self.source_directory = os.fsdecode(as_path(self.source_directory, "source_directory"))
         if (self.script is None) == (self.command is None):
             raise ConfigurationError(
                 "Give exactly one of script= (a file inside source_directory) or command= (a shell command); "
-                f"got script={self.script!r} and command={self.command!r}."
+                f"got script={shown(self.script)} and command={shown(self.command)}."
             )
         if self.script is not None:
             _check_script_path(self.script)
         if self.command is not None:
-            if isinstance(self.command, list):
-                if not self.command or not all(isinstance(word, str) for word in self.command):
-                    raise ConfigurationError(
-                        f"command={self.command!r} must be a non-empty list of strings or a shell string."
-                    )
-            elif not isinstance(self.command, str) or not self.command.strip():
-                raise ConfigurationError(f"command={self.command!r} must be a non-empty shell string.")
+            _check_command(self.command)
             if self.arguments:
                 raise ConfigurationError(
-                    f"arguments={self.arguments!r} only apply to a script; with command=, write them into "
+                    f"arguments={shown(self.arguments)} only apply to a script; with command=, write them into "
                     "the command itself."
                 )
         self.arguments = render_arguments(self.arguments)
         self.environment_variables = render_environment_variables(self.environment_variables)
-        self.secret_environment_variables = render_environment_variables(self.secret_environment_variables)
+        self.secret_environment_variables = render_environment_variables(
+            self.secret_environment_variables, "secret_environment_variables", secret=True
+        )
+        check_exec_size(self.arguments, self.environment_variables, self.secret_environment_variables)
         if not isinstance(self.compute_target, str) or not self.compute_target.strip():
             raise ConfigurationError(
-                f"compute_target={self.compute_target!r} must be 'local' or the id of an Airflow connection."
+                f"compute_target={shown(self.compute_target)} must be 'local' or the id of an Airflow connection."
             )
-        if self.max_run_duration_seconds is not None and (
-            isinstance(self.max_run_duration_seconds, bool)
-            or not isinstance(self.max_run_duration_seconds, int | float)
-            or not self.max_run_duration_seconds > 0
+        if not CONNECTION_ID.fullmatch(self.compute_target):
+            raise ConfigurationError(
+                f"compute_target {shown(self.compute_target)} cannot name a compute target: use 'local', "
+                f"'docker' or the id of an Airflow connection ({CONNECTION_ID_RULE})."
+            )
+        limit = self.max_run_duration_seconds
+        if limit is not None and (
+            isinstance(limit, bool)
+            or not isinstance(limit, int | float)
+            or not math.isfinite(limit)
+            or not limit > 0
         ):
             raise ConfigurationError(
-                f"max_run_duration_seconds={self.max_run_duration_seconds!r} must be a positive number of "
-                "seconds, or None for no limit."
+                f"max_run_duration_seconds={limit!r} must be a positive number of seconds, or None for no limit."
             )
         for name in ("snapshot_max_size_mb", "snapshot_max_files"):
             limit = getattr(self, name)
+            whole = name == "snapshot_max_files"
             if limit is not None and (
-                isinstance(limit, bool) or not isinstance(limit, int | float) or limit <= 0
+                isinstance(limit, bool)
+                or not isinstance(limit, int if whole else int | float)
+                or not math.isfinite(limit)
+                or limit <= 0
             ):
                 raise ConfigurationError(
-                    f"{name}={limit!r} must be a positive number, or None for the [amlrun] default."
+                    f"{name}={shown(limit)} must be a positive number"
+                    f"{' (a whole number of files)' if whole else ''}, or None for the [amlrun] default."
                 )
         if self.environment is not None and not isinstance(self.environment, Environment | str):
             raise ConfigurationError(
-                f"environment={self.environment!r} must be an Environment or the name of a registered one."
+                f"environment={shown(self.environment)} must be an Environment or the name of a registered one."
             )
+        if isinstance(self.environment, str):
+            name, _version, _label = parse_reference(self.environment)
+            check_environment_name(name, f"environment={shown(self.environment)}: the name")
 
     def resolved(self, base_dir: str | os.PathLike[str] | None = None) -> ScriptRunConfig:
         """This config with an absolute, checked source_directory and script; relative paths start at base_dir."""
+        try:
+            return self._resolved(base_dir)
+        except OSError as err:
+            # The paths passed their checks here, but the file system refuses them (a parent folder this
+            # user may not enter, a path grown too long once joined to base_dir).
+            raise ConfigurationError(
+                f"source_directory {shown(self.source_directory)} or script {shown(self.script)} cannot be read "
+                f"({err.strerror or err}{f': {err.filename}' if err.filename else ''}). Check the path and its "
+                "permissions."
+            ) from None
+
+    def _resolved(self, base_dir: str | os.PathLike[str] | None) -> ScriptRunConfig:
         source = Path(self.source_directory).expanduser()
         if not source.is_absolute():
             source = Path(base_dir or os.getcwd()) / source
         if not source.exists():
             raise ConfigurationError(
-                f"source_directory {str(source)!r} does not exist. Create it, or point source_directory at "
+                f"source_directory {shown(str(source))} does not exist. Create it, or point source_directory at "
                 "the folder holding the training script (a relative path starts at the DAG file's folder)."
             )
         if not source.is_dir():
@@ -213,32 +330,40 @@ class ScriptRunConfig:
             "snapshot_max_size_mb",
             "snapshot_max_files",
         }
-        unknown = sorted(set(data) - known)
+        if "secret_environment_variables" in data:
+            raise ConfigurationError(
+                "secret_environment_variables cannot come from a run configuration file: secrets are never "
+                "written to one. Pass them to ScriptRunOperator(secret_environment_variables=...) (e.g. "
+                "'{{ conn.my_conn.password }}'), or set them on the ScriptRunConfig in Python."
+            )
+        unknown = sorted(map(str, set(data) - known))
         if unknown:
             raise ConfigurationError(
-                f"Unknown ScriptRunConfig field(s) {', '.join(map(repr, unknown))}; known: {', '.join(sorted(known))}."
+                f"Unknown ScriptRunConfig field(s) {', '.join(map(shown, unknown))}; known: "
+                f"{', '.join(sorted(known))}."
             )
         if "source_directory" not in data:
             raise ConfigurationError("The run configuration has no source_directory.")
         values = dict(data)
-        source = Path(str(values["source_directory"])).expanduser()
+        source = as_path(values["source_directory"], "source_directory").expanduser()
         if base_dir is not None and not source.is_absolute():
             values["source_directory"] = str(Path(base_dir) / source)
         if isinstance(values.get("environment"), Mapping):
-            values["environment"] = Environment.from_dict(values["environment"])
+            # Files the environment names (python.requirements_file, ...) sit beside the configuration too.
+            values["environment"] = Environment.from_dict(values["environment"], base_dir=base_dir)
         return cls(**values)
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike[str]) -> ScriptRunConfig:
         """Load a config; a relative source_directory is taken from the YAML file's folder."""
-        path = Path(path)
+        path = as_path(path, "Run configuration file path")
+        text = read_text(path, "Run configuration file")
         try:
-            data = yaml.safe_load(path.read_text())
-        except FileNotFoundError:
-            raise ConfigurationError(f"Run configuration file {str(path)!r} does not exist.") from None
+            data = yaml.safe_load(text)
         except yaml.YAMLError as err:
             raise ConfigurationError(
-                f"Run configuration file {str(path)!r} is not valid YAML: {err}"
+                f"Run configuration file {str(path)!r} is not valid YAML. Fix the YAML at the line shown (plain "
+                f"YAML only, no !!python tags): {err}"
             ) from None
         if not isinstance(data, Mapping):
             raise ConfigurationError(f"Run configuration file {str(path)!r} must hold a mapping of fields.")
@@ -248,11 +373,28 @@ class ScriptRunConfig:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
+def _check_command(command: object) -> None:
+    if isinstance(command, list):
+        if not command or not all(isinstance(word, str) for word in command):
+            raise ConfigurationError(
+                f"command={shown(command)} must be a non-empty list of strings or a shell string."
+            )
+        for index, word in enumerate(command):
+            check_word(word, f"command[{index}]")
+    elif not isinstance(command, str) or not command.strip():
+        raise ConfigurationError(
+            f"command={shown(command)} must be a non-empty shell string or a non-empty list of strings."
+        )
+    else:
+        check_word(command, "command")
+
+
 def _check_script_path(script: str) -> None:
     if not isinstance(script, str) or not script.strip():
         raise ConfigurationError(
-            f"script={script!r} must name a file inside source_directory, e.g. 'train.py'."
+            f"script={shown(script)} must name a file inside source_directory, e.g. 'train.py'."
         )
+    check_path_text(script, "script")
     if os.path.isabs(script) or PurePosixPath(script).is_absolute():
         raise ConfigurationError(
             f"script {script!r} is an absolute path; give it relative to source_directory (e.g. 'train.py'), "

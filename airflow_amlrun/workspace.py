@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import threading
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from airflow_amlrun.config import airflow_connection, load_settings
-from airflow_amlrun.errors import ConfigurationError
+from airflow_amlrun.errors import ConfigurationError, shown
 
 if TYPE_CHECKING:
     from airflow_amlrun.history import ExperimentRecord, RunHistory, RunRecord, RunStatus
@@ -16,6 +17,21 @@ if TYPE_CHECKING:
 
 _cache: dict[tuple[str, str], Workspace] = {}
 _cache_lock = threading.Lock()
+
+# What Airflow accepts as a connection id (airflow.models.connection.RE_SANITIZE_CONN_ID, 250 characters).
+CONNECTION_ID = re.compile(r"[\w#!()\-.:/\\]{1,250}")
+CONNECTION_ID_RULE = "letters, digits and _#!()-.:/\\, at most 250 characters"
+EXTRAS = ("database_url", "store_url", "storage_options")
+
+
+def check_connection_id(value: object, what: str) -> str | None:
+    """The connection id, if Airflow could hold a connection of that id (None passes: the default)."""
+    if value is not None and (not isinstance(value, str) or not CONNECTION_ID.fullmatch(value)):
+        raise ConfigurationError(
+            f"{what}={shown(value)} is not an Airflow connection id ({CONNECTION_ID_RULE}): name an existing "
+            "connection of type 'amlrun', or leave it None for the default workspace."
+        )
+    return value
 
 
 class Workspace:
@@ -50,6 +66,7 @@ class Workspace:
 
         :param conn_id: connection id; defaults to ``[amlrun] workspace_conn_id`` (``amlrun_default``).
         """
+        check_connection_id(conn_id, "conn_id")
         settings = load_settings()
         conn_id = conn_id or settings.workspace_conn_id
         # Asking Airflow loads it (a second of CPU); a plain script where no connection can exist skips that.
@@ -78,18 +95,37 @@ class Workspace:
             raise ConfigurationError(
                 f"Connection {conn_id!r} has type {conn_type!r}; a workspace connection must be of type 'amlrun'."
             )
+        unknown = sorted(str(key) for key in extras if key not in EXTRAS)
+        if unknown:
+            raise ConfigurationError(
+                f"Connection {conn_id!r} has unknown extra(s) {', '.join(map(shown, unknown))}: an amlrun "
+                f"connection's extras are {', '.join(EXTRAS)}. Fix the spelling, or remove them."
+            )
         missing = [key for key in ("database_url", "store_url") if not extras.get(key)]
         if missing:
             raise ConfigurationError(
                 f"Connection {conn_id!r} lacks {' and '.join(missing)} in its extras: set database_url "
                 "(e.g. postgresql://user@host/amlrun) and store_url (a folder or s3://bucket/prefix)."
             )
+        database_url, store_url = extras["database_url"], extras["store_url"]
+        for key, value in (("database_url", database_url), ("store_url", store_url)):
+            if not isinstance(value, str) or "\0" in value:
+                what = type(value).__name__ if not isinstance(value, str) else "text with a NUL byte"
+                raise ConfigurationError(
+                    f"Connection {conn_id!r}: extra {key} must be a URL string (e.g. "
+                    f"{'postgresql://user@host/amlrun' if key == 'database_url' else 's3://bucket/amlrun'}), "
+                    f"not {what}."
+                )
         options = extras.get("storage_options") or {}
         if not isinstance(options, dict):
             raise ConfigurationError(f"Connection {conn_id!r}: storage_options must be a JSON object.")
-        return cls.cached(
-            str(extras["database_url"]), str(extras["store_url"]), name=conn_id, storage_options=options
-        )
+        with _cache_lock:
+            known = (database_url, store_url) in _cache
+        if not known:
+            # Checked once a process: the checks load SQLAlchemy's dialect and fsspec's file system class.
+            _check_database_url(conn_id, database_url)
+            _check_store_url(conn_id, store_url)
+        return cls.cached(database_url, store_url, name=conn_id, storage_options=options)
 
     @classmethod
     def cached(cls, database_url: str, store_url: str, **kwargs: Any) -> Workspace:
@@ -157,3 +193,58 @@ class Workspace:
 
     def __repr__(self) -> str:
         return f"Workspace(name={self.name!r}, history={self.history.url_for_display!r}, store={self.store_url!r})"
+
+
+def _check_database_url(conn_id: str, url: str) -> None:
+    """Refuse a database URL SQLAlchemy cannot open; a password in it is never shown."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    from airflow_amlrun.history.repository import normalize_database_url
+
+    try:
+        parsed = make_url(normalize_database_url(url))
+    except ArgumentError:
+        raise ConfigurationError(
+            f"Connection {conn_id!r}: extra database_url is not a SQLAlchemy URL ({len(url)} characters, not "
+            "shown: it may hold a password). Write it as postgresql://user:password@host/amlrun or "
+            "sqlite:////srv/amlrun/history.db."
+        ) from None
+    try:
+        parsed.get_dialect()
+    except NoSuchModuleError:
+        raise ConfigurationError(
+            f"Connection {conn_id!r}: extra database_url {parsed.render_as_string(hide_password=True)!r} names "
+            f"database {parsed.drivername!r}, which SQLAlchemy has no dialect for: use postgresql://... or "
+            "sqlite:///..., or install that database's SQLAlchemy dialect."
+        ) from None
+
+
+def _check_store_url(conn_id: str, url: str) -> None:
+    """Refuse a store no worker could use alike: a relative folder, or a URL scheme fsspec does not know."""
+    if not url.strip():
+        raise ConfigurationError(
+            f"Connection {conn_id!r}: extra store_url is empty: give a folder (/srv/amlrun/store) or an fsspec "
+            "URL (s3://bucket/amlrun)."
+        )
+    if "://" not in url or url.startswith("file://"):
+        folder = url.removeprefix("file://")
+        if not folder.startswith(("/", "~")):
+            raise ConfigurationError(
+                f"Connection {conn_id!r}: extra store_url {shown(url)} is a relative folder, which each process "
+                "would take from its own current directory: give an absolute folder such as /srv/amlrun/store, "
+                "or an fsspec URL such as s3://bucket/amlrun."
+            )
+        return
+    import fsspec
+
+    protocol = url.split("://", 1)[0]
+    try:
+        fsspec.get_filesystem_class(protocol)
+    except (ValueError, ImportError) as err:
+        # A URL may carry a user and password before its host: they are not shown.
+        displayed = shown(re.sub(r"://[^/@]*@", "://***@", url))
+        raise ConfigurationError(
+            f"Connection {conn_id!r}: extra store_url {displayed} uses {protocol!r}, which this worker cannot "
+            f"open ({err}): use a folder, or an fsspec URL whose package is installed (s3:// needs s3fs)."
+        ) from None

@@ -11,9 +11,14 @@ from pathlib import Path
 from typing import Any
 
 from airflow_amlrun.environment.credentials import check_index_url, check_url_credentials, redact_text
-from airflow_amlrun.errors import ConfigurationError
+from airflow_amlrun.errors import ConfigurationError, shown
 
 _PYTHON_VERSION = re.compile(r"^(\d+)\.(\d+)(?:\.\d+)?$")
+# A path the kernel accepts: at most PATH_MAX bytes (with its NUL), NAME_MAX bytes per file or folder name.
+_PATH_MAX = 4095
+_NAME_MAX = 255
+# No package name or URL comes near this; a longer requirement is a file's content passed by mistake.
+_REQUIREMENT_MAX = 4096
 # Conda entries that are not packages of their own: the interpreter, pip, and the pip section.
 _CONDA_ALLOWED = {"python", "pip"}
 
@@ -31,9 +36,17 @@ def normalize_python_version(value: object, *, where: str) -> str:
     """``"3.11"`` from ``3.11``, ``"3.11"`` or ``"3.11.4"``: environments pin the minor version only."""
     text = str(value).strip()
     match = _PYTHON_VERSION.match(text)
-    if match is None:
-        raise ConfigurationError(f"{where} = {value!r} is not a Python version; write it as '3.11'.")
-    return f"{match.group(1)}.{match.group(2)}"
+    if match is None or isinstance(value, bool):
+        raise ConfigurationError(f"{where} = {shown(value)} is not a Python version; write it as '3.11'.")
+    major, minor = int(match.group(1)), int(match.group(2))
+    if (major, minor) < (3, 7):
+        # YAML reads `version: 3.10` as the float 3.1, which would silently pick another Python.
+        hint = " (an unquoted 3.10 is read as the number 3.1)" if isinstance(value, float) else ""
+        raise ConfigurationError(
+            f"{where} = {value!r} names a Python older than 3.7, which runs need{hint}: write the version "
+            "as a string such as '3.11'."
+        )
+    return f"{major}.{minor}"
 
 
 def check_requirement(line: str, *, where: str) -> str:
@@ -42,8 +55,14 @@ def check_requirement(line: str, *, where: str) -> str:
     from packaging.requirements import InvalidRequirement, Requirement
 
     if not isinstance(line, str):
-        raise ConfigurationError(f"{where}: requirement {line!r} must be a string such as 'pandas>=2'.")
+        raise ConfigurationError(f"{where}: requirement {shown(line)} must be a string such as 'pandas>=2'.")
     text = " ".join(line.split())
+    if len(text) > _REQUIREMENT_MAX:
+        raise ConfigurationError(
+            f"{where}: requirement {shown(text)} is longer than {_REQUIREMENT_MAX} characters: give one "
+            "requirement such as 'pandas>=2' per item (to read a requirements file, use "
+            "Environment.from_pip_requirements)."
+        )
     try:
         requirement = Requirement(text)
     except InvalidRequirement as err:
@@ -61,21 +80,26 @@ def check_requirement(line: str, *, where: str) -> str:
     return text
 
 
-def read_requirements(path: Path) -> RequirementsFile:
-    """Requirements and index options of a pip requirements file, following ``-r`` includes."""
+def read_requirements(path: Path, *, what: str = "Requirements file") -> RequirementsFile:
+    """Requirements and index options of a pip requirements file, following ``-r`` includes.
+
+    :param what: what the file is to the user (the argument that named it), for messages.
+    """
     result = RequirementsFile(requirements=[])
-    _read_requirements_into(path, result, seen=[])
+    _read_requirements_into(path, result, seen=[], what=what)
     return result
 
 
-def _read_requirements_into(path: Path, result: RequirementsFile, seen: list[Path]) -> None:
+def _read_requirements_into(
+    path: Path, result: RequirementsFile, seen: list[Path], what: str = "Requirements file"
+) -> None:
     resolved = path.resolve()
     if resolved in seen:
         chain = " -> ".join(str(p) for p in [*seen, resolved])
         raise ConfigurationError(
             f"Requirements files include each other in a loop: {chain}. Remove one -r line."
         )
-    text = read_text(path, "Requirements file")
+    text = read_text(path, what)
     seen = [*seen, resolved]
     for number, line in _logical_lines(text):
         where = f"{path}:{number}"
@@ -123,25 +147,30 @@ def read_package_file(
             f"Environment {name!r} sets both python.requirements_file and python.conda_file: give one."
         )
     if requirements_file is not None:
-        return None, read_requirements(base / str(requirements_file))
+        where = f"Environment {name!r}: python.requirements_file"
+        return None, read_requirements(base / as_path(requirements_file, where), what=where)
     if conda_file is not None:
-        return read_conda_specification(base / str(conda_file))
+        where = f"Environment {name!r}: python.conda_file"
+        return read_conda_specification(base / as_path(conda_file, where), what=where)
     return None, RequirementsFile(requirements=[])
 
 
-def read_conda_specification(path: Path) -> tuple[str | None, RequirementsFile]:
-    """The Python version and pip section of a conda environment file; conda-only packages are refused."""
+def read_conda_specification(
+    path: Path, *, what: str = "Conda environment file"
+) -> tuple[str | None, RequirementsFile]:
+    """The Python version and pip section of a conda environment file; conda-only packages are refused.
+
+    :param what: what the file is to the user (the argument that named it), for messages.
+    """
     import yaml
 
-    text = read_text(path, "Conda environment file")
+    text = read_text(path, what)
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise ConfigurationError(f"Conda environment file {str(path)!r} is not valid YAML: {err}") from None
+        raise ConfigurationError(f"{what} {str(path)!r} is not valid YAML: {err}") from None
     if not isinstance(data, Mapping) or not isinstance(data.get("dependencies") or [], list):
-        raise ConfigurationError(
-            f"Conda environment file {str(path)!r} must be a mapping with a 'dependencies' list."
-        )
+        raise ConfigurationError(f"{what} {str(path)!r} must be a mapping with a 'dependencies' list.")
     version: str | None = None
     pip_lines: list[str] = []
     conda_only: list[str] = []
@@ -150,10 +179,10 @@ def read_conda_specification(path: Path) -> tuple[str | None, RequirementsFile]:
             for key, value in entry.items():
                 if key != "pip":
                     raise ConfigurationError(
-                        f"Conda environment file {str(path)!r}: dependencies entry {key!r} is not "
+                        f"{what} {str(path)!r}: dependencies entry {key!r} is not "
                         "understood; only a 'pip:' list may be a mapping."
                     )
-                pip_lines += string_list(value, f"Conda environment file {str(path)!r}: pip section")
+                pip_lines += string_list(value, f"{what} {str(path)!r}: pip section")
             continue
         spec = str(entry).strip()
         package = re.split(r"[=<>!~\s\[]", spec.split("::")[-1], maxsplit=1)[0].lower()
@@ -165,7 +194,7 @@ def read_conda_specification(path: Path) -> tuple[str | None, RequirementsFile]:
             conda_only.append(spec)
     if conda_only:
         raise ConfigurationError(
-            f"Conda environment file {str(path)!r} lists conda packages {', '.join(conda_only)}: conda "
+            f"{what} {str(path)!r} lists conda packages {', '.join(conda_only)}: conda "
             "cannot be assumed on a compute target, so only python, pip and the 'pip:' section are used. "
             "Move these packages into the 'pip:' section (under their PyPI names), or use a Docker image "
             "that has them."
@@ -211,19 +240,70 @@ def _apply_option_line(
 
 def read_text(path: Path, what: str) -> str:
     try:
-        return path.read_text()
+        return path.read_text(encoding="utf-8")
     except FileNotFoundError:
         where = "" if path.is_absolute() else f" (relative to {os.getcwd()!r})"
         raise ConfigurationError(
-            f"{what} {str(path)!r} does not exist{where}. Check the path, or give an absolute one."
+            f"{what} {shown(str(path))} does not exist{where}. Check the path, or give an absolute one."
         ) from None
     except IsADirectoryError:
-        raise ConfigurationError(f"{what} {str(path)!r} is a directory; name the file inside it.") from None
+        raise ConfigurationError(
+            f"{what} {shown(str(path))} is a directory; name the file inside it."
+        ) from None
+    except UnicodeDecodeError as err:
+        raise ConfigurationError(
+            f"{what} {shown(str(path))} is not UTF-8 text (byte {err.start} is "
+            f"{err.object[err.start : err.start + 1]!r}): name the text file meant, or save it as UTF-8."
+        ) from None
+    except (OSError, ValueError) as err:
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        raise ConfigurationError(
+            f"{what} {shown(str(path))} cannot be read ({reason}). Check the path and its permissions."
+        ) from None
+
+
+def as_path(value: object, what: str) -> Path:
+    """The path a user gave for a file or folder, checked: a string or path, not empty, one a file system
+    can hold. `what` names the argument in messages."""
+    if not isinstance(value, str | os.PathLike):
+        raise ConfigurationError(
+            f"{what} must be a path (a string or pathlib.Path), not {type(value).__name__} {shown(value)}."
+        )
+    text = os.fsdecode(os.fspath(value))
+    if not text.strip():
+        raise ConfigurationError(f"{what} is empty: give the path of the file or folder.")
+    check_path_text(text, what)
+    return Path(text)
+
+
+def check_path_text(path: str, name: str) -> None:
+    """Refuse a path no file system holds: a NUL byte, text that is not Unicode, or longer than Linux allows."""
+    if "\0" in path:
+        raise ConfigurationError(
+            f"{name} {shown(path)} holds a NUL byte (\\0), which no file name can: fix the path."
+        )
+    try:
+        data = path.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raise ConfigurationError(
+            f"{name} {shown(path)} is not valid Unicode text (a lone surrogate): fix the path."
+        ) from None
+    longest = max((len(part) for part in data.split(b"/")), default=0)
+    if len(data) > _PATH_MAX or longest > _NAME_MAX:
+        raise ConfigurationError(
+            f"{name} {shown(path)} is too long for a path: at most {_PATH_MAX} bytes, and {_NAME_MAX} per file "
+            "or folder name. Check that the value is the path meant (not a file's content)."
+        )
 
 
 def string_list(value: Any, where: str) -> list[str]:
     if value is None:
         return []
     if isinstance(value, str) or not isinstance(value, Sequence):
-        raise ConfigurationError(f"{where} must be a list of strings, not {value!r}.")
-    return [str(v) for v in value]
+        raise ConfigurationError(f"{where} must be a list of strings, not {shown(value)}.")
+    for index, item in enumerate(value):
+        if not isinstance(item, str):
+            raise ConfigurationError(
+                f"{where}[{index}] = {shown(item)} ({type(item).__name__}) must be a string; quote it in YAML."
+            )
+    return list(value)

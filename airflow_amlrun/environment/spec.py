@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from airflow_amlrun.environment.requirements import (
+    as_path,
     check_requirement,
     check_url,
     normalize_python_version,
@@ -25,7 +26,7 @@ from airflow_amlrun.environment.requirements import (
     string_list,
 )
 from airflow_amlrun.environment.sections import DockerSection, PythonSection, SparkSection
-from airflow_amlrun.errors import ConfigurationError
+from airflow_amlrun.errors import ConfigurationError, shown
 
 if TYPE_CHECKING:
     from airflow_amlrun.environment.registry import RegistryHost
@@ -34,7 +35,70 @@ DEFAULT_NAME = "amlrun-user-managed"
 
 # Maven coordinates as spark-submit --packages takes them: group:artifact:version.
 _MAVEN_COORDINATE = re.compile(r"^[A-Za-z0-9_.\-]+:[A-Za-z0-9_.\-]+:[A-Za-z0-9_.\-+]+$")
-_ENV_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,254}$")
+_ENV_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,254}")
+# An image reference as Docker parses it: [registry[:port]/]path[:tag][@digest], lowercase path components.
+_IMAGE_REFERENCE = re.compile(
+    r"(?:(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)*"
+    r"|\[[0-9a-fA-F:]+\])(?::[0-9]+)?/)?"
+    r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*"
+    r"(?::[\w][\w.-]{0,127})?"
+    r"(?:@[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,})?"
+)
+# Versions are numbered by the registry: "1", "2", ...
+_VERSION = re.compile(r"[1-9][0-9]{0,8}")
+_DOCKERFILE_FROM = re.compile(r"^\s*FROM\s", re.IGNORECASE | re.MULTILINE)
+# Values a process environment can take; anything else has no one string form.
+_VARIABLE_VALUES = (str, int, float, bool, os.PathLike)
+
+
+def check_environment_name(name: object, what: str = "Environment name") -> str:
+    """The name, if an environment may have it; else an error that says the rule."""
+    if not isinstance(name, str) or not _ENV_NAME.fullmatch(name):
+        raise ConfigurationError(
+            f"{what} {shown(name)} is not valid: use letters, digits, '.', '_' and '-' (at most 255 "
+            "characters, starting with a letter or digit)."
+        )
+    return name
+
+
+def check_image_reference(image: object, what: str) -> str:
+    """The image reference, if Docker can parse it (``python:3.11-slim``, ``registry:5000/team/img@sha256:...``)."""
+    if not isinstance(image, str) or not image.strip():
+        raise ConfigurationError(
+            f"{what} must name a Docker image such as 'python:3.11-slim', not {shown(image)}."
+        )
+    repository = image.split("@", 1)[0]
+    if repository.rfind(":") > repository.rfind("/"):
+        repository = repository[: repository.rfind(":")]
+    if not _IMAGE_REFERENCE.fullmatch(image) or len(repository) > 255:
+        raise ConfigurationError(
+            f"{what} {shown(image)} is not a Docker image reference: write [registry[:port]/]name[:tag][@digest] "
+            "with a lowercase name, e.g. 'python:3.11-slim' or 'registry.example.com:5000/team/train:1.2'."
+        )
+    return image
+
+
+def _check_registry_call(
+    call: str, workspace: object, name: object, version: object = None, label: object = None
+) -> None:
+    # Looked up on the class: reading a workspace's history property would open its database.
+    if not hasattr(type(workspace), "history"):
+        raise ConfigurationError(
+            f"{call}: workspace must be a Workspace (e.g. Workspace.get()), not {type(workspace).__name__} "
+            f"{shown(workspace)}."
+        )
+    if name is not None:
+        check_environment_name(name, f"{call}: name")
+    if version is not None and (
+        isinstance(version, bool)
+        or not isinstance(version, str | int)
+        or not _VERSION.fullmatch(str(version))
+    ):
+        raise ConfigurationError(
+            f"{call}: version {shown(version)} must be a version number such as '2', or None for the latest."
+        )
+    if label is not None and not isinstance(label, str):
+        raise ConfigurationError(f"{call}: label {shown(label)} must be a string such as 'production'.")
 
 
 @dataclass
@@ -66,14 +130,28 @@ class Environment:
 
     def validate(self) -> None:
         """Check the spec as it is now; fields may have been changed since construction."""
-        if not isinstance(self.name, str) or not _ENV_NAME.match(self.name):
+        check_environment_name(self.name)
+        if self.version is not None and not isinstance(self.version, str):
             raise ConfigurationError(
-                f"Environment name {self.name!r} is not valid: use letters, digits, '.', '_' and '-' "
-                "(at most 255 characters, starting with a letter or digit)."
+                f"Environment {self.name!r}: version={shown(self.version)} is set by the registry ('1', '2', ...) "
+                "when the environment is registered: leave it unset."
             )
+        for section, kind in (("python", PythonSection), ("docker", DockerSection), ("spark", SparkSection)):
+            if not isinstance(getattr(self, section), kind):
+                raise ConfigurationError(
+                    f"Environment {self.name!r}: {section} must be a {kind.__name__} (from "
+                    f"airflow_amlrun.environment import {kind.__name__}), not {type(getattr(self, section)).__name__}; "
+                    "to make an environment from a dict, use Environment.from_dict."
+                )
         py = self.python
         if py.user_managed_dependencies is None:
             py.user_managed_dependencies = not py.pip_requirements
+        if not isinstance(py.user_managed_dependencies, bool):
+            raise ConfigurationError(
+                f"Environment {self.name!r}: python.user_managed_dependencies="
+                f"{shown(py.user_managed_dependencies)} must be True, False or None (decided by whether "
+                "pip_requirements are given)."
+            )
         if py.version is not None:
             py.version = normalize_python_version(
                 py.version, where=f"Environment {self.name!r}: python.version"
@@ -93,25 +171,34 @@ class Environment:
                 f"lists pip requirements {py.pip_requirements}: they would not be installed. Set "
                 "python.user_managed_dependencies=False to have them locked and installed, or remove them."
             )
-        if py.interpreter_path is not None and not os.path.isabs(os.path.expanduser(py.interpreter_path)):
-            raise ConfigurationError(
-                f"Environment {self.name!r}: python.interpreter_path {py.interpreter_path!r} must be an "
-                "absolute path such as '/usr/bin/python3'."
+        if py.interpreter_path is not None:
+            py.interpreter_path = os.fsdecode(
+                as_path(py.interpreter_path, f"Environment {self.name!r}: python.interpreter_path")
             )
+            if not os.path.isabs(os.path.expanduser(py.interpreter_path)):
+                raise ConfigurationError(
+                    f"Environment {self.name!r}: python.interpreter_path {shown(py.interpreter_path)} must be "
+                    "an absolute path such as '/usr/bin/python3'."
+                )
         where = f"Environment {self.name!r}: python"
         if py.index_url is not None:
             py.index_url = check_url(py.index_url, where=where, option="index_url")
         py.extra_index_urls = [
-            check_url(u, where=where, option="extra_index_urls") for u in py.extra_index_urls
+            check_url(u, where=where, option="extra_index_urls")
+            for u in string_list(py.extra_index_urls, f"{where}.extra_index_urls")
         ]
+        if self.docker.base_image is not None:
+            check_image_reference(self.docker.base_image, f"Environment {self.name!r}: docker.base_image")
+        if self.docker.dockerfile is not None:
+            self._check_dockerfile(self.docker.dockerfile)
         if self.docker.base_image and self.docker.dockerfile:
             raise ConfigurationError(
                 f"Environment {self.name!r} sets both docker.base_image ({self.docker.base_image!r}) and "
                 "docker.dockerfile: give one. Use base_image to add the environment to an existing image, "
                 "or a Dockerfile whose FROM line names the base."
             )
-        for package in self.spark.packages:
-            if not isinstance(package, str) or not _MAVEN_COORDINATE.match(package):
+        for package in string_list(self.spark.packages, f"Environment {self.name!r}: spark.packages"):
+            if not _MAVEN_COORDINATE.match(package):
                 raise ConfigurationError(
                     f"Environment {self.name!r}: spark package {package!r} is not a Maven coordinate. "
                     "Write it as group:artifact:version, e.g. 'org.apache.spark:spark-avro_2.12:3.5.1'."
@@ -119,16 +206,44 @@ class Environment:
         # Repository URLs are stored like index URLs, so a password in them is a ${VAR} reference too.
         self.spark.repositories = [
             check_url(u, where=f"Environment {self.name!r}", option="spark repository")
-            for u in self.spark.repositories
+            for u in string_list(self.spark.repositories, f"Environment {self.name!r}: spark.repositories")
         ]
+        if not isinstance(self.environment_variables, Mapping):
+            raise ConfigurationError(
+                f"Environment {self.name!r}: environment_variables must be a mapping of names to values such "
+                f"as {{'MY_VAR': 'value'}}, not {type(self.environment_variables).__name__}."
+            )
         for key, value in self.environment_variables.items():
             if not isinstance(key, str) or not key or "=" in key or "\0" in key:
                 raise ConfigurationError(
-                    f"Environment {self.name!r}: environment_variables has an invalid name {key!r}; "
-                    "use a non-empty string without '='."
+                    f"Environment {self.name!r}: environment_variables has an invalid name {shown(key)}; "
+                    "use a non-empty string without '=' or NUL."
+                )
+            if not isinstance(value, _VARIABLE_VALUES) or "\0" in str(value):
+                raise ConfigurationError(
+                    f"Environment {self.name!r}: environment_variables[{key!r}] = {shown(value)} "
+                    f"({type(value).__name__}) is not a string, number, boolean or path without NUL bytes: "
+                    "give the value as a string."
                 )
             if not isinstance(value, str):
-                self.environment_variables[key] = str(value)
+                self.environment_variables[key] = (
+                    os.fsdecode(value) if isinstance(value, os.PathLike) else str(value)
+                )
+
+    def _check_dockerfile(self, text: object) -> None:
+        where = f"Environment {self.name!r}: docker.dockerfile"
+        if not isinstance(text, str) or not text.strip():
+            raise ConfigurationError(
+                f"{where} must be the text of a Dockerfile, not {shown(text)}; to read one from a file, use "
+                "Environment.from_dockerfile(name, path)."
+            )
+        if "\0" in text:
+            raise ConfigurationError(f"{where} holds a NUL byte (\\0): a Dockerfile is text; fix the file.")
+        if not _DOCKERFILE_FROM.search(text):
+            raise ConfigurationError(
+                f"{where} has no FROM line, so Docker cannot build it: start it with the base image, e.g. "
+                "'FROM python:3.11-slim' (or give docker.base_image instead)."
+            )
 
     def local_interpreter(self) -> str:
         """The interpreter a run on this machine uses; checked, so a bad path fails before the run."""
@@ -206,7 +321,8 @@ class Environment:
                 raise ConfigurationError(
                     f"Environment {name!r} sets both docker.dockerfile and docker.dockerfile_path: give one."
                 )
-            dockerfile = read_text(base / str(docker["dockerfile_path"]), "Dockerfile")
+            where = f"Environment {name!r}: docker.dockerfile_path"
+            dockerfile = read_text(base / as_path(docker["dockerfile_path"], where), where)
         spark = _section(data, "spark", name)
         _reject_unknown(spark, {"packages", "repositories"}, "spark.")
         variables = data.get("environment_variables") or {}
@@ -219,7 +335,7 @@ class Environment:
             python=PythonSection(
                 user_managed_dependencies=python.get("user_managed_dependencies"),
                 interpreter_path=python.get("interpreter_path"),
-                version=None if version is None else str(version),
+                version=version,
                 pip_requirements=requirements,
                 index_url=index_url,
                 extra_index_urls=extra,
@@ -231,7 +347,7 @@ class Environment:
                     spark.get("repositories"), f"Environment {name!r}: spark.repositories"
                 ),
             ),
-            environment_variables={str(k): str(v) for k, v in variables.items()},
+            environment_variables={str(k): v for k, v in variables.items()},
         )
 
     @classmethod
@@ -242,7 +358,7 @@ class Environment:
         """
         import yaml  # YAML is read here only; a task that never loads a file does not import it
 
-        path = Path(path)
+        path = as_path(path, "Environment file path")
         text = read_text(path, "Environment file")
         try:
             data = yaml.safe_load(text)
@@ -294,7 +410,8 @@ class Environment:
         :param name: environment name.
         :param file_path: the requirements file.
         """
-        parsed = read_requirements(Path(file_path))
+        check_environment_name(name)
+        parsed = read_requirements(as_path(file_path, f"Environment {name!r}: file_path"))
         return cls(
             name=name,
             python=PythonSection(
@@ -314,7 +431,9 @@ class Environment:
         :param name: environment name.
         :param file_path: the conda environment YAML file.
         """
-        version, parsed = read_conda_specification(Path(file_path))
+        check_environment_name(name)
+        where = f"Environment {name!r}: file_path"
+        version, parsed = read_conda_specification(as_path(file_path, where))
         return cls(
             name=name,
             python=PythonSection(
@@ -342,6 +461,8 @@ class Environment:
         :param pip_requirements: a requirements file, or a list of requirements, to install on top.
         :param conda_specification: a conda file whose pip section to install on top.
         """
+        check_environment_name(name)
+        check_image_reference(image, f"Environment {name!r}: image")
         env = cls._with_packages(name, pip_requirements, conda_specification)
         env.docker = DockerSection(base_image=image)
         env.validate()
@@ -363,11 +484,17 @@ class Environment:
         :param pip_requirements: a requirements file, or a list of requirements, to install on top.
         :param conda_specification: a conda file whose pip section to install on top.
         """
+        check_environment_name(name)
+        where = f"Environment {name!r}: dockerfile"
+        if not isinstance(dockerfile, str | os.PathLike) or not str(dockerfile).strip():
+            raise ConfigurationError(
+                f"{where} must be the path of a Dockerfile or its text, not {shown(dockerfile)}."
+            )
         text = str(dockerfile)
         if isinstance(dockerfile, os.PathLike) or (
             "\n" not in text and not text.lstrip().upper().startswith("FROM")
         ):
-            text = read_text(Path(dockerfile), "Dockerfile")
+            text = read_text(as_path(dockerfile, where), "Dockerfile")
         env = cls._with_packages(name, pip_requirements, conda_specification)
         env.docker = DockerSection(dockerfile=text)
         env.validate()
@@ -383,6 +510,15 @@ class Environment:
         if pip_requirements is not None and conda_specification is not None:
             raise ConfigurationError(
                 f"Environment {name!r}: give pip_requirements or conda_specification, not both."
+            )
+        if pip_requirements is not None and (
+            isinstance(pip_requirements, bytes)
+            or not isinstance(pip_requirements, str | os.PathLike | Sequence)
+        ):
+            raise ConfigurationError(
+                f"Environment {name!r}: pip_requirements must be the path of a requirements file or a list of "
+                f"requirements such as ['pandas>=2'], not {type(pip_requirements).__name__} "
+                f"{shown(pip_requirements)}."
             )
         if conda_specification is not None:
             return cls.from_conda_specification(name, conda_specification)
@@ -403,6 +539,7 @@ class Environment:
         """
         from airflow_amlrun.environment import registry
 
+        _check_registry_call(f"Environment {self.name!r}.register", workspace, None)
         return registry.register(workspace, self).spec
 
     @classmethod
@@ -418,6 +555,7 @@ class Environment:
         """
         from airflow_amlrun.environment import registry
 
+        _check_registry_call("Environment.get", workspace, name, version, label)
         return registry.lookup(cls, workspace, name, version=version, label=label).spec
 
     @classmethod
@@ -431,6 +569,16 @@ class Environment:
         """
         from airflow_amlrun.environment import registry
 
+        _check_registry_call("Environment.set_label", workspace, name, version, label)
+        if version is None or label is None:
+            raise ConfigurationError(
+                f"Environment.set_label: give both the version ({version!r}) and the label ({label!r})."
+            )
+        if len(label) > 64:
+            raise ConfigurationError(
+                f"Environment.set_label: label {shown(label)} is {len(label)} characters long; a label has at "
+                "most 64, without ':' or '@'."
+            )
         registry.set_label(cls, workspace, name, version, label)
 
     @classmethod
@@ -442,6 +590,7 @@ class Environment:
         """
         from airflow_amlrun.environment import registry
 
+        _check_registry_call("Environment.list", workspace, name)
         return registry.list_environments(cls, workspace, name=name)
 
 

@@ -15,9 +15,17 @@ from airflow.sdk import BaseOperator
 from airflow.sdk.configuration import conf
 from airflow.sdk.log import mask_secret
 
-from airflow_amlrun.errors import ConfigurationError
+from airflow_amlrun.environment.requirements import as_path
+from airflow_amlrun.errors import ConfigurationError, shown
+from airflow_amlrun.experiment import check_experiment_name
 from airflow_amlrun.links import RUN_ID_XCOM_KEY, AmlRunLink
-from airflow_amlrun.runconfig import ScriptRunConfig, render_arguments, render_environment_variables
+from airflow_amlrun.runconfig import (
+    ScriptRunConfig,
+    render_arguments,
+    render_environment_variables,
+    render_tags,
+)
+from airflow_amlrun.workspace import check_connection_id
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -83,11 +91,31 @@ class ScriptRunOperator(BaseOperator):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        where = f"ScriptRunOperator {self.task_id!r}"
         if not isinstance(config, ScriptRunConfig | str | os.PathLike):
             raise ConfigurationError(
-                f"ScriptRunOperator {self.task_id!r}: config must be a ScriptRunConfig or the path of a YAML "
-                f"file holding one, not {type(config).__name__}."
+                f"{where}: config must be a ScriptRunConfig or the path of a YAML file holding one, not "
+                f"{type(config).__name__}."
             )
+        if not isinstance(config, ScriptRunConfig):
+            path = as_path(config, f"{where}: config")
+            if path.suffix.lower() not in (".yaml", ".yml"):
+                raise ConfigurationError(
+                    f"{where}: config={shown(str(config))} is not a YAML file (.yaml or .yml): pass a "
+                    "ScriptRunConfig (e.g. ScriptRunConfig('src', script='train.py')), or the path of a YAML "
+                    "file holding one."
+                )
+        for flag, value in (
+            ("show_output", show_output),
+            ("deferrable", deferrable),
+            ("reattach_on_retry", reattach_on_retry),
+        ):
+            if not isinstance(value, bool):
+                raise ConfigurationError(f"{where}: {flag}={shown(value)} must be True or False.")
+        check_connection_id(workspace_conn_id, f"{where}: workspace_conn_id")
+        _check_before_rendering(
+            where, config, experiment, arguments, environment_variables, secret_environment_variables, tags
+        )
         self.config = config
         self.experiment = experiment
         self.arguments = arguments
@@ -267,34 +295,50 @@ class ScriptRunOperator(BaseOperator):
         self.log.info("%s", line)
 
     def _rendered_config(self, dag_folder: Path) -> ScriptRunConfig:
+        """The config this try runs: the task's templated arguments rendered into it, and checked, with the
+        experiment and tags they render to."""
+        where = f"ScriptRunOperator {self.task_id!r}"
+        # Secrets are masked before anything is checked, so no message can show one.
+        if isinstance(self.secret_environment_variables, dict):
+            for value in self.secret_environment_variables.values():
+                if isinstance(value, str) and value:
+                    mask_secret(value)
         config = self.config
         if not isinstance(config, ScriptRunConfig):
             path = Path(config)
             config = ScriptRunConfig.from_yaml(path if path.is_absolute() else dag_folder / path)
-        changes: dict[str, Any] = {}
-        if self.arguments is not None:
-            if config.command is not None:
-                raise ConfigurationError(
-                    f"ScriptRunOperator {self.task_id!r}: arguments={self.arguments!r} only apply to a script, "
-                    "and this config runs a command."
-                )
-            changes["arguments"] = render_arguments(self.arguments)
-        if self.environment_variables is not None:
-            changes["environment_variables"] = {
-                **config.environment_variables,
-                **render_environment_variables(self.environment_variables),
-            }
-        if self.secret_environment_variables is not None:
-            changes["secret_environment_variables"] = {
+        try:
+            if self.experiment is not None:
+                check_experiment_name(self.experiment)
+            render_tags(self.tags)
+            changes: dict[str, Any] = {}
+            if self.arguments is not None:
+                if config.command is not None:
+                    raise ConfigurationError(
+                        f"arguments={shown(self.arguments)} only apply to a script, and this config runs a "
+                        "command: write them into the command itself."
+                    )
+                changes["arguments"] = render_arguments(self.arguments)
+            if self.environment_variables is not None:
+                changes["environment_variables"] = {
+                    **config.environment_variables,
+                    **render_environment_variables(self.environment_variables),
+                }
+            if self.secret_environment_variables is not None:
+                changes["secret_environment_variables"] = {
+                    **config.secret_environment_variables,
+                    **render_environment_variables(
+                        self.secret_environment_variables, "secret_environment_variables", secret=True
+                    ),
+                }
+            for value in {
                 **config.secret_environment_variables,
-                **render_environment_variables(self.secret_environment_variables),
-            }
-        for value in {
-            **config.secret_environment_variables,
-            **changes.get("secret_environment_variables", {}),
-        }.values():
-            mask_secret(value)
-        return replace(config, **changes) if changes else config
+                **changes.get("secret_environment_variables", {}),
+            }.values():
+                mask_secret(value)
+            return replace(config, **changes) if changes else config
+        except ConfigurationError as err:
+            raise ConfigurationError(f"{where}, as rendered: {err}") from None
 
 
 def triggerer_shares_this_machine(proc: str = "/proc") -> str | None:
@@ -359,3 +403,55 @@ def _namespaces(proc: str, pid: str) -> tuple[str, str, int, int]:
 def _airflow_home(variables: dict[str, str]) -> str:
     home = variables.get("AIRFLOW_HOME") or os.path.join(variables.get("HOME", "~"), "airflow")
     return os.path.realpath(os.path.expanduser(home))
+
+
+def rendered_later(value: object) -> bool:
+    """Whether Airflow gives this value of a templated field its final form only when the task runs: a
+    template, or what an upstream task returns (an XComArg, which Airflow resolves)."""
+    if isinstance(value, str):
+        return "{{" in value or "{%" in value
+    return not isinstance(value, os.PathLike) and getattr(value, "resolve", None) is not None
+
+
+def _known_part(value: Any) -> Any:
+    """The value with what is only known once rendered replaced by a placeholder string, for checking now."""
+    if isinstance(value, list | tuple):
+        return [("rendered" if rendered_later(v) and not isinstance(v, str) else v) for v in value]
+    if isinstance(value, dict):
+        return {
+            k: ("rendered" if rendered_later(v) and not isinstance(v, str) else v) for k, v in value.items()
+        }
+    return value
+
+
+def _check_before_rendering(
+    where: str,
+    config: ScriptRunConfig | str | os.PathLike[str],
+    experiment: Any,
+    arguments: Any,
+    environment_variables: Any,
+    secret_environment_variables: Any,
+    tags: Any,
+) -> None:
+    """Check the templated arguments as far as they are known when the DAG is parsed, so a DAG with a bad
+    value fails to load, naming it; what a template or an XCom gives is checked again once rendered."""
+    try:
+        if experiment is not None and not rendered_later(experiment):
+            check_experiment_name(experiment)
+        if arguments is not None and not rendered_later(arguments):
+            if isinstance(config, ScriptRunConfig) and config.command is not None:
+                raise ConfigurationError(
+                    f"arguments={shown(arguments)} only apply to a script, and this config runs a command: "
+                    "write them into the command itself."
+                )
+            render_arguments(_known_part(arguments))
+        if environment_variables is not None and not rendered_later(environment_variables):
+            render_environment_variables(_known_part(environment_variables))
+        if secret_environment_variables is not None and not rendered_later(secret_environment_variables):
+            render_environment_variables(
+                _known_part(secret_environment_variables), "secret_environment_variables", secret=True
+            )
+        if tags is not None and not rendered_later(tags):
+            render_tags(_known_part(tags))
+    except ConfigurationError as err:
+        raise ConfigurationError(f"{where}: {err}") from None

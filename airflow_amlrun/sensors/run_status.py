@@ -9,7 +9,9 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseSensorOperator
 from airflow.sdk.configuration import conf
 
-from airflow_amlrun.errors import AmlRunError
+from airflow_amlrun.errors import AmlRunError, ConfigurationError, shown
+from airflow_amlrun.operators.script_run import rendered_later
+from airflow_amlrun.workspace import check_connection_id
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -35,11 +37,18 @@ class RunStatusSensor(BaseSensorOperator):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        where = f"RunStatusSensor {self.task_id!r}"
+        if not isinstance(deferrable, bool):
+            raise ConfigurationError(f"{where}: deferrable={shown(deferrable)} must be True or False.")
+        check_connection_id(workspace_conn_id, f"{where}: workspace_conn_id")
+        if not rendered_later(run_id):
+            _check_run_id(run_id, where)
         self.run_id = run_id
         self.workspace_conn_id = workspace_conn_id
         self.deferrable = deferrable
 
     def execute(self, context: Context) -> Any:
+        _check_run_id(self.run_id, f"RunStatusSensor {self.task_id!r}, as rendered")
         if not self.deferrable:
             return super().execute(context)
         from airflow_amlrun.triggers.run_status import RunStatusTrigger
@@ -70,3 +79,22 @@ class RunStatusSensor(BaseSensorOperator):
     def _check(self, status: str, error: str | None) -> None:
         if status != "Completed":
             raise AmlRunError(f"Run {self.run_id} ended {status}: {error or 'no error recorded'}")
+
+
+# Run ids are `<experiment>_<unix time>_<8 hex>`; the history keeps at most this many characters.
+_RUN_ID_MAX = 128
+
+
+def _check_run_id(run_id: object, where: str) -> None:
+    if (
+        not isinstance(run_id, str)
+        or not run_id.strip()
+        or "\0" in run_id
+        or len(run_id) > _RUN_ID_MAX
+        or run_id != run_id.strip()
+    ):
+        raise ConfigurationError(
+            f"{where}: run_id={shown(run_id)} is not a run id: give the id of a run, such as "
+            "'diabetes_ridge_1795700859_0852cf59', or a template that renders to one, e.g. "
+            "\"{{ ti.xcom_pull(task_ids='train')['run_id'] }}\"."
+        )

@@ -6,7 +6,7 @@ import pytest
 
 from airflow_amlrun import Environment, Experiment, ScriptRunConfig, Workspace
 from airflow_amlrun.errors import ConfigurationError, UnknownComputeTargetError
-from tests.conftest import dag_source, write_script
+from tests.conftest import write_script
 
 
 @pytest.fixture
@@ -56,15 +56,6 @@ def test_missing_script_fails_before_the_run(source, amlrun_home):
 def test_invalid_experiment_name_fails_before_the_run(source, amlrun_home):
     with pytest.raises(ConfigurationError, match="Invalid experiment name 'my experiment'"):
         submit(ScriptRunConfig(source, script="train.py"), experiment="my experiment")
-    assert_nothing_recorded(amlrun_home)
-
-
-@pytest.mark.usefixtures("airflow_db")
-def test_operator_with_unrenderable_arguments_fails_the_task_without_a_run(run_dag, source, amlrun_home):
-    result = run_dag(dag_source(source, arguments=["--params", {"lr": 0.1}]))
-    assert result.state == "failed"
-    assert "arguments[1] = {'lr': 0.1} (dict) cannot be passed to a script" in result.log
-    assert "should never run" not in result.log
     assert_nothing_recorded(amlrun_home)
 
 
