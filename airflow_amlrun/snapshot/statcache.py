@@ -83,6 +83,8 @@ class StatCache:
         """Replace this root's rows with ``(path, stat key, digest)``, skipping racily-recent files."""
         cutoff = (time.time_ns() if now_ns is None else now_ns) - RACY_WINDOW_NS
         rows = [(self.root, p, k.stamp(), d) for p, k, d in entries if k.changed_ns < cutoff]
+        if len(rows) == len(self._entries) and all(self._entries.get(p) == (k, d) for _, p, k, d in rows):
+            return  # what is stored already: an unchanged tree writes nothing
         try:
             with contextlib.closing(self._connect()) as conn:
                 conn.execute("BEGIN IMMEDIATE")
