@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 from airflow_amlrun.config import Settings, load_settings
 from airflow_amlrun.errors import AmlRunError
 from airflow_amlrun.history import RunRecord, RunStatus
-from airflow_amlrun.run import ScriptRun, discard_lost, recorded_handle, recorded_job
+from airflow_amlrun.run import RunEndedError, ScriptRun, discard_lost, recorded_handle, recorded_job
 from airflow_amlrun.targets.base import ComputeTarget, Job
 from airflow_amlrun.targets.handles import RunHandle, UnreadableHandleError
 from airflow_amlrun.targets.registry import resolve_target
@@ -220,7 +220,12 @@ def _follow_to_end(
 ) -> Settlement:
     # Following it as a retry would: a run past its limit is stopped at once (the deadline counts from its
     # start), one that ended is drained, concluded, collected and tidied.
-    run = ScriptRun.following(workspace, target, job, handle, record, settings)
+    try:
+        run = ScriptRun.following(workspace, target, job, handle, record, settings)
+    except RunEndedError as ended:
+        return Settlement(
+            record.id, record.experiment, str(ended.record.status), "recorded by another process"
+        )
     run.settle_only(tags={SETTLED_BY_TAG: "reconcile"})
     final = run.wait_for_completion(show_output=False, raise_on_error=False)
     return Settlement(

@@ -223,6 +223,14 @@ class FollowState:
         )
 
 
+class PartlyCollectedError(AmlRunError):
+    """Collecting a run's outputs failed after some of what it produced (its logs) was stored."""
+
+    def __init__(self, message: str, fields: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.fields = fields
+
+
 class RunEndedError(AmlRunError):
     """A run to follow on turned out recorded as ended already (by another process that followed it)."""
 
@@ -395,7 +403,10 @@ class ScriptRun:
                     record.id,
                     record.try_number,
                 )
-                stale = cls.following(workspace, target, job, handle, record, settings)
+                try:
+                    stale = cls.following(workspace, target, job, handle, record, settings)
+                except RunEndedError:
+                    continue  # another process recorded it meanwhile
                 stale.cancel(
                     reason="Canceled: a retry of its task started a new run (reattach_on_retry=False)."
                 )
@@ -403,7 +414,10 @@ class ScriptRun:
             log.info(
                 "Re-attaching to run %s, left unfinished by try %s of this task", record.id, record.try_number
             )
-            attached = cls.following(workspace, target, job, handle, record, settings)
+            try:
+                attached = cls.following(workspace, target, job, handle, record, settings)
+            except RunEndedError:
+                continue  # another process (reconcile) recorded it meanwhile: a new run starts
             attached.reattached = True
             history.update_run(record.id, try_number=airflow_task.try_number)
         return attached
@@ -422,13 +436,16 @@ class ScriptRun:
         run = cls(workspace, target, job, settings)
         run.handle = handle
         run._started = record.start or _now()
-        workspace.history.update_run(
+        following = workspace.history.update_unfinished_run(
             record.id,
             status=RunStatus.RUNNING,
             handle=handle.to_json(),
             start_time=run._started,
             heartbeat_at=_now(),
         )
+        if not following:
+            # Recorded as ended by another process since it was read: its outcome stands.
+            raise RunEndedError(workspace.history.get_run(record.id))
         run._heartbeat.start()
         return run
 
@@ -826,6 +843,8 @@ class ScriptRun:
             try:
                 fields.update(self._collect())
             except Exception as err:  # the outcome must be recorded even if collecting fails
+                if isinstance(err, PartlyCollectedError):
+                    fields.update(err.fields)
                 log.exception("Run %s: collecting outputs failed", self.id)
                 fields["error"] = f"{error + ' ' if error else ''}Collecting outputs failed: {err}"
                 if status is RunStatus.COMPLETED:
@@ -876,10 +895,15 @@ class ScriptRun:
         store = self.workspace.store
         prefix = f"runs/{self.id}"
         fields: dict[str, Any] = {}
-        if collected.outputs_dir is not None and collected.outputs_dir.is_dir():
-            fields["outputs_uri"] = store.upload_dir(collected.outputs_dir, f"{prefix}/outputs")
+        # The logs first (small, and what says what went wrong): a store that fills up with the outputs
+        # still keeps them.
         if collected.logs_dir is not None and collected.logs_dir.is_dir():
             fields["logs_uri"] = store.upload_dir(collected.logs_dir, f"{prefix}/logs")
+        if collected.outputs_dir is not None and collected.outputs_dir.is_dir():
+            try:
+                fields["outputs_uri"] = store.upload_dir(collected.outputs_dir, f"{prefix}/outputs")
+            except Exception as err:
+                raise PartlyCollectedError(str(err), fields) from err
         return fields
 
     def _raise_for(self, record: RunRecord) -> None:

@@ -127,11 +127,12 @@ def render_tags(tags: Mapping[str, Any] | None, name: str = "tags") -> dict[str,
             raise ConfigurationError(
                 f"{name} has an invalid name {shown(key)}: use a non-empty string without NUL bytes."
             )
-        if not isinstance(value, _RENDERABLE) or (isinstance(value, float) and not math.isfinite(value)):
+        if isinstance(value, Mapping | list | tuple | set | frozenset | bytes):
             raise ConfigurationError(
-                f"{name}[{shown(key)}] = {shown(value)} ({type(value).__name__}) is not a string, number, boolean "
-                "or path: give the value as a string (for a structure, pass json.dumps(value))."
+                f"{name}[{shown(key)}] = {shown(value)} ({type(value).__name__}) is a structure: give the value "
+                "as a string (pass json.dumps(value))."
             )
+        # Anything else is kept as its text, as before: None, numbers, dates, numpy scalars.
         text = str(value)
         if "\0" in text:
             raise ConfigurationError(
@@ -234,6 +235,9 @@ class ScriptRunConfig:
         for name in ("snapshot_max_size_mb", "snapshot_max_files"):
             limit = getattr(self, name)
             whole = name == "snapshot_max_files"
+            if whole and isinstance(limit, float) and limit.is_integer():
+                limit = int(limit)  # 1e4 from YAML
+                object.__setattr__(self, name, limit)
             if limit is not None and (
                 isinstance(limit, bool)
                 or not isinstance(limit, int if whole else int | float)

@@ -136,6 +136,27 @@ class Workspace:
                 _cache[key] = cls(database_url, store_url, **kwargs)
             return _cache[key]
 
+    def credentials(self) -> list[str]:
+        """The secret values this workspace is opened with (the database URL's password, the store's keys and
+        tokens), for a task to mask in its log."""
+        from urllib.parse import unquote, urlsplit
+
+        found = []
+        try:
+            password = urlsplit(self.database_url).password
+        except ValueError:
+            password = None
+        if password:
+            found += [password, unquote(password)]
+        for key, value in self.storage_options.items():
+            if (
+                isinstance(value, str)
+                and value
+                and any(word in key.lower() for word in ("secret", "key", "token", "password", "credential"))
+            ):
+                found.append(value)
+        return sorted(set(found))
+
     @cached_property
     def history(self) -> RunHistory:
         # SQLAlchemy loads with the history, not with this module: a hook or DAG file naming a Workspace
@@ -238,9 +259,12 @@ def _check_store_url(conn_id: str, url: str) -> None:
         return
     import fsspec
 
-    protocol = url.split("://", 1)[0]
+    # A chained URL (simplecache::s3://bucket/amlrun) names one file system per link.
+    protocol = ""
     try:
-        fsspec.get_filesystem_class(protocol)
+        for link in url.split("::"):
+            protocol = link.split("://", 1)[0]
+            fsspec.get_filesystem_class(protocol)
     except (ValueError, ImportError) as err:
         # A URL may carry a user and password before its host: they are not shown.
         displayed = shown(re.sub(r"://[^/@]*@", "://***@", url))

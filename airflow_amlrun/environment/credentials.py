@@ -140,7 +140,7 @@ def check_index_url(value: object, *, where: str, option: str) -> str:
     :param option: the option's name, for messages (``index_url``).
     """
     if not isinstance(value, str):
-        raise ConfigurationError(f"{where}: {option} {value!r} must be a string URL.")
+        raise ConfigurationError(f"{where}: {option} {redact_text(repr(value))} must be a string URL.")
     url = value.strip()
     if not _URL.match(url):
         raise ConfigurationError(f"{where}: {option} {redact(url)!r} is not an http(s):// or file:// URL.")

@@ -300,10 +300,12 @@ def string_list(value: Any, where: str) -> list[str]:
     if value is None:
         return []
     if isinstance(value, str) or not isinstance(value, Sequence):
-        raise ConfigurationError(f"{where} must be a list of strings, not {shown(value)}.")
+        # The value may be an index URL with its credentials: they are not shown.
+        raise ConfigurationError(f"{where} must be a list of strings, not {redact_text(shown(value))}.")
     for index, item in enumerate(value):
         if not isinstance(item, str):
             raise ConfigurationError(
-                f"{where}[{index}] = {shown(item)} ({type(item).__name__}) must be a string; quote it in YAML."
+                f"{where}[{index}] = {redact_text(shown(item))} ({type(item).__name__}) must be a string; "
+                "quote it in YAML."
             )
     return list(value)

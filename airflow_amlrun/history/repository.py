@@ -269,6 +269,11 @@ class RunHistory:
         One conditional statement: of two processes following the same run to its end (a retry and a
         reconcile), exactly one records it. True when this call did.
         """
+        return self.update_unfinished_run(run_id, **fields)
+
+    def update_unfinished_run(self, run_id: str, **fields: Any) -> bool:
+        """Set fields of a run that has not ended, in one conditional statement; False (and nothing written)
+        when it has ended, e.g. recorded by another process meanwhile."""
         table = cast(Table, RunRow.__table__)
         values = {k: (v.value if isinstance(v, RunStatus) else v) for k, v in fields.items()}
         unknown = sorted(set(values) - set(table.c.keys()))

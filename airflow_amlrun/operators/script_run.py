@@ -6,7 +6,7 @@ import itertools
 import os
 from collections.abc import Sequence
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,6 +35,8 @@ if TYPE_CHECKING:
     from airflow_amlrun.workspace import Workspace
 
 
+# How long past its execution_timeout a deferred task waits for its trigger before Airflow fails it.
+DEFER_SLACK = timedelta(minutes=5)
 # Longest a starting task spends settling other tasks' orphaned runs.
 RECONCILE_BUDGET_SECONDS = 10.0
 
@@ -99,9 +101,9 @@ class ScriptRunOperator(BaseOperator):
             )
         if not isinstance(config, ScriptRunConfig):
             path = as_path(config, f"{where}: config")
-            if path.suffix.lower() not in (".yaml", ".yml"):
+            if path.suffix.lower() not in (".yaml", ".yml", ".json"):
                 raise ConfigurationError(
-                    f"{where}: config={shown(str(config))} is not a YAML file (.yaml or .yml): pass a "
+                    f"{where}: config={shown(str(config))} is not a YAML file (.yaml, .yml or .json): pass a "
                     "ScriptRunConfig (e.g. ScriptRunConfig('src', script='train.py')), or the path of a YAML "
                     "file holding one."
                 )
@@ -144,7 +146,7 @@ class ScriptRunOperator(BaseOperator):
         config = self._rendered_config(dag_folder)
         # Index credentials are read from the worker's environment while the environment is resolved and
         # built: whatever prints them (a resolver's error, a build log) shows them masked.
-        for secret in index_secrets(self.workspace, config.environment):
+        for secret in [*index_secrets(self.workspace, config.environment), *self.workspace.credentials()]:
             mask_secret(secret)
         experiment = Experiment(self.workspace, self.experiment or experiment_name_from(ti.dag_id))
         map_index = getattr(ti, "map_index", -1)
@@ -215,6 +217,9 @@ class ScriptRunOperator(BaseOperator):
         self.defer(
             trigger=ScriptRunTrigger(run.id, state.to_json(), self.workspace_conn_id, show_output, stop_at),
             method_name="execute_complete",
+            # A backstop for a deployment whose triggerer never takes the trigger: the trigger itself stops
+            # the run at the execution_timeout, which Airflow does not apply to a deferred task.
+            timeout=None if self.execution_timeout is None else self.execution_timeout + DEFER_SLACK,
         )
 
     def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
@@ -224,8 +229,12 @@ class ScriptRunOperator(BaseOperator):
         from airflow_amlrun.targets.base import TargetStatus
         from airflow_amlrun.triggers.script_run import ENDED
 
-        # What the script prints now (the rest of its output) is masked as in execute.
-        self._rendered_config(Path(context["dag"].fileloc).parent)
+        # What the script prints now (the rest of its output) is masked as in execute. The run is under way:
+        # a config that no longer renders (edited meanwhile, a newer version's checks) must not strand it.
+        try:
+            self._rendered_config(Path(context["dag"].fileloc).parent)
+        except Exception as err:
+            self.log.warning("The config was not rendered again to mask its secrets (%s); following on.", err)
         run_id = str(event["run_id"])
         state = FollowState.from_json(event.get("state") or {})
         if event.get("status") != ENDED:
@@ -245,6 +254,11 @@ class ScriptRunOperator(BaseOperator):
             error = RunCanceledError if record.status == "Canceled" else RunFailedError
             message = f"Run {run_id} {record.status}: {record.error or 'no error recorded'}"
             raise error(message, run_id=run_id) from None
+        if event.get("stop_at"):
+            self._run.stop_at(
+                datetime.fromisoformat(str(event["stop_at"])),
+                "Stopped by the Airflow task's execution_timeout (while deferred).",
+            )
         if event.get("status") == ENDED:
             status = TargetStatus(
                 running=False,

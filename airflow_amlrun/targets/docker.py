@@ -499,6 +499,10 @@ class DockerTarget:
     def attachable(self, handle: DockerHandle) -> str | None:
         if handle.legacy:
             return "it was started by an earlier version of airflow-amlrun, whose Docker runs a retry cannot follow"
+        folder = Path(handle.run_dir)
+        if not folder.is_absolute() or folder.resolve().parent != self.runs_dir.resolve():
+            # A row names the folder; only one of this worker's runs folder is written, read or uploaded.
+            return f"its recorded run folder {handle.run_dir} is not in this worker's runs folder {self.runs_dir}"
         if handle.transfer == "bind" and not (Path(handle.run_dir) / WORK).is_dir():
             return self._missing_folder(handle)
         from docker.errors import DockerException

@@ -314,15 +314,19 @@ class LogFollower:
         self._container_id = str(handle.container_id)
         self._stopped = threading.Event()
         self._client: APIClient | None = None
+        self._stream: Any = None
         threading.Thread(target=self._follow, name=f"amlrun-log-{handle.container}", daemon=True).start()
 
     def stop(self, timeout: float) -> bool:
         """Stop copying (the run goes on; another process follows it) and wait for the copy to end; False when
         it took longer than timeout."""
         self._stopped.set()
+        stream = self._stream
+        if stream is not None:
+            stream.close()  # ends the blocking read of a stream that may stay quiet for hours
         client = self._client
         if client is not None:
-            client.close()  # ends the blocking read of the stream
+            client.close()
         return self.done.wait(timeout)
 
     def _follow(self) -> None:
@@ -335,9 +339,12 @@ class LogFollower:
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 with open(self.path, "wb") as out:
-                    for data in client.logs(
+                    self._stream = client.logs(
                         self._container_id, stdout=True, stderr=True, stream=True, follow=True
-                    ):
+                    )
+                    if self._stopped.is_set():
+                        return
+                    for data in self._stream:
                         if self._stopped.is_set():
                             break
                         out.write(data)

@@ -17,6 +17,9 @@ ENDED = "ended"
 ERROR = "error"
 # Longest wait between two looks at a run from the triggerer, whose threads every deferred run shares.
 TRIGGER_POLL_SECONDS = 2.0
+# How long one look may wait on the target: long enough for a target's own patience with a daemon or host
+# that does not answer for a moment (a look of 0 s is a poll, which gives up at once).
+STEP_WAIT_SECONDS = 0.5
 # Between two tries to hand a run back when the history does not take what is pending.
 HAND_BACK_RETRY_SECONDS = 5.0
 
@@ -94,14 +97,14 @@ class ScriptRunTrigger(BaseTrigger):
             raise
         except Exception as err:
             # Nothing was done to the run: the task gets it back as it left it, and says why.
-            yield self._event(ERROR, message=_describe(err), state=self.state)
+            yield self._event(ERROR, message=_describe(err), state=self.state, stop_at=self.stop_at)
             return
         emit = self._emit if self.show_output else None
         poll = max(run.settings.poll_interval_seconds, 0.05)
         step: asyncio.Future[TargetStatus | None] | None = None
         try:
             while True:
-                step = asyncio.ensure_future(asyncio.to_thread(run.step, emit, 0))
+                step = asyncio.ensure_future(asyncio.to_thread(run.step, emit, STEP_WAIT_SECONDS))
                 status = await asyncio.shield(step)
                 if status is not None:
                     break
@@ -116,7 +119,7 @@ class ScriptRunTrigger(BaseTrigger):
             raise
         except Exception as err:
             state = await self._hand_back(run)
-            yield self._event(ERROR, message=_describe(err), state=state)
+            yield self._event(ERROR, message=_describe(err), state=state, stop_at=self.stop_at)
             return
         state = await self._hand_back(run)
         yield self._event(
@@ -129,12 +132,19 @@ class ScriptRunTrigger(BaseTrigger):
 
         while True:
             try:
-                state = await asyncio.to_thread(run.hand_over)
+                state = (await asyncio.to_thread(run.hand_over)).to_json()
             except HistoryUnavailableError as err:
                 self.log.warning("%s Trying again in %.0f s.", err, HAND_BACK_RETRY_SECONDS)
-                await asyncio.sleep(HAND_BACK_RETRY_SECONDS)
+                try:
+                    await asyncio.sleep(HAND_BACK_RETRY_SECONDS)
+                except asyncio.CancelledError:
+                    await asyncio.to_thread(run.abandon)  # its heartbeat must not outlive this trigger
+                    raise
                 continue
-            return state.to_json()
+            if not self.show_output:
+                # The output was not shown here: the task shows it, masked, from where it handed the run over.
+                state["log_offset"] = self.state.get("log_offset", 0)
+            return state
 
     async def on_kill(self) -> None:
         """The deferred task was killed (marked failed or succeeded, or cleared): stop its run, which ends

@@ -11,6 +11,8 @@ DAG); the values only known once Airflow renders them are the tasks of one DAG, 
 
 from __future__ import annotations
 
+import datetime
+import decimal
 import json
 import os
 import subprocess
@@ -382,7 +384,7 @@ TABLE = [
     Bad("ScriptRunOperator", "environment_variables", "empty name", {"": "fast"}, "use a non-empty string", lambda g, v: operator(g, environment_variables=v)),
     Bad("ScriptRunOperator", "secret_environment_variables['TOKEN']", "dict", {"TOKEN": {"password": SECRET}}, "give the value as a string", lambda g, v: operator(g, secret_environment_variables=v), hidden=SECRET),
     Bad("ScriptRunOperator", "tags", "wrong type", ["nightly"], "{'team': 'vision'}", lambda g, v: operator(g, tags=v)),
-    Bad("ScriptRunOperator", "tags['team']", "None", {"team": None}, "give the value as a string", lambda g, v: operator(g, tags=v)),
+    Bad("ScriptRunOperator", "tags['team']", "a list", {"team": ["a", "b"]}, "json.dumps(value)", lambda g, v: operator(g, tags=v)),
     Bad("ScriptRunOperator", "workspace_conn_id", "empty", "", "leave it None for the default workspace", lambda g, v: operator(g, workspace_conn_id=v)),
     Bad("ScriptRunOperator", "workspace_conn_id", "shell", f"team{SHELL}", "leave it None for the default workspace", lambda g, v: operator(g, workspace_conn_id=v)),
     Bad("ScriptRunOperator", "show_output", "wrong type", "no", "True or False", lambda g, v: operator(g, show_output=v)),
@@ -446,6 +448,10 @@ ACCEPTED = [
     Good("ScriptRunOperator", "experiment", "a template", "{{ params.experiment }}", lambda g, v: operator(g, experiment=v), lambda o, v: o.experiment == v),
     Good("ScriptRunOperator", "arguments", "an upstream task's output", "--params", lambda g, v: in_a_dag(lambda out: operator(g, arguments=[v, out])), lambda o, v: o.arguments[0] == v and type(o.arguments[1]).__name__ == "PlainXComArg"),
     Good("RunStatusSensor", "run_id", "an upstream task's output", "run_id", lambda g, v: in_a_dag(lambda out: sensor(run_id=out[v])), lambda s, v: type(s.run_id).__name__ == "PlainXComArg"),
+    Good("ScriptRunOperator", "tags", "None, a date and a decimal, kept as text", {"a": None, "b": datetime.date(2026, 1, 2), "c": decimal.Decimal("0.1")}, lambda g, v: operator(g, tags=v), lambda o, v: o.tags == v),
+    Good(C, "snapshot_max_files", "1e4 as YAML reads it", 1e4, lambda g, v: config(g, snapshot_max_files=v), lambda c, v: c.snapshot_max_files == 10000 and isinstance(c.snapshot_max_files, int)),
+    Good("ScriptRunOperator", "config", "a JSON file (YAML reads JSON)", "train.json", lambda g, v: operator(g, config=v), lambda o, v: o.config == v),
+    Good("Workspace.from_connection", "store_url", "a chained fsspec URL", "simplecache::memory://amlrun", lambda g, v: connection(g, store_url=v), lambda w, v: w.store_url == v),
     Good("RunStatusSensor", "run_id", "a template", "{{ ti.xcom_pull(task_ids='train')['run_id'] }}", lambda g, v: sensor(run_id=v), lambda s, v: s.run_id == v),
 ]  # fmt: skip
 

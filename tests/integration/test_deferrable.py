@@ -59,7 +59,7 @@ with DAG("DAG_ID", schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="U
         ScriptRunOperator(
             task_id=name,
             config=ScriptRunConfig({str(source)!r}, script="train.py"),
-            arguments=["12"],
+            arguments=["40"],
             deferrable=True,
         )
 """
@@ -82,12 +82,12 @@ with DAG("DAG_ID", schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="U
     # One slot, and yet both ran at once: neither task held it while its run went on.
     assert max(first.start, second.start) < min(first.end, second.end)
     for record in runs:
-        assert [p.step for p in cluster.history().get_metrics(record.id, "loss")] == list(range(12))
+        assert [p.step for p in cluster.history().get_metrics(record.id, "loss")] == list(range(40))
         log = cluster.task_log(dag_id, run_id, str(record.task_id))
         assert "the worker slot is freed" in log
         # The script's output reached the task log while the trigger followed the run, in order, once each.
         printed = [line for line in log.splitlines() if "deferred step" in line]
-        assert [f"deferred step {n}" for n in range(12)] == [
+        assert [f"deferred step {n}" for n in range(40)] == [
             line[line.index("deferred step") :] for line in printed
         ]
         assert "deferred script done" in log
@@ -99,7 +99,7 @@ def test_the_tasks_execution_timeout_stops_a_deferred_run(cluster: AirflowCluste
     # execution_timeout).
     text = dag_source(source, arguments=["600"], options={"deferrable": True}).replace(
         "    ScriptRunOperator(\n",
-        "    ScriptRunOperator(\n        execution_timeout=datetime.timedelta(seconds=20),\n",
+        "    ScriptRunOperator(\n        execution_timeout=datetime.timedelta(seconds=45),\n",
     )
     dag_id = cluster.write_dag("import datetime\n" + text)
     run_id = cluster.trigger(dag_id)

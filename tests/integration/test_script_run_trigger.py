@@ -68,7 +68,7 @@ def concluded(run_id: str, event: dict[str, Any]) -> Any:
 def test_a_trigger_moved_to_another_triggerer_lets_go_and_the_next_one_records_every_metric_once(
     tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    run, state = started(tmp_path, steps=15)
+    run, state = started(tmp_path, steps=40)
     trigger = ScriptRunTrigger(run.id, state)
 
     async def cancelled_midway() -> None:
@@ -89,7 +89,7 @@ def test_a_trigger_moved_to_another_triggerer_lets_go_and_the_next_one_records_e
     assert (event["status"], event["exit_code"]) == (ENDED, 0)
     record = concluded(run.id, event)
     assert record.status == "Completed"
-    assert [p.step for p in Workspace.get().history.get_metrics(run.id, "loss")] == list(range(15))
+    assert [p.step for p in Workspace.get().history.get_metrics(run.id, "loss")] == list(range(40))
     assert heartbeats(run.id) == []
 
 
@@ -142,3 +142,18 @@ def test_a_run_the_trigger_cannot_find_comes_back_to_the_task_with_the_reason() 
     assert event["status"] == ERROR
     assert event["message"].startswith("RunNotFoundError: ")
     assert "deferred_1_00000000" in event["message"]
+
+
+def test_a_run_whose_output_is_not_shown_in_the_triggerer_is_shown_whole_by_the_task(tmp_path: Path) -> None:
+    # A run with secret variables: the triggerer cannot mask them, so the task shows the output, masked.
+    run, state = started(tmp_path, steps=5)
+
+    event = asyncio.run(first_event(ScriptRunTrigger(run.id, state, show_output=False)))
+
+    assert event["state"]["log_offset"] == state["log_offset"]
+    assert event["state"]["events_offset"] > state["events_offset"]  # its metrics were recorded on the way
+    shown: list[str] = []
+    resumed = ScriptRun.resumed(Workspace.get(), run.id, FollowState.from_json(event["state"]))
+    status = TargetStatus(running=False, exit_code=event["exit_code"])
+    assert resumed.conclude(status, shown.append).status == "Completed"
+    assert [line for line in shown if line.startswith("step")] == [f"step {n}" for n in range(5)]

@@ -96,6 +96,9 @@ def test_outputs_that_do_not_fit_fail_the_run_naming_the_store_without_partial_b
     assert str(small_store) in (record.error or "")
     assert "No space left on device" in (record.error or "")
     assert_every_blob_whole(small_store)
+    # The output that did not fit was not published in part; the run's log was kept (stored first).
+    assert not (small_store / "runs" / record.id / "outputs" / "model.bin").exists()
+    assert "model written" in Path(str(record.logs_uri), "std_log.txt").read_text()
     # Nothing is left Running, and a smaller run goes through.
     write_script(source, "train.py", "print('small run')\n")
     again = Experiment(workspace, "full_disk").submit(ScriptRunConfig(str(source), script="train.py"))

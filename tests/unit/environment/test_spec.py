@@ -599,3 +599,17 @@ def test_index_credentials_stay_references_so_a_rotated_token_is_the_same_spec(
     assert first.python.index_url == url
     assert first.spec_hash() == spec().spec_hash()
     assert "token" not in json.dumps(first.to_dict()).replace("PKG_TOKEN", "")
+
+
+@pytest.mark.parametrize(
+    "python",
+    [
+        {"extra_index_urls": "https://user:TOPSECRET@idx.example/simple"},
+        {"index_url": ["https://user:TOPSECRET@idx.example/simple"]},
+    ],
+)
+def test_an_index_url_of_the_wrong_type_is_refused_without_showing_its_credentials(python):
+    with pytest.raises(ConfigurationError) as raised:
+        Environment("x", python=PythonSection(pip_requirements=["six"], **python))
+    assert "TOPSECRET" not in str(raised.value)
+    assert "***" in str(raised.value)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+from datetime import UTC
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -18,6 +19,7 @@ states = st.builds(
     event_seq=st.integers(min_value=0, max_value=2**31),
     timed_out=st.booleans(),
     cancel_requested=st.booleans(),
+    stop_reason=st.one_of(st.none(), st.text(max_size=80)),
 )
 
 
@@ -26,9 +28,12 @@ states = st.builds(
     state=states,
     conn_id=st.one_of(st.none(), st.from_regex(r"[a-z][a-z0-9_]{0,15}", fullmatch=True)),
     show=st.booleans(),
+    stop_at=st.one_of(st.none(), st.datetimes(timezones=st.just(UTC)).map(lambda d: d.isoformat())),
 )
-def test_a_stored_trigger_comes_back_the_same(run_id, state, conn_id, show):
-    trigger = ScriptRunTrigger(run_id, state.to_json(), workspace_conn_id=conn_id, show_output=show)
+def test_a_stored_trigger_comes_back_the_same(run_id, state, conn_id, show, stop_at):
+    trigger = ScriptRunTrigger(
+        run_id, state.to_json(), workspace_conn_id=conn_id, show_output=show, stop_at=stop_at
+    )
 
     classpath, kwargs = trigger.serialize()
     module, _, name = classpath.rpartition(".")
@@ -36,7 +41,12 @@ def test_a_stored_trigger_comes_back_the_same(run_id, state, conn_id, show):
 
     assert type(again) is ScriptRunTrigger
     assert FollowState.from_json(again.state) == state
-    assert (again.run_id, again.workspace_conn_id, again.show_output) == (run_id, conn_id, show)
+    assert (again.run_id, again.workspace_conn_id, again.show_output, again.stop_at) == (
+        run_id,
+        conn_id,
+        show,
+        stop_at,
+    )
     assert again.serialize() == trigger.serialize()
 
 
