@@ -8,6 +8,7 @@ imports in the body of ``if TYPE_CHECKING:`` do not, as they never run.
 from __future__ import annotations
 
 import ast
+import functools
 import re
 import sys
 from collections.abc import Iterator
@@ -100,6 +101,7 @@ def layer_of(module: str) -> int:
     raise AssertionError(f"module {module!r} is in no layer: add it to LAYERS")
 
 
+@functools.cache
 def graph() -> dict[str, set[str]]:
     known = modules()
     edges: dict[str, set[str]] = {module: set() for module in known}

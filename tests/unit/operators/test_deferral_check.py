@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -22,12 +23,17 @@ TITLE = 'exec -a "airflow triggerer" sleep 60'
 
 
 @contextmanager
-def process(*argv: str, airflow_home: str | None = None) -> Iterator[None]:
+def process(*argv: str, airflow_home: str | None = None) -> Iterator[int]:
     env = {**os.environ, "AIRFLOW_HOME": airflow_home or os.environ["AIRFLOW_HOME"]}
     started = subprocess.Popen(list(argv), env=env)
     try:
-        time.sleep(0.3)
-        yield
+        # Until the process runs what it was started for (its command line is no longer the launcher's).
+        cmdline = Path(f"/proc/{started.pid}/cmdline")
+        for _ in range(100):
+            if cmdline.exists() and cmdline.read_bytes().split(b"\0")[0] not in (b"bash", b"unshare", b""):
+                break
+            time.sleep(0.02)
+        yield started.pid
     finally:
         started.kill()
         started.wait()
@@ -66,19 +72,37 @@ def test_a_triggerer_in_another_mount_namespace_does_not_count():
     assert found is not None and "another process or mount namespace (a container)" in found
 
 
+def named(title: str, *args: str) -> list[str]:
+    """A process whose command line reads `title args...` (a Python that sleeps, renamed)."""
+    return [
+        "bash",
+        "-c",
+        f'exec -a {title} {sys.executable} -c "import time; time.sleep(60)" "$@"',
+        "_",
+        *args,
+    ]
+
+
 @pytest.mark.parametrize(
     "argv",
     [
-        ["bash", "-c", 'exec -a tail sleep 60 "$0"', "/var/log/airflow-triggerer.log"],
-        ["bash", "-c", 'exec -a journalctl sleep 60 -fu "$0"', "airflow-triggerer"],
-        ["bash", "-c", 'exec -a vim sleep 60 "$0"', "airflow_triggerer_notes.md"],
+        named("tail", "-f", "/var/log/airflow-triggerer.log"),
+        named("journalctl", "-fu", "airflow-triggerer"),
+        named("vim", "airflow_triggerer_notes.md"),
+        named("systemctl", "restart", "airflow-triggerer"),
     ],
 )
 def test_processes_that_only_mention_a_triggerer_do_not_count(argv):
-    with process(*argv):
+    with process(*argv) as pid:
+        assert _alive(pid)  # the test would pass with a process that died at once
         assert triggerer_shares_this_machine() is not None
 
 
 def test_a_machine_whose_processes_cannot_be_read_defers_nothing(tmp_path):
     found = triggerer_shares_this_machine(proc=str(tmp_path / "no-proc"))
     assert found is not None and found.startswith("this machine's processes cannot be looked at")
+
+
+def _alive(pid: int) -> bool:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return "\nState:\tZ" not in status and "\nState:\tX" not in status
