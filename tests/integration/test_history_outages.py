@@ -173,7 +173,7 @@ def test_a_value_the_history_refuses_is_dropped_with_its_reason_and_holds_back_n
 
     run = history.get_run("r1")
     assert run.status is RunStatus.FINALIZING
-    assert run.outputs_uri is None
+    assert run.outputs_uri is None and run.logs_uri is None
     assert run.tags == {"stage": "train", "epochs": "3"}
     assert book.flush()  # nothing left pending: the refused values were dropped, not kept to retry
     warnings = caplog.text
@@ -235,7 +235,7 @@ def test_a_run_whose_outcome_the_history_refuses_fails_the_task_at_once_saying_w
     assert result.state == "failed"
     assert "training finished" in result.log
     assert "HistoryRefusedError" in result.log
-    assert "refused to record outputs_uri" in result.log
+    assert "refused to record logs_uri, outputs_uri" in result.log  # the logs are stored first
     assert "value too long for type character varying(1024)" in result.log
     assert "The rest of its outcome was recorded (status Completed)" in result.log
     assert "Check that the history database is up" not in result.log
