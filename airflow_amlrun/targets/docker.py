@@ -194,7 +194,9 @@ class DockerTarget:
         self._owners: dict[tuple[str, str], tuple[int, int]] = {}
         # Containers whose run folder was defused after they ended (nothing changes there any more).
         self._defused: set[str] = set()
-        self._lock = threading.Lock()
+        # Re-entrant: Airflow's SIGTERM handler runs on_kill (cancel) in the thread it interrupts, which may
+        # hold this lock at that moment (a look at the run's followers).
+        self._lock = threading.RLock()
 
     @classmethod
     def from_connection(cls, name: str, conn: Any, settings: Settings, cache_dir: Path) -> DockerTarget:
