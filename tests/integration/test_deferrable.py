@@ -134,3 +134,26 @@ def test_killing_a_deferred_task_cancels_its_run(cluster: AirflowCluster, source
     assert str(record.status) == "Canceled", cluster.component_logs()
     assert "deferred task was killed" in (record.error or "")
     assert not cluster.marked_processes_running_script("train.py")
+
+
+def test_a_deferred_docker_run_is_followed_by_the_triggerer(cluster: AirflowCluster, source: Path) -> None:
+    # The local Docker socket: a triggerer of this Airflow runs on this machine, so the run is deferred.
+    dag_id = cluster.write_dag(
+        dag_source(source, target="docker", arguments=["10"], options={"deferrable": True})
+    )
+    run_id = cluster.trigger(dag_id)
+    deferred = False
+    while cluster.dag_run_state(dag_id, run_id) not in ("success", "failed"):
+        ti = cluster.task_instances(dag_id, run_id).get("train")
+        deferred = deferred or (ti is not None and ti.state == "deferred")
+        time.sleep(0.3)
+
+    assert cluster.wait_for_dag_run(dag_id, run_id) == "success", cluster.component_logs()
+    assert deferred
+    (record,) = runs_of(cluster, dag_id)
+    assert (str(record.status), record.target) == ("Completed", "docker")
+    assert [p.step for p in cluster.history().get_metrics(record.id, "loss")] == list(range(10))
+    log = cluster.task_log(dag_id, run_id, "train")
+    assert "the worker slot is freed" in log
+    printed = [line[line.index("deferred step") :] for line in log.splitlines() if "deferred step" in line]
+    assert printed == [f"deferred step {n}" for n in range(10)]
