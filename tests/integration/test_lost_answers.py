@@ -6,6 +6,7 @@ the host, then its answer does not arrive (as when the connection drops during t
 
 from __future__ import annotations
 
+import secrets
 import time
 from pathlib import Path
 
@@ -61,7 +62,8 @@ def use_target(monkeypatch: pytest.MonkeyPatch, cls: type) -> None:
 
 
 def _script(tmp_path: Path, host: SshdHost) -> tuple[Path, Path]:
-    starts = host.home / f"starts-{tmp_path.name}.txt"
+    # The host's home outlives a test session, and tmp_path's name repeats from one session to the next.
+    starts = host.home / f"starts-{tmp_path.name}-{secrets.token_hex(4)}.txt"
     source = tmp_path / "src"
     write_script(
         source,
