@@ -60,7 +60,9 @@ def cluster(sqlite_workspace: dict[str, str]) -> Iterator[AirflowCluster]:
         "AIRFLOW__CORE__MAX_ACTIVE_TASKS_PER_DAG": "24",
         "AIRFLOW_CONN_AMLRUN_SQLITE": connection,
     }
-    with AirflowCluster(env=env) as started:
+    # Twenty task processes on two cores answer their heartbeats late: a tight timeout would take live
+    # tasks for dead ones (the cluster's default suits one or two tasks at a time).
+    with AirflowCluster(env=env, heartbeat_timeout=180) as started:
         yield started
 
 
