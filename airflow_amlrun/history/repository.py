@@ -14,6 +14,7 @@ from typing import Any, cast
 
 from sqlalchemy import (
     ColumnElement,
+    Connection,
     Engine,
     Table,
     create_engine,
@@ -27,6 +28,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import NullPool
 
 from airflow_amlrun.errors import AmlRunError
 from airflow_amlrun.history.models import ExperimentRow, MetricRow, RunRow
@@ -97,23 +99,20 @@ class RunHistory:
             level = alembic_log.level
             alembic_log.setLevel(logging.WARNING)
             try:
-                with self.engine.begin() as connection:
-                    config.attributes["connection"] = connection
-                    command.upgrade(config, "head")
-            except Exception:
-                # Another process migrating the same new database at the same moment wins the race;
-                # what matters is that the schema is current afterwards.
-                if self._current_revision() != SCHEMA_HEAD:
-                    raise
+                # Many processes may open a new database at once. One transaction holds a lock that
+                # other migrators wait on, looks at the revision again under it, and migrates: the
+                # others then find the schema whole, and a migration that fails leaves none of itself.
+                with _migration_transaction(self.engine) as connection:
+                    if _revision(connection) != SCHEMA_HEAD:
+                        config.attributes["connection"] = connection
+                        command.upgrade(config, "head")
             finally:
                 alembic_log.setLevel(level)
             _migrated.add(self.url)
 
     def _current_revision(self) -> str | None:
         with self.engine.connect() as connection:
-            if not inspect(connection).has_table("amlrun_alembic_version"):
-                return None
-            return connection.execute(text("SELECT version_num FROM amlrun_alembic_version")).scalar()
+            return _revision(connection)
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -453,6 +452,50 @@ def _join_value(number: float | None, as_json: str | None) -> Any:
     if as_json is not None:
         return json.loads(as_json)
     return number
+
+
+def _revision(connection: Connection) -> str | None:
+    if not inspect(connection).has_table("amlrun_alembic_version"):
+        return None
+    return connection.execute(text("SELECT version_num FROM amlrun_alembic_version")).scalar()
+
+
+# Any constant key will do: the advisory lock only serializes this project's migrations of one database.
+_PG_MIGRATION_LOCK = 0x616D6C72756E  # "amlrun"
+
+
+@contextmanager
+def _migration_transaction(engine: Engine) -> Iterator[Connection]:
+    """A transaction that holds the database's migration lock until it ends."""
+    if engine.dialect.name == "postgresql":
+        with engine.begin() as connection:
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_MIGRATION_LOCK})
+            yield connection
+        return
+    if engine.dialect.name != "sqlite":
+        with engine.begin() as connection:
+            yield connection
+        return
+    # Python's sqlite3 module commits before each CREATE or ALTER of its own accord, which would let a
+    # second process see half a schema. Driving the transaction by hand keeps DDL inside it, and
+    # BEGIN IMMEDIATE takes the file's write lock at once (waiting out the busy timeout for it).
+    locked = create_engine(engine.url, poolclass=NullPool)
+    event.listen(locked, "connect", _sqlite_manual_transactions)
+
+    @event.listens_for(locked, "begin")
+    def _begin_immediate(connection: Connection) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    try:
+        with locked.begin() as connection:
+            yield connection
+    finally:
+        locked.dispose()
+
+
+def _sqlite_manual_transactions(dbapi_connection: Any, record: Any) -> None:
+    _sqlite_pragmas(dbapi_connection, record)
+    dbapi_connection.isolation_level = None
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

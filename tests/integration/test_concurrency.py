@@ -99,7 +99,16 @@ def test_twenty_tasks_at_once_lose_nothing_and_build_once(
     state = cluster.wait_for_dag_run(dag_id, run_id, timeout=1200)
 
     logs = {f"train_{n}": cluster.task_log(dag_id, run_id, f"train_{n}") for n in range(TASKS)}
-    assert state == "success", cluster.component_logs()
+    failed = {
+        t: ti.state for t, ti in cluster.task_instances(dag_id, run_id).items() if ti.state != "success"
+    }
+    assert state == "success", "\n".join(
+        [
+            f"tasks not successful: {failed}",
+            *(f"----- {t}\n{logs[t][-6000:]}" for t in failed),
+            cluster.component_logs(),
+        ]
+    )
     history = cluster.history() if conn == "amlrun_default" else RunHistory(sqlite_workspace["database_url"])
     runs = history.list_runs(dag_id=dag_id, limit=100)
     assert sorted(str(r.task_id) for r in runs) == sorted(logs)

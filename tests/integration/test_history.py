@@ -30,6 +30,30 @@ def test_schema_head_constant_matches_the_newest_migration():
     assert ScriptDirectory.from_config(config).get_current_head() == SCHEMA_HEAD
 
 
+def test_a_history_of_an_older_revision_is_upgraded_with_its_runs_kept(database_url, monkeypatch):
+    from alembic import command
+    from alembic.config import Config
+
+    import airflow_amlrun.history.repository as repository
+
+    history = RunHistory(database_url)
+    history.create_run(run_id="before", experiment="old", target="local")
+    config = Config()
+    config.set_main_option("script_location", str(Path(repository.__file__).with_name("migrations")))
+    with history.engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.downgrade(config, "0003")
+    history.dispose()
+    assert history._current_revision() == "0003"
+
+    monkeypatch.setattr(repository, "_migrated", set())  # as a new process would find it
+    upgraded = RunHistory(database_url)
+    assert upgraded._current_revision() == SCHEMA_HEAD
+    assert [r.id for r in upgraded.list_runs(experiment="old")] == ["before"]
+    upgraded.report_alive("before")  # a column the newest revision added
+    assert upgraded.get_run("before").heartbeat_at is not None
+
+
 def test_a_run_keeps_its_fields_metrics_and_last_values(database_url):
     history = RunHistory(database_url)
     history.create_run(
@@ -111,6 +135,31 @@ def _create_runs(url: str, worker: int) -> None:
     for i in range(5):
         history.create_run(run_id=f"w{worker}_{i}", experiment="shared", target="local")
     history.dispose()
+
+
+def _open_new_history(url: str, barrier) -> None:
+    barrier.wait(60)
+    history = RunHistory(url)
+    history.create_run(
+        run_id=f"first_{multiprocessing.current_process().name}", experiment="new", target="local"
+    )
+    history.dispose()
+
+
+def test_processes_opening_a_new_database_at_once_migrate_it_once(database_url):
+    # Twenty task processes may be the first to open a new workspace's history at the same moment: each
+    # must find the schema whole, none may fail on a table another is creating.
+    context = multiprocessing.get_context("spawn")
+    barrier = context.Barrier(6)
+    workers = [context.Process(target=_open_new_history, args=(database_url, barrier)) for _ in range(6)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(120)
+    assert [w.exitcode for w in workers] == [0] * 6
+    history = RunHistory(database_url)
+    assert history._current_revision() == SCHEMA_HEAD
+    assert len(history.list_runs(experiment="new")) == 6
 
 
 def test_processes_creating_runs_in_one_experiment_at_once_all_succeed(database_url):
