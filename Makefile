@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint typecheck unit services bench clean
+.PHONY: install demo test lint typecheck docs unit services bench clean
 
 install: $(STAMP)
 
@@ -22,8 +22,8 @@ $(STAMP): pyproject.toml requirements-dev.lock Makefile
 demo: install
 	scripts/demo.sh
 
-# Starts what the tests need, then runs lint, type checks and the whole suite.
-test: install services lint typecheck
+# Starts what the tests need, then runs lint, type checks, the docs build and the whole suite.
+test: install services lint typecheck docs
 	$(BIN)/python -m pytest -p no:cacheprovider
 
 lint: install
@@ -32,6 +32,11 @@ lint: install
 
 typecheck: install
 	$(BIN)/mypy
+
+# The documentation site, from docs/ and the package's docstrings into site/. Always strict: a broken link,
+# a missing page or a docstring the reference cannot render fails the build.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 unit: install
 	$(BIN)/python -m pytest -p no:cacheprovider tests/unit
@@ -51,4 +56,4 @@ requirements-dev.lock: pyproject.toml
 	$(BIN)/uv pip compile --quiet --python-version 3.11 --extra dev -o $@ pyproject.toml
 
 clean:
-	rm -rf $(VENV) .demo .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .demo .pytest_cache .mypy_cache .ruff_cache site

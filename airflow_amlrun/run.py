@@ -275,6 +275,7 @@ class ScriptRun:
 
     @property
     def id(self) -> str:
+        """The run's id in the run history (`run_id` in the task's XCom)."""
         return self.job.run_id
 
     @classmethod

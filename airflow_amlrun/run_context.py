@@ -129,7 +129,7 @@ class Run:
         A point the run history cannot keep (an empty name or one longer than 255 characters, a step that is
         not an integer in the signed 64-bit range) is not recorded: a submitted run says so on stderr, which
         reaches the run's log and the task log, once per metric, and goes on; an offline run raises
-        :class:`MetricError`.
+        `MetricError`.
         """
         self._record_metric(str(name), _jsonable(value), _step(step))
 
@@ -201,7 +201,7 @@ class OfflineRun(Run):
     """A run outside any submission: keeps what is logged and prints it.
 
     It does without everything a submission provides (an events file, an outputs folder), but raises
-    :class:`MetricError` for a metric the run history would refuse, so a script tried by hand shows the
+    `MetricError` for a metric the run history would refuse, so a script tried by hand shows the
     mistake at once, where a submitted run would only warn and drop the point.
     """
 
