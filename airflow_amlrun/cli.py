@@ -95,14 +95,17 @@ def _line_count(value: str) -> int:
     return count
 
 
-def _status(value: str) -> str:
-    from airflow_amlrun.history import RunStatus
+# The values of RunStatus, named here so that `--help` lists them without importing the history (and its
+# database library); a unit test keeps the two alike.
+RUN_STATUSES = ("Queued", "Preparing", "Starting", "Running", "Finalizing", "Completed", "Failed", "Canceled")
 
-    for status in RunStatus:
-        if value.strip().lower() == status.value.lower():
-            return status.value
+
+def _status(value: str) -> str:
+    for status in RUN_STATUSES:
+        if value.strip().lower() == status.lower():
+            return status
     raise argparse.ArgumentTypeError(
-        f"{shown(value)} is not a run status; use one of {', '.join(s.value for s in RunStatus)}"
+        f"{shown(value)} is not a run status; use one of {', '.join(RUN_STATUSES)}"
     )
 
 
@@ -206,9 +209,11 @@ def cmd_runs_show(args: argparse.Namespace, console: Console) -> int:
             table.add_row(key, json.dumps(value) if isinstance(value, dict | list) else _fmt(value))
     table.add_row("arguments", " ".join(record.arguments))
     table.add_row("tags", ", ".join(f"{k}={v}" for k, v in sorted(record.tags.items())) or "none")
-    table.add_row(
-        "airflow task", f"{record.dag_id}.{record.task_id} {record.airflow_run_id or ''}".strip(".")
-    )
+    if record.dag_id is not None:
+        task = f"{record.dag_id}.{record.task_id} {record.airflow_run_id or ''}".strip()
+        table.add_row("airflow task", task + (f", try {record.try_number}" if record.try_number else ""))
+    else:
+        table.add_row("airflow task", "none: submitted outside Airflow")
     if location is not None:
         table.add_row("log", f"{location}  (`amlrun runs logs {record.id}` prints it)")
     elif record.status.is_terminal:
@@ -349,7 +354,12 @@ def build_parser() -> argparse.ArgumentParser:
     runs = sub.add_parser("runs", help="list or show runs").add_subparsers(dest="runs_command", required=True)
     listing = runs.add_parser("list", help="runs, newest first")
     listing.add_argument("--experiment", type=_experiment)
-    listing.add_argument("--status", type=_status, help="a run status, e.g. Completed or Failed")
+    listing.add_argument(
+        "--status",
+        type=_status,
+        metavar="STATUS",
+        help=f"runs of this status, in any case: {', '.join(RUN_STATUSES)}",
+    )
     listing.add_argument("--limit", type=_positive_count, default=20)
     listing.add_argument("--json", action="store_true")
     listing.set_defaults(func=cmd_runs_list)
