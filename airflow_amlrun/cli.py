@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import sys
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -81,14 +83,29 @@ def _positive_count(value: str) -> int:
     return count
 
 
-def _status(value: str) -> str:
-    from airflow_amlrun.history import RunStatus
+def _line_count(value: str) -> int:
+    try:
+        count = int(value)
+    except ValueError:
+        count = -1
+    if count < 0:
+        raise argparse.ArgumentTypeError(
+            f"{shown(value)} is not a number of lines, e.g. --tail 50 (--tail 0 shows none)"
+        )
+    return count
 
-    for status in RunStatus:
-        if value.strip().lower() == status.value.lower():
-            return status.value
+
+# The values of RunStatus, named here so that `--help` lists them without importing the history (and its
+# database library); a unit test keeps the two alike.
+RUN_STATUSES = ("Queued", "Preparing", "Starting", "Running", "Finalizing", "Completed", "Failed", "Canceled")
+
+
+def _status(value: str) -> str:
+    for status in RUN_STATUSES:
+        if value.strip().lower() == status.lower():
+            return status
     raise argparse.ArgumentTypeError(
-        f"{shown(value)} is not a run status; use one of {', '.join(s.value for s in RunStatus)}"
+        f"{shown(value)} is not a run status; use one of {', '.join(RUN_STATUSES)}"
     )
 
 
@@ -128,35 +145,139 @@ def _folder(value: str) -> str:
     return value
 
 
-def cmd_runs_show(args: argparse.Namespace, console: Console) -> int:
+# Lines of a failed or canceled run's log `runs show` prints, unless --tail says otherwise.
+DEFAULT_TAIL = 20
+
+
+def _get_run(ws: Any, run_id: str) -> RunRecord:
     from airflow_amlrun.history import RunNotFoundError
 
-    ws = _workspace(args)
     try:
-        record: RunRecord = ws.get_run(args.run_id)
+        record: RunRecord = ws.get_run(run_id)
     except RunNotFoundError as err:
         raise RunNotFoundError(f"{err} `amlrun runs list` shows the runs there.") from None
+    return record
+
+
+def _git_state(git: dict[str, Any] | None) -> str:
+    if not git:
+        return "not a git checkout"
+    commit = git.get("commit") or "no commit"
+    state = f"{commit} on {git['branch']}" if git.get("branch") else f"{commit} (detached)"
+    if git.get("dirty"):
+        diff = git.get("diff_digest")
+        state += f", dirty: uncommitted changes, diff stored as blob {diff}" if diff else ", dirty"
+    elif git.get("dirty") is False:
+        state += ", clean"
+    if git.get("repository_uri"):
+        state += f", {git['repository_uri']}"
+    return state
+
+
+def cmd_runs_show(args: argparse.Namespace, console: Console) -> int:
+    from airflow_amlrun.run_log import LogUnavailableError, RunLog
+
+    ws = _workspace(args)
+    record = _get_run(ws, args.run_id)
+    run_log = RunLog(ws, record.id)
+    failed = record.status.is_terminal and str(record.status) != "Completed"
+    lines = args.tail if args.tail is not None else (DEFAULT_TAIL if failed else 0)
+    tail: list[str] = []
+    tail_problem = None
+    if lines and record.status.is_terminal:
+        try:
+            tail = run_log.tail(record, lines)
+        except LogUnavailableError as err:
+            tail_problem = str(err)
+    elif lines:
+        tail_problem = (
+            f"Run {record.id} is {record.status}: `amlrun runs logs {record.id} --follow` follows its log."
+        )
+    location = run_log.location(record)
     if args.json:
-        console.print_json(json.dumps(record.summary()))
+        console.print_json(
+            json.dumps({**record.summary(), "tags": record.tags, "log": location, "log_tail": tail})
+        )
         return 0
     table = Table(title=f"Run {record.id}", show_header=False)
     table.add_column("field", style="bold")
     table.add_column("value", overflow="fold")
     for key, value in record.summary().items():
-        if key != "metrics":
+        if key == "git":
+            table.add_row("git", _git_state(record.git))
+        elif key != "metrics":
             table.add_row(key, json.dumps(value) if isinstance(value, dict | list) else _fmt(value))
     table.add_row("arguments", " ".join(record.arguments))
-    table.add_row(
-        "airflow task", f"{record.dag_id}.{record.task_id} {record.airflow_run_id or ''}".strip(".")
-    )
-    console.print(table)
+    table.add_row("tags", ", ".join(f"{k}={v}" for k, v in sorted(record.tags.items())) or "none")
+    if record.dag_id is not None:
+        task = f"{record.dag_id}.{record.task_id} {record.airflow_run_id or ''}".strip()
+        table.add_row("airflow task", task + (f", try {record.try_number}" if record.try_number else ""))
+    else:
+        table.add_row("airflow task", "none: submitted outside Airflow")
+    if location is not None:
+        table.add_row("log", f"{location}  (`amlrun runs logs {record.id}` prints it)")
+    elif record.status.is_terminal:
+        table.add_row("log", "none stored: nothing was collected from its target")
+    else:
+        table.add_row("log", f"on its target while it runs: `amlrun runs logs {record.id} --follow`")
+    console.print(table, highlight=False)
     metrics = Table(title="Metrics")
     for column in ("name", "step", "value"):
         metrics.add_column(column)
     for point in ws.history.get_metrics(record.id):
         metrics.add_row(point.name, _fmt(point.step), _fmt(point.value))
     console.print(metrics)
+    if tail:
+        console.print(f"Last {len(tail)} lines of its log:", style="bold", highlight=False)
+        for line in tail:
+            console.out(line, highlight=False)
+    elif tail_problem:
+        console.print(escape(tail_problem), highlight=False)
     return 0
+
+
+def _write(line: str) -> None:
+    # The script's own text: not markup, not wrapped, each line out as it comes.
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def cmd_runs_logs(args: argparse.Namespace, console: Console) -> int:
+    from airflow_amlrun.config import load_settings
+    from airflow_amlrun.run_log import RunLog
+
+    ws = _workspace(args)
+    record = _get_run(ws, args.run_id)
+    settings = load_settings()
+    run_log = RunLog(ws, record.id, settings)
+    poll = min(max(settings.poll_interval_seconds, 0.2), 2.0)
+    err = Console(stderr=True, soft_wrap=True, highlight=False)
+    offset = 0
+    try:
+        while True:
+            read = run_log.read(offset)
+            for line in read.chunk.lines:
+                _write(line)
+            offset = read.chunk.offset
+            record = read.record
+            if record.status.is_terminal:
+                break
+            if not args.follow:
+                err.print(
+                    f"Run {record.id} is {record.status}: this is its log so far; "
+                    f"`amlrun runs logs {record.id} --follow` follows it to its end."
+                )
+                return 0
+            if not read.chunk.lines:
+                time.sleep(poll)
+    except KeyboardInterrupt:
+        err.print(f"Stopped following run {record.id}; the run goes on.")
+        return 130
+    if not args.follow:
+        return 0
+    outcome = f"Run {record.id} {record.status}"
+    err.print(f"{outcome}: {escape(record.error)}" if record.error else f"{outcome}.")
+    return 0 if str(record.status) == "Completed" else 1
 
 
 def cmd_experiments(args: argparse.Namespace, console: Console) -> int:
@@ -233,14 +354,38 @@ def build_parser() -> argparse.ArgumentParser:
     runs = sub.add_parser("runs", help="list or show runs").add_subparsers(dest="runs_command", required=True)
     listing = runs.add_parser("list", help="runs, newest first")
     listing.add_argument("--experiment", type=_experiment)
-    listing.add_argument("--status", type=_status, help="a run status, e.g. Completed or Failed")
+    listing.add_argument(
+        "--status",
+        type=_status,
+        metavar="STATUS",
+        help=f"runs of this status, in any case: {', '.join(RUN_STATUSES)}",
+    )
     listing.add_argument("--limit", type=_positive_count, default=20)
     listing.add_argument("--json", action="store_true")
     listing.set_defaults(func=cmd_runs_list)
-    show = runs.add_parser("show", help="one run with its metrics")
+    show = runs.add_parser(
+        "show",
+        help="one run: its metrics, tags, git state, log location and, if it failed, its log's last lines",
+    )
     show.add_argument("run_id", type=_text("run id"))
+    show.add_argument(
+        "--tail",
+        type=_line_count,
+        default=None,
+        metavar="N",
+        help=f"print the last N lines of its log (default: {DEFAULT_TAIL} for a failed or canceled run, else 0)",
+    )
     show.add_argument("--json", action="store_true")
     show.set_defaults(func=cmd_runs_show)
+    logs = runs.add_parser("logs", help="a run's log (its script's stdout and stderr)")
+    logs.add_argument("run_id", type=_text("run id"))
+    logs.add_argument(
+        "--follow",
+        "-f",
+        action="store_true",
+        help="follow a running run's log until it ends; exit 0 if it Completed, 1 otherwise",
+    )
+    logs.set_defaults(func=cmd_runs_logs)
 
     sub.add_parser("experiments", help="experiments and their run counts").set_defaults(func=cmd_experiments)
 
@@ -276,8 +421,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_workspace_notes() -> None:
+    """What the workspace says once (e.g. that it made the embedded workspace's folder) goes to stderr."""
+    notes = logging.getLogger("airflow_amlrun.workspace")
+    if not notes.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        notes.addHandler(handler)
+        notes.setLevel(logging.INFO)
+        notes.propagate = False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _show_workspace_notes()
     console = Console(width=200 if not sys.stdout.isatty() else None)
     try:
         result: int = args.func(args, console)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 from functools import cached_property
@@ -14,6 +15,8 @@ from airflow_amlrun.errors import ConfigurationError, shown
 if TYPE_CHECKING:
     from airflow_amlrun.history import ExperimentRecord, RunHistory, RunRecord, RunStatus
     from airflow_amlrun.snapshot import BlobStore, Snapshot
+
+log = logging.getLogger(__name__)
 
 _cache: dict[tuple[str, str], Workspace] = {}
 _cache_lock = threading.Lock()
@@ -78,6 +81,7 @@ class Workspace:
                 f"No Airflow connection {conn_id!r} exists. Create one of type 'amlrun' (extras "
                 "database_url and store_url), or omit conn_id to use the embedded workspace."
             )
+        _make_embedded_home(settings.home, conn_id)
         return cls.cached(
             f"sqlite:///{settings.home / 'history.db'}", str(settings.home / "store"), name="embedded"
         )
@@ -214,6 +218,31 @@ class Workspace:
 
     def __repr__(self) -> str:
         return f"Workspace(name={self.name!r}, history={self.history.url_for_display!r}, store={self.store_url!r})"
+
+
+def _make_embedded_home(home: Path, conn_id: str) -> None:
+    """Make the embedded workspace's folder if it is new, saying where it is and how to choose another: a
+    user who did not mean to use it learns it on the first run, not when the runs are missing elsewhere."""
+    try:
+        home.parent.mkdir(parents=True, exist_ok=True)
+        home.mkdir()
+    except FileExistsError:
+        return
+    except OSError as err:
+        raise ConfigurationError(
+            f"The embedded amlrun workspace folder {str(home)!r} cannot be made ({err.strerror or err}): set "
+            "AIRFLOW_HOME (the workspace is $AIRFLOW_HOME/amlrun) or [amlrun] home (AIRFLOW__AMLRUN__HOME) "
+            f"to a folder you may write, or create the Airflow connection {conn_id!r} of type 'amlrun'."
+        ) from None
+    log.info(
+        "Created the embedded amlrun workspace in %s (run history and store), used because no Airflow "
+        "connection %r exists. To use another, set AIRFLOW_HOME (the workspace is $AIRFLOW_HOME/amlrun) or "
+        "[amlrun] home (AIRFLOW__AMLRUN__HOME), or create the connection %r of type 'amlrun' (extras "
+        "database_url and store_url) for a shared workspace.",
+        home,
+        conn_id,
+        conn_id,
+    )
 
 
 def _check_database_url(conn_id: str, url: str) -> None:

@@ -1,0 +1,270 @@
+"""A run failed: what `amlrun` shows of it (its log's last lines, where the log is, tags, git), its whole log,
+a running run's log followed to its end, and the first use of an embedded workspace."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import pytest
+
+from airflow_amlrun import Experiment, ScriptRunConfig, Workspace
+from tests.conftest import write_script
+
+AMLRUN = str(Path(sys.executable).parent / "amlrun")
+
+FAILING = """\
+for i in range(30):
+    print(f"line {i}")
+
+
+def load():
+    raise ValueError("the data has no column 'y'")
+
+
+load()
+"""
+
+
+def amlrun(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [AMLRUN, *argv], capture_output=True, text=True, env=env or os.environ.copy(), timeout=120
+    )
+
+
+def squeezed(text: str) -> str:
+    """Text without white space and table borders, so a value folded over table lines reads whole."""
+    return re.sub(r"[\s│┃]", "", text)
+
+
+def git(folder: Path, *argv: str) -> str:
+    return subprocess.run(
+        ["git", "-c", "user.email=dev@example.com", "-c", "user.name=dev", *argv],
+        cwd=folder,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+
+
+@pytest.fixture
+def failed_run(amlrun_home: Path, tmp_path: Path) -> tuple[str, str]:
+    """A real local run of a script that raises, from a git checkout with an uncommitted change: its id and
+    the commit."""
+    source = tmp_path / "src"
+    write_script(source, "train.py", FAILING)
+    git(source, "init", "-q", "-b", "experiments")
+    git(source, "add", ".")
+    git(source, "commit", "-qm", "first")
+    commit = git(source, "rev-parse", "HEAD")
+    with (source / "train.py").open("a") as script:
+        script.write("# tried another column\n")
+    run = Experiment(Workspace.get(), "cli_failed").submit(
+        ScriptRunConfig(source, script="train.py"), tags={"team": "forecasting"}
+    )
+    record = run.wait_for_completion(show_output=False, raise_on_error=False)
+    assert str(record.status) == "Failed"
+    return run.id, commit
+
+
+def test_show_of_a_failed_run_gives_its_last_log_lines_log_location_tags_and_git(failed_run):
+    run_id, commit = failed_run
+    shown = amlrun("runs", "show", run_id)
+    assert shown.returncode == 0, shown.stderr
+    out = shown.stdout
+    assert "The script failed (exit code 1)" in out
+    # The traceback's last lines, and 20 lines in all: the last 14 printed lines before it.
+    assert "Last 20 lines of its log:" in out
+    tail = out[out.index("Last 20 lines of its log:") :].splitlines()[1:]
+    assert tail[-1] == "ValueError: the data has no column 'y'"
+    assert tail[0] == "line 16" and len(tail) == 20
+    assert "line 15" not in out
+    # Where the whole log is, and how to print it.
+    location = Workspace.get().store.uri_for(f"runs/{run_id}/logs/std_log.txt")
+    assert squeezed(location) in squeezed(out)
+    assert Path(location).read_text().endswith("ValueError: the data has no column 'y'\n")
+    assert f"`amlrunrunslogs{run_id}`" in squeezed(out)
+    assert "team=forecasting" in out
+    assert squeezed(f"{commit} on experiments, dirty: uncommitted changes, diff stored") in squeezed(out)
+    assert "Traceback (most recent call last)" in out  # the script's, printed as its log has it
+
+    fewer = amlrun("runs", "show", run_id, "--tail", "2")
+    assert fewer.returncode == 0, fewer.stderr
+    assert fewer.stdout.splitlines()[-3:] == [
+        "Last 2 lines of its log:",
+        "    raise ValueError(\"the data has no column 'y'\")",
+        "ValueError: the data has no column 'y'",
+    ]
+    as_json = json.loads(amlrun("runs", "show", run_id, "--json", "--tail", "1").stdout)
+    assert as_json["log"] == location and as_json["tags"] == {"team": "forecasting"}
+    assert as_json["log_tail"] == ["ValueError: the data has no column 'y'"]
+    assert as_json["git"]["commit"] == commit and as_json["git"]["dirty"] is True
+
+
+def test_logs_prints_the_whole_log_of_a_failed_run(failed_run):
+    run_id, _commit = failed_run
+    printed = amlrun("runs", "logs", run_id)
+    assert printed.returncode == 0, printed.stderr
+    lines = printed.stdout.splitlines()
+    assert lines[:30] == [f"line {i}" for i in range(30)]
+    assert lines[30] == "Traceback (most recent call last):"
+    assert lines[-1] == "ValueError: the data has no column 'y'"
+    stored = Path(Workspace.get().store.uri_for(f"runs/{run_id}/logs/std_log.txt")).read_text()
+    assert printed.stdout == stored
+    # Following a run that already ended prints the same, and ends with its outcome.
+    followed = amlrun("runs", "logs", run_id, "--follow")
+    assert followed.stdout == stored
+    assert followed.returncode == 1
+    assert f"Run {run_id} Failed: The script failed (exit code 1)." in " ".join(followed.stderr.split())
+
+
+def test_status_filter_takes_any_case_and_a_bad_one_names_the_choices(failed_run, amlrun_home, tmp_path):
+    run_id, _commit = failed_run
+    write_script(tmp_path / "ok", "train.py", "print('fine')\n")
+    done = Experiment(Workspace.get(), "cli_failed").submit(
+        ScriptRunConfig(tmp_path / "ok", script="train.py")
+    )
+    done.wait_for_completion(show_output=False)
+    for status in ("failed", "FAILED", "Failed"):
+        listed = amlrun("runs", "list", "--status", status, "--json")
+        assert listed.returncode == 0, listed.stderr
+        assert [r["run_id"] for r in json.loads(listed.stdout)] == [run_id]
+    completed = json.loads(amlrun("runs", "list", "--status", "completed", "--json").stdout)
+    assert [r["run_id"] for r in completed] == [done.id]
+
+    bad = amlrun("runs", "list", "--status", "broken")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert (
+        "argument --status: 'broken' is not a run status; use one of Queued, Preparing, Starting, Running, "
+        "Finalizing, Completed, Failed, Canceled"
+    ) in " ".join(bad.stderr.split())
+    helped = amlrun("runs", "list", "--help")
+    assert "Completed, Failed, Canceled" in " ".join(helped.stdout.split())
+
+
+def test_restoring_an_unknown_id_says_no_run_or_snapshot_has_it_and_how_to_find_one(amlrun_home, tmp_path):
+    restored = amlrun("snapshot", "restore", "nosuchrun", str(tmp_path / "restored"))
+    said = " ".join(restored.stderr.split())
+    assert restored.returncode == 2, said
+    assert "No run or snapshot 'nosuchrun'" in said and "`amlrun runs list`" in said
+    assert "BLAKE3" not in said and "Traceback" not in said
+    assert not (tmp_path / "restored").exists()
+
+
+SLOW = """\
+import pathlib
+import sys
+import time
+
+gate = pathlib.Path(sys.argv[1])
+print("first line", flush=True)
+while not gate.exists():
+    time.sleep(0.05)
+print("second line", flush=True)
+time.sleep(0.5)
+print("last line", flush=True)
+sys.exit(int(sys.argv[2]))
+"""
+
+
+def _lines_of(stream: object) -> queue.Queue[str | None]:
+    """The lines of a pipe as they come, None at its end."""
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def read() -> None:
+        for line in stream:  # type: ignore[attr-defined]
+            lines.put(line.rstrip("\n"))
+        lines.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
+    return lines
+
+
+@pytest.mark.parametrize(("exit_code", "outcome", "status"), [(0, 0, "Completed"), (3, 1, "Failed")])
+def test_follow_prints_a_running_runs_lines_as_they_come_and_exits_with_its_outcome(
+    amlrun_home, tmp_path, exit_code, outcome, status
+):
+    write_script(tmp_path / "src", "slow.py", SLOW)
+    gate = tmp_path / "go"
+    submitter = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
+                from airflow_amlrun import Experiment, ScriptRunConfig, Workspace
+                config = ScriptRunConfig({str(tmp_path / "src")!r}, script="slow.py",
+                                         arguments=[{str(gate)!r}, {exit_code}])
+                run = Experiment(Workspace.get(), "cli_follow").submit(config)
+                print(run.id, flush=True)
+                run.wait_for_completion(show_output=False, raise_on_error=False)
+            """),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=os.environ.copy(),
+    )
+    follower = None
+    try:
+        assert submitter.stdout is not None
+        run_id = submitter.stdout.readline().strip()
+        assert run_id.startswith("cli_follow_"), run_id
+        follower = subprocess.Popen(
+            [AMLRUN, "runs", "logs", run_id, "--follow"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=os.environ.copy(),
+        )
+        lines = _lines_of(follower.stdout)
+        assert lines.get(timeout=60) == "first line"
+        # Printed while the run still waits for the gate: it goes on, and so does the follower.
+        assert str(Workspace.get().get_run(run_id).status) == "Running"
+        assert follower.poll() is None
+
+        so_far = amlrun("runs", "logs", run_id)
+        assert so_far.returncode == 0 and so_far.stdout == "first line\n"
+        assert f"Run {run_id} is Running: this is its log so far" in " ".join(so_far.stderr.split())
+
+        gate.touch()
+        assert lines.get(timeout=60) == "second line"
+        assert lines.get(timeout=60) == "last line"
+        assert lines.get(timeout=60) is None
+        assert follower.wait(timeout=60) == outcome
+        said = " ".join(follower.stderr.read().split())  # type: ignore[union-attr]
+        assert f"Run {run_id} {status}" in said
+        if exit_code:
+            assert "The script failed (exit code 3)" in said
+        assert submitter.wait(timeout=60) == 0
+    finally:
+        for process in (follower, submitter):
+            if process is not None and process.poll() is None:
+                process.kill()
+                process.wait()
+
+
+def test_first_use_of_the_embedded_workspace_says_where_it_is_and_how_to_choose_another(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key
+        not in ("AIRFLOW_HOME", "AIRFLOW_CONFIG", "AIRFLOW__AMLRUN__HOME", "AIRFLOW_CONN_AMLRUN_DEFAULT")
+    }
+    env["HOME"] = str(home)
+    first = amlrun("runs", "list", env=env)
+    assert first.returncode == 0, first.stderr
+    said = " ".join(first.stderr.split())
+    assert f"Created the embedded amlrun workspace in {home / 'airflow' / 'amlrun'}" in said
+    assert "set AIRFLOW_HOME" in said and "create the connection 'amlrun_default' of type 'amlrun'" in said
+    assert (home / "airflow" / "amlrun" / "history.db").is_file()
+
+    again = amlrun("runs", "list", env=env)
+    assert again.returncode == 0 and again.stderr == ""

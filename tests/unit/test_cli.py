@@ -1,0 +1,36 @@
+"""The `amlrun` command line's own reading of its options."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from airflow_amlrun.cli import RUN_STATUSES, _line_count, _status
+from airflow_amlrun.history import RunStatus
+
+
+def test_the_cli_names_every_run_status_in_its_order() -> None:
+    assert list(RUN_STATUSES) == [status.value for status in RunStatus]
+
+
+@pytest.mark.parametrize("typed", ["failed", "FAILED", " Failed ", "fAiLeD"])
+def test_a_status_is_read_in_any_case(typed: str) -> None:
+    assert _status(typed) == RunStatus.FAILED.value
+
+
+@pytest.mark.parametrize("typed", ["", "fail", "Failed!", "done"])
+def test_a_status_that_is_none_names_them_all(typed: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError, match="use one of Queued, .*, Canceled$"):
+        _status(typed)
+
+
+@pytest.mark.parametrize(("typed", "count"), [("0", 0), ("20", 20), ("100000", 100000)])
+def test_a_tail_is_a_number_of_lines(typed: str, count: int) -> None:
+    assert _line_count(typed) == count
+
+
+@pytest.mark.parametrize("typed", ["-1", "2.5", "many", ""])
+def test_a_tail_that_is_no_number_of_lines_says_how_to_write_one(typed: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError, match=r"e\.g\. --tail 50"):
+        _line_count(typed)
