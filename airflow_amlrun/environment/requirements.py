@@ -195,10 +195,12 @@ def check_url(value: str, *, where: str, option: str) -> str:
 
 
 def read_package_file(
-    name: str, base: PathBase, *, requirements_file: object, conda_file: object
+    name: str, base: str | os.PathLike[str] | None, *, requirements_file: object, conda_file: object
 ) -> tuple[str | None, RequirementsFile]:
     """The Python version and requirements of the file an environment's YAML names, if any: its
-    ``python.requirements_file`` or its ``python.conda_file`` (relative to base), not both."""
+    ``python.requirements_file`` or its ``python.conda_file`` (relative to base, see ``PathBase.given``),
+    not both."""
+    start = PathBase.given(base)
     if requirements_file is not None and conda_file is not None:
         raise ConfigurationError(
             f"Environment {name!r} sets both python.requirements_file and python.conda_file: give one."
@@ -206,10 +208,10 @@ def read_package_file(
     if requirements_file is not None:
         where = f"Environment {name!r}: python.requirements_file"
         fix = f"python.conda_file: {requirements_file} instead of python.requirements_file"
-        return None, read_requirements(user_file(requirements_file, where, base), what=where, conda_fix=fix)
+        return None, read_requirements(user_file(requirements_file, where, start), what=where, conda_fix=fix)
     if conda_file is not None:
         where = f"Environment {name!r}: python.conda_file"
-        return read_conda_specification(user_file(conda_file, where, base), what=where)
+        return read_conda_specification(user_file(conda_file, where, start), what=where)
     return None, RequirementsFile(requirements=[])
 
 
