@@ -12,7 +12,8 @@ from typing import Any
 import yaml
 
 from airflow_amlrun.environment import Environment
-from airflow_amlrun.environment.requirements import as_path, check_path_text, read_text
+from airflow_amlrun.environment.paths import PathBase, as_path, check_path_text, user_file
+from airflow_amlrun.environment.requirements import read_text
 from airflow_amlrun.environment.resolve import parse_reference
 from airflow_amlrun.environment.spec import check_environment_name
 from airflow_amlrun.errors import ConfigurationError, shown
@@ -257,7 +258,11 @@ class ScriptRunConfig:
             check_environment_name(name, f"environment={shown(self.environment)}: the name")
 
     def resolved(self, base_dir: str | os.PathLike[str] | None = None) -> ScriptRunConfig:
-        """This config with an absolute, checked source_directory and script; relative paths start at base_dir."""
+        """This config with an absolute, checked source_directory and script.
+
+        :param base_dir: where a relative source_directory starts (a ``PathBase`` says why); default: the
+            DAG file's folder when called from a DAG file, else the working directory.
+        """
         try:
             return self._resolved(base_dir)
         except OSError as err:
@@ -271,12 +276,15 @@ class ScriptRunConfig:
 
     def _resolved(self, base_dir: str | os.PathLike[str] | None) -> ScriptRunConfig:
         source = Path(self.source_directory).expanduser()
+        where = ""
         if not source.is_absolute():
-            source = Path(base_dir or os.getcwd()) / source
+            base = PathBase.given(base_dir)
+            where = f" ({base.explain()})"
+            source = base.folder / source
         if not source.exists():
             raise ConfigurationError(
-                f"source_directory {shown(str(source))} does not exist. Create it, or point source_directory at "
-                "the folder holding the training script (a relative path starts at the DAG file's folder)."
+                f"source_directory {shown(str(source))} does not exist{where}. Create it, or point "
+                "source_directory at the folder holding the training script."
             )
         if not source.is_dir():
             raise ConfigurationError(
@@ -353,14 +361,25 @@ class ScriptRunConfig:
         if base_dir is not None and not source.is_absolute():
             values["source_directory"] = str(Path(base_dir) / source)
         if isinstance(values.get("environment"), Mapping):
-            # Files the environment names (python.requirements_file, ...) sit beside the configuration too.
-            values["environment"] = Environment.from_dict(values["environment"], base_dir=base_dir)
+            # Files the environment names (python.requirements_file, ...) start where source_directory does.
+            values["environment"] = Environment.from_dict(
+                values["environment"], base_dir=PathBase.given(base_dir)
+            )
         return cls(**values)
 
     @classmethod
-    def from_yaml(cls, path: str | os.PathLike[str]) -> ScriptRunConfig:
-        """Load a config; a relative source_directory is taken from the YAML file's folder."""
-        path = as_path(path, "Run configuration file path")
+    def from_yaml(
+        cls, path: str | os.PathLike[str], *, base_dir: str | os.PathLike[str] | None = None
+    ) -> ScriptRunConfig:
+        """Load a config; the relative paths it names (source_directory, files) start at the YAML file's folder.
+
+        :param path: the YAML file.
+        :param base_dir: where a relative ``path`` starts; default: the DAG file's folder when called from a
+            DAG file, else the working directory.
+        """
+        path = user_file(
+            as_path(path, "Run configuration file path"), "Run configuration file", PathBase.given(base_dir)
+        )
         text = read_text(path, "Run configuration file")
         try:
             data = yaml.safe_load(text)
@@ -371,7 +390,7 @@ class ScriptRunConfig:
             ) from None
         if not isinstance(data, Mapping):
             raise ConfigurationError(f"Run configuration file {str(path)!r} must hold a mapping of fields.")
-        return cls.from_dict(data, base_dir=path.parent)
+        return cls.from_dict(data, base_dir=PathBase.of_file(path, "run configuration file"))
 
     def to_yaml(self, path: str | os.PathLike[str]) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))

@@ -150,9 +150,17 @@ def run_dag(
     of an earlier test (those reach pytest's log capture, not this test's file descriptors).
     """
 
-    def run(source: str, dag_id: str | None = None, **conf: Any) -> DagResult:
+    def run(
+        source: str, dag_id: str | None = None, *, beside: dict[str, str] | None = None, **conf: Any
+    ) -> DagResult:
+        """:param beside: files (relative path: text) to write beside the DAG file, which then gets a folder
+        of its own in the DAG folder."""
         dag_id = dag_id or f"t_{secrets.token_hex(4)}"
-        path = DAGS_FOLDER / f"{dag_id}.py"
+        folder = DAGS_FOLDER / dag_id if beside else DAGS_FOLDER
+        for name, text in (beside or {}).items():
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_text(textwrap.dedent(text))
+        path = folder / f"{dag_id}.py"
         path.write_text(textwrap.dedent(source).replace("DAG_ID", dag_id))
         spec = importlib.util.spec_from_file_location(dag_id, path)
         assert spec is not None and spec.loader is not None

@@ -5,22 +5,26 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from airflow_amlrun.environment.credentials import check_index_url, check_url_credentials, redact_text
+from airflow_amlrun.environment.paths import PathBase, user_file
+
+# Where they were first defined; other modules import them from here.
+from airflow_amlrun.environment.paths import as_path as as_path
+from airflow_amlrun.environment.paths import check_path_text as check_path_text
 from airflow_amlrun.errors import ConfigurationError, shown
 
 _PYTHON_VERSION = re.compile(r"^(\d+)\.(\d+)(?:\.\d+)?$")
-# A path the kernel accepts: at most PATH_MAX bytes (with its NUL), NAME_MAX bytes per file or folder name.
-_PATH_MAX = 4095
-_NAME_MAX = 255
 # No package name or URL comes near this; a longer requirement is a file's content passed by mistake.
 _REQUIREMENT_MAX = 4096
 # Conda entries that are not packages of their own: the interpreter, pip, and the pip section.
 _CONDA_ALLOWED = {"python", "pip"}
+# A top-level key of a conda environment file; no line of a requirements file starts so.
+_CONDA_KEY = re.compile(r"^(name|channels|dependencies|prefix)\s*:", re.MULTILINE)
 
 
 @dataclass
@@ -80,18 +84,47 @@ def check_requirement(line: str, *, where: str) -> str:
     return text
 
 
-def read_requirements(path: Path, *, what: str = "Requirements file") -> RequirementsFile:
+def read_requirements(
+    path: Path, *, what: str = "Requirements file", conda_fix: str | None = None
+) -> RequirementsFile:
     """Requirements and index options of a pip requirements file, following ``-r`` includes.
 
     :param what: what the file is to the user (the argument that named it), for messages.
+    :param conda_fix: what to use instead when the file is a conda environment file, for the message.
     """
     result = RequirementsFile(requirements=[])
-    _read_requirements_into(path, result, seen=[], what=what)
+    _read_requirements_into(path, result, seen=[], what=what, conda_fix=conda_fix)
+    return result
+
+
+def read_requirement_lines(lines: object, *, where: str, folder: Path) -> RequirementsFile:
+    """Requirements and index options from a list, each item read as a line of a requirements file is.
+
+    :param where: what the list is to the user (the argument that gave it), for messages.
+    :param folder: where the path of a ``-r`` item starts.
+    """
+    if isinstance(lines, str | bytes) or not isinstance(lines, Sequence):
+        raise ConfigurationError(
+            f"{where} must be a list of requirements such as ['pandas>=2'], not {type(lines).__name__} "
+            f"{redact_text(shown(lines))}."
+        )
+    result = RequirementsFile(requirements=[])
+    for index, item in enumerate(lines):
+        if not isinstance(item, str):
+            raise ConfigurationError(
+                f"{where}[{index}] = {redact_text(shown(item))} ({type(item).__name__}) must be a string such "
+                "as 'pandas>=2'."
+            )
+        _add_lines(item, folder, result, where=f"{where}[{index}]", seen=[])
     return result
 
 
 def _read_requirements_into(
-    path: Path, result: RequirementsFile, seen: list[Path], what: str = "Requirements file"
+    path: Path,
+    result: RequirementsFile,
+    seen: list[Path],
+    what: str = "Requirements file",
+    conda_fix: str | None = None,
 ) -> None:
     resolved = path.resolve()
     if resolved in seen:
@@ -100,15 +133,39 @@ def _read_requirements_into(
             f"Requirements files include each other in a loop: {chain}. Remove one -r line."
         )
     text = read_text(path, what)
-    seen = [*seen, resolved]
+    conda = _conda_sign(path, text)
+    if conda is not None:
+        # Only an included file (-r) comes without a fix of its own: -r takes requirements files only.
+        fix = conda_fix or "a requirements file in the -r line, listing the conda file's pip packages"
+        raise ConfigurationError(
+            f"{what} {str(path)!r} is a conda environment file ({conda}), not a pip requirements file: use "
+            f"{fix}."
+        )
+    _add_lines(text, path.parent, result, where=lambda number: f"{path}:{number}", seen=[*seen, resolved])
+
+
+def _conda_sign(path: Path, text: str) -> str | None:
+    """What shows a file to be a conda environment file rather than a requirements file, if anything does."""
+    found = _CONDA_KEY.search(text)
+    if found is not None:
+        return f"it has a '{found.group(1)}:' line"
+    if path.suffix.lower() in (".yml", ".yaml"):
+        return f"its name ends in {path.suffix!r}"
+    return None
+
+
+def _add_lines(
+    text: str, folder: Path, result: RequirementsFile, *, where: str | Callable[[int], str], seen: list[Path]
+) -> None:
+    """Add the requirements and options of requirements-file text; ``where`` names a line (by its number)."""
     for number, line in _logical_lines(text):
-        where = f"{path}:{number}"
+        line_where = where if isinstance(where, str) else where(number)
         if line.startswith("-"):
-            _apply_option_line(line, path, result, where=where, seen=seen)
+            _apply_option_line(line, folder, result, where=line_where, seen=seen)
         else:
             # Per-requirement options (--hash=...) are dropped: the lock brings its own hashes.
             requirement = re.split(r"\s+--?[A-Za-z]", line, maxsplit=1)[0]
-            result.requirements.append(check_requirement(requirement, where=where))
+            result.requirements.append(check_requirement(requirement, where=line_where))
 
 
 def _logical_lines(text: str) -> list[tuple[int, str]]:
@@ -138,20 +195,23 @@ def check_url(value: str, *, where: str, option: str) -> str:
 
 
 def read_package_file(
-    name: str, base: Path, *, requirements_file: object, conda_file: object
+    name: str, base: str | os.PathLike[str] | None, *, requirements_file: object, conda_file: object
 ) -> tuple[str | None, RequirementsFile]:
     """The Python version and requirements of the file an environment's YAML names, if any: its
-    ``python.requirements_file`` or its ``python.conda_file`` (relative to base), not both."""
+    ``python.requirements_file`` or its ``python.conda_file`` (relative to base, see ``PathBase.given``),
+    not both."""
+    start = PathBase.given(base)
     if requirements_file is not None and conda_file is not None:
         raise ConfigurationError(
             f"Environment {name!r} sets both python.requirements_file and python.conda_file: give one."
         )
     if requirements_file is not None:
         where = f"Environment {name!r}: python.requirements_file"
-        return None, read_requirements(base / as_path(requirements_file, where), what=where)
+        fix = f"python.conda_file: {requirements_file} instead of python.requirements_file"
+        return None, read_requirements(user_file(requirements_file, where, start), what=where, conda_fix=fix)
     if conda_file is not None:
         where = f"Environment {name!r}: python.conda_file"
-        return read_conda_specification(base / as_path(conda_file, where), what=where)
+        return read_conda_specification(user_file(conda_file, where, start), what=where)
     return None, RequirementsFile(requirements=[])
 
 
@@ -201,26 +261,25 @@ def read_conda_specification(
         )
     result = RequirementsFile(requirements=[])
     # The pip section may use requirements-file syntax (-r, --extra-index-url) like a file beside it.
-    scratch = "\n".join(pip_lines)
-    for number, line in _logical_lines(scratch):
-        if line.startswith("-"):
-            _apply_option_line(line, path, result, where=f"{path}: pip section line {number}", seen=[])
-        else:
-            result.requirements.append(check_requirement(line, where=f"{path}: pip section"))
+    _add_lines(
+        "\n".join(pip_lines),
+        path.parent,
+        result,
+        where=lambda number: f"{path}: pip section line {number}",
+        seen=[],
+    )
     return version, result
 
 
 def _apply_option_line(
-    line: str, base_file: Path, result: RequirementsFile, *, where: str, seen: list[Path]
+    line: str, folder: Path, result: RequirementsFile, *, where: str, seen: list[Path]
 ) -> None:
     if line.startswith(("-r", "--requirement")):
         name = re.sub(r"^(-r|--requirement)[=\s]*", "", line).strip()
         if not name:
             raise ConfigurationError(f"{where}: {line!r} needs a file name.")
         include = Path(os.path.expandvars(name)).expanduser()
-        _read_requirements_into(
-            include if include.is_absolute() else base_file.parent / include, result, seen
-        )
+        _read_requirements_into(include if include.is_absolute() else folder / include, result, seen)
     elif line.startswith(("-i", "--index-url")):
         url = re.sub(r"^(-i|--index-url)[=\s]*", "", line)
         result.index_url = check_url(url, where=where, option="--index-url")
@@ -242,9 +301,9 @@ def read_text(path: Path, what: str) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        where = "" if path.is_absolute() else f" (relative to {os.getcwd()!r})"
+        # Relative paths were made absolute by paths.user_file, whose message says where they start.
         raise ConfigurationError(
-            f"{what} {shown(str(path))} does not exist{where}. Check the path, or give an absolute one."
+            f"{what} {shown(str(path))} does not exist. Check the path, or give an absolute one."
         ) from None
     except IsADirectoryError:
         raise ConfigurationError(
@@ -260,40 +319,6 @@ def read_text(path: Path, what: str) -> str:
         raise ConfigurationError(
             f"{what} {shown(str(path))} cannot be read ({reason}). Check the path and its permissions."
         ) from None
-
-
-def as_path(value: object, what: str) -> Path:
-    """The path a user gave for a file or folder, checked: a string or path, not empty, one a file system
-    can hold. `what` names the argument in messages."""
-    if not isinstance(value, str | os.PathLike):
-        raise ConfigurationError(
-            f"{what} must be a path (a string or pathlib.Path), not {type(value).__name__} {shown(value)}."
-        )
-    text = os.fsdecode(os.fspath(value))
-    if not text.strip():
-        raise ConfigurationError(f"{what} is empty: give the path of the file or folder.")
-    check_path_text(text, what)
-    return Path(text)
-
-
-def check_path_text(path: str, name: str) -> None:
-    """Refuse a path no file system holds: a NUL byte, text that is not Unicode, or longer than Linux allows."""
-    if "\0" in path:
-        raise ConfigurationError(
-            f"{name} {shown(path)} holds a NUL byte (\\0), which no file name can: fix the path."
-        )
-    try:
-        data = path.encode("utf-8", "surrogateescape")
-    except UnicodeEncodeError:
-        raise ConfigurationError(
-            f"{name} {shown(path)} is not valid Unicode text (a lone surrogate): fix the path."
-        ) from None
-    longest = max((len(part) for part in data.split(b"/")), default=0)
-    if len(data) > _PATH_MAX or longest > _NAME_MAX:
-        raise ConfigurationError(
-            f"{name} {shown(path)} is too long for a path: at most {_PATH_MAX} bytes, and {_NAME_MAX} per file "
-            "or folder name. Check that the value is the path meant (not a file's content)."
-        )
 
 
 def string_list(value: Any, where: str) -> list[str]:

@@ -14,13 +14,14 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from airflow_amlrun.environment.paths import PathBase, as_path, calling_base, user_file
 from airflow_amlrun.environment.requirements import (
-    as_path,
     check_requirement,
     check_url,
     normalize_python_version,
     read_conda_specification,
     read_package_file,
+    read_requirement_lines,
     read_requirements,
     read_text,
     string_list,
@@ -288,7 +289,8 @@ class Environment:
         ``docker.dockerfile_path`` name files to read in; relative paths start at base_dir.
 
         :param data: the dict.
-        :param base_dir: folder relative file names start at; defaults to the current directory.
+        :param base_dir: folder relative file names start at; default: the DAG file's folder in a DAG file,
+            else the working directory.
         """
         if not isinstance(data, Mapping):
             raise ConfigurationError(
@@ -296,7 +298,7 @@ class Environment:
             )
         _reject_unknown(data, {"name", "version", "python", "docker", "spark", "environment_variables"}, "")
         name = str(data.get("name") or DEFAULT_NAME)
-        base = Path(base_dir) if base_dir is not None else Path.cwd()
+        base = PathBase.given(base_dir)
         python = _section(data, "python", name)
         # PythonSection's fields, and the files whose packages the section takes.
         known = {f.name for f in fields(PythonSection)} | {"requirements_file", "conda_file"}
@@ -322,7 +324,7 @@ class Environment:
                     f"Environment {name!r} sets both docker.dockerfile and docker.dockerfile_path: give one."
                 )
             where = f"Environment {name!r}: docker.dockerfile_path"
-            dockerfile = read_text(base / as_path(docker["dockerfile_path"], where), where)
+            dockerfile = read_text(user_file(docker["dockerfile_path"], where, base), where)
         spark = _section(data, "spark", name)
         _reject_unknown(spark, {"packages", "repositories"}, "spark.")
         variables = data.get("environment_variables") or {}
@@ -354,11 +356,12 @@ class Environment:
     def load(cls, path: str | os.PathLike[str]) -> Environment:
         """An environment from a YAML file; files it names are read relative to the YAML file's folder.
 
-        :param path: the YAML file.
+        :param path: the YAML file; relative to the DAG file's folder in a DAG file, else to the working
+            directory.
         """
         import yaml  # YAML is read here only; a task that never loads a file does not import it
 
-        path = as_path(path, "Environment file path")
+        path = user_file(as_path(path, "Environment file path"), "Environment file")
         text = read_text(path, "Environment file")
         try:
             data = yaml.safe_load(text)
@@ -366,7 +369,7 @@ class Environment:
             raise ConfigurationError(f"Environment file {str(path)!r} is not valid YAML: {err}") from None
         if not isinstance(data, Mapping):
             raise ConfigurationError(f"Environment file {str(path)!r} must hold a mapping of fields.")
-        return cls.from_dict(data, base_dir=path.parent)
+        return cls.from_dict(data, base_dir=PathBase.of_file(path, "environment file"))
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the environment as YAML, self-contained (requirements and Dockerfile inline).
@@ -404,14 +407,32 @@ class Environment:
     # constructors from what users already have: a requirements file, a conda file, an image, a Dockerfile
 
     @classmethod
-    def from_pip_requirements(cls, name: str, file_path: str | os.PathLike[str]) -> Environment:
-        """A managed environment with the packages of a pip requirements file (``-r`` includes followed).
+    def from_pip_requirements(
+        cls, name: str, file_path: str | os.PathLike[str] | Sequence[str]
+    ) -> Environment:
+        """A managed environment with the packages of a pip requirements file (``-r`` includes followed), or
+        of a list of requirements.
 
         :param name: environment name.
-        :param file_path: the requirements file.
+        :param file_path: the requirements file (relative to the DAG file's folder in a DAG file, else to the
+            working directory), or a list such as ``["pandas>=2", "scikit-learn==1.5.*"]``, each item read
+            as a line of a requirements file is.
         """
         check_environment_name(name)
-        parsed = read_requirements(as_path(file_path, f"Environment {name!r}: file_path"))
+        where = f"Environment {name!r}: file_path"
+        if isinstance(file_path, str | os.PathLike):
+            path = user_file(as_path(file_path, where), "Requirements file")
+            conda_fix = f"Environment.from_conda_specification({name!r}, {os.fsdecode(file_path)!r})"
+            parsed = read_requirements(path, conda_fix=conda_fix)
+        elif isinstance(file_path, Sequence) and not isinstance(file_path, bytes):
+            parsed = read_requirement_lines(
+                file_path, where=f"Environment {name!r}: requirements", folder=calling_base().folder
+            )
+        else:
+            raise ConfigurationError(
+                f"{where} must be a path (a string or pathlib.Path) of a requirements file, or a list of "
+                f"requirements such as ['pandas>=2'], not {type(file_path).__name__} {shown(file_path)}."
+            )
         return cls(
             name=name,
             python=PythonSection(
@@ -429,11 +450,14 @@ class Environment:
         Conda itself is not assumed on a target, so a file listing conda-only packages is refused.
 
         :param name: environment name.
-        :param file_path: the conda environment YAML file.
+        :param file_path: the conda environment YAML file (relative to the DAG file's folder in a DAG file,
+            else to the working directory).
         """
         check_environment_name(name)
         where = f"Environment {name!r}: file_path"
-        version, parsed = read_conda_specification(as_path(file_path, where))
+        version, parsed = read_conda_specification(
+            user_file(as_path(file_path, where), "Conda environment file")
+        )
         return cls(
             name=name,
             python=PythonSection(
@@ -494,7 +518,7 @@ class Environment:
         if isinstance(dockerfile, os.PathLike) or (
             "\n" not in text and not text.lstrip().upper().startswith("FROM")
         ):
-            text = read_text(as_path(dockerfile, where), "Dockerfile")
+            text = read_text(user_file(as_path(dockerfile, where), "Dockerfile"), "Dockerfile")
         env = cls._with_packages(name, pip_requirements, conda_specification)
         env.docker = DockerSection(dockerfile=text)
         env.validate()
@@ -522,10 +546,9 @@ class Environment:
             )
         if conda_specification is not None:
             return cls.from_conda_specification(name, conda_specification)
-        if isinstance(pip_requirements, str | os.PathLike):
+        # An empty list names no packages: the image's own Python, as when none are given.
+        if isinstance(pip_requirements, str | os.PathLike) or pip_requirements:
             return cls.from_pip_requirements(name, pip_requirements)
-        if pip_requirements is not None:
-            return cls(name=name, python=PythonSection(pip_requirements=list(pip_requirements)))
         return cls(name=name)
 
     # registry: environment/registry.py does the work

@@ -15,6 +15,7 @@ from airflow.sdk import BaseOperator
 from airflow.sdk.configuration import conf
 from airflow.sdk.log import mask_secret
 
+from airflow_amlrun.environment.paths import PathBase
 from airflow_amlrun.environment.requirements import as_path
 from airflow_amlrun.errors import ConfigurationError, shown
 from airflow_amlrun.experiment import check_experiment_name
@@ -142,7 +143,7 @@ class ScriptRunOperator(BaseOperator):
         from airflow_amlrun.run import AirflowTask
 
         ti = context["ti"]
-        dag_folder = Path(context["dag"].fileloc).parent
+        dag_folder = PathBase.of_dag_file(context["dag"].fileloc)
         config = self._rendered_config(dag_folder)
         # Index credentials are read from the worker's environment while the environment is resolved and
         # built: whatever prints them (a resolver's error, a build log) shows them masked.
@@ -232,7 +233,7 @@ class ScriptRunOperator(BaseOperator):
         # What the script prints now (the rest of its output) is masked as in execute. The run is under way:
         # a config that no longer renders (edited meanwhile, a newer version's checks) must not strand it.
         try:
-            self._rendered_config(Path(context["dag"].fileloc).parent)
+            self._rendered_config(PathBase.of_dag_file(context["dag"].fileloc))
         except Exception as err:
             self.log.warning("The config was not rendered again to mask its secrets (%s); following on.", err)
         run_id = str(event["run_id"])
@@ -308,7 +309,7 @@ class ScriptRunOperator(BaseOperator):
     def _log_line(self, line: str) -> None:
         self.log.info("%s", line)
 
-    def _rendered_config(self, dag_folder: Path) -> ScriptRunConfig:
+    def _rendered_config(self, dag_folder: PathBase) -> ScriptRunConfig:
         """The config this try runs: the task's templated arguments rendered into it, and checked, with the
         experiment and tags they render to."""
         where = f"ScriptRunOperator {self.task_id!r}"
@@ -319,8 +320,7 @@ class ScriptRunOperator(BaseOperator):
                     mask_secret(value)
         config = self.config
         if not isinstance(config, ScriptRunConfig):
-            path = Path(config)
-            config = ScriptRunConfig.from_yaml(path if path.is_absolute() else dag_folder / path)
+            config = ScriptRunConfig.from_yaml(config, base_dir=dag_folder)
         try:
             if self.experiment is not None:
                 check_experiment_name(self.experiment)
