@@ -309,7 +309,9 @@ class ScriptRunOperator(BaseOperator):
             self._run.cancel()
 
     def _log_line(self, line: str) -> None:
-        self.log.info("%s", line)
+        from airflow_amlrun.run import log_output_line
+
+        log_output_line(self.log, line)
 
     def _rendered_config(self, dag_folder: Path) -> ScriptRunConfig:
         """The config this try runs: the task's templated arguments rendered into it, and checked, with the
