@@ -373,7 +373,7 @@ class ScriptRun:
             **(airflow_task.row_fields() if airflow_task else {}),
         )
         run = cls(workspace, target, job, settings)
-        run._start(SnapshotSource(workspace.store, snapshot))
+        run._start(SnapshotSource(workspace.store, snapshot), recorded_environment)
         return run
 
     @classmethod
@@ -603,7 +603,11 @@ class ScriptRun:
         self._owned = False
         self._outcome_tags = dict(tags)
 
-    def _start(self, code: CodeSource) -> None:
+    def _start(self, code: CodeSource, environment: dict[str, Any]) -> None:
+        """Prepare and start the run on its target.
+
+        :param environment: the run's environment record, to which the target's own (its image) is added.
+        """
         self._heartbeat.start()
         try:
             self._book.update(status=RunStatus.PREPARING)
@@ -611,11 +615,13 @@ class ScriptRun:
             self._book.update(status=RunStatus.STARTING)
             self.handle = self._submit()
             self._started = _now()
+            ran_in = self.handle.environment_record()
             self._book.update(
                 status=RunStatus.RUNNING,
                 handle=self.handle.to_json(),
                 start_time=self._started,
                 heartbeat_at=_now(),
+                **({"environment": {**environment, **ran_in}} if ran_in else {}),
             )
         except TargetUnreachableError as err:
             # The target may have started the run before its answer was lost: the row stays Starting, for a

@@ -315,7 +315,11 @@ class DockerTarget:
             with contextlib.suppress(Exception):
                 client.remove_container(container_id, force=True)
             raise
-        return self._handle(container_id, name, job.run_id, image.reference, transfer, image.python, user)
+        return replace(
+            self._handle(container_id, name, job.run_id, image.reference, transfer, image.python, user),
+            image_id=image.image_id,
+            image_build_key=image.build_key,
+        )
 
     def wait(self, handle: DockerHandle, timeout: float) -> TargetStatus:
         """Wait at most ``timeout`` seconds for the container's log stream to end, then ask the daemon how the
