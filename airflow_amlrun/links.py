@@ -5,13 +5,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from airflow.sdk import BaseOperatorLink
-from airflow.sdk.execution_time.xcom import XCom
 
 if TYPE_CHECKING:
     from airflow.sdk import BaseOperator
     from airflow.sdk.types import TaskInstanceKey
 
 RUN_ID_XCOM_KEY = "amlrun_run_id"
+# The attribute in which the operator keeps the id of the run its current try submitted or followed.
+RUN_ID_ATTRIBUTE = "amlrun_run_id"
 # Where the plugin mounts its FastAPI app inside Airflow's API server.
 URL_PREFIX = "/amlrun"
 
@@ -26,7 +27,10 @@ class AmlRunLink(BaseOperatorLink):
     name = "AML Run"
 
     def get_link(self, operator: BaseOperator, *, ti_key: TaskInstanceKey) -> str:
-        run_id = XCom.get_value(ti_key=ti_key, key=RUN_ID_XCOM_KEY)
+        # Airflow asks once the try ended, in the task's own process, of the operator that ran it; the link is
+        # then kept as an XCom the UI reads. The operator knows its run: asking the XCom backend instead would
+        # log "XCom not found" as an error for every try that ended before a run was submitted.
+        run_id = getattr(operator, RUN_ID_ATTRIBUTE, None)
         if not run_id:
             return ""
         from airflow.configuration import conf

@@ -6,6 +6,7 @@ import collections
 import json
 import logging
 import secrets
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -37,6 +38,7 @@ from airflow_amlrun.snapshot import Snapshot, materialize, read_git_info, take_s
 from airflow_amlrun.targets.base import Chunk, CodeSource, ComputeTarget, Job, TargetStatus
 from airflow_amlrun.targets.handles import RunHandle, UnreadableHandleError
 from airflow_amlrun.targets.registry import resolve_target
+from airflow_amlrun.targets.supervisor import STDERR_MARK
 
 if TYPE_CHECKING:
     import os
@@ -46,6 +48,47 @@ if TYPE_CHECKING:
     from airflow_amlrun.workspace import Workspace
 
 log = logging.getLogger(__name__)
+
+_STDERR_MARK = STDERR_MARK.decode()
+
+
+class OutputLine(str):
+    """A line of a run's output, which says the stream the script wrote it to: ``stream`` is "stdout" or
+    "stderr" (a traceback, a warning, a logging handler's records by default)."""
+
+    stream: str
+
+    def __new__(cls, text: str, stream: str = "stdout") -> OutputLine:
+        line = super().__new__(cls, text)
+        line.stream = stream
+        return line
+
+    @classmethod
+    def read(cls, raw: str) -> OutputLine:
+        """The line as the run's log holds it, where the supervisor marked what came from stderr."""
+        if raw.startswith(_STDERR_MARK):
+            return cls(raw[len(_STDERR_MARK) :], "stderr")
+        return cls(raw)
+
+    @property
+    def is_error_output(self) -> bool:
+        return self.stream == "stderr"
+
+
+def log_output_line(logger: Any, line: str) -> None:
+    """Write a line of a run's output to a log (the task log): what the script wrote to stderr (a traceback, a
+    warning) as a warning, which the Airflow UI shows apart, the rest as info."""
+    if isinstance(line, OutputLine) and line.is_error_output:
+        logger.warning("%s", line)
+    else:
+        logger.info("%s", line)
+
+
+def print_output(line: str) -> None:
+    """Print a line of a run's output to this process's stdout, or to its stderr where the script wrote it."""
+    stderr = isinstance(line, OutputLine) and line.is_error_output
+    print(line, file=sys.stderr if stderr else sys.stdout, flush=stderr)
+
 
 # Lines of the script's output kept for the error of a failed run.
 LOG_TAIL_LINES = 30
@@ -331,7 +374,7 @@ class ScriptRun:
             **(airflow_task.row_fields() if airflow_task else {}),
         )
         run = cls(workspace, target, job, settings)
-        run._start(SnapshotSource(workspace.store, snapshot))
+        run._start(SnapshotSource(workspace.store, snapshot), recorded_environment)
         return run
 
     @classmethod
@@ -500,7 +543,7 @@ class ScriptRun:
             if position > self._log_offset:
                 break
             lines.append(line)
-        self.log_tail.extend(lines[1:] if start > 0 else lines)
+        self.log_tail.extend(OutputLine.read(line) for line in (lines[1:] if start > 0 else lines))
 
     def stop_at(self, when: datetime, reason: str) -> None:
         """Stop the run at `when` if it still runs, recording it Failed with `reason`.
@@ -561,7 +604,11 @@ class ScriptRun:
         self._owned = False
         self._outcome_tags = dict(tags)
 
-    def _start(self, code: CodeSource) -> None:
+    def _start(self, code: CodeSource, environment: dict[str, Any]) -> None:
+        """Prepare and start the run on its target.
+
+        :param environment: the run's environment record, to which the target's own (its image) is added.
+        """
         self._heartbeat.start()
         try:
             self._book.update(status=RunStatus.PREPARING)
@@ -569,11 +616,13 @@ class ScriptRun:
             self._book.update(status=RunStatus.STARTING)
             self.handle = self._submit()
             self._started = _now()
+            ran_in = self.handle.environment_record()
             self._book.update(
                 status=RunStatus.RUNNING,
                 handle=self.handle.to_json(),
                 start_time=self._started,
                 heartbeat_at=_now(),
+                **({"environment": {**environment, **ran_in}} if ran_in else {}),
             )
         except TargetUnreachableError as err:
             # The target may have started the run before its answer was lost: the row stays Starting, for a
@@ -633,11 +682,13 @@ class ScriptRun:
     ) -> RunRecord:
         """Stream the script's output while it runs, then record the outcome.
 
-        :param show_output: pass each line the script prints to `output` (default: print).
+        :param show_output: pass each line the script prints to `output` (default: print it, to stderr if the
+            script wrote it there).
         :param raise_on_error: raise RunFailedError / RunCanceledError unless the run Completed.
-        :param output: where lines go; the operator sends them to the task log.
+        :param output: where lines go, each an `OutputLine` (a str saying its stream); the operator sends them
+            to the task log.
         """
-        emit = (output or print) if show_output else None
+        emit = (output or print_output) if show_output else None
         record = self._follow(emit) if self._finished is None else self._finished
         if raise_on_error:
             self._raise_for(record)
@@ -738,7 +789,8 @@ class ScriptRun:
             self._heartbeat.tick()
             chunk = self.target.read_log(self.handle, self._log_offset, final=final)
             self._log_offset = chunk.offset
-            for line in chunk.lines:
+            for raw in chunk.lines:
+                line = OutputLine.read(raw)
                 self.log_tail.append(line)
                 if emit is not None:
                     emit(line)
@@ -910,7 +962,7 @@ class ScriptRun:
     def _raise_for(self, record: RunRecord) -> None:
         if record.status is RunStatus.COMPLETED:
             return
-        tail = list(self.log_tail)
+        tail = [str(line) for line in self.log_tail]
         shown = "\n".join(f"  | {line}" for line in tail[-20:])
         if record.status is RunStatus.CANCELED:
             raise RunCanceledError(

@@ -91,6 +91,10 @@ DEFAULT_IMAGE_BASE_SETTINGS = (
 )
 
 
+# The label naming the build key of an image amlrun built for an environment.
+BUILD_KEY_LABEL = "amlrun.build_key"
+
+
 @dataclass(frozen=True)
 class ImageRecipe:
     """What image an environment runs in, known without asking the daemon.
@@ -130,6 +134,8 @@ class EnvironmentImage:
     built_now: bool = False
     # The image's configured user (its USER line; empty: root).
     user: str = ""
+    # The build key the image is labelled with (BUILD_KEY_LABEL): None for an image amlrun did not build.
+    build_key: str | None = None
 
 
 # recipes: pure, no daemon call
@@ -163,7 +169,7 @@ def image_recipe(resolved: ResolvedEnvironment, *, default_image: str = DEFAULT_
         # The default image is the target's setting, not part of the spec: it must be part of the key.
         key = _hash({"build_key": key, "default_image": default_image})
     head = spec.docker.dockerfile if spec.docker.dockerfile else f"FROM {base}\n"
-    labels = {"amlrun.build_key": key, "amlrun.environment": f"{resolved.name}:{resolved.version}"}
+    labels = {BUILD_KEY_LABEL: key, "amlrun.environment": f"{resolved.name}:{resolved.version}"}
     credentials = tuple(install_credentials(resolved))
     # With credentials the install cannot be a build step (see the module's docstring); the stage is labelled
     # all the same, so that a stage left by a failed install is found by its build key.
@@ -634,6 +640,7 @@ def _image(recipe: ImageRecipe, found: dict[str, Any], built_now: bool = False) 
         env=env,
         built_now=built_now,
         user=str(config.get("User") or ""),
+        build_key=(config.get("Labels") or {}).get(BUILD_KEY_LABEL),
     )
 
 

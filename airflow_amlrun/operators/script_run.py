@@ -130,6 +130,8 @@ class ScriptRunOperator(BaseOperator):
         self.deferrable = deferrable
         self.reattach_on_retry = reattach_on_retry
         self._run: ScriptRun | None = None
+        # The run this try submitted or followed, for its extra link (AmlRunLink); None until there is one.
+        self.amlrun_run_id: str | None = None
 
     @cached_property
     def workspace(self) -> Workspace:
@@ -167,6 +169,7 @@ class ScriptRunOperator(BaseOperator):
             reattach_on_retry=self.reattach_on_retry,
         )
         ti.xcom_push(key=RUN_ID_XCOM_KEY, value=self._run.id)
+        self.amlrun_run_id = self._run.id
         self.log.info(
             "Run %s %s %s (experiment %s)",
             self._run.id,
@@ -236,7 +239,7 @@ class ScriptRunOperator(BaseOperator):
             self._rendered_config(PathBase.of_dag_file(context["dag"].fileloc))
         except Exception as err:
             self.log.warning("The config was not rendered again to mask its secrets (%s); following on.", err)
-        run_id = str(event["run_id"])
+        run_id = self.amlrun_run_id = str(event["run_id"])
         state = FollowState.from_json(event.get("state") or {})
         if event.get("status") != ENDED:
             self.log.warning(
@@ -307,7 +310,9 @@ class ScriptRunOperator(BaseOperator):
             self._run.cancel()
 
     def _log_line(self, line: str) -> None:
-        self.log.info("%s", line)
+        from airflow_amlrun.run import log_output_line
+
+        log_output_line(self.log, line)
 
     def _rendered_config(self, dag_folder: PathBase) -> ScriptRunConfig:
         """The config this try runs: the task's templated arguments rendered into it, and checked, with the

@@ -102,7 +102,8 @@ class ComputeTarget(Protocol[H]):
         """Block at most `timeout` seconds, returning early once the run has finished."""
 
     def read_log(self, handle: H, offset: int, final: bool = False) -> Chunk:
-        """The script's combined stdout/stderr lines written since `offset`."""
+        """The script's combined stdout/stderr lines written since `offset`, as its supervisor wrote them: each
+        stderr line begins with ``supervisor.STDERR_MARK`` (``run.OutputLine.read`` takes it off)."""
 
     def read_events(self, handle: H, offset: int, final: bool = False) -> Chunk:
         """The metric and tag events (JSON lines) the script logged since `offset`."""

@@ -11,14 +11,17 @@ import shutil
 import signal
 import stat
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from airflow_amlrun import run_context
 from airflow_amlrun.targets.base import Chunk, Job, TargetStatus
 from airflow_amlrun.targets.files import UnsafeFileError, read_beneath
 from airflow_amlrun.targets.supervisor import ENDED_BY as ENDED_BY
 from airflow_amlrun.targets.supervisor import EXIT_CODE as EXIT_CODE
-from airflow_amlrun.targets.supervisor import MAX_DURATION
+from airflow_amlrun.targets.supervisor import MAX_DURATION, STDERR_MARK
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Iterator
 
 log = logging.getLogger(__name__)
 
@@ -208,6 +211,51 @@ def read_control(run_dir: str | os.PathLike[str], name: str, offset: int = 0, si
 def read_control_lines(run_dir: str | os.PathLike[str], name: str, offset: int, final: bool) -> Chunk:
     """Complete lines of a growing control file (see read_control) from a byte offset."""
     return lines_from(read_control(run_dir, name, offset), offset, final)
+
+
+def unmarked(pieces: Iterable[bytes]) -> Iterator[bytes]:
+    """The run's log, given in pieces, as a run keeps it: without the marks the supervisor put at the start of
+    each line the job wrote to stderr (see supervisor.py)."""
+    rest = b""
+    at_line_start = True
+    for piece in pieces:
+        data = rest + piece
+        end = data.rfind(b"\n") + 1
+        if end == 0 and len(data) < READ_CAP:
+            rest = data  # the start of a line, which may be a mark cut in two
+            continue
+        if end == 0:
+            end = len(data)  # one line longer than the cap: given on in pieces
+        yield _without_marks(data[:end], at_line_start)
+        at_line_start = data[end - 1 : end] == b"\n"
+        rest = data[end:]
+    if rest:
+        yield _without_marks(rest, at_line_start)
+
+
+def _without_marks(data: bytes, at_line_start: bool) -> bytes:
+    data = data.replace(b"\n" + STDERR_MARK, b"\n")
+    if at_line_start and data.startswith(STDERR_MARK):
+        data = data[len(STDERR_MARK) :]
+    return data
+
+
+def unmark_file(path: Path) -> None:
+    """Take the stderr marks out of a run's log collected on this machine (a regular file, not followed if a
+    link), in place."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        return
+    with os.fdopen(fd, "rb") as src:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return
+        tmp = path.with_name(f".{path.name}.unmarked")
+        with open(tmp, "wb") as out:
+            for data in unmarked(iter(lambda: src.read(READ_CAP), b"")):
+                out.write(data)
+    os.replace(tmp, path)
 
 
 # Control files already named in the task log as unreadable, so each is named once.

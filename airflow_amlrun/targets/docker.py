@@ -108,6 +108,7 @@ from airflow_amlrun.targets.common import (
     read_lines,
     remove_run_dir,
     stopped_for_limit,
+    unmarked,
     write_run_context_package,
 )
 from airflow_amlrun.targets.docker_files import (
@@ -314,7 +315,11 @@ class DockerTarget:
             with contextlib.suppress(Exception):
                 client.remove_container(container_id, force=True)
             raise
-        return self._handle(container_id, name, job.run_id, image.reference, transfer, image.python, user)
+        return replace(
+            self._handle(container_id, name, job.run_id, image.reference, transfer, image.python, user),
+            image_id=image.image_id,
+            image_build_key=image.build_key,
+        )
 
     def wait(self, handle: DockerHandle, timeout: float) -> TargetStatus:
         """Wait at most ``timeout`` seconds for the container's log stream to end, then ask the daemon how the
@@ -469,7 +474,7 @@ class DockerTarget:
         for line in left_out:
             log.warning("Container %s: %s", handle.container, line)
         if follower.path.is_file():
-            replace_with_copy(follower.path, run_dir / "logs" / STD_LOG)
+            replace_with_copy(follower.path, run_dir / "logs" / STD_LOG, unmarked)
         # The container stays until the outcome is recorded (cleanup): a retry that finds the row unfinished
         # must still find the ended container, and its exit code, to record the same outcome.
         return Collected(

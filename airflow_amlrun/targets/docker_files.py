@@ -250,8 +250,13 @@ def spooled(chunks: Iterable[bytes]) -> Iterator[IO[bytes]]:
         yield spool
 
 
-def replace_with_copy(source: Path, dest: Path) -> None:
-    """Write a copy of the worker's file source as dest, whatever entry dest was (file, link, folder)."""
+def replace_with_copy(
+    source: Path, dest: Path, transform: Callable[[Iterable[bytes]], Iterable[bytes]] | None = None
+) -> None:
+    """Write a copy of the worker's file source as dest, whatever entry dest was (file, link, folder).
+
+    :param transform: what the copy is made of, given the source's pieces (default: the pieces).
+    """
     with contextlib.suppress(FileNotFoundError):
         if stat.S_ISDIR(os.lstat(dest).st_mode):
             shutil.rmtree(dest)
@@ -259,5 +264,6 @@ def replace_with_copy(source: Path, dest: Path) -> None:
             os.unlink(dest)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     with open(source, "rb") as src, os.fdopen(os.open(dest, flags, 0o644), "wb") as out:
-        while data := src.read(1 << 20):
+        pieces: Iterable[bytes] = iter(lambda: src.read(1 << 20), b"")
+        for data in transform(pieces) if transform is not None else pieces:
             out.write(data)

@@ -50,6 +50,11 @@ class RunHandle:
             other={key: value for key, value in data.items() if key not in names},
         )
 
+    def environment_record(self) -> dict[str, Any]:
+        """What the run's environment record adds about what the run ran in (e.g. the image): nothing, unless
+        the target says."""
+        return {}
+
     def to_json(self) -> dict[str, Any]:
         """What the run row stores."""
         data = {
@@ -101,6 +106,14 @@ class DockerHandle(RunHandle):
     user: str | None = None
     # The worker whose files a bind-mounted run uses: only there can it be followed.
     host: str | None = None
+    # The image's id, and the build key it is labelled with when amlrun built it (as `image` may be re-tagged).
+    image_id: str | None = None
+    image_build_key: str | None = None
+
+    def environment_record(self) -> dict[str, Any]:
+        if self.image is None or self.image_id is None:
+            return {}
+        return {"image": {"reference": self.image, "id": self.image_id, "build_key": self.image_build_key}}
 
     @property
     def legacy(self) -> bool:

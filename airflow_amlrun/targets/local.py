@@ -25,6 +25,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,7 @@ from airflow_amlrun.targets.common import (
     supervisor_lost_reason,
     supervisor_request,
     time_limit_status,
+    unmarked,
     write_run_context_package,
 )
 from airflow_amlrun.targets.handles import LocalHandle
@@ -275,16 +277,21 @@ def _copy_log(run_dir: Path) -> None:
                 os.unlink(STD_LOG, dir_fd=logs)
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
             with os.fdopen(os.open(STD_LOG, flags, 0o644, dir_fd=logs), "wb") as out:
-                offset = 0
-                while data := read_control(run_dir, STD_LOG, offset, READ_CAP):
+                for data in unmarked(_control_pieces(run_dir, STD_LOG)):
                     out.write(data)
-                    offset += len(data)
         except OSError as err:
             log.warning("The run's log could not be copied to %s/logs/%s: %s", run_dir, STD_LOG, err)
         finally:
             os.close(logs)
     finally:
         os.close(root)
+
+
+def _control_pieces(run_dir: Path, name: str) -> Iterator[bytes]:
+    offset = 0
+    while data := read_control(run_dir, name, offset, READ_CAP):
+        yield data
+        offset += len(data)
 
 
 def _own_folder(parent: int, name: str, shown: Path) -> int:

@@ -65,6 +65,7 @@ from airflow_amlrun.targets.common import (
     supervisor_lost_reason,
     supervisor_request,
     time_limit_status,
+    unmark_file,
     write_run_context_package,
 )
 from airflow_amlrun.targets.files import require_tar_data_filter
@@ -348,6 +349,7 @@ class SSHTarget:
                         )
         for folder in ("outputs", "logs"):
             (dest / folder).mkdir(exist_ok=True)
+        unmark_file(dest / "logs" / STD_LOG)
         return Collected(
             outputs_dir=dest / "outputs",
             logs_dir=dest / "logs",

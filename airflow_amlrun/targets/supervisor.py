@@ -36,6 +36,12 @@ The run must not outlive its supervisor, whatever ends it:
   ``AMLRUN_SUPERVISOR=<pid>:<start time>``, which names this supervisor for good, so a target that finds
   the leader gone without an exit code can end the processes of its group that carry it, and no other.
 
+The run's log is the supervisor's stdout: what the job writes to stdout and to stderr, one line holding one
+stream's bytes (a line left open by one stream is ended when the other writes), each stderr line beginning
+with ``STDERR_MARK``, the supervisor's own messages too. The job writes into two pipes the supervisor reads
+as they fill: lines written to both streams within the same instant may be logged in either order. A
+follower logs a marked line as the script's error output; the log a run keeps is written without the marks.
+
 Signals: a target stops a run by signalling the whole group, so by default the supervisor ignores SIGTERM,
 SIGINT and SIGHUP (it must outlive the job to record its exit code). Inside a container, ``docker stop``
 signals only the supervisor (the init process passes the signal on to its child alone), so with
@@ -47,9 +53,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 # The job waits for this process to start, so it imports no more than it needs: not typing (mypy reads any
@@ -73,6 +81,12 @@ LEADER_ENV = "AMLRUN_SUPERVISOR"
 PR_SET_PDEATHSIG = 1
 # The signals the supervisor handles itself (passing them on to the group when asked to).
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+# What begins a line of the run's log that the job (or the supervisor) wrote to stderr: an OSC escape
+# sequence, which a terminal showing the raw log ignores.
+STDERR_MARK = b"\x1b]amlrun;stderr\x07"
+# How long the job's output pipes are read once the job ended: what it left running in its group may hold
+# them open (and is stopped next).
+DRAIN_SECONDS = 1.0
 
 
 def main(argv: list[str]) -> int:
@@ -118,9 +132,8 @@ def _supervise(control: str, request: dict[str, Any]) -> int:
             [str(word) for word in request["argv"]],
             env=env,
             stdin=subprocess.DEVNULL,
-            # One stream: the run's log keeps the order in which the script printed to stdout and stderr,
-            # which a reader of two pipes (a Docker daemon's log) would not.
-            stderr=subprocess.STDOUT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             close_fds=True,
             preexec_fn=_in_job_before_exec(),
         )
@@ -131,12 +144,17 @@ def _supervise(control: str, request: dict[str, Any]) -> int:
     finally:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
     _state["job"] = job
+    assert job.stdout is not None and job.stderr is not None
+    pump = threading.Thread(target=_copy_output, args=(job.stdout.fileno(), job.stderr.fileno()), daemon=True)
+    pump.start()
 
     deadline = None if max_seconds is None else time.monotonic() + max_seconds
     code = _wait(job, deadline)
     if code is None:
         assert max_seconds is not None
         code = _stop_for_limit(job, control, max_seconds, grace)
+    # The log is whole before the exit code says the run ended: a follower then reads it to its end.
+    pump.join(DRAIN_SECONDS)
     _record(control, EXIT_CODE, str(code))
     if request.get("end_group"):
         _signal_group(signal.SIGKILL)
@@ -236,11 +254,59 @@ def _record(control: str, name: str, text: str) -> bool:
         return False
 
 
+class _Log:
+    """The run's log (this process's stdout), which the job's two streams and the supervisor share."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.lock = threading.Lock()
+        # The stream (1 or 2) whose line is left open at the end of the log, None at the start of a line.
+        self.open_line: int | None = None
+
+    def write(self, stream: int, data: bytes) -> None:
+        """Append what `stream` wrote: its lines marked if it is stderr, after ending a line the other left
+        open. Never raises: a log that cannot be written (a full disk) loses the data, the run goes on."""
+        with self.lock:
+            out = []
+            if self.open_line not in (None, stream):
+                out.append(b"\n")
+                self.open_line = None
+            start = 0
+            while start < len(data):
+                end = data.find(b"\n", start) + 1 or len(data)
+                if stream == 2 and self.open_line is None:
+                    out.append(STDERR_MARK)
+                out.append(data[start:end])
+                self.open_line = None if data[end - 1 : end] == b"\n" else stream
+                start = end
+            view = memoryview(b"".join(out))
+            try:
+                while view:
+                    view = view[os.write(self.fd, view) :]
+            except OSError:
+                pass
+
+
+_log = _Log(1)
+
+
+def _copy_output(stdout: int, stderr: int) -> None:
+    """Copy the job's stdout and stderr pipes into the run's log as they fill, until both are closed."""
+    streams = {stdout: 1, stderr: 2}
+    while streams:
+        ready, _, _ = select.select(list(streams), [], [])
+        # Both ready: stdout first, as a script's output usually comes before its traceback.
+        for fd in sorted(ready, key=lambda fd: streams[fd]):
+            data = os.read(fd, 65536)
+            if data:
+                _log.write(streams[fd], data)
+            else:
+                del streams[fd]
+
+
 def _say(message: str) -> None:
-    """A line on stderr (the run's log), if it can be written at all (the disk may be full)."""
-    with contextlib.suppress(OSError, ValueError):
-        sys.stderr.write(message + "\n")
-        sys.stderr.flush()
+    """A line of the supervisor's own in the run's log, as stderr, if it can be written at all."""
+    _log.write(2, (message + "\n").encode("utf-8", "replace"))
 
 
 def _own_start_time() -> str | None:

@@ -82,7 +82,9 @@ class ScriptRunTrigger(BaseTrigger):
         return run
 
     def _emit(self, line: str) -> None:
-        self.log.info("%s", line)
+        from airflow_amlrun.run import log_output_line
+
+        log_output_line(self.log, line)
 
     def _event(self, status: str, **fields: Any) -> TriggerEvent:
         return TriggerEvent({"run_id": self.run_id, "status": status, **fields})  # type: ignore[no-untyped-call]

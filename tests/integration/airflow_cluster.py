@@ -286,13 +286,15 @@ class AirflowCluster:
             json={"new_state": state},
         )
 
-    def task_log(self, dag_id: str, run_id: str, task_id: str, try_number: int = 1) -> str:
-        """The task log of one try as the UI shows it: the worker's records and those the triggerer wrote while
-        the task was deferred (files of their own beside it), in time order; each record's message, and its
-        exception."""
+    def task_log_records(
+        self, dag_id: str, run_id: str, task_id: str, try_number: int = 1
+    ) -> list[dict[str, Any]]:
+        """The records of one try's task log as Airflow stores them (each with its `event` and `level`): the
+        worker's and those the triggerer wrote while the task was deferred (files of their own beside it), in
+        time order."""
         folder = self.logs / f"dag_id={dag_id}" / f"run_id={run_id}" / f"task_id={task_id}"
         name = f"attempt={try_number}.log"
-        records: list[tuple[str, int, str]] = []
+        records: list[tuple[str, int, dict[str, Any]]] = []
         for path in [folder / name, *sorted(folder.glob(f"{name}.trigger.*.log"))]:
             if not path.exists():
                 continue
@@ -302,13 +304,23 @@ class AirflowCluster:
                     record = json.loads(raw)
                 except ValueError:
                     record = {"event": raw}
+                if not isinstance(record, dict):
+                    record = {"event": raw}
                 # A record without a time (a raw line) stays after the one before it.
                 when = str(record.get("timestamp") or when)
-                text = str(record.get("event", ""))
-                if record.get("error_detail"):
-                    text += "\n" + json.dumps(record["error_detail"])
-                records.append((when, len(records), text))
-        return "\n".join(text for _, _, text in sorted(records))
+                records.append((when, len(records), record))
+        return [record for _, _, record in sorted(records, key=lambda item: item[:2])]
+
+    def task_log(self, dag_id: str, run_id: str, task_id: str, try_number: int = 1) -> str:
+        """The task log of one try as the UI shows it (see task_log_records): each record's message, and its
+        exception."""
+        texts = []
+        for record in self.task_log_records(dag_id, run_id, task_id, try_number):
+            text = str(record.get("event", ""))
+            if record.get("error_detail"):
+                text += "\n" + json.dumps(record["error_detail"])
+            texts.append(text)
+        return "\n".join(texts)
 
     def history(self) -> RunHistory:
         """The workspace's run history, which every component shares, as this test process reads it."""

@@ -65,3 +65,15 @@ def test_operator_with_an_existing_non_target_connection_says_so(run_dag, source
     with pytest.raises(UnknownComputeTargetError, match="connection of type 'http'"):
         submit(ScriptRunConfig(source, script="train.py", compute_target="my_http"))
     assert_nothing_recorded(amlrun_home)
+
+
+def test_a_task_failing_on_its_config_logs_that_error_and_no_other(run_dag, source, amlrun_home):
+    from tests.conftest import dag_source
+
+    result = run_dag(dag_source(source, script="missing.py"))
+
+    assert result.task_states == {"train": "failed"}
+    assert "missing.py" in result.log
+    # The run's extra link finds no run to link to: that is no error of its own.
+    assert "XCom not found" not in result.log
+    assert_nothing_recorded(amlrun_home)

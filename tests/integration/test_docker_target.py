@@ -76,6 +76,14 @@ def test_managed_environment_runs_in_an_image_built_once_from_its_lock(docker_ho
     assert docker_home.inspect_image(tag)["Config"]["Labels"]["amlrun.environment"] == "toml-writer:1"
     assert not any(line.startswith("Building image") for line in second), "the cached image was rebuilt"
     assert any(tag in line for line in second)  # the second run started a container of it
+    # Each run row names the image it ran in, as the daemon knows it.
+    image = docker_home.inspect_image(tag)
+    for run in (record, again):
+        assert Workspace.get().get_run(run.id).environment["image"] == {
+            "reference": tag,
+            "id": image["Id"],
+            "build_key": image["Config"]["Labels"]["amlrun.build_key"],
+        }
 
 
 def test_secret_variables_reach_the_script_but_no_log_nor_the_run_row(docker_home, tmp_path, caplog):

@@ -19,7 +19,8 @@ from airflow_amlrun import run_context
 from airflow_amlrun.environment import Environment, ResolvedEnvironment
 from airflow_amlrun.targets import common
 from airflow_amlrun.targets.base import Job
-from airflow_amlrun.targets.common import exit_status, python_path, time_limit_status
+from airflow_amlrun.targets.common import exit_status, python_path, time_limit_status, unmarked
+from airflow_amlrun.targets.supervisor import STDERR_MARK
 
 
 def _job(**changes: object) -> Job:
@@ -348,3 +349,32 @@ def test_a_run_folder_is_removed_only_where_this_worker_keeps_its_runs(tmp_path:
 
     common.remove_run_dir(str(runs / "exp_1_cafe"), runs)
     assert not (runs / "exp_1_cafe").exists()
+
+
+@given(
+    # A line the script itself begins with the mark is taken as marked: not generated here.
+    lines=st.lists(
+        st.tuples(
+            st.booleans(), st.binary().filter(lambda b: b"\n" not in b and not b.startswith(STDERR_MARK))
+        ),
+        max_size=20,
+    ),
+    cuts=st.lists(st.integers(min_value=0, max_value=2000), max_size=10),
+)
+def test_a_kept_log_is_the_marked_log_without_its_marks_however_it_is_read(
+    lines: list[tuple[bool, bytes]], cuts: list[int]
+) -> None:
+    raw = b"".join((STDERR_MARK if stderr else b"") + text + b"\n" for stderr, text in lines)
+    points = sorted({min(cut, len(raw)) for cut in cuts})
+    pieces = [raw[a:b] for a, b in zip([0, *points], [*points, len(raw)], strict=True)]
+
+    assert b"".join(unmarked(pieces)) == b"".join(text + b"\n" for _, text in lines)
+
+
+def test_output_lines_say_the_stream_the_script_wrote_them_to() -> None:
+    from airflow_amlrun.run import OutputLine
+
+    line = OutputLine.read(STDERR_MARK.decode() + "Traceback (most recent call last):")
+    assert (line, line.stream, line.is_error_output) == ("Traceback (most recent call last):", "stderr", True)
+    plain = OutputLine.read("epoch 1")
+    assert (plain, plain.stream, plain.is_error_output) == ("epoch 1", "stdout", False)

@@ -55,9 +55,10 @@ def test_a_job_past_its_limit_is_stopped_with_everything_it_started(tmp_path: Pa
     job = start(
         tmp_path,
         {"argv": [sys.executable, "-c", script], "max_seconds": 1, "grace_seconds": 0.5},
-        stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
     )
-    err = _stderr(job)
+    err = _log(job)
     assert job.returncode == -signal.SIGKILL  # the supervisor ends with its group
     assert (tmp_path / supervisor.EXIT_CODE).read_text().strip() == str(128 + signal.SIGKILL)
     assert json.loads((tmp_path / supervisor.ENDED_BY).read_text())["reason"] == supervisor.MAX_DURATION
@@ -77,7 +78,7 @@ def test_a_job_past_its_limit_is_stopped_even_when_its_control_folder_is_gone(tm
         "import os, shutil, subprocess, time; p = subprocess.Popen(['sleep', '300']); "
         "open('pids', 'w').write(f'{os.getpid()} {p.pid}'); shutil.rmtree('.amlrun'); time.sleep(300)"
     )
-    with open(tmp_path / "stderr", "wb") as stderr:
+    with open(tmp_path / "log", "wb") as log:
         job = start(
             control,
             {
@@ -86,11 +87,12 @@ def test_a_job_past_its_limit_is_stopped_even_when_its_control_folder_is_gone(tm
                 "grace_seconds": 0.5,
                 "end_group": True,
             },
-            stderr=stderr,
+            stdout=log,
+            stderr=subprocess.STDOUT,
             cwd=tmp_path,
         )
     job.wait(timeout=60)
-    err = (tmp_path / "stderr").read_text()
+    err = (tmp_path / "log").read_text()
 
     pids = [int(pid) for pid in (tmp_path / "pids").read_text().split()]
     deadline = time.monotonic() + 10
@@ -204,16 +206,19 @@ def test_with_forward_signals_a_signal_to_the_supervisor_reaches_the_job(tmp_pat
 
 
 def test_a_job_that_cannot_start_says_so(tmp_path: Path) -> None:
-    job = start(tmp_path, {"argv": ["/no/such/interpreter"]}, stderr=subprocess.PIPE)
-    err = _stderr(job)
+    job = start(
+        tmp_path, {"argv": ["/no/such/interpreter"]}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    err = _log(job)
     assert job.returncode == supervisor.CANNOT_START
     assert b"cannot start '/no/such/interpreter'" in err
     assert (tmp_path / supervisor.EXIT_CODE).read_text().strip() == str(supervisor.CANNOT_START)
 
 
-def _stderr(job: subprocess.Popen[bytes]) -> bytes:
-    assert job.stderr is not None
-    err = job.stderr.read()
+def _log(job: subprocess.Popen[bytes]) -> bytes:
+    """The run's log: the supervisor's stdout and stderr, as a target gives it one file."""
+    assert job.stdout is not None
+    err = job.stdout.read()
     job.wait(timeout=60)
     return err
 
@@ -237,3 +242,21 @@ def _wait_for_child(pid: int) -> None:
                 return
         time.sleep(0.02)
     raise AssertionError("the supervisor did not start its job")
+
+
+def test_the_log_keeps_both_streams_in_order_with_each_stderr_line_marked(tmp_path: Path) -> None:
+    script = (
+        "import sys, time\n"
+        "print('loading', flush=True)\n"
+        "sys.stdout.write('half a line'); sys.stdout.flush(); time.sleep(0.2)\n"
+        "sys.stderr.write('warn 1\\nwarn 2\\n'); sys.stderr.flush(); time.sleep(0.2)\n"
+        "print('done', flush=True)\n"
+        "raise SystemExit('failed')\n"
+    )
+    with open(tmp_path / "log", "wb") as log:
+        job = start(tmp_path, {"argv": [sys.executable, "-c", script]}, stdout=log, stderr=subprocess.STDOUT)
+        assert job.wait(timeout=30) == 1
+    mark = supervisor.STDERR_MARK
+    assert (tmp_path / "log").read_bytes() == (
+        b"loading\nhalf a line\n" + mark + b"warn 1\n" + mark + b"warn 2\ndone\n" + mark + b"failed\n"
+    )

@@ -1,0 +1,61 @@
+"""What a script writes to stderr stands out in the task log Airflow stores: a warning, where its stdout is
+info, on every target and while a deferred task is followed by the triggerer (a real scheduler, worker
+processes and triggerer write the log files the UI shows)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import dag_source, write_script
+from tests.integration.airflow_cluster import AirflowCluster
+
+SCRIPT = """\
+import time
+print("loading the data", flush=True)
+time.sleep(3)  # long enough for a deferred task to hand the run to the triggerer
+print("epoch 1 of 1", flush=True)
+raise ValueError("the labels do not match the features")
+"""
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[AirflowCluster]:
+    with AirflowCluster() as started:
+        yield started
+
+
+@pytest.fixture(scope="module")
+def source(cluster: AirflowCluster) -> Path:
+    folder = cluster.home / "src"
+    write_script(folder, "train.py", SCRIPT)
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("target", "deferrable"),
+    [("local", False), ("docker", False), ("local", True)],
+    ids=["local", "docker", "deferred"],
+)
+def test_a_scripts_traceback_is_logged_as_a_warning_and_its_output_as_info(
+    cluster: AirflowCluster, source: Path, target: str, deferrable: bool
+) -> None:
+    dag_id = cluster.write_dag(dag_source(source, target=target, options={"deferrable": deferrable}))
+    run_id = cluster.trigger(dag_id)
+
+    assert cluster.wait_for_dag_run(dag_id, run_id) == "failed", cluster.component_logs()
+    records = cluster.task_log_records(dag_id, run_id, "train")
+    level = {str(r.get("event")): r.get("level") for r in records}
+    assert level.get("loading the data") == "info", records
+    assert level.get("epoch 1 of 1") == "info"
+    assert level.get("Traceback (most recent call last):") == "warning"
+    assert level.get("ValueError: the labels do not match the features") == "warning"
+    if deferrable:
+        assert any("the worker slot is freed" in str(r.get("event")) for r in records)
+    # The run keeps its log as the script wrote it.
+    (record,) = cluster.history().list_runs(dag_id=dag_id)
+    kept = Path(record.logs_uri, "std_log.txt").read_text()
+    assert kept.startswith("loading the data\nepoch 1 of 1\nTraceback (most recent call last):\n")
+    assert kept.endswith("ValueError: the labels do not match the features\n")
