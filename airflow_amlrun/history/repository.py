@@ -501,8 +501,10 @@ def _sqlite_manual_transactions(dbapi_connection: Any, record: Any) -> None:
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     # Several tasks write one SQLite file at once: WAL lets readers run beside a writer, and the
     # busy timeout makes a writer wait for the lock instead of failing.
+    # The busy timeout comes first: switching a new file to WAL takes its lock, which a process opening it
+    # at the same moment may hold.
     cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
