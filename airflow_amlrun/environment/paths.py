@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
+import sysconfig
 import types
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,7 +119,8 @@ def user_file(value: object, what: str, base: PathBase | None = None) -> Path:
 
 def _dag_file_of(frame: types.FrameType) -> str | None:
     """The file of the frame's module, if that module is a DAG file: one Airflow imported as such, or one
-    using Airflow's DAG class or @dag decorator (imported by a test, or run as ``python dag.py``)."""
+    holding Airflow's DAG class, @dag decorator or a DAG (imported by a test, or run as ``python dag.py``).
+    Installed packages (a DAG-factory library that imports the DAG class) are never DAG files."""
     module_globals = frame.f_globals
     name = module_globals.get("__name__")
     if not isinstance(name, str) or name.split(".", 1)[0] in ("airflow", "airflow_amlrun"):
@@ -127,18 +129,36 @@ def _dag_file_of(frame: types.FrameType) -> str | None:
     path = module_globals.get("__file__")
     if not isinstance(path, str) or not path:
         return None
-    if name.startswith(_DAG_MODULE_PREFIX) or _uses_dag_api(module_globals):
+    if name.startswith(_DAG_MODULE_PREFIX):
+        return path
+    if not _installed(path) and _uses_dag_api(module_globals):
         return path
     return None
 
 
+def _installed(path: str) -> bool:
+    """Whether a module file belongs to the standard library or an installed package."""
+    folder = os.path.abspath(path)
+    paths = sysconfig.get_paths()
+    roots = {paths[key] for key in ("stdlib", "platstdlib", "purelib", "platlib") if key in paths}
+    return (
+        any(folder.startswith(os.path.join(root, "")) for root in roots)
+        or "site-packages" in Path(folder).parts
+    )
+
+
 def _uses_dag_api(module_globals: Mapping[str, object]) -> bool:
+    # Compared by identity and by exact type only: nothing here calls into the module's objects (a lazy
+    # proxy's attributes, a property named __class__ would run code).
+    definitions = sys.modules.get("airflow.sdk.definitions.dag")
+    if definitions is None:
+        return False
+    dag_api = [vars(definitions).get(name) for name in _DAG_API]
+    dag_class = vars(definitions).get("DAG")
     for value in list(module_globals.values()):
-        # Only classes, functions and instances are looked at: reading an attribute of a module (or of an
-        # object with its own __getattr__) could run code.
-        kind = value if isinstance(value, type | types.FunctionType) else type(value)
-        module = getattr(kind, "__module__", None)
-        if isinstance(module, str) and module.startswith("airflow.") and kind.__name__ in _DAG_API:
+        if any(value is api for api in dag_api if api is not None):
+            return True
+        if isinstance(dag_class, type) and dag_class in type(value).__mro__:
             return True
     return False
 

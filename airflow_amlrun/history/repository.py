@@ -83,8 +83,10 @@ class RunHistory:
 
     def migrate(self) -> None:
         """Bring the schema to the newest revision (once per database and process)."""
+        # Every in-memory SQLite database is a new one, whatever its URL.
+        shared = self.engine.url.database not in (None, "", ":memory:")
         with _migrate_lock:
-            if self.url in _migrated:
+            if shared and self.url in _migrated:
                 return
             if self._current_revision() == SCHEMA_HEAD:
                 _migrated.add(self.url)
@@ -472,7 +474,10 @@ def _migration_transaction(engine: Engine) -> Iterator[Connection]:
             connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_MIGRATION_LOCK})
             yield connection
         return
-    if engine.dialect.name != "sqlite":
+    database = engine.url.database
+    if engine.dialect.name != "sqlite" or database in (None, "", ":memory:"):
+        # A database of this process alone (in memory) has no one to wait for, and a second engine would
+        # open another one.
         with engine.begin() as connection:
             yield connection
         return

@@ -146,7 +146,7 @@ def _open_new_history(url: str, barrier) -> None:
     history.dispose()
 
 
-def test_processes_opening_a_new_database_at_once_migrate_it_once(database_url):
+def test_processes_opening_a_new_database_at_once_all_find_it_migrated(database_url):
     # Twenty task processes may be the first to open a new workspace's history at the same moment: each
     # must find the schema whole, none may fail on a table another is creating.
     context = multiprocessing.get_context("spawn")
@@ -159,7 +159,17 @@ def test_processes_opening_a_new_database_at_once_migrate_it_once(database_url):
     assert [w.exitcode for w in workers] == [0] * 6
     history = RunHistory(database_url)
     assert history._current_revision() == SCHEMA_HEAD
+    with history.engine.connect() as connection:
+        assert connection.exec_driver_sql("SELECT count(*) FROM amlrun_alembic_version").scalar() == 1
     assert len(history.list_runs(experiment="new")) == 6
+
+
+def test_a_history_in_memory_is_migrated_where_it_is_used():
+    history = RunHistory("sqlite://")
+    history.create_run(run_id="in_memory", experiment="memory", target="local")
+    assert [r.id for r in history.list_runs(experiment="memory")] == ["in_memory"]
+    another = RunHistory("sqlite://")  # a database of its own, migrated too
+    assert another.list_runs(experiment="memory") == []
 
 
 def test_processes_creating_runs_in_one_experiment_at_once_all_succeed(database_url):

@@ -295,3 +295,64 @@ def test_no_requirements_file_is_taken_for_a_conda_file(requirements: list[str])
         path = Path(folder) / "requirements.txt"
         path.write_text("\n".join(requirements) + "\n")
         assert read_requirements(path).requirements == requirements
+
+
+def test_looking_for_the_dag_file_runs_no_code_of_the_callers_objects(
+    tmp_path: Path, elsewhere: Path
+) -> None:
+    # A lazy proxy resolves itself when its attributes are read; the DAG-file check must not touch them.
+    write(elsewhere / "requirements.txt", "tomli-w==1.0.0\n")
+    caller = write(
+        tmp_path / "lazy.py",
+        """
+        from airflow_amlrun import Environment
+
+        touched = []
+
+        class Proxy:
+            @property
+            def __class__(self):
+                touched.append("__class__")
+                raise RuntimeError("resolved outside its context")
+
+            def __getattr__(self, name):
+                touched.append(name)
+                raise RuntimeError("resolved outside its context")
+
+        proxy = Proxy()
+        env = Environment.from_pip_requirements("train", "requirements.txt")
+        """,
+    )
+
+    module = load(caller, "lazy")
+
+    assert module.touched == []
+    assert module.env.python.pip_requirements == ["tomli-w==1.0.0"]
+
+
+def test_an_installed_library_that_imports_the_dag_class_is_not_a_dag_file(
+    tmp_path: Path, elsewhere: Path
+) -> None:
+    # A DAG-factory library builds environments for the DAG file that calls it: paths start there.
+    write(tmp_path / "dags" / "src" / "requirements.txt", "tomli-w==1.0.0\n")
+    library = write(
+        tmp_path / "venv" / "lib" / "site-packages" / "dagfactory_lib.py",
+        """
+        from airflow.sdk import DAG
+        from airflow_amlrun import Environment
+
+        def build(name):
+            return Environment.from_pip_requirements(name, "src/requirements.txt")
+        """,
+    )
+    factory = load(library, "dagfactory_lib")
+    sys.modules["dagfactory_lib"] = factory
+    try:
+        dag_file = write(
+            tmp_path / "dags" / "train.py", "import dagfactory_lib\nenv = dagfactory_lib.build('t')\n"
+        )
+        module = load(dag_file, "unusual_prefix_0123456789abcdef0123456789abcdef01234567_train")
+    finally:
+        del sys.modules["dagfactory_lib"]
+
+    assert module.env.python.pip_requirements == ["tomli-w==1.0.0"]
