@@ -8,12 +8,13 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from airflow_amlrun.errors import AmlRunError, ConfigurationError, shown
 
@@ -25,6 +26,16 @@ def _workspace(args: argparse.Namespace) -> Any:
     from airflow_amlrun.workspace import Workspace
 
     return Workspace.get(args.conn_id)
+
+
+def _cell(text: str, show: Callable[[str], str] | None = None) -> Text:
+    """A table cell holding text a script may have set (a tag, a metric's name): as `show` gives it (default:
+    `run_log.printable`), and never read as markup (which could make a link)."""
+    if show is None:
+        from airflow_amlrun.run_log import printable
+
+        show = printable
+    return Text(show(text))
 
 
 def _fmt(value: Any) -> str:
@@ -51,7 +62,7 @@ def cmd_runs_list(args: argparse.Namespace, console: Console) -> int:
             r.target,
             r.start.isoformat(timespec="seconds") if r.start else "",
             _fmt(r.duration_seconds),
-            ", ".join(f"{k}={_fmt(v)}" for k, v in r.metrics.items()),
+            _cell(", ".join(f"{k}={_fmt(v)}" for k, v in r.metrics.items())),
         )
     console.print(table)
     return 0
@@ -186,7 +197,7 @@ def cmd_runs_show(args: argparse.Namespace, console: Console) -> int:
     tail_problem = None
     if lines and record.status.is_terminal:
         try:
-            tail = run_log.tail(record, lines)
+            tail = [run_log.shown(line) for line in run_log.tail(record, lines)]
         except LogUnavailableError as err:
             tail_problem = str(err)
     elif lines:
@@ -202,13 +213,17 @@ def cmd_runs_show(args: argparse.Namespace, console: Console) -> int:
     table = Table(title=f"Run {record.id}", show_header=False)
     table.add_column("field", style="bold")
     table.add_column("value", overflow="fold")
+    # What the script can set (its tags, its metrics' names, its error's text) is shown as its log is.
+    for_terminal = run_log.shown
     for key, value in record.summary().items():
         if key == "git":
-            table.add_row("git", _git_state(record.git))
+            table.add_row("git", _cell(_git_state(record.git), for_terminal))
         elif key != "metrics":
-            table.add_row(key, json.dumps(value) if isinstance(value, dict | list) else _fmt(value))
-    table.add_row("arguments", " ".join(record.arguments))
-    table.add_row("tags", ", ".join(f"{k}={v}" for k, v in sorted(record.tags.items())) or "none")
+            text = json.dumps(value) if isinstance(value, dict | list) else _fmt(value)
+            table.add_row(key, _cell(text, for_terminal))
+    table.add_row("arguments", _cell(" ".join(record.arguments), for_terminal))
+    tags = ", ".join(f"{k}={v}" for k, v in sorted(record.tags.items()))
+    table.add_row("tags", _cell(tags or "none", for_terminal))
     if record.dag_id is not None:
         task = f"{record.dag_id}.{record.task_id} {record.airflow_run_id or ''}".strip()
         table.add_row("airflow task", task + (f", try {record.try_number}" if record.try_number else ""))
@@ -225,7 +240,7 @@ def cmd_runs_show(args: argparse.Namespace, console: Console) -> int:
     for column in ("name", "step", "value"):
         metrics.add_column(column)
     for point in ws.history.get_metrics(record.id):
-        metrics.add_row(point.name, _fmt(point.step), _fmt(point.value))
+        metrics.add_row(_cell(point.name, for_terminal), _fmt(point.step), _fmt(point.value))
     console.print(metrics)
     if tail:
         console.print(f"Last {len(tail)} lines of its log:", style="bold", highlight=False)
@@ -242,9 +257,14 @@ def _write(line: str) -> None:
     sys.stdout.flush()
 
 
+# Exit status of `runs logs --follow` when it stops following a run nobody reports on any more (0: the run
+# Completed, 1: it ended otherwise, 2: an error, 130: interrupted).
+UNATTENDED = 3
+
+
 def cmd_runs_logs(args: argparse.Namespace, console: Console) -> int:
     from airflow_amlrun.config import load_settings
-    from airflow_amlrun.run_log import RunLog
+    from airflow_amlrun.run_log import LogPosition, RunLog, silent_seconds
 
     ws = _workspace(args)
     record = _get_run(ws, args.run_id)
@@ -252,31 +272,48 @@ def cmd_runs_logs(args: argparse.Namespace, console: Console) -> int:
     run_log = RunLog(ws, record.id, settings)
     poll = min(max(settings.poll_interval_seconds, 0.2), 2.0)
     err = Console(stderr=True, soft_wrap=True, highlight=False)
-    offset = 0
+    position = LogPosition()
+    grew = time.monotonic()
     try:
         while True:
-            read = run_log.read(offset)
-            for line in read.chunk.lines:
-                _write(line)
-            offset = read.chunk.offset
+            read = run_log.read(position)
+            for line in read.lines:
+                _write(run_log.shown(line))
+            position = read.position
             record = read.record
-            if record.status.is_terminal:
+            if read.ended:
                 break
+            if record.status.is_terminal:
+                continue  # the rest of its stored log
             if not args.follow:
                 err.print(
                     f"Run {record.id} is {record.status}: this is its log so far; "
                     f"`amlrun runs logs {record.id} --follow` follows it to its end."
                 )
                 return 0
-            if not read.chunk.lines:
-                time.sleep(poll)
+            if read.lines:
+                grew = time.monotonic()
+                continue
+            # A run whose task died stays unfinished until `amlrun reconcile` settles it: following it would
+            # never end. Its log may still grow (the script runs on), so both must have stopped.
+            threshold = settings.reconcile_after_seconds
+            silent = silent_seconds(record)
+            if silent > threshold and time.monotonic() - grew > threshold:
+                err.print(
+                    f"Run {record.id} is {record.status}, but the task following it has not reported on it for "
+                    f"{silent:.0f} s and its log has not grown for {time.monotonic() - grew:.0f} s: that task "
+                    f"died, or cannot reach the history. `amlrun reconcile` settles it (after "
+                    f"[amlrun] reconcile_after_seconds = {threshold:g} s without news of it)."
+                )
+                return UNATTENDED
+            time.sleep(poll)
     except KeyboardInterrupt:
         err.print(f"Stopped following run {record.id}; the run goes on.")
         return 130
     if not args.follow:
         return 0
     outcome = f"Run {record.id} {record.status}"
-    err.print(f"{outcome}: {escape(record.error)}" if record.error else f"{outcome}.")
+    err.print(f"{outcome}: {escape(run_log.shown(record.error))}" if record.error else f"{outcome}.")
     return 0 if str(record.status) == "Completed" else 1
 
 
@@ -383,7 +420,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--follow",
         "-f",
         action="store_true",
-        help="follow a running run's log until it ends; exit 0 if it Completed, 1 otherwise",
+        help=(
+            "follow a running run's log until it ends; exit 0 if it Completed, 1 otherwise, "
+            f"{UNATTENDED} if its task stopped reporting on it (see `amlrun reconcile`)"
+        ),
     )
     logs.set_defaults(func=cmd_runs_logs)
 

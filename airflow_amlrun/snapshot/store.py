@@ -535,6 +535,17 @@ class BlobStore:
                 return f.read()
         return bytes(self._fs.cat_file(self._path(key)))
 
+    def read_object(self, key: str, offset: int, size: int) -> bytes:
+        """At most ``size`` bytes of object ``key`` from byte ``offset`` (fewer at its end, none past it);
+        raises ``FileNotFoundError`` if absent."""
+        key = _check_key(key)
+        if self._local_root is not None:
+            with open(self._open_local(key), "rb") as f:
+                return os.pread(f.fileno(), size, offset)
+        with self._fs.open(self._path(key), "rb") as f:
+            f.seek(offset)
+            return bytes(f.read(size))
+
     def list(self, prefix: str = "") -> list[str]:
         """Keys of all objects under ``prefix`` (recursive), relative to it, sorted."""
         prefix = _check_key(prefix, allow_empty=True)

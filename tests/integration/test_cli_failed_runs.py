@@ -1,12 +1,15 @@
 """A run failed: what `amlrun` shows of it (its log's last lines, where the log is, tags, git), its whole log,
-a running run's log followed to its end, and the first use of an embedded workspace."""
+a running run's log followed to its end (or until nobody reports on it), what of a log reaches the terminal,
+and the first use of an embedded workspace."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
 import re
+import signal
 import subprocess
 import sys
 import textwrap
@@ -16,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from airflow_amlrun import Experiment, ScriptRunConfig, Workspace
-from tests.conftest import write_script
+from tests.conftest import worker_dies_mid_run, write_script
 
 AMLRUN = str(Path(sys.executable).parent / "amlrun")
 
@@ -268,3 +271,176 @@ def test_first_use_of_the_embedded_workspace_says_where_it_is_and_how_to_choose_
 
     again = amlrun("runs", "list", env=env)
     assert again.returncode == 0 and again.stderr == ""
+
+
+def submitted(
+    source: Path, script: str, arguments: list[str], experiment: str
+) -> tuple[subprocess.Popen[str], str]:
+    """A process submitting a run of script and waiting for its end (without printing its output), and the
+    run's id."""
+    submitter = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
+                from airflow_amlrun import Experiment, ScriptRunConfig, Workspace
+                config = ScriptRunConfig({str(source)!r}, script={script!r}, arguments={arguments!r})
+                run = Experiment(Workspace.get(), {experiment!r}).submit(config)
+                print(run.id, flush=True)
+                run.wait_for_completion(show_output=False, raise_on_error=False)
+            """),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=os.environ.copy(),
+    )
+    assert submitter.stdout is not None
+    return submitter, submitter.stdout.readline().strip()
+
+
+WARNS_THEN_FAILS = """\
+import logging
+import pathlib
+import sys
+import time
+
+gate = pathlib.Path(sys.argv[1])
+print("training", flush=True)
+for batch in range(100):
+    logging.warning("batch %d was slow", batch)
+while not gate.exists():
+    time.sleep(0.05)
+raise RuntimeError("the loss is nan")
+"""
+
+
+def test_follow_prints_a_log_with_stderr_lines_whole_through_the_runs_end(amlrun_home, tmp_path):
+    # The follower reads 100 stderr lines on the target, then the rest (the traceback) from the store, where
+    # the log is kept without the marks its lines there began with.
+    write_script(tmp_path / "src", "train.py", WARNS_THEN_FAILS)
+    gate = tmp_path / "go"
+    submitter, run_id = submitted(tmp_path / "src", "train.py", [str(gate)], "cli_follow_stderr")
+    follower = None
+    try:
+        follower = subprocess.Popen(
+            [AMLRUN, "runs", "logs", run_id, "--follow"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=os.environ.copy(),
+        )
+        lines = _lines_of(follower.stdout)
+        seen = [lines.get(timeout=60) for _ in range(101)]
+        assert sorted(seen, key=str) == sorted(
+            ["training", *(f"WARNING:root:batch {i} was slow" for i in range(100))], key=str
+        )
+        assert str(Workspace.get().get_run(run_id).status) == "Running"  # all read on its target
+        # The follower is held while the run ends and is recorded, so that it reads the rest from the store.
+        follower.send_signal(signal.SIGSTOP)
+        gate.touch()
+        assert submitter.wait(timeout=60) == 0
+        assert str(Workspace.get().get_run(run_id).status) == "Failed"
+        follower.send_signal(signal.SIGCONT)
+
+        rest = []
+        while (line := lines.get(timeout=60)) is not None:
+            rest.append(line)
+        assert follower.wait(timeout=60) == 1
+        assert rest[:1] == ["Traceback (most recent call last):"]
+        assert rest[-1:] == ["RuntimeError: the loss is nan"]
+        stored = Path(Workspace.get().store.uri_for(f"runs/{run_id}/logs/std_log.txt")).read_text()
+        assert "\n".join(seen + rest) + "\n" == stored
+        said = " ".join(follower.stderr.read().split())  # type: ignore[union-attr]
+        assert f"Run {run_id} Failed: The script failed (exit code 1)." in said
+    finally:
+        for process in (follower, submitter):
+            if process is not None and process.poll() is None:
+                process.kill()
+                process.wait()
+
+
+def test_follow_stops_with_its_own_status_when_nobody_reports_on_the_run(amlrun_home, tmp_path, monkeypatch):
+    monkeypatch.setenv("AIRFLOW__AMLRUN__RECONCILE_AFTER_SECONDS", "2")
+    write_script(tmp_path / "src", "train.py", "import time\nprint('epoch 1', flush=True)\ntime.sleep(300)\n")
+    orphan = worker_dies_mid_run(tmp_path / "src")
+    try:
+        followed = amlrun("runs", "logs", orphan.id, "--follow")
+
+        assert followed.returncode == 3, followed.stderr
+        assert followed.stdout == "epoch 1\n"
+        said = " ".join(followed.stderr.split())
+        assert f"Run {orphan.id} is Running, but the task following it has not reported on it for" in said
+        assert "`amlrun reconcile` settles it" in said
+        assert str(Workspace.get().get_run(orphan.id).status) == "Running"  # reading settles nothing
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(orphan.handle["pid"], signal.SIGKILL)
+
+
+PRINTS_ESCAPES = """\
+import sys
+
+print("\\x1b]52;c;Y3VybCBldmlsLnNoIHwgc2g=\\x07copied")
+print("\\x1b]0;owned\\x07\\x1b[31mred\\x1b[0m and \\x1b[2Jcleared")
+print("key s3cr3t-Store-Key leaked", file=sys.stderr)
+sys.exit(1)
+"""
+
+
+def test_the_cli_prints_a_logs_text_without_terminal_controls_and_masks_the_workspaces_secrets(
+    amlrun_home, tmp_path, monkeypatch
+):
+    # A workspace whose store is opened with a key, and a script that prints it and writes escape sequences
+    # that would set the clipboard (OSC 52) and the title of the terminal showing its log.
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_AMLRUN_DEFAULT",
+        json.dumps(
+            {
+                "conn_type": "amlrun",
+                "extra": {
+                    "database_url": f"sqlite:///{amlrun_home / 'history.db'}",
+                    "store_url": str(amlrun_home / "store"),
+                    "storage_options": {"secret_key": "s3cr3t-Store-Key"},
+                },
+            }
+        ),
+    )
+    amlrun_home.mkdir(parents=True, exist_ok=True)
+    write_script(tmp_path / "src", "train.py", PRINTS_ESCAPES)
+    run = Experiment(Workspace.get(), "cli_escapes").submit(
+        ScriptRunConfig(tmp_path / "src", script="train.py")
+    )
+    run.wait_for_completion(show_output=False, raise_on_error=False)
+    stored = Path(Workspace.get().store.uri_for(f"runs/{run.id}/logs/std_log.txt")).read_text()
+    assert "\x1b]52;" in stored and "s3cr3t-Store-Key" in stored  # the store keeps what the script printed
+
+    expected = ["copied", "red and cleared", "key *** leaked"]
+    for printed in (amlrun("runs", "logs", run.id), amlrun("runs", "logs", run.id, "--follow")):
+        assert printed.stdout.splitlines() == expected
+        assert "\x1b" not in printed.stdout + printed.stderr and "\x07" not in printed.stdout
+    shown = amlrun("runs", "show", run.id, "--tail", "3")
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.splitlines()[-3:] == expected
+    assert "\x1b" not in shown.stdout and "s3cr3t" not in shown.stdout
+
+
+def test_logs_of_a_run_longer_than_a_read_end_with_its_last_line_without_a_newline(amlrun_home, tmp_path):
+    write_script(
+        tmp_path / "src",
+        "train.py",
+        """
+        import sys
+        for step in range(11000):
+            print(f"step {step:05d} " + "." * 90)
+        sys.stdout.write("final progress 100%")
+        """,
+    )
+    run = Experiment(Workspace.get(), "cli_long").submit(ScriptRunConfig(tmp_path / "src", script="train.py"))
+    assert str(run.wait_for_completion(show_output=False).status) == "Completed"
+    stored = Path(Workspace.get().store.uri_for(f"runs/{run.id}/logs/std_log.txt")).read_text()
+    assert len(stored) > 1 << 20 and stored.endswith("." * 90 + "\nfinal progress 100%")
+
+    for printed in (amlrun("runs", "logs", run.id), amlrun("runs", "logs", run.id, "--follow")):
+        assert printed.stdout == stored + "\n"
+    shown = amlrun("runs", "show", run.id, "--tail", "2")
+    assert shown.stdout.splitlines()[-2:] == ["step 10999 " + "." * 90, "final progress 100%"]

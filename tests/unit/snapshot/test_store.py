@@ -69,3 +69,16 @@ def test_a_batch_flushes_every_file_system_its_blobs_were_written_to(
         assert len(list(other.glob("blob-*"))) == 1
     finally:
         shutil.rmtree(other)
+
+
+@pytest.mark.parametrize("url", ["local", "memory://read-object"])
+def test_a_piece_of_an_object_is_read_from_an_offset_and_ends_with_the_object(
+    tmp_path: Path, url: str
+) -> None:
+    store = BlobStore(str(tmp_path / "store") if url == "local" else url)
+    store.put_object("runs/r1/logs/std_log.txt", b"0123456789")
+    assert store.read_object("runs/r1/logs/std_log.txt", 0, 4) == b"0123"
+    assert store.read_object("runs/r1/logs/std_log.txt", 8, 4) == b"89"
+    assert store.read_object("runs/r1/logs/std_log.txt", 10, 4) == b""
+    with pytest.raises(FileNotFoundError):
+        store.read_object("runs/r2/logs/std_log.txt", 0, 4)
