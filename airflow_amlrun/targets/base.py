@@ -50,6 +50,8 @@ class Chunk:
 
     lines: list[str]
     offset: int
+    # The last line is a piece of one longer than a read takes, which the next chunk's first line goes on with.
+    cut: bool = False
 
 
 @dataclass(frozen=True)
