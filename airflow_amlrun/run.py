@@ -38,7 +38,7 @@ from airflow_amlrun.snapshot import Snapshot, materialize, read_git_info, take_s
 from airflow_amlrun.targets.base import Chunk, CodeSource, ComputeTarget, Job, TargetStatus
 from airflow_amlrun.targets.handles import RunHandle, UnreadableHandleError
 from airflow_amlrun.targets.registry import resolve_target
-from airflow_amlrun.targets.supervisor import STDERR_MARK
+from airflow_amlrun.targets.supervisor import STDERR_MARK, STDOUT_MARK
 
 if TYPE_CHECKING:
     import os
@@ -50,6 +50,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _STDERR_MARK = STDERR_MARK.decode()
+_STDOUT_MARK = STDOUT_MARK.decode()
 
 
 class OutputLine(str):
@@ -65,9 +66,12 @@ class OutputLine(str):
 
     @classmethod
     def read(cls, raw: str) -> OutputLine:
-        """The line as the run's log holds it, where the supervisor marked what came from stderr."""
+        """The line as the run's log holds it, where the supervisor marked what came from stderr (and a stdout
+        line that could pass for marked)."""
         if raw.startswith(_STDERR_MARK):
             return cls(raw[len(_STDERR_MARK) :], "stderr")
+        if raw.startswith(_STDOUT_MARK):
+            return cls(raw[len(_STDOUT_MARK) :])
         return cls(raw)
 
     @property
@@ -295,6 +299,8 @@ class ScriptRun:
         self.handle: RunHandle | None = None
         self.log_tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL_LINES)
         self._log_offset = 0
+        # The stream of a line longer than a read takes, whose next piece the log reads next (None: a new line).
+        self._log_cut_stream: str | None = None
         self._events_offset = 0
         self._event_seq = 0
         self._timed_out = False
@@ -790,10 +796,14 @@ class ScriptRun:
             chunk = self.target.read_log(self.handle, self._log_offset, final=final)
             self._log_offset = chunk.offset
             for raw in chunk.lines:
-                line = OutputLine.read(raw)
+                # Only the first piece of a line cut into pieces holds its mark.
+                cut_stream, self._log_cut_stream = self._log_cut_stream, None
+                line = OutputLine(raw, cut_stream) if cut_stream else OutputLine.read(raw)
                 self.log_tail.append(line)
                 if emit is not None:
                     emit(line)
+            if chunk.cut and chunk.lines:
+                self._log_cut_stream = line.stream
             if final or self._book.backlog < MAX_BUFFERED_POINTS:
                 events = self.target.read_events(self.handle, self._events_offset, final=final)
                 self._events_offset = events.offset

@@ -50,6 +50,8 @@ class Chunk:
 
     lines: list[str]
     offset: int
+    # The last line is a piece of one longer than a read takes, which the next chunk's first line goes on with.
+    cut: bool = False
 
 
 @dataclass(frozen=True)
@@ -103,7 +105,8 @@ class ComputeTarget(Protocol[H]):
 
     def read_log(self, handle: H, offset: int, final: bool = False) -> Chunk:
         """The script's combined stdout/stderr lines written since `offset`, as its supervisor wrote them: each
-        stderr line begins with ``supervisor.STDERR_MARK`` (``run.OutputLine.read`` takes it off)."""
+        stderr line begins with ``supervisor.STDERR_MARK``, a stdout line beginning with ESC with
+        ``supervisor.STDOUT_MARK`` (``run.OutputLine.read`` takes either off)."""
 
     def read_events(self, handle: H, offset: int, final: bool = False) -> Chunk:
         """The metric and tag events (JSON lines) the script logged since `offset`."""

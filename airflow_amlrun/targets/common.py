@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import stat
@@ -18,7 +19,7 @@ from airflow_amlrun.targets.base import Chunk, Job, TargetStatus
 from airflow_amlrun.targets.files import UnsafeFileError, read_beneath
 from airflow_amlrun.targets.supervisor import ENDED_BY as ENDED_BY
 from airflow_amlrun.targets.supervisor import EXIT_CODE as EXIT_CODE
-from airflow_amlrun.targets.supervisor import MAX_DURATION, STDERR_MARK
+from airflow_amlrun.targets.supervisor import MAX_DURATION, STDERR_MARK, STDOUT_MARK
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator
@@ -155,17 +156,31 @@ def job_environment(job: Job, *, run_dir: str, events_file: str) -> dict[str, st
 
 
 def lines_from(data: bytes, offset: int, final: bool) -> Chunk:
-    """Complete lines in data read at offset; a trailing partial line waits for more unless final."""
+    """Complete lines in data read at offset; a trailing partial line waits for more unless final.
+
+    data is what a read of at most READ_CAP bytes returned, or all there is (which may be longer): a read
+    that filled the cap may have cut the last line, which then waits for the next read even when final.
+    Lines end at "\n" only (the "\r" of a "\r\n" is taken off): a progress bar's "\r" updates stay one line.
+    """
     if not data:
         return Chunk([], offset)
     end = data.rfind(b"\n") + 1
-    if final and len(data) < READ_CAP:
+    if final and len(data) != READ_CAP:
         end = len(data)
+    cut = False
     if end == 0 and len(data) >= READ_CAP:
         # One line longer than the cap: hand it over in pieces rather than never.
-        end = len(data)
-    text = data[:end].decode("utf-8", errors="replace")
-    return Chunk(text.splitlines(), offset + end)
+        end, cut = len(data), True
+    lines = data[:end].decode("utf-8", errors="replace").split("\n")
+    if lines[-1]:
+        last = lines.pop()  # not ended by a newline: its "\r" may be the script's last word
+    else:
+        lines.pop()
+        last = None
+    lines = [line[:-1] if line.endswith("\r") else line for line in lines]
+    if last is not None:
+        lines.append(last)
+    return Chunk(lines, offset + end, cut=cut)
 
 
 def read_lines(path: str | os.PathLike[str], offset: int, final: bool) -> Chunk:
@@ -234,10 +249,21 @@ def unmarked(pieces: Iterable[bytes]) -> Iterator[bytes]:
 
 
 def _without_marks(data: bytes, at_line_start: bool) -> bytes:
-    data = data.replace(b"\n" + STDERR_MARK, b"\n")
-    if at_line_start and data.startswith(STDERR_MARK):
-        data = data[len(STDERR_MARK) :]
-    return data
+    """data without the one mark that may begin each of its lines (what follows a mark is the script's)."""
+    if at_line_start:
+        for mark in (STDERR_MARK, STDOUT_MARK):
+            if data.startswith(mark):
+                data = data[len(mark) :]
+                break
+    if _STDOUT_LINE in data:
+        return _MARKED_LINE.sub(b"\n", data)
+    return data.replace(_STDERR_LINE, b"\n")
+
+
+_STDERR_LINE = b"\n" + STDERR_MARK
+_STDOUT_LINE = b"\n" + STDOUT_MARK
+# One pass: a stderr line whose text begins with a mark's bytes keeps them.
+_MARKED_LINE = re.compile(b"\n(?:" + re.escape(STDERR_MARK) + b"|" + re.escape(STDOUT_MARK) + b")")
 
 
 def unmark_file(path: Path) -> None:

@@ -38,9 +38,14 @@ The run must not outlive its supervisor, whatever ends it:
 
 The run's log is the supervisor's stdout: what the job writes to stdout and to stderr, one line holding one
 stream's bytes (a line left open by one stream is ended when the other writes), each stderr line beginning
-with ``STDERR_MARK``, the supervisor's own messages too. The job writes into two pipes the supervisor reads
-as they fill: lines written to both streams within the same instant may be logged in either order. A
-follower logs a marked line as the script's error output; the log a run keeps is written without the marks.
+with ``STDERR_MARK``, the supervisor's own messages too. A stdout line that begins with ESC (a colour code,
+or the mark's own bytes) begins with ``STDOUT_MARK`` before it, so no output of the job's passes for a mark.
+A follower takes one mark off the start of a line (and logs a line that had ``STDERR_MARK`` as the script's
+error output); the log a run keeps is written without them. The job writes into two pipes the supervisor
+reads as they fill: what the job wrote to both streams before the supervisor read either (a flushed
+``logging.warning`` right before a ``print``) is logged stdout first, so the two streams' lines are in order
+only as far as the supervisor read them apart. Output the log cannot take (a full disk) is counted, and the
+count and the reason are written to the log and to ``CONTROL_DIR/log_loss`` once the job ended.
 
 Signals: a target stops a run by signalling the whole group, so by default the supervisor ignores SIGTERM,
 SIGINT and SIGHUP (it must outlive the job to record its exit code). Inside a container, ``docker stop``
@@ -65,7 +70,7 @@ import time
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
-    from typing import Any
+    from typing import IO, Any
 
 EXIT_CODE = "exit_code"
 ENDED_BY = "ended_by"
@@ -84,6 +89,12 @@ HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 # What begins a line of the run's log that the job (or the supervisor) wrote to stderr: an OSC escape
 # sequence, which a terminal showing the raw log ignores.
 STDERR_MARK = b"\x1b]amlrun;stderr\x07"
+# What begins a line of the log that the job wrote to stdout beginning with ESC, the first byte of both marks:
+# one byte, so a line start is known whatever the pipe's reads cut, at the cost of a mark on lines that begin
+# with a colour code.
+STDOUT_MARK = b"\x1b]amlrun;stdout\x07"
+# Where the supervisor records how much of the job's output the log could not take, and why (JSON).
+LOG_LOSS = "log_loss"
 # How long the job's output pipes are read once the job ended: what it left running in its group may hold
 # them open (and is stopped next).
 DRAIN_SECONDS = 1.0
@@ -99,16 +110,19 @@ def main(argv: list[str]) -> int:
         return _supervise(control, request)
     except BaseException as err:
         if _state["job"] is not None:
-            # Nothing would stop the run, or record how it ended, once this process is gone.
-            _say(f"amlrun: the run's supervisor failed ({type(err).__name__}: {err}); stopping the run")
+            # Nothing would stop the run, or record how it ended, once this process is gone. Signalled before
+            # anything is written: a log that blocks must not keep the run going.
             _signal_group(signal.SIGTERM)
+            _say(f"amlrun: the run's supervisor failed ({type(err).__name__}: {err}); stopping the run")
             _await_end(_state["job"], float(request.get("grace_seconds") or DEFAULT_GRACE_SECONDS))
+            _finish_log(control)
             _signal_group(signal.SIGKILL)
         raise
 
 
-# Whether to pass a signal on to the group, whether the group was signalled already, and the job.
-_state: dict[str, Any] = {"forward": False, "signalled": False, "job": None}
+# Whether to pass a signal on to the group, whether the group was signalled already, the job and the thread
+# copying its output.
+_state: dict[str, Any] = {"forward": False, "signalled": False, "job": None, "pump": None}
 
 
 def _supervise(control: str, request: dict[str, Any]) -> int:
@@ -145,16 +159,16 @@ def _supervise(control: str, request: dict[str, Any]) -> int:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
     _state["job"] = job
     assert job.stdout is not None and job.stderr is not None
-    pump = threading.Thread(target=_copy_output, args=(job.stdout.fileno(), job.stderr.fileno()), daemon=True)
+    pump = threading.Thread(target=_pump, args=(job.stdout, job.stderr), daemon=True)
     pump.start()
+    _state["pump"] = pump
 
     deadline = None if max_seconds is None else time.monotonic() + max_seconds
     code = _wait(job, deadline)
     if code is None:
         assert max_seconds is not None
         code = _stop_for_limit(job, control, max_seconds, grace)
-    # The log is whole before the exit code says the run ended: a follower then reads it to its end.
-    pump.join(DRAIN_SECONDS)
+    _finish_log(control)
     _record(control, EXIT_CODE, str(code))
     if request.get("end_group"):
         _signal_group(signal.SIGKILL)
@@ -197,14 +211,17 @@ def _wait(job: subprocess.Popen[bytes], deadline: float | None) -> int | None:
 
 
 def _stop_for_limit(job: subprocess.Popen[bytes], control: str, max_seconds: float, grace: float) -> int:
+    # Signalled before anything is written: a file that cannot be written, or a log that blocks, must not
+    # keep the run going.
+    _signal_group(signal.SIGTERM)
     _say(
         f"amlrun: the run exceeded max_run_duration_seconds={max_seconds:g}; stopping it (SIGTERM, then "
         f"SIGKILL after {grace:g} s)"
     )
-    # Signalled before anything is written: a file that cannot be written must not keep the run going.
-    _signal_group(signal.SIGTERM)
     _record(control, ENDED_BY, json.dumps({"reason": MAX_DURATION, "max_seconds": max_seconds}))
     code = _await_end(job, grace)
+    # What the job wrote last (a checkpoint's message, a traceback) is still in the pipes.
+    _finish_log(control)
     # Whatever the job started goes too; the exit code is recorded first, as this ends the supervisor.
     _record(control, EXIT_CODE, str(code))
     _signal_group(signal.SIGKILL)
@@ -212,12 +229,25 @@ def _stop_for_limit(job: subprocess.Popen[bytes], control: str, max_seconds: flo
 
 
 def _await_end(job: subprocess.Popen[bytes], grace: float) -> int:
-    """The exit code of a signalled job once it ends within the grace period, else that of the SIGKILL its
-    caller sends next."""
+    """The exit code of a signalled job once it ends, SIGKILLed (alone: its output is read next) if it is
+    still running after the grace period."""
     try:
         return _exit_code(job.wait(timeout=grace))
     except subprocess.TimeoutExpired:
-        return 128 + signal.SIGKILL
+        job.kill()
+        return _exit_code(job.wait())
+
+
+def _finish_log(control: str) -> None:
+    """Read what the job's pipes still hold into the log (for DRAIN_SECONDS at most: what the job left running
+    may hold them open), then say there what the log lost, if anything: the log is whole before the exit code
+    says the run ended, so a follower then reads it to its end."""
+    if _state["pump"] is not None:
+        _state["pump"].join(DRAIN_SECONDS)
+    lost, error = _log.lost, _log.error
+    if lost:
+        _say(f"amlrun: {lost} bytes of the run's output could not be written to its log ({error})")
+        _record(control, LOG_LOSS, json.dumps({"bytes": lost, "error": error}))
 
 
 def _exit_code(returncode: int) -> int:
@@ -262,45 +292,91 @@ class _Log:
         self.lock = threading.Lock()
         # The stream (1 or 2) whose line is left open at the end of the log, None at the start of a line.
         self.open_line: int | None = None
+        # Bytes the log could not take, and the first reason why.
+        self.lost = 0
+        self.error: str | None = None
 
     def write(self, stream: int, data: bytes) -> None:
         """Append what `stream` wrote: its lines marked if it is stderr, after ending a line the other left
-        open. Never raises: a log that cannot be written (a full disk) loses the data, the run goes on."""
+        open. Never raises: a log that cannot be written (a full disk) loses the data, counted in `lost`, and
+        the run goes on."""
         with self.lock:
-            out = []
-            if self.open_line not in (None, stream):
-                out.append(b"\n")
-                self.open_line = None
-            start = 0
-            while start < len(data):
-                end = data.find(b"\n", start) + 1 or len(data)
-                if stream == 2 and self.open_line is None:
-                    out.append(STDERR_MARK)
-                out.append(data[start:end])
-                self.open_line = None if data[end - 1 : end] == b"\n" else stream
-                start = end
-            view = memoryview(b"".join(out))
-            try:
-                while view:
-                    view = view[os.write(self.fd, view) :]
-            except OSError:
-                pass
+            if stream == 2:
+                out = data.replace(b"\n", _STDERR_LINE)
+                if data.endswith(b"\n"):
+                    out = out[: -len(STDERR_MARK)]  # the next line may be stdout's
+                if self.open_line != 2:
+                    out = (b"\n" + STDERR_MARK if self.open_line == 1 else STDERR_MARK) + out
+            else:
+                # Passed on as it is, but for what could pass for a mark. Looking for the one byte first is
+                # what keeps this cheap: that search is a memchr, a two-byte one is not.
+                out = data
+                if b"\x1b" in data and b"\n\x1b" in data:
+                    out = data.replace(b"\n\x1b", _ESCAPED_STDOUT_LINE)
+                if self.open_line != 1 and out[:1] == b"\x1b":
+                    out = STDOUT_MARK + out
+                if self.open_line == 2:
+                    out = b"\n" + out
+            written = self._write_all(out)
+            if written:
+                # As far as the log got: a line cut by a failed write is ended by the next stream that writes.
+                self.open_line = None if out[written - 1] == 10 else stream
+
+    def _write_all(self, out: bytes) -> int:
+        view = memoryview(out)
+        written = 0
+        try:
+            while written < len(out):
+                try:
+                    written += os.write(self.fd, view[written:])
+                except BlockingIOError:
+                    # A stdout left non-blocking by whoever started this process: wait until it takes more.
+                    poller = select.poll()
+                    poller.register(self.fd, select.POLLOUT)
+                    poller.poll()
+        except OSError as err:
+            self.lost += len(out) - written
+            if self.error is None:
+                self.error = err.strerror or str(err)
+        return written
 
 
+_STDERR_LINE = b"\n" + STDERR_MARK
+_ESCAPED_STDOUT_LINE = b"\n" + STDOUT_MARK + b"\x1b"
 _log = _Log(1)
+
+
+def _pump(stdout: IO[bytes], stderr: IO[bytes]) -> None:
+    """Copy the job's output into the run's log until the job closes its pipes. Should copying fail (an I/O
+    error, no memory), the pipes are closed, so the job gets EPIPE (or SIGPIPE) rather than blocking forever on
+    a full pipe, and the log says why."""
+    try:
+        _copy_output(stdout.fileno(), stderr.fileno())
+    except BaseException as err:
+        for pipe in (stdout, stderr):
+            with contextlib.suppress(OSError):
+                pipe.close()
+        _say(
+            f"amlrun: copying the run's output to its log failed ({type(err).__name__}: {err}); what the run "
+            "writes from now on is lost, and writing it fails"
+        )
 
 
 def _copy_output(stdout: int, stderr: int) -> None:
     """Copy the job's stdout and stderr pipes into the run's log as they fill, until both are closed."""
     streams = {stdout: 1, stderr: 2}
+    # poll rather than select: the pipes' descriptors may be past select's limit (1024).
+    poller = select.poll()
+    for fd in streams:
+        poller.register(fd, select.POLLIN)
     while streams:
-        ready, _, _ = select.select(list(streams), [], [])
-        # Both ready: stdout first, as a script's output usually comes before its traceback.
-        for fd in sorted(ready, key=lambda fd: streams[fd]):
+        # Both ready: stdout first (which of the two was written first cannot be known).
+        for fd, _ in sorted(poller.poll(), key=lambda event: streams[event[0]]):
             data = os.read(fd, 65536)
             if data:
                 _log.write(streams[fd], data)
             else:
+                poller.unregister(fd)
                 del streams[fd]
 
 

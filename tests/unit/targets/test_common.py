@@ -20,7 +20,7 @@ from airflow_amlrun.environment import Environment, ResolvedEnvironment
 from airflow_amlrun.targets import common
 from airflow_amlrun.targets.base import Job
 from airflow_amlrun.targets.common import exit_status, python_path, time_limit_status, unmarked
-from airflow_amlrun.targets.supervisor import STDERR_MARK
+from airflow_amlrun.targets.supervisor import STDERR_MARK, STDOUT_MARK
 
 
 def _job(**changes: object) -> Job:
@@ -217,6 +217,44 @@ def test_a_line_longer_than_the_read_cap_is_handed_over_in_pieces():
     assert chunk.offset == common.READ_CAP and chunk.lines == ["x" * common.READ_CAP]
 
 
+def test_a_progress_bar_on_stderr_stays_one_marked_line():
+    from airflow_amlrun.run import OutputLine
+
+    data = STDERR_MARK + b"\r 10%|#         |\r 50%|#####     |\r100%|##########|\n" + b"epoch 1\r\n"
+    lines = [OutputLine.read(line) for line in common.lines_from(data, 0, final=False).lines]
+    assert [(line.stream, line) for line in lines] == [
+        ("stderr", "\r 10%|#         |\r 50%|#####     |\r100%|##########|"),
+        ("stdout", "epoch 1"),
+    ]
+
+
+@given(st.binary(), st.lists(st.integers(min_value=0, max_value=300), max_size=6))
+def test_lines_end_at_newlines_only(data, cuts):
+    while b"\r\n" in data:
+        data = data.replace(b"\r\n", b"\n")  # a "\r" before a newline is not kept
+    assert (
+        _read_as_it_grows(data, [min(cut, len(data)) for cut in cuts])
+        == data.decode("utf-8", errors="replace").split("\n")[
+            : -1 if data.endswith(b"\n") or not data else None
+        ]
+    )
+
+
+def test_a_line_cut_by_the_read_cap_says_it_goes_on():
+    chunk = common.lines_from(STDERR_MARK + b"E" * common.READ_CAP, 0, final=False)
+    assert chunk.cut and chunk.offset == common.READ_CAP + len(STDERR_MARK)
+    assert not common.lines_from(b"E" * 10 + b"\n", chunk.offset, final=False).cut
+
+
+def test_a_finished_log_longer_than_the_read_cap_keeps_its_last_line():
+    data = b"epoch 1\n" * (common.READ_CAP // 8) + b"done"
+    chunk = common.lines_from(data, 0, final=True)
+    assert chunk.lines[-2:] == ["epoch 1", "done"] and chunk.offset == len(data)
+    # A read that filled the cap may have cut its last line: that waits for the next read.
+    capped = common.lines_from(data[: common.READ_CAP], 0, final=True)
+    assert capped.lines[-1] == "epoch 1" and capped.offset == common.READ_CAP
+
+
 def test_bytes_that_are_not_utf8_are_shown_not_fatal():
     assert common.lines_from(b"loss \xff\n", 0, final=False).lines == ["loss \ufffd"]
 
@@ -351,20 +389,27 @@ def test_a_run_folder_is_removed_only_where_this_worker_keeps_its_runs(tmp_path:
     assert not (runs / "exp_1_cafe").exists()
 
 
+_LINE_TEXT = st.one_of(
+    st.binary(),
+    st.tuples(st.sampled_from([STDERR_MARK, STDOUT_MARK, b"\x1b[31m", b"\x1b"]), st.binary()).map(b"".join),
+).filter(lambda b: b"\n" not in b)
+
+
+def _marked(stderr: bool, text: bytes) -> bytes:
+    """A line as the supervisor writes it to the log (see supervisor.py)."""
+    if stderr:
+        return STDERR_MARK + text
+    return STDOUT_MARK + text if text.startswith(b"\x1b") else text
+
+
 @given(
-    # A line the script itself begins with the mark is taken as marked: not generated here.
-    lines=st.lists(
-        st.tuples(
-            st.booleans(), st.binary().filter(lambda b: b"\n" not in b and not b.startswith(STDERR_MARK))
-        ),
-        max_size=20,
-    ),
+    lines=st.lists(st.tuples(st.booleans(), _LINE_TEXT), max_size=20),
     cuts=st.lists(st.integers(min_value=0, max_value=2000), max_size=10),
 )
 def test_a_kept_log_is_the_marked_log_without_its_marks_however_it_is_read(
     lines: list[tuple[bool, bytes]], cuts: list[int]
 ) -> None:
-    raw = b"".join((STDERR_MARK if stderr else b"") + text + b"\n" for stderr, text in lines)
+    raw = b"".join(_marked(stderr, text) + b"\n" for stderr, text in lines)
     points = sorted({min(cut, len(raw)) for cut in cuts})
     pieces = [raw[a:b] for a, b in zip([0, *points], [*points, len(raw)], strict=True)]
 

@@ -5,11 +5,16 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import resource
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 from airflow_amlrun.targets import supervisor
 
@@ -244,19 +249,172 @@ def _wait_for_child(pid: int) -> None:
     raise AssertionError("the supervisor did not start its job")
 
 
+# The job's helper for writing in a known order: each write waits until the supervisor logged it, so what
+# comes next is read apart from it (what the two pipes hold at once may be logged in either order).
+IN_ORDER = """
+import os, sys, time
+LOG = sys.argv[1]
+def say(stream, data):
+    before = os.path.getsize(LOG)
+    stream.buffer.write(data)
+    stream.buffer.flush()
+    deadline = time.monotonic() + 30
+    while os.path.getsize(LOG) < before + len(data):
+        assert time.monotonic() < deadline, "the supervisor did not log " + repr(data)
+        time.sleep(0.001)
+"""
+
+
+def _run_logged(tmp_path: Path, script: str, **request: object) -> tuple[int, bytes]:
+    """Run a job under the supervisor with its log in tmp_path/log: its exit status and the log."""
+    log_path = tmp_path / "log"
+    with open(log_path, "wb") as log:
+        job = start(
+            tmp_path,
+            {"argv": [sys.executable, "-c", IN_ORDER + script, str(log_path)], **request},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        code = job.wait(timeout=60)
+    return code, log_path.read_bytes()
+
+
 def test_the_log_keeps_both_streams_in_order_with_each_stderr_line_marked(tmp_path: Path) -> None:
     script = (
-        "import sys, time\n"
-        "print('loading', flush=True)\n"
-        "sys.stdout.write('half a line'); sys.stdout.flush(); time.sleep(0.2)\n"
-        "sys.stderr.write('warn 1\\nwarn 2\\n'); sys.stderr.flush(); time.sleep(0.2)\n"
-        "print('done', flush=True)\n"
-        "raise SystemExit('failed')\n"
+        "say(sys.stdout, b'loading\\n')\n"
+        "say(sys.stdout, b'half a line')\n"
+        "say(sys.stderr, b'warn 1\\nwarn 2\\n')\n"
+        "say(sys.stdout, b'done\\n')\n"
+        "say(sys.stderr, b'failed')\n"
+        "say(sys.stderr, b' at step 3\\n')\n"
     )
-    with open(tmp_path / "log", "wb") as log:
-        job = start(tmp_path, {"argv": [sys.executable, "-c", script]}, stdout=log, stderr=subprocess.STDOUT)
-        assert job.wait(timeout=30) == 1
+    code, log = _run_logged(tmp_path, script)
     mark = supervisor.STDERR_MARK
-    assert (tmp_path / "log").read_bytes() == (
-        b"loading\nhalf a line\n" + mark + b"warn 1\n" + mark + b"warn 2\ndone\n" + mark + b"failed\n"
+    assert code == 0
+    assert log == (
+        b"loading\nhalf a line\n"
+        + mark
+        + b"warn 1\n"
+        + mark
+        + b"warn 2\ndone\n"
+        + mark
+        + b"failed at step 3\n"
+    )
+
+
+def test_output_that_looks_like_a_mark_keeps_its_stream_and_its_bytes(tmp_path: Path) -> None:
+    from airflow_amlrun.run import OutputLine
+    from airflow_amlrun.targets.common import read_lines, unmark_file
+
+    written = [
+        ("stdout", supervisor.STDERR_MARK + b"not an error"),
+        ("stdout", b"\x1b[32mgreen\x1b[0m"),
+        ("stdout", supervisor.STDOUT_MARK + b"plain"),
+        ("stderr", supervisor.STDOUT_MARK + b"an error"),
+        ("stderr", supervisor.STDERR_MARK + b"an error too"),
+        ("stdout", b"epoch 1"),
+    ]
+    script = "".join(f"say(sys.{stream}, {text!r} + bytes([10]))\n" for stream, text in written)
+    code, _ = _run_logged(tmp_path, script)
+    assert code == 0
+
+    lines = [OutputLine.read(line) for line in read_lines(tmp_path / "log", 0, final=True).lines]
+    assert [(line.stream, line) for line in lines] == [(stream, text.decode()) for stream, text in written]
+    unmark_file(tmp_path / "log")
+    assert (tmp_path / "log").read_bytes() == b"".join(text + b"\n" for _, text in written)
+
+
+def test_what_the_job_writes_as_its_limit_stops_it_reaches_the_log(tmp_path: Path) -> None:
+    # On SIGTERM the job writes more than its pipes hold, then its last words on both streams, and ends. Its log
+    # is read slowly (a busy disk, a remote reader), so the pipes still hold the end when the job is gone: that
+    # must reach the log before the supervisor ends with its group.
+    script = (
+        "import signal, sys, time\n"
+        "def on_term(*_):\n"
+        "    for _ in range(1000):\n"
+        "        sys.stdout.write('x' * 199 + '\\n')\n"
+        "    sys.stdout.write('checkpoint saved\\n'); sys.stdout.flush()\n"
+        "    raise SystemExit('stopped at step 7')\n"
+        "signal.signal(signal.SIGTERM, on_term)\n"
+        "time.sleep(300)\n"
+    )
+    job = start(
+        tmp_path,
+        {"argv": [sys.executable, "-c", script], "max_seconds": 1, "grace_seconds": 10},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    assert job.stdout is not None
+    pieces = []
+    while piece := os.read(job.stdout.fileno(), 16384):
+        pieces.append(piece)
+        time.sleep(0.01)
+    log = b"".join(pieces)
+    assert job.wait(timeout=30) == -signal.SIGKILL  # the supervisor ends with its group
+    assert (tmp_path / supervisor.EXIT_CODE).read_text().strip() == "1"
+    assert log.count(b"x" * 199 + b"\n") == 1000
+    assert b"\ncheckpoint saved\n" in log
+    assert log.endswith(supervisor.STDERR_MARK + b"stopped at step 7\n")
+
+
+def test_output_the_log_could_not_take_is_counted_in_it(tmp_path: Path) -> None:
+    # The log is at the largest size this process may write (as a full disk refuses more) while the job writes
+    # 1 MB; the job then empties it, as a rotation would: the log ends saying how much it lost, and why.
+    limit = 256 << 10
+    log_path = tmp_path / "log"
+    log_path.write_bytes(b"." * limit)
+    script = (
+        "say_lost = b'y' * 1023 + b'\\n'\n"
+        "for _ in range(1024):\n"
+        "    sys.stdout.buffer.write(say_lost)\n"
+        "sys.stdout.flush()\n"
+        "os.truncate(LOG, 0)\n"
+    )
+    with open(log_path, "ab") as log:
+        job = start(
+            tmp_path,
+            {"argv": [sys.executable, "-c", IN_ORDER + script, str(log_path)]},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)),
+        )
+        assert job.wait(timeout=60) == 0
+    text = log_path.read_bytes()
+    found = re.search(
+        re.escape(supervisor.STDERR_MARK)
+        + rb"amlrun: (\d+) bytes of the run's output could not be written to its log \(File too large\)\n$",
+        text,
+    )
+    assert found, text[-300:]
+    lost = int(found.group(1))
+    # All of it but what the pipe and the pump held when the log was emptied, which the log has.
+    assert (1 << 20) - (256 << 10) <= lost <= 1 << 20
+    assert lost + found.start() == 1 << 20
+    assert set(text[: found.start()]) <= set(b"y\n")
+    recorded = json.loads((tmp_path / supervisor.LOG_LOSS).read_text())
+    assert recorded == {"bytes": lost, "error": "File too large"}
+    assert (tmp_path / supervisor.EXIT_CODE).read_text().strip() == "0"
+
+
+def test_a_job_is_not_left_blocked_on_its_output_when_copying_it_fails(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    # The stderr end fails when read (its peer left with data unread), while the job writes more to stdout
+    # than its pipe holds.
+    failing, peer = socket.socketpair()
+    failing.sendall(b"unread")
+    peer.close()
+    read_end, write_end = os.pipe()
+    job = subprocess.Popen(["head", "-c", str(4 << 20), "/dev/zero"], stdout=write_end)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as stdout, failing.makefile("rb") as stderr:
+        supervisor._pump(stdout, stderr)
+    failing.close()
+    try:
+        code = job.wait(timeout=30)
+    finally:
+        job.kill()
+    assert code == -signal.SIGPIPE
+    assert (
+        "amlrun: copying the run's output to its log failed (ConnectionResetError" in capfd.readouterr().out
     )
