@@ -3,7 +3,8 @@
 The log is read by byte offset, as the task following a run reads it: on the run's target while the run goes
 on (``ComputeTarget.read_log``), and from the workspace store once the run ended, where the run's logs/ folder
 was stored. The two are not the same bytes: on the target each line the script wrote to stderr begins with
-the supervisor's ``STDERR_MARK``, which the stored copy does not hold. A reader therefore keeps two offsets
+the supervisor's ``STDERR_MARK`` (and a stdout line that starts with ESC with its ``STDOUT_MARK``), which the
+stored copy does not hold. A reader therefore keeps two offsets
 (`LogPosition`): the one on the target, and what it consumed there counted without the marks, which is where
 it goes on in the store. The stored log is read in pieces of ``READ_CAP`` bytes, its last line even without a
 newline. Reading changes nothing: the run, its row and its heartbeat are left to whoever follows it.
@@ -21,7 +22,6 @@ from typing import TYPE_CHECKING, Any
 
 from airflow_amlrun.errors import AmlRunError
 from airflow_amlrun.targets.common import READ_CAP, STD_LOG, lines_from
-from airflow_amlrun.targets.supervisor import STDERR_MARK
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator
@@ -177,9 +177,9 @@ class RunLog:
         target, handle = self._on_target(record)
         chunk = target.read_log(handle, position.on_target)
         lines = [OutputLine.read(raw) for raw in chunk.lines]
-        # The store's copy lacks each mark the lines read here began with. (A script printing the mark itself
-        # past a line of more than READ_CAP bytes, where the store keeps it, shifts only its own log.)
-        marks = sum(line.is_error_output for line in lines) * len(STDERR_MARK)
+        # The store's copy lacks each mark the lines read here began with (a stderr line's, or the one before a
+        # stdout line that starts with ESC). The marks are ASCII: a character of one is a byte.
+        marks = sum(len(raw) - len(line) for raw, line in zip(chunk.lines, lines, strict=True))
         consumed = chunk.offset - position.on_target
         return LogRead(
             [str(line) for line in lines],

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from airflow_amlrun import Experiment, ScriptRunConfig, Workspace
+from airflow_amlrun.run_log import printable
 from tests.conftest import worker_dies_mid_run, write_script
 
 AMLRUN = str(Path(sys.executable).parent / "amlrun")
@@ -308,6 +309,8 @@ gate = pathlib.Path(sys.argv[1])
 print("training", flush=True)
 for batch in range(100):
     logging.warning("batch %d was slow", batch)
+for batch in range(20):
+    print(f"\\x1b[1mbatch {batch} done\\x1b[0m", flush=True)  # a colour code: the log marks it as stdout
 while not gate.exists():
     time.sleep(0.05)
 raise RuntimeError("the loss is nan")
@@ -330,9 +333,14 @@ def test_follow_prints_a_log_with_stderr_lines_whole_through_the_runs_end(amlrun
             env=os.environ.copy(),
         )
         lines = _lines_of(follower.stdout)
-        seen = [lines.get(timeout=60) for _ in range(101)]
+        seen = [lines.get(timeout=60) for _ in range(121)]
         assert sorted(seen, key=str) == sorted(
-            ["training", *(f"WARNING:root:batch {i} was slow" for i in range(100))], key=str
+            [
+                "training",
+                *(f"WARNING:root:batch {i} was slow" for i in range(100)),
+                *(f"batch {i} done" for i in range(20)),
+            ],
+            key=str,
         )
         assert str(Workspace.get().get_run(run_id).status) == "Running"  # all read on its target
         # The follower is held while the run ends and is recorded, so that it reads the rest from the store.
@@ -349,7 +357,7 @@ def test_follow_prints_a_log_with_stderr_lines_whole_through_the_runs_end(amlrun
         assert rest[:1] == ["Traceback (most recent call last):"]
         assert rest[-1:] == ["RuntimeError: the loss is nan"]
         stored = Path(Workspace.get().store.uri_for(f"runs/{run_id}/logs/std_log.txt")).read_text()
-        assert "\n".join(seen + rest) + "\n" == stored
+        assert "\n".join(seen + rest) + "\n" == "\n".join(printable(line) for line in stored.split("\n"))
         said = " ".join(follower.stderr.read().split())  # type: ignore[union-attr]
         assert f"Run {run_id} Failed: The script failed (exit code 1)." in said
     finally:
