@@ -4,6 +4,7 @@ processes and triggerer write the log files the UI shows)."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,9 +14,15 @@ from tests.conftest import dag_source, write_script
 from tests.integration.airflow_cluster import AirflowCluster
 
 SCRIPT = """\
+import pathlib
+import sys
 import time
 print("loading the data", flush=True)
-time.sleep(3)  # long enough for a deferred task to hand the run to the triggerer
+if len(sys.argv) > 1:  # a gate the test opens once the task is deferred: what follows reaches the triggerer
+    gate = pathlib.Path(sys.argv[1])
+    deadline = time.monotonic() + 300
+    while not gate.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
 print("epoch 1 of 1", flush=True)
 raise ValueError("the labels do not match the features")
 """
@@ -42,8 +49,18 @@ def source(cluster: AirflowCluster) -> Path:
 def test_a_scripts_traceback_is_logged_as_a_warning_and_its_output_as_info(
     cluster: AirflowCluster, source: Path, target: str, deferrable: bool
 ) -> None:
-    dag_id = cluster.write_dag(dag_source(source, target=target, options={"deferrable": deferrable}))
+    gate = cluster.home / f"gate-{target}-{deferrable}"
+    arguments = [str(gate)] if deferrable else None
+    dag_id = cluster.write_dag(
+        dag_source(source, target=target, arguments=arguments, options={"deferrable": deferrable})
+    )
     run_id = cluster.trigger(dag_id)
+    if deferrable:
+        deadline = time.monotonic() + 300
+        while cluster.task_instances(dag_id, run_id)["train"].state != "deferred":
+            assert time.monotonic() < deadline, cluster.component_logs()
+            time.sleep(0.2)
+        gate.touch()
 
     assert cluster.wait_for_dag_run(dag_id, run_id) == "failed", cluster.component_logs()
     records = cluster.task_log_records(dag_id, run_id, "train")

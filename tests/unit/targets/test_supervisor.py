@@ -418,3 +418,12 @@ def test_a_job_is_not_left_blocked_on_its_output_when_copying_it_fails(
     assert (
         "amlrun: copying the run's output to its log failed (ConnectionResetError" in capfd.readouterr().out
     )
+
+
+@pytest.mark.parametrize("module", ["airflow_amlrun/targets/supervisor.py", "airflow_amlrun/run_context.py"])
+def test_what_runs_with_an_images_python_is_written_for_python_3_7(module: str) -> None:
+    # The supervisor and the training script's module run under whatever Python an image or host has.
+    import ast
+
+    source = (Path(__file__).resolve().parents[3] / module).read_text()
+    ast.parse(source, feature_version=(3, 7))
