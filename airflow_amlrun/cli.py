@@ -274,6 +274,7 @@ def cmd_runs_logs(args: argparse.Namespace, console: Console) -> int:
     err = Console(stderr=True, soft_wrap=True, highlight=False)
     position = LogPosition()
     grew = time.monotonic()
+    pending = 0
     try:
         while True:
             read = run_log.read(position)
@@ -291,9 +292,11 @@ def cmd_runs_logs(args: argparse.Namespace, console: Console) -> int:
                     f"`amlrun runs logs {record.id} --follow` follows it to its end."
                 )
                 return 0
-            if read.lines:
+            if read.lines or read.pending != pending:
                 grew = time.monotonic()
-                continue
+                pending = read.pending
+                if read.lines:
+                    continue
             # A run whose task died stays unfinished until `amlrun reconcile` settles it: following it would
             # never end. Its log may still grow (the script runs on), so both must have stopped.
             threshold = settings.reconcile_after_seconds

@@ -99,6 +99,8 @@ class LogRead:
     position: LogPosition
     ended: bool
     record: RunRecord
+    # Bytes of a line still being written, read past `position` on the target: the log grows while they do.
+    pending: int = 0
 
 
 class RunLog:
@@ -186,6 +188,7 @@ class RunLog:
             LogPosition(chunk.offset, position.in_store + consumed - marks),
             False,
             record,
+            chunk.pending,
         )
 
     def _read_stored(self, record: RunRecord, position: LogPosition) -> LogRead:

@@ -52,6 +52,8 @@ class Chunk:
     offset: int
     # The last line is a piece of one longer than a read takes, which the next chunk's first line goes on with.
     cut: bool = False
+    # Bytes read past `offset` that wait for the rest of their line (a progress bar's "\r" updates).
+    pending: int = 0
 
 
 @dataclass(frozen=True)

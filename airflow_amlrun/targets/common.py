@@ -180,7 +180,7 @@ def lines_from(data: bytes, offset: int, final: bool) -> Chunk:
     lines = [line[:-1] if line.endswith("\r") else line for line in lines]
     if last is not None:
         lines.append(last)
-    return Chunk(lines, offset + end, cut=cut)
+    return Chunk(lines, offset + end, cut=cut, pending=len(data) - end)
 
 
 def read_lines(path: str | os.PathLike[str], offset: int, final: bool) -> Chunk:

@@ -235,7 +235,12 @@ def _await_end(job: subprocess.Popen[bytes], grace: float) -> int:
         return _exit_code(job.wait(timeout=grace))
     except subprocess.TimeoutExpired:
         job.kill()
-        return _exit_code(job.wait())
+    # A job in uninterruptible sleep (a hung device, a dead disk) may outlive SIGKILL for a while: its exit
+    # code is then the kill's, and the run still ends.
+    try:
+        return _exit_code(job.wait(timeout=grace))
+    except subprocess.TimeoutExpired:
+        return 128 + signal.SIGKILL
 
 
 def _finish_log(control: str) -> None:

@@ -207,8 +207,10 @@ def test_a_follower_gets_every_line_once_whole_however_the_writes_are_cut(lines,
 
 
 def test_a_partial_line_waits_for_its_end_unless_the_run_is_over():
-    assert common.lines_from(b"epoch 1\nepo", 100, final=False) == common.Chunk(["epoch 1"], 108)
-    assert common.lines_from(b"epo", 108, final=False) == common.Chunk([], 108)
+    assert common.lines_from(b"epoch 1\nepo", 100, final=False) == common.Chunk(["epoch 1"], 108, pending=3)
+    # What waits is counted: a reader sees the log grow while a progress bar writes no newline.
+    assert common.lines_from(b"epo", 108, final=False) == common.Chunk([], 108, pending=3)
+    assert common.lines_from(b"epoch\r 2", 108, final=False) == common.Chunk([], 108, pending=8)
     assert common.lines_from(b"epoch 2", 108, final=True) == common.Chunk(["epoch 2"], 115)
 
 
@@ -312,7 +314,7 @@ def test_a_control_file_is_read_from_the_runs_control_folder(tmp_path):
     assert common.read_control(tmp_path / "run", common.EXIT_CODE) == b"3\n"
     assert common.read_control(tmp_path / "run", common.ENDED_BY) == b""  # not written: not ended by a limit
     assert common.read_control_lines(tmp_path / "run", common.EVENTS, 0, final=False) == common.Chunk(
-        ['{"kind": "metric"}'], 19
+        ['{"kind": "metric"}'], 19, pending=5
     )
 
 
