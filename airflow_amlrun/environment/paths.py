@@ -10,6 +10,7 @@ factories here name it the same way, by the code that calls them, as they run be
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import sysconfig
@@ -139,12 +140,15 @@ def _dag_file_of(frame: types.FrameType) -> str | None:
 def _installed(path: str) -> bool:
     """Whether a module file belongs to the standard library or an installed package."""
     folder = os.path.abspath(path)
+    return folder.startswith(_installed_roots()) or "site-packages" in Path(folder).parts
+
+
+@functools.cache
+def _installed_roots() -> tuple[str, ...]:
+    """The folders of the standard library and installed packages (looked up once: every frame is asked)."""
     paths = sysconfig.get_paths()
-    roots = {paths[key] for key in ("stdlib", "platstdlib", "purelib", "platlib") if key in paths}
-    return (
-        any(folder.startswith(os.path.join(root, "")) for root in roots)
-        or "site-packages" in Path(folder).parts
-    )
+    keys = ("stdlib", "platstdlib", "purelib", "platlib")
+    return tuple({os.path.join(paths[key], "") for key in keys if key in paths})
 
 
 def _uses_dag_api(module_globals: Mapping[str, object]) -> bool:

@@ -197,36 +197,11 @@ def test_follow_prints_a_running_runs_lines_as_they_come_and_exits_with_its_outc
 ):
     write_script(tmp_path / "src", "slow.py", SLOW)
     gate = tmp_path / "go"
-    submitter = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            textwrap.dedent(f"""
-                from airflow_amlrun import Experiment, ScriptRunConfig, Workspace
-                config = ScriptRunConfig({str(tmp_path / "src")!r}, script="slow.py",
-                                         arguments=[{str(gate)!r}, {exit_code}])
-                run = Experiment(Workspace.get(), "cli_follow").submit(config)
-                print(run.id, flush=True)
-                run.wait_for_completion(show_output=False, raise_on_error=False)
-            """),
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-        env=os.environ.copy(),
-    )
+    submitter, run_id = submitted(tmp_path / "src", "slow.py", [str(gate), str(exit_code)], "cli_follow")
+    assert run_id.startswith("cli_follow_"), run_id
     follower = None
     try:
-        assert submitter.stdout is not None
-        run_id = submitter.stdout.readline().strip()
-        assert run_id.startswith("cli_follow_"), run_id
-        follower = subprocess.Popen(
-            [AMLRUN, "runs", "logs", run_id, "--follow"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=os.environ.copy(),
-        )
-        lines = _lines_of(follower.stdout)
+        follower, lines = following(run_id)
         assert lines.get(timeout=60) == "first line"
         # Printed while the run still waits for the gate: it goes on, and so does the follower.
         assert str(Workspace.get().get_run(run_id).status) == "Running"
@@ -272,6 +247,18 @@ def test_first_use_of_the_embedded_workspace_says_where_it_is_and_how_to_choose_
 
     again = amlrun("runs", "list", env=env)
     assert again.returncode == 0 and again.stderr == ""
+
+
+def following(run_id: str) -> tuple[subprocess.Popen[str], queue.Queue[str | None]]:
+    """`amlrun runs logs RUN_ID --follow` started, and the lines of its stdout as they come (None at its end)."""
+    follower = subprocess.Popen(
+        [AMLRUN, "runs", "logs", run_id, "--follow"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=os.environ.copy(),
+    )
+    return follower, _lines_of(follower.stdout)
 
 
 def submitted(
@@ -325,14 +312,7 @@ def test_follow_prints_a_log_with_stderr_lines_whole_through_the_runs_end(amlrun
     submitter, run_id = submitted(tmp_path / "src", "train.py", [str(gate)], "cli_follow_stderr")
     follower = None
     try:
-        follower = subprocess.Popen(
-            [AMLRUN, "runs", "logs", run_id, "--follow"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=os.environ.copy(),
-        )
-        lines = _lines_of(follower.stdout)
+        follower, lines = following(run_id)
         seen = [lines.get(timeout=60) for _ in range(121)]
         assert sorted(seen, key=str) == sorted(
             [
