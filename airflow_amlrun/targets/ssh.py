@@ -31,6 +31,7 @@ Connection extras read besides the SSH provider's own and those of `hooks.ssh`: 
 
 from __future__ import annotations
 
+import copy
 import logging
 import shutil
 import tarfile
@@ -307,14 +308,29 @@ class SSHTarget:
         return self._read_lines(handle, EVENTS, offset, final)
 
     def cancel(self, handle: SSHHandle) -> None:
-        self.helper.call(
-            "stopping the run",
-            "kill",
-            handle.run_id,
-            {"grace": TERM_GRACE_SECONDS, "process": _process(handle)},
-            handle=handle,
-            timeout=self.ssh.io_timeout + TERM_GRACE_SECONDS,
+        # Airflow's SIGTERM handler cancels in the thread it interrupts, which may be halfway through a write
+        # on the shared connection, holding paramiko's send lock: the kill goes over a connection of its own.
+        ssh = SSHHost(
+            self.ssh.name,
+            host=self.ssh.host,
+            port=self.ssh.port,
+            login=self.ssh.login,
+            extras=self.ssh.extras,
         )
+        ssh.sftp_offered, ssh.ever_connected = self.ssh.sftp_offered, self.ssh.ever_connected
+        helper = copy.copy(self.helper)
+        helper.ssh = ssh
+        try:
+            helper.call(
+                "stopping the run",
+                "kill",
+                handle.run_id,
+                {"grace": TERM_GRACE_SECONDS, "process": _process(handle)},
+                handle=handle,
+                timeout=self.ssh.io_timeout + TERM_GRACE_SECONDS,
+            )
+        finally:
+            ssh.reset()
         # The next wait looks at the process at once rather than at its next periodic check.
         self._last_liveness.pop(handle.run_id, None)
 
