@@ -15,7 +15,7 @@ from airflow_amlrun.environment import Environment
 from airflow_amlrun.environment.paths import PathBase, as_path, check_path_text, user_file
 from airflow_amlrun.environment.requirements import read_text
 from airflow_amlrun.environment.resolve import parse_reference
-from airflow_amlrun.environment.spec import check_environment_name
+from airflow_amlrun.environment.sections import check_environment_name
 from airflow_amlrun.errors import ConfigurationError, shown
 from airflow_amlrun.workspace import CONNECTION_ID, CONNECTION_ID_RULE
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from importlib import resources
@@ -15,7 +16,8 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from airflow_amlrun.environment.errors import EnvironmentNotFoundError
 from airflow_amlrun.environment.lock import default_uv_cache, resolve_lock
-from airflow_amlrun.errors import ConfigurationError
+from airflow_amlrun.environment.sections import check_environment_name
+from airflow_amlrun.errors import ConfigurationError, shown
 from airflow_amlrun.history.models import Base
 from airflow_amlrun.history.repository import utcnow
 
@@ -79,6 +81,34 @@ class StoredEnvironment:
 
 
 # curated environments
+
+
+# Versions are numbered by the registry: "1", "2", ...
+_VERSION = re.compile(r"[1-9][0-9]{0,8}")
+
+
+def check_call(
+    call: str, workspace: object, name: object, version: object = None, label: object = None
+) -> None:
+    """Refuse the arguments of a registry call (``Environment.get`` and the like) that cannot name anything."""
+    # Looked up on the class: reading a workspace's history property would open its database.
+    if not hasattr(type(workspace), "history"):
+        raise ConfigurationError(
+            f"{call}: workspace must be a Workspace (e.g. Workspace.get()), not {type(workspace).__name__} "
+            f"{shown(workspace)}."
+        )
+    if name is not None:
+        check_environment_name(name, f"{call}: name")
+    if version is not None and (
+        isinstance(version, bool)
+        or not isinstance(version, str | int)
+        or not _VERSION.fullmatch(str(version))
+    ):
+        raise ConfigurationError(
+            f"{call}: version {shown(version)} must be a version number such as '2', or None for the latest."
+        )
+    if label is not None and not isinstance(label, str):
+        raise ConfigurationError(f"{call}: label {shown(label)} must be a string such as 'production'.")
 
 
 def _curated_dir() -> Path:

@@ -2,9 +2,61 @@
 
 from __future__ import annotations
 
+import os
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from airflow_amlrun.environment.credentials import referenced_variables
+from airflow_amlrun.environment.paths import as_path
+from airflow_amlrun.environment.requirements import (
+    check_requirement,
+    check_url,
+    normalize_python_version,
+    string_list,
+)
+from airflow_amlrun.errors import ConfigurationError, shown
+
+_ENV_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,254}")
+# Maven coordinates as spark-submit --packages takes them: group:artifact:version.
+_MAVEN_COORDINATE = re.compile(r"^[A-Za-z0-9_.\-]+:[A-Za-z0-9_.\-]+:[A-Za-z0-9_.\-+]+$")
+# An image reference as Docker parses it: [registry[:port]/]path[:tag][@digest], lowercase path components.
+_IMAGE_REFERENCE = re.compile(
+    r"(?:(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)*"
+    r"|\[[0-9a-fA-F:]+\])(?::[0-9]+)?/)?"
+    r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*"
+    r"(?::[\w][\w.-]{0,127})?"
+    r"(?:@[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,})?"
+)
+_DOCKERFILE_FROM = re.compile(r"^\s*FROM\s", re.IGNORECASE | re.MULTILINE)
+
+
+def check_environment_name(name: object, what: str = "Environment name") -> str:
+    """The name, if an environment may have it; else an error that says the rule."""
+    if not isinstance(name, str) or not _ENV_NAME.fullmatch(name):
+        raise ConfigurationError(
+            f"{what} {shown(name)} is not valid: use letters, digits, '.', '_' and '-' (at most 255 "
+            "characters, starting with a letter or digit)."
+        )
+    return name
+
+
+def check_image_reference(image: object, what: str) -> str:
+    """The image reference, if Docker can parse it (``python:3.11-slim``, ``registry:5000/team/img@sha256:...``)."""
+    if not isinstance(image, str) or not image.strip():
+        raise ConfigurationError(
+            f"{what} must name a Docker image such as 'python:3.11-slim', not {shown(image)}."
+        )
+    repository = image.split("@", 1)[0]
+    if repository.rfind(":") > repository.rfind("/"):
+        repository = repository[: repository.rfind(":")]
+    if not _IMAGE_REFERENCE.fullmatch(image) or len(repository) > 255:
+        raise ConfigurationError(
+            f"{what} {shown(image)} is not a Docker image reference: write [registry[:port]/]name[:tag][@digest] "
+            "with a lowercase name, e.g. 'python:3.11-slim' or 'registry.example.com:5000/team/train:1.2'."
+        )
+    return image
 
 
 @dataclass
@@ -48,6 +100,55 @@ class PythonSection:
         lines = [f"--index-url {self.index_url}"] if self.index_url else []
         return lines + [f"--extra-index-url {url}" for url in self.extra_index_urls]
 
+    def check(self, where: str) -> None:
+        """Check the section as it is now, normalising what has one normal form; `where` names the environment."""
+        if self.user_managed_dependencies is None:
+            self.user_managed_dependencies = not self.pip_requirements
+        if not isinstance(self.user_managed_dependencies, bool):
+            raise ConfigurationError(
+                f"{where}: python.user_managed_dependencies={shown(self.user_managed_dependencies)} must be "
+                "True, False or None (decided by whether pip_requirements are given)."
+            )
+        if self.version is not None:
+            self.version = normalize_python_version(self.version, where=f"{where}: python.version")
+        if isinstance(self.pip_requirements, str) or not isinstance(self.pip_requirements, Sequence):
+            raise ConfigurationError(
+                f"{where}: python.pip_requirements must be a list such as ['pandas>=2'], not "
+                f"{self.pip_requirements!r}; to read a requirements file, use Environment.from_pip_requirements."
+            )
+        self.pip_requirements = [check_requirement(r, where=where) for r in self.pip_requirements]
+        if self.user_managed_dependencies and self.pip_requirements:
+            raise ConfigurationError(
+                f"{where} is user-managed (python.user_managed_dependencies=True) but lists pip requirements "
+                f"{self.pip_requirements}: they would not be installed. Set "
+                "python.user_managed_dependencies=False to have them locked and installed, or remove them."
+            )
+        if self.interpreter_path is not None:
+            self.interpreter_path = os.fsdecode(
+                as_path(self.interpreter_path, f"{where}: python.interpreter_path")
+            )
+            if not os.path.isabs(os.path.expanduser(self.interpreter_path)):
+                raise ConfigurationError(
+                    f"{where}: python.interpreter_path {shown(self.interpreter_path)} must be an absolute path "
+                    "such as '/usr/bin/python3'."
+                )
+        if self.index_url is not None:
+            self.index_url = check_url(self.index_url, where=f"{where}: python", option="index_url")
+        self.extra_index_urls = [
+            check_url(u, where=f"{where}: python", option="extra_index_urls")
+            for u in string_list(self.extra_index_urls, f"{where}: python.extra_index_urls")
+        ]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "user_managed_dependencies": self.user_managed_dependencies,
+            "interpreter_path": self.interpreter_path,
+            "version": self.version,
+            "pip_requirements": list(self.pip_requirements),
+            "index_url": self.index_url,
+            "extra_index_urls": list(self.extra_index_urls),
+        }
+
 
 @dataclass
 class DockerSection:
@@ -60,6 +161,22 @@ class DockerSection:
     base_image: str | None = None
     dockerfile: str | None = None
 
+    def check(self, where: str) -> None:
+        """Check the section as it is now; `where` names the environment."""
+        if self.base_image is not None:
+            check_image_reference(self.base_image, f"{where}: docker.base_image")
+        if self.dockerfile is not None:
+            _check_dockerfile(self.dockerfile, f"{where}: docker.dockerfile")
+        if self.base_image and self.dockerfile:
+            raise ConfigurationError(
+                f"{where} sets both docker.base_image ({self.base_image!r}) and docker.dockerfile: give one. Use "
+                "base_image to add the environment to an existing image, or a Dockerfile whose FROM line names "
+                "the base."
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"base_image": self.base_image, "dockerfile": self.dockerfile}
+
 
 @dataclass
 class SparkSection:
@@ -71,3 +188,35 @@ class SparkSection:
 
     packages: list[str] = field(default_factory=list)
     repositories: list[str] = field(default_factory=list)
+
+    def check(self, where: str) -> None:
+        """Check the section as it is now; `where` names the environment."""
+        for package in string_list(self.packages, f"{where}: spark.packages"):
+            if not _MAVEN_COORDINATE.match(package):
+                raise ConfigurationError(
+                    f"{where}: spark package {package!r} is not a Maven coordinate. Write it as "
+                    "group:artifact:version, e.g. 'org.apache.spark:spark-avro_2.12:3.5.1'."
+                )
+        # Repository URLs are stored like index URLs, so a password in them is a ${VAR} reference too.
+        self.repositories = [
+            check_url(u, where=where, option="spark repository")
+            for u in string_list(self.repositories, f"{where}: spark.repositories")
+        ]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"packages": list(self.packages), "repositories": list(self.repositories)}
+
+
+def _check_dockerfile(text: object, where: str) -> None:
+    if not isinstance(text, str) or not text.strip():
+        raise ConfigurationError(
+            f"{where} must be the text of a Dockerfile, not {shown(text)}; to read one from a file, use "
+            "Environment.from_dockerfile(name, path)."
+        )
+    if "\0" in text:
+        raise ConfigurationError(f"{where} holds a NUL byte (\\0): a Dockerfile is text; fix the file.")
+    if not _DOCKERFILE_FROM.search(text):
+        raise ConfigurationError(
+            f"{where} has no FROM line, so Docker cannot build it: start it with the base image, e.g. "
+            "'FROM python:3.11-slim' (or give docker.base_image instead)."
+        )

@@ -7,7 +7,6 @@ import copy
 import hashlib
 import json
 import os
-import re
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -16,9 +15,6 @@ from typing import TYPE_CHECKING, Any
 
 from airflow_amlrun.environment.paths import PathBase, as_path, calling_base, user_file
 from airflow_amlrun.environment.requirements import (
-    check_requirement,
-    check_url,
-    normalize_python_version,
     read_conda_specification,
     read_package_file,
     read_requirement_lines,
@@ -26,80 +22,21 @@ from airflow_amlrun.environment.requirements import (
     read_text,
     string_list,
 )
-from airflow_amlrun.environment.sections import DockerSection, PythonSection, SparkSection
+from airflow_amlrun.environment.sections import (
+    DockerSection,
+    PythonSection,
+    SparkSection,
+    check_environment_name,
+    check_image_reference,
+)
 from airflow_amlrun.errors import ConfigurationError, shown
 
 if TYPE_CHECKING:
     from airflow_amlrun.environment.registry import RegistryHost
 
 DEFAULT_NAME = "amlrun-user-managed"
-
-# Maven coordinates as spark-submit --packages takes them: group:artifact:version.
-_MAVEN_COORDINATE = re.compile(r"^[A-Za-z0-9_.\-]+:[A-Za-z0-9_.\-]+:[A-Za-z0-9_.\-+]+$")
-_ENV_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,254}")
-# An image reference as Docker parses it: [registry[:port]/]path[:tag][@digest], lowercase path components.
-_IMAGE_REFERENCE = re.compile(
-    r"(?:(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)*"
-    r"|\[[0-9a-fA-F:]+\])(?::[0-9]+)?/)?"
-    r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*"
-    r"(?::[\w][\w.-]{0,127})?"
-    r"(?:@[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,})?"
-)
-# Versions are numbered by the registry: "1", "2", ...
-_VERSION = re.compile(r"[1-9][0-9]{0,8}")
-_DOCKERFILE_FROM = re.compile(r"^\s*FROM\s", re.IGNORECASE | re.MULTILINE)
 # Values a process environment can take; anything else has no one string form.
 _VARIABLE_VALUES = (str, int, float, bool, os.PathLike)
-
-
-def check_environment_name(name: object, what: str = "Environment name") -> str:
-    """The name, if an environment may have it; else an error that says the rule."""
-    if not isinstance(name, str) or not _ENV_NAME.fullmatch(name):
-        raise ConfigurationError(
-            f"{what} {shown(name)} is not valid: use letters, digits, '.', '_' and '-' (at most 255 "
-            "characters, starting with a letter or digit)."
-        )
-    return name
-
-
-def check_image_reference(image: object, what: str) -> str:
-    """The image reference, if Docker can parse it (``python:3.11-slim``, ``registry:5000/team/img@sha256:...``)."""
-    if not isinstance(image, str) or not image.strip():
-        raise ConfigurationError(
-            f"{what} must name a Docker image such as 'python:3.11-slim', not {shown(image)}."
-        )
-    repository = image.split("@", 1)[0]
-    if repository.rfind(":") > repository.rfind("/"):
-        repository = repository[: repository.rfind(":")]
-    if not _IMAGE_REFERENCE.fullmatch(image) or len(repository) > 255:
-        raise ConfigurationError(
-            f"{what} {shown(image)} is not a Docker image reference: write [registry[:port]/]name[:tag][@digest] "
-            "with a lowercase name, e.g. 'python:3.11-slim' or 'registry.example.com:5000/team/train:1.2'."
-        )
-    return image
-
-
-def _check_registry_call(
-    call: str, workspace: object, name: object, version: object = None, label: object = None
-) -> None:
-    # Looked up on the class: reading a workspace's history property would open its database.
-    if not hasattr(type(workspace), "history"):
-        raise ConfigurationError(
-            f"{call}: workspace must be a Workspace (e.g. Workspace.get()), not {type(workspace).__name__} "
-            f"{shown(workspace)}."
-        )
-    if name is not None:
-        check_environment_name(name, f"{call}: name")
-    if version is not None and (
-        isinstance(version, bool)
-        or not isinstance(version, str | int)
-        or not _VERSION.fullmatch(str(version))
-    ):
-        raise ConfigurationError(
-            f"{call}: version {shown(version)} must be a version number such as '2', or None for the latest."
-        )
-    if label is not None and not isinstance(label, str):
-        raise ConfigurationError(f"{call}: label {shown(label)} must be a string such as 'production'.")
 
 
 @dataclass
@@ -144,71 +81,10 @@ class Environment:
                     f"airflow_amlrun.environment import {kind.__name__}), not {type(getattr(self, section)).__name__}; "
                     "to make an environment from a dict, use Environment.from_dict."
                 )
-        py = self.python
-        if py.user_managed_dependencies is None:
-            py.user_managed_dependencies = not py.pip_requirements
-        if not isinstance(py.user_managed_dependencies, bool):
-            raise ConfigurationError(
-                f"Environment {self.name!r}: python.user_managed_dependencies="
-                f"{shown(py.user_managed_dependencies)} must be True, False or None (decided by whether "
-                "pip_requirements are given)."
-            )
-        if py.version is not None:
-            py.version = normalize_python_version(
-                py.version, where=f"Environment {self.name!r}: python.version"
-            )
-        if isinstance(py.pip_requirements, str) or not isinstance(py.pip_requirements, Sequence):
-            raise ConfigurationError(
-                f"Environment {self.name!r}: python.pip_requirements must be a list such as ['pandas>=2'], "
-                f"not {py.pip_requirements!r}; to read a requirements file, use "
-                "Environment.from_pip_requirements."
-            )
-        py.pip_requirements = [
-            check_requirement(r, where=f"Environment {self.name!r}") for r in py.pip_requirements
-        ]
-        if py.user_managed_dependencies and py.pip_requirements:
-            raise ConfigurationError(
-                f"Environment {self.name!r} is user-managed (python.user_managed_dependencies=True) but "
-                f"lists pip requirements {py.pip_requirements}: they would not be installed. Set "
-                "python.user_managed_dependencies=False to have them locked and installed, or remove them."
-            )
-        if py.interpreter_path is not None:
-            py.interpreter_path = os.fsdecode(
-                as_path(py.interpreter_path, f"Environment {self.name!r}: python.interpreter_path")
-            )
-            if not os.path.isabs(os.path.expanduser(py.interpreter_path)):
-                raise ConfigurationError(
-                    f"Environment {self.name!r}: python.interpreter_path {shown(py.interpreter_path)} must be "
-                    "an absolute path such as '/usr/bin/python3'."
-                )
-        where = f"Environment {self.name!r}: python"
-        if py.index_url is not None:
-            py.index_url = check_url(py.index_url, where=where, option="index_url")
-        py.extra_index_urls = [
-            check_url(u, where=where, option="extra_index_urls")
-            for u in string_list(py.extra_index_urls, f"{where}.extra_index_urls")
-        ]
-        if self.docker.base_image is not None:
-            check_image_reference(self.docker.base_image, f"Environment {self.name!r}: docker.base_image")
-        if self.docker.dockerfile is not None:
-            self._check_dockerfile(self.docker.dockerfile)
-        if self.docker.base_image and self.docker.dockerfile:
-            raise ConfigurationError(
-                f"Environment {self.name!r} sets both docker.base_image ({self.docker.base_image!r}) and "
-                "docker.dockerfile: give one. Use base_image to add the environment to an existing image, "
-                "or a Dockerfile whose FROM line names the base."
-            )
-        for package in string_list(self.spark.packages, f"Environment {self.name!r}: spark.packages"):
-            if not _MAVEN_COORDINATE.match(package):
-                raise ConfigurationError(
-                    f"Environment {self.name!r}: spark package {package!r} is not a Maven coordinate. "
-                    "Write it as group:artifact:version, e.g. 'org.apache.spark:spark-avro_2.12:3.5.1'."
-                )
-        # Repository URLs are stored like index URLs, so a password in them is a ${VAR} reference too.
-        self.spark.repositories = [
-            check_url(u, where=f"Environment {self.name!r}", option="spark repository")
-            for u in string_list(self.spark.repositories, f"Environment {self.name!r}: spark.repositories")
-        ]
+        where = f"Environment {self.name!r}"
+        self.python.check(where)
+        self.docker.check(where)
+        self.spark.check(where)
         if not isinstance(self.environment_variables, Mapping):
             raise ConfigurationError(
                 f"Environment {self.name!r}: environment_variables must be a mapping of names to values such "
@@ -231,21 +107,6 @@ class Environment:
                     os.fsdecode(value) if isinstance(value, os.PathLike) else str(value)
                 )
 
-    def _check_dockerfile(self, text: object) -> None:
-        where = f"Environment {self.name!r}: docker.dockerfile"
-        if not isinstance(text, str) or not text.strip():
-            raise ConfigurationError(
-                f"{where} must be the text of a Dockerfile, not {shown(text)}; to read one from a file, use "
-                "Environment.from_dockerfile(name, path)."
-            )
-        if "\0" in text:
-            raise ConfigurationError(f"{where} holds a NUL byte (\\0): a Dockerfile is text; fix the file.")
-        if not _DOCKERFILE_FROM.search(text):
-            raise ConfigurationError(
-                f"{where} has no FROM line, so Docker cannot build it: start it with the base image, e.g. "
-                "'FROM python:3.11-slim' (or give docker.base_image instead)."
-            )
-
     def local_interpreter(self) -> str:
         """The interpreter a run on this machine uses; checked, so a bad path fails before the run."""
         path = self.python.interpreter_path
@@ -266,16 +127,9 @@ class Environment:
         return {
             "name": self.name,
             "version": self.version,
-            "python": {
-                "user_managed_dependencies": self.python.user_managed_dependencies,
-                "interpreter_path": self.python.interpreter_path,
-                "version": self.python.version,
-                "pip_requirements": list(self.python.pip_requirements),
-                "index_url": self.python.index_url,
-                "extra_index_urls": list(self.python.extra_index_urls),
-            },
-            "docker": {"base_image": self.docker.base_image, "dockerfile": self.docker.dockerfile},
-            "spark": {"packages": list(self.spark.packages), "repositories": list(self.spark.repositories)},
+            "python": self.python.to_dict(),
+            "docker": self.docker.to_dict(),
+            "spark": self.spark.to_dict(),
             "environment_variables": dict(self.environment_variables),
         }
 
@@ -562,7 +416,7 @@ class Environment:
         """
         from airflow_amlrun.environment import registry
 
-        _check_registry_call(f"Environment {self.name!r}.register", workspace, None)
+        registry.check_call(f"Environment {self.name!r}.register", workspace, None)
         return registry.register(workspace, self).spec
 
     @classmethod
@@ -578,7 +432,7 @@ class Environment:
         """
         from airflow_amlrun.environment import registry
 
-        _check_registry_call("Environment.get", workspace, name, version, label)
+        registry.check_call("Environment.get", workspace, name, version, label)
         return registry.lookup(cls, workspace, name, version=version, label=label).spec
 
     @classmethod
@@ -592,7 +446,7 @@ class Environment:
         """
         from airflow_amlrun.environment import registry
 
-        _check_registry_call("Environment.set_label", workspace, name, version, label)
+        registry.check_call("Environment.set_label", workspace, name, version, label)
         if version is None or label is None:
             raise ConfigurationError(
                 f"Environment.set_label: give both the version ({version!r}) and the label ({label!r})."
@@ -613,7 +467,7 @@ class Environment:
         """
         from airflow_amlrun.environment import registry
 
-        _check_registry_call("Environment.list", workspace, name)
+        registry.check_call("Environment.list", workspace, name)
         return registry.list_environments(cls, workspace, name=name)
 
 
