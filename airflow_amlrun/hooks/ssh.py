@@ -154,6 +154,13 @@ class SSHHost:
         transport = client.get_transport() if client is not None else None
         return bool(transport is not None and transport.is_active())
 
+    def twin(self) -> SSHHost:
+        """A second connection to the same host with the same settings, opened on first use; what this one
+        learnt of the host (whether it offers SFTP, whether it was ever reached) carries over."""
+        twin = SSHHost(self.name, host=self.host, port=self.port, login=self.login, extras=self.extras)
+        twin.sftp_offered, twin.ever_connected = self.sftp_offered, self.ever_connected
+        return twin
+
     def reset(self) -> None:
         """Close the connection; the next operation connects again."""
         self._connection.close()

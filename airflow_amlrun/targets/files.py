@@ -11,6 +11,7 @@ import errno
 import os
 import stat
 from pathlib import Path, PurePosixPath
+from typing import IO
 
 # Opens a folder, never through a link.
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -128,3 +129,24 @@ def require_tar_data_filter() -> None:
             f"filter, which keeps what a run sends back inside its folder); this worker runs "
             f"{sys.version.split()[0]}. Upgrade the worker's Python."
         )
+
+
+def extract_tar_stream(stream: IO[bytes], dest: Path) -> list[tuple[str, str]]:
+    """Unpack a tar stream into dest with tarfile's "data" filter; a member that cannot be written there
+    (refused by the filter, or failing) is skipped, and returned as (its name, shortened; why), so that one
+    bad file does not cost the others."""
+    import tarfile
+
+    require_tar_data_filter()
+    skipped = []
+    with tarfile.open(fileobj=stream, mode="r|") as tar:
+        for member in tar:
+            try:
+                tar.extract(member, dest, filter="data")
+            except (tarfile.TarError, OSError) as err:
+                name = (
+                    member.name if len(member.name) <= 203 else f"{member.name[:100]}...{member.name[-100:]}"
+                )
+                why = err.strerror if isinstance(err, OSError) and err.strerror else err
+                skipped.append((name, str(why)))
+    return skipped

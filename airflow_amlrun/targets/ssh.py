@@ -31,13 +31,10 @@ Connection extras read besides the SSH provider's own and those of `hooks.ssh`: 
 
 from __future__ import annotations
 
-import copy
 import logging
 import shutil
-import tarfile
 import tempfile
 import time
-from functools import cached_property
 from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any
 
@@ -46,7 +43,6 @@ from airflow_amlrun.hooks.ssh import SSHHost
 from airflow_amlrun.hooks.ssh import SSHTargetConfigurationError as SSHTargetConfigurationError
 from airflow_amlrun.hooks.ssh import SSHTargetError as SSHTargetError
 from airflow_amlrun.hooks.ssh import SSHTargetUnreachableError as SSHTargetUnreachableError
-from airflow_amlrun.snapshot import hash_bytes
 from airflow_amlrun.targets.base import Chunk, CodeSource, Collected, Job, TargetStatus
 from airflow_amlrun.targets.common import (
     CONTROL_DIR,
@@ -67,9 +63,8 @@ from airflow_amlrun.targets.common import (
     supervisor_request,
     time_limit_status,
     unmark_file,
-    write_run_context_package,
 )
-from airflow_amlrun.targets.files import require_tar_data_filter
+from airflow_amlrun.targets.files import extract_tar_stream
 from airflow_amlrun.targets.handles import SSHHandle
 from airflow_amlrun.targets.ssh_helper import RemoteHelper
 
@@ -157,7 +152,7 @@ class SSHTarget:
             for entry in code.snapshot.entries
             if entry.digest is not None
         }
-        pylib = self._run_context_blobs
+        pylib = self.helper.run_context_blobs
         blobs: dict[str, int] = {digest: size for digest, size, _ in files.values()}
         blobs.update({digest: len(data) for digest, data in pylib.values()})
         entries: list[dict[str, Any]] = [
@@ -232,7 +227,7 @@ class SSHTarget:
                 f"set the connection's extra amlrun_base_dir to a folder on a larger disk.",
                 host=self.host,
             )
-        pylib_bytes = dict(self._run_context_blobs.values())
+        pylib_bytes = dict(self.helper.run_context_blobs.values())
         sent = 0
         for digest in missing:
             data = pylib_bytes[digest] if digest in pylib_bytes else code.store.get_bytes(digest)
@@ -310,17 +305,7 @@ class SSHTarget:
     def cancel(self, handle: SSHHandle) -> None:
         # Airflow's SIGTERM handler cancels in the thread it interrupts, which may be halfway through a write
         # on the shared connection, holding paramiko's send lock: the kill goes over a connection of its own.
-        ssh = SSHHost(
-            self.ssh.name,
-            host=self.ssh.host,
-            port=self.ssh.port,
-            login=self.ssh.login,
-            extras=self.ssh.extras,
-        )
-        ssh.sftp_offered, ssh.ever_connected = self.ssh.sftp_offered, self.ssh.ever_connected
-        helper = copy.copy(self.helper)
-        helper.ssh = ssh
-        try:
+        with self.helper.on_own_connection() as helper:
             helper.call(
                 "stopping the run",
                 "kill",
@@ -329,8 +314,6 @@ class SSHTarget:
                 handle=handle,
                 timeout=self.ssh.io_timeout + TERM_GRACE_SECONDS,
             )
-        finally:
-            ssh.reset()
         # The next wait looks at the process at once rather than at its next periodic check.
         self._last_liveness.pop(handle.run_id, None)
 
@@ -349,20 +332,8 @@ class SSHTarget:
             spool.seek(0)
             shutil.rmtree(dest, ignore_errors=True)
             dest.mkdir(parents=True)
-            require_tar_data_filter()
-            with tarfile.open(fileobj=spool, mode="r|") as tar:
-                for member in tar:
-                    try:
-                        tar.extract(member, dest, filter="data")
-                    except (tarfile.TarError, OSError) as err:
-                        # One file that cannot be written here does not cost the run its other outputs.
-                        log.warning(
-                            "Run %s: skipped %s from %s: %s",
-                            handle.run_id,
-                            _shorten(member.name),
-                            self.host,
-                            err.strerror if isinstance(err, OSError) and err.strerror else err,
-                        )
+            for name, why in extract_tar_stream(spool, dest):
+                log.warning("Run %s: skipped %s from %s: %s", handle.run_id, name, self.host, why)
         for folder in ("outputs", "logs"):
             (dest / folder).mkdir(exist_ok=True)
         unmark_file(dest / "logs" / STD_LOG)
@@ -468,19 +439,6 @@ class SSHTarget:
             what=f"Building environment {environment.name!r} on SSH host {self.host}"
         )
 
-    @cached_property
-    def _run_context_blobs(self) -> dict[str, tuple[str, bytes]]:
-        """The importable run_context package, as run-dir path -> (digest, bytes), cached like code blobs."""
-        with tempfile.TemporaryDirectory() as tmp:
-            root = write_run_context_package(tmp)
-            files = sorted(p for p in root.rglob("*") if p.is_file())
-            blobs = {}
-            for path in files:
-                data = path.read_bytes()
-                relative = f"{CONTROL_DIR}/{PYLIB}/{path.relative_to(root).as_posix()}"
-                blobs[relative] = (hash_bytes(data), data)
-            return blobs
-
     def _read_lines(self, handle: SSHHandle, name: str, offset: int, final: bool) -> Chunk:
         data = self.ssh.retrying(
             "reading the run's output", lambda: self.helper.read_control(handle, name, offset, READ_CAP)
@@ -507,10 +465,6 @@ class SSHTarget:
 
 def _bind(function: Any, *args: Any) -> Any:
     return lambda: function(*args)
-
-
-def _shorten(text: str, keep: int = 100) -> str:
-    return text if len(text) <= 2 * keep + 3 else f"{text[:keep]}...{text[-keep:]}"
 
 
 def _process(handle: SSHHandle) -> dict[str, Any] | None:

@@ -14,25 +14,28 @@ A run's control files are read over SFTP by byte offset, and only once `lstat` s
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import io
 import json
 import logging
 import shlex
 import stat
+import tempfile
 import time
 from functools import cached_property
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from airflow_amlrun.hooks.ssh import RunState, SSHTargetConfigurationError, SSHTargetError
+from airflow_amlrun.snapshot import hash_bytes
 from airflow_amlrun.targets import supervisor
-from airflow_amlrun.targets.common import CONTROL_DIR
+from airflow_amlrun.targets.common import CONTROL_DIR, PYLIB, write_run_context_package
 from airflow_amlrun.targets.files import file_kind
 from airflow_amlrun.targets.ssh_remote import REFUSED
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
 
     from airflow_amlrun.hooks.ssh import SSHHost
     from airflow_amlrun.targets.handles import SSHHandle
@@ -238,6 +241,29 @@ class RemoteHelper:
                     host=self.host,
                 )
         self._lib_present.add(base)
+
+    @contextlib.contextmanager
+    def on_own_connection(self) -> Iterator[RemoteHelper]:
+        """This helper over a connection of its own, closed after: for a call that must not wait for (or
+        break) one in flight on the shared connection."""
+        helper = copy.copy(self)
+        helper.ssh = self.ssh.twin()
+        try:
+            yield helper
+        finally:
+            helper.ssh.reset()
+
+    @cached_property
+    def run_context_blobs(self) -> dict[str, tuple[str, bytes]]:
+        """The importable run_context package every run gets, as run-dir path -> (digest, bytes); sent and
+        cached on the host like code blobs."""
+        with tempfile.TemporaryDirectory() as tmp:
+            root = write_run_context_package(tmp)
+            blobs = {}
+            for path in sorted(p for p in root.rglob("*") if p.is_file()):
+                data = path.read_bytes()
+                blobs[f"{CONTROL_DIR}/{PYLIB}/{path.relative_to(root).as_posix()}"] = (hash_bytes(data), data)
+            return blobs
 
     def put_blob(self, digest: str, data: bytes) -> None:
         """Write a code blob to the host's cache (over SFTP, else through the helper), atomically."""
