@@ -26,7 +26,7 @@ from airflow_amlrun.snapshot.errors import (
     SourceUnreadableError,
 )
 from airflow_amlrun.snapshot.ignore import AMLIGNORE, ignore_line_for
-from airflow_amlrun.snapshot.manifest import Snapshot, SnapshotEntry
+from airflow_amlrun.snapshot.manifest import MANIFEST_VERSION, Snapshot, SnapshotEntry
 from airflow_amlrun.snapshot.statcache import StatCache, StatKey
 from airflow_amlrun.snapshot.store import BlobBatch, BlobStore
 from airflow_amlrun.snapshot.walk import ScannedFile, ScanResult, find_exclusion, normalize_mode, scan_tree
@@ -125,6 +125,18 @@ def take_snapshot(
         for i, f in enumerate(files):
             digests[i] = cache.get(f.path, _stat_key(f))
     to_hash = [i for i, d in enumerate(digests) if d is None]
+    if cache is not None and not to_hash and cache.last is not None:
+        unchanged = _last_snapshot(scan, files, digests, cache.last, store)
+        if unchanged is not None:
+            _log_snapshot(unchanged, scan, 0, 0, 0)
+            return SnapshotResult(
+                snapshot=unchanged,
+                bytes_written=0,
+                blobs_written=0,
+                warnings=tuple(warnings),
+                files_hashed=0,
+                manifest_bytes=0,
+            )
     # Each digest is stored once, by the first file that claims it.
     claimed: set[str] = set()
     claim_lock = threading.Lock()
@@ -207,18 +219,13 @@ def take_snapshot(
     bytes_written += manifest_bytes
 
     if cache is not None:
-        cache.save(((f.path, _stat_key(f), d) for f, d in zip(files, known, strict=True)), now_ns=started_ns)
+        cache.save(
+            ((f.path, _stat_key(f), d) for f, d in zip(files, known, strict=True)),
+            now_ns=started_ns,
+            last=(_fingerprint(files, known, scan), snapshot.id),
+        )
         warnings.extend(cache.warnings)
-    log.info(
-        "Snapshot %s of %s: %d files, %d bytes; hashed %d files, wrote %d blobs (%d bytes).",
-        snapshot.id,
-        scan.root,
-        snapshot.file_count,
-        snapshot.total_bytes,
-        len(to_hash),
-        blobs_written,
-        bytes_written,
-    )
+    _log_snapshot(snapshot, scan, len(to_hash), blobs_written, bytes_written)
     return SnapshotResult(
         snapshot=snapshot,
         bytes_written=bytes_written,
@@ -226,6 +233,57 @@ def take_snapshot(
         warnings=tuple(warnings),
         files_hashed=len(to_hash),
         manifest_bytes=manifest_bytes,
+    )
+
+
+def _fingerprint(files: list[ScannedFile], digests: list[str], scan: ScanResult) -> str:
+    """A digest of every entry a snapshot is built from: path, mode, stat data and content digest of each
+    file, path and target of each link, in scan order. Records are NUL-separated and begin with their kind,
+    and no field holds a NUL, so two different listings never give the same text."""
+    parts = [f"v{MANIFEST_VERSION}"]
+    parts += [
+        f"F\0{f.path}\0{f.mode}\0{_stat_key(f).stamp()}\0{d}" for f, d in zip(files, digests, strict=True)
+    ]
+    parts += [f"L\0{link.path}\0{link.target}" for link in scan.links]
+    return blake3.blake3("\0".join(parts).encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def _last_snapshot(
+    scan: ScanResult,
+    files: list[ScannedFile],
+    digests: list[str | None],
+    last: tuple[str, str],
+    store: BlobStore,
+) -> Snapshot | None:
+    """The root's last snapshot, when every file's digest came from the stat cache and the entries are those
+    it was built from (and validated) last time, and the store still holds it; None otherwise.
+
+    Its manifest is not built or validated again: the fingerprint vouches that the entries are the same.
+    """
+    known = [d for d in digests if d is not None]
+    fingerprint, snapshot_id = last
+    if len(known) != len(files) or _fingerprint(files, known, scan) != fingerprint:
+        return None
+    if not store.has_manifest(snapshot_id):
+        return None
+    entries = [
+        SnapshotEntry(path=f.path, mode=f.mode, size=f.size, digest=d)
+        for f, d in zip(files, known, strict=True)
+    ]
+    entries += [SnapshotEntry(path=link.path, link=link.target) for link in scan.links]
+    return Snapshot(id=snapshot_id, entries=tuple(sorted(entries, key=lambda e: e.path)))
+
+
+def _log_snapshot(snapshot: Snapshot, scan: ScanResult, hashed: int, blobs: int, written: int) -> None:
+    log.info(
+        "Snapshot %s of %s: %d files, %d bytes; hashed %d files, wrote %d blobs (%d bytes).",
+        snapshot.id,
+        scan.root,
+        snapshot.file_count,
+        snapshot.total_bytes,
+        hashed,
+        blobs,
+        written,
     )
 
 
