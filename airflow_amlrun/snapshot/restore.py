@@ -56,8 +56,6 @@ def materialize(
     """
     if isinstance(snapshot, str):
         snapshot = store.get_manifest(snapshot)
-    else:
-        validate_entries(snapshot.entries)
     with store.folders_kept_open():
         _write_tree(store, snapshot, os.fspath(dest), verify=not store.is_local, max_workers=max_workers)
     return snapshot
