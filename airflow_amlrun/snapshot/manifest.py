@@ -109,6 +109,17 @@ class Snapshot:
         _check_version(doc.get("version"), "Manifest")
         return cls.from_entries(_flatten(doc, load_tree))
 
+    def nodes(self) -> Mapping[str, bytes]:
+        """The directory nodes below the root, by digest: ``trees``, or built from the entries when this
+        snapshot was made without them (a stat cache's last snapshot of an unchanged tree)."""
+        if (
+            self.trees
+            or self.version == FLAT_MANIFEST_VERSION
+            or not any("/" in e.path for e in self.entries)
+        ):
+            return self.trees
+        return _build_tree(self.entries)[1]
+
     def to_json(self) -> str:
         """The canonical JSON that ``id`` hashes: the root node (sorted entries and keys, no whitespace)."""
         if self.version == FLAT_MANIFEST_VERSION:

@@ -26,7 +26,7 @@ from airflow_amlrun.snapshot.errors import (
     SourceUnreadableError,
 )
 from airflow_amlrun.snapshot.ignore import AMLIGNORE, ignore_line_for
-from airflow_amlrun.snapshot.manifest import MANIFEST_VERSION, Snapshot, SnapshotEntry
+from airflow_amlrun.snapshot.manifest import MANIFEST_VERSION, Snapshot, SnapshotEntry, is_digest
 from airflow_amlrun.snapshot.statcache import StatCache, StatKey
 from airflow_amlrun.snapshot.store import BlobBatch, BlobStore
 from airflow_amlrun.snapshot.walk import ScannedFile, ScanResult, find_exclusion, normalize_mode, scan_tree
@@ -236,11 +236,16 @@ def take_snapshot(
     )
 
 
+# Raised whenever what a snapshot's entries are checked against changes (a stricter manifest validation),
+# so that a tree last snapshotted by an older version is built and checked again.
+_FINGERPRINT_VERSION = 1
+
+
 def _fingerprint(files: list[ScannedFile], digests: list[str], scan: ScanResult) -> str:
     """A digest of every entry a snapshot is built from: path, mode, stat data and content digest of each
     file, path and target of each link, in scan order. Records are NUL-separated and begin with their kind,
     and no field holds a NUL, so two different listings never give the same text."""
-    parts = [f"v{MANIFEST_VERSION}"]
+    parts = [f"v{MANIFEST_VERSION}.{_FINGERPRINT_VERSION}"]
     parts += [
         f"F\0{f.path}\0{f.mode}\0{_stat_key(f).stamp()}\0{d}" for f, d in zip(files, digests, strict=True)
     ]
@@ -262,9 +267,9 @@ def _last_snapshot(
     """
     known = [d for d in digests if d is not None]
     fingerprint, snapshot_id = last
-    if len(known) != len(files) or _fingerprint(files, known, scan) != fingerprint:
+    if len(known) != len(files) or not is_digest(snapshot_id) or not all(map(is_digest, known)):
         return None
-    if not store.has_manifest(snapshot_id):
+    if _fingerprint(files, known, scan) != fingerprint or not store.has_manifest(snapshot_id):
         return None
     entries = [
         SnapshotEntry(path=f.path, mode=f.mode, size=f.size, digest=d)

@@ -6,8 +6,12 @@ The ctime is part of the key because a process can put a file's old mtime back a
 SQLite in WAL mode makes the cache safe to share between processes; each snapshot replaces its root's
 rows in one transaction. Beside the digests, the cache remembers the root's last snapshot: its id and a
 fingerprint of every entry it was built from (path, mode, stat data, digest, link target), so that an
-unchanged tree is known to give that same snapshot without building and validating its manifest again. The cache is advisory: if it cannot be opened or written, snapshots still work
-(every file is hashed) and a warning says why.
+unchanged tree is known to give that same snapshot without building and validating its manifest again.
+
+The cache is advisory: if it cannot be opened or written, snapshots still work (every file is hashed) and a
+warning says why. It is trusted as the store is: it lives in the workspace's cache folder, which only the
+worker's user writes, and what it says of a file (its digest) or of a tree (its last snapshot) is taken
+without reading the files again.
 """
 
 from __future__ import annotations

@@ -453,7 +453,7 @@ class BlobStore:
     def put_trees(self, snapshot: Snapshot, batch: BlobBatch | None = None) -> int:
         """Store the directory nodes of a snapshot's manifest the store lacks; returns bytes written."""
         written = 0
-        for digest, data in snapshot.trees.items():
+        for digest, data in snapshot.nodes().items():
             key = self.tree_key(digest)
             if not self.exists(key):
                 self._put_object_bytes(

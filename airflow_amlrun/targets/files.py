@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import IO
 
@@ -131,14 +132,13 @@ def require_tar_data_filter() -> None:
         )
 
 
-def extract_tar_stream(stream: IO[bytes], dest: Path) -> list[tuple[str, str]]:
-    """Unpack a tar stream into dest with tarfile's "data" filter; a member that cannot be written there
-    (refused by the filter, or failing) is skipped, and returned as (its name, shortened; why), so that one
-    bad file does not cost the others."""
+def extract_tar_stream(stream: IO[bytes], dest: Path, skipped: Callable[[str, str], None]) -> None:
+    """Unpack a tar stream into dest with tarfile's "data" filter. A member that cannot be written there
+    (refused by the filter, or failing) is skipped and handed to ``skipped`` (its name, shortened; why) at
+    once, so that one bad file costs neither the others nor the word about those skipped before it."""
     import tarfile
 
     require_tar_data_filter()
-    skipped = []
     with tarfile.open(fileobj=stream, mode="r|") as tar:
         for member in tar:
             try:
@@ -147,6 +147,4 @@ def extract_tar_stream(stream: IO[bytes], dest: Path) -> list[tuple[str, str]]:
                 name = (
                     member.name if len(member.name) <= 203 else f"{member.name[:100]}...{member.name[-100:]}"
                 )
-                why = err.strerror if isinstance(err, OSError) and err.strerror else err
-                skipped.append((name, str(why)))
-    return skipped
+                skipped(name, str(err.strerror if isinstance(err, OSError) and err.strerror else err))

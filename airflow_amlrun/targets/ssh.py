@@ -332,8 +332,13 @@ class SSHTarget:
             spool.seek(0)
             shutil.rmtree(dest, ignore_errors=True)
             dest.mkdir(parents=True)
-            for name, why in extract_tar_stream(spool, dest):
-                log.warning("Run %s: skipped %s from %s: %s", handle.run_id, name, self.host, why)
+            extract_tar_stream(
+                spool,
+                dest,
+                lambda name, why: log.warning(
+                    "Run %s: skipped %s from %s: %s", handle.run_id, name, self.host, why
+                ),
+            )
         for folder in ("outputs", "logs"):
             (dest / folder).mkdir(exist_ok=True)
         unmark_file(dest / "logs" / STD_LOG)

@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from airflow_amlrun.snapshot import BlobStore, Snapshot, take_snapshot
+from airflow_amlrun.snapshot import BlobStore, Snapshot, statcache, take_snapshot
 from airflow_amlrun.snapshot import snapshot as snapshot_module
-from airflow_amlrun.snapshot import statcache
 
 OLD = 1_600_000_000
 
@@ -119,3 +118,45 @@ def test_a_stat_cache_written_before_it_remembered_snapshots_still_serves(
     assert (again.snapshot.id, again.files_hashed) == (first.snapshot.id, 0)
     with sqlite3.connect(cache) as conn:
         assert conn.execute("SELECT snapshot_id FROM last_snapshot").fetchall() == [(first.snapshot.id,)]
+
+
+def test_a_last_snapshot_row_naming_no_valid_id_is_not_trusted(
+    source: Path, store: BlobStore, tmp_path: Path
+) -> None:
+    cache = tmp_path / "cache.sqlite"
+    first = take_snapshot(source, store, stat_cache_path=cache)
+    with sqlite3.connect(cache) as conn:
+        conn.execute("UPDATE last_snapshot SET snapshot_id = '../../etc'")
+    again = take_snapshot(source, store, stat_cache_path=cache)
+    assert again.snapshot.id == first.snapshot.id == rebuilt(again.snapshot).id
+
+
+def test_a_digest_the_cache_changed_is_not_covered_by_the_last_snapshot(
+    source: Path, store: BlobStore, tmp_path: Path
+) -> None:
+    # The cache now says lib/a.py holds what lib/b.py holds (as if the file changed within its stat data):
+    # the entries differ from those the last snapshot was built from, so it is built anew, from them.
+    cache = tmp_path / "cache.sqlite"
+    first = take_snapshot(source, store, stat_cache_path=cache)
+    digest_b = next(e.digest for e in first.snapshot.entries if e.path == "lib/b.py")
+    with sqlite3.connect(cache) as conn:
+        conn.execute("UPDATE stat_cache SET digest = ? WHERE path = 'lib/a.py'", (digest_b,))
+    second = take_snapshot(source, store, stat_cache_path=cache)
+    assert second.files_hashed == 0
+    assert second.snapshot.id != first.snapshot.id == rebuilt(first.snapshot).id
+    assert next(e.digest for e in second.snapshot.entries if e.path == "lib/a.py") == digest_b
+    assert rebuilt(second.snapshot).id == second.snapshot.id
+
+
+def test_a_last_snapshot_written_to_another_store_is_complete(
+    source: Path, store: BlobStore, tmp_path: Path
+) -> None:
+    cache = tmp_path / "cache.sqlite"
+    take_snapshot(source, store, stat_cache_path=cache)
+    unchanged = take_snapshot(source, store, stat_cache_path=cache).snapshot
+    other = BlobStore(str(tmp_path / "other"))
+    for entry in unchanged.entries:
+        if entry.digest is not None:
+            other.put_bytes(store.get_bytes(entry.digest))
+    other.put_manifest(unchanged)
+    assert other.get_manifest(unchanged.id).entries == unchanged.entries
