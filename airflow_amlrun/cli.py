@@ -320,6 +320,21 @@ def cmd_runs_logs(args: argparse.Namespace, console: Console) -> int:
     return 0 if str(record.status) == "Completed" else 1
 
 
+def cmd_rerun(args: argparse.Namespace, console: Console) -> int:
+    from airflow_amlrun.run import rerun
+    from airflow_amlrun.run_log import RunLog
+
+    ws = _workspace(args)
+    run = rerun(ws, args.run_id, compute_target=args.target)
+    console.print(f"Run {run.id} re-runs {args.run_id}; its output follows.", highlight=False)
+    shown = RunLog(ws, run.id).shown
+    record = run.wait_for_completion(raise_on_error=False, output=lambda line: _write(shown(line)))
+    console.print(f"Run {record.id}: {record.status}", highlight=False)
+    if args.json:
+        console.print_json(json.dumps(record.summary()))
+    return 0 if str(record.status) == "Completed" else 1
+
+
 def cmd_experiments(args: argparse.Namespace, console: Console) -> int:
     table = Table(title="Experiments")
     table.add_column("name")
@@ -431,6 +446,21 @@ def build_parser() -> argparse.ArgumentParser:
     logs.set_defaults(func=cmd_runs_logs)
 
     sub.add_parser("experiments", help="experiments and their run counts").set_defaults(func=cmd_experiments)
+
+    again = sub.add_parser(
+        "rerun",
+        help="run a recorded run again (its code, environment version, arguments and config) as a new run, "
+        "and follow it; exit 0 if it Completed, 1 otherwise",
+    )
+    again.add_argument("run_id", type=_text("run id"))
+    again.add_argument(
+        "--target",
+        type=_text("compute target"),
+        default=None,
+        help="compute target to run it on: 'local', 'docker' or a connection id (default: its own)",
+    )
+    again.add_argument("--json", action="store_true", help="print the new run's summary as JSON at the end")
+    again.set_defaults(func=cmd_rerun)
 
     settle = sub.add_parser(
         "reconcile",

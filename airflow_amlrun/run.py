@@ -33,6 +33,8 @@ from airflow_amlrun.history import (
     RunRecord,
     RunStatus,
 )
+from airflow_amlrun.model import Model
+from airflow_amlrun.rerun import recorded_config, recorded_submission
 from airflow_amlrun.run_context import metric_problem
 from airflow_amlrun.snapshot import Snapshot, materialize, read_git_info, take_snapshot
 from airflow_amlrun.targets.base import Chunk, CodeSource, ComputeTarget, Job, TargetStatus
@@ -247,9 +249,12 @@ class FollowState:
     cancel_requested: bool = False
     # Why the follower stopped the run itself, if it did (e.g. the task's execution_timeout).
     stop_reason: str | None = None
+    # Models the script asked to register (Run.register_model), once the run has Completed.
+    model_requests: tuple[dict[str, Any], ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {
+            "model_requests": list(self.model_requests),
             "log_offset": self.log_offset,
             "events_offset": self.events_offset,
             "event_seq": self.event_seq,
@@ -267,6 +272,7 @@ class FollowState:
             timed_out=bool(data.get("timed_out", False)),
             cancel_requested=bool(data.get("cancel_requested", False)),
             stop_reason=None if data.get("stop_reason") is None else str(data["stop_reason"]),
+            model_requests=tuple(r for r in data.get("model_requests") or () if isinstance(r, dict)),
         )
 
 
@@ -321,6 +327,8 @@ class ScriptRun:
         self._outcome_tags: dict[str, str] = {}
         # Whether submit found this run left by an earlier try of the task, rather than starting it.
         self.reattached = False
+        # What the script asked to register as models (Run.register_model), done once it has Completed.
+        self._model_requests: list[dict[str, Any]] = []
 
     @property
     def id(self) -> str:
@@ -338,8 +346,13 @@ class ScriptRun:
         base_dir: str | os.PathLike[str] | None = None,
         airflow_task: AirflowTask | None = None,
         reattach_on_retry: bool = True,
+        rerun_of: RunRecord | None = None,
     ) -> ScriptRun:
-        """Validate everything, then record the run and start it; see Experiment.submit."""
+        """Validate everything, then record the run and start it; see Experiment.submit.
+
+        :param rerun_of: the recorded run this one repeats (``rerun``): its snapshot and git state are used
+            as they are, and the new run names it.
+        """
         settings = load_settings()
         config = config.resolved(base_dir)
         target = resolve_target(config.compute_target, settings, workspace.cache_dir)
@@ -355,8 +368,12 @@ class ScriptRun:
         environment.index_credentials()
         job = _job(new_run_id(experiment), experiment, config, environment, None)
         target.check(job)
-        # A snapshot too large fails here, before anything is stored.
-        snapshot, git = snapshot_code(workspace, config, settings)
+        if rerun_of is not None and rerun_of.snapshot_id is not None:
+            # The code is the recorded run's, as the store holds it; source_directory is a restored copy.
+            snapshot, git = workspace.store.get_manifest(rerun_of.snapshot_id), rerun_of.git
+        else:
+            # A snapshot too large fails here, before anything is stored.
+            snapshot, git = snapshot_code(workspace, config, settings)
         job = replace(job, snapshot_id=snapshot.id)
         # Nothing is recorded before this point: a bad config leaves no run behind.
         recorded_environment = environment.summary()
@@ -377,6 +394,8 @@ class ScriptRun:
             tags=dict(tags or {}),
             max_run_duration_seconds=job.max_run_duration_seconds,
             heartbeat_at=_now(),
+            config=recorded_config(config, environment, rerun_of),
+            rerun_of=rerun_of.id if rerun_of is not None else None,
             **(airflow_task.row_fields() if airflow_task else {}),
         )
         run = cls(workspace, target, job, settings)
@@ -527,6 +546,7 @@ class ScriptRun:
         run._event_seq = state.event_seq
         run._timed_out, run._cancel_requested = state.timed_out, state.cancel_requested
         run._stop_reason = state.stop_reason
+        run._model_requests = list(state.model_requests)
         run._recall_tail()
         return run
 
@@ -588,6 +608,7 @@ class ScriptRun:
             timed_out=self._timed_out,
             cancel_requested=self._cancel_requested,
             stop_reason=self._stop_reason,
+            model_requests=tuple(self._model_requests),
         )
 
     def abandon(self) -> None:
@@ -679,6 +700,22 @@ class ScriptRun:
             raise
 
     # waiting
+
+    def rerun(
+        self,
+        compute_target: str | None = None,
+        *,
+        tags: dict[str, str] | None = None,
+        secret_environment_variables: dict[str, str] | None = None,
+    ) -> ScriptRun:
+        """Submit this run again as a new run; see ``rerun``."""
+        return rerun(
+            self.workspace,
+            self.id,
+            compute_target=compute_target,
+            tags=tags,
+            secret_environment_variables=secret_environment_variables,
+        )
 
     def wait_for_completion(
         self,
@@ -845,6 +882,8 @@ class ScriptRun:
                 )
             elif event.get("kind") == "tag":
                 tags[str(event.get("key"))] = str(event.get("value", ""))
+            elif event.get("kind") == "register_model":
+                self._model_requests.append(event)
         if points:
             self._book.add_metrics(points)
         if tags:
@@ -935,6 +974,7 @@ class ScriptRun:
                 fields["status"],
             )
             return self._finished
+        self._register_models()
         if self.handle is not None:
             remove_files = self.settings.cleanup == "always" or (
                 self.settings.cleanup == "on_success" and self._finished.status is RunStatus.COMPLETED
@@ -951,6 +991,49 @@ class ScriptRun:
         if refused is not None:
             raise refused
         return self._finished
+
+    def _register_models(self) -> None:
+        """Register what the script asked to (Run.register_model), now that the run is recorded; a request
+        that cannot be met is named in the log and leaves the run's outcome as it is."""
+        assert self._finished is not None
+        for request in self._model_requests:
+            name, path = request.get("name"), request.get("path")
+            if self._finished.status is not RunStatus.COMPLETED:
+                log.warning(
+                    "Run %s: model %r was not registered: the run is %s.",
+                    self.id,
+                    name,
+                    self._finished.status,
+                )
+                continue
+            try:
+                model = self.register_model(
+                    str(name), str(path), tags=request.get("tags"), properties=request.get("properties")
+                )
+            except Exception as err:
+                log.warning("Run %s: model %r was not registered from %r: %s", self.id, name, path, err)
+            else:
+                log.info(
+                    "Run %s: registered model %s version %d from %s.",
+                    self.id,
+                    model.name,
+                    model.version,
+                    path,
+                )
+        self._model_requests = []
+
+    def register_model(
+        self,
+        model_name: str,
+        model_path: str,
+        tags: dict[str, Any] | None = None,
+        properties: dict[str, Any] | None = None,
+    ) -> Model:
+        """Register a file or folder of this Completed run's outputs as the next version of a model; see
+        ``Model.register``."""
+        return Model.register(
+            self.workspace, self.id, model_name, model_path, tags=tags, properties=properties
+        )
 
     def _collect(self) -> dict[str, Any]:
         assert self.handle is not None
@@ -1012,6 +1095,34 @@ def _job(
     )
 
 
+def rerun(
+    workspace: Workspace,
+    run_id: str,
+    *,
+    compute_target: str | None = None,
+    tags: dict[str, str] | None = None,
+    secret_environment_variables: dict[str, str] | None = None,
+) -> ScriptRun:
+    """Run a recorded run again as a new run of its experiment, which names it (``rerun_of``): its snapshot,
+    the exact environment version (and lock) it resolved to, its arguments and config.
+
+    :param workspace: the workspace holding the run.
+    :param run_id: the run to repeat.
+    :param compute_target: run it there instead of on the target it ran on.
+    :param tags: tags of the new run.
+    :param secret_environment_variables: the run's secret variables, which are never recorded.
+    """
+    from airflow_amlrun.runconfig import render_tags
+
+    with recorded_submission(
+        workspace,
+        run_id,
+        compute_target=compute_target,
+        secret_environment_variables=secret_environment_variables,
+    ) as (record, config):
+        return ScriptRun.submit(workspace, record.experiment, config, tags=render_tags(tags), rerun_of=record)
+
+
 def recorded_handle(target: ComputeTarget[Any], record: RunRecord, job: Job) -> RunHandle | None:
     """The handle of a recorded run: the one its row holds, else the one its target finds by its run id."""
     handle: RunHandle | None = (
@@ -1057,7 +1168,7 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-__all__ = ["AirflowTask", "AmlRunError", "ScriptRun"]
+__all__ = ["AirflowTask", "AmlRunError", "ScriptRun", "rerun"]
 
 
 def recorded_job(record: RunRecord) -> Job:

@@ -157,6 +157,28 @@ class Run:
                 shutil.copyfileobj(path_or_stream, out)
         return dest
 
+    def register_model(
+        self,
+        model_name: str,
+        model_path: str,
+        tags: dict[str, Any] | None = None,
+        properties: dict[str, Any] | None = None,
+    ) -> None:
+        """Register a file or folder of this run's outputs (``outputs/model.pkl``) as the next version of a
+        model, once the run has Completed and its outputs are collected; a run that fails registers nothing.
+        """
+        if not isinstance(model_name, str) or not isinstance(model_path, str):
+            raise TypeError("register_model takes a model name and a path in the outputs, both strings")
+        self._emit(
+            {
+                "kind": "register_model",
+                "name": model_name,
+                "path": model_path,
+                "tags": {str(k): str(v) for k, v in (tags or {}).items()},
+                "properties": {str(k): _jsonable(v) for k, v in (properties or {}).items()},
+            }
+        )
+
     def complete(self) -> None:
         """Kept for scripts written for Azure ML; the run completes when the script exits."""
 
@@ -221,6 +243,11 @@ class OfflineRun(Run):
         return os.fspath(path_or_stream) if not hasattr(path_or_stream, "read") else name
 
     def _emit(self, event: dict[str, Any]) -> None:
+        if event.get("kind") == "register_model":
+            print(
+                f"[offline run] register_model {event['name']!r} skipped (not in a submitted run)",
+                file=sys.stderr,
+            )
         if event.get("kind") == "metric":
             step = f" (step {event['step']})" if "step" in event else ""
             print(f"[offline run] {event['name']} = {event['value']}{step}", file=sys.stderr)

@@ -63,6 +63,11 @@ class RunRow(Base):
     # When the task following the run last reported in; a run nobody reports on may be settled (reconcile).
     heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     max_run_duration_seconds: Mapped[float | None] = mapped_column(Float)
+    # The ScriptRunConfig as submitted (no secrets; the environment as the exact version it resolved to), which
+    # a re-run submits again; None for runs recorded before it was kept.
+    config: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # The run this one re-runs (`amlrun rerun`).
+    rerun_of: Mapped[str | None] = mapped_column(String(128), index=True)
 
     __table_args__ = (
         Index("ix_amlrun_runs_airflow_task", "dag_id", "task_id", "airflow_run_id", "map_index"),

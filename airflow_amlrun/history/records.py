@@ -75,6 +75,9 @@ class RunRecord:
     metrics: dict[str, Any] = field(default_factory=dict)
     heartbeat_at: datetime | None = None
     max_run_duration_seconds: float | None = None
+    # The configuration the run was submitted with (see RunRow.config), and the run it re-runs.
+    config: dict[str, Any] | None = None
+    rerun_of: str | None = None
 
     @property
     def duration_seconds(self) -> float | None:
@@ -98,4 +101,5 @@ class RunRecord:
             "git": self.git,
             "environment": self.environment,
             "error": self.error,
+            **({"rerun_of": self.rerun_of} if self.rerun_of else {}),
         }

@@ -37,7 +37,7 @@ from airflow_amlrun.history.records import ExperimentRecord, MetricPoint, RunRec
 _MIGRATIONS = Path(__file__).with_name("migrations")
 # The newest migration's revision; a test checks it against Alembic's head. Knowing it lets a process
 # that finds the schema current skip loading Alembic at all (a task process opens the history once).
-SCHEMA_HEAD = "0004"
+SCHEMA_HEAD = "0006"
 _migrated: set[str] = set()
 # Metric points looked up or written per statement.
 _BATCH = 1000
@@ -348,6 +348,8 @@ class RunHistory:
             try_number=row.try_number,
             heartbeat_at=_aware(row.heartbeat_at),
             max_run_duration_seconds=row.max_run_duration_seconds,
+            config=row.config,
+            rerun_of=row.rerun_of,
             metrics=self._last_metrics(session, row.id),
         )
 

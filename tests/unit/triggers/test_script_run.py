@@ -20,6 +20,17 @@ states = st.builds(
     timed_out=st.booleans(),
     cancel_requested=st.booleans(),
     stop_reason=st.one_of(st.none(), st.text(max_size=80)),
+    model_requests=st.lists(
+        st.fixed_dictionaries(
+            {
+                "kind": st.just("register_model"),
+                "name": st.text(max_size=20),
+                "path": st.text(max_size=40),
+                "tags": st.dictionaries(st.text(max_size=8), st.text(max_size=8), max_size=3),
+            }
+        ),
+        max_size=3,
+    ).map(tuple),
 )
 
 

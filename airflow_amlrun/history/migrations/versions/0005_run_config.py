@@ -1,0 +1,29 @@
+"""Runs record the configuration they were submitted with, and the run a re-run repeats.
+
+Revision ID: 0005
+Revises: 0004
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0005"
+down_revision = "0004"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("amlrun_runs") as batch:
+        batch.add_column(sa.Column("config", sa.JSON(), nullable=True))
+        batch.add_column(sa.Column("rerun_of", sa.String(128), nullable=True))
+        batch.create_index("ix_amlrun_runs_rerun_of", ["rerun_of"])
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("amlrun_runs") as batch:
+        batch.drop_index("ix_amlrun_runs_rerun_of")
+        batch.drop_column("rerun_of")
+        batch.drop_column("config")
