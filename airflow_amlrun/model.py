@@ -11,6 +11,7 @@ import builtins
 import os
 import posixpath
 import tempfile
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +25,7 @@ from airflow_amlrun.runconfig import render_tags
 if TYPE_CHECKING:
     from airflow_amlrun.workspace import Workspace
 
-__all__ = ["Model", "ModelNotFoundError"]
+__all__ = ["Model", "ModelNotFoundError", "Promotion", "promote_if_better"]
 
 OUTPUTS = "outputs"
 
@@ -294,3 +295,98 @@ def _model_path(model_path: object) -> str:
             "or 'outputs/model/' (no '..', no absolute path, not the whole outputs folder)."
         )
     return path
+
+
+@dataclass(frozen=True)
+class Promotion:
+    """What ``promote_if_better`` decided, and why."""
+
+    promoted: bool
+    reason: str
+    model: str
+    # The version the label names afterwards (None: no version has it).
+    version: int | None
+    metric: str
+    candidate: float
+    incumbent: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def promote_if_better(
+    workspace: Workspace,
+    run_id: str,
+    model_name: str,
+    model_path: str,
+    *,
+    metric: str,
+    goal: str = "minimize",
+    label: str = "production",
+    tags: dict[str, Any] | None = None,
+) -> Promotion:
+    """Register a run's model and point ``label`` at it, only if its ``metric`` beats the labelled version's.
+
+    The first time (no version has the label yet) it is promoted. Otherwise the run's final value of the metric
+    is compared with the one the labelled version's run had; a tie keeps the labelled version. Either way the
+    decision and its reason are set on the run as the tag ``promotion``.
+
+    :param workspace: the workspace.
+    :param run_id: the candidate run (Completed).
+    :param model_name: the model to register a version of.
+    :param model_path: the model in the run's outputs, e.g. ``outputs/model.pkl``.
+    :param metric: the primary metric, as the run logged it.
+    :param goal: ``"minimize"`` or ``"maximize"``.
+    :param label: the label that names the model in use.
+    :param tags: tags of the version, if registered.
+    """
+    if goal not in ("minimize", "maximize"):
+        raise ConfigurationError(f"goal={shown(goal)} must be 'minimize' or 'maximize'.")
+    label = _label(model_name, label) or ""
+    run = workspace.get_run(run_id)
+    candidate = run.metrics.get(metric)
+    if isinstance(candidate, bool) or not isinstance(candidate, int | float):
+        raise ConfigurationError(
+            f"Run {run.id} has no numeric metric {metric!r} to compare (its metrics: "
+            f"{', '.join(sorted(run.metrics)) or 'none'}); log it with Run.get_context().log({metric!r}, value)."
+        )
+    try:
+        current: Model | None = Model(workspace, model_name, label=label)
+    except ModelNotFoundError:
+        current = None
+    incumbent = current.run_info.get("metrics", {}).get(metric) if current is not None else None
+    if current is not None and isinstance(incumbent, int | float) and not isinstance(incumbent, bool):
+        better = candidate < incumbent if goal == "minimize" else candidate > incumbent
+        if not better:
+            reason = (
+                f"not promoted: {metric} {candidate:g} does not beat {incumbent:g} of {model_name} version "
+                f"{current.version} ({label}, from run {current.run_id}); goal: {goal}"
+            )
+            workspace.history.update_run(run.id, add_tags={"promotion": reason})
+            return Promotion(
+                False, reason, model_name, current.version, metric, float(candidate), float(incumbent)
+            )
+    model = Model.register(workspace, run.id, model_name, model_path, tags=tags)
+    model.set_label(label)
+    if current is None:
+        reason = f"promoted: {model_name} version {model.version} is the first with the label {label!r}"
+    elif isinstance(incumbent, int | float) and not isinstance(incumbent, bool):
+        reason = (
+            f"promoted: {model_name} version {model.version}, {metric} {candidate:g} beats {incumbent:g} of version "
+            f"{current.version}; goal: {goal}"
+        )
+    else:
+        reason = (
+            f"promoted: {model_name} version {model.version}; version {current.version} ({label}) has no {metric} "
+            "on record to compare"
+        )
+    workspace.history.update_run(run.id, add_tags={"promotion": reason})
+    return Promotion(
+        True,
+        reason,
+        model_name,
+        model.version,
+        metric,
+        float(candidate),
+        float(incumbent) if isinstance(incumbent, int | float) else None,
+    )

@@ -151,10 +151,16 @@ def run_dag(
     """
 
     def run(
-        source: str, dag_id: str | None = None, *, beside: dict[str, str] | None = None, **conf: Any
+        source: str,
+        dag_id: str | None = None,
+        *,
+        beside: dict[str, str] | None = None,
+        logical_date: Any = None,
+        **conf: Any,
     ) -> DagResult:
         """:param beside: files (relative path: text) to write beside the DAG file, which then gets a folder
-        of its own in the DAG folder."""
+        of its own in the DAG folder.
+        :param logical_date: the DAG run's logical date (default: now)."""
         dag_id = dag_id or f"t_{secrets.token_hex(4)}"
         folder = DAGS_FOLDER / dag_id if beside else DAGS_FOLDER
         for name, text in (beside or {}).items():
@@ -168,7 +174,9 @@ def run_dag(
         spec.loader.exec_module(module)
         capfd.readouterr()
         caplog.clear()
-        dag_run = module.dag.test(run_conf=conf or None)
+        dag_run = module.dag.test(
+            run_conf=conf or None, **({"logical_date": logical_date} if logical_date else {})
+        )
         out, err = capfd.readouterr()
         err += "\n" + caplog.text
         sys.stdout.write(out)  # keep it visible in pytest's report of a failing test

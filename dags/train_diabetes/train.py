@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import pickle
+from datetime import date
 
 import numpy as np
 from sklearn.datasets import load_diabetes
@@ -24,10 +25,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--alpha", type=float, default=0.5, help="regularisation strength")
     parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument(
+        "--as-of",
+        default=None,
+        help="train on the data collected up to this date (YYYY-MM-DD); default: all of it",
+    )
     args = parser.parse_args()
 
     run = Run.get_context()
     X, y = load_diabetes(return_X_y=True)
+    if args.as_of is not None:
+        # The bundled set stands in for data that keeps arriving: 200 patients by 2026-01-01, 20 more a week.
+        weeks = (date.fromisoformat(args.as_of) - date(2026, 1, 1)).days // 7
+        collected = max(100, min(len(X), 200 + 20 * weeks))
+        X, y = X[:collected], y[:collected]
+        run.tag("data_as_of", args.as_of)
     print(f"diabetes data: {X.shape[0]} samples, {X.shape[1]} features; alpha={args.alpha}")
     run.log("alpha", args.alpha)
 

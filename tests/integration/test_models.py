@@ -163,3 +163,23 @@ def test_a_dag_task_registers_what_its_script_asks_for(source: Path, run_dag) ->
     assert f"Run {run_id}: registered model ridge version 1 from outputs/model.pkl." in result.log
     model = Model(Workspace.get(), "ridge")
     assert (model.run_id, model.tags, model.run_info["metrics"]) == (run_id, {"alpha": "0.5"}, {"rmse": 5.0})
+
+
+def test_a_promotion_without_the_metric_or_with_a_bad_goal_is_refused(source: Path) -> None:
+    from airflow_amlrun.model import promote_if_better
+
+    ws = Workspace.get()
+    run = train(source, "0.1")
+    run.wait_for_completion(show_output=False)  # type: ignore[attr-defined]
+    with pytest.raises(
+        ConfigurationError, match=r"has no numeric metric 'mse' to compare \(its metrics: rmse\)"
+    ):
+        promote_if_better(ws, run.id, "ridge", "outputs/model.pkl", metric="mse")  # type: ignore[attr-defined]
+    with pytest.raises(ConfigurationError, match="goal='up' must be 'minimize' or 'maximize'"):
+        promote_if_better(ws, run.id, "ridge", "outputs/model.pkl", metric="rmse", goal="up")  # type: ignore[attr-defined]
+    with pytest.raises(ModelNotFoundError):
+        Model(ws, "ridge")
+    # A tie keeps the labelled version.
+    first = promote_if_better(ws, run.id, "ridge", "outputs/model.pkl", metric="rmse", goal="maximize")  # type: ignore[attr-defined]
+    again = promote_if_better(ws, run.id, "ridge", "outputs/model.pkl", metric="rmse", goal="maximize")  # type: ignore[attr-defined]
+    assert (first.promoted, again.promoted, again.version) == (True, False, 1)
