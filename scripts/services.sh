@@ -37,5 +37,11 @@ fi
 mkdir -p /run/sshd
 echo "services: sshd and iproute2 installed"
 
+# xfsprogs: a test materializes run directories on an XFS image (which can clone files) it mounts itself.
+if ! command -v mkfs.xfs >/dev/null; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq xfsprogs >/dev/null
+fi
+echo "services: xfsprogs installed"
+
 # Docker Engine and the test base image (installs and starts them when missing).
 "$(dirname "$0")/docker.sh"

@@ -79,13 +79,15 @@ def start_writeback(fd: int) -> None:
         sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
 
 
-def clone_file(src: int, dst: int) -> bool:
+def clone_file(src: int, dst: int, src_device: int | None = None) -> bool:
     """Make ``dst`` share ``src``'s data copy-on-write (FICLONE); ``False`` where the file system cannot.
 
     A clone costs no data copy and no space, and a write to either file later lands on new blocks: the
     other never sees it. Pairs of file systems found unable to clone are not asked again.
+
+    :param src_device: ``src``'s st_dev, when the caller has it already.
     """
-    devices = (os.fstat(src).st_dev, os.fstat(dst).st_dev)
+    devices = (os.fstat(src).st_dev if src_device is None else src_device, os.fstat(dst).st_dev)
     if devices in _unclonable:
         return False
     try:

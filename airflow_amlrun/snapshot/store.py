@@ -224,7 +224,11 @@ class BlobStore:
         return fd
 
     def _open_local(self, key: str) -> int:
-        """A descriptor of the regular file at ``key`` beneath the local store's folder.
+        """A descriptor of the regular file at ``key`` beneath the local store's folder (see ``_open_stat``)."""
+        return self._open_stat(key)[0]
+
+    def _open_stat(self, key: str) -> tuple[int, os.stat_result]:
+        """A descriptor of the regular file at ``key`` beneath the local store's folder, and its stat.
 
         Whoever else can write the store must not make a reader copy a file from elsewhere into a run (a
         link planted at a blob's name, whose size a manifest states) or wait forever (a FIFO): no link is
@@ -256,13 +260,14 @@ class BlobStore:
                     "written again when needed."
                 ) from None
             raise
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
             os.close(fd)
             raise BlobCorruptError(
                 f"{key} in store {self.url!r} is not a regular file (a FIFO, socket, device or folder), which "
                 "this library never writes: someone else changed the store. Remove it."
             )
-        return fd
+        return fd, st
 
     # ----------------------------------------------------------------- blobs
 
@@ -412,7 +417,7 @@ class BlobStore:
         with contextlib.ExitStack() as stack:
             try:
                 if self._local_root is not None:
-                    src_fd = self._open_local(key)
+                    src_fd, src_stat = self._open_stat(key)
                     stack.callback(os.close, src_fd)
                     src = None
                 else:
@@ -424,10 +429,10 @@ class BlobStore:
                 try:
                     if src is not None:
                         copied = copy_stream(src, fd, expected)
-                    elif clone_file(src_fd, fd):
+                    elif clone_file(src_fd, fd, src_stat.st_dev):
                         # Copy-on-write: no data is copied, and a write to the run's file never
-                        # reaches the blob.
-                        copied = os.fstat(fd).st_size
+                        # reaches the blob. A clone is the whole file.
+                        copied = src_stat.st_size
                         if expected is not None:
                             check_hash(src_fd, copied, expected)
                     else:
