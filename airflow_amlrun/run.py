@@ -347,8 +347,11 @@ class ScriptRun:
         airflow_task: AirflowTask | None = None,
         reattach_on_retry: bool = True,
         rerun_of: RunRecord | None = None,
+        parent_run_id: str | None = None,
     ) -> ScriptRun:
         """Validate everything, then record the run and start it; see Experiment.submit.
+
+        :param parent_run_id: the sweep this run is a child of.
 
         :param rerun_of: the recorded run this one repeats (``rerun``): its snapshot and git state are used
             as they are, and the new run names it.
@@ -396,6 +399,7 @@ class ScriptRun:
             heartbeat_at=_now(),
             config=recorded_config(config, environment, rerun_of),
             rerun_of=rerun_of.id if rerun_of is not None else None,
+            parent_run_id=parent_run_id,
             **(airflow_task.row_fields() if airflow_task else {}),
         )
         run = cls(workspace, target, job, settings)

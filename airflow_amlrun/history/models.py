@@ -68,6 +68,8 @@ class RunRow(Base):
     config: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     # The run this one re-runs (`amlrun rerun`).
     rerun_of: Mapped[str | None] = mapped_column(String(128), index=True)
+    # The sweep (HyperDrive parent run) this run is a child of.
+    parent_run_id: Mapped[str | None] = mapped_column(String(128), index=True)
 
     __table_args__ = (
         Index("ix_amlrun_runs_airflow_task", "dag_id", "task_id", "airflow_run_id", "map_index"),

@@ -78,6 +78,7 @@ class RunRecord:
     # The configuration the run was submitted with (see RunRow.config), and the run it re-runs.
     config: dict[str, Any] | None = None
     rerun_of: str | None = None
+    parent_run_id: str | None = None
 
     @property
     def duration_seconds(self) -> float | None:
@@ -102,4 +103,5 @@ class RunRecord:
             "environment": self.environment,
             "error": self.error,
             **({"rerun_of": self.rerun_of} if self.rerun_of else {}),
+            **({"parent_run_id": self.parent_run_id} if self.parent_run_id else {}),
         }

@@ -211,6 +211,17 @@ class RunHistory:
         with self.session() as session:
             return self._record(session, self._run_row(session, run_id))
 
+    def child_runs(self, parent_run_id: str) -> list[RunRecord]:
+        """The runs of a sweep (their parent_run_id names it), oldest first."""
+        with self.session() as session:
+            rows = session.execute(
+                select(RunRow, ExperimentRow.name)
+                .join(ExperimentRow)
+                .where(RunRow.parent_run_id == parent_run_id)
+                .order_by(RunRow.created_at, RunRow.id)
+            ).all()
+            return [self._record(session, row, name) for row, name in rows]
+
     def list_runs(
         self,
         *,
@@ -350,6 +361,7 @@ class RunHistory:
             max_run_duration_seconds=row.max_run_duration_seconds,
             config=row.config,
             rerun_of=row.rerun_of,
+            parent_run_id=row.parent_run_id,
             metrics=self._last_metrics(session, row.id),
         )
 

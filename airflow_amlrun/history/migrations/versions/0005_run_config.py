@@ -1,4 +1,4 @@
-"""Runs record the configuration they were submitted with, and the run a re-run repeats.
+"""Runs record the configuration they were submitted with, the run a re-run repeats, and the sweep they belong to.
 
 Revision ID: 0005
 Revises: 0004
@@ -20,10 +20,14 @@ def upgrade() -> None:
         batch.add_column(sa.Column("config", sa.JSON(), nullable=True))
         batch.add_column(sa.Column("rerun_of", sa.String(128), nullable=True))
         batch.create_index("ix_amlrun_runs_rerun_of", ["rerun_of"])
+        batch.add_column(sa.Column("parent_run_id", sa.String(128), nullable=True))
+        batch.create_index("ix_amlrun_runs_parent_run_id", ["parent_run_id"])
 
 
 def downgrade() -> None:
     with op.batch_alter_table("amlrun_runs") as batch:
+        batch.drop_index("ix_amlrun_runs_parent_run_id")
+        batch.drop_column("parent_run_id")
         batch.drop_index("ix_amlrun_runs_rerun_of")
         batch.drop_column("rerun_of")
         batch.drop_column("config")
