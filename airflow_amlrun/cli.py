@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -325,10 +326,23 @@ def cmd_rerun(args: argparse.Namespace, console: Console) -> int:
     from airflow_amlrun.run_log import RunLog
 
     ws = _workspace(args)
-    run = rerun(ws, args.run_id, compute_target=args.target)
+    secrets = {}
+    for name in args.secret:
+        if name not in os.environ:
+            raise ConfigurationError(f"--secret {name}: the variable {name} is not set in this environment.")
+        secrets[name] = os.environ[name]
+    run = rerun(ws, args.run_id, compute_target=args.target, secret_environment_variables=secrets)
     console.print(f"Run {run.id} re-runs {args.run_id}; its output follows.", highlight=False)
     shown = RunLog(ws, run.id).shown
-    record = run.wait_for_completion(raise_on_error=False, output=lambda line: _write(shown(line)))
+
+    def masked(line: str) -> str:
+        # The run's secret values never reach the terminal, as they never reach a task log.
+        for value in secrets.values():
+            if value:
+                line = line.replace(value, "***")
+        return shown(line)
+
+    record = run.wait_for_completion(raise_on_error=False, output=lambda line: _write(masked(line)))
     console.print(f"Run {record.id}: {record.status}", highlight=False)
     if args.json:
         console.print_json(json.dumps(record.summary()))
@@ -458,6 +472,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=_text("compute target"),
         default=None,
         help="compute target to run it on: 'local', 'docker' or a connection id (default: its own)",
+    )
+    again.add_argument(
+        "--secret",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a secret environment variable of the run, whose value is never recorded: taken from the variable "
+        "NAME of this environment (repeat for each)",
     )
     again.add_argument("--json", action="store_true", help="print the new run's summary as JSON at the end")
     again.set_defaults(func=cmd_rerun)

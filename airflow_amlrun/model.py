@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from airflow_amlrun.environment.sections import check_environment_name
 from airflow_amlrun.errors import ConfigurationError, shown
-from airflow_amlrun.history import RunStatus
+from airflow_amlrun.history import RunRecord, RunStatus
 from airflow_amlrun.history import model_registry as registry
 from airflow_amlrun.history.model_registry import ModelNotFoundError, ModelRecord
 from airflow_amlrun.runconfig import render_tags
@@ -131,18 +131,44 @@ class Model:
         :param tags: tags of this version (strings), which can be changed later.
         :param properties: properties of this version, fixed once registered.
         """
-        from airflow_amlrun.snapshot import Snapshot, SnapshotEntry
-
         _check_workspace(workspace, "Model.register")
-        check_environment_name(model_name, "Model name")
-        tags, properties = _mapping(tags, "tags"), _mapping(properties, "properties")
         run = workspace.get_run(run_id)
         if run.status != RunStatus.COMPLETED:
             raise ConfigurationError(
                 f"Run {run.id} is {run.status}: only a Completed run's outputs can be registered as a model"
                 + ("; register it once the run has ended." if not run.status.is_terminal else ".")
             )
+        return cls.from_outputs(workspace, run, model_name, model_path, tags=tags, properties=properties)
+
+    @classmethod
+    def from_outputs(
+        cls,
+        workspace: Workspace,
+        run: RunRecord,
+        model_name: str,
+        model_path: str,
+        *,
+        tags: dict[str, Any] | None = None,
+        properties: dict[str, Any] | None = None,
+        once: bool = False,
+    ) -> Model:
+        """Register a model from the outputs the store holds of ``run``, whatever its recorded status (the
+        follower of a run registers what its script asked for before it records the run Completed).
+
+        :param once: a version of this name already registered from the same run and path is returned as it
+            is (a retry finishing the run again registers nothing twice).
+        """
+        from airflow_amlrun.snapshot import Snapshot, SnapshotEntry
+
+        check_environment_name(model_name, "Model name")
+        tags, properties = _mapping(tags, "tags"), _mapping(properties, "properties")
         relative = _model_path(model_path)
+        if once:
+            existing = registry.version_from_run(
+                workspace.history, model_name, run.id, f"{OUTPUTS}/{relative}"
+            )
+            if existing is not None:
+                return cls._of(workspace, existing)
         prefix = f"runs/{run.id}/{OUTPUTS}"
         store = workspace.store
         outputs = store.list(prefix)
@@ -157,10 +183,9 @@ class Model:
         base = posixpath.dirname(relative)
         entries = []
         for key in chosen:
-            data = store.get_object(f"{prefix}/{key}")
-            digest = store.put_bytes(data)
+            digest, size = store.blob_of_object(f"{prefix}/{key}")
             path = key[len(base) + 1 :] if base else key
-            entries.append(SnapshotEntry(path=path, mode=0o644, size=len(data), digest=digest))
+            entries.append(SnapshotEntry(path=path, mode=0o644, size=size, digest=digest))
         files = Snapshot.from_entries(entries)
         store.put_manifest(files)
         run_info = {
@@ -214,7 +239,11 @@ class Model:
             # Restored beside, then moved in: a restore writes only into an empty folder.
             with tempfile.TemporaryDirectory(dir=target, prefix=".amlrun-model-") as staging:
                 restore_snapshot(self.workspace.store, self.snapshot_id, staging)
-                os.rename(os.path.join(staging, top), os.path.join(target, top))
+                staged, final = os.path.join(staging, top), os.path.join(target, top)
+                if os.path.isdir(staged):
+                    os.rename(staged, final)  # refused onto a folder that has come to hold anything
+                else:
+                    os.link(staged, final)  # refused onto a file that has come to exist meanwhile
         else:
             restore_snapshot(self.workspace.store, self.snapshot_id, target)
         return os.path.join(target, top)
@@ -344,33 +373,49 @@ def promote_if_better(
         raise ConfigurationError(f"goal={shown(goal)} must be 'minimize' or 'maximize'.")
     label = _label(model_name, label) or ""
     run = workspace.get_run(run_id)
+    if run.status != RunStatus.COMPLETED:
+        raise ConfigurationError(f"Run {run.id} is {run.status}: only a Completed run can be promoted.")
     candidate = run.metrics.get(metric)
     if isinstance(candidate, bool) or not isinstance(candidate, int | float):
         raise ConfigurationError(
             f"Run {run.id} has no numeric metric {metric!r} to compare (its metrics: "
             f"{', '.join(sorted(run.metrics)) or 'none'}); log it with Run.get_context().log({metric!r}, value)."
         )
-    try:
-        current: Model | None = Model(workspace, model_name, label=label)
-    except ModelNotFoundError:
-        current = None
-    incumbent = current.run_info.get("metrics", {}).get(metric) if current is not None else None
-    if current is not None and isinstance(incumbent, int | float) and not isinstance(incumbent, bool):
-        better = candidate < incumbent if goal == "minimize" else candidate > incumbent
-        if not better:
-            reason = (
-                f"not promoted: {metric} {candidate:g} does not beat {incumbent:g} of {model_name} version "
-                f"{current.version} ({label}, from run {current.run_id}); goal: {goal}"
-            )
-            workspace.history.update_run(run.id, add_tags={"promotion": reason})
-            return Promotion(
-                False, reason, model_name, current.version, metric, float(candidate), float(incumbent)
-            )
-    model = Model.register(workspace, run.id, model_name, model_path, tags=tags)
-    model.set_label(label)
+    model: Model | None = None
+    # Another promotion may move the label between the comparison and the move: then compare again with the
+    # version it moved to.
+    for _attempt in range(5):
+        try:
+            current: Model | None = Model(workspace, model_name, label=label)
+        except ModelNotFoundError:
+            current = None
+        recorded = current.run_info.get("metrics", {}).get(metric) if current is not None else None
+        incumbent = (
+            float(recorded) if isinstance(recorded, int | float) and not isinstance(recorded, bool) else None
+        )
+        if current is not None and incumbent is not None:
+            better = candidate < incumbent if goal == "minimize" else candidate > incumbent
+            if not better:
+                reason = (
+                    f"not promoted: {metric} {candidate:g} does not beat {incumbent:g} of {model_name} version "
+                    f"{current.version} ({label}, from run {current.run_id}); goal: {goal}"
+                )
+                workspace.history.update_run(run.id, add_tags={"promotion": reason})
+                return Promotion(
+                    False, reason, model_name, current.version, metric, float(candidate), incumbent
+                )
+        if model is None:
+            model = Model.register(workspace, run.id, model_name, model_path, tags=tags)
+        if registry.move_label(
+            workspace.history, model_name, label, model.version, expected=current.version if current else None
+        ):
+            break
+    else:
+        raise RuntimeError(f"Could not promote {model_name}: its label {label!r} kept moving. Try again.")
+    model = Model(workspace, model_name, version=model.version)
     if current is None:
         reason = f"promoted: {model_name} version {model.version} is the first with the label {label!r}"
-    elif isinstance(incumbent, int | float) and not isinstance(incumbent, bool):
+    elif incumbent is not None:
         reason = (
             f"promoted: {model_name} version {model.version}, {metric} {candidate:g} beats {incumbent:g} of version "
             f"{current.version}; goal: {goal}"
@@ -388,5 +433,5 @@ def promote_if_better(
         model.version,
         metric,
         float(candidate),
-        float(incumbent) if isinstance(incumbent, int | float) else None,
+        incumbent,
     )

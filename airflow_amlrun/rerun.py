@@ -15,9 +15,12 @@ from collections.abc import Iterator, Mapping
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from airflow_amlrun.errors import ConfigurationError, shown
+from airflow_amlrun.errors import ConfigurationError
 from airflow_amlrun.history import RunNotFoundError, RunRecord
 from airflow_amlrun.runconfig import ScriptRunConfig
+
+# The names (never the values) of a run's secret variables, in its recorded config.
+SECRET_NAMES = "secret_environment_variable_names"
 
 if TYPE_CHECKING:
     from airflow_amlrun.environment import ResolvedEnvironment
@@ -58,18 +61,26 @@ def recorded_submission(
     data = dict(record.config)
     if compute_target is not None:
         data["compute_target"] = compute_target
+    needed = [str(name) for name in data.pop(SECRET_NAMES, None) or []]
+    given = secret_environment_variables or {}
+    if not isinstance(given, Mapping):
+        raise ConfigurationError(
+            f"secret_environment_variables must be a mapping of names to values, not {type(given).__name__}."
+        )
+    missing = [name for name in needed if name not in given]
+    if missing:
+        raise ConfigurationError(
+            f"Run {record.id} had the secret environment variables {', '.join(missing)}, whose values are never "
+            "recorded: give them again (rerun(..., secret_environment_variables={...}), or `amlrun rerun "
+            f"{record.id} --secret NAME` for each, taking its value from that variable of your environment)."
+        )
     folder = tempfile.mkdtemp(prefix=f"amlrun-rerun-{record.id[:40]}-")
     try:
         # The restore checks every file's hash: a store missing or spoiling a blob fails here, recording nothing.
         workspace.restore_snapshot(record.snapshot_id, folder)
         config = ScriptRunConfig.from_dict({**data, "source_directory": folder})
-        if secret_environment_variables is not None:
-            if not isinstance(secret_environment_variables, Mapping):
-                raise ConfigurationError(
-                    f"secret_environment_variables must be a mapping of names to values, not "
-                    f"{type(secret_environment_variables).__name__} {shown(secret_environment_variables)}."
-                )
-            config = replace(config, secret_environment_variables=dict(secret_environment_variables))
+        if given:
+            config = replace(config, secret_environment_variables=dict(given))
         yield record, config
     finally:
         shutil.rmtree(folder, ignore_errors=True)
@@ -85,8 +96,15 @@ def recorded_config(
     data = config.to_dict()
     if rerun_of is not None and rerun_of.config and "source_directory" in rerun_of.config:
         data["source_directory"] = rerun_of.config["source_directory"]
-    if environment.version is not None:
+    # A version names the spec that ran only when the registry gave it: a reference resolved there, or a managed
+    # spec registered as it is. A user-managed Environment object is used as given, changed or not.
+    if environment.version is not None and (
+        isinstance(config.environment, str) or not environment.user_managed
+    ):
         data["environment"] = f"{environment.name}:{environment.version}"
     elif config.environment is not None:
         data["environment"] = environment.spec.to_dict()
+    if config.secret_environment_variables:
+        # Their names only, so that a re-run can ask for them: the values are never recorded.
+        data[SECRET_NAMES] = sorted(config.secret_environment_variables)
     return data

@@ -955,6 +955,10 @@ class ScriptRun:
                 fields["error"] = f"{error + ' ' if error else ''}Collecting outputs failed: {err}"
                 if status is RunStatus.COMPLETED:
                     fields["status"] = RunStatus.FAILED
+        if self._model_requests:
+            # Before the outcome is recorded: a worker dying here leaves the run unfinished, and the retry that
+            # re-attaches registers again (each request once).
+            self._outcome_tags["model_registration"] = self._register_models(fields["status"])
         # Bounded retries; if the history stays away, HistoryUnavailableError leaves the row for a retry, and
         # the target keeps everything (a container, a run directory) for that retry to find.
         refused: HistoryRefusedError | None = None
@@ -978,7 +982,6 @@ class ScriptRun:
                 fields["status"],
             )
             return self._finished
-        self._register_models()
         if self.handle is not None:
             remove_files = self.settings.cleanup == "always" or (
                 self.settings.cleanup == "on_success" and self._finished.status is RunStatus.COMPLETED
@@ -996,27 +999,32 @@ class ScriptRun:
             raise refused
         return self._finished
 
-    def _register_models(self) -> None:
-        """Register what the script asked to (Run.register_model), now that the run is recorded; a request
-        that cannot be met is named in the log and leaves the run's outcome as it is."""
-        assert self._finished is not None
+    def _register_models(self, status: RunStatus) -> str:
+        """Register what the script asked to (Run.register_model) from the collected outputs, if the run
+        Completed; what became of each request, as the run's ``model_registration`` tag says it."""
+        said = []
         for request in self._model_requests:
-            name, path = request.get("name"), request.get("path")
-            if self._finished.status is not RunStatus.COMPLETED:
-                log.warning(
-                    "Run %s: model %r was not registered: the run is %s.",
-                    self.id,
-                    name,
-                    self._finished.status,
-                )
+            name, path = str(request.get("name")), str(request.get("path"))
+            if status is not RunStatus.COMPLETED:
+                said.append(f"{name} from {path}: not registered, the run is {status}")
+                log.warning("Run %s: model %r was not registered: the run is %s.", self.id, name, status)
                 continue
             try:
-                model = self.register_model(
-                    str(name), str(path), tags=request.get("tags"), properties=request.get("properties")
+                self._book.drain(30)
+                model = Model.from_outputs(
+                    self.workspace,
+                    self.workspace.history.get_run(self.id),
+                    name,
+                    path,
+                    tags=request.get("tags"),
+                    properties=request.get("properties"),
+                    once=True,
                 )
             except Exception as err:
+                said.append(f"{name} from {path}: not registered, {err}")
                 log.warning("Run %s: model %r was not registered from %r: %s", self.id, name, path, err)
             else:
+                said.append(f"{model.name} version {model.version} from {path}")
                 log.info(
                     "Run %s: registered model %s version %d from %s.",
                     self.id,
@@ -1024,7 +1032,7 @@ class ScriptRun:
                     model.version,
                     path,
                 )
-        self._model_requests = []
+        return "; ".join(said)
 
     def register_model(
         self,

@@ -22,6 +22,8 @@ with DAG(
     schedule="@weekly",
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
+    # One promotion at a time: a manual run beside the weekly one waits its turn.
+    max_active_runs=1,
     params={"alpha": Param(0.5, type="number", minimum=0)},
     tags=["amlrun", "example"],
     doc_md=__doc__,

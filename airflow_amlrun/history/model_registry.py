@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Integer, String, UniqueConstraint, func, select
+from sqlalchemy import JSON, DateTime, Integer, String, UniqueConstraint, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
@@ -139,6 +139,20 @@ def get_version(
         return _record(session, row)
 
 
+def version_from_run(history: RunHistory, name: str, run_id: str, path: str) -> ModelRecord | None:
+    """The earliest version of ``name`` registered from this run's output ``path``, if any."""
+    with history.session() as session:
+        row = session.scalar(
+            select(ModelVersionRow)
+            .where(
+                ModelVersionRow.name == name, ModelVersionRow.run_id == run_id, ModelVersionRow.path == path
+            )
+            .order_by(ModelVersionRow.version)
+            .limit(1)
+        )
+        return _record(session, row) if row is not None else None
+
+
 def list_versions(history: RunHistory, name: str | None = None) -> list[ModelRecord]:
     """Every version of one model, newest first; or the latest version of every model, by name."""
     with history.session() as session:
@@ -179,13 +193,37 @@ def update_tags(
 
 def set_label(history: RunHistory, name: str, version: int, label: str) -> None:
     """Point ``label`` at one version; it moves if it named another."""
-    with history.session() as session:
-        _row(session, name, version)
-        existing = session.get(ModelLabelRow, (name, label))
-        if existing is None:
-            session.add(ModelLabelRow(name=name, label=label, version=version, updated_at=utcnow()))
-        else:
-            existing.version, existing.updated_at = version, utcnow()
+    for _attempt in range(_REGISTER_ATTEMPTS):
+        with history.session() as session:
+            _row(session, name, version)
+            current = session.get(ModelLabelRow, (name, label))
+            expected = current.version if current is not None else None
+        if move_label(history, name, label, version, expected=expected):
+            return
+    raise RuntimeError(f"Could not set label {label!r} of model {name!r}: it kept moving. Try again.")
+
+
+def move_label(history: RunHistory, name: str, label: str, version: int, *, expected: int | None) -> bool:
+    """Point ``label`` at ``version`` only if it still names ``expected`` (None: no version yet); False when
+    another process moved it in the meantime, so that the caller can decide again."""
+    try:
+        with history.session() as session:
+            if expected is None:
+                session.add(ModelLabelRow(name=name, label=label, version=version, updated_at=utcnow()))
+                session.flush()
+                return True
+            moved = session.execute(
+                update(ModelLabelRow)
+                .where(
+                    ModelLabelRow.name == name,
+                    ModelLabelRow.label == label,
+                    ModelLabelRow.version == expected,
+                )
+                .values(version=version, updated_at=utcnow())
+            )
+            return bool(getattr(moved, "rowcount", 0) == 1)
+    except IntegrityError:
+        return False  # created by another process first
 
 
 def _row(session: Session, name: str, version: int) -> ModelVersionRow:

@@ -355,6 +355,36 @@ class BlobStore:
             key, write, read_only=True, flush="file" if batch is None else "batch", batch=batch
         )
 
+    def blob_of_object(self, key: str) -> tuple[str, int]:
+        """Store the content of the object at ``key`` (a run's output) as a blob; returns (digest, size).
+
+        Streams: the object is hashed in chunks and copied (in the kernel, for a local store), never held whole
+        in memory. A remote object is spooled to a temporary file on the way.
+        """
+        import tempfile
+
+        import blake3
+
+        key = _check_key(key)
+        if self._local_root is not None:
+            fd = self._open_local(key)
+            try:
+                size = os.fstat(fd).st_size
+                digest = _hash_stream(lambda offset: os.pread(fd, _CHUNK, offset))
+                self.put_fd(digest, fd, size=size)
+            finally:
+                os.close(fd)
+            return digest, size
+        with tempfile.TemporaryFile() as spool, self._open_read(key) as src:
+            hasher = blake3.blake3()
+            while chunk := src.read(_CHUNK):
+                hasher.update(chunk)
+                spool.write(chunk)
+            spool.flush()
+            digest, size = hasher.hexdigest(), spool.tell()
+            self.put_fd(digest, spool.fileno(), size=size)
+        return digest, size
+
     def put_bytes(self, data: bytes) -> str:
         """Store ``data`` as a blob (e.g. a git diff) and return its digest."""
         digest = hash_bytes(data)
@@ -765,3 +795,13 @@ def _differs(digest: str, detail: str) -> SourceChangedError:
         "changed while it was being stored, or it is a special file (/proc, /sys, some FUSE file systems) "
         "whose size or content is not stable. Nothing was stored for it."
     )
+
+
+def _hash_stream(read_at: Callable[[int], bytes]) -> str:
+    import blake3
+
+    hasher, offset = blake3.blake3(), 0
+    while chunk := read_at(offset):
+        hasher.update(chunk)
+        offset += len(chunk)
+    return str(hasher.hexdigest())

@@ -183,3 +183,55 @@ def test_a_promotion_without_the_metric_or_with_a_bad_goal_is_refused(source: Pa
     first = promote_if_better(ws, run.id, "ridge", "outputs/model.pkl", metric="rmse", goal="maximize")  # type: ignore[attr-defined]
     again = promote_if_better(ws, run.id, "ridge", "outputs/model.pkl", metric="rmse", goal="maximize")  # type: ignore[attr-defined]
     assert (first.promoted, again.promoted, again.version) == (True, False, 1)
+
+
+def test_a_request_the_follower_cannot_meet_is_said_on_the_run(source: Path, tmp_path: Path) -> None:
+    write_script(
+        source,
+        "train.py",
+        """
+        from airflow_amlrun.run_context import Run
+        Run.get_context().register_model("ridge", "outputs/never-written.pkl")
+    """,
+    )
+    record = train(source).wait_for_completion(show_output=False)  # type: ignore[attr-defined]
+    assert record.status == "Completed"
+    assert record.tags["model_registration"].startswith(
+        "ridge from outputs/never-written.pkl: not registered"
+    )
+    with pytest.raises(ModelNotFoundError):
+        Model(Workspace.get(), "ridge")
+
+
+def test_a_download_never_replaces_what_is_there(source: Path, tmp_path: Path) -> None:
+    run = train(source, "0.1")
+    run.wait_for_completion(show_output=False)  # type: ignore[attr-defined]
+    model = run.register_model("ridge", "outputs/model.pkl")  # type: ignore[attr-defined]
+    folder = tmp_path / "serving"
+    folder.mkdir()
+    (folder / "README").write_text("mine")
+    with pytest.raises(Exception, match="not empty"):
+        model.download(folder)
+    path = Path(model.download(folder, exist_ok=True))
+    assert path.read_bytes() == b"weights for alpha 0.100000"
+    assert (folder / "README").read_text() == "mine"
+    with pytest.raises(ConfigurationError, match="exists already"):
+        model.download(folder, exist_ok=True)
+    assert sorted(p.name for p in folder.iterdir()) == ["README", "model.pkl"]
+
+
+def test_a_label_moves_only_from_the_version_a_promotion_compared_with(source: Path) -> None:
+    from airflow_amlrun.history import model_registry
+
+    ws = Workspace.get()
+    run = train(source, "0.1")
+    run.wait_for_completion(show_output=False)  # type: ignore[attr-defined]
+    for _ in range(3):
+        run.register_model("ridge", "outputs/model.pkl")  # type: ignore[attr-defined]
+    assert model_registry.move_label(ws.history, "ridge", "production", 1, expected=None)
+    # A second first promotion lost the race: the label exists now.
+    assert not model_registry.move_label(ws.history, "ridge", "production", 2, expected=None)
+    assert model_registry.move_label(ws.history, "ridge", "production", 2, expected=1)
+    # Another promotion that compared with version 1 finds the label moved, and moves nothing.
+    assert not model_registry.move_label(ws.history, "ridge", "production", 3, expected=1)
+    assert Model(ws, "ridge", label="production").version == 2

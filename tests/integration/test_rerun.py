@@ -4,6 +4,7 @@ names the old one; a deterministic script gives byte-identical outputs, on its o
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -140,3 +141,54 @@ def test_a_bad_target_for_a_rerun_is_named(original) -> None:  # type: ignore[no
     with pytest.raises(ConfigurationError, match="compute_target 'no way'"):
         rerun(ws, first.id, compute_target="no way")
     assert len(ws.list_runs(experiment="reruns")) == 1
+
+
+def test_a_rerun_keeps_a_changed_user_managed_environment_secrets_and_limits(amlrun_home, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    source = tmp_path / "src"
+    write_script(
+        source,
+        "train.py",
+        """
+        import os
+        os.makedirs("outputs", exist_ok=True)
+        token = os.environ.get("API_TOKEN")
+        open("outputs/flavour.txt", "w").write(f"{os.environ['FLAVOUR']} token={token is not None}")
+        print("token is", token)
+    """,
+    )
+    ws = Workspace.get()
+    registered = Environment("um", environment_variables={"FLAVOUR": "registered"})
+    registered.register(ws)
+    changed = Environment.get(ws, "um")
+    changed.environment_variables["FLAVOUR"] = "changed"
+    config = ScriptRunConfig(
+        source,
+        script="train.py",
+        environment=changed,
+        max_run_duration_seconds=120,
+        secret_environment_variables={"API_TOKEN": "s3cr3t-value"},
+    )
+    first = Experiment(ws, "reruns").submit(config).wait_for_completion(show_output=False)
+    assert (Path(first.outputs_uri) / "flavour.txt").read_text() == "changed token=True"
+    # The run row holds the secret's name, never its value.
+    row = json.dumps(first.config)
+    assert "s3cr3t-value" not in row and first.config["secret_environment_variable_names"] == ["API_TOKEN"]
+
+    with pytest.raises(ConfigurationError, match=r"secret environment variables API_TOKEN.*--secret NAME"):
+        rerun(ws, first.id)
+    again = rerun(ws, first.id, secret_environment_variables={"API_TOKEN": "another"}).wait_for_completion(
+        show_output=False
+    )
+    assert (Path(again.outputs_uri) / "flavour.txt").read_text() == "changed token=True"
+    assert again.max_run_duration_seconds == 120
+
+    # From the command line, the value comes from the caller's environment and is masked in what it prints.
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "amlrun"), "rerun", first.id, "--secret", "API_TOKEN"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "API_TOKEN": "from-the-shell"},
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "token is ***" in done.stdout and "from-the-shell" not in done.stdout
