@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, overload
 
 from airflow_amlrun.errors import ConfigurationError, shown
 
 if TYPE_CHECKING:
     import os
 
+    from airflow_amlrun.hyperdrive import HyperDriveConfig, HyperDriveRun
     from airflow_amlrun.run import AirflowTask, ScriptRun
     from airflow_amlrun.runconfig import ScriptRunConfig
     from airflow_amlrun.workspace import Workspace
@@ -53,6 +54,7 @@ class Experiment:
         self.workspace = workspace
         self.name = check_experiment_name(name)
 
+    @overload
     def submit(
         self,
         config: ScriptRunConfig,
@@ -61,10 +63,24 @@ class Experiment:
         base_dir: str | os.PathLike[str] | None = None,
         airflow_task: AirflowTask | None = None,
         reattach_on_retry: bool = True,
-    ) -> ScriptRun:
-        """Check the config, record a run, snapshot the code and start it on its compute target.
+    ) -> ScriptRun: ...
 
-        :param config: what to run and where.
+    @overload
+    def submit(self, config: HyperDriveConfig, *, tags: dict[str, str] | None = None) -> HyperDriveRun: ...
+
+    def submit(
+        self,
+        config: ScriptRunConfig | HyperDriveConfig,
+        *,
+        tags: dict[str, str] | None = None,
+        base_dir: str | os.PathLike[str] | None = None,
+        airflow_task: AirflowTask | None = None,
+        reattach_on_retry: bool = True,
+    ) -> ScriptRun | HyperDriveRun:
+        """Check the config, record a run, snapshot the code and start it on its compute target; or, for a
+        HyperDriveConfig, record a sweep, whose runs start in its ``wait_for_completion``.
+
+        :param config: what to run and where (a ScriptRunConfig), or a sweep of it (a HyperDriveConfig).
         :param tags: tags recorded on the run.
         :param base_dir: folder a relative source_directory starts from (default: the current directory).
         :param airflow_task: the Airflow task instance submitting the run, recorded on the run row.
@@ -74,6 +90,11 @@ class Experiment:
         from airflow_amlrun.run import ScriptRun
         from airflow_amlrun.runconfig import ScriptRunConfig, render_tags
 
+        if type(config).__name__ == "HyperDriveConfig":
+            from airflow_amlrun.hyperdrive import HyperDriveConfig, HyperDriveRun
+
+            if isinstance(config, HyperDriveConfig):
+                return HyperDriveRun.submit(self.workspace, self.name, config, tags=render_tags(tags))
         if not isinstance(config, ScriptRunConfig):
             raise ConfigurationError(
                 f"Experiment {self.name!r}: submit needs a ScriptRunConfig, not {type(config).__name__} "

@@ -24,7 +24,10 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("base", ["errors", "config", "run_context"]),
     ("core", ["snapshot", "environment", "history", "workspace"]),
     ("targets", ["targets", "hooks.docker", "hooks.ssh"]),
-    ("submission", ["runconfig", "run", "run_log", "rerun", "model", "experiment", "reconcile"]),
+    (
+        "submission",
+        ["runconfig", "run", "run_log", "rerun", "model", "hyperdrive", "experiment", "reconcile"],
+    ),
     (
         "glue",
         ["operators", "sensors", "triggers", "plugin", "hooks", "links", "cli", "get_provider_info", ""],

@@ -1,0 +1,73 @@
+"""A sweep of 12 runs, 3 at a time, on local and docker, where a bandit policy stops the worse runs early."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from airflow_amlrun import Experiment, ScriptRunConfig, Workspace
+from airflow_amlrun.history import RunStatus
+from airflow_amlrun.hyperdrive import BanditPolicy, GridParameterSampling, HyperDriveConfig, choice
+from tests.conftest import write_script
+
+pytest_plugins = ["tests.integration.docker_engine"]
+
+STEPS = 10
+# The three good values come first: every later run is compared with their whole series.
+ALPHAS = [1, 1.05, 1.1, 40, 2, 30, 50, 3, 20, 60, 4, 10]
+
+
+@pytest.mark.parametrize("target", ["local", "docker"], indirect=True)
+def test_a_bandit_policy_stops_the_worse_runs_of_a_sweep_early(target, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    write_script(
+        tmp_path / "src",
+        "train.py",
+        f"""
+        import argparse, time
+        from airflow_amlrun.run_context import Run
+        parser = argparse.ArgumentParser()
+        parser.add_argument("--alpha", type=float)
+        alpha = parser.parse_args().alpha
+        run = Run.get_context()
+        for step in range({STEPS}):
+            run.log("loss", alpha * (1 + 1 / (step + 1)), step=step)
+            time.sleep(0.3)
+        """,
+    )
+    config = HyperDriveConfig(
+        run_config=ScriptRunConfig(tmp_path / "src", script="train.py", compute_target=target.name),
+        hyperparameter_sampling=GridParameterSampling({"--alpha": choice(*ALPHAS)}),
+        policy=BanditPolicy(slack_factor=0.2, delay_evaluation=2),
+        primary_metric_name="loss",
+        primary_metric_goal="minimize",
+        max_total_runs=12,
+        max_concurrent_runs=3,
+    )
+    ws = Workspace.get()
+    sweep = Experiment(ws, "sweeps").submit(config)
+    parent = sweep.wait_for_completion()
+
+    children = sweep.get_children()
+    assert len(children) == 12 and all(c.parent_run_id == sweep.id for c in children)
+    alpha = {c.id: json.loads(c.tags["hyperparameters"])["--alpha"] for c in children}
+    assert sorted(alpha.values()) == sorted(ALPHAS)
+    completed = {alpha[c.id] for c in children if c.status is RunStatus.COMPLETED}
+    assert completed == {1, 1.05, 1.1}
+    for child in children:
+        if alpha[child.id] in completed:
+            continue
+        # Stopped by the policy, early: well before its last report, with the policy's reason.
+        assert child.status is RunStatus.CANCELED, (alpha[child.id], child.status, child.error)
+        assert child.error.startswith("Canceled by BanditPolicy at report "), child.error
+        points = [p for p in ws.history.get_metrics(child.id) if p.name == "loss"]
+        assert len(points) < STEPS - 3, (alpha[child.id], len(points))
+
+    best = sweep.get_best_run_by_primary_metric()
+    assert best is not None and alpha[best.id] == 1
+    assert ws.get_run(best.id).tags["best_run"] == "true"
+    assert parent.status is RunStatus.COMPLETED
+    assert (parent.target, parent.tags["best_run_id"]) == ("hyperdrive", best.id)
+    ranked = sweep.get_children_sorted_by_primary_metric()
+    assert [row["hyperparameters"]["--alpha"] for row in ranked[:3]] == [1, 1.05, 1.1]
+    assert parent.config["hyperdrive"]["policy"]["policy"] == "BanditPolicy"
