@@ -18,7 +18,13 @@ def get_provider_info() -> dict[str, Any]:
         "versions": [__version__],
         "integrations": [{"integration-name": INTEGRATION, "tags": ["software"]}],
         "operators": [
-            {"integration-name": INTEGRATION, "python-modules": ["airflow_amlrun.operators.script_run"]}
+            {
+                "integration-name": INTEGRATION,
+                "python-modules": [
+                    "airflow_amlrun.operators.script_run",
+                    "airflow_amlrun.operators.hyperdrive",
+                ],
+            }
         ],
         "sensors": [
             {"integration-name": INTEGRATION, "python-modules": ["airflow_amlrun.sensors.run_status"]}

@@ -361,7 +361,8 @@ class ScriptRun:
         target = resolve_target(config.compute_target, settings, workspace.cache_dir)
         environment = resolve_environment(workspace, config.environment)
         _warn_of_unused_sections(environment, target)
-        if airflow_task is not None:
+        # A sweep's runs are never found by their task's fields: the task's sweep follows (or settles) them.
+        if airflow_task is not None and parent_run_id is None:
             attached = cls._reattach(
                 workspace, config, environment, target, airflow_task, settings, reattach=reattach_on_retry
             )

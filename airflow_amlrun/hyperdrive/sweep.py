@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -24,7 +25,7 @@ from airflow_amlrun.history import RunRecord, RunStatus
 from airflow_amlrun.hyperdrive.config import HyperDriveConfig
 from airflow_amlrun.hyperdrive.parameters import GridParameterSampling, argument_words
 from airflow_amlrun.rerun import recorded_config
-from airflow_amlrun.run import ScriptRun, new_run_id
+from airflow_amlrun.run import AirflowTask, FollowState, ScriptRun, new_run_id
 
 if TYPE_CHECKING:
     from airflow_amlrun.workspace import Workspace
@@ -53,6 +54,7 @@ class HyperDriveRun:
         self._looked_at: dict[str, int] = {}
         self._submitted = 0
         self._finished: RunRecord | None = None
+        self._airflow_task: AirflowTask | None = None
 
     @classmethod
     def submit(
@@ -62,11 +64,17 @@ class HyperDriveRun:
         config: HyperDriveConfig,
         *,
         tags: dict[str, str] | None = None,
+        base_dir: str | os.PathLike[str] | None = None,
+        airflow_task: AirflowTask | None = None,
     ) -> HyperDriveRun:
-        """Record the sweep's parent run; its children start in ``wait_for_completion``."""
+        """Record the sweep's parent run; its children start in ``wait_for_completion``.
+
+        :param base_dir: where a relative source_directory starts (see ScriptRunConfig.resolved).
+        :param airflow_task: the task running the sweep, recorded on the parent and on every run of it.
+        """
         from airflow_amlrun.environment import resolve_environment
 
-        run_config = config.run_config.resolved()
+        run_config = config.run_config.resolved(base_dir)
         environment = resolve_environment(workspace, run_config.environment)
         parent_id = new_run_id(experiment)
         workspace.history.create_run(
@@ -79,8 +87,10 @@ class HyperDriveRun:
             environment=environment.summary(),
             tags={**(tags or {}), "run_type": "hyperdrive"},
             config={"hyperdrive": config.to_dict(), "run_config": recorded_config(run_config, environment)},
+            **(airflow_task.row_fields() if airflow_task else {}),
         )
         sweep = cls(workspace, experiment, replace(config, run_config=run_config), parent_id)
+        sweep._airflow_task = airflow_task
         workspace.history.update_run(parent_id, status=RunStatus.RUNNING, start_time=_now())
         return sweep
 
@@ -163,6 +173,7 @@ class HyperDriveRun:
                 child_config,
                 tags={"hyperparameters": json.dumps(params, sort_keys=True)},
                 parent_run_id=self.id,
+                airflow_task=self._airflow_task,
             )
         except AmlRunError as err:
             # A run that cannot start (its target refused it) fails the sweep now: the next would too.
@@ -174,7 +185,14 @@ class HyperDriveRun:
         self._children[child.id] = child
         self._trials[child.id] = trial
         self._reports[child.id] = []
-        log.info("Sweep %s: started run %s with %s", self.id, child.id, params)
+        log.info(
+            "Sweep %s: run %d of at most %d, %s, started with %s",
+            self.id,
+            self._submitted,
+            config.max_total_runs,
+            child.id,
+            params,
+        )
         return True
 
     def _step_all(self, study: Any, emit: Callable[[str], None] | None) -> None:
@@ -209,6 +227,14 @@ class HyperDriveRun:
 
     def _ended(self, study: Any, run_id: str, record: RunRecord, *, pruned: bool = False) -> None:
         self._children.pop(run_id, None)
+        log.info(
+            "Sweep %s: run %s %s; %s %s",
+            self.id,
+            run_id,
+            record.status,
+            self.config.primary_metric_name,
+            record.metrics.get(self.config.primary_metric_name),
+        )
         trial = self._trials.pop(run_id, None)
         final = _metric(record, self.config.primary_metric_name)
         if trial is not None:
@@ -247,6 +273,33 @@ class HyperDriveRun:
             self.id, status=status, error=error, end_time=_now(), add_tags=tags
         )
         return self._finished
+
+    @classmethod
+    def settle_earlier(cls, workspace: Workspace, task: AirflowTask) -> list[str]:
+        """End the unfinished sweeps an earlier try of this task left (its worker died): their live runs are
+        stopped, and they are recorded Failed; returns their ids. (Resuming them instead is for later.)"""
+        settled = []
+        for parent in workspace.history.list_runs(
+            dag_id=task.dag_id, task_id=task.task_id, airflow_run_id=task.run_id, map_index=task.map_index
+        ):
+            if parent.target != TARGET or parent.status.is_terminal:
+                continue
+            reason = "Canceled: the task running its sweep died, and its retry started the sweep anew."
+            for child in workspace.history.child_runs(parent.id):
+                if child.status.is_terminal:
+                    continue
+                try:
+                    ScriptRun.resumed(workspace, child.id, FollowState()).cancel(reason)
+                except Exception as err:
+                    workspace.history.update_run(child.id, status=RunStatus.FAILED, error=f"{reason} ({err})")
+            workspace.history.update_run(
+                parent.id,
+                status=RunStatus.FAILED,
+                end_time=_now(),
+                error="The task running this sweep died; its retry started the sweep anew.",
+            )
+            settled.append(parent.id)
+        return settled
 
     # reading it
 

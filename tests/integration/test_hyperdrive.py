@@ -71,3 +71,48 @@ def test_a_bandit_policy_stops_the_worse_runs_of_a_sweep_early(target, tmp_path)
     ranked = sweep.get_children_sorted_by_primary_metric()
     assert [row["hyperparameters"]["--alpha"] for row in ranked[:3]] == [1, 1.05, 1.1]
     assert parent.config["hyperdrive"]["policy"]["policy"] == "BanditPolicy"
+
+
+def test_a_sweep_as_a_dag_task_returns_its_best_run(amlrun_home, run_dag) -> None:  # type: ignore[no-untyped-def]
+    source = """
+        import pendulum
+        from airflow.sdk import DAG
+        from airflow_amlrun import ScriptRunConfig
+        from airflow_amlrun.hyperdrive import GridParameterSampling, HyperDriveConfig, choice
+        from airflow_amlrun.operators.hyperdrive import HyperDriveOperator
+
+        with DAG("DAG_ID", schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC")) as dag:
+            HyperDriveOperator(
+                task_id="tune",
+                experiment="sweeps",
+                config=HyperDriveConfig(
+                    run_config=ScriptRunConfig("src", script="train.py", arguments=["--base", "3"]),
+                    hyperparameter_sampling=GridParameterSampling({"--alpha": choice(4, 1, 3, 2)}),
+                    primary_metric_name="score",
+                    primary_metric_goal="maximize",
+                    max_total_runs=4,
+                    max_concurrent_runs=2,
+                ),
+            )
+    """
+    script = """
+        import argparse
+        from airflow_amlrun.run_context import Run
+        parser = argparse.ArgumentParser()
+        parser.add_argument("--alpha", type=float)
+        parser.add_argument("--base", type=float)
+        args = parser.parse_args()
+        Run.get_context().log("score", args.base - abs(args.alpha - 2))
+    """
+    result = run_dag(source, beside={"src/train.py": script})
+    assert result.state == "success", result.log
+    summary = result.xcoms["tune"]
+    ws = Workspace.get()
+    parent = ws.get_run(summary["sweep_run_id"])
+    assert (parent.status, parent.target, parent.task_id) == (RunStatus.COMPLETED, "hyperdrive", "tune")
+    assert summary["best_run"]["metrics"] == {"score": 3.0}
+    assert [row["hyperparameters"]["--alpha"] for row in summary["children"]] in ([2, 1, 3, 4], [2, 3, 1, 4])
+    best = ws.get_run(summary["best_run"]["run_id"])
+    assert best.arguments == ["--base", "3", "--alpha", "2"] and best.tags["best_run"] == "true"
+    assert all(ws.get_run(row["run_id"]).dag_id == result.dag_id for row in summary["children"])
+    assert f"Sweep {parent.id}: best run {best.id}, score 3.0" in result.log
