@@ -66,7 +66,14 @@ class Experiment:
     ) -> ScriptRun: ...
 
     @overload
-    def submit(self, config: HyperDriveConfig, *, tags: dict[str, str] | None = None) -> HyperDriveRun: ...
+    def submit(
+        self,
+        config: HyperDriveConfig,
+        *,
+        tags: dict[str, str] | None = None,
+        base_dir: str | os.PathLike[str] | None = None,
+        airflow_task: AirflowTask | None = None,
+    ) -> HyperDriveRun: ...
 
     def submit(
         self,
@@ -94,7 +101,14 @@ class Experiment:
             from airflow_amlrun.hyperdrive import HyperDriveConfig, HyperDriveRun
 
             if isinstance(config, HyperDriveConfig):
-                return HyperDriveRun.submit(self.workspace, self.name, config, tags=render_tags(tags))
+                return HyperDriveRun.submit(
+                    self.workspace,
+                    self.name,
+                    config,
+                    tags=render_tags(tags),
+                    base_dir=base_dir,
+                    airflow_task=airflow_task,
+                )
         if not isinstance(config, ScriptRunConfig):
             raise ConfigurationError(
                 f"Experiment {self.name!r}: submit needs a ScriptRunConfig, not {type(config).__name__} "

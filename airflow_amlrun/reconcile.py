@@ -37,6 +37,9 @@ from airflow_amlrun.targets.base import ComputeTarget, Job
 from airflow_amlrun.targets.handles import RunHandle, UnreadableHandleError
 from airflow_amlrun.targets.registry import resolve_target
 
+# The target a sweep's parent run records (hyperdrive/sweep.py); not a compute target.
+SWEEP_TARGET = "hyperdrive"
+
 if TYPE_CHECKING:
     from collections.abc import Callable
 
@@ -135,6 +138,18 @@ def _settle(
     def result(outcome: str, reason: str) -> Settlement:
         return Settlement(record.id, record.experiment, outcome, reason)
 
+    if record.target == SWEEP_TARGET:
+        # A sweep's parent runs nowhere itself: once its runs are settled, nobody is left to conclude it.
+        live = [c.id for c in workspace.history.child_runs(record.id) if not c.status.is_terminal]
+        if live:
+            return result(LEFT, f"its runs {', '.join(live)} are settled first")
+        return _record_lost(
+            workspace,
+            record,
+            heard_before,
+            "Failed: the task running this sweep stopped reporting on it.",
+            dry_run,
+        )
     try:
         target = resolve_target(record.target, settings, workspace.cache_dir)
     except AmlRunError as err:

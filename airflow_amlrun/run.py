@@ -918,6 +918,12 @@ class ScriptRun:
 
     # ending
 
+    def request_stop(self) -> None:
+        """Stop the run on its target now, recording nothing here: whoever follows it records it Canceled."""
+        self._cancel_requested = True
+        if self.handle is not None:
+            self.target.cancel(self.handle)
+
     def cancel(self, reason: str = "Canceled.") -> None:
         """Stop the run on its target; it ends Canceled (or as it ended, if it already had).
 

@@ -132,8 +132,11 @@ def _bounds(name: str, low: object, high: object) -> tuple[float, float]:
         raise ConfigurationError(
             f"{name}(min_value, max_value) needs min_value < max_value, not {low!r}, {high!r}."
         )
-    if name.endswith("loguniform") and b > 700:
-        raise ConfigurationError(f"{name}: max_value {high!r} is an exponent; exp({high!r}) overflows.")
+    if name.endswith("loguniform") and not (a > -700 and b < 700):
+        raise ConfigurationError(
+            f"{name}(min_value, max_value): the bounds are exponents between -700 and 700 (exp of them must be a "
+            f"positive float), not {low!r}, {high!r}."
+        )
     return a, b
 
 
@@ -150,7 +153,8 @@ def _space(space: object, method: str) -> dict[str, Expression]:
             f"{method} needs a parameter space: a mapping of argument names to expressions, such as "
             "{'--alpha': choice(0.1, 1, 10)}."
         )
-    checked = {}
+    checked: dict[str, Expression] = {}
+    flags: dict[str, str] = {}
     for name, expression in space.items():
         if not isinstance(name, str) or not name.strip("-") or any(c.isspace() for c in name):
             raise ConfigurationError(
@@ -161,6 +165,10 @@ def _space(space: object, method: str) -> dict[str, Expression]:
                 f"{method}: parameter {name!r} = {shown(expression)} must be an expression such as choice(1, 2) "
                 "or uniform(0, 1) (from airflow_amlrun.hyperdrive)."
             )
+        flag = name if name.startswith("-") else f"--{name}"
+        if flag in flags:
+            raise ConfigurationError(f"{method}: {flags[flag]!r} and {name!r} are the same argument {flag}.")
+        flags[flag] = name
         checked[name] = expression
     return checked
 
@@ -241,10 +249,13 @@ class BayesianParameterSampling(RandomParameterSampling):
     def sampler(self) -> Any:
         from optuna.samplers import TPESampler
 
-        return TPESampler(seed=self.seed, n_startup_trials=3)
+        # Runs go on concurrently: a pending run counts as its worst, so the next draws look elsewhere.
+        return TPESampler(seed=self.seed, n_startup_trials=3, constant_liar=True)
 
 
 def argument_words(name: str, value: Any) -> list[str]:
     """The script arguments of one parameter: ``--alpha 0.1`` (a bare name gets ``--``)."""
     flag = name if name.startswith("-") else f"--{name}"
-    return [flag, str(value)]
+    text = str(value)
+    # A value that starts with '-' would read as a flag of its own: it goes in the flag's word.
+    return [f"{flag}={text}"] if text.startswith("-") else [flag, text]

@@ -94,7 +94,10 @@ class BanditPolicy(EarlyTerminationPolicy):
         best = min(peers.values()) if goal == "minimize" else max(peers.values())
         value = peers[run_id]
         if self.slack_factor is not None:
-            limit = best * (1 + self.slack_factor) if goal == "minimize" else best / (1 + self.slack_factor)
+            # Relative to the best value's size, so that a metric at or below zero keeps its best run: for a
+            # positive best this is best * (1 + s) minimizing and best / (1 + s) maximizing.
+            room = abs(best) * self.slack_factor
+            limit = best + room if goal == "minimize" else best - room / (1 + self.slack_factor)
             slack = f"slack_factor {self.slack_factor:g}"
         else:
             assert self.slack_amount is not None
@@ -162,7 +165,8 @@ class TruncationSelectionPolicy(EarlyTerminationPolicy):
         ranked = sorted(peers.values(), reverse=goal == "minimize")
         threshold = ranked[cut - 1]
         value = peers[run_id]
-        if value == threshold and ranked.count(value) > 1:
+        # A value tied across the cut is kept: the runs with it are not all among the worst.
+        if value == threshold and cut < len(ranked) and ranked[cut] == threshold:
             return None
         if not _better(value, threshold, goal):
             return (

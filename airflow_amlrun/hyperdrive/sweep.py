@@ -24,15 +24,16 @@ from airflow_amlrun.errors import AmlRunError
 from airflow_amlrun.history import RunRecord, RunStatus
 from airflow_amlrun.hyperdrive.config import HyperDriveConfig
 from airflow_amlrun.hyperdrive.parameters import GridParameterSampling, argument_words
+from airflow_amlrun.reconcile import SWEEP_TARGET
 from airflow_amlrun.rerun import recorded_config
-from airflow_amlrun.run import AirflowTask, FollowState, ScriptRun, new_run_id
+from airflow_amlrun.run import AirflowTask, FollowState, Heartbeat, ScriptRun, heartbeat_seconds, new_run_id
 
 if TYPE_CHECKING:
     from airflow_amlrun.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
-TARGET = "hyperdrive"
+TARGET = SWEEP_TARGET
 # How often the primary metric of the live runs is read for the policy.
 _REPORT_SECONDS = 0.25
 
@@ -55,6 +56,10 @@ class HyperDriveRun:
         self._submitted = 0
         self._finished: RunRecord | None = None
         self._airflow_task: AirflowTask | None = None
+        self._study: Any = None
+        self._heartbeat = Heartbeat(workspace.history, parent_id, heartbeat_seconds(self._settings))
+        # Set by stop() (the task's on_kill): the loop ends its runs and the sweep, Canceled with this reason.
+        self._stop_reason: str | None = None
 
     @classmethod
     def submit(
@@ -73,9 +78,14 @@ class HyperDriveRun:
         :param airflow_task: the task running the sweep, recorded on the parent and on every run of it.
         """
         from airflow_amlrun.environment import resolve_environment
+        from airflow_amlrun.targets.registry import resolve_target
 
         run_config = config.run_config.resolved(base_dir)
         environment = resolve_environment(workspace, run_config.environment)
+        # What would fail every run fails here, before the sweep is recorded: the target, the parameter space.
+        resolve_target(run_config.compute_target, load_settings(), workspace.cache_dir)
+        for expression in config.hyperparameter_sampling.parameter_space.values():
+            expression.distribution()
         parent_id = new_run_id(experiment)
         workspace.history.create_run(
             run_id=parent_id,
@@ -91,7 +101,6 @@ class HyperDriveRun:
         )
         sweep = cls(workspace, experiment, replace(config, run_config=run_config), parent_id)
         sweep._airflow_task = airflow_task
-        workspace.history.update_run(parent_id, status=RunStatus.RUNNING, start_time=_now())
         return sweep
 
     # the loop
@@ -106,7 +115,7 @@ class HyperDriveRun:
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         config = self.config
-        study = optuna.create_study(
+        study = self._study = optuna.create_study(
             direction="minimize" if config.goal == "minimize" else "maximize",
             sampler=config.hyperparameter_sampling.sampler() or optuna.samplers.RandomSampler(),
         )
@@ -122,9 +131,11 @@ class HyperDriveRun:
         )
         exhausted = False
         emit = output if output is not None else (print if show_output else None)
+        self.workspace.history.update_run(self.id, status=RunStatus.RUNNING, start_time=_now())
+        self._heartbeat.start()
         try:
             last_reports = 0.0
-            while True:
+            while self._stop_reason is None:
                 expired = deadline is not None and time.monotonic() >= deadline
                 if expired:
                     self._stop_all(
@@ -133,24 +144,43 @@ class HyperDriveRun:
                 while (
                     not expired and not exhausted and len(self._children) < (config.max_concurrent_runs or 1)
                 ):
-                    if self._submitted >= config.max_total_runs:
-                        exhausted = True
-                        break
-                    started = self._start_next(study, grid)
-                    if not started:
+                    if self._submitted >= config.max_total_runs or not self._start_next(study, grid):
                         exhausted = True
                 self._step_all(study, emit)
                 if time.monotonic() - last_reports >= _REPORT_SECONDS:
                     last_reports = time.monotonic()
                     self._apply_policy(study)
                 if not self._children and (exhausted or expired):
-                    break
+                    return self._conclude()
                 time.sleep(self._settings.poll_interval_seconds)
+            self._stop_all(self._stop_reason)
+            return self._finish(RunStatus.CANCELED, self._stop_reason)
         except BaseException as err:
-            self._stop_all(f"Canceled: the sweep was interrupted ({type(err).__name__}).")
-            self._finish(RunStatus.CANCELED, f"The sweep was interrupted: {err or type(err).__name__}")
+            name = type(err).__name__
+            if name == "AirflowTaskTimeout":
+                status, reason = RunStatus.FAILED, "Stopped by the Airflow task's execution_timeout."
+            elif isinstance(err, Exception) and name != "AirflowTaskTerminated":
+                status, reason = RunStatus.FAILED, f"The sweep failed: {err}"
+            else:
+                status, reason = RunStatus.CANCELED, f"Canceled: the sweep was interrupted ({name})."
+            try:
+                self._stop_all(reason if status is RunStatus.CANCELED else f"Canceled: {reason}")
+                self._finish(status, reason)
+            except Exception:
+                log.exception("Sweep %s: recording its end after %r failed too", self.id, err)
             raise
-        return self._conclude()
+        finally:
+            self._heartbeat.stop()
+
+    def stop(self, reason: str = "Canceled: the task running the sweep was stopped.") -> None:
+        """End the sweep from outside its loop (the task's on_kill): its live runs are stopped at once, and the
+        loop, if it runs, records the sweep Canceled."""
+        self._stop_reason = reason
+        for child in list(self._children.values()):
+            try:
+                child.request_stop()
+            except Exception:
+                log.exception("Sweep %s: stopping run %s failed", self.id, child.id)
 
     def _start_next(self, study: Any, grid: Any) -> bool:
         config = self.config
@@ -205,28 +235,40 @@ class HyperDriveRun:
     def _apply_policy(self, study: Any) -> None:
         config = self.config
         assert config.policy is not None
-        metric = config.primary_metric_name
+        if type(config.policy).__name__ == "NoTerminationPolicy":
+            return
         for run_id in list(self._children):
-            self._reports[run_id] = [
-                float(p.value)
-                for p in self.workspace.history.get_metrics(run_id)
-                if p.name == metric and isinstance(p.value, int | float) and not isinstance(p.value, bool)
-            ]
+            self._refresh_reports(run_id)
         for run_id, child in list(self._children.items()):
-            reports = len(self._reports[run_id])
-            if reports == 0 or self._looked_at.get(run_id) == reports:
-                continue
-            self._looked_at[run_id] = reports
-            reason = config.policy.stop_reason(run_id, self._reports, config.goal)
-            if reason is None:
-                continue
-            log.info("Sweep %s: stopping run %s: %s", self.id, run_id, reason)
-            child.cancel(reason)
-            record = self.workspace.history.get_run(run_id)
-            self._ended(study, run_id, record, pruned=True)
+            reports = self._reports[run_id]
+            seen = self._looked_at.get(run_id, 0)
+            self._looked_at[run_id] = len(reports)
+            # Every report that fell due since the last look, each as if the run had just logged it.
+            for n in range(seen + 1, len(reports) + 1):
+                reason = config.policy.stop_reason(
+                    run_id, {**self._reports, run_id: reports[:n]}, config.goal
+                )
+                if reason is None:
+                    continue
+                log.info("Sweep %s: stopping run %s: %s", self.id, run_id, reason)
+                child.cancel(reason)
+                self._ended(study, run_id, self.workspace.history.get_run(run_id), pruned=True)
+                break
+
+    def _refresh_reports(self, run_id: str) -> None:
+        """The primary metric's new points of a run, read from the history after the last one read."""
+        reports = self._reports.setdefault(run_id, [])
+        points = self.workspace.history.get_metrics(run_id, name=self.config.primary_metric_name)
+        reports.extend(
+            float(p.value)
+            for p in points[len(reports) :]
+            if isinstance(p.value, int | float) and not isinstance(p.value, bool)
+        )
 
     def _ended(self, study: Any, run_id: str, record: RunRecord, *, pruned: bool = False) -> None:
         self._children.pop(run_id, None)
+        # Its whole series, for the runs compared with it later.
+        self._refresh_reports(run_id)
         log.info(
             "Sweep %s: run %s %s; %s %s",
             self.id,
@@ -252,6 +294,9 @@ class HyperDriveRun:
             except Exception:
                 log.exception("Sweep %s: stopping run %s failed", self.id, run_id)
             self._children.pop(run_id, None)
+            trial = self._trials.pop(run_id, None)
+            if trial is not None and self._study is not None:
+                self._study.tell(trial, state=_trial_state("PRUNED"))
 
     def _conclude(self) -> RunRecord:
         best = self.get_best_run_by_primary_metric()
@@ -291,7 +336,10 @@ class HyperDriveRun:
                 try:
                     ScriptRun.resumed(workspace, child.id, FollowState()).cancel(reason)
                 except Exception as err:
-                    workspace.history.update_run(child.id, status=RunStatus.FAILED, error=f"{reason} ({err})")
+                    # Left as it is, for `amlrun reconcile`, which settles a run it can reach or knows gone.
+                    log.warning(
+                        "Sweep %s: run %s of the earlier try was left as it is: %s", parent.id, child.id, err
+                    )
             workspace.history.update_run(
                 parent.id,
                 status=RunStatus.FAILED,

@@ -62,6 +62,11 @@ class HyperDriveOperator(BaseOperator):
         self.amlrun_run_id: str | None = None
         self._sweep: HyperDriveRun | None = None
 
+    def on_kill(self) -> None:
+        """Stop the sweep's live runs now; the sweep is recorded Canceled."""
+        if self._sweep is not None:
+            self._sweep.stop("Canceled: the Airflow task running the sweep was stopped.")
+
     @cached_property
     def workspace(self) -> Workspace:
         from airflow_amlrun.workspace import Workspace
@@ -108,8 +113,10 @@ class HyperDriveOperator(BaseOperator):
             config.run_config.compute_target,
             experiment.name,
         )
-        record = self._sweep.wait_for_completion()
-        summary = self._sweep.summary()
+        sweep = self._sweep
+        record = sweep.wait_for_completion()
+        self._sweep = None
+        summary: dict[str, Any] = sweep.summary()
         if record.status is not RunStatus.COMPLETED:
             raise AmlRunError(f"Sweep {record.id} {record.status}: {record.error}")
         best = summary["best_run"]

@@ -32,7 +32,9 @@ def test_a_bandit_policy_stops_the_worse_runs_of_a_sweep_early(target, tmp_path)
         run = Run.get_context()
         for step in range({STEPS}):
             run.log("loss", alpha * (1 + 1 / (step + 1)), step=step)
-            time.sleep(0.3)
+            # A worse run goes on slowly once the policy may stop it: a policy that does not stop it fails the
+            # test by far, and one that does never races the clock.
+            time.sleep(0.3 if alpha <= 1.2 or step < 2 else 3)
         """,
     )
     config = HyperDriveConfig(
@@ -116,3 +118,69 @@ def test_a_sweep_as_a_dag_task_returns_its_best_run(amlrun_home, run_dag) -> Non
     assert best.arguments == ["--base", "3", "--alpha", "2"] and best.tags["best_run"] == "true"
     assert all(ws.get_run(row["run_id"]).dag_id == result.dag_id for row in summary["children"])
     assert f"Sweep {parent.id}: best run {best.id}, score 3.0" in result.log
+
+
+def sleeper(tmp_path):  # type: ignore[no-untyped-def]
+    write_script(
+        tmp_path / "src",
+        "train.py",
+        """
+        import argparse, time
+        from airflow_amlrun.run_context import Run
+        parser = argparse.ArgumentParser()
+        parser.add_argument("--alpha", type=float)
+        Run.get_context().log("loss", parser.parse_args().alpha)
+        time.sleep(120)
+        """,
+    )
+    return ScriptRunConfig(tmp_path / "src", script="train.py")
+
+
+def sweep_of(run_config, **limits):  # type: ignore[no-untyped-def]
+    return HyperDriveConfig(
+        run_config=run_config,
+        hyperparameter_sampling=GridParameterSampling({"--alpha": choice(1, 2, 3, 4)}),
+        primary_metric_name="loss",
+        primary_metric_goal="minimize",
+        max_total_runs=4,
+        max_concurrent_runs=2,
+        **limits,
+    )
+
+
+def test_a_sweep_past_its_time_limit_cancels_its_runs_and_says_why(amlrun_home, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    sweep = Experiment(Workspace.get(), "sweeps").submit(
+        sweep_of(sleeper(tmp_path), max_duration_minutes=0.05)
+    )
+    parent = sweep.wait_for_completion()
+    children = sweep.get_children()
+    assert len(children) == 2  # the limit came before any run ended
+    for child in children:
+        assert child.status is RunStatus.CANCELED
+        assert child.error == "Canceled: the sweep's max_duration_minutes (0.05) was reached."
+    assert parent.status is RunStatus.FAILED
+    assert parent.error == "No run of the sweep Completed with the primary metric 'loss'."
+
+
+def test_a_stopped_sweep_stops_its_runs_and_is_recorded_canceled(amlrun_home, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import threading
+    import time
+
+    sweep = Experiment(Workspace.get(), "sweeps").submit(sweep_of(sleeper(tmp_path)))
+    stopper = threading.Thread(target=lambda: (time.sleep(3), sweep.stop("Canceled: stopped by the test.")))
+    stopper.start()
+    started = time.monotonic()
+    parent = sweep.wait_for_completion()
+    stopper.join()
+    assert time.monotonic() - started < 60
+    assert (parent.status, parent.error) == (RunStatus.CANCELED, "Canceled: stopped by the test.")
+    assert [c.status for c in sweep.get_children()] == [RunStatus.CANCELED, RunStatus.CANCELED]
+
+
+def test_a_sweep_that_cannot_run_is_refused_before_it_is_recorded(amlrun_home, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from airflow_amlrun.errors import UnknownComputeTargetError
+
+    run_config = ScriptRunConfig(sleeper(tmp_path).source_directory, script="train.py", compute_target="nope")
+    with pytest.raises(UnknownComputeTargetError, match="'nope'"):
+        Experiment(Workspace.get(), "sweeps").submit(sweep_of(run_config))
+    assert Workspace.get().list_runs(experiment="sweeps") == []

@@ -136,3 +136,41 @@ def test_median_and_truncation_stop_the_runs_below_the_pack() -> None:
     assert truncation.stop_reason("d", reports, "minimize") is not None
     assert truncation.stop_reason("c", reports, "minimize") is None
     assert truncation.stop_reason("a", reports, "maximize") is not None
+
+
+def test_bandit_keeps_the_best_run_of_a_metric_at_or_below_zero() -> None:
+    policy = BanditPolicy(slack_factor=0.1)
+    negative = {"best": [-10.0], "worse": [-8.0], "near": [-9.5]}
+    assert policy.stop_reason("best", negative, "minimize") is None
+    assert policy.stop_reason("near", negative, "minimize") is None
+    assert policy.stop_reason("worse", negative, "minimize") is not None
+    assert policy.stop_reason("top", {"top": [-1.0], "low": [-2.0]}, "maximize") is None
+    assert policy.stop_reason("low", {"top": [-1.0], "low": [-2.0]}, "maximize") is not None
+    # Maximizing a positive metric: below best / (1 + slack).
+    assert policy.stop_reason("b", {"a": [1.1], "b": [0.99]}, "maximize") is not None
+    assert policy.stop_reason("b", {"a": [1.1], "b": [1.01]}, "maximize") is None
+
+
+def test_a_policy_is_due_at_its_interval_after_its_delay() -> None:
+    policy = MedianStoppingPolicy(evaluation_interval=2, delay_evaluation=1)
+    assert [n for n in range(1, 9) if policy.due(n)] == [2, 4, 6, 8]
+
+
+def test_truncation_stops_runs_tied_wholly_inside_the_cut_and_keeps_ties_across_it() -> None:
+    half = TruncationSelectionPolicy(50)
+    inside = {"a": [9.0], "b": [9.0], "c": [1.0], "d": [2.0]}
+    assert half.stop_reason("a", inside, "minimize") is not None
+    across = {"a": [9.0], "b": [5.0], "c": [5.0], "d": [1.0]}
+    assert half.stop_reason("b", across, "minimize") is None
+    assert half.stop_reason("a", across, "minimize") is not None
+
+
+def test_one_argument_named_twice_and_out_of_range_exponents_are_refused() -> None:
+    from airflow_amlrun.hyperdrive.parameters import argument_words
+
+    with pytest.raises(ConfigurationError, match="'alpha' and '--alpha' are the same argument --alpha"):
+        RandomParameterSampling({"alpha": uniform(0, 1), "--alpha": uniform(0, 1)})
+    with pytest.raises(ConfigurationError, match="exponents between -700 and 700"):
+        loguniform(-800, 0)
+    assert argument_words("shift", -1) == ["--shift=-1"]
+    assert argument_words("--mode", "fast") == ["--mode", "fast"]
