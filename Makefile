@@ -38,8 +38,10 @@ typecheck: install
 docs: install
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
+# The unit tests on two processes (pytest-xdist): many of them wait on processes they start, and the machine
+# has two cores. Only here: the integration tests share one Airflow home, sshd and the like per session.
 unit: install
-	$(BIN)/python -m pytest -p no:cacheprovider tests/unit
+	$(BIN)/python -m pytest -p no:cacheprovider -n 2 tests/unit
 
 services:
 	scripts/services.sh

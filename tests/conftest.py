@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -42,6 +43,11 @@ os.environ.pop("AIRFLOW_CONN_AMLRUN_DEFAULT", None)
 
 REPO = Path(__file__).resolve().parent.parent
 PG_DSN = os.environ.get("AMLRUN_TEST_PG", "postgresql://postgres@127.0.0.1:5432")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    # Each process of a session has its own folder (`make unit` runs two, besides the one that steers them).
+    shutil.rmtree(_SESSION_DIR, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,7 @@ secret values that must not stay on disk)::
      "env": {"NAME": "value"},                            # added to the supervisor's own environment
      "max_seconds": 600,                                  # optional time limit, from the supervisor's start
      "grace_seconds": 5,                                  # SIGTERM first, SIGKILL after this long
+     "drain_seconds": 1,                                  # optional, see below
      "forward_signals": false,                            # see below
      "end_group": false}                                  # see below
 
@@ -25,7 +26,8 @@ runs past ``max_seconds`` gets SIGTERM, then SIGKILL after the grace period, tog
 started; ``CONTROL_DIR/ended_by`` then says why, and the job's log says so too. With ``end_group``, what
 the job left running in its group when it ended (a stray child, a daemon it forked) is killed too, once
 the exit code is recorded. That signal ends the supervisor itself, so a target using it reads the exit
-code from the file.
+code from the file. Once the job ended, what its pipes still hold is read into the log for up to
+``drain_seconds`` (default ``DRAIN_SECONDS``): what it left running in its group may hold them open.
 
 The run must not outlive its supervisor, whatever ends it:
 - recording is best effort: a control file that cannot be written (a full disk, a job that deleted
@@ -95,8 +97,8 @@ STDERR_MARK = b"\x1b]amlrun;stderr\x07"
 STDOUT_MARK = b"\x1b]amlrun;stdout\x07"
 # Where the supervisor records how much of the job's output the log could not take, and why (JSON).
 LOG_LOSS = "log_loss"
-# How long the job's output pipes are read once the job ended: what it left running in its group may hold
-# them open (and is stopped next).
+# How long the job's output pipes are read once the job ended, unless the request says: what it left running
+# in its group may hold them open (and is stopped next).
 DRAIN_SECONDS = 1.0
 
 
@@ -115,7 +117,7 @@ def main(argv: list[str]) -> int:
             _signal_group(signal.SIGTERM)
             _say(f"amlrun: the run's supervisor failed ({type(err).__name__}: {err}); stopping the run")
             _await_end(_state["job"], float(request.get("grace_seconds") or DEFAULT_GRACE_SECONDS))
-            _finish_log(control)
+            _finish_log(control, _drain_seconds(request))
             _signal_group(signal.SIGKILL)
         raise
 
@@ -132,6 +134,7 @@ def _supervise(control: str, request: dict[str, Any]) -> int:
     limit = request.get("max_seconds")
     max_seconds = None if limit is None else float(limit)
     grace = float(request.get("grace_seconds") or DEFAULT_GRACE_SECONDS)
+    drain = _drain_seconds(request)
 
     env = dict(os.environ)
     env.update({str(k): str(v) for k, v in (request.get("env") or {}).items()})
@@ -167,8 +170,8 @@ def _supervise(control: str, request: dict[str, Any]) -> int:
     code = _wait(job, deadline)
     if code is None:
         assert max_seconds is not None
-        code = _stop_for_limit(job, control, max_seconds, grace)
-    _finish_log(control)
+        code = _stop_for_limit(job, control, max_seconds, grace, drain)
+    _finish_log(control, drain)
     _record(control, EXIT_CODE, str(code))
     if request.get("end_group"):
         _signal_group(signal.SIGKILL)
@@ -210,7 +213,9 @@ def _wait(job: subprocess.Popen[bytes], deadline: float | None) -> int | None:
             return None
 
 
-def _stop_for_limit(job: subprocess.Popen[bytes], control: str, max_seconds: float, grace: float) -> int:
+def _stop_for_limit(
+    job: subprocess.Popen[bytes], control: str, max_seconds: float, grace: float, drain: float
+) -> int:
     # Signalled before anything is written: a file that cannot be written, or a log that blocks, must not
     # keep the run going.
     _signal_group(signal.SIGTERM)
@@ -221,7 +226,7 @@ def _stop_for_limit(job: subprocess.Popen[bytes], control: str, max_seconds: flo
     _record(control, ENDED_BY, json.dumps({"reason": MAX_DURATION, "max_seconds": max_seconds}))
     code = _await_end(job, grace)
     # What the job wrote last (a checkpoint's message, a traceback) is still in the pipes.
-    _finish_log(control)
+    _finish_log(control, drain)
     # Whatever the job started goes too; the exit code is recorded first, as this ends the supervisor.
     _record(control, EXIT_CODE, str(code))
     _signal_group(signal.SIGKILL)
@@ -243,12 +248,17 @@ def _await_end(job: subprocess.Popen[bytes], grace: float) -> int:
         return 128 + signal.SIGKILL
 
 
-def _finish_log(control: str) -> None:
-    """Read what the job's pipes still hold into the log (for DRAIN_SECONDS at most: what the job left running
-    may hold them open), then say there what the log lost, if anything: the log is whole before the exit code
-    says the run ended, so a follower then reads it to its end."""
+def _drain_seconds(request: dict[str, Any]) -> float:
+    drain = request.get("drain_seconds")
+    return DRAIN_SECONDS if drain is None else float(drain)
+
+
+def _finish_log(control: str, drain: float) -> None:
+    """Read what the job's pipes still hold into the log (for `drain` seconds at most: what the job left
+    running may hold them open), then say there what the log lost, if anything: the log is whole before the
+    exit code says the run ended, so a follower then reads it to its end."""
     if _state["pump"] is not None:
-        _state["pump"].join(DRAIN_SECONDS)
+        _state["pump"].join(drain)
     lost, error = _log.lost, _log.error
     if lost:
         _say(f"amlrun: {lost} bytes of the run's output could not be written to its log ({error})")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import tempfile
 from pathlib import Path
@@ -253,19 +254,30 @@ def materialize_tree(root: Path, paths: list[str], ignores: dict[str, list[str]]
     return sorted(set(written))
 
 
+@pytest.fixture(scope="module")
+def new_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The .git folder of a new repository whose lowest-precedence excludes are the default ones: made once,
+    copied into each example's tree (cheaper than `git init` each time)."""
+    root = tmp_path_factory.mktemp("repository")
+    git(root, "init", "-q", ".")
+    (root / ".git" / "info").mkdir(exist_ok=True)
+    (root / ".git" / "info" / "exclude").write_text(DEFAULT_EXCLUDES_FOR_GIT)
+    return root / ".git"
+
+
 @settings(
     max_examples=120,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-@given(trees())
-def test_snapshot_takes_exactly_what_git_would_track(tree: tuple[list[str], dict[str, list[str]]]) -> None:
+@given(tree=trees())
+def test_snapshot_takes_exactly_what_git_would_track(
+    new_repository: Path, tree: tuple[list[str], dict[str, list[str]]]
+) -> None:
     paths, ignores = tree
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        git(root, "init", "-q", ".")
-        (root / ".git" / "info").mkdir(exist_ok=True)
-        (root / ".git" / "info" / "exclude").write_text(DEFAULT_EXCLUDES_FOR_GIT)
+        shutil.copytree(new_repository, root / ".git")
         files = materialize_tree(root, paths, ignores)
 
         ours = included(root)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import multiprocessing
@@ -10,6 +11,7 @@ import stat
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -47,16 +49,18 @@ def write_tree(root: Path, files: dict[str, bytes | str]) -> None:
         os.utime(path, (OLD, OLD))
 
 
-def past_racy_window(root: Path) -> None:
-    """Wait until every file under ``root`` last changed longer ago than the stat cache's racy window.
+def past_racy_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Take this test's snapshots as if the stat cache's racy window had passed since its files were written.
 
     A file's ctime cannot be set back like its mtime: a tree written just now is trusted from the stat cache
-    only once its ctimes are older than the window (at most a second here).
+    only once its ctimes are older than the window (a second). Rather than wait, the snapshots' clock reads a
+    window and a tick ahead, which is all the cache sees of the wait (the test of a file rewritten within
+    the same tick keeps the real clock).
     """
     from airflow_amlrun.snapshot.statcache import RACY_WINDOW_NS
 
-    newest = max(p.lstat().st_ctime_ns for p in root.rglob("*"))
-    time.sleep(max(0.0, (newest + RACY_WINDOW_NS - time.time_ns()) / 1e9 + 0.01))
+    ahead = types.SimpleNamespace(time_ns=lambda: time.time_ns() + RACY_WINDOW_NS + 10_000_000)
+    monkeypatch.setattr(importlib.import_module("airflow_amlrun.snapshot.snapshot"), "time", ahead)
 
 
 def sample_tree(root: Path) -> None:
@@ -157,10 +161,10 @@ def test_resubmitting_unchanged_code_writes_nothing(source: Path, store: BlobSto
 
 
 def test_unchanged_files_are_not_read_again_with_a_stat_cache(
-    source: Path, store: BlobStore, tmp_path: Path
+    source: Path, store: BlobStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cache = tmp_path / "cache.sqlite"
-    past_racy_window(source)
+    past_racy_window(monkeypatch)
     assert take_snapshot(source, store, stat_cache_path=cache).files_hashed == 8
     assert take_snapshot(source, store, stat_cache_path=cache).files_hashed == 0
     # Without the cache every file is read, but the store still receives nothing new.
@@ -169,10 +173,10 @@ def test_unchanged_files_are_not_read_again_with_a_stat_cache(
 
 
 def test_changing_one_file_writes_that_file_and_a_manifest(
-    source: Path, store: BlobStore, tmp_path: Path
+    source: Path, store: BlobStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cache = tmp_path / "cache.sqlite"
-    past_racy_window(source)
+    past_racy_window(monkeypatch)
     first = take_snapshot(source, store, stat_cache_path=cache)
     new_content = b"print('train v2')\n"
     (source / "train.py").write_bytes(new_content)
@@ -201,11 +205,11 @@ def test_a_file_rewritten_with_the_same_size_and_mtime_tick_is_still_rehashed(
 
 
 def test_a_file_changed_with_its_old_mtime_put_back_is_rehashed(
-    source: Path, store: BlobStore, tmp_path: Path
+    source: Path, store: BlobStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # An old, cached file rewritten with the same size and its mtime set back: only the ctime moved.
     cache = tmp_path / "cache.sqlite"
-    past_racy_window(source)
+    past_racy_window(monkeypatch)
     take_snapshot(source, store, stat_cache_path=cache)
     target = source / "conf/params.json"
     target.write_text('{"lr": 0.9}')
