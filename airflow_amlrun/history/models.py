@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
     Float,
     ForeignKey,
@@ -66,6 +67,11 @@ class RunRow(Base):
 
     __table_args__ = (
         Index("ix_amlrun_runs_airflow_task", "dag_id", "task_id", "airflow_run_id", "map_index"),
+        # The run list's default order (newest first, the id breaking ties) and its keyset cursor.
+        Index("ix_amlrun_runs_created", "created_at", "id"),
+        # An experiment's runs, newest first: the list filtered by experiment, and its last activity.
+        Index("ix_amlrun_runs_experiment_created", "experiment_id", "created_at", "id"),
+        Index("ix_amlrun_runs_target", "target"),
     )
 
 
@@ -87,3 +93,54 @@ class MetricRow(Base):
         Index("ix_amlrun_metrics_run_name", "run_id", "name"),
         UniqueConstraint("run_id", "seq", name="uq_amlrun_metrics_run_seq"),
     )
+
+
+class MetricSummaryRow(Base):
+    """One metric of one run in brief: its latest value (by seq), how many points it has, its extremes.
+
+    Kept up to date as points are stored, so the run list shows, filters and sorts by metrics without
+    reading the points.
+    """
+
+    __tablename__ = "amlrun_metric_summaries"
+
+    run_id: Mapped[str] = mapped_column(ForeignKey("amlrun_runs.id", ondelete="CASCADE"), primary_key=True)
+    name: Mapped[str] = mapped_column(String(256), primary_key=True)
+    # Points stored, and how many of them are finite numbers (the charted ones, counted by the pyramid).
+    count: Mapped[int] = mapped_column(BigInteger)
+    numeric_count: Mapped[int] = mapped_column(BigInteger)
+    last_seq: Mapped[int] = mapped_column(Integer)
+    last_step: Mapped[int | None] = mapped_column(BigInteger)
+    last_value: Mapped[float | None] = mapped_column(Float)
+    last_value_json: Mapped[str | None] = mapped_column(Text)
+    min_value: Mapped[float | None] = mapped_column(Float)
+    max_value: Mapped[float | None] = mapped_column(Float)
+
+    __table_args__ = (
+        # Runs sorted or filtered by one metric's latest value.
+        Index("ix_amlrun_metric_summaries_name_value", "name", "last_value", "run_id"),
+    )
+
+
+class MetricBucketRow(Base):
+    """A bucket of a metric's min/max pyramid: the extremes of `size` consecutive finite points.
+
+    Level L's buckets hold ``series.BUCKET_SIZES[L]`` points each; bucket b covers the points numbered
+    b*size .. (b+1)*size-1 in the order they were stored. A chart of a long series reads one level's few
+    thousand buckets instead of its points, and every spike is in some bucket's minimum or maximum.
+    """
+
+    __tablename__ = "amlrun_metric_buckets"
+
+    run_id: Mapped[str] = mapped_column(ForeignKey("amlrun_runs.id", ondelete="CASCADE"), primary_key=True)
+    name: Mapped[str] = mapped_column(String(256), primary_key=True)
+    level: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    bucket: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    count: Mapped[int] = mapped_column(Integer)
+    # Where the extremes lie on the chart's x axis: the point's step, or its number when it has none.
+    min_x: Mapped[int] = mapped_column(BigInteger)
+    min_value: Mapped[float] = mapped_column(Float)
+    max_x: Mapped[int] = mapped_column(BigInteger)
+    max_value: Mapped[float] = mapped_column(Float)
+    # Which of the two came first, to draw them in order.
+    min_first: Mapped[bool] = mapped_column(Boolean)

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import threading
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -16,12 +14,12 @@ from sqlalchemy import (
     ColumnElement,
     Connection,
     Engine,
+    Row,
     Table,
     create_engine,
     event,
     func,
     inspect,
-    or_,
     select,
     text,
     update,
@@ -31,16 +29,17 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
 
 from airflow_amlrun.errors import AmlRunError
+from airflow_amlrun.history.listing import RunFilter, RunPage, experiment_activity, of_dags, page_runs
+from airflow_amlrun.history.metricstore import Series, join_value, latest_values, read_series, store_points
 from airflow_amlrun.history.models import ExperimentRow, MetricRow, RunRow
-from airflow_amlrun.history.records import ExperimentRecord, MetricPoint, RunRecord, RunStatus
+from airflow_amlrun.history.paging import RunSort
+from airflow_amlrun.history.records import ExperimentRecord, MetricPoint, RunRecord, RunStatus, aware
 
 _MIGRATIONS = Path(__file__).with_name("migrations")
 # The newest migration's revision; a test checks it against Alembic's head. Knowing it lets a process
 # that finds the schema current skip loading Alembic at all (a task process opens the history once).
-SCHEMA_HEAD = "0004"
+SCHEMA_HEAD = "0005"
 _migrated: set[str] = set()
-# Metric points looked up or written per statement.
-_BATCH = 1000
 _migrate_lock = threading.Lock()
 
 
@@ -58,13 +57,6 @@ def normalize_database_url(url: str) -> str:
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
-
-
-def _aware(value: datetime | None) -> datetime | None:
-    # SQLite hands datetimes back without their zone; every time stored here is UTC.
-    if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=UTC)
-    return value
 
 
 class RunHistory:
@@ -129,7 +121,7 @@ class RunHistory:
     def ensure_experiment(self, name: str) -> ExperimentRecord:
         with self.session() as session:
             row = self._experiment_row(session, name)
-            return ExperimentRecord(name=row.name, created_at=_aware(row.created_at) or utcnow())
+            return ExperimentRecord(name=row.name, created_at=aware(row.created_at) or utcnow())
 
     def _experiment_row(self, session: Session, name: str) -> ExperimentRow:
         row = session.scalar(select(ExperimentRow).where(ExperimentRow.name == name))
@@ -155,20 +147,12 @@ class RunHistory:
         When either narrows the runs, an experiment none of whose runs is left is not listed: its name
         alone may say more than the reader may know.
         """
-        visible = _of_dags(dag_ids, runs_without_dag)
         with self.session() as session:
-            counts = select(RunRow.experiment_id, func.count(RunRow.id).label("n"))
-            if visible is not None:
-                counts = counts.where(visible)
-            counted = counts.group_by(RunRow.experiment_id).subquery()
-            rows = session.execute(
-                select(ExperimentRow, func.coalesce(counted.c.n, 0))
-                .join(counted, counted.c.experiment_id == ExperimentRow.id, isouter=visible is None)
-                .order_by(ExperimentRow.name)
-            ).all()
             return [
-                ExperimentRecord(name=e.name, created_at=_aware(e.created_at) or utcnow(), run_count=int(n))
-                for e, n in rows
+                ExperimentRecord(
+                    name=name, created_at=aware(created) or utcnow(), run_count=n, last_run_at=aware(last)
+                )
+                for name, created, n, last in experiment_activity(session, of_dags(dag_ids, runs_without_dag))
             ]
 
     # runs
@@ -232,7 +216,7 @@ class RunHistory:
         """
         with self.session() as session:
             query = select(RunRow, ExperimentRow.name).join(ExperimentRow)
-            visible = _of_dags(dag_ids, runs_without_dag)
+            visible = of_dags(dag_ids, runs_without_dag)
             if visible is not None:
                 query = query.where(visible)
             if experiment is not None:
@@ -248,7 +232,18 @@ class RunHistory:
                 if value is not None:
                     query = query.where(column == value)
             query = query.order_by(RunRow.created_at.desc(), RunRow.id.desc()).limit(limit)
-            return [self._record(session, row, name) for row, name in session.execute(query).all()]
+            return self._records(session, session.execute(query).all())
+
+    def page_runs(
+        self, where: RunFilter, sort: RunSort | None = None, *, limit: int = 100, cursor: str | None = None
+    ) -> RunPage:
+        """One page of the runs that pass `where`, sorted (newest first unless told), after `cursor`.
+
+        :param cursor: the previous page's `next_cursor`; None for the first page.
+        :raises BadListRequestError: the cursor is not one of this sort order's.
+        """
+        with self.session() as session:
+            return page_runs(session, where, sort or RunSort(), limit=limit, cursor=cursor)
 
     def unfinished_runs(self, *, heard_before: datetime | None = None, limit: int = 1000) -> list[RunRecord]:
         """Runs not yet Completed, Failed or Canceled, the longest unheard-of first.
@@ -262,7 +257,7 @@ class RunHistory:
             if heard_before is not None:
                 query = query.where(last_heard < heard_before)
             query = query.order_by(last_heard, RunRow.id).limit(limit)
-            return [self._record(session, row, name) for row, name in session.execute(query).all()]
+            return self._records(session, session.execute(query).all())
 
     def finish_run(self, run_id: str, **fields: Any) -> bool:
         """Record a run's outcome (its final status and fields), unless another process recorded one already.
@@ -317,7 +312,18 @@ class RunHistory:
             raise RunNotFoundError(f"No run {run_id!r} in the run history at {self.url_for_display}.")
         return row
 
-    def _record(self, session: Session, row: RunRow, experiment: str | None = None) -> RunRecord:
+    def _records(self, session: Session, rows: Sequence[Row[RunRow, str]]) -> list[RunRecord]:
+        """Records of run rows given with their experiments' names, their latest metrics read in one query."""
+        metrics = latest_values(session, [row.id for row, _ in rows])
+        return [self._record(session, row, name, metrics[row.id]) for row, name in rows]
+
+    def _record(
+        self,
+        session: Session,
+        row: RunRow,
+        experiment: str | None = None,
+        metrics: dict[str, Any] | None = None,
+    ) -> RunRecord:
         if experiment is None:
             experiment = session.scalar(
                 select(ExperimentRow.name).where(ExperimentRow.id == row.experiment_id)
@@ -338,51 +344,41 @@ class RunHistory:
             outputs_uri=row.outputs_uri,
             logs_uri=row.logs_uri,
             error=row.error,
-            created_at=_aware(row.created_at) or utcnow(),
-            start=_aware(row.start_time),
-            end=_aware(row.end_time),
+            created_at=aware(row.created_at) or utcnow(),
+            start=aware(row.start_time),
+            end=aware(row.end_time),
             dag_id=row.dag_id,
             task_id=row.task_id,
             airflow_run_id=row.airflow_run_id,
             map_index=row.map_index,
             try_number=row.try_number,
-            heartbeat_at=_aware(row.heartbeat_at),
+            heartbeat_at=aware(row.heartbeat_at),
             max_run_duration_seconds=row.max_run_duration_seconds,
-            metrics=self._last_metrics(session, row.id),
+            metrics=latest_values(session, [row.id])[row.id] if metrics is None else metrics,
         )
 
     # metrics
 
     def add_metrics(self, run_id: str, points: Iterable[MetricPoint]) -> int:
-        """Store metric points; a point whose seq is already stored is skipped. Returns how many were new."""
+        """Store metric points; a point whose seq is already stored is skipped. Returns how many were new.
+
+        The run's latest values, and its metrics' summaries and min/max pyramids, are updated in the same
+        transaction."""
         points = list(points)
         if not points:
             return 0
         with self.session() as session:
-            known: set[int] = set()
-            # In batches: a database limits the parameters of one statement (SQLite to 32766).
-            for start in range(0, len(points), _BATCH):
-                batch = [p.seq for p in points[start : start + _BATCH]]
-                known.update(
-                    session.scalars(
-                        select(MetricRow.seq).where(MetricRow.run_id == run_id, MetricRow.seq.in_(batch))
-                    )
-                )
-            new = [p for p in points if p.seq not in known]
-            for point in new:
-                number, as_json = _split_value(point.value)
-                session.add(
-                    MetricRow(
-                        run_id=run_id,
-                        name=point.name,
-                        step=point.step,
-                        value=number,
-                        value_json=as_json,
-                        logged_at=point.logged_at or utcnow(),
-                        seq=point.seq,
-                    )
-                )
-            return len(new)
+            return store_points(session, run_id, points, utcnow())
+
+    def metric_series(
+        self, run_id: str, names: Collection[str] | None = None, *, points: int = 2000
+    ) -> list[Series]:
+        """A run's metrics as charts of at most `points` points each, every slice's minimum and maximum kept.
+
+        :param names: the metrics (None: all with a finite value).
+        """
+        with self.session() as session:
+            return read_series(session, run_id, names, points)
 
     def get_metrics(self, run_id: str, name: str | None = None) -> list[MetricPoint]:
         """Every logged point of a run (or of one metric), in logging order."""
@@ -393,40 +389,17 @@ class RunHistory:
             return [
                 MetricPoint(
                     name=m.name,
-                    value=_join_value(m.value, m.value_json),
+                    value=join_value(m.value, m.value_json),
                     seq=m.seq,
                     step=m.step,
-                    logged_at=_aware(m.logged_at),
+                    logged_at=aware(m.logged_at),
                 )
                 for m in session.scalars(query.order_by(MetricRow.seq))
             ]
 
-    def _last_metrics(self, session: Session, run_id: str) -> dict[str, Any]:
-        last = (
-            select(MetricRow.name, func.max(MetricRow.seq).label("seq"))
-            .where(MetricRow.run_id == run_id)
-            .group_by(MetricRow.name)
-            .subquery()
-        )
-        rows = session.execute(
-            select(MetricRow.name, MetricRow.value, MetricRow.value_json)
-            .join(last, (MetricRow.name == last.c.name) & (MetricRow.seq == last.c.seq))
-            .where(MetricRow.run_id == run_id)
-            .order_by(MetricRow.name)
-        ).all()
-        return {name: _join_value(value, as_json) for name, value, as_json in rows}
-
     @property
     def url_for_display(self) -> str:
         return make_url(self.url).render_as_string(hide_password=True)
-
-
-def _of_dags(dag_ids: Collection[str] | None, runs_without_dag: bool) -> ColumnElement[bool] | None:
-    """The condition on a run row for "of one of these DAGs, or of none if allowed"; None when all pass."""
-    if dag_ids is None and runs_without_dag:
-        return None
-    of_dags = RunRow.dag_id.is_not(None) if dag_ids is None else RunRow.dag_id.in_(sorted(dag_ids))
-    return or_(of_dags, RunRow.dag_id.is_(None)) if runs_without_dag else of_dags
 
 
 def _unfinished() -> ColumnElement[bool]:
@@ -435,25 +408,6 @@ def _unfinished() -> ColumnElement[bool]:
 
 def _last_heard() -> ColumnElement[datetime]:
     return func.coalesce(RunRow.heartbeat_at, RunRow.start_time, RunRow.created_at)
-
-
-def _split_value(value: Any) -> tuple[float | None, str | None]:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None, json.dumps(value)
-    try:
-        number = float(value)
-    except OverflowError:  # an integer beyond a float's range keeps every digit as JSON text
-        return None, json.dumps(value)
-    # NaN and infinities do not survive every database: keep them as JSON text.
-    if math.isfinite(number):
-        return number, None
-    return None, json.dumps(number)
-
-
-def _join_value(number: float | None, as_json: str | None) -> Any:
-    if as_json is not None:
-        return json.loads(as_json)
-    return number
 
 
 def _revision(connection: Connection) -> str | None:

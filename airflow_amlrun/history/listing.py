@@ -1,0 +1,229 @@
+"""The run list at scale: runs filtered, sorted by a column or a metric, and paged by cursor, in one query.
+
+Each page reads its runs' listed columns and, in a second query, their latest metric values from the metric
+summaries: no per-row query, no offset to skip.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import ColumnElement, Select, and_, false, func, or_, select, tuple_
+from sqlalchemy.orm import Session, aliased
+
+from airflow_amlrun.history.metricstore import latest_values
+from airflow_amlrun.history.models import ExperimentRow, MetricSummaryRow, RunRow
+from airflow_amlrun.history.paging import RunSort, decode_cursor, encode_cursor
+from airflow_amlrun.history.records import RunStatus, aware
+
+
+@dataclass(frozen=True)
+class MetricRange:
+    """Runs whose latest value of `name` lies within [low, high] (either bound may be open)."""
+
+    name: str
+    low: float | None = None
+    high: float | None = None
+
+
+@dataclass(frozen=True)
+class RunFilter:
+    """Which runs a list shows; every field given narrows it.
+
+    :param dag_ids: only runs of these DAGs (None: of any DAG); with `runs_without_dag`, what a reader may see.
+    :param runs_without_dag: whether runs recorded outside any DAG are included.
+    :param tags: runs carrying each of these tags with this value.
+    :param created_after: runs created at or after this time; `created_before`, before it.
+    """
+
+    experiment: str | None = None
+    statuses: tuple[str, ...] = ()
+    target: str | None = None
+    dag_id: str | None = None
+    tags: tuple[tuple[str, str], ...] = ()
+    metrics: tuple[MetricRange, ...] = ()
+    created_after: datetime | None = None
+    created_before: datetime | None = None
+    dag_ids: Collection[str] | None = None
+    runs_without_dag: bool = True
+
+
+@dataclass(frozen=True)
+class RunListItem:
+    """A run as the list shows it: what identifies and describes it, its parameters and latest metrics."""
+
+    id: str
+    experiment: str
+    status: RunStatus
+    target: str
+    created_at: datetime
+    start: datetime | None
+    end: datetime | None
+    dag_id: str | None
+    task_id: str | None
+    airflow_run_id: str | None
+    map_index: int | None
+    arguments: list[Any]
+    tags: dict[str, Any]
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RunPage:
+    """One page of runs, and the cursor of the next one (None: this is the last)."""
+
+    runs: list[RunListItem]
+    next_cursor: str | None
+
+
+def of_dags(dag_ids: Collection[str] | None, runs_without_dag: bool) -> ColumnElement[bool] | None:
+    """The condition on a run row for "of one of these DAGs, or of none if allowed"; None when all pass."""
+    if dag_ids is None and runs_without_dag:
+        return None
+    of_dag = RunRow.dag_id.is_not(None) if dag_ids is None else RunRow.dag_id.in_(sorted(dag_ids))
+    return or_(of_dag, RunRow.dag_id.is_(None)) if runs_without_dag else of_dag
+
+
+def page_runs(
+    session: Session, where: RunFilter, sort: RunSort, *, limit: int, cursor: str | None = None
+) -> RunPage:
+    """One page of the runs that pass `where`, in `sort` order, after `cursor` (the previous page's next)."""
+    key: Any
+    query: Select[Any] = _filtered(where)
+    if sort.metric is not None:
+        summary = aliased(MetricSummaryRow)
+        query = query.outerjoin(summary, and_(summary.run_id == RunRow.id, summary.name == sort.metric))
+        key = summary.last_value
+    elif sort.column == "experiment":
+        key = ExperimentRow.name
+    else:
+        key = getattr(RunRow, sort.column or "created_at")
+    query = query.add_columns(key)
+    if cursor is not None:
+        query = query.where(_after(key, sort, decode_cursor(sort, cursor)))
+    order = [key.desc(), RunRow.id.desc()] if sort.descending else [key.asc(), RunRow.id.asc()]
+    if sort.nullable:
+        order[0] = order[0].nulls_last()
+    rows = session.execute(query.order_by(*order).limit(limit + 1)).all()
+    more = len(rows) > limit
+    rows = rows[:limit]
+    metrics = latest_values(session, [row[0] for row in rows])
+    runs = [
+        RunListItem(
+            id=run_id,
+            experiment=experiment,
+            status=RunStatus(status),
+            target=target,
+            created_at=aware(created_at) or created_at,
+            start=aware(start),
+            end=aware(end),
+            dag_id=dag_id,
+            task_id=task_id,
+            airflow_run_id=airflow_run_id,
+            map_index=map_index,
+            arguments=list(arguments or []),
+            tags=dict(tags or {}),
+            metrics=metrics[run_id],
+        )
+        for (
+            run_id,
+            experiment,
+            status,
+            target,
+            created_at,
+            start,
+            end,
+            dag_id,
+            task_id,
+            airflow_run_id,
+            map_index,
+            arguments,
+            tags,
+            _,
+        ) in rows
+    ]
+    next_cursor = encode_cursor(sort, rows[-1][-1], rows[-1][0]) if more else None
+    return RunPage(runs=runs, next_cursor=next_cursor)
+
+
+def _filtered(where: RunFilter) -> Select[Any]:
+    query: Select[Any] = select(  # type: ignore[assignment]
+        RunRow.id,
+        ExperimentRow.name,
+        RunRow.status,
+        RunRow.target,
+        RunRow.created_at,
+        RunRow.start_time,
+        RunRow.end_time,
+        RunRow.dag_id,
+        RunRow.task_id,
+        RunRow.airflow_run_id,
+        RunRow.map_index,
+        RunRow.arguments,
+        RunRow.tags,
+    ).join(ExperimentRow, ExperimentRow.id == RunRow.experiment_id)
+    visible = of_dags(where.dag_ids, where.runs_without_dag)
+    if visible is not None:
+        query = query.where(visible)
+    if where.experiment is not None:
+        # By the experiment's id: the runs' (experiment, created) index then serves the order too.
+        query = query.where(
+            RunRow.experiment_id
+            == select(ExperimentRow.id).where(ExperimentRow.name == where.experiment).scalar_subquery()
+        )
+    if where.statuses:
+        query = query.where(RunRow.status.in_([RunStatus(s).value for s in where.statuses]))
+    for column, value in ((RunRow.target, where.target), (RunRow.dag_id, where.dag_id)):
+        if value is not None:
+            query = query.where(column == value)
+    for name, value in where.tags:
+        query = query.where(RunRow.tags[name].as_string() == value)
+    for metric in where.metrics:
+        summary = aliased(MetricSummaryRow)
+        query = query.join(summary, and_(summary.run_id == RunRow.id, summary.name == metric.name))
+        if metric.low is not None:
+            query = query.where(summary.last_value >= metric.low)
+        if metric.high is not None:
+            query = query.where(summary.last_value <= metric.high)
+        if metric.low is None and metric.high is None:
+            query = query.where(summary.last_value.is_not(None))
+    if where.created_after is not None:
+        query = query.where(RunRow.created_at >= where.created_after)
+    if where.created_before is not None:
+        query = query.where(RunRow.created_at < where.created_before)
+    return query
+
+
+def _after(key: Any, sort: RunSort, cursor: Any) -> ColumnElement[bool]:
+    """The rows that come after the cursor's row in this order (runs without a key value last)."""
+    later_id = RunRow.id < cursor.run_id if sort.descending else RunRow.id > cursor.run_id
+    if cursor.value is None:
+        # The cursor is among the runs without a value: only those after it by id are left.
+        return and_(key.is_(None), later_id) if sort.nullable else false()
+    if not sort.nullable:
+        # A row comparison, which an index on (key, id) answers by a range scan.
+        pair, at = tuple_(key, RunRow.id), tuple_(cursor.value, cursor.run_id)
+        return pair < at if sort.descending else pair > at
+    beyond = key < cursor.value if sort.descending else key > cursor.value
+    return or_(beyond, and_(key == cursor.value, later_id), key.is_(None))
+
+
+def experiment_activity(
+    session: Session, visible: ColumnElement[bool] | None
+) -> list[tuple[str, datetime, int, Any]]:
+    """Each experiment with runs the condition lets through: name, created, run count, last run's creation."""
+    counts = select(
+        RunRow.experiment_id, func.count(RunRow.id).label("n"), func.max(RunRow.created_at).label("last")
+    )
+    if visible is not None:
+        counts = counts.where(visible)
+    counted = counts.group_by(RunRow.experiment_id).subquery()
+    rows = session.execute(
+        select(ExperimentRow.name, ExperimentRow.created_at, func.coalesce(counted.c.n, 0), counted.c.last)
+        .join(counted, counted.c.experiment_id == ExperimentRow.id, isouter=visible is None)
+        .order_by(ExperimentRow.name)
+    ).all()
+    return [(name, created, int(n), last) for name, created, n, last in rows]
