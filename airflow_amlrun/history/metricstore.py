@@ -45,6 +45,36 @@ class Series:
     sampled: bool
 
 
+@dataclass(frozen=True)
+class MetricSummary:
+    """One metric of a run in brief: points stored (finite ones apart), the latest value and the extremes."""
+
+    name: str
+    count: int
+    numeric_count: int
+    last_step: int | None
+    last: Any
+    min: float | None
+    max: float | None
+
+
+def summaries_of(session: Session, run_id: str) -> list[MetricSummary]:
+    return [
+        MetricSummary(
+            name=row.name,
+            count=row.count,
+            numeric_count=row.numeric_count,
+            last_step=row.last_step,
+            last=join_value(row.last_value, row.last_value_json),
+            min=row.min_value,
+            max=row.max_value,
+        )
+        for row in session.scalars(
+            select(MetricSummaryRow).where(MetricSummaryRow.run_id == run_id).order_by(MetricSummaryRow.name)
+        )
+    ]
+
+
 def store_points(session: Session, run_id: str, points: Sequence[MetricPoint], now: datetime) -> int:
     """Store the points whose seq is new to the run, with their metrics' summaries and pyramids; how many."""
     # Taking the run row's write lock first makes two writers of one run's metrics take turns (PostgreSQL
@@ -197,58 +227,80 @@ def latest_values(session: Session, run_ids: Collection[str]) -> dict[str, dict[
     return found
 
 
-def read_series(session: Session, run_id: str, names: Collection[str] | None, points: int) -> list[Series]:
-    """Metrics of a run as charts of at most `points` points each, keeping every slice's minimum and maximum.
+def read_series(
+    session: Session, run_ids: Collection[str], names: Collection[str] | None, points: int
+) -> dict[str, list[Series]]:
+    """Metrics of runs as charts of at most `points` points each, keeping every slice's minimum and maximum:
+    {run id: [series by name]}. Short series of all the runs are read in one query, long ones from their
+    pyramids.
 
-    :param names: the metrics (None: every metric of the run with a finite point).
+    :param names: the metrics (None: every metric of the runs with a finite point).
     """
-    query = select(MetricSummaryRow.name, MetricSummaryRow.numeric_count).where(
-        MetricSummaryRow.run_id == run_id, MetricSummaryRow.numeric_count > 0
-    )
-    if names is not None:
-        query = query.where(MetricSummaryRow.name.in_(sorted(names)))
-    charts = []
-    for name, count in session.execute(query.order_by(MetricSummaryRow.name)).all():
+    ids = sorted(run_ids)
+    counts: list[tuple[str, str, int]] = []
+    for start in range(0, len(ids), _BATCH):
+        query = select(MetricSummaryRow.run_id, MetricSummaryRow.name, MetricSummaryRow.numeric_count).where(
+            MetricSummaryRow.run_id.in_(ids[start : start + _BATCH]), MetricSummaryRow.numeric_count > 0
+        )
+        if names is not None:
+            query = query.where(MetricSummaryRow.name.in_(sorted(names)))
+        counts += [(r, n, int(c)) for r, n, c in session.execute(query)]
+    short = {(r, n) for r, n, c in counts if level_for(c) is None}
+    raw = _raw_points(session, short)
+    found: dict[str, list[Series]] = {run_id: [] for run_id in ids}
+    for run_id, name, count in sorted(counts):
         level = level_for(count)
         if level is None:
-            xs, values = _raw_points(session, run_id, name)
+            xs, values = raw.get((run_id, name), ([], []))
         else:
-            rows = session.execute(
-                select(
-                    MetricBucketRow.count,
-                    MetricBucketRow.min_x,
-                    MetricBucketRow.min_value,
-                    MetricBucketRow.max_x,
-                    MetricBucketRow.max_value,
-                    MetricBucketRow.min_first,
-                )
-                .where(
-                    MetricBucketRow.run_id == run_id,
-                    MetricBucketRow.name == name,
-                    MetricBucketRow.level == level,
-                )
-                .order_by(MetricBucketRow.bucket)
-            ).all()
-            xs, values = bucket_points(Bucket(*row) for row in rows)
+            xs, values = bucket_points(_level(session, run_id, name, level))
         sampled = level is not None or len(values) > points
         xs, values = downsample(xs, values, points)
-        charts.append(Series(name=name, x=xs, values=values, points=int(count), sampled=sampled))
-    return charts
+        found[run_id].append(Series(name=name, x=xs, values=values, points=count, sampled=sampled))
+    return found
 
 
-def _raw_points(session: Session, run_id: str, name: str) -> tuple[list[int], list[float]]:
-    xs: list[int] = []
-    values: list[float] = []
+def _level(session: Session, run_id: str, name: str, level: int) -> list[Bucket]:
     rows = session.execute(
-        select(MetricRow.step, MetricRow.value)
-        .where(MetricRow.run_id == run_id, MetricRow.name == name, MetricRow.value.is_not(None))
-        .order_by(MetricRow.seq)
+        select(
+            MetricBucketRow.count,
+            MetricBucketRow.min_x,
+            MetricBucketRow.min_value,
+            MetricBucketRow.max_x,
+            MetricBucketRow.max_value,
+            MetricBucketRow.min_first,
+        )
+        .where(MetricBucketRow.run_id == run_id, MetricBucketRow.name == name, MetricBucketRow.level == level)
+        .order_by(MetricBucketRow.bucket)
     )
-    for step, value in rows:
-        if value is not None:
-            xs.append(_x(step, len(values)))
-            values.append(value)
-    return xs, values
+    return [Bucket(*row) for row in rows]
+
+
+def _raw_points(
+    session: Session, pairs: Collection[tuple[str, str]]
+) -> dict[tuple[str, str], tuple[list[int], list[float]]]:
+    """The finite points of these (run, metric) pairs, each in logging order: {pair: (x, values)}."""
+    found: dict[tuple[str, str], tuple[list[int], list[float]]] = {pair: ([], []) for pair in pairs}
+    if not pairs:
+        return found
+    ids = sorted({r for r, _ in pairs})
+    names = sorted({n for _, n in pairs})
+    for start in range(0, len(ids), _BATCH):
+        rows = session.execute(
+            select(MetricRow.run_id, MetricRow.name, MetricRow.step, MetricRow.value)
+            .where(
+                MetricRow.run_id.in_(ids[start : start + _BATCH]),
+                MetricRow.name.in_(names),
+                MetricRow.value.is_not(None),
+            )
+            .order_by(MetricRow.run_id, MetricRow.name, MetricRow.seq)
+        )
+        for run_id, name, step, value in rows:
+            series = found.get((run_id, name))
+            if series is not None and value is not None:
+                series[0].append(_x(step, len(series[1])))
+                series[1].append(value)
+    return found
 
 
 def split_value(value: Any) -> tuple[float | None, str | None]:

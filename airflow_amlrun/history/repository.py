@@ -30,7 +30,15 @@ from sqlalchemy.pool import NullPool
 
 from airflow_amlrun.errors import AmlRunError
 from airflow_amlrun.history.listing import RunFilter, RunPage, experiment_activity, of_dags, page_runs
-from airflow_amlrun.history.metricstore import Series, join_value, latest_values, read_series, store_points
+from airflow_amlrun.history.metricstore import (
+    MetricSummary,
+    Series,
+    join_value,
+    latest_values,
+    read_series,
+    store_points,
+    summaries_of,
+)
 from airflow_amlrun.history.models import ExperimentRow, MetricRow, RunRow
 from airflow_amlrun.history.paging import RunSort
 from airflow_amlrun.history.records import ExperimentRecord, MetricPoint, RunRecord, RunStatus, aware
@@ -190,6 +198,23 @@ class RunHistory:
                 row.tags = {**(row.tags or {}), **add_tags}
             session.flush()
             return self._record(session, row)
+
+    def get_runs(self, run_ids: Collection[str]) -> list[RunRecord]:
+        """The runs of these ids that exist, in one query (their latest metrics in a second)."""
+        ids = sorted(set(run_ids))
+        with self.session() as session:
+            rows = session.execute(
+                select(RunRow, ExperimentRow.name)
+                .join(ExperimentRow)
+                .where(RunRow.id.in_(ids))
+                .order_by(RunRow.id)
+            ).all()
+            return self._records(session, rows)
+
+    def metric_summaries(self, run_id: str) -> list[MetricSummary]:
+        """Each metric of a run in brief (points, latest, extremes), by name."""
+        with self.session() as session:
+            return summaries_of(session, run_id)
 
     def get_run(self, run_id: str) -> RunRecord:
         with self.session() as session:
@@ -378,7 +403,14 @@ class RunHistory:
         :param names: the metrics (None: all with a finite value).
         """
         with self.session() as session:
-            return read_series(session, run_id, names, points)
+            return read_series(session, [run_id], names, points)[run_id]
+
+    def compare_series(
+        self, run_ids: Collection[str], names: Collection[str] | None = None, *, points: int = 500
+    ) -> dict[str, list[Series]]:
+        """Several runs' metrics as charts, read together: {run id: [series by name]}."""
+        with self.session() as session:
+            return read_series(session, run_ids, names, points)
 
     def get_metrics(self, run_id: str, name: str | None = None) -> list[MetricPoint]:
         """Every logged point of a run (or of one metric), in logging order."""
