@@ -18,6 +18,7 @@ from airflow_amlrun.history.models import MetricBucketRow, MetricRow, MetricSumm
 from airflow_amlrun.history.records import MetricPoint
 from airflow_amlrun.history.series import (
     BUCKET_SIZES,
+    READ_LIMIT,
     Bucket,
     Point,
     bucket_points,
@@ -155,7 +156,23 @@ def _summarize(
         high = max(p.value for p in finite)
         summary.min_value = low if summary.min_value is None else min(summary.min_value, low)
         summary.max_value = high if summary.max_value is None else max(summary.max_value, high)
-        _add_to_pyramid(session, run_id, name, finite)
+    if summary.numeric_count <= READ_LIMIT:
+        return  # a chart reads so few points themselves: no pyramid yet
+    if first_number <= READ_LIMIT:
+        # The metric outgrows reading its points: its pyramid starts with the points stored before these.
+        finite = _stored_points(session, run_id, name, first_number) + finite
+    _add_to_pyramid(session, run_id, name, finite)
+
+
+def _stored_points(session: Session, run_id: str, name: str, count: int) -> list[Point]:
+    """The first `count` finite points stored of a metric, numbered in the order they were stored."""
+    rows = session.execute(
+        select(MetricRow.step, MetricRow.value)
+        .where(MetricRow.run_id == run_id, MetricRow.name == name, MetricRow.value.is_not(None))
+        .order_by(MetricRow.id)
+        .limit(count)
+    )
+    return [Point(number, _x(step, number), value or 0.0) for number, (step, value) in enumerate(rows)]
 
 
 def _add_to_pyramid(session: Session, run_id: str, name: str, finite: list[Point]) -> None:
@@ -228,23 +245,36 @@ def latest_values(session: Session, run_ids: Collection[str]) -> dict[str, dict[
 
 
 def read_series(
-    session: Session, run_ids: Collection[str], names: Collection[str] | None, points: int
+    session: Session,
+    run_ids: Collection[str],
+    names: Collection[str] | None,
+    points: int,
+    latest: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, list[Series]]:
     """Metrics of runs as charts of at most `points` points each, keeping every slice's minimum and maximum:
     {run id: [series by name]}. Short series of all the runs are read in one query, long ones from their
     pyramids.
 
     :param names: the metrics (None: every metric of the runs with a finite point).
+    :param latest: filled with each run's metrics' latest values (of `names`), read in the same query.
     """
     ids = sorted(run_ids)
     counts: list[tuple[str, str, int]] = []
     for start in range(0, len(ids), _BATCH):
-        query = select(MetricSummaryRow.run_id, MetricSummaryRow.name, MetricSummaryRow.numeric_count).where(
-            MetricSummaryRow.run_id.in_(ids[start : start + _BATCH]), MetricSummaryRow.numeric_count > 0
-        )
+        query = select(
+            MetricSummaryRow.run_id,
+            MetricSummaryRow.name,
+            MetricSummaryRow.numeric_count,
+            MetricSummaryRow.last_value,
+            MetricSummaryRow.last_value_json,
+        ).where(MetricSummaryRow.run_id.in_(ids[start : start + _BATCH]))
         if names is not None:
             query = query.where(MetricSummaryRow.name.in_(sorted(names)))
-        counts += [(r, n, int(c)) for r, n, c in session.execute(query)]
+        for run_id, name, count, value, as_json in session.execute(query):
+            if latest is not None:
+                latest.setdefault(run_id, {})[name] = join_value(value, as_json)
+            if count:
+                counts.append((run_id, name, int(count)))
     short = {(r, n) for r, n, c in counts if level_for(c) is None}
     raw = _raw_points(session, short)
     found: dict[str, list[Series]] = {run_id: [] for run_id in ids}

@@ -127,7 +127,8 @@ class MetricBucketRow(Base):
 
     Level L's buckets hold ``series.BUCKET_SIZES[L]`` points each; bucket b covers the points numbered
     b*size .. (b+1)*size-1 in the order they were stored. A chart of a long series reads one level's few
-    thousand buckets instead of its points, and every spike is in some bucket's minimum or maximum.
+    thousand buckets instead of its points, and every spike is in some bucket's minimum or maximum. Only a
+    metric of more than ``series.READ_LIMIT`` finite points has a pyramid: a chart reads shorter ones whole.
     """
 
     __tablename__ = "amlrun_metric_buckets"

@@ -29,7 +29,15 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
 
 from airflow_amlrun.errors import AmlRunError
-from airflow_amlrun.history.listing import RunFilter, RunPage, experiment_activity, of_dags, page_runs
+from airflow_amlrun.history.listing import (
+    RunFilter,
+    RunListItem,
+    RunPage,
+    experiment_activity,
+    list_items,
+    of_dags,
+    page_runs,
+)
 from airflow_amlrun.history.metricstore import (
     MetricSummary,
     Series,
@@ -79,6 +87,8 @@ class RunHistory:
         if parsed.get_backend_name() == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        # Reads for the pages each run their statements on their own: no BEGIN and COMMIT round trips.
+        self._reads = sessionmaker(self.engine.execution_options(isolation_level="AUTOCOMMIT"))
         self.migrate()
 
     def migrate(self) -> None:
@@ -119,6 +129,12 @@ class RunHistory:
     @contextmanager
     def session(self) -> Iterator[Session]:
         with self._sessions.begin() as session:
+            yield session
+
+    @contextmanager
+    def read_session(self) -> Iterator[Session]:
+        """A session for reading only, each statement in a transaction of its own (fewer round trips)."""
+        with self._reads() as session:
             yield session
 
     def dispose(self) -> None:
@@ -199,22 +215,17 @@ class RunHistory:
             session.flush()
             return self._record(session, row)
 
-    def get_runs(self, run_ids: Collection[str]) -> list[RunRecord]:
-        """The runs of these ids that exist, in one query (their latest metrics in a second)."""
-        ids = sorted(set(run_ids))
-        with self.session() as session:
-            rows = session.execute(
-                select(RunRow, ExperimentRow.name)
-                .join(ExperimentRow)
-                .where(RunRow.id.in_(ids))
-                .order_by(RunRow.id)
-            ).all()
-            return self._records(session, rows)
-
-    def metric_summaries(self, run_id: str) -> list[MetricSummary]:
-        """Each metric of a run in brief (points, latest, extremes), by name."""
-        with self.session() as session:
-            return summaries_of(session, run_id)
+    def run_detail(self, run_id: str) -> tuple[RunRecord, list[MetricSummary]]:
+        """A run and each of its metrics in brief (points, latest, extremes, by name), in two statements."""
+        with self.read_session() as session:
+            found = session.execute(
+                select(RunRow, ExperimentRow.name).join(ExperimentRow).where(RunRow.id == run_id)
+            ).one_or_none()
+            if found is None:
+                raise self._not_found(run_id)
+            summaries = summaries_of(session, run_id)
+            latest = {s.name: s.last for s in summaries}
+            return self._record(session, found[0], found[1], latest), summaries
 
     def get_run(self, run_id: str) -> RunRecord:
         with self.session() as session:
@@ -267,7 +278,7 @@ class RunHistory:
         :param cursor: the previous page's `next_cursor`; None for the first page.
         :raises BadListRequestError: the cursor is not one of this sort order's.
         """
-        with self.session() as session:
+        with self.read_session() as session:
             return page_runs(session, where, sort or RunSort(), limit=limit, cursor=cursor)
 
     def unfinished_runs(self, *, heard_before: datetime | None = None, limit: int = 1000) -> list[RunRecord]:
@@ -334,8 +345,11 @@ class RunHistory:
     def _run_row(self, session: Session, run_id: str) -> RunRow:
         row = session.get(RunRow, run_id)
         if row is None:
-            raise RunNotFoundError(f"No run {run_id!r} in the run history at {self.url_for_display}.")
+            raise self._not_found(run_id)
         return row
+
+    def _not_found(self, run_id: str) -> RunNotFoundError:
+        return RunNotFoundError(f"No run {run_id!r} in the run history at {self.url_for_display}.")
 
     def _records(self, session: Session, rows: Sequence[Row[RunRow, str]]) -> list[RunRecord]:
         """Records of run rows given with their experiments' names, their latest metrics read in one query."""
@@ -402,15 +416,20 @@ class RunHistory:
 
         :param names: the metrics (None: all with a finite value).
         """
-        with self.session() as session:
+        with self.read_session() as session:
             return read_series(session, [run_id], names, points)[run_id]
 
-    def compare_series(
+    def compare(
         self, run_ids: Collection[str], names: Collection[str] | None = None, *, points: int = 500
-    ) -> dict[str, list[Series]]:
-        """Several runs' metrics as charts, read together: {run id: [series by name]}."""
-        with self.session() as session:
-            return read_series(session, run_ids, names, points)
+    ) -> tuple[list[RunListItem], dict[str, list[Series]]]:
+        """Runs side by side, read together: each as the list shows it (its latest metrics of `names`, or all),
+        in the order given (missing ones left out), and its metrics as charts: {run id: [series by name]}."""
+        ids = list(dict.fromkeys(run_ids))
+        with self.read_session() as session:
+            latest: dict[str, dict[str, Any]] = {}
+            series = read_series(session, ids, names, points, latest)
+            found = {item.id: item for item in list_items(session, ids, latest)}
+        return [found[i] for i in ids if i in found], series
 
     def get_metrics(self, run_id: str, name: str | None = None) -> list[MetricPoint]:
         """Every logged point of a run (or of one metric), in logging order."""

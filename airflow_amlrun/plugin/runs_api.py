@@ -7,18 +7,23 @@ one run answers 403 for them, a comparison or a diff answers 403 if any of its r
 
 from __future__ import annotations
 
+import time
 from datetime import datetime
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
+import msgspec
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import Response
 
 from airflow_amlrun.history import RunHistory, RunNotFoundError, RunRecord
 from airflow_amlrun.history.listing import MetricRange, RunFilter, RunListItem
-from airflow_amlrun.history.metricstore import Series
+from airflow_amlrun.history.metricstore import MetricSummary, Series
 from airflow_amlrun.history.paging import BadListRequestError, RunSort, parameters
 from airflow_amlrun.plugin import schemas
 from airflow_amlrun.plugin.access import Reader, ReaderDep, RunVisibility, VisibleRunsDep
+
+if TYPE_CHECKING:
+    from airflow_amlrun.workspace import Workspace
 
 router = APIRouter(prefix="/api")
 
@@ -26,22 +31,44 @@ router = APIRouter(prefix="/api")
 COMPARE_LIMIT = 100
 
 
-def history() -> RunHistory:
-    """The run history of the workspace the plugin shows (``[amlrun] workspace_conn_id``)."""
+# How long the workspace found for the pages is used before its connection is looked up again.
+WORKSPACE_TTL_SECONDS = 30.0
+_workspace: tuple[float, Workspace] | None = None
+
+
+def workspace() -> Workspace:
+    """The workspace the plugin shows (``[amlrun] workspace_conn_id``), looked up again every 30 s.
+
+    Looking up the connection costs a request a millisecond or more (a query of Airflow's database);
+    a changed connection is seen within WORKSPACE_TTL_SECONDS.
+    """
+    global _workspace
     from airflow_amlrun.workspace import Workspace
 
-    return Workspace.get().history
+    now = time.monotonic()
+    if _workspace is None or now - _workspace[0] > WORKSPACE_TTL_SECONDS:
+        _workspace = (now, Workspace.get())
+    return _workspace[1]
+
+
+def history() -> RunHistory:
+    """The run history of the workspace the plugin shows."""
+    return workspace().history
 
 
 def visible_run(run_id: str, reader: Reader) -> RunRecord:
     """The run, if it exists (else 404) and the reader may see it (else 403)."""
+    return _visible_detail(run_id, reader)[0]
+
+
+def _visible_detail(run_id: str, reader: Reader) -> tuple[RunRecord, list[MetricSummary]]:
     try:
-        record = history().get_run(run_id)
+        record, summaries = history().run_detail(run_id)
     except RunNotFoundError:
         # The history's own message names the database; a reader of the pages need not learn where it is.
         raise HTTPException(status_code=404, detail=f"No run {run_id!r}.") from None
     reader.check(record)
-    return record
+    return record, summaries
 
 
 @router.get("/openapi.json", include_in_schema=False)
@@ -85,7 +112,7 @@ def list_runs(
     ] = "-created_at",
     cursor: Annotated[str | None, Query(description="The next_cursor of the previous page.")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-) -> dict[str, Any]:
+) -> Response:
     """Runs the caller may see, filtered, sorted and paged by cursor."""
     try:
         where = RunFilter(
@@ -103,28 +130,30 @@ def list_runs(
         page = history().page_runs(where, RunSort.parse(sort), limit=limit, cursor=cursor)
     except BadListRequestError as err:
         raise HTTPException(status_code=400, detail=str(err)) from None
-    return {"runs": [_listed(r) for r in page.runs], "next_cursor": page.next_cursor}
+    return _json({"runs": [_listed(r) for r in page.runs], "next_cursor": page.next_cursor})
 
 
 @router.get("/runs/{run_id}", response_model=schemas.RunDetailOut)
-def get_run(run_id: str, reader: ReaderDep) -> dict[str, Any]:
+def get_run(run_id: str, reader: ReaderDep) -> Response:
     """One run: its config, environment, git state, snapshot, outcome and each metric in brief."""
-    record = visible_run(run_id, reader)
-    return {
-        **_listed(record),
-        "script": record.script,
-        "command": record.command,
-        "arguments": record.arguments,
-        "environment": record.environment,
-        "snapshot_id": record.snapshot_id,
-        "git": record.git,
-        "error": record.error,
-        "heartbeat_at": record.heartbeat_at,
-        "max_run_duration_seconds": record.max_run_duration_seconds,
-        "has_log": record.logs_uri is not None,
-        "has_outputs": record.outputs_uri is not None,
-        "metric_summaries": [vars(s) for s in history().metric_summaries(run_id)],
-    }
+    record, summaries = _visible_detail(run_id, reader)
+    return _json(
+        {
+            **_listed(record),
+            "script": record.script,
+            "command": record.command,
+            "arguments": record.arguments,
+            "environment": record.environment,
+            "snapshot_id": record.snapshot_id,
+            "git": record.git,
+            "error": record.error,
+            "heartbeat_at": record.heartbeat_at,
+            "max_run_duration_seconds": record.max_run_duration_seconds,
+            "has_log": record.logs_uri is not None,
+            "has_outputs": record.outputs_uri is not None,
+            "metric_summaries": [vars(s) for s in summaries],
+        }
+    )
 
 
 @router.get("/runs/{run_id}/metrics", response_model=list[schemas.SeriesOut])
@@ -133,10 +162,10 @@ def run_metrics(
     reader: ReaderDep,
     name: Annotated[list[str] | None, Query(description="The metrics (repeatable); all if none.")] = None,
     points: Annotated[int, Query(ge=2, le=20000, description="Most points per series.")] = 2000,
-) -> list[dict[str, Any]]:
+) -> Response:
     """A run's metrics as charts: at most `points` points each, every slice's minimum and maximum kept."""
     visible_run(run_id, reader)
-    return [_series(s) for s in history().metric_series(run_id, name, points=points)]
+    return _json([_series(s) for s in history().metric_series(run_id, name, points=points)])
 
 
 @router.get("/compare", response_model=schemas.CompareOut)
@@ -149,38 +178,40 @@ def compare_runs(
         list[str] | None, Query(description="The metrics to chart (repeatable); all if none.")
     ] = None,
     points: Annotated[int, Query(ge=2, le=5000, description="Most points per run and metric.")] = 500,
-) -> dict[str, Any]:
+) -> Response:
     """Runs side by side: their parameters and final metrics, what differs, and their metrics' series."""
     wanted = list(dict.fromkeys(run_id))
     if not 1 <= len(wanted) <= COMPARE_LIMIT:
         raise HTTPException(
             400, f"Compare 1 to {COMPARE_LIMIT} runs, not {len(wanted)}: pass run_id once per run."
         )
-    store = history()
-    records = {r.id: r for r in store.get_runs(wanted)}
+    runs, series = history().compare(wanted, name, points=points)
+    shown = {r.id: r for r in runs}
     for one in wanted:
-        record = records.get(one)
-        if record is None or not _sees(visible, record):
+        run = shown.get(one)
+        if run is None or not _sees(visible, run.dag_id):
             # A run the caller may not see is answered as one that does not exist: its id says nothing more.
             raise HTTPException(404, f"No run {one!r}.")
-    runs = [records[one] for one in wanted]
     params = {r.id: parameters(r.arguments) for r in runs}
-    series = store.compare_series(wanted, name, points=points)
-    return {
-        "runs": [
-            {
-                "run_id": r.id,
-                "experiment": r.experiment,
-                "status": str(r.status),
-                "parameters": params[r.id],
-                "metrics": r.metrics,
-            }
-            for r in runs
-        ],
-        "differing_parameters": _differing([params[r.id] for r in runs]),
-        "differing_metrics": _differing([r.metrics for r in runs]),
-        "series": [{"run_id": one, "series": [_series(s) for s in series[one]]} for one in wanted],
-    }
+    return _json(
+        {
+            "runs": [
+                {
+                    "run_id": r.id,
+                    "experiment": r.experiment,
+                    "status": str(r.status),
+                    "parameters": params[r.id],
+                    "metrics": r.metrics,
+                }
+                for r in runs
+            ],
+            "differing_parameters": _differing([params[r.id] for r in runs]),
+            "differing_metrics": _differing([r.metrics for r in runs]),
+            "series": [
+                {"run_id": one, "series": [_series(s) for s in series.get(one, [])]} for one in wanted
+            ],
+        }
+    )
 
 
 @router.get("/runs/{run_id}/log", response_model=schemas.LogOut)
@@ -195,10 +226,9 @@ def run_log(
     Start at 0 and 0, then pass back the offsets each answer gives, until `ended`.
     """
     from airflow_amlrun.run_log import LogPosition, LogUnavailableError, RunLog
-    from airflow_amlrun.workspace import Workspace
 
     visible_run(run_id, reader)
-    log = RunLog(Workspace.get(), run_id)
+    log = RunLog(workspace(), run_id)
     try:
         read = log.read(LogPosition(target_offset, store_offset))
     except LogUnavailableError as err:
@@ -215,13 +245,11 @@ def run_log(
 @router.get("/runs/{run_id}/environment/lock", response_class=Response)
 def environment_lock(run_id: str, reader: ReaderDep) -> Response:
     """The lock of the environment the run used (the exact packages), as text."""
-    from airflow_amlrun.workspace import Workspace
-
     record = visible_run(run_id, reader)
     digest = (record.environment or {}).get("lock_digest")
     if not isinstance(digest, str):
         raise HTTPException(404, f"Run {run_id} recorded no environment lock (a user-managed environment?).")
-    return Response(Workspace.get().store.get_bytes(digest), media_type="text/plain; charset=utf-8")
+    return Response(workspace().store.get_bytes(digest), media_type="text/plain; charset=utf-8")
 
 
 @router.get("/runs/{run_id}/snapshot", response_model=schemas.SnapshotOut)
@@ -274,13 +302,11 @@ def run_outputs(run_id: str, reader: ReaderDep) -> list[dict[str, Any]]:
 @router.get("/runs/{run_id}/outputs/{path:path}", response_class=Response)
 def download_output(run_id: str, reader: ReaderDep, path: str) -> Response:
     """One output file, as a download."""
-    from airflow_amlrun.workspace import Workspace
-
     record = visible_run(run_id, reader)
     # Only a path the listing holds is read: nothing else of the store can be named here.
     if path not in _outputs(record):
         raise HTTPException(404, f"Run {run_id} has no output {path!r}.")
-    data = Workspace.get().store.get_object(f"runs/{run_id}/outputs/{path}")
+    data = workspace().store.get_object(f"runs/{run_id}/outputs/{path}")
     name = path.rsplit("/", 1)[-1].replace('"', "")
     return Response(
         data,
@@ -289,42 +315,48 @@ def download_output(run_id: str, reader: ReaderDep, path: str) -> Response:
     )
 
 
+def _json(content: Any) -> Response:
+    """A JSON answer encoded at once by msgspec: the route's response_model documents it, unvalidated again.
+
+    Pages ask for lists of hundreds of runs and charts of thousands of points; validating and encoding them
+    through pydantic took longer than reading them.
+    """
+    return Response(msgspec.json.encode(content), media_type="application/json")
+
+
 def _outputs(record: RunRecord) -> list[str]:
-    from airflow_amlrun.workspace import Workspace
 
     if record.outputs_uri is None:
         return []
-    return Workspace.get().store.list(f"runs/{record.id}/outputs")
+    return workspace().store.list(f"runs/{record.id}/outputs")
 
 
 def _snapshot(record: RunRecord) -> Any:
     from airflow_amlrun.snapshot.errors import SnapshotNotFoundError
-    from airflow_amlrun.workspace import Workspace
 
     if record.snapshot_id is None:
         raise HTTPException(404, f"Run {record.id} has no code snapshot (it was not started).")
     try:
-        return Workspace.get().store.get_manifest(record.snapshot_id)
+        return workspace().store.get_manifest(record.snapshot_id)
     except SnapshotNotFoundError:
         raise HTTPException(404, f"Run {record.id}'s code snapshot is no longer in the store.") from None
 
 
 def _file_bytes(snapshot: Any, path: str, run_id: str) -> bytes | None:
-    from airflow_amlrun.workspace import Workspace
 
     entry = next((e for e in snapshot.entries if e.path == path), None)
     if entry is None:
         return None
     if entry.link is not None:
         return f"symbolic link to {entry.link}\n".encode()
-    data: bytes = Workspace.get().store.get_bytes(entry.digest)
+    data: bytes = workspace().store.get_bytes(entry.digest)
     return data
 
 
-def _sees(visible: RunVisibility, record: RunRecord) -> bool:
-    if record.dag_id is None:
+def _sees(visible: RunVisibility, dag_id: str | None) -> bool:
+    if dag_id is None:
         return visible.runs_without_dag
-    return record.dag_id in visible.dag_ids
+    return dag_id in visible.dag_ids
 
 
 def _listed(run: RunListItem | RunRecord) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from typing import Any
 import sqlalchemy as sa
 from alembic import op
 
-from airflow_amlrun.history.series import Point, level_buckets
+from airflow_amlrun.history.series import READ_LIMIT, Point, level_buckets
 
 revision = "0005"
 down_revision = "0004"
@@ -88,7 +88,8 @@ def _fill(summaries: sa.Table, buckets: sa.Table) -> None:
         if key is None:
             return
         pending_summaries.append(summary)
-        for (level, index), bucket in level_buckets(finite).items():
+        # As the history keeps them: only a metric too long to chart from its points has a pyramid.
+        for (level, index), bucket in (level_buckets(finite) if len(finite) > READ_LIMIT else {}).items():
             pending_buckets.append(
                 {"run_id": key[0], "name": key[1], "level": level, "bucket": index, **vars(bucket)}
             )
