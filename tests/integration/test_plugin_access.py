@@ -25,7 +25,7 @@ import pytest
 from airflow_amlrun.history import MetricPoint, RunHistory, RunStatus
 from airflow_amlrun.snapshot import BlobStore, take_snapshot
 from airflow_amlrun.targets.common import STD_LOG
-from tests.conftest import DAGS_FOLDER, REPO
+from tests.conftest import DAGS_FOLDER, REPO, write_script
 
 AIRFLOW = str(Path(sys.executable).parent / "airflow")
 DAG_A = "amlrun_access_dag_a"
@@ -51,6 +51,7 @@ class ApiServer:
 
     url: str
     runs: dict[str, str]
+    amlrun_home: Path
     _tokens: dict[str, str] = field(default_factory=dict)
 
     def token(self, user: str) -> str:
@@ -174,7 +175,7 @@ def api_server(airflow_db: Path, tmp_path_factory: pytest.TempPathFactory) -> It
             timeout=300,
         )
         _wait_until_serving(server, url, log_path)
-        yield ApiServer(url=url, runs=runs)
+        yield ApiServer(url=url, runs=runs, amlrun_home=amlrun_home)
     finally:
         server.terminate()
         try:
@@ -358,3 +359,45 @@ def test_the_pages_show_recorded_markup_as_text(api_server):
     detail = api_server.get(f"/runs/{api_server.runs['marked_up']}", "ann").text
     assert "&lt;img src=x onerror=alert(1)&gt;" in detail
     assert "<img" not in detail
+
+
+def test_a_running_run_s_log_is_followed_by_offset_until_it_ends(api_server, tmp_path, monkeypatch):
+    from airflow_amlrun import Experiment, ScriptRunConfig, Workspace
+
+    # The run is recorded in the server's workspace and runs on this machine, where the server reads its log.
+    monkeypatch.setenv("AIRFLOW__AMLRUN__HOME", str(api_server.amlrun_home))
+    gate = tmp_path / "gate"
+    script = (
+        "import pathlib, time\n"
+        "print('first line', flush=True)\n"
+        f"while not pathlib.Path({str(gate)!r}).exists():\n"
+        "    time.sleep(0.05)\n"
+        "print('second line', flush=True)\n"
+    )
+    write_script(tmp_path / "src", "train.py", script)
+    run = Experiment(Workspace.get(), "live").submit(ScriptRunConfig(tmp_path / "src", script="train.py"))
+    seen: list[str] = []
+    offsets = {"target_offset": 0, "store_offset": 0}
+
+    def read() -> dict:
+        query = "&".join(f"{k}={v}" for k, v in offsets.items())
+        answer = api_server.get(f"/api/runs/{run.id}/log?{query}", "admin")
+        assert answer.status_code == 200, answer.text
+        found = answer.json()
+        seen.extend(found["lines"])
+        offsets.update(target_offset=found["target_offset"], store_offset=found["store_offset"])
+        return found
+
+    deadline = time.monotonic() + 60
+    while "first line" not in seen:
+        assert time.monotonic() < deadline, seen
+        assert not read()["ended"]
+        time.sleep(0.1)
+    assert seen == ["first line"]
+    # Someone without the run's permission learns nothing of it, however it is asked.
+    assert api_server.get(f"/api/runs/{run.id}/log", "ann").status_code == 403
+    gate.touch()
+    run.wait_for_completion()
+    while not read()["ended"]:
+        assert time.monotonic() < deadline, seen
+    assert seen == ["first line", "second line"]
