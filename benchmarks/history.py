@@ -351,6 +351,29 @@ def _measure(backend: str, url: str, store: str, runs: int, requests: int) -> di
             max(10, requests // 10),
         )
     )
+    # Beyond the targets: the list sorted by a metric (best first) and by a column, and the experiments.
+    by_metric = "SELECT run_id FROM amlrun_metric_summaries WHERE name = 'accuracy' ORDER BY last_value DESC, run_id DESC LIMIT 100"
+    cases.append(
+        (
+            "metric_sorted_list",
+            lambda: _get(client, "/api/runs", {"sort": "-metrics.accuracy"}),
+            _sql_rows(engine, by_metric),
+            requests // 2,
+        )
+    )
+    by_target = f"SELECT r.id FROM amlrun_runs r WHERE {visible} ORDER BY r.target, r.id LIMIT 100"
+    cases.append(
+        (
+            "column_sorted_list",
+            lambda: _get(client, "/api/runs", {"sort": "target"}),
+            _sql_rows(engine, by_target),
+            requests // 2,
+        )
+    )
+    counted = f"SELECT experiment_id, count(*), max(created_at) FROM amlrun_runs r WHERE {visible} GROUP BY experiment_id"
+    cases.append(
+        ("experiments", lambda: _get(client, "/api/experiments"), _sql_rows(engine, counted), requests // 4)
+    )
     compared = [f"run_{i * (runs // 100):06d}" for i in range(100)]
     cases.append(
         (
@@ -422,6 +445,14 @@ def _tag_sql(backend: str) -> str:
 def _db_time(backend: str, iso: str) -> Any:
     value = datetime.fromisoformat(iso)
     return value if backend == "postgres" else value.replace(tzinfo=None).isoformat(sep=" ")
+
+
+def _sql_rows(engine: Any, statement: str) -> Callable[[], Any]:
+    def run() -> Any:
+        with _driver(engine) as cur:
+            return _fetch(cur, statement, {})
+
+    return run
 
 
 def _sql_detail(engine: Any, run_id: str) -> Callable[[], Any]:

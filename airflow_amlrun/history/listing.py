@@ -9,9 +9,9 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import ColumnElement, Select, and_, false, func, or_, select, tuple_
+from sqlalchemy import ColumnElement, Select, and_, exists, false, func, null, or_, select, tuple_
 from sqlalchemy.orm import Session, aliased
 
 from airflow_amlrun.history.metricstore import latest_values
@@ -90,29 +90,57 @@ def of_dags(dag_ids: Collection[str] | None, runs_without_dag: bool) -> ColumnEl
 def page_runs(
     session: Session, where: RunFilter, sort: RunSort, *, limit: int, cursor: str | None = None
 ) -> RunPage:
-    """One page of the runs that pass `where`, in `sort` order, after `cursor` (the previous page's next)."""
-    key: Any
-    query: Select[Any] = _filtered(where)
-    if sort.metric is not None:
-        summary = aliased(MetricSummaryRow)
-        query = query.outerjoin(summary, and_(summary.run_id == RunRow.id, summary.name == sort.metric))
-        key = summary.last_value
-    elif sort.column == "experiment":
-        key = ExperimentRow.name
-    else:
-        key = getattr(RunRow, sort.column or "created_at")
-    query = query.add_columns(key)
-    if cursor is not None:
-        query = query.where(_after(key, sort, decode_cursor(sort, cursor)))
-    order = [key.desc(), RunRow.id.desc()] if sort.descending else [key.asc(), RunRow.id.asc()]
-    if sort.nullable:
-        order[0] = order[0].nulls_last()
-    rows = session.execute(query.order_by(*order).limit(limit + 1)).all()
+    """One page of the runs that pass `where`, in `sort` order, after `cursor` (the previous page's next).
+
+    Runs with a value for the sort key come first, those without it last. They are read by two queries, the
+    second only once the first runs out: each walks an index in the key's order ((key, id), or the metric
+    summaries' (name, value, run)) and stops after a page, where one query sorting the runs without a value
+    last would sort every run.
+    """
+    at = decode_cursor(sort, cursor) if cursor is not None else None
+    rows: list[Any] = []
+    if at is None or at.value is not None:
+        query, key, run_id = _with_key(_filtered(where), sort)
+        if at is not None:
+            pair, start = tuple_(key, run_id), tuple_(at.value, at.run_id)
+            query = query.where(pair < start if sort.descending else pair > start)
+        order = (key.desc(), run_id.desc()) if sort.descending else (key.asc(), run_id.asc())
+        rows = list(session.execute(query.add_columns(key).order_by(*order).limit(limit + 1)))
+    if len(rows) <= limit and sort.nullable:
+        query = _filtered(where).where(_lacks_key(sort))
+        if at is not None and at.value is None:
+            query = query.where(RunRow.id < at.run_id if sort.descending else RunRow.id > at.run_id)
+        order_id = RunRow.id.desc() if sort.descending else RunRow.id.asc()
+        rows += session.execute(query.add_columns(null()).order_by(order_id).limit(limit + 1 - len(rows)))
     more = len(rows) > limit
     rows = rows[:limit]
     runs = _items(rows, latest_values(session, [row[0] for row in rows]))
     next_cursor = encode_cursor(sort, rows[-1][-1], rows[-1][0]) if more else None
     return RunPage(runs=runs, next_cursor=next_cursor)
+
+
+def _with_key(query: Select[Any], sort: RunSort) -> tuple[Select[Any], Any, Any]:
+    """The query narrowed to runs with a value for the sort key, the key, and the run id to order by."""
+    if sort.metric is not None:
+        summary = aliased(MetricSummaryRow)
+        query = query.join(summary, and_(summary.run_id == RunRow.id, summary.name == sort.metric)).where(
+            summary.last_value.is_not(None)
+        )
+        return query, summary.last_value, summary.run_id
+    key = ExperimentRow.name if sort.column == "experiment" else getattr(RunRow, sort.column or "created_at")
+    if sort.nullable:
+        query = query.where(key.is_not(None))
+    return query, key, RunRow.id
+
+
+def _lacks_key(sort: RunSort) -> ColumnElement[bool]:
+    if sort.metric is None:
+        return cast(ColumnElement[bool], getattr(RunRow, sort.column or "").is_(None))
+    return ~exists().where(
+        MetricSummaryRow.run_id == RunRow.id,
+        MetricSummaryRow.name == sort.metric,
+        MetricSummaryRow.last_value.is_not(None),
+    )
 
 
 def list_items(
@@ -197,20 +225,6 @@ def _filtered(where: RunFilter) -> Select[Any]:
     if where.created_before is not None:
         query = query.where(RunRow.created_at < where.created_before)
     return query
-
-
-def _after(key: Any, sort: RunSort, cursor: Any) -> ColumnElement[bool]:
-    """The rows that come after the cursor's row in this order (runs without a key value last)."""
-    later_id = RunRow.id < cursor.run_id if sort.descending else RunRow.id > cursor.run_id
-    if cursor.value is None:
-        # The cursor is among the runs without a value: only those after it by id are left.
-        return and_(key.is_(None), later_id) if sort.nullable else false()
-    if not sort.nullable:
-        # A row comparison, which an index on (key, id) answers by a range scan.
-        pair, at = tuple_(key, RunRow.id), tuple_(cursor.value, cursor.run_id)
-        return pair < at if sort.descending else pair > at
-    beyond = key < cursor.value if sort.descending else key > cursor.value
-    return or_(beyond, and_(key == cursor.value, later_id), key.is_(None))
 
 
 def experiment_activity(

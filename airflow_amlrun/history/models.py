@@ -20,6 +20,9 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+# Columns of a run the list may be sorted by that get an index of their own (created_at has one above).
+SORTED_COLUMNS = ("status", "target", "start_time", "end_time", "dag_id", "task_id")
+
 
 class Base(DeclarativeBase):
     """Declarative base of every history table."""
@@ -71,7 +74,8 @@ class RunRow(Base):
         Index("ix_amlrun_runs_created", "created_at", "id"),
         # An experiment's runs, newest first: the list filtered by experiment, and its last activity.
         Index("ix_amlrun_runs_experiment_created", "experiment_id", "created_at", "id"),
-        Index("ix_amlrun_runs_target", "target"),
+        # The list sorted by one of these columns: each walks its index, with the id breaking ties.
+        *(Index(f"ix_amlrun_runs_{c}_id", c, "id") for c in SORTED_COLUMNS),
     )
 
 

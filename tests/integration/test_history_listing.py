@@ -111,13 +111,25 @@ def test_runs_sort_by_a_column_or_a_metric_with_runs_lacking_it_last(history):
     _run(history, "r3", 3, target="local")
     _run(history, "r4", 4, target="docker", metrics={"acc": [0.6]})
 
+    history.update_run("r1", start_time=T0 + timedelta(hours=2))
+    history.update_run("r4", start_time=T0 + timedelta(hours=3))
+    assert _ids(history, sort="start_time") == ["r1", "r4", "r2", "r3"]
+    assert _ids(history, sort="-start_time") == ["r4", "r1", "r3", "r2"]
     assert _ids(history, sort="-created_at") == ["r4", "r3", "r2", "r1"]
     assert _ids(history, sort="created_at") == ["r1", "r2", "r3", "r4"]
     assert _ids(history, sort="target") == ["r2", "r4", "r3", "r1"]
     assert _ids(history, sort="metrics.acc") == ["r1", "r4", "r2", "r3"]
     assert _ids(history, sort="-metrics.acc") == ["r2", "r4", "r1", "r3"]
     # Paged two at a time, every order gives the same runs as one page.
-    for sort in ("created_at", "-target", "metrics.acc", "-metrics.acc", "-start_time", "experiment"):
+    for sort in (
+        "created_at",
+        "-target",
+        "metrics.acc",
+        "-metrics.acc",
+        "start_time",
+        "-start_time",
+        "experiment",
+    ):
         assert _every_page(history, sort, 1) == _ids(history, sort=sort), sort
     page = history.page_runs(RunFilter(), RunSort.parse("-metrics.acc"), limit=2)
     assert [r.metrics for r in page.runs] == [{"acc": 0.9}, {"acc": 0.6}]

@@ -20,12 +20,15 @@ branch_labels = None
 depends_on = None
 
 _ROWS_PER_INSERT = 1000
+# The columns the run list may be sorted by that get an index (column, id): models.SORTED_COLUMNS then.
+SORTED_COLUMNS = ("status", "target", "start_time", "end_time", "dag_id", "task_id")
 
 
 def upgrade() -> None:
     op.create_index("ix_amlrun_runs_created", "amlrun_runs", ["created_at", "id"])
     op.create_index("ix_amlrun_runs_experiment_created", "amlrun_runs", ["experiment_id", "created_at", "id"])
-    op.create_index("ix_amlrun_runs_target", "amlrun_runs", ["target"])
+    for column in SORTED_COLUMNS:
+        op.create_index(f"ix_amlrun_runs_{column}_id", "amlrun_runs", [column, "id"])
     summaries = op.create_table(
         "amlrun_metric_summaries",
         sa.Column(
@@ -125,6 +128,7 @@ def _flush(bind: sa.Connection, table: sa.Table, rows: list[dict[str, Any]], at_
 def downgrade() -> None:
     op.drop_table("amlrun_metric_buckets")
     op.drop_table("amlrun_metric_summaries")
-    op.drop_index("ix_amlrun_runs_target", "amlrun_runs")
+    for column in SORTED_COLUMNS:
+        op.drop_index(f"ix_amlrun_runs_{column}_id", "amlrun_runs")
     op.drop_index("ix_amlrun_runs_experiment_created", "amlrun_runs")
     op.drop_index("ix_amlrun_runs_created", "amlrun_runs")
