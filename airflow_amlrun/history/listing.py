@@ -154,6 +154,24 @@ def list_items(
     return _items(rows, metrics)
 
 
+# What the list shows of a run, in the order `_items` reads it.
+_LISTED: tuple[Any, ...] = (
+    RunRow.id,
+    ExperimentRow.name,
+    RunRow.status,
+    RunRow.target,
+    RunRow.created_at,
+    RunRow.start_time,
+    RunRow.end_time,
+    RunRow.dag_id,
+    RunRow.task_id,
+    RunRow.airflow_run_id,
+    RunRow.map_index,
+    RunRow.arguments,
+    RunRow.tags,
+)
+
+
 def _items(rows: Sequence[Any], metrics: dict[str, dict[str, Any]]) -> list[RunListItem]:
     return [
         RunListItem(
@@ -177,26 +195,12 @@ def _items(rows: Sequence[Any], metrics: dict[str, dict[str, Any]]) -> list[RunL
 
 
 def _filtered(where: RunFilter) -> Select[Any]:
-    query: Select[Any] = select(  # type: ignore[assignment]
-        RunRow.id,
-        ExperimentRow.name,
-        RunRow.status,
-        RunRow.target,
-        RunRow.created_at,
-        RunRow.start_time,
-        RunRow.end_time,
-        RunRow.dag_id,
-        RunRow.task_id,
-        RunRow.airflow_run_id,
-        RunRow.map_index,
-        RunRow.arguments,
-        RunRow.tags,
-    ).join(ExperimentRow, ExperimentRow.id == RunRow.experiment_id)
+    query = select(*_LISTED).join(ExperimentRow, ExperimentRow.id == RunRow.experiment_id)
     visible = of_dags(where.dag_ids, where.runs_without_dag)
     if visible is not None:
         query = query.where(visible)
     if where.experiment is not None:
-        # By the experiment's id: the runs' (experiment, created) index then serves the order too.
+        # The experiment's id is looked up once, and the condition is on the runs' own column.
         query = query.where(
             RunRow.experiment_id
             == select(ExperimentRow.id).where(ExperimentRow.name == where.experiment).scalar_subquery()
@@ -231,9 +235,7 @@ def experiment_activity(
     session: Session, visible: ColumnElement[bool] | None
 ) -> list[tuple[str, datetime, int, Any]]:
     """Each experiment with runs the condition lets through: name, created, run count, last run's creation."""
-    counts = select(
-        RunRow.experiment_id, func.count(RunRow.id).label("n"), func.max(RunRow.created_at).label("last")
-    )
+    counts = select(RunRow.experiment_id, func.count().label("n"), func.max(RunRow.created_at).label("last"))
     if visible is not None:
         counts = counts.where(visible)
     counted = counts.group_by(RunRow.experiment_id).subquery()

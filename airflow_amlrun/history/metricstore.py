@@ -59,21 +59,16 @@ class MetricSummary:
     max: float | None
 
 
-def summaries_of(session: Session, run_id: str) -> list[MetricSummary]:
-    return [
-        MetricSummary(
-            name=row.name,
-            count=row.count,
-            numeric_count=row.numeric_count,
-            last_step=row.last_step,
-            last=join_value(row.last_value, row.last_value_json),
-            min=row.min_value,
-            max=row.max_value,
-        )
-        for row in session.scalars(
-            select(MetricSummaryRow).where(MetricSummaryRow.run_id == run_id).order_by(MetricSummaryRow.name)
-        )
-    ]
+def summary_of(row: MetricSummaryRow) -> MetricSummary:
+    return MetricSummary(
+        name=row.name,
+        count=row.count,
+        numeric_count=row.numeric_count,
+        last_step=row.last_step,
+        last=join_value(row.last_value, row.last_value_json),
+        min=row.min_value,
+        max=row.max_value,
+    )
 
 
 def store_points(session: Session, run_id: str, points: Sequence[MetricPoint], now: datetime) -> int:

@@ -45,9 +45,9 @@ from airflow_amlrun.history.metricstore import (
     latest_values,
     read_series,
     store_points,
-    summaries_of,
+    summary_of,
 )
-from airflow_amlrun.history.models import ExperimentRow, MetricRow, RunRow
+from airflow_amlrun.history.models import ExperimentRow, MetricRow, MetricSummaryRow, RunRow
 from airflow_amlrun.history.paging import RunSort
 from airflow_amlrun.history.records import ExperimentRecord, MetricPoint, RunRecord, RunStatus, aware
 
@@ -216,16 +216,20 @@ class RunHistory:
             return self._record(session, row)
 
     def run_detail(self, run_id: str) -> tuple[RunRecord, list[MetricSummary]]:
-        """A run and each of its metrics in brief (points, latest, extremes, by name), in two statements."""
+        """A run and each of its metrics in brief (points, latest, extremes, by name), in one statement."""
         with self.read_session() as session:
-            found = session.execute(
-                select(RunRow, ExperimentRow.name).join(ExperimentRow).where(RunRow.id == run_id)
-            ).one_or_none()
-            if found is None:
+            rows = session.execute(
+                select(RunRow, ExperimentRow.name, MetricSummaryRow)
+                .join(ExperimentRow)
+                .outerjoin(MetricSummaryRow, MetricSummaryRow.run_id == RunRow.id)
+                .where(RunRow.id == run_id)
+                .order_by(MetricSummaryRow.name)
+            ).all()
+            if not rows:
                 raise self._not_found(run_id)
-            summaries = summaries_of(session, run_id)
+            summaries = [summary_of(row[2]) for row in rows if row[2] is not None]
             latest = {s.name: s.last for s in summaries}
-            return self._record(session, found[0], found[1], latest), summaries
+            return self._record(session, rows[0][0], rows[0][1], latest), summaries
 
     def get_run(self, run_id: str) -> RunRecord:
         with self.session() as session:

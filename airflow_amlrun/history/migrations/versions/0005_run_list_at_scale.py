@@ -26,7 +26,9 @@ SORTED_COLUMNS = ("status", "target", "start_time", "end_time", "dag_id", "task_
 
 def upgrade() -> None:
     op.create_index("ix_amlrun_runs_created", "amlrun_runs", ["created_at", "id"])
-    op.create_index("ix_amlrun_runs_experiment_created", "amlrun_runs", ["experiment_id", "created_at", "id"])
+    op.create_index(
+        "ix_amlrun_runs_experiment_dag_created", "amlrun_runs", ["experiment_id", "dag_id", "created_at"]
+    )
     for column in SORTED_COLUMNS:
         op.create_index(f"ix_amlrun_runs_{column}_id", "amlrun_runs", [column, "id"])
     summaries = op.create_table(
@@ -130,5 +132,5 @@ def downgrade() -> None:
     op.drop_table("amlrun_metric_summaries")
     for column in SORTED_COLUMNS:
         op.drop_index(f"ix_amlrun_runs_{column}_id", "amlrun_runs")
-    op.drop_index("ix_amlrun_runs_experiment_created", "amlrun_runs")
+    op.drop_index("ix_amlrun_runs_experiment_dag_created", "amlrun_runs")
     op.drop_index("ix_amlrun_runs_created", "amlrun_runs")
