@@ -72,6 +72,8 @@ class RunRow(Base):
         Index("ix_amlrun_runs_airflow_task", "dag_id", "task_id", "airflow_run_id", "map_index"),
         # The run list's default order (newest first, the id breaking ties) and its keyset cursor.
         Index("ix_amlrun_runs_created", "created_at", "id"),
+        # An experiment's runs, newest first (SQLite walks it for the list filtered by experiment).
+        Index("ix_amlrun_runs_experiment_created", "experiment_id", "created_at", "id"),
         # The experiments' run counts and last activity, of the DAGs a reader may see, from the index alone.
         Index("ix_amlrun_runs_experiment_dag_created", "experiment_id", "dag_id", "created_at"),
         # The list sorted by one of these columns: each walks its index, with the id breaking ties.

@@ -23,6 +23,7 @@ from airflow_amlrun.plugin import schemas
 from airflow_amlrun.plugin.access import Reader, ReaderDep, RunVisibility, VisibleRunsDep
 
 if TYPE_CHECKING:
+    from airflow_amlrun.snapshot import SnapshotEntry
     from airflow_amlrun.workspace import Workspace
 
 router = APIRouter(prefix="/api")
@@ -267,27 +268,25 @@ def run_snapshot(run_id: str, reader: ReaderDep) -> dict[str, Any]:
 @router.get("/runs/{run_id}/snapshot/file", response_model=schemas.FileTextOut)
 def snapshot_file(run_id: str, reader: ReaderDep, path: str) -> dict[str, Any]:
     """One file of the run's code, as text (null when it is binary or over 1 MiB)."""
-    from airflow_amlrun.snapshot.diff import as_text
-
-    data = _file_bytes(_snapshot(visible_run(run_id, reader)), path, run_id)
-    if data is None:
+    entry = _entry(_snapshot(visible_run(run_id, reader)), path)
+    if entry is None:
         raise HTTPException(404, f"Run {run_id}'s code has no file {path!r}.")
-    return {"path": path, "size": len(data), "text": as_text(data)}
+    return {"path": path, "size": entry.size, "text": _text(entry)}
 
 
 @router.get("/diff", response_model=schemas.SnapshotDiffOut)
 def diff_runs(reader: ReaderDep, run_a: str, run_b: str, path: str | None = None) -> dict[str, Any]:
     """How run_b's code differs from run_a's: files added, removed, changed; with `path`, that file's diff."""
-    from airflow_amlrun.snapshot.diff import as_text, compare, unified
+    from airflow_amlrun.snapshot.diff import compare, unified
 
     a, b = _snapshot(visible_run(run_a, reader)), _snapshot(visible_run(run_b, reader))
     found = compare(a, b)
     diff = None
     if path is not None:
-        old, new = _file_bytes(a, path, run_a), _file_bytes(b, path, run_b)
+        old, new = _entry(a, path), _entry(b, path)
         if old is None and new is None:
             raise HTTPException(404, f"Neither run's code has a file {path!r}.")
-        old_text, new_text = (as_text(x) if x is not None else None for x in (old, new))
+        old_text, new_text = (_text(e) if e is not None else None for e in (old, new))
         binary = (old is not None and old_text is None) or (new is not None and new_text is None)
         diff = None if binary else unified(path, old_text, new_text)
     return {"run_a": run_a, "run_b": run_b, **vars(found), "path": path, "diff": diff}
@@ -342,15 +341,19 @@ def _snapshot(record: RunRecord) -> Any:
         raise HTTPException(404, f"Run {record.id}'s code snapshot is no longer in the store.") from None
 
 
-def _file_bytes(snapshot: Any, path: str, run_id: str) -> bytes | None:
+def _entry(snapshot: Any, path: str) -> SnapshotEntry | None:
+    return next((e for e in snapshot.entries if e.path == path), None)
 
-    entry = next((e for e in snapshot.entries if e.path == path), None)
-    if entry is None:
-        return None
+
+def _text(entry: SnapshotEntry) -> str | None:
+    """A file of a snapshot as text; None if it is not UTF-8 text or too large (which is not read at all)."""
+    from airflow_amlrun.snapshot.diff import TEXT_LIMIT, as_text
+
     if entry.link is not None:
-        return f"symbolic link to {entry.link}\n".encode()
-    data: bytes = workspace().store.get_bytes(entry.digest)
-    return data
+        return f"symbolic link to {entry.link}\n"
+    if entry.digest is None or entry.size > TEXT_LIMIT:
+        return None
+    return as_text(workspace().store.get_bytes(entry.digest))
 
 
 def _sees(visible: RunVisibility, dag_id: str | None) -> bool:

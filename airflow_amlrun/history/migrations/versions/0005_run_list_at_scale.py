@@ -26,6 +26,7 @@ SORTED_COLUMNS = ("status", "target", "start_time", "end_time", "dag_id", "task_
 
 def upgrade() -> None:
     op.create_index("ix_amlrun_runs_created", "amlrun_runs", ["created_at", "id"])
+    op.create_index("ix_amlrun_runs_experiment_created", "amlrun_runs", ["experiment_id", "created_at", "id"])
     op.create_index(
         "ix_amlrun_runs_experiment_dag_created", "amlrun_runs", ["experiment_id", "dag_id", "created_at"]
     )
@@ -133,4 +134,5 @@ def downgrade() -> None:
     for column in SORTED_COLUMNS:
         op.drop_index(f"ix_amlrun_runs_{column}_id", "amlrun_runs")
     op.drop_index("ix_amlrun_runs_experiment_dag_created", "amlrun_runs")
+    op.drop_index("ix_amlrun_runs_experiment_created", "amlrun_runs")
     op.drop_index("ix_amlrun_runs_created", "amlrun_runs")
