@@ -13,7 +13,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from airflow_amlrun.history.models import Base
-from airflow_amlrun.history.repository import RunHistory, _aware, utcnow
+from airflow_amlrun.history.records import aware
+from airflow_amlrun.history.repository import RunHistory, utcnow
 
 _REGISTER_ATTEMPTS = 5
 
@@ -251,5 +252,5 @@ def _record(session: Session, row: ModelVersionRow) -> ModelRecord:
         properties=dict(row.properties or {}),
         run_info=dict(row.run_info or {}),
         labels=sorted(labels),
-        created_at=_aware(row.created_at) or utcnow(),
+        created_at=aware(row.created_at) or utcnow(),
     )

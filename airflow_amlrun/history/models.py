@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
     Float,
     ForeignKey,
@@ -18,6 +19,9 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# Columns of a run the list may be sorted by that get an index of their own (created_at has one above).
+SORTED_COLUMNS = ("status", "target", "start_time", "end_time", "dag_id", "task_id")
 
 
 class Base(DeclarativeBase):
@@ -73,6 +77,14 @@ class RunRow(Base):
 
     __table_args__ = (
         Index("ix_amlrun_runs_airflow_task", "dag_id", "task_id", "airflow_run_id", "map_index"),
+        # The run list's default order (newest first, the id breaking ties) and its keyset cursor.
+        Index("ix_amlrun_runs_created", "created_at", "id"),
+        # An experiment's runs, newest first (SQLite walks it for the list filtered by experiment).
+        Index("ix_amlrun_runs_experiment_created", "experiment_id", "created_at", "id"),
+        # The experiments' run counts and last activity, of the DAGs a reader may see, from the index alone.
+        Index("ix_amlrun_runs_experiment_dag_created", "experiment_id", "dag_id", "created_at"),
+        # The list sorted by one of these columns: each walks its index, with the id breaking ties.
+        *(Index(f"ix_amlrun_runs_{c}_id", c, "id") for c in SORTED_COLUMNS),
     )
 
 
@@ -94,3 +106,55 @@ class MetricRow(Base):
         Index("ix_amlrun_metrics_run_name", "run_id", "name"),
         UniqueConstraint("run_id", "seq", name="uq_amlrun_metrics_run_seq"),
     )
+
+
+class MetricSummaryRow(Base):
+    """One metric of one run in brief: its latest value (by seq), how many points it has, its extremes.
+
+    Kept up to date as points are stored, so the run list shows, filters and sorts by metrics without
+    reading the points.
+    """
+
+    __tablename__ = "amlrun_metric_summaries"
+
+    run_id: Mapped[str] = mapped_column(ForeignKey("amlrun_runs.id", ondelete="CASCADE"), primary_key=True)
+    name: Mapped[str] = mapped_column(String(256), primary_key=True)
+    # Points stored, and how many of them are finite numbers (the charted ones, counted by the pyramid).
+    count: Mapped[int] = mapped_column(BigInteger)
+    numeric_count: Mapped[int] = mapped_column(BigInteger)
+    last_seq: Mapped[int] = mapped_column(Integer)
+    last_step: Mapped[int | None] = mapped_column(BigInteger)
+    last_value: Mapped[float | None] = mapped_column(Float)
+    last_value_json: Mapped[str | None] = mapped_column(Text)
+    min_value: Mapped[float | None] = mapped_column(Float)
+    max_value: Mapped[float | None] = mapped_column(Float)
+
+    __table_args__ = (
+        # Runs sorted or filtered by one metric's latest value.
+        Index("ix_amlrun_metric_summaries_name_value", "name", "last_value", "run_id"),
+    )
+
+
+class MetricBucketRow(Base):
+    """A bucket of a metric's min/max pyramid: the extremes of `size` consecutive finite points.
+
+    Level L's buckets hold ``series.BUCKET_SIZES[L]`` points each; bucket b covers the points numbered
+    b*size .. (b+1)*size-1 in the order they were stored. A chart of a long series reads one level's few
+    thousand buckets instead of its points, and every spike is in some bucket's minimum or maximum. Only a
+    metric of more than ``series.READ_LIMIT`` finite points has a pyramid: a chart reads shorter ones whole.
+    """
+
+    __tablename__ = "amlrun_metric_buckets"
+
+    run_id: Mapped[str] = mapped_column(ForeignKey("amlrun_runs.id", ondelete="CASCADE"), primary_key=True)
+    name: Mapped[str] = mapped_column(String(256), primary_key=True)
+    level: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    bucket: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    count: Mapped[int] = mapped_column(Integer)
+    # Where the extremes lie on the chart's x axis: the point's step, or its number when it has none.
+    min_x: Mapped[int] = mapped_column(BigInteger)
+    min_value: Mapped[float] = mapped_column(Float)
+    max_x: Mapped[int] = mapped_column(BigInteger)
+    max_value: Mapped[float] = mapped_column(Float)
+    # Which of the two came first, to draw them in order.
+    min_first: Mapped[bool] = mapped_column(Boolean)

@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
+
+
+def aware(value: datetime | None) -> datetime | None:
+    """A time read from the history, with its zone: SQLite hands datetimes back without it; all are UTC."""
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
 
 
 class RunStatus(enum.StrEnum):
@@ -32,6 +39,8 @@ class ExperimentRecord:
     name: str
     created_at: datetime
     run_count: int = 0
+    # When its newest run (of those counted) was created.
+    last_run_at: datetime | None = None
 
 
 @dataclass(frozen=True)

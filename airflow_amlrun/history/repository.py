@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import threading
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -16,12 +14,12 @@ from sqlalchemy import (
     ColumnElement,
     Connection,
     Engine,
+    Row,
     Table,
     create_engine,
     event,
     func,
     inspect,
-    or_,
     select,
     text,
     update,
@@ -31,16 +29,33 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
 
 from airflow_amlrun.errors import AmlRunError
-from airflow_amlrun.history.models import ExperimentRow, MetricRow, RunRow
-from airflow_amlrun.history.records import ExperimentRecord, MetricPoint, RunRecord, RunStatus
+from airflow_amlrun.history.listing import (
+    RunFilter,
+    RunListItem,
+    RunPage,
+    experiment_activity,
+    list_items,
+    of_dags,
+    page_runs,
+)
+from airflow_amlrun.history.metricstore import (
+    MetricSummary,
+    Series,
+    join_value,
+    latest_values,
+    read_series,
+    store_points,
+    summary_of,
+)
+from airflow_amlrun.history.models import ExperimentRow, MetricRow, MetricSummaryRow, RunRow
+from airflow_amlrun.history.paging import RunSort
+from airflow_amlrun.history.records import ExperimentRecord, MetricPoint, RunRecord, RunStatus, aware
 
 _MIGRATIONS = Path(__file__).with_name("migrations")
 # The newest migration's revision; a test checks it against Alembic's head. Knowing it lets a process
 # that finds the schema current skip loading Alembic at all (a task process opens the history once).
-SCHEMA_HEAD = "0006"
+SCHEMA_HEAD = "0007"
 _migrated: set[str] = set()
-# Metric points looked up or written per statement.
-_BATCH = 1000
 _migrate_lock = threading.Lock()
 
 
@@ -60,13 +75,6 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-def _aware(value: datetime | None) -> datetime | None:
-    # SQLite hands datetimes back without their zone; every time stored here is UTC.
-    if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=UTC)
-    return value
-
-
 class RunHistory:
     """Experiments, runs and metrics in a SQLAlchemy database, migrated with Alembic on first use."""
 
@@ -79,6 +87,8 @@ class RunHistory:
         if parsed.get_backend_name() == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        # Reads for the pages each run their statements on their own: no BEGIN and COMMIT round trips.
+        self._reads = sessionmaker(self.engine.execution_options(isolation_level="AUTOCOMMIT"))
         self.migrate()
 
     def migrate(self) -> None:
@@ -121,6 +131,12 @@ class RunHistory:
         with self._sessions.begin() as session:
             yield session
 
+    @contextmanager
+    def read_session(self) -> Iterator[Session]:
+        """A session for reading only, each statement in a transaction of its own (fewer round trips)."""
+        with self._reads() as session:
+            yield session
+
     def dispose(self) -> None:
         self.engine.dispose()
 
@@ -129,7 +145,7 @@ class RunHistory:
     def ensure_experiment(self, name: str) -> ExperimentRecord:
         with self.session() as session:
             row = self._experiment_row(session, name)
-            return ExperimentRecord(name=row.name, created_at=_aware(row.created_at) or utcnow())
+            return ExperimentRecord(name=row.name, created_at=aware(row.created_at) or utcnow())
 
     def _experiment_row(self, session: Session, name: str) -> ExperimentRow:
         row = session.scalar(select(ExperimentRow).where(ExperimentRow.name == name))
@@ -155,20 +171,12 @@ class RunHistory:
         When either narrows the runs, an experiment none of whose runs is left is not listed: its name
         alone may say more than the reader may know.
         """
-        visible = _of_dags(dag_ids, runs_without_dag)
         with self.session() as session:
-            counts = select(RunRow.experiment_id, func.count(RunRow.id).label("n"))
-            if visible is not None:
-                counts = counts.where(visible)
-            counted = counts.group_by(RunRow.experiment_id).subquery()
-            rows = session.execute(
-                select(ExperimentRow, func.coalesce(counted.c.n, 0))
-                .join(counted, counted.c.experiment_id == ExperimentRow.id, isouter=visible is None)
-                .order_by(ExperimentRow.name)
-            ).all()
             return [
-                ExperimentRecord(name=e.name, created_at=_aware(e.created_at) or utcnow(), run_count=int(n))
-                for e, n in rows
+                ExperimentRecord(
+                    name=name, created_at=aware(created) or utcnow(), run_count=n, last_run_at=aware(last)
+                )
+                for name, created, n, last in experiment_activity(session, of_dags(dag_ids, runs_without_dag))
             ]
 
     # runs
@@ -207,6 +215,22 @@ class RunHistory:
             session.flush()
             return self._record(session, row)
 
+    def run_detail(self, run_id: str) -> tuple[RunRecord, list[MetricSummary]]:
+        """A run and each of its metrics in brief (points, latest, extremes, by name), in one statement."""
+        with self.read_session() as session:
+            rows = session.execute(
+                select(RunRow, ExperimentRow.name, MetricSummaryRow)
+                .join(ExperimentRow)
+                .outerjoin(MetricSummaryRow, MetricSummaryRow.run_id == RunRow.id)
+                .where(RunRow.id == run_id)
+                .order_by(MetricSummaryRow.name)
+            ).all()
+            if not rows:
+                raise self._not_found(run_id)
+            summaries = [summary_of(row[2]) for row in rows if row[2] is not None]
+            latest = {s.name: s.last for s in summaries}
+            return self._record(session, rows[0][0], rows[0][1], latest), summaries
+
     def get_run(self, run_id: str) -> RunRecord:
         with self.session() as session:
             return self._record(session, self._run_row(session, run_id))
@@ -220,7 +244,7 @@ class RunHistory:
                 .where(RunRow.parent_run_id == parent_run_id)
                 .order_by(RunRow.created_at, RunRow.id)
             ).all()
-            return [self._record(session, row, name) for row, name in rows]
+            return self._records(session, rows)
 
     def list_runs(
         self,
@@ -243,7 +267,7 @@ class RunHistory:
         """
         with self.session() as session:
             query = select(RunRow, ExperimentRow.name).join(ExperimentRow)
-            visible = _of_dags(dag_ids, runs_without_dag)
+            visible = of_dags(dag_ids, runs_without_dag)
             if visible is not None:
                 query = query.where(visible)
             if experiment is not None:
@@ -259,7 +283,18 @@ class RunHistory:
                 if value is not None:
                     query = query.where(column == value)
             query = query.order_by(RunRow.created_at.desc(), RunRow.id.desc()).limit(limit)
-            return [self._record(session, row, name) for row, name in session.execute(query).all()]
+            return self._records(session, session.execute(query).all())
+
+    def page_runs(
+        self, where: RunFilter, sort: RunSort | None = None, *, limit: int = 100, cursor: str | None = None
+    ) -> RunPage:
+        """One page of the runs that pass `where`, sorted (newest first unless told), after `cursor`.
+
+        :param cursor: the previous page's `next_cursor`; None for the first page.
+        :raises BadListRequestError: the cursor is not one of this sort order's.
+        """
+        with self.read_session() as session:
+            return page_runs(session, where, sort or RunSort(), limit=limit, cursor=cursor)
 
     def unfinished_runs(self, *, heard_before: datetime | None = None, limit: int = 1000) -> list[RunRecord]:
         """Runs not yet Completed, Failed or Canceled, the longest unheard-of first.
@@ -273,7 +308,7 @@ class RunHistory:
             if heard_before is not None:
                 query = query.where(last_heard < heard_before)
             query = query.order_by(last_heard, RunRow.id).limit(limit)
-            return [self._record(session, row, name) for row, name in session.execute(query).all()]
+            return self._records(session, session.execute(query).all())
 
     def finish_run(self, run_id: str, **fields: Any) -> bool:
         """Record a run's outcome (its final status and fields), unless another process recorded one already.
@@ -325,10 +360,24 @@ class RunHistory:
     def _run_row(self, session: Session, run_id: str) -> RunRow:
         row = session.get(RunRow, run_id)
         if row is None:
-            raise RunNotFoundError(f"No run {run_id!r} in the run history at {self.url_for_display}.")
+            raise self._not_found(run_id)
         return row
 
-    def _record(self, session: Session, row: RunRow, experiment: str | None = None) -> RunRecord:
+    def _not_found(self, run_id: str) -> RunNotFoundError:
+        return RunNotFoundError(f"No run {run_id!r} in the run history at {self.url_for_display}.")
+
+    def _records(self, session: Session, rows: Sequence[Row[RunRow, str]]) -> list[RunRecord]:
+        """Records of run rows given with their experiments' names, their latest metrics read in one query."""
+        metrics = latest_values(session, [row.id for row, _ in rows])
+        return [self._record(session, row, name, metrics[row.id]) for row, name in rows]
+
+    def _record(
+        self,
+        session: Session,
+        row: RunRow,
+        experiment: str | None = None,
+        metrics: dict[str, Any] | None = None,
+    ) -> RunRecord:
         if experiment is None:
             experiment = session.scalar(
                 select(ExperimentRow.name).where(ExperimentRow.id == row.experiment_id)
@@ -349,54 +398,56 @@ class RunHistory:
             outputs_uri=row.outputs_uri,
             logs_uri=row.logs_uri,
             error=row.error,
-            created_at=_aware(row.created_at) or utcnow(),
-            start=_aware(row.start_time),
-            end=_aware(row.end_time),
+            created_at=aware(row.created_at) or utcnow(),
+            start=aware(row.start_time),
+            end=aware(row.end_time),
             dag_id=row.dag_id,
             task_id=row.task_id,
             airflow_run_id=row.airflow_run_id,
             map_index=row.map_index,
             try_number=row.try_number,
-            heartbeat_at=_aware(row.heartbeat_at),
+            heartbeat_at=aware(row.heartbeat_at),
             max_run_duration_seconds=row.max_run_duration_seconds,
             config=row.config,
             rerun_of=row.rerun_of,
             parent_run_id=row.parent_run_id,
-            metrics=self._last_metrics(session, row.id),
+            metrics=latest_values(session, [row.id])[row.id] if metrics is None else metrics,
         )
 
     # metrics
 
     def add_metrics(self, run_id: str, points: Iterable[MetricPoint]) -> int:
-        """Store metric points; a point whose seq is already stored is skipped. Returns how many were new."""
+        """Store metric points; a point whose seq is already stored is skipped. Returns how many were new.
+
+        The run's latest values, and its metrics' summaries and min/max pyramids, are updated in the same
+        transaction."""
         points = list(points)
         if not points:
             return 0
         with self.session() as session:
-            known: set[int] = set()
-            # In batches: a database limits the parameters of one statement (SQLite to 32766).
-            for start in range(0, len(points), _BATCH):
-                batch = [p.seq for p in points[start : start + _BATCH]]
-                known.update(
-                    session.scalars(
-                        select(MetricRow.seq).where(MetricRow.run_id == run_id, MetricRow.seq.in_(batch))
-                    )
-                )
-            new = [p for p in points if p.seq not in known]
-            for point in new:
-                number, as_json = _split_value(point.value)
-                session.add(
-                    MetricRow(
-                        run_id=run_id,
-                        name=point.name,
-                        step=point.step,
-                        value=number,
-                        value_json=as_json,
-                        logged_at=point.logged_at or utcnow(),
-                        seq=point.seq,
-                    )
-                )
-            return len(new)
+            return store_points(session, run_id, points, utcnow())
+
+    def metric_series(
+        self, run_id: str, names: Collection[str] | None = None, *, points: int = 2000
+    ) -> list[Series]:
+        """A run's metrics as charts of at most `points` points each, every slice's minimum and maximum kept.
+
+        :param names: the metrics (None: all with a finite value).
+        """
+        with self.read_session() as session:
+            return read_series(session, [run_id], names, points)[run_id]
+
+    def compare(
+        self, run_ids: Collection[str], names: Collection[str] | None = None, *, points: int = 500
+    ) -> tuple[list[RunListItem], dict[str, list[Series]]]:
+        """Runs side by side, read together: each as the list shows it (its latest metrics of `names`, or all),
+        in the order given (missing ones left out), and its metrics as charts: {run id: [series by name]}."""
+        ids = list(dict.fromkeys(run_ids))
+        with self.read_session() as session:
+            latest: dict[str, dict[str, Any]] = {}
+            series = read_series(session, ids, names, points, latest)
+            found = {item.id: item for item in list_items(session, ids, latest)}
+        return [found[i] for i in ids if i in found], series
 
     def get_metrics(self, run_id: str, name: str | None = None) -> list[MetricPoint]:
         """Every logged point of a run (or of one metric), in logging order."""
@@ -407,40 +458,17 @@ class RunHistory:
             return [
                 MetricPoint(
                     name=m.name,
-                    value=_join_value(m.value, m.value_json),
+                    value=join_value(m.value, m.value_json),
                     seq=m.seq,
                     step=m.step,
-                    logged_at=_aware(m.logged_at),
+                    logged_at=aware(m.logged_at),
                 )
                 for m in session.scalars(query.order_by(MetricRow.seq))
             ]
 
-    def _last_metrics(self, session: Session, run_id: str) -> dict[str, Any]:
-        last = (
-            select(MetricRow.name, func.max(MetricRow.seq).label("seq"))
-            .where(MetricRow.run_id == run_id)
-            .group_by(MetricRow.name)
-            .subquery()
-        )
-        rows = session.execute(
-            select(MetricRow.name, MetricRow.value, MetricRow.value_json)
-            .join(last, (MetricRow.name == last.c.name) & (MetricRow.seq == last.c.seq))
-            .where(MetricRow.run_id == run_id)
-            .order_by(MetricRow.name)
-        ).all()
-        return {name: _join_value(value, as_json) for name, value, as_json in rows}
-
     @property
     def url_for_display(self) -> str:
         return make_url(self.url).render_as_string(hide_password=True)
-
-
-def _of_dags(dag_ids: Collection[str] | None, runs_without_dag: bool) -> ColumnElement[bool] | None:
-    """The condition on a run row for "of one of these DAGs, or of none if allowed"; None when all pass."""
-    if dag_ids is None and runs_without_dag:
-        return None
-    of_dags = RunRow.dag_id.is_not(None) if dag_ids is None else RunRow.dag_id.in_(sorted(dag_ids))
-    return or_(of_dags, RunRow.dag_id.is_(None)) if runs_without_dag else of_dags
 
 
 def _unfinished() -> ColumnElement[bool]:
@@ -449,25 +477,6 @@ def _unfinished() -> ColumnElement[bool]:
 
 def _last_heard() -> ColumnElement[datetime]:
     return func.coalesce(RunRow.heartbeat_at, RunRow.start_time, RunRow.created_at)
-
-
-def _split_value(value: Any) -> tuple[float | None, str | None]:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None, json.dumps(value)
-    try:
-        number = float(value)
-    except OverflowError:  # an integer beyond a float's range keeps every digit as JSON text
-        return None, json.dumps(value)
-    # NaN and infinities do not survive every database: keep them as JSON text.
-    if math.isfinite(number):
-        return number, None
-    return None, json.dumps(number)
-
-
-def _join_value(number: float | None, as_json: str | None) -> Any:
-    if as_json is not None:
-        return json.loads(as_json)
-    return number
 
 
 def _revision(connection: Connection) -> str | None:

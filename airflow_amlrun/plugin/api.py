@@ -1,4 +1,4 @@
-"""FastAPI app mounted in Airflow's API server: the run history as JSON and as plain pages.
+"""FastAPI app mounted in Airflow's API server: the run history as JSON (`runs_api`) and as plain pages.
 
 Every route needs a signed-in Airflow user, by the API server's own JWT (a bearer token, or the cookie the
 Airflow UI sets), and shows only the runs that user may see (`access`).
@@ -9,15 +9,15 @@ from __future__ import annotations
 import html
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 from airflow.api_fastapi.app import get_auth_manager
 from airflow.api_fastapi.core_api.security import requires_authenticated
-from fastapi import Depends, FastAPI, HTTPException, Query
+from fastapi import Depends, FastAPI
 from fastapi.responses import HTMLResponse
 
-from airflow_amlrun.history import RunHistory, RunNotFoundError, RunRecord
-from airflow_amlrun.plugin.access import Reader, ReaderDep, VisibleRunsDep
+from airflow_amlrun.history import RunRecord
+from airflow_amlrun.plugin.access import ReaderDep, VisibleRunsDep
+from airflow_amlrun.plugin.runs_api import history, router, visible_run
 
 
 @asynccontextmanager
@@ -37,55 +37,16 @@ def create_app() -> FastAPI:
         lifespan=_lifespan,
         # Refuses anonymous callers on every route, before any route's own dependencies run.
         dependencies=[Depends(requires_authenticated())],
-        # FastAPI serves its schema and docs pages outside the app's dependencies: keep every route signed-in.
+        # FastAPI serves its schema and docs pages outside the app's dependencies: the schema is served by a
+        # route of the app instead (/api/openapi.json), signed-in like every other.
         openapi_url=None,
     )
 
-    @app.get("/api/runs")
-    def list_runs(
-        visible: VisibleRunsDep,
-        experiment: str | None = None,
-        status: str | None = None,
-        limit: int = Query(100, ge=1, le=1000),
-    ) -> list[dict[str, Any]]:
-        runs = _history().list_runs(
-            experiment=experiment,
-            status=status,
-            limit=limit,
-            dag_ids=visible.dag_ids,
-            runs_without_dag=visible.runs_without_dag,
-        )
-        return [r.summary() for r in runs]
-
-    @app.get("/api/runs/{run_id}")
-    def get_run(run_id: str, reader: ReaderDep) -> dict[str, Any]:
-        history = _history()
-        record = _get(history, run_id, reader)
-        points = history.get_metrics(run_id)
-        return {
-            **record.summary(),
-            "arguments": record.arguments,
-            "tags": record.tags,
-            "airflow": {
-                "dag_id": record.dag_id,
-                "task_id": record.task_id,
-                "run_id": record.airflow_run_id,
-                "map_index": record.map_index,
-                "try_number": record.try_number,
-            },
-            "metric_history": [{"name": p.name, "step": p.step, "value": p.value} for p in points],
-        }
-
-    @app.get("/api/experiments")
-    def list_experiments(visible: VisibleRunsDep) -> list[dict[str, Any]]:
-        experiments = _history().list_experiments(
-            dag_ids=visible.dag_ids, runs_without_dag=visible.runs_without_dag
-        )
-        return [{"name": e.name, "runs": e.run_count} for e in experiments]
+    app.include_router(router)
 
     @app.get("/runs", response_class=HTMLResponse)
     def runs_page(visible: VisibleRunsDep, experiment: str | None = None) -> str:
-        runs = _history().list_runs(
+        runs = history().list_runs(
             experiment=experiment,
             limit=200,
             dag_ids=visible.dag_ids,
@@ -100,7 +61,7 @@ def create_app() -> FastAPI:
 
     @app.get("/runs/{run_id}", response_class=HTMLResponse)
     def run_page(run_id: str, reader: ReaderDep) -> str:
-        record = _get(_history(), run_id, reader)
+        record = visible_run(run_id, reader)
         fields = "".join(
             f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>"
             for k, v in record.summary().items()
@@ -108,24 +69,6 @@ def create_app() -> FastAPI:
         return _page(f"Run {record.id}", f"<table>{fields}</table>")
 
     return app
-
-
-def _history() -> RunHistory:
-    """The run history of the workspace the plugin shows (``[amlrun] workspace_conn_id``)."""
-    from airflow_amlrun.workspace import Workspace
-
-    return Workspace.get().history
-
-
-def _get(history: RunHistory, run_id: str, reader: Reader) -> RunRecord:
-    """The run, if it exists (else 404) and the reader may see it (else 403)."""
-    try:
-        record = history.get_run(run_id)
-    except RunNotFoundError:
-        # The history's own message names the database; a reader of the pages need not learn where it is.
-        raise HTTPException(status_code=404, detail=f"No run {run_id!r}.") from None
-    reader.check(record)
-    return record
 
 
 def _row(record: RunRecord) -> str:

@@ -23,7 +23,9 @@ import httpx
 import pytest
 
 from airflow_amlrun.history import MetricPoint, RunHistory, RunStatus
-from tests.conftest import DAGS_FOLDER, REPO
+from airflow_amlrun.snapshot import BlobStore, take_snapshot
+from airflow_amlrun.targets.common import STD_LOG
+from tests.conftest import DAGS_FOLDER, REPO, write_script
 
 AIRFLOW = str(Path(sys.executable).parent / "airflow")
 DAG_A = "amlrun_access_dag_a"
@@ -49,6 +51,7 @@ class ApiServer:
 
     url: str
     runs: dict[str, str]
+    amlrun_home: Path
     _tokens: dict[str, str] = field(default_factory=dict)
 
     def token(self, user: str) -> str:
@@ -72,28 +75,50 @@ class ApiServer:
     def run_ids(self, user: str, query: str = "") -> list[str]:
         answer = self.get(f"/api/runs{query}", user)
         assert answer.status_code == 200, answer.text
-        return [r["run_id"] for r in answer.json()]
+        return [r["run_id"] for r in answer.json()["runs"]]
 
 
-def _fill_history(database_url: str) -> dict[str, str]:
-    """Runs of DAG A (one with markup in its experiment name and error), DAG B, and one from plain Python."""
+def _finished_run(history: RunHistory, store: BlobStore, run_id: str, code: Path, **fields) -> None:
+    """A run with its code snapshot, a stored log and one output file, as a finished run leaves them."""
+    snapshot = take_snapshot(code, store).snapshot
+    history.create_run(run_id=run_id, target="local", snapshot_id=snapshot.id, task_id="train", **fields)
+    store.put_object(f"runs/{run_id}/logs/{STD_LOG}", f"epoch 1 of {run_id}\ndone\n".encode())
+    store.put_object(f"runs/{run_id}/outputs/model/weights.txt", f"weights of {run_id}".encode())
+    history.update_run(
+        run_id,
+        status=RunStatus.COMPLETED,
+        logs_uri=store.uri_for(f"runs/{run_id}/logs"),
+        outputs_uri=store.uri_for(f"runs/{run_id}/outputs"),
+    )
+
+
+def _fill_history(database_url: str, store: BlobStore, code: Path) -> dict[str, str]:
+    """Runs of DAG A (one with markup in its experiment name and error), DAG B, and one from plain Python; the
+    runs of A and B ran different versions of one script."""
     history = RunHistory(database_url)
-    history.create_run(
-        run_id="run_of_a",
+    code.mkdir()
+    (code / "train.py").write_text("alpha = 0.5\nprint(alpha)\n")
+    _finished_run(
+        history,
+        store,
+        "run_of_a",
+        code,
         experiment="churn",
-        target="local",
         arguments=["--alpha", "0.5"],
         tags={"team": "fraud"},
         dag_id=DAG_A,
-        task_id="train",
         airflow_run_id="manual_1",
         try_number=1,
     )
     history.add_metrics("run_of_a", [MetricPoint("fold_mse", 1.0 / (i + 1), seq=i, step=i) for i in range(5)])
-    history.update_run("run_of_a", status=RunStatus.COMPLETED)
     history.create_run(run_id="marked_up", experiment=SCRIPT, target="local", dag_id=DAG_A, task_id="train")
     history.update_run("marked_up", status=RunStatus.FAILED, error=f"Traceback: {IMAGE}")
-    history.create_run(run_id="run_of_b", experiment="churn", target="local", dag_id=DAG_B, task_id="train")
+    (code / "train.py").write_text("alpha = 0.9\nprint(alpha)\n")
+    (code / "secret_plan_of_b.txt").write_text("only B's readers may see this\n")
+    _finished_run(
+        history, store, "run_of_b", code, experiment="churn", arguments=["--alpha", "0.9"], dag_id=DAG_B
+    )
+    history.add_metrics("run_of_b", [MetricPoint("fold_mse", 0.25, seq=0, step=0)])
     history.create_run(run_id="plain_python", experiment="notebook", target="local")
     history.dispose()
     return {"a": "run_of_a", "marked_up": "marked_up", "b": "run_of_b", "plain": "plain_python"}
@@ -110,7 +135,9 @@ def _free_port() -> int:
 def api_server(airflow_db: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServer]:
     home = tmp_path_factory.mktemp("api-server")
     amlrun_home = home / "amlrun"
-    runs = _fill_history(f"sqlite:///{amlrun_home / 'history.db'}")
+    runs = _fill_history(
+        f"sqlite:///{amlrun_home / 'history.db'}", BlobStore(str(amlrun_home / "store")), home / "code"
+    )
 
     passwords = home / "passwords.json"
     passwords.write_text(json.dumps(PASSWORDS))
@@ -148,7 +175,7 @@ def api_server(airflow_db: Path, tmp_path_factory: pytest.TempPathFactory) -> It
             timeout=300,
         )
         _wait_until_serving(server, url, log_path)
-        yield ApiServer(url=url, runs=runs)
+        yield ApiServer(url=url, runs=runs, amlrun_home=amlrun_home)
     finally:
         server.terminate()
         try:
@@ -174,17 +201,41 @@ def _wait_until_serving(server: subprocess.Popen[bytes], url: str, log_path: Pat
     pytest.fail(f"airflow api-server did not answer on {url} within 120 s:\n{log_path.read_text()[-4000:]}")
 
 
+def _run_routes(run: str) -> list[str]:
+    """Every route about one run."""
+    return [
+        f"/api/runs/{run}",
+        f"/api/runs/{run}/metrics",
+        f"/api/runs/{run}/log",
+        f"/api/runs/{run}/snapshot",
+        f"/api/runs/{run}/snapshot/file?path=train.py",
+        f"/api/runs/{run}/outputs",
+        f"/api/runs/{run}/outputs/model/weights.txt",
+        f"/runs/{run}",
+    ]
+
+
 def _routes(server: ApiServer) -> list[str]:
-    run = server.runs["a"]
-    return ["/api/runs", f"/api/runs/{run}", "/api/experiments", "/runs", f"/runs/{run}"]
+    a, b = server.runs["a"], server.runs["b"]
+    return [
+        "/api/runs",
+        "/api/experiments",
+        "/api/openapi.json",
+        f"/api/compare?run_id={a}&run_id={b}",
+        f"/api/diff?run_a={a}&run_b={b}&path=train.py",
+        "/runs",
+        *_run_routes(a),
+    ]
 
 
 def test_anonymous_callers_get_401_on_every_route(api_server):
-    for path in [*_routes(api_server), "/openapi.json"]:
+    for path in [*_routes(api_server), *_run_routes(api_server.runs["b"])]:
         answer = api_server.get(path)
-        expected = 404 if path == "/openapi.json" else 401
-        assert answer.status_code == expected, (path, answer.text)
+        assert answer.status_code == 401, (path, answer.text)
         assert "run_of_a" not in answer.text and "fold_mse" not in answer.text
+    # FastAPI's own schema and docs routes are not served at all: the schema is a signed-in route.
+    for path in ("/openapi.json", "/docs", "/redoc"):
+        assert api_server.get(path, "admin").status_code == 404, path
 
 
 def test_a_signed_in_admin_reads_every_route_and_every_run(api_server):
@@ -193,9 +244,12 @@ def test_a_signed_in_admin_reads_every_route_and_every_run(api_server):
     assert set(api_server.run_ids("admin")) == set(api_server.runs.values())
 
     detail = api_server.get(f"/api/runs/{api_server.runs['a']}", "admin").json()
-    assert [p["step"] for p in detail["metric_history"] if p["name"] == "fold_mse"] == [0, 1, 2, 3, 4]
-    assert detail["arguments"] == ["--alpha", "0.5"]
+    assert detail["arguments"] == ["--alpha", "0.5"] and detail["parameters"] == {"alpha": "0.5"}
     assert detail["airflow"]["dag_id"] == DAG_A
+    assert detail["metrics"] == {"fold_mse": 0.2}
+    assert [(m["name"], m["count"], m["min"], m["max"]) for m in detail["metric_summaries"]] == [
+        ("fold_mse", 5, 0.2, 1.0)
+    ]
     assert api_server.get(f"/api/runs/{api_server.runs['plain']}", "admin").status_code == 200
     missing = api_server.get("/api/runs/no_such_run", "admin")
     # The answer names the run, not where the history database lives.
@@ -203,6 +257,47 @@ def test_a_signed_in_admin_reads_every_route_and_every_run(api_server):
 
     experiments = {e["name"]: e["runs"] for e in api_server.get("/api/experiments", "admin").json()}
     assert experiments == {"churn": 2, "notebook": 1, SCRIPT: 1}
+    schema = api_server.get("/api/openapi.json", "admin").json()
+    assert {"/api/runs", "/api/runs/{run_id}/metrics", "/api/compare", "/api/diff"} <= set(schema["paths"])
+
+
+def test_each_route_shows_the_run_s_data(api_server):
+    a, b = api_server.runs["a"], api_server.runs["b"]
+
+    (chart,) = api_server.get(f"/api/runs/{a}/metrics", "admin").json()
+    assert (chart["name"], chart["x"], chart["values"][-1], chart["sampled"]) == (
+        "fold_mse",
+        [0, 1, 2, 3, 4],
+        0.2,
+        False,
+    )
+    log = api_server.get(f"/api/runs/{a}/log", "admin").json()
+    assert (log["lines"], log["ended"], log["status"]) == (["epoch 1 of run_of_a", "done"], True, "Completed")
+    tail = api_server.get(f"/api/runs/{a}/log?store_offset={len('epoch 1 of run_of_a') + 1}", "admin").json()
+    assert tail["lines"] == ["done"]
+    files = [f["path"] for f in api_server.get(f"/api/runs/{a}/snapshot", "admin").json()["files"]]
+    assert files == ["train.py"]
+    shown = api_server.get(f"/api/runs/{a}/snapshot/file?path=train.py", "admin").json()
+    assert shown["text"] == "alpha = 0.5\nprint(alpha)\n"
+    assert api_server.get(f"/api/runs/{a}/outputs", "admin").json() == [{"path": "model/weights.txt"}]
+    download = api_server.get(f"/api/runs/{a}/outputs/model/weights.txt", "admin")
+    assert download.content == b"weights of run_of_a"
+    assert "attachment" in download.headers["content-disposition"]
+    assert api_server.get(f"/api/runs/{a}/outputs/..%2F..%2Fhistory.db", "admin").status_code == 404
+
+    compared = api_server.get(f"/api/compare?run_id={a}&run_id={b}", "admin").json()
+    assert [r["parameters"] for r in compared["runs"]] == [{"alpha": "0.5"}, {"alpha": "0.9"}]
+    assert compared["differing_parameters"] == ["alpha"] and compared["differing_metrics"] == ["fold_mse"]
+    assert [len(s["series"][0]["values"]) for s in compared["series"]] == [5, 1]
+
+    diff = api_server.get(f"/api/diff?run_a={a}&run_b={b}&path=train.py", "admin").json()
+    assert (diff["added"], diff["removed"], diff["changed"]) == (["secret_plan_of_b.txt"], [], ["train.py"])
+    assert "-alpha = 0.5\n+alpha = 0.9\n" in diff["diff"]
+
+    listed = api_server.get("/api/runs?metric=fold_mse::0.3&sort=-metrics.fold_mse", "admin").json()
+    assert [r["run_id"] for r in listed["runs"]] == [b, a]
+    bad = api_server.get("/api/runs?sort=nonsense", "admin")
+    assert bad.status_code == 400 and "metrics.NAME" in bad.json()["detail"]
 
 
 def test_a_user_sees_only_the_runs_of_the_dags_they_may_read(api_server):
@@ -212,10 +307,23 @@ def test_a_user_sees_only_the_runs_of_the_dags_they_may_read(api_server):
     assert api_server.run_ids("ann", "?limit=2") == [runs["marked_up"], runs["a"]]
     assert api_server.get(f"/api/runs/{runs['a']}", "ann").status_code == 200
     assert api_server.get(f"/runs/{runs['a']}", "ann").status_code == 200
-    for path in (f"/api/runs/{runs['b']}", f"/runs/{runs['b']}"):
+    for path in _run_routes(runs["b"]):
         answer = api_server.get(path, "ann")
         assert answer.status_code == 403, (path, answer.text)
-        assert "churn" not in answer.text
+        assert (
+            "churn" not in answer.text and "fold_mse" not in answer.text and "secret_plan" not in answer.text
+        )
+    # A comparison or a diff with a run she may not see answers nothing of it.
+    for path in (
+        f"/api/compare?run_id={runs['a']}&run_id={runs['b']}",
+        f"/api/diff?run_a={runs['a']}&run_b={runs['b']}&path=secret_plan_of_b.txt",
+        "/api/runs?metric=fold_mse::0.3",
+    ):
+        answer = api_server.get(path, "ann")
+        assert "secret_plan" not in answer.text and "0.9" not in answer.text and "0.25" not in answer.text, (
+            path
+        )
+        assert runs["b"] not in answer.text.replace(f"No run {runs['b']!r}", ""), path
     page = api_server.get("/runs", "ann").text
     assert runs["a"] in page and runs["b"] not in page and runs["plain"] not in page
 
@@ -251,3 +359,45 @@ def test_the_pages_show_recorded_markup_as_text(api_server):
     detail = api_server.get(f"/runs/{api_server.runs['marked_up']}", "ann").text
     assert "&lt;img src=x onerror=alert(1)&gt;" in detail
     assert "<img" not in detail
+
+
+def test_a_running_run_s_log_is_followed_by_offset_until_it_ends(api_server, tmp_path, monkeypatch):
+    from airflow_amlrun import Experiment, ScriptRunConfig, Workspace
+
+    # The run is recorded in the server's workspace and runs on this machine, where the server reads its log.
+    monkeypatch.setenv("AIRFLOW__AMLRUN__HOME", str(api_server.amlrun_home))
+    gate = tmp_path / "gate"
+    script = (
+        "import pathlib, time\n"
+        "print('first line', flush=True)\n"
+        f"while not pathlib.Path({str(gate)!r}).exists():\n"
+        "    time.sleep(0.05)\n"
+        "print('second line', flush=True)\n"
+    )
+    write_script(tmp_path / "src", "train.py", script)
+    run = Experiment(Workspace.get(), "live").submit(ScriptRunConfig(tmp_path / "src", script="train.py"))
+    seen: list[str] = []
+    offsets = {"target_offset": 0, "store_offset": 0}
+
+    def read() -> dict:
+        query = "&".join(f"{k}={v}" for k, v in offsets.items())
+        answer = api_server.get(f"/api/runs/{run.id}/log?{query}", "admin")
+        assert answer.status_code == 200, answer.text
+        found = answer.json()
+        seen.extend(found["lines"])
+        offsets.update(target_offset=found["target_offset"], store_offset=found["store_offset"])
+        return found
+
+    deadline = time.monotonic() + 60
+    while "first line" not in seen:
+        assert time.monotonic() < deadline, seen
+        assert not read()["ended"]
+        time.sleep(0.1)
+    assert seen == ["first line"]
+    # Someone without the run's permission learns nothing of it, however it is asked.
+    assert api_server.get(f"/api/runs/{run.id}/log", "ann").status_code == 403
+    gate.touch()
+    run.wait_for_completion()
+    while not read()["ended"]:
+        assert time.monotonic() < deadline, seen
+    assert seen == ["first line", "second line"]
