@@ -1,0 +1,291 @@
+"""The Spark target: any Airflow connection of type `spark` (``local[*]``, ``spark://host:port``, ``yarn``,
+``k8s://...``) runs the training script as a Spark application, submitted through the Spark provider's
+`SparkSubmitHook` in the deploy mode the connection says.
+
+spark-submit runs on the worker under the run's supervisor, exactly as a local run does (local.py): the
+supervisor keeps the run's time limit, records its exit code and leads the run's process group; the hook runs
+as its job (spark_job.py), and in client mode the driver, which runs the training script through spark_main.py,
+is in that group too. So the driver's output is the run's log, `Run.get_context()` in the driver writes the
+run's events file, `outputs/` is the run directory's, and a stop of the run (cancel, time limit, the task
+killed) reaches spark-submit, the driver and, through the hook's `on_kill`, the application on the cluster.
+A worker's death ends a client-mode driver with it: the retry finds its supervisor gone and records the old
+run Failed with why, then starts a new one.
+
+What travels with the application: a `--py-files` archive of the run's code (the snapshot, with run_context),
+so executors import the script's own modules; the environment's `spark` section (packages, repositories,
+configuration); and a managed environment as an archive (see spark_env.py).
+
+Cluster mode on YARN or Kubernetes is submitted as the connection says, and the handle records where the
+driver runs (the hook's YARN application id or driver pod, in the run's control folder). Re-attaching a retry
+to such a driver by that submission id once the worker that submitted it is gone is the designed next step
+(`attachable`/`find` would look it up through the hook's status calls), not implemented and not tested here:
+no YARN or Kubernetes cluster is reachable from this project's machines.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import sys
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from airflow_amlrun.config import Settings
+from airflow_amlrun.errors import ConfigurationError, UnknownComputeTargetError
+from airflow_amlrun.targets import spark_main
+from airflow_amlrun.targets.base import CodeSource, Job, TargetStatus
+from airflow_amlrun.targets.common import CONTROL_DIR, RUN_FOLDERS, STD_LOG, find_java, read_control
+from airflow_amlrun.targets.handles import SparkHandle
+from airflow_amlrun.targets.local import LocalTarget
+from airflow_amlrun.targets.spark_job import CONNECTION_ENV
+from airflow_amlrun.targets.spark_main import APPLICATION_ID_TAG, UI_URL_TAG
+
+log = logging.getLogger(__name__)
+
+# In the run's control folder: the code shipped to executors, the driver's launcher, the hook's request.
+CODE_ARCHIVE = "code.zip"
+LAUNCHER = "spark_main.py"
+REQUEST = "spark_request.json"
+# How long the check waits for a standalone master to answer.
+CONNECT_TIMEOUT_SECONDS = 5.0
+# How much of the end of a failed run's log is searched for why spark-submit failed.
+LOG_TAIL_BYTES = 256 * 1024
+_UNRESOLVED = re.compile(
+    r"unresolved dependency: ([^\s:]+:[^\s:]+(?::[^\s]+)?)|::\s+([\w.\-]+#[\w.\-]+;[^\s:]+)"
+)
+
+__all__ = ["APPLICATION_ID_TAG", "UI_URL_TAG", "SparkTarget"]
+
+
+class SparkTarget(LocalTarget):
+    """Runs on Spark: spark-submit (through `SparkSubmitHook`) on the worker, under the run's supervisor."""
+
+    kind = "spark"
+    handle_type = SparkHandle  # type: ignore[assignment]
+    # A pyspark script is a Spark application of the target's master here, not of a Spark of its own.
+    local_spark = False
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        connection: str,
+        master: str,
+        deploy_mode: str,
+        spark_binary: str,
+        settings: Settings,
+        cache_dir: Path,
+    ) -> None:
+        super().__init__(settings, cache_dir, name)
+        self.connection = connection
+        self.master = master
+        self.deploy_mode = deploy_mode
+        self.spark_binary = spark_binary
+
+    @classmethod
+    def from_connection(cls, name: str, conn: Any, settings: Settings, cache_dir: Path) -> SparkTarget:
+        """The target of the Airflow connection `name` (type `spark`), as the registry builds it: the master
+        and deploy mode as the provider's hook reads them from the connection."""
+        try:
+            from airflow.providers.apache.spark.hooks.spark_submit import SparkSubmitHook
+        except ModuleNotFoundError as err:
+            raise UnknownComputeTargetError(
+                f"Compute target {name!r} is a Spark connection, and Spark targets need the Spark provider "
+                f"({err.name!r} is not installed): pip install 'airflow-amlrun[spark]' on the worker."
+            ) from err
+        try:
+            resolved = SparkSubmitHook(conn_id=name)._connection
+        except ValueError as err:
+            raise ConfigurationError(f"Spark connection {name!r}: {err}") from err
+        master = str(resolved["master"])
+        deploy_mode = str(resolved["deploy_mode"] or "client")
+        if deploy_mode not in ("client", "cluster"):
+            raise ConfigurationError(
+                f"Spark connection {name!r} has deploy-mode {deploy_mode!r}; set its extra 'deploy-mode' to "
+                "'client' or 'cluster'."
+            )
+        if deploy_mode == "cluster" and (master.startswith("spark://") or master.startswith("local")):
+            kind = "a standalone master" if master.startswith("spark://") else "a local master"
+            raise ConfigurationError(
+                f"Spark connection {name!r} asks for deploy-mode 'cluster' on {kind} ({master}), where Spark "
+                "runs Python applications in client mode only. Set the connection's extra 'deploy-mode' to "
+                "'client' (the driver then runs on the Airflow worker), or use a YARN or Kubernetes master for "
+                "cluster mode."
+            )
+        return cls(
+            name,
+            connection=conn.as_json(),
+            master=master,
+            deploy_mode=deploy_mode,
+            spark_binary=str(resolved["spark_binary"] or "spark-submit"),
+            settings=settings,
+            cache_dir=cache_dir,
+        )
+
+    # ------------------------------------------------------------------ the protocol
+
+    def check(self, job: Job) -> None:
+        """spark-submit, Java and the master, looked at now: what is missing fails before the run is
+        recorded."""
+        if job.script is None:
+            raise ConfigurationError(
+                f"Compute target {self.name!r} is a Spark connection, which runs a Python script as a Spark "
+                f"application; the config gives command={job.command!r}. Use script='train.py' (with "
+                "arguments=[...]) instead of command."
+            )
+        self._spark_submit()
+        find_java()
+        self._check_master()
+        super().check(job)
+
+    def prepare(self, job: Job, code: CodeSource) -> None:
+        super().prepare(job, code)
+        control = self.run_dir(job) / CONTROL_DIR
+        _code_archive(self.run_dir(job), control / CODE_ARCHIVE)
+        shutil.copyfile(spark_main.__file__, control / LAUNCHER)
+
+    def submit(self, job: Job) -> SparkHandle:
+        run_dir = self.run_dir(job).resolve()
+        control = run_dir / CONTROL_DIR
+        python = self.python(job)
+        spark = job.environment.spec.spark
+        conf: dict[str, str] = {"spark.pyspark.driver.python": python}
+        if job.environment.spec.python.interpreter_path is not None or self.master.startswith("local"):
+            # A user-managed environment uses the cluster's Python, unless it names one.
+            conf["spark.pyspark.python"] = python
+        conf.update(spark.configuration)
+        hook: dict[str, Any] = {
+            "conf": conf,
+            "name": job.run_id,
+            "py_files": str(control / CODE_ARCHIVE),
+            "application_args": [job.script, *job.arguments],
+        }
+        if spark.packages:
+            hook["packages"] = ",".join(spark.packages)
+        if spark.repositories:
+            hook["repositories"] = ",".join(_expanded(url) for url in spark.repositories)
+        if self.deploy_mode == "cluster":
+            # The driver runs on the cluster: the run's variables go with the submission (not the secret ones).
+            hook["env_vars"] = {**job.environment.spec.environment_variables, **job.environment_variables}
+        request = {"control": str(control), "application": str(control / LAUNCHER), "hook": hook}
+        (control / REQUEST).write_text(json.dumps(request))
+        argv = [sys.executable, "-I", "-m", "airflow_amlrun.targets.spark_job", str(control / REQUEST)]
+        fields = self.start_supervised(job, argv, python, self._variables())
+        return SparkHandle(**fields, master=self.master, deploy_mode=self.deploy_mode)
+
+    def wait(self, handle: SparkHandle, timeout: float) -> TargetStatus:  # type: ignore[override]
+        status = super().wait(handle, timeout)
+        if status.running or not status.exit_code or status.reason:
+            return status
+        reason = _failure_reason(
+            read_control(handle.run_dir, STD_LOG, max(0, _log_size(handle) - LOG_TAIL_BYTES))
+        )
+        return TargetStatus(
+            running=False, exit_code=status.exit_code, reason=reason, timed_out=status.timed_out
+        )
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "name": self.name,
+            "master": self.master,
+            "deploy_mode": self.deploy_mode,
+            "host": os.uname().nodename,
+        }
+
+    # ------------------------------------------------------------------ what a submission needs here
+
+    def _spark_submit(self) -> str:
+        """spark-submit on this worker: on PATH, or installed with pyspark beside this interpreter."""
+        found = shutil.which(self.spark_binary) or shutil.which(
+            self.spark_binary, path=str(Path(sys.executable).parent)
+        )
+        if found is None:
+            raise ConfigurationError(
+                f"Compute target {self.name!r}: {self.spark_binary!r} is not on this worker's PATH, nor beside "
+                f"its Python ({Path(sys.executable).parent}). Install Spark's client with pyspark in the "
+                "worker's environment (pip install 'airflow-amlrun[spark]', which brings pyspark and "
+                "spark-submit), or put a Spark distribution's bin/ folder on PATH."
+            )
+        return found
+
+    def _variables(self) -> dict[str, str]:
+        """What spark-submit needs in its environment: the connection (for the hook, which takes it out before
+        anything else starts), spark-submit's folder on PATH, and pyspark's own Spark as SPARK_HOME if no other
+        is set."""
+        folder = str(Path(self._spark_submit()).parent)
+        variables = {CONNECTION_ENV: self.connection, "PATH": f"{folder}:{os.environ.get('PATH', '')}"}
+        if "SPARK_HOME" not in os.environ:
+            spec = importlib.util.find_spec("pyspark")
+            home = Path(spec.origin).parent if spec is not None and spec.origin else None
+            if home is not None and (home / "bin" / "spark-submit").exists():
+                variables["SPARK_HOME"] = str(home)
+        return variables
+
+    def _check_master(self) -> None:
+        """A standalone master must answer on its port now; YARN and Kubernetes are reached by spark-submit."""
+        if not self.master.startswith("spark://"):
+            return
+        answered: list[str] = []
+        failures: list[str] = []
+        for address in self.master.removeprefix("spark://").split(","):
+            host, _, port = address.rpartition(":")
+            try:
+                with socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_SECONDS):
+                    answered.append(address)
+            except (OSError, ValueError) as err:
+                failures.append(f"{address}: {err}")
+        if not answered:
+            raise ConfigurationError(
+                f"Compute target {self.name!r}: the Spark master {self.master} does not answer "
+                f"({'; '.join(failures)}). Start the master (spark-class org.apache.spark.deploy.master.Master "
+                "--host HOST --port PORT), or fix the host and port of connection "
+                f"{self.name!r}."
+            )
+
+
+def _code_archive(run_dir: Path, dest: Path) -> None:
+    """Zip the run's code (what is not a run folder) with run_context, for `--py-files`: executors import the
+    script's modules from it, and a driver on the cluster finds run_context there."""
+    with zipfile.ZipFile(dest, "w", zipfile.ZIP_DEFLATED) as archive:
+        for path in sorted(run_dir.rglob("*")):
+            relative = path.relative_to(run_dir)
+            if relative.parts[0] in RUN_FOLDERS or path.is_symlink() or not path.is_file():
+                continue
+            archive.write(path, str(relative))
+        from airflow_amlrun import run_context
+
+        names = set(archive.namelist())
+        if "airflow_amlrun/run_context.py" not in names:
+            archive.writestr("airflow_amlrun/__init__.py", "")
+            archive.write(run_context.__file__, "airflow_amlrun/run_context.py")
+
+
+def _expanded(url: str) -> str:
+    """A repository URL with its ${VAR} references filled in from this worker's environment."""
+    return re.sub(r"\$\{(\w+)\}", lambda m: os.environ.get(m.group(1), ""), url)
+
+
+def _log_size(handle: SparkHandle) -> int:
+    with contextlib.suppress(OSError):
+        return os.stat(Path(handle.run_dir, CONTROL_DIR, STD_LOG)).st_size
+    return 0
+
+
+def _failure_reason(tail: bytes) -> str | None:
+    """Why spark-submit failed, when its log says in a way users should not have to dig for."""
+    text = tail.decode("utf-8", errors="replace")
+    unresolved = sorted({a or b for a, b in _UNRESOLVED.findall(text)})
+    if unresolved:
+        return (
+            f"spark-submit could not resolve the Spark package(s) {', '.join(unresolved)}: check the "
+            "environment's spark.packages (group:artifact:version) and spark.repositories"
+        )
+    return None

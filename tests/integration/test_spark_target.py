@@ -1,0 +1,103 @@
+"""A DAG author's view of the Spark target: real spark-submit, a real local[2] master and a standalone master
+and worker on 127.0.0.1 (tests/integration/spark_cluster.py), the driver on the worker (client mode)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from airflow_amlrun import Environment, Experiment, ScriptRunConfig, Workspace
+from airflow_amlrun.environment import PythonSection
+from airflow_amlrun.errors import ConfigurationError
+from tests.conftest import dag_source, write_script
+
+pytestmark = pytest.mark.usefixtures("airflow_db")
+pytest_plugins = ["tests.integration.spark_cluster"]
+
+# A pyspark training script: its data file read by relative path on the driver, a module of its own imported
+# on the executors, metrics and an output from the driver.
+TRAIN = """
+import os, sys
+from pyspark.sql import SparkSession
+from airflow_amlrun.run_context import Run
+from helpers import square
+
+run = Run.get_context()
+spark = SparkSession.builder.getOrCreate()
+numbers = [int(line) for line in open("data/numbers.txt")]
+total = spark.sparkContext.parallelize(numbers, 2).map(square).sum()
+print("sum of squares", total, flush=True)
+run.log("sum_of_squares", total)
+for epoch in range(3):
+    run.log("loss", 1.0 / (epoch + 1), step=epoch)
+print("warming up the executors", file=sys.stderr, flush=True)
+os.makedirs("outputs", exist_ok=True)
+open("outputs/model.txt", "w").write(f"weights {total}")
+print("master", spark.sparkContext.master, flush=True)
+spark.stop()
+"""
+
+
+def spark_source(root, script: str = TRAIN):
+    write_script(root, "train.py", script)
+    write_script(root, "helpers.py", "def square(x):\n    return x * x\n")
+    (root / "data").mkdir()
+    (root / "data" / "numbers.txt").write_text("1\n2\n3\n4\n")
+    return root
+
+
+def test_a_pyspark_script_runs_on_a_local_master_with_metrics_log_outputs_and_application(
+    run_dag, tmp_path, spark_local
+):
+    result = run_dag(dag_source(spark_source(tmp_path / "src"), target=spark_local))
+
+    assert result.state == "success", result.log
+    summary = result.xcoms["train"]
+    assert summary["status"] == "Completed"
+    assert summary["target"] == spark_local
+    assert summary["metrics"] == {"sum_of_squares": 30, "loss": pytest.approx(1 / 3)}
+    # The driver's output, and spark-submit's own, in the task log.
+    assert "sum of squares 30" in result.log
+    assert "warming up the executors" in result.log
+    assert "SparkContext: Running Spark version" in result.log
+    assert "master local[2]" in result.log
+    # The Spark application, on the run and in the XCom.
+    assert summary["tags"]["spark.application_id"].startswith("local-")
+    assert summary["tags"]["spark.ui_url"].startswith("http://")
+    run = Workspace.get().get_run(summary["run_id"])
+    assert run.tags["spark.application_id"] == summary["tags"]["spark.application_id"]
+    assert run.handle["master"] == "local[2]" and run.handle["deploy_mode"] == "client"
+    assert Path(summary["outputs_uri"], "model.txt").read_text() == "weights 30"
+
+
+def test_the_same_pyspark_script_runs_on_the_local_target_with_framework_pyspark(
+    run_dag, tmp_path, amlrun_home
+):
+    source = spark_source(tmp_path / "src")
+
+    result = run_dag(dag_source(source, framework="pyspark"))
+
+    assert result.state == "success", result.log
+    summary = result.xcoms["train"]
+    assert summary["target"] == "local"
+    assert summary["metrics"] == {"sum_of_squares": 30, "loss": pytest.approx(1 / 3)}
+    assert summary["environment"]["framework"] == "pyspark"
+    assert "sum of squares 30" in result.log
+    # A local Spark of the script's own, its Python workers on the run's interpreter.
+    assert "master local[*]" in result.log
+
+
+def test_a_pyspark_script_whose_interpreter_lacks_pyspark_is_refused_before_anything_is_recorded(
+    tmp_path, amlrun_home
+):
+    source = spark_source(tmp_path / "src")
+    plain = Environment("plain", python=PythonSection(interpreter_path="/usr/bin/python3"))
+    config = ScriptRunConfig(str(source), script="train.py", environment=plain, framework="pyspark")
+
+    with pytest.raises(
+        ConfigurationError,
+        match=r"interpreter /usr/bin/python3 of compute target 'local' cannot import pyspark\. Add pyspark to the environment",
+    ):
+        Experiment(Workspace.get(), "refused").submit(config)
+    assert Workspace.get().list_runs() == []
