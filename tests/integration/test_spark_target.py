@@ -11,6 +11,7 @@ from airflow_amlrun import Environment, Experiment, ScriptRunConfig, Workspace
 from airflow_amlrun.environment import PythonSection
 from airflow_amlrun.errors import ConfigurationError
 from tests.conftest import dag_source, write_script
+from tests.integration.spark_cluster import set_connection
 
 pytestmark = pytest.mark.usefixtures("airflow_db")
 pytest_plugins = ["tests.integration.spark_cluster"]
@@ -98,6 +99,60 @@ def test_a_pyspark_script_whose_interpreter_lacks_pyspark_is_refused_before_anyt
     with pytest.raises(
         ConfigurationError,
         match=r"interpreter /usr/bin/python3 of compute target 'local' cannot import pyspark\. Add pyspark to the environment",
+    ):
+        Experiment(Workspace.get(), "refused").submit(config)
+    assert Workspace.get().list_runs() == []
+
+
+def test_a_standalone_master_runs_the_script_in_client_mode_with_the_environments_spark_configuration(
+    run_dag, tmp_path, spark_standalone, standalone_cluster
+):
+    source = spark_source(
+        tmp_path / "src",
+        TRAIN.replace(
+            'print("master"',
+            'print("marker", spark.conf.get("spark.amlrun.marker"), "executor memory", '
+            'spark.conf.get("spark.executor.memory"), flush=True)\nprint("master"',
+        ),
+    )
+    environment = (
+        'Environment("spark-conf", spark=SparkSection(configuration={"spark.amlrun.marker": "from-env", '
+        '"spark.executor.memory": "512m"}))'
+    )
+
+    result = run_dag(dag_source(source, target=spark_standalone, environment=environment))
+
+    assert result.state == "success", result.log
+    summary = result.xcoms["train"]
+    assert summary["metrics"] == {"sum_of_squares": 30, "loss": pytest.approx(1 / 3)}
+    assert f"master {standalone_cluster.master_url}" in result.log
+    assert "marker from-env executor memory 512m" in result.log
+    application = summary["tags"]["spark.application_id"]
+    assert application.startswith("app-")
+    # The environment's spark section is recorded with the run.
+    assert summary["environment"]["spark"]["configuration"] == {
+        "spark.amlrun.marker": "from-env",
+        "spark.executor.memory": "512m",
+    }
+    # The application ran on the standalone cluster, named by the run, and is over.
+    completed = {app["id"]: app for app in standalone_cluster.state()["completedapps"]}
+    assert completed[application]["name"] == summary["run_id"]
+    assert completed[application]["state"] == "FINISHED"
+
+
+def test_cluster_deploy_mode_on_a_standalone_master_is_refused_before_anything_is_recorded(
+    tmp_path, amlrun_home, monkeypatch
+):
+    conn = set_connection(
+        monkeypatch, "spark_cluster_mode", "spark://127.0.0.1:7077", **{"deploy-mode": "cluster"}
+    )
+    config = ScriptRunConfig(str(spark_source(tmp_path / "src")), script="train.py", compute_target=conn)
+
+    with pytest.raises(
+        ConfigurationError,
+        match=r"Spark connection 'spark_cluster_mode' asks for deploy-mode 'cluster' on a standalone master "
+        r"\(spark://127\.0\.0\.1:7077\), where Spark runs Python applications in client mode only\. Set the "
+        r"connection's extra 'deploy-mode' to 'client'",
     ):
         Experiment(Workspace.get(), "refused").submit(config)
     assert Workspace.get().list_runs() == []
