@@ -157,8 +157,12 @@ class SparkHandle(LocalHandle):
     deploy_mode: str = field(default="client", kw_only=True)
     # The built environment's archive shipped to the executors, by its build key (None: the cluster's Python).
     archive_build_key: str | None = field(default=None, kw_only=True)
+    # The interpreter the archive's bin/python links to, which every node must have at that path.
+    archive_interpreter: str | None = field(default=None, kw_only=True)
 
     def environment_record(self) -> dict[str, Any]:
         if self.archive_build_key is None:
             return {}
-        return {"spark_archive": {"build_key": self.archive_build_key}}
+        return {
+            "spark_archive": {"build_key": self.archive_build_key, "interpreter": self.archive_interpreter}
+        }

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from airflow_amlrun.config import Settings
+from airflow_amlrun.environment.build_archive import SparkArchive, ensure_spark_archive
 from airflow_amlrun.errors import ConfigurationError, UnknownComputeTargetError
 from airflow_amlrun.targets import spark_main
 from airflow_amlrun.targets.base import CodeSource, Job, TargetStatus
@@ -53,6 +54,8 @@ log = logging.getLogger(__name__)
 CODE_ARCHIVE = "code.zip"
 LAUNCHER = "spark_main.py"
 REQUEST = "spark_request.json"
+# The folder executors unpack the shipped environment into (`--archives env.tar.gz#env`).
+ARCHIVE_NAME = "env"
 # How long the check waits for a standalone master to answer.
 CONNECT_TIMEOUT_SECONDS = 5.0
 # How much of the end of a failed run's log is searched for why spark-submit failed.
@@ -157,16 +160,24 @@ class SparkTarget(LocalTarget):
         python = self.python(job)
         spark = job.environment.spec.spark
         conf: dict[str, str] = {"spark.pyspark.driver.python": python}
-        if job.environment.spec.python.interpreter_path is not None or self.master.startswith("local"):
-            # A user-managed environment uses the cluster's Python, unless it names one.
-            conf["spark.pyspark.python"] = python
-        conf.update(spark.configuration)
         hook: dict[str, Any] = {
-            "conf": conf,
             "name": job.run_id,
             "py_files": str(control / CODE_ARCHIVE),
             "application_args": [job.script, *job.arguments],
         }
+        archive = None
+        if self.master.startswith("local"):
+            # Executors are threads of the driver here: they run the driver's interpreter.
+            conf["spark.pyspark.python"] = python
+        elif not job.environment.user_managed:
+            archive = self._archive(job)
+            hook["archives"] = f"{archive.path}#{ARCHIVE_NAME}"
+            conf["spark.pyspark.python"] = f"./{ARCHIVE_NAME}/bin/python"
+        elif job.environment.spec.python.interpreter_path is not None:
+            conf["spark.pyspark.python"] = python
+        # else: a user-managed environment uses the cluster's Python.
+        conf.update(spark.configuration)
+        hook["conf"] = conf
         if spark.packages:
             hook["packages"] = ",".join(spark.packages)
         if spark.repositories:
@@ -178,15 +189,20 @@ class SparkTarget(LocalTarget):
         (control / REQUEST).write_text(json.dumps(request))
         argv = [sys.executable, "-I", "-m", "airflow_amlrun.targets.spark_job", str(control / REQUEST)]
         fields = self.start_supervised(job, argv, python, self._variables())
-        return SparkHandle(**fields, master=self.master, deploy_mode=self.deploy_mode)
+        return SparkHandle(
+            **fields,
+            master=self.master,
+            deploy_mode=self.deploy_mode,
+            archive_build_key=archive.build_key if archive else None,
+            archive_interpreter=archive.interpreter if archive else None,
+        )
 
     def wait(self, handle: SparkHandle, timeout: float) -> TargetStatus:  # type: ignore[override]
         status = super().wait(handle, timeout)
         if status.running or not status.exit_code or status.reason:
             return status
-        reason = _failure_reason(
-            read_control(handle.run_dir, STD_LOG, max(0, _log_size(handle) - LOG_TAIL_BYTES))
-        )
+        tail = read_control(handle.run_dir, STD_LOG, max(0, _log_size(handle) - LOG_TAIL_BYTES))
+        reason = _failure_reason(tail, handle.archive_interpreter)
         return TargetStatus(
             running=False, exit_code=status.exit_code, reason=reason, timed_out=status.timed_out
         )
@@ -201,6 +217,19 @@ class SparkTarget(LocalTarget):
         }
 
     # ------------------------------------------------------------------ what a submission needs here
+
+    def _archive(self, job: Job) -> SparkArchive:
+        """The managed environment's archive for the executors; its interpreter path must exist on every node,
+        this worker too (a driver in client mode runs the same build here)."""
+        archive = ensure_spark_archive(job.environment, self.cache_dir)
+        if not os.access(archive.interpreter, os.X_OK):
+            raise ConfigurationError(
+                f"Environment {job.environment.name!r}: its build for Spark links to the interpreter "
+                f"{archive.interpreter}, which this worker lacks, and every node running the archive needs it at "
+                "that path. Install that Python there (at that path), or set python.interpreter_path to a "
+                "Python every node has."
+            )
+        return archive
 
     def _spark_submit(self) -> str:
         """spark-submit on this worker: on PATH, or installed with pyspark beside this interpreter."""
@@ -279,9 +308,21 @@ def _log_size(handle: SparkHandle) -> int:
     return 0
 
 
-def _failure_reason(tail: bytes) -> str | None:
-    """Why spark-submit failed, when its log says in a way users should not have to dig for."""
+def _failure_reason(tail: bytes, interpreter: str | None) -> str | None:
+    """Why spark-submit failed, when its log says in a way users should not have to dig for.
+
+    :param interpreter: the interpreter the shipped environment's bin/python links to, if one was shipped.
+    """
     text = tail.decode("utf-8", errors="replace")
+    if interpreter is not None and re.search(
+        rf"Cannot run program \"\./{ARCHIVE_NAME}/bin/python\"|{ARCHIVE_NAME}/bin/python.*(No such file|not found)",
+        text,
+    ):
+        return (
+            f"an executor could not start the shipped environment's Python: its bin/python links to {interpreter}, "
+            "which every node running executors must have at that path (install that Python there, or set the "
+            "environment's python.interpreter_path to a Python every node has)"
+        )
     unresolved = sorted({a or b for a, b in _UNRESOLVED.findall(text)})
     if unresolved:
         return (

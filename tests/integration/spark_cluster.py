@@ -1,8 +1,9 @@
 """Real Spark for the Spark target's tests: connections to a local[2] master, and a standalone master and one
 worker on 127.0.0.1, started once per session on free ports and stopped at its end.
 
-A test module uses the fixtures with ``pytest_plugins = ["tests.integration.spark_cluster"]``. spark-submit
-and spark-class come with pyspark (installed in the test environment); Java with scripts/services.sh.
+A test module uses the fixtures with ``pytest_plugins = ["tests.integration.spark_cluster"]``
+(PYTEST_DONT_REWRITE: test modules import it before pytest would). spark-submit and spark-class come with
+pyspark (installed in the test environment); Java with scripts/services.sh.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@ and worker on 127.0.0.1 (tests/integration/spark_cluster.py), the driver on the 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -156,3 +157,54 @@ def test_cluster_deploy_mode_on_a_standalone_master_is_refused_before_anything_i
     ):
         Experiment(Workspace.get(), "refused").submit(config)
     assert Workspace.get().list_runs() == []
+
+
+SHIPPED = """
+import sys
+from pyspark.sql import SparkSession
+from airflow_amlrun.run_context import Run
+
+def on_executor(x):
+    import tomli_w  # only in the shipped environment
+    return sys.executable, tomli_w.dumps({"x": x})
+
+run = Run.get_context()
+spark = SparkSession.builder.getOrCreate()
+results = spark.sparkContext.parallelize([1, 2, 3], 3).map(on_executor).collect()
+for python, text in results:
+    print("executor python", python, "wrote", text.strip(), flush=True)
+run.log("rows", len(results))
+spark.stop()
+"""
+
+
+def test_a_managed_environment_ships_to_the_executors_as_an_archive_built_once_from_its_lock(
+    run_dag, tmp_path, spark_standalone, amlrun_home
+):
+    source = spark_source(tmp_path / "src", SHIPPED)
+    environment = 'Environment("shipped", python=PythonSection(pip_requirements=["tomli-w==1.0.0"]))'
+
+    result = run_dag(dag_source(source, target=spark_standalone, environment=environment))
+
+    assert result.state == "success", result.log
+    summary = result.xcoms["train"]
+    assert summary["metrics"] == {"rows": 3}
+    # The executors ran the environment unpacked from the archive, in their own working folders.
+    pythons = re.findall(r"executor python (\S+) wrote x = (\d)", result.log)
+    assert sorted({x for _, x in pythons}) == ["1", "2", "3"]
+    assert all(python.endswith("/env/bin/python") for python, _ in pythons), pythons
+    assert all("/runs/" not in python for python, _ in pythons), pythons
+    # Built once, from the lock, by the environment's build key, which the run records with the interpreter
+    # every node needs.
+    shipped = summary["environment"]["spark_archive"]
+    assert shipped["build_key"] == summary["environment"]["build_key"]
+    assert Path(shipped["interpreter"]).exists()
+    archive = amlrun_home / "cache" / "spark-archives" / f"{shipped['build_key']}.tar.gz"
+    assert archive.is_file()
+    built = archive.stat().st_mtime_ns
+
+    again = run_dag(dag_source(source, target=spark_standalone, environment=environment))
+
+    assert again.state == "success", again.log
+    assert again.xcoms["train"]["environment"]["spark_archive"] == shipped
+    assert archive.stat().st_mtime_ns == built
