@@ -60,9 +60,8 @@ ARCHIVE_NAME = "env"
 CONNECT_TIMEOUT_SECONDS = 5.0
 # How much of the end of a failed run's log is searched for why spark-submit failed.
 LOG_TAIL_BYTES = 256 * 1024
-_UNRESOLVED = re.compile(
-    r"unresolved dependency: ([^\s:]+:[^\s:]+(?::[^\s]+)?)|::\s+([\w.\-]+#[\w.\-]+;[^\s:]+)"
-)
+# How Ivy (spark-submit's package resolver) names a package it could not find: group#artifact;version.
+_UNRESOLVED = re.compile(r"(?:module not found|::)\s+([\w.\-]+)#([\w.\-]+);([^\s:]+)(?:: not found)?")
 
 __all__ = ["APPLICATION_ID_TAG", "UI_URL_TAG", "SparkTarget"]
 
@@ -323,7 +322,13 @@ def _failure_reason(tail: bytes, interpreter: str | None) -> str | None:
             "which every node running executors must have at that path (install that Python there, or set the "
             "environment's python.interpreter_path to a Python every node has)"
         )
-    unresolved = sorted({a or b for a, b in _UNRESOLVED.findall(text)})
+    unresolved = sorted(
+        {
+            f"{group}:{artifact}:{version}"
+            for group, artifact, version in _UNRESOLVED.findall(text)
+            if not artifact.startswith("spark-submit-parent")  # spark-submit's own stand-in, not a package
+        }
+    )
     if unresolved:
         return (
             f"spark-submit could not resolve the Spark package(s) {', '.join(unresolved)}: check the "

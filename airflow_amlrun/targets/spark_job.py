@@ -39,13 +39,16 @@ def main(argv: list[str]) -> int:
         sys.stderr.write("usage: python -m airflow_amlrun.targets.spark_job REQUEST_FILE\n")
         return 2
     request = json.loads(Path(argv[1]).read_text())
-    # The hook logs through Airflow's logging; the run's log gets spark-submit's own lines (passed on below),
-    # not the hook's wrapping of them.
-    logging.disable(logging.INFO)
     from airflow.providers.apache.spark.hooks.spark_submit import SparkSubmitHook
 
     class RunHook(SparkSubmitHook):
         """The provider's hook, passing each line of spark-submit's output on as it reads it."""
+
+        @property
+        def log(self) -> Any:
+            # The run's log gets spark-submit's own lines (passed on below), not the hook's copy of each; the
+            # hook's warnings and errors go to stderr as they are.
+            return _HOOK_LOG
 
         def _process_spark_submit_log(self, itr: Iterator[Any]) -> None:
             super()._process_spark_submit_log(_passed_on(itr, self, Path(request["control"])))
@@ -67,6 +70,19 @@ def main(argv: list[str]) -> int:
         sys.stderr.write(f"amlrun: spark-submit failed: {str(err).splitlines()[0]}\n")
         return int(returncode) if returncode else SUBMIT_FAILED
     return 0
+
+
+def _hook_log() -> logging.Logger:
+    logger = logging.getLogger("airflow_amlrun.spark_job")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("amlrun: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING)
+    logger.propagate = False
+    return logger
+
+
+_HOOK_LOG = _hook_log()
 
 
 def _passed_on(lines: Iterator[Any], hook: Any, control: Path) -> Iterator[Any]:

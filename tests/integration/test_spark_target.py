@@ -3,7 +3,11 @@ and worker on 127.0.0.1 (tests/integration/spark_cluster.py), the driver on the 
 
 from __future__ import annotations
 
+import os
 import re
+import signal
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -11,8 +15,9 @@ import pytest
 from airflow_amlrun import Environment, Experiment, ScriptRunConfig, Workspace
 from airflow_amlrun.environment import PythonSection
 from airflow_amlrun.errors import ConfigurationError
-from tests.conftest import dag_source, write_script
-from tests.integration.spark_cluster import set_connection
+from tests.conftest import dag_source, wait_until_running, write_script
+from tests.integration.orphans import group_members
+from tests.integration.spark_cluster import free_port, set_connection
 
 pytestmark = pytest.mark.usefixtures("airflow_db")
 pytest_plugins = ["tests.integration.spark_cluster"]
@@ -208,3 +213,140 @@ def test_a_managed_environment_ships_to_the_executors_as_an_archive_built_once_f
     assert again.state == "success", again.log
     assert again.xcoms["train"]["environment"]["spark_archive"] == shipped
     assert archive.stat().st_mtime_ns == built
+
+
+TRAINS_ON_THE_CLUSTER_FOR_GOOD = """
+import time
+from pyspark.sql import SparkSession
+
+spark = SparkSession.builder.getOrCreate()
+print("training on the cluster", flush=True)
+spark.sparkContext.parallelize([1], 1).map(lambda x: time.sleep(300)).collect()
+"""
+
+
+def _wait_for(condition, timeout: float = 60.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_killing_the_task_kills_the_spark_application_and_the_driver(
+    run_dag, tmp_path, spark_standalone, standalone_cluster, amlrun_home
+):
+    source = spark_source(tmp_path / "src", TRAINS_ON_THE_CLUSTER_FOR_GOOD)
+    seen: dict[str, object] = {}
+
+    def kill_task_once_the_application_runs() -> None:
+        # What Airflow does to a task it stops: SIGTERM to the task process, whose handler calls on_kill.
+        running = wait_until_running(timeout=120)
+        if running is None:
+            return
+
+        def application() -> str | None:
+            # The application is named by the run (spark-submit --name).
+            apps = standalone_cluster.state()["activeapps"]
+            return next(
+                (app["id"] for app in apps if app["name"] == running.id and app["state"] == "RUNNING"), None
+            )
+
+        log = amlrun_home / "runs" / running.id / ".amlrun" / "std_log.txt"
+        training = lambda: b"training on the cluster" in log.read_bytes()  # noqa: E731
+        if _wait_for(lambda: application() is not None, timeout=120) and _wait_for(training):
+            seen["application"] = application()
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    killer = threading.Thread(target=kill_task_once_the_application_runs)
+    killer.start()
+    result = run_dag(dag_source(source, target=spark_standalone))
+    killer.join()
+
+    assert seen, f"the application never ran:\n{result.log}"
+    assert result.state == "failed"
+    [run] = Workspace.get().list_runs()
+    assert run.status == "Canceled"
+    assert "training on the cluster" in result.log
+    assert run.tags["spark.application_id"] == seen["application"]
+    # The application is over on the cluster, and nothing of the run (spark-submit, the driver) runs here.
+    assert _wait_for(
+        lambda: seen["application"] in {a["id"] for a in standalone_cluster.state()["completedapps"]}
+    ), standalone_cluster.state()
+    assert seen["application"] not in {a["id"] for a in standalone_cluster.state()["activeapps"]}
+    assert group_members(int(run.handle["pid"])) == []
+
+
+def _refused(config: ScriptRunConfig, message: str) -> None:
+    """Submitting the config fails with the message, and leaves no run behind."""
+    with pytest.raises(ConfigurationError, match=message):
+        Experiment(Workspace.get(), "refused").submit(config)
+    assert Workspace.get().list_runs() == []
+
+
+def test_missing_spark_submit_java_or_master_are_named_before_anything_is_recorded(
+    tmp_path, amlrun_home, monkeypatch, spark_local
+):
+    source = str(spark_source(tmp_path / "src"))
+    binary = set_connection(monkeypatch, "spark_binary", "local[2]", **{"spark-binary": "spark3-submit"})
+    _refused(
+        ScriptRunConfig(source, script="train.py", compute_target=binary),
+        r"Compute target 'spark_binary': 'spark3-submit' is not on this worker's PATH, nor beside its Python "
+        r".*pip install 'airflow-amlrun\[spark\]', which brings pyspark and spark-submit",
+    )
+
+    unreachable = set_connection(monkeypatch, "spark_away", f"spark://127.0.0.1:{free_port()}")
+    _refused(
+        ScriptRunConfig(source, script="train.py", compute_target=unreachable),
+        r"Compute target 'spark_away': the Spark master spark://127\.0\.0\.1:\d+ does not answer \(127\.0\.0\.1:\d+: "
+        r".*refused\)\. Start the master",
+    )
+
+    monkeypatch.setenv("JAVA_HOME", str(tmp_path))
+    _refused(
+        ScriptRunConfig(source, script="train.py", compute_target=spark_local),
+        rf"JAVA_HOME is '{tmp_path}', which has no bin/java: spark-submit needs Java",
+    )
+    monkeypatch.delenv("JAVA_HOME")
+    monkeypatch.setenv("PATH", str(tmp_path))
+    _refused(
+        ScriptRunConfig(source, script="train.py", compute_target=spark_local),
+        r"spark-submit needs Java, and there is no java on this worker's PATH .*apt-get install -y "
+        r"default-jre-headless",
+    )
+
+
+def test_a_spark_package_that_cannot_be_resolved_fails_the_run_saying_which(run_dag, tmp_path, spark_local):
+    environment = (
+        'Environment("bad-package", spark=SparkSection(packages=["org.example.amlrun:no-such-thing:0.0.1"], '
+        f'repositories=["http://127.0.0.1:{free_port()}/maven"]))'
+    )
+
+    result = run_dag(dag_source(spark_source(tmp_path / "src"), target=spark_local, environment=environment))
+
+    assert result.state == "failed"
+    [run] = Workspace.get().list_runs()
+    assert run.status == "Failed"
+    assert (
+        "The script failed (spark-submit could not resolve the Spark package(s) "
+        "org.example.amlrun:no-such-thing:0.0.1: check the environment's spark.packages" in run.error
+    )
+    assert "check the environment's spark.packages" in run.error
+
+
+def test_a_spark_run_past_its_max_duration_is_stopped_with_its_driver(
+    run_dag, tmp_path, spark_local, monkeypatch
+):
+    # Waits this long: what stops the run at its limit is its supervisor on the worker, not the task.
+    monkeypatch.setenv("AIRFLOW__AMLRUN__POLL_INTERVAL_SECONDS", "120")
+    source = spark_source(tmp_path / "src", TRAINS_ON_THE_CLUSTER_FOR_GOOD)
+
+    result = run_dag(dag_source(source, target=spark_local, limit=25))
+
+    assert result.state == "failed"
+    [run] = Workspace.get().list_runs()
+    assert run.status == "Failed"
+    assert run.error == "Exceeded max_run_duration_seconds=25; the run was stopped."
+    assert "training on the cluster" in result.log
+    assert group_members(int(run.handle["pid"])) == []
