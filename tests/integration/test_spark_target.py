@@ -3,8 +3,10 @@ and worker on 127.0.0.1 (tests/integration/spark_cluster.py), the driver on the 
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
 import signal
 import threading
 import time
@@ -15,7 +17,7 @@ import pytest
 from airflow_amlrun import Environment, Experiment, ScriptRunConfig, Workspace
 from airflow_amlrun.environment import PythonSection
 from airflow_amlrun.errors import ConfigurationError
-from tests.conftest import dag_source, wait_until_running, write_script
+from tests.conftest import REPO, dag_source, wait_until_running, write_script
 from tests.integration.orphans import group_members
 from tests.integration.spark_cluster import free_port, set_connection
 
@@ -350,3 +352,18 @@ def test_a_spark_run_past_its_max_duration_is_stopped_with_its_driver(
     assert run.error == "Exceeded max_run_duration_seconds=25; the run was stopped."
     assert "training on the cluster" in result.log
     assert group_members(int(run.handle["pid"])) == []
+
+
+def test_the_example_spark_dag_trains_a_model_with_mllib(run_dag, tmp_path, spark_local):
+    dag = (REPO / "dags" / "train_spark.py").read_text()
+    shutil.copytree(REPO / "dags" / "train_spark", tmp_path / "train_spark")
+    dag = dag.replace('source_directory="train_spark"', f"source_directory={str(tmp_path / 'train_spark')!r}")
+
+    result = run_dag(dag.replace('dag_id="train_spark"', 'dag_id="DAG_ID"'), reg_param=0.0)
+
+    assert result.state == "success", result.log
+    summary = result.xcoms["train"]
+    assert summary["metrics"]["r2"] > 0.95
+    assert summary["tags"]["reg_param"] == "0.0"
+    model = json.loads(Path(summary["outputs_uri"], "model.json").read_text())
+    assert model["weights"] == pytest.approx([3.0, -2.0, 0.5, 1.5], abs=0.05)
