@@ -148,9 +148,10 @@ class SparkHandle(LocalHandle):
     """A run of the Spark target: spark-submit under the run's supervisor on the worker (the driver too, in
     client mode), and where it was submitted.
 
-    In cluster mode (YARN, Kubernetes) the driver runs on the cluster, and `submission` names it there (the
-    YARN application id, the driver pod): what a retry would re-attach by once the worker that submitted it
-    is gone. That path is designed, not tested (no such cluster is reachable here).
+    In cluster mode (YARN, Kubernetes) the driver runs on the cluster, and the run's control folder names it
+    there (spark_job.SUBMISSION_FILE: the YARN application id, the driver pod): what a retry would re-attach
+    by once the worker that submitted it is gone. That path is designed, not built or tested (no such cluster
+    is reachable here).
     """
 
     master: str = field(kw_only=True)

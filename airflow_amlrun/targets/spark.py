@@ -15,11 +15,12 @@ What travels with the application: a `--py-files` archive of the run's code (the
 so executors import the script's own modules; the environment's `spark` section (packages, repositories,
 configuration); and a managed environment as an archive (see spark_env.py).
 
-Cluster mode on YARN or Kubernetes is submitted as the connection says, and the handle records where the
-driver runs (the hook's YARN application id or driver pod, in the run's control folder). Re-attaching a retry
-to such a driver by that submission id once the worker that submitted it is gone is the designed next step
-(`attachable`/`find` would look it up through the hook's status calls), not implemented and not tested here:
-no YARN or Kubernetes cluster is reachable from this project's machines.
+Cluster mode on YARN or Kubernetes is submitted as the connection says, and the run's control folder records
+where the driver runs (the hook's YARN application id or driver pod, spark_job.SUBMISSION_FILE). Re-attaching
+a retry to such a driver by that submission id once the worker that submitted it is gone is the designed next
+step (`attachable`/`find` would read it and look the driver up through the hook's status calls), not built
+and not tested: no YARN or Kubernetes cluster is reachable from this project's machines. Until then such a
+run is followed like a client-mode one: while its supervisor on the submitting worker lives.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from airflow_amlrun.targets.base import CodeSource, Job, TargetStatus
 from airflow_amlrun.targets.common import CONTROL_DIR, RUN_FOLDERS, STD_LOG, find_java, read_control
 from airflow_amlrun.targets.handles import SparkHandle
 from airflow_amlrun.targets.local import LocalTarget
-from airflow_amlrun.targets.spark_job import CONNECTION_ENV
+from airflow_amlrun.targets.spark_job import CONNECTION_ENV, expand_variables
 from airflow_amlrun.targets.spark_main import APPLICATION_ID_TAG, UI_URL_TAG
 
 log = logging.getLogger(__name__)
@@ -180,14 +181,21 @@ class SparkTarget(LocalTarget):
         if spark.packages:
             hook["packages"] = ",".join(spark.packages)
         if spark.repositories:
-            hook["repositories"] = ",".join(_expanded(url) for url in spark.repositories)
-        if self.deploy_mode == "cluster":
-            # The driver runs on the cluster: the run's variables go with the submission (not the secret ones).
+            # As written, ${VAR} references and all, so that no password is logged or written down; filled in
+            # only in the command line spark-submit gets.
+            hook["repositories"] = ",".join(spark.repositories)
+        if self.deploy_mode == "client":
+            argv = self._client_command(hook, str(control / LAUNCHER))
+            variables = self._variables()
+        else:
+            # The driver runs on the cluster: the run's variables go with the submission (not the secret ones),
+            # and the hook itself follows the driver there and stops it (spark_job.py).
             hook["env_vars"] = {**job.environment.spec.environment_variables, **job.environment_variables}
-        request = {"control": str(control), "application": str(control / LAUNCHER), "hook": hook}
-        (control / REQUEST).write_text(json.dumps(request))
-        argv = [sys.executable, "-I", "-m", "airflow_amlrun.targets.spark_job", str(control / REQUEST)]
-        fields = self.start_supervised(job, argv, python, self._variables())
+            request = {"control": str(control), "application": str(control / LAUNCHER), "hook": hook}
+            (control / REQUEST).write_text(json.dumps(request))
+            argv = [sys.executable, "-I", "-m", "airflow_amlrun.targets.spark_job", str(control / REQUEST)]
+            variables = {**self._variables(), CONNECTION_ENV: self.connection}
+        fields = self.start_supervised(job, argv, python, variables)
         return SparkHandle(
             **fields,
             master=self.master,
@@ -217,6 +225,24 @@ class SparkTarget(LocalTarget):
 
     # ------------------------------------------------------------------ what a submission needs here
 
+    def _client_command(self, arguments: dict[str, Any], application: str) -> list[str]:
+        """spark-submit's command line for a client-mode run, as the provider's SparkSubmitHook builds it from
+        the connection, for the run's supervisor to start.
+
+        The driver runs in the run's process group, so stopping the group (cancel, time limit, the task
+        killed) ends the application, as the hook's `on_kill` would by ending spark-submit; its output is the
+        run's log as it comes (stderr, where Spark logs, joined to stdout, where the driver prints). Starting
+        spark-submit here, not through a process running the hook, saves each run an Airflow import.
+        """
+        from airflow.providers.apache.spark.hooks.spark_submit import SparkSubmitHook
+
+        hook = SparkSubmitHook(conn_id=self.name, **arguments)
+        command = list(hook._build_spark_submit_command(application))
+        for index, word in enumerate(command[:-1]):
+            if word == "--repositories":
+                command[index + 1] = expand_variables(command[index + 1])
+        return ["/bin/sh", "-c", 'exec "$0" "$@" 2>&1', *command]
+
     def _archive(self, job: Job) -> SparkArchive:
         """The managed environment's archive for the executors; its interpreter path must exist on every node,
         this worker too (a driver in client mode runs the same build here)."""
@@ -245,11 +271,10 @@ class SparkTarget(LocalTarget):
         return found
 
     def _variables(self) -> dict[str, str]:
-        """What spark-submit needs in its environment: the connection (for the hook, which takes it out before
-        anything else starts), spark-submit's folder on PATH, and pyspark's own Spark as SPARK_HOME if no other
-        is set."""
+        """What spark-submit needs in its environment: its folder on PATH, and pyspark's own Spark as SPARK_HOME
+        if no other is set."""
         folder = str(Path(self._spark_submit()).parent)
-        variables = {CONNECTION_ENV: self.connection, "PATH": f"{folder}:{os.environ.get('PATH', '')}"}
+        variables = {"PATH": f"{folder}:{os.environ.get('PATH', '')}"}
         if "SPARK_HOME" not in os.environ:
             spec = importlib.util.find_spec("pyspark")
             home = Path(spec.origin).parent if spec is not None and spec.origin else None
@@ -294,11 +319,6 @@ def _code_archive(run_dir: Path, dest: Path) -> None:
         if "airflow_amlrun/run_context.py" not in names:
             archive.writestr("airflow_amlrun/__init__.py", "")
             archive.write(run_context.__file__, "airflow_amlrun/run_context.py")
-
-
-def _expanded(url: str) -> str:
-    """A repository URL with its ${VAR} references filled in from this worker's environment."""
-    return re.sub(r"\$\{(\w+)\}", lambda m: os.environ.get(m.group(1), ""), url)
 
 
 def _log_size(handle: SparkHandle) -> int:

@@ -1,5 +1,7 @@
-"""Runs under the run's supervisor on the worker: submits the run's application through the Spark provider's
-`SparkSubmitHook`, passes spark-submit's output on to the run's log, and exits with its outcome.
+"""Runs under the run's supervisor on the worker for a cluster-mode run (YARN, Kubernetes): submits the run's
+application through the Spark provider's `SparkSubmitHook`, which follows the driver on the cluster, passes
+spark-submit's output on to the run's log, and exits with its outcome. (A client-mode run's supervisor starts
+the spark-submit command line the hook builds directly: see SparkTarget._client_command.)
 
     python -I -m airflow_amlrun.targets.spark_job REQUEST_FILE
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import sys
 from collections.abc import Iterator
@@ -53,7 +56,11 @@ def main(argv: list[str]) -> int:
         def _process_spark_submit_log(self, itr: Iterator[Any]) -> None:
             super()._process_spark_submit_log(_passed_on(itr, self, Path(request["control"])))
 
-    hook = RunHook(conn_id=CONNECTION_ID, **request["hook"])
+    arguments = dict(request["hook"])
+    if arguments.get("repositories"):
+        # Repository URLs hold passwords as ${VAR} references, filled in from this process's environment.
+        arguments["repositories"] = expand_variables(arguments["repositories"])
+    hook = RunHook(conn_id=CONNECTION_ID, **arguments)
     os.environ.pop(CONNECTION_ENV, None)
 
     def stop(signum: int, frame: Any) -> None:
@@ -65,11 +72,23 @@ def main(argv: list[str]) -> int:
     try:
         hook.submit(request["application"])
     except Exception as err:
-        code = getattr(hook, "_submit_sp", None)
-        returncode = code.returncode if code is not None else None
-        sys.stderr.write(f"amlrun: spark-submit failed: {str(err).splitlines()[0]}\n")
-        return int(returncode) if returncode else SUBMIT_FAILED
+        process = getattr(hook, "_submit_sp", None)
+        returncode = process.returncode if process is not None else None
+        if returncode:
+            # The hook's message repeats the command line, which may hold a repository's password.
+            sys.stderr.write(f"amlrun: spark-submit exited with code {returncode}\n")
+            return int(returncode)
+        first = str(err).splitlines()[0] if str(err) else ""
+        sys.stderr.write(
+            f"amlrun: submitting through SparkSubmitHook failed: {type(err).__name__}: {first}\n"
+        )
+        return SUBMIT_FAILED
     return 0
+
+
+def expand_variables(urls: str) -> str:
+    """Repository URLs with their ${VAR} references filled in from this process's environment."""
+    return re.sub(r"\$\{(\w+)\}", lambda m: os.environ.get(m.group(1), ""), urls)
 
 
 def _hook_log() -> logging.Logger:
