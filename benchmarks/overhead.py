@@ -338,7 +338,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--targets", default="local", help="comma-separated: plain, local, docker, ssh, spark, deferrable")
+    parser.add_argument(
+        "--targets", default="local", help="comma-separated: plain, local, docker, ssh, spark, deferrable"
+    )
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=2.0, help="how long the training script runs")
     parser.add_argument(

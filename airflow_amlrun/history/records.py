@@ -90,8 +90,6 @@ class RunRecord:
             "status": str(self.status),
             "target": self.target,
             "metrics": dict(self.metrics),
-            # What the script and its target tagged the run with (a Spark run: its application id and UI).
-            "tags": dict(self.tags),
             "start": self.start.isoformat() if self.start else None,
             "end": self.end.isoformat() if self.end else None,
             "duration_seconds": self.duration_seconds,
@@ -100,4 +98,6 @@ class RunRecord:
             "git": self.git,
             "environment": self.environment,
             "error": self.error,
+            # What the script and its target tagged the run with (a Spark run: its application id and UI).
+            "tags": dict(self.tags),
         }

@@ -3,17 +3,19 @@
 `SparkSubmitHook` in the deploy mode the connection says.
 
 spark-submit runs on the worker under the run's supervisor, exactly as a local run does (local.py): the
-supervisor keeps the run's time limit, records its exit code and leads the run's process group; the hook runs
-as its job (spark_job.py), and in client mode the driver, which runs the training script through spark_main.py,
-is in that group too. So the driver's output is the run's log, `Run.get_context()` in the driver writes the
-run's events file, `outputs/` is the run directory's, and a stop of the run (cancel, time limit, the task
-killed) reaches spark-submit, the driver and, through the hook's `on_kill`, the application on the cluster.
+supervisor keeps the run's time limit, records its exit code and leads the run's process group. In client mode
+its job is the command line the hook builds (`_client_command`), and the driver, which runs the training
+script through spark_main.py, is in that group too. So the driver's output is the run's log,
+`Run.get_context()` in the driver writes the run's events file, `outputs/` is the run directory's, and a stop
+of the run (cancel, time limit, the task killed) ends spark-submit and the driver, and with it the application
+on the cluster. In cluster mode the job is the hook itself (spark_job.py), whose `on_kill` stops the driver
+on the cluster.
 A worker's death ends a client-mode driver with it: the retry finds its supervisor gone and records the old
 run Failed with why, then starts a new one.
 
 What travels with the application: a `--py-files` archive of the run's code (the snapshot, with run_context),
 so executors import the script's own modules; the environment's `spark` section (packages, repositories,
-configuration); and a managed environment as an archive (see spark_env.py).
+configuration); and a managed environment as an archive (environment/build_archive.py).
 
 Cluster mode on YARN or Kubernetes is submitted as the connection says, and the run's control folder records
 where the driver runs (the hook's YARN application id or driver pod, spark_job.SUBMISSION_FILE). Re-attaching

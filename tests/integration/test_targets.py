@@ -184,7 +184,6 @@ def test_a_failing_script_fails_the_task_with_its_exit_code_and_last_lines(run_d
     assert tail in result.log
 
 
-@pytest.mark.parametrize("target", [*ALL_TARGETS, "spark"], indirect=True)
 def test_a_run_past_its_max_duration_is_stopped_on_the_target_with_all_it_started(
     run_dag, tmp_path, target, monkeypatch
 ):
