@@ -17,7 +17,8 @@ import pytest
 from airflow_amlrun import Environment, Experiment, ScriptRunConfig, Workspace
 from airflow_amlrun.environment import PythonSection
 from airflow_amlrun.errors import ConfigurationError
-from tests.conftest import REPO, dag_source, wait_until_running, write_script
+from airflow_amlrun.run import AirflowTask
+from tests.conftest import REPO, dag_source, wait_until_running, worker_dies_mid_run, write_script
 from tests.integration.orphans import group_members
 from tests.integration.spark_cluster import free_port, set_connection
 
@@ -367,3 +368,49 @@ def test_the_example_spark_dag_trains_a_model_with_mllib(run_dag, tmp_path, spar
     assert summary["tags"]["reg_param"] == "0.0"
     model = json.loads(Path(summary["outputs_uri"], "model.json").read_text())
     assert model["weights"] == pytest.approx([3.0, -2.0, 0.5, 1.5], abs=0.05)
+
+
+def test_a_retry_after_the_task_process_died_follows_the_driver_still_running_on_the_worker(
+    tmp_path, spark_local
+):
+    source = spark_source(
+        tmp_path / "src",
+        """
+        import os, time
+        from pyspark.sql import SparkSession
+        from airflow_amlrun.run_context import Run
+
+        os.makedirs("outputs", exist_ok=True)
+        open("outputs/starts.txt", "a").write("started\\n")
+        spark = SparkSession.builder.getOrCreate()
+        run = Run.get_context()
+        for epoch in range(6):
+            print(f"epoch {epoch}", flush=True)
+            run.log("loss", 1 / (epoch + 1), step=epoch)
+            time.sleep(1)
+        spark.stop()
+        print("finished", flush=True)
+        """,
+    )
+    # Try 1: a task process that submits the run, then is killed while spark-submit starts the driver.
+    orphan = worker_dies_mid_run(source, spark_local, settle=2.0)
+    assert orphan.status == "Running"
+
+    # Try 2: the same task instance finds the run's supervisor alive on this worker and follows it.
+    task = AirflowTask(dag_id="retrain", task_id="train", run_id="manual_1", map_index=None, try_number=2)
+    config = ScriptRunConfig(str(source), script="train.py", compute_target=spark_local)
+    lines: list[str] = []
+    record = (
+        Experiment(Workspace.get(), "reattach")
+        .submit(config, airflow_task=task)
+        .wait_for_completion(output=lines.append)
+    )
+
+    assert record.id == orphan.id
+    assert record.status == "Completed" and record.try_number == 2
+    assert [line for line in lines if line.startswith("epoch ")] == [f"epoch {n}" for n in range(6)]
+    assert "finished" in lines
+    assert [p.step for p in Workspace.get().history.get_metrics(record.id, "loss")] == list(range(6))
+    assert record.tags["spark.application_id"].startswith("local-")
+    assert Path(record.outputs_uri, "starts.txt").read_text() == "started\n"  # the application ran once
+    assert [run.id for run in Workspace.get().list_runs()] == [orphan.id]
