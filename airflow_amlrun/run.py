@@ -380,7 +380,7 @@ class ScriptRun:
             snapshot, git = snapshot_code(workspace, config, settings)
         job = replace(job, snapshot_id=snapshot.id)
         # Nothing is recorded before this point: a bad config leaves no run behind.
-        recorded_environment = environment.summary()
+        recorded_environment = {**environment.summary(), "framework": job.framework}
         if environment.lock is not None:
             # The lock itself is kept once in the store, by its hash; the run names it.
             recorded_environment["lock_digest"] = workspace.store.put_bytes(environment.lock.encode())
@@ -1111,6 +1111,7 @@ def _job(
         max_run_duration_seconds=config.max_run_duration_seconds,
         snapshot_id=snapshot_id,
         secret_environment_variables=dict(config.secret_environment_variables),
+        framework=config.framework,
     )
 
 
@@ -1170,12 +1171,14 @@ def _timestamp(value: Any) -> datetime | None:
 def _warn_of_unused_sections(environment: ResolvedEnvironment, target: ComputeTarget[Any]) -> None:
     """Say so when the environment asks for something the target does not do, rather than drop it silently."""
     spark = environment.spec.spark
-    if (spark.packages or spark.repositories) and target.kind != "spark":
-        listed = ", ".join(spark.packages) or f"{len(spark.repositories)} repositories"
+    if not spark.empty and target.kind != "spark":
+        listed = (
+            ", ".join([*spark.packages, *spark.configuration]) or f"{len(spark.repositories)} repositories"
+        )
         log.warning(
             "Environment %r has a spark section (%s), which the %s target %r ignores: only a Spark compute "
-            "target passes packages and repositories to spark-submit. The run goes on without them; remove "
-            "the section from the environment, or submit to a Spark target.",
+            "target passes packages, repositories and configuration to spark-submit. The run goes on without "
+            "them; remove the section from the environment, or submit to a Spark target.",
             environment.name,
             listed,
             target.kind,

@@ -28,6 +28,8 @@ MAX_WORD_BYTES = 128 * 1024 - 1
 # word counted with its NUL and its pointer; what a config passes may take 1.5 MiB of it, leaving the rest to
 # the interpreter, the script's path and the environment the target adds.
 MAX_EXEC_BYTES = 1536 * 1024
+# What a script is written for: plain Python, or Python using Spark (pyspark).
+FRAMEWORKS = ("python", "pyspark")
 
 
 def check_word(text: str, where: str) -> None:
@@ -170,6 +172,10 @@ class ScriptRunConfig:
     :param environment_variables: set for the script's process, beside the environment's own.
     :param secret_environment_variables: set like environment_variables, but masked in task logs and never
         written to the run history, a YAML file or a remote command line.
+    :param framework: ``"python"`` (the default) or ``"pyspark"``: the script uses Spark. On a Spark target it
+        is a Spark application either way; on any other target a ``pyspark`` script gets a local SparkSession
+        (``SparkSession.builder.getOrCreate()`` starts ``local[*]``, its Python workers on the run's own
+        interpreter), so the same script runs everywhere. Recorded with the run's environment.
     :param snapshot_max_size_mb: largest code snapshot for this config (default ``[amlrun]
         snapshot_max_size_mb``).
     :param snapshot_max_files: most files in a code snapshot for this config (default ``[amlrun]
@@ -187,6 +193,7 @@ class ScriptRunConfig:
     secret_environment_variables: dict[str, str] = field(default_factory=dict, repr=False)
     snapshot_max_size_mb: float | None = None
     snapshot_max_files: int | None = None
+    framework: str = "python"
 
     def __post_init__(self) -> None:
         if isinstance(self.source_directory, str) and not self.source_directory:
@@ -249,6 +256,16 @@ class ScriptRunConfig:
                     f"{name}={shown(limit)} must be a positive number"
                     f"{' (a whole number of files)' if whole else ''}, or None for the [amlrun] default."
                 )
+        if self.framework not in FRAMEWORKS:
+            raise ConfigurationError(
+                f"framework={shown(self.framework)} is not one amlrun runs: use "
+                f"{' or '.join(map(repr, FRAMEWORKS))} ('pyspark' for a script that uses Spark)."
+            )
+        if self.framework == "pyspark" and self.script is None:
+            raise ConfigurationError(
+                "framework='pyspark' runs a Python script with Spark: give script= (a file inside "
+                "source_directory), not command=."
+            )
         if self.environment is not None and not isinstance(self.environment, Environment | str):
             raise ConfigurationError(
                 f"environment={shown(self.environment)} must be an Environment or the name of a registered one."
@@ -323,6 +340,7 @@ class ScriptRunConfig:
             "environment_variables": dict(self.environment_variables),
             "snapshot_max_size_mb": self.snapshot_max_size_mb,
             "snapshot_max_files": self.snapshot_max_files,
+            "framework": None if self.framework == "python" else self.framework,
         }
         return {key: value for key, value in data.items() if value not in (None, [], {})}
 
@@ -341,6 +359,7 @@ class ScriptRunConfig:
             "environment_variables",
             "snapshot_max_size_mb",
             "snapshot_max_files",
+            "framework",
         }
         if "secret_environment_variables" in data:
             raise ConfigurationError(

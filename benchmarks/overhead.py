@@ -15,7 +15,7 @@ Baselines: local -> BashOperator (`python train.py`); other targets bring their 
   *_dag_test_median_s, dag_test_ratio: the same for the whole dag.test() call,
   *_first_s: the first (warm-up) task of each kind, which pays the one-time costs of the process.
 
-    python benchmarks/overhead.py [--targets plain,local,docker,ssh,deferrable] [--rounds 5] [--seconds 2]
+    python benchmarks/overhead.py [--targets plain,local,docker,ssh,spark,deferrable] [--rounds 5] [--seconds 2]
 
 Target `deferrable` runs under a real scheduler and triggerer (LocalExecutor, its own AIRFLOW_HOME and
 PostgreSQL databases, see tests/integration/airflow_cluster.py) a `--deferred-seconds` (60) script as a
@@ -338,7 +338,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--targets", default="local", help="comma-separated: plain, local, docker, ssh")
+    parser.add_argument(
+        "--targets", default="local", help="comma-separated: plain, local, docker, ssh, spark, deferrable"
+    )
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=2.0, help="how long the training script runs")
     parser.add_argument(

@@ -45,3 +45,10 @@ echo "services: xfsprogs installed"
 
 # Docker Engine and the test base image (installs and starts them when missing).
 "$(dirname "$0")/docker.sh"
+
+# Java: spark-submit and the standalone Spark master and worker the Spark tests start (pyspark itself comes
+# with the dev dependencies).
+if ! command -v java >/dev/null; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq default-jre-headless >/dev/null
+fi
+echo "services: Java $(java -version 2>&1 | head -n 1)"

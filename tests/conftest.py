@@ -222,6 +222,7 @@ def dag_source(
     secret_variables: dict[str, str] | None = None,
     environment: str | None = None,
     options: dict[str, object] | None = None,
+    framework: str | None = None,
 ) -> str:
     """The text of a DAG of one ScriptRunOperator task `train`, for `run_dag`, written as a user writes it:
     what is not given is left to the defaults.
@@ -232,6 +233,7 @@ def dag_source(
     :param environment: Python source of the config's Environment, e.g.
         ``'Environment("x", python=PythonSection(pip_requirements=["tomli-w==1.0.0"]))'``.
     :param options: more keyword arguments of the operator, e.g. ``{"deferrable": True}``.
+    :param framework: the config's framework ("pyspark").
     """
     config = [repr(str(source)), f"script={script!r}"]
     if target != "local":
@@ -242,6 +244,8 @@ def dag_source(
         config.append(f"secret_environment_variables={secret_variables!r}")
     if environment is not None:
         config.append(f"environment={environment}")
+    if framework is not None:
+        config.append(f"framework={framework!r}")
     operator = ['task_id="train"', f"config=ScriptRunConfig({', '.join(config)})"]
     if arguments is not None:
         operator.append(f"arguments={arguments!r}")

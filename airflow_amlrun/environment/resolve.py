@@ -49,6 +49,8 @@ class ResolvedEnvironment:
             "build_key": self.build_key,
             "python": python_tag(self.spec),
             "user_managed": self.user_managed,
+            # What a Spark target passes to spark-submit, recorded with the run.
+            **({"spark": self.spec.spark.to_dict()} if not self.spec.spark.empty else {}),
         }
 
     def credential_variables(self) -> list[str]:

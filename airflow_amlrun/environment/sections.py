@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -180,14 +180,30 @@ class DockerSection:
 
 @dataclass
 class SparkSection:
-    """What a Spark target adds to spark-submit: Maven packages and the repositories they come from.
+    """What a Spark target adds to spark-submit: Maven packages, the repositories they come from, and Spark
+    configuration.
 
     :param packages: Maven coordinates ``group:artifact:version``.
     :param repositories: Maven repository URLs searched beside Maven Central.
+    :param configuration: Spark properties passed as ``--conf key=value`` (e.g. ``spark.executor.memory``):
+        keys starting ``spark.``, values strings, numbers or booleans.
     """
 
     packages: list[str] = field(default_factory=list)
     repositories: list[str] = field(default_factory=list)
+    configuration: dict[str, Any] = field(default_factory=dict)
+
+    KEYS = ("packages", "repositories", "configuration")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str) -> SparkSection:
+        """The section as an environment file writes it (its keys checked by the caller)."""
+        configuration = data.get("configuration")
+        return cls(
+            packages=string_list(data.get("packages"), f"{where}: spark.packages"),
+            repositories=string_list(data.get("repositories"), f"{where}: spark.repositories"),
+            configuration={} if configuration is None else configuration,
+        )
 
     def check(self, where: str) -> None:
         """Check the section as it is now; `where` names the environment."""
@@ -202,9 +218,50 @@ class SparkSection:
             check_url(u, where=where, option="spark repository")
             for u in string_list(self.repositories, f"{where}: spark.repositories")
         ]
+        self.configuration = spark_configuration(self.configuration, where)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.packages or self.repositories or self.configuration)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"packages": list(self.packages), "repositories": list(self.repositories)}
+        data: dict[str, Any] = {"packages": list(self.packages), "repositories": list(self.repositories)}
+        if self.configuration:
+            # Written only when set: an environment without it keeps the spec hash it always had.
+            data["configuration"] = dict(self.configuration)
+        return data
+
+
+def spark_configuration(value: object, where: str) -> dict[str, str]:
+    """Spark properties as spark-submit's --conf takes them: each key ``spark.*``, each value a scalar (given
+    on as text; booleans as Spark writes them, ``true``/``false``)."""
+    if not isinstance(value, dict):
+        raise ConfigurationError(
+            f"{where}: spark.configuration must be a mapping of Spark properties to values, e.g. "
+            f"{{'spark.executor.memory': '2g'}}, not {shown(value)}."
+        )
+    checked: dict[str, str] = {}
+    for key, item in value.items():
+        if (
+            not isinstance(key, str)
+            or not key.startswith("spark.")
+            or len(key) <= len("spark.")
+            or "=" in key
+        ):
+            raise ConfigurationError(
+                f"{where}: spark.configuration key {shown(key)} is not a Spark property: keys start with "
+                "'spark.' (e.g. 'spark.executor.memory') and hold no '='."
+            )
+        if isinstance(item, bool):
+            checked[key] = "true" if item else "false"
+        elif isinstance(item, str | int | float):
+            checked[key] = str(item)
+        else:
+            raise ConfigurationError(
+                f"{where}: spark.configuration[{key!r}] = {shown(item)} must be a string, number or boolean "
+                "(Spark properties are text)."
+            )
+    return checked
 
 
 def _check_dockerfile(text: object, where: str) -> None:

@@ -180,7 +180,7 @@ class Environment:
             where = f"Environment {name!r}: docker.dockerfile_path"
             dockerfile = read_text(user_file(docker["dockerfile_path"], where, base), where)
         spark = _section(data, "spark", name)
-        _reject_unknown(spark, {"packages", "repositories"}, "spark.")
+        _reject_unknown(spark, set(SparkSection.KEYS), "spark.")
         variables = data.get("environment_variables") or {}
         if not isinstance(variables, Mapping):
             raise ConfigurationError(f"Environment {name!r}: environment_variables must be a mapping.")
@@ -197,12 +197,7 @@ class Environment:
                 extra_index_urls=extra,
             ),
             docker=DockerSection(base_image=docker.get("base_image"), dockerfile=dockerfile),
-            spark=SparkSection(
-                packages=string_list(spark.get("packages"), f"Environment {name!r}: spark.packages"),
-                repositories=string_list(
-                    spark.get("repositories"), f"Environment {name!r}: spark.repositories"
-                ),
-            ),
+            spark=SparkSection.from_dict(spark, f"Environment {name!r}"),
             environment_variables={str(k): v for k, v in variables.items()},
         )
 

@@ -113,4 +113,6 @@ class RunRecord:
             "error": self.error,
             **({"rerun_of": self.rerun_of} if self.rerun_of else {}),
             **({"parent_run_id": self.parent_run_id} if self.parent_run_id else {}),
+            # What the script and its target tagged the run with (a Spark run: its application id and UI).
+            "tags": dict(self.tags),
         }

@@ -30,6 +30,8 @@ class Job:
     snapshot_id: str | None = None
     # Set for the script like environment_variables, but never logged, shown or recorded anywhere.
     secret_environment_variables: dict[str, str] = field(default_factory=dict, repr=False)
+    # "python", or "pyspark": the script uses Spark (see ScriptRunConfig.framework).
+    framework: str = "python"
 
 
 @dataclass(frozen=True)

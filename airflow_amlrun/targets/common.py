@@ -11,10 +11,12 @@ import re
 import shutil
 import signal
 import stat
+import subprocess
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from airflow_amlrun import run_context
+from airflow_amlrun.errors import ConfigurationError
 from airflow_amlrun.targets.base import Chunk, Job, TargetStatus
 from airflow_amlrun.targets.files import UnsafeFileError, read_beneath
 from airflow_amlrun.targets.supervisor import ENDED_BY as ENDED_BY
@@ -136,13 +138,22 @@ def time_limit_status(code: int, where: str) -> TargetStatus:
     )
 
 
-def job_environment(job: Job, *, run_dir: str, events_file: str) -> dict[str, str]:
+def job_environment(job: Job, *, run_dir: str, events_file: str, python: str | None = None) -> dict[str, str]:
     """Variables the script sees besides the target's own: the environment's, the job's and the run's.
 
     Paths are given as the script sees them (inside a container or on a remote host they differ from
     this machine's).
+
+    :param python: the script's interpreter there: a ``pyspark`` script's local Spark starts its Python
+        workers on it too (not on whatever ``python3`` is on PATH), so they have the run's packages.
     """
+    spark = (
+        {"PYSPARK_PYTHON": python, "PYSPARK_DRIVER_PYTHON": python}
+        if python and job.framework == "pyspark"
+        else {}
+    )
     return {
+        **spark,
         **job.environment.spec.environment_variables,
         **job.environment_variables,
         **job.secret_environment_variables,
@@ -332,6 +343,43 @@ def supervisor_lost_reason(
             f"{'were' if leftovers > 1 else 'was'} stopped"
         )
     return reason
+
+
+def find_java() -> str:
+    """Java on this worker, which spark-submit needs: JAVA_HOME's, else the one on PATH."""
+    home = os.environ.get("JAVA_HOME")
+    if home:
+        java = Path(home, "bin", "java")
+        if os.access(java, os.X_OK):
+            return str(java)
+        raise ConfigurationError(
+            f"JAVA_HOME is {home!r}, which has no bin/java: spark-submit needs Java. Point JAVA_HOME at a Java "
+            "installation (Java 17 or 21), or unset it to use the java on PATH."
+        )
+    found = shutil.which("java")
+    if found is None:
+        raise ConfigurationError(
+            "spark-submit needs Java, and there is no java on this worker's PATH (and JAVA_HOME is not set). "
+            "Install a Java runtime (on Debian/Ubuntu: apt-get install -y default-jre-headless), or set "
+            "JAVA_HOME."
+        )
+    return found
+
+
+def check_pyspark(python: str, where: str) -> None:
+    """A ``pyspark`` script's interpreter on this machine must import pyspark, and Spark needs Java."""
+    found = subprocess.run(
+        [python, "-c", "import importlib.util, sys; sys.exit(importlib.util.find_spec('pyspark') is None)"],
+        capture_output=True,
+        check=False,
+    )
+    if found.returncode != 0:
+        raise ConfigurationError(
+            f"The run's config says framework='pyspark', and the interpreter {python} of {where} cannot import "
+            "pyspark. Add pyspark to the environment (python.pip_requirements: ['pyspark==4.3.0']), or use "
+            "framework='python' for a script that does not use Spark."
+        )
+    find_java()
 
 
 def write_run_context_package(dest: str | os.PathLike[str]) -> Path:

@@ -263,6 +263,7 @@ class DockerTarget:
             replace(job, secret_environment_variables={}),
             run_dir=RUN_DIR,
             events_file=f"{RUN_DIR}/{CONTROL_DIR}/{EVENTS}",
+            python=image.python,
         )
         env["PYTHONPATH"] = python_path(PYLIB_DIR, image.env.get("PYTHONPATH"))
         request = {

@@ -141,3 +141,29 @@ class SSHHandle(RunHandle):
     helper_python: str | None = None
     blob_bytes_sent: int | None = None
     blobs_sent: int | None = None
+
+
+@dataclass(frozen=True)
+class SparkHandle(LocalHandle):
+    """A run of the Spark target: spark-submit under the run's supervisor on the worker (the driver too, in
+    client mode), and where it was submitted.
+
+    In cluster mode (YARN, Kubernetes) the driver runs on the cluster, and the run's control folder names it
+    there (spark_job.SUBMISSION_FILE: the YARN application id, the driver pod): what a retry would re-attach
+    by once the worker that submitted it is gone. That path is designed, not built or tested (no such cluster
+    is reachable here).
+    """
+
+    master: str = field(kw_only=True)
+    deploy_mode: str = field(default="client", kw_only=True)
+    # The built environment's archive shipped to the executors, by its build key (None: the cluster's Python).
+    archive_build_key: str | None = field(default=None, kw_only=True)
+    # The interpreter the archive's bin/python links to, which every node must have at that path.
+    archive_interpreter: str | None = field(default=None, kw_only=True)
+
+    def environment_record(self) -> dict[str, Any]:
+        if self.archive_build_key is None:
+            return {}
+        return {
+            "spark_archive": {"build_key": self.archive_build_key, "interpreter": self.archive_interpreter}
+        }

@@ -43,6 +43,7 @@ from airflow_amlrun.targets.common import (
     STD_LOG,
     TERM_GRACE_SECONDS,
     add_run_folders,
+    check_pyspark,
     exit_status,
     job_argv,
     job_environment,
@@ -73,6 +74,8 @@ class LocalTarget:
     handle_type = LocalHandle
     # A process of this machine, with its run directory here.
     followed_only_here = True
+    # A pyspark script (framework="pyspark") gets a local Spark (local[*]) of its own.
+    local_spark = True
 
     def __init__(self, settings: Settings, cache_dir: Path, name: str = "local") -> None:
         self.name = name
@@ -83,7 +86,9 @@ class LocalTarget:
 
     def check(self, job: Job) -> None:
         if job.environment.user_managed:
-            job.environment.spec.local_interpreter()
+            python = job.environment.spec.local_interpreter()
+            if job.framework == "pyspark" and self.local_spark:
+                check_pyspark(python, f"compute target {self.name!r}")
 
     def python(self, job: Job) -> str:
         """The job's interpreter here: the user's own, or the environment's cached virtualenv (built if new)."""
@@ -100,18 +105,34 @@ class LocalTarget:
         add_run_folders(run_dir)
 
     def submit(self, job: Job) -> LocalHandle:
+        python = self.python(job)
+        return LocalHandle(**self.start_supervised(job, job_argv(job, python), python))
+
+    def start_supervised(
+        self, job: Job, argv: list[str], python: str, extra_env: dict[str, str] | None = None
+    ) -> dict[str, Any]:
+        """Start argv under the run's supervisor in the job's run directory; the fields of its handle.
+
+        :param python: the interpreter the script runs with: one other than the worker's gets run_context alone.
+        :param extra_env: variables the job gets besides the script's own (the target's, never recorded).
+        """
         run_dir = self.run_dir(job).resolve()
         control = run_dir / CONTROL_DIR
-        python = self.python(job)
         env = {
             **os.environ,
-            **job_environment(job, run_dir=str(run_dir), events_file=str(control / EVENTS)),
+            **(extra_env or {}),
+            **job_environment(
+                job,
+                run_dir=str(run_dir),
+                events_file=str(control / EVENTS),
+                python=python if self.local_spark else None,
+            ),
         }
         if python != sys.executable:
             # Another interpreter does not see this package: give it run_context alone.
             pylib = write_run_context_package(control / PYLIB)
             env["PYTHONPATH"] = python_path(str(pylib), env.get("PYTHONPATH"))
-        request = json.dumps(supervisor_request(job, job_argv(job, python))).encode()
+        request = json.dumps(supervisor_request(job, argv)).encode()
         with open(control / STD_LOG, "wb") as log:
             # The worker's own interpreter, isolated (-I: no PYTHON* variables of the job, -S: no site), so the
             # supervisor starts in a few tens of milliseconds; it leads the run's new session and group.
@@ -131,19 +152,19 @@ class LocalTarget:
             process.stdin.write(request)
         self._processes[process.pid] = process
         here = _machine()
-        return LocalHandle(
-            pid=process.pid,
-            start_time=started,
-            host=here["host"],
-            boot_id=here["boot_id"],
-            pid_namespace=here["pid_namespace"],
-            run_dir=str(run_dir),
-            std_log=str(control / STD_LOG),
-            events=str(control / EVENTS),
-            exit_code=str(control / EXIT_CODE),
-            ended_by=str(control / ENDED_BY),
-            python=python,
-        )
+        return {
+            "pid": process.pid,
+            "start_time": started,
+            "host": here["host"],
+            "boot_id": here["boot_id"],
+            "pid_namespace": here["pid_namespace"],
+            "run_dir": str(run_dir),
+            "std_log": str(control / STD_LOG),
+            "events": str(control / EVENTS),
+            "exit_code": str(control / EXIT_CODE),
+            "ended_by": str(control / ENDED_BY),
+            "python": python,
+        }
 
     def wait(self, handle: LocalHandle, timeout: float) -> TargetStatus:
         process = self._processes.get(handle.pid)

@@ -18,6 +18,7 @@ BUILT_IN = ("local", "docker")
 CONNECTION_KINDS: dict[str, str] = {
     "amlrun_docker": "airflow_amlrun.targets.docker:DockerTarget",
     "ssh": "airflow_amlrun.targets.ssh:SSHTarget",
+    "spark": "airflow_amlrun.targets.spark:SparkTarget",
 }
 
 

@@ -243,7 +243,7 @@ class SSHTarget:
         run_dir = f"{self.helper.base()}/runs/{job.run_id}"
         control = PurePosixPath(run_dir) / CONTROL_DIR
         python = self._pythons.get(job.run_id) or self._base_python(job)
-        env = job_environment(job, run_dir=run_dir, events_file=str(control / EVENTS))
+        env = job_environment(job, run_dir=run_dir, events_file=str(control / EVENTS), python=python)
         env["PYTHONPATH"] = python_path(str(control / PYLIB), env.get("PYTHONPATH"))
         request = {
             **supervisor_request(job, job_argv(job, python), env),

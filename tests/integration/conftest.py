@@ -124,8 +124,19 @@ def target(
     """Each compute target in turn, with a fresh workspace: the worker's own processes, the local Docker
     Engine (a module asking for it declares ``pytest_plugins = ["tests.integration.docker_engine"]``), and
     the SSH test host through connection `ssh_vm`. A module narrows the targets with
-    ``@pytest.mark.parametrize("target", [...], indirect=True)``."""
+    ``@pytest.mark.parametrize("target", [...], indirect=True)``, and adds "spark" (connection `spark_local`,
+    master local[2]) to a scenario that fits a Spark application."""
     runs = (amlrun_home / "runs").resolve()
+    if request.param == "spark":
+        # Not among the default params: a scenario that fits Spark names it (spark-submit, local[2]).
+        from tests.integration.spark_cluster import LOCAL_CONN_ID, set_connection, spark_variables
+
+        for key, value in spark_variables().items():
+            monkeypatch.setenv(key, value)
+        set_connection(monkeypatch, LOCAL_CONN_ID, "local[2]")
+        return Target(
+            LOCAL_CONN_ID, "spark", f"worker {os.uname().nodename!r}", runs, sys.executable, tmp_path
+        )
     if request.param == "local":
         return Target("local", "local", f"worker {os.uname().nodename!r}", runs, sys.executable, tmp_path)
     if request.param == "docker":

@@ -28,6 +28,8 @@ from tests.integration.conftest import Target
 from tests.integration.orphans import wait_for_file
 
 pytestmark = pytest.mark.usefixtures("airflow_db")
+# The targets of the `target` fixture; a scenario a Spark application fits adds "spark".
+ALL_TARGETS = ["local", "docker", "ssh"]
 pytest_plugins = ["tests.integration.docker_engine"]
 
 # A script that starts a child of its own (in the run's process group, as anything the script starts), says
@@ -65,6 +67,7 @@ def _in_order(log: str, lines: list[str]) -> bool:
     return True
 
 
+@pytest.mark.parametrize("target", [*ALL_TARGETS, "spark"], indirect=True)
 def test_a_training_dag_comes_back_with_its_metrics_outputs_log_and_xcom(run_dag, tmp_path, target):
     token = secrets.token_hex(4)
     write_script(
@@ -207,6 +210,7 @@ def test_a_run_past_its_max_duration_is_stopped_on_the_target_with_all_it_starte
     assert target.containers(run.id) == []
 
 
+@pytest.mark.parametrize("target", [*ALL_TARGETS, "spark"], indirect=True)
 def test_killing_the_task_cancels_the_run_and_stops_all_it_started(run_dag, tmp_path, target):
     write_script(tmp_path / "src", "train.py", TRAINS_FOR_GOOD)
     pids: list[int] = []

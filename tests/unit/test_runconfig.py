@@ -124,6 +124,7 @@ def test_yaml_round_trip_keeps_every_field(tmp_path):
         environment=env,
         max_run_duration_seconds=60,
         environment_variables={"B": "2"},
+        framework="pyspark",
     )
     config.to_yaml(tmp_path / "run.yaml")
     loaded = ScriptRunConfig.from_yaml(tmp_path / "run.yaml")
@@ -131,6 +132,7 @@ def test_yaml_round_trip_keeps_every_field(tmp_path):
     assert loaded.arguments == ["--alpha", "1"]
     assert loaded.max_run_duration_seconds == 60
     assert loaded.environment_variables == {"B": "2"}
+    assert loaded.framework == "pyspark"
     assert isinstance(loaded.environment, Environment)
     assert loaded.environment.name == "mine"
     assert loaded.environment.environment_variables == {"A": "1"}
@@ -146,3 +148,39 @@ def test_yaml_with_an_unknown_field_names_it(tmp_path):
 def test_non_positive_snapshot_limits_are_refused(tmp_path, field):
     with pytest.raises(ConfigurationError, match=f"{field}=0 must be a positive number"):
         ScriptRunConfig(tmp_path, script="t.py", **{field: 0})
+
+
+def test_the_framework_defaults_to_python_and_an_unknown_one_is_refused_with_the_choices(tmp_path):
+    assert ScriptRunConfig(tmp_path, script="train.py").framework == "python"
+    assert ScriptRunConfig(tmp_path, script="train.py", framework="pyspark").framework == "pyspark"
+    with pytest.raises(
+        ConfigurationError, match=r"framework='spark' is not one amlrun runs: use 'python' or 'pyspark'"
+    ):
+        ScriptRunConfig(tmp_path, script="train.py", framework="spark")
+    with pytest.raises(
+        ConfigurationError, match=r"framework='pyspark' runs a Python script with Spark: give script="
+    ):
+        ScriptRunConfig(tmp_path, command="echo hi", framework="pyspark")
+
+
+def test_spark_configuration_takes_spark_properties_with_scalar_values_only():
+    env = Environment.from_dict(
+        {"name": "s", "spark": {"configuration": {"spark.executor.memory": "1g", "spark.ui.enabled": False}}}
+    )
+    assert env.spark.configuration == {"spark.executor.memory": "1g", "spark.ui.enabled": "false"}
+    assert Environment.from_dict(env.to_dict()).spark.configuration == env.spark.configuration
+    # An environment without configuration keeps the spec hash it had before the field existed.
+    assert "configuration" not in Environment("plain").to_dict()["spark"]
+    with pytest.raises(
+        ConfigurationError, match=r"key 'executor.memory' is not a Spark property: keys start with 'spark.'"
+    ):
+        Environment.from_dict({"name": "s", "spark": {"configuration": {"executor.memory": "1g"}}})
+    with pytest.raises(
+        ConfigurationError,
+        match=r"spark.configuration\['spark.jars'\] = \['a.jar'\] must be a string, number or boolean",
+    ):
+        Environment.from_dict({"name": "s", "spark": {"configuration": {"spark.jars": ["a.jar"]}}})
+    with pytest.raises(
+        ConfigurationError, match=r"spark.configuration must be a mapping of Spark properties"
+    ):
+        Environment.from_dict({"name": "s", "spark": {"configuration": ["spark.a=1"]}})

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from airflow_amlrun.targets.handles import DockerHandle, LocalHandle, SSHHandle
+from airflow_amlrun.targets.handles import DockerHandle, LocalHandle, SparkHandle, SSHHandle
 
 SSH_ROW: dict[str, Any] = {
     "host": "10.0.0.5",
@@ -54,7 +54,18 @@ DOCKER_ROW: dict[str, Any] = {
     "user": "1000:1000",
     "host": "worker-1",
 }
-ROWS = [(SSHHandle, SSH_ROW), (LocalHandle, LOCAL_ROW), (DockerHandle, DOCKER_ROW)]
+SPARK_ROW: dict[str, Any] = {
+    **LOCAL_ROW,
+    "master": "spark://10.0.0.7:7077",
+    "deploy_mode": "client",
+    "archive_build_key": "3f2a",
+}
+ROWS = [
+    (SSHHandle, SSH_ROW),
+    (LocalHandle, LOCAL_ROW),
+    (DockerHandle, DOCKER_ROW),
+    (SparkHandle, SPARK_ROW),
+]
 
 
 @pytest.mark.parametrize(("kind", "row"), ROWS)
@@ -72,7 +83,18 @@ def test_a_handle_is_written_to_the_run_row_key_for_key_in_the_same_order(
 def test_an_older_row_with_keys_missing_or_besides_is_written_back_as_it_was(
     kind: Any, row: dict[str, Any], data: st.DataObject
 ) -> None:
-    required = {"host", "port", "user", "run_id", "base_dir", "run_dir", "pid", "container_id", "container"}
+    required = {
+        "host",
+        "port",
+        "user",
+        "run_id",
+        "base_dir",
+        "run_dir",
+        "pid",
+        "container_id",
+        "container",
+        "master",
+    }
     dropped = data.draw(st.sets(st.sampled_from(sorted(set(row) - required))))
     besides = data.draw(
         st.dictionaries(st.sampled_from(["script_pid", "log_spool", "version"]), st.integers())

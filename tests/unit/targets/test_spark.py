@@ -1,0 +1,52 @@
+"""What the Spark target reads from spark-submit's log, and which interpreter a shipped build needs (on a real
+virtualenv); the target itself runs against real Spark in tests/integration/test_spark_target.py."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from airflow_amlrun.environment.build_archive import base_interpreter
+from airflow_amlrun.targets.spark import _failure_reason
+
+IVY_REPORT = b"""
+:: resolving dependencies :: org.apache.spark#spark-submit-parent-18580bc1;1.0
+\t\tmodule not found: org.example#gone;0.0.1
+\t\t::::::::::::::::::::::::::::::::::::::::::::::
+\t\t::          UNRESOLVED DEPENDENCIES         ::
+\t\t::::::::::::::::::::::::::::::::::::::::::::::
+\t\t:: org.example#gone;0.0.1: not found
+\t\t:: com.acme#other_2.13;1.2: not found
+Exception in thread "main" java.lang.RuntimeException: [unresolved dependency: org.example#gone;0.0.1: not found]
+"""
+
+
+def test_unresolved_packages_are_named_as_the_environment_writes_them():
+    reason = _failure_reason(IVY_REPORT, None)
+    assert reason is not None
+    assert reason.startswith(
+        "spark-submit could not resolve the Spark package(s) com.acme:other_2.13:1.2, org.example:gone:0.0.1: "
+    )
+
+
+def test_an_executor_that_cannot_start_the_shipped_python_names_the_interpreter_it_needs():
+    log = b'java.io.IOException: Cannot run program "./env/bin/python": error=2, No such file or directory\n'
+    reason = _failure_reason(log, "/opt/python/3.11/bin/python3")
+    assert reason is not None
+    assert (
+        "its bin/python links to /opt/python/3.11/bin/python3, which every node running executors must have"
+        in reason
+    )
+    # Without a shipped environment, the same line is the cluster's own business.
+    assert _failure_reason(log, None) is None
+    assert _failure_reason(b"Traceback: ValueError: bad input\n", "/usr/bin/python3") is None
+
+
+def test_a_builds_interpreter_is_the_one_its_links_lead_to_outside_it(tmp_path):
+    venv = tmp_path / "env"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    needed = base_interpreter(venv)
+    assert Path(needed).is_absolute()
+    assert not Path(needed).is_relative_to(venv)
+    assert Path(needed).resolve() == (venv / "bin" / "python").resolve()
