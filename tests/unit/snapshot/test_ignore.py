@@ -257,9 +257,10 @@ def materialize_tree(root: Path, paths: list[str], ignores: dict[str, list[str]]
 @pytest.fixture(scope="module")
 def new_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The .git folder of a new repository whose lowest-precedence excludes are the default ones: made once,
-    copied into each example's tree (cheaper than `git init` each time)."""
+    copied into each example's tree (cheaper than `git init` each time), without the sample hooks and other
+    files of git's template, which only cost writes and deletes here."""
     root = tmp_path_factory.mktemp("repository")
-    git(root, "init", "-q", ".")
+    git(root, "init", "-q", "--template=", ".")
     (root / ".git" / "info").mkdir(exist_ok=True)
     (root / ".git" / "info" / "exclude").write_text(DEFAULT_EXCLUDES_FOR_GIT)
     return root / ".git"
