@@ -21,6 +21,7 @@ def test_every_field_but_the_secrets_survives_the_recorded_config(tmp_path: Path
         "environment_variables": {"MODE": "full"},
         "snapshot_max_size_mb": 12.5,
         "snapshot_max_files": 300,
+        "framework": "pyspark",
     }
     config = ScriptRunConfig(**values, secret_environment_variables={"TOKEN": "value"})  # type: ignore[arg-type]
     resolved = ResolvedEnvironment(
