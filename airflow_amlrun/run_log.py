@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 # Targets whose read_log only reads (a file of this machine, or one read over SSH). The Docker target copies
 # the container's log into a spool file of the worker that follows the run: a second reader would copy it
 # into the same file, under the task's feet.
-READ_IN_PLACE = ("local", "ssh")
+READ_IN_PLACE = ("local", "ssh", "spark")
 # What stands for a secret of the workspace in a line shown, as Airflow's masker shows one.
 MASK = "***"
 # What a terminal would act on rather than show: escape sequences (CSI up to its final byte, OSC, DCS, SOS,

@@ -29,6 +29,10 @@ _IMAGE_REFERENCE = re.compile(
     r"(?::[\w][\w.-]{0,127})?"
     r"(?:@[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,})?"
 )
+# Spark properties that name credentials (Spark's own redaction pattern, widened to tokens and keys).
+_SECRET_KEY = re.compile(r"(?i)secret|password|token|access.?key|credential")
+# Set by the Spark target from the environment; a user value would silently replace the shipped interpreter.
+_SHIPPED_KEYS = ("spark.pyspark.python", "spark.pyspark.driver.python")
 _DOCKERFILE_FROM = re.compile(r"^\s*FROM\s", re.IGNORECASE | re.MULTILINE)
 
 
@@ -213,11 +217,19 @@ class SparkSection:
                     f"{where}: spark package {package!r} is not a Maven coordinate. Write it as "
                     "group:artifact:version, e.g. 'org.apache.spark:spark-avro_2.12:3.5.1'."
                 )
-        # Repository URLs are stored like index URLs, so a password in them is a ${VAR} reference too.
         self.repositories = [
             check_url(u, where=where, option="spark repository")
             for u in string_list(self.repositories, f"{where}: spark.repositories")
         ]
+        for url in self.repositories:
+            # spark-submit prints each repository URL it is given (its log, the task log), and puts it on its
+            # command line and in the application's environment: no credential may travel in one.
+            if "@" in url.split("://", 1)[-1].split("/", 1)[0]:
+                raise ConfigurationError(
+                    f"{where}: spark repository {url.split('@')[-1]!r} carries credentials, which spark-submit "
+                    "would print into the run's log and show on its command line. Use a repository that needs "
+                    "none, or give Spark an Ivy settings file of its own (spark.jars.ivySettings)."
+                )
         self.configuration = spark_configuration(self.configuration, where)
 
     @property
@@ -251,6 +263,17 @@ def spark_configuration(value: object, where: str) -> dict[str, str]:
             raise ConfigurationError(
                 f"{where}: spark.configuration key {shown(key)} is not a Spark property: keys start with "
                 "'spark.' (e.g. 'spark.executor.memory') and hold no '='."
+            )
+        if key in _SHIPPED_KEYS:
+            raise ConfigurationError(
+                f"{where}: spark.configuration[{key!r}] is set by the Spark target (the environment's own "
+                "interpreter); choose the interpreter with python.interpreter_path instead."
+            )
+        if _SECRET_KEY.search(key):
+            raise ConfigurationError(
+                f"{where}: spark.configuration[{key!r}] looks like a credential, which would be recorded with the "
+                "environment and shown on spark-submit's command line. Give it to Spark another way (e.g. a "
+                "Hadoop credential provider, or the cluster's own configuration)."
             )
         if isinstance(item, bool):
             checked[key] = "true" if item else "false"

@@ -38,6 +38,7 @@ def test_a_history_of_an_older_revision_is_upgraded_with_its_runs_kept(database_
 
     history = RunHistory(database_url)
     history.create_run(run_id="before", experiment="old", target="local")
+    history.add_metrics("before", [MetricPoint("loss", 0.5, seq=0), MetricPoint("loss", 0.25, seq=1)])
     config = Config()
     config.set_main_option("script_location", str(Path(repository.__file__).with_name("migrations")))
     with history.engine.begin() as connection:
@@ -50,6 +51,9 @@ def test_a_history_of_an_older_revision_is_upgraded_with_its_runs_kept(database_
     upgraded = RunHistory(database_url)
     assert upgraded._current_revision() == SCHEMA_HEAD
     assert [r.id for r in upgraded.list_runs(experiment="old")] == ["before"]
+    # Its metrics too: no downgrade or upgrade rebuilt the runs table (SQLite would cascade the rebuild's drop).
+    assert [p.value for p in upgraded.get_metrics("before")] == [0.5, 0.25]
+    assert upgraded.get_run("before").metrics == {"loss": 0.25}
     upgraded.report_alive("before")  # a column the newest revision added
     assert upgraded.get_run("before").heartbeat_at is not None
 

@@ -309,6 +309,22 @@ def test_spark_packages_must_be_maven_coordinates() -> None:
         Environment(spark=SparkSection(repositories=["repo.example"]))
 
 
+def test_spark_credentials_are_refused_where_spark_would_print_or_record_them() -> None:
+    with pytest.raises(
+        ConfigurationError, match=r"spark repository 'repo\.example/maven' carries credentials"
+    ):
+        Environment(spark=SparkSection(repositories=["https://${USER}:${TOKEN}@repo.example/maven"]))
+    for key in ("spark.hadoop.fs.s3a.secret.key", "spark.hadoop.fs.s3a.access.key", "spark.ssl.keyPassword"):
+        with pytest.raises(
+            ConfigurationError, match=rf"spark\.configuration\[{key!r}\] looks like a credential"
+        ):
+            Environment(spark=SparkSection(configuration={key: "x"}))
+    with pytest.raises(ConfigurationError, match=r"is set by the Spark target"):
+        Environment(spark=SparkSection(configuration={"spark.pyspark.python": "/usr/bin/python3"}))
+    kept = Environment(spark=SparkSection(configuration={"spark.executor.memory": "2g"}))
+    assert kept.spark.configuration == {"spark.executor.memory": "2g"}
+
+
 def test_a_python_version_is_pinned_to_its_minor_version() -> None:
     assert Environment(python=PythonSection(version="3.12.1")).python.version == "3.12"
     with pytest.raises(ConfigurationError, match=r"python\.version = 'three' is not a Python version"):

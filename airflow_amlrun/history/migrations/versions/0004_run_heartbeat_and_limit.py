@@ -22,6 +22,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("amlrun_runs") as batch:
-        batch.drop_column("max_run_duration_seconds")
-        batch.drop_column("heartbeat_at")
+    # DROP COLUMN in place (SQLite 3.35 and later), not a rebuilt table: with foreign keys on, SQLite's DROP
+    # TABLE of the old runs table would delete every run's metrics by cascade.
+    for column in ("max_run_duration_seconds", "heartbeat_at"):
+        op.execute(f"ALTER TABLE amlrun_runs DROP COLUMN {column}")
