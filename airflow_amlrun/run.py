@@ -184,6 +184,18 @@ class AirflowTask:
     map_index: int | None
     try_number: int | None
 
+    @classmethod
+    def of(cls, ti: Any) -> AirflowTask:
+        """The task instance an operator runs as (``context["ti"]``); a map index below 0 is no map index."""
+        map_index = getattr(ti, "map_index", -1)
+        return cls(
+            dag_id=ti.dag_id,
+            task_id=ti.task_id,
+            run_id=ti.run_id,
+            map_index=map_index if map_index is not None and map_index >= 0 else None,
+            try_number=getattr(ti, "try_number", None),
+        )
+
     def row_fields(self) -> dict[str, Any]:
         return {
             "dag_id": self.dag_id,

@@ -8,6 +8,7 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator
+from airflow.sdk.log import mask_secret
 
 from airflow_amlrun.environment.paths import PathBase
 from airflow_amlrun.errors import AmlRunError, ConfigurationError, shown
@@ -74,6 +75,7 @@ class HyperDriveOperator(BaseOperator):
         return Workspace.get(self.workspace_conn_id)
 
     def execute(self, context: Context) -> dict[str, Any]:
+        from airflow_amlrun.environment.resolve import index_secrets
         from airflow_amlrun.experiment import Experiment, experiment_name_from
         from airflow_amlrun.history import RunStatus
         from airflow_amlrun.hyperdrive import HyperDriveRun
@@ -82,14 +84,13 @@ class HyperDriveOperator(BaseOperator):
         ti = context["ti"]
         dag_folder = PathBase.of_dag_file(context["dag"].fileloc)
         experiment = Experiment(self.workspace, self.experiment or experiment_name_from(ti.dag_id))
-        map_index = getattr(ti, "map_index", -1)
-        task = AirflowTask(
-            dag_id=ti.dag_id,
-            task_id=ti.task_id,
-            run_id=ti.run_id,
-            map_index=map_index if map_index is not None and map_index >= 0 else None,
-            try_number=getattr(ti, "try_number", None),
-        )
+        task = AirflowTask.of(ti)
+        # As ScriptRunOperator: whatever prints the index or workspace credentials shows them masked.
+        for secret in [
+            *index_secrets(self.workspace, self.config.run_config.environment),
+            *self.workspace.credentials(),
+        ]:
+            mask_secret(secret)
         for earlier in HyperDriveRun.settle_earlier(self.workspace, task):
             self.log.warning(
                 "Sweep %s of an earlier try was left unfinished: stopped, recorded Failed.", earlier

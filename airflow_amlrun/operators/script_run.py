@@ -152,14 +152,7 @@ class ScriptRunOperator(BaseOperator):
         for secret in [*index_secrets(self.workspace, config.environment), *self.workspace.credentials()]:
             mask_secret(secret)
         experiment = Experiment(self.workspace, self.experiment or experiment_name_from(ti.dag_id))
-        map_index = getattr(ti, "map_index", -1)
-        task = AirflowTask(
-            dag_id=ti.dag_id,
-            task_id=ti.task_id,
-            run_id=ti.run_id,
-            map_index=map_index if map_index is not None and map_index >= 0 else None,
-            try_number=getattr(ti, "try_number", None),
-        )
+        task = AirflowTask.of(ti)
         self._settle_orphaned_runs(task)
         self._run = experiment.submit(
             config,
