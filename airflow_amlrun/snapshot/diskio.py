@@ -79,15 +79,18 @@ def start_writeback(fd: int) -> None:
         sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
 
 
-def clone_file(src: int, dst: int, src_device: int | None = None) -> bool:
+def clone_file(src: int, dst: int, src_device: int | None = None, dst_device: int | None = None) -> bool:
     """Make ``dst`` share ``src``'s data copy-on-write (FICLONE); ``False`` where the file system cannot.
 
     A clone costs no data copy and no space, and a write to either file later lands on new blocks: the
     other never sees it. Pairs of file systems found unable to clone are not asked again.
 
-    :param src_device: ``src``'s st_dev, when the caller has it already.
+    :param src_device, dst_device: the files' st_dev, when the caller has them already.
     """
-    devices = (os.fstat(src).st_dev if src_device is None else src_device, os.fstat(dst).st_dev)
+    devices = (
+        os.fstat(src).st_dev if src_device is None else src_device,
+        os.fstat(dst).st_dev if dst_device is None else dst_device,
+    )
     if devices in _unclonable:
         return False
     try:
@@ -99,3 +102,19 @@ def clone_file(src: int, dst: int, src_device: int | None = None) -> bool:
             _unclonable.add(devices)
         return False
     return True
+
+
+def process_umask() -> int | None:
+    """This process's file-mode creation mask, read without changing it (``None`` where Linux does not tell).
+
+    ``os.umask`` can only be read by setting it, which for a moment would give files other threads create
+    the wrong mode.
+    """
+    try:
+        with open("/proc/self/status", "rb") as status:
+            for line in status:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None

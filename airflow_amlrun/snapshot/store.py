@@ -25,6 +25,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import errno
+import functools
 import logging
 import os
 import posixpath
@@ -431,6 +432,9 @@ class BlobStore:
         verify: bool = True,
         exclusive: bool = False,
         mode: int | None = None,
+        chmod: bool = True,
+        dir_fd: int | None = None,
+        dest_device: int | None = None,
     ) -> int:
         """Copy blob ``digest`` to the local file ``dest_path``; returns the bytes copied.
 
@@ -438,43 +442,46 @@ class BlobStore:
         :param exclusive: create ``dest_path`` itself, failing if anything (even a symlink) is there;
             otherwise write a temporary name beside it and rename it over ``dest_path``.
         :param mode: permission bits for the new file.
+        :param chmod: set ``mode`` after creating the file; ``False`` where the caller knows the process's
+            umask clears none of its bits (a chmod costs every file an inode update).
+        :param dir_fd: ``dest_path`` is a name in this folder (a run directory's folders are kept open
+            while it is written, so no path is looked up again per file); needs ``exclusive``.
+        :param dest_device: the st_dev of the folder ``dest_path`` is created in, when the caller has it.
         """
+        if dir_fd is not None and not exclusive:
+            raise ValueError("copy_to with dir_fd creates the file itself: pass exclusive=True")
         dest = os.fspath(dest_path)
         target = dest if exclusive else _tmp_name(dest)
         expected = digest if verify else None
         key = self.blob_key(digest)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
-        with contextlib.ExitStack() as stack:
+        new_file = functools.partial(
+            _create_file,
+            target,
+            0o600 if mode is None else mode,
+            chmod=mode is not None and chmod,
+            dir_fd=dir_fd,
+        )
+        if self._local_root is not None:
+            # The common case, a run directory from a local store, kept to a few system calls per file.
             try:
-                if self._local_root is not None:
-                    src_fd, src_stat = self._open_stat(key)
-                    stack.callback(os.close, src_fd)
-                    src = None
-                else:
-                    src = stack.enter_context(self._open_read(key))
+                src_fd, src_stat = self._open_stat(key)
             except FileNotFoundError:
                 raise BlobMissingError(f"Blob {digest} is not in store {self.url!r}.") from None
-            fd = os.open(target, flags, 0o600 if mode is None else mode)
             try:
+                copied = new_file(
+                    lambda fd: _copy_local(
+                        src_fd, src_stat, fd, expected, known=digest, dest_device=dest_device
+                    )
+                )
+            finally:
+                os.close(src_fd)
+        else:
+            with contextlib.ExitStack() as stack:
                 try:
-                    if src is not None:
-                        copied = copy_stream(src, fd, expected)
-                    elif clone_file(src_fd, fd, src_stat.st_dev):
-                        # Copy-on-write: no data is copied, and a write to the run's file never
-                        # reaches the blob. A clone is the whole file.
-                        copied = src_stat.st_size
-                        if expected is not None:
-                            check_hash(src_fd, copied, expected)
-                    else:
-                        copied = copy_fd(src_fd, fd, expected, known=digest)
-                    if mode is not None:
-                        os.fchmod(fd, mode)
-                finally:
-                    os.close(fd)
-            except BaseException:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(target)
-                raise
+                    src = stack.enter_context(self._open_read(key))
+                except FileNotFoundError:
+                    raise BlobMissingError(f"Blob {digest} is not in store {self.url!r}.") from None
+                copied = new_file(lambda fd: copy_stream(src, fd, expected))
         if not exclusive:
             os.replace(target, dest)
         return copied
@@ -766,6 +773,39 @@ def _check_key(key: str, *, allow_empty: bool = False) -> str:
             f"Store key {key!r} must be a relative path without '.', '..' or empty components."
         )
     return key
+
+
+def _create_file(
+    target: str, mode: int, fill: Callable[[int], int], *, chmod: bool, dir_fd: int | None
+) -> int:
+    """Create ``target`` (never through a link, never over anything), write it with ``fill``; returns the
+    bytes written. A failure removes what was created."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(target, flags, mode, dir_fd=dir_fd)
+    try:
+        try:
+            written = fill(fd)
+            if chmod:
+                os.fchmod(fd, mode)
+        finally:
+            os.close(fd)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(target, dir_fd=dir_fd)
+        raise
+    return written
+
+
+def _copy_local(
+    src: int, src_stat: os.stat_result, dst: int, expected: str | None, *, known: str, dest_device: int | None
+) -> int:
+    if clone_file(src, dst, src_stat.st_dev, dest_device):
+        # Copy-on-write: no data is copied, and a write to the run's file never reaches the blob. A clone
+        # is the whole file.
+        if expected is not None:
+            check_hash(src, src_stat.st_size, expected)
+        return src_stat.st_size
+    return copy_fd(src, dst, expected, offset=0, known=known)
 
 
 def _tmp_name(final: str) -> str:

@@ -88,3 +88,38 @@ def test_a_fifo_planted_in_the_store_is_refused_at_once_not_waited_on(tmp_path: 
 
     with pytest.raises(BlobCorruptError, match="not a regular file"):
         materialize(store, snapshot, tmp_path / "run")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o000])
+def test_materialized_files_keep_their_recorded_modes_whatever_the_umask(tmp_path: Path, umask: int) -> None:
+    # Files are created with their recorded mode (executable or not, as git records it) and changed
+    # afterwards only where the umask took bits away: under every umask the run directory's modes are the
+    # snapshot's.
+    source = tmp_path / "src"
+    (source / "pkg").mkdir(parents=True)
+    modes = {"run.sh": 0o755, "train.py": 0o644, "pkg/secret.txt": 0o600, "pkg/tool": 0o775}
+    for rel, mode in modes.items():
+        (source / rel).write_bytes(rel.encode())
+        (source / rel).chmod(mode)
+    store = BlobStore(str(tmp_path / "store"))
+    snapshot = take_snapshot(source, store).snapshot
+    old = os.umask(umask)
+    try:
+        materialize(store, snapshot, tmp_path / "run")
+    finally:
+        os.umask(old)
+    recorded = {e.path: e.mode for e in snapshot.entries}
+    assert recorded == {"run.sh": 0o755, "train.py": 0o644, "pkg/secret.txt": 0o644, "pkg/tool": 0o755}
+    assert {rel: stat.S_IMODE((tmp_path / "run" / rel).stat().st_mode) for rel in modes} == recorded
+    assert {rel: (tmp_path / "run" / rel).read_bytes() for rel in modes} == {rel: rel.encode() for rel in modes}
+
+
+def test_the_process_umask_is_read_without_changing_it() -> None:
+    from airflow_amlrun.snapshot.diskio import process_umask
+
+    old = os.umask(0o027)
+    try:
+        assert process_umask() == 0o027
+        assert process_umask() == 0o027
+    finally:
+        os.umask(old)
