@@ -111,7 +111,9 @@ def test_materialized_files_keep_their_recorded_modes_whatever_the_umask(tmp_pat
     recorded = {e.path: e.mode for e in snapshot.entries}
     assert recorded == {"run.sh": 0o755, "train.py": 0o644, "pkg/secret.txt": 0o644, "pkg/tool": 0o755}
     assert {rel: stat.S_IMODE((tmp_path / "run" / rel).stat().st_mode) for rel in modes} == recorded
-    assert {rel: (tmp_path / "run" / rel).read_bytes() for rel in modes} == {rel: rel.encode() for rel in modes}
+    assert {rel: (tmp_path / "run" / rel).read_bytes() for rel in modes} == {
+        rel: rel.encode() for rel in modes
+    }
 
 
 def test_the_process_umask_is_read_without_changing_it() -> None:
