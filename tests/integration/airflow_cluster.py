@@ -23,6 +23,7 @@ Use it as a context manager in a module-scoped fixture:
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
@@ -154,16 +155,15 @@ class AirflowCluster:
         """Create the databases, migrate, start every component and wait until each reports healthy."""
         self.dags.mkdir(parents=True)
         (self.home / "components").mkdir()
-        for name in (self.metadata_db, self.workspace_db):
-            _admin_sql(f'CREATE DATABASE "{name}"')
-            self._databases.append(name)
+        # The metadata database is a copy of one migrated once per test process: `airflow db migrate` takes
+        # a quarter of a minute, a copy of its result a moment.
+        template = _migrated_template(self.env)
+        _admin_sql(f'CREATE DATABASE "{self.metadata_db}" TEMPLATE "{template}"')
+        self._databases.append(self.metadata_db)
+        _admin_sql(f'CREATE DATABASE "{self.workspace_db}"')
+        self._databases.append(self.workspace_db)
         if self.executor == "CeleryExecutor":
             self._claim_redis_db()
-        migrate = subprocess.run(
-            [AIRFLOW, "db", "migrate"], env=self.env, capture_output=True, text=True, timeout=600
-        )
-        if migrate.returncode != 0:
-            pytest.fail(f"`airflow db migrate` failed:\n{migrate.stdout[-3000:]}\n{migrate.stderr[-3000:]}")
         self._start("api-server", "api-server", "--host", "127.0.0.1", "--port", str(self.port))
         self._start("scheduler", "scheduler")
         self._start("dag-processor", "dag-processor")
@@ -183,7 +183,9 @@ class AirflowCluster:
         """Stop every process the cluster started and theirs, then drop its databases. Safe to call twice."""
         for component in self._components:
             _signal_group(component.process.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 30
+        # A short grace: nothing of a test cluster needs a clean shutdown (its databases are dropped and its
+        # stray processes killed below), and the api-server alone takes several seconds to end on SIGTERM.
+        deadline = time.monotonic() + 3
         for component in self._components:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 component.process.wait(timeout=max(0.1, deadline - time.monotonic()))
@@ -537,6 +539,34 @@ def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+_template: str | None = None
+
+
+def _migrated_template(env: dict[str, str]) -> str:
+    """The name of a metadata database `airflow db migrate` made for this test process (dropped at its exit)."""
+    global _template
+    if _template is None:
+        name = f"amlrun_af_template_{secrets.token_hex(4)}"
+        _admin_sql(f'CREATE DATABASE "{name}"')
+        atexit.register(_admin_sql, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        url = f"{PG_SERVER}/{name}".replace("postgresql://", "postgresql+psycopg://", 1)
+        migrate = subprocess.run(
+            [AIRFLOW, "db", "migrate"],
+            env={
+                **env,
+                "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": url,
+                "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_ASYNC": url,
+            },
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        if migrate.returncode != 0:
+            pytest.fail(f"`airflow db migrate` failed:\n{migrate.stdout[-3000:]}\n{migrate.stderr[-3000:]}")
+        _template = name
+    return _template
 
 
 def _admin_sql(statement: str) -> None:
