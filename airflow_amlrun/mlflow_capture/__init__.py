@@ -46,8 +46,8 @@ def registry_store(store_uri: str | None = None, tracking_uri: str | None = None
     from mlflow.exceptions import MlflowException
 
     raise MlflowException(
-        "MLflow's model registry is not available in an airflow-amlrun run (MLFLOW_TRACKING_URI=amlrun:), and "
-        "the run goes on without it: a model logged with log_model is a folder of the run's outputs (the run's "
+        "MLflow's model registry is not available in an airflow-amlrun run (MLFLOW_TRACKING_URI=amlrun:): "
+        "a model logged with log_model is a folder of the run's outputs (the run's "
         "tag model.<name> says which, e.g. outputs/model). Register it with "
         "airflow_amlrun.run_context.Run.get_context().register_model('my-model', 'outputs/model'), which "
         "registers it once the run has Completed, or from the run's record afterwards."
