@@ -15,7 +15,7 @@ import subprocess
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
-from airflow_amlrun import run_context
+from airflow_amlrun import mlflow_capture, run_context
 from airflow_amlrun.errors import ConfigurationError
 from airflow_amlrun.targets.base import Chunk, Job, TargetStatus
 from airflow_amlrun.targets.files import UnsafeFileError, read_beneath
@@ -154,6 +154,8 @@ def job_environment(job: Job, *, run_dir: str, events_file: str, python: str | N
     )
     return {
         **spark,
+        # MLflow's calls land in the run (mlflow_capture); a tracking URI of the run's own comes after, and wins.
+        mlflow_capture.TRACKING_URI_ENV: mlflow_capture.TRACKING_URI,
         **job.environment.spec.environment_variables,
         **job.environment_variables,
         **job.secret_environment_variables,
@@ -382,15 +384,22 @@ def check_pyspark(python: str, where: str) -> None:
     find_java()
 
 
+def run_context_files() -> list[Path]:
+    """The package's files a run's pylib folder is made of (what its content, and a cache of it, depend on)."""
+    return [Path(run_context.__file__), *mlflow_capture.source_files()]
+
+
 def write_run_context_package(dest: str | os.PathLike[str]) -> Path:
-    """Write a folder holding only `airflow_amlrun/run_context.py`, to put on a foreign interpreter's path.
+    """Write a folder holding `airflow_amlrun/run_context.py`, to put on a foreign interpreter's path.
 
     The training script imports `airflow_amlrun.run_context` wherever it runs; an interpreter that does
     not have this package installed (another virtualenv, a bare image, a remote host) gets this folder.
+    It also holds the MLflow capture and the entry point MLflow finds it by (mlflow_capture/__init__.py).
     """
     root = Path(dest)
     package = root / "airflow_amlrun"
     package.mkdir(parents=True, exist_ok=True)
     (package / "__init__.py").write_text("")
     shutil.copyfile(run_context.__file__, package / "run_context.py")
+    mlflow_capture.write_package(root)
     return root

@@ -87,7 +87,6 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from airflow_amlrun import run_context
 from airflow_amlrun.environment.build_image import EnvironmentImage, check_image, ensure_image, image_recipe
 from airflow_amlrun.errors import ConfigurationError
 from airflow_amlrun.hooks.docker import DockerDaemon, DockerDaemonLostError
@@ -107,6 +106,7 @@ from airflow_amlrun.targets.common import (
     python_path,
     read_lines,
     remove_run_dir,
+    run_context_files,
     stopped_for_limit,
     unmarked,
     write_run_context_package,
@@ -781,7 +781,7 @@ class DockerTarget:
 
     def _lib(self) -> Path:
         """A read-only folder of the supervisor and ``pylib/airflow_amlrun/run_context.py``, one per version."""
-        sources = [Path(run_context.__file__), Path(supervisor.__file__)]
+        sources = [*run_context_files(), Path(supervisor.__file__)]
         digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:16]
         dest = self.cache_dir / "docker" / f"lib-{digest}"
         if not dest.is_dir():

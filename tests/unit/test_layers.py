@@ -20,8 +20,9 @@ PACKAGE = Path(airflow_amlrun.__file__).parent
 
 # Lowest first. A module belongs to the first layer with a prefix naming it or a package above it.
 LAYERS: list[tuple[str, list[str]]] = [
-    # run_context is also copied alone into runs: it imports only the standard library.
-    ("base", ["errors", "config", "run_context"]),
+    # run_context is also copied alone into runs: it imports only the standard library (mlflow_capture
+    # goes with it, and imports mlflow besides).
+    ("base", ["errors", "config", "run_context", "mlflow_capture"]),
     ("core", ["snapshot", "environment", "history", "workspace"]),
     ("targets", ["targets", "hooks.docker", "hooks.ssh"]),
     (
@@ -166,6 +167,20 @@ def test_the_training_scripts_side_needs_only_the_standard_library() -> None:
     # run_context is copied alone into containers and remote hosts, whose Python has nothing else.
     imported = {name.split(".")[0] for name in imported_names(PACKAGE / "run_context.py")}
     assert imported - set(sys.stdlib_module_names) - {"__future__"} == set()
+
+
+def test_the_mlflow_capture_needs_only_the_standard_library_mlflow_and_run_context() -> None:
+    # It is copied with run_context into runs, where mlflow may be the only package installed.
+    folder = PACKAGE / "mlflow_capture"
+    imported = {name for path in folder.glob("*.py") for name in imported_names(path)}
+    foreign = {
+        name
+        for name in imported
+        if name.split(".")[0] not in {*sys.stdlib_module_names, "__future__", "mlflow"}
+        and not name.startswith(("airflow_amlrun.run_context", "airflow_amlrun.mlflow_capture"))
+    }
+    assert foreign == set()
+    assert "airflow_amlrun.run_context" in imported
 
 
 def test_the_graph_sees_lazy_imports_and_skips_type_checking_ones() -> None:

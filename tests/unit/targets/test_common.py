@@ -153,7 +153,11 @@ def test_a_run_without_an_exit_code_is_explained_by_what_became_of_its_superviso
 def test_the_run_context_package_imports_alone_on_an_interpreter_without_this_package(tmp_path):
     root = common.write_run_context_package(tmp_path / "pylib")
 
-    assert sorted(p.name for p in (root / "airflow_amlrun").iterdir()) == ["__init__.py", "run_context.py"]
+    assert sorted(p.name for p in (root / "airflow_amlrun").iterdir()) == [
+        "__init__.py",
+        "mlflow_capture",
+        "run_context.py",
+    ]
     # -S: no site-packages, so nothing but the folder provides airflow_amlrun (nor anything it might import).
     done = subprocess.run(
         [
