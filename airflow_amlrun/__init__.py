@@ -17,15 +17,34 @@ _EXPORTS = {
     "Environment": "airflow_amlrun.environment",
     "ScriptRunOperator": "airflow_amlrun.operators.script_run",
     "RunStatus": "airflow_amlrun.history",
+    "Run": "airflow_amlrun.recorded_run",
+    "Estimator": "airflow_amlrun.estimator",
+    "SKLearn": "airflow_amlrun.estimator",
+    "PyTorch": "airflow_amlrun.estimator",
+    "TensorFlow": "airflow_amlrun.estimator",
 }
 
-__all__ = ["Environment", "Experiment", "RunStatus", "ScriptRunConfig", "ScriptRunOperator", "Workspace"]
+__all__ = [
+    "Environment",
+    "Estimator",
+    "Experiment",
+    "PyTorch",
+    "Run",
+    "RunStatus",
+    "SKLearn",
+    "ScriptRunConfig",
+    "ScriptRunOperator",
+    "TensorFlow",
+    "Workspace",
+]
 
 if TYPE_CHECKING:
     from airflow_amlrun.environment import Environment
+    from airflow_amlrun.estimator import Estimator, PyTorch, SKLearn, TensorFlow
     from airflow_amlrun.experiment import Experiment
     from airflow_amlrun.history import RunStatus
     from airflow_amlrun.operators.script_run import ScriptRunOperator
+    from airflow_amlrun.recorded_run import Run
     from airflow_amlrun.runconfig import ScriptRunConfig
     from airflow_amlrun.workspace import Workspace
 

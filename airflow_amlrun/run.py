@@ -35,6 +35,7 @@ from airflow_amlrun.history import (
 )
 from airflow_amlrun.model import Model
 from airflow_amlrun.rerun import recorded_config, recorded_submission
+from airflow_amlrun.run_api import RunApi
 from airflow_amlrun.run_context import metric_problem
 from airflow_amlrun.snapshot import Snapshot, materialize, read_git_info, take_snapshot
 from airflow_amlrun.targets.base import Chunk, CodeSource, ComputeTarget, Job, TargetStatus
@@ -304,8 +305,9 @@ class RunEndedError(AmlRunError):
         self.record = record
 
 
-class ScriptRun:
-    """A run submitted to a compute target; wait for it with `wait_for_completion`."""
+class ScriptRun(RunApi):
+    """A run submitted to a compute target; wait for it with `wait_for_completion`. The run API (``get_metrics``,
+    ``download_files``, ``tag``, ...) is ``RunApi``'s."""
 
     def __init__(
         self, workspace: Workspace, target: ComputeTarget[Any], job: Job, settings: Settings

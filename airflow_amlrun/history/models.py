@@ -74,6 +74,9 @@ class RunRow(Base):
     rerun_of: Mapped[str | None] = mapped_column(String(128), index=True)
     # The sweep (HyperDrive parent run) this run is a child of.
     parent_run_id: Mapped[str | None] = mapped_column(String(128), index=True)
+    # What its users call the run and say of it (``run.display_name``, ``run.description``).
+    display_name: Mapped[str | None] = mapped_column(String(256))
+    description: Mapped[str | None] = mapped_column(Text)
 
     __table_args__ = (
         Index("ix_amlrun_runs_airflow_task", "dag_id", "task_id", "airflow_run_id", "map_index"),

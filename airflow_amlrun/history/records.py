@@ -88,6 +88,9 @@ class RunRecord:
     config: dict[str, Any] | None = None
     rerun_of: str | None = None
     parent_run_id: str | None = None
+    # Set by its users, after it was submitted (``run.display_name = ...``).
+    display_name: str | None = None
+    description: str | None = None
 
     @property
     def duration_seconds(self) -> float | None:
@@ -113,6 +116,8 @@ class RunRecord:
             "error": self.error,
             **({"rerun_of": self.rerun_of} if self.rerun_of else {}),
             **({"parent_run_id": self.parent_run_id} if self.parent_run_id else {}),
+            **({"display_name": self.display_name} if self.display_name else {}),
+            **({"description": self.description} if self.description else {}),
             # What the script and its target tagged the run with (a Spark run: its application id and UI).
             "tags": dict(self.tags),
         }

@@ -54,7 +54,7 @@ from airflow_amlrun.history.records import ExperimentRecord, MetricPoint, RunRec
 _MIGRATIONS = Path(__file__).with_name("migrations")
 # The newest migration's revision; a test checks it against Alembic's head. Knowing it lets a process
 # that finds the schema current skip loading Alembic at all (a task process opens the history once).
-SCHEMA_HEAD = "0007"
+SCHEMA_HEAD = "0008"
 _migrated: set[str] = set()
 _migrate_lock = threading.Lock()
 
@@ -411,6 +411,8 @@ class RunHistory:
             config=row.config,
             rerun_of=row.rerun_of,
             parent_run_id=row.parent_run_id,
+            display_name=row.display_name,
+            description=row.description,
             metrics=latest_values(session, [row.id])[row.id] if metrics is None else metrics,
         )
 

@@ -22,12 +22,24 @@ PACKAGE = Path(airflow_amlrun.__file__).parent
 LAYERS: list[tuple[str, list[str]]] = [
     # run_context is also copied alone into runs: it imports only the standard library (mlflow_capture
     # goes with it, and imports mlflow besides).
-    ("base", ["errors", "config", "run_context", "mlflow_capture"]),
+    ("base", ["errors", "config", "run_context", "mlflow_capture", "progress"]),
     ("core", ["snapshot", "environment", "history", "workspace"]),
     ("targets", ["targets", "hooks.docker", "hooks.ssh"]),
     (
         "submission",
-        ["runconfig", "run", "run_log", "rerun", "model", "hyperdrive", "experiment", "reconcile"],
+        [
+            "runconfig",
+            "run",
+            "run_api",
+            "run_log",
+            "recorded_run",
+            "rerun",
+            "model",
+            "estimator",
+            "hyperdrive",
+            "experiment",
+            "reconcile",
+        ],
     ),
     (
         "glue",

@@ -1,0 +1,73 @@
+"""The pure parts of the run API: metric series as Azure ML gives them, and a run's details."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from airflow_amlrun.history import MetricPoint, RunRecord, RunStatus
+from airflow_amlrun.run_api import metric_values, run_details
+
+NAMES = st.sampled_from(["loss", "acc", "lr"])
+
+
+@given(st.lists(st.tuples(NAMES, st.floats(allow_nan=False)), max_size=30))
+def test_a_metric_logged_once_is_its_value_and_one_logged_more_is_its_series(logged):
+    points = [MetricPoint(name, value, seq=i) for i, (name, value) in enumerate(logged)]
+    got = metric_values(points)
+    assert list(got) == list(dict.fromkeys(name for name, _ in logged))
+    for name, value in got.items():
+        series = [v for n, v in logged if n == name]
+        assert value == (series[0] if len(series) == 1 else series)
+
+
+def record(**changes):
+    fields = dict(
+        id="exp_1_abcd",
+        experiment="exp",
+        status=RunStatus.FAILED,
+        target="ssh_vm",
+        script="train.py",
+        command=None,
+        arguments=["--alpha", "0.1"],
+        environment={"name": "env", "version": "2", "framework": "pyspark"},
+        snapshot_id="f" * 64,
+        git={"commit": "abc", "branch": "main", "dirty": True, "repository_uri": "https://host/repo"},
+        tags={},
+        handle=None,
+        outputs_uri=None,
+        logs_uri=None,
+        error="The script failed (exit code 1).",
+        created_at=datetime(2026, 1, 1, tzinfo=UTC),
+        start=datetime(2026, 1, 1, 0, 0, 1, tzinfo=UTC),
+        end=datetime(2026, 1, 1, 0, 1, tzinfo=UTC),
+        dag_id="retrain",
+        task_id="train",
+        airflow_run_id="manual_1",
+        map_index=None,
+        try_number=2,
+        config={"environment_variables": {"MODE": "fast"}},
+    )
+    fields.update(changes)
+    return RunRecord(**fields)
+
+
+def test_details_name_the_run_its_definition_properties_and_error():
+    details = run_details(record(), {"logs/std_log.txt": "/store/runs/exp_1_abcd/logs/std_log.txt"})
+    assert details["startTimeUtc"] == "2026-01-01T00:00:01.000Z"
+    assert details["runDefinition"]["framework"] == "PySpark"
+    assert details["runDefinition"]["environmentVariables"] == {"MODE": "fast"}
+    assert details["properties"]["azureml.git.commit"] == "abc"
+    assert details["properties"]["azureml.git.dirty"] == "True"
+    assert details["properties"]["amlrun.airflow.try_number"] == "2"
+    assert details["error"] == {"error": {"code": "Failed", "message": "The script failed (exit code 1)."}}
+    assert details["submittedBy"] == "Airflow task retrain.train"
+    assert "displayName" not in details and "inputDatasets" not in details
+
+
+def test_a_run_outside_airflow_and_git_has_no_such_properties():
+    details = run_details(record(dag_id=None, git=None, error=None, display_name="x"), {})
+    assert not [key for key in details["properties"] if key.startswith(("azureml.git", "amlrun.airflow"))]
+    assert details["submittedBy"] is None and details["displayName"] == "x" and "error" not in details
