@@ -10,6 +10,7 @@ from airflow_amlrun.errors import ConfigurationError, shown
 if TYPE_CHECKING:
     import os
 
+    from airflow_amlrun.estimator import Estimator
     from airflow_amlrun.hyperdrive import HyperDriveConfig, HyperDriveRun
     from airflow_amlrun.run import AirflowTask, ScriptRun
     from airflow_amlrun.runconfig import ScriptRunConfig
@@ -57,7 +58,7 @@ class Experiment:
     @overload
     def submit(
         self,
-        config: ScriptRunConfig,
+        config: ScriptRunConfig | Estimator,
         *,
         tags: dict[str, str] | None = None,
         base_dir: str | os.PathLike[str] | None = None,
@@ -77,7 +78,7 @@ class Experiment:
 
     def submit(
         self,
-        config: ScriptRunConfig | HyperDriveConfig,
+        config: ScriptRunConfig | Estimator | HyperDriveConfig,
         *,
         tags: dict[str, str] | None = None,
         base_dir: str | os.PathLike[str] | None = None,
@@ -87,13 +88,15 @@ class Experiment:
         """Check the config, record a run, snapshot the code and start it on its compute target; or, for a
         HyperDriveConfig, record a sweep, whose runs start in its ``wait_for_completion``.
 
-        :param config: what to run and where (a ScriptRunConfig), or a sweep of it (a HyperDriveConfig).
+        :param config: what to run and where (a ScriptRunConfig, or an Estimator, which stands for one), or a
+            sweep of it (a HyperDriveConfig).
         :param tags: tags recorded on the run.
         :param base_dir: folder a relative source_directory starts from (default: the current directory).
         :param airflow_task: the Airflow task instance submitting the run, recorded on the run row.
         :param reattach_on_retry: when an earlier try of that task left its run unfinished, follow that run
             (True) instead of starting a new one; False stops it (recorded Canceled) and starts afresh.
         """
+        from airflow_amlrun.estimator import Estimator
         from airflow_amlrun.run import ScriptRun
         from airflow_amlrun.runconfig import ScriptRunConfig, render_tags
 
@@ -109,9 +112,11 @@ class Experiment:
                     base_dir=base_dir,
                     airflow_task=airflow_task,
                 )
+        if isinstance(config, Estimator):
+            config = config.run_config
         if not isinstance(config, ScriptRunConfig):
             raise ConfigurationError(
-                f"Experiment {self.name!r}: submit needs a ScriptRunConfig, not {type(config).__name__} "
+                f"Experiment {self.name!r}: submit needs a ScriptRunConfig (or an Estimator), not {type(config).__name__} "
                 f"{shown(config)}; for a YAML file, pass ScriptRunConfig.from_yaml(path)."
             )
         if not isinstance(reattach_on_retry, bool):

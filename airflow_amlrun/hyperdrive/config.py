@@ -3,15 +3,26 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from typing import Any
 
 from airflow_amlrun.errors import ConfigurationError, shown
+from airflow_amlrun.estimator import Estimator
 from airflow_amlrun.hyperdrive.parameters import BayesianParameterSampling, ParameterSampling
 from airflow_amlrun.hyperdrive.policies import EarlyTerminationPolicy, NoTerminationPolicy
 from airflow_amlrun.runconfig import ScriptRunConfig
 
 GOALS = ("maximize", "minimize")
+# What a sweep needs; None until given, as run_config may come from estimator= instead (__post_init__ names
+# what is missing).
+_REQUIRED: Any = None
+_REQUIRED_FIELDS = (
+    "run_config",
+    "hyperparameter_sampling",
+    "primary_metric_name",
+    "primary_metric_goal",
+    "max_total_runs",
+)
 
 
 @dataclass
@@ -26,18 +37,34 @@ class HyperDriveConfig:
     :param max_concurrent_runs: how many at once (default: 4, at most max_total_runs).
     :param max_duration_minutes: stop the sweep (its live runs Canceled) after this long.
     :param policy: early termination of runs that do worse (default: none).
+    :param estimator: an Estimator (SKLearn, PyTorch, ...) in place of run_config: its ScriptRunConfig.
     """
 
-    run_config: ScriptRunConfig
-    hyperparameter_sampling: ParameterSampling
-    primary_metric_name: str
-    primary_metric_goal: str
-    max_total_runs: int
+    run_config: ScriptRunConfig = _REQUIRED
+    hyperparameter_sampling: ParameterSampling = _REQUIRED
+    primary_metric_name: str = _REQUIRED
+    primary_metric_goal: str = _REQUIRED
+    max_total_runs: int = _REQUIRED
     max_concurrent_runs: int | None = None
     max_duration_minutes: float | None = None
     policy: EarlyTerminationPolicy | None = field(default=None)
+    estimator: InitVar[Estimator | None] = None
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, estimator: Estimator | None) -> None:
+        if estimator is not None:
+            if not isinstance(estimator, Estimator):
+                raise ConfigurationError(
+                    f"HyperDriveConfig: estimator must be an Estimator (SKLearn, PyTorch, ...), not {shown(estimator)}."
+                )
+            if self.run_config is not None:
+                raise ConfigurationError("HyperDriveConfig: give run_config or estimator, not both.")
+            self.run_config = estimator.run_config
+        missing = [name for name in _REQUIRED_FIELDS if getattr(self, name) is None]
+        if missing:
+            raise ConfigurationError(
+                f"HyperDriveConfig: {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing"
+                + (" (give run_config=, or estimator=)." if "run_config" in missing else ".")
+            )
         if not isinstance(self.run_config, ScriptRunConfig):
             raise ConfigurationError(
                 f"HyperDriveConfig: run_config must be a ScriptRunConfig, not {type(self.run_config).__name__}."

@@ -18,6 +18,7 @@ from airflow.sdk.log import mask_secret
 from airflow_amlrun.environment.paths import PathBase
 from airflow_amlrun.environment.requirements import as_path
 from airflow_amlrun.errors import ConfigurationError, shown
+from airflow_amlrun.estimator import Estimator
 from airflow_amlrun.experiment import check_experiment_name
 from airflow_amlrun.links import RUN_ID_XCOM_KEY, AmlRunLink
 from airflow_amlrun.runconfig import (
@@ -49,7 +50,8 @@ class ScriptRunOperator(BaseOperator):
     outputs in the run history, and returns the run summary (run_id, experiment, status, target,
     metrics, start, end, duration_seconds, outputs_uri, ...) as its XCom.
 
-    :param config: a ScriptRunConfig, or the path of a YAML file holding one (relative to the DAG file).
+    :param config: a ScriptRunConfig, an Estimator (SKLearn, PyTorch, ...; its ScriptRunConfig is used), or the
+        path of a YAML file holding a ScriptRunConfig (relative to the DAG file).
     :param experiment: experiment the run belongs to (templated); defaults to the DAG id.
     :param arguments: script arguments replacing the config's (templated).
     :param environment_variables: variables added to the config's (templated).
@@ -81,7 +83,7 @@ class ScriptRunOperator(BaseOperator):
     def __init__(
         self,
         *,
-        config: ScriptRunConfig | str | os.PathLike[str],
+        config: ScriptRunConfig | Estimator | str | os.PathLike[str],
         experiment: str | None = None,
         arguments: list[Any] | None = None,
         environment_variables: dict[str, Any] | None = None,
@@ -95,6 +97,8 @@ class ScriptRunOperator(BaseOperator):
     ) -> None:
         super().__init__(**kwargs)
         where = f"ScriptRunOperator {self.task_id!r}"
+        if isinstance(config, Estimator):
+            config = config.run_config
         if not isinstance(config, ScriptRunConfig | str | os.PathLike):
             raise ConfigurationError(
                 f"{where}: config must be a ScriptRunConfig or the path of a YAML file holding one, not "

@@ -151,7 +151,7 @@ def test_an_unknown_environment_name_lists_the_ones_there_are(ws: Workspace) -> 
     Environment(name="train", python=PythonSection(pip_requirements=["six==1.16.0"])).register(ws)
     with pytest.raises(
         EnvironmentNotFoundError,
-        match=r"No environment named 'trian'.*Registered: train; curated: amlrun-minimal, amlrun-sklearn",
+        match=r"No environment named 'trian'.*Registered: train; curated: amlrun-minimal, amlrun-pytorch, amlrun-sklearn, amlrun-tensorflow",
     ):
         resolve_environment(ws, "trian")
 
