@@ -19,10 +19,11 @@ from typing import Protocol
 class Reporter(Protocol):
     """What shows progress: a step starts, advances by some of its total, and ends."""
 
-    def start(self, description: str, total: float | None) -> object:
+    def start(self, description: str, total: float | None, unit: str) -> object:
         """A new step; the returned token names it in ``advance`` and ``finish``.
 
-        :param total: how much the step has to do (files, bytes), or None when that is not known.
+        :param total: how much the step has to do, or None when that is not known.
+        :param unit: what it counts: "files", "bytes", or "" (steps of its own).
         """
 
     def advance(self, token: object, amount: float) -> None: ...
@@ -48,7 +49,7 @@ def _nothing(amount: float = 1) -> None:
 
 
 @contextlib.contextmanager
-def step(description: str, total: float | None = None) -> Iterator[Callable[[float], None]]:
+def step(description: str, total: float | None = None, unit: str = "") -> Iterator[Callable[[float], None]]:
     """A step of work, reported if anything reports; yields the function that advances it.
 
     The function is meant to be called from the thread that entered the step (threads of a pool have
@@ -56,12 +57,13 @@ def step(description: str, total: float | None = None) -> Iterator[Callable[[flo
 
     :param description: what the step does, e.g. "Uploading snapshot of train/".
     :param total: its size in the units it advances by, or None.
+    :param unit: what it counts: "files", "bytes", or "" (steps of its own).
     """
     reporter = _current.get()
     if reporter is None:
         yield _nothing
         return
-    token = reporter.start(description, total)
+    token = reporter.start(description, total, unit)
 
     def advance(amount: float = 1) -> None:
         reporter.advance(token, amount)

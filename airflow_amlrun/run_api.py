@@ -11,6 +11,7 @@ import contextlib
 import os
 import posixpath
 import secrets
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -138,7 +139,7 @@ class RunApi:
                 destination = os.path.join(destination, posixpath.basename(name))
         folder = os.path.dirname(os.path.abspath(destination))
         os.makedirs(folder, exist_ok=True)
-        with progress.step(f"Downloading {name}") as advance:
+        with progress.step(f"Downloading {name}", unit="bytes") as advance:
             _copy_out(self.workspace, key, destination, advance)
         return destination
 
@@ -170,11 +171,12 @@ class RunApi:
         for name, relative in planned:  # every name first: a bad one stops the download before any file
             _check_parts(root, relative, name)
         written = []
-        with progress.step(f"Downloading {len(planned)} files of run {self.id}", total=len(planned)) as done:
+        with progress.step(
+            f"Downloading {len(planned)} files of run {self.id}", total=len(planned), unit="files"
+        ) as done:
             for name, relative in planned:
                 destination = _confined(root, relative, name)
-                with progress.step(f"Downloading {name}") as advance:
-                    _copy_out(self.workspace, f"runs/{self.id}/{name}", destination, advance)
+                _copy_out(self.workspace, f"runs/{self.id}/{name}", destination, lambda amount: None)
                 written.append(destination)
                 done(1)
         return written
@@ -325,7 +327,7 @@ def _confined(root: str, relative: str, name: str) -> str:
     return os.path.join(current, parts[-1])
 
 
-def _copy_out(workspace: Workspace, key: str, destination: str, advance: Any) -> None:
+def _copy_out(workspace: Workspace, key: str, destination: str, advance: Callable[[int], None]) -> None:
     """Copy a stored object to a local file atomically: written beside it under a new name, then renamed over
     it (a link at the destination is replaced, never written through)."""
     folder = os.path.dirname(os.path.abspath(destination))

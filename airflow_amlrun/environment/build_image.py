@@ -58,6 +58,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from airflow_amlrun import progress
 from airflow_amlrun.environment import docker_build
 from airflow_amlrun.environment.credentials import credential_values
 from airflow_amlrun.environment.docker_build import BUILD_TIMEOUT_SECONDS, inspect_image, split_reference
@@ -392,9 +393,10 @@ def ensure_image(
         found = inspect_image(client, recipe.reference)  # built by another process while this one waited
         if found is not None:
             return _image(recipe, found)
-        return _build(
-            client, recipe, resolved, daemon=daemon, ca_bundle=ca_bundle, environ=environ, output=output
-        )
+        with progress.step(f"Building the image of environment {resolved.name} version {resolved.version}"):
+            return _build(
+                client, recipe, resolved, daemon=daemon, ca_bundle=ca_bundle, environ=environ, output=output
+            )
 
 
 def provide_image(

@@ -30,6 +30,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 
+from airflow_amlrun import progress
 from airflow_amlrun.environment.credentials import hide
 from airflow_amlrun.environment.errors import EnvironmentBuildError
 from airflow_amlrun.environment.lock import (
@@ -127,7 +128,8 @@ def build_venv(
                 return python  # another process built it while this one waited
             _clear_leftovers(envs, key)
             started = time.monotonic()
-            _build(spec, lock, key, envs, uv_cache)
+            with progress.step(f"Building environment {spec.name} version {spec.version} (virtualenv)"):
+                _build(spec, lock, key, envs, uv_cache)
             log.info(
                 "Built environment %r version %s (build %s) in %.1f s",
                 spec.name,

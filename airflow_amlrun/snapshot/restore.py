@@ -10,9 +10,11 @@ run directory.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 
+from airflow_amlrun import progress
 from airflow_amlrun.snapshot.diskio import process_umask
 from airflow_amlrun.snapshot.errors import (
     BlobCorruptError,
@@ -40,7 +42,7 @@ def restore_snapshot(
     :raises BlobMissingError, BlobCorruptError: naming the file path and digest.
     """
     snapshot = store.get_manifest(snapshot_id)
-    _write_tree(store, snapshot, os.fspath(dest), verify=True, max_workers=max_workers)
+    _write_tree(store, snapshot, os.fspath(dest), verify=True, max_workers=max_workers, report=True)
     return snapshot
 
 
@@ -65,8 +67,15 @@ def materialize(
 
 
 def _write_tree(
-    store: BlobStore, snapshot: Snapshot, dest: str, *, verify: bool, max_workers: int | None
+    store: BlobStore,
+    snapshot: Snapshot,
+    dest: str,
+    *,
+    verify: bool,
+    max_workers: int | None,
+    report: bool = False,
 ) -> None:
+    """:param report: report the files written as a step of progress (a restore the user asked for)."""
     validate_entries(snapshot.entries)
     _prepare_destination(dest)
     files = [e for e in snapshot.entries if e.link is None]
@@ -102,9 +111,14 @@ def _write_tree(
         def write_one(entry: SnapshotEntry) -> None:
             _write_file(store, entry, dest, verify=verify, chmod=chmod(entry))
 
-        with ThreadPoolExecutor(max_workers=max_workers or default_workers()) as pool:
+        # A restore the user asked for is reported file by file; a run directory is not.
+        step = progress.step(f"Writing {len(files)} files to {dest}", total=len(files), unit="files")
+        with (
+            step if report else contextlib.nullcontext(lambda amount=1: None) as advance,
+            ThreadPoolExecutor(max_workers=max_workers or default_workers()) as pool,
+        ):
             for _ in pool.map(write_one, files):
-                pass
+                advance(1)
     for entry in links:
         assert entry.link is not None
         os.symlink(entry.link, os.path.join(dest, *entry.path.split("/")))

@@ -17,6 +17,7 @@ from typing import BinaryIO
 
 import blake3
 
+from airflow_amlrun import progress
 from airflow_amlrun.snapshot.errors import (
     BlobCorruptError,
     ExcludedFileError,
@@ -178,6 +179,7 @@ def take_snapshot(
         store.batch() as batch,
         ThreadPoolExecutor(max_workers=workers) as pool,
         ThreadPoolExecutor(max_workers=_REMOTE_WRITERS) as upload_pool,
+        progress.step(f"Snapshot of {scan.root}", total=len(to_hash), unit="files") as advance,
     ):
         writers = pool if local else upload_pool
         # Files go to the threads a few at a time: per file, a task costs about what its hashing does.
@@ -185,6 +187,7 @@ def take_snapshot(
         for i, scanned, digest, written in itertools.chain.from_iterable(pool.map(hash_some, chunks)):
             files[i] = scanned
             digests[i] = digest
+            advance(1)
             if local:
                 results.append(written)
             elif claim(digest):
@@ -206,7 +209,13 @@ def take_snapshot(
             for f, d in zip(files, known, strict=True):
                 if claim(d):
                     blob_futures.append(writers.submit(store_one, d, f))
-        results += [future.result() for future in blob_futures]
+        if blob_futures:
+            with progress.step(
+                f"Storing {len(blob_futures)} new files", total=len(blob_futures), unit="files"
+            ) as stored:
+                for future in blob_futures:
+                    results.append(future.result())
+                    stored(1)
         if not manifest_stored:
             tree_bytes = store.put_trees(snapshot, batch)
     # Leaving the batch made the blobs and directory nodes durable and gave them their names; the
