@@ -15,7 +15,14 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from airflow_amlrun.errors import AmlRunError, RunCanceledError, RunFailedError, RunTimeoutError, shown
+from airflow_amlrun.errors import (
+    AmlRunError,
+    ConfigurationError,
+    RunCanceledError,
+    RunFailedError,
+    RunTimeoutError,
+    shown,
+)
 from airflow_amlrun.history import RunNotFoundError, RunRecord, RunStatus
 from airflow_amlrun.run import LOG_TAIL_LINES, print_output
 from airflow_amlrun.run_api import RunApi
@@ -44,12 +51,14 @@ class Run(RunApi):
         from airflow_amlrun.workspace import Workspace
 
         if not isinstance(workspace, Workspace):
-            raise AmlRunError(
+            raise ConfigurationError(
                 f"Run: workspace must be a Workspace (e.g. Workspace.get()), not {type(workspace).__name__} "
                 f"{shown(workspace)}."
             )
         if not isinstance(run_id, str) or not run_id.strip():
-            raise AmlRunError(f"Run: run_id={shown(run_id)} must be a run's id, as `amlrun runs list` shows.")
+            raise ConfigurationError(
+                f"Run: run_id={shown(run_id)} must be a run's id, as `amlrun runs list` shows."
+            )
         self.workspace = workspace
         try:
             self.record = workspace.history.get_run(run_id)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import subprocess
 import sys
 import textwrap
@@ -16,6 +17,8 @@ import pytest
 from airflow_amlrun import Experiment, Run, ScriptRunConfig, Workspace
 from airflow_amlrun.model import Model
 from tests.conftest import write_script
+
+pytest_plugins = ["tests.integration.docker_engine"]
 
 AMLRUN = str(Path(sys.executable).parent / "amlrun")
 
@@ -233,3 +236,25 @@ def test_every_listing_takes_json(project):
         assert done.returncode == 0, (argv, done.stderr)
         assert isinstance(json.loads(done.stdout), list), argv
     assert json.loads(amlrun("experiments", "--json").stdout)[0]["name"] == "cli_json"
+
+
+def test_an_environment_is_built_into_a_docker_image_ahead_of_its_runs(project, docker_home):
+    from airflow_amlrun.environment import Environment, PythonSection
+
+    # A variable of its own makes its build key (and image) new to the daemon.
+    Environment(
+        name="cli-image",
+        python=PythonSection(pip_requirements=["tomli-w==1.0.0"]),
+        environment_variables={"CLI_TEST": secrets.token_hex(8)},
+    ).register(Workspace.get())
+    built = amlrun("envs", "build", "cli-image:1", "--target", "docker")
+    assert built.returncode == 0, built.stdout + built.stderr
+    image = built.stdout.split("image ")[-1].strip()
+    try:
+        assert docker_home.inspect_image(image)["Id"]
+        assert "Building the image of environment cli-image version 1" in built.stderr
+        again = amlrun("envs", "build", "cli-image:1", "--target", "docker")
+        assert again.returncode == 0 and again.stdout.split("image ")[-1].strip() == image
+        assert "Building the image" not in again.stderr  # built once, by its hash
+    finally:
+        docker_home.remove_image(image, force=True)
