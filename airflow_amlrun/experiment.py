@@ -12,8 +12,9 @@ if TYPE_CHECKING:
 
     from airflow_amlrun.estimator import Estimator
     from airflow_amlrun.hyperdrive import HyperDriveConfig, HyperDriveRun
-    from airflow_amlrun.run import AirflowTask, ScriptRun
+    from airflow_amlrun.run import ScriptRun
     from airflow_amlrun.runconfig import ScriptRunConfig
+    from airflow_amlrun.submission import AirflowTask
     from airflow_amlrun.workspace import Workspace
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{2,35}")

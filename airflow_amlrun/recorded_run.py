@@ -24,9 +24,9 @@ from airflow_amlrun.errors import (
     shown,
 )
 from airflow_amlrun.history import RunNotFoundError, RunRecord, RunStatus
-from airflow_amlrun.run import LOG_TAIL_LINES, print_output
 from airflow_amlrun.run_api import RunApi
 from airflow_amlrun.run_log import LogPosition, LogUnavailableError, RunLog, silent_seconds
+from airflow_amlrun.run_output import LOG_TAIL_LINES, print_output
 
 if TYPE_CHECKING:
     from airflow_amlrun.model import Model

@@ -5,18 +5,13 @@ from __future__ import annotations
 import collections
 import json
 import logging
-import secrets
-import sys
-import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from airflow_amlrun.config import Settings, load_settings
-from airflow_amlrun.environment import Environment, ResolvedEnvironment, resolve_environment
+from airflow_amlrun.environment import ResolvedEnvironment, resolve_environment
 from airflow_amlrun.errors import (
     AmlRunError,
     RunCanceledError,
@@ -24,12 +19,12 @@ from airflow_amlrun.errors import (
     RunTimeoutError,
     TargetUnreachableError,
 )
+from airflow_amlrun.heartbeat import Heartbeat, heartbeat_seconds
 from airflow_amlrun.history import (
     HistoryRefusedError,
     HistoryUnavailableError,
     MetricPoint,
     RunBookkeeper,
-    RunHistory,
     RunRecord,
     RunStatus,
 )
@@ -37,217 +32,33 @@ from airflow_amlrun.model import Model
 from airflow_amlrun.rerun import recorded_config, recorded_submission
 from airflow_amlrun.run_api import RunApi
 from airflow_amlrun.run_context import metric_problem
-from airflow_amlrun.snapshot import Snapshot, materialize, read_git_info, take_snapshot
+from airflow_amlrun.run_output import LOG_TAIL_LINES, OutputLine, print_output
+from airflow_amlrun.submission import (
+    AirflowTask,
+    SnapshotSource,
+    discard_lost,
+    job_for,
+    new_run_id,
+    recorded_handle,
+    recorded_job,
+    snapshot_code,
+)
 from airflow_amlrun.targets.base import Chunk, CodeSource, ComputeTarget, Job, TargetStatus
 from airflow_amlrun.targets.handles import RunHandle, UnreadableHandleError
 from airflow_amlrun.targets.registry import resolve_target
-from airflow_amlrun.targets.supervisor import STDERR_MARK, STDOUT_MARK
 
 if TYPE_CHECKING:
     import os
 
     from airflow_amlrun.runconfig import ScriptRunConfig
-    from airflow_amlrun.snapshot import BlobStore
     from airflow_amlrun.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
-_STDERR_MARK = STDERR_MARK.decode()
-_STDOUT_MARK = STDOUT_MARK.decode()
-
-
-class OutputLine(str):
-    """A line of a run's output, which says the stream the script wrote it to: ``stream`` is "stdout" or
-    "stderr" (a traceback, a warning, a logging handler's records by default)."""
-
-    stream: str
-
-    def __new__(cls, text: str, stream: str = "stdout") -> OutputLine:
-        line = super().__new__(cls, text)
-        line.stream = stream
-        return line
-
-    @classmethod
-    def read(cls, raw: str) -> OutputLine:
-        """The line as the run's log holds it, where the supervisor marked what came from stderr (and a stdout
-        line that could pass for marked)."""
-        if raw.startswith(_STDERR_MARK):
-            return cls(raw[len(_STDERR_MARK) :], "stderr")
-        if raw.startswith(_STDOUT_MARK):
-            return cls(raw[len(_STDOUT_MARK) :])
-        return cls(raw)
-
-    @property
-    def is_error_output(self) -> bool:
-        return self.stream == "stderr"
-
-
-def log_output_line(logger: Any, line: str) -> None:
-    """Write a line of a run's output to a log (the task log): what the script wrote to stderr (a traceback, a
-    warning) as a warning, which the Airflow UI shows apart, the rest as info."""
-    if isinstance(line, OutputLine) and line.is_error_output:
-        logger.warning("%s", line)
-    else:
-        logger.info("%s", line)
-
-
-def print_output(line: str) -> None:
-    """Print a line of a run's output to this process's stdout, or to its stderr where the script wrote it."""
-    stderr = isinstance(line, OutputLine) and line.is_error_output
-    print(line, file=sys.stderr if stderr else sys.stdout, flush=stderr)
-
-
-# Lines of the script's output kept for the error of a failed run.
-LOG_TAIL_LINES = 30
-# How much of its log a follower taking a run over reads again for those lines.
+# How much of its log a follower taking a run over reads again for the lines of a failed run's error.
 RECALLED_TAIL_BYTES = 8192
-# How often the task following a run reports in (the run row's heartbeat_at), at most; reconcile settles a
-# run nobody reported on for [amlrun] reconcile_after_seconds, a few heartbeats' time.
-HEARTBEAT_SECONDS = 15.0
-
-
-def heartbeat_seconds(settings: Settings) -> float:
-    """How often a following task reports in: every 15 s, or often enough for a short reconcile_after."""
-    return min(HEARTBEAT_SECONDS, settings.reconcile_after_seconds / 4)
-
-
-class Heartbeat:
-    """Reports, from a thread of its own, that a task follows a run: the row's heartbeat_at, periodically.
-
-    A thread, so that every phase counts, a long environment build and a long upload of outputs included;
-    a write that fails (the history is away) is skipped, the next one tries again. While the task follows
-    the running run it also says it is making progress (`tick`); a task stuck reading from its target
-    stops reporting after a few beats, so that the run can be settled by others rather than look followed.
-    """
-
-    # Beats without a tick, while watched, after which the heartbeat falls silent.
-    SILENT_AFTER_BEATS = 4
-
-    def __init__(self, history: RunHistory, run_id: str, interval: float) -> None:
-        self._history = history
-        self._run_id = run_id
-        self._interval = interval
-        self._stopped = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._watched = False
-        self._silenced = False
-        self._last_tick = time.monotonic()
-
-    def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(
-                target=self._beat, name=f"amlrun-heartbeat-{self._run_id}", daemon=True
-            )
-            self._thread.start()
-
-    def stop(self) -> None:
-        self._stopped.set()
-
-    def watch(self, watched: bool) -> None:
-        """Whether beats need ticks: on while the task follows the running run, off around it."""
-        self._last_tick = time.monotonic()
-        self._watched = watched
-
-    def tick(self) -> None:
-        self._last_tick = time.monotonic()
-
-    def _beat(self) -> None:
-        while not self._stopped.wait(self._interval):
-            silent = time.monotonic() - self._last_tick > self.SILENT_AFTER_BEATS * self._interval
-            if self._watched and silent:
-                if not self._silenced:
-                    self._silenced = True
-                    log.warning(
-                        "Run %s: this task has made no progress following the run for %.0f s; it stops "
-                        "reporting on it, so that `amlrun reconcile` may settle it",
-                        self._run_id,
-                        time.monotonic() - self._last_tick,
-                    )
-                continue
-            self._silenced = False
-            try:
-                self._history.report_alive(self._run_id)
-            except Exception as err:
-                log.debug("Run %s: heartbeat not written (%s)", self._run_id, err)
-
-
 # While the history is away, metric events wait in the run's events file rather than in memory beyond this.
 MAX_BUFFERED_POINTS = 100_000
-
-
-@dataclass(frozen=True)
-class AirflowTask:
-    """The Airflow task instance that submitted a run, as recorded on the run row."""
-
-    dag_id: str
-    task_id: str
-    run_id: str
-    map_index: int | None
-    try_number: int | None
-
-    @classmethod
-    def of(cls, ti: Any) -> AirflowTask:
-        """The task instance an operator runs as (``context["ti"]``); a map index below 0 is no map index."""
-        map_index = getattr(ti, "map_index", -1)
-        return cls(
-            dag_id=ti.dag_id,
-            task_id=ti.task_id,
-            run_id=ti.run_id,
-            map_index=map_index if map_index is not None and map_index >= 0 else None,
-            try_number=getattr(ti, "try_number", None),
-        )
-
-    def row_fields(self) -> dict[str, Any]:
-        return {
-            "dag_id": self.dag_id,
-            "task_id": self.task_id,
-            "airflow_run_id": self.run_id,
-            "map_index": self.map_index,
-            "try_number": self.try_number,
-        }
-
-
-class SnapshotSource:
-    """The run's code as its snapshot holds it: written from the store, never from the live tree."""
-
-    def __init__(self, store: BlobStore, snapshot: Snapshot) -> None:
-        self.store = store
-        self.snapshot = snapshot
-
-    def materialize(self, dest: Path) -> None:
-        materialize(self.store, self.snapshot, dest)
-
-
-def snapshot_code(
-    workspace: Workspace, config: ScriptRunConfig, settings: Settings
-) -> tuple[Snapshot, dict[str, Any] | None]:
-    """Snapshot the source directory into the workspace store, and read its git provenance.
-
-    Returns the snapshot and what the run records of git (None outside a repository): the summary,
-    the build id and URI, and the digest of the uncommitted diff, which is stored as a blob.
-    """
-    source_directory = Path(config.source_directory)
-    max_bytes = settings.snapshot_max_bytes
-    if config.snapshot_max_size_mb is not None:
-        max_bytes = int(config.snapshot_max_size_mb * 1_000_000)
-    result = take_snapshot(
-        source_directory,
-        workspace.store,
-        stat_cache_path=workspace.cache_dir / "snapshot-stat.sqlite",
-        max_total_bytes=max_bytes,
-        max_files=config.snapshot_max_files or settings.snapshot_max_files,
-        # A script the ignore rules leave out would be missing from the run directory: refuse it now.
-        required={config.script: "the run's script"} if config.script else None,
-    )
-    for warning in result.warnings:
-        log.warning("%s", warning)
-    info = read_git_info(source_directory)
-    if info is None:
-        return result.snapshot, None
-    git = {**info.summary(), "build_id": info.build_id, "build_uri": info.build_uri}
-    if info.diff:
-        git["diff_digest"] = workspace.store.put_bytes(info.diff.encode())
-    return result.snapshot, git
 
 
 @dataclass(frozen=True)
@@ -384,7 +195,7 @@ class ScriptRun(RunApi):
                 return attached
         # Building the environment needs its index credentials on this worker: a missing one fails now.
         environment.index_credentials()
-        job = _job(new_run_id(experiment), experiment, config, environment, None)
+        job = job_for(new_run_id(experiment), experiment, config, environment, None)
         target.check(job)
         if rerun_of is not None and rerun_of.snapshot_id is not None:
             # The code is the recorded run's, as the store holds it; source_directory is a restored copy.
@@ -452,7 +263,7 @@ class ScriptRun(RunApi):
         ]
         attached: ScriptRun | None = None
         for record in earlier:
-            job = _job(record.id, record.experiment, config, environment, record.snapshot_id)
+            job = job_for(record.id, record.experiment, config, environment, record.snapshot_id)
             try:
                 handle = recorded_handle(target, record, job)
             except UnreadableHandleError as err:
@@ -1101,34 +912,6 @@ class ScriptRun(RunApi):
         raise error_type(message, run_id=record.id, log_tail=tail)
 
 
-def new_run_id(experiment: str) -> str:
-    """Run ids as users know them: `<experiment>_<unix time>_<8 hex>`."""
-    return f"{experiment}_{int(time.time())}_{secrets.token_hex(4)}"
-
-
-def _job(
-    run_id: str,
-    experiment: str,
-    config: ScriptRunConfig,
-    environment: ResolvedEnvironment,
-    snapshot_id: str | None,
-) -> Job:
-    return Job(
-        run_id=run_id,
-        experiment=experiment,
-        source_directory=Path(config.source_directory),
-        script=config.script,
-        command=config.command,
-        arguments=list(config.arguments or []),
-        environment=environment,
-        environment_variables=dict(config.environment_variables),
-        max_run_duration_seconds=config.max_run_duration_seconds,
-        snapshot_id=snapshot_id,
-        secret_environment_variables=dict(config.secret_environment_variables),
-        framework=config.framework,
-    )
-
-
 def rerun(
     workspace: Workspace,
     run_id: str,
@@ -1155,22 +938,6 @@ def rerun(
         secret_environment_variables=secret_environment_variables,
     ) as (record, config):
         return ScriptRun.submit(workspace, record.experiment, config, tags=render_tags(tags), rerun_of=record)
-
-
-def recorded_handle(target: ComputeTarget[Any], record: RunRecord, job: Job) -> RunHandle | None:
-    """The handle of a recorded run: the one its row holds, else the one its target finds by its run id."""
-    handle: RunHandle | None = (
-        target.handle_type.from_json(record.handle) if record.handle else target.find(job)
-    )
-    return handle
-
-
-def discard_lost(target: ComputeTarget[Any], job: Job) -> None:
-    """Remove what a run recorded lost left on its target (nothing starts it any more); never fatal."""
-    try:
-        target.discard(job)
-    except Exception as err:
-        log.warning("Run %s: what it left on %s was not removed (%s)", job.run_id, target.name, err)
 
 
 def _timestamp(value: Any) -> datetime | None:
@@ -1204,33 +971,4 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-__all__ = ["AirflowTask", "AmlRunError", "ScriptRun", "rerun"]
-
-
-def recorded_job(record: RunRecord) -> Job:
-    """The job of a recorded run, as much as following it needs: its id, limit and the handle's target."""
-    recorded = record.environment or {}
-    spec = Environment()
-    environment = ResolvedEnvironment(
-        spec=spec,
-        name=str(recorded.get("name") or spec.name),
-        version=recorded.get("version"),
-        lock=None,
-        build_key=recorded.get("build_key"),
-        user_managed=bool(recorded.get("user_managed", True)),
-    )
-    command: str | list[str] | None = record.command
-    if record.command and record.command.startswith("["):
-        command = list(json.loads(record.command))
-    return Job(
-        run_id=record.id,
-        experiment=record.experiment,
-        source_directory=Path("."),
-        script=record.script,
-        command=command,
-        arguments=[str(a) for a in record.arguments],
-        environment=environment,
-        environment_variables={},
-        max_run_duration_seconds=record.max_run_duration_seconds,
-        snapshot_id=record.snapshot_id,
-    )
+__all__ = ["AmlRunError", "ScriptRun", "rerun"]

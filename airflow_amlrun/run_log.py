@@ -169,7 +169,7 @@ class RunLog:
         """The complete lines written since `position`: from the store once the run ended (a piece of at most
         READ_CAP bytes a read, the last line even without its newline), else from its target (none before it
         reached its target)."""
-        from airflow_amlrun.run import OutputLine  # the submission's modules: only once a log is read
+        from airflow_amlrun.run_output import OutputLine  # the submission's modules: only once a log is read
 
         record = self.workspace.get_run(self.run_id)
         if record.status.is_terminal:

@@ -332,7 +332,7 @@ def wait_until_running(also: Callable[[Any], bool] = lambda run: True, timeout: 
 _SUBMIT_AS_TRY_1 = """
 import sys
 from airflow_amlrun import Experiment, ScriptRunConfig, Workspace
-from airflow_amlrun.run import AirflowTask
+from airflow_amlrun.submission import AirflowTask
 
 task = AirflowTask(dag_id="retrain", task_id="train", run_id="manual_1", map_index=None, try_number=1)
 limit = float(sys.argv[3]) if sys.argv[3] != "none" else None

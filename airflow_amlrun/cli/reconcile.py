@@ -15,8 +15,8 @@ def cmd_reconcile(args: argparse.Namespace, console: Console) -> int:
     from dataclasses import replace
 
     from airflow_amlrun.config import load_settings
+    from airflow_amlrun.heartbeat import heartbeat_seconds
     from airflow_amlrun.reconcile import reconcile
-    from airflow_amlrun.run import heartbeat_seconds
 
     settings = load_settings()
     if args.after is not None:

@@ -21,12 +21,14 @@ from typing import TYPE_CHECKING, Any
 
 from airflow_amlrun.config import load_settings
 from airflow_amlrun.errors import AmlRunError
+from airflow_amlrun.heartbeat import Heartbeat, heartbeat_seconds
 from airflow_amlrun.history import RunRecord, RunStatus
 from airflow_amlrun.hyperdrive.config import HyperDriveConfig
 from airflow_amlrun.hyperdrive.parameters import GridParameterSampling, argument_words
 from airflow_amlrun.reconcile import SWEEP_TARGET
 from airflow_amlrun.rerun import recorded_config
-from airflow_amlrun.run import AirflowTask, FollowState, Heartbeat, ScriptRun, heartbeat_seconds, new_run_id
+from airflow_amlrun.run import FollowState, ScriptRun
+from airflow_amlrun.submission import AirflowTask, new_run_id
 
 if TYPE_CHECKING:
     from airflow_amlrun.workspace import Workspace

@@ -79,7 +79,7 @@ class HyperDriveOperator(BaseOperator):
         from airflow_amlrun.experiment import Experiment, experiment_name_from
         from airflow_amlrun.history import RunStatus
         from airflow_amlrun.hyperdrive import HyperDriveRun
-        from airflow_amlrun.run import AirflowTask
+        from airflow_amlrun.submission import AirflowTask
 
         ti = context["ti"]
         dag_folder = PathBase.of_dag_file(context["dag"].fileloc)

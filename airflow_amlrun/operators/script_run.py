@@ -33,7 +33,8 @@ if TYPE_CHECKING:
     from airflow.sdk import Context
 
     from airflow_amlrun.history import RunRecord
-    from airflow_amlrun.run import AirflowTask, ScriptRun
+    from airflow_amlrun.run import ScriptRun
+    from airflow_amlrun.submission import AirflowTask
     from airflow_amlrun.workspace import Workspace
 
 
@@ -146,7 +147,7 @@ class ScriptRunOperator(BaseOperator):
     def execute(self, context: Context) -> dict[str, Any]:
         from airflow_amlrun.environment.resolve import index_secrets
         from airflow_amlrun.experiment import Experiment, experiment_name_from
-        from airflow_amlrun.run import AirflowTask
+        from airflow_amlrun.submission import AirflowTask
 
         ti = context["ti"]
         dag_folder = PathBase.of_dag_file(context["dag"].fileloc)
@@ -307,7 +308,7 @@ class ScriptRunOperator(BaseOperator):
             self._run.cancel()
 
     def _log_line(self, line: str) -> None:
-        from airflow_amlrun.run import log_output_line
+        from airflow_amlrun.run_output import log_output_line
 
         log_output_line(self.log, line)
 

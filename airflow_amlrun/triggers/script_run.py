@@ -82,7 +82,7 @@ class ScriptRunTrigger(BaseTrigger):
         return run
 
     def _emit(self, line: str) -> None:
-        from airflow_amlrun.run import log_output_line
+        from airflow_amlrun.run_output import log_output_line
 
         log_output_line(self.log, line)
 

@@ -19,7 +19,7 @@ import pytest
 _RETRY = """
 import json, sys
 from airflow_amlrun import Experiment, ScriptRunConfig, Workspace
-from airflow_amlrun.run import AirflowTask
+from airflow_amlrun.submission import AirflowTask
 
 source, target = sys.argv[1], sys.argv[2]
 task = AirflowTask(dag_id="retrain", task_id="train", run_id="manual_1", map_index=None, try_number=2)

@@ -19,7 +19,7 @@ import pytest
 from airflow_amlrun import Experiment, ScriptRunConfig, Workspace
 from airflow_amlrun.errors import TargetUnreachableError
 from airflow_amlrun.history import HistoryUnavailableError
-from airflow_amlrun.run import AirflowTask
+from airflow_amlrun.submission import AirflowTask
 from airflow_amlrun.targets.docker_transfer import RUN_DIR
 from tests.conftest import wait_until_running, write_script
 from tests.integration.docker_engine import SocketProxy, containers_of

@@ -20,7 +20,7 @@ from airflow_amlrun import Environment, Experiment, ScriptRunConfig, Workspace
 from airflow_amlrun.environment import PythonSection, resolve_environment
 from airflow_amlrun.environment.build_image import image_recipe
 from airflow_amlrun.errors import ConfigurationError, RunFailedError
-from airflow_amlrun.run import AirflowTask
+from airflow_amlrun.submission import AirflowTask
 from airflow_amlrun.targets.docker import LABEL_RUN_ID, LABEL_TRANSFER, container_name
 from tests.conftest import worker_dies_mid_run, write_script
 from tests.integration.docker_engine import SocketProxy, containers_of

@@ -14,7 +14,7 @@ import pytest
 
 from airflow_amlrun import Experiment, ScriptRunConfig, Workspace
 from airflow_amlrun.errors import TargetUnreachableError
-from airflow_amlrun.run import AirflowTask
+from airflow_amlrun.submission import AirflowTask
 from airflow_amlrun.targets import registry
 from airflow_amlrun.targets.base import Job
 from airflow_amlrun.targets.handles import SSHHandle

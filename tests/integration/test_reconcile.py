@@ -302,7 +302,7 @@ def test_abandon_unreachable_records_another_workers_runs_lost(amlrun_home, tmp_
 
 
 def test_a_following_tasks_heartbeat_stops_when_it_makes_no_progress(amlrun_home):
-    from airflow_amlrun.run import Heartbeat
+    from airflow_amlrun.heartbeat import Heartbeat
 
     history = Workspace.get().history
     history.create_run(run_id="beats_1_deadbeef", experiment="beats", target="local")

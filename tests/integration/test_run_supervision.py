@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from airflow_amlrun import Experiment, ScriptRunConfig, Workspace
-from airflow_amlrun.run import AirflowTask
+from airflow_amlrun.submission import AirflowTask
 from tests.conftest import worker_dies_mid_run, write_script
 from tests.integration.conftest import SSH_CONN_ID, Target
 from tests.integration.orphans import wait_for_file

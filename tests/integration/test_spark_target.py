@@ -17,7 +17,7 @@ import pytest
 from airflow_amlrun import Environment, Experiment, ScriptRunConfig, Workspace
 from airflow_amlrun.environment import PythonSection
 from airflow_amlrun.errors import ConfigurationError
-from airflow_amlrun.run import AirflowTask
+from airflow_amlrun.submission import AirflowTask
 from tests.conftest import REPO, dag_source, wait_until_running, worker_dies_mid_run, write_script
 from tests.integration.orphans import group_members
 from tests.integration.spark_cluster import free_port, set_connection

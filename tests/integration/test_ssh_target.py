@@ -24,7 +24,7 @@ import pytest
 
 from airflow_amlrun import Environment, Experiment, ScriptRunConfig, Workspace
 from airflow_amlrun.environment import PythonSection
-from airflow_amlrun.run import AirflowTask
+from airflow_amlrun.submission import AirflowTask
 from airflow_amlrun.targets.handles import SSHHandle
 from airflow_amlrun.targets.ssh import SSHTargetConfigurationError, SSHTargetUnreachableError
 from tests.conftest import REPO, dag_source, worker_dies_mid_run, write_script

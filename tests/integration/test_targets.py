@@ -22,7 +22,7 @@ import pytest
 
 from airflow_amlrun import Experiment, ScriptRunConfig, Workspace
 from airflow_amlrun.errors import RunTimeoutError
-from airflow_amlrun.run import AirflowTask
+from airflow_amlrun.submission import AirflowTask
 from tests.conftest import dag_source, wait_until_running, worker_dies_mid_run, write_script
 from tests.integration.conftest import Target
 from tests.integration.orphans import wait_for_file

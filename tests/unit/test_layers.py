@@ -30,6 +30,9 @@ LAYERS: list[tuple[str, list[str]]] = [
         [
             "runconfig",
             "run",
+            "run_output",
+            "heartbeat",
+            "submission",
             "run_api",
             "run_log",
             "recorded_run",

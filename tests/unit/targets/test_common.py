@@ -224,7 +224,7 @@ def test_a_line_longer_than_the_read_cap_is_handed_over_in_pieces():
 
 
 def test_a_progress_bar_on_stderr_stays_one_marked_line():
-    from airflow_amlrun.run import OutputLine
+    from airflow_amlrun.run_output import OutputLine
 
     data = STDERR_MARK + b"\r 10%|#         |\r 50%|#####     |\r100%|##########|\n" + b"epoch 1\r\n"
     lines = [OutputLine.read(line) for line in common.lines_from(data, 0, final=False).lines]
@@ -423,7 +423,7 @@ def test_a_kept_log_is_the_marked_log_without_its_marks_however_it_is_read(
 
 
 def test_output_lines_say_the_stream_the_script_wrote_them_to() -> None:
-    from airflow_amlrun.run import OutputLine
+    from airflow_amlrun.run_output import OutputLine
 
     line = OutputLine.read(STDERR_MARK.decode() + "Traceback (most recent call last):")
     assert (line, line.stream, line.is_error_output) == ("Traceback (most recent call last):", "stderr", True)

@@ -313,7 +313,7 @@ def test_the_log_keeps_both_streams_in_order_with_each_stderr_line_marked(tmp_pa
 
 
 def test_output_that_looks_like_a_mark_keeps_its_stream_and_its_bytes(tmp_path: Path) -> None:
-    from airflow_amlrun.run import OutputLine
+    from airflow_amlrun.run_output import OutputLine
     from airflow_amlrun.targets.common import read_lines, unmark_file
 
     written = [
