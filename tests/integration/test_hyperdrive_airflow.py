@@ -257,7 +257,7 @@ with DAG("DAG_ID", schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="U
         time.sleep(0.3)
 
     state = cluster.wait_for_dag_run(dag_id, run_id)
-    assert state == "success", cluster.task_log(dag_id, run_id, "tune")[-6000:] + cluster.component_logs(20000)
+    assert state == "success", cluster.task_log(dag_id, run_id, "tune")[-6000:] + cluster.component_logs()
     assert deferred
     log = cluster.task_log(dag_id, run_id, "tune")
     assert "are followed by the triggerer from here; the worker slot is freed" in log
