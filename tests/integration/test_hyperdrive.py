@@ -73,6 +73,15 @@ def test_a_bandit_policy_stops_the_worse_runs_of_a_sweep_early(target, tmp_path)
     ranked = sweep.get_children_sorted_by_primary_metric()
     assert [row["hyperparameters"]["--alpha"] for row in ranked[:3]] == [1, 1.05, 1.1]
     assert parent.config["hyperdrive"]["policy"]["policy"] == "BanditPolicy"
+    # What HyperDriveOperator returns as its XCom: the best run's summary, every run's id and metrics.
+    summary = sweep.summary()
+    assert summary["sweep_run_id"] == sweep.id
+    assert summary["best_run"]["run_id"] == best.id and summary["best_run"]["tags"]["best_run"] == "true"
+    assert summary["children"] == ranked
+    assert {row["run_id"]: row["metrics"] for row in ranked} == {
+        c.id: ws.get_run(c.id).metrics for c in children
+    }
+    assert all(row["metrics"]["loss"] == row["loss"] for row in ranked)
 
 
 def test_a_sweep_as_a_dag_task_returns_its_best_run(amlrun_home, run_dag) -> None:  # type: ignore[no-untyped-def]

@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from airflow_amlrun.history import RunRecord, RunStatus
@@ -129,6 +129,8 @@ def _state(status: RunStatus) -> str:
 
 
 @pytest.mark.parametrize("method", [RandomParameterSampling, BayesianParameterSampling])
+# TPE's first draws import and compile much of Optuna: no deadline on one example.
+@settings(max_examples=60, deadline=None)
 @given(runs=st.integers(min_value=1, max_value=9), order=st.integers(0, 2**16), seed=st.integers(0, 2**16))
 def test_a_restored_sampler_draws_what_the_first_process_would_have_drawn_next(
     method: type[RandomParameterSampling], runs: int, order: int, seed: int
