@@ -54,6 +54,13 @@ class Expression:
             return statistics.NormalDist(a[0], a[1]).inv_cdf(drawn)
         return drawn
 
+    def drawn(self, value: Any) -> Any:
+        """What ``distribution`` gave for a parameter's value (the inverse of ``value``, up to rounding)."""
+        if self.kind == "normal":
+            quantile = statistics.NormalDist(*self.args).cdf(float(value))
+            return min(max(quantile, 1e-9), 1 - 1e-9)
+        return value
+
 
 def _rounded(value: float, q: float) -> float | int:
     """A multiple of q without float noise (0.30000000000000004 -> 0.3), an int when q is whole."""

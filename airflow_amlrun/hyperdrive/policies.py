@@ -177,3 +177,20 @@ class TruncationSelectionPolicy(EarlyTerminationPolicy):
 
     def to_dict(self) -> dict[str, Any]:
         return {**super().to_dict(), "truncation_percentage": self.truncation_percentage}
+
+
+_POLICIES: dict[str, type[EarlyTerminationPolicy]] = {
+    cls.__name__: cls
+    for cls in (NoTerminationPolicy, BanditPolicy, MedianStoppingPolicy, TruncationSelectionPolicy)
+}
+
+
+def policy_from_dict(data: Mapping[str, Any]) -> EarlyTerminationPolicy:
+    """The policy ``to_dict`` described (what a sweep's trigger is given, and its parent run records)."""
+    fields = dict(data)
+    name = str(fields.pop("policy", ""))
+    if name not in _POLICIES:
+        raise ConfigurationError(
+            f"Unknown early termination policy {name!r}: one of {', '.join(sorted(_POLICIES))}."
+        )
+    return _POLICIES[name](**fields)

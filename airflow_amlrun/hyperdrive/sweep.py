@@ -6,31 +6,49 @@ ordinary run of the same experiment with ``parent_run_id`` naming the parent and
 metrics and limits as any run's), reads the primary metric each one streams, asks the policy about every run
 with a new report, and stops those it names (Canceled, with the policy's reason as the run's error). Optuna is
 told every run's outcome, so Bayesian sampling learns from the runs that ended.
+
+Another process can take a sweep over from the history alone (``resumed``): a retry of its task after the
+worker died, or a deferred task coming back from the triggerer. The sampler is rebuilt from the recorded
+runs (replay.py), the runs that ended are counted, the live ones are followed on, and only the runs still
+missing are started: never more than ``max_total_runs`` in all.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from airflow_amlrun.config import load_settings
-from airflow_amlrun.errors import AmlRunError
+from airflow_amlrun.errors import AmlRunError, TargetUnreachableError
 from airflow_amlrun.heartbeat import Heartbeat, heartbeat_seconds
 from airflow_amlrun.history import RunRecord, RunStatus
 from airflow_amlrun.hyperdrive.config import HyperDriveConfig
-from airflow_amlrun.hyperdrive.parameters import GridParameterSampling, argument_words
+from airflow_amlrun.hyperdrive.parameters import argument_words
+from airflow_amlrun.hyperdrive.replay import (
+    HYPERPARAMETERS_TAG,
+    Sampler,
+    new_sampler,
+    outcome,
+    parameters_tag,
+    restored_sampler,
+)
+from airflow_amlrun.hyperdrive.results import SweepResults, metric_of
+from airflow_amlrun.hyperdrive.takeover import SweepChangedError, SweepState
+from airflow_amlrun.hyperdrive.watch import PolicyWatch
 from airflow_amlrun.reconcile import SWEEP_TARGET
 from airflow_amlrun.rerun import recorded_config
-from airflow_amlrun.run import FollowState, ScriptRun
-from airflow_amlrun.submission import AirflowTask, new_run_id
+from airflow_amlrun.run import FollowState, RunEndedError, ScriptRun
+from airflow_amlrun.submission import AirflowTask, discard_lost, new_run_id, recorded_job
 
 if TYPE_CHECKING:
+    from airflow_amlrun.targets.base import TargetStatus
     from airflow_amlrun.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -40,25 +58,28 @@ TARGET = SWEEP_TARGET
 _REPORT_SECONDS = 0.25
 
 
-class HyperDriveRun:
+class HyperDriveRun(SweepResults):
     """A submitted sweep; ``wait_for_completion`` runs it to its end in this process."""
 
     def __init__(
         self, workspace: Workspace, experiment: str, config: HyperDriveConfig, parent_id: str
     ) -> None:
+        assert config.policy is not None
         self.workspace = workspace
         self.experiment = experiment
         self.config = config
         self.id = parent_id
         self._settings = load_settings()
         self._children: dict[str, ScriptRun] = {}
-        self._trials: dict[str, Any] = {}
-        self._reports: dict[str, list[float]] = {}
-        self._looked_at: dict[str, int] = {}
+        self._sampler: Sampler | None = None
+        self._watch = PolicyWatch(workspace.history, config.policy, config.primary_metric_name, config.goal)
         self._submitted = 0
+        self._exhausted = False
+        self._begun = False
+        self._deadline: datetime | None = None
+        self._emit: Callable[[str], None] | None = None
         self._finished: RunRecord | None = None
         self._airflow_task: AirflowTask | None = None
-        self._study: Any = None
         self._heartbeat = Heartbeat(workspace.history, parent_id, heartbeat_seconds(self._settings))
         # Set by stop() (the task's on_kill): the loop ends its runs and the sweep, Canceled with this reason.
         self._stop_reason: str | None = None
@@ -105,6 +126,100 @@ class HyperDriveRun:
         sweep._airflow_task = airflow_task
         return sweep
 
+    @classmethod
+    def resumed(
+        cls,
+        workspace: Workspace,
+        run_id: str,
+        config: HyperDriveConfig,
+        *,
+        state: SweepState | None = None,
+        airflow_task: AirflowTask | None = None,
+        base_dir: str | os.PathLike[str] | None = None,
+    ) -> HyperDriveRun:
+        """A recorded sweep, to go on with in this process from where another left it.
+
+        :param config: the sweep as submitted; its sampling, policy and limits must be the recorded ones.
+        :param state: what ``hand_over`` returned in the process that followed it so far (None: that process
+            died; its live runs are followed from their start, their metrics recorded once).
+        :param airflow_task: the task (try) going on with it, recorded on the parent.
+        :raises RunEndedError: the sweep was recorded ended meanwhile.
+        :raises SweepChangedError: the recorded sweep is not this config's.
+        """
+        history = workspace.history
+        record = history.get_run(run_id)
+        if record.target != TARGET:
+            raise AmlRunError(f"Run {run_id} is not a sweep (its target is {record.target!r}).")
+        if record.status.is_terminal:
+            raise RunEndedError(record)
+        recorded = (record.config or {}).get("hyperdrive")
+        if _canonical(recorded) != _canonical(config.to_dict()):
+            raise SweepChangedError(
+                f"Sweep {run_id} was recorded as {_canonical(recorded)}, and the config given to go on with it "
+                f"is {_canonical(config.to_dict())}: it cannot be resumed as that config."
+            )
+        sweep = cls(
+            workspace,
+            record.experiment,
+            replace(config, run_config=config.run_config.resolved(base_dir)),
+            run_id,
+        )
+        sweep._airflow_task = airflow_task
+        sweep._restore(record, state or SweepState())
+        return sweep
+
+    def _restore(self, parent: RunRecord, state: SweepState) -> None:
+        history = self.workspace.history
+        fields: dict[str, Any] = {"heartbeat_at": _now()}
+        if self._airflow_task is not None:
+            fields["try_number"] = self._airflow_task.try_number
+        if not history.update_unfinished_run(self.id, **fields):
+            raise RunEndedError(history.get_run(self.id))
+        children = history.child_runs(self.id)
+        self._sampler = restored_sampler(self.config, children)
+        self._submitted = len(children)
+        self._watch.looked_at.update(state.looked_at)
+        ended = 0
+        for record in children:
+            if record.status.is_terminal:
+                ended += 1
+                self._watch.ended(record.id)
+                continue
+            try:
+                followed = state.children.get(record.id, FollowState())
+                self._children[record.id] = ScriptRun.resumed(self.workspace, record.id, followed)
+            except RunEndedError as gone:
+                ended += 1
+                self._ended(record.id, gone.record)
+            except AmlRunError as err:
+                ended += 1
+                self._ended(record.id, self._lost(record, err))
+        log.info(
+            "Sweep %s taken over: %d of its %d runs ended, %d followed on, up to %d more to start",
+            self.id,
+            ended,
+            len(children),
+            len(self._children),
+            self.config.max_total_runs - len(children),
+        )
+
+    def _lost(self, record: RunRecord, err: AmlRunError) -> RunRecord:
+        """Record Failed a run of the sweep that this process cannot follow (it never reached its target, or
+        runs where this process cannot reach it): the sweep goes on without it."""
+        reason = f"Lost: the sweep's new process cannot follow it ({err}); the sweep went on without it."
+        log.warning("Sweep %s: run %s %s", self.id, record.id, reason)
+        self.workspace.history.update_unfinished_run(
+            record.id, status=RunStatus.FAILED, end_time=_now(), error=reason
+        )
+        if not isinstance(err, TargetUnreachableError):
+            # Nothing starts what it left on its target any more (a container created, never started).
+            with contextlib.suppress(Exception):
+                from airflow_amlrun.targets.registry import resolve_target
+
+                target = resolve_target(record.target, self._settings, self.workspace.cache_dir)
+                discard_lost(target, recorded_job(record))
+        return self.workspace.history.get_run(record.id)
+
     # the loop
 
     def wait_for_completion(
@@ -113,50 +228,117 @@ class HyperDriveRun:
         """Run the sweep to its end: every run started, followed and ended; returns the parent run's record."""
         if self._finished is not None:
             return self._finished
-        import optuna
-
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        config = self.config
-        study = self._study = optuna.create_study(
-            direction="minimize" if config.goal == "minimize" else "maximize",
-            sampler=config.hyperparameter_sampling.sampler() or optuna.samplers.RandomSampler(),
-        )
-        grid = (
-            iter(config.hyperparameter_sampling.grid())
-            if isinstance(config.hyperparameter_sampling, GridParameterSampling)
-            else None
-        )
-        deadline = (
-            time.monotonic() + config.max_duration_minutes * 60
-            if config.max_duration_minutes is not None
-            else None
-        )
-        exhausted = False
-        emit = output if output is not None else (print if show_output else None)
-        self.workspace.history.update_run(self.id, status=RunStatus.RUNNING, start_time=_now())
-        self._heartbeat.start()
+        self._emit = output if output is not None else (print if show_output else None)
         try:
-            last_reports = 0.0
-            while self._stop_reason is None:
-                expired = deadline is not None and time.monotonic() >= deadline
-                if expired:
-                    self._stop_all(
-                        f"Canceled: the sweep's max_duration_minutes ({config.max_duration_minutes:g}) was reached."
-                    )
-                while (
-                    not expired and not exhausted and len(self._children) < (config.max_concurrent_runs or 1)
-                ):
-                    if self._submitted >= config.max_total_runs or not self._start_next(study, grid):
-                        exhausted = True
-                self._step_all(study, emit)
-                if time.monotonic() - last_reports >= _REPORT_SECONDS:
-                    last_reports = time.monotonic()
-                    self._apply_policy(study)
-                if not self._children and (exhausted or expired):
-                    return self._conclude()
-                time.sleep(self._settings.poll_interval_seconds)
-            self._stop_all(self._stop_reason)
-            return self._finish(RunStatus.CANCELED, self._stop_reason)
+            with self._guarded():
+                self._begin()
+                last_judged = 0.0
+                while self._stop_reason is None:
+                    judge = time.monotonic() - last_judged >= _REPORT_SECONDS
+                    if judge:
+                        last_judged = time.monotonic()
+                    record = self._tick(judge)
+                    if record is not None:
+                        return record
+                    time.sleep(self._settings.poll_interval_seconds)
+                return self._canceled(self._stop_reason)
+        finally:
+            self._heartbeat.stop()
+
+    def advance(self) -> RunRecord | None:
+        """One pass of the sweep in this process: runs started where slots are free, every live run looked at
+        once, the policy applied. The parent's record once the sweep ended, else None: call again, or
+        ``hand_over`` the sweep to another process."""
+        if self._finished is not None:
+            return self._finished
+        with self._guarded():
+            self._begin()
+            if self._stop_reason is not None:
+                return self._canceled(self._stop_reason)
+            return self._tick(judge=True)
+
+    def take_back(self, ended: Mapping[str, TargetStatus], stops: Mapping[str, str]) -> None:
+        """What another process saw while it followed the sweep's runs: runs that ended on their target (their
+        outcome is recorded from here) and runs the policy stops (stopped from here, Canceled with why)."""
+        with self._guarded():
+            for run_id, status in ended.items():
+                child = self._children.get(run_id)
+                if child is not None:
+                    self._ended(run_id, child.conclude(status, self._emit))
+            for run_id, reason in stops.items():
+                if run_id in self._children:
+                    self._stop(run_id, reason)
+
+    def fail(self, reason: str) -> RunRecord:
+        """End the sweep Failed with `reason`, its live runs Canceled (e.g. the task's execution_timeout)."""
+        self._stop_all(f"Canceled: {reason}")
+        return self._finish(RunStatus.FAILED, reason)
+
+    def hand_over(self) -> SweepState:
+        """Stop following the sweep from this process, its runs going on; how far it got, for the next one.
+
+        :raises HistoryUnavailableError: a run's latest metrics could not be recorded; the sweep is left as it
+            is in the history, for a retry of its task to take over.
+        """
+        states = {run_id: child.hand_over() for run_id, child in self._children.items()}
+        self._children.clear()
+        self._heartbeat.stop()
+        return SweepState(states, {k: v for k, v in self._watch.looked_at.items() if k in states})
+
+    @property
+    def deadline(self) -> datetime | None:
+        """When max_duration_minutes ends the sweep (once it began), if it has a limit."""
+        return self._deadline
+
+    def stop(self, reason: str = "Canceled: the task running the sweep was stopped.") -> None:
+        """End the sweep from outside its loop (the task's on_kill): its live runs are stopped at once, and the
+        loop, if it runs, records the sweep Canceled."""
+        self._stop_reason = reason
+        for child in list(self._children.values()):
+            try:
+                child.request_stop()
+            except Exception:
+                log.exception("Sweep %s: stopping run %s failed", self.id, child.id)
+
+    def _begin(self) -> None:
+        if self._begun:
+            return
+        self._begun = True
+        if self._sampler is None:
+            self._sampler = new_sampler(self.config)
+        history = self.workspace.history
+        record = history.get_run(self.id)
+        start = record.start
+        if start is None or record.status is RunStatus.QUEUED:
+            start = _now()
+            history.update_run(self.id, status=RunStatus.RUNNING, start_time=start)
+        if self.config.max_duration_minutes is not None:
+            self._deadline = start + timedelta(minutes=self.config.max_duration_minutes)
+        self._heartbeat.start()
+
+    def _tick(self, judge: bool) -> RunRecord | None:
+        config = self.config
+        expired = self._deadline is not None and _now() >= self._deadline
+        if expired:
+            self._stop_all(
+                f"Canceled: the sweep's max_duration_minutes ({config.max_duration_minutes:g}) was reached."
+            )
+        while not expired and not self._exhausted and len(self._children) < (config.max_concurrent_runs or 1):
+            if self._submitted >= config.max_total_runs or not self._start_next():
+                self._exhausted = True
+        self._step_all()
+        if judge:
+            for run_id, reason in self._watch.judge(list(self._children)).items():
+                self._stop(run_id, reason)
+        if not self._children and (self._exhausted or expired):
+            return self._conclude()
+        return None
+
+    @contextlib.contextmanager
+    def _guarded(self) -> Iterator[None]:
+        """Whatever interrupts the sweep in this process ends it, its live runs stopped, and is raised on."""
+        try:
+            yield
         except BaseException as err:
             name = type(err).__name__
             if name == "AirflowTaskTimeout":
@@ -171,30 +353,14 @@ class HyperDriveRun:
             except Exception:
                 log.exception("Sweep %s: recording its end after %r failed too", self.id, err)
             raise
-        finally:
-            self._heartbeat.stop()
 
-    def stop(self, reason: str = "Canceled: the task running the sweep was stopped.") -> None:
-        """End the sweep from outside its loop (the task's on_kill): its live runs are stopped at once, and the
-        loop, if it runs, records the sweep Canceled."""
-        self._stop_reason = reason
-        for child in list(self._children.values()):
-            try:
-                child.request_stop()
-            except Exception:
-                log.exception("Sweep %s: stopping run %s failed", self.id, child.id)
-
-    def _start_next(self, study: Any, grid: Any) -> bool:
+    def _start_next(self) -> bool:
         config = self.config
-        if grid is not None:
-            params = next(grid, None)
-            if params is None:
-                return False
-            trial = None
-        else:
-            space = config.hyperparameter_sampling.parameter_space
-            trial = study.ask({name: e.distribution() for name, e in space.items()})
-            params = {name: space[name].value(trial.params[name]) for name in space}
+        assert self._sampler is not None
+        drawn = self._sampler.next_parameters(config)
+        if drawn is None:
+            return False
+        params, trial = drawn
         words = [w for name, value in params.items() for w in argument_words(name, value)]
         child_config = replace(config.run_config, arguments=[*(config.run_config.arguments or []), *words])
         self._submitted += 1
@@ -203,20 +369,19 @@ class HyperDriveRun:
                 self.workspace,
                 self.experiment,
                 child_config,
-                tags={"hyperparameters": json.dumps(params, sort_keys=True)},
+                tags={HYPERPARAMETERS_TAG: parameters_tag(params)},
                 parent_run_id=self.id,
                 airflow_task=self._airflow_task,
             )
         except AmlRunError as err:
             # A run that cannot start (its target refused it) fails the sweep now: the next would too.
-            if trial is not None:
-                study.tell(trial, state=_trial_state("FAIL"))
+            self._sampler.discard(trial)
             raise AmlRunError(
                 f"Sweep {self.id}: run {self._submitted} with {params} could not start: {err}"
             ) from err
         self._children[child.id] = child
-        self._trials[child.id] = trial
-        self._reports[child.id] = []
+        if trial is not None:
+            self._sampler.trials[child.id] = trial
         log.info(
             "Sweep %s: run %d of at most %d, %s, started with %s",
             self.id,
@@ -227,50 +392,21 @@ class HyperDriveRun:
         )
         return True
 
-    def _step_all(self, study: Any, emit: Callable[[str], None] | None) -> None:
+    def _step_all(self) -> None:
         for run_id, child in list(self._children.items()):
-            status = child.step(emit, timeout=0)
+            status = child.step(self._emit, timeout=0)
             if status is not None:
-                record = child.conclude(status, emit)
-                self._ended(study, run_id, record)
+                self._ended(run_id, child.conclude(status, self._emit))
 
-    def _apply_policy(self, study: Any) -> None:
-        config = self.config
-        assert config.policy is not None
-        if type(config.policy).__name__ == "NoTerminationPolicy":
-            return
-        for run_id in list(self._children):
-            self._refresh_reports(run_id)
-        for run_id, child in list(self._children.items()):
-            reports = self._reports[run_id]
-            seen = self._looked_at.get(run_id, 0)
-            self._looked_at[run_id] = len(reports)
-            # Every report that fell due since the last look, each as if the run had just logged it.
-            for n in range(seen + 1, len(reports) + 1):
-                reason = config.policy.stop_reason(
-                    run_id, {**self._reports, run_id: reports[:n]}, config.goal
-                )
-                if reason is None:
-                    continue
-                log.info("Sweep %s: stopping run %s: %s", self.id, run_id, reason)
-                child.cancel(reason)
-                self._ended(study, run_id, self.workspace.history.get_run(run_id), pruned=True)
-                break
+    def _stop(self, run_id: str, reason: str) -> None:
+        log.info("Sweep %s: stopping run %s: %s", self.id, run_id, reason)
+        self._children[run_id].cancel(reason)
+        self._ended(run_id, self.workspace.history.get_run(run_id))
 
-    def _refresh_reports(self, run_id: str) -> None:
-        """The primary metric's new points of a run, read from the history after the last one read."""
-        reports = self._reports.setdefault(run_id, [])
-        points = self.workspace.history.get_metrics(run_id, name=self.config.primary_metric_name)
-        reports.extend(
-            float(p.value)
-            for p in points[len(reports) :]
-            if isinstance(p.value, int | float) and not isinstance(p.value, bool)
-        )
-
-    def _ended(self, study: Any, run_id: str, record: RunRecord, *, pruned: bool = False) -> None:
+    def _ended(self, run_id: str, record: RunRecord) -> None:
         self._children.pop(run_id, None)
         # Its whole series, for the runs compared with it later.
-        self._refresh_reports(run_id)
+        self._watch.ended(run_id)
         log.info(
             "Sweep %s: run %s %s; %s %s",
             self.id,
@@ -279,15 +415,8 @@ class HyperDriveRun:
             self.config.primary_metric_name,
             record.metrics.get(self.config.primary_metric_name),
         )
-        trial = self._trials.pop(run_id, None)
-        final = _metric(record, self.config.primary_metric_name)
-        if trial is not None:
-            if pruned:
-                study.tell(trial, state=_trial_state("PRUNED"))
-            elif record.status is RunStatus.COMPLETED and final is not None:
-                study.tell(trial, final)
-            else:
-                study.tell(trial, state=_trial_state("FAIL"))
+        if self._sampler is not None:
+            self._sampler.tell(run_id, *outcome(record, self.config.primary_metric_name))
 
     def _stop_all(self, reason: str) -> None:
         for run_id, child in list(self._children.items()):
@@ -296,9 +425,12 @@ class HyperDriveRun:
             except Exception:
                 log.exception("Sweep %s: stopping run %s failed", self.id, run_id)
             self._children.pop(run_id, None)
-            trial = self._trials.pop(run_id, None)
-            if trial is not None and self._study is not None:
-                self._study.tell(trial, state=_trial_state("PRUNED"))
+            if self._sampler is not None:
+                self._sampler.tell(run_id, "PRUNED")
+
+    def _canceled(self, reason: str) -> RunRecord:
+        self._stop_all(reason)
+        return self._finish(RunStatus.CANCELED, reason)
 
     def _conclude(self) -> RunRecord:
         best = self.get_best_run_by_primary_metric()
@@ -308,7 +440,7 @@ class HyperDriveRun:
                 f"No run of the sweep Completed with the primary metric {self.config.primary_metric_name!r}.",
             )
         self.workspace.history.update_run(best.id, add_tags={"best_run": "true"})
-        value = _metric(best, self.config.primary_metric_name)
+        value = metric_of(best, self.config.primary_metric_name)
         return self._finish(
             RunStatus.COMPLETED,
             None,
@@ -319,97 +451,13 @@ class HyperDriveRun:
         self._finished = self.workspace.history.update_run(
             self.id, status=status, error=error, end_time=_now(), add_tags=tags
         )
+        self._heartbeat.stop()
         return self._finished
 
-    @classmethod
-    def settle_earlier(cls, workspace: Workspace, task: AirflowTask) -> list[str]:
-        """End the unfinished sweeps an earlier try of this task left (its worker died): their live runs are
-        stopped, and they are recorded Failed; returns their ids. (Resuming them instead is for later.)"""
-        settled = []
-        for parent in workspace.history.list_runs(
-            dag_id=task.dag_id, task_id=task.task_id, airflow_run_id=task.run_id, map_index=task.map_index
-        ):
-            if parent.target != TARGET or parent.status.is_terminal:
-                continue
-            reason = "Canceled: the task running its sweep died, and its retry started the sweep anew."
-            for child in workspace.history.child_runs(parent.id):
-                if child.status.is_terminal:
-                    continue
-                try:
-                    ScriptRun.resumed(workspace, child.id, FollowState()).cancel(reason)
-                except Exception as err:
-                    # Left as it is, for `amlrun reconcile`, which settles a run it can reach or knows gone.
-                    log.warning(
-                        "Sweep %s: run %s of the earlier try was left as it is: %s", parent.id, child.id, err
-                    )
-            workspace.history.update_run(
-                parent.id,
-                status=RunStatus.FAILED,
-                end_time=_now(),
-                error="The task running this sweep died; its retry started the sweep anew.",
-            )
-            settled.append(parent.id)
-        return settled
 
-    # reading it
-
-    def get_children(self) -> list[RunRecord]:
-        """The sweep's runs, oldest first."""
-        return self.workspace.history.child_runs(self.id)
-
-    def get_children_sorted_by_primary_metric(self) -> list[dict[str, Any]]:
-        """Every run with its parameters, status and final primary metric, the best first; runs without the
-        metric last."""
-        goal, name = self.config.goal, self.config.primary_metric_name
-        rows = [
-            {
-                "run_id": r.id,
-                "hyperparameters": json.loads(r.tags.get("hyperparameters", "{}")),
-                "status": str(r.status),
-                name: _metric(r, name),
-                "error": r.error,
-            }
-            for r in self.get_children()
-        ]
-
-        def key(row: dict[str, Any]) -> tuple[int, float]:
-            value = row[name]
-            if value is None or row["status"] != RunStatus.COMPLETED.value:
-                return (1, 0.0)
-            return (0, value if goal == "minimize" else -value)
-
-        return sorted(rows, key=key)
-
-    def get_best_run_by_primary_metric(self) -> RunRecord | None:
-        """The Completed run with the best final primary metric, or None."""
-        goal, name = self.config.goal, self.config.primary_metric_name
-        done = [
-            r for r in self.get_children() if r.status is RunStatus.COMPLETED and _metric(r, name) is not None
-        ]
-        if not done:
-            return None
-        pick = min if goal == "minimize" else max
-        return pick(done, key=lambda r: _metric(r, name) or 0.0)
-
-    def summary(self) -> dict[str, Any]:
-        """What a task returns: the best run's summary, and every run's id, parameters and metric."""
-        best = self.get_best_run_by_primary_metric()
-        return {
-            "sweep_run_id": self.id,
-            "best_run": best.summary() if best is not None else None,
-            "children": self.get_children_sorted_by_primary_metric(),
-        }
-
-
-def _metric(record: RunRecord, name: str) -> float | None:
-    value = record.metrics.get(name)
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
-
-
-def _trial_state(name: str) -> Any:
-    from optuna.trial import TrialState
-
-    return getattr(TrialState, name)
+def _canonical(sweep: Any) -> str:
+    """A sweep's recorded form as text, the same for equal sweeps whatever stored it."""
+    return json.dumps(sweep, sort_keys=True, default=str)
 
 
 def _now() -> datetime:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 if TYPE_CHECKING:
-    from airflow_amlrun.run import ScriptRun
+    from airflow_amlrun.run import FollowState, ScriptRun
     from airflow_amlrun.targets.base import TargetStatus
 
 ENDED = "ended"
@@ -99,7 +99,7 @@ class ScriptRunTrigger(BaseTrigger):
             raise
         except Exception as err:
             # Nothing was done to the run: the task gets it back as it left it, and says why.
-            yield self._event(ERROR, message=_describe(err), state=self.state, stop_at=self.stop_at)
+            yield self._event(ERROR, message=describe(err), state=self.state, stop_at=self.stop_at)
             return
         emit = self._emit if self.show_output else None
         poll = max(run.settings.poll_interval_seconds, 0.05)
@@ -117,11 +117,11 @@ class ScriptRunTrigger(BaseTrigger):
             # show some lines twice, while metrics are recorded once (by their sequence number).
             if step is not None:
                 await asyncio.wait([step])  # one look is short; let it finish before letting go
-            await asyncio.to_thread(_let_go, run)
+            await asyncio.to_thread(let_go, run)
             raise
         except Exception as err:
             state = await self._hand_back(run)
-            yield self._event(ERROR, message=_describe(err), state=state, stop_at=self.stop_at)
+            yield self._event(ERROR, message=describe(err), state=state, stop_at=self.stop_at)
             return
         state = await self._hand_back(run)
         yield self._event(
@@ -130,23 +130,11 @@ class ScriptRunTrigger(BaseTrigger):
 
     async def _hand_back(self, run: ScriptRun) -> dict[str, Any]:
         """Hand the run back to the task once what this trigger read is recorded; waits out a history outage."""
-        from airflow_amlrun.history import HistoryUnavailableError
-
-        while True:
-            try:
-                state = (await asyncio.to_thread(run.hand_over)).to_json()
-            except HistoryUnavailableError as err:
-                self.log.warning("%s Trying again in %.0f s.", err, HAND_BACK_RETRY_SECONDS)
-                try:
-                    await asyncio.sleep(HAND_BACK_RETRY_SECONDS)
-                except asyncio.CancelledError:
-                    await asyncio.to_thread(run.abandon)  # its heartbeat must not outlive this trigger
-                    raise
-                continue
-            if not self.show_output:
-                # The output was not shown here: the task shows it, masked, from where it handed the run over.
-                state["log_offset"] = self.state.get("log_offset", 0)
-            return state
+        state = (await handed_back(run, self.log)).to_json()
+        if not self.show_output:
+            # The output was not shown here: the task shows it, masked, from where it handed the run over.
+            state["log_offset"] = self.state.get("log_offset", 0)
+        return state
 
     async def on_kill(self) -> None:
         """The deferred task was killed (marked failed or succeeded, or cleared): stop its run, which ends
@@ -162,18 +150,35 @@ class ScriptRunTrigger(BaseTrigger):
         except RunEndedError:
             return
         except Exception as err:
-            self.log.warning("Run %s was not stopped: %s", self.run_id, _describe(err))
+            self.log.warning("Run %s was not stopped: %s", self.run_id, describe(err))
             return
         self.log.info("Canceling run %s", self.run_id)
         try:
             run.cancel(reason="Canceled: its deferred task was killed.")
         except Exception as err:
-            self.log.warning("Run %s: stopping it failed: %s", self.run_id, _describe(err))
+            self.log.warning("Run %s: stopping it failed: %s", self.run_id, describe(err))
         finally:
-            _let_go(run)
+            let_go(run)
 
 
-def _let_go(run: ScriptRun) -> None:
+async def handed_back(run: ScriptRun, log: Any) -> FollowState:
+    """Hand a run followed in the triggerer back, once what was read of it is recorded: waits out a history
+    outage (a trigger cancelled meanwhile lets go of the run)."""
+    from airflow_amlrun.history import HistoryUnavailableError
+
+    while True:
+        try:
+            return await asyncio.to_thread(run.hand_over)
+        except HistoryUnavailableError as err:
+            log.warning("%s Trying again in %.0f s.", err, HAND_BACK_RETRY_SECONDS)
+            try:
+                await asyncio.sleep(HAND_BACK_RETRY_SECONDS)
+            except asyncio.CancelledError:
+                await asyncio.to_thread(run.abandon)  # its heartbeat must not outlive this trigger
+                raise
+
+
+def let_go(run: ScriptRun) -> None:
     """Stop following a run from this process, whatever the history says: its heartbeat and streams end."""
     from airflow_amlrun.history import HistoryUnavailableError
 
@@ -186,8 +191,8 @@ def _let_go(run: ScriptRun) -> None:
 async def _let_go_when_done(resuming: asyncio.Future[ScriptRun]) -> None:
     await asyncio.wait([resuming])
     if not resuming.cancelled() and resuming.exception() is None:
-        await asyncio.to_thread(_let_go, resuming.result())
+        await asyncio.to_thread(let_go, resuming.result())
 
 
-def _describe(err: BaseException) -> str:
+def describe(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}" if str(err) else type(err).__name__

@@ -279,6 +279,13 @@ class AirflowCluster:
             time.sleep(0.5)
         self._fail(f"Task {dag_id}.{task_id} (try {try_number}) was not {state} within {timeout} s")
 
+    def xcom(self, dag_id: str, run_id: str, task_id: str, key: str = "return_value") -> Any:
+        """A task's XCom (its return value by default), as the REST API gives it."""
+        path = f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/xcomEntries/{key}"
+        value = self._api("GET", path).json()["value"]
+        # Stored as JSON text, which the API passes on as it is.
+        return json.loads(value) if isinstance(value, str) else value
+
     def set_task_state(self, dag_id: str, run_id: str, task_id: str, state: str) -> None:
         """Set a task instance's state as a user does in the UI ("Mark as failed"): a running or deferred task
         is then stopped by Airflow."""

@@ -73,6 +73,15 @@ def test_a_bandit_policy_stops_the_worse_runs_of_a_sweep_early(target, tmp_path)
     ranked = sweep.get_children_sorted_by_primary_metric()
     assert [row["hyperparameters"]["--alpha"] for row in ranked[:3]] == [1, 1.05, 1.1]
     assert parent.config["hyperdrive"]["policy"]["policy"] == "BanditPolicy"
+    # What HyperDriveOperator returns as its XCom: the best run's summary, every run's id and metrics.
+    summary = sweep.summary()
+    assert summary["sweep_run_id"] == sweep.id
+    assert summary["best_run"]["run_id"] == best.id and summary["best_run"]["tags"]["best_run"] == "true"
+    assert summary["children"] == ranked
+    assert {row["run_id"]: row["metrics"] for row in ranked} == {
+        c.id: ws.get_run(c.id).metrics for c in children
+    }
+    assert all(row["metrics"]["loss"] == row["loss"] for row in ranked)
 
 
 def test_a_sweep_as_a_dag_task_returns_its_best_run(amlrun_home, run_dag) -> None:  # type: ignore[no-untyped-def]
@@ -114,6 +123,13 @@ def test_a_sweep_as_a_dag_task_returns_its_best_run(amlrun_home, run_dag) -> Non
     assert (parent.status, parent.target, parent.task_id) == (RunStatus.COMPLETED, "hyperdrive", "tune")
     assert summary["best_run"]["metrics"] == {"score": 3.0}
     assert [row["hyperparameters"]["--alpha"] for row in summary["children"]] in ([2, 1, 3, 4], [2, 3, 1, 4])
+    # Every run's id and metrics, as the history holds them.
+    children = {c.id: c for c in ws.history.child_runs(parent.id)}
+    assert {row["run_id"] for row in summary["children"]} == set(children)
+    assert all(
+        row["metrics"] == children[row["run_id"]].metrics == {"score": row["score"]}
+        for row in summary["children"]
+    )
     best = ws.get_run(summary["best_run"]["run_id"])
     assert best.arguments == ["--base", "3", "--alpha", "2"] and best.tags["best_run"] == "true"
     assert all(ws.get_run(row["run_id"]).dag_id == result.dag_id for row in summary["children"])

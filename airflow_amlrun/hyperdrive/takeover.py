@@ -1,0 +1,108 @@
+"""Taking a sweep over in another process: what one process hands to the next, and the sweeps an earlier try
+of a task left unfinished."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from airflow_amlrun.errors import ConfigurationError
+from airflow_amlrun.history import RunRecord, RunStatus
+from airflow_amlrun.reconcile import SWEEP_TARGET as TARGET
+from airflow_amlrun.run import FollowState, RunEndedError, ScriptRun
+
+if TYPE_CHECKING:
+    from airflow_amlrun.submission import AirflowTask
+    from airflow_amlrun.workspace import Workspace
+
+log = logging.getLogger(__name__)
+
+
+class SweepChangedError(ConfigurationError):
+    """The sweep recorded differs from the one given to go on with it (its DAG file changed meanwhile)."""
+
+
+@dataclass(frozen=True)
+class SweepState:
+    """How far a process got with a sweep's live runs, for another process to go on from there (the trigger of
+    a deferred sweep, then the task again): each live run's FollowState, and how many of each run's reports the
+    policy judged."""
+
+    children: dict[str, FollowState] = field(default_factory=dict)
+    looked_at: dict[str, int] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "children": {run_id: state.to_json() for run_id, state in self.children.items()},
+            "looked_at": dict(self.looked_at),
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> SweepState:
+        return cls(
+            children={str(k): FollowState.from_json(v) for k, v in (data.get("children") or {}).items()},
+            looked_at={str(k): int(v) for k, v in (data.get("looked_at") or {}).items()},
+        )
+
+
+def earlier_sweeps(workspace: Workspace, task: AirflowTask) -> list[RunRecord]:
+    """The unfinished sweeps of this Airflow task instance (left by an earlier try), newest first."""
+    return [
+        r
+        for r in workspace.history.list_runs(
+            dag_id=task.dag_id, task_id=task.task_id, airflow_run_id=task.run_id, map_index=task.map_index
+        )
+        if r.target == TARGET and not r.status.is_terminal
+    ]
+
+
+def settle_earlier_sweeps(
+    workspace: Workspace, task: AirflowTask, reason: str, *, keep: str | None = None
+) -> list[str]:
+    """End the unfinished sweeps an earlier try of this task left (but `keep`): their live runs are stopped,
+    and they are recorded Failed with `reason`; returns their ids."""
+    settled = []
+    for parent in earlier_sweeps(workspace, task):
+        if parent.id != keep:
+            end_sweep(workspace, parent.id, RunStatus.FAILED, reason, f"Canceled: {reason}")
+            settled.append(parent.id)
+    return settled
+
+
+def end_sweep(
+    workspace: Workspace,
+    sweep_run_id: str,
+    status: RunStatus,
+    reason: str,
+    child_reason: str,
+    states: Mapping[str, FollowState] | None = None,
+) -> None:
+    """End a sweep that no process follows: its live runs are stopped (Canceled with `child_reason`), and it is
+    recorded `status` with `reason`, unless another process recorded its end first.
+
+    :param states: how far the last follower got with each live run, where known.
+    """
+    for child in workspace.history.child_runs(sweep_run_id):
+        if child.status.is_terminal:
+            continue
+        try:
+            run = ScriptRun.resumed(workspace, child.id, (states or {}).get(child.id, FollowState()))
+        except RunEndedError:
+            continue
+        except Exception as err:
+            # Left as it is, for `amlrun reconcile`, which settles a run it can reach or knows gone.
+            log.warning("Sweep %s: run %s was left as it is: %s", sweep_run_id, child.id, err)
+            continue
+        try:
+            run.cancel(child_reason)
+        except Exception as err:
+            log.warning("Sweep %s: stopping run %s failed: %s", sweep_run_id, child.id, err)
+            run.abandon()
+    workspace.history.update_unfinished_run(sweep_run_id, status=status, end_time=_now(), error=reason)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)

@@ -1,0 +1,176 @@
+"""The trigger of a deferred sweep, driven as the triggerer drives it (its `run()` in an event loop), on real local
+runs and a real run history, with the task's side as HyperDriveOperator.execute_complete does it:
+moved between triggerers, judging by the policy, killed. test_hyperdrive_airflow.py runs it under a real
+triggerer."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from airflow_amlrun import Experiment, ScriptRunConfig, Workspace
+from airflow_amlrun.history import RunStatus
+from airflow_amlrun.hyperdrive import (
+    BanditPolicy,
+    GridParameterSampling,
+    HyperDriveConfig,
+    HyperDriveRun,
+    choice,
+)
+from airflow_amlrun.hyperdrive.takeover import SweepState, end_sweep
+from airflow_amlrun.targets.base import TargetStatus
+from airflow_amlrun.triggers.hyperdrive import FOLLOWED, KILLED, HyperDriveTrigger
+from tests.conftest import write_script
+
+pytestmark = pytest.mark.usefixtures("amlrun_home")
+
+SCRIPT = """
+import argparse, time
+from airflow_amlrun.run_context import Run
+parser = argparse.ArgumentParser()
+parser.add_argument("--alpha", type=float)
+parser.add_argument("--steps", type=int)
+args = parser.parse_args()
+run = Run.get_context()
+for step in range(args.steps):
+    run.log("loss", args.alpha, step=step)
+    time.sleep(0.2 if args.alpha < 5 or step < 2 else 1)
+"""
+
+
+def sweep_config(tmp_path: Path, steps: int, alphas: list[float], policy: Any = None) -> HyperDriveConfig:
+    write_script(tmp_path / "src", "train.py", SCRIPT)
+    return HyperDriveConfig(
+        run_config=ScriptRunConfig(
+            str(tmp_path / "src"), script="train.py", arguments=["--steps", str(steps)]
+        ),
+        hyperparameter_sampling=GridParameterSampling({"--alpha": choice(*alphas)}),
+        policy=policy,
+        primary_metric_name="loss",
+        primary_metric_goal="minimize",
+        max_total_runs=len(alphas),
+        max_concurrent_runs=2,
+    )
+
+
+def deferred(config: HyperDriveConfig, **when: str) -> tuple[HyperDriveRun, HyperDriveTrigger]:
+    """A sweep with its first runs started and handed over, as a deferring task hands it over."""
+    sweep = Experiment(Workspace.get(), "deferred").submit(config)
+    assert sweep.advance() is None
+    state = sweep.hand_over()
+    assert config.policy is not None
+    trigger = HyperDriveTrigger(
+        sweep.id, state.to_json(), config.policy.to_dict(), "loss", config.goal, **when
+    )
+    return sweep, trigger
+
+
+async def first_event(trigger: HyperDriveTrigger) -> dict[str, Any]:
+    async for event in trigger.run():
+        return dict(event.payload)
+    raise AssertionError("the trigger ended without an event")
+
+
+def rebuilt(trigger: HyperDriveTrigger) -> HyperDriveTrigger:
+    """The trigger as another triggerer makes it again, from what Airflow stored."""
+    return HyperDriveTrigger(**trigger.serialize()[1])
+
+
+def following(run_id: str) -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == f"amlrun-heartbeat-{run_id}" and t.is_alive()]
+
+
+def taken_back(config: HyperDriveConfig, event: dict[str, Any]) -> HyperDriveRun:
+    """What execute_complete does with the event, up to starting the next runs."""
+    sweep = HyperDriveRun.resumed(
+        Workspace.get(), event["sweep_run_id"], config, state=SweepState.from_json(event["state"])
+    )
+    ended = {k: TargetStatus(running=False, **v) for k, v in event["ended"].items()}
+    sweep.take_back(ended, event["stops"])
+    return sweep
+
+
+def test_a_moved_trigger_lets_go_and_the_next_one_hands_the_sweep_back_when_the_policy_stops_a_run(
+    tmp_path: Path,
+) -> None:
+    config = sweep_config(
+        tmp_path, steps=30, alphas=[1, 10], policy=BanditPolicy(slack_factor=0.2, delay_evaluation=2)
+    )
+    soon = (datetime.now(UTC) + timedelta(seconds=2)).isoformat()
+    sweep, trigger = deferred(config, not_before=soon)
+    good, bad = [c.id for c in sweep.get_children()]
+
+    async def cancelled_midway() -> None:
+        task = asyncio.ensure_future(first_event(trigger))
+        await asyncio.sleep(0.3)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(cancelled_midway())
+    time.sleep(0.3)
+    assert following(good) == following(bad) == following(sweep.id) == []  # let go of, and going on
+
+    started = time.monotonic()
+    event = asyncio.run(first_event(rebuilt(trigger)))
+
+    # Not before not_before, and then at once: the policy stops the worse run at its third report.
+    assert datetime.now(UTC) >= datetime.fromisoformat(soon) and time.monotonic() - started < 20
+    assert (event["status"], event["ended"], list(event["stops"])) == (FOLLOWED, {}, [bad])
+    assert event["stops"][bad].startswith("Canceled by BanditPolicy at report 3")
+    assert set(event["state"]["children"]) == {good, bad} and event["state"]["looked_at"][good] >= 3
+    assert following(sweep.id) == []
+
+    again = taken_back(config, event)
+    stopped = Workspace.get().get_run(bad)
+    assert (stopped.status, stopped.error) == (RunStatus.CANCELED, event["stops"][bad])
+    assert Workspace.get().get_run(good).status is RunStatus.RUNNING
+    state = again.hand_over()  # as the task defers again
+    assert list(state.children) == [good] and state.looked_at[good] == event["state"]["looked_at"][good]
+    end_sweep(Workspace.get(), sweep.id, RunStatus.CANCELED, "Done.", "Canceled: done.", state.children)
+
+
+def test_a_trigger_hands_back_the_runs_that_ended_for_the_task_to_record(tmp_path: Path) -> None:
+    config = sweep_config(tmp_path, steps=3, alphas=[1, 2, 3])
+    _, trigger = deferred(config)
+
+    event = asyncio.run(first_event(trigger))
+
+    assert event["status"] == FOLLOWED and event["ended"]
+    assert all(fields["exit_code"] == 0 for fields in event["ended"].values())
+    again = taken_back(config, event)
+    for run_id in event["ended"]:
+        record = Workspace.get().get_run(run_id)
+        assert record.status is RunStatus.COMPLETED and len(Workspace.get().history.get_metrics(run_id)) == 3
+    # The task goes on from there: the last run starts in a freed slot, and the sweep ends.
+    record = again.wait_for_completion()
+    assert record.status is RunStatus.COMPLETED
+    assert [c.status for c in again.get_children()] == [RunStatus.COMPLETED] * 3
+
+
+def test_killing_a_deferred_sweep_cancels_its_runs_and_the_sweep(tmp_path: Path) -> None:
+    config = sweep_config(tmp_path, steps=500, alphas=[1, 2, 3])
+    sweep, trigger = deferred(config)
+
+    async def killed() -> None:
+        task = asyncio.ensure_future(first_event(trigger))
+        await asyncio.sleep(1.0)
+        task.cancel()  # the triggerer cancels the trigger, then calls on_kill for a user's kill
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await trigger.on_kill()
+
+    asyncio.run(killed())
+
+    children = sweep.get_children()
+    assert len(children) == 2
+    assert [(c.status, c.error) for c in children] == [(RunStatus.CANCELED, KILLED)] * 2
+    parent = Workspace.get().get_run(sweep.id)
+    assert (parent.status, parent.error) == (RunStatus.CANCELED, KILLED)
+    assert [following(c.id) for c in children] == [[], []] and following(sweep.id) == []
