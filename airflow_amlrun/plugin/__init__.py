@@ -21,7 +21,7 @@ TASK_APP = "Training run"
 # Where the Airflow UI shows the pages, under its own address: /plugin/<url_route>.
 UI_ROUTE = "amlrun_runs"
 TASK_UI_ROUTE = "amlrun_task_run"
-# The pages' bundle, built from ui/ (see docs/ui.md), and the plugin's icons.
+# The pages' bundle, built from ui/ (see docs/ui.md).
 STATIC = Path(__file__).parent / "static"
 BUNDLE = "amlrun-ui.js"
 
@@ -47,7 +47,8 @@ class AmlRunPlugin(AirflowPlugin):
         static = f"{URL_PREFIX.strip('/')}/static"
         bundle = STATIC / BUNDLE
         version = hashlib.sha256(bundle.read_bytes()).hexdigest()[:16] if bundle.is_file() else "missing"
-        common = {"bundle_url": f"{static}/{BUNDLE}?v={version}", "icon": f"{static}/icon.svg"}
+        # No icon of its own: the UI's plugin icon takes the navigation's colours in either theme.
+        common = {"bundle_url": f"{static}/{BUNDLE}?v={version}"}
         return [
             {
                 **common,
@@ -55,7 +56,6 @@ class AmlRunPlugin(AirflowPlugin):
                 "url_route": UI_ROUTE,
                 "destination": "nav",
                 "nav_top_level": True,
-                "icon_dark_mode": f"{static}/icon-dark.svg",
             },
             {**common, "name": TASK_APP, "url_route": TASK_UI_ROUTE, "destination": "task_instance"},
         ]

@@ -19,9 +19,6 @@ from fastapi.responses import FileResponse, RedirectResponse
 from airflow_amlrun.plugin import BUNDLE, STATIC, UI_ROUTE
 from airflow_amlrun.plugin.runs_api import router
 
-# What the app serves of STATIC: the bundle, and the navigation's icons (kept in the repository).
-STATIC_FILES = {BUNDLE: "text/javascript", "icon.svg": "image/svg+xml", "icon-dark.svg": "image/svg+xml"}
-
 
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -49,15 +46,13 @@ def create_app() -> FastAPI:
 
     @app.get("/static/{name}", include_in_schema=False)
     def static_file(name: str) -> FileResponse:
-        """The UI bundle and icons. The bundle's address carries its content's hash: it is cached for good."""
-        if name not in STATIC_FILES or not (STATIC / name).is_file():
+        """The UI bundle. Its address carries its content's hash (AmlRunPlugin.react_apps): cached for good."""
+        if name != BUNDLE or not (STATIC / BUNDLE).is_file():
             raise HTTPException(404, f"No file {name!r}.")
         return FileResponse(
-            STATIC / name,
-            media_type=STATIC_FILES[name],
-            headers={
-                "Cache-Control": "private, max-age=31536000, immutable" if name == BUNDLE else "private"
-            },
+            STATIC / BUNDLE,
+            media_type="text/javascript",
+            headers={"Cache-Control": "private, max-age=31536000, immutable"},
         )
 
     # The pages live in the Airflow UI; these addresses (the operator's extra link, links kept from before)

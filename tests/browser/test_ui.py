@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import quote
 
+import httpx
 import pytest
 
 from tests.browser.ui_cluster import EXAMPLE_DAG, UiCluster, run_examples, ui_cluster
@@ -59,16 +60,28 @@ def screenshots(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("screenshots")
 
 
-@pytest.fixture
-def open_as(ui: UiCluster, browser) -> Iterator[Callable[..., object]]:
-    """A page signed in as a user (by the cookie the Airflow UI's sign-in sets), in a light or dark browser."""
-    contexts = []
+@pytest.fixture(scope="module")
+def contexts(ui: UiCluster, browser) -> Iterator[dict[tuple[str, str], object]]:
+    """A browser context per user and theme, kept for the module: the Airflow UI's own scripts load once."""
+    opened: dict[tuple[str, str], object] = {}
+    yield opened
+    for context in opened.values():
+        context.close()
 
-    def open_page(user: str, path: str, scheme: str = "light"):
-        context = browser.new_context(viewport={"width": 1400, "height": 1000}, color_scheme=scheme)
-        context.add_cookies([{"name": "_token", "value": ui.token(user), "url": ui.url}])
-        contexts.append(context)
-        page = context.new_page()
+
+@pytest.fixture
+def open_as(ui: UiCluster, browser, contexts) -> Iterator[Callable[..., object]]:
+    """A page signed in as a user (by the cookie the Airflow UI's sign-in sets), in a light or dark browser."""
+    pages = []
+
+    def open_page(user: str, path: str, scheme: str = "light", height: int = 1000):
+        if (user, scheme) not in contexts:
+            context = browser.new_context(viewport={"width": 1400, "height": 1000}, color_scheme=scheme)
+            context.add_cookies([{"name": "_token", "value": ui.token(user), "url": ui.url}])
+            contexts[user, scheme] = context
+        page = contexts[user, scheme].new_page()
+        pages.append(page)
+        page.set_viewport_size({"width": 1400, "height": height})
         page.set_default_timeout(30_000)
         errors: list[str] = []
         page.on("pageerror", lambda error: errors.append(str(error)))
@@ -77,8 +90,8 @@ def open_as(ui: UiCluster, browser) -> Iterator[Callable[..., object]]:
         return page
 
     yield open_page
-    for context in contexts:
-        context.close()
+    for page in pages:
+        page.close()
 
 
 def _expect():
@@ -86,7 +99,7 @@ def _expect():
 
 
 def test_a_running_run_s_log_follows_it_on_its_page_without_a_reload(ui, open_as, screenshots):
-    page = open_as("admin", f"{LIST}/runs/{ui.runs['live']}")
+    page = open_as("admin", f"{LIST}/runs/{ui.runs['live']}", height=1300)
     log = page.get_by_label("Run log")
     _expect()(log).to_contain_text("epoch 0: waiting for more data")
     _expect()(page.locator("[data-page=run-detail]")).to_have_attribute("data-status", "Running")
@@ -134,7 +147,7 @@ def test_the_navigation_leads_to_the_runs_with_their_metrics(ui, open_as, screen
 
 def test_the_run_page_shows_its_charts_arguments_log_outputs_and_code(ui, open_as, screenshots):
     run = ui.runs["first"]
-    page = open_as("admin", f"{LIST}/runs/{run}")
+    page = open_as("admin", f"{LIST}/runs/{run}", height=2600)
     chart = page.locator("figure[aria-label=fold_mse]")
     _expect()(chart.locator("canvas").first).to_be_visible()
     _expect()(chart).to_have_attribute("data-points", "5")
@@ -146,7 +159,7 @@ def test_the_run_page_shows_its_charts_arguments_log_outputs_and_code(ui, open_a
     code = page.locator("pre[data-language=python]")
     _expect()(code).to_contain_text("def main() -> None:")
     _expect()(code.locator(".hljs-keyword", has_text="def").first).to_be_visible()
-    page.screenshot(path=screenshots / "run-detail.png", full_page=True)
+    page.screenshot(path=screenshots / "run-detail.png")
 
     outputs = page.get_by_role("list", name="Outputs")
     _expect()(outputs).to_contain_text("model.pkl")
@@ -159,7 +172,7 @@ def test_the_run_page_shows_its_charts_arguments_log_outputs_and_code(ui, open_a
 
 def test_compare_charts_the_selected_runs_together_and_marks_what_differs(ui, open_as, screenshots):
     first, second = ui.runs["first"], ui.runs["second"]
-    page = open_as("admin", f"{LIST}?experiment=diabetes_ridge")
+    page = open_as("admin", f"{LIST}?experiment=diabetes_ridge", height=1500)
     page.get_by_label(f"Select {first}").check()
     page.get_by_label(f"Select {second}").check()
     page.get_by_role("button", name="Compare").click()
@@ -172,7 +185,7 @@ def test_compare_charts_the_selected_runs_together_and_marks_what_differs(ui, op
     _expect()(alpha).to_have_attribute("data-differs", "true")
     _expect()(alpha.locator("td")).to_have_text(["0.5", "2.0"])
     _expect()(page.locator("figure[aria-label='fold_mse by alpha']")).to_be_visible()
-    page.screenshot(path=screenshots / "compare.png", full_page=True)
+    page.screenshot(path=screenshots / "compare.png")
 
     # The two runs' code: the second had one fold less.
     page.get_by_role("link", name="Diff their code").click()
@@ -193,7 +206,7 @@ def test_the_diff_page_in_the_dark_theme(ui, open_as, screenshots):
     page.screenshot(path=screenshots / "diff-dark.png")
 
 
-def test_the_task_instance_tab_shows_its_run_and_the_navigation_still_works(ui, open_as):
+def test_the_task_instance_leads_to_its_run_by_its_tab_and_its_extra_link(ui, open_as):
     dag_run = quote(ui.dag_runs["first"], safe="")
     page = open_as("admin", f"/dags/{EXAMPLE_DAG}/runs/{dag_run}/tasks/train/plugin/amlrun_task_run")
     detail = page.locator(f"[data-page=run-detail][data-run-id='{ui.runs['first']}']")
@@ -204,6 +217,18 @@ def test_the_task_instance_tab_shows_its_run_and_the_navigation_still_works(ui, 
         page.get_by_role("table", name="Runs").locator(f"tr[data-run-id='{ui.runs['second']}']")
     ).to_be_visible()
     assert page.errors == []
+
+    # The operator's extra link, as Airflow recorded it for the task instance, opens the run's page.
+    links = httpx.get(
+        f"{ui.url}/api/v2/dags/{EXAMPLE_DAG}/dagRuns/{dag_run}/taskInstances/train/links",
+        headers={"Authorization": f"Bearer {ui.token('admin')}"},
+        timeout=30,
+    )
+    assert links.status_code == 200, links.text
+    page.goto(links.json()["extra_links"]["AML Run"])
+    assert page.url.endswith(f"{LIST}/runs/{ui.runs['first']}")
+    _expect()(page.locator(f"[data-page=run-detail][data-run-id='{ui.runs['second']}']")).to_have_count(0)
+    _expect()(page.locator(f"[data-page=run-detail][data-run-id='{ui.runs['first']}']")).to_be_visible()
 
 
 def test_a_user_without_the_dag_sees_none_of_its_runs(ui, open_as, screenshots):

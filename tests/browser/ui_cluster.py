@@ -16,6 +16,7 @@ from pathlib import Path
 
 import httpx
 
+from airflow_amlrun.history import RunStatus
 from tests.conftest import REPO
 from tests.integration.airflow_cluster import ADMIN, AirflowCluster
 
@@ -96,8 +97,9 @@ def ui_cluster(home: Path) -> AirflowCluster:
 
 
 def run_examples(cluster: AirflowCluster, home: Path) -> UiCluster:
-    """The example DAG run twice (alpha 0.5, then 2.0 on code with one fold less), and the live DAG started
-    beside them; returns once the two example runs ended and the live run is running."""
+    """The example DAG run twice (alpha 0.5, then 2.0 on code with one fold less, changed once the first run's
+    snapshot was taken), and the live DAG started beside them; returns once the two example runs ended and
+    the live run is running."""
     shutil.copy(REPO / "dags" / f"{EXAMPLE_DAG}.py", cluster.dags)
     shutil.copytree(REPO / "dags" / "train_diabetes", cluster.dags / "train_diabetes")
     gate = home / "gate"
@@ -107,20 +109,22 @@ def run_examples(cluster: AirflowCluster, home: Path) -> UiCluster:
     cluster.wait_for_dag(EXAMPLE_DAG)
     ui = UiCluster(cluster=cluster, gate=gate)
 
+    history = cluster.history()
     ui.dag_runs["live"] = cluster.trigger(LIVE_DAG)
     ui.dag_runs["first"] = cluster.trigger(EXAMPLE_DAG, {"alpha": 0.5})
-    assert cluster.wait_for_dag_run(EXAMPLE_DAG, ui.dag_runs["first"]) == "success"
+    # A run is recorded once its code's snapshot is taken: from then on, the code may change.
+    deadline = time.monotonic() + 180
+    while not history.list_runs(dag_id=EXAMPLE_DAG, airflow_run_id=ui.dag_runs["first"]):
+        assert time.monotonic() < deadline, "the example DAG's first run was not recorded within 180 s"
+        time.sleep(0.2)
     # The second run's code differs: what the diff page shows.
     script = cluster.dags / "train_diabetes" / "train.py"
     script.write_text(
         script.read_text().replace('"--folds", type=int, default=5', '"--folds", type=int, default=4')
     )
     ui.dag_runs["second"] = cluster.trigger(EXAMPLE_DAG, {"alpha": 2.0})
-    assert cluster.wait_for_dag_run(EXAMPLE_DAG, ui.dag_runs["second"]) == "success"
-
-    from airflow_amlrun.history import RunStatus
-
-    history = cluster.history()
+    for name in ("first", "second"):
+        assert cluster.wait_for_dag_run(EXAMPLE_DAG, ui.dag_runs[name]) == "success"
     for name in ("first", "second"):
         (run,) = history.list_runs(dag_id=EXAMPLE_DAG, airflow_run_id=ui.dag_runs[name])
         ui.runs[name] = run.id

@@ -254,7 +254,7 @@ def _routes(server: ApiServer) -> list[str]:
 
 
 def test_anonymous_callers_get_401_on_every_route(api_server):
-    pages_and_bundle = ["/runs", f"/runs/{api_server.runs['a']}", "/static/amlrun-ui.js", "/static/icon.svg"]
+    pages_and_bundle = ["/runs", f"/runs/{api_server.runs['a']}", "/static/amlrun-ui.js"]
     for path in [*_routes(api_server), *_run_routes(api_server.runs["b"]), *pages_and_bundle]:
         answer = api_server.get(path)
         assert answer.status_code == 401, (path, answer.text)
@@ -508,3 +508,31 @@ def test_a_running_run_s_log_is_followed_by_offset_until_it_ends(api_server, tmp
     while not read()["ended"]:
         assert time.monotonic() < deadline, seen
     assert seen == ["first line", "second line"]
+
+
+def test_a_sweep_lists_its_runs_that_the_user_may_see(api_server):
+    history = RunHistory(f"sqlite:///{api_server.amlrun_home / 'history.db'}")
+    history.create_run(run_id="sweep_of_a", experiment="churn_sweep", target="local", dag_id=DAG_A)
+    for trial, dag_id in (("trial_1", DAG_A), ("trial_2", DAG_A), ("trial_of_b", DAG_B)):
+        history.create_run(
+            run_id=trial,
+            experiment="churn_sweep",
+            target="local",
+            dag_id=dag_id,
+            parent_run_id="sweep_of_a",
+            arguments=["--alpha", trial[-1]],
+        )
+    history.dispose()
+
+    assert [r["run_id"] for r in api_server.get("/api/runs/sweep_of_a/children", "admin").json()] == [
+        "trial_1",
+        "trial_2",
+        "trial_of_b",
+    ]
+    children = api_server.get("/api/runs/sweep_of_a/children", "ann").json()
+    assert [(c["run_id"], c["parameters"]) for c in children] == [
+        ("trial_1", {"alpha": "1"}),
+        ("trial_2", {"alpha": "2"}),
+    ]
+    assert api_server.get("/api/runs/trial_1", "ann").json()["parent_run_id"] == "sweep_of_a"
+    assert api_server.get("/api/runs/run_of_b/children", "ann").status_code == 403

@@ -95,7 +95,7 @@ def test_plugin_app_refuses_anonymous_callers_on_every_route():
     paths = [
         route.path.replace("{run_id}", "some_run")
         .replace("{path:path}", "model.pkl")
-        .replace("{name}", "icon.svg")
+        .replace("{name}", "amlrun-ui.js")
         for route in app.routes
         if isinstance(route, APIRoute)
     ]

@@ -63,7 +63,7 @@ export function LogViewer({ runId }: { runId: string }) {
       actions={
         <span className="amlrun-actions">
           <span className="amlrun-muted" data-log-state={state.ended ? "ended" : "following"}>
-            {state.ended ? `${lines.length} lines` : `following · ${lines.length} lines`}
+            {`${state.ended ? "" : "following · "}${lines.length} ${lines.length === 1 ? "line" : "lines"}`}
           </span>
           <label className="amlrun-muted">
             <input type="checkbox" checked={follow} onChange={(e) => setFollow(e.target.checked)} /> scroll to the end

@@ -20,7 +20,18 @@ export function RunDetail({ runId, embedded = false }: { runId: string; embedded
   const running = run !== undefined && !FINISHED.has(run.status);
   useInterval(detail.reload, REFRESH_MS, running);
 
-  if (detail.error) return <ErrorBox error={detail.error} />;
+  if (detail.error) {
+    return (
+      <div className="amlrun-page">
+        <ErrorBox error={detail.error} />
+        {!embedded && (
+          <Link className="amlrun-link" to={pagePath.list()}>
+            All training runs
+          </Link>
+        )}
+      </div>
+    );
+  }
   if (run === undefined) return <Loading />;
   return (
     <div className="amlrun-page" data-page="run-detail" data-run-id={run.run_id} data-status={run.status}>
@@ -45,10 +56,10 @@ export function RunDetail({ runId, embedded = false }: { runId: string; embedded
       <Timeline run={run} />
       <Metrics run={run} />
       {run.parent_run_id === null && <SweepRuns runId={run.run_id} />}
+      <LogViewer runId={run.run_id} />
       <Arguments run={run} />
       <EnvironmentSection run={run} />
       <GitSection git={run.git} />
-      <LogViewer runId={run.run_id} />
       <OutputsSection run={run} />
       <SnapshotBrowser runId={run.run_id} hasSnapshot={run.snapshot_id !== null} />
     </div>
