@@ -2,7 +2,8 @@
 
 `make install` builds the bundle before installing; a build from a checkout without it builds it here (npm ci
 from ui/package-lock.json, then esbuild), and an sdist carries it built, so a wheel made from the sdist needs
-no Node either.
+no Node either. The Dockerfile copies the package with its bundle built (and no ui/), after installing the
+dependencies from a stand-in package without the plugin, for which there is nothing to build.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ class UiBundleHook(BuildHookInterface):  # type: ignore[type-arg]
 
     def initialize(self, version: str, build_data: dict[str, Any]) -> None:
         root = Path(self.root)
+        if not (root / "airflow_amlrun" / "plugin").is_dir():
+            return
         if not (root / BUNDLE).is_file():
             npm = shutil.which("npm")
             if npm is None or not (root / "ui" / "package.json").is_file():
