@@ -1,4 +1,4 @@
-import { useEffect, useMemo } from "react";
+import { useEffect, useMemo, useRef } from "react";
 import { Link, useNavigate } from "react-router-dom";
 
 import { enc, FINISHED, type Json, type Run, type RunDetail as Detail, type Series } from "../api";
@@ -158,8 +158,11 @@ function Metrics({ run }: { run: Detail }) {
   }, [points, numeric.map((m) => m.name).join("\n")]);
   const series = useApi<Series[]>(numeric.length > 0 && width > 0 ? `runs/${enc(run.run_id)}/metrics` : null, query);
   const { reload } = series;
+  const seen = useRef(version);
   useEffect(() => {
-    if (version) reload();
+    // The first series are read as the chart appears; more points logged since are read again.
+    if (seen.current !== version) reload();
+    seen.current = version;
   }, [version, reload]);
 
   return (
