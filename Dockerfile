@@ -23,7 +23,7 @@ USER airflow
 # The dependencies first, from pyproject.toml alone (an empty package stands in for the code), so that a
 # change of the code reuses this layer. Airflow stays at the base image's version; celery 5.6 and later
 # stop the Celery provider at start (`cannot import name 'retry' from 'celery.backends.database'`).
-COPY --chown=airflow:0 pyproject.toml /opt/airflow-amlrun/
+COPY --chown=airflow:0 pyproject.toml hatch_build.py /opt/airflow-amlrun/
 RUN cd /opt/airflow-amlrun \
  && mkdir airflow_amlrun && touch airflow_amlrun/__init__.py README.md \
  && pip install --no-cache-dir "apache-airflow==${AIRFLOW_VERSION}" ".[docker,ssh,postgres,s3]" \
@@ -31,6 +31,7 @@ RUN cd /opt/airflow-amlrun \
  && pip uninstall --yes airflow-amlrun \
  && rm -rf /opt/airflow-amlrun/*
 
-COPY --chown=airflow:0 pyproject.toml README.md /opt/airflow-amlrun/
+# The package with the UI's bundle built (`make install` builds it; hatch_build.py stops the build without it).
+COPY --chown=airflow:0 pyproject.toml hatch_build.py README.md /opt/airflow-amlrun/
 COPY --chown=airflow:0 airflow_amlrun /opt/airflow-amlrun/airflow_amlrun
 RUN pip install --no-cache-dir --no-deps /opt/airflow-amlrun && rm -rf /opt/airflow-amlrun/*

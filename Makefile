@@ -5,10 +5,20 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The UI's pages: a React app bundle the Airflow UI loads, built from ui/ with Node (npm ci from the lock, then
+# esbuild) and shipped built in the wheel: no Node where Airflow runs. See docs/ui.md.
+UI_BUNDLE := airflow_amlrun/plugin/static/amlrun-ui.js
+UI_MODULES := ui/node_modules/.package-lock.json
 
-.PHONY: install demo test lint typecheck docs unit services bench clean
+.PHONY: install demo test lint typecheck docs unit services bench clean screenshots
 
-install: $(STAMP)
+install: $(UI_BUNDLE) $(STAMP)
+
+$(UI_MODULES): ui/package.json ui/package-lock.json
+	cd ui && npm ci --no-audit --no-fund --loglevel=error
+
+$(UI_BUNDLE): $(UI_MODULES) ui/build.mjs ui/tsconfig.json $(shell find ui/src -type f)
+	cd ui && npm run --silent build
 
 $(STAMP): pyproject.toml requirements-dev.lock Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +42,7 @@ lint: install
 
 typecheck: install
 	$(BIN)/mypy
+	cd ui && npm run --silent typecheck
 
 # The documentation site, from docs/ and the package's docstrings into site/. Always strict: a broken link,
 # a missing page or a docstring the reference cannot render fails the build.
@@ -57,5 +68,9 @@ requirements-dev.lock: pyproject.toml
 	@test -x $(BIN)/uv || ($(PYTHON) -m venv $(VENV) && $(BIN)/python -m pip install --quiet uv)
 	$(BIN)/uv pip compile --quiet --python-version 3.11 --extra dev -o $@ pyproject.toml
 
+# The browser tests again, their screenshots written to docs/screenshots/ (the README shows them).
+screenshots: install services
+	AMLRUN_UI_SCREENSHOTS=docs/screenshots $(BIN)/python -m pytest -p no:cacheprovider tests/browser
+
 clean:
-	rm -rf $(VENV) .demo .pytest_cache .mypy_cache .ruff_cache site
+	rm -rf $(VENV) .demo .pytest_cache .mypy_cache .ruff_cache site ui/node_modules $(UI_BUNDLE)

@@ -52,3 +52,9 @@ if ! command -v java >/dev/null; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq default-jre-headless >/dev/null
 fi
 echo "services: Java $(java -version 2>&1 | head -n 1)"
+
+# Chromium: the UI's browser tests (tests/browser) drive it through playwright, which cannot download its own.
+if [ ! -x /usr/bin/chromium ]; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi
+echo "services: $(/usr/bin/chromium --version 2>/dev/null || echo 'Chromium missing')"

@@ -35,6 +35,7 @@ class RunFilter:
 
     :param dag_ids: only runs of these DAGs (None: of any DAG); with `runs_without_dag`, what a reader may see.
     :param runs_without_dag: whether runs recorded outside any DAG are included.
+    :param hidden_dag_ids: with `dag_ids` None, the DAGs whose runs are left out.
     :param tags: runs carrying each of these tags with this value.
     :param created_after: runs created at or after this time; `created_before`, before it.
     """
@@ -49,6 +50,7 @@ class RunFilter:
     created_before: datetime | None = None
     dag_ids: Collection[str] | None = None
     runs_without_dag: bool = True
+    hidden_dag_ids: Collection[str] = ()
 
 
 @dataclass(frozen=True)
@@ -79,11 +81,19 @@ class RunPage:
     next_cursor: str | None
 
 
-def of_dags(dag_ids: Collection[str] | None, runs_without_dag: bool) -> ColumnElement[bool] | None:
-    """The condition on a run row for "of one of these DAGs, or of none if allowed"; None when all pass."""
-    if dag_ids is None and runs_without_dag:
+def of_dags(
+    dag_ids: Collection[str] | None, runs_without_dag: bool, hidden_dag_ids: Collection[str] = ()
+) -> ColumnElement[bool] | None:
+    """The condition on a run row for "of one of these DAGs (None: of any but the hidden ones), or of none if
+    allowed"; None when all pass."""
+    if dag_ids is None and runs_without_dag and not hidden_dag_ids:
         return None
-    of_dag = RunRow.dag_id.is_not(None) if dag_ids is None else RunRow.dag_id.in_(sorted(dag_ids))
+    if dag_ids is not None:
+        of_dag = RunRow.dag_id.in_(sorted(dag_ids))
+    elif hidden_dag_ids:
+        of_dag = RunRow.dag_id.not_in(sorted(hidden_dag_ids))
+    else:
+        of_dag = RunRow.dag_id.is_not(None)
     return or_(of_dag, RunRow.dag_id.is_(None)) if runs_without_dag else of_dag
 
 
@@ -196,7 +206,7 @@ def _items(rows: Sequence[Any], metrics: dict[str, dict[str, Any]]) -> list[RunL
 
 def _filtered(where: RunFilter) -> Select[Any]:
     query = select(*_LISTED).join(ExperimentRow, ExperimentRow.id == RunRow.experiment_id)
-    visible = of_dags(where.dag_ids, where.runs_without_dag)
+    visible = of_dags(where.dag_ids, where.runs_without_dag, where.hidden_dag_ids)
     if visible is not None:
         query = query.where(visible)
     if where.experiment is not None:

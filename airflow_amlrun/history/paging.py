@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -88,30 +89,56 @@ def encode_cursor(sort: RunSort, value: Any, run_id: str) -> str:
 
 
 def decode_cursor(sort: RunSort, text: str) -> Cursor:
-    """The cursor's position, checked to belong to this sort order."""
+    """The cursor's position, checked to belong to this sort order and to hold a value of the key's type.
+
+    A cursor is the client's to send: anything else than what `encode_cursor` wrote is refused here, before
+    it reaches a query (where a list, a number too large for the database or a NUL character fails).
+    """
+    not_ours = BadListRequestError(
+        f"The cursor {text[:80]!r} is not one this server gave out: pass the next_cursor of the previous "
+        "page unchanged, or leave cursor out for the first page."
+    )
     try:
         raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-        sorted_by, value, run_id = json.loads(raw)
+        decoded = json.loads(raw)
     except (ValueError, TypeError, binascii.Error):
+        raise not_ours from None
+    if not (isinstance(decoded, list) and len(decoded) == 3 and isinstance(decoded[0], str)):
+        raise not_ours
+    sorted_by, value, run_id = decoded
+    if sorted_by != sort.text:
         raise BadListRequestError(
-            f"The cursor {text[:80]!r} is not one this server gave out: pass the next_cursor of the previous "
-            "page unchanged, or leave cursor out for the first page."
-        ) from None
-    if sorted_by != sort.text or not isinstance(run_id, str):
-        raise BadListRequestError(
-            f"The cursor belongs to a list sorted by {sorted_by!r}, not {sort.text!r}: page with the sort the "
-            "cursor came from, or leave cursor out to start the new order from its first page."
+            f"The cursor belongs to a list sorted by {sorted_by[:80]!r}, not {sort.text!r}: page with the sort "
+            "the cursor came from, or leave cursor out to start the new order from its first page."
         )
-    if value is not None and sort.column in DATETIME_COLUMNS:
-        try:
-            value = datetime.fromisoformat(value)
-        except (TypeError, ValueError):
-            raise BadListRequestError(
-                f"The cursor {text[:80]!r} is damaged: leave it out to start again."
-            ) from None
-    elif value is not None and sort.metric is not None and not isinstance(value, int | float):
+    if not _is_text(run_id) or (value is not None and _key_value(sort, value) is None):
         raise BadListRequestError(f"The cursor {text[:80]!r} is damaged: leave it out to start again.")
-    return Cursor(value=value, run_id=run_id)
+    return Cursor(value=None if value is None else _key_value(sort, value), run_id=run_id)
+
+
+def _is_text(value: Any) -> bool:
+    # Text a database takes as a parameter: PostgreSQL refuses a NUL character in a string.
+    return isinstance(value, str) and "\x00" not in value
+
+
+def _key_value(sort: RunSort, value: Any) -> Any:
+    """The sort key's value read from a cursor, of the key's type; None if it is not one."""
+    if sort.metric is not None:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return None
+        try:
+            number = float(value)
+        except OverflowError:
+            return None
+        return number if math.isfinite(number) else None
+    if not _is_text(value):
+        return None
+    if sort.column in DATETIME_COLUMNS:
+        try:
+            return datetime.fromisoformat(value)
+        except ValueError:
+            return None
+    return value
 
 
 def parameters(arguments: list[Any]) -> dict[str, Any]:

@@ -162,11 +162,15 @@ class RunHistory:
         return row
 
     def list_experiments(
-        self, *, dag_ids: Collection[str] | None = None, runs_without_dag: bool = True
+        self,
+        *,
+        dag_ids: Collection[str] | None = None,
+        runs_without_dag: bool = True,
+        hidden_dag_ids: Collection[str] = (),
     ) -> list[ExperimentRecord]:
         """Experiments by name, each with the number of its runs.
 
-        :param dag_ids: count only runs of these DAGs (None: of any DAG).
+        :param dag_ids: count only runs of these DAGs (None: of any DAG but `hidden_dag_ids`).
         :param runs_without_dag: whether runs recorded outside any DAG count.
         When either narrows the runs, an experiment none of whose runs is left is not listed: its name
         alone may say more than the reader may know.
@@ -176,7 +180,9 @@ class RunHistory:
                 ExperimentRecord(
                     name=name, created_at=aware(created) or utcnow(), run_count=n, last_run_at=aware(last)
                 )
-                for name, created, n, last in experiment_activity(session, of_dags(dag_ids, runs_without_dag))
+                for name, created, n, last in experiment_activity(
+                    session, of_dags(dag_ids, runs_without_dag, hidden_dag_ids)
+                )
             ]
 
     # runs
@@ -258,16 +264,18 @@ class RunHistory:
         map_index: int | None = None,
         dag_ids: Collection[str] | None = None,
         runs_without_dag: bool = True,
+        hidden_dag_ids: Collection[str] = (),
     ) -> list[RunRecord]:
         """Runs, newest first, filtered by whatever is given.
 
         :param dag_ids: only runs of these DAGs (None: of any DAG); with `runs_without_dag`, what a reader
             may see. The filter is part of the query, so `limit` counts only the runs that pass it.
         :param runs_without_dag: whether runs recorded outside any DAG (from plain Python) are included.
+        :param hidden_dag_ids: with `dag_ids` None, the DAGs whose runs are left out.
         """
         with self.session() as session:
             query = select(RunRow, ExperimentRow.name).join(ExperimentRow)
-            visible = of_dags(dag_ids, runs_without_dag)
+            visible = of_dags(dag_ids, runs_without_dag, hidden_dag_ids)
             if visible is not None:
                 query = query.where(visible)
             if experiment is not None:

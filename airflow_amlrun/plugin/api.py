@@ -1,4 +1,5 @@
-"""FastAPI app mounted in Airflow's API server: the run history as JSON (`runs_api`) and as plain pages.
+"""FastAPI app mounted in Airflow's API server: the run history as JSON (`runs_api`), the bundle of the UI's
+pages (`ui/`, built into `static/`), and the addresses of the run pages the operator's extra link opens.
 
 Every route needs a signed-in Airflow user, by the API server's own JWT (a bearer token, or the cookie the
 Airflow UI sets), and shows only the runs that user may see (`access`).
@@ -6,18 +7,17 @@ Airflow UI sets), and shows only the runs that user may see (`access`).
 
 from __future__ import annotations
 
-import html
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from urllib.parse import quote
 
 from airflow.api_fastapi.app import get_auth_manager
 from airflow.api_fastapi.core_api.security import requires_authenticated
-from fastapi import Depends, FastAPI
-from fastapi.responses import HTMLResponse
+from fastapi import Depends, FastAPI, HTTPException
+from fastapi.responses import FileResponse, RedirectResponse
 
-from airflow_amlrun.history import RunRecord
-from airflow_amlrun.plugin.access import ReaderDep, VisibleRunsDep
-from airflow_amlrun.plugin.runs_api import history, router, visible_run
+from airflow_amlrun.plugin import BUNDLE, STATIC, UI_ROUTE
+from airflow_amlrun.plugin.runs_api import router
 
 
 @asynccontextmanager
@@ -44,53 +44,25 @@ def create_app() -> FastAPI:
 
     app.include_router(router)
 
-    @app.get("/runs", response_class=HTMLResponse)
-    def runs_page(visible: VisibleRunsDep, experiment: str | None = None) -> str:
-        runs = history().list_runs(
-            experiment=experiment,
-            limit=200,
-            dag_ids=visible.dag_ids,
-            runs_without_dag=visible.runs_without_dag,
-        )
-        rows = "".join(_row(r) for r in runs)
-        return _page(
-            "Runs",
-            "<table><tr><th>Run</th><th>Experiment</th><th>Status</th><th>Target</th><th>Start</th>"
-            f"<th>Duration (s)</th><th>Metrics</th></tr>{rows}</table>",
+    @app.get("/static/{name}", include_in_schema=False)
+    def static_file(name: str) -> FileResponse:
+        """The UI bundle. Its address carries its content's hash (AmlRunPlugin.react_apps): cached for good."""
+        if name != BUNDLE or not (STATIC / BUNDLE).is_file():
+            raise HTTPException(404, f"No file {name!r}.")
+        return FileResponse(
+            STATIC / BUNDLE,
+            media_type="text/javascript",
+            headers={"Cache-Control": "private, max-age=31536000, immutable"},
         )
 
-    @app.get("/runs/{run_id}", response_class=HTMLResponse)
-    def run_page(run_id: str, reader: ReaderDep) -> str:
-        record = visible_run(run_id, reader)
-        fields = "".join(
-            f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>"
-            for k, v in record.summary().items()
-        )
-        return _page(f"Run {record.id}", f"<table>{fields}</table>")
+    # The pages live in the Airflow UI; these addresses (the operator's extra link, links kept from before)
+    # lead there. The redirects are relative, so they hold under any base URL of the API server.
+    @app.get("/runs", include_in_schema=False)
+    def runs_page() -> RedirectResponse:
+        return RedirectResponse(f"../plugin/{UI_ROUTE}", status_code=307)
+
+    @app.get("/runs/{run_id}", include_in_schema=False)
+    def run_page(run_id: str) -> RedirectResponse:
+        return RedirectResponse(f"../../plugin/{UI_ROUTE}/runs/{quote(run_id, safe='')}", status_code=307)
 
     return app
-
-
-def _row(record: RunRecord) -> str:
-    metrics = ", ".join(
-        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.metrics.items()
-    )
-    cells = [
-        f'<a href="runs/{html.escape(record.id)}">{html.escape(record.id)}</a>',
-        html.escape(record.experiment),
-        html.escape(str(record.status)),
-        html.escape(record.target),
-        html.escape(record.start.isoformat(timespec="seconds") if record.start else ""),
-        html.escape(str(record.duration_seconds or "")),
-        html.escape(metrics),
-    ]
-    return "<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>"
-
-
-def _page(title: str, body: str) -> str:
-    return (
-        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-        "<style>body{font-family:sans-serif;margin:1.5em}td,th{padding:.2em .6em;text-align:left;"
-        "border-bottom:1px solid #ddd}</style></head>"
-        f"<body><h1>{html.escape(title)}</h1>{body}</body></html>"
-    )

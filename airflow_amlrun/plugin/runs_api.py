@@ -16,11 +16,11 @@ from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import Response
 
 from airflow_amlrun.history import RunHistory, RunNotFoundError, RunRecord
-from airflow_amlrun.history.listing import MetricRange, RunFilter, RunListItem
+from airflow_amlrun.history.listing import RunFilter, RunListItem
 from airflow_amlrun.history.metricstore import MetricSummary, Series
 from airflow_amlrun.history.paging import BadListRequestError, RunSort, parameters
-from airflow_amlrun.plugin import schemas
-from airflow_amlrun.plugin.access import Reader, ReaderDep, RunVisibility, VisibleRunsDep
+from airflow_amlrun.plugin import params, schemas
+from airflow_amlrun.plugin.access import Reader, ReaderDep, VisibleRunsDep
 
 if TYPE_CHECKING:
     from airflow_amlrun.snapshot import SnapshotEntry
@@ -82,9 +82,7 @@ def openapi_schema(request: Request) -> dict[str, Any]:
 @router.get("/experiments", response_model=list[schemas.ExperimentOut])
 def list_experiments(visible: VisibleRunsDep) -> list[dict[str, Any]]:
     """Experiments with runs the caller may see, by name: how many, and when the newest was created."""
-    experiments = history().list_experiments(
-        dag_ids=visible.dag_ids, runs_without_dag=visible.runs_without_dag
-    )
+    experiments = history().list_experiments(**visible.history_filter())
     return [
         {"name": e.name, "runs": e.run_count, "created_at": e.created_at, "last_run_at": e.last_run_at}
         for e in experiments
@@ -118,20 +116,50 @@ def list_runs(
     try:
         where = RunFilter(
             experiment=experiment,
-            statuses=tuple(_statuses(status or [])),
+            statuses=tuple(params.statuses(status or [])),
             target=target,
             dag_id=dag_id,
-            tags=tuple(_tag(t) for t in tag or []),
-            metrics=tuple(_metric_range(m) for m in metric or []),
+            tags=tuple(params.tag(t, history().engine.dialect.name) for t in tag or []),
+            metrics=tuple(params.metric_range(m) for m in metric or []),
             created_after=created_after,
             created_before=created_before,
-            dag_ids=visible.dag_ids,
-            runs_without_dag=visible.runs_without_dag,
+            **visible.history_filter(),
         )
         page = history().page_runs(where, RunSort.parse(sort), limit=limit, cursor=cursor)
     except BadListRequestError as err:
         raise HTTPException(status_code=400, detail=str(err)) from None
     return _json({"runs": [_listed(r) for r in page.runs], "next_cursor": page.next_cursor})
+
+
+@router.get("/task-runs", response_model=list[schemas.RunOut])
+def task_runs(
+    visible: VisibleRunsDep,
+    dag_id: str,
+    run_id: Annotated[str, Query(description="The DAG run's id.")],
+    task_id: str,
+    map_index: Annotated[
+        int | None, Query(description="The mapped task's index; -1 or none if unmapped.")
+    ] = None,
+) -> Response:
+    """The runs one task instance submitted, newest first (one per try that got as far)."""
+    if not visible.sees(dag_id):
+        # The same answer for a DAG the caller may not read as for a task that submitted nothing: no runs.
+        return _json([])
+    records = history().list_runs(
+        dag_id=dag_id,
+        airflow_run_id=run_id,
+        task_id=task_id,
+        map_index=map_index if map_index is not None and map_index >= 0 else None,
+        limit=100,
+    )
+    return _json([_listed(r) for r in records])
+
+
+@router.get("/runs/{run_id}/children", response_model=list[schemas.RunOut])
+def child_runs(run_id: str, reader: ReaderDep, visible: VisibleRunsDep) -> Response:
+    """The runs of a sweep (the runs whose parent this run is), oldest first."""
+    visible_run(run_id, reader)
+    return _json([_listed(r) for r in history().child_runs(run_id) if visible.sees(r.dag_id)])
 
 
 @router.get("/runs/{run_id}", response_model=schemas.RunDetailOut)
@@ -150,6 +178,8 @@ def get_run(run_id: str, reader: ReaderDep) -> Response:
             "error": record.error,
             "heartbeat_at": record.heartbeat_at,
             "max_run_duration_seconds": record.max_run_duration_seconds,
+            "parent_run_id": record.parent_run_id,
+            "rerun_of": record.rerun_of,
             "has_log": record.logs_uri is not None,
             "has_outputs": record.outputs_uri is not None,
             "metric_summaries": [vars(s) for s in summaries],
@@ -190,9 +220,13 @@ def compare_runs(
     shown = {r.id: r for r in runs}
     for one in wanted:
         run = shown.get(one)
-        if run is None or not _sees(visible, run.dag_id):
-            # A run the caller may not see is answered as one that does not exist: its id says nothing more.
+        if run is None:
             raise HTTPException(404, f"No run {one!r}.")
+        if not visible.sees(run.dag_id):
+            # As a route about that one run answers: the run exists, and nothing more of it is said.
+            raise HTTPException(
+                403, f"Run {one!r} is not one you may see: compare runs of DAGs you may read."
+            )
     params = {r.id: parameters(r.arguments) for r in runs}
     return _json(
         {
@@ -306,11 +340,10 @@ def download_output(run_id: str, reader: ReaderDep, path: str) -> Response:
     if path not in _outputs(record):
         raise HTTPException(404, f"Run {run_id} has no output {path!r}.")
     data = workspace().store.get_object(f"runs/{run_id}/outputs/{path}")
-    name = path.rsplit("/", 1)[-1].replace('"', "")
     return Response(
         data,
         media_type="application/octet-stream",
-        headers={"Content-Disposition": f'attachment; filename="{name}"'},
+        headers={"Content-Disposition": params.attachment(path.rsplit("/", 1)[-1])},
     )
 
 
@@ -356,12 +389,6 @@ def _text(entry: SnapshotEntry) -> str | None:
     return as_text(workspace().store.get_bytes(entry.digest))
 
 
-def _sees(visible: RunVisibility, dag_id: str | None) -> bool:
-    if dag_id is None:
-        return visible.runs_without_dag
-    return dag_id in visible.dag_ids
-
-
 def _listed(run: RunListItem | RunRecord) -> dict[str, Any]:
     duration = None
     if run.start is not None and run.end is not None:
@@ -401,33 +428,3 @@ def _series(series: Series) -> dict[str, Any]:
 def _differing(values: list[dict[str, Any]]) -> list[str]:
     names = sorted({k for v in values for k in v})
     return [n for n in names if len({repr(v.get(n)) for v in values}) > 1]
-
-
-def _statuses(given: list[str]) -> list[str]:
-    from airflow_amlrun.history import RunStatus
-
-    known = {s.value.lower(): s.value for s in RunStatus}
-    unknown = [s for s in given if s.lower() not in known]
-    if unknown:
-        raise BadListRequestError(
-            f"Unknown status {unknown[0]!r}: use any of {', '.join(s.value for s in RunStatus)}."
-        )
-    return [known[s.lower()] for s in given]
-
-
-def _tag(text: str) -> tuple[str, str]:
-    key, equals, value = text.partition("=")
-    if not equals or not key:
-        raise BadListRequestError(f"tag={text!r} is not KEY=VALUE: e.g. tag=team=fraud.")
-    return key, value
-
-
-def _metric_range(text: str) -> MetricRange:
-    name, _, bounds = text.partition(":")
-    low, _, high = bounds.partition(":")
-    try:
-        return MetricRange(name, float(low) if low else None, float(high) if high else None)
-    except ValueError:
-        raise BadListRequestError(
-            f"metric={text!r} is not NAME:LOW:HIGH with numbers (either may be empty): e.g. metric=accuracy:0.9:"
-        ) from None

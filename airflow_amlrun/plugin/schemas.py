@@ -65,6 +65,8 @@ class RunDetailOut(RunOut):
     error: str | None
     heartbeat_at: datetime | None
     max_run_duration_seconds: float | None
+    parent_run_id: str | None = Field(description="The sweep this run is one run of.")
+    rerun_of: str | None = Field(description="The run this one re-ran.")
     has_log: bool = Field(description="Whether the run's log was stored (else it is read on its target).")
     has_outputs: bool
     metric_summaries: list[MetricSummaryOut]

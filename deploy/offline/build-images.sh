@@ -73,7 +73,7 @@ airflow_base=$(build amlrun-compose-airflow-base \
 # The package as the repository's Dockerfile copies it (its .dockerignore lets in nothing else).
 mapfile -t package < <(find "$REPO/airflow_amlrun" -type f ! -path '*/__pycache__/*' ! -name '*.pyc' | sort)
 airflow=$(build amlrun-compose-airflow \
-  "$(recipe_key "$airflow_base" "$REPO/Dockerfile" "$REPO/.dockerignore" "$REPO/pyproject.toml" \
+  "$(recipe_key "$airflow_base" "$REPO/Dockerfile" "$REPO/.dockerignore" "$REPO/pyproject.toml" "$REPO/hatch_build.py" \
     "$REPO/README.md" "${package[@]}")" \
   --build-arg "AIRFLOW_BASE_IMAGE=$airflow_base" "$REPO")
 

@@ -223,12 +223,16 @@ class AirflowCluster:
         """Write a DAG file (``DAG_ID`` in `source` is replaced by the id) and wait until Airflow serves it."""
         dag_id = dag_id or f"c_{secrets.token_hex(4)}"
         (self.dags / f"{dag_id}.py").write_text(textwrap.dedent(source).replace("DAG_ID", dag_id))
-        deadline = time.monotonic() + 180
+        return self.wait_for_dag(dag_id)
+
+    def wait_for_dag(self, dag_id: str, timeout: float = 180) -> str:
+        """Wait until Airflow serves a DAG of a file in `dags` (one copied there, say); its id."""
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._api("GET", f"/api/v2/dags/{dag_id}", ok=(200, 404)).status_code == 200:
                 return dag_id
             time.sleep(1)
-        self._fail(f"DAG {dag_id} did not appear in the API within 180 s")
+        self._fail(f"DAG {dag_id} did not appear in the API within {timeout} s")
 
     def trigger(self, dag_id: str, conf: dict[str, Any] | None = None) -> str:
         """Start a DAG run; its run id."""

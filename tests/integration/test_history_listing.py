@@ -3,6 +3,8 @@ latest metric values kept as runs log, charts from the min/max pyramid, and the 
 
 from __future__ import annotations
 
+import base64
+import json
 import math
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -174,6 +176,30 @@ def test_a_cursor_of_another_order_or_a_damaged_one_is_refused_with_the_fix(hist
         history.page_runs(RunFilter(), RunSort.parse("target"), limit=1, cursor=cursor)
     with pytest.raises(BadListRequestError, match="not one this server gave out"):
         history.page_runs(RunFilter(), RunSort(), limit=1, cursor="garbage!")
+
+
+@pytest.mark.parametrize(
+    ("sort", "crafted"),
+    [
+        ("status", ["status", {"a": 1}, "r1"]),
+        ("-target", ["-target", ["local"], "r1"]),
+        ("-metrics.loss", ["-metrics.loss", 10**400, "r1"]),
+        ("-metrics.loss", ["-metrics.loss", True, "r1"]),
+        ("-created_at", ["-created_at", 5, "r1"]),
+        ("status", ["status", "Queued\u0000", "r1"]),
+        ("status", ["status", "Queued", "r1\u0000"]),
+        ("status", ["status", "Queued", 7]),
+        ("status", {"sort": "status"}),
+    ],
+)
+def test_a_crafted_cursor_is_refused_before_any_query(history, sort, crafted):
+    # A cursor is the client's to send: a value of another type, too large, or with a NUL character would
+    # otherwise fail in the database driver.
+    _run(history, "r1", 1, metrics={"loss": [0.5]})
+    raw = json.dumps(crafted).encode()
+    cursor = base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    with pytest.raises(BadListRequestError, match=f"The cursor '{cursor[:80]}' is (damaged|not one)"):
+        history.page_runs(RunFilter(), RunSort.parse(sort), limit=1, cursor=cursor)
 
 
 def test_the_latest_values_follow_the_points_as_a_run_logs_them(history):

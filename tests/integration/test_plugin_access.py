@@ -8,6 +8,7 @@ ann (viewer, DAG A only).
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import socket
@@ -18,6 +19,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import quote, unquote
 
 import httpx
 import pytest
@@ -30,6 +32,10 @@ from tests.conftest import DAGS_FOLDER, REPO, write_script
 AIRFLOW = str(Path(sys.executable).parent / "airflow")
 DAG_A = "amlrun_access_dag_a"
 DAG_B = "amlrun_access_dag_b"
+# A DAG Airflow does not have (deleted, or never parsed): its runs are shown as runs of no DAG.
+DAG_GONE = "amlrun_access_dag_deleted"
+# An output whose name is beyond Latin-1, the character set of HTTP headers.
+WIDE_NAME = "模型 ☃.txt"
 PASSWORDS = {"admin": "admin-pw", "vic": "vic-pw", "ann": "ann-pw"}
 ROLES = {"admin": "admin", "vic": "viewer", "ann": "viewer"}
 DAG_ACCESS = {"ann": [DAG_A]}
@@ -79,11 +85,22 @@ class ApiServer:
 
 
 def _finished_run(history: RunHistory, store: BlobStore, run_id: str, code: Path, **fields) -> None:
-    """A run with its code snapshot, a stored log and one output file, as a finished run leaves them."""
+    """A run with its code snapshot, its environment's lock, a stored log and output files, as a finished run
+    leaves them."""
     snapshot = take_snapshot(code, store).snapshot
-    history.create_run(run_id=run_id, target="local", snapshot_id=snapshot.id, task_id="train", **fields)
+    lock = store.put_bytes(f"numpy==2.0.0  # lock of {run_id}\n".encode())
+    environment = {"name": "amlrun-test", "version": 1, "lock_digest": lock}
+    history.create_run(
+        run_id=run_id,
+        target="local",
+        snapshot_id=snapshot.id,
+        task_id="train",
+        environment=environment,
+        **fields,
+    )
     store.put_object(f"runs/{run_id}/logs/{STD_LOG}", f"epoch 1 of {run_id}\ndone\n".encode())
     store.put_object(f"runs/{run_id}/outputs/model/weights.txt", f"weights of {run_id}".encode())
+    store.put_object(f"runs/{run_id}/outputs/{WIDE_NAME}", "☃".encode())
     history.update_run(
         run_id,
         status=RunStatus.COMPLETED,
@@ -120,8 +137,15 @@ def _fill_history(database_url: str, store: BlobStore, code: Path) -> dict[str, 
     )
     history.add_metrics("run_of_b", [MetricPoint("fold_mse", 0.25, seq=0, step=0)])
     history.create_run(run_id="plain_python", experiment="notebook", target="local")
+    history.create_run(run_id="run_of_gone", experiment="churn", target="local", dag_id=DAG_GONE)
     history.dispose()
-    return {"a": "run_of_a", "marked_up": "marked_up", "b": "run_of_b", "plain": "plain_python"}
+    return {
+        "a": "run_of_a",
+        "marked_up": "marked_up",
+        "b": "run_of_b",
+        "plain": "plain_python",
+        "gone": "run_of_gone",
+    }
 
 
 def _free_port() -> int:
@@ -206,12 +230,13 @@ def _run_routes(run: str) -> list[str]:
     return [
         f"/api/runs/{run}",
         f"/api/runs/{run}/metrics",
+        f"/api/runs/{run}/children",
+        f"/api/runs/{run}/environment/lock",
         f"/api/runs/{run}/log",
         f"/api/runs/{run}/snapshot",
         f"/api/runs/{run}/snapshot/file?path=train.py",
         f"/api/runs/{run}/outputs",
         f"/api/runs/{run}/outputs/model/weights.txt",
-        f"/runs/{run}",
     ]
 
 
@@ -221,15 +246,16 @@ def _routes(server: ApiServer) -> list[str]:
         "/api/runs",
         "/api/experiments",
         "/api/openapi.json",
+        f"/api/task-runs?dag_id={DAG_A}&run_id=manual_1&task_id=train",
         f"/api/compare?run_id={a}&run_id={b}",
         f"/api/diff?run_a={a}&run_b={b}&path=train.py",
-        "/runs",
         *_run_routes(a),
     ]
 
 
 def test_anonymous_callers_get_401_on_every_route(api_server):
-    for path in [*_routes(api_server), *_run_routes(api_server.runs["b"])]:
+    pages_and_bundle = ["/runs", f"/runs/{api_server.runs['a']}", "/static/amlrun-ui.js"]
+    for path in [*_routes(api_server), *_run_routes(api_server.runs["b"]), *pages_and_bundle]:
         answer = api_server.get(path)
         assert answer.status_code == 401, (path, answer.text)
         assert "run_of_a" not in answer.text and "fold_mse" not in answer.text
@@ -256,7 +282,7 @@ def test_a_signed_in_admin_reads_every_route_and_every_run(api_server):
     assert (missing.status_code, missing.json()) == (404, {"detail": "No run 'no_such_run'."})
 
     experiments = {e["name"]: e["runs"] for e in api_server.get("/api/experiments", "admin").json()}
-    assert experiments == {"churn": 2, "notebook": 1, SCRIPT: 1}
+    assert experiments == {"churn": 3, "notebook": 1, SCRIPT: 1}
     schema = api_server.get("/api/openapi.json", "admin").json()
     assert {"/api/runs", "/api/runs/{run_id}/metrics", "/api/compare", "/api/diff"} <= set(schema["paths"])
 
@@ -275,14 +301,17 @@ def test_each_route_shows_the_run_s_data(api_server):
     assert (log["lines"], log["ended"], log["status"]) == (["epoch 1 of run_of_a", "done"], True, "Completed")
     tail = api_server.get(f"/api/runs/{a}/log?store_offset={len('epoch 1 of run_of_a') + 1}", "admin").json()
     assert tail["lines"] == ["done"]
+    lock = api_server.get(f"/api/runs/{a}/environment/lock", "admin")
+    assert (lock.status_code, lock.text) == (200, "numpy==2.0.0  # lock of run_of_a\n")
     files = [f["path"] for f in api_server.get(f"/api/runs/{a}/snapshot", "admin").json()["files"]]
     assert files == ["train.py"]
     shown = api_server.get(f"/api/runs/{a}/snapshot/file?path=train.py", "admin").json()
     assert shown["text"] == "alpha = 0.5\nprint(alpha)\n"
-    assert api_server.get(f"/api/runs/{a}/outputs", "admin").json() == [{"path": "model/weights.txt"}]
+    outputs = api_server.get(f"/api/runs/{a}/outputs", "admin").json()
+    assert outputs == [{"path": "model/weights.txt"}, {"path": WIDE_NAME}]
     download = api_server.get(f"/api/runs/{a}/outputs/model/weights.txt", "admin")
     assert download.content == b"weights of run_of_a"
-    assert "attachment" in download.headers["content-disposition"]
+    assert download.headers["content-disposition"] == 'attachment; filename="weights.txt"'
     assert api_server.get(f"/api/runs/{a}/outputs/..%2F..%2Fhistory.db", "admin").status_code == 404
 
     compared = api_server.get(f"/api/compare?run_id={a}&run_id={b}", "admin").json()
@@ -299,6 +328,41 @@ def test_each_route_shows_the_run_s_data(api_server):
     bad = api_server.get("/api/runs?sort=nonsense", "admin")
     assert bad.status_code == 400 and "metrics.NAME" in bad.json()["detail"]
 
+    (task_run,) = api_server.get(
+        f"/api/task-runs?dag_id={DAG_A}&run_id=manual_1&task_id=train", "admin"
+    ).json()
+    assert (task_run["run_id"], task_run["airflow"]["try_number"]) == (a, 1)
+
+
+def test_an_output_named_beyond_latin_1_downloads_under_its_name(api_server):
+    # HTTP headers are Latin-1: the name goes as RFC 5987's UTF-8 filename*, an ASCII one beside it.
+    answer = api_server.get(f"/api/runs/{api_server.runs['a']}/outputs/{quote(WIDE_NAME)}", "admin")
+    assert (answer.status_code, answer.content) == (200, "☃".encode())
+    disposition = answer.headers["content-disposition"]
+    assert disposition == f"attachment; filename=\"__ _.txt\"; filename*=UTF-8''{quote(WIDE_NAME, safe='')}"
+    assert unquote(disposition.split("UTF-8''")[1]) == WIDE_NAME
+
+
+def _cursor(*parts: object) -> str:
+    return base64.urlsafe_b64encode(json.dumps(list(parts)).encode()).decode().rstrip("=")
+
+
+@pytest.mark.parametrize(
+    ("query", "named"),
+    [
+        (f"sort=status&cursor={_cursor('status', {'a': 1}, 'r')}", _cursor("status", {"a": 1}, "r")),
+        (f"sort=-metrics.x&cursor={_cursor('-metrics.x', 10**400, 'r')}", "is damaged"),
+        (f"cursor={_cursor('-created_at', '2026-01-01', None)}", "is damaged"),
+        ('tag="team"=fraud', "'\"team\"'"),
+        ("tag=équipe=fraud", "'équipe'"),
+    ],
+    ids=["dict-value", "huge-number", "no-run-id", "quote-in-tag-key", "non-ascii-tag-key"],
+)
+def test_a_crafted_cursor_or_an_unsearchable_tag_is_a_400_naming_it(api_server, query, named):
+    answer = api_server.get(f"/api/runs?{query}", "admin")
+    assert answer.status_code == 400, answer.text
+    assert named in answer.json()["detail"]
+
 
 def test_a_user_sees_only_the_runs_of_the_dags_they_may_read(api_server):
     runs = api_server.runs
@@ -306,26 +370,28 @@ def test_a_user_sees_only_the_runs_of_the_dags_they_may_read(api_server):
     # The filter is part of the query: the two newest runs she may see, though newer ones exist.
     assert api_server.run_ids("ann", "?limit=2") == [runs["marked_up"], runs["a"]]
     assert api_server.get(f"/api/runs/{runs['a']}", "ann").status_code == 200
-    assert api_server.get(f"/runs/{runs['a']}", "ann").status_code == 200
     for path in _run_routes(runs["b"]):
         answer = api_server.get(path, "ann")
         assert answer.status_code == 403, (path, answer.text)
         assert (
             "churn" not in answer.text and "fold_mse" not in answer.text and "secret_plan" not in answer.text
         )
-    # A comparison or a diff with a run she may not see answers nothing of it.
-    for path in (
-        f"/api/compare?run_id={runs['a']}&run_id={runs['b']}",
-        f"/api/diff?run_a={runs['a']}&run_b={runs['b']}&path=secret_plan_of_b.txt",
-        "/api/runs?metric=fold_mse::0.3",
+    # A comparison or a diff with a run she may not see is refused as a route about that run is, and
+    # answers nothing of it; a list leaves it out.
+    for path, status in (
+        (f"/api/compare?run_id={runs['a']}&run_id={runs['b']}", 403),
+        (f"/api/compare?run_id={runs['b']}&run_id={runs['a']}", 403),
+        (f"/api/diff?run_a={runs['a']}&run_b={runs['b']}&path=secret_plan_of_b.txt", 403),
+        (f"/api/diff?run_a={runs['b']}&run_b={runs['a']}", 403),
+        ("/api/runs?metric=fold_mse::0.3", 200),
+        (f"/api/task-runs?dag_id={DAG_B}&run_id=manual_1&task_id=train", 200),
     ):
         answer = api_server.get(path, "ann")
+        assert answer.status_code == status, (path, answer.text)
         assert "secret_plan" not in answer.text and "0.9" not in answer.text and "0.25" not in answer.text, (
             path
         )
-        assert runs["b"] not in answer.text.replace(f"No run {runs['b']!r}", ""), path
-    page = api_server.get("/runs", "ann").text
-    assert runs["a"] in page and runs["b"] not in page and runs["plain"] not in page
+        assert runs["b"] not in answer.text.replace(f"Run {runs['b']!r}", ""), path
 
     experiments = {e["name"]: e["runs"] for e in api_server.get("/api/experiments", "ann").json()}
     assert experiments == {"churn": 1, SCRIPT: 1}
@@ -338,27 +404,68 @@ def test_a_run_without_a_dag_is_shown_only_to_who_may_read_the_workspace_connect
     answer = api_server.get(f"/api/runs/{runs['plain']}", "vic")
     assert answer.status_code == 403
     assert "outside any DAG" in answer.json()["detail"] and "amlrun_default" in answer.json()["detail"]
-    assert api_server.get(f"/runs/{runs['plain']}", "ann").status_code == 403
+    assert api_server.get(f"/api/runs/{runs['plain']}", "ann").status_code == 403
     assert "notebook" not in {e["name"] for e in api_server.get("/api/experiments", "vic").json()}
     assert runs["plain"] in api_server.run_ids("admin")
 
 
-def test_the_ui_cookie_signs_in_the_pages_with_the_same_limits(api_server):
+def test_a_run_of_a_deleted_dag_is_shown_as_one_of_no_dag_in_lists_and_by_id(api_server):
+    # No DAG permission can be granted on a DAG Airflow no longer has: its runs go to the readers of the
+    # workspace connection, in the list and by id alike.
+    gone = api_server.runs["gone"]
+    assert gone in api_server.run_ids("admin")
+    assert api_server.get(f"/api/runs/{gone}", "admin").status_code == 200
+    for user in ("vic", "ann"):
+        assert gone not in api_server.run_ids(user), user
+        answer = api_server.get(f"/api/runs/{gone}", user)
+        assert answer.status_code == 403, (user, answer.text)
+        assert "its DAG was deleted" in answer.json()["detail"] and DAG_GONE not in answer.text
+        compared = api_server.get(f"/api/compare?run_id={gone}&run_id={api_server.runs['a']}", user)
+        assert compared.status_code == 403, user
+    experiments = {e["name"]: e["runs"] for e in api_server.get("/api/experiments", "vic").json()}
+    assert experiments["churn"] == 2
+
+
+def test_the_ui_cookie_signs_in_with_the_same_limits(api_server):
     runs = api_server.runs
-    page = api_server.get("/runs", "ann", cookie=True)
-    assert page.status_code == 200
-    assert runs["a"] in page.text and runs["b"] not in page.text
-    assert api_server.get(f"/runs/{runs['b']}", "ann", cookie=True).status_code == 403
+    listed = api_server.get("/api/runs", "ann", cookie=True)
+    assert listed.status_code == 200
+    assert runs["a"] in listed.text and runs["b"] not in listed.text
+    assert api_server.get(f"/api/runs/{runs['b']}", "ann", cookie=True).status_code == 403
     assert api_server.get(f"/api/runs/{runs['a']}", "ann", cookie=True).status_code == 200
+    bundle = api_server.get("/static/amlrun-ui.js", "ann", cookie=True)
+    assert (bundle.status_code, bundle.headers["content-type"]) == (200, "text/javascript; charset=utf-8")
 
 
-def test_the_pages_show_recorded_markup_as_text(api_server):
-    listing = api_server.get("/runs", "ann").text
-    assert "&lt;script&gt;alert(&quot;experiment&quot;)&lt;/script&gt;" in listing
-    assert "<script>" not in listing
-    detail = api_server.get(f"/runs/{api_server.runs['marked_up']}", "ann").text
-    assert "&lt;img src=x onerror=alert(1)&gt;" in detail
-    assert "<img" not in detail
+def test_the_old_page_addresses_lead_to_the_pages_in_the_airflow_ui(api_server):
+    # The operator's extra link, kept by every task instance that ran, names /amlrun/runs/<id>.
+    run = api_server.runs["a"]
+    for path, target in (
+        ("/runs", "/plugin/amlrun_runs"),
+        (f"/runs/{run}", f"/plugin/amlrun_runs/runs/{run}"),
+    ):
+        answer = api_server.get(path, "ann", cookie=True)
+        assert answer.status_code == 307, path
+        assert httpx.URL(f"{api_server.url}/amlrun{path}").join(answer.headers["location"]).path == target
+
+
+def test_the_airflow_ui_lists_the_pages_in_its_navigation_and_on_the_task_instance(api_server):
+    answer = httpx.get(
+        f"{api_server.url}/api/v2/plugins",
+        headers={"Authorization": f"Bearer {api_server.token('admin')}"},
+        timeout=30,
+    )
+    assert answer.status_code == 200, answer.text
+    (plugin,) = [p for p in answer.json()["plugins"] if p["name"] == "amlrun"]
+    apps = {a["name"]: a for a in plugin["react_apps"]}
+    assert {n: (a["destination"], a["url_route"]) for n, a in apps.items()} == {
+        "Training runs": ("nav", "amlrun_runs"),
+        "Training run": ("task_instance", "amlrun_task_run"),
+    }
+    bundle = apps["Training runs"]["bundle_url"]
+    assert bundle.startswith("amlrun/static/amlrun-ui.js?v=") and "missing" not in bundle
+    served = api_server.get(bundle.removeprefix("amlrun"), "ann", cookie=True)
+    assert served.status_code == 200 and b"AirflowPlugin" in served.content
 
 
 def test_a_running_run_s_log_is_followed_by_offset_until_it_ends(api_server, tmp_path, monkeypatch):
@@ -401,3 +508,31 @@ def test_a_running_run_s_log_is_followed_by_offset_until_it_ends(api_server, tmp
     while not read()["ended"]:
         assert time.monotonic() < deadline, seen
     assert seen == ["first line", "second line"]
+
+
+def test_a_sweep_lists_its_runs_that_the_user_may_see(api_server):
+    history = RunHistory(f"sqlite:///{api_server.amlrun_home / 'history.db'}")
+    history.create_run(run_id="sweep_of_a", experiment="churn_sweep", target="local", dag_id=DAG_A)
+    for trial, dag_id in (("trial_1", DAG_A), ("trial_2", DAG_A), ("trial_of_b", DAG_B)):
+        history.create_run(
+            run_id=trial,
+            experiment="churn_sweep",
+            target="local",
+            dag_id=dag_id,
+            parent_run_id="sweep_of_a",
+            arguments=["--alpha", trial[-1]],
+        )
+    history.dispose()
+
+    assert [r["run_id"] for r in api_server.get("/api/runs/sweep_of_a/children", "admin").json()] == [
+        "trial_1",
+        "trial_2",
+        "trial_of_b",
+    ]
+    children = api_server.get("/api/runs/sweep_of_a/children", "ann").json()
+    assert [(c["run_id"], c["parameters"]) for c in children] == [
+        ("trial_1", {"alpha": "1"}),
+        ("trial_2", {"alpha": "2"}),
+    ]
+    assert api_server.get("/api/runs/trial_1", "ann").json()["parent_run_id"] == "sweep_of_a"
+    assert api_server.get("/api/runs/run_of_b/children", "ann").status_code == 403

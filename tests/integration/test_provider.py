@@ -93,11 +93,13 @@ def test_plugin_app_refuses_anonymous_callers_on_every_route():
     assert mounted["url_prefix"] == "/amlrun"
     app = mounted["app"]
     paths = [
-        route.path.replace("{run_id}", "some_run").replace("{path:path}", "model.pkl")
+        route.path.replace("{run_id}", "some_run")
+        .replace("{path:path}", "model.pkl")
+        .replace("{name}", "amlrun-ui.js")
         for route in app.routes
         if isinstance(route, APIRoute)
     ]
-    assert len(paths) == 15
+    assert len(paths) == 18
     client = TestClient(app)
     for path in paths:
         answer = client.get(path)

@@ -1,0 +1,252 @@
+"""The training-run pages in the Airflow UI, in headless Chromium, against a real Airflow: its api-server,
+scheduler and the example DAG's runs (tests/browser/ui_cluster.py, one cluster for the module).
+
+Each test opens the pages as a user does, from the navigation or a link, and checks what they show of the
+runs' recorded data. Screenshots go to $AMLRUN_UI_SCREENSHOTS (`make screenshots`: docs/screenshots/, which
+the README shows), else to the test session's temporary folder.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from urllib.parse import quote
+
+import httpx
+import pytest
+
+from tests.browser.ui_cluster import EXAMPLE_DAG, UiCluster, run_examples, ui_cluster
+
+playwright = pytest.importorskip("playwright.sync_api")
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-quic",
+    "--no-first-run",
+]
+LIST = "/plugin/amlrun_runs"
+
+
+@pytest.fixture(scope="module")
+def ui(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UiCluster]:
+    home = tmp_path_factory.mktemp("ui")
+    with ui_cluster(home) as cluster:
+        yield run_examples(cluster, home)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"No Chromium at {CHROMIUM}: `make services` installs it (apt-get install chromium).")
+    with playwright.sync_playwright() as driver:
+        launched = driver.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield launched
+        launched.close()
+
+
+@pytest.fixture(scope="module")
+def screenshots(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = os.environ.get("AMLRUN_UI_SCREENSHOTS")
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        return Path(folder)
+    return tmp_path_factory.mktemp("screenshots")
+
+
+@pytest.fixture(scope="module")
+def contexts(ui: UiCluster, browser) -> Iterator[dict[tuple[str, str], object]]:
+    """A browser context per user and theme, kept for the module: the Airflow UI's own scripts load once."""
+    opened: dict[tuple[str, str], object] = {}
+    yield opened
+    for context in opened.values():
+        context.close()
+
+
+@pytest.fixture
+def open_as(ui: UiCluster, browser, contexts) -> Iterator[Callable[..., object]]:
+    """A page signed in as a user (by the cookie the Airflow UI's sign-in sets), in a light or dark browser."""
+    pages = []
+
+    def open_page(user: str, path: str, scheme: str = "light", height: int = 1000):
+        if (user, scheme) not in contexts:
+            context = browser.new_context(viewport={"width": 1400, "height": 1000}, color_scheme=scheme)
+            context.add_cookies([{"name": "_token", "value": ui.token(user), "url": ui.url}])
+            contexts[user, scheme] = context
+        page = contexts[user, scheme].new_page()
+        pages.append(page)
+        page.set_viewport_size({"width": 1400, "height": height})
+        page.set_default_timeout(30_000)
+        errors: list[str] = []
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.goto(f"{ui.url}{path}")
+        page.errors = errors  # type: ignore[attr-defined]
+        return page
+
+    yield open_page
+    for page in pages:
+        page.close()
+
+
+def _expect():
+    return playwright.expect
+
+
+def test_a_running_run_s_log_follows_it_on_its_page_without_a_reload(ui, open_as, screenshots):
+    page = open_as("admin", f"{LIST}/runs/{ui.runs['live']}", height=1300)
+    log = page.get_by_label("Run log")
+    _expect()(log).to_contain_text("epoch 0: waiting for more data")
+    _expect()(page.locator("[data-page=run-detail]")).to_have_attribute("data-status", "Running")
+    _expect()(page.locator("[data-log-state]")).to_have_attribute("data-log-state", "following")
+    page.screenshot(path=screenshots / "live-log.png")
+    assert "the data arrived" not in log.inner_text()
+
+    page.evaluate("window.amlrunMarker = 'not reloaded'")
+    ui.gate.touch()
+    _expect()(log).to_contain_text("epoch 1: the data arrived", timeout=60_000)
+    _expect()(page.locator("[data-page=run-detail]")).to_have_attribute(
+        "data-status", "Completed", timeout=60_000
+    )
+    _expect()(page.locator("[data-log-state]")).to_have_attribute("data-log-state", "ended")
+    # The same document all along: the log grew in place.
+    assert page.evaluate("window.amlrunMarker") == "not reloaded"
+    assert page.errors == []
+
+
+def test_the_navigation_leads_to_the_runs_with_their_metrics(ui, open_as, screenshots):
+    page = open_as("admin", "/")
+    page.get_by_role("link", name=re.compile("Training runs")).click()
+    runs = page.get_by_role("table", name="Runs")
+    first, second = ui.runs["first"], ui.runs["second"]
+    _expect()(runs.locator(f"tr[data-run-id='{first}']")).to_be_visible()
+    _expect()(runs.locator(f"tr[data-run-id='{second}']")).to_be_visible()
+    # A column per metric, with each run's latest value.
+    row = runs.locator(f"tr[data-run-id='{first}']")
+    _expect()(row.locator("td[data-metric=alpha]")).to_have_text("0.5")
+    _expect()(runs.locator(f"tr[data-run-id='{second}'] td[data-metric=alpha]")).to_have_text("2")
+    mse_first = float(row.locator("td[data-metric=mse]").inner_text())
+    assert 3000 < mse_first < 3300
+    page.screenshot(path=screenshots / "runs-list.png")
+
+    # Filtered to the example's experiment, sorted by mse, best first.
+    page.get_by_label("Experiment").select_option("diabetes_ridge")
+    page.get_by_role("button", name="Apply").click()
+    _expect()(runs.locator(f"tr[data-run-id='{ui.runs['live']}']")).to_have_count(0)
+    page.get_by_role("button", name=re.compile("^mse")).click()
+    _expect()(runs.locator("tbody tr")).to_have_count(2)
+    _expect()(runs.locator("tbody tr").first).to_have_attribute("data-run-id", first)
+    assert "sort=metrics.mse" in page.url and "experiment=diabetes_ridge" in page.url
+    assert page.errors == []
+
+
+def test_the_run_page_shows_its_charts_arguments_log_outputs_and_code(ui, open_as, screenshots):
+    run = ui.runs["first"]
+    page = open_as("admin", f"{LIST}/runs/{run}", height=2600)
+    chart = page.locator("figure[aria-label=fold_mse]")
+    _expect()(chart.locator("canvas").first).to_be_visible()
+    _expect()(chart).to_have_attribute("data-points", "5")
+    _expect()(page.get_by_role("table", name="Values")).to_contain_text("mse")
+    _expect()(page.get_by_role("table", name="Parameters")).to_contain_text("0.5")
+    _expect()(page.get_by_label("Status timeline")).to_contain_text("Running")
+    _expect()(page.get_by_label("Run log")).to_contain_text("fold 4: mse=")
+    # The snapshot's script, highlighted as Python.
+    code = page.locator("pre[data-language=python]")
+    _expect()(code).to_contain_text("def main() -> None:")
+    _expect()(code.locator(".hljs-keyword", has_text="def").first).to_be_visible()
+    page.screenshot(path=screenshots / "run-detail.png")
+
+    outputs = page.get_by_role("list", name="Outputs")
+    _expect()(outputs).to_contain_text("model.pkl")
+    with page.expect_download() as download:
+        outputs.get_by_role("link", name="metrics.json").click()
+    saved = Path(download.value.path()).read_text()
+    assert '"alpha": 0.5' in saved and download.value.suggested_filename == "metrics.json"
+    assert page.errors == []
+
+
+def test_compare_charts_the_selected_runs_together_and_marks_what_differs(ui, open_as, screenshots):
+    first, second = ui.runs["first"], ui.runs["second"]
+    page = open_as("admin", f"{LIST}?experiment=diabetes_ridge", height=1500)
+    page.get_by_label(f"Select {first}").check()
+    page.get_by_label(f"Select {second}").check()
+    page.get_by_role("button", name="Compare").click()
+    chart = page.locator("figure[aria-label='fold_mse of 2 runs']")
+    _expect()(chart.locator("canvas").first).to_be_visible()
+    # Five folds, then four: every step of either run is on the one chart.
+    _expect()(chart).to_have_attribute("data-points", "5")
+    values = page.get_by_role("table", name="Parameters and final metrics")
+    alpha = values.locator("tbody tr", has_text="parameter").filter(has_text="alpha")
+    _expect()(alpha).to_have_attribute("data-differs", "true")
+    _expect()(alpha.locator("td")).to_have_text(["0.5", "2.0"])
+    _expect()(page.locator("figure[aria-label='fold_mse by alpha']")).to_be_visible()
+    page.screenshot(path=screenshots / "compare.png")
+
+    # The two runs' code: the second had one fold less.
+    page.get_by_role("link", name="Diff their code").click()
+    diff = page.get_by_label("Unified diff")
+    _expect()(diff.locator("[data-line=del]")).to_contain_text('"--folds", type=int, default=5')
+    _expect()(diff.locator("[data-line=add]")).to_contain_text('"--folds", type=int, default=4')
+    _expect()(page.get_by_role("list", name="Files that differ")).to_contain_text("train.py")
+    assert page.errors == []
+
+
+def test_the_diff_page_in_the_dark_theme(ui, open_as, screenshots):
+    page = open_as("admin", f"{LIST}/diff?a={ui.runs['first']}&b={ui.runs['second']}", scheme="dark")
+    _expect()(page.get_by_label("Unified diff").locator("[data-line=add]")).to_be_visible()
+    # The pages take the Airflow UI's colours: light text on its dark background.
+    assert page.evaluate("document.documentElement.classList.contains('dark')")
+    color = page.evaluate("getComputedStyle(document.querySelector('.amlrun-root')).color")
+    assert _luminance(color) > 0.5, color
+    page.screenshot(path=screenshots / "diff-dark.png")
+
+
+def test_the_task_instance_leads_to_its_run_by_its_tab_and_its_extra_link(ui, open_as):
+    dag_run = quote(ui.dag_runs["first"], safe="")
+    page = open_as("admin", f"/dags/{EXAMPLE_DAG}/runs/{dag_run}/tasks/train/plugin/amlrun_task_run")
+    detail = page.locator(f"[data-page=run-detail][data-run-id='{ui.runs['first']}']")
+    _expect()(detail.locator("figure[aria-label=fold_mse] canvas").first).to_be_visible()
+    # One bundle serves both apps: the navigation's loads from the module already imported.
+    page.get_by_role("link", name=re.compile("Training runs")).click()
+    _expect()(
+        page.get_by_role("table", name="Runs").locator(f"tr[data-run-id='{ui.runs['second']}']")
+    ).to_be_visible()
+    assert page.errors == []
+
+    # The operator's extra link, as Airflow recorded it for the task instance, opens the run's page.
+    links = httpx.get(
+        f"{ui.url}/api/v2/dags/{EXAMPLE_DAG}/dagRuns/{dag_run}/taskInstances/train/links",
+        headers={"Authorization": f"Bearer {ui.token('admin')}"},
+        timeout=30,
+    )
+    assert links.status_code == 200, links.text
+    page.goto(links.json()["extra_links"]["AML Run"])
+    assert page.url.endswith(f"{LIST}/runs/{ui.runs['first']}")
+    _expect()(page.locator(f"[data-page=run-detail][data-run-id='{ui.runs['second']}']")).to_have_count(0)
+    _expect()(page.locator(f"[data-page=run-detail][data-run-id='{ui.runs['first']}']")).to_be_visible()
+
+
+def test_a_user_without_the_dag_sees_none_of_its_runs(ui, open_as, screenshots):
+    # ann may read the live DAG only.
+    page = open_as("ann", LIST)
+    runs = page.get_by_role("table", name="Runs")
+    _expect()(runs.locator(f"tr[data-run-id='{ui.runs['live']}']")).to_be_visible()
+    _expect()(runs.locator("tbody tr")).to_have_count(1)
+    assert ui.runs["first"] not in page.content()
+
+    page = open_as("ann", f"{LIST}/runs/{ui.runs['first']}")
+    _expect()(page.get_by_role("alert")).to_contain_text("Access denied")
+    assert "fold_mse" not in page.content() and "diabetes" not in page.inner_text("body")
+    page.screenshot(path=screenshots / "access-denied.png")
+    page = open_as("ann", f"{LIST}/compare?run={ui.runs['live']}&run={ui.runs['first']}")
+    _expect()(page.get_by_role("alert")).to_contain_text("Access denied")
+
+
+def _luminance(css_color: str) -> float:
+    red, green, blue = (int(v) for v in re.findall(r"\d+", css_color)[:3])
+    return (0.2126 * red + 0.7152 * green + 0.0722 * blue) / 255

@@ -1,0 +1,284 @@
+import { useEffect, useMemo, useRef } from "react";
+import { Link, useNavigate } from "react-router-dom";
+
+import { enc, FINISHED, type Json, type Run, type RunDetail as Detail, type Series } from "../api";
+import { alignLines, Chart } from "../components/Chart";
+import { ErrorBox, formatDuration, formatValue, Loading, RunLink, Section, StatusBadge, taskInstancePath, Time } from "../components/common";
+import { useApi, useInterval, useWidth } from "../hooks";
+import { pagePath } from "../routes";
+import { EnvironmentSection, GitSection, OutputsSection } from "./RunSections";
+import { LogViewer } from "./LogViewer";
+import { SnapshotBrowser } from "./SnapshotBrowser";
+
+// How often an unfinished run's page asks for its status and metrics again.
+const REFRESH_MS = 3000;
+
+/** One run: its outcome, timeline, metrics as charts, arguments, environment, git, live log, outputs and code. */
+export function RunDetail({ runId, embedded = false }: { runId: string; embedded?: boolean }) {
+  const detail = useApi<Detail>(`runs/${enc(runId)}`);
+  const run = detail.data?.run_id === runId ? detail.data : undefined;
+  const running = run !== undefined && !FINISHED.has(run.status);
+  useInterval(detail.reload, REFRESH_MS, running);
+
+  if (detail.error) {
+    return (
+      <div className="amlrun-page">
+        <ErrorBox error={detail.error} />
+        {!embedded && (
+          <Link className="amlrun-link" to={pagePath.list()}>
+            All training runs
+          </Link>
+        )}
+      </div>
+    );
+  }
+  if (run === undefined) return <Loading />;
+  return (
+    <div className="amlrun-page" data-page="run-detail" data-run-id={run.run_id} data-status={run.status}>
+      <header className="amlrun-page-header">
+        <h2>
+          {embedded ? <RunLink runId={run.run_id} /> : <span className="amlrun-mono">{run.run_id}</span>} <StatusBadge status={run.status} />
+        </h2>
+        <div className="amlrun-actions">
+          {!embedded && (
+            <Link className="amlrun-button" to={pagePath.list(new URLSearchParams({ experiment: run.experiment }))}>
+              Runs of {run.experiment}
+            </Link>
+          )}
+        </div>
+      </header>
+      <Facts run={run} />
+      {run.error && (
+        <pre className="amlrun-error" role="alert">
+          {run.error}
+        </pre>
+      )}
+      <Timeline run={run} />
+      <Metrics run={run} />
+      {run.parent_run_id === null && <SweepRuns runId={run.run_id} />}
+      <LogViewer runId={run.run_id} />
+      <Arguments run={run} />
+      <EnvironmentSection run={run} />
+      <GitSection git={run.git} />
+      <OutputsSection run={run} />
+      <SnapshotBrowser runId={run.run_id} hasSnapshot={run.snapshot_id !== null} />
+    </div>
+  );
+}
+
+function Facts({ run }: { run: Detail }) {
+  const a = run.airflow;
+  const facts: [string, React.ReactNode][] = [
+    ["Experiment", run.experiment],
+    ["Target", run.target],
+    [
+      "Task",
+      a.dag_id && a.run_id && a.task_id ? (
+        <Link className="amlrun-link" to={taskInstancePath(a.dag_id, a.run_id, a.task_id, a.map_index)}>
+          {a.dag_id} › {a.run_id} › {a.task_id}
+          {a.map_index !== null && a.map_index >= 0 ? ` [${a.map_index}]` : ""}
+          {a.try_number !== null ? ` (try ${a.try_number})` : ""}
+        </Link>
+      ) : (
+        <span className="amlrun-muted">recorded outside any DAG</span>
+      ),
+    ],
+    ["Duration", formatDuration(run.duration_seconds)],
+  ];
+  if (run.parent_run_id) facts.push(["Sweep", <RunLink runId={run.parent_run_id} key="p" />]);
+  if (run.rerun_of) facts.push(["Re-run of", <RunLink runId={run.rerun_of} key="r" />]);
+  for (const [key, value] of Object.entries(run.tags)) facts.push([`tag ${key}`, formatValue(value)]);
+  return (
+    <dl className="amlrun-facts">
+      {facts.map(([k, v]) => (
+        <div key={k}>
+          <dt>{k}</dt>
+          <dd>{v}</dd>
+        </div>
+      ))}
+    </dl>
+  );
+}
+
+/** The run's life as a bar: waiting (queued, preparing, starting) until it started, running until it ended. */
+function Timeline({ run }: { run: Detail }) {
+  const created = Date.parse(run.created_at);
+  const start = run.start ? Date.parse(run.start) : null;
+  const end = run.end ? Date.parse(run.end) : null;
+  const now = end ?? (FINISHED.has(run.status) ? (start ?? created) : Date.now());
+  const total = Math.max(now - created, 1);
+  const waited = (start ?? now) - created;
+  const ran = start === null ? 0 : now - start;
+  const segment = (label: string, ms: number, kind: string) =>
+    ms > 0 || kind === "wait" ? (
+      <div className={`amlrun-timeline-${kind}`} style={{ flexGrow: Math.max(ms / total, 0.02) }} title={`${label}: ${formatDuration(ms / 1000)}`}>
+        {label} · {formatDuration(ms / 1000)}
+      </div>
+    ) : null;
+  return (
+    <Section title="Timeline">
+      <div className="amlrun-timeline" aria-label="Status timeline">
+        {segment(start === null ? run.status : "Queued → Starting", waited, "wait")}
+        {start !== null && segment(end === null ? run.status : "Running", ran, end === null ? "run" : `done-${run.status.toLowerCase()}`)}
+      </div>
+      <div className="amlrun-timeline-times">
+        <span>
+          created <Time value={run.created_at} />
+        </span>
+        <span>
+          started <Time value={run.start} />
+        </span>
+        <span>
+          ended <Time value={run.end} />
+        </span>
+        {run.heartbeat_at && !FINISHED.has(run.status) && (
+          <span>
+            last heard <Time value={run.heartbeat_at} />
+          </span>
+        )}
+      </div>
+    </Section>
+  );
+}
+
+/** A line chart per numeric metric, from the downsampled series (every slice's minimum and maximum kept). */
+function Metrics({ run }: { run: Detail }) {
+  const [box, width] = useWidth<HTMLDivElement>();
+  // A series of one number is a value, not a chart.
+  const numeric = run.metric_summaries.filter((m) => m.numeric_count > 1);
+  const others = run.metric_summaries.filter((m) => m.numeric_count <= 1);
+  // Asked again when a running run logs more points; about two points per pixel of a half-width chart.
+  const version = numeric.map((m) => m.count).join(",");
+  const points = String(Math.min(4000, Math.max(200, width)));
+  const query = useMemo(() => {
+    const q = new URLSearchParams({ points });
+    for (const m of numeric) q.append("name", m.name);
+    return q;
+    // The names are those of `version`.
+  }, [points, numeric.map((m) => m.name).join("\n")]);
+  const series = useApi<Series[]>(numeric.length > 0 && width > 0 ? `runs/${enc(run.run_id)}/metrics` : null, query);
+  const { reload } = series;
+  const seen = useRef(version);
+  useEffect(() => {
+    // The first series are read as the chart appears; more points logged since are read again.
+    if (seen.current !== version) reload();
+    seen.current = version;
+  }, [version, reload]);
+
+  return (
+    <Section title="Metrics">
+      <div ref={box}>
+        {run.metric_summaries.length === 0 && <div className="amlrun-muted">No metrics logged.</div>}
+        <ErrorBox error={series.error} />
+        <div className="amlrun-charts">
+          {(series.data ?? []).map((s) => (
+            <MetricChart key={s.name} series={s} />
+          ))}
+        </div>
+        {others.length > 0 && (
+          <table className="amlrun-table amlrun-compact" aria-label="Values">
+            <tbody>
+              {others.map((m) => (
+                <tr key={m.name}>
+                  <th>{m.name}</th>
+                  <td>{formatValue(m.last)}</td>
+                </tr>
+              ))}
+            </tbody>
+          </table>
+        )}
+      </div>
+    </Section>
+  );
+}
+
+function MetricChart({ series }: { series: Series }) {
+  const data = useMemo(() => alignLines([series]), [series]);
+  const lines = useMemo(() => [{ label: series.name }], [series.name]);
+  const note = series.sampled
+    ? `${series.x.length.toLocaleString()} of ${series.points.toLocaleString()} points drawn, every slice's minimum and maximum kept`
+    : `${series.points.toLocaleString()} points`;
+  return <Chart title={series.name} data={data} lines={lines} xLabel="step" note={note} />;
+}
+
+function Arguments({ run }: { run: Detail }) {
+  const entries = Object.entries(run.parameters);
+  return (
+    <Section title="Arguments">
+      <div className="amlrun-mono amlrun-command">
+        {run.command ?? `python ${run.script ?? ""}`} {run.arguments.map((a) => quoteArgument(a)).join(" ")}
+      </div>
+      {entries.length > 0 && (
+        <table className="amlrun-table amlrun-compact" aria-label="Parameters">
+          <tbody>
+            {entries.map(([k, v]) => (
+              <tr key={k}>
+                <th>{k}</th>
+                <td className="amlrun-mono">{formatValue(v)}</td>
+              </tr>
+            ))}
+          </tbody>
+        </table>
+      )}
+    </Section>
+  );
+}
+
+function quoteArgument(value: Json): string {
+  const text = typeof value === "string" ? value : JSON.stringify(value);
+  return /^[\w@%+=:,./-]+$/.test(text) ? text : `'${text.replace(/'/g, "'\\''")}'`;
+}
+
+/** The runs of a sweep, with a link to compare them all; nothing for a run that has none. */
+function SweepRuns({ runId }: { runId: string }) {
+  const children = useApi<Run[]>(`runs/${enc(runId)}/children`);
+  const navigate = useNavigate();
+  const runs = children.data ?? [];
+  if (runs.length === 0) return null;
+  const metrics = [...new Set(runs.flatMap((r) => Object.keys(r.metrics)))].slice(0, 6);
+  return (
+    <Section
+      title={`Sweep runs (${runs.length})`}
+      actions={
+        <button type="button" className="amlrun-button amlrun-primary" onClick={() => navigate(pagePath.compare(runs.slice(0, 100).map((r) => r.run_id)))}>
+          Compare the sweep's runs
+        </button>
+      }
+    >
+      <table className="amlrun-table amlrun-compact" aria-label="Sweep runs">
+        <thead>
+          <tr>
+            <th>Run</th>
+            <th>Status</th>
+            <th>Parameters</th>
+            {metrics.map((m) => (
+              <th key={m}>{m}</th>
+            ))}
+          </tr>
+        </thead>
+        <tbody>
+          {runs.map((r) => (
+            <tr key={r.run_id}>
+              <td>
+                <RunLink runId={r.run_id} />
+              </td>
+              <td>
+                <StatusBadge status={r.status} />
+              </td>
+              <td className="amlrun-params">
+                {Object.entries(r.parameters)
+                  .map(([k, v]) => `${k}=${formatValue(v)}`)
+                  .join(" ")}
+              </td>
+              {metrics.map((m) => (
+                <td key={m} className="amlrun-number">
+                  {formatValue(r.metrics[m])}
+                </td>
+              ))}
+            </tr>
+          ))}
+        </tbody>
+      </table>
+    </Section>
+  );
+}

@@ -1,0 +1,145 @@
+import { useState } from "react";
+
+import { apiUrl, enc, getText, type Json, type RunDetail } from "../api";
+import { Code } from "../components/Code";
+import { ErrorBox, formatValue, Section } from "../components/common";
+import { useApi } from "../hooks";
+
+/** The environment the run used: its name and version, what it was built from, and its lock on demand. */
+export function EnvironmentSection({ run }: { run: RunDetail }) {
+  const [lock, setLock] = useState<{ text?: string; error?: Error }>();
+  const environment = run.environment ?? {};
+  const hasLock = typeof environment.lock_digest === "string";
+  const showLock = () =>
+    getText(`runs/${enc(run.run_id)}/environment/lock`).then(
+      (text) => setLock({ text }),
+      (error: Error) => setLock({ error }),
+    );
+  const entries = Object.entries(environment).filter(([k]) => k !== "lock_digest");
+  return (
+    <Section
+      title="Environment"
+      actions={
+        hasLock && lock === undefined ? (
+          <button type="button" className="amlrun-button" onClick={showLock}>
+            Show the lock
+          </button>
+        ) : undefined
+      }
+    >
+      {entries.length === 0 ? (
+        <div className="amlrun-muted">No environment recorded (the worker's own Python).</div>
+      ) : (
+        <table className="amlrun-table amlrun-compact" aria-label="Environment">
+          <tbody>
+            {entries.map(([k, v]) => (
+              <tr key={k}>
+                <th>{k}</th>
+                <td className="amlrun-mono">{formatValue(v)}</td>
+              </tr>
+            ))}
+          </tbody>
+        </table>
+      )}
+      <ErrorBox error={lock?.error} />
+      {lock?.text !== undefined && <Code path="requirements.lock.txt" text={lock.text} />}
+    </Section>
+  );
+}
+
+// Hosts whose commit pages are known: <repository>/commit/<sha> (Bitbucket: /commits/).
+const COMMIT_PATHS: Record<string, string> = {
+  "github.com": "commit",
+  "gitlab.com": "-/commit",
+  "codeberg.org": "commit",
+  "bitbucket.org": "commits",
+};
+
+/** The web page of a commit, for a repository on a known host (https or scp-like ssh address); else null. */
+export function commitUrl(repository: string, commit: string): string | null {
+  const scp = /^[\w.-]+@([\w.-]+):(.+)$/.exec(repository);
+  let host: string;
+  let path: string;
+  if (scp) {
+    [, host = "", path = ""] = scp;
+  } else {
+    try {
+      const url = new URL(repository);
+      host = url.hostname;
+      path = url.pathname;
+    } catch {
+      return null;
+    }
+  }
+  const commitPath = COMMIT_PATHS[host.toLowerCase()];
+  if (commitPath === undefined || !/^[0-9a-f]{7,40}$/i.test(commit)) return null;
+  const project = path.replace(/^\/+/, "").replace(/\.git$/, "").replace(/\/+$/, "");
+  if (!project) return null;
+  return `https://${host}/${project}/${commitPath}/${commit}`;
+}
+
+export function GitSection({ git }: { git: Record<string, Json> | null }) {
+  if (git === null || Object.keys(git).length === 0) {
+    return (
+      <Section title="Git">
+        <div className="amlrun-muted">The code was not in a git checkout.</div>
+      </Section>
+    );
+  }
+  const repository = typeof git.repository_uri === "string" ? git.repository_uri : null;
+  const commit = typeof git.commit === "string" ? git.commit : null;
+  const link = repository && commit ? commitUrl(repository, commit) : null;
+  return (
+    <Section title="Git">
+      <table className="amlrun-table amlrun-compact" aria-label="Git">
+        <tbody>
+          <tr>
+            <th>repository</th>
+            <td className="amlrun-mono">{repository ?? "—"}</td>
+          </tr>
+          <tr>
+            <th>branch</th>
+            <td className="amlrun-mono">{formatValue(git.branch)}</td>
+          </tr>
+          <tr>
+            <th>commit</th>
+            <td className="amlrun-mono">
+              {link ? (
+                <a className="amlrun-link" href={link} target="_blank" rel="noopener noreferrer">
+                  {commit}
+                </a>
+              ) : (
+                (commit ?? "—")
+              )}
+              {git.dirty === true && <span className="amlrun-warning"> (with uncommitted changes)</span>}
+            </td>
+          </tr>
+        </tbody>
+      </table>
+    </Section>
+  );
+}
+
+/** The files the run left in outputs/, each a download. */
+export function OutputsSection({ run }: { run: RunDetail }) {
+  const outputs = useApi<{ path: string }[]>(run.has_outputs ? `runs/${enc(run.run_id)}/outputs` : null);
+  const files = outputs.data ?? [];
+  return (
+    <Section title="Outputs">
+      <ErrorBox error={outputs.error} />
+      {files.length === 0 ? (
+        <div className="amlrun-muted">{run.has_outputs ? "The run left no files in outputs/." : "No outputs collected (yet)."}</div>
+      ) : (
+        <ul className="amlrun-files" aria-label="Outputs">
+          {files.map((f) => (
+            <li key={f.path}>
+              <a className="amlrun-link amlrun-mono" href={apiUrl(`runs/${enc(run.run_id)}/outputs/${f.path.split("/").map(enc).join("/")}`)} download>
+                {f.path}
+              </a>
+            </li>
+          ))}
+        </ul>
+      )}
+    </Section>
+  );
+}
