@@ -287,7 +287,7 @@ def _measure(backend: str, url: str, store: str, runs: int, requests: int) -> di
     client = _client(url, store, [f"train_exp_{e}" for e in range(EXPERIMENTS)])
     engine = create_engine(normalize_database_url(url))
     figures: dict[str, Any] = {}
-    visible = "(r.dag_id IN ({}) OR r.dag_id IS NULL)".format(
+    visible = "r.dag_id IN ({})".format(
         ", ".join(f"'train_exp_{e}'" for e in range(EXPERIMENTS))
     )
     listed = (
