@@ -230,7 +230,7 @@ def test_the_example_dag_runs_on_the_deployment_into_the_shared_history_and_stor
     assert outputs.returncode == 0, outputs.stderr
     assert json.loads(outputs.stdout)["alpha"] == ALPHA
 
-    # The run in the AML Runs pages' API, which the API server reads from the same history.
+    # The run in the Training runs pages' API, which the API server reads from the same history.
     shown = api.get(f"/amlrun/api/runs/{run_id}")
     assert shown.status_code == 200, shown.text
     assert (shown.json()["status"], shown.json()["experiment"]) == ("Completed", "diabetes_ridge")
