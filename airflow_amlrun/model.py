@@ -8,8 +8,10 @@ snapshots, with tags, properties and labels (``production``), and the run they c
 from __future__ import annotations
 
 import builtins
+import contextlib
 import os
 import posixpath
+import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from datetime import datetime
@@ -245,7 +247,16 @@ class Model:
                 else:
                     os.link(staged, final)  # refused onto a file that has come to exist meanwhile
         else:
-            restore_snapshot(self.workspace.store, self.snapshot_id, target)
+            created = not os.path.lexists(target)
+            fresh = created or (os.path.isdir(target) and not os.listdir(target))
+            try:
+                restore_snapshot(self.workspace.store, self.snapshot_id, target)
+            except BaseException:
+                if fresh:
+                    # The folder was empty: what it holds now is this download's, half written (a file that
+                    # failed its hash check stops the restore), and is not left to be taken for the model.
+                    _empty(target, remove=created)
+                raise
         return os.path.join(target, top)
 
     def add_tags(self, tags: dict[str, Any]) -> None:
@@ -264,6 +275,19 @@ class Model:
         """Point ``label`` (e.g. ``production``) at this version; it moves here from another version."""
         registry.set_label(self.workspace.history, self.name, self.version, _label(self.name, label) or "")
         self._record = registry.get_version(self.workspace.history, self.name, version=self.version)
+
+
+def _empty(folder: str, *, remove: bool) -> None:
+    """Remove what a failed download wrote into ``folder`` (and the folder itself, if it made it)."""
+    with contextlib.suppress(OSError):
+        for name in os.listdir(folder):
+            path = os.path.join(folder, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.unlink(path)
+        if remove:
+            os.rmdir(folder)
 
 
 def _check_workspace(workspace: object, call: str) -> None:

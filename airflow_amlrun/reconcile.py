@@ -95,7 +95,10 @@ def reconcile(
     heard_before = datetime.now(UTC) - timedelta(seconds=settings.reconcile_after_seconds)
     settlements: list[Settlement] = []
     elsewhere = 0
-    for record in workspace.history.unfinished_runs(heard_before=heard_before):
+    unfinished = workspace.history.unfinished_runs(heard_before=heard_before)
+    # A sweep's parent is settled once its runs are: they come first, so that one pass settles both.
+    unfinished.sort(key=lambda record: record.target == SWEEP_TARGET)
+    for record in unfinished:
         if time_budget_seconds is not None and time.monotonic() - started > time_budget_seconds:
             break
         if skip is not None and skip(record):

@@ -113,12 +113,19 @@ def run_file(data: Mapping[str, Any], base: PathBase, where: str) -> RunFile:
             check_experiment_name(experiment)
         except ConfigurationError as err:
             raise ConfigurationError(f"{where}: experiment: {err}") from None
+    from airflow_amlrun.run_api import MAX_DESCRIPTION, MAX_DISPLAY_NAME, _text
+
     names = {}
-    for key in ("display_name", "description"):
+    for key, limit in (("display_name", MAX_DISPLAY_NAME), ("description", MAX_DESCRIPTION)):
         value = data.get(key)
         if value is not None and not isinstance(value, str):
             raise ConfigurationError(f"{where}: {key} must be text, not {shown(value)}.")
-        names[key] = value
+        # Checked as the run will be named, before it is submitted: a run whose naming fails is followed by
+        # nobody.
+        try:
+            names[key] = _text(value, key, limit)
+        except ConfigurationError as err:
+            raise ConfigurationError(f"{where}: {err}") from None
     return RunFile(
         config=config,
         experiment=experiment,

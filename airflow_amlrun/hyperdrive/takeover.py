@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from airflow_amlrun.errors import ConfigurationError
 from airflow_amlrun.history import RunRecord, RunStatus
+from airflow_amlrun.history.listing import RunFilter
 from airflow_amlrun.reconcile import SWEEP_TARGET as TARGET
 from airflow_amlrun.run import FollowState, RunEndedError, ScriptRun
 
@@ -49,14 +50,30 @@ class SweepState:
 
 
 def earlier_sweeps(workspace: Workspace, task: AirflowTask) -> list[RunRecord]:
-    """The unfinished sweeps of this Airflow task instance (left by an earlier try), newest first."""
-    return [
-        r
-        for r in workspace.history.list_runs(
-            dag_id=task.dag_id, task_id=task.task_id, airflow_run_id=task.run_id, map_index=task.map_index
-        )
-        if r.target == TARGET and not r.status.is_terminal
-    ]
+    """The unfinished sweeps of this Airflow task instance (left by an earlier try), newest first.
+
+    Only the DAG's unfinished sweep parents are read: a sweep's runs record the same task and come after its
+    parent, so a list of the task's newest runs would lose a parent behind its runs.
+    """
+    where = RunFilter(
+        target=TARGET,
+        dag_id=task.dag_id,
+        statuses=tuple(s.value for s in RunStatus if not s.is_terminal),
+    )
+    found: list[RunRecord] = []
+    cursor: str | None = None
+    while True:
+        page = workspace.history.page_runs(where, cursor=cursor)
+        found += [
+            workspace.history.get_run(item.id)
+            for item in page.runs
+            if (item.task_id, item.airflow_run_id, item.map_index)
+            == (task.task_id, task.run_id, task.map_index)
+        ]
+        cursor = page.next_cursor
+        if cursor is None:
+            # One may have ended between the two reads.
+            return [r for r in found if not r.status.is_terminal]
 
 
 def settle_earlier_sweeps(

@@ -109,6 +109,10 @@ def test_submit_without_wait_leaves_the_run_to_a_follower_of_its_own(project):
         ),
         ("source_directory: src\nscript: train.py\ntags: [a]\n", "tags must be a mapping"),
         ("source_directory: src\nscript: train.py\n", "names no experiment: give --experiment NAME"),
+        (
+            f"experiment: named\nsource_directory: src\nscript: train.py\ndisplay_name: {'n' * 300}\n",
+            "display_name must be text without NUL bytes, at most 256 characters",
+        ),
     ],
 )
 def test_a_bad_run_file_is_refused_naming_the_key_before_anything_runs(project, text, message):

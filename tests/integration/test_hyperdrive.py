@@ -200,3 +200,26 @@ def test_a_sweep_that_cannot_run_is_refused_before_it_is_recorded(amlrun_home, t
     with pytest.raises(UnknownComputeTargetError, match="'nope'"):
         Experiment(Workspace.get(), "sweeps").submit(sweep_of(run_config))
     assert Workspace.get().list_runs(experiment="sweeps") == []
+
+
+def test_a_retry_finds_its_tasks_sweep_behind_its_many_runs(amlrun_home, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from airflow_amlrun.hyperdrive import HyperDriveRun
+    from airflow_amlrun.hyperdrive.takeover import earlier_sweeps, settle_earlier_sweeps
+    from airflow_amlrun.submission import AirflowTask
+
+    ws = Workspace.get()
+    task = AirflowTask("tuning", "tune", "manual__1", None, 1)
+    sweep = HyperDriveRun.submit(ws, "sweeps", sweep_of(sleeper(tmp_path)), airflow_task=task)
+    # A long sweep's runs record the same task as its parent, and come after it, newest first.
+    for n in range(120):
+        ws.history.create_run(
+            run_id=f"sweeps_child_{n:03d}",
+            experiment="sweeps",
+            target="local",
+            parent_run_id=sweep.id,
+            **task.row_fields(),
+        )
+        ws.history.update_run(f"sweeps_child_{n:03d}", status=RunStatus.COMPLETED)
+    assert [r.id for r in earlier_sweeps(ws, task)] == [sweep.id]
+    assert settle_earlier_sweeps(ws, task, "started anew") == [sweep.id]
+    assert ws.get_run(sweep.id).status is RunStatus.FAILED

@@ -152,6 +152,8 @@ def test_a_downloaded_model_is_checked_against_its_hash(
     blob.write_bytes(b"tampered")
     with pytest.raises(BlobCorruptError, match="model.pkl"):
         model.download(tmp_path / "out")
+    # Nothing of it is left to be taken for the model, nor to stop the next download.
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
 
 
 def test_a_dag_task_registers_what_its_script_asks_for(source: Path, run_dag) -> None:  # type: ignore[no-untyped-def]
@@ -235,3 +237,27 @@ def test_a_label_moves_only_from_the_version_a_promotion_compared_with(source: P
     # Another promotion that compared with version 1 finds the label moved, and moves nothing.
     assert not model_registry.move_label(ws.history, "ridge", "production", 3, expected=1)
     assert Model(ws, "ridge", label="production").version == 2
+
+
+def test_a_folder_model_with_a_spoiled_file_leaves_nothing_where_it_was_downloaded(
+    source: Path, amlrun_home: Path, tmp_path: Path
+) -> None:
+    from airflow_amlrun.snapshot import BlobCorruptError
+
+    ws = Workspace.get()
+    run = train(source, "0.1")
+    run.wait_for_completion(show_output=False)  # type: ignore[attr-defined]
+    model = run.register_model("tokenizer", "outputs/tokenizer")  # type: ignore[attr-defined]
+    spoiled = next(
+        e for e in ws.store.get_manifest(model.snapshot_id).entries if e.path.endswith("vocab.txt")
+    )
+    blob = next((amlrun_home / "store" / "blobs").rglob(spoiled.digest))
+    blob.chmod(0o644)
+    blob.write_bytes(b"tampered")
+    for folder, exist_ok in ((tmp_path / "new", False), (tmp_path / "serving", True)):
+        folder.mkdir(exist_ok=True)
+        if exist_ok:
+            (folder / "README").write_text("mine")
+        with pytest.raises(BlobCorruptError, match="vocab.txt"):
+            model.download(folder, exist_ok=exist_ok)
+        assert sorted(p.name for p in folder.iterdir()) == (["README"] if exist_ok else [])

@@ -436,3 +436,31 @@ def test_a_starting_task_leaves_remote_orphans_to_amlrun_reconcile(amlrun_home, 
     assert result.state == "success"
     assert Workspace.get().get_run("remote_1_deadbeef").status == "Queued"
     assert "`amlrun reconcile` (e.g. run from cron) settles them" in result.log
+
+
+def test_one_reconcile_settles_a_sweep_whose_task_died_after_its_runs(amlrun_home, tmp_path):
+    from airflow_amlrun import ScriptRunConfig
+    from airflow_amlrun.hyperdrive import GridParameterSampling, HyperDriveConfig, HyperDriveRun, choice
+
+    write_script(tmp_path / "src", "train.py", "print('never started')\n")
+    ws = Workspace.get()
+    config = HyperDriveConfig(
+        run_config=ScriptRunConfig(tmp_path / "src", script="train.py"),
+        hyperparameter_sampling=GridParameterSampling({"--alpha": choice(1, 2)}),
+        primary_metric_name="loss",
+        primary_metric_goal="minimize",
+        max_total_runs=2,
+    )
+    sweep = HyperDriveRun.submit(ws, "orphans", config)
+    # Its task died as its first run was recorded, before the run reached its target.
+    ws.history.create_run(
+        run_id="orphans_2_0badf00d", experiment="orphans", target="local", parent_run_id=sweep.id
+    )
+    until_orphaned()
+
+    done = amlrun("reconcile")
+
+    assert ws.get_run("orphans_2_0badf00d").status == "Failed", done.stdout + done.stderr
+    parent = ws.get_run(sweep.id)
+    assert parent.status == "Failed", done.stdout + done.stderr
+    assert parent.error == "Failed: the task running this sweep stopped reporting on it."
