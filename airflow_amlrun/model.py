@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import math
 import os
 import posixpath
 import shutil
@@ -400,9 +401,9 @@ def promote_if_better(
     if run.status != RunStatus.COMPLETED:
         raise ConfigurationError(f"Run {run.id} is {run.status}: only a Completed run can be promoted.")
     candidate = run.metrics.get(metric)
-    if isinstance(candidate, bool) or not isinstance(candidate, int | float):
+    if isinstance(candidate, bool) or not isinstance(candidate, int | float) or not math.isfinite(candidate):
         raise ConfigurationError(
-            f"Run {run.id} has no numeric metric {metric!r} to compare (its metrics: "
+            f"Run {run.id} has no finite numeric metric {metric!r} to compare (its metrics: "
             f"{', '.join(sorted(run.metrics)) or 'none'}); log it with Run.get_context().log({metric!r}, value)."
         )
     model: Model | None = None
@@ -414,8 +415,13 @@ def promote_if_better(
         except ModelNotFoundError:
             current = None
         recorded = current.run_info.get("metrics", {}).get(metric) if current is not None else None
+        # An incumbent without a finite value (none recorded, or NaN) is beaten by any candidate.
         incumbent = (
-            float(recorded) if isinstance(recorded, int | float) and not isinstance(recorded, bool) else None
+            float(recorded)
+            if isinstance(recorded, int | float)
+            and not isinstance(recorded, bool)
+            and math.isfinite(recorded)
+            else None
         )
         if current is not None and incumbent is not None:
             better = candidate < incumbent if goal == "minimize" else candidate > incumbent

@@ -287,9 +287,7 @@ def _measure(backend: str, url: str, store: str, runs: int, requests: int) -> di
     client = _client(url, store, [f"train_exp_{e}" for e in range(EXPERIMENTS)])
     engine = create_engine(normalize_database_url(url))
     figures: dict[str, Any] = {}
-    visible = "r.dag_id IN ({})".format(
-        ", ".join(f"'train_exp_{e}'" for e in range(EXPERIMENTS))
-    )
+    visible = "r.dag_id IN ({})".format(", ".join(f"'train_exp_{e}'" for e in range(EXPERIMENTS)))
     listed = (
         "SELECT r.id, e.name, r.status, r.target, r.created_at, r.start_time, r.end_time, r.dag_id, r.task_id, "
         "r.airflow_run_id, r.map_index, r.arguments, r.tags FROM amlrun_runs r JOIN amlrun_experiments e "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import TYPE_CHECKING, Any
 
 from airflow_amlrun.history import RunRecord, RunStatus
@@ -72,6 +73,8 @@ class SweepResults:
 
 
 def metric_of(record: RunRecord, name: str) -> float | None:
-    """A run's final value of a metric, if it is a number."""
+    """A run's final value of a metric, if it is a finite number (a NaN would win or lose every comparison)."""
     value = record.metrics.get(name)
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return float(value)

@@ -424,6 +424,8 @@ class HyperDriveRun(SweepResults):
                 child.cancel(reason)
             except Exception:
                 log.exception("Sweep %s: stopping run %s failed", self.id, run_id)
+                # No longer followed from here: its heartbeat stops, so that reconcile may settle it.
+                child.abandon()
             self._children.pop(run_id, None)
             if self._sampler is not None:
                 self._sampler.tell(run_id, "PRUNED")

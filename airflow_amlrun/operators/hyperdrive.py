@@ -96,13 +96,14 @@ class HyperDriveOperator(BaseOperator):
         return Workspace.get(self.workspace_conn_id)
 
     def _prepared(self, context: Context) -> tuple[HyperDriveConfig, AirflowTask, PathBase]:
-        """The sweep as this try runs it, with the task; whatever prints the index or workspace credentials
-        shows them masked, as ScriptRunOperator does."""
+        """The sweep as this try runs it, with the task; whatever prints the runs' secret variables or the index
+        or workspace credentials shows them masked, as ScriptRunOperator does."""
         from airflow_amlrun.environment.resolve import index_secrets
         from airflow_amlrun.submission import AirflowTask
 
         dag_folder = PathBase.of_dag_file(context["dag"].fileloc)
         for secret in [
+            *(v for v in self.config.run_config.secret_environment_variables.values() if v),
             *index_secrets(self.workspace, self.config.run_config.environment),
             *self.workspace.credentials(),
         ]:

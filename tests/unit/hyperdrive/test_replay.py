@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import random
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -235,3 +236,14 @@ def test_a_stored_sweep_trigger_comes_back_the_same(state: SweepState, when: str
     assert type(again) is HyperDriveTrigger
     assert SweepState.from_json(again.state) == state
     assert again.serialize() == trigger.serialize()
+
+
+def test_a_run_whose_primary_metric_is_not_finite_has_no_metric_to_rank() -> None:
+    from airflow_amlrun.hyperdrive.results import metric_of
+
+    created = datetime(2026, 1, 1, tzinfo=UTC)
+    assert metric_of(record(1, {"alpha": 1}, created, RunStatus.COMPLETED, created, 0.5), "loss") == 0.5
+    for value in (math.nan, math.inf, -math.inf):
+        assert (
+            metric_of(record(2, {"alpha": 2}, created, RunStatus.COMPLETED, created, value), "loss") is None
+        )
