@@ -76,6 +76,9 @@ class LocalTarget:
     followed_only_here = True
     # A pyspark script (framework="pyspark") gets a local Spark (local[*]) of its own.
     local_spark = True
+    # A script on an interpreter other than the worker's gets run_context on its PYTHONPATH (a target whose
+    # code carries it otherwise says no).
+    run_context_on_path = True
 
     def __init__(self, settings: Settings, cache_dir: Path, name: str = "local") -> None:
         self.name = name
@@ -109,12 +112,19 @@ class LocalTarget:
         return LocalHandle(**self.start_supervised(job, job_argv(job, python), python))
 
     def start_supervised(
-        self, job: Job, argv: list[str], python: str, extra_env: dict[str, str] | None = None
+        self,
+        job: Job,
+        argv: list[str],
+        python: str,
+        extra_env: dict[str, str] | None = None,
+        *,
+        grace_seconds: float = TERM_GRACE_SECONDS,
     ) -> dict[str, Any]:
         """Start argv under the run's supervisor in the job's run directory; the fields of its handle.
 
         :param python: the interpreter the script runs with: one other than the worker's gets run_context alone.
         :param extra_env: variables the job gets besides the script's own (the target's, never recorded).
+        :param grace_seconds: how long the job gets on SIGTERM at its time limit (as `stop_grace_seconds`).
         """
         run_dir = self.run_dir(job).resolve()
         control = run_dir / CONTROL_DIR
@@ -128,11 +138,11 @@ class LocalTarget:
                 python=python if self.local_spark else None,
             ),
         }
-        if python != sys.executable:
+        if python != sys.executable and self.run_context_on_path:
             # Another interpreter does not see this package: give it run_context alone.
             pylib = write_run_context_package(control / PYLIB)
             env["PYTHONPATH"] = python_path(str(pylib), env.get("PYTHONPATH"))
-        request = json.dumps(supervisor_request(job, argv)).encode()
+        request = json.dumps({**supervisor_request(job, argv), "grace_seconds": grace_seconds}).encode()
         with open(control / STD_LOG, "wb") as log:
             # The worker's own interpreter, isolated (-I: no PYTHON* variables of the job, -S: no site), so the
             # supervisor starts in a few tens of milliseconds; it leads the run's new session and group.
@@ -188,6 +198,10 @@ class LocalTarget:
     def read_events(self, handle: LocalHandle, offset: int, final: bool = False) -> Chunk:
         return read_control_lines(handle.run_dir, EVENTS, offset, final)
 
+    def stop_grace_seconds(self, handle: LocalHandle) -> float:
+        """How long a stopped run gets to exit on SIGTERM before its whole process group is killed."""
+        return TERM_GRACE_SECONDS
+
     def cancel(self, handle: LocalHandle) -> None:
         pid = handle.pid
         process = self._processes.get(pid)
@@ -203,7 +217,7 @@ class LocalTarget:
                 _end_leftovers(handle)
             return
         _signal_group(pid, signal.SIGTERM)
-        deadline = time.monotonic() + TERM_GRACE_SECONDS
+        deadline = time.monotonic() + self.stop_grace_seconds(handle)
         while time.monotonic() < deadline and running():
             time.sleep(0.05)
         if running():

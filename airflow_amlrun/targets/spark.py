@@ -9,13 +9,16 @@ script through spark_main.py, is in that group too. So the driver's output is th
 `Run.get_context()` in the driver writes the run's events file, `outputs/` is the run directory's, and a stop
 of the run (cancel, time limit, the task killed) ends spark-submit and the driver, and with it the application
 on the cluster. In cluster mode the job is the hook itself (spark_job.py), whose `on_kill` stops the driver
-on the cluster.
+on the cluster: a stop waits up to spark_job.ON_KILL_SECONDS for it, and the connection (secrets and all)
+reaches that process in a file only the worker's user may read, deleted as it is read, never through an
+environment.
 A worker's death ends a client-mode driver with it: the retry finds its supervisor gone and records the old
 run Failed with why, then starts a new one.
 
-What travels with the application: a `--py-files` archive of the run's code (the snapshot, with run_context),
-so executors import the script's own modules; the environment's `spark` section (packages, repositories,
-configuration); and a managed environment as an archive (environment/build_archive.py).
+What travels with the application: a `--py-files` archive of the run's code (the snapshot, with run_context
+under a stand-in package that gives way to an installed airflow_amlrun: spark_package.py), so executors
+import the script's own modules; the environment's `spark` section (packages, repositories, configuration);
+and a managed environment as an archive (environment/build_archive.py).
 
 Cluster mode on YARN or Kubernetes is submitted as the connection says, and the run's control folder records
 where the driver runs (the hook's YARN application id or driver pod, spark_job.SUBMISSION_FILE). Re-attaching
@@ -43,12 +46,19 @@ from typing import Any
 from airflow_amlrun.config import Settings
 from airflow_amlrun.environment.build_archive import SparkArchive, ensure_spark_archive
 from airflow_amlrun.errors import ConfigurationError, UnknownComputeTargetError
-from airflow_amlrun.targets import spark_main
+from airflow_amlrun.targets import spark_main, spark_package
 from airflow_amlrun.targets.base import CodeSource, Job, TargetStatus
-from airflow_amlrun.targets.common import CONTROL_DIR, RUN_FOLDERS, STD_LOG, find_java, read_control
+from airflow_amlrun.targets.common import (
+    CONTROL_DIR,
+    RUN_FOLDERS,
+    STD_LOG,
+    TERM_GRACE_SECONDS,
+    find_java,
+    read_control,
+)
 from airflow_amlrun.targets.handles import SparkHandle
 from airflow_amlrun.targets.local import LocalTarget
-from airflow_amlrun.targets.spark_job import CONNECTION_ENV, expand_variables
+from airflow_amlrun.targets.spark_job import ON_KILL_SECONDS, expand_variables
 from airflow_amlrun.targets.spark_main import APPLICATION_ID_TAG, UI_URL_TAG
 
 log = logging.getLogger(__name__)
@@ -57,6 +67,8 @@ log = logging.getLogger(__name__)
 CODE_ARCHIVE = "code.zip"
 LAUNCHER = "spark_main.py"
 REQUEST = "spark_request.json"
+# The connection for the hook's process (cluster mode), deleted by that process as it reads it.
+CONNECTION_FILE = "spark_connection.json"
 # The folder executors unpack the shipped environment into (`--archives env.tar.gz#env`).
 ARCHIVE_NAME = "env"
 # How long the check waits for a standalone master to answer.
@@ -76,6 +88,8 @@ class SparkTarget(LocalTarget):
     handle_type = SparkHandle  # type: ignore[assignment]
     # A pyspark script is a Spark application of the target's master here, not of a Spark of its own.
     local_spark = False
+    # The code archive carries run_context to the driver and the executors (see spark_package.py).
+    run_context_on_path = False
 
     def __init__(
         self,
@@ -106,7 +120,9 @@ class SparkTarget(LocalTarget):
                 f"({err.name!r} is not installed): pip install 'airflow-amlrun[spark]' on the worker."
             ) from err
         try:
-            resolved = SparkSubmitHook(conn_id=name)._connection
+            # Only the master and deploy mode are read here: keytab="" keeps the hook from writing the
+            # connection's keytab to a file (the hook of a cluster-mode run's own process does that).
+            resolved = SparkSubmitHook(conn_id=name, keytab="")._connection
         except ValueError as err:
             raise ConfigurationError(f"Spark connection {name!r}: {err}") from err
         master = str(resolved["master"])
@@ -193,11 +209,19 @@ class SparkTarget(LocalTarget):
             # The driver runs on the cluster: the run's variables go with the submission (not the secret ones),
             # and the hook itself follows the driver there and stops it (spark_job.py).
             hook["env_vars"] = {**job.environment.spec.environment_variables, **job.environment_variables}
-            request = {"control": str(control), "application": str(control / LAUNCHER), "hook": hook}
+            connection = _private_file(control / CONNECTION_FILE, self.connection)
+            request = {
+                "control": str(control),
+                "application": str(control / LAUNCHER),
+                "connection_file": str(connection),
+                "hook": hook,
+            }
             (control / REQUEST).write_text(json.dumps(request))
             argv = [sys.executable, "-I", "-m", "airflow_amlrun.targets.spark_job", str(control / REQUEST)]
-            variables = {**self._variables(), CONNECTION_ENV: self.connection}
-        fields = self.start_supervised(job, argv, python, variables)
+            variables = self._variables()
+        fields = self.start_supervised(
+            job, argv, python, variables, grace_seconds=_stop_grace(self.deploy_mode)
+        )
         return SparkHandle(
             **fields,
             master=self.master,
@@ -208,6 +232,10 @@ class SparkTarget(LocalTarget):
 
     def wait(self, handle: SparkHandle, timeout: float) -> TargetStatus:  # type: ignore[override]
         status = super().wait(handle, timeout)
+        if not status.running:
+            # Its process reads and deletes it first thing; one that never started left it.
+            with contextlib.suppress(OSError):
+                os.unlink(Path(handle.run_dir, CONTROL_DIR, CONNECTION_FILE))
         if status.running or not status.exit_code or status.reason:
             return status
         tail = read_control(handle.run_dir, STD_LOG, max(0, _log_size(handle) - LOG_TAIL_BYTES))
@@ -215,6 +243,9 @@ class SparkTarget(LocalTarget):
         return TargetStatus(
             running=False, exit_code=status.exit_code, reason=reason, timed_out=status.timed_out
         )
+
+    def stop_grace_seconds(self, handle: SparkHandle) -> float:  # type: ignore[override]
+        return _stop_grace(handle.deploy_mode)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -306,9 +337,24 @@ class SparkTarget(LocalTarget):
             )
 
 
+def _stop_grace(deploy_mode: str) -> float:
+    """How long a stopped run gets on SIGTERM before its group is killed: in cluster mode, the hook's on_kill
+    kills the application on the cluster meanwhile."""
+    return ON_KILL_SECONDS if deploy_mode == "cluster" else TERM_GRACE_SECONDS
+
+
+def _private_file(path: Path, text: str) -> Path:
+    """Write a new file only this user may read (whatever the umask), never through a link."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    with os.fdopen(os.open(path, flags, 0o600), "w", encoding="utf-8") as stream:
+        stream.write(text)
+    return path
+
+
 def _code_archive(run_dir: Path, dest: Path) -> None:
     """Zip the run's code (what is not a run folder) with run_context, for `--py-files`: executors import the
-    script's modules from it, and a driver on the cluster finds run_context there."""
+    script's modules from it, and a driver or executor without airflow-amlrun installed finds run_context
+    there (under a stand-in package that gives way to an installed one: spark_package.py)."""
     with zipfile.ZipFile(dest, "w", zipfile.ZIP_DEFLATED) as archive:
         for path in sorted(run_dir.rglob("*")):
             relative = path.relative_to(run_dir)
@@ -317,9 +363,9 @@ def _code_archive(run_dir: Path, dest: Path) -> None:
             archive.write(path, str(relative))
         from airflow_amlrun import run_context
 
-        names = set(archive.namelist())
-        if "airflow_amlrun/run_context.py" not in names:
-            archive.writestr("airflow_amlrun/__init__.py", "")
+        if not any(name.startswith("airflow_amlrun/") for name in archive.namelist()):
+            # (A snapshot with an airflow_amlrun package of its own ships that one.)
+            archive.write(spark_package.__file__, "airflow_amlrun/__init__.py")
             archive.write(run_context.__file__, "airflow_amlrun/run_context.py")
 
 

@@ -160,3 +160,145 @@ def spark_standalone(
 ) -> str:
     """A fresh workspace and the connection `spark_standalone` to the session's standalone master."""
     return set_connection(monkeypatch, STANDALONE_CONN_ID, standalone_cluster.master_url)
+
+
+# ---------------------------------------------------------------------------------------------- cluster mode
+#
+# No YARN or Kubernetes cluster is reachable from the project's machines, so cluster mode runs against
+# stand-ins for the two commands the provider's hook runs there: spark-submit, which submits to YARN and then
+# reports the application as YARN's client does, and YARN's CLI, whose `yarn application -kill ID` the hook's
+# on_kill runs. Everything else (the target, the supervisor, the hook's process, the hook, its on_kill) is real.
+
+YARN_CONN_ID = "spark_yarn"
+YARN_APPLICATION = "application_1700000000000_0042"
+YARN_STATE_ENV = "AMLRUN_TEST_YARN_STATE"
+# Longer than a plain run's grace on SIGTERM (common.TERM_GRACE_SECONDS): YARN's client is a JVM that asks the
+# ResourceManager, which takes seconds.
+YARN_KILL_SECONDS = 6.0
+
+_SPARK_SUBMIT_ON_YARN = """#!{python}
+# Stands in for spark-submit in YARN cluster mode: reports the application it submitted, as YARN's client does,
+# every half second until the file `finish` appears in the state folder, or until it is killed.
+import json, os, sys, time
+
+state = os.environ[{state_env!r}]
+application = {application!r}
+with open(os.path.join(state, ".spark-submit.json"), "w") as out:
+    json.dump({{"pid": os.getpid(), "argv": sys.argv[1:]}}, out)
+os.replace(os.path.join(state, ".spark-submit.json"), os.path.join(state, "spark-submit.json"))
+print("INFO Client: Submitted application " + application, flush=True)
+print("INFO Client: \\n\\t tracking URL: http://127.0.0.1:8088/proxy/" + application + "/", flush=True)
+while not os.path.exists(os.path.join(state, "finish")):
+    print("INFO Client: Application report for " + application + " (state: RUNNING)", flush=True)
+    time.sleep(0.5)
+print("INFO Client: Application report for " + application + " (state: FINISHED)", flush=True)
+"""
+
+_YARN_CLI = """#!{python}
+# Stands in for YARN's CLI (`yarn application -kill ID`): says when it started and when it was done.
+import os, sys, time
+
+def note(what):
+    with open(os.path.join(os.environ[{state_env!r}], "yarn.log"), "a") as out:
+        out.write(" ".join(sys.argv[1:]) + " " + what + "\\n")
+
+note("started")
+time.sleep({seconds!r})
+note("done")
+"""
+
+
+@dataclass
+class StandinYarn:
+    """A spark connection to YARN in cluster mode, and what its stand-in commands saw."""
+
+    conn_id: str
+    state: Path
+    application: str
+    password: str
+    keytab: bytes
+    keytab_base64: str
+
+    def submission(self, timeout: float = 60.0) -> dict[str, Any]:
+        """What spark-submit was started with (its pid and arguments), once it has reported the application."""
+        path = self.state / "spark-submit.json"
+        deadline = time.monotonic() + timeout
+        while not path.exists():
+            if time.monotonic() > deadline:
+                pytest.fail(f"spark-submit was not started within {timeout:g} s")
+            time.sleep(0.05)
+        return dict(json.loads(path.read_text()))
+
+    def finish(self) -> None:
+        """The application ends on the cluster (spark-submit reports it FINISHED and exits)."""
+        (self.state / "finish").touch()
+
+    def yarn_calls(self) -> list[str]:
+        log = self.state / "yarn.log"
+        return log.read_text().splitlines() if log.exists() else []
+
+
+@pytest.fixture
+def yarn_cluster_mode(
+    monkeypatch: pytest.MonkeyPatch, amlrun_home: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[StandinYarn]:
+    """A fresh workspace and the connection `spark_yarn` (YARN, deploy-mode cluster, a queue, a password and a
+    keytab), with the stand-in commands first on PATH.
+
+    The connection comes from a secrets backend (a file), as a deployment keeps its secrets, not from an
+    AIRFLOW_CONN_* variable: every process started on the worker would inherit that one.
+    """
+    import base64
+
+    from airflow.sdk.configuration import clear_secrets_backends_cache
+
+    root = tmp_path_factory.mktemp("yarn")
+    bin_dir, state = root / "bin", root / "state"
+    bin_dir.mkdir()
+    state.mkdir()
+    for name, text in (
+        (
+            "spark-submit",
+            _SPARK_SUBMIT_ON_YARN.format(
+                python=sys.executable, state_env=YARN_STATE_ENV, application=YARN_APPLICATION
+            ),
+        ),
+        (
+            "yarn",
+            _YARN_CLI.format(python=sys.executable, state_env=YARN_STATE_ENV, seconds=YARN_KILL_SECONDS),
+        ),
+    ):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setenv(YARN_STATE_ENV, str(state))
+    # The hook writes the connection's keytab to a file in the temporary folder: this one.
+    monkeypatch.setenv("TMPDIR", str(root))
+    password = "pw-" + os.urandom(8).hex()
+    keytab = b"keytab-" + os.urandom(8).hex().encode()
+    keytab_base64 = base64.b64encode(keytab).decode()
+    connections = root / "connections.json"
+    connections.write_text(
+        json.dumps(
+            {
+                YARN_CONN_ID: {
+                    "conn_type": "spark",
+                    "host": "yarn",
+                    "login": "trainer",
+                    "password": password,
+                    "extra": {"deploy-mode": "cluster", "queue": "q-amlrun", "keytab": keytab_base64},
+                }
+            }
+        )
+    )
+    connections.chmod(0o600)
+    monkeypatch.setenv("AIRFLOW__SECRETS__BACKEND", "airflow.secrets.local_filesystem.LocalFilesystemBackend")
+    monkeypatch.setenv(
+        "AIRFLOW__SECRETS__BACKEND_KWARGS", json.dumps({"connections_file_path": str(connections)})
+    )
+    clear_secrets_backends_cache()
+    try:
+        yield StandinYarn(YARN_CONN_ID, state, YARN_APPLICATION, password, keytab, keytab_base64)
+    finally:
+        monkeypatch.undo()
+        clear_secrets_backends_cache()

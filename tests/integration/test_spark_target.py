@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+import airflow_amlrun
 from airflow_amlrun import Environment, Experiment, ScriptRunConfig, Workspace
 from airflow_amlrun.environment import PythonSection
 from airflow_amlrun.errors import ConfigurationError
@@ -26,12 +27,18 @@ pytestmark = pytest.mark.usefixtures("airflow_db")
 pytest_plugins = ["tests.integration.spark_cluster"]
 
 # A pyspark training script: its data file read by relative path on the driver, a module of its own imported
-# on the executors, metrics and an output from the driver.
+# on the executors, metrics and an output from the driver; and which airflow_amlrun package the driver and an
+# executor import.
 TRAIN = """
 import os, sys
+import airflow_amlrun
 from pyspark.sql import SparkSession
 from airflow_amlrun.run_context import Run
 from helpers import square
+
+def package(_):
+    import airflow_amlrun
+    return airflow_amlrun.__file__, getattr(airflow_amlrun, "__version__", None)
 
 run = Run.get_context()
 spark = SparkSession.builder.getOrCreate()
@@ -45,6 +52,8 @@ print("warming up the executors", file=sys.stderr, flush=True)
 os.makedirs("outputs", exist_ok=True)
 open("outputs/model.txt", "w").write(f"weights {total}")
 print("master", spark.sparkContext.master, flush=True)
+print("driver package", airflow_amlrun.__file__, getattr(airflow_amlrun, "__version__", None), flush=True)
+print("executor package", *spark.sparkContext.parallelize([0], 1).map(package).first(), flush=True)
 spark.stop()
 """
 
@@ -79,6 +88,11 @@ def test_a_pyspark_script_runs_on_a_local_master_with_metrics_log_outputs_and_ap
     assert run.tags["spark.application_id"] == summary["tags"]["spark.application_id"]
     assert run.handle["master"] == "local[2]" and run.handle["deploy_mode"] == "client"
     assert Path(summary["outputs_uri"], "model.txt").read_text() == "weights 30"
+    # The installed airflow_amlrun, on the driver and on the executors: the code archive's copy of run_context
+    # shadows nothing.
+    installed = f"{REPO / 'airflow_amlrun' / '__init__.py'} {airflow_amlrun.__version__}"
+    assert f"driver package {installed}" in result.log
+    assert f"executor package {installed}" in result.log
 
 
 def test_the_same_pyspark_script_runs_on_the_local_target_with_framework_pyspark(
@@ -174,13 +188,15 @@ from airflow_amlrun.run_context import Run
 
 def on_executor(x):
     import tomli_w  # only in the shipped environment
-    return sys.executable, tomli_w.dumps({"x": x})
+    from airflow_amlrun import run_context  # from the code archive: not installed there
+    return sys.executable, tomli_w.dumps({"x": x}), run_context.__file__
 
 run = Run.get_context()
 spark = SparkSession.builder.getOrCreate()
 results = spark.sparkContext.parallelize([1, 2, 3], 3).map(on_executor).collect()
-for python, text in results:
-    print("executor python", python, "wrote", text.strip(), flush=True)
+for python, text, module in results:
+    print("executor python", python, "wrote", text.strip(), "run_context", module, flush=True)
+print("driver run_context", sys.modules["airflow_amlrun.run_context"].__file__, flush=True)
 run.log("rows", len(results))
 spark.stop()
 """
@@ -198,10 +214,16 @@ def test_a_managed_environment_ships_to_the_executors_as_an_archive_built_once_f
     summary = result.xcoms["train"]
     assert summary["metrics"] == {"rows": 3}
     # The executors ran the environment unpacked from the archive, in their own working folders.
-    pythons = re.findall(r"executor python (\S+) wrote x = (\d)", result.log)
-    assert sorted({x for _, x in pythons}) == ["1", "2", "3"]
-    assert all(python.endswith("/env/bin/python") for python, _ in pythons), pythons
-    assert all("/runs/" not in python for python, _ in pythons), pythons
+    pythons = re.findall(r"executor python (\S+) wrote x = (\d) run_context (\S+)", result.log)
+    assert sorted({x for _, x, _ in pythons}) == ["1", "2", "3"]
+    assert all(python.endswith("/env/bin/python") for python, _, _ in pythons), pythons
+    assert all("/runs/" not in python for python, _, _ in pythons), pythons
+    # Neither has airflow-amlrun installed: the driver and the executors import run_context from the code
+    # archive.
+    assert all(module.endswith("code.zip/airflow_amlrun/run_context.py") for _, _, module in pythons), pythons
+    assert re.search(r"driver run_context \S+code\.zip/airflow_amlrun/run_context\.py", result.log), (
+        result.log
+    )
     # Built once, from the lock, by the environment's build key, which the run records with the interpreter
     # every node needs.
     shipped = summary["environment"]["spark_archive"]
@@ -220,6 +242,7 @@ def test_a_managed_environment_ships_to_the_executors_as_an_archive_built_once_f
 
 TRAINS_ON_THE_CLUSTER_FOR_GOOD = """
 import time
+print("driver started", flush=True)
 from pyspark.sql import SparkSession
 
 spark = SparkSession.builder.getOrCreate()
@@ -351,7 +374,8 @@ def test_a_spark_run_past_its_max_duration_is_stopped_with_its_driver(
     [run] = Workspace.get().list_runs()
     assert run.status == "Failed"
     assert run.error == "Exceeded max_run_duration_seconds=25; the run was stopped."
-    assert "training on the cluster" in result.log
+    # (How far the driver got in 25 s depends on the machine's load: it had started.)
+    assert "driver started" in result.log
     assert group_members(int(run.handle["pid"])) == []
 
 
@@ -414,3 +438,83 @@ def test_a_retry_after_the_task_process_died_follows_the_driver_still_running_on
     assert record.tags["spark.application_id"].startswith("local-")
     assert Path(record.outputs_uri, "starts.txt").read_text() == "started\n"  # the application ran once
     assert [run.id for run in Workspace.get().list_runs()] == [orphan.id]
+
+
+# Cluster mode (YARN): spark-submit and YARN's CLI are stand-ins (tests/integration/spark_cluster.py: no YARN
+# cluster is reachable here); the target, the supervisor, the hook's process and the provider's hook are real.
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _cluster_mode_run(tmp_path: Path, conn_id: str, limit: float | None = None):
+    source = str(spark_source(tmp_path / "src"))
+    config = ScriptRunConfig(
+        source, script="train.py", compute_target=conn_id, max_run_duration_seconds=limit
+    )
+    return Experiment(Workspace.get(), "on-yarn").submit(config)
+
+
+def test_a_cluster_mode_run_keeps_the_connections_secrets_out_of_every_process_environment(
+    tmp_path, yarn_cluster_mode
+):
+    yarn = yarn_cluster_mode
+    run = _cluster_mode_run(tmp_path, yarn.conn_id)
+    submitted = yarn.submission()
+    control = Path(run.handle.run_dir) / ".amlrun"
+    # What runs for the run on the worker: its supervisor, the hook's process, spark-submit.
+    processes = {*group_members(run.handle.pid), submitted["pid"]}
+    environments = {pid: Path(f"/proc/{pid}/environ").read_bytes() for pid in processes}
+    connection_file_left = [path.name for path in control.iterdir() if "connection" in path.name]
+    yarn.finish()
+    record = run.wait_for_completion(show_output=False)
+
+    assert record.status == "Completed"
+    assert len(environments) >= 3, environments.keys()
+    for pid, environment in environments.items():
+        for secret in (yarn.password, yarn.keytab_base64, yarn.keytab.decode()):
+            assert secret.encode() not in environment, (
+                f"process {pid} has a secret of the connection in its environment"
+            )
+    assert connection_file_left == []
+    # The hook had the connection all the same: its master, deploy mode, queue and keytab reached spark-submit.
+    argv = submitted["argv"]
+    assert argv[argv.index("--master") + 1] == "yarn"
+    assert argv[argv.index("--deploy-mode") + 1] == "cluster"
+    assert argv[argv.index("--queue") + 1] == "q-amlrun"
+    keytab = Path(argv[argv.index("--keytab") + 1])
+    assert keytab.read_bytes() == yarn.keytab
+    assert keytab.stat().st_mode & 0o777 == 0o600
+    # The application on the cluster, as the hook learned it, is on the run.
+    assert record.tags["spark.application_id"] == yarn.application
+    assert record.tags["spark.ui_url"] == f"http://127.0.0.1:8088/proxy/{yarn.application}/"
+
+
+@pytest.mark.parametrize("stop", ["cancel", "time limit"])
+def test_stopping_a_cluster_mode_run_waits_for_the_hook_to_kill_the_application(
+    tmp_path, yarn_cluster_mode, stop
+):
+    yarn = yarn_cluster_mode
+    run = _cluster_mode_run(tmp_path, yarn.conn_id, limit=15 if stop == "time limit" else None)
+    submitted = yarn.submission()
+
+    if stop == "cancel":
+        run.cancel()
+        record = Workspace.get().get_run(run.id)
+        assert record.status == "Canceled"
+    else:
+        record = run.wait_for_completion(show_output=False, raise_on_error=False)
+        assert record.status == "Failed"
+        assert record.error == "Exceeded max_run_duration_seconds=15; the run was stopped."
+
+    # The hook's on_kill killed the application on YARN, and was let finish though that took longer than the
+    # grace a plain run gets; nothing of the run is left running on the worker.
+    assert yarn.yarn_calls() == [
+        f"application -kill {yarn.application} {what}" for what in ("started", "done")
+    ]
+    assert not _alive(submitted["pid"])
+    assert group_members(int(run.handle.pid)) == []
