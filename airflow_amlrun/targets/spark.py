@@ -31,6 +31,7 @@ run is followed like a client-mode one: while its supervisor on the submitting w
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
 import json
 import logging
@@ -38,7 +39,9 @@ import os
 import re
 import shutil
 import socket
+import subprocess
 import sys
+import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -75,6 +78,11 @@ ARCHIVE_NAME = "env"
 CONNECT_TIMEOUT_SECONDS = 5.0
 # How much of the end of a failed run's log is searched for why spark-submit failed.
 LOG_TAIL_BYTES = 256 * 1024
+# In the cache folder: a file per set of Spark packages resolved on this worker (named by its hash).
+RESOLVED_PACKAGES_DIR = "spark-packages"
+# How long resolving an environment's Spark packages before submission may take; past it, the run goes on
+# (spark-submit resolves them again).
+RESOLVE_TIMEOUT_SECONDS = 600.0
 # How Ivy (spark-submit's package resolver) names a package it could not find: group#artifact;version.
 _UNRESOLVED = re.compile(r"(?:module not found|::)\s+([\w.\-]+)#([\w.\-]+);([^\s:]+)(?:: not found)?")
 
@@ -153,8 +161,8 @@ class SparkTarget(LocalTarget):
     # ------------------------------------------------------------------ the protocol
 
     def check(self, job: Job) -> None:
-        """spark-submit, Java and the master, looked at now: what is missing fails before the run is
-        recorded."""
+        """spark-submit, Java, the master and the environment's Spark packages, looked at now: what is missing
+        fails before the run is recorded."""
         if job.script is None:
             raise ConfigurationError(
                 f"Compute target {self.name!r} is a Spark connection, which runs a Python script as a Spark "
@@ -165,6 +173,7 @@ class SparkTarget(LocalTarget):
         find_java()
         self._check_master()
         super().check(job)
+        self._check_packages(job)
 
     def prepare(self, job: Job, code: CodeSource) -> None:
         super().prepare(job, code)
@@ -315,6 +324,55 @@ class SparkTarget(LocalTarget):
                 variables["SPARK_HOME"] = str(home)
         return variables
 
+    def _check_packages(self, job: Job) -> None:
+        """The environment's Spark packages must resolve: spark-submit resolves them on this worker (Ivy) before
+        anything starts, in every deploy mode, so a package that cannot be found is named now, before the run
+        is recorded. A set of packages resolved once on this worker is not resolved again here, and Ivy's
+        cache makes the run's own resolution of it quick."""
+        spark = job.environment.spec.spark
+        if not spark.packages:
+            return
+        ivy = {k: str(v) for k, v in sorted(spark.configuration.items()) if k.startswith("spark.jars.")}
+        key = hashlib.sha256(json.dumps([spark.packages, spark.repositories, ivy]).encode()).hexdigest()
+        marker = self.cache_dir / RESOLVED_PACKAGES_DIR / key
+        if marker.exists():
+            return
+        with tempfile.TemporaryDirectory(prefix="amlrun-spark-packages-") as folder:
+            application = Path(folder, "resolved.py")
+            application.write_text("")
+            argv = [self._spark_submit(), "--master", "local[1]", "--packages", ",".join(spark.packages)]
+            if spark.repositories:
+                argv += ["--repositories", expand_variables(",".join(spark.repositories))]
+            for name, value in {**ivy, "spark.ui.enabled": "false"}.items():
+                argv += ["--conf", f"{name}={value}"]
+            argv += ["--conf", f"spark.pyspark.driver.python={sys.executable}", str(application)]
+            try:
+                done = subprocess.run(
+                    argv,
+                    cwd=folder,
+                    env={**os.environ, **self._variables()},
+                    stdin=subprocess.DEVNULL,
+                    capture_output=True,
+                    timeout=RESOLVE_TIMEOUT_SECONDS,
+                    check=False,
+                )
+            except subprocess.TimeoutExpired:
+                log.warning(
+                    "Resolving the Spark packages of environment %r took over %g s; the run goes on, and "
+                    "spark-submit resolves them itself.",
+                    job.environment.name,
+                    RESOLVE_TIMEOUT_SECONDS,
+                )
+                return
+        if done.returncode == 0:
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.touch()
+            return
+        reason = _unresolved_packages(done.stdout[-LOG_TAIL_BYTES:] + done.stderr[-LOG_TAIL_BYTES:])
+        if reason is not None:
+            raise ConfigurationError(f"Environment {job.environment.name!r}: {reason}.")
+        # Something else failed (not the packages): the run itself will say what.
+
     def _check_master(self) -> None:
         """A standalone master must answer on its port now; YARN and Kubernetes are reached by spark-submit."""
         if not self.master.startswith("spark://"):
@@ -390,6 +448,12 @@ def _failure_reason(tail: bytes, interpreter: str | None) -> str | None:
             "which every node running executors must have at that path (install that Python there, or set the "
             "environment's python.interpreter_path to a Python every node has)"
         )
+    return _unresolved_packages(tail)
+
+
+def _unresolved_packages(output: bytes) -> str | None:
+    """What spark-submit's output says of the Spark packages it could not resolve, if it says so."""
+    text = output.decode("utf-8", errors="replace")
     unresolved = sorted(
         {
             f"{group}:{artifact}:{version}"

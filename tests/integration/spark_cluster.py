@@ -302,3 +302,50 @@ def yarn_cluster_mode(
     finally:
         monkeypatch.undo()
         clear_secrets_backends_cache()
+
+
+# ---------------------------------------------------------------------------------------------- Spark packages
+
+MAVEN_PACKAGE = "org.example.amlrun:hello:1.0"
+_POM = """<?xml version="1.0" encoding="UTF-8"?>
+<project xmlns="http://maven.apache.org/POM/4.0.0">
+  <modelVersion>4.0.0</modelVersion>
+  <groupId>org.example.amlrun</groupId>
+  <artifactId>hello</artifactId>
+  <version>1.0</version>
+  <packaging>jar</packaging>
+</project>
+"""
+
+
+@dataclass
+class MavenRepository:
+    """A Maven repository over HTTP on 127.0.0.1 holding one package (MAVEN_PACKAGE, an empty jar)."""
+
+    url: str
+    package: str = MAVEN_PACKAGE
+
+
+@pytest.fixture(scope="session")
+def maven_repository(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MavenRepository]:
+    import functools
+    import http.server
+    import threading
+    import zipfile
+
+    root = tmp_path_factory.mktemp("maven")
+    folder = root / "org" / "example" / "amlrun" / "hello" / "1.0"
+    folder.mkdir(parents=True)
+    (folder / "hello-1.0.pom").write_text(_POM)
+    with zipfile.ZipFile(folder / "hello-1.0.jar", "w") as jar:
+        jar.writestr("META-INF/MANIFEST.MF", "Manifest-Version: 1.0\n")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield MavenRepository(f"http://127.0.0.1:{server.server_address[1]}")
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()

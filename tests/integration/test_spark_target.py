@@ -16,7 +16,7 @@ import pytest
 
 import airflow_amlrun
 from airflow_amlrun import Environment, Experiment, ScriptRunConfig, Workspace
-from airflow_amlrun.environment import PythonSection
+from airflow_amlrun.environment import PythonSection, SparkSection
 from airflow_amlrun.errors import ConfigurationError
 from airflow_amlrun.submission import AirflowTask
 from tests.conftest import REPO, dag_source, wait_until_running, worker_dies_mid_run, write_script
@@ -127,20 +127,26 @@ def test_a_pyspark_script_whose_interpreter_lacks_pyspark_is_refused_before_anyt
     assert Workspace.get().list_runs() == []
 
 
-def test_a_standalone_master_runs_the_script_in_client_mode_with_the_environments_spark_configuration(
-    run_dag, tmp_path, spark_standalone, standalone_cluster
+def test_a_standalone_master_runs_the_script_in_client_mode_with_the_environments_spark_section(
+    run_dag, tmp_path, spark_standalone, standalone_cluster, maven_repository
 ):
     source = spark_source(
         tmp_path / "src",
         TRAIN.replace(
             'print("master"',
             'print("marker", spark.conf.get("spark.amlrun.marker"), "executor memory", '
-            'spark.conf.get("spark.executor.memory"), flush=True)\nprint("master"',
+            'spark.conf.get("spark.executor.memory"), flush=True)\n'
+            'print("jars", spark.conf.get("spark.jars"), flush=True)\nprint("master"',
         ),
     )
+    configuration = {
+        "spark.amlrun.marker": "from-env",
+        "spark.executor.memory": "512m",
+        "spark.jars.ivy": str(tmp_path / "ivy"),
+    }
     environment = (
-        'Environment("spark-conf", spark=SparkSection(configuration={"spark.amlrun.marker": "from-env", '
-        '"spark.executor.memory": "512m"}))'
+        f'Environment("spark-conf", spark=SparkSection(packages=[{maven_repository.package!r}], '
+        f"repositories=[{maven_repository.url!r}], configuration={configuration!r}))"
     )
 
     result = run_dag(dag_source(source, target=spark_standalone, environment=environment))
@@ -150,12 +156,15 @@ def test_a_standalone_master_runs_the_script_in_client_mode_with_the_environment
     assert summary["metrics"] == {"sum_of_squares": 30, "loss": pytest.approx(1 / 3)}
     assert f"master {standalone_cluster.master_url}" in result.log
     assert "marker from-env executor memory 512m" in result.log
+    # The package, resolved from the repository, is on the application's classpath.
+    assert re.search(r"jars \S*org\.example\.amlrun_hello-1\.0\.jar", result.log), result.log
     application = summary["tags"]["spark.application_id"]
     assert application.startswith("app-")
     # The environment's spark section is recorded with the run.
-    assert summary["environment"]["spark"]["configuration"] == {
-        "spark.amlrun.marker": "from-env",
-        "spark.executor.memory": "512m",
+    assert summary["environment"]["spark"] == {
+        "packages": [maven_repository.package],
+        "repositories": [maven_repository.url],
+        "configuration": configuration,
     }
     # The application ran on the standalone cluster, named by the run, and is over.
     completed = {app["id"]: app for app in standalone_cluster.state()["completedapps"]}
@@ -343,22 +352,30 @@ def test_missing_spark_submit_java_or_master_are_named_before_anything_is_record
     )
 
 
-def test_a_spark_package_that_cannot_be_resolved_fails_the_run_saying_which(run_dag, tmp_path, spark_local):
-    environment = (
-        'Environment("bad-package", spark=SparkSection(packages=["org.example.amlrun:no-such-thing:0.0.1"], '
-        f'repositories=["http://127.0.0.1:{free_port()}/maven"]))'
+def test_a_spark_package_that_cannot_be_resolved_is_named_before_anything_is_recorded(
+    tmp_path, spark_local, maven_repository
+):
+    environment = Environment(
+        "bad-package",
+        spark=SparkSection(
+            packages=["org.example.amlrun:no-such-thing:0.0.1", maven_repository.package],
+            repositories=[maven_repository.url],
+            configuration={"spark.jars.ivy": str(tmp_path / "ivy")},
+        ),
+    )
+    config = ScriptRunConfig(
+        str(spark_source(tmp_path / "src")),
+        script="train.py",
+        compute_target=spark_local,
+        environment=environment,
     )
 
-    result = run_dag(dag_source(spark_source(tmp_path / "src"), target=spark_local, environment=environment))
-
-    assert result.state == "failed"
-    [run] = Workspace.get().list_runs()
-    assert run.status == "Failed"
-    assert (
-        "The script failed (spark-submit could not resolve the Spark package(s) "
-        "org.example.amlrun:no-such-thing:0.0.1: check the environment's spark.packages" in run.error
+    _refused(
+        config,
+        r"Environment 'bad-package': spark-submit could not resolve the Spark package\(s\) "
+        r"org\.example\.amlrun:no-such-thing:0\.0\.1: check the environment's spark\.packages "
+        r"\(group:artifact:version\) and spark\.repositories",
     )
-    assert "check the environment's spark.packages" in run.error
 
 
 def test_a_spark_run_past_its_max_duration_is_stopped_with_its_driver(

@@ -1,14 +1,17 @@
-"""What the Spark target reads from spark-submit's log, and which interpreter a shipped build needs (on a real
-virtualenv); the target itself runs against real Spark in tests/integration/test_spark_target.py."""
+"""What the Spark target reads from spark-submit's log, which interpreter a shipped build needs (on a real
+virtualenv), and which airflow_amlrun a Python with the run's code archive imports (real interpreters); the
+target itself runs against real Spark in tests/integration/test_spark_target.py."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import airflow_amlrun
 from airflow_amlrun.environment.build_archive import base_interpreter
-from airflow_amlrun.targets.spark import _failure_reason
+from airflow_amlrun.targets.spark import _code_archive, _failure_reason
 
 IVY_REPORT = b"""
 :: resolving dependencies :: org.apache.spark#spark-submit-parent-18580bc1;1.0
@@ -50,3 +53,42 @@ def test_a_builds_interpreter_is_the_one_its_links_lead_to_outside_it(tmp_path):
     assert Path(needed).is_absolute()
     assert not Path(needed).is_relative_to(venv)
     assert Path(needed).resolve() == (venv / "bin" / "python").resolve()
+
+
+IMPORTS = (
+    "import airflow_amlrun; from airflow_amlrun.run_context import Run; import airflow_amlrun.run_context as rc; "
+    "print(airflow_amlrun.__file__); print(rc.__file__); print(getattr(airflow_amlrun, '__version__', None))"
+)
+
+
+def _imported(code_zip: Path, *flags: str) -> list[str]:
+    """What a fresh interpreter with the code archive on its path (twice, as a driver may have it) imports."""
+    env = {**os.environ, "PYTHONPATH": f"{code_zip}:{code_zip}"}
+    done = subprocess.run(
+        [sys.executable, *flags, "-c", IMPORTS],
+        cwd=code_zip.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return done.stdout.split()
+
+
+def test_the_code_archives_run_context_gives_way_to_an_installed_airflow_amlrun(tmp_path):
+    run_dir = tmp_path / "run"
+    (run_dir / ".amlrun").mkdir(parents=True)
+    (run_dir / "train.py").write_text("print('training')\n")
+    code_zip = tmp_path / "code.zip"
+    _code_archive(run_dir, code_zip)
+
+    # Installed here: the installed package, whole, is what the script imports.
+    package, module, version = _imported(code_zip)
+    assert package == airflow_amlrun.__file__
+    assert module == str(Path(airflow_amlrun.__file__).parent / "run_context.py")
+    assert version == airflow_amlrun.__version__
+    # Not installed (no site-packages): the archive's run_context.
+    package, module, version = _imported(code_zip, "-S")
+    assert package == f"{code_zip}/airflow_amlrun/__init__.py"
+    assert module == f"{code_zip}/airflow_amlrun/run_context.py"
+    assert version == "None"
