@@ -385,13 +385,13 @@ def test_a_spark_run_past_its_max_duration_is_stopped_with_its_driver(
     monkeypatch.setenv("AIRFLOW__AMLRUN__POLL_INTERVAL_SECONDS", "120")
     source = spark_source(tmp_path / "src", TRAINS_ON_THE_CLUSTER_FOR_GOOD)
 
-    result = run_dag(dag_source(source, target=spark_local, limit=25))
+    result = run_dag(dag_source(source, target=spark_local, limit=20))
 
     assert result.state == "failed"
     [run] = Workspace.get().list_runs()
     assert run.status == "Failed"
-    assert run.error == "Exceeded max_run_duration_seconds=25; the run was stopped."
-    # (How far the driver got in 25 s depends on the machine's load: it had started.)
+    assert run.error == "Exceeded max_run_duration_seconds=20; the run was stopped."
+    # (How far the driver got in 20 s depends on the machine's load: it had started.)
     assert "driver started" in result.log
     assert group_members(int(run.handle["pid"])) == []
 
@@ -516,7 +516,7 @@ def test_stopping_a_cluster_mode_run_waits_for_the_hook_to_kill_the_application(
     tmp_path, yarn_cluster_mode, stop
 ):
     yarn = yarn_cluster_mode
-    run = _cluster_mode_run(tmp_path, yarn.conn_id, limit=15 if stop == "time limit" else None)
+    run = _cluster_mode_run(tmp_path, yarn.conn_id, limit=10 if stop == "time limit" else None)
     submitted = yarn.submission()
 
     if stop == "cancel":
@@ -526,7 +526,7 @@ def test_stopping_a_cluster_mode_run_waits_for_the_hook_to_kill_the_application(
     else:
         record = run.wait_for_completion(show_output=False, raise_on_error=False)
         assert record.status == "Failed"
-        assert record.error == "Exceeded max_run_duration_seconds=15; the run was stopped."
+        assert record.error == "Exceeded max_run_duration_seconds=10; the run was stopped."
 
     # The hook's on_kill killed the application on YARN, and was let finish though that took longer than the
     # grace a plain run gets; nothing of the run is left running on the worker.
