@@ -76,9 +76,6 @@ class LocalTarget:
     followed_only_here = True
     # A pyspark script (framework="pyspark") gets a local Spark (local[*]) of its own.
     local_spark = True
-    # A script on an interpreter other than the worker's gets run_context on its PYTHONPATH (a target whose
-    # code carries it otherwise says no).
-    run_context_on_path = True
 
     def __init__(self, settings: Settings, cache_dir: Path, name: str = "local") -> None:
         self.name = name
@@ -138,7 +135,7 @@ class LocalTarget:
                 python=python if self.local_spark else None,
             ),
         }
-        if python != sys.executable and self.run_context_on_path:
+        if python != sys.executable:
             # Another interpreter does not see this package: give it run_context alone.
             pylib = write_run_context_package(control / PYLIB)
             env["PYTHONPATH"] = python_path(str(pylib), env.get("PYTHONPATH"))

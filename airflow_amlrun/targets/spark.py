@@ -96,8 +96,6 @@ class SparkTarget(LocalTarget):
     handle_type = SparkHandle  # type: ignore[assignment]
     # A pyspark script is a Spark application of the target's master here, not of a Spark of its own.
     local_spark = False
-    # The code archive carries run_context to the driver and the executors (see spark_package.py).
-    run_context_on_path = False
 
     def __init__(
         self,

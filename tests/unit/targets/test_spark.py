@@ -11,6 +11,7 @@ from pathlib import Path
 
 import airflow_amlrun
 from airflow_amlrun.environment.build_archive import base_interpreter
+from airflow_amlrun.targets.common import write_run_context_package
 from airflow_amlrun.targets.spark import _code_archive, _failure_reason
 
 IVY_REPORT = b"""
@@ -57,21 +58,24 @@ def test_a_builds_interpreter_is_the_one_its_links_lead_to_outside_it(tmp_path):
 
 IMPORTS = (
     "import airflow_amlrun; from airflow_amlrun.run_context import Run; import airflow_amlrun.run_context as rc; "
-    "print(airflow_amlrun.__file__); print(rc.__file__); print(getattr(airflow_amlrun, '__version__', None))"
+    "import airflow_amlrun.mlflow_capture as capture; print(airflow_amlrun.__file__); print(rc.__file__); "
+    "print(capture.__file__); print(getattr(airflow_amlrun, '__version__', None))"
 )
 
 
-def _imported(code_zip: Path, *flags: str) -> list[str]:
-    """What a fresh interpreter with the code archive on its path (twice, as a driver may have it) imports."""
-    env = {**os.environ, "PYTHONPATH": f"{code_zip}:{code_zip}"}
+def _imported(code_zip: Path, pylib: Path, *flags: str) -> list[str]:
+    """What a fresh interpreter imports with the code archive on its path (twice, as a driver may have it), then
+    a run folder's copy of run_context (as a driver on another interpreter than the worker's has it)."""
+    env = {**os.environ, "PYTHONPATH": f"{code_zip}:{code_zip}:{pylib}"}
     done = subprocess.run(
         [sys.executable, *flags, "-c", IMPORTS],
         cwd=code_zip.parent,
         env=env,
         capture_output=True,
         text=True,
-        check=True,
+        check=False,
     )
+    assert done.returncode == 0, done.stderr
     return done.stdout.split()
 
 
@@ -81,14 +85,20 @@ def test_the_code_archives_run_context_gives_way_to_an_installed_airflow_amlrun(
     (run_dir / "train.py").write_text("print('training')\n")
     code_zip = tmp_path / "code.zip"
     _code_archive(run_dir, code_zip)
+    pylib = write_run_context_package(tmp_path / "pylib")
 
     # Installed here: the installed package, whole, is what the script imports.
-    package, module, version = _imported(code_zip)
-    assert package == airflow_amlrun.__file__
-    assert module == str(Path(airflow_amlrun.__file__).parent / "run_context.py")
-    assert version == airflow_amlrun.__version__
-    # Not installed (no site-packages): the archive's run_context.
-    package, module, version = _imported(code_zip, "-S")
-    assert package == f"{code_zip}/airflow_amlrun/__init__.py"
-    assert module == f"{code_zip}/airflow_amlrun/run_context.py"
-    assert version == "None"
+    installed = Path(airflow_amlrun.__file__).parent
+    assert _imported(code_zip, pylib) == [
+        airflow_amlrun.__file__,
+        str(installed / "run_context.py"),
+        str(installed / "mlflow_capture" / "__init__.py"),
+        airflow_amlrun.__version__,
+    ]
+    # Not installed (no site-packages): the archive's run_context, and the run folder's MLflow capture.
+    assert _imported(code_zip, pylib, "-S") == [
+        f"{code_zip}/airflow_amlrun/__init__.py",
+        f"{code_zip}/airflow_amlrun/run_context.py",
+        str(pylib / "airflow_amlrun" / "mlflow_capture" / "__init__.py"),
+        "None",
+    ]
