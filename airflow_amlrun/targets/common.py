@@ -110,6 +110,23 @@ def add_run_folders(root: Path) -> None:
         (root / folder).mkdir(exist_ok=True)
 
 
+# The worker's variables a run on this machine does not inherit: Airflow's connections and variables (the
+# workspace's database password among them), and the settings that hold a secret (the metadata database,
+# the Fernet and signing keys, the Celery broker and result backend), in each of their forms (_CMD, _SECRET).
+_WORKER_SECRETS = re.compile(
+    r"AIRFLOW_(CONN|VAR)_.*"
+    r"|AIRFLOW__[A-Z0-9_]+__(SQL_ALCHEMY_CONN(_ASYNC)?|FERNET_KEY|SECRET_KEY|JWT_SECRET|BROKER_URL"
+    r"|RESULT_BACKEND|PASSWORD|[A-Z0-9_]*(PASSWORD|TOKEN|SECRET))(_CMD|_SECRET)?",
+    re.IGNORECASE,
+)
+
+
+def worker_environment() -> dict[str, str]:
+    """The worker's environment without its secrets, for a process of a run on this machine: what the script
+    can read it may print, and its log is stored in the history."""
+    return {k: v for k, v in os.environ.items() if not _WORKER_SECRETS.fullmatch(k)}
+
+
 def python_path(pylib: str, existing: str | None) -> str:
     """A PYTHONPATH that finds run_context in the folder pylib first, then what the existing one held."""
     return ":".join(filter(None, [pylib, existing]))

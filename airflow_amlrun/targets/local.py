@@ -57,6 +57,7 @@ from airflow_amlrun.targets.common import (
     supervisor_request,
     time_limit_status,
     unmarked,
+    worker_environment,
     write_run_context_package,
 )
 from airflow_amlrun.targets.handles import LocalHandle
@@ -126,7 +127,7 @@ class LocalTarget:
         run_dir = self.run_dir(job).resolve()
         control = run_dir / CONTROL_DIR
         env = {
-            **os.environ,
+            **worker_environment(),
             **(extra_env or {}),
             **job_environment(
                 job,
