@@ -174,7 +174,7 @@ def test_a_promotion_without_the_metric_or_with_a_bad_goal_is_refused(source: Pa
     run = train(source, "0.1")
     run.wait_for_completion(show_output=False)  # type: ignore[attr-defined]
     with pytest.raises(
-        ConfigurationError, match=r"has no numeric metric 'mse' to compare \(its metrics: rmse\)"
+        ConfigurationError, match=r"has no finite numeric metric 'mse' to compare \(its metrics: rmse\)"
     ):
         promote_if_better(ws, run.id, "ridge", "outputs/model.pkl", metric="mse")  # type: ignore[attr-defined]
     with pytest.raises(ConfigurationError, match="goal='up' must be 'minimize' or 'maximize'"):
