@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import select
+import selectors
 import time
 import weakref
 from functools import cached_property
@@ -231,19 +231,23 @@ class SSHHost:
                 channel.sendall(stdin)
             channel.shutdown_write()
             out, err = bytearray(), bytearray()
-            while True:
-                if channel.recv_stderr_ready():
-                    err += channel.recv_stderr(1 << 16)
-                elif channel.recv_ready():
-                    data = channel.recv(1 << 16)
-                    if sink is not None:
-                        sink.write(data)
-                    else:
-                        out += data
-                elif channel.eof_received or channel.closed:
-                    break
-                elif not select.select([channel], [], [], timeout)[0]:
-                    raise TimeoutError(f"no answer to {command.split()[0]} ... for {timeout:g} s")
+            # A selector (epoll), not select(): a process with over 1,024 descriptors open (a triggerer
+            # following many runs) gets channel descriptors that select() cannot wait on.
+            with selectors.DefaultSelector() as ready:
+                ready.register(channel, selectors.EVENT_READ)
+                while True:
+                    if channel.recv_stderr_ready():
+                        err += channel.recv_stderr(1 << 16)
+                    elif channel.recv_ready():
+                        data = channel.recv(1 << 16)
+                        if sink is not None:
+                            sink.write(data)
+                        else:
+                            out += data
+                    elif channel.eof_received or channel.closed:
+                        break
+                    elif not ready.select(timeout):
+                        raise TimeoutError(f"no answer to {command.split()[0]} ... for {timeout:g} s")
             if not channel.status_event.wait(timeout):
                 raise TimeoutError(f"no exit status from {command.split()[0]} ... within {timeout:g} s")
             if channel.exit_status < 0 and not transport.is_active():

@@ -514,6 +514,25 @@ def test_megabytes_on_both_streams_of_a_remote_command_stall_neither(ssh_vm, mon
     assert set(out) == {ord("o")} and set(err) == {ord("e")}
 
 
+def test_a_process_with_over_a_thousand_descriptors_open_still_runs_remote_commands(ssh_vm, monkeypatch):
+    # select() cannot wait on a descriptor numbered 1,024 or more, which a long-lived process (a triggerer
+    # following many runs) reaches: the channel's descriptor then comes after them.
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 2048:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(4096, hard), hard))
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        target = _target(ssh_vm, monkeypatch)
+        rc, out, _ = target.ssh.exec("sleep 0.5; echo answered", None, 10)
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert (rc, out.strip()) == (0, b"answered")
+
+
 def test_thousands_of_links_left_out_of_the_outputs_are_named_a_hundred_at_most(
     run_dag, tmp_path, ssh_host, amlrun_home, monkeypatch
 ):
