@@ -195,7 +195,8 @@ class HyperDriveOperator(BaseOperator):
     def _go_on_deferred(self, sweep: HyperDriveRun, stop_at: str | None) -> dict[str, Any]:
         """Start the runs that slots allow, then hand the live ones to the triggerer until there is more to do."""
         from airflow_amlrun.operators.script_run import DEFER_SLACK
-        from airflow_amlrun.triggers.hyperdrive import FIRST_EVENT_AFTER_SECONDS, HyperDriveTrigger
+        from airflow_amlrun.triggers.hyperdrive import HyperDriveTrigger
+        from airflow_amlrun.triggers.script_run import FIRST_EVENT_AFTER_SECONDS
 
         record = sweep.advance()
         if record is not None:

@@ -183,7 +183,7 @@ class ScriptRunOperator(BaseOperator):
     def _defer_if_reachable(self, run: ScriptRun, config: ScriptRunConfig, ti: Any) -> None:
         """Hand the run to a trigger, if the triggerer can follow it; else say why the worker keeps it."""
         from airflow_amlrun.history import HistoryUnavailableError
-        from airflow_amlrun.triggers.script_run import ScriptRunTrigger
+        from airflow_amlrun.triggers.script_run import FIRST_EVENT_AFTER_SECONDS, ScriptRunTrigger
 
         if run.target.followed_only_here:
             problem = triggerer_shares_this_machine()
@@ -217,7 +217,14 @@ class ScriptRunOperator(BaseOperator):
         self.log.info("Run %s is followed by the triggerer from here; the worker slot is freed.", run.id)
         self._run = None
         self.defer(
-            trigger=ScriptRunTrigger(run.id, state.to_json(), self.workspace_conn_id, show_output, stop_at),
+            trigger=ScriptRunTrigger(
+                run.id,
+                state.to_json(),
+                self.workspace_conn_id,
+                show_output,
+                stop_at,
+                not_before=(datetime.now(UTC) + timedelta(seconds=FIRST_EVENT_AFTER_SECONDS)).isoformat(),
+            ),
             method_name="execute_complete",
             # A backstop for a deployment whose triggerer never takes the trigger: the trigger itself stops
             # the run at the execution_timeout, which Airflow does not apply to a deferred task.

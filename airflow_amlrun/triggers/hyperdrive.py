@@ -29,11 +29,9 @@ if TYPE_CHECKING:
 FOLLOWED = "followed"
 ERROR = "error"
 KILLED = "Canceled: its deferred task was killed."
-# How long after the task deferred the trigger fires at the soonest. Airflow 3.3's scheduler fails a deferred task
-# whose trigger fired before it took in the exit of the process that deferred (apache/airflow#67287, #72716): a
+# The trigger fires no sooner than FIRST_EVENT_AFTER_SECONDS after the task deferred (see ScriptRunTrigger's): a
 # sweep defers many times, and a run ending or stopped within seconds is common. Runs that end meanwhile are
 # handed back together.
-FIRST_EVENT_AFTER_SECONDS = 10.0
 
 
 @dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
@@ -24,6 +24,12 @@ STEP_WAIT_SECONDS = 0.5
 HAND_BACK_RETRY_SECONDS = 5.0
 
 
+# How long after the task deferred the trigger fires at the soonest. Airflow 3.3's scheduler fails a deferred task
+# whose trigger fired before it took in the exit of the process that deferred (apache/airflow#67287, #72716):
+# a run ending within seconds of the deferral would fail its task, outputs uncollected.
+FIRST_EVENT_AFTER_SECONDS = 10.0
+
+
 class ScriptRunTrigger(BaseTrigger):
     """Follows a run from where the task left it until it ends, then hands it back to the task.
 
@@ -39,6 +45,8 @@ class ScriptRunTrigger(BaseTrigger):
     :param show_output: pass the script's output to the task log. The task turns it off for a run with
         secret variables: the triggerer does not know their values, so it could not mask them.
     :param stop_at: ISO time at which to stop the run (the task's execution_timeout), if any.
+    :param not_before: ISO time before which the trigger does not fire (a run that ends sooner is handed back
+        then): see ``FIRST_EVENT_AFTER_SECONDS``.
     """
 
     def __init__(
@@ -48,6 +56,7 @@ class ScriptRunTrigger(BaseTrigger):
         workspace_conn_id: str | None = None,
         show_output: bool = True,
         stop_at: str | None = None,
+        not_before: str | None = None,
     ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.run_id = run_id
@@ -55,6 +64,7 @@ class ScriptRunTrigger(BaseTrigger):
         self.workspace_conn_id = workspace_conn_id
         self.show_output = show_output
         self.stop_at = stop_at
+        self.not_before = not_before
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -65,6 +75,7 @@ class ScriptRunTrigger(BaseTrigger):
                 "workspace_conn_id": self.workspace_conn_id,
                 "show_output": self.show_output,
                 "stop_at": self.stop_at,
+                "not_before": self.not_before,
             },
         )
 
@@ -89,6 +100,12 @@ class ScriptRunTrigger(BaseTrigger):
     def _event(self, status: str, **fields: Any) -> TriggerEvent:
         return TriggerEvent({"run_id": self.run_id, "status": status, **fields})  # type: ignore[no-untyped-call]
 
+    async def _not_before(self) -> None:
+        if self.not_before is not None:
+            wait = (datetime.fromisoformat(self.not_before) - datetime.now(UTC)).total_seconds()
+            if wait > 0:
+                await asyncio.sleep(wait)
+
     async def run(self) -> AsyncIterator[TriggerEvent]:
         resuming = asyncio.ensure_future(asyncio.to_thread(self._resume))
         try:
@@ -99,6 +116,7 @@ class ScriptRunTrigger(BaseTrigger):
             raise
         except Exception as err:
             # Nothing was done to the run: the task gets it back as it left it, and says why.
+            await self._not_before()
             yield self._event(ERROR, message=describe(err), state=self.state, stop_at=self.stop_at)
             return
         emit = self._emit if self.show_output else None
@@ -121,9 +139,11 @@ class ScriptRunTrigger(BaseTrigger):
             raise
         except Exception as err:
             state = await self._hand_back(run)
+            await self._not_before()
             yield self._event(ERROR, message=describe(err), state=state, stop_at=self.stop_at)
             return
         state = await self._hand_back(run)
+        await self._not_before()
         yield self._event(
             ENDED, exit_code=status.exit_code, reason=status.reason, timed_out=status.timed_out, state=state
         )
