@@ -29,7 +29,6 @@ from airflow_amlrun.run_log import LogPosition, LogUnavailableError, RunLog, sil
 from airflow_amlrun.run_output import LOG_TAIL_LINES, print_output
 
 if TYPE_CHECKING:
-    from airflow_amlrun.model import Model
     from airflow_amlrun.run_context import Run as ScriptSideRun
     from airflow_amlrun.workspace import Workspace
 
@@ -102,21 +101,6 @@ class Run(RunApi):
 
     def __repr__(self) -> str:
         return f"Run(id={self.id!r}, experiment={self.experiment!r}, status={str(self.status)!r})"
-
-    def register_model(
-        self,
-        model_name: str,
-        model_path: str,
-        tags: dict[str, Any] | None = None,
-        properties: dict[str, Any] | None = None,
-    ) -> Model:
-        """Register a file or folder of this Completed run's outputs as the next version of a model; see
-        ``Model.register``."""
-        from airflow_amlrun.model import Model
-
-        return Model.register(
-            self.workspace, self.id, model_name, model_path, tags=tags, properties=properties
-        )
 
     def wait_for_completion(
         self,

@@ -866,19 +866,6 @@ class ScriptRun(RunApi):
                 )
         return "; ".join(said)
 
-    def register_model(
-        self,
-        model_name: str,
-        model_path: str,
-        tags: dict[str, Any] | None = None,
-        properties: dict[str, Any] | None = None,
-    ) -> Model:
-        """Register a file or folder of this Completed run's outputs as the next version of a model; see
-        ``Model.register``."""
-        return Model.register(
-            self.workspace, self.id, model_name, model_path, tags=tags, properties=properties
-        )
-
     def _collect(self) -> dict[str, Any]:
         assert self.handle is not None
         collected = self.target.collect(self.handle)

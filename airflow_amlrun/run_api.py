@@ -20,6 +20,7 @@ from airflow_amlrun.errors import ConfigurationError, shown
 from airflow_amlrun.history import MetricPoint, RunRecord, RunStatus
 
 if TYPE_CHECKING:
+    from airflow_amlrun.model import Model
     from airflow_amlrun.workspace import Workspace
 
 # The folders of a run kept in the store, as its file names begin: what it wrote to outputs/, and its logs.
@@ -44,6 +45,21 @@ class RunApi:
         return self.workspace.history.get_run(self.id)
 
     # status and details
+
+    def register_model(
+        self,
+        model_name: str,
+        model_path: str,
+        tags: dict[str, Any] | None = None,
+        properties: dict[str, Any] | None = None,
+    ) -> Model:
+        """Register a file or folder of this Completed run's outputs as the next version of a model; see
+        ``Model.register``."""
+        from airflow_amlrun.model import Model
+
+        return Model.register(
+            self.workspace, self.id, model_name, model_path, tags=tags, properties=properties
+        )
 
     def get_status(self) -> RunStatus:
         """The run's status now: Queued, Preparing, Starting, Running, Finalizing, Completed, Failed or
