@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from airflow_amlrun import mlflow_capture, run_context
 from airflow_amlrun.errors import ConfigurationError
+from airflow_amlrun.targets import standin_package
 from airflow_amlrun.targets.base import Chunk, Job, TargetStatus
 from airflow_amlrun.targets.files import UnsafeFileError, read_beneath
 from airflow_amlrun.targets.supervisor import ENDED_BY as ENDED_BY
@@ -34,7 +35,8 @@ CONTROL_DIR = ".amlrun"
 STD_LOG = "std_log.txt"
 EVENTS = "events.jsonl"
 PID = "pid"
-# The importable copy of run_context (CONTROL_DIR/pylib/airflow_amlrun/run_context.py).
+# The importable copy of run_context (CONTROL_DIR/pylib/airflow_amlrun/run_context.py), see
+# write_run_context_package.
 PYLIB = "pylib"
 # The folders of a run directory beside the code: what the script writes, and the target's own.
 RUN_FOLDERS = ("outputs", "logs", CONTROL_DIR)
@@ -403,20 +405,23 @@ def check_pyspark(python: str, where: str) -> None:
 
 def run_context_files() -> list[Path]:
     """The package's files a run's pylib folder is made of (what its content, and a cache of it, depend on)."""
-    return [Path(run_context.__file__), *mlflow_capture.source_files()]
+    return [Path(standin_package.__file__), Path(run_context.__file__), *mlflow_capture.source_files()]
 
 
 def write_run_context_package(dest: str | os.PathLike[str]) -> Path:
-    """Write a folder holding `airflow_amlrun/run_context.py`, to put on a foreign interpreter's path.
+    """Write a folder holding `airflow_amlrun/run_context.py`, to put first on a run's interpreter's path.
 
     The training script imports `airflow_amlrun.run_context` wherever it runs; an interpreter that does
-    not have this package installed (another virtualenv, a bare image, a remote host) gets this folder.
-    It also holds the MLflow capture and the entry point MLflow finds it by (mlflow_capture/__init__.py).
+    not have this package installed (another virtualenv, a bare image, a remote host) gets it from this
+    folder. The folder's `airflow_amlrun/__init__.py` is the stand-in that gives way to an installed
+    airflow_amlrun (standin_package.py), so an interpreter that has the package gets all of it, not this
+    folder's part. It also holds the MLflow capture and the entry point MLflow finds it by
+    (mlflow_capture/__init__.py).
     """
     root = Path(dest)
     package = root / "airflow_amlrun"
     package.mkdir(parents=True, exist_ok=True)
-    (package / "__init__.py").write_text("")
+    shutil.copyfile(standin_package.__file__, package / "__init__.py")
     shutil.copyfile(run_context.__file__, package / "run_context.py")
     mlflow_capture.write_package(root)
     return root

@@ -120,7 +120,8 @@ class LocalTarget:
     ) -> dict[str, Any]:
         """Start argv under the run's supervisor in the job's run directory; the fields of its handle.
 
-        :param python: the interpreter the script runs with: one other than the worker's gets run_context alone.
+        :param python: the interpreter the script runs with: one other than the worker's gets the run folder's
+            copy of run_context (write_run_context_package).
         :param extra_env: variables the job gets besides the script's own (the target's, never recorded).
         :param grace_seconds: how long the job gets on SIGTERM at its time limit (as `stop_grace_seconds`).
         """
@@ -137,7 +138,8 @@ class LocalTarget:
             ),
         }
         if python != sys.executable:
-            # Another interpreter does not see this package: give it run_context alone.
+            # Another interpreter may lack this package: give it run_context, whose stand-in package gives way
+            # to an installed airflow_amlrun where that interpreter has one.
             pylib = write_run_context_package(control / PYLIB)
             env["PYTHONPATH"] = python_path(str(pylib), env.get("PYTHONPATH"))
         request = json.dumps({**supervisor_request(job, argv), "grace_seconds": grace_seconds}).encode()

@@ -16,7 +16,7 @@ A worker's death ends a client-mode driver with it: the retry finds its supervis
 run Failed with why, then starts a new one.
 
 What travels with the application: a `--py-files` archive of the run's code (the snapshot, with run_context
-under a stand-in package that gives way to an installed airflow_amlrun: spark_package.py), so executors
+under a stand-in package that gives way to an installed airflow_amlrun: standin_package.py), so executors
 import the script's own modules; the environment's `spark` section (packages, repositories, configuration);
 and a managed environment as an archive (environment/build_archive.py).
 
@@ -49,7 +49,7 @@ from typing import Any
 from airflow_amlrun.config import Settings
 from airflow_amlrun.environment.build_archive import SparkArchive, ensure_spark_archive
 from airflow_amlrun.errors import ConfigurationError, UnknownComputeTargetError
-from airflow_amlrun.targets import spark_main, spark_package
+from airflow_amlrun.targets import spark_main, standin_package
 from airflow_amlrun.targets.base import CodeSource, Job, TargetStatus
 from airflow_amlrun.targets.common import (
     CONTROL_DIR,
@@ -410,7 +410,7 @@ def _private_file(path: Path, text: str) -> Path:
 def _code_archive(run_dir: Path, dest: Path) -> None:
     """Zip the run's code (what is not a run folder) with run_context, for `--py-files`: executors import the
     script's modules from it, and a driver or executor without airflow-amlrun installed finds run_context
-    there (under a stand-in package that gives way to an installed one: spark_package.py)."""
+    there (under a stand-in package that gives way to an installed one: standin_package.py)."""
     with zipfile.ZipFile(dest, "w", zipfile.ZIP_DEFLATED) as archive:
         for path in sorted(run_dir.rglob("*")):
             relative = path.relative_to(run_dir)
@@ -421,7 +421,7 @@ def _code_archive(run_dir: Path, dest: Path) -> None:
 
         if not any(name.startswith("airflow_amlrun/") for name in archive.namelist()):
             # (A snapshot with an airflow_amlrun package of its own ships that one.)
-            archive.write(spark_package.__file__, "airflow_amlrun/__init__.py")
+            archive.write(standin_package.__file__, "airflow_amlrun/__init__.py")
             archive.write(run_context.__file__, "airflow_amlrun/run_context.py")
 
 

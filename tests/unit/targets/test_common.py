@@ -15,6 +15,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+import airflow_amlrun
 from airflow_amlrun import run_context
 from airflow_amlrun.environment import Environment, ResolvedEnvironment
 from airflow_amlrun.targets import common
@@ -150,29 +151,63 @@ def test_a_run_without_an_exit_code_is_explained_by_what_became_of_its_superviso
     assert common.supervisor_lost_reason("host 10.0.0.5", "/r/.amlrun", **kwargs) == said
 
 
-def test_the_run_context_package_imports_alone_on_an_interpreter_without_this_package(tmp_path):
-    root = common.write_run_context_package(tmp_path / "pylib")
+# What a script gets of airflow_amlrun: the package's __init__, run_context, the MLflow capture, the rest of the
+# package (Workspace, or None), and whether its run is offline (started by hand, as here).
+IMPORTS = """
+import airflow_amlrun
+from airflow_amlrun import run_context
+import airflow_amlrun.mlflow_capture as capture
+try:
+    from airflow_amlrun import Workspace
+except ImportError:
+    Workspace = None
+print(airflow_amlrun.__file__, run_context.__file__, capture.__file__, getattr(Workspace, "__module__", None))
+print(run_context.Run.get_context().offline)
+"""
 
+
+def _imported(pylib: Path, *flags: str) -> list[str]:
+    """What a fresh interpreter with the run folder's pylib first on its path imports (see IMPORTS), started
+    where no airflow_amlrun is, as a run's script is."""
+    done = subprocess.run(
+        [sys.executable, *flags, "-c", IMPORTS],
+        env={"PYTHONPATH": str(pylib)},
+        cwd=pylib.parent,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.split()
+
+
+def test_the_run_context_package_gives_way_to_an_installed_airflow_amlrun_and_stands_in_for_a_missing_one(
+    tmp_path,
+):
+    root = common.write_run_context_package(tmp_path / "pylib")
     assert sorted(p.name for p in (root / "airflow_amlrun").iterdir()) == [
         "__init__.py",
         "mlflow_capture",
         "run_context.py",
     ]
+
+    # Installed (this interpreter's site-packages): the installed package, whole, as if no pylib were there.
+    installed = Path(airflow_amlrun.__file__).parent
+    assert _imported(root) == [
+        str(installed / "__init__.py"),
+        str(installed / "run_context.py"),
+        str(installed / "mlflow_capture" / "__init__.py"),
+        "airflow_amlrun.workspace",
+        "True",
+    ]
     # -S: no site-packages, so nothing but the folder provides airflow_amlrun (nor anything it might import).
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-S",
-            "-c",
-            "from airflow_amlrun import run_context as rc; print(rc.__file__, rc.Run.get_context().offline)",
-        ],
-        env={"PYTHONPATH": str(root)},
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == [str(root / "airflow_amlrun" / "run_context.py"), "True"]
+    standin = root / "airflow_amlrun"
+    assert _imported(root, "-S") == [
+        str(standin / "__init__.py"),
+        str(standin / "run_context.py"),
+        str(standin / "mlflow_capture" / "__init__.py"),
+        "None",
+        "True",
+    ]
 
 
 # reading a run's growing files

@@ -1,19 +1,20 @@
-"""The ``airflow_amlrun/__init__.py`` of the run's code archive (code.zip) that the Spark target ships with
-`--py-files`, beside a copy of run_context.
+"""The ``airflow_amlrun/__init__.py`` every run ships beside its copy of run_context: a stand-in for the
+package that gives way to an installed airflow_amlrun.
 
-The archive is on the Python path of the driver and of every executor ahead of their site-packages, so that
-the script's ``from airflow_amlrun.run_context import Run`` works on a node that lacks airflow-amlrun. Where
-airflow-amlrun is installed, this file hands its place over to the installed package while it is being
-imported: the script then gets that package whole (its run_context and everything else), and the archive
-shadows nothing.
+A run's script imports ``airflow_amlrun.run_context`` wherever it runs, so each target puts a copy of it ahead
+of the interpreter's site-packages: the run folder's pylib on the PYTHONPATH of a local, Docker or SSH run
+(common.write_run_context_package, with the MLflow capture), and the code archive (code.zip) the Spark target
+ships with `--py-files` to the driver and every executor. On an interpreter that lacks airflow-amlrun, that
+copy is the package. Where airflow-amlrun is installed, this file hands its place over to the installed
+package while it is being imported: the script then gets that package whole (its run_context, ``Workspace``
+and everything else), and the copy shadows nothing.
 
-Other stand-ins for the package may be on the path too: another copy of this file (the archive is on a
-driver's path twice), and a run folder's copy of run_context with its MLflow capture (common.PYLIB, whose
-``__init__.py`` is empty). None of them is handed over to: their folders are added to the package's path
-after the installed package's own, so that what the installed package lacks, or all of it where none is
-installed, comes from them.
+More than one stand-in may be on the path (a Spark driver has the archive twice, and the run folder's pylib
+when it runs on another interpreter than the worker's): the first one imported hands over, to none of the
+others. Their folders are added to the package's path after the installed package's own, so that what the
+installed package lacks, or all of it where none is installed, comes from them.
 
-It runs on the node's interpreter: it imports only the standard library, and runs on Python 3.7 and newer.
+It runs on the script's interpreter: it imports only the standard library, and runs on Python 3.7 and newer.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from importlib.machinery import ModuleSpec
 
-# The name the archive ships this file under, and what marks it as the stand-in in its own text (so in any
-# copy of it).
+# The name a run ships this file under, and what marks it as the stand-in in its own text (so in any copy of
+# it).
 PACKAGE = "airflow_amlrun"
 SHIPPED_MARK = "airflow-amlrun: shipped stand-in package"
 
@@ -62,8 +63,7 @@ def find_package() -> tuple[ModuleSpec | None, list[str]]:
 
 
 def _standin(spec: ModuleSpec) -> bool:
-    """Whether spec's __init__ is a stand-in: a copy of this file, or an empty one (a run folder's copy of
-    run_context); the package's own is neither."""
+    """Whether spec's __init__ is a stand-in, a copy of this file (the package's own is not)."""
     get_data = getattr(spec.loader, "get_data", None)
     if get_data is None or spec.origin is None:
         return False
@@ -71,7 +71,7 @@ def _standin(spec: ModuleSpec) -> bool:
         source = get_data(spec.origin)
     except OSError:
         return True  # unreadable: not one to hand over to
-    return SHIPPED_MARK.encode() in source or not source.strip()
+    return SHIPPED_MARK.encode() in source
 
 
 def _hand_over() -> None:
