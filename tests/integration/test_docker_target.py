@@ -86,6 +86,46 @@ def test_managed_environment_runs_in_an_image_built_once_from_its_lock(docker_ho
         }
 
 
+def test_an_image_without_airflow_amlrun_gets_run_context_and_the_mlflow_capture_from_the_run(
+    docker_home, tmp_path
+):
+    write_script(
+        tmp_path / "src",
+        "train.py",
+        """
+        import importlib.metadata
+        import airflow_amlrun
+        import airflow_amlrun.mlflow_capture as capture
+        from airflow_amlrun import run_context
+
+        try:
+            from airflow_amlrun import Workspace
+        except ImportError:
+            print("no Workspace in this image")
+        run_context.Run.get_context().log("accuracy", 0.9)
+        print("airflow_amlrun:", airflow_amlrun.__file__, run_context.__file__, capture.__file__)
+        stores = importlib.metadata.entry_points(group="mlflow.tracking_store")
+        print("mlflow stores:", [(e.name, e.value) for e in stores])
+        """,
+    )
+    config = ScriptRunConfig(tmp_path / "src", script="train.py", compute_target="docker")
+    lines: list[str] = []
+
+    record = (
+        Experiment(Workspace.get(), "docker-pylib").submit(config).wait_for_completion(output=lines.append)
+    )
+
+    assert record.status == "Completed", "\n".join(lines)
+    assert record.metrics == {"accuracy": 0.9}
+    assert "no Workspace in this image" in lines
+    package = "/amlrun/lib/pylib/airflow_amlrun"
+    assert (
+        f"airflow_amlrun: {package}/__init__.py {package}/run_context.py {package}/mlflow_capture/__init__.py"
+        in lines
+    )
+    assert "mlflow stores: [('amlrun', 'airflow_amlrun.mlflow_capture:tracking_store')]" in lines
+
+
 def test_secret_variables_reach_the_script_but_no_log_nor_the_run_row(docker_home, tmp_path, caplog):
     write_script(
         tmp_path / "src",

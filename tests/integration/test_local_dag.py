@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import pickle
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
+import airflow_amlrun
 from airflow_amlrun import Workspace
 from tests.conftest import dag_source, write_script
 
@@ -154,3 +156,41 @@ def test_an_environment_spark_section_on_the_local_target_is_ignored_with_a_warn
         "local target 'local' ignores" in result.log
     )
     assert "no spark here" in result.log
+
+
+def test_a_script_on_another_path_to_the_workers_python_imports_the_whole_installed_package(
+    run_dag, tmp_path, amlrun_home
+):
+    # The worker's virtualenv, where airflow_amlrun is installed, named by another of its links (python3 for
+    # python): the local target cannot tell it is its own interpreter, so the run gets the run folder's copy of
+    # run_context first on its path, which must not stand in for the installed package.
+    here = Path(sys.executable)
+    python = next(
+        str(here.with_name(name))
+        for name in ("python3", "python", f"python{sys.version_info.major}.{sys.version_info.minor}")
+        if here.with_name(name).exists() and str(here.with_name(name)) != sys.executable
+    )
+    write_script(
+        tmp_path / "src",
+        "train.py",
+        """
+        import sys
+        import airflow_amlrun
+        from airflow_amlrun import Workspace, run_context
+
+        run_context.Run.get_context().log("accuracy", 0.9)
+        print("python:", sys.executable)
+        print("airflow_amlrun:", airflow_amlrun.__file__, airflow_amlrun.__version__, Workspace.__module__)
+        """,
+    )
+    env = f'Environment("workers-venv", python=PythonSection(interpreter_path={python!r}))'
+
+    result = run_dag(dag_source(tmp_path / "src", environment=env))
+
+    assert result.state == "success", result.log
+    assert f"python: {python}" in result.log
+    installed = Path(airflow_amlrun.__file__)
+    assert f"airflow_amlrun: {installed} {airflow_amlrun.__version__} airflow_amlrun.workspace" in result.log
+    run = Workspace.get().get_run(result.xcoms["train"]["run_id"])
+    assert run.status == "Completed"
+    assert run.metrics == {"accuracy": 0.9}
