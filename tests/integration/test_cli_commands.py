@@ -179,6 +179,26 @@ def test_a_bad_sweep_file_names_the_key(project):
     )
 
 
+def test_a_sweep_files_experiment_is_checked_as_a_run_files_is_before_anything_runs(project):
+    sweep_file = write(
+        project / "sweep.yaml",
+        """\
+        experiment: the tuning
+        run_config: {source_directory: src, script: train.py}
+        hyperparameter_sampling: {type: grid, parameter_space: {--alpha: {choice: [0.1]}}}
+        primary_metric_name: loss
+        primary_metric_goal: minimize
+        max_total_runs: 1
+        """,
+    )
+    done = amlrun("sweep", str(sweep_file))
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert f"Sweep file {str(sweep_file)!r}: experiment: Invalid experiment name 'the tuning'" in " ".join(
+        done.stderr.split()
+    )
+    assert Workspace.get().list_runs() == []
+
+
 def test_models_are_listed_shown_and_downloaded(project, tmp_path):
     write_script(
         project / "model_src",
