@@ -1,11 +1,12 @@
 """`amlrun sweep`: a HyperDriveConfig from a YAML file, run to its end here, its runs listed best first.
 
-The file holds HyperDriveConfig's fields; ``run_config`` is a run file's mapping (see `amlrun submit`), the
-sampling and the policy name their class by ``type`` and give its arguments beside it, and each parameter's
+The file holds HyperDriveConfig's fields; ``run_config`` is a run file's mapping (see `amlrun submit`), whose
+tags, display_name and description are recorded on the sweep's parent run (as HyperDriveOperator's tags are),
+the sampling and the policy name their class by ``type`` and give its arguments beside it, and each parameter's
 expression is a mapping from the function's name to its arguments::
 
     experiment: tuning
-    run_config: {source_directory: src, script: train.py, compute_target: local}
+    run_config: {source_directory: src, script: train.py, compute_target: local, tags: {team: forecasting}}
     hyperparameter_sampling:
       type: random                      # grid, random or bayesian
       seed: 1
@@ -183,8 +184,10 @@ def cmd_sweep(args: argparse.Namespace, console: Console) -> int:
     if args.target is not None:
         config = replace(config, run_config=replace(config.run_config, compute_target=args.target))
     name = spec.experiment_or(args.experiment, f"Sweep file {args.config!r}")
+    ws = workspace(args)
     with progress.reporting(ProgressBars()):
-        sweep = Experiment(workspace(args), name).submit(config)
+        sweep = Experiment(ws, name).submit(config, tags=spec.tags)
+        spec.name_run(ws, sweep.id)
         console.print(
             f"Sweep {sweep.id}: up to {config.max_total_runs} runs, {config.max_concurrent_runs} at a time "
             f"(experiment {name})",
