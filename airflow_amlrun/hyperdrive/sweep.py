@@ -43,10 +43,9 @@ from airflow_amlrun.hyperdrive.replay import (
 from airflow_amlrun.hyperdrive.results import SweepResults, metric_of
 from airflow_amlrun.hyperdrive.takeover import SweepChangedError, SweepState
 from airflow_amlrun.hyperdrive.watch import PolicyWatch
-from airflow_amlrun.reconcile import SWEEP_TARGET
 from airflow_amlrun.rerun import recorded_config
 from airflow_amlrun.run import FollowState, RunEndedError, ScriptRun
-from airflow_amlrun.submission import AirflowTask, discard_lost, new_run_id, recorded_job
+from airflow_amlrun.submission import SWEEP_TARGET, AirflowTask, discard_lost, new_run_id, recorded_job
 
 if TYPE_CHECKING:
     from airflow_amlrun.targets.base import TargetStatus
