@@ -44,6 +44,17 @@ class RunCanceledError(AmlRunError):
         self.run_id = run_id
 
 
+class DownloadError(AmlRunError):
+    """Downloading a run's files failed partway; carries the run, the file that failed and where it was going.
+    What the download wrote is removed again."""
+
+    def __init__(self, message: str, *, run_id: str, name: str, path: str) -> None:
+        super().__init__(message)
+        self.run_id = run_id
+        self.name = name
+        self.path = path
+
+
 def shown(value: object, limit: int = 100) -> str:
     """The repr of a value for an error message, cut short when long: a message names a 1 MB value, it does
     not carry it."""

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from airflow_amlrun.errors import ConfigurationError
 from airflow_amlrun.history import RunNotFoundError, RunRecord
 from airflow_amlrun.runconfig import ScriptRunConfig
+from airflow_amlrun.submission import SWEEP_TARGET
 
 # The names (never the values) of a run's secret variables, in its recorded config.
 SECRET_NAMES = "secret_environment_variable_names"
@@ -41,13 +42,21 @@ def recorded_submission(
     the submission takes the code from the store itself, the copy only has the config checked against it.
 
     :raises RunNotFoundError: no such run.
-    :raises ConfigurationError: the run cannot be repeated (recorded before configs were kept, never
+    :raises ConfigurationError: the run cannot be repeated (a sweep, recorded before configs were kept, never
         snapshotted), or the new target or variables are not valid.
     """
     try:
         record = workspace.get_run(run_id)
     except RunNotFoundError as err:
         raise RunNotFoundError(f"{err} `amlrun runs list` shows the runs there.") from None
+    if record.target == SWEEP_TARGET:
+        raise ConfigurationError(
+            f"Run {record.id} is a sweep (the parent run of a HyperDrive sweep, which runs no code of its own), "
+            "so it cannot be re-run as one run. Run the sweep again: `amlrun sweep SWEEP.yaml` with its sweep "
+            "file, Experiment.submit(HyperDriveConfig) in Python, or clear its HyperDriveOperator task in "
+            "Airflow. A run of the sweep re-runs by its own id: `amlrun rerun RUN_ID` (the sweep's tag "
+            "best_run_id names its best run)."
+        )
     if record.config is None:
         raise ConfigurationError(
             f"Run {record.id} cannot be re-run: it was recorded by a version of airflow-amlrun that did not keep "

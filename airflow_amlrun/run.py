@@ -757,17 +757,23 @@ class ScriptRun(RunApi):
         """
         if self._finished is not None or self.handle is None:
             return
-        if not self._waiting:
-            # Nobody is following the run: record its end here. One that already ended keeps its outcome.
-            status = self.target.wait(self.handle, 0)
-            if not status.running:
-                self.conclude(status)
-                return
-        self._cancel_requested = True
+        if self._waiting:
+            # Asked first: the follower, which may see the run end at any moment, records it Canceled (and asks
+            # the target again at its next look, should this stop fail).
+            self._cancel_requested = True
+            self.target.cancel(self.handle)
+            return
+        # Nobody is following the run: record its end here. One that already ended keeps its outcome.
+        status = self.target.wait(self.handle, 0)
+        if not status.running:
+            self.conclude(status)
+            return
+        # A stop that fails leaves the run as it was, going on and not asked to stop: whoever called may try again
+        # (a sweep whose policy stops the run) or let it go; a later look at it does not stop it unasked.
         self.target.cancel(self.handle)
-        if not self._waiting:
-            self._drain(None, final=True)
-            self._finish(RunStatus.CANCELED, reason)
+        self._cancel_requested = True
+        self._drain(None, final=True)
+        self._finish(RunStatus.CANCELED, reason)
 
     def _finish(self, status: RunStatus, error: str | None) -> RunRecord:
         """The one place a run ends: collect what it produced, record the outcome, tidy the target."""

@@ -13,10 +13,10 @@ import posixpath
 import secrets
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from airflow_amlrun import progress
-from airflow_amlrun.errors import ConfigurationError, shown
+from airflow_amlrun.errors import ConfigurationError, DownloadError, shown
 from airflow_amlrun.history import MetricPoint, RunRecord, RunStatus
 
 if TYPE_CHECKING:
@@ -169,12 +169,16 @@ class RunApi:
         returns their paths.
 
         The names come from the store; one that would be written outside ``output_directory`` (through '..',
-        or a folder there that is a link leading out) is refused before anything of it is written.
+        or a folder there that is a link leading out) is refused before anything of it is written. Every file
+        arrives beside its place first and is put there once all have arrived: a download that fails partway
+        removes what it wrote (files and folders it made) and leaves the files that were there before as they
+        were.
 
         :param prefix: e.g. ``outputs/`` or ``outputs/model``; None: every file.
         :param output_directory: the folder (created if missing); default the working directory.
         :param append_prefix: keep the prefix in the paths written (``out/outputs/model.pkl``); False writes
             the rest of the name only (``out/model.pkl`` for the prefix ``outputs/``).
+        :raises DownloadError: a file could not be read from the store or written; it names the file.
         """
         if prefix is not None and not isinstance(prefix, str):
             raise ConfigurationError(
@@ -182,20 +186,38 @@ class RunApi:
             )
         names = [n for n in self.get_file_names() if prefix is None or n.startswith(prefix)]
         root = os.path.abspath(os.fspath(output_directory) if output_directory is not None else ".")
-        os.makedirs(root, exist_ok=True)
         planned = [(name, _relative_destination(name, prefix, append_prefix)) for name in names]
         for name, relative in planned:  # every name first: a bad one stops the download before any file
             _check_parts(root, relative, name)
-        written = []
-        with progress.step(
-            f"Downloading {len(planned)} files of run {self.id}", total=len(planned), unit="files"
-        ) as done:
-            for name, relative in planned:
-                destination = _confined(root, relative, name)
-                _copy_out(self.workspace, f"runs/{self.id}/{name}", destination, lambda amount: None)
-                written.append(destination)
-                done(1)
-        return written
+        download = _Download(root)
+        # The file being written, and where (None: the output directory is being made), for the error.
+        current: tuple[str, str] | None = None
+        try:
+            os.makedirs(root, exist_ok=True)
+            with progress.step(
+                f"Downloading {len(planned)} files of run {self.id}", total=len(planned), unit="files"
+            ) as done:
+                for name, relative in planned:
+                    current = (name, os.path.join(root, relative))
+                    destination = _confined(root, relative, name, download.folders)
+                    download.stage(self.workspace, f"runs/{self.id}/{name}", name, destination)
+                    done(1)
+            for staged in download.staged:
+                current = (staged.name, staged.destination)
+                download.put_in_place(staged)
+        except BaseException as err:
+            download.undo()
+            if current is None or isinstance(err, ConfigurationError) or not isinstance(err, Exception):
+                raise  # each names the file or folder already
+            name, destination = current
+            raise DownloadError(
+                f"Run {self.id}: downloading its file {name!r} to {destination!r} failed "
+                f"({str(err).rstrip('.') or type(err).__name__}). {download.undone()}",
+                run_id=self.id,
+                name=name,
+                path=destination,
+            ) from err
+        return [staged.destination for staged in download.staged]
 
     def _file_key(self, name: object) -> str:
         """The store key of a file of the run, by the name ``get_file_names`` gives; else an error naming some."""
@@ -328,9 +350,10 @@ def _check_parts(root: str, relative: str, name: str) -> None:
         raise _outside(root, name)
 
 
-def _confined(root: str, relative: str, name: str) -> str:
-    """The path ``relative`` under ``root`` with its folders made, each checked to be a folder and not a link
-    (which could lead out of ``root``); else an error naming the file, with nothing made outside ``root``."""
+def _confined(root: str, relative: str, name: str, made: list[str]) -> str:
+    """The path ``relative`` under ``root`` with its folders made (each added to `made`), each checked to be a
+    folder and not a link (which could lead out of ``root``); else an error naming the file, with nothing made
+    outside ``root``."""
     _check_parts(root, relative, name)
     parts = relative.split("/")
     current = os.path.realpath(root)
@@ -338,14 +361,82 @@ def _confined(root: str, relative: str, name: str) -> str:
         current = os.path.join(current, part)
         with contextlib.suppress(FileExistsError):
             os.mkdir(current)
+            made.append(current)
         if os.path.islink(current) or not os.path.isdir(current):
             raise _outside(root, name)
     return os.path.join(current, parts[-1])
 
 
-def _copy_out(workspace: Workspace, key: str, destination: str, advance: Callable[[int], None]) -> None:
-    """Copy a stored object to a local file atomically: written beside it under a new name, then renamed over
-    it (a link at the destination is replaced, never written through)."""
+class _Staged(NamedTuple):
+    """A file of a download, fetched beside its place."""
+
+    name: str
+    temporary: str
+    destination: str
+
+
+class _Download:
+    """What one ``download_files`` call writes: each file fetched beside its place, then all put in place; or,
+    if the call fails, all it wrote taken back."""
+
+    def __init__(self, root: str) -> None:
+        # The folders the call makes, parents first: the output directory's missing ones, then those beneath.
+        self.folders = _absent_folders(root)
+        self.staged: list[_Staged] = []
+        # Files put in place where there was none, and how many replaced one that was there.
+        self.placed: list[str] = []
+        self.replaced = 0
+
+    def stage(self, workspace: Workspace, key: str, name: str, destination: str) -> None:
+        temporary = _fetched(workspace, key, destination, lambda amount: None)
+        self.staged.append(_Staged(name, temporary, destination))
+
+    def put_in_place(self, staged: _Staged) -> None:
+        existed = os.path.lexists(staged.destination)
+        os.replace(staged.temporary, staged.destination)
+        if existed:
+            self.replaced += 1
+        else:
+            self.placed.append(staged.destination)
+
+    def undo(self) -> None:
+        """Remove what the call wrote: fetched files, files it put where there was none, folders it made (those
+        still empty). Never a file that was there before."""
+        for staged in self.staged:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(staged.temporary)
+        for path in self.placed:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        for folder in reversed(self.folders):
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
+
+    def undone(self) -> str:
+        """What ``undo`` left, for the error's message."""
+        if not self.replaced:
+            return "What the download wrote was removed; the files that were there before are as they were."
+        return (
+            f"What the download wrote was removed, but {self.replaced} file(s) that were there before had been "
+            "replaced by the run's already."
+        )
+
+
+def _absent_folders(path: str) -> list[str]:
+    """The folders of `path` that do not exist yet (itself included), parents first."""
+    absent = []
+    while not os.path.lexists(path):
+        absent.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return absent[::-1]
+
+
+def _fetched(workspace: Workspace, key: str, destination: str, advance: Callable[[int], None]) -> str:
+    """Copy a stored object into a new file beside ``destination``; returns that file's path (removed again if
+    the copy fails)."""
     folder = os.path.dirname(os.path.abspath(destination))
     temporary = os.path.join(folder, f".amlrun-download-{secrets.token_hex(6)}")
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -360,6 +451,18 @@ def _copy_out(workspace: Workspace, key: str, destination: str, advance: Callabl
                 advance(len(piece))
                 if len(piece) < _CHUNK:
                     break
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
+    return temporary
+
+
+def _copy_out(workspace: Workspace, key: str, destination: str, advance: Callable[[int], None]) -> None:
+    """Copy a stored object to a local file atomically: written beside it under a new name, then renamed over
+    it (a link at the destination is replaced, never written through)."""
+    temporary = _fetched(workspace, key, destination, advance)
+    try:
         os.replace(temporary, destination)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -57,12 +58,62 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _show_workspace_notes()
     console = Console(width=200 if not sys.stdout.isatty() else None)
+    # What a user can meet is said in a line, exit status 2; anything else is a fault of this program, and its
+    # traceback is what to report.
     try:
         result: int = args.func(args, console)
     except AmlRunError as err:
-        Console(stderr=True, soft_wrap=True).print(f"[red]error:[/red] {escape(str(err))}", highlight=False)
-        return 2
+        return _failed(str(err))
+    except BrokenPipeError:
+        # Whoever read the output stopped reading (`amlrun runs list | head`): nothing is left to say there.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except OSError as err:
+        return _failed(os_error_message(err))
+    except KeyboardInterrupt:
+        _failed("interrupted (Ctrl-C)")
+        return 130
+    except Exception as err:
+        message = history_away_message(err)
+        if message is None:
+            raise
+        return _failed(message)
     return result
+
+
+def _failed(message: str) -> int:
+    Console(stderr=True, soft_wrap=True).print(f"[red]error:[/red] {escape(message)}", highlight=False)
+    return 2
+
+
+def os_error_message(err: OSError) -> str:
+    """An error of the operating system (a missing file, a permission, a full disk) as a line that names the
+    path it concerns, where it says one."""
+    reason = err.strerror or str(err) or type(err).__name__
+    names = [
+        name.decode(errors="replace") if isinstance(name, bytes) else name
+        for name in (err.filename, err.filename2)
+        if name is not None
+    ]
+    if not names:
+        return f"{reason} ({type(err).__name__})"
+    return f"{reason}: {' -> '.join(map(repr, names))}"
+
+
+def history_away_message(err: Exception) -> str | None:
+    """What to say of a run history that could not be reached (its database down, its host unknown); None for
+    any other error."""
+    if "sqlalchemy" not in sys.modules:
+        return None  # no database was asked
+    from airflow_amlrun.history.bookkeeping import is_transient
+
+    if not is_transient(err):
+        return None
+    reason = " ".join(str(getattr(err, "orig", None) or err).split())
+    return (
+        f"the run history's database is not available ({reason}). Check that it runs and that the workspace's "
+        "connection names it (--conn-id picks another workspace), then try again."
+    )
 
 
 if __name__ == "__main__":

@@ -24,120 +24,21 @@ import os
 import subprocess
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 
 from airflow_amlrun.cli.bars import ProgressBars
 from airflow_amlrun.cli.common import experiment_name, print_json, text, workspace, write_line
-from airflow_amlrun.errors import ConfigurationError, shown
+from airflow_amlrun.cli.run_file import load_run_file
+from airflow_amlrun.errors import ConfigurationError
 
 if TYPE_CHECKING:
-    from airflow_amlrun.environment.paths import PathBase
     from airflow_amlrun.history import RunRecord
     from airflow_amlrun.run import ScriptRun
-    from airflow_amlrun.runconfig import ScriptRunConfig
     from airflow_amlrun.workspace import Workspace
-
-# What a run file adds to the ScriptRunConfig's fields.
-RUN_FILE_KEYS = ("experiment", "tags", "display_name", "description", "environment_file")
-
-
-@dataclass(frozen=True)
-class RunFile:
-    """A run as a YAML file describes it: its config, and what is recorded with it."""
-
-    config: ScriptRunConfig
-    experiment: str | None = None
-    tags: dict[str, str] | None = None
-    display_name: str | None = None
-    description: str | None = None
-
-
-def read_yaml(path: str, what: str) -> tuple[Mapping[str, Any], PathBase]:
-    """A YAML file's mapping, and the base its relative paths start at (its folder)."""
-    import yaml
-
-    from airflow_amlrun.environment.paths import PathBase, as_path, user_file
-    from airflow_amlrun.environment.requirements import read_text
-
-    file = user_file(as_path(path, what), what, PathBase.working_directory())
-    try:
-        data = yaml.safe_load(read_text(file, what))
-    except yaml.YAMLError as err:
-        raise ConfigurationError(
-            f"{what} {str(file)!r} is not valid YAML; fix it where shown (plain YAML, no !!python tags): {err}"
-        ) from None
-    if not isinstance(data, Mapping):
-        raise ConfigurationError(
-            f"{what} {str(file)!r} must hold a mapping of fields (source_directory, script, ...), not "
-            f"{type(data).__name__}."
-        )
-    return data, PathBase.of_file(file, what.lower())
-
-
-def run_file(data: Mapping[str, Any], base: PathBase, where: str) -> RunFile:
-    """The run a run file's mapping describes; a key that is not one is named, with the keys there are.
-
-    :param where: the file (and the key it is under), for messages.
-    """
-    from airflow_amlrun.environment import Environment
-    from airflow_amlrun.environment.paths import as_path, user_file
-    from airflow_amlrun.experiment import check_experiment_name
-    from airflow_amlrun.runconfig import ScriptRunConfig, render_tags
-
-    config_keys = {f.name for f in fields(ScriptRunConfig)} - {"secret_environment_variables"}
-    known = sorted(config_keys | set(RUN_FILE_KEYS))
-    unknown = sorted(str(key) for key in data if key not in known)
-    if unknown:
-        raise ConfigurationError(
-            f"{where}: unknown key(s) {', '.join(map(shown, unknown))}; the keys of a run file are "
-            f"{', '.join(known)}."
-        )
-    values = {key: value for key, value in data.items() if key in config_keys}
-    environment_file = data.get("environment_file")
-    if environment_file is not None:
-        if "environment" in data:
-            raise ConfigurationError(f"{where}: give environment or environment_file, not both.")
-        what = f"{where}: environment_file"
-        values["environment"] = Environment.load(user_file(as_path(environment_file, what), what, base))
-    try:
-        config = ScriptRunConfig.from_dict(values, base_dir=base)
-    except ConfigurationError as err:
-        raise ConfigurationError(f"{where}: {err}") from None
-    experiment = data.get("experiment")
-    if experiment is not None:
-        try:
-            check_experiment_name(experiment)
-        except ConfigurationError as err:
-            raise ConfigurationError(f"{where}: experiment: {err}") from None
-    from airflow_amlrun.run_api import MAX_DESCRIPTION, MAX_DISPLAY_NAME, _text
-
-    names = {}
-    for key, limit in (("display_name", MAX_DISPLAY_NAME), ("description", MAX_DESCRIPTION)):
-        value = data.get(key)
-        if value is not None and not isinstance(value, str):
-            raise ConfigurationError(f"{where}: {key} must be text, not {shown(value)}.")
-        # Checked as the run will be named, before it is submitted: a run whose naming fails is followed by
-        # nobody.
-        try:
-            names[key] = _text(value, key, limit)
-        except ConfigurationError as err:
-            raise ConfigurationError(f"{where}: {err}") from None
-    return RunFile(
-        config=config,
-        experiment=experiment,
-        tags=render_tags(data.get("tags"), f"{where}: tags"),
-        display_name=names["display_name"],
-        description=names["description"],
-    )
-
-
-def load_run_file(path: str) -> RunFile:
-    data, base = read_yaml(path, "Run file")
-    return run_file(data, base, f"Run file {path!r}")
 
 
 def cmd_submit(args: argparse.Namespace, console: Console) -> int:
@@ -148,18 +49,11 @@ def cmd_submit(args: argparse.Namespace, console: Console) -> int:
     config = spec.config
     if args.target is not None:
         config = replace(config, compute_target=args.target)
-    name = args.experiment or spec.experiment
-    if name is None:
-        raise ConfigurationError(
-            f"Run file {args.config!r} names no experiment: give --experiment NAME, or `experiment: NAME` in it."
-        )
+    name = spec.experiment_or(args.experiment, f"Run file {args.config!r}")
     ws = workspace(args)
     with progress.reporting(ProgressBars()):
         run = Experiment(ws, name).submit(config, tags=spec.tags)
-    if spec.display_name is not None:
-        run.display_name = spec.display_name
-    if spec.description is not None:
-        run.description = spec.description
+    spec.name_run(ws, run.id)
     console.print(f"Run {run.id} submitted to {config.compute_target} (experiment {name})", highlight=False)
     if not args.wait:
         log = follow_elsewhere(ws, run, args.conn_id)

@@ -1,11 +1,12 @@
 """`amlrun sweep`: a HyperDriveConfig from a YAML file, run to its end here, its runs listed best first.
 
-The file holds HyperDriveConfig's fields; ``run_config`` is a run file's mapping (see `amlrun submit`), the
-sampling and the policy name their class by ``type`` and give its arguments beside it, and each parameter's
+The file holds HyperDriveConfig's fields; ``run_config`` is a run file's mapping (see `amlrun submit`), whose
+tags, display_name and description are recorded on the sweep's parent run (as HyperDriveOperator's tags are),
+the sampling and the policy name their class by ``type`` and give its arguments beside it, and each parameter's
 expression is a mapping from the function's name to its arguments::
 
     experiment: tuning
-    run_config: {source_directory: src, script: train.py, compute_target: local}
+    run_config: {source_directory: src, script: train.py, compute_target: local, tags: {team: forecasting}}
     hyperparameter_sampling:
       type: random                      # grid, random or bayesian
       seed: 1
@@ -31,7 +32,7 @@ from rich.table import Table
 
 from airflow_amlrun.cli.bars import ProgressBars
 from airflow_amlrun.cli.common import cell, experiment_name, fmt, print_json, text, workspace, write_line
-from airflow_amlrun.cli.submit import read_yaml, run_file
+from airflow_amlrun.cli.run_file import RunFile, checked_experiment, read_yaml, run_file
 from airflow_amlrun.errors import ConfigurationError, shown
 
 if TYPE_CHECKING:
@@ -54,8 +55,9 @@ POLICIES = ("bandit", "median_stopping", "truncation_selection", "none")
 EXPRESSIONS = ("choice", "randint", "uniform", "quniform", "loguniform", "qloguniform", "normal")
 
 
-def sweep_file(data: Mapping[str, Any], base: PathBase, where: str) -> tuple[HyperDriveConfig, str | None]:
-    """The sweep a sweep file's mapping describes, and its experiment; what is wrong is named by its key."""
+def sweep_file(data: Mapping[str, Any], base: PathBase, where: str) -> tuple[HyperDriveConfig, RunFile]:
+    """The sweep a sweep file's mapping describes, and its run_config as a run file's (with the sweep's own
+    experiment, if it names one); what is wrong is named by its key."""
     from airflow_amlrun.hyperdrive import HyperDriveConfig
 
     unknown = sorted(str(key) for key in data if key not in SWEEP_KEYS)
@@ -71,6 +73,7 @@ def sweep_file(data: Mapping[str, Any], base: PathBase, where: str) -> tuple[Hyp
                 f"{'' if key == 'run_config' else 'parameter_space and seed'}), not {shown(data.get(key))}."
             )
     spec = run_file(data["run_config"], base, f"{where}: run_config")
+    experiment = checked_experiment(data.get("experiment"), where)
     values = {
         key: data[key]
         for key in ("primary_metric_name", "primary_metric_goal", "max_total_runs", "max_concurrent_runs")
@@ -89,7 +92,7 @@ def sweep_file(data: Mapping[str, Any], base: PathBase, where: str) -> tuple[Hyp
         raise ConfigurationError(f"{where}: {err}") from None
     except ConfigurationError as err:
         raise ConfigurationError(f"{where}: {err}") from None
-    return config, data.get("experiment") or spec.experiment
+    return config, replace(spec, experiment=experiment or spec.experiment)
 
 
 def _sampling(data: Mapping[str, Any], where: str) -> Any:
@@ -177,16 +180,14 @@ def cmd_sweep(args: argparse.Namespace, console: Console) -> int:
     from airflow_amlrun.experiment import Experiment
 
     data, base = read_yaml(args.config, "Sweep file")
-    config, named = sweep_file(data, base, f"Sweep file {args.config!r}")
+    config, spec = sweep_file(data, base, f"Sweep file {args.config!r}")
     if args.target is not None:
         config = replace(config, run_config=replace(config.run_config, compute_target=args.target))
-    name = args.experiment or named
-    if name is None:
-        raise ConfigurationError(
-            f"Sweep file {args.config!r} names no experiment: give --experiment NAME, or `experiment: NAME` in it."
-        )
+    name = spec.experiment_or(args.experiment, f"Sweep file {args.config!r}")
+    ws = workspace(args)
     with progress.reporting(ProgressBars()):
-        sweep = Experiment(workspace(args), name).submit(config)
+        sweep = Experiment(ws, name).submit(config, tags=spec.tags)
+        spec.name_run(ws, sweep.id)
         console.print(
             f"Sweep {sweep.id}: up to {config.max_total_runs} runs, {config.max_concurrent_runs} at a time "
             f"(experiment {name})",

@@ -4,8 +4,9 @@ The parent run is a row of its own (target ``hyperdrive``) whose config holds th
 ordinary run of the same experiment with ``parent_run_id`` naming the parent and its parameters in the tag
 ``hyperparameters``. This process keeps ``max_concurrent_runs`` children going, follows each (their output,
 metrics and limits as any run's), reads the primary metric each one streams, asks the policy about every run
-with a new report, and stops those it names (Canceled, with the policy's reason as the run's error). Optuna is
-told every run's outcome, so Bayesian sampling learns from the runs that ended.
+with a new report, and stops those it names (Canceled, with the policy's reason as the run's error; a run whose
+stop fails goes on, followed, and is stopped again a few seconds later). Optuna is told every run's outcome, so
+Bayesian sampling learns from the runs that ended.
 
 Another process can take a sweep over from the history alone (``resumed``): a retry of its task after the
 worker died, or a deferred task coming back from the triggerer. The sampler is rebuilt from the recorded
@@ -42,10 +43,9 @@ from airflow_amlrun.hyperdrive.replay import (
 from airflow_amlrun.hyperdrive.results import SweepResults, metric_of
 from airflow_amlrun.hyperdrive.takeover import SweepChangedError, SweepState
 from airflow_amlrun.hyperdrive.watch import PolicyWatch
-from airflow_amlrun.reconcile import SWEEP_TARGET
 from airflow_amlrun.rerun import recorded_config
 from airflow_amlrun.run import FollowState, RunEndedError, ScriptRun
-from airflow_amlrun.submission import AirflowTask, discard_lost, new_run_id, recorded_job
+from airflow_amlrun.submission import SWEEP_TARGET, AirflowTask, discard_lost, new_run_id, recorded_job
 
 if TYPE_CHECKING:
     from airflow_amlrun.targets.base import TargetStatus
@@ -56,6 +56,9 @@ log = logging.getLogger(__name__)
 TARGET = SWEEP_TARGET
 # How often the primary metric of the live runs is read for the policy.
 _REPORT_SECONDS = 0.25
+# How long a run whose stop failed goes on before it is stopped again: a target that failed once (a dropped
+# connection) is not asked again at every look, and a log is not filled with the same failure.
+_STOP_RETRY_SECONDS = 5.0
 
 
 class HyperDriveRun(SweepResults):
@@ -83,6 +86,9 @@ class HyperDriveRun(SweepResults):
         self._heartbeat = Heartbeat(workspace.history, parent_id, heartbeat_seconds(self._settings))
         # Set by stop() (the task's on_kill): the loop ends its runs and the sweep, Canceled with this reason.
         self._stop_reason: str | None = None
+        # Runs the policy stopped whose stop failed: why, and when to stop them again. They go on meanwhile,
+        # followed as any run of the sweep, and end recorded as they end if no stop takes.
+        self._unstopped: dict[str, tuple[str, float]] = {}
 
     @classmethod
     def submit(
@@ -328,7 +334,9 @@ class HyperDriveRun(SweepResults):
                 self._exhausted = True
         self._step_all()
         if judge:
-            for run_id, reason in self._watch.judge(list(self._children)).items():
+            stops = {run_id: reason for run_id, (reason, _) in self._unstopped.items()}
+            stops.update(self._watch.judge(list(self._children)))
+            for run_id, reason in stops.items():
                 self._stop(run_id, reason)
         if not self._children and (self._exhausted or expired):
             return self._conclude()
@@ -399,12 +407,33 @@ class HyperDriveRun(SweepResults):
                 self._ended(run_id, child.conclude(status, self._emit))
 
     def _stop(self, run_id: str, reason: str) -> None:
+        """Stop a run the policy named, recorded Canceled with `reason`. A stop that fails (the target did not
+        answer) costs that run its early end, not the sweep: the run goes on, and is stopped again later."""
+        failed = self._unstopped.get(run_id)
+        if failed is not None:
+            reason, again_at = failed
+            if time.monotonic() < again_at:
+                return
         log.info("Sweep %s: stopping run %s: %s", self.id, run_id, reason)
-        self._children[run_id].cancel(reason)
+        try:
+            self._children[run_id].cancel(reason)
+        except Exception as err:
+            log.warning(
+                "Sweep %s: stopping run %s failed (%s: %s); it goes on, followed as before, and is stopped again "
+                "in %g s",
+                self.id,
+                run_id,
+                type(err).__name__,
+                err,
+                _STOP_RETRY_SECONDS,
+            )
+            self._unstopped[run_id] = (reason, time.monotonic() + _STOP_RETRY_SECONDS)
+            return
         self._ended(run_id, self.workspace.history.get_run(run_id))
 
     def _ended(self, run_id: str, record: RunRecord) -> None:
         self._children.pop(run_id, None)
+        self._unstopped.pop(run_id, None)
         # Its whole series, for the runs compared with it later.
         self._watch.ended(run_id)
         log.info(
@@ -427,6 +456,7 @@ class HyperDriveRun(SweepResults):
                 # No longer followed from here: its heartbeat stops, so that reconcile may settle it.
                 child.abandon()
             self._children.pop(run_id, None)
+            self._unstopped.pop(run_id, None)
             if self._sampler is not None:
                 self._sampler.tell(run_id, "PRUNED")
 

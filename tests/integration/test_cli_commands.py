@@ -161,6 +161,30 @@ def test_a_sweep_file_runs_its_sweep_and_lists_the_runs_best_first(project):
     assert "best first (loss, minimize)" in table.stdout and "--alpha 0.1" in table.stdout
 
 
+def test_a_sweep_files_tags_and_names_are_recorded_on_the_sweep(project):
+    sweep_file = write(
+        project / "sweep.yaml",
+        """\
+        experiment: cli_sweep_named
+        run_config:
+          source_directory: src
+          script: train.py
+          tags: {team: forecasting}
+          display_name: alpha, weekly
+          description: the learning rate, again
+        hyperparameter_sampling: {type: grid, parameter_space: {--alpha: {choice: [0.1]}}}
+        primary_metric_name: loss
+        primary_metric_goal: minimize
+        max_total_runs: 1
+        """,
+    )
+    done = amlrun("sweep", str(sweep_file), "--json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    sweep = Run.get(Workspace.get(), json.loads(done.stdout[done.stdout.index("{") :])["sweep_run_id"])
+    assert sweep.get_tags()["team"] == "forecasting"
+    assert (sweep.display_name, sweep.description) == ("alpha, weekly", "the learning rate, again")
+
+
 def test_a_bad_sweep_file_names_the_key(project):
     sweep_file = write(
         project / "sweep.yaml",
@@ -177,6 +201,26 @@ def test_a_bad_sweep_file_names_the_key(project):
     assert "hyperparameter_sampling.parameter_space['--alpha']: 'uniformm' is not one of choice" in " ".join(
         done.stderr.split()
     )
+
+
+def test_a_sweep_files_experiment_is_checked_as_a_run_files_is_before_anything_runs(project):
+    sweep_file = write(
+        project / "sweep.yaml",
+        """\
+        experiment: the tuning
+        run_config: {source_directory: src, script: train.py}
+        hyperparameter_sampling: {type: grid, parameter_space: {--alpha: {choice: [0.1]}}}
+        primary_metric_name: loss
+        primary_metric_goal: minimize
+        max_total_runs: 1
+        """,
+    )
+    done = amlrun("sweep", str(sweep_file))
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert f"Sweep file {str(sweep_file)!r}: experiment: Invalid experiment name 'the tuning'" in " ".join(
+        done.stderr.split()
+    )
+    assert Workspace.get().list_runs() == []
 
 
 def test_models_are_listed_shown_and_downloaded(project, tmp_path):

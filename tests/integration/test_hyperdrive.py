@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import json
+import logging
+from pathlib import Path
+from typing import Any
 
 import pytest
 
 from airflow_amlrun import Experiment, ScriptRunConfig, Workspace
+from airflow_amlrun.config import Settings
 from airflow_amlrun.history import RunStatus
 from airflow_amlrun.hyperdrive import BanditPolicy, GridParameterSampling, HyperDriveConfig, choice
+from airflow_amlrun.targets import registry
+from airflow_amlrun.targets.handles import LocalHandle
+from airflow_amlrun.targets.local import LocalTarget
 from tests.conftest import write_script
 
 pytest_plugins = ["tests.integration.docker_engine"]
@@ -82,6 +89,90 @@ def test_a_bandit_policy_stops_the_worse_runs_of_a_sweep_early(target, tmp_path)
         c.id: ws.get_run(c.id).metrics for c in children
     }
     assert all(row["metrics"]["loss"] == row["loss"] for row in ranked)
+
+
+class UnsteadyLocalTarget(LocalTarget):
+    """The local target, whose stop of a run fails the first `failures` times it is asked (as a remote target's
+    does when its connection drops): the runs are real, only the moment the stop fails is the test's."""
+
+    failures = 1
+
+    @classmethod
+    def from_connection(
+        cls, name: str, conn: Any, settings: Settings, cache_dir: Path
+    ) -> UnsteadyLocalTarget:
+        return cls(settings, cache_dir, name)
+
+    def cancel(self, handle: LocalHandle) -> None:
+        if self.failures > 0:
+            self.failures -= 1
+            raise OSError(f"the target did not answer while stopping the run of pid {handle.pid}")
+        super().cancel(handle)
+
+
+class UnstoppableLocalTarget(UnsteadyLocalTarget):
+    failures = 1_000_000
+
+
+@pytest.mark.parametrize("target_class", [UnsteadyLocalTarget, UnstoppableLocalTarget])
+def test_a_run_the_policy_fails_to_stop_goes_on_and_the_sweep_ends_with_every_run_recorded(  # type: ignore[no-untyped-def]
+    amlrun_home, tmp_path, monkeypatch, caplog, target_class
+) -> None:
+    monkeypatch.setitem(registry.CONNECTION_KINDS, "amlrun_unsteady", f"{__name__}:{target_class.__name__}")
+    monkeypatch.setenv("AIRFLOW_CONN_UNSTEADY", json.dumps({"conn_type": "amlrun_unsteady"}))
+    write_script(
+        tmp_path / "src",
+        "train.py",
+        f"""
+        import argparse, time
+        from airflow_amlrun.run_context import Run
+        parser = argparse.ArgumentParser()
+        parser.add_argument("--alpha", type=float)
+        alpha = parser.parse_args().alpha
+        run = Run.get_context()
+        for step in range({STEPS}):
+            run.log("loss", alpha * (1 + 1 / (step + 1)), step=step)
+            time.sleep(0.3 if alpha <= 1.2 or step < 2 else 1.5)
+        """,
+    )
+    config = HyperDriveConfig(
+        run_config=ScriptRunConfig(tmp_path / "src", script="train.py", compute_target="unsteady"),
+        hyperparameter_sampling=GridParameterSampling({"--alpha": choice(1, 1.05, 40, 50)}),
+        policy=BanditPolicy(slack_factor=0.2, delay_evaluation=2),
+        primary_metric_name="loss",
+        primary_metric_goal="minimize",
+        max_total_runs=4,
+        max_concurrent_runs=2,
+    )
+    ws = Workspace.get()
+    sweep = Experiment(ws, "sweeps").submit(config)
+    with caplog.at_level(logging.WARNING, logger="airflow_amlrun.hyperdrive.sweep"):
+        parent = sweep.wait_for_completion()
+
+    assert (parent.status, parent.error) == (RunStatus.COMPLETED, None)
+    children = sweep.get_children()
+    alpha = {c.id: json.loads(c.tags["hyperparameters"])["--alpha"] for c in children}
+    assert all(c.status.is_terminal for c in children), [(alpha[c.id], c.status) for c in children]
+    worse = [c for c in children if alpha[c.id] >= 40]
+    for child in worse:
+        # Its stop failed: the task log says which run and why, and the sweep went on.
+        assert any(
+            child.id in r.getMessage()
+            and "the target did not answer while stopping the run" in r.getMessage()
+            for r in caplog.records
+        ), caplog.text
+        points = [p for p in ws.history.get_metrics(child.id) if p.name == "loss"]
+        if target_class is UnsteadyLocalTarget:
+            # Stopped again a little later, with the policy's reason.
+            assert child.status is RunStatus.CANCELED, (child.status, child.error)
+            assert child.error.startswith("Canceled by BanditPolicy at report "), child.error
+            assert len(points) < STEPS
+        else:
+            # Never stopped: followed to its own end, and recorded as it ended.
+            assert child.status is RunStatus.COMPLETED, (child.status, child.error)
+            assert len(points) == STEPS
+    best = sweep.get_best_run_by_primary_metric()
+    assert best is not None and alpha[best.id] == 1
 
 
 def test_a_sweep_as_a_dag_task_returns_its_best_run(amlrun_home, run_dag) -> None:  # type: ignore[no-untyped-def]

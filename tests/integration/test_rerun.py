@@ -125,6 +125,38 @@ def test_runs_that_cannot_be_repeated_fail_before_anything_is_recorded(original)
     assert len(ws.list_runs(experiment="reruns")) == 1
 
 
+def test_a_sweep_is_not_rerun_as_one_run_and_the_error_says_how_to_run_it_again(
+    amlrun_home, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    from airflow_amlrun.hyperdrive import GridParameterSampling, HyperDriveConfig, choice
+
+    write_script(
+        tmp_path / "src",
+        "train.py",
+        "from airflow_amlrun.run_context import Run\nRun.get_context().log('loss', 1.0)\n",
+    )
+    ws = Workspace.get()
+    sweep = Experiment(ws, "reruns").submit(
+        HyperDriveConfig(
+            run_config=ScriptRunConfig(tmp_path / "src", script="train.py"),
+            hyperparameter_sampling=GridParameterSampling({"--alpha": choice(1)}),
+            primary_metric_name="loss",
+            primary_metric_goal="minimize",
+            max_total_runs=1,
+        )
+    )
+    assert sweep.wait_for_completion().status == "Completed"
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "amlrun"), "rerun", sweep.id], capture_output=True, text=True
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    message = " ".join(done.stderr.split())
+    assert f"Run {sweep.id} is a sweep" in message, message
+    assert "`amlrun sweep SWEEP.yaml`" in message and "HyperDriveOperator" in message, message
+    assert "snapshot" not in message
+    assert len(ws.list_runs(experiment="reruns")) == 2
+
+
 def test_a_store_that_lost_a_blob_of_the_code_fails_the_rerun_before_recording(original) -> None:  # type: ignore[no-untyped-def]
     ws, first = original
     store = Path(ws.store_url.removeprefix("file://"))

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from airflow_amlrun import Experiment, Run, ScriptRunConfig, Workspace
-from airflow_amlrun.errors import ConfigurationError, RunFailedError
+from airflow_amlrun.errors import ConfigurationError, DownloadError, RunFailedError
 from airflow_amlrun.history import RunHistory
 from tests.conftest import write_script
 
@@ -124,6 +124,33 @@ def test_a_download_never_writes_through_a_link_out_of_the_output_directory(comp
     with pytest.raises(ConfigurationError, match="would be written outside the output directory"):
         run.download_files("outputs/", out)
     assert list(elsewhere.iterdir()) == []
+
+
+def test_a_download_that_fails_partway_takes_back_what_it_wrote_and_names_the_file(completed, tmp_path):
+    ws, run = completed
+    out = tmp_path / "out"
+    (out / "outputs").mkdir(parents=True)
+    (out / "outputs" / "model.txt").write_text("the model I had")
+    (out / "mine.txt").write_text("mine")
+    # The last of the run's files in the store is no longer its own (a link someone put in its place).
+    stored = Path(ws.store.uri_for(f"runs/{run.id}/outputs/sub/notes.txt"))
+    stored.unlink()
+    stored.symlink_to(tmp_path / "elsewhere.txt")
+
+    for folder in (out, tmp_path / "new" / "out"):
+        with pytest.raises(
+            DownloadError, match=r"downloading its file 'outputs/sub/notes.txt' to '.*sub/notes.txt'"
+        ):
+            Run.get(ws, run.id).download_files(output_directory=folder)
+    # Nothing of the downloads is left, and what was there before is as it was.
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if "out" in p.parts) == [
+        "out",
+        "out/mine.txt",
+        "out/outputs",
+        "out/outputs/model.txt",
+    ]
+    assert (out / "outputs" / "model.txt").read_text() == "the model I had"
+    assert not (tmp_path / "new").exists()
 
 
 def test_waiting_on_a_recorded_run_streams_its_output_and_a_failure_raises_with_its_last_lines(

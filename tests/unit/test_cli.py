@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import errno
 
 import pytest
 
-from airflow_amlrun.cli import RUN_STATUSES, _line_count, _status
+from airflow_amlrun.cli import RUN_STATUSES, _line_count, _status, os_error_message
 from airflow_amlrun.history import RunStatus
 
 
@@ -34,3 +35,22 @@ def test_a_tail_is_a_number_of_lines(typed: str, count: int) -> None:
 def test_a_tail_that_is_no_number_of_lines_says_how_to_write_one(typed: str) -> None:
     with pytest.raises(argparse.ArgumentTypeError, match=r"e\.g\. --tail 50"):
         _line_count(typed)
+
+
+@pytest.mark.parametrize(
+    ("error", "line"),
+    [
+        (
+            FileNotFoundError(errno.ENOENT, "No such file or directory", "run.yaml"),
+            "No such file or directory: 'run.yaml'",
+        ),
+        (
+            OSError(errno.EXDEV, "Invalid cross-device link", b"a", None, "b"),
+            "Invalid cross-device link: 'a' -> 'b'",
+        ),
+        (OSError(errno.ENOSPC, "No space left on device"), "No space left on device (OSError)"),
+        (PermissionError("the store said no"), "the store said no (PermissionError)"),
+    ],
+)
+def test_an_error_of_the_system_is_a_line_naming_its_path(error: OSError, line: str) -> None:
+    assert os_error_message(error) == line

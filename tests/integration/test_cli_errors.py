@@ -1,0 +1,123 @@
+"""What `amlrun` says when something a user can meet goes wrong outside the library (a path the system refuses,
+a history database that is down, Ctrl-C, a reader that stopped reading): a line on stderr, no traceback, and
+an exit status that is not 0."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from airflow_amlrun import Experiment, ScriptRunConfig, Workspace
+from airflow_amlrun.history import RunStatus
+from tests.conftest import write_script
+
+AMLRUN = str(Path(sys.executable).parent / "amlrun")
+
+
+def amlrun(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([AMLRUN, *argv], capture_output=True, text=True, env=os.environ.copy(), timeout=300)
+
+
+def said(done: subprocess.CompletedProcess[str]) -> list[str]:
+    """What the command wrote to stderr but the notes of a new embedded workspace."""
+    return [line for line in done.stderr.splitlines() if line and not line.startswith("Created the embedded")]
+
+
+def test_a_path_the_system_refuses_is_named_in_one_line(amlrun_home, tmp_path):  # type: ignore[no-untyped-def]
+    write_script(tmp_path / "src", "train.py", "print('trained')\n")
+    run = Experiment(Workspace.get(), "cli_errors").submit(
+        ScriptRunConfig(tmp_path / "src", script="train.py")
+    )
+    run.wait_for_completion(show_output=False)
+    (tmp_path / "a_file").write_text("not a folder")
+    destination = tmp_path / "a_file" / "code"
+
+    done = amlrun("snapshot", "restore", run.id, str(destination))
+
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert said(done) == [f"error: Not a directory: {str(destination)!r}"], done.stderr
+
+
+def test_a_history_database_that_is_down_is_said_in_one_line(amlrun_home, monkeypatch):  # type: ignore[no-untyped-def]
+    # Nothing listens on port 1 of this machine.
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_AMLRUN_DEFAULT",
+        json.dumps(
+            {
+                "conn_type": "amlrun",
+                "extra": {"database_url": "postgresql://amlrun:secret@127.0.0.1:1/runs", "store_url": "/tmp"},
+            }
+        ),
+    )
+    done = amlrun("runs", "list")
+
+    assert done.returncode == 2, done.stdout + done.stderr
+    [line] = said(done)
+    assert line.startswith("error: the run history's database is not available (") and "127.0.0.1" in line
+    assert "Check that it runs" in line and "secret" not in line
+
+
+def test_ctrl_c_stops_a_sweep_with_a_line_not_a_traceback(amlrun_home, tmp_path):  # type: ignore[no-untyped-def]
+    write_script(
+        tmp_path / "src", "train.py", "import time\nprint('training', flush=True)\ntime.sleep(120)\n"
+    )
+    (tmp_path / "sweep.yaml").write_text(
+        "experiment: cli_errors\n"
+        "run_config: {source_directory: src, script: train.py}\n"
+        "hyperparameter_sampling: {type: grid, parameter_space: {--alpha: {choice: [1, 2]}}}\n"
+        "primary_metric_name: loss\nprimary_metric_goal: minimize\nmax_total_runs: 2\nmax_concurrent_runs: 2\n"
+    )
+    sweep = subprocess.Popen(
+        [AMLRUN, "sweep", str(tmp_path / "sweep.yaml")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=os.environ.copy(),
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            runs = Workspace.get().list_runs(experiment="cli_errors") if amlrun_home.exists() else []
+            if sum(r.status is RunStatus.RUNNING and r.target == "local" for r in runs) == 2:
+                break
+            time.sleep(0.5)
+        sweep.send_signal(signal.SIGINT)
+        _out, err = sweep.communicate(timeout=120)
+    finally:
+        if sweep.poll() is None:
+            sweep.kill()
+            sweep.wait()
+
+    assert sweep.returncode == 130, err
+    lines = [line for line in err.splitlines() if line and not line.startswith("Created the embedded")]
+    assert lines[-1:] == ["error: interrupted (Ctrl-C)"] and "Traceback" not in err, err
+    runs = Workspace.get().list_runs(experiment="cli_errors")
+    assert sorted(str(r.status) for r in runs) == ["Canceled"] * 3
+
+
+def test_a_reader_that_stops_reading_ends_the_command_quietly(amlrun_home, tmp_path):  # type: ignore[no-untyped-def]
+    write_script(tmp_path / "src", "train.py", "print('trained')\n")
+    run = Experiment(Workspace.get(), "cli_errors").submit(
+        ScriptRunConfig(tmp_path / "src", script="train.py")
+    )
+    run.wait_for_completion(show_output=False)
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before anything is written: `amlrun runs logs RUN_ID | true`
+    try:
+        done = subprocess.run(
+            [AMLRUN, "runs", "logs", run.id],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=os.environ.copy(),
+        )
+    finally:
+        os.close(write)
+
+    assert done.returncode == 1
+    assert said(done) == [], done.stderr
