@@ -32,9 +32,10 @@ $(STAMP): pyproject.toml requirements-dev.lock Makefile
 demo: install
 	scripts/demo.sh
 
-# Starts what the tests need, then runs lint, type checks, the docs build and the whole suite.
-test: install services lint typecheck docs
-	$(BIN)/python -m pytest -p no:cacheprovider
+# Starts what the tests need, then runs lint, type checks, the docs build and the whole suite: the unit tests
+# on two processes (as `make unit`), then the browser and integration tests in one.
+test: install services lint typecheck docs unit
+	$(BIN)/python -m pytest -p no:cacheprovider tests/browser tests/integration
 
 lint: install
 	$(BIN)/ruff check .
@@ -50,7 +51,7 @@ docs: install
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 # The unit tests on two processes (pytest-xdist): many of them wait on processes they start, and the machine
-# has two cores. Only here: the integration tests share one Airflow home, sshd and the like per session.
+# has two cores. Only they: the integration tests share one sshd host, the Docker engine and the like.
 unit: install
 	$(BIN)/python -m pytest -p no:cacheprovider -n 2 tests/unit
 

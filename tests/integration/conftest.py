@@ -1,5 +1,5 @@
-"""Fixtures shared by the integration test modules: the SSH test host (one per session, whichever module
-asks first), and `target`, each compute target a scenario runs on."""
+"""Fixtures shared by the integration test modules: the SSH test host and a LocalExecutor Airflow deployment
+(one per session each, whichever module asks first), and `target`, each compute target a scenario runs on."""
 
 from __future__ import annotations
 
@@ -13,12 +13,48 @@ from typing import Any
 
 import pytest
 
+from tests.integration.airflow_cluster import AirflowCluster
 from tests.integration.orphans import group_members
 from tests.integration.private_postgres import PrivatePostgres, private_postgres
 from tests.integration.sshd_host import SshdHost, host_for_tests
 
 # The Airflow connection through which the scenarios reach the SSH test host.
 SSH_CONN_ID = "ssh_vm"
+
+
+# The tests that share `local_cluster` run last, one after another, so that the deployment is not left idling
+# (a scheduler, a triggerer, an api-server) while the rest of the suite runs. The reattach scenarios' own
+# CeleryExecutor deployment comes and goes before it starts.
+LOCAL_CLUSTER_ORDER = (
+    ("test_scheduler_reattach.py", "CeleryExecutor"),
+    ("test_hyperdrive_airflow.py", None),
+    ("test_task_log_levels.py", None),
+    ("test_scheduler_reattach.py", "LocalExecutor"),
+)
+
+
+def _local_cluster_rank(item: pytest.Item) -> int | None:
+    callspec = getattr(item, "callspec", None)
+    executor = callspec.params.get("cluster") if callspec is not None else None
+    key = (item.path.name, executor)
+    return LOCAL_CLUSTER_ORDER.index(key) if key in LOCAL_CLUSTER_ORDER else None
+
+
+@pytest.hookimpl(trylast=True)  # after pytest has grouped the tests by their parametrised fixtures
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    ranked = [(rank, i) for i, item in enumerate(items) if (rank := _local_cluster_rank(item)) is not None]
+    last = [items[i] for _, i in sorted(ranked)]
+    moved = {i for _, i in ranked}
+    items[:] = [item for i, item in enumerate(items) if i not in moved] + last
+
+
+@pytest.fixture(scope="session")
+def local_cluster() -> Iterator[AirflowCluster]:
+    """A LocalExecutor deployment (scheduler, dag-processor, triggerer, api-server) for the tests that need
+    nothing else of one: starting one costs about half a minute. Its tests write DAGs of their own ids, and
+    kill only the processes of their own tasks."""
+    with AirflowCluster() as started:
+        yield started
 
 
 @pytest.fixture

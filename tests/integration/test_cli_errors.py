@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from airflow_amlrun import Experiment, ScriptRunConfig, Workspace
 from airflow_amlrun.history import RunStatus
 from tests.conftest import write_script
@@ -28,7 +30,7 @@ def said(done: subprocess.CompletedProcess[str]) -> list[str]:
     return [line for line in done.stderr.splitlines() if line and not line.startswith("Created the embedded")]
 
 
-def test_a_path_the_system_refuses_is_named_in_one_line(amlrun_home, tmp_path):  # type: ignore[no-untyped-def]
+def test_a_path_the_system_refuses_is_named_in_one_line(amlrun_home: Path, tmp_path: Path) -> None:
     write_script(tmp_path / "src", "train.py", "print('trained')\n")
     run = Experiment(Workspace.get(), "cli_errors").submit(
         ScriptRunConfig(tmp_path / "src", script="train.py")
@@ -43,7 +45,9 @@ def test_a_path_the_system_refuses_is_named_in_one_line(amlrun_home, tmp_path): 
     assert said(done) == [f"error: Not a directory: {str(destination)!r}"], done.stderr
 
 
-def test_a_history_database_that_is_down_is_said_in_one_line(amlrun_home, monkeypatch):  # type: ignore[no-untyped-def]
+def test_a_history_database_that_is_down_is_said_in_one_line(
+    amlrun_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # Nothing listens on port 1 of this machine.
     monkeypatch.setenv(
         "AIRFLOW_CONN_AMLRUN_DEFAULT",
@@ -62,7 +66,7 @@ def test_a_history_database_that_is_down_is_said_in_one_line(amlrun_home, monkey
     assert "Check that it runs" in line and "secret" not in line
 
 
-def test_ctrl_c_stops_a_sweep_with_a_line_not_a_traceback(amlrun_home, tmp_path):  # type: ignore[no-untyped-def]
+def test_ctrl_c_stops_a_sweep_with_a_line_not_a_traceback(amlrun_home: Path, tmp_path: Path) -> None:
     write_script(
         tmp_path / "src", "train.py", "import time\nprint('training', flush=True)\ntime.sleep(120)\n"
     )
@@ -77,7 +81,8 @@ def test_ctrl_c_stops_a_sweep_with_a_line_not_a_traceback(amlrun_home, tmp_path)
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=os.environ.copy(),
+        # Should it not end, SIGABRT has it print where each of its threads was (faulthandler).
+        env={**os.environ, "PYTHONFAULTHANDLER": "1"},
     )
     try:
         deadline = time.monotonic() + 120
@@ -87,7 +92,12 @@ def test_ctrl_c_stops_a_sweep_with_a_line_not_a_traceback(amlrun_home, tmp_path)
                 break
             time.sleep(0.5)
         sweep.send_signal(signal.SIGINT)
-        _out, err = sweep.communicate(timeout=120)
+        try:
+            _out, err = sweep.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            sweep.send_signal(signal.SIGABRT)
+            _out, err = sweep.communicate(timeout=30)
+            pytest.fail(f"amlrun sweep did not end within 120 s of Ctrl-C; where it was:\n{err[-6000:]}")
     finally:
         if sweep.poll() is None:
             sweep.kill()
@@ -100,7 +110,7 @@ def test_ctrl_c_stops_a_sweep_with_a_line_not_a_traceback(amlrun_home, tmp_path)
     assert sorted(str(r.status) for r in runs) == ["Canceled"] * 3
 
 
-def test_a_reader_that_stops_reading_ends_the_command_quietly(amlrun_home, tmp_path):  # type: ignore[no-untyped-def]
+def test_a_reader_that_stops_reading_ends_the_command_quietly(amlrun_home: Path, tmp_path: Path) -> None:
     write_script(tmp_path / "src", "train.py", "print('trained')\n")
     run = Experiment(Workspace.get(), "cli_errors").submit(
         ScriptRunConfig(tmp_path / "src", script="train.py")

@@ -1,5 +1,5 @@
-"""Sweeps under a real scheduler and triggerer (one cluster for the module): a retry of a sweep whose task
-runner was killed resumes it, and a deferred sweep is followed by the triggerer."""
+"""Sweeps under a real scheduler and triggerer (the session's LocalExecutor deployment): a retry of a sweep
+whose task runner was killed resumes it, and a deferred sweep is followed by the triggerer."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import os
 import re
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -63,9 +63,8 @@ def sweep(starts, steps, sampling, policy=None, total=6, at_once=2):
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[AirflowCluster]:
-    with AirflowCluster() as started:
-        yield started
+def cluster(local_cluster: AirflowCluster) -> AirflowCluster:
+    return local_cluster
 
 
 @pytest.fixture(scope="module")

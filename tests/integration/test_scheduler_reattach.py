@@ -25,8 +25,10 @@ STEPS = 30  # the script prints and logs one step every half second: about 15 s 
 
 @pytest.fixture(scope="module", params=["LocalExecutor", "CeleryExecutor"])
 def cluster(request: pytest.FixtureRequest) -> Iterator[AirflowCluster]:
-    workers = 1 if request.param == "CeleryExecutor" else 0
-    with AirflowCluster(executor=request.param, celery_workers=workers) as started:
+    if request.param == "LocalExecutor":
+        yield request.getfixturevalue("local_cluster")
+        return
+    with AirflowCluster(executor=request.param, celery_workers=1) as started:
         yield started
 
 

@@ -5,7 +5,6 @@ processes and triggerer write the log files the UI shows)."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,9 +28,8 @@ raise ValueError("the labels do not match the features")
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[AirflowCluster]:
-    with AirflowCluster() as started:
-        yield started
+def cluster(local_cluster: AirflowCluster) -> AirflowCluster:
+    return local_cluster
 
 
 @pytest.fixture(scope="module")
