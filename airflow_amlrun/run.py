@@ -492,6 +492,13 @@ class ScriptRun(RunApi):
             self._heartbeat.stop()
             raise
         except BaseException as err:
+            if self.handle is not None:
+                # Started, then interrupted before it was recorded running (Ctrl-C, the task killed): it is
+                # stopped, not left running unseen while its row says it failed.
+                try:
+                    self.target.cancel(self.handle)
+                except Exception:
+                    log.exception("Run %s: stopping it after its start was interrupted failed", self.id)
             self._finish(RunStatus.FAILED, f"The run could not be started: {err}")
             raise
 

@@ -383,8 +383,9 @@ class _Download:
         # The folders the call makes, parents first: the output directory's missing ones, then those beneath.
         self.folders = _absent_folders(root)
         self.staged: list[_Staged] = []
-        # Files put in place where there was none, and how many replaced one that was there.
-        self.placed: list[str] = []
+        # Files put in place where there was none (with their device and inode: only they are taken back), and how
+        # many replaced one that was there.
+        self.placed: list[tuple[str, tuple[int, int]]] = []
         self.replaced = 0
 
     def stage(self, workspace: Workspace, key: str, name: str, destination: str) -> None:
@@ -392,12 +393,13 @@ class _Download:
         self.staged.append(_Staged(name, temporary, destination))
 
     def put_in_place(self, staged: _Staged) -> None:
+        fetched = os.lstat(staged.temporary)
         existed = os.path.lexists(staged.destination)
         os.replace(staged.temporary, staged.destination)
         if existed:
             self.replaced += 1
         else:
-            self.placed.append(staged.destination)
+            self.placed.append((staged.destination, (fetched.st_dev, fetched.st_ino)))
 
     def undo(self) -> None:
         """Remove what the call wrote: fetched files, files it put where there was none, folders it made (those
@@ -405,9 +407,12 @@ class _Download:
         for staged in self.staged:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(staged.temporary)
-        for path in self.placed:
+        for path, identity in self.placed:
+            # Another process may have put a file of its own there since: that one stays.
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+                found = os.lstat(path)
+                if (found.st_dev, found.st_ino) == identity:
+                    os.unlink(path)
         for folder in reversed(self.folders):
             with contextlib.suppress(OSError):
                 os.rmdir(folder)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import select
 import sys
 from collections.abc import Sequence
 
@@ -64,7 +65,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         result: int = args.func(args, console)
     except AmlRunError as err:
         return _failed(str(err))
-    except BrokenPipeError:
+    except BrokenPipeError as err:
+        if not _stdout_closed():
+            # A pipe of something else (a supervisor, a socket) broke: an error like any other.
+            return _failed(os_error_message(err))
         # Whoever read the output stopped reading (`amlrun runs list | head`): nothing is left to say there.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
@@ -79,6 +83,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         return _failed(message)
     return result
+
+
+def _stdout_closed() -> bool:
+    """Whether standard output is a pipe whose reader has gone (poll reports an error on its write end)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (OSError, ValueError):
+        return False
 
 
 def _failed(message: str) -> int:

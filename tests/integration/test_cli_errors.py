@@ -83,6 +83,9 @@ def test_ctrl_c_stops_a_sweep_with_a_line_not_a_traceback(amlrun_home: Path, tmp
         text=True,
         # Should it not end, SIGABRT has it print where each of its threads was (faulthandler).
         env={**os.environ, "PYTHONFAULTHANDLER": "1"},
+        # A shell starts a background job (`make test &`, a CI launcher) with SIGINT ignored, which Python then
+        # keeps ignored: as a terminal would, deliver it.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         deadline = time.monotonic() + 120
@@ -91,6 +94,8 @@ def test_ctrl_c_stops_a_sweep_with_a_line_not_a_traceback(amlrun_home: Path, tmp
             if sum(r.status is RunStatus.RUNNING and r.target == "local" for r in runs) == 2:
                 break
             time.sleep(0.5)
+        else:
+            pytest.fail(f"the sweep's two runs were not both running within 120 s: {runs}")
         sweep.send_signal(signal.SIGINT)
         try:
             _out, err = sweep.communicate(timeout=120)

@@ -7,6 +7,7 @@ import errno
 
 import pytest
 
+from airflow_amlrun import cli
 from airflow_amlrun.cli import RUN_STATUSES, _line_count, _status, os_error_message
 from airflow_amlrun.history import RunStatus
 
@@ -54,3 +55,15 @@ def test_a_tail_that_is_no_number_of_lines_says_how_to_write_one(typed: str) -> 
 )
 def test_an_error_of_the_system_is_a_line_naming_its_path(error: OSError, line: str) -> None:
     assert os_error_message(error) == line
+
+
+def test_a_broken_pipe_that_is_not_standard_output_is_said_not_swallowed(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A supervisor or socket that went away mid-command: the user must hear of it (stdout is fine here).
+    def broken(args: argparse.Namespace, console: object) -> int:
+        raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+
+    monkeypatch.setattr(cli.reconcile, "cmd_reconcile", broken)
+    assert cli.main(["reconcile"]) == 2
+    assert "Broken pipe" in capsys.readouterr().err
