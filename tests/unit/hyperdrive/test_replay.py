@@ -36,6 +36,7 @@ from airflow_amlrun.hyperdrive.takeover import SweepState
 from airflow_amlrun.run import FollowState
 from airflow_amlrun.runconfig import ScriptRunConfig
 from airflow_amlrun.triggers.hyperdrive import HyperDriveTrigger
+from tests.unit.strategies import RUN_IDS
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 SPACE = {
@@ -199,7 +200,7 @@ def test_a_policy_given_to_the_triggerer_is_the_same_policy(policy: Any) -> None
 states = st.builds(
     SweepState,
     children=st.dictionaries(
-        st.from_regex(r"[a-z]{3,8}_[0-9]{10}_[0-9a-f]{8}", fullmatch=True),
+        RUN_IDS,
         st.builds(
             FollowState,
             log_offset=st.integers(0, 2**53),

@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from airflow_amlrun.triggers.run_status import RunStatusTrigger
+from tests.unit.strategies import CONN_IDS, RUN_IDS
 
 
 def _rebuilt(trigger: RunStatusTrigger) -> RunStatusTrigger:
@@ -22,8 +23,8 @@ def _rebuilt(trigger: RunStatusTrigger) -> RunStatusTrigger:
 
 
 @given(
-    run_id=st.from_regex(r"[a-z][a-z0-9_]{0,20}_[0-9]+_[0-9a-f]{8}", fullmatch=True),
-    conn_id=st.one_of(st.none(), st.from_regex(r"[a-z][a-z0-9_]{0,15}", fullmatch=True)),
+    run_id=RUN_IDS,
+    conn_id=st.one_of(st.none(), CONN_IDS),
     poll=st.floats(min_value=0.01, max_value=3600),
 )
 def test_a_stored_trigger_comes_back_the_same(run_id, conn_id, poll):

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from airflow_amlrun.run import FollowState
 from airflow_amlrun.triggers.script_run import ScriptRunTrigger
+from tests.unit.strategies import CONN_IDS, RUN_IDS
 
 states = st.builds(
     FollowState,
@@ -35,9 +36,9 @@ states = st.builds(
 
 
 @given(
-    run_id=st.from_regex(r"[a-z][a-z0-9_]{0,20}_[0-9]+_[0-9a-f]{8}", fullmatch=True),
+    run_id=RUN_IDS,
     state=states,
-    conn_id=st.one_of(st.none(), st.from_regex(r"[a-z][a-z0-9_]{0,15}", fullmatch=True)),
+    conn_id=st.one_of(st.none(), CONN_IDS),
     show=st.booleans(),
     stop_at=st.one_of(st.none(), st.datetimes(timezones=st.just(UTC)).map(lambda d: d.isoformat())),
 )
