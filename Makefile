@@ -52,8 +52,12 @@ docs: install
 
 # The unit tests on two processes (pytest-xdist): many of them wait on processes they start, and the machine
 # has two cores. Only they: the integration tests share one sshd host, the Docker engine and the like.
+# The plugins they use are named, not found: pytest rewrites the asserts of every module of a plugin it finds
+# (all of Hypothesis, all of anyio), in each of the three processes, and where Python may not write bytecode
+# (PYTHONDONTWRITEBYTECODE) it does so on every run: a second or two of the run's cores.
 unit: install
-	$(BIN)/python -m pytest -p no:cacheprovider -n 2 tests/unit
+	PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 $(BIN)/python -m pytest -p no:cacheprovider -p xdist -p timeout \
+		-p hypothesispytest -n 2 tests/unit
 
 services:
 	scripts/services.sh

@@ -1,13 +1,69 @@
-"""Fixtures of the unit tests, which need no service and no Airflow database."""
+"""Fixtures of the unit tests, which need no service and no Airflow database, and how `make unit` runs them."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import gc
+from collections.abc import Callable, Generator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from airflow_amlrun.config import OPTIONS
+
+if TYPE_CHECKING:
+    from xdist.scheduler import LoadFileScheduling
+
+# The unit tests that import Airflow: the Airflow layer's own, the DAG files of test_paths, and a plain
+# script's look-up of a workspace connection (in Airflow's way). Importing Airflow takes seconds of a core, so
+# `make unit` runs them all in one of its two processes, and the other never imports it. These modules import
+# Airflow in their tests, not when they are collected (both processes collect every module). A test elsewhere
+# that imports Airflow still passes, only it costs that second import.
+AIRFLOW_TESTS = (
+    "tests/unit/hooks/",
+    "tests/unit/operators/",
+    "tests/unit/triggers/",
+    "tests/unit/environment/test_paths.py::",
+    "tests/unit/test_config_sources.py::",
+)
+
+
+@pytest.hookimpl(tryfirst=True, optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> LoadFileScheduling | None:
+    """With -n and xdist's default --dist load: each module's tests in one process (what a module sets up once
+    is set up once), and the Airflow tests all in one.
+
+    (xdist's own grouping, `--dist loadgroup` with `xdist_group` marks, groups nothing with pytest 9.2: it
+    renames the tests' node ids, which pytest no longer lets it do; pytest-xdist issue 1386.)
+    """
+    if config.getvalue("dist") != "load":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class AirflowInOneProcess(LoadFileScheduling):
+        # A scope is a unit of work, given to one process as a whole.
+        def _split_scope(self, nodeid: str) -> str:
+            return "airflow" if nodeid.startswith(AIRFLOW_TESTS) else super()._split_scope(nodeid)
+
+    return AirflowInOneProcess(config, log)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_collection(session: pytest.Session) -> Generator[None, object, object]:
+    """Collect without the garbage collector, then set aside what collection left for good.
+
+    Collection imports the test modules and all they import (Hypothesis, SQLAlchemy, Optuna, ...): a large
+    heap of objects that live as long as the process. The collector finds nothing to free among them,
+    yet each full collection walks them all, during the imports and then during every test that allocates a
+    lot (a million-point series, Hypothesis's examples); frozen, they are no longer walked. The tests' own
+    objects are collected as before.
+    """
+    gc.disable()
+    try:
+        return (yield)
+    finally:
+        gc.enable()
+        gc.freeze()
 
 
 @pytest.fixture

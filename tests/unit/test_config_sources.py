@@ -138,19 +138,28 @@ def test_a_plain_script_and_an_airflow_process_read_the_same_settings(airflow_ho
         "AIRFLOW__AMLRUN__POLL_INTERVAL_SECONDS": "0.5",
     }
 
-    def show(preamble: str) -> dict[str, object]:
-        done = subprocess.run(
+    def start(preamble: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(
             [sys.executable, "-c", SHOW_SETTINGS.format(preamble=preamble)],
-            capture_output=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
             env=env,
-            timeout=120,
         )
-        assert done.returncode == 0, done.stderr
-        return dict(json.loads(done.stdout.strip().splitlines()[-1]))
 
-    plain = show("")
-    inside = show("import airflow.configuration")
+    def shown(process: subprocess.Popen[str]) -> dict[str, object]:
+        out, err = process.communicate(timeout=120)
+        assert process.returncode == 0, err
+        return dict(json.loads(out.strip().splitlines()[-1]))
+
+    # Both at once: the one that loads Airflow takes seconds.
+    plain_process, inside_process = start(""), start("import airflow.configuration")
+    try:
+        plain, inside = shown(plain_process), shown(inside_process)
+    finally:
+        for process in (plain_process, inside_process):  # the other one, when one failed
+            process.kill()
+            process.wait()
     assert plain.pop("airflow_loaded") is False
     assert inside.pop("airflow_loaded") is True
     assert (

@@ -67,24 +67,30 @@ def modules() -> dict[str, Path]:
     return found
 
 
-def _type_checking_nodes(tree: ast.AST) -> set[int]:
-    """The nodes of the bodies of `if TYPE_CHECKING:` (not of its else branch, nor of `if not ...`)."""
-    skipped: set[int] = set()
-    for node in ast.walk(tree):
+def _runtime_nodes(tree: ast.AST) -> Iterator[ast.AST]:
+    """The nodes of a module that run: all but those of the bodies of `if TYPE_CHECKING:` (its else branch
+    and `if not TYPE_CHECKING:` run)."""
+    todo = [tree]
+    while todo:
+        node = todo.pop()
+        yield node
         if isinstance(node, ast.If) and ast.unparse(node.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING"):
-            for statement in node.body:
-                skipped.update(id(inner) for inner in ast.walk(statement))
-    return skipped
+            todo.extend((node.test, *node.orelse))
+        else:
+            todo.extend(ast.iter_child_nodes(node))
 
 
-def imported_names(path: Path) -> Iterator[str]:
+# Each test reads the package's modules: parsed once a process.
+@functools.cache
+def imported_names(path: Path) -> tuple[str, ...]:
     """Dotted names a module imports when it runs (absolute; relative imports are resolved)."""
+    return tuple(_imported_names(path))
+
+
+def _imported_names(path: Path) -> Iterator[str]:
     tree = ast.parse(path.read_text())
-    skipped = _type_checking_nodes(tree)
     package = ".".join(("airflow_amlrun", *path.relative_to(PACKAGE).parent.parts))
-    for node in ast.walk(tree):
-        if id(node) in skipped:
-            continue
+    for node in _runtime_nodes(tree):
         if isinstance(node, ast.Import):
             yield from (alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -218,8 +224,5 @@ def test_only_the_body_of_if_type_checking_is_skipped(tmp_path: Path) -> None:
         "if TYPE_CHECKING:\n    import a_typing_only\nelse:\n    import a_runtime\n"
         "if not TYPE_CHECKING:\n    import another_runtime\n"
     )
-    skipped = _type_checking_nodes(tree)
-    names = {
-        a.name for n in ast.walk(tree) if isinstance(n, ast.Import) and id(n) not in skipped for a in n.names
-    }
+    names = {a.name for n in _runtime_nodes(tree) if isinstance(n, ast.Import) for a in n.names}
     assert names == {"a_runtime", "another_runtime"}

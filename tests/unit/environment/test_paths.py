@@ -6,6 +6,7 @@ The calling code is real code in real files, imported the ways Airflow and users
 from __future__ import annotations
 
 import importlib.util
+import string
 import sys
 import textwrap
 from pathlib import Path
@@ -280,21 +281,42 @@ def test_a_conda_file_named_as_a_yaml_requirements_file_points_to_conda_file(tmp
         Environment.from_dict({"name": "e", "python": {"requirements_file": "env.yml"}}, base_dir=tmp_path)
 
 
-# Names as PEP 508 writes them, "name" and "channels" among them, with or without a pinned version.
-REQUIREMENT = st.from_regex(
-    r"(name|channels|dependencies|[A-Za-z]([A-Za-z0-9_.\-]{0,18}[A-Za-z0-9])?)(==[0-9]{1,3}(\.[0-9]{1,3}){0,2})?",
-    fullmatch=True,
-)
+# Names as PEP 508 writes them, "name" and "channels" among them, with or without a pinned version:
+# r"(name|channels|dependencies|[A-Za-z]([A-Za-z0-9_.\-]{0,18}[A-Za-z0-9])?)(==[0-9]{1,3}(\.[0-9]{1,3}){0,2})?",
+# drawn piece by piece, as tests/unit/strategies.py explains (st.from_regex took most of this test's time).
+_ALNUM = string.ascii_letters + string.digits
+REQUIREMENT = st.tuples(
+    st.one_of(
+        st.sampled_from(["name", "channels", "dependencies"]),
+        st.tuples(
+            st.sampled_from(string.ascii_letters),
+            st.one_of(
+                st.just(""),
+                st.tuples(st.text(_ALNUM + "_.-", max_size=18), st.sampled_from(_ALNUM)).map("".join),
+            ),
+        ).map("".join),
+    ),
+    st.one_of(
+        st.just(""),
+        st.lists(st.text(string.digits, min_size=1, max_size=3), min_size=1, max_size=3).map(
+            lambda parts: "==" + ".".join(parts)
+        ),
+    ),
+).map("".join)
+
+
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder whose file each example of a property writes anew (a folder per example costs more than the
+    example itself)."""
+    return tmp_path_factory.mktemp("scratch")
 
 
 @given(st.lists(REQUIREMENT, min_size=1, max_size=8))
-def test_no_requirements_file_is_taken_for_a_conda_file(requirements: list[str]) -> None:
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "requirements.txt"
-        path.write_text("\n".join(requirements) + "\n")
-        assert read_requirements(path).requirements == requirements
+def test_no_requirements_file_is_taken_for_a_conda_file(scratch: Path, requirements: list[str]) -> None:
+    path = scratch / "requirements.txt"
+    path.write_text("\n".join(requirements) + "\n")
+    assert read_requirements(path).requirements == requirements
 
 
 def test_looking_for_the_dag_file_runs_no_code_of_the_callers_objects(

@@ -3,7 +3,6 @@ logic (a retry resuming a sweep under Airflow: tests/integration/test_hyperdrive
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import random
@@ -32,10 +31,7 @@ from airflow_amlrun.hyperdrive import (
 from airflow_amlrun.hyperdrive.parameters import ParameterSampling
 from airflow_amlrun.hyperdrive.policies import policy_from_dict
 from airflow_amlrun.hyperdrive.replay import new_sampler, parameters_tag, restored_sampler
-from airflow_amlrun.hyperdrive.takeover import SweepState
-from airflow_amlrun.run import FollowState
 from airflow_amlrun.runconfig import ScriptRunConfig
-from airflow_amlrun.triggers.hyperdrive import HyperDriveTrigger
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 SPACE = {
@@ -194,48 +190,6 @@ def test_a_restored_grid_goes_on_with_the_points_no_run_took() -> None:
 def test_a_policy_given_to_the_triggerer_is_the_same_policy(policy: Any) -> None:
     again = policy_from_dict(json.loads(json.dumps(policy.to_dict())))
     assert type(again) is type(policy) and again.to_dict() == policy.to_dict()
-
-
-states = st.builds(
-    SweepState,
-    children=st.dictionaries(
-        st.from_regex(r"[a-z]{3,8}_[0-9]{10}_[0-9a-f]{8}", fullmatch=True),
-        st.builds(
-            FollowState,
-            log_offset=st.integers(0, 2**53),
-            events_offset=st.integers(0, 2**53),
-            event_seq=st.integers(0, 2**31),
-            cancel_requested=st.booleans(),
-        ),
-        max_size=4,
-    ),
-    looked_at=st.dictionaries(st.text(max_size=12), st.integers(0, 10**6), max_size=4),
-)
-
-
-@given(
-    state=states, when=st.one_of(st.none(), st.datetimes(timezones=st.just(UTC)).map(lambda d: d.isoformat()))
-)
-def test_a_stored_sweep_trigger_comes_back_the_same(state: SweepState, when: str | None) -> None:
-    trigger = HyperDriveTrigger(
-        "sweeps_1_deadbeef",
-        state.to_json(),
-        BanditPolicy(slack_factor=0.2).to_dict(),
-        "loss",
-        "minimize",
-        workspace_conn_id=None,
-        deadline=when,
-        stop_at=when,
-        not_before=when,
-    )
-
-    classpath, kwargs = trigger.serialize()
-    module, _, name = classpath.rpartition(".")
-    again = getattr(importlib.import_module(module), name)(**json.loads(json.dumps(kwargs)))
-
-    assert type(again) is HyperDriveTrigger
-    assert SweepState.from_json(again.state) == state
-    assert again.serialize() == trigger.serialize()
 
 
 def test_a_run_whose_primary_metric_is_not_finite_has_no_metric_to_rank() -> None:

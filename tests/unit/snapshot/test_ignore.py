@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import tempfile
 from pathlib import Path
@@ -168,6 +167,20 @@ def test_code_is_taken_without_vcs_caches_venvs_and_run_outputs(tmp_path: Path) 
     assert included(tmp_path) == {"train.py", "pkg/outputs/keep.py"}
 
 
+def test_no_ignore_rule_takes_back_the_git_folder(tmp_path: Path) -> None:
+    # As git: a broad re-include would otherwise ship the whole repository history.
+    write_tree(
+        tmp_path,
+        {
+            ".gitignore": "!*/\n!.git/\n!.git\n!*\n",
+            ".git/config": "",
+            ".git/refs/heads/main": "",
+            "train.py": "",
+        },
+    )
+    assert included(tmp_path) == {".gitignore", "train.py"}
+
+
 def test_an_ignore_file_can_re_include_a_default_exclude(tmp_path: Path) -> None:
     write_tree(tmp_path, {".amlignore": "!outputs/\n!env/\n", "outputs/seed.csv": "", "env/pyvenv.cfg": ""})
     assert included(tmp_path) == {".amlignore", "outputs/seed.csv", "env/pyvenv.cfg"}
@@ -257,8 +270,7 @@ def materialize_tree(root: Path, paths: list[str], ignores: dict[str, list[str]]
 @pytest.fixture(scope="module")
 def new_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The .git folder of a new repository whose lowest-precedence excludes are the default ones: made once,
-    copied into each example's tree (cheaper than `git init` each time), without the sample hooks and other
-    files of git's template, which only cost writes and deletes here."""
+    for every example's tree to use (cheaper than `git init` each time). Git only reads it here."""
     root = tmp_path_factory.mktemp("repository")
     git(root, "init", "-q", "--template=", ".")
     (root / ".git" / "info").mkdir(exist_ok=True)
@@ -278,7 +290,10 @@ def test_snapshot_takes_exactly_what_git_would_track(
     paths, ignores = tree
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        shutil.copytree(new_repository, root / ".git")
+        # A work tree's .git file naming the repository, as `git worktree add` writes it: git reads the
+        # repository's excludes, and the walk meets a .git it must leave out, without a copy of the repository
+        # to write and delete for every example (a .git folder is left out in the tests above).
+        (root / ".git").write_text(f"gitdir: {new_repository}\n")
         files = materialize_tree(root, paths, ignores)
 
         ours = included(root)

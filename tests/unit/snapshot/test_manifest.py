@@ -57,7 +57,7 @@ def test_changing_one_file_writes_it_and_only_the_manifest_nodes_on_its_path(
             f"pkg{p}/sub{s}/mod{i}.py": f"X = {p}{s}{i}\n".encode() * 40
             for p in range(4)
             for s in range(4)
-            for i in range(40)
+            for i in range(20)
         },
     )
     age(source)
@@ -67,7 +67,7 @@ def test_changing_one_file_writes_it_and_only_the_manifest_nodes_on_its_path(
     edited = b"X = 'edited'\n"
     (source / "pkg2/sub1/mod7.py").write_bytes(edited)
     second = take_snapshot(source, store, stat_cache_path=cache, max_files=10_000)
-    # The file, its directory's node (40 entries), pkg2's node (4 entries) and the root (4 entries).
+    # The file, its directory's node (20 entries), pkg2's node (4 entries) and the root (4 entries).
     assert second.blobs_written == 1
     assert second.bytes_written == len(edited) + second.manifest_bytes
     assert second.manifest_bytes < flat_manifest / 10

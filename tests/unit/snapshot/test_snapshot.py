@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib
 import json
 import logging
-import multiprocessing
 import os
 import stat
 import subprocess
@@ -670,8 +669,11 @@ def test_manifests_round_trip_through_the_store(source: Path, store: BlobStore) 
 # ---------------------------------------------------------------- concurrency
 
 
-def _snapshot_in_child(source: str, store_url: str, cache: str) -> str:
-    return take_snapshot(source, BlobStore(store_url), stat_cache_path=cache).snapshot.id
+SNAPSHOT_IN_CHILD = """
+import sys
+from airflow_amlrun.snapshot import BlobStore, take_snapshot
+print(take_snapshot(sys.argv[1], BlobStore(sys.argv[2]), stat_cache_path=sys.argv[3]).snapshot.id)
+"""
 
 
 def test_concurrent_snapshots_of_the_same_tree_leave_a_consistent_store(tmp_path: Path) -> None:
@@ -680,9 +682,23 @@ def test_concurrent_snapshots_of_the_same_tree_leave_a_consistent_store(tmp_path
     write_tree(source, {"data/big.bin": os.urandom(4_000_000)})
     store_dir = tmp_path / "store"
     cache = tmp_path / "cache.sqlite"
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(4) as pool:
-        ids = pool.starmap(_snapshot_in_child, [(str(source), str(store_dir), str(cache))] * 4)
+    # Four processes at once, as four workers submitting the same code (a pool's children would import
+    # pytest and this module first, each).
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", SNAPSHOT_IN_CHILD, str(source), str(store_dir), str(cache)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
+    try:
+        ids = [child.communicate(timeout=120)[0].strip() for child in children]
+    finally:
+        for child in children:  # those still running when one failed to finish
+            child.kill()
+            child.wait()
+    assert [child.returncode for child in children] == [0] * 4
     assert len(set(ids)) == 1
     assert all_blobs_are_sound(store_dir) == 121
     dest = tmp_path / "restored"

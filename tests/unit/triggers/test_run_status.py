@@ -4,12 +4,25 @@ from __future__ import annotations
 
 import importlib
 import json
+from typing import TYPE_CHECKING
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from airflow_amlrun.triggers.run_status import RunStatusTrigger
+from tests.unit.strategies import CONN_IDS, RUN_IDS
+
+if TYPE_CHECKING:
+    from airflow_amlrun.triggers.run_status import RunStatusTrigger
+
+
+@pytest.fixture(scope="module")
+def trigger_class() -> type[RunStatusTrigger]:
+    """RunStatusTrigger, imported by the tests that use it, not when they are collected: an Airflow class, and
+    `make unit` keeps Airflow out of one of its two processes (tests/unit/conftest.py)."""
+    from airflow_amlrun.triggers.run_status import RunStatusTrigger
+
+    return RunStatusTrigger
 
 
 def _rebuilt(trigger: RunStatusTrigger) -> RunStatusTrigger:
@@ -22,28 +35,28 @@ def _rebuilt(trigger: RunStatusTrigger) -> RunStatusTrigger:
 
 
 @given(
-    run_id=st.from_regex(r"[a-z][a-z0-9_]{0,20}_[0-9]+_[0-9a-f]{8}", fullmatch=True),
-    conn_id=st.one_of(st.none(), st.from_regex(r"[a-z][a-z0-9_]{0,15}", fullmatch=True)),
+    run_id=RUN_IDS,
+    conn_id=st.one_of(st.none(), CONN_IDS),
     poll=st.floats(min_value=0.01, max_value=3600),
 )
-def test_a_stored_trigger_comes_back_the_same(run_id, conn_id, poll):
-    trigger = RunStatusTrigger(run_id, workspace_conn_id=conn_id, poll_interval=poll)
+def test_a_stored_trigger_comes_back_the_same(trigger_class, run_id, conn_id, poll):
+    trigger = trigger_class(run_id, workspace_conn_id=conn_id, poll_interval=poll)
 
     again = _rebuilt(trigger)
 
-    assert type(again) is RunStatusTrigger
+    assert type(again) is trigger_class
     assert (again.run_id, again.workspace_conn_id, again.poll_interval) == (run_id, conn_id, poll)
     assert again.serialize() == trigger.serialize()
 
 
-def test_the_class_path_names_the_trigger_where_it_lives():
-    classpath, _ = RunStatusTrigger("r").serialize()
-    assert classpath == f"{RunStatusTrigger.__module__}.{RunStatusTrigger.__qualname__}"
+def test_the_class_path_names_the_trigger_where_it_lives(trigger_class):
+    classpath, _ = trigger_class("r").serialize()
+    assert classpath == f"{trigger_class.__module__}.{trigger_class.__qualname__}"
 
 
 @pytest.mark.parametrize("poll", [None, 5.0])
-def test_a_trigger_made_with_the_defaults_keeps_them(poll):
-    trigger = RunStatusTrigger("r") if poll is None else RunStatusTrigger("r", poll_interval=poll)
+def test_a_trigger_made_with_the_defaults_keeps_them(trigger_class, poll):
+    trigger = trigger_class("r") if poll is None else trigger_class("r", poll_interval=poll)
     assert _rebuilt(trigger).serialize()[1] == {
         "run_id": "r",
         "workspace_conn_id": None,
