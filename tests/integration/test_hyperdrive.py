@@ -25,10 +25,12 @@ STEPS = 10
 ALPHAS = [1, 1.05, 1.1, 40, 2, 30, 50, 3, 20, 60, 4, 10]
 
 
-@pytest.mark.parametrize("target", ["local", "docker"], indirect=True)
-def test_a_bandit_policy_stops_the_worse_runs_of_a_sweep_early(target, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def write_alpha_script(folder: Path, *, worse_step_seconds: float) -> None:
+    """train.py: logs a loss that grows with --alpha for STEPS steps. A worse run (alpha above 1.2) goes on
+    slowly once a policy may stop it: a policy that does not stop it fails the test by far, and one that does
+    never races the clock."""
     write_script(
-        tmp_path / "src",
+        folder,
         "train.py",
         f"""
         import argparse, time
@@ -39,11 +41,14 @@ def test_a_bandit_policy_stops_the_worse_runs_of_a_sweep_early(target, tmp_path)
         run = Run.get_context()
         for step in range({STEPS}):
             run.log("loss", alpha * (1 + 1 / (step + 1)), step=step)
-            # A worse run goes on slowly once the policy may stop it: a policy that does not stop it fails the
-            # test by far, and one that does never races the clock.
-            time.sleep(0.3 if alpha <= 1.2 or step < 2 else 3)
+            time.sleep(0.3 if alpha <= 1.2 or step < 2 else {worse_step_seconds})
         """,
     )
+
+
+@pytest.mark.parametrize("target", ["local", "docker"], indirect=True)
+def test_a_bandit_policy_stops_the_worse_runs_of_a_sweep_early(target, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    write_alpha_script(tmp_path / "src", worse_step_seconds=3)
     config = HyperDriveConfig(
         run_config=ScriptRunConfig(tmp_path / "src", script="train.py", compute_target=target.name),
         hyperparameter_sampling=GridParameterSampling({"--alpha": choice(*ALPHAS)}),
@@ -120,21 +125,7 @@ def test_a_run_the_policy_fails_to_stop_goes_on_and_the_sweep_ends_with_every_ru
 ) -> None:
     monkeypatch.setitem(registry.CONNECTION_KINDS, "amlrun_unsteady", f"{__name__}:{target_class.__name__}")
     monkeypatch.setenv("AIRFLOW_CONN_UNSTEADY", json.dumps({"conn_type": "amlrun_unsteady"}))
-    write_script(
-        tmp_path / "src",
-        "train.py",
-        f"""
-        import argparse, time
-        from airflow_amlrun.run_context import Run
-        parser = argparse.ArgumentParser()
-        parser.add_argument("--alpha", type=float)
-        alpha = parser.parse_args().alpha
-        run = Run.get_context()
-        for step in range({STEPS}):
-            run.log("loss", alpha * (1 + 1 / (step + 1)), step=step)
-            time.sleep(0.3 if alpha <= 1.2 or step < 2 else 1.5)
-        """,
-    )
+    write_alpha_script(tmp_path / "src", worse_step_seconds=1.5)
     config = HyperDriveConfig(
         run_config=ScriptRunConfig(tmp_path / "src", script="train.py", compute_target="unsteady"),
         hyperparameter_sampling=GridParameterSampling({"--alpha": choice(1, 1.05, 40, 50)}),
