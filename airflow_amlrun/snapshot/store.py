@@ -805,7 +805,12 @@ def _copy_local(
         if expected is not None:
             check_hash(src, src_stat.st_size, expected)
         return src_stat.st_size
-    return copy_fd(src, dst, expected, offset=0, known=known)
+    copied = copy_fd(src, dst, expected, offset=0, known=known)
+    # Start the copy's writeback now, as the store does for its blobs: left to the kernel, a few thousand
+    # files' dirty pages are written out together later, and a process that needs them on disk (or the
+    # memory back) waits for all of them at once.
+    start_writeback(dst)
+    return copied
 
 
 def _tmp_name(final: str) -> str:
