@@ -33,9 +33,11 @@ demo: install
 	scripts/demo.sh
 
 # Starts what the tests need, then runs lint, type checks, the docs build and the whole suite: the unit tests
-# on two processes (as `make unit`), then the browser and integration tests in one.
+# on two processes (as `make unit`), then the browser and integration tests on two more (each module as a whole
+# in one of them, the slowest handed out first: tests/integration/conftest.py). They spend most of their time
+# waiting on what they started (Airflow's components, containers, Spark, sshd), so two share the two cores.
 test: install services lint typecheck docs unit
-	$(BIN)/python -m pytest -p no:cacheprovider tests/browser tests/integration
+	$(BIN)/python -m pytest -p no:cacheprovider -n 2 tests/browser tests/integration
 
 lint: install
 	$(BIN)/ruff check .

@@ -58,7 +58,8 @@ def _show_workspace_notes() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _show_workspace_notes()
-    console = Console(width=200 if not sys.stdout.isatty() else None)
+    # Sentences are never broken across lines (a path in one stays whole for grep); tables fit the width.
+    console = Console(width=200 if not sys.stdout.isatty() else None, soft_wrap=True)
     # What a user can meet is said in a line, exit status 2; anything else is a fault of this program, and its
     # traceback is what to report.
     try:

@@ -455,10 +455,13 @@ class AirflowCluster:
 
         for db in secrets.SystemRandom().sample(range(1, 16), 15):
             try:
-                empty = _redis(db).dbsize() == 0
+                # Claimed by a key of its own: another process of the suite may be looking at the same one.
+                free = _redis(db).dbsize() == 0 and _redis(db).set(
+                    "amlrun-test-broker", self.home.name, nx=True
+                )
             except redis.RedisError as err:
                 pytest.fail(f"Redis is not reachable at {REDIS} ({err}); `make services` starts it.")
-            if empty:
+            if free:
                 self.redis_db = db
                 self._redis_used = True
                 self.env["AIRFLOW__CELERY__BROKER_URL"] = f"{REDIS}/{db}"

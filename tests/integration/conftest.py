@@ -22,15 +22,30 @@ from tests.integration.sshd_host import SshdHost, host_for_tests
 SSH_CONN_ID = "ssh_vm"
 
 
-# The tests that share `local_cluster` run last, one after another, so that the deployment is not left idling
-# (a scheduler, a triggerer, an api-server) while the rest of the suite runs. The reattach scenarios' own
-# CeleryExecutor deployment comes and goes before it starts.
+# `make test` runs the browser and integration tests on two processes (pytest-xdist), each module as a whole in
+# one of them, so that what a module starts is started once. The work is handed out longest first, so that the
+# two processes end close together: first the modules that share `local_cluster` (together about four minutes
+# on the two-core machine the suite runs on), one after another in one process, then the modules below, each
+# a minute or more; then the rest in the order pytest collects them.
 LOCAL_CLUSTER_ORDER = (
+    # The reattach scenarios' own CeleryExecutor deployment comes and goes before `local_cluster` starts.
     ("test_scheduler_reattach.py", "CeleryExecutor"),
     ("test_hyperdrive_airflow.py", None),
     ("test_task_log_levels.py", None),
     ("test_scheduler_reattach.py", "LocalExecutor"),
 )
+SLOWEST_FIRST = (
+    "test_spark_target.py",
+    "test_deferrable.py",
+    "test_compose.py",
+    "test_reconcile.py",
+    "test_ssh_target.py",
+    "test_targets.py",
+    "test_docker_restart.py",
+    "test_ui.py",
+    "test_hyperdrive.py",
+)
+LOCAL_CLUSTER_MODULES = frozenset(module for module, _ in LOCAL_CLUSTER_ORDER)
 
 
 def _local_cluster_rank(item: pytest.Item) -> int | None:
@@ -40,21 +55,58 @@ def _local_cluster_rank(item: pytest.Item) -> int | None:
     return LOCAL_CLUSTER_ORDER.index(key) if key in LOCAL_CLUSTER_ORDER else None
 
 
+def _rank(item: pytest.Item) -> tuple[int, int]:
+    cluster = _local_cluster_rank(item)
+    if cluster is not None:
+        return (0, cluster)
+    name = item.path.name
+    return (1, SLOWEST_FIRST.index(name) if name in SLOWEST_FIRST else len(SLOWEST_FIRST))
+
+
 @pytest.hookimpl(trylast=True)  # after pytest has grouped the tests by their parametrised fixtures
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    ranked = [(rank, i) for i, item in enumerate(items) if (rank := _local_cluster_rank(item)) is not None]
-    last = [items[i] for _, i in sorted(ranked)]
-    moved = {i for _, i in ranked}
-    items[:] = [item for i, item in enumerate(items) if i not in moved] + last
+    # A stable sort: within a rank, modules and their tests keep the order pytest gave them.
+    items.sort(key=_rank)
+
+
+@pytest.hookimpl(tryfirst=True, optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """With -n: each module's tests in one process, the local_cluster modules all in one, handed out in the
+    order of the collection above (xdist's own would hand out the modules with the most tests first)."""
+    if config.getvalue("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByModule(LoadScopeScheduling):
+        # A scope is a unit of work, given to one process as a whole.
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return "local_cluster" if module.rsplit("/", 1)[-1] in LOCAL_CLUSTER_MODULES else module
+
+    config.option.loadscopereorder = False
+    return ByModule(config, log)
+
+
+_local_clusters: list[AirflowCluster] = []
 
 
 @pytest.fixture(scope="session")
 def local_cluster() -> Iterator[AirflowCluster]:
     """A LocalExecutor deployment (scheduler, dag-processor, triggerer, api-server) for the tests that need
     nothing else of one: starting one costs about half a minute. Its tests write DAGs of their own ids, and
-    kill only the processes of their own tasks."""
+    kill only the processes of their own tasks. It is stopped after the last of them (see below)."""
     with AirflowCluster() as started:
+        _local_clusters.append(started)
         yield started
+
+
+@pytest.hookimpl(trylast=True)  # after the test's own fixtures are torn down
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    """Stop `local_cluster` once the tests that share it are done (they run one after another), rather than
+    leave it idling, a scheduler, a triggerer and an api-server, while this process runs other modules."""
+    last_of_them = nextitem is None or _local_cluster_rank(nextitem) is None
+    if _local_clusters and _local_cluster_rank(item) is not None and last_of_them:
+        _local_clusters.pop().stop()  # safe to call again when the session ends
 
 
 @pytest.fixture
@@ -73,10 +125,20 @@ def own_postgres(amlrun_home: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator
         yield server
 
 
+def xdist_worker() -> int:
+    """This process's number among the suite's (pytest-xdist's gw0, gw1, ...); 0 when it runs alone."""
+    return int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
+
+
 @pytest.fixture(scope="session")
 def ssh_host() -> Iterator[SshdHost]:
-    """The remote VM: sshd in a network namespace with its own address, user and host key."""
-    host = host_for_tests(user="amlrun-remote", subnet=0)
+    """The remote VM: sshd in a network namespace with its own address, user and host key; each process of
+    the suite has one of its own (subnets 1-3 are taken by the SSH tests' own hosts and the benchmark)."""
+    worker = xdist_worker()
+    host = host_for_tests(
+        user="amlrun-remote" if worker == 0 else f"amlrun-remote{worker}",
+        subnet=0 if worker == 0 else 3 + worker,
+    )
     try:
         yield host
     finally:

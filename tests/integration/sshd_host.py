@@ -41,6 +41,7 @@ class SshdHost:
     namespace: str
     link: str  # the worker side of the veth pair
     address: str
+    worker_address: str  # this machine's end of the link, as the host reaches it
     port: int
     user: str
     home: Path
@@ -133,6 +134,7 @@ def start_sshd_host(*, user: str, subnet: int = 0, name: str | None = None, sftp
         namespace=namespace,
         link=link,
         address=address,
+        worker_address=worker_address,
         port=22,
         user=user,
         home=home,

@@ -77,7 +77,7 @@ def test_a_run_on_the_host_runs_as_its_user_and_leaves_its_code_in_the_hosts_blo
     summary = result.xcoms["train"]
     # It ran on the host, as the host's user, in a run directory under the default base dir.
     run_dir = remote_base(ssh_vm) / "runs" / summary["run_id"]
-    assert f"running as amlrun-remote in {run_dir} with /usr/bin/python3" in result.log
+    assert f"running as {ssh_vm.user} in {run_dir} with /usr/bin/python3" in result.log
     run = Workspace.get().get_run(summary["run_id"])
     assert run.tags == {"host": "vm"}
     assert run.handle["host"] == ssh_vm.address and run.handle["blob_bytes_sent"] > 0
@@ -239,11 +239,11 @@ def test_ssh_run_survives_a_dropped_connection(run_dag, tmp_path, ssh_host, amlr
     assert outage, "the link was never cut"
     assert result.state == "success", result.log
     # The link went silent (the connection did not know it was cut): it is taken for lost, and made again.
+    where = f"{ssh_host.user}@{ssh_host.address}:22"
     assert re.search(
-        r"No answer from amlrun-remote@10\.231\.0\.2:22 for 2 s while .*; reconnecting\. The run goes on",
-        result.log,
+        rf"No answer from {re.escape(where)} for 2 s while .*; reconnecting\. The run goes on", result.log
     )
-    assert "Reconnected to amlrun-remote@10.231.0.2:22" in result.log
+    assert f"Reconnected to {where}" in result.log
     assert _in_order(result.log, [f"line {i}" for i in range(20)] + ["all done"])
     assert result.xcoms["train"]["status"] == "Completed"
 
@@ -272,7 +272,8 @@ def _connection(host: SshdHost, **changes: object) -> str:
 
 def test_unreachable_host_is_refused_before_anything_is_recorded(hello, ssh_host, amlrun_home, monkeypatch):
     monkeypatch.setenv(f"AIRFLOW_CONN_{CONN_ID.upper()}", _connection(ssh_host, port=2299))
-    with pytest.raises(Exception, match=r"Cannot reach SSH host amlrun-remote@10\.231\.0\.2:2299") as err:
+    where = re.escape(f"{ssh_host.user}@{ssh_host.address}:2299")
+    with pytest.raises(Exception, match=f"Cannot reach SSH host {where}") as err:
         _submit(hello)
     assert "sshd listens on that port" in str(err.value)
     assert Workspace.get().list_runs() == []
@@ -286,7 +287,8 @@ def test_refused_key_is_an_authentication_error_naming_the_user_and_host(
     monkeypatch.setenv(
         f"AIRFLOW_CONN_{CONN_ID.upper()}", _connection(ssh_host, extra={"key_file": str(stranger)})
     )
-    with pytest.raises(Exception, match=r"Authentication to amlrun-remote@10\.231\.0\.2:22 .* failed") as err:
+    where = re.escape(f"{ssh_host.user}@{ssh_host.address}:22")
+    with pytest.raises(Exception, match=f"Authentication to {where} .* failed") as err:
         _submit(hello)
     assert "authorized_keys" in str(err.value)
     assert Workspace.get().list_runs() == []
@@ -302,7 +304,9 @@ def test_host_with_another_host_key_is_not_trusted(hello, ssh_host, amlrun_home,
     monkeypatch.setenv(
         f"AIRFLOW_CONN_{CONN_ID.upper()}", _connection(ssh_host, extra={"known_hosts": str(known_hosts)})
     )
-    with pytest.raises(Exception, match=r"host key of 10\.231\.0\.2 .* is not the one on record"):
+    with pytest.raises(
+        Exception, match=rf"host key of {re.escape(ssh_host.address)} .* is not the one on record"
+    ):
         _submit(hello)
     assert Workspace.get().list_runs() == []
 
@@ -336,7 +340,9 @@ def test_full_remote_disk_fails_the_run_with_the_space_it_needs(
         f"AIRFLOW_CONN_{CONN_ID.upper()}", _connection(ssh_host, extra={"amlrun_base_dir": "~/small-disk"})
     )
     (hello / "weights.bin").write_bytes(os.urandom(2_000_000))
-    with pytest.raises(Exception, match=r"Host 10\.231\.0\.2 has 1\.0 MB free in .*small-disk") as err:
+    with pytest.raises(
+        Exception, match=rf"Host {re.escape(ssh_host.address)} has 1\.0 MB free in .*small-disk"
+    ) as err:
         _submit(hello)
     assert "amlrun_base_dir" in str(err.value)
     [run] = Workspace.get().list_runs()
@@ -454,7 +460,7 @@ def test_a_host_never_reached_is_not_called_a_lost_connection(tmp_path, ssh_vm, 
 
     message = str(err.value)
     assert message.startswith(
-        f"Cannot reach SSH host amlrun-remote@{ssh_vm.address}:2299 (connection 'ssh_vm'): "
+        f"Cannot reach SSH host {ssh_vm.user}@{ssh_vm.address}:2299 (connection 'ssh_vm'): "
     )
     assert "Tried for 1 s while checking the run" in message
     assert "Lost the connection" not in message and "()" not in message
@@ -468,7 +474,7 @@ def test_a_host_that_answers_too_slowly_is_not_called_a_lost_connection(ssh_vm, 
 
     message = str(err.value)
     assert message.startswith(
-        f"Host amlrun-remote@{ssh_vm.address}:22 did not answer while running a slow command: nothing came for "
+        f"Host {ssh_vm.user}@{ssh_vm.address}:22 did not answer while running a slow command: nothing came for "
         "1 s, again for 2 s, although the SSH connection itself was up (TimeoutError: no answer to sleep ... "
         "for 1 s)."
     )
@@ -490,7 +496,7 @@ def test_a_run_that_ended_is_not_said_to_be_still_going_when_its_host_is_lost(tm
 
     message = str(err.value)
     assert message.startswith(
-        f"Lost the connection to amlrun-remote@{ssh_vm.address}:22 while collecting outputs and logs and could "
+        f"Lost the connection to {ssh_vm.user}@{ssh_vm.address}:22 while collecting outputs and logs and could "
         "not reconnect within 2 s ("
     )
     assert message.endswith(
@@ -602,7 +608,7 @@ def test_a_base_dir_other_users_could_change_is_refused_before_anything_runs(
         problem = "is writable by its group (mode 775)"
     else:
         base.chmod(0o777)  # root's, and open to anyone
-        problem = f"belongs to uid 0, not to amlrun-remote (uid {_owner(ssh_host.home)[0]})"
+        problem = f"belongs to uid 0, not to {ssh_host.user} (uid {_owner(ssh_host.home)[0]})"
     monkeypatch.setenv(
         f"AIRFLOW_CONN_{CONN_ID.upper()}", _connection(ssh_host, extra={"amlrun_base_dir": str(base)})
     )
@@ -784,7 +790,8 @@ def test_a_file_the_worker_cannot_write_costs_only_itself(run_dag, tmp_path, ssh
     outputs = Path(result.xcoms["train"]["outputs_uri"])
     assert (outputs / "model.txt").read_text() == "trained weights"
     assert re.search(
-        r"Run \S+: skipped outputs/d+\.\.\.d+/deep\.txt from 10\.231\.0\.2: File name too long", result.log
+        rf"Run \S+: skipped outputs/d+\.\.\.d+/deep\.txt from {re.escape(ssh_vm.address)}: File name too long",
+        result.log,
     )
 
 
@@ -868,7 +875,7 @@ def pip_trusts_the_index(ssh_vm: SshdHost) -> Iterator[None]:
     internal index (uv is not installed on the host, so pip installs the lock there)."""
     config = ssh_vm.home / ".config" / "pip" / "pip.conf"
     config.parent.mkdir(parents=True, exist_ok=True)
-    config.write_text("[global]\ntrusted-host = 10.231.0.1\n")
+    config.write_text(f"[global]\ntrusted-host = {ssh_vm.worker_address}\n")
     try:
         yield
     finally:
@@ -903,7 +910,7 @@ def test_index_credentials_reach_only_the_installer_on_the_host(
             time.sleep(0.01)
 
     with private_index(token) as index:
-        index_url = index.url("10.231.0.1")
+        index_url = index.url(ssh_vm.worker_address)
         _register_private_environment(index_url)
         env = (
             "Environment('private-env', python=PythonSection(pip_requirements=['amlrun-private-pkg==1.0.0'], "
@@ -933,7 +940,9 @@ def test_index_credentials_reach_only_the_installer_on_the_host(
 
 def test_a_missing_index_credential_fails_before_anything_is_recorded(hello, ssh_vm, monkeypatch):
     monkeypatch.delenv("AMLRUN_TEST_INDEX_TOKEN", raising=False)
-    env = _register_private_environment("http://amlrun:${AMLRUN_TEST_INDEX_TOKEN}@10.231.0.1:9/simple")
+    env = _register_private_environment(
+        f"http://amlrun:${{AMLRUN_TEST_INDEX_TOKEN}}@{ssh_vm.worker_address}:9/simple"
+    )
     # Whichever layer notices first (the environment's resolution, or the SSH target's check) names it.
     with pytest.raises(Exception, match=r"needs \$\{AMLRUN_TEST_INDEX_TOKEN\} for its package index"):
         _submit(hello, env)
