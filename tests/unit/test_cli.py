@@ -67,3 +67,18 @@ def test_a_broken_pipe_that_is_not_standard_output_is_said_not_swallowed(
     monkeypatch.setattr(cli.reconcile, "cmd_reconcile", broken)
     assert cli.main(["reconcile"]) == 2
     assert "Broken pipe" in capsys.readouterr().err
+
+
+def test_a_sentence_longer_than_the_width_is_printed_whole_on_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Piped output is 200 columns wide: a sentence naming a long path stays one line, for grep and the like.
+    sentence = f"It is followed in the background (its follower's log: /tmp/{'d' * 300}/follower.log)."
+
+    def says(args: argparse.Namespace, console: object) -> int:
+        console.print(sentence, highlight=False)  # type: ignore[attr-defined]
+        return 0
+
+    monkeypatch.setattr(cli.reconcile, "cmd_reconcile", says)
+    assert cli.main(["reconcile"]) == 0
+    assert capsys.readouterr().out == sentence + "\n"
