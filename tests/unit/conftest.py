@@ -8,11 +8,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from hypothesis import settings
 
 from airflow_amlrun.config import OPTIONS
 
 if TYPE_CHECKING:
     from xdist.scheduler import LoadFileScheduling
+
+# No property test has a deadline: an example that takes longer than Hypothesis's 200 ms on a loaded machine is
+# no failure (no test asserts on wall time), and a deadline would make the outcome follow the machine's load.
+settings.register_profile("amlrun", deadline=None)
+settings.load_profile("amlrun")
 
 # The unit tests that import Airflow: the Airflow layer's own, the DAG files of test_paths, and a plain
 # script's look-up of a workspace connection (in Airflow's way). Importing Airflow takes seconds of a core, so

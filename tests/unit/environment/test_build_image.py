@@ -108,7 +108,7 @@ def test_a_direct_url_requirement_behind_a_password_installs_with_its_variable_t
     assert "read -r PKG_TOKEN" in install_script(env)
 
 
-@settings(max_examples=50, deadline=None)
+@settings(max_examples=50)
 @given(
     st.lists(
         st.text(st.characters(exclude_categories=("Cs",), exclude_characters="\n\r\x00"), min_size=1),

@@ -127,7 +127,7 @@ def _state(status: RunStatus) -> str:
 
 @pytest.mark.parametrize("method", [RandomParameterSampling, BayesianParameterSampling])
 # TPE's first draws import and compile much of Optuna: no deadline on one example.
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60)
 @given(runs=st.integers(min_value=1, max_value=9), order=st.integers(0, 2**16), seed=st.integers(0, 2**16))
 def test_a_restored_sampler_draws_what_the_first_process_would_have_drawn_next(
     method: type[RandomParameterSampling], runs: int, order: int, seed: int

@@ -280,7 +280,6 @@ def new_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @settings(
     max_examples=120,
-    deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 @given(tree=trees())
@@ -301,7 +300,7 @@ def test_snapshot_takes_exactly_what_git_would_track(
         assert ours == set(files) - git_check_ignored(root, files)
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=80, suppress_health_check=[HealthCheck.too_slow])
 @given(trees())
 def test_a_left_out_file_is_explained_by_the_rule_that_excludes_it(
     tree: tuple[list[str], dict[str, list[str]]],

@@ -140,7 +140,7 @@ def test_a_directory_node_naming_a_path_rather_than_a_name_is_refused(
 _names = st.sampled_from(["a", "b", "c.py", "d.json", "é", "sub"])
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60)
 @given(st.lists(st.lists(_names, min_size=1, max_size=4).map("/".join), min_size=1, max_size=30, unique=True))
 def test_a_tree_manifest_reads_back_to_the_same_entries(paths: list[str]) -> None:
     # A path cannot be both a file and a directory: keep those that are not a prefix of another.
