@@ -419,8 +419,8 @@ class HyperDriveRun(SweepResults):
             self._children[run_id].cancel(reason)
         except Exception as err:
             log.warning(
-                "Sweep %s: stopping run %s failed (%s: %s); it goes on, followed as before, and is stopped again "
-                "in %g s",
+                "Sweep %s: stopping run %s failed (%s: %s); it is followed as before, and stopped again in %g s if "
+                "it still runs (should the stop have ended it all the same, it is recorded Canceled with why)",
                 self.id,
                 run_id,
                 type(err).__name__,

@@ -119,7 +119,38 @@ class UnstoppableLocalTarget(UnsteadyLocalTarget):
     failures = 1_000_000
 
 
-@pytest.mark.parametrize("target_class", [UnsteadyLocalTarget, UnstoppableLocalTarget])
+class HalfStoppingLocalTarget(UnsteadyLocalTarget):
+    """The local target, whose stop of a run ends the run and then fails (a remote target's connection that drops
+    once the signal went out): whoever looks next finds the run ended."""
+
+    def cancel(self, handle: LocalHandle) -> None:
+        LocalTarget.cancel(self, handle)
+        raise OSError(f"the target did not answer while stopping the run of pid {handle.pid}")
+
+
+class LogLosingLocalTarget(UnsteadyLocalTarget):
+    """The local target, whose log of a run cannot be read right after its stop went through (a connection that
+    drops then): the sweep cannot record the run's end at once."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.stopped: set[int] = set()
+
+    def cancel(self, handle: LocalHandle) -> None:
+        LocalTarget.cancel(self, handle)
+        self.stopped.add(handle.pid)
+
+    def read_log(self, handle: LocalHandle, offset: int, final: bool = False) -> Any:
+        if handle.pid in self.stopped:
+            self.stopped.discard(handle.pid)
+            raise OSError(f"the target did not answer while stopping the run of pid {handle.pid}")
+        return super().read_log(handle, offset, final)
+
+
+@pytest.mark.parametrize(
+    "target_class",
+    [UnsteadyLocalTarget, UnstoppableLocalTarget, HalfStoppingLocalTarget, LogLosingLocalTarget],
+)
 def test_a_run_the_policy_fails_to_stop_goes_on_and_the_sweep_ends_with_every_run_recorded(  # type: ignore[no-untyped-def]
     amlrun_home, tmp_path, monkeypatch, caplog, target_class
 ) -> None:
@@ -153,15 +184,16 @@ def test_a_run_the_policy_fails_to_stop_goes_on_and_the_sweep_ends_with_every_ru
             for r in caplog.records
         ), caplog.text
         points = [p for p in ws.history.get_metrics(child.id) if p.name == "loss"]
-        if target_class is UnsteadyLocalTarget:
-            # Stopped again a little later, with the policy's reason.
-            assert child.status is RunStatus.CANCELED, (child.status, child.error)
-            assert child.error.startswith("Canceled by BanditPolicy at report "), child.error
-            assert len(points) < STEPS
-        else:
+        if target_class is UnstoppableLocalTarget:
             # Never stopped: followed to its own end, and recorded as it ended.
             assert child.status is RunStatus.COMPLETED, (child.status, child.error)
             assert len(points) == STEPS
+        else:
+            # Stopped again a little later, or found ended by the stop that seemed to fail: with the policy's
+            # reason either way.
+            assert child.status is RunStatus.CANCELED, (child.status, child.error)
+            assert child.error.startswith("Canceled by BanditPolicy at report "), child.error
+            assert len(points) < STEPS
     best = sweep.get_best_run_by_primary_metric()
     assert best is not None and alpha[best.id] == 1
 
