@@ -200,6 +200,10 @@ class HyperDriveRun(SweepResults):
             except AmlRunError as err:
                 ended += 1
                 self._ended(record.id, self._lost(record, err))
+        # Stopped again at the next look: their stop failed in the process that handed the sweep over.
+        self._unstopped = {
+            run_id: (reason, 0.0) for run_id, reason in state.unstopped.items() if run_id in self._children
+        }
         log.info(
             "Sweep %s taken over: %d of its %d runs ended, %d followed on, up to %d more to start",
             self.id,
@@ -287,9 +291,11 @@ class HyperDriveRun(SweepResults):
             is in the history, for a retry of its task to take over.
         """
         states = {run_id: child.hand_over() for run_id, child in self._children.items()}
+        unstopped = {run_id: reason for run_id, (reason, _) in self._unstopped.items() if run_id in states}
         self._children.clear()
+        self._unstopped.clear()
         self._heartbeat.stop()
-        return SweepState(states, {k: v for k, v in self._watch.looked_at.items() if k in states})
+        return SweepState(states, {k: v for k, v in self._watch.looked_at.items() if k in states}, unstopped)
 
     @property
     def deadline(self) -> datetime | None:
