@@ -179,10 +179,13 @@ class ScriptRun(RunApi):
         reattach_on_retry: bool = True,
         rerun_of: RunRecord | None = None,
         parent_run_id: str | None = None,
+        on_created: Callable[[ScriptRun], None] | None = None,
     ) -> ScriptRun:
         """Validate everything, then record the run and start it; see Experiment.submit.
 
         :param parent_run_id: the sweep this run is a child of.
+        :param on_created: called with a new run once it is recorded, before it is started: whoever must stop it
+            if interrupted (a sweep) holds it from then on, with no moment in which it runs unheld.
 
         :param rerun_of: the recorded run this one repeats (``rerun``): its snapshot and git state are used
             as they are, and the new run names it.
@@ -235,6 +238,8 @@ class ScriptRun(RunApi):
             **(airflow_task.row_fields() if airflow_task else {}),
         )
         run = cls(workspace, target, job, settings)
+        if on_created is not None:
+            on_created(run)
         run._start(SnapshotSource(workspace.store, snapshot), recorded_environment)
         return run
 

@@ -378,6 +378,14 @@ class HyperDriveRun(SweepResults):
         words = [w for name, value in params.items() for w in argument_words(name, value)]
         child_config = replace(config.run_config, arguments=[*(config.run_config.arguments or []), *words])
         self._submitted += 1
+        held: list[ScriptRun] = []
+
+        def hold(child: ScriptRun) -> None:
+            # From the moment it is recorded: an interruption (Ctrl-C, the task's execution_timeout) as it starts
+            # or just after stops it with the others, rather than leave it running with nobody to stop it.
+            self._children[child.id] = child
+            held.append(child)
+
         try:
             child = ScriptRun.submit(
                 self.workspace,
@@ -386,14 +394,17 @@ class HyperDriveRun(SweepResults):
                 tags={HYPERPARAMETERS_TAG: parameters_tag(params)},
                 parent_run_id=self.id,
                 airflow_task=self._airflow_task,
+                on_created=hold,
             )
         except AmlRunError as err:
-            # A run that cannot start (its target refused it) fails the sweep now: the next would too.
+            # A run that cannot start (its target refused it) fails the sweep now: the next would too. Its row
+            # says how it ended, or where it may run (for a retry and reconcile); the sweep no longer holds it.
+            for failed in held:
+                self._children.pop(failed.id, None)
             self._sampler.discard(trial)
             raise AmlRunError(
                 f"Sweep {self.id}: run {self._submitted} with {params} could not start: {err}"
             ) from err
-        self._children[child.id] = child
         if trial is not None:
             self._sampler.trials[child.id] = trial
         log.info(

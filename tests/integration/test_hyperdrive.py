@@ -307,6 +307,59 @@ def test_a_stopped_sweep_stops_its_runs_and_is_recorded_canceled(amlrun_home, tm
     assert [c.status for c in sweep.get_children()] == [RunStatus.CANCELED, RunStatus.CANCELED]
 
 
+def test_an_interruption_as_a_run_of_the_sweep_has_just_started_stops_that_run_too(
+    amlrun_home, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    import os
+    import signal
+    import sys
+
+    from airflow_amlrun.run import ScriptRun
+    from tests.integration.conftest import alive
+
+    sweep = Experiment(Workspace.get(), "sweeps").submit(sweep_of(sleeper(tmp_path)))
+    submit = ScriptRun.submit.__func__.__code__  # type: ignore[attr-defined]
+    started = []
+
+    def ctrl_c_as_the_second_run_is_handed_to_the_sweep(frame, event, arg):  # type: ignore[no-untyped-def]
+        # Ctrl-C, or the task's execution_timeout, landing at one exact moment: the second run started, and
+        # ScriptRun.submit returns it.
+        def on_return(frame, event, arg):  # type: ignore[no-untyped-def]
+            if event == "return" and isinstance(arg, ScriptRun):
+                started.append(arg.id)
+                if len(started) == 2:
+                    sys.settrace(None)
+                    raise KeyboardInterrupt
+            return on_return
+
+        return on_return if event == "call" and frame.f_code is submit else None
+
+    sys.settrace(ctrl_c_as_the_second_run_is_handed_to_the_sweep)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            sweep.wait_for_completion()
+    finally:
+        sys.settrace(None)
+        children = sweep.get_children()
+        left_running = [c.id for c in children if c.handle is not None and alive(c.handle["pid"])]
+        for child in children:
+            if child.id in left_running:
+                os.killpg(
+                    child.handle["pid"], signal.SIGKILL
+                )  # the test's own clean-up, after the verdict below
+
+    assert left_running == []
+    parent = Workspace.get().get_run(sweep.id)
+    assert (parent.status, parent.error) == (
+        RunStatus.CANCELED,
+        "Canceled: the sweep was interrupted (KeyboardInterrupt).",
+    )
+    assert [c.id for c in children] == started
+    assert [(c.status, c.error) for c in children] == [
+        (RunStatus.CANCELED, "Canceled: the sweep was interrupted (KeyboardInterrupt).")
+    ] * 2
+
+
 def test_a_sweep_that_cannot_run_is_refused_before_it_is_recorded(amlrun_home, tmp_path) -> None:  # type: ignore[no-untyped-def]
     from airflow_amlrun.errors import UnknownComputeTargetError
 
