@@ -240,7 +240,7 @@ class HyperDriveRun(SweepResults):
             return self._finished
         self._emit = output if output is not None else (print if show_output else None)
         try:
-            with self._guarded():
+            with self.guarded():
                 self._begin()
                 last_judged = 0.0
                 while self._stop_reason is None:
@@ -261,7 +261,7 @@ class HyperDriveRun(SweepResults):
         ``hand_over`` the sweep to another process."""
         if self._finished is not None:
             return self._finished
-        with self._guarded():
+        with self.guarded():
             self._begin()
             if self._stop_reason is not None:
                 return self._canceled(self._stop_reason)
@@ -270,7 +270,7 @@ class HyperDriveRun(SweepResults):
     def take_back(self, ended: Mapping[str, TargetStatus], stops: Mapping[str, str]) -> None:
         """What another process saw while it followed the sweep's runs: runs that ended on their target (their
         outcome is recorded from here) and runs the policy stops (stopped from here, Canceled with why)."""
-        with self._guarded():
+        with self.guarded():
             for run_id, status in ended.items():
                 child = self._children.get(run_id)
                 if child is not None:
@@ -349,11 +349,19 @@ class HyperDriveRun(SweepResults):
         return None
 
     @contextlib.contextmanager
-    def _guarded(self) -> Iterator[None]:
-        """Whatever interrupts the sweep in this process ends it, its live runs stopped, and is raised on."""
+    def guarded(self) -> Iterator[None]:
+        """Whatever interrupts the sweep in this process ends it, its live runs stopped, and is raised on:
+        Canceled for an interruption (Ctrl-C, the task killed), Failed naming the error otherwise.
+
+        The sweep's own steps run in it; so may what a caller does between ``submit`` and
+        ``wait_for_completion`` (naming the sweep, say), so that the sweep does not stay Queued, for
+        ``amlrun reconcile`` to settle it later as Failed, when that fails or is interrupted.
+        """
         try:
             yield
         except BaseException as err:
+            if self._finished is not None:
+                raise  # recorded already, by the sweep's own steps in here
             name = type(err).__name__
             if name == "AirflowTaskTimeout":
                 status, reason = RunStatus.FAILED, "Stopped by the Airflow task's execution_timeout."

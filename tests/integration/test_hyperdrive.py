@@ -360,6 +360,19 @@ def test_an_interruption_as_a_run_of_the_sweep_has_just_started_stops_that_run_t
     ] * 2
 
 
+def test_a_sweep_interrupted_before_it_runs_is_recorded_canceled_at_once(amlrun_home, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    sweep = Experiment(Workspace.get(), "sweeps").submit(sweep_of(sleeper(tmp_path)))
+    with pytest.raises(KeyboardInterrupt), sweep.guarded():
+        raise KeyboardInterrupt  # Ctrl-C while the caller names the sweep, before wait_for_completion
+
+    parent = Workspace.get().get_run(sweep.id)
+    assert (parent.status, parent.error) == (
+        RunStatus.CANCELED,
+        "Canceled: the sweep was interrupted (KeyboardInterrupt).",
+    )
+    assert parent.end is not None and sweep.get_children() == []
+
+
 def test_a_sweep_that_cannot_run_is_refused_before_it_is_recorded(amlrun_home, tmp_path) -> None:  # type: ignore[no-untyped-def]
     from airflow_amlrun.errors import UnknownComputeTargetError
 
