@@ -45,7 +45,8 @@ from airflow_amlrun.hyperdrive.takeover import SweepChangedError, SweepState
 from airflow_amlrun.hyperdrive.watch import PolicyWatch
 from airflow_amlrun.rerun import recorded_config
 from airflow_amlrun.run import FollowState, RunEndedError, ScriptRun
-from airflow_amlrun.submission import SWEEP_TARGET, AirflowTask, discard_lost, new_run_id, recorded_job
+from airflow_amlrun.runconfig import SWEEP_TARGET
+from airflow_amlrun.submission import AirflowTask, discard_lost, new_run_id, recorded_job
 
 if TYPE_CHECKING:
     from airflow_amlrun.targets.base import TargetStatus

@@ -13,7 +13,7 @@ from airflow_amlrun.errors import ConfigurationError
 from airflow_amlrun.history import RunRecord, RunStatus
 from airflow_amlrun.history.listing import RunFilter
 from airflow_amlrun.run import FollowState, RunEndedError, ScriptRun
-from airflow_amlrun.submission import SWEEP_TARGET as TARGET
+from airflow_amlrun.runconfig import SWEEP_TARGET as TARGET
 
 if TYPE_CHECKING:
     from airflow_amlrun.submission import AirflowTask
