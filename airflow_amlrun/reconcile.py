@@ -33,7 +33,8 @@ from airflow_amlrun.config import Settings, load_settings
 from airflow_amlrun.errors import AmlRunError
 from airflow_amlrun.history import RunRecord, RunStatus
 from airflow_amlrun.run import RunEndedError, ScriptRun
-from airflow_amlrun.submission import SWEEP_TARGET, discard_lost, recorded_handle, recorded_job
+from airflow_amlrun.runconfig import SWEEP_TARGET
+from airflow_amlrun.submission import discard_lost, recorded_handle, recorded_job
 from airflow_amlrun.targets.base import ComputeTarget, Job
 from airflow_amlrun.targets.handles import RunHandle, UnreadableHandleError
 from airflow_amlrun.targets.registry import resolve_target

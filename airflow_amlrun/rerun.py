@@ -17,8 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from airflow_amlrun.errors import ConfigurationError
 from airflow_amlrun.history import RunNotFoundError, RunRecord
-from airflow_amlrun.runconfig import ScriptRunConfig
-from airflow_amlrun.submission import SWEEP_TARGET
+from airflow_amlrun.runconfig import SWEEP_TARGET, ScriptRunConfig
 
 # The names (never the values) of a run's secret variables, in its recorded config.
 SECRET_NAMES = "secret_environment_variable_names"

@@ -59,6 +59,10 @@ log = logging.getLogger(__name__)
 RECALLED_TAIL_BYTES = 8192
 # While the history is away, metric events wait in the run's events file rather than in memory beyond this.
 MAX_BUFFERED_POINTS = 100_000
+# The tag saying why a stop of the run was asked (ScriptRun.cancel), written before the target is asked: whoever
+# records the run's end (this follower, another that takes it over, reconcile) records it Canceled with why,
+# even if the stop, or what came after it here, failed.
+STOP_REQUESTED_TAG = "amlrun.stop_requested"
 
 
 @dataclass(frozen=True)
@@ -140,6 +144,8 @@ class ScriptRun(RunApi):
         self._stop_at: datetime | None = None
         self._stop_reason_when_stopped = ""
         self._stop_reason: str | None = None
+        # Why a stop was asked (cancel), once it was; the run then ends Canceled with it, unless it ended otherwise.
+        self._stop_requested: str | None = None
         self._waiting = False
         self._started = _now()
         self._finished: RunRecord | None = None
@@ -173,10 +179,13 @@ class ScriptRun(RunApi):
         reattach_on_retry: bool = True,
         rerun_of: RunRecord | None = None,
         parent_run_id: str | None = None,
+        on_created: Callable[[ScriptRun], None] | None = None,
     ) -> ScriptRun:
         """Validate everything, then record the run and start it; see Experiment.submit.
 
         :param parent_run_id: the sweep this run is a child of.
+        :param on_created: called with a new run once it is recorded, before it is started: whoever must stop it
+            if interrupted (a sweep) holds it from then on, with no moment in which it runs unheld.
 
         :param rerun_of: the recorded run this one repeats (``rerun``): its snapshot and git state are used
             as they are, and the new run names it.
@@ -229,6 +238,8 @@ class ScriptRun(RunApi):
             **(airflow_task.row_fields() if airflow_task else {}),
         )
         run = cls(workspace, target, job, settings)
+        if on_created is not None:
+            on_created(run)
         run._start(SnapshotSource(workspace.store, snapshot), recorded_environment)
         return run
 
@@ -335,6 +346,7 @@ class ScriptRun(RunApi):
         run = cls(workspace, target, job, settings)
         run.handle = handle
         run._started = record.start or _now()
+        run._stop_requested = record.tags.get(STOP_REQUESTED_TAG)
         following = workspace.history.update_unfinished_run(
             record.id,
             status=RunStatus.RUNNING,
@@ -731,7 +743,9 @@ class ScriptRun(RunApi):
             # The target enforced the limit itself (e.g. while no task was following the run).
             self._timed_out = True
         if self._cancel_requested:
-            return self._finish(RunStatus.CANCELED, "Canceled while running (the task was killed).")
+            return self._finish(
+                RunStatus.CANCELED, self._stop_requested or "Canceled while running (the task was killed)."
+            )
         if self._stop_reason is not None:
             return self._finish(RunStatus.FAILED, self._stop_reason)
         if self._timed_out:
@@ -739,6 +753,10 @@ class ScriptRun(RunApi):
                 RunStatus.FAILED,
                 f"Exceeded max_run_duration_seconds={self.job.max_run_duration_seconds}; the run was stopped.",
             )
+        if self._stop_requested is not None and status.exit_code != 0:
+            # A stop that failed may have reached the run all the same (a signal sent, then the connection
+            # dropped): a run asked to stop that did not end well ended by it. One that Completed ran to its end.
+            return self._finish(RunStatus.CANCELED, self._stop_requested)
         if status.exit_code == 0:
             return self._finish(RunStatus.COMPLETED, None)
         if status.exit_code is None:
@@ -760,7 +778,7 @@ class ScriptRun(RunApi):
         """Stop the run on its target; it ends Canceled (or as it ended, if it already had).
 
         :param reason: recorded as the run's error when nobody is following the run (who follows it records
-            why it ended).
+            why it ended); also when recording the end here fails and another look records it.
         """
         if self._finished is not None or self.handle is None:
             return
@@ -775,8 +793,12 @@ class ScriptRun(RunApi):
         if not status.running:
             self.conclude(status)
             return
-        # A stop that fails leaves the run as it was, going on and not asked to stop: whoever called may try again
-        # (a sweep whose policy stops the run) or let it go; a later look at it does not stop it unasked.
+        # Why, first: should the stop, or reading the rest of the run and recording its end here, fail, whoever
+        # records the run's end later records it Canceled with this reason (see _conclude). A stop that fails
+        # leaves the run going on: whoever called may try again (a sweep whose policy stops the run) or let it
+        # go; a later look at it does not stop it unasked.
+        self._stop_requested = reason
+        self._book.add_tags({STOP_REQUESTED_TAG: reason})
         self.target.cancel(self.handle)
         self._cancel_requested = True
         self._drain(None, final=True)

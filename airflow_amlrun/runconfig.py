@@ -30,6 +30,9 @@ MAX_WORD_BYTES = 128 * 1024 - 1
 MAX_EXEC_BYTES = 1536 * 1024
 # What a script is written for: plain Python, or Python using Spark (pyspark).
 FRAMEWORKS = ("python", "pyspark")
+# The target a sweep's parent run records (hyperdrive/sweep.py): not a compute target (the parent runs no code),
+# and a name no compute target may have, for the history to tell sweeps apart by it.
+SWEEP_TARGET = "hyperdrive"
 
 
 def check_word(text: str, where: str) -> None:
@@ -166,7 +169,8 @@ class ScriptRunConfig:
     :param script: path of the script inside source_directory (exclusive with command).
     :param command: a shell command (string) or argv (list) to run instead of a script.
     :param arguments: words passed to the script after its path.
-    :param compute_target: ``"local"`` or the id of an Airflow connection naming a target.
+    :param compute_target: ``"local"`` or the id of an Airflow connection naming a target (not ``"hyperdrive"``,
+        the target the run history records for a sweep's parent run).
     :param environment: an Environment, or the name (``name`` or ``name:version``) of a registered one.
     :param max_run_duration_seconds: stop the run, Failed, once it has run this long.
     :param environment_variables: set for the script's process, beside the environment's own.
@@ -229,6 +233,14 @@ class ScriptRunConfig:
             raise ConfigurationError(
                 f"compute_target {shown(self.compute_target)} cannot name a compute target: use 'local', "
                 f"'docker' or the id of an Airflow connection ({CONNECTION_ID_RULE})."
+            )
+        if self.compute_target == SWEEP_TARGET:
+            # The history tells a sweep's parent run by this target: runs on a connection of that id would be
+            # taken for sweeps (refused by rerun, recorded Failed by reconcile, shown among the sweeps).
+            raise ConfigurationError(
+                f"compute_target {shown(self.compute_target)} is the target the run history records for a "
+                "sweep's parent run, so no compute target can have that name: rename the Airflow connection "
+                f"{shown(self.compute_target)} (e.g. to 'hyperdrive_vm') and give its new id as compute_target."
             )
         limit = self.max_run_duration_seconds
         if limit is not None and (

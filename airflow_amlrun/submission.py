@@ -25,9 +25,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# The target a sweep's parent run records (hyperdrive/sweep.py): not a compute target, the parent runs no code.
-SWEEP_TARGET = "hyperdrive"
-
 
 @dataclass(frozen=True)
 class AirflowTask:

@@ -75,8 +75,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except OSError as err:
         return _failed(os_error_message(err))
-    except KeyboardInterrupt:
-        _failed("interrupted (Ctrl-C)")
+    except KeyboardInterrupt as err:
+        # A command may say what the interruption left behind (`amlrun sweep`: the sweep it recorded Canceled).
+        _failed(f"interrupted (Ctrl-C): {err}" if str(err) else "interrupted (Ctrl-C)")
         return 130
     except Exception as err:
         message = history_away_message(err)

@@ -187,13 +187,21 @@ def cmd_sweep(args: argparse.Namespace, console: Console) -> int:
     ws = workspace(args)
     with progress.reporting(ProgressBars()):
         sweep = Experiment(ws, name).submit(config, tags=spec.tags)
-        spec.name_run(ws, sweep.id)
-        console.print(
-            f"Sweep {sweep.id}: up to {config.max_total_runs} runs, {config.max_concurrent_runs} at a time "
-            f"(experiment {name})",
-            highlight=False,
-        )
-        record = sweep.wait_for_completion(show_output=args.show_output, output=write_line)
+        try:
+            # From here the sweep is recorded: naming it failing, or Ctrl-C before it runs, ends it at once.
+            with sweep.guarded():
+                spec.name_run(ws, sweep.id)
+                console.print(
+                    f"Sweep {sweep.id}: up to {config.max_total_runs} runs, {config.max_concurrent_runs} at a "
+                    f"time (experiment {name})",
+                    highlight=False,
+                )
+                record = sweep.wait_for_completion(show_output=args.show_output, output=write_line)
+        except KeyboardInterrupt:
+            status = ws.get_run(sweep.id).status
+            raise KeyboardInterrupt(
+                f"sweep {sweep.id} and its live runs were stopped; the sweep is recorded {status}."
+            ) from None
     rows = sweep.get_children_sorted_by_primary_metric()
     if args.json:
         print_json(console, {"sweep_run_id": sweep.id, "status": str(record.status), "children": rows})

@@ -45,7 +45,8 @@ from airflow_amlrun.hyperdrive.takeover import SweepChangedError, SweepState
 from airflow_amlrun.hyperdrive.watch import PolicyWatch
 from airflow_amlrun.rerun import recorded_config
 from airflow_amlrun.run import FollowState, RunEndedError, ScriptRun
-from airflow_amlrun.submission import SWEEP_TARGET, AirflowTask, discard_lost, new_run_id, recorded_job
+from airflow_amlrun.runconfig import SWEEP_TARGET
+from airflow_amlrun.submission import AirflowTask, discard_lost, new_run_id, recorded_job
 
 if TYPE_CHECKING:
     from airflow_amlrun.targets.base import TargetStatus
@@ -200,6 +201,10 @@ class HyperDriveRun(SweepResults):
             except AmlRunError as err:
                 ended += 1
                 self._ended(record.id, self._lost(record, err))
+        # Stopped again at the next look: their stop failed in the process that handed the sweep over.
+        self._unstopped = {
+            run_id: (reason, 0.0) for run_id, reason in state.unstopped.items() if run_id in self._children
+        }
         log.info(
             "Sweep %s taken over: %d of its %d runs ended, %d followed on, up to %d more to start",
             self.id,
@@ -236,7 +241,7 @@ class HyperDriveRun(SweepResults):
             return self._finished
         self._emit = output if output is not None else (print if show_output else None)
         try:
-            with self._guarded():
+            with self.guarded():
                 self._begin()
                 last_judged = 0.0
                 while self._stop_reason is None:
@@ -257,7 +262,7 @@ class HyperDriveRun(SweepResults):
         ``hand_over`` the sweep to another process."""
         if self._finished is not None:
             return self._finished
-        with self._guarded():
+        with self.guarded():
             self._begin()
             if self._stop_reason is not None:
                 return self._canceled(self._stop_reason)
@@ -266,7 +271,7 @@ class HyperDriveRun(SweepResults):
     def take_back(self, ended: Mapping[str, TargetStatus], stops: Mapping[str, str]) -> None:
         """What another process saw while it followed the sweep's runs: runs that ended on their target (their
         outcome is recorded from here) and runs the policy stops (stopped from here, Canceled with why)."""
-        with self._guarded():
+        with self.guarded():
             for run_id, status in ended.items():
                 child = self._children.get(run_id)
                 if child is not None:
@@ -287,9 +292,11 @@ class HyperDriveRun(SweepResults):
             is in the history, for a retry of its task to take over.
         """
         states = {run_id: child.hand_over() for run_id, child in self._children.items()}
+        unstopped = {run_id: reason for run_id, (reason, _) in self._unstopped.items() if run_id in states}
         self._children.clear()
+        self._unstopped.clear()
         self._heartbeat.stop()
-        return SweepState(states, {k: v for k, v in self._watch.looked_at.items() if k in states})
+        return SweepState(states, {k: v for k, v in self._watch.looked_at.items() if k in states}, unstopped)
 
     @property
     def deadline(self) -> datetime | None:
@@ -343,11 +350,19 @@ class HyperDriveRun(SweepResults):
         return None
 
     @contextlib.contextmanager
-    def _guarded(self) -> Iterator[None]:
-        """Whatever interrupts the sweep in this process ends it, its live runs stopped, and is raised on."""
+    def guarded(self) -> Iterator[None]:
+        """Whatever interrupts the sweep in this process ends it, its live runs stopped, and is raised on:
+        Canceled for an interruption (Ctrl-C, the task killed), Failed naming the error otherwise.
+
+        The sweep's own steps run in it; so may what a caller does between ``submit`` and
+        ``wait_for_completion`` (naming the sweep, say), so that the sweep does not stay Queued, for
+        ``amlrun reconcile`` to settle it later as Failed, when that fails or is interrupted.
+        """
         try:
             yield
         except BaseException as err:
+            if self._finished is not None:
+                raise  # recorded already, by the sweep's own steps in here
             name = type(err).__name__
             if name == "AirflowTaskTimeout":
                 status, reason = RunStatus.FAILED, "Stopped by the Airflow task's execution_timeout."
@@ -372,6 +387,14 @@ class HyperDriveRun(SweepResults):
         words = [w for name, value in params.items() for w in argument_words(name, value)]
         child_config = replace(config.run_config, arguments=[*(config.run_config.arguments or []), *words])
         self._submitted += 1
+        held: list[ScriptRun] = []
+
+        def hold(child: ScriptRun) -> None:
+            # From the moment it is recorded: an interruption (Ctrl-C, the task's execution_timeout) as it starts
+            # or just after stops it with the others, rather than leave it running with nobody to stop it.
+            self._children[child.id] = child
+            held.append(child)
+
         try:
             child = ScriptRun.submit(
                 self.workspace,
@@ -380,14 +403,17 @@ class HyperDriveRun(SweepResults):
                 tags={HYPERPARAMETERS_TAG: parameters_tag(params)},
                 parent_run_id=self.id,
                 airflow_task=self._airflow_task,
+                on_created=hold,
             )
         except AmlRunError as err:
-            # A run that cannot start (its target refused it) fails the sweep now: the next would too.
+            # A run that cannot start (its target refused it) fails the sweep now: the next would too. Its row
+            # says how it ended, or where it may run (for a retry and reconcile); the sweep no longer holds it.
+            for failed in held:
+                self._children.pop(failed.id, None)
             self._sampler.discard(trial)
             raise AmlRunError(
                 f"Sweep {self.id}: run {self._submitted} with {params} could not start: {err}"
             ) from err
-        self._children[child.id] = child
         if trial is not None:
             self._sampler.trials[child.id] = trial
         log.info(
@@ -419,8 +445,8 @@ class HyperDriveRun(SweepResults):
             self._children[run_id].cancel(reason)
         except Exception as err:
             log.warning(
-                "Sweep %s: stopping run %s failed (%s: %s); it goes on, followed as before, and is stopped again "
-                "in %g s",
+                "Sweep %s: stopping run %s failed (%s: %s); it is followed as before, and stopped again in %g s if "
+                "it still runs (should the stop have ended it all the same, it is recorded Canceled with why)",
                 self.id,
                 run_id,
                 type(err).__name__,

@@ -13,7 +13,7 @@ from airflow_amlrun.errors import ConfigurationError
 from airflow_amlrun.history import RunRecord, RunStatus
 from airflow_amlrun.history.listing import RunFilter
 from airflow_amlrun.run import FollowState, RunEndedError, ScriptRun
-from airflow_amlrun.submission import SWEEP_TARGET as TARGET
+from airflow_amlrun.runconfig import SWEEP_TARGET as TARGET
 
 if TYPE_CHECKING:
     from airflow_amlrun.submission import AirflowTask
@@ -29,23 +29,28 @@ class SweepChangedError(ConfigurationError):
 @dataclass(frozen=True)
 class SweepState:
     """How far a process got with a sweep's live runs, for another process to go on from there (the trigger of
-    a deferred sweep, then the task again): each live run's FollowState, and how many of each run's reports the
-    policy judged."""
+    a deferred sweep, then the task again): each live run's FollowState, how many of each run's reports the
+    policy judged, and the runs the policy stopped whose stop failed, with why (the next process stops them
+    again: the policy does not name a run twice for one report)."""
 
     children: dict[str, FollowState] = field(default_factory=dict)
     looked_at: dict[str, int] = field(default_factory=dict)
+    unstopped: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "children": {run_id: state.to_json() for run_id, state in self.children.items()},
             "looked_at": dict(self.looked_at),
+            "unstopped": dict(self.unstopped),
         }
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> SweepState:
+        # A state handed over by an earlier version has no "unstopped".
         return cls(
             children={str(k): FollowState.from_json(v) for k, v in (data.get("children") or {}).items()},
             looked_at={str(k): int(v) for k, v in (data.get("looked_at") or {}).items()},
+            unstopped={str(k): str(v) for k, v in (data.get("unstopped") or {}).items()},
         )
 
 

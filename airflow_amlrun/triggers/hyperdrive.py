@@ -45,6 +45,8 @@ class _Followed:
     poll_interval: float
     # Runs recorded ended by another process meanwhile: nothing to follow, a slot to fill.
     gone: list[str]
+    # Runs the policy stopped whose stop failed in the task, with why: handed back for the task to stop again.
+    unstopped: dict[str, str]
 
     def let_go(self) -> None:
         self.heartbeat.stop()
@@ -154,7 +156,8 @@ class HyperDriveTrigger(BaseTrigger):
         settings = load_settings()
         heartbeat = Heartbeat(workspace.history, self.sweep_run_id, heartbeat_seconds(settings))
         heartbeat.start()
-        return _Followed(workspace, runs, watch, heartbeat, settings.poll_interval_seconds, gone)
+        unstopped = {run_id: reason for run_id, reason in state.unstopped.items() if run_id in runs}
+        return _Followed(workspace, runs, watch, heartbeat, settings.poll_interval_seconds, gone, unstopped)
 
     def _may_fire(self) -> bool:
         return self.not_before is None or datetime.now(UTC) >= datetime.fromisoformat(self.not_before)
@@ -186,7 +189,8 @@ class HyperDriveTrigger(BaseTrigger):
             yield self._event(ERROR, message=describe(err), state=self.state)
             return
         ended: dict[str, TargetStatus] = {}
-        stops: dict[str, str] = {}
+        # A run whose stop failed in the task is one the policy stops: the task is woken to stop it again.
+        stops: dict[str, str] = dict(followed.unstopped)
         looking: list[asyncio.Future[Any]] = []
         pause = min(max(followed.poll_interval, 0.05) * 20, TRIGGER_POLL_SECONDS)
         try:
@@ -246,7 +250,8 @@ class HyperDriveTrigger(BaseTrigger):
         finally:
             followed.heartbeat.stop()
         looked_at = {k: v for k, v in followed.watch.looked_at.items() if k in states}
-        return SweepState(states, looked_at).to_json()
+        unstopped = {k: v for k, v in followed.unstopped.items() if k in states}
+        return SweepState(states, looked_at, unstopped).to_json()
 
     async def on_kill(self) -> None:
         """The deferred task was killed (marked failed or succeeded, or cleared): stop the sweep's runs, which

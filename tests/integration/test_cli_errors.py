@@ -109,10 +109,45 @@ def test_ctrl_c_stops_a_sweep_with_a_line_not_a_traceback(amlrun_home: Path, tmp
             sweep.wait()
 
     assert sweep.returncode == 130, err
-    lines = [line for line in err.splitlines() if line and not line.startswith("Created the embedded")]
-    assert lines[-1:] == ["error: interrupted (Ctrl-C)"] and "Traceback" not in err, err
     runs = Workspace.get().list_runs(experiment="cli_errors")
     assert sorted(str(r.status) for r in runs) == ["Canceled"] * 3
+    [parent] = [r for r in runs if r.target == "hyperdrive"]
+    lines = [line for line in err.splitlines() if line and not line.startswith("Created the embedded")]
+    assert lines[-1:] == [
+        f"error: interrupted (Ctrl-C): sweep {parent.id} and its live runs were stopped; the sweep is recorded "
+        "Canceled."
+    ], err
+    assert "Traceback" not in err, err
+
+
+def test_a_sweep_whose_naming_fails_is_recorded_failed_saying_why_not_left_queued(
+    amlrun_home: Path, tmp_path: Path
+) -> None:
+    import sqlite3
+
+    write_script(tmp_path / "src", "train.py", "print('never started')\n")
+    (tmp_path / "sweep.yaml").write_text(
+        "experiment: cli_errors\n"
+        "run_config: {source_directory: src, script: train.py, display_name: alpha sweep}\n"
+        "hyperparameter_sampling: {type: grid, parameter_space: {--alpha: {choice: [1, 2]}}}\n"
+        "primary_metric_name: loss\nprimary_metric_goal: minimize\nmax_total_runs: 2\n"
+    )
+    assert (
+        Workspace.get().list_runs() == []
+    )  # the embedded workspace, whose history then refuses to name a run
+    with sqlite3.connect(amlrun_home / "history.db") as db:
+        db.execute(
+            "CREATE TRIGGER frozen_names BEFORE UPDATE OF display_name ON amlrun_runs "
+            "BEGIN SELECT RAISE(ABORT, 'display names are frozen here'); END"
+        )
+
+    done = amlrun("sweep", str(tmp_path / "sweep.yaml"))
+
+    assert done.returncode != 0 and "display names are frozen here" in done.stderr, done.stderr
+    [parent] = Workspace.get().list_runs(experiment="cli_errors")
+    assert parent.target == "hyperdrive" and parent.status is RunStatus.FAILED, (parent.status, parent.error)
+    assert parent.error.startswith("The sweep failed: ") and "display names are frozen here" in parent.error
+    assert parent.end is not None
 
 
 def test_a_reader_that_stops_reading_ends_the_command_quietly(amlrun_home: Path, tmp_path: Path) -> None:

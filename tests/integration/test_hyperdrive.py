@@ -119,7 +119,38 @@ class UnstoppableLocalTarget(UnsteadyLocalTarget):
     failures = 1_000_000
 
 
-@pytest.mark.parametrize("target_class", [UnsteadyLocalTarget, UnstoppableLocalTarget])
+class HalfStoppingLocalTarget(UnsteadyLocalTarget):
+    """The local target, whose stop of a run ends the run and then fails (a remote target's connection that drops
+    once the signal went out): whoever looks next finds the run ended."""
+
+    def cancel(self, handle: LocalHandle) -> None:
+        LocalTarget.cancel(self, handle)
+        raise OSError(f"the target did not answer while stopping the run of pid {handle.pid}")
+
+
+class LogLosingLocalTarget(UnsteadyLocalTarget):
+    """The local target, whose log of a run cannot be read right after its stop went through (a connection that
+    drops then): the sweep cannot record the run's end at once."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.stopped: set[int] = set()
+
+    def cancel(self, handle: LocalHandle) -> None:
+        LocalTarget.cancel(self, handle)
+        self.stopped.add(handle.pid)
+
+    def read_log(self, handle: LocalHandle, offset: int, final: bool = False) -> Any:
+        if handle.pid in self.stopped:
+            self.stopped.discard(handle.pid)
+            raise OSError(f"the target did not answer while stopping the run of pid {handle.pid}")
+        return super().read_log(handle, offset, final)
+
+
+@pytest.mark.parametrize(
+    "target_class",
+    [UnsteadyLocalTarget, UnstoppableLocalTarget, HalfStoppingLocalTarget, LogLosingLocalTarget],
+)
 def test_a_run_the_policy_fails_to_stop_goes_on_and_the_sweep_ends_with_every_run_recorded(  # type: ignore[no-untyped-def]
     amlrun_home, tmp_path, monkeypatch, caplog, target_class
 ) -> None:
@@ -153,15 +184,16 @@ def test_a_run_the_policy_fails_to_stop_goes_on_and_the_sweep_ends_with_every_ru
             for r in caplog.records
         ), caplog.text
         points = [p for p in ws.history.get_metrics(child.id) if p.name == "loss"]
-        if target_class is UnsteadyLocalTarget:
-            # Stopped again a little later, with the policy's reason.
-            assert child.status is RunStatus.CANCELED, (child.status, child.error)
-            assert child.error.startswith("Canceled by BanditPolicy at report "), child.error
-            assert len(points) < STEPS
-        else:
+        if target_class is UnstoppableLocalTarget:
             # Never stopped: followed to its own end, and recorded as it ended.
             assert child.status is RunStatus.COMPLETED, (child.status, child.error)
             assert len(points) == STEPS
+        else:
+            # Stopped again a little later, or found ended by the stop that seemed to fail: with the policy's
+            # reason either way.
+            assert child.status is RunStatus.CANCELED, (child.status, child.error)
+            assert child.error.startswith("Canceled by BanditPolicy at report "), child.error
+            assert len(points) < STEPS
     best = sweep.get_best_run_by_primary_metric()
     assert best is not None and alpha[best.id] == 1
 
@@ -273,6 +305,72 @@ def test_a_stopped_sweep_stops_its_runs_and_is_recorded_canceled(amlrun_home, tm
     assert time.monotonic() - started < 60
     assert (parent.status, parent.error) == (RunStatus.CANCELED, "Canceled: stopped by the test.")
     assert [c.status for c in sweep.get_children()] == [RunStatus.CANCELED, RunStatus.CANCELED]
+
+
+def test_an_interruption_as_a_run_of_the_sweep_has_just_started_stops_that_run_too(
+    amlrun_home, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    import os
+    import signal
+    import sys
+
+    from airflow_amlrun.run import ScriptRun
+    from tests.integration.conftest import alive
+
+    sweep = Experiment(Workspace.get(), "sweeps").submit(sweep_of(sleeper(tmp_path)))
+    submit = ScriptRun.submit.__func__.__code__  # type: ignore[attr-defined]
+    started = []
+
+    def ctrl_c_as_the_second_run_is_handed_to_the_sweep(frame, event, arg):  # type: ignore[no-untyped-def]
+        # Ctrl-C, or the task's execution_timeout, landing at one exact moment: the second run started, and
+        # ScriptRun.submit returns it.
+        def on_return(frame, event, arg):  # type: ignore[no-untyped-def]
+            if event == "return" and isinstance(arg, ScriptRun):
+                started.append(arg.id)
+                if len(started) == 2:
+                    sys.settrace(None)
+                    raise KeyboardInterrupt
+            return on_return
+
+        return on_return if event == "call" and frame.f_code is submit else None
+
+    sys.settrace(ctrl_c_as_the_second_run_is_handed_to_the_sweep)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            sweep.wait_for_completion()
+    finally:
+        sys.settrace(None)
+        children = sweep.get_children()
+        left_running = [c.id for c in children if c.handle is not None and alive(c.handle["pid"])]
+        for child in children:
+            if child.id in left_running:
+                os.killpg(
+                    child.handle["pid"], signal.SIGKILL
+                )  # the test's own clean-up, after the verdict below
+
+    assert left_running == []
+    parent = Workspace.get().get_run(sweep.id)
+    assert (parent.status, parent.error) == (
+        RunStatus.CANCELED,
+        "Canceled: the sweep was interrupted (KeyboardInterrupt).",
+    )
+    assert [c.id for c in children] == started
+    assert [(c.status, c.error) for c in children] == [
+        (RunStatus.CANCELED, "Canceled: the sweep was interrupted (KeyboardInterrupt).")
+    ] * 2
+
+
+def test_a_sweep_interrupted_before_it_runs_is_recorded_canceled_at_once(amlrun_home, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    sweep = Experiment(Workspace.get(), "sweeps").submit(sweep_of(sleeper(tmp_path)))
+    with pytest.raises(KeyboardInterrupt), sweep.guarded():
+        raise KeyboardInterrupt  # Ctrl-C while the caller names the sweep, before wait_for_completion
+
+    parent = Workspace.get().get_run(sweep.id)
+    assert (parent.status, parent.error) == (
+        RunStatus.CANCELED,
+        "Canceled: the sweep was interrupted (KeyboardInterrupt).",
+    )
+    assert parent.end is not None and sweep.get_children() == []
 
 
 def test_a_sweep_that_cannot_run_is_refused_before_it_is_recorded(amlrun_home, tmp_path) -> None:  # type: ignore[no-untyped-def]

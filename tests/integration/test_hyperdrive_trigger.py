@@ -6,15 +6,19 @@ triggerer."""
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import threading
 import time
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
 from airflow_amlrun import Experiment, ScriptRunConfig, Workspace
+from airflow_amlrun.config import Settings
 from airflow_amlrun.history import RunStatus
 from airflow_amlrun.hyperdrive import (
     BanditPolicy,
@@ -24,7 +28,10 @@ from airflow_amlrun.hyperdrive import (
     choice,
 )
 from airflow_amlrun.hyperdrive.takeover import SweepState, end_sweep
+from airflow_amlrun.targets import registry
 from airflow_amlrun.targets.base import TargetStatus
+from airflow_amlrun.targets.handles import LocalHandle
+from airflow_amlrun.targets.local import LocalTarget
 from airflow_amlrun.triggers.hyperdrive import FOLLOWED, KILLED, HyperDriveTrigger
 from tests.conftest import write_script
 
@@ -174,3 +181,60 @@ def test_killing_a_deferred_sweep_cancels_its_runs_and_the_sweep(tmp_path: Path)
     parent = Workspace.get().get_run(sweep.id)
     assert (parent.status, parent.error) == (RunStatus.CANCELED, KILLED)
     assert [following(c.id) for c in children] == [[], []] and following(sweep.id) == []
+
+
+class OnceUnstoppableLocalTarget(LocalTarget):
+    """The local target, whose first stop of each run fails (a connection that drops), in whichever process asks:
+    the runs are real, only the stop that fails is the test's."""
+
+    refused: ClassVar[set[str]] = set()
+
+    @classmethod
+    def from_connection(
+        cls, name: str, conn: Any, settings: Settings, cache_dir: Path
+    ) -> OnceUnstoppableLocalTarget:
+        return cls(settings, cache_dir, name)
+
+    def cancel(self, handle: LocalHandle) -> None:
+        if handle.run_dir not in self.refused:
+            self.refused.add(handle.run_dir)
+            raise OSError(f"the target did not answer while stopping the run of pid {handle.pid}")
+        super().cancel(handle)
+
+
+def test_a_run_whose_stop_failed_before_the_sweep_deferred_again_is_stopped_by_the_next_turn(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setitem(
+        registry.CONNECTION_KINDS, "amlrun_once_unstoppable", f"{__name__}:OnceUnstoppableLocalTarget"
+    )
+    monkeypatch.setenv("AIRFLOW_CONN_FLAKY", json.dumps({"conn_type": "amlrun_once_unstoppable"}))
+    # The policy judges the worse run at its third report only, so it never names the run again: the task
+    # that failed to stop it must hand that on.
+    policy = BanditPolicy(slack_factor=0.2, delay_evaluation=2, evaluation_interval=100)
+    config = sweep_config(tmp_path, steps=12, alphas=[1, 10], policy=policy)
+    config = replace(config, run_config=replace(config.run_config, compute_target="flaky"))
+    sweep, trigger = deferred(config)
+    good, bad = [c.id for c in sweep.get_children()]
+
+    # As HyperDriveOperator does: the trigger follows the runs, the task takes them back, stops those the policy
+    # named, and defers again, until the sweep ended.
+    with caplog.at_level(logging.WARNING, logger="airflow_amlrun.hyperdrive.sweep"):
+        for _turn in range(20):
+            event = asyncio.run(first_event(trigger))
+            again = taken_back(config, event)
+            record = again.advance()
+            if record is not None:
+                break
+            state = again.hand_over()
+            trigger = HyperDriveTrigger(sweep.id, state.to_json(), policy.to_dict(), "loss", config.goal)
+        else:
+            pytest.fail("the sweep did not end in 20 turns")
+
+    assert any(f"stopping run {bad} failed" in r.getMessage() for r in caplog.records), caplog.text
+    stopped = Workspace.get().get_run(bad)
+    assert stopped.status is RunStatus.CANCELED, (stopped.status, stopped.error)
+    assert stopped.error.startswith("Canceled by BanditPolicy at report 3"), stopped.error
+    assert len(Workspace.get().history.get_metrics(bad)) < 12
+    assert Workspace.get().get_run(good).status is RunStatus.COMPLETED
+    assert (record.status, record.tags["best_run_id"]) == (RunStatus.COMPLETED, good)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -10,12 +11,18 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from airflow_amlrun import Workspace
-from airflow_amlrun.reconcile import SETTLED_BY_TAG
+from airflow_amlrun import Experiment, ScriptRunConfig, Workspace
+from airflow_amlrun.config import Settings
+from airflow_amlrun.history import RunStatus
+from airflow_amlrun.reconcile import SETTLED_BY_TAG, reconcile
+from airflow_amlrun.targets import registry
 from airflow_amlrun.targets.docker import LABEL_RUN_ID, LABEL_TRANSFER, container_name
+from airflow_amlrun.targets.handles import LocalHandle
+from airflow_amlrun.targets.local import LocalTarget
 from tests.conftest import dag_source, worker_dies_mid_run, write_script
 from tests.integration.docker_engine import containers_of
 from tests.integration.orphans import wait_for_file
@@ -464,3 +471,45 @@ def test_one_reconcile_settles_a_sweep_whose_task_died_after_its_runs(amlrun_hom
     parent = ws.get_run(sweep.id)
     assert parent.status == "Failed", done.stdout + done.stderr
     assert parent.error == "Failed: the task running this sweep stopped reporting on it."
+
+
+class HalfStoppingLocalTarget(LocalTarget):
+    """The local target, whose stop of a run ends the run and then fails (a remote target's connection that drops
+    once the signal went out)."""
+
+    @classmethod
+    def from_connection(
+        cls, name: str, conn: Any, settings: Settings, cache_dir: Path
+    ) -> HalfStoppingLocalTarget:
+        return cls(settings, cache_dir, name)
+
+    def cancel(self, handle: LocalHandle) -> None:
+        super().cancel(handle)
+        raise OSError(f"the connection dropped after the stop of the run of pid {handle.pid} was sent")
+
+
+def test_a_run_whose_stop_seemed_to_fail_before_its_follower_died_is_recorded_canceled_with_why(
+    amlrun_home, tmp_path, monkeypatch
+):
+    monkeypatch.setitem(
+        registry.CONNECTION_KINDS, "amlrun_half_stopping", f"{__name__}:HalfStoppingLocalTarget"
+    )
+    monkeypatch.setenv("AIRFLOW_CONN_HALFWAY", json.dumps({"conn_type": "amlrun_half_stopping"}))
+    write_script(tmp_path / "src", "train.py", "import time\ntime.sleep(300)\n")
+    ws = Workspace.get()
+    run = Experiment(ws, "stops").submit(
+        ScriptRunConfig(tmp_path / "src", script="train.py", compute_target="halfway")
+    )
+    reason = "Canceled by BanditPolicy at report 3: loss 40 is outside the slack of the best run's 1."
+    # A sweep's policy stops the run; the stop ends it but says it failed, and the sweep's process dies before
+    # it looks at the run again.
+    with pytest.raises(OSError, match="connection dropped"):
+        run.cancel(reason)
+    run.abandon()
+    until_orphaned()
+
+    [settled] = reconcile(ws)
+
+    record = ws.get_run(run.id)
+    assert (record.status, record.error) == (RunStatus.CANCELED, reason), record.error
+    assert (settled.run_id, settled.outcome) == (run.id, "Canceled")

@@ -8,16 +8,21 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from airflow_amlrun import Environment, Experiment, ScriptRunConfig, Workspace
+from airflow_amlrun.config import Settings
 from airflow_amlrun.environment import PythonSection
 from airflow_amlrun.errors import ConfigurationError
 from airflow_amlrun.history import RunNotFoundError
 from airflow_amlrun.run import rerun
 from airflow_amlrun.snapshot import BlobMissingError
+from airflow_amlrun.targets import registry
+from airflow_amlrun.targets.local import LocalTarget
 from tests.conftest import write_script
 
 pytest_plugins = ["tests.integration.docker_engine"]
@@ -172,6 +177,38 @@ def test_a_bad_target_for_a_rerun_is_named(original) -> None:  # type: ignore[no
     ws, first = original
     with pytest.raises(ConfigurationError, match="compute_target 'no way'"):
         rerun(ws, first.id, compute_target="no way")
+    assert len(ws.list_runs(experiment="reruns")) == 1
+
+
+class NamedLocalTarget(LocalTarget):
+    """The local target, reached through an Airflow connection of its own (as an SSH host would be)."""
+
+    @classmethod
+    def from_connection(cls, name: str, conn: Any, settings: Settings, cache_dir: Path) -> NamedLocalTarget:
+        return cls(settings, cache_dir, name)
+
+
+def test_a_connection_named_as_a_sweeps_target_is_refused_before_anything_runs_on_it(  # type: ignore[no-untyped-def]
+    original, monkeypatch
+) -> None:
+    ws, first = original
+    # A connection a run could go to, but for its id, which the history gives a sweep's parent run: runs there
+    # would be taken for sweeps (refused by rerun, recorded Failed by reconcile).
+    monkeypatch.setitem(registry.CONNECTION_KINDS, "amlrun_named_local", f"{__name__}:NamedLocalTarget")
+    monkeypatch.setenv("AIRFLOW_CONN_HYPERDRIVE", json.dumps({"conn_type": "amlrun_named_local"}))
+    config = ScriptRunConfig(first.config["source_directory"], script="train.py")
+    with pytest.raises(ConfigurationError, match="rename the Airflow connection 'hyperdrive'"):
+        Experiment(ws, "reruns").submit(replace(config, compute_target="hyperdrive"))
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "amlrun"), "rerun", first.id, "--target", "hyperdrive"],
+        capture_output=True,
+        text=True,
+        env=os.environ,
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "compute_target 'hyperdrive' is the target the run history records for a sweep" in " ".join(
+        done.stderr.split()
+    )
     assert len(ws.list_runs(experiment="reruns")) == 1
 
 

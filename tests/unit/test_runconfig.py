@@ -21,6 +21,16 @@ def test_neither_script_nor_command_is_refused(tmp_path):
         ScriptRunConfig(tmp_path)
 
 
+def test_a_compute_target_named_as_a_sweeps_parent_run_is_refused_naming_the_rename(tmp_path):
+    with pytest.raises(ConfigurationError) as err:
+        ScriptRunConfig(tmp_path, script="train.py", compute_target="hyperdrive")
+    message = str(err.value)
+    assert message.startswith("compute_target 'hyperdrive' is the target the run history records for a sweep")
+    assert "rename the Airflow connection 'hyperdrive'" in message
+    # Only that name: a connection id that merely contains it is any other.
+    assert ScriptRunConfig(tmp_path, script="train.py", compute_target="hyperdrive_vm").compute_target
+
+
 @pytest.mark.parametrize("script", ["../x.py", "sub/../../x.py", "/abs/train.py"])
 def test_script_outside_the_source_directory_is_refused(tmp_path, script):
     with pytest.raises(ConfigurationError, match=r"'\.\.'|absolute path") as err:

@@ -43,6 +43,7 @@ states = st.builds(
         max_size=4,
     ),
     looked_at=st.dictionaries(st.text(max_size=12), st.integers(0, 10**6), max_size=4),
+    unstopped=st.dictionaries(RUN_IDS, st.text(max_size=80), max_size=2),
 )
 
 
