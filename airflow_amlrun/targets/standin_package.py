@@ -5,9 +5,12 @@ A run's script imports ``airflow_amlrun.run_context`` wherever it runs, so each 
 of the interpreter's site-packages: the run folder's pylib on the PYTHONPATH of a local, Docker or SSH run
 (common.write_run_context_package, with the MLflow capture), and the code archive (code.zip) the Spark target
 ships with `--py-files` to the driver and every executor. On an interpreter that lacks airflow-amlrun, that
-copy is the package. Where airflow-amlrun is installed, this file hands its place over to the installed
-package while it is being imported: the script then gets that package whole (its run_context, ``Workspace``
-and everything else), and the copy shadows nothing.
+copy is the package. Where the same version of airflow-amlrun as the worker's is installed, this file hands
+its place over to the installed package while it is being imported: the script then gets that package whole
+(its run_context, ``Workspace`` and everything else), and the copy shadows nothing. Where another version is
+installed, the copy stays the package (and says so on stderr): that version's run_context may not know how
+the worker hands a run its events file, and would print the script's metrics rather than record them. The
+worker's version is written into each copy (shipped_source).
 
 More than one stand-in may be on the path (a Spark driver has the archive twice, and the run folder's pylib
 when it runs on another interpreter than the worker's): the first one imported hands over, to none of the
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import importlib.machinery
 import importlib.util
+import re
 import sys
 
 # Not typing: nothing is imported that the script did not ask for (mypy reads any TYPE_CHECKING as true).
@@ -32,6 +36,22 @@ if TYPE_CHECKING:
 # it).
 PACKAGE = "airflow_amlrun"
 SHIPPED_MARK = "airflow-amlrun: shipped stand-in package"
+# The version of airflow-amlrun on the worker that shipped this copy; shipped_source writes it in.
+WORKER_VERSION = None
+_UNSTAMPED = "WORKER_VERSION = None\n"
+# How the package's __init__ names its version (read from its text: nothing of it runs to tell).
+_VERSION_LINE = re.compile(rb"""^__version__\s*=\s*["']([^"'\s]+)["']""", re.MULTILINE)
+
+
+def shipped_source(version: str) -> bytes:
+    """The text of this file as a run ships it: the stand-in of the worker's airflow-amlrun `version`."""
+    with open(__file__, encoding="utf-8") as stream:
+        text = stream.read()
+    if text.count(_UNSTAMPED) != 1:
+        raise RuntimeError(
+            f"{__file__} has not exactly one line {_UNSTAMPED.strip()!r} to write the version in"
+        )
+    return text.replace(_UNSTAMPED, f"WORKER_VERSION = {version!r}\n").encode("utf-8")
 
 
 def find_package() -> tuple[ModuleSpec | None, list[str]]:
@@ -74,11 +94,34 @@ def _standin(spec: ModuleSpec) -> bool:
     return SHIPPED_MARK.encode() in source
 
 
+def installed_version(spec: ModuleSpec) -> str | None:
+    """The ``__version__`` an installed airflow_amlrun's __init__ sets (None if it sets none this file can
+    read)."""
+    get_data = getattr(spec.loader, "get_data", None)
+    if get_data is None or spec.origin is None:
+        return None
+    try:
+        found = _VERSION_LINE.search(get_data(spec.origin))
+    except OSError:
+        return None
+    return found.group(1).decode("utf-8", "replace") if found else None
+
+
 def _hand_over() -> None:
     shipped = sys.modules[PACKAGE]
     installed, standins = find_package()
+    if installed is not None and installed.loader is not None:
+        version = installed_version(installed)
+        if version != WORKER_VERSION:
+            sys.stderr.write(
+                f"airflow-amlrun: this interpreter has airflow-amlrun {version or '(version unknown)'} installed "
+                f"({installed.origin}), and the worker that started the run has {WORKER_VERSION}: the script "
+                "gets the worker's airflow_amlrun.run_context, not the installed package. Install "
+                f"airflow-amlrun=={WORKER_VERSION} on this interpreter for the rest of the package.\n"
+            )
+            installed = None
     if installed is None or installed.loader is None:
-        # None installed: this package it is, with every stand-in's modules.
+        # None installed (or not the worker's version): this package it is, with every stand-in's modules.
         shipped.__path__.extend(folder for folder in standins if folder not in shipped.__path__)
         return
     if installed.submodule_search_locations is not None:

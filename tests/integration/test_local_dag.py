@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import pickle
+import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -194,3 +196,49 @@ def test_a_script_on_another_path_to_the_workers_python_imports_the_whole_instal
     run = Workspace.get().get_run(result.xcoms["train"]["run_id"])
     assert run.status == "Completed"
     assert run.metrics == {"accuracy": 0.9}
+
+
+def test_a_script_on_an_interpreter_with_another_version_of_airflow_amlrun_still_records_its_metrics(
+    run_dag, tmp_path, amlrun_home
+):
+    # A virtualenv with an older airflow-amlrun, whose run_context knows nothing of the worker's events file and
+    # prints what the script logs: the run must use the worker's run_context, and say why.
+    venv = tmp_path / "old-venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    site = next(venv.glob("lib/python*/site-packages"))
+    (site / "airflow_amlrun").mkdir()
+    (site / "airflow_amlrun" / "__init__.py").write_text('__version__ = "0.0.1"\n')
+    (site / "airflow_amlrun" / "run_context.py").write_text(
+        textwrap.dedent("""
+        class Run:
+            @classmethod
+            def get_context(cls):
+                return cls()
+
+            def log(self, name, value, step=None):
+                print("offline:", name, value)
+        """)
+    )
+    write_script(
+        tmp_path / "src",
+        "train.py",
+        """
+        from airflow_amlrun import run_context
+
+        run_context.Run.get_context().log("accuracy", 0.9)
+        """,
+    )
+    python = str(venv / "bin" / "python")
+    env = f'Environment("old-venv", python=PythonSection(interpreter_path={python!r}))'
+
+    result = run_dag(dag_source(tmp_path / "src", environment=env))
+
+    assert result.state == "success", result.log
+    run = Workspace.get().get_run(result.xcoms["train"]["run_id"])
+    assert run.status == "Completed"
+    assert run.metrics == {"accuracy": 0.9}
+    assert "offline: accuracy" not in result.log
+    assert (
+        f"this interpreter has airflow-amlrun 0.0.1 installed ({site / 'airflow_amlrun' / '__init__.py'}), and the "
+        f"worker that started the run has {airflow_amlrun.__version__}" in result.log
+    )

@@ -210,6 +210,51 @@ def test_the_run_context_package_gives_way_to_an_installed_airflow_amlrun_and_st
     ]
 
 
+def _installed_elsewhere(site: Path, version: str) -> Path:
+    """A site folder holding an airflow_amlrun of `version` whose run_context is its own (it knows nothing of the
+    worker's events file)."""
+    package = site / "airflow_amlrun"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text(f'"""airflow-amlrun {version}."""\n\n__version__ = "{version}"\n')
+    (package / "run_context.py").write_text(
+        "class Run:\n    offline = 'installed'\n\n    @classmethod\n"
+        "    def get_context(cls):\n        return cls()\n"
+    )
+    return site
+
+
+def test_the_run_context_package_gives_way_only_to_the_workers_own_version_of_airflow_amlrun(tmp_path):
+    root = common.write_run_context_package(tmp_path / "pylib")
+    script = "import airflow_amlrun.run_context as rc; print(rc.__file__)"
+
+    def imported(site: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-S", "-c", script],
+            env={"PYTHONPATH": f"{root}:{site}"},
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+
+    # Another version installed: the worker's run_context, and a line saying why.
+    other = _installed_elsewhere(tmp_path / "old-site", "0.0.1")
+    done = imported(other)
+    assert done.stdout.split() == [str(root / "airflow_amlrun" / "run_context.py")]
+    assert (
+        f"this interpreter has airflow-amlrun 0.0.1 installed ({other / 'airflow_amlrun' / '__init__.py'}), and "
+        f"the worker that started the run has {airflow_amlrun.__version__}: the script gets the worker's "
+        f"airflow_amlrun.run_context, not the installed package. Install "
+        f"airflow-amlrun=={airflow_amlrun.__version__} on this interpreter for the rest of the package."
+    ) in done.stderr
+
+    # The worker's version installed: that package, whole, and nothing said.
+    same = _installed_elsewhere(tmp_path / "same-site", airflow_amlrun.__version__)
+    done = imported(same)
+    assert done.stdout.split() == [str(same / "airflow_amlrun" / "run_context.py")]
+    assert done.stderr == ""
+
+
 # reading a run's growing files
 
 
