@@ -169,7 +169,8 @@ class RunApi:
         returns their paths.
 
         The names come from the store; one that would be written outside ``output_directory`` (through '..',
-        or a folder there that is a link leading out) is refused before anything of it is written. Every file
+        or a folder there that is a link leading out), or two that would be written to the same path
+        (``append_prefix=False``), are refused before anything is written. Every file
         arrives beside its place first and is put there once all have arrived: a download that fails partway
         removes what it wrote (files and folders it made) and leaves the files that were there before as they
         were.
@@ -186,7 +187,7 @@ class RunApi:
             )
         names = [n for n in self.get_file_names() if prefix is None or n.startswith(prefix)]
         root = os.path.abspath(os.fspath(output_directory) if output_directory is not None else ".")
-        planned = [(name, _relative_destination(name, prefix, append_prefix)) for name in names]
+        planned = _destinations(names, prefix, append_prefix)
         for name, relative in planned:  # every name first: a bad one stops the download before any file
             _check_parts(root, relative, name)
         download = _Download(root)
@@ -335,6 +336,26 @@ def _relative_destination(name: str, prefix: str | None, append_prefix: bool) ->
         return name
     rest = name[len(prefix) :].lstrip("/")
     return rest or posixpath.basename(name)
+
+
+def _destinations(names: list[str], prefix: str | None, append_prefix: bool) -> list[tuple[str, str]]:
+    """Each name with the path under the output directory it is written to; an error naming two names that
+    would be written to the same path (the rest of each name after the prefix alone may be the same)."""
+    planned: list[tuple[str, str]] = []
+    taken: dict[str, str] = {}
+    for name in names:
+        relative = _relative_destination(name, prefix, append_prefix)
+        first = taken.setdefault(relative, name)
+        if first != name:
+            narrower = f" such as {prefix + '/'!r}" if prefix and not prefix.endswith("/") else ""
+            raise ConfigurationError(
+                f"download_files(prefix={prefix!r}, append_prefix=False) would write both the run's file "
+                f"{first!r} and its file {name!r} to {relative!r} in the output directory, one over the other: "
+                "nothing was downloaded. Pass append_prefix=True to keep each file's whole name, or a narrower "
+                f"prefix{narrower}."
+            )
+        planned.append((name, relative))
+    return planned
 
 
 def _outside(root: str, name: str) -> ConfigurationError:

@@ -114,6 +114,41 @@ def test_files_download_one_by_one_or_by_prefix(completed, tmp_path):
         run.download_file("../history.db")
 
 
+def test_a_download_that_would_write_two_files_to_one_path_writes_nothing_and_names_both(
+    amlrun_home, tmp_path
+):
+    write_script(
+        tmp_path / "src",
+        "train.py",
+        """
+        import os
+
+        for folder, text in (("outputs/run1", "first"), ("outputs/run/1", "second")):
+            os.makedirs(folder)
+            with open(f"{folder}/model.txt", "w") as f:
+                f.write(text)
+        """,
+    )
+    run = Experiment(Workspace.get(), "run_api").submit(ScriptRunConfig(tmp_path / "src", script="train.py"))
+    run.wait_for_completion(show_output=False)
+    out = tmp_path / "out"
+
+    with pytest.raises(ConfigurationError) as raised:
+        run.download_files("outputs/run", out, append_prefix=False)
+    assert (
+        "would write both the run's file 'outputs/run/1/model.txt' and its file 'outputs/run1/model.txt' to "
+        "'1/model.txt' in the output directory, one over the other: nothing was downloaded. Pass "
+        "append_prefix=True to keep each file's whole name, or a narrower prefix such as 'outputs/run/'."
+    ) in str(raised.value)
+    assert not out.exists()
+    # Either way out: each file whole, under its own name.
+    written = run.download_files("outputs/run", out)
+    assert sorted(Path(p).read_text() for p in written) == ["first", "second"]
+    assert [
+        Path(p).name for p in run.download_files("outputs/run/", out / "narrower", append_prefix=False)
+    ] == ["model.txt"]
+
+
 def test_a_download_never_writes_through_a_link_out_of_the_output_directory(completed, tmp_path):
     _ws, run = completed
     elsewhere = tmp_path / "elsewhere"

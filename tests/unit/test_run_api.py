@@ -1,14 +1,18 @@
-"""The pure parts of the run API: metric series as Azure ML gives them, and a run's details."""
+"""The pure parts of the run API: metric series as Azure ML gives them, a run's details, and where a download
+writes each file."""
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from airflow_amlrun.errors import ConfigurationError
 from airflow_amlrun.history import MetricPoint, RunRecord, RunStatus
-from airflow_amlrun.run_api import metric_values, run_details
+from airflow_amlrun.run_api import _destinations, _relative_destination, metric_values, run_details
 
 NAMES = st.sampled_from(["loss", "acc", "lr"])
 
@@ -71,3 +75,43 @@ def test_a_run_outside_airflow_and_git_has_no_such_properties():
     details = run_details(record(dag_id=None, git=None, error=None, display_name="x"), {})
     assert not [key for key in details["properties"] if key.startswith(("azureml.git", "amlrun.airflow"))]
     assert details["submittedBy"] is None and details["displayName"] == "x" and "error" not in details
+
+
+# Few letters, so that names often share the rest after a prefix.
+PARTS = st.lists(st.sampled_from(["a", "b", "a1", "1"]), min_size=1, max_size=3).map("/".join)
+
+
+@given(
+    st.lists(PARTS.map(lambda rest: f"outputs/{rest}"), unique=True, max_size=6),
+    st.sampled_from([None, "outputs/", "outputs/a", "outputs/a/", "outputs/a1"]),
+    st.booleans(),
+)
+def test_a_download_writes_each_file_to_a_path_of_its_own_or_refuses_naming_two_that_would_share_one(
+    names, prefix, append_prefix
+):
+    names = [n for n in names if prefix is None or n.startswith(prefix)]
+    relatives = [_relative_destination(n, prefix, append_prefix) for n in names]
+    if len(set(relatives)) == len(relatives):
+        assert _destinations(names, prefix, append_prefix) == list(zip(names, relatives, strict=True))
+        return
+    with pytest.raises(ConfigurationError, match="Pass append_prefix=True") as raised:
+        _destinations(names, prefix, append_prefix)
+    named = re.search(r"the run's file '(.+)' and its file '(.+)' to '(.+)' in", str(raised.value))
+    assert named is not None
+    first, second, relative = named.groups()
+    assert first != second and {first, second} <= set(names)
+    assert _relative_destination(first, prefix, append_prefix) == relative
+    assert _relative_destination(second, prefix, append_prefix) == relative
+
+
+def test_two_files_with_the_same_rest_after_the_prefix_are_refused_with_the_fix():
+    names = ["outputs/run1/model.pkl", "outputs/run/1/model.pkl"]
+    with pytest.raises(ConfigurationError) as raised:
+        _destinations(names, "outputs/run", append_prefix=False)
+    assert str(raised.value) == (
+        "download_files(prefix='outputs/run', append_prefix=False) would write both the run's file "
+        "'outputs/run1/model.pkl' and its file 'outputs/run/1/model.pkl' to '1/model.pkl' in the output "
+        "directory, one over the other: nothing was downloaded. Pass append_prefix=True to keep each file's "
+        "whole name, or a narrower prefix such as 'outputs/run/'."
+    )
+    assert _destinations(names, "outputs/run", append_prefix=True) == [(n, n) for n in names]
