@@ -69,12 +69,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError as err:
         if not _stdout_closed():
             # A pipe of something else (a supervisor, a socket) broke: an error like any other.
-            return _failed(os_error_message(err))
+            return _failed(os_error_message(err, _command(args)))
         # Whoever read the output stopped reading (`amlrun runs list | head`): nothing is left to say there.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     except OSError as err:
-        return _failed(os_error_message(err))
+        return _failed(os_error_message(err, _command(args)))
     except KeyboardInterrupt as err:
         # A command may say what the interruption left behind (`amlrun sweep`: the sweep it recorded Canceled).
         _failed(f"interrupted (Ctrl-C): {err}" if str(err) else "interrupted (Ctrl-C)")
@@ -102,9 +102,17 @@ def _failed(message: str) -> int:
     return 2
 
 
-def os_error_message(err: OSError) -> str:
+def _command(args: argparse.Namespace) -> str:
+    """The command that was running, as typed: ``amlrun runs logs`` (its words, not its values)."""
+    words = ["amlrun", args.command]
+    sub = getattr(args, f"{args.command}_command", None)
+    return " ".join([*words, sub] if sub else words)
+
+
+def os_error_message(err: OSError, command: str) -> str:
     """An error of the operating system (a missing file, a permission, a full disk) as a line that names the
-    path it concerns, where it says one."""
+    path it concerns, where it says one, else the command that met it (a full disk under its redirected
+    output, a connection reset: the error itself names nothing)."""
     reason = err.strerror or str(err) or type(err).__name__
     names = [
         name.decode(errors="replace") if isinstance(name, bytes) else name
@@ -112,7 +120,7 @@ def os_error_message(err: OSError) -> str:
         if name is not None
     ]
     if not names:
-        return f"{reason} ({type(err).__name__})"
+        return f"{command} failed: {reason} ({type(err).__name__})"
     return f"{reason}: {' -> '.join(map(repr, names))}"
 
 

@@ -171,3 +171,15 @@ def test_a_reader_that_stops_reading_ends_the_command_quietly(amlrun_home: Path,
 
     assert done.returncode == 1
     assert said(done) == [], done.stderr
+
+
+def test_an_error_of_the_system_that_names_no_file_names_the_command(amlrun_home: Path) -> None:
+    # `amlrun runs list > listing.txt` on a full disk: writing its output fails, and the system names no file.
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(
+            [AMLRUN, "runs", "list"], stdout=full, stderr=subprocess.PIPE, text=True, env=os.environ.copy()
+        )
+
+    assert done.returncode == 2
+    assert said(done) == ["error: amlrun runs list failed: No space left on device (OSError)"], done.stderr
+

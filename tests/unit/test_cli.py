@@ -49,12 +49,37 @@ def test_a_tail_that_is_no_number_of_lines_says_how_to_write_one(typed: str) -> 
             OSError(errno.EXDEV, "Invalid cross-device link", b"a", None, "b"),
             "Invalid cross-device link: 'a' -> 'b'",
         ),
-        (OSError(errno.ENOSPC, "No space left on device"), "No space left on device (OSError)"),
-        (PermissionError("the store said no"), "the store said no (PermissionError)"),
+        # Naming no path, it names the command that met it.
+        (
+            OSError(errno.ENOSPC, "No space left on device"),
+            "amlrun runs logs failed: No space left on device (OSError)",
+        ),
+        (
+            PermissionError("the store said no"),
+            "amlrun runs logs failed: the store said no (PermissionError)",
+        ),
     ],
 )
-def test_an_error_of_the_system_is_a_line_naming_its_path(error: OSError, line: str) -> None:
-    assert os_error_message(error) == line
+def test_an_error_of_the_system_is_a_line_naming_its_path_or_else_the_command(
+    error: OSError, line: str
+) -> None:
+    assert os_error_message(error, "amlrun runs logs") == line
+
+
+@pytest.mark.parametrize(
+    ("argv", "command"),
+    [(["runs", "logs", "exp_1_cafe"], "amlrun runs logs"), (["reconcile"], "amlrun reconcile")],
+)
+def test_an_error_of_the_system_naming_no_path_names_the_command_that_met_it(
+    argv: list[str], command: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def full(args: argparse.Namespace, console: object) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(cli.runs, "cmd_runs_logs", full)
+    monkeypatch.setattr(cli.reconcile, "cmd_reconcile", full)
+    assert cli.main(argv) == 2
+    assert capsys.readouterr().err.strip() == f"error: {command} failed: No space left on device (OSError)"
 
 
 def test_a_broken_pipe_that_is_not_standard_output_is_said_not_swallowed(
