@@ -2,10 +2,11 @@
 
 from airflow_amlrun.history.bookkeeping import HistoryRefusedError, HistoryUnavailableError, RunBookkeeper
 from airflow_amlrun.history.records import ExperimentRecord, MetricPoint, RunRecord, RunStatus
-from airflow_amlrun.history.repository import RunHistory, RunNotFoundError
+from airflow_amlrun.history.repository import HistoryReadOnlyError, RunHistory, RunNotFoundError
 
 __all__ = [
     "ExperimentRecord",
+    "HistoryReadOnlyError",
     "HistoryRefusedError",
     "HistoryUnavailableError",
     "MetricPoint",

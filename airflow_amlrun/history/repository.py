@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -24,7 +25,7 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import ExceptionContext, make_url
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
 
@@ -63,6 +64,18 @@ class RunNotFoundError(AmlRunError, LookupError):
     """No run with the given id exists in this workspace."""
 
 
+class HistoryReadOnlyError(AmlRunError):
+    """The run history is an SQLite file this process may read but not write (its mode, its owner, or a
+    read-only mount): nothing was written.
+
+    :param path: the history's file.
+    """
+
+    def __init__(self, message: str, *, path: str) -> None:
+        super().__init__(message)
+        self.path = path
+
+
 def normalize_database_url(url: str) -> str:
     """Accept the URL forms users paste (postgres://, postgresql://) and pick the psycopg 3 driver."""
     for prefix in ("postgres://", "postgresql://"):
@@ -86,6 +99,7 @@ class RunHistory:
         self.engine: Engine = create_engine(self.url, pool_pre_ping=True)
         if parsed.get_backend_name() == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
+            event.listen(self.engine, "handle_error", _sqlite_read_only)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         # Reads for the pages each run their statements on their own: no BEGIN and COMMIT round trips.
         self._reads = sessionmaker(self.engine.execution_options(isolation_level="AUTOCOMMIT"))
@@ -519,6 +533,7 @@ def _migration_transaction(engine: Engine) -> Iterator[Connection]:
     # BEGIN IMMEDIATE takes the file's write lock at once (waiting out the busy timeout for it).
     locked = create_engine(engine.url, poolclass=NullPool)
     event.listen(locked, "connect", _sqlite_manual_transactions)
+    event.listen(locked, "handle_error", _sqlite_read_only)
 
     @event.listens_for(locked, "begin")
     def _begin_immediate(connection: Connection) -> None:
@@ -534,6 +549,32 @@ def _migration_transaction(engine: Engine) -> Iterator[Connection]:
 def _sqlite_manual_transactions(dbapi_connection: Any, record: Any) -> None:
     _sqlite_pragmas(dbapi_connection, record)
     dbapi_connection.isolation_level = None
+
+
+def _sqlite_read_only(context: ExceptionContext) -> None:
+    """Raise SQLite's refusal to write a file, or to open one in a folder, that is read-only here as the error
+    that says so: its own words ("attempt to write a readonly database", "unable to open database file") name
+    neither the file nor what to do."""
+    code = getattr(context.original_exception, "sqlite_errorname", "")
+    path = context.engine.url.database if context.engine is not None else None
+    if not path or not isinstance(code, str):
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if code.startswith("SQLITE_READONLY"):
+        what = f"The run history's SQLite file {path} is read-only to this process, and nothing was written"
+    elif code.startswith("SQLITE_CANTOPEN") and os.path.exists(path) and not os.access(folder, os.W_OK):
+        what = (
+            f"The run history's SQLite file {path} cannot be opened: its folder {folder} is read-only to this "
+            "process, and SQLite writes the file's -wal and -shm files there, even to read it"
+        )
+    else:
+        return
+    raise HistoryReadOnlyError(
+        f"{what} ({context.original_exception}). Make the file and its folder writable for the user this runs "
+        f"as (uid {os.geteuid()}), or point the workspace at a history it may write (the connection's "
+        "database_url, or [amlrun] home for the embedded workspace).",
+        path=path,
+    ) from context.original_exception
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

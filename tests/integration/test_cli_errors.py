@@ -183,3 +183,47 @@ def test_an_error_of_the_system_that_names_no_file_names_the_command(amlrun_home
     assert done.returncode == 2
     assert said(done) == ["error: amlrun runs list failed: No space left on device (OSError)"], done.stderr
 
+
+def _read_only(path: Path, *argv: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """amlrun with path (a file or a folder) mounted read-only, in a mount namespace of its own."""
+    mount = 'mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" && exec "$@"'
+    return subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", mount, str(path), AMLRUN, *argv],
+        capture_output=True,
+        text=True,
+        env=os.environ.copy(),
+        cwd=cwd,
+        timeout=300,
+    )
+
+
+def test_a_read_only_history_is_said_to_be_read_only_naming_the_file_and_the_fix(
+    amlrun_home: Path, tmp_path: Path
+) -> None:
+    write_script(tmp_path / "src", "train.py", "print('trained')\n")
+    (tmp_path / "run.yaml").write_text("experiment: cli_errors\nsource_directory: src\nscript: train.py\n")
+    assert amlrun("runs", "list").returncode == 0  # the workspace, made and closed
+    history = amlrun_home / "history.db"
+    fix = (
+        "Make the file and its folder writable for the user this runs as (uid 0), or point the workspace at a "
+        "history it may write (the connection's database_url, or [amlrun] home for the embedded workspace)."
+    )
+
+    # Its folder read-only (a volume mounted so): SQLite cannot even open the file to read it.
+    done = _read_only(amlrun_home, "runs", "list", cwd=tmp_path)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert said(done) == [
+        f"error: The run history's SQLite file {history} cannot be opened: its folder {amlrun_home} is read-only "
+        "to this process, and SQLite writes the file's -wal and -shm files there, even to read it (unable to "
+        f"open database file). {fix}"
+    ]
+
+    # The file alone read-only: reading goes on, a run cannot be recorded.
+    assert _read_only(history, "runs", "list", cwd=tmp_path).returncode == 0
+    done = _read_only(history, "submit", "run.yaml", cwd=tmp_path)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert said(done)[-1] == (
+        f"error: The run history's SQLite file {history} is read-only to this process, and nothing was written "
+        f"(attempt to write a readonly database). {fix}"
+    )
+    assert Workspace.get().list_runs(experiment="cli_errors") == []
