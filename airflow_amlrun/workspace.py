@@ -212,7 +212,17 @@ class Workspace:
                 ) from None
         else:
             if run.snapshot_id is None:
-                raise ConfigurationError(f"Run {run.id} has no code snapshot (it was not started).")
+                children = self.history.child_runs(run.id)
+                if not children:
+                    raise ConfigurationError(f"Run {run.id} has no code snapshot (it was not started).")
+                # A sweep's parent run runs no code: its runs, each started from a snapshot of its own, do.
+                ids = ", ".join(child.id for child in children[:5]) + (" ..." if len(children) > 5 else "")
+                best = run.tags.get("best_run_id")
+                raise ConfigurationError(
+                    f"Run {run.id} is a sweep: it runs no code of its own, so it has no snapshot. Each of its "
+                    f"{len(children)} runs ({ids}) has one: restore one of them by its run id"
+                    f"{f' (its best run is {best})' if best else ''}."
+                )
             snapshot_id = run.snapshot_id
         return restore_snapshot(self.store, snapshot_id, path)
 

@@ -367,6 +367,13 @@ def _snapshot(record: RunRecord) -> Any:
     from airflow_amlrun.snapshot.errors import SnapshotNotFoundError
 
     if record.snapshot_id is None:
+        if history().child_runs(record.id):
+            # A sweep's parent run runs no code: its runs, each started from a snapshot of its own, do.
+            raise HTTPException(
+                404,
+                f"Run {record.id} is a sweep: it runs no code of its own, so it has no snapshot. Each of its runs "
+                "has one: open one of them (the sweep's runs are listed on its page).",
+            )
         raise HTTPException(404, f"Run {record.id} has no code snapshot (it was not started).")
     try:
         return workspace().store.get_manifest(record.snapshot_id)

@@ -138,6 +138,11 @@ def _fill_history(database_url: str, store: BlobStore, code: Path) -> dict[str, 
     history.add_metrics("run_of_b", [MetricPoint("fold_mse", 0.25, seq=0, step=0)])
     history.create_run(run_id="plain_python", experiment="notebook", target="local")
     history.create_run(run_id="run_of_gone", experiment="churn", target="local", dag_id=DAG_GONE)
+    # A sweep from plain Python: its parent runs no code, its one run does.
+    history.create_run(
+        run_id="sweep", experiment="tuning", target="hyperdrive", tags={"run_type": "hyperdrive"}
+    )
+    _finished_run(history, store, "run_of_sweep", code, experiment="tuning", parent_run_id="sweep")
     history.dispose()
     return {
         "a": "run_of_a",
@@ -145,6 +150,8 @@ def _fill_history(database_url: str, store: BlobStore, code: Path) -> dict[str, 
         "b": "run_of_b",
         "plain": "plain_python",
         "gone": "run_of_gone",
+        "sweep": "sweep",
+        "of_sweep": "run_of_sweep",
     }
 
 
@@ -282,9 +289,25 @@ def test_a_signed_in_admin_reads_every_route_and_every_run(api_server):
     assert (missing.status_code, missing.json()) == (404, {"detail": "No run 'no_such_run'."})
 
     experiments = {e["name"]: e["runs"] for e in api_server.get("/api/experiments", "admin").json()}
-    assert experiments == {"churn": 3, "notebook": 1, SCRIPT: 1}
+    assert experiments == {"churn": 3, "notebook": 1, SCRIPT: 1, "tuning": 2}
     schema = api_server.get("/api/openapi.json", "admin").json()
     assert {"/api/runs", "/api/runs/{run_id}/metrics", "/api/compare", "/api/diff"} <= set(schema["paths"])
+
+
+def test_a_sweep_has_no_snapshot_of_its_own_and_its_answer_points_at_its_runs(api_server):
+    sweep, of_sweep = api_server.runs["sweep"], api_server.runs["of_sweep"]
+    for path in (f"/api/runs/{sweep}/snapshot", f"/api/runs/{sweep}/snapshot/file?path=train.py"):
+        answer = api_server.get(path, "admin")
+        assert (answer.status_code, answer.json()) == (
+            404,
+            {
+                "detail": f"Run {sweep} is a sweep: it runs no code of its own, so it has no snapshot. Each of "
+                "its runs has one: open one of them (the sweep's runs are listed on its page)."
+            },
+        )
+    assert [r["run_id"] for r in api_server.get(f"/api/runs/{sweep}/children", "admin").json()] == [of_sweep]
+    files = api_server.get(f"/api/runs/{of_sweep}/snapshot", "admin").json()["files"]
+    assert [f["path"] for f in files] == ["secret_plan_of_b.txt", "train.py"]
 
 
 def test_each_route_shows_the_run_s_data(api_server):

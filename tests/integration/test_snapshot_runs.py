@@ -189,3 +189,49 @@ def test_restoring_a_mistyped_id_says_no_such_run_or_snapshot(amlrun_home, train
     unknown_snapshot = "0" * 64
     with pytest.raises(RunNotFoundError, match=f"No run or snapshot '{unknown_snapshot}'"):
         Workspace.get().restore_snapshot(unknown_snapshot, dest)
+
+
+def test_restoring_a_sweep_says_it_has_no_snapshot_of_its_own_and_names_its_runs(amlrun_home, tmp_path):
+    from airflow_amlrun.hyperdrive import GridParameterSampling, HyperDriveConfig, choice
+
+    write_script(
+        tmp_path / "src",
+        "train.py",
+        "import sys\nfrom airflow_amlrun.run_context import Run\nRun.get_context().log('loss', float(sys.argv[2]))\n",
+    )
+    sweep = Experiment(Workspace.get(), "snapshots").submit(
+        HyperDriveConfig(
+            run_config=ScriptRunConfig(tmp_path / "src", script="train.py"),
+            hyperparameter_sampling=GridParameterSampling({"--alpha": choice(1, 2)}),
+            primary_metric_name="loss",
+            primary_metric_goal="minimize",
+            max_total_runs=2,
+        )
+    )
+    assert sweep.wait_for_completion().status == "Completed"
+    runs = Workspace.get().history.child_runs(sweep.id)
+    best = min(runs, key=lambda run: run.metrics["loss"])
+    dest = tmp_path / "restored"
+
+    done = subprocess.run(
+        [AMLRUN, "snapshot", "restore", sweep.id, str(dest)],
+        capture_output=True,
+        text=True,
+        env=os.environ.copy(),
+    )
+
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert " ".join(done.stderr.split()) == (
+        f"error: Run {sweep.id} is a sweep: it runs no code of its own, so it has no snapshot. Each of its 2 runs "
+        f"({runs[0].id}, {runs[1].id}) has one: restore one of them by its run id (its best run is {best.id})."
+    )
+    assert not dest.exists()
+    # As it says: a run of the sweep restores.
+    again = subprocess.run(
+        [AMLRUN, "snapshot", "restore", runs[0].id, str(dest)],
+        capture_output=True,
+        text=True,
+        env=os.environ.copy(),
+    )
+    assert again.returncode == 0, again.stderr
+    assert (dest / "train.py").read_text() == (tmp_path / "src" / "train.py").read_text()
