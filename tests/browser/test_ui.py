@@ -231,6 +231,37 @@ def test_the_task_instance_leads_to_its_run_by_its_tab_and_its_extra_link(ui, op
     _expect()(page.locator(f"[data-page=run-detail][data-run-id='{ui.runs['first']}']")).to_be_visible()
 
 
+_NO_RUN_DAG = """
+from airflow.providers.standard.operators.empty import EmptyOperator
+from airflow.sdk import DAG
+
+with DAG("DAG_ID", schedule=None):
+    EmptyOperator(task_id="prepare")
+"""
+
+
+def test_the_tab_of_a_task_that_ended_without_a_run_says_so_and_stops_asking(ui, open_as):
+    dag_id = ui.cluster.write_dag(_NO_RUN_DAG)
+    dag_run = ui.cluster.trigger(dag_id)
+    assert ui.cluster.wait_for_dag_run(dag_id, dag_run) == "success"
+
+    page = open_as(
+        "admin", f"/dags/{dag_id}/runs/{quote(dag_run, safe='')}/tasks/prepare/plugin/amlrun_task_run"
+    )
+    _expect()(
+        page.get_by_text("This task instance ended (success) without recording a training run.")
+    ).to_be_visible(timeout=30_000)
+    asked: list[str] = []
+    page.on(
+        "request",
+        lambda request: asked.append(request.url) if "/amlrun/api/task-runs" in request.url else None,
+    )
+    # Three turns of the tab's 3 s polling: it asks no more.
+    page.wait_for_timeout(9_000)
+    assert asked == []
+    assert page.errors == []
+
+
 def test_a_user_without_the_dag_sees_none_of_its_runs(ui, open_as, screenshots):
     # ann may read the live DAG only.
     page = open_as("ann", LIST)
