@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import signal
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -753,9 +754,10 @@ class ScriptRun(RunApi):
                 RunStatus.FAILED,
                 f"Exceeded max_run_duration_seconds={self.job.max_run_duration_seconds}; the run was stopped.",
             )
-        if self._stop_requested is not None and status.exit_code != 0:
-            # A stop that failed may have reached the run all the same (a signal sent, then the connection
-            # dropped): a run asked to stop that did not end well ended by it. One that Completed ran to its end.
+        if self._stop_requested is not None and _ended_as_stopped(status.exit_code):
+            # A stop that seemed to fail may have reached the run all the same (a signal sent, then the
+            # connection dropped): a run asked to stop that ended by a stop's signal ended by it. One that exited
+            # on its own (Completed, or failed with its own exit code) is recorded as it ended.
             return self._finish(RunStatus.CANCELED, self._stop_requested)
         if status.exit_code == 0:
             return self._finish(RunStatus.COMPLETED, None)
@@ -780,7 +782,12 @@ class ScriptRun(RunApi):
         :param reason: recorded as the run's error when nobody is following the run (who follows it records
             why it ended); also when recording the end here fails and another look records it.
         """
-        if self._finished is not None or self.handle is None:
+        if self._finished is not None:
+            return
+        if self.handle is None:
+            # Recorded but never started (interrupted between the two, see submit's on_created): nothing runs on
+            # the target, and the row ends here rather than stay Queued.
+            self._finish(RunStatus.CANCELED, reason)
             return
         if self._waiting:
             # Asked first: the follower, which may see the run end at any moment, records it Canceled (and asks
@@ -991,6 +998,19 @@ def _warn_of_unused_sections(environment: ResolvedEnvironment, target: ComputeTa
 
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+# The signals a stop sends (SIGTERM, then SIGKILL after the grace; SIGINT where a target interrupts first).
+_STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGKILL, signal.SIGINT})
+
+
+def _ended_as_stopped(exit_code: int | None) -> bool:
+    """Whether a run's exit status is what a stop leaves: killed by one of its signals (a shell's 128 + n, or
+    Python's -n), or no status at all (its supervisor was stopped with it)."""
+    if exit_code is None:
+        return True
+    number = exit_code - 128 if exit_code > 128 else -exit_code
+    return number in {int(s) for s in _STOP_SIGNALS}
 
 
 __all__ = ["AmlRunError", "ScriptRun", "rerun"]

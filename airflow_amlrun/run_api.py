@@ -340,7 +340,8 @@ def _relative_destination(name: str, prefix: str | None, append_prefix: bool) ->
 
 def _destinations(names: list[str], prefix: str | None, append_prefix: bool) -> list[tuple[str, str]]:
     """Each name with the path under the output directory it is written to; an error naming two names that
-    would be written to the same path (the rest of each name after the prefix alone may be the same)."""
+    would be written to the same path (the rest of each name after the prefix alone may be the same), or one
+    to a path another needs as a folder."""
     planned: list[tuple[str, str]] = []
     taken: dict[str, str] = {}
     for name in names:
@@ -355,6 +356,22 @@ def _destinations(names: list[str], prefix: str | None, append_prefix: bool) -> 
                 f"prefix{narrower}."
             )
         planned.append((name, relative))
+    for name, relative in planned:
+        # A file where another's folder would be ('b', and 'b/c'): the second could only fail halfway.
+        parts = relative.split("/")
+        for depth in range(1, len(parts)):
+            folder = "/".join(parts[:depth])
+            if folder in taken:
+                fix = (
+                    "Pass append_prefix=True to keep each file's whole name, or download them with two prefixes."
+                    if not append_prefix
+                    else "Download them into two folders, one prefix each."
+                )
+                raise ConfigurationError(
+                    f"download_files(prefix={prefix!r}, append_prefix={append_prefix}) would write the run's "
+                    f"file {taken[folder]!r} to {folder!r} in the output directory, and its file {name!r} to "
+                    f"{relative!r}, beneath a folder of that same name: nothing was downloaded. {fix}"
+                )
     return planned
 
 

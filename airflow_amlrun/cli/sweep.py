@@ -198,9 +198,15 @@ def cmd_sweep(args: argparse.Namespace, console: Console) -> int:
                 )
                 record = sweep.wait_for_completion(show_output=args.show_output, output=write_line)
         except KeyboardInterrupt:
-            status = ws.get_run(sweep.id).status
+            # What the interruption left is read back, not assumed: recording the end, or a stop, may have failed.
+            try:
+                recorded = f"the sweep is recorded {ws.get_run(sweep.id).status}"
+            except Exception as err:
+                recorded = (
+                    f"reading how the sweep was recorded failed ({err}); `amlrun runs show {sweep.id}` tells"
+                )
             raise KeyboardInterrupt(
-                f"sweep {sweep.id} and its live runs were stopped; the sweep is recorded {status}."
+                f"sweep {sweep.id}: the runs it had going were asked to stop, and {recorded}."
             ) from None
     rows = sweep.get_children_sorted_by_primary_metric()
     if args.json:

@@ -114,8 +114,8 @@ def test_ctrl_c_stops_a_sweep_with_a_line_not_a_traceback(amlrun_home: Path, tmp
     [parent] = [r for r in runs if r.target == "hyperdrive"]
     lines = [line for line in err.splitlines() if line and not line.startswith("Created the embedded")]
     assert lines[-1:] == [
-        f"error: interrupted (Ctrl-C): sweep {parent.id} and its live runs were stopped; the sweep is recorded "
-        "Canceled."
+        f"error: interrupted (Ctrl-C): sweep {parent.id}: the runs it had going were asked to stop, and the sweep "
+        "is recorded Canceled."
     ], err
     assert "Traceback" not in err, err
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -198,6 +199,39 @@ def test_a_run_the_policy_fails_to_stop_goes_on_and_the_sweep_ends_with_every_ru
     assert best is not None and alpha[best.id] == 1
 
 
+def test_a_run_whose_stop_failed_and_that_then_fails_on_its_own_is_recorded_failed_with_its_exit_code(  # type: ignore[no-untyped-def]
+    amlrun_home, tmp_path, monkeypatch
+) -> None:
+    # Asked to stop (as a sweep's policy asks), the stop did not reach it; the run then fails by itself: the
+    # record says how it really ended, not that the stop ended it.
+    monkeypatch.setitem(registry.CONNECTION_KINDS, "amlrun_unsteady", f"{__name__}:UnstoppableLocalTarget")
+    monkeypatch.setenv("AIRFLOW_CONN_UNSTEADY", json.dumps({"conn_type": "amlrun_unsteady"}))
+    started = tmp_path / "started"
+    write_script(
+        tmp_path / "src",
+        "train.py",
+        f"""
+        import pathlib, sys, time
+        pathlib.Path({str(started)!r}).touch()
+        time.sleep(2)
+        print("diverged", flush=True)
+        sys.exit(3)
+        """,
+    )
+    config = ScriptRunConfig(tmp_path / "src", script="train.py", compute_target="unsteady")
+    run = Experiment(Workspace.get(), "stops").submit(config)
+    deadline = time.monotonic() + 60
+    while not started.exists():
+        assert time.monotonic() < deadline, "the script never started"
+        time.sleep(0.05)
+    with pytest.raises(OSError, match="the target did not answer while stopping"):
+        run.cancel("Canceled by BanditPolicy at report 3")
+    record = run.wait_for_completion(show_output=False, raise_on_error=False)
+
+    assert record.status is RunStatus.FAILED, (record.status, record.error)
+    assert record.error == "The script failed (exit code 3).", record.error
+
+
 def test_a_sweep_as_a_dag_task_returns_its_best_run(amlrun_home, run_dag) -> None:  # type: ignore[no-untyped-def]
     source = """
         import pendulum
@@ -358,6 +392,42 @@ def test_an_interruption_as_a_run_of_the_sweep_has_just_started_stops_that_run_t
     assert [(c.status, c.error) for c in children] == [
         (RunStatus.CANCELED, "Canceled: the sweep was interrupted (KeyboardInterrupt).")
     ] * 2
+
+
+def test_an_interruption_between_recording_a_run_and_starting_it_ends_that_run_too(  # type: ignore[no-untyped-def]
+    amlrun_home, tmp_path
+) -> None:
+    import sys
+
+    from airflow_amlrun.run import ScriptRun
+
+    sweep = Experiment(Workspace.get(), "sweeps").submit(sweep_of(sleeper(tmp_path)))
+    start = ScriptRun._start.__code__
+    calls = []
+
+    def ctrl_c_as_the_second_run_is_about_to_start(frame, event, arg):  # type: ignore[no-untyped-def]
+        # The second run is recorded, and held by the sweep; it is not started yet.
+        if event == "call" and frame.f_code is start:
+            calls.append(frame)
+            if len(calls) == 2:
+                sys.settrace(None)
+                raise KeyboardInterrupt
+        return None
+
+    sys.settrace(ctrl_c_as_the_second_run_is_about_to_start)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            sweep.wait_for_completion()
+    finally:
+        sys.settrace(None)
+
+    children = sweep.get_children()
+    assert len(children) == 2
+    # The never-started run ends with the rest, rather than stay Queued for reconcile to call it Failed.
+    assert [(c.status, c.error) for c in children] == [
+        (RunStatus.CANCELED, "Canceled: the sweep was interrupted (KeyboardInterrupt).")
+    ] * 2
+    assert [c.handle is None for c in children] == [False, True]
 
 
 def test_a_sweep_interrupted_before_it_runs_is_recorded_canceled_at_once(amlrun_home, tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -86,22 +86,47 @@ PARTS = st.lists(st.sampled_from(["a", "b", "a1", "1"]), min_size=1, max_size=3)
     st.sampled_from([None, "outputs/", "outputs/a", "outputs/a/", "outputs/a1"]),
     st.booleans(),
 )
-def test_a_download_writes_each_file_to_a_path_of_its_own_or_refuses_naming_two_that_would_share_one(
+def test_a_download_writes_each_file_to_a_path_of_its_own_or_refuses_naming_two_that_would_clash(
     names, prefix, append_prefix
 ):
     names = [n for n in names if prefix is None or n.startswith(prefix)]
     relatives = [_relative_destination(n, prefix, append_prefix) for n in names]
-    if len(set(relatives)) == len(relatives):
+    same = len(set(relatives)) != len(relatives)
+    nested = any(inner.startswith(outer + "/") for inner in relatives for outer in relatives)
+    if not same and not nested:
         assert _destinations(names, prefix, append_prefix) == list(zip(names, relatives, strict=True))
         return
-    with pytest.raises(ConfigurationError, match="Pass append_prefix=True") as raised:
+    with pytest.raises(ConfigurationError, match="nothing was downloaded") as raised:
         _destinations(names, prefix, append_prefix)
-    named = re.search(r"the run's file '(.+)' and its file '(.+)' to '(.+)' in", str(raised.value))
+    if same:
+        named = re.search(r"the run's file '(.+)' and its file '(.+)' to '(.+)' in", str(raised.value))
+        assert named is not None
+        first, second, relative = named.groups()
+        assert first != second and {first, second} <= set(names)
+        assert _relative_destination(first, prefix, append_prefix) == relative
+        assert _relative_destination(second, prefix, append_prefix) == relative
+        return
+    named = re.search(
+        r"file '(.+)' to '(.+)' in the output directory, and its file '(.+)' to '(.+)', ", str(raised.value)
+    )
     assert named is not None
-    first, second, relative = named.groups()
-    assert first != second and {first, second} <= set(names)
-    assert _relative_destination(first, prefix, append_prefix) == relative
-    assert _relative_destination(second, prefix, append_prefix) == relative
+    outer_name, outer, inner_name, inner = named.groups()
+    assert {outer_name, inner_name} <= set(names)
+    assert _relative_destination(outer_name, prefix, append_prefix) == outer
+    assert _relative_destination(inner_name, prefix, append_prefix) == inner
+    assert inner.startswith(outer + "/")
+
+
+def test_a_file_where_another_needs_a_folder_is_refused_before_anything_is_written():
+    names = ["outputs/ab", "outputs/a/b/c"]
+    with pytest.raises(ConfigurationError) as raised:
+        _destinations(names, "outputs/a", append_prefix=False)
+    assert str(raised.value) == (
+        "download_files(prefix='outputs/a', append_prefix=False) would write the run's file 'outputs/ab' to 'b' "
+        "in the output directory, and its file 'outputs/a/b/c' to 'b/c', beneath a folder of that same name: "
+        "nothing was downloaded. Pass append_prefix=True to keep each file's whole name, or download them with "
+        "two prefixes."
+    )
 
 
 def test_two_files_with_the_same_rest_after_the_prefix_are_refused_with_the_fix():

@@ -1,0 +1,23 @@
+"""How a run asked to stop is told apart from one that ended on its own (run._ended_as_stopped)."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+
+from airflow_amlrun.run import _ended_as_stopped
+
+
+@pytest.mark.parametrize(
+    "exit_code",
+    [None, 128 + signal.SIGTERM, 128 + signal.SIGKILL, 128 + signal.SIGINT, -signal.SIGTERM, -signal.SIGKILL],
+)
+def test_a_stops_signal_or_no_status_is_taken_for_the_stop(exit_code: int | None) -> None:
+    assert _ended_as_stopped(exit_code)
+
+
+@pytest.mark.parametrize("exit_code", [0, 1, 3, 127, 128, 128 + signal.SIGSEGV, -signal.SIGSEGV, 255])
+def test_an_exit_of_its_own_or_another_signal_is_not(exit_code: int) -> None:
+    # A script that failed (or crashed) by itself is recorded as it ended, even if a stop had been asked.
+    assert not _ended_as_stopped(exit_code)
