@@ -41,7 +41,7 @@ from airflow_amlrun.hyperdrive.replay import (
     restored_sampler,
 )
 from airflow_amlrun.hyperdrive.results import SweepResults, metric_of
-from airflow_amlrun.hyperdrive.takeover import SweepChangedError, SweepState
+from airflow_amlrun.hyperdrive.takeover import SweepChangedError, SweepState, Unstopped
 from airflow_amlrun.hyperdrive.watch import PolicyWatch
 from airflow_amlrun.rerun import recorded_config
 from airflow_amlrun.run import FollowState, RunEndedError, ScriptRun
@@ -57,9 +57,6 @@ log = logging.getLogger(__name__)
 TARGET = SWEEP_TARGET
 # How often the primary metric of the live runs is read for the policy.
 _REPORT_SECONDS = 0.25
-# How long a run whose stop failed goes on before it is stopped again: a target that failed once (a dropped
-# connection) is not asked again at every look, and a log is not filled with the same failure.
-_STOP_RETRY_SECONDS = 5.0
 
 
 class HyperDriveRun(SweepResults):
@@ -89,7 +86,7 @@ class HyperDriveRun(SweepResults):
         self._stop_reason: str | None = None
         # Runs the policy stopped whose stop failed: why, and when to stop them again. They go on meanwhile,
         # followed as any run of the sweep, and end recorded as they end if no stop takes.
-        self._unstopped: dict[str, tuple[str, float]] = {}
+        self._unstopped: dict[str, Unstopped] = {}
 
     @classmethod
     def submit(
@@ -202,9 +199,7 @@ class HyperDriveRun(SweepResults):
                 ended += 1
                 self._ended(record.id, self._lost(record, err))
         # Stopped again at the next look: their stop failed in the process that handed the sweep over.
-        self._unstopped = {
-            run_id: (reason, 0.0) for run_id, reason in state.unstopped.items() if run_id in self._children
-        }
+        self._unstopped = {run_id: u for run_id, u in state.unstopped.items() if run_id in self._children}
         log.info(
             "Sweep %s taken over: %d of its %d runs ended, %d followed on, up to %d more to start",
             self.id,
@@ -292,7 +287,7 @@ class HyperDriveRun(SweepResults):
             is in the history, for a retry of its task to take over.
         """
         states = {run_id: child.hand_over() for run_id, child in self._children.items()}
-        unstopped = {run_id: reason for run_id, (reason, _) in self._unstopped.items() if run_id in states}
+        unstopped = {run_id: u for run_id, u in self._unstopped.items() if run_id in states}
         self._children.clear()
         self._unstopped.clear()
         self._heartbeat.stop()
@@ -341,7 +336,7 @@ class HyperDriveRun(SweepResults):
                 self._exhausted = True
         self._step_all()
         if judge:
-            stops = {run_id: reason for run_id, (reason, _) in self._unstopped.items()}
+            stops = {run_id: u.reason for run_id, u in self._unstopped.items()}
             stops.update(self._watch.judge(list(self._children)))
             for run_id, reason in stops.items():
                 self._stop(run_id, reason)
@@ -437,13 +432,15 @@ class HyperDriveRun(SweepResults):
         answer) costs that run its early end, not the sweep: the run goes on, and is stopped again later."""
         failed = self._unstopped.get(run_id)
         if failed is not None:
-            reason, again_at = failed
-            if time.monotonic() < again_at:
+            reason = failed.reason
+            if time.time() < failed.again_at:
                 return
         log.info("Sweep %s: stopping run %s: %s", self.id, run_id, reason)
         try:
             self._children[run_id].cancel(reason)
         except Exception as err:
+            now = time.time()
+            retry = self._unstopped[run_id] = Unstopped.failed(reason, failed, now)
             log.warning(
                 "Sweep %s: stopping run %s failed (%s: %s); it is followed as before, and stopped again in %g s if "
                 "it still runs (should the stop have ended it all the same, it is recorded Canceled with why)",
@@ -451,9 +448,8 @@ class HyperDriveRun(SweepResults):
                 run_id,
                 type(err).__name__,
                 err,
-                _STOP_RETRY_SECONDS,
+                retry.again_at - now,
             )
-            self._unstopped[run_id] = (reason, time.monotonic() + _STOP_RETRY_SECONDS)
             return
         self._ended(run_id, self.workspace.history.get_run(run_id))
 

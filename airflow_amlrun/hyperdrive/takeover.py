@@ -26,22 +26,55 @@ class SweepChangedError(ConfigurationError):
     """The sweep recorded differs from the one given to go on with it (its DAG file changed meanwhile)."""
 
 
+# How long a run whose stop failed goes on before it is stopped again: 5 s after the first failure, doubling with
+# each further one up to 5 minutes. A target that failed once (a dropped connection) is not asked again at every
+# look, and one that keeps failing does not wake a deferred sweep's task every few seconds.
+STOP_RETRY_SECONDS = 5.0
+STOP_RETRY_MAX_SECONDS = 300.0
+
+
+@dataclass(frozen=True)
+class Unstopped:
+    """A run the sweep's policy stopped whose stop failed: why it is stopped, when to try again (seconds since the
+    epoch: another process may be the one to try), and how many stops of it failed so far."""
+
+    reason: str
+    again_at: float = 0.0
+    failures: int = 1
+
+    @classmethod
+    def failed(cls, reason: str, earlier: Unstopped | None, now: float) -> Unstopped:
+        """The state after one more failed stop: the next try waits twice as long as the last did."""
+        failures = (earlier.failures if earlier is not None else 0) + 1
+        delay = min(STOP_RETRY_SECONDS * 2 ** (failures - 1), STOP_RETRY_MAX_SECONDS)
+        return cls(reason, now + delay, failures)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"reason": self.reason, "again_at": self.again_at, "failures": self.failures}
+
+    @classmethod
+    def from_json(cls, data: Any) -> Unstopped:
+        if isinstance(data, str):  # handed over with its reason alone: due at once
+            return cls(data)
+        return cls(str(data["reason"]), float(data.get("again_at", 0.0)), int(data.get("failures", 1)))
+
+
 @dataclass(frozen=True)
 class SweepState:
     """How far a process got with a sweep's live runs, for another process to go on from there (the trigger of
     a deferred sweep, then the task again): each live run's FollowState, how many of each run's reports the
-    policy judged, and the runs the policy stopped whose stop failed, with why (the next process stops them
-    again: the policy does not name a run twice for one report)."""
+    policy judged, and the runs the policy stopped whose stop failed, with why and when to try again (the next
+    process stops them again: the policy does not name a run twice for one report)."""
 
     children: dict[str, FollowState] = field(default_factory=dict)
     looked_at: dict[str, int] = field(default_factory=dict)
-    unstopped: dict[str, str] = field(default_factory=dict)
+    unstopped: dict[str, Unstopped] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "children": {run_id: state.to_json() for run_id, state in self.children.items()},
             "looked_at": dict(self.looked_at),
-            "unstopped": dict(self.unstopped),
+            "unstopped": {run_id: state.to_json() for run_id, state in self.unstopped.items()},
         }
 
     @classmethod
@@ -50,7 +83,7 @@ class SweepState:
         return cls(
             children={str(k): FollowState.from_json(v) for k, v in (data.get("children") or {}).items()},
             looked_at={str(k): int(v) for k, v in (data.get("looked_at") or {}).items()},
-            unstopped={str(k): str(v) for k, v in (data.get("unstopped") or {}).items()},
+            unstopped={str(k): Unstopped.from_json(v) for k, v in (data.get("unstopped") or {}).items()},
         )
 
 

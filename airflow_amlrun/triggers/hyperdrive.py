@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -20,6 +21,7 @@ from airflow_amlrun.triggers.script_run import (
 
 if TYPE_CHECKING:
     from airflow_amlrun.heartbeat import Heartbeat
+    from airflow_amlrun.hyperdrive.takeover import Unstopped
     from airflow_amlrun.hyperdrive.watch import PolicyWatch
     from airflow_amlrun.run import ScriptRun
     from airflow_amlrun.targets.base import TargetStatus
@@ -45,8 +47,14 @@ class _Followed:
     poll_interval: float
     # Runs recorded ended by another process meanwhile: nothing to follow, a slot to fill.
     gone: list[str]
-    # Runs the policy stopped whose stop failed in the task, with why: handed back for the task to stop again.
-    unstopped: dict[str, str]
+    # Runs the policy stopped whose stop failed in the task, with why and when to try again: handed back for the
+    # task to stop again once that time came.
+    unstopped: dict[str, Unstopped]
+
+    def due_stops(self) -> dict[str, str]:
+        """The runs whose stop is to be tried again now, with why."""
+        now = time.time()
+        return {run_id: u.reason for run_id, u in self.unstopped.items() if u.again_at <= now}
 
     def let_go(self) -> None:
         self.heartbeat.stop()
@@ -156,7 +164,7 @@ class HyperDriveTrigger(BaseTrigger):
         settings = load_settings()
         heartbeat = Heartbeat(workspace.history, self.sweep_run_id, heartbeat_seconds(settings))
         heartbeat.start()
-        unstopped = {run_id: reason for run_id, reason in state.unstopped.items() if run_id in runs}
+        unstopped = {run_id: u for run_id, u in state.unstopped.items() if run_id in runs}
         return _Followed(workspace, runs, watch, heartbeat, settings.poll_interval_seconds, gone, unstopped)
 
     def _may_fire(self) -> bool:
@@ -189,8 +197,9 @@ class HyperDriveTrigger(BaseTrigger):
             yield self._event(ERROR, message=describe(err), state=self.state)
             return
         ended: dict[str, TargetStatus] = {}
-        # A run whose stop failed in the task is one the policy stops: the task is woken to stop it again.
-        stops: dict[str, str] = dict(followed.unstopped)
+        # A run whose stop failed in the task is one the policy stops: the task is woken to stop it again, once
+        # its retry is due (see below).
+        stops: dict[str, str] = followed.due_stops()
         looking: list[asyncio.Future[Any]] = []
         pause = min(max(followed.poll_interval, 0.05) * 20, TRIGGER_POLL_SECONDS)
         try:
@@ -211,6 +220,7 @@ class HyperDriveTrigger(BaseTrigger):
                 judging = asyncio.ensure_future(asyncio.to_thread(followed.watch.judge, live))
                 looking = [judging]
                 stops.update(await asyncio.shield(judging))
+                stops.update(followed.due_stops())
                 looking = []
                 due = self._due()
                 if (ended or stops or followed.gone or any(due.values())) and self._may_fire():

@@ -27,7 +27,7 @@ from airflow_amlrun.hyperdrive import (
     HyperDriveRun,
     choice,
 )
-from airflow_amlrun.hyperdrive.takeover import SweepState, end_sweep
+from airflow_amlrun.hyperdrive.takeover import SweepState, Unstopped, end_sweep
 from airflow_amlrun.targets import registry
 from airflow_amlrun.targets.base import TargetStatus
 from airflow_amlrun.targets.handles import LocalHandle
@@ -238,3 +238,35 @@ def test_a_run_whose_stop_failed_before_the_sweep_deferred_again_is_stopped_by_t
     assert len(Workspace.get().history.get_metrics(bad)) < 12
     assert Workspace.get().get_run(good).status is RunStatus.COMPLETED
     assert (record.status, record.tags["best_run_id"]) == (RunStatus.COMPLETED, good)
+
+
+def test_a_run_whose_stop_keeps_failing_wakes_the_task_only_when_its_retry_is_due(tmp_path: Path) -> None:
+    # A stop that failed a few times waits minutes before the next: the trigger follows the run meanwhile,
+    # rather than wake the deferred task (a worker slot each time) every few seconds to fail again.
+    policy = BanditPolicy(slack_factor=0.2, delay_evaluation=100)  # judges nothing in this test's time
+    config = sweep_config(tmp_path, steps=40, alphas=[1, 10], policy=policy)
+    sweep = Experiment(Workspace.get(), "deferred").submit(config)
+    assert sweep.advance() is None
+    state = sweep.hand_over()
+    bad = sorted(state.children)[-1]  # either run: neither ends within the test's waits
+    later = Unstopped("Canceled by BanditPolicy at report 3", time.time() + 3600, failures=6)
+    soon = Unstopped("Canceled by BanditPolicy at report 3", time.time() + 1, failures=1)
+
+    async def event_within(seconds: float, unstopped: dict[str, Unstopped]) -> dict[str, Any] | None:
+        trigger = HyperDriveTrigger(
+            sweep.id, replace(state, unstopped=unstopped).to_json(), policy.to_dict(), "loss", config.goal
+        )
+        try:
+            return await asyncio.wait_for(first_event(trigger), seconds)
+        except TimeoutError:
+            return None
+
+    try:
+        assert asyncio.run(event_within(3, {bad: later})) is None
+        event = asyncio.run(event_within(30, {bad: soon}))
+        assert event is not None and event["stops"] == {bad: soon.reason}, event
+        assert event["state"]["unstopped"][bad] == soon.to_json()  # the task stops it, and knows its count
+    finally:
+        end_sweep(
+            Workspace.get(), sweep.id, RunStatus.CANCELED, "Stopped by the test.", "Stopped by the test."
+        )

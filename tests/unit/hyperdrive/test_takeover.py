@@ -8,7 +8,12 @@ import json
 from hypothesis import given
 from hypothesis import strategies as st
 
-from airflow_amlrun.hyperdrive.takeover import SweepState
+from airflow_amlrun.hyperdrive.takeover import (
+    STOP_RETRY_MAX_SECONDS,
+    STOP_RETRY_SECONDS,
+    SweepState,
+    Unstopped,
+)
 from airflow_amlrun.run import FollowState
 from tests.unit.strategies import RUN_IDS
 
@@ -16,7 +21,16 @@ states = st.builds(
     SweepState,
     children=st.dictionaries(RUN_IDS, st.builds(FollowState, log_offset=st.integers(0, 2**53)), max_size=3),
     looked_at=st.dictionaries(RUN_IDS, st.integers(0, 10**6), max_size=3),
-    unstopped=st.dictionaries(RUN_IDS, st.text(max_size=200), max_size=3),
+    unstopped=st.dictionaries(
+        RUN_IDS,
+        st.builds(
+            Unstopped,
+            reason=st.text(max_size=200),
+            again_at=st.floats(0, 4e9, allow_nan=False),
+            failures=st.integers(1, 50),
+        ),
+        max_size=3,
+    ),
 )
 
 
@@ -35,3 +49,21 @@ def test_a_state_handed_over_by_an_earlier_version_loads_with_no_run_left_to_sto
 
     assert state.unstopped == {}
     assert (state.children["tuning_1_deadbeef"].log_offset, state.looked_at) == (42, {"tuning_1_deadbeef": 3})
+
+
+def test_each_failed_stop_of_a_run_waits_twice_as_long_for_the_next_up_to_five_minutes() -> None:
+    now = 1_000_000.0
+    retries, last = [], None
+    for _ in range(9):
+        last = Unstopped.failed("Canceled by BanditPolicy at report 3", last, now)
+        retries.append(last.again_at - now)
+
+    assert retries == [5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 300.0, 300.0, 300.0]
+    assert (retries[0], retries[-1]) == (STOP_RETRY_SECONDS, STOP_RETRY_MAX_SECONDS)
+    assert (last.reason, last.failures) == ("Canceled by BanditPolicy at report 3", 9)
+
+
+def test_a_run_handed_over_with_its_reason_alone_is_stopped_again_at_once() -> None:
+    state = SweepState.from_json({"unstopped": {"tuning_1_deadbeef": "Canceled by BanditPolicy at report 3"}})
+
+    assert state.unstopped == {"tuning_1_deadbeef": Unstopped("Canceled by BanditPolicy at report 3", 0.0, 1)}
