@@ -801,7 +801,9 @@ class ScriptRun(RunApi):
             self.conclude(status)
             return
         # Why, first: should the stop, or reading the rest of the run and recording its end here, fail, whoever
-        # records the run's end later records it Canceled with this reason (see _conclude). A stop that fails
+        # records the run's end later records it Canceled with this reason (see _conclude). (Written now if the
+        # history answers; if it is away, this process keeps it and writes it with the rest: only this process
+        # dying as well loses it, and the run is then recorded as any killed task's.) A stop that fails
         # leaves the run going on: whoever called may try again (a sweep whose policy stops the run) or let it
         # go; a later look at it does not stop it unasked.
         self._stop_requested = reason
