@@ -39,7 +39,7 @@ export function useApi<T>(path: string | null, query?: URLSearchParams): Loaded<
   };
 }
 
-/** Calls `tick` every `ms` milliseconds while `active`, and once at once. */
+/** Calls `tick` every `ms` milliseconds while `active` (the first call `ms` after it became active). */
 export function useInterval(tick: () => void, ms: number, active: boolean): void {
   const latest = useRef(tick);
   latest.current = tick;

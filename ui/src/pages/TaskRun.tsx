@@ -1,4 +1,4 @@
-import { useMemo, useState } from "react";
+import { useMemo, useRef, useState } from "react";
 
 import { enc, type Run } from "../api";
 import { ErrorBox, Loading } from "../components/common";
@@ -44,12 +44,20 @@ export function TaskRun({ dagId, runId, taskId, mapIndex }: TaskProps) {
   // A task that has not submitted its run yet (queued, building its environment) is asked again, until it
   // ends. Its state is read before its runs: a task records its run before it ends, so the runs read after
   // it has ended are all it will have.
+  // One question at a time: on a slow API server, ticks do not pile requests up behind one another.
+  const asking = useRef(false);
   useInterval(
     async () => {
-      const of = query.toString();
-      const state = await taskInstanceState(dagId, runId, taskId, mapped);
-      runs.reload();
-      if (state !== null && ENDED_STATES.has(state)) setEnded({ of, state });
+      if (asking.current) return;
+      asking.current = true;
+      try {
+        const of = query.toString();
+        const state = await taskInstanceState(dagId, runId, taskId, mapped);
+        runs.reload();
+        if (state !== null && ENDED_STATES.has(state)) setEnded({ of, state });
+      } finally {
+        asking.current = false;
+      }
     },
     3000,
     runs.data !== undefined && runs.data.length === 0 && endedState === null,
