@@ -24,6 +24,12 @@ from typing import IO, Any
 MAX_METRIC_NAME_LENGTH = 255
 MIN_STEP, MAX_STEP = -(2**63), 2**63 - 1
 
+# What the worker passes to a run and how (the variables below, the events file's lines): change the number
+# whenever that changes. A run's stand-in package hands over to an airflow-amlrun installed on the run's
+# interpreter only when that one's run_context declares the same number (targets/standin_package.py reads this
+# line from the file's text: keep it one plain integer).
+RUN_PROTOCOL = 1
+
 RUN_ID_ENV = "AMLRUN_RUN_ID"
 EXPERIMENT_ENV = "AMLRUN_EXPERIMENT"
 EVENTS_FILE_ENV = "AMLRUN_EVENTS_FILE"

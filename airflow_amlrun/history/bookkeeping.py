@@ -1,13 +1,14 @@
 """Writing a running run's bookkeeping to the history, without ever stopping the run over it.
 
 While a run goes on, its status, tags and metric points are bookkeeping: if the database is away for a
-while (a PostgreSQL restart or failover, a locked SQLite file), they are kept here and written, in order,
-once it answers again; the run is not disturbed. Only the run's final outcome must be written before the
+while (a PostgreSQL restart or failover, a locked SQLite file) or an SQLite file turns read-only (its file
+system remounted read-only after an I/O error, a network volume), they are kept here and written, in order,
+once it takes them again; the run is not disturbed. Only the run's final outcome must be written before the
 waiting side may let go, and it is retried for a bounded time; if it still cannot be written, the caller
 gets :class:`HistoryUnavailableError` and the run row is left as it was, for a retry of the task to
 re-attach to the finished run and record it.
 
-Only a database that is away is waited for (:func:`is_transient`). A write the database answers and refuses
+Only a database that is away or read-only is waited for. A write the database answers and refuses
 (a value too long for its column, one it cannot store) would be refused again however long one waits: it is
 reported at once with the database's reason. The refused value alone is dropped, each field and tag of a
 write being tried on its own once the write as a whole is refused, so that it holds back nothing else: during
@@ -28,7 +29,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from airflow_amlrun.errors import AmlRunError
 from airflow_amlrun.history.records import MetricPoint, RunRecord, RunStatus
-from airflow_amlrun.history.repository import RunHistory
+from airflow_amlrun.history.repository import HistoryReadOnlyError, RunHistory
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,13 @@ def is_transient(error: BaseException) -> bool:
     return isinstance(error, OperationalError | InterfaceError | DisconnectionError)
 
 
+def _waited_for(error: BaseException) -> bool:
+    """Whether a failed write is kept to try again: the history is away, or read-only for now. A read-only file
+    is an error at once where a command asks once (the CLI, opening a workspace), but while a run goes on it may
+    be writable again before the run ends (a volume remounted, its mode or owner fixed)."""
+    return is_transient(error) or isinstance(error, HistoryReadOnlyError)
+
+
 @dataclass(frozen=True)
 class Refusal:
     """A write the run history refused: what it was (``field outputs_uri``, ``tag note``) and why."""
@@ -158,8 +166,8 @@ class RunBookkeeper:
     def flush(self) -> bool:
         """Write what is pending unless the history was found away moments ago; True if nothing is left.
 
-        Never raises for the database: a write that fails because the history is away is kept and tried
-        again after a growing wait; a value the history refuses is dropped with a warning naming it.
+        Never raises for the database: a write that fails because the history is away or read-only is kept
+        and tried again after a growing wait; a value the history refuses is dropped with a warning naming it.
         """
         if not (self._fields or self._tags or self._points):
             return True
@@ -167,7 +175,7 @@ class RunBookkeeper:
             return False
         try:
             _, refusals = self._write()
-        except Exception as err:  # the history is away: _write raises for nothing else
+        except Exception as err:  # the history is away or read-only: _write raises for nothing else
             self._failed(err)
             return False
         self._recovered()
@@ -192,7 +200,8 @@ class RunBookkeeper:
         record stands: this one is dropped and `superseded` says so.
 
         :param tags: tags recorded with the outcome, only if this call records it.
-        :raises HistoryUnavailableError: the history did not answer within ``FINAL_WRITE_SECONDS``.
+        :raises HistoryUnavailableError: the history did not answer, or stayed read-only, for
+            ``FINAL_WRITE_SECONDS``.
         :raises HistoryRefusedError: the history refused one of the final fields; the others were written.
         """
         self._fields.update(fields)
@@ -201,15 +210,18 @@ class RunBookkeeper:
         while True:
             try:
                 record, refusals = self._write()
-            except Exception as err:  # the history is away: _write raises for nothing else
+            except Exception as err:  # the history is away or read-only: _write raises for nothing else
                 self._failed(err)
                 if self._clock() + self._delay > deadline:
+                    # A read-only history's error names the file and the fix; an away one's says only why.
+                    read_only = isinstance(err, HistoryReadOnlyError)
+                    last = "it is read-only" if read_only else f"last error: {_brief(err)}"
+                    advice = str(err) if read_only else "Check that the history database is up."
                     raise HistoryUnavailableError(
                         f"Run {self.run_id} ended, but the run history at {self.history.url_for_display} did "
                         f"not accept its outcome ({fields.get('status')}) for {FINAL_WRITE_SECONDS:.0f} s "
-                        f"(last error: {_brief(err)}). The run was not stopped or changed, and its row was "
-                        "left as it was: a retry of this task re-attaches to the finished run and records "
-                        "its outcome. Check that the history database is up.",
+                        f"({last}). The run was not stopped or changed, and its row was left as it was: a "
+                        f"retry of this task re-attaches to the finished run and records its outcome. {advice}",
                         run_id=self.run_id,
                     ) from err
                 self._sleep(max(0.0, self._retry_at - self._clock()))
@@ -252,7 +264,7 @@ class RunBookkeeper:
 
     def _write(self) -> tuple[RunRecord | None, list[Refusal]]:
         """Write everything pending; what the history refuses is dropped and returned. Raises only when the
-        history is away (:func:`is_transient`), with what was not written still pending."""
+        history is away or read-only (:func:`_waited_for`), with what was not written still pending."""
         refusals: list[Refusal] = []
         # Metric points first: a run recorded as ended has all of its points.
         while self._points:
@@ -260,7 +272,7 @@ class RunBookkeeper:
             try:
                 self.history.add_metrics(self.run_id, batch)
             except Exception as err:
-                if is_transient(err):
+                if _waited_for(err):
                     raise
                 # Refused, not away: these points can never be written; the rest of the run still can.
                 names = sorted({p.name for p in batch})
@@ -275,7 +287,7 @@ class RunBookkeeper:
             try:
                 recorded = self.history.finish_run(self.run_id, **final)
             except Exception as err:
-                if is_transient(err):
+                if _waited_for(err):
                     raise
                 recorded = None  # refused: each field is tried on its own below, to name the one at fault
             if recorded is False:
@@ -295,7 +307,7 @@ class RunBookkeeper:
                 record = self.history.update_run(self.run_id, add_tags=tags or None, **fields)
                 self._written(fields, tags)
             except Exception as err:
-                if is_transient(err):
+                if _waited_for(err):
                     raise
                 # One value was refused, and the whole write with it. Each is tried on its own, so that the
                 # one at fault, and only it, is dropped; the others (a status above all) are written.
@@ -303,7 +315,7 @@ class RunBookkeeper:
                     try:
                         record = self.history.update_run(self.run_id, **{key: value})
                     except Exception as one:
-                        if is_transient(one):
+                        if _waited_for(one):
                             raise
                         refusals.append(Refusal(f"field {key} = {_shown(value)}", _brief(one), field=key))
                     self._written({key: value}, {})
@@ -311,7 +323,7 @@ class RunBookkeeper:
                     try:
                         record = self.history.update_run(self.run_id, add_tags={key: value})
                     except Exception as one:
-                        if is_transient(one):
+                        if _waited_for(one):
                             raise
                         refusals.append(Refusal(f"tag {key[:60]!r}", _brief(one)))
                     self._written({}, {key: value})
@@ -342,13 +354,22 @@ class RunBookkeeper:
         if self._away_since is None:
             self._away_since = now
             self._delay = FIRST_RETRY_SECONDS
-            log.warning(
-                "Run %s: the run history at %s does not answer (%s). The run goes on; its status, tags and "
-                "metrics are kept and written when the history is back.",
-                self.run_id,
-                self.history.url_for_display,
-                _brief(err),
-            )
+            if isinstance(err, HistoryReadOnlyError):
+                log.warning(
+                    "Run %s: the run history at %s takes no writes: %s The run goes on; its status, tags and "
+                    "metrics are kept and written once the history is writable again.",
+                    self.run_id,
+                    self.history.url_for_display,
+                    err,
+                )
+            else:
+                log.warning(
+                    "Run %s: the run history at %s does not answer (%s). The run goes on; its status, tags and "
+                    "metrics are kept and written when the history is back.",
+                    self.run_id,
+                    self.history.url_for_display,
+                    _brief(err),
+                )
         else:
             self._delay = min(self._delay * 2, LAST_RETRY_SECONDS)
         self._retry_at = now + self._delay

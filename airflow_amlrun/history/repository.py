@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
+from urllib.parse import unquote, urlsplit
 
 from sqlalchemy import (
     ColumnElement,
@@ -25,7 +26,7 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.engine import ExceptionContext, make_url
+from sqlalchemy.engine import URL, ExceptionContext, make_url
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
 
@@ -58,6 +59,19 @@ _MIGRATIONS = Path(__file__).with_name("migrations")
 SCHEMA_HEAD = "0008"
 _migrated: set[str] = set()
 _migrate_lock = threading.Lock()
+# SQLite's codes for a write refused because the file, its folder, or its -wal or -shm file is read-only to
+# this process. Not SQLITE_READONLY_DBMOVED: the file was renamed or replaced under the open connection, which
+# making it writable would not cure.
+_SQLITE_READ_ONLY = frozenset(
+    {
+        "SQLITE_READONLY",
+        "SQLITE_READONLY_CANTINIT",
+        "SQLITE_READONLY_CANTLOCK",
+        "SQLITE_READONLY_DIRECTORY",
+        "SQLITE_READONLY_RECOVERY",
+        "SQLITE_READONLY_ROLLBACK",
+    }
+)
 
 
 class RunNotFoundError(AmlRunError, LookupError):
@@ -94,8 +108,8 @@ class RunHistory:
     def __init__(self, url: str) -> None:
         self.url = normalize_database_url(url)
         parsed = make_url(self.url)
-        if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        if parsed.get_backend_name() == "sqlite" and (path := _sqlite_file(parsed)) is not None:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
         self.engine: Engine = create_engine(self.url, pool_pre_ping=True)
         if parsed.get_backend_name() == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
@@ -556,11 +570,11 @@ def _sqlite_read_only(context: ExceptionContext) -> None:
     that says so: its own words ("attempt to write a readonly database", "unable to open database file") name
     neither the file nor what to do."""
     code = getattr(context.original_exception, "sqlite_errorname", "")
-    path = context.engine.url.database if context.engine is not None else None
+    path = _sqlite_file(context.engine.url) if context.engine is not None else None
     if not path or not isinstance(code, str):
         return
     folder = os.path.dirname(os.path.abspath(path))
-    if code.startswith("SQLITE_READONLY"):
+    if code in _SQLITE_READ_ONLY:
         what = f"The run history's SQLite file {path} is read-only to this process, and nothing was written"
     elif code.startswith("SQLITE_CANTOPEN") and os.path.exists(path) and not os.access(folder, os.W_OK):
         what = (
@@ -575,6 +589,17 @@ def _sqlite_read_only(context: ExceptionContext) -> None:
         "database_url, or [amlrun] home for the embedded workspace).",
         path=path,
     ) from context.original_exception
+
+
+def _sqlite_file(url: URL) -> str | None:
+    """The file of an SQLite URL, also when given as a URI (``sqlite:///file:/data/history.db?mode=ro&uri=true``);
+    None for an in-memory database."""
+    database = url.database
+    if not database or database == ":memory:":
+        return None
+    if url.query.get("uri") in ("true", "1") and database.startswith("file:"):
+        return unquote(urlsplit(database).path) or None
+    return database
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

@@ -15,7 +15,6 @@ import subprocess
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
-import airflow_amlrun
 from airflow_amlrun import mlflow_capture, run_context
 from airflow_amlrun.errors import ConfigurationError
 from airflow_amlrun.targets import standin_package
@@ -406,13 +405,8 @@ def check_pyspark(python: str, where: str) -> None:
 
 def run_context_files() -> list[Path]:
     """The package's files a run's pylib folder is made of (what its content, and a cache of it, depend on)."""
-    # (The package's __init__ holds the version written into the stand-in.)
-    return [
-        Path(standin_package.__file__),
-        Path(airflow_amlrun.__file__),
-        Path(run_context.__file__),
-        *mlflow_capture.source_files(),
-    ]
+    # (The stand-in reads the run protocol it compares with an installed package's from run_context's text.)
+    return [Path(standin_package.__file__), Path(run_context.__file__), *mlflow_capture.source_files()]
 
 
 def write_run_context_package(dest: str | os.PathLike[str]) -> Path:
@@ -421,14 +415,14 @@ def write_run_context_package(dest: str | os.PathLike[str]) -> Path:
     The training script imports `airflow_amlrun.run_context` wherever it runs; an interpreter that does
     not have this package installed (another virtualenv, a bare image, a remote host) gets it from this
     folder. The folder's `airflow_amlrun/__init__.py` is the stand-in that gives way to an installed
-    airflow_amlrun of this worker's version (standin_package.py), so an interpreter that has the package gets
-    all of it, not this folder's part. It also holds the MLflow capture and the entry point MLflow finds it by
-    (mlflow_capture/__init__.py).
+    airflow_amlrun whose run_context speaks this one's run protocol (standin_package.py), so an interpreter
+    that has the package gets all of it, not this folder's part. It also holds the MLflow capture and the entry
+    point MLflow finds it by (mlflow_capture/__init__.py).
     """
     root = Path(dest)
     package = root / "airflow_amlrun"
     package.mkdir(parents=True, exist_ok=True)
-    (package / "__init__.py").write_bytes(standin_package.shipped_source(airflow_amlrun.__version__))
+    shutil.copyfile(standin_package.__file__, package / "__init__.py")
     shutil.copyfile(run_context.__file__, package / "run_context.py")
     mlflow_capture.write_package(root)
     return root

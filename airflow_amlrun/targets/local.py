@@ -139,7 +139,7 @@ class LocalTarget:
         }
         if python != sys.executable:
             # Another interpreter may lack this package: give it run_context, whose stand-in package gives way
-            # to an installed airflow_amlrun where that interpreter has the worker's version.
+            # to an installed airflow_amlrun where that interpreter has one of the worker's run protocol.
             pylib = write_run_context_package(control / PYLIB)
             env["PYTHONPATH"] = python_path(str(pylib), env.get("PYTHONPATH"))
         request = json.dumps({**supervisor_request(job, argv), "grace_seconds": grace_seconds}).encode()

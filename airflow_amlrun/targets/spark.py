@@ -46,7 +46,6 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-import airflow_amlrun
 from airflow_amlrun.config import Settings
 from airflow_amlrun.environment.build_archive import SparkArchive, ensure_spark_archive
 from airflow_amlrun.errors import ConfigurationError, UnknownComputeTargetError
@@ -422,9 +421,7 @@ def _code_archive(run_dir: Path, dest: Path) -> None:
 
         if not any(name.startswith("airflow_amlrun/") for name in archive.namelist()):
             # (A snapshot with an airflow_amlrun package of its own ships that one.)
-            archive.writestr(
-                "airflow_amlrun/__init__.py", standin_package.shipped_source(airflow_amlrun.__version__)
-            )
+            archive.write(standin_package.__file__, "airflow_amlrun/__init__.py")
             archive.write(run_context.__file__, "airflow_amlrun/run_context.py")
 
 

@@ -5,12 +5,14 @@ A run's script imports ``airflow_amlrun.run_context`` wherever it runs, so each 
 of the interpreter's site-packages: the run folder's pylib on the PYTHONPATH of a local, Docker or SSH run
 (common.write_run_context_package, with the MLflow capture), and the code archive (code.zip) the Spark target
 ships with `--py-files` to the driver and every executor. On an interpreter that lacks airflow-amlrun, that
-copy is the package. Where the same version of airflow-amlrun as the worker's is installed, this file hands
-its place over to the installed package while it is being imported: the script then gets that package whole
-(its run_context, ``Workspace`` and everything else), and the copy shadows nothing. Where another version is
-installed, the copy stays the package (and says so on stderr): that version's run_context may not know how
-the worker hands a run its events file, and would print the script's metrics rather than record them. The
-worker's version is written into each copy (shipped_source).
+copy is the package. Where airflow-amlrun is installed and its run_context speaks the worker's run protocol
+(it declares the same ``RUN_PROTOCOL`` as the run_context shipped beside this file), this file hands its
+place over to the installed package while it is being imported: the script then gets that package whole (its
+run_context, ``Workspace`` and everything else), and the copy shadows nothing, whatever the two versions.
+Where the installed run_context declares another protocol, or none (a release older than the number), the
+copy stays the package (and says so on stderr): that run_context may not know how the worker hands a run
+its events file, and would print the script's metrics rather than record them. Both numbers are read from the
+files' text: nothing of the installed package runs before it is chosen.
 
 More than one stand-in may be on the path (a Spark driver has the archive twice, and the run folder's pylib
 when it runs on another interpreter than the worker's): the first one imported hands over, to none of the
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import importlib.machinery
 import importlib.util
+import os
 import re
 import sys
 
@@ -36,22 +39,10 @@ if TYPE_CHECKING:
 # it).
 PACKAGE = "airflow_amlrun"
 SHIPPED_MARK = "airflow-amlrun: shipped stand-in package"
-# The version of airflow-amlrun on the worker that shipped this copy; shipped_source writes it in.
-WORKER_VERSION = None
-_UNSTAMPED = "WORKER_VERSION = None\n"
-# How the package's __init__ names its version (read from its text: nothing of it runs to tell).
+# How a package's __init__ names its version, and its run_context the run protocol it speaks (run_context.py's
+# RUN_PROTOCOL), read from their text.
 _VERSION_LINE = re.compile(rb"""^__version__\s*=\s*["']([^"'\s]+)["']""", re.MULTILINE)
-
-
-def shipped_source(version: str) -> bytes:
-    """The text of this file as a run ships it: the stand-in of the worker's airflow-amlrun `version`."""
-    with open(__file__, encoding="utf-8") as stream:
-        text = stream.read()
-    if text.count(_UNSTAMPED) != 1:
-        raise RuntimeError(
-            f"{__file__} has not exactly one line {_UNSTAMPED.strip()!r} to write the version in"
-        )
-    return text.replace(_UNSTAMPED, f"WORKER_VERSION = {version!r}\n").encode("utf-8")
+_PROTOCOL_LINE = re.compile(rb"^RUN_PROTOCOL\s*=\s*([0-9]+)\s*(?:#.*)?$", re.MULTILINE)
 
 
 def find_package() -> tuple[ModuleSpec | None, list[str]]:
@@ -97,31 +88,50 @@ def _standin(spec: ModuleSpec) -> bool:
 def installed_version(spec: ModuleSpec) -> str | None:
     """The ``__version__`` an installed airflow_amlrun's __init__ sets (None if it sets none this file can
     read)."""
+    found = _VERSION_LINE.search(_package_file(spec, "__init__.py") or b"")
+    return found.group(1).decode("utf-8", "replace") if found else None
+
+
+def run_protocol(spec: ModuleSpec) -> int | None:
+    """The ``RUN_PROTOCOL`` the run_context.py of a package (installed, or a stand-in) declares; None if it has
+    no run_context.py, or declares none (releases before the number)."""
+    found = _PROTOCOL_LINE.search(_package_file(spec, "run_context.py") or b"")
+    return int(found.group(1)) if found else None
+
+
+def _package_file(spec: ModuleSpec, name: str) -> bytes | None:
+    """The bytes of a file of the package spec is for (in a folder or a zip archive), None if it has none."""
     get_data = getattr(spec.loader, "get_data", None)
     if get_data is None or spec.origin is None:
         return None
     try:
-        found = _VERSION_LINE.search(get_data(spec.origin))
+        data = get_data(os.path.join(os.path.dirname(spec.origin), name))
     except OSError:
         return None
-    return found.group(1).decode("utf-8", "replace") if found else None
+    return data if isinstance(data, bytes) else None
 
 
 def _hand_over() -> None:
     shipped = sys.modules[PACKAGE]
     installed, standins = find_package()
     if installed is not None and installed.loader is not None:
-        version = installed_version(installed)
-        if version != WORKER_VERSION:
+        # The worker's protocol is that of the run_context shipped beside this file: the one the script gets
+        # unless this hands over.
+        worker = run_protocol(shipped.__spec__) if shipped.__spec__ is not None else None
+        theirs = run_protocol(installed)
+        if theirs is None or theirs != worker:
+            speaks = f"speaks run protocol {theirs}" if theirs is not None else "declares no run protocol"
             sys.stderr.write(
-                f"airflow-amlrun: this interpreter has airflow-amlrun {version or '(version unknown)'} installed "
-                f"({installed.origin}), and the worker that started the run has {WORKER_VERSION}: the script "
-                "gets the worker's airflow_amlrun.run_context, not the installed package. Install "
-                f"airflow-amlrun=={WORKER_VERSION} on this interpreter for the rest of the package.\n"
+                "airflow-amlrun: this interpreter has airflow-amlrun "
+                f"{installed_version(installed) or '(version unknown)'} installed ({installed.origin}), whose "
+                f"run_context {speaks}, and the worker that started the run speaks run protocol {worker}: the "
+                "script gets the worker's airflow_amlrun.run_context, not the installed package. For the rest "
+                "of the package, install on this interpreter the worker's version of airflow-amlrun (or another "
+                f"whose run_context.py declares RUN_PROTOCOL = {worker}).\n"
             )
             installed = None
     if installed is None or installed.loader is None:
-        # None installed (or not the worker's version): this package it is, with every stand-in's modules.
+        # None installed (or one of another protocol): this package it is, with every stand-in's modules.
         shipped.__path__.extend(folder for folder in standins if folder not in shipped.__path__)
         return
     if installed.submodule_search_locations is not None:

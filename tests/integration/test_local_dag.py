@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import airflow_amlrun
-from airflow_amlrun import Workspace
+from airflow_amlrun import Workspace, run_context
 from tests.conftest import dag_source, write_script
 
 pytestmark = pytest.mark.usefixtures("airflow_db")
@@ -198,11 +198,12 @@ def test_a_script_on_another_path_to_the_workers_python_imports_the_whole_instal
     assert run.metrics == {"accuracy": 0.9}
 
 
-def test_a_script_on_an_interpreter_with_another_version_of_airflow_amlrun_still_records_its_metrics(
+def test_a_script_on_an_interpreter_with_an_older_airflow_amlrun_still_records_its_metrics(
     run_dag, tmp_path, amlrun_home
 ):
-    # A virtualenv with an older airflow-amlrun, whose run_context knows nothing of the worker's events file and
-    # prints what the script logs: the run must use the worker's run_context, and say why.
+    # A virtualenv with an older airflow-amlrun, whose run_context knows nothing of the worker's events file (it
+    # declares no run protocol) and prints what the script logs: the run must use the worker's run_context, and
+    # say why.
     venv = tmp_path / "old-venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     site = next(venv.glob("lib/python*/site-packages"))
@@ -239,6 +240,7 @@ def test_a_script_on_an_interpreter_with_another_version_of_airflow_amlrun_still
     assert run.metrics == {"accuracy": 0.9}
     assert "offline: accuracy" not in result.log
     assert (
-        f"this interpreter has airflow-amlrun 0.0.1 installed ({site / 'airflow_amlrun' / '__init__.py'}), and the "
-        f"worker that started the run has {airflow_amlrun.__version__}" in result.log
+        f"this interpreter has airflow-amlrun 0.0.1 installed ({site / 'airflow_amlrun' / '__init__.py'}), whose "
+        "run_context declares no run protocol, and the worker that started the run speaks run protocol "
+        f"{run_context.RUN_PROTOCOL}: the script gets the worker's airflow_amlrun.run_context" in result.log
     )

@@ -53,6 +53,11 @@ LAYERS: list[tuple[str, list[str]]] = [
 # runs `hooks/__init__.py`, so the targets may not find anything of the glue there.
 EXACT = {"hooks": 2}
 CORE = ("snapshot", "environment", "history", "workspace")
+# What names the root package itself, not one of its modules.
+ROOT_NAMES = {
+    "airflow_amlrun",
+    *(f"airflow_amlrun.{name}" for name in ("__version__", *airflow_amlrun.__all__)),
+}
 # A module path in a string: "airflow_amlrun.x.y", or "airflow_amlrun.x.y:Class".
 DOTTED = re.compile(r"(airflow_amlrun(?:\.[A-Za-z_][A-Za-z0-9_]*)+)(?::[A-Za-z_][A-Za-z0-9_]*)?")
 
@@ -135,6 +140,11 @@ def graph() -> dict[str, set[str]]:
             target = own_module(name, known)
             if target is None:
                 continue
+            if target == "" and module != "" and name in ROOT_NAMES:
+                # The root package itself (`import airflow_amlrun`, its version, an export): the top layer.
+                # Importing any module of the package runs it too, but it loads nothing until an export is
+                # asked for.
+                edges[module].add("")
             # Importing a.b.c runs a/__init__.py and a/b/__init__.py first (the root's lazy exports aside).
             parts = target.split(".")
             for found in {".".join(parts[:n]) for n in range(1, len(parts) + 1)} - {module, ""}:
@@ -145,7 +155,8 @@ def graph() -> dict[str, set[str]]:
 
 def test_every_module_imports_only_its_own_layer_or_lower() -> None:
     upward = [
-        f"{module} ({LAYERS[layer_of(module)][0]}) imports {target} ({LAYERS[layer_of(target)][0]})"
+        f"{module} ({LAYERS[layer_of(module)][0]}) imports {target or 'airflow_amlrun'} "
+        f"({LAYERS[layer_of(target)][0]})"
         for module, targets in graph().items()
         for target in sorted(targets)
         if layer_of(target) > layer_of(module)
@@ -164,7 +175,7 @@ def test_no_two_modules_import_each_other_even_lazily() -> None:
             module, path = stack.pop()
             for target in edges[module]:
                 if target == start:
-                    circles.append(" -> ".join([*path, start]))
+                    circles.append(" -> ".join(m or "airflow_amlrun" for m in [*path, start]))
                 elif target not in seen:
                     seen.add(target)
                     stack.append((target, [*path, target]))
@@ -216,6 +227,9 @@ def test_the_graph_sees_lazy_imports_and_skips_type_checking_ones() -> None:
     # A class path in a string, and a parent package run by an import, count.
     assert {"targets.docker", "targets.ssh"} <= edges["targets.registry"]
     assert "hooks" in edges["targets.docker"]
+    # The root package named itself counts (its version); a logger named under it does not.
+    assert "" in edges["get_provider_info"]
+    assert "" not in edges["targets.spark_job"]
 
 
 def test_only_the_body_of_if_type_checking_is_skipped(tmp_path: Path) -> None:

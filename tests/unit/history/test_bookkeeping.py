@@ -1,18 +1,23 @@
-"""Which database errors are the history being away (waited for) and which are a refused write (reported).
+"""Which database errors are the history being away or read-only (waited for) and which are a refused write
+(reported).
 
 The real refusals and outages run against PostgreSQL in tests/integration/test_history_outages.py.
 """
 
 from __future__ import annotations
 
+import logging
 import sqlite3
+from datetime import UTC, datetime
+from pathlib import Path
 
 import psycopg
 import pytest
 from sqlalchemy.exc import DataError, OperationalError, StatementError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
-from airflow_amlrun.history.bookkeeping import is_transient
+from airflow_amlrun.history import HistoryUnavailableError, MetricPoint, RunBookkeeper, RunHistory, RunStatus
+from airflow_amlrun.history.bookkeeping import FINAL_WRITE_SECONDS, is_transient
 
 
 @pytest.mark.parametrize(
@@ -40,3 +45,46 @@ from airflow_amlrun.history.bookkeeping import is_transient
 )
 def test_only_a_history_that_is_away_is_waited_for(error: Exception, transient: bool) -> None:
     assert is_transient(error) is transient
+
+
+def test_a_history_turned_read_only_during_a_run_keeps_its_points_and_says_so_at_the_deadline(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The file turns read-only while the run goes on (a file system remounted read-only after an I/O error):
+    # the same file, opened read-only. Tests run as root, whom a file's mode does not stop.
+    path = tmp_path / "history.db"
+    writable = RunHistory(f"sqlite:///{path}")
+    writable.create_run(run_id="r1", experiment="read_only", target="local")
+    read_only = RunHistory(f"sqlite:///file:{path}?mode=ro&uri=true")
+    now = [0.0]
+    book = RunBookkeeper(
+        read_only, "r1", clock=lambda: now[0], sleep=lambda s: now.__setitem__(0, now[0] + s)
+    )
+    caplog.set_level(logging.WARNING, logger="airflow_amlrun.history.bookkeeping")
+
+    book.update(status=RunStatus.RUNNING)
+    book.add_metrics([MetricPoint("loss", 1.0 / (seq + 1), seq=seq, step=seq) for seq in range(3)])
+
+    assert book.backlog == 3  # kept, not dropped
+    assert "refused" not in caplog.text
+    assert (
+        f"takes no writes: The run history's SQLite file {path} is read-only to this process" in caplog.text
+    )
+    assert "kept and written once the history is writable again" in caplog.text
+    with pytest.raises(HistoryUnavailableError) as caught:
+        book.finish(status=RunStatus.COMPLETED, end_time=datetime.now(UTC))
+    message = str(caught.value)
+    assert (
+        f"did not accept its outcome (Completed) for {FINAL_WRITE_SECONDS:.0f} s (it is read-only)" in message
+    )
+    assert f"The run history's SQLite file {path} is read-only to this process" in message
+    assert "Make the file and its folder writable for the user this runs as" in message
+    assert "Check that the history database is up" not in message
+    assert writable.get_run("r1").status is RunStatus.QUEUED  # left as it was, for a retry
+    assert writable.get_metrics("r1") == []
+
+    # Writable again (remounted): everything kept is written, and the outcome with it.
+    book.history = writable
+    record = book.finish(status=RunStatus.COMPLETED, end_time=datetime.now(UTC))
+    assert record.status is RunStatus.COMPLETED
+    assert [p.value for p in writable.get_metrics("r1", "loss")] == [1.0, 0.5, 1.0 / 3]

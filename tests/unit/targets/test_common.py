@@ -210,22 +210,28 @@ def test_the_run_context_package_gives_way_to_an_installed_airflow_amlrun_and_st
     ]
 
 
-def _installed_elsewhere(site: Path, version: str) -> Path:
-    """A site folder holding an airflow_amlrun of `version` whose run_context is its own (it knows nothing of the
-    worker's events file)."""
+def _installed_elsewhere(site: Path, version: str, protocol: int | None) -> Path:
+    """A site folder holding an airflow_amlrun of `version` whose run_context is its own, declaring run protocol
+    `protocol` (or none, as releases before the number)."""
     package = site / "airflow_amlrun"
     package.mkdir(parents=True)
-    (package / "__init__.py").write_text(f'"""airflow-amlrun {version}."""\n\n__version__ = "{version}"\n')
+    (package / "__init__.py").write_text(
+        f'"""airflow-amlrun {version}."""\n\n__version__ = "{version}"\nWorkspace = "installed"\n'
+    )
+    declared = f"RUN_PROTOCOL = {protocol}\n\n" if protocol is not None else ""
     (package / "run_context.py").write_text(
-        "class Run:\n    offline = 'installed'\n\n    @classmethod\n"
+        f"{declared}class Run:\n    offline = 'installed'\n\n    @classmethod\n"
         "    def get_context(cls):\n        return cls()\n"
     )
     return site
 
 
-def test_the_run_context_package_gives_way_only_to_the_workers_own_version_of_airflow_amlrun(tmp_path):
+def test_the_run_context_package_gives_way_only_to_an_airflow_amlrun_of_the_workers_run_protocol(tmp_path):
     root = common.write_run_context_package(tmp_path / "pylib")
-    script = "import airflow_amlrun.run_context as rc; print(rc.__file__)"
+    script = (
+        "import airflow_amlrun.run_context as rc; print(rc.__file__, flush=True)\n"
+        "from airflow_amlrun import Workspace; print(Workspace)"
+    )
 
     def imported(site: Path) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -234,25 +240,37 @@ def test_the_run_context_package_gives_way_only_to_the_workers_own_version_of_ai
             cwd=tmp_path,
             capture_output=True,
             text=True,
-            check=True,
         )
 
-    # Another version installed: the worker's run_context, and a line saying why.
-    other = _installed_elsewhere(tmp_path / "old-site", "0.0.1")
-    done = imported(other)
-    assert done.stdout.split() == [str(root / "airflow_amlrun" / "run_context.py")]
-    assert (
-        f"this interpreter has airflow-amlrun 0.0.1 installed ({other / 'airflow_amlrun' / '__init__.py'}), and "
-        f"the worker that started the run has {airflow_amlrun.__version__}: the script gets the worker's "
-        f"airflow_amlrun.run_context, not the installed package. Install "
-        f"airflow-amlrun=={airflow_amlrun.__version__} on this interpreter for the rest of the package."
-    ) in done.stderr
-
-    # The worker's version installed: that package, whole, and nothing said.
-    same = _installed_elsewhere(tmp_path / "same-site", airflow_amlrun.__version__)
+    # Another version of the same run protocol (a patch release either side): that package, whole, and
+    # nothing said.
+    same = _installed_elsewhere(tmp_path / "same-site", "0.1.1", run_context.RUN_PROTOCOL)
     done = imported(same)
-    assert done.stdout.split() == [str(same / "airflow_amlrun" / "run_context.py")]
-    assert done.stderr == ""
+    assert (done.returncode, done.stdout.split(), done.stderr) == (
+        0,
+        [str(same / "airflow_amlrun" / "run_context.py"), "installed"],
+        "",
+    )
+
+    # One whose run_context declares no protocol (older) or another: the worker's run_context, no more of the
+    # package, and a line saying why and what to install.
+    for version, protocol, speaks in [
+        ("0.0.1", None, "declares no run protocol"),
+        ("9.0.0", run_context.RUN_PROTOCOL + 1, f"speaks run protocol {run_context.RUN_PROTOCOL + 1}"),
+    ]:
+        other = _installed_elsewhere(tmp_path / f"site-{version}", version, protocol)
+        done = imported(other)
+        assert done.stdout.split() == [str(root / "airflow_amlrun" / "run_context.py")]
+        assert done.returncode == 1
+        assert "ImportError: cannot import name 'Workspace' from 'airflow_amlrun'" in done.stderr
+        assert done.stderr.splitlines()[0] == (
+            f"airflow-amlrun: this interpreter has airflow-amlrun {version} installed "
+            f"({other / 'airflow_amlrun' / '__init__.py'}), whose run_context {speaks}, and the worker that "
+            f"started the run speaks run protocol {run_context.RUN_PROTOCOL}: the script gets the worker's "
+            "airflow_amlrun.run_context, not the installed package. For the rest of the package, install on "
+            "this interpreter the worker's version of airflow-amlrun (or another whose run_context.py declares "
+            f"RUN_PROTOCOL = {run_context.RUN_PROTOCOL})."
+        )
 
 
 # reading a run's growing files

@@ -1,0 +1,25 @@
+"""What the run history says when SQLite refuses a write."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from sqlalchemy.exc import OperationalError
+
+from airflow_amlrun.history import RunHistory
+
+
+def test_a_history_file_replaced_under_its_connection_is_not_said_to_be_read_only(tmp_path: Path) -> None:
+    # SQLite refuses a write to a file renamed or replaced since it was opened as SQLITE_READONLY_DBMOVED: making
+    # the file writable, as the read-only error advises, would not help. It says so of a file in rollback-journal
+    # mode (in WAL mode the write goes on), so the history's one connection is switched to it first.
+    history = RunHistory(f"sqlite:///{tmp_path / 'history.db'}")
+    with history.engine.connect() as connection:
+        assert connection.exec_driver_sql("PRAGMA journal_mode=DELETE").scalar() == "delete"
+    history.create_run(run_id="r1", experiment="moved", target="local")
+    (tmp_path / "history.db").rename(tmp_path / "moved.db")
+
+    with pytest.raises(OperationalError) as caught:
+        history.create_run(run_id="r2", experiment="moved", target="local")
+    assert caught.value.orig.sqlite_errorname == "SQLITE_READONLY_DBMOVED"  # type: ignore[union-attr]
