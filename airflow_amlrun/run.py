@@ -754,7 +754,7 @@ class ScriptRun(RunApi):
                 RunStatus.FAILED,
                 f"Exceeded max_run_duration_seconds={self.job.max_run_duration_seconds}; the run was stopped.",
             )
-        if self._stop_requested is not None and _ended_as_stopped(status.exit_code):
+        if self._stop_requested is not None and _ended_as_stopped(status):
             # A stop that seemed to fail may have reached the run all the same (a signal sent, then the
             # connection dropped): a run asked to stop that ended by a stop's signal ended by it. One that exited
             # on its own (Completed, or failed with its own exit code) is recorded as it ended.
@@ -1006,9 +1006,13 @@ def _now() -> datetime:
 _STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGKILL, signal.SIGINT})
 
 
-def _ended_as_stopped(exit_code: int | None) -> bool:
-    """Whether a run's exit status is what a stop leaves: killed by one of its signals (a shell's 128 + n, or
-    Python's -n), or no status at all (its supervisor was stopped with it)."""
+def _ended_as_stopped(status: TargetStatus) -> bool:
+    """Whether a run ended as a stop leaves it: killed by one of the stop's signals (a shell's 128 + n, or Python's
+    -n), or with no status at all (its supervisor was stopped with it), and with no other cause its target knows
+    of (a container killed for its memory also exits 137)."""
+    exit_code = status.exit_code
+    if status.reason is not None and not status.reason.startswith("killed by signal"):
+        return False
     if exit_code is None:
         return True
     number = exit_code - 128 if exit_code > 128 else -exit_code

@@ -24,8 +24,8 @@ from typing import IO, Any
 MAX_METRIC_NAME_LENGTH = 255
 MIN_STEP, MAX_STEP = -(2**63), 2**63 - 1
 
-# What the worker passes to a run and how (the variables below, the events file's lines): change the number
-# whenever that changes. A run's stand-in package hands over to an airflow-amlrun installed on the run's
+# What the worker passes to a run and how (the variables below, the events file's lines and the files the MLflow
+# capture, mlflow_capture/, writes for the worker to read): change the number whenever that changes. A run's stand-in package hands over to an airflow-amlrun installed on the run's
 # interpreter only when that one's run_context declares the same number (targets/standin_package.py reads this
 # line from the file's text: keep it one plain integer).
 RUN_PROTOCOL = 1

@@ -202,8 +202,10 @@ def cmd_sweep(args: argparse.Namespace, console: Console) -> int:
             try:
                 recorded = f"the sweep is recorded {ws.get_run(sweep.id).status}"
             except Exception as err:
+                # One line: a database error adds its statement and a link on lines of their own.
+                why = " ".join(str(getattr(err, "orig", None) or err).split())[:200]
                 recorded = (
-                    f"reading how the sweep was recorded failed ({err}); `amlrun runs show {sweep.id}` tells"
+                    f"reading how the sweep was recorded failed ({why}); `amlrun runs show {sweep.id}` tells"
                 )
             raise KeyboardInterrupt(
                 f"sweep {sweep.id}: the runs it had going were asked to stop, and {recorded}."

@@ -61,7 +61,7 @@ _migrated: set[str] = set()
 _migrate_lock = threading.Lock()
 # SQLite's codes for a write refused because the file, its folder, or its -wal or -shm file is read-only to
 # this process. Not SQLITE_READONLY_DBMOVED: the file was renamed or replaced under the open connection, which
-# making it writable would not cure.
+# making it writable would not cure (that connection is dropped instead: the next opens the file now there).
 _SQLITE_READ_ONLY = frozenset(
     {
         "SQLITE_READONLY",
@@ -570,6 +570,10 @@ def _sqlite_read_only(context: ExceptionContext) -> None:
     that says so: its own words ("attempt to write a readonly database", "unable to open database file") name
     neither the file nor what to do."""
     code = getattr(context.original_exception, "sqlite_errorname", "")
+    if code == "SQLITE_READONLY_DBMOVED":
+        # The pool would hand the same connection, to the file that is gone, to every retry: let it go.
+        context.is_disconnect = True
+        return
     path = _sqlite_file(context.engine.url) if context.engine is not None else None
     if not path or not isinstance(code, str):
         return

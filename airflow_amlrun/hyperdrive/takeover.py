@@ -46,7 +46,8 @@ class Unstopped:
     def failed(cls, reason: str, earlier: Unstopped | None, now: float) -> Unstopped:
         """The state after one more failed stop: the next try waits twice as long as the last did."""
         failures = (earlier.failures if earlier is not None else 0) + 1
-        delay = min(STOP_RETRY_SECONDS * 2 ** (failures - 1), STOP_RETRY_MAX_SECONDS)
+        # The exponent is bounded: past the cap it changes nothing, and 2.0 ** 1024 overflows.
+        delay = min(STOP_RETRY_SECONDS * 2.0 ** min(failures - 1, 16), STOP_RETRY_MAX_SECONDS)
         return cls(reason, now + delay, failures)
 
     def to_json(self) -> dict[str, Any]:

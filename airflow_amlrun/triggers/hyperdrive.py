@@ -216,7 +216,13 @@ class HyperDriveTrigger(BaseTrigger):
                 ended.update(
                     {run_id: status for run_id, s in steps.items() if (status := s.result()) is not None}
                 )
-                live = [run_id for run_id in followed.runs if run_id not in ended and run_id not in stops]
+                # Nor are the runs whose stop failed, due or not: the policy named them already (judged again, a
+                # bad run is named at each report, and would wake the task before its retry is due).
+                live = [
+                    run_id
+                    for run_id in followed.runs
+                    if run_id not in ended and run_id not in stops and run_id not in followed.unstopped
+                ]
                 judging = asyncio.ensure_future(asyncio.to_thread(followed.watch.judge, live))
                 looking = [judging]
                 stops.update(await asyncio.shield(judging))

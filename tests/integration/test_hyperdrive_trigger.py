@@ -242,13 +242,15 @@ def test_a_run_whose_stop_failed_before_the_sweep_deferred_again_is_stopped_by_t
 
 def test_a_run_whose_stop_keeps_failing_wakes_the_task_only_when_its_retry_is_due(tmp_path: Path) -> None:
     # A stop that failed a few times waits minutes before the next: the trigger follows the run meanwhile,
-    # rather than wake the deferred task (a worker slot each time) every few seconds to fail again.
-    policy = BanditPolicy(slack_factor=0.2, delay_evaluation=100)  # judges nothing in this test's time
+    # rather than wake the deferred task (a worker slot each time) every few seconds to fail again. The policy
+    # would name the worse run at every report: it is not judged again while its stop waits.
+    policy = BanditPolicy(slack_factor=0.2, delay_evaluation=0)
     config = sweep_config(tmp_path, steps=40, alphas=[1, 10], policy=policy)
     sweep = Experiment(Workspace.get(), "deferred").submit(config)
     assert sweep.advance() is None
     state = sweep.hand_over()
-    bad = sorted(state.children)[-1]  # either run: neither ends within the test's waits
+    alpha = {c.id: json.loads(c.tags["hyperparameters"])["--alpha"] for c in sweep.get_children()}
+    [bad] = [run_id for run_id in state.children if alpha[run_id] == 10]
     later = Unstopped("Canceled by BanditPolicy at report 3", time.time() + 3600, failures=6)
     soon = Unstopped("Canceled by BanditPolicy at report 3", time.time() + 1, failures=1)
 

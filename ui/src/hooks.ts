@@ -6,13 +6,17 @@ export interface Loaded<T> {
   data: T | undefined;
   error: Error | undefined;
   loading: boolean;
+  /** A question is on its way: the first, or one `reload` asked. */
+  pending: boolean;
   reload: () => void;
 }
 
 /** A GET of the API, again whenever `key` (the path and query) changes; `reload` asks again. */
 export function useApi<T>(path: string | null, query?: URLSearchParams): Loaded<T> {
   const key = path === null ? null : `${path}?${query?.toString() ?? ""}`;
-  const [state, setState] = useState<{ key: string | null; data?: T; error?: Error }>({ key: null });
+  const [state, setState] = useState<{ key: string | null; generation?: number; data?: T; error?: Error }>({
+    key: null,
+  });
   const [generation, setGeneration] = useState(0);
   const reload = useCallback(() => setGeneration((g) => g + 1), []);
 
@@ -20,9 +24,10 @@ export function useApi<T>(path: string | null, query?: URLSearchParams): Loaded<
     if (path === null) return;
     const abort = new AbortController();
     getJson<T>(path, query, abort.signal).then(
-      (data) => setState({ key, data }),
+      (data) => setState({ key, generation, data }),
       (error: unknown) => {
-        if (!abort.signal.aborted) setState({ key, error: error instanceof Error ? error : new Error(String(error)) });
+        if (!abort.signal.aborted)
+          setState({ key, generation, error: error instanceof Error ? error : new Error(String(error)) });
       },
     );
     return () => abort.abort();
@@ -35,6 +40,7 @@ export function useApi<T>(path: string | null, query?: URLSearchParams): Loaded<
     data: state.data,
     error: current ? state.error : undefined,
     loading: !current,
+    pending: !current || state.generation !== generation,
     reload,
   };
 }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,9 @@ from sqlalchemy.exc import OperationalError
 from airflow_amlrun.history import RunHistory
 
 
-def test_a_history_file_replaced_under_its_connection_is_not_said_to_be_read_only(tmp_path: Path) -> None:
+def test_a_history_file_replaced_under_its_connection_is_not_said_to_be_read_only_and_is_reopened(
+    tmp_path: Path,
+) -> None:
     # SQLite refuses a write to a file renamed or replaced since it was opened as SQLITE_READONLY_DBMOVED: making
     # the file writable, as the read-only error advises, would not help. It says so of a file in rollback-journal
     # mode (in WAL mode the write goes on), so the history's one connection is switched to it first.
@@ -23,3 +26,8 @@ def test_a_history_file_replaced_under_its_connection_is_not_said_to_be_read_onl
     with pytest.raises(OperationalError) as caught:
         history.create_run(run_id="r2", experiment="moved", target="local")
     assert caught.value.orig.sqlite_errorname == "SQLITE_READONLY_DBMOVED"  # type: ignore[union-attr]
+    # A copy put back at its path (as a restore from a backup does): the next write opens it, rather than ask the
+    # file that is gone again and again.
+    shutil.copy(tmp_path / "moved.db", tmp_path / "history.db")
+    history.create_run(run_id="r2", experiment="moved", target="local")
+    assert [r.id for r in RunHistory(f"sqlite:///{tmp_path / 'history.db'}").list_runs()] == ["r2", "r1"]

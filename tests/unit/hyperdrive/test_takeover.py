@@ -67,3 +67,12 @@ def test_a_run_handed_over_with_its_reason_alone_is_stopped_again_at_once() -> N
     state = SweepState.from_json({"unstopped": {"tuning_1_deadbeef": "Canceled by BanditPolicy at report 3"}})
 
     assert state.unstopped == {"tuning_1_deadbeef": Unstopped("Canceled by BanditPolicy at report 3", 0.0, 1)}
+
+
+def test_a_stop_failing_for_days_still_waits_five_minutes_between_tries() -> None:
+    # Thousands of failures (about three days at the cap): the wait stays at the cap, and nothing overflows.
+    earlier = Unstopped("Canceled by BanditPolicy at report 3", 0.0, failures=5000)
+
+    again = Unstopped.failed(earlier.reason, earlier, 1_000_000.0)
+
+    assert (again.again_at - 1_000_000.0, again.failures) == (STOP_RETRY_MAX_SECONDS, 5001)

@@ -19,7 +19,11 @@ const ENDED_STATES = new Set(["success", "failed", "skipped", "upstream_failed",
 async function taskInstanceState(dagId: string, runId: string, taskId: string, mapIndex: number | null): Promise<string | null> {
   const path = `api/v2/dags/${enc(dagId)}/dagRuns/${enc(runId)}/taskInstances/${enc(taskId)}${mapIndex === null ? "" : `/${mapIndex}`}`;
   try {
-    const answer = await fetch(new URL(path, document.baseURI), { credentials: "same-origin" });
+    // Not waited for past the next turns: an API server that does not answer is asked again later.
+    const answer = await fetch(new URL(path, document.baseURI), {
+      credentials: "same-origin",
+      signal: AbortSignal.timeout(10_000),
+    });
     if (!answer.ok) return null;
     const body = (await answer.json()) as { state?: unknown };
     return typeof body.state === "string" ? body.state : null;
@@ -44,11 +48,12 @@ export function TaskRun({ dagId, runId, taskId, mapIndex }: TaskProps) {
   // A task that has not submitted its run yet (queued, building its environment) is asked again, until it
   // ends. Its state is read before its runs: a task records its run before it ends, so the runs read after
   // it has ended are all it will have.
-  // One question at a time: on a slow API server, ticks do not pile requests up behind one another.
+  // One question at a time: on a slow API server, ticks neither pile requests up nor cut short the one on its
+  // way (a reload asked before the last was answered would abort it).
   const asking = useRef(false);
   useInterval(
     async () => {
-      if (asking.current) return;
+      if (asking.current || runs.pending) return;
       asking.current = true;
       try {
         const of = query.toString();
