@@ -1007,14 +1007,14 @@ _STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGKILL, signal.SIGINT})
 
 
 def _ended_as_stopped(status: TargetStatus) -> bool:
-    """Whether a run ended as a stop leaves it: killed by one of the stop's signals (a shell's 128 + n, or Python's
-    -n), or with no status at all (its supervisor was stopped with it), and with no other cause its target knows
+    """Whether a run ended as a stop leaves it: with no exit status at all (its supervisor was stopped with it), or
+    killed by one of the stop's signals (a shell's 128 + n, or Python's -n) with no other cause its target knows
     of (a container killed for its memory also exits 137)."""
     exit_code = status.exit_code
-    if status.reason is not None and not status.reason.startswith("killed by signal"):
-        return False
     if exit_code is None:
         return True
+    if status.reason is not None and not status.reason.startswith("killed by signal"):
+        return False
     number = exit_code - 128 if exit_code > 128 else -exit_code
     return number in {int(s) for s in _STOP_SIGNALS}
 

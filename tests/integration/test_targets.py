@@ -34,14 +34,15 @@ pytest_plugins = ["tests.integration.docker_engine"]
 
 # A script that starts a child of its own (in the run's process group, as anything the script starts), says
 # both pids in a file of its run directory and in its log, then trains for good.
+# The pids file appears once both lines are printed: a test that acts on it finds them in the run's log.
 TRAINS_FOR_GOOD = """
 import os, subprocess, time
 child = subprocess.Popen(["sleep", "300"])
+print(f"pids {os.getpid()} {child.pid}", flush=True)
+print("training forever", flush=True)
 with open("pids.tmp", "w") as out:
     out.write(f"{os.getpid()} {child.pid}")
 os.rename("pids.tmp", "pids")
-print(f"pids {os.getpid()} {child.pid}", flush=True)
-print("training forever", flush=True)
 time.sleep(300)
 """
 

@@ -36,3 +36,9 @@ def test_an_exit_of_its_own_or_another_signal_is_not(exit_code: int) -> None:
 def test_a_cause_the_target_names_is_not_taken_for_the_stop(reason: str) -> None:
     # A container killed for its memory exits 137, as a stop's SIGKILL does: its own cause is what is recorded.
     assert not _ended_as_stopped(TargetStatus(running=False, exit_code=137, reason=reason))
+
+
+def test_no_exit_status_is_taken_for_the_stop_whatever_the_target_says_of_it() -> None:
+    # The supervisor stopped with the run records no exit code, and the target says so: the stop did that.
+    said = "the run's supervisor on worker 'vm' ended without recording the run's exit code"
+    assert _ended_as_stopped(TargetStatus(running=False, exit_code=None, reason=said))
