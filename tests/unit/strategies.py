@@ -8,6 +8,7 @@ work takes well under a millisecond an example.
 from __future__ import annotations
 
 import string
+from typing import Any
 
 from hypothesis import strategies as st
 
@@ -30,3 +31,17 @@ RUN_IDS = st.tuples(
 
 # An Airflow connection id, as r"[a-z][a-z0-9_]{0,15}".
 CONN_IDS = st.tuples(_text(_LOWER, 1, 1), _text(_LOWER + string.digits + "_", 0, 15)).map("".join)
+
+
+def unstopped_runs(max_size: int) -> st.SearchStrategy[dict[str, Any]]:
+    """A sweep's runs whose stop failed (SweepState.unstopped): run id to why, when to try again and how many
+    tries failed. (The sweep's module is imported here, not by every test that uses this file.)"""
+    from airflow_amlrun.hyperdrive.takeover import Unstopped
+
+    retry = st.builds(
+        Unstopped,
+        reason=st.text(max_size=200),
+        again_at=st.floats(0, 4e9, allow_nan=False),
+        failures=st.integers(1, 50),
+    )
+    return st.dictionaries(RUN_IDS, retry, max_size=max_size)

@@ -15,22 +15,13 @@ from airflow_amlrun.hyperdrive.takeover import (
     Unstopped,
 )
 from airflow_amlrun.run import FollowState
-from tests.unit.strategies import RUN_IDS
+from tests.unit.strategies import RUN_IDS, unstopped_runs
 
 states = st.builds(
     SweepState,
     children=st.dictionaries(RUN_IDS, st.builds(FollowState, log_offset=st.integers(0, 2**53)), max_size=3),
     looked_at=st.dictionaries(RUN_IDS, st.integers(0, 10**6), max_size=3),
-    unstopped=st.dictionaries(
-        RUN_IDS,
-        st.builds(
-            Unstopped,
-            reason=st.text(max_size=200),
-            again_at=st.floats(0, 4e9, allow_nan=False),
-            failures=st.integers(1, 50),
-        ),
-        max_size=3,
-    ),
+    unstopped=unstopped_runs(max_size=3),
 )
 
 

@@ -12,9 +12,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from airflow_amlrun.hyperdrive import BanditPolicy
-from airflow_amlrun.hyperdrive.takeover import SweepState, Unstopped
+from airflow_amlrun.hyperdrive.takeover import SweepState
 from airflow_amlrun.run import FollowState
-from tests.unit.strategies import RUN_IDS
+from tests.unit.strategies import RUN_IDS, unstopped_runs
 
 if TYPE_CHECKING:
     from airflow_amlrun.triggers.hyperdrive import HyperDriveTrigger
@@ -43,16 +43,7 @@ states = st.builds(
         max_size=4,
     ),
     looked_at=st.dictionaries(st.text(max_size=12), st.integers(0, 10**6), max_size=4),
-    unstopped=st.dictionaries(
-        RUN_IDS,
-        st.builds(
-            Unstopped,
-            reason=st.text(max_size=80),
-            again_at=st.floats(0, 4e9, allow_nan=False),
-            failures=st.integers(1, 50),
-        ),
-        max_size=2,
-    ),
+    unstopped=unstopped_runs(max_size=2),
 )
 
 
