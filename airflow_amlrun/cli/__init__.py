@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from airflow_amlrun.cli import envs, models, reconcile, runs, snapshot, submit, sweep
-from airflow_amlrun.cli.common import RUN_STATUSES, connection_id, line_count, status
+from airflow_amlrun.cli.common import RUN_STATUSES, connection_id, error_line, line_count, status
 from airflow_amlrun.errors import AmlRunError
 
 # The names the command line's checks had before it became a package.
@@ -133,7 +133,7 @@ def history_away_message(err: Exception) -> str | None:
 
     if not is_transient(err):
         return None
-    reason = " ".join(str(getattr(err, "orig", None) or err).split())
+    reason = error_line(err)
     return (
         f"the run history's database is not available ({reason}). Check that it runs and that the workspace's "
         "connection names it (--conn-id picks another workspace), then try again."

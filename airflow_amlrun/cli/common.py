@@ -53,6 +53,12 @@ def write_line(line: str) -> None:
     sys.stdout.flush()
 
 
+def error_line(err: BaseException) -> str:
+    """An error's words on one line: a database driver's error (kept as ``orig`` by SQLAlchemy) without the
+    statement and link SQLAlchemy adds on lines of their own, other errors' lines joined."""
+    return " ".join(str(getattr(err, "orig", None) or err).split())
+
+
 def error_console() -> Console:
     return Console(stderr=True, soft_wrap=True, highlight=False)
 

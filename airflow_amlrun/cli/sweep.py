@@ -31,7 +31,16 @@ from rich.console import Console
 from rich.table import Table
 
 from airflow_amlrun.cli.bars import ProgressBars
-from airflow_amlrun.cli.common import cell, experiment_name, fmt, print_json, text, workspace, write_line
+from airflow_amlrun.cli.common import (
+    cell,
+    error_line,
+    experiment_name,
+    fmt,
+    print_json,
+    text,
+    workspace,
+    write_line,
+)
 from airflow_amlrun.cli.run_file import RunFile, checked_experiment, read_yaml, run_file
 from airflow_amlrun.errors import ConfigurationError, shown
 
@@ -203,7 +212,7 @@ def cmd_sweep(args: argparse.Namespace, console: Console) -> int:
                 recorded = f"the sweep is recorded {ws.get_run(sweep.id).status}"
             except Exception as err:
                 # One line: a database error adds its statement and a link on lines of their own.
-                why = " ".join(str(getattr(err, "orig", None) or err).split())[:200]
+                why = error_line(err)[:200]
                 recorded = (
                     f"reading how the sweep was recorded failed ({why}); `amlrun runs show {sweep.id}` tells"
                 )
