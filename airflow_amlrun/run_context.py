@@ -30,6 +30,10 @@ MIN_STEP, MAX_STEP = -(2**63), 2**63 - 1
 # line from the file's text: keep it one plain integer).
 RUN_PROTOCOL = 1
 
+# Tag names the provider keeps for what it records of a run (why a stop was asked, who settled it): a script or a
+# user setting one would make the run's record say something untrue. The worker drops such tags from the events.
+RESERVED_TAG_PREFIX = "amlrun."
+
 RUN_ID_ENV = "AMLRUN_RUN_ID"
 EXPERIMENT_ENV = "AMLRUN_EXPERIMENT"
 EVENTS_FILE_ENV = "AMLRUN_EVENTS_FILE"
@@ -146,6 +150,7 @@ class Run:
 
     def tag(self, key: str, value: Any = "") -> None:
         """Set a tag on the run (a string key with a string value)."""
+        _check_tag_name(key)
         self.tags[str(key)] = str(value)
         self._emit({"kind": "tag", "key": str(key), "value": str(value)})
 
@@ -238,6 +243,7 @@ class OfflineRun(Run):
         return True
 
     def tag(self, key: str, value: Any = "") -> None:
+        _check_tag_name(key)
         self.tags[str(key)] = str(value)
         print(f"[offline run] tag {key}={value}", file=sys.stderr)
 
@@ -257,3 +263,11 @@ class OfflineRun(Run):
         if event.get("kind") == "metric":
             step = f" (step {event['step']})" if "step" in event else ""
             print(f"[offline run] {event['name']} = {event['value']}{step}", file=sys.stderr)
+
+
+def _check_tag_name(key: object) -> None:
+    if str(key).startswith(RESERVED_TAG_PREFIX):
+        raise ValueError(
+            f"Run.tag: the name {str(key)!r} starts with {RESERVED_TAG_PREFIX!r}, which the provider keeps for its "
+            "own tags; choose another name (for instance without that prefix). Nothing was recorded."
+        )

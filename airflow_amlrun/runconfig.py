@@ -17,6 +17,7 @@ from airflow_amlrun.environment.requirements import read_text
 from airflow_amlrun.environment.resolve import parse_reference
 from airflow_amlrun.environment.sections import check_environment_name
 from airflow_amlrun.errors import ConfigurationError, shown
+from airflow_amlrun.run_context import RESERVED_TAG_PREFIX
 from airflow_amlrun.workspace import CONNECTION_ID, CONNECTION_ID_RULE
 
 _RENDERABLE = (str, int, float, bool, PurePath)
@@ -132,6 +133,11 @@ def render_tags(tags: Mapping[str, Any] | None, name: str = "tags") -> dict[str,
         if not isinstance(key, str) or not key.strip() or "\0" in key:
             raise ConfigurationError(
                 f"{name} has an invalid name {shown(key)}: use a non-empty string without NUL bytes."
+            )
+        if key.startswith(RESERVED_TAG_PREFIX):
+            raise ConfigurationError(
+                f"{name} has the name {shown(key)}, which starts with {RESERVED_TAG_PREFIX!r}: the provider keeps "
+                "such names for what it records of a run (why it was stopped, who settled it). Choose another name."
             )
         if isinstance(value, Mapping | list | tuple | set | frozenset | bytes):
             raise ConfigurationError(

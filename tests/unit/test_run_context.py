@@ -87,3 +87,16 @@ def test_a_metric_is_accepted_exactly_when_the_history_can_keep_it(name: str, st
     fits = bool(name.strip()) and len(name) <= MAX_METRIC_NAME_LENGTH
     fits = fits and (step is None or -(2**63) <= step < 2**63)
     assert (metric_problem(name, 1.0, step) is None) == fits
+
+
+@pytest.mark.parametrize("offline", [False, True])
+def test_a_tag_in_the_providers_own_names_is_refused_naming_it(tmp_path: Path, offline: bool) -> None:
+    run = OfflineRun("offline", None, None, str(tmp_path / "outputs")) if offline else submitted(tmp_path)
+    with pytest.raises(
+        ValueError, match=r"Run\.tag: the name 'amlrun\.stop_requested' starts with 'amlrun\.'"
+    ):
+        run.tag("amlrun.stop_requested", "Canceled.")
+    run.tag("stage", "dev")
+    assert run.tags == {"stage": "dev"}
+    if not offline:
+        assert [e["key"] for e in events(tmp_path)] == ["stage"]

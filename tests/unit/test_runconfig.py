@@ -9,6 +9,7 @@ import pytest
 from airflow_amlrun import Environment, ScriptRunConfig
 from airflow_amlrun.errors import ConfigurationError
 from airflow_amlrun.experiment import check_experiment_name, experiment_name_from
+from airflow_amlrun.runconfig import render_tags
 
 
 def test_script_and_command_together_are_refused(tmp_path):
@@ -194,3 +195,12 @@ def test_spark_configuration_takes_spark_properties_with_scalar_values_only():
         ConfigurationError, match=r"spark.configuration must be a mapping of Spark properties"
     ):
         Environment.from_dict({"name": "s", "spark": {"configuration": ["spark.a=1"]}})
+
+
+def test_a_tag_in_the_providers_own_names_is_refused_naming_it_and_the_fix():
+    with pytest.raises(
+        ConfigurationError,
+        match=r"tags has the name 'amlrun\.settled_by', which starts with 'amlrun\.'.*Choose another name",
+    ):
+        render_tags({"team": "vision", "amlrun.settled_by": "me"})
+    assert render_tags({"team": "vision", "amlrunner": 1}) == {"team": "vision", "amlrunner": "1"}

@@ -5,9 +5,8 @@ from __future__ import annotations
 import collections
 import json
 import logging
-import signal
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -24,20 +23,21 @@ from airflow_amlrun.heartbeat import Heartbeat, heartbeat_seconds
 from airflow_amlrun.history import (
     HistoryRefusedError,
     HistoryUnavailableError,
-    MetricPoint,
     RunBookkeeper,
     RunRecord,
     RunStatus,
 )
-from airflow_amlrun.model import Model
 from airflow_amlrun.rerun import recorded_config, recorded_submission
+from airflow_amlrun.run.events import read_events
+from airflow_amlrun.run.outcome import Asked, outcome
+from airflow_amlrun.run.outputs import collect_outputs, register_models
+from airflow_amlrun.run.reattach import reattach
+from airflow_amlrun.run.state import STOP_REQUESTED_TAG, FollowState, PartlyCollectedError, RunEndedError
 from airflow_amlrun.run_api import RunApi
-from airflow_amlrun.run_context import metric_problem
 from airflow_amlrun.run_output import LOG_TAIL_LINES, OutputLine, print_output
 from airflow_amlrun.submission import (
     AirflowTask,
     SnapshotSource,
-    discard_lost,
     job_for,
     new_run_id,
     recorded_handle,
@@ -45,7 +45,7 @@ from airflow_amlrun.submission import (
     snapshot_code,
 )
 from airflow_amlrun.targets.base import Chunk, CodeSource, ComputeTarget, Job, TargetStatus
-from airflow_amlrun.targets.handles import RunHandle, UnreadableHandleError
+from airflow_amlrun.targets.handles import RunHandle
 from airflow_amlrun.targets.registry import resolve_target
 
 if TYPE_CHECKING:
@@ -60,65 +60,6 @@ log = logging.getLogger(__name__)
 RECALLED_TAIL_BYTES = 8192
 # While the history is away, metric events wait in the run's events file rather than in memory beyond this.
 MAX_BUFFERED_POINTS = 100_000
-# The tag saying why a stop of the run was asked (ScriptRun.cancel), written before the target is asked: whoever
-# records the run's end (this follower, another that takes it over, reconcile) records it Canceled with why,
-# even if the stop, or what came after it here, failed.
-STOP_REQUESTED_TAG = "amlrun.stop_requested"
-
-
-@dataclass(frozen=True)
-class FollowState:
-    """How far a follower got with a run, for another process to go on from there (a deferred task's
-    trigger in the triggerer, then the task again): offsets in its log and events, and what it asked of it."""
-
-    log_offset: int = 0
-    events_offset: int = 0
-    event_seq: int = 0
-    timed_out: bool = False
-    cancel_requested: bool = False
-    # Why the follower stopped the run itself, if it did (e.g. the task's execution_timeout).
-    stop_reason: str | None = None
-    # Models the script asked to register (Run.register_model), once the run has Completed.
-    model_requests: tuple[dict[str, Any], ...] = ()
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "model_requests": list(self.model_requests),
-            "log_offset": self.log_offset,
-            "events_offset": self.events_offset,
-            "event_seq": self.event_seq,
-            "timed_out": self.timed_out,
-            "cancel_requested": self.cancel_requested,
-            "stop_reason": self.stop_reason,
-        }
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> FollowState:
-        return cls(
-            log_offset=int(data.get("log_offset", 0)),
-            events_offset=int(data.get("events_offset", 0)),
-            event_seq=int(data.get("event_seq", 0)),
-            timed_out=bool(data.get("timed_out", False)),
-            cancel_requested=bool(data.get("cancel_requested", False)),
-            stop_reason=None if data.get("stop_reason") is None else str(data["stop_reason"]),
-            model_requests=tuple(r for r in data.get("model_requests") or () if isinstance(r, dict)),
-        )
-
-
-class PartlyCollectedError(AmlRunError):
-    """Collecting a run's outputs failed after some of what it produced (its logs) was stored."""
-
-    def __init__(self, message: str, fields: dict[str, Any]) -> None:
-        super().__init__(message)
-        self.fields = fields
-
-
-class RunEndedError(AmlRunError):
-    """A run to follow on turned out recorded as ended already (by another process that followed it)."""
-
-    def __init__(self, record: RunRecord) -> None:
-        super().__init__(f"Run {record.id} already ended {record.status}: {record.error or 'no error'}.")
-        self.record = record
 
 
 class ScriptRun(RunApi):
@@ -198,8 +139,8 @@ class ScriptRun(RunApi):
         _warn_of_unused_sections(environment, target)
         # A sweep's runs are never found by their task's fields: the task's sweep follows (or settles) them.
         if airflow_task is not None and parent_run_id is None:
-            attached = cls._reattach(
-                workspace, config, environment, target, airflow_task, settings, reattach=reattach_on_retry
+            attached = reattach(
+                cls, workspace, config, environment, target, airflow_task, settings, follow=reattach_on_retry
             )
             if attached is not None:
                 return attached
@@ -243,95 +184,6 @@ class ScriptRun(RunApi):
             on_created(run)
         run._start(SnapshotSource(workspace.store, snapshot), recorded_environment)
         return run
-
-    @classmethod
-    def _reattach(
-        cls,
-        workspace: Workspace,
-        config: ScriptRunConfig,
-        environment: ResolvedEnvironment,
-        target: ComputeTarget[Any],
-        airflow_task: AirflowTask,
-        settings: Settings,
-        *,
-        reattach: bool,
-    ) -> ScriptRun | None:
-        """Follow the run an earlier try of this task left unfinished, instead of starting a second one.
-
-        A run whose target still runs it (or finished it while nobody watched) is followed to its end; one
-        that never reached its target is recorded Failed, and a new run is submitted. Without `reattach`, a
-        run still on its target is stopped and recorded Canceled, and a new run is submitted.
-        """
-        history = workspace.history
-        earlier = [
-            r
-            for r in history.list_runs(
-                dag_id=airflow_task.dag_id,
-                task_id=airflow_task.task_id,
-                airflow_run_id=airflow_task.run_id,
-                map_index=airflow_task.map_index,
-            )
-            if not r.status.is_terminal and r.target == target.name
-        ]
-        attached: ScriptRun | None = None
-        for record in earlier:
-            job = job_for(record.id, record.experiment, config, environment, record.snapshot_id)
-            try:
-                handle = recorded_handle(target, record, job)
-            except UnreadableHandleError as err:
-                # Nothing can be followed or stopped from it; the row ends, rather than fail every retry.
-                log.warning("Run %s, left unfinished by an earlier try: %s", record.id, err)
-                history.update_run(
-                    record.id,
-                    status=RunStatus.FAILED,
-                    end_time=_now(),
-                    error=f"Lost: {err} A new run was started.",
-                )
-                continue
-            unreachable = target.attachable(handle) if handle is not None else None
-            if handle is None or unreachable is not None or attached is not None:
-                if handle is None:
-                    error = "Lost: the task that submitted it stopped before the run reached its target."
-                elif unreachable is not None:
-                    error = f"Lost: this retry cannot reach it ({unreachable}); a new run was started."
-                else:
-                    error = "Superseded: another unfinished run of the same task was re-attached."
-                log.warning("Run %s, left unfinished by an earlier try: %s", record.id, error)
-                if handle is not None and unreachable is None:
-                    # Still on its target: one execution per task, so the superseded one is stopped.
-                    try:
-                        target.cancel(handle)
-                    except Exception as err:
-                        log.warning("Run %s: stopping it on %s failed: %s", record.id, target.name, err)
-                history.update_run(record.id, status=RunStatus.FAILED, end_time=_now(), error=error)
-                if handle is None:
-                    discard_lost(target, job)
-                continue
-            if not reattach:
-                log.warning(
-                    "Run %s, left unfinished by try %s of this task, is stopped: reattach_on_retry=False "
-                    "starts a new run",
-                    record.id,
-                    record.try_number,
-                )
-                try:
-                    stale = cls.following(workspace, target, job, handle, record, settings)
-                except RunEndedError:
-                    continue  # another process recorded it meanwhile
-                stale.cancel(
-                    reason="Canceled: a retry of its task started a new run (reattach_on_retry=False)."
-                )
-                continue
-            log.info(
-                "Re-attaching to run %s, left unfinished by try %s of this task", record.id, record.try_number
-            )
-            try:
-                attached = cls.following(workspace, target, job, handle, record, settings)
-            except RunEndedError:
-                continue  # another process (reconcile) recorded it meanwhile: a new run starts
-            attached.reattached = True
-            history.update_run(record.id, try_number=airflow_task.try_number)
-        return attached
 
     @classmethod
     def following(
@@ -701,72 +553,26 @@ class ScriptRun(RunApi):
                 return
 
     def _ingest_events(self, lines: list[str]) -> None:
-        points: list[MetricPoint] = []
-        tags: dict[str, str] = {}
-        for line in lines:
-            seq = self._event_seq
-            self._event_seq += 1
-            try:
-                event = json.loads(line)
-            except ValueError:
-                log.warning("Run %s: skipping a malformed event line: %.200s", self.id, line)
-                continue
-            if not isinstance(event, dict):
-                log.warning("Run %s: skipping an event line that is not an object: %.200s", self.id, line)
-            elif event.get("kind") == "metric":
-                name, value, step = event.get("name"), event.get("value"), event.get("step")
-                problem = metric_problem(name, value, step)
-                if problem is not None:
-                    # Written by something other than this version's run_context: refuse the point, keep the run.
-                    log.warning("Run %s: a metric was not recorded: %s. The run goes on.", self.id, problem)
-                    continue
-                logged = event.get("time")
-                points.append(
-                    MetricPoint(
-                        name=str(name),
-                        value=value,
-                        seq=seq,
-                        step=step,
-                        logged_at=_timestamp(logged),
-                    )
-                )
-            elif event.get("kind") == "tag":
-                tags[str(event.get("key"))] = str(event.get("value", ""))
-            elif event.get("kind") == "register_model":
-                self._model_requests.append(event)
-        if points:
-            self._book.add_metrics(points)
-        if tags:
-            self._book.add_tags(tags)
+        events = read_events(lines, self._event_seq, self.id)
+        self._event_seq = events.next_seq
+        self._model_requests.extend(events.model_requests)
+        if events.points:
+            self._book.add_metrics(events.points)
+        if events.tags:
+            self._book.add_tags(events.tags)
 
     def _conclude(self, status: TargetStatus) -> RunRecord:
         if status.timed_out:
             # The target enforced the limit itself (e.g. while no task was following the run).
             self._timed_out = True
-        if self._cancel_requested:
-            return self._finish(
-                RunStatus.CANCELED, self._stop_requested or "Canceled while running (the task was killed)."
-            )
-        if self._stop_reason is not None:
-            return self._finish(RunStatus.FAILED, self._stop_reason)
-        if self._timed_out:
-            return self._finish(
-                RunStatus.FAILED,
-                f"Exceeded max_run_duration_seconds={self.job.max_run_duration_seconds}; the run was stopped.",
-            )
-        if self._stop_requested is not None and _ended_as_stopped(status):
-            # A stop that seemed to fail may have reached the run all the same (a signal sent, then the
-            # connection dropped): a run asked to stop that ended by a stop's signal ended by it. One that exited
-            # on its own (Completed, or failed with its own exit code) is recorded as it ended.
-            return self._finish(RunStatus.CANCELED, self._stop_requested)
-        if status.exit_code == 0:
-            return self._finish(RunStatus.COMPLETED, None)
-        if status.exit_code is None:
-            # Nothing recorded how it ended (its supervisor was killed, or could not write): say what is known.
-            reason = status.reason or "nothing recorded how it ended"
-            return self._finish(RunStatus.FAILED, f"The run ended without an exit code: {reason}.")
-        reason = status.reason or f"exit code {status.exit_code}"
-        return self._finish(RunStatus.FAILED, f"The script failed ({reason}).")
+        asked = Asked(
+            cancel_requested=self._cancel_requested,
+            stop_requested=self._stop_requested,
+            stop_reason=self._stop_reason,
+            timed_out=self._timed_out,
+            max_run_duration_seconds=self.job.max_run_duration_seconds,
+        )
+        return self._finish(*outcome(status, asked))
 
     # ending
 
@@ -823,7 +629,7 @@ class ScriptRun(RunApi):
             fields["handle"] = self.handle.to_json()
             self._book.update(status=RunStatus.FINALIZING)
             try:
-                fields.update(self._collect())
+                fields.update(collect_outputs(self.target, self.handle, self.workspace.store, self.id))
             except Exception as err:  # the outcome must be recorded even if collecting fails
                 if isinstance(err, PartlyCollectedError):
                     fields.update(err.fields)
@@ -834,7 +640,9 @@ class ScriptRun(RunApi):
         if self._model_requests:
             # Before the outcome is recorded: a worker dying here leaves the run unfinished, and the retry that
             # re-attaches registers again (each request once).
-            self._outcome_tags["model_registration"] = self._register_models(fields["status"])
+            self._outcome_tags["model_registration"] = register_models(
+                self.workspace, self.id, self._model_requests, fields["status"], self._book
+            )
         # Bounded retries; if the history stays away, HistoryUnavailableError leaves the row for a retry, and
         # the target keeps everything (a container, a run directory) for that retry to find.
         refused: HistoryRefusedError | None = None
@@ -874,58 +682,6 @@ class ScriptRun(RunApi):
         if refused is not None:
             raise refused
         return self._finished
-
-    def _register_models(self, status: RunStatus) -> str:
-        """Register what the script asked to (Run.register_model) from the collected outputs, if the run
-        Completed; what became of each request, as the run's ``model_registration`` tag says it."""
-        said = []
-        for request in self._model_requests:
-            name, path = str(request.get("name")), str(request.get("path"))
-            if status is not RunStatus.COMPLETED:
-                said.append(f"{name} from {path}: not registered, the run is {status}")
-                log.warning("Run %s: model %r was not registered: the run is %s.", self.id, name, status)
-                continue
-            try:
-                self._book.drain(30)
-                model = Model.from_outputs(
-                    self.workspace,
-                    self.workspace.history.get_run(self.id),
-                    name,
-                    path,
-                    tags=request.get("tags"),
-                    properties=request.get("properties"),
-                    once=True,
-                )
-            except Exception as err:
-                said.append(f"{name} from {path}: not registered, {err}")
-                log.warning("Run %s: model %r was not registered from %r: %s", self.id, name, path, err)
-            else:
-                said.append(f"{model.name} version {model.version} from {path}")
-                log.info(
-                    "Run %s: registered model %s version %d from %s.",
-                    self.id,
-                    model.name,
-                    model.version,
-                    path,
-                )
-        return "; ".join(said)
-
-    def _collect(self) -> dict[str, Any]:
-        assert self.handle is not None
-        collected = self.target.collect(self.handle)
-        store = self.workspace.store
-        prefix = f"runs/{self.id}"
-        fields: dict[str, Any] = {}
-        # The logs first (small, and what says what went wrong): a store that fills up with the outputs
-        # still keeps them.
-        if collected.logs_dir is not None and collected.logs_dir.is_dir():
-            fields["logs_uri"] = store.upload_dir(collected.logs_dir, f"{prefix}/logs")
-        if collected.outputs_dir is not None and collected.outputs_dir.is_dir():
-            try:
-                fields["outputs_uri"] = store.upload_dir(collected.outputs_dir, f"{prefix}/outputs")
-            except Exception as err:
-                raise PartlyCollectedError(str(err), fields) from err
-        return fields
 
     def _raise_for(self, record: RunRecord) -> None:
         if record.status is RunStatus.COMPLETED:
@@ -971,15 +727,6 @@ def rerun(
         return ScriptRun.submit(workspace, record.experiment, config, tags=render_tags(tags), rerun_of=record)
 
 
-def _timestamp(value: Any) -> datetime | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    try:
-        return datetime.fromtimestamp(value, UTC)
-    except (OverflowError, OSError, ValueError):
-        return None
-
-
 def _warn_of_unused_sections(environment: ResolvedEnvironment, target: ComputeTarget[Any]) -> None:
     """Say so when the environment asks for something the target does not do, rather than drop it silently."""
     spark = environment.spec.spark
@@ -1002,21 +749,4 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-# The signals a stop sends (SIGTERM, then SIGKILL after the grace; SIGINT where a target interrupts first).
-_STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGKILL, signal.SIGINT})
-
-
-def _ended_as_stopped(status: TargetStatus) -> bool:
-    """Whether a run ended as a stop leaves it: with no exit status at all (its supervisor was stopped with it), or
-    killed by one of the stop's signals (a shell's 128 + n, or Python's -n) with no other cause its target knows
-    of (a container killed for its memory also exits 137)."""
-    exit_code = status.exit_code
-    if exit_code is None:
-        return True
-    if status.reason is not None and not status.reason.startswith("killed by signal"):
-        return False
-    number = exit_code - 128 if exit_code > 128 else -exit_code
-    return number in {int(s) for s in _STOP_SIGNALS}
-
-
-__all__ = ["AmlRunError", "ScriptRun", "rerun"]
+__all__ = ["ScriptRun", "rerun"]

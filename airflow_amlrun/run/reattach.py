@@ -1,0 +1,113 @@
+"""A retry of a task finds the run an earlier try left unfinished, and follows it rather than start a second one."""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from airflow_amlrun.history import RunStatus
+from airflow_amlrun.run.state import RunEndedError
+from airflow_amlrun.submission import AirflowTask, discard_lost, job_for, recorded_handle
+from airflow_amlrun.targets.handles import UnreadableHandleError
+
+if TYPE_CHECKING:
+    from airflow_amlrun.config import Settings
+    from airflow_amlrun.environment import ResolvedEnvironment
+    from airflow_amlrun.run.script_run import ScriptRun
+    from airflow_amlrun.runconfig import ScriptRunConfig
+    from airflow_amlrun.targets.base import ComputeTarget
+    from airflow_amlrun.workspace import Workspace
+
+log = logging.getLogger(__name__)
+
+
+def reattach(
+    run_class: type[ScriptRun],
+    workspace: Workspace,
+    config: ScriptRunConfig,
+    environment: ResolvedEnvironment,
+    target: ComputeTarget[Any],
+    airflow_task: AirflowTask,
+    settings: Settings,
+    *,
+    follow: bool,
+) -> ScriptRun | None:
+    """The run an earlier try of this task left unfinished, to follow instead of starting a second one.
+
+    A run whose target still runs it (or finished it while nobody watched) is followed to its end; one that never
+    reached its target is recorded Failed, and None says a new run is to be submitted. Without `follow`
+    (``reattach_on_retry=False``), a run still on its target is stopped and recorded Canceled.
+    """
+    history = workspace.history
+    earlier = [
+        r
+        for r in history.list_runs(
+            dag_id=airflow_task.dag_id,
+            task_id=airflow_task.task_id,
+            airflow_run_id=airflow_task.run_id,
+            map_index=airflow_task.map_index,
+        )
+        if not r.status.is_terminal and r.target == target.name
+    ]
+    attached: ScriptRun | None = None
+    for record in earlier:
+        job = job_for(record.id, record.experiment, config, environment, record.snapshot_id)
+        try:
+            handle = recorded_handle(target, record, job)
+        except UnreadableHandleError as err:
+            # Nothing can be followed or stopped from it; the row ends, rather than fail every retry.
+            log.warning("Run %s, left unfinished by an earlier try: %s", record.id, err)
+            history.update_run(
+                record.id,
+                status=RunStatus.FAILED,
+                end_time=_now(),
+                error=f"Lost: {err} A new run was started.",
+            )
+            continue
+        unreachable = target.attachable(handle) if handle is not None else None
+        if handle is None or unreachable is not None or attached is not None:
+            if handle is None:
+                error = "Lost: the task that submitted it stopped before the run reached its target."
+            elif unreachable is not None:
+                error = f"Lost: this retry cannot reach it ({unreachable}); a new run was started."
+            else:
+                error = "Superseded: another unfinished run of the same task was re-attached."
+            log.warning("Run %s, left unfinished by an earlier try: %s", record.id, error)
+            if handle is not None and unreachable is None:
+                # Still on its target: one execution per task, so the superseded one is stopped.
+                try:
+                    target.cancel(handle)
+                except Exception as err:
+                    log.warning("Run %s: stopping it on %s failed: %s", record.id, target.name, err)
+            history.update_run(record.id, status=RunStatus.FAILED, end_time=_now(), error=error)
+            if handle is None:
+                discard_lost(target, job)
+            continue
+        if not follow:
+            log.warning(
+                "Run %s, left unfinished by try %s of this task, is stopped: reattach_on_retry=False "
+                "starts a new run",
+                record.id,
+                record.try_number,
+            )
+            try:
+                stale = run_class.following(workspace, target, job, handle, record, settings)
+            except RunEndedError:
+                continue  # another process recorded it meanwhile
+            stale.cancel(reason="Canceled: a retry of its task started a new run (reattach_on_retry=False).")
+            continue
+        log.info(
+            "Re-attaching to run %s, left unfinished by try %s of this task", record.id, record.try_number
+        )
+        try:
+            attached = run_class.following(workspace, target, job, handle, record, settings)
+        except RunEndedError:
+            continue  # another process (reconcile) recorded it meanwhile: a new run starts
+        attached.reattached = True
+        history.update_run(record.id, try_number=airflow_task.try_number)
+    return attached
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
