@@ -11,7 +11,9 @@ unfinished run nobody reported on for ``[amlrun] reconcile_after_seconds`` and:
   are recorded;
 - a run still running past its time limit is stopped on its target and recorded Failed with the limit;
 - a run still running within its limit is left alone: it is real work, and a retry of its task
-  re-attaches to it;
+  re-attaches to it; unless a stop of it was asked (its ``amlrun.stop_requested`` tag: a cancel, or a sweep's
+  policy, whose process died before the stop reached the run), which reconcile then carries out, recording it
+  Canceled with why;
 - a run that never reached its target (no handle, nothing found there by its run id) is recorded Failed, and
   what it left there (a container created, never started) is removed;
 - a run on another machine's local target (or that machine's Docker socket) cannot be looked at from
@@ -32,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 from airflow_amlrun.config import Settings, load_settings
 from airflow_amlrun.errors import AmlRunError
 from airflow_amlrun.history import RunRecord, RunStatus
-from airflow_amlrun.run import RunEndedError, ScriptRun
+from airflow_amlrun.run import STOP_REQUESTED_TAG, RunEndedError, ScriptRun
 from airflow_amlrun.runconfig import SWEEP_TARGET
 from airflow_amlrun.submission import discard_lost, recorded_handle, recorded_job
 from airflow_amlrun.targets.base import ComputeTarget, Job
@@ -195,19 +197,27 @@ def _settle(
             "--abandon-unreachable if it is gone for good",
         )
     over_limit = _over_limit(record)
+    stop_asked = record.tags.get(STOP_REQUESTED_TAG)
     if dry_run:
         # Asking the target may already act (end what a dead supervisor left behind): a dry run only says.
+        if over_limit:
+            otherwise = ", stopped for its limit otherwise"
+        elif stop_asked is not None:
+            otherwise = f", stopped as was asked otherwise ({stop_asked})"
+        else:
+            otherwise = ", left to a retry if it still runs"
         return result(
             "Failed" if over_limit else "ended, or left",
-            "it would be looked at on its target: followed to its end if it ended"
-            + (", stopped for its limit otherwise" if over_limit else ", left to a retry if it still runs"),
+            "it would be looked at on its target: followed to its end if it ended" + otherwise,
         )
     status = target.wait(handle, 0)
-    if status.running and not over_limit:
+    if status.running and not over_limit and stop_asked is None:
         return result(LEFT, "it still runs on its target, within its limit; a retry of its task re-attaches")
     if not workspace.history.claim_unheard_run(record.id, heard_before=heard_before):
         return None
-    return _follow_to_end(workspace, target, job, handle, record, settings)
+    return _follow_to_end(
+        workspace, target, job, handle, record, settings, stop=status.running and not over_limit
+    )
 
 
 def _record_lost(
@@ -234,9 +244,14 @@ def _follow_to_end(
     handle: RunHandle,
     record: RunRecord,
     settings: Settings,
+    *,
+    stop: bool,
 ) -> Settlement:
-    # Following it as a retry would: a run past its limit is stopped at once (the deadline counts from its
-    # start), one that ended is drained, concluded, collected and tidied.
+    """Follow the run as a retry would: a run past its limit is stopped at once (the deadline counts from its
+    start), one that ended is drained, concluded, collected and tidied.
+
+    :param stop: the run still runs, and a stop of it was asked: stop it, to be recorded Canceled with why.
+    """
     try:
         run = ScriptRun.following(workspace, target, job, handle, record, settings)
     except RunEndedError as ended:
@@ -244,6 +259,19 @@ def _follow_to_end(
             record.id, record.experiment, str(ended.record.status), "recorded by another process"
         )
     run.settle_only(tags={SETTLED_BY_TAG: "reconcile"})
+    if stop:
+        try:
+            run.request_stop()
+        except Exception as err:
+            # Nothing is recorded: the run goes on as it was, and the next reconcile asks again.
+            run.abandon()
+            return Settlement(
+                record.id,
+                record.experiment,
+                LEFT,
+                f"a stop of it was asked ({record.tags[STOP_REQUESTED_TAG]}), and stopping it on "
+                f"{target.name} failed: {err}; the next reconcile tries again",
+            )
     final = run.wait_for_completion(show_output=False, raise_on_error=False)
     return Settlement(
         record.id, record.experiment, str(final.status), final.error or "it ended on its target"

@@ -54,9 +54,18 @@ def amlrun(*args: str) -> subprocess.CompletedProcess[str]:
 
 def wait_for_exit(pid: int, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
-    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+    while _alive(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not Path(f"/proc/{pid}").exists(), f"process {pid} still runs"
+    assert not _alive(pid), f"process {pid} still runs"
+
+
+def _alive(pid: int) -> bool:
+    """Whether the process runs (one that exited but is not reaped yet, by this process that started it, does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def test_a_run_that_ended_after_its_worker_died_is_recorded_with_its_outputs(target, tmp_path):
@@ -513,3 +522,61 @@ def test_a_run_whose_stop_seemed_to_fail_before_its_follower_died_is_recorded_ca
     record = ws.get_run(run.id)
     assert (record.status, record.error) == (RunStatus.CANCELED, reason), record.error
     assert (settled.run_id, settled.outcome) == (run.id, "Canceled")
+
+
+class StopRefusingLocalTarget(LocalTarget):
+    """The local target, whose stops fail before anything is sent while `refusing` (a remote target's host that
+    does not answer for a while)."""
+
+    refusing = True
+
+    @classmethod
+    def from_connection(
+        cls, name: str, conn: Any, settings: Settings, cache_dir: Path
+    ) -> StopRefusingLocalTarget:
+        return cls(settings, cache_dir, name)
+
+    def cancel(self, handle: LocalHandle) -> None:
+        if StopRefusingLocalTarget.refusing:
+            raise OSError(f"no route to the host of the run of pid {handle.pid}; nothing was sent")
+        super().cancel(handle)
+
+
+def test_a_run_whose_stop_was_asked_but_never_reached_it_is_stopped_and_recorded_canceled(
+    amlrun_home, tmp_path, monkeypatch
+):
+    monkeypatch.setitem(
+        registry.CONNECTION_KINDS, "amlrun_stop_refusing", f"{__name__}:StopRefusingLocalTarget"
+    )
+    monkeypatch.setenv("AIRFLOW_CONN_UNANSWERING", json.dumps({"conn_type": "amlrun_stop_refusing"}))
+    monkeypatch.setattr(StopRefusingLocalTarget, "refusing", True)
+    write_script(tmp_path / "src", "train.py", "import time\ntime.sleep(300)\n")
+    ws = Workspace.get()
+    run = Experiment(ws, "stops").submit(
+        ScriptRunConfig(tmp_path / "src", script="train.py", compute_target="unanswering")
+    )
+    pid = run.handle.pid
+    reason = "Canceled by BanditPolicy at report 3: loss 40 is outside the slack of the best run's 1."
+    # A sweep's policy asks the stop, which does not reach the host; the sweep's process dies before it asks again.
+    with pytest.raises(OSError, match="no route"):
+        run.cancel(reason)
+    run.abandon()
+    until_orphaned()
+
+    # While the host does not answer, reconcile records nothing and says why; the run goes on.
+    [left] = reconcile(ws)
+    assert (left.run_id, left.outcome) == (run.id, "left as it is")
+    assert "stopping it on unanswering failed: no route to the host" in left.reason
+    assert ws.get_run(run.id).status == RunStatus.RUNNING
+    assert _alive(pid)
+
+    # Once it answers, the next reconcile carries out the stop that was asked, and records why.
+    monkeypatch.setattr(StopRefusingLocalTarget, "refusing", False)
+    until_orphaned()
+    [settled] = reconcile(ws)
+
+    record = ws.get_run(run.id)
+    assert (record.status, record.error) == (RunStatus.CANCELED, reason), record.error
+    assert record.tags[SETTLED_BY_TAG] == "reconcile"
+    assert (settled.run_id, settled.outcome) == (run.id, "Canceled")
+    wait_for_exit(pid, timeout=30)
