@@ -107,7 +107,7 @@ def cmd_runs_show(args: argparse.Namespace, console: Console) -> int:
     for key, value in record.summary().items():
         if key == "git":
             table.add_row("git", cell(_git_state(record.git), for_terminal))
-        elif key != "metrics":
+        elif key not in ("metrics", "tags"):  # shown below, each in a form of its own
             text = json.dumps(value) if isinstance(value, dict | list) else fmt(value)
             table.add_row(key, cell(text, for_terminal))
     table.add_row("arguments", cell(" ".join(record.arguments), for_terminal))

@@ -96,6 +96,9 @@ def test_show_of_a_failed_run_gives_its_last_log_lines_log_location_tags_and_git
     assert Path(location).read_text().endswith("ValueError: the data has no column 'y'\n")
     assert f"`amlrunrunslogs{run_id}`" in squeezed(out)
     assert "team=forecasting" in out
+    # Each field once: the tags in their own row, not also as the summary's JSON.
+    fields = [line.split("│")[1].strip() for line in out.splitlines() if line.count("│") >= 3]
+    assert fields.count("tags") == 1 and '{"team": "forecasting"}' not in out
     assert squeezed(f"{commit} on experiments, dirty: uncommitted changes, diff stored") in squeezed(out)
     assert "Traceback (most recent call last)" in out  # the script's, printed as its log has it
 
