@@ -19,6 +19,7 @@ from airflow_amlrun import Experiment, ScriptRunConfig, Workspace
 from airflow_amlrun.config import Settings
 from airflow_amlrun.history import RunStatus
 from airflow_amlrun.reconcile import SETTLED_BY_TAG, reconcile
+from airflow_amlrun.run import ScriptRun
 from airflow_amlrun.targets import registry
 from airflow_amlrun.targets.docker import LABEL_RUN_ID, LABEL_TRANSFER, container_name
 from airflow_amlrun.targets.handles import LocalHandle
@@ -497,76 +498,67 @@ class HalfStoppingLocalTarget(LocalTarget):
         raise OSError(f"the connection dropped after the stop of the run of pid {handle.pid} was sent")
 
 
-def test_a_run_whose_stop_seemed_to_fail_before_its_follower_died_is_recorded_canceled_with_why(
-    amlrun_home, tmp_path, monkeypatch
-):
-    monkeypatch.setitem(
-        registry.CONNECTION_KINDS, "amlrun_half_stopping", f"{__name__}:HalfStoppingLocalTarget"
-    )
-    monkeypatch.setenv("AIRFLOW_CONN_HALFWAY", json.dumps({"conn_type": "amlrun_half_stopping"}))
-    write_script(tmp_path / "src", "train.py", "import time\ntime.sleep(300)\n")
-    ws = Workspace.get()
-    run = Experiment(ws, "stops").submit(
-        ScriptRunConfig(tmp_path / "src", script="train.py", compute_target="halfway")
-    )
-    reason = "Canceled by BanditPolicy at report 3: loss 40 is outside the slack of the best run's 1."
-    # A sweep's policy stops the run; the stop ends it but says it failed, and the sweep's process dies before
-    # it looks at the run again.
-    with pytest.raises(OSError, match="connection dropped"):
-        run.cancel(reason)
-    run.abandon()
-    until_orphaned()
-
-    [settled] = reconcile(ws)
-
-    record = ws.get_run(run.id)
-    assert (record.status, record.error) == (RunStatus.CANCELED, reason), record.error
-    assert (settled.run_id, settled.outcome) == (run.id, "Canceled")
-
-
-class StopRefusingLocalTarget(LocalTarget):
+class StopRefusingLocalTarget(HalfStoppingLocalTarget):
     """The local target, whose stops fail before anything is sent while `refusing` (a remote target's host that
     does not answer for a while)."""
 
     refusing = True
 
-    @classmethod
-    def from_connection(
-        cls, name: str, conn: Any, settings: Settings, cache_dir: Path
-    ) -> StopRefusingLocalTarget:
-        return cls(settings, cache_dir, name)
-
     def cancel(self, handle: LocalHandle) -> None:
         if StopRefusingLocalTarget.refusing:
             raise OSError(f"no route to the host of the run of pid {handle.pid}; nothing was sent")
-        super().cancel(handle)
+        LocalTarget.cancel(self, handle)
+
+
+POLICY_STOP = "Canceled by BanditPolicy at report 3: loss 40 is outside the slack of the best run's 1."
+
+
+def stop_failed_then_follower_died(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, target_class: type[LocalTarget], failure: str
+) -> ScriptRun:
+    """A run on a target of `target_class` that a sweep's policy asked to stop, the stop raising `failure`; the
+    sweep's process then dies before it looks at the run again, and nobody reports on it any more."""
+    monkeypatch.setitem(registry.CONNECTION_KINDS, "amlrun_test_stops", f"{__name__}:{target_class.__name__}")
+    monkeypatch.setenv("AIRFLOW_CONN_STOPS", json.dumps({"conn_type": "amlrun_test_stops"}))
+    write_script(tmp_path / "src", "train.py", "import time\ntime.sleep(300)\n")
+    run = Experiment(Workspace.get(), "stops").submit(
+        ScriptRunConfig(tmp_path / "src", script="train.py", compute_target="stops")
+    )
+    with pytest.raises(OSError, match=failure):
+        run.cancel(POLICY_STOP)
+    run.abandon()
+    until_orphaned()
+    return run
+
+
+def test_a_run_whose_stop_seemed_to_fail_before_its_follower_died_is_recorded_canceled_with_why(
+    amlrun_home, tmp_path, monkeypatch
+):
+    # The stop ends the run but says it failed.
+    run = stop_failed_then_follower_died(monkeypatch, tmp_path, HalfStoppingLocalTarget, "connection dropped")
+    ws = Workspace.get()
+
+    [settled] = reconcile(ws)
+
+    record = ws.get_run(run.id)
+    assert (record.status, record.error) == (RunStatus.CANCELED, POLICY_STOP), record.error
+    assert (settled.run_id, settled.outcome) == (run.id, "Canceled")
 
 
 def test_a_run_whose_stop_was_asked_but_never_reached_it_is_stopped_and_recorded_canceled(
     amlrun_home, tmp_path, monkeypatch
 ):
-    monkeypatch.setitem(
-        registry.CONNECTION_KINDS, "amlrun_stop_refusing", f"{__name__}:StopRefusingLocalTarget"
-    )
-    monkeypatch.setenv("AIRFLOW_CONN_UNANSWERING", json.dumps({"conn_type": "amlrun_stop_refusing"}))
+    # The stop does not reach the host.
     monkeypatch.setattr(StopRefusingLocalTarget, "refusing", True)
-    write_script(tmp_path / "src", "train.py", "import time\ntime.sleep(300)\n")
-    ws = Workspace.get()
-    run = Experiment(ws, "stops").submit(
-        ScriptRunConfig(tmp_path / "src", script="train.py", compute_target="unanswering")
-    )
+    run = stop_failed_then_follower_died(monkeypatch, tmp_path, StopRefusingLocalTarget, "no route")
+    assert isinstance(run.handle, LocalHandle)
     pid = run.handle.pid
-    reason = "Canceled by BanditPolicy at report 3: loss 40 is outside the slack of the best run's 1."
-    # A sweep's policy asks the stop, which does not reach the host; the sweep's process dies before it asks again.
-    with pytest.raises(OSError, match="no route"):
-        run.cancel(reason)
-    run.abandon()
-    until_orphaned()
+    ws = Workspace.get()
 
     # While the host does not answer, reconcile records nothing and says why; the run goes on.
     [left] = reconcile(ws)
     assert (left.run_id, left.outcome) == (run.id, "left as it is")
-    assert "stopping it on unanswering failed: no route to the host" in left.reason
+    assert "stopping it on stops failed: no route to the host" in left.reason
     assert ws.get_run(run.id).status == RunStatus.RUNNING
     assert _alive(pid)
 
@@ -576,7 +568,7 @@ def test_a_run_whose_stop_was_asked_but_never_reached_it_is_stopped_and_recorded
     [settled] = reconcile(ws)
 
     record = ws.get_run(run.id)
-    assert (record.status, record.error) == (RunStatus.CANCELED, reason), record.error
+    assert (record.status, record.error) == (RunStatus.CANCELED, POLICY_STOP), record.error
     assert record.tags[SETTLED_BY_TAG] == "reconcile"
     assert (settled.run_id, settled.outcome) == (run.id, "Canceled")
     wait_for_exit(pid, timeout=30)
