@@ -89,7 +89,7 @@ from typing import TYPE_CHECKING, Any
 
 from airflow_amlrun.environment.build_image import EnvironmentImage, check_image, ensure_image, image_recipe
 from airflow_amlrun.errors import ConfigurationError
-from airflow_amlrun.hooks.docker import DockerDaemon, DockerDaemonLostError
+from airflow_amlrun.hooks.docker_daemon import DockerDaemon, DockerDaemonLostError
 from airflow_amlrun.targets import supervisor
 from airflow_amlrun.targets.base import Chunk, CodeSource, Collected, Job, TargetStatus
 from airflow_amlrun.targets.common import (
