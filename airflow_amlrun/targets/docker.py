@@ -36,7 +36,8 @@ closed after it: ``docker inspect`` of the container shows no secret value. So a
 script, needs Python 3.7 or newer in the image (``python3``, or the environment's
 ``python.interpreter_path``). The supervisor and ``airflow_amlrun.run_context`` sit in a read-only folder
 (``/amlrun/lib``; ``archive``: copied), and run_context is on PYTHONPATH: any image with a Python runs a
-script that logs metrics, with nothing installed into it.
+script that logs metrics, with nothing installed into it. The worker keeps that folder in its cache, one per
+version of those files, and removes the other versions' once no container uses them (``docker_lib``).
 
 The container runs as the worker's uid:gid (unless the ``user`` option says otherwise), so that everything it
 writes in ``run/`` is the worker's to collect and remove; a worker that runs as root runs it as the image's
@@ -72,7 +73,6 @@ records the container's exit as it is.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -80,7 +80,6 @@ import re
 import shutil
 import threading
 import time
-import uuid
 from dataclasses import replace
 from datetime import UTC, datetime
 from functools import cached_property
@@ -89,7 +88,7 @@ from typing import TYPE_CHECKING, Any
 
 from airflow_amlrun.environment.build_image import EnvironmentImage, check_image, ensure_image, image_recipe
 from airflow_amlrun.errors import ConfigurationError
-from airflow_amlrun.hooks.docker import DockerDaemon, DockerDaemonLostError
+from airflow_amlrun.hooks.docker_daemon import DockerDaemon, DockerDaemonLostError
 from airflow_amlrun.targets import supervisor
 from airflow_amlrun.targets.base import Chunk, CodeSource, Collected, Job, TargetStatus
 from airflow_amlrun.targets.common import (
@@ -106,10 +105,8 @@ from airflow_amlrun.targets.common import (
     python_path,
     read_lines,
     remove_run_dir,
-    run_context_files,
     stopped_for_limit,
     unmarked,
-    write_run_context_package,
 )
 from airflow_amlrun.targets.docker_files import (
     defuse,
@@ -118,6 +115,7 @@ from airflow_amlrun.targets.docker_files import (
     replace_with_copy,
     take_folder,
 )
+from airflow_amlrun.targets.docker_lib import lib_folder, remove_unused
 from airflow_amlrun.targets.docker_options import DockerOptions as DockerOptions
 from airflow_amlrun.targets.docker_transfer import (
     LABEL_MANAGED_BY,
@@ -274,48 +272,53 @@ class DockerTarget:
             # docker stop signals the init process, which passes it on to the supervisor alone.
             "forward_signals": True,
         }
-        mounts = []
-        if transfer == "bind":
-            mounts = [
-                Mount(RUN_DIR, str(work), type="bind"),
-                Mount(LIB_DIR, str(self._lib()), type="bind", read_only=True),
-            ]
         name = container_name(job.run_id)
-        log.info("Starting container %s of image %s on %s", name, image.reference, self.daemon.base_url)
-        container = client.create_container(
-            image.reference,
-            command=[image.python, SUPERVISOR, f"{RUN_DIR}/{CONTROL_DIR}"],
-            name=name,
-            labels={
-                LABEL_RUN_ID: job.run_id,
-                LABEL_EXPERIMENT: job.experiment,
-                LABEL_MANAGED_BY: "airflow-amlrun",
-                LABEL_TRANSFER: transfer,
-            },
-            environment=env,
-            working_dir=RUN_DIR,
-            user=user,
-            # Open stdin, closed after the first attach ends: the one the request is written to.
-            stdin_open=True,
-            detach=False,
-            host_config=client.create_host_config(mounts=mounts or None, **self.options.host_config()),
-        )
-        container_id = str(container["Id"])
-        try:
-            if transfer == "archive":
-                with run_dir_archive(work, self._lib(), owner=self._owner(image, user)) as archive:
-                    client.put_archive(container_id, "/", archive)
-            stdin = client.attach_socket(container_id, params={"stdin": 1, "stream": 1})
+        bind = transfer == "bind"
+        # The supervisor's folder is kept from any cleanup until the container exists (bind) or has its copy
+        # (archive); the daemon is recorded as one whose containers may mount it.
+        with lib_folder(self.cache_dir, bind_daemon=self.daemon.base_url if bind else None) as lib:
+            mounts = []
+            if bind:
+                mounts = [
+                    Mount(RUN_DIR, str(work), type="bind"),
+                    Mount(LIB_DIR, str(lib), type="bind", read_only=True),
+                ]
+            log.info("Starting container %s of image %s on %s", name, image.reference, self.daemon.base_url)
+            container = client.create_container(
+                image.reference,
+                command=[image.python, SUPERVISOR, f"{RUN_DIR}/{CONTROL_DIR}"],
+                name=name,
+                labels={
+                    LABEL_RUN_ID: job.run_id,
+                    LABEL_EXPERIMENT: job.experiment,
+                    LABEL_MANAGED_BY: "airflow-amlrun",
+                    LABEL_TRANSFER: transfer,
+                },
+                environment=env,
+                working_dir=RUN_DIR,
+                user=user,
+                # Open stdin, closed after the first attach ends: the one the request is written to.
+                stdin_open=True,
+                detach=False,
+                host_config=client.create_host_config(mounts=mounts or None, **self.options.host_config()),
+            )
+            container_id = str(container["Id"])
             try:
-                client.start(container_id)
-                send_and_close(stdin, json.dumps(request).encode())
-            finally:
-                with contextlib.suppress(OSError):
-                    stdin.close()
-        except BaseException:
-            with contextlib.suppress(Exception):
-                client.remove_container(container_id, force=True)
-            raise
+                if not bind:
+                    with run_dir_archive(work, lib, owner=self._owner(image, user)) as archive:
+                        client.put_archive(container_id, "/", archive)
+                stdin = client.attach_socket(container_id, params={"stdin": 1, "stream": 1})
+                try:
+                    client.start(container_id)
+                    send_and_close(stdin, json.dumps(request).encode())
+                finally:
+                    with contextlib.suppress(OSError):
+                        stdin.close()
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    client.remove_container(container_id, force=True)
+                raise
+        self._remove_unused_libs(lib)
         return replace(
             self._handle(container_id, name, job.run_id, image.reference, transfer, image.python, user),
             image_id=image.image_id,
@@ -779,22 +782,13 @@ class DockerTarget:
             host=_host(),
         )
 
-    def _lib(self) -> Path:
-        """A read-only folder of the supervisor and ``pylib/airflow_amlrun/run_context.py``, one per version."""
-        sources = [*run_context_files(), Path(supervisor.__file__)]
-        digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:16]
-        dest = self.cache_dir / "docker" / f"lib-{digest}"
-        if not dest.is_dir():
-            tmp = dest.parent / f".tmp-{dest.name}-{uuid.uuid4().hex[:8]}"
-            write_run_context_package(tmp / "pylib")
-            shutil.copyfile(supervisor.__file__, tmp / "supervisor.py")
-            for path in [tmp, *tmp.rglob("*")]:
-                path.chmod(0o755 if path.is_dir() else 0o644)
-            try:
-                os.rename(tmp, dest)
-            except OSError:  # another process made it first
-                shutil.rmtree(tmp, ignore_errors=True)
-        return dest
+    def _remove_unused_libs(self, keep: Path) -> None:
+        """Remove the supervisor's folders of other versions that no run uses any more (see ``docker_lib``)."""
+        clients = {self.daemon.base_url: self.client} if self.daemon.local else {}
+        try:
+            remove_unused(self.cache_dir, keep=keep, clients=clients)
+        except Exception:  # housekeeping never fails a run, which has started by now
+            log.warning("Could not remove the supervisor's folders of other versions", exc_info=True)
 
     def _state(self, handle: DockerHandle) -> dict[str, Any] | None:
         from docker.errors import NotFound

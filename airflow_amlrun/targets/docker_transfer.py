@@ -37,7 +37,7 @@ from airflow_amlrun.targets.docker_files import copy_member_from, extract_folder
 if TYPE_CHECKING:
     from docker import APIClient
 
-    from airflow_amlrun.hooks.docker import DockerDaemon
+    from airflow_amlrun.hooks.docker_daemon import DockerDaemon
     from airflow_amlrun.targets.handles import DockerHandle
 
 log = logging.getLogger(__name__)

@@ -36,7 +36,7 @@ from airflow_amlrun.environment import (
 )
 from airflow_amlrun.environment.build_image import DEFAULT_IMAGE, ensure_image, image_recipe
 from airflow_amlrun.errors import ConfigurationError
-from airflow_amlrun.hooks.docker import DockerDaemon
+from airflow_amlrun.hooks.docker_daemon import DockerDaemon
 from airflow_amlrun.targets.base import Job
 from airflow_amlrun.targets.docker import DockerTarget
 from tests.conftest import REPO, write_script

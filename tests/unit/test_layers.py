@@ -10,11 +10,15 @@ from __future__ import annotations
 import ast
 import functools
 import re
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
 import airflow_amlrun
+from airflow_amlrun.targets.registry import CONNECTION_KINDS
 
 PACKAGE = Path(airflow_amlrun.__file__).parent
 
@@ -24,7 +28,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     # goes with it, and imports mlflow besides).
     ("base", ["errors", "config", "run_context", "mlflow_capture", "progress"]),
     ("core", ["snapshot", "environment", "history", "workspace"]),
-    ("targets", ["targets", "hooks.docker", "hooks.ssh"]),
+    ("targets", ["targets", "hooks.docker_daemon", "hooks.ssh"]),
     (
         "submission",
         [
@@ -49,7 +53,7 @@ LAYERS: list[tuple[str, list[str]]] = [
         ["operators", "sensors", "triggers", "plugin", "hooks", "links", "cli", "get_provider_info", ""],
     ),
 ]
-# Packages whose own __init__ sits in a lower layer than the prefix rule gives: importing `hooks.docker`
+# Packages whose own __init__ sits in a lower layer than the prefix rule gives: importing `hooks.docker_daemon`
 # runs `hooks/__init__.py`, so the targets may not find anything of the glue there.
 EXACT = {"hooks": 2}
 CORE = ("snapshot", "environment", "history", "workspace")
@@ -193,6 +197,22 @@ def test_the_core_knows_no_airflow() -> None:
         or name.startswith(("airflow.", "airflow_amlrun.hooks", "airflow_amlrun.operators"))
     ]
     assert offending == []
+
+
+# Every target: the built-in local one, and the kind of each connection type.
+TARGET_MODULES = sorted(
+    {"airflow_amlrun.targets.local", *(path.partition(":")[0] for path in CONNECTION_KINDS.values())}
+)
+
+
+@pytest.mark.parametrize("module", TARGET_MODULES)
+def test_a_target_imports_no_airflow(module: str) -> None:
+    # The CLI, a notebook and the benchmarks run targets without Airflow: importing one must not pay for
+    # Airflow's import (seconds), which only a connection (or a hook) needs. A fresh interpreter sees it all.
+    code = f"import sys, {module}; print('airflow' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "False", f"importing {module} imports airflow"
 
 
 def test_the_training_scripts_side_needs_only_the_standard_library() -> None:

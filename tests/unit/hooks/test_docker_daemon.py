@@ -1,8 +1,4 @@
-"""The amlrun_docker connection: which daemon it names and how to reach it, checked before any run.
-
-Each test imports the hook's module, which imports Airflow's Docker provider: collecting this module does not,
-as `make unit` keeps Airflow out of one of its two processes (tests/unit/conftest.py).
-"""
+"""The amlrun_docker connection: which daemon it names and how to reach it, checked before any run."""
 
 from __future__ import annotations
 
@@ -12,7 +8,7 @@ from airflow_amlrun.errors import ConfigurationError
 
 
 def test_the_host_names_the_daemon_and_the_other_extras_are_run_options():
-    from airflow_amlrun.hooks.docker import DockerDaemon
+    from airflow_amlrun.hooks.docker_daemon import DockerDaemon
 
     daemon = DockerDaemon.from_connection("gpu_box", "tcp://gpu-box:2376", {"tls": True, "mem_limit": "8g"})
 
@@ -22,14 +18,14 @@ def test_the_host_names_the_daemon_and_the_other_extras_are_run_options():
 
 
 def test_an_empty_host_is_the_local_socket():
-    from airflow_amlrun.hooks.docker import LOCAL_SOCKET, DockerDaemon
+    from airflow_amlrun.hooks.docker_daemon import LOCAL_SOCKET, DockerDaemon
 
     daemon = DockerDaemon.from_connection("docker_here", "", {})
     assert daemon.base_url == LOCAL_SOCKET and daemon.local
 
 
 def test_a_host_that_is_not_a_daemon_url_is_refused_with_the_forms_it_takes():
-    from airflow_amlrun.hooks.docker import DockerDaemon
+    from airflow_amlrun.hooks.docker_daemon import DockerDaemon
 
     with pytest.raises(ConfigurationError) as raised:
         DockerDaemon.from_connection("gpu_box", "gpu-box", {})
@@ -40,7 +36,7 @@ def test_a_host_that_is_not_a_daemon_url_is_refused_with_the_forms_it_takes():
 
 
 def test_a_tls_file_that_is_not_on_the_worker_is_refused_naming_it():
-    from airflow_amlrun.hooks.docker import DockerDaemon
+    from airflow_amlrun.hooks.docker_daemon import DockerDaemon
 
     with pytest.raises(ConfigurationError) as raised:
         DockerDaemon.from_connection("gpu_box", "tcp://gpu-box:2376", {"ca_cert": "/nowhere/ca.pem"})
@@ -51,7 +47,7 @@ def test_a_tls_file_that_is_not_on_the_worker_is_refused_naming_it():
 
 
 def test_a_client_certificate_without_its_key_is_refused(tmp_path):
-    from airflow_amlrun.hooks.docker import DockerDaemon
+    from airflow_amlrun.hooks.docker_daemon import DockerDaemon
 
     cert = tmp_path / "cert.pem"
     cert.write_text("not checked here")
@@ -60,7 +56,7 @@ def test_a_client_certificate_without_its_key_is_refused(tmp_path):
 
 
 def test_without_a_connection_the_daemon_is_the_docker_clis_and_options_come_from_amlrun_docker_variables():
-    from airflow_amlrun.hooks.docker import LOCAL_SOCKET, DockerDaemon
+    from airflow_amlrun.hooks.docker_daemon import LOCAL_SOCKET, DockerDaemon
 
     daemon = DockerDaemon.from_environment(
         {"DOCKER_HOST": "tcp://10.0.0.7:2375", "AMLRUN_DOCKER_MEM_LIMIT": "8g", "AMLRUN_DOCKER_GPUS": ""}
