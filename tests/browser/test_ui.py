@@ -328,6 +328,62 @@ def test_the_tab_of_a_task_that_ended_without_a_run_says_so_and_stops_asking(ui,
     assert page.errors == []
 
 
+_QUICK_DAG = """
+from airflow.sdk import DAG
+
+from airflow_amlrun import ScriptRunConfig, ScriptRunOperator
+
+with DAG("DAG_ID", schedule=None):
+    ScriptRunOperator(
+        task_id="train",
+        experiment="quick_training",
+        config=ScriptRunConfig(source_directory="quick_training", script="train.py", compute_target="local"),
+    )
+"""
+
+
+def test_the_task_tab_shows_the_run_of_a_cleared_task_s_new_try_without_a_reload(ui, open_as):
+    (ui.cluster.dags / "quick_training").mkdir()
+    (ui.cluster.dags / "quick_training" / "train.py").write_text('print("trained", flush=True)\n')
+    dag_id = ui.cluster.write_dag(_QUICK_DAG)
+    dag_run = ui.cluster.trigger(dag_id)
+    assert ui.cluster.wait_for_dag_run(dag_id, dag_run) == "success", ui.cluster.component_logs()
+    history = ui.cluster.history()
+    [first] = history.list_runs(dag_id=dag_id, airflow_run_id=dag_run)
+
+    page = open_as(
+        "admin", f"/dags/{dag_id}/runs/{quote(dag_run, safe='')}/tasks/train/plugin/amlrun_task_run"
+    )
+    tab = page.locator(".amlrun-task-run")
+    _expect()(tab.locator(f"[data-page=run-detail][data-run-id='{first.id}']")).to_be_visible()
+    _expect()(tab).to_have_attribute("data-task-state", "success")
+    page.evaluate("window.amlrunMarker = 'not reloaded'")
+    # At rest on an ended task, the tab asks Airflow whether it runs again, slowly, and asks for no runs.
+    asked: list[str] = []
+    page.on(
+        "request",
+        lambda request: (
+            asked.append(request.url)
+            if "/amlrun/api/task-runs" in request.url or request.url.endswith("/taskInstances/train")
+            else None
+        ),
+    )
+    page.wait_for_timeout(9_000)
+    assert [url for url in asked if "/amlrun/api/task-runs" in url] == []
+    assert len(asked) <= 1, asked
+
+    ui.cluster.clear_task(dag_id, dag_run, "train")
+    assert ui.cluster.wait_for_dag_run(dag_id, dag_run) == "success", ui.cluster.component_logs()
+    [second] = [r for r in history.list_runs(dag_id=dag_id, airflow_run_id=dag_run) if r.id != first.id]
+    assert second.try_number == 2
+
+    # The same page, left open: the new try's run appears, the first one's a choice away.
+    _expect()(tab.locator(f"[data-page=run-detail][data-run-id='{second.id}']")).to_be_visible(timeout=60_000)
+    _expect()(tab.get_by_label("Run of try").locator("option")).to_have_count(2)
+    assert page.evaluate("window.amlrunMarker") == "not reloaded"
+    assert page.errors == []
+
+
 def test_a_user_without_the_dag_sees_none_of_its_runs(ui, open_as, screenshots):
     # ann may read the live DAG only.
     page = open_as("ann", LIST)
