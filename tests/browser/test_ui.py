@@ -206,6 +206,72 @@ def test_the_diff_page_in_the_dark_theme(ui, open_as, screenshots):
     page.screenshot(path=screenshots / "diff-dark.png")
 
 
+_SWEEP_SCRIPT = """\
+import argparse
+
+from airflow_amlrun.run_context import Run
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--alpha", type=float)
+alpha = parser.parse_args().alpha
+Run.get_context().log("loss", (alpha - 0.5) ** 2)
+print(f"trained with alpha={alpha}", flush=True)
+"""
+
+_SWEEP_DAG = """
+from airflow.sdk import DAG
+
+from airflow_amlrun import ScriptRunConfig
+from airflow_amlrun.hyperdrive import GridParameterSampling, HyperDriveConfig, choice
+from airflow_amlrun.operators.hyperdrive import HyperDriveOperator
+
+with DAG("DAG_ID", schedule=None):
+    HyperDriveOperator(
+        task_id="tune",
+        config=HyperDriveConfig(
+            run_config=ScriptRunConfig(source_directory="sweep_training", script="train.py", compute_target="local"),
+            hyperparameter_sampling=GridParameterSampling({"--alpha": choice(0.1, 0.5)}),
+            primary_metric_name="loss",
+            primary_metric_goal="minimize",
+            max_total_runs=2,
+            max_concurrent_runs=2,
+        ),
+    )
+"""
+
+
+def test_a_sweep_s_page_says_its_code_is_its_runs_and_leads_to_them(ui, open_as):
+    (ui.cluster.dags / "sweep_training").mkdir()
+    (ui.cluster.dags / "sweep_training" / "train.py").write_text(_SWEEP_SCRIPT)
+    dag_id = ui.cluster.write_dag(_SWEEP_DAG)
+    dag_run = ui.cluster.trigger(dag_id)
+    assert ui.cluster.wait_for_dag_run(dag_id, dag_run) == "success", ui.cluster.component_logs()
+    history = ui.cluster.history()
+    [sweep] = [r for r in history.list_runs(dag_id=dag_id) if r.target == "hyperdrive"]
+    first, best = history.child_runs(sweep.id)
+    # The sweep itself records no snapshot; each of its runs does.
+    assert sweep.snapshot_id is None and first.snapshot_id is not None
+    assert sweep.tags["best_run_id"] == best.id
+
+    page = open_as("admin", f"{LIST}/runs/{sweep.id}", height=1800)
+    code = page.get_by_role("region", name="Code")
+    _expect()(code).to_contain_text(
+        "A sweep runs no code of its own, so it has no snapshot: each of its runs ran the code of a snapshot "
+        "of its own, shown on that run's page."
+    )
+    _expect()(code).not_to_contain_text("did not start")
+    facts = code.get_by_label("Code of the sweep's runs")
+    _expect()(facts.get_by_role("link")).to_have_text([first.id, best.id])
+    _expect()(facts).to_contain_text("2, under Sweep runs above")
+    _expect()(page.get_by_role("table", name="Sweep runs").locator("tbody tr")).to_have_count(2)
+
+    # The first run's page shows the code it ran.
+    facts.get_by_role("link", name=first.id).click()
+    _expect()(page.locator(f"[data-page=run-detail][data-run-id='{first.id}']")).to_be_visible()
+    _expect()(page.locator("pre[data-language=python]")).to_contain_text('parser.add_argument("--alpha"')
+    assert page.errors == []
+
+
 def test_the_task_instance_leads_to_its_run_by_its_tab_and_its_extra_link(ui, open_as):
     dag_run = quote(ui.dag_runs["first"], safe="")
     page = open_as("admin", f"/dags/{EXAMPLE_DAG}/runs/{dag_run}/tasks/train/plugin/amlrun_task_run")
@@ -259,6 +325,62 @@ def test_the_tab_of_a_task_that_ended_without_a_run_says_so_and_stops_asking(ui,
     # Three turns of the tab's 3 s polling: it asks no more.
     page.wait_for_timeout(9_000)
     assert asked == []
+    assert page.errors == []
+
+
+_QUICK_DAG = """
+from airflow.sdk import DAG
+
+from airflow_amlrun import ScriptRunConfig, ScriptRunOperator
+
+with DAG("DAG_ID", schedule=None):
+    ScriptRunOperator(
+        task_id="train",
+        experiment="quick_training",
+        config=ScriptRunConfig(source_directory="quick_training", script="train.py", compute_target="local"),
+    )
+"""
+
+
+def test_the_task_tab_shows_the_run_of_a_cleared_task_s_new_try_without_a_reload(ui, open_as):
+    (ui.cluster.dags / "quick_training").mkdir()
+    (ui.cluster.dags / "quick_training" / "train.py").write_text('print("trained", flush=True)\n')
+    dag_id = ui.cluster.write_dag(_QUICK_DAG)
+    dag_run = ui.cluster.trigger(dag_id)
+    assert ui.cluster.wait_for_dag_run(dag_id, dag_run) == "success", ui.cluster.component_logs()
+    history = ui.cluster.history()
+    [first] = history.list_runs(dag_id=dag_id, airflow_run_id=dag_run)
+
+    page = open_as(
+        "admin", f"/dags/{dag_id}/runs/{quote(dag_run, safe='')}/tasks/train/plugin/amlrun_task_run"
+    )
+    tab = page.locator(".amlrun-task-run")
+    _expect()(tab.locator(f"[data-page=run-detail][data-run-id='{first.id}']")).to_be_visible()
+    _expect()(tab).to_have_attribute("data-task-state", "success")
+    page.evaluate("window.amlrunMarker = 'not reloaded'")
+    # At rest on an ended task, the tab asks Airflow whether it runs again, slowly, and asks for no runs.
+    asked: list[str] = []
+    page.on(
+        "request",
+        lambda request: (
+            asked.append(request.url)
+            if "/amlrun/api/task-runs" in request.url or request.url.endswith("/taskInstances/train")
+            else None
+        ),
+    )
+    page.wait_for_timeout(9_000)
+    assert [url for url in asked if "/amlrun/api/task-runs" in url] == []
+    assert len(asked) <= 1, asked
+
+    ui.cluster.clear_task(dag_id, dag_run, "train")
+    assert ui.cluster.wait_for_dag_run(dag_id, dag_run) == "success", ui.cluster.component_logs()
+    [second] = [r for r in history.list_runs(dag_id=dag_id, airflow_run_id=dag_run) if r.id != first.id]
+    assert second.try_number == 2
+
+    # The same page, left open: the new try's run appears, the first one's a choice away.
+    _expect()(tab.locator(f"[data-page=run-detail][data-run-id='{second.id}']")).to_be_visible(timeout=60_000)
+    _expect()(tab.get_by_label("Run of try").locator("option")).to_have_count(2)
+    assert page.evaluate("window.amlrunMarker") == "not reloaded"
     assert page.errors == []
 
 

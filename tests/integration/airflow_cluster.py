@@ -299,6 +299,15 @@ class AirflowCluster:
             json={"new_state": state},
         )
 
+    def clear_task(self, dag_id: str, run_id: str, task_id: str) -> None:
+        """Clear a task instance as a user does in the UI ("Clear"), whatever its state: it runs again, as a new
+        try, and its DAG run with it."""
+        self._api(
+            "POST",
+            f"/api/v2/dags/{dag_id}/clearTaskInstances",
+            json={"dry_run": False, "dag_run_id": run_id, "task_ids": [task_id], "only_failed": False},
+        )
+
     def task_log_records(
         self, dag_id: str, run_id: str, task_id: str, try_number: int = 1
     ) -> list[dict[str, Any]]:

@@ -107,6 +107,9 @@ export interface Experiment {
 
 export const FINISHED = new Set(["Completed", "Failed", "Canceled"]);
 
+// The target a sweep's parent run records (airflow_amlrun/runconfig.py SWEEP_TARGET): it runs no code of its own.
+export const SWEEP_TARGET = "hyperdrive";
+
 /** The address of a path of the plugin's app, under whatever base the Airflow UI is served from. */
 export function apiUrl(path: string, query?: URLSearchParams): string {
   const url = new URL(`amlrun/api/${path}`, document.baseURI);

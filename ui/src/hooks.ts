@@ -56,6 +56,34 @@ export function useInterval(tick: () => void, ms: number, active: boolean): void
   }, [ms, active]);
 }
 
+/** Calls `tick` every `ms` milliseconds while `active` and the page is shown (the first call `ms` after it became
+ * active); a page shown again calls it at once. A hidden page (another browser tab, a minimised window) asks
+ * nothing, as TanStack Query's refetchInterval does by default: what it would learn is asked the moment it is seen. */
+export function useShownInterval(tick: () => void, ms: number, active: boolean): void {
+  const latest = useRef(tick);
+  latest.current = tick;
+  useEffect(() => {
+    if (!active) return;
+    let timer: number | undefined;
+    const follow = () => {
+      window.clearInterval(timer);
+      timer = undefined;
+      if (document.visibilityState === "hidden") return;
+      timer = window.setInterval(() => latest.current(), ms);
+    };
+    const shown = () => {
+      if (document.visibilityState !== "hidden") latest.current();
+      follow();
+    };
+    follow();
+    document.addEventListener("visibilitychange", shown);
+    return () => {
+      window.clearInterval(timer);
+      document.removeEventListener("visibilitychange", shown);
+    };
+  }, [ms, active]);
+}
+
 /** The width of an element, followed as it resizes. */
 export function useWidth<E extends HTMLElement>(): [RefObject<E | null>, number] {
   const ref = useRef<E>(null);

@@ -1,14 +1,14 @@
 import { useEffect, useMemo, useRef } from "react";
 import { Link, useNavigate } from "react-router-dom";
 
-import { enc, FINISHED, type Json, type Run, type RunDetail as Detail, type Series } from "../api";
+import { enc, FINISHED, type Json, type Run, type RunDetail as Detail, type Series, SWEEP_TARGET } from "../api";
 import { alignLines, Chart } from "../components/Chart";
 import { ErrorBox, formatDuration, formatValue, Loading, RunLink, Section, StatusBadge, taskInstancePath, Time } from "../components/common";
 import { useApi, useInterval, useWidth } from "../hooks";
 import { pagePath } from "../routes";
 import { EnvironmentSection, GitSection, OutputsSection } from "./RunSections";
 import { LogViewer } from "./LogViewer";
-import { SnapshotBrowser } from "./SnapshotBrowser";
+import { SnapshotBrowser, SweepCode } from "./SnapshotBrowser";
 
 // How often an unfinished run's page asks for its status and metrics again.
 const REFRESH_MS = 3000;
@@ -18,7 +18,16 @@ export function RunDetail({ runId, embedded = false }: { runId: string; embedded
   const detail = useApi<Detail>(`runs/${enc(runId)}`);
   const run = detail.data?.run_id === runId ? detail.data : undefined;
   const running = run !== undefined && !FINISHED.has(run.status);
-  useInterval(detail.reload, REFRESH_MS, running);
+  // A run that is no sweep's run may be a sweep: its runs, for their table and for where its code is.
+  const children = useApi<Run[]>(run?.parent_run_id === null ? `runs/${enc(runId)}/children` : null);
+  // A running sweep records more runs as it goes: they are read again with it.
+  const refresh = () => {
+    detail.reload();
+    if (run?.parent_run_id === null) children.reload();
+  };
+  useInterval(refresh, REFRESH_MS, running);
+  // Not another run's, kept while this one's are on their way.
+  const sweepRuns = children.loading ? undefined : children.data;
 
   if (detail.error) {
     return (
@@ -55,13 +64,17 @@ export function RunDetail({ runId, embedded = false }: { runId: string; embedded
       )}
       <Timeline run={run} />
       <Metrics run={run} />
-      {run.parent_run_id === null && <SweepRuns runId={run.run_id} />}
+      {run.parent_run_id === null && <SweepRuns runs={sweepRuns ?? []} />}
       <LogViewer runId={run.run_id} />
       <Arguments run={run} />
       <EnvironmentSection run={run} />
       <GitSection git={run.git} />
       <OutputsSection run={run} />
-      <SnapshotBrowser runId={run.run_id} hasSnapshot={run.snapshot_id !== null} />
+      {run.snapshot_id === null && run.target === SWEEP_TARGET ? (
+        <SweepCode run={run} runs={sweepRuns} />
+      ) : (
+        <SnapshotBrowser runId={run.run_id} hasSnapshot={run.snapshot_id !== null} />
+      )}
     </div>
   );
 }
@@ -230,10 +243,8 @@ function quoteArgument(value: Json): string {
 }
 
 /** The runs of a sweep, with a link to compare them all; nothing for a run that has none. */
-function SweepRuns({ runId }: { runId: string }) {
-  const children = useApi<Run[]>(`runs/${enc(runId)}/children`);
+function SweepRuns({ runs }: { runs: Run[] }) {
   const navigate = useNavigate();
-  const runs = children.data ?? [];
   if (runs.length === 0) return null;
   const metrics = [...new Set(runs.flatMap((r) => Object.keys(r.metrics)))].slice(0, 6);
   return (
