@@ -66,7 +66,7 @@ again (its log from its start, so offsets mean what they meant); without, it sto
 the run ends Failed saying so. The Docker API tells neither when a daemon started nor what stopped a container
 (a ``docker stop`` and a daemon going down leave the same state), so this is told from what the waiting
 process saw: the daemon stopped answering while the container ran, and answers again, without live-restore,
-with the container ended since (``_stopped_with_daemon``). A process that did not see it (a retry, reconcile)
+with the container ended since (``docker_state.stopped_with_daemon``). A process that did not see it (a retry, reconcile)
 records the container's exit as it is.
 """
 
@@ -81,7 +81,6 @@ import shutil
 import threading
 import time
 from dataclasses import replace
-from datetime import UTC, datetime
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -97,7 +96,6 @@ from airflow_amlrun.targets.common import (
     READ_CAP,
     STD_LOG,
     add_run_folders,
-    exit_status,
     job_argv,
     job_environment,
     lines_from,
@@ -117,6 +115,7 @@ from airflow_amlrun.targets.docker_files import (
 )
 from airflow_amlrun.targets.docker_lib import lib_folder, remove_unused
 from airflow_amlrun.targets.docker_options import DockerOptions as DockerOptions
+from airflow_amlrun.targets.docker_state import live, outcome, stopped_with_daemon, utc_text
 from airflow_amlrun.targets.docker_transfer import (
     LABEL_MANAGED_BY,
     LIB_DIR,
@@ -159,10 +158,6 @@ FINAL_LOG_WAIT_SECONDS = 10.0
 FINAL_EVENTS_WAIT_SECONDS = 120.0
 # How long a run's daemon may not answer before the waiting task gives up on it (the run goes on there).
 UNREACHABLE_GRACE_SECONDS = 120.0
-# How long before its daemon was found not answering a container may have ended and still be taken for one the
-# daemon stopped as it went down: its log stream ends as the daemon stops it, and the waiting task asks the
-# daemon next, which no longer answers.
-DAEMON_STOP_SLACK_SECONDS = 10.0
 # Largest control file (ended_by) read.
 CONTROL_CAP = 1 << 16
 
@@ -374,7 +369,7 @@ class DockerTarget:
                 self.daemon.base_url,
                 time.monotonic() - self._unreachable.pop(key),
                 handle.container,
-                "runs on: following it again" if _live(state or {}) else "is no longer running",
+                "runs on: following it again" if live(state or {}) else "is no longer running",
             )
             # Its events (archive) were read through the daemon too: read them again, from their start.
             self._restart_events_follower(handle)
@@ -385,7 +380,7 @@ class DockerTarget:
                 reason=f"its container {handle.container} was removed from {self.daemon.base_url} before it "
                 "was collected",
             )
-        if _live(state):
+        if live(state):
             self._went_away.pop(key, None)
             if follower is not None and follower.done.is_set():
                 # The stream ended while the container runs on (a dropped connection, a restarted daemon):
@@ -397,7 +392,7 @@ class DockerTarget:
             # Its log stream was cut before the container ended (e.g. its daemon went away and, restarting,
             # stopped it): the final read takes the log again, from its start.
             self._restart_follower(handle)
-        status = _outcome(state, self.options, timed_out=self._ended_by_limit(handle))
+        status = outcome(state, self.options, timed_out=self._ended_by_limit(handle))
         if (
             key in self._went_away
             and status.exit_code != 0
@@ -454,7 +449,7 @@ class DockerTarget:
         follower = self._follower(handle)
         follower.done.wait(FINAL_LOG_WAIT_SECONDS)
         state = self._state(handle)
-        ended = state is None or not _live(state)
+        ended = state is None or not live(state)
         left_out: list[str] = []
         if handle.transfer == "bind" and ended:
             left_out += self._defuse(handle, ended=True)
@@ -542,7 +537,7 @@ class DockerTarget:
             state = self._state(handle)
         except (DockerException, RequestException):
             return None
-        if state is not None and _live(state):
+        if state is not None and live(state):
             return None  # it runs on, without its folder: nothing to settle yet
         return self._missing_folder(handle)
 
@@ -695,7 +690,7 @@ class DockerTarget:
                 "the run was already collected, and both removed, by another process that followed it to its end "
                 "(a retry of its task, or amlrun reconcile), or removed by hand"
             )
-        if isinstance(state, dict) and not _live(state):
+        if isinstance(state, dict) and not live(state):
             return (
                 f"its run folder {run_dir} is gone from this worker while {container} ended "
                 f"({state.get('Status')}, exit code {state.get('ExitCode')}) and is kept: the run was already "
@@ -713,7 +708,7 @@ class DockerTarget:
         self, handle: DockerHandle, state: dict[str, Any], went_away: float
     ) -> str | None:
         """Why the container ended, if its daemon stopped it by going down while this process followed it (see
-        ``_stopped_with_daemon``); None if it ended otherwise, or the daemon does not say."""
+        ``docker_state.stopped_with_daemon``); None if it ended otherwise, or the daemon does not say."""
         from docker.errors import DockerException
         from requests.exceptions import RequestException
 
@@ -721,13 +716,13 @@ class DockerTarget:
             info = self.client.info()
         except (DockerException, RequestException):
             return None
-        ended = _stopped_with_daemon(state, info, went_away=went_away, now=time.time())
+        ended = stopped_with_daemon(state, info, went_away=went_away, now=time.time())
         if ended is None:
             return None
         return (
             f"its container {handle.container} was stopped by the Docker daemon at {self.daemon.base_url} "
             f"({self.daemon.source}), which restarted while the run went on: the daemon stopped answering at "
-            f"{_utc(went_away)} and, when it answered again, the container had ended (at {_utc(ended)}, exit "
+            f"{utc_text(went_away)} and, when it answered again, the container had ended (at {utc_text(ended)}, exit "
             f"code {state.get('ExitCode')}); a daemon that runs without live-restore stops its containers when "
             "it stops. Run the task again; to keep runs going through a restart of the daemon, start dockerd "
             'with --live-restore (or set "live-restore": true in its /etc/docker/daemon.json)'
@@ -877,68 +872,3 @@ def _host() -> str:
 def container_name(run_id: str) -> str:
     """The container's name: one per run, so the same run cannot be started twice on a daemon."""
     return "amlrun-" + re.sub(r"[^A-Za-z0-9_.-]", "-", run_id)
-
-
-def _live(state: dict[str, Any]) -> bool:
-    """Whether a container in this state may still change its files."""
-    return bool(state.get("Running")) or state.get("Status") in ("restarting", "paused")
-
-
-def _stopped_with_daemon(
-    state: dict[str, Any], info: dict[str, Any], *, went_away: float, now: float
-) -> float | None:
-    """When (epoch seconds, this machine's clock) a container ended that its daemon stopped by going down, else
-    None. ``went_away`` is when the daemon stopped answering a process that followed the running container,
-    ``state`` the container's state and ``info`` the daemon's ``/info`` once it answers again, at ``now``.
-
-    A daemon without live-restore stops its containers as it stops, after it stopped answering: one that ended
-    then (or a moment before its waiting task found the daemon gone) was stopped by it. With live-restore a
-    restart stops nothing, so the container ended of its own. The daemon's clock (``SystemTime``) may differ
-    from this machine's: the container's end is read on this one.
-    """
-    if info.get("LiveRestoreEnabled"):
-        return None
-    finished = _docker_time(state.get("FinishedAt"))
-    if finished is None:
-        return None
-    daemon_now = _docker_time(info.get("SystemTime"))
-    ended = finished - (daemon_now - now if daemon_now is not None else 0.0)
-    if ended < went_away - DAEMON_STOP_SLACK_SECONDS:
-        return None  # it had ended before its daemon went away
-    return ended
-
-
-def _docker_time(value: object) -> float | None:
-    """Epoch seconds of a time as the Docker API writes it (RFC 3339 with nanoseconds, of which Python keeps
-    microseconds); None for none (the year 1: a container that never ended) or not one."""
-    if not isinstance(value, str) or value.startswith("0001-"):
-        return None
-    try:
-        return datetime.fromisoformat(value).timestamp()
-    except ValueError:
-        return None
-
-
-def _utc(seconds: float) -> str:
-    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-
-
-def _outcome(state: dict[str, Any], options: DockerOptions, *, timed_out: bool = False) -> TargetStatus:
-    code = state.get("ExitCode")
-    exit_code = int(code) if isinstance(code, int) else None
-    if state.get("OOMKilled"):
-        limit = f"mem_limit={options.mem_limit}" if options.mem_limit else "no mem_limit (the host ran out)"
-        return TargetStatus(
-            running=False,
-            exit_code=exit_code,
-            reason=f"the container ran out of memory and was killed (OOMKilled) with {limit}; raise the "
-            "target's mem_limit, or make the script use less memory",
-        )
-    if state.get("Error"):
-        return TargetStatus(
-            running=False,
-            exit_code=exit_code,
-            reason=f"the container could not run the script: {state['Error']}",
-            timed_out=timed_out,
-        )
-    return exit_status(exit_code, timed_out=timed_out)
