@@ -79,8 +79,14 @@ class RunNotFoundError(AmlRunError, LookupError):
 
 
 class HistoryReadOnlyError(AmlRunError):
-    """The run history is an SQLite file this process may read but not write (its mode, its owner, or a
-    read-only mount): nothing was written.
+    """The run history is an SQLite file this process may read but not write: nothing was written.
+
+    The message names the file and why: its mode or owner, a read-only mount, a folder SQLite cannot write its
+    ``-wal`` and ``-shm`` files in, or the history's URL itself asking for read-only access (``mode=ro`` in an
+    SQLite URI such as ``sqlite:///file:/data/history.db?mode=ro&uri=true``). The fix is to make the file and
+    its folder writable for the user the task or command runs as, or, for a URL with ``mode=ro``, to give the
+    workspace a URL without it (the amlrun connection's ``database_url``). While a run goes on, its writes are
+    kept and written once the file is writable again.
 
     :param path: the history's file.
     """
@@ -96,6 +102,15 @@ def normalize_database_url(url: str) -> str:
         if url.startswith(prefix):
             return "postgresql+psycopg://" + url[len(prefix) :]
     return url
+
+
+def display_url(url: str | URL) -> str:
+    """A database URL as messages show it: its password, if it has one, as ``***``."""
+    parsed = make_url(normalize_database_url(url) if isinstance(url, str) else url)
+    if parsed.get_backend_name() == "sqlite" and parsed.password is None:
+        # As it is written: SQLAlchemy quotes the colon of an SQLite URI (sqlite:///file%3A/data/history.db).
+        return unquote(parsed.render_as_string(hide_password=False))
+    return parsed.render_as_string(hide_password=True)
 
 
 def utcnow() -> datetime:
@@ -506,7 +521,7 @@ class RunHistory:
 
     @property
     def url_for_display(self) -> str:
-        return make_url(self.url).render_as_string(hide_password=True)
+        return display_url(self.url)
 
 
 def _unfinished() -> ColumnElement[bool]:
@@ -574,10 +589,20 @@ def _sqlite_read_only(context: ExceptionContext) -> None:
         # The pool would hand the same connection, to the file that is gone, to every retry: let it go.
         context.is_disconnect = True
         return
-    path = _sqlite_file(context.engine.url) if context.engine is not None else None
-    if not path or not isinstance(code, str):
+    url = context.engine.url if context.engine is not None else None
+    path = _sqlite_file(url) if url is not None else None
+    if url is None or not path or not isinstance(code, str):
         return
     folder = os.path.dirname(os.path.abspath(path))
+    if code in _SQLITE_READ_ONLY and _sqlite_read_only_uri(url):
+        # The URL asks for it: making the file writable would change nothing.
+        raise HistoryReadOnlyError(
+            f"The run history's URL {display_url(url)} opens its SQLite file {path} read-only (mode=ro), and "
+            f"nothing was written ({context.original_exception}). Recording runs needs a URL without mode=ro, "
+            f"such as {display_url(url.difference_update_query(['mode']))}: give the workspace that one (the "
+            "amlrun connection's database_url).",
+            path=path,
+        ) from context.original_exception
     if code in _SQLITE_READ_ONLY:
         what = f"The run history's SQLite file {path} is read-only to this process, and nothing was written"
     elif code.startswith("SQLITE_CANTOPEN") and os.path.exists(path) and not os.access(folder, os.W_OK):
@@ -593,6 +618,11 @@ def _sqlite_read_only(context: ExceptionContext) -> None:
         "database_url, or [amlrun] home for the embedded workspace).",
         path=path,
     ) from context.original_exception
+
+
+def _sqlite_read_only_uri(url: URL) -> bool:
+    """Whether an SQLite URL opens its file read-only by its own request (``mode=ro`` in a URI)."""
+    return url.query.get("uri") in ("true", "1") and url.query.get("mode") == "ro"
 
 
 def _sqlite_file(url: URL) -> str | None:

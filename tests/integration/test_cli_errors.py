@@ -227,3 +227,32 @@ def test_a_read_only_history_is_said_to_be_read_only_naming_the_file_and_the_fix
         f"(attempt to write a readonly database). {fix}"
     )
     assert Workspace.get().list_runs(experiment="cli_errors") == []
+
+
+def test_a_history_url_that_asks_for_read_only_is_named_as_the_cause_not_the_file(
+    amlrun_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_script(tmp_path / "src", "train.py", "print('trained')\n")
+    (tmp_path / "run.yaml").write_text("experiment: cli_errors\nsource_directory: src\nscript: train.py\n")
+    assert amlrun("runs", "list").returncode == 0  # the embedded workspace's history, made and closed
+    history = amlrun_home / "history.db"
+    url = f"sqlite:///file:{history}?mode=ro&uri=true"
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_AMLRUN_DEFAULT",
+        json.dumps(
+            {"conn_type": "amlrun", "extra": {"database_url": url, "store_url": str(tmp_path / "store")}}
+        ),
+    )
+
+    assert amlrun("runs", "list").returncode == 0  # reading goes on
+    done = amlrun("submit", str(tmp_path / "run.yaml"))
+
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert said(done)[-1] == (
+        f"error: The run history's URL {url} opens its SQLite file {history} read-only (mode=ro), and nothing "
+        "was written (attempt to write a readonly database). Recording runs needs a URL without mode=ro, such "
+        f"as sqlite:///file:{history}?uri=true: give the workspace that one (the amlrun connection's "
+        "database_url)."
+    )
+    assert "writable" not in done.stderr
+    assert Workspace.get().list_runs(experiment="cli_errors") == []

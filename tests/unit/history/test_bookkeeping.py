@@ -13,6 +13,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from sqlalchemy import event
 from sqlalchemy.exc import DataError, OperationalError, StatementError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
@@ -51,11 +52,16 @@ def test_a_history_turned_read_only_during_a_run_keeps_its_points_and_says_so_at
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     # The file turns read-only while the run goes on (a file system remounted read-only after an I/O error):
-    # the same file, opened read-only. Tests run as root, whom a file's mode does not stop.
+    # the same file, whose every connection SQLite keeps from writing (as it does a read-only file, with the same
+    # error). Tests run as root, whom a file's mode does not stop; a URL with mode=ro would be the URL's doing.
     path = tmp_path / "history.db"
     writable = RunHistory(f"sqlite:///{path}")
     writable.create_run(run_id="r1", experiment="read_only", target="local")
-    read_only = RunHistory(f"sqlite:///file:{path}?mode=ro&uri=true")
+    read_only = RunHistory(f"sqlite:///{path}")
+    read_only.dispose()  # the connection it opened to check the schema: every one from now on is kept so
+    event.listen(
+        read_only.engine, "connect", lambda connection, _: connection.execute("PRAGMA query_only=ON")
+    )
     now = [0.0]
     book = RunBookkeeper(
         read_only, "r1", clock=lambda: now[0], sleep=lambda s: now.__setitem__(0, now[0] + s)
