@@ -48,6 +48,23 @@ def test_only_a_history_that_is_away_is_waited_for(error: Exception, transient: 
     assert is_transient(error) is transient
 
 
+def test_a_statement_sqlite_refuses_is_not_waited_for_but_a_locked_file_is(tmp_path: Path) -> None:
+    # Both are OperationalErrors; SQLite's own code tells the schema's refusal from a file another process holds.
+    first = sqlite3.connect(tmp_path / "history.db", isolation_level=None)
+    first.execute("CREATE TABLE amlrun_runs (display_name TEXT)")
+    with pytest.raises(sqlite3.OperationalError, match="duplicate column name") as refused:
+        first.execute("ALTER TABLE amlrun_runs ADD COLUMN display_name TEXT")
+    first.execute("BEGIN IMMEDIATE")
+    second = sqlite3.connect(tmp_path / "history.db", isolation_level=None, timeout=0)
+    with pytest.raises(sqlite3.OperationalError, match="database is locked") as locked:
+        second.execute("BEGIN IMMEDIATE")
+    first.close()
+    second.close()
+
+    assert is_transient(OperationalError("ALTER TABLE", {}, refused.value)) is False
+    assert is_transient(OperationalError("BEGIN IMMEDIATE", {}, locked.value)) is True
+
+
 def test_a_history_turned_read_only_during_a_run_keeps_its_points_and_says_so_at_the_deadline(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
