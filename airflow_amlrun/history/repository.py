@@ -26,6 +26,8 @@ from sqlalchemy import (
     text,
     update,
 )
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import URL, ExceptionContext, make_url
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
@@ -191,17 +193,33 @@ class RunHistory:
             return ExperimentRecord(name=row.name, created_at=aware(row.created_at) or utcnow())
 
     def _experiment_row(self, session: Session, name: str) -> ExperimentRow:
-        row = session.scalar(select(ExperimentRow).where(ExperimentRow.name == name))
-        if row is None:
-            # Two tasks may create the same experiment at once: the loser of the race re-reads it.
-            try:
-                with session.begin_nested():
-                    row = ExperimentRow(name=name, created_at=utcnow())
-                    session.add(row)
-            except Exception:
-                row = session.scalar(select(ExperimentRow).where(ExperimentRow.name == name))
-                if row is None:
-                    raise
+        query = select(ExperimentRow).where(ExperimentRow.name == name)
+        row = session.scalar(query)
+        if row is not None:
+            return row
+        # Two tasks may create the same experiment at once: the loser of the race re-reads it. The experiment is
+        # written in the caller's transaction, and is gone with it if that fails (a run the history refuses leaves
+        # no empty experiment): SQLite and PostgreSQL insert it unless it is there, in one statement; elsewhere a
+        # savepoint takes the race (on SQLite, its release would commit the experiment on its own).
+        dialect = session.get_bind().dialect.name
+        if dialect in ("sqlite", "postgresql"):
+            values = {"name": name, "created_at": utcnow()}
+            session.execute(
+                sqlite_insert(ExperimentRow).values(values).on_conflict_do_nothing(index_elements=["name"])
+                if dialect == "sqlite"
+                else postgresql_insert(ExperimentRow)
+                .values(values)
+                .on_conflict_do_nothing(index_elements=["name"])
+            )
+            return session.scalars(query).one()
+        try:
+            with session.begin_nested():
+                row = ExperimentRow(name=name, created_at=utcnow())
+                session.add(row)
+        except Exception:
+            row = session.scalar(query)
+            if row is None:
+                raise
         return row
 
     def list_experiments(
