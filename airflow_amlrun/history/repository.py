@@ -9,7 +9,7 @@ from collections.abc import Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import unquote, urlsplit
 
 from sqlalchemy import (
@@ -32,7 +32,7 @@ from sqlalchemy.engine import URL, ExceptionContext, make_url
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
 
-from airflow_amlrun.errors import AmlRunError
+from airflow_amlrun.errors import AmlRunError, ConfigurationError
 from airflow_amlrun.history.listing import (
     RunFilter,
     RunListItem,
@@ -54,6 +54,9 @@ from airflow_amlrun.history.metricstore import (
 from airflow_amlrun.history.models import ExperimentRow, MetricRow, MetricSummaryRow, RunRow
 from airflow_amlrun.history.paging import RunSort
 from airflow_amlrun.history.records import ExperimentRecord, MetricPoint, RunRecord, RunStatus, aware
+
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 _MIGRATIONS = Path(__file__).with_name("migrations")
 # The newest migration's revision; a test checks it against Alembic's head. Knowing it lets a process
@@ -160,12 +163,30 @@ class RunHistory:
                 # other migrators wait on, looks at the revision again under it, and migrates: the
                 # others then find the schema whole, and a migration that fails leaves none of itself.
                 with _migration_transaction(self.engine) as connection:
-                    if _revision(connection) != SCHEMA_HEAD:
+                    revision = _revision(connection)
+                    if revision != SCHEMA_HEAD:
+                        self._check_known(config, revision)
                         config.attributes["connection"] = connection
                         command.upgrade(config, "head")
             finally:
                 alembic_log.setLevel(level)
             _migrated.add(self.url)
+
+    def _check_known(self, config: Config, revision: str | None) -> None:
+        """Refuse a schema revision none of this version's migrations made: Alembic would only say it cannot
+        locate it."""
+        from alembic.script import ScriptDirectory
+
+        if revision is None or revision in {
+            s.revision for s in ScriptDirectory.from_config(config).walk_revisions()
+        }:
+            return
+        raise ConfigurationError(
+            f"The run history at {self.url_for_display} has schema revision {revision!r}, which this version of "
+            f"airflow-amlrun does not know (its newest is {SCHEMA_HEAD!r}): a newer airflow-amlrun migrated it (or "
+            "its table amlrun_alembic_version was changed by hand). Nothing was changed. Use the newer "
+            "airflow-amlrun wherever this history is used, or point the workspace at another history."
+        )
 
     def _current_revision(self) -> str | None:
         with self.engine.connect() as connection:

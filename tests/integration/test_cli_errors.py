@@ -386,3 +386,26 @@ def test_a_run_whose_name_the_history_refuses_is_stopped_not_left_running(
         "Canceled: naming it as its run file says failed: display names are frozen here (IntegrityError)."
     )
     assert run.end is not None
+
+
+def test_a_history_a_newer_version_migrated_is_said_in_one_line_naming_its_revision(
+    amlrun_home: Path,
+) -> None:
+    import sqlite3
+
+    assert amlrun("runs", "list").returncode == 0  # the embedded workspace's history, made and closed
+    history = amlrun_home / "history.db"
+    with sqlite3.connect(history) as db:
+        db.execute("UPDATE amlrun_alembic_version SET version_num = '0099'")
+
+    done = amlrun("runs", "list")
+
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert said(done) == [
+        f"error: The run history at sqlite:///{history} has schema revision '0099', which this version of "
+        "airflow-amlrun does not know (its newest is '0008'): a newer airflow-amlrun migrated it (or its table "
+        "amlrun_alembic_version was changed by hand). Nothing was changed. Use the newer airflow-amlrun wherever "
+        "this history is used, or point the workspace at another history."
+    ], done.stderr
+    with sqlite3.connect(history) as db:
+        assert db.execute("SELECT version_num FROM amlrun_alembic_version").fetchall() == [("0099",)]
