@@ -80,7 +80,11 @@ _SQLITE_READ_ONLY = frozenset(
 
 
 class RunNotFoundError(AmlRunError, LookupError):
-    """No run with the given id exists in this workspace."""
+    """No run with the given id exists in this workspace's run history.
+
+    The message names the id and the history. ``amlrun runs list`` shows the runs there; ``--conn-id`` (or the
+    ``conn_id`` of ``Workspace.get``) picks the workspace the run was recorded in.
+    """
 
 
 class HistoryReadOnlyError(AmlRunError):
