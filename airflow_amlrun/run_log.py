@@ -73,7 +73,11 @@ def silent_seconds(record: RunRecord, now: datetime | None = None) -> float:
 
 
 class LogUnavailableError(AmlRunError):
-    """The log of a run cannot be read from here (yet), and why."""
+    """The log of a run cannot be read from here (yet), and why.
+
+    A run that never reached its target has none; one that runs on a target this process cannot reach is read where
+    its task runs, or once it ended and its log was collected into the store.
+    """
 
 
 def stored_log_key(run_id: str) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import select
 import sys
 from collections.abc import Sequence
@@ -80,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _failed(f"interrupted (Ctrl-C): {err}" if str(err) else "interrupted (Ctrl-C)")
         return 130
     except Exception as err:
-        message = history_away_message(err)
+        message = history_away_message(err) or history_refused_message(err, _history_database(args))
         if message is None:
             raise
         return _failed(message)
@@ -138,6 +139,64 @@ def history_away_message(err: Exception) -> str | None:
         f"the run history's database is not available ({reason}). Check that it runs and that the workspace's "
         "connection names it (--conn-id picks another workspace), then try again."
     )
+
+
+def history_refused_message(err: Exception, database: str | None) -> str | None:
+    """What to say of a statement the run history's database answered and refused (a constraint, a schema changed
+    by hand); None for any other error. Call it for an error `history_away_message` has no words for.
+
+    :param database: the database's URL as messages show it (its password masked), if known.
+    """
+    if "sqlalchemy" not in sys.modules:
+        return None  # no database was asked
+    from sqlalchemy.exc import DBAPIError
+
+    if not isinstance(err, DBAPIError):
+        return None  # raised before the database was asked: a fault of this program
+    where = f"the run history's database {database}" if database else "the run history's database"
+    return (
+        f"{where} refused {_refused_statement(err.statement)}: {error_line(err)} ({type(err).__name__}). The "
+        "database is up and answered, so trying again gets the same answer. A schema changed by hand (a table, "
+        "column, index, constraint or trigger) is the usual cause: airflow-amlrun needs the schema its migrations "
+        "made."
+    )
+
+
+# What a statement asks, by its first words: its verb and the table it names.
+_STATEMENTS = (
+    (re.compile(r"INSERT\s+INTO\s+([\w.\"]+)", re.I), "an INSERT into {}"),
+    (re.compile(r"UPDATE\s+([\w.\"]+)", re.I), "an UPDATE of {}"),
+    (re.compile(r"DELETE\s+FROM\s+([\w.\"]+)", re.I), "a DELETE from {}"),
+    (re.compile(r"SELECT\b.*?\bFROM\s+([\w.\"]+)", re.I | re.S), "a SELECT from {}"),
+    (re.compile(r"ALTER\s+TABLE\s+([\w.\"]+)", re.I), "an ALTER TABLE of {}"),
+    (
+        re.compile(r"CREATE\s+(?:UNIQUE\s+)?(TABLE|INDEX)\s+(?:IF\s+NOT\s+EXISTS\s+)?([\w.\"]+)", re.I),
+        "a CREATE {} {}",
+    ),
+)
+
+
+def _refused_statement(statement: str | None) -> str:
+    """A statement in brief, for a message: ``an INSERT into amlrun_runs``, ``a SELECT from amlrun_runs``."""
+    text = (statement or "").strip()
+    for pattern, phrase in _STATEMENTS:
+        found = pattern.match(text)
+        if found:
+            return phrase.format(*(name.strip('"') for name in found.groups()))
+    verb = text.split(maxsplit=1)[0].upper() if text else ""
+    return f"a {verb} statement" if verb.isalpha() else "a statement"
+
+
+def _history_database(args: argparse.Namespace) -> str | None:
+    """The URL of the command's run history as messages show it (its password masked); None if unknown."""
+    from airflow_amlrun.cli.common import workspace
+    from airflow_amlrun.history.repository import display_url
+
+    try:
+        # The workspace the command opened, as it is kept for the process.
+        return display_url(workspace(args).database_url)
+    except Exception:
+        return None
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 
 from airflow_amlrun.cli.bars import ProgressBars
-from airflow_amlrun.cli.common import experiment_name, print_json, text, workspace, write_line
+from airflow_amlrun.cli.common import error_line, experiment_name, print_json, text, workspace, write_line
 from airflow_amlrun.cli.run_file import load_run_file
 from airflow_amlrun.errors import ConfigurationError
 
@@ -53,7 +53,14 @@ def cmd_submit(args: argparse.Namespace, console: Console) -> int:
     ws = workspace(args)
     with progress.reporting(ProgressBars()):
         run = Experiment(ws, name).submit(config, tags=spec.tags)
-    spec.name_run(ws, run.id)
+    try:
+        spec.name_run(ws, run.id)
+    except BaseException as err:
+        # The run started, and nobody follows it yet: it is stopped and recorded Canceled, not left running
+        # unseen while its row says Running.
+        why = f"{error_line(err)} ({type(err).__name__})" if str(err) else type(err).__name__
+        run.cancel(reason=f"Canceled: naming it as its run file says failed: {why}.")
+        raise
     console.print(f"Run {run.id} submitted to {config.compute_target} (experiment {name})", highlight=False)
     if not args.wait:
         log = follow_elsewhere(ws, run, args.conn_id)

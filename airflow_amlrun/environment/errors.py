@@ -8,11 +8,19 @@ from airflow_amlrun.errors import AmlRunError, ConfigurationError
 
 
 class EnvironmentNotFoundError(ConfigurationError, LookupError):
-    """No registered or curated environment has the requested name, version or label."""
+    """No registered or curated environment has the requested name, version or label; nothing has run.
+
+    The message lists what there is. ``amlrun envs list`` shows the environments and their versions; register the
+    environment first, or set the label (``Environment.set_label``).
+    """
 
 
 class LockResolutionError(ConfigurationError):
-    """The resolver found no set of versions satisfying the requirements; carries its own explanation.
+    """The resolver found no set of versions satisfying the requirements (or the index did not answer in time);
+    carries its own explanation, and nothing was registered.
+
+    Fix the requirement's name or relax its version constraint, check that the package index has it (and is
+    reachable from here), then register the environment again.
 
     :param requirements: the requirements the resolver names in its message (all of them if it names none).
     :param resolver_output: what the resolver printed, unchanged.
@@ -25,7 +33,12 @@ class LockResolutionError(ConfigurationError):
 
 
 class EnvironmentBuildError(AmlRunError):
-    """Building an environment's virtualenv failed; carries the build key and the builder's output."""
+    """Building an environment (its virtualenv, image or archive) failed; carries the build key and the builder's
+    output.
+
+    The output says why (a package that does not build on this platform, an index that refuses, a full disk): fix
+    that, then submit again, or build the environment ahead of its runs with ``amlrun envs build``.
+    """
 
     def __init__(self, message: str, *, build_key: str, output: str) -> None:
         super().__init__(message)

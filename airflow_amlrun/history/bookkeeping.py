@@ -45,7 +45,9 @@ _POINTS_PER_WRITE = 5000
 # rollback (deadlock, serialization failure), a lock not available, and a read-only transaction (a failover
 # that has not promoted the standby yet).
 _TRANSIENT_SQLSTATES = ("08", "57P", "53", "58", "40", "25006", "55P03")
-# SQLite reports a missing table or column as an OperationalError, like a locked file; it is not one.
+# SQLite reports a statement its schema refuses (a missing table or column, a column added twice) as an
+# OperationalError, like a locked file; it is not one. Its code tells them apart (SQLITE_ERROR; a busy, locked or
+# unopenable file has codes of its own); these words do for an error that carries no code.
 _SQLITE_SCHEMA_ERRORS = ("no such table", "no such column", "has no column named")
 
 
@@ -91,6 +93,8 @@ def is_transient(error: BaseException) -> bool:
     sqlstate = getattr(error.orig, "sqlstate", None) or getattr(error.orig, "pgcode", None)
     if isinstance(sqlstate, str) and sqlstate:
         return sqlstate.startswith(_TRANSIENT_SQLSTATES)
+    if getattr(error.orig, "sqlite_errorname", None) == "SQLITE_ERROR":
+        return False
     if isinstance(error, OperationalError) and any(s in str(error.orig) for s in _SQLITE_SCHEMA_ERRORS):
         return False
     return isinstance(error, OperationalError | InterfaceError | DisconnectionError)

@@ -12,6 +12,7 @@ from sqlalchemy import JSON, DateTime, Integer, String, UniqueConstraint, func, 
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
+from airflow_amlrun.errors import AmlRunError
 from airflow_amlrun.history.models import Base
 from airflow_amlrun.history.records import aware
 from airflow_amlrun.history.repository import RunHistory, utcnow
@@ -19,8 +20,12 @@ from airflow_amlrun.history.repository import RunHistory, utcnow
 _REGISTER_ATTEMPTS = 5
 
 
-class ModelNotFoundError(LookupError):
-    """No registered model (version, label) of that name."""
+class ModelNotFoundError(AmlRunError, LookupError):
+    """No registered model (version, label) of that name.
+
+    The message lists what there is. ``amlrun models list`` shows the models; a run registers one with
+    ``run.register_model(name, path)``, and a label is set with ``Model.set_label``.
+    """
 
 
 class ModelVersionRow(Base):

@@ -34,7 +34,11 @@ DATETIME_COLUMNS = frozenset({"created_at", "start_time", "end_time"})
 
 
 class BadListRequestError(AmlRunError, ValueError):
-    """A sort key or cursor of a run list request that cannot be used; the message says what to send."""
+    """A sort key, filter or cursor of a run list request (the UI's run list API) that cannot be used.
+
+    The message says what to send instead; a cursor of another sort order, or a damaged one, is left out to start
+    again from the first page.
+    """
 
 
 @dataclass(frozen=True)

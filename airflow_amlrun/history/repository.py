@@ -9,7 +9,7 @@ from collections.abc import Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import unquote, urlsplit
 
 from sqlalchemy import (
@@ -26,11 +26,13 @@ from sqlalchemy import (
     text,
     update,
 )
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import URL, ExceptionContext, make_url
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
 
-from airflow_amlrun.errors import AmlRunError
+from airflow_amlrun.errors import AmlRunError, ConfigurationError
 from airflow_amlrun.history.listing import (
     RunFilter,
     RunListItem,
@@ -52,6 +54,9 @@ from airflow_amlrun.history.metricstore import (
 from airflow_amlrun.history.models import ExperimentRow, MetricRow, MetricSummaryRow, RunRow
 from airflow_amlrun.history.paging import RunSort
 from airflow_amlrun.history.records import ExperimentRecord, MetricPoint, RunRecord, RunStatus, aware
+
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 _MIGRATIONS = Path(__file__).with_name("migrations")
 # The newest migration's revision; a test checks it against Alembic's head. Knowing it lets a process
@@ -75,12 +80,22 @@ _SQLITE_READ_ONLY = frozenset(
 
 
 class RunNotFoundError(AmlRunError, LookupError):
-    """No run with the given id exists in this workspace."""
+    """No run with the given id exists in this workspace's run history.
+
+    The message names the id and the history. ``amlrun runs list`` shows the runs there; ``--conn-id`` (or the
+    ``conn_id`` of ``Workspace.get``) picks the workspace the run was recorded in.
+    """
 
 
 class HistoryReadOnlyError(AmlRunError):
-    """The run history is an SQLite file this process may read but not write (its mode, its owner, or a
-    read-only mount): nothing was written.
+    """The run history is an SQLite file this process may read but not write: nothing was written.
+
+    The message names the file and why: its mode or owner, a read-only mount, a folder SQLite cannot write its
+    ``-wal`` and ``-shm`` files in, or the history's URL itself asking for read-only access (``mode=ro`` in an
+    SQLite URI such as ``sqlite:///file:/data/history.db?mode=ro&uri=true``). The fix is to make the file and
+    its folder writable for the user the task or command runs as, or, for a URL with ``mode=ro``, to give the
+    workspace a URL without it (the amlrun connection's ``database_url``). While a run goes on, its writes are
+    kept and written once the file is writable again.
 
     :param path: the history's file.
     """
@@ -96,6 +111,15 @@ def normalize_database_url(url: str) -> str:
         if url.startswith(prefix):
             return "postgresql+psycopg://" + url[len(prefix) :]
     return url
+
+
+def display_url(url: str | URL) -> str:
+    """A database URL as messages show it: its password, if it has one, as ``***``."""
+    parsed = make_url(normalize_database_url(url) if isinstance(url, str) else url)
+    if parsed.get_backend_name() == "sqlite" and parsed.password is None:
+        # As it is written: SQLAlchemy quotes the colon of an SQLite URI (sqlite:///file%3A/data/history.db).
+        return unquote(parsed.render_as_string(hide_password=False))
+    return parsed.render_as_string(hide_password=True)
 
 
 def utcnow() -> datetime:
@@ -143,12 +167,30 @@ class RunHistory:
                 # other migrators wait on, looks at the revision again under it, and migrates: the
                 # others then find the schema whole, and a migration that fails leaves none of itself.
                 with _migration_transaction(self.engine) as connection:
-                    if _revision(connection) != SCHEMA_HEAD:
+                    revision = _revision(connection)
+                    if revision != SCHEMA_HEAD:
+                        self._check_known(config, revision)
                         config.attributes["connection"] = connection
                         command.upgrade(config, "head")
             finally:
                 alembic_log.setLevel(level)
             _migrated.add(self.url)
+
+    def _check_known(self, config: Config, revision: str | None) -> None:
+        """Refuse a schema revision none of this version's migrations made: Alembic would only say it cannot
+        locate it."""
+        from alembic.script import ScriptDirectory
+
+        if revision is None or revision in {
+            s.revision for s in ScriptDirectory.from_config(config).walk_revisions()
+        }:
+            return
+        raise ConfigurationError(
+            f"The run history at {self.url_for_display} has schema revision {revision!r}, which this version of "
+            f"airflow-amlrun does not know (its newest is {SCHEMA_HEAD!r}): a newer airflow-amlrun migrated it (or "
+            "its table amlrun_alembic_version was changed by hand). Nothing was changed. Use the newer "
+            "airflow-amlrun wherever this history is used, or point the workspace at another history."
+        )
 
     def _current_revision(self) -> str | None:
         with self.engine.connect() as connection:
@@ -176,17 +218,33 @@ class RunHistory:
             return ExperimentRecord(name=row.name, created_at=aware(row.created_at) or utcnow())
 
     def _experiment_row(self, session: Session, name: str) -> ExperimentRow:
-        row = session.scalar(select(ExperimentRow).where(ExperimentRow.name == name))
-        if row is None:
-            # Two tasks may create the same experiment at once: the loser of the race re-reads it.
-            try:
-                with session.begin_nested():
-                    row = ExperimentRow(name=name, created_at=utcnow())
-                    session.add(row)
-            except Exception:
-                row = session.scalar(select(ExperimentRow).where(ExperimentRow.name == name))
-                if row is None:
-                    raise
+        query = select(ExperimentRow).where(ExperimentRow.name == name)
+        row = session.scalar(query)
+        if row is not None:
+            return row
+        # Two tasks may create the same experiment at once: the loser of the race re-reads it. The experiment is
+        # written in the caller's transaction, and is gone with it if that fails (a run the history refuses leaves
+        # no empty experiment): SQLite and PostgreSQL insert it unless it is there, in one statement; elsewhere a
+        # savepoint takes the race (on SQLite, its release would commit the experiment on its own).
+        dialect = session.get_bind().dialect.name
+        if dialect in ("sqlite", "postgresql"):
+            values = {"name": name, "created_at": utcnow()}
+            session.execute(
+                sqlite_insert(ExperimentRow).values(values).on_conflict_do_nothing(index_elements=["name"])
+                if dialect == "sqlite"
+                else postgresql_insert(ExperimentRow)
+                .values(values)
+                .on_conflict_do_nothing(index_elements=["name"])
+            )
+            return session.scalars(query).one()
+        try:
+            with session.begin_nested():
+                row = ExperimentRow(name=name, created_at=utcnow())
+                session.add(row)
+        except Exception:
+            row = session.scalar(query)
+            if row is None:
+                raise
         return row
 
     def list_experiments(
@@ -506,7 +564,7 @@ class RunHistory:
 
     @property
     def url_for_display(self) -> str:
-        return make_url(self.url).render_as_string(hide_password=True)
+        return display_url(self.url)
 
 
 def _unfinished() -> ColumnElement[bool]:
@@ -574,10 +632,20 @@ def _sqlite_read_only(context: ExceptionContext) -> None:
         # The pool would hand the same connection, to the file that is gone, to every retry: let it go.
         context.is_disconnect = True
         return
-    path = _sqlite_file(context.engine.url) if context.engine is not None else None
-    if not path or not isinstance(code, str):
+    url = context.engine.url if context.engine is not None else None
+    path = _sqlite_file(url) if url is not None else None
+    if url is None or not path or not isinstance(code, str):
         return
     folder = os.path.dirname(os.path.abspath(path))
+    if code in _SQLITE_READ_ONLY and _sqlite_read_only_uri(url):
+        # The URL asks for it: making the file writable would change nothing.
+        raise HistoryReadOnlyError(
+            f"The run history's URL {display_url(url)} opens its SQLite file {path} read-only (mode=ro), and "
+            f"nothing was written ({context.original_exception}). Recording runs needs a URL without mode=ro, "
+            f"such as {display_url(url.difference_update_query(['mode']))}: give the workspace that one (the "
+            "amlrun connection's database_url).",
+            path=path,
+        ) from context.original_exception
     if code in _SQLITE_READ_ONLY:
         what = f"The run history's SQLite file {path} is read-only to this process, and nothing was written"
     elif code.startswith("SQLITE_CANTOPEN") and os.path.exists(path) and not os.access(folder, os.W_OK):
@@ -593,6 +661,11 @@ def _sqlite_read_only(context: ExceptionContext) -> None:
         "database_url, or [amlrun] home for the embedded workspace).",
         path=path,
     ) from context.original_exception
+
+
+def _sqlite_read_only_uri(url: URL) -> bool:
+    """Whether an SQLite URL opens its file read-only by its own request (``mode=ro`` in a URI)."""
+    return url.query.get("uri") in ("true", "1") and url.query.get("mode") == "ro"
 
 
 def _sqlite_file(url: URL) -> str | None:

@@ -26,7 +26,11 @@ TLS_EXTRAS = ("tls", "ca_cert", "client_cert", "client_key", "verify")
 
 
 class DockerDaemonUnreachableError(ConfigurationError):
-    """Nothing answered at the Docker daemon's URL; carries the URL."""
+    """Nothing answered at the Docker daemon's URL before a run started there; carries the URL.
+
+    The message says where the URL came from (``DOCKER_HOST`` or an ``amlrun_docker`` connection) and what to
+    check: that the daemon runs and listens there, that this user may open its socket, and that the TLS files match.
+    """
 
     def __init__(self, message: str, *, base_url: str) -> None:
         super().__init__(message)

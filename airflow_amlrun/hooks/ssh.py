@@ -42,7 +42,9 @@ RunState = Literal["not started", "unknown", "ended"]
 
 
 class SSHTargetError(AmlRunError):
-    """The SSH target could not do what a run needs on its host; the message names the host and the fix."""
+    """The SSH target could not do what a run needs on its host (connect, copy, start); the message names the host
+    and the fix. Base of the SSH target's errors.
+    """
 
     def __init__(self, message: str, *, host: str) -> None:
         super().__init__(message)
@@ -50,7 +52,12 @@ class SSHTargetError(AmlRunError):
 
 
 class SSHTargetConfigurationError(SSHTargetError, ConfigurationError):
-    """The connection or the environment does not fit the host (credentials, host key, interpreter)."""
+    """The connection or the environment does not fit the host (credentials, host key, interpreter); nothing has
+    run.
+
+    The message names what to change: the ``ssh`` connection's login or key, the host's entry in known_hosts (or the
+    connection's extra ``host_key``), or the environment's interpreter.
+    """
 
 
 class SSHTargetUnreachableError(SSHTargetError, TargetUnreachableError):

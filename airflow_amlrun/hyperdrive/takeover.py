@@ -23,7 +23,11 @@ log = logging.getLogger(__name__)
 
 
 class SweepChangedError(ConfigurationError):
-    """The sweep recorded differs from the one given to go on with it (its DAG file changed meanwhile)."""
+    """The sweep recorded differs from the one given to go on with it (its DAG file changed meanwhile).
+
+    A retry of the task starts a new sweep; a sweep whose task was deferred is recorded Failed, its runs stopped.
+    Change a sweep's config between its runs, not while one goes on.
+    """
 
 
 # How long a run whose stop failed goes on before it is stopped again: 5 s after the first failure, doubling with

@@ -62,7 +62,9 @@ class PartlyCollectedError(AmlRunError):
 
 
 class RunEndedError(AmlRunError):
-    """A run to follow on turned out recorded as ended already (by another process that followed it)."""
+    """A run to follow on turned out recorded as ended already (by another process that followed it: a retry of
+    its task, ``amlrun reconcile``); carries that record, whose outcome stands.
+    """
 
     def __init__(self, record: RunRecord) -> None:
         super().__init__(f"Run {record.id} already ended {record.status}: {record.error or 'no error'}.")

@@ -8,51 +8,91 @@ from airflow_amlrun.errors import AmlRunError
 
 
 class SnapshotError(AmlRunError):
-    """Base class of every error the snapshot library raises on purpose."""
+    """Base class of every error the snapshot library raises on purpose: catch it for any of those below."""
 
 
 class SourceDirectoryError(SnapshotError):
-    """The source directory to snapshot does not exist or is not a directory."""
+    """The source directory to snapshot does not exist or is not a directory; nothing was stored or recorded.
+
+    The message names the directory. Fix the run configuration's ``source_directory`` (a relative one starts at
+    the DAG file's folder, or at the run file's for ``amlrun submit``).
+    """
 
 
 class SourceChangedError(SnapshotError):
-    """A file kept changing while it was being snapshotted."""
+    """A file kept changing while it was being snapshotted; nothing was recorded.
+
+    The message names the file. Stop the process writing it, or ignore it (``.amlignore``) if the run does not need
+    it, then submit again.
+    """
 
 
 class SourceUnreadableError(SnapshotError):
-    """A file listed in the source directory could not be read: it vanished, or it is not readable."""
+    """A file listed in the source directory could not be read: it vanished, or it is not readable; nothing was
+    recorded.
+
+    The message names the file and the fix: make it readable for the user the task runs as, or ignore it.
+    """
 
 
 class ExcludedFileError(SnapshotError, ValueError):
-    """A file the run needs (its script) is left out of the snapshot by an ignore rule; nothing was stored."""
+    """A file the run needs (its script) is left out of the snapshot by an ignore rule; nothing was stored.
+
+    The message names the file and the rule (``.amlignore``, a ``.gitignore`` or a default exclude) and how to keep
+    the file in.
+    """
 
 
 class InvalidKeyError(SnapshotError):
-    """A digest or store key is malformed (and could otherwise address a path outside the store)."""
+    """A digest or store key is malformed (and could otherwise address a path outside the store).
+
+    Pass a snapshot id (64 hex characters) exactly as a run's ``snapshot_id`` or the store reported it.
+    """
 
 
 class BlobMissingError(SnapshotError):
-    """A blob a manifest refers to is not in the store."""
+    """A blob a snapshot's manifest refers to is not in the store, so that code cannot be restored or sent.
+
+    The store was pruned, or it is not the one the snapshot was taken into: check the workspace's ``store_url``.
+    """
 
 
 class BlobCorruptError(SnapshotError):
-    """A blob (or manifest) in the store does not hash to the name it is stored under."""
+    """A blob (or manifest) in the store does not hash to the name it is stored under: its copy is damaged.
+
+    The message names the blob. Delete it from the store and take the snapshot again (submitting the run again
+    stores it anew).
+    """
 
 
 class StoreFullError(SnapshotError, OSError):
-    """The store's disk is full, over quota or read-only: what was being written was removed, not published."""
+    """The store's disk is full, over quota or read-only: what was being written was removed, not published.
+
+    Free space on the store's disk (old runs' outputs), or point the workspace's ``store_url`` at a larger store.
+    """
 
 
 class SnapshotNotFoundError(SnapshotError):
-    """No manifest with the requested snapshot id exists in the store."""
+    """No manifest with the requested snapshot id exists in the store.
+
+    Check the snapshot id (``amlrun runs show RUN_ID`` names a run's) and that the workspace is the one the run was
+    recorded in.
+    """
 
 
 class UnsafeManifestError(SnapshotError):
-    """A manifest entry would write outside the destination directory or is otherwise malformed."""
+    """A manifest entry would write outside the destination directory or is otherwise malformed; nothing of it was
+    written.
+
+    The store's copy was damaged or not written by airflow-amlrun (or by a newer version: upgrade it).
+    """
 
 
 class DestinationNotEmptyError(SnapshotError):
-    """A restore or materialize destination already holds files."""
+    """A restore or materialize destination already holds files (or is not a directory); nothing was written.
+
+    Restore into an empty or new directory.
+    """
 
 
 @dataclass(frozen=True)
@@ -67,7 +107,11 @@ class SizeOffender:
 
 
 class SnapshotTooLargeError(SnapshotError):
-    """The included files exceed the configured size or file-count limit; nothing was stored."""
+    """The included files exceed the configured size or file-count limit; nothing was stored.
+
+    The message lists the largest files and directories, each with the ignore line that leaves it out. Exclude what
+    the run does not need (``.amlignore``), or raise ``[amlrun] snapshot_max_size_mb`` / ``snapshot_max_files``.
+    """
 
     def __init__(
         self,

@@ -16,7 +16,11 @@ from airflow_amlrun.errors import AmlRunError
 
 
 class UnreadableHandleError(AmlRunError, ValueError):
-    """A run row's handle is not one this target writes: the run cannot be followed from it."""
+    """A run row's handle is not one this target writes: the run cannot be followed from it.
+
+    The row was written by something else, or edited. A retry of the task records such a run Failed ("Lost") and
+    starts a new one; ``amlrun reconcile`` settles it the same way.
+    """
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from sqlalchemy import create_engine, make_url
 
 from airflow_amlrun import Experiment, ScriptRunConfig, Workspace
 from airflow_amlrun.history import RunStatus
@@ -227,3 +228,184 @@ def test_a_read_only_history_is_said_to_be_read_only_naming_the_file_and_the_fix
         f"(attempt to write a readonly database). {fix}"
     )
     assert Workspace.get().list_runs(experiment="cli_errors") == []
+
+
+def test_a_history_url_that_asks_for_read_only_is_named_as_the_cause_not_the_file(
+    amlrun_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_script(tmp_path / "src", "train.py", "print('trained')\n")
+    (tmp_path / "run.yaml").write_text("experiment: cli_errors\nsource_directory: src\nscript: train.py\n")
+    assert amlrun("runs", "list").returncode == 0  # the embedded workspace's history, made and closed
+    history = amlrun_home / "history.db"
+    url = f"sqlite:///file:{history}?mode=ro&uri=true"
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_AMLRUN_DEFAULT",
+        json.dumps(
+            {"conn_type": "amlrun", "extra": {"database_url": url, "store_url": str(tmp_path / "store")}}
+        ),
+    )
+
+    assert amlrun("runs", "list").returncode == 0  # reading goes on
+    done = amlrun("submit", str(tmp_path / "run.yaml"))
+
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert said(done)[-1] == (
+        f"error: The run history's URL {url} opens its SQLite file {history} read-only (mode=ro), and nothing "
+        "was written (attempt to write a readonly database). Recording runs needs a URL without mode=ro, such "
+        f"as sqlite:///file:{history}?uri=true: give the workspace that one (the amlrun connection's "
+        "database_url)."
+    )
+    assert "writable" not in done.stderr
+    assert Workspace.get().list_runs(experiment="cli_errors") == []
+
+
+# What `amlrun` adds to a statement the history's database refused.
+REFUSED_ADVICE = (
+    "The database is up and answered, so trying again gets the same answer. A schema changed by hand (a table, "
+    "column, index, constraint or trigger) is the usual cause: airflow-amlrun needs the schema its migrations made."
+)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_a_run_the_history_refuses_is_said_in_one_line_naming_the_database_never_its_password(
+    backend: str,
+    amlrun_home: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
+) -> None:
+    if backend == "postgres":
+        # With a password, which the server (trusting this machine's connections) does not ask for, and which
+        # no line may show.
+        url = make_url(request.getfixturevalue("postgres_database")).set(password="pg-s3cret")
+        database = url.render_as_string(hide_password=False)
+        shown = url.set(drivername="postgresql+psycopg").render_as_string(hide_password=True)
+        monkeypatch.setenv(
+            "AIRFLOW_CONN_AMLRUN_DEFAULT",
+            json.dumps(
+                {
+                    "conn_type": "amlrun",
+                    "extra": {"database_url": database, "store_url": str(tmp_path / "store")},
+                }
+            ),
+        )
+    else:
+        database = shown = f"sqlite:///{amlrun_home / 'history.db'}"
+    write_script(tmp_path / "src", "train.py", "print('trained')\n")
+    (tmp_path / "first.yaml").write_text("experiment: cli_errors\nsource_directory: src\nscript: train.py\n")
+    (tmp_path / "second.yaml").write_text(
+        "experiment: refused_runs\nsource_directory: src\nscript: train.py\n"
+    )
+    assert amlrun("submit", "--wait", str(tmp_path / "first.yaml")).returncode == 0
+    # A constraint added to the history by hand: one run per compute target.
+    engine = create_engine(database)
+    with engine.begin() as connection:
+        connection.exec_driver_sql("CREATE UNIQUE INDEX one_run_per_target ON amlrun_runs (target)")
+    engine.dispose()
+
+    done = amlrun("submit", str(tmp_path / "second.yaml"))
+
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    line = said(done)[-1]
+    assert line.startswith(
+        f"error: the run history's database {shown} refused an INSERT into amlrun_runs: "
+    ), line
+    assert (
+        "one_run_per_target" if backend == "postgres" else "UNIQUE constraint failed: amlrun_runs.target"
+    ) in line
+    assert line.endswith(f"(IntegrityError). {REFUSED_ADVICE}"), line
+    assert "pg-s3cret" not in done.stdout + done.stderr
+    # Nothing of the refused run was recorded: no run, no experiment.
+    runs = json.loads(amlrun("runs", "list", "--json").stdout)
+    assert [(r["experiment"], r["status"]) for r in runs] == [("cli_errors", "Completed")]
+    assert "refused_runs" not in amlrun("experiments", "--json").stdout
+
+
+@pytest.mark.parametrize(
+    ("damage", "refused"),
+    [
+        (
+            "ALTER TABLE amlrun_runs DROP COLUMN description",
+            "a SELECT from amlrun_runs: no such column: amlrun_runs.description (OperationalError)",
+        ),
+        # The schema ahead of what its version says: migrating it again adds a column it has.
+        (
+            "UPDATE amlrun_alembic_version SET version_num = '0007'",
+            "an ALTER TABLE of amlrun_runs: duplicate column name: display_name (OperationalError)",
+        ),
+    ],
+)
+def test_a_damaged_history_schema_is_said_in_one_line_not_called_away(
+    damage: str, refused: str, amlrun_home: Path
+) -> None:
+    import sqlite3
+
+    assert amlrun("runs", "list").returncode == 0  # the embedded workspace's history, made and closed
+    with sqlite3.connect(amlrun_home / "history.db") as db:
+        db.execute(damage)
+
+    done = amlrun("runs", "list")
+
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert said(done) == [
+        f"error: the run history's database sqlite:///{amlrun_home / 'history.db'} refused {refused}. "
+        f"{REFUSED_ADVICE}"
+    ], done.stderr
+
+
+def test_a_run_whose_name_the_history_refuses_is_stopped_not_left_running(
+    amlrun_home: Path, tmp_path: Path
+) -> None:
+    import sqlite3
+
+    write_script(
+        tmp_path / "src", "train.py", "import time\nprint('training', flush=True)\ntime.sleep(120)\n"
+    )
+    (tmp_path / "run.yaml").write_text(
+        "experiment: cli_errors\nsource_directory: src\nscript: train.py\ndisplay_name: weekly\n"
+    )
+    assert amlrun("runs", "list").returncode == 0  # the embedded workspace's history, made and closed
+    with sqlite3.connect(amlrun_home / "history.db") as db:
+        db.execute(
+            "CREATE TRIGGER frozen_names BEFORE UPDATE OF display_name ON amlrun_runs "
+            "BEGIN SELECT RAISE(ABORT, 'display names are frozen here'); END"
+        )
+
+    done = amlrun("submit", str(tmp_path / "run.yaml"))
+
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    assert said(done)[-1].startswith(
+        f"error: the run history's database sqlite:///{amlrun_home / 'history.db'} refused an UPDATE of "
+        "amlrun_runs: display names are frozen here (IntegrityError). "
+    ), done.stderr
+    [run] = Workspace.get().list_runs(experiment="cli_errors")
+    assert run.status is RunStatus.CANCELED, (run.status, run.error)
+    assert run.error == (
+        "Canceled: naming it as its run file says failed: display names are frozen here (IntegrityError)."
+    )
+    assert run.end is not None
+
+
+def test_a_history_a_newer_version_migrated_is_said_in_one_line_naming_its_revision(
+    amlrun_home: Path,
+) -> None:
+    import sqlite3
+
+    assert amlrun("runs", "list").returncode == 0  # the embedded workspace's history, made and closed
+    history = amlrun_home / "history.db"
+    with sqlite3.connect(history) as db:
+        db.execute("UPDATE amlrun_alembic_version SET version_num = '0099'")
+
+    done = amlrun("runs", "list")
+
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert said(done) == [
+        f"error: The run history at sqlite:///{history} has schema revision '0099', which this version of "
+        "airflow-amlrun does not know (its newest is '0008'): a newer airflow-amlrun migrated it (or its table "
+        "amlrun_alembic_version was changed by hand). Nothing was changed. Use the newer airflow-amlrun wherever "
+        "this history is used, or point the workspace at another history."
+    ], done.stderr
+    with sqlite3.connect(history) as db:
+        assert db.execute("SELECT version_num FROM amlrun_alembic_version").fetchall() == [("0099",)]

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from sqlalchemy import event
 from sqlalchemy.exc import DataError, OperationalError, StatementError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
@@ -47,15 +48,37 @@ def test_only_a_history_that_is_away_is_waited_for(error: Exception, transient: 
     assert is_transient(error) is transient
 
 
+def test_a_statement_sqlite_refuses_is_not_waited_for_but_a_locked_file_is(tmp_path: Path) -> None:
+    # Both are OperationalErrors; SQLite's own code tells the schema's refusal from a file another process holds.
+    first = sqlite3.connect(tmp_path / "history.db", isolation_level=None)
+    first.execute("CREATE TABLE amlrun_runs (display_name TEXT)")
+    with pytest.raises(sqlite3.OperationalError, match="duplicate column name") as refused:
+        first.execute("ALTER TABLE amlrun_runs ADD COLUMN display_name TEXT")
+    first.execute("BEGIN IMMEDIATE")
+    second = sqlite3.connect(tmp_path / "history.db", isolation_level=None, timeout=0)
+    with pytest.raises(sqlite3.OperationalError, match="database is locked") as locked:
+        second.execute("BEGIN IMMEDIATE")
+    first.close()
+    second.close()
+
+    assert is_transient(OperationalError("ALTER TABLE", {}, refused.value)) is False
+    assert is_transient(OperationalError("BEGIN IMMEDIATE", {}, locked.value)) is True
+
+
 def test_a_history_turned_read_only_during_a_run_keeps_its_points_and_says_so_at_the_deadline(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     # The file turns read-only while the run goes on (a file system remounted read-only after an I/O error):
-    # the same file, opened read-only. Tests run as root, whom a file's mode does not stop.
+    # the same file, whose every connection SQLite keeps from writing (as it does a read-only file, with the same
+    # error). Tests run as root, whom a file's mode does not stop; a URL with mode=ro would be the URL's doing.
     path = tmp_path / "history.db"
     writable = RunHistory(f"sqlite:///{path}")
     writable.create_run(run_id="r1", experiment="read_only", target="local")
-    read_only = RunHistory(f"sqlite:///file:{path}?mode=ro&uri=true")
+    read_only = RunHistory(f"sqlite:///{path}")
+    read_only.dispose()  # the connection it opened to check the schema: every one from now on is kept so
+    event.listen(
+        read_only.engine, "connect", lambda connection, _: connection.execute("PRAGMA query_only=ON")
+    )
     now = [0.0]
     book = RunBookkeeper(
         read_only, "r1", clock=lambda: now[0], sleep=lambda s: now.__setitem__(0, now[0] + s)

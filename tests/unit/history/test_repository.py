@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy.exc import OperationalError
 
-from airflow_amlrun.history import RunHistory
+from airflow_amlrun.history import HistoryReadOnlyError, RunHistory
 
 
 def test_a_history_file_replaced_under_its_connection_is_not_said_to_be_read_only_and_is_reopened(
@@ -31,3 +31,20 @@ def test_a_history_file_replaced_under_its_connection_is_not_said_to_be_read_onl
     shutil.copy(tmp_path / "moved.db", tmp_path / "history.db")
     history.create_run(run_id="r2", experiment="moved", target="local")
     assert [r.id for r in RunHistory(f"sqlite:///{tmp_path / 'history.db'}").list_runs()] == ["r2", "r1"]
+
+
+def test_a_history_whose_url_opens_it_read_only_names_the_url_and_one_that_writes(tmp_path: Path) -> None:
+    path = tmp_path / "history.db"
+    RunHistory(f"sqlite:///{path}").create_run(run_id="r1", experiment="read_only", target="local")
+    url = f"sqlite:///file:{path}?mode=ro&uri=true"
+
+    with pytest.raises(HistoryReadOnlyError) as caught:
+        RunHistory(url).create_run(run_id="r2", experiment="read_only", target="local")
+
+    message = str(caught.value)
+    assert message.startswith(f"The run history's URL {url} opens its SQLite file {path} read-only (mode=ro)")
+    assert "Make the file and its folder writable" not in message  # it is writable: the URL is the cause
+    writable = f"sqlite:///file:{path}?uri=true"
+    assert f"Recording runs needs a URL without mode=ro, such as {writable}:" in message
+    RunHistory(writable).create_run(run_id="r2", experiment="read_only", target="local")
+    assert [r.id for r in RunHistory(url).list_runs()] == ["r2", "r1"]
