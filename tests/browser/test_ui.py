@@ -306,7 +306,7 @@ with DAG("DAG_ID", schedule=None):
 """
 
 
-def test_the_tab_of_a_task_that_ended_without_a_run_says_so_and_stops_asking(ui, open_as):
+def test_the_tab_of_a_task_that_ended_without_a_run_says_so_and_asks_for_no_runs(ui, open_as):
     dag_id = ui.cluster.write_dag(_NO_RUN_DAG)
     dag_run = ui.cluster.trigger(dag_id)
     assert ui.cluster.wait_for_dag_run(dag_id, dag_run) == "success"
@@ -322,7 +322,8 @@ def test_the_tab_of_a_task_that_ended_without_a_run_says_so_and_stops_asking(ui,
         "request",
         lambda request: asked.append(request.url) if "/amlrun/api/task-runs" in request.url else None,
     )
-    # Three turns of the tab's 3 s polling: it asks no more.
+    # Three turns of the tab's 3 s polling: it asks for no runs (only Airflow, every 15 s, whether the task
+    # instance was cleared to run again).
     page.wait_for_timeout(9_000)
     assert asked == []
     assert page.errors == []
