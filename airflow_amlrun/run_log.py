@@ -21,10 +21,11 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from airflow_amlrun.errors import AmlRunError
+from airflow_amlrun.runconfig import SWEEP_TARGET
 from airflow_amlrun.targets.common import READ_CAP, STD_LOG, lines_from
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Iterator
+    from collections.abc import Iterable, Iterator, Sequence
 
     from airflow_amlrun.config import Settings
     from airflow_amlrun.history import RunRecord
@@ -78,6 +79,23 @@ class LogUnavailableError(AmlRunError):
     A run that never reached its target has none; one that runs on a target this process cannot reach is read where
     its task runs, or once it ended and its log was collected into the store.
     """
+
+
+def sweep_logs(sweep: RunRecord, runs: Sequence[RunRecord]) -> str:
+    """Where the logs of a sweep are: a sweep's parent run runs no code, so it has none; each of its `runs` (oldest
+    first) has its own, and the commands that print its best and first run's are named."""
+    said = "A sweep runs no code of its own, so it has no log: each of its runs has its own."
+    if not runs:
+        return f"{said} {'It recorded no runs.' if sweep.status.is_terminal else 'None of its runs is recorded yet.'}"
+    best, first = sweep.tags.get("best_run_id"), runs[0].id
+    commands = f"`amlrun runs logs {first}` prints its first run's"
+    if best == first:
+        commands += ", its best"
+    elif best:
+        commands = (
+            f"`amlrun runs logs {best}` prints its best run's, `amlrun runs logs {first}` its first run's"
+        )
+    return f"{said} {commands} ({len(runs)} {'run' if len(runs) == 1 else 'runs'} in all)."
 
 
 def stored_log_key(run_id: str) -> str:
@@ -167,6 +185,7 @@ class RunLog:
         """The last lines of a finished run's stored log (read in pieces: only those lines are kept)."""
         if lines <= 0:
             return []
+        self._not_a_sweep(record)
         return list(deque(self._stored_lines(record), maxlen=lines))
 
     def read(self, position: LogPosition) -> LogRead:
@@ -176,6 +195,7 @@ class RunLog:
         from airflow_amlrun.run_output import OutputLine  # the submission's modules: only once a log is read
 
         record = self.workspace.get_run(self.run_id)
+        self._not_a_sweep(record)
         if record.status.is_terminal:
             return self._read_stored(record, position)
         if record.handle is None:
@@ -194,6 +214,13 @@ class RunLog:
             record,
             chunk.pending,
         )
+
+    def _not_a_sweep(self, record: RunRecord) -> None:
+        # Its log would be read as that of a run that never reached its target: none while it goes on, and
+        # "nothing was collected" once it ended.
+        if record.target == SWEEP_TARGET:
+            runs = self.workspace.history.child_runs(record.id)
+            raise LogUnavailableError(f"Run {record.id} is a sweep. {sweep_logs(record, runs)}")
 
     def _read_stored(self, record: RunRecord, position: LogPosition) -> LogRead:
         piece = self._stored_piece(record, position.in_store)

@@ -29,6 +29,7 @@ from airflow_amlrun.cli.common import (
 
 if TYPE_CHECKING:
     from airflow_amlrun.history import RunRecord
+    from airflow_amlrun.hyperdrive.recorded import RecordedSweep
 
 
 def cmd_runs_list(args: argparse.Namespace, console: Console) -> int:
@@ -74,13 +75,43 @@ def _git_state(git: dict[str, Any] | None) -> str:
     return state
 
 
+def _sweep_rows(record: RunRecord, sweep: RecordedSweep | None) -> list[tuple[str, str]]:
+    """What `runs show` says of a sweep's parent run in place of its arguments: it runs nothing itself, each of
+    its runs adds the values it draws to the recorded arguments; and how the sweep searched, as recorded."""
+    given = " ".join(map(str, record.arguments))
+    if sweep is None:
+        return [
+            ("arguments", f"none of its own: each of its runs gets {given or 'none'} and the values it drew")
+        ]
+    limits = f"at most {sweep.max_total_runs} runs, {sweep.max_concurrent_runs or 1} at a time"
+    if sweep.max_duration_minutes is not None:
+        limits += f", for {fmt(sweep.max_duration_minutes)} minutes at most"
+    each = " ".join([given, *sweep.drawn_arguments]).strip()
+    return [
+        (
+            "arguments",
+            f"none of its own: each of its runs gets {each}, with the values it drew (`amlrun runs show` of the "
+            "run shows them)",
+        ),
+        ("search space", "\n".join(f"{name} {values}" for name, values in sweep.parameter_space.items())),
+        ("sampling", sweep.sampling + (f", seed {sweep.seed}" if sweep.seed is not None else "")),
+        ("primary metric", f"{sweep.primary_metric_name}, {sweep.primary_metric_goal}"),
+        ("early termination", sweep.policy or "none: every run goes on to its end"),
+        ("limits", limits),
+    ]
+
+
 def cmd_runs_show(args: argparse.Namespace, console: Console) -> int:
-    from airflow_amlrun.run_log import LogUnavailableError, RunLog
+    from airflow_amlrun.hyperdrive.recorded import RecordedSweep
+    from airflow_amlrun.run_log import LogUnavailableError, RunLog, sweep_logs
+    from airflow_amlrun.runconfig import SWEEP_TARGET
 
     ws = workspace(args)
     record = get_run(ws, args.run_id)
     run_log = RunLog(ws, record.id)
-    failed = record.status.is_terminal and str(record.status) != "Completed"
+    # A sweep's parent run runs no code: it has no log to tail, and says where its runs' logs are.
+    is_sweep = record.target == SWEEP_TARGET
+    failed = record.status.is_terminal and str(record.status) != "Completed" and not is_sweep
     lines = args.tail if args.tail is not None else (DEFAULT_TAIL if failed else 0)
     tail: list[str] = []
     tail_problem = None
@@ -110,7 +141,11 @@ def cmd_runs_show(args: argparse.Namespace, console: Console) -> int:
         elif key not in ("metrics", "tags"):  # shown below, each in a form of its own
             text = json.dumps(value) if isinstance(value, dict | list) else fmt(value)
             table.add_row(key, cell(text, for_terminal))
-    table.add_row("arguments", cell(" ".join(record.arguments), for_terminal))
+    if is_sweep:
+        for field, value in _sweep_rows(record, RecordedSweep.of(record)):
+            table.add_row(field, cell(value, for_terminal))
+    else:
+        table.add_row("arguments", cell(" ".join(record.arguments), for_terminal))
     tags = ", ".join(f"{k}={v}" for k, v in sorted(record.tags.items()))
     table.add_row("tags", cell(tags or "none", for_terminal))
     if record.dag_id is not None:
@@ -118,7 +153,9 @@ def cmd_runs_show(args: argparse.Namespace, console: Console) -> int:
         table.add_row("airflow task", task + (f", try {record.try_number}" if record.try_number else ""))
     else:
         table.add_row("airflow task", "none: submitted outside Airflow")
-    if location is not None:
+    if is_sweep:
+        table.add_row("log", cell(sweep_logs(record, ws.history.child_runs(record.id)), for_terminal))
+    elif location is not None:
         table.add_row("log", f"{location}  (`amlrun runs logs {record.id}` prints it)")
     elif record.status.is_terminal:
         table.add_row("log", "none stored: nothing was collected from its target")

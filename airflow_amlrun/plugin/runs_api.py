@@ -164,8 +164,12 @@ def child_runs(run_id: str, reader: ReaderDep, visible: VisibleRunsDep) -> Respo
 
 @router.get("/runs/{run_id}", response_model=schemas.RunDetailOut)
 def get_run(run_id: str, reader: ReaderDep) -> Response:
-    """One run: its config, environment, git state, snapshot, outcome and each metric in brief."""
+    """One run: its config, environment, git state, snapshot, outcome and each metric in brief; for a sweep, how
+    it searched."""
+    from airflow_amlrun.hyperdrive.recorded import RecordedSweep
+
     record, summaries = _visible_detail(run_id, reader)
+    sweep = RecordedSweep.of(record)
     return _json(
         {
             **_listed(record),
@@ -183,6 +187,7 @@ def get_run(run_id: str, reader: ReaderDep) -> Response:
             "has_log": record.logs_uri is not None,
             "has_outputs": record.outputs_uri is not None,
             "metric_summaries": [vars(s) for s in summaries],
+            "sweep": vars(sweep) if sweep is not None else None,
         }
     )
 

@@ -55,6 +55,27 @@ class MetricSummaryOut(BaseModel):
     max: float | None
 
 
+class SweepOut(BaseModel):
+    """How a sweep searched, as its parent run recorded it (hyperdrive/recorded.py RecordedSweep)."""
+
+    sampling: str = Field(description="grid, random or bayesian.")
+    seed: int | None
+    parameter_space: dict[str, str] = Field(
+        description="Each parameter and its values as Python writes them: choice(0.1, 0.5)."
+    )
+    drawn_arguments: list[str] = Field(
+        description="The arguments each run adds to the sweep's own, the values it draws written <value>."
+    )
+    primary_metric_name: str
+    primary_metric_goal: str
+    policy: str | None = Field(
+        description="The early termination policy; null when every run goes to its end."
+    )
+    max_total_runs: int
+    max_concurrent_runs: int | None
+    max_duration_minutes: float | None
+
+
 class RunDetailOut(RunOut):
     script: str | None
     command: str | None
@@ -70,6 +91,10 @@ class RunDetailOut(RunOut):
     has_log: bool = Field(description="Whether the run's log was stored (else it is read on its target).")
     has_outputs: bool
     metric_summaries: list[MetricSummaryOut]
+    sweep: SweepOut | None = Field(
+        description="How the sweep searched, for a sweep's parent run (its runs add the values they draw to its "
+        "arguments); null for any other run."
+    )
 
 
 class SeriesOut(BaseModel):

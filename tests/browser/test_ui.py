@@ -11,13 +11,18 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 import httpx
 import pytest
 
 from tests.browser.ui_cluster import EXAMPLE_DAG, UiCluster, run_examples, ui_cluster
+
+if TYPE_CHECKING:
+    from airflow_amlrun.history import RunRecord
 
 playwright = pytest.importorskip("playwright.sync_api")
 
@@ -213,9 +218,10 @@ from airflow_amlrun.run_context import Run
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--alpha", type=float)
-alpha = parser.parse_args().alpha
-Run.get_context().log("loss", (alpha - 0.5) ** 2)
-print(f"trained with alpha={alpha}", flush=True)
+parser.add_argument("--epochs", type=int)
+args = parser.parse_args()
+Run.get_context().log("loss", (args.alpha - 0.5) ** 2)
+print(f"trained with alpha={args.alpha} for {args.epochs} epochs", flush=True)
 """
 
 _SWEEP_DAG = """
@@ -229,31 +235,54 @@ with DAG("DAG_ID", schedule=None):
     HyperDriveOperator(
         task_id="tune",
         config=HyperDriveConfig(
-            run_config=ScriptRunConfig(source_directory="sweep_training", script="train.py", compute_target="local"),
+            run_config=ScriptRunConfig(
+                source_directory="sweep_training",
+                script="train.py",
+                arguments=["--epochs", "2"],
+                compute_target="local",
+            ),
             hyperparameter_sampling=GridParameterSampling({"--alpha": choice(0.1, 0.5)}),
             primary_metric_name="loss",
             primary_metric_goal="minimize",
             max_total_runs=2,
             max_concurrent_runs=2,
+            max_duration_minutes=30,
         ),
     )
 """
 
 
-def test_a_sweep_s_page_says_its_code_is_its_runs_and_leads_to_them(ui, open_as):
+@dataclass(frozen=True)
+class SweepRuns:
+    """A sweep that ran to its end: its parent run, and its runs in the order it started them."""
+
+    parent: RunRecord
+    first: RunRecord
+    best: RunRecord
+
+
+@pytest.fixture(scope="module")
+def sweep(ui: UiCluster) -> SweepRuns:
+    """A two-run grid sweep (--alpha 0.1, then 0.5, the best) run by a HyperDriveOperator task of the module's
+    Airflow."""
     (ui.cluster.dags / "sweep_training").mkdir()
     (ui.cluster.dags / "sweep_training" / "train.py").write_text(_SWEEP_SCRIPT)
     dag_id = ui.cluster.write_dag(_SWEEP_DAG)
     dag_run = ui.cluster.trigger(dag_id)
     assert ui.cluster.wait_for_dag_run(dag_id, dag_run) == "success", ui.cluster.component_logs()
     history = ui.cluster.history()
-    [sweep] = [r for r in history.list_runs(dag_id=dag_id) if r.target == "hyperdrive"]
-    first, best = history.child_runs(sweep.id)
-    # The sweep itself records no snapshot; each of its runs does.
-    assert sweep.snapshot_id is None and first.snapshot_id is not None
-    assert sweep.tags["best_run_id"] == best.id
+    [parent] = [r for r in history.list_runs(dag_id=dag_id) if r.target == "hyperdrive"]
+    first, best = history.child_runs(parent.id)
+    assert parent.tags["best_run_id"] == best.id
+    return SweepRuns(parent, first, best)
 
-    page = open_as("admin", f"{LIST}/runs/{sweep.id}", height=1800)
+
+def test_a_sweep_s_page_says_its_code_is_its_runs_and_leads_to_them(ui, open_as, sweep):
+    first, best = sweep.first, sweep.best
+    # The sweep itself records no snapshot; each of its runs does.
+    assert sweep.parent.snapshot_id is None and first.snapshot_id is not None
+
+    page = open_as("admin", f"{LIST}/runs/{sweep.parent.id}", height=1800)
     code = page.get_by_role("region", name="Code")
     _expect()(code).to_contain_text(
         "A sweep runs no code of its own, so it has no snapshot: each of its runs ran the code of a snapshot "
@@ -269,6 +298,57 @@ def test_a_sweep_s_page_says_its_code_is_its_runs_and_leads_to_them(ui, open_as)
     facts.get_by_role("link", name=first.id).click()
     _expect()(page.locator(f"[data-page=run-detail][data-run-id='{first.id}']")).to_be_visible()
     _expect()(page.locator("pre[data-language=python]")).to_contain_text('parser.add_argument("--alpha"')
+    assert page.errors == []
+
+
+def test_a_sweep_s_log_section_says_it_has_none_and_leads_to_its_runs_logs(ui, open_as, sweep):
+    page = open_as("admin", f"{LIST}/runs/{sweep.parent.id}", height=1800)
+    log = page.get_by_role("region", name="Log")
+    _expect()(log).to_contain_text(
+        "A sweep runs no code of its own, so it has no log: each of its runs has its log, shown on that run's page."
+    )
+    runs = log.get_by_label("Logs of the sweep's runs")
+    _expect()(runs.get_by_role("link")).to_have_text([sweep.first.id, sweep.best.id])
+    # Said as what it is, not as an error.
+    _expect()(log.get_by_role("alert")).to_have_count(0)
+    _expect()(log).not_to_contain_text("no stored log")
+
+    # The best run's page shows its log.
+    runs.get_by_role("link", name=sweep.best.id).click()
+    _expect()(page.locator(f"[data-page=run-detail][data-run-id='{sweep.best.id}']")).to_be_visible()
+    _expect()(page.get_by_label("Run log")).to_contain_text("trained with alpha=0.5 for 2 epochs")
+    assert page.errors == []
+
+
+def test_a_sweep_s_arguments_are_its_runs_command_and_how_it_drew_their_values(ui, open_as, sweep):
+    page = open_as("admin", f"{LIST}/runs/{sweep.parent.id}", height=1800)
+    arguments = page.get_by_role("region", name="Arguments")
+    _expect()(arguments).to_contain_text(
+        "A sweep runs no command of its own. Each of its runs runs this one, with a value it drew for each "
+        "parameter of the search space below; a run's page shows its values."
+    )
+    _expect()(arguments.get_by_label("Each run's command")).to_have_text(
+        "python train.py --epochs 2 --alpha <value>"
+    )
+    space = arguments.get_by_role("table", name="Search space")
+    _expect()(space.locator("tbody td")).to_have_text(["--alpha", "choice(0.1, 0.5)"])
+    searched = arguments.get_by_label("How the sweep searched")
+    _expect()(searched.locator("dd")).to_have_text(
+        [
+            "grid",
+            "loss, minimize",
+            "none: every run goes on to its end",
+            "at most 2, 2 at a time",
+            "30 minutes",
+        ]
+    )
+
+    # A run's page shows the command it ran, with the value it drew.
+    page.get_by_role("table", name="Sweep runs").get_by_role("link", name=sweep.first.id).click()
+    _expect()(page.locator(f"[data-page=run-detail][data-run-id='{sweep.first.id}']")).to_be_visible()
+    _expect()(page.get_by_role("region", name="Arguments").locator(".amlrun-command")).to_have_text(
+        "python train.py --epochs 2 --alpha 0.1"
+    )
     assert page.errors == []
 
 
@@ -306,7 +386,7 @@ with DAG("DAG_ID", schedule=None):
 """
 
 
-def test_the_tab_of_a_task_that_ended_without_a_run_says_so_and_stops_asking(ui, open_as):
+def test_the_tab_of_a_task_that_ended_without_a_run_says_so_and_asks_for_no_runs(ui, open_as):
     dag_id = ui.cluster.write_dag(_NO_RUN_DAG)
     dag_run = ui.cluster.trigger(dag_id)
     assert ui.cluster.wait_for_dag_run(dag_id, dag_run) == "success"
@@ -322,7 +402,8 @@ def test_the_tab_of_a_task_that_ended_without_a_run_says_so_and_stops_asking(ui,
         "request",
         lambda request: asked.append(request.url) if "/amlrun/api/task-runs" in request.url else None,
     )
-    # Three turns of the tab's 3 s polling: it asks no more.
+    # Three turns of the tab's 3 s polling: it asks for no runs (only Airflow, every 15 s, whether the task
+    # instance was cleared to run again).
     page.wait_for_timeout(9_000)
     assert asked == []
     assert page.errors == []

@@ -48,6 +48,19 @@ def write(path: Path, text: str) -> Path:
     return path
 
 
+def table_rows(printed: str) -> dict[str, str]:
+    """The rows of a field/value table as `amlrun` prints it, each value whole (the lines it was wrapped over joined)."""
+    rows: dict[str, str] = {}
+    field = ""
+    for line in printed.splitlines():
+        cells = line.split("│")
+        if len(cells) != 4:
+            continue
+        field = cells[1].strip() or field
+        rows[field] = f"{rows.get(field, '')} {cells[2].strip()}".strip()
+    return rows
+
+
 @pytest.fixture
 def project(amlrun_home: Path, tmp_path: Path) -> Path:
     """A folder with training code in src/ and run files beside it."""
@@ -159,6 +172,54 @@ def test_a_sweep_file_runs_its_sweep_and_lists_the_runs_best_first(project):
     table = amlrun("sweep", str(sweep_file), "--experiment", "cli_sweep_2")
     assert table.returncode == 0, table.stdout + table.stderr
     assert "best first (loss, minimize)" in table.stdout and "--alpha 0.1" in table.stdout
+
+
+def test_show_of_a_sweep_says_what_its_runs_run_and_where_their_logs_are(project):
+    sweep_file = write(
+        project / "sweep.yaml",
+        """\
+        experiment: cli_sweep_shown
+        run_config: {source_directory: src, script: train.py}
+        hyperparameter_sampling: {type: grid, parameter_space: {--alpha: {choice: [0.3, 0.1]}}}
+        primary_metric_name: loss
+        primary_metric_goal: minimize
+        max_total_runs: 2
+        max_concurrent_runs: 2
+        max_duration_minutes: 30
+        """,
+    )
+    done = amlrun("sweep", str(sweep_file), "--json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    sweep_id = json.loads(done.stdout[done.stdout.index("{") :])["sweep_run_id"]
+    first, best = Workspace.get().history.child_runs(sweep_id)  # --alpha 0.3, then 0.1: the best
+
+    shown = amlrun("runs", "show", sweep_id)
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    rows = table_rows(shown.stdout)
+    assert rows["arguments"] == (
+        "none of its own: each of its runs gets --alpha <value>, with the values it drew (`amlrun runs show` of "
+        "the run shows them)"
+    )
+    assert rows["search space"] == "--alpha choice(0.3, 0.1)"
+    assert rows["sampling"] == "grid"
+    assert rows["primary metric"] == "loss, minimize"
+    assert rows["early termination"] == "none: every run goes on to its end"
+    assert rows["limits"] == "at most 2 runs, 2 at a time, for 30 minutes at most"
+    where = (
+        "A sweep runs no code of its own, so it has no log: each of its runs has its own. "
+        f"`amlrun runs logs {best.id}` prints its best run's, `amlrun runs logs {first.id}` its first run's "
+        "(2 runs in all)."
+    )
+    assert rows["log"] == where
+    assert "nothing was collected" not in shown.stdout
+
+    # Its log, asked for, says the same; the best run's is there.
+    for asked in (amlrun("runs", "logs", sweep_id), amlrun("runs", "show", sweep_id, "--tail", "5")):
+        assert f"Run {sweep_id} is a sweep. {where}" in " ".join((asked.stdout + asked.stderr).split())
+        assert "nothing was collected" not in asked.stdout + asked.stderr
+    printed = amlrun("runs", "logs", best.id)
+    assert printed.returncode == 0, printed.stderr
+    assert "epoch 2 alpha 0.1" in printed.stdout
 
 
 def test_a_sweep_files_tags_and_names_are_recorded_on_the_sweep(project):

@@ -56,6 +56,21 @@ export interface RunDetail extends Run {
   has_log: boolean;
   has_outputs: boolean;
   metric_summaries: MetricSummary[];
+  sweep: Sweep | null;
+}
+
+/** How a sweep searched, as its parent run recorded it (runs_api.py SweepOut). */
+export interface Sweep {
+  sampling: string;
+  seed: number | null;
+  parameter_space: Record<string, string>;
+  drawn_arguments: string[];
+  primary_metric_name: string;
+  primary_metric_goal: string;
+  policy: string | null;
+  max_total_runs: number;
+  max_concurrent_runs: number | null;
+  max_duration_minutes: number | null;
 }
 
 export interface Series {

@@ -1,14 +1,15 @@
 import { useEffect, useMemo, useRef } from "react";
-import { Link, useNavigate } from "react-router-dom";
+import { Link } from "react-router-dom";
 
-import { enc, FINISHED, type Json, type Run, type RunDetail as Detail, type Series, SWEEP_TARGET } from "../api";
+import { enc, FINISHED, type Run, type RunDetail as Detail, type Series, SWEEP_TARGET } from "../api";
 import { alignLines, Chart } from "../components/Chart";
 import { ErrorBox, formatDuration, formatValue, Loading, RunLink, Section, StatusBadge, taskInstancePath, Time } from "../components/common";
 import { useApi, useInterval, useWidth } from "../hooks";
 import { pagePath } from "../routes";
-import { EnvironmentSection, GitSection, OutputsSection } from "./RunSections";
+import { ArgumentsSection, EnvironmentSection, GitSection, OutputsSection } from "./RunSections";
 import { LogViewer } from "./LogViewer";
-import { SnapshotBrowser, SweepCode } from "./SnapshotBrowser";
+import { SnapshotBrowser } from "./SnapshotBrowser";
+import { SweepArguments, SweepCode, SweepLog, SweepRuns } from "./Sweep";
 
 // How often an unfinished run's page asks for its status and metrics again.
 const REFRESH_MS = 3000;
@@ -42,6 +43,8 @@ export function RunDetail({ runId, embedded = false }: { runId: string; embedded
     );
   }
   if (run === undefined) return <Loading />;
+  // A sweep's parent run runs no code of its own: its log, arguments and code sections lead to its runs.
+  const sweep = run.target === SWEEP_TARGET;
   return (
     <div className="amlrun-page" data-page="run-detail" data-run-id={run.run_id} data-status={run.status}>
       <header className="amlrun-page-header">
@@ -65,12 +68,12 @@ export function RunDetail({ runId, embedded = false }: { runId: string; embedded
       <Timeline run={run} />
       <Metrics run={run} />
       {run.parent_run_id === null && <SweepRuns runs={sweepRuns ?? []} />}
-      <LogViewer runId={run.run_id} />
-      <Arguments run={run} />
+      {sweep ? <SweepLog run={run} runs={sweepRuns} /> : <LogViewer runId={run.run_id} />}
+      {sweep ? <SweepArguments run={run} /> : <ArgumentsSection run={run} />}
       <EnvironmentSection run={run} />
       <GitSection git={run.git} />
       <OutputsSection run={run} />
-      {run.snapshot_id === null && run.target === SWEEP_TARGET ? (
+      {sweep ? (
         <SweepCode run={run} runs={sweepRuns} />
       ) : (
         <SnapshotBrowser runId={run.run_id} hasSnapshot={run.snapshot_id !== null} />
@@ -212,84 +215,4 @@ function MetricChart({ series }: { series: Series }) {
     ? `${series.x.length.toLocaleString()} of ${series.points.toLocaleString()} points drawn, every slice's minimum and maximum kept`
     : `${series.points.toLocaleString()} points`;
   return <Chart title={series.name} data={data} lines={lines} xLabel="step" note={note} />;
-}
-
-function Arguments({ run }: { run: Detail }) {
-  const entries = Object.entries(run.parameters);
-  return (
-    <Section title="Arguments">
-      <div className="amlrun-mono amlrun-command">
-        {run.command ?? `python ${run.script ?? ""}`} {run.arguments.map((a) => quoteArgument(a)).join(" ")}
-      </div>
-      {entries.length > 0 && (
-        <table className="amlrun-table amlrun-compact" aria-label="Parameters">
-          <tbody>
-            {entries.map(([k, v]) => (
-              <tr key={k}>
-                <th>{k}</th>
-                <td className="amlrun-mono">{formatValue(v)}</td>
-              </tr>
-            ))}
-          </tbody>
-        </table>
-      )}
-    </Section>
-  );
-}
-
-function quoteArgument(value: Json): string {
-  const text = typeof value === "string" ? value : JSON.stringify(value);
-  return /^[\w@%+=:,./-]+$/.test(text) ? text : `'${text.replace(/'/g, "'\\''")}'`;
-}
-
-/** The runs of a sweep, with a link to compare them all; nothing for a run that has none. */
-function SweepRuns({ runs }: { runs: Run[] }) {
-  const navigate = useNavigate();
-  if (runs.length === 0) return null;
-  const metrics = [...new Set(runs.flatMap((r) => Object.keys(r.metrics)))].slice(0, 6);
-  return (
-    <Section
-      title={`Sweep runs (${runs.length})`}
-      actions={
-        <button type="button" className="amlrun-button amlrun-primary" onClick={() => navigate(pagePath.compare(runs.slice(0, 100).map((r) => r.run_id)))}>
-          Compare the sweep's runs
-        </button>
-      }
-    >
-      <table className="amlrun-table amlrun-compact" aria-label="Sweep runs">
-        <thead>
-          <tr>
-            <th>Run</th>
-            <th>Status</th>
-            <th>Parameters</th>
-            {metrics.map((m) => (
-              <th key={m}>{m}</th>
-            ))}
-          </tr>
-        </thead>
-        <tbody>
-          {runs.map((r) => (
-            <tr key={r.run_id}>
-              <td>
-                <RunLink runId={r.run_id} />
-              </td>
-              <td>
-                <StatusBadge status={r.status} />
-              </td>
-              <td className="amlrun-params">
-                {Object.entries(r.parameters)
-                  .map(([k, v]) => `${k}=${formatValue(v)}`)
-                  .join(" ")}
-              </td>
-              {metrics.map((m) => (
-                <td key={m} className="amlrun-number">
-                  {formatValue(r.metrics[m])}
-                </td>
-              ))}
-            </tr>
-          ))}
-        </tbody>
-      </table>
-    </Section>
-  );
 }

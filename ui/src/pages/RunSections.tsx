@@ -5,6 +5,38 @@ import { Code } from "../components/Code";
 import { ErrorBox, formatValue, Section } from "../components/common";
 import { useApi } from "../hooks";
 
+/** The command line the run ran: its command, or python and its script, then its arguments as a shell takes them. */
+export function commandLine(run: RunDetail): string {
+  return [run.command ?? `python ${run.script ?? ""}`, ...run.arguments.map(quoteArgument)].join(" ");
+}
+
+function quoteArgument(value: Json): string {
+  const text = typeof value === "string" ? value : JSON.stringify(value);
+  return /^[\w@%+=:,./-]+$/.test(text) ? text : `'${text.replace(/'/g, "'\\''")}'`;
+}
+
+/** The command line the run ran, and the parameters read from its arguments. */
+export function ArgumentsSection({ run }: { run: RunDetail }) {
+  const entries = Object.entries(run.parameters);
+  return (
+    <Section title="Arguments">
+      <div className="amlrun-mono amlrun-command">{commandLine(run)}</div>
+      {entries.length > 0 && (
+        <table className="amlrun-table amlrun-compact" aria-label="Parameters">
+          <tbody>
+            {entries.map(([k, v]) => (
+              <tr key={k}>
+                <th>{k}</th>
+                <td className="amlrun-mono">{formatValue(v)}</td>
+              </tr>
+            ))}
+          </tbody>
+        </table>
+      )}
+    </Section>
+  );
+}
+
 /** The environment the run used: its name and version, what it was built from, and its lock on demand. */
 export function EnvironmentSection({ run }: { run: RunDetail }) {
   const [lock, setLock] = useState<{ text?: string; error?: Error }>();

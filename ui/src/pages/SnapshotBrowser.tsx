@@ -1,8 +1,8 @@
-import { type ReactNode, useMemo, useState } from "react";
+import { useMemo, useState } from "react";
 
-import { enc, FINISHED, type Run, type RunDetail, type SnapshotFile } from "../api";
+import { enc, type SnapshotFile } from "../api";
 import { Code } from "../components/Code";
-import { ErrorBox, formatBytes, RunLink, Section } from "../components/common";
+import { ErrorBox, formatBytes, Section } from "../components/common";
 import { useApi } from "../hooks";
 
 interface FileText {
@@ -61,49 +61,6 @@ export function SnapshotBrowser({ runId, hasSnapshot }: { runId: string; hasSnap
           )}
         </div>
       </div>
-    </Section>
-  );
-}
-
-/** The code section of a sweep's parent run, which has no snapshot: the sweep runs no code itself, its runs do,
- * each from a snapshot taken as it was submitted. Says so, and links the runs (`runs`: the sweep's, oldest first). */
-export function SweepCode({ run, runs }: { run: RunDetail; runs: Run[] | undefined }) {
-  const first = runs?.[0]?.run_id;
-  const best = typeof run.tags.best_run_id === "string" ? run.tags.best_run_id : null;
-  let where: ReactNode = null;
-  if (runs !== undefined && first === undefined) {
-    where = <div className="amlrun-muted">{FINISHED.has(run.status) ? "It recorded no runs." : "None of its runs is recorded yet."}</div>;
-  } else if (runs !== undefined && first !== undefined) {
-    where = (
-      <dl className="amlrun-facts" aria-label="Code of the sweep's runs">
-        <div>
-          <dt>First run</dt>
-          <dd>
-            <RunLink runId={first} />
-          </dd>
-        </div>
-        {best !== null && (
-          <div>
-            <dt>Best run</dt>
-            <dd>
-              <RunLink runId={best} />
-            </dd>
-          </div>
-        )}
-        <div>
-          <dt>All runs</dt>
-          <dd>{runs.length}, under Sweep runs above</dd>
-        </div>
-      </dl>
-    );
-  }
-  return (
-    <Section title="Code">
-      <div className="amlrun-muted">
-        A sweep runs no code of its own, so it has no snapshot: each of its runs ran the code of a snapshot of its own,
-        shown on that run's page.
-      </div>
-      {where}
     </Section>
   );
 }

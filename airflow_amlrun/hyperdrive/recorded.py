@@ -1,0 +1,80 @@
+"""A sweep as its parent run's row records it, for a reader: what the run page and `amlrun runs show` say of it.
+
+A sweep's parent run runs nothing itself: the row's script and arguments are those every run of the sweep
+starts from, each run adding the values it drew, and its config holds how the sweep searched (HyperDriveConfig
+``to_dict``). Pure reading of that row: nothing is asked of the history or of a target here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from airflow_amlrun.hyperdrive.parameters import argument_words
+from airflow_amlrun.runconfig import SWEEP_TARGET
+
+if TYPE_CHECKING:
+    from airflow_amlrun.history import RunRecord
+
+# What stands in a run's command line for the value it draws of a parameter.
+DRAWN = "<value>"
+
+
+@dataclass(frozen=True)
+class RecordedSweep:
+    """How a sweep searched, as its parent run recorded it.
+
+    :param sampling: ``grid``, ``random`` or ``bayesian``.
+    :param seed: the seed of random or Bayesian sampling, if one was given.
+    :param parameter_space: each parameter and its values, as Python writes the expression (``choice(0.1, 0.5)``).
+    :param drawn_arguments: the arguments each run adds to the recorded ones, its values left as ``DRAWN``.
+    :param policy: the early termination policy as Python writes it; None when every run goes on to its end.
+    """
+
+    sampling: str
+    seed: int | None
+    parameter_space: dict[str, str]
+    drawn_arguments: list[str]
+    primary_metric_name: str
+    primary_metric_goal: str
+    policy: str | None
+    max_total_runs: int
+    max_concurrent_runs: int | None
+    max_duration_minutes: float | None
+
+    @classmethod
+    def of(cls, record: RunRecord) -> RecordedSweep | None:
+        """The sweep `record` is the parent run of; None for any other run, or a sweep whose row holds no config."""
+        recorded = (record.config or {}).get("hyperdrive") if record.target == SWEEP_TARGET else None
+        if not isinstance(recorded, Mapping):
+            return None
+        sampling = recorded.get("sampling") or {}
+        space = {str(name): expression_text(e) for name, e in (sampling.get("parameter_space") or {}).items()}
+        return cls(
+            sampling=str(sampling.get("method")),
+            seed=sampling.get("seed"),
+            parameter_space=space,
+            drawn_arguments=[word for name in space for word in argument_words(name, DRAWN)],
+            primary_metric_name=str(recorded.get("primary_metric_name")),
+            primary_metric_goal=str(recorded.get("primary_metric_goal")),
+            policy=policy_text(recorded.get("policy") or {}),
+            max_total_runs=int(recorded.get("max_total_runs") or 0),
+            max_concurrent_runs=recorded.get("max_concurrent_runs"),
+            max_duration_minutes=recorded.get("max_duration_minutes"),
+        )
+
+
+def expression_text(recorded: Mapping[str, Any]) -> str:
+    """A parameter's expression as Python writes it (``uniform(0.0, 1.0)``), from its recorded kind and args."""
+    return f"{recorded.get('kind')}({', '.join(repr(a) for a in recorded.get('args') or [])})"
+
+
+def policy_text(recorded: Mapping[str, Any]) -> str | None:
+    """An early termination policy as Python writes it, the settings it was given by name; None for none."""
+    fields = dict(recorded)
+    name = str(fields.pop("policy", "NoTerminationPolicy"))
+    if name == "NoTerminationPolicy":
+        return None
+    settings = ", ".join(f"{key}={value!r}" for key, value in fields.items() if value is not None)
+    return f"{name}({settings})"
