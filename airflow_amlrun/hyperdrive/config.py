@@ -69,6 +69,12 @@ class HyperDriveConfig:
             raise ConfigurationError(
                 f"HyperDriveConfig: run_config must be a ScriptRunConfig, not {type(self.run_config).__name__}."
             )
+        if self.run_config.command is not None:
+            raise ConfigurationError(
+                f"HyperDriveConfig: run_config runs a command ({shown(self.run_config.command)}), and a sweep passes "
+                "each run's values to a script, as arguments (--name value): give run_config a script= instead, "
+                "e.g. ScriptRunConfig(source_directory, script='train.py'), and read the values with argparse."
+            )
         if not isinstance(self.hyperparameter_sampling, ParameterSampling):
             raise ConfigurationError(
                 "HyperDriveConfig: hyperparameter_sampling must be GridParameterSampling, RandomParameterSampling or "

@@ -113,6 +113,18 @@ def test_a_config_refuses_what_cannot_sweep(tmp_path) -> None:  # type: ignore[n
     assert config.max_concurrent_runs == 4 and config.goal == "minimize"
 
 
+def test_a_config_refuses_a_command_before_anything_runs(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # A sweep gives each run its values as arguments of a script: a command has nowhere to take them.
+    run_config = ScriptRunConfig(tmp_path, command="python train.py --alpha 1")
+    with pytest.raises(
+        ConfigurationError,
+        match=r"run_config runs a command \('python train.py --alpha 1'\).*give run_config a script= instead",
+    ):
+        HyperDriveConfig(
+            run_config, RandomParameterSampling({"--beta": uniform(0, 1)}), "loss", "minimize", 4
+        )
+
+
 def test_bandit_compares_each_report_with_the_best_run_at_the_same_report() -> None:
     policy = BanditPolicy(slack_factor=0.2, delay_evaluation=1)
     reports = {"good": [10.0, 9.0, 8.0], "close": [11.0, 10.5], "bad": [20.0, 19.0]}
