@@ -41,7 +41,7 @@ from airflow_amlrun.hyperdrive.replay import (
     restored_sampler,
 )
 from airflow_amlrun.hyperdrive.results import SweepResults, metric_of
-from airflow_amlrun.hyperdrive.takeover import SweepChangedError, SweepState, Unstopped
+from airflow_amlrun.hyperdrive.takeover import SweepChangedError, SweepEnding, SweepState, Unstopped
 from airflow_amlrun.hyperdrive.watch import PolicyWatch
 from airflow_amlrun.rerun import recorded_config
 from airflow_amlrun.run import FollowState, RunEndedError, ScriptRun
@@ -356,21 +356,24 @@ class HyperDriveRun(SweepResults):
         try:
             yield
         except BaseException as err:
-            if self._finished is not None:
-                raise  # recorded already, by the sweep's own steps in here
-            name = type(err).__name__
-            if name == "AirflowTaskTimeout":
-                status, reason = RunStatus.FAILED, "Stopped by the Airflow task's execution_timeout."
-            elif isinstance(err, Exception) and name != "AirflowTaskTerminated":
-                status, reason = RunStatus.FAILED, f"The sweep failed: {err}"
-            else:
-                status, reason = RunStatus.CANCELED, f"Canceled: the sweep was interrupted ({name})."
             try:
-                self._stop_all(reason if status is RunStatus.CANCELED else f"Canceled: {reason}")
-                self._finish(status, reason)
+                self.end_with(SweepEnding.of(err))
             except Exception:
                 log.exception("Sweep %s: recording its end after %r failed too", self.id, err)
             raise
+
+    def end_with(self, ending: SweepEnding) -> RunRecord | None:
+        """End the sweep from this process as `ending` says (an error stopped the process going on with it): its
+        live runs are stopped, and it is recorded with the ending's status and reason. None if it had ended
+        already (recorded by the sweep's own steps, e.g. in ``guarded``).
+
+        :raises Exception: what recording the sweep's end raised (the history is away); a run whose stop failed is
+            let go (logged), for ``amlrun reconcile``.
+        """
+        if self._finished is not None:
+            return None
+        self._stop_all(ending.run_reason)
+        return self._finish(ending.status, ending.reason)
 
     def _start_next(self) -> bool:
         config = self.config

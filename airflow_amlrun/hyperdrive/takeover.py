@@ -92,6 +92,32 @@ class SweepState:
         )
 
 
+@dataclass(frozen=True)
+class SweepEnding:
+    """How an error that stops a process going on with a sweep ends the sweep: the status and reason it is recorded
+    with, and the reason its live runs are stopped (Canceled) with."""
+
+    status: RunStatus
+    reason: str
+    run_reason: str
+
+    @classmethod
+    def of(cls, err: BaseException) -> SweepEnding:
+        """Canceled for an interruption (Ctrl-C, the task killed); Failed naming the error otherwise, or the task's
+        execution_timeout."""
+        name = type(err).__name__
+        if name == "AirflowTaskTimeout":
+            return cls.failed("Stopped by the Airflow task's execution_timeout.")
+        if isinstance(err, Exception) and name != "AirflowTaskTerminated":
+            return cls.failed(f"The sweep failed: {err}")
+        reason = f"Canceled: the sweep was interrupted ({name})."
+        return cls(RunStatus.CANCELED, reason, reason)
+
+    @classmethod
+    def failed(cls, reason: str) -> SweepEnding:
+        return cls(RunStatus.FAILED, reason, f"Canceled: {reason}")
+
+
 def earlier_sweeps(workspace: Workspace, task: AirflowTask) -> list[RunRecord]:
     """The unfinished sweeps of this Airflow task instance (left by an earlier try), newest first.
 

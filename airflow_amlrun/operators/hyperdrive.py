@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from functools import cached_property
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
 
     from airflow_amlrun.history import RunRecord
     from airflow_amlrun.hyperdrive import HyperDriveConfig, HyperDriveRun
+    from airflow_amlrun.run import FollowState
     from airflow_amlrun.submission import AirflowTask
     from airflow_amlrun.workspace import Workspace
 
@@ -47,7 +49,9 @@ class HyperDriveOperator(BaseOperator):
         on this machine.
     :param resume_on_retry: when an earlier try of this task left its sweep unfinished (the worker died), go on
         with that sweep (default): the runs that ended count, the live ones are followed on, only the missing
-        ones start. False stops what it left (recorded Failed) and starts the sweep anew.
+        ones start. False stops what it left (recorded Failed) and starts the sweep anew. When the task fails and
+        Airflow does not retry it (its last try, no retries), its sweep is ended at once instead: the live runs
+        are stopped, and the sweep is recorded Failed with the task's error.
     """
 
     template_fields: Sequence[str] = ("experiment", "tags")
@@ -83,6 +87,9 @@ class HyperDriveOperator(BaseOperator):
         self.resume_on_retry = resume_on_retry
         self.amlrun_run_id: str | None = None
         self._sweep: HyperDriveRun | None = None
+        # How far the last follower (this task, or the trigger) got with each live run handed over, for ending
+        # them from here without reading their output or metrics twice.
+        self._handed_over: Mapping[str, FollowState] = {}
 
     def on_kill(self) -> None:
         """Stop the sweep's live runs now; the sweep is recorded Canceled."""
@@ -112,6 +119,10 @@ class HyperDriveOperator(BaseOperator):
         return config, AirflowTask.of(context["ti"]), dag_folder
 
     def execute(self, context: Context) -> dict[str, Any]:
+        with self._ended_unless_retried(context):
+            return self._execute(context)
+
+    def _execute(self, context: Context) -> dict[str, Any]:
         from airflow_amlrun.experiment import Experiment, experiment_name_from
         from airflow_amlrun.hyperdrive import HyperDriveRun
         from airflow_amlrun.hyperdrive.takeover import settle_earlier_sweeps
@@ -119,7 +130,8 @@ class HyperDriveOperator(BaseOperator):
         ti = context["ti"]
         config, task, dag_folder = self._prepared(context)
         experiment = Experiment(self.workspace, self.experiment or experiment_name_from(ti.dag_id))
-        sweep = self._resumed(config, task) if self.resume_on_retry else None
+        # Held from here: should what follows fail, the sweep is ended from this process (see _end_sweeps).
+        sweep = self._sweep = self._resumed(config, task) if self.resume_on_retry else None
         for earlier in settle_earlier_sweeps(
             self.workspace, task, STARTED_ANEW, keep=sweep.id if sweep is not None else None
         ):
@@ -201,9 +213,10 @@ class HyperDriveOperator(BaseOperator):
         record = sweep.advance()
         if record is not None:
             return self._result(sweep, record)
-        # A history that does not take the runs' latest metrics fails the task here: its retry resumes the sweep.
+        # A history that does not take the runs' latest metrics fails the task here: its retry resumes the sweep
+        # (with no retry to come, _end_sweeps ends it).
         state = sweep.hand_over()
-        self._sweep = None
+        self._sweep, self._handed_over = None, state.children
         self.log.info(
             "Sweep %s: its %d live runs are followed by the triggerer from here; the worker slot is freed.",
             sweep.id,
@@ -231,6 +244,10 @@ class HyperDriveOperator(BaseOperator):
     def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
         """The trigger handed the sweep back: record the runs that ended, stop those the policy named, start the
         next ones, and defer again (or return the result once the sweep ended)."""
+        with self._ended_unless_retried(context):
+            return self._taken_back(context, event)
+
+    def _taken_back(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
         from airflow_amlrun.history import RunStatus
         from airflow_amlrun.hyperdrive import HyperDriveRun
         from airflow_amlrun.hyperdrive.takeover import SweepChangedError, SweepState, end_sweep
@@ -241,6 +258,7 @@ class HyperDriveOperator(BaseOperator):
         config, task, _ = self._prepared(context)
         sweep_id = self.amlrun_run_id = str(event["sweep_run_id"])
         state = SweepState.from_json(event.get("state") or {})
+        self._handed_over = state.children
         try:
             sweep = self._sweep = HyperDriveRun.resumed(
                 self.workspace, sweep_id, config, state=state, airflow_task=task
@@ -280,6 +298,63 @@ class HyperDriveOperator(BaseOperator):
         }
         sweep.take_back(ended, {str(k): str(v) for k, v in (event.get("stops") or {}).items()})
         return self._go_on_deferred(sweep, event.get("stop_at"))
+
+    @contextmanager
+    def _ended_unless_retried(self, context: Context) -> Iterator[None]:
+        """What fails the task in here ends its sweep when Airflow does not retry the task (see ``_end_sweeps``);
+        a retry goes on with the sweep (or, resume_on_retry=False, stops it). The error fails the task either way.
+        """
+        from airflow.sdk.exceptions import TaskDeferred
+
+        try:
+            yield
+        except TaskDeferred:
+            raise
+        except BaseException as err:
+            self._end_sweeps(context, err)
+            raise
+
+    def _end_sweeps(self, context: Context, err: BaseException) -> None:
+        """Unless Airflow retries the task after `err`: end the sweeps of this task instance left unfinished (the
+        one this try ran, whether this process still follows it or handed it over, and any an earlier try left),
+        their live runs stopped and each recorded Failed with the error, rather than left for ``amlrun reconcile``.
+        This never raises: `err` is what fails the task."""
+        from airflow_amlrun.hyperdrive.takeover import SweepEnding, earlier_sweeps, end_sweep
+        from airflow_amlrun.operators.retries import task_will_retry
+        from airflow_amlrun.submission import AirflowTask
+
+        try:
+            ti = context["ti"]
+            if task_will_retry(ti, err, context):
+                return
+            ending = SweepEnding.of(err)
+            ended: list[str] = []
+            held, self._sweep = self._sweep, None
+            if held is not None and held.end_with(ending) is not None:
+                ended.append(held.id)
+            for record in earlier_sweeps(self.workspace, AirflowTask.of(ti)):
+                end_sweep(
+                    self.workspace,
+                    record.id,
+                    ending.status,
+                    ending.reason,
+                    ending.run_reason,
+                    self._handed_over,
+                )
+                ended.append(record.id)
+            for sweep_id in ended:
+                self.log.warning(
+                    "Sweep %s was recorded %s and its live runs were stopped: the task failed, and Airflow does "
+                    "not retry it.",
+                    sweep_id,
+                    ending.status,
+                )
+        except Exception:
+            self.log.exception(
+                "The task failed and Airflow does not retry it, and ending its sweep %s failed too: what is left "
+                "unfinished is settled by `amlrun reconcile`. The task fails with its own error, below.",
+                self.amlrun_run_id or "(none recorded)",
+            )
 
     def _result(self, sweep: HyperDriveRun, record: RunRecord) -> dict[str, Any]:
         from airflow_amlrun.history import RunStatus

@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import json
 
+import pytest
+from airflow.sdk.exceptions import AirflowTaskTerminated, AirflowTaskTimeout
 from hypothesis import given
 from hypothesis import strategies as st
 
+from airflow_amlrun.history import RunStatus
 from airflow_amlrun.hyperdrive.takeover import (
     STOP_RETRY_MAX_SECONDS,
     STOP_RETRY_SECONDS,
+    SweepEnding,
     SweepState,
     Unstopped,
 )
@@ -67,3 +71,30 @@ def test_a_stop_failing_for_days_still_waits_five_minutes_between_tries() -> Non
     again = Unstopped.failed(earlier.reason, earlier, 1_000_000.0)
 
     assert (again.again_at - 1_000_000.0, again.failures) == (STOP_RETRY_MAX_SECONDS, 5001)
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "reason"),
+    [
+        (
+            OSError("the target did not answer"),
+            RunStatus.FAILED,
+            "The sweep failed: the target did not answer",
+        ),
+        (AirflowTaskTimeout(), RunStatus.FAILED, "Stopped by the Airflow task's execution_timeout."),
+        (KeyboardInterrupt(), RunStatus.CANCELED, "Canceled: the sweep was interrupted (KeyboardInterrupt)."),
+        (
+            AirflowTaskTerminated("killed"),
+            RunStatus.CANCELED,
+            "Canceled: the sweep was interrupted (AirflowTaskTerminated).",
+        ),
+    ],
+)
+def test_an_error_fails_the_sweep_and_an_interruption_cancels_it(
+    error: BaseException, status: RunStatus, reason: str
+) -> None:
+    ending = SweepEnding.of(error)
+
+    assert (ending.status, ending.reason) == (status, reason)
+    # Its stopped runs say why: the interruption, or that the sweep's failure canceled them.
+    assert ending.run_reason == (reason if status is RunStatus.CANCELED else f"Canceled: {reason}")

@@ -1,0 +1,295 @@
+"""A sweep whose task fails for good is ended at once, under dag.test: when Airflow does not retry the task (its last
+try, no retries), the sweep's live runs are stopped and the sweep is recorded Failed with the task's error, rather
+than left Running (or Queued) for `amlrun reconcile`; when it retries the task, the retry goes on with the sweep.
+
+The sweeps defer (dag.test runs the trigger inline, in this process), on the local target as a target reached
+over the network is: its runs may be followed by a triggerer anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+
+from airflow_amlrun import Workspace
+from airflow_amlrun.config import Settings
+from airflow_amlrun.history import RunRecord, RunStatus
+from airflow_amlrun.targets import registry
+from airflow_amlrun.targets.local import LocalTarget
+from tests.conftest import write_script
+from tests.integration.conftest import alive
+from tests.integration.private_postgres import PrivatePostgres
+
+pytestmark = pytest.mark.usefixtures("airflow_db", "amlrun_home")
+
+
+class FollowedAnywhereLocalTarget(LocalTarget):
+    """The local target, deferred as a target reached over the network is (SSH, a Docker daemon over TCP)."""
+
+    followed_only_here = False
+
+    @classmethod
+    def from_connection(
+        cls, name: str, conn: Any, settings: Settings, cache_dir: Path
+    ) -> FollowedAnywhereLocalTarget:
+        return cls(settings, cache_dir, name)
+
+
+class ConnectionLostOnceLocalTarget(FollowedAnywhereLocalTarget):
+    """As above, whose connection cannot be read the second time a process asks for it, as when Airflow's API
+    server does not answer for a moment: the task reads it as it records the sweep, then again to decide whether
+    the sweep's runs may be deferred, before any run starts."""
+
+    reads: ClassVar[dict[str, int]] = {}
+    # The run history's server, when the worker loses its network (the history stops answering too) rather than
+    # the API server one request.
+    history_server: ClassVar[PrivatePostgres | None] = None
+
+    @classmethod
+    def from_connection(
+        cls, name: str, conn: Any, settings: Settings, cache_dir: Path
+    ) -> FollowedAnywhereLocalTarget:
+        cls.reads[name] = cls.reads.get(name, 0) + 1
+        if cls.reads[name] == 2:
+            if cls.history_server is not None:
+                cls.history_server.stop()
+            raise ConnectionError(f"Airflow's API server did not answer while reading connection {name!r}")
+        return super().from_connection(name, conn, settings, cache_dir)
+
+
+@pytest.fixture
+def targets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Connection `anywhere` of FollowedAnywhereLocalTarget; `flaky_once` and `flaky_retried` of
+    ConnectionLostOnceLocalTarget."""
+    for kind, cls in (
+        ("amlrun_anywhere", FollowedAnywhereLocalTarget),
+        ("amlrun_connection_lost_once", ConnectionLostOnceLocalTarget),
+    ):
+        monkeypatch.setitem(registry.CONNECTION_KINDS, kind, f"{__name__}:{cls.__name__}")
+    monkeypatch.setattr(ConnectionLostOnceLocalTarget, "reads", {})
+    monkeypatch.setattr(ConnectionLostOnceLocalTarget, "history_server", None)
+    monkeypatch.setenv("AIRFLOW_CONN_ANYWHERE", json.dumps({"conn_type": "amlrun_anywhere"}))
+    for conn_id in ("FLAKY_ONCE", "FLAKY_RETRIED"):
+        monkeypatch.setenv(
+            f"AIRFLOW_CONN_{conn_id}", json.dumps({"conn_type": "amlrun_connection_lost_once"})
+        )
+
+
+# Run 1 waits until both runs started (the task then reads the source folder no more until the trigger hands the
+# sweep back), moves the DAG's source folder away, as a deploy replacing the DAG folder would, and ends; run 2
+# trains on, until something stops it. Each run leaves a mark named by its alpha and pid.
+MOVING_SCRIPT = """
+    import argparse, os, time
+    from pathlib import Path
+    from airflow_amlrun.run_context import Run
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--alpha", type=float)
+    parser.add_argument("--marks")
+    parser.add_argument("--source")
+    args = parser.parse_args()
+    Path(args.marks, f"{args.alpha:g}-{os.getpid()}").touch()
+    Run.get_context().log("loss", args.alpha)
+    if args.alpha == 1:
+        while len(os.listdir(args.marks)) < 2:
+            time.sleep(0.05)
+        os.rename(args.source, args.source + "-moved")
+    else:
+        time.sleep(600)
+"""
+
+QUICK_SCRIPT = """
+    import argparse
+    from airflow_amlrun.run_context import Run
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--alpha", type=float)
+    Run.get_context().log("loss", parser.parse_args().alpha)
+"""
+
+
+def sweep_dag(tasks: str) -> str:
+    return f"""
+        import datetime
+        import pendulum
+        from airflow.sdk import DAG
+        from airflow_amlrun import ScriptRunConfig
+        from airflow_amlrun.hyperdrive import GridParameterSampling, HyperDriveConfig, choice
+        from airflow_amlrun.operators.hyperdrive import HyperDriveOperator
+
+
+        def sweep(source, target, arguments=()):
+            return HyperDriveConfig(
+                run_config=ScriptRunConfig(source, script="train.py", compute_target=target, arguments=list(arguments)),
+                hyperparameter_sampling=GridParameterSampling({{"--alpha": choice(1, 2)}}),
+                primary_metric_name="loss",
+                primary_metric_goal="minimize",
+                max_total_runs=2,
+                max_concurrent_runs=2,
+            )
+
+
+        with DAG("DAG_ID", schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC")) as dag:
+{tasks}
+    """
+
+
+def moving_sweep_task(source: Path, marks: Path, retries: int) -> str:
+    arguments = ["--marks", str(marks), "--source", str(source)]
+    return f"""
+            HyperDriveOperator(
+                task_id="tune",
+                config=sweep({str(source)!r}, "anywhere", {arguments!r}),
+                deferrable=True,
+                retries={retries},
+                retry_delay=datetime.timedelta(seconds=1),
+            )
+    """
+
+
+def sweep_of(dag_id: str, task_id: str) -> tuple[RunRecord, list[RunRecord]]:
+    """The task's one sweep and its runs, in the order of their alpha."""
+    history = Workspace.get().history
+    [parent] = [r for r in history.list_runs(dag_id=dag_id, task_id=task_id) if r.target == "hyperdrive"]
+    return parent, sorted(
+        history.child_runs(parent.id), key=lambda c: json.loads(c.tags["hyperparameters"])["--alpha"]
+    )
+
+
+def pids_of(marks: Path) -> dict[str, int]:
+    """Each run's script's pid, by its alpha."""
+    return {alpha: int(pid) for alpha, pid in (mark.name.split("-") for mark in marks.iterdir())}
+
+
+def stop_what_is_left(marks: Path) -> None:
+    """The test's own clean-up, after its verdict: a script left running would train on for minutes."""
+    for pid in pids_of(marks).values() if marks.exists() else ():
+        if alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_a_deferred_sweep_whose_task_fails_for_good_stops_its_runs_and_is_recorded_failed(
+    run_dag: Any, targets: None, tmp_path: Path
+) -> None:
+    source, marks = tmp_path / "src", tmp_path / "marks"
+    write_script(source, "train.py", MOVING_SCRIPT)
+    marks.mkdir()
+    try:
+        result = run_dag(sweep_dag(moving_sweep_task(source, marks, retries=0)))
+        parent, children = sweep_of(result.dag_id, "tune")
+        pids = pids_of(marks)
+    finally:
+        stop_what_is_left(marks)
+
+    # The task came back from the trigger to start the next runs, and could not read its source folder: it failed,
+    # with its own error.
+    assert (result.state, result.task_states) == ("failed", {"tune": "failed"}), result.log
+    assert "are followed by the triggerer from here" in result.log
+    missing = f"source_directory '{source}' does not exist"
+    assert missing in result.log
+    # The sweep is ended with that error, not left Running for reconcile.
+    assert parent.status is RunStatus.FAILED, (parent.status, parent.error)
+    assert parent.error is not None and parent.error.startswith(f"The sweep failed: {missing}"), parent.error
+    assert parent.end is not None
+    assert f"Sweep {parent.id} was recorded Failed and its live runs were stopped" in result.log
+    # Run 1 had ended on its own, and is recorded as it ended; run 2, still training, was stopped.
+    first, second = children
+    assert (first.status, first.metrics) == (RunStatus.COMPLETED, {"loss": 1.0})
+    assert (second.status, second.error) == (RunStatus.CANCELED, f"Canceled: {parent.error}")
+    assert not alive(pids["2"]), "run 2's script still runs"
+
+
+def test_a_sweep_left_for_a_retry_that_fails_too_is_ended_by_the_last_try(
+    run_dag: Any, targets: None, tmp_path: Path
+) -> None:
+    source, marks = tmp_path / "src", tmp_path / "marks"
+    write_script(source, "train.py", MOVING_SCRIPT)
+    marks.mkdir()
+    try:
+        result = run_dag(sweep_dag(moving_sweep_task(source, marks, retries=1)))
+        parent, children = sweep_of(result.dag_id, "tune")
+        pids = pids_of(marks)
+    finally:
+        stop_what_is_left(marks)
+
+    assert (result.state, result.task_states) == ("failed", {"tune": "failed"}), result.log
+    missing = f"source_directory '{source}' does not exist"
+    ended = f"Sweep {parent.id} was recorded Failed and its live runs were stopped"
+    assert parent.status is RunStatus.FAILED, (parent.status, parent.error)
+    assert parent.error is not None and parent.error.startswith(f"The sweep failed: {missing}"), parent.error
+    # The first try failed as it took the sweep back, and left it for the retry; the retry failed as it began, and,
+    # the last try, ended it.
+    assert result.log.count(ended) == 1, result.log
+    assert result.log.index(missing) < result.log.index(ended), result.log
+    first, second = children
+    assert (first.status, first.metrics) == (RunStatus.COMPLETED, {"loss": 1.0})
+    assert len(Workspace.get().history.get_metrics(first.id, "loss")) == 1
+    assert (second.status, second.error) == (RunStatus.CANCELED, f"Canceled: {parent.error}")
+    assert not alive(pids["2"]), "run 2's script still runs"
+
+
+def flaky_sweep_task(source: Path, task_id: str, retries: int) -> str:
+    """A task whose target's connection (`flaky_<task_id>`) cannot be read once the sweep is recorded."""
+    return f"""
+            HyperDriveOperator(
+                task_id={task_id!r},
+                config=sweep({str(source)!r}, {f"flaky_{task_id}"!r}),
+                deferrable=True,
+                retries={retries},
+                retry_delay=datetime.timedelta(seconds=1),
+            )
+    """
+
+
+def test_a_sweep_whose_task_fails_before_any_run_started_is_failed_at_once_or_resumed_by_the_retry(
+    run_dag: Any, targets: None, tmp_path: Path
+) -> None:
+    source = tmp_path / "src"
+    write_script(source, "train.py", QUICK_SCRIPT)
+    tasks = flaky_sweep_task(source, "once", retries=0) + flaky_sweep_task(source, "retried", retries=1)
+    result = run_dag(sweep_dag(tasks))
+
+    assert result.task_states == {"once": "failed", "retried": "success"}, result.log
+    # No retry: the sweep recorded a moment before is Failed with the task's error, not left Queued.
+    failed, runs = sweep_of(result.dag_id, "once")
+    lost = "Airflow's API server did not answer while reading connection 'flaky_once'"
+    assert lost in result.log
+    assert (failed.status, failed.error, runs) == (RunStatus.FAILED, f"The sweep failed: {lost}", [])
+    assert failed.end is not None
+    assert f"Sweep {failed.id} was recorded Failed and its live runs were stopped" in result.log
+    # A retry: the sweep is left Queued for it, and it goes on with that sweep (the only one of its task).
+    resumed, runs = sweep_of(result.dag_id, "retried")
+    assert (resumed.status, resumed.try_number) == (RunStatus.COMPLETED, 2)
+    assert [r.status for r in runs] == [RunStatus.COMPLETED] * 2
+    assert f"Resuming sweep {resumed.id}, left unfinished by try 1 of this task" in result.log
+    assert f"Sweep {resumed.id} was recorded" not in result.log
+
+
+def test_a_sweep_that_cannot_be_ended_either_is_left_for_reconcile_and_the_task_fails_with_its_own_error(
+    run_dag: Any,
+    targets: None,
+    own_postgres: PrivatePostgres,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The worker loses its network once the sweep is recorded: the connection cannot be read, and the run history
+    # (this test's own PostgreSQL server) does not answer the task's attempt to record the sweep Failed either.
+    monkeypatch.setattr(ConnectionLostOnceLocalTarget, "history_server", own_postgres)
+    source = tmp_path / "src"
+    write_script(source, "train.py", QUICK_SCRIPT)
+    try:
+        result = run_dag(sweep_dag(flaky_sweep_task(source, "once", retries=0)))
+    finally:
+        own_postgres.start()
+
+    assert result.task_states == {"once": "failed"}, result.log
+    sweep, runs = sweep_of(result.dag_id, "once")
+    assert (sweep.status, runs) == (RunStatus.QUEUED, [])  # for `amlrun reconcile` to settle
+    # The log says so, then the task fails with its own error, not the history's.
+    left = f"ending its sweep {sweep.id} failed too: what is left unfinished is settled by `amlrun reconcile`"
+    assert left in result.log
+    lost = "ConnectionError: Airflow's API server did not answer while reading connection 'flaky_once'"
+    assert result.log.index(left) < result.log.rindex(lost), result.log
