@@ -272,3 +272,31 @@ def parse_flag(value: object, where: str) -> bool:
     from airflow_amlrun.errors import ConfigurationError
 
     raise ConfigurationError(f"{where} = {value!r} is not a boolean; write true or false.")
+
+
+# What a name must contain for its value to be taken for a secret: an option, an extra, a URL's query key.
+SECRET_WORDS = ("password", "passwd", "pwd", "secret", "token", "key", "credential")
+
+
+def secret_name(name: str) -> bool:
+    """Whether a value under this name (a storage option, a URL's query key such as ``?password=``) is a secret."""
+    return any(word in name.lower() for word in SECRET_WORDS)
+
+
+def url_secrets(url: str) -> list[str]:
+    """The secrets a URL carries, as written and decoded: its password (everything between the scheme's ``//``
+    and the last ``@`` after the first ``:``) and the values of its query keys that name a secret."""
+    from urllib.parse import parse_qsl, unquote, urlsplit
+
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return []
+    found = [password, unquote(password)] if password else []
+    for key, value in parse_qsl(parts.query, keep_blank_values=False):
+        if secret_name(key):
+            found.append(value)
+    raw_query = [pair.partition("=") for pair in parts.query.split("&")]
+    found += [value for key, _, value in raw_query if value and secret_name(unquote(key))]
+    return sorted(set(found), key=lambda secret: (-len(secret), secret))

@@ -9,7 +9,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from airflow_amlrun.config import airflow_connection, load_settings
+from airflow_amlrun.config import airflow_connection, load_settings, secret_name, url_secrets
 from airflow_amlrun.errors import ConfigurationError, shown
 
 if TYPE_CHECKING:
@@ -143,22 +143,8 @@ class Workspace:
     def credentials(self) -> list[str]:
         """The secret values this workspace is opened with (the database URL's password, the store's keys and
         tokens), for a task to mask in its log."""
-        from urllib.parse import unquote, urlsplit
-
-        found = []
-        try:
-            password = urlsplit(self.database_url).password
-        except ValueError:
-            password = None
-        if password:
-            found += [password, unquote(password)]
-        for key, value in self.storage_options.items():
-            if (
-                isinstance(value, str)
-                and value
-                and any(word in key.lower() for word in ("secret", "key", "token", "password", "credential"))
-            ):
-                found.append(value)
+        found = url_secrets(self.database_url)
+        found += [v for k, v in self.storage_options.items() if isinstance(v, str) and v and secret_name(k)]
         return sorted(set(found))
 
     @cached_property

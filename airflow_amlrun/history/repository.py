@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from sqlalchemy import (
     ColumnElement,
@@ -32,6 +32,7 @@ from sqlalchemy.engine import URL, ExceptionContext, make_url
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
 
+from airflow_amlrun.config import secret_name, url_secrets
 from airflow_amlrun.errors import AmlRunError, ConfigurationError
 from airflow_amlrun.history.listing import (
     RunFilter,
@@ -114,12 +115,35 @@ def normalize_database_url(url: str) -> str:
 
 
 def display_url(url: str | URL) -> str:
-    """A database URL as messages show it: its password, if it has one, as ``***``."""
+    """A database URL as messages show it: its password, and the value of any query key naming a secret
+    (``?password=``), as ``***``."""
     parsed = make_url(normalize_database_url(url) if isinstance(url, str) else url)
     if parsed.get_backend_name() == "sqlite" and parsed.password is None:
         # As it is written: SQLAlchemy quotes the colon of an SQLite URI (sqlite:///file%3A/data/history.db).
-        return unquote(parsed.render_as_string(hide_password=False))
-    return parsed.render_as_string(hide_password=True)
+        shown = unquote(parsed.render_as_string(hide_password=False))
+    else:
+        shown = parsed.render_as_string(hide_password=True)
+    raw = url if isinstance(url, str) else url.render_as_string(hide_password=False)
+    try:
+        written = urlsplit(raw)
+        password = written.password
+    except ValueError:
+        password = None
+    if password is not None and unquote(password) != parsed.password:
+        # Read otherwise by SQLAlchemy than by the URL's own syntax (a password holding an unquoted @, of which
+        # SQLAlchemy takes the part before it): shown as written, with the password as the syntax has it masked.
+        host = written.netloc.rpartition("@")[2]
+        shown = urlunsplit(written._replace(netloc=f"{written.username or ''}:***@{host}"))
+    base, mark, query = shown.partition("?")
+    if mark:
+        pairs = [pair.partition("=") for pair in query.split("&")]
+        shown = (
+            base + "?" + "&".join(k + eq + ("***" if secret_name(unquote(k)) else v) for k, eq, v in pairs)
+        )
+    # Whatever else shows a secret the URL carries (in a path, a host): masked all the same.
+    for secret in url_secrets(raw):
+        shown = shown.replace(secret, "***")
+    return shown
 
 
 def utcnow() -> datetime:

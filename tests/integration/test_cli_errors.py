@@ -266,7 +266,7 @@ REFUSED_ADVICE = (
 )
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+@pytest.mark.parametrize("backend", ["sqlite", "postgres", "postgres_password_in_query"])
 def test_a_run_the_history_refuses_is_said_in_one_line_naming_the_database_never_its_password(
     backend: str,
     amlrun_home: Path,
@@ -274,12 +274,17 @@ def test_a_run_the_history_refuses_is_said_in_one_line_naming_the_database_never
     monkeypatch: pytest.MonkeyPatch,
     request: pytest.FixtureRequest,
 ) -> None:
-    if backend == "postgres":
+    if backend.startswith("postgres"):
         # With a password, which the server (trusting this machine's connections) does not ask for, and which
-        # no line may show.
-        url = make_url(request.getfixturevalue("postgres_database")).set(password="pg-s3cret")
+        # no line may show: in the URL's user part, or as its query's password= (libpq takes either).
+        url = make_url(request.getfixturevalue("postgres_database")).set(drivername="postgresql+psycopg")
+        if backend == "postgres":
+            url = url.set(password="pg-s3cret")
+            shown = url.render_as_string(hide_password=True)
+        else:
+            shown = url.render_as_string(hide_password=True) + "?password=***"
+            url = url.update_query_dict({"password": "pg-s3cret"})
         database = url.render_as_string(hide_password=False)
-        shown = url.set(drivername="postgresql+psycopg").render_as_string(hide_password=True)
         monkeypatch.setenv(
             "AIRFLOW_CONN_AMLRUN_DEFAULT",
             json.dumps(
@@ -312,7 +317,9 @@ def test_a_run_the_history_refuses_is_said_in_one_line_naming_the_database_never
         f"error: the run history's database {shown} refused an INSERT into amlrun_runs: "
     ), line
     assert (
-        "one_run_per_target" if backend == "postgres" else "UNIQUE constraint failed: amlrun_runs.target"
+        "one_run_per_target"
+        if backend.startswith("postgres")
+        else "UNIQUE constraint failed: amlrun_runs.target"
     ) in line
     assert line.endswith(f"(IntegrityError). {REFUSED_ADVICE}"), line
     assert "pg-s3cret" not in done.stdout + done.stderr

@@ -9,8 +9,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from airflow_amlrun.config import OPTIONS, load_settings, parse_flag
+from airflow_amlrun.config import OPTIONS, load_settings, parse_flag, url_secrets
 from airflow_amlrun.errors import ConfigurationError
+from airflow_amlrun.workspace import Workspace
 
 # option -> (its value as written, the Settings field it sets, the value read)
 WRITTEN_AND_READ: dict[str, tuple[str, str, object]] = {
@@ -169,3 +170,24 @@ def test_anything_else_is_refused_naming_where_it_was_written_and_the_fix(value)
     assert str(raised.value) == (
         f"connection 'gpu_box': auto_remove = {value!r} is not a boolean; write true or false."
     )
+
+
+def test_the_secrets_a_url_carries_are_found_as_written_and_decoded() -> None:
+    assert url_secrets("postgresql://u:p%40ss@db/x?password=a%2Fb&sslmode=require&token=t0k") == [
+        "p%40ss",
+        "a%2Fb",
+        "p@ss",
+        "a/b",
+        "t0k",
+    ]  # the longest first: a message masks them in this order, so no part of one is left showing
+    assert url_secrets("postgresql://u:p@ss@db/x") == ["p@ss"]
+    assert url_secrets("sqlite:////data/history.db") == []
+
+
+def test_a_workspace_names_every_secret_it_is_opened_with_for_the_task_log_to_mask() -> None:
+    ws = Workspace(
+        "postgresql://amlrun@db/amlrun?password=pw-9x",
+        "s3://bucket/amlrun",
+        storage_options={"secret": "s3-secret", "key": "s3-key", "endpoint_url": "http://minio:9000"},
+    )
+    assert ws.credentials() == ["pw-9x", "s3-key", "s3-secret"]

@@ -9,6 +9,7 @@ import pytest
 from sqlalchemy.exc import OperationalError
 
 from airflow_amlrun.history import HistoryReadOnlyError, RunHistory
+from airflow_amlrun.history.repository import display_url
 
 
 def test_a_history_file_replaced_under_its_connection_is_not_said_to_be_read_only_and_is_reopened(
@@ -48,3 +49,25 @@ def test_a_history_whose_url_opens_it_read_only_names_the_url_and_one_that_write
     assert f"Recording runs needs a URL without mode=ro, such as {writable}:" in message
     RunHistory(writable).create_run(run_id="r2", experiment="read_only", target="local")
     assert [r.id for r in RunHistory(url).list_runs()] == ["r2", "r1"]
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("postgresql://amlrun:pw-9x@db/amlrun", "postgresql+psycopg://amlrun:***@db/amlrun"),
+        ("postgresql://amlrun:p%40ss@db/amlrun", "postgresql+psycopg://amlrun:***@db/amlrun"),
+        # libpq also takes the password (and a key's) from the query.
+        (
+            "postgres://amlrun@db:5432/amlrun?password=pw-9x&sslmode=require&sslpassword=k3y",
+            "postgresql+psycopg://amlrun@db:5432/amlrun?password=***&sslmode=require&sslpassword=***",
+        ),
+        # A password holding an unquoted @, which SQLAlchemy reads only up to it: none of it shows.
+        ("postgresql://amlrun:pw@9x@db/amlrun", "postgresql://amlrun:***@db/amlrun"),
+        (
+            "sqlite:///file:/data/history.db?mode=ro&uri=true",
+            "sqlite:///file:/data/history.db?mode=ro&uri=true",
+        ),
+    ],
+)
+def test_a_database_url_is_shown_without_its_secrets(url: str, shown: str) -> None:
+    assert display_url(url) == shown
