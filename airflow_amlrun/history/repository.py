@@ -315,10 +315,18 @@ class RunHistory:
             session.flush()
             return self._record(session, row, exp.name)
 
-    def update_run(self, run_id: str, *, add_tags: dict[str, str] | None = None, **fields: Any) -> RunRecord:
+    def update_run(
+        self,
+        run_id: str,
+        *,
+        add_tags: dict[str, str] | None = None,
+        drop_tags: Collection[str] = (),
+        **fields: Any,
+    ) -> RunRecord:
         """Change fields of a run; a status given as RunStatus is stored by its value.
 
         :param add_tags: tags to set beside the run's others (in the same transaction that reads them).
+        :param drop_tags: names of tags to remove, if the run has them (in that transaction too).
         """
         with self.session() as session:
             row = self._run_row(session, run_id)
@@ -326,8 +334,9 @@ class RunHistory:
                 if not hasattr(RunRow, key):
                     raise AttributeError(f"runs have no field {key!r}")
                 setattr(row, key, value.value if isinstance(value, RunStatus) else value)
-            if add_tags:
-                row.tags = {**(row.tags or {}), **add_tags}
+            if add_tags or any(name in (row.tags or {}) for name in drop_tags):
+                kept = {k: v for k, v in (row.tags or {}).items() if k not in drop_tags}
+                row.tags = {**kept, **(add_tags or {})}
             session.flush()
             return self._record(session, row)
 

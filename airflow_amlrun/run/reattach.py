@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from airflow_amlrun.history import RunStatus
-from airflow_amlrun.run.state import RunEndedError
+from airflow_amlrun.run.state import STOP_REQUESTED_TAG, RunEndedError
 from airflow_amlrun.submission import AirflowTask, discard_lost, job_for, recorded_handle
 from airflow_amlrun.targets.handles import UnreadableHandleError
 
@@ -105,7 +105,10 @@ def reattach(
         except RunEndedError:
             continue  # another process (reconcile) recorded it meanwhile: a new run starts
         attached.reattached = True
-        history.update_run(record.id, try_number=airflow_task.try_number)
+        # A stop an earlier try asked (as it was killed) and that never reached the run is this try's no more: it
+        # follows the run to its end, and nobody (reconcile) is to carry that stop out later.
+        attached.forget_stop_request()
+        history.update_run(record.id, try_number=airflow_task.try_number, drop_tags=[STOP_REQUESTED_TAG])
     return attached
 
 

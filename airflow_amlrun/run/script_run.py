@@ -266,6 +266,10 @@ class ScriptRun(RunApi):
             lines.append(line)
         self.log_tail.extend(OutputLine.read(line) for line in (lines[1:] if start > 0 else lines))
 
+    def forget_stop_request(self) -> None:
+        """Follow the run to its end as it ends, whatever stop an earlier follower asked of it (see ``reattach``)."""
+        self._stop_requested = None
+
     def stop_at(self, when: datetime, reason: str) -> None:
         """Stop the run at `when` if it still runs, recording it Failed with `reason`.
 

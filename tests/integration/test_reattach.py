@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from airflow_amlrun import Experiment, ScriptRunConfig, Workspace
+from airflow_amlrun.run import STOP_REQUESTED_TAG
 from airflow_amlrun.submission import AirflowTask
 from tests.conftest import worker_dies_mid_run, write_script
 from tests.integration.orphans import (
@@ -185,3 +186,23 @@ def test_a_worker_whose_run_never_runs_fails_the_test_saying_why(amlrun_home, tm
         "The worker's run on 'local' did not reach Running (the worker ended with status 1"
     )
     assert "train.py" in message  # the worker's own error, which says what is missing
+
+
+def test_a_retry_that_reattaches_drops_a_stop_its_dead_try_asked_and_follows_the_run_to_its_end(
+    amlrun_home, tmp_path
+):
+    source = tmp_path / "src"
+    write_script(
+        source, "train.py", "import time\nprint('training', flush=True)\ntime.sleep(3)\nprint('done')\n"
+    )
+    orphan = worker_dies_mid_run(source)
+    # Try 1 was killed, asked its run to stop on the way, and the stop never reached it.
+    Workspace.get().history.update_run(
+        orphan.id, add_tags={STOP_REQUESTED_TAG: "Canceled: its task was killed."}
+    )
+
+    record = _retry(source)
+
+    # Try 2 follows the run to its end: nobody (reconcile, should try 2 die as well) is to stop it for try 1.
+    assert (record.id, record.status, record.error) == (orphan.id, "Completed", None)
+    assert STOP_REQUESTED_TAG not in Workspace.get().get_run(orphan.id).tags
