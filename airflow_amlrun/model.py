@@ -322,7 +322,7 @@ def _label(name: str, label: object) -> str | None:
 
 def _mapping(value: object, what: str) -> dict[str, Any]:
     if what == "tags":
-        return render_tags(value, what)  # type: ignore[arg-type]
+        return render_tags(value, what, of_run=False)  # type: ignore[arg-type]
     if value is None:
         return {}
     if not isinstance(value, dict):

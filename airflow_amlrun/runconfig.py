@@ -116,10 +116,11 @@ def render_environment_variables(
     return rendered
 
 
-def render_tags(tags: Mapping[str, Any] | None, name: str = "tags") -> dict[str, str]:
+def render_tags(tags: Mapping[str, Any] | None, name: str = "tags", *, of_run: bool = True) -> dict[str, str]:
     """Tags as the run history keeps them: names and values as strings; refuse what has no one string form.
 
     :param name: the argument the tags came from, for messages.
+    :param of_run: tags of a run, whose names starting with ``amlrun.`` are the provider's own (a model's are not).
     """
     if tags is None:
         return {}
@@ -134,7 +135,7 @@ def render_tags(tags: Mapping[str, Any] | None, name: str = "tags") -> dict[str,
             raise ConfigurationError(
                 f"{name} has an invalid name {shown(key)}: use a non-empty string without NUL bytes."
             )
-        if key.startswith(RESERVED_TAG_PREFIX):
+        if of_run and key.startswith(RESERVED_TAG_PREFIX):
             raise ConfigurationError(
                 f"{name} has the name {shown(key)}, which starts with {RESERVED_TAG_PREFIX!r}: the provider keeps "
                 "such names for what it records of a run (why it was stopped, who settled it). Choose another name."

@@ -18,7 +18,16 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.providers.docker.hooks.docker import DockerHook
 
-from airflow_amlrun.hooks.docker_daemon import DEFAULT_TIMEOUT_SECONDS, DockerDaemon
+# Named here too, where they were before the daemon had a module of its own: code that imports them from here
+# goes on working.
+from airflow_amlrun.hooks.docker_daemon import (
+    DEFAULT_TIMEOUT_SECONDS,
+    LOCAL_SOCKET,
+    TLS_EXTRAS,
+    DockerDaemon,
+    DockerDaemonLostError,
+    DockerDaemonUnreachableError,
+)
 
 if TYPE_CHECKING:
     from docker import APIClient
@@ -97,3 +106,13 @@ class AmlRunDockerHook(DockerHook):
                 ),
             },
         }
+
+
+__all__ = [
+    "LOCAL_SOCKET",
+    "TLS_EXTRAS",
+    "AmlRunDockerHook",
+    "DockerDaemon",
+    "DockerDaemonLostError",
+    "DockerDaemonUnreachableError",
+]

@@ -145,7 +145,17 @@ class _Capture:
         self.context.log(run.prefix + metric.key, metric.value, step=metric.step)
 
     def emit_tag(self, run: _Run, key: str, value: str) -> None:
-        self.context.tag(run.prefix + key, value)
+        name = run.prefix + key
+        if name.startswith(run_context.RESERVED_TAG_PREFIX):
+            # MLflow's tag is kept in its run (search, get_run); the history keeps such names for the provider's own.
+            print(
+                f"amlrun: WARNING: mlflow tag {name!r} is not recorded in the run history: names starting with "
+                f"{run_context.RESERVED_TAG_PREFIX!r} are the provider's own. Rename the tag to keep it there.",
+                file=sys.stderr,
+                flush=True,
+            )
+            return
+        self.context.tag(name, value)
 
     def free_folder(self, parent: Path, wanted: str) -> Path:
         """A folder under parent named after wanted, not yet used by another MLflow run or model."""

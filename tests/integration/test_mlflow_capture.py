@@ -43,6 +43,7 @@ with mlflow.start_run(run_name="ridge") as run:
     print("mlflow run", run.info.run_id, "tracking", mlflow.get_tracking_uri())
     mlflow.log_param("data", "diabetes")
     mlflow.set_tag("team", "forecasting")
+    mlflow.set_tag("amlrun.stage", "candidate")  # a name the provider keeps for its own tags
     for epoch in range(3):
         mlflow.log_metric("loss", 1.0 / (epoch + 1), step=epoch)
     mlflow.log_metrics({"rows": float(len(X)), "features": float(X.shape[1])})
@@ -102,6 +103,12 @@ def test_an_unchanged_mlflow_script_with_sklearn_autolog_is_recorded_in_its_run(
     assert tags["param.data"] == "diabetes"
     assert tags["param.alpha"] == "0.5" and tags["param.fit_intercept"] == "True"
     assert tags["team"] == "forecasting"
+    # A tag in the provider's own names is not recorded, and the script goes on, told why.
+    assert "amlrun.stage" not in tags
+    assert (
+        "amlrun: WARNING: mlflow tag 'amlrun.stage' is not recorded in the run history: names starting with "
+        "'amlrun.' are the provider's own. Rename the tag to keep it there."
+    ) in lines
     assert tags["estimator_name"] == "Ridge"
     assert tags["mlflow.runName"] == "ridge"
     assert tags["model.model"] == "outputs/model"

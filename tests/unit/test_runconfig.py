@@ -204,3 +204,5 @@ def test_a_tag_in_the_providers_own_names_is_refused_naming_it_and_the_fix():
     ):
         render_tags({"team": "vision", "amlrun.settled_by": "me"})
     assert render_tags({"team": "vision", "amlrunner": 1}) == {"team": "vision", "amlrunner": "1"}
+    # A model's tags are its own: the provider keeps no names there.
+    assert render_tags({"amlrun.source": "run 7"}, of_run=False) == {"amlrun.source": "run 7"}
