@@ -41,7 +41,13 @@ from airflow_amlrun.hyperdrive.replay import (
     restored_sampler,
 )
 from airflow_amlrun.hyperdrive.results import SweepResults, metric_of
-from airflow_amlrun.hyperdrive.takeover import SweepChangedError, SweepEnding, SweepState, Unstopped
+from airflow_amlrun.hyperdrive.takeover import (
+    SweepChangedError,
+    SweepEnding,
+    SweepState,
+    Unstopped,
+    interrupts,
+)
 from airflow_amlrun.hyperdrive.watch import PolicyWatch
 from airflow_amlrun.rerun import recorded_config
 from airflow_amlrun.run import FollowState, RunEndedError, ScriptRun
@@ -87,6 +93,9 @@ class HyperDriveRun(SweepResults):
         # Runs the policy stopped whose stop failed: why, and when to stop them again. They go on meanwhile,
         # followed as any run of the sweep, and end recorded as they end if no stop takes.
         self._unstopped: dict[str, Unstopped] = {}
+        # Whether ``guarded`` ends the sweep when one of its steps fails, as it does when interrupted. False for a
+        # caller that decides that itself: HyperDriveOperator, whose retry may resume the sweep (see let_go).
+        self.end_on_failure = True
 
     @classmethod
     def submit(
@@ -293,6 +302,18 @@ class HyperDriveRun(SweepResults):
         self._heartbeat.stop()
         return SweepState(states, {k: v for k, v in self._watch.looked_at.items() if k in states}, unstopped)
 
+    def let_go(self) -> None:
+        """Stop following the sweep from this process, whatever the history says, leaving it unfinished as the
+        history has it: its live runs go on on their targets, for another process to take the sweep over from the
+        history alone (``resumed`` with no state, as a retry of its task does). Each run's heartbeat and streams
+        end here (what was read of it is recorded if the history takes it within moments, else read again by the
+        next process), and so does the sweep's heartbeat."""
+        for child in self._children.values():
+            child.let_go()
+        self._children.clear()
+        self._unstopped.clear()
+        self._heartbeat.stop()
+
     @property
     def deadline(self) -> datetime | None:
         """When max_duration_minutes ends the sweep (once it began), if it has a limit."""
@@ -347,7 +368,9 @@ class HyperDriveRun(SweepResults):
     @contextlib.contextmanager
     def guarded(self) -> Iterator[None]:
         """Whatever interrupts the sweep in this process ends it, its live runs stopped, and is raised on:
-        Canceled for an interruption (Ctrl-C, the task killed), Failed naming the error otherwise.
+        Canceled for an interruption (Ctrl-C, the task killed), Failed for the task's execution_timeout, Failed
+        naming the error for a failure (unless ``end_on_failure`` is False: the caller then ends the sweep, or
+        lets go of it, itself).
 
         The sweep's own steps run in it; so may what a caller does between ``submit`` and
         ``wait_for_completion`` (naming the sweep, say), so that the sweep does not stay Queued, for
@@ -356,10 +379,11 @@ class HyperDriveRun(SweepResults):
         try:
             yield
         except BaseException as err:
-            try:
-                self.end_with(SweepEnding.of(err))
-            except Exception:
-                log.exception("Sweep %s: recording its end after %r failed too", self.id, err)
+            if self.end_on_failure or interrupts(err):
+                try:
+                    self.end_with(SweepEnding.of(err))
+                except Exception:
+                    log.exception("Sweep %s: recording its end after %r failed too", self.id, err)
             raise
 
     def end_with(self, ending: SweepEnding) -> RunRecord | None:

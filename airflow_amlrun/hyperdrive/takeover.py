@@ -108,7 +108,7 @@ class SweepEnding:
         name = type(err).__name__
         if name == "AirflowTaskTimeout":
             return cls.failed("Stopped by the Airflow task's execution_timeout.")
-        if isinstance(err, Exception) and name != "AirflowTaskTerminated":
+        if not interrupts(err):
             return cls.failed(f"The sweep failed: {err}")
         reason = f"Canceled: the sweep was interrupted ({name})."
         return cls(RunStatus.CANCELED, reason, reason)
@@ -116,6 +116,17 @@ class SweepEnding:
     @classmethod
     def failed(cls, reason: str) -> SweepEnding:
         return cls(RunStatus.FAILED, reason, f"Canceled: {reason}")
+
+
+def interrupts(err: BaseException) -> bool:
+    """Whether `err` interrupts the process going on with a sweep (Ctrl-C, the task killed, its execution_timeout)
+    rather than fails one of its steps: an interruption ends the sweep, its live runs stopped, even where a failure
+    leaves it for another process to go on with (a retry of its task)."""
+    return not isinstance(err, Exception) or type(err).__name__ in _AIRFLOW_INTERRUPTIONS
+
+
+# By name, as the core imports nothing from Airflow: they interrupt whatever class they derive from.
+_AIRFLOW_INTERRUPTIONS = ("AirflowTaskTimeout", "AirflowTaskTerminated")
 
 
 def earlier_sweeps(workspace: Workspace, task: AirflowTask) -> list[RunRecord]:

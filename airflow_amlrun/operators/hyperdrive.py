@@ -47,11 +47,14 @@ class HyperDriveOperator(BaseOperator):
         free up and to stop the runs the policy names (default ``[operators] default_deferrable``). As for
         ScriptRunOperator, runs on a target only this machine reaches are deferred only when a triggerer runs
         on this machine.
-    :param resume_on_retry: when an earlier try of this task left its sweep unfinished (the worker died), go on
-        with that sweep (default): the runs that ended count, the live ones are followed on, only the missing
-        ones start. False stops what it left (recorded Failed) and starts the sweep anew. When the task fails and
-        Airflow does not retry it (its last try, no retries), its sweep is ended at once instead: the live runs
-        are stopped, and the sweep is recorded Failed with the task's error.
+    :param resume_on_retry: when an earlier try of this task left its sweep unfinished (it failed and Airflow
+        retries the task, or the worker died), go on with that sweep (default): the runs that ended count, the live
+        ones are followed on, only the missing ones start. A try that fails leaves its sweep and the live runs as
+        they are for the retry, and says so in the task log. False ends the sweep when the try fails (its live runs
+        stopped, the sweep recorded Failed with the error), or stops what a dead worker left, and the retry starts
+        the sweep anew. When the task fails and Airflow does not retry it (its last try, no retries), or it is
+        interrupted (killed, its execution_timeout), its sweep is ended at once either way: the live runs are
+        stopped, and the sweep is recorded Failed with the task's error (Canceled if killed).
     """
 
     template_fields: Sequence[str] = ("experiment", "tags")
@@ -130,8 +133,10 @@ class HyperDriveOperator(BaseOperator):
         ti = context["ti"]
         config, task, dag_folder = self._prepared(context)
         experiment = Experiment(self.workspace, self.experiment or experiment_name_from(ti.dag_id))
-        # Held from here: should what follows fail, the sweep is ended from this process (see _end_sweeps).
-        sweep = self._sweep = self._resumed(config, task) if self.resume_on_retry else None
+        # Held from here: should what follows fail, the sweep is ended or left for the retry (see _settle_sweeps).
+        sweep = self._resumed(config, task) if self.resume_on_retry else None
+        if sweep is not None:
+            self._hold(sweep)
         for earlier in settle_earlier_sweeps(
             self.workspace, task, STARTED_ANEW, keep=sweep.id if sweep is not None else None
         ):
@@ -139,13 +144,15 @@ class HyperDriveOperator(BaseOperator):
                 "Sweep %s of an earlier try was left unfinished: stopped, recorded Failed.", earlier
             )
         if sweep is None:
-            sweep = HyperDriveRun.submit(
-                self.workspace,
-                experiment.name,
-                config,
-                tags={str(k): str(v) for k, v in (self.tags or {}).items()},
-                base_dir=dag_folder,
-                airflow_task=task,
+            sweep = self._hold(
+                HyperDriveRun.submit(
+                    self.workspace,
+                    experiment.name,
+                    config,
+                    tags={str(k): str(v) for k, v in (self.tags or {}).items()},
+                    base_dir=dag_folder,
+                    airflow_task=task,
+                )
             )
             self.log.info(
                 "Sweep %s: up to %d runs, %d at a time, on %s (experiment %s)",
@@ -155,7 +162,6 @@ class HyperDriveOperator(BaseOperator):
                 config.run_config.compute_target,
                 experiment.name,
             )
-        self._sweep = sweep
         ti.xcom_push(key=RUN_ID_XCOM_KEY, value=sweep.id)
         self.amlrun_run_id = sweep.id
         if self.deferrable and self._deferral_possible(config):
@@ -165,6 +171,14 @@ class HyperDriveOperator(BaseOperator):
                 stop_at = (started + self.execution_timeout).isoformat()
             return self._go_on_deferred(sweep, stop_at)
         return self._result(sweep, sweep.wait_for_completion())
+
+    def _hold(self, sweep: HyperDriveRun) -> HyperDriveRun:
+        """The sweep this try goes on with, held: should the try fail, _settle_sweeps ends it, or lets go of it for
+        the retry to resume."""
+        # A failure of the sweep's own steps is left to _settle_sweeps (an interruption still ends it there and then).
+        sweep.end_on_failure = False
+        self._sweep = sweep
+        return sweep
 
     def _resumed(self, config: HyperDriveConfig, task: AirflowTask) -> HyperDriveRun | None:
         """The sweep an earlier try of this task left unfinished, taken over; None if there is none to resume."""
@@ -214,7 +228,7 @@ class HyperDriveOperator(BaseOperator):
         if record is not None:
             return self._result(sweep, record)
         # A history that does not take the runs' latest metrics fails the task here: its retry resumes the sweep
-        # (with no retry to come, _end_sweeps ends it).
+        # (with no retry to come, _settle_sweeps ends it).
         state = sweep.hand_over()
         self._sweep, self._handed_over = None, state.children
         self.log.info(
@@ -260,8 +274,8 @@ class HyperDriveOperator(BaseOperator):
         state = SweepState.from_json(event.get("state") or {})
         self._handed_over = state.children
         try:
-            sweep = self._sweep = HyperDriveRun.resumed(
-                self.workspace, sweep_id, config, state=state, airflow_task=task
+            sweep = self._hold(
+                HyperDriveRun.resumed(self.workspace, sweep_id, config, state=state, airflow_task=task)
             )
         except RunEndedError as gone:
             # Another process recorded its end meanwhile (reconcile, after a long wait for this resume).
@@ -301,9 +315,8 @@ class HyperDriveOperator(BaseOperator):
 
     @contextmanager
     def _ended_unless_retried(self, context: Context) -> Iterator[None]:
-        """What fails the task in here ends its sweep when Airflow does not retry the task (see ``_end_sweeps``);
-        a retry goes on with the sweep (or, resume_on_retry=False, stops it). The error fails the task either way.
-        """
+        """What fails the task in here ends its sweep, unless Airflow retries the task to resume it (see
+        ``_settle_sweeps``). The error fails the task either way."""
         from airflow.sdk.exceptions import TaskDeferred
 
         try:
@@ -311,25 +324,42 @@ class HyperDriveOperator(BaseOperator):
         except TaskDeferred:
             raise
         except BaseException as err:
-            self._end_sweeps(context, err)
+            self._settle_sweeps(context, err)
             raise
 
-    def _end_sweeps(self, context: Context, err: BaseException) -> None:
-        """Unless Airflow retries the task after `err`: end the sweeps of this task instance left unfinished (the
-        one this try ran, whether this process still follows it or handed it over, and any an earlier try left),
-        their live runs stopped and each recorded Failed with the error, rather than left for ``amlrun reconcile``.
+    def _settle_sweeps(self, context: Context, err: BaseException) -> None:
+        """What becomes of the sweeps of this task instance left unfinished once `err` failed this try (the one this
+        try runs, whether this process still follows it or handed it over, and any an earlier try left):
+
+        - Airflow retries the task, resume_on_retry is true and `err` is a failure, not an interruption (the task
+          killed, its execution_timeout): they are left as they are, their live runs going on on their targets,
+          for the retry to resume; this process lets go of the one it follows (its runs' heartbeats end).
+        - Otherwise they are ended: their live runs stopped, each recorded Failed with the error (Canceled for a
+          kill), rather than left for the retry to stop or for ``amlrun reconcile``.
+
         This never raises: `err` is what fails the task."""
-        from airflow_amlrun.hyperdrive.takeover import SweepEnding, earlier_sweeps, end_sweep
+        from airflow_amlrun.hyperdrive.takeover import SweepEnding, earlier_sweeps, end_sweep, interrupts
         from airflow_amlrun.operators.retries import task_will_retry
         from airflow_amlrun.submission import AirflowTask
 
+        held, self._sweep = self._sweep, None
+        retried, why = False, "The task failed, and Airflow does not retry it"
         try:
             ti = context["ti"]
-            if task_will_retry(ti, err, context):
+            retried = task_will_retry(ti, err, context)
+            if retried and self.resume_on_retry and not interrupts(err):
+                if held is not None:
+                    held.let_go()
+                self._say_left_for_retry(AirflowTask.of(ti), held)
                 return
+            if retried:
+                why = (
+                    f"The task was interrupted ({type(err).__name__}), and its retry starts a new sweep"
+                    if interrupts(err)
+                    else "The task failed, and its retry starts a new sweep (resume_on_retry=False)"
+                )
             ending = SweepEnding.of(err)
             ended: list[str] = []
-            held, self._sweep = self._sweep, None
             if held is not None and held.end_with(ending) is not None:
                 ended.append(held.id)
             for record in earlier_sweeps(self.workspace, AirflowTask.of(ti)):
@@ -344,16 +374,37 @@ class HyperDriveOperator(BaseOperator):
                 ended.append(record.id)
             for sweep_id in ended:
                 self.log.warning(
-                    "Sweep %s was recorded %s and its live runs were stopped: the task failed, and Airflow does "
-                    "not retry it.",
+                    "Sweep %s was recorded %s and its live runs were stopped. %s.",
                     sweep_id,
                     ending.status,
+                    why,
                 )
         except Exception:
+            if held is not None:
+                held.let_go()  # its runs' heartbeats end with this try, for the retry or reconcile to see
             self.log.exception(
-                "The task failed and Airflow does not retry it, and ending its sweep %s failed too: what is left "
-                "unfinished is settled by `amlrun reconcile`. The task fails with its own error, below.",
+                "%s, and ending its sweep %s failed too: what is left unfinished is settled by %s. The task fails "
+                "with its own error, below.",
+                why,
                 self.amlrun_run_id or "(none recorded)",
+                "its retry" if retried else "`amlrun reconcile`",
+            )
+
+    def _say_left_for_retry(self, task: AirflowTask, held: HyperDriveRun | None) -> None:
+        """Name in the task log the sweeps left for the retry (the history's word, else the one this try held)."""
+        from airflow_amlrun.hyperdrive.takeover import earlier_sweeps
+
+        try:
+            left = [record.id for record in earlier_sweeps(self.workspace, task)]
+        except Exception as err:
+            left = [held.id] if held is not None else []
+            self.log.warning("The run history did not say which sweeps this try leaves unfinished: %s", err)
+        for sweep_id in left:
+            self.log.warning(
+                "Sweep %s is left as it is for the retry of this task to resume (resume_on_retry): the task failed, "
+                "and Airflow retries it. Its live runs go on on their targets; the runs that ended keep their "
+                "results.",
+                sweep_id,
             )
 
     def _result(self, sweep: HyperDriveRun, record: RunRecord) -> dict[str, Any]:

@@ -321,6 +321,15 @@ class ScriptRun(RunApi):
             except Exception as err:
                 log.warning("Run %s: letting go of it on %s failed: %s", self.id, self.target.name, err)
 
+    def let_go(self, timeout: float = 5.0) -> None:
+        """Stop following the run from this process, whatever the history says, leaving it running: handed over
+        if the history takes what was read of it within `timeout` seconds, else abandoned. Its heartbeat and
+        streams end either way; whoever follows it next reads again what was not recorded."""
+        try:
+            self.hand_over(timeout=timeout)
+        except HistoryUnavailableError:
+            self.abandon()
+
     def settle_only(self, tags: dict[str, str]) -> None:
         """Follow this run as an outsider (reconcile): if this process is interrupted or loses the target, the
         run and its row are left as they are, rather than stopped or recorded Canceled.

@@ -16,7 +16,6 @@ from airflow_amlrun.triggers.script_run import (
     TRIGGER_POLL_SECONDS,
     describe,
     handed_back,
-    let_go,
 )
 
 if TYPE_CHECKING:
@@ -59,7 +58,7 @@ class _Followed:
     def let_go(self) -> None:
         self.heartbeat.stop()
         for run in self.runs.values():
-            let_go(run)
+            run.let_go()
 
 
 class HyperDriveTrigger(BaseTrigger):
@@ -159,7 +158,7 @@ class HyperDriveTrigger(BaseTrigger):
                         watch.ended(child.id)
         except BaseException:
             for run in runs.values():
-                let_go(run)
+                run.let_go()
             raise
         settings = load_settings()
         heartbeat = Heartbeat(workspace.history, self.sweep_run_id, heartbeat_seconds(settings))

@@ -135,7 +135,7 @@ class ScriptRunTrigger(BaseTrigger):
             # show some lines twice, while metrics are recorded once (by their sequence number).
             if step is not None:
                 await asyncio.wait([step])  # one look is short; let it finish before letting go
-            await asyncio.to_thread(let_go, run)
+            await asyncio.to_thread(run.let_go)
             raise
         except Exception as err:
             state = await self._hand_back(run)
@@ -178,7 +178,7 @@ class ScriptRunTrigger(BaseTrigger):
         except Exception as err:
             self.log.warning("Run %s: stopping it failed: %s", self.run_id, describe(err))
         finally:
-            let_go(run)
+            run.let_go()
 
 
 async def handed_back(run: ScriptRun, log: Any) -> FollowState:
@@ -198,20 +198,10 @@ async def handed_back(run: ScriptRun, log: Any) -> FollowState:
                 raise
 
 
-def let_go(run: ScriptRun) -> None:
-    """Stop following a run from this process, whatever the history says: its heartbeat and streams end."""
-    from airflow_amlrun.history import HistoryUnavailableError
-
-    try:
-        run.hand_over(timeout=5.0)
-    except HistoryUnavailableError:
-        run.abandon()
-
-
 async def _let_go_when_done(resuming: asyncio.Future[ScriptRun]) -> None:
     await asyncio.wait([resuming])
     if not resuming.cancelled() and resuming.exception() is None:
-        await asyncio.to_thread(let_go, resuming.result())
+        await asyncio.to_thread(resuming.result().let_go)
 
 
 def describe(err: BaseException) -> str:

@@ -1,8 +1,9 @@
 """A sweep whose task fails for good is ended at once, under dag.test: when Airflow does not retry the task (its last
 try, no retries), the sweep's live runs are stopped and the sweep is recorded Failed with the task's error, rather
-than left Running (or Queued) for `amlrun reconcile`; when it retries the task, the retry goes on with the sweep.
+than left Running (or Queued) for `amlrun reconcile`; when it retries the task, the try leaves the sweep and its
+live runs as they are, and the retry goes on with the sweep (unless resume_on_retry=False: the try ends it).
 
-The sweeps defer (dag.test runs the trigger inline, in this process), on the local target as a target reached
+Most sweeps here defer (dag.test runs the trigger inline, in this process), on the local target as a target reached
 over the network is: its runs may be followed by a triggerer anywhere.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -20,6 +22,8 @@ from airflow_amlrun import Workspace
 from airflow_amlrun.config import Settings
 from airflow_amlrun.history import RunRecord, RunStatus
 from airflow_amlrun.targets import registry
+from airflow_amlrun.targets.base import TargetStatus
+from airflow_amlrun.targets.handles import LocalHandle
 from airflow_amlrun.targets.local import LocalTarget
 from tests.conftest import write_script
 from tests.integration.conftest import alive
@@ -62,18 +66,59 @@ class ConnectionLostOnceLocalTarget(FollowedAnywhereLocalTarget):
         return super().from_connection(name, conn, settings, cache_dir)
 
 
+class LookLostOnceLocalTarget(FollowedAnywhereLocalTarget):
+    """The local target, one of whose looks at a run fails once, as when the connection to a remote target drops for
+    a moment: the first look at a live run after a run of the sweep ended (and was recorded) raises. Each look at a
+    run after that by another follower (a retry that took the run over, a new run) touches `release`, the file the
+    sweep's long run waits for: that run ends once followed from there, and not before; or, with
+    `released_as_the_look_fails`, it is released by the look that fails, which waits for its end before it raises.
+    """
+
+    armed: ClassVar[bool] = False
+    failed: ClassVar[bool] = False
+    release: ClassVar[Path | None] = None
+    released_as_the_look_fails: ClassVar[bool] = False
+    # Whether the look that failed was this follower's.
+    lost_a_look = False
+
+    def cleanup(self, handle: LocalHandle, *, remove_files: bool) -> None:
+        super().cleanup(handle, remove_files=remove_files)
+        LookLostOnceLocalTarget.armed = True
+
+    def wait(self, handle: LocalHandle, timeout: float) -> TargetStatus:
+        cls = LookLostOnceLocalTarget
+        if cls.armed and not cls.failed:
+            cls.failed = self.lost_a_look = True
+            if cls.released_as_the_look_fails and cls.release is not None:
+                cls.release.touch()
+                assert not super().wait(handle, 60).running
+            raise ConnectionError(f"the target did not answer a look at the run in {handle.run_dir}")
+        if cls.failed and not self.lost_a_look and cls.release is not None:
+            cls.release.touch()
+        return super().wait(handle, timeout)
+
+
 @pytest.fixture
 def targets(monkeypatch: pytest.MonkeyPatch) -> None:
     """Connection `anywhere` of FollowedAnywhereLocalTarget; `flaky_once` and `flaky_retried` of
-    ConnectionLostOnceLocalTarget."""
+    ConnectionLostOnceLocalTarget; `look_lost_once` of LookLostOnceLocalTarget."""
     for kind, cls in (
         ("amlrun_anywhere", FollowedAnywhereLocalTarget),
         ("amlrun_connection_lost_once", ConnectionLostOnceLocalTarget),
+        ("amlrun_look_lost_once", LookLostOnceLocalTarget),
     ):
         monkeypatch.setitem(registry.CONNECTION_KINDS, kind, f"{__name__}:{cls.__name__}")
     monkeypatch.setattr(ConnectionLostOnceLocalTarget, "reads", {})
     monkeypatch.setattr(ConnectionLostOnceLocalTarget, "history_server", None)
+    for name, value in (
+        ("armed", False),
+        ("failed", False),
+        ("release", None),
+        ("released_as_the_look_fails", False),
+    ):
+        monkeypatch.setattr(LookLostOnceLocalTarget, name, value)
     monkeypatch.setenv("AIRFLOW_CONN_ANYWHERE", json.dumps({"conn_type": "amlrun_anywhere"}))
+    monkeypatch.setenv("AIRFLOW_CONN_LOOK_LOST_ONCE", json.dumps({"conn_type": "amlrun_look_lost_once"}))
     for conn_id in ("FLAKY_ONCE", "FLAKY_RETRIED"):
         monkeypatch.setenv(
             f"AIRFLOW_CONN_{conn_id}", json.dumps({"conn_type": "amlrun_connection_lost_once"})
@@ -293,3 +338,136 @@ def test_a_sweep_that_cannot_be_ended_either_is_left_for_reconcile_and_the_task_
     assert left in result.log
     lost = "ConnectionError: Airflow's API server did not answer while reading connection 'flaky_once'"
     assert result.log.index(left) < result.log.rindex(lost), result.log
+
+
+# Run 1 ends at once; run 2 logs its loss, then trains on until `release` exists (see LookLostOnceLocalTarget), and
+# logs its final loss. Each run leaves a mark named by its alpha and pid.
+RELEASED_SCRIPT = """
+    import argparse, os, sys, time
+    from pathlib import Path
+    from airflow_amlrun.run_context import Run
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--alpha", type=float)
+    parser.add_argument("--marks")
+    parser.add_argument("--release")
+    args = parser.parse_args()
+    Path(args.marks, f"{args.alpha:g}-{os.getpid()}").touch()
+    run = Run.get_context()
+    run.log("loss", args.alpha)
+    if args.alpha == 2:
+        deadline = time.time() + 120
+        while not Path(args.release).exists():
+            if time.time() > deadline:
+                sys.exit("never released")
+            time.sleep(0.05)
+        run.log("loss", args.alpha / 4)
+"""
+
+
+def look_lost_sweep(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, resume_on_retry: bool
+) -> tuple[str, Path]:
+    """A DAG whose sweep (followed in the worker) loses a look at its live run 2 once run 1 ended, failing its
+    first try; retried once. Returns the DAG and the runs' marks folder."""
+    source, marks, release = tmp_path / "src", tmp_path / "marks", tmp_path / "release"
+    write_script(source, "train.py", RELEASED_SCRIPT)
+    marks.mkdir()
+    monkeypatch.setattr(LookLostOnceLocalTarget, "release", release)
+    arguments = ["--marks", str(marks), "--release", str(release)]
+    return sweep_dag(
+        f"""
+            HyperDriveOperator(
+                task_id="tune",
+                config=sweep({str(source)!r}, "look_lost_once", {arguments!r}),
+                deferrable=False,
+                resume_on_retry={resume_on_retry},
+                retries=1,
+                retry_delay=datetime.timedelta(seconds=1),
+            )
+    """
+    ), marks
+
+
+def marks_of(marks: Path) -> list[str]:
+    """The alpha of each run's script that ran, one mark per process."""
+    return sorted(mark.name.split("-")[0] for mark in marks.iterdir())
+
+
+@pytest.mark.parametrize("run_2_ends", ["followed by the retry", "while no one follows it"])
+def test_a_try_that_fails_mid_sweep_leaves_the_sweep_to_its_retry_which_follows_the_live_run_to_its_end(
+    run_dag: Any, targets: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run_2_ends: str
+) -> None:
+    # Run 2 ends once the retry follows it; or as try 1 fails, so that the retry finds it ended on its target.
+    monkeypatch.setattr(
+        LookLostOnceLocalTarget, "released_as_the_look_fails", run_2_ends != "followed by the retry"
+    )
+    dag, marks = look_lost_sweep(tmp_path, monkeypatch, resume_on_retry=True)
+    try:
+        result = run_dag(dag)
+        parent, children = sweep_of(result.dag_id, "tune")
+        ran, pids = marks_of(marks), pids_of(marks)
+    finally:
+        stop_what_is_left(marks)
+
+    assert (result.state, result.task_states) == ("success", {"tune": "success"}), result.log
+    # Try 1 failed as it looked at run 2, once run 1 had ended, and left the sweep to the retry, saying so.
+    assert "ConnectionError: the target did not answer a look at the run" in result.log
+    left = f"Sweep {parent.id} is left as it is for the retry of this task to resume (resume_on_retry)"
+    resumed = f"Resuming sweep {parent.id}, left unfinished by try 1 of this task"
+    assert left in result.log and resumed in result.log, result.log
+    assert result.log.index(left) < result.log.index(resumed)
+    assert f"Sweep {parent.id} was recorded" not in result.log
+    # Try 2 went on with the same sweep to its end: the one sweep of the task, and its result the task's XCom.
+    assert (parent.status, parent.try_number) == (RunStatus.COMPLETED, 2), (parent.status, parent.error)
+    assert result.xcoms["tune"]["sweep_run_id"] == parent.id
+    # Run 1's result is kept (it ran once); run 2, live when try 1 failed, was followed to its end by try 2 (or found
+    # ended), not started again: one process, its whole series recorded once, and the best run for its final loss.
+    assert ran == ["1", "2"]
+    first, second = children
+    history = Workspace.get().history
+    assert (first.status, first.metrics) == (RunStatus.COMPLETED, {"loss": 1.0})
+    assert [p.value for p in history.get_metrics(first.id, "loss")] == [1.0]
+    assert (second.status, second.error) == (RunStatus.COMPLETED, None)
+    assert [p.value for p in history.get_metrics(second.id, "loss")] == [2.0, 0.5]
+    assert result.xcoms["tune"]["best_run"]["run_id"] == second.id
+    assert not alive(pids["2"])
+    # Try 1 let go of run 2 as it failed (its heartbeat stopped, for the retry or reconcile to go by); nothing in this
+    # process reports on the sweep or its runs any more.
+    assert [t.name for t in threading.enumerate() if t.is_alive() and parent.id in t.name] == []
+    assert [t.name for t in threading.enumerate() if t.is_alive() and second.id in t.name] == []
+
+
+def test_a_try_that_fails_mid_sweep_without_resume_on_retry_ends_its_sweep_and_the_retry_starts_anew(
+    run_dag: Any, targets: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dag, marks = look_lost_sweep(tmp_path, monkeypatch, resume_on_retry=False)
+    try:
+        result = run_dag(dag)
+        history = Workspace.get().history
+        ended, anew = sorted(
+            (r for r in history.list_runs(dag_id=result.dag_id, task_id="tune") if r.target == "hyperdrive"),
+            key=lambda r: r.try_number or 0,
+        )
+        first, second = sorted(
+            history.child_runs(ended.id), key=lambda c: json.loads(c.tags["hyperparameters"])["--alpha"]
+        )
+        ran = marks_of(marks)
+        running = [alpha for alpha, pid in (m.name.split("-") for m in marks.iterdir()) if alive(int(pid))]
+    finally:
+        stop_what_is_left(marks)
+
+    assert (result.state, result.task_states) == ("success", {"tune": "success"}), result.log
+    # Try 1 ended its sweep as it failed, and said so: run 2 stopped, the sweep recorded Failed with the error.
+    lost = "the target did not answer a look at the run"
+    assert (ended.status, ended.try_number) == (RunStatus.FAILED, 1), (ended.status, ended.error)
+    assert ended.error is not None and ended.error.startswith(f"The sweep failed: {lost}"), ended.error
+    assert (first.status, first.metrics) == (RunStatus.COMPLETED, {"loss": 1.0})
+    assert (second.status, second.error) == (RunStatus.CANCELED, f"Canceled: {ended.error}")
+    assert (
+        f"Sweep {ended.id} was recorded Failed and its live runs were stopped. The task failed, and its retry "
+        "starts a new sweep (resume_on_retry=False)."
+    ) in result.log
+    assert "is left as it is for the retry" not in result.log
+    # Try 2 ran a sweep of its own, from the start.
+    assert (anew.status, anew.try_number) == (RunStatus.COMPLETED, 2), (anew.status, anew.error)
+    assert (ran, running) == (["1", "1", "2", "2"], [])

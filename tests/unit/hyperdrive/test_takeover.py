@@ -17,6 +17,7 @@ from airflow_amlrun.hyperdrive.takeover import (
     SweepEnding,
     SweepState,
     Unstopped,
+    interrupts,
 )
 from airflow_amlrun.run import FollowState
 from tests.unit.strategies import RUN_IDS, unstopped_runs
@@ -98,3 +99,22 @@ def test_an_error_fails_the_sweep_and_an_interruption_cancels_it(
     assert (ending.status, ending.reason) == (status, reason)
     # Its stopped runs say why: the interruption, or that the sweep's failure canceled them.
     assert ending.run_reason == (reason if status is RunStatus.CANCELED else f"Canceled: {reason}")
+
+
+@pytest.mark.parametrize(
+    ("error", "interruption"),
+    [
+        (OSError("the target did not answer"), False),
+        (ValueError("a bad value"), False),
+        (AirflowTaskTimeout(), True),
+        (AirflowTaskTerminated("killed"), True),
+        (KeyboardInterrupt(), True),
+        (SystemExit(1), True),
+    ],
+)
+def test_a_failure_may_be_left_for_a_retry_while_an_interruption_always_ends_the_sweep(
+    error: BaseException, interruption: bool
+) -> None:
+    assert interrupts(error) is interruption
+    # What the sweep is then recorded with, when it is ended: a failure names itself.
+    assert SweepEnding.of(error).reason.startswith("The sweep failed: ") is not interruption
