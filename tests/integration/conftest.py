@@ -11,12 +11,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import airflow  # noqa: F401  (see below)
 import pytest
 
 from tests.integration.airflow_cluster import AirflowCluster
 from tests.integration.orphans import group_members
 from tests.integration.private_postgres import PrivatePostgres, private_postgres
 from tests.integration.sshd_host import SshdHost, host_for_tests
+
+# Airflow configures the process's logging as it is first imported, replacing the root logger's handlers, and with
+# them the one through which a test's caplog sees records: imported here, before any test, rather than inside
+# one (the first connection a test reads, the first DAG it runs), whose caplog would then see nothing.
 
 # The Airflow connection through which the scenarios reach the SSH test host.
 SSH_CONN_ID = "ssh_vm"
