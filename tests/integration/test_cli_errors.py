@@ -46,7 +46,7 @@ def test_a_path_the_system_refuses_is_named_in_one_line(amlrun_home: Path, tmp_p
     assert said(done) == [f"error: Not a directory: {str(destination)!r}"], done.stderr
 
 
-def test_a_history_database_that_is_down_is_said_in_one_line(
+def test_a_history_database_that_is_down_is_named_in_one_line_its_password_masked(
     amlrun_home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Nothing listens on port 1 of this machine.
@@ -55,7 +55,10 @@ def test_a_history_database_that_is_down_is_said_in_one_line(
         json.dumps(
             {
                 "conn_type": "amlrun",
-                "extra": {"database_url": "postgresql://amlrun:secret@127.0.0.1:1/runs", "store_url": "/tmp"},
+                "extra": {
+                    "database_url": "postgresql://amlrun:hunter2-secret@127.0.0.1:1/runs",
+                    "store_url": "/tmp",
+                },
             }
         ),
     )
@@ -63,8 +66,11 @@ def test_a_history_database_that_is_down_is_said_in_one_line(
 
     assert done.returncode == 2, done.stdout + done.stderr
     [line] = said(done)
-    assert line.startswith("error: the run history's database is not available (") and "127.0.0.1" in line
-    assert "Check that it runs" in line and "secret" not in line
+    assert line.startswith(
+        "error: the run history's database postgresql+psycopg://amlrun:***@127.0.0.1:1/runs is not available ("
+    ), line
+    assert "Check that it runs" in line
+    assert "hunter2" not in done.stdout + done.stderr
 
 
 def test_ctrl_c_stops_a_sweep_with_a_line_not_a_traceback(amlrun_home: Path, tmp_path: Path) -> None:
