@@ -136,9 +136,15 @@ def cmd_runs_show(args: argparse.Namespace, console: Console) -> int:
         )
     location = run_log.location(record)
     if args.json:
-        console.print_json(
-            json.dumps({**record.summary(), "tags": record.tags, "log": location, "log_tail": tail})
-        )
+        sweep = RecordedSweep.of(record)
+        # As GET /api/runs/{id} gives it: how a sweep searched, null for any other run.
+        shown = {
+            "tags": record.tags,
+            "log": location,
+            "log_tail": tail,
+            "sweep": vars(sweep) if sweep else None,
+        }
+        console.print_json(json.dumps({**record.summary(), **shown}))
         return 0
     # A sweep's runs, oldest first: where its log and git state are (none for any other run).
     runs = ws.history.child_runs(record.id) if is_sweep else []

@@ -269,6 +269,55 @@ def test_show_of_a_sweep_says_its_runs_record_their_git_state_not_that_it_had_no
     assert table_rows(of_best.stdout)["git"] == f"{commit} on tuning, clean"
 
 
+def test_show_json_of_a_sweep_gives_how_it_searched_as_the_runs_api_does(project):
+    from airflow_amlrun.plugin.schemas import SweepOut
+
+    sweep_file = write(
+        project / "sweep.yaml",
+        """\
+        experiment: cli_sweep_json
+        run_config: {source_directory: src, script: train.py}
+        hyperparameter_sampling:
+          type: random
+          seed: 7
+          parameter_space: {--alpha: {uniform: [0.1, 0.3]}}
+        policy: {type: bandit, slack_factor: 0.2}
+        primary_metric_name: loss
+        primary_metric_goal: minimize
+        max_total_runs: 2
+        max_concurrent_runs: 2
+        max_duration_minutes: 30
+        """,
+    )
+    done = amlrun("sweep", str(sweep_file), "--json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    sweep_id = json.loads(done.stdout[done.stdout.index("{") :])["sweep_run_id"]
+
+    shown = amlrun("runs", "show", sweep_id, "--json")
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    sweep = json.loads(shown.stdout)["sweep"]
+    assert sweep == {
+        "sampling": "random",
+        "seed": 7,
+        "parameter_space": {"--alpha": "uniform(0.1, 0.3)"},
+        "drawn_arguments": ["--alpha", "<value>"],
+        "primary_metric_name": "loss",
+        "primary_metric_goal": "minimize",
+        "policy": "BanditPolicy(evaluation_interval=1, delay_evaluation=0, slack_factor=0.2)",
+        "max_total_runs": 2,
+        "max_concurrent_runs": 2,
+        "max_duration_minutes": 30,
+    }
+    # In the shape of GET /api/runs/{id}'s `sweep`, field for field.
+    assert SweepOut.model_validate(sweep).model_dump() == sweep
+
+    # Any other run has none, as the API says of it.
+    run = Workspace.get().history.child_runs(sweep_id)[0]
+    of_run = amlrun("runs", "show", run.id, "--json")
+    assert of_run.returncode == 0, of_run.stdout + of_run.stderr
+    assert json.loads(of_run.stdout)["sweep"] is None
+
+
 def test_a_sweep_files_tags_and_names_are_recorded_on_the_sweep(project):
     sweep_file = write(
         project / "sweep.yaml",
