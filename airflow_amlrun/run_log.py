@@ -84,18 +84,10 @@ class LogUnavailableError(AmlRunError):
 def sweep_logs(sweep: RunRecord, runs: Sequence[RunRecord]) -> str:
     """Where the logs of a sweep are: a sweep's parent run runs no code, so it has none; each of its `runs` (oldest
     first) has its own, and the commands that print its best and first run's are named."""
+    from airflow_amlrun.hyperdrive.recorded import runs_to_read  # a sweep's modules: only for a sweep
+
     said = "A sweep runs no code of its own, so it has no log: each of its runs has its own."
-    if not runs:
-        return f"{said} {'It recorded no runs.' if sweep.status.is_terminal else 'None of its runs is recorded yet.'}"
-    best, first = sweep.tags.get("best_run_id"), runs[0].id
-    commands = f"`amlrun runs logs {first}` prints its first run's"
-    if best == first:
-        commands += ", its best"
-    elif best:
-        commands = (
-            f"`amlrun runs logs {best}` prints its best run's, `amlrun runs logs {first}` its first run's"
-        )
-    return f"{said} {commands} ({len(runs)} {'run' if len(runs) == 1 else 'runs'} in all)."
+    return f"{said} {runs_to_read(sweep, runs, 'amlrun runs logs', 'prints')}"
 
 
 def stored_log_key(run_id: str) -> str:

@@ -81,7 +81,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _failed(f"interrupted (Ctrl-C): {err}" if str(err) else "interrupted (Ctrl-C)")
         return 130
     except Exception as err:
-        message = history_away_message(err) or history_refused_message(err, _history_database(args))
+        database = _history_database(args)
+        message = history_away_message(err, database) or history_refused_message(err, database)
         if message is None:
             raise
         return _failed(message)
@@ -125,9 +126,12 @@ def os_error_message(err: OSError, command: str) -> str:
     return f"{reason}: {' -> '.join(map(repr, names))}"
 
 
-def history_away_message(err: Exception) -> str | None:
+def history_away_message(err: Exception, database: str | None) -> str | None:
     """What to say of a run history that could not be reached (its database down, its host unknown); None for
-    any other error."""
+    any other error.
+
+    :param database: the database's URL as messages show it (its password masked), if known.
+    """
     if "sqlalchemy" not in sys.modules:
         return None  # no database was asked
     from airflow_amlrun.history.bookkeeping import is_transient
@@ -135,9 +139,10 @@ def history_away_message(err: Exception) -> str | None:
     if not is_transient(err):
         return None
     reason = error_line(err)
+    where = f"the run history's database {database}" if database else "the run history's database"
     return (
-        f"the run history's database is not available ({reason}). Check that it runs and that the workspace's "
-        "connection names it (--conn-id picks another workspace), then try again."
+        f"{where} is not available ({reason}). Check that it runs and that the workspace's connection names it "
+        "(--conn-id picks another workspace), then try again."
     )
 
 

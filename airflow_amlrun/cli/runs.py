@@ -101,6 +101,16 @@ def _sweep_rows(record: RunRecord, sweep: RecordedSweep | None) -> list[tuple[st
     ]
 
 
+def _sweep_git(record: RunRecord, runs: list[RunRecord]) -> str:
+    """What `runs show` says of a sweep's git state: it has none, each of its runs recorded that of its code."""
+    from airflow_amlrun.hyperdrive.recorded import runs_to_read
+
+    said = (
+        "A sweep runs no code of its own, so it has no git state: each of its runs records that of its code."
+    )
+    return f"{said} {runs_to_read(record, runs, 'amlrun runs show', 'shows')}"
+
+
 def cmd_runs_show(args: argparse.Namespace, console: Console) -> int:
     from airflow_amlrun.hyperdrive.recorded import RecordedSweep
     from airflow_amlrun.run_log import LogUnavailableError, RunLog, sweep_logs
@@ -126,10 +136,18 @@ def cmd_runs_show(args: argparse.Namespace, console: Console) -> int:
         )
     location = run_log.location(record)
     if args.json:
-        console.print_json(
-            json.dumps({**record.summary(), "tags": record.tags, "log": location, "log_tail": tail})
-        )
+        sweep = RecordedSweep.of(record)
+        # As GET /api/runs/{id} gives it: how a sweep searched, null for any other run.
+        shown = {
+            "tags": record.tags,
+            "log": location,
+            "log_tail": tail,
+            "sweep": vars(sweep) if sweep else None,
+        }
+        console.print_json(json.dumps({**record.summary(), **shown}))
         return 0
+    # A sweep's runs, oldest first: where its log and git state are (none for any other run).
+    runs = ws.history.child_runs(record.id) if is_sweep else []
     table = Table(title=f"Run {record.id}", show_header=False)
     table.add_column("field", style="bold")
     table.add_column("value", overflow="fold")
@@ -137,7 +155,8 @@ def cmd_runs_show(args: argparse.Namespace, console: Console) -> int:
     for_terminal = run_log.shown
     for key, value in record.summary().items():
         if key == "git":
-            table.add_row("git", cell(_git_state(record.git), for_terminal))
+            git = _sweep_git(record, runs) if is_sweep else _git_state(record.git)
+            table.add_row("git", cell(git, for_terminal))
         elif key not in ("metrics", "tags"):  # shown below, each in a form of its own
             text = json.dumps(value) if isinstance(value, dict | list) else fmt(value)
             table.add_row(key, cell(text, for_terminal))
@@ -154,7 +173,7 @@ def cmd_runs_show(args: argparse.Namespace, console: Console) -> int:
     else:
         table.add_row("airflow task", "none: submitted outside Airflow")
     if is_sweep:
-        table.add_row("log", cell(sweep_logs(record, ws.history.child_runs(record.id)), for_terminal))
+        table.add_row("log", cell(sweep_logs(record, runs), for_terminal))
     elif location is not None:
         table.add_row("log", f"{location}  (`amlrun runs logs {record.id}` prints it)")
     elif record.status.is_terminal:

@@ -7,7 +7,7 @@ starts from, each run adding the values it drew, and its config holds how the sw
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -63,6 +63,25 @@ class RecordedSweep:
             max_concurrent_runs=recorded.get("max_concurrent_runs"),
             max_duration_minutes=recorded.get("max_duration_minutes"),
         )
+
+
+def runs_to_read(sweep: RunRecord, runs: Sequence[RunRecord], command: str, verb: str) -> str:
+    """Which of a sweep's runs to read for what it has none of itself (a log, a git state): the commands that give
+    its best and first runs' (``amlrun runs logs <best>`` `verb` its best run's, ...), and how many it has.
+
+    :param runs: the sweep's runs, oldest first.
+    :param command: the command that gives a run's, its run id added (``amlrun runs logs``).
+    :param verb: what the command does with it (``prints``).
+    """
+    if not runs:
+        return "It recorded no runs." if sweep.status.is_terminal else "None of its runs is recorded yet."
+    best, first = sweep.tags.get("best_run_id"), runs[0].id
+    said = f"`{command} {first}` {verb} its first run's"
+    if best == first:
+        said += ", its best"
+    elif best:
+        said = f"`{command} {best}` {verb} its best run's, `{command} {first}` its first run's"
+    return f"{said} ({len(runs)} {'run' if len(runs) == 1 else 'runs'} in all)."
 
 
 def expression_text(recorded: Mapping[str, Any]) -> str:

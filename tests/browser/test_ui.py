@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -254,19 +255,35 @@ with DAG("DAG_ID", schedule=None):
 
 @dataclass(frozen=True)
 class SweepRuns:
-    """A sweep that ran to its end: its parent run, and its runs in the order it started them."""
+    """A sweep that ran to its end: its parent run, its runs in the order it started them, and the commit of its
+    code."""
 
     parent: RunRecord
     first: RunRecord
     best: RunRecord
+    commit: str
+
+
+def _git(folder: Path, *argv: str) -> str:
+    return subprocess.run(
+        ["git", "-c", "user.email=dev@example.com", "-c", "user.name=dev", *argv],
+        cwd=folder,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
 
 
 @pytest.fixture(scope="module")
 def sweep(ui: UiCluster) -> SweepRuns:
-    """A two-run grid sweep (--alpha 0.1, then 0.5, the best) run by a HyperDriveOperator task of the module's
-    Airflow."""
-    (ui.cluster.dags / "sweep_training").mkdir()
-    (ui.cluster.dags / "sweep_training" / "train.py").write_text(_SWEEP_SCRIPT)
+    """A two-run grid sweep (--alpha 0.1, then 0.5, the best) of code committed on branch `tuning`, run by a
+    HyperDriveOperator task of the module's Airflow."""
+    code = ui.cluster.dags / "sweep_training"
+    code.mkdir()
+    (code / "train.py").write_text(_SWEEP_SCRIPT)
+    _git(code, "init", "-q", "-b", "tuning")
+    _git(code, "add", ".")
+    _git(code, "commit", "-qm", "the alpha sweep")
     dag_id = ui.cluster.write_dag(_SWEEP_DAG)
     dag_run = ui.cluster.trigger(dag_id)
     assert ui.cluster.wait_for_dag_run(dag_id, dag_run) == "success", ui.cluster.component_logs()
@@ -274,7 +291,7 @@ def sweep(ui: UiCluster) -> SweepRuns:
     [parent] = [r for r in history.list_runs(dag_id=dag_id) if r.target == "hyperdrive"]
     first, best = history.child_runs(parent.id)
     assert parent.tags["best_run_id"] == best.id
-    return SweepRuns(parent, first, best)
+    return SweepRuns(parent, first, best, _git(code, "rev-parse", "HEAD"))
 
 
 def test_a_sweep_s_page_says_its_code_is_its_runs_and_leads_to_them(ui, open_as, sweep):
@@ -317,6 +334,29 @@ def test_a_sweep_s_log_section_says_it_has_none_and_leads_to_its_runs_logs(ui, o
     runs.get_by_role("link", name=sweep.best.id).click()
     _expect()(page.locator(f"[data-page=run-detail][data-run-id='{sweep.best.id}']")).to_be_visible()
     _expect()(page.get_by_label("Run log")).to_contain_text("trained with alpha=0.5 for 2 epochs")
+    assert page.errors == []
+
+
+def test_a_sweep_s_git_section_says_it_has_none_and_leads_to_its_runs_git_state(ui, open_as, sweep):
+    # The sweep itself records no git state; each of its runs does.
+    assert sweep.parent.git is None and sweep.best.git is not None
+
+    page = open_as("admin", f"{LIST}/runs/{sweep.parent.id}", height=1800)
+    git = page.get_by_role("region", name="Git")
+    _expect()(git).to_contain_text(
+        "A sweep runs no code of its own, so it has no git state: each of its runs records that of its code, "
+        "shown on that run's page."
+    )
+    _expect()(git).not_to_contain_text("not in a git checkout")
+    runs = git.get_by_label("Git state of the sweep's runs")
+    _expect()(runs.get_by_role("link")).to_have_text([sweep.first.id, sweep.best.id])
+    _expect()(runs).to_contain_text("2, under Sweep runs above")
+
+    # The best run's page shows the branch and commit of its code.
+    runs.get_by_role("link", name=sweep.best.id).click()
+    _expect()(page.locator(f"[data-page=run-detail][data-run-id='{sweep.best.id}']")).to_be_visible()
+    table = page.get_by_role("region", name="Git").get_by_role("table", name="Git")
+    _expect()(table.locator("td")).to_have_text(["—", "tuning", sweep.commit])
     assert page.errors == []
 
 

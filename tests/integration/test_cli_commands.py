@@ -222,6 +222,102 @@ def test_show_of_a_sweep_says_what_its_runs_run_and_where_their_logs_are(project
     assert "epoch 2 alpha 0.1" in printed.stdout
 
 
+def git(folder: Path, *argv: str) -> str:
+    return subprocess.run(
+        ["git", "-c", "user.email=dev@example.com", "-c", "user.name=dev", *argv],
+        cwd=folder,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+
+
+def test_show_of_a_sweep_says_its_runs_record_their_git_state_not_that_it_had_none(project):
+    git(project / "src", "init", "-q", "-b", "tuning")
+    git(project / "src", "add", ".")
+    git(project / "src", "commit", "-qm", "the alpha sweep")
+    commit = git(project / "src", "rev-parse", "HEAD")
+    sweep_file = write(
+        project / "sweep.yaml",
+        """\
+        experiment: cli_sweep_git
+        run_config: {source_directory: src, script: train.py}
+        hyperparameter_sampling: {type: grid, parameter_space: {--alpha: {choice: [0.3, 0.1]}}}
+        primary_metric_name: loss
+        primary_metric_goal: minimize
+        max_total_runs: 2
+        max_concurrent_runs: 2
+        """,
+    )
+    done = amlrun("sweep", str(sweep_file), "--json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    sweep_id = json.loads(done.stdout[done.stdout.index("{") :])["sweep_run_id"]
+    first, best = Workspace.get().history.child_runs(sweep_id)  # --alpha 0.3, then 0.1: the best
+
+    shown = amlrun("runs", "show", sweep_id)
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    assert table_rows(shown.stdout)["git"] == (
+        "A sweep runs no code of its own, so it has no git state: each of its runs records that of its code. "
+        f"`amlrun runs show {best.id}` shows its best run's, `amlrun runs show {first.id}` its first run's "
+        "(2 runs in all)."
+    )
+    assert "not a git checkout" not in shown.stdout
+
+    # The best run's shows it: the commit and branch of the code it ran.
+    of_best = amlrun("runs", "show", best.id)
+    assert of_best.returncode == 0, of_best.stdout + of_best.stderr
+    assert table_rows(of_best.stdout)["git"] == f"{commit} on tuning, clean"
+
+
+def test_show_json_of_a_sweep_gives_how_it_searched_as_the_runs_api_does(project):
+    from airflow_amlrun.plugin.schemas import SweepOut
+
+    sweep_file = write(
+        project / "sweep.yaml",
+        """\
+        experiment: cli_sweep_json
+        run_config: {source_directory: src, script: train.py}
+        hyperparameter_sampling:
+          type: random
+          seed: 7
+          parameter_space: {--alpha: {uniform: [0.1, 0.3]}}
+        policy: {type: bandit, slack_factor: 0.2}
+        primary_metric_name: loss
+        primary_metric_goal: minimize
+        max_total_runs: 2
+        max_concurrent_runs: 2
+        max_duration_minutes: 30
+        """,
+    )
+    done = amlrun("sweep", str(sweep_file), "--json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    sweep_id = json.loads(done.stdout[done.stdout.index("{") :])["sweep_run_id"]
+
+    shown = amlrun("runs", "show", sweep_id, "--json")
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    sweep = json.loads(shown.stdout)["sweep"]
+    assert sweep == {
+        "sampling": "random",
+        "seed": 7,
+        "parameter_space": {"--alpha": "uniform(0.1, 0.3)"},
+        "drawn_arguments": ["--alpha", "<value>"],
+        "primary_metric_name": "loss",
+        "primary_metric_goal": "minimize",
+        "policy": "BanditPolicy(evaluation_interval=1, delay_evaluation=0, slack_factor=0.2)",
+        "max_total_runs": 2,
+        "max_concurrent_runs": 2,
+        "max_duration_minutes": 30,
+    }
+    # In the shape of GET /api/runs/{id}'s `sweep`, field for field.
+    assert SweepOut.model_validate(sweep).model_dump() == sweep
+
+    # Any other run has none, as the API says of it.
+    run = Workspace.get().history.child_runs(sweep_id)[0]
+    of_run = amlrun("runs", "show", run.id, "--json")
+    assert of_run.returncode == 0, of_run.stdout + of_run.stderr
+    assert json.loads(of_run.stdout)["sweep"] is None
+
+
 def test_a_sweep_files_tags_and_names_are_recorded_on_the_sweep(project):
     sweep_file = write(
         project / "sweep.yaml",

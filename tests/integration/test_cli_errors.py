@@ -46,25 +46,35 @@ def test_a_path_the_system_refuses_is_named_in_one_line(amlrun_home: Path, tmp_p
     assert said(done) == [f"error: Not a directory: {str(destination)!r}"], done.stderr
 
 
-def test_a_history_database_that_is_down_is_said_in_one_line(
-    amlrun_home: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    ("database_url", "shown"),
+    [
+        (
+            "postgresql://amlrun:hunter2-secret@127.0.0.1:1/runs",
+            "postgresql+psycopg://amlrun:***@127.0.0.1:1/runs",
+        ),
+        (
+            "postgresql://amlrun@127.0.0.1:1/runs?password=hunter2-secret",
+            "postgresql+psycopg://amlrun@127.0.0.1:1/runs?password=***",
+        ),
+    ],
+    ids=["password", "password_in_query"],
+)
+def test_a_history_database_that_is_down_is_named_in_one_line_its_password_masked(
+    database_url: str, shown: str, amlrun_home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Nothing listens on port 1 of this machine.
     monkeypatch.setenv(
         "AIRFLOW_CONN_AMLRUN_DEFAULT",
-        json.dumps(
-            {
-                "conn_type": "amlrun",
-                "extra": {"database_url": "postgresql://amlrun:secret@127.0.0.1:1/runs", "store_url": "/tmp"},
-            }
-        ),
+        json.dumps({"conn_type": "amlrun", "extra": {"database_url": database_url, "store_url": "/tmp"}}),
     )
     done = amlrun("runs", "list")
 
     assert done.returncode == 2, done.stdout + done.stderr
     [line] = said(done)
-    assert line.startswith("error: the run history's database is not available (") and "127.0.0.1" in line
-    assert "Check that it runs" in line and "secret" not in line
+    assert line.startswith(f"error: the run history's database {shown} is not available ("), line
+    assert "Check that it runs" in line
+    assert "hunter2" not in done.stdout + done.stderr
 
 
 def test_ctrl_c_stops_a_sweep_with_a_line_not_a_traceback(amlrun_home: Path, tmp_path: Path) -> None:

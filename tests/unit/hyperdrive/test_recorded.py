@@ -27,7 +27,13 @@ from airflow_amlrun.hyperdrive import (
     uniform,
 )
 from airflow_amlrun.hyperdrive.parameters import Expression
-from airflow_amlrun.hyperdrive.recorded import DRAWN, RecordedSweep, expression_text, policy_text
+from airflow_amlrun.hyperdrive.recorded import (
+    DRAWN,
+    RecordedSweep,
+    expression_text,
+    policy_text,
+    runs_to_read,
+)
 from airflow_amlrun.runconfig import SWEEP_TARGET, ScriptRunConfig
 
 _NUMBER = st.floats(-500, 500, allow_nan=False)
@@ -94,6 +100,33 @@ def test_a_sweep_s_row_says_how_it_searched_and_what_each_run_adds() -> None:
     # A run of the sweep, or a sweep recorded without its config, says nothing of a search.
     assert RecordedSweep.of(replace(parent, target="local")) is None
     assert RecordedSweep.of(replace(parent, config=None)) is None
+
+
+def test_what_a_sweep_has_none_of_is_read_in_its_best_and_first_runs() -> None:
+    config = HyperDriveConfig(
+        run_config=ScriptRunConfig(".", script="train.py"),
+        hyperparameter_sampling=RandomParameterSampling({"--alpha": uniform(0, 1)}),
+        primary_metric_name="rmse",
+        primary_metric_goal="minimize",
+        max_total_runs=3,
+    )
+    sweep = parent_run(config)
+    first, second = (replace(sweep, id=f"tuning_{i}", target="local", config=None) for i in (2, 3))
+    best_second = replace(sweep, tags={"best_run_id": second.id})
+
+    def said(parent: RunRecord, *runs: RunRecord) -> str:
+        return runs_to_read(parent, runs, "amlrun runs show", "shows")
+
+    assert said(best_second, first, second) == (
+        "`amlrun runs show tuning_3` shows its best run's, `amlrun runs show tuning_2` its first run's (2 runs in all)."
+    )
+    assert said(replace(sweep, tags={"best_run_id": first.id}), first, second) == (
+        "`amlrun runs show tuning_2` shows its first run's, its best (2 runs in all)."
+    )
+    # No best run yet (none reported its metric).
+    assert said(sweep, first) == "`amlrun runs show tuning_2` shows its first run's (1 run in all)."
+    assert said(sweep) == "It recorded no runs."
+    assert said(replace(sweep, status=RunStatus.RUNNING)) == "None of its runs is recorded yet."
 
 
 def parent_run(config: HyperDriveConfig) -> RunRecord:

@@ -9,7 +9,7 @@ import { pagePath } from "../routes";
 import { ArgumentsSection, EnvironmentSection, GitSection, OutputsSection } from "./RunSections";
 import { LogViewer } from "./LogViewer";
 import { SnapshotBrowser } from "./SnapshotBrowser";
-import { SweepArguments, SweepCode, SweepLog, SweepRuns } from "./Sweep";
+import { SweepArguments, SweepCode, SweepGit, SweepLog, SweepRuns } from "./Sweep";
 
 // How often an unfinished run's page asks for its status and metrics again.
 const REFRESH_MS = 3000;
@@ -43,7 +43,7 @@ export function RunDetail({ runId, embedded = false }: { runId: string; embedded
     );
   }
   if (run === undefined) return <Loading />;
-  // A sweep's parent run runs no code of its own: its log, arguments and code sections lead to its runs.
+  // A sweep's parent run runs no code of its own: its log, arguments, git and code sections lead to its runs.
   const sweep = run.target === SWEEP_TARGET;
   return (
     <div className="amlrun-page" data-page="run-detail" data-run-id={run.run_id} data-status={run.status}>
@@ -71,7 +71,7 @@ export function RunDetail({ runId, embedded = false }: { runId: string; embedded
       {sweep ? <SweepLog run={run} runs={sweepRuns} /> : <LogViewer runId={run.run_id} />}
       {sweep ? <SweepArguments run={run} /> : <ArgumentsSection run={run} />}
       <EnvironmentSection run={run} />
-      <GitSection git={run.git} />
+      {sweep ? <SweepGit run={run} runs={sweepRuns} /> : <GitSection git={run.git} />}
       <OutputsSection run={run} />
       {sweep ? (
         <SweepCode run={run} runs={sweepRuns} />

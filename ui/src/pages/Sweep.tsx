@@ -66,6 +66,18 @@ export function SweepLog({ run, runs }: { run: RunDetail; runs: Run[] | undefine
   );
 }
 
+/** The git section of a sweep, which has no git state: each of its runs recorded that of the code it ran. */
+export function SweepGit({ run, runs }: { run: RunDetail; runs: Run[] | undefined }) {
+  return (
+    <Section title="Git">
+      <div className="amlrun-muted">
+        A sweep runs no code of its own, so it has no git state: each of its runs records that of its code, shown on that run's page.
+      </div>
+      <SweepRunLinks run={run} runs={runs} label="Git state of the sweep's runs" />
+    </Section>
+  );
+}
+
 /** The arguments section of a sweep: the command each of its runs runs, the values it draws left open, and how
  * the sweep draws them, as it recorded it. */
 export function SweepArguments({ run }: { run: RunDetail }) {
