@@ -16,6 +16,8 @@ from airflow.sdk.log import mask_secret
 from airflow_amlrun.environment.paths import PathBase
 from airflow_amlrun.errors import AmlRunError, ConfigurationError, shown
 from airflow_amlrun.links import RUN_ID_XCOM_KEY, AmlRunLink
+from airflow_amlrun.operators.script_run import _known_part, rendered_later
+from airflow_amlrun.runconfig import render_tags
 from airflow_amlrun.workspace import check_connection_id
 
 if TYPE_CHECKING:
@@ -82,6 +84,11 @@ class HyperDriveOperator(BaseOperator):
             if not isinstance(value, bool):
                 raise ConfigurationError(f"{where}: {flag}={shown(value)} must be True or False.")
         check_connection_id(workspace_conn_id, f"{where}: workspace_conn_id")
+        if tags is not None and not rendered_later(tags):
+            try:
+                render_tags(_known_part(tags))
+            except ConfigurationError as err:
+                raise ConfigurationError(f"{where}: {err}") from None
         self.config = config
         self.experiment = experiment
         self.tags = tags
@@ -149,7 +156,7 @@ class HyperDriveOperator(BaseOperator):
                     self.workspace,
                     experiment.name,
                     config,
-                    tags={str(k): str(v) for k, v in (self.tags or {}).items()},
+                    tags=render_tags(self.tags, f"HyperDriveOperator {self.task_id!r}: tags"),
                     base_dir=dag_folder,
                     airflow_task=task,
                 )
