@@ -243,12 +243,6 @@ class ScriptRunOperator(BaseOperator):
         from airflow_amlrun.triggers.script_run import ENDED
 
         run_id = str(event["run_id"])
-        if event.get("status") != ENDED:
-            self.log.warning(
-                "The triggerer stopped following run %s (%s); this worker follows it on.",
-                run_id,
-                event.get("message"),
-            )
         ended = None
         if event.get("status") == ENDED:
             ended = TargetStatus(
@@ -256,6 +250,12 @@ class ScriptRunOperator(BaseOperator):
                 exit_code=event.get("exit_code"),
                 reason=event.get("reason"),
                 timed_out=bool(event.get("timed_out")),
+            )
+        else:
+            self.log.warning(
+                "The triggerer stopped following run %s (%s); this worker follows it on.",
+                run_id,
+                event.get("message"),
             )
         return self._follow_on(
             context,
