@@ -412,6 +412,37 @@ class RunHistory:
             query = query.order_by(RunRow.created_at.desc(), RunRow.id.desc()).limit(limit)
             return self._records(session, session.execute(query).all())
 
+    def runs_of_task_try(
+        self,
+        *,
+        dag_id: str,
+        task_id: str,
+        airflow_run_id: str,
+        map_index: int | None,
+        try_number: int | None,
+    ) -> list[RunRecord]:
+        """The runs one try of an Airflow task instance submitted or took over, newest first: its runs and sweeps,
+        not a sweep's own runs (those name their sweep, and the sweep's try may be an earlier one).
+
+        :param map_index: the task instance's map index; None for an unmapped task.
+        :param try_number: the try, as recorded on the run (a retry that takes a run over records itself).
+        """
+        with self.session() as session:
+            query = (
+                select(RunRow, ExperimentRow.name)
+                .join(ExperimentRow)
+                .where(
+                    RunRow.dag_id == dag_id,
+                    RunRow.task_id == task_id,
+                    RunRow.airflow_run_id == airflow_run_id,
+                    RunRow.map_index.is_(None) if map_index is None else RunRow.map_index == map_index,
+                    RunRow.try_number.is_(None) if try_number is None else RunRow.try_number == try_number,
+                    RunRow.parent_run_id.is_(None),
+                )
+                .order_by(RunRow.created_at.desc(), RunRow.id.desc())
+            )
+            return self._records(session, session.execute(query).all())
+
     def page_runs(
         self, where: RunFilter, sort: RunSort | None = None, *, limit: int = 100, cursor: str | None = None
     ) -> RunPage:

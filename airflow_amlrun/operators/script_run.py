@@ -7,7 +7,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,12 +33,14 @@ if TYPE_CHECKING:
     from airflow.sdk import Context
 
     from airflow_amlrun.history import RunRecord
-    from airflow_amlrun.run import ScriptRun
+    from airflow_amlrun.run import FollowState, ScriptRun
     from airflow_amlrun.submission import AirflowTask
+    from airflow_amlrun.targets.base import TargetStatus
     from airflow_amlrun.workspace import Workspace
 
 
-# How long past its execution_timeout a deferred task waits for its trigger before Airflow fails it.
+# How long past its execution_timeout a deferred task waits for its trigger before Airflow fails it (the default of
+# ScriptRunOperator.defer_slack).
 DEFER_SLACK = timedelta(minutes=5)
 # Longest a starting task spends settling other tasks' orphaned runs.
 RECONCILE_BUDGET_SECONDS = 10.0
@@ -80,6 +82,9 @@ class ScriptRunOperator(BaseOperator):
     template_fields_renderers = {"arguments": "json", "environment_variables": "json", "tags": "json"}
     operator_extra_links = (AmlRunLink(),)
     ui_color = "#d6eaf8"
+    # How long past its execution_timeout a deferred task waits for its trigger: past it, Airflow resumes the task
+    # only to fail it, and the task stops its run (see resume_execution). A subclass may shorten it.
+    defer_slack: timedelta = DEFER_SLACK
 
     def __init__(
         self,
@@ -228,15 +233,121 @@ class ScriptRunOperator(BaseOperator):
             method_name="execute_complete",
             # A backstop for a deployment whose triggerer never takes the trigger: the trigger itself stops
             # the run at the execution_timeout, which Airflow does not apply to a deferred task.
-            timeout=None if self.execution_timeout is None else self.execution_timeout + DEFER_SLACK,
+            timeout=None if self.execution_timeout is None else self.execution_timeout + self.defer_slack,
         )
 
     def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
         """The trigger saw the run end (or could not follow it): record its outcome from here."""
-        from airflow_amlrun.errors import RunCanceledError, RunFailedError
-        from airflow_amlrun.run import FollowState, RunEndedError, ScriptRun
+        from airflow_amlrun.run import FollowState
         from airflow_amlrun.targets.base import TargetStatus
         from airflow_amlrun.triggers.script_run import ENDED
+
+        run_id = str(event["run_id"])
+        ended = None
+        if event.get("status") == ENDED:
+            ended = TargetStatus(
+                running=False,
+                exit_code=event.get("exit_code"),
+                reason=event.get("reason"),
+                timed_out=bool(event.get("timed_out")),
+            )
+        else:
+            self.log.warning(
+                "The triggerer stopped following run %s (%s); this worker follows it on.",
+                run_id,
+                event.get("message"),
+            )
+        return self._follow_on(
+            context,
+            run_id,
+            FollowState.from_json(event.get("state") or {}),
+            stop_at=datetime.fromisoformat(str(event["stop_at"])) if event.get("stop_at") else None,
+            stop_reason="Stopped by the Airflow task's execution_timeout (while deferred).",
+            ended=ended,
+        )
+
+    def resume_execution(self, next_method: str, next_kwargs: dict[str, Any] | None, context: Context) -> Any:
+        """Resume the deferred task. When Airflow resumes it only to fail it, the run this try handed to its trigger
+        is settled from here (``operators/deferral.py``): a trigger that failed leaves the run to this worker to
+        follow on to its end; a deferral that timed out (the execution_timeout passed while no triggerer followed
+        the run) stops it, recorded Failed, and fails the task."""
+        from airflow_amlrun.operators.deferral import (
+            FAIL_METHOD,
+            RunKind,
+            failed_deferral,
+            settle_failed_deferral,
+        )
+        from airflow_amlrun.submission import AirflowTask
+
+        if next_method != FAIL_METHOD:
+            return super().resume_execution(next_method, next_kwargs, context)
+        failure = failed_deferral(
+            partial(super().resume_execution, next_method, next_kwargs, context), next_kwargs
+        )
+        return settle_failed_deferral(
+            failure,
+            self.workspace,
+            AirflowTask.of(context["ti"]),
+            RunKind.RUN,
+            follow_on=lambda record: self._followed_on_after_trigger(context, record),
+            stop=self._stopped_unfollowed,
+            log=self.log,
+        )
+
+    def _followed_on_after_trigger(self, context: Context, record: RunRecord) -> dict[str, Any]:
+        """Follow on, in this worker, a run whose trigger failed; the task ends as the run does."""
+        from airflow_amlrun.run import FollowState
+
+        stop_at = None
+        started = getattr(context["ti"], "start_date", None)
+        if self.execution_timeout is not None and started is not None:
+            # The try's own deadline: Airflow times the resumed task anew, from the resume.
+            stop_at = started + self.execution_timeout
+        if self.show_output:
+            # How far the trigger got is lost with it: the output is shown again from the start.
+            self.log.info("Run %s: its output is shown from its start.", record.id)
+        return self._follow_on(
+            context,
+            record.id,
+            FollowState(),
+            stop_at=stop_at,
+            stop_reason="Stopped by the Airflow task's execution_timeout.",
+        )
+
+    def _stopped_unfollowed(self, record: RunRecord, reason: str) -> RunRecord:
+        """Stop a run nobody followed, now, recording it Failed with `reason` (one that ended meanwhile is recorded
+        as it ended); its row as recorded."""
+        from airflow_amlrun.run import FollowState, RunEndedError, ScriptRun
+
+        try:
+            run = self._run = ScriptRun.resumed(self.workspace, record.id, FollowState())
+        except RunEndedError as ended:
+            return ended.record
+        run.stop_at(datetime.now(UTC), reason)
+        try:
+            return run.wait_for_completion(show_output=False, raise_on_error=False)
+        finally:
+            self._run = None
+
+    def _follow_on(
+        self,
+        context: Context,
+        run_id: str,
+        state: FollowState,
+        *,
+        stop_at: datetime | None,
+        stop_reason: str,
+        ended: TargetStatus | None = None,
+    ) -> dict[str, Any]:
+        """Follow a run on in this worker from where another process left it (`state`), to its end; record its
+        outcome and return its summary (or raise as the run ended).
+
+        :param stop_at: when to stop it if it still runs (the task's execution_timeout), recorded Failed with
+            `stop_reason`.
+        :param ended: how it ended, when the process that followed it saw it end.
+        """
+        from airflow_amlrun.errors import RunCanceledError, RunFailedError
+        from airflow_amlrun.run import RunEndedError, ScriptRun
 
         # What the script prints now (the rest of its output) is masked as in execute. The run is under way:
         # a config that no longer renders (edited meanwhile, a newer version's checks) must not strand it.
@@ -244,38 +355,22 @@ class ScriptRunOperator(BaseOperator):
             self._rendered_config(PathBase.of_dag_file(context["dag"].fileloc))
         except Exception as err:
             self.log.warning("The config was not rendered again to mask its secrets (%s); following on.", err)
-        run_id = self.amlrun_run_id = str(event["run_id"])
-        state = FollowState.from_json(event.get("state") or {})
-        if event.get("status") != ENDED:
-            self.log.warning(
-                "The triggerer stopped following run %s (%s); this worker follows it on.",
-                run_id,
-                event.get("message"),
-            )
+        self.amlrun_run_id = run_id
         try:
             self._run = ScriptRun.resumed(self.workspace, run_id, state)
-        except RunEndedError as ended:
+        except RunEndedError as gone:
             # Another process recorded its outcome meanwhile (reconcile, after a long wait for this resume).
-            record = ended.record
+            record = gone.record
             self.log.warning("Run %s was recorded %s by another process meanwhile.", run_id, record.status)
             if record.status == "Completed":
                 return self._summary(record)
             error = RunCanceledError if record.status == "Canceled" else RunFailedError
             message = f"Run {run_id} {record.status}: {record.error or 'no error recorded'}"
             raise error(message, run_id=run_id) from None
-        if event.get("stop_at"):
-            self._run.stop_at(
-                datetime.fromisoformat(str(event["stop_at"])),
-                "Stopped by the Airflow task's execution_timeout (while deferred).",
-            )
-        if event.get("status") == ENDED:
-            status = TargetStatus(
-                running=False,
-                exit_code=event.get("exit_code"),
-                reason=event.get("reason"),
-                timed_out=bool(event.get("timed_out")),
-            )
-            self._run.conclude(status, self._log_line if self.show_output else None)
+        if stop_at is not None:
+            self._run.stop_at(stop_at, stop_reason)
+        if ended is not None:
+            self._run.conclude(ended, self._log_line if self.show_output else None)
         record = self._run.wait_for_completion(show_output=self.show_output, output=self._log_line)
         return self._summary(record)
 

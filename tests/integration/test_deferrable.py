@@ -2,6 +2,11 @@
 
 The cluster runs one task at a time (`[core] parallelism = 1`): two deferred training runs can overlap only
 if each task frees its worker slot once its run started.
+
+A trigger that fails in the triggerer, or a deferral that times out, Airflow answers only from a scheduler and a
+triggerer of its own: the task is resumed with next_method "__fail__". The triggers that do so are in
+FAILING_TRIGGERS, a module the cluster's components import from $AIRFLOW_HOME/config (on every Airflow process's
+path), with the operators that defer with them.
 """
 
 from __future__ import annotations
@@ -29,9 +34,74 @@ print("deferred script done", flush=True)
 """
 
 
+FAILING_TRIGGERS = """\
+'''Triggers that fail in the triggerer, and ScriptRunOperators deferring with them.'''
+import asyncio
+from datetime import timedelta
+
+from airflow_amlrun import ScriptRunOperator
+from airflow_amlrun.triggers.script_run import ScriptRunTrigger
+
+
+class RaisingTrigger(ScriptRunTrigger):
+    '''Raises in the triggerer (once the task that deferred has exited), leaving the run as it was handed over.'''
+
+    def serialize(self):
+        return f"{__name__}.{type(self).__name__}", super().serialize()[1]
+
+    async def run(self):
+        await self._not_before()
+        raise RuntimeError("the trigger broke down in the triggerer")
+        yield
+
+
+class HangingTrigger(RaisingTrigger):
+    '''Never fires, nor follows the run: a triggerer that hangs.'''
+
+    async def run(self):
+        await asyncio.Event().wait()
+        yield
+
+
+class SettlingTrigger(RaisingTrigger):
+    '''Records the run's end itself, as another process (reconcile) might, then raises.'''
+
+    async def run(self):
+        run = await asyncio.to_thread(self._resume)
+        await asyncio.to_thread(run.cancel, "Canceled by another process.")
+        await self._not_before()
+        raise RuntimeError("the trigger broke down in the triggerer")
+        yield
+
+
+class _Deferring(ScriptRunOperator):
+    trigger_class = RaisingTrigger
+
+    def defer(self, *, trigger, **kwargs):
+        super().defer(trigger=self.trigger_class(**trigger.serialize()[1]), **kwargs)
+
+
+class DeferringToARaisingTrigger(_Deferring):
+    trigger_class = RaisingTrigger
+
+
+class DeferringToAHangingTrigger(_Deferring):
+    trigger_class = HangingTrigger
+    defer_slack = timedelta(seconds=5)
+
+
+class DeferringToASettlingTrigger(_Deferring):
+    trigger_class = SettlingTrigger
+"""
+
+
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[AirflowCluster]:
-    with AirflowCluster(env={"AIRFLOW__CORE__PARALLELISM": "1"}) as started:
+    prepared = AirflowCluster(env={"AIRFLOW__CORE__PARALLELISM": "1"})
+    # Before the components start: Airflow puts the folder on their path when they do.
+    (prepared.home / "config").mkdir()
+    (prepared.home / "config" / "amlrun_failing_triggers.py").write_text(FAILING_TRIGGERS)
+    with prepared as started:
         yield started
 
 
@@ -157,3 +227,95 @@ def test_a_deferred_docker_run_is_followed_by_the_triggerer(cluster: AirflowClus
     assert "the worker slot is freed" in log
     printed = [line[line.index("deferred step") :] for line in log.splitlines() if "deferred step" in line]
     assert printed == [f"deferred step {n}" for n in range(10)]
+
+
+def failing_trigger_dag(source: Path, operator: str, steps: int, options: str = "") -> str:
+    return f"""
+import datetime
+import pendulum
+from airflow.sdk import DAG
+from airflow_amlrun import ScriptRunConfig
+from amlrun_failing_triggers import {operator}
+
+with DAG("DAG_ID", schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC")) as dag:
+    {operator}(
+        task_id="train",
+        config=ScriptRunConfig({str(source)!r}, script="train.py"),
+        arguments=["{steps}"],
+        deferrable=True,{options}
+    )
+"""
+
+
+def test_a_run_whose_trigger_fails_in_the_triggerer_is_followed_on_by_the_worker(
+    cluster: AirflowCluster, source: Path
+) -> None:
+    dag_id = cluster.write_dag(failing_trigger_dag(source, "DeferringToARaisingTrigger", 60))
+    run_id = cluster.trigger(dag_id)
+
+    assert cluster.wait_for_dag_run(dag_id, run_id) == "success", cluster.component_logs()
+    (record,) = runs_of(cluster, dag_id)
+    assert (str(record.status), record.error) == ("Completed", None)
+    assert [p.step for p in cluster.history().get_metrics(record.id, "loss")] == list(range(60))
+    assert cluster.xcom(dag_id, run_id, "train")["status"] == "Completed"
+    ti = cluster.task_instances(dag_id, run_id)["train"]
+    assert ti.try_number == 1
+    log = cluster.task_log(dag_id, run_id, "train")
+    assert "the worker slot is freed" in log
+    assert "RuntimeError: the trigger broke down in the triggerer" in log
+    assert (
+        f"The trigger following run {record.id} failed in the triggerer (RuntimeError: the trigger broke down in "
+        "the triggerer); this worker follows the run on to its end."
+    ) in log
+    assert "deferred step 59" in log
+    assert "deferred script done" in log
+    assert f"Run {record.id} Completed" in log
+
+
+def test_a_run_nobody_follows_is_stopped_once_its_deferral_times_out(
+    cluster: AirflowCluster, source: Path
+) -> None:
+    # The triggerer hangs: the trigger never fires and never stops the run at the execution_timeout. Airflow
+    # resumes the task only to fail it, 15 + 5 s after it deferred.
+    dag_id = cluster.write_dag(
+        failing_trigger_dag(
+            source,
+            "DeferringToAHangingTrigger",
+            600,
+            "\n        execution_timeout=datetime.timedelta(seconds=15),",
+        )
+    )
+    run_id = cluster.trigger(dag_id)
+
+    assert cluster.wait_for_dag_run(dag_id, run_id) == "failed"
+    (record,) = runs_of(cluster, dag_id)
+    assert str(record.status) == "Failed", cluster.component_logs()
+    assert record.error == (
+        "Stopped: the Airflow task's execution_timeout passed while no triggerer followed the run (its deferral "
+        "timed out)."
+    )
+    assert not cluster.marked_processes_running_script("train.py")
+    log = cluster.task_log(dag_id, run_id, "train")
+    assert (
+        f"Run {record.id} was stopped and recorded Failed: the task's execution_timeout passed while no triggerer "
+        "followed it (Airflow's deferral timed out)."
+    ) in log
+
+
+def test_a_failed_trigger_whose_run_another_process_recorded_fails_the_task_saying_so(
+    cluster: AirflowCluster, source: Path
+) -> None:
+    dag_id = cluster.write_dag(failing_trigger_dag(source, "DeferringToASettlingTrigger", 600))
+    run_id = cluster.trigger(dag_id)
+
+    assert cluster.wait_for_dag_run(dag_id, run_id) == "failed"
+    (record,) = runs_of(cluster, dag_id)
+    assert (str(record.status), record.error) == ("Canceled", "Canceled by another process.")
+    assert not cluster.marked_processes_running_script("train.py")
+    log = cluster.task_log(dag_id, run_id, "train")
+    assert (
+        "The trigger of this task failed in the triggerer (RuntimeError: the trigger broke down in the triggerer), "
+        f"and run {record.id} of this try was recorded Canceled by another process meanwhile (Canceled by another "
+        "process.): nothing is left to settle."
+    ) in log
+    assert "TaskDeferralError" in log
