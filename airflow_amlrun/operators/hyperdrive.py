@@ -6,7 +6,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
-from functools import cached_property
+from functools import cached_property, partial
 from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator
@@ -16,7 +16,7 @@ from airflow.sdk.log import mask_secret
 from airflow_amlrun.environment.paths import PathBase
 from airflow_amlrun.errors import AmlRunError, ConfigurationError, shown
 from airflow_amlrun.links import RUN_ID_XCOM_KEY, AmlRunLink
-from airflow_amlrun.operators.script_run import _known_part, rendered_later
+from airflow_amlrun.operators.script_run import DEFER_SLACK, _known_part, rendered_later
 from airflow_amlrun.runconfig import render_tags
 from airflow_amlrun.workspace import check_connection_id
 
@@ -60,6 +60,9 @@ class HyperDriveOperator(BaseOperator):
     """
 
     template_fields: Sequence[str] = ("experiment", "tags")
+    # How long past its execution_timeout a deferred task waits for its trigger before Airflow fails it (see
+    # ScriptRunOperator.defer_slack).
+    defer_slack: timedelta = DEFER_SLACK
     operator_extra_links = (AmlRunLink(),)
     ui_color = "#d5f5e3"
 
@@ -227,7 +230,6 @@ class HyperDriveOperator(BaseOperator):
 
     def _go_on_deferred(self, sweep: HyperDriveRun, stop_at: str | None) -> dict[str, Any]:
         """Start the runs that slots allow, then hand the live ones to the triggerer until there is more to do."""
-        from airflow_amlrun.operators.script_run import DEFER_SLACK
         from airflow_amlrun.triggers.hyperdrive import HyperDriveTrigger
         from airflow_amlrun.triggers.script_run import FIRST_EVENT_AFTER_SECONDS
 
@@ -259,7 +261,7 @@ class HyperDriveOperator(BaseOperator):
             method_name="execute_complete",
             # A backstop for a deployment whose triggerer never takes the trigger: the trigger itself hands the
             # sweep back at the execution_timeout, which Airflow does not apply to a deferred task.
-            timeout=None if self.execution_timeout is None else self.execution_timeout + DEFER_SLACK,
+            timeout=None if self.execution_timeout is None else self.execution_timeout + self.defer_slack,
         )
 
     def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
@@ -319,6 +321,57 @@ class HyperDriveOperator(BaseOperator):
         }
         sweep.take_back(ended, {str(k): str(v) for k, v in (event.get("stops") or {}).items()})
         return self._go_on_deferred(sweep, event.get("stop_at"))
+
+    def resume_execution(self, next_method: str, next_kwargs: dict[str, Any] | None, context: Context) -> Any:
+        """Resume the deferred task. When Airflow resumes it only to fail it, the sweep this try handed to its
+        trigger is settled from here (``operators/deferral.py``): a trigger that failed leaves the sweep to this
+        worker to follow on to its end; a deferral that timed out (the execution_timeout passed while no triggerer
+        followed the sweep) ends it Failed, its live runs stopped, and fails the task."""
+        from airflow_amlrun.operators.deferral import (
+            FAIL_METHOD,
+            RunKind,
+            failed_deferral,
+            settle_failed_deferral,
+        )
+
+        if next_method != FAIL_METHOD:
+            return super().resume_execution(next_method, next_kwargs, context)
+        failure = failed_deferral(
+            partial(super().resume_execution, next_method, next_kwargs, context), next_kwargs
+        )
+        _, task, _ = self._prepared(context)
+        return settle_failed_deferral(
+            failure,
+            self.workspace,
+            task,
+            RunKind.SWEEP,
+            follow_on=lambda record: self._followed_on_after_trigger(context, record),
+            stop=lambda record, reason: self._stopped_unfollowed(context, record, reason),
+            log=self.log,
+        )
+
+    def _taken_over(self, context: Context, record: RunRecord) -> HyperDriveRun:
+        """The sweep this try handed to a trigger that is gone, taken over with no state: each live run's output and
+        metrics are read again from their start (a metric point is recorded once)."""
+        from airflow_amlrun.hyperdrive import HyperDriveRun
+        from airflow_amlrun.hyperdrive.takeover import SweepState
+
+        config, task, _ = self._prepared(context)
+        self.amlrun_run_id = record.id
+        return self._hold(
+            HyperDriveRun.resumed(self.workspace, record.id, config, state=SweepState(), airflow_task=task)
+        )
+
+    def _followed_on_after_trigger(self, context: Context, record: RunRecord) -> dict[str, Any]:
+        """Follow on, in this worker, a sweep whose trigger failed; the task ends as the sweep does."""
+        with self._ended_unless_retried(context):
+            sweep = self._taken_over(context, record)
+            return self._result(sweep, sweep.wait_for_completion())
+
+    def _stopped_unfollowed(self, context: Context, record: RunRecord, reason: str) -> RunRecord:
+        """End Failed, its live runs stopped, a sweep nobody followed past the task's execution_timeout."""
+        with self._ended_unless_retried(context):
+            return self._taken_over(context, record).fail(reason)
 
     @contextmanager
     def _ended_unless_retried(self, context: Context) -> Iterator[None]:

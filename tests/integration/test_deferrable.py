@@ -40,6 +40,8 @@ import asyncio
 from datetime import timedelta
 
 from airflow_amlrun import ScriptRunOperator
+from airflow_amlrun.operators.hyperdrive import HyperDriveOperator
+from airflow_amlrun.triggers.hyperdrive import HyperDriveTrigger
 from airflow_amlrun.triggers.script_run import ScriptRunTrigger
 
 
@@ -92,6 +94,41 @@ class DeferringToAHangingTrigger(_Deferring):
 
 class DeferringToASettlingTrigger(_Deferring):
     trigger_class = SettlingTrigger
+
+
+class RaisingSweepTrigger(HyperDriveTrigger):
+    '''A sweep's trigger that raises in the triggerer, leaving the sweep's runs as they were handed over.'''
+
+    def serialize(self):
+        return f"{__name__}.{type(self).__name__}", super().serialize()[1]
+
+    async def run(self):
+        while not self._may_fire():
+            await asyncio.sleep(0.5)
+        raise RuntimeError("the sweep's trigger broke down in the triggerer")
+        yield
+
+
+class HangingSweepTrigger(RaisingSweepTrigger):
+    async def run(self):
+        await asyncio.Event().wait()
+        yield
+
+
+class _DeferringSweep(HyperDriveOperator):
+    trigger_class = RaisingSweepTrigger
+
+    def defer(self, *, trigger, **kwargs):
+        super().defer(trigger=self.trigger_class(**trigger.serialize()[1]), **kwargs)
+
+
+class SweepDeferringToARaisingTrigger(_DeferringSweep):
+    trigger_class = RaisingSweepTrigger
+
+
+class SweepDeferringToAHangingTrigger(_DeferringSweep):
+    trigger_class = HangingSweepTrigger
+    defer_slack = timedelta(seconds=5)
 """
 
 
@@ -319,3 +356,79 @@ def test_a_failed_trigger_whose_run_another_process_recorded_fails_the_task_sayi
         "process.): nothing is left to settle."
     ) in log
     assert "TaskDeferralError" in log
+
+
+def failing_sweep_trigger_dag(source: Path, operator: str, steps: int, options: str = "") -> str:
+    """A grid sweep of two runs of the script (each `steps` steps long, `--lr` 0.1 or 0.2), both at once."""
+    return f"""
+import datetime
+import pendulum
+from airflow.sdk import DAG
+from airflow_amlrun import ScriptRunConfig
+from airflow_amlrun.hyperdrive import GridParameterSampling, HyperDriveConfig, choice
+from amlrun_failing_triggers import {operator}
+
+with DAG("DAG_ID", schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC")) as dag:
+    {operator}(
+        task_id="tune",
+        config=HyperDriveConfig(
+            run_config=ScriptRunConfig({str(source)!r}, script="train.py", arguments=["{steps}"]),
+            hyperparameter_sampling=GridParameterSampling({{"--lr": choice(0.1, 0.2)}}),
+            primary_metric_name="loss",
+            primary_metric_goal="minimize",
+            max_total_runs=2,
+            max_concurrent_runs=2,
+        ),
+        deferrable=True,{options}
+    )
+"""
+
+
+def test_a_sweep_whose_trigger_fails_in_the_triggerer_is_followed_on_by_the_worker(
+    cluster: AirflowCluster, source: Path
+) -> None:
+    dag_id = cluster.write_dag(failing_sweep_trigger_dag(source, "SweepDeferringToARaisingTrigger", 30))
+    run_id = cluster.trigger(dag_id)
+
+    assert cluster.wait_for_dag_run(dag_id, run_id) == "success", cluster.component_logs()
+    records = runs_of(cluster, dag_id)
+    [sweep] = [r for r in records if r.target == "hyperdrive"]
+    trials = [r for r in records if r.parent_run_id == sweep.id]
+    assert (str(sweep.status), sweep.error) == ("Completed", None)
+    assert sorted(str(r.status) for r in trials) == ["Completed", "Completed"]
+    for trial in trials:
+        # Read again from their start by the worker: each point recorded once.
+        assert [p.step for p in cluster.history().get_metrics(trial.id, "loss")] == list(range(30))
+    log = cluster.task_log(dag_id, run_id, "tune")
+    assert (
+        f"The trigger following sweep {sweep.id} failed in the triggerer (RuntimeError: the sweep's trigger broke "
+        "down in the triggerer); this worker follows the sweep on to its end."
+    ) in log
+
+
+def test_a_sweep_nobody_follows_is_ended_once_its_deferral_times_out(
+    cluster: AirflowCluster, source: Path
+) -> None:
+    dag_id = cluster.write_dag(
+        failing_sweep_trigger_dag(
+            source,
+            "SweepDeferringToAHangingTrigger",
+            600,
+            "\n        execution_timeout=datetime.timedelta(seconds=15),",
+        )
+    )
+    run_id = cluster.trigger(dag_id)
+
+    assert cluster.wait_for_dag_run(dag_id, run_id) == "failed"
+    records = runs_of(cluster, dag_id)
+    [sweep] = [r for r in records if r.target == "hyperdrive"]
+    reason = (
+        "Stopped: the Airflow task's execution_timeout passed while no triggerer followed the run (its deferral "
+        "timed out)."
+    )
+    assert (str(sweep.status), sweep.error) == ("Failed", reason), cluster.component_logs()
+    trials = [r for r in records if r.parent_run_id == sweep.id]
+    assert [(str(r.status), r.error) for r in trials] == [("Canceled", f"Canceled: {reason}")] * 2
+    assert not cluster.marked_processes_running_script("train.py")
+    log = cluster.task_log(dag_id, run_id, "tune")
+    assert f"Sweep {sweep.id} was stopped and recorded Failed" in log
