@@ -26,8 +26,6 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.dialects.postgresql import insert as postgresql_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import URL, ExceptionContext, make_url
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
@@ -252,14 +250,24 @@ class RunHistory:
         # savepoint takes the race (on SQLite, its release would commit the experiment on its own).
         dialect = session.get_bind().dialect.name
         if dialect in ("sqlite", "postgresql"):
+            # Imported by the database in use: the other's dialect is a tenth of a second to import, in every task.
             values = {"name": name, "created_at": utcnow()}
-            session.execute(
-                sqlite_insert(ExperimentRow).values(values).on_conflict_do_nothing(index_elements=["name"])
-                if dialect == "sqlite"
-                else postgresql_insert(ExperimentRow)
-                .values(values)
-                .on_conflict_do_nothing(index_elements=["name"])
-            )
+            if dialect == "sqlite":
+                from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+                session.execute(
+                    sqlite_insert(ExperimentRow)
+                    .values(values)
+                    .on_conflict_do_nothing(index_elements=["name"])
+                )
+            else:
+                from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+
+                session.execute(
+                    postgresql_insert(ExperimentRow)
+                    .values(values)
+                    .on_conflict_do_nothing(index_elements=["name"])
+                )
             return session.scalars(query).one()
         try:
             with session.begin_nested():
