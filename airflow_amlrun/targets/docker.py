@@ -271,7 +271,7 @@ class DockerTarget:
         bind = transfer == "bind"
         # The supervisor's folder is kept from any cleanup until the container exists (bind) or has its copy
         # (archive); the daemon is recorded as one whose containers may mount it.
-        with lib_folder(self.cache_dir, bind_daemon=self.daemon.base_url if bind else None) as lib:
+        with lib_folder(self.cache_dir, bind_daemon=self.daemon if bind else None) as lib:
             mounts = []
             if bind:
                 mounts = [

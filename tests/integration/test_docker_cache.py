@@ -3,7 +3,9 @@ the package, which runs' containers mount, is removed once no run uses it, and n
 
 from __future__ import annotations
 
+import os
 import threading
+import time
 from pathlib import Path
 
 from airflow_amlrun import Experiment, ScriptRunConfig, Workspace
@@ -35,6 +37,22 @@ Run.get_context().log("acc", 0.9)
 """
 
 
+def an_earlier_version(cache: Path, digest: str, *, days_ago: float = 0) -> Path:
+    """The supervisor's folder of another version of the package, made that many days ago."""
+    folder = cache / f"lib-{digest}"
+    (folder / "pylib").mkdir(parents=True)
+    (folder / "supervisor.py").write_text("# an earlier version\n")
+    if days_ago:
+        made = time.time() - days_ago * 24 * 3600
+        os.utime(folder, (made, made))
+    return folder
+
+
+def recorded_daemons(cache: Path) -> list[str]:
+    """The daemons recorded as ones whose containers may mount a folder of the cache."""
+    return [line for line in (cache / "lib-daemons").read_text().splitlines() if not line.startswith("#")]
+
+
 def test_a_new_version_removes_the_folders_no_run_uses_and_keeps_the_one_a_running_container_mounts(
     docker_home, tmp_path, monkeypatch
 ):
@@ -42,13 +60,11 @@ def test_a_new_version_removes_the_folders_no_run_uses_and_keeps_the_one_a_runni
     write_script(tmp_path / "new", "train.py", QUICK)
     cache = Workspace.get().cache_dir / "docker"
     experiment = Experiment(Workspace.get(), "docker-cache")
-    # A version before both, whose runs are long over.
-    unused = cache / f"lib-{'0' * 16}"
-    (unused / "pylib").mkdir(parents=True)
-    (unused / "supervisor.py").write_text("# an earlier version\n")
 
     # A run of this version starts, and goes on...
     old_run = experiment.submit(ScriptRunConfig(tmp_path / "old", script="train.py", compute_target="docker"))
+    # (A version between, whose runs are over.)
+    unused = an_earlier_version(cache, "0" * 16)
     lines: list[str] = []
     waiting = threading.Event()
 
@@ -99,7 +115,7 @@ def test_a_new_version_removes_the_folders_no_run_uses_and_keeps_the_one_a_runni
     ).wait_for_completion(show_output=False)
     assert again.status == "Completed", again.error
     assert {p.name for p in cache.iterdir()} == {new_lib.name, "lib.lock", "lib-daemons"}
-    assert (cache / "lib-daemons").read_text() == "unix:///var/run/docker.sock\n"
+    assert recorded_daemons(cache) == ["unix:///var/run/docker.sock"]
 
 
 def test_a_run_that_copies_the_folder_into_its_container_uses_it_only_until_it_starts(
@@ -124,5 +140,6 @@ def test_a_run_that_copies_the_folder_into_its_container_uses_it_only_until_it_s
 
     assert (first.status, second.status) == ("Completed", "Completed")
     assert second.metrics == {"acc": 0.9}
-    assert {p.name for p in cache.iterdir()} == {docker_lib.lib_name(), "lib.lock"}
+    assert {p.name for p in cache.iterdir()} == {docker_lib.lib_name(), "lib.lock", "lib-daemons"}
     assert not Path(old_lib).exists()
+    assert recorded_daemons(cache) == []  # no container mounts the folders
