@@ -248,8 +248,8 @@ def _not_this_users(root: Path, path: Path, err: OSError) -> ConfigurationError:
     uid = os.geteuid()
     return ConfigurationError(
         f"The Docker target cannot use {path}, in the workspace's cache of the supervisor's folders: "
-        f"{err.strerror} for this user (uid {uid}){owned_by(root)}. A run as another user (sudo?) made it: give "
-        f"that folder to the user that runs the tasks (sudo chown -R {uid} {root})."
+        f"{err.strerror} for this user (uid {uid}); that folder{owned_by(root)} was made by a run as another user "
+        f"(sudo?). Give it to the user that runs the tasks (sudo chown -R {uid} {root})."
     )
 
 
