@@ -269,9 +269,10 @@ class DockerTarget:
         }
         name = container_name(job.run_id)
         bind = transfer == "bind"
-        # The supervisor's folder is kept from any cleanup until the container exists (bind) or has its copy
-        # (archive); the daemon is recorded as one whose containers may mount it.
-        with lib_folder(self.cache_dir, bind_daemon=self.daemon.base_url if bind else None) as lib:
+        # The supervisor's folder is kept from any cleanup until the container has started (bind: a cleanup relies
+        # on no container starting outside this block) or has its copy (archive); the daemon is recorded as one
+        # whose containers may mount it.
+        with lib_folder(self.cache_dir, bind_daemon=self.daemon if bind else None) as lib:
             mounts = []
             if bind:
                 mounts = [

@@ -2,7 +2,7 @@
 no run uses it.
 
 It holds ``supervisor.py`` and ``pylib/`` (run_context, the stand-in package, the MLflow capture), and its name
-is the hash of those files: ``<cache>/docker/lib-<digest>``. Every process and every daemon using this cache
+is the hash of those files: ``<cache>/docker/lib-<digest>``. Every process, user and daemon using this cache
 shares it. Who uses one:
 - a ``bind`` run's container bind-mounts it read-only, for as long as the container exists and may run
   (created, running, paused, restarting): long after the process that started it is gone, as a retry or
@@ -12,50 +12,89 @@ shares it. Who uses one:
 
 Each version of those files makes a new folder; the others are removed once nothing uses them
 (``remove_unused``, called once a run has started), which is known this way:
-- a process holds a shared lock (``flock`` of ``<cache>/docker/lib.lock``) from choosing its folder (making it
-  if missing) until its container exists, or has its copy (``lib_folder``). From then on the daemon knows;
-- under that lock it first records the daemon that will bind-mount the folder (``<cache>/docker/lib-daemons``,
-  one URL a line): any daemon of this machine may, and only that daemon can tell which containers do;
-- a cleanup takes the exclusive lock, or gives up at once (another process is choosing its folder: a later run
-  cleans up), asks every recorded daemon for its live containers' bind mounts, and removes each folder other
-  than its own that none mounts. A daemon that does not answer keeps them all: it may have a run using one.
-A folder is renamed aside before it is removed, so that no process ever finds one half removed; only real
-folders named as this module names them are considered, and removing one follows no link (``shutil.rmtree``).
+- a process holds a shared lock (``flock`` of ``<cache>/docker/lib.lock``, which every user may open to read)
+  from choosing its folder (making it if missing) until its container has started, or has its copy
+  (``lib_folder``). From then on the daemon knows;
+- under that lock it first records the daemon that will bind-mount the folder, and the TLS files to reach it
+  with (``<cache>/docker/lib-daemons``, see ``docker_lib_record``): any daemon of this machine may, and only
+  that daemon can tell which containers do;
+- a cleanup asks every recorded daemon (and the run's own) for its live containers' bind mounts, all at once and
+  holding no lock: no run waits on a daemon that is slow to answer. Then it takes the exclusive lock, or gives
+  up at once (a process is choosing its folder: a later run cleans up), and renames the folders that none mounts
+  aside (``.old-lib-<digest>-<random>``), which takes no time. From then on no container can mount them: Docker
+  resolves a bind mount's path when the container starts, and every start happens under the shared lock. So it
+  asks the daemons once more, and under the exclusive lock again removes each folder set aside whose name no
+  live container mounts (one that started before it was set aside holds it still: it stays for a later
+  cleanup);
+- a daemon that does not answer keeps every folder (it may have a run using one), and is not asked again for a
+  while (``docker_lib_record.Unanswered``): meanwhile cleanups keep everything, at no cost. After a few failures
+  in a row the task log warns, naming the daemon and the line to remove if it is gone for good;
+- containers that versions before this record started may mount a folder through a daemon nobody recorded (a
+  second daemon of this machine). The record says when it began, and a folder made before that is kept until
+  ``LEGACY_GRACE_SECONDS`` after it. A folder's time says when it was made, not when a run last mounted it (a
+  version reuses its folder for every run), so the grace counts from the record's start.
+
+A user who may not write this folder or the record (a cache another user, e.g. ``sudo amlrun``, made first) still
+runs: it locks through a read-only descriptor, leaves its daemon unrecorded and removes nothing, saying so once.
+A folder is renamed before it is removed, so that no process ever finds one half removed; only real folders named
+as this module names them are considered, removing one follows no link (``shutil.rmtree``), and the cache's
+files are opened without following links.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import logging
 import os
 import re
 import shutil
+import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from airflow_amlrun.hooks.docker_daemon import DockerDaemon, DockerDaemonUnreachableError
+from airflow_amlrun.errors import ConfigurationError
 from airflow_amlrun.targets import supervisor
 from airflow_amlrun.targets.common import run_context_files, write_run_context_package
+from airflow_amlrun.targets.docker_lib_record import (
+    DAEMONS,
+    SHARED_MODE,
+    Unanswered,
+    begin_record,
+    daemon_of_line,
+    owned_by,
+    record_daemon,
+    warn_once,
+)
 
 if TYPE_CHECKING:
     from docker import APIClient
+
+    from airflow_amlrun.hooks.docker_daemon import DockerDaemon
 
 log = logging.getLogger(__name__)
 
 FOLDER = "docker"
 LOCK = "lib.lock"
-DAEMONS = "lib-daemons"
-# A folder of one version; one being made, or set aside to be removed.
+# A version's folder; one being made (under the shared lock), or left half made by a process that died.
 LIB_NAME = re.compile(r"lib-[0-9a-f]{16}")
-SET_ASIDE = re.compile(r"\.tmp-lib-[0-9a-f]{16}-[0-9a-f]{8}")
+HALF_MADE = re.compile(r"\.tmp-lib-[0-9a-f]{16}-[0-9a-f]{8}")
+# One set aside by a cleanup, until no live container mounts the name it had (the group).
+SET_ASIDE = re.compile(r"\.old-(lib-[0-9a-f]{16})-[0-9a-f]{8}")
 # The states of a container that may still read its bind mounts (a created one reads them when it starts).
 LIVE_STATES = ["created", "running", "paused", "restarting"]
-# How long a recorded daemon may take to say which of its containers mount what.
+# How long a daemon may take to say which of its containers mount what (each of the two calls).
 DAEMON_TIMEOUT_SECONDS = 10
+# How long a folder made before the record of daemons began is kept after it began: the runs that versions
+# without the record started on a daemon nobody recorded have ended by then, unless one runs longer. No setting
+# bounds a run's duration (max_run_duration_seconds is per run, and unset by default), and a folder is a few
+# hundred kilobytes: a week costs nothing, and covers training runs of several days.
+LEGACY_GRACE_SECONDS = 7 * 24 * 3600
 
 
 def lib_sources() -> list[Path]:
@@ -70,74 +109,87 @@ def lib_name() -> str:
 
 
 @contextlib.contextmanager
-def lib_folder(cache_dir: Path, *, bind_daemon: str | None) -> Iterator[Path]:
-    """This version's folder (made if missing), kept from any cleanup until the block ends: create the
+def lib_folder(cache_dir: Path, *, bind_daemon: DockerDaemon | None) -> Iterator[Path]:
+    """This version's folder (made if missing), kept from any cleanup until the block ends: create and start the
     container (``bind``), or copy the folder into it (``archive``), in the block.
 
     :param cache_dir: the workspace's cache folder.
-    :param bind_daemon: the URL of the daemon whose container will bind-mount the folder, None for a copy.
+    :param bind_daemon: the daemon whose container will bind-mount the folder, None for a copy.
     """
     root = _root(cache_dir)
     with _locked(root, fcntl.LOCK_SH):
-        if bind_daemon is not None:
-            _record_daemon(root / DAEMONS, bind_daemon)
+        record_daemon(root, bind_daemon)
         yield _made(root / lib_name())
 
 
 def remove_unused(cache_dir: Path, *, keep: Path, clients: Mapping[str, APIClient]) -> list[str]:
-    """Remove the folders of other versions (and any left set aside) that no live container mounts; returns the
-    names removed. Does nothing while another process holds its folder (``lib_folder``).
+    """Remove the folders of other versions (and any left half made) that no live container mounts; returns the
+    names removed. Removes nothing while another process holds its folder (``lib_folder``), while a daemon that
+    may have a run mounting one does not answer, or when this user may not write the cache.
 
     :param cache_dir: the workspace's cache folder.
     :param keep: the folder of the run that just started.
-    :param clients: clients of daemons by URL (the run's own, if it is on this machine): asked as well as the
-        recorded ones, which are reached with no TLS (a daemon that bind-mounts this machine's files listens on
-        a unix socket).
+    :param clients: clients of daemons by URL (the run's own, if it is on this machine): asked instead of the
+        recorded daemons of the same URL.
     """
-    from docker.errors import DockerException
-    from requests.exceptions import RequestException
-
     root = _root(cache_dir)
     if not _candidates(root, keep.name):
         return []  # the common case, at the cost of listing one small folder
+    since_ns = _may_clean(root)
+    if since_ns is None:
+        return []
+    mounted = _mounted(root, clients)
+    if mounted is None:
+        return []
+    removed = []
     with _locked(root, fcntl.LOCK_EX | fcntl.LOCK_NB) as locked:
         if not locked:
             return []
-        candidates = _candidates(root, keep.name)  # again: another process may have removed some meanwhile
-        mounted: set[str] = set()
-        for url in sorted({*_recorded_daemons(root / DAEMONS), *clients}):
-            try:
-                mounted |= _live_bind_sources(url, clients.get(url))
-            except (DockerDaemonUnreachableError, DockerException, RequestException) as err:
-                # One not reached at all: its error's advice (how to start a daemon) is not the point here.
-                detail = (
-                    "" if isinstance(err, DockerDaemonUnreachableError) else f" ({str(err).splitlines()[0]})"
-                )
-                log.info(
-                    "The supervisor's folders of other versions in %s are kept: the Docker daemon at %s, whose "
-                    "containers may use one, does not answer%s. If that daemon is gone for good, remove its line "
-                    "from %s.",
-                    root,
-                    url,
-                    detail,
-                    root / DAEMONS,
-                )
-                return []
-        removed = []
-        for name in candidates:
-            folder = str(root / name)
-            if any(source == folder or source.startswith(folder + os.sep) for source in mounted):
+        # No process is choosing or making a folder now, nor starting a container: no daemon is asked here.
+        for name in _candidates(root, keep.name):
+            folder = root / name
+            if HALF_MADE.fullmatch(name):
+                removed += _removed(folder, name)
+            elif not LIB_NAME.fullmatch(name):
+                continue
+            elif _mounts(mounted, folder):
                 log.debug("The supervisor's folder %s is kept: a container mounts it", folder)
-                continue
-            try:
-                _remove(root, name)
-            except OSError as err:
-                log.warning("Could not remove the supervisor's folder %s, which no run uses: %s", folder, err)
-                continue
-            removed.append(name)
-            if LIB_NAME.fullmatch(name):
-                log.info("Removed the supervisor's folder %s of another version: no run uses it", folder)
-        return removed
+            elif _made_before_the_record(folder, since_ns):
+                log.debug(
+                    "The supervisor's folder %s is kept until %s: it was made before the Docker daemons whose "
+                    "containers mount folders here were recorded, and an older version's container may use it",
+                    folder,
+                    _utc(since_ns / 10**9 + LEGACY_GRACE_SECONDS),
+                )
+            else:
+                os.rename(folder, root / f".old-{name}-{uuid.uuid4().hex[:8]}")
+    return removed + _remove_set_aside(root, keep.name, clients)
+
+
+def _remove_set_aside(root: Path, keep: str, clients: Mapping[str, APIClient]) -> list[str]:
+    """Remove the folders set aside whose name no live container mounts, asking the daemons now that they are
+    set aside; returns the names they had."""
+    aside = [name for name in _candidates(root, keep) if SET_ASIDE.fullmatch(name)]
+    if not aside:
+        return []
+    mounted = _mounted(root, clients)
+    if mounted is None:
+        return []
+    removed = []
+    with _locked(root, fcntl.LOCK_EX | fcntl.LOCK_NB) as locked:
+        if not locked:
+            return []
+        for name in aside:
+            folder = root / name
+            match = SET_ASIDE.fullmatch(name)
+            assert match is not None
+            if _mounts(mounted, root / match.group(1)):
+                log.debug("The supervisor's folder %s is kept: a container mounts it", root / match.group(1))
+            elif folder.is_dir():  # else another cleanup removed it meanwhile
+                removed += _removed(folder, match.group(1))
+    for name in removed:
+        log.info("Removed the supervisor's folder %s of another version: no run uses it", root / name)
+    return removed
 
 
 def _root(cache_dir: Path) -> Path:
@@ -150,8 +202,18 @@ def _root(cache_dir: Path) -> Path:
 @contextlib.contextmanager
 def _locked(root: Path, how: int) -> Iterator[bool]:
     """Hold the lock of the cache's folders (``LOCK_SH`` or ``LOCK_EX``); with ``LOCK_NB``, False if another
-    process holds it. It is held as long as the file is open: a process that dies lets go."""
-    fd = os.open(root / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    process holds it. It is held as long as the file is open: a process that dies lets go. The file is open to
+    read, all ``flock`` needs: every user may, whoever made it."""
+    path = root / LOCK
+    try:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, SHARED_MODE)
+        except FileExistsError:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        else:
+            os.fchmod(fd, SHARED_MODE)  # whatever this process's umask: other users lock it too
+    except PermissionError as err:
+        raise _not_this_users(root, path, err) from None
     try:
         try:
             fcntl.flock(fd, how)
@@ -168,7 +230,10 @@ def _made(dest: Path) -> Path:
     if dest.is_dir():
         return dest
     tmp = dest.parent / f".tmp-{dest.name}-{uuid.uuid4().hex[:8]}"
-    write_run_context_package(tmp / "pylib")
+    try:
+        write_run_context_package(tmp / "pylib")
+    except PermissionError as err:
+        raise _not_this_users(dest.parent, dest, err) from None
     shutil.copyfile(supervisor.__file__, tmp / "supervisor.py")
     for path in [tmp, *tmp.rglob("*")]:
         path.chmod(0o755 if path.is_dir() else 0o644)
@@ -179,49 +244,91 @@ def _made(dest: Path) -> Path:
     return dest
 
 
+def _not_this_users(root: Path, path: Path, err: OSError) -> ConfigurationError:
+    uid = os.geteuid()
+    return ConfigurationError(
+        f"The Docker target cannot use {path}, in the workspace's cache of the supervisor's folders: "
+        f"{err.strerror} for this user (uid {uid}); that folder{owned_by(root)} was made by a run as another user "
+        f"(sudo?). Give it to the user that runs the tasks (sudo chown -R {uid} {root})."
+    )
+
+
 def _candidates(root: Path, keep: str) -> list[str]:
-    """The names of the folders a cleanup may remove: real folders (no link) of other versions, or set aside."""
+    """The names of the folders a cleanup may remove: real folders (no link) of other versions, half made or set
+    aside."""
+    patterns = (LIB_NAME, HALF_MADE, SET_ASIDE)
     with os.scandir(root) as entries:
         return sorted(
             entry.name
             for entry in entries
             if entry.name != keep
-            and (LIB_NAME.fullmatch(entry.name) or SET_ASIDE.fullmatch(entry.name))
+            and any(p.fullmatch(entry.name) for p in patterns)
             and entry.is_dir(follow_symlinks=False)
         )
 
 
-def _remove(root: Path, name: str) -> None:
-    """Rename a folder aside (one step: no process finds it half removed), then remove it."""
-    aside = root / name
-    if LIB_NAME.fullmatch(name):
-        aside = root / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
-        os.rename(root / name, aside)
-    shutil.rmtree(aside)
-
-
-def _record_daemon(path: Path, url: str) -> None:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "r+") as daemons:
-        if url not in daemons.read().splitlines():
-            daemons.write(url + "\n")  # one short write in append mode: concurrent ones do not mix
-
-
-def _recorded_daemons(path: Path) -> list[str]:
+def _may_clean(root: Path) -> int | None:
+    """When the record of daemons began (ns since the epoch), begun now if there was none; None if this user
+    may not write it or this folder, and so removes nothing (said once)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except FileNotFoundError:
-        return []
-    with os.fdopen(fd) as daemons:
-        return [line for line in daemons.read().splitlines() if line]
+        since_ns = begin_record(root).since_ns
+    except PermissionError:
+        since_ns = None
+    if since_ns is not None and os.access(root, os.W_OK | os.X_OK) and os.access(root / DAEMONS, os.W_OK):
+        return since_ns
+    uid = os.geteuid()
+    warn_once(
+        root,
+        "clean",
+        "The supervisor's folders of other versions in %s are not removed by this process: this user (uid %d) may "
+        "not write that folder or %s%s. A run as another user (sudo?) made it. Runs go on; to have them removed, "
+        "give the folder to the user that runs the tasks (sudo chown -R %d %s).",
+        root,
+        uid,
+        root / DAEMONS,
+        owned_by(root / DAEMONS),
+        uid,
+        root,
+    )
+    return None
 
 
-def _live_bind_sources(url: str, client: APIClient | None) -> set[str]:
-    """The real paths of this machine bind-mounted into the containers of the daemon at ``url`` that may still
-    read them; ``client`` is one of that daemon, or None to connect to it here."""
-    if client is None:
-        with DockerDaemon(base_url=url).connect(timeout=DAEMON_TIMEOUT_SECONDS) as own:
-            return _live_bind_sources(url, own)
+def _mounted(root: Path, clients: Mapping[str, APIClient]) -> set[str] | None:
+    """The real paths bind-mounted into the live containers of every daemon that may have a run mounting a
+    folder here (the recorded ones, and ``clients``), all asked at once; None if one of them did not answer
+    lately (it is not asked again yet) or does not answer now."""
+    record = begin_record(root)
+    asks: dict[str, Callable[[], set[str]]] = {
+        line: functools.partial(_asked, line)
+        for line in record.lines
+        if line.partition(" ")[0] not in clients
+    }
+    asks.update({url: functools.partial(_live_bind_sources, client) for url, client in clients.items()})
+    unanswered = Unanswered.read(root)
+    if unanswered.waiting(asks):
+        return None
+    if not asks:
+        return set()
+    with ThreadPoolExecutor(max_workers=len(asks), thread_name_prefix="amlrun-lib") as pool:
+        futures = {key: pool.submit(ask) for key, ask in asks.items()}
+    mounted: set[str] = set()
+    failed: dict[str, BaseException] = {}
+    for key, future in futures.items():
+        try:
+            mounted |= future.result()
+        except Exception as err:  # whatever went wrong, this daemon did not say what its containers mount
+            failed[key] = err
+    unanswered.update(root, answered=[key for key in asks if key not in failed], failed=failed)
+    return None if failed else mounted
+
+
+def _asked(line: str) -> set[str]:
+    with daemon_of_line(line).connect(timeout=DAEMON_TIMEOUT_SECONDS) as client:
+        return _live_bind_sources(client)
+
+
+def _live_bind_sources(client: APIClient) -> set[str]:
+    """The real paths of this machine bind-mounted into the containers of a daemon that may still read them."""
     containers = client.containers(all=True, filters={"status": LIVE_STATES})
     return {
         os.path.realpath(str(mount["Source"]))
@@ -229,3 +336,31 @@ def _live_bind_sources(url: str, client: APIClient | None) -> set[str]:
         for mount in container.get("Mounts") or []
         if mount.get("Type") == "bind" and mount.get("Source")
     }
+
+
+def _mounts(mounted: set[str], folder: Path) -> bool:
+    return any(source == str(folder) or source.startswith(f"{folder}{os.sep}") for source in mounted)
+
+
+def _made_before_the_record(folder: Path, since_ns: int) -> bool:
+    """Whether a folder was made before the record of daemons began, and that was less than the grace ago."""
+    if time.time_ns() >= since_ns + LEGACY_GRACE_SECONDS * 10**9:
+        return False
+    try:
+        return os.lstat(folder).st_mtime_ns < since_ns
+    except FileNotFoundError:
+        return False
+
+
+def _removed(folder: Path, name: str) -> list[str]:
+    """Remove a folder (following no link); returns ``[name]``, or nothing if it could not be removed."""
+    try:
+        shutil.rmtree(folder)
+    except OSError as err:
+        log.warning("Could not remove the supervisor's folder %s, which no run uses: %s", folder, err)
+        return []
+    return [name]
+
+
+def _utc(seconds: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(seconds))
