@@ -43,6 +43,12 @@ if ! command -v mkfs.xfs >/dev/null; then
 fi
 echo "services: xfsprogs installed"
 
+# socat: a test puts TLS in front of the Docker Engine's socket, as a daemon started with --tlsverify listens.
+if ! command -v socat >/dev/null; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq socat >/dev/null
+fi
+echo "services: socat installed"
+
 # Docker Engine and the test base image (installs and starts them when missing).
 "$(dirname "$0")/docker.sh"
 
