@@ -12,6 +12,7 @@ import os
 import re
 import select
 import sys
+import traceback
 from collections.abc import Sequence
 
 from rich.console import Console
@@ -19,12 +20,16 @@ from rich.markup import escape
 
 from airflow_amlrun.cli import envs, models, reconcile, runs, snapshot, submit, sweep
 from airflow_amlrun.cli.common import RUN_STATUSES, connection_id, error_line, line_count, status
-from airflow_amlrun.errors import AmlRunError
+from airflow_amlrun.config import parse_flag
+from airflow_amlrun.errors import AmlRunError, ConfigurationError
 
 # The names the command line's checks had before it became a package.
 _line_count, _status = line_count, status
 
 __all__ = ["RUN_STATUSES", "build_parser", "main"]
+
+# Set to 1 (true, yes, on), amlrun prints the traceback of an error before its one line.
+DEBUG_ENV = "AMLRUN_DEBUG"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,16 +71,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result: int = args.func(args, console)
     except AmlRunError as err:
-        return _failed(str(err))
+        return _failed(str(err), err)
     except BrokenPipeError as err:
         if not _stdout_closed():
             # A pipe of something else (a supervisor, a socket) broke: an error like any other.
-            return _failed(os_error_message(err, _command(args)))
+            return _failed(os_error_message(err, _command(args)), err)
         # Whoever read the output stopped reading (`amlrun runs list | head`): nothing is left to say there.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     except OSError as err:
-        return _failed(os_error_message(err, _command(args)))
+        return _failed(os_error_message(err, _command(args)), err)
     except KeyboardInterrupt as err:
         # A command may say what the interruption left behind (`amlrun sweep`: the sweep it recorded Canceled).
         _failed(f"interrupted (Ctrl-C): {err}" if str(err) else "interrupted (Ctrl-C)")
@@ -85,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = history_away_message(err, database) or history_refused_message(err, database)
         if message is None:
             raise
-        return _failed(message)
+        return _failed(message, err)
     return result
 
 
@@ -99,9 +104,22 @@ def _stdout_closed() -> bool:
         return False
 
 
-def _failed(message: str) -> int:
-    Console(stderr=True, soft_wrap=True).print(f"[red]error:[/red] {escape(message)}", highlight=False)
+def _failed(message: str, err: BaseException | None = None) -> int:
+    """Say `message` in a line on stderr; with ``AMLRUN_DEBUG=1``, the traceback of `err` first (to report what
+    looks like a fault of this program, e.g. a statement the database refused that no hand changed)."""
+    stderr = Console(stderr=True, soft_wrap=True)
+    if err is not None and _debugging():
+        stderr.print("".join(traceback.format_exception(err)), end="", highlight=False, markup=False)
+    stderr.print(f"[red]error:[/red] {escape(message)}", highlight=False)
     return 2
+
+
+def _debugging() -> bool:
+    value = os.environ.get(DEBUG_ENV, "")
+    try:
+        return value != "" and parse_flag(value, DEBUG_ENV)
+    except ConfigurationError:
+        return False
 
 
 def _command(args: argparse.Namespace) -> str:

@@ -266,7 +266,16 @@ def test_a_history_url_that_asks_for_read_only_is_named_as_the_cause_not_the_fil
         "database_url)."
     )
     assert "writable" not in done.stderr
+    assert "Traceback" not in done.stderr
     assert Workspace.get().list_runs(experiment="cli_errors") == []
+
+    # Asked for, the traceback comes before the same line (to report a fault of this program).
+    monkeypatch.setenv("AMLRUN_DEBUG", "1")
+    debugged = amlrun("submit", str(tmp_path / "run.yaml"))
+    assert debugged.returncode == 2, debugged.stdout + debugged.stderr
+    assert "Traceback (most recent call last):" in debugged.stderr
+    assert "HistoryReadOnlyError" in debugged.stderr
+    assert said(debugged)[-1] == said(done)[-1]
 
 
 # What `amlrun` adds to a statement the history's database refused.
