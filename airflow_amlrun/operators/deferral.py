@@ -6,20 +6,8 @@ timeout passed (no triggerer followed the run: down, hung, or not running at all
 then raises TaskDeferralError or TaskDeferralTimeout before the task's own method is called, and the run would go on
 on its target with its row Running, settled by nobody unless a retry re-attaches to it.
 
-An operator that defers a run (or a sweep) overrides ``resume_execution``: for "__fail__" it calls
-``failed_deferral`` (Airflow's own resume, which logs the trigger's traceback, for the error it fails the task with)
-and ``settle_failed_deferral`` with how to follow its kind of run on and how to stop it; anything else goes to
-``super()``::
-
-    def resume_execution(self, next_method, next_kwargs, context):
-        if next_method != FAIL_METHOD:
-            return super().resume_execution(next_method, next_kwargs, context)
-        resume = partial(super().resume_execution, next_method, next_kwargs, context)
-        failure = failed_deferral(resume, next_kwargs)
-        return settle_failed_deferral(
-            failure, self.workspace, AirflowTask.of(context["ti"]), RunKind.SWEEP,
-            follow_on=..., stop=..., log=self.log,
-        )
+An operator that defers a run (or a sweep) derives from ``SettlesFailedDeferral`` and says how to follow its kind
+of run on and how to stop it; ``failed_deferral`` and ``settle_failed_deferral`` do the rest.
 """
 
 from __future__ import annotations
@@ -27,18 +15,22 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from functools import partial
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
+from airflow.sdk import BaseOperator
 from airflow.sdk.bases.operator import TRIGGER_FAIL_REPR
 from airflow.sdk.exceptions import TaskDeferralError, TaskDeferralTimeout
 
 from airflow_amlrun.errors import RunFailedError
 from airflow_amlrun.history import RunStatus
 from airflow_amlrun.runconfig import SWEEP_TARGET
+from airflow_amlrun.submission import AirflowTask
 
 if TYPE_CHECKING:
+    from airflow.sdk import Context
+
     from airflow_amlrun.history import RunRecord
-    from airflow_amlrun.submission import AirflowTask
     from airflow_amlrun.workspace import Workspace
 
 T = TypeVar("T")
@@ -211,3 +203,41 @@ def _what_failed(failure: FailedDeferral) -> str:
     if failure.timed_out:
         return "task's deferral timed out (no triggerer followed it within its execution_timeout)"
     return f"trigger of this task failed in the triggerer ({failure.cause})"
+
+
+class SettlesFailedDeferral(BaseOperator):
+    """An operator that hands a run (or a sweep) to a trigger: when Airflow resumes it only to fail it, the run its
+    try handed over is settled from here (see the module): a trigger that failed leaves the run to this worker to
+    follow on to its end; a deferral that timed out (the execution_timeout passed while no triggerer followed the
+    run) stops it, recorded Failed, and fails the task."""
+
+    # Which of a try's rows the operator hands to a trigger.
+    deferred_kind: ClassVar[RunKind]
+
+    @property
+    def workspace(self) -> Workspace:
+        raise NotImplementedError
+
+    def resume_execution(self, next_method: str, next_kwargs: dict[str, Any] | None, context: Context) -> Any:
+        if next_method != FAIL_METHOD:
+            return super().resume_execution(next_method, next_kwargs, context)
+        failure = failed_deferral(
+            partial(super().resume_execution, next_method, next_kwargs, context), next_kwargs
+        )
+        return settle_failed_deferral(
+            failure,
+            self.workspace,
+            AirflowTask.of(context["ti"]),
+            self.deferred_kind,
+            follow_on=lambda record: self._followed_on_after_trigger(context, record),
+            stop=lambda record, reason: self._stopped_unfollowed(context, record, reason),
+            log=self.log,
+        )
+
+    def _followed_on_after_trigger(self, context: Context, record: RunRecord) -> Any:
+        """Follow on, in this worker, the run whose trigger failed; returns what the task returns."""
+        raise NotImplementedError
+
+    def _stopped_unfollowed(self, context: Context, record: RunRecord, reason: str) -> RunRecord:
+        """Stop the run nobody followed past the task's execution_timeout, recorded Failed with `reason`."""
+        raise NotImplementedError

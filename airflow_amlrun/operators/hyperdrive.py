@@ -6,16 +6,16 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
-from functools import cached_property, partial
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-from airflow.sdk import BaseOperator
 from airflow.sdk.configuration import conf
 from airflow.sdk.log import mask_secret
 
 from airflow_amlrun.environment.paths import PathBase
 from airflow_amlrun.errors import AmlRunError, ConfigurationError, shown
 from airflow_amlrun.links import RUN_ID_XCOM_KEY, AmlRunLink
+from airflow_amlrun.operators.deferral import RunKind, SettlesFailedDeferral
 from airflow_amlrun.operators.script_run import DEFER_SLACK, _known_part, rendered_later
 from airflow_amlrun.runconfig import render_tags
 from airflow_amlrun.workspace import check_connection_id
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 STARTED_ANEW = "The task running this sweep died, and its retry started the sweep anew."
 
 
-class HyperDriveOperator(BaseOperator):
+class HyperDriveOperator(SettlesFailedDeferral):
     """Run a sweep (a HyperDriveConfig) on its compute target; return the best run's summary and every run's id,
     parameters and metrics as the XCom: ``{"sweep_run_id", "best_run", "children"}``.
 
@@ -59,6 +59,7 @@ class HyperDriveOperator(BaseOperator):
         stopped, and the sweep is recorded Failed with the task's error (Canceled if killed).
     """
 
+    deferred_kind = RunKind.SWEEP
     template_fields: Sequence[str] = ("experiment", "tags")
     # How long past its execution_timeout a deferred task waits for its trigger before Airflow fails it (see
     # ScriptRunOperator.defer_slack).
@@ -321,34 +322,6 @@ class HyperDriveOperator(BaseOperator):
         }
         sweep.take_back(ended, {str(k): str(v) for k, v in (event.get("stops") or {}).items()})
         return self._go_on_deferred(sweep, event.get("stop_at"))
-
-    def resume_execution(self, next_method: str, next_kwargs: dict[str, Any] | None, context: Context) -> Any:
-        """Resume the deferred task. When Airflow resumes it only to fail it, the sweep this try handed to its
-        trigger is settled from here (``operators/deferral.py``): a trigger that failed leaves the sweep to this
-        worker to follow on to its end; a deferral that timed out (the execution_timeout passed while no triggerer
-        followed the sweep) ends it Failed, its live runs stopped, and fails the task."""
-        from airflow_amlrun.operators.deferral import (
-            FAIL_METHOD,
-            RunKind,
-            failed_deferral,
-            settle_failed_deferral,
-        )
-
-        if next_method != FAIL_METHOD:
-            return super().resume_execution(next_method, next_kwargs, context)
-        failure = failed_deferral(
-            partial(super().resume_execution, next_method, next_kwargs, context), next_kwargs
-        )
-        _, task, _ = self._prepared(context)
-        return settle_failed_deferral(
-            failure,
-            self.workspace,
-            task,
-            RunKind.SWEEP,
-            follow_on=lambda record: self._followed_on_after_trigger(context, record),
-            stop=lambda record, reason: self._stopped_unfollowed(context, record, reason),
-            log=self.log,
-        )
 
     def _taken_over(self, context: Context, record: RunRecord) -> HyperDriveRun:
         """The sweep this try handed to a trigger that is gone, taken over with no state: each live run's output and

@@ -7,11 +7,10 @@ import os
 from collections.abc import Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
-from functools import cached_property, partial
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from airflow.sdk import BaseOperator
 from airflow.sdk.configuration import conf
 from airflow.sdk.log import mask_secret
 
@@ -21,6 +20,7 @@ from airflow_amlrun.errors import ConfigurationError, shown
 from airflow_amlrun.estimator import Estimator
 from airflow_amlrun.experiment import check_experiment_name
 from airflow_amlrun.links import RUN_ID_XCOM_KEY, AmlRunLink
+from airflow_amlrun.operators.deferral import RunKind, SettlesFailedDeferral
 from airflow_amlrun.runconfig import (
     ScriptRunConfig,
     render_arguments,
@@ -46,7 +46,7 @@ DEFER_SLACK = timedelta(minutes=5)
 RECONCILE_BUDGET_SECONDS = 10.0
 
 
-class ScriptRunOperator(BaseOperator):
+class ScriptRunOperator(SettlesFailedDeferral):
     """Run a training script on a compute target, tracked in the workspace's run history.
 
     The task streams the script's output into its log while it runs, records status, metrics and
@@ -72,6 +72,7 @@ class ScriptRunOperator(BaseOperator):
         follow that run instead of starting another (default); False stops it (Canceled) and starts anew.
     """
 
+    deferred_kind = RunKind.RUN
     template_fields: Sequence[str] = (
         "experiment",
         "arguments",
@@ -266,34 +267,6 @@ class ScriptRunOperator(BaseOperator):
             ended=ended,
         )
 
-    def resume_execution(self, next_method: str, next_kwargs: dict[str, Any] | None, context: Context) -> Any:
-        """Resume the deferred task. When Airflow resumes it only to fail it, the run this try handed to its trigger
-        is settled from here (``operators/deferral.py``): a trigger that failed leaves the run to this worker to
-        follow on to its end; a deferral that timed out (the execution_timeout passed while no triggerer followed
-        the run) stops it, recorded Failed, and fails the task."""
-        from airflow_amlrun.operators.deferral import (
-            FAIL_METHOD,
-            RunKind,
-            failed_deferral,
-            settle_failed_deferral,
-        )
-        from airflow_amlrun.submission import AirflowTask
-
-        if next_method != FAIL_METHOD:
-            return super().resume_execution(next_method, next_kwargs, context)
-        failure = failed_deferral(
-            partial(super().resume_execution, next_method, next_kwargs, context), next_kwargs
-        )
-        return settle_failed_deferral(
-            failure,
-            self.workspace,
-            AirflowTask.of(context["ti"]),
-            RunKind.RUN,
-            follow_on=lambda record: self._followed_on_after_trigger(context, record),
-            stop=self._stopped_unfollowed,
-            log=self.log,
-        )
-
     def _followed_on_after_trigger(self, context: Context, record: RunRecord) -> dict[str, Any]:
         """Follow on, in this worker, a run whose trigger failed; the task ends as the run does."""
         from airflow_amlrun.run import FollowState
@@ -314,7 +287,7 @@ class ScriptRunOperator(BaseOperator):
             stop_reason="Stopped by the Airflow task's execution_timeout.",
         )
 
-    def _stopped_unfollowed(self, record: RunRecord, reason: str) -> RunRecord:
+    def _stopped_unfollowed(self, context: Context, record: RunRecord, reason: str) -> RunRecord:
         """Stop a run nobody followed, now, recording it Failed with `reason` (one that ended meanwhile is recorded
         as it ended); its row as recorded."""
         from airflow_amlrun.run import FollowState, RunEndedError, ScriptRun
