@@ -139,6 +139,7 @@ def cmd_runs_show(args: argparse.Namespace, console: Console) -> int:
         sweep = RecordedSweep.of(record)
         # As GET /api/runs/{id} gives it: how a sweep searched, null for any other run.
         shown = {
+            "arguments": record.arguments,
             "tags": record.tags,
             "log": location,
             "log_tail": tail,

@@ -71,7 +71,8 @@ def failed_run(amlrun_home: Path, tmp_path: Path) -> tuple[str, str]:
     with (source / "train.py").open("a") as script:
         script.write("# tried another column\n")
     run = Experiment(Workspace.get(), "cli_failed").submit(
-        ScriptRunConfig(source, script="train.py"), tags={"team": "forecasting"}
+        ScriptRunConfig(source, script="train.py", arguments=["--column", "y", "--rows", 30]),
+        tags={"team": "forecasting"},
     )
     record = run.wait_for_completion(show_output=False, raise_on_error=False)
     assert str(record.status) == "Failed"
@@ -113,6 +114,9 @@ def test_show_of_a_failed_run_gives_its_last_log_lines_log_location_tags_and_git
     assert as_json["log"] == location and as_json["tags"] == {"team": "forecasting"}
     assert as_json["log_tail"] == ["ValueError: the data has no column 'y'"]
     assert as_json["git"]["commit"] == commit and as_json["git"]["dirty"] is True
+    # As the table's row and GET /api/runs/{id} give them.
+    assert as_json["arguments"] == ["--column", "y", "--rows", "30"]
+    assert squeezed("arguments │ --column y --rows 30") in squeezed(out)
 
 
 def test_logs_prints_the_whole_log_of_a_failed_run(failed_run):
