@@ -50,6 +50,9 @@ if TYPE_CHECKING:
 
 PG_SERVER = os.environ.get("AMLRUN_TEST_PG", "postgresql://postgres@127.0.0.1:5432")
 REDIS = "redis://127.0.0.1:6379"
+# The key claiming a Redis database for one cluster, and how long a claim lasts: longer than any test module.
+CLAIM_KEY = "amlrun-test-broker"
+CLAIM_SECONDS = 3 * 60 * 60
 AIRFLOW = str(Path(sys.executable).parent / "airflow")
 # The variable every process of a cluster inherits (the training scripts too): how teardown finds them.
 MARKER = "AMLRUN_TEST_CLUSTER"
@@ -459,15 +462,13 @@ class AirflowCluster:
         return env
 
     def _claim_redis_db(self) -> None:
-        """Take an empty database of the machine's Redis (1-15) as the broker's; it is emptied at the end."""
+        """Take a database of the machine's Redis (1-15) that no live cluster claims as the broker's; it is emptied
+        at the end."""
         import redis
 
         for db in secrets.SystemRandom().sample(range(1, 16), 15):
             try:
-                # Claimed by a key of its own: another process of the suite may be looking at the same one.
-                free = _redis(db).dbsize() == 0 and _redis(db).set(
-                    "amlrun-test-broker", self.home.name, nx=True
-                )
+                free = _claim(_redis(db), self.home.name)
             except redis.RedisError as err:
                 pytest.fail(f"Redis is not reachable at {REDIS} ({err}); `make services` starts it.")
             if free:
@@ -476,7 +477,8 @@ class AirflowCluster:
                 self.env["AIRFLOW__CELERY__BROKER_URL"] = f"{REDIS}/{db}"
                 return
         pytest.fail(
-            f"Every database 1-15 of the Redis at {REDIS} holds keys: none is free for a test broker."
+            f"Every database 1-15 of the Redis at {REDIS} is claimed by a live test cluster ({CLAIM_KEY!r}, which "
+            f"expires {CLAIM_SECONDS} s after it was set): none is free for a test broker."
         )
 
     def _start(self, name: str, *args: str, extra_env: dict[str, str] | None = None) -> None:
@@ -600,6 +602,26 @@ def _admin_sql(statement: str) -> None:
             admin.execute(statement.encode())
     except psycopg.OperationalError as err:
         pytest.fail(f"PostgreSQL is not reachable at {PG_SERVER} ({err}); `make services` starts it.")
+
+
+def _claim(client: Any, owner: str) -> bool:
+    """Claim a Redis database by its claim key, unless a cluster holds it. A claim expires: a test session that
+    was killed (and so never emptied its database) holds it no longer than that, and what it left is emptied as
+    the database is claimed again, in one transaction with the claim."""
+    import redis
+
+    with client.pipeline() as pipe:
+        try:
+            pipe.watch(CLAIM_KEY)
+            if pipe.exists(CLAIM_KEY):
+                return False
+            pipe.multi()
+            pipe.flushdb()
+            pipe.set(CLAIM_KEY, owner, ex=CLAIM_SECONDS)
+            pipe.execute()
+        except redis.WatchError:
+            return False  # claimed by another process meanwhile
+    return True
 
 
 def _redis(db: int) -> Any:
