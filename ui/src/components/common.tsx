@@ -89,6 +89,22 @@ export function formatValue(value: Json | undefined): string {
   return JSON.stringify(value);
 }
 
+/** Names and their values, a row each: a run's parameters, environment or last metric values. */
+export function ValuesTable({ label, entries, mono = true }: { label: string; entries: [string, Json | undefined][]; mono?: boolean }) {
+  return (
+    <table className="amlrun-table amlrun-compact" aria-label={label}>
+      <tbody>
+        {entries.map(([name, value]) => (
+          <tr key={name}>
+            <th>{name}</th>
+            <td className={mono ? "amlrun-mono" : undefined}>{formatValue(value)}</td>
+          </tr>
+        ))}
+      </tbody>
+    </table>
+  );
+}
+
 export function formatBytes(size: number): string {
   if (size < 1024) return `${size} B`;
   if (size < 1024 * 1024) return `${(size / 1024).toFixed(1)} KiB`;

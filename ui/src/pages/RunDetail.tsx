@@ -3,7 +3,7 @@ import { Link } from "react-router-dom";
 
 import { enc, FINISHED, type Run, type RunDetail as Detail, type Series, SWEEP_TARGET } from "../api";
 import { alignLines, Chart } from "../components/Chart";
-import { ErrorBox, formatDuration, formatValue, Loading, RunLink, Section, StatusBadge, taskInstancePath, Time } from "../components/common";
+import { ErrorBox, formatDuration, formatValue, Loading, RunLink, Section, StatusBadge, taskInstancePath, Time, ValuesTable } from "../components/common";
 import { useApi, useInterval, useWidth } from "../hooks";
 import { pagePath } from "../routes";
 import { ArgumentsSection, EnvironmentSection, GitSection, OutputsSection } from "./RunSections";
@@ -192,16 +192,7 @@ function Metrics({ run }: { run: Detail }) {
           ))}
         </div>
         {others.length > 0 && (
-          <table className="amlrun-table amlrun-compact" aria-label="Values">
-            <tbody>
-              {others.map((m) => (
-                <tr key={m.name}>
-                  <th>{m.name}</th>
-                  <td>{formatValue(m.last)}</td>
-                </tr>
-              ))}
-            </tbody>
-          </table>
+          <ValuesTable label="Values" entries={others.map((m) => [m.name, m.last])} mono={false} />
         )}
       </div>
     </Section>

@@ -2,7 +2,7 @@ import { useState } from "react";
 
 import { apiUrl, enc, getText, type Json, type RunDetail } from "../api";
 import { Code } from "../components/Code";
-import { ErrorBox, formatValue, Section } from "../components/common";
+import { ErrorBox, formatValue, Section, ValuesTable } from "../components/common";
 import { useApi } from "../hooks";
 
 /** The command line the run ran: its command, or python and its script, then its arguments as a shell takes them. */
@@ -21,18 +21,7 @@ export function ArgumentsSection({ run }: { run: RunDetail }) {
   return (
     <Section title="Arguments">
       <div className="amlrun-mono amlrun-command">{commandLine(run)}</div>
-      {entries.length > 0 && (
-        <table className="amlrun-table amlrun-compact" aria-label="Parameters">
-          <tbody>
-            {entries.map(([k, v]) => (
-              <tr key={k}>
-                <th>{k}</th>
-                <td className="amlrun-mono">{formatValue(v)}</td>
-              </tr>
-            ))}
-          </tbody>
-        </table>
-      )}
+      {entries.length > 0 && <ValuesTable label="Parameters" entries={entries} />}
     </Section>
   );
 }
@@ -62,16 +51,7 @@ export function EnvironmentSection({ run }: { run: RunDetail }) {
       {entries.length === 0 ? (
         <div className="amlrun-muted">No environment recorded (the worker's own Python).</div>
       ) : (
-        <table className="amlrun-table amlrun-compact" aria-label="Environment">
-          <tbody>
-            {entries.map(([k, v]) => (
-              <tr key={k}>
-                <th>{k}</th>
-                <td className="amlrun-mono">{formatValue(v)}</td>
-              </tr>
-            ))}
-          </tbody>
-        </table>
+        <ValuesTable label="Environment" entries={entries} />
       )}
       <ErrorBox error={lock?.error} />
       {lock?.text !== undefined && <Code path="requirements.lock.txt" text={lock.text} />}
