@@ -281,6 +281,25 @@ def write_script(folder: Path, name: str, body: str) -> Path:
     return path
 
 
+def git(folder: Path, *argv: str) -> str:
+    """Run git in ``folder`` as a test author (no identity of the machine's needed); what it printed, stripped."""
+    return subprocess.run(
+        ["git", "-c", "user.email=dev@example.com", "-c", "user.name=dev", *argv],
+        cwd=folder,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+
+
+def commit_all(folder: Path, branch: str, message: str = "the code") -> str:
+    """Make ``folder`` a git checkout on ``branch`` with everything in it committed; the commit."""
+    git(folder, "init", "-q", "-b", branch)
+    git(folder, "add", ".")
+    git(folder, "commit", "-qm", message)
+    return git(folder, "rev-parse", "HEAD")
+
+
 @dataclass(frozen=True)
 class NewestRun:
     """The newest run of the current workspace, as a background thread of a test sees it."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ import httpx
 import pytest
 
 from tests.browser.ui_cluster import EXAMPLE_DAG, UiCluster, run_examples, ui_cluster
+from tests.conftest import commit_all
 
 if TYPE_CHECKING:
     from airflow_amlrun.history import RunRecord
@@ -266,16 +266,6 @@ class SweepRuns:
     commit: str
 
 
-def _git(folder: Path, *argv: str) -> str:
-    return subprocess.run(
-        ["git", "-c", "user.email=dev@example.com", "-c", "user.name=dev", *argv],
-        cwd=folder,
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
-
-
 @pytest.fixture(scope="module")
 def sweep(ui: UiCluster) -> SweepRuns:
     """A two-run grid sweep (--alpha 0.1, then 0.5, the best) of code committed on branch `tuning`, run by a
@@ -283,9 +273,7 @@ def sweep(ui: UiCluster) -> SweepRuns:
     code = ui.cluster.dags / "sweep_training"
     code.mkdir()
     (code / "train.py").write_text(_SWEEP_SCRIPT)
-    _git(code, "init", "-q", "-b", "tuning")
-    _git(code, "add", ".")
-    _git(code, "commit", "-qm", "the alpha sweep")
+    commit = commit_all(code, "tuning", "the alpha sweep")
     dag_id = ui.cluster.write_dag(_SWEEP_DAG)
     dag_run = ui.cluster.trigger(dag_id)
     assert ui.cluster.wait_for_dag_run(dag_id, dag_run) == "success", ui.cluster.component_logs()
@@ -293,7 +281,7 @@ def sweep(ui: UiCluster) -> SweepRuns:
     [parent] = [r for r in history.list_runs(dag_id=dag_id) if r.target == "hyperdrive"]
     first, best = history.child_runs(parent.id)
     assert parent.tags["best_run_id"] == best.id
-    return SweepRuns(parent, first, best, _git(code, "rev-parse", "HEAD"))
+    return SweepRuns(parent, first, best, commit)
 
 
 def test_a_sweep_s_page_says_its_code_is_its_runs_and_leads_to_them(ui, open_as, sweep):

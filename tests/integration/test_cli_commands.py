@@ -16,7 +16,7 @@ import pytest
 
 from airflow_amlrun import Experiment, Run, ScriptRunConfig, Workspace
 from airflow_amlrun.model import Model
-from tests.conftest import write_script
+from tests.conftest import commit_all, write_script
 
 pytest_plugins = ["tests.integration.docker_engine"]
 
@@ -222,21 +222,8 @@ def test_show_of_a_sweep_says_what_its_runs_run_and_where_their_logs_are(project
     assert "epoch 2 alpha 0.1" in printed.stdout
 
 
-def git(folder: Path, *argv: str) -> str:
-    return subprocess.run(
-        ["git", "-c", "user.email=dev@example.com", "-c", "user.name=dev", *argv],
-        cwd=folder,
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
-
-
 def test_show_of_a_sweep_says_its_runs_record_their_git_state_not_that_it_had_none(project):
-    git(project / "src", "init", "-q", "-b", "tuning")
-    git(project / "src", "add", ".")
-    git(project / "src", "commit", "-qm", "the alpha sweep")
-    commit = git(project / "src", "rev-parse", "HEAD")
+    commit = commit_all(project / "src", "tuning", "the alpha sweep")
     sweep_file = write(
         project / "sweep.yaml",
         """\

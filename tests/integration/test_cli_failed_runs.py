@@ -20,7 +20,7 @@ import pytest
 
 from airflow_amlrun import Experiment, ScriptRunConfig, Workspace
 from airflow_amlrun.run_log import printable
-from tests.conftest import worker_dies_mid_run, write_script
+from tests.conftest import commit_all, worker_dies_mid_run, write_script
 
 AMLRUN = str(Path(sys.executable).parent / "amlrun")
 
@@ -48,26 +48,13 @@ def squeezed(text: str) -> str:
     return re.sub(r"[\s│┃]", "", text)
 
 
-def git(folder: Path, *argv: str) -> str:
-    return subprocess.run(
-        ["git", "-c", "user.email=dev@example.com", "-c", "user.name=dev", *argv],
-        cwd=folder,
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
-
-
 @pytest.fixture
 def failed_run(amlrun_home: Path, tmp_path: Path) -> tuple[str, str]:
     """A real local run of a script that raises, from a git checkout with an uncommitted change: its id and
     the commit."""
     source = tmp_path / "src"
     write_script(source, "train.py", FAILING)
-    git(source, "init", "-q", "-b", "experiments")
-    git(source, "add", ".")
-    git(source, "commit", "-qm", "first")
-    commit = git(source, "rev-parse", "HEAD")
+    commit = commit_all(source, "experiments", "first")
     with (source / "train.py").open("a") as script:
         script.write("# tried another column\n")
     run = Experiment(Workspace.get(), "cli_failed").submit(

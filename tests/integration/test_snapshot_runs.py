@@ -14,7 +14,7 @@ import pytest
 from airflow_amlrun import Experiment, ScriptRunConfig, Workspace
 from airflow_amlrun.history import RunNotFoundError
 from airflow_amlrun.snapshot import ExcludedFileError, SnapshotTooLargeError
-from tests.conftest import wait_until_running, write_script
+from tests.conftest import git, wait_until_running, write_script
 
 AMLRUN = str(Path(sys.executable).parent / "amlrun")
 
@@ -27,16 +27,6 @@ def store_files(home: Path) -> dict[str, int]:
 def submit(source: Path, experiment: str = "snapshots", **kwargs):  # type: ignore[no-untyped-def]
     run = Experiment(Workspace.get(), experiment).submit(ScriptRunConfig(source, script="train.py", **kwargs))
     return run.wait_for_completion(show_output=False)
-
-
-def git(cwd: Path, *args: str) -> str:
-    return subprocess.run(
-        ["git", "-c", "user.name=t", "-c", "user.email=t@example.com", *args],
-        cwd=cwd,
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
 
 
 def test_resubmitting_unchanged_code_stores_nothing_new(amlrun_home, train_dir):
