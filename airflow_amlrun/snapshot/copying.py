@@ -1,17 +1,21 @@
 """Copying and hashing file contents between descriptors: in the kernel where possible, checked on the way.
 
-These are the byte-moving primitives of the store; what a blob is, and when it is published, is
-:mod:`airflow_amlrun.snapshot.store`'s business.
+These are the byte-moving primitives of the store, and the new file a copy out of it lands in; what a blob
+is, is :mod:`airflow_amlrun.snapshot.store`'s business, and when it is published,
+:mod:`airflow_amlrun.snapshot.batch`'s.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+from collections.abc import Callable
 from typing import Any, BinaryIO
 
 import blake3
 
+from airflow_amlrun.snapshot.diskio import clone_file, start_writeback
 from airflow_amlrun.snapshot.errors import BlobCorruptError
 
 CHUNK = 1 << 20
@@ -107,3 +111,52 @@ def copy_stream(src: BinaryIO, dst: int, expected: str | None, hasher: Any = Non
     if hasher is not None and hasher.hexdigest() != expected:
         raise BlobCorruptError(f"Content does not hash to {expected} (got {hasher.hexdigest()}).")
     return total
+
+
+def hash_stream(read_at: Callable[[int], bytes]) -> str:
+    """The BLAKE3 digest of what ``read_at(offset)`` returns, chunk after chunk, until it returns nothing."""
+    hasher, offset = blake3.blake3(), 0
+    while chunk := read_at(offset):
+        hasher.update(chunk)
+        offset += len(chunk)
+    return str(hasher.hexdigest())
+
+
+def create_file(
+    target: str, mode: int, fill: Callable[[int], int], *, chmod: bool, dir_fd: int | None
+) -> int:
+    """Create ``target`` (never through a link, never over anything), write it with ``fill``; returns the
+    bytes written. A failure removes what was created."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(target, flags, mode, dir_fd=dir_fd)
+    try:
+        try:
+            written = fill(fd)
+            if chmod:
+                os.fchmod(fd, mode)
+        finally:
+            os.close(fd)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(target, dir_fd=dir_fd)
+        raise
+    return written
+
+
+def clone_or_copy(
+    src: int, src_stat: os.stat_result, dst: int, expected: str | None, *, known: str, dest_device: int | None
+) -> int:
+    """Give ``dst`` the content of the local file ``src``: a copy-on-write clone where the file systems allow
+    one, else a copy (see :func:`copy_fd`); returns the bytes it holds."""
+    if clone_file(src, dst, src_stat.st_dev, dest_device):
+        # Copy-on-write: no data is copied, and a write to the run's file never reaches the blob. A clone
+        # is the whole file.
+        if expected is not None:
+            check_hash(src, src_stat.st_size, expected)
+        return src_stat.st_size
+    copied = copy_fd(src, dst, expected, offset=0, known=known)
+    # Start the copy's writeback now, as the store does for its blobs: left to the kernel, a few thousand
+    # files' dirty pages are written out together later, and a process that needs them on disk (or the
+    # memory back) waits for all of them at once.
+    start_writeback(dst)
+    return copied

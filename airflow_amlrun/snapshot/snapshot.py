@@ -18,6 +18,7 @@ from typing import BinaryIO
 import blake3
 
 from airflow_amlrun import progress
+from airflow_amlrun.snapshot.batch import BlobBatch
 from airflow_amlrun.snapshot.errors import (
     BlobCorruptError,
     ExcludedFileError,
@@ -29,7 +30,7 @@ from airflow_amlrun.snapshot.errors import (
 from airflow_amlrun.snapshot.ignore import AMLIGNORE, ignore_line_for
 from airflow_amlrun.snapshot.manifest import MANIFEST_VERSION, Snapshot, SnapshotEntry, is_digest
 from airflow_amlrun.snapshot.statcache import StatCache, StatKey
-from airflow_amlrun.snapshot.store import BlobBatch, BlobStore
+from airflow_amlrun.snapshot.store import BlobStore
 from airflow_amlrun.snapshot.walk import ScannedFile, ScanResult, find_exclusion, normalize_mode, scan_tree
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,5 @@
-"""A content-addressed blob store on a local folder or any fsspec URL, written atomically.
+"""The content-addressed blob store, :class:`BlobStore`: blobs, manifests and generic objects, on a local
+folder or any fsspec URL.
 
 Layout under the store root::
 
@@ -7,117 +8,48 @@ Layout under the store root::
     trees/<digest>.json                the other directory nodes of the manifests
     <any other prefix>/...             generic objects (run outputs, logs) via put_object / upload_dir
 
-Every write lands under a temporary name in the destination directory and is renamed into place, so a
-final name never holds a partial object, even with several processes writing the same blob. Object
-stores (S3, GCS, Azure) publish an object only when its single or multipart upload completes, so they
-are written directly. A blob already present is never rewritten.
-
-On a local folder, content-addressed objects (blobs, manifest nodes) are durable before they get their
-names: "already there" is all a later snapshot checks, so a name must never hold bytes that a power
-loss could take back. A snapshot's blobs are flushed together (one ``syncfs`` for the batch, see
-:class:`BlobBatch`), a lone blob with ``fdatasync``, and a manifest is named only after everything it
-refers to is durable. Generic objects are not flushed: they are plain files, and nothing trusts them
-by name.
+No final name ever holds a partial object, even with several processes writing the same blob, and a blob
+already present is never rewritten. Each backend keeps those promises its own way, in its own module:
+:mod:`~airflow_amlrun.snapshot.local_backend` for a local folder,
+:mod:`~airflow_amlrun.snapshot.remote_backend` for an fsspec URL; :mod:`~airflow_amlrun.snapshot.batch`
+says when a local write is durable and gets its name.
 """
 
 from __future__ import annotations
 
 import builtins
 import contextlib
-import errno
 import functools
 import logging
 import os
-import posixpath
-import secrets
 import shutil
-import stat
-import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, BinaryIO, Literal
+from typing import Any
 
+from airflow_amlrun.snapshot.batch import BlobBatch, Flush
 from airflow_amlrun.snapshot.confined import confined_files
-from airflow_amlrun.snapshot.copying import check_hash, copy_fd, copy_stream, pread_all
-from airflow_amlrun.snapshot.diskio import clone_file, start_writeback, sync_directory, sync_filesystem
+from airflow_amlrun.snapshot.copying import (
+    CHUNK,
+    clone_or_copy,
+    copy_fd,
+    copy_stream,
+    create_file,
+    hash_stream,
+    pread_all,
+)
 from airflow_amlrun.snapshot.errors import (
     BlobCorruptError,
     BlobMissingError,
-    InvalidKeyError,
     SnapshotNotFoundError,
     SourceChangedError,
-    StoreFullError,
 )
+from airflow_amlrun.snapshot.keys import check_key, tmp_name
+from airflow_amlrun.snapshot.local_backend import LocalBackend
 from airflow_amlrun.snapshot.manifest import Snapshot, check_digest, hash_bytes
+from airflow_amlrun.snapshot.remote_backend import RemoteBackend
 
 log = logging.getLogger(__name__)
-
-_TMP_PREFIX = ".amlrun-tmp-"
-# Write errors that mean the store has no room (or takes no writes), rather than a fault of what is written.
-_STORE_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG})
-_CHUNK = 1 << 20
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-# O_NONBLOCK: opening a FIFO planted at a name must not wait for a writer; a regular file ignores it.
-_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-# Protocols whose single PUT (or completed multipart upload) is atomic: no temp-name-and-rename needed.
-_ATOMIC_PUT_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "abfs", "abfss", "az", "adl", "memory"})
-
-# How a local write is made durable before its final name appears: not at all (generic objects), by its
-# own fdatasync (a lone blob), with the rest of its batch (see BlobBatch), or by a flush of the whole file
-# system (a manifest: what it names must be durable before it is).
-Flush = Literal["none", "file", "batch", "filesystem"]
-
-
-class BlobBatch:
-    """Blobs written under temporary names, made durable by one flush, then given their names together.
-
-    An ``fsync`` per blob makes the journal commit once per file; one ``syncfs`` for the batch commits
-    once. Each blob's writeback starts as soon as it is written, so the flush mostly waits for disk
-    writes already under way. A batch that is discarded (an error, or the process dies) leaves only
-    temporary names, which no reader takes for objects.
-    """
-
-    def __init__(self, root: str | None) -> None:
-        self._root = root
-        self._pending: list[tuple[str, str]] = []
-        self._lock = threading.Lock()
-
-    def add(self, tmp: str, final: str) -> None:
-        """Publish ``tmp`` as ``final`` when the batch is."""
-        with self._lock:
-            self._pending.append((tmp, final))
-
-    def publish(self) -> None:
-        """Flush the file system, then rename every blob to its final name."""
-        with self._lock:
-            pending, self._pending = self._pending, []
-        if not pending:
-            return
-        assert self._root is not None
-        try:
-            # One flush per file system the blobs were written to: a store's blobs/ or trees/ may be a
-            # mount of its own, which a flush of the store's root would not reach.
-            folders = {os.path.dirname(tmp) for tmp, _final in pending}
-            filesystems = {os.stat(folder).st_dev: folder for folder in sorted(folders)}
-            for folder in filesystems.values():
-                sync_filesystem(folder)
-        except BaseException:
-            self._discard(pending)
-            raise
-        for tmp, final in pending:
-            os.replace(tmp, final)
-
-    def discard(self) -> None:
-        """Remove the temporary files of blobs not yet published."""
-        with self._lock:
-            pending, self._pending = self._pending, []
-        self._discard(pending)
-
-    @staticmethod
-    def _discard(pending: list[tuple[str, str]]) -> None:
-        for tmp, _final in pending:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
 
 
 class BlobStore:
@@ -130,25 +62,12 @@ class BlobStore:
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
         self.url = url
         self.storage_options = dict(storage_options or {})
-        self._made_dirs: set[str] = set()
-        # Folders kept open for local reads while some caller is inside `folders_kept_open`.
-        self._folders_lock = threading.Lock()
-        self._folders_users = 0
-        self._folder_fds: dict[tuple[str, ...], int] = {}
         local = url[len("file://") :] if url.startswith("file://") else (None if "://" in url else url)
+        self._backend: LocalBackend | RemoteBackend
         if local is not None:
-            self._local_root: str | None = os.path.abspath(os.path.expanduser(local))
-            self._fs: Any = None
-            self._root = self._local_root
-            self._atomic_put = False
+            self._backend = LocalBackend(os.path.abspath(os.path.expanduser(local)), url)
         else:
-            import fsspec.core  # deferred: remote stores are the less common, heavier path
-
-            self._local_root = None
-            self._fs, self._root = fsspec.core.url_to_fs(url, **self.storage_options)
-            protocols = self._fs.protocol if isinstance(self._fs.protocol, tuple) else (self._fs.protocol,)
-            self._atomic_put = any(p in _ATOMIC_PUT_PROTOCOLS for p in protocols)
-            self._root = self._root.rstrip("/")
+            self._backend = RemoteBackend(url, self.storage_options)
 
     def __repr__(self) -> str:
         return f"BlobStore({self.url!r})"
@@ -156,12 +75,12 @@ class BlobStore:
     @property
     def is_local(self) -> bool:
         """Whether the store is a local folder (fast path with os calls)."""
-        return self._local_root is not None
+        return isinstance(self._backend, LocalBackend)
 
     @property
     def local_root(self) -> str | None:
         """The store folder for a local store, else ``None``."""
-        return self._local_root
+        return self._backend.root if isinstance(self._backend, LocalBackend) else None
 
     # ----------------------------------------------------------------- keys and paths
 
@@ -185,90 +104,17 @@ class BlobStore:
 
     def uri_for(self, key: str = "") -> str:
         """The full URL (or local path) of ``key`` (a file or a prefix) in this store."""
-        key = _check_key(key, allow_empty=True)
-        if self._local_root is not None:
-            return os.path.join(self._local_root, *key.split("/")) if key else self._local_root
+        key = check_key(key, allow_empty=True)
+        if isinstance(self._backend, LocalBackend):
+            return self._backend.path(key) if key else self._backend.root
         return self.url.rstrip("/") + ("/" + key if key else "")
 
-    def _path(self, key: str) -> str:
-        if self._local_root is not None:
-            return os.path.join(self._local_root, *key.split("/"))
-        return f"{self._root}/{key}"
-
-    @contextlib.contextmanager
-    def folders_kept_open(self) -> Iterator[None]:
+    def folders_kept_open(self) -> contextlib.AbstractContextManager[None]:
         """Within it, the store's folders opened for local reads stay open: a run directory of thousands of
         blobs costs one open per blob, not one per folder on its path too."""
-        with self._folders_lock:
-            self._folders_users += 1
-        try:
-            yield
-        finally:
-            with self._folders_lock:
-                self._folders_users -= 1
-                if self._folders_users == 0:
-                    for fd in self._folder_fds.values():
-                        os.close(fd)
-                    self._folder_fds.clear()
-
-    def _open_folder(self, folders: tuple[str, ...]) -> int:
-        """A descriptor of ``folders`` beneath the store's folder, opened without following a link."""
-        assert self._local_root is not None
-        fd = os.open(self._local_root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            for folder in folders:
-                parent, fd = fd, os.open(folder, _DIR_FLAGS, dir_fd=fd)
-                os.close(parent)
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd
-
-    def _open_local(self, key: str) -> int:
-        """A descriptor of the regular file at ``key`` beneath the local store's folder (see ``_open_stat``)."""
-        return self._open_stat(key)[0]
-
-    def _open_stat(self, key: str) -> tuple[int, os.stat_result]:
-        """A descriptor of the regular file at ``key`` beneath the local store's folder, and its stat.
-
-        Whoever else can write the store must not make a reader copy a file from elsewhere into a run (a
-        link planted at a blob's name, whose size a manifest states) or wait forever (a FIFO): no link is
-        followed beneath the store's folder, and anything but a regular file is refused.
-        """
-        assert self._local_root is not None
-        *path, name = key.split("/")
-        folders = tuple(path)
-        try:
-            with self._folders_lock:
-                kept = self._folder_fds.get(folders) if self._folders_users else None
-                if kept is None and self._folders_users:
-                    kept = self._folder_fds[folders] = self._open_folder(folders)
-                if kept is not None:
-                    # Under the lock: the folder cannot be closed (and its number reused) meanwhile.
-                    fd = os.open(name, _READ_FLAGS, dir_fd=kept)
-            if kept is None:
-                folder = self._open_folder(folders)
-                try:
-                    fd = os.open(name, _READ_FLAGS, dir_fd=folder)
-                finally:
-                    os.close(folder)
-        except OSError as err:
-            # ELOOP: the file is a link; ENOTDIR: a folder on its path is a link (or a file).
-            if err.errno in (errno.ELOOP, errno.ENOTDIR):
-                raise BlobCorruptError(
-                    f"{key} in store {self.url!r} is a symbolic link or lies beneath one (or beneath a file), "
-                    "which this library never writes: someone else changed the store. Remove it; it is "
-                    "written again when needed."
-                ) from None
-            raise
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            os.close(fd)
-            raise BlobCorruptError(
-                f"{key} in store {self.url!r} is not a regular file (a FIFO, socket, device or folder), which "
-                "this library never writes: someone else changed the store. Remove it."
-            )
-        return fd, st
+        if isinstance(self._backend, LocalBackend):
+            return self._backend.folders_kept_open()
+        return contextlib.nullcontext()
 
     # ----------------------------------------------------------------- blobs
 
@@ -279,7 +125,7 @@ class BlobStore:
     def missing(self, digests: Iterable[str], *, max_workers: int = 16) -> set[str]:
         """The subset of ``digests`` not in the store (remote lookups run in parallel)."""
         unique = sorted(set(digests))
-        if self._local_root is not None or len(unique) < 2:
+        if self.is_local or len(unique) < 2:
             return {d for d in unique if not self.has(d)}
         with ThreadPoolExecutor(max_workers=max_workers) as pool:
             present = list(pool.map(self.has, unique))
@@ -327,7 +173,8 @@ class BlobStore:
         key = self.blob_key(digest)
         if self.exists(key):
             return 0
-        if self._local_root is None:
+        backend = self._backend
+        if isinstance(backend, RemoteBackend):
             data = pread_all(fd)
             _check_size(digest, len(data), size)
             if hash_bytes(data) != digest:
@@ -336,7 +183,7 @@ class BlobStore:
                 )
             if before_publish is not None:
                 before_publish()
-            return self._put_remote_bytes(key, data)
+            return backend.put_bytes(key, data)
 
         def write(out: int) -> int:
             # The kernel copies without the bytes passing through here; should it fall back to a
@@ -352,7 +199,7 @@ class BlobStore:
                 before_publish()
             return written
 
-        return self._write_local(
+        return backend.write(
             key, write, read_only=True, flush="file" if batch is None else "batch", batch=batch
         )
 
@@ -366,19 +213,20 @@ class BlobStore:
 
         import blake3
 
-        key = _check_key(key)
-        if self._local_root is not None:
-            fd = self._open_local(key)
+        key = check_key(key)
+        backend = self._backend
+        if isinstance(backend, LocalBackend):
+            fd = backend.open_fd(key)
             try:
                 size = os.fstat(fd).st_size
-                digest = _hash_stream(lambda offset: os.pread(fd, _CHUNK, offset))
+                digest = hash_stream(lambda offset: os.pread(fd, CHUNK, offset))
                 self.put_fd(digest, fd, size=size)
             finally:
                 os.close(fd)
             return digest, size
-        with tempfile.TemporaryFile() as spool, self._open_read(key) as src:
+        with tempfile.TemporaryFile() as spool, backend.open_read(key) as src:
             hasher = blake3.blake3()
-            while chunk := src.read(_CHUNK):
+            while chunk := src.read(CHUNK):
                 hasher.update(chunk)
                 spool.write(chunk)
             spool.flush()
@@ -401,7 +249,7 @@ class BlobStore:
         Objects written with the batch are not visible until the block ends without an error; after
         an error they are removed.
         """
-        batch = BlobBatch(self._local_root)
+        batch = BlobBatch(self.local_root)
         try:
             yield batch
         except BaseException:
@@ -451,25 +299,26 @@ class BlobStore:
         if dir_fd is not None and not exclusive:
             raise ValueError("copy_to with dir_fd creates the file itself: pass exclusive=True")
         dest = os.fspath(dest_path)
-        target = dest if exclusive else _tmp_name(dest)
+        target = dest if exclusive else tmp_name(dest)
         expected = digest if verify else None
         key = self.blob_key(digest)
         new_file = functools.partial(
-            _create_file,
+            create_file,
             target,
             0o600 if mode is None else mode,
             chmod=mode is not None and chmod,
             dir_fd=dir_fd,
         )
-        if self._local_root is not None:
+        backend = self._backend
+        if isinstance(backend, LocalBackend):
             # The common case, a run directory from a local store, kept to a few system calls per file.
             try:
-                src_fd, src_stat = self._open_stat(key)
+                src_fd, src_stat = backend.open_stat(key)
             except FileNotFoundError:
                 raise BlobMissingError(f"Blob {digest} is not in store {self.url!r}.") from None
             try:
                 copied = new_file(
-                    lambda fd: _copy_local(
+                    lambda fd: clone_or_copy(
                         src_fd, src_stat, fd, expected, known=digest, dest_device=dest_device
                     )
                 )
@@ -478,7 +327,7 @@ class BlobStore:
         else:
             with contextlib.ExitStack() as stack:
                 try:
-                    src = stack.enter_context(self._open_read(key))
+                    src = stack.enter_context(backend.open_read(key))
                 except FileNotFoundError:
                     raise BlobMissingError(f"Blob {digest} is not in store {self.url!r}.") from None
                 copied = new_file(lambda fd: copy_stream(src, fd, expected))
@@ -560,57 +409,24 @@ class BlobStore:
 
     def exists(self, key: str) -> bool:
         """Whether the object ``key`` exists."""
-        path = self._path(_check_key(key))
-        if self._local_root is not None:
-            return os.path.exists(path)
-        return bool(self._fs.exists(path))
+        return self._backend.exists(check_key(key))
 
     def put_object(self, key: str, data: bytes) -> None:
         """Write ``data`` at ``key`` atomically, replacing any previous object."""
-        self._put_object_bytes(_check_key(key), data, read_only=False)
+        self._put_object_bytes(check_key(key), data, read_only=False)
 
     def get_object(self, key: str) -> bytes:
         """The bytes of object ``key``; raises ``FileNotFoundError`` if absent."""
-        key = _check_key(key)
-        if self._local_root is not None:
-            with open(self._open_local(key), "rb") as f:
-                return f.read()
-        return bytes(self._fs.cat_file(self._path(key)))
+        return self._backend.get(check_key(key))
 
     def read_object(self, key: str, offset: int, size: int) -> bytes:
         """At most ``size`` bytes of object ``key`` from byte ``offset`` (fewer at its end, none past it);
         raises ``FileNotFoundError`` if absent."""
-        key = _check_key(key)
-        if self._local_root is not None:
-            with open(self._open_local(key), "rb") as f:
-                return os.pread(f.fileno(), size, offset)
-        with self._fs.open(self._path(key), "rb") as f:
-            f.seek(offset)
-            return bytes(f.read(size))
+        return self._backend.read(check_key(key), offset, size)
 
     def list(self, prefix: str = "") -> list[str]:
         """Keys of all objects under ``prefix`` (recursive), relative to it, sorted."""
-        prefix = _check_key(prefix, allow_empty=True)
-        base = self._path(prefix) if prefix else (self._root or "")
-        if self._local_root is not None:
-            found = []
-            for dirpath, _dirs, files in os.walk(base):
-                rel_dir = os.path.relpath(dirpath, base)
-                for name in files:
-                    if not name.startswith(_TMP_PREFIX):
-                        rel = name if rel_dir == "." else os.path.join(rel_dir, name)
-                        found.append(rel.replace(os.sep, "/"))
-            return sorted(found)
-        try:
-            paths = self._fs.find(base)
-        except FileNotFoundError:
-            return []
-        strip = base.rstrip("/") + "/"
-        return sorted(
-            p[len(strip) :]
-            for p in paths
-            if p.startswith(strip) and not posixpath.basename(p).startswith(_TMP_PREFIX)
-        )
+        return self._backend.list(check_key(prefix, allow_empty=True))
 
     def upload_dir(
         self,
@@ -627,202 +443,32 @@ class BlobStore:
         :param warn: receives a message for each link or special file left out; default: this module's
             logger, at warning level.
         """
-        prefix = _check_key(prefix)
+        prefix = check_key(prefix)
         for rel, fd in confined_files(local_dir, warn or _log_warning):
-            key = _check_key(f"{prefix}/{rel}")
-            if self._local_root is None:
-                self._put_remote_fd(key, fd)
-            else:
-                self._write_local(key, _fd_copier(fd), read_only=False)
+            self._backend.put_fd(check_key(f"{prefix}/{rel}"), fd)
         return self.uri_for(prefix)
 
     def download_dir(self, prefix: str, local_dir: str | os.PathLike[str]) -> builtins.list[str]:
         """Copy every object under ``prefix`` into ``local_dir``; returns the relative keys copied."""
-        prefix = _check_key(prefix)
+        prefix = check_key(prefix)
         keys = self.list(prefix)
         for rel in keys:
-            _check_key(rel)
+            check_key(rel)
             dest = os.path.join(os.fspath(local_dir), *rel.split("/"))
             os.makedirs(os.path.dirname(dest), exist_ok=True)
-            with self._open_read(f"{prefix}/{rel}") as src, open(dest, "wb") as out:
-                shutil.copyfileobj(src, out, _CHUNK)
+            with self._backend.open_read(f"{prefix}/{rel}") as src, open(dest, "wb") as out:
+                shutil.copyfileobj(src, out, CHUNK)
         return keys
 
     # ----------------------------------------------------------------- internals
 
-    @contextlib.contextmanager
-    def _open_read(self, key: str) -> Iterator[BinaryIO]:
-        if self._local_root is not None:
-            with open(self._open_local(key), "rb") as f:
-                yield f
-        else:
-            with self._fs.open(self._path(key), "rb", block_size=8 * _CHUNK) as f:
-                yield f
-
     def _put_object_bytes(
         self, key: str, data: bytes, *, read_only: bool, flush: Flush = "none", batch: BlobBatch | None = None
     ) -> None:
-        if self._local_root is None:
-            self._put_remote_bytes(key, data)
-            return
-
-        def write(fd: int) -> int:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            return len(data)
-
-        self._write_local(key, write, read_only=read_only, flush=flush, batch=batch)
-
-    def _write_local(
-        self,
-        key: str,
-        writer: Callable[[int], int],
-        *,
-        read_only: bool,
-        flush: Flush = "none",
-        batch: BlobBatch | None = None,
-    ) -> int:
-        try:
-            return self._write_local_file(key, writer, read_only=read_only, flush=flush, batch=batch)
-        except OSError as err:
-            if err.errno not in _STORE_FULL or isinstance(err, StoreFullError):
-                raise
-            full = StoreFullError(
-                f"The store {self.url} cannot take {key!r}: {err.strerror}. Nothing partial was kept. Free "
-                "space on its disk (e.g. remove old runs' outputs), or point the workspace's store_url at a "
-                "larger store."
-            )
-            full.errno = err.errno
-            raise full from err
-
-    def _write_local_file(
-        self,
-        key: str,
-        writer: Callable[[int], int],
-        *,
-        read_only: bool,
-        flush: Flush,
-        batch: BlobBatch | None,
-    ) -> int:
-        final = self._path(key)
-        parent = os.path.dirname(final)
-        if parent not in self._made_dirs:
-            os.makedirs(parent, exist_ok=True)
-            self._made_dirs.add(parent)
-        tmp = _tmp_name(final)
-        # Blobs are read-only so that a run cannot edit the store through a stray copy or link.
-        mode = 0o444 if read_only else 0o644
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), mode)
-        try:
-            try:
-                written = writer(fd)
-                if flush == "batch":
-                    start_writeback(fd)
-                elif flush == "file":
-                    os.fdatasync(fd)
-            finally:
-                os.close(fd)
-            if flush == "batch":
-                assert batch is not None
-                batch.add(tmp, final)
-                return written
-            if flush == "filesystem":
-                sync_filesystem(parent)
-            os.replace(tmp, final)
-            if flush == "filesystem":
-                sync_directory(parent)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        return written
-
-    def _put_remote_fd(self, key: str, fd: int) -> None:
-        final = self._path(key)
-        with os.fdopen(os.dup(fd), "rb") as src:
-            if self._atomic_put:
-                with self._fs.open(final, "wb") as out:
-                    shutil.copyfileobj(src, out, _CHUNK)
-            else:
-                tmp = _tmp_name(final)
-                self._fs.makedirs(posixpath.dirname(final), exist_ok=True)
-                with self._fs.open(tmp, "wb") as out:
-                    shutil.copyfileobj(src, out, _CHUNK)
-                self._fs.mv(tmp, final)
-
-    def _put_remote_bytes(self, key: str, data: bytes) -> int:
-        final = self._path(key)
-        if self._atomic_put:
-            self._fs.pipe_file(final, data)
+        if isinstance(self._backend, LocalBackend):
+            self._backend.put_bytes(key, data, read_only=read_only, flush=flush, batch=batch)
         else:
-            tmp = _tmp_name(final)
-            self._fs.makedirs(posixpath.dirname(final), exist_ok=True)
-            self._fs.pipe_file(tmp, data)
-            self._fs.mv(tmp, final)
-        return len(data)
-
-
-def _check_key(key: str, *, allow_empty: bool = False) -> str:
-    key = key.strip("/") if allow_empty else key
-    if not key and allow_empty:
-        return ""
-    parts = key.split("/")
-    if not key or key.startswith("/") or "\x00" in key or any(p in ("", ".", "..") for p in parts):
-        raise InvalidKeyError(
-            f"Store key {key!r} must be a relative path without '.', '..' or empty components."
-        )
-    return key
-
-
-def _create_file(
-    target: str, mode: int, fill: Callable[[int], int], *, chmod: bool, dir_fd: int | None
-) -> int:
-    """Create ``target`` (never through a link, never over anything), write it with ``fill``; returns the
-    bytes written. A failure removes what was created."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    fd = os.open(target, flags, mode, dir_fd=dir_fd)
-    try:
-        try:
-            written = fill(fd)
-            if chmod:
-                os.fchmod(fd, mode)
-        finally:
-            os.close(fd)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(target, dir_fd=dir_fd)
-        raise
-    return written
-
-
-def _copy_local(
-    src: int, src_stat: os.stat_result, dst: int, expected: str | None, *, known: str, dest_device: int | None
-) -> int:
-    if clone_file(src, dst, src_stat.st_dev, dest_device):
-        # Copy-on-write: no data is copied, and a write to the run's file never reaches the blob. A clone
-        # is the whole file.
-        if expected is not None:
-            check_hash(src, src_stat.st_size, expected)
-        return src_stat.st_size
-    copied = copy_fd(src, dst, expected, offset=0, known=known)
-    # Start the copy's writeback now, as the store does for its blobs: left to the kernel, a few thousand
-    # files' dirty pages are written out together later, and a process that needs them on disk (or the
-    # memory back) waits for all of them at once.
-    start_writeback(dst)
-    return copied
-
-
-def _tmp_name(final: str) -> str:
-    head, tail = os.path.split(final)
-    return os.path.join(head, f"{_TMP_PREFIX}{secrets.token_hex(8)}-{tail}")
-
-
-def _fd_copier(source: int) -> Callable[[int], int]:
-    def write(fd: int) -> int:
-        return copy_fd(source, fd, None, offset=0)
-
-    return write
+            self._backend.put_bytes(key, data)
 
 
 def _log_warning(message: str) -> None:
@@ -840,13 +486,3 @@ def _differs(digest: str, detail: str) -> SourceChangedError:
         "changed while it was being stored, or it is a special file (/proc, /sys, some FUSE file systems) "
         "whose size or content is not stable. Nothing was stored for it."
     )
-
-
-def _hash_stream(read_at: Callable[[int], bytes]) -> str:
-    import blake3
-
-    hasher, offset = blake3.blake3(), 0
-    while chunk := read_at(offset):
-        hasher.update(chunk)
-        offset += len(chunk)
-    return str(hasher.hexdigest())

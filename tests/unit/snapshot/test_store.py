@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from airflow_amlrun.snapshot import BlobStore, hash_bytes
-from airflow_amlrun.snapshot import store as store_module
-from airflow_amlrun.snapshot.store import BlobBatch
+from airflow_amlrun.snapshot import batch as batch_module
+from airflow_amlrun.snapshot.batch import BlobBatch
 
 
 def stored_files(store_dir: Path) -> list[str]:
@@ -57,7 +57,7 @@ def test_a_batch_flushes_every_file_system_its_blobs_were_written_to(
     if os.stat(other).st_dev == os.stat(tmp_path).st_dev:
         pytest.skip("/dev/shm is on the same file system as the temporary folder here")
     flushed: list[int] = []
-    monkeypatch.setattr(store_module, "sync_filesystem", lambda path: flushed.append(os.stat(path).st_dev))
+    monkeypatch.setattr(batch_module, "sync_filesystem", lambda path: flushed.append(os.stat(path).st_dev))
     try:
         batch = BlobBatch(str(tmp_path))
         for number, folder in enumerate((tmp_path, other, tmp_path)):
