@@ -103,11 +103,13 @@ def _sweep_rows(record: RunRecord, sweep: RecordedSweep | None) -> list[tuple[st
 
 def _sweep_git(record: RunRecord, runs: list[RunRecord]) -> str:
     """What `runs show` says of a sweep's git state: it has none, each of its runs recorded that of its code."""
-    from airflow_amlrun.hyperdrive.recorded import runs_to_read
+    from airflow_amlrun.hyperdrive.recorded import runs_to_read, shared_git
 
     said = (
-        "A sweep runs no code of its own, so it has no git state: each of its runs records that of its code."
+        "A sweep runs no code of its own, so it has no git state: each of its runs records that of its code"
     )
+    shared = shared_git(runs)
+    said += f"; all of them ran {_git_state(shared)}." if shared else "."
     return f"{said} {runs_to_read(record, runs, 'amlrun runs show', 'shows')}"
 
 
@@ -135,8 +137,10 @@ def cmd_runs_show(args: argparse.Namespace, console: Console) -> int:
             f"Run {record.id} is {record.status}: `amlrun runs logs {record.id} --follow` follows its log."
         )
     location = run_log.location(record)
+    # A sweep's runs, oldest first: where its log and git state are (none for any other run).
+    runs = ws.history.child_runs(record.id) if is_sweep else []
+    sweep = RecordedSweep.of(record, runs)
     if args.json:
-        sweep = RecordedSweep.of(record)
         # As GET /api/runs/{id} gives it: how a sweep searched, null for any other run.
         shown = {
             "arguments": record.arguments,
@@ -147,8 +151,6 @@ def cmd_runs_show(args: argparse.Namespace, console: Console) -> int:
         }
         console.print_json(json.dumps({**record.summary(), **shown}))
         return 0
-    # A sweep's runs, oldest first: where its log and git state are (none for any other run).
-    runs = ws.history.child_runs(record.id) if is_sweep else []
     table = Table(title=f"Run {record.id}", show_header=False)
     table.add_column("field", style="bold")
     table.add_column("value", overflow="fold")
@@ -162,7 +164,7 @@ def cmd_runs_show(args: argparse.Namespace, console: Console) -> int:
             text = json.dumps(value) if isinstance(value, dict | list) else fmt(value)
             table.add_row(key, cell(text, for_terminal))
     if is_sweep:
-        for field, value in _sweep_rows(record, RecordedSweep.of(record)):
+        for field, value in _sweep_rows(record, sweep):
             table.add_row(field, cell(value, for_terminal))
     else:
         table.add_row("arguments", cell(" ".join(record.arguments), for_terminal))

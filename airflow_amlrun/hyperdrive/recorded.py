@@ -30,6 +30,8 @@ class RecordedSweep:
     :param parameter_space: each parameter and its values, as Python writes the expression (``choice(0.1, 0.5)``).
     :param drawn_arguments: the arguments each run adds to the recorded ones, its values left as ``DRAWN``.
     :param policy: the early termination policy as Python writes it; None when every run goes on to its end.
+    :param git: the git state every one of its runs recorded of its code, when they all recorded the same (see
+        ``shared_git``); None otherwise.
     """
 
     sampling: str
@@ -42,10 +44,14 @@ class RecordedSweep:
     max_total_runs: int
     max_concurrent_runs: int | None
     max_duration_minutes: float | None
+    git: dict[str, Any] | None = None
 
     @classmethod
-    def of(cls, record: RunRecord) -> RecordedSweep | None:
-        """The sweep `record` is the parent run of; None for any other run, or a sweep whose row holds no config."""
+    def of(cls, record: RunRecord, runs: Sequence[RunRecord] = ()) -> RecordedSweep | None:
+        """The sweep `record` is the parent run of; None for any other run, or a sweep whose row holds no config.
+
+        :param runs: the sweep's runs, for the git state they share.
+        """
         recorded = (record.config or {}).get("hyperdrive") if record.target == SWEEP_TARGET else None
         if not isinstance(recorded, Mapping):
             return None
@@ -62,7 +68,23 @@ class RecordedSweep:
             max_total_runs=int(recorded.get("max_total_runs") or 0),
             max_concurrent_runs=recorded.get("max_concurrent_runs"),
             max_duration_minutes=recorded.get("max_duration_minutes"),
+            git=shared_git(runs),
         )
+
+
+def shared_git(runs: Sequence[RunRecord]) -> dict[str, Any] | None:
+    """The git state each of a sweep's runs recorded of its code, when it is the same for all of them (commit,
+    branch, repository, dirty and, if dirty, the stored diff, which is named by its content); None when they
+    differ, the code was in no git checkout, or no run is recorded yet.
+
+    The runs of one sweep snapshot the same folder one after another: code committed or edited while the sweep
+    ran makes them differ, and each run's page then says what it ran.
+    """
+    states = [run.git for run in runs]
+    first = states[0] if states else None
+    if not first or not first.get("commit") or any(state != first for state in states[1:]):
+        return None
+    return dict(first)
 
 
 def runs_to_read(sweep: RunRecord, runs: Sequence[RunRecord], command: str, verb: str) -> str:

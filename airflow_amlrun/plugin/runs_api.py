@@ -167,9 +167,12 @@ def get_run(run_id: str, reader: ReaderDep) -> Response:
     """One run: its config, environment, git state, snapshot, outcome and each metric in brief; for a sweep, how
     it searched."""
     from airflow_amlrun.hyperdrive.recorded import RecordedSweep
+    from airflow_amlrun.runconfig import SWEEP_TARGET
 
     record, summaries = _visible_detail(run_id, reader)
-    sweep = RecordedSweep.of(record)
+    # Its runs are its task's, of the DAG the reader was just allowed: any other (none is written so) is not read.
+    runs = history().child_runs(record.id) if record.target == SWEEP_TARGET else []
+    sweep = RecordedSweep.of(record, [run for run in runs if run.dag_id == record.dag_id])
     return _json(
         {
             **_listed(record),

@@ -74,6 +74,10 @@ class SweepOut(BaseModel):
     max_total_runs: int
     max_concurrent_runs: int | None
     max_duration_minutes: float | None
+    git: dict[str, Any] | None = Field(
+        description="The git state every run of the sweep recorded of its code, as a run's `git`, when it is the "
+        "same for all of them; null when they differ, the code was in no git checkout, or no run is recorded yet."
+    )
 
 
 class RunDetailOut(RunOut):

@@ -328,15 +328,16 @@ def test_a_sweep_s_log_section_says_it_has_none_and_leads_to_its_runs_logs(ui, o
 
 
 def test_a_sweep_s_git_section_says_it_has_none_and_leads_to_its_runs_git_state(ui, open_as, sweep):
-    # The sweep itself records no git state; each of its runs does.
-    assert sweep.parent.git is None and sweep.best.git is not None
+    # The sweep itself records no git state; each of its runs does, the same for both.
+    assert sweep.parent.git is None and sweep.best.git is not None and sweep.best.git == sweep.first.git
 
     page = open_as("admin", f"{LIST}/runs/{sweep.parent.id}", height=1800)
     git = page.get_by_role("region", name="Git")
     _expect()(git).to_contain_text(
         "A sweep runs no code of its own, so it has no git state: each of its runs records that of its code, "
-        "shown on that run's page."
+        "shown on that run's page. All of them ran this code:"
     )
+    _expect()(git.get_by_role("table", name="Git").locator("td")).to_have_text(["—", "tuning", sweep.commit])
     _expect()(git).not_to_contain_text("not in a git checkout")
     runs = git.get_by_label("Git state of the sweep's runs")
     _expect()(runs.get_by_role("link")).to_have_text([sweep.first.id, sweep.best.id])

@@ -244,9 +244,9 @@ def test_show_of_a_sweep_says_its_runs_record_their_git_state_not_that_it_had_no
     shown = amlrun("runs", "show", sweep_id)
     assert shown.returncode == 0, shown.stdout + shown.stderr
     assert table_rows(shown.stdout)["git"] == (
-        "A sweep runs no code of its own, so it has no git state: each of its runs records that of its code. "
-        f"`amlrun runs show {best.id}` shows its best run's, `amlrun runs show {first.id}` its first run's "
-        "(2 runs in all)."
+        "A sweep runs no code of its own, so it has no git state: each of its runs records that of its code; all "
+        f"of them ran {commit} on tuning, clean. `amlrun runs show {best.id}` shows its best run's, "
+        f"`amlrun runs show {first.id}` its first run's (2 runs in all)."
     )
     assert "not a git checkout" not in shown.stdout
 
@@ -294,6 +294,8 @@ def test_show_json_of_a_sweep_gives_how_it_searched_as_the_runs_api_does(project
         "max_total_runs": 2,
         "max_concurrent_runs": 2,
         "max_duration_minutes": 30,
+        # The project is no git checkout: its runs share no git state.
+        "git": None,
     }
     # In the shape of GET /api/runs/{id}'s `sweep`, field for field.
     assert SweepOut.model_validate(sweep).model_dump() == sweep

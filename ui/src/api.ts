@@ -71,6 +71,8 @@ export interface Sweep {
   max_total_runs: number;
   max_concurrent_runs: number | null;
   max_duration_minutes: number | null;
+  /** The git state every run of the sweep recorded, when it is the same for all of them. */
+  git: Record<string, Json> | null;
 }
 
 export interface Series {

@@ -33,6 +33,7 @@ from airflow_amlrun.hyperdrive.recorded import (
     expression_text,
     policy_text,
     runs_to_read,
+    shared_git,
 )
 from airflow_amlrun.runconfig import SWEEP_TARGET, ScriptRunConfig
 
@@ -158,3 +159,35 @@ def parent_run(config: HyperDriveConfig) -> RunRecord:
         try_number=None,
         config={"hyperdrive": config.to_dict(), "run_config": config.run_config.to_dict()},
     )
+
+
+def test_the_git_state_a_sweep_s_runs_share_is_theirs_only_when_every_run_recorded_the_same() -> None:
+    sweep = parent_run(
+        HyperDriveConfig(
+            run_config=ScriptRunConfig(".", script="train.py"),
+            hyperparameter_sampling=RandomParameterSampling({"--alpha": uniform(0, 1)}),
+            primary_metric_name="rmse",
+            primary_metric_goal="minimize",
+            max_total_runs=3,
+        )
+    )
+    clean = {"repository_uri": None, "branch": "tuning", "commit": "c" * 40, "dirty": False, "build_id": None}
+    edited = {**clean, "dirty": True, "diff_digest": "d" * 64}
+
+    def runs(*states: dict[str, object] | None) -> list[RunRecord]:
+        return [replace(sweep, id=f"tuning_{i}", target="local", git=git) for i, git in enumerate(states)]
+
+    assert shared_git(runs(clean, dict(clean))) == clean
+    recorded = RecordedSweep.of(sweep)
+    assert recorded is not None and recorded.git is None
+    assert RecordedSweep.of(sweep, runs(clean, clean)) == replace(recorded, git=clean)
+    # The same uncommitted change is the same diff, stored once under its content's digest.
+    assert shared_git(runs(edited, dict(edited))) == edited
+    # An edit or a commit while the sweep ran: each run's page says what it ran.
+    assert shared_git(runs(clean, edited)) is None
+    assert shared_git(runs(clean, {**clean, "commit": "e" * 40})) is None
+    assert shared_git(runs(edited, {**edited, "diff_digest": "f" * 64})) is None
+    # No git checkout, a checkout with no commit yet, no run yet.
+    assert shared_git(runs(None, None)) is None
+    assert shared_git(runs({**clean, "commit": None})) is None
+    assert shared_git([]) is None

@@ -91,44 +91,49 @@ export function commitUrl(repository: string, commit: string): string | null {
 }
 
 export function GitSection({ git }: { git: Record<string, Json> | null }) {
-  if (git === null || Object.keys(git).length === 0) {
-    return (
-      <Section title="Git">
+  return (
+    <Section title="Git">
+      {git === null || Object.keys(git).length === 0 ? (
         <div className="amlrun-muted">The code was not in a git checkout.</div>
-      </Section>
-    );
-  }
+      ) : (
+        <GitTable git={git} />
+      )}
+    </Section>
+  );
+}
+
+/** Where the code came from: its repository, branch and commit (a link where the host is known), and whether it
+ * had uncommitted changes. */
+export function GitTable({ git }: { git: Record<string, Json> }) {
   const repository = typeof git.repository_uri === "string" ? git.repository_uri : null;
   const commit = typeof git.commit === "string" ? git.commit : null;
   const link = repository && commit ? commitUrl(repository, commit) : null;
   return (
-    <Section title="Git">
-      <table className="amlrun-table amlrun-compact" aria-label="Git">
-        <tbody>
-          <tr>
-            <th>repository</th>
-            <td className="amlrun-mono">{repository ?? "—"}</td>
-          </tr>
-          <tr>
-            <th>branch</th>
-            <td className="amlrun-mono">{formatValue(git.branch)}</td>
-          </tr>
-          <tr>
-            <th>commit</th>
-            <td className="amlrun-mono">
-              {link ? (
-                <a className="amlrun-link" href={link} target="_blank" rel="noopener noreferrer">
-                  {commit}
-                </a>
-              ) : (
-                (commit ?? "—")
-              )}
-              {git.dirty === true && <span className="amlrun-warning"> (with uncommitted changes)</span>}
-            </td>
-          </tr>
-        </tbody>
-      </table>
-    </Section>
+    <table className="amlrun-table amlrun-compact" aria-label="Git">
+      <tbody>
+        <tr>
+          <th>repository</th>
+          <td className="amlrun-mono">{repository ?? "—"}</td>
+        </tr>
+        <tr>
+          <th>branch</th>
+          <td className="amlrun-mono">{formatValue(git.branch)}</td>
+        </tr>
+        <tr>
+          <th>commit</th>
+          <td className="amlrun-mono">
+            {link ? (
+              <a className="amlrun-link" href={link} target="_blank" rel="noopener noreferrer">
+                {commit}
+              </a>
+            ) : (
+              (commit ?? "—")
+            )}
+            {git.dirty === true && <span className="amlrun-warning"> (with uncommitted changes)</span>}
+          </td>
+        </tr>
+      </tbody>
+    </table>
   );
 }
 

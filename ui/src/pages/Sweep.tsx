@@ -4,7 +4,7 @@ import { useNavigate } from "react-router-dom";
 import { FINISHED, type Run, type RunDetail } from "../api";
 import { formatValue, RunLink, Section, StatusBadge } from "../components/common";
 import { pagePath } from "../routes";
-import { commandLine } from "./RunSections";
+import { commandLine, GitTable } from "./RunSections";
 
 // The sections of a sweep's parent run (target hyperdrive). A sweep runs no code of its own: it starts runs, each
 // of which runs the recorded command with the values it drew added, takes a snapshot of its code and writes its
@@ -71,8 +71,10 @@ export function SweepGit({ run, runs }: { run: RunDetail; runs: Run[] | undefine
   return (
     <Section title="Git">
       <div className="amlrun-muted">
-        A sweep runs no code of its own, so it has no git state: each of its runs records that of its code, shown on that run's page.
+        A sweep runs no code of its own, so it has no git state: each of its runs records that of its code, shown on that run's page
+        {run.sweep?.git ? ". All of them ran this code:" : "."}
       </div>
+      {run.sweep?.git && <GitTable git={run.sweep.git} />}
       <SweepRunLinks run={run} runs={runs} label="Git state of the sweep's runs" />
     </Section>
   );
