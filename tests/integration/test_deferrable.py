@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -43,7 +44,7 @@ from datetime import datetime, timedelta, timezone
 from airflow_amlrun import ScriptRunOperator
 from airflow_amlrun.operators.hyperdrive import HyperDriveOperator
 from airflow_amlrun.triggers.hyperdrive import HyperDriveTrigger
-from airflow_amlrun.triggers.script_run import ScriptRunTrigger
+from airflow_amlrun.triggers.script_run import ERROR, ScriptRunTrigger
 
 
 async def _until(moment):
@@ -54,8 +55,8 @@ async def _until(moment):
 
 
 class _Raising:
-    '''Raises in the triggerer once it may fire (the task that deferred has exited), leaving the runs as they were
-    handed over.'''
+    '''Raises in the triggerer once it may fire (the task that deferred has exited) and the task's execution_timeout
+    passed, if it has one (the trigger does not stop the runs then), leaving the runs as they were handed over.'''
 
     broke_down = "the trigger broke down in the triggerer"
 
@@ -64,11 +65,21 @@ class _Raising:
 
     async def _until_it_fails(self):
         await _until(self.not_before)
+        await _until(self.stop_at)
 
     async def run(self):
         await self._until_it_fails()
         raise RuntimeError(self.broke_down)
         yield
+
+
+class _HandingBack(_Raising):
+    '''Hands the runs back to the task as they were handed over, with an error event (as a trigger that can no longer
+    follow them does), when _Raising would raise.'''
+
+    async def run(self):
+        await self._until_it_fails()
+        yield self._event(ERROR, message=self.broke_down, state=self.state, stop_at=self.stop_at)
 
 
 class _Hanging(_Raising):
@@ -80,6 +91,10 @@ class _Hanging(_Raising):
 
 
 class RaisingTrigger(_Raising, ScriptRunTrigger):
+    pass
+
+
+class HandingBackTrigger(_HandingBack, ScriptRunTrigger):
     pass
 
 
@@ -106,6 +121,10 @@ class RaisingSweepTrigger(_SweepTrigger, _Raising, HyperDriveTrigger):
     pass
 
 
+class HandingBackSweepTrigger(_SweepTrigger, _HandingBack, HyperDriveTrigger):
+    pass
+
+
 class HangingSweepTrigger(_SweepTrigger, _Hanging, HyperDriveTrigger):
     pass
 
@@ -123,6 +142,10 @@ class DeferringToARaisingTrigger(_Deferring, ScriptRunOperator):
     failing = RaisingTrigger
 
 
+class DeferringToAHandingBackTrigger(_Deferring, ScriptRunOperator):
+    failing = HandingBackTrigger
+
+
 class DeferringToAHangingTrigger(_Deferring, ScriptRunOperator):
     failing = HangingTrigger
     defer_slack = timedelta(seconds=5)
@@ -134,6 +157,10 @@ class DeferringToASettlingTrigger(_Deferring, ScriptRunOperator):
 
 class SweepDeferringToARaisingTrigger(_Deferring, HyperDriveOperator):
     failing = RaisingSweepTrigger
+
+
+class SweepDeferringToAHandingBackTrigger(_Deferring, HyperDriveOperator):
+    failing = HandingBackSweepTrigger
 
 
 class SweepDeferringToAHangingTrigger(_Deferring, HyperDriveOperator):
@@ -278,7 +305,7 @@ def test_a_deferred_docker_run_is_followed_by_the_triggerer(cluster: AirflowClus
 
 def failing_trigger_dag(source: Path, kind: str, trigger: str, steps: int, execution_timeout: int = 0) -> str:
     """A DAG of one deferrable task `train` whose trigger fails as `trigger` says (FAILING_TRIGGERS: "Raising",
-    "Hanging", "Settling"): for `kind` "run", a ScriptRunOperator running the script for `steps`
+    "HandingBack", "Hanging", "Settling"): for `kind` "run", a ScriptRunOperator running the script for `steps`
     steps; for "sweep", a HyperDriveOperator running a grid sweep of two such runs (`--lr` 0.1 or 0.2), both at once.
     """
     run_config = f"ScriptRunConfig({str(source)!r}, script='train.py', arguments=['{steps}'])"
@@ -426,3 +453,60 @@ def test_a_sweep_nobody_follows_is_ended_once_its_deferral_times_out(
     assert not cluster.marked_processes_running_script("train.py")
     log = cluster.task_log(dag_id, run_id, "train")
     assert f"Sweep {sweep.id} was stopped and recorded Failed" in log
+
+
+# The task's execution_timeout in the scenario below: long enough for the task to start its runs and defer.
+TIMEOUT_SECONDS = 20
+
+
+@pytest.mark.parametrize(
+    ("trigger", "reason"),
+    [
+        pytest.param("Raising", "Stopped by the Airflow task's execution_timeout.", id="raising"),
+        pytest.param(
+            "HandingBack",
+            "Stopped by the Airflow task's execution_timeout (while deferred).",
+            id="handing-back",
+        ),
+    ],
+)
+@pytest.mark.parametrize("kind", ["run", "sweep"])
+def test_the_worker_following_on_after_a_failed_trigger_stops_the_runs_at_the_tries_execution_timeout(
+    cluster: AirflowCluster, source: Path, kind: str, trigger: str, reason: str
+) -> None:
+    # The trigger fails (raises, or hands the runs back) once the execution_timeout passed, counted from the try's
+    # start: the worker then follows the runs on, and Airflow times the resumed task anew, from the resume. The
+    # runs must end at once, not an execution_timeout later.
+    dag_id = cluster.write_dag(
+        failing_trigger_dag(source, kind, trigger, 600, execution_timeout=TIMEOUT_SECONDS)
+    )
+    run_id = cluster.trigger(dag_id)
+
+    assert cluster.wait_for_dag_run(dag_id, run_id) == "failed"
+    records = runs_of(cluster, dag_id)
+    if kind == "run":
+        (stopped,) = records
+        runs: list[RunRecord] = []
+    else:
+        stopped, runs = sweep_of(records)
+    assert (str(stopped.status), stopped.error) == ("Failed", reason), cluster.component_logs()
+    if kind == "sweep":
+        # None left Running: each stopped with the sweep, as a sweep's runs are.
+        assert [(str(r.status), r.error) for r in runs] == [("Canceled", f"Canceled: {reason}")] * 2
+    assert not cluster.marked_processes_running_script("train.py")
+    log = cluster.task_log_records(dag_id, run_id, "train")
+    resumed = next(
+        datetime.fromisoformat(str(r["timestamp"]))
+        for r in log
+        if str(r.get("event")).startswith(
+            (f"The trigger following {kind} {stopped.id} failed", f"The triggerer stopped following {kind}")
+        )
+    )
+    # The try's execution_timeout had passed when the worker took the runs over: they end within moments.
+    for record in [stopped, *runs]:
+        assert record.end is not None
+        assert record.end - resumed < timedelta(seconds=TIMEOUT_SECONDS / 2), (record.id, record.end, resumed)
+    # What the task fails with.
+    assert (
+        f"{kind} {stopped.id} failed: {reason}".lower() in cluster.task_log(dag_id, run_id, "train").lower()
+    )
