@@ -90,6 +90,8 @@ class HyperDriveRun(SweepResults):
         self._heartbeat = Heartbeat(workspace.history, parent_id, heartbeat_seconds(self._settings))
         # Set by stop() (the task's on_kill): the loop ends its runs and the sweep, Canceled with this reason.
         self._stop_reason: str | None = None
+        # Set by stop_at(): when the loop ends the sweep Failed (the task's execution_timeout), and why.
+        self._fail_at: tuple[datetime, str] | None = None
         # Runs the policy stopped whose stop failed: why, and when to stop them again. They go on meanwhile,
         # followed as any run of the sweep, and end recorded as they end if no stop takes.
         self._unstopped: dict[str, Unstopped] = {}
@@ -314,6 +316,14 @@ class HyperDriveRun(SweepResults):
         self._unstopped.clear()
         self._heartbeat.stop()
 
+    def stop_at(self, when: datetime, reason: str) -> None:
+        """End the sweep at `when` if it still goes on, as ``fail`` does: its live runs Canceled, the sweep recorded
+        Failed with `reason` (the task's execution_timeout, for a process whose own time the task does not count).
+
+        :param when: an aware datetime; one already past ends the sweep at the loop's next look.
+        """
+        self._fail_at = (when, reason)
+
     @property
     def deadline(self) -> datetime | None:
         """When max_duration_minutes ends the sweep (once it began), if it has a limit."""
@@ -347,6 +357,8 @@ class HyperDriveRun(SweepResults):
 
     def _tick(self, judge: bool) -> RunRecord | None:
         config = self.config
+        if self._fail_at is not None and _now() >= self._fail_at[0]:
+            return self.fail(self._fail_at[1])
         expired = self._deadline is not None and _now() >= self._deadline
         if expired:
             self._stop_all(

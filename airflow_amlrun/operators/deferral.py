@@ -15,6 +15,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from functools import partial
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
@@ -42,6 +43,9 @@ NOT_FOLLOWED = (
     "Stopped: the Airflow task's execution_timeout passed while no triggerer followed the run (its deferral timed "
     "out)."
 )
+# The error of a run (or a sweep) this worker followed on after its trigger failed, stopped as the try's
+# execution_timeout passed.
+TIMED_OUT = "Stopped by the Airflow task's execution_timeout."
 
 
 class RunKind(enum.Enum):
@@ -118,14 +122,16 @@ def settle_failed_deferral(
     task: AirflowTask,
     kind: RunKind,
     *,
-    follow_on: Callable[[RunRecord], T],
+    stop_at: datetime | None,
+    follow_on: Callable[[RunRecord, datetime | None], T],
     stop: Callable[[RunRecord, str], RunRecord],
     log: Any,
 ) -> T:
     """Settle the run this try handed to its trigger, now that Airflow resumed the task only to fail it.
 
     - The trigger failed: the run is followed on in this worker to its end (`follow_on`, which returns what the
-      task returns, or raises as the run ended), with no deferring again.
+      task returns, or raises as the run ended), with no deferring again; should it still go on at `stop_at`,
+      it is stopped then, recorded Failed with TIMED_OUT.
     - The deferral timed out (the execution_timeout passed while nobody followed the run): the run is stopped and
       recorded Failed (`stop`, with the reason; a run that had ended meanwhile is recorded as it ended), and the
       task fails.
@@ -135,7 +141,11 @@ def settle_failed_deferral(
     :param failure: what ``failed_deferral`` returned.
     :param task: the task instance resumed (``AirflowTask.of(context["ti"])``).
     :param kind: which of the try's rows the operator hands to a trigger.
-    :param follow_on: follows the given unfinished run (or sweep) on from this process to its end.
+    :param stop_at: when the try's execution_timeout passes (``SettlesFailedDeferral.try_deadline``), if it has
+        one: Airflow times the resumed task anew, from the resume, so a run followed on from here would otherwise
+        outlive it.
+    :param follow_on: follows the given unfinished run (or sweep) on from this process to its end, stopping it at
+        the given time (if any), recorded Failed with TIMED_OUT.
     :param stop: stops the given unfinished run (or sweep) now, recording it Failed with the given reason, and
         returns its row as recorded.
     :param log: the task's log.
@@ -174,7 +184,15 @@ def settle_failed_deferral(
             failure.cause,
             what,
         )
-        return follow_on(record)
+        if stop_at is not None:
+            log.info(
+                "%s %s is stopped at %s if it still goes on then: the task's execution_timeout, counted from the "
+                "start of this try.",
+                what.capitalize(),
+                record.id,
+                stop_at.isoformat(timespec="seconds"),
+            )
+        return follow_on(record, stop_at)
     log.warning(
         "The task's execution_timeout passed while no triggerer followed %s %s (Airflow's deferral timed out): it "
         "is stopped.",
@@ -218,6 +236,17 @@ class SettlesFailedDeferral(BaseOperator):
     def workspace(self) -> Workspace:
         raise NotImplementedError
 
+    def try_deadline(self, ti: Any) -> datetime | None:
+        """When the task's execution_timeout ends try `ti`, if the task has one: counted from the try's start, which
+        Airflow keeps across a deferral. Airflow itself times a deferred task not at all and a resumed one anew,
+        from the resume: whatever follows the try's run (the trigger, or this worker after the trigger) stops it
+        at this time."""
+        if self.execution_timeout is None:
+            return None
+        # Airflow 3 gives every try its start; a try without one is timed from now, as Airflow would time it.
+        started = getattr(ti, "start_date", None) or datetime.now(UTC)
+        return started + self.execution_timeout
+
     def resume_execution(self, next_method: str, next_kwargs: dict[str, Any] | None, context: Context) -> Any:
         if next_method != FAIL_METHOD:
             return super().resume_execution(next_method, next_kwargs, context)
@@ -229,13 +258,17 @@ class SettlesFailedDeferral(BaseOperator):
             self.workspace,
             AirflowTask.of(context["ti"]),
             self.deferred_kind,
-            follow_on=lambda record: self._followed_on_after_trigger(context, record),
+            stop_at=self.try_deadline(context["ti"]),
+            follow_on=lambda record, stop_at: self._followed_on_after_trigger(context, record, stop_at),
             stop=lambda record, reason: self._stopped_unfollowed(context, record, reason),
             log=self.log,
         )
 
-    def _followed_on_after_trigger(self, context: Context, record: RunRecord) -> Any:
-        """Follow on, in this worker, the run whose trigger failed; returns what the task returns."""
+    def _followed_on_after_trigger(
+        self, context: Context, record: RunRecord, stop_at: datetime | None
+    ) -> Any:
+        """Follow on, in this worker, the run whose trigger failed; returns what the task returns. Should it still
+        go on at `stop_at` (the try's execution_timeout), it is stopped then, recorded Failed with TIMED_OUT."""
         raise NotImplementedError
 
     def _stopped_unfollowed(self, context: Context, record: RunRecord, reason: str) -> RunRecord:

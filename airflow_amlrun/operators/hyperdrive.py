@@ -15,7 +15,7 @@ from airflow.sdk.log import mask_secret
 from airflow_amlrun.environment.paths import PathBase
 from airflow_amlrun.errors import AmlRunError, ConfigurationError, shown
 from airflow_amlrun.links import RUN_ID_XCOM_KEY, AmlRunLink
-from airflow_amlrun.operators.deferral import RunKind, SettlesFailedDeferral
+from airflow_amlrun.operators.deferral import TIMED_OUT, RunKind, SettlesFailedDeferral
 from airflow_amlrun.operators.script_run import DEFER_SLACK, _known_part, rendered_later
 from airflow_amlrun.runconfig import render_tags
 from airflow_amlrun.workspace import check_connection_id
@@ -29,6 +29,9 @@ if TYPE_CHECKING:
     from airflow_amlrun.submission import AirflowTask
     from airflow_amlrun.workspace import Workspace
 
+# The error of a sweep the task's execution_timeout ended while the sweep was deferred (as a run's: see
+# ScriptRunTrigger).
+DEFERRED_TIMED_OUT = "Stopped by the Airflow task's execution_timeout (while deferred)."
 # Why a retry ends what its earlier try's sweep left, when it does not resume it.
 STARTED_ANEW = "The task running this sweep died, and its retry started the sweep anew."
 
@@ -176,11 +179,8 @@ class HyperDriveOperator(SettlesFailedDeferral):
         ti.xcom_push(key=RUN_ID_XCOM_KEY, value=sweep.id)
         self.amlrun_run_id = sweep.id
         if self.deferrable and self._deferral_possible(config):
-            stop_at = None
-            if self.execution_timeout is not None:
-                started = getattr(ti, "start_date", None) or datetime.now(UTC)
-                stop_at = (started + self.execution_timeout).isoformat()
-            return self._go_on_deferred(sweep, stop_at)
+            stop_at = self.try_deadline(ti)
+            return self._go_on_deferred(sweep, stop_at.isoformat() if stop_at is not None else None)
         return self._result(sweep, sweep.wait_for_completion())
 
     def _hold(self, sweep: HyperDriveRun) -> HyperDriveRun:
@@ -306,11 +306,12 @@ class HyperDriveOperator(SettlesFailedDeferral):
                 sweep_id,
                 event.get("message"),
             )
+            if event.get("stop_at"):
+                # The try's own deadline, which the trigger applied: Airflow times this resumed task anew.
+                sweep.stop_at(datetime.fromisoformat(str(event["stop_at"])), DEFERRED_TIMED_OUT)
             return self._result(sweep, sweep.wait_for_completion())
         if event.get("timed_out"):
-            return self._result(
-                sweep, sweep.fail("Stopped by the Airflow task's execution_timeout (while deferred).")
-            )
+            return self._result(sweep, sweep.fail(DEFERRED_TIMED_OUT))
         ended = {
             run_id: TargetStatus(
                 running=False,
@@ -335,10 +336,15 @@ class HyperDriveOperator(SettlesFailedDeferral):
             HyperDriveRun.resumed(self.workspace, record.id, config, state=SweepState(), airflow_task=task)
         )
 
-    def _followed_on_after_trigger(self, context: Context, record: RunRecord) -> dict[str, Any]:
-        """Follow on, in this worker, a sweep whose trigger failed; the task ends as the sweep does."""
+    def _followed_on_after_trigger(
+        self, context: Context, record: RunRecord, stop_at: datetime | None
+    ) -> dict[str, Any]:
+        """Follow on, in this worker, a sweep whose trigger failed, ended at `stop_at` if it still goes on then; the
+        task ends as the sweep does."""
         with self._ended_unless_retried(context):
             sweep = self._taken_over(context, record)
+            if stop_at is not None:
+                sweep.stop_at(stop_at, TIMED_OUT)
             return self._result(sweep, sweep.wait_for_completion())
 
     def _stopped_unfollowed(self, context: Context, record: RunRecord, reason: str) -> RunRecord:

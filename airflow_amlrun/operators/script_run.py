@@ -20,7 +20,7 @@ from airflow_amlrun.errors import ConfigurationError, shown
 from airflow_amlrun.estimator import Estimator
 from airflow_amlrun.experiment import check_experiment_name
 from airflow_amlrun.links import RUN_ID_XCOM_KEY, AmlRunLink
-from airflow_amlrun.operators.deferral import RunKind, SettlesFailedDeferral
+from airflow_amlrun.operators.deferral import TIMED_OUT, RunKind, SettlesFailedDeferral
 from airflow_amlrun.runconfig import (
     ScriptRunConfig,
     render_arguments,
@@ -216,10 +216,7 @@ class ScriptRunOperator(SettlesFailedDeferral):
                 "triggerer follows it.",
                 run.id,
             )
-        stop_at = None
-        if self.execution_timeout is not None:
-            started = getattr(ti, "start_date", None) or datetime.now(UTC)
-            stop_at = (started + self.execution_timeout).isoformat()
+        stop_at = self.try_deadline(ti)
         self.log.info("Run %s is followed by the triggerer from here; the worker slot is freed.", run.id)
         self._run = None
         self.defer(
@@ -228,7 +225,7 @@ class ScriptRunOperator(SettlesFailedDeferral):
                 state.to_json(),
                 self.workspace_conn_id,
                 show_output,
-                stop_at,
+                stop_at.isoformat() if stop_at is not None else None,
                 not_before=(datetime.now(UTC) + timedelta(seconds=FIRST_EVENT_AFTER_SECONDS)).isoformat(),
             ),
             method_name="execute_complete",
@@ -267,15 +264,13 @@ class ScriptRunOperator(SettlesFailedDeferral):
             ended=ended,
         )
 
-    def _followed_on_after_trigger(self, context: Context, record: RunRecord) -> dict[str, Any]:
-        """Follow on, in this worker, a run whose trigger failed; the task ends as the run does."""
+    def _followed_on_after_trigger(
+        self, context: Context, record: RunRecord, stop_at: datetime | None
+    ) -> dict[str, Any]:
+        """Follow on, in this worker, a run whose trigger failed, stopped at `stop_at` if it still runs then; the
+        task ends as the run does."""
         from airflow_amlrun.run import FollowState
 
-        stop_at = None
-        started = getattr(context["ti"], "start_date", None)
-        if self.execution_timeout is not None and started is not None:
-            # The try's own deadline: Airflow times the resumed task anew, from the resume.
-            stop_at = started + self.execution_timeout
         if self.show_output:
             # How far the trigger got is lost with it: the output is shown again from the start.
             self.log.info("Run %s: its output is shown from its start.", record.id)
@@ -284,7 +279,7 @@ class ScriptRunOperator(SettlesFailedDeferral):
             record.id,
             FollowState(),
             stop_at=stop_at,
-            stop_reason="Stopped by the Airflow task's execution_timeout.",
+            stop_reason=TIMED_OUT,
         )
 
     def _stopped_unfollowed(self, context: Context, record: RunRecord, reason: str) -> RunRecord:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -35,34 +36,70 @@ print("deferred script done", flush=True)
 
 
 FAILING_TRIGGERS = """\
-'''Triggers that fail in the triggerer, and ScriptRunOperators deferring with them.'''
+'''Triggers that fail in the triggerer, and the operators deferring with them. Each way of failing is one mixin,
+over the run's trigger (ScriptRunTrigger) and the sweep's (HyperDriveTrigger) alike.'''
 import asyncio
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 
 from airflow_amlrun import ScriptRunOperator
 from airflow_amlrun.operators.hyperdrive import HyperDriveOperator
 from airflow_amlrun.triggers.hyperdrive import HyperDriveTrigger
-from airflow_amlrun.triggers.script_run import ScriptRunTrigger
+from airflow_amlrun.triggers.script_run import ERROR, ScriptRunTrigger
 
 
-class RaisingTrigger(ScriptRunTrigger):
-    '''Raises in the triggerer (once the task that deferred has exited), leaving the run as it was handed over.'''
+async def _until(moment):
+    if moment is not None:
+        wait = (datetime.fromisoformat(moment) - datetime.now(timezone.utc)).total_seconds()
+        if wait > 0:
+            await asyncio.sleep(wait)
+
+
+class _Raising:
+    '''Raises in the triggerer once it may fire (the task that deferred has exited) and the task's execution_timeout
+    passed, if it has one (the trigger does not stop the runs then), leaving the runs as they were handed over.'''
+
+    broke_down = "the trigger broke down in the triggerer"
 
     def serialize(self):
         return f"{__name__}.{type(self).__name__}", super().serialize()[1]
 
+    async def _until_it_fails(self):
+        await _until(self.not_before)
+        await _until(self.stop_at)
+
     async def run(self):
-        await self._not_before()
-        raise RuntimeError("the trigger broke down in the triggerer")
+        await self._until_it_fails()
+        raise RuntimeError(self.broke_down)
         yield
 
 
-class HangingTrigger(RaisingTrigger):
-    '''Never fires, nor follows the run: a triggerer that hangs.'''
+class _HandingBack(_Raising):
+    '''Hands the runs back to the task as they were handed over, with an error event (as a trigger that can no longer
+    follow them does), when _Raising would raise.'''
+
+    async def run(self):
+        await self._until_it_fails()
+        yield self._event(ERROR, message=self.broke_down, state=self.state, stop_at=self.stop_at)
+
+
+class _Hanging(_Raising):
+    '''Never fires, nor follows the runs: a triggerer that hangs.'''
 
     async def run(self):
         await asyncio.Event().wait()
         yield
+
+
+class RaisingTrigger(_Raising, ScriptRunTrigger):
+    pass
+
+
+class HandingBackTrigger(_HandingBack, ScriptRunTrigger):
+    pass
+
+
+class HangingTrigger(_Hanging, ScriptRunTrigger):
+    pass
 
 
 class SettlingTrigger(RaisingTrigger):
@@ -72,62 +109,62 @@ class SettlingTrigger(RaisingTrigger):
         run = await asyncio.to_thread(self._resume)
         await asyncio.to_thread(run.cancel, "Canceled by another process.")
         await self._not_before()
-        raise RuntimeError("the trigger broke down in the triggerer")
+        raise RuntimeError(self.broke_down)
         yield
 
 
-class _Deferring(ScriptRunOperator):
-    trigger_class = RaisingTrigger
+class _SweepTrigger:
+    broke_down = "the sweep's trigger broke down in the triggerer"
+
+
+class RaisingSweepTrigger(_SweepTrigger, _Raising, HyperDriveTrigger):
+    pass
+
+
+class HandingBackSweepTrigger(_SweepTrigger, _HandingBack, HyperDriveTrigger):
+    pass
+
+
+class HangingSweepTrigger(_SweepTrigger, _Hanging, HyperDriveTrigger):
+    pass
+
+
+class _Deferring:
+    '''Defers with `failing` (a failing kind of the operator's own trigger) instead of the trigger it builds.'''
+
+    failing = None
 
     def defer(self, *, trigger, **kwargs):
-        super().defer(trigger=self.trigger_class(**trigger.serialize()[1]), **kwargs)
+        super().defer(trigger=self.failing(**trigger.serialize()[1]), **kwargs)
 
 
-class DeferringToARaisingTrigger(_Deferring):
-    trigger_class = RaisingTrigger
+class DeferringToARaisingTrigger(_Deferring, ScriptRunOperator):
+    failing = RaisingTrigger
 
 
-class DeferringToAHangingTrigger(_Deferring):
-    trigger_class = HangingTrigger
+class DeferringToAHandingBackTrigger(_Deferring, ScriptRunOperator):
+    failing = HandingBackTrigger
+
+
+class DeferringToAHangingTrigger(_Deferring, ScriptRunOperator):
+    failing = HangingTrigger
     defer_slack = timedelta(seconds=5)
 
 
-class DeferringToASettlingTrigger(_Deferring):
-    trigger_class = SettlingTrigger
+class DeferringToASettlingTrigger(_Deferring, ScriptRunOperator):
+    failing = SettlingTrigger
 
 
-class RaisingSweepTrigger(HyperDriveTrigger):
-    '''A sweep's trigger that raises in the triggerer, leaving the sweep's runs as they were handed over.'''
-
-    def serialize(self):
-        return f"{__name__}.{type(self).__name__}", super().serialize()[1]
-
-    async def run(self):
-        while not self._may_fire():
-            await asyncio.sleep(0.5)
-        raise RuntimeError("the sweep's trigger broke down in the triggerer")
-        yield
+class SweepDeferringToARaisingTrigger(_Deferring, HyperDriveOperator):
+    failing = RaisingSweepTrigger
 
 
-class HangingSweepTrigger(RaisingSweepTrigger):
-    async def run(self):
-        await asyncio.Event().wait()
-        yield
+class SweepDeferringToAHandingBackTrigger(_Deferring, HyperDriveOperator):
+    failing = HandingBackSweepTrigger
 
 
-class _DeferringSweep(HyperDriveOperator):
-    trigger_class = RaisingSweepTrigger
-
-    def defer(self, *, trigger, **kwargs):
-        super().defer(trigger=self.trigger_class(**trigger.serialize()[1]), **kwargs)
-
-
-class SweepDeferringToARaisingTrigger(_DeferringSweep):
-    trigger_class = RaisingSweepTrigger
-
-
-class SweepDeferringToAHangingTrigger(_DeferringSweep):
-    trigger_class = HangingSweepTrigger
+class SweepDeferringToAHangingTrigger(_Deferring, HyperDriveOperator):
+    failing = HangingSweepTrigger
     defer_slack = timedelta(seconds=5)
 """
 
@@ -266,28 +303,56 @@ def test_a_deferred_docker_run_is_followed_by_the_triggerer(cluster: AirflowClus
     assert printed == [f"deferred step {n}" for n in range(10)]
 
 
-def failing_trigger_dag(source: Path, operator: str, steps: int, options: str = "") -> str:
+def failing_trigger_dag(source: Path, kind: str, trigger: str, steps: int, execution_timeout: int = 0) -> str:
+    """A DAG of one deferrable task `train` whose trigger fails as `trigger` says (FAILING_TRIGGERS: "Raising",
+    "HandingBack", "Hanging", "Settling"): for `kind` "run", a ScriptRunOperator running the script for `steps`
+    steps; for "sweep", a HyperDriveOperator running a grid sweep of two such runs (`--lr` 0.1 or 0.2), both at once.
+    """
+    run_config = f"ScriptRunConfig({str(source)!r}, script='train.py', arguments=['{steps}'])"
+    if kind == "run":
+        operator, config = f"DeferringToA{trigger}Trigger", run_config
+    else:
+        operator = f"SweepDeferringToA{trigger}Trigger"
+        config = f"""HyperDriveConfig(
+            run_config={run_config},
+            hyperparameter_sampling=GridParameterSampling({{"--lr": choice(0.1, 0.2)}}),
+            primary_metric_name="loss",
+            primary_metric_goal="minimize",
+            max_total_runs=2,
+            max_concurrent_runs=2,
+        )"""
+    timeout = (
+        f"\n        execution_timeout=datetime.timedelta(seconds={execution_timeout}),"
+        if execution_timeout
+        else ""
+    )
     return f"""
 import datetime
 import pendulum
 from airflow.sdk import DAG
 from airflow_amlrun import ScriptRunConfig
+from airflow_amlrun.hyperdrive import GridParameterSampling, HyperDriveConfig, choice
 from amlrun_failing_triggers import {operator}
 
 with DAG("DAG_ID", schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC")) as dag:
     {operator}(
         task_id="train",
-        config=ScriptRunConfig({str(source)!r}, script="train.py"),
-        arguments=["{steps}"],
-        deferrable=True,{options}
+        config={config},
+        deferrable=True,{timeout}
     )
 """
+
+
+def sweep_of(records: list[RunRecord]) -> tuple[RunRecord, list[RunRecord]]:
+    """The sweep's parent run and its runs."""
+    [sweep] = [r for r in records if r.target == "hyperdrive"]
+    return sweep, [r for r in records if r.parent_run_id == sweep.id]
 
 
 def test_a_run_whose_trigger_fails_in_the_triggerer_is_followed_on_by_the_worker(
     cluster: AirflowCluster, source: Path
 ) -> None:
-    dag_id = cluster.write_dag(failing_trigger_dag(source, "DeferringToARaisingTrigger", 60))
+    dag_id = cluster.write_dag(failing_trigger_dag(source, "run", "Raising", 60))
     run_id = cluster.trigger(dag_id)
 
     assert cluster.wait_for_dag_run(dag_id, run_id) == "success", cluster.component_logs()
@@ -314,14 +379,7 @@ def test_a_run_nobody_follows_is_stopped_once_its_deferral_times_out(
 ) -> None:
     # The triggerer hangs: the trigger never fires and never stops the run at the execution_timeout. Airflow
     # resumes the task only to fail it, 15 + 5 s after it deferred.
-    dag_id = cluster.write_dag(
-        failing_trigger_dag(
-            source,
-            "DeferringToAHangingTrigger",
-            600,
-            "\n        execution_timeout=datetime.timedelta(seconds=15),",
-        )
-    )
+    dag_id = cluster.write_dag(failing_trigger_dag(source, "run", "Hanging", 600, execution_timeout=15))
     run_id = cluster.trigger(dag_id)
 
     assert cluster.wait_for_dag_run(dag_id, run_id) == "failed"
@@ -342,7 +400,7 @@ def test_a_run_nobody_follows_is_stopped_once_its_deferral_times_out(
 def test_a_failed_trigger_whose_run_another_process_recorded_fails_the_task_saying_so(
     cluster: AirflowCluster, source: Path
 ) -> None:
-    dag_id = cluster.write_dag(failing_trigger_dag(source, "DeferringToASettlingTrigger", 600))
+    dag_id = cluster.write_dag(failing_trigger_dag(source, "run", "Settling", 600))
     run_id = cluster.trigger(dag_id)
 
     assert cluster.wait_for_dag_run(dag_id, run_id) == "failed"
@@ -358,48 +416,20 @@ def test_a_failed_trigger_whose_run_another_process_recorded_fails_the_task_sayi
     assert "TaskDeferralError" in log
 
 
-def failing_sweep_trigger_dag(source: Path, operator: str, steps: int, options: str = "") -> str:
-    """A grid sweep of two runs of the script (each `steps` steps long, `--lr` 0.1 or 0.2), both at once."""
-    return f"""
-import datetime
-import pendulum
-from airflow.sdk import DAG
-from airflow_amlrun import ScriptRunConfig
-from airflow_amlrun.hyperdrive import GridParameterSampling, HyperDriveConfig, choice
-from amlrun_failing_triggers import {operator}
-
-with DAG("DAG_ID", schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC")) as dag:
-    {operator}(
-        task_id="tune",
-        config=HyperDriveConfig(
-            run_config=ScriptRunConfig({str(source)!r}, script="train.py", arguments=["{steps}"]),
-            hyperparameter_sampling=GridParameterSampling({{"--lr": choice(0.1, 0.2)}}),
-            primary_metric_name="loss",
-            primary_metric_goal="minimize",
-            max_total_runs=2,
-            max_concurrent_runs=2,
-        ),
-        deferrable=True,{options}
-    )
-"""
-
-
 def test_a_sweep_whose_trigger_fails_in_the_triggerer_is_followed_on_by_the_worker(
     cluster: AirflowCluster, source: Path
 ) -> None:
-    dag_id = cluster.write_dag(failing_sweep_trigger_dag(source, "SweepDeferringToARaisingTrigger", 30))
+    dag_id = cluster.write_dag(failing_trigger_dag(source, "sweep", "Raising", 30))
     run_id = cluster.trigger(dag_id)
 
     assert cluster.wait_for_dag_run(dag_id, run_id) == "success", cluster.component_logs()
-    records = runs_of(cluster, dag_id)
-    [sweep] = [r for r in records if r.target == "hyperdrive"]
-    trials = [r for r in records if r.parent_run_id == sweep.id]
+    sweep, trials = sweep_of(runs_of(cluster, dag_id))
     assert (str(sweep.status), sweep.error) == ("Completed", None)
     assert sorted(str(r.status) for r in trials) == ["Completed", "Completed"]
     for trial in trials:
         # Read again from their start by the worker: each point recorded once.
         assert [p.step for p in cluster.history().get_metrics(trial.id, "loss")] == list(range(30))
-    log = cluster.task_log(dag_id, run_id, "tune")
+    log = cluster.task_log(dag_id, run_id, "train")
     assert (
         f"The trigger following sweep {sweep.id} failed in the triggerer (RuntimeError: the sweep's trigger broke "
         "down in the triggerer); this worker follows the sweep on to its end."
@@ -409,26 +439,74 @@ def test_a_sweep_whose_trigger_fails_in_the_triggerer_is_followed_on_by_the_work
 def test_a_sweep_nobody_follows_is_ended_once_its_deferral_times_out(
     cluster: AirflowCluster, source: Path
 ) -> None:
-    dag_id = cluster.write_dag(
-        failing_sweep_trigger_dag(
-            source,
-            "SweepDeferringToAHangingTrigger",
-            600,
-            "\n        execution_timeout=datetime.timedelta(seconds=15),",
-        )
-    )
+    dag_id = cluster.write_dag(failing_trigger_dag(source, "sweep", "Hanging", 600, execution_timeout=15))
     run_id = cluster.trigger(dag_id)
 
     assert cluster.wait_for_dag_run(dag_id, run_id) == "failed"
-    records = runs_of(cluster, dag_id)
-    [sweep] = [r for r in records if r.target == "hyperdrive"]
+    sweep, trials = sweep_of(runs_of(cluster, dag_id))
     reason = (
         "Stopped: the Airflow task's execution_timeout passed while no triggerer followed the run (its deferral "
         "timed out)."
     )
     assert (str(sweep.status), sweep.error) == ("Failed", reason), cluster.component_logs()
-    trials = [r for r in records if r.parent_run_id == sweep.id]
     assert [(str(r.status), r.error) for r in trials] == [("Canceled", f"Canceled: {reason}")] * 2
     assert not cluster.marked_processes_running_script("train.py")
-    log = cluster.task_log(dag_id, run_id, "tune")
+    log = cluster.task_log(dag_id, run_id, "train")
     assert f"Sweep {sweep.id} was stopped and recorded Failed" in log
+
+
+# The task's execution_timeout in the scenario below: long enough for the task to start its runs and defer.
+TIMEOUT_SECONDS = 20
+
+
+@pytest.mark.parametrize(
+    ("trigger", "reason"),
+    [
+        pytest.param("Raising", "Stopped by the Airflow task's execution_timeout.", id="raising"),
+        pytest.param(
+            "HandingBack",
+            "Stopped by the Airflow task's execution_timeout (while deferred).",
+            id="handing-back",
+        ),
+    ],
+)
+@pytest.mark.parametrize("kind", ["run", "sweep"])
+def test_the_worker_following_on_after_a_failed_trigger_stops_the_runs_at_the_tries_execution_timeout(
+    cluster: AirflowCluster, source: Path, kind: str, trigger: str, reason: str
+) -> None:
+    # The trigger fails (raises, or hands the runs back) once the execution_timeout passed, counted from the try's
+    # start: the worker then follows the runs on, and Airflow times the resumed task anew, from the resume. The
+    # runs must end at once, not an execution_timeout later.
+    dag_id = cluster.write_dag(
+        failing_trigger_dag(source, kind, trigger, 600, execution_timeout=TIMEOUT_SECONDS)
+    )
+    run_id = cluster.trigger(dag_id)
+
+    assert cluster.wait_for_dag_run(dag_id, run_id) == "failed"
+    records = runs_of(cluster, dag_id)
+    if kind == "run":
+        (stopped,) = records
+        runs: list[RunRecord] = []
+    else:
+        stopped, runs = sweep_of(records)
+    assert (str(stopped.status), stopped.error) == ("Failed", reason), cluster.component_logs()
+    if kind == "sweep":
+        # None left Running: each stopped with the sweep, as a sweep's runs are.
+        assert [(str(r.status), r.error) for r in runs] == [("Canceled", f"Canceled: {reason}")] * 2
+    assert not cluster.marked_processes_running_script("train.py")
+    log = cluster.task_log_records(dag_id, run_id, "train")
+    resumed = next(
+        datetime.fromisoformat(str(r["timestamp"]))
+        for r in log
+        if str(r.get("event")).startswith(
+            (f"The trigger following {kind} {stopped.id} failed", f"The triggerer stopped following {kind}")
+        )
+    )
+    # The try's execution_timeout had passed when the worker took the runs over: they end within moments.
+    for record in [stopped, *runs]:
+        assert record.end is not None
+        assert record.end - resumed < timedelta(seconds=TIMEOUT_SECONDS / 2), (record.id, record.end, resumed)
+    # What the task fails with.
+    assert (
+        f"{kind} {stopped.id} failed: {reason}".lower() in cluster.task_log(dag_id, run_id, "train").lower()
+    )
