@@ -13,6 +13,7 @@ from airflow_amlrun.errors import ConfigurationError
 from airflow_amlrun.history import RunRecord, RunStatus
 from airflow_amlrun.history.listing import RunFilter
 from airflow_amlrun.run import FollowState, RunEndedError, ScriptRun
+from airflow_amlrun.run.outcome import TIMED_OUT
 from airflow_amlrun.runconfig import SWEEP_TARGET as TARGET
 
 if TYPE_CHECKING:
@@ -107,7 +108,7 @@ class SweepEnding:
         execution_timeout."""
         name = type(err).__name__
         if name == "AirflowTaskTimeout":
-            return cls.failed("Stopped by the Airflow task's execution_timeout.")
+            return cls.failed(TIMED_OUT)
         if not interrupts(err):
             return cls.failed(f"The sweep failed: {err}")
         reason = f"Canceled: the sweep was interrupted ({name})."

@@ -45,7 +45,6 @@ NOT_FOLLOWED = (
 )
 # The error of a run (or a sweep) this worker followed on after its trigger failed, stopped as the try's
 # execution_timeout passed.
-TIMED_OUT = "Stopped by the Airflow task's execution_timeout."
 
 
 class RunKind(enum.Enum):

@@ -15,8 +15,9 @@ from airflow.sdk.log import mask_secret
 from airflow_amlrun.environment.paths import PathBase
 from airflow_amlrun.errors import AmlRunError, ConfigurationError, shown
 from airflow_amlrun.links import RUN_ID_XCOM_KEY, AmlRunLink
-from airflow_amlrun.operators.deferral import TIMED_OUT, RunKind, SettlesFailedDeferral
+from airflow_amlrun.operators.deferral import RunKind, SettlesFailedDeferral
 from airflow_amlrun.operators.script_run import DEFER_SLACK, _known_part, rendered_later
+from airflow_amlrun.run.outcome import DEFERRED_TIMED_OUT, TIMED_OUT
 from airflow_amlrun.runconfig import render_tags
 from airflow_amlrun.workspace import check_connection_id
 
@@ -31,7 +32,6 @@ if TYPE_CHECKING:
 
 # The error of a sweep the task's execution_timeout ended while the sweep was deferred (as a run's: see
 # ScriptRunTrigger).
-DEFERRED_TIMED_OUT = "Stopped by the Airflow task's execution_timeout (while deferred)."
 # Why a retry ends what its earlier try's sweep left, when it does not resume it.
 STARTED_ANEW = "The task running this sweep died, and its retry started the sweep anew."
 

@@ -20,7 +20,8 @@ from airflow_amlrun.errors import ConfigurationError, shown
 from airflow_amlrun.estimator import Estimator
 from airflow_amlrun.experiment import check_experiment_name
 from airflow_amlrun.links import RUN_ID_XCOM_KEY, AmlRunLink
-from airflow_amlrun.operators.deferral import TIMED_OUT, RunKind, SettlesFailedDeferral
+from airflow_amlrun.operators.deferral import RunKind, SettlesFailedDeferral
+from airflow_amlrun.run.outcome import DEFERRED_TIMED_OUT, TIMED_OUT
 from airflow_amlrun.runconfig import (
     ScriptRunConfig,
     render_arguments,
@@ -260,7 +261,7 @@ class ScriptRunOperator(SettlesFailedDeferral):
             run_id,
             FollowState.from_json(event.get("state") or {}),
             stop_at=datetime.fromisoformat(str(event["stop_at"])) if event.get("stop_at") else None,
-            stop_reason="Stopped by the Airflow task's execution_timeout (while deferred).",
+            stop_reason=DEFERRED_TIMED_OUT,
             ended=ended,
         )
 

@@ -8,6 +8,11 @@ from dataclasses import dataclass
 from airflow_amlrun.history import RunStatus
 from airflow_amlrun.targets.base import TargetStatus
 
+# The error of a run (or sweep) stopped because the Airflow task's execution_timeout passed: while its worker
+# followed it, or while a trigger did (the task deferred).
+TIMED_OUT = "Stopped by the Airflow task's execution_timeout."
+DEFERRED_TIMED_OUT = "Stopped by the Airflow task's execution_timeout (while deferred)."
+
 # The signals a stop sends (SIGTERM, then SIGKILL after the grace; SIGINT where a target interrupts first).
 _STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGKILL, signal.SIGINT})
 

@@ -29,7 +29,7 @@ from airflow_amlrun.history import (
 )
 from airflow_amlrun.rerun import recorded_config, recorded_submission
 from airflow_amlrun.run.events import read_events
-from airflow_amlrun.run.outcome import Asked, outcome
+from airflow_amlrun.run.outcome import TIMED_OUT, Asked, outcome
 from airflow_amlrun.run.outputs import collect_outputs, register_models
 from airflow_amlrun.run.reattach import reattach
 from airflow_amlrun.run.state import STOP_REQUESTED_TAG, FollowState, PartlyCollectedError, RunEndedError
@@ -528,7 +528,7 @@ class ScriptRun(RunApi):
                 except Exception:
                     log.exception("Run %s: stopping the run after %r failed too", self.id, err)
                 if type(err).__name__ == "AirflowTaskTimeout":
-                    self._finish(RunStatus.FAILED, "Stopped by the Airflow task's execution_timeout.")
+                    self._finish(RunStatus.FAILED, TIMED_OUT)
                 elif isinstance(err, Exception) and type(err).__name__ != "AirflowTaskTerminated":
                     self._finish(RunStatus.FAILED, f"Following the run on its target failed: {err}")
                 else:

@@ -81,15 +81,13 @@ class ScriptRunTrigger(BaseTrigger):
 
     def _resume(self) -> ScriptRun:
         from airflow_amlrun.run import FollowState, ScriptRun
+        from airflow_amlrun.run.outcome import DEFERRED_TIMED_OUT
         from airflow_amlrun.workspace import Workspace
 
         workspace = Workspace.get(self.workspace_conn_id)
         run = ScriptRun.resumed(workspace, self.run_id, FollowState.from_json(self.state))
         if self.stop_at is not None:
-            run.stop_at(
-                datetime.fromisoformat(self.stop_at),
-                "Stopped by the Airflow task's execution_timeout (while deferred).",
-            )
+            run.stop_at(datetime.fromisoformat(self.stop_at), DEFERRED_TIMED_OUT)
         return run
 
     def _emit(self, line: str) -> None:
