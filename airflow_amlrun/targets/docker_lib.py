@@ -138,12 +138,9 @@ def remove_unused(cache_dir: Path, *, keep: Path, clients: Mapping[str, APIClien
     since_ns = _may_clean(root)
     if since_ns is None:
         return []
-    mounted = _mounted(root, clients)
-    if mounted is None:
-        return []
     removed = []
-    with _locked(root, fcntl.LOCK_EX | fcntl.LOCK_NB) as locked:
-        if not locked:
+    with _asked_then_locked(root, clients) as mounted:
+        if mounted is None:
             return []
         # No process is choosing or making a folder now, nor starting a container: no daemon is asked here.
         for name in _candidates(root, keep.name):
@@ -172,12 +169,9 @@ def _remove_set_aside(root: Path, keep: str, clients: Mapping[str, APIClient]) -
     aside = [name for name in _candidates(root, keep) if SET_ASIDE.fullmatch(name)]
     if not aside:
         return []
-    mounted = _mounted(root, clients)
-    if mounted is None:
-        return []
     removed = []
-    with _locked(root, fcntl.LOCK_EX | fcntl.LOCK_NB) as locked:
-        if not locked:
+    with _asked_then_locked(root, clients) as mounted:
+        if mounted is None:
             return []
         for name in aside:
             folder = root / name
@@ -197,6 +191,19 @@ def _root(cache_dir: Path) -> Path:
     root = Path(cache_dir) / FOLDER
     root.mkdir(parents=True, exist_ok=True)
     return root.resolve()
+
+
+@contextlib.contextmanager
+def _asked_then_locked(root: Path, clients: Mapping[str, APIClient]) -> Iterator[set[str] | None]:
+    """What the live containers of the daemons bind-mount (``_mounted``), asked holding no lock (no run waits on a
+    daemon slow to answer), then the exclusive lock taken without waiting and held until the block ends. None,
+    holding nothing, if a daemon did not answer or another process holds the lock: nothing is removed now."""
+    mounted = _mounted(root, clients)
+    if mounted is None:
+        yield None
+        return
+    with _locked(root, fcntl.LOCK_EX | fcntl.LOCK_NB) as locked:
+        yield mounted if locked else None
 
 
 @contextlib.contextmanager
