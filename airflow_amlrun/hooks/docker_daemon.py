@@ -138,6 +138,17 @@ class DockerDaemon:
             )
         return f"The Docker daemon at {self.base_url} ({self.source}) is not reachable: {detail}. {fix}"
 
+    def lost(self, err: BaseException, *, container: str, waited: float) -> DockerDaemonLostError:
+        """The error of a task that gave up on this daemon, which runs its run's ``container``, after it did not
+        answer for ``waited`` seconds."""
+        waiting = f"It has not answered for {waited:.0f} s. " if waited >= 1 else ""
+        return DockerDaemonLostError(
+            f"{self.unreachable_message(err)} {waiting}The run's container {container} is left as "
+            "it is there, and the run unfinished: a retry of this task re-attaches to the container once the "
+            "daemon answers (or records how it ended meanwhile), and amlrun reconcile settles it if no retry comes.",
+            base_url=self.base_url,
+        )
+
 
 def _tls_config(conn_id: str, extras: dict[str, Any]) -> TLSConfig | bool:
     ca_cert, client_cert, client_key = (

@@ -14,7 +14,10 @@ Each version of those files makes a new folder; the others are removed once noth
 (``remove_unused``, called once a run has started), which is known this way:
 - a process holds a shared lock (``flock`` of ``<cache>/docker/lib.lock``, which every user may open to read)
   from choosing its folder (making it if missing) until its container has started, or has its copy
-  (``lib_folder``). From then on the daemon knows;
+  (``lib_folder``). From then on the daemon knows. While another process holds the lock exclusively it waits, at
+  most ``LOCK_WAIT_SECONDS``: a cleanup holds it for a moment only, but any user who may open the file may hold
+  it for ever, and every run would wait on it. Then the run fails before any container starts, naming the lock
+  file and how to find that process;
 - under that lock it first records the daemon that will bind-mount the folder, and the TLS files to reach it
   with (``<cache>/docker/lib-daemons``, see ``docker_lib_record``): any daemon of this machine may, and only
   that daemon can tell which containers do;
@@ -90,6 +93,12 @@ SET_ASIDE = re.compile(r"\.old-(lib-[0-9a-f]{16})-[0-9a-f]{8}")
 LIVE_STATES = ["created", "running", "paused", "restarting"]
 # How long a daemon may take to say which of its containers mount what (each of the two calls).
 DAEMON_TIMEOUT_SECONDS = 10
+# How long a run waits for the shared lock while another process holds it exclusively. A cleanup holds it for as
+# long as renaming or removing a few small folders takes; a process that holds it longer is stuck (or is not one
+# of this package's), and every run of this cache would wait on it.
+LOCK_WAIT_SECONDS = 300.0
+# How often the shared lock is asked for again meanwhile, at most.
+LOCK_POLL_SECONDS = 0.5
 # How long a folder made before the record of daemons began is kept after it began: the runs that versions
 # without the record started on a daemon nobody recorded have ended by then, unless one runs longer. No setting
 # bounds a run's duration (max_run_duration_seconds is per run, and unset by default), and a folder is a few
@@ -111,13 +120,16 @@ def lib_name() -> str:
 @contextlib.contextmanager
 def lib_folder(cache_dir: Path, *, bind_daemon: DockerDaemon | None) -> Iterator[Path]:
     """This version's folder (made if missing), kept from any cleanup until the block ends: create and start the
-    container (``bind``), or copy the folder into it (``archive``), in the block.
+    container (``bind``), or copy the folder into it (``archive``), in the block. Raises ConfigurationError, naming
+    the lock file, when another process holds the lock exclusively for longer than ``LOCK_WAIT_SECONDS``.
 
     :param cache_dir: the workspace's cache folder.
     :param bind_daemon: the daemon whose container will bind-mount the folder, None for a copy.
     """
     root = _root(cache_dir)
-    with _locked(root, fcntl.LOCK_SH):
+    with _locked(root, fcntl.LOCK_SH, wait=LOCK_WAIT_SECONDS) as locked:
+        if not locked:
+            raise _held_by_another(root / LOCK)
         record_daemon(root, bind_daemon)
         yield _made(root / lib_name())
 
@@ -138,12 +150,9 @@ def remove_unused(cache_dir: Path, *, keep: Path, clients: Mapping[str, APIClien
     since_ns = _may_clean(root)
     if since_ns is None:
         return []
-    mounted = _mounted(root, clients)
-    if mounted is None:
-        return []
     removed = []
-    with _locked(root, fcntl.LOCK_EX | fcntl.LOCK_NB) as locked:
-        if not locked:
+    with _asked_then_locked(root, clients) as mounted:
+        if mounted is None:
             return []
         # No process is choosing or making a folder now, nor starting a container: no daemon is asked here.
         for name in _candidates(root, keep.name):
@@ -172,12 +181,9 @@ def _remove_set_aside(root: Path, keep: str, clients: Mapping[str, APIClient]) -
     aside = [name for name in _candidates(root, keep) if SET_ASIDE.fullmatch(name)]
     if not aside:
         return []
-    mounted = _mounted(root, clients)
-    if mounted is None:
-        return []
     removed = []
-    with _locked(root, fcntl.LOCK_EX | fcntl.LOCK_NB) as locked:
-        if not locked:
+    with _asked_then_locked(root, clients) as mounted:
+        if mounted is None:
             return []
         for name in aside:
             folder = root / name
@@ -200,10 +206,23 @@ def _root(cache_dir: Path) -> Path:
 
 
 @contextlib.contextmanager
-def _locked(root: Path, how: int) -> Iterator[bool]:
-    """Hold the lock of the cache's folders (``LOCK_SH`` or ``LOCK_EX``); with ``LOCK_NB``, False if another
-    process holds it. It is held as long as the file is open: a process that dies lets go. The file is open to
-    read, all ``flock`` needs: every user may, whoever made it."""
+def _asked_then_locked(root: Path, clients: Mapping[str, APIClient]) -> Iterator[set[str] | None]:
+    """What the live containers of the daemons bind-mount (``_mounted``), asked holding no lock (no run waits on a
+    daemon slow to answer), then the exclusive lock taken without waiting and held until the block ends. None,
+    holding nothing, if a daemon did not answer or another process holds the lock: nothing is removed now."""
+    mounted = _mounted(root, clients)
+    if mounted is None:
+        yield None
+        return
+    with _locked(root, fcntl.LOCK_EX) as locked:
+        yield mounted if locked else None
+
+
+@contextlib.contextmanager
+def _locked(root: Path, how: int, *, wait: float = 0.0) -> Iterator[bool]:
+    """Hold the lock of the cache's folders (``LOCK_SH`` or ``LOCK_EX``); False if another process holds it, and
+    still does after ``wait`` seconds (none: it is asked once). It is held as long as the file is open: a process that
+    dies lets go. The file is open to read, all ``flock`` needs: every user may, whoever made it."""
     path = root / LOCK
     try:
         try:
@@ -215,14 +234,38 @@ def _locked(root: Path, how: int) -> Iterator[bool]:
     except PermissionError as err:
         raise _not_this_users(root, path, err) from None
     try:
-        try:
-            fcntl.flock(fd, how)
-        except BlockingIOError:
-            yield False
-        else:
-            yield True
+        yield _flock(fd, how, wait)
     finally:
         os.close(fd)
+
+
+def _flock(fd: int, how: int, wait: float) -> bool:
+    """Take the lock ``how`` of an open file without blocking, asking again for up to ``wait`` seconds while
+    another process holds it; whether it was taken. (A blocking ``flock`` would wait for as long as any process
+    that may open the file holds it.)"""
+    deadline = time.monotonic() + wait
+    pause = 0.01
+    while True:
+        try:
+            fcntl.flock(fd, how | fcntl.LOCK_NB)
+        except BlockingIOError:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            time.sleep(min(pause, left))
+            pause = min(pause * 2, LOCK_POLL_SECONDS)
+        else:
+            return True
+
+
+def _held_by_another(path: Path) -> ConfigurationError:
+    return ConfigurationError(
+        f"The Docker target waited {LOCK_WAIT_SECONDS:g} s for the shared lock {path}, of the workspace's cache of "
+        "the supervisor's folders, and another process held it exclusively all that time: no container was started. "
+        "A cleanup of this package holds it for a moment only, so that process is stuck, or is not one of this "
+        f"package's. Find it with `fuser {path}` (or `lsof {path}`) and wait for it to end, or stop it if it is "
+        "stuck; then run the task again."
+    )
 
 
 def _made(dest: Path) -> Path:

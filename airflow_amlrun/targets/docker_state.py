@@ -81,3 +81,31 @@ def outcome(state: dict[str, Any], options: DockerOptions, *, timed_out: bool = 
             timed_out=timed_out,
         )
     return exit_status(exit_code, timed_out=timed_out)
+
+
+def stopped_by_restart(
+    container: str, state: dict[str, Any], info: dict[str, Any], *, daemon: str, went_away: float, now: float
+) -> str | None:
+    """Why ``container`` ended, if its daemon stopped it by going down (see ``stopped_with_daemon``); None if it
+    ended otherwise. ``daemon`` names the daemon: its URL, and where it comes from."""
+    ended = stopped_with_daemon(state, info, went_away=went_away, now=now)
+    if ended is None:
+        return None
+    return (
+        f"its container {container} was stopped by the Docker daemon at {daemon}, which restarted while the run "
+        f"went on: the daemon stopped answering at {utc_text(went_away)} and, when it answered again, the container "
+        f"had ended (at {utc_text(ended)}, exit code {state.get('ExitCode')}); a daemon that runs without "
+        "live-restore stops its containers when it stops. Run the task again; to keep runs going through a restart "
+        'of the daemon, start dockerd with --live-restore (or set "live-restore": true in its '
+        "/etc/docker/daemon.json)"
+    )
+
+
+def no_interpreter_reason(image: str | None, python: str | None) -> str:
+    """Why a container whose supervisor never started (exit code 127) failed: ``image`` has no ``python``."""
+    return (
+        f"the image {image!r} could not run {python!r} (exit code 127, which says it has no such interpreter): "
+        "the Docker target starts every run (a script or a command) under a small Python supervisor that "
+        "enforces its time limit and records how it ended, which needs Python 3.7 or newer in the image. Use an "
+        "image with Python, or name its interpreter in the environment's python.interpreter_path"
+    )

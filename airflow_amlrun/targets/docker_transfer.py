@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from airflow_amlrun.errors import ConfigurationError
-from airflow_amlrun.targets.common import CONTROL_DIR, EVENTS
+from airflow_amlrun.targets.common import CONTROL_DIR, EVENTS, STD_LOG
 from airflow_amlrun.targets.docker_files import copy_member_from, extract_folder, regular_member
 
 if TYPE_CHECKING:
@@ -49,6 +49,10 @@ PYLIB_DIR = f"{LIB_DIR}/pylib"
 SUPERVISOR = f"{LIB_DIR}/supervisor.py"
 EVENTS_PATH = f"{RUN_DIR}/{CONTROL_DIR}/{EVENTS}"
 LABEL_MANAGED_BY = "amlrun.managed-by"
+# In the worker's folder of a run: the container's run folder, and the spools of its log and events beside it.
+WORK = "run"
+LOG_SPOOL = STD_LOG
+EVENTS_SPOOL = EVENTS
 # How often a running container's events file is asked for news when the last ask found none.
 EVENTS_INTERVAL_SECONDS = 1.0
 # Most bytes one exec brings back: a follower that fell behind catches up in pieces of this size.

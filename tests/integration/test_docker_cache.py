@@ -1,5 +1,6 @@
 """The Docker target's cache on the worker, on the real Docker Engine: the supervisor's folder of each version of
-the package, which runs' containers mount, is removed once no run uses it, and never while one does."""
+the package, which runs' containers mount, is removed once no run uses it, and never while one does; a process that
+holds the lock of those folders fails runs in time, named."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -17,10 +19,11 @@ import pytest
 
 from airflow_amlrun import Experiment, ScriptRunConfig, Workspace
 from airflow_amlrun.config import load_settings
+from airflow_amlrun.errors import ConfigurationError
 from airflow_amlrun.targets import docker_lib
 from airflow_amlrun.targets.docker_transfer import LIB_DIR
 from tests.conftest import write_script
-from tests.integration.docker_engine import SOCKET, SocketProxy
+from tests.integration.docker_engine import SOCKET, SocketProxy, containers_of
 
 pytest_plugins = ["tests.integration.docker_engine"]
 
@@ -43,6 +46,17 @@ print("went on", flush=True)
 QUICK = """
 from airflow_amlrun.run_context import Run
 Run.get_context().log("acc", 0.9)
+"""
+
+
+# Another process of this machine (stuck, or any user's: every user may open the file) that holds the lock of the
+# supervisor's folders exclusively until told to let go.
+HOLDS_THE_LOCK = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY | os.O_CREAT, 0o644)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("held", flush=True)
+sys.stdin.readline()
 """
 
 
@@ -186,6 +200,43 @@ def test_a_container_of_a_version_that_recorded_no_daemon_keeps_its_folder_after
         assert seen == b"# an earlier version\n"
     finally:
         docker_home.remove_container(container, force=True)
+
+
+def test_a_process_that_holds_the_lock_of_the_supervisors_folders_fails_the_run_in_time_naming_it(
+    docker_home, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(docker_lib, "LOCK_WAIT_SECONDS", 2.0)
+    write_script(tmp_path / "src", "train.py", QUICK)
+    cache = Workspace.get().cache_dir / "docker"
+    cache.mkdir(parents=True, exist_ok=True)
+    lock = cache.resolve() / "lib.lock"
+    experiment = Experiment(Workspace.get(), "docker-cache")
+    config = ScriptRunConfig(tmp_path / "src", script="train.py", compute_target="docker")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDS_THE_LOCK, str(lock)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        with pytest.raises(ConfigurationError) as raised:
+            experiment.submit(config)
+    finally:
+        holder.communicate("\n", timeout=60)
+
+    message = str(raised.value)
+    assert f"waited 2 s for the shared lock {lock}" in message
+    assert "another process held it exclusively all that time: no container was started" in message
+    assert f"Find it with `fuser {lock}`" in message and "stop it if it is stuck" in message
+    [run] = Workspace.get().list_runs()
+    assert run.status == "Failed" and message in run.error
+    assert containers_of(docker_home, run.id) == []
+
+    # Once that process has let go, runs go on.
+    record = experiment.submit(config).wait_for_completion(show_output=False)
+    assert record.status == "Completed", record.error
+    assert record.metrics == {"acc": 0.9}
 
 
 def test_a_daemon_reached_with_tls_is_asked_with_its_tls_files(docker_home, tmp_path, monkeypatch):
