@@ -246,7 +246,7 @@ def _check_database_url(conn_id: str, url: str) -> None:
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
-    from airflow_amlrun.history.repository import normalize_database_url
+    from airflow_amlrun.history.database import normalize_database_url
 
     try:
         parsed = make_url(normalize_database_url(url))

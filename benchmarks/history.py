@@ -282,7 +282,7 @@ def bench(backend: str, runs: int, points: int, requests: int) -> dict[str, Any]
 def _measure(backend: str, url: str, store: str, runs: int, requests: int) -> dict[str, Any]:
     from sqlalchemy import create_engine
 
-    from airflow_amlrun.history.repository import normalize_database_url
+    from airflow_amlrun.history.database import normalize_database_url
 
     client = _client(url, store, [f"train_exp_{e}" for e in range(EXPERIMENTS)])
     engine = create_engine(normalize_database_url(url))

@@ -213,7 +213,7 @@ def _refused_statement(statement: str | None) -> str:
 def _history_database(args: argparse.Namespace) -> str | None:
     """The URL of the command's run history as messages show it (its password masked); None if unknown."""
     from airflow_amlrun.cli.common import workspace
-    from airflow_amlrun.history.repository import display_url
+    from airflow_amlrun.history.database import display_url
 
     try:
         # The workspace the command opened, as it is kept for the process.

@@ -28,8 +28,9 @@ from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, Opera
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from airflow_amlrun.errors import AmlRunError
+from airflow_amlrun.history.database import HistoryReadOnlyError
 from airflow_amlrun.history.records import MetricPoint, RunRecord, RunStatus
-from airflow_amlrun.history.repository import HistoryReadOnlyError, RunHistory
+from airflow_amlrun.history.repository import RunHistory
 
 log = logging.getLogger(__name__)
 

@@ -318,11 +318,11 @@ def test_an_existing_run_history_is_upgraded_to_hold_environments(tmp_path: Path
     from alembic.config import Config
     from sqlalchemy import create_engine, inspect
 
-    from airflow_amlrun.history import repository
+    from airflow_amlrun.history import database
 
     url = f"sqlite:///{tmp_path}/old.db"
     config = Config()
-    config.set_main_option("script_location", str(Path(repository.__file__).with_name("migrations")))
+    config.set_main_option("script_location", str(Path(database.__file__).with_name("migrations")))
     engine = create_engine(url)
     with engine.begin() as connection:
         config.attributes["connection"] = connection

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from airflow_amlrun.history import MetricPoint, RunHistory, RunNotFoundError, RunStatus
-from airflow_amlrun.history.repository import SCHEMA_HEAD
+from airflow_amlrun.history import MetricPoint, RunHistory, RunNotFoundError, RunStatus, database
+from airflow_amlrun.history.database import SCHEMA_HEAD
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -23,10 +23,8 @@ def test_schema_head_constant_matches_the_newest_migration():
     from alembic.config import Config
     from alembic.script import ScriptDirectory
 
-    import airflow_amlrun.history.repository as repository
-
     config = Config()
-    config.set_main_option("script_location", str(Path(repository.__file__).with_name("migrations")))
+    config.set_main_option("script_location", str(Path(database.__file__).with_name("migrations")))
     assert ScriptDirectory.from_config(config).get_current_head() == SCHEMA_HEAD
 
 
@@ -34,22 +32,20 @@ def test_a_history_of_an_older_revision_is_upgraded_with_its_runs_kept(database_
     from alembic import command
     from alembic.config import Config
 
-    import airflow_amlrun.history.repository as repository
-
     history = RunHistory(database_url)
     history.create_run(run_id="before", experiment="old", target="local")
     history.add_metrics("before", [MetricPoint("loss", 0.5, seq=0), MetricPoint("loss", 0.25, seq=1)])
     config = Config()
-    config.set_main_option("script_location", str(Path(repository.__file__).with_name("migrations")))
+    config.set_main_option("script_location", str(Path(database.__file__).with_name("migrations")))
     with history.engine.begin() as connection:
         config.attributes["connection"] = connection
         command.downgrade(config, "0003")
     history.dispose()
-    assert history._current_revision() == "0003"
+    assert database.current_revision(history.engine) == "0003"
 
-    monkeypatch.setattr(repository, "_migrated", set())  # as a new process would find it
+    monkeypatch.setattr(database, "_migrated", set())  # as a new process would find it
     upgraded = RunHistory(database_url)
-    assert upgraded._current_revision() == SCHEMA_HEAD
+    assert database.current_revision(upgraded.engine) == SCHEMA_HEAD
     assert [r.id for r in upgraded.list_runs(experiment="old")] == ["before"]
     # Its metrics too: no downgrade or upgrade rebuilt the runs table (SQLite would cascade the rebuild's drop).
     assert [p.value for p in upgraded.get_metrics("before")] == [0.5, 0.25]
@@ -162,7 +158,7 @@ def test_processes_opening_a_new_database_at_once_all_find_it_migrated(database_
         w.join(120)
     assert [w.exitcode for w in workers] == [0] * 6
     history = RunHistory(database_url)
-    assert history._current_revision() == SCHEMA_HEAD
+    assert database.current_revision(history.engine) == SCHEMA_HEAD
     with history.engine.connect() as connection:
         assert connection.exec_driver_sql("SELECT count(*) FROM amlrun_alembic_version").scalar() == 1
     assert len(history.list_runs(experiment="new")) == 6

@@ -13,10 +13,10 @@ import pytest
 from sqlalchemy import update
 
 from airflow_amlrun.history import MetricPoint, RunHistory, RunStatus
+from airflow_amlrun.history.database import SCHEMA_HEAD
 from airflow_amlrun.history.listing import MetricRange, RunFilter
 from airflow_amlrun.history.models import RunRow
 from airflow_amlrun.history.paging import BadListRequestError, RunSort
-from airflow_amlrun.history.repository import SCHEMA_HEAD
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -242,21 +242,21 @@ def test_an_older_history_is_upgraded_with_its_metrics_summarized(history, monke
     from alembic import command
     from alembic.config import Config
 
-    import airflow_amlrun.history.repository as repository
+    from airflow_amlrun.history import database
 
     _run(history, "kept", 1, metrics={"acc": [0.1, 0.4, 0.2]})
     history.add_metrics("kept", [MetricPoint("wave", float(i % 7), seq=100 + i) for i in range(6000)])
     before = history.metric_series("kept", points=300)
     config = Config()
-    config.set_main_option("script_location", str(Path(repository.__file__).with_name("migrations")))
+    config.set_main_option("script_location", str(Path(database.__file__).with_name("migrations")))
     with history.engine.begin() as connection:
         config.attributes["connection"] = connection
         command.downgrade(config, "0004")
-    assert history._current_revision() == "0004"
+    assert database.current_revision(history.engine) == "0004"
 
-    monkeypatch.setattr(repository, "_migrated", set())  # as a new process would find it
+    monkeypatch.setattr(database, "_migrated", set())  # as a new process would find it
     upgraded = RunHistory(history.url)
-    assert upgraded._current_revision() == SCHEMA_HEAD
+    assert database.current_revision(upgraded.engine) == SCHEMA_HEAD
     assert upgraded.get_run("kept").metrics == {"acc": 0.2, "wave": float(5999 % 7)}
     assert _ids(upgraded, RunFilter(metrics=(MetricRange("acc", 0.15, 0.25),))) == ["kept"]
     assert upgraded.metric_series("kept", points=300) == before

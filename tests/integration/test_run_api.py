@@ -224,20 +224,19 @@ def test_downgrading_below_the_display_name_keeps_runs_and_metrics(tmp_path, mon
     from alembic import command
     from alembic.config import Config
 
-    import airflow_amlrun.history.repository as repository
-    from airflow_amlrun.history import MetricPoint
+    from airflow_amlrun.history import MetricPoint, database
 
     url = f"sqlite:///{tmp_path}/history.db"
     history = RunHistory(url)
     history.create_run(run_id="named", experiment="old", target="local", display_name="first")
     history.add_metrics("named", [MetricPoint("loss", 0.5, seq=0)])
     config = Config()
-    config.set_main_option("script_location", str(Path(repository.__file__).with_name("migrations")))
+    config.set_main_option("script_location", str(Path(database.__file__).with_name("migrations")))
     with history.engine.begin() as connection:
         config.attributes["connection"] = connection
         command.downgrade(config, "0007")
     history.dispose()
-    monkeypatch.setattr(repository, "_migrated", set())
+    monkeypatch.setattr(database, "_migrated", set())
     upgraded = RunHistory(url)
     assert upgraded.get_run("named").display_name is None
     assert [p.value for p in upgraded.get_metrics("named")] == [0.5]

@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy.exc import OperationalError
 
 from airflow_amlrun.history import HistoryReadOnlyError, RunHistory
-from airflow_amlrun.history.repository import display_url
+from airflow_amlrun.history.database import display_url
 
 
 def test_a_history_file_replaced_under_its_connection_is_not_said_to_be_read_only_and_is_reopened(
