@@ -108,7 +108,7 @@ def _sweep_git(record: RunRecord, runs: list[RunRecord]) -> str:
     said = (
         "A sweep runs no code of its own, so it has no git state: each of its runs records that of its code"
     )
-    shared = shared_git(runs)
+    shared = shared_git([run.git for run in runs])
     said += f"; all of them ran {_git_state(shared)}." if shared else "."
     return f"{said} {runs_to_read(record, runs, 'amlrun runs show', 'shows')}"
 
@@ -139,7 +139,7 @@ def cmd_runs_show(args: argparse.Namespace, console: Console) -> int:
     location = run_log.location(record)
     # A sweep's runs, oldest first: where its log and git state are (none for any other run).
     runs = ws.history.child_runs(record.id) if is_sweep else []
-    sweep = RecordedSweep.of(record, runs)
+    sweep = RecordedSweep.of(record, [run.git for run in runs])
     if args.json:
         # As GET /api/runs/{id} gives it: how a sweep searched, null for any other run.
         shown = {

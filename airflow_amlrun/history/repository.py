@@ -224,6 +224,17 @@ class RunHistory:
             ).all()
             return self._records(session, rows)
 
+    def child_git_states(self, parent_run_id: str) -> list[tuple[str | None, dict[str, Any] | None]]:
+        """The DAG and the git state of each run of a sweep, oldest first: what its page says its runs share,
+        read without their records."""
+        with self.read_session() as session:
+            rows = session.execute(
+                select(RunRow.dag_id, RunRow.git)
+                .where(RunRow.parent_run_id == parent_run_id)
+                .order_by(RunRow.created_at, RunRow.id)
+            )
+            return [(dag_id, git) for dag_id, git in rows]
+
     def list_runs(
         self,
         *,

@@ -47,10 +47,10 @@ class RecordedSweep:
     git: dict[str, Any] | None = None
 
     @classmethod
-    def of(cls, record: RunRecord, runs: Sequence[RunRecord] = ()) -> RecordedSweep | None:
+    def of(cls, record: RunRecord, git_states: Sequence[dict[str, Any] | None] = ()) -> RecordedSweep | None:
         """The sweep `record` is the parent run of; None for any other run, or a sweep whose row holds no config.
 
-        :param runs: the sweep's runs, for the git state they share.
+        :param git_states: the git state each of the sweep's runs recorded, for the one they share.
         """
         recorded = (record.config or {}).get("hyperdrive") if record.target == SWEEP_TARGET else None
         if not isinstance(recorded, Mapping):
@@ -68,19 +68,18 @@ class RecordedSweep:
             max_total_runs=int(recorded.get("max_total_runs") or 0),
             max_concurrent_runs=recorded.get("max_concurrent_runs"),
             max_duration_minutes=recorded.get("max_duration_minutes"),
-            git=shared_git(runs),
+            git=shared_git(git_states),
         )
 
 
-def shared_git(runs: Sequence[RunRecord]) -> dict[str, Any] | None:
-    """The git state each of a sweep's runs recorded of its code, when it is the same for all of them (commit,
-    branch, repository, dirty and, if dirty, the stored diff, which is named by its content); None when they
-    differ, the code was in no git checkout, or no run is recorded yet.
+def shared_git(states: Sequence[dict[str, Any] | None]) -> dict[str, Any] | None:
+    """The git state each of a sweep's runs recorded of its code (``states``, a run's ``git`` each), when it is the
+    same for all of them (commit, branch, repository, dirty and, if dirty, the stored diff, which is named by its
+    content); None when they differ, the code was in no git checkout, or no run is recorded yet.
 
     The runs of one sweep snapshot the same folder one after another: code committed or edited while the sweep
     ran makes them differ, and each run's page then says what it ran.
     """
-    states = [run.git for run in runs]
     first = states[0] if states else None
     if not first or not first.get("commit") or any(state != first for state in states[1:]):
         return None

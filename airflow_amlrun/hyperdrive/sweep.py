@@ -357,14 +357,17 @@ class HyperDriveRun(SweepResults):
 
     def _tick(self, judge: bool) -> RunRecord | None:
         config = self.config
-        if self._fail_at is not None and _now() >= self._fail_at[0]:
-            return self.fail(self._fail_at[1])
+        if (failed := self._failed_at()) is not None:
+            return failed
         expired = self._deadline is not None and _now() >= self._deadline
         if expired:
             self._stop_all(
                 f"Canceled: the sweep's max_duration_minutes ({config.max_duration_minutes:g}) was reached."
             )
         while not expired and not self._exhausted and len(self._children) < (config.max_concurrent_runs or 1):
+            # Starting a run can take long (an environment built): none starts once the sweep is to end.
+            if (failed := self._failed_at()) is not None:
+                return failed
             if self._submitted >= config.max_total_runs or not self._start_next():
                 self._exhausted = True
         self._step_all()
@@ -376,6 +379,12 @@ class HyperDriveRun(SweepResults):
         if not self._children and (self._exhausted or expired):
             return self._conclude()
         return None
+
+    def _failed_at(self) -> RunRecord | None:
+        """The sweep ended Failed, if the time given to ``stop_at`` has come; else None."""
+        if self._fail_at is None or _now() < self._fail_at[0]:
+            return None
+        return self.fail(self._fail_at[1])
 
     @contextlib.contextmanager
     def guarded(self) -> Iterator[None]:

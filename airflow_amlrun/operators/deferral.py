@@ -43,8 +43,6 @@ NOT_FOLLOWED = (
     "Stopped: the Airflow task's execution_timeout passed while no triggerer followed the run (its deferral timed "
     "out)."
 )
-# The error of a run (or a sweep) this worker followed on after its trigger failed, stopped as the try's
-# execution_timeout passed.
 
 
 class RunKind(enum.Enum):
@@ -186,7 +184,7 @@ def settle_failed_deferral(
         if stop_at is not None:
             log.info(
                 "%s %s is stopped at %s if it still goes on then: the task's execution_timeout, counted from the "
-                "start of this try.",
+                "start of this try (or, for a try Airflow gave no start, from the resume).",
                 what.capitalize(),
                 record.id,
                 stop_at.isoformat(timespec="seconds"),

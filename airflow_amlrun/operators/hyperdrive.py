@@ -30,8 +30,6 @@ if TYPE_CHECKING:
     from airflow_amlrun.submission import AirflowTask
     from airflow_amlrun.workspace import Workspace
 
-# The error of a sweep the task's execution_timeout ended while the sweep was deferred (as a run's: see
-# ScriptRunTrigger).
 # Why a retry ends what its earlier try's sweep left, when it does not resume it.
 STARTED_ANEW = "The task running this sweep died, and its retry started the sweep anew."
 

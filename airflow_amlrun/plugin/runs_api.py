@@ -170,9 +170,11 @@ def get_run(run_id: str, reader: ReaderDep) -> Response:
     from airflow_amlrun.runconfig import SWEEP_TARGET
 
     record, summaries = _visible_detail(run_id, reader)
-    # Its runs are its task's, of the DAG the reader was just allowed: any other (none is written so) is not read.
-    runs = history().child_runs(record.id) if record.target == SWEEP_TARGET else []
-    sweep = RecordedSweep.of(record, [run for run in runs if run.dag_id == record.dag_id])
+    states = history().child_git_states(record.id) if record.target == SWEEP_TARGET else []
+    # Its runs are its task's, of the DAG the reader was just allowed. One of another DAG (none is written so) is
+    # not the reader's to learn of: then nothing is said to be shared.
+    shared = [git for dag_id, git in states] if all(dag_id == record.dag_id for dag_id, _ in states) else []
+    sweep = RecordedSweep.of(record, shared)
     return _json(
         {
             **_listed(record),

@@ -259,13 +259,51 @@ def _flock(fd: int, how: int, wait: float) -> bool:
 
 
 def _held_by_another(path: Path) -> ConfigurationError:
+    holders = ", ".join(f"process {pid} ({_command_of(pid)})" for pid in exclusive_holders(path))
+    who = f"{holders} held it exclusively" if holders else "another process held it exclusively"
+    find = (
+        "Wait for it to end, or stop it if it is stuck"
+        if holders
+        else f"Find it with `lslocks -o PID,TYPE,MODE,PATH | grep {path}` (the WRITE lock; run as root to see every "
+        "user's) and wait for it to end, or stop it if it is stuck"
+    )
     return ConfigurationError(
         f"The Docker target waited {LOCK_WAIT_SECONDS:g} s for the shared lock {path}, of the workspace's cache of "
-        "the supervisor's folders, and another process held it exclusively all that time: no container was started. "
-        "A cleanup of this package holds it for a moment only, so that process is stuck, or is not one of this "
-        f"package's. Find it with `fuser {path}` (or `lsof {path}`) and wait for it to end, or stop it if it is "
-        "stuck; then run the task again."
+        f"the supervisor's folders, and {who} all that time: no container was started. A cleanup of this package "
+        f"holds it for a moment only, so that process is stuck, or is not one of this package's. {find}; then run "
+        "the task again."
     )
+
+
+def exclusive_holders(path: Path) -> list[int]:
+    """The processes that hold an exclusive flock of ``path``, as /proc/locks tells (none where it cannot).
+
+    A line of it reads ``1: FLOCK  ADVISORY  WRITE 4242 fd:01:1234 0 EOF`` (a waiter's has ``->`` after the
+    number); the file is named by its device's major and minor numbers and its inode.
+    """
+    try:
+        stat = path.stat()
+        with open("/proc/locks") as locks:
+            lines = locks.readlines()
+    except OSError:
+        return []
+    file = f"{os.major(stat.st_dev):02x}:{os.minor(stat.st_dev):02x}:{stat.st_ino}"
+    holders = []
+    for line in lines:
+        fields = line.split()
+        if len(fields) > 5 and fields[1:4] == ["FLOCK", "ADVISORY", "WRITE"] and fields[5] == file:
+            with contextlib.suppress(ValueError):
+                holders.append(int(fields[4]))
+    return holders
+
+
+def _command_of(pid: int) -> str:
+    try:
+        words = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return "its command line cannot be read here"
+    command = " ".join(word.decode(errors="replace") for word in words if word)
+    return command[:200] or "no command line"
 
 
 def _made(dest: Path) -> Path:

@@ -478,7 +478,8 @@ def wait_child(process: subprocess.Popen[bytes], timeout: float) -> bool:
             try:
                 poller = select.poll()
                 poller.register(pidfd, select.POLLIN)
-                poller.poll(timeout * 1000)
+                # poll takes at most 2**31 - 1 ms (24 days): a longer wait ends there, the child still running.
+                poller.poll(min(timeout * 1000, 2**31 - 1))
             finally:
                 os.close(pidfd)
             return process.poll() is not None

@@ -53,6 +53,9 @@ REDIS = "redis://127.0.0.1:6379"
 # The key claiming a Redis database for one cluster, and how long a claim lasts: longer than any test module.
 CLAIM_KEY = "amlrun-test-broker"
 CLAIM_SECONDS = 3 * 60 * 60
+# Marks a database a test cluster used, for as long as that cluster has not emptied it: only such a database is
+# emptied when found holding keys and no live claim.
+USED_KEY = "amlrun-test-broker-used"
 AIRFLOW = str(Path(sys.executable).parent / "airflow")
 # The variable every process of a cluster inherits (the training scripts too): how teardown finds them.
 MARKER = "AMLRUN_TEST_CLUSTER"
@@ -478,7 +481,8 @@ class AirflowCluster:
                 return
         pytest.fail(
             f"Every database 1-15 of the Redis at {REDIS} is claimed by a live test cluster ({CLAIM_KEY!r}, which "
-            f"expires {CLAIM_SECONDS} s after it was set): none is free for a test broker."
+            f"expires {CLAIM_SECONDS} s after it was set) or holds keys of something else: none is free for a test "
+            "broker."
         )
 
     def _start(self, name: str, *args: str, extra_env: dict[str, str] | None = None) -> None:
@@ -605,19 +609,23 @@ def _admin_sql(statement: str) -> None:
 
 
 def _claim(client: Any, owner: str) -> bool:
-    """Claim a Redis database by its claim key, unless a cluster holds it. A claim expires: a test session that
-    was killed (and so never emptied its database) holds it no longer than that, and what it left is emptied as
-    the database is claimed again, in one transaction with the claim."""
+    """Claim a Redis database by its claim key, unless a cluster holds it or it holds data of anything else.
+
+    A claim expires: a test session that was killed (and so never emptied its database) holds it no longer than
+    that. What such a session left (its broker's keys, and the mark that a test cluster used the database) is
+    emptied as the database is claimed again, in one transaction with the claim; a database that holds keys but
+    no such mark is someone else's, and is left alone."""
     import redis
 
     with client.pipeline() as pipe:
         try:
-            pipe.watch(CLAIM_KEY)
-            if pipe.exists(CLAIM_KEY):
+            pipe.watch(CLAIM_KEY, USED_KEY)
+            if pipe.exists(CLAIM_KEY) or (pipe.dbsize() and not pipe.exists(USED_KEY)):
                 return False
             pipe.multi()
             pipe.flushdb()
             pipe.set(CLAIM_KEY, owner, ex=CLAIM_SECONDS)
+            pipe.set(USED_KEY, owner)
             pipe.execute()
         except redis.WatchError:
             return False  # claimed by another process meanwhile

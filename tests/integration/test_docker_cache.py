@@ -227,8 +227,10 @@ def test_a_process_that_holds_the_lock_of_the_supervisors_folders_fails_the_run_
 
     message = str(raised.value)
     assert f"waited 2 s for the shared lock {lock}" in message
-    assert "another process held it exclusively all that time: no container was started" in message
-    assert f"Find it with `fuser {lock}`" in message and "stop it if it is stuck" in message
+    # The one holding it, named by /proc/locks, is the process to look at.
+    assert f"and process {holder.pid} ({sys.executable} -c " in message
+    assert "held it exclusively all that time: no container was started" in message
+    assert "Wait for it to end, or stop it if it is stuck; then run the task again." in message
     [run] = Workspace.get().list_runs()
     assert run.status == "Failed" and message in run.error
     assert containers_of(docker_home, run.id) == []

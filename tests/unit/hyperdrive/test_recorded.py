@@ -174,20 +174,17 @@ def test_the_git_state_a_sweep_s_runs_share_is_theirs_only_when_every_run_record
     clean = {"repository_uri": None, "branch": "tuning", "commit": "c" * 40, "dirty": False, "build_id": None}
     edited = {**clean, "dirty": True, "diff_digest": "d" * 64}
 
-    def runs(*states: dict[str, object] | None) -> list[RunRecord]:
-        return [replace(sweep, id=f"tuning_{i}", target="local", git=git) for i, git in enumerate(states)]
-
-    assert shared_git(runs(clean, dict(clean))) == clean
+    assert shared_git([clean, dict(clean)]) == clean
     recorded = RecordedSweep.of(sweep)
     assert recorded is not None and recorded.git is None
-    assert RecordedSweep.of(sweep, runs(clean, clean)) == replace(recorded, git=clean)
+    assert RecordedSweep.of(sweep, [clean, clean]) == replace(recorded, git=clean)
     # The same uncommitted change is the same diff, stored once under its content's digest.
-    assert shared_git(runs(edited, dict(edited))) == edited
+    assert shared_git([edited, dict(edited)]) == edited
     # An edit or a commit while the sweep ran: each run's page says what it ran.
-    assert shared_git(runs(clean, edited)) is None
-    assert shared_git(runs(clean, {**clean, "commit": "e" * 40})) is None
-    assert shared_git(runs(edited, {**edited, "diff_digest": "f" * 64})) is None
+    assert shared_git([clean, edited]) is None
+    assert shared_git([clean, {**clean, "commit": "e" * 40}]) is None
+    assert shared_git([edited, {**edited, "diff_digest": "f" * 64}]) is None
     # No git checkout, a checkout with no commit yet, no run yet.
-    assert shared_git(runs(None, None)) is None
-    assert shared_git(runs({**clean, "commit": None})) is None
+    assert shared_git([None, None]) is None
+    assert shared_git([{**clean, "commit": None}]) is None
     assert shared_git([]) is None

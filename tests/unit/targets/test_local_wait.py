@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -14,10 +15,26 @@ def child(code: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-c", code])
 
 
-def test_a_child_that_exits_is_reaped_with_its_exit_code() -> None:
+def test_a_child_that_exits_is_reaped_with_its_exit_code(monkeypatch: pytest.MonkeyPatch) -> None:
+    opened: list[int] = []
+    pidfd_open = os.pidfd_open
+
+    def watched(pid: int, flags: int = 0) -> int:
+        opened.append(pid)
+        return pidfd_open(pid, flags)
+
+    monkeypatch.setattr(os, "pidfd_open", watched)
     process = child("import sys; sys.exit(7)")
     assert wait_child(process, 30) is True
     assert process.returncode == 7
+    # Through the child's pidfd, which this kernel has: woken as it exits.
+    assert opened == [process.pid]
+
+
+def test_a_wait_longer_than_poll_can_take_is_cut_to_what_it_can() -> None:
+    process = child("import sys; sys.exit(3)")
+    assert wait_child(process, 10**12) is True
+    assert process.returncode == 3
 
 
 def test_a_child_still_running_after_the_timeout_is_left_running() -> None:
