@@ -38,6 +38,9 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 LIST = "/plugin/amlrun_runs"
+# An assertion waits as long as a page's own actions may (page.set_default_timeout below): on a loaded machine
+# the Airflow UI and its plugin's page take longer than expect's own 5 s to draw.
+playwright.expect.set_options(timeout=30_000)
 
 
 @pytest.fixture(scope="module")

@@ -125,12 +125,18 @@ class Deployment:
         """What poll() returns once it returns something; fails saying `what` did not happen, with the logs
         of the services named, when `seconds` pass first."""
         end = time.monotonic() + seconds
+        unanswered: httpx.TransportError | None = None
         while time.monotonic() < end:
-            found = poll()
+            try:
+                found = poll()
+            except httpx.TransportError as err:
+                # The deployment did not answer in time (a loaded machine): it is asked again until `seconds` pass.
+                unanswered, found = err, None
             if found:
                 return found
             time.sleep(2)
-        pytest.fail(f"{what} within {seconds:.0f} s\n{self.logs(*logs_of)}")
+        last = f" (its API last failed to answer: {unanswered!r})" if unanswered else ""
+        pytest.fail(f"{what} within {seconds:.0f} s{last}\n{self.logs(*logs_of)}")
 
 
 def _free_port() -> int:
