@@ -300,6 +300,31 @@ def commit_all(folder: Path, branch: str, message: str = "the code") -> str:
     return git(folder, "rev-parse", "HEAD")
 
 
+_HOLDS_A_LOCK = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY | os.O_CREAT, 0o644)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("held", flush=True)
+sys.stdin.readline()
+"""
+
+
+@contextlib.contextmanager
+def process_holding_lock(path: Path) -> Iterator[subprocess.Popen[str]]:
+    """Another process holding an exclusive flock of ``path`` (made if missing) for the block, then letting go."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLDS_A_LOCK, str(path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        yield holder
+    finally:
+        holder.communicate("\n", timeout=60)
+
+
 @dataclass(frozen=True)
 class NewestRun:
     """The newest run of the current workspace, as a background thread of a test sees it."""

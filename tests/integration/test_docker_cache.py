@@ -22,7 +22,7 @@ from airflow_amlrun.config import load_settings
 from airflow_amlrun.errors import ConfigurationError
 from airflow_amlrun.targets import docker_lib
 from airflow_amlrun.targets.docker_transfer import LIB_DIR
-from tests.conftest import write_script
+from tests.conftest import process_holding_lock, write_script
 from tests.integration.docker_engine import SOCKET, SocketProxy, containers_of
 
 pytest_plugins = ["tests.integration.docker_engine"]
@@ -51,13 +51,6 @@ Run.get_context().log("acc", 0.9)
 
 # Another process of this machine (stuck, or any user's: every user may open the file) that holds the lock of the
 # supervisor's folders exclusively until told to let go.
-HOLDS_THE_LOCK = """
-import fcntl, os, sys
-fd = os.open(sys.argv[1], os.O_RDONLY | os.O_CREAT, 0o644)
-fcntl.flock(fd, fcntl.LOCK_EX)
-print("held", flush=True)
-sys.stdin.readline()
-"""
 
 
 def an_earlier_version(cache: Path, digest: str, *, days_ago: float = 0) -> Path:
@@ -212,18 +205,8 @@ def test_a_process_that_holds_the_lock_of_the_supervisors_folders_fails_the_run_
     lock = cache.resolve() / "lib.lock"
     experiment = Experiment(Workspace.get(), "docker-cache")
     config = ScriptRunConfig(tmp_path / "src", script="train.py", compute_target="docker")
-    holder = subprocess.Popen(
-        [sys.executable, "-c", HOLDS_THE_LOCK, str(lock)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
-        with pytest.raises(ConfigurationError) as raised:
-            experiment.submit(config)
-    finally:
-        holder.communicate("\n", timeout=60)
+    with process_holding_lock(lock) as holder, pytest.raises(ConfigurationError) as raised:
+        experiment.submit(config)
 
     message = str(raised.value)
     assert f"waited 2 s for the shared lock {lock}" in message

@@ -28,6 +28,7 @@ from airflow_amlrun.hooks.docker_daemon import DockerDaemon
 from airflow_amlrun.targets import docker_lib
 from airflow_amlrun.targets.docker_lib import lib_folder, lib_name, remove_unused
 from airflow_amlrun.targets.docker_lib_record import DAEMONS, UNANSWERED
+from tests.conftest import process_holding_lock
 
 # Another worker's process between choosing its folder (this version's) and having started its container.
 HOLD = """
@@ -324,15 +325,6 @@ def test_folders_made_before_the_daemons_were_recorded_are_kept_a_week_from_then
     assert remove_unused(cache, keep=current, clients={}) == [before.name]
 
 
-_HOLDS_THE_LOCK = """
-import fcntl, os, sys
-fd = os.open(sys.argv[1], os.O_RDONLY | os.O_CREAT, 0o644)
-fcntl.flock(fd, fcntl.LOCK_EX)
-print("held", flush=True)
-sys.stdin.readline()
-"""
-
-
 def test_a_process_holding_the_lock_too_long_is_named_and_nothing_waits_for_it_past_the_bound(
     tmp_path, monkeypatch
 ):
@@ -341,21 +333,12 @@ def test_a_process_holding_the_lock_too_long_is_named_and_nothing_waits_for_it_p
     with lib_folder(cache, bind_daemon=None):  # makes the cache's folder and its lock file
         pass
     lock = cache / "docker" / "lib.lock"
-    holder = subprocess.Popen(
-        [sys.executable, "-c", _HOLDS_THE_LOCK, str(lock)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+    with process_holding_lock(lock) as holder:
         assert docker_lib.exclusive_holders(lock) == [holder.pid]
         started = time.monotonic()
         with pytest.raises(ConfigurationError) as raised, lib_folder(cache, bind_daemon=None):
             pytest.fail("the folder was handed out while another process held the lock exclusively")
         assert time.monotonic() - started >= 1.0  # it did wait for the lock, as long as it may
-    finally:
-        holder.communicate("\n", timeout=60)
     assert f"waited 1 s for the shared lock {lock}" in str(raised.value)
     assert f"process {holder.pid} ({sys.executable} -c " in str(raised.value)
     # Let go: the folder is handed out again, and nobody is named as holding the lock.
