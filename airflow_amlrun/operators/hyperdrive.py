@@ -449,8 +449,11 @@ class HyperDriveOperator(SettlesFailedDeferral):
 
         self._sweep = None
         summary: dict[str, Any] = sweep.summary()
+        # The task's error, worded as a single run's (RunFailedError, RunCanceledError).
+        if record.status is RunStatus.CANCELED:
+            raise AmlRunError(f"Sweep {record.id} was canceled. {record.error or ''}".strip())
         if record.status is not RunStatus.COMPLETED:
-            raise AmlRunError(f"Sweep {record.id} {record.status}: {record.error}")
+            raise AmlRunError(f"Sweep {record.id} failed: {record.error or 'no error recorded'}")
         best = summary["best_run"]
         self.log.info(
             "Sweep %s: best run %s, %s %s",

@@ -515,6 +515,4 @@ def test_the_worker_following_on_after_a_failed_trigger_stops_the_runs_at_the_tr
         assert record.end is not None
         assert record.end - resumed < timedelta(seconds=TIMEOUT_SECONDS / 2), (record.id, record.end, resumed)
     # What the task fails with.
-    assert (
-        f"{kind} {stopped.id} failed: {reason}".lower() in cluster.task_log(dag_id, run_id, "train").lower()
-    )
+    assert f"{kind.capitalize()} {stopped.id} failed: {reason}" in cluster.task_log(dag_id, run_id, "train")
