@@ -9,6 +9,7 @@ pyspark (installed in the test environment); Java with scripts/services.sh.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import socket
@@ -135,7 +136,8 @@ def standalone_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sta
             try:
                 if cluster.state().get("aliveworkers", 0) >= 1:
                     break
-            except OSError:
+            except (OSError, ValueError, http.client.HTTPException):
+                # Not listening yet, or its web UI answers before it has its JSON view (an empty body): ask again.
                 pass
             if time.monotonic() > deadline:
                 logs = "\n".join((work / name).read_text()[-3000:] for name in ("master.log", "worker.log"))
