@@ -100,6 +100,8 @@ LOG_LOSS = "log_loss"
 # How long the job's output pipes are read once the job ended, unless the request says: what it left running
 # in its group may hold them open (and is stopped next).
 DRAIN_SECONDS = 1.0
+# How long output of one stream waits for a line the other left open to end (see _copy_output).
+HOLD_SECONDS = 0.25
 
 
 def main(argv: list[str]) -> int:
@@ -378,21 +380,46 @@ def _pump(stdout: IO[bytes], stderr: IO[bytes]) -> None:
 
 
 def _copy_output(stdout: int, stderr: int) -> None:
-    """Copy the job's stdout and stderr pipes into the run's log as they fill, until both are closed."""
+    """Copy the job's stdout and stderr pipes into the run's log as they fill, until both are closed.
+
+    A line one stream left open is given up to HOLD_SECONDS to end before the other stream's output is
+    written, which would cut it in two: an unbuffered ``print("loss", x)`` writes its words one by one, and
+    the log line of a thread (or of the JVM a Spark driver runs under) may come between them."""
     streams = {stdout: 1, stderr: 2}
     # poll rather than select: the pipes' descriptors may be past select's limit (1024).
     poller = select.poll()
     for fd in streams:
         poller.register(fd, select.POLLIN)
+    # Until when the other stream's output may wait for the open line to end.
+    hold_until: float | None = None
     while streams:
+        ready = [fd for fd, _ in poller.poll()]
+        open_fd = next((fd for fd, stream in streams.items() if stream == _log.open_line), None)
+        if open_fd is None or ready == [open_fd]:
+            hold_until = None
+        else:
+            if hold_until is None:
+                hold_until = time.monotonic() + HOLD_SECONDS
+            left = hold_until - time.monotonic()
+            if left > 0 and (open_fd in ready or _readable(open_fd, left)):
+                ready = [open_fd]  # the line goes on: the other stream waits
+            else:
+                hold_until = None  # the line stays open: the other stream's output ends it
         # Both ready: stdout first (which of the two was written first cannot be known).
-        for fd, _ in sorted(poller.poll(), key=lambda event: streams[event[0]]):
+        for fd in sorted(ready, key=lambda fd: streams[fd]):
             data = os.read(fd, 65536)
             if data:
                 _log.write(streams[fd], data)
             else:
                 poller.unregister(fd)
                 del streams[fd]
+
+
+def _readable(fd: int, timeout: float) -> bool:
+    """Whether fd has something to read (or is closed) within timeout seconds."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(timeout * 1000))
 
 
 def _say(message: str) -> None:

@@ -312,6 +312,46 @@ def test_the_log_keeps_both_streams_in_order_with_each_stderr_line_marked(tmp_pa
     )
 
 
+def test_a_line_written_in_pieces_is_not_cut_by_the_other_streams_line_between_them(tmp_path: Path) -> None:
+    # An unbuffered print of several words writes them one by one; a line another thread (or the JVM under a
+    # Spark driver) writes to stderr meanwhile waits for the line to end rather than cut it in two.
+    script = (
+        "say(sys.stdout, b'loss')\n"
+        "sys.stderr.buffer.write(b'INFO job 2 finished\\n'); sys.stderr.flush()\n"
+        "time.sleep(0.05)\n"
+        "say(sys.stdout, b' 0.5\\n')\n"
+        "say(sys.stderr, b'INFO stopping\\n')\n"
+    )
+    code, log = _run_logged(tmp_path, script)
+    mark = supervisor.STDERR_MARK
+    assert code == 0
+    assert log == b"loss 0.5\n" + mark + b"INFO job 2 finished\n" + mark + b"INFO stopping\n"
+
+
+def test_a_line_left_open_does_not_hold_the_other_streams_output_back_for_long(tmp_path: Path) -> None:
+    # A progress bar redraws its stderr line ("\r") without ending it: a line written to stdout meanwhile reaches
+    # the log while the bar goes on, after HOLD_SECONDS at most, not when the bar ends.
+    script = (
+        "say(sys.stderr, b'step 0')\n"
+        "before = os.path.getsize(LOG)\n"
+        "sys.stdout.buffer.write(b'epoch 1\\n'); sys.stdout.flush()\n"
+        "deadline = time.monotonic() + 30\n"
+        "step = 0\n"
+        "while b'epoch 1' not in open(LOG, 'rb').read():\n"
+        "    assert time.monotonic() < deadline, 'the stdout line waits for the bar to end'\n"
+        "    step += 1\n"
+        "    sys.stderr.buffer.write(b'\\rstep %d' % step); sys.stderr.flush()\n"
+        "    time.sleep(0.01)\n"
+        "say(sys.stderr, b'\\rdone\\n')\n"
+    )
+    code, log = _run_logged(tmp_path, script)
+    assert code == 0, log
+    mark = supervisor.STDERR_MARK
+    assert log.startswith(mark + b"step 0"), log
+    assert b"\nepoch 1\n" + mark in log, log
+    assert log.endswith(b"\rdone\n"), log
+
+
 def test_output_that_looks_like_a_mark_keeps_its_stream_and_its_bytes(tmp_path: Path) -> None:
     from airflow_amlrun.run_output import OutputLine
     from airflow_amlrun.targets.common import read_lines, unmark_file
