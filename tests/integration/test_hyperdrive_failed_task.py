@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -72,11 +73,14 @@ class LookLostOnceLocalTarget(FollowedAnywhereLocalTarget):
     run after that by another follower (a retry that took the run over, a new run) touches `release`, the file the
     sweep's long run waits for: that run ends once followed from there, and not before; or, with
     `released_as_the_look_fails`, it is released by the look that fails, which waits for its end before it raises.
+    The look that fails waits first for both runs' scripts to have started (their marks in `marks`): a run stopped
+    while its interpreter still starts up leaves no mark, and the test could not tell it ran.
     """
 
     armed: ClassVar[bool] = False
     failed: ClassVar[bool] = False
     release: ClassVar[Path | None] = None
+    marks: ClassVar[Path | None] = None
     released_as_the_look_fails: ClassVar[bool] = False
     # Whether the look that failed was this follower's.
     lost_a_look = False
@@ -89,6 +93,11 @@ class LookLostOnceLocalTarget(FollowedAnywhereLocalTarget):
         cls = LookLostOnceLocalTarget
         if cls.armed and not cls.failed:
             cls.failed = self.lost_a_look = True
+            deadline = time.monotonic() + 60
+            while (
+                cls.marks is not None and len(list(cls.marks.iterdir())) < 2 and time.monotonic() < deadline
+            ):
+                time.sleep(0.05)
             if cls.released_as_the_look_fails and cls.release is not None:
                 cls.release.touch()
                 assert not super().wait(handle, 60).running
@@ -114,6 +123,7 @@ def targets(monkeypatch: pytest.MonkeyPatch) -> None:
         ("armed", False),
         ("failed", False),
         ("release", None),
+        ("marks", None),
         ("released_as_the_look_fails", False),
     ):
         monkeypatch.setattr(LookLostOnceLocalTarget, name, value)
@@ -373,6 +383,7 @@ def look_lost_sweep(
     write_script(source, "train.py", RELEASED_SCRIPT)
     marks.mkdir()
     monkeypatch.setattr(LookLostOnceLocalTarget, "release", release)
+    monkeypatch.setattr(LookLostOnceLocalTarget, "marks", marks)
     arguments = ["--marks", str(marks), "--release", str(release)]
     return sweep_dag(
         f"""
