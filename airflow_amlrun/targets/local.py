@@ -21,7 +21,6 @@ import errno
 import json
 import logging
 import os
-import select
 import signal
 import subprocess
 import sys
@@ -180,7 +179,7 @@ class LocalTarget:
     def wait(self, handle: LocalHandle, timeout: float) -> TargetStatus:
         process = self._processes.get(handle.pid)
         if process is not None:
-            if not wait_child(process, timeout):
+            if not supervisor.wait_child(process, timeout):
                 return TargetStatus(running=True)
         else:
             # A run started by an earlier try of this task: not our child, so watch it from outside.
@@ -217,7 +216,7 @@ class LocalTarget:
             return
         _signal_group(pid, signal.SIGTERM)
         if process is not None:
-            wait_child(process, self.stop_grace_seconds(handle))
+            supervisor.wait_child(process, self.stop_grace_seconds(handle))
         else:
             deadline = time.monotonic() + self.stop_grace_seconds(handle)
             while time.monotonic() < deadline and running():
@@ -458,36 +457,6 @@ def _end_leftovers(handle: LocalHandle) -> int:
         finally:
             os.close(pidfd)
     return ended
-
-
-def wait_child(process: subprocess.Popen[bytes], timeout: float) -> bool:
-    """Wait at most ``timeout`` seconds for this process's child ``process`` to exit; whether it did (then it is
-    reaped and has its returncode).
-
-    The kernel wakes the wait the moment the child exits (a pidfd becomes readable), where ``Popen.wait`` with a
-    timeout sleeps in steps of up to 50 ms, by which every run would be seen to end later. Falls back to
-    ``Popen.wait`` where pidfds are missing (a kernel before 5.3, a sandbox refusing the call).
-    """
-    if process.returncode is None and timeout > 0:
-        try:
-            # Our own child, not yet reaped: its pid cannot name another process meanwhile.
-            pidfd = os.pidfd_open(process.pid)
-        except (AttributeError, OSError):
-            pidfd = None
-        if pidfd is not None:
-            try:
-                poller = select.poll()
-                poller.register(pidfd, select.POLLIN)
-                # poll takes at most 2**31 - 1 ms (24 days): a longer wait ends there, the child still running.
-                poller.poll(min(timeout * 1000, 2**31 - 1))
-            finally:
-                os.close(pidfd)
-            return process.poll() is not None
-    try:
-        process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return False
-    return True
 
 
 def _group_members(pgid: int) -> list[int]:

@@ -1,4 +1,5 @@
-"""Waiting for the local target's own child: it returns as the child exits, reaped, or says it still runs."""
+"""Waiting for a child process (the local target for its run's supervisor, the supervisor for its job): it returns as
+the child exits, reaped, or says it still runs."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import sys
 
 import pytest
 
-from airflow_amlrun.targets.local import wait_child
+from airflow_amlrun.targets.supervisor import wait_child
 
 
 def child(code: str) -> subprocess.Popen[bytes]:
