@@ -56,15 +56,22 @@ def job_argv(job: Job, python: str) -> list[str]:
     return ["/bin/sh", "-c", str(job.command)]
 
 
-def supervisor_request(job: Job, argv: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
+def supervisor_request(
+    job: Job, argv: list[str], env: dict[str, str] | None = None, *, in_container: bool = False
+) -> dict[str, Any]:
     """What the supervisor is told to run (see supervisor.py): the job, its time limit, and that whatever
-    the job leaves running in its process group ends with it."""
+    the job leaves running in its process group ends with it. In a container, the container's end ends
+    everything instead, and the supervisor passes on the stop signal that `docker stop` gives it alone (through
+    the container's init)."""
     request: dict[str, Any] = {
         "argv": argv,
         "max_seconds": job.max_run_duration_seconds,
         "grace_seconds": TERM_GRACE_SECONDS,
-        "end_group": True,
     }
+    if in_container:
+        request["forward_signals"] = True
+    else:
+        request["end_group"] = True
     if env is not None:
         request["env"] = env
     return request

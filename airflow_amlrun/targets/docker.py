@@ -41,6 +41,7 @@ records the container's exit as it is.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import time
@@ -55,11 +56,14 @@ from airflow_amlrun.targets import supervisor
 from airflow_amlrun.targets.base import Chunk, CodeSource, Collected, Job, TargetStatus
 from airflow_amlrun.targets.common import (
     STD_LOG,
+    TERM_GRACE_SECONDS,
     add_run_folders,
+    job_argv,
     new_run_dir,
     read_lines,
     remove_run_dir,
     stopped_for_limit,
+    supervisor_request,
     unmarked,
 )
 from airflow_amlrun.targets.docker_collect import RunFiles, missing_folder, on_another_worker
@@ -72,12 +76,10 @@ from airflow_amlrun.targets.docker_options import DockerOptions as DockerOptions
 from airflow_amlrun.targets.docker_spec import LABEL_RUN_ID as LABEL_RUN_ID
 from airflow_amlrun.targets.docker_spec import LABEL_TRANSFER as LABEL_TRANSFER
 from airflow_amlrun.targets.docker_spec import (
-    TERM_GRACE_SECONDS,
     RunContainer,
     container_spec,
     remove_never_started,
     started_container,
-    supervisor_request,
 )
 from airflow_amlrun.targets.docker_spec import container_name as container_name
 from airflow_amlrun.targets.docker_start import (
@@ -192,7 +194,14 @@ class DockerTarget:
             container_id = start_container(
                 client,
                 spec,
-                supervisor_request(job, image.python),
+                json.dumps(
+                    supervisor_request(
+                        job,
+                        job_argv(job, image.python),
+                        dict(job.secret_environment_variables),
+                        in_container=True,
+                    )
+                ).encode(),
                 copy_in=None if bind else (work, lib),
                 owner=lambda: self._owners.of(image, user),
             )
@@ -317,7 +326,9 @@ class DockerTarget:
 
         log.info("Stopping container %s", handle.container)
         with contextlib.suppress(NotFound):
-            self.client.stop(handle.container_id, timeout=TERM_GRACE_SECONDS)
+            self.client.stop(
+                handle.container_id, timeout=int(TERM_GRACE_SECONDS)
+            )  # the API takes whole seconds
 
     def collect(self, handle: DockerHandle) -> Collected:
         run_dir = Path(handle.run_dir)

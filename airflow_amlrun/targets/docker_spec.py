@@ -26,14 +26,13 @@ is recorded lost (``remove_never_started``).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from airflow_amlrun.targets.common import CONTROL_DIR, EVENTS, job_argv, job_environment, python_path
+from airflow_amlrun.targets.common import CONTROL_DIR, EVENTS, job_environment, python_path
 from airflow_amlrun.targets.docker_transfer import LABEL_MANAGED_BY, LIB_DIR, PYLIB_DIR, RUN_DIR, SUPERVISOR
 from airflow_amlrun.targets.handles import DockerHandle
 
@@ -49,8 +48,6 @@ log = logging.getLogger(__name__)
 LABEL_RUN_ID = "amlrun.run_id"
 LABEL_EXPERIMENT = "amlrun.experiment"
 LABEL_TRANSFER = "amlrun.transfer"
-# How long a stopped container's script gets to exit on SIGTERM before it is killed.
-TERM_GRACE_SECONDS = 5
 
 
 def container_name(run_id: str) -> str:
@@ -163,19 +160,6 @@ def container_spec(
         binds=binds,
         host_config=options.host_config(),
     )
-
-
-def supervisor_request(job: Job, python: str) -> bytes:
-    """What the supervisor reads on the container's stdin: the command line, the secret variables, the limits."""
-    request = {
-        "argv": job_argv(job, python),
-        "env": dict(job.secret_environment_variables),
-        "max_seconds": job.max_run_duration_seconds,
-        "grace_seconds": TERM_GRACE_SECONDS,
-        # docker stop signals the init process, which passes it on to the supervisor alone.
-        "forward_signals": True,
-    }
-    return json.dumps(request).encode()
 
 
 def started_container(client: APIClient, run_id: str) -> tuple[str, RunContainer] | None:

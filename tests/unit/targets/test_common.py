@@ -102,6 +102,20 @@ def test_the_supervisor_is_told_the_limit_the_grace_and_to_end_the_whole_group()
     assert common.supervisor_request(_job(), ["x"], {"A": "1"})["env"] == {"A": "1"}
 
 
+def test_in_a_container_the_supervisor_passes_the_stop_signal_on_and_leaves_the_end_to_the_container():
+    request = common.supervisor_request(
+        _job(max_run_duration_seconds=None), ["python3", "train.py"], {}, in_container=True
+    )
+
+    assert request == {
+        "argv": ["python3", "train.py"],
+        "max_seconds": None,
+        "grace_seconds": common.TERM_GRACE_SECONDS,
+        "forward_signals": True,
+        "env": {},
+    }
+
+
 @pytest.mark.parametrize(
     ("ended_by", "for_limit"),
     [
