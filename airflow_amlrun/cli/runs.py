@@ -101,14 +101,14 @@ def _sweep_rows(record: RunRecord, sweep: RecordedSweep | None) -> list[tuple[st
     ]
 
 
-def _sweep_git(record: RunRecord, runs: list[RunRecord]) -> str:
+def _sweep_git(record: RunRecord, runs: list[RunRecord], sweep: RecordedSweep | None) -> str:
     """What `runs show` says of a sweep's git state: it has none, each of its runs recorded that of its code."""
     from airflow_amlrun.hyperdrive.recorded import runs_to_read, shared_git
 
     said = (
         "A sweep runs no code of its own, so it has no git state: each of its runs records that of its code"
     )
-    shared = shared_git([run.git for run in runs])
+    shared = sweep.git if sweep is not None else shared_git([run.git for run in runs])
     said += f"; all of them ran {_git_state(shared)}." if shared else "."
     return f"{said} {runs_to_read(record, runs, 'amlrun runs show', 'shows')}"
 
@@ -158,7 +158,7 @@ def cmd_runs_show(args: argparse.Namespace, console: Console) -> int:
     for_terminal = run_log.shown
     for key, value in record.summary().items():
         if key == "git":
-            git = _sweep_git(record, runs) if is_sweep else _git_state(record.git)
+            git = _sweep_git(record, runs, sweep) if is_sweep else _git_state(record.git)
             table.add_row("git", cell(git, for_terminal))
         elif key not in ("metrics", "tags"):  # shown below, each in a form of its own
             text = json.dumps(value) if isinstance(value, dict | list) else fmt(value)
