@@ -16,6 +16,7 @@ from airflow_amlrun.triggers.script_run import (
     TRIGGER_POLL_SECONDS,
     describe,
     handed_back,
+    wait_until,
 )
 
 if TYPE_CHECKING:
@@ -192,7 +193,9 @@ class HyperDriveTrigger(BaseTrigger):
                 await asyncio.to_thread(opening.result().let_go)
             raise
         except Exception as err:
-            # Nothing was done to the runs: the task gets them back as it left them, and says why.
+            # Nothing was done to the runs: the task gets them back as it left them, and says why (no sooner than
+            # any other event: see FIRST_EVENT_AFTER_SECONDS).
+            await wait_until(self.not_before)
             yield self._event(ERROR, message=describe(err), state=self.state)
             return
         ended: dict[str, TargetStatus] = {}
@@ -242,6 +245,7 @@ class HyperDriveTrigger(BaseTrigger):
             if looking:
                 await asyncio.wait(looking)
             state = await self._hand_back(followed)
+            await wait_until(self.not_before)
             yield self._event(ERROR, message=describe(err), state=state)
             return
         state = await self._hand_back(followed)

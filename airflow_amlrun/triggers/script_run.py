@@ -30,6 +30,14 @@ HAND_BACK_RETRY_SECONDS = 5.0
 FIRST_EVENT_AFTER_SECONDS = 10.0
 
 
+async def wait_until(when: str | None) -> None:
+    """Sleep until the ISO time ``when`` (a trigger's ``not_before``) unless it has passed, or is None."""
+    if when is not None:
+        wait = (datetime.fromisoformat(when) - datetime.now(UTC)).total_seconds()
+        if wait > 0:
+            await asyncio.sleep(wait)
+
+
 class ScriptRunTrigger(BaseTrigger):
     """Follows a run from where the task left it until it ends, then hands it back to the task.
 
@@ -99,10 +107,7 @@ class ScriptRunTrigger(BaseTrigger):
         return TriggerEvent({"run_id": self.run_id, "status": status, **fields})  # type: ignore[no-untyped-call]
 
     async def _not_before(self) -> None:
-        if self.not_before is not None:
-            wait = (datetime.fromisoformat(self.not_before) - datetime.now(UTC)).total_seconds()
-            if wait > 0:
-                await asyncio.sleep(wait)
+        await wait_until(self.not_before)
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         resuming = asyncio.ensure_future(asyncio.to_thread(self._resume))

@@ -28,11 +28,12 @@ from airflow_amlrun.hyperdrive import (
     choice,
 )
 from airflow_amlrun.hyperdrive.takeover import SweepState, Unstopped, end_sweep
+from airflow_amlrun.run import FollowState
 from airflow_amlrun.targets import registry
 from airflow_amlrun.targets.base import TargetStatus
 from airflow_amlrun.targets.handles import LocalHandle
 from airflow_amlrun.targets.local import LocalTarget
-from airflow_amlrun.triggers.hyperdrive import FOLLOWED, KILLED, HyperDriveTrigger
+from airflow_amlrun.triggers.hyperdrive import ERROR, FOLLOWED, KILLED, HyperDriveTrigger
 from tests.conftest import write_script
 
 pytestmark = pytest.mark.usefixtures("amlrun_home")
@@ -101,6 +102,30 @@ def taken_back(config: HyperDriveConfig, event: dict[str, Any]) -> HyperDriveRun
     ended = {k: TargetStatus(running=False, **v) for k, v in event["ended"].items()}
     sweep.take_back(ended, event["stops"])
     return sweep
+
+
+def test_a_trigger_that_cannot_take_the_sweep_over_hands_it_back_as_it_was_and_no_sooner_than_it_may_fire() -> (
+    None
+):
+    # The sweep's state names a run the history does not have: the trigger cannot take it over. It hands the
+    # state back untouched, with why, at not_before (a deferred task's trigger that fires sooner has its task
+    # failed by the scheduler: FIRST_EVENT_AFTER_SECONDS).
+    state = SweepState({"runs_1_deadbeef": FollowState(0, 0, 0)}, {}, {}).to_json()
+    soon = (datetime.now(UTC) + timedelta(seconds=2)).isoformat()
+    trigger = HyperDriveTrigger(
+        "sweeps_1_deadbeef",
+        state,
+        BanditPolicy(slack_factor=0.2).to_dict(),
+        "loss",
+        "minimize",
+        not_before=soon,
+    )
+
+    event = asyncio.run(first_event(trigger))
+
+    assert datetime.now(UTC) >= datetime.fromisoformat(soon)
+    assert (event["status"], event["state"]) == (ERROR, state), event
+    assert "runs_1_deadbeef" in event["message"], event
 
 
 def test_a_moved_trigger_lets_go_and_the_next_one_hands_the_sweep_back_when_the_policy_stops_a_run(
