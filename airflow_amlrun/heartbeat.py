@@ -16,6 +16,8 @@ log = logging.getLogger(__name__)
 # How often the task following a run reports in (the run row's heartbeat_at), at most; reconcile settles a
 # run nobody reported on for [amlrun] reconcile_after_seconds, a few heartbeats' time.
 HEARTBEAT_SECONDS = 15.0
+# How long stopping a heartbeat waits for a report being written (to a history that may be slow to answer).
+STOP_WAIT_SECONDS = 2.0
 
 
 def heartbeat_seconds(settings: Settings) -> float:
@@ -53,7 +55,12 @@ class Heartbeat:
             self._thread.start()
 
     def stop(self) -> None:
+        """Report no more: the thread ends at once, or once a report it is writing is written (waited for up to
+        STOP_WAIT_SECONDS), so that nothing reports on the run after its follower let it go."""
         self._stopped.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(STOP_WAIT_SECONDS)
 
     def watch(self, watched: bool) -> None:
         """Whether beats need ticks: on while the task follows the running run, off around it."""
