@@ -5,7 +5,10 @@ alternating: with its stdout and stderr straight into a file (the baseline), and
 (`targets/supervisor.py`) with the supervisor's stdout into a file, as a target starts a run. Cases:
   bulk: ~200 MB to stdout in 64 KB writes of 128-byte lines,
   stdout_lines: 1M short lines printed to stdout,
-  stderr_lines: 1M short lines printed to stderr (each one marked in the log).
+  stderr_lines: 1M short lines printed to stderr (each one marked in the log),
+  dots_and_lines: 20,000 progress dots to stderr, each followed by a 1 KB line to stdout: the stderr line is
+    left open all along, so the supervisor holds the stdout output once (at most HOLD_SECONDS), then cuts
+    the dots' line and never holds for it again.
 Prints one JSON object per case: the median wall time of each (`supervised_median_s`, `baseline_median_s`),
 their `ratio`, and the log's size in each (the supervised one holds the stderr marks).
 
@@ -30,6 +33,8 @@ JOBS = {
     "bulk": "import sys\nchunk = (b'x' * 127 + b'\\n') * 512\nfor _ in range(3200):\n    sys.stdout.buffer.write(chunk)\n",
     "stdout_lines": "for i in range(1_000_000):\n    print('step', i, 'loss 0.25')\n",
     "stderr_lines": "import sys\nfor i in range(1_000_000):\n    print('step', i, 'loss 0.25', file=sys.stderr)\n",
+    "dots_and_lines": "import sys\nline = 'x' * 1023\nfor i in range(20_000):\n"
+    "    print('.', end='', file=sys.stderr, flush=True)\n    print(line)\n",
 }
 
 

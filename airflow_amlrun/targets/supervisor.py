@@ -15,6 +15,7 @@ secret values that must not stay on disk)::
      "max_seconds": 600,                                  # optional time limit, from the supervisor's start
      "grace_seconds": 5,                                  # SIGTERM first, SIGKILL after this long
      "drain_seconds": 1,                                  # optional, see below
+     "hold_seconds": 0.25,                                # optional, see below
      "forward_signals": false,                            # see below
      "end_group": false}                                  # see below
 
@@ -39,7 +40,8 @@ The run must not outlive its supervisor, whatever ends it:
   the leader gone without an exit code can end the processes of its group that carry it, and no other.
 
 The run's log is the supervisor's stdout: what the job writes to stdout and to stderr, one line holding one
-stream's bytes (a line left open by one stream is ended when the other writes), each stderr line beginning
+stream's bytes (a line left open by one stream is ended when the other writes, once it had up to
+``hold_seconds``, default ``HOLD_SECONDS``, to end: see ``_copy_output``), each stderr line beginning
 with ``STDERR_MARK``, the supervisor's own messages too. A stdout line that begins with ESC (a colour code,
 or the mark's own bytes) begins with ``STDOUT_MARK`` before it, so no output of the job's passes for a mark.
 A follower takes one mark off the start of a line (and logs a line that had ``STDERR_MARK`` as the script's
@@ -126,7 +128,13 @@ def main(argv: list[str]) -> int:
 
 # Whether to pass a signal on to the group, whether the group was signalled already, the job and the thread
 # copying its output.
-_state: dict[str, Any] = {"forward": False, "signalled": False, "job": None, "pump": None}
+_state: dict[str, Any] = {
+    "forward": False,
+    "signalled": False,
+    "job": None,
+    "pump": None,
+    "hold": HOLD_SECONDS,
+}
 
 
 def _supervise(control: str, request: dict[str, Any]) -> int:
@@ -137,6 +145,8 @@ def _supervise(control: str, request: dict[str, Any]) -> int:
     max_seconds = None if limit is None else float(limit)
     grace = float(request.get("grace_seconds") or DEFAULT_GRACE_SECONDS)
     drain = _drain_seconds(request)
+    hold = request.get("hold_seconds")
+    _state["hold"] = HOLD_SECONDS if hold is None else float(hold)
 
     env = dict(os.environ)
     env.update({str(k): str(v) for k, v in (request.get("env") or {}).items()})
@@ -395,7 +405,7 @@ def _pump(stdout: IO[bytes], stderr: IO[bytes]) -> None:
     error, no memory), the pipes are closed, so the job gets EPIPE (or SIGPIPE) rather than blocking forever on
     a full pipe, and the log says why."""
     try:
-        _copy_output(stdout.fileno(), stderr.fileno())
+        _copy_output(stdout.fileno(), stderr.fileno(), _state["hold"])
     except BaseException as err:
         for pipe in (stdout, stderr):
             with contextlib.suppress(OSError):
@@ -406,40 +416,63 @@ def _pump(stdout: IO[bytes], stderr: IO[bytes]) -> None:
         )
 
 
-def _copy_output(stdout: int, stderr: int) -> None:
+def _copy_output(stdout: int, stderr: int, hold: float = HOLD_SECONDS) -> None:
     """Copy the job's stdout and stderr pipes into the run's log as they fill, until both are closed.
 
-    A line one stream left open is given up to HOLD_SECONDS to end before the other stream's output is
+    A line one stream left open is given up to `hold` seconds to end before the other stream's output is
     written, which would cut it in two: an unbuffered ``print("loss", x)`` writes its words one by one, and
-    the log line of a thread (or of the JVM a Spark driver runs under) may come between them."""
+    the log line of a thread (or of the JVM a Spark driver runs under) may come between them. The held output
+    is written as soon as the line ends, before what the open stream wrote after it. A line the hold ran out
+    on (a progress bar redrawn with "\r") is not held for again until it ends: the other stream's output
+    then goes on as it comes."""
     streams = {stdout: 1, stderr: 2}
     # poll rather than select: the pipes' descriptors may be past select's limit (1024).
     poller = select.poll()
     for fd in streams:
         poller.register(fd, select.POLLIN)
-    # Until when the other stream's output may wait for the open line to end.
+
+    def copy(fd: int, held: list[int]) -> bool:
+        """Copy what fd holds into the log, the output of `held` (ready) right after the end of fd's line;
+        whether fd had its line end (or closed)."""
+        data = os.read(fd, 65536)
+        if not data:
+            poller.unregister(fd)
+            del streams[fd]
+            return True
+        stream = streams[fd]
+        end = data.find(b"\n") + 1
+        if end:
+            cut.discard(stream)
+        if end and held:
+            _log.write(stream, data[:end])
+            for other in sorted(held, key=lambda other: streams[other]):
+                copy(other, [])
+            data = data[end:]
+        if data:
+            _log.write(stream, data)
+        return bool(end)
+
+    # The streams whose open line a hold ran out on, and until when the current hold lasts.
+    cut: set[int] = set()
     hold_until: float | None = None
     while streams:
         ready = [fd for fd, _ in poller.poll()]
         open_fd = next((fd for fd, stream in streams.items() if stream == _log.open_line), None)
-        if open_fd is None or ready == [open_fd]:
-            hold_until = None
-        else:
+        held = [fd for fd in ready if fd != open_fd]
+        if open_fd is not None and held and streams[open_fd] not in cut:
             if hold_until is None:
-                hold_until = time.monotonic() + HOLD_SECONDS
+                hold_until = time.monotonic() + hold
             left = hold_until - time.monotonic()
             if left > 0 and (open_fd in ready or _readable(open_fd, left)):
-                ready = [open_fd]  # the line goes on: the other stream waits
-            else:
-                hold_until = None  # the line stays open: the other stream's output ends it
+                # The line goes on: the other stream's output waits for its end.
+                if copy(open_fd, held):
+                    hold_until = None
+                continue
+            cut.add(streams[open_fd])  # the line stays open: the other stream's output ends it
+        hold_until = None
         # Both ready: stdout first (which of the two was written first cannot be known).
         for fd in sorted(ready, key=lambda fd: streams[fd]):
-            data = os.read(fd, 65536)
-            if data:
-                _log.write(streams[fd], data)
-            else:
-                poller.unregister(fd)
-                del streams[fd]
+            copy(fd, [])
 
 
 def _readable(fd: int, timeout: float) -> bool:

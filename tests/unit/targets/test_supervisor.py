@@ -314,18 +314,40 @@ def test_the_log_keeps_both_streams_in_order_with_each_stderr_line_marked(tmp_pa
 
 def test_a_line_written_in_pieces_is_not_cut_by_the_other_streams_line_between_them(tmp_path: Path) -> None:
     # An unbuffered print of several words writes them one by one; a line another thread (or the JVM under a
-    # Spark driver) writes to stderr meanwhile waits for the line to end rather than cut it in two.
+    # Spark driver) writes to stderr meanwhile waits for the line to end rather than cut it in two, and comes
+    # right after it, before what stdout wrote next. (A long hold: the test does not depend on the machine's
+    # speed.)
     script = (
         "say(sys.stdout, b'loss')\n"
         "sys.stderr.buffer.write(b'INFO job 2 finished\\n'); sys.stderr.flush()\n"
         "time.sleep(0.05)\n"
-        "say(sys.stdout, b' 0.5\\n')\n"
+        "say(sys.stdout, b' 0.5\\nepoch 2\\n')\n"
         "say(sys.stderr, b'INFO stopping\\n')\n"
     )
-    code, log = _run_logged(tmp_path, script)
+    code, log = _run_logged(tmp_path, script, hold_seconds=30)
     mark = supervisor.STDERR_MARK
     assert code == 0
-    assert log == b"loss 0.5\n" + mark + b"INFO job 2 finished\n" + mark + b"INFO stopping\n"
+    assert log == b"loss 0.5\n" + mark + b"INFO job 2 finished\nepoch 2\n" + mark + b"INFO stopping\n"
+
+
+def test_a_line_the_hold_ran_out_on_is_not_held_for_again(tmp_path: Path) -> None:
+    # Progress dots on stderr keep a line open while stdout prints lines: the first stdout line waits out one
+    # hold, then the dots' line is cut, and the other lines are written as they come (each waiting a hold,
+    # the job would take 30 s).
+    script = (
+        "start = time.monotonic()\n"
+        "for i in range(30):\n"
+        "    sys.stderr.buffer.write(b'.'); sys.stderr.flush()\n"
+        "    say(sys.stdout, b'line %d\\n' % i)\n"
+        "    assert time.monotonic() - start < 15, 'the stdout lines wait for the dots'\n"
+        "say(sys.stderr, b'\\n')\n"
+    )
+    code, log = _run_logged(tmp_path, script, hold_seconds=1)
+    assert code == 0, log
+    text = log.replace(supervisor.STDERR_MARK, b"")
+    assert [line for line in text.split(b"\n") if line.startswith(b"line")] == [
+        b"line %d" % i for i in range(30)
+    ]
 
 
 def test_a_line_left_open_does_not_hold_the_other_streams_output_back_for_long(tmp_path: Path) -> None:
