@@ -55,12 +55,19 @@ class Heartbeat:
             self._thread.start()
 
     def stop(self) -> None:
-        """Report no more: the thread ends at once, or once a report it is writing is written (waited for up to
-        STOP_WAIT_SECONDS), so that nothing reports on the run after its follower let it go."""
+        """Report no more. The thread ends at once, or once the report it is writing is written, which this
+        waits for (up to STOP_WAIT_SECONDS: a history that does not answer is not waited on for longer, and
+        that one report may land later)."""
         self._stopped.set()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(STOP_WAIT_SECONDS)
+            if thread.is_alive():
+                log.debug(
+                    "Run %s: the heartbeat's last report is still being written after %.0f s",
+                    self._run_id,
+                    STOP_WAIT_SECONDS,
+                )
 
     def watch(self, watched: bool) -> None:
         """Whether beats need ticks: on while the task follows the running run, off around it."""
@@ -84,6 +91,8 @@ class Heartbeat:
                     )
                 continue
             self._silenced = False
+            if self._stopped.is_set():
+                break  # stopped as this beat woke
             try:
                 self._history.report_alive(self._run_id)
             except Exception as err:

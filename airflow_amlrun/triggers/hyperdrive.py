@@ -267,7 +267,8 @@ class HyperDriveTrigger(BaseTrigger):
         try:
             states = {run_id: await handed_back(run, self.log) for run_id, run in followed.runs.items()}
         finally:
-            followed.heartbeat.stop()
+            # Off the event loop: stopping waits for a heartbeat being written.
+            await asyncio.to_thread(followed.heartbeat.stop)
         looked_at = {k: v for k, v in followed.watch.looked_at.items() if k in states}
         unstopped = {k: v for k, v in followed.unstopped.items() if k in states}
         return SweepState(states, looked_at, unstopped).to_json()
