@@ -43,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import replace
@@ -326,9 +327,8 @@ class DockerTarget:
 
         log.info("Stopping container %s", handle.container)
         with contextlib.suppress(NotFound):
-            self.client.stop(
-                handle.container_id, timeout=int(TERM_GRACE_SECONDS)
-            )  # the API takes whole seconds
+            # The API takes whole seconds.
+            self.client.stop(handle.container_id, timeout=math.ceil(TERM_GRACE_SECONDS))
 
     def collect(self, handle: DockerHandle) -> Collected:
         run_dir = Path(handle.run_dir)
