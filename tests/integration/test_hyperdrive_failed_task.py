@@ -98,6 +98,9 @@ class LookLostOnceLocalTarget(FollowedAnywhereLocalTarget):
                 cls.marks is not None and len(list(cls.marks.iterdir())) < 2 and time.monotonic() < deadline
             ):
                 time.sleep(0.05)
+            assert cls.marks is None or len(list(cls.marks.iterdir())) >= 2, (
+                "the sweep's scripts did not start"
+            )
             if cls.released_as_the_look_fails and cls.release is not None:
                 cls.release.touch()
                 assert not super().wait(handle, 60).running
