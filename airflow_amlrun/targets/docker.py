@@ -51,7 +51,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from airflow_amlrun.environment.build_image import EnvironmentImage, check_image, ensure_image, image_recipe
+from airflow_amlrun.environment.build_image import check_image, ensure_image
+from airflow_amlrun.environment.image_recipe import EnvironmentImage, image_recipe
 from airflow_amlrun.hooks.docker_daemon import DockerDaemon
 from airflow_amlrun.targets import supervisor
 from airflow_amlrun.targets.base import Chunk, CodeSource, Collected, Job, TargetStatus

@@ -11,7 +11,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from airflow_amlrun.config import load_settings, parse_flag
-from airflow_amlrun.environment.build_image import DEFAULT_IMAGE, DEFAULT_IMAGE_BASE
+from airflow_amlrun.environment.image_recipe import DEFAULT_IMAGE, DEFAULT_IMAGE_BASE
 from airflow_amlrun.errors import ConfigurationError
 
 # How a run's folder may reach its container (see ``DockerOptions.transfer``).

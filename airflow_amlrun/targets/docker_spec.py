@@ -39,7 +39,7 @@ from airflow_amlrun.targets.handles import DockerHandle
 if TYPE_CHECKING:
     from docker import APIClient
 
-    from airflow_amlrun.environment.build_image import EnvironmentImage
+    from airflow_amlrun.environment.image_recipe import EnvironmentImage
     from airflow_amlrun.targets.base import Job
     from airflow_amlrun.targets.docker_options import DockerOptions
 

@@ -40,7 +40,7 @@ from airflow_amlrun.targets.docker_transfer import daemon_sees, run_dir_archive,
 if TYPE_CHECKING:
     from docker import APIClient
 
-    from airflow_amlrun.environment.build_image import EnvironmentImage
+    from airflow_amlrun.environment.image_recipe import EnvironmentImage
     from airflow_amlrun.hooks.docker_daemon import DockerDaemon
     from airflow_amlrun.targets.docker_spec import ContainerSpec
 

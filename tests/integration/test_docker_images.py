@@ -34,7 +34,8 @@ from airflow_amlrun.environment import (
     ResolvedEnvironment,
     resolve_environment,
 )
-from airflow_amlrun.environment.build_image import DEFAULT_IMAGE, ensure_image, image_recipe
+from airflow_amlrun.environment.build_image import ensure_image
+from airflow_amlrun.environment.image_recipe import DEFAULT_IMAGE, image_recipe
 from airflow_amlrun.errors import ConfigurationError
 from airflow_amlrun.hooks.docker_daemon import DockerDaemon
 from airflow_amlrun.targets.base import Job

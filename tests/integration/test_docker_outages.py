@@ -7,9 +7,7 @@ through a socket proxy that the test stops; a PostgreSQL history of the test's o
 
 from __future__ import annotations
 
-import io
 import json
-import tarfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -17,6 +15,7 @@ from typing import Any
 import pytest
 
 from airflow_amlrun import Experiment, ScriptRunConfig, Workspace
+from airflow_amlrun.environment.image_recipe import tar_of
 from airflow_amlrun.errors import TargetUnreachableError
 from airflow_amlrun.history import HistoryUnavailableError
 from airflow_amlrun.submission import AirflowTask
@@ -127,7 +126,7 @@ def test_a_finished_run_whose_outcome_the_history_missed_is_recorded_by_the_retr
             return
         own_postgres.stop()
         [container] = containers_of(docker_home, running.id)
-        docker_home.put_archive(container["Id"], RUN_DIR, _tar_of({"go": b""}))
+        docker_home.put_archive(container["Id"], RUN_DIR, tar_of({"go": b""}))
 
     stopper = threading.Thread(target=stop_the_history_then_let_the_script_end)
     stopper.start()
@@ -163,14 +162,3 @@ def test_a_finished_run_whose_outcome_the_history_missed_is_recorded_by_the_retr
     else:
         assert [c["State"] for c in kept] == ["exited"]
         docker_home.remove_container(kept[0]["Id"])
-
-
-def _tar_of(files: dict[str, bytes]) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as tar:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            info.mode = 0o644
-            tar.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()

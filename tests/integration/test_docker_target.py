@@ -20,7 +20,7 @@ import pytest
 
 from airflow_amlrun import Environment, Experiment, ScriptRunConfig, Workspace
 from airflow_amlrun.environment import PythonSection, resolve_environment
-from airflow_amlrun.environment.build_image import image_recipe
+from airflow_amlrun.environment.image_recipe import image_recipe
 from airflow_amlrun.errors import ConfigurationError, RunFailedError
 from airflow_amlrun.submission import AirflowTask
 from airflow_amlrun.targets.docker import LABEL_RUN_ID, LABEL_TRANSFER, container_name

@@ -14,7 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from airflow_amlrun.environment import Environment, PythonSection, ResolvedEnvironment
-from airflow_amlrun.environment.build_image import (
+from airflow_amlrun.environment.docker_build import commit_config
+from airflow_amlrun.environment.image_recipe import (
     DEFAULT_IMAGE,
     build_context,
     credential_input,
@@ -23,7 +24,6 @@ from airflow_amlrun.environment.build_image import (
     install_script,
     is_default_image,
 )
-from airflow_amlrun.environment.docker_build import commit_config
 from airflow_amlrun.errors import ConfigurationError
 
 INDEX = "https://ci:${INDEX_TOKEN}@pkgs.example.com/simple"
