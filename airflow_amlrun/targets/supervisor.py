@@ -47,8 +47,8 @@ or the mark's own bytes) begins with ``STDOUT_MARK`` before it, so no output of 
 A follower takes one mark off the start of a line (and logs a line that had ``STDERR_MARK`` as the script's
 error output); the log a run keeps is written without them. The job writes into two pipes the supervisor
 reads as they fill: what the job wrote to both streams before the supervisor read either (a flushed
-``logging.warning`` right before a ``print``) is logged stdout first, so the two streams' lines are in order
-only as far as the supervisor read them apart. Output the log cannot take (a full disk) is counted, and the
+``logging.warning`` right before a ``print``) is logged stdout first (unless stderr has a line open, which is
+given its hold first), so the two streams' lines are in order only as far as the supervisor read them apart. Output the log cannot take (a full disk) is counted, and the
 count and the reason are written to the log and to ``CONTROL_DIR/log_loss`` once the job ended.
 
 Signals: a target stops a run by signalling the whole group, so by default the supervisor ignores SIGTERM,
@@ -146,7 +146,8 @@ def _supervise(control: str, request: dict[str, Any]) -> int:
     grace = float(request.get("grace_seconds") or DEFAULT_GRACE_SECONDS)
     drain = _drain_seconds(request)
     hold = request.get("hold_seconds")
-    _state["hold"] = HOLD_SECONDS if hold is None else float(hold)
+    # Held output must reach the log before the drain ends.
+    _state["hold"] = min(HOLD_SECONDS if hold is None else float(hold), drain / 2)
 
     env = dict(os.environ)
     env.update({str(k): str(v) for k, v in (request.get("env") or {}).items()})
@@ -350,17 +351,17 @@ class _Log:
         self.lost = 0
         self.error: str | None = None
 
-    def write(self, stream: int, data: bytes) -> None:
+    def write(self, stream: int, data: bytes, new_line: bool = False) -> None:
         """Append what `stream` wrote: its lines marked if it is stderr, after ending a line the other left
-        open. Never raises: a log that cannot be written (a full disk) loses the data, counted in `lost`, and
-        the run goes on."""
+        open (any open line, with `new_line`: the supervisor's own messages). Never raises: a log that cannot
+        be written (a full disk) loses the data, counted in `lost`, and the run goes on."""
         with self.lock:
             if stream == 2:
                 out = data.replace(b"\n", _STDERR_LINE)
                 if data.endswith(b"\n"):
                     out = out[: -len(STDERR_MARK)]  # the next line may be stdout's
-                if self.open_line != 2:
-                    out = (b"\n" + STDERR_MARK if self.open_line == 1 else STDERR_MARK) + out
+                if self.open_line != 2 or new_line:
+                    out = (STDERR_MARK if self.open_line is None else b"\n" + STDERR_MARK) + out
             else:
                 # Passed on as it is, but for what could pass for a mark. Looking for the one byte first is
                 # what keeps this cheap: that search is a memchr, a two-byte one is not.
@@ -430,11 +431,13 @@ def _copy_output(stdout: int, stderr: int, hold: float = HOLD_SECONDS) -> None:
     poller = select.poll()
     for fd in streams:
         poller.register(fd, select.POLLIN)
+    # What was read of a stream but waits, as the other's held output left a line open right before it.
+    pending: dict[int, bytes] = {}
 
     def copy(fd: int, held: list[int]) -> bool:
         """Copy what fd holds into the log, the output of `held` (ready) right after the end of fd's line;
         whether fd had its line end (or closed)."""
-        data = os.read(fd, 65536)
+        data = pending.pop(fd, None) or os.read(fd, 65536)
         if not data:
             poller.unregister(fd)
             del streams[fd]
@@ -448,15 +451,24 @@ def _copy_output(stdout: int, stderr: int, hold: float = HOLD_SECONDS) -> None:
             for other in sorted(held, key=lambda other: streams[other]):
                 copy(other, [])
             data = data[end:]
+            if data and _log.open_line not in (None, stream) and _log.open_line not in cut:
+                # The held output left its line open: what fd wrote next waits for that line in turn.
+                pending[fd] = data
+                return True
         if data:
             _log.write(stream, data)
         return bool(end)
+
+    def leaves_open(fd: int) -> bool:
+        """Whether the write just copied from fd left a line open that the other stream would cut."""
+        return fd in streams and _log.open_line == streams[fd] and streams[fd] not in cut
 
     # The streams whose open line a hold ran out on, and until when the current hold lasts.
     cut: set[int] = set()
     hold_until: float | None = None
     while streams:
-        ready = [fd for fd, _ in poller.poll()]
+        ready = [fd for fd, _ in poller.poll(0 if pending else None)]
+        ready += [fd for fd in pending if fd not in ready]
         open_fd = next((fd for fd, stream in streams.items() if stream == _log.open_line), None)
         held = [fd for fd in ready if fd != open_fd]
         if open_fd is not None and held and streams[open_fd] not in cut:
@@ -470,21 +482,24 @@ def _copy_output(stdout: int, stderr: int, hold: float = HOLD_SECONDS) -> None:
                 continue
             cut.add(streams[open_fd])  # the line stays open: the other stream's output ends it
         hold_until = None
-        # Both ready: stdout first (which of the two was written first cannot be known).
+        # Both ready: stdout first (which of the two was written first cannot be known); a line it leaves
+        # open is then held for, as above, before stderr's output is written.
         for fd in sorted(ready, key=lambda fd: streams[fd]):
             copy(fd, [])
+            if leaves_open(fd):
+                break
 
 
 def _readable(fd: int, timeout: float) -> bool:
     """Whether fd has something to read (or is closed) within timeout seconds."""
     poller = select.poll()
     poller.register(fd, select.POLLIN)
-    return bool(poller.poll(timeout * 1000))
+    return bool(poller.poll(min(timeout * 1000, 2**31 - 1)))
 
 
 def _say(message: str) -> None:
     """A line of the supervisor's own in the run's log, as stderr, if it can be written at all."""
-    _log.write(2, (message + "\n").encode("utf-8", "replace"))
+    _log.write(2, (message + "\n").encode("utf-8", "replace"), new_line=True)
 
 
 def _own_start_time() -> str | None:

@@ -324,7 +324,7 @@ def test_a_line_written_in_pieces_is_not_cut_by_the_other_streams_line_between_t
         "say(sys.stdout, b' 0.5\\nepoch 2\\n')\n"
         "say(sys.stderr, b'INFO stopping\\n')\n"
     )
-    code, log = _run_logged(tmp_path, script, hold_seconds=30)
+    code, log = _run_logged(tmp_path, script, hold_seconds=30, drain_seconds=60)
     mark = supervisor.STDERR_MARK
     assert code == 0
     assert log == b"loss 0.5\n" + mark + b"INFO job 2 finished\nepoch 2\n" + mark + b"INFO stopping\n"
@@ -348,6 +348,75 @@ def test_a_line_the_hold_ran_out_on_is_not_held_for_again(tmp_path: Path) -> Non
     assert [line for line in text.split(b"\n") if line.startswith(b"line")] == [
         b"line %d" % i for i in range(30)
     ]
+    assert b"".join(line for line in text.split(b"\n") if not line.startswith(b"line")) == b"." * 30
+
+
+def test_a_stream_is_held_for_again_once_the_line_it_was_cut_on_ended(tmp_path: Path) -> None:
+    # stderr's dot is cut by stdout's line once the hold (1 s) ran out; stderr ends that line, then leaves
+    # another open, which stdout's next line waits for again.
+    script = (
+        "say(sys.stderr, b'.')\n"
+        "say(sys.stdout, b'line 0\\n')\n"
+        "say(sys.stderr, b'\\n')\n"
+        "say(sys.stderr, b'loss')\n"
+        "sys.stdout.buffer.write(b'INFO\\n'); sys.stdout.flush()\n"
+        "time.sleep(0.05)\n"
+        "say(sys.stderr, b' 0.5\\n')\n"
+    )
+    code, log = _run_logged(tmp_path, script, hold_seconds=1, drain_seconds=60)
+    mark = supervisor.STDERR_MARK
+    assert code == 0, log
+    assert log.endswith(mark + b"loss 0.5\nINFO\n"), log
+
+
+def test_held_output_that_leaves_a_line_open_keeps_what_the_other_stream_wrote_next_waiting(
+    tmp_path: Path,
+) -> None:
+    # stderr's held output ends mid-line: stdout's next line waits for that line's end in turn, not cut it.
+    script = (
+        "say(sys.stdout, b'loss')\n"
+        "sys.stderr.buffer.write(b'INFO job 2 fin'); sys.stderr.flush()\n"
+        "time.sleep(0.1)\n"
+        "sys.stdout.buffer.write(b' 0.5\\nepoch 2\\n'); sys.stdout.flush()\n"
+        "time.sleep(0.1)\n"
+        "say(sys.stderr, b'ished\\n')\n"
+        "say(sys.stdout, b'done\\n')\n"
+    )
+    code, log = _run_logged(tmp_path, script, hold_seconds=30, drain_seconds=60)
+    mark = supervisor.STDERR_MARK
+    assert code == 0, log
+    assert log == b"loss 0.5\n" + mark + b"INFO job 2 finished\nepoch 2\ndone\n", log
+
+
+def test_a_line_left_open_is_held_for_when_both_streams_are_read_at_once(tmp_path: Path) -> None:
+    # The supervisor falls behind (here: stopped, every thread of it) while the job writes a word to stdout and a
+    # line to stderr: read together, the stderr line still waits for the stdout line's end.
+    script = (
+        "import glob, signal\n"
+        "os.kill(os.getppid(), signal.SIGSTOP)\n"
+        "tasks = glob.glob(f'/proc/{os.getppid()}/task/*/stat')\n"
+        "while any(open(t).read().rsplit(')', 1)[1].split()[0] != 'T' for t in tasks):\n"
+        "    time.sleep(0.001)\n"
+        "sys.stdout.buffer.write(b'loss'); sys.stdout.flush()\n"
+        "sys.stderr.buffer.write(b'INFO job 2 finished\\n'); sys.stderr.flush()\n"
+        "os.kill(os.getppid(), signal.SIGCONT)\n"
+        "time.sleep(0.05)\n"
+        "say(sys.stdout, b' 0.5\\n')\n"
+    )
+    code, log = _run_logged(tmp_path, script, hold_seconds=30, drain_seconds=60)
+    mark = supervisor.STDERR_MARK
+    assert code == 0, log
+    assert log == b"loss 0.5\n" + mark + b"INFO job 2 finished\n", log
+
+
+def test_the_supervisors_own_message_begins_a_line_of_its_own(tmp_path: Path) -> None:
+    # A progress bar left open on stderr when the time limit stops the job: the supervisor's message is not
+    # glued to it.
+    script = "say(sys.stderr, b'\\r 45%|####      | 450/1000')\ntime.sleep(60)\n"
+    code, log = _run_logged(tmp_path, script, max_seconds=1, grace_seconds=1)
+    mark = supervisor.STDERR_MARK
+    assert code != 0
+    assert mark + b"\r 45%|####      | 450/1000\n" + mark + b"amlrun: the run exceeded" in log, log
 
 
 def test_a_line_left_open_does_not_hold_the_other_streams_output_back_for_long(tmp_path: Path) -> None:
@@ -467,13 +536,13 @@ def test_output_the_log_could_not_take_is_counted_in_it(tmp_path: Path) -> None:
 def test_a_job_is_not_left_blocked_on_its_output_when_copying_it_fails(
     capfd: pytest.CaptureFixture[str],
 ) -> None:
-    # The stderr end fails when read (its peer left with data unread), while the job writes more to stdout
-    # than its pipe holds.
+    # The stderr end fails when read (its peer left with data unread), while the job writes to stdout for ever:
+    # only the pipe's closing ends it.
     failing, peer = socket.socketpair()
     failing.sendall(b"unread")
     peer.close()
     read_end, write_end = os.pipe()
-    job = subprocess.Popen(["head", "-c", str(4 << 20), "/dev/zero"], stdout=write_end)
+    job = subprocess.Popen(["yes"], stdout=write_end)
     os.close(write_end)
     with os.fdopen(read_end, "rb") as stdout, failing.makefile("rb") as stderr:
         supervisor._pump(stdout, stderr)
