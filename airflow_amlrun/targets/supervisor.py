@@ -422,72 +422,58 @@ def _copy_output(stdout: int, stderr: int, hold: float = HOLD_SECONDS) -> None:
 
     A line one stream left open is given up to `hold` seconds to end before the other stream's output is
     written, which would cut it in two: an unbuffered ``print("loss", x)`` writes its words one by one, and
-    the log line of a thread (or of the JVM a Spark driver runs under) may come between them. The held output
-    is written as soon as the line ends, before what the open stream wrote after it. A line the hold ran out
-    on (a progress bar redrawn with "\r") is not held for again until it ends: the other stream's output
-    then goes on as it comes."""
+    the log line of a thread (or of the JVM a Spark driver runs under) may come between them. What the open
+    stream writes meanwhile is written whole (what was read together cannot be ordered: the open stream's
+    first), and the other stream's output once no line is left open, at most `hold` seconds after it came. A
+    line the hold ran out on (a progress bar redrawn with "\r") is not held for again until it ends: the
+    other stream's output then goes on as it comes."""
     streams = {stdout: 1, stderr: 2}
     # poll rather than select: the pipes' descriptors may be past select's limit (1024).
     poller = select.poll()
     for fd in streams:
         poller.register(fd, select.POLLIN)
-    # What was read of a stream but waits, as the other's held output left a line open right before it.
-    pending: dict[int, bytes] = {}
+    # The streams whose open line a hold ran out on.
+    cut: set[int] = set()
 
-    def copy(fd: int, held: list[int]) -> bool:
-        """Copy what fd holds into the log, the output of `held` (ready) right after the end of fd's line;
-        whether fd had its line end (or closed)."""
-        data = pending.pop(fd, None) or os.read(fd, 65536)
+    def copy(fd: int) -> None:
+        data = os.read(fd, 65536)
         if not data:
             poller.unregister(fd)
             del streams[fd]
-            return True
-        stream = streams[fd]
-        end = data.find(b"\n") + 1
-        if end:
-            cut.discard(stream)
-        if end and held:
-            _log.write(stream, data[:end])
-            for other in sorted(held, key=lambda other: streams[other]):
-                copy(other, [])
-            data = data[end:]
-            if data and _log.open_line not in (None, stream) and _log.open_line not in cut:
-                # The held output left its line open: what fd wrote next waits for that line in turn.
-                pending[fd] = data
-                return True
-        if data:
-            _log.write(stream, data)
-        return bool(end)
+            return
+        if b"\n" in data:
+            cut.discard(streams[fd])
+        _log.write(streams[fd], data)
 
-    def leaves_open(fd: int) -> bool:
-        """Whether the write just copied from fd left a line open that the other stream would cut."""
+    def holds(fd: int) -> bool:
+        """Whether fd (just copied) left a line open that the other stream's output waits for."""
         return fd in streams and _log.open_line == streams[fd] and streams[fd] not in cut
 
-    # The streams whose open line a hold ran out on, and until when the current hold lasts.
-    cut: set[int] = set()
+    # Until when the other stream's output, held, may wait (from when it first waited).
     hold_until: float | None = None
     while streams:
-        ready = [fd for fd, _ in poller.poll(0 if pending else None)]
-        ready += [fd for fd in pending if fd not in ready]
+        ready = [fd for fd, _ in poller.poll()]
         open_fd = next((fd for fd, stream in streams.items() if stream == _log.open_line), None)
         held = [fd for fd in ready if fd != open_fd]
-        if open_fd is not None and held and streams[open_fd] not in cut:
+        if not held:
+            hold_until = None
+        elif open_fd is not None and holds(open_fd):
             if hold_until is None:
                 hold_until = time.monotonic() + hold
             left = hold_until - time.monotonic()
             if left > 0 and (open_fd in ready or _readable(open_fd, left)):
-                # The line goes on: the other stream's output waits for its end.
-                if copy(open_fd, held):
-                    hold_until = None
+                copy(open_fd)  # the line goes on, or ends (the held output then goes next)
                 continue
             cut.add(streams[open_fd])  # the line stays open: the other stream's output ends it
-        hold_until = None
-        # Both ready: stdout first (which of the two was written first cannot be known); a line it leaves
-        # open is then held for, as above, before stderr's output is written.
+        # Both ready: stdout first (which of the two was written first cannot be known). A line it leaves open
+        # is held for, as above, before stderr's output is written, unless that output waited long enough.
         for fd in sorted(ready, key=lambda fd: streams[fd]):
-            copy(fd, [])
-            if leaves_open(fd):
+            copy(fd)
+            waiting = hold_until is None or time.monotonic() < hold_until
+            if holds(fd) and waiting and any(other in streams and other != fd for other in ready):
                 break
+        else:
+            hold_until = None
 
 
 def _readable(fd: int, timeout: float) -> bool:

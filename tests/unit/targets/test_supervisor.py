@@ -314,9 +314,9 @@ def test_the_log_keeps_both_streams_in_order_with_each_stderr_line_marked(tmp_pa
 
 def test_a_line_written_in_pieces_is_not_cut_by_the_other_streams_line_between_them(tmp_path: Path) -> None:
     # An unbuffered print of several words writes them one by one; a line another thread (or the JVM under a
-    # Spark driver) writes to stderr meanwhile waits for the line to end rather than cut it in two, and comes
-    # right after it, before what stdout wrote next. (A long hold: the test does not depend on the machine's
-    # speed.)
+    # Spark driver) writes to stderr meanwhile waits for the line to end rather than cut it in two. What stdout
+    # wrote with that end is written whole first: read together, which came first cannot be known. (A long
+    # hold: the test does not depend on the machine's speed.)
     script = (
         "say(sys.stdout, b'loss')\n"
         "sys.stderr.buffer.write(b'INFO job 2 finished\\n'); sys.stderr.flush()\n"
@@ -327,7 +327,7 @@ def test_a_line_written_in_pieces_is_not_cut_by_the_other_streams_line_between_t
     code, log = _run_logged(tmp_path, script, hold_seconds=30, drain_seconds=60)
     mark = supervisor.STDERR_MARK
     assert code == 0
-    assert log == b"loss 0.5\n" + mark + b"INFO job 2 finished\nepoch 2\n" + mark + b"INFO stopping\n"
+    assert log == b"loss 0.5\nepoch 2\n" + mark + b"INFO job 2 finished\n" + mark + b"INFO stopping\n"
 
 
 def test_a_line_the_hold_ran_out_on_is_not_held_for_again(tmp_path: Path) -> None:
@@ -369,9 +369,7 @@ def test_a_stream_is_held_for_again_once_the_line_it_was_cut_on_ended(tmp_path: 
     assert log.endswith(mark + b"loss 0.5\nINFO\n"), log
 
 
-def test_held_output_that_leaves_a_line_open_keeps_what_the_other_stream_wrote_next_waiting(
-    tmp_path: Path,
-) -> None:
+def test_no_line_is_cut_when_the_held_output_itself_ends_mid_line(tmp_path: Path) -> None:
     # stderr's held output ends mid-line: stdout's next line waits for that line's end in turn, not cut it.
     script = (
         "say(sys.stdout, b'loss')\n"
@@ -385,7 +383,30 @@ def test_held_output_that_leaves_a_line_open_keeps_what_the_other_stream_wrote_n
     code, log = _run_logged(tmp_path, script, hold_seconds=30, drain_seconds=60)
     mark = supervisor.STDERR_MARK
     assert code == 0, log
-    assert log == b"loss 0.5\n" + mark + b"INFO job 2 finished\nepoch 2\ndone\n", log
+    assert log == b"loss 0.5\nepoch 2\n" + mark + b"INFO job 2 finished\ndone\n", log
+
+
+def test_what_the_open_stream_wrote_before_the_other_streams_output_stays_before_it(tmp_path: Path) -> None:
+    # The script prints two lines, a word and its newline at a time, then raises: the supervisor reads the end of
+    # the first line and the whole second but its newline together with the traceback. The second line stays
+    # before the traceback.
+    script = (
+        "import glob, signal\n"
+        "say(sys.stdout, b'loading the data')\n"
+        "os.kill(os.getppid(), signal.SIGSTOP)\n"
+        "tasks = glob.glob(f'/proc/{os.getppid()}/task/*/stat')\n"
+        "while any(open(t).read().rsplit(')', 1)[1].split()[0] != 'T' for t in tasks):\n"
+        "    time.sleep(0.001)\n"
+        "sys.stdout.buffer.write(b'\\nepoch 1 of 1'); sys.stdout.flush()\n"
+        "sys.stderr.buffer.write(b'Traceback (most recent call last):\\n'); sys.stderr.flush()\n"
+        "os.kill(os.getppid(), signal.SIGCONT)\n"
+        "time.sleep(0.05)\n"
+        "say(sys.stdout, b'\\n')\n"
+    )
+    code, log = _run_logged(tmp_path, script, hold_seconds=30, drain_seconds=60)
+    mark = supervisor.STDERR_MARK
+    assert code == 0, log
+    assert log == b"loading the data\nepoch 1 of 1\n" + mark + b"Traceback (most recent call last):\n", log
 
 
 def test_a_line_left_open_is_held_for_when_both_streams_are_read_at_once(tmp_path: Path) -> None:
