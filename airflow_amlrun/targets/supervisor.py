@@ -467,10 +467,11 @@ def _copy_output(stdout: int, stderr: int, hold: float = HOLD_SECONDS) -> None:
             cut.add(streams[open_fd])  # the line stays open: the other stream's output ends it
         # Both ready: stdout first (which of the two was written first cannot be known). A line it leaves open
         # is held for, as above, before stderr's output is written, unless that output waited long enough.
-        for fd in sorted(ready, key=lambda fd: streams[fd]):
+        order = sorted(ready, key=lambda fd: streams[fd])
+        for i, fd in enumerate(order):
             copy(fd)
             waiting = hold_until is None or time.monotonic() < hold_until
-            if holds(fd) and waiting and any(other in streams and other != fd for other in ready):
+            if holds(fd) and waiting and any(other in streams for other in order[i + 1 :]):
                 break
         else:
             hold_until = None

@@ -430,6 +430,38 @@ def test_a_line_left_open_is_held_for_when_both_streams_are_read_at_once(tmp_pat
     assert log == b"loss 0.5\n" + mark + b"INFO job 2 finished\n", log
 
 
+def test_a_new_open_line_gets_a_whole_hold_of_its_own(tmp_path: Path) -> None:
+    # A first hold (stderr's line waiting for stdout's "loss") ends; then stdout's last whole line and a new open
+    # stderr line are read in one pass. Much later, stdout's next line waits a whole hold for stderr's line, not
+    # what was left of the first hold (long over: it would be cut at once).
+    script = (
+        "import fcntl, glob, signal\n"
+        "def stopped():\n"
+        "    os.kill(os.getppid(), signal.SIGSTOP)\n"
+        "    tasks = glob.glob(f'/proc/{os.getppid()}/task/*/stat')\n"
+        "    while any(open(t).read().rsplit(')', 1)[1].split()[0] != 'T' for t in tasks):\n"
+        "        time.sleep(0.001)\n"
+        "fcntl.fcntl(1, 1031, 1 << 20)  # F_SETPIPE_SZ: room for more than one read of the supervisor's\n"
+        "say(sys.stdout, b'loss')\n"
+        "sys.stderr.buffer.write(b'INFO a\\n'); sys.stderr.flush()\n"
+        "time.sleep(0.1)\n"
+        "stopped()\n"
+        "first = b' 0.5\\n' + b'x' * (65536 - 6) + b'\\n'\n"
+        "sys.stdout.buffer.write(first + b'epoch 2\\n'); sys.stdout.flush()\n"
+        "sys.stderr.buffer.write(b'WARN b'); sys.stderr.flush()\n"
+        "os.kill(os.getppid(), signal.SIGCONT)\n"
+        "time.sleep(2.5)\n"
+        "sys.stdout.buffer.write(b'y\\n'); sys.stdout.flush()\n"
+        "time.sleep(0.1)\n"
+        "say(sys.stderr, b' continued\\n')\n"
+        "say(sys.stdout, b'done\\n')\n"
+    )
+    code, log = _run_logged(tmp_path, script, hold_seconds=2, drain_seconds=60)
+    mark = supervisor.STDERR_MARK
+    assert code == 0, log[-300:]
+    assert log.endswith(b"epoch 2\n" + mark + b"INFO a\n" + mark + b"WARN b continued\ny\ndone\n"), log[-300:]
+
+
 def test_the_supervisors_own_message_begins_a_line_of_its_own(tmp_path: Path) -> None:
     # A progress bar left open on stderr when the time limit stops the job: the supervisor's message is not
     # glued to it.
