@@ -272,6 +272,16 @@ def say(stream, data):
     while os.path.getsize(LOG) < before + len(data):
         assert time.monotonic() < deadline, "the supervisor did not log " + repr(data)
         time.sleep(0.001)
+def stop_supervisor():
+    # Every thread of it stopped: what is written next is read together once it goes on (go_on).
+    import glob, signal
+    os.kill(os.getppid(), signal.SIGSTOP)
+    tasks = glob.glob(f'/proc/{os.getppid()}/task/*/stat')
+    while any(open(t).read().rsplit(')', 1)[1].split()[0] != 'T' for t in tasks):
+        time.sleep(0.001)
+def go_on():
+    import signal
+    os.kill(os.getppid(), signal.SIGCONT)
 """
 
 
@@ -391,15 +401,11 @@ def test_what_the_open_stream_wrote_before_the_other_streams_output_stays_before
     # the first line and the whole second but its newline together with the traceback. The second line stays
     # before the traceback.
     script = (
-        "import glob, signal\n"
         "say(sys.stdout, b'loading the data')\n"
-        "os.kill(os.getppid(), signal.SIGSTOP)\n"
-        "tasks = glob.glob(f'/proc/{os.getppid()}/task/*/stat')\n"
-        "while any(open(t).read().rsplit(')', 1)[1].split()[0] != 'T' for t in tasks):\n"
-        "    time.sleep(0.001)\n"
+        "stop_supervisor()\n"
         "sys.stdout.buffer.write(b'\\nepoch 1 of 1'); sys.stdout.flush()\n"
         "sys.stderr.buffer.write(b'Traceback (most recent call last):\\n'); sys.stderr.flush()\n"
-        "os.kill(os.getppid(), signal.SIGCONT)\n"
+        "go_on()\n"
         "time.sleep(0.05)\n"
         "say(sys.stdout, b'\\n')\n"
     )
@@ -413,14 +419,10 @@ def test_a_line_left_open_is_held_for_when_both_streams_are_read_at_once(tmp_pat
     # The supervisor falls behind (here: stopped, every thread of it) while the job writes a word to stdout and a
     # line to stderr: read together, the stderr line still waits for the stdout line's end.
     script = (
-        "import glob, signal\n"
-        "os.kill(os.getppid(), signal.SIGSTOP)\n"
-        "tasks = glob.glob(f'/proc/{os.getppid()}/task/*/stat')\n"
-        "while any(open(t).read().rsplit(')', 1)[1].split()[0] != 'T' for t in tasks):\n"
-        "    time.sleep(0.001)\n"
+        "stop_supervisor()\n"
         "sys.stdout.buffer.write(b'loss'); sys.stdout.flush()\n"
         "sys.stderr.buffer.write(b'INFO job 2 finished\\n'); sys.stderr.flush()\n"
-        "os.kill(os.getppid(), signal.SIGCONT)\n"
+        "go_on()\n"
         "time.sleep(0.05)\n"
         "say(sys.stdout, b' 0.5\\n')\n"
     )
@@ -435,21 +437,16 @@ def test_a_new_open_line_gets_a_whole_hold_of_its_own(tmp_path: Path) -> None:
     # stderr line are read in one pass. Much later, stdout's next line waits a whole hold for stderr's line, not
     # what was left of the first hold (long over: it would be cut at once).
     script = (
-        "import fcntl, glob, signal\n"
-        "def stopped():\n"
-        "    os.kill(os.getppid(), signal.SIGSTOP)\n"
-        "    tasks = glob.glob(f'/proc/{os.getppid()}/task/*/stat')\n"
-        "    while any(open(t).read().rsplit(')', 1)[1].split()[0] != 'T' for t in tasks):\n"
-        "        time.sleep(0.001)\n"
+        "import fcntl\n"
         "fcntl.fcntl(1, 1031, 1 << 20)  # F_SETPIPE_SZ: room for more than one read of the supervisor's\n"
         "say(sys.stdout, b'loss')\n"
         "sys.stderr.buffer.write(b'INFO a\\n'); sys.stderr.flush()\n"
         "time.sleep(0.1)\n"
-        "stopped()\n"
+        "stop_supervisor()\n"
         "first = b' 0.5\\n' + b'x' * (65536 - 6) + b'\\n'\n"
         "sys.stdout.buffer.write(first + b'epoch 2\\n'); sys.stdout.flush()\n"
         "sys.stderr.buffer.write(b'WARN b'); sys.stderr.flush()\n"
-        "os.kill(os.getppid(), signal.SIGCONT)\n"
+        "go_on()\n"
         "time.sleep(2.5)\n"
         "sys.stdout.buffer.write(b'y\\n'); sys.stdout.flush()\n"
         "time.sleep(0.1)\n"
