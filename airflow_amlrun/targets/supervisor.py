@@ -48,8 +48,9 @@ A follower takes one mark off the start of a line (and logs a line that had ``ST
 error output); the log a run keeps is written without them. The job writes into two pipes the supervisor
 reads as they fill: what the job wrote to both streams before the supervisor read either (a flushed
 ``logging.warning`` right before a ``print``) is logged stdout first (unless stderr has a line open, which is
-given its hold first), so the two streams' lines are in order only as far as the supervisor read them apart. Output the log cannot take (a full disk) is counted, and the
-count and the reason are written to the log and to ``CONTROL_DIR/log_loss`` once the job ended.
+given its hold first), so the two streams' lines are in order only as far as the supervisor read them apart.
+Output the log cannot take (a full disk) is counted, and the count and the reason are written to the log and
+to ``CONTROL_DIR/log_loss`` once the job ended.
 
 Signals: a target stops a run by signalling the whole group, so by default the supervisor ignores SIGTERM,
 SIGINT and SIGHUP (it must outlive the job to record its exit code). Inside a container, ``docker stop``
