@@ -242,10 +242,7 @@ def wait_child(process: subprocess.Popen[bytes], timeout: float) -> bool:
             pidfd = None
         if pidfd is not None:
             try:
-                poller = select.poll()
-                poller.register(pidfd, select.POLLIN)
-                # poll takes at most 2**31 - 1 ms (24 days): a longer wait ends there, the child still running.
-                poller.poll(min(timeout * 1000, 2**31 - 1))
+                _readable(pidfd, timeout)  # readable once the child exited
             finally:
                 os.close(pidfd)
             return process.poll() is not None
@@ -479,7 +476,8 @@ def _copy_output(stdout: int, stderr: int, hold: float = HOLD_SECONDS) -> None:
 
 
 def _readable(fd: int, timeout: float) -> bool:
-    """Whether fd has something to read (or is closed) within timeout seconds."""
+    """Whether fd has something to read (or is closed) within timeout seconds. poll takes at most 2**31 - 1 ms
+    (24 days): a longer wait ends there."""
     poller = select.poll()
     poller.register(fd, select.POLLIN)
     return bool(poller.poll(min(timeout * 1000, 2**31 - 1)))
