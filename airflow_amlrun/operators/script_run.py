@@ -376,7 +376,8 @@ class ScriptRunOperator(SettlesFailedDeferral):
     def on_kill(self) -> None:
         if self._run is not None:
             self.log.info("Canceling run %s", self._run.id)
-            self._run.cancel()
+            # Killed before it began to follow the run, the task log still gets what the script printed.
+            self._run.cancel(output=self._log_line if self.show_output else None)
 
     def _log_line(self, line: str) -> None:
         from airflow_amlrun.run_output import log_output_line

@@ -595,11 +595,14 @@ class ScriptRun(RunApi):
         if self.handle is not None:
             self.target.cancel(self.handle)
 
-    def cancel(self, reason: str = "Canceled.") -> None:
+    def cancel(self, reason: str = "Canceled.", output: Callable[[str], None] | None = None) -> None:
         """Stop the run on its target; it ends Canceled (or as it ended, if it already had).
 
         :param reason: recorded as the run's error when nobody is following the run (who follows it records
             why it ended); also when recording the end here fails and another look records it.
+        :param output: where the rest of the script's output goes when nobody is following the run (as in
+            `wait_for_completion`): a task killed before it began to follow its run still shows what the
+            script printed. Who follows the run passes on the rest itself.
         """
         if self._finished is not None:
             return
@@ -617,7 +620,7 @@ class ScriptRun(RunApi):
         # Nobody is following the run: record its end here. One that already ended keeps its outcome.
         status = self.target.wait(self.handle, 0)
         if not status.running:
-            self.conclude(status)
+            self.conclude(status, output)
             return
         # Why, first: should the stop, or reading the rest of the run and recording its end here, fail, whoever
         # records the run's end later records it Canceled with this reason (see _conclude). (Written now if the
@@ -629,7 +632,7 @@ class ScriptRun(RunApi):
         self._book.add_tags({STOP_REQUESTED_TAG: reason})
         self.target.cancel(self.handle)
         self._cancel_requested = True
-        self._drain(None, final=True)
+        self._drain(output, final=True)
         self._finish(RunStatus.CANCELED, reason)
 
     def _finish(self, status: RunStatus, error: str | None) -> RunRecord:

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from airflow_amlrun import Experiment, ScriptRunConfig, Workspace
+from airflow_amlrun import Experiment, ScriptRunConfig, ScriptRunOperator, Workspace
 from airflow_amlrun.errors import RunTimeoutError
 from airflow_amlrun.submission import AirflowTask
 from tests.conftest import dag_source, wait_until_running, worker_dies_mid_run, write_script
@@ -234,6 +234,34 @@ def test_killing_the_task_cancels_the_run_and_stops_all_it_started(run_dag, tmp_
     assert run.status == "Canceled"
     assert run.end is not None
     assert "training forever" in result.log
+    assert target.still_running(run.id, pids) == []
+    assert target.containers(run.id) == []
+
+
+def test_a_task_killed_before_it_follows_its_run_logs_what_the_script_printed(tmp_path, target, capsys):
+    write_script(tmp_path / "src", "train.py", TRAINS_FOR_GOOD)
+    config = ScriptRunConfig(str(tmp_path / "src"), script="train.py", compute_target=target.name)
+    operator = ScriptRunOperator(task_id="train", config=config)
+    # The moment in execute between submitting the run and following it, when Airflow's SIGTERM handler
+    # calls on_kill.
+    operator._run = Experiment(Workspace.get(), "killed").submit(config)
+    running = wait_until_running(also=lambda run: target.run_dir(run.id).joinpath("pids").exists())
+    assert running is not None, "the script never ran"
+    pids = [int(pid) for pid in target.run_dir(running.id).joinpath("pids").read_text().split()]
+
+    capsys.readouterr()
+    operator.on_kill()
+
+    [run] = Workspace.get().list_runs()
+    assert run.status == "Canceled"
+    assert run.end is not None
+    # The task log: the operator's lines, each its level, message and logger.
+    logged = re.findall(r"\[(\w+) *\] (.*?) +\[airflow\.task\.operators\.", capsys.readouterr().out)
+    assert logged == [
+        ("info", f"Canceling run {run.id}"),
+        ("info", "pids {} {}".format(*pids)),
+        ("info", "training forever"),
+    ]
     assert target.still_running(run.id, pids) == []
     assert target.containers(run.id) == []
 
