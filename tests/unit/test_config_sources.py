@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -21,7 +19,7 @@ from airflow_amlrun.workspace import Workspace
 @pytest.fixture
 def airflow_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """An AIRFLOW_HOME for a plain process: one that has not loaded Airflow, as this test process may have
-    (test_a_plain_script_and_an_airflow_process_read_the_same_settings runs both for real)."""
+    (tests/integration/test_config_processes.py runs both for real)."""
     monkeypatch.setattr(config, "airflow_loaded", lambda: False)
     home = tmp_path / "airflow"
     home.mkdir()
@@ -106,74 +104,6 @@ def test_provider_info_declares_each_option_with_its_type() -> None:
         elif option.type == "float":
             float(option.default)
         assert options[name]["default"] == option.default
-
-
-SHOW_SETTINGS = """
-import json, sys
-{preamble}
-from airflow_amlrun.config import load_settings
-from airflow_amlrun.workspace import Workspace
-s = load_settings()
-ws = Workspace.get()
-print(json.dumps({{"home": str(s.home), "files": s.snapshot_max_files, "cleanup": s.cleanup,
-    "poll": s.poll_interval_seconds, "workspace": ws.name, "store": ws.store_url,
-    "airflow_loaded": "airflow" in sys.modules}}))
-"""
-
-
-def test_a_plain_script_and_an_airflow_process_read_the_same_settings(airflow_home: Path) -> None:
-    write_cfg(
-        airflow_home / "airflow.cfg",
-        f"""
-        [core]
-        load_examples = False
-        [amlrun]
-        home = {airflow_home / "ws"}
-        snapshot_max_files = 33
-        """,
-    )
-    env = {
-        **os.environ,
-        "AIRFLOW__AMLRUN__CLEANUP": "always",
-        "AIRFLOW__AMLRUN__POLL_INTERVAL_SECONDS": "0.5",
-    }
-
-    def start(preamble: str) -> subprocess.Popen[str]:
-        return subprocess.Popen(
-            [sys.executable, "-c", SHOW_SETTINGS.format(preamble=preamble)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
-
-    def shown(process: subprocess.Popen[str]) -> dict[str, object]:
-        out, err = process.communicate(timeout=120)
-        assert process.returncode == 0, err
-        return dict(json.loads(out.strip().splitlines()[-1]))
-
-    # Both at once: the one that loads Airflow takes seconds.
-    plain_process, inside_process = start(""), start("import airflow.configuration")
-    try:
-        plain, inside = shown(plain_process), shown(inside_process)
-    finally:
-        for process in (plain_process, inside_process):  # the other one, when one failed
-            process.kill()
-            process.wait()
-    assert plain.pop("airflow_loaded") is False
-    assert inside.pop("airflow_loaded") is True
-    assert (
-        plain
-        == inside
-        == {
-            "home": str(airflow_home / "ws"),
-            "files": 33,
-            "cleanup": "always",
-            "poll": 0.5,
-            "workspace": "embedded",
-            "store": str(airflow_home / "ws" / "store"),
-        }
-    )
 
 
 def test_a_plain_script_finds_a_workspace_connection_set_in_the_environment(

@@ -5,6 +5,7 @@ module its line names."""
 from __future__ import annotations
 
 import ast
+import functools
 import re
 from pathlib import Path
 
@@ -18,8 +19,9 @@ HANDLED_INSIDE = {
 }
 
 
-def error_classes() -> set[str]:
-    """The dotted paths of the classes that derive from AmlRunError, read from the package's source."""
+@functools.cache
+def error_classes() -> frozenset[str]:
+    """The dotted paths of the classes that derive from AmlRunError, read from the package's source (once)."""
     classes: list[tuple[str, str, set[str]]] = []  # (name, dotted path, its bases' names)
     for file in PACKAGE.rglob("*.py"):
         module = ".".join(file.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__")
@@ -33,7 +35,7 @@ def error_classes() -> set[str]:
     found = [path for name, path, _ in classes if name in errors]
     # A base is known by its name alone here: two errors of one name would make that ambiguous.
     assert len({path.rsplit(".", 1)[1] for path in found}) == len(found), f"errors of the same name: {found}"
-    return set(found)
+    return frozenset(found)
 
 
 def documented() -> set[str]:

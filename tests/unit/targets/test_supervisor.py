@@ -66,7 +66,7 @@ def test_a_job_past_its_limit_is_stopped_with_everything_it_started(tmp_path: Pa
         tmp_path,
         {
             "argv": ["sh", "-c", script],
-            "max_seconds": 1,
+            "max_seconds": 0.5,
             "grace_seconds": 0.5,
             "drain_seconds": SHORT_DRAIN,
         },
@@ -77,7 +77,7 @@ def test_a_job_past_its_limit_is_stopped_with_everything_it_started(tmp_path: Pa
     assert job.returncode == -signal.SIGKILL  # the supervisor ends with its group
     assert (tmp_path / supervisor.EXIT_CODE).read_text().strip() == str(128 + signal.SIGKILL)
     assert json.loads((tmp_path / supervisor.ENDED_BY).read_text())["reason"] == supervisor.MAX_DURATION
-    assert b"exceeded max_run_duration_seconds=1" in err
+    assert b"exceeded max_run_duration_seconds=0.5" in err
     grandchild = int((tmp_path / "grandchild").read_text())
     deadline = time.monotonic() + 10
     while _alive(grandchild) and time.monotonic() < deadline:
@@ -95,7 +95,7 @@ def test_a_job_past_its_limit_is_stopped_even_when_its_control_folder_is_gone(tm
             control,
             {
                 "argv": ["sh", "-c", script],
-                "max_seconds": 1,
+                "max_seconds": 0.5,
                 "grace_seconds": 0.5,
                 "end_group": True,
             },
@@ -114,7 +114,7 @@ def test_a_job_past_its_limit_is_stopped_even_when_its_control_folder_is_gone(tm
     for pid in still:
         os.kill(pid, signal.SIGKILL)
     assert not still, "the run outlived its limit"
-    assert "exceeded max_run_duration_seconds=1" in err
+    assert "exceeded max_run_duration_seconds=0.5" in err
     assert "could not record ended_by" in err and f"could not record exit_code (143) in {control}" in err
 
 
@@ -447,13 +447,13 @@ def test_a_new_open_line_gets_a_whole_hold_of_its_own(tmp_path: Path) -> None:
         "sys.stdout.buffer.write(first + b'epoch 2\\n'); sys.stdout.flush()\n"
         "sys.stderr.buffer.write(b'WARN b'); sys.stderr.flush()\n"
         "go_on()\n"
-        "time.sleep(2.5)\n"
+        "time.sleep(1.3)\n"
         "sys.stdout.buffer.write(b'y\\n'); sys.stdout.flush()\n"
         "time.sleep(0.1)\n"
         "say(sys.stderr, b' continued\\n')\n"
         "say(sys.stdout, b'done\\n')\n"
     )
-    code, log = _run_logged(tmp_path, script, hold_seconds=2, drain_seconds=60)
+    code, log = _run_logged(tmp_path, script, hold_seconds=1, drain_seconds=60)
     mark = supervisor.STDERR_MARK
     assert code == 0, log[-300:]
     assert log.endswith(b"epoch 2\n" + mark + b"INFO a\n" + mark + b"WARN b continued\ny\ndone\n"), log[-300:]
@@ -527,7 +527,7 @@ def test_what_the_job_writes_as_its_limit_stops_it_reaches_the_log(tmp_path: Pat
     script = f"trap '{on_term}' TERM; sleep 300"
     job = start(
         tmp_path,
-        {"argv": ["sh", "-c", script], "max_seconds": 1, "grace_seconds": 10},
+        {"argv": ["sh", "-c", script], "max_seconds": 0.5, "grace_seconds": 10},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
