@@ -89,6 +89,9 @@ class ScriptRun(RunApi):
         # Why a stop was asked (cancel), once it was; the run then ends Canceled with it, unless it ended otherwise.
         self._stop_requested: str | None = None
         self._waiting = False
+        # Whether this process reads the rest of the ended run and records its end (conclude), or does so for a
+        # stop nobody followed (cancel): a kill's cancel, which runs on the same thread, must not read it again.
+        self._concluding = False
         self._started = _now()
         self._finished: RunRecord | None = None
         # Status, tags and metrics while the run goes on: written when the history answers, never fatal.
@@ -489,8 +492,12 @@ class ScriptRun(RunApi):
     def conclude(self, status: TargetStatus, emit: Callable[[str], None] | None = None) -> RunRecord:
         """Record the outcome of a run that ended with `status`: read what is left of its output, collect its
         outputs, record its status, tidy the target. For a run followed elsewhere until it ended."""
-        self._drain(emit, final=True)
-        return self._conclude(status)
+        self._concluding = True
+        try:
+            self._drain(emit, final=True)
+            return self._conclude(status)
+        finally:
+            self._concluding = False
 
     def _follow(self, emit: Callable[[str], None] | None) -> RunRecord:
         assert self.handle is not None
@@ -604,7 +611,8 @@ class ScriptRun(RunApi):
             `wait_for_completion`): a task killed before it began to follow its run still shows what the
             script printed. Who follows the run passes on the rest itself.
         """
-        if self._finished is not None:
+        if self._finished is not None or self._concluding:
+            # Ended; or it ended and its end is being recorded (a kill while conclude reads the rest of the run).
             return
         if self.handle is None:
             # Recorded but never started (interrupted between the two, see submit's on_created): nothing runs on
@@ -617,7 +625,9 @@ class ScriptRun(RunApi):
             self._cancel_requested = True
             self.target.cancel(self.handle)
             return
-        # Nobody is following the run: record its end here. One that already ended keeps its outcome.
+        # Nobody is following the run: record its end here. One that already ended keeps its outcome. What
+        # passes its output on (the task log) must not keep the end from being recorded.
+        output = _failing_quietly(output, self.id)
         status = self.target.wait(self.handle, 0)
         if not status.running:
             self.conclude(status, output)
@@ -632,8 +642,12 @@ class ScriptRun(RunApi):
         self._book.add_tags({STOP_REQUESTED_TAG: reason})
         self.target.cancel(self.handle)
         self._cancel_requested = True
-        self._drain(output, final=True)
-        self._finish(RunStatus.CANCELED, reason)
+        self._concluding = True
+        try:
+            self._drain(output, final=True)
+            self._finish(RunStatus.CANCELED, reason)
+        finally:
+            self._concluding = False
 
     def _finish(self, status: RunStatus, error: str | None) -> RunRecord:
         """The one place a run ends: collect what it produced, record the outcome, tidy the target."""
@@ -763,6 +777,28 @@ def _warn_of_unused_sections(environment: ResolvedEnvironment, target: ComputeTa
 
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+def _failing_quietly(output: Callable[[str], None] | None, run_id: str) -> Callable[[str], None] | None:
+    """`output`, made unable to stop what calls it: the first error it raises is logged, and the lines after it
+    are no longer passed on (they are in the run's log)."""
+    if output is None:
+        return None
+    failed = False
+
+    def emit(line: str) -> None:
+        nonlocal failed
+        if failed:
+            return
+        try:
+            output(line)
+        except Exception as err:
+            failed = True
+            log.warning(
+                "Run %s: passing its output on failed (%s); the rest is in the run's log.", run_id, err
+            )
+
+    return emit
 
 
 __all__ = ["ScriptRun", "rerun"]

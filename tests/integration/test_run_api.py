@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -218,6 +219,80 @@ def test_waiting_on_a_recorded_run_streams_its_output_and_a_failure_raises_with_
     assert [line for line in lines if line.startswith("step")] == [f"step {i}" for i in range(5)]
     assert "the data is gone" in str(failed.value) and "  | step 4" in str(failed.value)
     assert failed.value.run_id == submitted.id and "step 4" in failed.value.log_tail
+
+
+# Prints, then says so in the file its argument names, then waits to be stopped.
+PRINTS_THEN_WAITS = """\
+import pathlib, sys, time
+for step in range(3):
+    print(f"step {step}", flush=True)
+pathlib.Path(sys.argv[1]).touch()
+time.sleep(300)
+"""
+
+
+def _wait_for(path: Path) -> None:
+    deadline = time.monotonic() + 60
+    while not path.exists():
+        assert time.monotonic() < deadline, "the script never printed"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("sink", ["kept", "failing"])
+def test_canceling_a_run_nobody_follows_passes_on_what_it_printed_and_records_it_whatever_the_sink_does(
+    amlrun_home, tmp_path, caplog, sink
+):
+    write_script(tmp_path / "src", "train.py", PRINTS_THEN_WAITS)
+    config = ScriptRunConfig(tmp_path / "src", script="train.py", arguments=[str(tmp_path / "printed")])
+    run = Experiment(Workspace.get(), "run_api").submit(config)
+    _wait_for(tmp_path / "printed")
+    lines: list[str] = []
+
+    def failing(line: str) -> None:
+        lines.append(line)
+        raise OSError(28, "No space left on device")
+
+    run.cancel("Canceled by hand.", output=lines.append if sink == "kept" else failing)
+
+    record = Workspace.get().get_run(run.id)
+    assert (record.status, record.error) == ("Canceled", "Canceled by hand.")
+    if sink == "kept":
+        assert lines == ["step 0", "step 1", "step 2"]
+    else:
+        # The sink is given the first line only; the rest is in the run's log, and the log says why.
+        assert lines == ["step 0"]
+        assert (
+            f"Run {run.id}: passing its output on failed ([Errno 28] No space left on device)" in caplog.text
+        )
+    assert (
+        "step 2"
+        in Path(Run.get(Workspace.get(), run.id).get_details()["logFiles"]["logs/std_log.txt"]).read_text()
+    )
+
+
+def test_a_kill_while_the_end_of_a_run_is_recorded_does_not_read_the_run_again(amlrun_home, tmp_path):
+    # A task killed while it reads the rest of a run that ended: Airflow's handler runs on_kill (cancel) on the
+    # thread it interrupts, here at the first line read. The output is more than one read of the log (1 MiB).
+    write_script(
+        tmp_path / "src", "train.py", 'for step in range(20000):\n    print(f"step {step:05d} " + "x" * 90)\n'
+    )
+    run = Experiment(Workspace.get(), "run_api").submit(ScriptRunConfig(tmp_path / "src", script="train.py"))
+    status = run.target.wait(run.handle, 60)
+    assert not status.running
+    lines: list[str] = []
+    read_again: list[str] = []
+
+    def killed_at_the_first_line(line: str) -> None:
+        lines.append(line)
+        if len(lines) == 1:
+            run.cancel(output=read_again.append)
+
+    record = run.conclude(status, killed_at_the_first_line)
+
+    assert read_again == []
+    assert lines == [f"step {step:05d} " + "x" * 90 for step in range(20000)]
+    assert record.status == "Completed"
+    assert Workspace.get().get_run(run.id).status == "Completed"
 
 
 def test_downgrading_below_the_display_name_keeps_runs_and_metrics(tmp_path, monkeypatch):
