@@ -485,7 +485,7 @@ class HyperDriveRun(SweepResults):
                 return
         log.info("Sweep %s: stopping run %s: %s", self.id, run_id, reason)
         try:
-            self._children[run_id].cancel(reason)
+            self._children[run_id].cancel(reason, output=self._emit)
         except Exception as err:
             now = time.time()
             retry = self._unstopped[run_id] = Unstopped.failed(reason, failed, now)
@@ -520,7 +520,7 @@ class HyperDriveRun(SweepResults):
     def _stop_all(self, reason: str) -> None:
         for run_id, child in list(self._children.items()):
             try:
-                child.cancel(reason)
+                child.cancel(reason, output=self._emit)
             except Exception:
                 log.exception("Sweep %s: stopping run %s failed", self.id, run_id)
                 # No longer followed from here: its heartbeat stops, so that reconcile may settle it.

@@ -285,15 +285,22 @@ def test_a_sweep_as_a_dag_task_returns_its_best_run(amlrun_home, run_dag) -> Non
 
 
 def sleeper(tmp_path):  # type: ignore[no-untyped-def]
+    """Runs that log their loss and sleep, until stopped; what stops one reads its last words in its log."""
     write_script(
         tmp_path / "src",
         "train.py",
         """
-        import argparse, time
+        import argparse, os, signal, time
         from airflow_amlrun.run_context import Run
         parser = argparse.ArgumentParser()
         parser.add_argument("--alpha", type=float)
-        Run.get_context().log("loss", parser.parse_args().alpha)
+        alpha = parser.parse_args().alpha
+        def stopped(signum, frame):
+            print(f"stopped with alpha {alpha}", flush=True)
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        signal.signal(signal.SIGTERM, stopped)
+        Run.get_context().log("loss", alpha)
         time.sleep(120)
         """,
     )
@@ -316,9 +323,12 @@ def test_a_sweep_past_its_time_limit_cancels_its_runs_and_says_why(amlrun_home, 
     sweep = Experiment(Workspace.get(), "sweeps").submit(
         sweep_of(sleeper(tmp_path), max_duration_minutes=0.05)
     )
-    parent = sweep.wait_for_completion()
+    lines: list[str] = []
+    parent = sweep.wait_for_completion(output=lines.append)
     children = sweep.get_children()
     assert len(children) == 2  # the limit came before any run ended
+    # What each run printed as it was stopped is passed on with the rest of its output.
+    assert sorted(lines) == ["stopped with alpha 1.0", "stopped with alpha 2.0"]
     for child in children:
         assert child.status is RunStatus.CANCELED
         assert child.error == "Canceled: the sweep's max_duration_minutes (0.05) was reached."
