@@ -45,6 +45,9 @@ if TYPE_CHECKING:
 DEFER_SLACK = timedelta(minutes=5)
 # Longest a starting task spends settling other tasks' orphaned runs.
 RECONCILE_BUDGET_SECONDS = 10.0
+# The error of a run stopped because Airflow killed its task before the task followed it (who follows a run
+# records why it ended).
+KILLED = "Canceled: its Airflow task was killed."
 
 
 class ScriptRunOperator(SettlesFailedDeferral):
@@ -142,6 +145,8 @@ class ScriptRunOperator(SettlesFailedDeferral):
         self.deferrable = deferrable
         self.reattach_on_retry = reattach_on_retry
         self._run: ScriptRun | None = None
+        # Whether Airflow killed the task (on_kill): its handler returns, and execute goes on.
+        self._killed = False
         # The run this try submitted or followed, for its extra link (AmlRunLink); None until there is one.
         self.amlrun_run_id: str | None = None
 
@@ -173,6 +178,9 @@ class ScriptRunOperator(SettlesFailedDeferral):
             airflow_task=task,
             reattach_on_retry=self.reattach_on_retry,
         )
+        if self._killed:
+            # Killed while the run was submitted: it is stopped as soon as it exists.
+            self.on_kill()
         ti.xcom_push(key=RUN_ID_XCOM_KEY, value=self._run.id)
         self.amlrun_run_id = self._run.id
         self.log.info(
@@ -182,7 +190,7 @@ class ScriptRunOperator(SettlesFailedDeferral):
             config.compute_target,
             experiment.name,
         )
-        if self.deferrable:
+        if self.deferrable and not self._killed:
             self._defer_if_reachable(self._run, config, ti)
         record = self._run.wait_for_completion(show_output=self.show_output, output=self._log_line)
         return self._summary(record)
@@ -338,6 +346,8 @@ class ScriptRunOperator(SettlesFailedDeferral):
             raise error(message, run_id=run_id) from None
         if stop_at is not None:
             self._run.stop_at(stop_at, stop_reason)
+        if self._killed and ended is None:
+            self.on_kill()  # killed while the run was looked up
         if ended is not None:
             self._run.conclude(ended, self._log_line if self.show_output else None)
         record = self._run.wait_for_completion(show_output=self.show_output, output=self._log_line)
@@ -374,10 +384,13 @@ class ScriptRunOperator(SettlesFailedDeferral):
             self.log.warning("Settling orphaned runs failed (the task goes on): %s", err)
 
     def on_kill(self) -> None:
+        # Airflow's SIGTERM handler calls this and returns. Before the run exists there is nothing to stop yet:
+        # execute stops it once submitted.
+        self._killed = True
         if self._run is not None:
             self.log.info("Canceling run %s", self._run.id)
             # Killed before it began to follow the run, the task log still gets what the script printed.
-            self._run.cancel(output=self._log_line if self.show_output else None)
+            self._run.cancel(KILLED, output=self._log_line if self.show_output else None)
 
     def _log_line(self, line: str) -> None:
         from airflow_amlrun.run_output import log_output_line

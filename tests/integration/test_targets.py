@@ -266,6 +266,36 @@ def test_a_task_killed_before_it_follows_its_run_logs_what_the_script_printed(tm
     assert target.containers(run.id) == []
 
 
+# A task that Airflow kills as it submits its run: its SIGTERM handler runs on_kill and returns, before the run
+# exists.
+KILLED_AS_IT_SUBMITS = """
+class KilledAsItSubmits(ScriptRunOperator):
+    def pre_execute(self, context):
+        self.on_kill()
+
+"""
+
+
+def test_a_task_killed_as_it_submits_its_run_stops_the_run_once_it_exists(run_dag, tmp_path, target):
+    write_script(tmp_path / "src", "train.py", TRAINS_FOR_GOOD)
+    dag = dag_source(tmp_path / "src", target=target.name)
+    dag = dag.replace("with DAG(", KILLED_AS_IT_SUBMITS + "with DAG(").replace(
+        "    ScriptRunOperator(", "    KilledAsItSubmits("
+    )
+
+    result = run_dag(dag)
+
+    assert result.state == "failed"
+    [run] = Workspace.get().list_runs()
+    assert (run.status, run.error) == ("Canceled", "Canceled: its Airflow task was killed.")
+    assert run.end is not None
+    assert f"Canceling run {run.id}" in result.log
+    assert target.containers(run.id) == []
+    pids = target.run_dir(run.id) / "pids"
+    if pids.exists():  # the script got as far as to start its child before it was stopped
+        assert target.still_running(run.id, [int(pid) for pid in pids.read_text().split()]) == []
+
+
 def test_a_retry_after_the_worker_died_reattaches_to_the_running_script(tmp_path, target):
     source = tmp_path / "src"
     write_script(
