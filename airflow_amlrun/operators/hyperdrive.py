@@ -32,6 +32,8 @@ if TYPE_CHECKING:
 
 # Why a retry ends what its earlier try's sweep left, when it does not resume it.
 STARTED_ANEW = "The task running this sweep died, and its retry started the sweep anew."
+# The error of a sweep (and its live runs) stopped because Airflow killed its task.
+KILLED = "Canceled: the Airflow task running the sweep was stopped."
 
 
 class HyperDriveOperator(SettlesFailedDeferral):
@@ -102,14 +104,18 @@ class HyperDriveOperator(SettlesFailedDeferral):
         self.resume_on_retry = resume_on_retry
         self.amlrun_run_id: str | None = None
         self._sweep: HyperDriveRun | None = None
+        # Whether Airflow killed the task (on_kill): its handler returns, and execute goes on.
+        self._killed = False
         # How far the last follower (this task, or the trigger) got with each live run handed over, for ending
         # them from here without reading their output or metrics twice.
         self._handed_over: Mapping[str, FollowState] = {}
 
     def on_kill(self) -> None:
-        """Stop the sweep's live runs now; the sweep is recorded Canceled."""
+        """Stop the sweep's live runs now; the sweep is recorded Canceled. Airflow's SIGTERM handler calls this and
+        returns: a sweep not yet held (being submitted, or looked up) is stopped once it is (_hold)."""
+        self._killed = True
         if self._sweep is not None:
-            self._sweep.stop("Canceled: the Airflow task running the sweep was stopped.")
+            self._sweep.stop(KILLED)
 
     @cached_property
     def workspace(self) -> Workspace:
@@ -176,7 +182,7 @@ class HyperDriveOperator(SettlesFailedDeferral):
             )
         ti.xcom_push(key=RUN_ID_XCOM_KEY, value=sweep.id)
         self.amlrun_run_id = sweep.id
-        if self.deferrable and self._deferral_possible(config):
+        if self.deferrable and not self._killed and self._deferral_possible(config):
             stop_at = self.try_deadline(ti)
             return self._go_on_deferred(sweep, stop_at.isoformat() if stop_at is not None else None)
         return self._result(sweep, sweep.wait_for_completion())
@@ -187,6 +193,8 @@ class HyperDriveOperator(SettlesFailedDeferral):
         # A failure of the sweep's own steps is left to _settle_sweeps (an interruption still ends it there and then).
         sweep.end_on_failure = False
         self._sweep = sweep
+        if self._killed:
+            sweep.stop(KILLED)
         return sweep
 
     def _resumed(self, config: HyperDriveConfig, task: AirflowTask) -> HyperDriveRun | None:

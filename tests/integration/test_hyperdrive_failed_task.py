@@ -485,3 +485,29 @@ def test_a_try_that_fails_mid_sweep_without_resume_on_retry_ends_its_sweep_and_t
     # Try 2 ran a sweep of its own, from the start.
     assert (anew.status, anew.try_number) == (RunStatus.COMPLETED, 2), (anew.status, anew.error)
     assert (ran, running) == (["1", "1", "2", "2"], [])
+
+
+def test_a_sweep_whose_task_is_killed_as_it_submits_the_sweep_starts_no_run_and_is_recorded_canceled(
+    run_dag: Any, tmp_path: Path
+) -> None:
+    source = tmp_path / "src"
+    write_script(source, "train.py", QUICK_SCRIPT)
+    # Airflow's SIGTERM handler runs on_kill and returns: here, before the sweep exists.
+    tasks = f"""
+            class KilledAsItSubmits(HyperDriveOperator):
+                def pre_execute(self, context):
+                    self.on_kill()
+
+            KilledAsItSubmits(task_id="tune", config=sweep({str(source)!r}, "local"))
+    """
+
+    result = run_dag(sweep_dag(tasks))
+
+    assert result.task_states == {"tune": "failed"}, result.log
+    parent, runs = sweep_of(result.dag_id, "tune")
+    assert (parent.status, parent.error, runs) == (
+        RunStatus.CANCELED,
+        "Canceled: the Airflow task running the sweep was stopped.",
+        [],
+    )
+    assert parent.end is not None
