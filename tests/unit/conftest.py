@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import sys
 from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,7 +32,26 @@ AIRFLOW_TESTS = (
     "tests/unit/triggers/",
     "tests/unit/environment/test_paths.py::",
     "tests/unit/test_config_sources.py::",
+    "tests/unit/hyperdrive/test_takeover.py::test_an_error_fails_the_sweep_and_an_interruption_cancels_it",
+    "tests/unit/hyperdrive/test_takeover.py::test_a_failure_may_be_left_for_a_retry_while_an_interruption_",
 )
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(
+    collector: pytest.Collector,
+) -> Generator[None, pytest.CollectReport, pytest.CollectReport]:
+    """A test module that imports Airflow as it is collected fails to collect, named: every process of `make unit`
+    would pay that import (see AIRFLOW_TESTS)."""
+    loaded = "airflow" in sys.modules
+    report = yield
+    if isinstance(collector, pytest.Module) and report.passed and not loaded and "airflow" in sys.modules:
+        report.outcome = "failed"
+        report.longrepr = (
+            f"{collector.nodeid} imports Airflow as it is collected: import it in the tests that use it (a fixture, "
+            "or an import in the test), and name them in AIRFLOW_TESTS (tests/unit/conftest.py)."
+        )
+    return report
 
 
 @pytest.hookimpl(tryfirst=True, optionalhook=True)

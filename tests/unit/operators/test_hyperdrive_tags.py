@@ -9,7 +9,6 @@ import pytest
 
 from airflow_amlrun.errors import ConfigurationError
 from airflow_amlrun.hyperdrive import HyperDriveConfig, RandomParameterSampling, uniform
-from airflow_amlrun.operators.hyperdrive import HyperDriveOperator
 from airflow_amlrun.runconfig import ScriptRunConfig
 
 
@@ -24,6 +23,9 @@ def config(tmp_path: Path) -> HyperDriveConfig:
 
 
 def test_a_tag_in_the_providers_own_names_is_refused_when_the_dag_is_parsed(tmp_path: Path) -> None:
+    # Imported here, not when the module is collected: see AIRFLOW_TESTS in tests/unit/conftest.py.
+    from airflow_amlrun.operators.hyperdrive import HyperDriveOperator
+
     with pytest.raises(
         ConfigurationError,
         match=r"HyperDriveOperator 'tune': tags has the name 'amlrun\.settled_by', which starts with 'amlrun\.'",
