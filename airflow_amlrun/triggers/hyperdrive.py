@@ -16,6 +16,7 @@ from airflow_amlrun.triggers.script_run import (
     TRIGGER_POLL_SECONDS,
     describe,
     handed_back,
+    seconds_until,
     wait_until,
 )
 
@@ -167,9 +168,6 @@ class HyperDriveTrigger(BaseTrigger):
         unstopped = {run_id: u for run_id, u in state.unstopped.items() if run_id in runs}
         return _Followed(workspace, runs, watch, heartbeat, settings.poll_interval_seconds, gone, unstopped)
 
-    def _may_fire(self) -> bool:
-        return self.not_before is None or datetime.now(UTC) >= datetime.fromisoformat(self.not_before)
-
     def _due(self) -> dict[str, bool]:
         now = datetime.now(UTC)
         return {
@@ -231,7 +229,9 @@ class HyperDriveTrigger(BaseTrigger):
                 stops.update(followed.due_stops())
                 looking = []
                 due = self._due()
-                if (ended or stops or followed.gone or any(due.values())) and self._may_fire():
+                if (ended or stops or followed.gone or any(due.values())) and not seconds_until(
+                    self.not_before
+                ):
                     break
                 await asyncio.sleep(pause)
         except asyncio.CancelledError:

@@ -30,12 +30,18 @@ HAND_BACK_RETRY_SECONDS = 5.0
 FIRST_EVENT_AFTER_SECONDS = 10.0
 
 
+def seconds_until(when: str | None) -> float:
+    """How long until the ISO time ``when`` (a trigger's ``not_before``): 0 once it has passed, or if it is None."""
+    if when is None:
+        return 0.0
+    return max(0.0, (datetime.fromisoformat(when) - datetime.now(UTC)).total_seconds())
+
+
 async def wait_until(when: str | None) -> None:
     """Sleep until the ISO time ``when`` (a trigger's ``not_before``) unless it has passed, or is None."""
-    if when is not None:
-        wait = (datetime.fromisoformat(when) - datetime.now(UTC)).total_seconds()
-        if wait > 0:
-            await asyncio.sleep(wait)
+    wait = seconds_until(when)
+    if wait > 0:
+        await asyncio.sleep(wait)
 
 
 class ScriptRunTrigger(BaseTrigger):
@@ -106,9 +112,6 @@ class ScriptRunTrigger(BaseTrigger):
     def _event(self, status: str, **fields: Any) -> TriggerEvent:
         return TriggerEvent({"run_id": self.run_id, "status": status, **fields})  # type: ignore[no-untyped-call]
 
-    async def _not_before(self) -> None:
-        await wait_until(self.not_before)
-
     async def run(self) -> AsyncIterator[TriggerEvent]:
         resuming = asyncio.ensure_future(asyncio.to_thread(self._resume))
         try:
@@ -119,7 +122,7 @@ class ScriptRunTrigger(BaseTrigger):
             raise
         except Exception as err:
             # Nothing was done to the run: the task gets it back as it left it, and says why.
-            await self._not_before()
+            await wait_until(self.not_before)
             yield self._event(ERROR, message=describe(err), state=self.state, stop_at=self.stop_at)
             return
         emit = self._emit if self.show_output else None
@@ -142,11 +145,11 @@ class ScriptRunTrigger(BaseTrigger):
             raise
         except Exception as err:
             state = await self._hand_back(run)
-            await self._not_before()
+            await wait_until(self.not_before)
             yield self._event(ERROR, message=describe(err), state=state, stop_at=self.stop_at)
             return
         state = await self._hand_back(run)
-        await self._not_before()
+        await wait_until(self.not_before)
         yield self._event(
             ENDED, exit_code=status.exit_code, reason=status.reason, timed_out=status.timed_out, state=state
         )

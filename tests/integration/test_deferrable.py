@@ -44,7 +44,7 @@ from datetime import datetime, timedelta, timezone
 from airflow_amlrun import ScriptRunOperator
 from airflow_amlrun.operators.hyperdrive import HyperDriveOperator
 from airflow_amlrun.triggers.hyperdrive import HyperDriveTrigger
-from airflow_amlrun.triggers.script_run import ERROR, ScriptRunTrigger
+from airflow_amlrun.triggers.script_run import ERROR, ScriptRunTrigger, wait_until
 
 
 async def _until(moment):
@@ -108,7 +108,7 @@ class SettlingTrigger(RaisingTrigger):
     async def run(self):
         run = await asyncio.to_thread(self._resume)
         await asyncio.to_thread(run.cancel, "Canceled by another process.")
-        await self._not_before()
+        await wait_until(self.not_before)
         raise RuntimeError(self.broke_down)
         yield
 

@@ -79,3 +79,14 @@ def test_a_stored_trigger_comes_back_the_same(trigger_class, run_id, state, conn
 @given(states)
 def test_a_follow_state_survives_json(state):
     assert FollowState.from_json(json.loads(json.dumps(state.to_json()))) == state
+
+
+def test_not_before_is_waited_for_only_while_it_is_ahead() -> None:
+    from datetime import datetime, timedelta
+
+    from airflow_amlrun.triggers.script_run import seconds_until
+
+    now = datetime.now(UTC)
+    assert seconds_until(None) == 0.0
+    assert seconds_until((now - timedelta(seconds=5)).isoformat()) == 0.0
+    assert 55 < seconds_until((now + timedelta(seconds=60)).isoformat()) <= 60
