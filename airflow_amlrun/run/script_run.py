@@ -89,9 +89,10 @@ class ScriptRun(RunApi):
         # Why a stop was asked (cancel), once it was; the run then ends Canceled with it, unless it ended otherwise.
         self._stop_requested: str | None = None
         self._waiting = False
-        # Whether this process reads the rest of the ended run and records its end (conclude), or does so for a
-        # stop nobody followed (cancel): a kill's cancel, which runs on the same thread, must not read it again.
-        self._concluding = False
+        # Whether this process saw the run end (or ended it, cancel): a stop asked from then on (a kill, which may
+        # land while the rest of the run is read, on the same thread) has nothing to stop, and must neither read
+        # the run again nor record a run that ended on its own as Canceled.
+        self._end_seen = False
         self._started = _now()
         self._finished: RunRecord | None = None
         # Status, tags and metrics while the run goes on: written when the history answers, never fatal.
@@ -468,6 +469,8 @@ class ScriptRun(RunApi):
         self._heartbeat.tick()
         wait = self.settings.poll_interval_seconds if timeout is None else timeout
         status = self.target.wait(self.handle, wait)
+        if not status.running:
+            self._end_seen = True
         self._drain(emit, final=not status.running)
         if not status.running:
             self._heartbeat.watch(False)
@@ -491,13 +494,14 @@ class ScriptRun(RunApi):
 
     def conclude(self, status: TargetStatus, emit: Callable[[str], None] | None = None) -> RunRecord:
         """Record the outcome of a run that ended with `status`: read what is left of its output, collect its
-        outputs, record its status, tidy the target. For a run followed elsewhere until it ended."""
-        self._concluding = True
-        try:
-            self._drain(emit, final=True)
-            return self._conclude(status)
-        finally:
-            self._concluding = False
+        outputs, record its status, tidy the target. For a run followed elsewhere until it ended.
+
+        :param emit: where the rest of its output goes; one that fails stops getting lines, and the outcome is
+            recorded all the same.
+        """
+        self._end_seen = True
+        self._drain(_failing_quietly(emit, self.id), final=True)
+        return self._conclude(status)
 
     def _follow(self, emit: Callable[[str], None] | None) -> RunRecord:
         assert self.handle is not None
@@ -597,7 +601,13 @@ class ScriptRun(RunApi):
     # ending
 
     def request_stop(self) -> None:
-        """Stop the run on its target now, recording nothing here: whoever follows it records it Canceled."""
+        """Stop the run on its target now, recording nothing here: whoever follows it records it Canceled (one that
+        had ended already, as it ended)."""
+        if self._finished is not None or self._end_seen:
+            return
+        if self.handle is not None and not self.target.wait(self.handle, 0).running:
+            self._end_seen = True
+            return
         self._cancel_requested = True
         if self.handle is not None:
             self.target.cancel(self.handle)
@@ -611,8 +621,8 @@ class ScriptRun(RunApi):
             `wait_for_completion`): a task killed before it began to follow its run still shows what the
             script printed. Who follows the run passes on the rest itself.
         """
-        if self._finished is not None or self._concluding:
-            # Ended; or it ended and its end is being recorded (a kill while conclude reads the rest of the run).
+        if self._finished is not None or self._end_seen:
+            # Ended; or seen to end, and its end is being recorded (a kill while the rest of the run is read).
             return
         if self.handle is None:
             # Recorded but never started (interrupted between the two, see submit's on_created): nothing runs on
@@ -625,9 +635,7 @@ class ScriptRun(RunApi):
             self._cancel_requested = True
             self.target.cancel(self.handle)
             return
-        # Nobody is following the run: record its end here. One that already ended keeps its outcome. What
-        # passes its output on (the task log) must not keep the end from being recorded.
-        output = _failing_quietly(output, self.id)
+        # Nobody is following the run: record its end here. One that already ended keeps its outcome.
         status = self.target.wait(self.handle, 0)
         if not status.running:
             self.conclude(status, output)
@@ -642,12 +650,10 @@ class ScriptRun(RunApi):
         self._book.add_tags({STOP_REQUESTED_TAG: reason})
         self.target.cancel(self.handle)
         self._cancel_requested = True
-        self._concluding = True
-        try:
-            self._drain(output, final=True)
-            self._finish(RunStatus.CANCELED, reason)
-        finally:
-            self._concluding = False
+        self._end_seen = True
+        # What passes the output on (the task log) must not keep the end from being recorded.
+        self._drain(_failing_quietly(output, self.id), final=True)
+        self._finish(RunStatus.CANCELED, reason)
 
     def _finish(self, status: RunStatus, error: str | None) -> RunRecord:
         """The one place a run ends: collect what it produced, record the outcome, tidy the target."""
