@@ -365,9 +365,12 @@ class HyperDriveRun(SweepResults):
                 f"Canceled: the sweep's max_duration_minutes ({config.max_duration_minutes:g}) was reached."
             )
         while not expired and not self._exhausted and len(self._children) < (config.max_concurrent_runs or 1):
-            # Starting a run can take long (an environment built): none starts once the sweep is to end.
+            # Starting a run can take long (an environment built): none starts once the sweep is to end, or
+            # once it was stopped from outside (its task killed).
             if (failed := self._failed_at()) is not None:
                 return failed
+            if self._stop_reason is not None:
+                break
             if self._submitted >= config.max_total_runs or not self._start_next():
                 self._exhausted = True
         self._step_all()

@@ -243,6 +243,9 @@ class HyperDriveOperator(SettlesFailedDeferral):
         record = sweep.advance()
         if record is not None:
             return self._result(sweep, record)
+        if self._killed:
+            # Killed while it started runs (on_kill stopped the sweep): not deferred, its end is recorded here.
+            return self._result(sweep, sweep.wait_for_completion())
         # A history that does not take the runs' latest metrics fails the task here: its retry resumes the sweep
         # (with no retry to come, _settle_sweeps ends it).
         state = sweep.hand_over()

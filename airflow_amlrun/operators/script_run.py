@@ -145,6 +145,9 @@ class ScriptRunOperator(SettlesFailedDeferral):
         self.deferrable = deferrable
         self.reattach_on_retry = reattach_on_retry
         self._run: ScriptRun | None = None
+        # Whether the rest of `_run`'s output goes to the task log when a kill stops it here: not for a run read
+        # from its start only to be stopped (_stopped_unfollowed), whose lines the trigger showed already.
+        self._run_shown = True
         # Whether Airflow killed the task (on_kill): its handler returns, and execute goes on.
         self._killed = False
         # The run this try submitted or followed, for its extra link (AmlRunLink); None until there is one.
@@ -171,6 +174,12 @@ class ScriptRunOperator(SettlesFailedDeferral):
         experiment = Experiment(self.workspace, self.experiment or experiment_name_from(ti.dag_id))
         task = AirflowTask.of(ti)
         self._settle_orphaned_runs(task)
+        if self._killed:
+            from airflow.sdk.exceptions import AirflowTaskTerminated
+
+            raise AirflowTaskTerminated(
+                f"Task {self.task_id!r} was killed before it submitted its run: none started."
+            )
         self._run = experiment.submit(
             config,
             tags={str(k): str(v) for k, v in (self.tags or {}).items()},
@@ -191,7 +200,7 @@ class ScriptRunOperator(SettlesFailedDeferral):
             experiment.name,
         )
         if self.deferrable and not self._killed:
-            self._defer_if_reachable(self._run, config, ti)
+            self._defer_if_reachable(self._run, config, ti)  # returns when the run is not deferred
         record = self._run.wait_for_completion(show_output=self.show_output, output=self._log_line)
         return self._summary(record)
 
@@ -226,17 +235,24 @@ class ScriptRunOperator(SettlesFailedDeferral):
                 run.id,
             )
         stop_at = self.try_deadline(ti)
-        self.log.info("Run %s is followed by the triggerer from here; the worker slot is freed.", run.id)
+        trigger = ScriptRunTrigger(
+            run.id,
+            state.to_json(),
+            self.workspace_conn_id,
+            show_output,
+            stop_at.isoformat() if stop_at is not None else None,
+            not_before=(datetime.now(UTC) + timedelta(seconds=FIRST_EVENT_AFTER_SECONDS)).isoformat(),
+        )
         self._run = None
+        if self._killed:
+            # Killed as the run was handed over (on_kill stopped it, unless it came after `_run` was let go):
+            # not deferred, the end is recorded here.
+            self._run = run
+            self.on_kill()
+            return
+        self.log.info("Run %s is followed by the triggerer from here; the worker slot is freed.", run.id)
         self.defer(
-            trigger=ScriptRunTrigger(
-                run.id,
-                state.to_json(),
-                self.workspace_conn_id,
-                show_output,
-                stop_at.isoformat() if stop_at is not None else None,
-                not_before=(datetime.now(UTC) + timedelta(seconds=FIRST_EVENT_AFTER_SECONDS)).isoformat(),
-            ),
+            trigger=trigger,
             method_name="execute_complete",
             # A backstop for a deployment whose triggerer never takes the trigger: the trigger itself stops
             # the run at the execution_timeout, which Airflow does not apply to a deferred task.
@@ -298,13 +314,14 @@ class ScriptRunOperator(SettlesFailedDeferral):
 
         try:
             run = self._run = ScriptRun.resumed(self.workspace, record.id, FollowState())
+            self._run_shown = False
         except RunEndedError as ended:
             return ended.record
         run.stop_at(datetime.now(UTC), reason)
         try:
             return run.wait_for_completion(show_output=False, raise_on_error=False)
         finally:
-            self._run = None
+            self._run, self._run_shown = None, True
 
     def _follow_on(
         self,
@@ -390,7 +407,7 @@ class ScriptRunOperator(SettlesFailedDeferral):
         if self._run is not None:
             self.log.info("Canceling run %s", self._run.id)
             # Killed before it began to follow the run, the task log still gets what the script printed.
-            self._run.cancel(KILLED, output=self._log_line if self.show_output else None)
+            self._run.cancel(KILLED, output=self._log_line if self.show_output and self._run_shown else None)
 
     def _log_line(self, line: str) -> None:
         from airflow_amlrun.run_output import log_output_line

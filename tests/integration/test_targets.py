@@ -23,7 +23,7 @@ import pytest
 from airflow_amlrun import Experiment, ScriptRunConfig, ScriptRunOperator, Workspace
 from airflow_amlrun.errors import RunTimeoutError
 from airflow_amlrun.submission import AirflowTask
-from tests.conftest import dag_source, wait_until_running, worker_dies_mid_run, write_script
+from tests.conftest import dag_source, newest_run, wait_until_running, worker_dies_mid_run, write_script
 from tests.integration.conftest import Target
 from tests.integration.orphans import wait_for_file
 
@@ -266,29 +266,48 @@ def test_a_task_killed_before_it_follows_its_run_logs_what_the_script_printed(tm
     assert target.containers(run.id) == []
 
 
-# A task that Airflow kills as it submits its run: its SIGTERM handler runs on_kill and returns, before the run
-# exists.
-KILLED_AS_IT_SUBMITS = """
-class KilledAsItSubmits(ScriptRunOperator):
+# A task that Airflow kills before it submits its run: its SIGTERM handler runs on_kill and returns.
+KILLED_BEFORE_IT_SUBMITS = """
+class KilledBeforeItSubmits(ScriptRunOperator):
     def pre_execute(self, context):
         self.on_kill()
 
 """
 
 
-def test_a_task_killed_as_it_submits_its_run_stops_the_run_once_it_exists(run_dag, tmp_path, target):
+def test_a_task_killed_before_it_submits_its_run_starts_none(run_dag, tmp_path):
     write_script(tmp_path / "src", "train.py", TRAINS_FOR_GOOD)
-    dag = dag_source(tmp_path / "src", target=target.name)
-    dag = dag.replace("with DAG(", KILLED_AS_IT_SUBMITS + "with DAG(").replace(
-        "    ScriptRunOperator(", "    KilledAsItSubmits("
+    dag = dag_source(tmp_path / "src")
+    dag = dag.replace("with DAG(", KILLED_BEFORE_IT_SUBMITS + "with DAG(").replace(
+        "    ScriptRunOperator(", "    KilledBeforeItSubmits("
     )
 
     result = run_dag(dag)
 
     assert result.state == "failed"
+    assert "Task 'train' was killed before it submitted its run: none started." in result.log
+    assert Workspace.get().list_runs() == []
+
+
+def test_a_task_killed_as_it_submits_its_run_stops_the_run_once_it_exists(run_dag, tmp_path, target):
+    write_script(tmp_path / "src", "train.py", TRAINS_FOR_GOOD)
+
+    def kill_task_once_the_run_is_recorded() -> None:
+        # The row is written before the run is started on its target (a container created, a host reached):
+        # SIGTERM lands while the task submits, or right after.
+        deadline = time.monotonic() + 60
+        while newest_run() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    killer = threading.Thread(target=kill_task_once_the_run_is_recorded)
+    killer.start()
+    result = run_dag(dag_source(tmp_path / "src", target=target.name))
+    killer.join()
+
+    assert result.state == "failed"
     [run] = Workspace.get().list_runs()
-    assert (run.status, run.error) == ("Canceled", "Canceled: its Airflow task was killed.")
-    assert run.end is not None
+    assert (run.status, run.end is not None) == ("Canceled", True)
     assert f"Canceling run {run.id}" in result.log
     assert target.containers(run.id) == []
     pids = target.run_dir(run.id) / "pids"
