@@ -243,14 +243,12 @@ class ScriptRunOperator(SettlesFailedDeferral):
             stop_at.isoformat() if stop_at is not None else None,
             not_before=(datetime.now(UTC) + timedelta(seconds=FIRST_EVENT_AFTER_SECONDS)).isoformat(),
         )
-        self._run = None
         if self._killed:
-            # Killed as the run was handed over (on_kill stopped it, unless it came after `_run` was let go):
-            # not deferred, the end is recorded here.
-            self._run = run
-            self.on_kill()
+            # Killed as the run was handed over (on_kill stopped it and recorded its end): not deferred.
             return
         self.log.info("Run %s is followed by the triggerer from here; the worker slot is freed.", run.id)
+        # `_run` stays set until the task is deferred: a kill until then stops the run (the trigger then finds it
+        # ended, and the task fails as it ended).
         self.defer(
             trigger=trigger,
             method_name="execute_complete",
@@ -313,8 +311,8 @@ class ScriptRunOperator(SettlesFailedDeferral):
         from airflow_amlrun.run import FollowState, RunEndedError, ScriptRun
 
         try:
-            run = self._run = ScriptRun.resumed(self.workspace, record.id, FollowState())
             self._run_shown = False
+            run = self._run = ScriptRun.resumed(self.workspace, record.id, FollowState())
         except RunEndedError as ended:
             return ended.record
         run.stop_at(datetime.now(UTC), reason)

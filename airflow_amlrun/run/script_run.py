@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -89,10 +90,8 @@ class ScriptRun(RunApi):
         # Why a stop was asked (cancel), once it was; the run then ends Canceled with it, unless it ended otherwise.
         self._stop_requested: str | None = None
         self._waiting = False
-        # Whether this process saw the run end (or ended it, cancel): a stop asked from then on (a kill, which may
-        # land while the rest of the run is read, on the same thread) has nothing to stop, and must neither read
-        # the run again nor record a run that ended on its own as Canceled.
-        self._end_seen = False
+        # Whether this process is reading the rest of the ended run and recording its end (see _recording_end).
+        self._concluding = False
         self._started = _now()
         self._finished: RunRecord | None = None
         # Status, tags and metrics while the run goes on: written when the history answers, never fatal.
@@ -470,11 +469,11 @@ class ScriptRun(RunApi):
         wait = self.settings.poll_interval_seconds if timeout is None else timeout
         status = self.target.wait(self.handle, wait)
         if not status.running:
-            self._end_seen = True
-        self._drain(emit, final=not status.running)
-        if not status.running:
+            with self._recording_end():
+                self._drain(emit, final=True)
             self._heartbeat.watch(False)
             return status
+        self._drain(emit, final=False)
         self._book.flush()
         if self._cancel_requested:
             self.target.cancel(self.handle)
@@ -499,9 +498,20 @@ class ScriptRun(RunApi):
         :param emit: where the rest of its output goes; one that fails stops getting lines, and the outcome is
             recorded all the same.
         """
-        self._end_seen = True
-        self._drain(_failing_quietly(emit, self.id), final=True)
-        return self._conclude(status)
+        with self._recording_end():
+            self._drain(_failing_quietly(emit, self.id), final=True)
+            return self._conclude(status)
+
+    @contextlib.contextmanager
+    def _recording_end(self) -> Iterator[None]:
+        """While this process reads the rest of the ended run and records its end: a stop asked meanwhile (a
+        kill, whose handler runs on this same thread) has nothing to stop and must not read the run again. Once
+        out of it, a stop is handled again (should the reading have failed, it records the end itself)."""
+        self._concluding = True
+        try:
+            yield
+        finally:
+            self._concluding = False
 
     def _follow(self, emit: Callable[[str], None] | None) -> RunRecord:
         assert self.handle is not None
@@ -601,13 +611,7 @@ class ScriptRun(RunApi):
     # ending
 
     def request_stop(self) -> None:
-        """Stop the run on its target now, recording nothing here: whoever follows it records it Canceled (one that
-        had ended already, as it ended)."""
-        if self._finished is not None or self._end_seen:
-            return
-        if self.handle is not None and not self.target.wait(self.handle, 0).running:
-            self._end_seen = True
-            return
+        """Stop the run on its target now, recording nothing here: whoever follows it records it Canceled."""
         self._cancel_requested = True
         if self.handle is not None:
             self.target.cancel(self.handle)
@@ -621,8 +625,8 @@ class ScriptRun(RunApi):
             `wait_for_completion`): a task killed before it began to follow its run still shows what the
             script printed. Who follows the run passes on the rest itself.
         """
-        if self._finished is not None or self._end_seen:
-            # Ended; or seen to end, and its end is being recorded (a kill while the rest of the run is read).
+        if self._finished is not None or self._concluding:
+            # Ended; or its end is being recorded (a kill while the rest of the run is read).
             return
         if self.handle is None:
             # Recorded but never started (interrupted between the two, see submit's on_created): nothing runs on
@@ -650,10 +654,10 @@ class ScriptRun(RunApi):
         self._book.add_tags({STOP_REQUESTED_TAG: reason})
         self.target.cancel(self.handle)
         self._cancel_requested = True
-        self._end_seen = True
-        # What passes the output on (the task log) must not keep the end from being recorded.
-        self._drain(_failing_quietly(output, self.id), final=True)
-        self._finish(RunStatus.CANCELED, reason)
+        with self._recording_end():
+            # What passes the output on (the task log) must not keep the end from being recorded.
+            self._drain(_failing_quietly(output, self.id), final=True)
+            self._finish(RunStatus.CANCELED, reason)
 
     def _finish(self, status: RunStatus, error: str | None) -> RunRecord:
         """The one place a run ends: collect what it produced, record the outcome, tidy the target."""

@@ -295,21 +295,6 @@ def test_a_kill_while_the_end_of_a_run_is_recorded_does_not_read_the_run_again(a
     assert Workspace.get().get_run(run.id).status == "Completed"
 
 
-def test_a_stop_asked_of_a_run_that_had_already_ended_keeps_its_outcome(amlrun_home, tmp_path):
-    # As when a sweep is stopped (its task killed) and asks each of its runs to stop: one that exited while
-    # nobody followed it stays Completed.
-    write_script(tmp_path / "src", "train.py", 'print("trained")\n')
-    run = Experiment(Workspace.get(), "run_api").submit(ScriptRunConfig(tmp_path / "src", script="train.py"))
-    assert not run.target.wait(run.handle, 60).running
-
-    run.request_stop()
-    lines: list[str] = []
-    record = run.wait_for_completion(output=lines.append, raise_on_error=False)
-
-    assert (record.status, record.error) == ("Completed", None)
-    assert lines == ["trained"]
-
-
 def test_downgrading_below_the_display_name_keeps_runs_and_metrics(tmp_path, monkeypatch):
     from alembic import command
     from alembic.config import Config
