@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,6 +28,8 @@ _MIGRATIONS = Path(__file__).with_name("migrations")
 # The newest migration's revision; a test checks it against Alembic's head. Knowing it lets a process
 # that finds the schema current skip loading Alembic at all (a task process opens the history once).
 SCHEMA_HEAD = "0008"
+# How long an SQLite connection waits for the file's lock held by another (several tasks write one file).
+SQLITE_BUSY_SECONDS = 30.0
 _migrated: set[str] = set()
 _migrate_lock = threading.Lock()
 # SQLite's codes for a write refused because the file, its folder, or its -wal or -shm file is read-only to
@@ -282,7 +286,26 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     # The busy timeout comes first: switching a new file to WAL takes its lock, which a process opening it
     # at the same moment may hold.
     cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA busy_timeout=30000")
-    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_SECONDS * 1000)}")
+    _switch_to_wal(cursor)
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
+
+
+def _switch_to_wal(cursor: Any) -> None:
+    """Put the SQLite file in WAL mode, which the file keeps: only a new file needs the switch.
+
+    The switch takes the file's exclusive lock. When several processes open a new file at once, SQLite answers
+    one of them "database is locked" at once, without waiting its busy timeout (waiting could deadlock with
+    another connection's lock): that one looks again, for as long as the busy timeout, and finds the file
+    switched by another, or switches it."""
+    deadline = time.monotonic() + SQLITE_BUSY_SECONDS
+    while True:
+        try:
+            if str(cursor.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
+                cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as err:
+            if "locked" not in str(err) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.01)
