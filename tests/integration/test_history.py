@@ -148,6 +148,18 @@ def _open_new_history(url: str, barrier) -> None:
     history.dispose()
 
 
+def _exit_codes_at_once(context, count: int, target, argument: str) -> list[int | None]:  # type: ignore[no-untyped-def]
+    """The exit codes of `count` processes of `context` running target(argument, barrier), which they all wait
+    at before they go on together."""
+    barrier = context.Barrier(count)
+    processes = [context.Process(target=target, args=(argument, barrier)) for _ in range(count)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(120)
+    return [process.exitcode for process in processes]
+
+
 def _open_sqlite(path: str, barrier) -> None:  # type: ignore[no-untyped-def]
     # As the history's engine opens each connection (its exit code says whether it could).
     connection = sqlite3.connect(path, timeout=0, isolation_level=None)
@@ -165,13 +177,7 @@ def test_processes_opening_a_new_sqlite_file_at_once_all_find_it_in_wal_mode(tmp
     context = multiprocessing.get_context("fork")
     for round in range(20):
         path = str(tmp_path / f"history{round}.db")
-        barrier = context.Barrier(8)
-        openers = [context.Process(target=_open_sqlite, args=(path, barrier)) for _ in range(8)]
-        for opener in openers:
-            opener.start()
-        for opener in openers:
-            opener.join(60)
-        assert [opener.exitcode for opener in openers] == [0] * 8
+        assert _exit_codes_at_once(context, 8, _open_sqlite, path) == [0] * 8
         with contextlib.closing(sqlite3.connect(path)) as connection:
             assert connection.execute("PRAGMA journal_mode").fetchone() == ("wal",)
 
@@ -180,13 +186,7 @@ def test_processes_opening_a_new_database_at_once_all_find_it_migrated(database_
     # Twenty task processes may be the first to open a new workspace's history at the same moment: each
     # must find the schema whole, none may fail on a table another is creating.
     context = multiprocessing.get_context("spawn")
-    barrier = context.Barrier(6)
-    workers = [context.Process(target=_open_new_history, args=(database_url, barrier)) for _ in range(6)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join(120)
-    assert [w.exitcode for w in workers] == [0] * 6
+    assert _exit_codes_at_once(context, 6, _open_new_history, database_url) == [0] * 6
     history = RunHistory(database_url)
     assert database.current_revision(history.engine) == SCHEMA_HEAD
     with history.engine.connect() as connection:
