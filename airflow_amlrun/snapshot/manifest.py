@@ -285,22 +285,25 @@ def validate_entries(entries: tuple[SnapshotEntry, ...]) -> None:
                     f"Manifest entry {entry.path!r} has mode {entry.mode:o} / size {entry.size}; "
                     "only permission bits and non-negative sizes are allowed."
                 )
+    # Each folder is looked at once: the walk up from a path stops at a folder found clear already.
+    clear: set[str] = set()
     for path in kinds:
-        parent = posixpath.dirname(path)
-        while parent:
+        parent = path.rpartition("/")[0]
+        while parent and parent not in clear:
             if parent in kinds:
                 what = "a symlink" if kinds[parent] else "a file"
                 raise UnsafeManifestError(
                     f"Manifest entry {path!r} lies below {parent!r}, which is {what} in the same manifest; "
                     "restoring it would write through that entry. Refusing the manifest."
                 )
-            parent = posixpath.dirname(parent)
+            clear.add(parent)
+            parent = parent.rpartition("/")[0]
 
 
 def _check_path(entry: SnapshotEntry) -> None:
     path = entry.path
     parts = path.split("/")
-    if not path or path.startswith("/") or "\x00" in path or any(part in ("", ".", "..") for part in parts):
+    if not path or path.startswith("/") or "\x00" in path or "" in parts or "." in parts or ".." in parts:
         raise UnsafeManifestError(
             f"Manifest entry {path!r} is not a plain relative path (absolute, '..', '.', empty or NUL "
             "component); it could escape the destination. Refusing the manifest."

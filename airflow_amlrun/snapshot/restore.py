@@ -149,12 +149,12 @@ def _write_file(
 ) -> None:
     """Write one file of the tree; ``at`` is its folder's open descriptor and device, if kept open."""
     assert entry.digest is not None
-    target = os.path.join(dest, *entry.path.split("/"))
     folder_fd, device = at if at is not None else (None, None)
     try:
         copied = store.copy_to(
             entry.digest,
-            target if at is None else entry.path.rpartition("/")[2],
+            # In a folder kept open, the file's own name: no path is joined and looked up per file.
+            _path_in(dest, entry) if at is None else entry.path.rpartition("/")[2],
             verify=verify,
             exclusive=True,
             mode=entry.mode,
@@ -174,12 +174,16 @@ def _write_file(
         ) from None
     except FileExistsError:
         raise SnapshotError(
-            f"Cannot restore {entry.path!r}: something already exists at {target!r}; "
+            f"Cannot restore {entry.path!r}: something already exists at {_path_in(dest, entry)!r}; "
             "another process is writing into the destination."
         ) from None
     if copied != entry.size:
-        os.unlink(target)
+        os.unlink(_path_in(dest, entry))
         raise BlobCorruptError(
             f"Cannot restore {entry.path!r}: blob {entry.digest} in store {store.url!r} holds "
             f"{copied} bytes, the manifest says {entry.size}. Delete that blob and take the snapshot again."
         )
+
+
+def _path_in(dest: str, entry: SnapshotEntry) -> str:
+    return os.path.join(dest, *entry.path.split("/"))

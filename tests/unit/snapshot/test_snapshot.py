@@ -519,6 +519,15 @@ def put_raw_manifest(store: BlobStore, entries: list[dict[str, object]]) -> str:
             ],
             "x/y",
         ),
+        (
+            # Folders found clear on the walk up from one path are not walked again from the next.
+            [
+                {"path": "a/b/c.py", "hash": "H", "mode": 420, "size": 4},
+                {"path": "a/b/d.py", "hash": "H", "mode": 420, "size": 4},
+                {"path": "a/b/d.py/e/f", "hash": "H", "mode": 420, "size": 4},
+            ],
+            "a/b/d.py/e/f",
+        ),
     ],
 )
 def test_a_manifest_that_escapes_the_destination_is_refused(
