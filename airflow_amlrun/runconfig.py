@@ -9,8 +9,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePath, PurePosixPath
 from typing import Any
 
-import yaml
-
 from airflow_amlrun.environment import Environment
 from airflow_amlrun.environment.paths import PathBase, as_path, check_path_text, user_file
 from airflow_amlrun.environment.requirements import read_text
@@ -419,6 +417,8 @@ class ScriptRunConfig:
             as_path(path, "Run configuration file path"), "Run configuration file", PathBase.given(base_dir)
         )
         text = read_text(path, "Run configuration file")
+        import yaml  # only a config read from a file pays this import (each task is a fresh process)
+
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as err:
@@ -431,6 +431,8 @@ class ScriptRunConfig:
         return cls.from_dict(data, base_dir=PathBase.of_file(path, "run configuration file"))
 
     def to_yaml(self, path: str | os.PathLike[str]) -> None:
+        import yaml
+
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 

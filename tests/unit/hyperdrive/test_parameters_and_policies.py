@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 
-import optuna
 import pytest
 
 from airflow_amlrun.errors import ConfigurationError
@@ -27,10 +26,12 @@ from airflow_amlrun.hyperdrive import (
 )
 from airflow_amlrun.runconfig import ScriptRunConfig
 
-optuna.logging.set_verbosity(optuna.logging.WARNING)
-
 
 def draws(sampling: RandomParameterSampling, n: int) -> list[dict[str, object]]:
+    # Imported here, not as the module is collected: every process of `make unit` collects it, one runs these.
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(sampler=sampling.sampler())
     space = sampling.parameter_space
     out = []

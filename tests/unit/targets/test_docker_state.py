@@ -16,7 +16,12 @@ from airflow_amlrun.targets.docker_state import (
     stopped_with_daemon,
 )
 
-OPTIONS = DockerOptions.from_mapping({}, where="test")
+
+@pytest.fixture
+def no_options() -> DockerOptions:
+    """The target's options when none is set (made in the tests that use them: DockerOptions imports the Docker
+    SDK, which every process of `make unit` would import as it collects this module)."""
+    return DockerOptions.from_mapping({}, where="test")
 
 
 def rfc3339(seconds: float) -> str:
@@ -51,7 +56,7 @@ def test_docker_times_are_read_to_the_microsecond_and_the_year_one_is_none() -> 
     assert docker_time(None) is None
 
 
-def test_an_oom_kill_names_the_limit_and_the_fix() -> None:
+def test_an_oom_kill_names_the_limit_and_the_fix(no_options: DockerOptions) -> None:
     limited = DockerOptions.from_mapping({"mem_limit": "1g"}, where="test")
     ended = outcome({"ExitCode": 137, "OOMKilled": True}, limited)
     assert (ended.running, ended.exit_code) == (False, 137)
@@ -59,15 +64,17 @@ def test_an_oom_kill_names_the_limit_and_the_fix() -> None:
         ended.reason is not None
         and "OOMKilled) with mem_limit=1g; raise the target's mem_limit" in ended.reason
     )
-    unlimited = outcome({"ExitCode": 137, "OOMKilled": True}, OPTIONS)
+    unlimited = outcome({"ExitCode": 137, "OOMKilled": True}, no_options)
     assert unlimited.reason is not None and "no mem_limit (the host ran out)" in unlimited.reason
 
 
-def test_a_container_that_could_not_run_says_why_and_an_exit_keeps_its_code() -> None:
-    failed = outcome({"ExitCode": 127, "Error": "exec: python: not found"}, OPTIONS, timed_out=False)
+def test_a_container_that_could_not_run_says_why_and_an_exit_keeps_its_code(
+    no_options: DockerOptions,
+) -> None:
+    failed = outcome({"ExitCode": 127, "Error": "exec: python: not found"}, no_options, timed_out=False)
     assert failed.reason == "the container could not run the script: exec: python: not found"
-    assert outcome({"ExitCode": 0}, OPTIONS).exit_code == 0
-    killed = outcome({"ExitCode": 143}, OPTIONS, timed_out=True)
+    assert outcome({"ExitCode": 0}, no_options).exit_code == 0
+    killed = outcome({"ExitCode": 143}, no_options, timed_out=True)
     assert (killed.exit_code, killed.reason, killed.timed_out) == (143, "killed by signal SIGTERM", True)
 
 
