@@ -7,7 +7,7 @@ from contextlib import contextmanager
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from functools import cached_property
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from airflow.sdk.configuration import conf
 from airflow.sdk.log import mask_secret
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
     from airflow_amlrun.history import RunRecord
     from airflow_amlrun.hyperdrive import HyperDriveConfig, HyperDriveRun
+    from airflow_amlrun.hyperdrive.takeover import SweepState
     from airflow_amlrun.run import FollowState
     from airflow_amlrun.submission import AirflowTask
     from airflow_amlrun.workspace import Workspace
@@ -109,6 +110,8 @@ class HyperDriveOperator(SettlesFailedDeferral):
         # How far the last follower (this task, or the trigger) got with each live run handed over, for ending
         # them from here without reading their output or metrics twice.
         self._handed_over: Mapping[str, FollowState] = {}
+        # The sweep whose runs this task handed over and is deferring with: a kill until it is deferred ends it.
+        self._deferring: str | None = None
 
     def on_kill(self) -> None:
         """Stop the sweep's live runs now; the sweep is recorded Canceled. Airflow's SIGTERM handler calls this and
@@ -116,6 +119,8 @@ class HyperDriveOperator(SettlesFailedDeferral):
         self._killed = True
         if self._sweep is not None:
             self._sweep.stop(KILLED)
+        elif self._deferring is not None:
+            self._end_handed_over(self._deferring)
 
     @cached_property
     def workspace(self) -> Workspace:
@@ -237,9 +242,6 @@ class HyperDriveOperator(SettlesFailedDeferral):
 
     def _go_on_deferred(self, sweep: HyperDriveRun, stop_at: str | None) -> dict[str, Any]:
         """Start the runs that slots allow, then hand the live ones to the triggerer until there is more to do."""
-        from airflow_amlrun.triggers.hyperdrive import HyperDriveTrigger
-        from airflow_amlrun.triggers.script_run import FIRST_EVENT_AFTER_SECONDS
-
         record = sweep.advance()
         if record is not None:
             return self._result(sweep, record)
@@ -250,11 +252,35 @@ class HyperDriveOperator(SettlesFailedDeferral):
         # (with no retry to come, _settle_sweeps ends it).
         state = sweep.hand_over()
         self._sweep, self._handed_over = None, state.children
+        if self._killed:
+            # Killed as it handed its runs over (on_kill found none left to stop here): they are stopped from how
+            # far this task got with them, and the sweep is recorded Canceled, not deferred.
+            self._end_handed_over(sweep.id)
+            return self._result(sweep, self.workspace.history.get_run(sweep.id))
         self.log.info(
             "Sweep %s: its %d live runs are followed by the triggerer from here; the worker slot is freed.",
             sweep.id,
             len(state.children),
         )
+        # Until the task is deferred, a kill ends the sweep from on_kill (the trigger then finds it ended).
+        self._deferring = sweep.id
+        try:
+            self._defer_with(sweep, state, stop_at)
+        finally:
+            self._deferring = None
+
+    def _end_handed_over(self, sweep_id: str) -> None:
+        """Stop the runs this task handed over and record the sweep Canceled, as a killed deferred task's trigger
+        does."""
+        from airflow_amlrun.history import RunStatus
+        from airflow_amlrun.hyperdrive.takeover import end_sweep
+
+        end_sweep(self.workspace, sweep_id, RunStatus.CANCELED, KILLED, KILLED, self._handed_over)
+
+    def _defer_with(self, sweep: HyperDriveRun, state: SweepState, stop_at: str | None) -> NoReturn:
+        from airflow_amlrun.triggers.hyperdrive import HyperDriveTrigger
+        from airflow_amlrun.triggers.script_run import FIRST_EVENT_AFTER_SECONDS
+
         assert self.config.policy is not None
         self.defer(
             trigger=HyperDriveTrigger(

@@ -511,3 +511,82 @@ def test_a_sweep_whose_task_is_killed_as_it_submits_the_sweep_starts_no_run_and_
         [],
     )
     assert parent.end is not None
+
+
+# Each run leaves a mark named by its alpha and pid, then trains until something stops it.
+SLEEPING_SCRIPT = """
+    import argparse, os, time
+    from pathlib import Path
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--alpha", type=float)
+    parser.add_argument("--marks")
+    args = parser.parse_args()
+    Path(args.marks, f"{args.alpha:g}-{os.getpid()}").touch()
+    time.sleep(600)
+"""
+
+# Where Airflow's SIGTERM handler (on_kill, which returns) lands: once both runs' scripts run, as the task hands
+# the live runs over (right after the hand-over), or as it defers (after the task looked for a kill for the last
+# time, before the deferral is raised).
+KILLS = {
+    "as_it_hands_over": """
+                def _hold(self, sweep):
+                    held = super()._hold(sweep)
+                    hand_over = held.hand_over
+
+                    def killed_as_it_hands_over():
+                        state = hand_over()
+                        both_running(marks)
+                        self.on_kill()
+                        return state
+
+                    held.hand_over = killed_as_it_hands_over
+                    return held
+    """,
+    "as_it_defers": """
+                def defer(self, **kwargs):
+                    both_running(marks)
+                    self.on_kill()
+                    super().defer(**kwargs)
+    """,
+}
+
+
+@pytest.mark.parametrize("when", sorted(KILLS))
+def test_a_sweep_whose_task_is_killed_as_it_hands_its_runs_over_stops_them_and_is_recorded_canceled(
+    run_dag: Any, targets: None, tmp_path: Path, when: str
+) -> None:
+    source, marks = tmp_path / "src", tmp_path / "marks"
+    write_script(source, "train.py", SLEEPING_SCRIPT)
+    marks.mkdir()
+    tasks = f"""
+            import os, time
+
+            marks = {str(marks)!r}
+
+            def both_running(marks):
+                deadline = time.monotonic() + 60
+                while len(os.listdir(marks)) < 2 and time.monotonic() < deadline:
+                    time.sleep(0.05)
+
+            class KilledAsItDefers(HyperDriveOperator):
+{KILLS[when]}
+
+            KilledAsItDefers(
+                task_id="tune", config=sweep({str(source)!r}, "anywhere", ["--marks", marks]), deferrable=True
+            )
+    """
+    try:
+        result = run_dag(sweep_dag(tasks))
+        parent, runs = sweep_of(result.dag_id, "tune")
+        pids = pids_of(marks)
+        running = [alpha for alpha, pid in pids.items() if alive(pid)]
+    finally:
+        stop_what_is_left(marks)
+
+    assert result.task_states == {"tune": "failed"}, result.log
+    killed = "Canceled: the Airflow task running the sweep was stopped."
+    assert (parent.status, parent.error) == (RunStatus.CANCELED, killed), result.log
+    assert parent.end is not None
+    assert [(run.status, run.error) for run in runs] == [(RunStatus.CANCELED, killed)] * 2, result.log
+    assert (sorted(pids), running) == (["1", "2"], [])
