@@ -37,12 +37,7 @@ def test_a_history_migrated_to_the_newest_revision_has_exactly_the_tables_the_co
     from alembic.autogenerate import compare_metadata
     from alembic.migration import MigrationContext
 
-    # The registries declare their tables where they use them.
-    from airflow_amlrun.environment import registry  # noqa: F401
-    from airflow_amlrun.history import model_registry  # noqa: F401
-    from airflow_amlrun.history.models import Base
-
-    metadata = Base.metadata
+    from airflow_amlrun.history.tables import metadata
 
     history = RunHistory(database_url)
     with history.engine.connect() as connection:
