@@ -120,7 +120,8 @@ def store_points(connection: Connection, run_id: str, points: Sequence[MetricPoi
     folded = [
         _summarize(connection, run_id, name, summaries.get(name), logged) for name, logged in by_name.items()
     ]
-    # Each metric's summary in one statement of many rows, new ones apart from those that were there.
+    # Each metric's summary in one statement of many rows, new ones apart from those that were there (an
+    # update's parameters are named b_*: SQLAlchemy refuses a parameter named as a column it sets).
     fresh = [summary for summary in folded if summary["name"] not in summaries]
     if fresh:
         connection.execute(insert(metric_summaries), fresh)
