@@ -37,12 +37,12 @@ def _kind(spec: Environment) -> str:
 def _labels(ws: Workspace, name: str) -> dict[str, str]:
     from sqlalchemy import select
 
-    from airflow_amlrun.environment.registry import EnvironmentLabelRow
+    from airflow_amlrun.history.tables import environment_labels
 
-    with ws.history.session() as session:
-        rows = session.execute(
-            select(EnvironmentLabelRow.label, EnvironmentLabelRow.version).where(
-                EnvironmentLabelRow.name == name
+    with ws.history.transaction() as connection:
+        rows = connection.execute(
+            select(environment_labels.c.label, environment_labels.c.version).where(
+                environment_labels.c.name == name
             )
         ).all()
     return {label: version for label, version in rows}

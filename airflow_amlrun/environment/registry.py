@@ -5,21 +5,19 @@ from __future__ import annotations
 import functools
 import re
 from dataclasses import dataclass
-from datetime import datetime
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from sqlalchemy import JSON, DateTime, Integer, String, Text, UniqueConstraint, func, select
+from sqlalchemy import Connection, Row, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from airflow_amlrun.environment.errors import EnvironmentNotFoundError
 from airflow_amlrun.environment.lock import default_uv_cache, resolve_lock
 from airflow_amlrun.environment.sections import check_environment_name
 from airflow_amlrun.errors import ConfigurationError, shown
-from airflow_amlrun.history.models import Base
 from airflow_amlrun.history.repository import utcnow
+from airflow_amlrun.history.tables import environment_labels, environments
 
 if TYPE_CHECKING:
     from airflow_amlrun.environment.spec import Environment
@@ -40,36 +38,6 @@ class RegistryHost(Protocol):
 # "latest" always means the highest version; it cannot be set as a label.
 LATEST = "latest"
 _REGISTER_ATTEMPTS = 5
-
-
-class EnvironmentVersionRow(Base):
-    __tablename__ = "amlrun_environments"
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    name: Mapped[str] = mapped_column(String(255))
-    version: Mapped[str] = mapped_column(String(32))
-    # Versions are numbered 1, 2, ...; the number orders them (the string "10" sorts before "9").
-    seq: Mapped[int] = mapped_column(Integer)
-    spec_hash: Mapped[str] = mapped_column(String(64))
-    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
-    lock: Mapped[str | None] = mapped_column(Text)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-
-    __table_args__ = (
-        UniqueConstraint("name", "version", name="uq_amlrun_environments_name_version"),
-        UniqueConstraint("name", "seq", name="uq_amlrun_environments_name_seq"),
-        # One version per distinct spec: registering an identical spec returns that version.
-        UniqueConstraint("name", "spec_hash", name="uq_amlrun_environments_name_hash"),
-    )
-
-
-class EnvironmentLabelRow(Base):
-    __tablename__ = "amlrun_environment_labels"
-
-    name: Mapped[str] = mapped_column(String(255), primary_key=True)
-    label: Mapped[str] = mapped_column(String(64), primary_key=True)
-    version: Mapped[str] = mapped_column(String(32))
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
 @dataclass(frozen=True)
@@ -166,34 +134,34 @@ def register(workspace: RegistryHost, spec: Environment) -> StoredEnvironment:
 def _register(workspace: RegistryHost, spec: Environment) -> StoredEnvironment:
     spec.validate()
     digest = spec.spec_hash()
-    with workspace.history.session() as session:
-        row = _row_by_hash(session, spec.name, digest)
+    with workspace.history.transaction() as connection:
+        row = _row_by_hash(connection, spec.name, digest)
         if row is not None:
             return _stored(type(spec), row)
     # Resolving takes seconds and needs the network: do it outside any transaction.
     lock = resolve_lock(spec, uv_cache_dir=default_uv_cache(workspace.cache_dir))
     for _attempt in range(_REGISTER_ATTEMPTS):
         try:
-            with workspace.history.session() as session:
-                row = _row_by_hash(session, spec.name, digest)
+            with workspace.history.transaction() as connection:
+                row = _row_by_hash(connection, spec.name, digest)
                 if row is not None:
                     return _stored(type(spec), row)
-                last = session.scalar(
-                    select(func.max(EnvironmentVersionRow.seq)).where(EnvironmentVersionRow.name == spec.name)
+                last = connection.scalar(
+                    select(func.max(environments.c.seq)).where(environments.c.name == spec.name)
                 )
                 seq = (last or 0) + 1
                 stored = spec.copy(version=str(seq))
-                row = EnvironmentVersionRow(
-                    name=spec.name,
-                    version=str(seq),
-                    seq=seq,
-                    spec_hash=digest,
-                    spec=stored.to_dict(),
-                    lock=lock,
-                    created_at=utcnow(),
+                connection.execute(
+                    insert(environments).values(
+                        name=spec.name,
+                        version=str(seq),
+                        seq=seq,
+                        spec_hash=digest,
+                        spec=stored.to_dict(),
+                        lock=lock,
+                        created_at=utcnow(),
+                    )
                 )
-                session.add(row)
-                session.flush()
                 return StoredEnvironment(spec=stored, lock=lock)
         except IntegrityError:
             # Another process registered this name at the same moment: read again and number after it.
@@ -204,15 +172,13 @@ def _register(workspace: RegistryHost, spec: Environment) -> StoredEnvironment:
     )
 
 
-def _row_by_hash(session: Session, name: str, digest: str) -> EnvironmentVersionRow | None:
-    return session.scalar(
-        select(EnvironmentVersionRow).where(
-            EnvironmentVersionRow.name == name, EnvironmentVersionRow.spec_hash == digest
-        )
-    )
+def _row_by_hash(connection: Connection, name: str, digest: str) -> Row[Any] | None:
+    return connection.execute(
+        select(environments).where(environments.c.name == name, environments.c.spec_hash == digest)
+    ).first()
 
 
-def _stored(model: type[Environment], row: EnvironmentVersionRow) -> StoredEnvironment:
+def _stored(model: type[Environment], row: Row[Any]) -> StoredEnvironment:
     spec = model.from_dict(row.spec)
     spec.version = row.version
     return StoredEnvironment(spec=spec, lock=row.lock)
@@ -244,57 +210,55 @@ def lookup(
     if label == LATEST:
         label = None
     curated = curated_environment(model, name)
-    with workspace.history.session() as session:
+    with workspace.history.transaction() as connection:
         if label is not None:
-            version = session.scalar(
-                select(EnvironmentLabelRow.version).where(
-                    EnvironmentLabelRow.name == name, EnvironmentLabelRow.label == label
+            version = connection.scalar(
+                select(environment_labels.c.version).where(
+                    environment_labels.c.name == name, environment_labels.c.label == label
                 )
             )
             if version is None:
-                labels = session.scalars(
-                    select(EnvironmentLabelRow.label).where(EnvironmentLabelRow.name == name)
+                labels = connection.scalars(
+                    select(environment_labels.c.label).where(environment_labels.c.name == name)
                 ).all()
                 raise EnvironmentNotFoundError(
                     f"Environment {name!r} has no label {label!r} (labels: {', '.join(labels) or 'none'}). "
                     f"Set one with Environment.set_label(ws, {name!r}, version, {label!r})."
                 )
         if version is not None:
-            row = session.scalar(
-                select(EnvironmentVersionRow).where(
-                    EnvironmentVersionRow.name == name, EnvironmentVersionRow.version == str(version)
+            row = connection.execute(
+                select(environments).where(
+                    environments.c.name == name, environments.c.version == str(version)
                 )
-            )
+            ).first()
             if row is not None:
                 return _stored(model, row)
             if curated is None:
-                raise _not_found(session, name, version)
+                raise _not_found(connection, name, version)
         elif curated is None:
-            row = session.scalar(
-                select(EnvironmentVersionRow)
-                .where(EnvironmentVersionRow.name == name)
-                .order_by(EnvironmentVersionRow.seq.desc())
+            row = connection.execute(
+                select(environments)
+                .where(environments.c.name == name)
+                .order_by(environments.c.seq.desc())
                 .limit(1)
-            )
+            ).first()
             if row is None:
-                raise _not_found(session, name, None)
+                raise _not_found(connection, name, None)
             return _stored(model, row)
     # A curated name means the spec this package ships: stored (with its lock) on first use, so a new
     # release of the package that changes it becomes the next version.
     assert curated is not None
     stored = _register(workspace, curated)
     if version is not None and stored.spec.version != str(version):
-        with workspace.history.session() as session:
-            raise _not_found(session, name, version)
+        with workspace.history.transaction() as connection:
+            raise _not_found(connection, name, version)
     return stored
 
 
-def _not_found(session: Session, name: str, version: str | None) -> EnvironmentNotFoundError:
+def _not_found(connection: Connection, name: str, version: str | None) -> EnvironmentNotFoundError:
     if version is not None:
-        versions = session.scalars(
-            select(EnvironmentVersionRow.version)
-            .where(EnvironmentVersionRow.name == name)
-            .order_by(EnvironmentVersionRow.seq)
+        versions = connection.scalars(
+            select(environments.c.version).where(environments.c.name == name).order_by(environments.c.seq)
         ).all()
         if versions:
             return EnvironmentNotFoundError(
@@ -302,9 +266,7 @@ def _not_found(session: Session, name: str, version: str | None) -> EnvironmentN
             )
     registered = [
         found
-        for found in session.scalars(
-            select(EnvironmentVersionRow.name).distinct().order_by(EnvironmentVersionRow.name)
-        )
+        for found in connection.scalars(select(environments.c.name).distinct().order_by(environments.c.name))
         if found not in _curated_specs()
     ]
     return EnvironmentNotFoundError(
@@ -323,26 +285,21 @@ def list_environments(
     :param workspace: the workspace.
     :param name: list this name's versions, newest first.
     """
-    with workspace.history.session() as session:
+    with workspace.history.transaction() as connection:
         if name is not None:
-            rows = session.scalars(
-                select(EnvironmentVersionRow)
-                .where(EnvironmentVersionRow.name == name)
-                .order_by(EnvironmentVersionRow.seq.desc())
+            rows = connection.execute(
+                select(environments).where(environments.c.name == name).order_by(environments.c.seq.desc())
             ).all()
             return [_stored(model, row).spec for row in rows]
         latest = (
-            select(EnvironmentVersionRow.name, func.max(EnvironmentVersionRow.seq).label("seq"))
-            .group_by(EnvironmentVersionRow.name)
+            select(environments.c.name, func.max(environments.c.seq).label("seq"))
+            .group_by(environments.c.name)
             .subquery()
         )
-        rows = session.scalars(
-            select(EnvironmentVersionRow)
-            .join(
-                latest,
-                (EnvironmentVersionRow.name == latest.c.name) & (EnvironmentVersionRow.seq == latest.c.seq),
-            )
-            .order_by(EnvironmentVersionRow.name)
+        rows = connection.execute(
+            select(environments)
+            .join(latest, (environments.c.name == latest.c.name) & (environments.c.seq == latest.c.seq))
+            .order_by(environments.c.name)
         ).all()
         found = {row.name: _stored(model, row).spec for row in rows}
     for curated in curated_names():
@@ -369,19 +326,23 @@ def set_label(model: type[Environment], workspace: RegistryHost, name: str, vers
         )
     if name in _curated_specs():
         lookup(model, workspace, name)  # so the curated version exists to be labelled
-    with workspace.history.session() as session:
-        exists = session.scalar(
-            select(EnvironmentVersionRow.id).where(
-                EnvironmentVersionRow.name == name, EnvironmentVersionRow.version == str(version)
+    with workspace.history.transaction() as connection:
+        exists = connection.scalar(
+            select(environments.c.id).where(
+                environments.c.name == name, environments.c.version == str(version)
             )
         )
         if exists is None:
-            raise _not_found(session, name, str(version))
-        row = session.get(EnvironmentLabelRow, (name, label))
-        if row is None:
-            session.add(
-                EnvironmentLabelRow(name=name, label=label, version=str(version), updated_at=utcnow())
+            raise _not_found(connection, name, str(version))
+        of_label = (environment_labels.c.name == name, environment_labels.c.label == label)
+        current = connection.scalar(select(environment_labels.c.version).where(*of_label))
+        if current is None:
+            connection.execute(
+                insert(environment_labels).values(
+                    name=name, label=label, version=str(version), updated_at=utcnow()
+                )
             )
         else:
-            row.version = str(version)
-            row.updated_at = utcnow()
+            connection.execute(
+                update(environment_labels).where(*of_label).values(version=str(version), updated_at=utcnow())
+            )

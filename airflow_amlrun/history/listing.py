@@ -9,15 +9,14 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, cast
+from typing import Any
 
-from sqlalchemy import ColumnElement, Select, and_, exists, false, func, null, or_, select, tuple_
-from sqlalchemy.orm import Session, aliased
+from sqlalchemy import ColumnElement, Connection, Select, and_, exists, false, func, null, or_, select, tuple_
 
 from airflow_amlrun.history.metricstore import latest_values
-from airflow_amlrun.history.models import ExperimentRow, MetricSummaryRow, RunRow
 from airflow_amlrun.history.paging import RunSort, decode_cursor, encode_cursor
 from airflow_amlrun.history.records import RunStatus, aware
+from airflow_amlrun.history.tables import experiments, metric_summaries, runs
 
 
 @dataclass(frozen=True)
@@ -89,16 +88,16 @@ def of_dags(
     if dag_ids is None and runs_without_dag and not hidden_dag_ids:
         return None
     if dag_ids is not None:
-        of_dag = RunRow.dag_id.in_(sorted(dag_ids))
+        of_dag = runs.c.dag_id.in_(sorted(dag_ids))
     elif hidden_dag_ids:
-        of_dag = RunRow.dag_id.not_in(sorted(hidden_dag_ids))
+        of_dag = runs.c.dag_id.not_in(sorted(hidden_dag_ids))
     else:
-        of_dag = RunRow.dag_id.is_not(None)
-    return or_(of_dag, RunRow.dag_id.is_(None)) if runs_without_dag else of_dag
+        of_dag = runs.c.dag_id.is_not(None)
+    return or_(of_dag, runs.c.dag_id.is_(None)) if runs_without_dag else of_dag
 
 
 def page_runs(
-    session: Session, where: RunFilter, sort: RunSort, *, limit: int, cursor: str | None = None
+    connection: Connection, where: RunFilter, sort: RunSort, *, limit: int, cursor: str | None = None
 ) -> RunPage:
     """One page of the runs that pass `where`, in `sort` order, after `cursor` (the previous page's next).
 
@@ -115,70 +114,72 @@ def page_runs(
             pair, start = tuple_(key, run_id), tuple_(at.value, at.run_id)
             query = query.where(pair < start if sort.descending else pair > start)
         order = (key.desc(), run_id.desc()) if sort.descending else (key.asc(), run_id.asc())
-        rows = list(session.execute(query.add_columns(key).order_by(*order).limit(limit + 1)))
+        rows = list(connection.execute(query.add_columns(key).order_by(*order).limit(limit + 1)))
     if len(rows) <= limit and sort.nullable:
         query = _filtered(where).where(_lacks_key(sort))
         if at is not None and at.value is None:
-            query = query.where(RunRow.id < at.run_id if sort.descending else RunRow.id > at.run_id)
-        order_id = RunRow.id.desc() if sort.descending else RunRow.id.asc()
-        rows += session.execute(query.add_columns(null()).order_by(order_id).limit(limit + 1 - len(rows)))
+            query = query.where(runs.c.id < at.run_id if sort.descending else runs.c.id > at.run_id)
+        order_id = runs.c.id.desc() if sort.descending else runs.c.id.asc()
+        rows += connection.execute(query.add_columns(null()).order_by(order_id).limit(limit + 1 - len(rows)))
     more = len(rows) > limit
     rows = rows[:limit]
-    runs = _items(rows, latest_values(session, [row[0] for row in rows]))
+    items = _items(rows, latest_values(connection, [row[0] for row in rows]))
     next_cursor = encode_cursor(sort, rows[-1][-1], rows[-1][0]) if more else None
-    return RunPage(runs=runs, next_cursor=next_cursor)
+    return RunPage(runs=items, next_cursor=next_cursor)
 
 
 def _with_key(query: Select[Any], sort: RunSort) -> tuple[Select[Any], Any, Any]:
     """The query narrowed to runs with a value for the sort key, the key, and the run id to order by."""
     if sort.metric is not None:
-        summary = aliased(MetricSummaryRow)
-        query = query.join(summary, and_(summary.run_id == RunRow.id, summary.name == sort.metric)).where(
-            summary.last_value.is_not(None)
+        summary = metric_summaries.alias()
+        query = query.join(summary, and_(summary.c.run_id == runs.c.id, summary.c.name == sort.metric)).where(
+            summary.c.last_value.is_not(None)
         )
-        return query, summary.last_value, summary.run_id
-    key = ExperimentRow.name if sort.column == "experiment" else getattr(RunRow, sort.column or "created_at")
+        return query, summary.c.last_value, summary.c.run_id
+    key = experiments.c.name if sort.column == "experiment" else runs.c[sort.column or "created_at"]
     if sort.nullable:
         query = query.where(key.is_not(None))
-    return query, key, RunRow.id
+    return query, key, runs.c.id
 
 
 def _lacks_key(sort: RunSort) -> ColumnElement[bool]:
     if sort.metric is None:
-        return cast(ColumnElement[bool], getattr(RunRow, sort.column or "").is_(None))
+        return runs.c[sort.column or ""].is_(None)
     return ~exists().where(
-        MetricSummaryRow.run_id == RunRow.id,
-        MetricSummaryRow.name == sort.metric,
-        MetricSummaryRow.last_value.is_not(None),
+        metric_summaries.c.run_id == runs.c.id,
+        metric_summaries.c.name == sort.metric,
+        metric_summaries.c.last_value.is_not(None),
     )
 
 
 def list_items(
-    session: Session, run_ids: Collection[str], metrics: dict[str, dict[str, Any]]
+    connection: Connection, run_ids: Collection[str], metrics: dict[str, dict[str, Any]]
 ) -> list[RunListItem]:
     """The runs of these ids as the list shows them, with the metrics given (by run id)."""
     ids = sorted(run_ids)
     rows: list[Any] = []
     for start in range(0, len(ids), 1000):
-        rows += session.execute(_filtered(RunFilter()).where(RunRow.id.in_(ids[start : start + 1000]))).all()
+        rows += connection.execute(
+            _filtered(RunFilter()).where(runs.c.id.in_(ids[start : start + 1000]))
+        ).all()
     return _items(rows, metrics)
 
 
 # What the list shows of a run, in the order `_items` reads it.
 _LISTED: tuple[Any, ...] = (
-    RunRow.id,
-    ExperimentRow.name,
-    RunRow.status,
-    RunRow.target,
-    RunRow.created_at,
-    RunRow.start_time,
-    RunRow.end_time,
-    RunRow.dag_id,
-    RunRow.task_id,
-    RunRow.airflow_run_id,
-    RunRow.map_index,
-    RunRow.arguments,
-    RunRow.tags,
+    runs.c.id,
+    experiments.c.name,
+    runs.c.status,
+    runs.c.target,
+    runs.c.created_at,
+    runs.c.start_time,
+    runs.c.end_time,
+    runs.c.dag_id,
+    runs.c.task_id,
+    runs.c.airflow_run_id,
+    runs.c.map_index,
+    runs.c.arguments,
+    runs.c.tags,
 )
 
 
@@ -205,53 +206,53 @@ def _items(rows: Sequence[Any], metrics: dict[str, dict[str, Any]]) -> list[RunL
 
 
 def _filtered(where: RunFilter) -> Select[Any]:
-    query = select(*_LISTED).join(ExperimentRow, ExperimentRow.id == RunRow.experiment_id)
+    query = select(*_LISTED).select_from(runs.join(experiments, experiments.c.id == runs.c.experiment_id))
     visible = of_dags(where.dag_ids, where.runs_without_dag, where.hidden_dag_ids)
     if visible is not None:
         query = query.where(visible)
     if where.experiment is not None:
         # The experiment's id is looked up once, and the condition is on the runs' own column.
         query = query.where(
-            RunRow.experiment_id
-            == select(ExperimentRow.id).where(ExperimentRow.name == where.experiment).scalar_subquery()
+            runs.c.experiment_id
+            == select(experiments.c.id).where(experiments.c.name == where.experiment).scalar_subquery()
         )
     if where.statuses:
-        query = query.where(RunRow.status.in_([RunStatus(s).value for s in where.statuses]))
-    for column, value in ((RunRow.target, where.target), (RunRow.dag_id, where.dag_id)):
+        query = query.where(runs.c.status.in_([RunStatus(s).value for s in where.statuses]))
+    for column, value in ((runs.c.target, where.target), (runs.c.dag_id, where.dag_id)):
         if value is not None:
             query = query.where(column == value)
     for name, value in where.tags:
         # PostgreSQL has no statistics on a JSON field and guesses that 1 run in 200 matches, which makes it
         # sort every run of the other filters instead of walking the index of the list's order; behind
         # COALESCE it guesses 1 in 2, and stops after a page's worth of matches.
-        query = query.where(func.coalesce(RunRow.tags[name].as_string() == value, false()))
+        query = query.where(func.coalesce(runs.c.tags[name].as_string() == value, false()))
     for metric in where.metrics:
-        summary = aliased(MetricSummaryRow)
-        query = query.join(summary, and_(summary.run_id == RunRow.id, summary.name == metric.name))
+        summary = metric_summaries.alias()
+        query = query.join(summary, and_(summary.c.run_id == runs.c.id, summary.c.name == metric.name))
         if metric.low is not None:
-            query = query.where(summary.last_value >= metric.low)
+            query = query.where(summary.c.last_value >= metric.low)
         if metric.high is not None:
-            query = query.where(summary.last_value <= metric.high)
+            query = query.where(summary.c.last_value <= metric.high)
         if metric.low is None and metric.high is None:
-            query = query.where(summary.last_value.is_not(None))
+            query = query.where(summary.c.last_value.is_not(None))
     if where.created_after is not None:
-        query = query.where(RunRow.created_at >= where.created_after)
+        query = query.where(runs.c.created_at >= where.created_after)
     if where.created_before is not None:
-        query = query.where(RunRow.created_at < where.created_before)
+        query = query.where(runs.c.created_at < where.created_before)
     return query
 
 
 def experiment_activity(
-    session: Session, visible: ColumnElement[bool] | None
+    connection: Connection, visible: ColumnElement[bool] | None
 ) -> list[tuple[str, datetime, int, Any]]:
     """Each experiment with runs the condition lets through: name, created, run count, last run's creation."""
-    counts = select(RunRow.experiment_id, func.count().label("n"), func.max(RunRow.created_at).label("last"))
+    counts = select(runs.c.experiment_id, func.count().label("n"), func.max(runs.c.created_at).label("last"))
     if visible is not None:
         counts = counts.where(visible)
-    counted = counts.group_by(RunRow.experiment_id).subquery()
-    rows = session.execute(
-        select(ExperimentRow.name, ExperimentRow.created_at, func.coalesce(counted.c.n, 0), counted.c.last)
-        .join(counted, counted.c.experiment_id == ExperimentRow.id, isouter=visible is None)
-        .order_by(ExperimentRow.name)
+    counted = counts.group_by(runs.c.experiment_id).subquery()
+    rows = connection.execute(
+        select(experiments.c.name, experiments.c.created_at, func.coalesce(counted.c.n, 0), counted.c.last)
+        .join(counted, counted.c.experiment_id == experiments.c.id, isouter=visible is None)
+        .order_by(experiments.c.name)
     ).all()
     return [(name, created, int(n), last) for name, created, n, last in rows]

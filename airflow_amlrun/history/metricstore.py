@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, cast
+from typing import Any
 
-from sqlalchemy import Table, insert, select, tuple_, update
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection, Row, bindparam, insert, select, tuple_, update
 
-from airflow_amlrun.history.models import MetricBucketRow, MetricRow, MetricSummaryRow, RunRow
 from airflow_amlrun.history.records import MetricPoint
 from airflow_amlrun.history.series import (
     BUCKET_SIZES,
@@ -26,6 +24,7 @@ from airflow_amlrun.history.series import (
     level_buckets,
     level_for,
 )
+from airflow_amlrun.history.tables import metric_buckets, metric_points, metric_summaries, runs
 
 # Metric points looked up or written per statement (a database limits one statement's parameters).
 _BATCH = 1000
@@ -59,35 +58,38 @@ class MetricSummary:
     max: float | None
 
 
-def summary_of(row: MetricSummaryRow) -> MetricSummary:
+def summary_of(row: Mapping[str, Any]) -> MetricSummary:
+    """A metric's summary of its row's columns (by name)."""
     return MetricSummary(
-        name=row.name,
-        count=row.count,
-        numeric_count=row.numeric_count,
-        last_step=row.last_step,
-        last=join_value(row.last_value, row.last_value_json),
-        min=row.min_value,
-        max=row.max_value,
+        name=row["name"],
+        count=row["count"],
+        numeric_count=row["numeric_count"],
+        last_step=row["last_step"],
+        last=join_value(row["last_value"], row["last_value_json"]),
+        min=row["min_value"],
+        max=row["max_value"],
     )
 
 
-def store_points(session: Session, run_id: str, points: Sequence[MetricPoint], now: datetime) -> int:
+def store_points(connection: Connection, run_id: str, points: Sequence[MetricPoint], now: datetime) -> int:
     """Store the points whose seq is new to the run, with their metrics' summaries and pyramids; how many."""
     # Taking the run row's write lock first makes two writers of one run's metrics take turns (PostgreSQL
     # locks the row; SQLite the file, before this transaction read anything it could find changed).
-    runs = cast(Table, RunRow.__table__)
-    session.execute(update(runs).where(runs.c.id == run_id).values(id=runs.c.id))
+    connection.execute(update(runs).where(runs.c.id == run_id).values(id=runs.c.id))
     summaries = {
-        s.name: s for s in session.scalars(select(MetricSummaryRow).where(MetricSummaryRow.run_id == run_id))
+        row.name: row._asdict()
+        for row in connection.execute(select(metric_summaries).where(metric_summaries.c.run_id == run_id))
     }
-    newest = max((s.last_seq for s in summaries.values()), default=-1)
+    newest = max((s["last_seq"] for s in summaries.values()), default=-1)
     known: set[int] = set()
     if any(p.seq <= newest for p in points):
         for start in range(0, len(points), _BATCH):
             batch = [p.seq for p in points[start : start + _BATCH]]
             known.update(
-                session.scalars(
-                    select(MetricRow.seq).where(MetricRow.run_id == run_id, MetricRow.seq.in_(batch))
+                connection.scalars(
+                    select(metric_points.c.seq).where(
+                        metric_points.c.run_id == run_id, metric_points.c.seq.in_(batch)
+                    )
                 )
             )
     new: list[MetricPoint] = []
@@ -114,24 +116,51 @@ def store_points(session: Session, run_id: str, points: Sequence[MetricPoint], n
         )
         by_name.setdefault(point.name, []).append((point, number, as_json))
     for start in range(0, len(rows), _BATCH):
-        session.execute(insert(cast(Table, MetricRow.__table__)), rows[start : start + _BATCH])
-    for name, logged in by_name.items():
-        _summarize(session, run_id, name, summaries.get(name), logged)
+        connection.execute(insert(metric_points), rows[start : start + _BATCH])
+    folded = [
+        _summarize(connection, run_id, name, summaries.get(name), logged) for name, logged in by_name.items()
+    ]
+    # Each metric's summary in one statement of many rows, new ones apart from those that were there (an
+    # update's parameters are named b_*: SQLAlchemy refuses a parameter named as a column it sets).
+    fresh = [summary for summary in folded if summary["name"] not in summaries]
+    if fresh:
+        connection.execute(insert(metric_summaries), fresh)
+    kept = [{f"b_{key}": value for key, value in s.items()} for s in folded if s["name"] in summaries]
+    if kept:
+        connection.execute(
+            update(metric_summaries)
+            .where(
+                metric_summaries.c.run_id == bindparam("b_run_id"),
+                metric_summaries.c.name == bindparam("b_name"),
+            )
+            .values({c.key: bindparam(f"b_{c.key}") for c in metric_summaries.c if not c.primary_key}),
+            kept,
+        )
     return len(new)
 
 
 def _summarize(
-    session: Session,
+    connection: Connection,
     run_id: str,
     name: str,
-    summary: MetricSummaryRow | None,
+    stored: dict[str, Any] | None,
     logged: list[tuple[MetricPoint, float | None, str | None]],
-) -> None:
-    """Fold one metric's new points into its summary row and its pyramid."""
-    if summary is None:
-        summary = MetricSummaryRow(run_id=run_id, name=name, count=0, numeric_count=0, last_seq=-1)
-        session.add(summary)
-    first_number = summary.numeric_count
+) -> dict[str, Any]:
+    """Fold one metric's new points into its pyramid and into its summary row (``stored``'s columns, None for a
+    metric new to the run): the summary's columns to write."""
+    summary = stored or {
+        "run_id": run_id,
+        "name": name,
+        "count": 0,
+        "numeric_count": 0,
+        "last_seq": -1,
+        "last_step": None,
+        "last_value": None,
+        "last_value_json": None,
+        "min_value": None,
+        "max_value": None,
+    }
+    first_number = summary["numeric_count"]
     finite: list[Point] = []
     for point, number, _ in logged:
         if number is not None:
@@ -139,59 +168,74 @@ def _summarize(
                 Point(first_number + len(finite), _x(point.step, first_number + len(finite)), number)
             )
     last, last_number, last_json = max(logged, key=lambda entry: entry[0].seq)
-    if last.seq > summary.last_seq:
-        summary.last_seq = last.seq
-        summary.last_step = last.step
-        summary.last_value = last_number
-        summary.last_value_json = last_json
-    summary.count += len(logged)
-    summary.numeric_count += len(finite)
+    if last.seq > summary["last_seq"]:
+        summary["last_seq"] = last.seq
+        summary["last_step"] = last.step
+        summary["last_value"] = last_number
+        summary["last_value_json"] = last_json
+    summary["count"] += len(logged)
+    summary["numeric_count"] += len(finite)
     if finite:
         low = min(p.value for p in finite)
         high = max(p.value for p in finite)
-        summary.min_value = low if summary.min_value is None else min(summary.min_value, low)
-        summary.max_value = high if summary.max_value is None else max(summary.max_value, high)
-    if summary.numeric_count <= READ_LIMIT:
-        return  # a chart reads so few points themselves: no pyramid yet
+        summary["min_value"] = low if summary["min_value"] is None else min(summary["min_value"], low)
+        summary["max_value"] = high if summary["max_value"] is None else max(summary["max_value"], high)
+    if summary["numeric_count"] <= READ_LIMIT:
+        return summary  # a chart reads so few points themselves: no pyramid yet
     if first_number <= READ_LIMIT:
         # The metric outgrows reading its points: its pyramid starts with the points stored before these.
-        finite = _stored_points(session, run_id, name, first_number) + finite
-    _add_to_pyramid(session, run_id, name, finite)
+        finite = _stored_points(connection, run_id, name, first_number) + finite
+    _add_to_pyramid(connection, run_id, name, finite)
+    return summary
 
 
-def _stored_points(session: Session, run_id: str, name: str, count: int) -> list[Point]:
+def _stored_points(connection: Connection, run_id: str, name: str, count: int) -> list[Point]:
     """The first `count` finite points stored of a metric, numbered in the order they were stored."""
-    rows = session.execute(
-        select(MetricRow.step, MetricRow.value)
-        .where(MetricRow.run_id == run_id, MetricRow.name == name, MetricRow.value.is_not(None))
-        .order_by(MetricRow.id)
+    rows = connection.execute(
+        select(metric_points.c.step, metric_points.c.value)
+        .where(
+            metric_points.c.run_id == run_id,
+            metric_points.c.name == name,
+            metric_points.c.value.is_not(None),
+        )
+        .order_by(metric_points.c.id)
         .limit(count)
     )
     return [Point(number, _x(step, number), value or 0.0) for number, (step, value) in enumerate(rows)]
 
 
-def _add_to_pyramid(session: Session, run_id: str, name: str, finite: list[Point]) -> None:
+def _add_to_pyramid(connection: Connection, run_id: str, name: str, finite: list[Point]) -> None:
     added = level_buckets(finite)
     # Only the bucket each level was filling can hold points already: the new points come after them all.
     first = finite[0].number
     partial = {(level, first // size) for level, size in enumerate(BUCKET_SIZES)}
+    of_metric = (metric_buckets.c.run_id == run_id, metric_buckets.c.name == name)
     stored = {
-        (row.level, row.bucket): row
-        for row in session.scalars(
-            select(MetricBucketRow).where(
-                MetricBucketRow.run_id == run_id,
-                MetricBucketRow.name == name,
-                tuple_(MetricBucketRow.level, MetricBucketRow.bucket).in_(sorted(partial)),
+        (row.level, row.bucket): _bucket(row)
+        for row in connection.execute(
+            select(metric_buckets).where(
+                *of_metric, tuple_(metric_buckets.c.level, metric_buckets.c.bucket).in_(sorted(partial))
             )
         )
     }
     fresh = []
+    grown = []
     for (level, index), bucket in added.items():
-        row = stored.get((level, index))
-        if row is not None:
-            joined = _bucket(row).then(bucket)
-            row.count, row.min_x, row.min_value = joined.count, joined.min_x, joined.min_value
-            row.max_x, row.max_value, row.min_first = joined.max_x, joined.max_value, joined.min_first
+        held = stored.get((level, index))
+        if held is not None:
+            joined = held.then(bucket)
+            grown.append(
+                {
+                    "b_level": level,
+                    "b_bucket": index,
+                    "b_count": joined.count,
+                    "b_min_x": joined.min_x,
+                    "b_min_value": joined.min_value,
+                    "b_max_x": joined.max_x,
+                    "b_max_value": joined.max_value,
+                    "b_min_first": joined.min_first,
+                }
+            )
             continue
         fresh.append(
             {
@@ -207,32 +251,50 @@ def _add_to_pyramid(session: Session, run_id: str, name: str, finite: list[Point
                 "min_first": bucket.min_first,
             }
         )
+    if grown:
+        connection.execute(
+            update(metric_buckets)
+            .where(
+                *of_metric,
+                metric_buckets.c.level == bindparam("b_level"),
+                metric_buckets.c.bucket == bindparam("b_bucket"),
+            )
+            .values(
+                {
+                    key: bindparam(f"b_{key}")
+                    for key in ("count", "min_x", "min_value", "max_x", "max_value", "min_first")
+                }
+            ),
+            grown,
+        )
     for start in range(0, len(fresh), _BATCH):
-        session.execute(insert(cast(Table, MetricBucketRow.__table__)), fresh[start : start + _BATCH])
+        connection.execute(insert(metric_buckets), fresh[start : start + _BATCH])
 
 
-def _bucket(row: MetricBucketRow) -> Bucket:
-    return Bucket(row.count, row.min_x, row.min_value, row.max_x, row.max_value, row.min_first)
+def _bucket(row: Row[Any]) -> Bucket:
+    # By key: a row's attribute `count` is the tuple's method.
+    b = row._mapping
+    return Bucket(b["count"], b["min_x"], b["min_value"], b["max_x"], b["max_value"], b["min_first"])
 
 
 def _x(step: int | None, number: int) -> int:
     return number if step is None else step
 
 
-def latest_values(session: Session, run_ids: Collection[str]) -> dict[str, dict[str, Any]]:
+def latest_values(connection: Connection, run_ids: Collection[str]) -> dict[str, dict[str, Any]]:
     """Each run's metrics' latest values: {run id: {metric: value}}, metrics by name."""
     found: dict[str, dict[str, Any]] = {run_id: {} for run_id in run_ids}
     ids = sorted(run_ids)
     for start in range(0, len(ids), _BATCH):
-        rows = session.execute(
+        rows = connection.execute(
             select(
-                MetricSummaryRow.run_id,
-                MetricSummaryRow.name,
-                MetricSummaryRow.last_value,
-                MetricSummaryRow.last_value_json,
+                metric_summaries.c.run_id,
+                metric_summaries.c.name,
+                metric_summaries.c.last_value,
+                metric_summaries.c.last_value_json,
             )
-            .where(MetricSummaryRow.run_id.in_(ids[start : start + _BATCH]))
-            .order_by(MetricSummaryRow.run_id, MetricSummaryRow.name)
+            .where(metric_summaries.c.run_id.in_(ids[start : start + _BATCH]))
+            .order_by(metric_summaries.c.run_id, metric_summaries.c.name)
         )
         for run_id, name, value, as_json in rows:
             found[run_id][name] = join_value(value, as_json)
@@ -240,7 +302,7 @@ def latest_values(session: Session, run_ids: Collection[str]) -> dict[str, dict[
 
 
 def read_series(
-    session: Session,
+    connection: Connection,
     run_ids: Collection[str],
     names: Collection[str] | None,
     points: int,
@@ -257,52 +319,54 @@ def read_series(
     counts: list[tuple[str, str, int]] = []
     for start in range(0, len(ids), _BATCH):
         query = select(
-            MetricSummaryRow.run_id,
-            MetricSummaryRow.name,
-            MetricSummaryRow.numeric_count,
-            MetricSummaryRow.last_value,
-            MetricSummaryRow.last_value_json,
-        ).where(MetricSummaryRow.run_id.in_(ids[start : start + _BATCH]))
+            metric_summaries.c.run_id,
+            metric_summaries.c.name,
+            metric_summaries.c.numeric_count,
+            metric_summaries.c.last_value,
+            metric_summaries.c.last_value_json,
+        ).where(metric_summaries.c.run_id.in_(ids[start : start + _BATCH]))
         if names is not None:
-            query = query.where(MetricSummaryRow.name.in_(sorted(names)))
-        for run_id, name, count, value, as_json in session.execute(query):
+            query = query.where(metric_summaries.c.name.in_(sorted(names)))
+        for run_id, name, count, value, as_json in connection.execute(query):
             if latest is not None:
                 latest.setdefault(run_id, {})[name] = join_value(value, as_json)
             if count:
                 counts.append((run_id, name, int(count)))
     short = {(r, n) for r, n, c in counts if level_for(c) is None}
-    raw = _raw_points(session, short)
+    raw = _raw_points(connection, short)
     found: dict[str, list[Series]] = {run_id: [] for run_id in ids}
     for run_id, name, count in sorted(counts):
         level = level_for(count)
         if level is None:
             xs, values = raw.get((run_id, name), ([], []))
         else:
-            xs, values = bucket_points(_level(session, run_id, name, level))
+            xs, values = bucket_points(_level(connection, run_id, name, level))
         sampled = level is not None or len(values) > points
         xs, values = downsample(xs, values, points)
         found[run_id].append(Series(name=name, x=xs, values=values, points=count, sampled=sampled))
     return found
 
 
-def _level(session: Session, run_id: str, name: str, level: int) -> list[Bucket]:
-    rows = session.execute(
+def _level(connection: Connection, run_id: str, name: str, level: int) -> list[Bucket]:
+    rows = connection.execute(
         select(
-            MetricBucketRow.count,
-            MetricBucketRow.min_x,
-            MetricBucketRow.min_value,
-            MetricBucketRow.max_x,
-            MetricBucketRow.max_value,
-            MetricBucketRow.min_first,
+            metric_buckets.c.count,
+            metric_buckets.c.min_x,
+            metric_buckets.c.min_value,
+            metric_buckets.c.max_x,
+            metric_buckets.c.max_value,
+            metric_buckets.c.min_first,
         )
-        .where(MetricBucketRow.run_id == run_id, MetricBucketRow.name == name, MetricBucketRow.level == level)
-        .order_by(MetricBucketRow.bucket)
+        .where(
+            metric_buckets.c.run_id == run_id, metric_buckets.c.name == name, metric_buckets.c.level == level
+        )
+        .order_by(metric_buckets.c.bucket)
     )
     return [Bucket(*row) for row in rows]
 
 
 def _raw_points(
-    session: Session, pairs: Collection[tuple[str, str]]
+    connection: Connection, pairs: Collection[tuple[str, str]]
 ) -> dict[tuple[str, str], tuple[list[int], list[float]]]:
     """The finite points of these (run, metric) pairs, each in logging order: {pair: (x, values)}."""
     found: dict[tuple[str, str], tuple[list[int], list[float]]] = {pair: ([], []) for pair in pairs}
@@ -311,14 +375,14 @@ def _raw_points(
     ids = sorted({r for r, _ in pairs})
     names = sorted({n for _, n in pairs})
     for start in range(0, len(ids), _BATCH):
-        rows = session.execute(
-            select(MetricRow.run_id, MetricRow.name, MetricRow.step, MetricRow.value)
+        rows = connection.execute(
+            select(metric_points.c.run_id, metric_points.c.name, metric_points.c.step, metric_points.c.value)
             .where(
-                MetricRow.run_id.in_(ids[start : start + _BATCH]),
-                MetricRow.name.in_(names),
-                MetricRow.value.is_not(None),
+                metric_points.c.run_id.in_(ids[start : start + _BATCH]),
+                metric_points.c.name.in_(names),
+                metric_points.c.value.is_not(None),
             )
-            .order_by(MetricRow.run_id, MetricRow.name, MetricRow.seq)
+            .order_by(metric_points.c.run_id, metric_points.c.name, metric_points.c.seq)
         )
         for run_id, name, step, value in rows:
             series = found.get((run_id, name))

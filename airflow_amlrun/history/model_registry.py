@@ -4,18 +4,18 @@ snapshot, environment and git), copied when the version is registered."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Integer, String, UniqueConstraint, func, select, update
+from sqlalchemy import Connection, Row, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from airflow_amlrun.errors import AmlRunError
-from airflow_amlrun.history.models import Base
 from airflow_amlrun.history.records import aware
 from airflow_amlrun.history.repository import RunHistory, utcnow
+from airflow_amlrun.history.tables import model_labels, models
 
 _REGISTER_ATTEMPTS = 5
 
@@ -26,36 +26,6 @@ class ModelNotFoundError(AmlRunError, LookupError):
     The message lists what there is. ``amlrun models list`` shows the models; a run registers one with
     ``run.register_model(name, path)``, and a label is set with ``Model.set_label``.
     """
-
-
-class ModelVersionRow(Base):
-    __tablename__ = "amlrun_models"
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    name: Mapped[str] = mapped_column(String(255))
-    version: Mapped[int] = mapped_column(Integer)
-    run_id: Mapped[str] = mapped_column(String(128), index=True)
-    # The path in the run's outputs the model was registered from, as given ("outputs/model.pkl").
-    path: Mapped[str] = mapped_column(String(1024))
-    # The manifest of its files in the workspace store, content-addressed as code snapshots are.
-    snapshot_id: Mapped[str] = mapped_column(String(64))
-    tags: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    properties: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    # What the run was when the model was registered: experiment, target, metrics, code snapshot,
-    # environment, git.
-    run_info: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-
-    __table_args__ = (UniqueConstraint("name", "version", name="uq_amlrun_models_name_version"),)
-
-
-class ModelLabelRow(Base):
-    __tablename__ = "amlrun_model_labels"
-
-    name: Mapped[str] = mapped_column(String(255), primary_key=True)
-    label: Mapped[str] = mapped_column(String(64), primary_key=True)
-    version: Mapped[int] = mapped_column(Integer)
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
 @dataclass(frozen=True)
@@ -88,24 +58,21 @@ def add_version(
     """Register the next version of ``name``; concurrent registrations of a name get distinct numbers."""
     for _attempt in range(_REGISTER_ATTEMPTS):
         try:
-            with history.session() as session:
-                last = session.scalar(
-                    select(func.max(ModelVersionRow.version)).where(ModelVersionRow.name == name)
-                )
-                row = ModelVersionRow(
-                    name=name,
-                    version=(last or 0) + 1,
-                    run_id=run_id,
-                    path=path,
-                    snapshot_id=snapshot_id,
-                    tags=tags,
-                    properties=properties,
-                    run_info=run_info,
-                    created_at=utcnow(),
-                )
-                session.add(row)
-                session.flush()
-                return _record(session, row)
+            with history.transaction() as connection:
+                last = connection.scalar(select(func.max(models.c.version)).where(models.c.name == name))
+                values = {
+                    "name": name,
+                    "version": (last or 0) + 1,
+                    "run_id": run_id,
+                    "path": path,
+                    "snapshot_id": snapshot_id,
+                    "tags": tags,
+                    "properties": properties,
+                    "run_info": run_info,
+                    "created_at": utcnow(),
+                }
+                connection.execute(insert(models).values(values))
+                return _record(connection, values)
         except IntegrityError:
             continue  # another process took this number at the same moment: number after it
     raise RuntimeError(
@@ -117,93 +84,92 @@ def get_version(
     history: RunHistory, name: str, *, version: int | None = None, label: str | None = None
 ) -> ModelRecord:
     """A version by number, by label, or the latest."""
-    with history.session() as session:
+    with history.transaction() as connection:
         if label is not None:
-            version = session.scalar(
-                select(ModelLabelRow.version).where(ModelLabelRow.name == name, ModelLabelRow.label == label)
+            version = connection.scalar(
+                select(model_labels.c.version).where(
+                    model_labels.c.name == name, model_labels.c.label == label
+                )
             )
             if version is None:
-                labels = session.scalars(select(ModelLabelRow.label).where(ModelLabelRow.name == name)).all()
+                labels = connection.scalars(
+                    select(model_labels.c.label).where(model_labels.c.name == name)
+                ).all()
                 raise ModelNotFoundError(
                     f"Model {name!r} has no label {label!r} (labels: {', '.join(sorted(labels)) or 'none'}). "
                     f"Set one with Model(ws, {name!r}, version=N).set_label({label!r})."
                 )
-        query = select(ModelVersionRow).where(ModelVersionRow.name == name)
+        query = select(models).where(models.c.name == name)
         if version is not None:
-            query = query.where(ModelVersionRow.version == version)
-        row = session.scalar(query.order_by(ModelVersionRow.version.desc()).limit(1))
+            query = query.where(models.c.version == version)
+        row = connection.execute(query.order_by(models.c.version.desc()).limit(1)).first()
         if row is None:
-            versions = session.scalars(
-                select(ModelVersionRow.version).where(ModelVersionRow.name == name)
-            ).all()
+            versions = connection.scalars(select(models.c.version).where(models.c.name == name)).all()
             what = f"version {version}" if version is not None else "version"
             raise ModelNotFoundError(
                 f"Model {name!r} has no {what} in this workspace"
                 + (f" (versions: {', '.join(map(str, sorted(versions)))})." if versions else ".")
                 + " Register one with run.register_model(name, path)."
             )
-        return _record(session, row)
+        return _record(connection, row._mapping)
 
 
 def version_from_run(history: RunHistory, name: str, run_id: str, path: str) -> ModelRecord | None:
     """The earliest version of ``name`` registered from this run's output ``path``, if any."""
-    with history.session() as session:
-        row = session.scalar(
-            select(ModelVersionRow)
-            .where(
-                ModelVersionRow.name == name, ModelVersionRow.run_id == run_id, ModelVersionRow.path == path
-            )
-            .order_by(ModelVersionRow.version)
+    with history.transaction() as connection:
+        row = connection.execute(
+            select(models)
+            .where(models.c.name == name, models.c.run_id == run_id, models.c.path == path)
+            .order_by(models.c.version)
             .limit(1)
-        )
-        return _record(session, row) if row is not None else None
+        ).first()
+        return _record(connection, row._mapping) if row is not None else None
 
 
 def list_versions(history: RunHistory, name: str | None = None) -> list[ModelRecord]:
     """Every version of one model, newest first; or the latest version of every model, by name."""
-    with history.session() as session:
+    with history.transaction() as connection:
         if name is not None:
-            rows = session.scalars(
-                select(ModelVersionRow)
-                .where(ModelVersionRow.name == name)
-                .order_by(ModelVersionRow.version.desc())
+            rows = connection.execute(
+                select(models).where(models.c.name == name).order_by(models.c.version.desc())
             ).all()
         else:
             latest = (
-                select(ModelVersionRow.name, func.max(ModelVersionRow.version).label("version"))
-                .group_by(ModelVersionRow.name)
+                select(models.c.name, func.max(models.c.version).label("version"))
+                .group_by(models.c.name)
                 .subquery()
             )
-            rows = session.scalars(
-                select(ModelVersionRow)
-                .join(
-                    latest,
-                    (ModelVersionRow.name == latest.c.name) & (ModelVersionRow.version == latest.c.version),
-                )
-                .order_by(ModelVersionRow.name)
+            rows = connection.execute(
+                select(models)
+                .join(latest, (models.c.name == latest.c.name) & (models.c.version == latest.c.version))
+                .order_by(models.c.name)
             ).all()
-        return [_record(session, row) for row in rows]
+        return [_record(connection, row._mapping) for row in rows]
 
 
 def update_tags(
     history: RunHistory, name: str, version: int, *, add: dict[str, Any], remove: list[str]
 ) -> ModelRecord:
     """Set and remove tags of one version, in one transaction."""
-    with history.session() as session:
-        row = _row(session, name, version)
-        tags = {k: v for k, v in (row.tags or {}).items() if k not in remove}
-        row.tags = {**tags, **add}
-        session.flush()
-        return _record(session, row)
+    with history.transaction() as connection:
+        row = _row(connection, name, version)
+        kept = {k: v for k, v in (row.tags or {}).items() if k not in remove}
+        tags = {**kept, **add}
+        if tags != row.tags:
+            connection.execute(update(models).where(models.c.id == row.id).values(tags=tags))
+        return _record(connection, {**row._mapping, "tags": tags})
 
 
 def set_label(history: RunHistory, name: str, version: int, label: str) -> None:
     """Point ``label`` at one version; it moves if it named another."""
     for _attempt in range(_REGISTER_ATTEMPTS):
-        with history.session() as session:
-            _row(session, name, version)
-            current = session.get(ModelLabelRow, (name, label))
-            expected = current.version if current is not None else None
+        with history.transaction() as connection:
+            _row(connection, name, version)
+            expected = connection.scalar(
+                select(model_labels.c.version).where(
+                    model_labels.c.name == name, model_labels.c.label == label
+                )
+            )
         if move_label(history, name, label, version, expected=expected):
             return
     raise RuntimeError(f"Could not set label {label!r} of model {name!r}: it kept moving. Try again.")
@@ -213,49 +179,49 @@ def move_label(history: RunHistory, name: str, label: str, version: int, *, expe
     """Point ``label`` at ``version`` only if it still names ``expected`` (None: no version yet); False when
     another process moved it in the meantime, so that the caller can decide again."""
     try:
-        with history.session() as session:
+        with history.transaction() as connection:
             if expected is None:
-                session.add(ModelLabelRow(name=name, label=label, version=version, updated_at=utcnow()))
-                session.flush()
+                connection.execute(
+                    insert(model_labels).values(name=name, label=label, version=version, updated_at=utcnow())
+                )
                 return True
-            moved = session.execute(
-                update(ModelLabelRow)
+            moved = connection.execute(
+                update(model_labels)
                 .where(
-                    ModelLabelRow.name == name,
-                    ModelLabelRow.label == label,
-                    ModelLabelRow.version == expected,
+                    model_labels.c.name == name,
+                    model_labels.c.label == label,
+                    model_labels.c.version == expected,
                 )
                 .values(version=version, updated_at=utcnow())
             )
-            return bool(getattr(moved, "rowcount", 0) == 1)
+            return bool(moved.rowcount == 1)
     except IntegrityError:
         return False  # created by another process first
 
 
-def _row(session: Session, name: str, version: int) -> ModelVersionRow:
-    row = session.scalar(
-        select(ModelVersionRow).where(ModelVersionRow.name == name, ModelVersionRow.version == version)
-    )
+def _row(connection: Connection, name: str, version: int) -> Row[Any]:
+    row = connection.execute(select(models).where(models.c.name == name, models.c.version == version)).first()
     if row is None:
         raise ModelNotFoundError(f"Model {name!r} has no version {version}.")
     return row
 
 
-def _record(session: Session, row: ModelVersionRow) -> ModelRecord:
-    labels = session.scalars(
-        select(ModelLabelRow.label).where(
-            ModelLabelRow.name == row.name, ModelLabelRow.version == row.version
+def _record(connection: Connection, row: Mapping[Any, Any]) -> ModelRecord:
+    """The record of a version's columns (by name), with its labels."""
+    labels = connection.scalars(
+        select(model_labels.c.label).where(
+            model_labels.c.name == row["name"], model_labels.c.version == row["version"]
         )
     ).all()
     return ModelRecord(
-        name=row.name,
-        version=row.version,
-        run_id=row.run_id,
-        path=row.path,
-        snapshot_id=row.snapshot_id,
-        tags=dict(row.tags or {}),
-        properties=dict(row.properties or {}),
-        run_info=dict(row.run_info or {}),
+        name=row["name"],
+        version=row["version"],
+        run_id=row["run_id"],
+        path=row["path"],
+        snapshot_id=row["snapshot_id"],
+        tags=dict(row["tags"] or {}),
+        properties=dict(row["properties"] or {}),
+        run_info=dict(row["run_info"] or {}),
         labels=sorted(labels),
-        created_at=aware(row.created_at) or utcnow(),
+        created_at=aware(row["created_at"]) or utcnow(),
     )

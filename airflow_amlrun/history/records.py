@@ -84,7 +84,7 @@ class RunRecord:
     metrics: dict[str, Any] = field(default_factory=dict)
     heartbeat_at: datetime | None = None
     max_run_duration_seconds: float | None = None
-    # The configuration the run was submitted with (see RunRow.config), and the run it re-runs.
+    # The configuration the run was submitted with (see the runs table's config column), and the run it re-runs.
     config: dict[str, Any] | None = None
     rerun_of: str | None = None
     parent_run_id: str | None = None

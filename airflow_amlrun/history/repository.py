@@ -3,13 +3,12 @@ URL, engine and schema: :mod:`airflow_amlrun.history.database`)."""
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import Any
 
-from sqlalchemy import ColumnElement, Engine, Row, Table, func, select, update
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy import ColumnElement, Connection, Engine, Row, Select, func, insert, select, update
 
 from airflow_amlrun.errors import AmlRunError
 from airflow_amlrun.history.database import display_url, migrate, normalize_database_url, open_engine
@@ -31,9 +30,9 @@ from airflow_amlrun.history.metricstore import (
     store_points,
     summary_of,
 )
-from airflow_amlrun.history.models import ExperimentRow, MetricRow, MetricSummaryRow, RunRow
 from airflow_amlrun.history.paging import RunSort
 from airflow_amlrun.history.records import ExperimentRecord, MetricPoint, RunRecord, RunStatus, aware
+from airflow_amlrun.history.tables import experiments, metric_points, metric_summaries, runs
 
 
 class RunNotFoundError(AmlRunError, LookupError):
@@ -54,9 +53,8 @@ class RunHistory:
     def __init__(self, url: str) -> None:
         self.url = normalize_database_url(url)
         self.engine: Engine = open_engine(self.url)
-        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         # Reads for the pages each run their statements on their own: no BEGIN and COMMIT round trips.
-        self._reads = sessionmaker(self.engine.execution_options(isolation_level="AUTOCOMMIT"))
+        self._reads = self.engine.execution_options(isolation_level="AUTOCOMMIT")
         self.migrate()
 
     def migrate(self) -> None:
@@ -64,15 +62,16 @@ class RunHistory:
         migrate(self.engine, self.url)
 
     @contextmanager
-    def session(self) -> Iterator[Session]:
-        with self._sessions.begin() as session:
-            yield session
+    def transaction(self) -> Iterator[Connection]:
+        """A connection in a transaction, committed when the block ends (rolled back if it raises)."""
+        with self.engine.begin() as connection:
+            yield connection
 
     @contextmanager
-    def read_session(self) -> Iterator[Session]:
-        """A session for reading only, each statement in a transaction of its own (fewer round trips)."""
-        with self._reads() as session:
-            yield session
+    def reading(self) -> Iterator[Connection]:
+        """A connection for reading only, each statement in a transaction of its own (fewer round trips)."""
+        with self._reads.connect() as connection:
+            yield connection
 
     def dispose(self) -> None:
         self.engine.dispose()
@@ -80,49 +79,47 @@ class RunHistory:
     # experiments
 
     def ensure_experiment(self, name: str) -> ExperimentRecord:
-        with self.session() as session:
-            row = self._experiment_row(session, name)
+        with self.transaction() as connection:
+            row = self._experiment_row(connection, name)
             return ExperimentRecord(name=row.name, created_at=aware(row.created_at) or utcnow())
 
-    def _experiment_row(self, session: Session, name: str) -> ExperimentRow:
-        query = select(ExperimentRow).where(ExperimentRow.name == name)
-        row = session.scalar(query)
+    def _experiment_row(self, connection: Connection, name: str) -> Row[Any]:
+        query = select(experiments).where(experiments.c.name == name)
+        row = connection.execute(query).first()
         if row is not None:
             return row
         # Two tasks may create the same experiment at once: the loser of the race re-reads it. The experiment is
         # written in the caller's transaction, and is gone with it if that fails (a run the history refuses leaves
         # no empty experiment): SQLite and PostgreSQL insert it unless it is there, in one statement; elsewhere a
         # savepoint takes the race (on SQLite, its release would commit the experiment on its own).
-        dialect = session.get_bind().dialect.name
+        dialect = connection.dialect.name
+        values = {"name": name, "created_at": utcnow()}
         if dialect in ("sqlite", "postgresql"):
             # Imported by the database in use: the other's dialect is a tenth of a second to import, in every task.
-            values = {"name": name, "created_at": utcnow()}
             if dialect == "sqlite":
                 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-                session.execute(
-                    sqlite_insert(ExperimentRow)
-                    .values(values)
-                    .on_conflict_do_nothing(index_elements=["name"])
+                connection.execute(
+                    sqlite_insert(experiments).values(values).on_conflict_do_nothing(index_elements=["name"])
                 )
             else:
                 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 
-                session.execute(
-                    postgresql_insert(ExperimentRow)
+                connection.execute(
+                    postgresql_insert(experiments)
                     .values(values)
                     .on_conflict_do_nothing(index_elements=["name"])
                 )
-            return session.scalars(query).one()
+            return connection.execute(query).one()
         try:
-            with session.begin_nested():
-                row = ExperimentRow(name=name, created_at=utcnow())
-                session.add(row)
+            with connection.begin_nested():
+                connection.execute(insert(experiments).values(values))
         except Exception:
-            row = session.scalar(query)
+            row = connection.execute(query).first()
             if row is None:
                 raise
-        return row
+            return row
+        return connection.execute(query).one()
 
     def list_experiments(
         self,
@@ -138,13 +135,13 @@ class RunHistory:
         When either narrows the runs, an experiment none of whose runs is left is not listed: its name
         alone may say more than the reader may know.
         """
-        with self.session() as session:
+        with self.transaction() as connection:
             return [
                 ExperimentRecord(
                     name=name, created_at=aware(created) or utcnow(), run_count=n, last_run_at=aware(last)
                 )
                 for name, created, n, last in experiment_activity(
-                    session, of_dags(dag_ids, runs_without_dag, hidden_dag_ids)
+                    connection, of_dags(dag_ids, runs_without_dag, hidden_dag_ids)
                 )
             ]
 
@@ -152,21 +149,25 @@ class RunHistory:
 
     def create_run(self, *, run_id: str, experiment: str, target: str, **fields: Any) -> RunRecord:
         """Record a new run in status Queued."""
-        with self.session() as session:
-            exp = self._experiment_row(session, experiment)
-            row = RunRow(
-                id=run_id,
-                experiment_id=exp.id,
-                status=RunStatus.QUEUED.value,
-                target=target,
-                created_at=utcnow(),
-                arguments=fields.pop("arguments", []),
-                tags=fields.pop("tags", {}),
+        unknown = sorted(set(fields) - set(runs.c.keys()))
+        if unknown:
+            raise TypeError(f"{unknown[0]!r} is an invalid keyword argument for a run")
+        with self.transaction() as connection:
+            exp = self._experiment_row(connection, experiment)
+            values = {
+                "id": run_id,
+                "experiment_id": exp.id,
+                "status": RunStatus.QUEUED.value,
+                "target": target,
+                "created_at": utcnow(),
+                "arguments": fields.pop("arguments", []),
+                "tags": fields.pop("tags", {}),
                 **fields,
-            )
-            session.add(row)
-            session.flush()
-            return self._record(session, row, exp.name)
+            }
+            connection.execute(insert(runs).values(values))
+            # The record is of the values written, as given (the database's own reading of them may differ:
+            # SQLite hands times back without their zone).
+            return self._record(connection, {**dict.fromkeys(runs.c.keys()), **values}, exp.name)
 
     def update_run(
         self,
@@ -178,60 +179,80 @@ class RunHistory:
     ) -> RunRecord:
         """Change fields of a run; a status given as RunStatus is stored by its value.
 
+        Only the fields whose value changes are written, and nothing when none does (a read-only history then
+        takes the call).
+
         :param add_tags: tags to set beside the run's others (in the same transaction that reads them).
         :param drop_tags: names of tags to remove, if the run has them (in that transaction too).
         """
-        with self.session() as session:
-            row = self._run_row(session, run_id)
-            for key, value in fields.items():
-                if not hasattr(RunRow, key):
-                    raise AttributeError(f"runs have no field {key!r}")
-                setattr(row, key, value.value if isinstance(value, RunStatus) else value)
-            if add_tags or any(name in (row.tags or {}) for name in drop_tags):
-                kept = {k: v for k, v in (row.tags or {}).items() if k not in drop_tags}
-                row.tags = {**kept, **(add_tags or {})}
-            session.flush()
-            return self._record(session, row)
+        for key in fields:
+            if key not in runs.c:
+                raise AttributeError(f"runs have no field {key!r}")
+        with self.transaction() as connection:
+            row = connection.execute(_runs_named().where(runs.c.id == run_id)).first()
+            if row is None:
+                raise self._not_found(run_id)
+            current = row._asdict()
+            values = {k: (v.value if isinstance(v, RunStatus) else v) for k, v in fields.items()}
+            tags = values.get("tags", current["tags"])
+            if add_tags or any(name in (tags or {}) for name in drop_tags):
+                kept = {k: v for k, v in (tags or {}).items() if k not in drop_tags}
+                values["tags"] = {**kept, **(add_tags or {})}
+            changed = {k: v for k, v in values.items() if (v == current[k]) is not True}
+            if changed:
+                written = connection.execute(update(runs).where(runs.c.id == run_id).values(changed))
+                if written.rowcount != 1:
+                    raise self._not_found(run_id)  # deleted since it was read
+            experiment = current.pop("experiment")
+            return self._record(connection, {**current, **values}, experiment)
 
     def run_detail(self, run_id: str) -> tuple[RunRecord, list[MetricSummary]]:
         """A run and each of its metrics in brief (points, latest, extremes, by name), in one statement."""
-        with self.read_session() as session:
-            rows = session.execute(
-                select(RunRow, ExperimentRow.name, MetricSummaryRow)
-                .join(ExperimentRow)
-                .outerjoin(MetricSummaryRow, MetricSummaryRow.run_id == RunRow.id)
-                .where(RunRow.id == run_id)
-                .order_by(MetricSummaryRow.name)
+        summary = [c.label(f"summary_{c.key}") for c in metric_summaries.c]
+        with self.reading() as connection:
+            rows = connection.execute(
+                _runs_named()
+                .add_columns(*summary)
+                .outerjoin(metric_summaries, metric_summaries.c.run_id == runs.c.id)
+                .where(runs.c.id == run_id)
+                .order_by(metric_summaries.c.name)
             ).all()
             if not rows:
                 raise self._not_found(run_id)
-            summaries = [summary_of(row[2]) for row in rows if row[2] is not None]
+            summaries = [
+                summary_of({c.key: row._mapping[f"summary_{c.key}"] for c in metric_summaries.c})
+                for row in rows
+                if row.summary_name is not None
+            ]
             latest = {s.name: s.last for s in summaries}
-            return self._record(session, rows[0][0], rows[0][1], latest), summaries
+            first = rows[0]._asdict()
+            return self._record(connection, first, first["experiment"], latest), summaries
 
     def get_run(self, run_id: str) -> RunRecord:
-        with self.session() as session:
-            return self._record(session, self._run_row(session, run_id))
+        with self.transaction() as connection:
+            row = connection.execute(_runs_named().where(runs.c.id == run_id)).first()
+            if row is None:
+                raise self._not_found(run_id)
+            return self._record(connection, row._mapping, row.experiment)
 
     def child_runs(self, parent_run_id: str) -> list[RunRecord]:
         """The runs of a sweep (their parent_run_id names it), oldest first."""
-        with self.session() as session:
-            rows = session.execute(
-                select(RunRow, ExperimentRow.name)
-                .join(ExperimentRow)
-                .where(RunRow.parent_run_id == parent_run_id)
-                .order_by(RunRow.created_at, RunRow.id)
+        with self.transaction() as connection:
+            rows = connection.execute(
+                _runs_named()
+                .where(runs.c.parent_run_id == parent_run_id)
+                .order_by(runs.c.created_at, runs.c.id)
             ).all()
-            return self._records(session, rows)
+            return self._records(connection, rows)
 
     def child_git_states(self, parent_run_id: str) -> list[tuple[str | None, dict[str, Any] | None]]:
         """The DAG and the git state of each run of a sweep, oldest first: what its page says its runs share,
         read without their records."""
-        with self.read_session() as session:
-            rows = session.execute(
-                select(RunRow.dag_id, RunRow.git)
-                .where(RunRow.parent_run_id == parent_run_id)
-                .order_by(RunRow.created_at, RunRow.id)
+        with self.reading() as connection:
+            rows = connection.execute(
+                select(runs.c.dag_id, runs.c.git)
+                .where(runs.c.parent_run_id == parent_run_id)
+                .order_by(runs.c.created_at, runs.c.id)
             )
             return [(dag_id, git) for dag_id, git in rows]
 
@@ -256,25 +277,25 @@ class RunHistory:
         :param runs_without_dag: whether runs recorded outside any DAG (from plain Python) are included.
         :param hidden_dag_ids: with `dag_ids` None, the DAGs whose runs are left out.
         """
-        with self.session() as session:
-            query = select(RunRow, ExperimentRow.name).join(ExperimentRow)
+        with self.transaction() as connection:
+            query = _runs_named()
             visible = of_dags(dag_ids, runs_without_dag, hidden_dag_ids)
             if visible is not None:
                 query = query.where(visible)
             if experiment is not None:
-                query = query.where(ExperimentRow.name == experiment)
+                query = query.where(experiments.c.name == experiment)
             if status is not None:
-                query = query.where(RunRow.status == RunStatus(status).value)
+                query = query.where(runs.c.status == RunStatus(status).value)
             for column, value in (
-                (RunRow.dag_id, dag_id),
-                (RunRow.task_id, task_id),
-                (RunRow.airflow_run_id, airflow_run_id),
-                (RunRow.map_index, map_index),
+                (runs.c.dag_id, dag_id),
+                (runs.c.task_id, task_id),
+                (runs.c.airflow_run_id, airflow_run_id),
+                (runs.c.map_index, map_index),
             ):
                 if value is not None:
                     query = query.where(column == value)
-            query = query.order_by(RunRow.created_at.desc(), RunRow.id.desc()).limit(limit)
-            return self._records(session, session.execute(query).all())
+            query = query.order_by(runs.c.created_at.desc(), runs.c.id.desc()).limit(limit)
+            return self._records(connection, connection.execute(query).all())
 
     def runs_of_task_try(
         self,
@@ -291,21 +312,20 @@ class RunHistory:
         :param map_index: the task instance's map index; None for an unmapped task.
         :param try_number: the try, as recorded on the run (a retry that takes a run over records itself).
         """
-        with self.session() as session:
+        with self.transaction() as connection:
             query = (
-                select(RunRow, ExperimentRow.name)
-                .join(ExperimentRow)
+                _runs_named()
                 .where(
-                    RunRow.dag_id == dag_id,
-                    RunRow.task_id == task_id,
-                    RunRow.airflow_run_id == airflow_run_id,
-                    RunRow.map_index.is_(None) if map_index is None else RunRow.map_index == map_index,
-                    RunRow.try_number.is_(None) if try_number is None else RunRow.try_number == try_number,
-                    RunRow.parent_run_id.is_(None),
+                    runs.c.dag_id == dag_id,
+                    runs.c.task_id == task_id,
+                    runs.c.airflow_run_id == airflow_run_id,
+                    runs.c.map_index.is_(None) if map_index is None else runs.c.map_index == map_index,
+                    runs.c.try_number.is_(None) if try_number is None else runs.c.try_number == try_number,
+                    runs.c.parent_run_id.is_(None),
                 )
-                .order_by(RunRow.created_at.desc(), RunRow.id.desc())
+                .order_by(runs.c.created_at.desc(), runs.c.id.desc())
             )
-            return self._records(session, session.execute(query).all())
+            return self._records(connection, connection.execute(query).all())
 
     def page_runs(
         self, where: RunFilter, sort: RunSort | None = None, *, limit: int = 100, cursor: str | None = None
@@ -315,8 +335,8 @@ class RunHistory:
         :param cursor: the previous page's `next_cursor`; None for the first page.
         :raises BadListRequestError: the cursor is not one of this sort order's.
         """
-        with self.read_session() as session:
-            return page_runs(session, where, sort or RunSort(), limit=limit, cursor=cursor)
+        with self.reading() as connection:
+            return page_runs(connection, where, sort or RunSort(), limit=limit, cursor=cursor)
 
     def unfinished_runs(self, *, heard_before: datetime | None = None, limit: int = 1000) -> list[RunRecord]:
         """Runs not yet Completed, Failed or Canceled, the longest unheard-of first.
@@ -325,12 +345,12 @@ class RunHistory:
             creation) before this time.
         """
         last_heard = _last_heard()
-        with self.session() as session:
-            query = select(RunRow, ExperimentRow.name).join(ExperimentRow).where(_unfinished())
+        with self.transaction() as connection:
+            query = _runs_named().where(_unfinished())
             if heard_before is not None:
                 query = query.where(last_heard < heard_before)
-            query = query.order_by(last_heard, RunRow.id).limit(limit)
-            return self._records(session, session.execute(query).all())
+            query = query.order_by(last_heard, runs.c.id).limit(limit)
+            return self._records(connection, connection.execute(query).all())
 
     def finish_run(self, run_id: str, **fields: Any) -> bool:
         """Record a run's outcome (its final status and fields), unless another process recorded one already.
@@ -343,17 +363,16 @@ class RunHistory:
     def update_unfinished_run(self, run_id: str, **fields: Any) -> bool:
         """Set fields of a run that has not ended, in one conditional statement; False (and nothing written)
         when it has ended, e.g. recorded by another process meanwhile."""
-        table = cast(Table, RunRow.__table__)
         values = {k: (v.value if isinstance(v, RunStatus) else v) for k, v in fields.items()}
-        unknown = sorted(set(values) - set(table.c.keys()))
+        unknown = sorted(set(values) - set(runs.c.keys()))
         if unknown:
             raise AttributeError(f"runs have no field(s) {', '.join(unknown)}")
         with self.engine.begin() as connection:
             result = connection.execute(
-                update(table)
+                update(runs)
                 .where(
-                    table.c.id == run_id,
-                    table.c.status.in_([s.value for s in RunStatus if not s.is_terminal]),
+                    runs.c.id == run_id,
+                    runs.c.status.in_([s.value for s in RunStatus if not s.is_terminal]),
                 )
                 .values(**values)
             )
@@ -361,81 +380,71 @@ class RunHistory:
 
     def report_alive(self, run_id: str) -> None:
         """Set a run's heartbeat to now: a task follows it. One plain statement, cheap and safe from any thread."""
-        table = cast(Table, RunRow.__table__)
         with self.engine.begin() as connection:
-            connection.execute(update(table).where(table.c.id == run_id).values(heartbeat_at=utcnow()))
+            connection.execute(update(runs).where(runs.c.id == run_id).values(heartbeat_at=utcnow()))
 
     def claim_unheard_run(self, run_id: str, *, heard_before: datetime) -> bool:
         """Mark an unfinished run as reported on now, if nobody reported on it since heard_before.
 
         One statement, so of several processes settling orphaned runs at once, exactly one gets each run.
         """
-        with self.session() as session:
-            result = session.execute(
-                update(RunRow)
-                .where(RunRow.id == run_id, _unfinished(), _last_heard() < heard_before)
+        with self.transaction() as connection:
+            result = connection.execute(
+                update(runs)
+                .where(runs.c.id == run_id, _unfinished(), _last_heard() < heard_before)
                 .values(heartbeat_at=utcnow())
-                .execution_options(synchronize_session=False)
             )
-            return bool(getattr(result, "rowcount", 0) == 1)
-
-    def _run_row(self, session: Session, run_id: str) -> RunRow:
-        row = session.get(RunRow, run_id)
-        if row is None:
-            raise self._not_found(run_id)
-        return row
+            return bool(result.rowcount == 1)
 
     def _not_found(self, run_id: str) -> RunNotFoundError:
         return RunNotFoundError(f"No run {run_id!r} in the run history at {self.url_for_display}.")
 
-    def _records(self, session: Session, rows: Sequence[Row[RunRow, str]]) -> list[RunRecord]:
-        """Records of run rows given with their experiments' names, their latest metrics read in one query."""
-        metrics = latest_values(session, [row.id for row, _ in rows])
-        return [self._record(session, row, name, metrics[row.id]) for row, name in rows]
+    def _records(self, connection: Connection, rows: Sequence[Row[Any]]) -> list[RunRecord]:
+        """Records of run rows read with their experiments' names (`_runs_named`), their latest metrics read in
+        one query."""
+        metrics = latest_values(connection, [row.id for row in rows])
+        return [self._record(connection, row._mapping, row.experiment, metrics[row.id]) for row in rows]
 
     def _record(
         self,
-        session: Session,
-        row: RunRow,
-        experiment: str | None = None,
+        connection: Connection,
+        row: Mapping[Any, Any],
+        experiment: str,
         metrics: dict[str, Any] | None = None,
     ) -> RunRecord:
-        if experiment is None:
-            experiment = session.scalar(
-                select(ExperimentRow.name).where(ExperimentRow.id == row.experiment_id)
-            )
+        """The record of a run's columns (by name)."""
         return RunRecord(
-            id=row.id,
+            id=row["id"],
             experiment=experiment or "",
-            status=RunStatus(row.status),
-            target=row.target,
-            script=row.script,
-            command=row.command,
-            arguments=list(row.arguments or []),
-            environment=row.environment,
-            snapshot_id=row.snapshot_id,
-            git=row.git,
-            tags=dict(row.tags or {}),
-            handle=row.handle,
-            outputs_uri=row.outputs_uri,
-            logs_uri=row.logs_uri,
-            error=row.error,
-            created_at=aware(row.created_at) or utcnow(),
-            start=aware(row.start_time),
-            end=aware(row.end_time),
-            dag_id=row.dag_id,
-            task_id=row.task_id,
-            airflow_run_id=row.airflow_run_id,
-            map_index=row.map_index,
-            try_number=row.try_number,
-            heartbeat_at=aware(row.heartbeat_at),
-            max_run_duration_seconds=row.max_run_duration_seconds,
-            config=row.config,
-            rerun_of=row.rerun_of,
-            parent_run_id=row.parent_run_id,
-            display_name=row.display_name,
-            description=row.description,
-            metrics=latest_values(session, [row.id])[row.id] if metrics is None else metrics,
+            status=RunStatus(row["status"]),
+            target=row["target"],
+            script=row["script"],
+            command=row["command"],
+            arguments=list(row["arguments"] or []),
+            environment=row["environment"],
+            snapshot_id=row["snapshot_id"],
+            git=row["git"],
+            tags=dict(row["tags"] or {}),
+            handle=row["handle"],
+            outputs_uri=row["outputs_uri"],
+            logs_uri=row["logs_uri"],
+            error=row["error"],
+            created_at=aware(row["created_at"]) or utcnow(),
+            start=aware(row["start_time"]),
+            end=aware(row["end_time"]),
+            dag_id=row["dag_id"],
+            task_id=row["task_id"],
+            airflow_run_id=row["airflow_run_id"],
+            map_index=row["map_index"],
+            try_number=row["try_number"],
+            heartbeat_at=aware(row["heartbeat_at"]),
+            max_run_duration_seconds=row["max_run_duration_seconds"],
+            config=row["config"],
+            rerun_of=row["rerun_of"],
+            parent_run_id=row["parent_run_id"],
+            display_name=row["display_name"],
+            description=row["description"],
+            metrics=latest_values(connection, [row["id"]])[row["id"]] if metrics is None else metrics,
         )
 
     # metrics
@@ -448,8 +457,8 @@ class RunHistory:
         points = list(points)
         if not points:
             return 0
-        with self.session() as session:
-            return store_points(session, run_id, points, utcnow())
+        with self.transaction() as connection:
+            return store_points(connection, run_id, points, utcnow())
 
     def metric_series(
         self, run_id: str, names: Collection[str] | None = None, *, points: int = 2000
@@ -458,8 +467,8 @@ class RunHistory:
 
         :param names: the metrics (None: all with a finite value).
         """
-        with self.read_session() as session:
-            return read_series(session, [run_id], names, points)[run_id]
+        with self.reading() as connection:
+            return read_series(connection, [run_id], names, points)[run_id]
 
     def compare(
         self, run_ids: Collection[str], names: Collection[str] | None = None, *, points: int = 500
@@ -467,18 +476,18 @@ class RunHistory:
         """Runs side by side, read together: each as the list shows it (its latest metrics of `names`, or all),
         in the order given (missing ones left out), and its metrics as charts: {run id: [series by name]}."""
         ids = list(dict.fromkeys(run_ids))
-        with self.read_session() as session:
+        with self.reading() as connection:
             latest: dict[str, dict[str, Any]] = {}
-            series = read_series(session, ids, names, points, latest)
-            found = {item.id: item for item in list_items(session, ids, latest)}
+            series = read_series(connection, ids, names, points, latest)
+            found = {item.id: item for item in list_items(connection, ids, latest)}
         return [found[i] for i in ids if i in found], series
 
     def get_metrics(self, run_id: str, name: str | None = None) -> list[MetricPoint]:
         """Every logged point of a run (or of one metric), in logging order."""
-        with self.session() as session:
-            query = select(MetricRow).where(MetricRow.run_id == run_id)
+        with self.transaction() as connection:
+            query = select(metric_points).where(metric_points.c.run_id == run_id)
             if name is not None:
-                query = query.where(MetricRow.name == name)
+                query = query.where(metric_points.c.name == name)
             return [
                 MetricPoint(
                     name=m.name,
@@ -487,7 +496,7 @@ class RunHistory:
                     step=m.step,
                     logged_at=aware(m.logged_at),
                 )
-                for m in session.scalars(query.order_by(MetricRow.seq))
+                for m in connection.execute(query.order_by(metric_points.c.seq))
             ]
 
     @property
@@ -495,9 +504,16 @@ class RunHistory:
         return display_url(self.url)
 
 
+def _runs_named() -> Select[Any]:
+    """Every column of the runs, with their experiment's name as ``experiment``."""
+    return select(runs, experiments.c.name.label("experiment")).select_from(
+        runs.join(experiments, experiments.c.id == runs.c.experiment_id)
+    )
+
+
 def _unfinished() -> ColumnElement[bool]:
-    return RunRow.status.in_([s.value for s in RunStatus if not s.is_terminal])
+    return runs.c.status.in_([s.value for s in RunStatus if not s.is_terminal])
 
 
 def _last_heard() -> ColumnElement[datetime]:
-    return func.coalesce(RunRow.heartbeat_at, RunRow.start_time, RunRow.created_at)
+    return func.coalesce(runs.c.heartbeat_at, runs.c.start_time, runs.c.created_at)

@@ -15,8 +15,8 @@ from sqlalchemy import update
 from airflow_amlrun.history import MetricPoint, RunHistory, RunStatus
 from airflow_amlrun.history.database import SCHEMA_HEAD
 from airflow_amlrun.history.listing import MetricRange, RunFilter
-from airflow_amlrun.history.models import RunRow
 from airflow_amlrun.history.paging import BadListRequestError, RunSort
+from airflow_amlrun.history.tables import runs
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -38,9 +38,9 @@ def _run(history: RunHistory, run_id: str, minute: int, **fields) -> None:
     metrics = fields.pop("metrics", {})
     status = fields.pop("status", None)
     history.create_run(run_id=run_id, target=fields.pop("target", "local"), **{"experiment": "exp", **fields})
-    with history.session() as session:
-        session.execute(
-            update(RunRow).where(RunRow.id == run_id).values(created_at=T0 + timedelta(minutes=minute))
+    with history.transaction() as connection:
+        connection.execute(
+            update(runs).where(runs.c.id == run_id).values(created_at=T0 + timedelta(minutes=minute))
         )
     if status is not None:
         history.update_run(run_id, status=status)

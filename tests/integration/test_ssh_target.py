@@ -840,8 +840,10 @@ def test_a_host_without_sftp_runs_through_the_helper_and_says_how_to_enable_it(
 def _register_private_environment(index_url: str) -> Environment:
     """The environment version, registered as the worker would after resolving it: its lock pins the one
     package of the private index and keeps the index URL's ${VAR} as written."""
-    from airflow_amlrun.environment.registry import EnvironmentVersionRow
+    from sqlalchemy import insert
+
     from airflow_amlrun.history.repository import utcnow
+    from airflow_amlrun.history.tables import environments
 
     env = Environment(
         "private-env",
@@ -854,9 +856,9 @@ def _register_private_environment(index_url: str) -> Environment:
         f"--index-url {index_url}\n"
         f"amlrun-private-pkg==1.0.0 \\\n    --hash=sha256:{hashlib.sha256(wheel).hexdigest()}\n"
     )
-    with Workspace.get().history.session() as session:
-        session.add(
-            EnvironmentVersionRow(
+    with Workspace.get().history.transaction() as connection:
+        connection.execute(
+            insert(environments).values(
                 name=env.name,
                 version="1",
                 seq=1,

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from alembic import context
 
-from airflow_amlrun.history.models import Base
+from airflow_amlrun.history.tables import metadata
 
 connection = context.config.attributes["connection"]
 context.configure(
     connection=connection,
-    target_metadata=Base.metadata,
+    target_metadata=metadata,
     version_table="amlrun_alembic_version",
     render_as_batch=connection.dialect.name == "sqlite",
 )
