@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from airflow_amlrun.hyperdrive.takeover import SweepState
     from airflow_amlrun.run import FollowState
     from airflow_amlrun.submission import AirflowTask
+    from airflow_amlrun.triggers.hyperdrive import HyperDriveTrigger
     from airflow_amlrun.workspace import Workspace
 
 # Why a retry ends what its earlier try's sweep left, when it does not resume it.
@@ -120,7 +121,12 @@ class HyperDriveOperator(SettlesFailedDeferral):
         if self._sweep is not None:
             self._sweep.stop(KILLED)
         elif self._deferring is not None:
-            self._end_handed_over(self._deferring)
+            try:
+                self._end_handed_over(self._deferring)
+            except Exception:
+                # Raised from here, it would surface wherever the task was interrupted: the task fails as killed
+                # (_settle_sweeps ends the sweep once more).
+                self.log.exception("Sweep %s was not ended as its task was killed", self._deferring)
 
     @cached_property
     def workspace(self) -> Workspace:
@@ -251,23 +257,28 @@ class HyperDriveOperator(SettlesFailedDeferral):
         # A history that does not take the runs' latest metrics fails the task here: its retry resumes the sweep
         # (with no retry to come, _settle_sweeps ends it).
         state = sweep.hand_over()
-        self._sweep, self._handed_over = None, state.children
-        if self._killed:
-            # Killed as it handed its runs over (on_kill found none left to stop here): they are stopped from how
-            # far this task got with them, and the sweep is recorded Canceled, not deferred.
-            self._end_handed_over(sweep.id)
-            return self._result(sweep, self.workspace.history.get_run(sweep.id))
-        self.log.info(
-            "Sweep %s: its %d live runs are followed by the triggerer from here; the worker slot is freed.",
-            sweep.id,
-            len(state.children),
-        )
-        # Until the task is deferred, a kill ends the sweep from on_kill (the trigger then finds it ended).
-        self._deferring = sweep.id
+        # From here until the deferral is raised, a kill ends the handed-over sweep from on_kill: published before
+        # the looks below, so that a kill between a look and the deferral is not lost.
+        self._sweep, self._handed_over, self._deferring = None, state.children, sweep.id
         try:
-            self._defer_with(sweep, state, stop_at)
+            if not self._killed:
+                self.log.info(
+                    "Sweep %s: its %d live runs are followed by the triggerer from here; the worker slot is freed.",
+                    sweep.id,
+                    len(state.children),
+                )
+                trigger = self._trigger_for(sweep, state, stop_at)
+                # The last look: a kill after it, as the deferral is raised, still ends the sweep (on_kill), and the
+                # trigger then finds it ended.
+                if not self._killed:
+                    self._defer(trigger)
         finally:
             self._deferring = None
+        # Killed as it handed its runs over (on_kill found none left to stop here) or before it deferred: the runs are
+        # stopped from how far this task got with them (again, if on_kill did already: what ended stays as it is),
+        # and the sweep is recorded Canceled, not deferred.
+        self._end_handed_over(sweep.id)
+        return self._result(sweep, self.workspace.history.get_run(sweep.id))
 
     def _end_handed_over(self, sweep_id: str) -> None:
         """Stop the runs this task handed over and record the sweep Canceled, as a killed deferred task's trigger
@@ -277,23 +288,26 @@ class HyperDriveOperator(SettlesFailedDeferral):
 
         end_sweep(self.workspace, sweep_id, RunStatus.CANCELED, KILLED, KILLED, self._handed_over)
 
-    def _defer_with(self, sweep: HyperDriveRun, state: SweepState, stop_at: str | None) -> NoReturn:
+    def _trigger_for(self, sweep: HyperDriveRun, state: SweepState, stop_at: str | None) -> HyperDriveTrigger:
         from airflow_amlrun.triggers.hyperdrive import HyperDriveTrigger
         from airflow_amlrun.triggers.script_run import FIRST_EVENT_AFTER_SECONDS
 
         assert self.config.policy is not None
+        return HyperDriveTrigger(
+            sweep.id,
+            state.to_json(),
+            self.config.policy.to_dict(),
+            self.config.primary_metric_name,
+            self.config.goal,
+            self.workspace_conn_id,
+            deadline=sweep.deadline.isoformat() if sweep.deadline is not None else None,
+            stop_at=stop_at,
+            not_before=(datetime.now(UTC) + timedelta(seconds=FIRST_EVENT_AFTER_SECONDS)).isoformat(),
+        )
+
+    def _defer(self, trigger: HyperDriveTrigger) -> NoReturn:
         self.defer(
-            trigger=HyperDriveTrigger(
-                sweep.id,
-                state.to_json(),
-                self.config.policy.to_dict(),
-                self.config.primary_metric_name,
-                self.config.goal,
-                self.workspace_conn_id,
-                deadline=sweep.deadline.isoformat() if sweep.deadline is not None else None,
-                stop_at=stop_at,
-                not_before=(datetime.now(UTC) + timedelta(seconds=FIRST_EVENT_AFTER_SECONDS)).isoformat(),
-            ),
+            trigger=trigger,
             method_name="execute_complete",
             # A backstop for a deployment whose triggerer never takes the trigger: the trigger itself hands the
             # sweep back at the execution_timeout, which Airflow does not apply to a deferred task.
@@ -412,6 +426,7 @@ class HyperDriveOperator(SettlesFailedDeferral):
           kill), rather than left for the retry to stop or for ``amlrun reconcile``.
 
         This never raises: `err` is what fails the task."""
+        from airflow_amlrun.history import RunStatus
         from airflow_amlrun.hyperdrive.takeover import SweepEnding, earlier_sweeps, end_sweep, interrupts
         from airflow_amlrun.operators.retries import task_will_retry
         from airflow_amlrun.submission import AirflowTask
@@ -421,7 +436,10 @@ class HyperDriveOperator(SettlesFailedDeferral):
         try:
             ti = context["ti"]
             retried = task_will_retry(ti, err, context)
-            if retried and self.resume_on_retry and not interrupts(err):
+            # A killed task's error may be anything on_kill cut into (a history error in its handler): it is
+            # an interruption all the same.
+            interrupted = self._killed or interrupts(err)
+            if retried and self.resume_on_retry and not interrupted:
                 if held is not None:
                     held.let_go()
                 self._say_left_for_retry(AirflowTask.of(ti), held)
@@ -429,10 +447,10 @@ class HyperDriveOperator(SettlesFailedDeferral):
             if retried:
                 why = (
                     f"The task was interrupted ({type(err).__name__}), and its retry starts a new sweep"
-                    if interrupts(err)
+                    if interrupted
                     else "The task failed, and its retry starts a new sweep (resume_on_retry=False)"
                 )
-            ending = SweepEnding.of(err)
+            ending = SweepEnding(RunStatus.CANCELED, KILLED, KILLED) if self._killed else SweepEnding.of(err)
             ended: list[str] = []
             if held is not None and held.end_with(ending) is not None:
                 ended.append(held.id)

@@ -525,9 +525,9 @@ SLEEPING_SCRIPT = """
     time.sleep(600)
 """
 
-# Where Airflow's SIGTERM handler (on_kill, which returns) lands: once both runs' scripts run, as the task hands
-# the live runs over (right after the hand-over), or as it defers (after the task looked for a kill for the last
-# time, before the deferral is raised).
+# Where Airflow's SIGTERM handler (on_kill, which returns) lands, once both runs' scripts run: as the task hands
+# the live runs over (right after the hand-over), before it defers (between its first and last looks for a kill),
+# or as it defers (after its last look, as the deferral is raised).
 KILLS = {
     "as_it_hands_over": """
                 def _hold(self, sweep):
@@ -542,6 +542,13 @@ KILLS = {
 
                     held.hand_over = killed_as_it_hands_over
                     return held
+    """,
+    "before_it_defers": """
+                def _trigger_for(self, *args):
+                    trigger = super()._trigger_for(*args)
+                    both_running(marks)
+                    self.on_kill()
+                    return trigger
     """,
     "as_it_defers": """
                 def defer(self, **kwargs):
@@ -585,6 +592,8 @@ def test_a_sweep_whose_task_is_killed_as_it_hands_its_runs_over_stops_them_and_i
         stop_what_is_left(marks)
 
     assert result.task_states == {"tune": "failed"}, result.log
+    # Only a kill after the task's last look lets the deferral through (the trigger then finds the sweep ended).
+    assert ("Pausing task as DEFERRED" in result.log) == (when == "as_it_defers"), result.log
     killed = "Canceled: the Airflow task running the sweep was stopped."
     assert (parent.status, parent.error) == (RunStatus.CANCELED, killed), result.log
     assert parent.end is not None
