@@ -149,7 +149,8 @@ class RunHistory:
 
     def create_run(self, *, run_id: str, experiment: str, target: str, **fields: Any) -> RunRecord:
         """Record a new run in status Queued."""
-        unknown = sorted(set(fields) - set(runs.c.keys()))
+        # The run's own id, experiment, status and creation time are this method's to write.
+        unknown = sorted(set(fields) - (set(runs.c.keys()) - {"id", "experiment_id", "status", "created_at"}))
         if unknown:
             raise TypeError(f"{unknown[0]!r} is an invalid keyword argument for a run")
         with self.transaction() as connection:

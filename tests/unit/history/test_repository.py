@@ -71,3 +71,13 @@ def test_a_history_whose_url_opens_it_read_only_names_the_url_and_one_that_write
 )
 def test_a_database_url_is_shown_without_its_secrets(url: str, shown: str) -> None:
     assert display_url(url) == shown
+
+
+@pytest.mark.parametrize("field", ["id", "experiment_id", "status", "created_at", "no_such_field"])
+def test_a_new_run_takes_no_field_that_is_not_a_runs_to_give(tmp_path: Path, field: str) -> None:
+    # Its id, experiment, status (Queued) and creation time are the history's to write: a field among the others
+    # would record the run in another experiment, or as ended before it began.
+    history = RunHistory(f"sqlite:///{tmp_path / 'history.db'}")
+    with pytest.raises(TypeError, match=f"'{field}' is an invalid keyword argument for a run"):
+        history.create_run(run_id="r1", experiment="e", target="local", **{field: 1})
+    assert history.list_runs() == []
