@@ -1,8 +1,9 @@
 """Tables of the run history: experiments, runs, their metrics, registered environments and models.
 
-SQLAlchemy Core tables on one MetaData, which Alembic's migrations are checked against. No ORM: a task
-process imports this to record one run, and the ORM's import and mapping cost more than the run's own
-start-up (see ``benchmarks/overhead.py``).
+SQLAlchemy Core tables on one MetaData, which Alembic's migrations are checked against. No ORM: a process
+that submits a run without Airflow (a plain script, the CLI) imports this to record one run, and the ORM's
+import and mapping cost more than the rest of its start-up (``benchmarks/overhead.py --targets plain``). An
+Airflow task imports the ORM anyway, for Airflow's own models; it is spared only the mapping of these tables.
 """
 
 from __future__ import annotations

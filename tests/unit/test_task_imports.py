@@ -1,8 +1,9 @@
-"""What a task process imports to submit a run: every task is a fresh process, and its start-up is mostly imports.
+"""What a process imports to submit a run without Airflow (a plain script, the CLI): its start-up is mostly imports.
 
 The run history uses SQLAlchemy Core alone. Its ORM (``sqlalchemy.orm``) costs about 0.2 s to import, and more to
-map classes and compile their statements, in every task: no module a task loads may import it. A fresh
-interpreter sees what a module imports, whatever this test process imported before.
+map classes and compile their statements: no module such a process loads may import it. (An Airflow task imports
+the ORM for Airflow's own models anyway.) A fresh interpreter sees what a module imports, whatever this test
+process imported before.
 """
 
 from __future__ import annotations
