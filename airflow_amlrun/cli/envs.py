@@ -16,7 +16,6 @@ from airflow_amlrun.errors import ConfigurationError
 
 if TYPE_CHECKING:
     from airflow_amlrun.environment import Environment
-    from airflow_amlrun.workspace import Workspace
 
 
 def _pinned(lock: str | None) -> list[str]:
@@ -32,20 +31,6 @@ def _kind(spec: Environment) -> str:
     from airflow_amlrun.environment.registry import curated_names
 
     return "curated" if spec.name in curated_names() else "registered"
-
-
-def _labels(ws: Workspace, name: str) -> dict[str, str]:
-    from sqlalchemy import select
-
-    from airflow_amlrun.history.tables import environment_labels
-
-    with ws.history.transaction() as connection:
-        rows = connection.execute(
-            select(environment_labels.c.label, environment_labels.c.version).where(
-                environment_labels.c.name == name
-            )
-        ).all()
-    return {label: version for label, version in rows}
 
 
 def cmd_envs_list(args: argparse.Namespace, console: Console) -> int:
@@ -84,7 +69,7 @@ def cmd_envs_show(args: argparse.Namespace, console: Console) -> int:
     ws = workspace(args)
     name, version, label = parse_reference(args.reference)
     stored = registry.lookup(Environment, ws, name, version=version, label=label)
-    labels = _labels(ws, name)
+    labels = registry.labels(ws, name)
     if args.json:
         data: dict[str, Any] = {"spec": stored.spec.to_dict(), "lock": stored.lock, "labels": labels}
         print_json(console, data)

@@ -310,6 +310,17 @@ def list_environments(
     return [found[key] for key in sorted(found)]
 
 
+def labels(workspace: RegistryHost, name: str) -> dict[str, str]:
+    """The labels of environment ``name``, each with the version it points at."""
+    with workspace.history.reading() as connection:
+        rows = connection.execute(
+            select(environment_labels.c.label, environment_labels.c.version).where(
+                environment_labels.c.name == name
+            )
+        )
+        return {label: version for label, version in rows}
+
+
 def set_label(model: type[Environment], workspace: RegistryHost, name: str, version: str, label: str) -> None:
     """Point a label at one version of an environment, moving it if it named another.
 

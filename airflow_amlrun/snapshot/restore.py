@@ -186,4 +186,5 @@ def _write_file(
 
 
 def _path_in(dest: str, entry: SnapshotEntry) -> str:
+    """Where ``entry`` is written beneath ``dest``."""
     return os.path.join(dest, *entry.path.split("/"))

@@ -403,6 +403,7 @@ def test_environments_are_listed_shown_and_built(project):
 
     ws = Workspace.get()
     Environment(name="cli-tools", python=PythonSection(pip_requirements=["tomli-w==1.0.0"])).register(ws)
+    Environment.set_label(ws, "cli-tools", "1", "production")
     listed = amlrun("envs", "list", "--json")
     assert listed.returncode == 0, listed.stderr
     kinds = {env["name"]: env["kind"] for env in json.loads(listed.stdout)}
@@ -410,6 +411,8 @@ def test_environments_are_listed_shown_and_built(project):
     shown = amlrun("envs", "show", "cli-tools:1", "--json")
     assert shown.returncode == 0, shown.stderr
     assert "tomli-w==1.0.0" in json.loads(shown.stdout)["lock"]
+    assert json.loads(shown.stdout)["labels"] == {"production": "1"}
+    assert "production" in amlrun("envs", "show", "cli-tools").stdout
     built = amlrun("envs", "build", "cli-tools")
     assert built.returncode == 0, built.stdout + built.stderr
     python = built.stdout.split("built for local runs: ")[1].strip()
