@@ -71,11 +71,16 @@ def summary_of(row: Mapping[str, Any]) -> MetricSummary:
     )
 
 
+def lock_run(connection: Connection, run_id: str) -> None:
+    """Take the run row's write lock for the rest of the transaction: two writers of what they read of one run
+    first (its metrics, its tags) take turns rather than one writing over the other's (PostgreSQL locks the row;
+    SQLite the file, before this transaction read anything it could find changed)."""
+    connection.execute(update(runs).where(runs.c.id == run_id).values(id=runs.c.id))
+
+
 def store_points(connection: Connection, run_id: str, points: Sequence[MetricPoint], now: datetime) -> int:
     """Store the points whose seq is new to the run, with their metrics' summaries and pyramids; how many."""
-    # Taking the run row's write lock first makes two writers of one run's metrics take turns (PostgreSQL
-    # locks the row; SQLite the file, before this transaction read anything it could find changed).
-    connection.execute(update(runs).where(runs.c.id == run_id).values(id=runs.c.id))
+    lock_run(connection, run_id)
     summaries = {
         row.name: row._asdict()
         for row in connection.execute(select(metric_summaries).where(metric_summaries.c.run_id == run_id))

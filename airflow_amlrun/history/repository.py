@@ -26,6 +26,7 @@ from airflow_amlrun.history.metricstore import (
     Series,
     join_value,
     latest_values,
+    lock_run,
     read_series,
     store_points,
     summary_of,
@@ -190,15 +191,12 @@ class RunHistory:
             if key not in runs.c:
                 raise AttributeError(f"runs have no field {key!r}")
         with self.transaction() as connection:
-            row = connection.execute(_runs_named().where(runs.c.id == run_id)).first()
-            if row is None:
-                raise self._not_found(run_id)
-            current = row._asdict()
-            values = {k: (v.value if isinstance(v, RunStatus) else v) for k, v in fields.items()}
-            tags = values.get("tags", current["tags"])
-            if add_tags or any(name in (tags or {}) for name in drop_tags):
-                kept = {k: v for k, v in (tags or {}).items() if k not in drop_tags}
-                values["tags"] = {**kept, **(add_tags or {})}
+            current, values = self._run_as_updated(connection, run_id, fields, add_tags, drop_tags)
+            if (add_tags or drop_tags) and values.get("tags") != current["tags"]:
+                # The tags are written whole, from what was read: read again under the run's write lock, so that
+                # another writer's tags, written meanwhile, are kept.
+                lock_run(connection, run_id)
+                current, values = self._run_as_updated(connection, run_id, fields, add_tags, drop_tags)
             changed = {k: v for k, v in values.items() if (v == current[k]) is not True}
             if changed:
                 written = connection.execute(update(runs).where(runs.c.id == run_id).values(changed))
@@ -206,6 +204,26 @@ class RunHistory:
                     raise self._not_found(run_id)  # deleted since it was read
             experiment = current.pop("experiment")
             return self._record(connection, {**current, **values}, experiment)
+
+    def _run_as_updated(
+        self,
+        connection: Connection,
+        run_id: str,
+        fields: Mapping[str, Any],
+        add_tags: Mapping[str, str] | None,
+        drop_tags: Collection[str],
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The run's row as it is, and the values `update_run` gives it (its tags whole, when they change)."""
+        row = connection.execute(_runs_named().where(runs.c.id == run_id)).first()
+        if row is None:
+            raise self._not_found(run_id)
+        current = row._asdict()
+        values = {k: (v.value if isinstance(v, RunStatus) else v) for k, v in fields.items()}
+        tags = values.get("tags", current["tags"])
+        if add_tags or any(name in (tags or {}) for name in drop_tags):
+            kept = {k: v for k, v in (tags or {}).items() if k not in drop_tags}
+            values["tags"] = {**kept, **(add_tags or {})}
+        return current, values
 
     def run_detail(self, run_id: str) -> tuple[RunRecord, list[MetricSummary]]:
         """A run and each of its metrics in brief (points, latest, extremes, by name), in one statement."""

@@ -6,6 +6,7 @@ import contextlib
 import math
 import multiprocessing
 import sqlite3
+import threading
 from pathlib import Path
 
 import pytest
@@ -241,3 +242,33 @@ def test_processes_creating_runs_in_one_experiment_at_once_all_succeed(database_
     history = RunHistory(database_url)
     assert len(history.list_runs(experiment="shared")) == 20
     assert [e.name for e in history.list_experiments()] == ["shared"]
+
+
+def test_two_writers_of_one_runs_tags_at_once_lose_neither_tag(database_url):
+    # The tags are read, then written whole. One writer is held just after each of its reads of the run until the
+    # other has written its tag (or, if the other must wait for it, for two seconds): a writer that wrote over
+    # what it read without the run's lock would put back the tags as they were before the other's.
+    from sqlalchemy import event
+
+    history = RunHistory(database_url)
+    history.create_run(run_id="r1", experiment="tags", target="local", tags={"kept": "1"})
+    held, held_has_read, other_done = threading.local(), threading.Event(), threading.Event()
+
+    @event.listens_for(history.engine, "after_cursor_execute")
+    def hold_after_reading_the_run(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
+        if getattr(held, "on", False) and statement.lstrip().upper().startswith("SELECT"):
+            held_has_read.set()
+            other_done.wait(2)
+
+    def held_writer() -> None:
+        held.on = True
+        history.update_run("r1", add_tags={"held": "1"})
+
+    writer = threading.Thread(target=held_writer)
+    writer.start()
+    assert held_has_read.wait(30)
+    history.update_run("r1", add_tags={"other": "1"})
+    other_done.set()
+    writer.join(30)
+
+    assert history.get_run("r1").tags == {"kept": "1", "held": "1", "other": "1"}
