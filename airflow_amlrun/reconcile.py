@@ -232,7 +232,7 @@ def _record_lost(
             status=RunStatus.FAILED,
             end_time=datetime.now(UTC),
             error=reason,
-            tags={**record.tags, SETTLED_BY_TAG: "reconcile"},
+            add_tags={SETTLED_BY_TAG: "reconcile"},
         )
     return Settlement(record.id, record.experiment, str(RunStatus.FAILED), reason)
 

@@ -74,7 +74,8 @@ def summary_of(row: Mapping[str, Any]) -> MetricSummary:
 def lock_run(connection: Connection, run_id: str) -> None:
     """Take the run row's write lock for the rest of the transaction: two writers of what they read of one run
     first (its metrics, its tags) take turns rather than one writing over the other's (PostgreSQL locks the row;
-    SQLite the file, before this transaction read anything it could find changed)."""
+    SQLite the file, before this transaction read anything it could find changed: the driver begins the
+    transaction at this first write, so a read before it holds no snapshot that could go stale)."""
     connection.execute(update(runs).where(runs.c.id == run_id).values(id=runs.c.id))
 
 

@@ -192,7 +192,7 @@ class RunHistory:
                 raise AttributeError(f"runs have no field {key!r}")
         with self.transaction() as connection:
             current, values = self._run_as_updated(connection, run_id, fields, add_tags, drop_tags)
-            if (add_tags or drop_tags) and values.get("tags") != current["tags"]:
+            if (add_tags or drop_tags) and "tags" in values and values["tags"] != current["tags"]:
                 # The tags are written whole, from what was read: read again under the run's write lock, so that
                 # another writer's tags, written meanwhile, are kept.
                 lock_run(connection, run_id)

@@ -244,25 +244,34 @@ def test_processes_creating_runs_in_one_experiment_at_once_all_succeed(database_
     assert [e.name for e in history.list_experiments()] == ["shared"]
 
 
-def test_two_writers_of_one_runs_tags_at_once_lose_neither_tag(database_url):
-    # The tags are read, then written whole. One writer is held just after each of its reads of the run until the
-    # other has written its tag (or, if the other must wait for it, for two seconds): a writer that wrote over
-    # what it read without the run's lock would put back the tags as they were before the other's.
+@pytest.mark.parametrize("held_at", [1, 2])
+def test_two_writers_of_one_runs_tags_at_once_lose_neither_tag(database_url, held_at):
+    # The tags are read, then written whole. One writer is held just after its first read of the run (before it takes
+    # the run's lock), or after its second (under the lock), until the other has written its tag or, if the other
+    # must wait for that lock, for two seconds: a writer that wrote without reading under the lock would put back
+    # the tags as they were before the other's.
     from sqlalchemy import event
 
     history = RunHistory(database_url)
     history.create_run(run_id="r1", experiment="tags", target="local", tags={"kept": "1"})
     held, held_has_read, other_done = threading.local(), threading.Event(), threading.Event()
+    waits: list[bool] = []
+    failed: list[BaseException] = []
 
     @event.listens_for(history.engine, "after_cursor_execute")
     def hold_after_reading_the_run(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
-        if getattr(held, "on", False) and statement.lstrip().upper().startswith("SELECT"):
-            held_has_read.set()
-            other_done.wait(2)
+        if getattr(held, "reads", None) is not None and statement.lstrip().upper().startswith("SELECT"):
+            held.reads += 1
+            if held.reads == held_at:
+                held_has_read.set()
+                waits.append(other_done.wait(2))
 
     def held_writer() -> None:
-        held.on = True
-        history.update_run("r1", add_tags={"held": "1"})
+        held.reads = 0
+        try:
+            history.update_run("r1", add_tags={"held": "1"})
+        except BaseException as err:
+            failed.append(err)
 
     writer = threading.Thread(target=held_writer)
     writer.start()
@@ -271,4 +280,19 @@ def test_two_writers_of_one_runs_tags_at_once_lose_neither_tag(database_url):
     other_done.set()
     writer.join(30)
 
+    assert not writer.is_alive() and failed == []
+    # Held before it took the lock, the writer waited for the other's write; held under it, the other waited.
+    assert waits == [held_at == 1]
     assert history.get_run("r1").tags == {"kept": "1", "held": "1", "other": "1"}
+
+
+def test_a_change_of_nothing_takes_no_lock_and_writes_nothing(tmp_path):
+    # A read-only history takes a call that changes nothing, tags to drop the run does not have among them.
+    path = tmp_path / "history.db"
+    RunHistory(f"sqlite:///{path}").create_run(
+        run_id="r1", experiment="tags", target="local", tags={"kept": "1"}
+    )
+    read_only = RunHistory(f"sqlite:///file:{path}?mode=ro&uri=true")
+
+    assert read_only.update_run("r1", drop_tags=["absent"]).tags == {"kept": "1"}
+    assert read_only.update_run("r1", add_tags={"kept": "1"}, drop_tags=["absent"]).tags == {"kept": "1"}

@@ -163,7 +163,9 @@ def test_a_run_its_target_did_not_stop_at_its_limit_is_stopped_by_reconcile(amlr
 
 def test_a_run_that_never_reached_its_target_is_recorded_lost(amlrun_home):
     ws = Workspace.get()
-    ws.history.create_run(run_id="orphans_1_deadbeef", experiment="orphans", target="local")
+    ws.history.create_run(
+        run_id="orphans_1_deadbeef", experiment="orphans", target="local", tags={"mine": "1"}
+    )
     until_orphaned()
 
     assert "Failed" in amlrun("reconcile", "--dry-run").stdout
@@ -175,6 +177,7 @@ def test_a_run_that_never_reached_its_target_is_recorded_lost(amlrun_home):
     lost = ws.get_run("orphans_1_deadbeef")
     assert lost.status == "Failed" and lost.error.startswith("Lost")
     assert lost.end is not None
+    assert lost.tags == {"mine": "1", SETTLED_BY_TAG: "reconcile"}
 
 
 def test_a_run_whose_recorded_handle_cannot_be_read_is_recorded_lost_saying_why(amlrun_home):
