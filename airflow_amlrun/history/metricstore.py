@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Row, bindparam, insert, select, tuple_, update
+from sqlalchemy import Connection, Row, Table, bindparam, insert, select, tuple_, update
 
 from airflow_amlrun.history.records import MetricPoint
 from airflow_amlrun.history.series import (
@@ -126,22 +126,11 @@ def store_points(connection: Connection, run_id: str, points: Sequence[MetricPoi
     folded = [
         _summarize(connection, run_id, name, summaries.get(name), logged) for name, logged in by_name.items()
     ]
-    # Each metric's summary in one statement of many rows, new ones apart from those that were there (an
-    # update's parameters are named b_*: SQLAlchemy refuses a parameter named as a column it sets).
+    # Each metric's summary in one statement of many rows, new ones apart from those that were there.
     fresh = [summary for summary in folded if summary["name"] not in summaries]
     if fresh:
         connection.execute(insert(metric_summaries), fresh)
-    kept = [{f"b_{key}": value for key, value in s.items()} for s in folded if s["name"] in summaries]
-    if kept:
-        connection.execute(
-            update(metric_summaries)
-            .where(
-                metric_summaries.c.run_id == bindparam("b_run_id"),
-                metric_summaries.c.name == bindparam("b_name"),
-            )
-            .values({c.key: bindparam(f"b_{c.key}") for c in metric_summaries.c if not c.primary_key}),
-            kept,
-        )
+    _update_rows(connection, metric_summaries, [s for s in folded if s["name"] in summaries])
     return len(new)
 
 
@@ -232,14 +221,16 @@ def _add_to_pyramid(connection: Connection, run_id: str, name: str, finite: list
             joined = held.then(bucket)
             grown.append(
                 {
-                    "b_level": level,
-                    "b_bucket": index,
-                    "b_count": joined.count,
-                    "b_min_x": joined.min_x,
-                    "b_min_value": joined.min_value,
-                    "b_max_x": joined.max_x,
-                    "b_max_value": joined.max_value,
-                    "b_min_first": joined.min_first,
+                    "run_id": run_id,
+                    "name": name,
+                    "level": level,
+                    "bucket": index,
+                    "count": joined.count,
+                    "min_x": joined.min_x,
+                    "min_value": joined.min_value,
+                    "max_x": joined.max_x,
+                    "max_value": joined.max_value,
+                    "min_first": joined.min_first,
                 }
             )
             continue
@@ -257,24 +248,24 @@ def _add_to_pyramid(connection: Connection, run_id: str, name: str, finite: list
                 "min_first": bucket.min_first,
             }
         )
-    if grown:
-        connection.execute(
-            update(metric_buckets)
-            .where(
-                *of_metric,
-                metric_buckets.c.level == bindparam("b_level"),
-                metric_buckets.c.bucket == bindparam("b_bucket"),
-            )
-            .values(
-                {
-                    key: bindparam(f"b_{key}")
-                    for key in ("count", "min_x", "min_value", "max_x", "max_value", "min_first")
-                }
-            ),
-            grown,
-        )
+    _update_rows(connection, metric_buckets, grown)
     for start in range(0, len(fresh), _BATCH):
         connection.execute(insert(metric_buckets), fresh[start : start + _BATCH])
+
+
+def _update_rows(connection: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
+    """Update many rows of `table` in one statement: each row names its primary key and the columns it sets,
+    every row the same columns. The statement's parameters are named b_*: SQLAlchemy refuses a parameter
+    named as a column the statement sets."""
+    if not rows:
+        return
+    keys = [column.key for column in table.primary_key]
+    connection.execute(
+        update(table)
+        .where(*(table.c[key] == bindparam(f"b_{key}") for key in keys))
+        .values({key: bindparam(f"b_{key}") for key in rows[0] if key not in keys}),
+        [{f"b_{key}": value for key, value in row.items()} for row in rows],
+    )
 
 
 def _bucket(row: Row[Any]) -> Bucket:
