@@ -92,13 +92,16 @@ def _write_tree(
         return mask is None or bool(entry.mode & mask)
 
     if store.is_local and not verify and max_workers is None:
-        # In-kernel copies (or clones) from a local store: the file system serialises file creation
-        # and page-cache growth, so more threads only contend (measured: one is faster than two). Files
-        # are written folder by folder through the folder's descriptor, so no path is looked up per file.
+        # In-kernel copies (or clones) from a local store. Creating a file takes its folder's lock, and it is
+        # most of the cost (ext4 here: 2,000 files of 300 MB take about as long as 2,000 files of 1 byte), so
+        # the folders, not the files, are shared out among the threads: two threads writing 48 folders halve
+        # the time of one, where two writing one folder gain nothing. Each writes its folder's files through
+        # the folder's descriptor, so no path is looked up per file.
         by_folder: dict[str, list[SnapshotEntry]] = {}
         for entry in files:
             by_folder.setdefault(os.path.dirname(entry.path), []).append(entry)
-        for folder, entries in by_folder.items():
+
+        def write_folder(folder: str, entries: list[SnapshotEntry]) -> None:
             folder_fd = os.open(os.path.join(dest, *folder.split("/")), _FOLDER_FLAGS)
             try:
                 device = os.fstat(folder_fd).st_dev
@@ -106,6 +109,11 @@ def _write_tree(
                     _write_file(store, entry, dest, verify=False, chmod=chmod(entry), at=(folder_fd, device))
             finally:
                 os.close(folder_fd)
+
+        # A failure is raised as soon as it is met: map() then cancels the calls not yet started.
+        with ThreadPoolExecutor(max_workers=max(1, min(len(by_folder), default_workers()))) as pool:
+            for _ in pool.map(write_folder, by_folder, by_folder.values()):
+                pass
     else:
 
         def write_one(entry: SnapshotEntry) -> None:

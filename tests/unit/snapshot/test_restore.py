@@ -9,8 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from airflow_amlrun.snapshot import BlobStore, Snapshot, hash_bytes, materialize, take_snapshot
-from airflow_amlrun.snapshot.errors import BlobCorruptError
+from airflow_amlrun.snapshot import (
+    BlobStore,
+    Snapshot,
+    hash_bytes,
+    materialize,
+    restore_snapshot,
+    take_snapshot,
+)
+from airflow_amlrun.snapshot.errors import BlobCorruptError, BlobMissingError
 
 
 def test_a_run_rewriting_its_materialized_files_leaves_the_store_intact(tmp_path: Path) -> None:
@@ -125,3 +132,26 @@ def test_the_process_umask_is_read_without_changing_it() -> None:
         assert process_umask() == 0o027
     finally:
         os.umask(old)
+
+
+@pytest.mark.parametrize("write", [materialize, restore_snapshot])
+def test_a_missing_blob_stops_the_writing_of_a_tree_at_once_naming_the_file(tmp_path: Path, write) -> None:
+    # Folders (a run directory) or files (a restore) are written by several threads: the first failure must
+    # not wait for the rest of the tree to be written before the user hears of it.
+    source = tmp_path / "src"
+    for folder in range(40):
+        (source / f"pkg{folder:02}").mkdir(parents=True)
+        for index in range(25):
+            (source / f"pkg{folder:02}" / f"m{index:02}.py").write_text(f"# {folder} {index}\n")
+    store = BlobStore(str(tmp_path / "store"))
+    snapshot = take_snapshot(source, store).snapshot
+    first = snapshot.entries[0]
+    assert first.path == "pkg00/m00.py" and first.digest is not None
+    blob = Path(store.uri_for(store.blob_key(first.digest)))
+    blob.chmod(0o644)
+    blob.unlink()
+
+    with pytest.raises(BlobMissingError, match=r"Cannot restore 'pkg00/m00\.py': blob [0-9a-f]+ is missing"):
+        write(store, snapshot if write is materialize else snapshot.id, tmp_path / "run")
+    written = sum(1 for _ in (tmp_path / "run").rglob("*.py"))
+    assert written < 500, f"{written} of the tree's 1,000 files were written after the first failed"
