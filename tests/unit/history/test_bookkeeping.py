@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-import psycopg
 import pytest
 from sqlalchemy import event
 from sqlalchemy.exc import DataError, OperationalError, StatementError
@@ -21,31 +21,71 @@ from airflow_amlrun.history import HistoryUnavailableError, MetricPoint, RunBook
 from airflow_amlrun.history.bookkeeping import FINAL_WRITE_SECONDS, is_transient
 
 
+def _pg(name: str, message: str) -> Exception:
+    """A psycopg error, built as the test runs: importing psycopg as the tests are collected would cost each
+    process of the unit tests about 0.1 s."""
+    import psycopg
+
+    error: type[Exception] = getattr(psycopg.errors, name, None) or getattr(psycopg, name)
+    return error(message)
+
+
 @pytest.mark.parametrize(
     ("error", "transient"),
     [
-        (OperationalError("UPDATE", {}, sqlite3.OperationalError("database is locked")), True),
-        (OperationalError("UPDATE", {}, psycopg.errors.AdminShutdown("terminating connection")), True),
-        (OperationalError("UPDATE", {}, psycopg.OperationalError("connection failed: refused")), True),
-        (OperationalError("UPDATE", {}, psycopg.errors.DeadlockDetected("deadlock detected")), True),
-        (
-            OperationalError("UPDATE", {}, psycopg.errors.ReadOnlySqlTransaction("read-only transaction")),
+        pytest.param(
+            lambda: OperationalError("UPDATE", {}, sqlite3.OperationalError("database is locked")),
             True,
+            id="sqlite-locked",
         ),
-        (PoolTimeoutError("QueuePool limit of size 5 overflow 10 reached"), True),
+        pytest.param(
+            lambda: OperationalError("UPDATE", {}, _pg("AdminShutdown", "terminating connection")),
+            True,
+            id="AdminShutdown",
+        ),
+        pytest.param(
+            lambda: OperationalError("UPDATE", {}, _pg("OperationalError", "connection failed: refused")),
+            True,
+            id="psycopg.OperationalError",
+        ),
+        pytest.param(
+            lambda: OperationalError("UPDATE", {}, _pg("DeadlockDetected", "deadlock detected")),
+            True,
+            id="DeadlockDetected",
+        ),
+        pytest.param(
+            lambda: OperationalError("UPDATE", {}, _pg("ReadOnlySqlTransaction", "read-only transaction")),
+            True,
+            id="ReadOnlySqlTransaction",
+        ),
+        pytest.param(
+            lambda: PoolTimeoutError("QueuePool limit of size 5 overflow 10 reached"), True, id="PoolTimeout"
+        ),
         # Refusals: waiting would not change the answer.
-        (DataError("UPDATE", {}, psycopg.errors.StringDataRightTruncation("value too long")), False),
-        (
-            OperationalError("UPDATE", {}, psycopg.errors.ProgramLimitExceeded("index row size exceeds")),
+        pytest.param(
+            lambda: DataError("UPDATE", {}, _pg("StringDataRightTruncation", "value too long")),
             False,
+            id="StringDataRightTruncation",
         ),
-        (OperationalError("UPDATE", {}, sqlite3.OperationalError("no such table: amlrun_runs")), False),
-        (StatementError("not JSON serializable", "UPDATE", {}, TypeError("Object of type object")), False),
+        pytest.param(
+            lambda: OperationalError("UPDATE", {}, _pg("ProgramLimitExceeded", "index row size exceeds")),
+            False,
+            id="ProgramLimitExceeded",
+        ),
+        pytest.param(
+            lambda: OperationalError("UPDATE", {}, sqlite3.OperationalError("no such table: amlrun_runs")),
+            False,
+            id="sqlite-no-such-table",
+        ),
+        pytest.param(
+            lambda: StatementError("not JSON serializable", "UPDATE", {}, TypeError("Object of type object")),
+            False,
+            id="not-serializable",
+        ),
     ],
-    ids=lambda value: type(getattr(value, "orig", value)).__name__ if not isinstance(value, bool) else "",
 )
-def test_only_a_history_that_is_away_is_waited_for(error: Exception, transient: bool) -> None:
-    assert is_transient(error) is transient
+def test_only_a_history_that_is_away_is_waited_for(error: Callable[[], Exception], transient: bool) -> None:
+    assert is_transient(error()) is transient
 
 
 def test_a_statement_sqlite_refuses_is_not_waited_for_but_a_locked_file_is(tmp_path: Path) -> None:
