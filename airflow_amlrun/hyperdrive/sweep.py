@@ -41,6 +41,7 @@ from airflow_amlrun.hyperdrive.replay import (
     restored_sampler,
 )
 from airflow_amlrun.hyperdrive.results import SweepResults, metric_of
+from airflow_amlrun.hyperdrive.stopping import stop_at_once
 from airflow_amlrun.hyperdrive.takeover import (
     SweepChangedError,
     SweepEnding,
@@ -333,11 +334,8 @@ class HyperDriveRun(SweepResults):
         """End the sweep from outside its loop (the task's on_kill): its live runs are stopped at once, and the
         loop, if it runs, records the sweep Canceled."""
         self._stop_reason = reason
-        for child in list(self._children.values()):
-            try:
-                child.request_stop()
-            except Exception:
-                log.exception("Sweep %s: stopping run %s failed", self.id, child.id)
+        for run_id, error in stop_at_once(dict(self._children), lambda child: child.request_stop()).items():
+            log.error("Sweep %s: stopping run %s failed", self.id, run_id, exc_info=error)
 
     def _begin(self) -> None:
         if self._begun:
@@ -521,11 +519,11 @@ class HyperDriveRun(SweepResults):
             self._sampler.tell(run_id, *outcome(record, self.config.primary_metric_name))
 
     def _stop_all(self, reason: str) -> None:
-        for run_id, child in list(self._children.items()):
-            try:
-                child.cancel(reason, output=self._emit)
-            except Exception:
-                log.exception("Sweep %s: stopping run %s failed", self.id, run_id)
+        children = dict(self._children)
+        failed = stop_at_once(children, lambda child: child.cancel(reason, output=self._emit))
+        for run_id, child in children.items():
+            if run_id in failed:
+                log.error("Sweep %s: stopping run %s failed", self.id, run_id, exc_info=failed[run_id])
                 # No longer followed from here: its heartbeat stops, so that reconcile may settle it.
                 child.abandon()
             self._children.pop(run_id, None)

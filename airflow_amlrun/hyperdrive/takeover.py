@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from airflow_amlrun.errors import ConfigurationError
 from airflow_amlrun.history import RunRecord, RunStatus
 from airflow_amlrun.history.listing import RunFilter
+from airflow_amlrun.hyperdrive.stopping import stop_at_once
 from airflow_amlrun.run import FollowState, RunEndedError, ScriptRun
 from airflow_amlrun.run.outcome import TIMED_OUT
 from airflow_amlrun.runconfig import SWEEP_TARGET as TARGET
@@ -183,22 +184,22 @@ def end_sweep(
 
     :param states: how far the last follower got with each live run, where known.
     """
+    live: dict[str, ScriptRun] = {}
     for child in workspace.history.child_runs(sweep_run_id):
         if child.status.is_terminal:
             continue
         try:
-            run = ScriptRun.resumed(workspace, child.id, (states or {}).get(child.id, FollowState()))
+            live[child.id] = ScriptRun.resumed(
+                workspace, child.id, (states or {}).get(child.id, FollowState())
+            )
         except RunEndedError:
             continue
         except Exception as err:
             # Left as it is, for `amlrun reconcile`, which settles a run it can reach or knows gone.
             log.warning("Sweep %s: run %s was left as it is: %s", sweep_run_id, child.id, err)
-            continue
-        try:
-            run.cancel(child_reason)
-        except Exception as err:
-            log.warning("Sweep %s: stopping run %s failed: %s", sweep_run_id, child.id, err)
-            run.abandon()
+    for run_id, error in stop_at_once(live, lambda run: run.cancel(child_reason)).items():
+        log.warning("Sweep %s: stopping run %s failed: %s", sweep_run_id, run_id, error)
+        live[run_id].abandon()
     workspace.history.update_unfinished_run(sweep_run_id, status=status, end_time=_now(), error=reason)
 
 
