@@ -3,7 +3,7 @@
 Generates a realistic source tree in a temporary directory (many small .py/.json files, some MB-sized
 data files, nested .gitignore files with ignored files, a .git directory and a virtualenv that must be
 left out), measures every variant several times in the same run and prints one JSON object of medians,
-with the spread (min, max) of each. Nothing is dropped from the page cache: all variants read warm files,
+with the spread (min, max) of each, and the file system written to (whether it shares data: reflinks). Nothing is dropped from the page cache: all variants read warm files,
 as a resubmission would. Runs are interleaved and each starts after ``os.sync()``, so no variant pays for
 another's writeback; each is timed until what it wrote is durable (a ``syncfs`` of the file system inside
 the timed step), for the snapshot, the materialized run directory and the ``cp`` / ``tar`` baselines
@@ -29,6 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from airflow_amlrun.snapshot import BlobStore, materialize, scan_tree, take_snapshot
+from airflow_amlrun.snapshot.diskio import clone_file
 
 SMALL_SUFFIXES = (".py", ".py", ".py", ".json", ".yaml", ".md", ".txt")
 
@@ -116,6 +117,24 @@ def durable(fn: Callable[[], object], where: Path) -> tuple[float, object]:
     return time.perf_counter() - start, result
 
 
+def file_system(where: Path) -> dict[str, object]:
+    """The type of the file system the benchmark writes to, and whether it shares data (reflinks) there:
+    materialize clones files where it does, and copies them where it does not."""
+    found = subprocess.run(
+        ["findmnt", "-n", "-o", "FSTYPE", "--target", str(where)], capture_output=True, text=True
+    )
+    kind = found.stdout.strip() if found.returncode == 0 else ""
+    source, clone = where / "reflink-probe", where / "reflink-probe-clone"
+    source.write_bytes(b"probe")
+    try:
+        with open(source, "rb") as src, open(clone, "wb") as dst:
+            shared = clone_file(src.fileno(), dst.fileno())
+    finally:
+        source.unlink()
+        clone.unlink(missing_ok=True)
+    return {"file_system": kind or "unknown", "reflinks": shared}
+
+
 def spread(values: list[float], digits: int = 3) -> dict[str, float]:
     """Median, min and max: the figure, and how far a run of it strays on a shared machine."""
     return {
@@ -139,6 +158,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="amlrun-bench-", dir=args.dir) as tmp:
         work = Path(tmp)
         src = work / "src"
+        where = file_system(work)
         expected = generate_tree(src, args.files, args.total_mb, rng)
         scan = scan_tree(src)
         included = sorted(f.path for f in scan.files)
@@ -223,6 +243,7 @@ def main() -> None:
                 "total_mb": round(total_bytes / 1024 / 1024, 1),
                 "reps": args.reps,
                 "cpu_count": os.cpu_count(),
+                **where,
                 "durability": "each timed step ends with a syncfs of the file system it wrote to",
                 "cp_s": spread(cp_times),
                 "tar_s": spread(tar_times),
