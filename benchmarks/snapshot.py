@@ -3,12 +3,12 @@
 Generates a realistic source tree in a temporary directory (many small .py/.json files, some MB-sized
 data files, nested .gitignore files with ignored files, a .git directory and a virtualenv that must be
 left out), measures every variant several times in the same run and prints one JSON object of medians,
-with the spread (min, max) of each, and the file system written to (whether it shares data: reflinks). Nothing is dropped from the page cache: all variants read warm files,
-as a resubmission would. Runs are interleaved and each starts after ``os.sync()``, so no variant pays for
-another's writeback; each is timed until what it wrote is durable (a ``syncfs`` of the file system inside
-the timed step), for the snapshot, the materialized run directory and the ``cp`` / ``tar`` baselines
-alike. Without that, a copy only fills the page cache, and the figure follows the shared machine's I/O of
-the moment.
+with the spread (min, max) of each, and the file system written to (and whether it shares data: reflinks).
+Nothing is dropped from the page cache: all variants read warm files, as a resubmission would. Runs are
+interleaved and each starts after ``os.sync()``, so no variant pays for another's writeback; each is timed
+until what it wrote is durable (a ``syncfs`` of the file system inside the timed step), for the snapshot,
+the materialized run directory and the ``cp`` / ``tar`` baselines alike. Without that, a copy only fills
+the page cache, and the figure follows the shared machine's I/O of the moment.
 
     python benchmarks/snapshot.py [--files 2000] [--total-mb 300] [--reps 7] [--warmup 1]
 """
