@@ -378,7 +378,8 @@ import sys
 from airflow_amlrun import Experiment, ScriptRunConfig, Workspace
 from airflow_amlrun.submission import AirflowTask
 
-task = AirflowTask(dag_id="retrain", task_id="train", run_id="manual_1", map_index=None, try_number=1)
+dag_id, task_id, run_id = sys.argv[4:7]
+task = AirflowTask(dag_id=dag_id, task_id=task_id, run_id=run_id, map_index=None, try_number=1)
 limit = float(sys.argv[3]) if sys.argv[3] != "none" else None
 config = ScriptRunConfig(
     sys.argv[1], script="train.py", compute_target=sys.argv[2], max_run_duration_seconds=limit
@@ -392,9 +393,12 @@ def worker_dies_mid_run(
     compute_target: str = "local",
     settle: float = 0.0,
     max_run_duration_seconds: float | None = None,
+    task: tuple[str, str, str] = ("retrain", "train", "manual_1"),
 ) -> Any:
-    """Try 1 of task retrain.train: a worker process submits the run, then is SIGKILLed once it is Running.
+    """Try 1 of a task (by default retrain.train of DAG run manual_1): a worker process submits the run, then is
+    SIGKILLed once it is Running.
 
+    :param task: the task's DAG id, task id and DAG run id.
     Returns the run as the history holds it afterwards (left Running by the dead worker).
     """
     from airflow_amlrun import Workspace
@@ -402,7 +406,7 @@ def worker_dies_mid_run(
     limit = "none" if max_run_duration_seconds is None else str(max_run_duration_seconds)
     with tempfile.TemporaryFile() as said:
         worker = subprocess.Popen(
-            [sys.executable, "-c", _SUBMIT_AS_TRY_1, str(source), compute_target, limit],
+            [sys.executable, "-c", _SUBMIT_AS_TRY_1, str(source), compute_target, limit, *task],
             env=os.environ.copy(),
             stderr=said,
         )

@@ -177,8 +177,14 @@ class ScriptRunOperator(SettlesFailedDeferral):
         if self._killed:
             from airflow.sdk.exceptions import AirflowTaskTerminated
 
+            from airflow_amlrun.run import ScriptRun
+            from airflow_amlrun.run.reattach import stop_left_unfinished
+
+            # A run an earlier try left for this one to re-attach to is this task's run: it stops with it.
+            stopped = stop_left_unfinished(ScriptRun, self.workspace, task, KILLED)
             raise AirflowTaskTerminated(
-                f"Task {self.task_id!r} was killed before it submitted its run: none started."
+                f"Task {self.task_id!r} was killed before it submitted its run: none started"
+                + (f"; run {', '.join(stopped)}, left by an earlier try, was stopped." if stopped else ".")
             )
         self._run = experiment.submit(
             config,

@@ -7,13 +7,14 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from airflow_amlrun.history import RunStatus
-from airflow_amlrun.run.state import STOP_REQUESTED_TAG, RunEndedError
+from airflow_amlrun.run.state import STOP_REQUESTED_TAG, FollowState, RunEndedError
 from airflow_amlrun.submission import AirflowTask, discard_lost, job_for, recorded_handle
 from airflow_amlrun.targets.handles import UnreadableHandleError
 
 if TYPE_CHECKING:
     from airflow_amlrun.config import Settings
     from airflow_amlrun.environment import ResolvedEnvironment
+    from airflow_amlrun.history import RunRecord
     from airflow_amlrun.run.script_run import ScriptRun
     from airflow_amlrun.runconfig import ScriptRunConfig
     from airflow_amlrun.targets.base import ComputeTarget
@@ -40,16 +41,7 @@ def reattach(
     (``reattach_on_retry=False``), a run still on its target is stopped and recorded Canceled.
     """
     history = workspace.history
-    earlier = [
-        r
-        for r in history.list_runs(
-            dag_id=airflow_task.dag_id,
-            task_id=airflow_task.task_id,
-            airflow_run_id=airflow_task.run_id,
-            map_index=airflow_task.map_index,
-        )
-        if not r.status.is_terminal and r.target == target.name
-    ]
+    earlier = [r for r in left_unfinished(workspace, airflow_task) if r.target == target.name]
     attached: ScriptRun | None = None
     for record in earlier:
         job = job_for(record.id, record.experiment, config, environment, record.snapshot_id)
@@ -110,6 +102,45 @@ def reattach(
         attached.forget_stop_request()
         history.update_run(record.id, try_number=airflow_task.try_number, drop_tags=[STOP_REQUESTED_TAG])
     return attached
+
+
+def left_unfinished(workspace: Workspace, airflow_task: AirflowTask) -> list[RunRecord]:
+    """The runs earlier tries of this task recorded and did not see end (a sweep's runs are its sweep's)."""
+    return [
+        record
+        for record in workspace.history.list_runs(
+            dag_id=airflow_task.dag_id,
+            task_id=airflow_task.task_id,
+            airflow_run_id=airflow_task.run_id,
+            map_index=airflow_task.map_index,
+        )
+        if not record.status.is_terminal and record.parent_run_id is None
+    ]
+
+
+def stop_left_unfinished(
+    run_class: type[ScriptRun], workspace: Workspace, airflow_task: AirflowTask, reason: str
+) -> list[str]:
+    """Stop the runs earlier tries of this task left unfinished, recorded Canceled with `reason`, for a try killed
+    before it re-attached to them: a killed task's run does not go on unseen. Returns the ids of those stopped;
+    one that cannot be reached or stopped is left as it is, for `amlrun reconcile`."""
+    stopped = []
+    for record in left_unfinished(workspace, airflow_task):
+        try:
+            run = run_class.resumed(workspace, record.id, FollowState())
+        except RunEndedError:
+            continue  # another process recorded its end meanwhile
+        except Exception as err:
+            log.warning("Run %s, left unfinished by an earlier try, is left as it is: %s", record.id, err)
+            continue
+        try:
+            run.cancel(reason)
+        except Exception as err:
+            log.warning("Run %s, left unfinished by an earlier try: stopping it failed: %s", record.id, err)
+            run.abandon()
+            continue
+        stopped.append(record.id)
+    return stopped
 
 
 def _now() -> datetime:

@@ -289,6 +289,48 @@ def test_a_task_killed_before_it_submits_its_run_starts_none(run_dag, tmp_path):
     assert Workspace.get().list_runs() == []
 
 
+# A retry that Airflow kills before it submits: the run its earlier try left (the worker died mid-run) is
+# waiting for it to re-attach.
+KILLED_AFTER_AN_EARLIER_TRY_DIED = """
+from pathlib import Path
+from tests.conftest import worker_dies_mid_run
+from tests.integration.orphans import wait_for_file
+
+class KilledAfterAnEarlierTryDied(ScriptRunOperator):
+    def pre_execute(self, context):
+        ti = context["ti"]
+        orphan = worker_dies_mid_run(Path(SOURCE), TARGET, task=(ti.dag_id, ti.task_id, ti.run_id))
+        wait_for_file(Path(PIDS.replace("RUN_ID", orphan.id)))
+        self.on_kill()
+
+"""
+
+
+def test_a_retry_killed_before_it_submits_stops_the_run_an_earlier_try_left(run_dag, tmp_path, target):
+    write_script(tmp_path / "src", "train.py", TRAINS_FOR_GOOD)
+    operator = KILLED_AFTER_AN_EARLIER_TRY_DIED.replace("SOURCE", repr(str(tmp_path / "src")))
+    operator = operator.replace("TARGET", repr(target.name)).replace(
+        "PIDS", repr(str(target.run_dir("RUN_ID") / "pids"))
+    )
+    dag = dag_source(tmp_path / "src", target=target.name)
+    dag = dag.replace("with DAG(", operator + "with DAG(").replace(
+        "    ScriptRunOperator(", "    KilledAfterAnEarlierTryDied("
+    )
+
+    result = run_dag(dag)
+
+    [orphan] = Workspace.get().list_runs()
+    assert result.state == "failed"
+    assert (
+        f"Task 'train' was killed before it submitted its run: none started; run {orphan.id}, left by an earlier "
+        "try, was stopped." in result.log
+    )
+    assert (orphan.status, orphan.error) == ("Canceled", "Canceled: its Airflow task was killed.")
+    pids = [int(pid) for pid in target.run_dir(orphan.id).joinpath("pids").read_text().split()]
+    assert target.still_running(orphan.id, pids) == []
+    assert target.containers(orphan.id) == []
+
+
 def test_a_task_killed_as_it_submits_its_run_stops_the_run_once_it_exists(run_dag, tmp_path, target):
     write_script(tmp_path / "src", "train.py", TRAINS_FOR_GOOD)
 
