@@ -2,42 +2,57 @@
 
 A run's stop waits for the run to end, up to its target's grace period (a script that traps SIGTERM gets the
 whole of it; a Spark application's kill takes seconds). One after another, the stops of a sweep's runs would
-take that many times as long, and a task that Airflow kills has 5 seconds after its SIGTERM before the SIGKILL:
-the later runs would go on. So every run's stop starts at once, each in a thread of its own.
+take that many times as long. So every run's stop starts at once, each in a thread of its own.
+
+Never from a signal handler (a task's on_kill): starting a thread there can wait for a lock the interrupted
+code holds (the executor's own, a log handler's), and the handler then never returns. There the runs are
+stopped one after another, in the handler's thread.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import TypeVar
 
 R = TypeVar("R")
 
-# A sweep runs max_concurrent_runs at once; past this many, the rest wait for a thread.
-_MOST_AT_ONCE = 32
+# Stops on a remote target each open a connection of their own: a burst of dozens to one SSH host would pass its
+# limit of connections being opened (sshd's MaxStartups, 10 by default) and be refused.
+_MOST_AT_ONCE = 8
 
 
-def stop_at_once(runs: Mapping[str, R], stop: Callable[[R], None]) -> dict[str, BaseException]:
+def stop_at_once(runs: Mapping[str, R], stop: Callable[[R], None]) -> dict[str, Exception]:
     """Call ``stop`` on every run of ``runs`` (by id) at once; returns what each stop that failed raised.
 
-    A stop started by a task's on_kill runs in Airflow's signal handler, in the thread the signal interrupted,
-    perhaps while that thread held a lock (of a log handler, of the history's connection pool) that a stop in
-    another thread would wait for until the SIGKILL. So a single run is stopped in the calling thread, as before
-    there were threads here; several are worth that risk, as one after another most of them would not be stopped
-    before the SIGKILL either.
+    Should the wait be interrupted (Ctrl-C, the task's timeout), the stops under way end first (each within its
+    run's grace period), so that no run is left half stopped while the caller goes on; then the interruption
+    is raised.
     """
     if len(runs) <= 1:
-        failed: dict[str, BaseException] = {}
+        # One run: no thread to start.
+        failed: dict[str, Exception] = {}
         for run_id, run in runs.items():
             try:
                 stop(run)
-            except Exception as error:
-                failed[run_id] = error
+            except Exception as err:
+                failed[run_id] = err
         return failed
-    with ThreadPoolExecutor(
-        max_workers=min(len(runs), _MOST_AT_ONCE), thread_name_prefix="amlrun-stop"
-    ) as pool:
-        futures = {run_id: pool.submit(stop, run) for run_id, run in runs.items()}
+    pool = ThreadPoolExecutor(max_workers=min(len(runs), _MOST_AT_ONCE), thread_name_prefix="amlrun-stop")
+    futures: dict[str, Future[None]] = {}
+    try:
+        for run_id, run in runs.items():
+            futures[run_id] = pool.submit(stop, run)
+        wait(futures.values())
+    except BaseException:
+        for future in futures.values():
+            future.cancel()  # not yet started: dropped
+        wait(futures.values())
+        raise
+    finally:
+        pool.shutdown(wait=False)
     raised = {run_id: future.exception() for run_id, future in futures.items()}
-    return {run_id: error for run_id, error in raised.items() if error is not None}
+    for problem in raised.values():
+        if problem is not None and not isinstance(problem, Exception):
+            raise problem  # not a failed stop (SystemExit in a stop): as the calling thread would have raised it
+    return {run_id: problem for run_id, problem in raised.items() if isinstance(problem, Exception)}

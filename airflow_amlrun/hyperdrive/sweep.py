@@ -334,8 +334,12 @@ class HyperDriveRun(SweepResults):
         """End the sweep from outside its loop (the task's on_kill): its live runs are stopped at once, and the
         loop, if it runs, records the sweep Canceled."""
         self._stop_reason = reason
-        for run_id, error in stop_at_once(dict(self._children), lambda child: child.request_stop()).items():
-            log.error("Sweep %s: stopping run %s failed", self.id, run_id, exc_info=error)
+        # One after another: this is Airflow's signal handler, where starting threads can hang (see stopping.py).
+        for child in list(self._children.values()):
+            try:
+                child.request_stop()
+            except Exception:
+                log.exception("Sweep %s: stopping run %s failed", self.id, child.id)
 
     def _begin(self) -> None:
         if self._begun:
@@ -520,7 +524,18 @@ class HyperDriveRun(SweepResults):
 
     def _stop_all(self, reason: str) -> None:
         children = dict(self._children)
-        failed = stop_at_once(children, lambda child: child.cancel(reason, output=self._emit))
+        # What each run printed as it stopped, passed on run by run once all are stopped: the stops run at once, and
+        # `output` (a user's) need not take lines from several threads.
+        printed: dict[str, list[str]] = {run_id: [] for run_id in children}
+
+        def stop(run_id: str) -> None:
+            children[run_id].cancel(reason, output=printed[run_id].append if self._emit is not None else None)
+
+        failed = stop_at_once({run_id: run_id for run_id in children}, stop)
+        if self._emit is not None:
+            for lines in printed.values():
+                for line in lines:
+                    self._emit(line)
         for run_id, child in children.items():
             if run_id in failed:
                 log.error("Sweep %s: stopping run %s failed", self.id, run_id, exc_info=failed[run_id])

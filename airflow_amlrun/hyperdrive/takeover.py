@@ -178,26 +178,45 @@ def end_sweep(
     reason: str,
     child_reason: str,
     states: Mapping[str, FollowState] | None = None,
+    *,
+    at_once: bool = True,
 ) -> None:
     """End a sweep that no process follows: its live runs are stopped (Canceled with `child_reason`), and it is
     recorded `status` with `reason`, unless another process recorded its end first.
 
     :param states: how far the last follower got with each live run, where known.
+    :param at_once: stop the runs at once, each in a thread; False in a signal handler (see stopping.py).
     """
     live: dict[str, ScriptRun] = {}
-    for child in workspace.history.child_runs(sweep_run_id):
-        if child.status.is_terminal:
-            continue
-        try:
-            live[child.id] = ScriptRun.resumed(
-                workspace, child.id, (states or {}).get(child.id, FollowState())
-            )
-        except RunEndedError:
-            continue
-        except Exception as err:
-            # Left as it is, for `amlrun reconcile`, which settles a run it can reach or knows gone.
-            log.warning("Sweep %s: run %s was left as it is: %s", sweep_run_id, child.id, err)
-    for run_id, error in stop_at_once(live, lambda run: run.cancel(child_reason)).items():
+    try:
+        # Taken over here, in this thread (looking up a target's connection is not safe from several threads).
+        for child in workspace.history.child_runs(sweep_run_id):
+            if child.status.is_terminal:
+                continue
+            try:
+                live[child.id] = ScriptRun.resumed(
+                    workspace, child.id, (states or {}).get(child.id, FollowState())
+                )
+            except RunEndedError:
+                continue
+            except Exception as err:
+                # Left as it is, for `amlrun reconcile`, which settles a run it can reach or knows gone.
+                log.warning("Sweep %s: run %s was left as it is: %s", sweep_run_id, child.id, err)
+    except BaseException:
+        # Interrupted: the runs taken over so far are let go of, not followed on by heartbeats nobody ends.
+        for run in live.values():
+            run.abandon()
+        raise
+    if at_once:
+        failed = stop_at_once(live, lambda run: run.cancel(child_reason))
+    else:
+        failed = {}
+        for run_id, run in live.items():
+            try:
+                run.cancel(child_reason)
+            except Exception as err:
+                failed[run_id] = err
+    for run_id, error in failed.items():
         log.warning("Sweep %s: stopping run %s failed: %s", sweep_run_id, run_id, error)
         live[run_id].abandon()
     workspace.history.update_unfinished_run(sweep_run_id, status=status, end_time=_now(), error=reason)

@@ -122,7 +122,7 @@ class HyperDriveOperator(SettlesFailedDeferral):
             self._sweep.stop(KILLED)
         elif self._deferring is not None:
             try:
-                self._end_handed_over(self._deferring)
+                self._end_handed_over(self._deferring, at_once=False)
             except Exception:
                 # Raised from here, it would surface wherever the task was interrupted: the task fails as killed
                 # (_settle_sweeps ends the sweep once more).
@@ -280,13 +280,15 @@ class HyperDriveOperator(SettlesFailedDeferral):
         self._end_handed_over(sweep.id)
         return self._result(sweep, self.workspace.history.get_run(sweep.id))
 
-    def _end_handed_over(self, sweep_id: str) -> None:
+    def _end_handed_over(self, sweep_id: str, *, at_once: bool = True) -> None:
         """Stop the runs this task handed over and record the sweep Canceled, as a killed deferred task's trigger
-        does."""
+        does (one run after another from on_kill, Airflow's signal handler)."""
         from airflow_amlrun.history import RunStatus
         from airflow_amlrun.hyperdrive.takeover import end_sweep
 
-        end_sweep(self.workspace, sweep_id, RunStatus.CANCELED, KILLED, KILLED, self._handed_over)
+        end_sweep(
+            self.workspace, sweep_id, RunStatus.CANCELED, KILLED, KILLED, self._handed_over, at_once=at_once
+        )
 
     def _trigger_for(self, sweep: HyperDriveRun, state: SweepState, stop_at: str | None) -> HyperDriveTrigger:
         from airflow_amlrun.triggers.hyperdrive import HyperDriveTrigger

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from typing import TypeVar
 
 from airflow_amlrun import progress
 from airflow_amlrun.snapshot.diskio import process_umask
@@ -25,6 +28,8 @@ from airflow_amlrun.snapshot.errors import (
 from airflow_amlrun.snapshot.manifest import Snapshot, SnapshotEntry, validate_entries
 from airflow_amlrun.snapshot.snapshot import default_workers
 from airflow_amlrun.snapshot.store import BlobStore
+
+T = TypeVar("T")
 
 _FOLDER_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -101,35 +106,63 @@ def _write_tree(
         for entry in files:
             by_folder.setdefault(os.path.dirname(entry.path), []).append(entry)
 
-        def write_folder(folder: str, entries: list[SnapshotEntry]) -> None:
+        def write_folder(folder: str, failed: threading.Event) -> None:
             folder_fd = os.open(os.path.join(dest, *folder.split("/")), _FOLDER_FLAGS)
             try:
                 device = os.fstat(folder_fd).st_dev
-                for entry in entries:
+                for entry in by_folder[folder]:
+                    if failed.is_set():
+                        return
                     _write_file(store, entry, dest, verify=False, chmod=chmod(entry), at=(folder_fd, device))
             finally:
                 os.close(folder_fd)
 
-        # A failure is raised as soon as it is met: map() then cancels the calls not yet started.
-        with ThreadPoolExecutor(max_workers=max(1, min(len(by_folder), default_workers()))) as pool:
-            for _ in pool.map(write_folder, by_folder, by_folder.values()):
-                pass
+        _in_threads(min(len(by_folder), default_workers()), write_folder, by_folder)
     else:
 
-        def write_one(entry: SnapshotEntry) -> None:
+        def write_one(entry: SnapshotEntry, failed: threading.Event) -> None:
             _write_file(store, entry, dest, verify=verify, chmod=chmod(entry))
 
         # A restore the user asked for is reported file by file; a run directory is not.
         step = progress.step(f"Writing {len(files)} files to {dest}", total=len(files), unit="files")
-        with (
-            step if report else contextlib.nullcontext(lambda amount=1: None) as advance,
-            ThreadPoolExecutor(max_workers=max_workers or default_workers()) as pool,
-        ):
-            for _ in pool.map(write_one, files):
-                advance(1)
+        with step if report else contextlib.nullcontext(lambda amount=1: None) as advance:
+            _in_threads(max_workers or default_workers(), write_one, files, advance)
     for entry in links:
         assert entry.link is not None
         os.symlink(entry.link, os.path.join(dest, *entry.path.split("/")))
+
+
+def _in_threads(
+    workers: int,
+    write: Callable[[T, threading.Event], None],
+    items: Iterable[T],
+    advance: Callable[[int], object] = lambda amount: None,
+) -> None:
+    """Call ``write(item, failed)`` for each item in ``workers`` threads, ``advance(1)`` as each call ends. The
+    first failure (or an interruption of this thread) is raised at once: the calls not yet begun are dropped, and
+    those under way see ``failed`` set (one that writes many files stops before its next)."""
+    failed = threading.Event()
+
+    def guarded(item: T) -> None:
+        if failed.is_set():
+            return
+        try:
+            write(item, failed)
+        except BaseException:
+            failed.set()
+            raise
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        futures = [pool.submit(guarded, item) for item in items]
+        try:
+            for future in as_completed(futures):
+                future.result()
+                advance(1)
+        except BaseException:
+            failed.set()
+            for future in futures:
+                future.cancel()
+            raise
 
 
 def _prepare_destination(dest: str) -> None:

@@ -8,6 +8,8 @@ run is stopped: it never sees it.
 
 from __future__ import annotations
 
+import concurrent.futures.thread
+import signal
 import threading
 import time
 from pathlib import Path
@@ -39,6 +41,7 @@ def stopped(signum, frame):
     while time.monotonic() < deadline:
         if (marks / f"{other}.stopped").exists():
             (marks / f"{me}.saw-{other}").touch()
+            print(f"{me} stopped, saw the other", flush=True)
             break
         time.sleep(0.05)
     sys.exit(3)
@@ -50,7 +53,7 @@ while True:
 """
 
 
-def sweep_of_two(tmp_path: Path) -> tuple[HyperDriveRun, Path]:
+def sweep_of_two(tmp_path: Path, max_duration_minutes: float | None = None) -> tuple[HyperDriveRun, Path]:
     marks = tmp_path / "marks"
     marks.mkdir()
     write_script(tmp_path / "src", "train.py", SCRIPT)
@@ -64,6 +67,7 @@ def sweep_of_two(tmp_path: Path) -> tuple[HyperDriveRun, Path]:
         primary_metric_goal="minimize",
         max_total_runs=2,
         max_concurrent_runs=2,
+        max_duration_minutes=max_duration_minutes,
     )
     return Experiment(Workspace.get(), "stopped-at-once").submit(config), marks
 
@@ -96,17 +100,49 @@ def test_a_sweep_no_process_follows_is_ended_with_its_runs_stopped_at_once(tmp_p
     assert (record.status, record.error) == (RunStatus.CANCELED, "Killed.")
 
 
-def test_a_followed_sweep_stopped_from_outside_its_loop_stops_its_runs_at_once(tmp_path: Path) -> None:
-    # As the task's on_kill stops the sweep its own loop follows.
+def test_a_sweep_past_its_max_duration_stops_its_runs_at_once(tmp_path: Path) -> None:
+    # The sweep's own loop stops its live runs (as at max_duration_minutes, a failure, Ctrl-C, the task's timeout).
+    sweep, marks = sweep_of_two(tmp_path, max_duration_minutes=0.05)
+    printed: list[str] = []
+
+    record = sweep.wait_for_completion(output=printed.append)
+
+    assert_stopped_at_once(sweep.id, marks)
+    runs = Workspace.get().history.child_runs(sweep.id)
+    assert [r.error for r in runs] == ["Canceled: the sweep's max_duration_minutes (0.05) was reached."] * 2
+    # No run Completed: the sweep has no best run.
+    assert record.status is RunStatus.FAILED
+    # What each script printed as it was stopped reaches the output, from this thread.
+    assert sorted(line for line in printed if line.endswith("stopped, saw the other")) == [
+        "1 stopped, saw the other",
+        "2 stopped, saw the other",
+    ]
+
+
+def test_a_killed_tasks_sweep_stops_its_runs_from_the_signal_handler_without_threads(tmp_path: Path) -> None:
+    # on_kill runs in Airflow's SIGTERM handler, in the thread the signal interrupted, which may be inside a thread
+    # pool's submit (taking a run's snapshot, writing its run directory), holding the lock every pool's submit
+    # takes. A stop that started threads there would wait for that lock for good; the runs are stopped one after
+    # another, and the sweep's loop records it Canceled.
     sweep, marks = sweep_of_two(tmp_path)
-    ended: list[object] = []
-    loop = threading.Thread(target=lambda: ended.append(sweep.wait_for_completion()))
+    loop = threading.Thread(target=sweep.wait_for_completion)
     loop.start()
     wait_for_marks(marks, "1.started", "2.started")
 
-    sweep.stop("Canceled: the task was killed.")
+    def hung(signum: int, frame: object) -> None:
+        raise TimeoutError("the stop waited for the lock its own thread holds")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(30)
+    try:
+        with concurrent.futures.thread._global_shutdown_lock:  # type: ignore[attr-defined]
+            sweep.stop("Canceled: the task was killed.")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
     loop.join(60)
 
     assert not loop.is_alive()
-    assert ended and ended[0].status is RunStatus.CANCELED  # type: ignore[attr-defined]
-    assert_stopped_at_once(sweep.id, marks)
+    runs = Workspace.get().history.child_runs(sweep.id)
+    assert [r.status for r in runs] == [RunStatus.CANCELED] * 2
+    assert Workspace.get().get_run(sweep.id).status is RunStatus.CANCELED

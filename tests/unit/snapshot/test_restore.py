@@ -6,6 +6,7 @@ import os
 import stat
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -134,24 +135,43 @@ def test_the_process_umask_is_read_without_changing_it() -> None:
         os.umask(old)
 
 
-@pytest.mark.parametrize("write", [materialize, restore_snapshot])
-def test_a_missing_blob_stops_the_writing_of_a_tree_at_once_naming_the_file(tmp_path: Path, write) -> None:
-    # Folders (a run directory) or files (a restore) are written by several threads: the first failure must
-    # not wait for the rest of the tree to be written before the user hears of it.
+def _tree_missing_a_blob(tmp_path: Path, missing: str) -> tuple[BlobStore, Snapshot]:
+    """A snapshot of a tree of two folders of 300 files (a/, b/) and 20 of 10 (c00/..c19/), the blob of `missing`
+    removed from the store."""
     source = tmp_path / "src"
-    for folder in range(20):
-        (source / f"pkg{folder:02}").mkdir(parents=True)
-        for index in range(10):
-            (source / f"pkg{folder:02}" / f"m{index:02}.py").write_text(f"# {folder} {index}\n")
+    for folder, count in [("a", 300), ("b", 300), *((f"c{n:02}", 10) for n in range(20))]:
+        (source / folder).mkdir(parents=True)
+        for index in range(count):
+            (source / folder / f"m{index:03}.py").write_text(f"# {folder} {index}\n")
     store = BlobStore(str(tmp_path / "store"))
     snapshot = take_snapshot(source, store).snapshot
-    first = snapshot.entries[0]
-    assert first.path == "pkg00/m00.py" and first.digest is not None
-    blob = Path(store.uri_for(store.blob_key(first.digest)))
+    [entry] = [e for e in snapshot.entries if e.path == missing]
+    assert entry.digest is not None
+    blob = Path(store.uri_for(store.blob_key(entry.digest)))
     blob.chmod(0o644)
     blob.unlink()
+    return store, snapshot
 
-    with pytest.raises(BlobMissingError, match=r"Cannot restore 'pkg00/m00\.py': blob [0-9a-f]+ is missing"):
+
+@pytest.mark.parametrize(
+    ("write", "missing", "bound"),
+    [
+        # The first file fails: hardly anything else is written.
+        (materialize, "a/m000.py", 50),
+        (restore_snapshot, "a/m000.py", 50),
+        # A run directory's folders are written at once: folder a/ stops soon after b/ failed, not at its end.
+        (materialize, "b/m000.py", 200),
+    ],
+    ids=["materialize-first-file", "restore-first-file", "materialize-beside-a-folder-being-written"],
+)
+def test_a_missing_blob_stops_the_writing_of_a_tree_at_once_naming_the_file(
+    tmp_path: Path, write: Any, missing: str, bound: int
+) -> None:
+    # Folders (a run directory) or files (a restore) are written by several threads: the first failure must stop
+    # them all, not wait for the rest of the tree to be written before the user hears of it.
+    store, snapshot = _tree_missing_a_blob(tmp_path, missing)
+
+    with pytest.raises(BlobMissingError, match=rf"Cannot restore {missing!r}: blob [0-9a-f]+ is missing"):
         write(store, snapshot if write is materialize else snapshot.id, tmp_path / "run")
     written = sum(1 for _ in (tmp_path / "run").rglob("*.py"))
-    assert written < 100, f"{written} of the tree's 200 files were written after the first failed"
+    assert written < bound, f"{written} of the tree's 800 files were written though {missing} failed"
