@@ -50,7 +50,8 @@ def stop_at_once(runs: Mapping[str, R], stop: Callable[[R], None]) -> dict[str, 
         wait(futures.values())
         raise
     finally:
-        pool.shutdown(wait=False)
+        # A stop queued as the wait was interrupted (its future not yet kept here) is dropped too.
+        pool.shutdown(wait=False, cancel_futures=True)
     raised = {run_id: future.exception() for run_id, future in futures.items()}
     for problem in raised.values():
         if problem is not None and not isinstance(problem, Exception):

@@ -331,8 +331,8 @@ class HyperDriveRun(SweepResults):
         return self._deadline
 
     def stop(self, reason: str = "Canceled: the task running the sweep was stopped.") -> None:
-        """End the sweep from outside its loop (the task's on_kill): its live runs are stopped at once, and the
-        loop, if it runs, records the sweep Canceled."""
+        """End the sweep from outside its loop (the task's on_kill): its live runs are stopped now, one after
+        another, and the loop, if it runs, records the sweep Canceled."""
         self._stop_reason = reason
         # One after another: this is Airflow's signal handler, where starting threads can hang (see stopping.py).
         for child in list(self._children.values()):
@@ -531,11 +531,12 @@ class HyperDriveRun(SweepResults):
         def stop(run_id: str) -> None:
             children[run_id].cancel(reason, output=printed[run_id].append if self._emit is not None else None)
 
-        failed = stop_at_once({run_id: run_id for run_id in children}, stop)
-        if self._emit is not None:
-            for lines in printed.values():
-                for line in lines:
-                    self._emit(line)
+        try:
+            failed = stop_at_once({run_id: run_id for run_id in children}, stop)
+        finally:
+            # Passed on even when the stops were interrupted; an output that fails stops getting lines (they are in
+            # the runs' logs) and keeps nothing here from ending the runs and the sweep.
+            self._pass_on([line for lines in printed.values() for line in lines])
         for run_id, child in children.items():
             if run_id in failed:
                 log.error("Sweep %s: stopping run %s failed", self.id, run_id, exc_info=failed[run_id])
@@ -545,6 +546,18 @@ class HyperDriveRun(SweepResults):
             self._unstopped.pop(run_id, None)
             if self._sampler is not None:
                 self._sampler.tell(run_id, "PRUNED")
+
+    def _pass_on(self, lines: list[str]) -> None:
+        if self._emit is None:
+            return
+        for line in lines:
+            try:
+                self._emit(line)
+            except Exception as err:
+                log.warning(
+                    "Sweep %s: passing on the runs' output failed (%s); it is in each run's log", self.id, err
+                )
+                return
 
     def _canceled(self, reason: str) -> RunRecord:
         self._stop_all(reason)

@@ -202,20 +202,21 @@ def end_sweep(
             except Exception as err:
                 # Left as it is, for `amlrun reconcile`, which settles a run it can reach or knows gone.
                 log.warning("Sweep %s: run %s was left as it is: %s", sweep_run_id, child.id, err)
+        if at_once:
+            failed = stop_at_once(live, lambda run: run.cancel(child_reason))
+        else:
+            failed = {}
+            for run_id, run in live.items():
+                try:
+                    run.cancel(child_reason)
+                except Exception as err:
+                    failed[run_id] = err
     except BaseException:
-        # Interrupted: the runs taken over so far are let go of, not followed on by heartbeats nobody ends.
+        # Interrupted: the runs taken over here are let go of (a run whose end was recorded already is let go of
+        # as well: nothing changes for it), not followed on by heartbeats nobody ends.
         for run in live.values():
             run.abandon()
         raise
-    if at_once:
-        failed = stop_at_once(live, lambda run: run.cancel(child_reason))
-    else:
-        failed = {}
-        for run_id, run in live.items():
-            try:
-                run.cancel(child_reason)
-            except Exception as err:
-                failed[run_id] = err
     for run_id, error in failed.items():
         log.warning("Sweep %s: stopping run %s failed: %s", sweep_run_id, run_id, error)
         live[run_id].abandon()

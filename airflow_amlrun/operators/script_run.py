@@ -173,7 +173,8 @@ class ScriptRunOperator(SettlesFailedDeferral):
             mask_secret(secret)
         experiment = Experiment(self.workspace, self.experiment or experiment_name_from(ti.dag_id))
         task = AirflowTask.of(ti)
-        self._settle_orphaned_runs(task)
+        if not self._killed:
+            self._settle_orphaned_runs(task)
         if self._killed:
             from airflow.sdk.exceptions import AirflowTaskTerminated
 
@@ -181,10 +182,16 @@ class ScriptRunOperator(SettlesFailedDeferral):
             from airflow_amlrun.run.reattach import stop_left_unfinished
 
             # A run an earlier try left for this one to re-attach to is this task's run: it stops with it.
-            stopped = stop_left_unfinished(ScriptRun, self.workspace, task, KILLED)
+            try:
+                said = stop_left_unfinished(ScriptRun, self.workspace, task, KILLED)
+            except Exception as err:
+                # The task fails as killed all the same: what is left is amlrun reconcile's.
+                self.log.warning("Stopping the runs earlier tries left failed: %s", err)
+                said = []
             raise AirflowTaskTerminated(
                 f"Task {self.task_id!r} was killed before it submitted its run: none started"
-                + (f"; run {', '.join(stopped)}, left by an earlier try, was stopped." if stopped else ".")
+                + "".join(f"; {each}" for each in said)
+                + "."
             )
         self._run = experiment.submit(
             config,

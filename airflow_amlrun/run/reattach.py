@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from airflow_amlrun.history import RunStatus
+from airflow_amlrun.run.outcome import ended_as_stopped
 from airflow_amlrun.run.state import STOP_REQUESTED_TAG, FollowState, RunEndedError
 from airflow_amlrun.submission import AirflowTask, discard_lost, job_for, recorded_handle
 from airflow_amlrun.targets.handles import UnreadableHandleError
@@ -96,6 +97,21 @@ def reattach(
             attached = run_class.following(workspace, target, job, handle, record, settings)
         except RunEndedError:
             continue  # another process (reconcile) recorded it meanwhile: a new run starts
+        if STOP_REQUESTED_TAG in record.tags:
+            ended = target.wait(handle, 0)
+            if not ended.running and ended_as_stopped(ended):
+                # The stop an earlier try asked (it was killed) reached the run, and that try was killed before it
+                # recorded the end: the run is recorded Canceled with why, not as failed by the stop's signal,
+                # and this try starts a new one.
+                log.warning(
+                    "Run %s, left by try %s of this task, was stopped as that try was killed: recorded Canceled; "
+                    "a new run is started",
+                    record.id,
+                    record.try_number,
+                )
+                attached.conclude(ended)
+                attached = None
+                continue
         attached.reattached = True
         # A stop an earlier try asked (as it was killed) and that never reached the run is this try's no more: it
         # follows the run to its end, and nobody (reconcile) is to carry that stop out later.
@@ -122,25 +138,36 @@ def stop_left_unfinished(
     run_class: type[ScriptRun], workspace: Workspace, airflow_task: AirflowTask, reason: str
 ) -> list[str]:
     """Stop the runs earlier tries of this task left unfinished, recorded Canceled with `reason`, for a try killed
-    before it re-attached to them: a killed task's run does not go on unseen. Returns the ids of those stopped;
-    one that cannot be reached or stopped is left as it is, for `amlrun reconcile`."""
-    stopped = []
+    before it re-attached to them: a killed task's run does not go on unseen. Returns what became of each, for the
+    task's error; one that cannot be reached or stopped is left as it is, for `amlrun reconcile`."""
+    said = []
     for record in left_unfinished(workspace, airflow_task):
         try:
             run = run_class.resumed(workspace, record.id, FollowState())
-        except RunEndedError:
-            continue  # another process recorded its end meanwhile
+        except RunEndedError as ended:
+            said.append(f"run {record.id}, left by an earlier try, had ended ({ended.record.status})")
+            continue
         except Exception as err:
             log.warning("Run %s, left unfinished by an earlier try, is left as it is: %s", record.id, err)
+            said.append(
+                f"run {record.id}, left by an earlier try, could not be stopped (amlrun reconcile settles it)"
+            )
             continue
         try:
             run.cancel(reason)
         except Exception as err:
             log.warning("Run %s, left unfinished by an earlier try: stopping it failed: %s", record.id, err)
             run.abandon()
+            said.append(
+                f"run {record.id}, left by an earlier try, could not be stopped (amlrun reconcile settles it)"
+            )
             continue
-        stopped.append(record.id)
-    return stopped
+        status = workspace.history.get_run(record.id).status
+        if status is RunStatus.CANCELED:
+            said.append(f"run {record.id}, left by an earlier try, was stopped")
+        else:
+            said.append(f"run {record.id}, left by an earlier try, had ended ({status})")
+    return said
 
 
 def _now() -> datetime:

@@ -14,7 +14,7 @@ import contextlib
 import os
 import threading
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from typing import TypeVar
 
 from airflow_amlrun import progress
@@ -143,21 +143,23 @@ def _in_threads(
     those under way see ``failed`` set (one that writes many files stops before its next)."""
     failed = threading.Event()
 
-    def guarded(item: T) -> None:
+    def guarded(item: T) -> bool:
         if failed.is_set():
-            return
+            return False
         try:
             write(item, failed)
         except BaseException:
             failed.set()
             raise
+        return True
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        futures = [pool.submit(guarded, item) for item in items]
+        futures: list[Future[bool]] = []
         try:
+            futures.extend(pool.submit(guarded, item) for item in items)
             for future in as_completed(futures):
-                future.result()
-                advance(1)
+                if future.result():
+                    advance(1)
         except BaseException:
             failed.set()
             for future in futures:

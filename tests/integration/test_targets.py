@@ -357,6 +357,35 @@ def test_a_task_killed_as_it_submits_its_run_stops_the_run_once_it_exists(run_da
         assert target.still_running(run.id, [int(pid) for pid in pids.read_text().split()]) == []
 
 
+def test_a_retry_records_canceled_the_run_its_killed_try_stopped_without_recording_and_starts_anew(
+    tmp_path, target
+):
+    from airflow_amlrun.run import FollowState, ScriptRun
+    from airflow_amlrun.run.state import STOP_REQUESTED_TAG
+
+    source = tmp_path / "src"
+    write_script(source, "train.py", TRAINS_FOR_GOOD)
+    orphan = worker_dies_mid_run(source, target.name)
+    wait_for_file(target.run_dir(orphan.id) / "pids")
+    # Try 1 is killed: its stop reaches the run, and the SIGKILL comes before it records the end (as `cancel` does
+    # up to its recording).
+    killed = ScriptRun.resumed(Workspace.get(), orphan.id, FollowState())
+    killed._book.add_tags({STOP_REQUESTED_TAG: "Canceled: its Airflow task was killed."})
+    killed.target.cancel(killed.handle)
+    killed.abandon()
+    # The script as the retry snapshots it: its run ends at once.
+    write_script(source, "train.py", "print('second run')")
+
+    lines: list[str] = []
+    record = _retry(source, target, output=lines.append)
+
+    assert record.id != orphan.id and record.status == "Completed", (record.status, record.error)
+    assert lines == ["second run"]
+    stopped = Workspace.get().get_run(orphan.id)
+    assert (stopped.status, stopped.error) == ("Canceled", "Canceled: its Airflow task was killed.")
+    assert sorted(run.id for run in Workspace.get().list_runs()) == sorted([orphan.id, record.id])
+
+
 def test_a_retry_after_the_worker_died_reattaches_to_the_running_script(tmp_path, target):
     source = tmp_path / "src"
     write_script(
