@@ -6,9 +6,9 @@ The real refusals and outages run against PostgreSQL in tests/integration/test_h
 
 from __future__ import annotations
 
+import importlib
 import logging
 import sqlite3
-from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -20,72 +20,46 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from airflow_amlrun.history import HistoryUnavailableError, MetricPoint, RunBookkeeper, RunHistory, RunStatus
 from airflow_amlrun.history.bookkeeping import FINAL_WRITE_SECONDS, is_transient
 
+# The SQLAlchemy error, the driver and its error's class and message under it, and whether it is waited for.
+DRIVER_ERRORS = [
+    (OperationalError, "sqlite3", "OperationalError", "database is locked", True),
+    (OperationalError, "psycopg", "AdminShutdown", "terminating connection", True),
+    (OperationalError, "psycopg", "OperationalError", "connection failed: refused", True),
+    (OperationalError, "psycopg", "DeadlockDetected", "deadlock detected", True),
+    (OperationalError, "psycopg", "ReadOnlySqlTransaction", "read-only transaction", True),
+    # Refusals: waiting would not change the answer.
+    (DataError, "psycopg", "StringDataRightTruncation", "value too long", False),
+    (OperationalError, "psycopg", "ProgramLimitExceeded", "index row size exceeds", False),
+    (OperationalError, "sqlite3", "OperationalError", "no such table: amlrun_runs", False),
+]
 
-def _pg(name: str, message: str) -> Exception:
-    """A psycopg error, built as the test runs: importing psycopg as the tests are collected would cost each
-    process of the unit tests about 0.1 s."""
-    import psycopg
 
-    error: type[Exception] = getattr(psycopg.errors, name, None) or getattr(psycopg, name)
-    return error(message)
+@pytest.mark.parametrize(
+    ("wrapper", "driver", "name", "message", "transient"),
+    [pytest.param(*case, id=f"{case[1]}.{case[2]}: {case[3]}") for case in DRIVER_ERRORS],
+)
+def test_only_a_history_that_is_away_is_waited_for(
+    wrapper: type[Exception], driver: str, name: str, message: str, transient: bool
+) -> None:
+    # The driver's error is built as the test runs: importing psycopg as the tests are collected would cost each
+    # process of the unit tests about 0.1 s.
+    module = importlib.import_module(driver)
+    error: type[Exception] = getattr(getattr(module, "errors", module), name)
+    assert is_transient(wrapper("UPDATE", {}, error(message))) is transient
 
 
 @pytest.mark.parametrize(
     ("error", "transient"),
     [
-        pytest.param(
-            lambda: OperationalError("UPDATE", {}, sqlite3.OperationalError("database is locked")),
-            True,
-            id="sqlite-locked",
-        ),
-        pytest.param(
-            lambda: OperationalError("UPDATE", {}, _pg("AdminShutdown", "terminating connection")),
-            True,
-            id="AdminShutdown",
-        ),
-        pytest.param(
-            lambda: OperationalError("UPDATE", {}, _pg("OperationalError", "connection failed: refused")),
-            True,
-            id="psycopg.OperationalError",
-        ),
-        pytest.param(
-            lambda: OperationalError("UPDATE", {}, _pg("DeadlockDetected", "deadlock detected")),
-            True,
-            id="DeadlockDetected",
-        ),
-        pytest.param(
-            lambda: OperationalError("UPDATE", {}, _pg("ReadOnlySqlTransaction", "read-only transaction")),
-            True,
-            id="ReadOnlySqlTransaction",
-        ),
-        pytest.param(
-            lambda: PoolTimeoutError("QueuePool limit of size 5 overflow 10 reached"), True, id="PoolTimeout"
-        ),
-        # Refusals: waiting would not change the answer.
-        pytest.param(
-            lambda: DataError("UPDATE", {}, _pg("StringDataRightTruncation", "value too long")),
-            False,
-            id="StringDataRightTruncation",
-        ),
-        pytest.param(
-            lambda: OperationalError("UPDATE", {}, _pg("ProgramLimitExceeded", "index row size exceeds")),
-            False,
-            id="ProgramLimitExceeded",
-        ),
-        pytest.param(
-            lambda: OperationalError("UPDATE", {}, sqlite3.OperationalError("no such table: amlrun_runs")),
-            False,
-            id="sqlite-no-such-table",
-        ),
-        pytest.param(
-            lambda: StatementError("not JSON serializable", "UPDATE", {}, TypeError("Object of type object")),
-            False,
-            id="not-serializable",
-        ),
+        (PoolTimeoutError("QueuePool limit of size 5 overflow 10 reached"), True),
+        (StatementError("not JSON serializable", "UPDATE", {}, TypeError("Object of type object")), False),
     ],
+    ids=["pool-timeout", "not-serializable"],
 )
-def test_only_a_history_that_is_away_is_waited_for(error: Callable[[], Exception], transient: bool) -> None:
-    assert is_transient(error()) is transient
+def test_a_full_pool_is_waited_for_and_a_value_no_database_takes_is_not(
+    error: Exception, transient: bool
+) -> None:
+    assert is_transient(error) is transient
 
 
 def test_a_statement_sqlite_refuses_is_not_waited_for_but_a_locked_file_is(tmp_path: Path) -> None:
