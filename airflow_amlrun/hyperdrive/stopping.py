@@ -22,15 +22,17 @@ R = TypeVar("R")
 _MOST_AT_ONCE = 8
 
 
-def stop_at_once(runs: Mapping[str, R], stop: Callable[[R], None]) -> dict[str, Exception]:
-    """Call ``stop`` on every run of ``runs`` (by id) at once; returns what each stop that failed raised.
+def stop_all(
+    runs: Mapping[str, R], stop: Callable[[R], None], *, at_once: bool = True
+) -> dict[str, Exception]:
+    """Call ``stop`` on every run of ``runs`` (by id), at once unless ``at_once`` is False (in a signal handler:
+    one after another, in this thread); returns what each stop that failed raised.
 
     Should the wait be interrupted (Ctrl-C, the task's timeout), the stops under way end first (each within its
     run's grace period), so that no run is left half stopped while the caller goes on; then the interruption
     is raised.
     """
-    if len(runs) <= 1:
-        # One run: no thread to start.
+    if not at_once or len(runs) <= 1:
         failed: dict[str, Exception] = {}
         for run_id, run in runs.items():
             try:

@@ -41,7 +41,7 @@ from airflow_amlrun.hyperdrive.replay import (
     restored_sampler,
 )
 from airflow_amlrun.hyperdrive.results import SweepResults, metric_of
-from airflow_amlrun.hyperdrive.stopping import stop_at_once
+from airflow_amlrun.hyperdrive.stopping import stop_all
 from airflow_amlrun.hyperdrive.takeover import (
     SweepChangedError,
     SweepEnding,
@@ -335,11 +335,10 @@ class HyperDriveRun(SweepResults):
         another, and the loop, if it runs, records the sweep Canceled."""
         self._stop_reason = reason
         # One after another: this is Airflow's signal handler, where starting threads can hang (see stopping.py).
-        for child in list(self._children.values()):
-            try:
-                child.request_stop()
-            except Exception:
-                log.exception("Sweep %s: stopping run %s failed", self.id, child.id)
+        for run_id, error in stop_all(
+            dict(self._children), lambda child: child.request_stop(), at_once=False
+        ).items():
+            log.error("Sweep %s: stopping run %s failed", self.id, run_id, exc_info=error)
 
     def _begin(self) -> None:
         if self._begun:
@@ -532,7 +531,7 @@ class HyperDriveRun(SweepResults):
             children[run_id].cancel(reason, output=printed[run_id].append if self._emit is not None else None)
 
         try:
-            failed = stop_at_once({run_id: run_id for run_id in children}, stop)
+            failed = stop_all({run_id: run_id for run_id in children}, stop)
         finally:
             # Passed on even when the stops were interrupted; an output that fails stops getting lines (they are in
             # the runs' logs) and keeps nothing here from ending the runs and the sweep.

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from airflow_amlrun.errors import ConfigurationError
 from airflow_amlrun.history import RunRecord, RunStatus
 from airflow_amlrun.history.listing import RunFilter
-from airflow_amlrun.hyperdrive.stopping import stop_at_once
+from airflow_amlrun.hyperdrive.stopping import stop_all
 from airflow_amlrun.run import FollowState, RunEndedError, ScriptRun
 from airflow_amlrun.run.outcome import TIMED_OUT
 from airflow_amlrun.runconfig import SWEEP_TARGET as TARGET
@@ -202,15 +202,7 @@ def end_sweep(
             except Exception as err:
                 # Left as it is, for `amlrun reconcile`, which settles a run it can reach or knows gone.
                 log.warning("Sweep %s: run %s was left as it is: %s", sweep_run_id, child.id, err)
-        if at_once:
-            failed = stop_at_once(live, lambda run: run.cancel(child_reason))
-        else:
-            failed = {}
-            for run_id, run in live.items():
-                try:
-                    run.cancel(child_reason)
-                except Exception as err:
-                    failed[run_id] = err
+        failed = stop_all(live, lambda run: run.cancel(child_reason), at_once=at_once)
     except BaseException:
         # Interrupted: the runs taken over here are let go of (a run whose end was recorded already is let go of
         # as well: nothing changes for it), not followed on by heartbeats nobody ends.

@@ -175,7 +175,7 @@ class ScriptRunOperator(SettlesFailedDeferral):
         task = AirflowTask.of(ti)
         if not self._killed:
             self._settle_orphaned_runs(task)
-        if self._killed:
+        if self._killed:  # before, or while orphaned runs were settled
             from airflow.sdk.exceptions import AirflowTaskTerminated
 
             from airflow_amlrun.run import ScriptRun

@@ -142,31 +142,27 @@ def stop_left_unfinished(
     task's error; one that cannot be reached or stopped is left as it is, for `amlrun reconcile`."""
     said = []
     for record in left_unfinished(workspace, airflow_task):
+        run_left = f"run {record.id}, left by an earlier try,"
         try:
             run = run_class.resumed(workspace, record.id, FollowState())
         except RunEndedError as ended:
-            said.append(f"run {record.id}, left by an earlier try, had ended ({ended.record.status})")
+            said.append(f"{run_left} had ended ({ended.record.status})")
             continue
         except Exception as err:
             log.warning("Run %s, left unfinished by an earlier try, is left as it is: %s", record.id, err)
-            said.append(
-                f"run {record.id}, left by an earlier try, could not be stopped (amlrun reconcile settles it)"
-            )
+            said.append(f"{run_left} could not be stopped (amlrun reconcile settles it)")
             continue
         try:
             run.cancel(reason)
         except Exception as err:
             log.warning("Run %s, left unfinished by an earlier try: stopping it failed: %s", record.id, err)
             run.abandon()
-            said.append(
-                f"run {record.id}, left by an earlier try, could not be stopped (amlrun reconcile settles it)"
-            )
+            said.append(f"{run_left} could not be stopped (amlrun reconcile settles it)")
             continue
         status = workspace.history.get_run(record.id).status
-        if status is RunStatus.CANCELED:
-            said.append(f"run {record.id}, left by an earlier try, was stopped")
-        else:
-            said.append(f"run {record.id}, left by an earlier try, had ended ({status})")
+        said.append(
+            f"{run_left} was stopped" if status is RunStatus.CANCELED else f"{run_left} had ended ({status})"
+        )
     return said
 
 
