@@ -273,6 +273,35 @@ def train_dir(tmp_path: Path) -> Path:
     return dest
 
 
+# A script that trains until a file named "go" appears in its run directory, then ends on its own.
+ENDS_WHEN_TOLD = """
+import os, time
+print("training", flush=True)
+while not os.path.exists("go"):
+    time.sleep(0.02)
+print("done", flush=True)
+"""
+
+
+def ended_on_its_own_first(
+    monkeypatch: pytest.MonkeyPatch, owner: Any, method: str, run_dir: Path, ended: Callable[[], bool]
+) -> None:
+    """Make ``owner.method`` (a step between a look that finds an ENDS_WHEN_TOLD run going and the stop of
+    it) first tell the run to end, and wait until ``ended()`` says it did: the run ends on its own just
+    before the stop reaches it."""
+    step = getattr(owner, method)
+
+    def run_ends_first(*args: Any, **kwargs: Any) -> Any:
+        (run_dir / "go").touch()
+        deadline = time.monotonic() + 60
+        while not ended():
+            assert time.monotonic() < deadline, "the run did not end once told to"
+            time.sleep(0.02)
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(owner, method, run_ends_first)
+
+
 def write_script(folder: Path, name: str, body: str) -> Path:
     """Write a training script for a test into folder."""
     folder.mkdir(parents=True, exist_ok=True)

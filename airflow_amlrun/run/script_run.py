@@ -475,14 +475,17 @@ class ScriptRun(RunApi):
             return status
         self._drain(emit, final=False)
         self._book.flush()
+        # What a stop explains is kept only if the stop found the run going: one that ended on its own meanwhile
+        # is recorded as it ended, at the next look.
         if self._cancel_requested:
-            self.target.cancel(self.handle)
+            self.target.cancel(self.handle)  # again: an earlier stop found the run going, and it still runs
         elif self._past_deadline() and not self._timed_out:
             self._timed_out = True
-            self.target.cancel(self.handle)
+            self._timed_out = self.target.cancel(self.handle)
         elif self._stop_at is not None and _now() >= self._stop_at and self._stop_reason is None:
             self._stop_reason = self._stop_reason_when_stopped
-            self.target.cancel(self.handle)
+            if not self.target.cancel(self.handle):
+                self._stop_reason = None
         return None
 
     def _past_deadline(self) -> bool:
@@ -543,12 +546,17 @@ class ScriptRun(RunApi):
             # not outlive it as a stray process, nor stay Running in the history. Stopping it is best effort
             # (the target may be what failed); recording the outcome is not.
             if self._finished is None:
+                stopped = True
                 try:
-                    self.target.cancel(self.handle)
+                    stopped = self.target.cancel(self.handle)
                     self._drain(emit, final=True)
                 except Exception:
                     log.exception("Run %s: stopping the run after %r failed too", self.id, err)
-                if type(err).__name__ == "AirflowTaskTimeout":
+                ended = None if stopped or self._cancel_requested else self._ended_on_its_own()
+                if ended is not None:
+                    # It ended on its own before any stop reached it: recorded as it ended.
+                    self._conclude(ended)
+                elif type(err).__name__ == "AirflowTaskTimeout":
                     self._finish(RunStatus.FAILED, TIMED_OUT)
                 elif isinstance(err, Exception) and type(err).__name__ != "AirflowTaskTerminated":
                     self._finish(RunStatus.FAILED, f"Following the run on its target failed: {err}")
@@ -611,10 +619,24 @@ class ScriptRun(RunApi):
     # ending
 
     def request_stop(self) -> None:
-        """Stop the run on its target now, recording nothing here: whoever follows it records it Canceled."""
+        """Stop the run on its target now, recording nothing here: whoever follows it records it Canceled, or as
+        it ended if the stop found that it had ended on its own."""
+        # Raised first: a follower in another thread that sees the run end by this stop records it Canceled
+        # (and, should the stop fail, asks the target again at its next look).
+        asked_before = self._cancel_requested
         self._cancel_requested = True
-        if self.handle is not None:
-            self.target.cancel(self.handle)
+        if self.handle is not None and not self.target.cancel(self.handle) and not asked_before:
+            self._cancel_requested = False
+
+    def _ended_on_its_own(self) -> TargetStatus | None:
+        """How the run ended, once a stop found it ended; None if the target cannot tell, or says it runs."""
+        assert self.handle is not None
+        try:
+            status = self.target.wait(self.handle, 0)
+        except Exception:
+            log.exception("Run %s: looking at it after its stop found it ended failed", self.id)
+            return None
+        return None if status.running else status
 
     def cancel(self, reason: str = "Canceled.", output: Callable[[str], None] | None = None) -> None:
         """Stop the run on its target; it ends Canceled (or as it ended, if it already had).
@@ -634,10 +656,8 @@ class ScriptRun(RunApi):
             self._finish(RunStatus.CANCELED, reason)
             return
         if self._waiting:
-            # Asked first: the follower, which may see the run end at any moment, records it Canceled (and asks
-            # the target again at its next look, should this stop fail).
-            self._cancel_requested = True
-            self.target.cancel(self.handle)
+            # The follower, which may see the run end at any moment, records its end.
+            self.request_stop()
             return
         # Nobody is following the run: record its end here. One that already ended keeps its outcome.
         status = self.target.wait(self.handle, 0)
@@ -652,7 +672,13 @@ class ScriptRun(RunApi):
         # go; a later look at it does not stop it unasked.
         self._stop_requested = reason
         self._book.add_tags({STOP_REQUESTED_TAG: reason})
-        self.target.cancel(self.handle)
+        if not self.target.cancel(self.handle):
+            ended = self._ended_on_its_own()
+            if ended is not None:
+                # It ended on its own since the look above: recorded as it ended (an end by a stop's signal, from
+                # elsewhere, as stopped: see outcome()).
+                self.conclude(ended, output)
+                return
         self._cancel_requested = True
         with self._recording_end():
             # What passes the output on (the task log) must not keep the end from being recorded.

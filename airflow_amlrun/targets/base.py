@@ -115,8 +115,9 @@ class ComputeTarget(Protocol[H]):
     def read_events(self, handle: H, offset: int, final: bool = False) -> Chunk:
         """The metric and tag events (JSON lines) the script logged since `offset`."""
 
-    def cancel(self, handle: H) -> None:
-        """Stop the run and everything it started."""
+    def cancel(self, handle: H) -> bool:
+        """Stop the run and everything it started. Returns whether the stop found the run going: ``False`` when
+        it had already ended on its own (then it is recorded as it ended, not as stopped)."""
 
     def collect(self, handle: H) -> Collected:
         """Bring outputs/ and logs/ of a finished run to this machine."""

@@ -323,13 +323,20 @@ class DockerTarget:
             )
         return read_lines(follower.path, offset, final)
 
-    def cancel(self, handle: DockerHandle) -> None:
+    def cancel(self, handle: DockerHandle) -> bool:
         from docker.errors import NotFound
 
+        # Looked at first: the Engine answers a stop of an ended container as it does a stop of a running one.
+        state = self._state(handle)
+        if state is None or not live(state):
+            return False
         log.info("Stopping container %s", handle.container)
-        with contextlib.suppress(NotFound):
+        try:
             # The API takes whole seconds.
             self.client.stop(handle.container_id, timeout=math.ceil(TERM_GRACE_SECONDS))
+        except NotFound:
+            return False
+        return True
 
     def collect(self, handle: DockerHandle) -> Collected:
         run_dir = Path(handle.run_dir)

@@ -200,7 +200,7 @@ class LocalTarget:
         """How long a stopped run gets to exit on SIGTERM before its whole process group is killed."""
         return TERM_GRACE_SECONDS
 
-    def cancel(self, handle: LocalHandle) -> None:
+    def cancel(self, handle: LocalHandle) -> bool:
         pid = handle.pid
         process = self._processes.get(pid)
 
@@ -213,7 +213,7 @@ class LocalTarget:
             if process is None or process.poll() is not None:
                 # The supervisor is gone: what the run left in its group (if it could not end it) goes now.
                 _end_leftovers(handle)
-            return
+            return False
         _signal_group(pid, signal.SIGTERM)
         if process is not None:
             supervisor.wait_child(process, self.stop_grace_seconds(handle))
@@ -226,6 +226,7 @@ class LocalTarget:
         if process is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(timeout=TERM_GRACE_SECONDS)
+        return True
 
     def collect(self, handle: LocalHandle) -> Collected:
         run_dir = Path(handle.run_dir)

@@ -302,11 +302,11 @@ class SSHTarget:
     def read_events(self, handle: SSHHandle, offset: int, final: bool = False) -> Chunk:
         return self._read_lines(handle, EVENTS, offset, final)
 
-    def cancel(self, handle: SSHHandle) -> None:
+    def cancel(self, handle: SSHHandle) -> bool:
         # Airflow's SIGTERM handler cancels in the thread it interrupts, which may be halfway through a write
         # on the shared connection, holding paramiko's send lock: the kill goes over a connection of its own.
         with self.helper.on_own_connection() as helper:
-            helper.call(
+            answer = helper.call(
                 "stopping the run",
                 "kill",
                 handle.run_id,
@@ -316,6 +316,7 @@ class SSHTarget:
             )
         # The next wait looks at the process at once rather than at its next periodic check.
         self._last_liveness.pop(handle.run_id, None)
+        return bool(answer.get("killed")) if isinstance(answer, dict) else True
 
     def collect(self, handle: SSHHandle) -> Collected:
         dest = self.runs_dir / handle.run_id

@@ -109,11 +109,11 @@ class UnsteadyLocalTarget(LocalTarget):
     ) -> UnsteadyLocalTarget:
         return cls(settings, cache_dir, name)
 
-    def cancel(self, handle: LocalHandle) -> None:
+    def cancel(self, handle: LocalHandle) -> bool:
         if self.failures > 0:
             self.failures -= 1
             raise OSError(f"the target did not answer while stopping the run of pid {handle.pid}")
-        super().cancel(handle)
+        return super().cancel(handle)
 
 
 class UnstoppableLocalTarget(UnsteadyLocalTarget):
@@ -124,7 +124,7 @@ class HalfStoppingLocalTarget(UnsteadyLocalTarget):
     """The local target, whose stop of a run ends the run and then fails (a remote target's connection that drops
     once the signal went out): whoever looks next finds the run ended."""
 
-    def cancel(self, handle: LocalHandle) -> None:
+    def cancel(self, handle: LocalHandle) -> bool:
         LocalTarget.cancel(self, handle)
         raise OSError(f"the target did not answer while stopping the run of pid {handle.pid}")
 
@@ -137,9 +137,10 @@ class LogLosingLocalTarget(UnsteadyLocalTarget):
         super().__init__(*args, **kwargs)
         self.stopped: set[int] = set()
 
-    def cancel(self, handle: LocalHandle) -> None:
-        LocalTarget.cancel(self, handle)
+    def cancel(self, handle: LocalHandle) -> bool:
+        stopped = LocalTarget.cancel(self, handle)
         self.stopped.add(handle.pid)
+        return stopped
 
     def read_log(self, handle: LocalHandle, offset: int, final: bool = False) -> Any:
         if handle.pid in self.stopped:

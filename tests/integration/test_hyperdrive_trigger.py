@@ -220,11 +220,11 @@ class OnceUnstoppableLocalTarget(LocalTarget):
     ) -> OnceUnstoppableLocalTarget:
         return cls(settings, cache_dir, name)
 
-    def cancel(self, handle: LocalHandle) -> None:
+    def cancel(self, handle: LocalHandle) -> bool:
         if handle.run_dir not in self.refused:
             self.refused.add(handle.run_dir)
             raise OSError(f"the target did not answer while stopping the run of pid {handle.pid}")
-        super().cancel(handle)
+        return super().cancel(handle)
 
 
 def test_a_run_whose_stop_failed_before_the_sweep_deferred_again_is_stopped_by_the_next_turn(

@@ -36,7 +36,7 @@ class AnswerLostSSHTarget(SSHTarget):
 class AnswerLostUnstoppableSSHTarget(AnswerLostSSHTarget):
     """As above, and the run found on the host cannot be stopped (the connection drops again)."""
 
-    def cancel(self, handle: SSHHandle) -> None:
+    def cancel(self, handle: SSHHandle) -> bool:
         raise OSError("the connection dropped while stopping the run")
 
 

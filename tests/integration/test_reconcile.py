@@ -20,11 +20,18 @@ from airflow_amlrun.config import Settings
 from airflow_amlrun.history import RunStatus
 from airflow_amlrun.reconcile import SETTLED_BY_TAG, reconcile
 from airflow_amlrun.run import ScriptRun
+from airflow_amlrun.run.state import STOP_REQUESTED_TAG
 from airflow_amlrun.targets import registry
 from airflow_amlrun.targets.docker import LABEL_RUN_ID, LABEL_TRANSFER, container_name
 from airflow_amlrun.targets.handles import LocalHandle
 from airflow_amlrun.targets.local import LocalTarget
-from tests.conftest import dag_source, worker_dies_mid_run, write_script
+from tests.conftest import (
+    ENDS_WHEN_TOLD,
+    dag_source,
+    ended_on_its_own_first,
+    worker_dies_mid_run,
+    write_script,
+)
 from tests.integration.docker_engine import containers_of
 from tests.integration.orphans import wait_for_file
 
@@ -496,7 +503,7 @@ class HalfStoppingLocalTarget(LocalTarget):
     ) -> HalfStoppingLocalTarget:
         return cls(settings, cache_dir, name)
 
-    def cancel(self, handle: LocalHandle) -> None:
+    def cancel(self, handle: LocalHandle) -> bool:
         super().cancel(handle)
         raise OSError(f"the connection dropped after the stop of the run of pid {handle.pid} was sent")
 
@@ -507,23 +514,28 @@ class StopRefusingLocalTarget(HalfStoppingLocalTarget):
 
     refusing = True
 
-    def cancel(self, handle: LocalHandle) -> None:
+    def cancel(self, handle: LocalHandle) -> bool:
         if StopRefusingLocalTarget.refusing:
             raise OSError(f"no route to the host of the run of pid {handle.pid}; nothing was sent")
-        LocalTarget.cancel(self, handle)
+        return LocalTarget.cancel(self, handle)
 
 
 POLICY_STOP = "Canceled by BanditPolicy at report 3: loss 40 is outside the slack of the best run's 1."
 
 
 def stop_failed_then_follower_died(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, target_class: type[LocalTarget], failure: str
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    target_class: type[LocalTarget],
+    failure: str,
+    script: str = "import time\ntime.sleep(300)\n",
 ) -> ScriptRun:
-    """A run on a target of `target_class` that a sweep's policy asked to stop, the stop raising `failure`; the
-    sweep's process then dies before it looks at the run again, and nobody reports on it any more."""
+    """A run of `script` on a target of `target_class` that a sweep's policy asked to stop, the stop raising
+    `failure`; the sweep's process then dies before it looks at the run again, and nobody reports on it any
+    more."""
     monkeypatch.setitem(registry.CONNECTION_KINDS, "amlrun_test_stops", f"{__name__}:{target_class.__name__}")
     monkeypatch.setenv("AIRFLOW_CONN_STOPS", json.dumps({"conn_type": "amlrun_test_stops"}))
-    write_script(tmp_path / "src", "train.py", "import time\ntime.sleep(300)\n")
+    write_script(tmp_path / "src", "train.py", script)
     run = Experiment(Workspace.get(), "stops").submit(
         ScriptRunConfig(tmp_path / "src", script="train.py", compute_target="stops")
     )
@@ -575,3 +587,32 @@ def test_a_run_whose_stop_was_asked_but_never_reached_it_is_stopped_and_recorded
     assert record.tags[SETTLED_BY_TAG] == "reconcile"
     assert (settled.run_id, settled.outcome) == (run.id, "Canceled")
     wait_for_exit(pid, timeout=30)
+
+
+def test_a_run_that_ended_on_its_own_just_before_the_stop_asked_of_it_is_recorded_as_it_ended(
+    amlrun_home, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(StopRefusingLocalTarget, "refusing", True)
+    run = stop_failed_then_follower_died(
+        monkeypatch, tmp_path, StopRefusingLocalTarget, "no route", script=ENDS_WHEN_TOLD
+    )
+    assert isinstance(run.handle, LocalHandle)
+    monkeypatch.setattr(StopRefusingLocalTarget, "refusing", False)
+    ws = Workspace.get()
+    # Reconcile finds the run going, with a stop asked of it; the run ends on its own before the stop reaches
+    # it, while reconcile claims the run.
+    ended_on_its_own_first(
+        monkeypatch,
+        ws.history,
+        "claim_unheard_run",
+        Path(run.handle.run_dir),
+        lambda: not run.target.wait(run.handle, 0).running,
+    )
+
+    [settled] = reconcile(ws)
+
+    record = ws.get_run(run.id)
+    assert (record.status, record.error) == (RunStatus.COMPLETED, None), record.error
+    assert (settled.run_id, settled.outcome) == (run.id, "Completed")
+    assert record.tags[STOP_REQUESTED_TAG] == POLICY_STOP  # what was asked stays on the row
+    assert "done" in (Path(record.logs_uri) / "std_log.txt").read_text()

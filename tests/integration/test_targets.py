@@ -23,7 +23,15 @@ import pytest
 from airflow_amlrun import Experiment, ScriptRunConfig, ScriptRunOperator, Workspace
 from airflow_amlrun.errors import RunTimeoutError
 from airflow_amlrun.submission import AirflowTask
-from tests.conftest import dag_source, newest_run, wait_until_running, worker_dies_mid_run, write_script
+from tests.conftest import (
+    ENDS_WHEN_TOLD,
+    dag_source,
+    ended_on_its_own_first,
+    newest_run,
+    wait_until_running,
+    worker_dies_mid_run,
+    write_script,
+)
 from tests.integration.conftest import Target
 from tests.integration.orphans import wait_for_file
 
@@ -263,6 +271,32 @@ def test_a_task_killed_before_it_follows_its_run_logs_what_the_script_printed(tm
         ("info", "training forever"),
     ]
     assert target.still_running(run.id, pids) == []
+    assert target.containers(run.id) == []
+
+
+def test_a_run_that_ended_on_its_own_just_before_the_killed_tasks_stop_is_recorded_as_it_ended(
+    tmp_path, target, monkeypatch
+):
+    write_script(tmp_path / "src", "train.py", ENDS_WHEN_TOLD)
+    config = ScriptRunConfig(str(tmp_path / "src"), script="train.py", compute_target=target.name)
+    operator = ScriptRunOperator(task_id="train", config=config)
+    # Killed between submitting the run and following it (as above). on_kill finds the run going and records
+    # why it stops it; the run ends on its own in between, before the stop reaches it.
+    run = operator._run = Experiment(Workspace.get(), "ended-first").submit(config)
+    assert wait_until_running() is not None, "the run never started"
+    ended_on_its_own_first(
+        monkeypatch,
+        run._book,
+        "add_tags",
+        target.run_dir(run.id),
+        lambda: not run.target.wait(run.handle, 0).running,
+    )
+
+    operator.on_kill()
+
+    record = Workspace.get().get_run(run.id)
+    assert (record.status, record.error) == ("Completed", None)
+    assert "done" in (Path(record.logs_uri) / "std_log.txt").read_text()
     assert target.containers(run.id) == []
 
 
