@@ -7,10 +7,10 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from airflow_amlrun.history import RunStatus
-from airflow_amlrun.run.outcome import ended_as_stopped
+from airflow_amlrun.run.outcome import ended_as_stopped, stopped_on_target
 from airflow_amlrun.run.state import STOP_REQUESTED_TAG, FollowState, RunEndedError
 from airflow_amlrun.submission import AirflowTask, discard_lost, job_for, recorded_handle
-from airflow_amlrun.targets.handles import UnreadableHandleError
+from airflow_amlrun.targets.handles import RunHandle, UnreadableHandleError
 
 if TYPE_CHECKING:
     from airflow_amlrun.config import Settings
@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from airflow_amlrun.history import RunRecord
     from airflow_amlrun.run.script_run import ScriptRun
     from airflow_amlrun.runconfig import ScriptRunConfig
-    from airflow_amlrun.targets.base import ComputeTarget
+    from airflow_amlrun.targets.base import ComputeTarget, TargetStatus
     from airflow_amlrun.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -97,27 +97,45 @@ def reattach(
             attached = run_class.following(workspace, target, job, handle, record, settings)
         except RunEndedError:
             continue  # another process (reconcile) recorded it meanwhile: a new run starts
-        if STOP_REQUESTED_TAG in record.tags:
-            ended = target.wait(handle, 0)
-            if not ended.running and ended_as_stopped(ended):
-                # The stop an earlier try asked (it was killed) reached the run, and that try was killed before it
-                # recorded the end: the run is recorded Canceled with why, not as failed by the stop's signal,
-                # and this try starts a new one.
-                log.warning(
-                    "Run %s, left by try %s of this task, was stopped as that try was killed: recorded Canceled; "
-                    "a new run is started",
-                    record.id,
-                    record.try_number,
-                )
-                attached.conclude(ended)
-                attached = None
-                continue
+        ended = _look(target, handle, record)
+        if ended is not None and _ended_by_earlier_stop(ended, record):
+            # The stop an earlier try sent (it was killed) reached the run, and that try was killed before it
+            # recorded the end: the run is recorded Canceled, not as failed by the stop's signal, and this try
+            # starts a new one.
+            log.warning(
+                "Run %s, left by try %s of this task, was stopped as that try was killed: recorded Canceled; "
+                "a new run is started",
+                record.id,
+                record.try_number,
+            )
+            attached.conclude(ended)
+            attached = None
+            continue
+        if ended is not None:
+            attached.found_ended(ended)
         attached.reattached = True
         # A stop an earlier try asked (as it was killed) and that never reached the run is this try's no more: it
         # follows the run to its end, and nobody (reconcile) is to carry that stop out later.
         attached.forget_stop_request()
         history.update_run(record.id, try_number=airflow_task.try_number, drop_tags=[STOP_REQUESTED_TAG])
     return attached
+
+
+def _look(target: ComputeTarget[Any], handle: RunHandle, record: RunRecord) -> TargetStatus | None:
+    """How the run ended, if it did; None while it runs, and when the target cannot tell now (following the run
+    then deals with that)."""
+    try:
+        ended = target.wait(handle, 0)
+    except Exception as err:
+        log.warning("Run %s: looking whether it ended failed: %s", record.id, err)
+        return None
+    return None if ended.running else ended
+
+
+def _ended_by_earlier_stop(ended: TargetStatus, record: RunRecord) -> bool:
+    """Whether the run ended by a stop: one its supervisor saw reach it while it ran, or, if an earlier try
+    recorded that it asked one, an end by a stop's signal."""
+    return stopped_on_target(ended) or (STOP_REQUESTED_TAG in record.tags and ended_as_stopped(ended))
 
 
 def left_unfinished(workspace: Workspace, airflow_task: AirflowTask) -> list[RunRecord]:

@@ -90,6 +90,8 @@ class ScriptRun(RunApi):
         # Why a stop was asked (cancel), once it was; the run then ends Canceled with it, unless it ended otherwise.
         self._stop_requested: str | None = None
         self._waiting = False
+        # How the run ended, as a look before it was followed found it (see found_ended).
+        self._found_ended: TargetStatus | None = None
         # Whether this process is reading the rest of the ended run and recording its end (see _recording_end).
         self._concluding = False
         self._started = _now()
@@ -268,6 +270,12 @@ class ScriptRun(RunApi):
                 break
             lines.append(line)
         self.log_tail.extend(OutputLine.read(line) for line in (lines[1:] if start > 0 else lines))
+
+    def found_ended(self, status: TargetStatus) -> None:
+        """How the run ended, as a look at it before it is followed found: the first step takes it rather than
+        look again (a target's look at an ended run may act, and tell of it, once: it ends what the run left
+        running)."""
+        self._found_ended = status
 
     def forget_stop_request(self) -> None:
         """Follow the run to its end as it ends, whatever stop an earlier follower asked of it (see ``reattach``)."""
@@ -467,7 +475,8 @@ class ScriptRun(RunApi):
         self._heartbeat.watch(True)
         self._heartbeat.tick()
         wait = self.settings.poll_interval_seconds if timeout is None else timeout
-        status = self.target.wait(self.handle, wait)
+        status = self._found_ended if self._found_ended is not None else self.target.wait(self.handle, wait)
+        self._found_ended = None
         if not status.running:
             with self._recording_end():
                 self._drain(emit, final=True)
@@ -552,7 +561,7 @@ class ScriptRun(RunApi):
                     self._drain(emit, final=True)
                 except Exception:
                     log.exception("Run %s: stopping the run after %r failed too", self.id, err)
-                ended = None if stopped or self._cancel_requested else self._ended_on_its_own()
+                ended = None if stopped or self._cancel_requested else self._ended()
                 if ended is not None:
                     # It ended on its own before any stop reached it: recorded as it ended.
                     self._conclude(ended)
@@ -628,13 +637,13 @@ class ScriptRun(RunApi):
         if self.handle is not None and not self.target.cancel(self.handle) and not asked_before:
             self._cancel_requested = False
 
-    def _ended_on_its_own(self) -> TargetStatus | None:
-        """How the run ended, once a stop found it ended; None if the target cannot tell, or says it runs."""
+    def _ended(self) -> TargetStatus | None:
+        """How the run ended, looked at after a stop; None if the target cannot tell, or says it runs."""
         assert self.handle is not None
         try:
             status = self.target.wait(self.handle, 0)
         except Exception:
-            log.exception("Run %s: looking at it after its stop found it ended failed", self.id)
+            log.exception("Run %s: looking at how it ended after its stop failed", self.id)
             return None
         return None if status.running else status
 
@@ -673,7 +682,7 @@ class ScriptRun(RunApi):
         self._stop_requested = reason
         self._book.add_tags({STOP_REQUESTED_TAG: reason})
         if not self.target.cancel(self.handle):
-            ended = self._ended_on_its_own()
+            ended = self._ended()
             if ended is not None:
                 # It ended on its own since the look above: recorded as it ended (an end by a stop's signal, from
                 # elsewhere, as stopped: see outcome()).
@@ -683,7 +692,12 @@ class ScriptRun(RunApi):
         with self._recording_end():
             # What passes the output on (the task log) must not keep the end from being recorded.
             self._drain(_failing_quietly(output, self.id), final=True)
-            self._finish(RunStatus.CANCELED, reason)
+            ended = self._ended()
+            if ended is not None:
+                # Canceled with why; or Completed, if it exited 0 before the stop reached it (see outcome()).
+                self._conclude(ended)
+            else:
+                self._finish(RunStatus.CANCELED, reason)
 
     def _finish(self, status: RunStatus, error: str | None) -> RunRecord:
         """The one place a run ends: collect what it produced, record the outcome, tidy the target."""

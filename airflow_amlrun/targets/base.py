@@ -44,6 +44,8 @@ class TargetStatus:
     reason: str | None = None
     # The target stopped the run itself for running longer than max_run_duration_seconds.
     timed_out: bool = False
+    # The signal of a stop that reached the run while it ran, whoever sent it (its supervisor recorded it).
+    stopped_by: str | None = None
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from airflow_amlrun.targets.base import Chunk, Job, TargetStatus
 from airflow_amlrun.targets.files import UnsafeFileError, read_beneath
 from airflow_amlrun.targets.supervisor import ENDED_BY as ENDED_BY
 from airflow_amlrun.targets.supervisor import EXIT_CODE as EXIT_CODE
-from airflow_amlrun.targets.supervisor import MAX_DURATION, STDERR_MARK, STDOUT_MARK
+from airflow_amlrun.targets.supervisor import MAX_DURATION, STDERR_MARK, STDOUT_MARK, STOPPED
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator
@@ -80,12 +80,23 @@ def supervisor_request(
 def stopped_for_limit(ended_by: bytes | str | None) -> bool:
     """Whether the supervisor's ENDED_BY file (its content, None when absent) says the time limit ended
     the run."""
-    if not ended_by:
-        return False
+    return _ended_by(ended_by).get("reason") == MAX_DURATION
+
+
+def stopped_by(ended_by: bytes | str | None) -> str | None:
+    """The signal of a stop that found the run running, if the supervisor's ENDED_BY file says one did."""
+    said = _ended_by(ended_by)
+    return str(said.get("signal")) if said.get("reason") == STOPPED else None
+
+
+def _ended_by(content: bytes | str | None) -> dict[str, Any]:
+    if not content:
+        return {}
     try:
-        return bool(json.loads(ended_by).get("reason") == MAX_DURATION)
-    except (ValueError, AttributeError):
-        return False
+        said = json.loads(content)
+    except ValueError:
+        return {}
+    return said if isinstance(said, dict) else {}
 
 
 def new_run_dir(run_dir: Path, *, private: bool = False) -> None:
@@ -141,17 +152,26 @@ def python_path(pylib: str, existing: str | None) -> str:
     return ":".join(filter(None, [pylib, existing]))
 
 
-def exit_status(code: int | None, *, on: str | None = None, timed_out: bool = False) -> TargetStatus:
+def exit_status(
+    code: int | None, *, on: str | None = None, timed_out: bool = False, stopped_by: str | None = None
+) -> TargetStatus:
     """How a run ended with exit status code: past 128, as a shell reports it, the signal that killed it is
-    named (with the host `on`, when the run was not on the worker)."""
+    named (with the host `on`, when the run was not on the worker).
+
+    :param stopped_by: the signal of a stop that reached it while it ran (see `stopped_by`).
+    """
     if code is not None and code > 128:
         with contextlib.suppress(ValueError):
             name = signal.Signals(code - 128).name
             where = f" on {on}" if on else ""
             return TargetStatus(
-                running=False, exit_code=code, reason=f"killed by signal {name}{where}", timed_out=timed_out
+                running=False,
+                exit_code=code,
+                reason=f"killed by signal {name}{where}",
+                timed_out=timed_out,
+                stopped_by=stopped_by,
             )
-    return TargetStatus(running=False, exit_code=code, timed_out=timed_out)
+    return TargetStatus(running=False, exit_code=code, timed_out=timed_out, stopped_by=stopped_by)
 
 
 def time_limit_status(code: int, where: str) -> TargetStatus:

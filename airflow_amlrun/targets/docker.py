@@ -64,6 +64,7 @@ from airflow_amlrun.targets.common import (
     new_run_dir,
     read_lines,
     remove_run_dir,
+    stopped_by,
     stopped_for_limit,
     supervisor_request,
     unmarked,
@@ -288,7 +289,9 @@ class DockerTarget:
             # stopped it): the final read takes the log again, from its start.
             self._followers.restart_log(handle)
         ended_by = self._files.control_file(handle, supervisor.ENDED_BY)
-        status = outcome(state, self.options, timed_out=stopped_for_limit(ended_by))
+        status = outcome(
+            state, self.options, timed_out=stopped_for_limit(ended_by), stopped_by=stopped_by(ended_by)
+        )
         if (
             key in self._went_away
             and status.exit_code != 0

@@ -62,7 +62,9 @@ def utc_text(seconds: float) -> str:
     return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-def outcome(state: dict[str, Any], options: DockerOptions, *, timed_out: bool = False) -> TargetStatus:
+def outcome(
+    state: dict[str, Any], options: DockerOptions, *, timed_out: bool = False, stopped_by: str | None = None
+) -> TargetStatus:
     code = state.get("ExitCode")
     exit_code = int(code) if isinstance(code, int) else None
     if state.get("OOMKilled"):
@@ -72,6 +74,7 @@ def outcome(state: dict[str, Any], options: DockerOptions, *, timed_out: bool = 
             exit_code=exit_code,
             reason=f"the container ran out of memory and was killed (OOMKilled) with {limit}; raise the "
             "target's mem_limit, or make the script use less memory",
+            stopped_by=stopped_by,
         )
     if state.get("Error"):
         return TargetStatus(
@@ -79,8 +82,9 @@ def outcome(state: dict[str, Any], options: DockerOptions, *, timed_out: bool = 
             exit_code=exit_code,
             reason=f"the container could not run the script: {state['Error']}",
             timed_out=timed_out,
+            stopped_by=stopped_by,
         )
-    return exit_status(exit_code, timed_out=timed_out)
+    return exit_status(exit_code, timed_out=timed_out, stopped_by=stopped_by)
 
 
 def stopped_by_restart(

@@ -52,6 +52,7 @@ from airflow_amlrun.targets.common import (
     read_control,
     read_control_lines,
     remove_run_dir,
+    stopped_by,
     stopped_for_limit,
     supervisor_lost_reason,
     supervisor_request,
@@ -283,7 +284,12 @@ def _outcome(handle: LocalHandle, process: subprocess.Popen[bytes] | None) -> Ta
     try:
         code = int(read_control(run_dir, EXIT_CODE, 0, 64).strip())
     except ValueError:
-        # The supervisor ended without recording an exit code: it was killed alone, or could not write.
+        # The supervisor ended without recording an exit code: killed with the run as a stop it recorded ended
+        # them both (the stop then explains the end), killed alone, or unable to write.
+        stop = stopped_by(read_control(run_dir, ENDED_BY, 0, 4096))
+        if stop is not None:
+            _end_leftovers(handle)
+            return TargetStatus(running=False, exit_code=None, stopped_by=stop)
         returncode = process.returncode if process is not None else None
         killed = returncode if returncode is not None and returncode < 0 else None
         control = Path(run_dir) / CONTROL_DIR
@@ -295,9 +301,10 @@ def _outcome(handle: LocalHandle, process: subprocess.Popen[bytes] | None) -> Ta
             leftovers=_end_leftovers(handle),
         )
         return TargetStatus(running=False, exit_code=killed, reason=reason)
-    if stopped_for_limit(read_control(run_dir, ENDED_BY, 0, 4096)):
+    ended_by = read_control(run_dir, ENDED_BY, 0, 4096)
+    if stopped_for_limit(ended_by):
         return time_limit_status(code, "the worker")
-    return exit_status(code)
+    return exit_status(code, stopped_by=stopped_by(ended_by))
 
 
 def _copy_log(run_dir: Path) -> None:

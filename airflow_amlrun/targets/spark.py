@@ -43,6 +43,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -247,9 +248,7 @@ class SparkTarget(LocalTarget):
             return status
         tail = read_control(handle.run_dir, STD_LOG, max(0, _log_size(handle) - LOG_TAIL_BYTES))
         reason = _failure_reason(tail, handle.archive_interpreter)
-        return TargetStatus(
-            running=False, exit_code=status.exit_code, reason=reason, timed_out=status.timed_out
-        )
+        return replace(status, reason=reason)
 
     def stop_grace_seconds(self, handle: SparkHandle) -> float:  # type: ignore[override]
         return _stop_grace(handle.deploy_mode)

@@ -58,6 +58,7 @@ from airflow_amlrun.targets.common import (
     job_environment,
     lines_from,
     python_path,
+    stopped_by,
     stopped_for_limit,
     supervisor_lost_reason,
     supervisor_request,
@@ -288,6 +289,14 @@ class SSHTarget:
             timeout=self.ssh.io_timeout + TERM_GRACE_SECONDS,
             run="ended",
         )
+        stop = stopped_by(
+            self.ssh.retrying(
+                "checking the run", lambda: self.helper.read_control(handle, ENDED_BY, 0, 4096), run="ended"
+            )
+        )
+        if stop is not None:
+            # Killed with the run as a stop it recorded ended them both: the stop explains the end.
+            return TargetStatus(running=False, exit_code=None, stopped_by=stop)
         reason = supervisor_lost_reason(
             f"host {self.host}",
             f"{handle.run_dir}/{CONTROL_DIR}",
@@ -316,7 +325,14 @@ class SSHTarget:
             )
         # The next wait looks at the process at once rather than at its next periodic check.
         self._last_liveness.pop(handle.run_id, None)
-        return bool(answer.get("killed")) if isinstance(answer, dict) else True
+        if isinstance(answer, dict) and not answer.get("killed"):
+            # The run had ended: on its own, or by this very stop, whose first answer was lost (the call is then
+            # made again, and finds the run gone). Its supervisor's record tells the two apart.
+            ended_by = self.ssh.retrying(
+                "checking the run", lambda: self.helper.read_control(handle, ENDED_BY, 0, 4096), run="ended"
+            )
+            return stopped_by(ended_by) is not None
+        return True
 
     def collect(self, handle: SSHHandle) -> Collected:
         dest = self.runs_dir / handle.run_id
@@ -466,7 +482,7 @@ class SSHTarget:
         )
         if stopped_for_limit(ended_by):
             return time_limit_status(code, self.host)
-        return exit_status(code, on=self.host)
+        return exit_status(code, on=self.host, stopped_by=stopped_by(ended_by))
 
 
 def _bind(function: Any, *args: Any) -> Any:

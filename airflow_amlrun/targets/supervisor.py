@@ -52,10 +52,16 @@ given its hold first), so the two streams' lines are in order only as far as the
 Output the log cannot take (a full disk) is counted, and the count and the reason are written to the log and
 to ``CONTROL_DIR/log_loss`` once the job ended.
 
-Signals: a target stops a run by signalling the whole group, so by default the supervisor ignores SIGTERM,
-SIGINT and SIGHUP (it must outlive the job to record its exit code). Inside a container, ``docker stop``
+Signals: a target stops a run by signalling the whole group, so the supervisor does not die of SIGTERM,
+SIGINT or SIGHUP (it must outlive the job to record its exit code). Inside a container, ``docker stop``
 signals only the supervisor (the init process passes the signal on to its child alone), so with
-``forward_signals`` it passes such a signal on to the group.
+``forward_signals`` it passes such a signal on to the group. A stop is the supervisor's to see through: once
+such a signal found the job running (or ended it), ``CONTROL_DIR/ended_by`` says so, and a job still running
+``grace_seconds`` later is killed (SIGKILL; what it left in its group then goes as when it ends on its own).
+So a stop holds even when whoever sent it is gone before it could follow it up (Airflow kills a task
+5 seconds after asking it to stop, which may be before the run's grace period ended). A signal the job, or
+what it started, sends its own group (``kill 0``, to end its helpers) is no stop: it reaches the supervisor too,
+which tells it apart by its sender.
 """
 
 from __future__ import annotations
@@ -81,6 +87,10 @@ EXIT_CODE = "exit_code"
 ENDED_BY = "ended_by"
 # What ENDED_BY holds when the supervisor stopped the job for its time limit.
 MAX_DURATION = "max_run_duration"
+# What ENDED_BY holds when a stop's signal to the group found the job running.
+STOPPED = "stopped"
+# How often the supervisor looks whether a stop's grace period has passed, while it waits for the job.
+STOP_CHECK_SECONDS = 0.25
 DEFAULT_GRACE_SECONDS = 5.0
 # Exit status of the supervisor when it cannot start the job (as a shell reports a missing command).
 CANNOT_START = 127
@@ -91,6 +101,8 @@ LEADER_ENV = "AMLRUN_SUPERVISOR"
 PR_SET_PDEATHSIG = 1
 # The signals the supervisor handles itself (passing them on to the group when asked to).
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+# What the supervisor's wait for its job takes: those, and the job's end.
+WAITED_SIGNALS = (*HANDLED_SIGNALS, signal.SIGCHLD)
 # What begins a line of the run's log that the job (or the supervisor) wrote to stderr: an OSC escape
 # sequence, which a terminal showing the raw log ignores.
 STDERR_MARK = b"\x1b]amlrun;stderr\x07"
@@ -127,11 +139,16 @@ def main(argv: list[str]) -> int:
         raise
 
 
-# Whether to pass a signal on to the group, whether the group was signalled already, the job and the thread
+# Whether to pass a signal on to the group, whether the group was signalled already (by this process), when
+# (time.monotonic()) and by which signal a stop from outside found the job running, the job and the thread
 # copying its output.
 _state: dict[str, Any] = {
     "forward": False,
     "signalled": False,
+    "stopped_at": None,
+    "stopped_by": None,
+    "stop_recorded": False,
+    "taken": False,
     "job": None,
     "pump": None,
     "hold": HOLD_SECONDS,
@@ -140,8 +157,16 @@ _state: dict[str, Any] = {
 
 def _supervise(control: str, request: dict[str, Any]) -> int:
     _state["forward"] = bool(request.get("forward_signals"))
-    for sig in HANDLED_SIGNALS:
-        signal.signal(sig, _on_signal)
+    # The signals stay blocked, for the wait for the job to take them one by one, together with who sent them
+    # (see _wait); SIGCHLD too, which ends that wait when the job ends. Where the system cannot say who sent a
+    # signal (no sigtimedwait), a handler takes them, and they are blocked only while the job starts: between fork
+    # and exec the job would still have this process's handlers, under which a signal to the group is lost when
+    # exec replaces them.
+    _state["taken"] = taken = hasattr(signal, "sigtimedwait")
+    if not taken:
+        for sig in HANDLED_SIGNALS:
+            signal.signal(sig, lambda signum, frame: _on_stop(signum, None))
+    signal.pthread_sigmask(signal.SIG_BLOCK, WAITED_SIGNALS if taken else HANDLED_SIGNALS)
     limit = request.get("max_seconds")
     max_seconds = None if limit is None else float(limit)
     grace = float(request.get("grace_seconds") or DEFAULT_GRACE_SECONDS)
@@ -155,9 +180,6 @@ def _supervise(control: str, request: dict[str, Any]) -> int:
     started = _own_start_time()
     if started is not None:
         env[LEADER_ENV] = f"{os.getpid()}:{started}"
-    # Between fork and exec the job would still have this process's handlers, under which a signal to the
-    # group is lost when exec replaces them: the signals wait, blocked, until the job has the default ones.
-    signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
     try:
         job = subprocess.Popen(
             [str(word) for word in request["argv"]],
@@ -172,19 +194,20 @@ def _supervise(control: str, request: dict[str, Any]) -> int:
         _say(f"amlrun: cannot start {request['argv'][0]!r}: {err}")
         _record(control, EXIT_CODE, str(CANNOT_START))
         return CANNOT_START
-    finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
     _state["job"] = job
+    if not taken:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
     assert job.stdout is not None and job.stderr is not None
     pump = threading.Thread(target=_pump, args=(job.stdout, job.stderr), daemon=True)
     pump.start()
     _state["pump"] = pump
 
     deadline = None if max_seconds is None else time.monotonic() + max_seconds
-    code = _wait(job, deadline)
+    code = _wait(job, control, deadline, grace)
     if code is None:
         assert max_seconds is not None
         code = _stop_for_limit(job, control, max_seconds, grace, drain)
+    _say_stopped(control)  # a stop that came as the job ended, if one did
     _finish_log(control, drain)
     _record(control, EXIT_CODE, str(code))
     if request.get("end_group"):
@@ -192,10 +215,61 @@ def _supervise(control: str, request: dict[str, Any]) -> int:
     return code
 
 
-def _on_signal(signum: int, frame: object) -> None:
-    # Only the first signal is passed on: the supervisor receives its own copy of what it sends the group.
-    if _state["forward"] and not _state["signalled"]:
+def _take_signals(timeout: float) -> None:
+    """Wait at most `timeout` seconds for a signal (a stop, or SIGCHLD: the job ended), and take every one that
+    came, each with the pid of its sender."""
+    while True:
+        info = signal.sigtimedwait(WAITED_SIGNALS, timeout)
+        if info is None:
+            return
+        timeout = 0  # then only those already there
+        if info.si_signo != signal.SIGCHLD:
+            # A pid is told only for a signal a process sent (kill, killpg, sigqueue); the kernel's own have none.
+            _on_stop(info.si_signo, info.si_pid if info.si_code <= 0 else None)
+
+
+def _on_stop(signum: int, sender: int | None) -> None:
+    """A stop's signal reached the run's group, unless this process or the run itself sent it (a script's
+    ``kill 0`` to end what it started reaches the supervisor too): note that it found the job running (or still
+    starting), which makes the supervisor see it through (see _wait), and pass it on if asked to."""
+    if _state["signalled"] or (sender is not None and _sent_by_the_run(sender)):
+        # This process's own signal to the group (its copy), a stop it passed on already, or the run's own.
+        return
+    job = _state["job"]
+    if _state["stopped_by"] is None and (job is None or _found_running(job, signum)):
+        _state["stopped_at"] = time.monotonic()
+        _state["stopped_by"] = signal.Signals(signum).name
+    # Passed on once: the supervisor receives its own copy of what it sends the group.
+    if _state["forward"]:
         _signal_group(signum)
+
+
+def _sent_by_the_run(pid: int) -> bool:
+    """Whether a signal's sender is this process or one of the run's group. One that is gone already is taken
+    for the run's: whoever stops a run from outside (a target, a container's init) waits for it to end."""
+    if pid == os.getpid():
+        return True
+    try:
+        return os.getpgid(pid) == os.getpgrp()
+    except OSError:
+        return True
+
+
+def _found_running(job: subprocess.Popen[bytes], signum: int) -> bool:
+    """Whether a stop's signal found the job running: it still runs, or it ended by that very signal (the
+    group's signal reaches the job as it reaches this process, and may end it first). Looked at without
+    reaping it; True where the system cannot tell (no waitid)."""
+    if job.returncode is not None:
+        return job.returncode == -signum
+    try:
+        ended = os.waitid(os.P_PID, job.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return job.returncode == -signum  # reaped already
+    except (AttributeError, OSError):
+        return True
+    if ended is None:
+        return True
+    return ended.si_code in (os.CLD_KILLED, os.CLD_DUMPED) and ended.si_status == signum
 
 
 def _read_request(path: str | None) -> dict[str, Any]:
@@ -215,14 +289,45 @@ def _read_request(path: str | None) -> dict[str, Any]:
     return request
 
 
-def _wait(job: subprocess.Popen[bytes], deadline: float | None) -> int | None:
-    """The job's exit code once it ends, or None when the deadline passes first."""
-    if deadline is None:
-        return _exit_code(job.wait())
-    while not wait_child(job, deadline - time.monotonic()):
-        if time.monotonic() >= deadline:
-            return None
-    return _exit_code(job.returncode)
+def _wait(job: subprocess.Popen[bytes], control: str, deadline: float | None, grace: float) -> int | None:
+    """The job's exit code once it ends, or None when the deadline passes first. Once a stop's signal found the job
+    running, ENDED_BY says so at once (whatever ends the run and this process next, that is known), the deadline no
+    longer counts, and a job still running `grace` seconds later is killed (SIGKILL, the job alone: its output is
+    read next); one that outlives that too (uninterruptible sleep) is given the kill's exit code."""
+    killed_at = None
+    while True:
+        if _state["taken"] and job.poll() is not None:
+            # The signals that reached this process with the one that ended the job (a stop's signal to the group
+            # is there before the job it killed is seen to end) are taken first.
+            _take_signals(0)
+            return _exit_code(job.returncode)
+        now = time.monotonic()
+        stopped_at = _state["stopped_at"]
+        # Looked at again at least every STOP_CHECK_SECONDS.
+        step = STOP_CHECK_SECONDS
+        if stopped_at is not None:
+            _say_stopped(control)
+            if killed_at is None and now >= stopped_at + grace:
+                _say(f"amlrun: the run did not end within {grace:g} s of its stop; killing it (SIGKILL)")
+                job.kill()
+                killed_at = now
+            elif killed_at is not None and now >= killed_at + grace:
+                return 128 + signal.SIGKILL
+        elif deadline is not None:
+            if now >= deadline:
+                return None
+            step = min(step, deadline - now)
+        if _state["taken"]:
+            _take_signals(step)
+        elif wait_child(job, step):
+            return _exit_code(job.returncode)
+
+
+def _say_stopped(control: str) -> None:
+    """Record in ENDED_BY, once, that a stop's signal found the job running, if one did."""
+    if _state["stopped_by"] is not None and not _state["stop_recorded"]:
+        _state["stop_recorded"] = True
+        _record(control, ENDED_BY, json.dumps({"reason": STOPPED, "signal": _state["stopped_by"]}))
 
 
 def wait_child(process: subprocess.Popen[bytes], timeout: float) -> bool:
@@ -519,7 +624,7 @@ def _in_job_before_exec() -> Callable[[], None]:
                 os._exit(CANNOT_START)
         for sig in HANDLED_SIGNALS:
             signal.signal(sig, signal.SIG_DFL)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, WAITED_SIGNALS)
 
     return in_child
 

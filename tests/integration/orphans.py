@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -28,6 +29,55 @@ run = Experiment(Workspace.get(), "reattach").submit(config, airflow_task=task)
 record = run.wait_for_completion(show_output=False, raise_on_error=False)
 print(json.dumps({"id": record.id, "status": str(record.status), "error": record.error}))
 """
+
+
+# Try 1 of task retrain.train as Airflow's task runner runs it: it submits and follows its run, and SIGTERM
+# calls the operator's on_kill, which stops the run and waits for it through the stop's grace period.
+_FOLLOWS_AND_STOPS_ON_SIGTERM = """
+import signal, sys
+from airflow_amlrun import Experiment, ScriptRunConfig, ScriptRunOperator, Workspace
+from airflow_amlrun.submission import AirflowTask
+
+task = AirflowTask(dag_id="retrain", task_id="train", run_id="manual_1", map_index=None, try_number=1)
+config = ScriptRunConfig(sys.argv[1], script="train.py", compute_target=sys.argv[2])
+operator = ScriptRunOperator(task_id="train", config=config)
+operator._run = Experiment(Workspace.get(), "reattach").submit(config, airflow_task=task)
+signal.signal(signal.SIGTERM, lambda *_: operator.on_kill())
+operator._run.wait_for_completion(show_output=False)
+"""
+
+# A script that does not end when stopped: it notes each SIGTERM in a file "stops" and trains on.
+OUTLIVES_STOPS = """
+import os, signal, time
+signal.signal(signal.SIGTERM, lambda *_: open("stops", "a").write("SIGTERM\\n"))
+with open("pid.tmp", "w") as out:
+    out.write(str(os.getpid()))
+os.rename("pid.tmp", "pid")
+while True:
+    time.sleep(0.1)
+"""
+
+
+def task_killed_outright_as_it_stops_the_run(source: Path, target: Any) -> tuple[str, int]:
+    """Try 1 of task retrain.train runs `source`'s OUTLIVES_STOPS on `target` (an integration conftest Target) in
+    a worker process, is asked to stop (SIGTERM: its on_kill stops the run, and waits through the grace period),
+    and is killed outright before the grace period ends, as Airflow kills a task 5 s after its SIGTERM. Returns
+    the run's id and the script's pid (as its target sees it)."""
+    from tests.conftest import wait_until_running
+
+    worker = subprocess.Popen(
+        [sys.executable, "-c", _FOLLOWS_AND_STOPS_ON_SIGTERM, str(source), target.name], env=os.environ.copy()
+    )
+    try:
+        running = wait_until_running(also=lambda run: target.run_dir(run.id).joinpath("pid").exists())
+        assert running is not None, "the run never started"
+        pid = int(target.run_dir(running.id).joinpath("pid").read_text())
+        worker.send_signal(signal.SIGTERM)
+        wait_for_file(target.run_dir(running.id) / "stops")
+    finally:
+        worker.kill()
+        worker.wait()
+    return running.id, pid
 
 
 def retry_in_process(

@@ -33,7 +33,7 @@ from tests.conftest import (
     write_script,
 )
 from tests.integration.docker_engine import containers_of
-from tests.integration.orphans import wait_for_file
+from tests.integration.orphans import OUTLIVES_STOPS, task_killed_outright_as_it_stops_the_run, wait_for_file
 
 pytest_plugins = ["tests.integration.docker_engine"]
 
@@ -616,3 +616,24 @@ def test_a_run_that_ended_on_its_own_just_before_the_stop_asked_of_it_is_recorde
     assert (settled.run_id, settled.outcome) == (run.id, "Completed")
     assert record.tags[STOP_REQUESTED_TAG] == POLICY_STOP  # what was asked stays on the row
     assert "done" in (Path(record.logs_uri) / "std_log.txt").read_text()
+
+
+def test_a_run_whose_task_is_killed_outright_while_it_stops_the_run_ends_all_the_same(target, tmp_path):
+    source = tmp_path / "src"
+    write_script(source, "train.py", OUTLIVES_STOPS)
+    run_id, pid = task_killed_outright_as_it_stops_the_run(source, target)
+
+    # The run's supervisor sees the stop through.
+    deadline = time.monotonic() + 30
+    while target.still_running(run_id, [pid]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert target.still_running(run_id, [pid]) == []
+    # Nobody recorded its end (the task was killed first): reconcile records it Canceled, saying what it knows.
+    ws = Workspace.get()
+    assert ws.get_run(run_id).status == RunStatus.RUNNING
+    until_orphaned()
+    [settled] = reconcile(ws)
+    record = ws.get_run(run_id)
+    assert record.status == RunStatus.CANCELED, record.error
+    assert "a stop (SIGTERM) reached the run on its target" in (record.error or "")
+    assert (settled.run_id, settled.outcome) == (run_id, "Canceled")

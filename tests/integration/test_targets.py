@@ -33,7 +33,7 @@ from tests.conftest import (
     write_script,
 )
 from tests.integration.conftest import Target
-from tests.integration.orphans import wait_for_file
+from tests.integration.orphans import OUTLIVES_STOPS, task_killed_outright_as_it_stops_the_run, wait_for_file
 
 pytestmark = pytest.mark.usefixtures("airflow_db")
 # The targets of the `target` fixture; a scenario a Spark application fits adds "spark".
@@ -328,7 +328,7 @@ def test_a_task_killed_before_it_submits_its_run_starts_none(run_dag, tmp_path):
 KILLED_AFTER_AN_EARLIER_TRY_DIED = """
 from pathlib import Path
 from tests.conftest import worker_dies_mid_run
-from tests.integration.orphans import wait_for_file
+from tests.integration.orphans import OUTLIVES_STOPS, task_killed_outright_as_it_stops_the_run, wait_for_file
 
 class KilledAfterAnEarlierTryDied(ScriptRunOperator):
     def pre_execute(self, context):
@@ -418,6 +418,27 @@ def test_a_retry_records_canceled_the_run_its_killed_try_stopped_without_recordi
     stopped = Workspace.get().get_run(orphan.id)
     assert (stopped.status, stopped.error) == ("Canceled", "Canceled: its Airflow task was killed.")
     assert sorted(run.id for run in Workspace.get().list_runs()) == sorted([orphan.id, record.id])
+
+
+def test_a_retry_after_its_try_was_killed_outright_as_it_stopped_the_run_records_it_canceled_and_starts_anew(
+    tmp_path, target
+):
+    source = tmp_path / "src"
+    write_script(source, "train.py", OUTLIVES_STOPS)
+    stopped, pid = task_killed_outright_as_it_stops_the_run(source, target)
+    # The retry comes once the stop's grace period is over (Airflow's retry_delay is minutes).
+    _wait_for(lambda: target.still_running(stopped, [pid]) == [], timeout=30)
+    assert target.still_running(stopped, [pid]) == [], "the stopped run went on"
+    write_script(source, "train.py", "print('trained again', flush=True)\n")
+
+    retried = _retry(source, target)
+
+    record = Workspace.get().get_run(stopped)
+    assert record.status == "Canceled", record.error
+    assert "a stop (SIGTERM) reached the run on its target" in (record.error or "")
+    assert retried.id != stopped
+    assert retried.status == "Completed", retried.error
+    assert "trained again" in (Path(retried.logs_uri) / "std_log.txt").read_text()
 
 
 def test_a_retry_after_the_worker_died_reattaches_to_the_running_script(tmp_path, target):

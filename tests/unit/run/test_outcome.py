@@ -7,7 +7,7 @@ import signal
 import pytest
 
 from airflow_amlrun.history import RunStatus
-from airflow_amlrun.run.outcome import Asked, ended_as_stopped, outcome
+from airflow_amlrun.run.outcome import Asked, ended_as_stopped, outcome, stopped_on_target
 from airflow_amlrun.targets.base import TargetStatus
 from airflow_amlrun.targets.common import exit_status
 
@@ -59,11 +59,26 @@ def test_a_stop_asked_while_followed_records_canceled_with_why() -> None:
 
 
 def test_the_followers_own_stop_wins_over_the_exit() -> None:
+    # The script handled the stop and exited 0.
     asked = Asked(stop_reason="Stopped by the Airflow task's execution_timeout.")
-    assert outcome(exit_status(0), asked) == (
+    assert outcome(exit_status(0, stopped_by="SIGTERM"), asked) == (
         RunStatus.FAILED,
         "Stopped by the Airflow task's execution_timeout.",
     )
+
+
+@pytest.mark.parametrize(
+    "asked",
+    [
+        Asked(cancel_requested=True, stop_requested="Canceled: the sweep's policy."),
+        Asked(stop_reason="Stopped by the Airflow task's execution_timeout."),
+        Asked(timed_out=True, max_run_duration_seconds=30),
+        Asked(stop_requested="Canceled: stopped from the CLI."),
+    ],
+)
+def test_a_run_that_exited_0_before_any_stop_reached_it_completed(asked: Asked) -> None:
+    # Its supervisor saw no stop: the stop came after the script had ended on its own.
+    assert outcome(exit_status(0), asked) == (RunStatus.COMPLETED, None)
 
 
 @pytest.mark.parametrize("by_target", [True, False])
@@ -99,4 +114,43 @@ def test_an_exit_of_its_own_is_recorded_as_it_ended() -> None:
     assert outcome(TargetStatus(running=False, exit_code=None), Asked()) == (
         RunStatus.FAILED,
         "The run ended without an exit code: nothing recorded how it ended.",
+    )
+
+
+@pytest.mark.parametrize("exit_code", [0, 1, 128 + signal.SIGTERM, 128 + signal.SIGKILL])
+def test_a_stop_its_supervisor_saw_reach_the_run_records_it_canceled_however_it_exited(
+    exit_code: int,
+) -> None:
+    # A script may handle the stop and exit 0 (a checkpoint saved): it was stopped all the same.
+    ended = exit_status(exit_code, stopped_by="SIGTERM")
+    assert stopped_on_target(ended)
+    status, error = outcome(ended, Asked())
+    assert status is RunStatus.CANCELED
+    assert error is not None and "a stop (SIGTERM) reached the run on its target" in error
+    # Why, when it was recorded.
+    assert outcome(ended, Asked(stop_requested="Canceled: stopped from the CLI.")) == (
+        RunStatus.CANCELED,
+        "Canceled: stopped from the CLI.",
+    )
+
+
+def test_a_cause_the_target_names_wins_over_a_stop_its_supervisor_saw() -> None:
+    # A daemon going down stops its containers (the supervisor sees the stop); the target names the daemon.
+    restarted = (
+        "its container c was stopped by the Docker daemon at unix:///var/run/docker.sock, which restarted"
+    )
+    ended = TargetStatus(running=False, exit_code=143, reason=restarted, stopped_by="SIGTERM")
+    assert not stopped_on_target(ended)
+    assert outcome(ended, Asked()) == (RunStatus.FAILED, f"The script failed ({restarted}).")
+
+
+def test_the_followers_own_reasons_win_over_a_stop_its_supervisor_saw() -> None:
+    ended = exit_status(128 + signal.SIGTERM, stopped_by="SIGTERM")
+    assert outcome(ended, Asked(stop_reason="Stopped by the Airflow task's execution_timeout.")) == (
+        RunStatus.FAILED,
+        "Stopped by the Airflow task's execution_timeout.",
+    )
+    assert outcome(ended, Asked(timed_out=True, max_run_duration_seconds=30)) == (
+        RunStatus.FAILED,
+        "Exceeded max_run_duration_seconds=30; the run was stopped.",
     )

@@ -134,6 +134,23 @@ def test_only_the_supervisors_own_record_says_the_limit_ended_a_run(ended_by, fo
 
 
 @pytest.mark.parametrize(
+    ("ended_by", "signal_name"),
+    [
+        (json.dumps({"reason": "stopped", "signal": "SIGTERM"}), "SIGTERM"),
+        (json.dumps({"reason": "stopped", "signal": "SIGINT"}).encode(), "SIGINT"),
+        (json.dumps({"reason": "max_run_duration", "max_seconds": 2}), None),  # the supervisor's own stop
+        (None, None),
+        (b"stopped", None),
+        (b'["stopped"]', None),
+        (b"\xff\xfe", None),
+    ],
+)
+def test_a_stop_that_reached_the_run_is_read_from_the_supervisors_record(ended_by, signal_name):
+    assert common.stopped_by(ended_by) == signal_name
+    assert common.exit_status(0, stopped_by=common.stopped_by(ended_by)).stopped_by == signal_name
+
+
+@pytest.mark.parametrize(
     ("kwargs", "said"),
     [
         (

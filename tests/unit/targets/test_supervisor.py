@@ -200,6 +200,10 @@ def test_a_signal_to_the_group_as_the_job_starts_ends_it_all_the_same(tmp_path: 
         _wait_for_fork(job.pid)
         os.killpg(job.pid, signal.SIGTERM)
         assert job.wait(timeout=30) == 128 + signal.SIGTERM, f"try {attempt}"
+        # The stop is known to have found the job, however early it came.
+        assert json.loads((control / supervisor.ENDED_BY).read_text())["signal"] == "SIGTERM", (
+            f"try {attempt}"
+        )
 
 
 def _wait_for_fork(pid: int) -> None:
@@ -614,3 +618,108 @@ def test_what_runs_with_an_images_python_is_written_for_python_3_7(module: str) 
 
     source = (Path(__file__).resolve().parents[3] / module).read_text()
     ast.parse(source, feature_version=(3, 7))
+
+
+def test_a_stop_the_job_outlives_is_seen_through_by_the_supervisor(tmp_path: Path) -> None:
+    # The job ignores SIGTERM; whoever sent the stop is gone before it could send SIGKILL.
+    script = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(300)"
+    job = start(
+        tmp_path,
+        {"argv": [sys.executable, "-c", script], "grace_seconds": 0.5, "end_group": True},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    assert job.stdout is not None
+    assert job.stdout.readline().endswith(b"up\n")
+    try:
+        os.killpg(job.pid, signal.SIGTERM)
+        job.wait(timeout=30)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(job.pid, signal.SIGKILL)
+    assert (tmp_path / supervisor.EXIT_CODE).read_text().strip() == str(128 + signal.SIGKILL)
+    ended_by = json.loads((tmp_path / supervisor.ENDED_BY).read_text())
+    assert ended_by == {"reason": supervisor.STOPPED, "signal": "SIGTERM"}
+
+
+def test_a_stop_that_comes_after_the_job_ended_is_not_taken_for_its_end(tmp_path: Path) -> None:
+    # The job ends at once, leaving a child that holds its output open: the supervisor reads that for up to
+    # drain_seconds, and a stop comes meanwhile.
+    job = start(tmp_path, {"argv": ["/bin/sh", "-c", "sleep 300 & exit 0"], "drain_seconds": 30})
+    deadline = time.monotonic() + 30
+    while _children_of(job.pid) != ["sleep"]:
+        assert time.monotonic() < deadline, "the job did not end leaving its child"
+        time.sleep(0.02)
+    os.killpg(job.pid, signal.SIGTERM)
+    assert job.wait(timeout=30) == 0
+    assert (tmp_path / supervisor.EXIT_CODE).read_text().strip() == "0"
+    assert not (tmp_path / supervisor.ENDED_BY).exists()
+
+
+def _children_of(pid: int) -> list[str]:
+    """The names of the processes of pid's group besides pid, zombies left out."""
+    names = []
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            stat = (entry / "stat").read_text()
+            name, rest = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2 :].split()
+            if int(rest[2]) == pid and int(entry.name) != pid and rest[0] != "Z":
+                names.append(name)
+    return names
+
+
+def test_a_stop_the_job_heeds_is_recorded_with_its_own_exit_code(tmp_path: Path) -> None:
+    # The group's signal reaches the job as it reaches the supervisor, and may end it before the supervisor
+    # looks: the stop is recorded all the same. Several tries, to meet both orders.
+    for attempt in range(10):
+        control = tmp_path / str(attempt)
+        control.mkdir()
+        job = start(control, {"argv": ["sleep", "300"]})
+        _wait_for_child(job.pid)
+        os.killpg(job.pid, signal.SIGINT)
+        assert job.wait(timeout=30) == 128 + signal.SIGINT, f"try {attempt}"
+        ended_by = json.loads((control / supervisor.ENDED_BY).read_text())
+        assert ended_by == {"reason": supervisor.STOPPED, "signal": "SIGINT"}, f"try {attempt}"
+
+
+def test_a_job_that_signals_its_own_group_is_not_taken_for_stopped(tmp_path: Path) -> None:
+    # As a script ending what it started (``kill 0``, ``os.killpg(0, ...)``): the supervisor gets that too.
+    script = (
+        "import os, signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); os.killpg(0, signal.SIGTERM); "
+        "time.sleep(0.8); print('done', flush=True)"
+    )
+    job = start(
+        tmp_path, {"argv": [sys.executable, "-c", script], "grace_seconds": 0.3}, stdout=subprocess.PIPE
+    )
+    assert _log(job).endswith(b"done\n")
+    assert (tmp_path / supervisor.EXIT_CODE).read_text().strip() == "0"
+    assert not (tmp_path / supervisor.ENDED_BY).exists()
+
+
+def test_a_limit_that_passes_while_a_stop_is_seen_through_does_not_keep_the_supervisor_busy(
+    tmp_path: Path,
+) -> None:
+    # The job outlives its stop; its time limit passes during the stop's grace period. The stop wins, and the
+    # supervisor waits out the grace period asleep.
+    script = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(300)"
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    job = start(
+        tmp_path,
+        {"argv": [sys.executable, "-c", script], "max_seconds": 0.5, "grace_seconds": 1.5},
+        stdout=subprocess.PIPE,
+    )
+    assert job.stdout is not None
+    assert job.stdout.readline().endswith(b"up\n")
+    os.killpg(job.pid, signal.SIGTERM)
+    try:
+        job.wait(timeout=30)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(job.pid, signal.SIGKILL)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    assert (tmp_path / supervisor.EXIT_CODE).read_text().strip() == str(128 + signal.SIGKILL)
+    assert json.loads((tmp_path / supervisor.ENDED_BY).read_text())["reason"] == supervisor.STOPPED
+    # Both interpreters' start-up and the job's sleep take a fraction of this; a busy wait through the grace
+    # period takes most of it.
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    assert cpu < 0.8, f"the supervisor and its job used {cpu:.2f} s of CPU in a 1.5 s grace period"
