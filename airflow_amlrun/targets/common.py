@@ -60,17 +60,17 @@ def supervisor_request(
     job: Job, argv: list[str], env: dict[str, str] | None = None, *, in_container: bool = False
 ) -> dict[str, Any]:
     """What the supervisor is told to run (see supervisor.py): the job, its time limit, and that whatever
-    the job leaves running in its process group ends with it. In a container, the container's end ends
-    everything instead, and the supervisor passes on the stop signal that `docker stop` gives it alone (through
-    the container's init)."""
+    the job leaves running in its process group ends with it (in a container, the container's end ends
+    everything instead). A stop signals the supervisor alone (`docker stop` through the container's init; the
+    other targets too), which passes it on to the group: so it knows the stop found the job running before the
+    job gets it, whereas a signal to the whole group may end the job first."""
     request: dict[str, Any] = {
         "argv": argv,
         "max_seconds": job.max_run_duration_seconds,
         "grace_seconds": TERM_GRACE_SECONDS,
+        "forward_signals": True,
     }
-    if in_container:
-        request["forward_signals"] = True
-    else:
+    if not in_container:
         request["end_group"] = True
     if env is not None:
         request["env"] = env

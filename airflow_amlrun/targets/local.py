@@ -215,7 +215,9 @@ class LocalTarget:
                 # The supervisor is gone: what the run left in its group (if it could not end it) goes now.
                 _end_leftovers(handle)
             return False
-        _signal_group(pid, signal.SIGTERM)
+        # To the supervisor alone, which passes it on to the group (see supervisor_request).
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGTERM)
         if process is not None:
             supervisor.wait_child(process, self.stop_grace_seconds(handle))
         else:

@@ -323,16 +323,14 @@ class SSHTarget:
                 handle=handle,
                 timeout=self.ssh.io_timeout + TERM_GRACE_SECONDS,
             )
-        # The next wait looks at the process at once rather than at its next periodic check.
-        self._last_liveness.pop(handle.run_id, None)
-        if isinstance(answer, dict) and not answer.get("killed"):
             # The run had ended: on its own, or by this very stop, whose first answer was lost (the call is then
             # made again, and finds the run gone). Its supervisor's record tells the two apart.
-            ended_by = self.ssh.retrying(
-                "checking the run", lambda: self.helper.read_control(handle, ENDED_BY, 0, 4096), run="ended"
-            )
-            return stopped_by(ended_by) is not None
-        return True
+            stopped = not isinstance(answer, dict) or bool(answer.get("killed"))
+            if not stopped:
+                stopped = stopped_by(helper.read_control(handle, ENDED_BY, 0, 4096)) is not None
+        # The next wait looks at the process at once rather than at its next periodic check.
+        self._last_liveness.pop(handle.run_id, None)
+        return stopped
 
     def collect(self, handle: SSHHandle) -> Collected:
         dest = self.runs_dir / handle.run_id

@@ -58,7 +58,7 @@ REFUSED = 3
 # The files of a run's control folder that `read` serves (to a worker that cannot use SFTP on this host).
 READABLE = (STD_LOG, EVENTS, EXIT_CODE, ENDED_BY)
 # What the supervisor is told, of a launch request; the rest of the request is the helper's.
-SUPERVISOR_REQUEST = ("argv", "env", "max_seconds", "grace_seconds", "end_group")
+SUPERVISOR_REQUEST = ("argv", "env", "max_seconds", "grace_seconds", "end_group", "forward_signals")
 # supervisor.LEADER_ENV: the variable of the job's environment naming its supervisor by pid and start time.
 LEADER_ENV = "AMLRUN_SUPERVISOR"
 # Warnings one command writes at most (one per skipped output, say); the rest are counted.
@@ -564,7 +564,8 @@ def kill_group(pid: int, sig: int) -> None:
 
 
 def cmd_kill(base: str, run_id: str | None, request: dict[str, Any]) -> dict[str, Any]:
-    """SIGTERM to the run's process group, SIGKILL after the grace period if its leader still runs.
+    """SIGTERM to the run's supervisor, which passes it on to the run's process group; SIGKILL to the group after
+    the grace period if its leader still runs.
 
     Only while the leader is provably the run's. Once it has ended, what the job left in its group was
     ended by the supervisor itself, unless the supervisor ended abnormally: then what is provably the run's
@@ -577,7 +578,9 @@ def cmd_kill(base: str, run_id: str | None, request: dict[str, Any]) -> dict[str
     if not alive(record, root):
         return {"killed": False, "leftovers": end_leftovers(record)}
     pid = int(record["pid"])
-    kill_group(pid, signal.SIGTERM)
+    # To the supervisor alone, which passes it on to the group (it was asked to: forward_signals).
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + float(request.get("grace", 5.0))
     while time.monotonic() < deadline and alive(record, root):
         time.sleep(0.05)

@@ -157,6 +157,9 @@ _state: dict[str, Any] = {
 
 def _supervise(control: str, request: dict[str, Any]) -> int:
     _state["forward"] = bool(request.get("forward_signals"))
+    # The job's end is taken as SIGCHLD: whoever started this process may have left it ignored, under which
+    # the job would leave no exit status.
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     # The signals stay blocked, for the wait for the job to take them one by one, together with who sent them
     # (see _wait); SIGCHLD too, which ends that wait when the job ends. Where the system cannot say who sent a
     # signal (no sigtimedwait), a handler takes them, and they are blocked only while the job starts: between fork
@@ -236,7 +239,9 @@ def _on_stop(signum: int, sender: int | None) -> None:
         # This process's own signal to the group (its copy), a stop it passed on already, or the run's own.
         return
     job = _state["job"]
-    if _state["stopped_by"] is None and (job is None or _found_running(job, signum)):
+    # A signal whose sender is not known (the kernel's own, or where the system cannot tell) is passed on
+    # only: it may be the run's own.
+    if sender is not None and _state["stopped_by"] is None and (job is None or _found_running(job, signum)):
         _state["stopped_at"] = time.monotonic()
         _state["stopped_by"] = signal.Signals(signum).name
     # Passed on once: the supervisor receives its own copy of what it sends the group.
@@ -245,10 +250,14 @@ def _on_stop(signum: int, sender: int | None) -> None:
 
 
 def _sent_by_the_run(pid: int) -> bool:
-    """Whether a signal's sender is this process or one of the run's group. One that is gone already is taken
-    for the run's: whoever stops a run from outside (a target, a container's init) waits for it to end."""
+    """Whether a signal's sender is this process or one of the run's group other than whoever started this
+    process (a container's entrypoint script that passes `docker stop` on). One that is gone already is taken for
+    the run's: whoever stops a run from outside (a target, a container's init) waits for it to end, where one of
+    the run's own processes may end right after signalling its group."""
     if pid == os.getpid():
         return True
+    if pid == os.getppid():
+        return False
     try:
         return os.getpgid(pid) == os.getpgrp()
     except OSError:

@@ -97,6 +97,7 @@ def test_the_supervisor_is_told_the_limit_the_grace_and_to_end_the_whole_group()
         "argv": ["python3", "train.py"],
         "max_seconds": 2.5,
         "grace_seconds": common.TERM_GRACE_SECONDS,
+        "forward_signals": True,
         "end_group": True,
     }
     assert common.supervisor_request(_job(), ["x"], {"A": "1"})["env"] == {"A": "1"}

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -192,18 +193,23 @@ def test_signals_to_the_group_end_the_job_but_not_the_supervisor(tmp_path: Path)
 
 def test_a_signal_to_the_group_as_the_job_starts_ends_it_all_the_same(tmp_path: Path) -> None:
     # A cancel that comes right after the start reaches the job while it is still a fork of the supervisor,
-    # before its program runs: it must end it as surely as later. Several tries, to meet that moment.
-    for attempt in range(8):
+    # before its program runs: it must end it as surely as later, and be known to have found it. Several tries,
+    # to meet that moment.
+    _stop_each_try(tmp_path, 8, _wait_for_fork, signal.SIGTERM)
+
+
+def _stop_each_try(tmp_path: Path, tries: int, ready: Callable[[int], None], sig: signal.Signals) -> None:
+    """Start `sleep 300` under a supervisor `tries` times and signal its group once `ready(pid)` returns: each
+    time the job ends by the signal, and the supervisor records that a stop found it."""
+    for attempt in range(tries):
         control = tmp_path / str(attempt)
         control.mkdir()
         job = start(control, {"argv": ["sleep", "300"]})
-        _wait_for_fork(job.pid)
-        os.killpg(job.pid, signal.SIGTERM)
-        assert job.wait(timeout=30) == 128 + signal.SIGTERM, f"try {attempt}"
-        # The stop is known to have found the job, however early it came.
-        assert json.loads((control / supervisor.ENDED_BY).read_text())["signal"] == "SIGTERM", (
-            f"try {attempt}"
-        )
+        ready(job.pid)
+        os.killpg(job.pid, sig)
+        assert job.wait(timeout=30) == 128 + sig, f"try {attempt}"
+        ended_by = json.loads((control / supervisor.ENDED_BY).read_text())
+        assert ended_by == {"reason": supervisor.STOPPED, "signal": sig.name}, f"try {attempt}"
 
 
 def _wait_for_fork(pid: int) -> None:
@@ -220,8 +226,28 @@ def _wait_for_fork(pid: int) -> None:
 def test_with_forward_signals_a_signal_to_the_supervisor_reaches_the_job(tmp_path: Path) -> None:
     job = start(tmp_path, {"argv": ["sleep", "300"], "forward_signals": True})
     _wait_for_child(job.pid)
-    os.kill(job.pid, signal.SIGTERM)  # as docker stop does, through the container's init
+    os.kill(job.pid, signal.SIGTERM)  # as docker stop does, through the container's init, and the targets do
     assert job.wait(timeout=30) == 128 + signal.SIGTERM
+    # Taken before the job got it: the stop is known to have found it running.
+    assert json.loads((tmp_path / supervisor.ENDED_BY).read_text())["signal"] == "SIGTERM"
+
+
+def test_a_job_that_exits_0_as_soon_as_it_is_stopped_is_known_to_have_been_stopped(tmp_path: Path) -> None:
+    # A script that saves and ends at once when asked to stop: the stop passes through the supervisor first.
+    script = "import os, signal, time; signal.signal(signal.SIGTERM, lambda *_: os._exit(0)); print('up', flush=True); time.sleep(300)"
+    for attempt in range(5):
+        control = tmp_path / str(attempt)
+        control.mkdir()
+        job = start(
+            control, {"argv": [sys.executable, "-c", script], "forward_signals": True}, stdout=subprocess.PIPE
+        )
+        assert job.stdout is not None
+        assert job.stdout.readline().endswith(b"up\n")
+        os.kill(job.pid, signal.SIGTERM)
+        assert job.wait(timeout=30) == 0, f"try {attempt}"
+        assert json.loads((control / supervisor.ENDED_BY).read_text())["signal"] == "SIGTERM", (
+            f"try {attempt}"
+        )
 
 
 def test_a_job_that_cannot_start_says_so(tmp_path: Path) -> None:
@@ -671,15 +697,7 @@ def _children_of(pid: int) -> list[str]:
 def test_a_stop_the_job_heeds_is_recorded_with_its_own_exit_code(tmp_path: Path) -> None:
     # The group's signal reaches the job as it reaches the supervisor, and may end it before the supervisor
     # looks: the stop is recorded all the same. Several tries, to meet both orders.
-    for attempt in range(10):
-        control = tmp_path / str(attempt)
-        control.mkdir()
-        job = start(control, {"argv": ["sleep", "300"]})
-        _wait_for_child(job.pid)
-        os.killpg(job.pid, signal.SIGINT)
-        assert job.wait(timeout=30) == 128 + signal.SIGINT, f"try {attempt}"
-        ended_by = json.loads((control / supervisor.ENDED_BY).read_text())
-        assert ended_by == {"reason": supervisor.STOPPED, "signal": "SIGINT"}, f"try {attempt}"
+    _stop_each_try(tmp_path, 10, _wait_for_child, signal.SIGINT)
 
 
 def test_a_job_that_signals_its_own_group_is_not_taken_for_stopped(tmp_path: Path) -> None:
@@ -705,7 +723,7 @@ def test_a_limit_that_passes_while_a_stop_is_seen_through_does_not_keep_the_supe
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     job = start(
         tmp_path,
-        {"argv": [sys.executable, "-c", script], "max_seconds": 0.5, "grace_seconds": 1.5},
+        {"argv": [sys.executable, "-c", script], "max_seconds": 1.0, "grace_seconds": 1.5},
         stdout=subprocess.PIPE,
     )
     assert job.stdout is not None
