@@ -704,10 +704,10 @@ def test_a_job_that_signals_its_own_group_is_not_taken_for_stopped(tmp_path: Pat
     # As a script ending what it started (``kill 0``, ``os.killpg(0, ...)``): the supervisor gets that too.
     script = (
         "import os, signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); os.killpg(0, signal.SIGTERM); "
-        "time.sleep(0.8); print('done', flush=True)"
+        "time.sleep(0.5); print('done', flush=True)"
     )
     job = start(
-        tmp_path, {"argv": [sys.executable, "-c", script], "grace_seconds": 0.3}, stdout=subprocess.PIPE
+        tmp_path, {"argv": [sys.executable, "-c", script], "grace_seconds": 0.2}, stdout=subprocess.PIPE
     )
     assert _log(job).endswith(b"done\n")
     assert (tmp_path / supervisor.EXIT_CODE).read_text().strip() == "0"
@@ -723,7 +723,7 @@ def test_a_limit_that_passes_while_a_stop_is_seen_through_does_not_keep_the_supe
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     job = start(
         tmp_path,
-        {"argv": [sys.executable, "-c", script], "max_seconds": 1.0, "grace_seconds": 1.5},
+        {"argv": [sys.executable, "-c", script], "max_seconds": 1.0, "grace_seconds": 1.2},
         stdout=subprocess.PIPE,
     )
     assert job.stdout is not None
@@ -740,4 +740,4 @@ def test_a_limit_that_passes_while_a_stop_is_seen_through_does_not_keep_the_supe
     # Both interpreters' start-up and the job's sleep take a fraction of this; a busy wait through the grace
     # period takes most of it.
     cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
-    assert cpu < 0.8, f"the supervisor and its job used {cpu:.2f} s of CPU in a 1.5 s grace period"
+    assert cpu < 0.8, f"the supervisor and its job used {cpu:.2f} s of CPU in a 1.2 s grace period"
