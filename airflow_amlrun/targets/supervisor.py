@@ -52,10 +52,11 @@ given its hold first), so the two streams' lines are in order only as far as the
 Output the log cannot take (a full disk) is counted, and the count and the reason are written to the log and
 to ``CONTROL_DIR/log_loss`` once the job ended.
 
-Signals: a target stops a run by signalling the whole group, so the supervisor does not die of SIGTERM,
-SIGINT or SIGHUP (it must outlive the job to record its exit code). Inside a container, ``docker stop``
-signals only the supervisor (the init process passes the signal on to its child alone), so with
-``forward_signals`` it passes such a signal on to the group. A stop is the supervisor's to see through: once
+Signals: the supervisor does not die of SIGTERM, SIGINT or SIGHUP (it must outlive the job to record its exit
+code). A target stops a run by signalling the supervisor alone (inside a container, ``docker stop`` does, through
+the container's init), which with ``forward_signals`` passes the signal on to the group: so it knows whether the
+stop found the job running before the job gets it. A signal to the whole group (sent by someone else) reaches
+the job and the supervisor at once, and is seen as well. A stop is the supervisor's to see through: once
 such a signal found the job running (or ended it), ``CONTROL_DIR/ended_by`` says so, and a job still running
 ``grace_seconds`` later is killed (SIGKILL; what it left in its group then goes as when it ends on its own).
 So a stop holds even when whoever sent it is gone before it could follow it up (Airflow kills a task
