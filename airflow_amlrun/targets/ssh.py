@@ -289,11 +289,7 @@ class SSHTarget:
             timeout=self.ssh.io_timeout + TERM_GRACE_SECONDS,
             run="ended",
         )
-        stop = stopped_by(
-            self.ssh.retrying(
-                "checking the run", lambda: self.helper.read_control(handle, ENDED_BY, 0, 4096), run="ended"
-            )
-        )
+        stop = stopped_by(self._ended_by(handle))
         if stop is not None:
             # Killed with the run as a stop it recorded ended them both: the stop explains the end.
             return TargetStatus(running=False, exit_code=None, stopped_by=stop)
@@ -474,10 +470,15 @@ class SSHTarget:
         except ValueError:
             return None
 
-    def _outcome(self, handle: SSHHandle, code: int) -> TargetStatus:
-        ended_by = self.ssh.retrying(
+    def _ended_by(self, handle: SSHHandle) -> bytes:
+        """The supervisor's ENDED_BY record of an ended run (empty when it wrote none)."""
+        data: bytes = self.ssh.retrying(
             "checking the run", lambda: self.helper.read_control(handle, ENDED_BY, 0, 4096), run="ended"
         )
+        return data
+
+    def _outcome(self, handle: SSHHandle, code: int) -> TargetStatus:
+        ended_by = self._ended_by(handle)
         if stopped_for_limit(ended_by):
             return time_limit_status(code, self.host)
         return exit_status(code, on=self.host, stopped_by=stopped_by(ended_by))
