@@ -23,8 +23,8 @@ settings.load_profile("amlrun")
 
 # The unit tests that import Airflow: the Airflow layer's own, the DAG files of test_paths, and a plain
 # script's look-up of a workspace connection (in Airflow's way). Importing Airflow takes seconds of a core, so
-# `make unit` runs them all in one of its two processes, and the other never imports it. These modules import
-# Airflow in their tests, not when they are collected (both processes collect every module). A test elsewhere
+# `make unit` runs them all in one of its processes, and the others never import it. These modules import
+# Airflow in their tests, not when they are collected (every process collects every module). A test elsewhere
 # that imports Airflow still passes, only it costs that second import.
 AIRFLOW_TESTS = (
     "tests/unit/hooks/",
