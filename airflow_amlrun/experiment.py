@@ -9,6 +9,7 @@ from airflow_amlrun.errors import ConfigurationError, shown
 
 if TYPE_CHECKING:
     import os
+    from collections.abc import Callable
 
     from airflow_amlrun.estimator import Estimator
     from airflow_amlrun.hyperdrive import HyperDriveConfig, HyperDriveRun
@@ -65,6 +66,7 @@ class Experiment:
         base_dir: str | os.PathLike[str] | None = None,
         airflow_task: AirflowTask | None = None,
         reattach_on_retry: bool = True,
+        on_created: Callable[[ScriptRun], None] | None = None,
     ) -> ScriptRun: ...
 
     @overload
@@ -85,6 +87,7 @@ class Experiment:
         base_dir: str | os.PathLike[str] | None = None,
         airflow_task: AirflowTask | None = None,
         reattach_on_retry: bool = True,
+        on_created: Callable[[ScriptRun], None] | None = None,
     ) -> ScriptRun | HyperDriveRun:
         """Check the config, record a run, snapshot the code and start it on its compute target; or, for a
         HyperDriveConfig, record a sweep, whose runs start in its ``wait_for_completion``.
@@ -96,6 +99,9 @@ class Experiment:
         :param airflow_task: the Airflow task instance submitting the run, recorded on the run row.
         :param reattach_on_retry: when an earlier try of that task left its run unfinished, follow that run
             (True) instead of starting a new one; False stops it (recorded Canceled) and starts afresh.
+        :param on_created: called with a new run once it is recorded, before it starts on its target: whoever
+            may have to stop it (a signal handler) holds it from then on. Stopped before it started there
+            (``cancel``), it is recorded Canceled and never starts.
         """
         from airflow_amlrun.estimator import Estimator
         from airflow_amlrun.run import ScriptRun
@@ -132,6 +138,7 @@ class Experiment:
             base_dir=base_dir,
             airflow_task=airflow_task,
             reattach_on_retry=reattach_on_retry,
+            on_created=on_created,
         )
 
     def list_runs(self, status: str | None = None, limit: int = 100) -> list[Any]:

@@ -336,7 +336,7 @@ class HyperDriveRun(SweepResults):
         self._stop_reason = reason
         # One after another: this is Airflow's signal handler, where starting threads can hang (see stopping.py).
         for run_id, error in stop_all(
-            dict(self._children), lambda child: child.request_stop(), at_once=False
+            dict(self._children), lambda child: child.request_stop(reason), at_once=False
         ).items():
             log.error("Sweep %s: stopping run %s failed", self.id, run_id, exc_info=error)
 
@@ -441,6 +441,9 @@ class HyperDriveRun(SweepResults):
             # or just after stops it with the others, rather than leave it running with nobody to stop it.
             self._children[child.id] = child
             held.append(child)
+            if self._stop_reason is not None:
+                # Stopped before the run was recorded (as it was drawn, its code snapshotted): it never starts.
+                child.request_stop(self._stop_reason)
 
         try:
             child = ScriptRun.submit(
@@ -463,6 +466,10 @@ class HyperDriveRun(SweepResults):
             ) from err
         if trial is not None:
             self._sampler.trials[child.id] = trial
+        if child.recorded_end is not None:
+            # Stopped as it started (the task killed): recorded Canceled, it never ran.
+            self._ended(child.id, child.recorded_end)
+            return True
         log.info(
             "Sweep %s: run %d of at most %d, %s, started with %s",
             self.id,

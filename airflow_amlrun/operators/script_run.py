@@ -193,15 +193,23 @@ class ScriptRunOperator(SettlesFailedDeferral):
                 + "".join(f"; {each}" for each in said)
                 + "."
             )
-        self._run = experiment.submit(
-            config,
-            tags={str(k): str(v) for k, v in (self.tags or {}).items()},
-            base_dir=dag_folder,
-            airflow_task=task,
-            reattach_on_retry=self.reattach_on_retry,
-        )
+        try:
+            self._run = experiment.submit(
+                config,
+                tags={str(k): str(v) for k, v in (self.tags or {}).items()},
+                base_dir=dag_folder,
+                airflow_task=task,
+                reattach_on_retry=self.reattach_on_retry,
+                on_created=self._hold,
+            )
+        except BaseException:
+            # Its start failed: recorded as it ended, or left Starting where the target may run it (for a retry
+            # and reconcile to settle). A kill from here on must not take it for a run that never started.
+            self._run = None
+            raise
         if self._killed:
-            # Killed while the run was submitted: it is stopped as soon as it exists.
+            # Killed while the run was submitted: recorded Canceled without starting if the kill came before
+            # the start reached the target; else it is stopped now, and its end recorded.
             self.on_kill()
         ti.xcom_push(key=RUN_ID_XCOM_KEY, value=self._run.id)
         self.amlrun_run_id = self._run.id
@@ -410,6 +418,13 @@ class ScriptRunOperator(SettlesFailedDeferral):
             )
         except Exception as err:
             self.log.warning("Settling orphaned runs failed (the task goes on): %s", err)
+
+    def _hold(self, run: ScriptRun) -> None:
+        """From the moment the run is recorded, a kill stops it (before it starts on its target: it never does)."""
+        self._run = run
+        if self._killed:
+            # Killed before the run was recorded (as the code was snapshotted, the environment resolved).
+            run.cancel(KILLED)
 
     def on_kill(self) -> None:
         # Airflow's SIGTERM handler calls this and returns. Before the run exists there is nothing to stop yet:

@@ -90,6 +90,9 @@ class ScriptRun(RunApi):
         # Why a stop was asked (cancel), once it was; the run then ends Canceled with it, unless it ended otherwise.
         self._stop_requested: str | None = None
         self._waiting = False
+        # Whether a stop now is a stop before the run starts on its target: from the moment submit records the
+        # run until it starts it there (see _start and cancel).
+        self._before_start = False
         # How the run ended, as a look before it was followed found it (see found_ended).
         self._found_ended: TargetStatus | None = None
         # Whether this process is reading the rest of the ended run and recording its end (see _recording_end).
@@ -112,6 +115,12 @@ class ScriptRun(RunApi):
     def id(self) -> str:
         """The run's id in the run history (`run_id` in the task's XCom)."""
         return self.job.run_id
+
+    @property
+    def recorded_end(self) -> RunRecord | None:
+        """The run's record once this process recorded how it ended (a run stopped before it started: as soon
+        as submit returns), else None."""
+        return self._finished
 
     @classmethod
     def submit(
@@ -185,6 +194,7 @@ class ScriptRun(RunApi):
             **(airflow_task.row_fields() if airflow_task else {}),
         )
         run = cls(workspace, target, job, settings)
+        run._before_start = True
         if on_created is not None:
             on_created(run)
         run._start(SnapshotSource(workspace.store, snapshot), recorded_environment)
@@ -351,15 +361,20 @@ class ScriptRun(RunApi):
         self._outcome_tags = dict(tags)
 
     def _start(self, code: CodeSource, environment: dict[str, Any]) -> None:
-        """Prepare and start the run on its target.
+        """Prepare and start the run on its target; a stop asked before it starts there (a task killed as it
+        submits) ends it Canceled without starting it.
 
         :param environment: the run's environment record, to which the target's own (its image) is added.
         """
         self._heartbeat.start()
         try:
+            if self._stopped_before_start():
+                return
             self._book.update(status=RunStatus.PREPARING)
             self.target.prepare(self.job, code)
             self._book.update(status=RunStatus.STARTING)
+            if self._stopped_before_start():
+                return
             self.handle = self._submit()
             self._started = _now()
             ran_in = self.handle.environment_record()
@@ -377,7 +392,10 @@ class ScriptRun(RunApi):
             if self.handle is not None:
                 # Found on its target but not stopped: the row says where, for the retry and reconcile.
                 self._book.update(handle=self.handle.to_json())
-                self._book.flush()
+            if self._cancel_requested:
+                # A stop was asked as it started: whoever settles the run (a retry, reconcile) carries it out.
+                self._book.add_tags({STOP_REQUESTED_TAG: self._stop_requested or "Canceled."})
+            self._book.flush()
             self._heartbeat.stop()
             raise
         except BaseException as err:
@@ -390,6 +408,28 @@ class ScriptRun(RunApi):
                     log.exception("Run %s: stopping it after its start was interrupted failed", self.id)
             self._finish(RunStatus.FAILED, f"The run could not be started: {err}")
             raise
+        finally:
+            self._before_start = False
+        if self._cancel_requested:
+            # Asked while the target started it, and asked of the target now, the row saying Running: whoever
+            # follows or cancels the run records its end. A stop that fails is asked again by them.
+            self._book.add_tags({STOP_REQUESTED_TAG: self._stop_requested or "Canceled."})
+            try:
+                self.request_stop()
+            except Exception:
+                log.exception("Run %s: stopping it as it started failed; it is asked again", self.id)
+
+    def _stopped_before_start(self) -> bool:
+        """If a stop was asked before the run started on its target, record it Canceled, remove what preparing it
+        left there, and say so."""
+        if not self._cancel_requested:
+            return False
+        self._finish(RunStatus.CANCELED, self._stop_requested or "Canceled before it started.")
+        try:
+            self.target.discard(self.job)
+        except Exception as err:
+            log.warning("Run %s: what it left on %s was not removed (%s)", self.id, self.target.name, err)
+        return True
 
     def _submit(self) -> RunHandle:
         """Start the run on its target; if starting it was interrupted, make sure it does not run unseen."""
@@ -627,9 +667,12 @@ class ScriptRun(RunApi):
 
     # ending
 
-    def request_stop(self) -> None:
+    def request_stop(self, reason: str | None = None) -> None:
         """Stop the run on its target now, recording nothing here: whoever follows it records it Canceled, or as
-        it ended if the stop found that it had ended on its own."""
+        it ended if the stop found that it had ended on its own. Asked before the run started there, the start
+        records it Canceled with `reason` instead, and starts nothing."""
+        if self._before_start and reason is not None:
+            self._stop_requested = reason
         # Raised first: a follower in another thread that sees the run end by this stop records it Canceled
         # (and, should the stop fail, asks the target again at its next look).
         asked_before = self._cancel_requested
@@ -659,9 +702,17 @@ class ScriptRun(RunApi):
         if self._finished is not None or self._concluding:
             # Ended; or its end is being recorded (a kill while the rest of the run is read).
             return
+        if self._before_start:
+            # Recorded, and being started (a kill as the task submits, in Airflow's signal handler, which returns
+            # into the start): a start that has not reached the target yet records the run Canceled and starts
+            # nothing; one that has asks the target to stop it once its handle is known, and is recorded
+            # Running first, so that this cancel, called again, records its end.
+            self._stop_requested = reason
+            self._cancel_requested = True
+            return
         if self.handle is None:
-            # Recorded but never started (interrupted between the two, see submit's on_created): nothing runs on
-            # the target, and the row ends here rather than stay Queued.
+            # Recorded but never started (its start failed without knowing whether the target started it): nothing
+            # is known to run on the target, and the row ends here rather than stay Starting.
             self._finish(RunStatus.CANCELED, reason)
             return
         if self._waiting:

@@ -73,6 +73,16 @@ print(json.dumps(found))
 """.replace("PRIVATE_DIRS", repr(PRIVATE_DIRS))
 
 
+def lib_files() -> dict[str, bytes]:
+    """The files runs need in <base>/lib on a host, each named by its content hash (a changed one is a new file):
+    the helper, and the supervisor every run starts under."""
+    files = {}
+    for prefix, source in (("amlrun-remote", HELPER_SOURCE), ("amlrun-supervisor", SUPERVISOR_SOURCE)):
+        data = source.read_bytes()
+        files[f"{prefix}-{hashlib.sha256(data).hexdigest()[:16]}.py"] = data
+    return files
+
+
 class RemoteHelper:
     """The amlrun helper on one SSH host, under one base dir, as the worker drives it.
 
@@ -208,13 +218,8 @@ class RemoteHelper:
 
     @cached_property
     def lib(self) -> dict[str, bytes]:
-        """The files runs need in <base>/lib on the host, each named by its content hash (a changed one is a
-        new file): the helper, and the supervisor every run starts under."""
-        files = {}
-        for prefix, source in (("amlrun-remote", HELPER_SOURCE), ("amlrun-supervisor", SUPERVISOR_SOURCE)):
-            data = source.read_bytes()
-            files[f"{prefix}-{hashlib.sha256(data).hexdigest()[:16]}.py"] = data
-        return files
+        """The files runs need in <base>/lib on the host (see :func:`lib_files`)."""
+        return lib_files()
 
     def lib_path(self, which: str, base: str | None = None) -> str:
         """Path on the host of this version's `helper` or `supervisor`, under base (default: the target's)."""

@@ -22,6 +22,7 @@ import pytest
 from airflow_amlrun import Workspace
 from airflow_amlrun.config import Settings
 from airflow_amlrun.history import RunRecord, RunStatus
+from airflow_amlrun.operators.hyperdrive import KILLED
 from airflow_amlrun.targets import registry
 from airflow_amlrun.targets.base import TargetStatus
 from airflow_amlrun.targets.handles import LocalHandle
@@ -511,6 +512,78 @@ def test_a_sweep_whose_task_is_killed_as_it_submits_the_sweep_starts_no_run_and_
         [],
     )
     assert parent.end is not None
+
+
+# Where Airflow's SIGTERM handler (on_kill, which returns) lands as the sweep starts its first run: before the run
+# is recorded (as it is drawn and its code snapshotted), or once its run directory is prepared on its target.
+KILLED_AS_A_RUN_STARTS = {
+    "before_it_is_recorded": """
+                def execute(self, context):
+                    original = ScriptRun.__dict__["submit"]
+                    submit = ScriptRun.submit
+
+                    def killed_then_submitted(*args, **kwargs):
+                        self.on_kill()
+                        return submit(*args, **kwargs)
+
+                    ScriptRun.submit = killed_then_submitted
+                    try:
+                        return super().execute(context)
+                    finally:
+                        ScriptRun.submit = original
+    """,
+    "once_it_is_prepared": """
+                def execute(self, context):
+                    start = ScriptRun._start
+
+                    def prepared_then_killed(run, code, environment):
+                        prepare = run.target.prepare
+
+                        def then_killed(*args):
+                            prepare(*args)
+                            self.on_kill()
+
+                        run.target.prepare = then_killed
+                        start(run, code, environment)
+
+                    ScriptRun._start = prepared_then_killed
+                    try:
+                        return super().execute(context)
+                    finally:
+                        ScriptRun._start = start
+    """,
+}
+
+
+@pytest.mark.parametrize("when", KILLED_AS_A_RUN_STARTS)
+def test_a_sweep_whose_task_is_killed_as_its_first_run_starts_never_starts_that_run(
+    run_dag: Any, tmp_path: Path, when: str
+) -> None:
+    source, marks = tmp_path / "src", tmp_path / "marks"
+    marks.mkdir()
+    write_script(source, "train.py", SLEEPING_SCRIPT)
+    tasks = f"""
+            from airflow_amlrun.run import ScriptRun
+
+            class KilledAsARunStarts(HyperDriveOperator):
+{KILLED_AS_A_RUN_STARTS[when]}
+            KilledAsARunStarts(
+                task_id="tune", config=sweep({str(source)!r}, "local", ["--marks", {str(marks)!r}])
+            )
+    """
+
+    try:
+        result = run_dag(sweep_dag(tasks))
+    finally:
+        stop_what_is_left(marks)
+
+    assert result.task_states == {"tune": "failed"}, result.log
+    parent, runs = sweep_of(result.dag_id, "tune")
+    assert (parent.status, parent.error) == (RunStatus.CANCELED, KILLED)
+    # The first run was stopped before it started, and none other started.
+    [run] = runs
+    assert (run.status, run.error, run.handle, run.start) == (RunStatus.CANCELED, KILLED, None, None)
+    assert list(marks.iterdir()) == []
 
 
 # Each run leaves a mark named by its alpha and pid, then trains until something stops it.

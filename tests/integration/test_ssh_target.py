@@ -27,6 +27,7 @@ from airflow_amlrun.environment import PythonSection
 from airflow_amlrun.submission import AirflowTask
 from airflow_amlrun.targets.handles import SSHHandle
 from airflow_amlrun.targets.ssh import SSHTargetConfigurationError, SSHTargetUnreachableError
+from airflow_amlrun.targets.ssh_helper import lib_files
 from tests.conftest import REPO, dag_source, worker_dies_mid_run, write_script
 from tests.integration.orphans import group_members
 from tests.integration.sshd_host import SshdHost, host_for_tests, start_sshd_host
@@ -577,7 +578,9 @@ def test_a_changed_helper_on_the_host_is_written_again_before_it_gets_a_secret(
     write_script(tmp_path / "src", "train.py", "import os\nprint('token', len(os.environ['API_TOKEN']))\n")
     first = run_dag(dag_source(tmp_path / "src", target=CONN_ID, secret_variables={"API_TOKEN": "warm-up"}))
     assert first.state == "success", first.log
-    [path] = (remote_base(ssh_vm) / "lib").glob(f"amlrun-{which}-*.py")
+    # This version's (a host kept from earlier test runs may hold others).
+    [name] = [name for name in lib_files() if name.startswith(f"amlrun-{which}-")]
+    path = remote_base(ssh_vm) / "lib" / name
     original = path.read_bytes()
     # A run under the same login rewrites it (kept the login user's: root writes into the same file).
     stolen = ssh_vm.home / f"stolen-{secrets.token_hex(4)}"

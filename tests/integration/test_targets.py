@@ -323,6 +323,69 @@ def test_a_task_killed_before_it_submits_its_run_starts_none(run_dag, tmp_path):
     assert Workspace.get().list_runs() == []
 
 
+# Where Airflow's SIGTERM handler (on_kill, which returns) lands as the task submits its run: before the run is
+# recorded (as its code is snapshotted: on_kill finds no run yet), right after, once the target prepared its run
+# directory, or once the target started it (before the run knew its handle).
+KILLED_AS_IT_SUBMITS = """
+class KilledAsItSubmits(ScriptRunOperator):
+    def _hold(self, run):
+        if STEP == "snapshot":
+            self.on_kill()
+        super()._hold(run)
+        if STEP == "snapshot":
+            return
+        if STEP == "recorded":
+            self.on_kill()
+            return
+        step = getattr(run.target, STEP)
+
+        def then_killed(*args):
+            try:
+                return step(*args)
+            finally:
+                self.on_kill()
+
+        setattr(run.target, STEP, then_killed)
+
+"""
+
+
+@pytest.mark.parametrize("step", ["snapshot", "recorded", "prepare", "submit"])
+def test_a_task_killed_as_it_submits_starts_its_run_only_if_the_target_had_already(
+    run_dag, tmp_path, target, step
+):
+    write_script(tmp_path / "src", "train.py", TRAINS_FOR_GOOD)
+    dag = dag_source(tmp_path / "src", target=target.name)
+    dag = dag.replace("with DAG(", KILLED_AS_IT_SUBMITS.replace("STEP", repr(step)) + "with DAG(").replace(
+        "    ScriptRunOperator(", "    KilledAsItSubmits("
+    )
+
+    result = run_dag(dag)
+
+    assert result.state == "failed"
+    [run] = Workspace.get().list_runs()
+    assert (run.status, run.error, run.end is not None) == (
+        "Canceled",
+        "Canceled: its Airflow task was killed.",
+        True,
+    )
+    assert target.containers(run.id) == []
+    pids = target.run_dir(run.id) / "pids"
+    if step == "submit":
+        # Started on its target before the kill: stopped there, with all it started (the supervisor leads the
+        # run's process group; the script's pids, if it got as far as writing them).
+        assert run.handle is not None and run.start is not None
+        started = [int(pid) for pid in pids.read_text().split()] if pids.exists() else []
+        assert target.still_running(run.id, started, group=run.handle.get("pid")) == []
+    else:
+        # Never started: no handle, no start, and the script never ran.
+        assert (run.handle, run.start) == (None, None)
+        assert not pids.exists()
+        assert "training forever" not in result.log
+        if step in ("snapshot", "recorded"):
+            assert not target.run_dir(run.id).exists()
+
+
 # A retry that Airflow kills before it submits: the run its earlier try left (the worker died mid-run) is
 # waiting for it to re-attach.
 KILLED_AFTER_AN_EARLIER_TRY_DIED = """
