@@ -195,9 +195,14 @@ class ScriptRun(RunApi):
         )
         run = cls(workspace, target, job, settings)
         run._before_start = True
-        if on_created is not None:
-            on_created(run)
-        run._start(SnapshotSource(workspace.store, snapshot), recorded_environment)
+        try:
+            if on_created is not None:
+                on_created(run)
+            run._start(SnapshotSource(workspace.store, snapshot), recorded_environment)
+        finally:
+            # Interrupted before the start began (Ctrl-C as it is called), a stop from here on ends the run
+            # itself (see cancel).
+            run._before_start = False
         return run
 
     @classmethod
