@@ -168,7 +168,13 @@ def _settle(
             "Lost: the task that submitted it stopped before the run reached its target, and no task "
             "followed it since."
         )
-        settlement = _record_lost(workspace, record, heard_before, reason, dry_run)
+        stop_asked = record.tags.get(STOP_REQUESTED_TAG)
+        settlement = (
+            _record_lost(workspace, record, heard_before, reason, dry_run)
+            if stop_asked is None
+            # Stopped as it was prepared (its task killed outright meanwhile), and never started.
+            else _record_lost(workspace, record, heard_before, stop_asked, dry_run, status=RunStatus.CANCELED)
+        )
         if settlement is not None and not dry_run:
             # Recorded lost by this process alone (claimed): nothing starts what it left on the target any more.
             discard_lost(target, job)
@@ -221,20 +227,26 @@ def _settle(
 
 
 def _record_lost(
-    workspace: Workspace, record: RunRecord, heard_before: datetime, reason: str, dry_run: bool
+    workspace: Workspace,
+    record: RunRecord,
+    heard_before: datetime,
+    reason: str,
+    dry_run: bool,
+    status: RunStatus = RunStatus.FAILED,
 ) -> Settlement | None:
-    """Record Failed a run that exists nowhere to be followed (never started, or its machine restarted)."""
+    """Record Failed (or `status`) a run that exists nowhere to be followed (never started, or its machine
+    restarted)."""
     if not dry_run:
         if not workspace.history.claim_unheard_run(record.id, heard_before=heard_before):
             return None  # someone else reported on it meanwhile
         workspace.history.update_run(
             record.id,
-            status=RunStatus.FAILED,
+            status=status,
             end_time=datetime.now(UTC),
             error=reason,
             add_tags={SETTLED_BY_TAG: "reconcile"},
         )
-    return Settlement(record.id, record.experiment, str(RunStatus.FAILED), reason)
+    return Settlement(record.id, record.experiment, str(status), reason)
 
 
 def _follow_to_end(

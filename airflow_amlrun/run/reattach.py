@@ -60,7 +60,11 @@ def reattach(
             continue
         unreachable = target.attachable(handle) if handle is not None else None
         if handle is None or unreachable is not None or attached is not None:
-            if handle is None:
+            status = RunStatus.FAILED
+            if handle is None and STOP_REQUESTED_TAG in record.tags:
+                # Stopped as it was prepared, and never started: the stop's reason stands.
+                status, error = RunStatus.CANCELED, record.tags[STOP_REQUESTED_TAG]
+            elif handle is None:
                 error = "Lost: the task that submitted it stopped before the run reached its target."
             elif unreachable is not None:
                 error = f"Lost: this retry cannot reach it ({unreachable}); a new run was started."
@@ -73,7 +77,7 @@ def reattach(
                     target.cancel(handle)
                 except Exception as err:
                     log.warning("Run %s: stopping it on %s failed: %s", record.id, target.name, err)
-            history.update_run(record.id, status=RunStatus.FAILED, end_time=_now(), error=error)
+            history.update_run(record.id, status=status, end_time=_now(), error=error)
             if handle is None:
                 discard_lost(target, job)
             continue

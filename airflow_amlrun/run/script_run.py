@@ -93,6 +93,8 @@ class ScriptRun(RunApi):
         # Whether a stop now is a stop before the run starts on its target: from the moment submit records the
         # run until it starts it there (see _start and cancel).
         self._before_start = False
+        # Whether the target prepares the run (a run directory written, an environment built): see cancel.
+        self._preparing = False
         # How the run ended, as a look before it was followed found it (see found_ended).
         self._found_ended: TargetStatus | None = None
         # Whether this process is reading the rest of the ended run and recording its end (see _recording_end).
@@ -376,7 +378,11 @@ class ScriptRun(RunApi):
             if self._stopped_before_start():
                 return
             self._book.update(status=RunStatus.PREPARING)
-            self.target.prepare(self.job, code)
+            self._preparing = True
+            try:
+                self.target.prepare(self.job, code)
+            finally:
+                self._preparing = False
             self._book.update(status=RunStatus.STARTING)
             if self._stopped_before_start():
                 return
@@ -714,6 +720,12 @@ class ScriptRun(RunApi):
             # Running first, so that this cancel, called again, records its end.
             self._stop_requested = reason
             self._cancel_requested = True
+            if self._preparing:
+                # Preparing can outlast Airflow's patience (an environment built: the task is killed outright 5 s
+                # after on_kill): the row says a stop was asked, for whoever settles the run never started (a
+                # retry, reconcile) to record it Canceled rather than lost. (Written here only while the target
+                # prepares: this process writes nothing else to the history meanwhile.)
+                self._book.add_tags({STOP_REQUESTED_TAG: reason})
             return
         if self.handle is None:
             # Recorded but never started (its start failed without knowing whether the target started it): nothing

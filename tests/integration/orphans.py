@@ -46,6 +46,52 @@ signal.signal(signal.SIGTERM, lambda *_: operator.on_kill())
 operator._run.wait_for_completion(show_output=False)
 """
 
+# Try 1 of task retrain.train as Airflow's task runner runs it, killed as its run is prepared on its target: the
+# operator holds the run from the moment it is recorded; SIGTERM (on_kill) comes while the target prepares it,
+# and SIGKILL before the preparing ends (Airflow kills a task 5 s after its SIGTERM; an environment build takes
+# longer).
+_KILLED_OUTRIGHT_AS_ITS_RUN_IS_PREPARED = """
+import os, signal, sys
+from airflow_amlrun import Experiment, ScriptRunConfig, ScriptRunOperator, Workspace
+from airflow_amlrun.submission import AirflowTask
+
+task = AirflowTask(dag_id="retrain", task_id="train", run_id="manual_1", map_index=None, try_number=1)
+config = ScriptRunConfig(sys.argv[1], script="train.py", compute_target=sys.argv[2])
+operator = ScriptRunOperator(task_id="train", config=config)
+
+def hold(run):
+    operator._hold(run)
+    prepare = run.target.prepare
+
+    def prepared_until_killed(*args):
+        prepare(*args)
+        operator.on_kill()  # Airflow's SIGTERM handler, the preparing going on
+        os.kill(os.getpid(), signal.SIGKILL)  # 5 s later
+
+    run.target.prepare = prepared_until_killed
+
+Experiment(Workspace.get(), "reattach").submit(config, airflow_task=task, on_created=hold)
+"""
+
+
+def task_killed_outright_as_its_run_is_prepared(source: Path, target: str) -> Any:
+    """Try 1 of task retrain.train submits `source`'s train.py to `target` in a worker process, which is killed
+    (on_kill) as the target prepares the run, then killed outright before the preparing ends. Returns the run as
+    the history holds it afterwards."""
+    from airflow_amlrun import Workspace
+
+    worker = subprocess.run(
+        [sys.executable, "-c", _KILLED_OUTRIGHT_AS_ITS_RUN_IS_PREPARED, str(source), target],
+        capture_output=True,
+        text=True,
+        env=os.environ.copy(),
+        timeout=300,
+    )
+    assert worker.returncode == -signal.SIGKILL, worker.stderr[-4000:]
+    [left] = Workspace.get().list_runs()
+    return left
+
+
 # A script that does not end when stopped: it notes each SIGTERM in a file "stops" and trains on.
 OUTLIVES_STOPS = """
 import os, signal, time

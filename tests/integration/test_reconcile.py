@@ -33,7 +33,12 @@ from tests.conftest import (
     write_script,
 )
 from tests.integration.docker_engine import containers_of
-from tests.integration.orphans import OUTLIVES_STOPS, task_killed_outright_as_it_stops_the_run, wait_for_file
+from tests.integration.orphans import (
+    OUTLIVES_STOPS,
+    task_killed_outright_as_it_stops_the_run,
+    task_killed_outright_as_its_run_is_prepared,
+    wait_for_file,
+)
 
 pytest_plugins = ["tests.integration.docker_engine"]
 
@@ -558,6 +563,22 @@ def test_a_run_whose_stop_seemed_to_fail_before_its_follower_died_is_recorded_ca
     record = ws.get_run(run.id)
     assert (record.status, record.error) == (RunStatus.CANCELED, POLICY_STOP), record.error
     assert (settled.run_id, settled.outcome) == (run.id, "Canceled")
+
+
+def test_a_run_whose_task_was_killed_outright_as_it_was_prepared_is_recorded_canceled(amlrun_home, tmp_path):
+    from airflow_amlrun.operators.script_run import KILLED
+
+    write_script(tmp_path / "src", "train.py", "print('never runs')")
+    left = task_killed_outright_as_its_run_is_prepared(tmp_path / "src", "local")
+    assert (left.status, left.tags.get(STOP_REQUESTED_TAG)) == (RunStatus.PREPARING, KILLED)
+    until_orphaned()
+    ws = Workspace.get()
+
+    [settled] = reconcile(ws)
+
+    record = ws.get_run(left.id)
+    assert (record.status, record.error, record.handle) == (RunStatus.CANCELED, KILLED, None)
+    assert (settled.run_id, settled.outcome) == (left.id, "Canceled")
 
 
 def test_a_run_whose_stop_was_asked_but_never_reached_it_is_stopped_and_recorded_canceled(

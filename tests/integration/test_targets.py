@@ -22,6 +22,7 @@ import pytest
 
 from airflow_amlrun import Experiment, ScriptRunConfig, ScriptRunOperator, Workspace
 from airflow_amlrun.errors import RunTimeoutError
+from airflow_amlrun.operators.script_run import KILLED
 from airflow_amlrun.submission import AirflowTask
 from tests.conftest import (
     ENDS_WHEN_TOLD,
@@ -33,7 +34,12 @@ from tests.conftest import (
     write_script,
 )
 from tests.integration.conftest import Target
-from tests.integration.orphans import OUTLIVES_STOPS, task_killed_outright_as_it_stops_the_run, wait_for_file
+from tests.integration.orphans import (
+    OUTLIVES_STOPS,
+    task_killed_outright_as_it_stops_the_run,
+    task_killed_outright_as_its_run_is_prepared,
+    wait_for_file,
+)
 
 pytestmark = pytest.mark.usefixtures("airflow_db")
 # The targets of the `target` fixture; a scenario a Spark application fits adds "spark".
@@ -481,6 +487,25 @@ def test_a_retry_records_canceled_the_run_its_killed_try_stopped_without_recordi
     stopped = Workspace.get().get_run(orphan.id)
     assert (stopped.status, stopped.error) == ("Canceled", "Canceled: its Airflow task was killed.")
     assert sorted(run.id for run in Workspace.get().list_runs()) == sorted([orphan.id, record.id])
+
+
+def test_a_retry_records_canceled_the_run_its_try_was_killed_outright_preparing_and_starts_anew(
+    tmp_path, target
+):
+    from airflow_amlrun.run.state import STOP_REQUESTED_TAG
+
+    source = tmp_path / "src"
+    write_script(source, "train.py", "print('second run')")
+    left = task_killed_outright_as_its_run_is_prepared(source, target.name)
+    assert (left.status, left.handle, left.tags.get(STOP_REQUESTED_TAG)) == ("Preparing", None, KILLED)
+
+    lines: list[str] = []
+    record = _retry(source, target, output=lines.append)
+
+    assert record.id != left.id and record.status == "Completed", (record.status, record.error)
+    assert lines == ["second run"]
+    stopped = Workspace.get().get_run(left.id)
+    assert (stopped.status, stopped.error, stopped.handle, stopped.start) == ("Canceled", KILLED, None, None)
 
 
 def test_a_retry_after_its_try_was_killed_outright_as_it_stopped_the_run_records_it_canceled_and_starts_anew(
