@@ -14,7 +14,8 @@ unfinished run nobody reported on for ``[amlrun] reconcile_after_seconds`` and:
   re-attaches to it; unless a stop of it was asked (its ``amlrun.stop_requested`` tag: a cancel, or a sweep's
   policy, whose process died before the stop reached the run), which reconcile then carries out, recording it
   Canceled with why;
-- a run that never reached its target (no handle, nothing found there by its run id) is recorded Failed, and
+- a run that never reached its target (no handle, nothing found there by its run id) is recorded Failed, or
+  Canceled with why if a stop of it was asked as it was prepared (its task killed outright meanwhile), and
   what it left there (a container created, never started) is removed;
 - a run on another machine's local target (or that machine's Docker socket) cannot be looked at from
   here and is left for a reconcile on that machine.

@@ -455,7 +455,19 @@ class HyperDriveRun(SweepResults):
                 airflow_task=self._airflow_task,
                 on_created=hold,
             )
-        except AmlRunError as err:
+        except Exception as err:
+            for stopped in held:
+                ended = stopped.recorded_end
+                if self._stop_reason is not None and ended is not None and ended.status is RunStatus.CANCELED:
+                    # Stopped as it was prepared (the task killed), and the preparing failed with it (a build's
+                    # process, which the task's stop reaches too): Canceled, never started, as the stop asked.
+                    log.info("Sweep %s: run %s was stopped as it was prepared (%s)", self.id, stopped.id, err)
+                    if trial is not None:
+                        self._sampler.trials[stopped.id] = trial
+                    self._ended(stopped.id, ended)
+                    return True
+            if not isinstance(err, AmlRunError):
+                raise
             # A run that cannot start (its target refused it) fails the sweep now: the next would too. Its row
             # says how it ended, or where it may run (for a retry and reconcile); the sweep no longer holds it.
             for failed in held:

@@ -38,7 +38,8 @@ def reattach(
     """The run an earlier try of this task left unfinished, to follow instead of starting a second one.
 
     A run whose target still runs it (or finished it while nobody watched) is followed to its end; one that never
-    reached its target is recorded Failed, and None says a new run is to be submitted. Without `follow`
+    reached its target is recorded Failed (Canceled with why, if a stop of it was asked as it was prepared), and
+    None says a new run is to be submitted. Without `follow`
     (``reattach_on_retry=False``), a run still on its target is stopped and recorded Canceled.
     """
     history = workspace.history

@@ -410,6 +410,11 @@ class ScriptRun(RunApi):
             self._heartbeat.stop()
             raise
         except BaseException as err:
+            if self.handle is None and self._cancel_requested:
+                # Stopped as it was prepared, and the preparing failed with it (a build's process, in the task's
+                # process group, which Airflow's stop reaches as well): Canceled, never started.
+                self._stopped_before_start()
+                raise
             if self.handle is not None:
                 # Started, then interrupted before it was recorded running (Ctrl-C, the task killed): it is
                 # stopped, not left running unseen while its row says it failed.
@@ -682,14 +687,28 @@ class ScriptRun(RunApi):
         """Stop the run on its target now, recording nothing here: whoever follows it records it Canceled, or as
         it ended if the stop found that it had ended on its own. Asked before the run started there, the start
         records it Canceled with `reason` instead, and starts nothing."""
-        if self._before_start and reason is not None:
-            self._stop_requested = reason
+        if self._before_start:
+            self._stop_before_start(reason)
+            return
         # Raised first: a follower in another thread that sees the run end by this stop records it Canceled
         # (and, should the stop fail, asks the target again at its next look).
         asked_before = self._cancel_requested
         self._cancel_requested = True
         if self.handle is not None and not self.target.cancel(self.handle) and not asked_before:
             self._cancel_requested = False
+
+    def _stop_before_start(self, reason: str | None) -> None:
+        """Ask the start under way not to start the run (see cancel)."""
+        if reason is not None:
+            self._stop_requested = reason
+        self._cancel_requested = True
+        if self._preparing and self._stop_requested is not None:
+            # Preparing can outlast Airflow's patience (an environment built: the task is killed outright 5 s after
+            # on_kill): the row says a stop was asked, for whoever settles the run never started (a retry,
+            # reconcile) to record it Canceled rather than lost. Best effort: written at once if the history
+            # answers (this process writes nothing else to it while the target prepares), else lost with the
+            # process, the run then settled as lost.
+            self._book.add_tags({STOP_REQUESTED_TAG: self._stop_requested})
 
     def _ended(self) -> TargetStatus | None:
         """How the run ended, looked at after a stop; None if the target cannot tell, or says it runs."""
@@ -718,14 +737,7 @@ class ScriptRun(RunApi):
             # into the start): a start that has not reached the target yet records the run Canceled and starts
             # nothing; one that has asks the target to stop it once its handle is known, and is recorded
             # Running first, so that this cancel, called again, records its end.
-            self._stop_requested = reason
-            self._cancel_requested = True
-            if self._preparing:
-                # Preparing can outlast Airflow's patience (an environment built: the task is killed outright 5 s
-                # after on_kill): the row says a stop was asked, for whoever settles the run never started (a
-                # retry, reconcile) to record it Canceled rather than lost. (Written here only while the target
-                # prepares: this process writes nothing else to the history meanwhile.)
-                self._book.add_tags({STOP_REQUESTED_TAG: reason})
+            self._stop_before_start(reason)
             return
         if self.handle is None:
             # Recorded but never started (its start failed without knowing whether the target started it): nothing

@@ -6,6 +6,7 @@ Shared by the tests of every target that follows a run from outside the task tha
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -46,48 +47,71 @@ signal.signal(signal.SIGTERM, lambda *_: operator.on_kill())
 operator._run.wait_for_completion(show_output=False)
 """
 
-# Try 1 of task retrain.train as Airflow's task runner runs it, killed as its run is prepared on its target: the
-# operator holds the run from the moment it is recorded; SIGTERM (on_kill) comes while the target prepares it,
-# and SIGKILL before the preparing ends (Airflow kills a task 5 s after its SIGTERM; an environment build takes
-# longer).
-_KILLED_OUTRIGHT_AS_ITS_RUN_IS_PREPARED = """
-import os, signal, sys
+# Try 1 of task retrain.train as Airflow's task runner runs it: the operator holds the run from the moment it is
+# recorded, and SIGTERM calls its on_kill. The target's preparing is made slow (after the target's own), as an
+# environment build is: in a child process of the task (uv), or in the task's own (a Docker build over the API).
+_PREPARED_SLOWLY = """
+import os, signal, subprocess, sys, time
+from pathlib import Path
 from airflow_amlrun import Experiment, ScriptRunConfig, ScriptRunOperator, Workspace
 from airflow_amlrun.submission import AirflowTask
 
+source, target, build, cue = sys.argv[1:5]
 task = AirflowTask(dag_id="retrain", task_id="train", run_id="manual_1", map_index=None, try_number=1)
-config = ScriptRunConfig(sys.argv[1], script="train.py", compute_target=sys.argv[2])
+config = ScriptRunConfig(source, script="train.py", compute_target=target)
 operator = ScriptRunOperator(task_id="train", config=config)
+signal.signal(signal.SIGTERM, lambda *_: operator.on_kill())
 
 def hold(run):
     operator._hold(run)
     prepare = run.target.prepare
 
-    def prepared_until_killed(*args):
+    def prepared_slowly(*args):
         prepare(*args)
-        operator.on_kill()  # Airflow's SIGTERM handler, the preparing going on
-        os.kill(os.getpid(), signal.SIGKILL)  # 5 s later
+        Path(cue).touch()
+        if build == "in_a_child_process":
+            subprocess.run(["sleep", "60"], check=True)
+        else:
+            time.sleep(60)
 
-    run.target.prepare = prepared_until_killed
+    run.target.prepare = prepared_slowly
 
-Experiment(Workspace.get(), "reattach").submit(config, airflow_task=task, on_created=hold)
+Experiment(Workspace.get(), "reattach").submit(config, airflow_task=task, on_created=hold).wait_for_completion()
 """
 
 
-def task_killed_outright_as_its_run_is_prepared(source: Path, target: str) -> Any:
-    """Try 1 of task retrain.train submits `source`'s train.py to `target` in a worker process, which is killed
-    (on_kill) as the target prepares the run, then killed outright before the preparing ends. Returns the run as
-    the history holds it afterwards."""
-    from airflow_amlrun import Workspace
+def task_killed_as_its_run_is_prepared(source: Path, target: str, build: str) -> Any:
+    """Try 1 of task retrain.train submits `source`'s train.py to `target` in a worker process of a process group
+    of its own, as Airflow's task runner runs a task; as the target prepares the run (slowly, `build`
+    "in_a_child_process" or "in_the_task_process"), the group gets SIGTERM, as Airflow stops a task, and SIGKILL
+    once the worker ended (a build in a child process ends with the stop) or, with the preparing going on in the
+    task's process, once the stop is noted on the run's row (Airflow's SIGKILL would come 5 s later). Returns
+    the run as the history holds it afterwards."""
+    import tempfile
 
-    worker = subprocess.run(
-        [sys.executable, "-c", _KILLED_OUTRIGHT_AS_ITS_RUN_IS_PREPARED, str(source), target],
-        capture_output=True,
-        text=True,
-        env=os.environ.copy(),
-        timeout=300,
-    )
-    assert worker.returncode == -signal.SIGKILL, worker.stderr[-4000:]
+    from airflow_amlrun import Workspace
+    from airflow_amlrun.run.state import STOP_REQUESTED_TAG
+
+    with tempfile.TemporaryDirectory() as folder:
+        cue = Path(folder) / "preparing"
+        worker = subprocess.Popen(
+            [sys.executable, "-c", _PREPARED_SLOWLY, str(source), target, build, str(cue)],
+            env=os.environ.copy(),
+            start_new_session=True,
+        )
+        try:
+            wait_for_file(cue)
+            os.killpg(worker.pid, signal.SIGTERM)
+            deadline = time.monotonic() + 30
+            while worker.poll() is None and time.monotonic() < deadline:
+                [run] = Workspace.get().list_runs()
+                if build == "in_the_task_process" and STOP_REQUESTED_TAG in run.tags:
+                    break
+                time.sleep(0.05)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(worker.pid, signal.SIGKILL)
+            worker.wait()
     [left] = Workspace.get().list_runs()
     return left
 

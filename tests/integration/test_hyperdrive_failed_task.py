@@ -515,7 +515,7 @@ def test_a_sweep_whose_task_is_killed_as_it_submits_the_sweep_starts_no_run_and_
 
 
 # Where Airflow's SIGTERM handler (on_kill, which returns) lands as the sweep starts its first run: before the run
-# is recorded (as it is drawn and its code snapshotted), or once its run directory is prepared on its target.
+# is recorded (as it is drawn and its code snapshotted), or as its run directory is prepared on its target.
 KILLED_AS_A_RUN_STARTS = {
     "before_it_is_recorded": """
                 def execute(self, context):
@@ -531,6 +531,30 @@ KILLED_AS_A_RUN_STARTS = {
                         return super().execute(context)
                     finally:
                         ScriptRun.submit = original
+    """,
+    # The build's process is stopped with the task (Airflow signals the task's process group): the preparing fails.
+    "as_its_build_is_stopped": """
+                def execute(self, context):
+                    import subprocess
+
+                    start = ScriptRun._start
+
+                    def build_stopped_with_the_task(run, code, environment):
+                        prepare = run.target.prepare
+
+                        def then_killed(*args):
+                            prepare(*args)
+                            self.on_kill()
+                            raise subprocess.CalledProcessError(-15, ["uv", "venv"])
+
+                        run.target.prepare = then_killed
+                        start(run, code, environment)
+
+                    ScriptRun._start = build_stopped_with_the_task
+                    try:
+                        return super().execute(context)
+                    finally:
+                        ScriptRun._start = start
     """,
     "once_it_is_prepared": """
                 def execute(self, context):

@@ -35,8 +35,8 @@ from tests.conftest import (
 from tests.integration.docker_engine import containers_of
 from tests.integration.orphans import (
     OUTLIVES_STOPS,
+    task_killed_as_its_run_is_prepared,
     task_killed_outright_as_it_stops_the_run,
-    task_killed_outright_as_its_run_is_prepared,
     wait_for_file,
 )
 
@@ -569,7 +569,7 @@ def test_a_run_whose_task_was_killed_outright_as_it_was_prepared_is_recorded_can
     from airflow_amlrun.operators.script_run import KILLED
 
     write_script(tmp_path / "src", "train.py", "print('never runs')")
-    left = task_killed_outright_as_its_run_is_prepared(tmp_path / "src", "local")
+    left = task_killed_as_its_run_is_prepared(tmp_path / "src", "local", "in_the_task_process")
     assert (left.status, left.tags.get(STOP_REQUESTED_TAG)) == (RunStatus.PREPARING, KILLED)
     until_orphaned()
     ws = Workspace.get()

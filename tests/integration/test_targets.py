@@ -36,8 +36,8 @@ from tests.conftest import (
 from tests.integration.conftest import Target
 from tests.integration.orphans import (
     OUTLIVES_STOPS,
+    task_killed_as_its_run_is_prepared,
     task_killed_outright_as_it_stops_the_run,
-    task_killed_outright_as_its_run_is_prepared,
     wait_for_file,
 )
 
@@ -489,15 +489,22 @@ def test_a_retry_records_canceled_the_run_its_killed_try_stopped_without_recordi
     assert sorted(run.id for run in Workspace.get().list_runs()) == sorted([orphan.id, record.id])
 
 
-def test_a_retry_records_canceled_the_run_its_try_was_killed_outright_preparing_and_starts_anew(
-    tmp_path, target
+@pytest.mark.parametrize("build", ["in_a_child_process", "in_the_task_process"])
+def test_a_run_whose_task_is_killed_as_it_is_prepared_is_recorded_canceled_and_a_retry_starts_anew(
+    tmp_path, target, build
 ):
     from airflow_amlrun.run.state import STOP_REQUESTED_TAG
 
     source = tmp_path / "src"
     write_script(source, "train.py", "print('second run')")
-    left = task_killed_outright_as_its_run_is_prepared(source, target.name)
-    assert (left.status, left.handle, left.tags.get(STOP_REQUESTED_TAG)) == ("Preparing", None, KILLED)
+    left = task_killed_as_its_run_is_prepared(source, target.name, build)
+    if build == "in_a_child_process":
+        # The build's process got the stop too, and the preparing failed with it: the task recorded the run
+        # Canceled before it was killed outright.
+        assert (left.status, left.error, left.handle, left.start) == ("Canceled", KILLED, None, None)
+    else:
+        # Killed outright with the preparing under way: the row says a stop was asked.
+        assert (left.status, left.handle, left.tags.get(STOP_REQUESTED_TAG)) == ("Preparing", None, KILLED)
 
     lines: list[str] = []
     record = _retry(source, target, output=lines.append)
