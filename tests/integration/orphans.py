@@ -68,10 +68,11 @@ def hold(run):
 
     def prepared_slowly(*args):
         prepare(*args)
-        Path(cue).touch()
         if build == "in_a_child_process":
-            subprocess.run(["sleep", "60"], check=True)
+            # The cue once the child runs: the stop then reaches it too.
+            subprocess.run(["sh", "-c", 'touch "$1"; exec sleep 60', "sh", cue], check=True)
         else:
+            Path(cue).touch()
             time.sleep(60)
 
     run.target.prepare = prepared_slowly
@@ -92,26 +93,36 @@ def task_killed_as_its_run_is_prepared(source: Path, target: str, build: str) ->
     from airflow_amlrun import Workspace
     from airflow_amlrun.run.state import STOP_REQUESTED_TAG
 
-    with tempfile.TemporaryDirectory() as folder:
+    with tempfile.TemporaryDirectory() as folder, tempfile.TemporaryFile() as said:
         cue = Path(folder) / "preparing"
         worker = subprocess.Popen(
             [sys.executable, "-c", _PREPARED_SLOWLY, str(source), target, build, str(cue)],
             env=os.environ.copy(),
+            stderr=said,
             start_new_session=True,
         )
+        noted = False
         try:
             wait_for_file(cue)
             os.killpg(worker.pid, signal.SIGTERM)
             deadline = time.monotonic() + 30
             while worker.poll() is None and time.monotonic() < deadline:
                 [run] = Workspace.get().list_runs()
-                if build == "in_the_task_process" and STOP_REQUESTED_TAG in run.tags:
+                noted = STOP_REQUESTED_TAG in run.tags
+                if build == "in_the_task_process" and noted:
                     break
                 time.sleep(0.05)
+            ended_on_its_own = worker.poll() is not None
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(worker.pid, signal.SIGKILL)
             worker.wait()
+        said.seek(0)
+        what = said.read().decode("utf-8", "replace")[-4000:]
+    if build == "in_a_child_process":
+        assert ended_on_its_own, f"the worker went on after its stop ended its build; it said:\n{what}"
+    else:
+        assert noted, f"the stop was not noted on the run's row within 30 s; the worker said:\n{what}"
     [left] = Workspace.get().list_runs()
     return left
 
