@@ -532,32 +532,14 @@ KILLED_AS_A_RUN_STARTS = {
                     finally:
                         ScriptRun.submit = original
     """,
-    # The build's process is stopped with the task (Airflow signals the task's process group): the preparing fails.
-    "as_its_build_is_stopped": """
+}
+
+# Once the first run's directory is prepared on its target: the kill comes, and then (`AND_THEN`) the preparing
+# goes on, or fails as the build's process is stopped with the task (Airflow signals the task's process group).
+KILLED_AS_A_RUN_IS_PREPARED = """
                 def execute(self, context):
                     import subprocess
 
-                    start = ScriptRun._start
-
-                    def build_stopped_with_the_task(run, code, environment):
-                        prepare = run.target.prepare
-
-                        def then_killed(*args):
-                            prepare(*args)
-                            self.on_kill()
-                            raise subprocess.CalledProcessError(-15, ["uv", "venv"])
-
-                        run.target.prepare = then_killed
-                        start(run, code, environment)
-
-                    ScriptRun._start = build_stopped_with_the_task
-                    try:
-                        return super().execute(context)
-                    finally:
-                        ScriptRun._start = start
-    """,
-    "once_it_is_prepared": """
-                def execute(self, context):
                     start = ScriptRun._start
 
                     def prepared_then_killed(run, code, environment):
@@ -566,6 +548,7 @@ KILLED_AS_A_RUN_STARTS = {
                         def then_killed(*args):
                             prepare(*args)
                             self.on_kill()
+                            AND_THEN
 
                         run.target.prepare = then_killed
                         start(run, code, environment)
@@ -575,8 +558,11 @@ KILLED_AS_A_RUN_STARTS = {
                         return super().execute(context)
                     finally:
                         ScriptRun._start = start
-    """,
-}
+"""
+KILLED_AS_A_RUN_STARTS["once_it_is_prepared"] = KILLED_AS_A_RUN_IS_PREPARED.replace("AND_THEN", "pass")
+KILLED_AS_A_RUN_STARTS["as_its_build_is_stopped"] = KILLED_AS_A_RUN_IS_PREPARED.replace(
+    "AND_THEN", 'raise subprocess.CalledProcessError(-15, ["uv", "venv"])'
+)
 
 
 @pytest.mark.parametrize("when", KILLED_AS_A_RUN_STARTS)
