@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 from airflow_amlrun.config import Settings, load_settings
 from airflow_amlrun.errors import AmlRunError
 from airflow_amlrun.history import RunRecord, RunStatus
-from airflow_amlrun.run import STOP_REQUESTED_TAG, RunEndedError, ScriptRun
+from airflow_amlrun.run import STOP_REQUESTED_TAG, RunEndedError, ScriptRun, never_started_outcome
 from airflow_amlrun.runconfig import SWEEP_TARGET
 from airflow_amlrun.submission import discard_lost, recorded_handle, recorded_job
 from airflow_amlrun.targets.base import ComputeTarget, Job
@@ -116,9 +116,10 @@ def reconcile(
             settlements.append(settlement)
             if settlement.settled:
                 log.warning(
-                    "Reconcile: run %s of experiment %s, which no task followed any more, is recorded %s: %s",
+                    "Reconcile: run %s of experiment %s, which no task followed any more, %s %s: %s",
                     settlement.run_id,
                     settlement.experiment,
+                    "would be recorded" if dry_run else "is recorded",
                     settlement.outcome,
                     settlement.reason,
                 )
@@ -165,17 +166,12 @@ def _settle(
     except UnreadableHandleError as err:
         return _record_lost(workspace, record, heard_before, f"Lost: {err}", dry_run)
     if handle is None:
-        reason = (
+        recorded, reason = never_started_outcome(
+            record,
             "Lost: the task that submitted it stopped before the run reached its target, and no task "
-            "followed it since."
+            "followed it since.",
         )
-        stop_asked = record.tags.get(STOP_REQUESTED_TAG)
-        settlement = (
-            _record_lost(workspace, record, heard_before, reason, dry_run)
-            if stop_asked is None
-            # Stopped as it was prepared (its task killed outright meanwhile), and never started.
-            else _record_lost(workspace, record, heard_before, stop_asked, dry_run, status=RunStatus.CANCELED)
-        )
+        settlement = _record_lost(workspace, record, heard_before, reason, dry_run, status=recorded)
         if settlement is not None and not dry_run:
             # Recorded lost by this process alone (claimed): nothing starts what it left on the target any more.
             discard_lost(target, job)

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from airflow_amlrun.history import RunStatus
 from airflow_amlrun.run.outcome import ended_as_stopped, stopped_on_target
-from airflow_amlrun.run.state import STOP_REQUESTED_TAG, FollowState, RunEndedError
+from airflow_amlrun.run.state import STOP_REQUESTED_TAG, FollowState, RunEndedError, never_started_outcome
 from airflow_amlrun.submission import AirflowTask, discard_lost, job_for, recorded_handle
 from airflow_amlrun.targets.handles import RunHandle, UnreadableHandleError
 
@@ -62,11 +62,10 @@ def reattach(
         unreachable = target.attachable(handle) if handle is not None else None
         if handle is None or unreachable is not None or attached is not None:
             status = RunStatus.FAILED
-            if handle is None and STOP_REQUESTED_TAG in record.tags:
-                # Stopped as it was prepared, and never started: the stop's reason stands.
-                status, error = RunStatus.CANCELED, record.tags[STOP_REQUESTED_TAG]
-            elif handle is None:
-                error = "Lost: the task that submitted it stopped before the run reached its target."
+            if handle is None:
+                status, error = never_started_outcome(
+                    record, "Lost: the task that submitted it stopped before the run reached its target."
+                )
             elif unreachable is not None:
                 error = f"Lost: this retry cannot reach it ({unreachable}); a new run was started."
             else:

@@ -6,12 +6,19 @@ from dataclasses import dataclass
 from typing import Any
 
 from airflow_amlrun.errors import AmlRunError
-from airflow_amlrun.history import RunRecord
+from airflow_amlrun.history import RunRecord, RunStatus
 
 # The tag saying why a stop of the run was asked (ScriptRun.cancel), written before the target is asked: whoever
 # records the run's end (this follower, another that takes it over, reconcile) records it Canceled with why,
 # even if the stop, or what came after it here, failed.
 STOP_REQUESTED_TAG = "amlrun.stop_requested"
+
+
+def never_started_outcome(record: RunRecord, lost: str) -> tuple[RunStatus, str]:
+    """How a run that never reached its target is recorded by whoever settles it (a retry, reconcile): Canceled
+    with the stop's reason if its task was stopped as the target prepared it (the tag), else Failed with `lost`."""
+    stop_asked = record.tags.get(STOP_REQUESTED_TAG)
+    return (RunStatus.FAILED, lost) if stop_asked is None else (RunStatus.CANCELED, stop_asked)
 
 
 @dataclass(frozen=True)

@@ -180,12 +180,18 @@ def test_a_run_that_never_reached_its_target_is_recorded_lost(amlrun_home):
     )
     until_orphaned()
 
-    assert "Failed" in amlrun("reconcile", "--dry-run").stdout
+    dry = amlrun("reconcile", "--dry-run")
+
+    assert "Failed" in dry.stdout
     assert ws.get_run("orphans_1_deadbeef").status == "Queued"  # a dry run changes nothing
+    # Its log says what it would do, not what it did not.
+    assert "orphans_1_deadbeef" in dry.stderr and "would be recorded Failed" in dry.stderr
+    assert "is recorded" not in dry.stderr
 
     done = amlrun("reconcile")
 
     assert "orphans_1_deadbeef" in done.stdout
+    assert "is recorded Failed" in done.stderr
     lost = ws.get_run("orphans_1_deadbeef")
     assert lost.status == "Failed" and lost.error.startswith("Lost")
     assert lost.end is not None
