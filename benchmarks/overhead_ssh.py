@@ -9,6 +9,7 @@ after the warm-up run, unchanged code sends none.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -47,12 +48,11 @@ _host: SshdHost | None = None
 
 
 def prepare(root: Path, source: Path, seconds: float) -> tuple[str, str]:
-    import os
 
     from airflow_amlrun.targets.common import write_run_context_package
 
     global _host
-    _host = start_sshd_host(user="amlrun-bench", subnet=1, name="bench")
+    _host = start_sshd_host(user=f"amlrun-bench-{os.getpid()}", subnet=1, name="bench")
     host_key = " ".join((_host.workdir / "host_key.pub").read_text().split()[:2])
     # host_key rather than known_hosts: the stock SSHOperator's hook reads only that one.
     conn = json.loads(_host.connection(host_key=host_key))

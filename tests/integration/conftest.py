@@ -138,11 +138,11 @@ def xdist_worker() -> int:
 @pytest.fixture(scope="session")
 def ssh_host() -> Iterator[SshdHost]:
     """The remote VM: sshd in a network namespace with its own address, user and host key; each process of
-    the suite has one of its own (subnets 1-3 are taken by the SSH tests' own hosts and the benchmark)."""
+    the suite has one of its own, as has each test session on the machine (subnets 1-3 are first offered to the
+    SSH tests' own hosts and the benchmark)."""
     worker = xdist_worker()
     host = host_for_tests(
-        user="amlrun-remote" if worker == 0 else f"amlrun-remote{worker}",
-        subnet=0 if worker == 0 else 3 + worker,
+        user=f"amlrun-remote{worker}-{os.getpid()}", subnet=0 if worker == 0 else 3 + worker
     )
     try:
         yield host

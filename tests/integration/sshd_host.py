@@ -4,11 +4,16 @@ The namespace has its own address (10.231.x.2/30, the worker side is 10.231.x.1)
 login user of its own (shell /bin/sh, so no rc file slows every command down), and its link can be cut
 and restored like a real network's. Needs root (ip netns, useradd, sshd): `host_for_tests` fails the test
 run, saying what is missing, rather than letting the SSH tests pass unseen as skipped.
+
+Several test sessions (or a benchmark) may run on one machine at once: each host is registered under
+``REGISTRY`` with the process that owns it, a host takes the first subnet from the one asked for that no live
+owner's host holds, and only hosts whose owner is gone are removed as stale.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import pwd
@@ -23,6 +28,10 @@ from pathlib import Path
 from typing import Any
 
 SSHD = "/usr/sbin/sshd"
+# The hosts running on this machine, a JSON file each, and the lock under which one is chosen a subnet.
+REGISTRY = Path("/run/amlrun-sshd-hosts")
+# 10.231.0.(4*subnet)/30 for subnet 0 to 63.
+SUBNETS = 64
 # What setting up a host needs besides root, and the Debian package that brings it.
 TOOLS = {
     "ip": "iproute2",
@@ -80,14 +89,23 @@ class SshdHost:
         it started, runs the tests left behind included), and, for a login user it created, every process
         of that user. A user that existed before keeps its other processes."""
         _stop_namespace(self.namespace, self.link)
+        (REGISTRY / f"{self.namespace}.json").unlink(missing_ok=True)
         if self.created_user:
-            uid = pwd.getpwnam(self.user).pw_uid
-            for proc in Path("/proc").iterdir():
-                with contextlib.suppress(OSError, ValueError):
-                    if proc.name.isdigit() and proc.stat().st_uid == uid:
-                        os.kill(int(proc.name), signal.SIGKILL)
-            subprocess.run(["userdel", "-r", self.user], capture_output=True)
+            _delete_user(self.user)
         shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def _delete_user(user: str) -> None:
+    """Kill every process of `user`, then delete it and its home."""
+    try:
+        uid = pwd.getpwnam(user).pw_uid
+    except KeyError:
+        return
+    for proc in Path("/proc").iterdir():
+        with contextlib.suppress(OSError, ValueError):
+            if proc.name.isdigit() and proc.stat().st_uid == uid:
+                os.kill(int(proc.name), signal.SIGKILL)
+    subprocess.run(["userdel", "-r", user], capture_output=True)
 
 
 def missing_prerequisites() -> list[str]:
@@ -116,15 +134,32 @@ def host_for_tests(**options: Any) -> SshdHost:
 
 
 def start_sshd_host(*, user: str, subnet: int = 0, name: str | None = None, sftp: bool = True) -> SshdHost:
-    """Create the namespace, its link, its login user and its sshd; `subnet` picks 10.231.0.(4*subnet)/30.
+    """Create the namespace, its link, its login user and its sshd, on 10.231.0.(4*n)/30 for the first subnet n
+    from `subnet` on that no other live host holds.
 
+    :param user: the login user; give each test session its own (a host that created its user deletes it).
+    :param name: a word in the host's names, for whoever reads `ip link`.
     :param sftp: give sshd its SFTP subsystem (a host without one is a case the SSH target handles).
     """
-    token = name or secrets.token_hex(3)
-    namespace = f"amlrun-{token}"
-    link, peer = f"amh{token}"[:15], f"amr{token}"[:15]
-    worker_address, address = f"10.231.0.{4 * subnet + 1}", f"10.231.0.{4 * subnet + 2}"
-    _remove_stale(worker_address)
+    # Link names are 15 characters at most; the random part keeps two sessions' hosts of one name apart.
+    token = ((name or "") + secrets.token_hex(3))[-12:]
+    namespace = f"amlrun-{os.getpid()}-{token}"
+    link, peer = f"amh{token}", f"amr{token}"
+    with _registry_lock():
+        subnet = _free_subnet(subnet)
+        worker_address, address = f"10.231.0.{4 * subnet + 1}", f"10.231.0.{4 * subnet + 2}"
+        _remove_unregistered(worker_address)
+        # Registered before anything is made, so that a session that dies while it starts is cleared up too.
+        _register(namespace, link=link, subnet=subnet, user=user)
+        try:
+            _run("ip", "netns", "add", namespace)
+            _run("ip", "link", "add", link, "type", "veth", "peer", "name", peer)
+            _run("ip", "link", "set", peer, "netns", namespace)
+            _run("ip", "addr", "add", f"{worker_address}/30", "dev", link)
+        except BaseException:
+            _stop_namespace(namespace, link)
+            (REGISTRY / f"{namespace}.json").unlink(missing_ok=True)
+            raise
     workdir = Path(tempfile.mkdtemp(prefix="amlrun-sshd-"))
     # sshd reads the authorized keys as the login user: that user must be able to reach them.
     workdir.chmod(0o755)
@@ -143,11 +178,8 @@ def start_sshd_host(*, user: str, subnet: int = 0, name: str | None = None, sftp
         known_hosts=workdir / "known_hosts",
         created_user=created_user,
     )
+    _register(namespace, link=link, subnet=subnet, user=user, created_user=created_user, workdir=workdir)
     try:
-        _run("ip", "netns", "add", namespace)
-        _run("ip", "link", "add", link, "type", "veth", "peer", "name", peer)
-        _run("ip", "link", "set", peer, "netns", namespace)
-        _run("ip", "addr", "add", f"{worker_address}/30", "dev", link)
         _run("ip", "link", "set", link, "up")
         _in_ns(namespace, "ip", "addr", "add", f"{address}/30", "dev", peer)
         _in_ns(namespace, "ip", "link", "set", peer, "up")
@@ -198,8 +230,65 @@ def _stop_namespace(namespace: str, link: str) -> None:
     subprocess.run(["ip", "link", "del", link], capture_output=True)
 
 
-def _remove_stale(worker_address: str) -> None:
-    """A host an interrupted session left behind on the same subnet would shadow the new one: remove it."""
+@contextlib.contextmanager
+def _registry_lock() -> Any:
+    REGISTRY.mkdir(exist_ok=True)
+    with open(REGISTRY / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _register(namespace: str, **fields: Any) -> None:
+    entry = {
+        "namespace": namespace,
+        "owner": os.getpid(),
+        **{k: str(v) if isinstance(v, Path) else v for k, v in fields.items()},
+    }
+    (REGISTRY / f"{namespace}.json").write_text(json.dumps(entry))
+
+
+def _free_subnet(preferred: int) -> int:
+    """The first subnet from `preferred` on (then from 0) that no live owner's host holds; the hosts of owners
+    that are gone (a session killed before it stopped its hosts) are removed on the way."""
+    held = set()
+    for path in REGISTRY.glob("*.json"):
+        try:
+            entry = json.loads(path.read_text())
+        except (OSError, ValueError):
+            path.unlink(missing_ok=True)
+            continue
+        if _alive(int(entry["owner"])):
+            held.add(int(entry["subnet"]))
+        else:
+            _remove_stale(entry)
+            path.unlink(missing_ok=True)
+    for subnet in [*range(preferred, SUBNETS), *range(preferred)]:
+        if subnet not in held:
+            return subnet
+    raise RuntimeError(f"All {SUBNETS} SSH test host subnets are held by live test sessions (see {REGISTRY})")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale(entry: dict[str, Any]) -> None:
+    """Remove the host of an owner that is gone: its namespace and link, the user it created, its files."""
+    _stop_namespace(entry["namespace"], entry["link"])
+    if entry.get("created_user"):
+        _delete_user(entry["user"])
+    if entry.get("workdir"):
+        shutil.rmtree(entry["workdir"], ignore_errors=True)
+
+
+def _remove_unregistered(worker_address: str) -> None:
+    """A host left on the same subnet by a session from before the registry would shadow the new one."""
     links = subprocess.run(["ip", "-br", "addr"], capture_output=True, text=True).stdout.splitlines()
     for line in links:
         fields = line.split()

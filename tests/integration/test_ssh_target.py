@@ -803,7 +803,7 @@ def test_a_file_the_worker_cannot_write_costs_only_itself(run_dag, tmp_path, ssh
 
 @pytest.fixture(scope="module")
 def host_without_sftp() -> Iterator[SshdHost]:
-    host = host_for_tests(user="amlrun-nosftp", subnet=2, name="nosftp", sftp=False)
+    host = host_for_tests(user=f"amlrun-nosftp-{os.getpid()}", subnet=2, name="nosftp", sftp=False)
     try:
         yield host
     finally:
