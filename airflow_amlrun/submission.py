@@ -1,5 +1,6 @@
 """What a submission is made of, besides the run that follows it: the Airflow task it comes from, its code
-snapshot, the job a target receives, and the job and handle of a run recorded earlier."""
+snapshot, the job a target receives, the new run's first row, and the job and handle of a run recorded
+earlier."""
 
 from __future__ import annotations
 
@@ -7,11 +8,13 @@ import json
 import logging
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from airflow_amlrun.environment import Environment, ResolvedEnvironment
+from airflow_amlrun.rerun import recorded_config
 from airflow_amlrun.snapshot import Snapshot, materialize, read_git_info, take_snapshot
 from airflow_amlrun.targets.base import ComputeTarget, Job
 from airflow_amlrun.targets.handles import RunHandle
@@ -99,6 +102,84 @@ def snapshot_code(
     if info.diff:
         git["diff_digest"] = workspace.store.put_bytes(info.diff.encode())
     return result.snapshot, git
+
+
+@dataclass(frozen=True)
+class NewRun:
+    """A run just recorded, not started: what its target receives, its code, its environment as recorded."""
+
+    job: Job
+    code: SnapshotSource
+    environment: dict[str, Any]
+
+
+def record_new_run(
+    workspace: Workspace,
+    experiment: str,
+    config: ScriptRunConfig,
+    environment: ResolvedEnvironment,
+    target: ComputeTarget[Any],
+    settings: Settings,
+    *,
+    tags: dict[str, str] | None,
+    airflow_task: AirflowTask | None,
+    rerun_of: RunRecord | None,
+    parent_run_id: str | None,
+) -> NewRun:
+    """Check what the run needs on this worker and on its target, snapshot its code, and write its first row
+    (Queued). Whatever fails before the row is written leaves no run behind."""
+    # Building the environment needs its index credentials on this worker: a missing one fails now.
+    environment.index_credentials()
+    job = job_for(new_run_id(experiment), experiment, config, environment, None)
+    target.check(job)
+    if rerun_of is not None and rerun_of.snapshot_id is not None:
+        # The code is the recorded run's, as the store holds it; source_directory is a restored copy.
+        snapshot, git = workspace.store.get_manifest(rerun_of.snapshot_id), rerun_of.git
+    else:
+        # A snapshot too large fails here, before anything is stored.
+        snapshot, git = snapshot_code(workspace, config, settings)
+    job = replace(job, snapshot_id=snapshot.id)
+    recorded_environment = {**environment.summary(), "framework": job.framework}
+    if environment.lock is not None:
+        # The lock itself is kept once in the store, by its hash; the run names it.
+        recorded_environment["lock_digest"] = workspace.store.put_bytes(environment.lock.encode())
+    workspace.history.create_run(
+        run_id=job.run_id,
+        experiment=experiment,
+        target=target.name,
+        script=job.script,
+        command=json.dumps(job.command) if isinstance(job.command, list) else job.command,
+        arguments=job.arguments,
+        environment=recorded_environment,
+        snapshot_id=snapshot.id,
+        git=git,
+        tags=dict(tags or {}),
+        max_run_duration_seconds=job.max_run_duration_seconds,
+        heartbeat_at=datetime.now(UTC),
+        config=recorded_config(config, environment, rerun_of),
+        rerun_of=rerun_of.id if rerun_of is not None else None,
+        parent_run_id=parent_run_id,
+        **(airflow_task.row_fields() if airflow_task else {}),
+    )
+    return NewRun(job, SnapshotSource(workspace.store, snapshot), recorded_environment)
+
+
+def warn_of_unused_sections(environment: ResolvedEnvironment, target: ComputeTarget[Any]) -> None:
+    """Say so when the environment asks for something the target does not do, rather than drop it silently."""
+    spark = environment.spec.spark
+    if not spark.empty and target.kind != "spark":
+        listed = (
+            ", ".join([*spark.packages, *spark.configuration]) or f"{len(spark.repositories)} repositories"
+        )
+        log.warning(
+            "Environment %r has a spark section (%s), which the %s target %r ignores: only a Spark compute "
+            "target passes packages, repositories and configuration to spark-submit. The run goes on without "
+            "them; remove the section from the environment, or submit to a Spark target.",
+            environment.name,
+            listed,
+            target.kind,
+            target.name,
+        )
 
 
 def new_run_id(experiment: str) -> str:

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import json
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from airflow_amlrun.config import Settings, load_settings
-from airflow_amlrun.environment import ResolvedEnvironment, resolve_environment
+from airflow_amlrun.environment import resolve_environment
 from airflow_amlrun.errors import (
     AmlRunError,
     RunCanceledError,
@@ -28,24 +26,22 @@ from airflow_amlrun.history import (
     RunRecord,
     RunStatus,
 )
-from airflow_amlrun.rerun import recorded_config, recorded_submission
-from airflow_amlrun.run.events import read_events
+from airflow_amlrun.rerun import recorded_submission
 from airflow_amlrun.run.outcome import TIMED_OUT, Asked, outcome
 from airflow_amlrun.run.outputs import collect_outputs, register_models
 from airflow_amlrun.run.reattach import reattach
 from airflow_amlrun.run.state import STOP_REQUESTED_TAG, FollowState, PartlyCollectedError, RunEndedError
+from airflow_amlrun.run.streams import RunStreams
 from airflow_amlrun.run_api import RunApi
-from airflow_amlrun.run_output import LOG_TAIL_LINES, OutputLine, print_output
+from airflow_amlrun.run_output import OutputLine, print_output
 from airflow_amlrun.submission import (
     AirflowTask,
-    SnapshotSource,
-    job_for,
-    new_run_id,
+    record_new_run,
     recorded_handle,
     recorded_job,
-    snapshot_code,
+    warn_of_unused_sections,
 )
-from airflow_amlrun.targets.base import Chunk, CodeSource, ComputeTarget, Job, TargetStatus
+from airflow_amlrun.targets.base import CodeSource, ComputeTarget, Job, TargetStatus
 from airflow_amlrun.targets.handles import RunHandle
 from airflow_amlrun.targets.registry import resolve_target
 
@@ -56,11 +52,6 @@ if TYPE_CHECKING:
     from airflow_amlrun.workspace import Workspace
 
 log = logging.getLogger(__name__)
-
-# How much of its log a follower taking a run over reads again for the lines of a failed run's error.
-RECALLED_TAIL_BYTES = 8192
-# While the history is away, metric events wait in the run's events file rather than in memory beyond this.
-MAX_BUFFERED_POINTS = 100_000
 
 
 class ScriptRun(RunApi):
@@ -75,12 +66,6 @@ class ScriptRun(RunApi):
         self.job = job
         self.settings = settings
         self.handle: RunHandle | None = None
-        self.log_tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL_LINES)
-        self._log_offset = 0
-        # The stream of a line longer than a read takes, whose next piece the log reads next (None: a new line).
-        self._log_cut_stream: str | None = None
-        self._events_offset = 0
-        self._event_seq = 0
         self._timed_out = False
         self._cancel_requested = False
         # A moment past which this follower stops the run itself, and why (the task's execution_timeout).
@@ -104,19 +89,24 @@ class ScriptRun(RunApi):
         # Status, tags and metrics while the run goes on: written when the history answers, never fatal.
         self._book = RunBookkeeper(workspace.history, job.run_id)
         self._heartbeat = Heartbeat(workspace.history, job.run_id, heartbeat_seconds(settings))
+        # Its output and events, as far as this process read them.
+        self._streams = RunStreams(job.run_id, self._book, self._heartbeat.tick)
         # False when this process only settles a run someone else started (reconcile): an interruption here
         # then leaves the run and its row alone, for the next reconcile.
         self._owned = True
         self._outcome_tags: dict[str, str] = {}
         # Whether submit found this run left by an earlier try of the task, rather than starting it.
         self.reattached = False
-        # What the script asked to register as models (Run.register_model), done once it has Completed.
-        self._model_requests: list[dict[str, Any]] = []
 
     @property
     def id(self) -> str:
         """The run's id in the run history (`run_id` in the task's XCom)."""
         return self.job.run_id
+
+    @property
+    def log_tail(self) -> collections.deque[OutputLine]:
+        """The last lines of the run's output this process read (or, taking the run over, read again)."""
+        return self._streams.log_tail
 
     @property
     def recorded_end(self) -> RunRecord | None:
@@ -152,7 +142,7 @@ class ScriptRun(RunApi):
         config = config.resolved(base_dir)
         target = resolve_target(config.compute_target, settings, workspace.cache_dir)
         environment = resolve_environment(workspace, config.environment)
-        _warn_of_unused_sections(environment, target)
+        warn_of_unused_sections(environment, target)
         # A sweep's runs are never found by their task's fields: the task's sweep follows (or settles) them.
         if airflow_task is not None and parent_run_id is None:
             attached = reattach(
@@ -160,47 +150,24 @@ class ScriptRun(RunApi):
             )
             if attached is not None:
                 return attached
-        # Building the environment needs its index credentials on this worker: a missing one fails now.
-        environment.index_credentials()
-        job = job_for(new_run_id(experiment), experiment, config, environment, None)
-        target.check(job)
-        if rerun_of is not None and rerun_of.snapshot_id is not None:
-            # The code is the recorded run's, as the store holds it; source_directory is a restored copy.
-            snapshot, git = workspace.store.get_manifest(rerun_of.snapshot_id), rerun_of.git
-        else:
-            # A snapshot too large fails here, before anything is stored.
-            snapshot, git = snapshot_code(workspace, config, settings)
-        job = replace(job, snapshot_id=snapshot.id)
-        # Nothing is recorded before this point: a bad config leaves no run behind.
-        recorded_environment = {**environment.summary(), "framework": job.framework}
-        if environment.lock is not None:
-            # The lock itself is kept once in the store, by its hash; the run names it.
-            recorded_environment["lock_digest"] = workspace.store.put_bytes(environment.lock.encode())
-        history = workspace.history
-        history.create_run(
-            run_id=job.run_id,
-            experiment=experiment,
-            target=target.name,
-            script=job.script,
-            command=json.dumps(job.command) if isinstance(job.command, list) else job.command,
-            arguments=job.arguments,
-            environment=recorded_environment,
-            snapshot_id=snapshot.id,
-            git=git,
-            tags=dict(tags or {}),
-            max_run_duration_seconds=job.max_run_duration_seconds,
-            heartbeat_at=_now(),
-            config=recorded_config(config, environment, rerun_of),
-            rerun_of=rerun_of.id if rerun_of is not None else None,
+        recorded = record_new_run(
+            workspace,
+            experiment,
+            config,
+            environment,
+            target,
+            settings,
+            tags=tags,
+            airflow_task=airflow_task,
+            rerun_of=rerun_of,
             parent_run_id=parent_run_id,
-            **(airflow_task.row_fields() if airflow_task else {}),
         )
-        run = cls(workspace, target, job, settings)
+        run = cls(workspace, target, recorded.job, settings)
         run._before_start = True
         try:
             if on_created is not None:
                 on_created(run)
-            run._start(SnapshotSource(workspace.store, snapshot), recorded_environment)
+            run._start(recorded.code, recorded.environment)
         finally:
             # Interrupted before the start began (Ctrl-C as it is called), a stop from here on ends the run
             # itself (see cancel).
@@ -259,34 +226,11 @@ class ScriptRun(RunApi):
         if unreachable is not None:
             raise TargetUnreachableError(f"Run {run_id} cannot be followed from here: {unreachable}.")
         run = cls.following(workspace, target, job, handle, record, settings)
-        run._log_offset, run._events_offset = state.log_offset, state.events_offset
-        run._event_seq = state.event_seq
+        run._streams.resume(state)
         run._timed_out, run._cancel_requested = state.timed_out, state.cancel_requested
         run._stop_reason = state.stop_reason
-        run._model_requests = list(state.model_requests)
-        run._recall_tail()
+        run._streams.recall_tail(target, handle)
         return run
-
-    def _recall_tail(self) -> None:
-        """The last lines printed before this process took over, for the error of a failed run."""
-        assert self.handle is not None
-        if self._log_offset <= 0:
-            return
-        start = max(0, self._log_offset - RECALLED_TAIL_BYTES)
-        try:
-            chunk = self.target.read_log(self.handle, start)
-        except Exception as err:  # only an error message's context: never worth failing for
-            log.debug("Run %s: the log's last lines were not read again (%s)", self.id, err)
-            return
-        # Up to the offset handed over (what lies past it is read again, and kept, by this follower); read
-        # from the middle of a line, the first one is partial.
-        lines, position = [], start
-        for line in chunk.lines:
-            position += len(line.encode()) + 1
-            if position > self._log_offset:
-                break
-            lines.append(line)
-        self.log_tail.extend(OutputLine.read(line) for line in (lines[1:] if start > 0 else lines))
 
     def found_ended(self, status: TargetStatus) -> None:
         """How the run ended, as a look at it before it is followed found: the first step takes it rather than
@@ -329,13 +273,13 @@ class ScriptRun(RunApi):
             except Exception as err:  # what stays open ends with the run or the process
                 log.warning("Run %s: letting go of it on %s failed: %s", self.id, self.target.name, err)
         return FollowState(
-            log_offset=self._log_offset,
-            events_offset=self._events_offset,
-            event_seq=self._event_seq,
+            log_offset=self._streams.log_offset,
+            events_offset=self._streams.events_offset,
+            event_seq=self._streams.event_seq,
             timed_out=self._timed_out,
             cancel_requested=self._cancel_requested,
             stop_reason=self._stop_reason,
-            model_requests=tuple(self._model_requests),
+            model_requests=tuple(self._streams.model_requests),
         )
 
     def abandon(self) -> None:
@@ -405,7 +349,7 @@ class ScriptRun(RunApi):
                 self._book.update(handle=self.handle.to_json())
             if self._cancel_requested:
                 # A stop was asked as it started: whoever settles the run (a retry, reconcile) carries it out.
-                self._book.add_tags({STOP_REQUESTED_TAG: self._stop_requested or "Canceled."})
+                self._book.add_tags({STOP_REQUESTED_TAG: self._stop_reason_or_default})
             self._book.flush()
             self._heartbeat.stop()
             raise
@@ -424,16 +368,22 @@ class ScriptRun(RunApi):
                     log.exception("Run %s: stopping it after its start was interrupted failed", self.id)
             self._finish(RunStatus.FAILED, f"The run could not be started: {err}")
             raise
-        finally:
-            self._before_start = False
+        # Started and recorded Running: a stop from here on is asked of the target (submit's `finally` ends the
+        # window on the paths that raise).
+        self._before_start = False
         if self._cancel_requested:
             # Asked while the target started it, and asked of the target now, the row saying Running: whoever
             # follows or cancels the run records its end. A stop that fails is asked again by them.
-            self._book.add_tags({STOP_REQUESTED_TAG: self._stop_requested or "Canceled."})
+            self._book.add_tags({STOP_REQUESTED_TAG: self._stop_reason_or_default})
             try:
                 self.request_stop()
             except Exception:
                 log.exception("Run %s: stopping it as it started failed; it is asked again", self.id)
+
+    @property
+    def _stop_reason_or_default(self) -> str:
+        """Why a stop was asked, for the tag that carries it to whoever settles the run."""
+        return self._stop_requested or "Canceled."
 
     def _stopped_before_start(self) -> bool:
         """If a stop was asked before the run started on its target, record it Canceled, remove what preparing it
@@ -637,36 +587,7 @@ class ScriptRun(RunApi):
 
     def _drain(self, emit: Callable[[str], None] | None, final: bool) -> None:
         assert self.handle is not None
-        while True:
-            self._heartbeat.tick()
-            chunk = self.target.read_log(self.handle, self._log_offset, final=final)
-            self._log_offset = chunk.offset
-            for raw in chunk.lines:
-                # Only the first piece of a line cut into pieces holds its mark.
-                cut_stream, self._log_cut_stream = self._log_cut_stream, None
-                line = OutputLine(raw, cut_stream) if cut_stream else OutputLine.read(raw)
-                self.log_tail.append(line)
-                if emit is not None:
-                    emit(line)
-            if chunk.cut and chunk.lines:
-                self._log_cut_stream = line.stream
-            if final or self._book.backlog < MAX_BUFFERED_POINTS:
-                events = self.target.read_events(self.handle, self._events_offset, final=final)
-                self._events_offset = events.offset
-                self._ingest_events(events.lines)
-            else:
-                events = Chunk([], self._events_offset)  # the history is away: they wait in the file
-            if not chunk.lines and not events.lines:
-                return
-
-    def _ingest_events(self, lines: list[str]) -> None:
-        events = read_events(lines, self._event_seq, self.id)
-        self._event_seq = events.next_seq
-        self._model_requests.extend(events.model_requests)
-        if events.points:
-            self._book.add_metrics(events.points)
-        if events.tags:
-            self._book.add_tags(events.tags)
+        self._streams.drain(self.target, self.handle, emit, final=final)
 
     def _conclude(self, status: TargetStatus) -> RunRecord:
         if status.timed_out:
@@ -797,11 +718,11 @@ class ScriptRun(RunApi):
                 fields["error"] = f"{error + ' ' if error else ''}Collecting outputs failed: {err}"
                 if status is RunStatus.COMPLETED:
                     fields["status"] = RunStatus.FAILED
-        if self._model_requests:
+        if self._streams.model_requests:
             # Before the outcome is recorded: a worker dying here leaves the run unfinished, and the retry that
             # re-attaches registers again (each request once).
             self._outcome_tags["model_registration"] = register_models(
-                self.workspace, self.id, self._model_requests, fields["status"], self._book
+                self.workspace, self.id, self._streams.model_requests, fields["status"], self._book
             )
         # Bounded retries; if the history stays away, HistoryUnavailableError leaves the row for a retry, and
         # the target keeps everything (a container, a run directory) for that retry to find.
@@ -885,24 +806,6 @@ def rerun(
         secret_environment_variables=secret_environment_variables,
     ) as (record, config):
         return ScriptRun.submit(workspace, record.experiment, config, tags=render_tags(tags), rerun_of=record)
-
-
-def _warn_of_unused_sections(environment: ResolvedEnvironment, target: ComputeTarget[Any]) -> None:
-    """Say so when the environment asks for something the target does not do, rather than drop it silently."""
-    spark = environment.spec.spark
-    if not spark.empty and target.kind != "spark":
-        listed = (
-            ", ".join([*spark.packages, *spark.configuration]) or f"{len(spark.repositories)} repositories"
-        )
-        log.warning(
-            "Environment %r has a spark section (%s), which the %s target %r ignores: only a Spark compute "
-            "target passes packages, repositories and configuration to spark-submit. The run goes on without "
-            "them; remove the section from the environment, or submit to a Spark target.",
-            environment.name,
-            listed,
-            target.kind,
-            target.name,
-        )
 
 
 def _now() -> datetime:
