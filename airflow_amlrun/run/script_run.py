@@ -366,7 +366,12 @@ class ScriptRun(RunApi):
                     self.target.cancel(self.handle)
                 except Exception:
                     log.exception("Run %s: stopping it after its start was interrupted failed", self.id)
-            self._finish(RunStatus.FAILED, f"The run could not be started: {err}")
+            if self._cancel_requested:
+                # A stop was asked as the target started it (the task killed), and the start failed with it,
+                # the run found and stopped there: Canceled, as the stop asked.
+                self._finish(RunStatus.CANCELED, self._stop_reason_or_default)
+            else:
+                self._finish(RunStatus.FAILED, f"The run could not be started: {err}")
             raise
         # Started and recorded Running: a stop from here on is asked of the target (submit's `finally` ends the
         # window on the paths that raise).

@@ -25,9 +25,9 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from airflow_amlrun.config import Settings
 from airflow_amlrun.environment import ensure_local_python
@@ -65,6 +65,9 @@ from airflow_amlrun.targets.handles import LocalHandle
 
 log = logging.getLogger(__name__)
 
+# The handle of a run under the supervisor: the local target's, or a target's that starts its runs the same way.
+SupervisedHandle = TypeVar("SupervisedHandle", bound=LocalHandle)
+
 # How often a run started by another process (an earlier try) is looked at while it runs.
 WATCH_SECONDS = 0.05
 
@@ -85,6 +88,8 @@ class LocalTarget:
         self.runs_dir = Path(settings.local_runs_dir).expanduser().resolve()
         self.cache_dir = cache_dir
         self._processes: dict[int, subprocess.Popen[bytes]] = {}
+        # The handles of the runs this target started, by run id, known before the supervisor gets its request.
+        self._started: dict[str, LocalHandle] = {}
 
     def check(self, job: Job) -> None:
         if job.environment.user_managed:
@@ -108,18 +113,20 @@ class LocalTarget:
 
     def submit(self, job: Job) -> LocalHandle:
         python = self.python(job)
-        return LocalHandle(**self.start_supervised(job, job_argv(job, python), python))
+        return self.start_supervised(job, job_argv(job, python), python, LocalHandle)
 
     def start_supervised(
         self,
         job: Job,
         argv: list[str],
         python: str,
+        make_handle: Callable[..., SupervisedHandle],
         extra_env: dict[str, str] | None = None,
         *,
         grace_seconds: float = TERM_GRACE_SECONDS,
-    ) -> dict[str, Any]:
-        """Start argv under the run's supervisor in the job's run directory; the fields of its handle.
+    ) -> SupervisedHandle:
+        """Start argv under the run's supervisor in the job's run directory; its handle, made by `make_handle`
+        from the local handle's fields.
 
         :param python: the interpreter the script runs with: one other than the worker's gets the run folder's
             copy of run_context (write_run_context_package).
@@ -158,24 +165,28 @@ class LocalTarget:
             )
         # Read before anything can reap the child: until then its pid (and its start time) stays its own.
         started = _start_time(process.pid)
+        self._processes[process.pid] = process
+        here = _machine()
+        handle = make_handle(
+            pid=process.pid,
+            start_time=started,
+            host=here["host"],
+            boot_id=here["boot_id"],
+            pid_namespace=here["pid_namespace"],
+            run_dir=str(run_dir),
+            std_log=str(control / STD_LOG),
+            events=str(control / EVENTS),
+            exit_code=str(control / EXIT_CODE),
+            ended_by=str(control / ENDED_BY),
+            python=python,
+        )
+        # Known by its run id before the job can start (the supervisor waits for its request): a start interrupted
+        # from here on is found, and stopped, by find.
+        self._started[job.run_id] = handle
         assert process.stdin is not None
         with process.stdin:
             process.stdin.write(request)
-        self._processes[process.pid] = process
-        here = _machine()
-        return {
-            "pid": process.pid,
-            "start_time": started,
-            "host": here["host"],
-            "boot_id": here["boot_id"],
-            "pid_namespace": here["pid_namespace"],
-            "run_dir": str(run_dir),
-            "std_log": str(control / STD_LOG),
-            "events": str(control / EVENTS),
-            "exit_code": str(control / EXIT_CODE),
-            "ended_by": str(control / ENDED_BY),
-            "python": python,
-        }
+        return handle
 
     def wait(self, handle: LocalHandle, timeout: float) -> TargetStatus:
         process = self._processes.get(handle.pid)
@@ -238,6 +249,7 @@ class LocalTarget:
 
     def cleanup(self, handle: LocalHandle, *, remove_files: bool) -> None:
         self._processes.pop(handle.pid, None)
+        self._started = {run_id: h for run_id, h in self._started.items() if h.pid != handle.pid}
         if remove_files:
             remove_run_dir(handle.run_dir, self.runs_dir)
 
@@ -268,8 +280,9 @@ class LocalTarget:
         return None
 
     def find(self, job: Job) -> LocalHandle | None:
-        # A process leaves no trace by run id that could be trusted; an unsaved handle means a lost run.
-        return None
+        # A run this target started (its start interrupted before its handle was returned) is its child; any other
+        # process leaves no trace by run id that could be trusted: an unsaved handle means a lost run.
+        return self._started.get(job.run_id)
 
     def detach(self, handle: LocalHandle) -> None:
         pass  # nothing is held open per run: each look reads the run's files afresh

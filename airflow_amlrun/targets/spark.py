@@ -31,6 +31,7 @@ run is followed like a client-mode one: while its supervisor on the submitting w
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import json
@@ -227,15 +228,19 @@ class SparkTarget(LocalTarget):
             (control / REQUEST).write_text(json.dumps(request))
             argv = [sys.executable, "-I", "-m", "airflow_amlrun.targets.spark_job", str(control / REQUEST)]
             variables = self._variables()
-        fields = self.start_supervised(
-            job, argv, python, variables, grace_seconds=_stop_grace(self.deploy_mode)
-        )
-        return SparkHandle(
-            **fields,
-            master=self.master,
-            deploy_mode=self.deploy_mode,
-            archive_build_key=archive.build_key if archive else None,
-            archive_interpreter=archive.interpreter if archive else None,
+        return self.start_supervised(
+            job,
+            argv,
+            python,
+            functools.partial(
+                SparkHandle,
+                master=self.master,
+                deploy_mode=self.deploy_mode,
+                archive_build_key=archive.build_key if archive else None,
+                archive_interpreter=archive.interpreter if archive else None,
+            ),
+            variables,
+            grace_seconds=_stop_grace(self.deploy_mode),
         )
 
     def wait(self, handle: SparkHandle, timeout: float) -> TargetStatus:  # type: ignore[override]

@@ -331,7 +331,8 @@ def test_a_task_killed_before_it_submits_its_run_starts_none(run_dag, tmp_path):
 
 # Where Airflow's SIGTERM handler (on_kill, which returns) lands as the task submits its run: before the run is
 # recorded (as its code is snapshotted: on_kill finds no run yet), right after, once the target prepared its run
-# directory, or once the target started it (before the run knew its handle).
+# directory, or once the target started it (before the run knew its handle); and once the target started it,
+# whose start then fails as if its answer had been lost (the run is looked for by its id, found and stopped).
 KILLED_AS_IT_SUBMITS = """
 class KilledAsItSubmits(ScriptRunOperator):
     def _hold(self, run):
@@ -343,20 +344,25 @@ class KilledAsItSubmits(ScriptRunOperator):
         if STEP == "recorded":
             self.on_kill()
             return
-        step = getattr(run.target, STEP)
+        fails = STEP == "submit_fails"
+        name = "submit" if fails else STEP
+        step = getattr(run.target, name)
 
         def then_killed(*args):
             try:
-                return step(*args)
+                done = step(*args)
             finally:
                 self.on_kill()
+            if fails:
+                raise RuntimeError("the target's answer was lost")
+            return done
 
-        setattr(run.target, STEP, then_killed)
+        setattr(run.target, name, then_killed)
 
 """
 
 
-@pytest.mark.parametrize("step", ["snapshot", "recorded", "prepare", "submit"])
+@pytest.mark.parametrize("step", ["snapshot", "recorded", "prepare", "submit", "submit_fails"])
 def test_a_task_killed_as_it_submits_starts_its_run_only_if_the_target_had_already(
     run_dag, tmp_path, target, step
 ):
@@ -377,10 +383,11 @@ def test_a_task_killed_as_it_submits_starts_its_run_only_if_the_target_had_alrea
     )
     assert target.containers(run.id) == []
     pids = target.run_dir(run.id) / "pids"
-    if step == "submit":
+    if step.startswith("submit"):
         # Started on its target before the kill: stopped there, with all it started (the supervisor leads the
-        # run's process group; the script's pids, if it got as far as writing them).
-        assert run.handle is not None and run.start is not None
+        # run's process group; the script's pids, if it got as far as writing them). A start that failed after
+        # it was never recorded Running.
+        assert run.handle is not None and (run.start is not None) == (step == "submit")
         started = [int(pid) for pid in pids.read_text().split()] if pids.exists() else []
         assert target.still_running(run.id, started, group=run.handle.get("pid")) == []
     else:
