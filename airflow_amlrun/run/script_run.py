@@ -354,6 +354,12 @@ class ScriptRun(RunApi):
             self._heartbeat.stop()
             raise
         except BaseException as err:
+            history_failed = isinstance(err, HistoryUnavailableError | HistoryRefusedError)
+            if history_failed and self.handle is None and self._finished is None:
+                # Recording its end (a stop before it started) waited for the history as long as it may: not again
+                # here. The row is left as it was, for reconcile.
+                self._heartbeat.stop()
+                raise
             if self.handle is None and self._cancel_requested:
                 # Stopped as it was prepared, and the preparing failed with it (a build's process, in the task's
                 # process group, which Airflow's stop reaches as well): Canceled, never started.

@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import traceback
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 
@@ -242,3 +244,31 @@ def test_a_run_whose_outcome_the_history_refuses_fails_the_task_at_once_saying_w
     [run] = Workspace.get().list_runs()
     assert run.status is RunStatus.COMPLETED
     assert run.outputs_uri is None
+
+
+def test_a_run_stopped_before_it_starts_while_the_history_is_away_waits_for_it_once(
+    tmp_path, own_postgres, monkeypatch
+):
+    # Ctrl-C (or a kill) as the run is recorded, the history gone meanwhile: recording its Canceled end waits for
+    # the history as long as an outcome may, then says so; the start does not wait all over again.
+    from airflow_amlrun import Experiment, ScriptRunConfig
+    from airflow_amlrun.history import HistoryUnavailableError, bookkeeping
+
+    monkeypatch.setattr(bookkeeping, "FINAL_WRITE_SECONDS", 1.0)
+    write_script(tmp_path / "src", "train.py", "print('the script ran')\n")
+
+    def stopped_as_the_history_goes(run: Any) -> None:
+        own_postgres.stop()
+        run.cancel("Canceled: stopped as it was recorded.")
+
+    with pytest.raises(HistoryUnavailableError) as raised:
+        Experiment(Workspace.get(), "away").submit(
+            ScriptRunConfig(str(tmp_path / "src"), script="train.py"), on_created=stopped_as_the_history_goes
+        )
+    own_postgres.start()
+
+    assert "did not accept its outcome (Canceled) for 1 s" in str(raised.value)
+    # Said once, as a traceback shows it: not tried (and waited for) again while its failure was handled.
+    assert "".join(traceback.format_exception(raised.value)).count("did not accept its outcome") == 1
+    [run] = Workspace.get().list_runs()
+    assert (run.status, run.handle, run.start) == ("Queued", None, None)  # left for reconcile; never started
