@@ -1,8 +1,8 @@
 """Overhead case for the SSH target (see overhead.py): ScriptRunOperator on an `ssh` connection beside the stock
 SSHOperator running the same script, on the same host, in a directory prepared there once.
 
-The host is sshd in a network namespace of its own (10.231.0.6, user `amlrun-bench`), made here and removed
-by `teardown`; needs root. On teardown the blob bytes each amlrun run sent are printed to stderr as JSON:
+The host is sshd in a network namespace of its own (10.231.0.6 unless another session holds that subnet, user
+`amlrun-bench-<pid>`), made here and removed by `teardown`; needs root. On teardown the blob bytes each amlrun run sent are printed to stderr as JSON:
 after the warm-up run, unchanged code sends none.
 """
 
@@ -48,7 +48,6 @@ _host: SshdHost | None = None
 
 
 def prepare(root: Path, source: Path, seconds: float) -> tuple[str, str]:
-
     from airflow_amlrun.targets.common import write_run_context_package
 
     global _host

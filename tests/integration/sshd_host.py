@@ -89,10 +89,11 @@ class SshdHost:
         it started, runs the tests left behind included), and, for a login user it created, every process
         of that user. A user that existed before keeps its other processes."""
         _stop_namespace(self.namespace, self.link)
-        (REGISTRY / f"{self.namespace}.json").unlink(missing_ok=True)
         if self.created_user:
             _delete_user(self.user)
         shutil.rmtree(self.workdir, ignore_errors=True)
+        # Last: a session killed before this line leaves the entry, and the next session removes what is left.
+        (REGISTRY / f"{self.namespace}.json").unlink(missing_ok=True)
 
 
 def _delete_user(user: str) -> None:
@@ -145,54 +146,63 @@ def start_sshd_host(*, user: str, subnet: int = 0, name: str | None = None, sftp
     token = ((name or "") + secrets.token_hex(3))[-12:]
     namespace = f"amlrun-{os.getpid()}-{token}"
     link, peer = f"amh{token}", f"amr{token}"
+    # The whole setup holds the registry's lock: no other session chooses a subnet, or reads an entry, meanwhile.
     with _registry_lock():
         subnet = _free_subnet(subnet)
         worker_address, address = f"10.231.0.{4 * subnet + 1}", f"10.231.0.{4 * subnet + 2}"
         _remove_unregistered(worker_address)
-        # Registered before anything is made, so that a session that dies while it starts is cleared up too.
-        _register(namespace, link=link, subnet=subnet, user=user)
+        workdir = Path(tempfile.mkdtemp(prefix="amlrun-sshd-"))
+        created_user = not _user_exists(user)
+        # Registered with all it is about to make before making any of it: a session that dies from here on
+        # leaves an entry by which the next one removes what was made.
+        _register(namespace, link=link, subnet=subnet, user=user, created_user=created_user, workdir=workdir)
+        host = SshdHost(
+            namespace=namespace,
+            link=link,
+            address=address,
+            worker_address=worker_address,
+            port=22,
+            user=user,
+            home=Path("/nonexistent"),
+            workdir=workdir,
+            key_file=workdir / "client_key",
+            known_hosts=workdir / "known_hosts",
+            created_user=created_user,
+        )
         try:
-            _run("ip", "netns", "add", namespace)
-            _run("ip", "link", "add", link, "type", "veth", "peer", "name", peer)
-            _run("ip", "link", "set", peer, "netns", namespace)
-            _run("ip", "addr", "add", f"{worker_address}/30", "dev", link)
+            _setup(host, peer, sftp)
         except BaseException:
-            _stop_namespace(namespace, link)
-            (REGISTRY / f"{namespace}.json").unlink(missing_ok=True)
+            host.stop()
             raise
-    workdir = Path(tempfile.mkdtemp(prefix="amlrun-sshd-"))
+    return host
+
+
+def _setup(host: SshdHost, peer: str, sftp: bool) -> None:
+    namespace, link, workdir, user = host.namespace, host.link, host.workdir, host.user
+    address, worker_address = host.address, host.worker_address
+    _run("ip", "netns", "add", namespace)
+    _run("ip", "link", "add", link, "type", "veth", "peer", "name", peer)
+    _run("ip", "link", "set", peer, "netns", namespace)
+    _run("ip", "addr", "add", f"{worker_address}/30", "dev", link)
     # sshd reads the authorized keys as the login user: that user must be able to reach them.
     workdir.chmod(0o755)
-    created_user = _ensure_user(user)
-    home = Path(pwd.getpwnam(user).pw_dir)
-    host = SshdHost(
-        namespace=namespace,
-        link=link,
-        address=address,
-        worker_address=worker_address,
-        port=22,
-        user=user,
-        home=home,
-        workdir=workdir,
-        key_file=workdir / "client_key",
-        known_hosts=workdir / "known_hosts",
-        created_user=created_user,
-    )
-    _register(namespace, link=link, subnet=subnet, user=user, created_user=created_user, workdir=workdir)
-    try:
-        _run("ip", "link", "set", link, "up")
-        _in_ns(namespace, "ip", "addr", "add", f"{address}/30", "dev", peer)
-        _in_ns(namespace, "ip", "link", "set", peer, "up")
-        _in_ns(namespace, "ip", "link", "set", "lo", "up")
-        _run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(workdir / "host_key"))
-        _run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(host.key_file))
-        (workdir / "authorized_keys").write_text((workdir / "client_key.pub").read_text())
-        (workdir / "authorized_keys").chmod(0o644)
-        host_key = (workdir / "host_key.pub").read_text().split()
-        host.known_hosts.write_text(f"{address} {host_key[0]} {host_key[1]}\n")
-        config = workdir / "sshd_config"
-        config.write_text(
-            f"""
+    if host.created_user:
+        # '*' rather than useradd's locked '!': sshd without PAM refuses locked accounts, even for key logins.
+        _run("useradd", "--create-home", "--shell", "/bin/sh", "--password", "*", user)
+    host.home = Path(pwd.getpwnam(user).pw_dir)
+    _run("ip", "link", "set", link, "up")
+    _in_ns(namespace, "ip", "addr", "add", f"{address}/30", "dev", peer)
+    _in_ns(namespace, "ip", "link", "set", peer, "up")
+    _in_ns(namespace, "ip", "link", "set", "lo", "up")
+    _run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(workdir / "host_key"))
+    _run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(host.key_file))
+    (workdir / "authorized_keys").write_text((workdir / "client_key.pub").read_text())
+    (workdir / "authorized_keys").chmod(0o644)
+    host_key = (workdir / "host_key.pub").read_text().split()
+    host.known_hosts.write_text(f"{address} {host_key[0]} {host_key[1]}\n")
+    config = workdir / "sshd_config"
+    config.write_text(
+        f"""
 Port 22
 ListenAddress {address}
 HostKey {workdir / "host_key"}
@@ -210,14 +220,10 @@ MaxStartups 100
 MaxSessions 100
 LogLevel ERROR
 """
-        )
-        Path("/run/sshd").mkdir(exist_ok=True)
-        _in_ns(namespace, SSHD, "-f", str(config), "-E", str(workdir / "sshd.log"))
-        _wait_for_port(namespace, address)
-    except BaseException:
-        host.stop()
-        raise
-    return host
+    )
+    Path("/run/sshd").mkdir(exist_ok=True)
+    _in_ns(namespace, SSHD, "-f", str(config), "-E", str(workdir / "sshd.log"))
+    _wait_for_port(namespace, address)
 
 
 def _stop_namespace(namespace: str, link: str) -> None:
@@ -239,12 +245,18 @@ def _registry_lock() -> Any:
 
 
 def _register(namespace: str, **fields: Any) -> None:
+    """Write the host's entry whole (a new file renamed into place), with its owner: this process, named by its
+    pid and start time (a pid alone may be another process's by the time a later session looks)."""
     entry = {
         "namespace": namespace,
         "owner": os.getpid(),
+        "owner_start": _start_time(os.getpid()),
         **{k: str(v) if isinstance(v, Path) else v for k, v in fields.items()},
     }
-    (REGISTRY / f"{namespace}.json").write_text(json.dumps(entry))
+    path = REGISTRY / f"{namespace}.json"
+    partial = path.with_suffix(".partial")
+    partial.write_text(json.dumps(entry))
+    os.replace(partial, path)
 
 
 def _free_subnet(preferred: int) -> int:
@@ -254,11 +266,14 @@ def _free_subnet(preferred: int) -> int:
     for path in REGISTRY.glob("*.json"):
         try:
             entry = json.loads(path.read_text())
-        except (OSError, ValueError):
+            owner, subnet = int(entry["owner"]), int(entry["subnet"])
+        except (OSError, ValueError, KeyError, TypeError):
+            # Entries are written whole under the lock held here: one that cannot be read is not a host's.
             path.unlink(missing_ok=True)
             continue
-        if _alive(int(entry["owner"])):
-            held.add(int(entry["subnet"]))
+        started = entry.get("owner_start")
+        if _start_time(owner) is not None and started in (None, _start_time(owner)):
+            held.add(subnet)
         else:
             _remove_stale(entry)
             path.unlink(missing_ok=True)
@@ -268,43 +283,55 @@ def _free_subnet(preferred: int) -> int:
     raise RuntimeError(f"All {SUBNETS} SSH test host subnets are held by live test sessions (see {REGISTRY})")
 
 
-def _alive(pid: int) -> bool:
+def _start_time(pid: int) -> int | None:
+    """When process `pid` started (clock ticks since boot), or None if there is none."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])
 
 
 def _remove_stale(entry: dict[str, Any]) -> None:
-    """Remove the host of an owner that is gone: its namespace and link, the user it created, its files."""
-    _stop_namespace(entry["namespace"], entry["link"])
-    if entry.get("created_user"):
-        _delete_user(entry["user"])
-    if entry.get("workdir"):
-        shutil.rmtree(entry["workdir"], ignore_errors=True)
+    """Remove the host of an owner that is gone: its namespace and link, the user it created, its files. Only
+    what a host of these tests can have made: a login user named amlrun-..., a folder amlrun-sshd-* in the
+    temporary folder."""
+    _stop_namespace(str(entry.get("namespace", "")), str(entry.get("link", "")))
+    user = str(entry.get("user", ""))
+    if entry.get("created_user") is True and user.startswith("amlrun-"):
+        _delete_user(user)
+    workdir = Path(str(entry.get("workdir", "")))
+    if workdir.parent == Path(tempfile.gettempdir()) and workdir.name.startswith("amlrun-sshd-"):
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _remove_unregistered(worker_address: str) -> None:
-    """A host left on the same subnet by a session from before the registry would shadow the new one."""
+    """A host on the same subnet that no entry names (left by a session from before the registry, or by one
+    whose entry was lost) would shadow the new one: remove it. Called under the lock, after _free_subnet: no
+    live host holds this subnet."""
+    registered = set()
+    for path in REGISTRY.glob("*.json"):
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            registered.add(json.loads(path.read_text())["link"])
+    namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
     links = subprocess.run(["ip", "-br", "addr"], capture_output=True, text=True).stdout.splitlines()
     for line in links:
         fields = line.split()
         if fields and fields[0].startswith("amh") and f"{worker_address}/30" in fields:
             link = fields[0].split("@")[0]
-            _stop_namespace(f"amlrun-{link[3:]}", link)
+            if link in registered:
+                continue
+            token = link[3:]
+            # amlrun-<token> (before the registry) or amlrun-<pid>-<token>.
+            found = [n for n in namespaces if n == f"amlrun-{token}" or n.endswith(f"-{token}")]
+            _stop_namespace(found[0] if found else f"amlrun-{token}", link)
 
 
-def _ensure_user(user: str) -> bool:
+def _user_exists(user: str) -> bool:
     try:
         pwd.getpwnam(user)
-        return False
     except KeyError:
-        pass
-    # '*' rather than useradd's locked '!': sshd without PAM refuses locked accounts, even for key logins.
-    _run("useradd", "--create-home", "--shell", "/bin/sh", "--password", "*", user)
+        return False
     return True
 
 

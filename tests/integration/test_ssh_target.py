@@ -637,6 +637,63 @@ def _owner(path: Path) -> tuple[int, int]:
 # the SSH tests themselves
 
 
+# Another test session's host, started by a process of its own, which then waits (or is killed).
+ANOTHER_SESSION = """
+import sys, time
+from tests.integration.sshd_host import start_sshd_host
+host = start_sshd_host(user=sys.argv[1], subnet=int(sys.argv[2]), name="other")
+print(host.namespace, host.link, host.address, flush=True)
+time.sleep(300)
+"""
+
+
+def test_two_sessions_hosts_keep_apart_and_a_gone_sessions_host_is_removed():
+    subnet = 40  # past the subnets the suite's own hosts are offered first
+    other_user = f"amlrun-other-{secrets.token_hex(3)}"
+    other = subprocess.Popen(
+        [sys.executable, "-c", ANOTHER_SESSION, other_user, str(subnet)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert other.stdout is not None
+        namespace, link, other_address = other.stdout.readline().split()
+        host = start_sshd_host(user=f"amlrun-mine-{secrets.token_hex(3)}", subnet=subnet, name="mine")
+        try:
+            # The other session's host is live: this one took another subnet, and the other still listens.
+            assert host.address != other_address
+            assert f"{other_address}:22" in _listening(namespace)
+        finally:
+            host.stop()
+        # The other session dies without stopping its host: the next host offered that subnet takes it, and
+        # removes what the gone session left (its namespace, sshd and login user).
+        other.kill()
+        other.wait()
+        later = start_sshd_host(user=f"amlrun-mine-{secrets.token_hex(3)}", subnet=subnet, name="later")
+        try:
+            assert later.address == other_address
+            assert (
+                namespace
+                not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+            )
+            assert link not in subprocess.run(["ip", "-br", "link"], capture_output=True, text=True).stdout
+            with pytest.raises(KeyError):
+                pwd.getpwnam(other_user)
+        finally:
+            later.stop()
+    finally:
+        if other.poll() is None:
+            other.kill()
+            other.wait()
+
+
+def _listening(namespace: str) -> str:
+    return subprocess.run(
+        ["ip", "netns", "exec", namespace, "ss", "-ltn"], capture_output=True, text=True
+    ).stdout
+
+
 def test_stopping_a_test_host_ends_what_it_started_and_nothing_else(tmp_path):
     user = f"amlrun-k{secrets.token_hex(3)}"
     subprocess.run(["useradd", "--create-home", "--shell", "/bin/sh", "--password", "*", user], check=True)
