@@ -146,9 +146,12 @@ class ComputeTarget(Protocol[H]):
         """The handle of a run with this job's run id already on the target, if any.
 
         Used when a retry finds its earlier try's run in the history without a saved handle (the worker died
-        between submitting and recording): labels, remote run directories and the like carry the run id.
-        Only looks: a run found but never started (a container created, not yet started) may belong to a task
-        that is about to start it, and is reported as not found.
+        between submitting and recording): labels, remote run directories and the like carry the run id; and
+        when a start fails without its answer, to stop what it may have started. Only looks: a run found but
+        never started (a container created, not yet started) may belong to a task that is about to start it,
+        and is reported as not found. The local target finds only the runs it started itself (its children,
+        whose supervisor may not have its request yet): any other process found by a run id could not be
+        trusted to be the run's.
         """
 
     def detach(self, handle: H) -> None:

@@ -151,6 +151,7 @@ class LocalTarget:
             pylib = write_run_context_package(control / PYLIB)
             env["PYTHONPATH"] = python_path(str(pylib), env.get("PYTHONPATH"))
         request = json.dumps({**supervisor_request(job, argv), "grace_seconds": grace_seconds}).encode()
+        here = _machine()
         with open(control / STD_LOG, "wb") as log:
             # The worker's own interpreter, isolated (-I: no PYTHON* variables of the job, -S: no site), so the
             # supervisor starts in a few tens of milliseconds; it leads the run's new session and group.
@@ -163,26 +164,29 @@ class LocalTarget:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        # Read before anything can reap the child: until then its pid (and its start time) stays its own.
-        started = _start_time(process.pid)
-        self._processes[process.pid] = process
-        here = _machine()
-        handle = make_handle(
-            pid=process.pid,
-            start_time=started,
-            host=here["host"],
-            boot_id=here["boot_id"],
-            pid_namespace=here["pid_namespace"],
-            run_dir=str(run_dir),
-            std_log=str(control / STD_LOG),
-            events=str(control / EVENTS),
-            exit_code=str(control / EXIT_CODE),
-            ended_by=str(control / ENDED_BY),
-            python=python,
-        )
+        try:
+            # Read before anything can reap the child: until then its pid (and its start time) stays its own.
+            handle = make_handle(
+                pid=process.pid,
+                start_time=_start_time(process.pid),
+                host=here["host"],
+                boot_id=here["boot_id"],
+                pid_namespace=here["pid_namespace"],
+                run_dir=str(run_dir),
+                std_log=str(control / STD_LOG),
+                events=str(control / EVENTS),
+                exit_code=str(control / EXIT_CODE),
+                ended_by=str(control / ENDED_BY),
+                python=python,
+            )
+        except BaseException:
+            # Interrupted before the run is known by its id: the supervisor, still waiting for its request, ends.
+            _abandon(process)
+            raise
         # Known by its run id before the job can start (the supervisor waits for its request): a start interrupted
         # from here on is found, and stopped, by find.
         self._started[job.run_id] = handle
+        self._processes[process.pid] = process
         assert process.stdin is not None
         with process.stdin:
             process.stdin.write(request)
@@ -292,6 +296,17 @@ class LocalTarget:
 
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "name": self.name, "host": os.uname().nodename}
+
+
+def _abandon(process: subprocess.Popen[bytes]) -> None:
+    """End a supervisor that has not had its request: the end of its input tells it so; a kill makes sure."""
+    with contextlib.suppress(OSError):
+        if process.stdin is not None:
+            process.stdin.close()
+    with contextlib.suppress(OSError):
+        os.killpg(process.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=TERM_GRACE_SECONDS)
 
 
 def _outcome(handle: LocalHandle, process: subprocess.Popen[bytes] | None) -> TargetStatus:
