@@ -349,7 +349,7 @@ class ScriptRun(RunApi):
                 self._book.update(handle=self.handle.to_json())
             if self._cancel_requested:
                 # A stop was asked as it started: whoever settles the run (a retry, reconcile) carries it out.
-                self._book.add_tags({STOP_REQUESTED_TAG: self._stop_reason_or_default})
+                self._book.add_tags({STOP_REQUESTED_TAG: self._stop_requested_or_default})
             self._book.flush()
             self._heartbeat.stop()
             raise
@@ -365,17 +365,18 @@ class ScriptRun(RunApi):
                 # process group, which Airflow's stop reaches as well): Canceled, never started.
                 self._stopped_before_start()
                 raise
-            if self.handle is not None:
-                # Started, then interrupted before it was recorded running (Ctrl-C, the task killed): it is
-                # stopped, not left running unseen while its row says it failed.
-                try:
-                    self.target.cancel(self.handle)
-                except Exception:
-                    log.exception("Run %s: stopping it after its start was interrupted failed", self.id)
+            if self.handle is not None and not self._stopped_after_start():
+                # It may run on: its row keeps where, and a stop asked, for a retry or reconcile to settle.
+                self._book.update(handle=self.handle.to_json())
+                stop = self._stop_requested_or_default if self._cancel_requested else f"Not started: {err}"
+                self._book.add_tags({STOP_REQUESTED_TAG: stop})
+                self._book.flush()
+                self._heartbeat.stop()
+                raise
             if self._cancel_requested:
                 # A stop was asked as the target started it (the task killed), and the start failed with it,
                 # the run found and stopped there: Canceled, as the stop asked.
-                self._finish(RunStatus.CANCELED, self._stop_reason_or_default)
+                self._finish(RunStatus.CANCELED, self._stop_requested_or_default)
             else:
                 self._finish(RunStatus.FAILED, f"The run could not be started: {err}")
             raise
@@ -385,14 +386,29 @@ class ScriptRun(RunApi):
         if self._cancel_requested:
             # Asked while the target started it, and asked of the target now, the row saying Running: whoever
             # follows or cancels the run records its end. A stop that fails is asked again by them.
-            self._book.add_tags({STOP_REQUESTED_TAG: self._stop_reason_or_default})
+            self._book.add_tags({STOP_REQUESTED_TAG: self._stop_requested_or_default})
             try:
                 self.request_stop()
             except Exception:
                 log.exception("Run %s: stopping it as it started failed; it is asked again", self.id)
 
+    def _stopped_after_start(self) -> bool:
+        """Stop a run started, then interrupted before it was recorded running (Ctrl-C, the task killed): not left
+        running unseen while its row says it ended. False if the stop failed."""
+        assert self.handle is not None
+        try:
+            self.target.cancel(self.handle)
+        except Exception:
+            log.exception(
+                "Run %s: stopping it after its start was interrupted failed; its row is left unfinished with where "
+                "it runs, for a retry of this task or `amlrun reconcile` to stop and settle it",
+                self.id,
+            )
+            return False
+        return True
+
     @property
-    def _stop_reason_or_default(self) -> str:
+    def _stop_requested_or_default(self) -> str:
         """Why a stop was asked, for the tag that carries it to whoever settles the run."""
         return self._stop_requested or "Canceled."
 

@@ -255,6 +255,13 @@ class SparkTarget(LocalTarget):
         reason = _failure_reason(tail, handle.archive_interpreter)
         return replace(status, reason=reason)
 
+    def cleanup(self, handle: SparkHandle, *, remove_files: bool) -> None:  # type: ignore[override]
+        # The connection (with its secrets) of a run stopped before its process read it, should no look at its
+        # end have removed it (a start interrupted, found and stopped): never kept with the run's files.
+        with contextlib.suppress(OSError):
+            os.unlink(Path(handle.run_dir, CONTROL_DIR, CONNECTION_FILE))
+        super().cleanup(handle, remove_files=remove_files)
+
     def stop_grace_seconds(self, handle: SparkHandle) -> float:  # type: ignore[override]
         return _stop_grace(handle.deploy_mode)
 
