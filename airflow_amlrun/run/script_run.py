@@ -80,6 +80,8 @@ class ScriptRun(RunApi):
         self._before_start = False
         # Whether the target prepares the run (a run directory written, an environment built): see cancel.
         self._preparing = False
+        # Whether a start that failed found the run on its target and stopped it there (see _submit).
+        self._stopped_in_submit = False
         # How the run ended, as a look before it was followed found it (see found_ended).
         self._found_ended: TargetStatus | None = None
         # Whether this process is reading the rest of the ended run and recording its end (see _recording_end).
@@ -365,13 +367,7 @@ class ScriptRun(RunApi):
                 # process group, which Airflow's stop reaches as well): Canceled, never started.
                 self._stopped_before_start()
                 raise
-            if self.handle is not None and not self._stopped_after_start():
-                # It may run on: its row keeps where, and a stop asked, for a retry or reconcile to settle.
-                self._book.update(handle=self.handle.to_json())
-                stop = self._stop_requested_or_default if self._cancel_requested else f"Not started: {err}"
-                self._book.add_tags({STOP_REQUESTED_TAG: stop})
-                self._book.flush()
-                self._heartbeat.stop()
+            if self.handle is not None and not self._stopped_in_submit and not self._stopped_after_start(err):
                 raise
             if self._cancel_requested:
                 # A stop was asked as the target started it (the task killed), and the start failed with it,
@@ -392,20 +388,40 @@ class ScriptRun(RunApi):
             except Exception:
                 log.exception("Run %s: stopping it as it started failed; it is asked again", self.id)
 
-    def _stopped_after_start(self) -> bool:
+    def _stopped_after_start(self, interruption: BaseException) -> bool:
         """Stop a run started, then interrupted before it was recorded running (Ctrl-C, the task killed): not left
-        running unseen while its row says it ended. False if the stop failed."""
+        running unseen while its row says it ended. False if the stop failed: the run may go on, and its row, left
+        unfinished, says where it runs and that a stop was asked, for a retry or reconcile to stop and settle it
+        (so too if the stop itself is interrupted)."""
         assert self.handle is not None
+        stopped = False
         try:
             self.target.cancel(self.handle)
+            stopped = True
         except Exception:
             log.exception(
                 "Run %s: stopping it after its start was interrupted failed; its row is left unfinished with where "
                 "it runs, for a retry of this task or `amlrun reconcile` to stop and settle it",
                 self.id,
             )
-            return False
-        return True
+        finally:
+            if not stopped:
+                self._book.update(handle=self.handle.to_json())
+                why = (
+                    f"{type(interruption).__name__}: {interruption}"
+                    if str(interruption)
+                    else type(interruption).__name__
+                )
+                self._book.add_tags(
+                    {
+                        STOP_REQUESTED_TAG: self._stop_requested_or_default
+                        if self._cancel_requested
+                        else f"Stopped: its start was interrupted ({why})."
+                    }
+                )
+                self._book.flush()
+                self._heartbeat.stop()
+        return stopped
 
     @property
     def _stop_requested_or_default(self) -> str:
@@ -449,6 +465,7 @@ class ScriptRun(RunApi):
             self.handle = found
             try:
                 self.target.cancel(found)
+                self._stopped_in_submit = True
             except Exception as stop_err:
                 raise TargetUnreachableError(
                     f"Run {self.id}: starting it on {self.target.name} failed ({err}), but it was found "

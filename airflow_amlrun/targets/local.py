@@ -152,19 +152,20 @@ class LocalTarget:
             env["PYTHONPATH"] = python_path(str(pylib), env.get("PYTHONPATH"))
         request = json.dumps({**supervisor_request(job, argv), "grace_seconds": grace_seconds}).encode()
         here = _machine()
-        with open(control / STD_LOG, "wb") as log:
-            # The worker's own interpreter, isolated (-I: no PYTHON* variables of the job, -S: no site), so the
-            # supervisor starts in a few tens of milliseconds; it leads the run's new session and group.
-            process = subprocess.Popen(
-                [sys.executable, "-I", "-S", supervisor.__file__, str(control)],
-                cwd=run_dir,
-                env=env,
-                stdin=subprocess.PIPE,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        process: subprocess.Popen[bytes] | None = None
         try:
+            with open(control / STD_LOG, "wb") as log:
+                # The worker's own interpreter, isolated (-I: no PYTHON* variables of the job, -S: no site), so the
+                # supervisor starts in a few tens of milliseconds; it leads the run's new session and group.
+                process = subprocess.Popen(
+                    [sys.executable, "-I", "-S", supervisor.__file__, str(control)],
+                    cwd=run_dir,
+                    env=env,
+                    stdin=subprocess.PIPE,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
             # Read before anything can reap the child: until then its pid (and its start time) stays its own.
             handle = make_handle(
                 pid=process.pid,
@@ -181,7 +182,8 @@ class LocalTarget:
             )
         except BaseException:
             # Interrupted before the run is known by its id: the supervisor, still waiting for its request, ends.
-            _abandon(process)
+            if process is not None:
+                _abandon(process)
             raise
         # Known by its run id before the job can start (the supervisor waits for its request): a start interrupted
         # from here on is found, and stopped, by find.
@@ -303,8 +305,9 @@ def _abandon(process: subprocess.Popen[bytes]) -> None:
     with contextlib.suppress(OSError):
         if process.stdin is not None:
             process.stdin.close()
-    with contextlib.suppress(OSError):
-        os.killpg(process.pid, signal.SIGKILL)
+    if process.poll() is None:  # not reaped: its pid (the group's id) is still its own
+        with contextlib.suppress(OSError):
+            os.killpg(process.pid, signal.SIGKILL)
     with contextlib.suppress(subprocess.TimeoutExpired):
         process.wait(timeout=TERM_GRACE_SECONDS)
 

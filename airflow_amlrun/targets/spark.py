@@ -228,20 +228,26 @@ class SparkTarget(LocalTarget):
             (control / REQUEST).write_text(json.dumps(request))
             argv = [sys.executable, "-I", "-m", "airflow_amlrun.targets.spark_job", str(control / REQUEST)]
             variables = self._variables()
-        return self.start_supervised(
-            job,
-            argv,
-            python,
-            functools.partial(
-                SparkHandle,
-                master=self.master,
-                deploy_mode=self.deploy_mode,
-                archive_build_key=archive.build_key if archive else None,
-                archive_interpreter=archive.interpreter if archive else None,
-            ),
-            variables,
-            grace_seconds=_stop_grace(self.deploy_mode),
-        )
+        try:
+            return self.start_supervised(
+                job,
+                argv,
+                python,
+                functools.partial(
+                    SparkHandle,
+                    master=self.master,
+                    deploy_mode=self.deploy_mode,
+                    archive_build_key=archive.build_key if archive else None,
+                    archive_interpreter=archive.interpreter if archive else None,
+                ),
+                variables,
+                grace_seconds=_stop_grace(self.deploy_mode),
+            )
+        except BaseException:
+            # Not started (or not known to be): the connection, with its secrets, is not left for nobody to read.
+            with contextlib.suppress(OSError):
+                os.unlink(control / CONNECTION_FILE)
+            raise
 
     def wait(self, handle: SparkHandle, timeout: float) -> TargetStatus:  # type: ignore[override]
         status = super().wait(handle, timeout)

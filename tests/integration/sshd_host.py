@@ -17,6 +17,7 @@ import fcntl
 import json
 import os
 import pwd
+import re
 import secrets
 import shutil
 import signal
@@ -58,6 +59,9 @@ class SshdHost:
     key_file: Path
     known_hosts: Path
     created_user: bool
+    # Held (an exclusive flock on the host's lock file) for as long as the host lives: the kernel lets go of it
+    # when this process ends, however it ends, which tells another session that the host is stale.
+    owner_lock: int | None = None
 
     def connection(self, **extra: Any) -> str:
         """An Airflow connection (JSON form, for AIRFLOW_CONN_<ID>) to this host, with extras added."""
@@ -94,6 +98,10 @@ class SshdHost:
         shutil.rmtree(self.workdir, ignore_errors=True)
         # Last: a session killed before this line leaves the entry, and the next session removes what is left.
         (REGISTRY / f"{self.namespace}.json").unlink(missing_ok=True)
+        (REGISTRY / f"{self.namespace}.lock").unlink(missing_ok=True)
+        if self.owner_lock is not None:
+            os.close(self.owner_lock)
+            self.owner_lock = None
 
 
 def _delete_user(user: str) -> None:
@@ -153,6 +161,7 @@ def start_sshd_host(*, user: str, subnet: int = 0, name: str | None = None, sftp
         _remove_unregistered(worker_address)
         workdir = Path(tempfile.mkdtemp(prefix="amlrun-sshd-"))
         created_user = not _user_exists(user)
+        owner_lock = _hold(REGISTRY / f"{namespace}.lock")
         # Registered with all it is about to make before making any of it: a session that dies from here on
         # leaves an entry by which the next one removes what was made.
         _register(namespace, link=link, subnet=subnet, user=user, created_user=created_user, workdir=workdir)
@@ -168,6 +177,7 @@ def start_sshd_host(*, user: str, subnet: int = 0, name: str | None = None, sftp
             key_file=workdir / "client_key",
             known_hosts=workdir / "known_hosts",
             created_user=created_user,
+            owner_lock=owner_lock,
         )
         try:
             _setup(host, peer, sftp)
@@ -245,18 +255,34 @@ def _registry_lock() -> Any:
 
 
 def _register(namespace: str, **fields: Any) -> None:
-    """Write the host's entry whole (a new file renamed into place), with its owner: this process, named by its
-    pid and start time (a pid alone may be another process's by the time a later session looks)."""
-    entry = {
-        "namespace": namespace,
-        "owner": os.getpid(),
-        "owner_start": _start_time(os.getpid()),
-        **{k: str(v) if isinstance(v, Path) else v for k, v in fields.items()},
-    }
+    """Write the host's entry whole (a new file renamed into place)."""
+    entry = {"namespace": namespace, **{k: str(v) if isinstance(v, Path) else v for k, v in fields.items()}}
     path = REGISTRY / f"{namespace}.json"
     partial = path.with_suffix(".partial")
     partial.write_text(json.dumps(entry))
     os.replace(partial, path)
+
+
+def _hold(lock_file: Path) -> int:
+    """Open and lock `lock_file` for this process's lifetime (not inherited by the processes it starts)."""
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return fd
+
+
+def _owner_gone(lock_file: Path) -> bool:
+    """Whether nobody holds the host's lock: its owner ended (or never got as far as taking it)."""
+    try:
+        fd = os.open(lock_file, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+    return True
 
 
 def _free_subnet(preferred: int) -> int:
@@ -264,39 +290,28 @@ def _free_subnet(preferred: int) -> int:
     that are gone (a session killed before it stopped its hosts) are removed on the way."""
     held = set()
     for path in REGISTRY.glob("*.json"):
-        try:
-            entry = json.loads(path.read_text())
-            owner, subnet = int(entry["owner"]), int(entry["subnet"])
-        except (OSError, ValueError, KeyError, TypeError):
-            # Entries are written whole under the lock held here: one that cannot be read is not a host's.
-            path.unlink(missing_ok=True)
+        lock_file = path.with_suffix(".lock")
+        if not _owner_gone(lock_file):
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                held.add(int(json.loads(path.read_text())["subnet"]))
             continue
-        started = entry.get("owner_start")
-        if _start_time(owner) is not None and started in (None, _start_time(owner)):
-            held.add(subnet)
-        else:
-            _remove_stale(entry)
-            path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError, ValueError, TypeError):
+            _remove_stale(json.loads(path.read_text()))
+        path.unlink(missing_ok=True)
+        lock_file.unlink(missing_ok=True)
     for subnet in [*range(preferred, SUBNETS), *range(preferred)]:
         if subnet not in held:
             return subnet
     raise RuntimeError(f"All {SUBNETS} SSH test host subnets are held by live test sessions (see {REGISTRY})")
 
 
-def _start_time(pid: int) -> int | None:
-    """When process `pid` started (clock ticks since boot), or None if there is none."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat.rsplit(")", 1)[1].split()[19])
-
-
 def _remove_stale(entry: dict[str, Any]) -> None:
     """Remove the host of an owner that is gone: its namespace and link, the user it created, its files. Only
     what a host of these tests can have made: a login user named amlrun-..., a folder amlrun-sshd-* in the
     temporary folder."""
-    _stop_namespace(str(entry.get("namespace", "")), str(entry.get("link", "")))
+    namespace, link = str(entry.get("namespace", "")), str(entry.get("link", ""))
+    if re.fullmatch(r"amlrun-[\w-]+", namespace) and re.fullmatch(r"amh\w+", link):
+        _stop_namespace(namespace, link)
     user = str(entry.get("user", ""))
     if entry.get("created_user") is True and user.startswith("amlrun-"):
         _delete_user(user)
@@ -323,7 +338,7 @@ def _remove_unregistered(worker_address: str) -> None:
                 continue
             token = link[3:]
             # amlrun-<token> (before the registry) or amlrun-<pid>-<token>.
-            found = [n for n in namespaces if n == f"amlrun-{token}" or n.endswith(f"-{token}")]
+            found = [n for n in namespaces if re.fullmatch(rf"amlrun-(\d+-)?{re.escape(token)}", n)]
             _stop_namespace(found[0] if found else f"amlrun-{token}", link)
 
 

@@ -688,6 +688,40 @@ def test_two_sessions_hosts_keep_apart_and_a_gone_sessions_host_is_removed():
             other.wait()
 
 
+def test_a_host_is_stale_only_once_nobody_holds_its_lock(tmp_path, monkeypatch):
+    from tests.integration import sshd_host
+
+    monkeypatch.setattr(sshd_host, "REGISTRY", tmp_path)
+
+    def entry(name: str, subnet: int, text: str | None = None) -> Path:
+        path = tmp_path / f"amlrun-1-{name}.json"
+        fields = {"namespace": f"amlrun-1-{name}", "link": f"amh{name}", "subnet": subnet, "user": "root"}
+        path.write_text(text if text is not None else json.dumps(fields))
+        return path
+
+    live = entry("live", 40)
+    held = sshd_host._hold(live.with_suffix(".lock"))
+    # Its owner is gone (an unheld lock; and one whose lock file was never made).
+    gone = entry("gone", 41)
+    gone.with_suffix(".lock").touch()
+    never_locked = entry("never", 42)
+    # Unreadable, with its owner alive: kept, whatever it holds.
+    garbled = entry("garbled", 43, text='{"subnet": 4')
+    garbled_lock = sshd_host._hold(garbled.with_suffix(".lock"))
+    try:
+        assert sshd_host._free_subnet(40) == 41
+        assert live.exists() and garbled.exists()
+        assert not gone.exists() and not gone.with_suffix(".lock").exists() and not never_locked.exists()
+        # Removing a stale entry never acts on a user or folder a test host cannot have made ("root" here).
+        assert pwd.getpwnam("root")
+    finally:
+        os.close(held)
+        os.close(garbled_lock)
+    # Once its owner lets go of it, the host is stale: its subnet is offered again.
+    assert sshd_host._free_subnet(40) == 40
+    assert not live.exists()
+
+
 def _listening(namespace: str) -> str:
     return subprocess.run(
         ["ip", "netns", "exec", namespace, "ss", "-ltn"], capture_output=True, text=True
