@@ -17,34 +17,22 @@ from hypothesis import strategies as st
 
 import airflow_amlrun
 from airflow_amlrun import run_context
-from airflow_amlrun.environment import Environment, ResolvedEnvironment
+from airflow_amlrun.environment import Environment
 from airflow_amlrun.targets import common
 from airflow_amlrun.targets.base import Job
 from airflow_amlrun.targets.common import exit_status, python_path, time_limit_status, unmarked
 from airflow_amlrun.targets.supervisor import STDERR_MARK, STDOUT_MARK
+from tests.unit.targets.jobs import a_job
 
 
 def _job(**changes: object) -> Job:
     values: dict[str, object] = {
-        "run_id": "exp_1_cafe",
-        "experiment": "exp",
-        "source_directory": Path("."),
-        "script": "train.py",
-        "command": None,
         "arguments": ["--alpha", "0.5"],
-        "environment": ResolvedEnvironment(
-            spec=Environment(environment_variables={"FROM_ENV": "env", "SHARED": "env"}),
-            name="e",
-            version=None,
-            lock=None,
-            build_key=None,
-            user_managed=True,
-        ),
         "environment_variables": {"SHARED": "job", "STAGE": "dev"},
         "max_run_duration_seconds": 60.0,
     }
     values.update(changes)
-    return Job(**values)  # type: ignore[arg-type]
+    return a_job(Environment(environment_variables={"FROM_ENV": "env", "SHARED": "env"}), **values)
 
 
 # the command line, the variables, the supervisor's request

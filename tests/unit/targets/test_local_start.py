@@ -12,30 +12,18 @@ from typing import Any
 import pytest
 
 from airflow_amlrun.config import load_settings
-from airflow_amlrun.environment import Environment, ResolvedEnvironment
 from airflow_amlrun.targets.base import Job
 from airflow_amlrun.targets.common import add_run_folders, new_run_dir
 from airflow_amlrun.targets.handles import LocalHandle
 from airflow_amlrun.targets.local import LocalTarget
+from tests.unit.targets.jobs import a_job
 
 WRITES_THEN_WAITS = "import time\nopen('ran', 'w').close()\ntime.sleep(60)\n"
 
 
 def _prepared(tmp_path: Path) -> tuple[LocalTarget, Job]:
     target = LocalTarget(replace(load_settings(), local_runs_dir=tmp_path / "runs"), tmp_path / "cache")
-    job = Job(
-        run_id="exp_1_cafe",
-        experiment="exp",
-        source_directory=tmp_path,
-        script="train.py",
-        command=None,
-        arguments=[],
-        environment=ResolvedEnvironment(
-            spec=Environment(), name="e", version=None, lock=None, build_key=None, user_managed=True
-        ),
-        environment_variables={},
-        max_run_duration_seconds=None,
-    )
+    job = a_job(source_directory=tmp_path)
     run_dir = target.run_dir(job)
     new_run_dir(run_dir)
     (run_dir / "train.py").write_text(WRITES_THEN_WAITS)

@@ -16,9 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from airflow_amlrun.environment import Environment, ResolvedEnvironment
 from airflow_amlrun.targets import common, ssh_remote, supervisor
-from airflow_amlrun.targets.base import Job
+from tests.unit.targets.jobs import a_job
 
 
 def test_the_helper_names_the_run_directorys_files_as_the_worker_does() -> None:
@@ -29,19 +28,7 @@ def test_the_helper_names_the_run_directorys_files_as_the_worker_does() -> None:
 
 
 def test_the_helper_hands_the_supervisor_everything_a_target_asks_of_it() -> None:
-    job = Job(
-        run_id="r1",
-        experiment="e",
-        source_directory=Path("."),
-        script="train.py",
-        command=None,
-        arguments=[],
-        environment=ResolvedEnvironment(
-            spec=Environment(), name="e", version=None, lock=None, build_key=None, user_managed=True
-        ),
-        environment_variables={},
-        max_run_duration_seconds=60,
-    )
+    job = a_job(max_run_duration_seconds=60)
     request = common.supervisor_request(job, ["python3", "train.py"], {"A": "1"})
     assert set(request) <= set(ssh_remote.SUPERVISOR_REQUEST)
 
