@@ -346,14 +346,8 @@ class ScriptRun(RunApi):
             # The target may have started the run before its answer was lost: the row stays Starting, for a
             # retry to find the run on the target by its id (or to record it Lost), never a second one blindly.
             log.error("Run %s is left unfinished in the history: %s", self.id, err)
-            if self.handle is not None:
-                # Found on its target but not stopped: the row says where, for the retry and reconcile.
-                self._book.update(handle=self.handle.to_json())
-            if self._cancel_requested:
-                # A stop was asked as it started: whoever settles the run (a retry, reconcile) carries it out.
-                self._book.add_tags({STOP_REQUESTED_TAG: self._stop_requested_or_default})
-            self._book.flush()
-            self._heartbeat.stop()
+            # A stop asked as it started: whoever settles the run (a retry, reconcile) carries it out.
+            self._leave_unfinished(self._stop_requested_or_default if self._cancel_requested else None)
             raise
         except BaseException as err:
             history_failed = isinstance(err, HistoryUnavailableError | HistoryRefusedError)
@@ -406,22 +400,27 @@ class ScriptRun(RunApi):
             )
         finally:
             if not stopped:
-                self._book.update(handle=self.handle.to_json())
                 why = (
                     f"{type(interruption).__name__}: {interruption}"
                     if str(interruption)
                     else type(interruption).__name__
                 )
-                self._book.add_tags(
-                    {
-                        STOP_REQUESTED_TAG: self._stop_requested_or_default
-                        if self._cancel_requested
-                        else f"Stopped: its start was interrupted ({why})."
-                    }
+                self._leave_unfinished(
+                    self._stop_requested_or_default
+                    if self._cancel_requested
+                    else f"Stopped: its start was interrupted ({why})."
                 )
-                self._book.flush()
-                self._heartbeat.stop()
         return stopped
+
+    def _leave_unfinished(self, stop: str | None) -> None:
+        """Let go of a run whose start did not end clearly, its row unfinished for a retry or reconcile to settle:
+        the row says where the run is, if that is known, and why to stop it, if it must be."""
+        if self.handle is not None:
+            self._book.update(handle=self.handle.to_json())
+        if stop is not None:
+            self._book.add_tags({STOP_REQUESTED_TAG: stop})
+        self._book.flush()
+        self._heartbeat.stop()
 
     @property
     def _stop_requested_or_default(self) -> str:
