@@ -12,7 +12,7 @@ the page cache, and the figure follows the shared machine's I/O of the moment.
 
 Beside materialize it times the least any run directory of these files costs on this file system
 (``floor_s``): a bare loop that only creates each file and clones (or, where it cannot, copies in the
-kernel) its data from the source, folders shared out among the same threads. Where files share data
+kernel) its data from the source, in the same threads. Where files share data
 (``reflinks``), creating the files is most of both, so ``floor_vs_cp`` is as low as ``materialize_vs_cp``
 can get there.
 
@@ -36,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from airflow_amlrun.snapshot import BlobStore, materialize, scan_tree, take_snapshot
-from airflow_amlrun.snapshot.diskio import clone_file
+from airflow_amlrun.snapshot.diskio import clone_file, clones_between
 from airflow_amlrun.snapshot.snapshot import default_workers
 
 SMALL_SUFFIXES = (".py", ".py", ".py", ".json", ".yaml", ".md", ".txt")
@@ -145,7 +145,7 @@ def file_system(where: Path) -> dict[str, object]:
 
 def bare_tree(src: Path, files: list[str], dest: Path) -> None:
     """Only what any run directory of ``files`` needs: each folder, each file created in it and its data
-    cloned (else copied in the kernel) from ``src``, folders shared out among materialize's threads."""
+    cloned (else copied in the kernel) from ``src``, in materialize's threads."""
     by_folder: dict[str, list[str]] = {}
     for path in files:
         folder, _, name = path.rpartition("/")
@@ -153,11 +153,12 @@ def bare_tree(src: Path, files: list[str], dest: Path) -> None:
     for folder in sorted(by_folder):
         (dest / folder).mkdir(parents=True, exist_ok=True)
 
-    def write(folder: str) -> None:
+    def write(files: tuple[str, list[str]]) -> None:
+        folder, names = files
         source = os.open(src / folder, os.O_RDONLY | os.O_DIRECTORY)
         target = os.open(dest / folder, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            for name in by_folder[folder]:
+            for name in names:
                 s = os.open(name, os.O_RDONLY, dir_fd=source)
                 d = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644, dir_fd=target)
                 try:
@@ -172,8 +173,14 @@ def bare_tree(src: Path, files: list[str], dest: Path) -> None:
             os.close(target)
             os.close(source)
 
-    with ThreadPoolExecutor(min(len(by_folder), default_workers())) as pool:
-        list(pool.map(write, by_folder))
+    # As materialize does: the first file tells whether files are cloned; then one thread writes the rest if
+    # they are, else the folders are shared out among the threads.
+    (folder, names), *rest = by_folder.items()
+    write((folder, names[:1]))
+    rest.insert(0, (folder, names[1:]))
+    cloned = clones_between(os.stat(src).st_dev, os.stat(dest).st_dev)
+    with ThreadPoolExecutor(1 if cloned else min(len(rest), default_workers())) as pool:
+        list(pool.map(write, rest))
 
 
 def spread(values: list[float], digits: int = 3) -> dict[str, float]:

@@ -144,7 +144,13 @@ def create_file(
 
 
 def clone_or_copy(
-    src: int, src_stat: os.stat_result, dst: int, expected: str | None, *, known: str, dest_device: int | None
+    src: int,
+    src_stat: os.stat_result,
+    dst: int,
+    expected: str | None,
+    *,
+    known: str,
+    dest_device: int | None = None,
 ) -> int:
     """Give ``dst`` the content of the local file ``src``: a copy-on-write clone where the file systems allow
     one, else a copy (see :func:`copy_fd`); returns the bytes it holds."""

@@ -54,13 +54,14 @@ class LocalBackend:
     # ----------------------------------------------------------------- reads
 
     @contextlib.contextmanager
-    def folders_kept_open(self) -> Iterator[None]:
-        """Within it, the store's folders opened for reads stay open: a run directory of thousands of
-        blobs costs one open per blob, not one per folder on its path too."""
+    def folders_kept_open(self) -> Iterator[Callable[[tuple[str, ...], str], tuple[int, os.stat_result]]]:
+        """Within it, ``open_stat_in(folders, name)``: :meth:`open_stat` of the file ``name`` in the folder
+        ``folders`` (a key's components), callable from any thread. The folders it opens stay open until the
+        last caller leaves, so a run directory of thousands of blobs costs one open per blob, and no lock."""
         with self._folders_lock:
             self._folders_users += 1
         try:
-            yield
+            yield self._open_stat_kept
         finally:
             with self._folders_lock:
                 self._folders_users -= 1
@@ -69,17 +70,58 @@ class LocalBackend:
                         os.close(fd)
                     self._folder_fds.clear()
 
-    def _open_folder(self, folders: tuple[str, ...]) -> int:
-        """A descriptor of ``folders`` beneath the store's folder, opened without following a link."""
+    def _open_stat_kept(self, folders: tuple[str, ...], name: str) -> tuple[int, os.stat_result]:
+        # No lock to read: a kept folder is closed only once no caller is within folders_kept_open, and this
+        # one is.
+        folder = self._folder_fds.get(folders)
+        if folder is None:
+            with self._folders_lock:
+                folder = self._folder_fds.get(folders)
+                if folder is None:
+                    folder = self._folder_fds[folders] = self._open_folder(folders, name)
+        return self._open_regular(folder, folders, name)
+
+    def _open_folder(self, folders: tuple[str, ...], name: str) -> int:
+        """A descriptor of ``folders`` beneath the store's folder, opened without following a link (``name``,
+        the file looked for in it, names it in an error)."""
         fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             for folder in folders:
                 parent, fd = fd, os.open(folder, _DIR_FLAGS, dir_fd=fd)
                 os.close(parent)
+        except OSError as err:
+            os.close(fd)
+            raise self._not_written_here(err, folders, name) from None
         except BaseException:
             os.close(fd)
             raise
         return fd
+
+    def _open_regular(self, folder: int, folders: tuple[str, ...], name: str) -> tuple[int, os.stat_result]:
+        try:
+            fd = os.open(name, _READ_FLAGS, dir_fd=folder)
+        except OSError as err:
+            raise self._not_written_here(err, folders, name) from None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            key = "/".join((*folders, name))
+            raise BlobCorruptError(
+                f"{key} in store {self.url!r} is not a regular file (a FIFO, socket, device or folder), which "
+                "this library never writes: someone else changed the store. Remove it."
+            )
+        return fd, st
+
+    def _not_written_here(self, err: OSError, folders: tuple[str, ...], name: str) -> Exception:
+        """``err`` from opening the file ``name`` in ``folders``, or what it means if a link is in the way."""
+        # ELOOP: the file is a link; ENOTDIR: a folder on its path is a link (or a file).
+        if err.errno not in (errno.ELOOP, errno.ENOTDIR):
+            return err
+        return BlobCorruptError(
+            f"{'/'.join((*folders, name))} in store {self.url!r} is a symbolic link or lies beneath one (or "
+            "beneath a file), which this library never writes: someone else changed the store. Remove it; it "
+            "is written again when needed."
+        )
 
     def open_fd(self, key: str) -> int:
         """A descriptor of the regular file at ``key`` beneath the store's folder (see :meth:`open_stat`)."""
@@ -94,37 +136,11 @@ class LocalBackend:
         """
         *path, name = key.split("/")
         folders = tuple(path)
+        folder = self._open_folder(folders, name)
         try:
-            with self._folders_lock:
-                kept = self._folder_fds.get(folders) if self._folders_users else None
-                if kept is None and self._folders_users:
-                    kept = self._folder_fds[folders] = self._open_folder(folders)
-                if kept is not None:
-                    # Under the lock: the folder cannot be closed (and its number reused) meanwhile.
-                    fd = os.open(name, _READ_FLAGS, dir_fd=kept)
-            if kept is None:
-                folder = self._open_folder(folders)
-                try:
-                    fd = os.open(name, _READ_FLAGS, dir_fd=folder)
-                finally:
-                    os.close(folder)
-        except OSError as err:
-            # ELOOP: the file is a link; ENOTDIR: a folder on its path is a link (or a file).
-            if err.errno in (errno.ELOOP, errno.ENOTDIR):
-                raise BlobCorruptError(
-                    f"{key} in store {self.url!r} is a symbolic link or lies beneath one (or beneath a file), "
-                    "which this library never writes: someone else changed the store. Remove it; it is "
-                    "written again when needed."
-                ) from None
-            raise
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            os.close(fd)
-            raise BlobCorruptError(
-                f"{key} in store {self.url!r} is not a regular file (a FIFO, socket, device or folder), which "
-                "this library never writes: someone else changed the store. Remove it."
-            )
-        return fd, st
+            return self._open_regular(folder, folders, name)
+        finally:
+            os.close(folder)
 
     @contextlib.contextmanager
     def open_read(self, key: str) -> Iterator[BinaryIO]:

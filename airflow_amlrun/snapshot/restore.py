@@ -18,7 +18,8 @@ from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from typing import TypeVar
 
 from airflow_amlrun import progress
-from airflow_amlrun.snapshot.diskio import process_umask
+from airflow_amlrun.snapshot.copying import clone_or_copy, create_file
+from airflow_amlrun.snapshot.diskio import clones_between, process_umask
 from airflow_amlrun.snapshot.errors import (
     BlobCorruptError,
     BlobMissingError,
@@ -66,8 +67,7 @@ def materialize(
     """
     if isinstance(snapshot, str):
         snapshot = store.get_manifest(snapshot)
-    with store.folders_kept_open():
-        _write_tree(store, snapshot, os.fspath(dest), verify=not store.is_local, max_workers=max_workers)
+    _write_tree(store, snapshot, os.fspath(dest), verify=not store.is_local, max_workers=max_workers)
     return snapshot
 
 
@@ -83,12 +83,18 @@ def _write_tree(
     """:param report: report the files written as a step of progress (a restore the user asked for)."""
     validate_entries(snapshot.entries)
     _prepare_destination(dest)
-    files = [e for e in snapshot.entries if e.link is None]
-    links = [e for e in snapshot.entries if e.link is not None]
-    dirs = {os.path.dirname(e.path) for e in snapshot.entries} - {""}
-    for d in sorted(dirs):
+    by_folder: dict[str, list[SnapshotEntry]] = {}  # the files, by folder (a folder of links only too)
+    links: list[SnapshotEntry] = []
+    for entry in snapshot.entries:
+        in_folder = by_folder.setdefault(entry.path.rpartition("/")[0], [])
+        if entry.link is None:
+            in_folder.append(entry)
+        else:
+            links.append(entry)
+    for folder in sorted(by_folder):
         # Sorted order creates parents first; exist_ok=False would trip on parents made implicitly.
-        os.makedirs(os.path.join(dest, *d.split("/")), exist_ok=True)
+        if folder:
+            os.makedirs(os.path.join(dest, *folder.split("/")), exist_ok=True)
     mask = process_umask()
 
     def chmod(entry: SnapshotEntry) -> bool:
@@ -97,28 +103,9 @@ def _write_tree(
         return mask is None or bool(entry.mode & mask)
 
     if store.is_local and not verify and max_workers is None:
-        # In-kernel copies (or clones) from a local store. Creating a file takes its folder's lock, and it is
-        # most of the cost (ext4 here: 2,000 files of 300 MB take about as long as 2,000 files of 1 byte), so
-        # the folders, not the files, are shared out among the threads: two threads writing 48 folders halve
-        # the time of one, where two writing one folder gain nothing. Each writes its folder's files through
-        # the folder's descriptor, so no path is looked up per file.
-        by_folder: dict[str, list[SnapshotEntry]] = {}
-        for entry in files:
-            by_folder.setdefault(os.path.dirname(entry.path), []).append(entry)
-
-        def write_folder(folder: str, failed: threading.Event) -> None:
-            folder_fd = os.open(os.path.join(dest, *folder.split("/")), _FOLDER_FLAGS)
-            try:
-                device = os.fstat(folder_fd).st_dev
-                for entry in by_folder[folder]:
-                    if failed.is_set():
-                        return
-                    _write_file(store, entry, dest, verify=False, chmod=chmod(entry), at=(folder_fd, device))
-            finally:
-                os.close(folder_fd)
-
-        _in_threads(min(len(by_folder), default_workers()), write_folder, by_folder)
+        _write_local(store, by_folder, dest, chmod)
     else:
+        files = [entry for entries in by_folder.values() for entry in entries]
 
         def write_one(entry: SnapshotEntry, failed: threading.Event) -> None:
             _write_file(store, entry, dest, verify=verify, chmod=chmod(entry))
@@ -130,6 +117,48 @@ def _write_tree(
     for entry in links:
         assert entry.link is not None
         os.symlink(entry.link, os.path.join(dest, *entry.path.split("/")))
+
+
+def _write_local(
+    store: BlobStore,
+    by_folder: dict[str, list[SnapshotEntry]],
+    dest: str,
+    chmod: Callable[[SnapshotEntry], bool],
+) -> None:
+    """Write a run directory's files, ``by_folder``, from a local store: clones, else copies in the kernel.
+
+    Each folder's files are created through the folder's open descriptor (no path looked up per file), and
+    each blob is opened in its store folder, kept open. With clones, these few system calls are all a file
+    costs (see ``floor_s`` in benchmarks/snapshot.py), and one thread writes them all: two threads, taking
+    turns at the interpreter and at the file system's locks, were 1.6 times slower on XFS. Copies move
+    the data too, and creating a file takes its folder's lock, so there the folders are shared out among
+    the threads: two threads writing 48 folders halve the time of one on ext4 (2,000 files of 300 MB there
+    take about as long as 2,000 files of 1 byte), where two writing one folder gain nothing. The first
+    file, written before the others, tells which of the two applies.
+    """
+
+    def write_folder(files: tuple[str, list[SnapshotEntry]], failed: threading.Event) -> None:
+        folder, entries = files
+        folder_fd = os.open(os.path.join(dest, *folder.split("/")), _FOLDER_FLAGS)
+        try:
+            at = folder_fd, os.fstat(folder_fd).st_dev
+            for entry in entries:
+                if failed.is_set():
+                    return
+                _write_file(store, entry, dest, verify=False, chmod=chmod(entry), at=at, open_blob=open_blob)
+        finally:
+            os.close(folder_fd)
+
+    folders = [(folder, entries) for folder, entries in by_folder.items() if entries]
+    if not folders:
+        return
+    assert store.local_root is not None
+    (folder, entries), *rest = folders
+    with store.local_blobs() as open_blob:
+        write_folder((folder, entries[:1]), threading.Event())
+        cloned = clones_between(os.stat(store.local_root).st_dev, os.stat(dest).st_dev)
+        rest.insert(0, (folder, entries[1:]))
+        _in_threads(1 if cloned else min(len(rest), default_workers()), write_folder, rest)
 
 
 def _in_threads(
@@ -189,22 +218,23 @@ def _write_file(
     verify: bool,
     chmod: bool,
     at: tuple[int, int] | None = None,
+    open_blob: Callable[[str], tuple[int, os.stat_result]] | None = None,
 ) -> None:
-    """Write one file of the tree; ``at`` is its folder's open descriptor and device, if kept open."""
+    """Write one file of the tree: with ``open_blob`` (see :meth:`BlobStore.local_blobs`), a local store's
+    blob cloned into the folder ``at`` (its open descriptor and device); else by the store's ``copy_to``."""
     assert entry.digest is not None
-    folder_fd, device = at if at is not None else (None, None)
     try:
-        copied = store.copy_to(
-            entry.digest,
-            # In a folder kept open, the file's own name: no path is joined and looked up per file.
-            _path_in(dest, entry) if at is None else entry.path.rpartition("/")[2],
-            verify=verify,
-            exclusive=True,
-            mode=entry.mode,
-            chmod=chmod,
-            dir_fd=folder_fd,
-            dest_device=device,
-        )
+        if open_blob is not None and at is not None:
+            copied = _clone(open_blob, entry, at, chmod=chmod)
+        else:
+            copied = store.copy_to(
+                entry.digest,
+                _path_in(dest, entry),
+                verify=verify,
+                exclusive=True,
+                mode=entry.mode,
+                chmod=chmod,
+            )
     except BlobMissingError:
         raise BlobMissingError(
             f"Cannot restore {entry.path!r}: blob {entry.digest} is missing from store {store.url!r}. "
@@ -226,6 +256,31 @@ def _write_file(
             f"Cannot restore {entry.path!r}: blob {entry.digest} in store {store.url!r} holds "
             f"{copied} bytes, the manifest says {entry.size}. Delete that blob and take the snapshot again."
         )
+
+
+def _clone(
+    open_blob: Callable[[str], tuple[int, os.stat_result]],
+    entry: SnapshotEntry,
+    at: tuple[int, int],
+    *,
+    chmod: bool,
+) -> int:
+    """Create ``entry``'s file by its own name in the open folder ``at`` and clone (else copy in the kernel)
+    its blob into it; returns the bytes it holds: the blob's size, for the caller to check."""
+    digest = entry.digest
+    assert digest is not None
+    folder_fd, device = at
+    src, src_stat = open_blob(digest)
+    try:
+        return create_file(
+            entry.path.rpartition("/")[2],
+            entry.mode,
+            lambda fd: clone_or_copy(src, src_stat, fd, None, known=digest, dest_device=device),
+            chmod=chmod,
+            dir_fd=folder_fd,
+        )
+    finally:
+        os.close(src)
 
 
 def _path_in(dest: str, entry: SnapshotEntry) -> str:

@@ -87,8 +87,7 @@ class BlobStore:
     @staticmethod
     def blob_key(digest: str) -> str:
         """The key of a blob: ``blobs/<first 2 hex>/<full hex>``."""
-        check_digest(digest)
-        return f"blobs/{digest[:2]}/{digest}"
+        return "/".join((*_blob_folder(digest), digest))
 
     @staticmethod
     def manifest_key(snapshot_id: str) -> str:
@@ -109,12 +108,28 @@ class BlobStore:
             return self._backend.path(key) if key else self._backend.root
         return self.url.rstrip("/") + ("/" + key if key else "")
 
-    def folders_kept_open(self) -> contextlib.AbstractContextManager[None]:
-        """Within it, the store's folders opened for local reads stay open: a run directory of thousands of
-        blobs costs one open per blob, not one per folder on its path too."""
-        if isinstance(self._backend, LocalBackend):
-            return self._backend.folders_kept_open()
-        return contextlib.nullcontext()
+    @contextlib.contextmanager
+    def local_blobs(self) -> Iterator[Callable[[str], tuple[int, os.stat_result]]]:
+        """Within it, ``open_blob(digest)`` for a local store: a descriptor of the blob (the caller closes it)
+        and its stat, in one open and one stat, the store's folders kept open for all calls (from any
+        thread). A run directory of thousands of blobs costs no more.
+
+        ``open_blob`` raises :class:`BlobMissingError` for a blob the store lacks, and
+        :class:`BlobCorruptError` for a link or anything but a regular file at its name.
+        """
+        backend = self._backend
+        if not isinstance(backend, LocalBackend):
+            raise TypeError(f"Store {self.url!r} is not local: read its blobs with get_bytes or copy_to.")
+
+        with backend.folders_kept_open() as open_stat_in:
+
+            def open_blob(digest: str) -> tuple[int, os.stat_result]:
+                try:
+                    return open_stat_in(_blob_folder(digest), digest)
+                except FileNotFoundError:
+                    raise BlobMissingError(f"Blob {digest} is not in store {self.url!r}.") from None
+
+            yield open_blob
 
     # ----------------------------------------------------------------- blobs
 
@@ -281,8 +296,6 @@ class BlobStore:
         exclusive: bool = False,
         mode: int | None = None,
         chmod: bool = True,
-        dir_fd: int | None = None,
-        dest_device: int | None = None,
     ) -> int:
         """Copy blob ``digest`` to the local file ``dest_path``; returns the bytes copied.
 
@@ -292,12 +305,7 @@ class BlobStore:
         :param mode: permission bits for the new file.
         :param chmod: set ``mode`` after creating the file; ``False`` where the caller knows the process's
             umask clears none of its bits (a chmod costs every file an inode update).
-        :param dir_fd: ``dest_path`` is a name in this folder (a run directory's folders are kept open
-            while it is written, so no path is looked up again per file); needs ``exclusive``.
-        :param dest_device: the st_dev of the folder ``dest_path`` is created in, when the caller has it.
         """
-        if dir_fd is not None and not exclusive:
-            raise ValueError("copy_to with dir_fd creates the file itself: pass exclusive=True")
         dest = os.fspath(dest_path)
         target = dest if exclusive else tmp_name(dest)
         expected = digest if verify else None
@@ -307,21 +315,14 @@ class BlobStore:
             target,
             0o600 if mode is None else mode,
             chmod=mode is not None and chmod,
-            dir_fd=dir_fd,
+            dir_fd=None,
         )
         backend = self._backend
         if isinstance(backend, LocalBackend):
-            # The common case, a run directory from a local store, kept to a few system calls per file.
+            with self.local_blobs() as open_blob:
+                src_fd, src_stat = open_blob(digest)
             try:
-                src_fd, src_stat = backend.open_stat(key)
-            except FileNotFoundError:
-                raise BlobMissingError(f"Blob {digest} is not in store {self.url!r}.") from None
-            try:
-                copied = new_file(
-                    lambda fd: clone_or_copy(
-                        src_fd, src_stat, fd, expected, known=digest, dest_device=dest_device
-                    )
-                )
+                copied = new_file(lambda fd: clone_or_copy(src_fd, src_stat, fd, expected, known=digest))
             finally:
                 os.close(src_fd)
         else:
@@ -486,3 +487,9 @@ def _differs(digest: str, detail: str) -> SourceChangedError:
         "changed while it was being stored, or it is a special file (/proc, /sys, some FUSE file systems) "
         "whose size or content is not stable. Nothing was stored for it."
     )
+
+
+def _blob_folder(digest: str) -> tuple[str, str]:
+    """The folder of blob ``digest`` (checked, as it names folders), as key components."""
+    check_digest(digest)
+    return "blobs", digest[:2]

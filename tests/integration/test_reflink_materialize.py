@@ -4,14 +4,18 @@ materialized files share the store's blocks, take no space, and a write to one n
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from airflow_amlrun.snapshot import BlobStore, hash_bytes, materialize, take_snapshot
+from airflow_amlrun.snapshot import BlobStore, hash_bytes, materialize, restore, take_snapshot
+from airflow_amlrun.snapshot.errors import BlobCorruptError, BlobMissingError
+from airflow_amlrun.snapshot.snapshot import default_workers
 
 
 @pytest.fixture(scope="module")
@@ -62,3 +66,77 @@ def test_a_materialized_run_directory_shares_the_stores_blocks(xfs: Path) -> Non
         f.write(b"overwritten by the run")
     blob = next((xfs / "store" / "blobs").rglob(hash_bytes(files["data/part0.bin"])))
     assert hash_bytes(blob.read_bytes()) == blob.name
+
+
+def _tree(root: Path, folders: int = 6, per_folder: int = 40) -> dict[str, bytes]:
+    files = {
+        f"pkg{f}/mod{i}.py": f"# {f} {i}\n".encode() * (i + 1)
+        for f in range(folders)
+        for i in range(per_folder)
+    }
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    return files
+
+
+def test_clones_are_written_by_one_thread_copies_by_several(
+    xfs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Clones cost only metadata work, which two threads taking turns made slower; copies move data, which
+    # two threads halve. The first file tells which applies; the run directory is whole either way.
+    workers: list[int] = []
+    real = restore._in_threads
+
+    def counted(count: int, *args: Any) -> None:
+        workers.append(count)
+        real(count, *args)
+
+    monkeypatch.setattr(restore, "_in_threads", counted)
+    for where, expected in [(xfs, 1), (tmp_path, min(2, default_workers()))]:
+        source = where / "threads-src"
+        files = _tree(source)
+        store = BlobStore(str(where / "threads-store"))
+        snapshot = take_snapshot(source, store).snapshot
+        materialize(store, snapshot, where / "threads-run")
+        assert workers.pop() == expected, where
+        assert {rel: (where / "threads-run" / rel).read_bytes() for rel in files} == files
+
+
+@pytest.mark.parametrize("defect", ["missing", "cut-short"])
+def test_a_damaged_blob_fails_a_cloned_run_directory_naming_the_file_and_leaves_no_part_of_it(
+    xfs: Path, defect: str
+) -> None:
+    source = xfs / f"{defect}-src"
+    files = _tree(source)
+    store = BlobStore(str(xfs / f"{defect}-store"))
+    snapshot = take_snapshot(source, store).snapshot
+    damaged = "pkg3/mod7.py"
+    blob = Path(store.uri_for(store.blob_key(hash_bytes(files[damaged]))))
+    blob.chmod(0o644)
+    blob.unlink()
+    if defect == "cut-short":
+        blob.write_bytes(files[damaged][:5])
+    run = xfs / f"{defect}-run"
+
+    error = BlobMissingError if defect == "missing" else BlobCorruptError
+    with pytest.raises(error, match=rf"Cannot restore {damaged!r}: blob"):
+        materialize(store, snapshot, run)
+    assert not (run / damaged).exists()
+
+
+def test_cloned_files_keep_their_recorded_modes_under_a_strict_umask(xfs: Path) -> None:
+    source = xfs / "modes-src"
+    source.mkdir()
+    modes = {"run.sh": 0o755, "train.py": 0o644}
+    for rel, mode in modes.items():
+        (source / rel).write_bytes(rel.encode())
+        (source / rel).chmod(mode)
+    store = BlobStore(str(xfs / "modes-store"))
+    snapshot = take_snapshot(source, store).snapshot
+    old = os.umask(0o077)
+    try:
+        materialize(store, snapshot, xfs / "modes-run")
+    finally:
+        os.umask(old)
+    assert {rel: stat.S_IMODE((xfs / "modes-run" / rel).stat().st_mode) for rel in modes} == modes

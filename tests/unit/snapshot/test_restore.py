@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -175,3 +176,43 @@ def test_a_missing_blob_stops_the_writing_of_a_tree_at_once_naming_the_file(
         write(store, snapshot if write is materialize else snapshot.id, tmp_path / "run")
     written = sum(1 for _ in (tmp_path / "run").rglob("*.py"))
     assert written < bound, f"{written} of the tree's 800 files were written though {missing} failed"
+
+
+def test_a_blob_cut_short_in_the_store_fails_the_run_directory_naming_the_file_and_leaves_no_part_of_it(
+    tmp_path: Path,
+) -> None:
+    # Someone who can write the store truncated a blob: materialize checks sizes only (no hash), and that
+    # check must catch it whether the file was copied or cloned.
+    store, snapshot = _store_with_planted_blob(tmp_path, lambda blob: blob.write_bytes(b"x" * 5))
+
+    with pytest.raises(
+        BlobCorruptError, match=r"'loot.txt': blob [0-9a-f]+ .* holds 5 bytes, the manifest says 12"
+    ):
+        materialize(store, snapshot, tmp_path / "run")
+    assert not (tmp_path / "run" / "loot.txt").exists()
+
+
+def test_run_directories_written_at_once_from_one_store_are_whole_and_leave_no_descriptor_open(
+    tmp_path: Path,
+) -> None:
+    # The store's folders are kept open while any run directory is written from it, and closed once the last
+    # one is done: a second writer must neither find a folder closed under it nor leave one open.
+    source = tmp_path / "src"
+    for folder in ("a", "b", "c"):
+        (source / folder).mkdir(parents=True)
+        for index in range(60):
+            (source / folder / f"f{index}.txt").write_text(f"{folder}{index}\n" * (index + 1))
+    store = BlobStore(str(tmp_path / "store"))
+    snapshot = take_snapshot(source, store).snapshot
+    open_before = len(os.listdir("/proc/self/fd"))
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda n: materialize(store, snapshot, tmp_path / f"run{n}"), range(8)))
+
+    for n in range(8):
+        written = {
+            p.relative_to(tmp_path / f"run{n}").as_posix(): p.read_bytes()
+            for p in (tmp_path / f"run{n}").rglob("*.txt")
+        }
+        assert written == {p.relative_to(source).as_posix(): p.read_bytes() for p in source.rglob("*.txt")}
+    assert len(os.listdir("/proc/self/fd")) == open_before
