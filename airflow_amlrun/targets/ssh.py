@@ -31,6 +31,7 @@ Connection extras read besides the SSH provider's own and those of `hooks.ssh`: 
 
 from __future__ import annotations
 
+import functools
 import logging
 import shutil
 import tempfile
@@ -182,20 +183,14 @@ class SSHTarget:
             }
             timeout = BUILD_TIMEOUT
         # The host checks its blob cache first: code it already has costs no second round trip.
-        answer = self.helper.call(
-            "preparing the run directory", "prepare", job.run_id, request, timeout=timeout, run="not started"
+        ask = functools.partial(
+            self.helper.call, "preparing the run directory", "prepare", job.run_id, request
         )
+        answer = ask(timeout=timeout, run="not started")
         sent = missing = 0
         if "missing" in answer:
             sent, missing = self._send_code(job, code, blobs, answer)
-            answer = self.helper.call(
-                "preparing the run directory",
-                "prepare",
-                job.run_id,
-                request,
-                timeout=timeout,
-                run="not started",
-            )
+            answer = ask(timeout=timeout, run="not started")
             if "missing" in answer:
                 raise SSHTargetError(
                     f"Host {self.host} still lacks code blobs {', '.join(d[:12] for d in answer['missing'])} of "
@@ -280,15 +275,7 @@ class SSHTarget:
     def _supervisor_lost(self, handle: SSHHandle, status: dict[str, Any]) -> TargetStatus:
         """The outcome of a run whose supervisor ended without recording an exit code; what the run left
         running on the host is ended first."""
-        stopped = self.helper.call(
-            "stopping what the run left running",
-            "kill",
-            handle.run_id,
-            {"grace": TERM_GRACE_SECONDS, "process": _process(handle)},
-            handle=handle,
-            timeout=self.ssh.io_timeout + TERM_GRACE_SECONDS,
-            run="ended",
-        )
+        stopped = self._kill(self.helper, handle, "stopping what the run left running", run="ended")
         stop = stopped_by(self._ended_by(handle))
         if stop is not None:
             # Killed with the run as a stop it recorded ended them both: the stop explains the end.
@@ -301,6 +288,18 @@ class SSHTarget:
         )
         return TargetStatus(running=False, exit_code=None, reason=reason)
 
+    def _kill(self, helper: RemoteHelper, handle: SSHHandle, doing: str, **how: Any) -> Any:
+        """Have the host end the run's processes: a SIGTERM, then a SIGKILL after the grace period."""
+        return helper.call(
+            doing,
+            "kill",
+            handle.run_id,
+            {"grace": TERM_GRACE_SECONDS, "process": _process(handle)},
+            handle=handle,
+            timeout=self.ssh.io_timeout + TERM_GRACE_SECONDS,
+            **how,
+        )
+
     def read_log(self, handle: SSHHandle, offset: int, final: bool = False) -> Chunk:
         return self._read_lines(handle, STD_LOG, offset, final)
 
@@ -311,14 +310,7 @@ class SSHTarget:
         # Airflow's SIGTERM handler cancels in the thread it interrupts, which may be halfway through a write
         # on the shared connection, holding paramiko's send lock: the kill goes over a connection of its own.
         with self.helper.on_own_connection() as helper:
-            answer = helper.call(
-                "stopping the run",
-                "kill",
-                handle.run_id,
-                {"grace": TERM_GRACE_SECONDS, "process": _process(handle)},
-                handle=handle,
-                timeout=self.ssh.io_timeout + TERM_GRACE_SECONDS,
-            )
+            answer = self._kill(helper, handle, "stopping the run")
             # The run had ended: on its own, or by this very stop, whose first answer was lost (the call is then
             # made again, and finds the run gone). Its supervisor's record tells the two apart.
             stopped = not isinstance(answer, dict) or bool(answer.get("killed"))
