@@ -125,6 +125,9 @@ def main(argv: list[str]) -> int:
         sys.stderr.write("usage: supervisor.py CONTROL_DIR [--request-file FILE]\n")
         return 2
     control = argv[1]
+    # Stops are held from here on: one that comes while the request is read is seen before the job would start
+    # (see _supervise), where the signal's default action would end this process with nothing recorded.
+    signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
     request = _read_request(argv[3] if len(argv) == 4 else None)
     try:
         return _supervise(control, request)
@@ -179,6 +182,15 @@ def _supervise(control: str, request: dict[str, Any]) -> int:
     # Held output must reach the log before the drain ends.
     _state["hold"] = min(HOLD_SECONDS if hold is None else float(hold), drain / 2)
 
+    if taken:
+        # A stop that came before the job started (held since main began): the job is not started at all.
+        _take_signals(0)
+        if _state["stopped_by"] is not None:
+            _say(f"amlrun: the run was stopped ({_state['stopped_by']}) before its script started")
+            _say_stopped(control)
+            status = 128 + signal.Signals[_state["stopped_by"]].value
+            _record(control, EXIT_CODE, str(status))
+            return status
     env = dict(os.environ)
     env.update({str(k): str(v) for k, v in (request.get("env") or {}).items()})
     started = _own_start_time()
@@ -293,7 +305,14 @@ def _read_request(path: str | None) -> dict[str, Any]:
         with open(path, "rb") as stream:
             data = stream.read()
         os.unlink(path)
-    request = json.loads(data.decode("utf-8"))
+    if not data:
+        raise SystemExit(
+            "amlrun supervisor: no request came (whoever started the run went away first); nothing ran"
+        )
+    try:
+        request = json.loads(data.decode("utf-8"))
+    except ValueError as err:
+        raise SystemExit(f"amlrun supervisor: the request is not JSON ({err}); nothing ran") from None
     if not isinstance(request, dict) or not request.get("argv"):
         raise SystemExit("amlrun supervisor: the request must be a JSON object with a non-empty 'argv'")
     return request

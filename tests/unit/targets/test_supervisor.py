@@ -250,6 +250,71 @@ def test_a_job_that_exits_0_as_soon_as_it_is_stopped_is_known_to_have_been_stopp
         )
 
 
+def _blocks(pid: int, sig: signal.Signals) -> None:
+    """Wait until process ``pid`` holds ``sig`` back (it blocked it: a signal then waits for it, pending)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        status = Path(f"/proc/{pid}/status").read_text()
+        blocked = int(re.search(r"^SigBlk:\s*([0-9a-f]+)$", status, re.M).group(1), 16)  # type: ignore[union-attr]
+        if blocked & (1 << (sig - 1)):
+            return
+        time.sleep(0.005)
+    raise AssertionError(f"process {pid} did not block {sig.name}")
+
+
+@pytest.mark.parametrize("forward", [False, True])
+def test_a_stop_that_comes_before_the_request_is_read_is_recorded_and_the_job_never_starts(
+    tmp_path: Path, forward: bool
+) -> None:
+    # A target stops a run whose start it gave up on (the task was killed as it submitted) while the supervisor
+    # still waits for its request: the stop must hold, and be recorded, not be lost or end the supervisor with
+    # nothing written (a signal's default action).
+    process = subprocess.Popen(
+        [sys.executable, SUPERVISOR, str(tmp_path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    assert process.stdin is not None
+    _blocks(process.pid, signal.SIGTERM)
+    os.kill(process.pid, signal.SIGTERM)
+    request = {"argv": ["sh", "-c", f"touch {tmp_path / 'started'}; sleep 300"], "forward_signals": forward}
+    process.stdin.write(json.dumps(request).encode())
+    process.stdin.close()
+    log = _log(process)
+
+    assert process.returncode == 128 + signal.SIGTERM, log
+    assert (tmp_path / supervisor.EXIT_CODE).read_text().strip() == str(128 + signal.SIGTERM)
+    assert json.loads((tmp_path / supervisor.ENDED_BY).read_text()) == {
+        "reason": supervisor.STOPPED,
+        "signal": "SIGTERM",
+    }
+    assert b"stopped (SIGTERM) before its script started" in log
+    assert not (tmp_path / "started").exists()
+
+
+def test_a_supervisor_whose_request_never_comes_says_so_in_the_log_without_a_traceback(
+    tmp_path: Path,
+) -> None:
+    # The local target gives up a start by closing the supervisor's stdin before writing the request.
+    process = subprocess.Popen(
+        [sys.executable, SUPERVISOR, str(tmp_path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    assert process.stdin is not None
+    process.stdin.close()
+    log = _log(process)
+
+    assert process.returncode == 1
+    assert b"no request came" in log
+    assert b"Traceback" not in log
+    assert not (tmp_path / supervisor.EXIT_CODE).exists()
+
+
 def test_a_job_that_cannot_start_says_so(tmp_path: Path) -> None:
     job = start(
         tmp_path, {"argv": ["/no/such/interpreter"]}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
