@@ -62,7 +62,8 @@ such a signal found the job running (or ended it), ``CONTROL_DIR/ended_by`` says
 So a stop holds even when whoever sent it is gone before it could follow it up (Airflow kills a task
 5 seconds after asking it to stop, which may be before the run's grace period ended). A signal the job, or
 what it started, sends its own group (``kill 0``, to end its helpers) is no stop: it reaches the supervisor too,
-which tells it apart by its sender.
+which tells it apart by its sender. A stop that comes before the job started (while the request is read) is held
+until the request is read, recorded in ``ended_by``, and the job is not started: the exit code is the signal's.
 """
 
 from __future__ import annotations
