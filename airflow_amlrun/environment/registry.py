@@ -330,10 +330,14 @@ def set_label(model: type[Environment], workspace: RegistryHost, name: str, vers
     :param version: the version.
     :param label: the label.
     """
+    if version is None or label is None:
+        raise ConfigurationError(
+            f"Environment.set_label: give both the version ({shown(version)}) and the label ({shown(label)})."
+        )
     if not label or label == LATEST or ":" in label or "@" in label or len(label) > 64:
         raise ConfigurationError(
-            f"Label {label!r} cannot be used: {LATEST!r} always means the newest version, and a label has at "
-            "most 64 characters without ':' or '@'."
+            f"Label {shown(label)} ({len(label)} characters) cannot be used: {LATEST!r} always means the newest "
+            "version, and a label has at most 64 characters without ':' or '@'."
         )
     if name in _curated_specs():
         lookup(model, workspace, name)  # so the curated version exists to be labelled

@@ -8,17 +8,21 @@ import hashlib
 import json
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from airflow_amlrun.environment.paths import PathBase, as_path, calling_base, user_file
+from airflow_amlrun.environment.factories import (
+    Requirements,
+    conda_packages,
+    dockerfile_text,
+    packages_on_top,
+    pip_packages,
+)
+from airflow_amlrun.environment.paths import PathBase, as_path, user_file
 from airflow_amlrun.environment.requirements import (
-    read_conda_specification,
     read_package_file,
-    read_requirement_lines,
-    read_requirements,
     read_text,
     string_list,
 )
@@ -256,9 +260,7 @@ class Environment:
     # constructors from what users already have: a requirements file, a conda file, an image, a Dockerfile
 
     @classmethod
-    def from_pip_requirements(
-        cls, name: str, file_path: str | os.PathLike[str] | Sequence[str]
-    ) -> Environment:
+    def from_pip_requirements(cls, name: str, file_path: Requirements) -> Environment:
         """A managed environment with the packages of a pip requirements file (``-r`` includes followed), or
         of a list of requirements.
 
@@ -267,30 +269,7 @@ class Environment:
             working directory), or a list such as ``["pandas>=2", "scikit-learn==1.5.*"]``, each item read
             as a line of a requirements file is.
         """
-        check_environment_name(name)
-        where = f"Environment {name!r}: file_path"
-        if isinstance(file_path, str | os.PathLike):
-            path = user_file(as_path(file_path, where), "Requirements file")
-            conda_fix = f"Environment.from_conda_specification({name!r}, {os.fsdecode(file_path)!r})"
-            parsed = read_requirements(path, conda_fix=conda_fix)
-        elif isinstance(file_path, Sequence) and not isinstance(file_path, bytes):
-            parsed = read_requirement_lines(
-                file_path, where=f"Environment {name!r}: requirements", folder=calling_base().folder
-            )
-        else:
-            raise ConfigurationError(
-                f"{where} must be a path (a string or pathlib.Path) of a requirements file, or a list of "
-                f"requirements such as ['pandas>=2'], not {type(file_path).__name__} {shown(file_path)}."
-            )
-        return cls(
-            name=name,
-            python=PythonSection(
-                user_managed_dependencies=False,
-                pip_requirements=parsed.requirements,
-                index_url=parsed.index_url,
-                extra_index_urls=parsed.extra_index_urls,
-            ),
-        )
+        return cls(name=name, python=pip_packages(name, file_path))
 
     @classmethod
     def from_conda_specification(cls, name: str, file_path: str | os.PathLike[str]) -> Environment:
@@ -302,21 +281,7 @@ class Environment:
         :param file_path: the conda environment YAML file (relative to the DAG file's folder in a DAG file,
             else to the working directory).
         """
-        check_environment_name(name)
-        where = f"Environment {name!r}: file_path"
-        version, parsed = read_conda_specification(
-            user_file(as_path(file_path, where), "Conda environment file")
-        )
-        return cls(
-            name=name,
-            python=PythonSection(
-                user_managed_dependencies=False,
-                version=version,
-                pip_requirements=parsed.requirements,
-                index_url=parsed.index_url,
-                extra_index_urls=parsed.extra_index_urls,
-            ),
-        )
+        return cls(name=name, python=conda_packages(name, file_path))
 
     @classmethod
     def from_docker_image(
@@ -324,7 +289,7 @@ class Environment:
         name: str,
         image: str,
         *,
-        pip_requirements: str | os.PathLike[str] | Sequence[str] | None = None,
+        pip_requirements: Requirements | None = None,
         conda_specification: str | os.PathLike[str] | None = None,
     ) -> Environment:
         """An environment running in a Docker image, with the image's own Python unless packages are given.
@@ -336,10 +301,8 @@ class Environment:
         """
         check_environment_name(name)
         check_image_reference(image, f"Environment {name!r}: image")
-        env = cls._with_packages(name, pip_requirements, conda_specification)
-        env.docker = DockerSection(base_image=image)
-        env.validate()
-        return env
+        python = packages_on_top(name, pip_requirements, conda_specification)
+        return cls(name=name, python=python, docker=DockerSection(base_image=image))
 
     @classmethod
     def from_dockerfile(
@@ -347,7 +310,7 @@ class Environment:
         name: str,
         dockerfile: str | os.PathLike[str],
         *,
-        pip_requirements: str | os.PathLike[str] | Sequence[str] | None = None,
+        pip_requirements: Requirements | None = None,
         conda_specification: str | os.PathLike[str] | None = None,
     ) -> Environment:
         """An environment running in an image built from a Dockerfile (a path, or the Dockerfile's text).
@@ -358,47 +321,9 @@ class Environment:
         :param conda_specification: a conda file whose pip section to install on top.
         """
         check_environment_name(name)
-        where = f"Environment {name!r}: dockerfile"
-        if not isinstance(dockerfile, str | os.PathLike) or not str(dockerfile).strip():
-            raise ConfigurationError(
-                f"{where} must be the path of a Dockerfile or its text, not {shown(dockerfile)}."
-            )
-        text = str(dockerfile)
-        if isinstance(dockerfile, os.PathLike) or (
-            "\n" not in text and not text.lstrip().upper().startswith("FROM")
-        ):
-            text = read_text(user_file(as_path(dockerfile, where), "Dockerfile"), "Dockerfile")
-        env = cls._with_packages(name, pip_requirements, conda_specification)
-        env.docker = DockerSection(dockerfile=text)
-        env.validate()
-        return env
-
-    @classmethod
-    def _with_packages(
-        cls,
-        name: str,
-        pip_requirements: str | os.PathLike[str] | Sequence[str] | None,
-        conda_specification: str | os.PathLike[str] | None,
-    ) -> Environment:
-        if pip_requirements is not None and conda_specification is not None:
-            raise ConfigurationError(
-                f"Environment {name!r}: give pip_requirements or conda_specification, not both."
-            )
-        if pip_requirements is not None and (
-            isinstance(pip_requirements, bytes)
-            or not isinstance(pip_requirements, str | os.PathLike | Sequence)
-        ):
-            raise ConfigurationError(
-                f"Environment {name!r}: pip_requirements must be the path of a requirements file or a list of "
-                f"requirements such as ['pandas>=2'], not {type(pip_requirements).__name__} "
-                f"{shown(pip_requirements)}."
-            )
-        if conda_specification is not None:
-            return cls.from_conda_specification(name, conda_specification)
-        # An empty list names no packages: the image's own Python, as when none are given.
-        if isinstance(pip_requirements, str | os.PathLike) or pip_requirements:
-            return cls.from_pip_requirements(name, pip_requirements)
-        return cls(name=name)
+        text = dockerfile_text(name, dockerfile)
+        python = packages_on_top(name, pip_requirements, conda_specification)
+        return cls(name=name, python=python, docker=DockerSection(dockerfile=text))
 
     # registry: environment/registry.py does the work
 
@@ -442,15 +367,6 @@ class Environment:
         from airflow_amlrun.environment import registry
 
         registry.check_call("Environment.set_label", workspace, name, version, label)
-        if version is None or label is None:
-            raise ConfigurationError(
-                f"Environment.set_label: give both the version ({version!r}) and the label ({label!r})."
-            )
-        if len(label) > 64:
-            raise ConfigurationError(
-                f"Environment.set_label: label {shown(label)} is {len(label)} characters long; a label has at "
-                "most 64, without ':' or '@'."
-            )
         registry.set_label(cls, workspace, name, version, label)
 
     @classmethod
