@@ -174,14 +174,20 @@ def exit_status(
     return TargetStatus(running=False, exit_code=code, timed_out=timed_out, stopped_by=stopped_by)
 
 
-def time_limit_status(code: int, where: str) -> TargetStatus:
-    """How a run ended that its supervisor on `where` stopped for its time limit (see stopped_for_limit)."""
-    return TargetStatus(
-        running=False,
-        exit_code=code,
-        reason=f"stopped on {where} for exceeding max_run_duration_seconds",
-        timed_out=True,
-    )
+def recorded_status(
+    code: int, ended_by: bytes | str | None, where: str, *, on: str | None = None
+) -> TargetStatus:
+    """How a run ended whose supervisor recorded exit status ``code``, with its ENDED_BY file's content (None when
+    absent): stopped on ``where`` for its time limit, else as :func:`exit_status` names it (``on`` the host, when
+    the run was not on the worker), with the stop that found it running, if one did."""
+    if stopped_for_limit(ended_by):
+        return TargetStatus(
+            running=False,
+            exit_code=code,
+            reason=f"stopped on {where} for exceeding max_run_duration_seconds",
+            timed_out=True,
+        )
+    return exit_status(code, on=on, stopped_by=stopped_by(ended_by))
 
 
 def job_environment(job: Job, *, run_dir: str, events_file: str, python: str | None = None) -> dict[str, str]:

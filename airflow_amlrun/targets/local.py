@@ -44,19 +44,17 @@ from airflow_amlrun.targets.common import (
     TERM_GRACE_SECONDS,
     add_run_folders,
     check_pyspark,
-    exit_status,
     job_argv,
     job_environment,
     new_run_dir,
     python_path,
     read_control,
     read_control_lines,
+    recorded_status,
     remove_run_dir,
     stopped_by,
-    stopped_for_limit,
     supervisor_lost_reason,
     supervisor_request,
-    time_limit_status,
     unmarked,
     worker_environment,
     write_run_context_package,
@@ -334,10 +332,7 @@ def _outcome(handle: LocalHandle, process: subprocess.Popen[bytes] | None) -> Ta
             leftovers=_end_leftovers(handle),
         )
         return TargetStatus(running=False, exit_code=killed, reason=reason)
-    ended_by = read_control(run_dir, ENDED_BY, 0, 4096)
-    if stopped_for_limit(ended_by):
-        return time_limit_status(code, "the worker")
-    return exit_status(code, stopped_by=stopped_by(ended_by))
+    return recorded_status(code, read_control(run_dir, ENDED_BY, 0, 4096), "the worker")
 
 
 def _copy_log(run_dir: Path) -> None:

@@ -54,16 +54,14 @@ from airflow_amlrun.targets.common import (
     READ_CAP,
     STD_LOG,
     TERM_GRACE_SECONDS,
-    exit_status,
     job_argv,
     job_environment,
     lines_from,
     python_path,
+    recorded_status,
     stopped_by,
-    stopped_for_limit,
     supervisor_lost_reason,
     supervisor_request,
-    time_limit_status,
     unmark_file,
 )
 from airflow_amlrun.targets.files import extract_tar_stream
@@ -470,10 +468,7 @@ class SSHTarget:
         return data
 
     def _outcome(self, handle: SSHHandle, code: int) -> TargetStatus:
-        ended_by = self._ended_by(handle)
-        if stopped_for_limit(ended_by):
-            return time_limit_status(code, self.host)
-        return exit_status(code, on=self.host, stopped_by=stopped_by(ended_by))
+        return recorded_status(code, self._ended_by(handle), self.host, on=self.host)
 
 
 def _bind(function: Any, *args: Any) -> Any:

@@ -20,7 +20,7 @@ from airflow_amlrun import run_context
 from airflow_amlrun.environment import Environment
 from airflow_amlrun.targets import common
 from airflow_amlrun.targets.base import Job
-from airflow_amlrun.targets.common import exit_status, python_path, time_limit_status, unmarked
+from airflow_amlrun.targets.common import exit_status, python_path, recorded_status, unmarked
 from airflow_amlrun.targets.supervisor import STDERR_MARK, STDOUT_MARK
 from tests.unit.targets.jobs import a_job
 
@@ -485,10 +485,28 @@ def test_an_exit_status_past_every_named_signal_is_kept_without_a_reason() -> No
 
 
 def test_a_run_stopped_for_its_time_limit_says_where() -> None:
-    status = time_limit_status(143, "the worker")
+    status = recorded_status(143, b'{"reason": "max_run_duration"}\n', "the worker")
 
-    assert status.timed_out and status.exit_code == 143
+    assert status.timed_out and status.exit_code == 143 and status.stopped_by is None
     assert status.reason == "stopped on the worker for exceeding max_run_duration_seconds"
+
+
+@pytest.mark.parametrize(
+    ("ended_by", "stop"),
+    [
+        (None, None),
+        (b"", None),
+        (b"not json", None),
+        (b'{"reason": "stopped", "signal": "SIGTERM"}', "SIGTERM"),
+    ],
+)
+def test_a_recorded_exit_status_names_its_signal_on_the_host_and_the_stop_that_found_it(
+    ended_by: bytes | None, stop: str | None
+) -> None:
+    status = recorded_status(137, ended_by, "gpu-box", on="gpu-box")
+
+    assert (status.timed_out, status.exit_code, status.stopped_by) == (False, 137, stop)
+    assert status.reason == "killed by signal SIGKILL on gpu-box"
 
 
 def test_run_context_comes_first_on_the_python_path() -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from airflow_amlrun.environment import build_venv
 from airflow_amlrun.targets import common, ssh_remote, supervisor
 from tests.unit.targets.jobs import a_job
 
@@ -25,6 +26,8 @@ def test_the_helper_names_the_run_directorys_files_as_the_worker_does() -> None:
     names = ("CONTROL_DIR", "STD_LOG", "EVENTS", "EXIT_CODE", "ENDED_BY", "PID", "RUN_FOLDERS")
     assert {n: getattr(ssh_remote, n) for n in names} == {n: getattr(common, n) for n in names}
     assert ssh_remote.LEADER_ENV == supervisor.LEADER_ENV
+    # A virtualenv is complete, on the host as on the worker, once its build record is there.
+    assert ssh_remote.BUILD_MARKER == build_venv.BUILD_RECORD
 
 
 def test_the_helper_hands_the_supervisor_everything_a_target_asks_of_it() -> None:
