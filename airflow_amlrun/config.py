@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from airflow_amlrun.errors import ConfigurationError
+
 SECTION = "amlrun"
 
 OptionType = Literal["string", "integer", "float", "boolean"]
@@ -108,8 +110,6 @@ def airflow_config_file() -> Path:
 
 
 def _unreadable_config(path: Path, err: Exception) -> Exception:
-    from airflow_amlrun.errors import ConfigurationError
-
     return ConfigurationError(
         f"Cannot read the Airflow configuration {path} for its [amlrun] settings: {err}. Airflow refuses such a "
         "file too: fix it, or point AIRFLOW_CONFIG (or AIRFLOW_HOME) at the airflow.cfg the tasks use."
@@ -163,8 +163,6 @@ def _typed(name: str) -> float:
     try:
         return int(text) if kind == "integer" else float(text)
     except ValueError:
-        from airflow_amlrun.errors import ConfigurationError
-
         raise ConfigurationError(
             f"[amlrun] {name} = {text!r} is not {'an integer' if kind == 'integer' else 'a number'}; set it "
             f"in airflow.cfg or {_env_name(SECTION, name)} (default {OPTIONS[name].default})."
@@ -232,16 +230,12 @@ def load_settings() -> Settings:
     home = Path(_option("home") or airflow_home() / "amlrun").expanduser()
     cleanup = _option("cleanup")
     if cleanup not in CLEANUP_CHOICES:
-        from airflow_amlrun.errors import ConfigurationError
-
         raise ConfigurationError(
             f"[amlrun] cleanup = {cleanup!r} is not one of {', '.join(CLEANUP_CHOICES)}; "
             "set it in airflow.cfg or AIRFLOW__AMLRUN__CLEANUP."
         )
     reconcile_after = _typed("reconcile_after_seconds")
     if not reconcile_after > 0:
-        from airflow_amlrun.errors import ConfigurationError
-
         raise ConfigurationError(
             f"[amlrun] reconcile_after_seconds = {reconcile_after:g} must be more than 0 seconds; set it in "
             "airflow.cfg or AIRFLOW__AMLRUN__RECONCILE_AFTER_SECONDS (default 600)."
@@ -269,8 +263,6 @@ def parse_flag(value: object, where: str) -> bool:
         return True
     if text in ("0", "false", "no", "off", ""):
         return False
-    from airflow_amlrun.errors import ConfigurationError
-
     raise ConfigurationError(f"{where} = {value!r} is not a boolean; write true or false.")
 
 
