@@ -36,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from airflow_amlrun.snapshot import BlobStore, materialize, scan_tree, take_snapshot
-from airflow_amlrun.snapshot.diskio import clone_file, clones_between
+from airflow_amlrun.snapshot.diskio import clone_file
 from airflow_amlrun.snapshot.snapshot import default_workers
 
 SMALL_SUFFIXES = (".py", ".py", ".py", ".json", ".yaml", ".md", ".txt")
@@ -153,8 +153,10 @@ def bare_tree(src: Path, files: list[str], dest: Path) -> None:
     for folder in sorted(by_folder):
         (dest / folder).mkdir(parents=True, exist_ok=True)
 
-    def write(files: tuple[str, list[str]]) -> None:
+    def write(files: tuple[str, list[str]]) -> bool:
+        """Write a folder's files; whether each was a clone."""
         folder, names = files
+        cloned = True
         source = os.open(src / folder, os.O_RDONLY | os.O_DIRECTORY)
         target = os.open(dest / folder, os.O_RDONLY | os.O_DIRECTORY)
         try:
@@ -163,6 +165,7 @@ def bare_tree(src: Path, files: list[str], dest: Path) -> None:
                 d = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644, dir_fd=target)
                 try:
                     if not clone_file(s, d):
+                        cloned = False
                         size = os.fstat(s).st_size
                         while size > 0:
                             size -= os.copy_file_range(s, d, size)
@@ -172,15 +175,19 @@ def bare_tree(src: Path, files: list[str], dest: Path) -> None:
         finally:
             os.close(target)
             os.close(source)
+        return cloned
 
-    # As materialize does: the first file tells whether files are cloned; then one thread writes the rest if
+    # As materialize does: the first file tells whether files are cloned; then this thread writes the rest if
     # they are, else the folders are shared out among the threads.
     (folder, names), *rest = by_folder.items()
-    write((folder, names[:1]))
+    cloned = write((folder, names[:1]))
     rest.insert(0, (folder, names[1:]))
-    cloned = clones_between(os.stat(src).st_dev, os.stat(dest).st_dev)
-    with ThreadPoolExecutor(1 if cloned else min(len(rest), default_workers())) as pool:
-        list(pool.map(write, rest))
+    if cloned:
+        for files in rest:
+            write(files)
+    else:
+        with ThreadPoolExecutor(min(len(rest), default_workers())) as pool:
+            list(pool.map(write, rest))
 
 
 def spread(values: list[float], digits: int = 3) -> dict[str, float]:

@@ -334,10 +334,21 @@ def set_label(model: type[Environment], workspace: RegistryHost, name: str, vers
         raise ConfigurationError(
             f"Environment.set_label: give both the version ({shown(version)}) and the label ({shown(label)})."
         )
-    if not label or label == LATEST or ":" in label or "@" in label or len(label) > 64:
+    broken = (
+        "it is empty"
+        if not label
+        else f"{LATEST!r} always means the newest version"
+        if label == LATEST
+        else f"it has {len(label)} characters, more than 64"
+        if len(label) > 64
+        else "it holds ':' or '@'"
+        if ":" in label or "@" in label
+        else None
+    )
+    if broken is not None:
         raise ConfigurationError(
-            f"Label {shown(label)} ({len(label)} characters) cannot be used: {LATEST!r} always means the newest "
-            "version, and a label has at most 64 characters without ':' or '@'."
+            f"Label {shown(label)} cannot be used in Environment.set_label: {broken}. A label has at most 64 "
+            f"characters, without ':' or '@', and is neither empty nor {LATEST!r}."
         )
     if name in _curated_specs():
         lookup(model, workspace, name)  # so the curated version exists to be labelled

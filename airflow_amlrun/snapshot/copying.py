@@ -156,10 +156,11 @@ def clone_or_copy(
     one, else a copy (see :func:`copy_fd`); returns the bytes it holds."""
     if clone_file(src, dst, src_stat.st_dev, dest_device):
         # Copy-on-write: no data is copied, and a write to the run's file never reaches the blob. A clone
-        # is the whole file.
+        # is the whole file as it is now, which need not be what src_stat measured.
+        size = os.fstat(dst).st_size
         if expected is not None:
-            check_hash(src, src_stat.st_size, expected)
-        return src_stat.st_size
+            check_hash(src, size, expected)
+        return size
     copied = copy_fd(src, dst, expected, offset=0, known=known)
     # Start the copy's writeback now, as the store does for its blobs: left to the kernel, a few thousand
     # files' dirty pages are written out together later, and a process that needs them on disk (or the

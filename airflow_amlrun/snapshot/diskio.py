@@ -20,8 +20,7 @@ _SYNC_FILE_RANGE_WRITE = 2
 # A clone fails this way where the file system cannot share extents (ext4, tmpfs) or across two of them.
 _NO_CLONE = frozenset({errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EPERM})
 
-# Pairs of file systems (st_dev of source, destination) found able, or unable, to clone.
-_clonable: set[tuple[int, int]] = set()
+# Pairs of file systems (st_dev of source, destination) found unable to clone.
 _unclonable: set[tuple[int, int]] = set()
 _unclonable_lock = threading.Lock()
 
@@ -103,14 +102,7 @@ def clone_file(src: int, dst: int, src_device: int | None = None, dst_device: in
         with _unclonable_lock:
             _unclonable.add(devices)
         return False
-    if devices not in _clonable:
-        _clonable.add(devices)  # A set's add is atomic; a race only adds the same pair twice.
     return True
-
-
-def clones_between(src_device: int, dst_device: int) -> bool:
-    """Whether a file on ``src_device`` has been cloned to one on ``dst_device`` by this process."""
-    return (src_device, dst_device) in _clonable
 
 
 def process_umask() -> int | None:

@@ -66,9 +66,11 @@ class LocalBackend:
             with self._folders_lock:
                 self._folders_users -= 1
                 if self._folders_users == 0:
-                    for fd in self._folder_fds.values():
-                        os.close(fd)
-                    self._folder_fds.clear()
+                    # Emptied first: a close that fails leaves no number behind for a later reader to trust.
+                    kept, self._folder_fds = self._folder_fds, {}
+                    for fd in kept.values():
+                        with contextlib.suppress(OSError):
+                            os.close(fd)
 
     def _open_stat_kept(self, folders: tuple[str, ...], name: str) -> tuple[int, os.stat_result]:
         # No lock to read: a kept folder is closed only once no caller is within folders_kept_open, and this
@@ -76,6 +78,10 @@ class LocalBackend:
         folder = self._folder_fds.get(folders)
         if folder is None:
             with self._folders_lock:
+                if not self._folders_users:
+                    # Called after its folders_kept_open ended (a thread left running by an interruption): what it
+                    # opened would never be closed.
+                    raise RuntimeError("open_stat_in was called outside folders_kept_open")
                 folder = self._folder_fds.get(folders)
                 if folder is None:
                     folder = self._folder_fds[folders] = self._open_folder(folders, name)
@@ -102,7 +108,11 @@ class LocalBackend:
             fd = os.open(name, _READ_FLAGS, dir_fd=folder)
         except OSError as err:
             raise self._not_written_here(err, folders, name) from None
-        st = os.fstat(fd)
+        try:
+            st = os.fstat(fd)
+        except BaseException:
+            os.close(fd)
+            raise
         if not stat.S_ISREG(st.st_mode):
             os.close(fd)
             key = "/".join((*folders, name))

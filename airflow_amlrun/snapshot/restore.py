@@ -19,7 +19,7 @@ from typing import TypeVar
 
 from airflow_amlrun import progress
 from airflow_amlrun.snapshot.copying import clone_or_copy, create_file
-from airflow_amlrun.snapshot.diskio import clones_between, process_umask
+from airflow_amlrun.snapshot.diskio import clone_file, process_umask
 from airflow_amlrun.snapshot.errors import (
     BlobCorruptError,
     BlobMissingError,
@@ -129,41 +129,49 @@ def _write_local(
 
     Each folder's files are created through the folder's open descriptor (no path looked up per file), and
     each blob is opened in its store folder, kept open. With clones, these few system calls are all a file
-    costs (see ``floor_s`` in benchmarks/snapshot.py), and one thread writes them all: two threads, taking
-    turns at the interpreter and at the file system's locks, were 1.6 times slower on XFS. Copies move
+    costs (see ``floor_s`` in benchmarks/snapshot.py), and the calling thread writes them all: two threads,
+    taking turns at the interpreter and at the file system's locks, were 1.6 times slower on XFS. Copies move
     the data too, and creating a file takes its folder's lock, so there the folders are shared out among
     the threads: two threads writing 48 folders halve the time of one on ext4 (2,000 files of 300 MB there
     take about as long as 2,000 files of 1 byte), where two writing one folder gain nothing. The first
-    file, written before the others, tells which of the two applies.
+    file, written before the others in the calling thread, tells which of the two applies.
     """
 
-    def write_folder(files: tuple[str, list[SnapshotEntry]], failed: threading.Event) -> None:
+    def write_folder(files: tuple[str, list[SnapshotEntry]], failed: threading.Event) -> bool:
+        """Write a folder's files; whether each was a clone."""
         folder, entries = files
+        cloned = True
         folder_fd = os.open(os.path.join(dest, *folder.split("/")), _FOLDER_FLAGS)
         try:
             at = folder_fd, os.fstat(folder_fd).st_dev
             for entry in entries:
                 if failed.is_set():
-                    return
-                _write_file(store, entry, dest, verify=False, chmod=chmod(entry), at=at, open_blob=open_blob)
+                    break
+                cloned &= _write_file(
+                    store, entry, dest, verify=False, chmod=chmod(entry), at=at, open_blob=open_blob
+                )
         finally:
             os.close(folder_fd)
+        return cloned
 
     folders = [(folder, entries) for folder, entries in by_folder.items() if entries]
     if not folders:
         return
-    assert store.local_root is not None
     (folder, entries), *rest = folders
     with store.local_blobs() as open_blob:
-        write_folder((folder, entries[:1]), threading.Event())
-        cloned = clones_between(os.stat(store.local_root).st_dev, os.stat(dest).st_dev)
+        failed = threading.Event()
         rest.insert(0, (folder, entries[1:]))
-        _in_threads(1 if cloned else min(len(rest), default_workers()), write_folder, rest)
+        if write_folder((folder, entries[:1]), failed):
+            # Clones: all in this thread, which a pool would wake as each folder is done.
+            for files in rest:
+                write_folder(files, failed)
+        else:
+            _in_threads(min(len(rest), default_workers()), write_folder, rest)
 
 
 def _in_threads(
     workers: int,
-    write: Callable[[T, threading.Event], None],
+    write: Callable[[T, threading.Event], object],
     items: Iterable[T],
     advance: Callable[[int], object] = lambda amount: None,
 ) -> None:
@@ -219,13 +227,15 @@ def _write_file(
     chmod: bool,
     at: tuple[int, int] | None = None,
     open_blob: Callable[[str], tuple[int, os.stat_result]] | None = None,
-) -> None:
+) -> bool:
     """Write one file of the tree: with ``open_blob`` (see :meth:`BlobStore.local_blobs`), a local store's
-    blob cloned into the folder ``at`` (its open descriptor and device); else by the store's ``copy_to``."""
+    blob cloned into the folder ``at`` (its open descriptor and device); else by the store's ``copy_to``.
+    Whether it was a clone."""
     assert entry.digest is not None
+    cloned = False
     try:
         if open_blob is not None and at is not None:
-            copied = _clone(open_blob, entry, at, chmod=chmod)
+            copied, cloned = _clone(open_blob, entry, at, chmod=chmod)
         else:
             copied = store.copy_to(
                 entry.digest,
@@ -256,6 +266,7 @@ def _write_file(
             f"Cannot restore {entry.path!r}: blob {entry.digest} in store {store.url!r} holds "
             f"{copied} bytes, the manifest says {entry.size}. Delete that blob and take the snapshot again."
         )
+    return cloned
 
 
 def _clone(
@@ -264,23 +275,29 @@ def _clone(
     at: tuple[int, int],
     *,
     chmod: bool,
-) -> int:
+) -> tuple[int, bool]:
     """Create ``entry``'s file by its own name in the open folder ``at`` and clone (else copy in the kernel)
-    its blob into it; returns the bytes it holds: the blob's size, for the caller to check."""
+    its blob into it; returns the bytes it holds, for the caller to check, and whether it is a clone."""
     digest = entry.digest
     assert digest is not None
     folder_fd, device = at
+    cloned = False
+
+    def fill(fd: int) -> int:
+        nonlocal cloned
+        cloned = clone_file(src, fd, src_stat.st_dev, device)
+        if cloned:
+            # What was cloned, not what the blob measured when it was opened: one written to in between (by
+            # whoever else can write the store) fails the size check.
+            return os.fstat(fd).st_size
+        return clone_or_copy(src, src_stat, fd, None, known=digest, dest_device=device)
+
     src, src_stat = open_blob(digest)
     try:
-        return create_file(
-            entry.path.rpartition("/")[2],
-            entry.mode,
-            lambda fd: clone_or_copy(src, src_stat, fd, None, known=digest, dest_device=device),
-            chmod=chmod,
-            dir_fd=folder_fd,
-        )
+        copied = create_file(entry.path.rpartition("/")[2], entry.mode, fill, chmod=chmod, dir_fd=folder_fd)
     finally:
         os.close(src)
+    return copied, cloned
 
 
 def _path_in(dest: str, entry: SnapshotEntry) -> str:

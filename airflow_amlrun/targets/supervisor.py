@@ -130,6 +130,14 @@ def main(argv: list[str]) -> int:
     # (see _supervise), where the signal's default action would end this process with nothing recorded.
     signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
     request = _read_request(argv[3] if len(argv) == 4 else None)
+    stop = _stop_before_start()
+    if stop is not None:
+        return _not_started(control, stop)
+    if request is None:
+        raise SystemExit(
+            "amlrun supervisor: the request is empty (whoever started the run went away before sending it); "
+            "nothing ran"
+        )
     try:
         return _supervise(control, request)
     except BaseException as err:
@@ -183,15 +191,9 @@ def _supervise(control: str, request: dict[str, Any]) -> int:
     # Held output must reach the log before the drain ends.
     _state["hold"] = min(HOLD_SECONDS if hold is None else float(hold), drain / 2)
 
-    if taken:
-        # A stop that came before the job started (held since main began): the job is not started at all.
-        _take_signals(0)
-        if _state["stopped_by"] is not None:
-            _say(f"amlrun: the run was stopped ({_state['stopped_by']}) before its script started")
-            _say_stopped(control)
-            status = 128 + signal.Signals[_state["stopped_by"]].value
-            _record(control, EXIT_CODE, str(status))
-            return status
+    stop = _stop_before_start()
+    if stop is not None:
+        return _not_started(control, stop)
     env = dict(os.environ)
     env.update({str(k): str(v) for k, v in (request.get("env") or {}).items()})
     started = _own_start_time()
@@ -295,9 +297,42 @@ def _found_running(job: subprocess.Popen[bytes], signum: int) -> bool:
     return ended.si_code in (os.CLD_KILLED, os.CLD_DUMPED) and ended.si_status == signum
 
 
-def _read_request(path: str | None) -> dict[str, Any]:
+def _stop_before_start() -> str | None:
+    """The name of a stop's signal that came before the job started (they are held from main's first step), taken
+    now; None if none came. Before the job exists nothing of the run can have sent it: whoever did, it is a stop."""
+    pending = set(HANDLED_SIGNALS) & signal.sigpending()
+    for sig in pending:
+        signal.sigwait({sig})
+    return signal.Signals(min(pending)).name if pending else None
+
+
+def _not_started(control: str, stop: str) -> int:
+    """Record that a stop came before the job started, which is then never started; the exit status to end with."""
+    _say(f"amlrun: the run was stopped ({stop}) before its script started")
+    _state["stopped_by"] = stop
+    _say_stopped(control)
+    status = 128 + signal.Signals[stop].value
+    _record(control, EXIT_CODE, str(status))
+    return status
+
+
+def _read_stdin() -> bytes | None:
+    """All of stdin, or None as soon as a stop is pending (see main): whoever gave up on starting the run may keep
+    its end of the pipe open."""
+    chunks: list[bytes] = []
+    while not set(HANDLED_SIGNALS) & signal.sigpending():
+        if _readable(0, STOP_CHECK_SECONDS):
+            chunk = os.read(0, 1 << 16)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+    return None
+
+
+def _read_request(path: str | None) -> dict[str, Any] | None:
+    """The request, or None if it is empty or a stop came first (see main)."""
     if path is None:
-        data = sys.stdin.buffer.read()
+        data = _read_stdin()
         # The job gets no stdin; the request (and any secret in it) is not left readable there.
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
@@ -307,9 +342,7 @@ def _read_request(path: str | None) -> dict[str, Any]:
             data = stream.read()
         os.unlink(path)
     if not data:
-        raise SystemExit(
-            "amlrun supervisor: no request came (whoever started the run went away first); nothing ran"
-        )
+        return None
     try:
         request = json.loads(data.decode("utf-8"))
     except ValueError as err:

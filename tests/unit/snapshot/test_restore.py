@@ -178,18 +178,34 @@ def test_a_missing_blob_stops_the_writing_of_a_tree_at_once_naming_the_file(
     assert written < bound, f"{written} of the tree's 800 files were written though {missing} failed"
 
 
-def test_a_blob_cut_short_in_the_store_fails_the_run_directory_naming_the_file_and_leaves_no_part_of_it(
-    tmp_path: Path,
+@pytest.mark.parametrize("where", ["first", "among-the-others"])
+@pytest.mark.parametrize("defect", ["cut-short", "too-long"])
+def test_a_blob_of_another_size_in_the_store_fails_the_run_directory_naming_the_file_and_leaves_no_part_of_it(
+    tmp_path: Path, defect: str, where: str
 ) -> None:
-    # Someone who can write the store truncated a blob: materialize checks sizes only (no hash), and that
-    # check must catch it whether the file was copied or cloned.
-    store, snapshot = _store_with_planted_blob(tmp_path, lambda blob: blob.write_bytes(b"x" * 5))
+    # Someone who can write the store changed a blob's size: materialize checks sizes only (no hash), and that
+    # check must catch it, for the first file (written alone) as for the others (written by threads).
+    source = tmp_path / "src"
+    files = {f"pkg{f}/mod{i}.py": f"# {f} {i}\n".encode() * (i + 2) for f in range(4) for i in range(30)}
+    for rel, data in files.items():
+        (source / rel).parent.mkdir(parents=True, exist_ok=True)
+        (source / rel).write_bytes(data)
+    store = BlobStore(str(tmp_path / "store"))
+    snapshot = take_snapshot(source, store).snapshot
+    damaged = snapshot.entries[0].path if where == "first" else "pkg2/mod17.py"
+    blob = Path(store.uri_for(store.blob_key(hash_bytes(files[damaged]))))
+    blob.chmod(0o644)
+    content = (
+        files[damaged][:5] if defect == "cut-short" else files[damaged] + b"import os; os.system('evil')\n"
+    )
+    blob.write_bytes(content)
 
     with pytest.raises(
-        BlobCorruptError, match=r"'loot.txt': blob [0-9a-f]+ .* holds 5 bytes, the manifest says 12"
+        BlobCorruptError,
+        match=rf"{damaged!r}: blob [0-9a-f]+ .* holds {len(content)} bytes, the manifest says {len(files[damaged])}",
     ):
         materialize(store, snapshot, tmp_path / "run")
-    assert not (tmp_path / "run" / "loot.txt").exists()
+    assert not (tmp_path / "run" / damaged).exists()
 
 
 def test_run_directories_written_at_once_from_one_store_are_whole_and_leave_no_descriptor_open(
@@ -204,15 +220,32 @@ def test_run_directories_written_at_once_from_one_store_are_whole_and_leave_no_d
             (source / folder / f"f{index}.txt").write_text(f"{folder}{index}\n" * (index + 1))
     store = BlobStore(str(tmp_path / "store"))
     snapshot = take_snapshot(source, store).snapshot
+    expected = {p.relative_to(source).as_posix(): p.read_bytes() for p in source.rglob("*.txt")}
+    # A second tree in the same store, one of whose blobs is missing: its run directories fail among the others.
+    (source / "d").mkdir()
+    (source / "d" / "gone.txt").write_text("gone\n")
+    broken = take_snapshot(source, store).snapshot
+    gone = Path(store.uri_for(store.blob_key(hash_bytes(b"gone\n"))))
+    gone.chmod(0o644)
+    gone.unlink()
     open_before = len(os.listdir("/proc/self/fd"))
 
-    with ThreadPoolExecutor(4) as pool:
-        list(pool.map(lambda n: materialize(store, snapshot, tmp_path / f"run{n}"), range(8)))
+    def write(n: int) -> str:
+        try:
+            materialize(store, broken if n % 3 == 2 else snapshot, tmp_path / f"run{n}")
+        except BlobMissingError as err:
+            return str(err)
+        return "written"
 
-    for n in range(8):
+    with ThreadPoolExecutor(4) as pool:
+        outcomes = list(pool.map(write, range(12)))
+
+    assert [o == "written" for o in outcomes] == [n % 3 != 2 for n in range(12)], outcomes
+    assert all("'d/gone.txt'" in o for o in outcomes if o != "written")
+    for n in (n for n in range(12) if n % 3 != 2):
         written = {
             p.relative_to(tmp_path / f"run{n}").as_posix(): p.read_bytes()
             for p in (tmp_path / f"run{n}").rglob("*.txt")
         }
-        assert written == {p.relative_to(source).as_posix(): p.read_bytes() for p in source.rglob("*.txt")}
+        assert written == expected
     assert len(os.listdir("/proc/self/fd")) == open_before
