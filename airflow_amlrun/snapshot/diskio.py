@@ -99,8 +99,11 @@ def clone_file(src: int, dst: int, src_device: int | None = None, dst_device: in
     except OSError as exc:
         if exc.errno not in _NO_CLONE:
             raise
-        with _unclonable_lock:
-            _unclonable.add(devices)
+        if exc.errno != errno.EXDEV or devices[0] != devices[1]:
+            # Two mounts of one file system (a bind mount) share st_dev, and older kernels refuse to clone
+            # across them (EXDEV) where they clone within either: not a property of the file system.
+            with _unclonable_lock:
+                _unclonable.add(devices)
         return False
     return True
 

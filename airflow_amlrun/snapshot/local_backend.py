@@ -58,19 +58,21 @@ class LocalBackend:
         """Within it, ``open_stat_in(folders, name)``: :meth:`open_stat` of the file ``name`` in the folder
         ``folders`` (a key's components), callable from any thread. The folders it opens stay open until the
         last caller leaves, so a run directory of thousands of blobs costs one open per blob, and no lock."""
-        with self._folders_lock:
-            self._folders_users += 1
+        entered = False
         try:
+            with self._folders_lock:
+                self._folders_users += 1
+                entered = True
             yield self._open_stat_kept
         finally:
             with self._folders_lock:
-                self._folders_users -= 1
-                if self._folders_users == 0:
-                    # Emptied first: a close that fails leaves no number behind for a later reader to trust.
-                    kept, self._folder_fds = self._folder_fds, {}
-                    for fd in kept.values():
-                        with contextlib.suppress(OSError):
-                            os.close(fd)
+                if entered:
+                    self._folders_users -= 1
+                # Taken out one by one: an interruption (or a close that fails) leaves open descriptors only.
+                while self._folders_users == 0 and self._folder_fds:
+                    _, fd = self._folder_fds.popitem()
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
 
     def _open_stat_kept(self, folders: tuple[str, ...], name: str) -> tuple[int, os.stat_result]:
         # No lock to read: a kept folder is closed only once no caller is within folders_kept_open, and this

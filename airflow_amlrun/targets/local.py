@@ -188,7 +188,9 @@ class LocalTarget:
         self._started[job.run_id] = handle
         self._processes[process.pid] = process
         assert process.stdin is not None
-        with process.stdin:
+        # A supervisor that ends before reading it all was stopped before its job started (it records so) or
+        # failed: its outcome says which, as for any run.
+        with contextlib.suppress(BrokenPipeError), process.stdin:
             process.stdin.write(request)
         return handle
 

@@ -129,15 +129,11 @@ def main(argv: list[str]) -> int:
     # Stops are held from here on: one that comes while the request is read is seen before the job would start
     # (see _supervise), where the signal's default action would end this process with nothing recorded.
     signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
-    request = _read_request(argv[3] if len(argv) == 4 else None)
+    data = _read_request(argv[3] if len(argv) == 4 else None)
     stop = _stop_before_start()
     if stop is not None:
         return _not_started(control, stop)
-    if request is None:
-        raise SystemExit(
-            "amlrun supervisor: the request is empty (whoever started the run went away before sending it); "
-            "nothing ran"
-        )
+    request = _parse_request(data)
     try:
         return _supervise(control, request)
     except BaseException as err:
@@ -300,10 +296,11 @@ def _found_running(job: subprocess.Popen[bytes], signum: int) -> bool:
 def _stop_before_start() -> str | None:
     """The name of a stop's signal that came before the job started (they are held from main's first step), taken
     now; None if none came. Before the job exists nothing of the run can have sent it: whoever did, it is a stop."""
-    pending = set(HANDLED_SIGNALS) & signal.sigpending()
+    pending = [sig for sig in HANDLED_SIGNALS if sig in signal.sigpending()]
     for sig in pending:
         signal.sigwait({sig})
-    return signal.Signals(min(pending)).name if pending else None
+    # Which came first is not known: the first of HANDLED_SIGNALS (SIGTERM, what targets send) is named.
+    return pending[0].name if pending else None
 
 
 def _not_started(control: str, stop: str) -> int:
@@ -329,20 +326,33 @@ def _read_stdin() -> bytes | None:
     return None
 
 
-def _read_request(path: str | None) -> dict[str, Any] | None:
-    """The request, or None if it is empty or a stop came first (see main)."""
+def _read_request(path: str | None) -> bytes | str | None:
+    """The request as it came, None if a stop came first (see main), or why it could not be read."""
     if path is None:
         data = _read_stdin()
         # The job gets no stdin; the request (and any secret in it) is not left readable there.
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
         os.close(null)
-    else:
+        return data
+    try:
         with open(path, "rb") as stream:
             data = stream.read()
         os.unlink(path)
+    except OSError as err:
+        return f"the request file cannot be read ({err})"
+    return data
+
+
+def _parse_request(data: bytes | str | None) -> dict[str, Any]:
+    """The request read by _read_request; a request that is none ends this process with a line saying why."""
+    if isinstance(data, str):
+        raise SystemExit(f"amlrun supervisor: {data}; nothing ran")
     if not data:
-        return None
+        raise SystemExit(
+            "amlrun supervisor: the request is empty (whoever started the run went away before sending it); "
+            "nothing ran"
+        )
     try:
         request = json.loads(data.decode("utf-8"))
     except ValueError as err:

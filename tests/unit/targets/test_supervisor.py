@@ -308,6 +308,31 @@ def test_a_stop_that_comes_before_the_request_is_read_is_recorded_and_the_job_ne
     assert not (tmp_path / "started").exists()
 
 
+@pytest.mark.parametrize("request_text", [b"", b"not json", b'{"argv": []}'])
+def test_a_stop_before_a_request_that_is_none_is_recorded_as_a_stop(
+    tmp_path: Path, request_text: bytes
+) -> None:
+    # Two stops came (in an order the supervisor cannot know): the one targets send is named.
+    process = subprocess.Popen(
+        [sys.executable, SUPERVISOR, str(tmp_path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    assert process.stdin is not None
+    _blocks(process.pid, signal.SIGTERM)
+    os.kill(process.pid, signal.SIGHUP)
+    os.kill(process.pid, signal.SIGTERM)
+    process.stdin.write(request_text)
+    process.stdin.close()
+    log = _log(process)
+
+    assert process.returncode == 128 + signal.SIGTERM, log
+    assert json.loads((tmp_path / supervisor.ENDED_BY).read_text())["signal"] == "SIGTERM"
+    assert b"Traceback" not in log
+
+
 def test_a_stop_ends_a_supervisor_whose_request_never_comes_while_its_starter_holds_the_pipe(
     tmp_path: Path,
 ) -> None:
