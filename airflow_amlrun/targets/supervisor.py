@@ -62,8 +62,8 @@ such a signal found the job running (or ended it), ``CONTROL_DIR/ended_by`` says
 So a stop holds even when whoever sent it is gone before it could follow it up (Airflow kills a task
 5 seconds after asking it to stop, which may be before the run's grace period ended). A signal the job, or
 what it started, sends its own group (``kill 0``, to end its helpers) is no stop: it reaches the supervisor too,
-which tells it apart by its sender. A stop that comes before the job started (while the request is read) is held
-until the request is read, recorded in ``ended_by``, and the job is not started: the exit code is the signal's.
+which tells it apart by its sender. A stop that comes before the job started (while the request is awaited or
+read) is recorded in ``ended_by`` at once, and the job is never started: the exit code is the signal's.
 """
 
 from __future__ import annotations
@@ -340,7 +340,7 @@ def _read_request(path: str | None) -> bytes | str | None:
             data = stream.read()
         os.unlink(path)
     except OSError as err:
-        return f"the request file cannot be read ({err})"
+        return f"the request file cannot be read and removed ({err})"
     return data
 
 
