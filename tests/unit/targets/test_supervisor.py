@@ -250,6 +250,17 @@ def test_a_job_that_exits_0_as_soon_as_it_is_stopped_is_known_to_have_been_stopp
         )
 
 
+def _awaiting_request(control: Path) -> subprocess.Popen[bytes]:
+    """The supervisor as a target starts it, its request not written yet, its log on its stdout."""
+    return subprocess.Popen(
+        [sys.executable, SUPERVISOR, str(control)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
 def _blocks(pid: int, sig: signal.Signals) -> None:
     """Wait until process ``pid`` holds ``sig`` back (it blocked it: a signal then waits for it, pending)."""
     deadline = time.monotonic() + 30
@@ -277,13 +288,7 @@ def test_a_stop_that_comes_before_the_request_is_read_is_recorded_and_the_job_ne
     # A target stops a run whose start it gave up on (the task was killed as it submitted) while the supervisor
     # still waits for its request: the stop must hold, and be recorded, not be lost or end the supervisor with
     # nothing written (a signal's default action).
-    process = subprocess.Popen(
-        [sys.executable, SUPERVISOR, str(tmp_path)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    process = _awaiting_request(tmp_path)
     assert process.stdin is not None
     _blocks(process.pid, signal.SIGTERM)
     _stop(process.pid, sender)
@@ -313,13 +318,7 @@ def test_a_stop_before_a_request_that_is_none_is_recorded_as_a_stop(
     tmp_path: Path, request_text: bytes
 ) -> None:
     # Two stops came (in an order the supervisor cannot know): the one targets send is named.
-    process = subprocess.Popen(
-        [sys.executable, SUPERVISOR, str(tmp_path)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    process = _awaiting_request(tmp_path)
     assert process.stdin is not None
     _blocks(process.pid, signal.SIGTERM)
     os.kill(process.pid, signal.SIGHUP)
@@ -338,13 +337,7 @@ def test_a_stop_ends_a_supervisor_whose_request_never_comes_while_its_starter_ho
 ) -> None:
     # The local target stops a run whose start it gave up on before writing the request: the stop is recorded at
     # once, not once (or if ever) the pipe is closed.
-    process = subprocess.Popen(
-        [sys.executable, SUPERVISOR, str(tmp_path)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    process = _awaiting_request(tmp_path)
     assert process.stdin is not None
     try:
         _blocks(process.pid, signal.SIGTERM)
@@ -361,13 +354,7 @@ def test_a_supervisor_whose_request_never_comes_says_so_in_the_log_without_a_tra
     tmp_path: Path,
 ) -> None:
     # The local target gives up a start by closing the supervisor's stdin before writing the request.
-    process = subprocess.Popen(
-        [sys.executable, SUPERVISOR, str(tmp_path)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    process = _awaiting_request(tmp_path)
     assert process.stdin is not None
     process.stdin.close()
     log = _log(process)
